@@ -1,0 +1,690 @@
+//! Leasehold's configuration.
+//!
+//! Every setting has one name: its environment variable (`LEASE_TTL`). The TOML file uses the same
+//! name in lower case (`lease_ttl = "10s"`), flags pass `KEY=VALUE` pairs. Layers are merged as raw
+//! strings first (file < environment < flags) and parsed once, so an error can always name the
+//! setting and the layer it came from in one line.
+//!
+//! # Layout
+//! - [`Sources`]: the raw layers.
+//! - [`Config`]: the parsed, validated result; [`Config::load`] is the only constructor.
+//! - [`redact_url`]: strips passwords before anything is logged or served.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+/// Every setting Leasehold reads, as its environment name.
+pub const KEYS: &[&str] = &[
+    "INSTANCE_ID",
+    "MQTT_MODE",
+    "DATABASE_URL",
+    "DATABASE_POOL_SIZE",
+    "MQTT_URL",
+    "MQTT_HOST",
+    "MQTT_PORT",
+    "MQTT_USERNAME",
+    "MQTT_PASSWORD",
+    "MQTT_CLIENT_ID",
+    "MQTT_TOPICS",
+    "MQTT_KEEP_ALIVE",
+    "MQTT_RECONNECT_MAX",
+    "DEVICE_TOPIC_PATTERN",
+    "LEASE_NAME",
+    "LEASE_TTL",
+    "LEASE_RENEW_INTERVAL",
+    "LEASE_POLL_INTERVAL",
+    "BATCH_MAX_ROWS",
+    "BATCH_MAX_WAIT",
+    "MAX_PAYLOAD_BYTES",
+    "MAX_PENDING",
+    "HTTP_ADDR",
+    "STALE_WARNING",
+    "STALE_CRITICAL",
+    "ALERT_WEBHOOK_URL",
+    "LOG_FORMAT",
+    "LOG_LEVEL",
+];
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("invalid {key}={value:?} (from {origin}): {reason}")]
+    Invalid {
+        key: String,
+        value: String,
+        origin: Origin,
+        reason: String,
+    },
+    #[error("{key} is required but not set (environment variable, --{flag} or `{file_key}` in the config file)", flag = key.to_lowercase().replace('_', "-"), file_key = key.to_lowercase())]
+    Missing { key: String },
+    #[error("unknown setting {key:?} in {origin}; known settings: {}", KEYS.join(", "))]
+    Unknown { key: String, origin: Origin },
+    #[error("unsafe lease timing: {0}")]
+    UnsafeLease(String),
+    #[error("cannot read config file {path}: {reason}")]
+    File { path: String, reason: String },
+}
+
+/// Where a raw value came from, so an error can point at the right place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    Default,
+    File(String),
+    Env,
+    Flag,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Default => f.write_str("default"),
+            Origin::File(p) => write!(f, "config file {p}"),
+            Origin::Env => f.write_str("environment"),
+            Origin::Flag => f.write_str("command line"),
+        }
+    }
+}
+
+/// The raw layers before parsing.
+#[derive(Debug, Default, Clone)]
+pub struct Sources {
+    values: BTreeMap<String, (String, Origin)>,
+}
+
+impl Sources {
+    /// Layers the TOML file (if any), then the process environment, then `flags`.
+    pub fn gather(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        flags: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut s = Sources::default();
+        if let Some(path) = file {
+            s.layer_file(path)?;
+        }
+        for (k, v) in env {
+            if KEYS.contains(&k.as_str()) {
+                s.values.insert(k, (v, Origin::Env));
+            }
+        }
+        for (k, v) in flags {
+            let key = k.to_uppercase().replace('-', "_");
+            if !KEYS.contains(&key.as_str()) {
+                return Err(ConfigError::Unknown {
+                    key: k,
+                    origin: Origin::Flag,
+                });
+            }
+            s.values.insert(key, (v, Origin::Flag));
+        }
+        Ok(s)
+    }
+
+    fn layer_file(&mut self, path: &Path) -> Result<(), ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: shown.clone(),
+            reason: e.to_string(),
+        })?;
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::File {
+            path: shown.clone(),
+            reason: e.message().to_string(),
+        })?;
+        for (k, v) in table {
+            let key = k.to_uppercase();
+            if !KEYS.contains(&key.as_str()) {
+                return Err(ConfigError::Unknown {
+                    key: k,
+                    origin: Origin::File(shown.clone()),
+                });
+            }
+            let raw = match v {
+                toml::Value::String(s) => s,
+                toml::Value::Array(items) => items
+                    .iter()
+                    .map(|i| match i {
+                        toml::Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(","),
+                other => other.to_string(),
+            };
+            self.values.insert(key, (raw, Origin::File(shown.clone())));
+        }
+        Ok(())
+    }
+
+    fn get(&self, key: &str) -> Option<(&str, &Origin)> {
+        self.values
+            .get(key)
+            .filter(|(v, _)| !v.trim().is_empty())
+            .map(|(v, o)| (v.trim(), o))
+    }
+
+    fn parse<T>(
+        &self,
+        key: &str,
+        default: T,
+        f: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<T, ConfigError> {
+        match self.get(key) {
+            None => Ok(default),
+            Some((v, origin)) => f(v).map_err(|reason| ConfigError::Invalid {
+                key: key.into(),
+                value: if is_secret(key) { "***".into() } else { v.into() },
+                origin: origin.clone(),
+                reason,
+            }),
+        }
+    }
+
+    fn string(&self, key: &str) -> Option<String> {
+        self.get(key).map(|(v, _)| v.to_string())
+    }
+}
+
+fn is_secret(key: &str) -> bool {
+    matches!(key, "MQTT_PASSWORD" | "DATABASE_URL" | "ALERT_WEBHOOK_URL")
+}
+
+/// What the node does with MQTT (names kept from the system Leasehold replaces).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Campaign for the lease; the leader ingests and writes.
+    Production,
+    /// Observe with a private clean session; never write, never take the lease.
+    Development,
+    /// No MQTT at all.
+    Disabled,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Production => "production",
+            Mode::Development => "development",
+            Mode::Disabled => "disabled",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+/// Broker address and credentials.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MqttEndpoint {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl fmt::Debug for MqttEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MqttEndpoint")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("tls", &self.tls)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+impl fmt::Display for MqttEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
+        match &self.username {
+            Some(u) => write!(f, "{scheme}://{u}:***@{}:{}", self.host, self.port),
+            None => write!(f, "{scheme}://{}:{}", self.host, self.port),
+        }
+    }
+}
+
+/// Lease timings; [`LeaseTimings::demote_after`] is derived, never configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseTimings {
+    pub ttl: Duration,
+    pub renew_interval: Duration,
+    pub poll_interval: Duration,
+}
+
+impl LeaseTimings {
+    /// How long after *sending* its last successful renewal a leader may keep ingesting.
+    pub fn demote_after(&self) -> Duration {
+        self.ttl * 2 / 3
+    }
+
+    /// Refuses timings where a leader could still be writing after its lease expired.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let deadline = self.demote_after();
+        if self.poll_interval.is_zero() {
+            return Err(ConfigError::UnsafeLease(
+                "LEASE_POLL_INTERVAL must be greater than 0".into(),
+            ));
+        }
+        if self.renew_interval.is_zero() || self.renew_interval >= deadline {
+            return Err(ConfigError::UnsafeLease(format!(
+                "LEASE_RENEW_INTERVAL ({}) must be above 0 and below the demotion deadline 2/3 x LEASE_TTL ({}); LEASE_TTL is {}",
+                fmt_dur(self.renew_interval),
+                fmt_dur(deadline),
+                fmt_dur(self.ttl)
+            )));
+        }
+        if self.ttl < Duration::from_millis(300) {
+            return Err(ConfigError::UnsafeLease(format!(
+                "LEASE_TTL ({}) must be at least 300ms",
+                fmt_dur(self.ttl)
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Formats a duration the way the settings accept it (`1s 500ms`).
+pub fn fmt_dur(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+/// The parsed, validated configuration of one node.
+#[derive(Clone)]
+pub struct Config {
+    pub instance_id: String,
+    pub mode: Mode,
+    pub database_url: Option<String>,
+    pub database_pool_size: usize,
+    pub mqtt: MqttEndpoint,
+    pub mqtt_client_id: String,
+    pub mqtt_topics: Vec<String>,
+    pub mqtt_keep_alive: Duration,
+    pub mqtt_reconnect_max: Duration,
+    pub device_topic_pattern: String,
+    pub lease_name: String,
+    pub lease: LeaseTimings,
+    pub batch_max_rows: usize,
+    pub batch_max_wait: Duration,
+    pub max_payload_bytes: usize,
+    pub max_pending: usize,
+    pub http_addr: SocketAddr,
+    pub stale_warning: Duration,
+    pub stale_critical: Duration,
+    pub alert_webhook_url: Option<String>,
+    pub log_format: LogFormat,
+    pub log_level: String,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("instance_id", &self.instance_id)
+            .field("mode", &self.mode)
+            .field("database_url", &self.database_url.as_deref().map(redact_url))
+            .field("mqtt", &self.mqtt)
+            .field("mqtt_client_id", &self.mqtt_client_id)
+            .field("mqtt_topics", &self.mqtt_topics)
+            .field("lease_name", &self.lease_name)
+            .field("lease", &self.lease)
+            .field("batch_max_rows", &self.batch_max_rows)
+            .field("batch_max_wait", &self.batch_max_wait)
+            .field("max_payload_bytes", &self.max_payload_bytes)
+            .field("max_pending", &self.max_pending)
+            .field("http_addr", &self.http_addr)
+            .field(
+                "alert_webhook_url",
+                &self.alert_webhook_url.as_ref().map(|_| "***"),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+fn duration(v: &str) -> Result<Duration, String> {
+    humantime::parse_duration(v).map_err(|e| format!("{e}; expected a duration such as 10s, 500ms or 5m"))
+}
+
+fn positive_int(v: &str) -> Result<usize, String> {
+    match v.replace('_', "").parse::<usize>() {
+        Ok(0) => Err("must be greater than 0".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err("expected a whole number".into()),
+    }
+}
+
+fn byte_size(v: &str) -> Result<usize, String> {
+    let lower = v.to_ascii_lowercase();
+    let (num, mult) = [("kib", 1024), ("mib", 1024 * 1024), ("kb", 1000), ("mb", 1_000_000), ("b", 1)]
+        .iter()
+        .find_map(|(suffix, m)| lower.strip_suffix(suffix).map(|n| (n.trim().to_string(), *m)))
+        .unwrap_or((lower.clone(), 1));
+    let n = positive_int(&num).map_err(|_| "expected a size such as 262144, 256KiB or 1MiB".to_string())?;
+    n.checked_mul(mult).ok_or_else(|| "too large".to_string())
+}
+
+/// Replaces the password of a URL with `***`.
+pub fn redact_url(url: &str) -> String {
+    // scheme://user:password@host...  or key=value connection strings.
+    if let Some((scheme, rest)) = url.split_once("://") {
+        if let Some((userinfo, host)) = rest.split_once('@') {
+            let user = userinfo.split(':').next().unwrap_or("");
+            if userinfo.contains(':') {
+                return format!("{scheme}://{user}:***@{host}");
+            }
+        }
+        return url.to_string();
+    }
+    url.split_whitespace()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+            _ => kv.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn mqtt_endpoint(s: &Sources) -> Result<MqttEndpoint, ConfigError> {
+    let mut ep = MqttEndpoint {
+        host: "127.0.0.1".into(),
+        port: 1883,
+        tls: false,
+        username: None,
+        password: None,
+    };
+    if let Some((url, origin)) = s.get("MQTT_URL") {
+        let invalid = |reason: &str| ConfigError::Invalid {
+            key: "MQTT_URL".into(),
+            value: redact_url(url),
+            origin: origin.clone(),
+            reason: reason.into(),
+        };
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| invalid("expected mqtt://host:port or mqtts://host:port"))?;
+        ep.tls = match scheme {
+            "mqtt" | "tcp" => false,
+            "mqtts" | "ssl" => true,
+            _ => return Err(invalid("scheme must be mqtt:// or mqtts://")),
+        };
+        ep.port = if ep.tls { 8883 } else { 1883 };
+        let rest = rest.trim_end_matches('/');
+        let hostport = match rest.rsplit_once('@') {
+            Some((userinfo, hp)) => {
+                let (u, p) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+                ep.username = Some(u.to_string()).filter(|u| !u.is_empty());
+                ep.password = Some(p.to_string()).filter(|p| !p.is_empty());
+                hp
+            }
+            None => rest,
+        };
+        match hostport.rsplit_once(':') {
+            Some((h, p)) => {
+                ep.host = h.to_string();
+                ep.port = p.parse().map_err(|_| invalid("port must be a number from 1 to 65535"))?;
+            }
+            None => ep.host = hostport.to_string(),
+        }
+        if ep.host.is_empty() {
+            return Err(invalid("missing host"));
+        }
+    }
+    if let Some(h) = s.string("MQTT_HOST") {
+        ep.host = h;
+    }
+    ep.port = s.parse("MQTT_PORT", ep.port, |v| {
+        v.parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| "expected a port from 1 to 65535".to_string())
+    })?;
+    if let Some(u) = s.string("MQTT_USERNAME") {
+        ep.username = Some(u);
+    }
+    if let Some(p) = s.string("MQTT_PASSWORD") {
+        ep.password = Some(p);
+    }
+    Ok(ep)
+}
+
+impl Config {
+    /// Parses and validates the merged layers.
+    pub fn load(s: &Sources) -> Result<Config, ConfigError> {
+        let instance_id = s.string("INSTANCE_ID").unwrap_or_else(|| {
+            hostname::get()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "leasehold".into())
+        });
+        let mode = s.parse("MQTT_MODE", Mode::Production, |v| match v.to_ascii_lowercase().as_str() {
+            "production" => Ok(Mode::Production),
+            "development" => Ok(Mode::Development),
+            "disabled" => Ok(Mode::Disabled),
+            _ => Err("expected production, development or disabled".into()),
+        })?;
+        let lease_name = s.string("LEASE_NAME").unwrap_or_else(|| "mqtt-ingest".into());
+        let ttl = s.parse("LEASE_TTL", Duration::from_secs(10), duration)?;
+        let lease = LeaseTimings {
+            ttl,
+            renew_interval: s.parse("LEASE_RENEW_INTERVAL", ttl / 3, duration)?,
+            poll_interval: s.parse("LEASE_POLL_INTERVAL", Duration::from_secs(1), duration)?,
+        };
+        lease.validate()?;
+        let max_payload_bytes = s.parse("MAX_PAYLOAD_BYTES", 256 * 1024, byte_size)?;
+        let batch_max_rows = s.parse("BATCH_MAX_ROWS", 1000, |v| {
+            positive_int(v).and_then(|n| {
+                if n <= 100_000 {
+                    Ok(n)
+                } else {
+                    Err("must be at most 100000".into())
+                }
+            })
+        })?;
+        let mqtt_topics: Vec<String> = s
+            .string("MQTT_TOPICS")
+            .unwrap_or_else(|| "devices/+/telemetry".into())
+            .split(',')
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .collect();
+        for t in &mqtt_topics {
+            validate_filter(t).map_err(|reason| ConfigError::Invalid {
+                key: "MQTT_TOPICS".into(),
+                value: t.clone(),
+                origin: s.get("MQTT_TOPICS").map(|(_, o)| o.clone()).unwrap_or(Origin::Default),
+                reason,
+            })?;
+        }
+        let device_topic_pattern = s
+            .string("DEVICE_TOPIC_PATTERN")
+            .unwrap_or_else(|| "devices/{device_id}/#".into());
+        if !device_topic_pattern.split('/').any(|seg| seg == "{device_id}") {
+            return Err(ConfigError::Invalid {
+                key: "DEVICE_TOPIC_PATTERN".into(),
+                value: device_topic_pattern,
+                origin: Origin::Env,
+                reason: "must contain a {device_id} segment, e.g. devices/{device_id}/telemetry".into(),
+            });
+        }
+        let stale_warning = s.parse("STALE_WARNING", Duration::from_secs(300), duration)?;
+        let stale_critical = s.parse("STALE_CRITICAL", Duration::from_secs(600), duration)?;
+        if stale_critical < stale_warning {
+            return Err(ConfigError::Invalid {
+                key: "STALE_CRITICAL".into(),
+                value: fmt_dur(stale_critical),
+                origin: s.get("STALE_CRITICAL").map(|(_, o)| o.clone()).unwrap_or(Origin::Default),
+                reason: format!("must not be below STALE_WARNING ({})", fmt_dur(stale_warning)),
+            });
+        }
+        let cfg = Config {
+            mqtt_client_id: s
+                .string("MQTT_CLIENT_ID")
+                .unwrap_or_else(|| format!("leasehold-{lease_name}")),
+            instance_id,
+            mode,
+            database_url: s.string("DATABASE_URL"),
+            database_pool_size: s.parse("DATABASE_POOL_SIZE", 4, positive_int)?,
+            mqtt: mqtt_endpoint(s)?,
+            mqtt_topics,
+            mqtt_keep_alive: s.parse("MQTT_KEEP_ALIVE", Duration::from_secs(10), |v| {
+                duration(v).and_then(|d| {
+                    if d >= Duration::from_secs(1) {
+                        Ok(d)
+                    } else {
+                        Err("must be at least 1s".into())
+                    }
+                })
+            })?,
+            mqtt_reconnect_max: s.parse("MQTT_RECONNECT_MAX", Duration::from_secs(30), duration)?,
+            device_topic_pattern,
+            lease_name,
+            lease,
+            batch_max_rows,
+            batch_max_wait: s.parse("BATCH_MAX_WAIT", Duration::from_millis(50), duration)?,
+            max_payload_bytes,
+            max_pending: s.parse("MAX_PENDING", (batch_max_rows * 10).max(10_000), positive_int)?,
+            http_addr: s.parse("HTTP_ADDR", SocketAddr::from(([0, 0, 0, 0], 8080)), |v| {
+                v.parse().map_err(|_| "expected an address such as 0.0.0.0:8080".into())
+            })?,
+            stale_warning,
+            stale_critical,
+            alert_webhook_url: s.string("ALERT_WEBHOOK_URL"),
+            log_format: s.parse("LOG_FORMAT", LogFormat::Pretty, |v| match v.to_ascii_lowercase().as_str() {
+                "json" => Ok(LogFormat::Json),
+                "pretty" | "text" => Ok(LogFormat::Pretty),
+                _ => Err("expected json or pretty".into()),
+            })?,
+            log_level: s.string("LOG_LEVEL").unwrap_or_else(|| "info".into()),
+        };
+        if cfg.max_pending < cfg.batch_max_rows {
+            return Err(ConfigError::Invalid {
+                key: "MAX_PENDING".into(),
+                value: cfg.max_pending.to_string(),
+                origin: s.get("MAX_PENDING").map(|(_, o)| o.clone()).unwrap_or(Origin::Default),
+                reason: format!("must be at least BATCH_MAX_ROWS ({})", cfg.batch_max_rows),
+            });
+        }
+        Ok(cfg)
+    }
+
+    /// The database URL, or the one-line error every database command gives without it.
+    pub fn require_database_url(&self) -> Result<&str, ConfigError> {
+        self.database_url.as_deref().ok_or(ConfigError::Missing {
+            key: "DATABASE_URL".into(),
+        })
+    }
+}
+
+/// Checks an MQTT topic filter the way a broker would.
+pub fn validate_filter(f: &str) -> Result<(), String> {
+    if f.is_empty() || f.len() > 65535 {
+        return Err("topic filter must be 1 to 65535 bytes".into());
+    }
+    let segs: Vec<&str> = f.split('/').collect();
+    for (i, seg) in segs.iter().enumerate() {
+        if seg.contains('#') && (*seg != "#" || i != segs.len() - 1) {
+            return Err("'#' must be a whole, last level of the filter".into());
+        }
+        if seg.contains('+') && *seg != "+" {
+            return Err("'+' must be a whole level of the filter".into());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let s = Sources::gather(
+            None,
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+            Vec::new(),
+        )?;
+        Config::load(&s)
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let c = load(&[]).expect("defaults load");
+        assert_eq!(c.lease.ttl, Duration::from_secs(10));
+        assert_eq!(c.lease.renew_interval, Duration::from_secs(10) / 3);
+        assert_eq!(c.lease.poll_interval, Duration::from_secs(1));
+        assert_eq!(c.batch_max_rows, 1000);
+        assert_eq!(c.batch_max_wait, Duration::from_millis(50));
+        assert_eq!(c.max_payload_bytes, 256 * 1024);
+        assert_eq!(c.mqtt_client_id, "leasehold-mqtt-ingest");
+        assert_eq!(c.mode, Mode::Production);
+        assert_eq!(c.http_addr.to_string(), "0.0.0.0:8080");
+    }
+
+    #[test]
+    fn flags_override_env_override_file() {
+        let dir = std::env::temp_dir().join(format!("lh-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "lease_ttl = \"30s\"\nbatch_max_rows = 5\ninstance_id = \"file\"\nmqtt_topics = [\"a/#\", \"b/+\"]\n")
+            .expect("write");
+        let s = Sources::gather(
+            Some(&path),
+            vec![("LEASE_TTL".into(), "20s".into()), ("INSTANCE_ID".into(), "env".into())],
+            vec![("instance-id".into(), "flag".into())],
+        )
+        .expect("gather");
+        let c = Config::load(&s).expect("load");
+        assert_eq!(c.lease.ttl, Duration::from_secs(20));
+        assert_eq!(c.batch_max_rows, 5);
+        assert_eq!(c.instance_id, "flag");
+        assert_eq!(c.mqtt_topics, vec!["a/#", "b/+"]);
+    }
+
+    #[test]
+    fn bad_values_name_the_setting_in_one_line() {
+        let e = load(&[("LEASE_TTL", "ten seconds")]).unwrap_err().to_string();
+        assert!(e.contains("LEASE_TTL") && !e.contains('\n'), "{e}");
+        let e = load(&[("BATCH_MAX_ROWS", "0")]).unwrap_err().to_string();
+        assert!(e.contains("BATCH_MAX_ROWS"), "{e}");
+        let e = load(&[("MQTT_MODE", "prod")]).unwrap_err().to_string();
+        assert!(e.contains("MQTT_MODE"), "{e}");
+        let e = load(&[("MQTT_TOPICS", "a/#/b")]).unwrap_err().to_string();
+        assert!(e.contains("MQTT_TOPICS"), "{e}");
+    }
+
+    #[test]
+    fn unsafe_lease_timing_is_refused() {
+        // renew 7s is past the 2/3 x 10s deadline: the leader would demote between renewals.
+        let e = load(&[("LEASE_TTL", "10s"), ("LEASE_RENEW_INTERVAL", "7s")]).unwrap_err();
+        assert!(matches!(e, ConfigError::UnsafeLease(_)));
+        assert!(e.to_string().contains("LEASE_RENEW_INTERVAL"));
+        assert!(load(&[("LEASE_TTL", "10s"), ("LEASE_RENEW_INTERVAL", "6s")]).is_ok());
+    }
+
+    #[test]
+    fn secrets_do_not_leak() {
+        let c = load(&[
+            ("DATABASE_URL", "postgres://u:hunter2@db/x"),
+            ("MQTT_URL", "mqtt://dev:s3cret@broker:1884"),
+        ])
+        .expect("load");
+        let shown = format!("{c:?} {}", c.mqtt);
+        assert!(!shown.contains("hunter2") && !shown.contains("s3cret"), "{shown}");
+        assert_eq!(c.mqtt.port, 1884);
+        assert_eq!(c.mqtt.password.as_deref(), Some("s3cret"));
+        assert_eq!(redact_url("host=db password=x user=u"), "host=db password=*** user=u");
+    }
+
+    #[test]
+    fn unknown_file_keys_are_errors() {
+        let dir = std::env::temp_dir().join(format!("lh-cfg2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "lease_tl = \"30s\"\n").expect("write");
+        let e = Sources::gather(Some(&path), Vec::new(), Vec::new()).unwrap_err();
+        assert!(matches!(e, ConfigError::Unknown { .. }));
+    }
+}

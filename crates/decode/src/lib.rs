@@ -1,0 +1,321 @@
+//! Decoding of device payloads.
+//!
+//! A message becomes either a [`Reading`] (a `telemetry` row) or a [`DecodeError`] whose text is
+//! stored in `dead_letters`. Decoding never panics and never blocks: it is the G6 boundary.
+//!
+//! # Layout
+//! - [`TopicPattern`]: where the device id sits in the topic.
+//! - [`Decoder::decode`]: size check, JSON object check, device id, timestamp, idempotency key.
+
+use chrono::{DateTime, TimeZone, Utc};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+/// Longest device id accepted; longer ids are dead-lettered rather than bloating the primary key.
+pub const MAX_DEVICE_ID_LEN: usize = 256;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("payload of {size} bytes exceeds MAX_PAYLOAD_BYTES ({max})")]
+    TooLarge { size: usize, max: usize },
+    #[error("payload is not valid JSON: {0}")]
+    NotJson(String),
+    #[error("payload is JSON but not an object (got {0})")]
+    NotObject(&'static str),
+    #[error("payload contains \\u0000, which PostgreSQL jsonb cannot store")]
+    NulEscape,
+    #[error("no device id: topic {topic:?} does not match DEVICE_TOPIC_PATTERN and the payload has no string field \"device_id\"")]
+    NoDeviceId { topic: String },
+    #[error("device id is longer than {MAX_DEVICE_ID_LEN} characters")]
+    DeviceIdTooLong,
+    #[error("bad timestamp in field {field:?}: {reason}")]
+    BadTimestamp { field: &'static str, reason: String },
+}
+
+/// A decoded reading, ready for the set-based insert.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reading {
+    pub device_id: String,
+    pub ts: DateTime<Utc>,
+    /// The payload text as received (already validated as a JSON object).
+    pub payload: String,
+    /// Set only when the payload carried no timestamp: the idempotency key of the row.
+    pub content_hash: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seg {
+    Literal(String),
+    DeviceId,
+    AnyOne,
+    Rest,
+}
+
+/// A topic pattern such as `devices/{device_id}/#`: literals, `+`, a trailing `#` and one
+/// `{device_id}` segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicPattern {
+    segs: Vec<Seg>,
+}
+
+impl TopicPattern {
+    pub fn new(pattern: &str) -> Self {
+        let segs = pattern
+            .split('/')
+            .map(|s| match s {
+                "{device_id}" => Seg::DeviceId,
+                "+" => Seg::AnyOne,
+                "#" => Seg::Rest,
+                lit => Seg::Literal(lit.to_string()),
+            })
+            .collect();
+        TopicPattern { segs }
+    }
+
+    /// The device id segment of `topic`, if the topic matches the pattern.
+    pub fn device_id<'t>(&self, topic: &'t str) -> Option<&'t str> {
+        let mut found = None;
+        let mut parts = topic.split('/');
+        for seg in &self.segs {
+            match seg {
+                Seg::Rest => return found,
+                _ => {
+                    let part = parts.next()?;
+                    match seg {
+                        Seg::Literal(l) if l != part => return None,
+                        Seg::DeviceId if part.is_empty() => return None,
+                        Seg::DeviceId => found = Some(part),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        if parts.next().is_some() {
+            return None;
+        }
+        found
+    }
+}
+
+/// Decoding settings.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    pattern: TopicPattern,
+    max_payload_bytes: usize,
+}
+
+impl Decoder {
+    pub fn new(pattern: &str, max_payload_bytes: usize) -> Self {
+        Decoder {
+            pattern: TopicPattern::new(pattern),
+            max_payload_bytes,
+        }
+    }
+
+    pub fn decode(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        received_at: DateTime<Utc>,
+    ) -> Result<Reading, DecodeError> {
+        if payload.len() > self.max_payload_bytes {
+            return Err(DecodeError::TooLarge {
+                size: payload.len(),
+                max: self.max_payload_bytes,
+            });
+        }
+        let value: Value =
+            serde_json::from_slice(payload).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+        let obj = match &value {
+            Value::Object(o) => o,
+            other => return Err(DecodeError::NotObject(kind(other))),
+        };
+        // serde accepts \u0000 but jsonb rejects it, which would fail the whole batch forever.
+        if contains_nul_escape(payload) {
+            return Err(DecodeError::NulEscape);
+        }
+        let device_id = match self.pattern.device_id(topic) {
+            Some(d) => d.to_string(),
+            None => match obj.get("device_id") {
+                Some(Value::String(s)) if !s.is_empty() => s.clone(),
+                Some(Value::Number(n)) => n.to_string(),
+                _ => {
+                    return Err(DecodeError::NoDeviceId {
+                        topic: topic.to_string(),
+                    })
+                }
+            },
+        };
+        if device_id.chars().count() > MAX_DEVICE_ID_LEN {
+            return Err(DecodeError::DeviceIdTooLong);
+        }
+        // The payload was parsed from UTF-8 JSON, so it is valid UTF-8.
+        let text = String::from_utf8_lossy(payload).into_owned();
+        match timestamp(obj)? {
+            Some(ts) => Ok(Reading {
+                device_id,
+                ts,
+                payload: text,
+                content_hash: None,
+            }),
+            None => Ok(Reading {
+                device_id,
+                ts: received_at,
+                payload: text,
+                content_hash: Some(content_hash(topic, payload)),
+            }),
+        }
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn contains_nul_escape(payload: &[u8]) -> bool {
+    payload
+        .windows(6)
+        .any(|w| w[0] == b'\\' && (w[1] == b'u' || w[1] == b'U') && &w[2..] == b"0000")
+}
+
+/// Idempotency key for readings without a timestamp: a redelivery has the same topic and bytes.
+pub fn content_hash(topic: &str, payload: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(topic.as_bytes());
+    h.update([0u8]);
+    h.update(payload);
+    hex::encode(&h.finalize()[..16])
+}
+
+/// Epoch numbers at or above this are milliseconds (1e11 s is the year 5138).
+const MILLIS_THRESHOLD: f64 = 1e11;
+
+fn timestamp(obj: &Map<String, Value>) -> Result<Option<DateTime<Utc>>, DecodeError> {
+    let (field, v) = match (obj.get("timestamp"), obj.get("ts")) {
+        (Some(v), _) if !v.is_null() => ("timestamp", v),
+        (_, Some(v)) if !v.is_null() => ("ts", v),
+        _ => return Ok(None),
+    };
+    let bad = |reason: String| DecodeError::BadTimestamp { field, reason };
+    let parsed = match v {
+        Value::String(s) => match s.trim().parse::<f64>() {
+            Ok(n) => from_epoch(n),
+            Err(_) => DateTime::parse_from_rfc3339(s.trim())
+                .map(|d| d.with_timezone(&Utc))
+                .map_err(|e| format!("{s:?} is neither RFC 3339 nor a Unix epoch ({e})")),
+        },
+        Value::Number(n) => n
+            .as_f64()
+            .ok_or_else(|| "not a finite number".to_string())
+            .and_then(from_epoch),
+        other => Err(format!("expected a string or a number, got {}", kind(other))),
+    };
+    parsed.map(Some).map_err(bad)
+}
+
+fn from_epoch(n: f64) -> Result<DateTime<Utc>, String> {
+    if !n.is_finite() || n < 0.0 {
+        return Err(format!("epoch {n} is not a non-negative finite number"));
+    }
+    let micros = if n >= MILLIS_THRESHOLD { n * 1e3 } else { n * 1e6 };
+    if micros > 253_402_300_799e6 {
+        return Err(format!("epoch {n} is past the year 9999"));
+    }
+    Utc.timestamp_micros(micros.round() as i64)
+        .single()
+        .ok_or_else(|| format!("epoch {n} is out of range"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).single().expect("valid")
+    }
+
+    fn d() -> Decoder {
+        Decoder::new("devices/{device_id}/#", 1024)
+    }
+
+    #[test]
+    fn device_id_from_topic_then_payload() {
+        let r = d().decode("devices/m-1/telemetry", br#"{"ts": 1700000000}"#, now()).expect("ok");
+        assert_eq!(r.device_id, "m-1");
+        let r = d().decode("other/x", br#"{"device_id":"p-9","ts":1700000000}"#, now()).expect("ok");
+        assert_eq!(r.device_id, "p-9");
+        let e = d().decode("other/x", br#"{"ts":1700000000}"#, now()).unwrap_err();
+        assert!(matches!(e, DecodeError::NoDeviceId { .. }));
+    }
+
+    #[test]
+    fn pattern_matching() {
+        let p = TopicPattern::new("site/+/{device_id}/telemetry");
+        assert_eq!(p.device_id("site/a/dev/telemetry"), Some("dev"));
+        assert_eq!(p.device_id("site/a/dev/other"), None);
+        assert_eq!(p.device_id("site/a/dev/telemetry/x"), None);
+        assert_eq!(TopicPattern::new("devices/{device_id}/#").device_id("devices/x"), Some("x"));
+        assert_eq!(TopicPattern::new("devices/{device_id}/#").device_id("devices//t"), None);
+    }
+
+    #[test]
+    fn timestamps_in_every_accepted_form() {
+        let want = Utc.timestamp_opt(1_700_000_000, 0).single().expect("valid");
+        for body in [
+            r#"{"timestamp":"2023-11-14T22:13:20Z"}"#,
+            r#"{"timestamp":"2023-11-14T23:13:20+01:00"}"#,
+            r#"{"ts":1700000000}"#,
+            r#"{"ts":1700000000000}"#,
+            r#"{"ts":"1700000000"}"#,
+        ] {
+            let r = d().decode("devices/a/t", body.as_bytes(), now()).expect(body);
+            assert_eq!(r.ts, want, "{body}");
+            assert!(r.content_hash.is_none());
+        }
+        let r = d().decode("devices/a/t", br#"{"ts":1700000000.25}"#, now()).expect("frac");
+        assert_eq!(r.ts.timestamp_subsec_millis(), 250);
+    }
+
+    #[test]
+    fn missing_timestamp_uses_receive_time_and_a_content_key() {
+        let a = d().decode("devices/a/t", br#"{"v":1}"#, now()).expect("ok");
+        let later = now() + chrono::Duration::seconds(5);
+        let b = d().decode("devices/a/t", br#"{"v":1}"#, later).expect("ok");
+        assert_eq!(a.ts, now());
+        assert!(a.content_hash.is_some());
+        assert_eq!(a.content_hash, b.content_hash, "a redelivery must get the same key");
+        let c = d().decode("devices/a/t", br#"{"v":2}"#, now()).expect("ok");
+        assert_ne!(a.content_hash, c.content_hash);
+    }
+
+    #[test]
+    fn malformed_input_is_an_error_not_a_panic() {
+        let cases: &[(&[u8], fn(&DecodeError) -> bool)] = &[
+            (b"not json", |e| matches!(e, DecodeError::NotJson(_))),
+            (b"[1,2]", |e| matches!(e, DecodeError::NotObject(_))),
+            (b"42", |e| matches!(e, DecodeError::NotObject(_))),
+            (br#"{"ts":"yesterday"}"#, |e| matches!(e, DecodeError::BadTimestamp { .. })),
+            (br#"{"ts":-5}"#, |e| matches!(e, DecodeError::BadTimestamp { .. })),
+            (br#"{"ts":1e300}"#, |e| matches!(e, DecodeError::BadTimestamp { .. })),
+            (br#"{"ts":true}"#, |e| matches!(e, DecodeError::BadTimestamp { .. })),
+            (br#"{"s":"a\u0000b"}"#, |e| matches!(e, DecodeError::NulEscape)),
+            (&[0xff, 0xfe, b'{'], |e| matches!(e, DecodeError::NotJson(_))),
+        ];
+        for (body, check) in cases {
+            let e = d().decode("devices/a/t", body, now()).unwrap_err();
+            assert!(check(&e), "{:?} -> {e}", String::from_utf8_lossy(body));
+        }
+        let big = vec![b' '; 2000];
+        assert!(matches!(
+            d().decode("devices/a/t", &big, now()),
+            Err(DecodeError::TooLarge { size: 2000, max: 1024 })
+        ));
+    }
+}

@@ -1,0 +1,145 @@
+//! Small queries shared by the node, the HTTP surface and the CLI.
+
+use chrono::{DateTime, Utc};
+use tokio_postgres::GenericClient;
+
+use crate::Result;
+
+/// Channel the releasing leader notifies so standbys campaign at once.
+pub const LEASE_CHANNEL: &str = "leasehold_lease";
+/// Channel the `devices` trigger notifies.
+pub const DEVICES_CHANNEL: &str = "leasehold_devices";
+/// Channel `leasehold step-down` uses to ask a leader to hand over.
+pub const CONTROL_CHANNEL: &str = "leasehold_control";
+
+/// The lease row as stored, judged on the database clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRow {
+    pub holder_id: String,
+    pub instance_id: String,
+    pub epoch: i64,
+    pub acquired_at: DateTime<Utc>,
+    pub renewed_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    /// Milliseconds until expiry on the database clock (negative once expired).
+    pub expires_in_ms: i64,
+}
+
+impl LeaseRow {
+    pub fn is_live(&self) -> bool {
+        self.expires_in_ms > 0
+    }
+}
+
+pub async fn lease(c: &impl GenericClient, name: &str) -> Result<Option<LeaseRow>> {
+    let row = c
+        .query_opt(
+            "SELECT holder_id, instance_id, epoch, acquired_at, renewed_at, expires_at,
+                    (extract(epoch from (expires_at - clock_timestamp())) * 1000)::bigint
+             FROM instance_lock WHERE service_name = $1",
+            &[&name],
+        )
+        .await?;
+    Ok(row.map(|r| LeaseRow {
+        holder_id: r.get(0),
+        instance_id: r.get(1),
+        epoch: r.get(2),
+        acquired_at: r.get(3),
+        renewed_at: r.get(4),
+        expires_at: r.get(5),
+        expires_in_ms: r.get(6),
+    }))
+}
+
+/// One row of `cluster_nodes`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRow {
+    pub holder_id: String,
+    pub instance_id: String,
+    pub role: String,
+    pub mode: String,
+    pub version: String,
+    pub http_url: Option<String>,
+    pub started_at: DateTime<Utc>,
+    pub last_seen: DateTime<Utc>,
+    pub seen_ms_ago: i64,
+}
+
+/// Nodes seen within `alive_within`, newest first, plus older ones when `include_dead`.
+pub async fn cluster_nodes(c: &impl GenericClient, alive_within_ms: i64, include_dead: bool) -> Result<Vec<NodeRow>> {
+    let rows = c
+        .query(
+            "SELECT holder_id, instance_id, role, mode, version, http_url, started_at, last_seen,
+                    (extract(epoch from (clock_timestamp() - last_seen)) * 1000)::bigint AS ago
+             FROM cluster_nodes
+             WHERE $2 OR last_seen > clock_timestamp() - make_interval(secs => $1::float8 / 1000)
+             ORDER BY last_seen DESC",
+            &[&(alive_within_ms as f64), &include_dead],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| NodeRow {
+            holder_id: r.get(0),
+            instance_id: r.get(1),
+            role: r.get(2),
+            mode: r.get(3),
+            version: r.get(4),
+            http_url: r.get(5),
+            started_at: r.get(6),
+            last_seen: r.get(7),
+            seen_ms_ago: r.get(8),
+        })
+        .collect())
+}
+
+/// What a node reports about itself every heartbeat.
+#[derive(Debug, Clone)]
+pub struct Heartbeat<'a> {
+    pub holder_id: &'a str,
+    pub instance_id: &'a str,
+    pub role: &'a str,
+    pub mode: &'a str,
+    pub version: &'a str,
+    pub http_url: Option<&'a str>,
+    pub started_at: DateTime<Utc>,
+}
+
+pub async fn heartbeat(c: &impl GenericClient, hb: &Heartbeat<'_>) -> Result<()> {
+    c.execute(
+        "INSERT INTO cluster_nodes (holder_id, instance_id, role, mode, version, http_url, started_at, last_seen)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, now())
+         ON CONFLICT (holder_id) DO UPDATE SET role = EXCLUDED.role, last_seen = now(),
+             http_url = EXCLUDED.http_url",
+        &[&hb.holder_id, &hb.instance_id, &hb.role, &hb.mode, &hb.version, &hb.http_url, &hb.started_at],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Seconds since the newest row was received, `None` when `telemetry` is empty.
+pub async fn newest_data_age(c: &impl GenericClient) -> Result<Option<f64>> {
+    let row = c
+        .query_one(
+            "SELECT extract(epoch from (clock_timestamp() - max(received_at)))::float8 FROM telemetry",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Topic filters of enabled devices.
+pub async fn device_topics(c: &impl GenericClient) -> Result<Vec<String>> {
+    let rows = c
+        .query("SELECT DISTINCT topic FROM devices WHERE enabled ORDER BY topic", &[])
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Asks the current leader of `lease_name` to hand over (it LISTENs on [`CONTROL_CHANNEL`]).
+pub async fn request_step_down(c: &impl GenericClient, lease_name: &str, holder_id: &str) -> Result<()> {
+    let payload = format!("step-down {lease_name} {holder_id}");
+    c.execute("SELECT pg_notify($1, $2)", &[&CONTROL_CHANNEL, &payload])
+        .await?;
+    Ok(())
+}

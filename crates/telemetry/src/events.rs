@@ -1,0 +1,181 @@
+//! Internal events: each struct is one thing that happened; `emit()` logs it once and moves its
+//! metric, so dashboards and logs always agree. Errors are logged here, where they are handled.
+
+use crate::metrics;
+
+pub struct LeaseAcquired<'a> {
+    pub epoch: i64,
+    pub holder_id: &'a str,
+}
+impl LeaseAcquired<'_> {
+    pub fn emit(self) {
+        tracing::info!(epoch = self.epoch, holder_id = self.holder_id, "lease acquired: this node is the leader");
+        let m = metrics();
+        m.lease_is_leader.set(1);
+        m.lease_epoch.set(self.epoch);
+        m.lease_transitions.with_label_values(&["leader"]).inc();
+    }
+}
+
+pub struct LeaseLost<'a> {
+    pub epoch: i64,
+    pub reason: &'a str,
+}
+impl LeaseLost<'_> {
+    pub fn emit(self) {
+        tracing::warn!(epoch = self.epoch, reason = self.reason, "lease lost: demoted to standby");
+        let m = metrics();
+        m.lease_is_leader.set(0);
+        m.lease_transitions.with_label_values(&["standby"]).inc();
+    }
+}
+
+pub struct LeaseReleased {
+    pub epoch: i64,
+}
+impl LeaseReleased {
+    pub fn emit(self) {
+        tracing::info!(epoch = self.epoch, "lease released: standbys notified");
+        let m = metrics();
+        m.lease_is_leader.set(0);
+        m.lease_transitions.with_label_values(&["standby"]).inc();
+    }
+}
+
+pub struct LeaseRenewFailed<'a> {
+    pub error: &'a dyn std::fmt::Display,
+    pub remaining_ms: u128,
+}
+impl LeaseRenewFailed<'_> {
+    pub fn emit(self) {
+        tracing::warn!(error = %self.error, remaining_ms = self.remaining_ms as u64, "lease renewal failed; retrying before the demotion deadline");
+        metrics().lease_renew_failures.inc();
+    }
+}
+
+pub struct MqttConnected<'a> {
+    pub broker: &'a str,
+    pub session_present: bool,
+    pub reconnect: bool,
+}
+impl MqttConnected<'_> {
+    pub fn emit(self) {
+        tracing::info!(broker = self.broker, session_present = self.session_present, "connected to broker");
+        let m = metrics();
+        m.mqtt_connected.set(1);
+        if self.reconnect {
+            m.mqtt_reconnects.inc();
+        }
+    }
+}
+
+pub struct MqttDisconnected<'a> {
+    pub error: &'a dyn std::fmt::Display,
+    pub retry_in_ms: u128,
+}
+impl MqttDisconnected<'_> {
+    pub fn emit(self) {
+        tracing::warn!(error = %self.error, retry_in_ms = self.retry_in_ms as u64, "broker connection lost or refused; reconnecting");
+        let m = metrics();
+        m.mqtt_connected.set(0);
+        m.mqtt_connection_errors.inc();
+    }
+}
+
+/// The broker resumed our connection without the session: whatever it had queued is gone.
+pub struct MqttSessionLost<'a> {
+    pub client_id: &'a str,
+}
+impl MqttSessionLost<'_> {
+    pub fn emit(self) {
+        tracing::error!(client_id = self.client_id, "broker had no session for this client id (session_present=false): messages queued while no leader was connected may be lost; check broker persistence and persistent_client_expiration");
+        metrics().mqtt_session_lost.inc();
+    }
+}
+
+/// Disconnected again and again right after connecting: someone else uses our client id.
+pub struct MqttClientIdConflict<'a> {
+    pub client_id: &'a str,
+    pub quick_disconnects: u32,
+}
+impl MqttClientIdConflict<'_> {
+    pub fn emit(self) {
+        tracing::error!(client_id = self.client_id, quick_disconnects = self.quick_disconnects, "repeatedly disconnected right after connecting: another process is using this MQTT client id");
+        metrics().mqtt_client_id_conflicts.inc();
+    }
+}
+
+pub struct TopicsSubscribed<'a> {
+    pub configured: &'a [String],
+    pub devices: usize,
+    pub total: usize,
+}
+impl TopicsSubscribed<'_> {
+    pub fn emit(self) {
+        tracing::info!(configured = ?self.configured, device_topics = self.devices, total = self.total, "topics subscribed");
+        metrics().mqtt_subscribed_topics.set(self.total as i64);
+    }
+}
+
+pub struct BatchCommitted {
+    pub rows: usize,
+    pub inserted: u64,
+    pub duplicates: u64,
+    pub dead_lettered: u64,
+    pub duration: std::time::Duration,
+}
+impl BatchCommitted {
+    pub fn emit(self) {
+        tracing::debug!(rows = self.rows, inserted = self.inserted, duplicates = self.duplicates, dead_lettered = self.dead_lettered, ms = self.duration.as_millis() as u64, "batch committed");
+        let m = metrics();
+        m.messages_written.inc_by(self.inserted);
+        m.messages_duplicate.inc_by(self.duplicates);
+        m.batch_rows.observe(self.rows as f64);
+        m.batch_write_duration.observe(self.duration.as_secs_f64());
+    }
+}
+
+pub struct DeadLettered<'a> {
+    pub topic: &'a str,
+    pub reason: &'static str,
+    pub error: &'a str,
+}
+impl DeadLettered<'_> {
+    pub fn emit(self) {
+        tracing::warn!(topic = self.topic, reason = self.reason, error = self.error, "message dead-lettered");
+        metrics().messages_dead_lettered.with_label_values(&[self.reason]).inc();
+    }
+}
+
+pub struct WriteFailed<'a> {
+    pub error: &'a dyn std::fmt::Display,
+    pub kind: &'static str,
+    pub attempt: u32,
+    pub retry_in_ms: u128,
+}
+impl WriteFailed<'_> {
+    pub fn emit(self) {
+        tracing::warn!(error = %self.error, attempt = self.attempt, retry_in_ms = self.retry_in_ms as u64, "batch write failed; nothing acknowledged, retrying");
+        metrics().write_errors.with_label_values(&[self.kind]).inc();
+    }
+}
+
+pub struct WriteFenced {
+    pub epoch: i64,
+}
+impl WriteFenced {
+    pub fn emit(self) {
+        tracing::error!(epoch = self.epoch, "write refused by fencing: lease no longer held; batch rolled back, nothing acknowledged");
+        metrics().write_errors.with_label_values(&["fenced"]).inc();
+    }
+}
+
+pub struct PendingOverflow {
+    pub max_pending: usize,
+}
+impl PendingOverflow {
+    pub fn emit(self) {
+        tracing::warn!(max_pending = self.max_pending, "MAX_PENDING reached: pausing intake, messages stay queued at the broker");
+        metrics().messages_overflow.inc();
+    }
+}

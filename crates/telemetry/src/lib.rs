@@ -1,0 +1,175 @@
+//! Observability plumbing shared by every crate.
+//!
+//! # Layout
+//! - [`metrics()`]: the process-wide registry of SPEC section 12 metrics.
+//! - [`events`]: one struct per notable event; `emit()` writes the log line and moves the metric,
+//!   so the two can never disagree.
+//! - [`init_logging`]: JSON or pretty logs, level from `LOG_LEVEL`.
+
+pub mod events;
+
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+
+/// Every metric Leasehold exports.
+pub struct Metrics {
+    registry: Registry,
+    pub lease_is_leader: IntGauge,
+    pub lease_epoch: IntGauge,
+    pub lease_transitions: IntCounterVec,
+    pub lease_renew_duration: Histogram,
+    pub lease_renew_failures: IntCounter,
+    lease_seconds_since_renew: Gauge,
+    last_renew: Mutex<Option<Instant>>,
+    pub mqtt_connected: IntGauge,
+    pub mqtt_reconnects: IntCounter,
+    pub mqtt_connection_errors: IntCounter,
+    pub mqtt_session_lost: IntCounter,
+    pub mqtt_client_id_conflicts: IntCounter,
+    pub mqtt_subscribed_topics: IntGauge,
+    pub messages_received: IntCounter,
+    pub messages_written: IntCounter,
+    pub messages_duplicate: IntCounter,
+    pub messages_dead_lettered: IntCounterVec,
+    pub messages_pending: IntGauge,
+    pub messages_observed: IntCounter,
+    pub messages_overflow: IntCounter,
+    pub acks_dropped_stale: IntCounter,
+    pub batch_rows: Histogram,
+    pub batch_write_duration: Histogram,
+    pub write_errors: IntCounterVec,
+    pub ingest_latency: Histogram,
+    pub data_age: Gauge,
+    pub cluster_nodes_alive: IntGauge,
+    pub build_info: IntGaugeVec,
+}
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
+    // Names are static and unique; a clash is a programming error caught by the first test.
+    r.register(Box::new(c.clone()))
+        .expect("metric names are unique");
+    c
+}
+
+fn secs_buckets() -> Vec<f64> {
+    vec![
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ]
+}
+
+impl Metrics {
+    fn new() -> prometheus::Result<Self> {
+        let r = Registry::new();
+        let m = Metrics {
+            lease_is_leader: reg(&r, IntGauge::new("leasehold_lease_is_leader", "1 while this node holds the lease and may write")?),
+            lease_epoch: reg(&r, IntGauge::new("leasehold_lease_epoch", "Epoch (fencing token) of the lease this node last held")?),
+            lease_transitions: reg(&r, IntCounterVec::new(Opts::new("leasehold_lease_transitions_total", "Role changes of this node"), &["to"])?),
+            lease_renew_duration: reg(&r, Histogram::with_opts(HistogramOpts::new("leasehold_lease_renew_duration_seconds", "Round trip of lease acquire/renew statements").buckets(secs_buckets()))?),
+            lease_renew_failures: reg(&r, IntCounter::new("leasehold_lease_renew_failures_total", "Lease renewals that failed or timed out")?),
+            lease_seconds_since_renew: reg(&r, Gauge::new("leasehold_lease_seconds_since_renew", "Seconds since this node last renewed the lease successfully (-1 when it never did)")?),
+            last_renew: Mutex::new(None),
+            mqtt_connected: reg(&r, IntGauge::new("leasehold_mqtt_connected", "1 while connected to the broker")?),
+            mqtt_reconnects: reg(&r, IntCounter::new("leasehold_mqtt_reconnects_total", "Connections to the broker after the first of a term")?),
+            mqtt_connection_errors: reg(&r, IntCounter::new("leasehold_mqtt_connection_errors_total", "Broker connection errors")?),
+            mqtt_session_lost: reg(&r, IntCounter::new("leasehold_mqtt_session_lost_total", "Resumed connections whose CONNACK said the broker had no session (queued messages lost)")?),
+            mqtt_client_id_conflicts: reg(&r, IntCounter::new("leasehold_mqtt_client_id_conflicts_total", "Disconnects right after connecting: another process uses the client id")?),
+            mqtt_subscribed_topics: reg(&r, IntGauge::new("leasehold_mqtt_subscribed_topics", "Topic filters currently subscribed")?),
+            messages_received: reg(&r, IntCounter::new("leasehold_messages_received_total", "Messages received from the broker")?),
+            messages_written: reg(&r, IntCounter::new("leasehold_messages_written_total", "Rows committed to telemetry")?),
+            messages_duplicate: reg(&r, IntCounter::new("leasehold_messages_duplicate_total", "Messages already stored (redeliveries), skipped by ON CONFLICT")?),
+            messages_dead_lettered: reg(&r, IntCounterVec::new(Opts::new("leasehold_messages_dead_lettered_total", "Messages committed to dead_letters"), &["reason"])?),
+            messages_pending: reg(&r, IntGauge::new("leasehold_messages_pending", "Messages received and not yet acknowledged")?),
+            messages_observed: reg(&r, IntCounter::new("leasehold_messages_observed_total", "Messages decoded in development (observer) mode, never written")?),
+            messages_overflow: reg(&r, IntCounter::new("leasehold_messages_overflow_total", "Messages refused because MAX_PENDING was reached (left at the broker)")?),
+            acks_dropped_stale: reg(&r, IntCounter::new("leasehold_acks_dropped_stale_total", "Acks not sent because their message came on an earlier connection")?),
+            batch_rows: reg(&r, Histogram::with_opts(HistogramOpts::new("leasehold_batch_rows", "Messages per committed batch").buckets(vec![1.0, 5.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0]))?),
+            batch_write_duration: reg(&r, Histogram::with_opts(HistogramOpts::new("leasehold_batch_write_duration_seconds", "Duration of one batch transaction").buckets(secs_buckets()))?),
+            write_errors: reg(&r, IntCounterVec::new(Opts::new("leasehold_write_errors_total", "Failed batch transactions"), &["kind"])?),
+            ingest_latency: reg(&r, Histogram::with_opts(HistogramOpts::new("leasehold_ingest_latency_seconds", "From receipt of a message to the commit of its batch").buckets(secs_buckets()))?),
+            data_age: reg(&r, Gauge::new("leasehold_data_age_seconds", "Age of the newest telemetry row (-1 when there is none)")?),
+            cluster_nodes_alive: reg(&r, IntGauge::new("leasehold_cluster_nodes_alive", "Nodes that heartbeated recently")?),
+            build_info: reg(&r, IntGaugeVec::new(Opts::new("leasehold_build_info", "Build information"), &["version"])?),
+            registry: r,
+        };
+        m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        m.lease_seconds_since_renew.set(-1.0);
+        m.data_age.set(-1.0);
+        Ok(m)
+    }
+
+    /// Records a successful renewal (for `leasehold_lease_seconds_since_renew`).
+    pub fn renewed_now(&self) {
+        if let Ok(mut g) = self.last_renew.lock() {
+            *g = Some(Instant::now());
+        }
+    }
+
+    /// Seconds since the last successful renewal, if any.
+    pub fn seconds_since_renew(&self) -> Option<f64> {
+        self.last_renew
+            .lock()
+            .ok()
+            .and_then(|g| g.map(|t| t.elapsed().as_secs_f64()))
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        self.lease_seconds_since_renew
+            .set(self.seconds_since_renew().unwrap_or(-1.0));
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// The process-wide metrics.
+pub fn metrics() -> &'static Metrics {
+    static M: OnceLock<Metrics> = OnceLock::new();
+    M.get_or_init(|| Metrics::new().expect("static metric definitions are valid"))
+}
+
+/// Installs the global subscriber. `json` for machines (systemd, Loki), `pretty` for people.
+pub fn init_logging(json: bool, level: &str) -> Result<(), String> {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_new(level).map_err(|e| format!("invalid LOG_LEVEL={level:?}: {e}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let res = if json {
+        builder.json().flatten_event(true).with_current_span(false).try_init()
+    } else {
+        builder.with_target(false).try_init()
+    };
+    res.map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_spec_metric_is_exported() {
+        let m = super::metrics();
+        m.lease_transitions.with_label_values(&["leader"]).inc();
+        m.messages_dead_lettered.with_label_values(&["not_json"]).inc();
+        m.write_errors.with_label_values(&["db"]).inc();
+        let text = m.encode();
+        for name in [
+            "leasehold_lease_is_leader", "leasehold_lease_epoch", "leasehold_lease_transitions_total",
+            "leasehold_lease_renew_duration_seconds", "leasehold_lease_seconds_since_renew",
+            "leasehold_mqtt_connected", "leasehold_mqtt_reconnects_total", "leasehold_mqtt_subscribed_topics",
+            "leasehold_messages_received_total", "leasehold_messages_written_total",
+            "leasehold_messages_duplicate_total", "leasehold_messages_dead_lettered_total",
+            "leasehold_messages_pending", "leasehold_batch_rows", "leasehold_batch_write_duration_seconds",
+            "leasehold_write_errors_total", "leasehold_ingest_latency_seconds", "leasehold_data_age_seconds",
+            "leasehold_cluster_nodes_alive", "leasehold_build_info",
+        ] {
+            assert!(text.contains(&format!("# TYPE {name} ")), "missing {name}");
+        }
+    }
+}
