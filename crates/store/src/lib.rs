@@ -6,6 +6,7 @@
 //! - [`BatchWriter`]: one transaction per batch, fencing check first, set-based inserts.
 //! - [`queries`]: small reads and writes for status, heartbeats and topics.
 
+pub mod listener;
 pub mod queries;
 
 use std::time::Duration;

@@ -1,0 +1,48 @@
+//! The lease statements. Times are judged on the database clock only.
+
+use std::time::Duration;
+
+use leasehold_store::queries::LEASE_CHANNEL;
+use leasehold_store::tokio_postgres::Client;
+use leasehold_store::Result;
+
+/// Acquire or renew in one statement. The guard lets a current holder renew before expiry and
+/// anyone take an expired lease; the epoch rises only when the holder changes.
+pub const ACQUIRE: &str = "INSERT INTO instance_lock AS l
+        (service_name, holder_id, instance_id, epoch, acquired_at, renewed_at, expires_at)
+    VALUES ($1, $2, $3, 1, now(), now(), now() + make_interval(secs => $4::float8))
+    ON CONFLICT (service_name) DO UPDATE SET
+        holder_id   = EXCLUDED.holder_id,
+        instance_id = EXCLUDED.instance_id,
+        epoch       = CASE WHEN l.holder_id = EXCLUDED.holder_id THEN l.epoch ELSE l.epoch + 1 END,
+        acquired_at = CASE WHEN l.holder_id = EXCLUDED.holder_id THEN l.acquired_at ELSE now() END,
+        renewed_at  = now(),
+        expires_at  = EXCLUDED.expires_at
+    WHERE l.expires_at < now() OR l.holder_id = EXCLUDED.holder_id
+    RETURNING epoch";
+
+/// Expire (never delete: the epoch must survive) and wake the standbys, only if still ours.
+pub const RELEASE: &str = "WITH released AS (
+        UPDATE instance_lock SET expires_at = now()
+        WHERE service_name = $1 AND holder_id = $2 AND epoch = $3
+        RETURNING 1)
+    SELECT pg_notify($4, $1) FROM released";
+
+/// Returns the epoch when this holder holds the lease after the statement, `None` otherwise.
+pub async fn acquire(
+    c: &Client,
+    lease: &str,
+    holder: &str,
+    instance: &str,
+    ttl: Duration,
+) -> Result<Option<i64>> {
+    let row = c
+        .query_opt(ACQUIRE, &[&lease, &holder, &instance, &ttl.as_secs_f64()])
+        .await?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+pub async fn release(c: &Client, lease: &str, holder: &str, epoch: i64) -> Result<()> {
+    c.query(RELEASE, &[&lease, &holder, &epoch, &LEASE_CHANNEL]).await?;
+    Ok(())
+}

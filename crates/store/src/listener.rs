@@ -1,0 +1,112 @@
+//! One LISTEN connection per node, fanned out to whoever cares (lease, topic reloads, step-down).
+
+use std::time::Duration;
+
+use futures_util::{stream, StreamExt};
+use tokio::sync::broadcast;
+use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use crate::queries::{CONTROL_CHANNEL, DEVICES_CHANNEL, LEASE_CHANNEL};
+
+/// A notification, or [`Notice::Resync`] after the LISTEN connection was re-established
+/// (notifications may have been missed; consumers re-read their state).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    Notify { channel: String, payload: String },
+    Resync,
+}
+
+pub struct Listener {
+    url: String,
+    tx: broadcast::Sender<Notice>,
+}
+
+impl Listener {
+    pub fn new(url: String) -> Self {
+        let (tx, _) = broadcast::channel(256);
+        Listener { url, tx }
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Notice> {
+        self.tx.subscribe()
+    }
+
+    /// Listens until cancelled, reconnecting with capped backoff.
+    pub async fn run(self, cancel: CancellationToken) -> crate::Result<()> {
+        let mut backoff = Duration::from_millis(200);
+        let mut first = true;
+        while !cancel.is_cancelled() {
+            match self.listen_once(&cancel, first).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "LISTEN connection lost; reconnecting");
+                }
+            }
+            first = false;
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+        Ok(())
+    }
+
+    async fn listen_once(&self, cancel: &CancellationToken, first: bool) -> crate::Result<()> {
+        let cfg = crate::pg_config(&self.url, "leasehold-listen")?;
+        let timeout = cfg.get_connect_timeout().copied().unwrap_or(Duration::from_secs(5));
+        let (client, mut conn) = tokio::time::timeout(timeout, cfg.connect(NoTls))
+            .await
+            .map_err(|_| crate::StoreError::Timeout(timeout))??;
+        // A driver task owns the connection so queries below can be awaited while it is polled.
+        let (mtx, mut mrx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut messages = stream::poll_fn(move |cx| conn.poll_message(cx));
+            while let Some(m) = messages.next().await {
+                match m {
+                    Ok(AsyncMessage::Notification(n)) => {
+                        if mtx.send(Ok(n)).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = mtx.send(Err(e));
+                        break;
+                    }
+                }
+            }
+        });
+        client
+            .batch_execute(&format!(
+                "LISTEN {LEASE_CHANNEL}; LISTEN {DEVICES_CHANNEL}; LISTEN {CONTROL_CHANNEL};"
+            ))
+            .await?;
+        if !first {
+            let _ = self.tx.send(Notice::Resync);
+        }
+        // A cheap query now and then detects a dead connection that TCP would not report.
+        let mut ping = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = ping.tick() => {
+                    tokio::time::timeout(Duration::from_secs(5), client.simple_query("SELECT 1"))
+                        .await
+                        .map_err(|_| crate::StoreError::Timeout(Duration::from_secs(5)))??;
+                }
+                m = mrx.recv() => match m {
+                    Some(Ok(n)) => {
+                        let _ = self.tx.send(Notice::Notify {
+                            channel: n.channel().to_string(),
+                            payload: n.payload().to_string(),
+                        });
+                    }
+                    Some(Err(e)) => return Err(e.into()),
+                    None => return Err(crate::StoreError::Pool("LISTEN connection closed".into())),
+                }
+            }
+        }
+    }
+}
