@@ -345,6 +345,11 @@ impl fmt::Debug for Config {
     }
 }
 
+/// Parses a human-readable duration (`10s`, `500ms`, `5m`) with the error text settings use.
+pub fn parse_duration(v: &str) -> Result<Duration, String> {
+    duration(v)
+}
+
 fn duration(v: &str) -> Result<Duration, String> {
     humantime::parse_duration(v).map_err(|e| format!("{e}; expected a duration such as 10s, 500ms or 5m"))
 }

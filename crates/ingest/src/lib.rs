@@ -1,1 +1,411 @@
+//! MQTT ingest: one task owns the rumqttc event loop for a leadership term.
+//!
+//! Messages leave the loop as [`Inbound`] values, each tagged with the connection it arrived on and
+//! holding one permit of the `MAX_PENDING` budget. They come back through [`Acker::ack`] after
+//! their batch committed: acks are queued without awaiting (the polling task must never block), in
+//! the order given, and only when the message's connection is still the current one. MQTT reuses
+//! packet ids per connection, so an ack from an earlier connection would acknowledge a different,
+//! newer message; such acks are dropped and the broker redelivers their messages instead.
+//!
+//! # Layout
+//! - [`IngestConfig`]: session settings (shared persistent session or a private observer one).
+//! - [`MqttIngest::run`]: connect, subscribe on every CONNACK, poll, reconnect with backoff, drain.
+//! - [`Acker`]: the ack path back from the writer.
 
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use leasehold_config::MqttEndpoint;
+use leasehold_telemetry::{events, metrics};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, Publish, QoS, Request,
+    SubscribeFilter, Transport,
+};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("broker refused the subscription to {0:?}")]
+    SubscribeRefused(Vec<String>),
+}
+
+/// A message received from the broker and not yet acknowledged.
+#[derive(Debug)]
+pub struct Inbound {
+    /// The connection (1, 2, ...) it arrived on.
+    pub conn: u64,
+    pub pkid: u16,
+    pub qos: QoS,
+    pub topic: String,
+    pub payload: Bytes,
+    pub received_at: DateTime<Utc>,
+    pub received: Instant,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Inbound {
+    /// A message built outside the broker path (tests, benchmarks). Never acknowledged.
+    pub fn detached(topic: &str, payload: &[u8]) -> Self {
+        Inbound {
+            conn: 0,
+            pkid: 0,
+            qos: QoS::AtMostOnce,
+            topic: topic.to_string(),
+            payload: Bytes::copy_from_slice(payload),
+            received_at: Utc::now(),
+            received: Instant::now(),
+            _permit: None,
+        }
+    }
+}
+
+/// Which connection is current; guarded so a connection change and an ack cannot interleave.
+#[derive(Debug, Default)]
+struct Gate {
+    conn: u64,
+    connected: bool,
+}
+
+/// Sends acks for committed messages. Cheap to clone.
+#[derive(Clone)]
+pub struct Acker {
+    client: AsyncClient,
+    gate: Arc<Mutex<Gate>>,
+}
+
+impl Acker {
+    /// Acknowledges `msgs` in order. Messages from an earlier connection are not acknowledged.
+    /// Dropping each message returns its `MAX_PENDING` permit.
+    pub fn ack(&self, msgs: impl IntoIterator<Item = Inbound>) {
+        let Ok(gate) = self.gate.lock() else {
+            return;
+        };
+        let mut stale = 0u64;
+        for m in msgs {
+            if m.qos == QoS::AtMostOnce {
+                continue;
+            }
+            if !gate.connected || m.conn != gate.conn {
+                stale += 1;
+                continue;
+            }
+            let mut p = Publish::new("", m.qos, Vec::<u8>::new());
+            p.pkid = m.pkid;
+            if let Err(e) = self.client.try_ack(&p) {
+                // Only when the request queue is full or the loop is gone: the broker redelivers.
+                tracing::warn!(error = %e, pkid = m.pkid, "could not queue an ack; the broker will redeliver the message");
+            }
+        }
+        if stale > 0 {
+            tracing::info!(count = stale, "acks dropped: their messages arrived on an earlier connection and will be redelivered");
+            metrics().acks_dropped_stale.inc_by(stale);
+        }
+    }
+}
+
+/// Session settings.
+#[derive(Clone, Debug)]
+pub struct IngestConfig {
+    pub endpoint: MqttEndpoint,
+    pub client_id: String,
+    /// `false` for the cluster's shared persistent session, `true` for an observer.
+    pub clean_session: bool,
+    /// Ack after commit (production) or let the client ack on receipt (observer).
+    pub manual_acks: bool,
+    pub keep_alive: Duration,
+    pub reconnect_max: Duration,
+    pub max_payload_bytes: usize,
+    pub max_pending: usize,
+    /// Configured topic filters (`MQTT_TOPICS`); device topics arrive on a watch channel.
+    pub topics: Vec<String>,
+    /// Whether a CONNACK without a session is unexpected on the first connect of this term
+    /// (a previous leader has held the session).
+    pub expect_session: bool,
+}
+
+/// Disconnects within this time after CONNACK count toward a client-id conflict.
+const QUICK_DISCONNECT: Duration = Duration::from_secs(3);
+/// Consecutive quick disconnects that raise a client-id conflict.
+const CONFLICT_AFTER: u32 = 3;
+
+/// The MQTT side of a term. Built per term by the supervisor; `run` consumes it.
+pub struct MqttIngest {
+    cfg: IngestConfig,
+    client: AsyncClient,
+    eventloop: EventLoop,
+    gate: Arc<Mutex<Gate>>,
+    tx: Option<mpsc::Sender<Inbound>>,
+    pending: Arc<Semaphore>,
+    device_topics: watch::Receiver<Vec<String>>,
+    may_connect: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+impl MqttIngest {
+    /// Builds the session; messages are delivered on the returned receiver.
+    pub fn new(
+        cfg: IngestConfig,
+        device_topics: watch::Receiver<Vec<String>>,
+        may_connect: Arc<dyn Fn() -> bool + Send + Sync>,
+    ) -> (MqttIngest, Acker, mpsc::Receiver<Inbound>) {
+        let mut opts = MqttOptions::new(&cfg.client_id, &cfg.endpoint.host, cfg.endpoint.port);
+        opts.set_keep_alive(cfg.keep_alive)
+            .set_clean_session(cfg.clean_session)
+            .set_manual_acks(cfg.manual_acks);
+        // Above MAX_PAYLOAD_BYTES so an oversized message is dead-lettered, not a reconnect loop.
+        let max_packet = (cfg.max_payload_bytes * 2 + 64 * 1024).max(2 * 1024 * 1024);
+        opts.set_max_packet_size(max_packet, 64 * 1024);
+        if let (Some(u), p) = (&cfg.endpoint.username, &cfg.endpoint.password) {
+            opts.set_credentials(u, p.clone().unwrap_or_default());
+        }
+        if cfg.endpoint.tls {
+            opts.set_transport(Transport::tls_with_default_config());
+        }
+        // Acks never exceed MAX_PENDING, so the request queue can always take them without waiting.
+        let (client, mut eventloop) = AsyncClient::new(opts, cfg.max_pending + 64);
+        eventloop.network_options.set_connection_timeout(5);
+        let (tx, rx) = mpsc::channel(cfg.max_pending.max(1));
+        let gate = Arc::new(Mutex::new(Gate::default()));
+        let pending = Arc::new(Semaphore::new(cfg.max_pending));
+        let acker = Acker {
+            client: client.clone(),
+            gate: gate.clone(),
+        };
+        (
+            MqttIngest {
+                cfg,
+                client,
+                eventloop,
+                gate,
+                tx: Some(tx),
+                pending,
+                device_topics,
+                may_connect,
+            },
+            acker,
+            rx,
+        )
+    }
+
+    fn pending_count(&self) -> usize {
+        self.cfg.max_pending - self.pending.available_permits()
+    }
+
+    fn wanted_topics(&self) -> BTreeSet<String> {
+        self.cfg
+            .topics
+            .iter()
+            .cloned()
+            .chain(self.device_topics.borrow().iter().cloned())
+            .collect()
+    }
+
+    /// Runs until `cancel` (stop at once: nothing more is acknowledged), or until `drain` has
+    /// been requested and every forwarded message was acknowledged or dropped by the writer; then
+    /// the acks are flushed and the connection closed with DISCONNECT.
+    pub async fn run(mut self, cancel: CancellationToken, drain: CancellationToken) -> Result<(), IngestError> {
+        let broker = self.cfg.endpoint.to_string();
+        let mut connections = 0u64;
+        let mut connected_at: Option<Instant> = None;
+        let mut backoff = Duration::from_millis(100);
+        let mut quick_disconnects = 0u32;
+        let mut subscribed: BTreeSet<String> = BTreeSet::new();
+        let mut overflowed = false;
+        let mut disconnecting = false;
+        let full = self.cfg.max_pending as u32;
+        let result = loop {
+            metrics().messages_pending.set(self.pending_count() as i64);
+            if self.eventloop.network.is_none() && !(self.may_connect)() {
+                tracing::info!("not connecting to the broker: this node may no longer ingest");
+                break Ok(());
+            }
+            let draining = self.tx.is_none();
+            let sem = self.pending.clone();
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break Ok(()),
+                _ = drain.cancelled(), if !draining => {
+                    // Stop intake: what arrives from now on stays unacknowledged in the session
+                    // and goes to the next leader. The writer finishes what it has.
+                    self.tx = None;
+                    tracing::info!(pending = self.pending_count(), "intake stopped; waiting for the writer to commit and acknowledge");
+                }
+                all = sem.acquire_many_owned(full), if (draining || overflowed) && !disconnecting => {
+                    drop(all);
+                    if draining {
+                        // Everything forwarded is acknowledged: DISCONNECT goes out after the acks.
+                        disconnecting = true;
+                        if self.eventloop.network.is_none() || self.client.try_disconnect().is_err() {
+                            break Ok(());
+                        }
+                    } else {
+                        // Messages refused while full are still in flight at the broker; a new
+                        // connection makes it redeliver them.
+                        overflowed = false;
+                        tracing::info!("pending messages drained after an overflow; reconnecting to receive what was refused");
+                        self.on_disconnect();
+                        self.eventloop.clean();
+                    }
+                }
+                changed = self.device_topics.changed(), if connected_at.is_some() => {
+                    if changed.is_err() {
+                        // The topic source is gone (shutting down); keep configured topics.
+                        self.device_topics = watch::channel(Vec::new()).1;
+                        continue;
+                    }
+                    self.resubscribe(&mut subscribed, false);
+                }
+                ev = self.eventloop.poll() => match ev {
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                        let reconnect = connections > 0;
+                        connections += 1;
+                        {
+                            let Ok(mut g) = self.gate.lock() else { break Ok(()) };
+                            g.conn = connections;
+                            g.connected = true;
+                        }
+                        connected_at = Some(Instant::now());
+                        backoff = Duration::from_millis(100);
+                        events::MqttConnected { broker: &broker, session_present: ack.session_present, reconnect }.emit();
+                        if !self.cfg.clean_session && !ack.session_present && (reconnect || self.cfg.expect_session) {
+                            events::MqttSessionLost { client_id: &self.cfg.client_id }.emit();
+                        }
+                        // Subscriptions are re-sent on every connect: a lost session lost them too.
+                        subscribed.clear();
+                        self.resubscribe(&mut subscribed, true);
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        metrics().messages_received.inc();
+                        self.forward(p, connections, &mut overflowed);
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(s))) => {
+                        let refused = s.return_codes.iter().filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)).count();
+                        if refused > 0 {
+                            tracing::error!(refused, "broker refused {refused} topic filter(s); check the broker ACL");
+                        }
+                    }
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+                        tracing::info!("acks flushed; disconnected from the broker");
+                        break Ok(());
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let was_up = connected_at.take();
+                        self.on_disconnect();
+                        if disconnecting {
+                            break Ok(());
+                        }
+                        match was_up {
+                            Some(t) if t.elapsed() < QUICK_DISCONNECT => quick_disconnects += 1,
+                            Some(_) => quick_disconnects = 0,
+                            None => {}
+                        }
+                        if quick_disconnects >= CONFLICT_AFTER {
+                            events::MqttClientIdConflict { client_id: &self.cfg.client_id, quick_disconnects }.emit();
+                            quick_disconnects = 0;
+                        }
+                        let wait = backoff.mul_f64(0.5 + fastrand::f64() * 0.5);
+                        events::MqttDisconnected { error: &DisplayConnErr(&e), retry_in_ms: wait.as_millis() }.emit();
+                        backoff = (backoff * 2).min(self.cfg.reconnect_max);
+                        tokio::select! {
+                            _ = cancel.cancelled() => break Ok(()),
+                            _ = tokio::time::sleep(wait) => {}
+                        }
+                    }
+                }
+            }
+        };
+        if let Ok(mut g) = self.gate.lock() {
+            g.connected = false;
+        }
+        metrics().mqtt_connected.set(0);
+        metrics().mqtt_subscribed_topics.set(0);
+        result
+    }
+
+    fn forward(&mut self, p: Publish, conn: u64, overflowed: &mut bool) {
+        let Some(tx) = &self.tx else {
+            // Draining: not ours to acknowledge any more.
+            return;
+        };
+        let permit = match self.pending.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                if !*overflowed {
+                    events::PendingOverflow { max_pending: self.cfg.max_pending }.emit();
+                }
+                *overflowed = true;
+                return;
+            }
+        };
+        let msg = Inbound {
+            conn,
+            pkid: p.pkid,
+            qos: p.qos,
+            topic: p.topic,
+            payload: p.payload,
+            received_at: Utc::now(),
+            received: Instant::now(),
+            _permit: Some(permit),
+        };
+        // Capacity equals MAX_PENDING and each message holds a permit, so this cannot be full;
+        // if the writer is gone the message is simply not acknowledged.
+        let _ = tx.try_send(msg);
+    }
+
+    /// Brings subscriptions in line with configured + device topics; never awaits.
+    fn resubscribe(&mut self, subscribed: &mut BTreeSet<String>, connect: bool) {
+        let wanted = self.wanted_topics();
+        let add: Vec<String> = wanted.difference(subscribed).cloned().collect();
+        let remove: Vec<String> = subscribed.difference(&wanted).cloned().collect();
+        if !add.is_empty() {
+            let filters = add.iter().map(|t| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
+            if let Err(e) = self.client.try_subscribe_many(filters) {
+                tracing::error!(error = %e, topics = ?add, "could not queue subscription");
+                return;
+            }
+        }
+        for t in &remove {
+            if let Err(e) = self.client.try_unsubscribe(t.clone()) {
+                tracing::warn!(error = %e, topic = %t, "could not queue unsubscribe");
+            }
+        }
+        if connect || !add.is_empty() || !remove.is_empty() {
+            *subscribed = wanted;
+            let devices = self.device_topics.borrow().len();
+            events::TopicsSubscribed { configured: &self.cfg.topics, devices, total: subscribed.len() }.emit();
+            if !add.is_empty() && !connect {
+                tracing::info!(added = ?add, removed = ?remove, "device topics changed; subscriptions updated");
+            }
+        }
+    }
+
+    /// The connection is gone: bump the connection number first, so no ack of the old
+    /// connection can be queued from now on; then purge acks queued in the meantime and
+    /// publishes buffered from the dead connection (the broker redelivers both).
+    fn on_disconnect(&mut self) {
+        if let Ok(mut g) = self.gate.lock() {
+            g.conn = g.conn.wrapping_add(1_000_000);
+            g.connected = false;
+        }
+        self.eventloop.clean();
+        self.eventloop.state.events.clear();
+        self.eventloop
+            .pending
+            .retain(|r| !matches!(r, Request::PubAck(_) | Request::PubRec(_)));
+        metrics().mqtt_connected.set(0);
+    }
+}
+
+struct DisplayConnErr<'a>(&'a ConnectionError);
+impl std::fmt::Display for DisplayConnErr<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            ConnectionError::ConnectionRefused(code) => write!(f, "connection refused by broker: {code:?}"),
+            other => write!(f, "{other}"),
+        }
+    }
+}

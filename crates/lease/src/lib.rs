@@ -82,6 +82,7 @@ struct Shared {
     term_active: AtomicBool,
     drained: Notify,
     step_down: Notify,
+    recheck: Notify,
 }
 
 impl Shared {
@@ -138,6 +139,11 @@ impl LeaseHandle {
         self.shared.drained.notify_one();
     }
 
+    /// Something (a fenced write) suggests the lease is gone: renew now instead of at the next tick.
+    pub fn recheck(&self) {
+        self.shared.recheck.notify_one();
+    }
+
     /// The supervisor reports whether term tasks are running (read by the watchdog).
     pub fn set_term_active(&self, active: bool) {
         self.shared.term_active.store(active, Ordering::Release);
@@ -162,6 +168,7 @@ impl Lease {
             term_active: AtomicBool::new(false),
             drained: Notify::new(),
             step_down: Notify::new(),
+            recheck: Notify::new(),
         });
         let handle = LeaseHandle {
             role: role_rx,
@@ -257,6 +264,9 @@ impl Lease {
                     self.release(epoch).await;
                     tracing::info!(epoch, drain_ms = drain_started.elapsed().as_millis() as u64, "hand-over complete");
                     return true;
+                }
+                _ = self.shared.recheck.notified() => {
+                    next_renew = Instant::now();
                 }
                 n = next_notice(&mut self.notices), if !draining => {
                     if let Some(Notice::Notify { channel, payload }) = n {

@@ -1,1 +1,16 @@
+//! The Leasehold node and its command line.
+//!
+//! # Layout
+//! - [`cli`]: argument parsing, configuration loading, one-line errors, exit codes.
+//! - [`node`]: `leasehold run`, the wiring of one node and its shutdown sequence.
+//! - [`supervisor`]: starts, drains and cancels leadership terms as the lease role changes.
+//! - [`writer`]: the batch writer of a term (fenced transactions, ack after commit).
+//! - [`admin`]: `migrate`, `status`, `step-down`.
+//! - [`simulate`]: a device fleet publisher for demos, tests and benchmarks.
 
+pub mod admin;
+pub mod cli;
+pub mod node;
+pub mod simulate;
+pub mod supervisor;
+pub mod writer;

@@ -28,8 +28,9 @@ impl Listener {
         Listener { url, tx }
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Notice> {
-        self.tx.subscribe()
+    /// The fan-out sender; subscribe through it, even after `run` took the listener.
+    pub fn sender(&self) -> broadcast::Sender<Notice> {
+        self.tx.clone()
     }
 
     /// Listens until cancelled, reconnecting with capped backoff.

@@ -1,0 +1,117 @@
+//! `leasehold migrate`, `status` and `step-down`: short-lived commands for operators.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use leasehold_config::Config;
+use leasehold_store::queries;
+use serde_json::json;
+
+use crate::node::ALIVE_WITHIN;
+
+/// Exit code of `status` when no node holds the lease.
+pub const EXIT_NO_LEADER: u8 = 3;
+
+async fn connect(cfg: &Config, app: &str) -> anyhow::Result<leasehold_store::tokio_postgres::Client> {
+    let url = cfg.require_database_url()?;
+    leasehold_store::connect(url, app)
+        .await
+        .with_context(|| format!("cannot connect to {}", leasehold_config::redact_url(url)))
+}
+
+pub async fn migrate(cfg: &Config) -> anyhow::Result<ExitCode> {
+    let mut c = connect(cfg, "leasehold-migrate").await?;
+    let applied = leasehold_store::migrate(&mut c).await?;
+    if applied.is_empty() {
+        println!("schema is up to date");
+    } else {
+        println!("applied migrations: {applied:?}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn secs(ms: i64) -> String {
+    format!("{:.1}s", ms as f64 / 1000.0)
+}
+
+pub async fn status(cfg: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
+    let c = connect(cfg, "leasehold-status").await?;
+    let lease = queries::lease(&c, &cfg.lease_name).await?;
+    let nodes = queries::cluster_nodes(&c, ALIVE_WITHIN.as_millis() as i64, true).await?;
+    let age = queries::newest_data_age(&c).await?;
+    let alive: Vec<_> = nodes.iter().filter(|n| n.seen_ms_ago < ALIVE_WITHIN.as_millis() as i64).collect();
+    let leader = lease.as_ref().filter(|l| l.is_live());
+    if as_json {
+        let v = json!({
+            "lease_name": cfg.lease_name,
+            "leader": leader.map(|l| json!({
+                "instance_id": l.instance_id, "holder_id": l.holder_id, "epoch": l.epoch,
+                "expires_in_ms": l.expires_in_ms, "acquired_at": l.acquired_at.to_rfc3339(),
+            })),
+            "last_epoch": lease.as_ref().map(|l| l.epoch),
+            "nodes_alive": alive.len(),
+            "nodes": nodes.iter().map(|n| json!({
+                "instance_id": n.instance_id, "holder_id": n.holder_id, "role": n.role, "mode": n.mode,
+                "version": n.version, "http_url": n.http_url, "last_seen_ms_ago": n.seen_ms_ago,
+                "alive": n.seen_ms_ago < ALIVE_WITHIN.as_millis() as i64,
+            })).collect::<Vec<_>>(),
+            "newest_data_age_seconds": age,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        match (leader, &lease) {
+            (Some(l), _) => println!(
+                "LEADER   {} (epoch {}, lease expires in {}, holder {})",
+                l.instance_id, l.epoch, secs(l.expires_in_ms), l.holder_id
+            ),
+            (None, Some(l)) => println!(
+                "NO LEADER  lease {:?} expired {} ago (last holder {}, epoch {})",
+                cfg.lease_name, secs(-l.expires_in_ms), l.instance_id, l.epoch
+            ),
+            (None, None) => println!("NO LEADER  lease {:?} has never been taken", cfg.lease_name),
+        }
+        println!("NODES    {} alive", alive.len());
+        for n in nodes.iter().take(20) {
+            let state = if n.seen_ms_ago < ALIVE_WITHIN.as_millis() as i64 { "alive" } else { "gone" };
+            println!(
+                "  {:<20} {:<9} {:<12} {:<6} seen {} ago  v{}  {}",
+                n.instance_id, n.role, n.mode, state, secs(n.seen_ms_ago), n.version,
+                n.http_url.as_deref().unwrap_or("-")
+            );
+        }
+        match age {
+            Some(a) => println!("DATA     newest row received {a:.1}s ago"),
+            None => println!("DATA     no rows yet"),
+        }
+    }
+    Ok(if leader.is_some() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_NO_LEADER) })
+}
+
+pub async fn step_down(cfg: &Config, timeout: Duration) -> anyhow::Result<ExitCode> {
+    let c = connect(cfg, "leasehold-step-down").await?;
+    let Some(before) = queries::lease(&c, &cfg.lease_name).await?.filter(|l| l.is_live()) else {
+        anyhow::bail!("no leader holds lease {:?}: nothing to step down", cfg.lease_name);
+    };
+    println!("asking {} (epoch {}) to hand over...", before.instance_id, before.epoch);
+    queries::request_step_down(&c, &cfg.lease_name, &before.holder_id).await?;
+    let started = Instant::now();
+    while started.elapsed() < timeout {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if let Some(now) = queries::lease(&c, &cfg.lease_name).await? {
+            if now.holder_id != before.holder_id && now.is_live() {
+                println!(
+                    "leadership moved from {} (epoch {}) to {} (epoch {}) in {} ms",
+                    before.instance_id, before.epoch, now.instance_id, now.epoch,
+                    started.elapsed().as_millis()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+    }
+    anyhow::bail!(
+        "no other node took over within {}: is a standby running? ({} may lead again after its back-off)",
+        leasehold_config::fmt_dur(timeout),
+        before.instance_id
+    )
+}

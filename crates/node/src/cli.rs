@@ -1,0 +1,193 @@
+//! Command line. Flags override environment variables, which override the config file.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use leasehold_config::{Config, LogFormat, Sources};
+use tokio_util::sync::CancellationToken;
+
+use crate::{admin, node, simulate};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "leasehold",
+    version,
+    about = "Leader-elected, highly available MQTT -> PostgreSQL ingestion",
+    long_about = "Leader-elected, highly available MQTT -> PostgreSQL ingestion.\n\nSettings come from a TOML file (--config), environment variables (DATABASE_URL, MQTT_URL, LEASE_TTL, ...) and flags, each overriding the previous. See docs/configuration.md."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub settings: Settings,
+    #[command(subcommand)]
+    pub cmd: Command,
+}
+
+/// Settings accepted by every command.
+#[derive(Args, Debug, Clone, Default)]
+pub struct Settings {
+    /// TOML file with settings (keys are the environment names in lower case).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Any setting, by its environment name, e.g. --set LEASE_TTL=5s (repeatable).
+    #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// PostgreSQL URL (DATABASE_URL).
+    #[arg(long, global = true)]
+    pub database_url: Option<String>,
+    /// MQTT broker URL, mqtt://host:port or mqtts://host:port (MQTT_URL).
+    #[arg(long, global = true)]
+    pub mqtt_url: Option<String>,
+    /// This node's name (INSTANCE_ID, default: hostname).
+    #[arg(long, global = true)]
+    pub instance_id: Option<String>,
+    /// production, development or disabled (MQTT_MODE).
+    #[arg(long, global = true)]
+    pub mode: Option<String>,
+    /// HTTP listen address (HTTP_ADDR).
+    #[arg(long, global = true)]
+    pub http_addr: Option<String>,
+    /// Lease name (LEASE_NAME).
+    #[arg(long, global = true)]
+    pub lease_name: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a node: campaign for the lease; the leader ingests MQTT into PostgreSQL.
+    Run,
+    /// Apply the database migrations and exit.
+    Migrate,
+    /// Show the lease holder, epoch, expiry, nodes alive and newest data age (exit 0 when a leader exists).
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the current leader to hand over gracefully to a standby.
+    StepDown {
+        /// How long to wait for another node to take over.
+        #[arg(long, default_value = "10s", value_parser = humantime_parse)]
+        timeout: std::time::Duration,
+    },
+    /// Publish a simulated device fleet's readings (numbered, timestamped) to the broker.
+    Simulate(simulate::SimArgs),
+}
+
+fn humantime_parse(s: &str) -> Result<std::time::Duration, String> {
+    leasehold_config::parse_duration(s)
+}
+
+impl Settings {
+    fn flags(&self) -> Result<Vec<(String, String)>, String> {
+        let mut out = Vec::new();
+        for kv in &self.set {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("--set expects KEY=VALUE, got {kv:?}"))?;
+            out.push((k.trim().to_string(), v.to_string()));
+        }
+        let named = [
+            ("DATABASE_URL", &self.database_url),
+            ("MQTT_URL", &self.mqtt_url),
+            ("INSTANCE_ID", &self.instance_id),
+            ("MQTT_MODE", &self.mode),
+            ("HTTP_ADDR", &self.http_addr),
+            ("LEASE_NAME", &self.lease_name),
+        ];
+        for (k, v) in named {
+            if let Some(v) = v {
+                out.push((k.to_string(), v.clone()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Loads the configuration from file, environment and these flags.
+    pub fn load(&self) -> Result<Config, String> {
+        let flags = self.flags()?;
+        let sources = Sources::gather(self.config.as_deref(), std::env::vars(), flags).map_err(|e| e.to_string())?;
+        Config::load(&sources).map_err(|e| e.to_string())
+    }
+}
+
+/// Exit code for bad flags or settings.
+pub const EXIT_CONFIG: u8 = 2;
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_CONFIG } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let cfg = match cli.settings.load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("leasehold: configuration error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    // Commands for people log only warnings unless LOG_LEVEL says otherwise.
+    let level = match (&cli.cmd, std::env::var("LOG_LEVEL").is_ok()) {
+        (Command::Run, _) | (_, true) => cfg.log_level.clone(),
+        _ => "warn".to_string(),
+    };
+    if let Err(e) = leasehold_telemetry::init_logging(cfg.log_format == LogFormat::Json, &level) {
+        eprintln!("leasehold: configuration error: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("leasehold: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.cmd {
+            Command::Run => {
+                let shutdown = CancellationToken::new();
+                spawn_signal_handler(shutdown.clone())?;
+                node::run(cfg, shutdown).await.map(|_| ExitCode::SUCCESS)
+            }
+            Command::Migrate => admin::migrate(&cfg).await,
+            Command::Status { json } => admin::status(&cfg, json).await,
+            Command::StepDown { timeout } => admin::step_down(&cfg, timeout).await,
+            Command::Simulate(args) => simulate::run(&cfg, args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("leasehold: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// First SIGTERM/SIGINT: graceful hand-over. Second: exit at once.
+fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        let mut count = 0;
+        loop {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            count += 1;
+            if count == 1 {
+                shutdown.cancel();
+            } else {
+                eprintln!("leasehold: second signal, exiting immediately");
+                std::process::exit(130);
+            }
+        }
+    });
+    Ok(())
+}

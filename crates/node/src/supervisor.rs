@@ -1,0 +1,180 @@
+//! The supervisor turns the lease's role into running work.
+//!
+//! Per leadership term it starts the MQTT ingest and the writer under a term token: on `Leader`
+//! it starts them, on `Draining` it lets them finish (intake stops, the writer commits and acks,
+//! DISCONNECT) and then tells the lease to release, on `Standby` it cancels them at once (nothing
+//! more is acknowledged; uncommitted messages are redelivered to the next leader).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use leasehold_config::Config;
+use leasehold_decode::Decoder;
+use leasehold_ingest::{IngestConfig, MqttIngest};
+use leasehold_lease::{LeaseHandle, Role};
+use leasehold_store::Fence;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::writer::{Writer, WriterConfig};
+
+/// Environment switch for the fault tests: demotion hangs, so the watchdog must end the process.
+pub const TEST_HANG_DEMOTION: &str = "LEASEHOLD_TEST_HANG_DEMOTION";
+
+struct Term {
+    epoch: i64,
+    hard: CancellationToken,
+    drain: CancellationToken,
+    tracker: TaskTracker,
+}
+
+pub struct Supervisor {
+    pub cfg: Config,
+    pub lease: LeaseHandle,
+    pub device_topics: watch::Receiver<Vec<String>>,
+}
+
+impl Supervisor {
+    pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        let mut role_rx = self.lease.watch();
+        let mut term: Option<Term> = None;
+        loop {
+            let role = *role_rx.borrow_and_update();
+            match (role, term.take()) {
+                (Role::Leader { epoch }, None) => term = Some(self.start_term(epoch)),
+                (Role::Leader { epoch }, Some(t)) if t.epoch != epoch => {
+                    self.stop_hard(t).await;
+                    term = Some(self.start_term(epoch));
+                }
+                (Role::Leader { .. }, Some(t)) => term = Some(t),
+                (Role::Draining { .. }, Some(t)) => {
+                    self.drain(t).await;
+                    self.lease.term_drained();
+                }
+                (Role::Draining { .. }, None) => self.lease.term_drained(),
+                (Role::Standby, Some(t)) => self.stop_hard(t).await,
+                (Role::Standby, None) => {}
+            }
+            let ended = async {
+                match &term {
+                    Some(t) => t.tracker.wait().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => {
+                    if let Some(t) = term.take() {
+                        self.stop_hard(t).await;
+                    }
+                    return Ok(());
+                }
+                changed = role_rx.changed() => {
+                    if changed.is_err() {
+                        // The lease task ended: nothing may run without it.
+                        if let Some(t) = term.take() {
+                            self.stop_hard(t).await;
+                        }
+                        return Ok(());
+                    }
+                }
+                _ = ended => {
+                    // A term task stopped on its own (fenced, or may no longer connect). Stop the
+                    // rest, have the lease re-check at once, and start a fresh term if still leading.
+                    if let Some(t) = term.take() {
+                        tracing::warn!(epoch = t.epoch, "leadership term ended unexpectedly; re-checking the lease");
+                        self.stop_hard(t).await;
+                    }
+                    self.lease.recheck();
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                    role_rx.mark_changed();
+                }
+            }
+        }
+    }
+
+    fn start_term(&self, epoch: i64) -> Term {
+        let cfg = &self.cfg;
+        let hard = CancellationToken::new();
+        let drain = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let lease = self.lease.clone();
+        let may_connect: Arc<dyn Fn() -> bool + Send + Sync> = Arc::new(move || lease.is_valid());
+        let (ingest, acker, rx) = MqttIngest::new(
+            IngestConfig {
+                endpoint: cfg.mqtt.clone(),
+                client_id: cfg.mqtt_client_id.clone(),
+                clean_session: false,
+                manual_acks: true,
+                keep_alive: cfg.mqtt_keep_alive,
+                reconnect_max: cfg.mqtt_reconnect_max,
+                max_payload_bytes: cfg.max_payload_bytes,
+                max_pending: cfg.max_pending,
+                topics: cfg.mqtt_topics.clone(),
+                expect_session: epoch > 1,
+            },
+            self.device_topics.clone(),
+            may_connect,
+        );
+        let writer = Writer {
+            cfg: WriterConfig {
+                database_url: cfg.database_url.clone().unwrap_or_default(),
+                instance_id: cfg.instance_id.clone(),
+                batch_max_rows: cfg.batch_max_rows,
+                batch_max_wait: cfg.batch_max_wait,
+                decoder: Decoder::new(&cfg.device_topic_pattern, cfg.max_payload_bytes),
+            },
+            fence: Fence {
+                lease_name: cfg.lease_name.clone(),
+                holder_id: self.lease.holder_id.clone(),
+                epoch,
+            },
+            rx,
+            acker,
+        };
+        self.lease.set_term_active(true);
+        let (h, d) = (hard.clone(), drain.clone());
+        tracker.spawn(async move {
+            if let Err(e) = ingest.run(h, d).await {
+                tracing::error!(error = %e, "MQTT ingest stopped");
+            }
+        });
+        let h = hard.clone();
+        tracker.spawn(async move {
+            if let Err(e) = writer.run(h).await {
+                tracing::error!(error = %e, "writer stopped");
+            }
+        });
+        tracker.close();
+        tracing::info!(epoch, "leadership term started: connecting to the broker");
+        Term { epoch, hard, drain, tracker }
+    }
+
+    /// Graceful: stop intake, let the writer commit and ack, flush, disconnect. Bounded by the
+    /// lease's own deadline; past it the term is cut off.
+    async fn drain(&self, t: Term) {
+        t.drain.cancel();
+        let budget = self.lease.remaining().unwrap_or(Duration::from_millis(200));
+        if tokio::time::timeout(budget, t.tracker.wait()).await.is_err() {
+            tracing::warn!(epoch = t.epoch, "drain did not finish before the lease deadline; cutting the term off");
+            t.hard.cancel();
+            t.tracker.wait().await;
+        }
+        self.lease.set_term_active(false);
+        tracing::info!(epoch = t.epoch, "leadership term drained");
+    }
+
+    async fn stop_hard(&self, t: Term) {
+        if std::env::var_os(TEST_HANG_DEMOTION).is_some() {
+            tracing::error!("{TEST_HANG_DEMOTION} is set: simulating a demotion that hangs");
+            std::future::pending::<()>().await;
+        }
+        t.hard.cancel();
+        t.tracker.wait().await;
+        self.lease.set_term_active(false);
+        tracing::info!(epoch = t.epoch, "leadership term stopped");
+    }
+}

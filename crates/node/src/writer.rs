@@ -1,0 +1,188 @@
+//! The writer of a leadership term: batches by size and time, one fenced transaction per batch,
+//! acks after commit, retries with backoff (nothing acknowledged meanwhile).
+
+use std::time::{Duration, Instant};
+
+use leasehold_decode::{DecodeError, Decoder};
+use leasehold_ingest::{Acker, Inbound};
+use leasehold_store::{BatchWriter, DeadLetter, Fence, Row, StoreError};
+use leasehold_telemetry::{events, metrics};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriterError {
+    #[error("fenced at epoch {0}: another node holds the lease")]
+    Fenced(i64),
+}
+
+#[derive(Clone, Debug)]
+pub struct WriterConfig {
+    pub database_url: String,
+    pub instance_id: String,
+    pub batch_max_rows: usize,
+    pub batch_max_wait: Duration,
+    pub decoder: Decoder,
+}
+
+pub struct Writer {
+    pub cfg: WriterConfig,
+    pub fence: Fence,
+    pub rx: mpsc::Receiver<Inbound>,
+    pub acker: Acker,
+}
+
+/// The label of a dead-letter reason in metrics.
+pub fn reason_label(e: &DecodeError) -> &'static str {
+    match e {
+        DecodeError::TooLarge { .. } => "too_large",
+        DecodeError::NotJson(_) => "not_json",
+        DecodeError::NotObject(_) => "not_object",
+        DecodeError::NulEscape => "nul_escape",
+        DecodeError::NoDeviceId { .. } => "no_device_id",
+        DecodeError::DeviceIdTooLong => "device_id_too_long",
+        DecodeError::BadTimestamp { .. } => "bad_timestamp",
+    }
+}
+
+/// Splits a batch into rows and dead letters (with their metric labels).
+pub fn decode_batch(decoder: &Decoder, batch: &[Inbound]) -> (Vec<Row>, Vec<DeadLetter>, Vec<&'static str>) {
+    let mut rows = Vec::with_capacity(batch.len());
+    let mut dead = Vec::new();
+    let mut reasons = Vec::new();
+    for m in batch {
+        match decoder.decode(&m.topic, &m.payload, m.received_at) {
+            Ok(reading) => rows.push(Row {
+                reading,
+                topic: m.topic.clone(),
+                received_at: m.received_at,
+            }),
+            Err(e) => {
+                reasons.push(reason_label(&e));
+                dead.push(DeadLetter {
+                    topic: m.topic.clone(),
+                    payload: m.payload.to_vec(),
+                    error: e.to_string(),
+                    received_at: m.received_at,
+                });
+            }
+        }
+    }
+    (rows, dead, reasons)
+}
+
+impl Writer {
+    /// Runs until `cancel` (drop what is uncommitted) or until the ingest closes the channel
+    /// (drain: commit and ack everything first).
+    pub async fn run(mut self, cancel: CancellationToken) -> Result<(), WriterError> {
+        let mut conn: Option<BatchWriter> = None;
+        loop {
+            let Some(batch) = self.gather(&cancel).await else {
+                return Ok(());
+            };
+            let (rows, dead, reasons) = decode_batch(&self.cfg.decoder, &batch);
+            let mut attempt = 0u32;
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                if cancel.is_cancelled() {
+                    return Ok(());
+                }
+                let started = Instant::now();
+                let res = tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    r = write_once(&mut conn, &self.cfg, &self.fence, &rows, &dead) => r,
+                };
+                match res {
+                    Ok(out) => {
+                        let took = started.elapsed();
+                        events::BatchCommitted {
+                            rows: batch.len(),
+                            inserted: out.inserted,
+                            duplicates: out.duplicates,
+                            dead_lettered: out.dead_lettered,
+                            duration: took,
+                        }
+                        .emit();
+                        for (d, reason) in dead.iter().zip(&reasons) {
+                            events::DeadLettered { topic: &d.topic, reason, error: &d.error }.emit();
+                        }
+                        let lat = &metrics().ingest_latency;
+                        for m in &batch {
+                            lat.observe(m.received.elapsed().as_secs_f64());
+                        }
+                        self.acker.ack(batch);
+                        break;
+                    }
+                    Err(StoreError::Fenced { epoch }) => {
+                        events::WriteFenced { epoch }.emit();
+                        return Err(WriterError::Fenced(epoch));
+                    }
+                    Err(e) => {
+                        conn = None;
+                        attempt += 1;
+                        let wait = backoff.mul_f64(0.5 + fastrand::f64() * 0.5);
+                        events::WriteFailed { error: &e, kind: e.kind(), attempt, retry_in_ms: wait.as_millis() }.emit();
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        tokio::select! {
+                            _ = cancel.cancelled() => return Ok(()),
+                            _ = tokio::time::sleep(wait) => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Up to `batch_max_rows` messages, waiting at most `batch_max_wait` after the first.
+    /// `None` when cancelled or when the channel is closed and empty.
+    async fn gather(&mut self, cancel: &CancellationToken) -> Option<Vec<Inbound>> {
+        let first = tokio::select! {
+            _ = cancel.cancelled() => return None,
+            m = self.rx.recv() => m?,
+        };
+        let max = self.cfg.batch_max_rows;
+        let mut batch = Vec::with_capacity(max.min(4096));
+        batch.push(first);
+        let deadline = tokio::time::Instant::now() + self.cfg.batch_max_wait;
+        while batch.len() < max {
+            // Take what is already queued without waking the timer.
+            while batch.len() < max {
+                match self.rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
+            }
+            if batch.len() >= max {
+                break;
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return None,
+                _ = tokio::time::sleep_until(deadline) => break,
+                m = self.rx.recv() => match m {
+                    Some(m) => batch.push(m),
+                    None => break,
+                },
+            }
+        }
+        Some(batch)
+    }
+}
+
+async fn write_once(
+    conn: &mut Option<BatchWriter>,
+    cfg: &WriterConfig,
+    fence: &Fence,
+    rows: &[Row],
+    dead: &[DeadLetter],
+) -> Result<leasehold_store::BatchOutcome, StoreError> {
+    if conn.as_ref().is_none_or(|c| c.is_closed()) {
+        let client = leasehold_store::connect(&cfg.database_url, "leasehold-writer").await?;
+        // A backstop: the lease deadline cancels a hung write long before this.
+        client.batch_execute("SET statement_timeout = '60s'").await?;
+        *conn = Some(BatchWriter::new(client, cfg.instance_id.clone()).await?);
+    }
+    match conn.as_mut() {
+        Some(w) => w.write(fence, rows, dead).await,
+        None => Err(StoreError::Pool("no writer connection".into())),
+    }
+}
