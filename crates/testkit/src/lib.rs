@@ -1,1 +1,461 @@
+//! Real servers for tests, benchmarks and the demo: a private PostgreSQL (initdb into a temporary
+//! folder) and a private Mosquitto (the project's `deploy/mosquitto/mosquitto.conf`), both on free
+//! loopback ports, plus control of `leasehold` node processes and a QoS 1 publisher.
+//!
+//! PostgreSQL refuses to run as root, so when the tests run as root both servers run as an
+//! unprivileged user (`postgres` if it exists, else `nobody`).
+//!
+//! # Layout
+//! - [`Postgres`], [`Mosquitto`]: start, stop, restart, kill; stopped on drop.
+//! - [`NodeProc`]: a `leasehold` process with its log file; signals.
+//! - [`publish`]: numbered and raw QoS 1 publishing that waits for the broker's acks.
+//! - [`eventually`]: await a condition instead of sleeping.
 
+pub mod publish;
+
+use std::fs::File;
+use std::future::Future;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// A free TCP port on 127.0.0.1 (released before use; good enough on a test machine).
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The uid/gid servers run as: ourselves, or an unprivileged user when we are root.
+fn server_user() -> Option<(u32, u32)> {
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } != 0 {
+        return None;
+    }
+    for name in [c"postgres", c"nobody"] {
+        // SAFETY: getpwnam returns a pointer into static storage or null; read at once.
+        let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+        if !pw.is_null() {
+            // SAFETY: non-null pointer from getpwnam.
+            let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
+            return Some((uid, gid));
+        }
+    }
+    Some((65534, 65534))
+}
+
+fn chown_dir(path: &Path, user: Option<(u32, u32)>) -> Result<()> {
+    if let Some((u, g)) = user {
+        std::os::unix::fs::chown(path, Some(u), Some(g)).with_context(|| format!("chown {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn as_user(cmd: &mut Command, user: Option<(u32, u32)>) {
+    if let Some((u, g)) = user {
+        cmd.uid(u).gid(g);
+    }
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) on a pid we spawned; an error (already gone) is harmless here.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+fn wait_child(child: &mut Child, timeout: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if let Ok(Some(_)) = child.try_wait() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Where the PostgreSQL server binaries are (`PG_BIN` overrides).
+pub fn pg_bin() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("PG_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .context("PostgreSQL server binaries not found under /usr/lib/postgresql (install postgresql, or set PG_BIN)")?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("postgres").exists())
+        .collect();
+    found.sort();
+    found.pop().context("no PostgreSQL version with a postgres binary under /usr/lib/postgresql")
+}
+
+/// Polls `f` every 50 ms until it returns true; fails with `what` after `timeout`.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut f: F) -> Result<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<bool>>,
+{
+    let start = Instant::now();
+    let mut last_err = None;
+    loop {
+        match f().await {
+            Ok(true) => return Ok(start.elapsed()),
+            Ok(false) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if start.elapsed() > timeout {
+            match last_err {
+                Some(e) => bail!("timed out after {timeout:?} waiting for {what} (last error: {e:#})"),
+                None => bail!("timed out after {timeout:?} waiting for {what}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A private PostgreSQL server.
+pub struct Postgres {
+    dir: tempfile::TempDir,
+    pub port: u16,
+    child: Option<Child>,
+    user: Option<(u32, u32)>,
+    bin: PathBuf,
+}
+
+impl Postgres {
+    /// initdb + start; tuned for tests (fsync off), which do not crash the OS.
+    pub async fn start() -> Result<Self> {
+        Self::start_in(tempfile::Builder::new().prefix("leasehold-pg-").tempdir()?, false).await
+    }
+
+    /// Start with durable settings (benchmarks, the demo).
+    pub async fn start_durable(dir: tempfile::TempDir) -> Result<Self> {
+        Self::start_in(dir, true).await
+    }
+
+    async fn start_in(dir: tempfile::TempDir, durable: bool) -> Result<Self> {
+        let user = server_user();
+        let bin = pg_bin()?;
+        chown_dir(dir.path(), user)?;
+        let data = dir.path().join("data");
+        let mut cmd = Command::new(bin.join("initdb"));
+        cmd.args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "--no-sync", "-D"])
+            .arg(&data)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        as_user(&mut cmd, user);
+        let out = cmd.output().context("running initdb")?;
+        if !out.status.success() {
+            bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let mut conf = String::from("listen_addresses = '127.0.0.1'\nmax_connections = 200\n");
+        if !durable {
+            conf.push_str("fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n");
+        }
+        std::fs::write(data.join("postgresql.auto.conf"), conf)?;
+        let mut pg = Postgres {
+            dir,
+            port: free_port()?,
+            child: None,
+            user,
+            bin,
+        };
+        pg.launch().await?;
+        Ok(pg)
+    }
+
+    async fn launch(&mut self) -> Result<()> {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("postgres.log"))?;
+        let mut cmd = Command::new(self.bin.join("postgres"));
+        cmd.arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-p", &self.port.to_string(), "-k"])
+            .arg(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        as_user(&mut cmd, self.user);
+        self.child = Some(cmd.spawn().context("starting postgres")?);
+        let url = self.url();
+        eventually(Duration::from_secs(30), "postgres to accept connections", || {
+            let url = url.clone();
+            async move {
+                Ok(tokio_postgres::connect(&url, tokio_postgres::NoTls).await.is_ok())
+            }
+        })
+        .await
+        .with_context(|| format!("postgres log:\n{}", self.log()))?;
+        Ok(())
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres?connect_timeout=5", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
+    }
+
+    /// A client on its own connection.
+    pub async fn client(&self) -> Result<tokio_postgres::Client> {
+        let (c, conn) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(c)
+    }
+
+    /// Fast shutdown (SIGINT): connections are closed, the server stops.
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            signal(c.id(), libc::SIGINT);
+            if !wait_child(&mut c, Duration::from_secs(20)) {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        Ok(())
+    }
+
+    /// Start again on the same port and data.
+    pub async fn start_again(&mut self) -> Result<()> {
+        self.launch().await
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+/// The project's broker configuration, found from this crate's location.
+pub fn deploy_mosquitto_conf() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/mosquitto/mosquitto.conf")
+}
+
+/// A private Mosquitto using `deploy/mosquitto/mosquitto.conf` with its own port and folder.
+pub struct Mosquitto {
+    dir: tempfile::TempDir,
+    pub port: u16,
+    child: Option<Child>,
+    user: Option<(u32, u32)>,
+}
+
+impl Mosquitto {
+    pub async fn start() -> Result<Self> {
+        Self::start_with(tempfile::Builder::new().prefix("leasehold-mqtt-").tempdir()?, "").await
+    }
+
+    /// Start in `dir`, appending `extra` configuration lines.
+    pub async fn start_with(dir: tempfile::TempDir, extra: &str) -> Result<Self> {
+        let user = server_user();
+        chown_dir(dir.path(), user)?;
+        let base = std::fs::read_to_string(deploy_mosquitto_conf()).context("reading deploy/mosquitto/mosquitto.conf")?;
+        let port = free_port()?;
+        let mut conf: String = base
+            .lines()
+            .filter(|l| {
+                let k = l.split_whitespace().next().unwrap_or("");
+                !matches!(k, "listener" | "persistence_location" | "log_dest" | "pid_file" | "user")
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        conf.push_str(&format!(
+            "persistence_location {}/\nlistener {port} 127.0.0.1\nlog_dest stdout\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\nconnection_messages true\n{extra}\n",
+            dir.path().display()
+        ));
+        std::fs::write(dir.path().join("mosquitto.conf"), conf)?;
+        let mut m = Mosquitto {
+            dir,
+            port,
+            child: None,
+            user,
+        };
+        m.launch().await?;
+        Ok(m)
+    }
+
+    async fn launch(&mut self) -> Result<()> {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("mosquitto.log"))?;
+        let mut cmd = Command::new("mosquitto");
+        cmd.arg("-c")
+            .arg(self.dir.path().join("mosquitto.conf"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        as_user(&mut cmd, self.user);
+        self.child = Some(cmd.spawn().context("starting mosquitto (apt-get install -y mosquitto)")?);
+        let port = self.port;
+        eventually(Duration::from_secs(15), "mosquitto to listen", || async move {
+            Ok(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok())
+        })
+        .await
+        .with_context(|| format!("mosquitto log:\n{}", self.log()))?;
+        Ok(())
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+
+    /// Graceful stop (SIGTERM): Mosquitto saves its persistence file on the way out.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(c.id(), libc::SIGTERM);
+            if !wait_child(&mut c, Duration::from_secs(10)) {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
+    /// SIGKILL: whatever was not autosaved is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub async fn start_again(&mut self) -> Result<()> {
+        self.launch().await
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A running `leasehold` process.
+pub struct NodeProc {
+    pub name: String,
+    child: Child,
+    log: PathBuf,
+    pub http_port: u16,
+}
+
+impl NodeProc {
+    /// Starts `bin run` with `env` (plus HTTP_ADDR on a free port and INSTANCE_ID=`name`).
+    pub fn spawn(bin: &Path, name: &str, env: &[(&str, String)], log_dir: &Path) -> Result<Self> {
+        let http_port = free_port()?;
+        let log = log_dir.join(format!("{name}.log"));
+        let file = File::options().create(true).append(true).open(&log)?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("run")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("INSTANCE_ID", name)
+            .env("HTTP_ADDR", format!("127.0.0.1:{http_port}"))
+            .env("LOG_LEVEL", "info,leasehold=debug")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().with_context(|| format!("spawning {}", bin.display()))?;
+        Ok(NodeProc {
+            name: name.to_string(),
+            child,
+            log,
+            http_port,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        signal(self.child.id(), sig);
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Exit status if the process has ended.
+    pub fn try_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Waits for the process to exit.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            if start.elapsed() > timeout {
+                bail!("{} did not exit within {timeout:?}", self.name);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn health_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.http_port)
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            signal(self.child.id(), libc::SIGCONT);
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET or POST on loopback: (status, body).
+pub async fn http(port: u16, method: &str, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(("127.0.0.1", port))).await??;
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+    s.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await??;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no HTTP status line")?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The value of an unlabelled metric in a Prometheus text exposition.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            (k == name).then(|| v.parse().ok()).flatten()
+        })
+}
