@@ -215,6 +215,8 @@ impl MqttIngest {
         let mut subscribed: BTreeSet<String> = BTreeSet::new();
         let mut overflowed = false;
         let mut disconnecting = false;
+        // Cleared when the topic source is gone: its channel would report "changed" forever.
+        let mut topics_open = true;
         let full = self.cfg.max_pending as u32;
         let result = loop {
             metrics().messages_pending.set(self.pending_count() as i64);
@@ -250,10 +252,10 @@ impl MqttIngest {
                         self.eventloop.clean();
                     }
                 }
-                changed = self.device_topics.changed(), if connected_at.is_some() => {
+                changed = self.device_topics.changed(), if connected_at.is_some() && topics_open => {
                     if changed.is_err() {
-                        // The topic source is gone (shutting down); keep configured topics.
-                        self.device_topics = watch::channel(Vec::new()).1;
+                        // The topic source is gone (shutting down): keep the current topics.
+                        topics_open = false;
                         continue;
                     }
                     self.resubscribe(&mut subscribed, false);

@@ -130,6 +130,17 @@ pub fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    let needs_db = match &cli.cmd {
+        Command::Simulate(_) => false,
+        Command::Run => cfg.mode != leasehold_config::Mode::Disabled,
+        _ => true,
+    };
+    if needs_db {
+        if let Err(e) = cfg.require_database_url() {
+            eprintln!("leasehold: configuration error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
     // Commands for people log only warnings unless LOG_LEVEL says otherwise.
     let level = match (&cli.cmd, std::env::var("LOG_LEVEL").is_ok()) {
         (Command::Run, _) | (_, true) => cfg.log_level.clone(),

@@ -271,7 +271,8 @@ impl Mosquitto {
             .map(|l| format!("{l}\n"))
             .collect();
         conf.push_str(&format!(
-            "persistence_location {}/\nlistener {port} 127.0.0.1\nlog_dest stdout\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\nconnection_messages true\n{extra}\n",
+            "persistence_location {}/\nlistener {port} 127.0.0.1\nlog_dest file {}/mosquitto.log\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\nconnection_messages true\n{extra}\n",
+            dir.path().display(),
             dir.path().display()
         ));
         std::fs::write(dir.path().join("mosquitto.conf"), conf)?;
@@ -286,16 +287,17 @@ impl Mosquitto {
     }
 
     async fn launch(&mut self) -> Result<()> {
-        let log = File::options()
+        // The broker writes mosquitto.log itself (unbuffered); stderr catches start-up errors.
+        let err = File::options()
             .create(true)
             .append(true)
-            .open(self.dir.path().join("mosquitto.log"))?;
+            .open(self.dir.path().join("mosquitto.stderr"))?;
         let mut cmd = Command::new("mosquitto");
         cmd.arg("-c")
             .arg(self.dir.path().join("mosquitto.conf"))
             .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+            .stdout(Stdio::null())
+            .stderr(err);
         as_user(&mut cmd, self.user);
         self.child = Some(cmd.spawn().context("starting mosquitto (apt-get install -y mosquitto)")?);
         let port = self.port;
@@ -312,7 +314,8 @@ impl Mosquitto {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+        let read = |f: &str| std::fs::read_to_string(self.dir.path().join(f)).unwrap_or_default();
+        format!("{}{}", read("mosquitto.stderr"), read("mosquitto.log"))
     }
 
     /// Graceful stop (SIGTERM): Mosquitto saves its persistence file on the way out.

@@ -1,0 +1,268 @@
+//! Component tests on real servers: fencing, the lease protocol, acks across reconnects, and
+//! concurrent migrations.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use chrono::Utc;
+use leasehold_config::{LeaseTimings, MqttEndpoint};
+use leasehold_decode::Reading;
+use leasehold_ingest::{IngestConfig, MqttIngest};
+use leasehold_lease::{Lease, LeaseConfig, Role};
+use leasehold_store::{BatchWriter, Fence, Row, StoreError};
+use leasehold_testkit::publish::publish_all;
+use leasehold_testkit::{eventually, Mosquitto, Postgres};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+async fn migrated() -> Result<Postgres> {
+    let pg = Postgres::start().await?;
+    let mut c = leasehold_store::connect(&pg.url(), "test").await?;
+    leasehold_store::migrate(&mut c).await?;
+    Ok(pg)
+}
+
+fn row(device: &str, secs: i64) -> Row {
+    let ts = chrono::DateTime::from_timestamp(secs, 0).unwrap_or_default();
+    Row {
+        reading: Reading { device_id: device.into(), ts, payload: "{}".into(), content_hash: None },
+        topic: format!("devices/{device}/telemetry"),
+        received_at: Utc::now(),
+    }
+}
+
+#[tokio::test]
+async fn a_writer_whose_epoch_was_bumped_cannot_commit_a_single_row() -> Result<()> {
+    let pg = migrated().await?;
+    let admin = pg.client().await?;
+    admin
+        .execute(
+            "INSERT INTO instance_lock (service_name, holder_id, instance_id, epoch, expires_at)
+             VALUES ('mqtt-ingest', 'h1', 'a', 7, now() + interval '1 minute')",
+            &[],
+        )
+        .await?;
+    let mut w = BatchWriter::new(leasehold_store::connect(&pg.url(), "w").await?, "a".into()).await?;
+    let fence = Fence { lease_name: "mqtt-ingest".into(), holder_id: "h1".into(), epoch: 7 };
+    let out = w.write(&fence, &[row("d", 1)], &[]).await?;
+    ensure!(out.inserted == 1);
+
+    // Another holder takes over: epoch 8.
+    admin.execute("UPDATE instance_lock SET holder_id = 'h2', instance_id = 'b', epoch = 8", &[]).await?;
+    let err = w.write(&fence, &[row("d", 2), row("d", 3)], &[]).await;
+    ensure!(matches!(err, Err(StoreError::Fenced { epoch: 7 })), "expected fenced, got {err:?}");
+
+    // Same holder and epoch but expired on the database clock: fenced too.
+    admin.execute("UPDATE instance_lock SET holder_id = 'h1', epoch = 7, expires_at = now() - interval '1 ms'", &[]).await?;
+    let err = w.write(&fence, &[row("d", 4)], &[]).await;
+    ensure!(matches!(err, Err(StoreError::Fenced { .. })), "expired lease must fence, got {err:?}");
+
+    let n: i64 = admin.query_one("SELECT count(*) FROM telemetry", &[]).await?.get(0);
+    ensure!(n == 1, "{n} rows: a fenced writer committed");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_takeover_waits_for_the_fenced_transaction_in_flight() -> Result<()> {
+    // The fence takes FOR SHARE on the lease row: a new holder's acquire cannot complete while an
+    // old writer's transaction that passed the check is still open, so it commits before the
+    // takeover or not at all.
+    let pg = migrated().await?;
+    let mut old = pg.client().await?;
+    old.execute(
+        "INSERT INTO instance_lock (service_name, holder_id, instance_id, epoch, expires_at)
+         VALUES ('mqtt-ingest', 'h1', 'a', 1, now() - interval '1 second' + interval '1 second' * 0.5)",
+        &[],
+    )
+    .await?;
+    old.execute("UPDATE instance_lock SET expires_at = now() + interval '300 ms'", &[]).await?;
+    let tx = old.transaction().await?;
+    let held = tx
+        .query_opt(
+            "SELECT 1 FROM instance_lock WHERE service_name = 'mqtt-ingest' AND holder_id = 'h1' AND epoch = 1 AND expires_at > clock_timestamp() FOR SHARE",
+            &[],
+        )
+        .await?;
+    ensure!(held.is_some());
+    tokio::time::sleep(Duration::from_millis(400)).await; // past expiry, transaction still open
+    let new = pg.client().await?;
+    let acquire = tokio::spawn(async move {
+        leasehold_lease::sql::acquire(&new, "mqtt-ingest", "h2", "b", Duration::from_secs(5)).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ensure!(!acquire.is_finished(), "the takeover did not wait for the in-flight fenced transaction");
+    tx.commit().await?;
+    let epoch = acquire.await??;
+    ensure!(epoch == Some(2), "takeover epoch {epoch:?}");
+    Ok(())
+}
+
+fn lease_cfg(pg: &Postgres, holder: &str) -> LeaseConfig {
+    LeaseConfig {
+        database_url: pg.url(),
+        lease_name: "mqtt-ingest".into(),
+        instance_id: holder.into(),
+        holder_id: format!("{holder}-1"),
+        timings: LeaseTimings {
+            ttl: Duration::from_secs(3),
+            renew_interval: Duration::from_secs(1),
+            poll_interval: Duration::from_millis(500),
+        },
+    }
+}
+
+#[tokio::test]
+async fn lease_one_leader_stable_epoch_and_release_wakes_the_standby() -> Result<()> {
+    let pg = migrated().await?;
+    let listener = leasehold_store::listener::Listener::new(pg.url());
+    let notices = listener.sender();
+    let stop_listener = CancellationToken::new();
+    tokio::spawn(listener.run(stop_listener.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let (la, ha) = Lease::new(lease_cfg(&pg, "a"), Some(notices.subscribe()));
+    let (lb, hb) = Lease::new(lease_cfg(&pg, "b"), Some(notices.subscribe()));
+    let (ca, cb) = (CancellationToken::new(), CancellationToken::new());
+    tokio::spawn(la.run(ca.clone()));
+    tokio::spawn(lb.run(cb.clone()));
+    eventually(Duration::from_secs(10), "a leader", || async {
+        Ok(ha.role() != Role::Standby || hb.role() != Role::Standby)
+    })
+    .await?;
+    // Several renewals later: still exactly one leader, same epoch.
+    let (leader, standby) = if ha.role() != Role::Standby { (&ha, &hb) } else { (&hb, &ha) };
+    let epoch = leader.role().epoch().context("epoch")?;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    ensure!(leader.role() == Role::Leader { epoch }, "leader changed: {:?}", leader.role());
+    ensure!(standby.role() == Role::Standby);
+    ensure!(leader.is_valid() && !standby.is_valid());
+
+    // Step down: draining, then (once the term says so) released; the standby takes over at
+    // once thanks to NOTIFY, well before its next poll would matter.
+    leader.step_down();
+    eventually(Duration::from_secs(2), "draining", || async { Ok(matches!(leader.role(), Role::Draining { .. })) }).await?;
+    leader.term_drained();
+    let took = eventually(Duration::from_secs(3), "the standby to lead", || async {
+        Ok(standby.role() == Role::Leader { epoch: epoch + 1 })
+    })
+    .await?;
+    ensure!(took < Duration::from_millis(400), "hand-over took {took:?}");
+    ensure!(leader.role() == Role::Standby);
+    // The old leader backs off and does not take it back.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(standby.role() == Role::Leader { epoch: epoch + 1 }, "flapped: {:?}", standby.role());
+    ca.cancel();
+    cb.cancel();
+    stop_listener.cancel();
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_leader_that_cannot_renew_demotes_itself_before_the_ttl() -> Result<()> {
+    let mut pg = migrated().await?;
+    let (l, h) = Lease::new(lease_cfg(&pg, "a"), None);
+    let cancel = CancellationToken::new();
+    tokio::spawn(l.run(cancel.clone()));
+    eventually(Duration::from_secs(10), "leading", || async { Ok(h.role() != Role::Standby) }).await?;
+    let mut role = h.watch();
+    let last_ok = std::time::Instant::now();
+    pg.stop()?; // database gone: renewals fail; the node must stop on its own clock
+    eventually(Duration::from_secs(5), "self-demotion", || async { Ok(h.role() == Role::Standby) }).await?;
+    let took = last_ok.elapsed();
+    ensure!(took < Duration::from_secs(3), "still leading {took:?} after renewals stopped (TTL 3s)");
+    ensure!(!h.is_valid());
+    role.borrow_and_update();
+    cancel.cancel();
+    Ok(())
+}
+
+fn ingest_cfg(port: u16, client_id: &str) -> IngestConfig {
+    IngestConfig {
+        endpoint: MqttEndpoint { host: "127.0.0.1".into(), port, tls: false, username: None, password: None },
+        client_id: client_id.into(),
+        clean_session: false,
+        manual_acks: true,
+        keep_alive: Duration::from_secs(5),
+        reconnect_max: Duration::from_millis(500),
+        max_payload_bytes: 1024 * 1024,
+        max_pending: 100,
+        topics: vec!["acktest/#".into()],
+        expect_session: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_held_across_a_reconnect_is_not_sent_on_the_new_connection() -> Result<()> {
+    let dir = tempfile::Builder::new().prefix("leasehold-mqtt-").tempdir()?;
+    let mut mq = Mosquitto::start_with(dir, "log_type all").await?;
+    let (topics_tx, topics_rx) = watch::channel(Vec::new());
+    let (ingest, acker, mut rx) = MqttIngest::new(ingest_cfg(mq.port, "ack-test"), topics_rx.clone(), Arc::new(|| true));
+    let cancel = CancellationToken::new();
+    let run = tokio::spawn(ingest.run(cancel.clone(), CancellationToken::new()));
+
+    // Establish the session: publish until something arrives, ack it on its own connection.
+    let start = std::time::Instant::now();
+    loop {
+        ensure!(start.elapsed() < Duration::from_secs(10), "subscription never became active");
+        publish_all(mq.port, vec![("acktest/warmup".into(), b"w".to_vec())]).await?;
+        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+            acker.ack([m]);
+            break;
+        }
+    }
+    while let Ok(m) = rx.try_recv() {
+        acker.ack([m]);
+    }
+
+    publish_all(mq.port, vec![("acktest/a".into(), b"A".to_vec())]).await?;
+    let first = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await?.context("A")?;
+    ensure!(first.payload.as_ref() == b"A");
+
+    // The connection drops (broker restart; the session is persisted) before A is committed.
+    mq.stop();
+    mq.start_again().await?;
+    let again = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await?.context("A redelivered")?;
+    ensure!(again.payload.as_ref() == b"A" && again.conn != first.conn, "redelivery on a new connection");
+
+    // The late ack for the first delivery must not go out: its packet id now names `again`.
+    acker.ack([first]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cancel.cancel();
+    run.await??;
+    drop(again);
+    drop(topics_tx);
+
+    // A new session owner must still receive A: nothing acknowledged it.
+    let (ingest2, acker2, mut rx2) = MqttIngest::new(ingest_cfg(mq.port, "ack-test"), topics_rx, Arc::new(|| true));
+    let cancel2 = CancellationToken::new();
+    let run2 = tokio::spawn(ingest2.run(cancel2.clone(), CancellationToken::new()));
+    let third = tokio::time::timeout(Duration::from_secs(10), rx2.recv())
+        .await
+        .with_context(|| format!("A was lost: a stale ack acknowledged it\n{}", mq.log()))?
+        .context("channel closed")?;
+    ensure!(third.payload.as_ref() == b"A");
+    acker2.ack([third]);
+    cancel2.cancel();
+    run2.await??;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_migrating_at_the_same_instant_do_not_race() -> Result<()> {
+    let pg = Postgres::start().await?;
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let url = pg.url();
+        tasks.push(tokio::spawn(async move {
+            let mut c = leasehold_store::connect(&url, "m").await?;
+            leasehold_store::migrate(&mut c).await
+        }));
+    }
+    let mut applied = 0;
+    for t in tasks {
+        applied += t.await??.len();
+    }
+    ensure!(applied == leasehold_store::MIGRATIONS.len(), "applied {applied} times");
+    Ok(())
+}
