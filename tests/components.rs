@@ -26,7 +26,12 @@ async fn migrated() -> Result<Postgres> {
 fn row(device: &str, secs: i64) -> Row {
     let ts = chrono::DateTime::from_timestamp(secs, 0).unwrap_or_default();
     Row {
-        reading: Reading { device_id: device.into(), ts, payload: "{}".into(), content_hash: None },
+        reading: Reading {
+            device_id: device.into(),
+            ts,
+            payload: "{}".into(),
+            content_hash: None,
+        },
         topic: format!("devices/{device}/telemetry"),
         received_at: Utc::now(),
     }
@@ -43,22 +48,41 @@ async fn a_writer_whose_epoch_was_bumped_cannot_commit_a_single_row() -> Result<
             &[],
         )
         .await?;
-    let mut w = BatchWriter::new(leasehold_store::connect(&pg.url(), "w").await?, "a".into()).await?;
-    let fence = Fence { lease_name: "mqtt-ingest".into(), holder_id: "h1".into(), epoch: 7 };
+    let mut w =
+        BatchWriter::new(leasehold_store::connect(&pg.url(), "w").await?, "a".into()).await?;
+    let fence = Fence {
+        lease_name: "mqtt-ingest".into(),
+        holder_id: "h1".into(),
+        epoch: 7,
+    };
     let out = w.write(&fence, &[row("d", 1)], &[]).await?;
     ensure!(out.inserted == 1);
 
     // Another holder takes over: epoch 8.
-    admin.execute("UPDATE instance_lock SET holder_id = 'h2', instance_id = 'b', epoch = 8", &[]).await?;
+    admin
+        .execute(
+            "UPDATE instance_lock SET holder_id = 'h2', instance_id = 'b', epoch = 8",
+            &[],
+        )
+        .await?;
     let err = w.write(&fence, &[row("d", 2), row("d", 3)], &[]).await;
-    ensure!(matches!(err, Err(StoreError::Fenced { epoch: 7 })), "expected fenced, got {err:?}");
+    ensure!(
+        matches!(err, Err(StoreError::Fenced { epoch: 7 })),
+        "expected fenced, got {err:?}"
+    );
 
     // Same holder and epoch but expired on the database clock: fenced too.
     admin.execute("UPDATE instance_lock SET holder_id = 'h1', epoch = 7, expires_at = now() - interval '1 ms'", &[]).await?;
     let err = w.write(&fence, &[row("d", 4)], &[]).await;
-    ensure!(matches!(err, Err(StoreError::Fenced { .. })), "expired lease must fence, got {err:?}");
+    ensure!(
+        matches!(err, Err(StoreError::Fenced { .. })),
+        "expired lease must fence, got {err:?}"
+    );
 
-    let n: i64 = admin.query_one("SELECT count(*) FROM telemetry", &[]).await?.get(0);
+    let n: i64 = admin
+        .query_one("SELECT count(*) FROM telemetry", &[])
+        .await?
+        .get(0);
     ensure!(n == 1, "{n} rows: a fenced writer committed");
     Ok(())
 }
@@ -76,7 +100,11 @@ async fn a_takeover_waits_for_the_fenced_transaction_in_flight() -> Result<()> {
         &[],
     )
     .await?;
-    old.execute("UPDATE instance_lock SET expires_at = now() + interval '300 ms'", &[]).await?;
+    old.execute(
+        "UPDATE instance_lock SET expires_at = now() + interval '300 ms'",
+        &[],
+    )
+    .await?;
     let tx = old.transaction().await?;
     let held = tx
         .query_opt(
@@ -91,7 +119,10 @@ async fn a_takeover_waits_for_the_fenced_transaction_in_flight() -> Result<()> {
         leasehold_lease::sql::acquire(&new, "mqtt-ingest", "h2", "b", Duration::from_secs(5)).await
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    ensure!(!acquire.is_finished(), "the takeover did not wait for the in-flight fenced transaction");
+    ensure!(
+        !acquire.is_finished(),
+        "the takeover did not wait for the in-flight fenced transaction"
+    );
     tx.commit().await?;
     let epoch = acquire.await??;
     ensure!(epoch == Some(2), "takeover epoch {epoch:?}");
@@ -131,17 +162,28 @@ async fn lease_one_leader_stable_epoch_and_release_wakes_the_standby() -> Result
     })
     .await?;
     // Several renewals later: still exactly one leader, same epoch.
-    let (leader, standby) = if ha.role() != Role::Standby { (&ha, &hb) } else { (&hb, &ha) };
+    let (leader, standby) = if ha.role() != Role::Standby {
+        (&ha, &hb)
+    } else {
+        (&hb, &ha)
+    };
     let epoch = leader.role().epoch().context("epoch")?;
     tokio::time::sleep(Duration::from_millis(3500)).await;
-    ensure!(leader.role() == Role::Leader { epoch }, "leader changed: {:?}", leader.role());
+    ensure!(
+        leader.role() == Role::Leader { epoch },
+        "leader changed: {:?}",
+        leader.role()
+    );
     ensure!(standby.role() == Role::Standby);
     ensure!(leader.is_valid() && !standby.is_valid());
 
     // Step down: draining, then (once the term says so) released; the standby takes over at
     // once thanks to NOTIFY, well before its next poll would matter.
     leader.step_down();
-    eventually(Duration::from_secs(2), "draining", || async { Ok(matches!(leader.role(), Role::Draining { .. })) }).await?;
+    eventually(Duration::from_secs(2), "draining", || async {
+        Ok(matches!(leader.role(), Role::Draining { .. }))
+    })
+    .await?;
     leader.term_drained();
     let took = eventually(Duration::from_secs(3), "the standby to lead", || async {
         Ok(standby.role() == Role::Leader { epoch: epoch + 1 })
@@ -151,7 +193,11 @@ async fn lease_one_leader_stable_epoch_and_release_wakes_the_standby() -> Result
     ensure!(leader.role() == Role::Standby);
     // The old leader backs off and does not take it back.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    ensure!(standby.role() == Role::Leader { epoch: epoch + 1 }, "flapped: {:?}", standby.role());
+    ensure!(
+        standby.role() == Role::Leader { epoch: epoch + 1 },
+        "flapped: {:?}",
+        standby.role()
+    );
     ca.cancel();
     cb.cancel();
     stop_listener.cancel();
@@ -164,13 +210,22 @@ async fn a_leader_that_cannot_renew_demotes_itself_before_the_ttl() -> Result<()
     let (l, h) = Lease::new(lease_cfg(&pg, "a"), None);
     let cancel = CancellationToken::new();
     tokio::spawn(l.run(cancel.clone()));
-    eventually(Duration::from_secs(10), "leading", || async { Ok(h.role() != Role::Standby) }).await?;
+    eventually(Duration::from_secs(10), "leading", || async {
+        Ok(h.role() != Role::Standby)
+    })
+    .await?;
     let mut role = h.watch();
     let last_ok = std::time::Instant::now();
     pg.stop()?; // database gone: renewals fail; the node must stop on its own clock
-    eventually(Duration::from_secs(5), "self-demotion", || async { Ok(h.role() == Role::Standby) }).await?;
+    eventually(Duration::from_secs(5), "self-demotion", || async {
+        Ok(h.role() == Role::Standby)
+    })
+    .await?;
     let took = last_ok.elapsed();
-    ensure!(took < Duration::from_secs(3), "still leading {took:?} after renewals stopped (TTL 3s)");
+    ensure!(
+        took < Duration::from_secs(3),
+        "still leading {took:?} after renewals stopped (TTL 3s)"
+    );
     ensure!(!h.is_valid());
     role.borrow_and_update();
     cancel.cancel();
@@ -179,7 +234,13 @@ async fn a_leader_that_cannot_renew_demotes_itself_before_the_ttl() -> Result<()
 
 fn ingest_cfg(port: u16, client_id: &str) -> IngestConfig {
     IngestConfig {
-        endpoint: MqttEndpoint { host: "127.0.0.1".into(), port, tls: false, username: None, password: None },
+        endpoint: MqttEndpoint {
+            host: "127.0.0.1".into(),
+            port,
+            tls: false,
+            username: None,
+            password: None,
+        },
         client_id: client_id.into(),
         clean_session: false,
         manual_acks: true,
@@ -194,17 +255,27 @@ fn ingest_cfg(port: u16, client_id: &str) -> IngestConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ack_held_across_a_reconnect_is_not_sent_on_the_new_connection() -> Result<()> {
-    let dir = tempfile::Builder::new().prefix("leasehold-mqtt-").tempdir()?;
-    let mut mq = Mosquitto::start_with(dir, "log_type all").await?;
+    let mut mq = Mosquitto::start_with(
+        leasehold_testkit::Dir::temp("leasehold-mqtt-")?,
+        "log_type all",
+    )
+    .await?;
     let (topics_tx, topics_rx) = watch::channel(Vec::new());
-    let (ingest, acker, mut rx) = MqttIngest::new(ingest_cfg(mq.port, "ack-test"), topics_rx.clone(), Arc::new(|| true));
+    let (ingest, acker, mut rx) = MqttIngest::new(
+        ingest_cfg(mq.port, "ack-test"),
+        topics_rx.clone(),
+        Arc::new(|| true),
+    );
     let cancel = CancellationToken::new();
     let run = tokio::spawn(ingest.run(cancel.clone(), CancellationToken::new()));
 
     // Establish the session: publish until something arrives, ack it on its own connection.
     let start = std::time::Instant::now();
     loop {
-        ensure!(start.elapsed() < Duration::from_secs(10), "subscription never became active");
+        ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "subscription never became active"
+        );
         publish_all(mq.port, vec![("acktest/warmup".into(), b"w".to_vec())]).await?;
         if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
             acker.ack([m]);
@@ -216,14 +287,21 @@ async fn an_ack_held_across_a_reconnect_is_not_sent_on_the_new_connection() -> R
     }
 
     publish_all(mq.port, vec![("acktest/a".into(), b"A".to_vec())]).await?;
-    let first = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await?.context("A")?;
+    let first = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await?
+        .context("A")?;
     ensure!(first.payload.as_ref() == b"A");
 
     // The connection drops (broker restart; the session is persisted) before A is committed.
     mq.stop();
     mq.start_again().await?;
-    let again = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await?.context("A redelivered")?;
-    ensure!(again.payload.as_ref() == b"A" && again.conn != first.conn, "redelivery on a new connection");
+    let again = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await?
+        .context("A redelivered")?;
+    ensure!(
+        again.payload.as_ref() == b"A" && again.conn != first.conn,
+        "redelivery on a new connection"
+    );
 
     // The late ack for the first delivery must not go out: its packet id now names `again`.
     acker.ack([first]);
@@ -234,7 +312,11 @@ async fn an_ack_held_across_a_reconnect_is_not_sent_on_the_new_connection() -> R
     drop(topics_tx);
 
     // A new session owner must still receive A: nothing acknowledged it.
-    let (ingest2, acker2, mut rx2) = MqttIngest::new(ingest_cfg(mq.port, "ack-test"), topics_rx, Arc::new(|| true));
+    let (ingest2, acker2, mut rx2) = MqttIngest::new(
+        ingest_cfg(mq.port, "ack-test"),
+        topics_rx,
+        Arc::new(|| true),
+    );
     let cancel2 = CancellationToken::new();
     let run2 = tokio::spawn(ingest2.run(cancel2.clone(), CancellationToken::new()));
     let third = tokio::time::timeout(Duration::from_secs(10), rx2.recv())
@@ -263,6 +345,9 @@ async fn nodes_migrating_at_the_same_instant_do_not_race() -> Result<()> {
     for t in tasks {
         applied += t.await??.len();
     }
-    ensure!(applied == leasehold_store::MIGRATIONS.len(), "applied {applied} times");
+    ensure!(
+        applied == leasehold_store::MIGRATIONS.len(),
+        "applied {applied} times"
+    );
     Ok(())
 }

@@ -12,11 +12,21 @@ use leasehold_testkit::{eventually, http, metric};
 /// Rows written by `node` so far.
 async fn written_by(c: &Cluster, node: &str) -> Result<i64> {
     let db = c.pg.client().await?;
-    Ok(db.query_one("SELECT count(*) FROM telemetry WHERE written_by = $1", &[&node]).await?.get(0))
+    Ok(db
+        .query_one(
+            "SELECT count(*) FROM telemetry WHERE written_by = $1",
+            &[&node],
+        )
+        .await?
+        .get(0))
 }
 
 async fn other_of(c: &Cluster, leader: &str) -> String {
-    c.nodes.iter().map(|n| n.name.clone()).find(|n| n != leader).unwrap_or_default()
+    c.nodes
+        .iter()
+        .map(|n| n.name.clone())
+        .find(|n| n != leader)
+        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -31,26 +41,55 @@ async fn two_nodes_exactly_one_leader_and_the_standby_writes_nothing() {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let n = stream.stop().await?;
         c.assert_exactly_once("one-leader", n).await?;
-        ensure!(written_by(&c, &standby).await? == 0, "the standby wrote rows");
-        ensure!(c.count("SELECT count(DISTINCT lease_epoch) FROM telemetry").await? == 1, "rows from more than one epoch");
-        ensure!(c.leader().await? == Some((leader.clone(), epoch)), "leadership changed without a fault");
+        ensure!(
+            written_by(&c, &standby).await? == 0,
+            "the standby wrote rows"
+        );
+        ensure!(
+            c.count("SELECT count(DISTINCT lease_epoch) FROM telemetry")
+                .await?
+                == 1,
+            "rows from more than one epoch"
+        );
+        ensure!(
+            c.leader().await? == Some((leader.clone(), epoch)),
+            "leadership changed without a fault"
+        );
         // Each node's own view agrees.
         let (code, body) = http(c.node(&standby).http_port, "GET", "/health/lease").await?;
-        ensure!(code == 200 && body.contains("\"role\":\"standby\""), "standby view: {body}");
+        ensure!(
+            code == 200 && body.contains("\"role\":\"standby\""),
+            "standby view: {body}"
+        );
         let (_, body) = http(c.node(&leader).http_port, "GET", "/health/lease").await?;
         ensure!(body.contains("\"role\":\"leader\""), "leader view: {body}");
         let (_, m) = http(c.node(&standby).http_port, "GET", "/metrics").await?;
-        ensure!(metric(&m, "leasehold_lease_is_leader") == Some(0.0), "standby metric");
-        ensure!(metric(&m, "leasehold_messages_written_total") == Some(0.0), "standby wrote");
+        ensure!(
+            metric(&m, "leasehold_lease_is_leader") == Some(0.0),
+            "standby metric"
+        );
+        ensure!(
+            metric(&m, "leasehold_messages_written_total") == Some(0.0),
+            "standby wrote"
+        );
         let (_, m) = http(c.node(&leader).http_port, "GET", "/metrics").await?;
-        ensure!(metric(&m, "leasehold_lease_is_leader") == Some(1.0), "leader metric");
-        ensure!(metric(&m, "leasehold_messages_written_total") == Some(n as f64), "leader written_total");
+        ensure!(
+            metric(&m, "leasehold_lease_is_leader") == Some(1.0),
+            "leader metric"
+        );
+        ensure!(
+            metric(&m, "leasehold_messages_written_total") == Some(n as f64),
+            "leader written_total"
+        );
         // `leasehold status` names the leader and exits 0.
         let out = std::process::Command::new(common::BIN)
             .args(["status", "--database-url", &c.pg.url()])
             .output()?;
         let text = String::from_utf8_lossy(&out.stdout);
-        ensure!(out.status.success() && text.contains(&leader), "status: {text}");
+        ensure!(
+            out.status.success() && text.contains(&leader),
+            "status: {text}"
+        );
         Ok(())
     }
     .await;
@@ -66,14 +105,23 @@ async fn sigkill_of_the_leader_fails_over_within_ttl_plus_poll_and_loses_nothing
         let (leader, _) = c.wait_leader().await?;
         let standby = other_of(&c, &leader).await;
         let stream = Stream::start(c.mq.port, "kill9", 5, 200);
-        eventually(Duration::from_secs(10), "the leader writing", || async { Ok(written_by(&c, &leader).await? > 50) }).await?;
+        eventually(Duration::from_secs(10), "the leader writing", || async {
+            Ok(written_by(&c, &leader).await? > 50)
+        })
+        .await?;
         let killed = Instant::now();
         c.node_mut(&leader).kill9();
-        eventually(Duration::from_secs(15), "the standby writing", || async { Ok(written_by(&c, &standby).await? > 0) }).await?;
+        eventually(Duration::from_secs(15), "the standby writing", || async {
+            Ok(written_by(&c, &standby).await? > 0)
+        })
+        .await?;
         let took = killed.elapsed();
         println!("kill -9 failover: standby writing after {took:?}");
         // Generous: TTL + poll interval, plus connect, batch and a loaded 2-core machine.
-        ensure!(took < TTL + POLL + Duration::from_secs(2), "failover took {took:?}");
+        ensure!(
+            took < TTL + POLL + Duration::from_secs(2),
+            "failover took {took:?}"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
         let n = stream.stop().await?;
         c.assert_exactly_once("kill9", n).await?;
@@ -92,29 +140,60 @@ async fn sigstopped_leader_is_fenced_and_does_not_fight_for_the_client_id() {
         let (leader, old_epoch) = c.wait_leader().await?;
         let standby = other_of(&c, &leader).await;
         let stream = Stream::start(c.mq.port, "sigstop", 5, 200);
-        eventually(Duration::from_secs(10), "the leader writing", || async { Ok(written_by(&c, &leader).await? > 50) }).await?;
+        eventually(Duration::from_secs(10), "the leader writing", || async {
+            Ok(written_by(&c, &leader).await? > 50)
+        })
+        .await?;
         c.node(&leader).signal(libc::SIGSTOP);
-        eventually(Duration::from_secs(15), "the standby writing", || async { Ok(written_by(&c, &standby).await? > 0) }).await?;
-        let old_rows = c.count(&format!("SELECT count(*) FROM telemetry WHERE lease_epoch = {old_epoch}")).await?;
+        eventually(Duration::from_secs(15), "the standby writing", || async {
+            Ok(written_by(&c, &standby).await? > 0)
+        })
+        .await?;
+        let old_rows = c
+            .count(&format!(
+                "SELECT count(*) FROM telemetry WHERE lease_epoch = {old_epoch}"
+            ))
+            .await?;
         // Resume the old leader well past its TTL and let it run alongside the new one.
         c.node(&leader).signal(libc::SIGCONT);
         let node_old = c.node(&leader).http_port;
-        eventually(Duration::from_secs(10), "the resumed node to see itself as standby", || async {
-            let (_, body) = http(node_old, "GET", "/health/lease").await?;
-            Ok(body.contains("\"role\":\"standby\""))
-        })
+        eventually(
+            Duration::from_secs(10),
+            "the resumed node to see itself as standby",
+            || async {
+                let (_, body) = http(node_old, "GET", "/health/lease").await?;
+                Ok(body.contains("\"role\":\"standby\""))
+            },
+        )
         .await?;
         tokio::time::sleep(Duration::from_secs(2)).await;
         let n = stream.stop().await?;
         c.assert_exactly_once("sigstop", n).await?;
-        let after = c.count(&format!("SELECT count(*) FROM telemetry WHERE lease_epoch = {old_epoch}")).await?;
-        ensure!(after == old_rows, "the paused leader committed {} rows after the takeover", after - old_rows);
+        let after = c
+            .count(&format!(
+                "SELECT count(*) FROM telemetry WHERE lease_epoch = {old_epoch}"
+            ))
+            .await?;
+        ensure!(
+            after == old_rows,
+            "the paused leader committed {} rows after the takeover",
+            after - old_rows
+        );
         let (new_leader, new_epoch) = c.leader().await?.context("a leader")?;
-        ensure!(new_leader == standby && new_epoch > old_epoch, "leadership went back: {new_leader} epoch {new_epoch}");
+        ensure!(
+            new_leader == standby && new_epoch > old_epoch,
+            "leadership went back: {new_leader} epoch {new_epoch}"
+        );
         // No client-id fight: the new leader's broker connection was never taken over.
         let (_, m) = http(c.node(&standby).http_port, "GET", "/metrics").await?;
-        ensure!(metric(&m, "leasehold_mqtt_reconnects_total") == Some(0.0), "new leader was disconnected:\n{m}");
-        ensure!(metric(&m, "leasehold_mqtt_client_id_conflicts_total") == Some(0.0), "client id fight");
+        ensure!(
+            metric(&m, "leasehold_mqtt_reconnects_total") == Some(0.0),
+            "new leader was disconnected:\n{m}"
+        );
+        ensure!(
+            metric(&m, "leasehold_mqtt_client_id_conflicts_total") == Some(0.0),
+            "client id fight"
+        );
         Ok(())
     }
     .await;
@@ -130,14 +209,26 @@ async fn sigterm_hands_over_within_a_second_and_loses_nothing() {
         let (leader, _) = c.wait_leader().await?;
         let standby = other_of(&c, &leader).await;
         let stream = Stream::start(c.mq.port, "sigterm", 5, 200);
-        eventually(Duration::from_secs(10), "the leader writing", || async { Ok(written_by(&c, &leader).await? > 50) }).await?;
+        eventually(Duration::from_secs(10), "the leader writing", || async {
+            Ok(written_by(&c, &leader).await? > 50)
+        })
+        .await?;
         let sent = Instant::now();
         c.node(&leader).signal(libc::SIGTERM);
-        eventually(Duration::from_secs(10), "the standby writing", || async { Ok(written_by(&c, &standby).await? > 0) }).await?;
+        eventually(Duration::from_secs(10), "the standby writing", || async {
+            Ok(written_by(&c, &standby).await? > 0)
+        })
+        .await?;
         let took = sent.elapsed();
         println!("SIGTERM hand-over: standby writing after {took:?}");
-        ensure!(took < Duration::from_secs(1), "graceful hand-over took {took:?}");
-        let status = c.node_mut(&leader).wait_exit(Duration::from_secs(10)).await?;
+        ensure!(
+            took < Duration::from_secs(1),
+            "graceful hand-over took {took:?}"
+        );
+        let status = c
+            .node_mut(&leader)
+            .wait_exit(Duration::from_secs(10))
+            .await?;
         ensure!(status.success(), "old leader exited with {status}");
         tokio::time::sleep(Duration::from_millis(500)).await;
         let n = stream.stop().await?;
@@ -156,19 +247,32 @@ async fn step_down_command_moves_leadership_without_loss() {
         c.spawn("node-b")?;
         let (leader, epoch) = c.wait_leader().await?;
         let stream = Stream::start(c.mq.port, "step-down", 5, 200);
-        eventually(Duration::from_secs(10), "the leader writing", || async { Ok(written_by(&c, &leader).await? > 20) }).await?;
+        eventually(Duration::from_secs(10), "the leader writing", || async {
+            Ok(written_by(&c, &leader).await? > 20)
+        })
+        .await?;
         let out = tokio::process::Command::new(common::BIN)
             .args(["step-down", "--database-url", &c.pg.url()])
             .output()
             .await?;
         let text = String::from_utf8_lossy(&out.stdout);
-        ensure!(out.status.success(), "step-down failed: {text} {}", String::from_utf8_lossy(&out.stderr));
+        ensure!(
+            out.status.success(),
+            "step-down failed: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let (new_leader, new_epoch) = c.leader().await?.context("a leader")?;
-        ensure!(new_leader != leader && new_epoch == epoch + 1, "{new_leader} epoch {new_epoch}");
+        ensure!(
+            new_leader != leader && new_epoch == epoch + 1,
+            "{new_leader} epoch {new_epoch}"
+        );
         tokio::time::sleep(Duration::from_millis(700)).await;
         let n = stream.stop().await?;
         c.assert_exactly_once("step-down", n).await?;
-        ensure!(c.leader().await?.map(|l| l.0) == Some(new_leader), "leadership flapped back");
+        ensure!(
+            c.leader().await?.map(|l| l.0) == Some(new_leader),
+            "leadership flapped back"
+        );
         Ok(())
     }
     .await;
@@ -181,20 +285,32 @@ async fn development_mode_observes_without_writing_or_leading() {
     let res = async {
         c.spawn_with("laptop", &[("MQTT_MODE", "development".to_string())])?;
         let port = c.node("laptop").http_port;
-        eventually(Duration::from_secs(15), "the observer connected", || async {
-            Ok(http(port, "GET", "/health").await?.0 == 200)
-        })
+        eventually(
+            Duration::from_secs(15),
+            "the observer connected",
+            || async { Ok(http(port, "GET", "/health").await?.0 == 200) },
+        )
         .await?;
         let stream = Stream::start(c.mq.port, "observer", 3, 200);
         tokio::time::sleep(Duration::from_millis(800)).await;
         let n = stream.stop().await?;
-        eventually(Duration::from_secs(10), "the observer to see every message", || async {
-            let (_, m) = http(port, "GET", "/metrics").await?;
-            Ok(metric(&m, "leasehold_messages_observed_total").unwrap_or(0.0) >= n as f64)
-        })
+        eventually(
+            Duration::from_secs(10),
+            "the observer to see every message",
+            || async {
+                let (_, m) = http(port, "GET", "/metrics").await?;
+                Ok(metric(&m, "leasehold_messages_observed_total").unwrap_or(0.0) >= n as f64)
+            },
+        )
         .await?;
-        ensure!(c.count("SELECT count(*) FROM telemetry").await? == 0, "observer wrote rows");
-        ensure!(c.count("SELECT count(*) FROM instance_lock").await? == 0, "observer took the lease");
+        ensure!(
+            c.count("SELECT count(*) FROM telemetry").await? == 0,
+            "observer wrote rows"
+        );
+        ensure!(
+            c.count("SELECT count(*) FROM instance_lock").await? == 0,
+            "observer took the lease"
+        );
         // A production node started later still receives everything queued for the shared
         // session? No: the session did not exist yet; but it leads and writes new traffic.
         c.spawn("prod")?;

@@ -18,7 +18,8 @@ fn msg(topic: &str, body: impl Into<Vec<u8>>) -> (String, Vec<u8>) {
 async fn bad_payloads_go_to_dead_letters_and_the_good_ones_around_them_are_stored() {
     let mut c = Cluster::start().await.expect("servers");
     c.extra_env.push(("MAX_PAYLOAD_BYTES", "1000".to_string()));
-    c.extra_env.push(("MQTT_TOPICS", "devices/+/telemetry,misc/#".to_string()));
+    c.extra_env
+        .push(("MQTT_TOPICS", "devices/+/telemetry,misc/#".to_string()));
     let res = async {
         c.spawn("node-a")?;
         let (leader, _) = c.wait_leader().await?;
@@ -27,9 +28,21 @@ async fn bad_payloads_go_to_dead_letters_and_the_good_ones_around_them_are_store
         let bad: Vec<(String, Vec<u8>, &str)> = vec![
             (t.into(), b"this is not json".to_vec(), "not valid JSON"),
             (t.into(), b"[1,2,3]".to_vec(), "not an object"),
-            (t.into(), format!(r#"{{"ts":1700000000,"pad":"{}"}}"#, "x".repeat(2000)).into_bytes(), "exceeds MAX_PAYLOAD_BYTES"),
-            (t.into(), br#"{"timestamp":"last tuesday"}"#.to_vec(), "bad timestamp"),
-            ("misc/no-device".into(), br#"{"ts":1700000000}"#.to_vec(), "no device id"),
+            (
+                t.into(),
+                format!(r#"{{"ts":1700000000,"pad":"{}"}}"#, "x".repeat(2000)).into_bytes(),
+                "exceeds MAX_PAYLOAD_BYTES",
+            ),
+            (
+                t.into(),
+                br#"{"timestamp":"last tuesday"}"#.to_vec(),
+                "bad timestamp",
+            ),
+            (
+                "misc/no-device".into(),
+                br#"{"ts":1700000000}"#.to_vec(),
+                "no device id",
+            ),
             (t.into(), vec![0xff, 0x00, 0xfe], "not valid JSON"),
         ];
         // Good messages before, between and after the bad ones.
@@ -43,28 +56,44 @@ async fn bad_payloads_go_to_dead_letters_and_the_good_ones_around_them_are_store
         seq += 1;
         publish_all(c.mq.port, msgs).await?;
         c.assert_exactly_once("dl", seq).await?;
-        eventually(Duration::from_secs(10), "every bad message dead-lettered", || async {
-            Ok(c.count("SELECT count(*) FROM dead_letters").await? == bad.len() as i64)
-        })
+        eventually(
+            Duration::from_secs(10),
+            "every bad message dead-lettered",
+            || async {
+                Ok(c.count("SELECT count(*) FROM dead_letters").await? == bad.len() as i64)
+            },
+        )
         .await?;
         let db = c.pg.client().await?;
         for (topic, body, reason) in &bad {
             let row = db
-                .query_one("SELECT error, written_by FROM dead_letters WHERE topic = $1 AND payload = $2", &[topic, body])
+                .query_one(
+                    "SELECT error, written_by FROM dead_letters WHERE topic = $1 AND payload = $2",
+                    &[topic, body],
+                )
                 .await?;
             let error: String = row.get(0);
-            ensure!(error.contains(reason), "dead letter for {reason:?} says {error:?}");
+            ensure!(
+                error.contains(reason),
+                "dead letter for {reason:?} says {error:?}"
+            );
             ensure!(row.get::<_, String>(1) == leader, "written_by");
         }
         // The node kept going and says so.
         ensure!(c.node_mut("node-a").try_status().is_none(), "node exited");
         let (_, m) = http(c.node("node-a").http_port, "GET", "/metrics").await?;
-        ensure!(m.contains("leasehold_messages_dead_lettered_total{reason=\"not_json\"} 2"), "metrics:\n{m}");
+        ensure!(
+            m.contains("leasehold_messages_dead_lettered_total{reason=\"not_json\"} 2"),
+            "metrics:\n{m}"
+        );
         // Redelivering a bad message does not store it twice.
         publish_all(c.mq.port, vec![msg(t, b"this is not json".to_vec())]).await?;
         publish_all(c.mq.port, vec![msg(t, numbered("dl", "d1", seq))]).await?;
         c.assert_exactly_once("dl", seq + 1).await?;
-        ensure!(c.count("SELECT count(*) FROM dead_letters").await? == bad.len() as i64, "dead letter stored twice");
+        ensure!(
+            c.count("SELECT count(*) FROM dead_letters").await? == bad.len() as i64,
+            "dead letter stored twice"
+        );
         Ok(())
     }
     .await;
@@ -83,7 +112,16 @@ async fn the_same_message_delivered_twice_is_stored_once() {
         publish_all(c.mq.port, vec![msg(t, with_ts.clone()), msg(t, without_ts)]).await?;
         c.assert_exactly_once("dup", 2).await?;
         // Redeliveries, one at a time and inside one batch.
-        publish_all(c.mq.port, vec![msg(t, with_ts.clone()), msg(t, with_ts.clone()), msg(t, without_ts), msg(t, without_ts)]).await?;
+        publish_all(
+            c.mq.port,
+            vec![
+                msg(t, with_ts.clone()),
+                msg(t, with_ts.clone()),
+                msg(t, without_ts),
+                msg(t, without_ts),
+            ],
+        )
+        .await?;
         publish_all(c.mq.port, vec![msg(t, numbered("dup", "d2", 2))]).await?;
         c.assert_exactly_once("dup", 3).await?;
         let port = c.node("node-a").http_port;
@@ -92,7 +130,12 @@ async fn the_same_message_delivered_twice_is_stored_once() {
             Ok(metric(&m, "leasehold_messages_duplicate_total") == Some(4.0))
         })
         .await?;
-        ensure!(c.count("SELECT count(*) FROM telemetry WHERE content_hash IS NOT NULL").await? == 1, "content-hash row");
+        ensure!(
+            c.count("SELECT count(*) FROM telemetry WHERE content_hash IS NOT NULL")
+                .await?
+                == 1,
+            "content-hash row"
+        );
         Ok(())
     }
     .await;
@@ -102,39 +145,78 @@ async fn the_same_message_delivered_twice_is_stored_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_row_inserted_while_running_is_subscribed_within_seconds() {
     let mut c = Cluster::start().await.expect("servers");
-    c.extra_env.push(("MQTT_TOPICS", "devices/+/telemetry".to_string()));
+    c.extra_env
+        .push(("MQTT_TOPICS", "devices/+/telemetry".to_string()));
     let res = async {
         c.spawn("node-a")?;
         c.wait_leader().await?;
         // A topic outside MQTT_TOPICS: not received until the device row exists.
         let topic = "plant/pump-7/data";
-        publish_all(c.mq.port, vec![msg(topic, r#"{"device_id":"pump-7","run":"dev","seq":0,"ts":1700000000}"#)]).await?;
+        publish_all(
+            c.mq.port,
+            vec![msg(
+                topic,
+                r#"{"device_id":"pump-7","run":"dev","seq":0,"ts":1700000000}"#,
+            )],
+        )
+        .await?;
         tokio::time::sleep(Duration::from_millis(300)).await;
-        ensure!(c.count("SELECT count(*) FROM telemetry WHERE device_id = 'pump-7'").await? == 0, "received before subscribing");
+        ensure!(
+            c.count("SELECT count(*) FROM telemetry WHERE device_id = 'pump-7'")
+                .await?
+                == 0,
+            "received before subscribing"
+        );
         let db = c.pg.client().await?;
-        db.execute("INSERT INTO devices (device_id, topic) VALUES ('pump-7', $1)", &[&topic]).await?;
+        db.execute(
+            "INSERT INTO devices (device_id, topic) VALUES ('pump-7', $1)",
+            &[&topic],
+        )
+        .await?;
         let mut seq = 1u64;
-        let took = eventually(Duration::from_secs(10), "a reading on the new device topic stored", || {
-            seq += 1;
-            let body = format!(r#"{{"device_id":"pump-7","run":"dev","seq":{seq},"ts":{}}}"#, 1_700_000_000 + seq);
-            let port = c.mq.port;
-            let c = &c;
-            async move {
-                publish_all(port, vec![msg(topic, body)]).await?;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                Ok(c.count("SELECT count(*) FROM telemetry WHERE device_id = 'pump-7'").await? > 0)
-            }
-        })
+        let took = eventually(
+            Duration::from_secs(10),
+            "a reading on the new device topic stored",
+            || {
+                seq += 1;
+                let body = format!(
+                    r#"{{"device_id":"pump-7","run":"dev","seq":{seq},"ts":{}}}"#,
+                    1_700_000_000 + seq
+                );
+                let port = c.mq.port;
+                let c = &c;
+                async move {
+                    publish_all(port, vec![msg(topic, body)]).await?;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Ok(
+                        c.count("SELECT count(*) FROM telemetry WHERE device_id = 'pump-7'")
+                            .await?
+                            > 0,
+                    )
+                }
+            },
+        )
         .await?;
         println!("device topic subscribed and stored after {took:?}");
-        ensure!(c.node("node-a").log().contains("device topics changed"), "no log line about the new topic");
+        ensure!(
+            c.node("node-a").log().contains("device topics changed"),
+            "no log line about the new topic"
+        );
         // Disabling it unsubscribes.
-        db.execute("UPDATE devices SET enabled = false WHERE device_id = 'pump-7'", &[]).await?;
+        db.execute(
+            "UPDATE devices SET enabled = false WHERE device_id = 'pump-7'",
+            &[],
+        )
+        .await?;
         let port = c.node("node-a").http_port;
-        eventually(Duration::from_secs(10), "the topic unsubscribed", || async {
-            let (_, m) = http(port, "GET", "/metrics").await?;
-            Ok(metric(&m, "leasehold_mqtt_subscribed_topics") == Some(1.0))
-        })
+        eventually(
+            Duration::from_secs(10),
+            "the topic unsubscribed",
+            || async {
+                let (_, m) = http(port, "GET", "/metrics").await?;
+                Ok(metric(&m, "leasehold_mqtt_subscribed_topics") == Some(1.0))
+            },
+        )
         .await?;
         Ok(())
     }
@@ -150,7 +232,10 @@ async fn postgres_down_for_ten_seconds_loses_nothing_and_ingest_resumes_by_itsel
         c.spawn("node-b")?;
         c.wait_leader().await?;
         let stream = Stream::start(c.mq.port, "pg-outage", 5, 200);
-        eventually(Duration::from_secs(10), "rows flowing", || async { Ok(c.count("SELECT count(*) FROM telemetry").await? > 50) }).await?;
+        eventually(Duration::from_secs(10), "rows flowing", || async {
+            Ok(c.count("SELECT count(*) FROM telemetry").await? > 50)
+        })
+        .await?;
         c.pg.stop()?;
         tokio::time::sleep(Duration::from_secs(10)).await;
         c.pg.start_again().await?;
@@ -158,11 +243,18 @@ async fn postgres_down_for_ten_seconds_loses_nothing_and_ingest_resumes_by_itsel
         let n = stream.stop().await?;
         c.assert_exactly_once("pg-outage", n).await?;
         for name in ["node-a", "node-b"] {
-            ensure!(c.node_mut(name).try_status().is_none(), "{name} exited during the outage");
+            ensure!(
+                c.node_mut(name).try_status().is_none(),
+                "{name} exited during the outage"
+            );
         }
         let (leader, _) = c.wait_leader().await?;
         // Still flowing afterwards.
-        publish_all(c.mq.port, vec![msg("devices/x/telemetry", numbered("after", "x", 0))]).await?;
+        publish_all(
+            c.mq.port,
+            vec![msg("devices/x/telemetry", numbered("after", "x", 0))],
+        )
+        .await?;
         c.assert_exactly_once("after", 1).await?;
         println!("leader after the outage: {leader}");
         Ok(())
@@ -179,7 +271,10 @@ fn run_with(env: &[(&str, &str)]) -> (Option<i32>, String) {
         cmd.env(k, v);
     }
     match cmd.output() {
-        Ok(out) => (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned()),
+        Ok(out) => (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ),
         Err(e) => (None, e.to_string()),
     }
 }
@@ -189,7 +284,10 @@ fn bad_configuration_stops_start_up_with_one_line_naming_the_setting() {
     let db = ("DATABASE_URL", "postgres://u:secret@127.0.0.1:1/x");
     let cases: &[(&[(&str, &str)], &str)] = &[
         (&[db, ("LEASE_TTL", "ten")], "LEASE_TTL"),
-        (&[db, ("LEASE_TTL", "9s"), ("LEASE_RENEW_INTERVAL", "7s")], "LEASE_RENEW_INTERVAL"),
+        (
+            &[db, ("LEASE_TTL", "9s"), ("LEASE_RENEW_INTERVAL", "7s")],
+            "LEASE_RENEW_INTERVAL",
+        ),
         (&[db, ("BATCH_MAX_ROWS", "-3")], "BATCH_MAX_ROWS"),
         (&[db, ("MQTT_MODE", "prod")], "MQTT_MODE"),
         (&[db, ("MQTT_URL", "http://broker")], "MQTT_URL"),
@@ -200,14 +298,33 @@ fn bad_configuration_stops_start_up_with_one_line_naming_the_setting() {
     for (env, setting) in cases {
         let (code, stderr) = run_with(env);
         assert_eq!(code, Some(2), "{env:?}: {stderr}");
-        assert_eq!(stderr.trim().lines().count(), 1, "{env:?}: not one line: {stderr}");
-        assert!(stderr.contains(setting), "{env:?}: does not name {setting}: {stderr}");
-        assert!(!stderr.contains("secret"), "{env:?}: leaks a secret: {stderr}");
+        assert_eq!(
+            stderr.trim().lines().count(),
+            1,
+            "{env:?}: not one line: {stderr}"
+        );
+        assert!(
+            stderr.contains(setting),
+            "{env:?}: does not name {setting}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("secret"),
+            "{env:?}: leaks a secret: {stderr}"
+        );
     }
-    let out = std::process::Command::new(common::BIN).args(["run", "--bogus"]).output().expect("run");
+    let out = std::process::Command::new(common::BIN)
+        .args(["run", "--bogus"])
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(2));
     for sub in ["run", "migrate", "status", "step-down", "simulate"] {
-        let out = std::process::Command::new(common::BIN).args([sub, "--help"]).output().expect("help");
-        assert!(out.status.success() && !out.stdout.is_empty(), "{sub} --help");
+        let out = std::process::Command::new(common::BIN)
+            .args([sub, "--help"])
+            .output()
+            .expect("help");
+        assert!(
+            out.status.success() && !out.stdout.is_empty(),
+            "{sub} --help"
+        );
     }
 }

@@ -27,8 +27,16 @@ impl Cluster {
     pub async fn start() -> Result<Self> {
         let pg = Postgres::start().await?;
         let mq = Mosquitto::start().await?;
-        let logs = tempfile::Builder::new().prefix("leasehold-test-logs-").tempdir()?;
-        Ok(Cluster { pg, mq, logs, nodes: Vec::new(), extra_env: Vec::new() })
+        let logs = tempfile::Builder::new()
+            .prefix("leasehold-test-logs-")
+            .tempdir()?;
+        Ok(Cluster {
+            pg,
+            mq,
+            logs,
+            nodes: Vec::new(),
+            extra_env: Vec::new(),
+        })
     }
 
     pub fn env(&self) -> Vec<(&'static str, String)> {
@@ -59,11 +67,17 @@ impl Cluster {
     }
 
     pub fn node(&self, name: &str) -> &NodeProc {
-        self.nodes.iter().find(|n| n.name == name).expect("node exists")
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .expect("node exists")
     }
 
     pub fn node_mut(&mut self, name: &str) -> &mut NodeProc {
-        self.nodes.iter_mut().find(|n| n.name == name).expect("node exists")
+        self.nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .expect("node exists")
     }
 
     /// The live lease holder: (instance_id, epoch).
@@ -80,12 +94,20 @@ impl Cluster {
 
     /// Waits for a leader that is connected to the broker (its /health is 200).
     pub async fn wait_leader(&self) -> Result<(String, i64)> {
-        eventually(Duration::from_secs(30), "a leader connected to the broker", || async {
-            let Some((name, _)) = self.leader().await? else { return Ok(false) };
-            let Some(node) = self.nodes.iter().find(|n| n.name == name) else { return Ok(false) };
-            let (code, _) = leasehold_testkit::http(node.http_port, "GET", "/health").await?;
-            Ok(code == 200)
-        })
+        eventually(
+            Duration::from_secs(30),
+            "a leader connected to the broker",
+            || async {
+                let Some((name, _)) = self.leader().await? else {
+                    return Ok(false);
+                };
+                let Some(node) = self.nodes.iter().find(|n| n.name == name) else {
+                    return Ok(false);
+                };
+                let (code, _) = leasehold_testkit::http(node.http_port, "GET", "/health").await?;
+                Ok(code == 200)
+            },
+        )
         .await?;
         self.leader().await?.context("leader vanished")
     }
@@ -99,14 +121,19 @@ impl Cluster {
                 &[&run],
             )
             .await?;
-        Ok(rows.iter().map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, i64>(1))).collect())
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, i64>(1)))
+            .collect())
     }
 
     /// Waits until every seq in 0..n is stored, then checks each exactly once.
     pub async fn assert_exactly_once(&self, run: &str, n: u64) -> Result<()> {
-        let waited = eventually(Duration::from_secs(40), "every published message in telemetry", || async {
-            Ok(self.seq_counts(run).await?.len() as u64 >= n)
-        })
+        let waited = eventually(
+            Duration::from_secs(40),
+            "every published message in telemetry",
+            || async { Ok(self.seq_counts(run).await?.len() as u64 >= n) },
+        )
         .await;
         let counts = self.seq_counts(run).await?;
         let missing: Vec<u64> = (0..n).filter(|s| !counts.contains_key(s)).collect();
@@ -133,9 +160,16 @@ impl Cluster {
     pub fn dump(&self) -> String {
         let mut s = String::new();
         for n in &self.nodes {
-            s.push_str(&format!("\n===== {} =====\n{}", n.name, tail(&n.log(), 150)));
+            s.push_str(&format!(
+                "\n===== {} =====\n{}",
+                n.name,
+                tail(&n.log(), 150)
+            ));
         }
-        s.push_str(&format!("\n===== mosquitto =====\n{}", tail(&self.mq.log(), 60)));
+        s.push_str(&format!(
+            "\n===== mosquitto =====\n{}",
+            tail(&self.mq.log(), 60)
+        ));
         s
     }
 }

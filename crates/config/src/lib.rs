@@ -128,10 +128,12 @@ impl Sources {
             path: shown.clone(),
             reason: e.to_string(),
         })?;
-        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::File {
-            path: shown.clone(),
-            reason: e.message().to_string(),
-        })?;
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::File {
+                path: shown.clone(),
+                reason: e.message().to_string(),
+            })?;
         for (k, v) in table {
             let key = k.to_uppercase();
             if !KEYS.contains(&key.as_str()) {
@@ -174,7 +176,11 @@ impl Sources {
             None => Ok(default),
             Some((v, origin)) => f(v).map_err(|reason| ConfigError::Invalid {
                 key: key.into(),
-                value: if is_secret(key) { "***".into() } else { v.into() },
+                value: if is_secret(key) {
+                    "***".into()
+                } else {
+                    v.into()
+                },
                 origin: origin.clone(),
                 reason,
             }),
@@ -326,7 +332,10 @@ impl fmt::Debug for Config {
         f.debug_struct("Config")
             .field("instance_id", &self.instance_id)
             .field("mode", &self.mode)
-            .field("database_url", &self.database_url.as_deref().map(redact_url))
+            .field(
+                "database_url",
+                &self.database_url.as_deref().map(redact_url),
+            )
             .field("mqtt", &self.mqtt)
             .field("mqtt_client_id", &self.mqtt_client_id)
             .field("mqtt_topics", &self.mqtt_topics)
@@ -351,7 +360,8 @@ pub fn parse_duration(v: &str) -> Result<Duration, String> {
 }
 
 fn duration(v: &str) -> Result<Duration, String> {
-    humantime::parse_duration(v).map_err(|e| format!("{e}; expected a duration such as 10s, 500ms or 5m"))
+    humantime::parse_duration(v)
+        .map_err(|e| format!("{e}; expected a duration such as 10s, 500ms or 5m"))
 }
 
 fn positive_int(v: &str) -> Result<usize, String> {
@@ -364,11 +374,22 @@ fn positive_int(v: &str) -> Result<usize, String> {
 
 fn byte_size(v: &str) -> Result<usize, String> {
     let lower = v.to_ascii_lowercase();
-    let (num, mult) = [("kib", 1024), ("mib", 1024 * 1024), ("kb", 1000), ("mb", 1_000_000), ("b", 1)]
-        .iter()
-        .find_map(|(suffix, m)| lower.strip_suffix(suffix).map(|n| (n.trim().to_string(), *m)))
-        .unwrap_or((lower.clone(), 1));
-    let n = positive_int(&num).map_err(|_| "expected a size such as 262144, 256KiB or 1MiB".to_string())?;
+    let (num, mult) = [
+        ("kib", 1024),
+        ("mib", 1024 * 1024),
+        ("kb", 1000),
+        ("mb", 1_000_000),
+        ("b", 1),
+    ]
+    .iter()
+    .find_map(|(suffix, m)| {
+        lower
+            .strip_suffix(suffix)
+            .map(|n| (n.trim().to_string(), *m))
+    })
+    .unwrap_or((lower.clone(), 1));
+    let n = positive_int(&num)
+        .map_err(|_| "expected a size such as 262144, 256KiB or 1MiB".to_string())?;
     n.checked_mul(mult).ok_or_else(|| "too large".to_string())
 }
 
@@ -430,7 +451,9 @@ fn mqtt_endpoint(s: &Sources) -> Result<MqttEndpoint, ConfigError> {
         match hostport.rsplit_once(':') {
             Some((h, p)) => {
                 ep.host = h.to_string();
-                ep.port = p.parse().map_err(|_| invalid("port must be a number from 1 to 65535"))?;
+                ep.port = p
+                    .parse()
+                    .map_err(|_| invalid("port must be a number from 1 to 65535"))?;
             }
             None => ep.host = hostport.to_string(),
         }
@@ -465,13 +488,17 @@ impl Config {
                 .and_then(|h| h.into_string().ok())
                 .unwrap_or_else(|| "leasehold".into())
         });
-        let mode = s.parse("MQTT_MODE", Mode::Production, |v| match v.to_ascii_lowercase().as_str() {
-            "production" => Ok(Mode::Production),
-            "development" => Ok(Mode::Development),
-            "disabled" => Ok(Mode::Disabled),
-            _ => Err("expected production, development or disabled".into()),
+        let mode = s.parse("MQTT_MODE", Mode::Production, |v| {
+            match v.to_ascii_lowercase().as_str() {
+                "production" => Ok(Mode::Production),
+                "development" => Ok(Mode::Development),
+                "disabled" => Ok(Mode::Disabled),
+                _ => Err("expected production, development or disabled".into()),
+            }
         })?;
-        let lease_name = s.string("LEASE_NAME").unwrap_or_else(|| "mqtt-ingest".into());
+        let lease_name = s
+            .string("LEASE_NAME")
+            .unwrap_or_else(|| "mqtt-ingest".into());
         let ttl = s.parse("LEASE_TTL", Duration::from_secs(10), duration)?;
         let lease = LeaseTimings {
             ttl,
@@ -500,19 +527,26 @@ impl Config {
             validate_filter(t).map_err(|reason| ConfigError::Invalid {
                 key: "MQTT_TOPICS".into(),
                 value: t.clone(),
-                origin: s.get("MQTT_TOPICS").map(|(_, o)| o.clone()).unwrap_or(Origin::Default),
+                origin: s
+                    .get("MQTT_TOPICS")
+                    .map(|(_, o)| o.clone())
+                    .unwrap_or(Origin::Default),
                 reason,
             })?;
         }
         let device_topic_pattern = s
             .string("DEVICE_TOPIC_PATTERN")
             .unwrap_or_else(|| "devices/{device_id}/#".into());
-        if !device_topic_pattern.split('/').any(|seg| seg == "{device_id}") {
+        if !device_topic_pattern
+            .split('/')
+            .any(|seg| seg == "{device_id}")
+        {
             return Err(ConfigError::Invalid {
                 key: "DEVICE_TOPIC_PATTERN".into(),
                 value: device_topic_pattern,
                 origin: Origin::Env,
-                reason: "must contain a {device_id} segment, e.g. devices/{device_id}/telemetry".into(),
+                reason: "must contain a {device_id} segment, e.g. devices/{device_id}/telemetry"
+                    .into(),
             });
         }
         let stale_warning = s.parse("STALE_WARNING", Duration::from_secs(300), duration)?;
@@ -521,8 +555,14 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "STALE_CRITICAL".into(),
                 value: fmt_dur(stale_critical),
-                origin: s.get("STALE_CRITICAL").map(|(_, o)| o.clone()).unwrap_or(Origin::Default),
-                reason: format!("must not be below STALE_WARNING ({})", fmt_dur(stale_warning)),
+                origin: s
+                    .get("STALE_CRITICAL")
+                    .map(|(_, o)| o.clone())
+                    .unwrap_or(Origin::Default),
+                reason: format!(
+                    "must not be below STALE_WARNING ({})",
+                    fmt_dur(stale_warning)
+                ),
             });
         }
         let cfg = Config {
@@ -551,17 +591,24 @@ impl Config {
             batch_max_rows,
             batch_max_wait: s.parse("BATCH_MAX_WAIT", Duration::from_millis(50), duration)?,
             max_payload_bytes,
-            max_pending: s.parse("MAX_PENDING", (batch_max_rows * 10).max(10_000), positive_int)?,
+            max_pending: s.parse(
+                "MAX_PENDING",
+                (batch_max_rows * 10).max(10_000),
+                positive_int,
+            )?,
             http_addr: s.parse("HTTP_ADDR", SocketAddr::from(([0, 0, 0, 0], 8080)), |v| {
-                v.parse().map_err(|_| "expected an address such as 0.0.0.0:8080".into())
+                v.parse()
+                    .map_err(|_| "expected an address such as 0.0.0.0:8080".into())
             })?,
             stale_warning,
             stale_critical,
             alert_webhook_url: s.string("ALERT_WEBHOOK_URL"),
-            log_format: s.parse("LOG_FORMAT", LogFormat::Pretty, |v| match v.to_ascii_lowercase().as_str() {
-                "json" => Ok(LogFormat::Json),
-                "pretty" | "text" => Ok(LogFormat::Pretty),
-                _ => Err("expected json or pretty".into()),
+            log_format: s.parse("LOG_FORMAT", LogFormat::Pretty, |v| {
+                match v.to_ascii_lowercase().as_str() {
+                    "json" => Ok(LogFormat::Json),
+                    "pretty" | "text" => Ok(LogFormat::Pretty),
+                    _ => Err("expected json or pretty".into()),
+                }
             })?,
             log_level: s.string("LOG_LEVEL").unwrap_or_else(|| "info".into()),
         };
@@ -569,7 +616,10 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "MAX_PENDING".into(),
                 value: cfg.max_pending.to_string(),
-                origin: s.get("MAX_PENDING").map(|(_, o)| o.clone()).unwrap_or(Origin::Default),
+                origin: s
+                    .get("MAX_PENDING")
+                    .map(|(_, o)| o.clone())
+                    .unwrap_or(Origin::Default),
                 reason: format!("must be at least BATCH_MAX_ROWS ({})", cfg.batch_max_rows),
             });
         }
@@ -637,7 +687,10 @@ mod tests {
             .expect("write");
         let s = Sources::gather(
             Some(&path),
-            vec![("LEASE_TTL".into(), "20s".into()), ("INSTANCE_ID".into(), "env".into())],
+            vec![
+                ("LEASE_TTL".into(), "20s".into()),
+                ("INSTANCE_ID".into(), "env".into()),
+            ],
             vec![("instance-id".into(), "flag".into())],
         )
         .expect("gather");
@@ -650,7 +703,9 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_setting_in_one_line() {
-        let e = load(&[("LEASE_TTL", "ten seconds")]).unwrap_err().to_string();
+        let e = load(&[("LEASE_TTL", "ten seconds")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("LEASE_TTL") && !e.contains('\n'), "{e}");
         let e = load(&[("BATCH_MAX_ROWS", "0")]).unwrap_err().to_string();
         assert!(e.contains("BATCH_MAX_ROWS"), "{e}");
@@ -677,10 +732,16 @@ mod tests {
         ])
         .expect("load");
         let shown = format!("{c:?} {}", c.mqtt);
-        assert!(!shown.contains("hunter2") && !shown.contains("s3cret"), "{shown}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("s3cret"),
+            "{shown}"
+        );
         assert_eq!(c.mqtt.port, 1884);
         assert_eq!(c.mqtt.password.as_deref(), Some("s3cret"));
-        assert_eq!(redact_url("host=db password=x user=u"), "host=db password=*** user=u");
+        assert_eq!(
+            redact_url("host=db password=x user=u"),
+            "host=db password=*** user=u"
+        );
     }
 
     #[test]

@@ -215,7 +215,10 @@ fn timestamp(obj: &Map<String, Value>) -> Result<Option<DateTime<Utc>>, DecodeEr
             .as_f64()
             .ok_or_else(|| "not a finite number".to_string())
             .and_then(from_epoch),
-        other => Err(format!("expected a string or a number, got {}", kind(other))),
+        other => Err(format!(
+            "expected a string or a number, got {}",
+            kind(other)
+        )),
     };
     parsed.map(Some).map_err(bad)
 }
@@ -224,7 +227,11 @@ fn from_epoch(n: f64) -> Result<DateTime<Utc>, String> {
     if !n.is_finite() || n < 0.0 {
         return Err(format!("epoch {n} is not a non-negative finite number"));
     }
-    let micros = if n >= MILLIS_THRESHOLD { n * 1e3 } else { n * 1e6 };
+    let micros = if n >= MILLIS_THRESHOLD {
+        n * 1e3
+    } else {
+        n * 1e6
+    };
     if micros > 253_402_300_799e6 {
         return Err(format!("epoch {n} is past the year 9999"));
     }
@@ -238,7 +245,9 @@ mod tests {
     use super::*;
 
     fn now() -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).single().expect("valid")
+        Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5)
+            .single()
+            .expect("valid")
     }
 
     fn d() -> Decoder {
@@ -247,11 +256,17 @@ mod tests {
 
     #[test]
     fn device_id_from_topic_then_payload() {
-        let r = d().decode("devices/m-1/telemetry", br#"{"ts": 1700000000}"#, now()).expect("ok");
+        let r = d()
+            .decode("devices/m-1/telemetry", br#"{"ts": 1700000000}"#, now())
+            .expect("ok");
         assert_eq!(r.device_id, "m-1");
-        let r = d().decode("other/x", br#"{"device_id":"p-9","ts":1700000000}"#, now()).expect("ok");
+        let r = d()
+            .decode("other/x", br#"{"device_id":"p-9","ts":1700000000}"#, now())
+            .expect("ok");
         assert_eq!(r.device_id, "p-9");
-        let e = d().decode("other/x", br#"{"ts":1700000000}"#, now()).unwrap_err();
+        let e = d()
+            .decode("other/x", br#"{"ts":1700000000}"#, now())
+            .unwrap_err();
         assert!(matches!(e, DecodeError::NoDeviceId { .. }));
     }
 
@@ -261,8 +276,14 @@ mod tests {
         assert_eq!(p.device_id("site/a/dev/telemetry"), Some("dev"));
         assert_eq!(p.device_id("site/a/dev/other"), None);
         assert_eq!(p.device_id("site/a/dev/telemetry/x"), None);
-        assert_eq!(TopicPattern::new("devices/{device_id}/#").device_id("devices/x"), Some("x"));
-        assert_eq!(TopicPattern::new("devices/{device_id}/#").device_id("devices//t"), None);
+        assert_eq!(
+            TopicPattern::new("devices/{device_id}/#").device_id("devices/x"),
+            Some("x")
+        );
+        assert_eq!(
+            TopicPattern::new("devices/{device_id}/#").device_id("devices//t"),
+            None
+        );
     }
 
     #[test]
@@ -275,11 +296,15 @@ mod tests {
             r#"{"ts":1700000000000}"#,
             r#"{"ts":"1700000000"}"#,
         ] {
-            let r = d().decode("devices/a/t", body.as_bytes(), now()).expect(body);
+            let r = d()
+                .decode("devices/a/t", body.as_bytes(), now())
+                .expect(body);
             assert_eq!(r.ts, want, "{body}");
             assert!(r.content_hash.is_none());
         }
-        let r = d().decode("devices/a/t", br#"{"ts":1700000000.25}"#, now()).expect("frac");
+        let r = d()
+            .decode("devices/a/t", br#"{"ts":1700000000.25}"#, now())
+            .expect("frac");
         assert_eq!(r.ts.timestamp_subsec_millis(), 250);
     }
 
@@ -290,23 +315,39 @@ mod tests {
         let b = d().decode("devices/a/t", br#"{"v":1}"#, later).expect("ok");
         assert_eq!(a.ts, now());
         assert!(a.content_hash.is_some());
-        assert_eq!(a.content_hash, b.content_hash, "a redelivery must get the same key");
+        assert_eq!(
+            a.content_hash, b.content_hash,
+            "a redelivery must get the same key"
+        );
         let c = d().decode("devices/a/t", br#"{"v":2}"#, now()).expect("ok");
         assert_ne!(a.content_hash, c.content_hash);
     }
 
     #[test]
     fn malformed_input_is_an_error_not_a_panic() {
-        let cases: &[(&[u8], fn(&DecodeError) -> bool)] = &[
+        type Check = fn(&DecodeError) -> bool;
+        let cases: &[(&[u8], Check)] = &[
             (b"not json", |e| matches!(e, DecodeError::NotJson(_))),
             (b"[1,2]", |e| matches!(e, DecodeError::NotObject(_))),
             (b"42", |e| matches!(e, DecodeError::NotObject(_))),
-            (br#"{"ts":"yesterday"}"#, |e| matches!(e, DecodeError::BadTimestamp { .. })),
-            (br#"{"ts":-5}"#, |e| matches!(e, DecodeError::BadTimestamp { .. })),
-            (br#"{"ts":1e300}"#, |e| matches!(e, DecodeError::BadTimestamp { .. })),
-            (br#"{"ts":true}"#, |e| matches!(e, DecodeError::BadTimestamp { .. })),
-            (br#"{"s":"a\u0000b"}"#, |e| matches!(e, DecodeError::NulEscape)),
-            (&[0xff, 0xfe, b'{'], |e| matches!(e, DecodeError::NotJson(_))),
+            (br#"{"ts":"yesterday"}"#, |e| {
+                matches!(e, DecodeError::BadTimestamp { .. })
+            }),
+            (br#"{"ts":-5}"#, |e| {
+                matches!(e, DecodeError::BadTimestamp { .. })
+            }),
+            (br#"{"ts":1e300}"#, |e| {
+                matches!(e, DecodeError::BadTimestamp { .. })
+            }),
+            (br#"{"ts":true}"#, |e| {
+                matches!(e, DecodeError::BadTimestamp { .. })
+            }),
+            (br#"{"s":"a\u0000b"}"#, |e| {
+                matches!(e, DecodeError::NulEscape)
+            }),
+            (&[0xff, 0xfe, b'{'], |e| {
+                matches!(e, DecodeError::NotJson(_))
+            }),
         ];
         for (body, check) in cases {
             let e = d().decode("devices/a/t", body, now()).unwrap_err();
@@ -315,7 +356,10 @@ mod tests {
         let big = vec![b' '; 2000];
         assert!(matches!(
             d().decode("devices/a/t", &big, now()),
-            Err(DecodeError::TooLarge { size: 2000, max: 1024 })
+            Err(DecodeError::TooLarge {
+                size: 2000,
+                max: 1024
+            })
         ));
     }
 }

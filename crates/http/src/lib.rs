@@ -189,8 +189,16 @@ async fn live(State(s): State<HttpState>) -> Response {
 async fn ready(State(s): State<HttpState>) -> Response {
     let db = db_probe(&s).await;
     let ok = db["reachable"].as_bool().unwrap_or(false);
-    let code = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (code, Json(json!({"ready": ok, "role": role_name(&s), "database": db}))).into_response()
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        Json(json!({"ready": ok, "role": role_name(&s), "database": db})),
+    )
+        .into_response()
 }
 
 async fn lease(State(s): State<HttpState>) -> Response {
@@ -220,20 +228,31 @@ async fn mqtt(State(s): State<HttpState>) -> Response {
     let v = mqtt_view();
     let needs = s.observer || matches!(role_of(&s), Role::Leader { .. });
     let ok = !needs || v["connected"].as_bool().unwrap_or(false);
-    let code = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (code, Json(v)).into_response()
 }
 
 async fn database(State(s): State<HttpState>) -> Response {
     let db = db_probe(&s).await;
     let ok = db["reachable"].as_bool().unwrap_or(false);
-    let code = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (code, Json(db)).into_response()
 }
 
 async fn metrics_text() -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         metrics().encode(),
     )
         .into_response()

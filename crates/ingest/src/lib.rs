@@ -206,7 +206,11 @@ impl MqttIngest {
     /// Runs until `cancel` (stop at once: nothing more is acknowledged), or until `drain` has
     /// been requested and every forwarded message was acknowledged or dropped by the writer; then
     /// the acks are flushed and the connection closed with DISCONNECT.
-    pub async fn run(mut self, cancel: CancellationToken, drain: CancellationToken) -> Result<(), IngestError> {
+    pub async fn run(
+        mut self,
+        cancel: CancellationToken,
+        drain: CancellationToken,
+    ) -> Result<(), IngestError> {
         let broker = self.cfg.endpoint.to_string();
         let mut connections = 0u64;
         let mut connected_at: Option<Instant> = None;
@@ -337,7 +341,10 @@ impl MqttIngest {
             Ok(p) => p,
             Err(_) => {
                 if !*overflowed {
-                    events::PendingOverflow { max_pending: self.cfg.max_pending }.emit();
+                    events::PendingOverflow {
+                        max_pending: self.cfg.max_pending,
+                    }
+                    .emit();
                 }
                 *overflowed = true;
                 return;
@@ -364,7 +371,9 @@ impl MqttIngest {
         let add: Vec<String> = wanted.difference(subscribed).cloned().collect();
         let remove: Vec<String> = subscribed.difference(&wanted).cloned().collect();
         if !add.is_empty() {
-            let filters = add.iter().map(|t| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
+            let filters = add
+                .iter()
+                .map(|t| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
             if let Err(e) = self.client.try_subscribe_many(filters) {
                 tracing::error!(error = %e, topics = ?add, "could not queue subscription");
                 return;
@@ -378,7 +387,12 @@ impl MqttIngest {
         if connect || !add.is_empty() || !remove.is_empty() {
             *subscribed = wanted;
             let devices = self.device_topics.borrow().len();
-            events::TopicsSubscribed { configured: &self.cfg.topics, devices, total: subscribed.len() }.emit();
+            events::TopicsSubscribed {
+                configured: &self.cfg.topics,
+                devices,
+                total: subscribed.len(),
+            }
+            .emit();
             if !add.is_empty() && !connect {
                 tracing::info!(added = ?add, removed = ?remove, "device topics changed; subscriptions updated");
             }
@@ -406,7 +420,9 @@ struct DisplayConnErr<'a>(&'a ConnectionError);
 impl std::fmt::Display for DisplayConnErr<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.0 {
-            ConnectionError::ConnectionRefused(code) => write!(f, "connection refused by broker: {code:?}"),
+            ConnectionError::ConnectionRefused(code) => {
+                write!(f, "connection refused by broker: {code:?}")
+            }
             other => write!(f, "{other}"),
         }
     }

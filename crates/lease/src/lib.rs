@@ -39,10 +39,14 @@ pub enum LeaseError {
 pub enum Role {
     Standby,
     /// Holds the lease at `epoch` and may ingest until its local deadline.
-    Leader { epoch: i64 },
+    Leader {
+        epoch: i64,
+    },
     /// Still holds the lease, handing over: stop intake, commit and ack what is held, then signal
     /// [`LeaseHandle::term_drained`]; the lease is released after that.
-    Draining { epoch: i64 },
+    Draining {
+        epoch: i64,
+    },
 }
 
 impl Role {
@@ -121,7 +125,9 @@ impl LeaseHandle {
     pub fn remaining(&self) -> Option<Duration> {
         self.role().epoch()?;
         let until = self.shared.valid_until()?;
-        until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())
+        until
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
     }
 
     /// Whether this node may still ingest right now (leading and before its local deadline).
@@ -160,7 +166,10 @@ pub struct Lease {
 }
 
 impl Lease {
-    pub fn new(cfg: LeaseConfig, notices: Option<broadcast::Receiver<Notice>>) -> (Lease, LeaseHandle) {
+    pub fn new(
+        cfg: LeaseConfig,
+        notices: Option<broadcast::Receiver<Notice>>,
+    ) -> (Lease, LeaseHandle) {
         let (role_tx, role_rx) = watch::channel(Role::Standby);
         let shared = Arc::new(Shared {
             base: Instant::now(),
@@ -205,7 +214,9 @@ impl Lease {
                 match self.attempt(t.renew_interval).await {
                     Ok(Some(epoch)) => {
                         self.shared.set_valid_until(sent_at + t.demote_after());
-                        metrics().lease_renew_duration.observe(sent_at.elapsed().as_secs_f64());
+                        metrics()
+                            .lease_renew_duration
+                            .observe(sent_at.elapsed().as_secs_f64());
                         metrics().renewed_now();
                         break epoch;
                     }
@@ -218,7 +229,11 @@ impl Lease {
                     _ = self.woken() => {}
                 }
             };
-            events::LeaseAcquired { epoch, holder_id: &self.cfg.holder_id }.emit();
+            events::LeaseAcquired {
+                epoch,
+                holder_id: &self.cfg.holder_id,
+            }
+            .emit();
             self.role_tx.send_replace(Role::Leader { epoch });
             let released = self.lead(epoch, &cancel).await;
             // After any loss wait one poll interval before campaigning again: no flapping, and
@@ -319,9 +334,12 @@ impl Lease {
             .max(Duration::from_millis(500));
         let res = async {
             let c = client(&mut self.conn, &self.cfg, budget).await?;
-            tokio::time::timeout(budget, sql::release(c, &self.cfg.lease_name, &self.cfg.holder_id, epoch))
-                .await
-                .map_err(|_| leasehold_store::StoreError::Timeout(budget))?
+            tokio::time::timeout(
+                budget,
+                sql::release(c, &self.cfg.lease_name, &self.cfg.holder_id, epoch),
+            )
+            .await
+            .map_err(|_| leasehold_store::StoreError::Timeout(budget))?
         }
         .await;
         self.role_tx.send_replace(Role::Standby);
@@ -330,22 +348,32 @@ impl Lease {
             Err(e) => {
                 // The lease expires by itself at its TTL; standbys take over then.
                 tracing::warn!(error = %e, epoch, "could not release the lease; it will expire at its TTL");
-                events::LeaseLost { epoch, reason: "release failed" }.emit();
+                events::LeaseLost {
+                    epoch,
+                    reason: "release failed",
+                }
+                .emit();
                 self.conn = None;
             }
         }
     }
 
     /// One acquire/renew statement within `budget` (client-side timeout and `statement_timeout`).
-    async fn attempt(&mut self, budget: Duration) -> Result<Option<i64>, leasehold_store::StoreError> {
+    async fn attempt(
+        &mut self,
+        budget: Duration,
+    ) -> Result<Option<i64>, leasehold_store::StoreError> {
         let budget = budget.max(Duration::from_millis(50));
         let cfg = &self.cfg;
         let ttl = cfg.timings.ttl;
         let res = async {
             let c = client(&mut self.conn, cfg, budget).await?;
-            tokio::time::timeout(budget, sql::acquire(c, &cfg.lease_name, &cfg.holder_id, &cfg.instance_id, ttl))
-                .await
-                .map_err(|_| leasehold_store::StoreError::Timeout(budget))?
+            tokio::time::timeout(
+                budget,
+                sql::acquire(c, &cfg.lease_name, &cfg.holder_id, &cfg.instance_id, ttl),
+            )
+            .await
+            .map_err(|_| leasehold_store::StoreError::Timeout(budget))?
         }
         .await;
         if res.is_err() {
@@ -371,42 +399,38 @@ async fn client<'a>(
     cfg: &LeaseConfig,
     budget: Duration,
 ) -> Result<&'a Client, leasehold_store::StoreError> {
-        if conn.as_ref().is_none_or(|c| c.is_closed()) {
-            let url = cfg.database_url.clone();
-            let stmt_timeout = cfg.timings.renew_interval;
-            let c = tokio::time::timeout(budget, async move {
-                let c = leasehold_store::connect(&url, "leasehold-lease").await?;
-                c.batch_execute(&format!(
-                    "SET statement_timeout = {}; SET lock_timeout = {}",
-                    stmt_timeout.as_millis(),
-                    stmt_timeout.as_millis()
-                ))
-                .await?;
-                Ok::<_, leasehold_store::StoreError>(c)
-            })
-            .await
-            .map_err(|_| leasehold_store::StoreError::Timeout(budget))??;
-            *conn = Some(c);
-        }
-        conn
-            .as_ref()
-            .ok_or_else(|| leasehold_store::StoreError::Pool("no lease connection".into()))
+    if conn.as_ref().is_none_or(|c| c.is_closed()) {
+        let url = cfg.database_url.clone();
+        let stmt_timeout = cfg.timings.renew_interval;
+        let c = tokio::time::timeout(budget, async move {
+            let c = leasehold_store::connect(&url, "leasehold-lease").await?;
+            c.batch_execute(&format!(
+                "SET statement_timeout = {}; SET lock_timeout = {}",
+                stmt_timeout.as_millis(),
+                stmt_timeout.as_millis()
+            ))
+            .await?;
+            Ok::<_, leasehold_store::StoreError>(c)
+        })
+        .await
+        .map_err(|_| leasehold_store::StoreError::Timeout(budget))??;
+        *conn = Some(c);
     }
-
+    conn.as_ref()
+        .ok_or_else(|| leasehold_store::StoreError::Pool("no lease connection".into()))
+}
 
 async fn next_notice(rx: &mut Option<broadcast::Receiver<Notice>>) -> Option<Notice> {
-    match rx {
-        None => std::future::pending().await,
-        Some(r) => loop {
-            match r.recv().await {
-                Ok(n) => return Some(n),
-                Err(broadcast::error::RecvError::Lagged(_)) => return Some(Notice::Resync),
-                Err(broadcast::error::RecvError::Closed) => {
-                    *rx = None;
-                    return std::future::pending().await;
-                }
-            }
-        },
+    let Some(r) = rx else {
+        return std::future::pending().await;
+    };
+    match r.recv().await {
+        Ok(n) => Some(n),
+        Err(broadcast::error::RecvError::Lagged(_)) => Some(Notice::Resync),
+        Err(broadcast::error::RecvError::Closed) => {
+            *rx = None;
+            std::future::pending().await
+        }
     }
 }
 
@@ -429,9 +453,21 @@ mod tests {
 
     #[test]
     fn step_down_payloads() {
-        assert!(is_step_down_for("step-down mqtt-ingest h1", "mqtt-ingest", "h1"));
-        assert!(is_step_down_for("step-down mqtt-ingest *", "mqtt-ingest", "h1"));
-        assert!(!is_step_down_for("step-down mqtt-ingest h2", "mqtt-ingest", "h1"));
+        assert!(is_step_down_for(
+            "step-down mqtt-ingest h1",
+            "mqtt-ingest",
+            "h1"
+        ));
+        assert!(is_step_down_for(
+            "step-down mqtt-ingest *",
+            "mqtt-ingest",
+            "h1"
+        ));
+        assert!(!is_step_down_for(
+            "step-down mqtt-ingest h2",
+            "mqtt-ingest",
+            "h1"
+        ));
         assert!(!is_step_down_for("step-down other h1", "mqtt-ingest", "h1"));
         assert!(!is_step_down_for("hello", "mqtt-ingest", "h1"));
     }

@@ -43,6 +43,7 @@ pub async fn acquire(
 }
 
 pub async fn release(c: &Client, lease: &str, holder: &str, epoch: i64) -> Result<()> {
-    c.query(RELEASE, &[&lease, &holder, &epoch, &LEASE_CHANNEL]).await?;
+    c.query(RELEASE, &[&lease, &holder, &epoch, &LEASE_CHANNEL])
+        .await?;
     Ok(())
 }

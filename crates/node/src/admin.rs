@@ -13,7 +13,10 @@ use crate::node::ALIVE_WITHIN;
 /// Exit code of `status` when no node holds the lease.
 pub const EXIT_NO_LEADER: u8 = 3;
 
-async fn connect(cfg: &Config, app: &str) -> anyhow::Result<leasehold_store::tokio_postgres::Client> {
+async fn connect(
+    cfg: &Config,
+    app: &str,
+) -> anyhow::Result<leasehold_store::tokio_postgres::Client> {
     let url = cfg.require_database_url()?;
     leasehold_store::connect(url, app)
         .await
@@ -40,7 +43,10 @@ pub async fn status(cfg: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
     let lease = queries::lease(&c, &cfg.lease_name).await?;
     let nodes = queries::cluster_nodes(&c, ALIVE_WITHIN.as_millis() as i64, true).await?;
     let age = queries::newest_data_age(&c).await?;
-    let alive: Vec<_> = nodes.iter().filter(|n| n.seen_ms_ago < ALIVE_WITHIN.as_millis() as i64).collect();
+    let alive: Vec<_> = nodes
+        .iter()
+        .filter(|n| n.seen_ms_ago < ALIVE_WITHIN.as_millis() as i64)
+        .collect();
     let leader = lease.as_ref().filter(|l| l.is_live());
     if as_json {
         let v = json!({
@@ -63,20 +69,35 @@ pub async fn status(cfg: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
         match (leader, &lease) {
             (Some(l), _) => println!(
                 "LEADER   {} (epoch {}, lease expires in {}, holder {})",
-                l.instance_id, l.epoch, secs(l.expires_in_ms), l.holder_id
+                l.instance_id,
+                l.epoch,
+                secs(l.expires_in_ms),
+                l.holder_id
             ),
             (None, Some(l)) => println!(
                 "NO LEADER  lease {:?} expired {} ago (last holder {}, epoch {})",
-                cfg.lease_name, secs(-l.expires_in_ms), l.instance_id, l.epoch
+                cfg.lease_name,
+                secs(-l.expires_in_ms),
+                l.instance_id,
+                l.epoch
             ),
             (None, None) => println!("NO LEADER  lease {:?} has never been taken", cfg.lease_name),
         }
         println!("NODES    {} alive", alive.len());
         for n in nodes.iter().take(20) {
-            let state = if n.seen_ms_ago < ALIVE_WITHIN.as_millis() as i64 { "alive" } else { "gone" };
+            let state = if n.seen_ms_ago < ALIVE_WITHIN.as_millis() as i64 {
+                "alive"
+            } else {
+                "gone"
+            };
             println!(
                 "  {:<20} {:<9} {:<12} {:<6} seen {} ago  v{}  {}",
-                n.instance_id, n.role, n.mode, state, secs(n.seen_ms_ago), n.version,
+                n.instance_id,
+                n.role,
+                n.mode,
+                state,
+                secs(n.seen_ms_ago),
+                n.version,
                 n.http_url.as_deref().unwrap_or("-")
             );
         }
@@ -85,15 +106,28 @@ pub async fn status(cfg: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
             None => println!("DATA     no rows yet"),
         }
     }
-    Ok(if leader.is_some() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_NO_LEADER) })
+    Ok(if leader.is_some() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_NO_LEADER)
+    })
 }
 
 pub async fn step_down(cfg: &Config, timeout: Duration) -> anyhow::Result<ExitCode> {
     let c = connect(cfg, "leasehold-step-down").await?;
-    let Some(before) = queries::lease(&c, &cfg.lease_name).await?.filter(|l| l.is_live()) else {
-        anyhow::bail!("no leader holds lease {:?}: nothing to step down", cfg.lease_name);
+    let Some(before) = queries::lease(&c, &cfg.lease_name)
+        .await?
+        .filter(|l| l.is_live())
+    else {
+        anyhow::bail!(
+            "no leader holds lease {:?}: nothing to step down",
+            cfg.lease_name
+        );
     };
-    println!("asking {} (epoch {}) to hand over...", before.instance_id, before.epoch);
+    println!(
+        "asking {} (epoch {}) to hand over...",
+        before.instance_id, before.epoch
+    );
     queries::request_step_down(&c, &cfg.lease_name, &before.holder_id).await?;
     let started = Instant::now();
     while started.elapsed() < timeout {
@@ -102,7 +136,10 @@ pub async fn step_down(cfg: &Config, timeout: Duration) -> anyhow::Result<ExitCo
             if now.holder_id != before.holder_id && now.is_live() {
                 println!(
                     "leadership moved from {} (epoch {}) to {} (epoch {}) in {} ms",
-                    before.instance_id, before.epoch, now.instance_id, now.epoch,
+                    before.instance_id,
+                    before.epoch,
+                    now.instance_id,
+                    now.epoch,
                     started.elapsed().as_millis()
                 );
                 return Ok(ExitCode::SUCCESS);

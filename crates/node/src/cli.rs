@@ -106,7 +106,8 @@ impl Settings {
     /// Loads the configuration from file, environment and these flags.
     pub fn load(&self) -> Result<Config, String> {
         let flags = self.flags()?;
-        let sources = Sources::gather(self.config.as_deref(), std::env::vars(), flags).map_err(|e| e.to_string())?;
+        let sources = Sources::gather(self.config.as_deref(), std::env::vars(), flags)
+            .map_err(|e| e.to_string())?;
         Config::load(&sources).map_err(|e| e.to_string())
     }
 }
@@ -150,7 +151,10 @@ pub fn main() -> ExitCode {
         eprintln!("leasehold: configuration error: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("leasehold: error: cannot start the async runtime: {e}");

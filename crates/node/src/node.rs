@@ -35,12 +35,19 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     tracing::info!(instance_id = %cfg.instance_id, holder_id = %holder_id, mode = cfg.mode.as_str(), version = VERSION, config = ?cfg, "starting leasehold node");
 
     let listener = leasehold_http::bind(cfg.http_addr).await?;
-    let http_url = format!("http://{}", listener.local_addr().context("HTTP listener address")?);
+    let http_url = format!(
+        "http://{}",
+        listener.local_addr().context("HTTP listener address")?
+    );
     tracing::info!(%http_url, "HTTP listening (/health, /metrics)");
 
     let url = cfg.database_url.clone();
     let pool = match &url {
-        Some(u) => Some(leasehold_store::pool(u, "leasehold-node", cfg.database_pool_size)?),
+        Some(u) => Some(leasehold_store::pool(
+            u,
+            "leasehold-node",
+            cfg.database_pool_size,
+        )?),
         None if cfg.mode == Mode::Disabled => None,
         None => cfg.require_database_url().map(|_| None)?,
     };
@@ -68,7 +75,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
 
     let (topics_tx, topics_rx) = watch::channel(Vec::<String>::new());
     if let (Some(pool), Some(n)) = (&pool, &notices) {
-        tracker.spawn(device_topics(pool.clone(), n.subscribe(), topics_tx, root.clone()));
+        tracker.spawn(device_topics(
+            pool.clone(),
+            n.subscribe(),
+            topics_tx,
+            root.clone(),
+        ));
     }
 
     let mut lease_handle: Option<LeaseHandle> = None;
@@ -85,7 +97,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                 },
                 notices.as_ref().map(|n| n.subscribe()),
             );
-            leasehold_lease::watchdog::spawn(&handle, cfg.lease.ttl).context("starting the watchdog thread")?;
+            leasehold_lease::watchdog::spawn(&handle, cfg.lease.ttl)
+                .context("starting the watchdog thread")?;
             let sup = Supervisor {
                 cfg: cfg.clone(),
                 lease: handle.clone(),
@@ -108,7 +121,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         Mode::Development => {
             tracker.spawn(observe(cfg.clone(), topics_rx.clone(), root.clone()));
         }
-        Mode::Disabled => tracing::info!("MQTT_MODE=disabled: no MQTT; health, metrics and CLI only"),
+        Mode::Disabled => {
+            tracing::info!("MQTT_MODE=disabled: no MQTT; health, metrics and CLI only")
+        }
     }
 
     if let Some(pool) = &pool {
@@ -151,7 +166,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         }
     }
     root.cancel();
-    if tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("some tasks did not stop within 5s; exiting anyway");
     }
     tracing::info!(ms = started.elapsed().as_millis() as u64, "stopped");
@@ -173,9 +191,8 @@ async fn migrate_with_retry(url: &str, shutdown: &CancellationToken) -> anyhow::
                 }
                 return Ok(());
             }
-            Err(e @ leasehold_store::StoreError::Migration { .. }) | Err(e @ leasehold_store::StoreError::Url(_)) => {
-                return Err(e.into())
-            }
+            Err(e @ leasehold_store::StoreError::Migration { .. })
+            | Err(e @ leasehold_store::StoreError::Url(_)) => return Err(e.into()),
             Err(e) => {
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "database not reachable for migrations; retrying");
             }
@@ -224,7 +241,9 @@ async fn device_topics(
                     }
                 });
             }
-            Ok(Err(e)) => tracing::warn!(error = %e, "could not load device topics; keeping the current ones"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not load device topics; keeping the current ones")
+            }
             Err(_) => tracing::warn!("loading device topics timed out; keeping the current ones"),
         }
         loop {
@@ -278,7 +297,8 @@ async fn heartbeat(
                 },
             )
             .await?;
-            let alive = queries::cluster_nodes(&**c, ALIVE_WITHIN.as_millis() as i64, false).await?;
+            let alive =
+                queries::cluster_nodes(&**c, ALIVE_WITHIN.as_millis() as i64, false).await?;
             let age = queries::newest_data_age(&**c).await?;
             Ok::<_, leasehold_store::StoreError>((alive.len(), age))
         };
@@ -295,7 +315,11 @@ async fn heartbeat(
 
 /// `MQTT_MODE=development`: a private clean session that decodes and counts, never writes.
 async fn observe(cfg: Config, topics: watch::Receiver<Vec<String>>, cancel: CancellationToken) {
-    let client_id = format!("leasehold-dev-{}-{}", cfg.instance_id, &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let client_id = format!(
+        "leasehold-dev-{}-{}",
+        cfg.instance_id,
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
     let (ingest, _acker, mut rx) = MqttIngest::new(
         IngestConfig {
             endpoint: cfg.mqtt.clone(),

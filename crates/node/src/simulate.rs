@@ -60,10 +60,15 @@ pub fn payload(run: &str, device: &str, seq: u64, ts: DateTime<Utc>) -> String {
 }
 
 pub async fn run(cfg: &Config, a: SimArgs) -> anyhow::Result<ExitCode> {
-    let run_id = a.run_id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..8].to_string());
+    let run_id = a
+        .run_id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..8].to_string());
     let client_id = format!("leasehold-sim-{run_id}-{}", std::process::id());
     let mut opts = MqttOptions::new(client_id, &cfg.mqtt.host, cfg.mqtt.port);
-    opts.set_keep_alive(Duration::from_secs(10)).set_inflight(1000).set_clean_session(true);
+    opts.set_keep_alive(Duration::from_secs(10))
+        .set_inflight(1000)
+        .set_clean_session(true);
     if let Some(u) = &cfg.mqtt.username {
         opts.set_credentials(u, cfg.mqtt.password.clone().unwrap_or_default());
     }
@@ -77,7 +82,8 @@ pub async fn run(cfg: &Config, a: SimArgs) -> anyhow::Result<ExitCode> {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     conn2.fetch_add(1, Ordering::Relaxed);
                 }
-                Ok(Event::Incoming(Packet::PubAck(_))) | Ok(Event::Incoming(Packet::PubComp(_))) => {
+                Ok(Event::Incoming(Packet::PubAck(_)))
+                | Ok(Event::Incoming(Packet::PubComp(_))) => {
                     ack2.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
@@ -90,7 +96,9 @@ pub async fn run(cfg: &Config, a: SimArgs) -> anyhow::Result<ExitCode> {
         }
     });
     let q = qos(a.qos);
-    let devices: Vec<String> = (0..a.devices.max(1)).map(|i| format!("dev-{i:04}")).collect();
+    let devices: Vec<String> = (0..a.devices.max(1))
+        .map(|i| format!("dev-{i:04}"))
+        .collect();
     let mut last_ts: Vec<DateTime<Utc>> = vec![DateTime::<Utc>::MIN_UTC; devices.len()];
     let started = Instant::now();
     let mut last_progress = Instant::now();
@@ -98,8 +106,16 @@ pub async fn run(cfg: &Config, a: SimArgs) -> anyhow::Result<ExitCode> {
     eprintln!(
         "simulate: run {run_id}: {} devices, {} msg/s, {} messages, QoS {} to {}",
         devices.len(),
-        if a.rate == 0 { "max".to_string() } else { a.rate.to_string() },
-        if a.count == 0 { "unlimited".to_string() } else { a.count.to_string() },
+        if a.rate == 0 {
+            "max".to_string()
+        } else {
+            a.rate.to_string()
+        },
+        if a.count == 0 {
+            "unlimited".to_string()
+        } else {
+            a.count.to_string()
+        },
         a.qos,
         cfg.mqtt
     );
@@ -126,7 +142,7 @@ pub async fn run(cfg: &Config, a: SimArgs) -> anyhow::Result<ExitCode> {
         }
         last_ts[d] = ts;
         let topic = a.topic.replace("{device}", &devices[d]);
-        let body = if a.invalid_every > 0 && (seq + 1) % a.invalid_every == 0 {
+        let body = if a.invalid_every > 0 && (seq + 1).is_multiple_of(a.invalid_every) {
             format!("not json #{seq}")
         } else {
             payload(&run_id, &devices[d], seq, ts)
@@ -137,7 +153,11 @@ pub async fn run(cfg: &Config, a: SimArgs) -> anyhow::Result<ExitCode> {
             last_progress = Instant::now();
             eprintln!(
                 "simulate: published {published}{} ({:.0} msg/s), acked by broker {}",
-                if a.count > 0 { format!("/{}", a.count) } else { String::new() },
+                if a.count > 0 {
+                    format!("/{}", a.count)
+                } else {
+                    String::new()
+                },
                 published as f64 / started.elapsed().as_secs_f64(),
                 acked.load(Ordering::Relaxed)
             );
@@ -145,7 +165,10 @@ pub async fn run(cfg: &Config, a: SimArgs) -> anyhow::Result<ExitCode> {
     }
     // Wait for the broker to acknowledge everything published.
     let wait_from = Instant::now();
-    while q != QoS::AtMostOnce && acked.load(Ordering::Relaxed) < published && wait_from.elapsed() < Duration::from_secs(30) {
+    while q != QoS::AtMostOnce
+        && acked.load(Ordering::Relaxed) < published
+        && wait_from.elapsed() < Duration::from_secs(30)
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = client.disconnect().await;
@@ -158,7 +181,10 @@ pub async fn run(cfg: &Config, a: SimArgs) -> anyhow::Result<ExitCode> {
         published as f64 / secs
     );
     if q != QoS::AtMostOnce && acks < published {
-        anyhow::bail!("{} messages were not acknowledged by the broker", published - acks);
+        anyhow::bail!(
+            "{} messages were not acknowledged by the broker",
+            published - acks
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

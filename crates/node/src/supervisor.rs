@@ -150,7 +150,12 @@ impl Supervisor {
         });
         tracker.close();
         tracing::info!(epoch, "leadership term started: connecting to the broker");
-        Term { epoch, hard, drain, tracker }
+        Term {
+            epoch,
+            hard,
+            drain,
+            tracker,
+        }
     }
 
     /// Graceful: stop intake, let the writer commit and ack, flush, disconnect. Bounded by the
@@ -158,8 +163,14 @@ impl Supervisor {
     async fn drain(&self, t: Term) {
         t.drain.cancel();
         let budget = self.lease.remaining().unwrap_or(Duration::from_millis(200));
-        if tokio::time::timeout(budget, t.tracker.wait()).await.is_err() {
-            tracing::warn!(epoch = t.epoch, "drain did not finish before the lease deadline; cutting the term off");
+        if tokio::time::timeout(budget, t.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                epoch = t.epoch,
+                "drain did not finish before the lease deadline; cutting the term off"
+            );
             t.hard.cancel();
             t.tracker.wait().await;
         }

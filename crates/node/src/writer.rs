@@ -46,7 +46,10 @@ pub fn reason_label(e: &DecodeError) -> &'static str {
 }
 
 /// Splits a batch into rows and dead letters (with their metric labels).
-pub fn decode_batch(decoder: &Decoder, batch: &[Inbound]) -> (Vec<Row>, Vec<DeadLetter>, Vec<&'static str>) {
+pub fn decode_batch(
+    decoder: &Decoder,
+    batch: &[Inbound],
+) -> (Vec<Row>, Vec<DeadLetter>, Vec<&'static str>) {
     let mut rows = Vec::with_capacity(batch.len());
     let mut dead = Vec::new();
     let mut reasons = Vec::new();
@@ -104,7 +107,12 @@ impl Writer {
                         }
                         .emit();
                         for (d, reason) in dead.iter().zip(&reasons) {
-                            events::DeadLettered { topic: &d.topic, reason, error: &d.error }.emit();
+                            events::DeadLettered {
+                                topic: &d.topic,
+                                reason,
+                                error: &d.error,
+                            }
+                            .emit();
                         }
                         let lat = &metrics().ingest_latency;
                         for m in &batch {
@@ -121,7 +129,13 @@ impl Writer {
                         conn = None;
                         attempt += 1;
                         let wait = backoff.mul_f64(0.5 + fastrand::f64() * 0.5);
-                        events::WriteFailed { error: &e, kind: e.kind(), attempt, retry_in_ms: wait.as_millis() }.emit();
+                        events::WriteFailed {
+                            error: &e,
+                            kind: e.kind(),
+                            attempt,
+                            retry_in_ms: wait.as_millis(),
+                        }
+                        .emit();
                         backoff = (backoff * 2).min(Duration::from_secs(5));
                         tokio::select! {
                             _ = cancel.cancelled() => return Ok(()),
@@ -178,7 +192,9 @@ async fn write_once(
     if conn.as_ref().is_none_or(|c| c.is_closed()) {
         let client = leasehold_store::connect(&cfg.database_url, "leasehold-writer").await?;
         // A backstop: the lease deadline cancels a hung write long before this.
-        client.batch_execute("SET statement_timeout = '60s'").await?;
+        client
+            .batch_execute("SET statement_timeout = '60s'")
+            .await?;
         *conn = Some(BatchWriter::new(client, cfg.instance_id.clone()).await?);
     }
     match conn.as_mut() {

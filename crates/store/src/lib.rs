@@ -70,7 +70,10 @@ pub fn pg_config(url: &str, application_name: &str) -> Result<tokio_postgres::Co
 /// starve the connection (lease renewals, LISTEN, the writer).
 pub async fn connect(url: &str, application_name: &str) -> Result<Client> {
     let cfg = pg_config(url, application_name)?;
-    let timeout = cfg.get_connect_timeout().copied().unwrap_or(Duration::from_secs(5));
+    let timeout = cfg
+        .get_connect_timeout()
+        .copied()
+        .unwrap_or(Duration::from_secs(5));
     let (client, conn) = tokio::time::timeout(timeout, cfg.connect(NoTls))
         .await
         .map_err(|_| StoreError::Timeout(timeout))??;
@@ -265,7 +268,10 @@ impl BatchWriter {
     ) -> Result<BatchOutcome> {
         let tx = self.client.transaction().await?;
         let held = tx
-            .query_opt(&self.fence, &[&fence.lease_name, &fence.holder_id, &fence.epoch])
+            .query_opt(
+                &self.fence,
+                &[&fence.lease_name, &fence.holder_id, &fence.epoch],
+            )
             .await?;
         if held.is_none() {
             // Dropping the transaction rolls it back.
@@ -305,7 +311,10 @@ impl BatchWriter {
                 .map(|x| leasehold_decode::content_hash(&x.topic, &x.payload))
                 .collect();
             out.dead_lettered = tx
-                .execute(&self.dead, &[&tp, &p, &e, &r, &h, &self.written_by, &fence.epoch])
+                .execute(
+                    &self.dead,
+                    &[&tp, &p, &e, &r, &h, &self.written_by, &fence.epoch],
+                )
                 .await?;
             out.duplicates += dead.len() as u64 - out.dead_lettered;
         }

@@ -56,7 +56,10 @@ impl Listener {
 
     async fn listen_once(&self, cancel: &CancellationToken, first: bool) -> crate::Result<()> {
         let cfg = crate::pg_config(&self.url, "leasehold-listen")?;
-        let timeout = cfg.get_connect_timeout().copied().unwrap_or(Duration::from_secs(5));
+        let timeout = cfg
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(Duration::from_secs(5));
         let (client, mut conn) = tokio::time::timeout(timeout, cfg.connect(NoTls))
             .await
             .map_err(|_| crate::StoreError::Timeout(timeout))??;

@@ -66,7 +66,11 @@ pub struct NodeRow {
 }
 
 /// Nodes seen within `alive_within`, newest first, plus older ones when `include_dead`.
-pub async fn cluster_nodes(c: &impl GenericClient, alive_within_ms: i64, include_dead: bool) -> Result<Vec<NodeRow>> {
+pub async fn cluster_nodes(
+    c: &impl GenericClient,
+    alive_within_ms: i64,
+    include_dead: bool,
+) -> Result<Vec<NodeRow>> {
     let rows = c
         .query(
             "SELECT holder_id, instance_id, role, mode, version, http_url, started_at, last_seen,
@@ -131,13 +135,20 @@ pub async fn newest_data_age(c: &impl GenericClient) -> Result<Option<f64>> {
 /// Topic filters of enabled devices.
 pub async fn device_topics(c: &impl GenericClient) -> Result<Vec<String>> {
     let rows = c
-        .query("SELECT DISTINCT topic FROM devices WHERE enabled ORDER BY topic", &[])
+        .query(
+            "SELECT DISTINCT topic FROM devices WHERE enabled ORDER BY topic",
+            &[],
+        )
         .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 /// Asks the current leader of `lease_name` to hand over (it LISTENs on [`CONTROL_CHANNEL`]).
-pub async fn request_step_down(c: &impl GenericClient, lease_name: &str, holder_id: &str) -> Result<()> {
+pub async fn request_step_down(
+    c: &impl GenericClient,
+    lease_name: &str,
+    holder_id: &str,
+) -> Result<()> {
     let payload = format!("step-down {lease_name} {holder_id}");
     c.execute("SELECT pg_notify($1, $2)", &[&CONTROL_CHANNEL, &payload])
         .await?;

@@ -9,7 +9,11 @@ pub struct LeaseAcquired<'a> {
 }
 impl LeaseAcquired<'_> {
     pub fn emit(self) {
-        tracing::info!(epoch = self.epoch, holder_id = self.holder_id, "lease acquired: this node is the leader");
+        tracing::info!(
+            epoch = self.epoch,
+            holder_id = self.holder_id,
+            "lease acquired: this node is the leader"
+        );
         let m = metrics();
         m.lease_is_leader.set(1);
         m.lease_epoch.set(self.epoch);
@@ -23,7 +27,11 @@ pub struct LeaseLost<'a> {
 }
 impl LeaseLost<'_> {
     pub fn emit(self) {
-        tracing::warn!(epoch = self.epoch, reason = self.reason, "lease lost: demoted to standby");
+        tracing::warn!(
+            epoch = self.epoch,
+            reason = self.reason,
+            "lease lost: demoted to standby"
+        );
         let m = metrics();
         m.lease_is_leader.set(0);
         m.lease_transitions.with_label_values(&["standby"]).inc();
@@ -60,7 +68,11 @@ pub struct MqttConnected<'a> {
 }
 impl MqttConnected<'_> {
     pub fn emit(self) {
-        tracing::info!(broker = self.broker, session_present = self.session_present, "connected to broker");
+        tracing::info!(
+            broker = self.broker,
+            session_present = self.session_present,
+            "connected to broker"
+        );
         let m = metrics();
         m.mqtt_connected.set(1);
         if self.reconnect {
@@ -126,7 +138,14 @@ pub struct BatchCommitted {
 }
 impl BatchCommitted {
     pub fn emit(self) {
-        tracing::debug!(rows = self.rows, inserted = self.inserted, duplicates = self.duplicates, dead_lettered = self.dead_lettered, ms = self.duration.as_millis() as u64, "batch committed");
+        tracing::debug!(
+            rows = self.rows,
+            inserted = self.inserted,
+            duplicates = self.duplicates,
+            dead_lettered = self.dead_lettered,
+            ms = self.duration.as_millis() as u64,
+            "batch committed"
+        );
         let m = metrics();
         m.messages_written.inc_by(self.inserted);
         m.messages_duplicate.inc_by(self.duplicates);
@@ -142,8 +161,16 @@ pub struct DeadLettered<'a> {
 }
 impl DeadLettered<'_> {
     pub fn emit(self) {
-        tracing::warn!(topic = self.topic, reason = self.reason, error = self.error, "message dead-lettered");
-        metrics().messages_dead_lettered.with_label_values(&[self.reason]).inc();
+        tracing::warn!(
+            topic = self.topic,
+            reason = self.reason,
+            error = self.error,
+            "message dead-lettered"
+        );
+        metrics()
+            .messages_dead_lettered
+            .with_label_values(&[self.reason])
+            .inc();
     }
 }
 
@@ -175,7 +202,10 @@ pub struct PendingOverflow {
 }
 impl PendingOverflow {
     pub fn emit(self) {
-        tracing::warn!(max_pending = self.max_pending, "MAX_PENDING reached: pausing intake, messages stay queued at the broker");
+        tracing::warn!(
+            max_pending = self.max_pending,
+            "MAX_PENDING reached: pausing intake, messages stay queued at the broker"
+        );
         metrics().messages_overflow.inc();
     }
 }

@@ -96,7 +96,9 @@ impl Metrics {
             build_info: reg(&r, IntGaugeVec::new(Opts::new("leasehold_build_info", "Build information"), &["version"])?),
             registry: r,
         };
-        m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         m.lease_seconds_since_renew.set(-1.0);
         m.data_age.set(-1.0);
         Ok(m)
@@ -138,12 +140,17 @@ pub fn metrics() -> &'static Metrics {
 /// Installs the global subscriber. `json` for machines (systemd, Loki), `pretty` for people.
 pub fn init_logging(json: bool, level: &str) -> Result<(), String> {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_new(level).map_err(|e| format!("invalid LOG_LEVEL={level:?}: {e}"))?;
+    let filter =
+        EnvFilter::try_new(level).map_err(|e| format!("invalid LOG_LEVEL={level:?}: {e}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     let res = if json {
-        builder.json().flatten_event(true).with_current_span(false).try_init()
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init()
     } else {
         builder.with_target(false).try_init()
     };
@@ -156,18 +163,32 @@ mod tests {
     fn every_spec_metric_is_exported() {
         let m = super::metrics();
         m.lease_transitions.with_label_values(&["leader"]).inc();
-        m.messages_dead_lettered.with_label_values(&["not_json"]).inc();
+        m.messages_dead_lettered
+            .with_label_values(&["not_json"])
+            .inc();
         m.write_errors.with_label_values(&["db"]).inc();
         let text = m.encode();
         for name in [
-            "leasehold_lease_is_leader", "leasehold_lease_epoch", "leasehold_lease_transitions_total",
-            "leasehold_lease_renew_duration_seconds", "leasehold_lease_seconds_since_renew",
-            "leasehold_mqtt_connected", "leasehold_mqtt_reconnects_total", "leasehold_mqtt_subscribed_topics",
-            "leasehold_messages_received_total", "leasehold_messages_written_total",
-            "leasehold_messages_duplicate_total", "leasehold_messages_dead_lettered_total",
-            "leasehold_messages_pending", "leasehold_batch_rows", "leasehold_batch_write_duration_seconds",
-            "leasehold_write_errors_total", "leasehold_ingest_latency_seconds", "leasehold_data_age_seconds",
-            "leasehold_cluster_nodes_alive", "leasehold_build_info",
+            "leasehold_lease_is_leader",
+            "leasehold_lease_epoch",
+            "leasehold_lease_transitions_total",
+            "leasehold_lease_renew_duration_seconds",
+            "leasehold_lease_seconds_since_renew",
+            "leasehold_mqtt_connected",
+            "leasehold_mqtt_reconnects_total",
+            "leasehold_mqtt_subscribed_topics",
+            "leasehold_messages_received_total",
+            "leasehold_messages_written_total",
+            "leasehold_messages_duplicate_total",
+            "leasehold_messages_dead_lettered_total",
+            "leasehold_messages_pending",
+            "leasehold_batch_rows",
+            "leasehold_batch_write_duration_seconds",
+            "leasehold_write_errors_total",
+            "leasehold_ingest_latency_seconds",
+            "leasehold_data_age_seconds",
+            "leasehold_cluster_nodes_alive",
+            "leasehold_build_info",
         ] {
             assert!(text.contains(&format!("# TYPE {name} ")), "missing {name}");
         }

@@ -48,7 +48,8 @@ fn server_user() -> Option<(u32, u32)> {
 
 fn chown_dir(path: &Path, user: Option<(u32, u32)>) -> Result<()> {
     if let Some((u, g)) = user {
-        std::os::unix::fs::chown(path, Some(u), Some(g)).with_context(|| format!("chown {}", path.display()))?;
+        std::os::unix::fs::chown(path, Some(u), Some(g))
+            .with_context(|| format!("chown {}", path.display()))?;
     }
     Ok(())
 }
@@ -77,6 +78,37 @@ fn wait_child(child: &mut Child, timeout: Duration) -> bool {
     false
 }
 
+/// A server's folder: temporary (removed on drop) or a fixed project folder (the demo).
+pub enum Dir {
+    Temp(tempfile::TempDir),
+    Fixed(PathBuf),
+}
+
+impl Dir {
+    pub fn temp(prefix: &str) -> Result<Dir> {
+        Ok(Dir::Temp(
+            tempfile::Builder::new().prefix(prefix).tempdir()?,
+        ))
+    }
+
+    /// A fixed folder, emptied first.
+    pub fn fixed(path: PathBuf) -> Result<Dir> {
+        if path.exists() {
+            std::fs::remove_dir_all(&path)
+                .with_context(|| format!("clearing {}", path.display()))?;
+        }
+        std::fs::create_dir_all(&path)?;
+        Ok(Dir::Fixed(path))
+    }
+
+    pub fn path(&self) -> &Path {
+        match self {
+            Dir::Temp(t) => t.path(),
+            Dir::Fixed(p) => p,
+        }
+    }
+}
+
 /// Where the PostgreSQL server binaries are (`PG_BIN` overrides).
 pub fn pg_bin() -> Result<PathBuf> {
     if let Ok(p) = std::env::var("PG_BIN") {
@@ -88,7 +120,9 @@ pub fn pg_bin() -> Result<PathBuf> {
         .filter(|p| p.join("postgres").exists())
         .collect();
     found.sort();
-    found.pop().context("no PostgreSQL version with a postgres binary under /usr/lib/postgresql")
+    found
+        .pop()
+        .context("no PostgreSQL version with a postgres binary under /usr/lib/postgresql")
 }
 
 /// Polls `f` every 50 ms until it returns true; fails with `what` after `timeout`.
@@ -107,7 +141,9 @@ where
         }
         if start.elapsed() > timeout {
             match last_err {
-                Some(e) => bail!("timed out after {timeout:?} waiting for {what} (last error: {e:#})"),
+                Some(e) => {
+                    bail!("timed out after {timeout:?} waiting for {what} (last error: {e:#})")
+                }
                 None => bail!("timed out after {timeout:?} waiting for {what}"),
             }
         }
@@ -117,7 +153,7 @@ where
 
 /// A private PostgreSQL server.
 pub struct Postgres {
-    dir: tempfile::TempDir,
+    dir: Dir,
     pub port: u16,
     child: Option<Child>,
     user: Option<(u32, u32)>,
@@ -127,24 +163,34 @@ pub struct Postgres {
 impl Postgres {
     /// initdb + start; tuned for tests (fsync off), which do not crash the OS.
     pub async fn start() -> Result<Self> {
-        Self::start_in(tempfile::Builder::new().prefix("leasehold-pg-").tempdir()?, false).await
+        Self::start_in(Dir::temp("leasehold-pg-")?, false).await
     }
 
-    /// Start with durable settings (benchmarks, the demo).
-    pub async fn start_durable(dir: tempfile::TempDir) -> Result<Self> {
+    /// Start in `dir` with durable settings (benchmarks, the demo).
+    pub async fn start_durable(dir: Dir) -> Result<Self> {
         Self::start_in(dir, true).await
     }
 
-    async fn start_in(dir: tempfile::TempDir, durable: bool) -> Result<Self> {
+    async fn start_in(dir: Dir, durable: bool) -> Result<Self> {
         let user = server_user();
         let bin = pg_bin()?;
         chown_dir(dir.path(), user)?;
         let data = dir.path().join("data");
         let mut cmd = Command::new(bin.join("initdb"));
-        cmd.args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "--no-sync", "-D"])
-            .arg(&data)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        cmd.args([
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+            "-D",
+        ])
+        .arg(&data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
         as_user(&mut cmd, user);
         let out = cmd.output().context("running initdb")?;
         if !out.status.success() {
@@ -182,19 +228,28 @@ impl Postgres {
         as_user(&mut cmd, self.user);
         self.child = Some(cmd.spawn().context("starting postgres")?);
         let url = self.url();
-        eventually(Duration::from_secs(30), "postgres to accept connections", || {
-            let url = url.clone();
-            async move {
-                Ok(tokio_postgres::connect(&url, tokio_postgres::NoTls).await.is_ok())
-            }
-        })
+        eventually(
+            Duration::from_secs(30),
+            "postgres to accept connections",
+            || {
+                let url = url.clone();
+                async move {
+                    Ok(tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                        .await
+                        .is_ok())
+                }
+            },
+        )
         .await
         .with_context(|| format!("postgres log:\n{}", self.log()))?;
         Ok(())
     }
 
     pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres?connect_timeout=5", self.port)
+        format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?connect_timeout=5",
+            self.port
+        )
     }
 
     pub fn log(&self) -> String {
@@ -245,7 +300,7 @@ pub fn deploy_mosquitto_conf() -> PathBuf {
 
 /// A private Mosquitto using `deploy/mosquitto/mosquitto.conf` with its own port and folder.
 pub struct Mosquitto {
-    dir: tempfile::TempDir,
+    dir: Dir,
     pub port: u16,
     child: Option<Child>,
     user: Option<(u32, u32)>,
@@ -253,20 +308,24 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub async fn start() -> Result<Self> {
-        Self::start_with(tempfile::Builder::new().prefix("leasehold-mqtt-").tempdir()?, "").await
+        Self::start_with(Dir::temp("leasehold-mqtt-")?, "").await
     }
 
     /// Start in `dir`, appending `extra` configuration lines.
-    pub async fn start_with(dir: tempfile::TempDir, extra: &str) -> Result<Self> {
+    pub async fn start_with(dir: Dir, extra: &str) -> Result<Self> {
         let user = server_user();
         chown_dir(dir.path(), user)?;
-        let base = std::fs::read_to_string(deploy_mosquitto_conf()).context("reading deploy/mosquitto/mosquitto.conf")?;
+        let base = std::fs::read_to_string(deploy_mosquitto_conf())
+            .context("reading deploy/mosquitto/mosquitto.conf")?;
         let port = free_port()?;
         let mut conf: String = base
             .lines()
             .filter(|l| {
                 let k = l.split_whitespace().next().unwrap_or("");
-                !matches!(k, "listener" | "persistence_location" | "log_dest" | "pid_file" | "user")
+                !matches!(
+                    k,
+                    "listener" | "persistence_location" | "log_dest" | "pid_file" | "user"
+                )
             })
             .map(|l| format!("{l}\n"))
             .collect();
@@ -299,11 +358,20 @@ impl Mosquitto {
             .stdout(Stdio::null())
             .stderr(err);
         as_user(&mut cmd, self.user);
-        self.child = Some(cmd.spawn().context("starting mosquitto (apt-get install -y mosquitto)")?);
+        self.child = Some(
+            cmd.spawn()
+                .context("starting mosquitto (apt-get install -y mosquitto)")?,
+        );
         let port = self.port;
-        eventually(Duration::from_secs(15), "mosquitto to listen", || async move {
-            Ok(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok())
-        })
+        eventually(
+            Duration::from_secs(15),
+            "mosquitto to listen",
+            || async move {
+                Ok(tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok())
+            },
+        )
         .await
         .with_context(|| format!("mosquitto log:\n{}", self.log()))?;
         Ok(())
@@ -375,7 +443,9 @@ impl NodeProc {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().with_context(|| format!("spawning {}", bin.display()))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {}", bin.display()))?;
         Ok(NodeProc {
             name: name.to_string(),
             child,
@@ -438,7 +508,11 @@ impl Drop for NodeProc {
 /// A minimal HTTP/1.1 GET or POST on loopback: (status, body).
 pub async fn http(port: u16, method: &str, path: &str) -> Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(("127.0.0.1", port))).await??;
+    let mut s = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect(("127.0.0.1", port)),
+    )
+    .await??;
     let req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
     s.write_all(req.as_bytes()).await?;
     let mut buf = Vec::new();
@@ -449,16 +523,17 @@ pub async fn http(port: u16, method: &str, path: &str) -> Result<(u16, String)> 
         .nth(1)
         .and_then(|c| c.parse().ok())
         .context("no HTTP status line")?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
 /// The value of an unlabelled metric in a Prometheus text exposition.
 pub fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            (k == name).then(|| v.parse().ok()).flatten()
-        })
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (k, v) = l.rsplit_once(' ')?;
+        (k == name).then(|| v.parse().ok()).flatten()
+    })
 }

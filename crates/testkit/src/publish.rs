@@ -51,7 +51,10 @@ pub async fn publish_all(port: u16, msgs: Vec<(String, Vec<u8>)>) -> Result<()> 
     while acked.load(Ordering::SeqCst) < n {
         if start.elapsed() > Duration::from_secs(30) {
             poll.abort();
-            bail!("broker acknowledged only {} of {n}", acked.load(Ordering::SeqCst));
+            bail!(
+                "broker acknowledged only {} of {n}",
+                acked.load(Ordering::SeqCst)
+            );
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -116,7 +119,10 @@ impl Stream {
             while acked.load(Ordering::SeqCst) < seq {
                 if wait.elapsed() > Duration::from_secs(30) {
                     poll.abort();
-                    bail!("broker acknowledged only {} of {seq}", acked.load(Ordering::SeqCst));
+                    bail!(
+                        "broker acknowledged only {} of {seq}",
+                        acked.load(Ordering::SeqCst)
+                    );
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }

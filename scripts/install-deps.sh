@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what the demo and the tests need and is missing: Mosquitto (Debian's packages) and the
+# PostgreSQL server binaries. Idempotent; prints what it does.
+set -euo pipefail
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+  if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
+    echo "install-deps: not root and no sudo; install mosquitto and postgresql yourself" >&2
+  fi
+fi
+
+need=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto mosquitto-clients)
+if [ -z "${PG_BIN:-}" ] && ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
+  need+=(postgresql)
+fi
+
+if [ ${#need[@]} -gt 0 ]; then
+  echo "install-deps: installing ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  if ! $SUDO apt-get install -y --no-install-recommends "${need[@]}"; then
+    $SUDO apt-get update
+    $SUDO apt-get install -y --no-install-recommends "${need[@]}"
+  fi
+fi
+# Debian starts a system-wide broker on install where systemd runs; the project uses its own.
+command -v mosquitto >/dev/null 2>&1 || export PATH="$PATH:/usr/sbin"
+command -v cargo >/dev/null 2>&1 || { echo "install-deps: cargo (Rust) is required: https://rustup.rs" >&2; exit 1; }
+echo "install-deps: ok ($(mosquitto -h 2>/dev/null | head -1 || echo mosquitto), postgres in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | tail -1))"
