@@ -10,7 +10,7 @@ deps:
 	@./scripts/install-deps.sh
 
 build:
-	cargo build --release --bin leasehold --bin leasehold-demo
+	cargo build --release -p leasehold -p leasehold-testkit --bins
 
 demo: deps build
 	LEASEHOLD_BIN=target/release/leasehold ./target/release/leasehold-demo

@@ -27,4 +27,4 @@ fi
 # Debian starts a system-wide broker on install where systemd runs; the project uses its own.
 command -v mosquitto >/dev/null 2>&1 || export PATH="$PATH:/usr/sbin"
 command -v cargo >/dev/null 2>&1 || { echo "install-deps: cargo (Rust) is required: https://rustup.rs" >&2; exit 1; }
-echo "install-deps: ok ($(mosquitto -h 2>/dev/null | head -1 || echo mosquitto), postgres in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | tail -1))"
+echo "install-deps: ok ($( { mosquitto -h 2>/dev/null || true; } | head -1), postgres in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | tail -1))"
