@@ -321,3 +321,75 @@ async fn development_mode_observes_without_writing_or_leading() {
     .await;
     check(&c, res);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_demotion_that_hangs_is_ended_by_the_watchdog_before_the_ttl() {
+    let mut c = Cluster::start().await.expect("servers");
+    let res = async {
+        c.spawn_with(
+            "hangs",
+            &[("LEASEHOLD_TEST_HANG_DEMOTION", "1".to_string())],
+        )?;
+        let (_, epoch) = c.wait_leader().await?;
+        // Another holder takes the lease: the next renewal demotes, and demotion hangs.
+        let db = c.pg.client().await?;
+        db.execute(
+            "UPDATE instance_lock SET holder_id = 'thief', instance_id = 'thief', epoch = epoch + 1,
+                 expires_at = now() + interval '1 minute'",
+            &[],
+        )
+        .await?;
+        let stolen = Instant::now();
+        let status = c.node_mut("hangs").wait_exit(TTL * 3).await?;
+        let took = stolen.elapsed();
+        println!("watchdog ended the process {took:?} after the lease was taken (epoch {epoch})");
+        ensure!(status.code() == Some(70), "exit status {status}");
+        // Renewal within 1 s reveals the loss; the watchdog fires at most TTL/6 after the deadline.
+        ensure!(
+            took < TTL + Duration::from_secs(1),
+            "watchdog took {took:?}"
+        );
+        ensure!(
+            c.node("hangs").log().contains("watchdog"),
+            "no watchdog log line"
+        );
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disabled_mode_serves_health_without_mqtt_or_the_lease() {
+    let mut c = Cluster::start().await.expect("servers");
+    let res = async {
+        c.spawn_with(
+            "ops",
+            &[
+                ("MQTT_MODE", "disabled".to_string()),
+                ("MQTT_URL", "mqtt://127.0.0.1:1".to_string()),
+            ],
+        )?;
+        let port = c.node("ops").http_port;
+        eventually(Duration::from_secs(15), "healthy", || async {
+            Ok(http(port, "GET", "/health").await?.0 == 200)
+        })
+        .await?;
+        let (_, body) = http(port, "GET", "/health").await?;
+        ensure!(body.contains("\"role\":\"disabled\""), "{body}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        ensure!(
+            c.count("SELECT count(*) FROM instance_lock").await? == 0,
+            "disabled node took the lease"
+        );
+        ensure!(
+            c.count("SELECT count(*) FROM cluster_nodes WHERE mode = 'disabled'")
+                .await?
+                == 1,
+            "no heartbeat"
+        );
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}

@@ -328,3 +328,64 @@ fn bad_configuration_stops_start_up_with_one_line_naming_the_setting() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_credentials_are_used_and_wrong_ones_are_reported() {
+    use leasehold_testkit::{Dir, Mosquitto, Postgres};
+    let dir = Dir::temp("leasehold-mqtt-auth-").expect("dir");
+    let pw = dir.path().join("passwd");
+    let ok = std::process::Command::new("mosquitto_passwd")
+        .args(["-b", "-c"])
+        .arg(&pw)
+        .args(["ingest", "s3cret-pw"])
+        .status()
+        .expect("mosquitto_passwd (mosquitto package)");
+    assert!(ok.success());
+    // Readable by the unprivileged broker user.
+    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .expect("chmod");
+    let extra = format!("allow_anonymous false\npassword_file {}\n", pw.display());
+    let mq = Mosquitto::start_with(dir, &extra).await.expect("broker");
+    let pg = Postgres::start().await.expect("postgres");
+    let mut c = Cluster {
+        pg,
+        mq,
+        logs: tempfile::tempdir().expect("logs"),
+        nodes: Vec::new(),
+        extra_env: Vec::new(),
+    };
+    let res = async {
+        let good = format!("mqtt://ingest:s3cret-pw@127.0.0.1:{}", c.mq.port);
+        c.spawn_with("authed", &[("MQTT_URL", good)])?;
+        c.wait_leader().await?;
+        ensure!(
+            !c.node("authed").log().contains("s3cret-pw"),
+            "password in the log"
+        );
+        c.node("authed").signal(libc::SIGTERM);
+        c.node_mut("authed")
+            .wait_exit(Duration::from_secs(10))
+            .await?;
+        let bad = format!("mqtt://ingest:wrong@127.0.0.1:{}", c.mq.port);
+        c.spawn_with("refused", &[("MQTT_URL", bad)])?;
+        let port = c.node("refused").http_port;
+        eventually(
+            Duration::from_secs(15),
+            "a refused connection logged",
+            || async {
+                Ok(c.node("refused")
+                    .log()
+                    .contains("connection refused by broker"))
+            },
+        )
+        .await?;
+        let (code, _) = http(port, "GET", "/health").await?;
+        ensure!(
+            code == 503,
+            "a leader that cannot reach the broker must not be healthy (got {code})"
+        );
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}

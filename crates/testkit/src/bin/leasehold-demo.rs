@@ -56,19 +56,25 @@ async fn main() -> Result<()> {
     // Start publishing once a leader holds the shared session, so the broker queues every message.
     eprintln!("demo: waiting for a leader connected to the broker");
     let ports: Vec<u16> = nodes.iter().map(|n| n.http_port).collect();
-    leasehold_testkit::eventually(Duration::from_secs(60), "a leader connected to the broker", || {
-        let ports = ports.clone();
-        async move {
-            for p in ports {
-                if let Ok((200, m)) = http(p, "GET", "/metrics").await {
-                    if metric(&m, "leasehold_lease_is_leader") == Some(1.0) && metric(&m, "leasehold_mqtt_connected") == Some(1.0) {
-                        return Ok(true);
+    leasehold_testkit::eventually(
+        Duration::from_secs(60),
+        "a leader connected to the broker",
+        || {
+            let ports = ports.clone();
+            async move {
+                for p in ports {
+                    if let Ok((200, m)) = http(p, "GET", "/metrics").await {
+                        if metric(&m, "leasehold_lease_is_leader") == Some(1.0)
+                            && metric(&m, "leasehold_mqtt_connected") == Some(1.0)
+                        {
+                            return Ok(true);
+                        }
                     }
                 }
+                Ok(false)
             }
-            Ok(false)
-        }
-    })
+        },
+    )
     .await?;
     let sim_log = std::fs::File::create(logs.join("simulator.log"))?;
     let mut sim = tokio::process::Command::new(&bin)
