@@ -21,6 +21,16 @@ async fn written_by(c: &Cluster, node: &str) -> Result<i64> {
         .get(0))
 }
 
+/// Starts numbered publishing for `run` and waits until `leader` has written `rows` rows.
+async fn stream_until_written(c: &Cluster, run: &str, leader: &str, rows: i64) -> Result<Stream> {
+    let stream = Stream::start(c.mq.port, run, 5, 200);
+    eventually(Duration::from_secs(10), "the leader writing", || async {
+        Ok(written_by(c, leader).await? > rows)
+    })
+    .await?;
+    Ok(stream)
+}
+
 async fn other_of(c: &Cluster, leader: &str) -> String {
     c.nodes
         .iter()
@@ -104,11 +114,7 @@ async fn sigkill_of_the_leader_fails_over_within_ttl_plus_poll_and_loses_nothing
         c.spawn("node-b")?;
         let (leader, _) = c.wait_leader().await?;
         let standby = other_of(&c, &leader).await;
-        let stream = Stream::start(c.mq.port, "kill9", 5, 200);
-        eventually(Duration::from_secs(10), "the leader writing", || async {
-            Ok(written_by(&c, &leader).await? > 50)
-        })
-        .await?;
+        let stream = stream_until_written(&c, "kill9", &leader, 50).await?;
         let killed = Instant::now();
         c.node_mut(&leader).kill9();
         eventually(Duration::from_secs(15), "the standby writing", || async {
@@ -139,11 +145,7 @@ async fn sigstopped_leader_is_fenced_and_does_not_fight_for_the_client_id() {
         c.spawn("node-b")?;
         let (leader, old_epoch) = c.wait_leader().await?;
         let standby = other_of(&c, &leader).await;
-        let stream = Stream::start(c.mq.port, "sigstop", 5, 200);
-        eventually(Duration::from_secs(10), "the leader writing", || async {
-            Ok(written_by(&c, &leader).await? > 50)
-        })
-        .await?;
+        let stream = stream_until_written(&c, "sigstop", &leader, 50).await?;
         c.node(&leader).signal(libc::SIGSTOP);
         eventually(Duration::from_secs(15), "the standby writing", || async {
             Ok(written_by(&c, &standby).await? > 0)
@@ -208,11 +210,7 @@ async fn sigterm_hands_over_within_a_second_and_loses_nothing() {
         c.spawn("node-b")?;
         let (leader, _) = c.wait_leader().await?;
         let standby = other_of(&c, &leader).await;
-        let stream = Stream::start(c.mq.port, "sigterm", 5, 200);
-        eventually(Duration::from_secs(10), "the leader writing", || async {
-            Ok(written_by(&c, &leader).await? > 50)
-        })
-        .await?;
+        let stream = stream_until_written(&c, "sigterm", &leader, 50).await?;
         let sent = Instant::now();
         c.node(&leader).signal(libc::SIGTERM);
         eventually(Duration::from_secs(10), "the standby writing", || async {
@@ -246,11 +244,7 @@ async fn step_down_command_moves_leadership_without_loss() {
         c.spawn("node-a")?;
         c.spawn("node-b")?;
         let (leader, epoch) = c.wait_leader().await?;
-        let stream = Stream::start(c.mq.port, "step-down", 5, 200);
-        eventually(Duration::from_secs(10), "the leader writing", || async {
-            Ok(written_by(&c, &leader).await? > 20)
-        })
-        .await?;
+        let stream = stream_until_written(&c, "step-down", &leader, 20).await?;
         let out = tokio::process::Command::new(common::BIN)
             .args(["step-down", "--database-url", &c.pg.url()])
             .output()

@@ -76,6 +76,15 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, HttpError
         .map_err(|source| HttpError::Bind { addr, source })
 }
 
+/// 200 when working as required, 503 otherwise: what load balancers and orchestrators act on.
+fn code(ok: bool) -> StatusCode {
+    if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
 fn role_of(s: &HttpState) -> Role {
     s.lease.as_ref().map(|l| l.role()).unwrap_or(Role::Standby)
 }
@@ -166,12 +175,7 @@ async fn health(State(s): State<HttpState>) -> Response {
         "database": db,
         "newest_data_age_seconds": if age < 0.0 { Value::Null } else { json!(age) },
     });
-    let code = if problems.is_empty() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (code, Json(body)).into_response()
+    (code(problems.is_empty()), Json(body)).into_response()
 }
 
 async fn live(State(s): State<HttpState>) -> Response {
@@ -189,13 +193,8 @@ async fn live(State(s): State<HttpState>) -> Response {
 async fn ready(State(s): State<HttpState>) -> Response {
     let db = db_probe(&s).await;
     let ok = db["reachable"].as_bool().unwrap_or(false);
-    let code = if ok {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
     (
-        code,
+        code(ok),
         Json(json!({"ready": ok, "role": role_name(&s), "database": db})),
     )
         .into_response()
@@ -228,23 +227,13 @@ async fn mqtt(State(s): State<HttpState>) -> Response {
     let v = mqtt_view();
     let needs = s.observer || matches!(role_of(&s), Role::Leader { .. });
     let ok = !needs || v["connected"].as_bool().unwrap_or(false);
-    let code = if ok {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (code, Json(v)).into_response()
+    (code(ok), Json(v)).into_response()
 }
 
 async fn database(State(s): State<HttpState>) -> Response {
     let db = db_probe(&s).await;
     let ok = db["reachable"].as_bool().unwrap_or(false);
-    let code = if ok {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (code, Json(db)).into_response()
+    (code(ok), Json(db)).into_response()
 }
 
 async fn metrics_text() -> Response {

@@ -26,11 +26,8 @@ fn client(port: u16, id: &str) -> (AsyncClient, rumqttc::EventLoop) {
     AsyncClient::new(opts, 1000)
 }
 
-/// Publishes `msgs` (topic, payload) with QoS 1 and waits until the broker acknowledged all.
-pub async fn publish_all(port: u16, msgs: Vec<(String, Vec<u8>)>) -> Result<()> {
-    let id = format!("test-pub-{}", fastid());
-    let (c, mut el) = client(port, &id);
-    let n = msgs.len() as u64;
+/// Polls `el` in the background, counting the broker's PUBACKs.
+fn count_acks(mut el: rumqttc::EventLoop) -> (Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
     let acked = Arc::new(AtomicU64::new(0));
     let a = acked.clone();
     let poll = tokio::spawn(async move {
@@ -44,9 +41,11 @@ pub async fn publish_all(port: u16, msgs: Vec<(String, Vec<u8>)>) -> Result<()> 
             }
         }
     });
-    for (t, p) in msgs {
-        c.publish(t, QoS::AtLeastOnce, false, p).await?;
-    }
+    (acked, poll)
+}
+
+/// Waits (at most 30 s) until `n` messages were acknowledged, then stops the poller.
+async fn await_acks(acked: &AtomicU64, poll: tokio::task::JoinHandle<()>, n: u64) -> Result<()> {
     let start = Instant::now();
     while acked.load(Ordering::SeqCst) < n {
         if start.elapsed() > Duration::from_secs(30) {
@@ -60,6 +59,18 @@ pub async fn publish_all(port: u16, msgs: Vec<(String, Vec<u8>)>) -> Result<()> 
     }
     poll.abort();
     Ok(())
+}
+
+/// Publishes `msgs` (topic, payload) with QoS 1 and waits until the broker acknowledged all.
+pub async fn publish_all(port: u16, msgs: Vec<(String, Vec<u8>)>) -> Result<()> {
+    let id = format!("test-pub-{}", fastid());
+    let (c, el) = client(port, &id);
+    let n = msgs.len() as u64;
+    let (acked, poll) = count_acks(el);
+    for (t, p) in msgs {
+        c.publish(t, QoS::AtLeastOnce, false, p).await?;
+    }
+    await_acks(&acked, poll, n).await
 }
 
 fn fastid() -> String {
@@ -84,20 +95,8 @@ impl Stream {
         let s = stop.clone();
         let run_s = run.to_string();
         let task = tokio::spawn(async move {
-            let (c, mut el) = client(port, &format!("test-stream-{}", fastid()));
-            let acked = Arc::new(AtomicU64::new(0));
-            let a = acked.clone();
-            let poll = tokio::spawn(async move {
-                loop {
-                    match el.poll().await {
-                        Ok(Event::Incoming(Packet::PubAck(_))) => {
-                            a.fetch_add(1, Ordering::SeqCst);
-                        }
-                        Ok(_) => {}
-                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                    }
-                }
-            });
+            let (c, el) = client(port, &format!("test-stream-{}", fastid()));
+            let (acked, poll) = count_acks(el);
             let start = Instant::now();
             let mut seq = 0u64;
             while !s.load(Ordering::SeqCst) {
@@ -115,18 +114,7 @@ impl Stream {
                 .await?;
                 seq += 1;
             }
-            let wait = Instant::now();
-            while acked.load(Ordering::SeqCst) < seq {
-                if wait.elapsed() > Duration::from_secs(30) {
-                    poll.abort();
-                    bail!(
-                        "broker acknowledged only {} of {seq}",
-                        acked.load(Ordering::SeqCst)
-                    );
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            poll.abort();
+            await_acks(&acked, poll, seq).await?;
             Ok(seq)
         });
         Stream {
