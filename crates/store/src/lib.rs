@@ -12,7 +12,7 @@ pub mod queries;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio_postgres::{types::Type, Client, NoTls, Statement};
+use tokio_postgres::{Client, NoTls, Statement};
 
 pub use deadpool_postgres::Pool;
 pub use tokio_postgres;
@@ -209,48 +209,55 @@ pub struct BatchOutcome {
     pub dead_lettered: u64,
 }
 
-const FENCE_SQL: &str = "SELECT 1 FROM instance_lock \
-     WHERE service_name = $1 AND holder_id = $2 AND epoch = $3 AND expires_at > clock_timestamp() \
-     FOR SHARE";
-
-const INSERT_SQL: &str = "INSERT INTO telemetry \
-     (device_id, ts, payload, topic, received_at, written_by, lease_epoch, content_hash) \
-     SELECT d, t, p::jsonb, tp, r, $7, $8, h \
-     FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::timestamptz[], $6::text[]) \
-          AS u(d, t, p, tp, r, h) \
-     ON CONFLICT DO NOTHING";
-
-const DEAD_SQL: &str = "INSERT INTO dead_letters \
-     (topic, payload, error, received_at, written_by, lease_epoch, content_hash) \
-     SELECT tp, p, e, r, $6, $7, h \
-     FROM unnest($1::text[], $2::bytea[], $3::text[], $4::timestamptz[], $5::text[]) AS u(tp, p, e, r, h) \
-     ON CONFLICT DO NOTHING";
-
-/// Writes batches on one connection with statements prepared once.
+/// The whole batch in ONE statement (one round trip, one implicit transaction):
 ///
-/// Every batch is a single transaction: fencing check (`FOR SHARE` on the lease row, so a takeover
-/// waits for this transaction and this transaction cannot start after a takeover), then one
-/// `unnest` insert per table. Parameter count is fixed (8), whatever the batch size.
+/// 1. `fence` locks the lease row `FOR SHARE` if, and only if, this holder still holds it at this
+///    epoch and it has not expired on the database clock. A concurrent takeover (an `UPDATE` of
+///    that row) waits for this statement to finish, and this statement waits for a takeover in
+///    progress and then re-checks the new row version: a stale writer commits before a takeover or
+///    not at all.
+/// 2. Both inserts are conditional on the fence (`WHERE EXISTS`), `ON CONFLICT DO NOTHING` (no
+///    target: the primary key and the content-hash key both count), from `unnest` arrays, so the
+///    parameter count is fixed (15) whatever the batch size.
+///
+/// One statement rather than BEGIN / check / insert / COMMIT keeps the share lock only for the
+/// server-side execution time: on a slow network a multi-round-trip transaction would hold it
+/// across round trips and starve the leader's own renewals.
+pub const BATCH_SQL: &str = "WITH fence AS (
+        SELECT 1 FROM instance_lock
+        WHERE service_name = $1 AND holder_id = $2 AND epoch = $3 AND expires_at > clock_timestamp()
+        FOR SHARE),
+    rows AS (
+        INSERT INTO telemetry (device_id, ts, payload, topic, received_at, written_by, lease_epoch, content_hash)
+        SELECT d, t, p::jsonb, tp, r, $4, $3, h
+        FROM unnest($5::text[], $6::timestamptz[], $7::text[], $8::text[], $9::timestamptz[], $10::text[])
+             AS u(d, t, p, tp, r, h)
+        WHERE EXISTS (SELECT 1 FROM fence)
+        ON CONFLICT DO NOTHING
+        RETURNING 1),
+    dead AS (
+        INSERT INTO dead_letters (topic, payload, error, received_at, written_by, lease_epoch, content_hash)
+        SELECT tp, p, e, r, $4, $3, h
+        FROM unnest($11::text[], $12::bytea[], $13::text[], $14::timestamptz[], $15::text[])
+             AS u(tp, p, e, r, h)
+        WHERE EXISTS (SELECT 1 FROM fence)
+        ON CONFLICT DO NOTHING
+        RETURNING 1)
+    SELECT (SELECT count(*) FROM fence), (SELECT count(*) FROM rows), (SELECT count(*) FROM dead)";
+
+/// Writes batches on one connection with the statement prepared once. See [`BATCH_SQL`].
 pub struct BatchWriter {
     client: Client,
-    fence: Statement,
-    insert: Statement,
-    dead: Statement,
+    stmt: Statement,
     written_by: String,
 }
 
 impl BatchWriter {
     pub async fn new(client: Client, written_by: String) -> Result<Self> {
-        let fence = client
-            .prepare_typed(FENCE_SQL, &[Type::TEXT, Type::TEXT, Type::INT8])
-            .await?;
-        let insert = client.prepare(INSERT_SQL).await?;
-        let dead = client.prepare(DEAD_SQL).await?;
+        let stmt = client.prepare(BATCH_SQL).await?;
         Ok(BatchWriter {
             client,
-            fence,
-            insert,
-            dead,
+            stmt,
             written_by,
         })
     }
@@ -260,65 +267,68 @@ impl BatchWriter {
         self.client.is_closed()
     }
 
+    /// Commits `rows` and `dead` if the fence holds; [`StoreError::Fenced`] (nothing written)
+    /// otherwise.
     pub async fn write(
         &mut self,
         fence: &Fence,
         rows: &[Row],
         dead: &[DeadLetter],
     ) -> Result<BatchOutcome> {
-        let tx = self.client.transaction().await?;
-        let held = tx
-            .query_opt(
-                &self.fence,
-                &[&fence.lease_name, &fence.holder_id, &fence.epoch],
+        let mut d = Vec::with_capacity(rows.len());
+        let mut t = Vec::with_capacity(rows.len());
+        let mut p = Vec::with_capacity(rows.len());
+        let mut tp = Vec::with_capacity(rows.len());
+        let mut r = Vec::with_capacity(rows.len());
+        let mut h = Vec::with_capacity(rows.len());
+        for row in rows {
+            d.push(row.reading.device_id.as_str());
+            t.push(row.reading.ts);
+            p.push(row.reading.payload.as_str());
+            tp.push(row.topic.as_str());
+            r.push(row.received_at);
+            h.push(row.reading.content_hash.as_deref());
+        }
+        let dtp: Vec<&str> = dead.iter().map(|x| x.topic.as_str()).collect();
+        let dp: Vec<&[u8]> = dead.iter().map(|x| x.payload.as_slice()).collect();
+        let de: Vec<&str> = dead.iter().map(|x| x.error.as_str()).collect();
+        let dr: Vec<DateTime<Utc>> = dead.iter().map(|x| x.received_at).collect();
+        let dh: Vec<String> = dead
+            .iter()
+            .map(|x| leasehold_decode::content_hash(&x.topic, &x.payload))
+            .collect();
+        let row = self
+            .client
+            .query_one(
+                &self.stmt,
+                &[
+                    &fence.lease_name,
+                    &fence.holder_id,
+                    &fence.epoch,
+                    &self.written_by,
+                    &d,
+                    &t,
+                    &p,
+                    &tp,
+                    &r,
+                    &h,
+                    &dtp,
+                    &dp,
+                    &de,
+                    &dr,
+                    &dh,
+                ],
             )
             .await?;
-        if held.is_none() {
-            // Dropping the transaction rolls it back.
+        let (held, inserted, dead_lettered): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+        if held == 0 {
             return Err(StoreError::Fenced { epoch: fence.epoch });
         }
-        let mut out = BatchOutcome::default();
-        if !rows.is_empty() {
-            let mut d = Vec::with_capacity(rows.len());
-            let mut t = Vec::with_capacity(rows.len());
-            let mut p = Vec::with_capacity(rows.len());
-            let mut tp = Vec::with_capacity(rows.len());
-            let mut r = Vec::with_capacity(rows.len());
-            let mut h = Vec::with_capacity(rows.len());
-            for row in rows {
-                d.push(row.reading.device_id.as_str());
-                t.push(row.reading.ts);
-                p.push(row.reading.payload.as_str());
-                tp.push(row.topic.as_str());
-                r.push(row.received_at);
-                h.push(row.reading.content_hash.as_deref());
-            }
-            out.inserted = tx
-                .execute(
-                    &self.insert,
-                    &[&d, &t, &p, &tp, &r, &h, &self.written_by, &fence.epoch],
-                )
-                .await?;
-            out.duplicates = rows.len() as u64 - out.inserted;
-        }
-        if !dead.is_empty() {
-            let tp: Vec<&str> = dead.iter().map(|x| x.topic.as_str()).collect();
-            let p: Vec<&[u8]> = dead.iter().map(|x| x.payload.as_slice()).collect();
-            let e: Vec<&str> = dead.iter().map(|x| x.error.as_str()).collect();
-            let r: Vec<DateTime<Utc>> = dead.iter().map(|x| x.received_at).collect();
-            let h: Vec<String> = dead
-                .iter()
-                .map(|x| leasehold_decode::content_hash(&x.topic, &x.payload))
-                .collect();
-            out.dead_lettered = tx
-                .execute(
-                    &self.dead,
-                    &[&tp, &p, &e, &r, &h, &self.written_by, &fence.epoch],
-                )
-                .await?;
-            out.duplicates += dead.len() as u64 - out.dead_lettered;
-        }
-        tx.commit().await?;
-        Ok(out)
+        let (inserted, dead_lettered) = (inserted as u64, dead_lettered as u64);
+        Ok(BatchOutcome {
+            inserted,
+            duplicates: (rows.len() as u64 - inserted) + (dead.len() as u64 - dead_lettered),
+            dead_lettered,
+        })
     }
 }
