@@ -31,6 +31,7 @@ pub const KEYS: &[&str] = &[
     "MQTT_TOPICS",
     "MQTT_KEEP_ALIVE",
     "MQTT_RECONNECT_MAX",
+    "MQTT_STEP_DOWN_AFTER",
     "DEVICE_TOPIC_PATTERN",
     "LEASE_NAME",
     "LEASE_TTL",
@@ -312,6 +313,8 @@ pub struct Config {
     pub mqtt_topics: Vec<String>,
     pub mqtt_keep_alive: Duration,
     pub mqtt_reconnect_max: Duration,
+    /// A leader that cannot reach the broker this long hands over (zero: never).
+    pub mqtt_step_down_after: Duration,
     pub device_topic_pattern: String,
     pub lease_name: String,
     pub lease: LeaseTimings,
@@ -585,6 +588,11 @@ impl Config {
                 })
             })?,
             mqtt_reconnect_max: s.parse("MQTT_RECONNECT_MAX", Duration::from_secs(30), duration)?,
+            mqtt_step_down_after: s.parse(
+                "MQTT_STEP_DOWN_AFTER",
+                Duration::from_secs(20),
+                duration,
+            )?,
             device_topic_pattern,
             lease_name,
             lease,

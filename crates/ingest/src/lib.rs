@@ -142,9 +142,15 @@ pub struct MqttIngest {
     pending: Arc<Semaphore>,
     device_topics: watch::Receiver<Vec<String>>,
     may_connect: Arc<dyn Fn() -> bool + Send + Sync>,
+    connected: watch::Sender<bool>,
 }
 
 impl MqttIngest {
+    /// Whether the broker connection is up, for whoever must act when it stays down.
+    pub fn connected(&self) -> watch::Receiver<bool> {
+        self.connected.subscribe()
+    }
+
     /// Builds the session; messages are delivered on the returned receiver.
     pub fn new(
         cfg: IngestConfig,
@@ -184,6 +190,7 @@ impl MqttIngest {
                 pending,
                 device_topics,
                 may_connect,
+                connected: watch::Sender::new(false),
             },
             acker,
             rx,
@@ -274,6 +281,7 @@ impl MqttIngest {
                             g.connected = true;
                         }
                         connected_at = Some(Instant::now());
+                        self.connected.send_replace(true);
                         backoff = Duration::from_millis(100);
                         events::MqttConnected { broker: &broker, session_present: ack.session_present, reconnect }.emit();
                         if !self.cfg.clean_session && !ack.session_present && (reconnect || self.cfg.expect_session) {
@@ -327,6 +335,7 @@ impl MqttIngest {
         if let Ok(mut g) = self.gate.lock() {
             g.connected = false;
         }
+        self.connected.send_replace(false);
         metrics().mqtt_connected.set(0);
         metrics().mqtt_subscribed_topics.set(0);
         result
@@ -412,6 +421,7 @@ impl MqttIngest {
         self.eventloop
             .pending
             .retain(|r| !matches!(r, Request::PubAck(_) | Request::PubRec(_)));
+        self.connected.send_replace(false);
         metrics().mqtt_connected.set(0);
     }
 }

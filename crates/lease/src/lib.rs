@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 use leasehold_config::LeaseTimings;
 use leasehold_store::listener::Notice;
 use leasehold_store::queries::{CONTROL_CHANNEL, LEASE_CHANNEL};
-use leasehold_store::tokio_postgres::Client;
 use leasehold_telemetry::{events, metrics};
 use tokio::sync::{broadcast, watch, Notify};
 use tokio_util::sync::CancellationToken;
@@ -162,7 +161,9 @@ pub struct Lease {
     role_tx: watch::Sender<Role>,
     shared: Arc<Shared>,
     notices: Option<broadcast::Receiver<Notice>>,
-    conn: Option<Client>,
+    conn: Option<sql::LeaseConn>,
+    /// Consecutive attempts that timed out on the current connection.
+    timeouts: u32,
 }
 
 impl Lease {
@@ -192,6 +193,7 @@ impl Lease {
                 shared,
                 notices,
                 conn: None,
+                timeouts: 0,
             },
             handle,
         )
@@ -285,6 +287,7 @@ impl Lease {
                 }
                 n = next_notice(&mut self.notices), if !draining => {
                     if let Some(Notice::Notify { channel, payload }) = n {
+                        tracing::debug!(%channel, %payload, "lease: notification while leading");
                         if channel == CONTROL_CHANNEL && is_step_down_for(&payload, &self.cfg.lease_name, &self.cfg.holder_id) {
                             self.shared.step_down.notify_one();
                         }
@@ -292,7 +295,8 @@ impl Lease {
                 }
                 _ = tokio::time::sleep_until(next_renew.into()) => {
                     let sent_at = Instant::now();
-                    let budget = deadline.saturating_duration_since(sent_at).min(t.renew_interval);
+                    // Up to the deadline: a slow answer that still arrives before it keeps the lease.
+                    let budget = deadline.saturating_duration_since(sent_at);
                     match self.attempt(budget).await {
                         Ok(Some(e)) if e == epoch => {
                             self.shared.set_valid_until(sent_at + t.demote_after());
@@ -336,7 +340,7 @@ impl Lease {
             let c = client(&mut self.conn, &self.cfg, budget).await?;
             tokio::time::timeout(
                 budget,
-                sql::release(c, &self.cfg.lease_name, &self.cfg.holder_id, epoch),
+                c.release(&self.cfg.lease_name, &self.cfg.holder_id, epoch),
             )
             .await
             .map_err(|_| leasehold_store::StoreError::Timeout(budget))?
@@ -366,18 +370,23 @@ impl Lease {
         let budget = budget.max(Duration::from_millis(50));
         let cfg = &self.cfg;
         let ttl = cfg.timings.ttl;
-        let res = async {
+        // One bound for connect + statement: the attempt must end by the caller's deadline.
+        let res = tokio::time::timeout(budget, async {
             let c = client(&mut self.conn, cfg, budget).await?;
-            tokio::time::timeout(
-                budget,
-                sql::acquire(c, &cfg.lease_name, &cfg.holder_id, &cfg.instance_id, ttl),
-            )
-            .await
-            .map_err(|_| leasehold_store::StoreError::Timeout(budget))?
-        }
-        .await;
-        if res.is_err() {
-            self.conn = None;
+            c.acquire(&cfg.lease_name, &cfg.holder_id, &cfg.instance_id, ttl)
+                .await
+        })
+        .await
+        .unwrap_or(Err(leasehold_store::StoreError::Timeout(budget)));
+        match &res {
+            Ok(_) => self.timeouts = 0,
+            // A slow answer is discarded when it arrives; the connection stays, since opening a
+            // new one costs several round trips. Twice in a row, it is presumed dead.
+            Err(leasehold_store::StoreError::Timeout(_)) if self.timeouts == 0 => self.timeouts = 1,
+            Err(_) => {
+                self.conn = None;
+                self.timeouts = 0;
+            }
         }
         res
     }
@@ -395,23 +404,17 @@ impl Lease {
 
 /// The dedicated lease connection, (re)connected within `budget`; no other work shares it.
 async fn client<'a>(
-    conn: &'a mut Option<Client>,
+    conn: &'a mut Option<sql::LeaseConn>,
     cfg: &LeaseConfig,
     budget: Duration,
-) -> Result<&'a Client, leasehold_store::StoreError> {
+) -> Result<&'a sql::LeaseConn, leasehold_store::StoreError> {
     if conn.as_ref().is_none_or(|c| c.is_closed()) {
-        let url = cfg.database_url.clone();
-        let stmt_timeout = cfg.timings.renew_interval;
-        let c = tokio::time::timeout(budget, async move {
-            let c = leasehold_store::connect(&url, "leasehold-lease").await?;
-            c.batch_execute(&format!(
-                "SET statement_timeout = {}; SET lock_timeout = {}",
-                stmt_timeout.as_millis(),
-                stmt_timeout.as_millis()
-            ))
-            .await?;
-            Ok::<_, leasehold_store::StoreError>(c)
-        })
+        // The server-side bound is the client's outer bound: the deadline, never later.
+        let stmt_timeout = cfg.timings.demote_after();
+        let c = tokio::time::timeout(
+            budget,
+            sql::LeaseConn::connect(&cfg.database_url, stmt_timeout),
+        )
         .await
         .map_err(|_| leasehold_store::StoreError::Timeout(budget))??;
         *conn = Some(c);

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use leasehold_store::queries::LEASE_CHANNEL;
-use leasehold_store::tokio_postgres::Client;
+use leasehold_store::tokio_postgres::{Client, Statement};
 use leasehold_store::Result;
 
 /// Acquire or renew in one statement. The guard lets a current holder renew before expiry and
@@ -28,7 +28,65 @@ pub const RELEASE: &str = "WITH released AS (
         RETURNING 1)
     SELECT pg_notify($4, $1) FROM released";
 
-/// Returns the epoch when this holder holds the lease after the statement, `None` otherwise.
+/// The lease's dedicated connection with both statements prepared, so that a renewal is exactly
+/// one round trip: on a slow link an unprepared statement costs two (Parse, then Execute) and
+/// would halve the latency a leader tolerates before its deadline.
+pub struct LeaseConn {
+    client: Client,
+    acquire: Statement,
+    release: Statement,
+}
+
+impl LeaseConn {
+    /// Connects, bounds every statement server-side by `statement_timeout`, prepares.
+    pub async fn connect(url: &str, statement_timeout: Duration) -> Result<LeaseConn> {
+        let client = leasehold_store::connect(url, "leasehold-lease").await?;
+        let ms = statement_timeout.as_millis();
+        client
+            .batch_execute(&format!(
+                "SET statement_timeout = {ms}; SET lock_timeout = {ms}"
+            ))
+            .await?;
+        let (acquire, release) =
+            tokio::try_join!(client.prepare(ACQUIRE), client.prepare(RELEASE))?;
+        Ok(LeaseConn {
+            client,
+            acquire,
+            release,
+        })
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    /// The epoch when this holder holds the lease after the statement, `None` otherwise.
+    pub async fn acquire(
+        &self,
+        lease: &str,
+        holder: &str,
+        instance: &str,
+        ttl: Duration,
+    ) -> Result<Option<i64>> {
+        let row = self
+            .client
+            .query_opt(
+                &self.acquire,
+                &[&lease, &holder, &instance, &ttl.as_secs_f64()],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    pub async fn release(&self, lease: &str, holder: &str, epoch: i64) -> Result<()> {
+        self.client
+            .query(&self.release, &[&lease, &holder, &epoch, &LEASE_CHANNEL])
+            .await?;
+        Ok(())
+    }
+}
+
+/// One-off acquire on any connection (tools and tests).
 pub async fn acquire(
     c: &Client,
     lease: &str,
@@ -40,10 +98,4 @@ pub async fn acquire(
         .query_opt(ACQUIRE, &[&lease, &holder, &instance, &ttl.as_secs_f64()])
         .await?;
     Ok(row.map(|r| r.get(0)))
-}
-
-pub async fn release(c: &Client, lease: &str, holder: &str, epoch: i64) -> Result<()> {
-    c.query(RELEASE, &[&lease, &holder, &epoch, &LEASE_CHANNEL])
-        .await?;
-    Ok(())
 }

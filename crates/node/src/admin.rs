@@ -128,9 +128,15 @@ pub async fn step_down(cfg: &Config, timeout: Duration) -> anyhow::Result<ExitCo
         "asking {} (epoch {}) to hand over...",
         before.instance_id, before.epoch
     );
-    queries::request_step_down(&c, &cfg.lease_name, &before.holder_id).await?;
+    // NOTIFY reaches only sessions listening at that instant: a leader whose LISTEN connection
+    // is reconnecting would miss a single request. Repeat it until the holder changes.
     let started = Instant::now();
+    let mut last_sent: Option<Instant> = None;
     while started.elapsed() < timeout {
+        if last_sent.is_none_or(|t| t.elapsed() >= Duration::from_millis(500)) {
+            queries::request_step_down(&c, &cfg.lease_name, &before.holder_id).await?;
+            last_sent = Some(Instant::now());
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
         if let Some(now) = queries::lease(&c, &cfg.lease_name).await? {
             if now.holder_id != before.holder_id && now.is_live() {

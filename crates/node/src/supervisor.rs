@@ -24,6 +24,7 @@ pub const TEST_HANG_DEMOTION: &str = "LEASEHOLD_TEST_HANG_DEMOTION";
 
 struct Term {
     epoch: i64,
+    broker: watch::Receiver<bool>,
     hard: CancellationToken,
     drain: CancellationToken,
     tracker: TaskTracker,
@@ -62,6 +63,14 @@ impl Supervisor {
                     None => std::future::pending().await,
                 }
             };
+            let step_down_after = self.cfg.mqtt_step_down_after;
+            let mut broker = term.as_ref().map(|t| t.broker.clone());
+            let unreachable = async {
+                match broker.as_mut() {
+                    Some(rx) if !step_down_after.is_zero() => down_for(rx, step_down_after).await,
+                    _ => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = cancel.cancelled() => {
                     if let Some(t) = term.take() {
@@ -77,6 +86,17 @@ impl Supervisor {
                         }
                         return Ok(());
                     }
+                }
+                _ = unreachable => {
+                    // The broker is unreachable from here; another node may reach it. Hand over
+                    // (the lease backs off one poll interval before campaigning again).
+                    tracing::error!(after = %leasehold_config::fmt_dur(step_down_after), "leader cannot reach the broker: stepping down so a standby can take over");
+                    self.lease.step_down();
+                    // Wait for the role change rather than firing again.
+                    if role_rx.changed().await.is_err() {
+                        return Ok(());
+                    }
+                    role_rx.mark_changed();
                 }
                 _ = ended => {
                     // A term task stopped on its own (fenced, or may no longer connect). Stop the
@@ -135,6 +155,7 @@ impl Supervisor {
             rx,
             acker,
         };
+        let broker = ingest.connected();
         self.lease.set_term_active(true);
         let (h, d) = (hard.clone(), drain.clone());
         tracker.spawn(async move {
@@ -152,6 +173,7 @@ impl Supervisor {
         tracing::info!(epoch, "leadership term started: connecting to the broker");
         Term {
             epoch,
+            broker,
             hard,
             drain,
             tracker,
@@ -187,5 +209,29 @@ impl Supervisor {
         t.tracker.wait().await;
         self.lease.set_term_active(false);
         tracing::info!(epoch = t.epoch, "leadership term stopped");
+    }
+}
+
+/// Resolves once `connected` has been false for `grace` without interruption.
+async fn down_for(connected: &mut watch::Receiver<bool>, grace: Duration) {
+    loop {
+        while *connected.borrow_and_update() {
+            if connected.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+        let reconnected = async {
+            loop {
+                if connected.changed().await.is_err() {
+                    return std::future::pending::<()>().await;
+                }
+                if *connected.borrow() {
+                    return;
+                }
+            }
+        };
+        if tokio::time::timeout(grace, reconnected).await.is_err() {
+            return;
+        }
     }
 }

@@ -87,6 +87,10 @@ impl Listener {
                 "LISTEN {LEASE_CHANNEL}; LISTEN {DEVICES_CHANNEL}; LISTEN {CONTROL_CHANNEL};"
             ))
             .await?;
+        tracing::info!(
+            reconnect = !first,
+            "listening for lease, device and control notifications"
+        );
         if !first {
             let _ = self.tx.send(Notice::Resync);
         }
@@ -102,6 +106,7 @@ impl Listener {
                 }
                 m = mrx.recv() => match m {
                     Some(Ok(n)) => {
+                        tracing::debug!(channel = n.channel(), payload = n.payload(), "notification");
                         let _ = self.tx.send(Notice::Notify {
                             channel: n.channel().to_string(),
                             payload: n.payload().to_string(),

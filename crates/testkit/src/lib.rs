@@ -11,6 +11,7 @@
 //! - [`publish`]: numbered and raw QoS 1 publishing that waits for the broker's acks.
 //! - [`eventually`]: await a condition instead of sleeping.
 
+pub mod proxy;
 pub mod publish;
 
 use std::fs::File;
@@ -163,15 +164,20 @@ pub struct Postgres {
 impl Postgres {
     /// initdb + start; tuned for tests (fsync off), which do not crash the OS.
     pub async fn start() -> Result<Self> {
-        Self::start_in(Dir::temp("leasehold-pg-")?, false).await
+        Self::start_in(Dir::temp("leasehold-pg-")?, false, "").await
+    }
+
+    /// Like [`Postgres::start`] with extra `postgresql.conf` lines.
+    pub async fn start_with(extra_conf: &str) -> Result<Self> {
+        Self::start_in(Dir::temp("leasehold-pg-")?, false, extra_conf).await
     }
 
     /// Start in `dir` with durable settings (benchmarks, the demo).
     pub async fn start_durable(dir: Dir) -> Result<Self> {
-        Self::start_in(dir, true).await
+        Self::start_in(dir, true, "").await
     }
 
-    async fn start_in(dir: Dir, durable: bool) -> Result<Self> {
+    async fn start_in(dir: Dir, durable: bool, extra_conf: &str) -> Result<Self> {
         let user = server_user();
         let bin = pg_bin()?;
         chown_dir(dir.path(), user)?;
@@ -200,6 +206,8 @@ impl Postgres {
         if !durable {
             conf.push_str("fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n");
         }
+        conf.push_str(extra_conf);
+        conf.push('\n');
         std::fs::write(data.join("postgresql.auto.conf"), conf)?;
         let mut pg = Postgres {
             dir,

@@ -9,9 +9,15 @@ use anyhow::{bail, Result};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 /// The payload of numbered message `seq` of `run` for `device`, with a unique timestamp.
+/// Deterministic: publishing it again is a redelivery of the same reading.
 pub fn numbered(run: &str, device: &str, seq: u64) -> String {
-    // Microsecond timestamps from a fixed base keep (device_id, ts) unique per seq.
-    let micros = 1_700_000_000_000_000i64 + seq as i64;
+    numbered_from(1_700_000_000_000_000, run, device, seq)
+}
+
+/// Like [`numbered`], timestamps counted from `base_micros` (runs sharing a database need
+/// distinct bases, or their readings share (device_id, ts) keys).
+pub fn numbered_from(base_micros: i64, run: &str, device: &str, seq: u64) -> String {
+    let micros = base_micros + seq as i64;
     let secs = micros / 1_000_000;
     let sub = micros % 1_000_000;
     format!(r#"{{"device_id":"{device}","run":"{run}","seq":{seq},"ts":{secs}.{sub:06}}}"#)
@@ -126,6 +132,151 @@ impl Stream {
 
     /// Stops publishing; returns how many messages the broker accepted (all of them acked).
     pub async fn stop(self) -> Result<u64> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await?
+    }
+}
+
+/// A publisher that knows exactly which messages the broker acknowledged: the basis of "lost"
+/// (acknowledged by the broker, not stored). It survives broker restarts (rumqttc reconnects and
+/// resends what was not acknowledged; a message is counted only once its PUBACK arrives).
+pub struct Tracked {
+    stop: Arc<AtomicBool>,
+    paused: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Result<TrackedReport>>,
+    pub run: String,
+}
+
+/// What a [`Tracked`] publisher did.
+#[derive(Debug, Clone, Default)]
+pub struct TrackedReport {
+    pub published: u64,
+    /// Sequence numbers the broker acknowledged.
+    pub acked: std::collections::BTreeSet<u64>,
+}
+
+impl Tracked {
+    /// `rate` messages per second (0: as fast as the broker takes them) on `devices` devices.
+    pub fn start(port: u16, run: &str, devices: u32, rate: u64) -> Tracked {
+        let stop = Arc::new(AtomicBool::new(false));
+        let paused = Arc::new(AtomicBool::new(false));
+        let (s, pz) = (stop.clone(), paused.clone());
+        let run_s = run.to_string();
+        let task = tokio::spawn(async move {
+            let mut opts = MqttOptions::new(format!("chaos-pub-{}", fastid()), "127.0.0.1", port);
+            opts.set_keep_alive(Duration::from_secs(5))
+                .set_inflight(200)
+                .set_clean_session(false);
+            let (c, mut el) = AsyncClient::new(opts, 200);
+            let submitted = Arc::new(std::sync::Mutex::new(
+                std::collections::VecDeque::<u64>::new(),
+            ));
+            let acked = Arc::new(std::sync::Mutex::new(
+                std::collections::BTreeSet::<u64>::new(),
+            ));
+            let (sub2, ack2) = (submitted.clone(), acked.clone());
+            let poll = tokio::spawn(async move {
+                // Packet ids are reused only after their PUBACK, so an Outgoing::Publish with a
+                // pkid already in flight is a resend, otherwise it is the next submitted message.
+                let mut inflight = std::collections::HashMap::<u16, u64>::new();
+                loop {
+                    match el.poll().await {
+                        Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
+                            if !inflight.contains_key(&pkid) {
+                                if let Some(seq) = sub2.lock().ok().and_then(|mut q| q.pop_front())
+                                {
+                                    inflight.insert(pkid, seq);
+                                }
+                            }
+                        }
+                        Ok(Event::Incoming(Packet::PubAck(a))) => {
+                            if let Some(seq) = inflight.remove(&a.pkid) {
+                                if let Ok(mut s) = ack2.lock() {
+                                    s.insert(seq);
+                                }
+                            }
+                        }
+                        Ok(Event::Incoming(Packet::ConnAck(c))) if !c.session_present => {
+                            // The client dropped its unacknowledged publishes: never accepted.
+                            inflight.clear();
+                        }
+                        Ok(_) => {}
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                }
+            });
+            let start = Instant::now();
+            let base = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_micros() as i64)
+                .unwrap_or(1_800_000_000_000_000);
+            let mut seq = 0u64;
+            let mut paused_for = Duration::ZERO;
+            while !s.load(Ordering::SeqCst) {
+                if pz.load(Ordering::SeqCst) {
+                    let t = Instant::now();
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    paused_for += t.elapsed();
+                    continue;
+                }
+                if rate > 0 {
+                    let due = Duration::from_secs_f64(seq as f64 / rate as f64) + paused_for;
+                    if let Some(w) = due.checked_sub(start.elapsed()) {
+                        tokio::time::sleep(w).await;
+                    }
+                }
+                let device = format!("dev-{:03}", seq % devices as u64);
+                if let Ok(mut q) = submitted.lock() {
+                    q.push_back(seq);
+                }
+                c.publish(
+                    format!("devices/{device}/telemetry"),
+                    QoS::AtLeastOnce,
+                    false,
+                    numbered_from(base, &run_s, &device, seq),
+                )
+                .await?;
+                seq += 1;
+                // Publishing into rumqttc's queue is always ready, so a publisher behind schedule
+                // would never yield and starve the other tasks of this process (the proxies).
+                if seq % 64 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            // Give outstanding publishes time to be acknowledged (resent after a broker restart).
+            let wait = Instant::now();
+            while wait.elapsed() < Duration::from_secs(15) {
+                let n = acked.lock().map(|a| a.len() as u64).unwrap_or(0);
+                if n >= seq {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            poll.abort();
+            let acked = acked.lock().map(|a| a.clone()).unwrap_or_default();
+            Ok(TrackedReport {
+                published: seq,
+                acked,
+            })
+        });
+        Tracked {
+            stop,
+            paused,
+            task,
+            run: run.to_string(),
+        }
+    }
+
+    /// Holds publishing (e.g. to let the broker autosave) until [`Tracked::resume`].
+    pub fn pause(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+    }
+
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+    }
+
+    pub async fn stop(self) -> Result<TrackedReport> {
         self.stop.store(true, Ordering::SeqCst);
         self.task.await?
     }
