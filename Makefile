@@ -4,7 +4,11 @@
 SHELL := /bin/bash
 export PATH := $(PATH):/usr/sbin
 
-.PHONY: demo test deps build lint fmt clean
+.PHONY: demo test chaos deps build lint fmt clean
+
+# Fault matrix: TRIALS per fault within BUDGET (make chaos TRIALS=3 BUDGET=5m).
+TRIALS ?= 10
+BUDGET ?= 10m
 
 deps:
 	@./scripts/install-deps.sh
@@ -17,6 +21,10 @@ demo: deps build
 
 test: deps
 	cargo test --workspace --all-targets --no-fail-fast
+
+chaos: deps
+	cargo build --release -p leasehold -p leasehold-chaos --bins
+	./target/release/leasehold-chaos --trials $(TRIALS) --budget $(BUDGET) --bin target/release/leasehold --json target/chaos/chaos.json
 
 lint:
 	cargo fmt --all --check

@@ -693,7 +693,9 @@ async fn trial(env: &mut Env, opts: &Options, fault: Fault, idx: usize) -> Resul
             }
         }
         Fault::HungDemotion => {
-            // A lone leader with the hang switch; the others are stopped.
+            // A lone leader with the hang switch; the others are stopped, the standby first so
+            // the leader's graceful stop has nobody to hand over to.
+            env.nodes.sort_by_key(|n| n.name == leader);
             for n in &mut env.nodes {
                 if let Some(mut p) = n.proc.take() {
                     p.signal(libc::SIGTERM);

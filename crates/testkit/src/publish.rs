@@ -182,10 +182,12 @@ impl Tracked {
                 loop {
                     match el.poll().await {
                         Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
-                            if !inflight.contains_key(&pkid) {
+                            if let std::collections::hash_map::Entry::Vacant(slot) =
+                                inflight.entry(pkid)
+                            {
                                 if let Some(seq) = sub2.lock().ok().and_then(|mut q| q.pop_front())
                                 {
-                                    inflight.insert(pkid, seq);
+                                    slot.insert(seq);
                                 }
                             }
                         }
@@ -239,7 +241,7 @@ impl Tracked {
                 seq += 1;
                 // Publishing into rumqttc's queue is always ready, so a publisher behind schedule
                 // would never yield and starve the other tasks of this process (the proxies).
-                if seq % 64 == 0 {
+                if seq.is_multiple_of(64) {
                     tokio::task::yield_now().await;
                 }
             }
