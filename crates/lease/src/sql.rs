@@ -85,17 +85,3 @@ impl LeaseConn {
         Ok(())
     }
 }
-
-/// One-off acquire on any connection (tools and tests).
-pub async fn acquire(
-    c: &Client,
-    lease: &str,
-    holder: &str,
-    instance: &str,
-    ttl: Duration,
-) -> Result<Option<i64>> {
-    let row = c
-        .query_opt(ACQUIRE, &[&lease, &holder, &instance, &ttl.as_secs_f64()])
-        .await?;
-    Ok(row.map(|r| r.get(0)))
-}
