@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 export PATH := $(PATH):/usr/sbin
 
-.PHONY: demo test chaos deps build lint fmt clean
+.PHONY: demo test chaos bench deps build lint fmt clean
 
 # Fault matrix: TRIALS per fault within BUDGET (make chaos TRIALS=3 BUDGET=5m).
 TRIALS ?= 10
@@ -25,6 +25,12 @@ test: deps
 chaos: deps
 	cargo build --release -p leasehold -p leasehold-chaos --bins
 	./target/release/leasehold-chaos --trials $(TRIALS) --budget $(BUDGET) --bin target/release/leasehold --json target/chaos/chaos.json
+
+# Side-by-side throughput/latency/memory (target/bench/bench.json), then the micro-benchmarks.
+bench: deps
+	cargo build --release -p leasehold -p leasehold-bench --bins
+	./target/release/leasehold-bench --messages 100000 --upsert-messages 100000 --outage-secs 60 --json target/bench/bench.json
+	cargo bench -p leasehold-decode -p leasehold-node --bench decode --bench batch -- --warm-up-time 1 --measurement-time 3
 
 lint:
 	cargo fmt --all --check

@@ -226,6 +226,8 @@ impl MqttIngest {
         let mut subscribed: BTreeSet<String> = BTreeSet::new();
         let mut overflowed = false;
         let mut disconnecting = false;
+        // An overflow's DISCONNECT is on its way; reconnect once it is out.
+        let mut refill = false;
         // Cleared when the topic source is gone: its channel would report "changed" forever.
         let mut topics_open = true;
         let full = self.cfg.max_pending as u32;
@@ -246,7 +248,7 @@ impl MqttIngest {
                     self.tx = None;
                     tracing::info!(pending = self.pending_count(), "intake stopped; waiting for the writer to commit and acknowledge");
                 }
-                all = sem.acquire_many_owned(full), if (draining || overflowed) && !disconnecting => {
+                all = sem.acquire_many_owned(full), if (draining || overflowed) && !disconnecting && !refill => {
                     drop(all);
                     if draining {
                         // Everything forwarded is acknowledged: DISCONNECT goes out after the acks.
@@ -256,11 +258,17 @@ impl MqttIngest {
                         }
                     } else {
                         // Messages refused while full are still in flight at the broker; a new
-                        // connection makes it redeliver them.
+                        // connection makes it redeliver them. DISCONNECT is queued behind the acks
+                        // just sent, so they reach the broker first: cutting the connection here
+                        // would purge them and have committed messages redelivered.
                         overflowed = false;
                         tracing::info!("pending messages drained after an overflow; reconnecting to receive what was refused");
-                        self.on_disconnect();
-                        self.eventloop.clean();
+                        if self.client.try_disconnect().is_ok() {
+                            refill = true;
+                        } else {
+                            self.on_disconnect();
+                            self.eventloop.clean();
+                        }
                     }
                 }
                 changed = self.device_topics.changed(), if connected_at.is_some() && topics_open => {
@@ -300,6 +308,12 @@ impl MqttIngest {
                         if refused > 0 {
                             tracing::error!(refused, "broker refused {refused} topic filter(s); check the broker ACL");
                         }
+                    }
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) if refill => {
+                        // Acks are out; connect again at once for the redelivery.
+                        refill = false;
+                        self.on_disconnect();
+                        self.eventloop.clean();
                     }
                     Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
                         tracing::info!("acks flushed; disconnected from the broker");

@@ -177,6 +177,11 @@ impl Postgres {
         Self::start_in(dir, true, "").await
     }
 
+    /// Durable settings plus extra `postgresql.conf` lines (benchmarks).
+    pub async fn start_durable_with(dir: Dir, extra_conf: &str) -> Result<Self> {
+        Self::start_in(dir, true, extra_conf).await
+    }
+
     async fn start_in(dir: Dir, durable: bool, extra_conf: &str) -> Result<Self> {
         let user = server_user();
         let bin = pg_bin()?;
@@ -430,6 +435,20 @@ pub struct NodeProc {
     child: Child,
     log: PathBuf,
     pub http_port: u16,
+}
+
+/// Peak resident memory (VmHWM) and current resident memory (VmRSS) of `pid`, in bytes.
+pub fn memory_of(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    };
+    Some((field("VmHWM:")?, field("VmRSS:")?))
 }
 
 impl NodeProc {

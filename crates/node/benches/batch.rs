@@ -1,0 +1,50 @@
+//! Batch builder micro-benchmark: turning a batch of received messages into the rows and dead
+//! letters of one write (decode every message, build the insert's arrays' inputs).
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use leasehold_decode::Decoder;
+use leasehold_ingest::Inbound;
+use leasehold_node::writer::decode_batch;
+
+fn batch(n: usize, bad_every: usize) -> Vec<Inbound> {
+    (0..n)
+        .map(|i| {
+            let topic = format!("devices/dev-{:03}/telemetry", i % 100);
+            let body = if bad_every > 0 && i % bad_every == 0 {
+                "not json".to_string()
+            } else {
+                format!(r#"{{"device_id":"dev-{:03}","seq":{i},"timestamp":"2026-11-23T01:02:03.{:06}Z","value":42.5}}"#, i % 100, i % 1_000_000)
+            };
+            Inbound::detached(&topic, body.as_bytes())
+        })
+        .collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let d = Decoder::new("devices/{device_id}/#", 256 * 1024);
+    let mut g = c.benchmark_group("batch");
+    for n in [100usize, 1000] {
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_function(format!("decode_batch_{n}"), |b| {
+            b.iter_batched(
+                || batch(n, 0),
+                |msgs| black_box(decode_batch(&d, &msgs)).0.len(),
+                BatchSize::LargeInput,
+            )
+        });
+    }
+    g.throughput(Throughput::Elements(1000));
+    g.bench_function("decode_batch_1000_with_1pct_bad", |b| {
+        b.iter_batched(
+            || batch(1000, 100),
+            |msgs| black_box(decode_batch(&d, &msgs)).1.len(),
+            BatchSize::LargeInput,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
