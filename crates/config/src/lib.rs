@@ -620,6 +620,14 @@ impl Config {
             })?,
             log_level: s.string("LOG_LEVEL").unwrap_or_else(|| "info".into()),
         };
+        if cfg.max_pending > 50_000 {
+            return Err(ConfigError::Invalid {
+                key: "MAX_PENDING".into(),
+                value: cfg.max_pending.to_string(),
+                origin: s.get("MAX_PENDING").map(|(_, o)| o.clone()).unwrap_or(Origin::Default),
+                reason: "must be at most 50000: MQTT packet ids are 16 bits and must not wrap while messages are held".into(),
+            });
+        }
         if cfg.max_pending < cfg.batch_max_rows {
             return Err(ConfigError::Invalid {
                 key: "MAX_PENDING".into(),

@@ -127,6 +127,14 @@ pub struct IngestConfig {
     pub expect_session: bool,
 }
 
+/// MQTT packet ids are 16 bits. A refused message keeps its id until the next connection, and a
+/// broker that hands ids out sequentially without checking which are in flight (Mosquitto 2.0.11)
+/// reuses it after 65535 sends: an ack for the new holder of that id would then acknowledge the
+/// refused message, which is lost. So refusals on one connection are capped below that.
+pub fn refusal_limit(max_pending: usize) -> u64 {
+    (65_535u64.saturating_sub(max_pending as u64 + 5_000)).max(1_000)
+}
+
 /// Disconnects within this time after CONNACK count toward a client-id conflict.
 const QUICK_DISCONNECT: Duration = Duration::from_secs(3);
 /// Consecutive quick disconnects that raise a client-id conflict.
@@ -225,6 +233,10 @@ impl MqttIngest {
         let mut quick_disconnects = 0u32;
         let mut subscribed: BTreeSet<String> = BTreeSet::new();
         let mut overflowed = false;
+        // Messages refused on the current connection (see `refusal_limit`).
+        let mut refused = 0u64;
+        let refuse_at_most = refusal_limit(self.cfg.max_pending);
+        let mut last_full_log: Option<Instant> = None;
         let mut disconnecting = false;
         // An overflow's DISCONNECT is on its way; reconnect once it is out.
         let mut refill = false;
@@ -289,6 +301,7 @@ impl MqttIngest {
                             g.connected = true;
                         }
                         connected_at = Some(Instant::now());
+                        refused = 0;
                         self.connected.send_replace(true);
                         backoff = Duration::from_millis(100);
                         events::MqttConnected { broker: &broker, session_present: ack.session_present, reconnect }.emit();
@@ -301,7 +314,49 @@ impl MqttIngest {
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         metrics().messages_received.inc();
-                        self.forward(p, connections, &mut overflowed);
+                        if self.tx.is_none() {
+                            // Draining: not ours to acknowledge any more.
+                            continue;
+                        }
+                        let permit = match self.pending.clone().try_acquire_owned() {
+                            Ok(permit) => Some(permit),
+                            Err(_) => {
+                                // MAX_PENDING is full: stop reading until the writer frees a slot.
+                                // The broker's sends back up in TCP and in its own queue, which
+                                // takes no packet ids and refuses nothing. Half a keep-alive at
+                                // most, so pings still go out while the writer is stuck.
+                                if last_full_log.is_none_or(|t: Instant| t.elapsed() > Duration::from_secs(10)) {
+                                    events::PendingOverflow { max_pending: self.cfg.max_pending }.emit();
+                                    last_full_log = Some(Instant::now());
+                                }
+                                metrics().messages_pending.set(self.pending_count() as i64);
+                                let sem = self.pending.clone();
+                                tokio::select! {
+                                    _ = cancel.cancelled() => break Ok(()),
+                                    p = sem.acquire_owned() => p.ok(),
+                                    _ = tokio::time::sleep(self.cfg.keep_alive / 2) => None,
+                                }
+                            }
+                        };
+                        match permit {
+                            Some(permit) => self.forward(p, connections, permit),
+                            None => {
+                                // Refused: it stays in flight at the broker and comes back on the
+                                // next connection (made once everything held is acknowledged).
+                                overflowed = true;
+                                refused += 1;
+                                metrics().messages_overflow.inc();
+                                if refused >= refuse_at_most && !refill {
+                                    // Cut now, before the broker could reuse a refused message's
+                                    // packet id: acks still owed on this connection are dropped
+                                    // and their messages redelivered (duplicates), never lost.
+                                    tracing::warn!(refused, "too many messages refused on one connection; reconnecting now");
+                                    overflowed = false;
+                                    self.on_disconnect();
+                                    self.eventloop.clean();
+                                }
+                            }
+                        }
                     }
                     Ok(Event::Incoming(Packet::SubAck(s))) => {
                         let refused = s.return_codes.iter().filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)).count();
@@ -355,23 +410,10 @@ impl MqttIngest {
         result
     }
 
-    fn forward(&mut self, p: Publish, conn: u64, overflowed: &mut bool) {
+    /// Hands a message, with its `MAX_PENDING` permit, to the writer.
+    fn forward(&mut self, p: Publish, conn: u64, permit: OwnedSemaphorePermit) {
         let Some(tx) = &self.tx else {
-            // Draining: not ours to acknowledge any more.
             return;
-        };
-        let permit = match self.pending.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
-                if !*overflowed {
-                    events::PendingOverflow {
-                        max_pending: self.cfg.max_pending,
-                    }
-                    .emit();
-                }
-                *overflowed = true;
-                return;
-            }
         };
         let msg = Inbound {
             conn,

@@ -85,7 +85,7 @@ impl Metrics {
             messages_dead_lettered: reg(&r, IntCounterVec::new(Opts::new("leasehold_messages_dead_lettered_total", "Messages committed to dead_letters"), &["reason"])?),
             messages_pending: reg(&r, IntGauge::new("leasehold_messages_pending", "Messages received and not yet acknowledged")?),
             messages_observed: reg(&r, IntCounter::new("leasehold_messages_observed_total", "Messages decoded in development (observer) mode, never written")?),
-            messages_overflow: reg(&r, IntCounter::new("leasehold_messages_overflow_total", "Messages refused because MAX_PENDING was reached (left at the broker)")?),
+            messages_overflow: reg(&r, IntCounter::new("leasehold_messages_overflow_total", "Messages refused because MAX_PENDING stayed full for half a keep-alive (redelivered on the next connection)")?),
             acks_dropped_stale: reg(&r, IntCounter::new("leasehold_acks_dropped_stale_total", "Acks not sent because their message came on an earlier connection")?),
             batch_rows: reg(&r, Histogram::with_opts(HistogramOpts::new("leasehold_batch_rows", "Messages per committed batch").buckets(vec![1.0, 5.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0]))?),
             batch_write_duration: reg(&r, Histogram::with_opts(HistogramOpts::new("leasehold_batch_write_duration_seconds", "Duration of one batch transaction").buckets(secs_buckets()))?),
