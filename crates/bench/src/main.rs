@@ -16,12 +16,10 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use leasehold_testkit::publish::numbered_from;
+use leasehold_testkit::publish::{await_acks_within, count_acks, numbered_from};
 use leasehold_testkit::{eventually, http, memory_of, metric, Dir, Mosquitto, NodeProc, Postgres};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde::{Deserialize, Serialize};
@@ -75,20 +73,8 @@ async fn publish(port: u16, run: &str, n: u64, rate: u64) -> Result<Duration> {
     opts.set_clean_session(true)
         .set_inflight(1000)
         .set_keep_alive(Duration::from_secs(30));
-    let (c, mut el) = AsyncClient::new(opts, 1000);
-    let acked = Arc::new(AtomicU64::new(0));
-    let a = acked.clone();
-    let poll = tokio::spawn(async move {
-        loop {
-            match el.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => {
-                    a.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
-    });
+    let (c, el) = AsyncClient::new(opts, 1000);
+    let (acked, poll) = count_acks(el);
     let base = now_micros();
     let start = Instant::now();
     for seq in 0..n {
@@ -107,18 +93,8 @@ async fn publish(port: u16, run: &str, n: u64, rate: u64) -> Result<Duration> {
         )
         .await?;
     }
-    while acked.load(Ordering::Relaxed) < n {
-        if start.elapsed() > Duration::from_secs(600) {
-            bail!(
-                "publisher: only {} of {n} acknowledged",
-                acked.load(Ordering::Relaxed)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let took = start.elapsed();
-    poll.abort();
-    Ok(took)
+    await_acks_within(&acked, poll, n, Duration::from_secs(600)).await?;
+    Ok(start.elapsed())
 }
 
 /// What a baseline child process reports on stdout.

@@ -33,7 +33,7 @@ fn client(port: u16, id: &str) -> (AsyncClient, rumqttc::EventLoop) {
 }
 
 /// Polls `el` in the background, counting the broker's PUBACKs.
-fn count_acks(mut el: rumqttc::EventLoop) -> (Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
+pub fn count_acks(mut el: rumqttc::EventLoop) -> (Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
     let acked = Arc::new(AtomicU64::new(0));
     let a = acked.clone();
     let poll = tokio::spawn(async move {
@@ -52,9 +52,19 @@ fn count_acks(mut el: rumqttc::EventLoop) -> (Arc<AtomicU64>, tokio::task::JoinH
 
 /// Waits (at most 30 s) until `n` messages were acknowledged, then stops the poller.
 async fn await_acks(acked: &AtomicU64, poll: tokio::task::JoinHandle<()>, n: u64) -> Result<()> {
+    await_acks_within(acked, poll, n, Duration::from_secs(30)).await
+}
+
+/// Waits (at most `limit`) until `n` messages were acknowledged, then stops the poller.
+pub async fn await_acks_within(
+    acked: &AtomicU64,
+    poll: tokio::task::JoinHandle<()>,
+    n: u64,
+    limit: Duration,
+) -> Result<()> {
     let start = Instant::now();
     while acked.load(Ordering::SeqCst) < n {
-        if start.elapsed() > Duration::from_secs(30) {
+        if start.elapsed() > limit {
             poll.abort();
             bail!(
                 "broker acknowledged only {} of {n}",
