@@ -21,17 +21,22 @@ async fn written_by(c: &Cluster, node: &str) -> Result<i64> {
         .get(0))
 }
 
+/// Waits until `node` has written more than `rows` rows; returns how long that took.
+async fn wait_written(c: &Cluster, node: &str, rows: i64, timeout: Duration) -> Result<Duration> {
+    eventually(timeout, &format!("{node} writing"), || async {
+        Ok(written_by(c, node).await? > rows)
+    })
+    .await
+}
+
 /// Starts numbered publishing for `run` and waits until `leader` has written `rows` rows.
 async fn stream_until_written(c: &Cluster, run: &str, leader: &str, rows: i64) -> Result<Stream> {
     let stream = Stream::start(c.mq.port, run, 5, 200);
-    eventually(Duration::from_secs(10), "the leader writing", || async {
-        Ok(written_by(c, leader).await? > rows)
-    })
-    .await?;
+    wait_written(c, leader, rows, Duration::from_secs(10)).await?;
     Ok(stream)
 }
 
-async fn other_of(c: &Cluster, leader: &str) -> String {
+fn other_of(c: &Cluster, leader: &str) -> String {
     c.nodes
         .iter()
         .map(|n| n.name.clone())
@@ -46,7 +51,7 @@ async fn two_nodes_exactly_one_leader_and_the_standby_writes_nothing() {
         c.spawn("node-a")?;
         c.spawn("node-b")?;
         let (leader, epoch) = c.wait_leader().await?;
-        let standby = other_of(&c, &leader).await;
+        let standby = other_of(&c, &leader);
         let stream = Stream::start(c.mq.port, "one-leader", 5, 300);
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let n = stream.stop().await?;
@@ -113,14 +118,11 @@ async fn sigkill_of_the_leader_fails_over_within_ttl_plus_poll_and_loses_nothing
         c.spawn("node-a")?;
         c.spawn("node-b")?;
         let (leader, _) = c.wait_leader().await?;
-        let standby = other_of(&c, &leader).await;
+        let standby = other_of(&c, &leader);
         let stream = stream_until_written(&c, "kill9", &leader, 50).await?;
         let killed = Instant::now();
         c.node_mut(&leader).kill9();
-        eventually(Duration::from_secs(15), "the standby writing", || async {
-            Ok(written_by(&c, &standby).await? > 0)
-        })
-        .await?;
+        wait_written(&c, &standby, 0, Duration::from_secs(15)).await?;
         let took = killed.elapsed();
         println!("kill -9 failover: standby writing after {took:?}");
         // Generous: TTL + poll interval, plus connect, batch and a loaded 2-core machine.
@@ -144,13 +146,10 @@ async fn sigstopped_leader_is_fenced_and_does_not_fight_for_the_client_id() {
         c.spawn("node-a")?;
         c.spawn("node-b")?;
         let (leader, old_epoch) = c.wait_leader().await?;
-        let standby = other_of(&c, &leader).await;
+        let standby = other_of(&c, &leader);
         let stream = stream_until_written(&c, "sigstop", &leader, 50).await?;
         c.node(&leader).signal(libc::SIGSTOP);
-        eventually(Duration::from_secs(15), "the standby writing", || async {
-            Ok(written_by(&c, &standby).await? > 0)
-        })
-        .await?;
+        wait_written(&c, &standby, 0, Duration::from_secs(15)).await?;
         let old_rows = c
             .count(&format!(
                 "SELECT count(*) FROM telemetry WHERE lease_epoch = {old_epoch}"
@@ -209,14 +208,11 @@ async fn sigterm_hands_over_within_a_second_and_loses_nothing() {
         c.spawn("node-a")?;
         c.spawn("node-b")?;
         let (leader, _) = c.wait_leader().await?;
-        let standby = other_of(&c, &leader).await;
+        let standby = other_of(&c, &leader);
         let stream = stream_until_written(&c, "sigterm", &leader, 50).await?;
         let sent = Instant::now();
         c.node(&leader).signal(libc::SIGTERM);
-        eventually(Duration::from_secs(10), "the standby writing", || async {
-            Ok(written_by(&c, &standby).await? > 0)
-        })
-        .await?;
+        wait_written(&c, &standby, 0, Duration::from_secs(10)).await?;
         let took = sent.elapsed();
         println!("SIGTERM hand-over: standby writing after {took:?}");
         ensure!(

@@ -221,7 +221,7 @@ impl Env {
             db,
         };
         for name in ["node-a", "node-b"] {
-            env.add_node(name, Vec::new()).await?;
+            env.add_node(name).await?;
         }
         env.wait_leader().await?;
         Ok(env)
@@ -231,19 +231,9 @@ impl Env {
         self.logs.path()
     }
 
-    async fn add_node(&mut self, name: &str, extra: Vec<(&'static str, String)>) -> Result<()> {
-        let db = Proxy::start(self.pg.port).await?;
-        let mqtt = Proxy::start(self.mq.port).await?;
-        let mut node = Node {
-            name: name.to_string(),
-            proc: None,
-            db,
-            mqtt,
-            extra,
-        };
-        launch(&self.bin, self.logs.path(), &mut node)?;
-        self.nodes.push(node);
-        Ok(())
+    async fn add_node(&mut self, name: &str) -> Result<()> {
+        self.add_node_stopped(name).await?;
+        self.relaunch(name)
     }
 
     /// (Re)starts the node `name` with its current extra settings.
@@ -550,12 +540,6 @@ async fn wait_new_epoch(
 /// Runs one trial of `fault` on a healed environment.
 async fn trial(env: &mut Env, opts: &Options, fault: Fault, idx: usize) -> Result<Trial> {
     let (leader, epoch) = env.heal().await?;
-    let standby = if leader == "node-a" {
-        "node-b"
-    } else {
-        "node-a"
-    }
-    .to_string();
     let run = format!("{:?}-{idx}-{}", fault, Utc::now().timestamp_millis()).to_lowercase();
     let rate = if matches!(fault, Fault::StepDown | Fault::Sigterm) {
         opts.full_rate
@@ -575,7 +559,6 @@ async fn trial(env: &mut Env, opts: &Options, fault: Fault, idx: usize) -> Resul
     .await?;
 
     let fault_at = Utc::now();
-    let started = Instant::now();
     let mut measured: Option<Duration> = None;
     match fault {
         Fault::Kill9 => {
@@ -753,7 +736,6 @@ async fn trial(env: &mut Env, opts: &Options, fault: Fault, idx: usize) -> Resul
             measured = wait_new_epoch(env, &run, epoch, fault_at, Duration::from_secs(10)).await;
         }
     }
-    let _ = &standby;
     // Keep publishing a moment after the repair, then verify.
     sleep(Duration::from_millis(800)).await;
     let report = publisher.stop().await?;
@@ -807,7 +789,6 @@ async fn trial(env: &mut Env, opts: &Options, fault: Fault, idx: usize) -> Resul
             _ => {}
         }
     }
-    let _ = started;
     Ok(Trial {
         fault,
         trial: idx,

@@ -135,6 +135,38 @@ pub fn refusal_limit(max_pending: usize) -> u64 {
     (65_535u64.saturating_sub(max_pending as u64 + 5_000)).max(1_000)
 }
 
+impl IngestConfig {
+    fn from_config(
+        cfg: &leasehold_config::Config,
+        client_id: String,
+        observer: bool,
+        expect_session: bool,
+    ) -> Self {
+        IngestConfig {
+            endpoint: cfg.mqtt.clone(),
+            client_id,
+            clean_session: observer,
+            manual_acks: !observer,
+            keep_alive: cfg.mqtt_keep_alive,
+            reconnect_max: cfg.mqtt_reconnect_max,
+            max_payload_bytes: cfg.max_payload_bytes,
+            max_pending: cfg.max_pending,
+            topics: cfg.mqtt_topics.clone(),
+            expect_session,
+        }
+    }
+
+    /// A leader's: the cluster's shared persistent session, acks after commit.
+    pub fn shared_session(cfg: &leasehold_config::Config, expect_session: bool) -> Self {
+        Self::from_config(cfg, cfg.mqtt_client_id.clone(), false, expect_session)
+    }
+
+    /// An observer's (`MQTT_MODE=development`): its own clean session, acks on receipt.
+    pub fn observer(cfg: &leasehold_config::Config, client_id: String) -> Self {
+        Self::from_config(cfg, client_id, true, false)
+    }
+}
+
 /// Disconnects within this time after CONNACK count toward a client-id conflict.
 const QUICK_DISCONNECT: Duration = Duration::from_secs(3);
 /// Consecutive quick disconnects that raise a client-id conflict.

@@ -321,18 +321,7 @@ async fn observe(cfg: Config, topics: watch::Receiver<Vec<String>>, cancel: Canc
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
     let (ingest, _acker, mut rx) = MqttIngest::new(
-        IngestConfig {
-            endpoint: cfg.mqtt.clone(),
-            client_id,
-            clean_session: true,
-            manual_acks: false,
-            keep_alive: cfg.mqtt_keep_alive,
-            reconnect_max: cfg.mqtt_reconnect_max,
-            max_payload_bytes: cfg.max_payload_bytes,
-            max_pending: cfg.max_pending,
-            topics: cfg.mqtt_topics.clone(),
-            expect_session: false,
-        },
+        IngestConfig::observer(&cfg, client_id),
         topics,
         std::sync::Arc::new(|| true),
     );

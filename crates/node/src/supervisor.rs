@@ -124,18 +124,7 @@ impl Supervisor {
         let lease = self.lease.clone();
         let may_connect: Arc<dyn Fn() -> bool + Send + Sync> = Arc::new(move || lease.is_valid());
         let (ingest, acker, rx) = MqttIngest::new(
-            IngestConfig {
-                endpoint: cfg.mqtt.clone(),
-                client_id: cfg.mqtt_client_id.clone(),
-                clean_session: false,
-                manual_acks: true,
-                keep_alive: cfg.mqtt_keep_alive,
-                reconnect_max: cfg.mqtt_reconnect_max,
-                max_payload_bytes: cfg.max_payload_bytes,
-                max_pending: cfg.max_pending,
-                topics: cfg.mqtt_topics.clone(),
-                expect_session: epoch > 1,
-            },
+            IngestConfig::shared_session(cfg, epoch > 1),
             self.device_topics.clone(),
             may_connect,
         );

@@ -294,10 +294,6 @@ impl Postgres {
     pub async fn start_again(&mut self) -> Result<()> {
         self.launch().await
     }
-
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
-    }
 }
 
 impl Drop for Postgres {
@@ -515,10 +511,6 @@ impl NodeProc {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    }
-
-    pub fn health_url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.http_port)
     }
 }
 
