@@ -27,6 +27,9 @@ pub const KEYS: &[&str] = &[
     "MQTT_PORT",
     "MQTT_USERNAME",
     "MQTT_PASSWORD",
+    "MQTT_CA_FILE",
+    "MQTT_CLIENT_CERT",
+    "MQTT_CLIENT_KEY",
     "MQTT_CLIENT_ID",
     "MQTT_TOPICS",
     "MQTT_KEEP_ALIVE",
@@ -45,6 +48,9 @@ pub const KEYS: &[&str] = &[
     "STALE_WARNING",
     "STALE_CRITICAL",
     "ALERT_WEBHOOK_URL",
+    "ALERT_CHECK_INTERVAL",
+    "ALERT_GRACE",
+    "ALERT_WINDOW",
     "LOG_FORMAT",
     "LOG_LEVEL",
 ];
@@ -232,6 +238,11 @@ pub struct MqttEndpoint {
     pub tls: bool,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// PEM file of the CA(s) that signed the broker's certificate; the system roots when unset.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// PEM certificate and key presented to a broker that requires client certificates.
+    pub client_cert: Option<std::path::PathBuf>,
+    pub client_key: Option<std::path::PathBuf>,
 }
 
 impl fmt::Debug for MqttEndpoint {
@@ -242,6 +253,9 @@ impl fmt::Debug for MqttEndpoint {
             .field("tls", &self.tls)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("ca_file", &self.ca_file)
+            .field("client_cert", &self.client_cert)
+            .field("client_key", &self.client_key)
             .finish()
     }
 }
@@ -326,6 +340,12 @@ pub struct Config {
     pub stale_warning: Duration,
     pub stale_critical: Duration,
     pub alert_webhook_url: Option<String>,
+    /// How often every node evaluates alerts.
+    pub alert_check_interval: Duration,
+    /// How long "no leader" or "leader off the broker" must last before it is an alert.
+    pub alert_grace: Duration,
+    /// Event-like alerts count what happened within this window.
+    pub alert_window: Duration,
     pub log_format: LogFormat,
     pub log_level: String,
 }
@@ -365,6 +385,13 @@ pub fn parse_duration(v: &str) -> Result<Duration, String> {
 fn duration(v: &str) -> Result<Duration, String> {
     humantime::parse_duration(v)
         .map_err(|e| format!("{e}; expected a duration such as 10s, 500ms or 5m"))
+}
+
+fn nonzero_duration(v: &str) -> Result<Duration, String> {
+    match duration(v)? {
+        d if d.is_zero() => Err("must be greater than 0".into()),
+        d => Ok(d),
+    }
 }
 
 fn positive_int(v: &str) -> Result<usize, String> {
@@ -424,6 +451,9 @@ fn mqtt_endpoint(s: &Sources) -> Result<MqttEndpoint, ConfigError> {
         tls: false,
         username: None,
         password: None,
+        ca_file: None,
+        client_cert: None,
+        client_key: None,
     };
     if let Some((url, origin)) = s.get("MQTT_URL") {
         let invalid = |reason: &str| ConfigError::Invalid {
@@ -478,6 +508,41 @@ fn mqtt_endpoint(s: &Sources) -> Result<MqttEndpoint, ConfigError> {
     }
     if let Some(p) = s.string("MQTT_PASSWORD") {
         ep.password = Some(p);
+    }
+    let file = |key: &str| -> Result<Option<std::path::PathBuf>, ConfigError> {
+        let Some((v, origin)) = s.get(key) else {
+            return Ok(None);
+        };
+        let invalid = |reason: String| ConfigError::Invalid {
+            key: key.into(),
+            value: v.to_string(),
+            origin: origin.clone(),
+            reason,
+        };
+        if !ep.tls {
+            return Err(invalid(
+                "TLS files need a TLS broker URL: set MQTT_URL=mqtts://host:8883".into(),
+            ));
+        }
+        std::fs::File::open(v).map_err(|e| invalid(format!("cannot read the file: {e}")))?;
+        Ok(Some(v.into()))
+    };
+    ep.ca_file = file("MQTT_CA_FILE")?;
+    ep.client_cert = file("MQTT_CLIENT_CERT")?;
+    ep.client_key = file("MQTT_CLIENT_KEY")?;
+    if ep.client_cert.is_some() != ep.client_key.is_some() {
+        let (key, other) = if ep.client_cert.is_some() {
+            ("MQTT_CLIENT_CERT", "MQTT_CLIENT_KEY")
+        } else {
+            ("MQTT_CLIENT_KEY", "MQTT_CLIENT_CERT")
+        };
+        let (v, origin) = s.get(key).unwrap_or(("", &Origin::Default));
+        return Err(ConfigError::Invalid {
+            key: key.into(),
+            value: v.to_string(),
+            origin: origin.clone(),
+            reason: format!("a client certificate needs both MQTT_CLIENT_CERT and MQTT_CLIENT_KEY; {other} is not set"),
+        });
     }
     Ok(ep)
 }
@@ -611,6 +676,13 @@ impl Config {
             stale_warning,
             stale_critical,
             alert_webhook_url: s.string("ALERT_WEBHOOK_URL"),
+            alert_check_interval: s.parse(
+                "ALERT_CHECK_INTERVAL",
+                Duration::from_secs(15),
+                nonzero_duration,
+            )?,
+            alert_grace: s.parse("ALERT_GRACE", Duration::from_secs(30), duration)?,
+            alert_window: s.parse("ALERT_WINDOW", Duration::from_secs(600), nonzero_duration)?,
             log_format: s.parse("LOG_FORMAT", LogFormat::Pretty, |v| {
                 match v.to_ascii_lowercase().as_str() {
                     "json" => Ok(LogFormat::Json),

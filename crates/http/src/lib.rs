@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use leasehold_lease::{LeaseHandle, Role};
 use leasehold_store::Pool;
@@ -44,6 +44,12 @@ pub struct HttpState {
     pub lease_name: String,
     /// Whether this node's role needs a broker connection (leader or observer).
     pub observer: bool,
+    /// `None` without a database.
+    pub alerts: Option<leasehold_alerts::AlertsHandle>,
+    pub stale_warning: Duration,
+    pub stale_critical: Duration,
+    /// Nodes seen within this are alive.
+    pub alive_within: Duration,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -54,6 +60,10 @@ pub fn router(state: HttpState) -> Router {
         .route("/health/lease", get(lease))
         .route("/health/mqtt", get(mqtt))
         .route("/health/database", get(database))
+        .route("/health/recent-data", get(recent_data))
+        .route("/health/alerts", get(alerts))
+        .route("/health/alerts/check", post(alerts_check))
+        .route("/cluster", get(cluster))
         .route("/metrics", get(metrics_text))
         .with_state(state)
 }
@@ -234,6 +244,170 @@ async fn database(State(s): State<HttpState>) -> Response {
     let db = db_probe(&s).await;
     let ok = db["reachable"].as_bool().unwrap_or(false);
     (code(ok), Json(db)).into_response()
+}
+
+/// Runs `work` on a pooled connection with a deadline; the error becomes a 503 body.
+async fn with_db<T, F, Fut>(s: &HttpState, work: F) -> Result<T, Response>
+where
+    F: FnOnce(leasehold_store::PooledClient) -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let unavailable =
+        |e: String| (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": e}))).into_response();
+    let Some(pool) = &s.pool else {
+        return Err(unavailable("no database configured".into()));
+    };
+    let run = async {
+        let c = leasehold_store::pooled(pool)
+            .await
+            .map_err(|e| e.to_string())?;
+        work(c).await
+    };
+    match tokio::time::timeout(Duration::from_secs(5), run).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(unavailable(e)),
+        Err(_) => Err(unavailable("database did not answer within 5s".into())),
+    }
+}
+
+/// `ok` / `warning` / `critical` by the age of the newest row, and device coverage.
+async fn recent_data(State(s): State<HttpState>) -> Response {
+    let window = s.stale_warning;
+    let res = with_db(&s, |c| async move {
+        let age = leasehold_store::queries::newest_data_age(&**c)
+            .await
+            .map_err(|e| e.to_string())?;
+        let cov = leasehold_store::queries::device_coverage(&**c, window, 20)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((age, cov))
+    })
+    .await;
+    let (age, cov) = match res {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let status = match age {
+        None => "warning",
+        Some(a) if a >= s.stale_critical.as_secs_f64() => "critical",
+        Some(a) if a >= s.stale_warning.as_secs_f64() => "warning",
+        Some(_) => "ok",
+    };
+    let body = json!({
+        "status": status,
+        "newest_data_age_seconds": age,
+        "reason": if age.is_none() { Some("no telemetry stored yet") } else { None },
+        "stale_warning_seconds": s.stale_warning.as_secs_f64(),
+        "stale_critical_seconds": s.stale_critical.as_secs_f64(),
+        "devices": {
+            "window_seconds": window.as_secs_f64(),
+            "enabled": cov.enabled,
+            "heard": cov.heard,
+            "coverage": if cov.enabled > 0 { json!(cov.heard as f64 / cov.enabled as f64) } else { Value::Null },
+            "silent": cov.silent,
+        },
+    });
+    (code(status != "critical"), Json(body)).into_response()
+}
+
+async fn alerts(State(s): State<HttpState>) -> Response {
+    let Some(h) = s.alerts.clone() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": "no database configured"})),
+        )
+            .into_response();
+    };
+    match tokio::time::timeout(Duration::from_secs(5), h.recent(50)).await {
+        Ok(Ok(rows)) => {
+            let open: Vec<_> = rows.iter().filter(|r| r.resolved_at.is_none()).collect();
+            Json(json!({"open": open, "recent": rows})).into_response()
+        }
+        Ok(Err(e)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": e.to_string()})),
+        )
+            .into_response(),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": "database did not answer within 5s"})),
+        )
+            .into_response(),
+    }
+}
+
+/// Evaluates now; answers with what was found and what changed.
+async fn alerts_check(State(s): State<HttpState>) -> Response {
+    let Some(h) = s.alerts.clone() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": "no database configured"})),
+        )
+            .into_response();
+    };
+    match h.check().await {
+        Ok(report) => Json(json!(report)).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": e.to_string()})),
+        )
+            .into_response(),
+    }
+}
+
+/// Every node seen in the last day, its role and mode, and who leads.
+async fn cluster(State(s): State<HttpState>) -> Response {
+    let alive_ms = s.alive_within.as_millis() as i64;
+    let lease_name = s.lease_name.clone();
+    let res = with_db(&s, |c| async move {
+        let lease = leasehold_store::queries::lease(&**c, &lease_name)
+            .await
+            .map_err(|e| e.to_string())?;
+        let nodes = leasehold_store::queries::cluster_nodes(&**c, alive_ms, true)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((lease, nodes))
+    })
+    .await;
+    let (lease, nodes) = match res {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    const DAY_MS: i64 = 24 * 3600 * 1000;
+    let leader = lease.as_ref().filter(|l| l.is_live());
+    let nodes: Vec<Value> = nodes
+        .iter()
+        .filter(|n| n.seen_ms_ago < DAY_MS)
+        .take(50)
+        .map(|n| {
+            json!({
+                "instance_id": n.instance_id,
+                "holder_id": n.holder_id,
+                "role": n.role,
+                "mode": n.mode,
+                "version": n.version,
+                "http_url": n.http_url,
+                "mqtt_connected": n.mqtt_connected,
+                "started_at": n.started_at.to_rfc3339(),
+                "last_seen": n.last_seen.to_rfc3339(),
+                "last_seen_seconds_ago": n.seen_ms_ago as f64 / 1000.0,
+                "alive": n.seen_ms_ago < alive_ms,
+                "leads": leader.is_some_and(|l| l.holder_id == n.holder_id),
+            })
+        })
+        .collect();
+    Json(json!({
+        "lease_name": s.lease_name,
+        "leader": leader.map(|l| json!({
+            "instance_id": l.instance_id, "holder_id": l.holder_id, "epoch": l.epoch,
+            "expires_in_ms": l.expires_in_ms, "acquired_at": l.acquired_at.to_rfc3339(),
+        })),
+        "last_epoch": lease.as_ref().map(|l| l.epoch),
+        "nodes_alive": nodes.iter().filter(|n| n["alive"] == json!(true)).count(),
+        "nodes": nodes,
+        "answered_by": s.instance_id,
+    }))
+    .into_response()
 }
 
 async fn metrics_text() -> Response {

@@ -43,6 +43,11 @@ pub async fn status(cfg: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
     let lease = queries::lease(&c, &cfg.lease_name).await?;
     let nodes = queries::cluster_nodes(&c, ALIVE_WITHIN.as_millis() as i64, true).await?;
     let age = queries::newest_data_age(&c).await?;
+    let open_alerts: Vec<_> = leasehold_alerts::recent(&c, 50)
+        .await?
+        .into_iter()
+        .filter(|a| a.resolved_at.is_none())
+        .collect();
     let alive: Vec<_> = nodes
         .iter()
         .filter(|n| n.seen_ms_ago < ALIVE_WITHIN.as_millis() as i64)
@@ -63,6 +68,7 @@ pub async fn status(cfg: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
                 "alive": n.seen_ms_ago < ALIVE_WITHIN.as_millis() as i64,
             })).collect::<Vec<_>>(),
             "newest_data_age_seconds": age,
+            "alerts_open": open_alerts,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
@@ -91,11 +97,16 @@ pub async fn status(cfg: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
                 "gone"
             };
             println!(
-                "  {:<20} {:<9} {:<12} {:<6} seen {} ago  v{}  {}",
+                "  {:<20} {:<9} {:<12} {:<6} {:<13} seen {} ago  v{}  {}",
                 n.instance_id,
                 n.role,
                 n.mode,
                 state,
+                match (n.mqtt_connected, n.role.as_str()) {
+                    (true, _) => "mqtt up",
+                    (false, "leader" | "observer") => "MQTT DOWN",
+                    (false, _) => "-",
+                },
                 secs(n.seen_ms_ago),
                 n.version,
                 n.http_url.as_deref().unwrap_or("-")
@@ -104,6 +115,20 @@ pub async fn status(cfg: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
         match age {
             Some(a) => println!("DATA     newest row received {a:.1}s ago"),
             None => println!("DATA     no rows yet"),
+        }
+        if open_alerts.is_empty() {
+            println!("ALERTS   none open");
+        } else {
+            println!("ALERTS   {} open", open_alerts.len());
+            for a in &open_alerts {
+                println!(
+                    "  {:<8} {:<26} since {}  {}",
+                    a.level.to_uppercase(),
+                    a.kind,
+                    a.opened_at.format("%Y-%m-%d %H:%M:%S UTC"),
+                    a.message
+                );
+            }
         }
     }
     Ok(if leader.is_some() {

@@ -28,6 +28,9 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 /// A node not seen for this long is not counted alive.
 pub const ALIVE_WITHIN: Duration = Duration::from_secs(10);
+/// This many new leaders within ALERT_WINDOW is flapping: a rolling restart of the pair makes
+/// two or three, a leader that keeps losing its lease makes more.
+pub const FLAP_CHANGES: i64 = 4;
 
 /// Runs a node until `shutdown` fires (a signal in production, a token in tests).
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -138,6 +141,16 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         ));
     }
 
+    let alerts = pool.as_ref().map(|pool| {
+        let ev = leasehold_alerts::Evaluator::new(alerts_config(&cfg), pool.clone());
+        let handle = ev.handle();
+        let token = root.clone();
+        tracker.spawn(async move {
+            let _ = ev.run(token).await;
+        });
+        handle
+    });
+
     let state = leasehold_http::HttpState {
         instance_id: cfg.instance_id.clone(),
         mode: cfg.mode.as_str(),
@@ -146,6 +159,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         pool: pool.clone(),
         lease_name: cfg.lease_name.clone(),
         observer: cfg.mode == Mode::Development,
+        alerts,
+        stale_warning: cfg.stale_warning,
+        stale_critical: cfg.stale_critical,
+        alive_within: ALIVE_WITHIN,
     };
     let token = root.clone();
     tracker.spawn(async move {
@@ -174,6 +191,24 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     }
     tracing::info!(ms = started.elapsed().as_millis() as u64, "stopped");
     Ok(())
+}
+
+fn alerts_config(cfg: &Config) -> leasehold_alerts::AlertsConfig {
+    leasehold_alerts::AlertsConfig {
+        instance_id: cfg.instance_id.clone(),
+        lease_name: cfg.lease_name.clone(),
+        cluster_name: cfg.lease_name.clone(),
+        thresholds: leasehold_alerts::Thresholds {
+            stale_warning: cfg.stale_warning,
+            stale_critical: cfg.stale_critical,
+            grace: cfg.alert_grace,
+            window: cfg.alert_window,
+            flap_changes: FLAP_CHANGES,
+        },
+        check_interval: cfg.alert_check_interval,
+        alive_within: ALIVE_WITHIN,
+        webhook_url: cfg.alert_webhook_url.clone(),
+    }
 }
 
 async fn migrate_with_retry(url: &str, shutdown: &CancellationToken) -> anyhow::Result<()> {
@@ -272,6 +307,10 @@ async fn heartbeat(
 ) {
     let started_at = Utc::now();
     let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+    // Counters seen at the last heartbeat: an increase is reported as "happened now", so every
+    // node can judge the session-lost and client-id alerts from this table.
+    let m = metrics();
+    let mut seen = (m.mqtt_session_lost.get(), m.mqtt_client_id_conflicts.get());
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -282,6 +321,9 @@ async fn heartbeat(
             (None, Mode::Development) => "observer",
             (None, _) => "disabled",
         };
+        let now = (m.mqtt_session_lost.get(), m.mqtt_client_id_conflicts.get());
+        let session_lost_at = (now.0 > seen.0).then(Utc::now);
+        let client_id_conflict_at = (now.1 > seen.1).then(Utc::now);
         let work = async {
             let c = leasehold_store::pooled(&pool).await?;
             queries::heartbeat(
@@ -294,6 +336,9 @@ async fn heartbeat(
                     version: VERSION,
                     http_url: Some(&http_url),
                     started_at,
+                    mqtt_connected: m.mqtt_connected.get() == 1,
+                    session_lost_at,
+                    client_id_conflict_at,
                 },
             )
             .await?;
@@ -304,8 +349,9 @@ async fn heartbeat(
         };
         match tokio::time::timeout(HEARTBEAT_EVERY, work).await {
             Ok(Ok((alive, age))) => {
-                metrics().cluster_nodes_alive.set(alive as i64);
-                metrics().data_age.set(age.unwrap_or(-1.0));
+                seen = now;
+                m.cluster_nodes_alive.set(alive as i64);
+                m.data_age.set(age.unwrap_or(-1.0));
             }
             Ok(Err(e)) => tracing::debug!(error = %e, "heartbeat failed"),
             Err(_) => tracing::debug!("heartbeat timed out"),

@@ -15,6 +15,8 @@ use chrono::{DateTime, Utc};
 use tokio_postgres::{Client, NoTls, Statement};
 
 pub use deadpool_postgres::Pool;
+/// A connection borrowed from the pool.
+pub type PooledClient = deadpool_postgres::Object;
 pub use tokio_postgres;
 
 #[derive(Debug, thiserror::Error)]
@@ -114,11 +116,18 @@ pub async fn pooled(pool: &Pool) -> Result<deadpool_postgres::Object> {
 }
 
 /// The migrations, in order. Embedded so the binary carries its schema.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "initial",
-    include_str!("../../../migrations/V1__initial.sql"),
-)];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "initial",
+        include_str!("../../../migrations/V1__initial.sql"),
+    ),
+    (
+        2,
+        "operations",
+        include_str!("../../../migrations/V2__operations.sql"),
+    ),
+];
 
 /// Arbitrary but fixed: the advisory lock every node takes around migration.
 const MIGRATION_LOCK_KEY: i64 = 0x1ea5_e401d;

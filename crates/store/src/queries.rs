@@ -63,6 +63,7 @@ pub struct NodeRow {
     pub started_at: DateTime<Utc>,
     pub last_seen: DateTime<Utc>,
     pub seen_ms_ago: i64,
+    pub mqtt_connected: bool,
 }
 
 /// Nodes seen within `alive_within`, newest first, plus older ones when `include_dead`.
@@ -74,7 +75,8 @@ pub async fn cluster_nodes(
     let rows = c
         .query(
             "SELECT holder_id, instance_id, role, mode, version, http_url, started_at, last_seen,
-                    (extract(epoch from (clock_timestamp() - last_seen)) * 1000)::bigint AS ago
+                    (extract(epoch from (clock_timestamp() - last_seen)) * 1000)::bigint AS ago,
+                    mqtt_connected
              FROM cluster_nodes
              WHERE $2 OR last_seen > clock_timestamp() - make_interval(secs => $1::float8 / 1000)
              ORDER BY last_seen DESC",
@@ -93,6 +95,7 @@ pub async fn cluster_nodes(
             started_at: r.get(6),
             last_seen: r.get(7),
             seen_ms_ago: r.get(8),
+            mqtt_connected: r.get(9),
         })
         .collect())
 }
@@ -107,15 +110,26 @@ pub struct Heartbeat<'a> {
     pub version: &'a str,
     pub http_url: Option<&'a str>,
     pub started_at: DateTime<Utc>,
+    pub mqtt_connected: bool,
+    /// When this node last saw the broker lose the session / its client id taken (kept if `None`).
+    pub session_lost_at: Option<DateTime<Utc>>,
+    pub client_id_conflict_at: Option<DateTime<Utc>>,
 }
 
 pub async fn heartbeat(c: &impl GenericClient, hb: &Heartbeat<'_>) -> Result<()> {
     c.execute(
-        "INSERT INTO cluster_nodes (holder_id, instance_id, role, mode, version, http_url, started_at, last_seen)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, now())
+        "INSERT INTO cluster_nodes AS n (holder_id, instance_id, role, mode, version, http_url, started_at,
+                last_seen, mqtt_connected, mqtt_changed_at, session_lost_at, client_id_conflict_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8, now(), $9, $10)
          ON CONFLICT (holder_id) DO UPDATE SET role = EXCLUDED.role, last_seen = now(),
-             http_url = EXCLUDED.http_url",
-        &[&hb.holder_id, &hb.instance_id, &hb.role, &hb.mode, &hb.version, &hb.http_url, &hb.started_at],
+             http_url = EXCLUDED.http_url,
+             mqtt_changed_at = CASE WHEN n.mqtt_connected = EXCLUDED.mqtt_connected
+                                    THEN n.mqtt_changed_at ELSE now() END,
+             mqtt_connected = EXCLUDED.mqtt_connected,
+             session_lost_at = coalesce(EXCLUDED.session_lost_at, n.session_lost_at),
+             client_id_conflict_at = coalesce(EXCLUDED.client_id_conflict_at, n.client_id_conflict_at)",
+        &[&hb.holder_id, &hb.instance_id, &hb.role, &hb.mode, &hb.version, &hb.http_url, &hb.started_at,
+          &hb.mqtt_connected, &hb.session_lost_at, &hb.client_id_conflict_at],
     )
     .await?;
     Ok(())
@@ -153,4 +167,47 @@ pub async fn request_step_down(
     c.execute("SELECT pg_notify($1, $2)", &[&CONTROL_CHANNEL, &payload])
         .await?;
     Ok(())
+}
+
+/// Enabled devices and how many of them were heard from within a window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Coverage {
+    pub enabled: i64,
+    pub heard: i64,
+    /// Up to the requested number of enabled devices not heard from, by id.
+    pub silent: Vec<String>,
+}
+
+/// Coverage judged by each device's newest reading (the primary-key index answers it with one
+/// short backward scan per device, whatever the size of `telemetry`): heard when that reading
+/// was received within `window`.
+pub async fn device_coverage(
+    c: &impl GenericClient,
+    window: std::time::Duration,
+    list_silent: i64,
+) -> Result<Coverage> {
+    let rows = c
+        .query(
+            "WITH d AS (
+                SELECT d.device_id,
+                       (SELECT t.received_at FROM telemetry t WHERE t.device_id = d.device_id
+                        ORDER BY t.ts DESC LIMIT 1) > clock_timestamp() - make_interval(secs => $1) AS heard
+                FROM devices d WHERE d.enabled)
+             SELECT (SELECT count(*) FROM d), (SELECT count(*) FROM d WHERE heard),
+                    s.device_id
+             FROM (SELECT 1) one
+             LEFT JOIN LATERAL (SELECT device_id FROM d WHERE heard IS NOT TRUE
+                                ORDER BY device_id LIMIT $2) s ON true",
+            &[&window.as_secs_f64(), &list_silent],
+        )
+        .await?;
+    let first = rows.first();
+    Ok(Coverage {
+        enabled: first.map(|r| r.get(0)).unwrap_or(0),
+        heard: first.map(|r| r.get(1)).unwrap_or(0),
+        silent: rows
+            .iter()
+            .filter_map(|r| r.get::<_, Option<String>>(2))
+            .collect(),
+    })
 }

@@ -47,6 +47,9 @@ pub struct Metrics {
     pub data_age: Gauge,
     pub cluster_nodes_alive: IntGauge,
     pub build_info: IntGaugeVec,
+    pub alerts_firing: IntGaugeVec,
+    pub alert_changes: IntCounterVec,
+    pub alert_notifications: IntCounterVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -94,6 +97,9 @@ impl Metrics {
             data_age: reg(&r, Gauge::new("leasehold_data_age_seconds", "Age of the newest telemetry row (-1 when there is none)")?),
             cluster_nodes_alive: reg(&r, IntGauge::new("leasehold_cluster_nodes_alive", "Nodes that heartbeated recently")?),
             build_info: reg(&r, IntGaugeVec::new(Opts::new("leasehold_build_info", "Build information"), &["version"])?),
+            alerts_firing: reg(&r, IntGaugeVec::new(Opts::new("leasehold_alerts_firing", "1 while this node's last evaluation found the alert's condition"), &["kind"])?),
+            alert_changes: reg(&r, IntCounterVec::new(Opts::new("leasehold_alert_changes_total", "Alerts this node opened, escalated or resolved (it won the change in the alerts table)"), &["kind", "action"])?),
+            alert_notifications: reg(&r, IntCounterVec::new(Opts::new("leasehold_alert_notifications_total", "Alert webhook deliveries by outcome"), &["result"])?),
             registry: r,
         };
         m.build_info

@@ -13,6 +13,7 @@
 
 pub mod proxy;
 pub mod publish;
+pub mod webhook;
 
 use std::fs::File;
 use std::future::Future;
@@ -416,6 +417,15 @@ impl Mosquitto {
 
     pub async fn start_again(&mut self) -> Result<()> {
         self.launch().await
+    }
+
+    /// Deletes the persistence file of a stopped broker: it comes back without any session,
+    /// as a broker with a lost disk or no persistence would.
+    pub fn forget_sessions(&self) -> Result<()> {
+        match std::fs::remove_file(self.dir.path().join("mosquitto.db")) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -1,0 +1,701 @@
+//! Alerts (SPEC section 13): every node judges the whole cluster from Postgres, on a timer and on
+//! demand, and the database decides which node reports a change.
+//!
+//! Why every node: the system this replaces learnt about a 3.5-hour outage from a customer
+//! because the only process that could notice was the one that had stopped. Here a standby whose
+//! leader died, or a leader whose broker went away, raises the alert; and because opening and
+//! resolving are conditional writes on `alerts` (one open row per kind, enforced by a unique
+//! index), exactly one node wins each change and only that node posts the webhook.
+//!
+//! # Layout
+//! - [`Kind`], [`Level`], [`Finding`]: what can be wrong, and a condition that holds now.
+//! - [`Evaluator`]: gathers the facts ([`facts`]), judges them ([`judge`], pure), applies the
+//!   result to `alerts` and queues notifications; [`AlertsHandle::check`] runs it now.
+//! - [`webhook`]: Slack-compatible delivery with retries, in order, off the evaluation path.
+
+pub mod facts;
+pub mod webhook;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use leasehold_store::{Pool, StoreError};
+use leasehold_telemetry::metrics;
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+pub use facts::Facts;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AlertError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("alert evaluation did not finish within {0:?}")]
+    Timeout(Duration),
+}
+
+impl From<leasehold_store::tokio_postgres::Error> for AlertError {
+    fn from(e: leasehold_store::tokio_postgres::Error) -> Self {
+        AlertError::Store(StoreError::Db(e))
+    }
+}
+
+/// Everything that can be wrong with the cluster, as stored in `alerts.kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    DataStale,
+    NoLeader,
+    LeaderMqttDisconnected,
+    MqttSessionLost,
+    MqttClientIdFight,
+    DeadLettersRising,
+    LeaseFlapping,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 7] = [
+        Kind::DataStale,
+        Kind::NoLeader,
+        Kind::LeaderMqttDisconnected,
+        Kind::MqttSessionLost,
+        Kind::MqttClientIdFight,
+        Kind::DeadLettersRising,
+        Kind::LeaseFlapping,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::DataStale => "data_stale",
+            Kind::NoLeader => "no_leader",
+            Kind::LeaderMqttDisconnected => "leader_mqtt_disconnected",
+            Kind::MqttSessionLost => "mqtt_session_lost",
+            Kind::MqttClientIdFight => "mqtt_client_id_fight",
+            Kind::DeadLettersRising => "dead_letters_rising",
+            Kind::LeaseFlapping => "lease_flapping",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Level {
+    Warning,
+    Critical,
+}
+
+impl Level {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Warning => "warning",
+            Level::Critical => "critical",
+        }
+    }
+}
+
+/// A condition that holds now.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Finding {
+    pub kind: Kind,
+    pub level: Level,
+    pub message: String,
+    pub details: Value,
+}
+
+/// The thresholds alerts are judged against.
+#[derive(Debug, Clone)]
+pub struct Thresholds {
+    pub stale_warning: Duration,
+    pub stale_critical: Duration,
+    /// How long "no leader" or "leader not connected" must last before it is an alert: a failover
+    /// or a broker restart that heals itself within this is not worth a page.
+    pub grace: Duration,
+    /// Event-like alerts (session lost, client-id fight, dead letters, flapping) count what happened
+    /// within this window and resolve once it has passed quietly.
+    pub window: Duration,
+    /// This many changes of leader within `window` is flapping.
+    pub flap_changes: i64,
+}
+
+/// Judges the facts. Pure, so every rule is tested without a cluster.
+pub fn judge(f: &Facts, t: &Thresholds) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let secs = |d: Duration| d.as_secs_f64();
+
+    match f.newest_data_age {
+        Some(age) if age >= secs(t.stale_warning) => {
+            let level = if age >= secs(t.stale_critical) {
+                Level::Critical
+            } else {
+                Level::Warning
+            };
+            out.push(Finding {
+                kind: Kind::DataStale,
+                level,
+                message: format!(
+                    "no new telemetry for {} (warning at {}, critical at {}); {} of {} enabled devices heard from in the last {}",
+                    human(age),
+                    human(secs(t.stale_warning)),
+                    human(secs(t.stale_critical)),
+                    f.devices_heard,
+                    f.devices_enabled,
+                    human(secs(t.stale_warning)),
+                ),
+                details: json!({"newest_data_age_seconds": age, "devices_enabled": f.devices_enabled, "devices_heard": f.devices_heard}),
+            });
+        }
+        None if f.cluster_uptime >= secs(t.stale_warning) => out.push(Finding {
+            kind: Kind::DataStale,
+            level: Level::Warning,
+            message: format!(
+                "no telemetry has ever been stored, and the cluster has been up for {}",
+                human(f.cluster_uptime)
+            ),
+            details: json!({"newest_data_age_seconds": null}),
+        }),
+        _ => {}
+    }
+
+    match &f.lease {
+        None if f.cluster_uptime >= secs(t.grace) && f.production_nodes_alive > 0 => {
+            out.push(Finding {
+                kind: Kind::NoLeader,
+                level: Level::Critical,
+                message: format!(
+                    "no node has ever taken the lease, although {} production node(s) are running",
+                    f.production_nodes_alive
+                ),
+                details: json!({"production_nodes_alive": f.production_nodes_alive}),
+            })
+        }
+        Some(l) if l.expired_for >= secs(t.grace) => out.push(Finding {
+            kind: Kind::NoLeader,
+            level: Level::Critical,
+            message: format!(
+                "no leader for {}: the lease of {} (epoch {}) expired and no node took it; {} production node(s) alive. Nothing is being written.",
+                human(l.expired_for),
+                l.instance_id,
+                l.epoch,
+                f.production_nodes_alive
+            ),
+            details: json!({"last_holder": l.instance_id, "epoch": l.epoch, "expired_for_seconds": l.expired_for, "production_nodes_alive": f.production_nodes_alive}),
+        }),
+        _ => {}
+    }
+
+    if let Some(l) = f.lease.as_ref().filter(|l| l.expired_for <= 0.0) {
+        if let Some(d) = l.leader_disconnected_for.filter(|d| *d >= secs(t.grace)) {
+            out.push(Finding {
+                kind: Kind::LeaderMqttDisconnected,
+                level: Level::Critical,
+                message: format!(
+                    "leader {} (epoch {}) has not been connected to the broker for {}; it hands over if this lasts MQTT_STEP_DOWN_AFTER",
+                    l.instance_id,
+                    l.epoch,
+                    human(d)
+                ),
+                details: json!({"leader": l.instance_id, "epoch": l.epoch, "disconnected_for_seconds": d}),
+            });
+        }
+    }
+
+    if !f.session_lost.is_empty() {
+        out.push(Finding {
+            kind: Kind::MqttSessionLost,
+            level: Level::Critical,
+            message: format!(
+                "the broker had no session for the cluster's client id when {} reconnected (within the last {}): messages queued for it were lost. Check the broker's persistence.",
+                f.session_lost.join(", "),
+                human(secs(t.window))
+            ),
+            details: json!({"nodes": f.session_lost}),
+        });
+    }
+
+    if !f.client_id_conflicts.is_empty() {
+        out.push(Finding {
+            kind: Kind::MqttClientIdFight,
+            level: Level::Critical,
+            message: format!(
+                "another process is using the cluster's MQTT client id: {} was disconnected right after connecting (within the last {})",
+                f.client_id_conflicts.join(", "),
+                human(secs(t.window))
+            ),
+            details: json!({"nodes": f.client_id_conflicts}),
+        });
+    }
+
+    if f.dead_letters_in_window > 0 {
+        out.push(Finding {
+            kind: Kind::DeadLettersRising,
+            level: Level::Warning,
+            message: format!(
+                "{} message(s) dead-lettered in the last {} (latest error: {})",
+                f.dead_letters_in_window,
+                human(secs(t.window)),
+                f.latest_dead_letter_error.as_deref().unwrap_or("-")
+            ),
+            details: json!({"count": f.dead_letters_in_window, "latest_error": f.latest_dead_letter_error}),
+        });
+    }
+
+    if f.leader_changes_in_window >= t.flap_changes {
+        out.push(Finding {
+            kind: Kind::LeaseFlapping,
+            level: Level::Warning,
+            message: format!(
+                "leadership changed {} times in the last {}",
+                f.leader_changes_in_window,
+                human(secs(t.window))
+            ),
+            details: json!({"changes": f.leader_changes_in_window}),
+        });
+    }
+    out
+}
+
+/// `90` -> `1m 30s`: for messages read by people.
+pub fn human(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m {}s", s / 60, s % 60),
+        _ => format!("{}h {}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+/// What one evaluation changed.
+#[derive(Debug, Clone, Serialize)]
+pub struct Change {
+    pub alert_id: i64,
+    pub kind: Kind,
+    pub level: Level,
+    /// `opened`, `escalated`, `deescalated` or `resolved`.
+    pub action: &'static str,
+    pub message: String,
+}
+
+/// The result of one evaluation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub evaluated_at: DateTime<Utc>,
+    pub evaluated_by: String,
+    pub findings: Vec<Finding>,
+    pub changes: Vec<Change>,
+}
+
+/// One row of `alerts`.
+#[derive(Debug, Clone, Serialize)]
+pub struct AlertRow {
+    pub id: i64,
+    pub kind: String,
+    pub level: String,
+    pub message: String,
+    pub opened_at: DateTime<Utc>,
+    pub resolved_at: Option<DateTime<Utc>>,
+    pub opened_by: Option<String>,
+    pub resolved_by: Option<String>,
+}
+
+/// Open alerts first, then the most recent resolved ones.
+pub async fn recent(
+    c: &impl leasehold_store::tokio_postgres::GenericClient,
+    limit: i64,
+) -> Result<Vec<AlertRow>, AlertError> {
+    let rows = c
+        .query(
+            "SELECT id, kind, level, message, opened_at, resolved_at, opened_by, resolved_by
+             FROM alerts ORDER BY (resolved_at IS NULL) DESC, opened_at DESC, id DESC LIMIT $1",
+            &[&limit],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| AlertRow {
+            id: r.get(0),
+            kind: r.get(1),
+            level: r.get(2),
+            message: r.get(3),
+            opened_at: r.get(4),
+            resolved_at: r.get(5),
+            opened_by: r.get(6),
+            resolved_by: r.get(7),
+        })
+        .collect())
+}
+
+#[derive(Debug, Clone)]
+pub struct AlertsConfig {
+    pub instance_id: String,
+    pub lease_name: String,
+    pub cluster_name: String,
+    pub thresholds: Thresholds,
+    pub check_interval: Duration,
+    /// Nodes seen within this are alive.
+    pub alive_within: Duration,
+    pub webhook_url: Option<String>,
+}
+
+/// Runs evaluations on a timer; [`AlertsHandle`] runs one now.
+pub struct Evaluator {
+    inner: Arc<Inner>,
+    notifier: Option<webhook::Notifier>,
+}
+
+struct Inner {
+    cfg: AlertsConfig,
+    pool: Pool,
+    /// Evaluations run one at a time on a node (timer and `POST /health/alerts/check`).
+    lock: Mutex<()>,
+    queue: Option<tokio::sync::mpsc::UnboundedSender<webhook::Message>>,
+}
+
+/// Cheap to clone; given to the HTTP surface.
+#[derive(Clone)]
+pub struct AlertsHandle {
+    inner: Arc<Inner>,
+}
+
+impl Evaluator {
+    pub fn new(cfg: AlertsConfig, pool: Pool) -> Self {
+        let (queue, notifier) = match &cfg.webhook_url {
+            Some(url) => {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                (Some(tx), Some(webhook::Notifier::new(url.clone(), rx)))
+            }
+            None => (None, None),
+        };
+        Evaluator {
+            inner: Arc::new(Inner {
+                cfg,
+                pool,
+                lock: Mutex::new(()),
+                queue,
+            }),
+            notifier,
+        }
+    }
+
+    pub fn handle(&self) -> AlertsHandle {
+        AlertsHandle {
+            inner: self.inner.clone(),
+        }
+    }
+
+    /// Evaluates every `check_interval` until `cancel`; the webhook queue is drained for a short
+    /// while after, so a resolution found at shutdown is still delivered.
+    pub async fn run(self, cancel: CancellationToken) -> Result<(), AlertError> {
+        let notifier = self.notifier.map(|n| {
+            let token = cancel.clone();
+            tokio::spawn(n.run(token))
+        });
+        let mut tick = tokio::time::interval(self.inner.cfg.check_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            match self.inner.evaluate().await {
+                Ok(r) => tracing::debug!(
+                    findings = r.findings.len(),
+                    changes = r.changes.len(),
+                    "alerts evaluated"
+                ),
+                // Handled here: an unreachable database is itself visible on /health and in metrics.
+                Err(e) => {
+                    tracing::warn!(error = %e, "alert evaluation failed; retrying on the next tick")
+                }
+            }
+        }
+        drop(self.inner);
+        if let Some(n) = notifier {
+            let _ = n.await;
+        }
+        Ok(())
+    }
+}
+
+impl AlertsHandle {
+    /// Evaluates now (`POST /health/alerts/check`).
+    pub async fn check(&self) -> Result<Report, AlertError> {
+        self.inner.evaluate().await
+    }
+
+    pub async fn recent(&self, limit: i64) -> Result<Vec<AlertRow>, AlertError> {
+        let c = leasehold_store::pooled(&self.inner.pool).await?;
+        recent(&**c, limit).await
+    }
+}
+
+const EVALUATION_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Inner {
+    async fn evaluate(&self) -> Result<Report, AlertError> {
+        let _one = self.lock.lock().await;
+        tokio::time::timeout(EVALUATION_TIMEOUT, self.evaluate_locked())
+            .await
+            .map_err(|_| AlertError::Timeout(EVALUATION_TIMEOUT))?
+    }
+
+    async fn evaluate_locked(&self) -> Result<Report, AlertError> {
+        let cfg = &self.cfg;
+        let c = leasehold_store::pooled(&self.pool).await?;
+        let facts = facts::gather(&**c, cfg).await?;
+        let findings = judge(&facts, &cfg.thresholds);
+        let mut changes = Vec::new();
+        for kind in Kind::ALL {
+            let change = match findings.iter().find(|f| f.kind == kind) {
+                Some(f) => open_or_update(&**c, f, &cfg.instance_id).await?,
+                None => resolve(&**c, kind, &cfg.instance_id).await?,
+            };
+            if let Some(ch) = change {
+                self.announce(&ch);
+                changes.push(ch);
+            }
+        }
+        let open: Vec<&str> = findings.iter().map(|f| f.kind.as_str()).collect();
+        for kind in Kind::ALL {
+            metrics()
+                .alerts_firing
+                .with_label_values(&[kind.as_str()])
+                .set(i64::from(open.contains(&kind.as_str())));
+        }
+        Ok(Report {
+            evaluated_at: Utc::now(),
+            evaluated_by: cfg.instance_id.clone(),
+            findings,
+            changes,
+        })
+    }
+
+    /// The node that won the change logs it and posts it; the others saw nothing change.
+    fn announce(&self, ch: &Change) {
+        let m = metrics();
+        m.alert_changes
+            .with_label_values(&[ch.kind.as_str(), ch.action])
+            .inc();
+        match (ch.action, ch.level) {
+            ("resolved", _) => {
+                tracing::info!(
+                    alert_id = ch.alert_id,
+                    kind = ch.kind.as_str(),
+                    "alert resolved"
+                )
+            }
+            (_, Level::Critical) => {
+                tracing::error!(alert_id = ch.alert_id, kind = ch.kind.as_str(), action = ch.action, message = %ch.message, "alert")
+            }
+            (_, Level::Warning) => {
+                tracing::warn!(alert_id = ch.alert_id, kind = ch.kind.as_str(), action = ch.action, message = %ch.message, "alert")
+            }
+        }
+        if let Some(q) = &self.queue {
+            let _ = q.send(webhook::Message::for_change(ch, &self.cfg));
+        }
+    }
+}
+
+/// Opens the alert, or changes its level; `None` when it was already open at this level (or
+/// another node won the race to open it).
+async fn open_or_update(
+    c: &impl leasehold_store::tokio_postgres::GenericClient,
+    f: &Finding,
+    by: &str,
+) -> Result<Option<Change>, AlertError> {
+    let kind = f.kind.as_str();
+    let level = f.level.as_str();
+    if let Some(r) = c
+        .query_opt(
+            "INSERT INTO alerts (kind, level, message, opened_by, details)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (kind) WHERE resolved_at IS NULL DO NOTHING
+             RETURNING id",
+            &[&kind, &level, &f.message, &by, &f.details],
+        )
+        .await?
+    {
+        return Ok(Some(Change {
+            alert_id: r.get(0),
+            kind: f.kind,
+            level: f.level,
+            action: "opened",
+            message: f.message.clone(),
+        }));
+    }
+    // Still open: keep the message current; report only a change of level.
+    let row = c
+        .query_opt(
+            "WITH old AS (SELECT id, level FROM alerts WHERE kind = $1 AND resolved_at IS NULL FOR UPDATE)
+             UPDATE alerts a SET level = $2, message = $3, details = $4
+             FROM old WHERE a.id = old.id
+             RETURNING a.id, old.level",
+            &[&kind, &level, &f.message, &f.details],
+        )
+        .await?;
+    Ok(row.and_then(|r| {
+        let old: String = r.get(1);
+        (old != level).then(|| Change {
+            alert_id: r.get(0),
+            kind: f.kind,
+            level: f.level,
+            action: if f.level == Level::Critical {
+                "escalated"
+            } else {
+                "deescalated"
+            },
+            message: f.message.clone(),
+        })
+    }))
+}
+
+async fn resolve(
+    c: &impl leasehold_store::tokio_postgres::GenericClient,
+    kind: Kind,
+    by: &str,
+) -> Result<Option<Change>, AlertError> {
+    let row = c
+        .query_opt(
+            "UPDATE alerts SET resolved_at = now(), resolved_by = $2
+             WHERE kind = $1 AND resolved_at IS NULL
+             RETURNING id, level, message, extract(epoch from (resolved_at - opened_at))::float8",
+            &[&kind.as_str(), &by],
+        )
+        .await?;
+    Ok(row.map(|r| {
+        let level: String = r.get(1);
+        let message: String = r.get(2);
+        let lasted: f64 = r.get(3);
+        Change {
+            alert_id: r.get(0),
+            kind,
+            level: if level == "critical" {
+                Level::Critical
+            } else {
+                Level::Warning
+            },
+            action: "resolved",
+            message: format!("resolved after {}: {message}", human(lasted)),
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use facts::LeaseFacts;
+
+    fn t() -> Thresholds {
+        Thresholds {
+            stale_warning: Duration::from_secs(300),
+            stale_critical: Duration::from_secs(600),
+            grace: Duration::from_secs(10),
+            window: Duration::from_secs(600),
+            flap_changes: 4,
+        }
+    }
+
+    fn healthy() -> Facts {
+        Facts {
+            newest_data_age: Some(1.0),
+            devices_enabled: 3,
+            devices_heard: 3,
+            cluster_uptime: 3600.0,
+            production_nodes_alive: 2,
+            lease: Some(LeaseFacts {
+                instance_id: "a".into(),
+                epoch: 7,
+                expired_for: -5.0,
+                leader_disconnected_for: None,
+            }),
+            session_lost: vec![],
+            client_id_conflicts: vec![],
+            dead_letters_in_window: 0,
+            latest_dead_letter_error: None,
+            leader_changes_in_window: 1,
+        }
+    }
+
+    fn lease(f: &mut Facts) -> &mut LeaseFacts {
+        f.lease.as_mut().expect("healthy facts have a lease")
+    }
+
+    fn kinds(f: &Facts) -> Vec<(Kind, Level)> {
+        judge(f, &t()).iter().map(|x| (x.kind, x.level)).collect()
+    }
+
+    #[test]
+    fn a_healthy_cluster_has_no_findings() {
+        assert!(kinds(&healthy()).is_empty());
+    }
+
+    #[test]
+    fn stale_data_is_a_warning_then_critical() {
+        let mut f = healthy();
+        f.newest_data_age = Some(299.0);
+        assert!(kinds(&f).is_empty());
+        f.newest_data_age = Some(301.0);
+        assert_eq!(kinds(&f), vec![(Kind::DataStale, Level::Warning)]);
+        f.newest_data_age = Some(601.0);
+        assert_eq!(kinds(&f), vec![(Kind::DataStale, Level::Critical)]);
+        f.newest_data_age = None;
+        assert_eq!(kinds(&f), vec![(Kind::DataStale, Level::Warning)]);
+        f.cluster_uptime = 10.0;
+        assert!(kinds(&f).is_empty(), "a fresh cluster is not stale yet");
+    }
+
+    #[test]
+    fn an_expired_lease_is_no_leader_only_after_the_grace() {
+        let mut f = healthy();
+        lease(&mut f).expired_for = 3.0;
+        assert!(kinds(&f).is_empty(), "an ordinary failover is not an alert");
+        lease(&mut f).expired_for = 11.0;
+        assert_eq!(kinds(&f), vec![(Kind::NoLeader, Level::Critical)]);
+        f.lease = None;
+        assert_eq!(kinds(&f), vec![(Kind::NoLeader, Level::Critical)]);
+        f.production_nodes_alive = 0;
+        assert!(kinds(&f).is_empty(), "never taken and nobody to take it");
+    }
+
+    #[test]
+    fn a_leader_off_the_broker_after_the_grace() {
+        let mut f = healthy();
+        lease(&mut f).leader_disconnected_for = Some(5.0);
+        assert!(kinds(&f).is_empty());
+        lease(&mut f).leader_disconnected_for = Some(12.0);
+        assert_eq!(
+            kinds(&f),
+            vec![(Kind::LeaderMqttDisconnected, Level::Critical)]
+        );
+    }
+
+    #[test]
+    fn events_in_the_window() {
+        let mut f = healthy();
+        f.session_lost = vec!["a".into()];
+        f.client_id_conflicts = vec!["b".into()];
+        f.dead_letters_in_window = 2;
+        f.leader_changes_in_window = 4;
+        assert_eq!(
+            kinds(&f),
+            vec![
+                (Kind::MqttSessionLost, Level::Critical),
+                (Kind::MqttClientIdFight, Level::Critical),
+                (Kind::DeadLettersRising, Level::Warning),
+                (Kind::LeaseFlapping, Level::Warning),
+            ]
+        );
+        f.leader_changes_in_window = 3;
+        assert!(!kinds(&f).contains(&(Kind::LeaseFlapping, Level::Warning)));
+    }
+
+    #[test]
+    fn human_durations() {
+        assert_eq!(human(5.4), "5s");
+        assert_eq!(human(90.0), "1m 30s");
+        assert_eq!(human(12_600.0), "3h 30m");
+    }
+}

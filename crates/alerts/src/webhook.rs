@@ -1,0 +1,166 @@
+//! Slack-compatible webhook delivery (`{"text": ...}`), with retries.
+//!
+//! Deliveries run on their own task, in the order the changes happened, so a slow or dead
+//! receiver never delays an evaluation, and "resolved" never overtakes "opened".
+
+use std::time::Duration;
+
+use leasehold_telemetry::metrics;
+use serde_json::json;
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio_util::sync::CancellationToken;
+
+use crate::{AlertsConfig, Change, Level};
+
+/// Attempts per notification, and the pause before each retry.
+pub const BACKOFF: [Duration; 4] = [
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(4),
+];
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+/// After shutdown, queued notifications still get this long.
+const DRAIN_FOR: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub kind: &'static str,
+    pub action: &'static str,
+    pub body: serde_json::Value,
+}
+
+impl Message {
+    pub fn for_change(ch: &Change, cfg: &AlertsConfig) -> Message {
+        let icon = match (ch.action, ch.level) {
+            ("resolved", _) => ":white_check_mark: RESOLVED",
+            (_, Level::Critical) => ":rotating_light: CRITICAL",
+            (_, Level::Warning) => ":warning: WARNING",
+        };
+        let text = format!(
+            "{icon} [{cluster}] {kind} ({action}, alert #{id}, seen by {by}): {msg}",
+            cluster = cfg.cluster_name,
+            kind = ch.kind.as_str(),
+            action = ch.action,
+            id = ch.alert_id,
+            by = cfg.instance_id,
+            msg = ch.message
+        );
+        Message {
+            kind: ch.kind.as_str(),
+            action: ch.action,
+            body: json!({ "text": text }),
+        }
+    }
+}
+
+pub struct Notifier {
+    url: String,
+    rx: UnboundedReceiver<Message>,
+    client: Option<reqwest::Client>,
+}
+
+/// Outcome of one delivery attempt.
+enum Attempt {
+    Delivered,
+    Retry(String),
+    GiveUp(String),
+}
+
+impl Notifier {
+    pub fn new(url: String, rx: UnboundedReceiver<Message>) -> Self {
+        // rustls is built with one provider (aws-lc-rs); make it the process default so that
+        // reqwest's no-provider build finds it. Fails only if one is installed already: fine.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let client = reqwest::Client::builder()
+            .timeout(ATTEMPT_TIMEOUT)
+            .user_agent(concat!("leasehold/", env!("CARGO_PKG_VERSION")))
+            .build();
+        let client = match client {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot build the webhook HTTP client; alerts are recorded but not posted");
+                None
+            }
+        };
+        Notifier { url, rx, client }
+    }
+
+    pub async fn run(mut self, cancel: CancellationToken) {
+        loop {
+            let msg = tokio::select! {
+                m = self.rx.recv() => m,
+                _ = cancel.cancelled() => break,
+            };
+            let Some(msg) = msg else { return };
+            self.deliver(&msg, &cancel).await;
+        }
+        // Shutting down: what is queued still goes out, briefly and without retries past the deadline.
+        let drain = async {
+            while let Ok(msg) = self.rx.try_recv() {
+                self.deliver(&msg, &CancellationToken::new()).await;
+            }
+        };
+        let _ = tokio::time::timeout(DRAIN_FOR, drain).await;
+    }
+
+    async fn deliver(&self, msg: &Message, cancel: &CancellationToken) {
+        let Some(client) = &self.client else { return };
+        let mut last = String::new();
+        for attempt in 0..=BACKOFF.len() {
+            if attempt > 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(BACKOFF[attempt - 1]) => {}
+                    _ = cancel.cancelled() => {}
+                }
+            }
+            match self.attempt(client, msg).await {
+                Attempt::Delivered => {
+                    metrics()
+                        .alert_notifications
+                        .with_label_values(&["delivered"])
+                        .inc();
+                    tracing::info!(
+                        kind = msg.kind,
+                        action = msg.action,
+                        attempts = attempt + 1,
+                        "alert webhook delivered"
+                    );
+                    return;
+                }
+                Attempt::GiveUp(e) => {
+                    last = e;
+                    break;
+                }
+                Attempt::Retry(e) => {
+                    tracing::warn!(kind = msg.kind, action = msg.action, attempt = attempt + 1, error = %e, "alert webhook failed; retrying");
+                    last = e;
+                }
+            }
+        }
+        metrics()
+            .alert_notifications
+            .with_label_values(&["failed"])
+            .inc();
+        // Handled here: the alert itself stays recorded in `alerts` and on /health/alerts.
+        tracing::error!(kind = msg.kind, action = msg.action, error = %last, "alert webhook not delivered; the alert is still recorded in the alerts table");
+    }
+
+    async fn attempt(&self, client: &reqwest::Client, msg: &Message) -> Attempt {
+        match client.post(&self.url).json(&msg.body).send().await {
+            Ok(r) if r.status().is_success() => Attempt::Delivered,
+            Ok(r) => {
+                let s = r.status();
+                let e = format!("receiver answered {s}");
+                // 429 and 5xx are transient; any other refusal will not change on retry.
+                if s.is_server_error() || s == reqwest::StatusCode::TOO_MANY_REQUESTS {
+                    Attempt::Retry(e)
+                } else {
+                    Attempt::GiveUp(e)
+                }
+            }
+            // The URL holds the secret (Slack's token is in its path): never log it.
+            Err(e) => Attempt::Retry(e.without_url().to_string()),
+        }
+    }
+}
