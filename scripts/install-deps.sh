@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Installs what the demo and the tests need and is missing: Mosquitto (Debian's packages) and the
-# PostgreSQL server binaries. Idempotent; prints what it does.
+# Installs what the demo and the tests need and is missing, from Debian's packages: Mosquitto, the
+# PostgreSQL server binaries, Prometheus (promtool, and a real server for the dashboard test),
+# docker-compose (validates docker-compose.yml), systemd-analyze and openssl (test certificates).
+# Idempotent; prints what it does.
 set -euo pipefail
 
 SUDO=""
@@ -12,6 +14,10 @@ fi
 
 need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto mosquitto-clients)
+command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
+command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 if [ -z "${PG_BIN:-}" ] && ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
   need+=(postgresql)
 fi
@@ -24,7 +30,13 @@ if [ ${#need[@]} -gt 0 ]; then
     $SUDO apt-get install -y --no-install-recommends "${need[@]}"
   fi
 fi
-# Debian starts a system-wide broker on install where systemd runs; the project uses its own.
+# Debian starts system-wide services on install where systemd runs (a broker on 0.0.0.0:1883,
+# Prometheus on 0.0.0.0:9090); the project starts its own on loopback, so stop those.
+if [ ${#need[@]} -gt 0 ] && [ -d /run/systemd/system ]; then
+  for svc in mosquitto prometheus; do
+    $SUDO systemctl disable --now "$svc" >/dev/null 2>&1 || true
+  done
+fi
 command -v mosquitto >/dev/null 2>&1 || export PATH="$PATH:/usr/sbin"
 command -v cargo >/dev/null 2>&1 || { echo "install-deps: cargo (Rust) is required: https://rustup.rs" >&2; exit 1; }
 echo "install-deps: ok ($( { mosquitto -h 2>/dev/null || true; } | head -1), postgres in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | tail -1))"

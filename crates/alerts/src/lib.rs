@@ -457,6 +457,8 @@ impl Inner {
                 changes.push(ch);
             }
         }
+        metrics().devices_enabled.set(facts.devices_enabled);
+        metrics().devices_heard.set(facts.devices_heard);
         let open: Vec<&str> = findings.iter().map(|f| f.kind.as_str()).collect();
         for kind in Kind::ALL {
             metrics()

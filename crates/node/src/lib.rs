@@ -7,10 +7,12 @@
 //! - [`writer`]: the batch writer of a term (fenced transactions, ack after commit).
 //! - [`admin`]: `migrate`, `status`, `step-down`.
 //! - [`simulate`]: a device fleet publisher for demos, tests and benchmarks.
+//! - [`sd_notify`]: readiness and the watchdog for systemd's `Type=notify`.
 
 pub mod admin;
 pub mod cli;
 pub mod node;
+pub mod sd_notify;
 pub mod simulate;
 pub mod supervisor;
 pub mod writer;

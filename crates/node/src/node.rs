@@ -170,9 +170,24 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             tracing::error!(error = %e, "HTTP server stopped");
         }
     });
+    let systemd = crate::sd_notify::Notifier::from_env().map(std::sync::Arc::new);
+    if let Some(n) = &systemd {
+        n.notify(&format!("READY=1\nSTATUS=serving on {http_url}"));
+        if let Some(every) = crate::sd_notify::watchdog_interval() {
+            tracker.spawn(crate::sd_notify::watchdog(
+                n.clone(),
+                every,
+                lease_handle.clone(),
+                root.clone(),
+            ));
+        }
+    }
     tracker.close();
 
     shutdown.cancelled().await;
+    if let Some(n) = &systemd {
+        n.notify("STOPPING=1");
+    }
     let started = Instant::now();
     tracing::info!("shutdown requested: handing over before stopping");
     lease_stop.cancel();

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub data_age: Gauge,
     pub cluster_nodes_alive: IntGauge,
     pub build_info: IntGaugeVec,
+    pub devices_enabled: IntGauge,
+    pub devices_heard: IntGauge,
     pub alerts_firing: IntGaugeVec,
     pub alert_changes: IntCounterVec,
     pub alert_notifications: IntCounterVec,
@@ -97,6 +99,8 @@ impl Metrics {
             data_age: reg(&r, Gauge::new("leasehold_data_age_seconds", "Age of the newest telemetry row (-1 when there is none)")?),
             cluster_nodes_alive: reg(&r, IntGauge::new("leasehold_cluster_nodes_alive", "Nodes that heartbeated recently")?),
             build_info: reg(&r, IntGaugeVec::new(Opts::new("leasehold_build_info", "Build information"), &["version"])?),
+            devices_enabled: reg(&r, IntGauge::new("leasehold_devices_enabled", "Enabled rows of devices, as of the last alert evaluation")?),
+            devices_heard: reg(&r, IntGauge::new("leasehold_devices_heard", "Enabled devices whose newest reading arrived within STALE_WARNING")?),
             alerts_firing: reg(&r, IntGaugeVec::new(Opts::new("leasehold_alerts_firing", "1 while this node's last evaluation found the alert's condition"), &["kind"])?),
             alert_changes: reg(&r, IntCounterVec::new(Opts::new("leasehold_alert_changes_total", "Alerts this node opened, escalated or resolved (it won the change in the alerts table)"), &["kind", "action"])?),
             alert_notifications: reg(&r, IntCounterVec::new(Opts::new("leasehold_alert_notifications_total", "Alert webhook deliveries by outcome"), &["result"])?),
@@ -105,6 +109,10 @@ impl Metrics {
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        // Series exist from the start, so increase() sees the first transition.
+        for to in ["leader", "standby"] {
+            m.lease_transitions.with_label_values(&[to]);
+        }
         m.lease_seconds_since_renew.set(-1.0);
         m.data_age.set(-1.0);
         Ok(m)

@@ -11,6 +11,7 @@
 //! - [`publish`]: numbered and raw QoS 1 publishing that waits for the broker's acks.
 //! - [`eventually`]: await a condition instead of sleeping.
 
+pub mod prometheus;
 pub mod proxy;
 pub mod publish;
 pub mod webhook;
@@ -552,11 +553,32 @@ pub async fn http(port: u16, method: &str, path: &str) -> Result<(u16, String)> 
         .nth(1)
         .and_then(|c| c.parse().ok())
         .context("no HTTP status line")?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase()
+            .replace(' ', "")
+            .starts_with("transfer-encoding:chunked")
+    });
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
     Ok((status, body))
+}
+
+/// Decodes an HTTP/1.1 chunked body.
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16).unwrap_or(0);
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    out
 }
 
 /// The value of an unlabelled metric in a Prometheus text exposition.
