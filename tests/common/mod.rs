@@ -27,6 +27,11 @@ impl Cluster {
     pub async fn start() -> Result<Self> {
         let pg = Postgres::start().await?;
         let mq = Mosquitto::start().await?;
+        Self::with_servers(pg, mq)
+    }
+
+    /// A cluster on servers the test configured itself (TLS, for instance).
+    pub fn with_servers(pg: Postgres, mq: Mosquitto) -> Result<Self> {
         let logs = tempfile::Builder::new()
             .prefix("leasehold-test-logs-")
             .tempdir()?;

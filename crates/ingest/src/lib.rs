@@ -185,6 +185,49 @@ pub struct MqttIngest {
     connected: watch::Sender<bool>,
 }
 
+/// The broker's TLS configuration: always verified (chain and name), against MQTT_CA_FILE or
+/// the system roots, with the client certificate when one is configured.
+pub fn tls_config(
+    ep: &leasehold_config::MqttEndpoint,
+) -> Result<leasehold_tls::rustls::ClientConfig, leasehold_tls::TlsError> {
+    let roots = match &ep.ca_file {
+        Some(path) => leasehold_tls::Roots::File {
+            setting: "MQTT_CA_FILE",
+            path: path.clone(),
+        },
+        None => leasehold_tls::Roots::System {
+            setting: "MQTT_CA_FILE",
+        },
+    };
+    let identity = match (&ep.client_cert, &ep.client_key) {
+        (Some(cert), Some(key)) => Some(leasehold_tls::Identity {
+            cert_setting: "MQTT_CLIENT_CERT",
+            cert: cert.clone(),
+            key_setting: "MQTT_CLIENT_KEY",
+            key: key.clone(),
+        }),
+        _ => None,
+    };
+    leasehold_tls::client_config(leasehold_tls::Verify::Full, &roots, identity.as_ref())
+}
+
+/// A configuration that trusts nothing: every handshake fails with an unknown-issuer error.
+fn empty_roots() -> leasehold_tls::rustls::ClientConfig {
+    leasehold_tls::rustls::ClientConfig::builder_with_provider(Arc::new(
+        leasehold_tls::rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map(|b| {
+        b.with_root_certificates(leasehold_tls::rustls::RootCertStore::empty())
+            .with_no_client_auth()
+    })
+    .unwrap_or_else(|_| {
+        leasehold_tls::rustls::ClientConfig::builder()
+            .with_root_certificates(leasehold_tls::rustls::RootCertStore::empty())
+            .with_no_client_auth()
+    })
+}
+
 impl MqttIngest {
     /// Whether the broker connection is up, for whoever must act when it stays down.
     pub fn connected(&self) -> watch::Receiver<bool> {
@@ -208,7 +251,19 @@ impl MqttIngest {
             opts.set_credentials(u, p.clone().unwrap_or_default());
         }
         if cfg.endpoint.tls {
-            opts.set_transport(Transport::tls_with_default_config());
+            match tls_config(&cfg.endpoint) {
+                Ok(c) => opts.set_transport(Transport::tls_with_config(
+                    rumqttc::TlsConfiguration::Rustls(Arc::new(c)),
+                )),
+                // `leasehold run` checks this before starting; here the connection attempts
+                // fail and say why instead of falling back to plain text.
+                Err(e) => {
+                    tracing::error!(error = %e, "MQTT TLS set-up failed; connections will fail");
+                    opts.set_transport(Transport::tls_with_config(
+                        rumqttc::TlsConfiguration::Rustls(Arc::new(empty_roots())),
+                    ))
+                }
+            };
         }
         // Acks never exceed MAX_PENDING, so the request queue can always take them without waiting.
         let (client, mut eventloop) = AsyncClient::new(opts, cfg.max_pending + 64);

@@ -37,6 +37,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let holder_id = format!("{}-{}", cfg.instance_id, uuid::Uuid::new_v4());
     tracing::info!(instance_id = %cfg.instance_id, holder_id = %holder_id, mode = cfg.mode.as_str(), version = VERSION, config = ?cfg, "starting leasehold node");
 
+    if cfg.mqtt.tls && cfg.mode != Mode::Disabled {
+        // Bad TLS material is a start-up error naming the setting, not a reconnect loop.
+        leasehold_ingest::tls_config(&cfg.mqtt)?;
+    }
     let listener = leasehold_http::bind(cfg.http_addr).await?;
     let http_url = format!(
         "http://{}",

@@ -8,11 +8,12 @@
 
 pub mod listener;
 pub mod queries;
+pub mod tls;
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, Statement};
 
 pub use deadpool_postgres::Pool;
 /// A connection borrowed from the pool.
@@ -54,8 +55,13 @@ impl StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-/// Parses `DATABASE_URL` and applies Leasehold's connection defaults.
-pub fn pg_config(url: &str, application_name: &str) -> Result<tokio_postgres::Config> {
+/// Parses `DATABASE_URL` (with libpq's TLS options) and applies Leasehold's connection defaults.
+pub fn pg_config(
+    url: &str,
+    application_name: &str,
+) -> Result<(tokio_postgres::Config, tls::MakeRustls)> {
+    let (url, tls) = tls::split(url)?;
+    let tls = tls::MakeRustls::new(tls.client_config()?);
     let mut cfg: tokio_postgres::Config = url
         .parse()
         .map_err(|e: tokio_postgres::Error| StoreError::Url(e.to_string()))?;
@@ -65,18 +71,18 @@ pub fn pg_config(url: &str, application_name: &str) -> Result<tokio_postgres::Co
     cfg.keepalives(true)
         .keepalives_idle(Duration::from_secs(10))
         .application_name(application_name);
-    Ok(cfg)
+    Ok((cfg, tls))
 }
 
 /// A dedicated connection whose driver task ends with the connection. Used where no other work may
 /// starve the connection (lease renewals, LISTEN, the writer).
 pub async fn connect(url: &str, application_name: &str) -> Result<Client> {
-    let cfg = pg_config(url, application_name)?;
+    let (cfg, tls) = pg_config(url, application_name)?;
     let timeout = cfg
         .get_connect_timeout()
         .copied()
         .unwrap_or(Duration::from_secs(5));
-    let (client, conn) = tokio::time::timeout(timeout, cfg.connect(NoTls))
+    let (client, conn) = tokio::time::timeout(timeout, cfg.connect(tls))
         .await
         .map_err(|_| StoreError::Timeout(timeout))??;
     tokio::spawn(async move {
@@ -89,10 +95,10 @@ pub async fn connect(url: &str, application_name: &str) -> Result<Client> {
 
 /// A small pool for short queries (health, status, heartbeats, topic reloads).
 pub fn pool(url: &str, application_name: &str, size: usize) -> Result<Pool> {
-    let cfg = pg_config(url, application_name)?;
+    let (cfg, tls) = pg_config(url, application_name)?;
     let mgr = deadpool_postgres::Manager::from_config(
         cfg,
-        NoTls,
+        tls,
         deadpool_postgres::ManagerConfig {
             recycling_method: deadpool_postgres::RecyclingMethod::Fast,
         },

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use futures_util::{stream, StreamExt};
 use tokio::sync::broadcast;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
 use crate::queries::{CONTROL_CHANNEL, DEVICES_CHANNEL, LEASE_CHANNEL};
@@ -55,12 +55,12 @@ impl Listener {
     }
 
     async fn listen_once(&self, cancel: &CancellationToken, first: bool) -> crate::Result<()> {
-        let cfg = crate::pg_config(&self.url, "leasehold-listen")?;
+        let (cfg, tls) = crate::pg_config(&self.url, "leasehold-listen")?;
         let timeout = cfg
             .get_connect_timeout()
             .copied()
             .unwrap_or(Duration::from_secs(5));
-        let (client, mut conn) = tokio::time::timeout(timeout, cfg.connect(NoTls))
+        let (client, mut conn) = tokio::time::timeout(timeout, cfg.connect(tls))
             .await
             .map_err(|_| crate::StoreError::Timeout(timeout))??;
         // A driver task owns the connection so queries below can be awaited while it is polled.

@@ -11,6 +11,7 @@
 //! - [`publish`]: numbered and raw QoS 1 publishing that waits for the broker's acks.
 //! - [`eventually`]: await a condition instead of sleeping.
 
+pub mod certs;
 pub mod prometheus;
 pub mod proxy;
 pub mod publish;
@@ -55,6 +56,11 @@ fn chown_dir(path: &Path, user: Option<(u32, u32)>) -> Result<()> {
             .with_context(|| format!("chown {}", path.display()))?;
     }
     Ok(())
+}
+
+/// Hands a file or folder to the user the servers run as (no-op when not root).
+pub fn give_to_servers(path: &Path) -> Result<()> {
+    chown_dir(path, server_user())
 }
 
 fn as_user(cmd: &mut Command, user: Option<(u32, u32)>) {

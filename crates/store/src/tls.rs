@@ -1,0 +1,320 @@
+//! TLS to PostgreSQL with libpq's `sslmode` semantics, on rustls.
+//!
+//! tokio-postgres understands only `disable`, `prefer` and `require` and none of the file
+//! options, so [`split`] takes `sslmode`, `sslrootcert`, `sslcert` and `sslkey` out of
+//! `DATABASE_URL` (URL or key=value form) and hands the rest to tokio-postgres.
+
+use std::future::Future;
+use std::io;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use leasehold_tls::rustls::pki_types::ServerName;
+use leasehold_tls::rustls::ClientConfig;
+use leasehold_tls::{Identity, Roots, Verify};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
+
+use crate::StoreError;
+
+/// libpq's `sslmode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    Disable,
+    Allow,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+/// The TLS part of a `DATABASE_URL`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgTls {
+    pub mode: SslMode,
+    pub rootcert: Option<String>,
+    pub cert: Option<String>,
+    pub key: Option<String>,
+}
+
+const SETTING: &str = "DATABASE_URL";
+
+fn pct_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Splits `url` into what tokio-postgres parses and the TLS options it does not.
+pub fn split(url: &str) -> Result<(String, PgTls), StoreError> {
+    let mut tls = PgTls {
+        mode: SslMode::Prefer,
+        rootcert: None,
+        cert: None,
+        key: None,
+    };
+    let mut take = |k: &str, v: String| -> Result<bool, StoreError> {
+        match k {
+            "sslmode" => {
+                tls.mode = match v.as_str() {
+                    "disable" => SslMode::Disable,
+                    "allow" => SslMode::Allow,
+                    "prefer" => SslMode::Prefer,
+                    "require" => SslMode::Require,
+                    "verify-ca" => SslMode::VerifyCa,
+                    "verify-full" => SslMode::VerifyFull,
+                    other => {
+                        return Err(StoreError::Url(format!(
+                            "sslmode={other:?}: expected disable, allow, prefer, require, verify-ca or verify-full"
+                        )))
+                    }
+                }
+            }
+            "sslrootcert" => tls.rootcert = Some(v),
+            "sslcert" => tls.cert = Some(v),
+            "sslkey" => tls.key = Some(v),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    };
+    let rest = if url.contains("://") {
+        match url.split_once('?') {
+            None => url.to_string(),
+            Some((base, query)) => {
+                let mut kept = Vec::new();
+                for pair in query.split('&').filter(|p| !p.is_empty()) {
+                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                    if !take(k, pct_decode(v))? {
+                        kept.push(pair);
+                    }
+                }
+                if kept.is_empty() {
+                    base.to_string()
+                } else {
+                    format!("{base}?{}", kept.join("&"))
+                }
+            }
+        }
+    } else {
+        let mut kept = Vec::new();
+        for kv in url.split_whitespace() {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            if !take(k, v.trim_matches('\'').to_string())? {
+                kept.push(kv);
+            }
+        }
+        kept.join(" ")
+    };
+    let mode = match tls.mode {
+        SslMode::Disable => "disable",
+        SslMode::Allow | SslMode::Prefer => "prefer",
+        SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => "require",
+    };
+    let rest = if rest.contains("://") {
+        let sep = if rest.contains('?') { '&' } else { '?' };
+        format!("{rest}{sep}sslmode={mode}")
+    } else {
+        format!("{rest} sslmode={mode}")
+    };
+    if tls.cert.is_some() != tls.key.is_some() {
+        return Err(StoreError::Url(
+            "sslcert and sslkey must be given together".into(),
+        ));
+    }
+    Ok((rest, tls))
+}
+
+impl PgTls {
+    /// The rustls configuration for these options (libpq's verification rules).
+    pub fn client_config(&self) -> Result<ClientConfig, StoreError> {
+        let roots = match self.rootcert.as_deref() {
+            Some("system") => Roots::System { setting: SETTING },
+            Some(p) => Roots::File {
+                setting: "DATABASE_URL sslrootcert",
+                path: PathBuf::from(p),
+            },
+            None => {
+                let home = std::env::var_os("HOME").map(PathBuf::from);
+                match home.map(|h| h.join(".postgresql/root.crt")).filter(|p| p.exists()) {
+                    Some(path) => Roots::File {
+                        setting: "~/.postgresql/root.crt",
+                        path,
+                    },
+                    None if matches!(self.mode, SslMode::VerifyCa | SslMode::VerifyFull) => {
+                        return Err(StoreError::Url(
+                            "sslmode=verify-ca/verify-full needs sslrootcert=<CA file> (or sslrootcert=system)".into(),
+                        ))
+                    }
+                    None => Roots::System { setting: SETTING },
+                }
+            }
+        };
+        let has_root = self.rootcert.is_some() || matches!(roots, Roots::File { .. });
+        let verify = match self.mode {
+            SslMode::VerifyFull => Verify::Full,
+            SslMode::VerifyCa => Verify::ChainOnly,
+            // libpq: with a root certificate, `require` verifies the chain like verify-ca.
+            SslMode::Require if has_root => Verify::ChainOnly,
+            _ => Verify::EncryptOnly,
+        };
+        let identity = match (&self.cert, &self.key) {
+            (Some(c), Some(k)) => Some(Identity {
+                cert_setting: "DATABASE_URL sslcert",
+                cert: c.into(),
+                key_setting: "DATABASE_URL sslkey",
+                key: k.into(),
+            }),
+            _ => None,
+        };
+        leasehold_tls::client_config(verify, &roots, identity.as_ref())
+            .map_err(|e| StoreError::Url(e.to_string()))
+    }
+}
+
+/// tokio-postgres's TLS hook, on rustls.
+#[derive(Clone)]
+pub struct MakeRustls {
+    config: Arc<ClientConfig>,
+}
+
+impl MakeRustls {
+    pub fn new(config: ClientConfig) -> Self {
+        MakeRustls {
+            config: Arc::new(config),
+        }
+    }
+}
+
+impl<S> MakeTlsConnect<S> for MakeRustls
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = RustlsStream<S>;
+    type TlsConnect = RustlsConnect;
+    type Error = io::Error;
+
+    fn make_tls_connect(&mut self, domain: &str) -> io::Result<RustlsConnect> {
+        let name = ServerName::try_from(domain.to_string())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        Ok(RustlsConnect {
+            name,
+            connector: tokio_rustls::TlsConnector::from(self.config.clone()),
+        })
+    }
+}
+
+pub struct RustlsConnect {
+    name: ServerName<'static>,
+    connector: tokio_rustls::TlsConnector,
+}
+
+impl<S> TlsConnect<S> for RustlsConnect
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = RustlsStream<S>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<RustlsStream<S>>> + Send>>;
+
+    fn connect(self, stream: S) -> Self::Future {
+        Box::pin(async move {
+            let s = self.connector.connect(self.name, stream).await?;
+            Ok(RustlsStream(s))
+        })
+    }
+}
+
+pub struct RustlsStream<S>(tokio_rustls::client::TlsStream<S>);
+
+impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream for RustlsStream<S> {
+    fn channel_binding(&self) -> ChannelBinding {
+        // SCRAM-SHA-256 without channel binding; libpq's default (channel_binding=prefer) works.
+        ChannelBinding::none()
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for RustlsStream<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for RustlsStream<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_options_are_taken_out_and_sslmode_mapped() {
+        let (rest, t) = split(
+            "postgres://u:p@db:5432/x?sslmode=verify-full&sslrootcert=%2Fetc%2Fca.crt&connect_timeout=3",
+        )
+        .expect("valid");
+        assert_eq!(
+            rest,
+            "postgres://u:p@db:5432/x?connect_timeout=3&sslmode=require"
+        );
+        assert_eq!(t.mode, SslMode::VerifyFull);
+        assert_eq!(t.rootcert.as_deref(), Some("/etc/ca.crt"));
+
+        let (rest, t) =
+            split("host=db user=u sslmode=verify-ca sslrootcert=/ca.pem").expect("valid");
+        assert_eq!(rest, "host=db user=u sslmode=require");
+        assert_eq!(t.mode, SslMode::VerifyCa);
+
+        let (rest, t) = split("postgres://db/x").expect("valid");
+        assert_eq!(rest, "postgres://db/x?sslmode=prefer");
+        assert_eq!(t.mode, SslMode::Prefer);
+    }
+
+    #[test]
+    fn bad_options_are_one_line_errors() {
+        let e = split("postgres://db/x?sslmode=sometimes").expect_err("invalid");
+        assert!(e.to_string().contains("sslmode=\"sometimes\""), "{e}");
+        let e = split("postgres://db/x?sslcert=/a.crt").expect_err("invalid");
+        assert!(e.to_string().contains("sslcert and sslkey"), "{e}");
+        let (_, t) = split("postgres://db/x?sslmode=verify-full").expect("parses");
+        if std::env::var_os("HOME")
+            .map(|h| PathBuf::from(h).join(".postgresql/root.crt"))
+            .is_none_or(|p| !p.exists())
+        {
+            let e = t.client_config().expect_err("needs a root");
+            assert!(e.to_string().contains("sslrootcert"), "{e}");
+        }
+    }
+}
