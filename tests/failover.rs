@@ -330,8 +330,22 @@ async fn a_demotion_that_hangs_is_ended_by_the_watchdog_before_the_ttl() {
         )
         .await?;
         let stolen = Instant::now();
+        // Between the deadline and the watchdog's exit the process is stuck: it must not look
+        // live to an orchestrator.
+        let port = c.node("hangs").http_port;
+        let mut seen_not_live = false;
+        while c.node_mut("hangs").try_status().is_none() && stolen.elapsed() < TTL * 3 {
+            if let Ok((503, body)) = http(port, "GET", "/health/live").await {
+                seen_not_live |= body.contains("past the lease deadline");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let status = c.node_mut("hangs").wait_exit(TTL * 3).await?;
         let took = stolen.elapsed();
+        ensure!(
+            seen_not_live,
+            "/health/live never said 503 while the demotion hung"
+        );
         println!("watchdog ended the process {took:?} after the lease was taken (epoch {epoch})");
         ensure!(status.code() == Some(70), "exit status {status}");
         // Renewal within 1 s reveals the loss; the watchdog fires at most TTL/6 after the deadline.

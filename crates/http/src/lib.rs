@@ -107,9 +107,9 @@ fn role_name(s: &HttpState) -> &'static str {
     }
 }
 
-/// A leader whose local deadline passed while it still believes it leads is stuck.
+/// Leading or draining past the local deadline: renewals stopped, or a demotion hangs.
 fn stuck(s: &HttpState) -> bool {
-    matches!(role_of(s), Role::Leader { .. }) && s.lease.as_ref().is_some_and(|l| !l.is_valid())
+    s.lease.as_ref().is_some_and(|l| l.is_stuck())
 }
 
 async fn db_probe(s: &HttpState) -> Value {
@@ -192,7 +192,7 @@ async fn live(State(s): State<HttpState>) -> Response {
     if stuck(&s) {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"live": false, "reason": "leader past its renewal deadline: renewals stopped"})),
+            Json(json!({"live": false, "reason": "past the lease deadline while leading or draining: renewals stopped or demotion hangs"})),
         )
             .into_response()
     } else {

@@ -134,6 +134,17 @@ impl LeaseHandle {
         self.remaining().is_some()
     }
 
+    /// A leadership term still running after the local deadline: renewals stopped or a
+    /// demotion hangs. Such a process must not look live (`/health/live`, systemd's watchdog);
+    /// the watchdog thread ends it shortly after.
+    pub fn is_stuck(&self) -> bool {
+        self.shared.term_active.load(Ordering::Acquire)
+            && self
+                .shared
+                .valid_until()
+                .is_some_and(|t| Instant::now() >= t)
+    }
+
     /// Asks the lease task to hand over gracefully.
     pub fn step_down(&self) {
         self.shared.step_down.notify_one();

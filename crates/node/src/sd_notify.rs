@@ -6,7 +6,7 @@
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
-use leasehold_lease::{LeaseHandle, Role};
+use leasehold_lease::LeaseHandle;
 use tokio_util::sync::CancellationToken;
 
 /// The socket systemd gave us, if any.
@@ -55,7 +55,8 @@ pub fn watchdog_interval() -> Option<Duration> {
     (usec > 0).then(|| Duration::from_micros(usec / 2))
 }
 
-/// Feeds the watchdog until `cancel`, skipping pings while a leader is past its deadline.
+/// Feeds the watchdog until `cancel`, skipping pings while the node is stuck
+/// ([`LeaseHandle::is_stuck`]).
 pub async fn watchdog(
     n: std::sync::Arc<Notifier>,
     every: Duration,
@@ -68,11 +69,9 @@ pub async fn watchdog(
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let stuck = lease
-            .as_ref()
-            .is_some_and(|l| matches!(l.role(), Role::Leader { .. }) && !l.is_valid());
+        let stuck = lease.as_ref().is_some_and(|l| l.is_stuck());
         if stuck {
-            tracing::warn!("not feeding the systemd watchdog: leader past its renewal deadline");
+            tracing::warn!("not feeding the systemd watchdog: past the lease deadline while leading or draining");
         } else {
             n.notify("WATCHDOG=1");
         }
