@@ -330,6 +330,9 @@ async fn heartbeat(
     // node can judge the session-lost and client-id alerts from this table.
     let m = metrics();
     let mut seen = (m.mqtt_session_lost.get(), m.mqtt_client_id_conflicts.get());
+    // Roughly hourly; also on the first beat.
+    const PRUNE_EVERY: u64 = 1800;
+    let mut beats: u64 = 0;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -361,6 +364,9 @@ async fn heartbeat(
                 },
             )
             .await?;
+            if beats % PRUNE_EVERY == 0 {
+                queries::prune_cluster_nodes(&**c).await?;
+            }
             let alive =
                 queries::cluster_nodes(&**c, ALIVE_WITHIN.as_millis() as i64, false).await?;
             let age = queries::newest_data_age(&**c).await?;
@@ -369,6 +375,7 @@ async fn heartbeat(
         match tokio::time::timeout(HEARTBEAT_EVERY, work).await {
             Ok(Ok((alive, age))) => {
                 seen = now;
+                beats += 1;
                 m.cluster_nodes_alive.set(alive as i64);
                 m.data_age.set(age.unwrap_or(-1.0));
             }
