@@ -364,7 +364,7 @@ async fn heartbeat(
                 },
             )
             .await?;
-            if beats % PRUNE_EVERY == 0 {
+            if beats.is_multiple_of(PRUNE_EVERY) {
                 queries::prune_cluster_nodes(&**c).await?;
             }
             let alive =
