@@ -246,16 +246,23 @@ async fn database(State(s): State<HttpState>) -> Response {
     (code(ok), Json(db)).into_response()
 }
 
+/// A 503 with the reason: the endpoint could not get its answer.
+fn unavailable(error: impl std::fmt::Display) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"error": error.to_string()})),
+    )
+        .into_response()
+}
+
 /// Runs `work` on a pooled connection with a deadline; the error becomes a 503 body.
 async fn with_db<T, F, Fut>(s: &HttpState, work: F) -> Result<T, Response>
 where
     F: FnOnce(leasehold_store::PooledClient) -> Fut,
     Fut: std::future::Future<Output = Result<T, String>>,
 {
-    let unavailable =
-        |e: String| (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": e}))).into_response();
     let Some(pool) = &s.pool else {
-        return Err(unavailable("no database configured".into()));
+        return Err(unavailable("no database configured"));
     };
     let run = async {
         let c = leasehold_store::pooled(pool)
@@ -266,7 +273,7 @@ where
     match tokio::time::timeout(Duration::from_secs(5), run).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(unavailable(e)),
-        Err(_) => Err(unavailable("database did not answer within 5s".into())),
+        Err(_) => Err(unavailable("database did not answer within 5s")),
     }
 }
 
@@ -312,46 +319,26 @@ async fn recent_data(State(s): State<HttpState>) -> Response {
 
 async fn alerts(State(s): State<HttpState>) -> Response {
     let Some(h) = s.alerts.clone() else {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"error": "no database configured"})),
-        )
-            .into_response();
+        return unavailable("no database configured");
     };
     match tokio::time::timeout(Duration::from_secs(5), h.recent(50)).await {
         Ok(Ok(rows)) => {
             let open: Vec<_> = rows.iter().filter(|r| r.resolved_at.is_none()).collect();
             Json(json!({"open": open, "recent": rows})).into_response()
         }
-        Ok(Err(e)) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"error": e.to_string()})),
-        )
-            .into_response(),
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"error": "database did not answer within 5s"})),
-        )
-            .into_response(),
+        Ok(Err(e)) => unavailable(e),
+        Err(_) => unavailable("database did not answer within 5s"),
     }
 }
 
 /// Evaluates now; answers with what was found and what changed.
 async fn alerts_check(State(s): State<HttpState>) -> Response {
     let Some(h) = s.alerts.clone() else {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"error": "no database configured"})),
-        )
-            .into_response();
+        return unavailable("no database configured");
     };
     match h.check().await {
         Ok(report) => Json(json!(report)).into_response(),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"error": e.to_string()})),
-        )
-            .into_response(),
+        Err(e) => unavailable(e),
     }
 }
 
