@@ -97,9 +97,7 @@ async fn two_nodes_exactly_one_leader_and_the_standby_writes_nothing() {
             "leader written_total"
         );
         // `leasehold status` names the leader and exits 0.
-        let out = std::process::Command::new(common::BIN)
-            .args(["status", "--database-url", &c.pg.url()])
-            .output()?;
+        let out = c.cli(&["status"])?;
         let text = String::from_utf8_lossy(&out.stdout);
         ensure!(
             out.status.success() && text.contains(&leader),

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use common::{check, Cluster, BIN};
+use common::{check, Cluster};
 use leasehold_testkit::publish::{numbered_from, publish_all};
 use leasehold_testkit::webhook::WebhookReceiver;
 use leasehold_testkit::{eventually, http};
@@ -282,9 +282,7 @@ async fn client_id_fight_lost_session_and_flapping_are_alerts() {
         // Leadership bounced between the two nodes: flapping.
         for _ in 0..4 {
             c.wait_leader().await?;
-            let out = std::process::Command::new(BIN)
-                .args(["step-down", "--database-url", &c.pg.url()])
-                .output()?;
+            let out = c.cli(&["step-down"])?;
             ensure!(
                 out.status.success(),
                 "step-down: {}",
@@ -295,9 +293,7 @@ async fn client_id_fight_lost_session_and_flapping_are_alerts() {
         wait_post(&hook, "lease_flapping", "opened", flap).await?;
 
         // status shows the open alerts to the person on call.
-        let out = std::process::Command::new(BIN)
-            .args(["status", "--database-url", &c.pg.url()])
-            .output()?;
+        let out = c.cli(&["status"])?;
         let text = String::from_utf8_lossy(&out.stdout);
         for kind in [
             "mqtt_client_id_fight",
@@ -398,17 +394,13 @@ async fn cluster_view_recent_data_coverage_and_status() {
         }
 
         // Readable at 3 a.m., and machine-readable.
-        let out = std::process::Command::new(BIN)
-            .args(["status", "--database-url", &c.pg.url()])
-            .output()?;
+        let out = c.cli(&["status"])?;
         let text = String::from_utf8_lossy(&out.stdout);
         ensure!(out.status.success(), "status exit {:?}: {text}", out.status);
         ensure!(text.contains(&format!("LEADER   {leader}")), "{text}");
         ensure!(text.contains("NODES    2 alive"), "{text}");
         ensure!(text.contains("ALERTS"), "{text}");
-        let out = std::process::Command::new(BIN)
-            .args(["status", "--json", "--database-url", &c.pg.url()])
-            .output()?;
+        let out = c.cli(&["status", "--json"])?;
         let v: Value = serde_json::from_slice(&out.stdout)?;
         ensure!(v["leader"]["instance_id"] == leader.as_str(), "{v}");
 

@@ -156,6 +156,14 @@ impl Cluster {
         Ok(())
     }
 
+    /// Runs a `leasehold` command (`status`, `step-down`, ...) against this cluster's database.
+    pub fn cli(&self, args: &[&str]) -> Result<std::process::Output> {
+        Ok(std::process::Command::new(BIN)
+            .args(args)
+            .args(["--database-url", &self.pg.url()])
+            .output()?)
+    }
+
     pub async fn count(&self, sql: &str) -> Result<i64> {
         let c = self.pg.client().await?;
         Ok(c.query_one(sql, &[]).await?.get(0))
