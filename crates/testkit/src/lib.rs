@@ -167,30 +167,46 @@ pub struct Postgres {
     child: Option<Child>,
     user: Option<(u32, u32)>,
     bin: PathBuf,
+    /// Extra environment of the server process (the benchmark's `LD_PRELOAD` storage shim).
+    env: Vec<(String, String)>,
 }
 
 impl Postgres {
     /// initdb + start; tuned for tests (fsync off), which do not crash the OS.
     pub async fn start() -> Result<Self> {
-        Self::start_in(Dir::temp("leasehold-pg-")?, false, "").await
+        Self::start_in(Dir::temp("leasehold-pg-")?, false, "", &[]).await
     }
 
     /// Like [`Postgres::start`] with extra `postgresql.conf` lines.
     pub async fn start_with(extra_conf: &str) -> Result<Self> {
-        Self::start_in(Dir::temp("leasehold-pg-")?, false, extra_conf).await
+        Self::start_in(Dir::temp("leasehold-pg-")?, false, extra_conf, &[]).await
     }
 
     /// Start in `dir` with durable settings (benchmarks, the demo).
     pub async fn start_durable(dir: Dir) -> Result<Self> {
-        Self::start_in(dir, true, "").await
+        Self::start_in(dir, true, "", &[]).await
     }
 
     /// Durable settings plus extra `postgresql.conf` lines (benchmarks).
     pub async fn start_durable_with(dir: Dir, extra_conf: &str) -> Result<Self> {
-        Self::start_in(dir, true, extra_conf).await
+        Self::start_in(dir, true, extra_conf, &[]).await
     }
 
-    async fn start_in(dir: Dir, durable: bool, extra_conf: &str) -> Result<Self> {
+    /// Durable, with extra `postgresql.conf` lines and extra environment for the server process.
+    pub async fn start_durable_env(
+        dir: Dir,
+        extra_conf: &str,
+        env: &[(&str, String)],
+    ) -> Result<Self> {
+        Self::start_in(dir, true, extra_conf, env).await
+    }
+
+    async fn start_in(
+        dir: Dir,
+        durable: bool,
+        extra_conf: &str,
+        env: &[(&str, String)],
+    ) -> Result<Self> {
         let user = server_user();
         let bin = pg_bin()?;
         chown_dir(dir.path(), user)?;
@@ -228,6 +244,10 @@ impl Postgres {
             child: None,
             user,
             bin,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
         };
         pg.launch().await?;
         Ok(pg)
@@ -243,6 +263,7 @@ impl Postgres {
             .arg(self.dir.path().join("data"))
             .args(["-p", &self.port.to_string(), "-k"])
             .arg(self.dir.path())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
