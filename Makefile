@@ -28,7 +28,7 @@ chaos: deps
 
 # Side-by-side throughput/latency/memory (target/bench/bench.json), then the micro-benchmarks.
 bench: deps
-	cargo build --release -p leasehold -p leasehold-bench --bins
+	cargo build --release -p leasehold -p leasehold-bench -p leasehold-flushdelay
 	./target/release/leasehold-bench --messages 100000 --upsert-messages 100000 --outage-secs 60 --json target/bench/bench.json
 	cargo bench -p leasehold-decode -p leasehold-node --bench decode --bench batch -- --warm-up-time 1 --measurement-time 3
 
