@@ -418,6 +418,44 @@ fn node_env(pg: &Postgres, mq: &Mosquitto) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// A new leader that took `n` messages of `run`, published as fast as the publisher goes.
+struct LiveRun {
+    node: NodeProc,
+    rows: i64,
+    /// First receipt to last commit.
+    rate: f64,
+    peak_rss: u64,
+    publish_time: Duration,
+}
+
+async fn leasehold_live(
+    bin: &Path,
+    pg: &Postgres,
+    mq: &Mosquitto,
+    logs: &Path,
+    db: &tokio_postgres::Client,
+    run: &str,
+    n: u64,
+) -> Result<LiveRun> {
+    let node = NodeProc::spawn(bin, &format!("bench-leader-{run}"), &node_env(pg, mq), logs)?;
+    wait_leading(&node).await?;
+    let publish_time = publish(mq.port, run, n, 0).await?;
+    eventually(
+        Duration::from_secs(300),
+        &format!("leasehold to store every message of {run}"),
+        || async { Ok(count(db, run).await? >= n as i64) },
+    )
+    .await?;
+    let (rows, secs) = receive_to_last_commit(db, run).await?;
+    Ok(LiveRun {
+        rate: rows as f64 / secs.max(1e-9),
+        peak_rss: memory_of(node.pid()).map(|m| m.0).unwrap_or(0),
+        node,
+        rows,
+        publish_time,
+    })
+}
+
 async fn stop_node(node: &mut NodeProc) -> Result<()> {
     node.signal(libc::SIGTERM);
     node.wait_exit(Duration::from_secs(15)).await?;
@@ -522,21 +560,11 @@ async fn orchestrate(o: Opts) -> Result<()> {
     // phase's consumer is the only session on the broker while it runs: a leader still
     // subscribed during a baseline would store the baseline's messages first and turn its
     // upserts into conflicts, which commit without a flush.
-    let mut node = NodeProc::spawn(&bin, "bench-leader", &node_env(&pg, &mq), logs.path())?;
-    wait_leading(&node).await?;
-    let t = publish(mq.port, "leasehold", n, 0).await?;
-    eventually(
-        Duration::from_secs(300),
-        "leasehold to store every message",
-        || async { Ok(count(&db, "leasehold").await? >= n as i64) },
-    )
-    .await?;
-    let (rows, secs) = receive_to_last_commit(&db, "leasehold").await?;
-    let lh_rate = rows as f64 / secs.max(1e-9);
-    let mut lh_peak = memory_of(node.pid()).map(|m| m.0).unwrap_or(0);
+    let live = leasehold_live(&bin, &pg, &mq, logs.path(), &db, "leasehold", n).await?;
+    let (mut node, rows, lh_rate, mut lh_peak) = (live.node, live.rows, live.rate, live.peak_rss);
     eprintln!(
         "bench: leasehold {lh_rate:.0} msg/s (publisher took {:.1}s), peak RSS {:.1} MiB",
-        t.as_secs_f64(),
+        live.publish_time.as_secs_f64(),
         mib(lh_peak)
     );
 
@@ -952,19 +980,9 @@ async fn slow_flush_pass(
     migrate(bin, &pg)?;
     let db = pg.client().await?;
 
-    let mut node = NodeProc::spawn(bin, "bench-leader-slow", &node_env(&pg, mq), logs)?;
-    wait_leading(&node).await?;
-    publish(mq.port, "slow-leasehold", n, 0).await?;
-    eventually(
-        Duration::from_secs(300),
-        "leasehold to store every message (slow flush)",
-        || async { Ok(count(&db, "slow-leasehold").await? >= n as i64) },
-    )
-    .await?;
-    let (rows, secs) = receive_to_last_commit(&db, "slow-leasehold").await?;
-    let lh_rate = rows as f64 / secs.max(1e-9);
-    let lh_peak = memory_of(node.pid()).map(|m| m.0).unwrap_or(0);
-    stop_node(&mut node).await?;
+    let mut live = leasehold_live(bin, &pg, mq, logs, &db, "slow-leasehold", n).await?;
+    let (rows, lh_rate, lh_peak) = (live.rows, live.rate, live.peak_rss);
+    stop_node(&mut live.node).await?;
     drop_session(mq.port, LEADER_SESSION).await?;
     eprintln!("bench: slow flush: leasehold {lh_rate:.0} msg/s");
 
