@@ -3,13 +3,16 @@
 //! 1. **broker ceiling** — a subscriber that only acknowledges (rumqttc, like Leasehold);
 //! 2. **per-message upsert** — what Leasehold replaces: each message decoded, written with its own
 //!    `INSERT ... ON CONFLICT DO NOTHING` in its own transaction, acknowledged after;
-//! 3. **Leasehold** — the real `leasehold` leader, fencing on, ack after commit.
+//! 3. **Leasehold** — the real `leasehold` leader, fencing on, ack after commit;
+//! 4. 2 and 3 again on a PostgreSQL whose every flush takes 1 ms (`leasehold-flushdelay`): the
+//!    commit cost of the spec's machine class, which sets the upsert's rate.
 //!
-//! Throughput is measured by draining a persistent session into which the same N messages were
-//! queued beforehand (so the publisher's speed does not cap it): receive span for the ceiling,
-//! commit span (`pg_xact_commit_timestamp`) for the two writers. Latency is receive-to-commit at
-//! half of Leasehold's measured rate, exact per row. Memory is the peak RSS of each consumer
-//! process, and the leader's RSS across a 60 s PostgreSQL outage under load.
+//! Throughput is live (the publisher as fast as it goes; first receipt to last commit, from
+//! `pg_xact_commit_timestamp`) and, as capacity, the drain of a session into which the same
+//! messages were queued first. Latency is receive-to-commit at half of Leasehold's measured rate,
+//! exact per row. Memory is the peak RSS of each consumer process, and the leader's RSS across a
+//! 60 s PostgreSQL outage under load. Each phase's consumer is the only session on the broker
+//! while it runs.
 //!
 //! The two baselines run as child processes of this binary (`leasehold-bench ceiling|upsert ...`)
 //! so their memory is their own.
