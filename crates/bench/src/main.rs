@@ -323,6 +323,9 @@ struct SlowFlush {
     leasehold_messages: u64,
     leasehold_rate: f64,
     leasehold_peak_rss_mib: f64,
+    latency_rate: u64,
+    latency_p50_ms: f64,
+    latency_p99_ms: f64,
     ratio_to_upsert: f64,
 }
 
@@ -390,6 +393,26 @@ async fn receive_to_last_commit(db: &tokio_postgres::Client, run: &str) -> Resul
         )
         .await?;
     Ok((r.get(0), r.get::<_, Option<f64>>(1).unwrap_or(0.0)))
+}
+
+/// Publishes up to 10 s of messages of `run` at `rate` (at most `n`) to the running leader and
+/// returns their receive-to-commit p50 and p99 in ms.
+async fn latency_run(
+    port: u16,
+    db: &tokio_postgres::Client,
+    run: &str,
+    rate: u64,
+    n: u64,
+) -> Result<(f64, f64)> {
+    let lat_n = (rate * 10).min(n);
+    publish(port, run, lat_n, rate).await?;
+    eventually(
+        Duration::from_secs(60),
+        &format!("the {run} run stored"),
+        || async { Ok(count(db, run).await? >= lat_n as i64) },
+    )
+    .await?;
+    latency(db, run).await
 }
 
 /// Exact receive-to-commit percentiles of `run`'s rows, in ms.
@@ -573,15 +596,7 @@ async fn orchestrate(o: Opts) -> Result<()> {
 
     // Latency at half of Leasehold's rate, live.
     let half = (lh_rate / 2.0).max(1.0) as u64;
-    let lat_n = (half * 10).min(n);
-    publish(mq.port, "latency", lat_n, half).await?;
-    eventually(
-        Duration::from_secs(60),
-        "the latency run stored",
-        || async { Ok(count(&db, "latency").await? >= lat_n as i64) },
-    )
-    .await?;
-    let (p50, p99) = latency(&db, "latency").await?;
+    let (p50, p99) = latency_run(mq.port, &db, "latency", half, n).await?;
     eprintln!("bench: leasehold latency at {half} msg/s: p50 {p50:.1} ms, p99 {p99:.1} ms");
 
     // Capacity: the leader stopped, the same messages queued in its session, then drained.
@@ -800,23 +815,40 @@ async fn orchestrate(o: Opts) -> Result<()> {
             ratio_to_upsert >= 20.0,
         ),
     };
-    let targets = vec![
-        (format!("leasehold >= 0.6 x ceiling ({ratio_to_ceiling:.2})"), ratio_to_ceiling >= 0.6),
-        upsert_target,
-        (format!("p99 <= BATCH_MAX_WAIT + 100 ms = 150 ms ({p99:.1} ms)"), p99 <= 150.0),
-        (format!("peak RSS <= 64 MiB ({:.1} MiB)", mib(lh_peak)), mib(lh_peak) <= 64.0),
-    ]
-    .into_iter()
-    .chain(out.map(|o| {
+    let mut targets = vec![
         (
+            format!("leasehold >= 0.6 x ceiling ({ratio_to_ceiling:.2})"),
+            ratio_to_ceiling >= 0.6,
+        ),
+        upsert_target,
+        (
+            format!("p99 <= BATCH_MAX_WAIT + 100 ms = 150 ms ({p99:.1} ms)"),
+            p99 <= 150.0,
+        ),
+    ];
+    if let Some(s) = &slow {
+        targets.push((
+            format!(
+                "p99 <= 150 ms with the {:.1} ms commit flush too ({:.1} ms)",
+                s.flush_latency_us as f64 / 1000.0,
+                s.latency_p99_ms
+            ),
+            s.latency_p99_ms <= 150.0,
+        ));
+    }
+    targets.push((
+        format!("peak RSS <= 64 MiB ({:.1} MiB)", mib(lh_peak)),
+        mib(lh_peak) <= 64.0,
+    ));
+    if let Some(o) = out {
+        targets.push((
             format!(
                 "RSS flat during a {} s outage (before {:.1}, max during {:.1} MiB; {} of {} stored)",
                 o.seconds, o.rss_before_mib, o.rss_max_during_mib, o.stored, o.published
             ),
             o.rss_max_during_mib <= o.rss_before_mib + 8.0 && o.stored == o.published as i64,
-        )
-    }))
-    .collect::<Vec<_>>();
+        ));
+    }
 
     println!();
     println!(
@@ -870,21 +902,27 @@ async fn orchestrate(o: Opts) -> Result<()> {
                 .unwrap_or_else(|| "?".into())
         );
         println!(
-            "{:<46} {:>9} {:>10} {:>9}",
-            "approach", "messages", "live msg/s", "peak MiB"
+            "{:<46} {:>9} {:>10} {:>10} {:>9} {:>9} {:>9}",
+            "approach", "messages", "live msg/s", "lat @msg/s", "p50 ms", "p99 ms", "peak MiB"
         );
         println!(
-            "{:<46} {:>9} {:>10.0} {:>9.1}",
+            "{:<46} {:>9} {:>10.0} {:>10} {:>9} {:>9} {:>9.1}",
             "per-message upsert (one transaction each)",
             s.upsert_messages,
             s.upsert_rate,
+            "-",
+            "-",
+            "-",
             s.upsert_peak_rss_mib
         );
         println!(
-            "{:<46} {:>9} {:>10.0} {:>9.1}",
+            "{:<46} {:>9} {:>10.0} {:>10} {:>9.1} {:>9.1} {:>9.1}",
             "leasehold leader (fencing, ack after commit)",
             s.leasehold_messages,
             s.leasehold_rate,
+            s.latency_rate,
+            s.latency_p50_ms,
+            s.latency_p99_ms,
             s.leasehold_peak_rss_mib
         );
         println!("leasehold / upsert = {:.1} live", s.ratio_to_upsert);
@@ -985,9 +1023,11 @@ async fn slow_flush_pass(
 
     let mut live = leasehold_live(bin, &pg, mq, logs, &db, "slow-leasehold", n).await?;
     let (rows, lh_rate, lh_peak) = (live.rows, live.rate, live.peak_rss);
+    let half = (lh_rate / 2.0).max(1.0) as u64;
+    let (p50, p99) = latency_run(mq.port, &db, "slow-latency", half, n).await?;
     stop_node(&mut live.node).await?;
     drop_session(mq.port, LEADER_SESSION).await?;
-    eprintln!("bench: slow flush: leasehold {lh_rate:.0} msg/s");
+    eprintln!("bench: slow flush: leasehold {lh_rate:.0} msg/s; at {half} msg/s p50 {p50:.1} ms, p99 {p99:.1} ms");
 
     eprintln!("bench: slow flush: publishing {un} to the per-message upsert (about 1k/s: this takes a while)");
     let up = upsert_phase(mq.port, &pg, &db, "slow-upsert", un, 0, 900).await?;
@@ -1001,6 +1041,9 @@ async fn slow_flush_pass(
         leasehold_messages: rows as u64,
         leasehold_rate: lh_rate,
         leasehold_peak_rss_mib: mib(lh_peak),
+        latency_rate: half,
+        latency_p50_ms: p50,
+        latency_p99_ms: p99,
         ratio_to_upsert: lh_rate / up.rate.max(1e-9),
     })
 }
