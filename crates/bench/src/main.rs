@@ -482,6 +482,25 @@ async fn leasehold_live(
     })
 }
 
+/// The leader's own account of its batches, from its metrics.
+async fn leader_summary(node: &NodeProc) -> String {
+    let Ok((_, m)) = http(node.http_port, "GET", "/metrics").await else {
+        return "no metrics".into();
+    };
+    let g = |k: &str| metric(&m, k).unwrap_or(f64::NAN);
+    let writes = g("leasehold_batch_write_duration_seconds_count");
+    format!(
+        "{writes} batches, {:.0} rows/batch, {:.1} ms/batch write ({} over 250 ms), received {}, duplicates {}, overflow {}, reconnects {}",
+        g("leasehold_batch_rows_sum") / g("leasehold_batch_rows_count"),
+        1e3 * g("leasehold_batch_write_duration_seconds_sum") / writes,
+        writes - g("leasehold_batch_write_duration_seconds_bucket{le=\"0.25\"}"),
+        g("leasehold_messages_received_total"),
+        g("leasehold_messages_duplicate_total"),
+        g("leasehold_messages_overflow_total"),
+        g("leasehold_mqtt_reconnects_total"),
+    )
+}
+
 async fn stop_node(node: &mut NodeProc) -> Result<()> {
     node.signal(libc::SIGTERM);
     node.wait_exit(Duration::from_secs(15)).await?;
@@ -610,19 +629,10 @@ async fn orchestrate(o: Opts) -> Result<()> {
     )
     .await?;
     let (crows, csecs) = receive_to_last_commit(&db, "leasehold-cap").await?;
-    if let Ok((_, m)) = http(node.http_port, "GET", "/metrics").await {
-        let g = |k: &str| metric(&m, k).unwrap_or(f64::NAN);
-        eprintln!(
-            "bench: leader after the drain: {} batches, {:.0} rows/batch, {:.1} ms/batch write, received {}, duplicates {}, overflow {}, reconnects {}",
-            g("leasehold_batch_rows_count"),
-            g("leasehold_batch_rows_sum") / g("leasehold_batch_rows_count"),
-            1e3 * g("leasehold_batch_write_duration_seconds_sum") / g("leasehold_batch_write_duration_seconds_count"),
-            g("leasehold_messages_received_total"),
-            g("leasehold_messages_duplicate_total"),
-            g("leasehold_messages_overflow_total"),
-            g("leasehold_mqtt_reconnects_total"),
-        );
-    }
+    eprintln!(
+        "bench: leader after the drain: {}",
+        leader_summary(&node).await
+    );
     let lh_cap = crows as f64 / csecs.max(1e-9);
     lh_peak = lh_peak.max(memory_of(node.pid()).map(|m| m.0).unwrap_or(0));
     stop_node(&mut node).await?;
@@ -1025,6 +1035,10 @@ async fn slow_flush_pass(
     let (rows, lh_rate, lh_peak) = (live.rows, live.rate, live.peak_rss);
     let half = (lh_rate / 2.0).max(1.0) as u64;
     let (p50, p99) = latency_run(mq.port, &db, "slow-latency", half, n).await?;
+    eprintln!(
+        "bench: slow flush: leader: {}",
+        leader_summary(&live.node).await
+    );
     stop_node(&mut live.node).await?;
     drop_session(mq.port, LEADER_SESSION).await?;
     eprintln!("bench: slow flush: leasehold {lh_rate:.0} msg/s; at {half} msg/s p50 {p50:.1} ms, p99 {p99:.1} ms");
