@@ -425,6 +425,26 @@ async fn a_backlog_beyond_max_pending_waits_at_the_broker_and_arrives_exactly_on
             metric(&m, "leasehold_messages_overflow_total"),
             metric(&m, "leasehold_messages_duplicate_total")
         );
+        // Every committed message was acknowledged on its connection: the next leader on the
+        // same session is sent nothing again. The broker resends what is unacknowledged before
+        // anything new, so once a marker published now is stored, the count is final.
+        c.node("node-b").signal(libc::SIGTERM);
+        c.node_mut("node-b")
+            .wait_exit(Duration::from_secs(10))
+            .await?;
+        c.spawn("node-c")?;
+        publish_all(
+            c.mq.port,
+            vec![msg("devices/marker/telemetry", numbered("marker", "m", 0))],
+        )
+        .await?;
+        c.assert_exactly_once("marker", 1).await?;
+        let (_, m) = http(c.node("node-c").http_port, "GET", "/metrics").await?;
+        let received = metric(&m, "leasehold_messages_received_total");
+        ensure!(
+            received == Some(1.0),
+            "the next leader was sent {received:?} messages for 1 new one: acks of committed messages were lost"
+        );
         Ok(())
     }
     .await;

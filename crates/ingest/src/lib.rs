@@ -2,10 +2,17 @@
 //!
 //! Messages leave the loop as [`Inbound`] values, each tagged with the connection it arrived on and
 //! holding one permit of the `MAX_PENDING` budget. They come back through [`Acker::ack`] after
-//! their batch committed: acks are queued without awaiting (the polling task must never block), in
-//! the order given, and only when the message's connection is still the current one. MQTT reuses
+//! their batch committed (the writer never waits), and the ingest task itself writes their PUBACKs
+//! on the connection, in the order given, one flush per batch, and only then lets their permits
+//! go. Acks are written only when the message's connection is still the current one: MQTT reuses
 //! packet ids per connection, so an ack from an earlier connection would acknowledge a different,
 //! newer message; such acks are dropped and the broker redelivers their messages instead.
+//!
+//! The acks do not go through rumqttc's request queue: its event loop takes one request per poll
+//! against up to ten incoming packets, so while a backlog streams in, acks fall behind without
+//! bound, and a full queue would drop them (the broker then redelivers committed messages).
+//! Written here, every ack keeps its permit until it is on the wire side of the connection, so
+//! `MAX_PENDING` bounds both the messages held and the acks owed.
 //!
 //! # Layout
 //! - [`IngestConfig`]: session settings (shared persistent session or a private observer one).
@@ -21,8 +28,8 @@ use chrono::{DateTime, Utc};
 use leasehold_config::MqttEndpoint;
 use leasehold_telemetry::{events, metrics};
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, Publish, QoS, Request,
-    SubscribeFilter, Transport,
+    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, PubAck, Publish, QoS,
+    Request, SubscribeFilter, Transport,
 };
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -70,39 +77,23 @@ struct Gate {
     connected: bool,
 }
 
-/// Sends acks for committed messages. Cheap to clone.
+/// Sends acks for committed messages back to the ingest task. Cheap to clone.
 #[derive(Clone)]
 pub struct Acker {
-    client: AsyncClient,
-    gate: Arc<Mutex<Gate>>,
+    tx: mpsc::UnboundedSender<Vec<Inbound>>,
 }
 
 impl Acker {
-    /// Acknowledges `msgs` in order. Messages from an earlier connection are not acknowledged.
-    /// Dropping each message returns its `MAX_PENDING` permit.
+    /// Acknowledges `msgs` in order, without waiting. The channel needs no bound of its own:
+    /// every message in it holds a `MAX_PENDING` permit.
     pub fn ack(&self, msgs: impl IntoIterator<Item = Inbound>) {
-        let Ok(gate) = self.gate.lock() else {
-            return;
-        };
-        let mut stale = 0u64;
-        for m in msgs {
-            if m.qos == QoS::AtMostOnce {
-                continue;
-            }
-            if !gate.connected || m.conn != gate.conn {
-                stale += 1;
-                continue;
-            }
-            let mut p = Publish::new("", m.qos, Vec::<u8>::new());
-            p.pkid = m.pkid;
-            if let Err(e) = self.client.try_ack(&p) {
-                // Only when the request queue is full or the loop is gone: the broker redelivers.
-                tracing::warn!(error = %e, pkid = m.pkid, "could not queue an ack; the broker will redeliver the message");
-            }
-        }
-        if stale > 0 {
-            tracing::info!(count = stale, "acks dropped: their messages arrived on an earlier connection and will be redelivered");
-            metrics().acks_dropped_stale.inc_by(stale);
+        let batch: Vec<Inbound> = msgs
+            .into_iter()
+            .filter(|m| m.qos != QoS::AtMostOnce)
+            .collect();
+        // If the ingest task is gone, so is its connection: the broker redelivers.
+        if !batch.is_empty() {
+            let _ = self.tx.send(batch);
         }
     }
 }
@@ -171,6 +162,8 @@ impl IngestConfig {
 const QUICK_DISCONNECT: Duration = Duration::from_secs(3);
 /// Consecutive quick disconnects that raise a client-id conflict.
 const CONFLICT_AFTER: u32 = 3;
+/// Writing one batch of acks into the socket; rumqttc's own writes use the same bound.
+const ACK_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The MQTT side of a term. Built per term by the supervisor; `run` consumes it.
 pub struct MqttIngest {
@@ -179,6 +172,8 @@ pub struct MqttIngest {
     eventloop: EventLoop,
     gate: Arc<Mutex<Gate>>,
     tx: Option<mpsc::Sender<Inbound>>,
+    /// Committed messages coming back to be acknowledged.
+    acks: mpsc::UnboundedReceiver<Vec<Inbound>>,
     pending: Arc<Semaphore>,
     device_topics: watch::Receiver<Vec<String>>,
     may_connect: Arc<dyn Fn() -> bool + Send + Sync>,
@@ -265,16 +260,14 @@ impl MqttIngest {
                 }
             };
         }
-        // Acks never exceed MAX_PENDING, so the request queue can always take them without waiting.
-        let (client, mut eventloop) = AsyncClient::new(opts, cfg.max_pending + 64);
+        // Subscriptions, pings and DISCONNECT only: acks are written by `write_acks`.
+        let (client, mut eventloop) = AsyncClient::new(opts, 64);
         eventloop.network_options.set_connection_timeout(5);
         let (tx, rx) = mpsc::channel(cfg.max_pending.max(1));
         let gate = Arc::new(Mutex::new(Gate::default()));
         let pending = Arc::new(Semaphore::new(cfg.max_pending));
-        let acker = Acker {
-            client: client.clone(),
-            gate: gate.clone(),
-        };
+        let (acks_tx, acks) = mpsc::unbounded_channel();
+        let acker = Acker { tx: acks_tx };
         (
             MqttIngest {
                 cfg,
@@ -282,6 +275,7 @@ impl MqttIngest {
                 eventloop,
                 gate,
                 tx: Some(tx),
+                acks,
                 pending,
                 device_topics,
                 may_connect,
@@ -370,6 +364,7 @@ impl MqttIngest {
                         }
                     }
                 }
+                Some(batch) = self.acks.recv() => self.write_acks(batch).await,
                 changed = self.device_topics.changed(), if connected_at.is_some() && topics_open => {
                     if changed.is_err() {
                         // The topic source is gone (shutting down): keep the current topics.
@@ -417,11 +412,21 @@ impl MqttIngest {
                                     last_full_log = Some(Instant::now());
                                 }
                                 metrics().messages_pending.set(self.pending_count() as i64);
-                                let sem = self.pending.clone();
-                                tokio::select! {
-                                    _ = cancel.cancelled() => break Ok(()),
-                                    p = sem.acquire_owned() => p.ok(),
-                                    _ = tokio::time::sleep(self.cfg.keep_alive / 2) => None,
+                                // Slots come back as their acks are written, which is done here.
+                                let deadline = tokio::time::sleep(self.cfg.keep_alive / 2);
+                                tokio::pin!(deadline);
+                                let waited = loop {
+                                    tokio::select! {
+                                        biased;
+                                        _ = cancel.cancelled() => break None,
+                                        p = self.pending.clone().acquire_owned() => break Some(p.ok()),
+                                        Some(batch) = self.acks.recv() => self.write_acks(batch).await,
+                                        _ = &mut deadline => break Some(None),
+                                    }
+                                };
+                                match waited {
+                                    Some(permit) => permit,
+                                    None => break Ok(()),
                                 }
                             }
                         };
@@ -515,6 +520,60 @@ impl MqttIngest {
         // Capacity equals MAX_PENDING and each message holds a permit, so this cannot be full;
         // if the writer is gone the message is simply not acknowledged.
         let _ = tx.try_send(msg);
+    }
+
+    /// Writes the PUBACKs of `batch` on the current connection with one flush; acks of an
+    /// earlier connection are dropped (their packet ids may now name other messages). The
+    /// messages' permits return when `batch` is dropped, after their acks were handed over.
+    async fn write_acks(&mut self, batch: Vec<Inbound>) {
+        if !self.cfg.manual_acks {
+            // The client acknowledged them on receipt (observer sessions).
+            return;
+        }
+        let (conn, connected) = match self.gate.lock() {
+            Ok(g) => (g.conn, g.connected),
+            Err(_) => return,
+        };
+        let current = |m: &&Inbound| connected && m.conn == conn;
+        let stale = batch.iter().filter(|m| !current(m)).count() as u64;
+        if stale > 0 {
+            tracing::info!(count = stale, "acks dropped: their messages arrived on an earlier connection and will be redelivered");
+            metrics().acks_dropped_stale.inc_by(stale);
+        }
+        let Some(network) = self.eventloop.network.as_mut() else {
+            return;
+        };
+        let mut exactly_once = Vec::new();
+        let written = tokio::time::timeout(ACK_WRITE_TIMEOUT, async {
+            for m in batch.iter().filter(current) {
+                if m.qos == QoS::ExactlyOnce {
+                    // rumqttc must record the PUBREC to accept the broker's PUBREL.
+                    exactly_once.push(m.pkid);
+                    continue;
+                }
+                network.write(Packet::PubAck(PubAck::new(m.pkid))).await?;
+            }
+            network.flush().await
+        })
+        .await;
+        // A broken connection shows in the next poll, which reconnects; the broker redelivers
+        // whatever was not acknowledged.
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = ?e, "could not write acks; the broker will redeliver their messages")
+            }
+            Err(_) => {
+                tracing::warn!("writing acks timed out; the broker will redeliver their messages")
+            }
+        }
+        for pkid in exactly_once {
+            let mut p = Publish::new("", QoS::ExactlyOnce, Vec::<u8>::new());
+            p.pkid = pkid;
+            if let Err(e) = self.client.try_ack(&p) {
+                tracing::warn!(error = %e, pkid, "could not queue a PUBREC; the broker will redeliver the message");
+            }
+        }
     }
 
     /// Brings subscriptions in line with configured + device topics; never awaits.
