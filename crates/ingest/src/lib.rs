@@ -20,7 +20,7 @@
 //! - [`Acker`]: the ack path back from the writer.
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -70,8 +70,9 @@ impl Inbound {
     }
 }
 
-/// Which connection is current; guarded so a connection change and an ack cannot interleave.
-#[derive(Debug, Default)]
+/// Which connection is current. Only the ingest task reads or changes it, and it also writes the
+/// acks, so a connection change and an ack cannot interleave.
+#[derive(Debug, Default, Clone, Copy)]
 struct Gate {
     conn: u64,
     connected: bool,
@@ -170,7 +171,7 @@ pub struct MqttIngest {
     cfg: IngestConfig,
     client: AsyncClient,
     eventloop: EventLoop,
-    gate: Arc<Mutex<Gate>>,
+    gate: Gate,
     tx: Option<mpsc::Sender<Inbound>>,
     /// Committed messages coming back to be acknowledged.
     acks: mpsc::UnboundedReceiver<Vec<Inbound>>,
@@ -264,7 +265,6 @@ impl MqttIngest {
         let (client, mut eventloop) = AsyncClient::new(opts, 64);
         eventloop.network_options.set_connection_timeout(5);
         let (tx, rx) = mpsc::channel(cfg.max_pending.max(1));
-        let gate = Arc::new(Mutex::new(Gate::default()));
         let pending = Arc::new(Semaphore::new(cfg.max_pending));
         let (acks_tx, acks) = mpsc::unbounded_channel();
         let acker = Acker { tx: acks_tx };
@@ -273,7 +273,7 @@ impl MqttIngest {
                 cfg,
                 client,
                 eventloop,
-                gate,
+                gate: Gate::default(),
                 tx: Some(tx),
                 acks,
                 pending,
@@ -377,11 +377,7 @@ impl MqttIngest {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                         let reconnect = connections > 0;
                         connections += 1;
-                        {
-                            let Ok(mut g) = self.gate.lock() else { break Ok(()) };
-                            g.conn = connections;
-                            g.connected = true;
-                        }
+                        self.gate = Gate { conn: connections, connected: true };
                         connected_at = Some(Instant::now());
                         refused = 0;
                         self.connected.send_replace(true);
@@ -493,9 +489,7 @@ impl MqttIngest {
                 }
             }
         };
-        if let Ok(mut g) = self.gate.lock() {
-            g.connected = false;
-        }
+        self.gate.connected = false;
         self.connected.send_replace(false);
         metrics().mqtt_connected.set(0);
         metrics().mqtt_subscribed_topics.set(0);
@@ -530,10 +524,7 @@ impl MqttIngest {
             // The client acknowledged them on receipt (observer sessions).
             return;
         }
-        let (conn, connected) = match self.gate.lock() {
-            Ok(g) => (g.conn, g.connected),
-            Err(_) => return,
-        };
+        let Gate { conn, connected } = self.gate;
         let current = |m: &&Inbound| connected && m.conn == conn;
         let stale = batch.iter().filter(|m| !current(m)).count() as u64;
         if stale > 0 {
@@ -611,13 +602,11 @@ impl MqttIngest {
     }
 
     /// The connection is gone: bump the connection number first, so no ack of the old
-    /// connection can be queued from now on; then purge acks queued in the meantime and
-    /// publishes buffered from the dead connection (the broker redelivers both).
+    /// connection is written from now on; then drop the socket with whatever was buffered on it
+    /// and the publishes buffered from the dead connection (the broker redelivers both).
     fn on_disconnect(&mut self) {
-        if let Ok(mut g) = self.gate.lock() {
-            g.conn = g.conn.wrapping_add(1_000_000);
-            g.connected = false;
-        }
+        self.gate.conn = self.gate.conn.wrapping_add(1_000_000);
+        self.gate.connected = false;
         self.eventloop.clean();
         self.eventloop.state.events.clear();
         self.eventloop
