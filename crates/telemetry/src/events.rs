@@ -206,6 +206,7 @@ impl PendingOverflow {
             max_pending = self.max_pending,
             "MAX_PENDING reached: pausing intake, messages stay queued at the broker"
         );
-        metrics().messages_overflow.inc();
+        // A pause refuses nothing: `messages_overflow` counts refusals only (ingest), and
+        // `messages_pending` at MAX_PENDING shows the pause.
     }
 }
