@@ -147,39 +147,56 @@ impl Writer {
         }
     }
 
-    /// Up to `batch_max_rows` messages, waiting at most `batch_max_wait` after the first.
+    /// Up to `batch_max_rows` messages, until `batch_max_wait` after the first was received.
     /// `None` when cancelled or when the channel is closed and empty.
     async fn gather(&mut self, cancel: &CancellationToken) -> Option<Vec<Inbound>> {
-        let first = tokio::select! {
-            _ = cancel.cancelled() => return None,
-            m = self.rx.recv() => m?,
-        };
-        let max = self.cfg.batch_max_rows;
-        let mut batch = Vec::with_capacity(max.min(4096));
-        batch.push(first);
-        let deadline = tokio::time::Instant::now() + self.cfg.batch_max_wait;
+        gather(
+            &mut self.rx,
+            self.cfg.batch_max_rows,
+            self.cfg.batch_max_wait,
+            cancel,
+        )
+        .await
+    }
+}
+
+/// Waits for a first message, then takes more until `max` or until `wait` has passed since that
+/// message was received. A message that queued while the previous batch was being written has
+/// already waited; counting from its receipt keeps BATCH_MAX_WAIT the longest wait of any message.
+async fn gather(
+    rx: &mut mpsc::Receiver<Inbound>,
+    max: usize,
+    wait: Duration,
+    cancel: &CancellationToken,
+) -> Option<Vec<Inbound>> {
+    let first = tokio::select! {
+        _ = cancel.cancelled() => return None,
+        m = rx.recv() => m?,
+    };
+    let deadline = tokio::time::Instant::from_std(first.received + wait);
+    let mut batch = Vec::with_capacity(max.min(4096));
+    batch.push(first);
+    while batch.len() < max {
+        // Take what is already queued without waking the timer.
         while batch.len() < max {
-            // Take what is already queued without waking the timer.
-            while batch.len() < max {
-                match self.rx.try_recv() {
-                    Ok(m) => batch.push(m),
-                    Err(_) => break,
-                }
-            }
-            if batch.len() >= max {
-                break;
-            }
-            tokio::select! {
-                _ = cancel.cancelled() => return None,
-                _ = tokio::time::sleep_until(deadline) => break,
-                m = self.rx.recv() => match m {
-                    Some(m) => batch.push(m),
-                    None => break,
-                },
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
             }
         }
-        Some(batch)
+        if batch.len() >= max {
+            break;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return None,
+            _ = tokio::time::sleep_until(deadline) => break,
+            m = rx.recv() => match m {
+                Some(m) => batch.push(m),
+                None => break,
+            },
+        }
     }
+    Some(batch)
 }
 
 async fn write_once(
@@ -200,5 +217,57 @@ async fn write_once(
     match conn.as_mut() {
         Some(w) => w.write(fence, rows, dead).await,
         None => Err(StoreError::Pool("no writer connection".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(waited: Duration) -> Inbound {
+        let mut m = Inbound::detached("devices/d/telemetry", b"{}");
+        m.received -= waited;
+        m
+    }
+
+    #[tokio::test]
+    async fn a_message_that_already_waited_closes_its_batch_at_once() {
+        // Queued while the previous batch was written: it has waited its BATCH_MAX_WAIT already.
+        let wait = Duration::from_secs(3);
+        let (tx, mut rx) = mpsc::channel(10);
+        tx.try_send(message(wait)).expect("queued");
+        let start = Instant::now();
+        let batch = gather(&mut rx, 1000, wait, &CancellationToken::new())
+            .await
+            .expect("a batch");
+        assert_eq!(batch.len(), 1);
+        assert!(
+            start.elapsed() < wait / 2,
+            "the batch was held {:?} more after its message had waited {wait:?}",
+            start.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_batch_takes_what_arrives_within_the_wait_of_its_first_message() {
+        let (tx, mut rx) = mpsc::channel(10);
+        tx.try_send(message(Duration::ZERO)).expect("queued");
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = tx.send(message(Duration::ZERO)).await;
+        });
+        let batch = gather(
+            &mut rx,
+            1000,
+            Duration::from_secs(2),
+            &CancellationToken::new(),
+        )
+        .await
+        .expect("a batch");
+        assert_eq!(
+            batch.len(),
+            2,
+            "the batch closed before its first message's wait"
+        );
     }
 }
