@@ -47,6 +47,9 @@ pub struct Inbound {
     pub conn: u64,
     pub pkid: u16,
     pub qos: QoS,
+    /// The MQTT DUP flag: the broker sent this message before, on an earlier connection of the
+    /// session, and never got its ack (a redelivery, or a first delivery after a lost ack).
+    pub dup: bool,
     pub topic: String,
     pub payload: Bytes,
     pub received_at: DateTime<Utc>,
@@ -61,6 +64,7 @@ impl Inbound {
             conn: 0,
             pkid: 0,
             qos: QoS::AtMostOnce,
+            dup: false,
             topic: topic.to_string(),
             payload: Bytes::copy_from_slice(payload),
             received_at: Utc::now(),
@@ -505,6 +509,7 @@ impl MqttIngest {
             conn,
             pkid: p.pkid,
             qos: p.qos,
+            dup: p.dup,
             topic: p.topic,
             payload: p.payload,
             received_at: Utc::now(),
