@@ -7,7 +7,6 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use chrono::Utc;
 use leasehold_config::{LeaseTimings, MqttEndpoint};
-use leasehold_decode::Reading;
 use leasehold_ingest::{IngestConfig, MqttIngest};
 use leasehold_lease::{Lease, LeaseConfig, Role};
 use leasehold_store::{BatchWriter, Fence, Row, StoreError};
@@ -26,14 +25,15 @@ async fn migrated() -> Result<Postgres> {
 fn row(device: &str, secs: i64) -> Row {
     let ts = chrono::DateTime::from_timestamp(secs, 0).unwrap_or_default();
     Row {
-        reading: Reading {
-            device_id: device.into(),
-            ts,
-            payload: "{}".into(),
-            content_hash: None,
-        },
+        idx: secs as usize,
+        device_id: device.into(),
         topic: format!("devices/{device}/telemetry"),
+        ts,
+        payload: "{}".into(),
         received_at: Utc::now(),
+        content_hash: None,
+        pkid: 0,
+        dup: false,
     }
 }
 
@@ -48,8 +48,13 @@ async fn a_writer_whose_epoch_was_bumped_cannot_commit_a_single_row() -> Result<
             &[],
         )
         .await?;
-    let mut w =
-        BatchWriter::new(leasehold_store::connect(&pg.url(), "w").await?, "a".into()).await?;
+    let mut w = BatchWriter::connect(
+        &pg.url(),
+        "a".into(),
+        Duration::from_secs(10),
+        leasehold_store::DEFAULT_REDELIVERY_WINDOW,
+    )
+    .await?;
     let fence = Fence {
         lease_name: "mqtt-ingest".into(),
         holder_id: "h1".into(),

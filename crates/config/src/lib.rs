@@ -42,6 +42,8 @@ pub const KEYS: &[&str] = &[
     "LEASE_POLL_INTERVAL",
     "BATCH_MAX_ROWS",
     "BATCH_MAX_WAIT",
+    "BATCH_MAX_BYTES",
+    "REDELIVERY_WINDOW",
     "MAX_PAYLOAD_BYTES",
     "MAX_PENDING",
     "HTTP_ADDR",
@@ -334,6 +336,10 @@ pub struct Config {
     pub lease: LeaseTimings,
     pub batch_max_rows: usize,
     pub batch_max_wait: Duration,
+    /// A batch closes once its payloads reach this many bytes (bounds one statement's memory).
+    pub batch_max_bytes: usize,
+    /// How far back the first copy of a redelivered timestamp-less message is looked for.
+    pub redelivery_window: Duration,
     pub max_payload_bytes: usize,
     pub max_pending: usize,
     pub http_addr: SocketAddr,
@@ -366,6 +372,8 @@ impl fmt::Debug for Config {
             .field("lease", &self.lease)
             .field("batch_max_rows", &self.batch_max_rows)
             .field("batch_max_wait", &self.batch_max_wait)
+            .field("batch_max_bytes", &self.batch_max_bytes)
+            .field("redelivery_window", &self.redelivery_window)
             .field("max_payload_bytes", &self.max_payload_bytes)
             .field("max_pending", &self.max_pending)
             .field("http_addr", &self.http_addr)
@@ -663,6 +671,12 @@ impl Config {
             lease,
             batch_max_rows,
             batch_max_wait: s.parse("BATCH_MAX_WAIT", Duration::from_millis(50), duration)?,
+            batch_max_bytes: s.parse("BATCH_MAX_BYTES", 4 * 1024 * 1024, byte_size)?,
+            redelivery_window: s.parse(
+                "REDELIVERY_WINDOW",
+                Duration::from_secs(3600),
+                nonzero_duration,
+            )?,
             max_payload_bytes,
             max_pending: s.parse(
                 "MAX_PENDING",

@@ -189,7 +189,13 @@ async fn health(State(s): State<HttpState>) -> Response {
 }
 
 async fn live(State(s): State<HttpState>) -> Response {
-    if stuck(&s) {
+    if s.lease.as_ref().is_some_and(|l| l.is_idle_leader()) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"live": false, "reason": "holds the lease but runs no leadership term: not ingesting"})),
+        )
+            .into_response()
+    } else if stuck(&s) {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"live": false, "reason": "past the lease deadline while leading or draining: renewals stopped or demotion hangs"})),

@@ -83,6 +83,9 @@ struct Shared {
     /// Local deadline as nanoseconds after `base`; 0 before the first term.
     valid_until_ns: AtomicU64,
     term_active: AtomicBool,
+    /// When `term_active` or the role last changed, as nanoseconds after `base`.
+    term_changed_ns: AtomicU64,
+    ttl: Duration,
     drained: Notify,
     step_down: Notify,
     recheck: Notify,
@@ -94,6 +97,11 @@ impl Shared {
             0 => None,
             ns => Some(self.base + Duration::from_nanos(ns)),
         }
+    }
+
+    fn mark_term_change(&self) {
+        let ns = self.base.elapsed().as_nanos() as u64;
+        self.term_changed_ns.store(ns, Ordering::Release);
     }
 
     fn set_valid_until(&self, t: Instant) {
@@ -145,6 +153,15 @@ impl LeaseHandle {
                 .is_some_and(|t| Instant::now() >= t)
     }
 
+    /// Holding the lease without a running term for longer than the TTL: a leader that does not
+    /// ingest is a defect (`/health/live` says so; a term that ends is restarted at once).
+    pub fn is_idle_leader(&self) -> bool {
+        let since = Duration::from_nanos(self.shared.term_changed_ns.load(Ordering::Acquire));
+        matches!(self.role(), Role::Leader { .. })
+            && !self.shared.term_active.load(Ordering::Acquire)
+            && self.shared.base.elapsed().saturating_sub(since) > self.shared.ttl
+    }
+
     /// Asks the lease task to hand over gracefully.
     pub fn step_down(&self) {
         self.shared.step_down.notify_one();
@@ -163,6 +180,7 @@ impl LeaseHandle {
     /// The supervisor reports whether term tasks are running (read by the watchdog).
     pub fn set_term_active(&self, active: bool) {
         self.shared.term_active.store(active, Ordering::Release);
+        self.shared.mark_term_change();
     }
 }
 
@@ -187,6 +205,8 @@ impl Lease {
             base: Instant::now(),
             valid_until_ns: AtomicU64::new(0),
             term_active: AtomicBool::new(false),
+            term_changed_ns: AtomicU64::new(0),
+            ttl: cfg.timings.ttl,
             drained: Notify::new(),
             step_down: Notify::new(),
             recheck: Notify::new(),
@@ -247,6 +267,7 @@ impl Lease {
                 holder_id: &self.cfg.holder_id,
             }
             .emit();
+            self.shared.mark_term_change();
             self.role_tx.send_replace(Role::Leader { epoch });
             let released = self.lead(epoch, &cancel).await;
             // After any loss wait one poll interval before campaigning again: no flapping, and

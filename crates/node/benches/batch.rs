@@ -1,12 +1,13 @@
 //! Batch builder micro-benchmark: turning a batch of received messages into the rows and dead
-//! letters of one write (decode every message, build the insert's arrays' inputs).
+//! letters of one write (decode every message, place receipt times on the database clock,
+//! settle duplicates and conflicts inside the batch).
 
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use leasehold_decode::Decoder;
 use leasehold_ingest::Inbound;
-use leasehold_node::writer::decode_batch;
+use leasehold_node::batch::{prepare, DbClock};
 
 fn batch(n: usize, bad_every: usize) -> Vec<Inbound> {
     (0..n)
@@ -22,6 +23,11 @@ fn batch(n: usize, bad_every: usize) -> Vec<Inbound> {
         .collect()
 }
 
+fn run(d: &Decoder, msgs: &[Inbound]) -> leasehold_node::batch::Prepared {
+    let mut clock = DbClock::new(chrono::Utc::now(), std::time::Instant::now());
+    prepare(d, msgs, &mut clock, 256 * 1024)
+}
+
 fn bench(c: &mut Criterion) {
     let d = Decoder::new("devices/{device_id}/#", 256 * 1024);
     let mut g = c.benchmark_group("batch");
@@ -30,7 +36,7 @@ fn bench(c: &mut Criterion) {
         g.bench_function(format!("decode_batch_{n}"), |b| {
             b.iter_batched(
                 || batch(n, 0),
-                |msgs| black_box(decode_batch(&d, &msgs)).0.len(),
+                |msgs| black_box(run(&d, &msgs)).rows.len(),
                 BatchSize::LargeInput,
             )
         });
@@ -39,7 +45,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("decode_batch_1000_with_1pct_bad", |b| {
         b.iter_batched(
             || batch(1000, 100),
-            |msgs| black_box(decode_batch(&d, &msgs)).1.len(),
+            |msgs| black_box(run(&d, &msgs)).dead.len(),
             BatchSize::LargeInput,
         )
     });

@@ -4,12 +4,15 @@
 //! - [`cli`]: argument parsing, configuration loading, one-line errors, exit codes.
 //! - [`node`]: `leasehold run`, the wiring of one node and its shutdown sequence.
 //! - [`supervisor`]: starts, drains and cancels leadership terms as the lease role changes.
-//! - [`writer`]: the batch writer of a term (fenced transactions, ack after commit).
+//! - [`writer`]: the batch writer of a term (fenced statements, row errors isolated, ack after
+//!   commit).
+//! - [`batch`]: a gathered batch decoded and settled as far as the batch alone can settle it.
 //! - [`admin`]: `migrate`, `status`, `step-down`.
 //! - [`simulate`]: a device fleet publisher for demos, tests and benchmarks.
 //! - [`sd_notify`]: readiness and the watchdog for systemd's `Type=notify`.
 
 pub mod admin;
+pub mod batch;
 pub mod cli;
 pub mod node;
 pub mod sd_notify;

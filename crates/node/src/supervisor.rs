@@ -24,6 +24,8 @@ pub const TEST_HANG_DEMOTION: &str = "LEASEHOLD_TEST_HANG_DEMOTION";
 
 struct Term {
     epoch: i64,
+    /// Cancelled as soon as any task of the term ends: a term is whole or over.
+    ended: CancellationToken,
     broker: watch::Receiver<bool>,
     hard: CancellationToken,
     drain: CancellationToken,
@@ -59,7 +61,7 @@ impl Supervisor {
             }
             let ended = async {
                 match &term {
-                    Some(t) => t.tracker.wait().await,
+                    Some(t) => t.ended.cancelled().await,
                     None => std::future::pending().await,
                 }
             };
@@ -99,8 +101,11 @@ impl Supervisor {
                     role_rx.mark_changed();
                 }
                 _ = ended => {
-                    // A term task stopped on its own (fenced, or may no longer connect). Stop the
-                    // rest, have the lease re-check at once, and start a fresh term if still leading.
+                    // A term task stopped on its own (the writer fenced, the ingest no longer
+                    // allowed to connect). A term is whole or over: stop the rest, have the lease
+                    // re-check at once, and start a fresh term if still leading (the lease row
+                    // can expire under a live leader — a clock step, an operator's UPDATE — and
+                    // be renewed at the same epoch).
                     if let Some(t) = term.take() {
                         tracing::warn!(epoch = t.epoch, "leadership term ended unexpectedly; re-checking the lease");
                         self.stop_hard(t).await;
@@ -121,6 +126,7 @@ impl Supervisor {
         let hard = CancellationToken::new();
         let drain = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let ended = CancellationToken::new();
         let lease = self.lease.clone();
         let may_connect: Arc<dyn Fn() -> bool + Send + Sync> = Arc::new(move || lease.is_valid());
         let (ingest, acker, rx) = MqttIngest::new(
@@ -133,8 +139,14 @@ impl Supervisor {
                 database_url: cfg.database_url.clone().unwrap_or_default(),
                 instance_id: cfg.instance_id.clone(),
                 batch_max_rows: cfg.batch_max_rows,
+                batch_max_bytes: cfg.batch_max_bytes,
                 batch_max_wait: cfg.batch_max_wait,
+                max_payload_bytes: cfg.max_payload_bytes,
                 decoder: Decoder::new(&cfg.device_topic_pattern, cfg.max_payload_bytes),
+                redelivery_window: cfg.redelivery_window,
+                // A backstop only: the lease deadline cancels a hung write (on the server too)
+                // long before this.
+                statement_timeout: cfg.lease.ttl,
             },
             fence: Fence {
                 lease_name: cfg.lease_name.clone(),
@@ -146,14 +158,16 @@ impl Supervisor {
         };
         let broker = ingest.connected();
         self.lease.set_term_active(true);
-        let (h, d) = (hard.clone(), drain.clone());
+        let (h, d, end) = (hard.clone(), drain.clone(), ended.clone());
         tracker.spawn(async move {
+            let _end = end.drop_guard();
             if let Err(e) = ingest.run(h, d).await {
                 tracing::error!(error = %e, "MQTT ingest stopped");
             }
         });
-        let h = hard.clone();
+        let (h, end) = (hard.clone(), ended.clone());
         tracker.spawn(async move {
+            let _end = end.drop_guard();
             if let Err(e) = writer.run(h).await {
                 tracing::error!(error = %e, "writer stopped");
             }
@@ -162,6 +176,7 @@ impl Supervisor {
         tracing::info!(epoch, "leadership term started: connecting to the broker");
         Term {
             epoch,
+            ended,
             broker,
             hard,
             drain,

@@ -1,14 +1,24 @@
-//! The writer of a leadership term: batches by size and time, one fenced transaction per batch,
-//! acks after commit, retries with backoff (nothing acknowledged meanwhile).
+//! The writer of a leadership term: batches by count, bytes and time, one fenced statement per
+//! batch, acks after commit, retries with backoff (nothing acknowledged meanwhile).
+//!
+//! A value PostgreSQL refuses (a number out of range, a trigger's exception, an index row too
+//! large) fails a whole statement. Such a row error is isolated instead of retried: the failing
+//! part is split in halves until the one message that causes it is found, and that message
+//! becomes a dead letter carrying the database's words; the rest commits. Parts already
+//! committed are not written again when a later part fails.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use leasehold_decode::{DecodeError, Decoder};
+use leasehold_decode::Decoder;
 use leasehold_ingest::{Acker, Inbound};
 use leasehold_store::{BatchWriter, DeadLetter, Fence, Row, StoreError};
 use leasehold_telemetry::{events, metrics};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+pub use crate::batch::reason_label;
+use crate::batch::{prepare, rejected, DbClock, Prepared};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriterError {
@@ -21,8 +31,14 @@ pub struct WriterConfig {
     pub database_url: String,
     pub instance_id: String,
     pub batch_max_rows: usize,
+    pub batch_max_bytes: usize,
     pub batch_max_wait: Duration,
+    pub max_payload_bytes: usize,
     pub decoder: Decoder,
+    pub redelivery_window: Duration,
+    /// Server-side bound on a batch statement (a backstop: a cancelled write is also
+    /// cancelled on the server).
+    pub statement_timeout: Duration,
 }
 
 pub struct Writer {
@@ -32,46 +48,43 @@ pub struct Writer {
     pub acker: Acker,
 }
 
-/// The label of a dead-letter reason in metrics.
-pub fn reason_label(e: &DecodeError) -> &'static str {
-    match e {
-        DecodeError::TooLarge { .. } => "too_large",
-        DecodeError::NotJson(_) => "not_json",
-        DecodeError::NotObject(_) => "not_object",
-        DecodeError::NulEscape => "nul_escape",
-        DecodeError::NoDeviceId { .. } => "no_device_id",
-        DecodeError::DeviceIdTooLong => "device_id_too_long",
-        DecodeError::BadTimestamp { .. } => "bad_timestamp",
+/// One statement's worth of a batch. Split in halves while a row error is being isolated.
+#[derive(Debug, Default)]
+struct Part {
+    rows: Vec<Row>,
+    dead: Vec<DeadLetter>,
+}
+
+impl Part {
+    fn len(&self) -> usize {
+        self.rows.len() + self.dead.len()
+    }
+
+    fn halves(mut self) -> (Part, Part) {
+        let rows_first = self.rows.len().div_ceil(2);
+        let rows = self.rows.split_off(rows_first);
+        let dead_first = if rows_first == 0 {
+            self.dead.len().div_ceil(2)
+        } else {
+            self.dead.len()
+        };
+        let dead = self.dead.split_off(dead_first);
+        (self, Part { rows, dead })
     }
 }
 
-/// Splits a batch into rows and dead letters (with their metric labels).
-pub fn decode_batch(
-    decoder: &Decoder,
-    batch: &[Inbound],
-) -> (Vec<Row>, Vec<DeadLetter>, Vec<&'static str>) {
-    let mut rows = Vec::with_capacity(batch.len());
-    let mut dead = Vec::new();
-    let mut reasons = Vec::new();
-    for m in batch {
-        match decoder.decode(&m.topic, &m.payload, m.received_at) {
-            Ok(reading) => rows.push(Row {
-                reading,
-                topic: m.topic.clone(),
-                received_at: m.received_at,
-            }),
-            Err(e) => {
-                reasons.push(reason_label(&e));
-                dead.push(DeadLetter {
-                    topic: m.topic.clone(),
-                    payload: m.payload.to_vec(),
-                    error: e.to_string(),
-                    received_at: m.received_at,
-                });
-            }
-        }
-    }
-    (rows, dead, reasons)
+/// What a batch came to, for its events.
+#[derive(Debug, Default)]
+struct Tally {
+    inserted: u64,
+    duplicates: u64,
+    conflicts: u64,
+    dead_lettered: u64,
+}
+
+enum Stop {
+    Cancelled,
+    Fenced(i64),
 }
 
 impl Writer {
@@ -79,85 +92,249 @@ impl Writer {
     /// (drain: commit and ack everything first).
     pub async fn run(mut self, cancel: CancellationToken) -> Result<(), WriterError> {
         let mut conn: Option<BatchWriter> = None;
+        let mut clock: Option<DbClock> = None;
+        let mut retry = Backoff::default();
         loop {
             let Some(batch) = self.gather(&cancel).await else {
                 return Ok(());
             };
-            let (rows, dead, reasons) = decode_batch(&self.cfg.decoder, &batch);
-            let mut attempt = 0u32;
-            let mut backoff = Duration::from_millis(50);
-            loop {
-                if cancel.is_cancelled() {
-                    return Ok(());
+            // Receipt times are placed on the database's clock, measured once per term.
+            let clock = loop {
+                if let Some(c) = clock.as_mut() {
+                    break c;
                 }
-                let started = Instant::now();
-                let res = tokio::select! {
-                    _ = cancel.cancelled() => return Ok(()),
-                    r = write_once(&mut conn, &self.cfg, &self.fence, &rows, &dead) => r,
-                };
-                match res {
-                    Ok(out) => {
-                        let took = started.elapsed();
-                        events::BatchCommitted {
-                            rows: batch.len(),
-                            inserted: out.inserted,
-                            duplicates: out.duplicates,
-                            dead_lettered: out.dead_lettered,
-                            duration: took,
-                        }
-                        .emit();
-                        for (d, reason) in dead.iter().zip(&reasons) {
-                            events::DeadLettered {
-                                topic: &d.topic,
-                                reason,
-                                error: &d.error,
+                match self.connection(&mut conn).await {
+                    Ok(w) => match w.clock().await {
+                        Ok((db, local)) => clock = Some(DbClock::new(db, local)),
+                        Err(e) => {
+                            conn = None;
+                            if !retry.wait(&e, &cancel).await {
+                                return Ok(());
                             }
-                            .emit();
                         }
-                        let lat = &metrics().ingest_latency;
-                        for m in &batch {
-                            lat.observe(m.received.elapsed().as_secs_f64());
-                        }
-                        self.acker.ack(batch);
-                        break;
-                    }
-                    Err(StoreError::Fenced { epoch }) => {
-                        events::WriteFenced { epoch }.emit();
-                        return Err(WriterError::Fenced(epoch));
-                    }
+                    },
                     Err(e) => {
-                        conn = None;
-                        attempt += 1;
-                        let wait = backoff.mul_f64(0.5 + fastrand::f64() * 0.5);
-                        events::WriteFailed {
-                            error: &e,
-                            kind: e.kind(),
-                            attempt,
-                            retry_in_ms: wait.as_millis(),
-                        }
-                        .emit();
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                        tokio::select! {
-                            _ = cancel.cancelled() => return Ok(()),
-                            _ = tokio::time::sleep(wait) => {}
+                        if !retry.wait(&e, &cancel).await {
+                            return Ok(());
                         }
                     }
+                }
+            };
+            let started = Instant::now();
+            let prepared = prepare(&self.cfg.decoder, &batch, clock, self.cfg.max_payload_bytes);
+            match self.commit(&mut conn, prepared, &cancel, &mut retry).await {
+                Ok(tally) => {
+                    events::BatchCommitted {
+                        rows: batch.len(),
+                        inserted: tally.inserted,
+                        duplicates: tally.duplicates,
+                        conflicts: tally.conflicts,
+                        dead_lettered: tally.dead_lettered,
+                        duration: started.elapsed(),
+                    }
+                    .emit();
+                    let lat = &metrics().ingest_latency;
+                    for m in &batch {
+                        lat.observe(m.received.elapsed().as_secs_f64());
+                    }
+                    self.acker.ack(batch);
+                }
+                Err(Stop::Cancelled) => return Ok(()),
+                Err(Stop::Fenced(epoch)) => {
+                    events::WriteFenced { epoch }.emit();
+                    return Err(WriterError::Fenced(epoch));
                 }
             }
         }
     }
 
-    /// Up to `batch_max_rows` messages, until `batch_max_wait` after the first was received.
-    /// `None` when cancelled or when the channel is closed and empty.
+    /// Commits every part of `prepared`, isolating row errors, retrying other errors.
+    async fn commit(
+        &self,
+        conn: &mut Option<BatchWriter>,
+        prepared: Prepared,
+        cancel: &CancellationToken,
+        retry: &mut Backoff,
+    ) -> Result<Tally, Stop> {
+        let mut tally = Tally {
+            duplicates: prepared.duplicates + prepared.redelivered,
+            ..Tally::default()
+        };
+        let mut work = VecDeque::from([Part {
+            rows: prepared.rows,
+            dead: prepared.dead,
+        }]);
+        while let Some(part) = work.pop_front() {
+            if part.len() == 0 {
+                continue;
+            }
+            let res = match self.connection(conn).await {
+                Ok(w) => {
+                    let stop = w.cancel_handle();
+                    tokio::select! {
+                        _ = cancel.cancelled() => {
+                            // The server would go on running the statement, holding the fence's
+                            // share lock and delaying the next leader's takeover.
+                            tokio::spawn(async move {
+                                if let Err(e) = stop.cancel().await {
+                                    tracing::debug!(error = %e, "could not cancel the running batch statement");
+                                }
+                            });
+                            *conn = None;
+                            return Err(Stop::Cancelled);
+                        }
+                        r = w.write(&self.fence, &part.rows, &part.dead) => r,
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            match res {
+                Ok(out) => {
+                    retry.reset();
+                    tally.inserted += out.inserted;
+                    tally.dead_lettered += out.dead_lettered;
+                    tally.duplicates += (out.duplicates.len() + out.redelivered.len()) as u64;
+                    tally.conflicts += out.conflicts.len() as u64;
+                    let skipped: std::collections::HashSet<usize> =
+                        out.redelivered.iter().copied().collect();
+                    for d in part.dead.iter().filter(|d| !skipped.contains(&d.idx)) {
+                        if d.reason == "conflict" {
+                            tally.conflicts += 1;
+                        }
+                        events::DeadLettered {
+                            topic: &d.topic,
+                            reason: d.reason,
+                            error: &d.error,
+                        }
+                        .emit();
+                    }
+                    for i in &out.conflicts {
+                        if let Some(r) = part.rows.iter().find(|r| r.idx == *i) {
+                            events::Conflict {
+                                device_id: &r.device_id,
+                                topic: &r.topic,
+                                ts: r.ts,
+                            }
+                            .emit();
+                        }
+                    }
+                }
+                Err(StoreError::Fenced { epoch }) => return Err(Stop::Fenced(epoch)),
+                Err(e) if e.is_row_error() && part.len() > 1 => {
+                    let (a, b) = part.halves();
+                    work.push_front(b);
+                    work.push_front(a);
+                }
+                Err(e) if e.is_row_error() && part.rows.len() == 1 => {
+                    let text = e.database_text();
+                    let row = &part.rows[0];
+                    events::RowRejected {
+                        topic: &row.topic,
+                        error: &text,
+                    }
+                    .emit();
+                    work.push_front(Part {
+                        rows: Vec::new(),
+                        dead: vec![rejected(row, &text)],
+                    });
+                }
+                Err(e) => {
+                    // Connection, time, resources, or a dead letter itself refused (which
+                    // `storable_text` and `bytea` should make impossible): retry, acknowledging
+                    // nothing meanwhile.
+                    *conn = None;
+                    work.push_front(part);
+                    if !retry.wait(&e, cancel).await {
+                        return Err(Stop::Cancelled);
+                    }
+                }
+            }
+        }
+        Ok(tally)
+    }
+
+    /// The writer's connection, made when there is none or it closed.
+    async fn connection<'a>(
+        &self,
+        conn: &'a mut Option<BatchWriter>,
+    ) -> Result<&'a mut BatchWriter, StoreError> {
+        if conn.as_ref().is_none_or(|c| c.is_closed()) {
+            *conn = Some(
+                BatchWriter::connect(
+                    &self.cfg.database_url,
+                    self.cfg.instance_id.clone(),
+                    self.cfg.statement_timeout,
+                    self.cfg.redelivery_window,
+                )
+                .await?,
+            );
+        }
+        conn.as_mut()
+            .ok_or_else(|| StoreError::Pool("no writer connection".into()))
+    }
+
+    /// Up to `batch_max_rows` messages or `batch_max_bytes` of payload, until `batch_max_wait`
+    /// after the first was received. `None` when cancelled or when the channel is closed and
+    /// empty.
     async fn gather(&mut self, cancel: &CancellationToken) -> Option<Vec<Inbound>> {
         gather(
             &mut self.rx,
-            self.cfg.batch_max_rows,
-            self.cfg.batch_max_wait,
+            Limits {
+                rows: self.cfg.batch_max_rows,
+                bytes: self.cfg.batch_max_bytes,
+                wait: self.cfg.batch_max_wait,
+            },
             cancel,
         )
         .await
     }
+}
+
+/// Exponential backoff with jitter for failed writes.
+struct Backoff {
+    attempt: u32,
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            attempt: 0,
+            next: Duration::from_millis(50),
+        }
+    }
+}
+
+impl Backoff {
+    fn reset(&mut self) {
+        *self = Backoff::default();
+    }
+
+    /// Reports `e` and waits; `false` when cancelled meanwhile.
+    async fn wait(&mut self, e: &StoreError, cancel: &CancellationToken) -> bool {
+        self.attempt += 1;
+        let wait = self.next.mul_f64(0.5 + fastrand::f64() * 0.5);
+        events::WriteFailed {
+            error: e,
+            kind: e.kind(),
+            attempt: self.attempt,
+            retry_in_ms: wait.as_millis(),
+        }
+        .emit();
+        self.next = (self.next * 2).min(Duration::from_secs(5));
+        tokio::select! {
+            _ = cancel.cancelled() => false,
+            _ = tokio::time::sleep(wait) => true,
+        }
+    }
+}
+
+/// What closes a batch.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    rows: usize,
+    bytes: usize,
+    wait: Duration,
 }
 
 /// Waits for a first message, then takes more until `max` or until `wait` has passed since that
@@ -165,33 +342,41 @@ impl Writer {
 /// already waited; counting from its receipt keeps BATCH_MAX_WAIT the longest wait of any message.
 async fn gather(
     rx: &mut mpsc::Receiver<Inbound>,
-    max: usize,
-    wait: Duration,
+    limits: Limits,
     cancel: &CancellationToken,
 ) -> Option<Vec<Inbound>> {
     let first = tokio::select! {
         _ = cancel.cancelled() => return None,
         m = rx.recv() => m?,
     };
-    let deadline = tokio::time::Instant::from_std(first.received + wait);
-    let mut batch = Vec::with_capacity(max.min(4096));
+    let deadline = tokio::time::Instant::from_std(first.received + limits.wait);
+    let mut bytes = first.payload.len();
+    let mut batch = Vec::with_capacity(limits.rows.min(4096));
     batch.push(first);
-    while batch.len() < max {
+    let full =
+        |batch: &Vec<Inbound>, bytes: usize| batch.len() >= limits.rows || bytes >= limits.bytes;
+    while !full(&batch, bytes) {
         // Take what is already queued without waking the timer.
-        while batch.len() < max {
+        while !full(&batch, bytes) {
             match rx.try_recv() {
-                Ok(m) => batch.push(m),
+                Ok(m) => {
+                    bytes += m.payload.len();
+                    batch.push(m);
+                }
                 Err(_) => break,
             }
         }
-        if batch.len() >= max {
+        if full(&batch, bytes) {
             break;
         }
         tokio::select! {
             _ = cancel.cancelled() => return None,
             _ = tokio::time::sleep_until(deadline) => break,
             m = rx.recv() => match m {
-                Some(m) => batch.push(m),
+                Some(m) => {
+                    bytes += m.payload.len();
+                    batch.push(m);
+                }
                 None => break,
             },
         }
@@ -199,30 +384,39 @@ async fn gather(
     Some(batch)
 }
 
-async fn write_once(
-    conn: &mut Option<BatchWriter>,
-    cfg: &WriterConfig,
-    fence: &Fence,
-    rows: &[Row],
-    dead: &[DeadLetter],
-) -> Result<leasehold_store::BatchOutcome, StoreError> {
-    if conn.as_ref().is_none_or(|c| c.is_closed()) {
-        let client = leasehold_store::connect(&cfg.database_url, "leasehold-writer").await?;
-        // A backstop: the lease deadline cancels a hung write long before this.
-        client
-            .batch_execute("SET statement_timeout = '60s'")
-            .await?;
-        *conn = Some(BatchWriter::new(client, cfg.instance_id.clone()).await?);
-    }
-    match conn.as_mut() {
-        Some(w) => w.write(fence, rows, dead).await,
-        None => Err(StoreError::Pool("no writer connection".into())),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn limits(rows: usize, wait: Duration) -> Limits {
+        Limits {
+            rows,
+            bytes: usize::MAX,
+            wait,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_closes_at_its_byte_limit() {
+        let (tx, mut rx) = mpsc::channel(10);
+        for _ in 0..5 {
+            tx.try_send(Inbound::detached("devices/d/t", &[b' '; 400]))
+                .expect("queued");
+        }
+        let l = Limits {
+            rows: 1000,
+            bytes: 1000,
+            wait: Duration::from_secs(5),
+        };
+        let batch = gather(&mut rx, l, &CancellationToken::new())
+            .await
+            .expect("a batch");
+        assert_eq!(
+            batch.len(),
+            3,
+            "400 + 400 + 400 bytes reach the 1000-byte limit"
+        );
+    }
 
     fn message(waited: Duration) -> Inbound {
         let mut m = Inbound::detached("devices/d/telemetry", b"{}");
@@ -237,7 +431,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(10);
         tx.try_send(message(wait)).expect("queued");
         let start = Instant::now();
-        let batch = gather(&mut rx, 1000, wait, &CancellationToken::new())
+        let batch = gather(&mut rx, limits(1000, wait), &CancellationToken::new())
             .await
             .expect("a batch");
         assert_eq!(batch.len(), 1);
@@ -258,8 +452,7 @@ mod tests {
         });
         let batch = gather(
             &mut rx,
-            1000,
-            Duration::from_secs(2),
+            limits(1000, Duration::from_secs(2)),
             &CancellationToken::new(),
         )
         .await

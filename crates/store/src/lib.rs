@@ -53,6 +53,51 @@ impl StoreError {
     }
 }
 
+impl StoreError {
+    /// The SQLSTATE of the database's error, if it answered with one.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            StoreError::Db(e) => e.code().map(|c| c.code()),
+            _ => None,
+        }
+    }
+
+    /// A value in the statement was refused: a type's range or syntax, a constraint, a trigger,
+    /// a size limit. Retrying the same values fails the same way, so the writer isolates the
+    /// message that causes it instead. Errors about the connection, time, locks, resources or
+    /// the schema and the role are not row errors: those are retried (messages wait at the
+    /// broker until they pass).
+    pub fn is_row_error(&self) -> bool {
+        // 22 data exception, 23 integrity constraint, 2F/38/39 routine exceptions, P0 PL/pgSQL
+        // RAISE, 54 program limit (e.g. an index row too large).
+        self.sqlstate().is_some_and(|code| {
+            ["22", "23", "2F", "38", "39", "P0", "54"]
+                .iter()
+                .any(|class| code.starts_with(class))
+        })
+    }
+
+    /// The database's own words for a refused value: message, detail and SQLSTATE.
+    pub fn database_text(&self) -> String {
+        match self {
+            StoreError::Db(e) => match e.as_db_error() {
+                Some(db) => {
+                    let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+                    if let Some(d) = db.detail() {
+                        s.push_str(&format!("; {d}"));
+                    }
+                    if let Some(w) = db.where_() {
+                        s.push_str(&format!("; where: {w}"));
+                    }
+                    s
+                }
+                None => e.to_string(),
+            },
+            other => other.to_string(),
+        }
+    }
+}
+
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// Parses `DATABASE_URL` (with libpq's TLS options) and applies Leasehold's connection defaults.
@@ -133,6 +178,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "operations",
         include_str!("../../../migrations/V2__operations.sql"),
     ),
+    (
+        3,
+        "reading_identity",
+        include_str!("../../../migrations/V3__reading_identity.sql"),
+    ),
 ];
 
 /// Arbitrary but fixed: the advisory lock every node takes around migration.
@@ -199,30 +249,62 @@ pub struct Fence {
     pub epoch: i64,
 }
 
-/// A message that could not be decoded.
+/// A message stored in `dead_letters` instead of a table: it could not be decoded, PostgreSQL
+/// rejected it, or it conflicts with a stored reading.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
+    /// Position of the message in its batch (results are reported by it).
+    pub idx: usize,
     pub topic: String,
+    /// The bytes as received, at most `MAX_PAYLOAD_BYTES` of them.
     pub payload: Vec<u8>,
+    /// The size of the payload as received.
+    pub size: usize,
+    /// Short label (metrics, grouping): `not_json`, `rejected_by_database`, `conflict`, ...
+    pub reason: &'static str,
     pub error: String,
     pub received_at: DateTime<Utc>,
+    pub pkid: i32,
+    pub dup: bool,
 }
 
-/// A decoded message ready to insert.
+/// A reading ready to insert. Its identity is `(device_id, topic, ts)`.
 #[derive(Debug, Clone)]
 pub struct Row {
-    pub reading: leasehold_decode::Reading,
+    /// Position of the message in its batch (results are reported by it).
+    pub idx: usize,
+    pub device_id: String,
     pub topic: String,
+    pub ts: DateTime<Utc>,
+    /// The payload text (a JSON object).
+    pub payload: String,
+    /// Receipt time on the database's clock.
     pub received_at: DateTime<Utc>,
+    /// Set when the payload carried no timestamp (then `ts == received_at`): with `pkid` and
+    /// `dup` it tells a redelivery from a new publish of the same bytes.
+    pub content_hash: Option<String>,
+    pub pkid: i32,
+    pub dup: bool,
 }
 
-/// What one committed batch did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// What one committed statement did, by message position.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BatchOutcome {
+    /// Rows inserted into `telemetry`.
     pub inserted: u64,
-    pub duplicates: u64,
+    /// Rows inserted into `dead_letters` (decode failures and conflicts).
     pub dead_lettered: u64,
+    /// Readings whose key was stored with the same payload: redeliveries, skipped.
+    pub duplicates: Vec<usize>,
+    /// Readings whose key was stored with a different payload: now dead letters.
+    pub conflicts: Vec<usize>,
+    /// Redeliveries (DUP flag, same packet id and bytes) of a stored timestamp-less reading or
+    /// dead letter, skipped.
+    pub redelivered: Vec<usize>,
 }
+
+/// How far back a redelivery's first copy is looked for (see `docs/guarantees.md`).
+pub const DEFAULT_REDELIVERY_WINDOW: Duration = Duration::from_secs(3600);
 
 /// The whole batch in ONE statement (one round trip, one implicit transaction):
 ///
@@ -230,50 +312,155 @@ pub struct BatchOutcome {
 ///    epoch and it has not expired on the database clock. A concurrent takeover (an `UPDATE` of
 ///    that row) waits for this statement to finish, and this statement waits for a takeover in
 ///    progress and then re-checks the new row version: a stale writer commits before a takeover or
-///    not at all.
-/// 2. Both inserts are conditional on the fence (`WHERE EXISTS`), `ON CONFLICT DO NOTHING` (no
-///    target: the primary key and the content-hash key both count), from `unnest` arrays, so the
-///    parameter count is fixed (15) whatever the batch size.
+///    not at all. Every insert below is conditional on it.
+/// 2. `again`: timestamp-less readings delivered with the DUP flag whose first copy (same device,
+///    topic, bytes and packet id, received within the redelivery window) is stored: skipped.
+/// 3. `ins`: the readings, `ON CONFLICT DO NOTHING`; the caller sends each key once.
+/// 4. `clash`: readings not inserted, against the row that holds their key (the statement's
+///    snapshot does not see `ins`, so that row was there before): the same payload is a
+///    duplicate, a different one a conflict, dead-lettered in `dead` with its content hash. A
+///    conflicting message redelivered (DUP, same packet id and bytes as a conflict dead letter)
+///    is skipped like any redelivery.
+/// 5. `dead`: decode failures (skipping their own redeliveries) and conflicts.
 ///
-/// One statement rather than BEGIN / check / insert / COMMIT keeps the share lock only for the
-/// server-side execution time: on a slow network a multi-round-trip transaction would hold it
-/// across round trips and starve the leader's own renewals.
+/// Parameters are arrays (`unnest`), so their count is fixed whatever the batch size. One
+/// statement rather than BEGIN / check / insert / COMMIT keeps the share lock only for the
+/// server-side execution time: a multi-round-trip transaction would hold it across round trips
+/// and starve the leader's own renewals.
 pub const BATCH_SQL: &str = "WITH fence AS (
         SELECT 1 FROM instance_lock
         WHERE service_name = $1 AND holder_id = $2 AND epoch = $3 AND expires_at > clock_timestamp()
         FOR SHARE),
-    rows AS (
-        INSERT INTO telemetry (device_id, ts, payload, topic, received_at, written_by, lease_epoch, content_hash)
-        SELECT d, t, p::jsonb, tp, r, $4, $3, h
-        FROM unnest($5::text[], $6::timestamptz[], $7::text[], $8::text[], $9::timestamptz[], $10::text[])
-             AS u(d, t, p, tp, r, h)
-        WHERE EXISTS (SELECT 1 FROM fence)
+    r AS MATERIALIZED (
+        SELECT * FROM unnest($6::int[], $7::text[], $8::text[], $9::timestamptz[], $10::text[],
+                             $11::timestamptz[], $12::text[], $13::int[], $14::bool[])
+             AS u(i, d, tp, t, p, rcv, h, k, dup)),
+    again AS MATERIALIZED (
+        SELECT r.i FROM r
+        WHERE r.dup AND r.h IS NOT NULL AND EXISTS (
+            SELECT 1 FROM telemetry x
+            WHERE x.device_id = r.d AND x.topic = r.tp AND x.ts >= r.rcv - $5::interval
+              AND x.ts < r.rcv AND x.content_hash = r.h AND x.mqtt_pkid = r.k)),
+    ins AS (
+        INSERT INTO telemetry (device_id, topic, ts, payload, received_at, written_by, lease_epoch,
+                               content_hash, mqtt_pkid, possible_duplicate)
+        SELECT d, tp, t, p::jsonb, rcv, $4, $3, h, k, dup AND h IS NOT NULL
+        FROM r
+        WHERE EXISTS (SELECT 1 FROM fence) AND r.i NOT IN (SELECT i FROM again)
         ON CONFLICT DO NOTHING
-        RETURNING 1),
+        RETURNING device_id, topic, ts),
+    missed AS MATERIALIZED (
+        SELECT r.* FROM r
+        WHERE EXISTS (SELECT 1 FROM fence) AND r.i NOT IN (SELECT i FROM again)
+          AND NOT EXISTS (SELECT 1 FROM ins WHERE ins.device_id = r.d AND ins.topic = r.tp AND ins.ts = r.t)),
+    clash AS MATERIALIZED (
+        SELECT m.*, x.payload = m.p::jsonb AS same,
+               encode(substr(sha256(convert_to(m.tp, 'UTF8') || '\\x00'::bytea || convert_to(m.p, 'UTF8')), 1, 16), 'hex') AS hh,
+               x.lease_epoch AS stored_epoch
+        FROM missed m JOIN telemetry x ON x.device_id = m.d AND x.topic = m.tp AND x.ts = m.t),
+    clash_again AS MATERIALIZED (
+        SELECT c.i FROM clash c
+        WHERE NOT c.same AND c.dup AND EXISTS (
+            SELECT 1 FROM dead_letters y
+            WHERE y.content_hash = c.hh AND y.mqtt_pkid = c.k
+              AND y.received_at >= c.rcv - $5::interval AND y.received_at < c.rcv)),
+    dl AS MATERIALIZED (
+        SELECT * FROM unnest($15::int[], $16::text[], $17::bytea[], $18::int[], $19::text[], $20::text[],
+                             $21::timestamptz[], $22::text[], $23::int[], $24::bool[])
+             AS u(i, tp, p, sz, reason, e, rcv, h, k, dup)),
+    dl_again AS MATERIALIZED (
+        SELECT dl.i FROM dl
+        WHERE dl.dup AND EXISTS (
+            SELECT 1 FROM dead_letters y
+            WHERE y.content_hash = dl.h AND y.mqtt_pkid = dl.k
+              AND y.received_at >= dl.rcv - $5::interval AND y.received_at < dl.rcv)),
     dead AS (
-        INSERT INTO dead_letters (topic, payload, error, received_at, written_by, lease_epoch, content_hash)
-        SELECT tp, p, e, r, $4, $3, h
-        FROM unnest($11::text[], $12::bytea[], $13::text[], $14::timestamptz[], $15::text[])
-             AS u(tp, p, e, r, h)
-        WHERE EXISTS (SELECT 1 FROM fence)
-        ON CONFLICT DO NOTHING
+        INSERT INTO dead_letters (topic, payload, size, reason, error, received_at, written_by,
+                                  lease_epoch, content_hash, mqtt_pkid, possible_duplicate)
+        SELECT tp, p, sz, reason, e, rcv, $4, $3, h, k, dup
+        FROM dl
+        WHERE EXISTS (SELECT 1 FROM fence) AND dl.i NOT IN (SELECT i FROM dl_again)
+        UNION ALL
+        SELECT c.tp, convert_to(c.p, 'UTF8'), octet_length(c.p), 'conflict',
+               format('conflict: a different reading is stored for device_id %s, topic %s, ts %s (written at epoch %s); this one was not stored',
+                      c.d, c.tp, c.t, c.stored_epoch),
+               c.rcv, $4, $3, c.hh, c.k, c.dup
+        FROM clash c
+        WHERE NOT c.same AND c.i NOT IN (SELECT i FROM clash_again)
         RETURNING 1)
-    SELECT (SELECT count(*) FROM fence), (SELECT count(*) FROM rows), (SELECT count(*) FROM dead)";
+    SELECT (SELECT count(*) FROM fence) AS held,
+           (SELECT count(*) FROM ins) AS inserted,
+           (SELECT count(*) FROM dead) AS dead_lettered,
+           ARRAY(SELECT i FROM clash WHERE same) AS duplicates,
+           ARRAY(SELECT i FROM clash WHERE NOT same AND i NOT IN (SELECT i FROM clash_again)) AS conflicts,
+           ARRAY(SELECT i FROM again UNION ALL SELECT i FROM clash_again UNION ALL SELECT i FROM dl_again) AS redelivered";
+
+/// Replaces NUL, which PostgreSQL `text` cannot hold, so a dead letter can always be stored.
+pub fn storable_text(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains('\0') {
+        std::borrow::Cow::Owned(s.replace('\0', "\u{FFFD}"))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
 
 /// Writes batches on one connection with the statement prepared once. See [`BATCH_SQL`].
 pub struct BatchWriter {
     client: Client,
     stmt: Statement,
     written_by: String,
+    redelivery_window: Duration,
+    cancel: CancelHandle,
+}
+
+/// Cancels the statement running on a connection (the server keeps running it otherwise, with
+/// the fence's share lock held, after the client stops waiting).
+#[derive(Clone)]
+pub struct CancelHandle {
+    token: tokio_postgres::CancelToken,
+    tls: tls::MakeRustls,
+}
+
+impl CancelHandle {
+    pub async fn cancel(&self) -> Result<()> {
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            self.token.cancel_query(self.tls.clone()),
+        )
+        .await
+        .map_err(|_| StoreError::Timeout(Duration::from_secs(5)))??;
+        Ok(())
+    }
 }
 
 impl BatchWriter {
-    pub async fn new(client: Client, written_by: String) -> Result<Self> {
+    /// Connects the writer's own connection. Statements are bounded server-side by
+    /// `statement_timeout`; a cancelled write is also cancelled on the server ([`CancelHandle`]).
+    pub async fn connect(
+        url: &str,
+        written_by: String,
+        statement_timeout: Duration,
+        redelivery_window: Duration,
+    ) -> Result<Self> {
+        let (_, tls) = pg_config(url, "leasehold-writer")?;
+        let client = connect(url, "leasehold-writer").await?;
+        client
+            .batch_execute(&format!(
+                "SET statement_timeout = {}",
+                statement_timeout.as_millis().max(1)
+            ))
+            .await?;
         let stmt = client.prepare(BATCH_SQL).await?;
+        let cancel = CancelHandle {
+            token: client.cancel_token(),
+            tls,
+        };
         Ok(BatchWriter {
             client,
             stmt,
             written_by,
+            redelivery_window,
+            cancel,
         })
     }
 
@@ -282,36 +469,73 @@ impl BatchWriter {
         self.client.is_closed()
     }
 
+    pub fn cancel_handle(&self) -> CancelHandle {
+        self.cancel.clone()
+    }
+
+    /// The database's clock, read now: `(database time, local instant)` at the midpoint of the
+    /// round trip. Receipt times are placed on the database clock from it.
+    pub async fn clock(&self) -> Result<(DateTime<Utc>, std::time::Instant)> {
+        let sent = std::time::Instant::now();
+        let row = self
+            .client
+            .query_one("SELECT clock_timestamp()", &[])
+            .await?;
+        let rtt = sent.elapsed();
+        let db: DateTime<Utc> = row.try_get(0)?;
+        Ok((db, sent + rtt / 2))
+    }
+
     /// Commits `rows` and `dead` if the fence holds; [`StoreError::Fenced`] (nothing written)
-    /// otherwise.
+    /// otherwise. Each reading key must appear at most once in `rows`.
     pub async fn write(
         &mut self,
         fence: &Fence,
         rows: &[Row],
         dead: &[DeadLetter],
     ) -> Result<BatchOutcome> {
-        let mut d = Vec::with_capacity(rows.len());
-        let mut t = Vec::with_capacity(rows.len());
-        let mut p = Vec::with_capacity(rows.len());
-        let mut tp = Vec::with_capacity(rows.len());
-        let mut r = Vec::with_capacity(rows.len());
-        let mut h = Vec::with_capacity(rows.len());
+        let n = rows.len();
+        let mut ri = Vec::with_capacity(n);
+        let mut d = Vec::with_capacity(n);
+        let mut tp = Vec::with_capacity(n);
+        let mut t = Vec::with_capacity(n);
+        let mut p = Vec::with_capacity(n);
+        let mut rcv = Vec::with_capacity(n);
+        let mut h = Vec::with_capacity(n);
+        let mut k = Vec::with_capacity(n);
+        let mut dup = Vec::with_capacity(n);
         for row in rows {
-            d.push(row.reading.device_id.as_str());
-            t.push(row.reading.ts);
-            p.push(row.reading.payload.as_str());
+            ri.push(row.idx as i32);
+            d.push(row.device_id.as_str());
             tp.push(row.topic.as_str());
-            r.push(row.received_at);
-            h.push(row.reading.content_hash.as_deref());
+            t.push(row.ts);
+            p.push(row.payload.as_str());
+            rcv.push(row.received_at);
+            h.push(row.content_hash.as_deref());
+            k.push(row.pkid);
+            dup.push(row.dup);
         }
-        let dtp: Vec<&str> = dead.iter().map(|x| x.topic.as_str()).collect();
+        let di: Vec<i32> = dead.iter().map(|x| x.idx as i32).collect();
+        let dtp: Vec<std::borrow::Cow<'_, str>> =
+            dead.iter().map(|x| storable_text(&x.topic)).collect();
         let dp: Vec<&[u8]> = dead.iter().map(|x| x.payload.as_slice()).collect();
-        let de: Vec<&str> = dead.iter().map(|x| x.error.as_str()).collect();
+        let dsz: Vec<i32> = dead
+            .iter()
+            .map(|x| i32::try_from(x.size).unwrap_or(i32::MAX))
+            .collect();
+        let dreason: Vec<&str> = dead.iter().map(|x| x.reason).collect();
+        let de: Vec<std::borrow::Cow<'_, str>> =
+            dead.iter().map(|x| storable_text(&x.error)).collect();
         let dr: Vec<DateTime<Utc>> = dead.iter().map(|x| x.received_at).collect();
         let dh: Vec<String> = dead
             .iter()
             .map(|x| leasehold_decode::content_hash(&x.topic, &x.payload))
             .collect();
+        let dk: Vec<i32> = dead.iter().map(|x| x.pkid).collect();
+        let ddup: Vec<bool> = dead.iter().map(|x| x.dup).collect();
+        let dtp_ref: Vec<&str> = dtp.iter().map(|c| c.as_ref()).collect();
+        let de_ref: Vec<&str> = de.iter().map(|c| c.as_ref()).collect();
+        let window = PgInterval(self.redelivery_window);
         let row = self
             .client
             .query_one(
@@ -321,29 +545,72 @@ impl BatchWriter {
                     &fence.holder_id,
                     &fence.epoch,
                     &self.written_by,
+                    &window,
+                    &ri,
                     &d,
+                    &tp,
                     &t,
                     &p,
-                    &tp,
-                    &r,
+                    &rcv,
                     &h,
-                    &dtp,
+                    &k,
+                    &dup,
+                    &di,
+                    &dtp_ref,
                     &dp,
-                    &de,
+                    &dsz,
+                    &dreason,
+                    &de_ref,
                     &dr,
                     &dh,
+                    &dk,
+                    &ddup,
                 ],
             )
             .await?;
-        let (held, inserted, dead_lettered): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+        let held: i64 = row.try_get("held")?;
         if held == 0 {
             return Err(StoreError::Fenced { epoch: fence.epoch });
         }
-        let (inserted, dead_lettered) = (inserted as u64, dead_lettered as u64);
+        let idx = |name: &str| -> Result<Vec<usize>> {
+            Ok(row
+                .try_get::<_, Vec<i32>>(name)?
+                .into_iter()
+                .map(|i| i as usize)
+                .collect())
+        };
         Ok(BatchOutcome {
-            inserted,
-            duplicates: (rows.len() as u64 - inserted) + (dead.len() as u64 - dead_lettered),
-            dead_lettered,
+            inserted: row.try_get::<_, i64>("inserted")? as u64,
+            dead_lettered: row.try_get::<_, i64>("dead_lettered")? as u64,
+            duplicates: idx("duplicates")?,
+            conflicts: idx("conflicts")?,
+            redelivered: idx("redelivered")?,
         })
     }
+}
+
+/// A `std::time::Duration` sent as a PostgreSQL `interval` (microseconds).
+#[derive(Debug)]
+struct PgInterval(Duration);
+
+impl tokio_postgres::types::ToSql for PgInterval {
+    fn to_sql(
+        &self,
+        _ty: &tokio_postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> std::result::Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>>
+    {
+        use bytes::BufMut;
+        // interval's binary form: microseconds (i64), days (i32), months (i32).
+        out.put_i64(i64::try_from(self.0.as_micros()).unwrap_or(i64::MAX));
+        out.put_i32(0);
+        out.put_i32(0);
+        Ok(tokio_postgres::types::IsNull::No)
+    }
+
+    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
+        *ty == tokio_postgres::types::Type::INTERVAL
+    }
+
+    tokio_postgres::types::to_sql_checked!();
 }

@@ -133,6 +133,7 @@ pub struct BatchCommitted {
     pub rows: usize,
     pub inserted: u64,
     pub duplicates: u64,
+    pub conflicts: u64,
     pub dead_lettered: u64,
     pub duration: std::time::Duration,
 }
@@ -142,6 +143,7 @@ impl BatchCommitted {
             rows = self.rows,
             inserted = self.inserted,
             duplicates = self.duplicates,
+            conflicts = self.conflicts,
             dead_lettered = self.dead_lettered,
             ms = self.duration.as_millis() as u64,
             "batch committed"
@@ -149,6 +151,7 @@ impl BatchCommitted {
         let m = metrics();
         m.messages_written.inc_by(self.inserted);
         m.messages_duplicate.inc_by(self.duplicates);
+        m.messages_conflict.inc_by(self.conflicts);
         m.batch_rows.observe(self.rows as f64);
         m.batch_write_duration.observe(self.duration.as_secs_f64());
     }
@@ -171,6 +174,44 @@ impl DeadLettered<'_> {
             .messages_dead_lettered
             .with_label_values(&[self.reason])
             .inc();
+    }
+}
+
+/// A reading whose key (device_id, topic, ts) is stored with a different payload: kept as a
+/// dead letter, never silently dropped.
+pub struct Conflict<'a> {
+    pub device_id: &'a str,
+    pub topic: &'a str,
+    pub ts: chrono::DateTime<chrono::Utc>,
+}
+impl Conflict<'_> {
+    pub fn emit(self) {
+        tracing::warn!(
+            device_id = self.device_id,
+            topic = self.topic,
+            ts = %self.ts.to_rfc3339(),
+            "conflict: a different reading with this key is stored; this one was dead-lettered"
+        );
+        metrics()
+            .messages_dead_lettered
+            .with_label_values(&["conflict"])
+            .inc();
+    }
+}
+
+/// PostgreSQL refused a reading the decoder accepted; it is isolated from its batch and
+/// dead-lettered (the `DeadLettered` event follows on commit).
+pub struct RowRejected<'a> {
+    pub topic: &'a str,
+    pub error: &'a str,
+}
+impl RowRejected<'_> {
+    pub fn emit(self) {
+        tracing::warn!(
+            topic = self.topic,
+            error = self.error,
+            "PostgreSQL rejected a reading; isolated from its batch, it goes to dead_letters"
+        );
     }
 }
 

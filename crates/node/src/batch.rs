@@ -1,0 +1,321 @@
+//! A gathered batch turned into what the store writes: readings with unique keys and dead
+//! letters, each tagged with its position in the batch, and what could already be decided
+//! without the database (decode failures, duplicates and conflicts inside the batch, redeliveries
+//! of a message that is in the same batch).
+//!
+//! Pure: no I/O, so the rules are unit-tested here and the store only checks against what is
+//! stored.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use leasehold_decode::{DecodeError, Decoder};
+use leasehold_ingest::Inbound;
+use leasehold_store::{DeadLetter, Row};
+
+/// The label of a dead-letter reason in metrics and in `dead_letters.reason`.
+pub fn reason_label(e: &DecodeError) -> &'static str {
+    match e {
+        DecodeError::TooLarge { .. } => "too_large",
+        DecodeError::NotJson(_) => "not_json",
+        DecodeError::NotObject(_) => "not_object",
+        DecodeError::NulEscape => "nul_escape",
+        DecodeError::NoDeviceId { .. } => "no_device_id",
+        DecodeError::DeviceIdTooLong => "device_id_too_long",
+        DecodeError::BadTimestamp { .. } => "bad_timestamp",
+    }
+}
+
+/// Places local receipt instants on the database's clock, strictly increasing at microsecond
+/// resolution: two timestamp-less readings of one device and topic never share a `ts`, and a
+/// retried batch gets the very same times (its rows are prepared once).
+#[derive(Debug, Clone, Copy)]
+pub struct DbClock {
+    db_micros: i64,
+    local: Instant,
+    last: i64,
+}
+
+impl DbClock {
+    /// `db` was the database's time at the local instant `local`.
+    pub fn new(db: DateTime<Utc>, local: Instant) -> Self {
+        DbClock {
+            db_micros: db.timestamp_micros(),
+            local,
+            last: i64::MIN,
+        }
+    }
+
+    pub fn at(&mut self, when: Instant) -> DateTime<Utc> {
+        let offset = match when.checked_duration_since(self.local) {
+            Some(after) => after.as_micros() as i64,
+            None => -(self.local.duration_since(when).as_micros() as i64),
+        };
+        let us = (self.db_micros + offset).max(self.last.saturating_add(1));
+        self.last = us;
+        DateTime::from_timestamp_micros(us).unwrap_or_else(Utc::now)
+    }
+}
+
+/// A batch ready for the store.
+#[derive(Debug, Default)]
+pub struct Prepared {
+    pub rows: Vec<Row>,
+    pub dead: Vec<DeadLetter>,
+    /// Same key and payload as an earlier message of the batch.
+    pub duplicates: u64,
+    /// Redeliveries of an earlier message of the batch (DUP, same packet id and bytes).
+    pub redelivered: u64,
+}
+
+/// Decodes `batch` and settles what the batch alone can settle. `max_payload_bytes` bounds the
+/// bytes a dead letter keeps.
+pub fn prepare(
+    decoder: &Decoder,
+    batch: &[Inbound],
+    clock: &mut DbClock,
+    max_payload_bytes: usize,
+) -> Prepared {
+    let mut out = Prepared {
+        rows: Vec::with_capacity(batch.len()),
+        ..Prepared::default()
+    };
+    // Key -> position in `out.rows`.
+    let mut keys: HashMap<(String, String, DateTime<Utc>), usize> = HashMap::new();
+    // (topic, content hash, packet id) of timestamp-less readings and dead letters seen.
+    let mut deliveries: HashSet<(String, String, u16)> = HashSet::new();
+    for (idx, m) in batch.iter().enumerate() {
+        let received_at = clock.at(m.received);
+        let pkid = i32::from(m.pkid);
+        match decoder.decode(&m.topic, &m.payload, received_at) {
+            Ok(reading) => {
+                if let Some(h) = &reading.content_hash {
+                    let delivery = (m.topic.clone(), h.clone(), m.pkid);
+                    if m.dup && deliveries.contains(&delivery) {
+                        out.redelivered += 1;
+                        continue;
+                    }
+                    deliveries.insert(delivery);
+                }
+                let key = (reading.device_id, m.topic.clone(), reading.ts);
+                if let Some(&first) = keys.get(&key) {
+                    if same_payload(&out.rows[first].payload, &reading.payload) {
+                        out.duplicates += 1;
+                    } else {
+                        out.dead.push(DeadLetter {
+                            idx,
+                            topic: m.topic.clone(),
+                            payload: reading.payload.into_bytes(),
+                            size: m.payload.len(),
+                            reason: "conflict",
+                            error: format!(
+                                "conflict: a different reading for device_id {}, topic {}, ts {} came earlier in the same batch; this one was not stored",
+                                key.0, key.1, key.2.to_rfc3339()
+                            ),
+                            received_at,
+                            pkid,
+                            dup: m.dup,
+                        });
+                    }
+                    continue;
+                }
+                keys.insert(key.clone(), out.rows.len());
+                out.rows.push(Row {
+                    idx,
+                    device_id: key.0,
+                    topic: key.1,
+                    ts: key.2,
+                    payload: reading.payload,
+                    received_at,
+                    content_hash: reading.content_hash,
+                    pkid,
+                    dup: m.dup,
+                });
+            }
+            Err(e) => {
+                let held = &m.payload[..m.payload.len().min(max_payload_bytes)];
+                let h = leasehold_decode::content_hash(&m.topic, held);
+                let delivery = (m.topic.clone(), h, m.pkid);
+                if m.dup && deliveries.contains(&delivery) {
+                    out.redelivered += 1;
+                    continue;
+                }
+                deliveries.insert(delivery);
+                out.dead.push(DeadLetter {
+                    idx,
+                    topic: m.topic.clone(),
+                    payload: held.to_vec(),
+                    size: m.payload.len(),
+                    reason: reason_label(&e),
+                    error: e.to_string(),
+                    received_at,
+                    pkid,
+                    dup: m.dup,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The same reading: the same bytes, or the same JSON value (as `jsonb` compares them, key
+/// order and whitespace aside).
+fn same_payload(a: &str, b: &str) -> bool {
+    if a == b {
+        return true;
+    }
+    match (
+        serde_json::from_str::<serde_json::Value>(a),
+        serde_json::from_str::<serde_json::Value>(b),
+    ) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+/// A reading PostgreSQL refused, as the dead letter that replaces it.
+pub fn rejected(row: &Row, database_text: &str) -> DeadLetter {
+    DeadLetter {
+        idx: row.idx,
+        topic: row.topic.clone(),
+        payload: row.payload.clone().into_bytes(),
+        size: row.payload.len(),
+        reason: "rejected_by_database",
+        error: format!("PostgreSQL rejected the reading: {database_text}"),
+        received_at: row.received_at,
+        pkid: row.pkid,
+        dup: row.dup,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn msg(topic: &str, body: &str, pkid: u16, dup: bool, at: Instant) -> Inbound {
+        let mut m = Inbound::detached(topic, body.as_bytes());
+        m.pkid = pkid;
+        m.dup = dup;
+        m.received = at;
+        m
+    }
+
+    fn run(batch: &[Inbound]) -> Prepared {
+        let base = batch
+            .first()
+            .map(|m| m.received)
+            .unwrap_or_else(Instant::now);
+        let mut clock = DbClock::new(Utc::now(), base);
+        prepare(
+            &Decoder::new("devices/{device_id}/#", 1024),
+            batch,
+            &mut clock,
+            1024,
+        )
+    }
+
+    #[test]
+    fn two_metrics_of_one_device_at_one_timestamp_are_two_readings() {
+        let t = Instant::now();
+        let p = run(&[
+            msg(
+                "devices/m/temperature",
+                r#"{"ts":1700000000,"v":21}"#,
+                1,
+                false,
+                t,
+            ),
+            msg(
+                "devices/m/humidity",
+                r#"{"ts":1700000000,"v":40}"#,
+                2,
+                false,
+                t,
+            ),
+        ]);
+        assert_eq!(p.rows.len(), 2);
+        assert!(p.dead.is_empty());
+    }
+
+    #[test]
+    fn the_same_timestamp_less_payload_published_again_is_a_new_reading() {
+        let t = Instant::now();
+        let p = run(&[
+            msg("devices/s/state", r#"{"state":"ON"}"#, 1, false, t),
+            msg("devices/s/state", r#"{"state":"ON"}"#, 2, false, t),
+            msg("devices/s/state", r#"{"state":"ON"}"#, 1, false, t),
+        ]);
+        assert_eq!(
+            p.rows.len(),
+            3,
+            "received in the same instant, still three readings"
+        );
+        let ts: HashSet<_> = p.rows.iter().map(|r| r.ts).collect();
+        assert_eq!(ts.len(), 3);
+    }
+
+    #[test]
+    fn a_redelivery_in_the_same_batch_is_collapsed_only_with_the_dup_flag_and_its_packet_id() {
+        let t = Instant::now();
+        let later = t + Duration::from_millis(5);
+        let p = run(&[
+            msg("devices/s/state", r#"{"state":"ON"}"#, 7, false, t),
+            msg("devices/s/state", r#"{"state":"ON"}"#, 7, true, later),
+            msg("devices/s/state", r#"{"state":"ON"}"#, 8, true, later),
+        ]);
+        assert_eq!(p.redelivered, 1);
+        assert_eq!(p.rows.len(), 2);
+        assert!(p.rows[1].dup);
+    }
+
+    #[test]
+    fn same_key_same_payload_is_a_duplicate_different_payload_a_conflict() {
+        let t = Instant::now();
+        let p = run(&[
+            msg("devices/m/t", r#"{"ts":1700000000,"v":1}"#, 1, false, t),
+            msg("devices/m/t", r#"{"v":1, "ts":1700000000}"#, 2, false, t),
+            msg("devices/m/t", r#"{"ts":1700000000,"v":2}"#, 3, false, t),
+        ]);
+        assert_eq!(p.rows.len(), 1);
+        assert_eq!(p.duplicates, 1);
+        assert_eq!(p.dead.len(), 1);
+        assert_eq!(p.dead[0].reason, "conflict");
+        assert_eq!(p.dead[0].idx, 2);
+    }
+
+    #[test]
+    fn every_bad_occurrence_is_a_dead_letter_but_its_redelivery_is_not() {
+        let t = Instant::now();
+        let p = run(&[
+            msg("devices/m/t", "garbage", 1, false, t),
+            msg("devices/m/t", "garbage", 2, false, t),
+            msg("devices/m/t", "garbage", 1, true, t),
+        ]);
+        assert_eq!(p.dead.len(), 2);
+        assert_eq!(p.redelivered, 1);
+        assert!(p.dead.iter().all(|d| d.reason == "not_json"));
+    }
+
+    #[test]
+    fn receipt_times_follow_the_database_clock_and_never_repeat() {
+        let local = Instant::now();
+        let db = DateTime::from_timestamp(1_000_000, 0).expect("valid");
+        let mut c = DbClock::new(db, local);
+        let a = c.at(local + Duration::from_secs(2));
+        assert_eq!(a.timestamp(), 1_000_002);
+        let b = c.at(local + Duration::from_secs(2));
+        assert!(b > a);
+        let early = c.at(local - Duration::from_secs(1));
+        assert!(early > b, "monotonic even for an earlier instant");
+    }
+
+    #[test]
+    fn a_dead_letter_keeps_at_most_max_payload_bytes_and_the_size() {
+        let big = "x".repeat(5000);
+        let p = run(&[msg("devices/m/t", &big, 1, false, Instant::now())]);
+        assert_eq!(p.dead[0].payload.len(), 1024);
+        assert_eq!(p.dead[0].size, 5000);
+    }
+}
