@@ -9,39 +9,12 @@ use common::{check, Cluster, POLL, TTL};
 use leasehold_testkit::publish::Stream;
 use leasehold_testkit::{eventually, http, metric};
 
-/// Rows written by `node` so far.
-async fn written_by(c: &Cluster, node: &str) -> Result<i64> {
-    let db = c.pg.client().await?;
-    Ok(db
-        .query_one(
-            "SELECT count(*) FROM telemetry WHERE written_by = $1",
-            &[&node],
-        )
-        .await?
-        .get(0))
-}
-
-/// Waits until `node` has written more than `rows` rows; returns how long that took.
-async fn wait_written(c: &Cluster, node: &str, rows: i64, timeout: Duration) -> Result<Duration> {
-    eventually(timeout, &format!("{node} writing"), || async {
-        Ok(written_by(c, node).await? > rows)
-    })
-    .await
-}
-
 /// Starts numbered publishing for `run` and waits until `leader` has written `rows` rows.
 async fn stream_until_written(c: &Cluster, run: &str, leader: &str, rows: i64) -> Result<Stream> {
     let stream = Stream::start(c.mq.port, run, 5, 200);
-    wait_written(c, leader, rows, Duration::from_secs(10)).await?;
+    c.wait_written(leader, rows, Duration::from_secs(10))
+        .await?;
     Ok(stream)
-}
-
-fn other_of(c: &Cluster, leader: &str) -> String {
-    c.nodes
-        .iter()
-        .map(|n| n.name.clone())
-        .find(|n| n != leader)
-        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -51,15 +24,12 @@ async fn two_nodes_exactly_one_leader_and_the_standby_writes_nothing() {
         c.spawn("node-a")?;
         c.spawn("node-b")?;
         let (leader, epoch) = c.wait_leader().await?;
-        let standby = other_of(&c, &leader);
+        let standby = c.other_than(&leader);
         let stream = Stream::start(c.mq.port, "one-leader", 5, 300);
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let n = stream.stop().await?;
         c.assert_exactly_once("one-leader", n).await?;
-        ensure!(
-            written_by(&c, &standby).await? == 0,
-            "the standby wrote rows"
-        );
+        ensure!(c.written_by(&standby).await? == 0, "the standby wrote rows");
         ensure!(
             c.count("SELECT count(DISTINCT lease_epoch) FROM telemetry")
                 .await?
@@ -116,11 +86,11 @@ async fn sigkill_of_the_leader_fails_over_within_ttl_plus_poll_and_loses_nothing
         c.spawn("node-a")?;
         c.spawn("node-b")?;
         let (leader, _) = c.wait_leader().await?;
-        let standby = other_of(&c, &leader);
+        let standby = c.other_than(&leader);
         let stream = stream_until_written(&c, "kill9", &leader, 50).await?;
         let killed = Instant::now();
         c.node_mut(&leader).kill9();
-        wait_written(&c, &standby, 0, Duration::from_secs(15)).await?;
+        c.wait_written(&standby, 0, Duration::from_secs(15)).await?;
         let took = killed.elapsed();
         println!("kill -9 failover: standby writing after {took:?}");
         // Generous: TTL + poll interval, plus connect, batch and a loaded 2-core machine.
@@ -144,10 +114,10 @@ async fn sigstopped_leader_is_fenced_and_does_not_fight_for_the_client_id() {
         c.spawn("node-a")?;
         c.spawn("node-b")?;
         let (leader, old_epoch) = c.wait_leader().await?;
-        let standby = other_of(&c, &leader);
+        let standby = c.other_than(&leader);
         let stream = stream_until_written(&c, "sigstop", &leader, 50).await?;
         c.node(&leader).signal(libc::SIGSTOP);
-        wait_written(&c, &standby, 0, Duration::from_secs(15)).await?;
+        c.wait_written(&standby, 0, Duration::from_secs(15)).await?;
         let old_rows = c
             .count(&format!(
                 "SELECT count(*) FROM telemetry WHERE lease_epoch = {old_epoch}"
@@ -206,11 +176,11 @@ async fn sigterm_hands_over_within_a_second_and_loses_nothing() {
         c.spawn("node-a")?;
         c.spawn("node-b")?;
         let (leader, _) = c.wait_leader().await?;
-        let standby = other_of(&c, &leader);
+        let standby = c.other_than(&leader);
         let stream = stream_until_written(&c, "sigterm", &leader, 50).await?;
         let sent = Instant::now();
         c.node(&leader).signal(libc::SIGTERM);
-        wait_written(&c, &standby, 0, Duration::from_secs(10)).await?;
+        c.wait_written(&standby, 0, Duration::from_secs(10)).await?;
         let took = sent.elapsed();
         println!("SIGTERM hand-over: standby writing after {took:?}");
         ensure!(

@@ -164,6 +164,35 @@ impl Cluster {
             .output()?)
     }
 
+    /// Rows written by `node` so far.
+    pub async fn written_by(&self, node: &str) -> Result<i64> {
+        let db = self.pg.client().await?;
+        Ok(db
+            .query_one(
+                "SELECT count(*) FROM telemetry WHERE written_by = $1",
+                &[&node],
+            )
+            .await?
+            .get(0))
+    }
+
+    /// Waits until `node` has written more than `rows` rows; returns how long that took.
+    pub async fn wait_written(&self, node: &str, rows: i64, timeout: Duration) -> Result<Duration> {
+        eventually(timeout, &format!("{node} writing"), || async {
+            Ok(self.written_by(node).await? > rows)
+        })
+        .await
+    }
+
+    /// The name of a node other than `name`.
+    pub fn other_than(&self, name: &str) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.name.clone())
+            .find(|n| n != name)
+            .unwrap_or_default()
+    }
+
     pub async fn count(&self, sql: &str) -> Result<i64> {
         let c = self.pg.client().await?;
         Ok(c.query_one(sql, &[]).await?.get(0))

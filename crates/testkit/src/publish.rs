@@ -23,6 +23,12 @@ pub fn numbered_from(base_micros: i64, run: &str, device: &str, seq: u64) -> Str
     format!(r#"{{"device_id":"{device}","run":"{run}","seq":{seq},"ts":{secs}.{sub:06}}}"#)
 }
 
+/// Like [`numbered`] but without a timestamp: the node stamps it with its receipt time, and
+/// only the MQTT DUP flag and packet id tell a redelivery from a new publish.
+pub fn numbered_untimed(run: &str, device: &str, seq: u64) -> String {
+    format!(r#"{{"device_id":"{device}","run":"{run}","seq":{seq}}}"#)
+}
+
 fn client(port: u16, id: &str) -> (AsyncClient, rumqttc::EventLoop) {
     let mut opts = MqttOptions::new(id, "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(5))
@@ -107,6 +113,17 @@ pub struct Stream {
 impl Stream {
     /// Publishes `devices/<device>/telemetry` messages numbered from 0, `rate` per second.
     pub fn start(port: u16, run: &str, devices: u32, rate: u64) -> Stream {
+        Self::start_with(port, run, devices, rate, numbered)
+    }
+
+    /// Like [`Stream::start`] with payloads made by `body(run, device, seq)`.
+    pub fn start_with(
+        port: u16,
+        run: &str,
+        devices: u32,
+        rate: u64,
+        body: fn(&str, &str, u64) -> String,
+    ) -> Stream {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let run_s = run.to_string();
@@ -125,7 +142,7 @@ impl Stream {
                     format!("devices/{device}/telemetry"),
                     QoS::AtLeastOnce,
                     false,
-                    numbered(&run_s, &device, seq),
+                    body(&run_s, &device, seq),
                 )
                 .await?;
                 seq += 1;
