@@ -2,7 +2,8 @@
 # Installs what the demo and the tests need and is missing, from Debian's packages: Mosquitto, the
 # PostgreSQL server binaries, Prometheus (promtool, and a real server for the dashboard test),
 # docker-compose (validates docker-compose.yml), systemd-analyze, openssl (test certificates) and
-# python3 (a plain program for the benchmark flush shim's test).
+# python3 (a plain program for the benchmark flush shim's test), libfaketime (a node clock that
+# runs ahead, in tests).
 # Idempotent; prints what it does.
 set -euo pipefail
 
@@ -19,6 +20,8 @@ command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || 
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+# libfaketime: a node whose clock runs ahead of the database's (tests).
+ls /usr/lib/*/faketime/libfaketimeMT.so.1 >/dev/null 2>&1 || need+=(faketime)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 if [ -z "${PG_BIN:-}" ] && ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
   need+=(postgresql)

@@ -360,3 +360,58 @@ async fn nodes_migrating_at_the_same_instant_do_not_race() -> Result<()> {
     );
     Ok(())
 }
+
+/// An installation filled under the key (device_id, ts) by the previous release moves to
+/// (device_id, topic, ts) without losing, changing or duplicating a row.
+#[tokio::test]
+async fn the_reading_identity_migration_keeps_every_row_of_a_filled_database() -> Result<()> {
+    let pg = Postgres::start().await?;
+    let mut c = leasehold_store::connect(&pg.url(), "test").await?;
+    leasehold_store::migrate_up_to(&mut c, 2).await?;
+    // What the previous writer stored: timestamped readings, timestamp-less readings keyed by
+    // their content hash, and dead letters keyed by theirs.
+    c.batch_execute(
+        "INSERT INTO telemetry (device_id, ts, payload, topic, received_at, written_by, lease_epoch, content_hash)
+         SELECT 'dev-' || (i % 50), to_timestamp(1700000000 + i), jsonb_build_object('seq', i),
+                'devices/dev-' || (i % 50) || '/telemetry', now(), 'old', 1,
+                CASE WHEN i % 10 = 0 THEN md5(i::text) END
+         FROM generate_series(1, 5000) i;
+         INSERT INTO dead_letters (topic, payload, error, received_at, written_by, lease_epoch, content_hash)
+         SELECT 'devices/x/telemetry', convert_to('bad ' || i, 'UTF8'), 'payload is not valid JSON', now(), 'old', 1, md5('dl' || i)
+         FROM generate_series(1, 30) i;",
+    )
+    .await?;
+    let fingerprint = "SELECT count(*), md5(string_agg(format('%s|%s|%s|%s|%s|%s|%s|%s', device_id, ts, payload, topic,
+                              received_at, written_by, lease_epoch, content_hash), ',' ORDER BY device_id, ts))
+                       FROM telemetry";
+    let before = c.query_one(fingerprint, &[]).await?;
+    let applied = leasehold_store::migrate(&mut c).await?;
+    ensure!(applied.contains(&3), "applied {applied:?}");
+    let after = c.query_one(fingerprint, &[]).await?;
+    ensure!(before.get::<_, i64>(0) == 5000 && after.get::<_, i64>(0) == 5000);
+    ensure!(
+        before.get::<_, String>(1) == after.get::<_, String>(1),
+        "rows changed"
+    );
+    let dead: i64 = c
+        .query_one("SELECT count(*) FROM dead_letters WHERE size = octet_length(payload) AND reason = 'unknown'", &[])
+        .await?
+        .get(0);
+    ensure!(dead == 30, "dead letters carried over: {dead}");
+    let key: String = c
+        .query_one(
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'telemetry_pkey'",
+            &[],
+        )
+        .await?
+        .get(0);
+    ensure!(key == "PRIMARY KEY (device_id, topic, ts)", "{key}");
+    // The new identity: another topic at a stored (device_id, ts) is another reading.
+    c.execute(
+        "INSERT INTO telemetry (device_id, ts, payload, topic, received_at, written_by, lease_epoch)
+         VALUES ('dev-1', to_timestamp(1700000001), '{}', 'devices/dev-1/humidity', now(), 'new', 2)",
+        &[],
+    )
+    .await?;
+    Ok(())
+}

@@ -418,3 +418,73 @@ async fn timestamp_less_readings_across_a_kill_9_failover_are_stored_exactly_onc
     .await;
     check(&c, res);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_clock_running_ahead_does_not_hide_stale_data() {
+    let mut c = Cluster::start().await.expect("servers");
+    c.extra_env.push(("STALE_WARNING", "3s".to_string()));
+    c.extra_env.push(("STALE_CRITICAL", "1h".to_string()));
+    let res = async {
+        let lib = std::fs::read_dir("/usr/lib")?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("faketime/libfaketimeMT.so.1"))
+            .find(|p| p.exists())
+            .ok_or_else(|| {
+                anyhow::anyhow!("libfaketime is not installed (scripts/install-deps.sh)")
+            })?;
+        // The node's wall clock runs ten minutes ahead of the database's.
+        c.spawn_with(
+            "node-a",
+            &[
+                ("LD_PRELOAD", lib.display().to_string()),
+                ("FAKETIME", "+10m".to_string()),
+                ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_string()),
+            ],
+        )?;
+        c.wait_leader().await?;
+        publish_all(
+            c.mq.port,
+            vec![
+                msg("devices/d1/telemetry", r#"{"state":"ON"}"#),
+                msg("devices/d1/telemetry", numbered("clock", "d1", 0)),
+            ],
+        )
+        .await?;
+        eventually(Duration::from_secs(10), "both readings stored", || async {
+            Ok(c.count("SELECT count(*) FROM telemetry").await? == 2)
+        })
+        .await?;
+        ensure!(
+            c.count(
+                "SELECT count(*) FROM telemetry
+                 WHERE abs(extract(epoch from received_at - now())) < 60"
+            )
+            .await?
+                == 2,
+            "receipt times are on the database's clock"
+        );
+        ensure!(
+            c.count(
+                "SELECT count(*) FROM telemetry
+                 WHERE payload ? 'state' AND abs(extract(epoch from ts - now())) < 60"
+            )
+            .await?
+                == 1,
+            "a timestamp-less reading is stamped on the database's clock"
+        );
+        let port = c.node("node-a").http_port;
+        eventually(
+            Duration::from_secs(15),
+            "recent-data says warning",
+            || async {
+                let (_, body) = http(port, "GET", "/health/recent-data").await?;
+                let v: serde_json::Value = serde_json::from_str(&body)?;
+                Ok(v["status"] == "warning")
+            },
+        )
+        .await?;
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}

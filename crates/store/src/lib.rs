@@ -190,10 +190,16 @@ const MIGRATION_LOCK_KEY: i64 = 0x1ea5_e401d;
 
 /// Applies missing migrations; returns the versions applied. Safe to call from many nodes at once.
 pub async fn migrate(client: &mut Client) -> Result<Vec<i32>> {
+    migrate_up_to(client, i32::MAX).await
+}
+
+/// Applies missing migrations up to and including `version` (tests build a database as an
+/// earlier release left it, then upgrade it).
+pub async fn migrate_up_to(client: &mut Client, version: i32) -> Result<Vec<i32>> {
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
         .await?;
-    let result = apply_migrations(client).await;
+    let result = apply_migrations(client, version).await;
     // Unlock even on failure; the session ending would release it too.
     let unlock = client
         .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
@@ -203,7 +209,7 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>> {
     Ok(applied)
 }
 
-async fn apply_migrations(client: &mut Client) -> Result<Vec<i32>> {
+async fn apply_migrations(client: &mut Client, up_to: i32) -> Result<Vec<i32>> {
     client
         .batch_execute(
             "CREATE TABLE IF NOT EXISTS leasehold_schema_migrations (
@@ -220,7 +226,7 @@ async fn apply_migrations(client: &mut Client) -> Result<Vec<i32>> {
         .collect();
     let mut applied = Vec::new();
     for (version, name, sql) in MIGRATIONS {
-        if done.contains(version) {
+        if done.contains(version) || *version > up_to {
             continue;
         }
         let tx = client.transaction().await?;
