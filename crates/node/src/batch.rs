@@ -7,6 +7,7 @@
 //! stored.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
@@ -81,8 +82,10 @@ pub fn prepare(
         rows: Vec::with_capacity(batch.len()),
         ..Prepared::default()
     };
-    // Key -> position in `out.rows`.
-    let mut keys: HashMap<(String, String, DateTime<Utc>), usize> = HashMap::new();
+    // Hash of a reading's key -> positions in `out.rows` (compared in full on a hit), so the
+    // common case of unique keys costs no copy of the key.
+    let mut keys: HashMap<u64, Vec<usize>> = HashMap::with_capacity(batch.len());
+    let hasher = std::collections::hash_map::RandomState::new();
     // (topic, content hash, packet id) of timestamp-less readings and dead letters seen.
     let mut deliveries: HashSet<(String, String, u16)> = HashSet::new();
     for (idx, m) in batch.iter().enumerate() {
@@ -98,8 +101,14 @@ pub fn prepare(
                     }
                     deliveries.insert(delivery);
                 }
-                let key = (reading.device_id, m.topic.clone(), reading.ts);
-                if let Some(&first) = keys.get(&key) {
+                let h = hasher.hash_one((&reading.device_id, &m.topic, reading.ts));
+                let same_key = keys.get(&h).and_then(|at| {
+                    at.iter().copied().find(|&i| {
+                        let r = &out.rows[i];
+                        r.ts == reading.ts && r.device_id == reading.device_id && r.topic == m.topic
+                    })
+                });
+                if let Some(first) = same_key {
                     if same_payload(&out.rows[first].payload, &reading.payload) {
                         out.duplicates += 1;
                     } else {
@@ -111,7 +120,7 @@ pub fn prepare(
                             reason: "conflict",
                             error: format!(
                                 "conflict: a different reading for device_id {}, topic {}, ts {} came earlier in the same batch; this one was not stored",
-                                key.0, key.1, key.2.to_rfc3339()
+                                reading.device_id, m.topic, reading.ts.to_rfc3339()
                             ),
                             received_at,
                             pkid,
@@ -120,12 +129,12 @@ pub fn prepare(
                     }
                     continue;
                 }
-                keys.insert(key.clone(), out.rows.len());
+                keys.entry(h).or_default().push(out.rows.len());
                 out.rows.push(Row {
                     idx,
-                    device_id: key.0,
-                    topic: key.1,
-                    ts: key.2,
+                    device_id: reading.device_id,
+                    topic: m.topic.clone(),
+                    ts: reading.ts,
                     payload: reading.payload,
                     received_at,
                     content_hash: reading.content_hash,
