@@ -187,9 +187,10 @@ pub struct Coverage {
     pub silent: Vec<String>,
 }
 
-/// Coverage judged by each device's newest reading (the primary-key index answers it with one
-/// short backward scan per device, whatever the size of `telemetry`): heard when that reading
-/// was received within `window`.
+/// Coverage judged by each device's newest reading per topic, found by a skip scan of the primary
+/// key (device_id, topic, ts): one short index descent per topic of the device, whatever the
+/// size of `telemetry`. Heard when the newest reading of any of its topics was received within
+/// `window`.
 pub async fn device_coverage(
     c: &impl GenericClient,
     window: std::time::Duration,
@@ -198,14 +199,24 @@ pub async fn device_coverage(
     let rows = c
         .query(
             "WITH d AS (
-                SELECT d.device_id,
-                       (SELECT t.received_at FROM telemetry t WHERE t.device_id = d.device_id
-                        ORDER BY t.ts DESC LIMIT 1) > clock_timestamp() - make_interval(secs => $1) AS heard
+                SELECT d.device_id, EXISTS (
+                    WITH RECURSIVE topics(topic) AS (
+                        SELECT (SELECT min(t.topic) FROM telemetry t WHERE t.device_id = d.device_id)
+                        UNION ALL
+                        SELECT (SELECT min(t.topic) FROM telemetry t
+                                WHERE t.device_id = d.device_id AND t.topic > topics.topic)
+                        FROM topics WHERE topics.topic IS NOT NULL)
+                    SELECT 1 FROM topics
+                    WHERE topics.topic IS NOT NULL
+                      AND (SELECT t.received_at FROM telemetry t
+                           WHERE t.device_id = d.device_id AND t.topic = topics.topic
+                           ORDER BY t.ts DESC LIMIT 1) > clock_timestamp() - make_interval(secs => $1)
+                ) AS heard
                 FROM devices d WHERE d.enabled)
              SELECT (SELECT count(*) FROM d), (SELECT count(*) FROM d WHERE heard),
                     s.device_id
              FROM (SELECT 1) one
-             LEFT JOIN LATERAL (SELECT device_id FROM d WHERE heard IS NOT TRUE
+             LEFT JOIN LATERAL (SELECT device_id FROM d WHERE NOT heard
                                 ORDER BY device_id LIMIT $2) s ON true",
             &[&window.as_secs_f64(), &list_silent],
         )
