@@ -110,17 +110,14 @@ impl Writer {
                 if let Some(c) = clock.as_mut() {
                     break c;
                 }
-                match self.connection(&mut conn).await {
-                    Ok(w) => match w.clock().await {
-                        Ok((db, local)) => clock = Some(DbClock::new(db, local)),
-                        Err(e) => {
-                            conn = None;
-                            if !retry.wait(&e, &cancel).await {
-                                return Ok(());
-                            }
-                        }
-                    },
+                let measured = tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    r = async { self.connection(&mut conn).await?.clock().await } => r,
+                };
+                match measured {
+                    Ok((db, local)) => clock = Some(DbClock::new(db, local)),
                     Err(e) => {
+                        conn = None;
                         if !retry.wait(&e, &cancel).await {
                             return Ok(());
                         }
@@ -175,25 +172,28 @@ impl Writer {
             if part.len() == 0 {
                 continue;
             }
-            let res = match self.connection(conn).await {
-                Ok(w) => {
-                    let stop = w.cancel_handle();
-                    tokio::select! {
-                        _ = cancel.cancelled() => {
-                            // The server would go on running the statement, holding the fence's
-                            // share lock and delaying the next leader's takeover.
-                            tokio::spawn(async move {
-                                if let Err(e) = stop.cancel().await {
-                                    tracing::debug!(error = %e, "could not cancel the running batch statement");
-                                }
-                            });
-                            *conn = None;
-                            return Err(Stop::Cancelled);
+            // The connection is made inside the race too: a connect can take its whole timeout.
+            let mut stop = None;
+            let res = tokio::select! {
+                _ = cancel.cancelled() => None,
+                r = async {
+                    let w = self.connection(conn).await?;
+                    stop = Some(w.cancel_handle());
+                    w.write(&self.fence, &part.rows, &part.dead).await
+                } => Some(r),
+            };
+            let Some(res) = res else {
+                // The server would go on running the statement, holding the fence's share lock
+                // and delaying the next leader's takeover.
+                if let Some(stop) = stop {
+                    tokio::spawn(async move {
+                        if let Err(e) = stop.cancel().await {
+                            tracing::debug!(error = %e, "could not cancel the running batch statement");
                         }
-                        r = w.write(&self.fence, &part.rows, &part.dead) => r,
-                    }
+                    });
                 }
-                Err(e) => Err(e),
+                *conn = None;
+                return Err(Stop::Cancelled);
             };
             match res {
                 Ok(out) => {
