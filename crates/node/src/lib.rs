@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`cli`]: argument parsing, configuration loading, one-line errors, exit codes.
 //! - [`node`]: `leasehold run`, the wiring of one node and its shutdown sequence.
+//! - [`identity`]: the client id of the cluster's shared session, from its stored identity.
 //! - [`supervisor`]: starts, drains and cancels leadership terms as the lease role changes.
 //! - [`writer`]: the batch writer of a term (fenced transactions, ack after commit).
 //! - [`admin`]: `migrate`, `status`, `step-down`.
@@ -11,6 +12,7 @@
 
 pub mod admin;
 pub mod cli;
+pub mod identity;
 pub mod node;
 pub mod sd_notify;
 pub mod simulate;

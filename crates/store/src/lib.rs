@@ -133,6 +133,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "operations",
         include_str!("../../../migrations/V2__operations.sql"),
     ),
+    (
+        4,
+        "cluster_identity",
+        include_str!("../../../migrations/V4__cluster_identity.sql"),
+    ),
 ];
 
 /// Arbitrary but fixed: the advisory lock every node takes around migration.
