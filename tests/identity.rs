@@ -132,3 +132,134 @@ async fn a_laptop_with_the_production_env_and_its_own_database_cannot_take_the_p
     .await;
     check(&c, res);
 }
+
+async fn stored_identity(pg: &Postgres) -> Result<String> {
+    let db = pg.client().await?;
+    Ok(db
+        .query_one("SELECT cluster_id::text FROM cluster_identity", &[])
+        .await?
+        .get(0))
+}
+
+fn migrate(url: &str) -> Result<()> {
+    let out = std::process::Command::new(common::BIN)
+        .args(["migrate", "--database-url", url])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "migrate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+fn status_json(c: &Cluster) -> Result<Value> {
+    let out = c.cli(&["status", "--json"])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(&text).with_context(|| format!("status --json: {text}"))
+}
+
+/// The identity is created once: migrating again, restarting the database and the nodes keep it
+/// (the broker session is found again); another database gets another one. An explicit
+/// MQTT_CLIENT_ID is used and warned about; without an identity a production node does not start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_identity_survives_restarts_and_differs_between_databases() {
+    let mut c = Cluster::start().await.expect("servers");
+    let other = Postgres::start().await.expect("second postgres");
+    let res = async {
+        migrate(&c.pg.url())?;
+        migrate(&c.pg.url())?;
+        let id = stored_identity(&c.pg).await?;
+        let status = status_json(&c)?;
+        ensure!(status["cluster"]["id"] == id.as_str(), "{status}");
+        let default = status["cluster"]["default_client_id"]
+            .as_str()
+            .context("default_client_id")?
+            .to_string();
+        ensure!(default.len() <= 23, "{default} is longer than 23");
+
+        c.spawn("node-a")?;
+        c.wait_leader().await?;
+        ensure!(client_id_of(&c, "node-a").await? == (default.clone(), "derived".into()));
+        let log = c.node("node-a").log();
+        ensure!(
+            log.contains(&default) && log.contains("derived from the cluster identity"),
+            "the start-up log does not name the client id"
+        );
+
+        // Restart the node and the database, migrate again: the same identity, the same id.
+        c.node_mut("node-a").kill9();
+        c.pg.stop()?;
+        c.pg.start_again().await?;
+        migrate(&c.pg.url())?;
+        ensure!(stored_identity(&c.pg).await? == id, "the identity changed");
+        c.spawn("node-a-again")?;
+        c.wait_leader().await?;
+        ensure!(client_id_of(&c, "node-a-again").await? == (default.clone(), "derived".into()));
+
+        // Another database is another cluster.
+        migrate(&other.url())?;
+        let other_id = stored_identity(&other).await?;
+        ensure!(other_id != id, "two databases share the identity {id}");
+        let other_default = leasehold_config::derive_client_id(&other_id, "mqtt-ingest")?;
+        ensure!(other_default != default);
+
+        // An explicit MQTT_CLIENT_ID wins, and is warned about in the log, /health and status.
+        c.spawn_with("pinned", &[("MQTT_CLIENT_ID", "plant-7".into())])?;
+        let port = c.node("pinned").http_port;
+        eventually(
+            Duration::from_secs(30),
+            "pinned serving HTTP",
+            || async move { Ok(http(port, "GET", "/health/live").await.is_ok()) },
+        )
+        .await?;
+        ensure!(client_id_of(&c, "pinned").await? == ("plant-7".into(), "explicit".into()));
+        let (_, health) = get_json(c.node("pinned").http_port, "/health").await?;
+        ensure!(
+            health["warnings"][0]
+                .as_str()
+                .is_some_and(|w| w.contains("MQTT_CLIENT_ID=plant-7")),
+            "{health}"
+        );
+        ensure!(
+            c.node("pinned")
+                .log()
+                .contains("MQTT_CLIENT_ID=plant-7 is set explicitly"),
+            "no warning in the log"
+        );
+        eventually(
+            Duration::from_secs(10),
+            "status warning about the explicit client id",
+            || async {
+                let out = c.cli(&["status"])?;
+                let text = String::from_utf8_lossy(&out.stdout);
+                Ok(text.contains("WARNING  pinned uses MQTT_CLIENT_ID=plant-7")
+                    && text.contains("client id plant-7 (explicit)")
+                    && text.contains(&format!("client id {default} (derived)"))
+                    && text.contains(&format!("default MQTT client id {default}")))
+            },
+        )
+        .await?;
+
+        // Without its identity a production node does not start: it never connects with a
+        // default id it could not derive from its own database.
+        other
+            .client()
+            .await?
+            .execute("DELETE FROM cluster_identity", &[])
+            .await?;
+        c.spawn_with("orphan", &[("DATABASE_URL", other.url())])?;
+        let exit = c
+            .node_mut("orphan")
+            .wait_exit(Duration::from_secs(30))
+            .await?;
+        ensure!(!exit.success(), "started without an identity");
+        ensure!(
+            c.node("orphan").log().contains("no cluster identity"),
+            "the refusal does not say why"
+        );
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}
