@@ -263,3 +263,37 @@ async fn the_cluster_identity_survives_restarts_and_differs_between_databases() 
     .await;
     check(&c, res);
 }
+
+/// The shipped broker configuration (which every test's broker runs) bounds the queue a retired
+/// cluster leaves at the broker, without expiring a live cluster's session within any outage it
+/// must survive (SPEC section 4; docs/deployment.md, "Broker sessions").
+#[test]
+fn the_broker_config_expires_a_retired_clusters_session_but_not_within_an_outage() -> Result<()> {
+    let conf = std::fs::read_to_string(leasehold_testkit::deploy_mosquitto_conf())?;
+    let values: Vec<&str> = conf
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("persistent_client_expiration "))
+        .collect();
+    ensure!(
+        values.len() == 1,
+        "persistent_client_expiration set {} times",
+        values.len()
+    );
+    let v = values[0].trim();
+    let (n, unit) = v.split_at(v.len() - 1);
+    let n: u64 = n.parse().with_context(|| format!("{v:?}"))?;
+    let hours = n * match unit {
+        "h" => 1,
+        "d" => 24,
+        "w" => 24 * 7,
+        "m" => 24 * 30,
+        "y" => 24 * 365,
+        _ => anyhow::bail!("{v:?}: unit must be h, d, w, m or y"),
+    };
+    // At least a long weekend without any leader; at most a month of a retired cluster's traffic.
+    ensure!(
+        (72..=24 * 31).contains(&hours),
+        "persistent_client_expiration {v} is outside 3 days to 1 month"
+    );
+    Ok(())
+}
