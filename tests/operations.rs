@@ -262,10 +262,13 @@ async fn client_id_fight_lost_session_and_flapping_are_alerts() {
     let res = async {
         c.spawn("node-a")?;
         c.spawn("node-b")?;
-        c.wait_leader().await?;
+        let (leader, _) = c.wait_leader().await?;
 
         // A stray process with the cluster's client id keeps taking the connection.
-        let rogue = tokio::spawn(fight("leasehold-mqtt-ingest", c.mq.port));
+        let (_, body) = http(c.node(&leader).http_port, "GET", "/health/mqtt").await?;
+        let v: Value = serde_json::from_str(&body)?;
+        let client_id = v["client_id"].as_str().context("client_id")?.to_string();
+        let rogue = tokio::spawn(fight(client_id, c.mq.port));
         let fight_id = wait_open(&c, "mqtt_client_id_fight", "critical").await;
         rogue.abort();
         let fight_id = fight_id?;
@@ -310,9 +313,9 @@ async fn client_id_fight_lost_session_and_flapping_are_alerts() {
 }
 
 /// Connects with `client_id` over and over, taking the session from whoever holds it.
-async fn fight(client_id: &'static str, port: u16) {
+async fn fight(client_id: String, port: u16) {
     loop {
-        let mut opts = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
+        let mut opts = rumqttc::MqttOptions::new(&client_id, "127.0.0.1", port);
         opts.set_clean_session(false)
             .set_keep_alive(Duration::from_secs(5));
         let (_client, mut el) = rumqttc::AsyncClient::new(opts, 10);

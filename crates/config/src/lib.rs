@@ -9,6 +9,7 @@
 //! - [`Sources`]: the raw layers.
 //! - [`Config`]: the parsed, validated result; [`Config::load`] is the only constructor.
 //! - [`redact_url`]: strips passwords before anything is logged or served.
+//! - [`derive_client_id`] / [`ClientId`]: the MQTT client id of the cluster's shared session.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -325,7 +326,9 @@ pub struct Config {
     pub database_url: Option<String>,
     pub database_pool_size: usize,
     pub mqtt: MqttEndpoint,
-    pub mqtt_client_id: String,
+    /// `MQTT_CLIENT_ID`, when set: overrides the client id derived from the cluster's identity
+    /// (see [`Config::client_id`]).
+    pub mqtt_client_id: Option<String>,
     pub mqtt_topics: Vec<String>,
     pub mqtt_keep_alive: Duration,
     pub mqtt_reconnect_max: Duration,
@@ -642,9 +645,7 @@ impl Config {
             });
         }
         let cfg = Config {
-            mqtt_client_id: s
-                .string("MQTT_CLIENT_ID")
-                .unwrap_or_else(|| format!("leasehold-{lease_name}")),
+            mqtt_client_id: s.string("MQTT_CLIENT_ID"),
             instance_id,
             mode,
             database_url: s.string("DATABASE_URL"),
@@ -728,12 +729,109 @@ impl Config {
         Ok(cfg)
     }
 
+    /// The client id of the cluster's shared session: `MQTT_CLIENT_ID` when set, otherwise
+    /// derived from the cluster's identity (read from its database) and `LEASE_NAME`.
+    pub fn client_id(&self, cluster_id: Option<&str>) -> Result<ClientId, ClientIdError> {
+        let derived = cluster_id
+            .map(|id| derive_client_id(id, &self.lease_name))
+            .transpose()?;
+        Ok(match (&self.mqtt_client_id, derived) {
+            (Some(explicit), derived) => ClientId {
+                id: explicit.clone(),
+                source: ClientIdSource::Explicit,
+                derived,
+            },
+            (None, Some(d)) => ClientId {
+                id: d.clone(),
+                source: ClientIdSource::Derived,
+                derived: Some(d),
+            },
+            (None, None) => return Err(ClientIdError::NoIdentity),
+        })
+    }
+
     /// The database URL, or the one-line error every database command gives without it.
     pub fn require_database_url(&self) -> Result<&str, ConfigError> {
         self.database_url.as_deref().ok_or(ConfigError::Missing {
             key: "DATABASE_URL".into(),
         })
     }
+}
+
+/// Where the client id of the cluster's shared session comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientIdSource {
+    /// Derived from the cluster's identity and `LEASE_NAME`: the default.
+    Derived,
+    /// Set with `MQTT_CLIENT_ID`.
+    Explicit,
+}
+
+impl ClientIdSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientIdSource::Derived => "derived",
+            ClientIdSource::Explicit => "explicit",
+        }
+    }
+}
+
+/// The client id a production node uses for the cluster's shared persistent session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientId {
+    pub id: String,
+    pub source: ClientIdSource,
+    /// The id derived from the cluster's identity, when it is known (for an explicit id: the one
+    /// the node would use without `MQTT_CLIENT_ID`).
+    pub derived: Option<String>,
+}
+
+impl ClientId {
+    /// What an operator must be told about an explicit client id, `None` for a derived one.
+    pub fn warning(&self) -> Option<String> {
+        (self.source == ClientIdSource::Explicit).then(|| {
+            format!(
+                "MQTT_CLIENT_ID={} is set explicitly: the broker session is named by this setting, not by the cluster's identity in its database, so any machine started with a copy of this configuration and another database takes this session and acknowledges its messages into that database; unset MQTT_CLIENT_ID to use the derived id{}",
+                self.id,
+                match &self.derived {
+                    Some(d) => format!(" ({d})"),
+                    None => String::new(),
+                }
+            )
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ClientIdError {
+    #[error("the database has no cluster identity (table cluster_identity is empty), so the MQTT client id of the cluster's session cannot be derived; restore its row from a backup (docs/runbook.md, \"The cluster's identity\") or set MQTT_CLIENT_ID")]
+    NoIdentity,
+    #[error("the cluster identity {0:?} is not a UUID")]
+    BadIdentity(String),
+}
+
+/// The default client id of the cluster's shared session: `lh-` + the first 12 hex digits of
+/// the cluster's identity (48 random bits) + `-` + the first 7 hex digits of SHA-256 of
+/// `LEASE_NAME`. 23 characters, the longest id MQTT 3.1.1 obliges every broker to accept, in
+/// the characters it obliges them to accept (`0-9a-zA-Z`, plus `-`, which every common broker
+/// accepts). The identity's prefix is readable: `leasehold status` shows the identity in full,
+/// the broker's log shows the client id, and the two can be matched by eye.
+pub fn derive_client_id(cluster_id: &str, lease_name: &str) -> Result<String, ClientIdError> {
+    use sha2::{Digest, Sha256};
+    let hex: String = cluster_id
+        .chars()
+        .filter(|c| *c != '-')
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    if hex.len() != 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(ClientIdError::BadIdentity(cluster_id.to_string()));
+    }
+    let lease: String = Sha256::digest(lease_name.as_bytes())
+        .iter()
+        .take(4)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(format!("lh-{}-{}", &hex[..12], &lease[..7]))
 }
 
 /// Checks an MQTT topic filter the way a broker would.
@@ -775,7 +873,7 @@ mod tests {
         assert_eq!(c.batch_max_rows, 1000);
         assert_eq!(c.batch_max_wait, Duration::from_millis(50));
         assert_eq!(c.max_payload_bytes, 256 * 1024);
-        assert_eq!(c.mqtt_client_id, "leasehold-mqtt-ingest");
+        assert_eq!(c.mqtt_client_id, None);
         assert_eq!(c.mode, Mode::Production);
         assert_eq!(c.http_addr.to_string(), "0.0.0.0:8080");
     }
@@ -844,6 +942,47 @@ mod tests {
             redact_url("host=db password=x user=u"),
             "host=db password=*** user=u"
         );
+    }
+
+    #[test]
+    fn the_default_client_id_is_derived_from_the_cluster_identity_and_the_lease_name() {
+        let a = "5f0c1a2b-3c4d-4e5f-8a6b-7c8d9e0f1a2b";
+        let b = "0b1c2d3e-4f5a-4b6c-9d7e-8f9a0b1c2d3e";
+        let id = derive_client_id(a, "mqtt-ingest").expect("derive");
+        // Stable: the broker session must be found again after any restart or upgrade.
+        assert_eq!(id, "lh-5f0c1a2b3c4d-6256c66");
+        assert!(id.len() <= 23, "{id}");
+        assert!(id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+        assert_eq!(
+            derive_client_id(&a.to_uppercase(), "mqtt-ingest"),
+            Ok(id.clone())
+        );
+        assert_ne!(derive_client_id(b, "mqtt-ingest").expect("derive"), id);
+        assert_ne!(derive_client_id(a, "other").expect("derive"), id);
+        assert!(derive_client_id("not-a-uuid", "x").is_err());
+
+        let c = load(&[]).expect("load");
+        let cid = c.client_id(Some(a)).expect("client id");
+        assert_eq!(cid.source, ClientIdSource::Derived);
+        assert_eq!(cid.id, id);
+        assert_eq!(cid.warning(), None);
+        // A production node never falls back to a default it could not derive from its database.
+        assert_eq!(c.client_id(None), Err(ClientIdError::NoIdentity));
+    }
+
+    #[test]
+    fn an_explicit_client_id_overrides_and_is_warned_about() {
+        let c = load(&[("MQTT_CLIENT_ID", "plant-7")]).expect("load");
+        let a = "5f0c1a2b-3c4d-4e5f-8a6b-7c8d9e0f1a2b";
+        let cid = c.client_id(Some(a)).expect("client id");
+        assert_eq!(cid.id, "plant-7");
+        assert_eq!(cid.source, ClientIdSource::Explicit);
+        let w = cid.warning().expect("a warning");
+        assert!(
+            w.contains("MQTT_CLIENT_ID=plant-7") && w.contains("lh-5f0c1a2b3c4d-"),
+            "{w}"
+        );
+        assert_eq!(c.client_id(None).expect("explicit").id, "plant-7");
     }
 
     #[test]

@@ -50,6 +50,10 @@ pub struct HttpState {
     pub stale_critical: Duration,
     /// Nodes seen within this are alive.
     pub alive_within: Duration,
+    /// The client id of the cluster's shared session (production nodes), and where it came from.
+    pub mqtt_client_id: Option<leasehold_config::ClientId>,
+    /// The cluster's identity, read from the database at start.
+    pub cluster_id: Option<String>,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -155,10 +159,24 @@ fn mqtt_view() -> Value {
     })
 }
 
+/// Adds the shared session's client id, its source and, for an explicit one, the warning.
+fn with_client_id(mut v: Value, s: &HttpState) -> Value {
+    v["cluster_id"] = json!(s.cluster_id);
+    if let Some(c) = &s.mqtt_client_id {
+        v["client_id"] = json!(c.id);
+        v["client_id_source"] = json!(c.source.as_str());
+        v["derived_client_id"] = json!(c.derived);
+        if let Some(w) = c.warning() {
+            v["client_id_warning"] = json!(w);
+        }
+    }
+    v
+}
+
 async fn health(State(s): State<HttpState>) -> Response {
     let db = db_probe(&s).await;
     let db_ok = db["reachable"].as_bool().unwrap_or(false);
-    let mqtt = mqtt_view();
+    let mqtt = with_client_id(mqtt_view(), &s);
     let mqtt_ok = mqtt["connected"].as_bool().unwrap_or(false);
     let role = role_of(&s);
     let needs_mqtt = s.observer || matches!(role, Role::Leader { .. });
@@ -176,6 +194,7 @@ async fn health(State(s): State<HttpState>) -> Response {
     let body = json!({
         "status": if problems.is_empty() { "ok" } else { "unhealthy" },
         "problems": problems,
+        "warnings": s.mqtt_client_id.as_ref().and_then(|c| c.warning()).into_iter().collect::<Vec<_>>(),
         "role": role_name(&s),
         "instance": s.instance_id,
         "mode": s.mode,
@@ -240,7 +259,7 @@ async fn lease(State(s): State<HttpState>) -> Response {
 }
 
 async fn mqtt(State(s): State<HttpState>) -> Response {
-    let v = mqtt_view();
+    let v = with_client_id(mqtt_view(), &s);
     let needs = s.observer || matches!(role_of(&s), Role::Leader { .. });
     let ok = !needs || v["connected"].as_bool().unwrap_or(false);
     (code(ok), Json(v)).into_response()

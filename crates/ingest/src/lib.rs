@@ -152,9 +152,14 @@ impl IngestConfig {
         }
     }
 
-    /// A leader's: the cluster's shared persistent session, acks after commit.
-    pub fn shared_session(cfg: &leasehold_config::Config, expect_session: bool) -> Self {
-        Self::from_config(cfg, cfg.mqtt_client_id.clone(), false, expect_session)
+    /// A leader's: the cluster's shared persistent session, acks after commit. `client_id` is
+    /// the cluster's ([`leasehold_config::Config::client_id`]), resolved once at start.
+    pub fn shared_session(
+        cfg: &leasehold_config::Config,
+        client_id: &leasehold_config::ClientId,
+        expect_session: bool,
+    ) -> Self {
+        Self::from_config(cfg, client_id.id.clone(), false, expect_session)
     }
 
     /// An observer's (`MQTT_MODE=development`): its own clean session, acks on receipt.

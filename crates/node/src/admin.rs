@@ -53,9 +53,16 @@ pub async fn status(cfg: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
         .filter(|n| n.seen_ms_ago < ALIVE_WITHIN.as_millis() as i64)
         .collect();
     let leader = lease.as_ref().filter(|l| l.is_live());
+    let cluster = ClusterView::read(&c, cfg, &alive).await;
     if as_json {
         let v = json!({
             "lease_name": cfg.lease_name,
+            "cluster": {
+                "id": cluster.identity.as_ref().map(|i| &i.cluster_id),
+                "created_at": cluster.identity.as_ref().map(|i| i.created_at.to_rfc3339()),
+                "default_client_id": cluster.default_client_id,
+                "error": cluster.error,
+            },
             "leader": leader.map(|l| json!({
                 "instance_id": l.instance_id, "holder_id": l.holder_id, "epoch": l.epoch,
                 "expires_in_ms": l.expires_in_ms, "acquired_at": l.acquired_at.to_rfc3339(),
@@ -66,12 +73,26 @@ pub async fn status(cfg: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
                 "instance_id": n.instance_id, "holder_id": n.holder_id, "role": n.role, "mode": n.mode,
                 "version": n.version, "http_url": n.http_url, "last_seen_ms_ago": n.seen_ms_ago,
                 "alive": n.seen_ms_ago < ALIVE_WITHIN.as_millis() as i64,
+                "mqtt_client_id": n.mqtt_client_id, "mqtt_client_id_source": n.mqtt_client_id_source,
             })).collect::<Vec<_>>(),
+            "warnings": cluster.warnings,
             "newest_data_age_seconds": age,
             "alerts_open": open_alerts,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
+        match (&cluster.identity, &cluster.default_client_id) {
+            (Some(i), Some(d)) => println!(
+                "CLUSTER  {} (created {}); default MQTT client id {d} for lease {:?}",
+                i.cluster_id,
+                i.created_at.format("%Y-%m-%d %H:%M:%S UTC"),
+                cfg.lease_name
+            ),
+            _ => println!(
+                "CLUSTER  identity unknown: {}",
+                cluster.error.as_deref().unwrap_or("-")
+            ),
+        }
         match (leader, &lease) {
             (Some(l), _) => println!(
                 "LEADER   {} (epoch {}, lease expires in {}, holder {})",
@@ -96,8 +117,12 @@ pub async fn status(cfg: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
             } else {
                 "gone"
             };
+            let client_id = match (&n.mqtt_client_id, &n.mqtt_client_id_source) {
+                (Some(id), Some(source)) => format!("  client id {id} ({source})"),
+                _ => String::new(),
+            };
             println!(
-                "  {:<20} {:<9} {:<12} {:<6} {:<13} seen {} ago  v{}  {}",
+                "  {:<20} {:<9} {:<12} {:<6} {:<13} seen {} ago  v{}  {}{client_id}",
                 n.instance_id,
                 n.role,
                 n.mode,
@@ -111,6 +136,9 @@ pub async fn status(cfg: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
                 n.version,
                 n.http_url.as_deref().unwrap_or("-")
             );
+        }
+        for w in &cluster.warnings {
+            println!("WARNING  {w}");
         }
         match age {
             Some(a) => println!("DATA     newest row received {a:.1}s ago"),
@@ -136,6 +164,67 @@ pub async fn status(cfg: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(EXIT_NO_LEADER)
     })
+}
+
+/// The cluster's identity and what `status` must warn about the client ids its nodes use.
+struct ClusterView {
+    identity: Option<queries::ClusterIdentity>,
+    /// The id production nodes without `MQTT_CLIENT_ID` use for this `LEASE_NAME`.
+    default_client_id: Option<String>,
+    error: Option<String>,
+    warnings: Vec<String>,
+}
+
+impl ClusterView {
+    async fn read(
+        c: &leasehold_store::tokio_postgres::Client,
+        cfg: &Config,
+        alive: &[&queries::NodeRow],
+    ) -> ClusterView {
+        let (identity, mut error) = match queries::cluster_identity(c).await {
+            Ok(Some(i)) => (Some(i), None),
+            Ok(None) => (
+                None,
+                Some(leasehold_config::ClientIdError::NoIdentity.to_string()),
+            ),
+            // A schema older than migration 4: `leasehold migrate` creates the identity.
+            Err(e) => (None, Some(format!("{e} (run `leasehold migrate`)"))),
+        };
+        let default_client_id = identity.as_ref().and_then(|i| {
+            leasehold_config::derive_client_id(&i.cluster_id, &cfg.lease_name)
+                .map_err(|e| error = Some(e.to_string()))
+                .ok()
+        });
+        let mut warnings = Vec::new();
+        for n in alive {
+            if n.mqtt_client_id_source.as_deref() == Some("explicit") {
+                warnings.push(format!(
+                    "{} uses MQTT_CLIENT_ID={} set explicitly: a machine started with a copy of its configuration and another database takes this cluster's broker session; unset MQTT_CLIENT_ID to use the derived id{}",
+                    n.instance_id,
+                    n.mqtt_client_id.as_deref().unwrap_or("?"),
+                    default_client_id.as_deref().map(|d| format!(" ({d})")).unwrap_or_default()
+                ));
+            }
+        }
+        let mut ids: Vec<&str> = alive
+            .iter()
+            .filter_map(|n| n.mqtt_client_id.as_deref())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() > 1 {
+            warnings.push(format!(
+                "the nodes use different MQTT client ids ({}): they do not share one broker session, so a failover does not resume what the previous leader left queued (all nodes of one LEASE_NAME must use the same id)",
+                ids.join(", ")
+            ));
+        }
+        ClusterView {
+            identity,
+            default_client_id,
+            error,
+            warnings,
+        }
+    }
 }
 
 pub async fn step_down(cfg: &Config, timeout: Duration) -> anyhow::Result<ExitCode> {

@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`cli`]: argument parsing, configuration loading, one-line errors, exit codes.
 //! - [`node`]: `leasehold run`, the wiring of one node and its shutdown sequence.
+//! - [`identity`]: the client id of the cluster's shared session, from its stored identity.
 //! - [`supervisor`]: starts, drains and cancels leadership terms as the lease role changes.
 //! - [`writer`]: the batch writer of a term (fenced statements, row errors isolated, ack after
 //!   commit).
@@ -14,6 +15,7 @@
 pub mod admin;
 pub mod batch;
 pub mod cli;
+pub mod identity;
 pub mod node;
 pub mod sd_notify;
 pub mod simulate;

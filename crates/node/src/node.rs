@@ -63,12 +63,18 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let lease_stop = CancellationToken::new();
     let tracker = TaskTracker::new();
 
-    if let Some(u) = &url {
-        migrate_with_retry(u, &shutdown).await?;
-    }
+    let identity = match &url {
+        Some(u) => migrate_with_retry(u, &shutdown).await?,
+        None => None,
+    };
     if shutdown.is_cancelled() {
         return Ok(());
     }
+    // The shared session's client id comes from the database: resolved before anything connects.
+    let client_id = match cfg.mode {
+        Mode::Production => Some(crate::identity::resolve(&cfg, identity.as_ref())?),
+        _ => None,
+    };
 
     let notices: Option<broadcast::Sender<Notice>> = url.as_ref().map(|u| {
         let l = Listener::new(u.clone());
@@ -108,6 +114,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                 .context("starting the watchdog thread")?;
             let sup = Supervisor {
                 cfg: cfg.clone(),
+                client_id: client_id
+                    .clone()
+                    .context("production mode resolves a client id")?,
                 lease: handle.clone(),
                 device_topics: topics_rx.clone(),
             };
@@ -141,6 +150,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             cfg.mode,
             http_url.clone(),
             lease_handle.clone(),
+            client_id.clone(),
             root.clone(),
         ));
     }
@@ -167,6 +177,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         stale_warning: cfg.stale_warning,
         stale_critical: cfg.stale_critical,
         alive_within: ALIVE_WITHIN,
+        mqtt_client_id: client_id.clone(),
+        cluster_id: identity.as_ref().map(|i| i.cluster_id.clone()),
     };
     let token = root.clone();
     tracker.spawn(async move {
@@ -230,20 +242,26 @@ fn alerts_config(cfg: &Config) -> leasehold_alerts::AlertsConfig {
     }
 }
 
-async fn migrate_with_retry(url: &str, shutdown: &CancellationToken) -> anyhow::Result<()> {
+/// Applies migrations, then reads the cluster's identity (`None` if its row was deleted, or on
+/// shutdown).
+async fn migrate_with_retry(
+    url: &str,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<queries::ClusterIdentity>> {
     let mut backoff = Duration::from_millis(250);
     loop {
         let res = async {
             let mut c = leasehold_store::connect(url, "leasehold-migrate").await?;
-            leasehold_store::migrate(&mut c).await
+            let applied = leasehold_store::migrate(&mut c).await?;
+            Ok::<_, leasehold_store::StoreError>((applied, queries::cluster_identity(&c).await?))
         }
         .await;
         match res {
-            Ok(applied) => {
+            Ok((applied, identity)) => {
                 if !applied.is_empty() {
                     tracing::info!(?applied, "migrations applied");
                 }
-                return Ok(());
+                return Ok(identity);
             }
             Err(e @ leasehold_store::StoreError::Migration { .. })
             | Err(e @ leasehold_store::StoreError::Url(_)) => return Err(e.into()),
@@ -252,7 +270,7 @@ async fn migrate_with_retry(url: &str, shutdown: &CancellationToken) -> anyhow::
             }
         }
         tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => return Ok(None),
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -315,6 +333,7 @@ async fn device_topics(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn heartbeat(
     pool: Pool,
     holder_id: String,
@@ -322,6 +341,7 @@ async fn heartbeat(
     mode: Mode,
     http_url: String,
     lease: Option<LeaseHandle>,
+    client_id: Option<leasehold_config::ClientId>,
     cancel: CancellationToken,
 ) {
     let started_at = Utc::now();
@@ -361,6 +381,8 @@ async fn heartbeat(
                     mqtt_connected: m.mqtt_connected.get() == 1,
                     session_lost_at,
                     client_id_conflict_at,
+                    mqtt_client_id: client_id.as_ref().map(|c| c.id.as_str()),
+                    mqtt_client_id_source: client_id.as_ref().map(|c| c.source.as_str()),
                 },
             )
             .await?;

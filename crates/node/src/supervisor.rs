@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use leasehold_config::Config;
+use leasehold_config::{ClientId, Config};
 use leasehold_decode::Decoder;
 use leasehold_ingest::{IngestConfig, MqttIngest};
 use leasehold_lease::{LeaseHandle, Role};
@@ -34,6 +34,8 @@ struct Term {
 
 pub struct Supervisor {
     pub cfg: Config,
+    /// The shared session's client id, resolved at start from the cluster's identity.
+    pub client_id: ClientId,
     pub lease: LeaseHandle,
     pub device_topics: watch::Receiver<Vec<String>>,
 }
@@ -130,7 +132,7 @@ impl Supervisor {
         let lease = self.lease.clone();
         let may_connect: Arc<dyn Fn() -> bool + Send + Sync> = Arc::new(move || lease.is_valid());
         let (ingest, acker, rx) = MqttIngest::new(
-            IngestConfig::shared_session(cfg, epoch > 1),
+            IngestConfig::shared_session(cfg, &self.client_id, epoch > 1),
             self.device_topics.clone(),
             may_connect,
         );

@@ -183,6 +183,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "reading_identity",
         include_str!("../../../migrations/V3__reading_identity.sql"),
     ),
+    (
+        4,
+        "cluster_identity",
+        include_str!("../../../migrations/V4__cluster_identity.sql"),
+    ),
 ];
 
 /// Arbitrary but fixed: the advisory lock every node takes around migration.

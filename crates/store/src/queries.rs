@@ -51,6 +51,29 @@ pub async fn lease(c: &impl GenericClient, name: &str) -> Result<Option<LeaseRow
     }))
 }
 
+/// The cluster's identity: created once by migration 4, the same for every node of the cluster
+/// (they share the database), different for every other database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterIdentity {
+    /// A random UUID, in its canonical lower-case text form.
+    pub cluster_id: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// The cluster's identity, `None` when its row is missing (deleted by hand).
+pub async fn cluster_identity(c: &impl GenericClient) -> Result<Option<ClusterIdentity>> {
+    let row = c
+        .query_opt(
+            "SELECT cluster_id::text, created_at FROM cluster_identity",
+            &[],
+        )
+        .await?;
+    Ok(row.map(|r| ClusterIdentity {
+        cluster_id: r.get(0),
+        created_at: r.get(1),
+    }))
+}
+
 /// One row of `cluster_nodes`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeRow {
@@ -64,6 +87,9 @@ pub struct NodeRow {
     pub last_seen: DateTime<Utc>,
     pub seen_ms_ago: i64,
     pub mqtt_connected: bool,
+    /// The client id of the shared session and `derived` / `explicit` (production nodes).
+    pub mqtt_client_id: Option<String>,
+    pub mqtt_client_id_source: Option<String>,
 }
 
 /// Nodes seen within `alive_within`, newest first, plus older ones when `include_dead`.
@@ -76,7 +102,7 @@ pub async fn cluster_nodes(
         .query(
             "SELECT holder_id, instance_id, role, mode, version, http_url, started_at, last_seen,
                     (extract(epoch from (clock_timestamp() - last_seen)) * 1000)::bigint AS ago,
-                    mqtt_connected
+                    mqtt_connected, mqtt_client_id, mqtt_client_id_source
              FROM cluster_nodes
              WHERE $2 OR last_seen > clock_timestamp() - make_interval(secs => $1::float8 / 1000)
              ORDER BY last_seen DESC",
@@ -96,6 +122,8 @@ pub async fn cluster_nodes(
             last_seen: r.get(7),
             seen_ms_ago: r.get(8),
             mqtt_connected: r.get(9),
+            mqtt_client_id: r.get(10),
+            mqtt_client_id_source: r.get(11),
         })
         .collect())
 }
@@ -114,13 +142,17 @@ pub struct Heartbeat<'a> {
     /// When this node last saw the broker lose the session / its client id taken (kept if `None`).
     pub session_lost_at: Option<DateTime<Utc>>,
     pub client_id_conflict_at: Option<DateTime<Utc>>,
+    /// The shared session's client id and `derived` / `explicit`; `None` for other modes.
+    pub mqtt_client_id: Option<&'a str>,
+    pub mqtt_client_id_source: Option<&'a str>,
 }
 
 pub async fn heartbeat(c: &impl GenericClient, hb: &Heartbeat<'_>) -> Result<()> {
     c.execute(
         "INSERT INTO cluster_nodes AS n (holder_id, instance_id, role, mode, version, http_url, started_at,
-                last_seen, mqtt_connected, mqtt_changed_at, session_lost_at, client_id_conflict_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8, now(), $9, $10)
+                last_seen, mqtt_connected, mqtt_changed_at, session_lost_at, client_id_conflict_at,
+                mqtt_client_id, mqtt_client_id_source)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8, now(), $9, $10, $11, $12)
          ON CONFLICT (holder_id) DO UPDATE SET role = EXCLUDED.role, last_seen = now(),
              http_url = EXCLUDED.http_url,
              mqtt_changed_at = CASE WHEN n.mqtt_connected = EXCLUDED.mqtt_connected
@@ -129,7 +161,8 @@ pub async fn heartbeat(c: &impl GenericClient, hb: &Heartbeat<'_>) -> Result<()>
              session_lost_at = coalesce(EXCLUDED.session_lost_at, n.session_lost_at),
              client_id_conflict_at = coalesce(EXCLUDED.client_id_conflict_at, n.client_id_conflict_at)",
         &[&hb.holder_id, &hb.instance_id, &hb.role, &hb.mode, &hb.version, &hb.http_url, &hb.started_at,
-          &hb.mqtt_connected, &hb.session_lost_at, &hb.client_id_conflict_at],
+          &hb.mqtt_connected, &hb.session_lost_at, &hb.client_id_conflict_at,
+          &hb.mqtt_client_id, &hb.mqtt_client_id_source],
     )
     .await?;
     Ok(())
