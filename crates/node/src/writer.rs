@@ -60,16 +60,23 @@ impl Part {
         self.rows.len() + self.dead.len()
     }
 
+    /// Two non-empty parts (for a part of two or more), readings first, then dead letters.
     fn halves(mut self) -> (Part, Part) {
-        let rows_first = self.rows.len().div_ceil(2);
-        let rows = self.rows.split_off(rows_first);
-        let dead_first = if rows_first == 0 {
-            self.dead.len().div_ceil(2)
+        let first = self.len().div_ceil(2);
+        if first <= self.rows.len() {
+            let rows = self.rows.split_off(first);
+            let dead = std::mem::take(&mut self.dead);
+            (self, Part { rows, dead })
         } else {
-            self.dead.len()
-        };
-        let dead = self.dead.split_off(dead_first);
-        (self, Part { rows, dead })
+            let dead = self.dead.split_off(first - self.rows.len());
+            (
+                self,
+                Part {
+                    rows: Vec::new(),
+                    dead,
+                },
+            )
+        }
     }
 }
 
@@ -387,6 +394,67 @@ async fn gather(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn part(rows: usize, dead: usize) -> Part {
+        let t = chrono::Utc::now();
+        Part {
+            rows: (0..rows)
+                .map(|i| Row {
+                    idx: i,
+                    device_id: "d".into(),
+                    topic: "t".into(),
+                    ts: t,
+                    payload: "{}".into(),
+                    received_at: t,
+                    content_hash: None,
+                    pkid: 0,
+                    dup: false,
+                })
+                .collect(),
+            dead: (0..dead)
+                .map(|i| DeadLetter {
+                    idx: rows + i,
+                    topic: "t".into(),
+                    payload: Vec::new(),
+                    size: 0,
+                    reason: "not_json",
+                    error: String::new(),
+                    received_at: t,
+                    pkid: 0,
+                    dup: false,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn halving_always_makes_progress() {
+        for rows in 0..6 {
+            for dead in 0..6 {
+                if rows + dead < 2 {
+                    continue;
+                }
+                let (a, b) = part(rows, dead).halves();
+                assert!(
+                    a.len() > 0 && b.len() > 0,
+                    "{rows}+{dead} -> {}+{}",
+                    a.len(),
+                    b.len()
+                );
+                assert_eq!(a.len() + b.len(), rows + dead);
+                let mut idx: Vec<usize> = a
+                    .rows
+                    .iter()
+                    .map(|r| r.idx)
+                    .chain(a.dead.iter().map(|d| d.idx))
+                    .chain(b.rows.iter().map(|r| r.idx))
+                    .chain(b.dead.iter().map(|d| d.idx))
+                    .collect();
+                idx.sort_unstable();
+                assert_eq!(idx, (0..rows + dead).collect::<Vec<_>>());
+            }
+        }
+    }
 
     fn limits(rows: usize, wait: Duration) -> Limits {
         Limits {
