@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 export PATH := $(PATH):/usr/sbin
 
-.PHONY: demo test chaos bench deps build lint fmt clean
+.PHONY: demo test chaos bench fuzz deps build lint fmt clean
 
 # Fault matrix: TRIALS per fault within BUDGET (make chaos TRIALS=3 BUDGET=5m).
 TRIALS ?= 10
@@ -31,6 +31,17 @@ bench: deps
 	cargo build --release -p leasehold -p leasehold-bench -p leasehold-flushdelay
 	./target/release/leasehold-bench --messages 100000 --upsert-messages 100000 --outage-secs 60 --json target/bench/bench.json
 	cargo bench -p leasehold-decode -p leasehold-node --bench decode --bench batch -- --warm-up-time 1 --measurement-time 3
+
+# Fuzz the decoder for FUZZ_TIME seconds (fuzz/, cargo-fuzz). Its nightly features are enabled on
+# the stable toolchain with RUSTC_BOOTSTRAP=1. New inputs go to fuzz/target/corpus (the committed
+# seeds in fuzz/corpus/decode stay as they are; copy a finding there, small, to keep it); a crash is
+# saved under fuzz/artifacts/decode/. `make test` replays the committed corpus on stable.
+FUZZ_TIME ?= 60
+fuzz:
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz
+	mkdir -p fuzz/target/corpus
+	cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run decode target/corpus corpus/decode -- \
+		-max_total_time=$(FUZZ_TIME) -max_len=300000 -timeout=10 -print_final_stats=1
 
 lint:
 	cargo fmt --all --check

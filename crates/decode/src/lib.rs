@@ -6,6 +6,11 @@
 //! # Layout
 //! - [`TopicPattern`]: where the device id sits in the topic.
 //! - [`Decoder::decode`]: size check, JSON object check, device id, timestamp, idempotency key.
+//! - [`jsonb::same_json`]: two payloads compared as `jsonb` compares them (duplicate or conflict).
+//! - [`invariants`]: what holds for any input (checked by `make fuzz` and the corpus replay).
+
+pub mod invariants;
+pub mod jsonb;
 
 use chrono::{DateTime, TimeZone, Utc};
 use serde_json::{Map, Value};
@@ -179,10 +184,23 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
-fn contains_nul_escape(payload: &[u8]) -> bool {
-    payload
-        .windows(6)
-        .any(|w| w[0] == b'\\' && (w[1] == b'u' || w[1] == b'U') && &w[2..] == b"0000")
+/// Whether valid JSON text carries U+0000, which it can only do as the escape `\u0000` (a raw NUL
+/// byte is not valid JSON). Each escape is stepped over whole, so the text `\\u0000` (an escaped
+/// backslash, then `u0000`: a plain string jsonb stores) is not one; every occurrence counts, the
+/// value of a key given twice included (jsonb refuses the text before it drops that value).
+fn contains_nul_escape(json: &[u8]) -> bool {
+    let mut i = 0;
+    while i < json.len() {
+        if json[i] == b'\\' {
+            if json.get(i + 1) == Some(&b'u') && json.get(i + 2..i + 6) == Some(&b"0000"[..]) {
+                return true;
+            }
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    false
 }
 
 /// Idempotency key for readings without a timestamp: a redelivery has the same topic and bytes.
@@ -208,8 +226,8 @@ fn timestamp(obj: &Map<String, Value>) -> Result<Option<DateTime<Utc>>, DecodeEr
         Value::String(s) => match s.trim().parse::<f64>() {
             Ok(n) => from_epoch(n),
             Err(_) => DateTime::parse_from_rfc3339(s.trim())
-                .map(|d| d.with_timezone(&Utc))
-                .map_err(|e| format!("{s:?} is neither RFC 3339 nor a Unix epoch ({e})")),
+                .map_err(|e| format!("{s:?} is neither RFC 3339 nor a Unix epoch ({e})"))
+                .and_then(|d| to_micros(d.with_timezone(&Utc))),
         },
         Value::Number(n) => n
             .as_f64()
@@ -221,6 +239,20 @@ fn timestamp(obj: &Map<String, Value>) -> Result<Option<DateTime<Utc>>, DecodeEr
         )),
     };
     parsed.map(Some).map_err(bad)
+}
+
+/// `t` at the resolution PostgreSQL stores (microseconds, rounded as PostgreSQL rounds text).
+/// A reading's key must be the key that is stored: two readings a few nanoseconds apart are one
+/// key in `telemetry`, so they must be one key in a batch too (or the second vanishes from the
+/// batch's insert without being a duplicate or a conflict).
+fn to_micros(t: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
+    // Nanoseconds may exceed a second on a leap second (23:59:60).
+    let nanos = i64::from(t.timestamp_subsec_nanos());
+    t.timestamp()
+        .checked_mul(1_000_000)
+        .and_then(|us| us.checked_add((nanos + 500) / 1000))
+        .and_then(DateTime::from_timestamp_micros)
+        .ok_or_else(|| format!("{t} is out of range"))
 }
 
 fn from_epoch(n: f64) -> Result<DateTime<Utc>, String> {
@@ -306,6 +338,62 @@ mod tests {
             .decode("devices/a/t", br#"{"ts":1700000000.25}"#, now())
             .expect("frac");
         assert_eq!(r.ts.timestamp_subsec_millis(), 250);
+    }
+
+    #[test]
+    fn timestamps_have_the_stored_resolution_microseconds() {
+        let at = |body: &str| {
+            d().decode("devices/a/t", body.as_bytes(), now())
+                .expect(body)
+                .ts
+        };
+        let base = Utc.timestamp_opt(1_700_000_000, 0).single().expect("valid");
+        let us = chrono::Duration::microseconds;
+        // Nanoseconds apart: one key, as in telemetry.
+        assert_eq!(at(r#"{"ts":"2023-11-14T22:13:20.0000001Z"}"#), base);
+        assert_eq!(at(r#"{"ts":"2023-11-14T22:13:20.0000004Z"}"#), base);
+        assert_eq!(at(r#"{"ts":"2023-11-14T22:13:20.0000005Z"}"#), base + us(1));
+        assert_eq!(
+            at(r#"{"ts":"2023-11-14T22:13:20.123456789Z"}"#),
+            base + us(123_457)
+        );
+        // Before 1970 and 2000 too (no rounding toward an epoch).
+        let zero = at(r#"{"ts":"0000-01-01T00:00:00.000000001Z"}"#);
+        assert_eq!(zero.timestamp_subsec_nanos(), 0);
+        assert_eq!(zero.timestamp(), -62_167_219_200);
+        // A leap second is the next second's start.
+        assert_eq!(
+            at(r#"{"ts":"2016-12-31T23:59:60Z"}"#),
+            Utc.with_ymd_and_hms(2017, 1, 1, 0, 0, 0)
+                .single()
+                .expect("valid")
+        );
+    }
+
+    #[test]
+    fn only_a_real_nul_escape_is_refused() {
+        // An escaped backslash followed by "u0000" is plain text that jsonb stores.
+        for body in [
+            r#"{"path":"C:\\u0000\\temp"}"#,
+            r#"{"s":"\\\\u0000"}"#,
+            r#"{"s":"\\"}"#,
+        ] {
+            d().decode("devices/a/t", body.as_bytes(), now())
+                .unwrap_or_else(|e| panic!("{body}: {e}"));
+        }
+        for body in [
+            r#"{"s":"\u0000"}"#,
+            r#"{"\u0000":1}"#,
+            r#"{"s":"\\\u0000"}"#,
+            // jsonb refuses the text before it keeps the last of the duplicate keys.
+            r#"{"s":"\u0000","s":"ok"}"#,
+        ] {
+            assert_eq!(
+                d().decode("devices/a/t", body.as_bytes(), now()),
+                Err(DecodeError::NulEscape),
+                "{body}"
+            );
+        }
     }
 
     #[test]

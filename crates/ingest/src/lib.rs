@@ -89,6 +89,14 @@ pub struct Acker {
 }
 
 impl Acker {
+    /// An acker with no broker behind it (tests, tools): what it is given is dropped, never
+    /// acknowledged. With [`Inbound::detached`] it runs a term's `Writer` in-process against a
+    /// real database (`tests/generated.rs`).
+    pub fn detached() -> Self {
+        let (tx, _) = mpsc::unbounded_channel();
+        Acker { tx }
+    }
+
     /// Acknowledges `msgs` in order, without waiting. The channel needs no bound of its own:
     /// every message in it holds a `MAX_PENDING` permit.
     pub fn ack(&self, msgs: impl IntoIterator<Item = Inbound>) {

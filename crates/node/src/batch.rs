@@ -168,19 +168,11 @@ pub fn prepare(
     out
 }
 
-/// The same reading: the same bytes, or the same JSON value (as `jsonb` compares them, key
-/// order and whitespace aside).
+/// The same reading: the same bytes, or the same JSON value as `jsonb` compares them (key order,
+/// whitespace and number spelling aside; numbers exactly, not as f64), so that a batch settles a
+/// duplicate or a conflict as the table does.
 fn same_payload(a: &str, b: &str) -> bool {
-    if a == b {
-        return true;
-    }
-    match (
-        serde_json::from_str::<serde_json::Value>(a),
-        serde_json::from_str::<serde_json::Value>(b),
-    ) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => false,
-    }
+    a == b || leasehold_decode::jsonb::same_json(a, b)
 }
 
 /// A reading PostgreSQL refused, as the dead letter that replaces it.

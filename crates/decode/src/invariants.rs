@@ -1,0 +1,136 @@
+//! The decoder's invariants, checked on any input: by the fuzz target (`fuzz/`, `make fuzz`) and by
+//! the replay of the committed corpora in `make test` (`tests/corpus.rs` of this crate), so the
+//! two can never disagree on what is checked.
+//!
+//! For every input the decoder returns without panicking, the same result twice, and:
+//! - over `MAX_PAYLOAD_BYTES`: [`DecodeError::TooLarge`] with the sizes;
+//! - a reading: its payload is the input as text, byte for byte, a JSON object without `\u0000`
+//!   (jsonb can store it); its device id is non-empty and at most [`MAX_DEVICE_ID_LEN`]
+//!   characters, taken from the topic when the topic names one, else from the payload; its
+//!   content hash is set if, and only if, the payload has no timestamp (then its time is the
+//!   receipt time and the hash is [`content_hash`] of topic and bytes); a timestamp has
+//!   microsecond resolution, like `timestamptz`; [`crate::jsonb::same_json`] reads the payload
+//!   (else a reordered copy of it would be taken for a conflict).
+
+use chrono::{Datelike, TimeZone, Utc};
+use serde_json::Value;
+
+use crate::{content_hash, DecodeError, Decoder, MAX_DEVICE_ID_LEN};
+
+/// Topics an input can be published on: the device in the topic, an empty or long device segment,
+/// a gateway topic (the device id is in the payload).
+const TOPICS: &[&str] = &[
+    "devices/meter-1/telemetry",
+    "gw/site-1/up",
+    "devices//telemetry",
+    "devices/x/a/b/c",
+];
+
+/// Runs one fuzz input: its first byte picks the topic and the size limit (`MAX_PAYLOAD_BYTES`'s
+/// default, or 1 KiB so that the limit itself is reached), the rest is the payload. Panics if an
+/// invariant does not hold.
+pub fn fuzz_one(data: &[u8]) {
+    let Some((&sel, payload)) = data.split_first() else {
+        return;
+    };
+    let topic = TOPICS[usize::from(sel & 0x03)];
+    let max = if sel & 0x04 == 0 { 256 * 1024 } else { 1024 };
+    check(
+        &Decoder::new("devices/{device_id}/#", max),
+        topic,
+        payload,
+        max,
+    );
+}
+
+/// The decoder's invariants for one message (see the module's documentation).
+pub fn check(decoder: &Decoder, topic: &str, payload: &[u8], max: usize) {
+    let received_at = Utc
+        .with_ymd_and_hms(2026, 1, 2, 3, 4, 5)
+        .single()
+        .expect("a valid instant");
+    let result = decoder.decode(topic, payload, received_at);
+    assert_eq!(
+        result,
+        decoder.decode(topic, payload, received_at),
+        "not deterministic"
+    );
+    if payload.len() > max {
+        assert_eq!(
+            result,
+            Err(DecodeError::TooLarge {
+                size: payload.len(),
+                max
+            })
+        );
+        return;
+    }
+    let Ok(reading) = result else {
+        return;
+    };
+    assert_eq!(
+        reading.payload.as_bytes(),
+        payload,
+        "the stored payload is not the input"
+    );
+    let value: Value = serde_json::from_slice(payload).expect("an accepted payload is JSON");
+    let Value::Object(obj) = &value else {
+        panic!("an accepted payload is not an object");
+    };
+    assert!(
+        !has_nul(&value),
+        "an accepted payload carries U+0000, which jsonb refuses"
+    );
+    assert!(
+        crate::jsonb::same_json(&reading.payload, &reading.payload),
+        "jsonb::same_json cannot read a payload the decoder accepted"
+    );
+    assert!(!reading.device_id.is_empty(), "empty device id");
+    assert!(
+        reading.device_id.chars().count() <= MAX_DEVICE_ID_LEN,
+        "device id over {MAX_DEVICE_ID_LEN} characters"
+    );
+    let from_topic = decoder.pattern.device_id(topic);
+    match (from_topic, obj.get("device_id")) {
+        (Some(d), _) => assert_eq!(reading.device_id, d, "the topic's device id was not used"),
+        (None, Some(Value::String(s))) => assert_eq!(reading.device_id, *s),
+        (None, Some(Value::Number(n))) => assert_eq!(reading.device_id, n.to_string()),
+        (None, other) => panic!("a device id from nowhere: {other:?}"),
+    }
+    let timestamped = ["timestamp", "ts"]
+        .iter()
+        .any(|k| obj.get(*k).is_some_and(|v| !v.is_null()));
+    assert_eq!(
+        reading.content_hash.is_some(),
+        !timestamped,
+        "content hash set iff there is no timestamp"
+    );
+    match &reading.content_hash {
+        Some(h) => {
+            assert_eq!(reading.ts, received_at, "an untimed reading's time");
+            assert_eq!(*h, content_hash(topic, payload));
+        }
+        None => {
+            assert_eq!(
+                reading.ts.timestamp_subsec_nanos() % 1000,
+                0,
+                "a timestamp finer than timestamptz keeps"
+            );
+            // Within timestamptz's range (4713 BC to 294276 AD).
+            assert!(
+                (-4712..=294_276).contains(&reading.ts.year()),
+                "timestamp {} out of timestamptz's range",
+                reading.ts
+            );
+        }
+    }
+}
+
+fn has_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(a) => a.iter().any(has_nul),
+        Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
+}

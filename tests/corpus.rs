@@ -1,0 +1,170 @@
+//! The adversarial corpus of real-world payloads (`tests/corpus/`, its README is the table of
+//! cases and their expected outcomes) replayed end to end: every file published on its topic
+//! through Mosquitto to the `leasehold` binary, a numbered good reading before each and after the
+//! last. Each file must end as its row says (stored exactly once, under the device named, or one
+//! dead letter with the reason named), every good reading must be stored exactly once (the stream
+//! never stalls behind a bad payload), and the node must stay live.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use common::{check, Cluster};
+use leasehold_testkit::publish::{numbered, publish_all};
+use leasehold_testkit::{eventually, http};
+
+/// One row of the README's table.
+#[derive(Debug)]
+struct Case {
+    file: String,
+    topic: String,
+    expected: Expected,
+}
+
+#[derive(Debug, PartialEq)]
+enum Expected {
+    /// Stored once; under this device id when one is named.
+    Stored(Option<String>),
+    DeadLettered(String),
+}
+
+/// The text between the first pair of backticks of `s`.
+fn quoted(s: &str) -> Option<String> {
+    let mut parts = s.split('`');
+    parts.next()?;
+    parts.next().map(str::to_string)
+}
+
+fn cases(dir: &Path) -> Result<Vec<Case>> {
+    let readme = std::fs::read_to_string(dir.join("README.md"))?;
+    let mut out = Vec::new();
+    for line in readme.lines().filter(|l| l.starts_with("| `")) {
+        let cols: Vec<&str> = line.split(" | ").collect();
+        ensure!(cols.len() == 4, "a row of four columns: {line}");
+        let expected = cols[3].trim_end_matches(" |").trim();
+        let expected = if expected.starts_with("stored") {
+            Expected::Stored(quoted(expected))
+        } else if expected.starts_with("dead-lettered") {
+            Expected::DeadLettered(quoted(expected).context("a reason")?)
+        } else {
+            bail!("unknown outcome {expected:?}");
+        };
+        out.push(Case {
+            file: quoted(cols[0]).context("a file")?,
+            topic: quoted(cols[1]).context("a topic")?,
+            expected,
+        });
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_corpus_payload_ends_as_its_readme_says_and_the_stream_never_stalls() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus");
+    let cases = cases(&dir).expect("tests/corpus/README.md");
+    // Every file has a row and every row a file.
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .expect("tests/corpus")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|f| f != "README.md")
+        .collect();
+    files.sort();
+    let mut listed: Vec<String> = cases.iter().map(|c| c.file.clone()).collect();
+    listed.sort();
+    assert_eq!(files, listed, "tests/corpus and its README disagree");
+    let mut topics: Vec<&str> = cases.iter().map(|c| c.topic.as_str()).collect();
+    topics.sort();
+    topics.dedup();
+    assert_eq!(
+        topics.len(),
+        cases.len(),
+        "each case needs a topic of its own"
+    );
+
+    let mut c = Cluster::start().await.expect("servers");
+    c.extra_env
+        .push(("MQTT_TOPICS", "devices/#,gw/#".to_string()));
+    let res = async {
+        c.spawn("node-a")?;
+        c.wait_leader().await?;
+        let good = "devices/good-1/telemetry".to_string();
+        let mut msgs = Vec::new();
+        let mut seq = 0;
+        for case in &cases {
+            msgs.push((good.clone(), numbered("corpus", "good-1", seq).into_bytes()));
+            seq += 1;
+            let payload = std::fs::read(dir.join(&case.file))?;
+            msgs.push((case.topic.clone(), payload));
+        }
+        msgs.push((good.clone(), numbered("corpus", "good-1", seq).into_bytes()));
+        seq += 1;
+        publish_all(c.mq.port, msgs).await?;
+        // Every good reading, including the one after the last bad payload, in bounded time.
+        c.assert_exactly_once("corpus", seq).await?;
+        let db = c.pg.client().await?;
+        let landed = || async {
+            let topics: Vec<&str> = cases.iter().map(|c| c.topic.as_str()).collect();
+            let n: i64 = db
+                .query_one(
+                    "SELECT count(DISTINCT topic) FROM (
+                         SELECT topic FROM telemetry WHERE topic = ANY($1)
+                         UNION ALL SELECT topic FROM dead_letters WHERE topic = ANY($1)) x",
+                    &[&topics],
+                )
+                .await?
+                .get(0);
+            Ok(n as usize == cases.len())
+        };
+        eventually(Duration::from_secs(20), "every corpus file landed", landed).await?;
+        let mut wrong = Vec::new();
+        for case in &cases {
+            let stored: Vec<String> = db
+                .query(
+                    "SELECT device_id FROM telemetry WHERE topic = $1",
+                    &[&case.topic],
+                )
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let dead: Vec<(String, String)> = db
+                .query(
+                    "SELECT reason, error FROM dead_letters WHERE topic = $1",
+                    &[&case.topic],
+                )
+                .await?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            let ok = match &case.expected {
+                Expected::Stored(device) => {
+                    stored.len() == 1
+                        && dead.is_empty()
+                        && device.as_ref().is_none_or(|d| stored[0] == *d)
+                }
+                Expected::DeadLettered(reason) => {
+                    stored.is_empty() && dead.len() == 1 && dead[0].0 == *reason
+                }
+            };
+            if !ok {
+                wrong.push(format!(
+                    "{}: expected {:?}, got rows {stored:?} and dead letters {dead:?}",
+                    case.file, case.expected
+                ));
+            }
+        }
+        ensure!(wrong.is_empty(), "{}", wrong.join("\n"));
+        let (code, body) = http(c.node("node-a").http_port, "GET", "/health/live").await?;
+        ensure!(code == 200, "/health/live {code}: {body}");
+        ensure!(c.node_mut("node-a").try_status().is_none(), "node exited");
+        println!(
+            "{} corpus files and {seq} good readings, each where it belongs",
+            cases.len()
+        );
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}
