@@ -369,3 +369,156 @@ async fn a_new_publish_redelivered_after_a_crash_is_not_collapsed_onto_an_older_
     .await;
     check(&c, res);
 }
+
+/// G5 / issue 10 item 9: memory bounded in bytes (`MAX_PENDING_BYTES`), SPEC §15: ≤ 64 MiB while
+/// a backlog of 200 KiB payloads waits. Only a count (`MAX_PENDING`, 10,000) bounds what a leader
+/// holds: while the writer cannot commit, 10,000 × 200 KiB is 2 GB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_of_large_payloads_is_bounded_in_bytes_while_the_writer_waits() {
+    let mut c = Cluster::start().await.expect("servers");
+    let res = async {
+        c.spawn("node-a")?;
+        c.wait_leader().await?;
+        // The writer cannot commit (a lock here; a database outage does the same).
+        let mut locker = c.pg.client().await?;
+        let tx = locker.transaction().await?;
+        tx.batch_execute("LOCK TABLE telemetry IN SHARE MODE").await?;
+        let filler = "x".repeat(200 * 1024);
+        let n = 800u64;
+        let before = received(&c, "node-a").await?;
+        for chunk in 0..(n / 100) {
+            publish_all(
+                c.mq.port,
+                (chunk * 100..chunk * 100 + 100)
+                    .map(|s| {
+                        msg(
+                            "devices/big/telemetry",
+                            format!(r#"{{"ts":{},"run":"big","seq":{s},"blob":"{filler}"}}"#, 1_700_000_000 + s),
+                        )
+                    })
+                    .collect(),
+            )
+            .await?;
+        }
+        let _ = eventually(Duration::from_secs(20), "the leader took the backlog", || async {
+            Ok(received(&c, "node-a").await? >= before + n as f64)
+        })
+        .await;
+        let (peak, rss) =
+            leasehold_testkit::memory_of(c.node("node-a").pid()).unwrap_or_default();
+        let held = received(&c, "node-a").await? - before;
+        tx.rollback().await?;
+        c.assert_exactly_once("big", n).await?;
+        ensure!(
+            peak < 64 * 1024 * 1024,
+            "held {held} messages of 200 KiB: resident {} MiB (peak {} MiB), SPEC says at most 64 MiB",
+            rss >> 20,
+            peak >> 20
+        );
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}
+
+/// A silly REDELIVERY_WINDOW is accepted (any non-zero duration) and breaks the batch
+/// statement: `received_at - window` is out of PostgreSQL's timestamp range, a "row error"
+/// (SQLSTATE 22008) for every redelivered timestamp-less message, which is then dead-lettered
+/// as refused by the database — and its dead letter fails the same way, retried forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_redelivery_window_is_refused_at_start_or_harmless() {
+    let mut c = Cluster::start().await.expect("servers");
+    c.extra_env.push(("MQTT_TOPICS", "devices/#".to_string()));
+    c.extra_env.push(("REDELIVERY_WINDOW", "10000years".to_string()));
+    let res = async {
+        c.spawn("node-a")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while c.leader().await.ok().flatten().is_none()
+            && c.node_mut("node-a").try_status().is_none()
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if c.node_mut("node-a").try_status().is_some() {
+            // Refused at start: fine, provided the error names the setting.
+            let log = c.node("node-a").log();
+            ensure!(log.contains("REDELIVERY_WINDOW"), "exited without naming the setting: {log}");
+            return Ok(());
+        }
+        c.wait_leader().await?;
+        let port = c.mq.port;
+        let sw = "devices/switch/state";
+        publish_all(port, vec![msg(sw, r#"{"state":"ON","n":1}"#)]).await?;
+        eventually(Duration::from_secs(10), "a first reading", || async {
+            Ok(c.count("SELECT count(*) FROM telemetry").await? == 1)
+        })
+        .await?;
+        // A redelivery: in flight when the leader dies.
+        let mut locker = c.pg.client().await?;
+        let tx = locker.transaction().await?;
+        tx.batch_execute("LOCK TABLE telemetry IN SHARE MODE").await?;
+        let before = received(&c, "node-a").await?;
+        publish_all(port, vec![msg(sw, r#"{"state":"ON","n":2}"#)]).await?;
+        eventually(Duration::from_secs(10), "node-a received it", || async {
+            Ok(received(&c, "node-a").await? > before)
+        })
+        .await?;
+        c.node_mut("node-a").kill9();
+        tx.rollback().await?;
+        c.spawn("node-b")?;
+        c.wait_leader().await?;
+        publish_all(port, vec![msg("devices/d1/telemetry", numbered("after", "d1", 0))]).await?;
+        c.assert_exactly_once("after", 1).await?;
+        ensure!(
+            c.count("SELECT count(*) FROM telemetry WHERE device_id = 'switch'").await? == 2,
+            "the redelivered reading is not in telemetry; dead letters: {}",
+            c.count("SELECT count(*) FROM dead_letters").await?
+        );
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}
+
+/// Two readings with one key in one batch, the first refused by PostgreSQL (an operator's range
+/// check), the second valid: the second is dead-lettered as a "conflict" with a reading that was
+/// never stored, so telemetry has no reading for the key. In separate batches the valid one is
+/// stored. The in-batch verdict is made before the database has accepted the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_valid_reading_is_not_a_conflict_with_a_refused_one_in_the_same_batch() {
+    let mut c = Cluster::start().await.expect("servers");
+    c.extra_env.push(("BATCH_MAX_WAIT", "1s".to_string()));
+    let res = async {
+        c.spawn("node-a")?;
+        c.wait_leader().await?;
+        let db = c.pg.client().await?;
+        db.batch_execute(
+            "ALTER TABLE telemetry ADD CONSTRAINT v_in_range
+                 CHECK (NOT payload ? 'v' OR (payload->>'v')::numeric BETWEEN -1000 AND 1000)",
+        )
+        .await?;
+        let t = "devices/m1/telemetry";
+        publish_all(
+            c.mq.port,
+            vec![
+                msg(t, r#"{"ts":1700000000,"v":99999}"#),
+                msg(t, r#"{"ts":1700000000,"v":21.5}"#),
+            ],
+        )
+        .await?;
+        outcomes(&c, "node-a", 2).await?;
+        let reasons: Vec<String> = db
+            .query("SELECT reason FROM dead_letters ORDER BY id", &[])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        ensure!(
+            c.count("SELECT count(*) FROM telemetry").await? == 1,
+            "the valid reading is not stored; dead letters: {reasons:?}"
+        );
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}
