@@ -833,6 +833,7 @@ fn writer_config(pg: &Postgres, batch_rows: usize) -> WriterConfig {
         max_payload_bytes: MAX_PAYLOAD,
         decoder: Decoder::new(PATTERN, MAX_PAYLOAD),
         redelivery_window: leasehold_store::DEFAULT_REDELIVERY_WINDOW,
+        max_pending: 10_000,
         statement_timeout: Duration::from_secs(10),
     }
 }

@@ -418,8 +418,10 @@ fn byte_size(v: &str) -> Result<usize, String> {
     let (num, mult) = [
         ("kib", 1024),
         ("mib", 1024 * 1024),
+        ("gib", 1024 * 1024 * 1024),
         ("kb", 1000),
         ("mb", 1_000_000),
+        ("gb", 1_000_000_000),
         ("b", 1),
     ]
     .iter()
@@ -429,8 +431,13 @@ fn byte_size(v: &str) -> Result<usize, String> {
             .map(|n| (n.trim().to_string(), *m))
     })
     .unwrap_or((lower.clone(), 1));
-    let n = positive_int(&num)
-        .map_err(|_| "expected a size such as 262144, 256KiB or 1MiB".to_string())?;
+    let n = positive_int(&num).map_err(|e| {
+        if num.trim_start_matches('0').is_empty() && !num.is_empty() {
+            e
+        } else {
+            "expected a size such as 262144, 256KiB, 1MiB or 1GiB".to_string()
+        }
+    })?;
     n.checked_mul(mult).ok_or_else(|| "too large".to_string())
 }
 
@@ -676,7 +683,15 @@ impl Config {
             redelivery_window: s.parse(
                 "REDELIVERY_WINDOW",
                 Duration::from_secs(3600),
-                nonzero_duration,
+                |v| {
+                    nonzero_duration(v).and_then(|d| {
+                        if d <= Duration::from_secs(7 * 24 * 3600) {
+                            Ok(d)
+                        } else {
+                            Err("must be at most 7d (a broker keeps a session's in-flight messages no longer than its persistent_client_expiration)".into())
+                        }
+                    })
+                },
             )?,
             max_payload_bytes,
             max_pending: s.parse(

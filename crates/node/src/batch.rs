@@ -48,6 +48,18 @@ impl DbClock {
         }
     }
 
+    /// Reads the database's clock again (a node's monotonic clock drifts from it over a long
+    /// term), keeping receipt times strictly increasing.
+    pub fn remeasure(&mut self, db: DateTime<Utc>, local: Instant) {
+        self.db_micros = db.timestamp_micros();
+        self.local = local;
+    }
+
+    /// When the database's clock was last read, on the local clock.
+    pub fn measured_at(&self) -> Instant {
+        self.local
+    }
+
     pub fn at(&mut self, when: Instant) -> DateTime<Utc> {
         let offset = match when.checked_duration_since(self.local) {
             Some(after) => after.as_micros() as i64,
@@ -62,8 +74,14 @@ impl DbClock {
 /// A batch ready for the store.
 #[derive(Debug, Default)]
 pub struct Prepared {
+    /// Readings with keys unique in the batch: the first of each key by arrival.
     pub rows: Vec<Row>,
     pub dead: Vec<DeadLetter>,
+    /// Later readings of a key already in `rows`: `later[0]` holds each key's second reading,
+    /// `later[1]` its third, ... Each round is written after the previous one committed, so the
+    /// table itself settles duplicate or conflict against what was really stored (the first may
+    /// have been refused), with jsonb's own equality.
+    pub later: Vec<Vec<Row>>,
     /// Same key and payload as an earlier message of the batch.
     pub duplicates: u64,
     /// Redeliveries of an earlier message of the batch (DUP, same packet id and bytes).
@@ -82,9 +100,9 @@ pub fn prepare(
         rows: Vec::with_capacity(batch.len()),
         ..Prepared::default()
     };
-    // Hash of a reading's key -> positions in `out.rows` (compared in full on a hit), so the
-    // common case of unique keys costs no copy of the key.
-    let mut keys: HashMap<u64, Vec<usize>> = HashMap::with_capacity(batch.len());
+    // Hash of a reading's key -> (round, position) of the readings with that hash (compared in
+    // full on a hit), so the common case of unique keys costs no copy of the key.
+    let mut keys: HashMap<u64, Vec<(usize, usize)>> = HashMap::with_capacity(batch.len());
     let hasher = std::collections::hash_map::RandomState::new();
     // (topic, content hash, packet id) of timestamp-less readings and dead letters seen.
     let mut deliveries: HashSet<(String, String, u16)> = HashSet::new();
@@ -102,35 +120,7 @@ pub fn prepare(
                     deliveries.insert(delivery);
                 }
                 let h = hasher.hash_one((&reading.device_id, &m.topic, reading.ts));
-                let same_key = keys.get(&h).and_then(|at| {
-                    at.iter().copied().find(|&i| {
-                        let r = &out.rows[i];
-                        r.ts == reading.ts && r.device_id == reading.device_id && r.topic == m.topic
-                    })
-                });
-                if let Some(first) = same_key {
-                    if same_payload(&out.rows[first].payload, &reading.payload) {
-                        out.duplicates += 1;
-                    } else {
-                        out.dead.push(DeadLetter {
-                            idx,
-                            topic: m.topic.clone(),
-                            payload: reading.payload.into_bytes(),
-                            size: m.payload.len(),
-                            reason: "conflict",
-                            error: format!(
-                                "conflict: a different reading for device_id {}, topic {}, ts {} came earlier in the same batch; this one was not stored",
-                                reading.device_id, m.topic, reading.ts.to_rfc3339()
-                            ),
-                            received_at,
-                            pkid,
-                            dup: m.dup,
-                        });
-                    }
-                    continue;
-                }
-                keys.entry(h).or_default().push(out.rows.len());
-                out.rows.push(Row {
+                let row = Row {
                     idx,
                     device_id: reading.device_id,
                     topic: m.topic.clone(),
@@ -140,7 +130,33 @@ pub fn prepare(
                     content_hash: reading.content_hash,
                     pkid,
                     dup: m.dup,
-                });
+                };
+                // How many readings of this key came earlier in the batch (compared in full on a
+                // hash hit).
+                let at = keys.entry(h).or_default();
+                let round = at
+                    .iter()
+                    .filter(|&&(r, i)| {
+                        let other = if r == 0 {
+                            &out.rows[i]
+                        } else {
+                            &out.later[r - 1][i]
+                        };
+                        other.ts == row.ts
+                            && other.device_id == row.device_id
+                            && other.topic == row.topic
+                    })
+                    .count();
+                if round == 0 {
+                    at.push((0, out.rows.len()));
+                    out.rows.push(row);
+                } else {
+                    if out.later.len() < round {
+                        out.later.resize_with(round, Vec::new);
+                    }
+                    at.push((round, out.later[round - 1].len()));
+                    out.later[round - 1].push(row);
+                }
             }
             Err(e) => {
                 let held = &m.payload[..m.payload.len().min(max_payload_bytes)];
@@ -166,13 +182,6 @@ pub fn prepare(
         }
     }
     out
-}
-
-/// The same reading: the same bytes, or the same JSON value as `jsonb` compares them (key order,
-/// whitespace and number spelling aside; numbers exactly, not as f64), so that a batch settles a
-/// duplicate or a conflict as the table does.
-fn same_payload(a: &str, b: &str) -> bool {
-    a == b || leasehold_decode::jsonb::same_json(a, b)
 }
 
 /// A reading PostgreSQL refused, as the dead letter that replaces it.
@@ -272,18 +281,19 @@ mod tests {
     }
 
     #[test]
-    fn same_key_same_payload_is_a_duplicate_different_payload_a_conflict() {
+    fn later_readings_of_a_key_wait_for_a_later_round() {
         let t = Instant::now();
         let p = run(&[
             msg("devices/m/t", r#"{"ts":1700000000,"v":1}"#, 1, false, t),
             msg("devices/m/t", r#"{"v":1, "ts":1700000000}"#, 2, false, t),
             msg("devices/m/t", r#"{"ts":1700000000,"v":2}"#, 3, false, t),
+            msg("devices/m/u", r#"{"ts":1700000000,"v":2}"#, 4, false, t),
         ]);
-        assert_eq!(p.rows.len(), 1);
-        assert_eq!(p.duplicates, 1);
-        assert_eq!(p.dead.len(), 1);
-        assert_eq!(p.dead[0].reason, "conflict");
-        assert_eq!(p.dead[0].idx, 2);
+        assert_eq!(p.rows.len(), 2, "the first of each key");
+        assert_eq!(p.later.len(), 2);
+        assert_eq!(p.later[0][0].idx, 1);
+        assert_eq!(p.later[1][0].idx, 2);
+        assert!(p.dead.is_empty());
     }
 
     #[test]

@@ -146,6 +146,7 @@ impl Supervisor {
                 max_payload_bytes: cfg.max_payload_bytes,
                 decoder: Decoder::new(&cfg.device_topic_pattern, cfg.max_payload_bytes),
                 redelivery_window: cfg.redelivery_window,
+                max_pending: cfg.max_pending,
                 // A backstop only: the lease deadline cancels a hung write (on the server too)
                 // long before this.
                 statement_timeout: cfg.lease.ttl,

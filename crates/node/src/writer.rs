@@ -36,6 +36,8 @@ pub struct WriterConfig {
     pub max_payload_bytes: usize,
     pub decoder: Decoder,
     pub redelivery_window: Duration,
+    /// `MAX_PENDING`: how many messages a redelivery's first copy may precede it by.
+    pub max_pending: usize,
     /// Server-side bound on a batch statement (a backstop: a cancelled write is also
     /// cancelled on the server).
     pub statement_timeout: Duration,
@@ -47,6 +49,9 @@ pub struct Writer {
     pub rx: mpsc::Receiver<Inbound>,
     pub acker: Acker,
 }
+
+/// How often the writer reads the database's clock again.
+const CLOCK_EVERY: Duration = Duration::from_secs(60);
 
 /// One statement's worth of a batch. Split in halves while a row error is being isolated.
 #[derive(Debug, Default)]
@@ -105,9 +110,17 @@ impl Writer {
             let Some(batch) = self.gather(&cancel).await else {
                 return Ok(());
             };
-            // Receipt times are placed on the database's clock, measured once per term.
+            // Receipt times are placed on the database's clock, read at the start of the term
+            // and again every minute (a batch is prepared once, so its retries keep its times).
             let clock = loop {
                 if let Some(c) = clock.as_mut() {
+                    if c.measured_at().elapsed() >= CLOCK_EVERY {
+                        if let Some(w) = conn.as_ref().filter(|w| !w.is_closed()) {
+                            if let Ok((db, local)) = w.clock().await {
+                                c.remeasure(db, local);
+                            }
+                        }
+                    }
                     break c;
                 }
                 let measured = tokio::select! {
@@ -164,10 +177,31 @@ impl Writer {
             duplicates: prepared.duplicates + prepared.redelivered,
             ..Tally::default()
         };
-        let mut work = VecDeque::from([Part {
+        let mut rounds = vec![Part {
             rows: prepared.rows,
             dead: prepared.dead,
-        }]);
+        }];
+        rounds.extend(prepared.later.into_iter().map(|rows| Part {
+            rows,
+            dead: Vec::new(),
+        }));
+        for round in rounds {
+            self.commit_part(conn, round, &mut tally, cancel, retry)
+                .await?;
+        }
+        Ok(tally)
+    }
+
+    /// Commits one part whose reading keys are unique, halving it around row errors.
+    async fn commit_part(
+        &self,
+        conn: &mut Option<BatchWriter>,
+        part: Part,
+        tally: &mut Tally,
+        cancel: &CancellationToken,
+        retry: &mut Backoff,
+    ) -> Result<(), Stop> {
+        let mut work = VecDeque::from([part]);
         while let Some(part) = work.pop_front() {
             if part.len() == 0 {
                 continue;
@@ -257,7 +291,7 @@ impl Writer {
                 }
             }
         }
-        Ok(tally)
+        Ok(())
     }
 
     /// The writer's connection, made when there is none or it closed.
@@ -273,7 +307,8 @@ impl Writer {
                     self.cfg.statement_timeout,
                     self.cfg.redelivery_window,
                 )
-                .await?,
+                .await?
+                .with_redelivery_span(self.cfg.max_pending + 2048),
             );
         }
         conn.as_mut()
@@ -321,8 +356,10 @@ impl Backoff {
     async fn wait(&mut self, e: &StoreError, cancel: &CancellationToken) -> bool {
         self.attempt += 1;
         let wait = self.next.mul_f64(0.5 + fastrand::f64() * 0.5);
+        // The database's own words (message, SQLSTATE): "db error" alone tells an operator
+        // nothing about a revoked grant or a trigger refusing a dead letter.
         events::WriteFailed {
-            error: e,
+            error: &e.database_text(),
             kind: e.kind(),
             attempt: self.attempt,
             retry_in_ms: wait.as_millis(),

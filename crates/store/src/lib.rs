@@ -314,6 +314,9 @@ pub struct BatchOutcome {
     pub redelivered: Vec<usize>,
 }
 
+/// Default of [`BatchWriter::with_redelivery_span`]: the default `MAX_PENDING` plus headroom.
+pub const DEFAULT_REDELIVERY_SPAN: i64 = 12_048;
+
 /// How far back a redelivery's first copy is looked for (see `docs/guarantees.md`).
 pub const DEFAULT_REDELIVERY_WINDOW: Duration = Duration::from_secs(3600);
 
@@ -325,7 +328,10 @@ pub const DEFAULT_REDELIVERY_WINDOW: Duration = Duration::from_secs(3600);
 ///    progress and then re-checks the new row version: a stale writer commits before a takeover or
 ///    not at all. Every insert below is conditional on it.
 /// 2. `again`: timestamp-less readings delivered with the DUP flag whose first copy (same device,
-///    topic, bytes and packet id, received within the redelivery window) is stored: skipped.
+///    topic, bytes and packet id) is stored: skipped. The first copy is looked for only after
+///    `floor`: within the redelivery window and among the last `redelivery_span` readings stored
+///    before the redelivery — the broker reuses a packet id after 65,535 deliveries, so an older
+///    copy with the same id is another publish, not this one.
 /// 3. `ins`: the readings, `ON CONFLICT DO NOTHING`; the caller sends each key once.
 /// 4. `clash`: readings not inserted, against the row that holds their key (the statement's
 ///    snapshot does not see `ins`, so that row was there before): the same payload is a
@@ -346,11 +352,25 @@ pub const BATCH_SQL: &str = "WITH fence AS (
         SELECT * FROM unnest($6::int[], $7::text[], $8::text[], $9::timestamptz[], $10::text[],
                              $11::timestamptz[], $12::text[], $13::int[], $14::bool[])
              AS u(i, d, tp, t, p, rcv, h, k, dup)),
+    dl AS MATERIALIZED (
+        SELECT * FROM unnest($15::int[], $16::text[], $17::bytea[], $18::int[], $19::text[], $20::text[],
+                             $21::timestamptz[], $22::text[], $23::int[], $24::bool[])
+             AS u(i, tp, p, sz, reason, e, rcv, h, k, dup)),
+    floor AS MATERIALIZED (
+        SELECT CASE WHEN EXISTS (SELECT 1 FROM r WHERE r.dup) OR EXISTS (SELECT 1 FROM dl WHERE dl.dup)
+            THEN greatest(
+                (SELECT min(u.rcv) FROM (SELECT rcv FROM r WHERE dup UNION ALL SELECT rcv FROM dl WHERE dup) u)
+                    - $5::interval,
+                coalesce((SELECT x.received_at FROM telemetry x
+                          WHERE x.received_at < (SELECT min(u.rcv) FROM (SELECT rcv FROM r WHERE dup
+                                                 UNION ALL SELECT rcv FROM dl WHERE dup) u)
+                          ORDER BY x.received_at DESC OFFSET $25 LIMIT 1), '-infinity'::timestamptz))
+            END AS f),
     again AS MATERIALIZED (
         SELECT r.i FROM r
         WHERE r.dup AND r.h IS NOT NULL AND EXISTS (
             SELECT 1 FROM telemetry x
-            WHERE x.device_id = r.d AND x.topic = r.tp AND x.ts >= r.rcv - $5::interval
+            WHERE x.device_id = r.d AND x.topic = r.tp AND x.ts > (SELECT f FROM floor)
               AND x.ts < r.rcv AND x.content_hash = r.h AND x.mqtt_pkid = r.k)),
     ins AS (
         INSERT INTO telemetry (device_id, topic, ts, payload, received_at, written_by, lease_epoch,
@@ -374,17 +394,13 @@ pub const BATCH_SQL: &str = "WITH fence AS (
         WHERE NOT c.same AND c.dup AND EXISTS (
             SELECT 1 FROM dead_letters y
             WHERE y.content_hash = c.hh AND y.mqtt_pkid = c.k
-              AND y.received_at >= c.rcv - $5::interval AND y.received_at < c.rcv)),
-    dl AS MATERIALIZED (
-        SELECT * FROM unnest($15::int[], $16::text[], $17::bytea[], $18::int[], $19::text[], $20::text[],
-                             $21::timestamptz[], $22::text[], $23::int[], $24::bool[])
-             AS u(i, tp, p, sz, reason, e, rcv, h, k, dup)),
+              AND y.received_at > (SELECT f FROM floor) AND y.received_at < c.rcv)),
     dl_again AS MATERIALIZED (
         SELECT dl.i FROM dl
         WHERE dl.dup AND EXISTS (
             SELECT 1 FROM dead_letters y
             WHERE y.content_hash = dl.h AND y.mqtt_pkid = dl.k
-              AND y.received_at >= dl.rcv - $5::interval AND y.received_at < dl.rcv)),
+              AND y.received_at > (SELECT f FROM floor) AND y.received_at < dl.rcv)),
     dead AS (
         INSERT INTO dead_letters (topic, payload, size, reason, error, received_at, written_by,
                                   lease_epoch, content_hash, mqtt_pkid, possible_duplicate)
@@ -421,6 +437,7 @@ pub struct BatchWriter {
     stmt: Statement,
     written_by: String,
     redelivery_window: Duration,
+    redelivery_span: i64,
     cancel: CancelHandle,
 }
 
@@ -471,8 +488,17 @@ impl BatchWriter {
             stmt,
             written_by,
             redelivery_window,
+            redelivery_span: DEFAULT_REDELIVERY_SPAN,
             cancel,
         })
+    }
+
+    /// How many stored readings before a redelivery its first copy may lie: at least the
+    /// messages a leader holds unacknowledged (`MAX_PENDING`) plus the broker's in-flight window,
+    /// and well under the 65,535 deliveries after which the broker reuses a packet id.
+    pub fn with_redelivery_span(mut self, readings: usize) -> Self {
+        self.redelivery_span = readings.min(60_000) as i64;
+        self
     }
 
     /// Whether the connection is gone (the caller reconnects).
@@ -576,6 +602,7 @@ impl BatchWriter {
                     &dh,
                     &dk,
                     &ddup,
+                    &self.redelivery_span,
                 ],
             )
             .await?;
