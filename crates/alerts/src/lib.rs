@@ -327,7 +327,7 @@ pub async fn recent(
         .collect())
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AlertsConfig {
     pub instance_id: String,
     pub lease_name: String,
@@ -337,6 +337,27 @@ pub struct AlertsConfig {
     /// Nodes seen within this are alive.
     pub alive_within: Duration,
     pub webhook_url: Option<String>,
+}
+
+/// The webhook URL is a secret (Slack's token is its path).
+impl std::fmt::Debug for AlertsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlertsConfig")
+            .field("instance_id", &self.instance_id)
+            .field("lease_name", &self.lease_name)
+            .field("cluster_name", &self.cluster_name)
+            .field("thresholds", &self.thresholds)
+            .field("check_interval", &self.check_interval)
+            .field("alive_within", &self.alive_within)
+            .field(
+                "webhook_url",
+                &self
+                    .webhook_url
+                    .as_deref()
+                    .map(leasehold_config::redact_url),
+            )
+            .finish()
+    }
 }
 
 /// Runs evaluations on a timer; [`AlertsHandle`] runs one now.

@@ -8,7 +8,12 @@
 //! # Layout
 //! - [`Sources`]: the raw layers.
 //! - [`Config`]: the parsed, validated result; [`Config::load`] is the only constructor.
-//! - [`redact_url`]: strips passwords before anything is logged or served.
+//! - [`redact`] / [`redact_url`]: strip every secret a URL or connection string can carry before
+//!   anything is logged, served or printed.
+
+mod redact;
+
+pub use redact::{is_secret_name, redact, redact_url, LIBPQ_KEYWORDS, MASK};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -95,9 +100,22 @@ impl fmt::Display for Origin {
 }
 
 /// The raw layers before parsing.
-#[derive(Debug, Default, Clone)]
+#[derive(Default, Clone)]
 pub struct Sources {
     values: BTreeMap<String, (String, Origin)>,
+}
+
+/// Raw values hold the secrets in clear: shown only as [`shown_value`] shows them.
+impl fmt::Debug for Sources {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(
+                self.values
+                    .iter()
+                    .map(|(k, (v, o))| (k, (shown_value(k, v), o))),
+            )
+            .finish()
+    }
 }
 
 impl Sources {
@@ -120,7 +138,7 @@ impl Sources {
             let key = k.to_uppercase().replace('-', "_");
             if !KEYS.contains(&key.as_str()) {
                 return Err(ConfigError::Unknown {
-                    key: k,
+                    key: redact(&k),
                     origin: Origin::Flag,
                 });
             }
@@ -183,11 +201,7 @@ impl Sources {
             None => Ok(default),
             Some((v, origin)) => f(v).map_err(|reason| ConfigError::Invalid {
                 key: key.into(),
-                value: if is_secret(key) {
-                    "***".into()
-                } else {
-                    v.into()
-                },
+                value: shown_value(key, v),
                 origin: origin.clone(),
                 reason,
             }),
@@ -199,8 +213,14 @@ impl Sources {
     }
 }
 
-fn is_secret(key: &str) -> bool {
-    matches!(key, "MQTT_PASSWORD" | "DATABASE_URL" | "ALERT_WEBHOOK_URL")
+/// A raw setting as errors and `Debug` may show it: a secret setting masked whole, a URL setting
+/// redacted, anything else redacted as text (a URL pasted into the wrong setting included).
+fn shown_value(key: &str, v: &str) -> String {
+    match key {
+        "DATABASE_URL" | "MQTT_URL" | "ALERT_WEBHOOK_URL" => redact_url(v),
+        k if is_secret_name(k) => MASK.into(),
+        _ => redact(v),
+    }
 }
 
 /// What the node does with MQTT (names kept from the system Leasehold replaces).
@@ -371,7 +391,7 @@ impl fmt::Debug for Config {
             .field("http_addr", &self.http_addr)
             .field(
                 "alert_webhook_url",
-                &self.alert_webhook_url.as_ref().map(|_| "***"),
+                &self.alert_webhook_url.as_deref().map(redact_url),
             )
             .finish_non_exhaustive()
     }
@@ -421,27 +441,6 @@ fn byte_size(v: &str) -> Result<usize, String> {
     let n = positive_int(&num)
         .map_err(|_| "expected a size such as 262144, 256KiB or 1MiB".to_string())?;
     n.checked_mul(mult).ok_or_else(|| "too large".to_string())
-}
-
-/// Replaces the password of a URL with `***`.
-pub fn redact_url(url: &str) -> String {
-    // scheme://user:password@host...  or key=value connection strings.
-    if let Some((scheme, rest)) = url.split_once("://") {
-        if let Some((userinfo, host)) = rest.split_once('@') {
-            let user = userinfo.split(':').next().unwrap_or("");
-            if userinfo.contains(':') {
-                return format!("{scheme}://{user}:***@{host}");
-            }
-        }
-        return url.to_string();
-    }
-    url.split_whitespace()
-        .map(|kv| match kv.split_once('=') {
-            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-            _ => kv.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 fn mqtt_endpoint(s: &Sources) -> Result<MqttEndpoint, ConfigError> {
@@ -826,10 +825,81 @@ mod tests {
         );
         assert_eq!(c.mqtt.port, 1884);
         assert_eq!(c.mqtt.password.as_deref(), Some("s3cret"));
-        assert_eq!(
-            redact_url("host=db password=x user=u"),
-            "host=db password=*** user=u"
-        );
+    }
+
+    /// Every form a secret can take in the settings, through every way a setting is shown:
+    /// `Debug` of the configuration and of the raw layers, and each configuration error.
+    #[test]
+    fn no_form_of_a_secret_is_shown() {
+        let env = [
+            (
+                "DATABASE_URL",
+                "postgres://u:pw-userinfo@db/x?password=pw-query&sslpassword=pw-ssl",
+            ),
+            ("MQTT_URL", "mqtt://dev:pw-mqtt-url@broker:1884"),
+            ("MQTT_PASSWORD", "pw-mqtt-env"),
+            (
+                "ALERT_WEBHOOK_URL",
+                "https://hooks.slack.com/services/T0/B0/pw-webhook",
+            ),
+        ];
+        let secrets = [
+            "pw-userinfo",
+            "pw-query",
+            "pw-ssl",
+            "pw-mqtt-url",
+            "pw-mqtt-env",
+            "pw-webhook",
+            "pw-kv",
+            "with spaces",
+        ];
+        let check = |shown: &str| {
+            for s in secrets {
+                assert!(!shown.contains(s), "{s:?} shown in {shown}");
+            }
+        };
+        let c = load(&env).expect("load");
+        let shown = format!("{c:?}");
+        check(&shown);
+        assert!(shown.contains("hooks.slack.com"), "{shown}");
+        assert!(shown.contains("db/x?password=***"), "{shown}");
+        let sources = Sources::gather(
+            None,
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+            vec![(
+                "database-url".into(),
+                "host=db password='pw-kv with spaces'".into(),
+            )],
+        )
+        .expect("gather");
+        check(&format!("{sources:?}"));
+        let c = Config::load(&sources).expect("load");
+        check(&format!("{c:?}"));
+
+        // Errors: a bad URL, a secret pasted into another setting, an unknown flag holding a URL.
+        let errors = [
+            load(&[("MQTT_URL", "mqtt://dev:pw-mqtt-url@broker:port")]),
+            load(&[("MQTT_URL", "http://dev:pw-mqtt-url@broker")]),
+            load(&[
+                ("LEASE_NAME", "x"),
+                ("MQTT_PORT", "postgres://u:pw-userinfo@h"),
+            ]),
+            load(&[("MQTT_KEEP_ALIVE", "password=pw-kv")]),
+            Sources::gather(
+                None,
+                Vec::new(),
+                vec![(
+                    "postgres://u:pw-userinfo@h/db?password".into(),
+                    "pw-query".into(),
+                )],
+            )
+            .and_then(|s| Config::load(&s)),
+        ];
+        for e in errors {
+            let e = e.expect_err("refused").to_string();
+            check(&e);
+            assert!(!e.contains('\n'), "{e}");
+        }
     }
 
     #[test]

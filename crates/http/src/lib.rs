@@ -15,6 +15,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use leasehold_config::redact;
 use leasehold_lease::{LeaseHandle, Role};
 use leasehold_store::Pool;
 use leasehold_telemetry::metrics;
@@ -125,7 +126,7 @@ async fn db_probe(s: &HttpState) -> Value {
     .await;
     match res {
         Ok(Ok(())) => json!({"reachable": true, "latency_ms": start.elapsed().as_secs_f64() * 1e3}),
-        Ok(Err(e)) => json!({"reachable": false, "error": e.to_string()}),
+        Ok(Err(e)) => json!({"reachable": false, "error": redact(&e.to_string())}),
         Err(_) => json!({"reachable": false, "error": "timed out after 2s"}),
     }
 }
@@ -226,7 +227,7 @@ async fn lease(State(s): State<HttpState>) -> Response {
                 });
             }
             Ok(Ok(None)) => view["database"] = json!(null),
-            Ok(Err(e)) => view["database_error"] = json!(e.to_string()),
+            Ok(Err(e)) => view["database_error"] = json!(redact(&e.to_string())),
             Err(_) => view["database_error"] = json!("timed out after 2s"),
         }
     }
@@ -246,11 +247,12 @@ async fn database(State(s): State<HttpState>) -> Response {
     (code(ok), Json(db)).into_response()
 }
 
-/// A 503 with the reason: the endpoint could not get its answer.
+/// A 503 with the reason: the endpoint could not get its answer. The reason is redacted: it is
+/// a driver's error text, and the answer goes to anyone who can reach the port.
 fn unavailable(error: impl std::fmt::Display) -> Response {
     (
         StatusCode::SERVICE_UNAVAILABLE,
-        Json(json!({"error": error.to_string()})),
+        Json(json!({"error": redact(&error.to_string())})),
     )
         .into_response()
 }

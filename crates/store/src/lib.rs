@@ -64,7 +64,7 @@ pub fn pg_config(
     let tls = tls::MakeRustls::new(tls.client_config()?);
     let mut cfg: tokio_postgres::Config = url
         .parse()
-        .map_err(|e: tokio_postgres::Error| StoreError::Url(e.to_string()))?;
+        .map_err(|e: tokio_postgres::Error| tls::parse_error(&e))?;
     if cfg.get_connect_timeout().is_none() {
         cfg.connect_timeout(Duration::from_secs(5));
     }
