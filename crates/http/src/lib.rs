@@ -319,27 +319,52 @@ async fn recent_data(State(s): State<HttpState>) -> Response {
     (code(status != "critical"), Json(body)).into_response()
 }
 
+/// Recent alerts, on the shared pool: reading them is the same on every node, observers too.
 async fn alerts(State(s): State<HttpState>) -> Response {
-    let Some(h) = s.alerts.clone() else {
-        return unavailable("no database configured");
-    };
-    match tokio::time::timeout(Duration::from_secs(5), h.recent(50)).await {
-        Ok(Ok(rows)) => {
+    let res = with_db(&s, |c| async move {
+        leasehold_alerts::recent(&**c, 50)
+            .await
+            .map_err(|e| e.to_string())
+    })
+    .await;
+    match res {
+        Ok(rows) => {
             let open: Vec<_> = rows.iter().filter(|r| r.resolved_at.is_none()).collect();
             Json(json!({"open": open, "recent": rows})).into_response()
         }
-        Ok(Err(e)) => unavailable(e),
-        Err(_) => unavailable("database did not answer within 5s"),
+        Err(r) => r,
     }
 }
 
-/// Evaluates now; answers with what was found and what changed.
+/// Evaluates now; answers with what was found and what changed (`fresh` false: the result of an
+/// evaluation within the last second, which stands for a new one). Rate-limited by the
+/// evaluator: 429 with `Retry-After` while one runs and none is that recent. An observer answers
+/// 409: it does not evaluate.
 async fn alerts_check(State(s): State<HttpState>) -> Response {
+    use leasehold_alerts::AlertError;
     let Some(h) = s.alerts.clone() else {
         return unavailable("no database configured");
     };
     match h.check().await {
-        Ok(report) => Json(json!(report)).into_response(),
+        Ok(c) => {
+            let mut body = json!(c.report);
+            body["fresh"] = json!(c.fresh);
+            Json(body).into_response()
+        }
+        Err(e @ AlertError::NotEvaluating) => (
+            StatusCode::CONFLICT,
+            Json(json!({"error": e.to_string(), "evaluates": false, "mode": s.mode})),
+        )
+            .into_response(),
+        Err(e @ AlertError::Busy { retry_after }) => {
+            let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, secs.to_string())],
+                Json(json!({"error": e.to_string(), "retry_after_seconds": secs})),
+            )
+                .into_response()
+        }
         Err(e) => unavailable(e),
     }
 }

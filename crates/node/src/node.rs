@@ -133,9 +133,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         }
     }
 
-    if let Some(pool) = &pool {
+    if let Some(u) = &url {
+        // Its own connection: no burst of HTTP requests can delay the node's sign of life.
         tracker.spawn(heartbeat(
-            pool.clone(),
+            leasehold_store::pool(u, "leasehold-heartbeat", 1)?,
             holder_id.clone(),
             cfg.instance_id.clone(),
             cfg.mode,
@@ -145,15 +146,20 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         ));
     }
 
-    let alerts = pool.as_ref().map(|pool| {
-        let ev = leasehold_alerts::Evaluator::new(alerts_config(&cfg), pool.clone());
-        let handle = ev.handle();
-        let token = root.clone();
-        tracker.spawn(async move {
-            let _ = ev.run(token).await;
-        });
-        handle
-    });
+    let alerts = match &url {
+        Some(u) => {
+            // Its own connection: a slow or flooded evaluation never holds one heartbeats need.
+            let pool = leasehold_store::pool(u, "leasehold-alerts", 1)?;
+            let ev = leasehold_alerts::Evaluator::new(alerts_config(&cfg), pool);
+            let handle = ev.handle();
+            let token = root.clone();
+            tracker.spawn(async move {
+                let _ = ev.run(token).await;
+            });
+            Some(handle)
+        }
+        None => None,
+    };
 
     let state = leasehold_http::HttpState {
         instance_id: cfg.instance_id.clone(),
@@ -227,6 +233,9 @@ fn alerts_config(cfg: &Config) -> leasehold_alerts::AlertsConfig {
         check_interval: cfg.alert_check_interval,
         alive_within: ALIVE_WITHIN,
         webhook_url: cfg.alert_webhook_url.clone(),
+        // Every production node evaluates (a leader cannot report its own death); so does a
+        // `disabled` node (a watcher). An observer is a developer's: never (SPEC §13).
+        evaluates: cfg.mode != Mode::Development,
     }
 }
 
