@@ -56,6 +56,11 @@ pub const KEYS: &[&str] = &[
     "ALERT_CHECK_INTERVAL",
     "ALERT_GRACE",
     "ALERT_WINDOW",
+    "DEAD_LETTER_RETENTION",
+    "ALERT_RETENTION",
+    "LEASE_HISTORY_RETENTION",
+    "CLUSTER_NODE_RETENTION",
+    "RETENTION_INTERVAL",
     "LOG_FORMAT",
     "LOG_LEVEL",
 ];
@@ -366,6 +371,7 @@ pub struct Config {
     pub alert_grace: Duration,
     /// Event-like alerts count what happened within this window.
     pub alert_window: Duration,
+    pub retention: Retention,
     pub log_format: LogFormat,
     pub log_level: String,
 }
@@ -393,6 +399,7 @@ impl fmt::Debug for Config {
                 "alert_webhook_url",
                 &self.alert_webhook_url.as_deref().map(redact_url),
             )
+            .field("retention", &self.retention)
             .finish_non_exhaustive()
     }
 }
@@ -546,6 +553,51 @@ fn mqtt_endpoint(s: &Sources) -> Result<MqttEndpoint, ConfigError> {
     Ok(ep)
 }
 
+/// How long the tables a node fills for operations keep their rows (SPEC G5). Production nodes
+/// delete older rows every `interval`, in small batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub dead_letters: Duration,
+    /// Resolved alerts only: an open alert is kept however old it is.
+    pub alerts: Duration,
+    pub lease_history: Duration,
+    pub cluster_nodes: Duration,
+    pub interval: Duration,
+}
+
+/// Retention shorter than this would make the tables useless for looking back at an incident.
+const MIN_RETENTION: Duration = Duration::from_secs(3600);
+
+fn retention(s: &Sources, alert_window: Duration) -> Result<Retention, ConfigError> {
+    const DAY: u64 = 24 * 3600;
+    let keep = |key: &str, default_days: u64, judged_in_window: bool| {
+        s.parse(key, Duration::from_secs(default_days * DAY), |v| {
+            let d = duration(v)?;
+            if d < MIN_RETENTION {
+                return Err(format!("must be at least {}", fmt_dur(MIN_RETENTION)));
+            }
+            if judged_in_window && d < alert_window {
+                return Err(format!(
+                    "must be at least ALERT_WINDOW ({}): alerts count these rows within it",
+                    fmt_dur(alert_window)
+                ));
+            }
+            Ok(d)
+        })
+    };
+    Ok(Retention {
+        dead_letters: keep("DEAD_LETTER_RETENTION", 30, true)?,
+        alerts: keep("ALERT_RETENTION", 90, false)?,
+        lease_history: keep("LEASE_HISTORY_RETENTION", 90, true)?,
+        cluster_nodes: keep("CLUSTER_NODE_RETENTION", 7, false)?,
+        interval: s.parse(
+            "RETENTION_INTERVAL",
+            Duration::from_secs(3600),
+            nonzero_duration,
+        )?,
+    })
+}
+
 impl Config {
     /// Parses and validates the merged layers.
     pub fn load(s: &Sources) -> Result<Config, ConfigError> {
@@ -632,6 +684,7 @@ impl Config {
                 ),
             });
         }
+        let alert_window = s.parse("ALERT_WINDOW", Duration::from_secs(600), nonzero_duration)?;
         let cfg = Config {
             mqtt_client_id: s
                 .string("MQTT_CLIENT_ID")
@@ -681,7 +734,8 @@ impl Config {
                 nonzero_duration,
             )?,
             alert_grace: s.parse("ALERT_GRACE", Duration::from_secs(30), duration)?,
-            alert_window: s.parse("ALERT_WINDOW", Duration::from_secs(600), nonzero_duration)?,
+            alert_window,
+            retention: retention(s, alert_window)?,
             log_format: s.parse("LOG_FORMAT", LogFormat::Pretty, |v| {
                 match v.to_ascii_lowercase().as_str() {
                     "json" => Ok(LogFormat::Json),
@@ -899,6 +953,72 @@ mod tests {
             let e = e.expect_err("refused").to_string();
             check(&e);
             assert!(!e.contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
+    fn retention_defaults_and_one_line_errors() {
+        let c = load(&[]).expect("defaults");
+        let day = Duration::from_secs(24 * 3600);
+        assert_eq!(
+            c.retention,
+            Retention {
+                dead_letters: 30 * day,
+                alerts: 90 * day,
+                lease_history: 90 * day,
+                cluster_nodes: 7 * day,
+                interval: Duration::from_secs(3600),
+            }
+        );
+        let c = load(&[
+            ("DEAD_LETTER_RETENTION", "2w"),
+            ("RETENTION_INTERVAL", "10m"),
+        ])
+        .expect("valid");
+        assert_eq!(c.retention.dead_letters, 14 * day);
+        assert_eq!(c.retention.interval, Duration::from_secs(600));
+        for (env, setting, says) in [
+            (
+                vec![("DEAD_LETTER_RETENTION", "thirty days")],
+                "DEAD_LETTER_RETENTION",
+                "duration",
+            ),
+            (
+                vec![("ALERT_RETENTION", "5m")],
+                "ALERT_RETENTION",
+                "at least 1h",
+            ),
+            (
+                vec![("LEASE_HISTORY_RETENTION", "0s")],
+                "LEASE_HISTORY_RETENTION",
+                "at least 1h",
+            ),
+            (
+                vec![("CLUSTER_NODE_RETENTION", "-1d")],
+                "CLUSTER_NODE_RETENTION",
+                "duration",
+            ),
+            (
+                vec![("RETENTION_INTERVAL", "0s")],
+                "RETENTION_INTERVAL",
+                "greater than 0",
+            ),
+            (
+                vec![("ALERT_WINDOW", "3h"), ("DEAD_LETTER_RETENTION", "2h")],
+                "DEAD_LETTER_RETENTION",
+                "ALERT_WINDOW",
+            ),
+            (
+                vec![("ALERT_WINDOW", "3h"), ("LEASE_HISTORY_RETENTION", "2h")],
+                "LEASE_HISTORY_RETENTION",
+                "ALERT_WINDOW",
+            ),
+        ] {
+            let e = load(&env).expect_err("refused").to_string();
+            assert!(
+                e.contains(setting) && e.contains(says) && !e.contains('\n'),
+                "{env:?}: {e}"
+            );
         }
     }
 

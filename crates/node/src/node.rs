@@ -160,6 +160,14 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         }
         None => None,
     };
+    if let (Some(u), Mode::Production) = (&url, cfg.mode) {
+        tracker.spawn(leasehold_store::retention::run(
+            u.clone(),
+            retention_policy(&cfg),
+            cfg.retention.interval,
+            root.clone(),
+        ));
+    }
 
     let state = leasehold_http::HttpState {
         instance_id: cfg.instance_id.clone(),
@@ -237,6 +245,17 @@ fn alerts_config(cfg: &Config) -> leasehold_alerts::AlertsConfig {
         // `disabled` node (a watcher). An observer is a developer's: never (SPEC §13).
         evaluates: cfg.mode != Mode::Development,
     }
+}
+
+fn retention_policy(cfg: &Config) -> Vec<(leasehold_store::retention::Table, Duration)> {
+    use leasehold_store::retention::Table;
+    let r = &cfg.retention;
+    vec![
+        (Table::DeadLetters, r.dead_letters),
+        (Table::Alerts, r.alerts),
+        (Table::LeaseHistory, r.lease_history),
+        (Table::ClusterNodes, r.cluster_nodes),
+    ]
 }
 
 async fn migrate_with_retry(url: &str, shutdown: &CancellationToken) -> anyhow::Result<()> {
@@ -339,9 +358,6 @@ async fn heartbeat(
     // node can judge the session-lost and client-id alerts from this table.
     let m = metrics();
     let mut seen = (m.mqtt_session_lost.get(), m.mqtt_client_id_conflicts.get());
-    // Roughly hourly; also on the first beat.
-    const PRUNE_EVERY: u64 = 1800;
-    let mut beats: u64 = 0;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -373,9 +389,6 @@ async fn heartbeat(
                 },
             )
             .await?;
-            if beats.is_multiple_of(PRUNE_EVERY) {
-                queries::prune_cluster_nodes(&**c).await?;
-            }
             let alive =
                 queries::cluster_nodes(&**c, ALIVE_WITHIN.as_millis() as i64, false).await?;
             let age = queries::newest_data_age(&**c).await?;
@@ -384,7 +397,6 @@ async fn heartbeat(
         match tokio::time::timeout(HEARTBEAT_EVERY, work).await {
             Ok(Ok((alive, age))) => {
                 seen = now;
-                beats += 1;
                 m.cluster_nodes_alive.set(alive as i64);
                 m.data_age.set(age.unwrap_or(-1.0));
             }

@@ -5,9 +5,11 @@
 //! - [`migrate`]: applies `migrations/` under an advisory lock, so nodes starting together do not race.
 //! - [`BatchWriter`]: one transaction per batch, fencing check first, set-based inserts.
 //! - [`queries`]: small reads and writes for status, heartbeats and topics.
+//! - [`retention`]: batched pruning of the operational tables.
 
 pub mod listener;
 pub mod queries;
+pub mod retention;
 pub mod tls;
 
 use std::time::Duration;
