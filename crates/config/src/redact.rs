@@ -240,16 +240,12 @@ fn redact_pairs(text: &str, whole: bool) -> String {
             continue;
         }
         let name_end = i + bytes[i..].iter().take_while(|b| is_name_byte(**b)).count();
-        let name = &text[i..name_end];
-        if !is_secret_name(name) {
-            i = name_end;
-            continue;
-        }
         let in_query = i > 0 && matches!(bytes[i - 1], b'?' | b'&');
         let quoted_name = i > 0 && bytes[i - 1] == b'"';
-        if let Some((value_start, value_end)) =
-            secret_value(text, name_end, quoted_name, in_query, whole)
-        {
+        // The value first: most words are not followed by one, and the name check allocates.
+        let value = secret_value(text, name_end, quoted_name, in_query, whole)
+            .filter(|_| is_secret_name(&text[i..name_end]));
+        if let Some((value_start, value_end)) = value {
             out.push_str(&text[copied..value_start]);
             out.push_str(MASK);
             copied = value_end;
