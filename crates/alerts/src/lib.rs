@@ -804,6 +804,61 @@ mod tests {
         assert!(!kinds(&f).contains(&(Kind::LeaseFlapping, Level::Warning)));
     }
 
+    fn config(evaluates: bool) -> AlertsConfig {
+        AlertsConfig {
+            instance_id: "n".into(),
+            lease_name: "l".into(),
+            cluster_name: "c".into(),
+            thresholds: t(),
+            check_interval: Duration::from_secs(3600),
+            alive_within: Duration::from_secs(10),
+            webhook_url: Some("https://hooks.example/services/T/B/tok3n".into()),
+            evaluates,
+        }
+    }
+
+    /// A database that refuses connections: every evaluation fails at once.
+    fn unreachable() -> Pool {
+        leasehold_store::pool("postgres://u@127.0.0.1:1/x?connect_timeout=1", "t", 1)
+            .expect("a pool is created without connecting")
+    }
+
+    /// Failed evaluations count too: a flood against a broken database starts one a second.
+    #[tokio::test]
+    async fn checks_start_at_most_one_evaluation_per_second_even_when_they_fail() {
+        let h = Evaluator::new(config(true), unreachable()).handle();
+        let first = h.check().await;
+        assert!(matches!(first, Err(AlertError::Store(_))), "{first:?}");
+        for _ in 0..20 {
+            match h.check().await {
+                Err(AlertError::Busy { retry_after }) => {
+                    assert!(retry_after > Duration::ZERO && retry_after <= MIN_CHECK_INTERVAL)
+                }
+                other => panic!("expected Busy, got {other:?}"),
+            }
+        }
+        tokio::time::sleep(MIN_CHECK_INTERVAL).await;
+        assert!(matches!(h.check().await, Err(AlertError::Store(_))));
+    }
+
+    #[tokio::test]
+    async fn an_observer_does_not_evaluate() {
+        let ev = Evaluator::new(config(false), unreachable());
+        assert!(ev.notifier.is_none(), "an observer posts nothing");
+        let h = ev.handle();
+        assert!(matches!(h.check().await, Err(AlertError::NotEvaluating)));
+        // Its timer loop returns at once instead of evaluating.
+        tokio::time::timeout(Duration::from_secs(1), ev.run(CancellationToken::new()))
+            .await
+            .expect("returns at once")
+            .expect("ok");
+        let shown = format!("{:?}", config(true));
+        assert!(
+            !shown.contains("tok3n") && shown.contains("hooks.example"),
+            "{shown}"
+        );
+    }
+
     #[test]
     fn human_durations() {
         assert_eq!(human(5.4), "5s");
