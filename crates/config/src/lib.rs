@@ -568,8 +568,10 @@ pub struct Retention {
 /// Retention shorter than this would make the tables useless for looking back at an incident.
 const MIN_RETENTION: Duration = Duration::from_secs(3600);
 
-fn retention(s: &Sources, alert_window: Duration) -> Result<Retention, ConfigError> {
+fn retention(s: &Sources) -> Result<Retention, ConfigError> {
     const DAY: u64 = 24 * 3600;
+    // Parsed (and reported) as its own setting first; read again here for the comparison.
+    let alert_window = s.parse("ALERT_WINDOW", Duration::from_secs(600), nonzero_duration)?;
     let keep = |key: &str, default_days: u64, judged_in_window: bool| {
         s.parse(key, Duration::from_secs(default_days * DAY), |v| {
             let d = duration(v)?;
@@ -684,7 +686,6 @@ impl Config {
                 ),
             });
         }
-        let alert_window = s.parse("ALERT_WINDOW", Duration::from_secs(600), nonzero_duration)?;
         let cfg = Config {
             mqtt_client_id: s
                 .string("MQTT_CLIENT_ID")
@@ -734,8 +735,8 @@ impl Config {
                 nonzero_duration,
             )?,
             alert_grace: s.parse("ALERT_GRACE", Duration::from_secs(30), duration)?,
-            alert_window,
-            retention: retention(s, alert_window)?,
+            alert_window: s.parse("ALERT_WINDOW", Duration::from_secs(600), nonzero_duration)?,
+            retention: retention(s)?,
             log_format: s.parse("LOG_FORMAT", LogFormat::Pretty, |v| {
                 match v.to_ascii_lowercase().as_str() {
                     "json" => Ok(LogFormat::Json),
