@@ -8,18 +8,19 @@
 //! # Layout
 //! - [`Sources`]: the raw layers.
 //! - [`Config`]: the parsed, validated result; [`Config::load`] is the only constructor.
-//! - [`redact`] / [`redact_url`]: strip every secret a URL or connection string can carry before
-//!   anything is logged, served or printed.
-
-mod redact;
-
-pub use redact::{is_secret_name, redact, redact_url, LIBPQ_KEYWORDS, MASK};
+//! - [`redact_url`]: strips passwords before anything is logged or served.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
+
+// `redact` and `redact_url`: every secret a URL or connection string can carry, stripped before
+// anything is logged, served or printed.
+mod redact;
+
+pub use redact::{is_secret_name, redact, redact_url, LIBPQ_KEYWORDS, MASK};
 
 /// Every setting Leasehold reads, as its environment name.
 pub const KEYS: &[&str] = &[

@@ -161,10 +161,18 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         None => None,
     };
     if let (Some(u), Mode::Production) = (&url, cfg.mode) {
+        use leasehold_store::retention::Table;
+        let r = cfg.retention;
+        let policy = vec![
+            (Table::DeadLetters, r.dead_letters),
+            (Table::Alerts, r.alerts),
+            (Table::LeaseHistory, r.lease_history),
+            (Table::ClusterNodes, r.cluster_nodes),
+        ];
         tracker.spawn(leasehold_store::retention::run(
             u.clone(),
-            retention_policy(&cfg),
-            cfg.retention.interval,
+            policy,
+            r.interval,
             root.clone(),
         ));
     }
@@ -245,17 +253,6 @@ fn alerts_config(cfg: &Config) -> leasehold_alerts::AlertsConfig {
         // `disabled` node (a watcher). An observer is a developer's: never (SPEC §13).
         evaluates: cfg.mode != Mode::Development,
     }
-}
-
-fn retention_policy(cfg: &Config) -> Vec<(leasehold_store::retention::Table, Duration)> {
-    use leasehold_store::retention::Table;
-    let r = &cfg.retention;
-    vec![
-        (Table::DeadLetters, r.dead_letters),
-        (Table::Alerts, r.alerts),
-        (Table::LeaseHistory, r.lease_history),
-        (Table::ClusterNodes, r.cluster_nodes),
-    ]
 }
 
 async fn migrate_with_retry(url: &str, shutdown: &CancellationToken) -> anyhow::Result<()> {
