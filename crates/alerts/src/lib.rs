@@ -17,14 +17,14 @@ pub mod facts;
 pub mod webhook;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use leasehold_store::{Pool, StoreError};
 use leasehold_telemetry::metrics;
 use serde::Serialize;
 use serde_json::{json, Value};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, MutexGuard};
 use tokio_util::sync::CancellationToken;
 
 pub use facts::Facts;
@@ -35,6 +35,13 @@ pub enum AlertError {
     Store(#[from] StoreError),
     #[error("alert evaluation did not finish within {0:?}")]
     Timeout(Duration),
+    /// An observer (`MQTT_MODE=development`) never evaluates: its thresholds are a developer's,
+    /// and its verdicts would flap against the production nodes' and page people (SPEC §13).
+    #[error("this node is an observer (MQTT_MODE=development): it does not evaluate or write alerts; ask a production node")]
+    NotEvaluating,
+    /// An evaluation is running and no result is recent enough to stand for a new one.
+    #[error("an alert evaluation is already running on this node; retry in {}s", .retry_after.as_secs().max(1))]
+    Busy { retry_after: Duration },
 }
 
 impl From<leasehold_store::tokio_postgres::Error> for AlertError {
@@ -327,7 +334,7 @@ pub async fn recent(
         .collect())
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AlertsConfig {
     pub instance_id: String,
     pub lease_name: String,
@@ -337,6 +344,43 @@ pub struct AlertsConfig {
     /// Nodes seen within this are alive.
     pub alive_within: Duration,
     pub webhook_url: Option<String>,
+    /// `false` on observers: they show alerts but never judge, write or post them.
+    pub evaluates: bool,
+}
+
+/// The webhook URL is a secret (Slack's token is its path).
+impl std::fmt::Debug for AlertsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlertsConfig")
+            .field("instance_id", &self.instance_id)
+            .field("lease_name", &self.lease_name)
+            .field("cluster_name", &self.cluster_name)
+            .field("thresholds", &self.thresholds)
+            .field("check_interval", &self.check_interval)
+            .field("alive_within", &self.alive_within)
+            .field(
+                "webhook_url",
+                &self
+                    .webhook_url
+                    .as_deref()
+                    .map(leasehold_config::redact_url),
+            )
+            .field("evaluates", &self.evaluates)
+            .finish()
+    }
+}
+
+/// `POST /health/alerts/check` starts at most one evaluation per this interval: a result this
+/// recent answers the request instead, so a flood of checks costs no database work.
+pub const MIN_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The answer to a check.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub report: Report,
+    /// `false` when a result from the last [`MIN_CHECK_INTERVAL`] answered instead of a new
+    /// evaluation.
+    pub fresh: bool,
 }
 
 /// Runs evaluations on a timer; [`AlertsHandle`] runs one now.
@@ -347,10 +391,21 @@ pub struct Evaluator {
 
 struct Inner {
     cfg: AlertsConfig,
+    /// Evaluation's own connections: a slow or blocked evaluation never holds a connection that
+    /// heartbeats or health answers need.
     pool: Pool,
     /// Evaluations run one at a time on a node (timer and `POST /health/alerts/check`).
     lock: Mutex<()>,
+    last: std::sync::Mutex<Last>,
     queue: Option<tokio::sync::mpsc::UnboundedSender<webhook::Message>>,
+}
+
+/// The latest evaluation on this node.
+#[derive(Default)]
+struct Last {
+    started: Option<Instant>,
+    /// The latest successful result and when it was found.
+    report: Option<(Instant, Report)>,
 }
 
 /// Cheap to clone; given to the HTTP surface.
@@ -360,19 +415,22 @@ pub struct AlertsHandle {
 }
 
 impl Evaluator {
+    /// `pool` should be the evaluator's own (one connection is enough), so that a slow or blocked
+    /// evaluation never holds a connection heartbeats or health answers need.
     pub fn new(cfg: AlertsConfig, pool: Pool) -> Self {
         let (queue, notifier) = match &cfg.webhook_url {
-            Some(url) => {
+            Some(url) if cfg.evaluates => {
                 let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
                 (Some(tx), Some(webhook::Notifier::new(url.clone(), rx)))
             }
-            None => (None, None),
+            _ => (None, None),
         };
         Evaluator {
             inner: Arc::new(Inner {
                 cfg,
                 pool,
                 lock: Mutex::new(()),
+                last: std::sync::Mutex::new(Last::default()),
                 queue,
             }),
             notifier,
@@ -388,6 +446,10 @@ impl Evaluator {
     /// Evaluates every `check_interval` until `cancel`; the webhook queue is drained for a short
     /// while after, so a resolution found at shutdown is still delivered.
     pub async fn run(self, cancel: CancellationToken) -> Result<(), AlertError> {
+        if !self.inner.cfg.evaluates {
+            tracing::info!("observer: alerts are evaluated by the production nodes, not here");
+            return Ok(());
+        }
         let notifier = self.notifier.map(|n| {
             let token = cancel.clone();
             tokio::spawn(n.run(token))
@@ -399,7 +461,8 @@ impl Evaluator {
                 _ = cancel.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            match self.inner.evaluate().await {
+            let one = self.inner.lock.lock().await;
+            match self.inner.evaluate(one).await {
                 Ok(r) => tracing::debug!(
                     findings = r.findings.len(),
                     changes = r.changes.len(),
@@ -420,25 +483,72 @@ impl Evaluator {
 }
 
 impl AlertsHandle {
-    /// Evaluates now (`POST /health/alerts/check`).
-    pub async fn check(&self) -> Result<Report, AlertError> {
-        self.inner.evaluate().await
-    }
-
-    pub async fn recent(&self, limit: i64) -> Result<Vec<AlertRow>, AlertError> {
-        let c = leasehold_store::pooled(&self.inner.pool).await?;
-        recent(&**c, limit).await
+    /// Evaluates now (`POST /health/alerts/check`), at most once per [`MIN_CHECK_INTERVAL`] and
+    /// one at a time: a result found within the interval answers instead ([`Checked::fresh`]
+    /// false); with none, [`AlertError::Busy`] says when to come back.
+    pub async fn check(&self) -> Result<Checked, AlertError> {
+        let inner = &self.inner;
+        if !inner.cfg.evaluates {
+            return Err(AlertError::NotEvaluating);
+        }
+        let Ok(one) = inner.lock.try_lock() else {
+            // One is running (a timer's, or another check's): its result answers this check too
+            // if it comes within the interval. The wait is bounded, so a flood parks nothing long.
+            if let Ok(done) = tokio::time::timeout(MIN_CHECK_INTERVAL, inner.lock.lock()).await {
+                drop(done);
+            }
+            return inner.recent_or_busy();
+        };
+        let too_soon = inner
+            .last()
+            .started
+            .is_some_and(|t| t.elapsed() < MIN_CHECK_INTERVAL);
+        if too_soon {
+            return inner.recent_or_busy();
+        }
+        let report = inner.evaluate(one).await?;
+        Ok(Checked {
+            report,
+            fresh: true,
+        })
     }
 }
 
 const EVALUATION_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Inner {
-    async fn evaluate(&self) -> Result<Report, AlertError> {
-        let _one = self.lock.lock().await;
-        tokio::time::timeout(EVALUATION_TIMEOUT, self.evaluate_locked())
+    fn last(&self) -> std::sync::MutexGuard<'_, Last> {
+        // A panic while holding it cannot leave `Last` inconsistent: every write is one field.
+        self.last.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The latest result if it is within [`MIN_CHECK_INTERVAL`], else when to retry.
+    fn recent_or_busy(&self) -> Result<Checked, AlertError> {
+        let last = self.last();
+        if let Some((at, report)) = &last.report {
+            if at.elapsed() < MIN_CHECK_INTERVAL {
+                return Ok(Checked {
+                    report: report.clone(),
+                    fresh: false,
+                });
+            }
+        }
+        let retry_after = last
+            .started
+            .map(|t| MIN_CHECK_INTERVAL.saturating_sub(t.elapsed()))
+            .filter(|d| !d.is_zero())
+            .unwrap_or(MIN_CHECK_INTERVAL);
+        Err(AlertError::Busy { retry_after })
+    }
+
+    /// Runs one evaluation; `_one` proves the caller holds the evaluation lock.
+    async fn evaluate(&self, _one: MutexGuard<'_, ()>) -> Result<Report, AlertError> {
+        self.last().started = Some(Instant::now());
+        let report = tokio::time::timeout(EVALUATION_TIMEOUT, self.evaluate_locked())
             .await
-            .map_err(|_| AlertError::Timeout(EVALUATION_TIMEOUT))?
+            .map_err(|_| AlertError::Timeout(EVALUATION_TIMEOUT))??;
+        self.last().report = Some((Instant::now(), report.clone()));
+        Ok(report)
     }
 
     async fn evaluate_locked(&self) -> Result<Report, AlertError> {
@@ -692,6 +802,61 @@ mod tests {
         );
         f.leader_changes_in_window = 3;
         assert!(!kinds(&f).contains(&(Kind::LeaseFlapping, Level::Warning)));
+    }
+
+    fn config(evaluates: bool) -> AlertsConfig {
+        AlertsConfig {
+            instance_id: "n".into(),
+            lease_name: "l".into(),
+            cluster_name: "c".into(),
+            thresholds: t(),
+            check_interval: Duration::from_secs(3600),
+            alive_within: Duration::from_secs(10),
+            webhook_url: Some("https://hooks.example/services/T/B/tok3n".into()),
+            evaluates,
+        }
+    }
+
+    /// A database that refuses connections: every evaluation fails at once.
+    fn unreachable() -> Pool {
+        leasehold_store::pool("postgres://u@127.0.0.1:1/x?connect_timeout=1", "t", 1)
+            .expect("a pool is created without connecting")
+    }
+
+    /// Failed evaluations count too: a flood against a broken database starts one a second.
+    #[tokio::test]
+    async fn checks_start_at_most_one_evaluation_per_second_even_when_they_fail() {
+        let h = Evaluator::new(config(true), unreachable()).handle();
+        let first = h.check().await;
+        assert!(matches!(first, Err(AlertError::Store(_))), "{first:?}");
+        for _ in 0..20 {
+            match h.check().await {
+                Err(AlertError::Busy { retry_after }) => {
+                    assert!(retry_after > Duration::ZERO && retry_after <= MIN_CHECK_INTERVAL)
+                }
+                other => panic!("expected Busy, got {other:?}"),
+            }
+        }
+        tokio::time::sleep(MIN_CHECK_INTERVAL).await;
+        assert!(matches!(h.check().await, Err(AlertError::Store(_))));
+    }
+
+    #[tokio::test]
+    async fn an_observer_does_not_evaluate() {
+        let ev = Evaluator::new(config(false), unreachable());
+        assert!(ev.notifier.is_none(), "an observer posts nothing");
+        let h = ev.handle();
+        assert!(matches!(h.check().await, Err(AlertError::NotEvaluating)));
+        // Its timer loop returns at once instead of evaluating.
+        tokio::time::timeout(Duration::from_secs(1), ev.run(CancellationToken::new()))
+            .await
+            .expect("returns at once")
+            .expect("ok");
+        let shown = format!("{:?}", config(true));
+        assert!(
+            !shown.contains("tok3n") && shown.contains("hooks.example"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -17,6 +17,12 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+// `redact` and `redact_url`: every secret a URL or connection string can carry, stripped before
+// anything is logged, served or printed.
+mod redact;
+
+pub use redact::{is_secret_name, redact, redact_url, LIBPQ_KEYWORDS, MASK};
+
 /// Every setting Leasehold reads, as its environment name.
 pub const KEYS: &[&str] = &[
     "INSTANCE_ID",
@@ -54,6 +60,11 @@ pub const KEYS: &[&str] = &[
     "ALERT_CHECK_INTERVAL",
     "ALERT_GRACE",
     "ALERT_WINDOW",
+    "DEAD_LETTER_RETENTION",
+    "ALERT_RETENTION",
+    "LEASE_HISTORY_RETENTION",
+    "CLUSTER_NODE_RETENTION",
+    "RETENTION_INTERVAL",
     "LOG_FORMAT",
     "LOG_LEVEL",
 ];
@@ -98,9 +109,22 @@ impl fmt::Display for Origin {
 }
 
 /// The raw layers before parsing.
-#[derive(Debug, Default, Clone)]
+#[derive(Default, Clone)]
 pub struct Sources {
     values: BTreeMap<String, (String, Origin)>,
+}
+
+/// Raw values hold the secrets in clear: shown only as [`shown_value`] shows them.
+impl fmt::Debug for Sources {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(
+                self.values
+                    .iter()
+                    .map(|(k, (v, o))| (k, (shown_value(k, v), o))),
+            )
+            .finish()
+    }
 }
 
 impl Sources {
@@ -123,7 +147,7 @@ impl Sources {
             let key = k.to_uppercase().replace('-', "_");
             if !KEYS.contains(&key.as_str()) {
                 return Err(ConfigError::Unknown {
-                    key: k,
+                    key: redact(&k),
                     origin: Origin::Flag,
                 });
             }
@@ -186,11 +210,7 @@ impl Sources {
             None => Ok(default),
             Some((v, origin)) => f(v).map_err(|reason| ConfigError::Invalid {
                 key: key.into(),
-                value: if is_secret(key) {
-                    "***".into()
-                } else {
-                    v.into()
-                },
+                value: shown_value(key, v),
                 origin: origin.clone(),
                 reason,
             }),
@@ -202,8 +222,14 @@ impl Sources {
     }
 }
 
-fn is_secret(key: &str) -> bool {
-    matches!(key, "MQTT_PASSWORD" | "DATABASE_URL" | "ALERT_WEBHOOK_URL")
+/// A raw setting as errors and `Debug` may show it: a secret setting masked whole, a URL setting
+/// redacted, anything else redacted as text (a URL pasted into the wrong setting included).
+fn shown_value(key: &str, v: &str) -> String {
+    match key {
+        "DATABASE_URL" | "MQTT_URL" | "ALERT_WEBHOOK_URL" => redact_url(v),
+        k if is_secret_name(k) => MASK.into(),
+        _ => redact(v),
+    }
 }
 
 /// What the node does with MQTT (names kept from the system Leasehold replaces).
@@ -355,6 +381,7 @@ pub struct Config {
     pub alert_grace: Duration,
     /// Event-like alerts count what happened within this window.
     pub alert_window: Duration,
+    pub retention: Retention,
     pub log_format: LogFormat,
     pub log_level: String,
 }
@@ -382,8 +409,9 @@ impl fmt::Debug for Config {
             .field("http_addr", &self.http_addr)
             .field(
                 "alert_webhook_url",
-                &self.alert_webhook_url.as_ref().map(|_| "***"),
+                &self.alert_webhook_url.as_deref().map(redact_url),
             )
+            .field("retention", &self.retention)
             .finish_non_exhaustive()
     }
 }
@@ -439,27 +467,6 @@ fn byte_size(v: &str) -> Result<usize, String> {
         }
     })?;
     n.checked_mul(mult).ok_or_else(|| "too large".to_string())
-}
-
-/// Replaces the password of a URL with `***`.
-pub fn redact_url(url: &str) -> String {
-    // scheme://user:password@host...  or key=value connection strings.
-    if let Some((scheme, rest)) = url.split_once("://") {
-        if let Some((userinfo, host)) = rest.split_once('@') {
-            let user = userinfo.split(':').next().unwrap_or("");
-            if userinfo.contains(':') {
-                return format!("{scheme}://{user}:***@{host}");
-            }
-        }
-        return url.to_string();
-    }
-    url.split_whitespace()
-        .map(|kv| match kv.split_once('=') {
-            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-            _ => kv.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 fn mqtt_endpoint(s: &Sources) -> Result<MqttEndpoint, ConfigError> {
@@ -563,6 +570,53 @@ fn mqtt_endpoint(s: &Sources) -> Result<MqttEndpoint, ConfigError> {
         });
     }
     Ok(ep)
+}
+
+/// How long the tables a node fills for operations keep their rows (SPEC G5). Production nodes
+/// delete older rows every `interval`, in small batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub dead_letters: Duration,
+    /// Resolved alerts only: an open alert is kept however old it is.
+    pub alerts: Duration,
+    pub lease_history: Duration,
+    pub cluster_nodes: Duration,
+    pub interval: Duration,
+}
+
+/// Retention shorter than this would make the tables useless for looking back at an incident.
+const MIN_RETENTION: Duration = Duration::from_secs(3600);
+
+fn retention(s: &Sources) -> Result<Retention, ConfigError> {
+    const DAY: u64 = 24 * 3600;
+    // Parsed (and reported) as its own setting first; read again here for the comparison.
+    let alert_window = s.parse("ALERT_WINDOW", Duration::from_secs(600), nonzero_duration)?;
+    let keep = |key: &str, default_days: u64, judged_in_window: bool| {
+        s.parse(key, Duration::from_secs(default_days * DAY), |v| {
+            let d = duration(v)?;
+            if d < MIN_RETENTION {
+                return Err(format!("must be at least {}", fmt_dur(MIN_RETENTION)));
+            }
+            if judged_in_window && d < alert_window {
+                return Err(format!(
+                    "must be at least ALERT_WINDOW ({}): alerts count these rows within it",
+                    fmt_dur(alert_window)
+                ));
+            }
+            Ok(d)
+        })
+    };
+    Ok(Retention {
+        dead_letters: keep("DEAD_LETTER_RETENTION", 30, true)?,
+        alerts: keep("ALERT_RETENTION", 90, false)?,
+        lease_history: keep("LEASE_HISTORY_RETENTION", 90, true)?,
+        cluster_nodes: keep("CLUSTER_NODE_RETENTION", 7, false)?,
+        interval: s.parse(
+            "RETENTION_INTERVAL",
+            Duration::from_secs(3600),
+            nonzero_duration,
+        )?,
+    })
 }
 
 impl Config {
@@ -713,6 +767,7 @@ impl Config {
             )?,
             alert_grace: s.parse("ALERT_GRACE", Duration::from_secs(30), duration)?,
             alert_window: s.parse("ALERT_WINDOW", Duration::from_secs(600), nonzero_duration)?,
+            retention: retention(s)?,
             log_format: s.parse("LOG_FORMAT", LogFormat::Pretty, |v| {
                 match v.to_ascii_lowercase().as_str() {
                     "json" => Ok(LogFormat::Json),
@@ -953,10 +1008,147 @@ mod tests {
         );
         assert_eq!(c.mqtt.port, 1884);
         assert_eq!(c.mqtt.password.as_deref(), Some("s3cret"));
+    }
+
+    /// Every form a secret can take in the settings, through every way a setting is shown:
+    /// `Debug` of the configuration and of the raw layers, and each configuration error.
+    #[test]
+    fn no_form_of_a_secret_is_shown() {
+        let env = [
+            (
+                "DATABASE_URL",
+                "postgres://u:pw-userinfo@db/x?password=pw-query&sslpassword=pw-ssl",
+            ),
+            ("MQTT_URL", "mqtt://dev:pw-mqtt-url@broker:1884"),
+            ("MQTT_PASSWORD", "pw-mqtt-env"),
+            (
+                "ALERT_WEBHOOK_URL",
+                "https://hooks.slack.com/services/T0/B0/pw-webhook",
+            ),
+        ];
+        let secrets = [
+            "pw-userinfo",
+            "pw-query",
+            "pw-ssl",
+            "pw-mqtt-url",
+            "pw-mqtt-env",
+            "pw-webhook",
+            "pw-kv",
+            "with spaces",
+        ];
+        let check = |shown: &str| {
+            for s in secrets {
+                assert!(!shown.contains(s), "{s:?} shown in {shown}");
+            }
+        };
+        let c = load(&env).expect("load");
+        let shown = format!("{c:?}");
+        check(&shown);
+        assert!(shown.contains("hooks.slack.com"), "{shown}");
+        assert!(shown.contains("db/x?password=***"), "{shown}");
+        let sources = Sources::gather(
+            None,
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+            vec![(
+                "database-url".into(),
+                "host=db password='pw-kv with spaces'".into(),
+            )],
+        )
+        .expect("gather");
+        check(&format!("{sources:?}"));
+        let c = Config::load(&sources).expect("load");
+        check(&format!("{c:?}"));
+
+        // Errors: a bad URL, a secret pasted into another setting, an unknown flag holding a URL.
+        let errors = [
+            load(&[("MQTT_URL", "mqtt://dev:pw-mqtt-url@broker:port")]),
+            load(&[("MQTT_URL", "http://dev:pw-mqtt-url@broker")]),
+            load(&[
+                ("LEASE_NAME", "x"),
+                ("MQTT_PORT", "postgres://u:pw-userinfo@h"),
+            ]),
+            load(&[("MQTT_KEEP_ALIVE", "password=pw-kv")]),
+            Sources::gather(
+                None,
+                Vec::new(),
+                vec![(
+                    "postgres://u:pw-userinfo@h/db?password".into(),
+                    "pw-query".into(),
+                )],
+            )
+            .and_then(|s| Config::load(&s)),
+        ];
+        for e in errors {
+            let e = e.expect_err("refused").to_string();
+            check(&e);
+            assert!(!e.contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
+    fn retention_defaults_and_one_line_errors() {
+        let c = load(&[]).expect("defaults");
+        let day = Duration::from_secs(24 * 3600);
         assert_eq!(
-            redact_url("host=db password=x user=u"),
-            "host=db password=*** user=u"
+            c.retention,
+            Retention {
+                dead_letters: 30 * day,
+                alerts: 90 * day,
+                lease_history: 90 * day,
+                cluster_nodes: 7 * day,
+                interval: Duration::from_secs(3600),
+            }
         );
+        let c = load(&[
+            ("DEAD_LETTER_RETENTION", "2w"),
+            ("RETENTION_INTERVAL", "10m"),
+        ])
+        .expect("valid");
+        assert_eq!(c.retention.dead_letters, 14 * day);
+        assert_eq!(c.retention.interval, Duration::from_secs(600));
+        for (env, setting, says) in [
+            (
+                vec![("DEAD_LETTER_RETENTION", "thirty days")],
+                "DEAD_LETTER_RETENTION",
+                "duration",
+            ),
+            (
+                vec![("ALERT_RETENTION", "5m")],
+                "ALERT_RETENTION",
+                "at least 1h",
+            ),
+            (
+                vec![("LEASE_HISTORY_RETENTION", "0s")],
+                "LEASE_HISTORY_RETENTION",
+                "at least 1h",
+            ),
+            (
+                vec![("CLUSTER_NODE_RETENTION", "-1d")],
+                "CLUSTER_NODE_RETENTION",
+                "duration",
+            ),
+            (
+                vec![("RETENTION_INTERVAL", "0s")],
+                "RETENTION_INTERVAL",
+                "greater than 0",
+            ),
+            (
+                vec![("ALERT_WINDOW", "3h"), ("DEAD_LETTER_RETENTION", "2h")],
+                "DEAD_LETTER_RETENTION",
+                "ALERT_WINDOW",
+            ),
+            (
+                vec![("ALERT_WINDOW", "3h"), ("LEASE_HISTORY_RETENTION", "2h")],
+                "LEASE_HISTORY_RETENTION",
+                "ALERT_WINDOW",
+            ),
+        ] {
+            let e = load(&env).expect_err("refused").to_string();
+            assert!(
+                e.contains(setting) && e.contains(says) && !e.contains('\n'),
+                "{env:?}: {e}"
+            );
+        }
     }
 
     #[test]

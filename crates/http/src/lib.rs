@@ -15,6 +15,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use leasehold_config::redact;
 use leasehold_lease::{LeaseHandle, Role};
 use leasehold_store::Pool;
 use leasehold_telemetry::metrics;
@@ -129,7 +130,7 @@ async fn db_probe(s: &HttpState) -> Value {
     .await;
     match res {
         Ok(Ok(())) => json!({"reachable": true, "latency_ms": start.elapsed().as_secs_f64() * 1e3}),
-        Ok(Err(e)) => json!({"reachable": false, "error": e.to_string()}),
+        Ok(Err(e)) => json!({"reachable": false, "error": redact(&e.to_string())}),
         Err(_) => json!({"reachable": false, "error": "timed out after 2s"}),
     }
 }
@@ -251,7 +252,7 @@ async fn lease(State(s): State<HttpState>) -> Response {
                 });
             }
             Ok(Ok(None)) => view["database"] = json!(null),
-            Ok(Err(e)) => view["database_error"] = json!(e.to_string()),
+            Ok(Err(e)) => view["database_error"] = json!(redact(&e.to_string())),
             Err(_) => view["database_error"] = json!("timed out after 2s"),
         }
     }
@@ -271,11 +272,12 @@ async fn database(State(s): State<HttpState>) -> Response {
     (code(ok), Json(db)).into_response()
 }
 
-/// A 503 with the reason: the endpoint could not get its answer.
+/// A 503 with the reason: the endpoint could not get its answer. The reason is redacted: it is
+/// a driver's error text, and the answer goes to anyone who can reach the port.
 fn unavailable(error: impl std::fmt::Display) -> Response {
     (
         StatusCode::SERVICE_UNAVAILABLE,
-        Json(json!({"error": error.to_string()})),
+        Json(json!({"error": redact(&error.to_string())})),
     )
         .into_response()
 }
@@ -342,27 +344,52 @@ async fn recent_data(State(s): State<HttpState>) -> Response {
     (code(status != "critical"), Json(body)).into_response()
 }
 
+/// Recent alerts, on the shared pool: reading them is the same on every node, observers too.
 async fn alerts(State(s): State<HttpState>) -> Response {
-    let Some(h) = s.alerts.clone() else {
-        return unavailable("no database configured");
-    };
-    match tokio::time::timeout(Duration::from_secs(5), h.recent(50)).await {
-        Ok(Ok(rows)) => {
+    let res = with_db(&s, |c| async move {
+        leasehold_alerts::recent(&**c, 50)
+            .await
+            .map_err(|e| e.to_string())
+    })
+    .await;
+    match res {
+        Ok(rows) => {
             let open: Vec<_> = rows.iter().filter(|r| r.resolved_at.is_none()).collect();
             Json(json!({"open": open, "recent": rows})).into_response()
         }
-        Ok(Err(e)) => unavailable(e),
-        Err(_) => unavailable("database did not answer within 5s"),
+        Err(r) => r,
     }
 }
 
-/// Evaluates now; answers with what was found and what changed.
+/// Evaluates now; answers with what was found and what changed (`fresh` false: the result of an
+/// evaluation within the last second, which stands for a new one). Rate-limited by the
+/// evaluator: 429 with `Retry-After` while one runs and none is that recent. An observer answers
+/// 409: it does not evaluate.
 async fn alerts_check(State(s): State<HttpState>) -> Response {
+    use leasehold_alerts::AlertError;
     let Some(h) = s.alerts.clone() else {
         return unavailable("no database configured");
     };
     match h.check().await {
-        Ok(report) => Json(json!(report)).into_response(),
+        Ok(c) => {
+            let mut body = json!(c.report);
+            body["fresh"] = json!(c.fresh);
+            Json(body).into_response()
+        }
+        Err(e @ AlertError::NotEvaluating) => (
+            StatusCode::CONFLICT,
+            Json(json!({"error": e.to_string(), "evaluates": false, "mode": s.mode})),
+        )
+            .into_response(),
+        Err(e @ AlertError::Busy { retry_after }) => {
+            let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, secs.to_string())],
+                Json(json!({"error": e.to_string(), "retry_after_seconds": secs})),
+            )
+                .into_response()
+        }
         Err(e) => unavailable(e),
     }
 }

@@ -66,7 +66,7 @@ impl Role {
 }
 
 /// Settings of one lease participant.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LeaseConfig {
     pub database_url: String,
     pub lease_name: String,
@@ -74,6 +74,22 @@ pub struct LeaseConfig {
     /// Unique per process start.
     pub holder_id: String,
     pub timings: LeaseTimings,
+}
+
+/// The URL may hold the password.
+impl std::fmt::Debug for LeaseConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaseConfig")
+            .field(
+                "database_url",
+                &leasehold_config::redact_url(&self.database_url),
+            )
+            .field("lease_name", &self.lease_name)
+            .field("instance_id", &self.instance_id)
+            .field("holder_id", &self.holder_id)
+            .field("timings", &self.timings)
+            .finish()
+    }
 }
 
 /// State shared between the lease task, the supervisor, the watchdog and the HTTP surface.

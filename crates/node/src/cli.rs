@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use leasehold_config::{Config, LogFormat, Sources};
+use leasehold_config::{redact, Config, LogFormat, Sources};
 use tokio_util::sync::CancellationToken;
 
 use crate::{admin, node, simulate};
@@ -24,7 +24,7 @@ pub struct Cli {
 }
 
 /// Settings accepted by every command.
-#[derive(Args, Debug, Clone, Default)]
+#[derive(Args, Clone, Default)]
 pub struct Settings {
     /// TOML file with settings (keys are the environment names in lower case).
     #[arg(long, global = true, value_name = "FILE")]
@@ -78,13 +78,33 @@ fn humantime_parse(s: &str) -> Result<std::time::Duration, String> {
     leasehold_config::parse_duration(s)
 }
 
+/// The flags hold URLs and `--set` values in clear.
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = |v: &Option<String>| v.as_deref().map(leasehold_config::redact_url);
+        f.debug_struct("Settings")
+            .field("config", &self.config)
+            .field(
+                "set",
+                &self.set.iter().map(|s| redact(s)).collect::<Vec<_>>(),
+            )
+            .field("database_url", &shown(&self.database_url))
+            .field("mqtt_url", &shown(&self.mqtt_url))
+            .field("instance_id", &self.instance_id)
+            .field("mode", &self.mode)
+            .field("http_addr", &self.http_addr)
+            .field("lease_name", &self.lease_name)
+            .finish()
+    }
+}
+
 impl Settings {
     fn flags(&self) -> Result<Vec<(String, String)>, String> {
         let mut out = Vec::new();
         for kv in &self.set {
             let (k, v) = kv
                 .split_once('=')
-                .ok_or_else(|| format!("--set expects KEY=VALUE, got {kv:?}"))?;
+                .ok_or_else(|| format!("--set expects KEY=VALUE, got {:?}", redact(kv)))?;
             out.push((k.trim().to_string(), v.to_string()));
         }
         let named = [
@@ -118,16 +138,20 @@ pub const EXIT_CONFIG: u8 = 2;
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
+        Err(e) if e.use_stderr() => {
+            // clap quotes the offending argument: a URL given in the wrong place holds its password.
+            eprint!("{}", redact(&e.render().to_string()));
+            return ExitCode::from(EXIT_CONFIG);
+        }
         Err(e) => {
-            let code = if e.use_stderr() { EXIT_CONFIG } else { 0 };
             let _ = e.print();
-            return ExitCode::from(code);
+            return ExitCode::SUCCESS;
         }
     };
     let cfg = match cli.settings.load() {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("leasehold: configuration error: {e}");
+            eprintln!("leasehold: configuration error: {}", redact(&e));
             return ExitCode::from(EXIT_CONFIG);
         }
     };
@@ -177,7 +201,8 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("leasehold: error: {e:#}");
+            // Errors of the database driver and the broker client, whatever they quote.
+            eprintln!("leasehold: error: {}", redact(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }

@@ -142,9 +142,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         }
     }
 
-    if let Some(pool) = &pool {
+    if let Some(u) = &url {
+        // Its own connection: no burst of HTTP requests can delay the node's sign of life.
         tracker.spawn(heartbeat(
-            pool.clone(),
+            leasehold_store::pool(u, "leasehold-heartbeat", 1)?,
             holder_id.clone(),
             cfg.instance_id.clone(),
             cfg.mode,
@@ -155,15 +156,36 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         ));
     }
 
-    let alerts = pool.as_ref().map(|pool| {
-        let ev = leasehold_alerts::Evaluator::new(alerts_config(&cfg), pool.clone());
-        let handle = ev.handle();
-        let token = root.clone();
-        tracker.spawn(async move {
-            let _ = ev.run(token).await;
-        });
-        handle
-    });
+    let alerts = match &url {
+        Some(u) => {
+            // Its own connection: a slow or flooded evaluation never holds one heartbeats need.
+            let pool = leasehold_store::pool(u, "leasehold-alerts", 1)?;
+            let ev = leasehold_alerts::Evaluator::new(alerts_config(&cfg), pool);
+            let handle = ev.handle();
+            let token = root.clone();
+            tracker.spawn(async move {
+                let _ = ev.run(token).await;
+            });
+            Some(handle)
+        }
+        None => None,
+    };
+    if let (Some(u), Mode::Production) = (&url, cfg.mode) {
+        use leasehold_store::retention::Table;
+        let r = cfg.retention;
+        let policy = vec![
+            (Table::DeadLetters, r.dead_letters),
+            (Table::Alerts, r.alerts),
+            (Table::LeaseHistory, r.lease_history),
+            (Table::ClusterNodes, r.cluster_nodes),
+        ];
+        tracker.spawn(leasehold_store::retention::run(
+            u.clone(),
+            policy,
+            r.interval,
+            root.clone(),
+        ));
+    }
 
     let state = leasehold_http::HttpState {
         instance_id: cfg.instance_id.clone(),
@@ -239,6 +261,9 @@ fn alerts_config(cfg: &Config) -> leasehold_alerts::AlertsConfig {
         check_interval: cfg.alert_check_interval,
         alive_within: ALIVE_WITHIN,
         webhook_url: cfg.alert_webhook_url.clone(),
+        // Every production node evaluates (a leader cannot report its own death); so does a
+        // `disabled` node (a watcher). An observer is a developer's: never (SPEC §13).
+        evaluates: cfg.mode != Mode::Development,
     }
 }
 
@@ -350,9 +375,6 @@ async fn heartbeat(
     // node can judge the session-lost and client-id alerts from this table.
     let m = metrics();
     let mut seen = (m.mqtt_session_lost.get(), m.mqtt_client_id_conflicts.get());
-    // Roughly hourly; also on the first beat.
-    const PRUNE_EVERY: u64 = 1800;
-    let mut beats: u64 = 0;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -386,9 +408,6 @@ async fn heartbeat(
                 },
             )
             .await?;
-            if beats.is_multiple_of(PRUNE_EVERY) {
-                queries::prune_cluster_nodes(&**c).await?;
-            }
             let alive =
                 queries::cluster_nodes(&**c, ALIVE_WITHIN.as_millis() as i64, false).await?;
             let age = queries::newest_data_age(&**c).await?;
@@ -397,7 +416,6 @@ async fn heartbeat(
         match tokio::time::timeout(HEARTBEAT_EVERY, work).await {
             Ok(Ok((alive, age))) => {
                 seen = now;
-                beats += 1;
                 m.cluster_nodes_alive.set(alive as i64);
                 m.data_age.set(age.unwrap_or(-1.0));
             }

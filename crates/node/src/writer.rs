@@ -26,7 +26,8 @@ pub enum WriterError {
     Fenced(i64),
 }
 
-#[derive(Clone, Debug)]
+// No Debug: the URL holds the password.
+#[derive(Clone)]
 pub struct WriterConfig {
     pub database_url: String,
     pub instance_id: String,

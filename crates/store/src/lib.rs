@@ -5,9 +5,11 @@
 //! - [`migrate`]: applies `migrations/` under an advisory lock, so nodes starting together do not race.
 //! - [`BatchWriter`]: one transaction per batch, fencing check first, set-based inserts.
 //! - [`queries`]: small reads and writes for status, heartbeats and topics.
+//! - [`retention`]: batched pruning of the operational tables.
 
 pub mod listener;
 pub mod queries;
+pub mod retention;
 pub mod tls;
 
 use std::time::Duration;
@@ -109,7 +111,7 @@ pub fn pg_config(
     let tls = tls::MakeRustls::new(tls.client_config()?);
     let mut cfg: tokio_postgres::Config = url
         .parse()
-        .map_err(|e: tokio_postgres::Error| StoreError::Url(e.to_string()))?;
+        .map_err(|e: tokio_postgres::Error| tls::parse_error(&e))?;
     if cfg.get_connect_timeout().is_none() {
         cfg.connect_timeout(Duration::from_secs(5));
     }

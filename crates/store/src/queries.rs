@@ -168,15 +168,6 @@ pub async fn heartbeat(c: &impl GenericClient, hb: &Heartbeat<'_>) -> Result<()>
     Ok(())
 }
 
-/// Forgets nodes not seen for a week (every restart is a new holder id).
-pub async fn prune_cluster_nodes(c: &impl GenericClient) -> Result<u64> {
-    Ok(c.execute(
-        "DELETE FROM cluster_nodes WHERE last_seen < now() - interval '7 days'",
-        &[],
-    )
-    .await?)
-}
-
 /// Seconds since the newest row was received, `None` when `telemetry` is empty.
 pub async fn newest_data_age(c: &impl GenericClient) -> Result<Option<f64>> {
     let row = c

@@ -111,10 +111,9 @@ pub fn split(url: &str) -> Result<(String, PgTls), StoreError> {
         }
     } else {
         let mut kept = Vec::new();
-        for kv in url.split_whitespace() {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            if !take(k, v.trim_matches('\'').to_string())? {
-                kept.push(kv);
+        for (k, v, raw) in key_values(url) {
+            if !take(k, v)? {
+                kept.push(raw);
             }
         }
         kept.join(" ")
@@ -136,6 +135,99 @@ pub fn split(url: &str) -> Result<(String, PgTls), StoreError> {
         ));
     }
     Ok((rest, tls))
+}
+
+/// The `key=value` pairs of a libpq connection string: (key, value as libpq reads it, the pair's
+/// own text). Values are read as libpq reads them: `'quoted'` (spaces kept as they are) or bare,
+/// a backslash escaping the next character; spaces around `=` are allowed. Text that is not a
+/// pair is passed on as it is, for tokio-postgres to report.
+fn key_values(s: &str) -> Vec<(&str, String, &str)> {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        while i < b.len() && b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        if i >= b.len() {
+            break;
+        }
+        let start = i;
+        while i < b.len() && !b[i].is_ascii_whitespace() && b[i] != b'=' {
+            i += 1;
+        }
+        let key = &s[start..i];
+        while i < b.len() && b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        if b.get(i) != Some(&b'=') {
+            out.push((key, String::new(), &s[start..i]));
+            continue;
+        }
+        i += 1;
+        while i < b.len() && b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        let mut value = String::new();
+        let quoted = b.get(i) == Some(&b'\'');
+        if quoted {
+            i += 1;
+        }
+        let mut chars = s[i..].char_indices();
+        let mut end = s.len();
+        while let Some((k, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some((_, n)) = chars.next() {
+                        value.push(n);
+                    }
+                }
+                '\'' if quoted => {
+                    end = i + k + 1;
+                    break;
+                }
+                c if !quoted && c.is_whitespace() => {
+                    end = i + k;
+                    break;
+                }
+                c => value.push(c),
+            }
+        }
+        i = end;
+        out.push((key, value, &s[start..end]));
+    }
+    out
+}
+
+/// tokio-postgres's error for a connection string it cannot parse, without any piece of that
+/// string: when a value with spaces lacks its quotes, the "option" it calls unknown and the
+/// character it quotes are pieces of the value, which may be the password.
+pub fn parse_error(e: &tokio_postgres::Error) -> StoreError {
+    let cause = std::error::Error::source(e)
+        .map(|c| c.to_string())
+        .unwrap_or_default();
+    const HINT: &str = "is a value with spaces missing its single quotes?";
+    let detail = if let Some(name) = cause
+        .strip_prefix("unknown option `")
+        .and_then(|r| r.strip_suffix('`'))
+    {
+        if leasehold_config::LIBPQ_KEYWORDS.contains(&name) {
+            format!("option `{name}` is not supported")
+        } else {
+            format!("an unknown option ({HINT})")
+        }
+    } else if let Some(at) = cause.strip_prefix("unexpected character at byte ") {
+        let byte = at.split(':').next().unwrap_or("?");
+        format!("unexpected character at byte {byte} ({HINT})")
+    } else if cause.starts_with("invalid value for option")
+        || cause.starts_with("unexpected EOF")
+        || cause.starts_with("unterminated")
+    {
+        cause
+    } else {
+        "cannot be parsed".into()
+    };
+    StoreError::Url(format!("invalid connection string: {detail}"))
 }
 
 impl PgTls {
@@ -300,6 +392,60 @@ mod tests {
         let (rest, t) = split("postgres://db/x").expect("valid");
         assert_eq!(rest, "postgres://db/x?sslmode=prefer");
         assert_eq!(t.mode, SslMode::Prefer);
+    }
+
+    #[test]
+    fn quoted_key_values_keep_their_spaces() {
+        let (rest, t) = split(
+            "host=db password='two  spaces\\' and a quote' sslmode = verify-ca sslrootcert='/my ca.pem' user=u",
+        )
+        .expect("valid");
+        assert_eq!(
+            rest,
+            "host=db password='two  spaces\\' and a quote' user=u sslmode=require"
+        );
+        assert_eq!(t.mode, SslMode::VerifyCa);
+        assert_eq!(t.rootcert.as_deref(), Some("/my ca.pem"));
+        let cfg: tokio_postgres::Config = rest.parse().expect("tokio-postgres parses it");
+        assert_eq!(cfg.get_password(), Some(&b"two  spaces' and a quote"[..]));
+    }
+
+    /// Broken quoting makes tokio-postgres quote pieces of the password back: none of them may
+    /// reach the error.
+    #[test]
+    fn parse_errors_do_not_quote_the_string() {
+        for (bad, pieces) in [
+            ("host=db password=my secret=word", &["secret", "word"][..]),
+            (
+                "host=db password=my xecret pass",
+                &["xecret", "pass", "`p`"][..],
+            ),
+            (
+                "host=db password='openended secretword",
+                &["openended", "secretword"][..],
+            ),
+            ("postgres://u:pw@db/x?bogus_secret=1", &["pw"][..]),
+        ] {
+            let e = match crate::pg_config(bad, "t") {
+                Ok(_) => panic!("{bad} parsed"),
+                Err(e) => e.to_string(),
+            };
+            for p in pieces {
+                assert!(!e.contains(p), "{bad}: {p} in {e}");
+            }
+            assert!(
+                e.starts_with("invalid DATABASE_URL: invalid connection string"),
+                "{e}"
+            );
+        }
+        let e = match crate::pg_config("postgres://db/x?sslpassword=pw", "t") {
+            Ok(_) => panic!("sslpassword parsed"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            e.contains("`sslpassword` is not supported") && !e.contains("pw`"),
+            "{e}"
+        );
     }
 
     #[test]

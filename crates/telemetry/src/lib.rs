@@ -154,13 +154,20 @@ pub fn metrics() -> &'static Metrics {
 }
 
 /// Installs the global subscriber. `json` for machines (systemd, Loki), `pretty` for people.
+///
+/// Every line goes through [`leasehold_config::redact`] on its way out: the code that formats a
+/// URL redacts it, and this catches what it cannot reach (a library's error text, a `Debug` of
+/// someone else's type). Colours only on a terminal: escape codes in a file or the journal
+/// split `name=value` apart.
 pub fn init_logging(json: bool, level: &str) -> Result<(), String> {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_new(level).map_err(|e| format!("invalid LOG_LEVEL={level:?}: {e}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(RedactingStderr);
     let res = if json {
         builder
             .json()
@@ -173,8 +180,53 @@ pub fn init_logging(json: bool, level: &str) -> Result<(), String> {
     res.map_err(|e| e.to_string())
 }
 
+/// Standard error, with each formatted event redacted as a whole (the formatter writes one
+/// event with one `write_all`, so a secret is never split across two calls).
+struct RedactingStderr;
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for RedactingStderr {
+    type Writer = RedactingStderr;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        RedactingStderr
+    }
+}
+
+impl std::io::Write for RedactingStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        let line = redact_bytes(buf);
+        std::io::stderr().lock().write_all(line.as_bytes())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+fn redact_bytes(buf: &[u8]) -> String {
+    leasehold_config::redact(&String::from_utf8_lossy(buf))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn log_lines_are_redacted_whole() {
+        let pretty = "2026-01-01T00:00:00Z  WARN database not reachable error=db error url=postgres://u:pw1@h/db?password=pw2\n";
+        let json = r#"{"level":"INFO","message":"starting","config":"Config { database_url: Some(\"host=h password='pw3 pw4'\") }"}"#;
+        for line in [pretty, json] {
+            let shown = super::redact_bytes(line.as_bytes());
+            for s in ["pw1", "pw2", "pw3", "pw4"] {
+                assert!(!shown.contains(s), "{s} in {shown}");
+            }
+            assert_eq!(shown.ends_with('\n'), line.ends_with('\n'));
+        }
+    }
+
     #[test]
     fn every_spec_metric_is_exported() {
         let m = super::metrics();
