@@ -252,6 +252,7 @@ fn ingest_cfg(port: u16, client_id: &str) -> IngestConfig {
         reconnect_max: Duration::from_millis(500),
         max_payload_bytes: 1024 * 1024,
         max_pending: 100,
+        max_pending_bytes: 1024 * 1024,
         topics: vec!["acktest/#".into()],
         expect_session: false,
     }

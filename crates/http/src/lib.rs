@@ -151,6 +151,7 @@ fn mqtt_view() -> Value {
         "connected": m.mqtt_connected.get() == 1,
         "subscribed_topics": m.mqtt_subscribed_topics.get(),
         "pending": m.messages_pending.get(),
+        "pending_bytes": m.messages_pending_bytes.get(),
         "reconnects": m.mqtt_reconnects.get(),
     })
 }

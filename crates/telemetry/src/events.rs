@@ -198,15 +198,22 @@ impl WriteFenced {
 }
 
 pub struct PendingOverflow {
-    pub max_pending: usize,
+    /// `MAX_PENDING` or `MAX_PENDING_BYTES`, whichever is full.
+    pub setting: &'static str,
+    pub limit: usize,
+    pub pending: usize,
+    pub pending_bytes: usize,
 }
 impl PendingOverflow {
     pub fn emit(self) {
         tracing::warn!(
-            max_pending = self.max_pending,
-            "MAX_PENDING reached: pausing intake, messages stay queued at the broker"
+            setting = self.setting,
+            limit = self.limit,
+            pending = self.pending,
+            pending_bytes = self.pending_bytes,
+            "{} reached: pausing intake, messages stay queued at the broker",
+            self.setting
         );
-        // A pause refuses nothing: `messages_overflow` counts refusals only (ingest), and
-        // `messages_pending` at MAX_PENDING shows the pause.
+        // A pause refuses nothing; `messages_pending` / `messages_pending_bytes` show it.
     }
 }
