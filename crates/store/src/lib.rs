@@ -133,6 +133,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "operations",
         include_str!("../../../migrations/V2__operations.sql"),
     ),
+    (
+        5,
+        "subscriptions",
+        include_str!("../../../migrations/V5__subscriptions.sql"),
+    ),
 ];
 
 /// Arbitrary but fixed: the advisory lock every node takes around migration.
