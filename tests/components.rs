@@ -265,7 +265,7 @@ async fn an_ack_held_across_a_reconnect_is_not_sent_on_the_new_connection() -> R
         "log_type all",
     )
     .await?;
-    let (topics_tx, topics_rx) = watch::channel(Vec::new());
+    let (topics_tx, topics_rx) = watch::channel(None);
     let (ingest, acker, mut rx) = MqttIngest::new(
         ingest_cfg(mq.port, "ack-test"),
         topics_rx.clone(),

@@ -23,10 +23,15 @@
 //!
 //! # Layout
 //! - [`IngestConfig`]: session settings (shared persistent session or a private observer one).
-//! - [`MqttIngest::run`]: connect, subscribe on every CONNACK, poll, reconnect with backoff, drain.
+//! - [`MqttIngest::run`]: connect, reconcile subscriptions on every CONNACK, poll, reconnect
+//!   with backoff, drain.
 //! - [`Acker`]: the ack path back from the writer.
+//! - [`subscriptions`]: subscribing a fleet of any size in small packets and reconciling the
+//!   session with the wanted topics; [`ledger`]: where the session's subscriptions are kept.
 
-use std::collections::BTreeSet;
+pub mod ledger;
+pub mod subscriptions;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,16 +40,19 @@ use chrono::{DateTime, Utc};
 use leasehold_config::MqttEndpoint;
 use leasehold_telemetry::{events, metrics};
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, PubAck, Publish, QoS,
-    Request, SubscribeFilter, Transport,
+    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, PubAck, Publish,
+    QoS, Request, Subscribe, SubscribeFilter, Transport, Unsubscribe,
 };
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+pub use ledger::{LedgerChange, LedgerError, LedgerFuture, MemoryLedger, SubscriptionLedger};
+use subscriptions::{Action, Kind, Subscriptions};
+
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
-    #[error("broker refused the subscription to {0:?}")]
-    SubscribeRefused(Vec<String>),
+    #[error("the subscription ledger refused a write: this node no longer holds the lease")]
+    Fenced,
 }
 
 /// A message received from the broker and not yet acknowledged.
@@ -122,6 +130,10 @@ impl Acker {
     }
 }
 
+/// The enabled `devices` topics, `None` until they were first read from the database: until then
+/// nothing is unsubscribed (the session's subscriptions are not judged against a list not known).
+pub type DeviceTopics = Option<Vec<String>>;
+
 /// Session settings.
 #[derive(Clone, Debug)]
 pub struct IngestConfig {
@@ -183,6 +195,10 @@ const QUICK_DISCONNECT: Duration = Duration::from_secs(3);
 const CONFLICT_AFTER: u32 = 3;
 /// Writing one batch of acks into the socket; rumqttc's own writes use the same bound.
 const ACK_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// After a drain, how long the last subscription-ledger writes may take before they are dropped
+/// (what is lost is only "pending" rows, which the next connection reconciles).
+const LEDGER_FLUSH: Duration = Duration::from_secs(2);
+
 /// The MQTT side of a term. Built per term by the supervisor; `run` consumes it.
 pub struct MqttIngest {
     cfg: IngestConfig,
@@ -197,9 +213,13 @@ pub struct MqttIngest {
     /// `MAX_PENDING_BYTES`: one permit per payload and topic byte held.
     pending_bytes: Arc<Semaphore>,
     max_pending_bytes: usize,
-    device_topics: watch::Receiver<Vec<String>>,
+    device_topics: watch::Receiver<DeviceTopics>,
     may_connect: Arc<dyn Fn() -> bool + Send + Sync>,
     connected: watch::Sender<bool>,
+    subs: Subscriptions,
+    ledger: Arc<dyn SubscriptionLedger>,
+    /// Ledger writes, applied in order by the ledger task of `run`.
+    ledger_ops: Option<mpsc::UnboundedSender<subscriptions::LedgerOp>>,
     last_full_log: Option<Instant>,
 }
 
@@ -260,19 +280,21 @@ impl MqttIngest {
         self.connected.subscribe()
     }
 
-    /// Builds the session; messages are delivered on the returned receiver.
+    /// Builds the session; messages are delivered on the returned receiver. Its subscriptions
+    /// are remembered in a [`MemoryLedger`] unless [`MqttIngest::with_ledger`] gives another.
     pub fn new(
         cfg: IngestConfig,
-        device_topics: watch::Receiver<Vec<String>>,
+        device_topics: watch::Receiver<DeviceTopics>,
         may_connect: Arc<dyn Fn() -> bool + Send + Sync>,
     ) -> (MqttIngest, Acker, mpsc::Receiver<Inbound>) {
         let mut opts = MqttOptions::new(&cfg.client_id, &cfg.endpoint.host, cfg.endpoint.port);
         opts.set_keep_alive(cfg.keep_alive)
             .set_clean_session(cfg.clean_session)
             .set_manual_acks(cfg.manual_acks);
-        // Above MAX_PAYLOAD_BYTES so an oversized message is dead-lettered, not a reconnect loop.
+        // Incoming: above MAX_PAYLOAD_BYTES so an oversized message is dead-lettered, not a
+        // reconnect loop. Outgoing: subscriptions are split into packets far below this.
         let max_packet = (cfg.max_payload_bytes * 2 + 64 * 1024).max(2 * 1024 * 1024);
-        opts.set_max_packet_size(max_packet, 64 * 1024);
+        opts.set_max_packet_size(max_packet, subscriptions::MAX_OUTGOING_PACKET);
         if let (Some(u), p) = (&cfg.endpoint.username, &cfg.endpoint.password) {
             opts.set_credentials(u, p.clone().unwrap_or_default());
         }
@@ -291,8 +313,8 @@ impl MqttIngest {
                 }
             };
         }
-        // Subscriptions, pings, DISCONNECT and PUBRECs: acks are written by `write_acks`, and the
-        // pings of a pause by `ping`.
+        // DISCONNECT and PUBRECs only: acks are written by `write_acks`, pings during a pause by
+        // `ping`, subscriptions are queued on the event loop a window at a time.
         let (client, mut eventloop) = AsyncClient::new(opts, 64);
         eventloop.network_options.set_connection_timeout(5);
         let (tx, rx) = mpsc::channel(cfg.max_pending.max(1));
@@ -303,6 +325,7 @@ impl MqttIngest {
         let pending_bytes = Arc::new(Semaphore::new(max_pending_bytes));
         let (acks_tx, acks) = mpsc::unbounded_channel();
         let acker = Acker { tx: acks_tx };
+        let subs = Subscriptions::new(cfg.topics.clone());
         (
             MqttIngest {
                 cfg,
@@ -317,11 +340,20 @@ impl MqttIngest {
                 device_topics,
                 may_connect,
                 connected: watch::Sender::new(false),
+                subs,
+                ledger: Arc::new(MemoryLedger::default()),
+                ledger_ops: None,
                 last_full_log: None,
             },
             acker,
             rx,
         )
+    }
+
+    /// Remembers the session's subscriptions in `ledger` (the leader's: PostgreSQL, fenced).
+    pub fn with_ledger(mut self, ledger: Arc<dyn SubscriptionLedger>) -> Self {
+        self.ledger = ledger;
+        self
     }
 
     fn pending_count(&self) -> usize {
@@ -332,15 +364,6 @@ impl MqttIngest {
         self.max_pending_bytes - self.pending_bytes.available_permits()
     }
 
-    fn wanted_topics(&self) -> BTreeSet<String> {
-        self.cfg
-            .topics
-            .iter()
-            .cloned()
-            .chain(self.device_topics.borrow().iter().cloned())
-            .collect()
-    }
-
     /// Runs until `cancel` (stop at once: nothing more is acknowledged), or until `drain` has
     /// been requested and every forwarded message was acknowledged or dropped by the writer; then
     /// the acks are flushed and the connection closed with DISCONNECT.
@@ -349,12 +372,26 @@ impl MqttIngest {
         cancel: CancellationToken,
         drain: CancellationToken,
     ) -> Result<(), IngestError> {
+        let (ops_tx, ops_rx) = mpsc::unbounded_channel();
+        let (replies_tx, mut replies) = mpsc::unbounded_channel();
+        let ledger_task = tokio::spawn(ledger::run(
+            self.ledger.clone(),
+            self.cfg.client_id.clone(),
+            ops_rx,
+            replies_tx,
+        ));
+        self.ledger_ops = Some(ops_tx);
+        let topics = self.device_topics.borrow_and_update().clone();
+        let actions = self
+            .subs
+            .set_device_topics(topics.as_deref(), Instant::now());
+        self.execute(actions);
+
         let broker = self.cfg.endpoint.to_string();
         let mut connections = 0u64;
         let mut connected_at: Option<Instant> = None;
         let mut backoff = Duration::from_millis(100);
         let mut quick_disconnects = 0u32;
-        let mut subscribed: BTreeSet<String> = BTreeSet::new();
         let mut disconnecting = false;
         // Cleared when the topic source is gone: its channel would report "changed" forever.
         let mut topics_open = true;
@@ -370,6 +407,12 @@ impl MqttIngest {
             }
             let draining = self.tx.is_none();
             let sem = self.pending.clone();
+            let retry_at = self.subs.next_retry();
+            let retry = tokio::time::sleep_until(
+                retry_at
+                    .map(tokio::time::Instant::from_std)
+                    .unwrap_or_else(tokio::time::Instant::now),
+            );
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break Ok(()),
@@ -383,13 +426,31 @@ impl MqttIngest {
                     }
                 }
                 Some(batch) = self.acks.recv() => self.write_acks(batch).await,
-                changed = self.device_topics.changed(), if connected_at.is_some() && topics_open => {
+                Some(reply) = replies.recv() => {
+                    let now = Instant::now();
+                    let actions = match reply {
+                        ledger::Reply::Loaded { conn, rows } => self.subs.loaded(conn, rows, now),
+                        ledger::Reply::IntentWritten(chunk) => self.subs.intent_written(chunk),
+                        ledger::Reply::Fenced => {
+                            tracing::error!("subscription ledger write fenced: this node no longer holds the lease; ending the term");
+                            break Err(IngestError::Fenced);
+                        }
+                    };
+                    self.execute(actions);
+                }
+                changed = self.device_topics.changed(), if topics_open => {
                     if changed.is_err() {
                         // The topic source is gone (shutting down): keep the current topics.
                         topics_open = false;
                         continue;
                     }
-                    self.resubscribe(&mut subscribed, false);
+                    let topics = self.device_topics.borrow_and_update().clone();
+                    let actions = self.subs.set_device_topics(topics.as_deref(), Instant::now());
+                    self.execute(actions);
+                }
+                _ = retry, if retry_at.is_some() => {
+                    let actions = self.subs.retry_due(Instant::now());
+                    self.execute(actions);
                 }
                 ev = self.eventloop.poll() => {
                     let ev = match ev {
@@ -410,36 +471,32 @@ impl MqttIngest {
                             connected_at = Some(Instant::now());
                             self.connected.send_replace(true);
                             backoff = Duration::from_millis(100);
-                            events::MqttConnected {
-                                broker: &broker,
-                                session_present: ack.session_present,
-                                reconnect,
+                            // Reconcile the session's subscriptions with what is wanted: from
+                            // the ledger, or from nothing when the broker has no session. (Before
+                            // the connect is counted, so /health never shows the new connection
+                            // with the old connection's subscriptions.)
+                            let actions = self.subs.connected(connections, ack.session_present, Instant::now());
+                            self.execute(actions);
+                            events::MqttConnected { broker: &broker, session_present: ack.session_present, reconnect }.emit();
+                            if !self.cfg.clean_session && !ack.session_present && (reconnect || self.cfg.expect_session) {
+                                events::MqttSessionLost { client_id: &self.cfg.client_id }.emit();
                             }
-                            .emit();
-                            if !self.cfg.clean_session
-                                && !ack.session_present
-                                && (reconnect || self.cfg.expect_session)
-                            {
-                                events::MqttSessionLost {
-                                    client_id: &self.cfg.client_id,
-                                }
-                                .emit();
-                            }
-                            // Subscriptions are re-sent on every connect: a lost session lost them too.
-                            subscribed.clear();
-                            self.resubscribe(&mut subscribed, true);
+                        }
+                        Ok(Event::Outgoing(Outgoing::Subscribe(pkid))) => {
+                            self.subs.outgoing(Kind::Subscribe, pkid)
+                        }
+                        Ok(Event::Outgoing(Outgoing::Unsubscribe(pkid))) => {
+                            self.subs.outgoing(Kind::Unsubscribe, pkid)
                         }
                         Ok(Event::Incoming(Packet::SubAck(s))) => {
-                            let refused = s
-                                .return_codes
-                                .iter()
-                                .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
-                                .count();
-                            if refused > 0 {
-                                tracing::error!(refused, "broker refused {refused} topic filter(s); check the broker ACL");
-                            }
+                            let actions = self.subs.suback(s.pkid, &s.return_codes, Instant::now());
+                            self.execute(actions);
                         }
-                        Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+                        Ok(Event::Incoming(Packet::UnsubAck(u))) => {
+                            let actions = self.subs.unsuback(u.pkid, Instant::now());
+                            self.execute(actions);
+                        }
+                        Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                             tracing::info!("acks flushed; disconnected from the broker");
                             break Ok(());
                         }
@@ -473,8 +530,20 @@ impl MqttIngest {
         };
         self.gate.connected = false;
         self.connected.send_replace(false);
+        self.subs.disconnected();
+        // Let the last ledger writes (grants, removals) through after a clean stop; after a hard
+        // stop they are dropped: the rows stay "pending" and the next connection reconciles them.
+        self.ledger_ops = None;
+        if cancel.is_cancelled() || result.is_err() {
+            ledger_task.abort();
+        } else if tokio::time::timeout(LEDGER_FLUSH, ledger_task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("subscription ledger writes did not finish within {LEDGER_FLUSH:?}; the next connection reconciles them");
+        }
         metrics().mqtt_connected.set(0);
-        metrics().mqtt_subscribed_topics.set(0);
+        metrics().set_subscriptions(leasehold_telemetry::SubscriptionStatus::default());
         result
     }
 
@@ -486,6 +555,45 @@ impl MqttIngest {
             pending = self.pending_count(),
             "intake stopped; waiting for the writer to commit and acknowledge"
         );
+    }
+
+    /// Carries out what the subscription state asks for, in order: ledger writes go to the
+    /// ledger task, packets are queued on the event loop (never into the bounded request
+    /// channel, which a large fleet would overflow).
+    fn execute(&mut self, actions: Vec<Action>) {
+        for a in actions {
+            match a {
+                Action::Ledger(op) => {
+                    // If the ledger task is gone it said why (fenced) or the term is ending.
+                    if let Some(tx) = &self.ledger_ops {
+                        let _ = tx.send(op);
+                    }
+                }
+                Action::Send {
+                    kind: Kind::Subscribe,
+                    filters,
+                    ..
+                } => self
+                    .eventloop
+                    .pending
+                    .push_back(Request::Subscribe(Subscribe::new_many(
+                        filters
+                            .into_iter()
+                            .map(|f| SubscribeFilter::new(f, QoS::AtLeastOnce)),
+                    ))),
+                Action::Send {
+                    kind: Kind::Unsubscribe,
+                    filters,
+                    ..
+                } => self
+                    .eventloop
+                    .pending
+                    .push_back(Request::Unsubscribe(Unsubscribe {
+                        pkid: 0,
+                        topics: filters,
+                    })),
+            }
+        }
     }
 
     /// A message from the broker: cut to `MAX_PAYLOAD_BYTES` if larger, then handed to the
@@ -709,51 +817,25 @@ impl MqttIngest {
         }
     }
 
-    /// Brings subscriptions in line with configured + device topics; never awaits.
-    fn resubscribe(&mut self, subscribed: &mut BTreeSet<String>, connect: bool) {
-        let wanted = self.wanted_topics();
-        let add: Vec<String> = wanted.difference(subscribed).cloned().collect();
-        let remove: Vec<String> = subscribed.difference(&wanted).cloned().collect();
-        if !add.is_empty() {
-            let filters = add
-                .iter()
-                .map(|t| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
-            if let Err(e) = self.client.try_subscribe_many(filters) {
-                tracing::error!(error = %e, topics = ?add, "could not queue subscription");
-                return;
-            }
-        }
-        for t in &remove {
-            if let Err(e) = self.client.try_unsubscribe(t.clone()) {
-                tracing::warn!(error = %e, topic = %t, "could not queue unsubscribe");
-            }
-        }
-        if connect || !add.is_empty() || !remove.is_empty() {
-            *subscribed = wanted;
-            let devices = self.device_topics.borrow().len();
-            events::TopicsSubscribed {
-                configured: &self.cfg.topics,
-                devices,
-                total: subscribed.len(),
-            }
-            .emit();
-            if !add.is_empty() && !connect {
-                tracing::info!(added = ?add, removed = ?remove, "device topics changed; subscriptions updated");
-            }
-        }
-    }
-
     /// The connection is gone: bump the connection number first, so no ack of the old
     /// connection is written from now on; then drop the socket with whatever was buffered on it
-    /// and the publishes buffered from the dead connection (the broker redelivers both).
+    /// and the publishes buffered from the dead connection (the broker redelivers both). Queued
+    /// subscription packets are dropped too: the next connection reconciles from the ledger.
     fn on_disconnect(&mut self) {
         self.gate.conn = self.gate.conn.wrapping_add(1_000_000);
         self.gate.connected = false;
         self.eventloop.clean();
         self.eventloop.state.events.clear();
-        self.eventloop
-            .pending
-            .retain(|r| !matches!(r, Request::PubAck(_) | Request::PubRec(_)));
+        self.eventloop.pending.retain(|r| {
+            !matches!(
+                r,
+                Request::PubAck(_)
+                    | Request::PubRec(_)
+                    | Request::Subscribe(_)
+                    | Request::Unsubscribe(_)
+            )
+        });
+        self.subs.disconnected();
         self.connected.send_replace(false);
         metrics().mqtt_connected.set(0);
     }

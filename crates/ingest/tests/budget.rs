@@ -71,7 +71,7 @@ fn held_bytes(held: &[Inbound]) -> usize {
 async fn held_bytes_never_exceed_max_pending_bytes_and_intake_resumes_on_acks() -> Result<()> {
     let mq = Mosquitto::start().await?;
     let limit = 1024 * KIB;
-    let (_topics_tx, topics_rx) = watch::channel(Vec::new());
+    let (_topics_tx, topics_rx) = watch::channel(Some(Vec::new()));
     let (ingest, acker, mut rx) = MqttIngest::new(
         config(mq.port, "budget-test", limit),
         topics_rx,
@@ -151,7 +151,7 @@ async fn held_bytes_never_exceed_max_pending_bytes_and_intake_resumes_on_acks() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_payload_keeps_only_its_first_max_payload_bytes_and_its_size() -> Result<()> {
     let mq = Mosquitto::start().await?;
-    let (_topics_tx, topics_rx) = watch::channel(Vec::new());
+    let (_topics_tx, topics_rx) = watch::channel(Some(Vec::new()));
     let (ingest, acker, mut rx) = MqttIngest::new(
         config(mq.port, "truncate-test", 1024 * KIB),
         topics_rx,

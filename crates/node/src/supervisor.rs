@@ -33,7 +33,9 @@ struct Term {
 pub struct Supervisor {
     pub cfg: Config,
     pub lease: LeaseHandle,
-    pub device_topics: watch::Receiver<Vec<String>>,
+    pub device_topics: watch::Receiver<leasehold_ingest::DeviceTopics>,
+    /// For the subscription ledger (production nodes always have a database).
+    pub pool: Option<leasehold_store::Pool>,
 }
 
 impl Supervisor {
@@ -128,6 +130,18 @@ impl Supervisor {
             self.device_topics.clone(),
             may_connect,
         );
+        let fence = Fence {
+            lease_name: cfg.lease_name.clone(),
+            holder_id: self.lease.holder_id.clone(),
+            epoch,
+        };
+        let ingest = match &self.pool {
+            Some(pool) => ingest.with_ledger(Arc::new(crate::ledger::PgLedger {
+                pool: pool.clone(),
+                fence: fence.clone(),
+            })),
+            None => ingest,
+        };
         let writer = Writer {
             cfg: WriterConfig {
                 database_url: cfg.database_url.clone().unwrap_or_default(),
@@ -136,11 +150,7 @@ impl Supervisor {
                 batch_max_wait: cfg.batch_max_wait,
                 decoder: Decoder::new(&cfg.device_topic_pattern, cfg.max_payload_bytes),
             },
-            fence: Fence {
-                lease_name: cfg.lease_name.clone(),
-                holder_id: self.lease.holder_id.clone(),
-                epoch,
-            },
+            fence,
             rx,
             acker,
         };

@@ -32,6 +32,11 @@ pub struct Metrics {
     pub mqtt_session_lost: IntCounter,
     pub mqtt_client_id_conflicts: IntCounter,
     pub mqtt_subscribed_topics: IntGauge,
+    pub mqtt_subscriptions_pending: IntGauge,
+    pub mqtt_subscriptions_failed: IntGauge,
+    pub mqtt_subscribe_failures: IntCounter,
+    /// What `/health/mqtt` shows about subscriptions; written by the ingest task.
+    subscriptions: Mutex<SubscriptionStatus>,
     pub messages_received: IntCounter,
     pub messages_written: IntCounter,
     pub messages_duplicate: IntCounter,
@@ -84,7 +89,11 @@ impl Metrics {
             mqtt_connection_errors: reg(&r, IntCounter::new("leasehold_mqtt_connection_errors_total", "Broker connection errors")?),
             mqtt_session_lost: reg(&r, IntCounter::new("leasehold_mqtt_session_lost_total", "Resumed connections whose CONNACK said the broker had no session (queued messages lost)")?),
             mqtt_client_id_conflicts: reg(&r, IntCounter::new("leasehold_mqtt_client_id_conflicts_total", "Disconnects right after connecting: another process uses the client id")?),
-            mqtt_subscribed_topics: reg(&r, IntGauge::new("leasehold_mqtt_subscribed_topics", "Topic filters currently subscribed")?),
+            mqtt_subscribed_topics: reg(&r, IntGauge::new("leasehold_mqtt_subscribed_topics", "Topic filters the session is subscribed to with QoS 1 or above (granted by SUBACK)")?),
+            mqtt_subscriptions_pending: reg(&r, IntGauge::new("leasehold_mqtt_subscriptions_pending", "Topic filters still to subscribe or unsubscribe before the session matches the wanted topics")?),
+            mqtt_subscriptions_failed: reg(&r, IntGauge::new("leasehold_mqtt_subscriptions_failed", "Wanted topic filters the broker refused (SUBACK 0x80) or granted below QoS 1; retried with backoff")?),
+            mqtt_subscribe_failures: reg(&r, IntCounter::new("leasehold_mqtt_subscribe_failures_total", "Topic filters refused by SUBACK (0x80) or granted below QoS 1, every attempt counted")?),
+            subscriptions: Mutex::new(SubscriptionStatus::default()),
             messages_received: reg(&r, IntCounter::new("leasehold_messages_received_total", "Messages received from the broker")?),
             messages_written: reg(&r, IntCounter::new("leasehold_messages_written_total", "Rows committed to telemetry")?),
             messages_duplicate: reg(&r, IntCounter::new("leasehold_messages_duplicate_total", "Messages already stored (redeliveries), skipped by ON CONFLICT")?),
@@ -135,6 +144,25 @@ impl Metrics {
             .and_then(|g| g.map(|t| t.elapsed().as_secs_f64()))
     }
 
+    /// Replaces what `/health/mqtt` shows about subscriptions.
+    pub fn set_subscriptions(&self, status: SubscriptionStatus) {
+        self.mqtt_subscribed_topics.set(status.subscribed as i64);
+        self.mqtt_subscriptions_pending.set(status.pending as i64);
+        self.mqtt_subscriptions_failed
+            .set(status.failed_total as i64);
+        if let Ok(mut g) = self.subscriptions.lock() {
+            *g = status;
+        }
+    }
+
+    /// The subscriptions as the ingest task last reported them.
+    pub fn subscriptions(&self) -> SubscriptionStatus {
+        self.subscriptions
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_default()
+    }
+
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         self.lease_seconds_since_renew
@@ -145,6 +173,34 @@ impl Metrics {
         }
         String::from_utf8(buf).unwrap_or_default()
     }
+}
+
+/// The session's subscriptions as the ingest task last reported them (`/health/mqtt`).
+#[derive(Debug, Clone, Default)]
+pub struct SubscriptionStatus {
+    /// Whether the subscription ledger was read for the current connection.
+    pub loaded: bool,
+    /// Wanted filters: configured (`MQTT_TOPICS`, routes) plus enabled `devices` topics.
+    pub wanted: usize,
+    pub configured: usize,
+    pub device_topics: usize,
+    /// Granted with QoS 1 or above.
+    pub subscribed: usize,
+    /// Still to subscribe or unsubscribe (including those in flight).
+    pub pending: usize,
+    /// Wanted filters currently refused, and the first of them.
+    pub failed_total: usize,
+    pub failed: Vec<FailedSubscription>,
+}
+
+/// A wanted filter the broker refused (SUBACK 0x80) or granted below QoS 1.
+#[derive(Debug, Clone)]
+pub struct FailedSubscription {
+    pub filter: String,
+    pub reason: String,
+    pub attempts: u32,
+    pub since: Instant,
+    pub retry_at: Instant,
 }
 
 /// The process-wide metrics.
