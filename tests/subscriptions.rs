@@ -255,7 +255,7 @@ async fn broker_refusing(filter: &str) -> Result<Mosquitto> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_filter_the_broker_refuses_is_reported_counted_and_the_rest_flows() {
+async fn a_filter_the_broker_refuses_is_reported_counted_alerted_and_the_rest_flows() {
     let secret = "plant/secret/data";
     let mq = broker_refusing(secret).await.expect("broker");
     let pg = Postgres::start().await.expect("postgres");
@@ -310,6 +310,19 @@ async fn a_filter_the_broker_refuses_is_reported_counted_and_the_rest_flows() {
             "a refused filter counted as subscribed"
         );
 
+        let (code, report) = http(port, "POST", "/health/alerts/check").await?;
+        ensure!(code == 200, "alerts check: {code} {report}");
+        let (_, alerts) = http(port, "GET", "/health/alerts").await?;
+        let v: serde_json::Value = serde_json::from_str(&alerts)?;
+        let open = v["open"].as_array().cloned().unwrap_or_default();
+        let alert = open
+            .iter()
+            .find(|a| a["kind"] == "mqtt_subscription_refused")
+            .with_context(|| format!("no mqtt_subscription_refused alert open: {alerts}"))?;
+        ensure!(
+            alert["message"].as_str().unwrap_or("").contains(secret),
+            "the alert does not name the filter: {alert}"
+        );
         ensure!(
             c.node("node-a")
                 .log()
