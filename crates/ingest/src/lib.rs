@@ -195,9 +195,10 @@ const QUICK_DISCONNECT: Duration = Duration::from_secs(3);
 const CONFLICT_AFTER: u32 = 3;
 /// Writing one batch of acks into the socket; rumqttc's own writes use the same bound.
 const ACK_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
-/// After a drain, how long the last subscription-ledger writes may take before they are dropped
-/// (what is lost is only "pending" rows, which the next connection reconciles).
-const LEDGER_FLUSH: Duration = Duration::from_secs(2);
+/// After a drain, how long the last subscription-ledger writes may take before they are dropped.
+/// Short: the hand-over to a standby waits for it (G4: within a second), and a dropped write only
+/// leaves rows "pending", which the next connection reconciles.
+const LEDGER_FLUSH: Duration = Duration::from_millis(250);
 
 /// The MQTT side of a term. Built per term by the supervisor; `run` consumes it.
 pub struct MqttIngest {
