@@ -257,6 +257,7 @@ fn ingest_cfg(port: u16, client_id: &str) -> IngestConfig {
         reconnect_max: Duration::from_millis(500),
         max_payload_bytes: 1024 * 1024,
         max_pending: 100,
+        max_pending_bytes: 1024 * 1024,
         topics: vec!["acktest/#".into()],
         expect_session: false,
     }
@@ -269,7 +270,7 @@ async fn an_ack_held_across_a_reconnect_is_not_sent_on_the_new_connection() -> R
         "log_type all",
     )
     .await?;
-    let (topics_tx, topics_rx) = watch::channel(Vec::new());
+    let (topics_tx, topics_rx) = watch::channel(None);
     let (ingest, acker, mut rx) = MqttIngest::new(
         ingest_cfg(mq.port, "ack-test"),
         topics_rx.clone(),
@@ -413,5 +414,71 @@ async fn the_reading_identity_migration_keeps_every_row_of_a_filled_database() -
         &[],
     )
     .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_subscription_ledger_is_written_only_under_the_lease() -> Result<()> {
+    use leasehold_store::queries::{self, LedgerWrite};
+    let pg = migrated().await?;
+    let c = pg.client().await?;
+    c.execute(
+        "INSERT INTO instance_lock (service_name, holder_id, instance_id, epoch, expires_at)
+         VALUES ('mqtt-ingest', 'h1', 'a', 3, now() + interval '1 minute')",
+        &[],
+    )
+    .await?;
+    let fence = Fence {
+        lease_name: "mqtt-ingest".into(),
+        holder_id: "h1".into(),
+        epoch: 3,
+    };
+    let f: Vec<String> = vec!["a/1".into(), "a/2".into(), "a/3".into()];
+    queries::write_ledger(&c, &fence, "cid", &LedgerWrite::Pending(&f)).await?;
+    queries::write_ledger(&c, &fence, "cid", &LedgerWrite::Granted(&f[..2], &[1, 1])).await?;
+    let why = vec!["refused by the broker (SUBACK 0x80)".to_string()];
+    queries::write_ledger(&c, &fence, "cid", &LedgerWrite::Refused(&f[2..], &why)).await?;
+    let rows = queries::ledger(&c, "cid").await?;
+    let shown: Vec<(&str, bool)> = rows
+        .iter()
+        .map(|r| (r.topic_filter.as_str(), r.subscribed))
+        .collect();
+    ensure!(
+        shown == vec![("a/1", true), ("a/2", true), ("a/3", false)],
+        "{shown:?}"
+    );
+    let refused = queries::refused_subscriptions(&c, Duration::from_secs(60), 5).await?;
+    ensure!(
+        refused.count == 1 && refused.latest[0].0 == "a/3",
+        "{refused:?}"
+    );
+    ensure!(
+        queries::ledger(&c, "other").await?.is_empty(),
+        "keyed by client id"
+    );
+
+    // A node whose lease epoch is not the current one changes nothing.
+    let stale = Fence {
+        epoch: 2,
+        ..fence.clone()
+    };
+    let res = queries::write_ledger(&c, &stale, "cid", &LedgerWrite::Removed(&f)).await;
+    ensure!(matches!(res, Err(StoreError::Fenced { .. })), "{res:?}");
+    let res = queries::write_ledger(&c, &stale, "cid", &LedgerWrite::Forget).await;
+    ensure!(matches!(res, Err(StoreError::Fenced { .. })), "{res:?}");
+    ensure!(queries::ledger(&c, "cid").await?.len() == 3);
+
+    queries::write_ledger(&c, &fence, "cid", &LedgerWrite::Removed(&f[..1])).await?;
+    queries::write_ledger(&c, &fence, "cid", &LedgerWrite::Granted(&f[2..], &[1])).await?;
+    ensure!(
+        queries::refused_subscriptions(&c, Duration::from_secs(60), 5)
+            .await?
+            .count
+            == 0,
+        "a granted filter is no longer refused"
+    );
+    ensure!(queries::ledger(&c, "cid").await?.len() == 2);
+    queries::write_ledger(&c, &fence, "cid", &LedgerWrite::Forget).await?;
+    ensure!(queries::ledger(&c, "cid").await?.is_empty());
     Ok(())
 }

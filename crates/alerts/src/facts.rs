@@ -34,7 +34,16 @@ pub struct Facts {
     pub dead_letters_in_window: i64,
     pub latest_dead_letter_error: Option<String>,
     pub leader_changes_in_window: i64,
+    /// Topic filters the broker refused lately (the leader retries them at least every 30 s),
+    /// and the latest few: (filter, reason, attempts).
+    pub subscriptions_refused: i64,
+    pub refused_filters: Vec<(String, String, i32)>,
 }
+
+/// A refusal older than this is not current: the leader retries a refused filter at least every
+/// 30 s, so one still refused is refreshed well within it (and with no leader, the no-leader
+/// alert says more).
+const REFUSAL_CURRENT: std::time::Duration = std::time::Duration::from_secs(120);
 
 pub async fn gather(c: &impl GenericClient, cfg: &AlertsConfig) -> Result<Facts, AlertError> {
     let window = cfg.thresholds.window.as_secs_f64();
@@ -108,6 +117,8 @@ pub async fn gather(c: &impl GenericClient, cfg: &AlertsConfig) -> Result<Facts,
         .await?
         .get(0);
 
+    let refused = queries::refused_subscriptions(c, REFUSAL_CURRENT, 5).await?;
+
     Ok(Facts {
         newest_data_age,
         devices_enabled: coverage.enabled,
@@ -120,5 +131,7 @@ pub async fn gather(c: &impl GenericClient, cfg: &AlertsConfig) -> Result<Facts,
         dead_letters_in_window,
         latest_dead_letter_error,
         leader_changes_in_window,
+        subscriptions_refused: refused.count,
+        refused_filters: refused.latest,
     })
 }

@@ -61,10 +61,11 @@ pub enum Kind {
     MqttClientIdFight,
     DeadLettersRising,
     LeaseFlapping,
+    MqttSubscriptionRefused,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::DataStale,
         Kind::NoLeader,
         Kind::LeaderMqttDisconnected,
@@ -72,6 +73,7 @@ impl Kind {
         Kind::MqttClientIdFight,
         Kind::DeadLettersRising,
         Kind::LeaseFlapping,
+        Kind::MqttSubscriptionRefused,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -83,6 +85,7 @@ impl Kind {
             Kind::MqttClientIdFight => "mqtt_client_id_fight",
             Kind::DeadLettersRising => "dead_letters_rising",
             Kind::LeaseFlapping => "lease_flapping",
+            Kind::MqttSubscriptionRefused => "mqtt_subscription_refused",
         }
     }
 }
@@ -246,6 +249,24 @@ pub fn judge(f: &Facts, t: &Thresholds) -> Vec<Finding> {
                 f.latest_dead_letter_error.as_deref().unwrap_or("-")
             ),
             details: json!({"count": f.dead_letters_in_window, "latest_error": f.latest_dead_letter_error}),
+        });
+    }
+
+    if f.subscriptions_refused > 0 {
+        let first: Vec<String> = f
+            .refused_filters
+            .iter()
+            .map(|(filter, reason, attempts)| format!("{filter} ({reason}; {attempts} attempt(s))"))
+            .collect();
+        out.push(Finding {
+            kind: Kind::MqttSubscriptionRefused,
+            level: Level::Critical,
+            message: format!(
+                "the broker refuses {} topic filter(s) of the cluster's session, so nothing published on them is received: {}. Check the broker's ACL for the cluster's user; the leader retries on its own.",
+                f.subscriptions_refused,
+                first.join(", ")
+            ),
+            details: json!({"count": f.subscriptions_refused, "filters": f.refused_filters.iter().map(|(filter, reason, attempts)| json!({"filter": filter, "error": reason, "attempts": attempts})).collect::<Vec<_>>()}),
         });
     }
 
@@ -728,6 +749,8 @@ mod tests {
             dead_letters_in_window: 0,
             latest_dead_letter_error: None,
             leader_changes_in_window: 1,
+            subscriptions_refused: 0,
+            refused_filters: vec![],
         }
     }
 
@@ -856,6 +879,32 @@ mod tests {
         assert!(
             !shown.contains("tok3n") && shown.contains("hooks.example"),
             "{shown}"
+        );
+    }
+
+    #[test]
+    fn a_refused_subscription_is_critical_and_names_the_filter() {
+        let mut f = healthy();
+        f.subscriptions_refused = 1;
+        f.refused_filters = vec![(
+            "plant/secret/data".into(),
+            "refused by the broker (SUBACK 0x80)".into(),
+            3,
+        )];
+        let found = judge(&f, &t());
+        assert_eq!(found.len(), 1);
+        assert_eq!(
+            (found[0].kind, found[0].level),
+            (Kind::MqttSubscriptionRefused, Level::Critical)
+        );
+        assert!(
+            found[0].message.contains("plant/secret/data"),
+            "{}",
+            found[0].message
+        );
+        assert_eq!(
+            Kind::MqttSubscriptionRefused.as_str(),
+            "mqtt_subscription_refused"
         );
     }
 

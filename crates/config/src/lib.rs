@@ -53,6 +53,7 @@ pub const KEYS: &[&str] = &[
     "REDELIVERY_WINDOW",
     "MAX_PAYLOAD_BYTES",
     "MAX_PENDING",
+    "MAX_PENDING_BYTES",
     "HTTP_ADDR",
     "STALE_WARNING",
     "STALE_CRITICAL",
@@ -344,6 +345,16 @@ pub fn fmt_dur(d: Duration) -> String {
     humantime::format_duration(d).to_string()
 }
 
+/// Default `MAX_PENDING_BYTES` (or `MAX_PAYLOAD_BYTES` if that is larger): payload and topic
+/// bytes a leader holds received and unacknowledged. The writer's copies of a batch (decoded rows,
+/// statement parameters) come on top, about three more times; measured draining a backlog of
+/// 200 KiB payloads, peak resident memory was ~22 MiB + ~4 x MAX_PENDING_BYTES (44 MiB with
+/// this default, against the 64 MiB bound of SPEC section 15). 16 max-size payloads, or over
+/// 20,000 typical readings: no limit on throughput.
+pub const DEFAULT_MAX_PENDING_BYTES: usize = 4 * 1024 * 1024;
+/// Highest accepted `MAX_PENDING_BYTES` (the ingest's byte budget is a semaphore of u32 permits).
+pub const MAX_PENDING_BYTES_LIMIT: usize = 4 * 1024 * 1024 * 1024 - 1;
+
 /// The parsed, validated configuration of one node.
 #[derive(Clone)]
 pub struct Config {
@@ -371,6 +382,8 @@ pub struct Config {
     pub redelivery_window: Duration,
     pub max_payload_bytes: usize,
     pub max_pending: usize,
+    /// Payload and topic bytes of received-but-unacknowledged messages (G5: bounded in bytes).
+    pub max_pending_bytes: usize,
     pub http_addr: SocketAddr,
     pub stale_warning: Duration,
     pub stale_critical: Duration,
@@ -406,6 +419,7 @@ impl fmt::Debug for Config {
             .field("redelivery_window", &self.redelivery_window)
             .field("max_payload_bytes", &self.max_payload_bytes)
             .field("max_pending", &self.max_pending)
+            .field("max_pending_bytes", &self.max_pending_bytes)
             .field("http_addr", &self.http_addr)
             .field(
                 "alert_webhook_url",
@@ -753,6 +767,22 @@ impl Config {
                 (batch_max_rows * 10).max(10_000),
                 positive_int,
             )?,
+            max_pending_bytes: s.parse(
+                "MAX_PENDING_BYTES",
+                DEFAULT_MAX_PENDING_BYTES.max(max_payload_bytes),
+                |v| {
+                    byte_size(v).and_then(|n| {
+                        if n <= MAX_PENDING_BYTES_LIMIT {
+                            Ok(n)
+                        } else {
+                            Err(format!(
+                                "must be at most {}MiB",
+                                MAX_PENDING_BYTES_LIMIT >> 20
+                            ))
+                        }
+                    })
+                },
+            )?,
             http_addr: s.parse("HTTP_ADDR", SocketAddr::from(([0, 0, 0, 0], 8080)), |v| {
                 v.parse()
                     .map_err(|_| "expected an address such as 0.0.0.0:8080".into())
@@ -783,6 +813,23 @@ impl Config {
                 value: cfg.max_pending.to_string(),
                 origin: s.get("MAX_PENDING").map(|(_, o)| o.clone()).unwrap_or(Origin::Default),
                 reason: "must be at most 50000: MQTT packet ids are 16 bits and must not wrap while messages are held".into(),
+            });
+        }
+        if cfg.max_pending_bytes < cfg.max_payload_bytes {
+            return Err(ConfigError::Invalid {
+                key: "MAX_PENDING_BYTES".into(),
+                value: s
+                    .get("MAX_PENDING_BYTES")
+                    .map(|(v, _)| v.to_string())
+                    .unwrap_or_else(|| cfg.max_pending_bytes.to_string()),
+                origin: s
+                    .get("MAX_PENDING_BYTES")
+                    .map(|(_, o)| o.clone())
+                    .unwrap_or(Origin::Default),
+                reason: format!(
+                    "must be at least MAX_PAYLOAD_BYTES ({} bytes): one message of the largest accepted size must fit",
+                    cfg.max_payload_bytes
+                ),
             });
         }
         if cfg.max_pending < cfg.batch_max_rows {
@@ -983,6 +1030,36 @@ mod tests {
         assert!(e.contains("MQTT_MODE"), "{e}");
         let e = load(&[("MQTT_TOPICS", "a/#/b")]).unwrap_err().to_string();
         assert!(e.contains("MQTT_TOPICS"), "{e}");
+    }
+
+    #[test]
+    fn max_pending_bytes_takes_sizes_and_must_hold_one_payload() {
+        let c = load(&[]).expect("defaults");
+        assert_eq!(c.max_pending_bytes, DEFAULT_MAX_PENDING_BYTES);
+        let c = load(&[("MAX_PENDING_BYTES", "16MiB")]).expect("16MiB");
+        assert_eq!(c.max_pending_bytes, 16 * 1024 * 1024);
+        let e = load(&[("MAX_PENDING_BYTES", "100KiB")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("MAX_PENDING_BYTES") && e.contains("MAX_PAYLOAD_BYTES") && !e.contains('\n'),
+            "{e}"
+        );
+        let e = load(&[("MAX_PAYLOAD_BYTES", "9MiB"), ("MAX_PENDING_BYTES", "8MiB")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("MAX_PENDING_BYTES"), "{e}");
+        // Unset, it grows with MAX_PAYLOAD_BYTES.
+        let c = load(&[("MAX_PAYLOAD_BYTES", "9MiB")]).expect("default follows");
+        assert_eq!(c.max_pending_bytes, 9 * 1024 * 1024);
+        let e = load(&[("MAX_PENDING_BYTES", "lots")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("MAX_PENDING_BYTES"), "{e}");
+        let e = load(&[("MAX_PENDING_BYTES", "8192MiB")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("MAX_PENDING_BYTES"), "{e}");
     }
 
     #[test]

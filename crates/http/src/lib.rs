@@ -152,10 +152,38 @@ fn lease_view(s: &HttpState) -> Value {
 
 fn mqtt_view() -> Value {
     let m = metrics();
+    let subs = m.subscriptions();
+    let now = Instant::now();
+    let failed: Vec<Value> = subs
+        .failed
+        .iter()
+        .map(|f| {
+            json!({
+                "filter": f.filter,
+                "error": f.reason,
+                "attempts": f.attempts,
+                "failing_for_seconds": now.saturating_duration_since(f.since).as_secs_f64(),
+                "retry_in_seconds": f.retry_at.saturating_duration_since(now).as_secs_f64(),
+            })
+        })
+        .collect();
     json!({
         "connected": m.mqtt_connected.get() == 1,
         "subscribed_topics": m.mqtt_subscribed_topics.get(),
+        "devices": subs.device_topics,
+        "subscriptions": {
+            "ledger_loaded": subs.loaded,
+            "wanted": subs.wanted,
+            "configured": subs.configured,
+            "device_topics": subs.device_topics,
+            "subscribed": subs.subscribed,
+            "pending": subs.pending,
+            "failed_total": subs.failed_total,
+            "failed": failed,
+            "subscribe_failures_total": m.mqtt_subscribe_failures.get(),
+        },
         "pending": m.messages_pending.get(),
+        "pending_bytes": m.messages_pending_bytes.get(),
         "reconnects": m.mqtt_reconnects.get(),
     })
 }
@@ -259,10 +287,23 @@ async fn lease(State(s): State<HttpState>) -> Response {
     Json(view).into_response()
 }
 
+/// 503 when this node needs the broker and is not connected, or when the broker refuses some
+/// of the wanted topic filters (nothing published on them reaches the session).
 async fn mqtt(State(s): State<HttpState>) -> Response {
-    let v = with_client_id(mqtt_view(), &s);
+    let mut v = with_client_id(mqtt_view(), &s);
     let needs = s.observer || matches!(role_of(&s), Role::Leader { .. });
-    let ok = !needs || v["connected"].as_bool().unwrap_or(false);
+    let mut problems = Vec::new();
+    if needs && !v["connected"].as_bool().unwrap_or(false) {
+        problems.push("not connected to the broker".to_string());
+    }
+    let failed = v["subscriptions"]["failed_total"].as_u64().unwrap_or(0);
+    if needs && failed > 0 {
+        problems.push(format!(
+            "the broker refused {failed} topic filter(s): see subscriptions.failed"
+        ));
+    }
+    let ok = problems.is_empty();
+    v["problems"] = json!(problems);
     (code(ok), Json(v)).into_response()
 }
 

@@ -11,15 +11,27 @@
 //! The acks do not go through rumqttc's request queue: its event loop takes one request per poll
 //! against up to ten incoming packets, so while a backlog streams in, acks fall behind without
 //! bound, and a full queue would drop them (the broker then redelivers committed messages).
-//! Written here, every ack keeps its permit until it is on the wire side of the connection, so
-//! `MAX_PENDING` bounds both the messages held and the acks owed.
+//! Written here, every ack keeps its permits until it is on the wire side of the connection, so
+//! `MAX_PENDING` and `MAX_PENDING_BYTES` bound both the messages held and the acks owed.
+//!
+//! Memory is bounded in messages and in bytes: a message holds one permit of `MAX_PENDING` and
+//! one per byte (payload and topic) of `MAX_PENDING_BYTES`. When either is used up the ingest
+//! stops reading from the broker (the broker's sends wait in TCP and in its queue; nothing is
+//! refused) until acks return permits, and keeps the connection alive meanwhile by writing the
+//! acks and its own PINGREQs. A payload over `MAX_PAYLOAD_BYTES` (a dead letter to be) is cut to
+//! its first `MAX_PAYLOAD_BYTES` on arrival, its [`Inbound::original_size`] kept.
 //!
 //! # Layout
 //! - [`IngestConfig`]: session settings (shared persistent session or a private observer one).
-//! - [`MqttIngest::run`]: connect, subscribe on every CONNACK, poll, reconnect with backoff, drain.
+//! - [`MqttIngest::run`]: connect, reconcile subscriptions on every CONNACK, poll, reconnect
+//!   with backoff, drain.
 //! - [`Acker`]: the ack path back from the writer.
+//! - [`subscriptions`]: subscribing a fleet of any size in small packets and reconciling the
+//!   session with the wanted topics; [`ledger`]: where the session's subscriptions are kept.
 
-use std::collections::BTreeSet;
+pub mod ledger;
+pub mod subscriptions;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,16 +40,19 @@ use chrono::{DateTime, Utc};
 use leasehold_config::MqttEndpoint;
 use leasehold_telemetry::{events, metrics};
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, PubAck, Publish, QoS,
-    Request, SubscribeFilter, Transport,
+    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, PubAck, Publish,
+    QoS, Request, Subscribe, SubscribeFilter, Transport, Unsubscribe,
 };
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+pub use ledger::{LedgerChange, LedgerError, LedgerFuture, MemoryLedger, SubscriptionLedger};
+use subscriptions::{Action, Kind, Subscriptions};
+
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
-    #[error("broker refused the subscription to {0:?}")]
-    SubscribeRefused(Vec<String>),
+    #[error("the subscription ledger refused a write: this node no longer holds the lease")]
+    Fenced,
 }
 
 /// A message received from the broker and not yet acknowledged.
@@ -51,10 +66,21 @@ pub struct Inbound {
     /// session, and never got its ack (a redelivery, or a first delivery after a lost ack).
     pub dup: bool,
     pub topic: String,
+    /// The payload; over `MAX_PAYLOAD_BYTES` only its first `MAX_PAYLOAD_BYTES` are kept.
     pub payload: Bytes,
+    /// The payload's size as published (above `payload.len()` when it was cut).
+    pub original_size: usize,
     pub received_at: DateTime<Utc>,
     pub received: Instant,
-    _permit: Option<OwnedSemaphorePermit>,
+    _permit: Option<Reservation>,
+}
+
+/// A message's share of `MAX_PENDING` (one) and `MAX_PENDING_BYTES` (its payload and topic
+/// bytes); both return when the message is dropped, after its ack was written.
+#[derive(Debug)]
+struct Reservation {
+    _count: OwnedSemaphorePermit,
+    _bytes: OwnedSemaphorePermit,
 }
 
 impl Inbound {
@@ -67,6 +93,7 @@ impl Inbound {
             dup: false,
             topic: topic.to_string(),
             payload: Bytes::copy_from_slice(payload),
+            original_size: payload.len(),
             received_at: Utc::now(),
             received: Instant::now(),
             _permit: None,
@@ -111,6 +138,10 @@ impl Acker {
     }
 }
 
+/// The enabled `devices` topics, `None` until they were first read from the database: until then
+/// nothing is unsubscribed (the session's subscriptions are not judged against a list not known).
+pub type DeviceTopics = Option<Vec<String>>;
+
 /// Session settings.
 #[derive(Clone, Debug)]
 pub struct IngestConfig {
@@ -124,19 +155,13 @@ pub struct IngestConfig {
     pub reconnect_max: Duration,
     pub max_payload_bytes: usize,
     pub max_pending: usize,
+    /// Payload and topic bytes of received-but-unacknowledged messages, at most.
+    pub max_pending_bytes: usize,
     /// Configured topic filters (`MQTT_TOPICS`); device topics arrive on a watch channel.
     pub topics: Vec<String>,
     /// Whether a CONNACK without a session is unexpected on the first connect of this term
     /// (a previous leader has held the session).
     pub expect_session: bool,
-}
-
-/// MQTT packet ids are 16 bits. A refused message keeps its id until the next connection, and a
-/// broker that hands ids out sequentially without checking which are in flight (Mosquitto 2.0.11)
-/// reuses it after 65535 sends: an ack for the new holder of that id would then acknowledge the
-/// refused message, which is lost. So refusals on one connection are capped below that.
-pub fn refusal_limit(max_pending: usize) -> u64 {
-    (65_535u64.saturating_sub(max_pending as u64 + 5_000)).max(1_000)
 }
 
 impl IngestConfig {
@@ -155,6 +180,7 @@ impl IngestConfig {
             reconnect_max: cfg.mqtt_reconnect_max,
             max_payload_bytes: cfg.max_payload_bytes,
             max_pending: cfg.max_pending,
+            max_pending_bytes: cfg.max_pending_bytes,
             topics: cfg.mqtt_topics.clone(),
             expect_session,
         }
@@ -182,6 +208,10 @@ const QUICK_DISCONNECT: Duration = Duration::from_secs(3);
 const CONFLICT_AFTER: u32 = 3;
 /// Writing one batch of acks into the socket; rumqttc's own writes use the same bound.
 const ACK_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// After a drain, how long the last subscription-ledger writes may take before they are dropped.
+/// Short: the hand-over to a standby waits for it (G4: within a second), and a dropped write only
+/// leaves rows "pending", which the next connection reconciles.
+const LEDGER_FLUSH: Duration = Duration::from_millis(250);
 
 /// The MQTT side of a term. Built per term by the supervisor; `run` consumes it.
 pub struct MqttIngest {
@@ -192,10 +222,27 @@ pub struct MqttIngest {
     tx: Option<mpsc::Sender<Inbound>>,
     /// Committed messages coming back to be acknowledged.
     acks: mpsc::UnboundedReceiver<Vec<Inbound>>,
+    /// `MAX_PENDING`: one permit per message held.
     pending: Arc<Semaphore>,
-    device_topics: watch::Receiver<Vec<String>>,
+    /// `MAX_PENDING_BYTES`: one permit per payload and topic byte held.
+    pending_bytes: Arc<Semaphore>,
+    max_pending_bytes: usize,
+    device_topics: watch::Receiver<DeviceTopics>,
     may_connect: Arc<dyn Fn() -> bool + Send + Sync>,
     connected: watch::Sender<bool>,
+    subs: Subscriptions,
+    ledger: Arc<dyn SubscriptionLedger>,
+    /// Ledger writes, applied in order by the ledger task of `run`.
+    ledger_ops: Option<mpsc::UnboundedSender<subscriptions::LedgerOp>>,
+    last_full_log: Option<Instant>,
+}
+
+/// What became of a message taken from the broker.
+enum Taken {
+    Done,
+    Cancelled,
+    /// The connection broke while intake was paused.
+    Lost(ConnectionError),
 }
 
 /// The broker's TLS configuration: always verified (chain and name), against MQTT_CA_FILE or
@@ -247,19 +294,21 @@ impl MqttIngest {
         self.connected.subscribe()
     }
 
-    /// Builds the session; messages are delivered on the returned receiver.
+    /// Builds the session; messages are delivered on the returned receiver. Its subscriptions
+    /// are remembered in a [`MemoryLedger`] unless [`MqttIngest::with_ledger`] gives another.
     pub fn new(
         cfg: IngestConfig,
-        device_topics: watch::Receiver<Vec<String>>,
+        device_topics: watch::Receiver<DeviceTopics>,
         may_connect: Arc<dyn Fn() -> bool + Send + Sync>,
     ) -> (MqttIngest, Acker, mpsc::Receiver<Inbound>) {
         let mut opts = MqttOptions::new(&cfg.client_id, &cfg.endpoint.host, cfg.endpoint.port);
         opts.set_keep_alive(cfg.keep_alive)
             .set_clean_session(cfg.clean_session)
             .set_manual_acks(cfg.manual_acks);
-        // Above MAX_PAYLOAD_BYTES so an oversized message is dead-lettered, not a reconnect loop.
+        // Incoming: above MAX_PAYLOAD_BYTES so an oversized message is dead-lettered, not a
+        // reconnect loop. Outgoing: subscriptions are split into packets far below this.
         let max_packet = (cfg.max_payload_bytes * 2 + 64 * 1024).max(2 * 1024 * 1024);
-        opts.set_max_packet_size(max_packet, 64 * 1024);
+        opts.set_max_packet_size(max_packet, subscriptions::MAX_OUTGOING_PACKET);
         if let (Some(u), p) = (&cfg.endpoint.username, &cfg.endpoint.password) {
             opts.set_credentials(u, p.clone().unwrap_or_default());
         }
@@ -278,13 +327,19 @@ impl MqttIngest {
                 }
             };
         }
-        // Subscriptions, pings and DISCONNECT only: acks are written by `write_acks`.
+        // DISCONNECT and PUBRECs only: acks are written by `write_acks`, pings during a pause by
+        // `ping`, subscriptions are queued on the event loop a window at a time.
         let (client, mut eventloop) = AsyncClient::new(opts, 64);
         eventloop.network_options.set_connection_timeout(5);
         let (tx, rx) = mpsc::channel(cfg.max_pending.max(1));
         let pending = Arc::new(Semaphore::new(cfg.max_pending));
+        let max_pending_bytes = cfg
+            .max_pending_bytes
+            .clamp(1, (u32::MAX as usize).min(Semaphore::MAX_PERMITS));
+        let pending_bytes = Arc::new(Semaphore::new(max_pending_bytes));
         let (acks_tx, acks) = mpsc::unbounded_channel();
         let acker = Acker { tx: acks_tx };
+        let subs = Subscriptions::new(cfg.topics.clone());
         (
             MqttIngest {
                 cfg,
@@ -294,26 +349,33 @@ impl MqttIngest {
                 tx: Some(tx),
                 acks,
                 pending,
+                pending_bytes,
+                max_pending_bytes,
                 device_topics,
                 may_connect,
                 connected: watch::Sender::new(false),
+                subs,
+                ledger: Arc::new(MemoryLedger::default()),
+                ledger_ops: None,
+                last_full_log: None,
             },
             acker,
             rx,
         )
     }
 
+    /// Remembers the session's subscriptions in `ledger` (the leader's: PostgreSQL, fenced).
+    pub fn with_ledger(mut self, ledger: Arc<dyn SubscriptionLedger>) -> Self {
+        self.ledger = ledger;
+        self
+    }
+
     fn pending_count(&self) -> usize {
         self.cfg.max_pending - self.pending.available_permits()
     }
 
-    fn wanted_topics(&self) -> BTreeSet<String> {
-        self.cfg
-            .topics
-            .iter()
-            .cloned()
-            .chain(self.device_topics.borrow().iter().cloned())
-            .collect()
+    fn pending_byte_count(&self) -> usize {
+        self.max_pending_bytes - self.pending_bytes.available_permits()
     }
 
     /// Runs until `cancel` (stop at once: nothing more is acknowledged), or until `drain` has
@@ -324,183 +386,157 @@ impl MqttIngest {
         cancel: CancellationToken,
         drain: CancellationToken,
     ) -> Result<(), IngestError> {
+        let (ops_tx, ops_rx) = mpsc::unbounded_channel();
+        let (replies_tx, mut replies) = mpsc::unbounded_channel();
+        let ledger_task = tokio::spawn(ledger::run(
+            self.ledger.clone(),
+            self.cfg.client_id.clone(),
+            ops_rx,
+            replies_tx,
+        ));
+        self.ledger_ops = Some(ops_tx);
+        let topics = self.device_topics.borrow_and_update().clone();
+        let actions = self
+            .subs
+            .set_device_topics(topics.as_deref(), Instant::now());
+        self.execute(actions);
+
         let broker = self.cfg.endpoint.to_string();
         let mut connections = 0u64;
         let mut connected_at: Option<Instant> = None;
         let mut backoff = Duration::from_millis(100);
         let mut quick_disconnects = 0u32;
-        let mut subscribed: BTreeSet<String> = BTreeSet::new();
-        let mut overflowed = false;
-        // Messages refused on the current connection (see `refusal_limit`).
-        let mut refused = 0u64;
-        let refuse_at_most = refusal_limit(self.cfg.max_pending);
-        let mut last_full_log: Option<Instant> = None;
         let mut disconnecting = false;
-        // An overflow's DISCONNECT is on its way; reconnect once it is out.
-        let mut refill = false;
         // Cleared when the topic source is gone: its channel would report "changed" forever.
         let mut topics_open = true;
         let full = self.cfg.max_pending as u32;
         let result = loop {
             metrics().messages_pending.set(self.pending_count() as i64);
+            metrics()
+                .messages_pending_bytes
+                .set(self.pending_byte_count() as i64);
             if self.eventloop.network.is_none() && !(self.may_connect)() {
                 tracing::info!("not connecting to the broker: this node may no longer ingest");
                 break Ok(());
             }
             let draining = self.tx.is_none();
             let sem = self.pending.clone();
+            let retry_at = self.subs.next_retry();
+            let retry = tokio::time::sleep_until(
+                retry_at
+                    .map(tokio::time::Instant::from_std)
+                    .unwrap_or_else(tokio::time::Instant::now),
+            );
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break Ok(()),
-                _ = drain.cancelled(), if !draining => {
-                    // Stop intake: what arrives from now on stays unacknowledged in the session
-                    // and goes to the next leader. The writer finishes what it has.
-                    self.tx = None;
-                    tracing::info!(pending = self.pending_count(), "intake stopped; waiting for the writer to commit and acknowledge");
-                }
-                all = sem.acquire_many_owned(full), if (draining || overflowed) && !disconnecting && !refill => {
+                _ = drain.cancelled(), if !draining => self.stop_intake(),
+                all = sem.acquire_many_owned(full), if draining && !disconnecting => {
                     drop(all);
-                    if draining {
-                        // Everything forwarded is acknowledged: DISCONNECT goes out after the acks.
-                        disconnecting = true;
-                        if self.eventloop.network.is_none() || self.client.try_disconnect().is_err() {
-                            break Ok(());
-                        }
-                    } else {
-                        // Messages refused while full are still in flight at the broker; a new
-                        // connection makes it redeliver them. DISCONNECT is queued behind the acks
-                        // just sent, so they reach the broker first: cutting the connection here
-                        // would purge them and have committed messages redelivered.
-                        overflowed = false;
-                        tracing::info!("pending messages drained after an overflow; reconnecting to receive what was refused");
-                        if self.client.try_disconnect().is_ok() {
-                            refill = true;
-                        } else {
-                            self.on_disconnect();
-                            self.eventloop.clean();
-                        }
+                    // Everything forwarded is acknowledged: DISCONNECT goes out after the acks.
+                    disconnecting = true;
+                    if self.eventloop.network.is_none() || self.client.try_disconnect().is_err() {
+                        break Ok(());
                     }
                 }
                 Some(batch) = self.acks.recv() => self.write_acks(batch).await,
-                changed = self.device_topics.changed(), if connected_at.is_some() && topics_open => {
+                Some(reply) = replies.recv() => {
+                    let now = Instant::now();
+                    let actions = match reply {
+                        ledger::Reply::Loaded { conn, rows } => self.subs.loaded(conn, rows, now),
+                        ledger::Reply::IntentWritten(chunk) => self.subs.intent_written(chunk),
+                        ledger::Reply::Fenced => {
+                            tracing::error!("subscription ledger write fenced: this node no longer holds the lease; ending the term");
+                            break Err(IngestError::Fenced);
+                        }
+                    };
+                    self.execute(actions);
+                }
+                changed = self.device_topics.changed(), if topics_open => {
                     if changed.is_err() {
                         // The topic source is gone (shutting down): keep the current topics.
                         topics_open = false;
                         continue;
                     }
-                    self.resubscribe(&mut subscribed, false);
+                    let topics = self.device_topics.borrow_and_update().clone();
+                    let actions = self.subs.set_device_topics(topics.as_deref(), Instant::now());
+                    self.execute(actions);
                 }
-                ev = self.eventloop.poll() => match ev {
-                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                        let reconnect = connections > 0;
-                        connections += 1;
-                        self.gate = Gate { conn: connections, connected: true };
-                        connected_at = Some(Instant::now());
-                        refused = 0;
-                        self.connected.send_replace(true);
-                        backoff = Duration::from_millis(100);
-                        events::MqttConnected { broker: &broker, session_present: ack.session_present, reconnect }.emit();
-                        if !self.cfg.clean_session && !ack.session_present && (reconnect || self.cfg.expect_session) {
-                            events::MqttSessionLost { client_id: &self.cfg.client_id }.emit();
-                        }
-                        // Subscriptions are re-sent on every connect: a lost session lost them too.
-                        subscribed.clear();
-                        self.resubscribe(&mut subscribed, true);
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        metrics().messages_received.inc();
-                        if self.tx.is_none() {
-                            // Draining: not ours to acknowledge any more.
-                            continue;
-                        }
-                        let permit = match self.pending.clone().try_acquire_owned() {
-                            Ok(permit) => Some(permit),
-                            Err(_) => {
-                                // MAX_PENDING is full: stop reading until the writer frees a slot.
-                                // The broker's sends back up in TCP and in its own queue, which
-                                // takes no packet ids and refuses nothing. Half a keep-alive at
-                                // most, so pings still go out while the writer is stuck.
-                                if last_full_log.is_none_or(|t: Instant| t.elapsed() > Duration::from_secs(10)) {
-                                    events::PendingOverflow { max_pending: self.cfg.max_pending }.emit();
-                                    last_full_log = Some(Instant::now());
-                                }
-                                metrics().messages_pending.set(self.pending_count() as i64);
-                                // Slots come back as their acks are written, which is done here.
-                                let deadline = tokio::time::sleep(self.cfg.keep_alive / 2);
-                                tokio::pin!(deadline);
-                                let waited = loop {
-                                    tokio::select! {
-                                        biased;
-                                        _ = cancel.cancelled() => break None,
-                                        p = self.pending.clone().acquire_owned() => break Some(p.ok()),
-                                        Some(batch) = self.acks.recv() => self.write_acks(batch).await,
-                                        _ = &mut deadline => break Some(None),
-                                    }
-                                };
-                                match waited {
-                                    Some(permit) => permit,
-                                    None => break Ok(()),
-                                }
-                            }
-                        };
-                        match permit {
-                            Some(permit) => self.forward(p, connections, permit),
-                            None => {
-                                // Refused: it stays in flight at the broker and comes back on the
-                                // next connection (made once everything held is acknowledged).
-                                overflowed = true;
-                                refused += 1;
-                                metrics().messages_overflow.inc();
-                                if refused >= refuse_at_most && !refill {
-                                    // Cut now, before the broker could reuse a refused message's
-                                    // packet id: acks still owed on this connection are dropped
-                                    // and their messages redelivered (duplicates), never lost.
-                                    tracing::warn!(refused, "too many messages refused on one connection; reconnecting now");
-                                    overflowed = false;
-                                    self.on_disconnect();
-                                    self.eventloop.clean();
-                                }
+                _ = retry, if retry_at.is_some() => {
+                    let actions = self.subs.retry_due(Instant::now());
+                    self.execute(actions);
+                }
+                ev = self.eventloop.poll() => {
+                    let ev = match ev {
+                        Ok(Event::Incoming(Packet::Publish(p))) => {
+                            match self.take(p, connections, &cancel, &drain).await {
+                                Taken::Done => continue,
+                                Taken::Cancelled => break Ok(()),
+                                Taken::Lost(e) => Err(e),
                             }
                         }
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(s))) => {
-                        let refused = s.return_codes.iter().filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)).count();
-                        if refused > 0 {
-                            tracing::error!(refused, "broker refused {refused} topic filter(s); check the broker ACL");
+                        other => other,
+                    };
+                    match ev {
+                        Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                            let reconnect = connections > 0;
+                            connections += 1;
+                            self.gate = Gate { conn: connections, connected: true };
+                            connected_at = Some(Instant::now());
+                            self.connected.send_replace(true);
+                            backoff = Duration::from_millis(100);
+                            // Reconcile the session's subscriptions with what is wanted: from
+                            // the ledger, or from nothing when the broker has no session. (Before
+                            // the connect is counted, so /health never shows the new connection
+                            // with the old connection's subscriptions.)
+                            let actions = self.subs.connected(connections, ack.session_present, Instant::now());
+                            self.execute(actions);
+                            events::MqttConnected { broker: &broker, session_present: ack.session_present, reconnect }.emit();
+                            if !self.cfg.clean_session && !ack.session_present && (reconnect || self.cfg.expect_session) {
+                                events::MqttSessionLost { client_id: &self.cfg.client_id }.emit();
+                            }
                         }
-                    }
-                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) if refill => {
-                        // Acks are out; connect again at once for the redelivery.
-                        refill = false;
-                        self.on_disconnect();
-                        self.eventloop.clean();
-                    }
-                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
-                        tracing::info!("acks flushed; disconnected from the broker");
-                        break Ok(());
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        let was_up = connected_at.take();
-                        self.on_disconnect();
-                        if disconnecting {
+                        Ok(Event::Outgoing(Outgoing::Subscribe(pkid))) => {
+                            self.subs.outgoing(Kind::Subscribe, pkid)
+                        }
+                        Ok(Event::Outgoing(Outgoing::Unsubscribe(pkid))) => {
+                            self.subs.outgoing(Kind::Unsubscribe, pkid)
+                        }
+                        Ok(Event::Incoming(Packet::SubAck(s))) => {
+                            let actions = self.subs.suback(s.pkid, &s.return_codes, Instant::now());
+                            self.execute(actions);
+                        }
+                        Ok(Event::Incoming(Packet::UnsubAck(u))) => {
+                            let actions = self.subs.unsuback(u.pkid, Instant::now());
+                            self.execute(actions);
+                        }
+                        Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                            tracing::info!("acks flushed; disconnected from the broker");
                             break Ok(());
                         }
-                        match was_up {
-                            Some(t) if t.elapsed() < QUICK_DISCONNECT => quick_disconnects += 1,
-                            Some(_) => quick_disconnects = 0,
-                            None => {}
-                        }
-                        if quick_disconnects >= CONFLICT_AFTER {
-                            events::MqttClientIdConflict { client_id: &self.cfg.client_id, quick_disconnects }.emit();
-                            quick_disconnects = 0;
-                        }
-                        let wait = backoff.mul_f64(0.5 + fastrand::f64() * 0.5);
-                        events::MqttDisconnected { error: &DisplayConnErr(&e), retry_in_ms: wait.as_millis() }.emit();
-                        backoff = (backoff * 2).min(self.cfg.reconnect_max);
-                        tokio::select! {
-                            _ = cancel.cancelled() => break Ok(()),
-                            _ = tokio::time::sleep(wait) => {}
+                        Ok(_) => {}
+                        Err(e) => {
+                            let was_up = connected_at.take();
+                            self.on_disconnect();
+                            if disconnecting {
+                                break Ok(());
+                            }
+                            match was_up {
+                                Some(t) if t.elapsed() < QUICK_DISCONNECT => quick_disconnects += 1,
+                                Some(_) => quick_disconnects = 0,
+                                None => {}
+                            }
+                            if quick_disconnects >= CONFLICT_AFTER {
+                                events::MqttClientIdConflict { client_id: &self.cfg.client_id, quick_disconnects }.emit();
+                                quick_disconnects = 0;
+                            }
+                            let wait = backoff.mul_f64(0.5 + fastrand::f64() * 0.5);
+                            events::MqttDisconnected { error: &DisplayConnErr(&e), retry_in_ms: wait.as_millis() }.emit();
+                            backoff = (backoff * 2).min(self.cfg.reconnect_max);
+                            tokio::select! {
+                                _ = cancel.cancelled() => break Ok(()),
+                                _ = tokio::time::sleep(wait) => {}
+                            }
                         }
                     }
                 }
@@ -508,26 +544,236 @@ impl MqttIngest {
         };
         self.gate.connected = false;
         self.connected.send_replace(false);
+        self.subs.disconnected();
+        // Let the last ledger writes (grants, removals) through after a clean stop; after a hard
+        // stop they are dropped: the rows stay "pending" and the next connection reconciles them.
+        self.ledger_ops = None;
+        if cancel.is_cancelled() || result.is_err() {
+            ledger_task.abort();
+        } else if tokio::time::timeout(LEDGER_FLUSH, ledger_task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("subscription ledger writes did not finish within {LEDGER_FLUSH:?}; the next connection reconciles them");
+        }
         metrics().mqtt_connected.set(0);
-        metrics().mqtt_subscribed_topics.set(0);
+        metrics().set_subscriptions(leasehold_telemetry::SubscriptionStatus::default());
         result
     }
 
-    /// Hands a message, with its `MAX_PENDING` permit, to the writer.
-    fn forward(&mut self, p: Publish, conn: u64, permit: OwnedSemaphorePermit) {
+    /// Stops intake: what arrives from now on stays unacknowledged in the session and goes to
+    /// the next leader. The writer finishes what it has.
+    fn stop_intake(&mut self) {
+        self.tx = None;
+        tracing::info!(
+            pending = self.pending_count(),
+            "intake stopped; waiting for the writer to commit and acknowledge"
+        );
+    }
+
+    /// Carries out what the subscription state asks for, in order: ledger writes go to the
+    /// ledger task, packets are queued on the event loop (never into the bounded request
+    /// channel, which a large fleet would overflow).
+    fn execute(&mut self, actions: Vec<Action>) {
+        for a in actions {
+            match a {
+                Action::Ledger(op) => {
+                    // If the ledger task is gone it said why (fenced) or the term is ending.
+                    if let Some(tx) = &self.ledger_ops {
+                        let _ = tx.send(op);
+                    }
+                }
+                Action::Send {
+                    kind: Kind::Subscribe,
+                    filters,
+                    ..
+                } => self
+                    .eventloop
+                    .pending
+                    .push_back(Request::Subscribe(Subscribe::new_many(
+                        filters
+                            .into_iter()
+                            .map(|f| SubscribeFilter::new(f, QoS::AtLeastOnce)),
+                    ))),
+                Action::Send {
+                    kind: Kind::Unsubscribe,
+                    filters,
+                    ..
+                } => self
+                    .eventloop
+                    .pending
+                    .push_back(Request::Unsubscribe(Unsubscribe {
+                        pkid: 0,
+                        topics: filters,
+                    })),
+            }
+        }
+    }
+
+    /// A message from the broker: cut to `MAX_PAYLOAD_BYTES` if larger, then handed to the
+    /// writer once it fits both `MAX_PENDING` and `MAX_PENDING_BYTES`. Until then nothing more is
+    /// read from the broker (its sends wait in TCP and in its queue; nothing is refused), while
+    /// acks are still written and the connection is kept alive with PINGREQs.
+    async fn take(
+        &mut self,
+        p: Publish,
+        conn: u64,
+        cancel: &CancellationToken,
+        drain: &CancellationToken,
+    ) -> Taken {
+        metrics().messages_received.inc();
+        if self.tx.is_none() {
+            // Draining: not ours to acknowledge any more.
+            return Taken::Done;
+        }
+        let original_size = p.payload.len();
+        let payload = if original_size > self.cfg.max_payload_bytes {
+            // A copy, so the large buffer is freed now rather than held until the ack.
+            Bytes::copy_from_slice(&p.payload[..self.cfg.max_payload_bytes])
+        } else {
+            p.payload
+        };
+        let cost = (payload.len() + p.topic.len()).clamp(1, self.max_pending_bytes) as u32;
+        let reserved = match self.try_reserve(cost) {
+            Some(r) => r,
+            None => {
+                if self
+                    .last_full_log
+                    .is_none_or(|t: Instant| t.elapsed() > Duration::from_secs(10))
+                {
+                    let count_full = self.pending.available_permits() == 0;
+                    events::PendingOverflow {
+                        setting: if count_full {
+                            "MAX_PENDING"
+                        } else {
+                            "MAX_PENDING_BYTES"
+                        },
+                        limit: if count_full {
+                            self.cfg.max_pending
+                        } else {
+                            self.max_pending_bytes
+                        },
+                        pending: self.pending_count(),
+                        pending_bytes: self.pending_byte_count(),
+                    }
+                    .emit();
+                    self.last_full_log = Some(Instant::now());
+                }
+                metrics().messages_pending.set(self.pending_count() as i64);
+                metrics()
+                    .messages_pending_bytes
+                    .set(self.pending_byte_count() as i64);
+                let mut ping = tokio::time::interval_at(
+                    tokio::time::Instant::now() + self.cfg.keep_alive / 2,
+                    self.cfg.keep_alive / 2,
+                );
+                loop {
+                    let (count, bytes) = (self.pending.clone(), self.pending_bytes.clone());
+                    let reserve = async move {
+                        let c = count.acquire_owned().await.ok()?;
+                        let b = bytes.acquire_many_owned(cost).await.ok()?;
+                        Some(Reservation {
+                            _count: c,
+                            _bytes: b,
+                        })
+                    };
+                    tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => return Taken::Cancelled,
+                        _ = drain.cancelled() => {
+                            // This message stays unacknowledged in the session.
+                            self.stop_intake();
+                            return Taken::Done;
+                        }
+                        r = reserve => match r {
+                            Some(r) => break r,
+                            None => return Taken::Cancelled,
+                        },
+                        // Permits come back as their acks are written, which is done here.
+                        Some(batch) = self.acks.recv() => self.write_acks(batch).await,
+                        _ = ping.tick() => {
+                            if let Err(e) = self.ping().await {
+                                return Taken::Lost(e);
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        self.forward(
+            p.pkid,
+            p.qos,
+            p.dup,
+            p.topic,
+            payload,
+            original_size,
+            conn,
+            reserved,
+        );
+        Taken::Done
+    }
+
+    fn try_reserve(&self, cost: u32) -> Option<Reservation> {
+        let count = self.pending.clone().try_acquire_owned().ok()?;
+        let bytes = self
+            .pending_bytes
+            .clone()
+            .try_acquire_many_owned(cost)
+            .ok()?;
+        Some(Reservation {
+            _count: count,
+            _bytes: bytes,
+        })
+    }
+
+    /// Keeps the connection alive while intake is paused (the event loop, which would send its
+    /// own pings, is not polled then: it would read more messages).
+    async fn ping(&mut self) -> Result<(), ConnectionError> {
+        let Some(network) = self.eventloop.network.as_mut() else {
+            return Err(ConnectionError::Io(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "no connection to ping",
+            )));
+        };
+        let sent = tokio::time::timeout(ACK_WRITE_TIMEOUT, async {
+            network.write(Packet::PingReq).await?;
+            network.flush().await
+        })
+        .await;
+        match sent {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ConnectionError::MqttState(e)),
+            Err(_) => Err(ConnectionError::FlushTimeout),
+        }
+    }
+
+    /// Hands a message, with its share of `MAX_PENDING` and `MAX_PENDING_BYTES`, to the writer.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &mut self,
+        pkid: u16,
+        qos: QoS,
+        dup: bool,
+        topic: String,
+        payload: Bytes,
+        original_size: usize,
+        conn: u64,
+        reserved: Reservation,
+    ) {
         let Some(tx) = &self.tx else {
             return;
         };
         let msg = Inbound {
             conn,
-            pkid: p.pkid,
-            qos: p.qos,
-            dup: p.dup,
-            topic: p.topic,
-            payload: p.payload,
+            pkid,
+            qos,
+            dup,
+            topic,
+            payload,
+            original_size,
             received_at: Utc::now(),
             received: Instant::now(),
-            _permit: Some(permit),
+            _permit: Some(reserved),
         };
         // Capacity equals MAX_PENDING and each message holds a permit, so this cannot be full;
         // if the writer is gone the message is simply not acknowledged.
@@ -585,51 +831,25 @@ impl MqttIngest {
         }
     }
 
-    /// Brings subscriptions in line with configured + device topics; never awaits.
-    fn resubscribe(&mut self, subscribed: &mut BTreeSet<String>, connect: bool) {
-        let wanted = self.wanted_topics();
-        let add: Vec<String> = wanted.difference(subscribed).cloned().collect();
-        let remove: Vec<String> = subscribed.difference(&wanted).cloned().collect();
-        if !add.is_empty() {
-            let filters = add
-                .iter()
-                .map(|t| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
-            if let Err(e) = self.client.try_subscribe_many(filters) {
-                tracing::error!(error = %e, topics = ?add, "could not queue subscription");
-                return;
-            }
-        }
-        for t in &remove {
-            if let Err(e) = self.client.try_unsubscribe(t.clone()) {
-                tracing::warn!(error = %e, topic = %t, "could not queue unsubscribe");
-            }
-        }
-        if connect || !add.is_empty() || !remove.is_empty() {
-            *subscribed = wanted;
-            let devices = self.device_topics.borrow().len();
-            events::TopicsSubscribed {
-                configured: &self.cfg.topics,
-                devices,
-                total: subscribed.len(),
-            }
-            .emit();
-            if !add.is_empty() && !connect {
-                tracing::info!(added = ?add, removed = ?remove, "device topics changed; subscriptions updated");
-            }
-        }
-    }
-
     /// The connection is gone: bump the connection number first, so no ack of the old
     /// connection is written from now on; then drop the socket with whatever was buffered on it
-    /// and the publishes buffered from the dead connection (the broker redelivers both).
+    /// and the publishes buffered from the dead connection (the broker redelivers both). Queued
+    /// subscription packets are dropped too: the next connection reconciles from the ledger.
     fn on_disconnect(&mut self) {
         self.gate.conn = self.gate.conn.wrapping_add(1_000_000);
         self.gate.connected = false;
         self.eventloop.clean();
         self.eventloop.state.events.clear();
-        self.eventloop
-            .pending
-            .retain(|r| !matches!(r, Request::PubAck(_) | Request::PubRec(_)));
+        self.eventloop.pending.retain(|r| {
+            !matches!(
+                r,
+                Request::PubAck(_)
+                    | Request::PubRec(_)
+                    | Request::Subscribe(_)
+                    | Request::Unsubscribe(_)
+            )
+        });
+        self.subs.disconnected();
         self.connected.send_replace(false);
         metrics().mqtt_connected.set(0);
     }

@@ -109,7 +109,16 @@ pub fn prepare(
     for (idx, m) in batch.iter().enumerate() {
         let received_at = clock.at(m.received);
         let pkid = i32::from(m.pkid);
-        match decoder.decode(&m.topic, &m.payload, received_at) {
+        // The ingest keeps only the first MAX_PAYLOAD_BYTES of an oversized payload.
+        let decoded = if m.original_size > max_payload_bytes {
+            Err(DecodeError::TooLarge {
+                size: m.original_size,
+                max: max_payload_bytes,
+            })
+        } else {
+            decoder.decode(&m.topic, &m.payload, received_at)
+        };
+        match decoded {
             Ok(reading) => {
                 if let Some(h) = &reading.content_hash {
                     let delivery = (m.topic.clone(), h.clone(), m.pkid);
@@ -171,7 +180,7 @@ pub fn prepare(
                     idx,
                     topic: m.topic.clone(),
                     payload: held.to_vec(),
-                    size: m.payload.len(),
+                    size: m.original_size.max(m.payload.len()),
                     reason: reason_label(&e),
                     error: e.to_string(),
                     received_at,
@@ -320,6 +329,16 @@ mod tests {
         assert!(b > a);
         let early = c.at(local - Duration::from_secs(1));
         assert!(early > b, "monotonic even for an earlier instant");
+    }
+
+    #[test]
+    fn a_payload_cut_on_arrival_is_too_large_with_its_original_size() {
+        let mut m = msg("devices/m/t", &"x".repeat(1024), 1, false, Instant::now());
+        m.original_size = 300_000;
+        let p = run(&[m]);
+        assert_eq!(p.dead[0].reason, "too_large");
+        assert_eq!(p.dead[0].size, 300_000);
+        assert_eq!(p.dead[0].payload.len(), 1024);
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! - [`writer`]: the batch writer of a term (fenced statements, row errors isolated, ack after
 //!   commit).
 //! - [`batch`]: a gathered batch decoded and settled as far as the batch alone can settle it.
+//! - [`writer`]: the batch writer of a term (fenced transactions, ack after commit).
+//! - [`ledger`]: the leader's subscription ledger (`mqtt_subscriptions`, fenced writes).
 //! - [`admin`]: `migrate`, `status`, `step-down`.
 //! - [`simulate`]: a device fleet publisher for demos, tests and benchmarks.
 //! - [`sd_notify`]: readiness and the watchdog for systemd's `Type=notify`.
@@ -16,6 +18,7 @@ pub mod admin;
 pub mod batch;
 pub mod cli;
 pub mod identity;
+pub mod ledger;
 pub mod node;
 pub mod sd_notify;
 pub mod simulate;

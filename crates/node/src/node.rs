@@ -10,7 +10,7 @@ use anyhow::Context;
 use chrono::Utc;
 use leasehold_config::{validate_filter, Config, Mode};
 use leasehold_decode::Decoder;
-use leasehold_ingest::{IngestConfig, MqttIngest};
+use leasehold_ingest::{DeviceTopics, IngestConfig, MqttIngest};
 use leasehold_lease::{Lease, LeaseConfig, LeaseHandle};
 use leasehold_store::listener::{Listener, Notice};
 use leasehold_store::queries::{self, DEVICES_CHANNEL};
@@ -86,7 +86,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         tx
     });
 
-    let (topics_tx, topics_rx) = watch::channel(Vec::<String>::new());
+    let (topics_tx, topics_rx) = watch::channel::<DeviceTopics>(None);
     if let (Some(pool), Some(n)) = (&pool, &notices) {
         tracker.spawn(device_topics(
             pool.clone(),
@@ -119,6 +119,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                     .context("production mode resolves a client id")?,
                 lease: handle.clone(),
                 device_topics: topics_rx.clone(),
+                pool: pool.clone(),
             };
             let token = root.clone();
             tracker.spawn(async move {
@@ -307,7 +308,7 @@ async fn migrate_with_retry(
 async fn device_topics(
     pool: Pool,
     mut notices: broadcast::Receiver<Notice>,
-    tx: watch::Sender<Vec<String>>,
+    tx: watch::Sender<DeviceTopics>,
     cancel: CancellationToken,
 ) {
     let mut every = tokio::time::interval(Duration::from_secs(30));
@@ -329,9 +330,9 @@ async fn device_topics(
                     })
                     .collect();
                 tx.send_if_modified(|cur| {
-                    if *cur != valid {
+                    if cur.as_ref() != Some(&valid) {
                         tracing::info!(devices_topics = valid.len(), "device topics loaded");
-                        *cur = valid;
+                        *cur = Some(valid);
                         true
                     } else {
                         false
@@ -426,7 +427,7 @@ async fn heartbeat(
 }
 
 /// `MQTT_MODE=development`: a private clean session that decodes and counts, never writes.
-async fn observe(cfg: Config, topics: watch::Receiver<Vec<String>>, cancel: CancellationToken) {
+async fn observe(cfg: Config, topics: watch::Receiver<DeviceTopics>, cancel: CancellationToken) {
     let client_id = format!(
         "leasehold-dev-{}-{}",
         cfg.instance_id,

@@ -37,7 +37,9 @@ pub struct Supervisor {
     /// The shared session's client id, resolved at start from the cluster's identity.
     pub client_id: ClientId,
     pub lease: LeaseHandle,
-    pub device_topics: watch::Receiver<Vec<String>>,
+    pub device_topics: watch::Receiver<leasehold_ingest::DeviceTopics>,
+    /// For the subscription ledger (production nodes always have a database).
+    pub pool: Option<leasehold_store::Pool>,
 }
 
 impl Supervisor {
@@ -136,6 +138,18 @@ impl Supervisor {
             self.device_topics.clone(),
             may_connect,
         );
+        let fence = Fence {
+            lease_name: cfg.lease_name.clone(),
+            holder_id: self.lease.holder_id.clone(),
+            epoch,
+        };
+        let ingest = match &self.pool {
+            Some(pool) => ingest.with_ledger(Arc::new(crate::ledger::PgLedger {
+                pool: pool.clone(),
+                fence: fence.clone(),
+            })),
+            None => ingest,
+        };
         let writer = Writer {
             cfg: WriterConfig {
                 database_url: cfg.database_url.clone().unwrap_or_default(),
@@ -151,11 +165,7 @@ impl Supervisor {
                 // long before this.
                 statement_timeout: cfg.lease.ttl,
             },
-            fence: Fence {
-                lease_name: cfg.lease_name.clone(),
-                holder_id: self.lease.holder_id.clone(),
-                epoch,
-            },
+            fence,
             rx,
             acker,
         };

@@ -190,6 +190,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "cluster_identity",
         include_str!("../../../migrations/V4__cluster_identity.sql"),
     ),
+    (
+        5,
+        "subscriptions",
+        include_str!("../../../migrations/V5__subscriptions.sql"),
+    ),
 ];
 
 /// Arbitrary but fixed: the advisory lock every node takes around migration.

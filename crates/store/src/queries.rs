@@ -255,3 +255,187 @@ pub async fn device_coverage(
             .collect(),
     })
 }
+
+/// One row of the subscription ledger (`mqtt_subscriptions`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerRow {
+    pub topic_filter: String,
+    /// Granted QoS >= 1 and not unsubscribed since; otherwise the session may or may not have it.
+    pub subscribed: bool,
+}
+
+/// What the ledger says the session `client_id` is subscribed to.
+pub async fn ledger(c: &impl GenericClient, client_id: &str) -> Result<Vec<LedgerRow>> {
+    let rows = c
+        .query(
+            "SELECT topic_filter, state = 'subscribed' FROM mqtt_subscriptions
+             WHERE client_id = $1 ORDER BY topic_filter",
+            &[&client_id],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| LedgerRow {
+            topic_filter: r.get(0),
+            subscribed: r.get(1),
+        })
+        .collect())
+}
+
+/// A change to the ledger, written only while `fence` holds (like every leader write).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LedgerWrite<'a> {
+    /// The broker has no session (`session_present = false`): it has no subscriptions either.
+    Forget,
+    /// A SUBSCRIBE or UNSUBSCRIBE for these filters is about to be sent: maybe subscribed.
+    Pending(&'a [String]),
+    /// SUBACK granted these filters with these QoS levels (>= 1).
+    Granted(&'a [String], &'a [i16]),
+    /// SUBACK refused these filters (or granted below QoS 1), for these reasons.
+    Refused(&'a [String], &'a [String]),
+    /// UNSUBACK: the session no longer has these filters.
+    Removed(&'a [String]),
+}
+
+/// The fence every leader write checks (SPEC section 3), as a CTE named `fence`.
+const FENCE_CTE: &str = "fence AS (
+        SELECT 1 FROM instance_lock
+        WHERE service_name = $1 AND holder_id = $2 AND epoch = $3 AND expires_at > clock_timestamp()
+        FOR SHARE)";
+
+/// Applies `write` to the ledger of `client_id` in one statement, if and only if `fence` still
+/// holds; [`crate::StoreError::Fenced`] (nothing written) otherwise. Returns the rows changed.
+pub async fn write_ledger(
+    c: &impl GenericClient,
+    fence: &crate::Fence,
+    client_id: &str,
+    write: &LedgerWrite<'_>,
+) -> Result<u64> {
+    let (sql, rows) = match write {
+        LedgerWrite::Forget => (
+            "DELETE FROM mqtt_subscriptions WHERE client_id = $4 AND EXISTS (SELECT 1 FROM fence)
+             RETURNING 1",
+            None,
+        ),
+        LedgerWrite::Pending(f) => (
+            "INSERT INTO mqtt_subscriptions AS s (client_id, topic_filter, state, lease_epoch)
+             SELECT $4, f, 'pending', $3 FROM unnest($5::text[]) AS u(f)
+             WHERE EXISTS (SELECT 1 FROM fence)
+             ON CONFLICT (client_id, topic_filter) DO UPDATE
+                 SET state = 'pending', updated_at = now(), lease_epoch = EXCLUDED.lease_epoch
+             RETURNING 1",
+            Some(Rows::Filters(f)),
+        ),
+        LedgerWrite::Granted(f, q) => (
+            "INSERT INTO mqtt_subscriptions AS s (client_id, topic_filter, state, granted_qos, lease_epoch)
+             SELECT $4, f, 'subscribed', q, $3 FROM unnest($5::text[], $6::int2[]) AS u(f, q)
+             WHERE EXISTS (SELECT 1 FROM fence)
+             ON CONFLICT (client_id, topic_filter) DO UPDATE
+                 SET state = 'subscribed', granted_qos = EXCLUDED.granted_qos, refused_at = NULL,
+                     refusal = NULL, attempts = 0, updated_at = now(),
+                     lease_epoch = EXCLUDED.lease_epoch
+             RETURNING 1",
+            Some(Rows::Qos(f, q)),
+        ),
+        LedgerWrite::Refused(f, r) => (
+            "INSERT INTO mqtt_subscriptions AS s (client_id, topic_filter, state, refused_at, refusal,
+                                               attempts, lease_epoch)
+             SELECT $4, f, 'pending', now(), r, 1, $3 FROM unnest($5::text[], $6::text[]) AS u(f, r)
+             WHERE EXISTS (SELECT 1 FROM fence)
+             ON CONFLICT (client_id, topic_filter) DO UPDATE
+                 SET state = 'pending', refused_at = now(), refusal = EXCLUDED.refusal,
+                     attempts = s.attempts + 1, updated_at = now(),
+                     lease_epoch = EXCLUDED.lease_epoch
+             RETURNING 1",
+            Some(Rows::Reasons(f, r)),
+        ),
+        LedgerWrite::Removed(f) => (
+            "DELETE FROM mqtt_subscriptions
+             WHERE client_id = $4 AND topic_filter = ANY($5::text[]) AND EXISTS (SELECT 1 FROM fence)
+             RETURNING 1",
+            Some(Rows::Filters(f)),
+        ),
+    };
+    let sql = format!(
+        "WITH {FENCE_CTE}, w AS ({sql})
+         SELECT (SELECT count(*) FROM fence), (SELECT count(*) FROM w)"
+    );
+    let head: [&(dyn tokio_postgres::types::ToSql + Sync); 4] = [
+        &fence.lease_name,
+        &fence.holder_id,
+        &fence.epoch,
+        &client_id,
+    ];
+    let row = match rows {
+        None => c.query_one(&sql, &head).await?,
+        Some(Rows::Filters(f)) => {
+            let p: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                head.iter().copied().chain([&f as _]).collect();
+            c.query_one(&sql, &p).await?
+        }
+        Some(Rows::Qos(f, q)) => {
+            let p: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                head.iter().copied().chain([&f as _, &q as _]).collect();
+            c.query_one(&sql, &p).await?
+        }
+        Some(Rows::Reasons(f, r)) => {
+            let p: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                head.iter().copied().chain([&f as _, &r as _]).collect();
+            c.query_one(&sql, &p).await?
+        }
+    };
+    let (held, changed): (i64, i64) = (row.get(0), row.get(1));
+    if held == 0 {
+        return Err(crate::StoreError::Fenced { epoch: fence.epoch });
+    }
+    Ok(changed as u64)
+}
+
+/// The array parameters of a ledger write.
+enum Rows<'a> {
+    Filters(&'a [String]),
+    Qos(&'a [String], &'a [i16]),
+    Reasons(&'a [String], &'a [String]),
+}
+
+/// Topic filters the broker refused lately, for the `mqtt_subscription_refused` alert.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedSubscriptions {
+    pub count: i64,
+    /// The most recently refused, up to the requested number: (filter, reason, attempts).
+    pub latest: Vec<(String, String, i32)>,
+}
+
+/// Filters refused within `within` (a leader retries a refused filter well within a minute, so
+/// a refusal that is still true keeps being refreshed) that are still in the ledger (a filter
+/// subscribed since, or unsubscribed, no longer counts).
+pub async fn refused_subscriptions(
+    c: &impl GenericClient,
+    within: std::time::Duration,
+    list: i64,
+) -> Result<RefusedSubscriptions> {
+    let rows = c
+        .query(
+            "WITH r AS (SELECT topic_filter, refusal, attempts, refused_at FROM mqtt_subscriptions
+                        WHERE refused_at > clock_timestamp() - make_interval(secs => $1))
+             SELECT (SELECT count(*) FROM r), l.topic_filter, l.refusal, l.attempts
+             FROM (SELECT 1) one
+             LEFT JOIN LATERAL (SELECT * FROM r ORDER BY refused_at DESC, topic_filter LIMIT $2) l
+                 ON true",
+            &[&within.as_secs_f64(), &list],
+        )
+        .await?;
+    Ok(RefusedSubscriptions {
+        count: rows.first().map(|r| r.get(0)).unwrap_or(0),
+        latest: rows
+            .iter()
+            .filter_map(|r| {
+                Some((
+                    r.get::<_, Option<String>>(1)?,
+                    r.get::<_, Option<String>>(2).unwrap_or_default(),
+                    r.get::<_, Option<i32>>(3).unwrap_or(0),
+                ))
+            })
+            .collect(),
+    })
+}

@@ -117,15 +117,44 @@ impl MqttClientIdConflict<'_> {
     }
 }
 
+/// The session's subscriptions match the wanted topics (every filter subscribed, refused or
+/// unsubscribed): the "devices subscribed" line of a (re)connect or of a change of `devices`.
 pub struct TopicsSubscribed<'a> {
     pub configured: &'a [String],
     pub devices: usize,
-    pub total: usize,
+    pub subscribed: usize,
+    pub refused: usize,
+    pub took_ms: u128,
 }
 impl TopicsSubscribed<'_> {
     pub fn emit(self) {
-        tracing::info!(configured = ?self.configured, device_topics = self.devices, total = self.total, "topics subscribed");
-        metrics().mqtt_subscribed_topics.set(self.total as i64);
+        if self.refused > 0 {
+            tracing::warn!(configured = ?self.configured, device_topics = self.devices, subscribed = self.subscribed, refused = self.refused, took_ms = self.took_ms as u64, "topics subscribed, some refused by the broker (see /health/mqtt)");
+        } else {
+            tracing::info!(configured = ?self.configured, device_topics = self.devices, subscribed = self.subscribed, took_ms = self.took_ms as u64, "topics subscribed");
+        }
+    }
+}
+
+/// The broker refused topic filters (SUBACK 0x80) or granted them below QoS 1: nothing on them
+/// reaches the session reliably. Never reported as subscribed; retried with backoff.
+pub struct SubscriptionsRefused<'a> {
+    /// (filter, reason) of this SUBACK's failures.
+    pub refused: &'a [(String, String)],
+    pub retry_in_ms: u128,
+}
+impl SubscriptionsRefused<'_> {
+    pub fn emit(self) {
+        let first: Vec<String> = self
+            .refused
+            .iter()
+            .take(5)
+            .map(|(f, r)| format!("{f} ({r})"))
+            .collect();
+        tracing::error!(count = self.refused.len(), first = ?first, retry_in_ms = self.retry_in_ms as u64, "broker refused topic filter(s): nothing published on them reaches the session; check the broker ACL; retrying");
+        metrics()
+            .mqtt_subscribe_failures
+            .inc_by(self.refused.len() as u64);
     }
 }
 
@@ -239,15 +268,22 @@ impl WriteFenced {
 }
 
 pub struct PendingOverflow {
-    pub max_pending: usize,
+    /// `MAX_PENDING` or `MAX_PENDING_BYTES`, whichever is full.
+    pub setting: &'static str,
+    pub limit: usize,
+    pub pending: usize,
+    pub pending_bytes: usize,
 }
 impl PendingOverflow {
     pub fn emit(self) {
         tracing::warn!(
-            max_pending = self.max_pending,
-            "MAX_PENDING reached: pausing intake, messages stay queued at the broker"
+            setting = self.setting,
+            limit = self.limit,
+            pending = self.pending,
+            pending_bytes = self.pending_bytes,
+            "{} reached: pausing intake, messages stay queued at the broker",
+            self.setting
         );
-        // A pause refuses nothing: `messages_overflow` counts refusals only (ingest), and
-        // `messages_pending` at MAX_PENDING shows the pause.
+        // A pause refuses nothing; `messages_pending` / `messages_pending_bytes` show it.
     }
 }

@@ -32,12 +32,18 @@ pub struct Metrics {
     pub mqtt_session_lost: IntCounter,
     pub mqtt_client_id_conflicts: IntCounter,
     pub mqtt_subscribed_topics: IntGauge,
+    pub mqtt_subscriptions_pending: IntGauge,
+    pub mqtt_subscriptions_failed: IntGauge,
+    pub mqtt_subscribe_failures: IntCounter,
+    /// What `/health/mqtt` shows about subscriptions; written by the ingest task.
+    subscriptions: Mutex<SubscriptionStatus>,
     pub messages_received: IntCounter,
     pub messages_written: IntCounter,
     pub messages_duplicate: IntCounter,
     pub messages_conflict: IntCounter,
     pub messages_dead_lettered: IntCounterVec,
     pub messages_pending: IntGauge,
+    pub messages_pending_bytes: IntGauge,
     pub messages_observed: IntCounter,
     pub messages_overflow: IntCounter,
     pub acks_dropped_stale: IntCounter,
@@ -84,15 +90,20 @@ impl Metrics {
             mqtt_connection_errors: reg(&r, IntCounter::new("leasehold_mqtt_connection_errors_total", "Broker connection errors")?),
             mqtt_session_lost: reg(&r, IntCounter::new("leasehold_mqtt_session_lost_total", "Resumed connections whose CONNACK said the broker had no session (queued messages lost)")?),
             mqtt_client_id_conflicts: reg(&r, IntCounter::new("leasehold_mqtt_client_id_conflicts_total", "Disconnects right after connecting: another process uses the client id")?),
-            mqtt_subscribed_topics: reg(&r, IntGauge::new("leasehold_mqtt_subscribed_topics", "Topic filters currently subscribed")?),
+            mqtt_subscribed_topics: reg(&r, IntGauge::new("leasehold_mqtt_subscribed_topics", "Topic filters the session is subscribed to with QoS 1 or above (granted by SUBACK)")?),
+            mqtt_subscriptions_pending: reg(&r, IntGauge::new("leasehold_mqtt_subscriptions_pending", "Topic filters still to subscribe or unsubscribe before the session matches the wanted topics")?),
+            mqtt_subscriptions_failed: reg(&r, IntGauge::new("leasehold_mqtt_subscriptions_failed", "Wanted topic filters the broker refused (SUBACK 0x80) or granted below QoS 1; retried with backoff")?),
+            mqtt_subscribe_failures: reg(&r, IntCounter::new("leasehold_mqtt_subscribe_failures_total", "Topic filters refused by SUBACK (0x80) or granted below QoS 1, every attempt counted")?),
+            subscriptions: Mutex::new(SubscriptionStatus::default()),
             messages_received: reg(&r, IntCounter::new("leasehold_messages_received_total", "Messages received from the broker")?),
             messages_written: reg(&r, IntCounter::new("leasehold_messages_written_total", "Rows committed to telemetry")?),
             messages_duplicate: reg(&r, IntCounter::new("leasehold_messages_duplicate_total", "Messages already stored (the same reading again, or a redelivery), skipped")?),
             messages_conflict: reg(&r, IntCounter::new("leasehold_messages_conflict_total", "Readings whose key (device_id, topic, ts) was stored with a different payload: dead-lettered as conflicts")?),
             messages_dead_lettered: reg(&r, IntCounterVec::new(Opts::new("leasehold_messages_dead_lettered_total", "Messages committed to dead_letters"), &["reason"])?),
             messages_pending: reg(&r, IntGauge::new("leasehold_messages_pending", "Messages received and not yet acknowledged")?),
+            messages_pending_bytes: reg(&r, IntGauge::new("leasehold_messages_pending_bytes", "Payload and topic bytes of the messages received and not yet acknowledged (bounded by MAX_PENDING_BYTES)")?),
             messages_observed: reg(&r, IntCounter::new("leasehold_messages_observed_total", "Messages decoded in development (observer) mode, never written")?),
-            messages_overflow: reg(&r, IntCounter::new("leasehold_messages_overflow_total", "Messages refused because MAX_PENDING stayed full for half a keep-alive (redelivered on the next connection)")?),
+            messages_overflow: reg(&r, IntCounter::new("leasehold_messages_overflow_total", "Messages refused by the ingest. Always 0: when MAX_PENDING or MAX_PENDING_BYTES is full the ingest pauses reading (pinging the broker meanwhile) instead of refusing; kept for existing dashboards")?),
             acks_dropped_stale: reg(&r, IntCounter::new("leasehold_acks_dropped_stale_total", "Acks not sent because their message came on an earlier connection")?),
             batch_rows: reg(&r, Histogram::with_opts(HistogramOpts::new("leasehold_batch_rows", "Messages per committed batch").buckets(vec![1.0, 5.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0]))?),
             batch_write_duration: reg(&r, Histogram::with_opts(HistogramOpts::new("leasehold_batch_write_duration_seconds", "Duration of one batch transaction").buckets(secs_buckets()))?),
@@ -135,6 +146,25 @@ impl Metrics {
             .and_then(|g| g.map(|t| t.elapsed().as_secs_f64()))
     }
 
+    /// Replaces what `/health/mqtt` shows about subscriptions.
+    pub fn set_subscriptions(&self, status: SubscriptionStatus) {
+        self.mqtt_subscribed_topics.set(status.subscribed as i64);
+        self.mqtt_subscriptions_pending.set(status.pending as i64);
+        self.mqtt_subscriptions_failed
+            .set(status.failed_total as i64);
+        if let Ok(mut g) = self.subscriptions.lock() {
+            *g = status;
+        }
+    }
+
+    /// The subscriptions as the ingest task last reported them.
+    pub fn subscriptions(&self) -> SubscriptionStatus {
+        self.subscriptions
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_default()
+    }
+
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         self.lease_seconds_since_renew
@@ -145,6 +175,34 @@ impl Metrics {
         }
         String::from_utf8(buf).unwrap_or_default()
     }
+}
+
+/// The session's subscriptions as the ingest task last reported them (`/health/mqtt`).
+#[derive(Debug, Clone, Default)]
+pub struct SubscriptionStatus {
+    /// Whether the subscription ledger was read for the current connection.
+    pub loaded: bool,
+    /// Wanted filters: configured (`MQTT_TOPICS`, routes) plus enabled `devices` topics.
+    pub wanted: usize,
+    pub configured: usize,
+    pub device_topics: usize,
+    /// Granted with QoS 1 or above.
+    pub subscribed: usize,
+    /// Still to subscribe or unsubscribe (including those in flight).
+    pub pending: usize,
+    /// Wanted filters currently refused, and the first of them.
+    pub failed_total: usize,
+    pub failed: Vec<FailedSubscription>,
+}
+
+/// A wanted filter the broker refused (SUBACK 0x80) or granted below QoS 1.
+#[derive(Debug, Clone)]
+pub struct FailedSubscription {
+    pub filter: String,
+    pub reason: String,
+    pub attempts: u32,
+    pub since: Instant,
+    pub retry_at: Instant,
 }
 
 /// The process-wide metrics.
