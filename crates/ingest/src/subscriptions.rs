@@ -297,6 +297,12 @@ impl Subscriptions {
         self.confirmed.clear();
         self.uncertain.clear();
         for (f, subscribed) in rows {
+            if let Err(reason) = leasehold_config::validate_filter(&f) {
+                // Not written by Leasehold (it subscribes valid filters only); unsubscribing it
+                // would make the broker drop the connection.
+                tracing::warn!(filter = ?f, %reason, "ignoring an invalid filter in the subscription ledger");
+                continue;
+            }
             if subscribed {
                 self.confirmed.insert(f);
             } else {
