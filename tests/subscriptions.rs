@@ -346,3 +346,47 @@ async fn a_filter_the_broker_refuses_is_reported_counted_alerted_and_the_rest_fl
     .await;
     check(&c, res);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_topic_the_broker_would_disconnect_for_is_ignored_and_the_others_flow() {
+    let mut c = Cluster::start().await.expect("servers");
+    let res = async {
+        let out = c.cli(&["migrate"])?;
+        ensure!(out.status.success(), "migrate");
+        let db = c.pg.client().await?;
+        // A trailing newline from a spreadsheet import: Mosquitto drops the connection of a
+        // client that subscribes to it, and every reconnect would send it again.
+        db.execute(
+            "INSERT INTO devices (device_id, topic) VALUES ('ok', 'plant/ok/data'),
+                    ('bad', E'plant/bad\\n/data')",
+            &[],
+        )
+        .await?;
+        c.spawn("node-a")?;
+        c.wait_leader().await?;
+        wait_subscribed(&c, "node-a", 2, 0.0).await?;
+        publish_all(
+            c.mq.port,
+            vec![
+                msg("plant/ok/data", numbered("flow", "ok", 0)),
+                msg("devices/d1/telemetry", numbered("flow", "d1", 1)),
+            ],
+        )
+        .await?;
+        c.assert_exactly_once("flow", 2).await?;
+        let (_, m) = http(c.node("node-a").http_port, "GET", "/metrics").await?;
+        ensure!(
+            metric(&m, "leasehold_mqtt_reconnects_total") == Some(0.0),
+            "the connection was dropped"
+        );
+        ensure!(
+            c.node("node-a")
+                .log()
+                .contains("ignoring invalid topic in devices"),
+            "the bad topic is not reported"
+        );
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}

@@ -951,10 +951,32 @@ pub fn derive_client_id(cluster_id: &str, lease_name: &str) -> Result<String, Cl
     Ok(format!("lh-{}-{}", &hex[..12], &lease[..7]))
 }
 
-/// Checks an MQTT topic filter the way a broker would.
+/// Most levels a filter may have: Mosquitto disconnects a client that subscribes deeper.
+pub const MAX_FILTER_LEVELS: usize = 201;
+
+/// Checks an MQTT topic filter the way a broker would. A filter the broker rejects does not
+/// fail alone: the broker drops the connection that subscribed it (Mosquitto: "Invalid
+/// subscription string ... disconnecting"), and every reconnect would send it again.
 pub fn validate_filter(f: &str) -> Result<(), String> {
     if f.is_empty() || f.len() > 65535 {
         return Err("topic filter must be 1 to 65535 bytes".into());
+    }
+    if let Some(c) = f.chars().find(|c| {
+        let u = *c as u32;
+        u <= 0x1F
+            || (0x7F..=0x9F).contains(&u)
+            || (0xFDD0..=0xFDEF).contains(&u)
+            || (u & 0xFFFF) >= 0xFFFE
+    }) {
+        return Err(format!(
+            "topic filter contains the control or non-character U+{:04X}, which brokers refuse",
+            c as u32
+        ));
+    }
+    if f.split('/').count() > MAX_FILTER_LEVELS {
+        return Err(format!(
+            "topic filter has more than {MAX_FILTER_LEVELS} levels, which brokers refuse"
+        ));
     }
     let segs: Vec<&str> = f.split('/').collect();
     for (i, seg) in segs.iter().enumerate() {
@@ -1060,6 +1082,37 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("MAX_PENDING_BYTES"), "{e}");
+    }
+
+    #[test]
+    fn filters_a_broker_would_disconnect_for_are_invalid() {
+        for ok in [
+            "devices/+/telemetry",
+            "a/#",
+            "#",
+            "+",
+            "plant/ünïcødé/✓",
+            "$SYS/broker/#",
+        ] {
+            assert!(validate_filter(ok).is_ok(), "{ok}");
+        }
+        let deep = vec!["a"; MAX_FILTER_LEVELS].join("/");
+        assert!(validate_filter(&deep).is_ok());
+        for bad in [
+            "plant/pump-7/data\n",
+            "plant/\tpump",
+            "a/\u{7f}",
+            "a/\u{85}/b",
+            "a/\u{fdd0}",
+            "a/\u{fffe}",
+            "a/\u{1ffff}",
+            "a/#/b",
+            "a/b+",
+            "",
+        ] {
+            assert!(validate_filter(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_filter(&format!("{deep}/a")).is_err(), "too deep");
     }
 
     #[test]

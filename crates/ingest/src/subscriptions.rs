@@ -40,6 +40,8 @@ pub const WINDOW: usize = 8;
 pub const RETRY_FIRST: Duration = Duration::from_secs(2);
 /// Refused filters are retried at least this often (the alert looks back further than this).
 pub const RETRY_MAX: Duration = Duration::from_secs(30);
+/// A refusal that repeats is logged again at most this often (new refusals at once).
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
@@ -173,6 +175,7 @@ pub struct Subscriptions {
     round_started: Option<Instant>,
     /// (connection, subscribed, refused) of the last "topics subscribed" line.
     reported: Option<(u64, usize, usize)>,
+    last_refusal_log: Option<Instant>,
 }
 
 impl Subscriptions {
@@ -198,6 +201,7 @@ impl Subscriptions {
             next_retry_at: None,
             round_started: None,
             reported: None,
+            last_refusal_log: None,
         }
     }
 
@@ -297,6 +301,12 @@ impl Subscriptions {
         self.confirmed.clear();
         self.uncertain.clear();
         for (f, subscribed) in rows {
+            if let Err(reason) = leasehold_config::validate_filter(&f) {
+                // Not written by Leasehold (it subscribes valid filters only); unsubscribing it
+                // would make the broker drop the connection.
+                tracing::warn!(filter = ?f, %reason, "ignoring an invalid filter in the subscription ledger");
+                continue;
+            }
             if subscribed {
                 self.confirmed.insert(f);
             } else {
@@ -459,9 +469,20 @@ impl Subscriptions {
                 .map(|x| x.retry_at.saturating_duration_since(now))
                 .min()
                 .unwrap_or(RETRY_FIRST);
+            let new = refused
+                .iter()
+                .any(|(f, _)| self.failed.get(f).is_some_and(|x| x.attempts == 1));
+            let log = new
+                || self
+                    .last_refusal_log
+                    .is_none_or(|t| now.saturating_duration_since(t) >= REFUSAL_LOG_EVERY);
+            if log {
+                self.last_refusal_log = Some(now);
+            }
             events::SubscriptionsRefused {
                 refused: &refused,
                 retry_in_ms: retry_in.as_millis(),
+                log,
             }
             .emit();
             out.push(Action::Ledger(LedgerOp::Refused(refused)));

@@ -142,16 +142,21 @@ pub struct SubscriptionsRefused<'a> {
     /// (filter, reason) of this SUBACK's failures.
     pub refused: &'a [(String, String)],
     pub retry_in_ms: u128,
+    /// Whether to write the log line (a refusal retried every few seconds is logged when it is
+    /// new and then about once a minute; the counter counts every one).
+    pub log: bool,
 }
 impl SubscriptionsRefused<'_> {
     pub fn emit(self) {
-        let first: Vec<String> = self
-            .refused
-            .iter()
-            .take(5)
-            .map(|(f, r)| format!("{f} ({r})"))
-            .collect();
-        tracing::error!(count = self.refused.len(), first = ?first, retry_in_ms = self.retry_in_ms as u64, "broker refused topic filter(s): nothing published on them reaches the session; check the broker ACL; retrying");
+        if self.log {
+            let first: Vec<String> = self
+                .refused
+                .iter()
+                .take(5)
+                .map(|(f, r)| format!("{f} ({r})"))
+                .collect();
+            tracing::error!(count = self.refused.len(), first = ?first, retry_in_ms = self.retry_in_ms as u64, "broker refused topic filter(s): nothing published on them reaches the session; check the broker ACL; retrying");
+        }
         metrics()
             .mqtt_subscribe_failures
             .inc_by(self.refused.len() as u64);
