@@ -216,6 +216,16 @@ async fn health(State(s): State<HttpState>) -> Response {
     if needs_mqtt && !mqtt_ok {
         problems.push("not connected to the broker");
     }
+    // A leader whose subscriptions are not yet granted is not ingesting everything yet: what is
+    // published on a topic before its SUBACK never reaches the session.
+    let subs = &mqtt["subscriptions"];
+    if matches!(role, Role::Leader { .. })
+        && mqtt_ok
+        && (!subs["ledger_loaded"].as_bool().unwrap_or(false)
+            || subs["pending"].as_u64().unwrap_or(0) > 0)
+    {
+        problems.push("subscribing to its topics");
+    }
     if stuck(&s) {
         problems.push("leader past its renewal deadline");
     }
