@@ -200,22 +200,11 @@ fn userinfo_end(rest: &str) -> Option<usize> {
     })
 }
 
+/// Percent-decodes a URL component (invalid escapes kept as they are, invalid UTF-8 replaced).
 fn pct_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// Redacts `name=value`, `name: "value"` and `"name":"value"` where the name is a secret's.

@@ -41,22 +41,11 @@ pub struct PgTls {
 
 const SETTING: &str = "DATABASE_URL";
 
+/// Percent-decodes a URL component (invalid escapes kept as they are, invalid UTF-8 replaced).
 fn pct_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// Splits `url` into what tokio-postgres parses and the TLS options it does not.
@@ -408,6 +397,14 @@ mod tests {
         assert_eq!(t.rootcert.as_deref(), Some("/my ca.pem"));
         let cfg: tokio_postgres::Config = rest.parse().expect("tokio-postgres parses it");
         assert_eq!(cfg.get_password(), Some(&b"two  spaces' and a quote"[..]));
+    }
+
+    /// A `%` followed by a multi-byte character used to slice inside that character and panic.
+    #[test]
+    fn a_percent_before_a_multibyte_character_is_not_a_panic() {
+        // Returns (either way), instead of panicking on DATABASE_URL input.
+        let _ = split("postgres://u:p%a\u{e9}@h/db?sslmode=disable&sslrootcert=%a\u{e9}");
+        assert_eq!(pct_decode("%a\u{e9}x%41"), "%a\u{e9}xA");
     }
 
     /// Broken quoting makes tokio-postgres quote pieces of the password back: none of them may
