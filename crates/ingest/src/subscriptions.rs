@@ -379,13 +379,14 @@ impl Subscriptions {
         Some(c)
     }
 
-    /// A SUBACK: one return code per filter of the SUBSCRIBE with the same packet id.
-    pub fn suback(
-        &mut self,
-        pkid: u16,
-        codes: &[SubscribeReasonCode],
-        now: Instant,
-    ) -> Vec<Action> {
+    /// The chunk a SUBACK or UNSUBACK (`kind`) with `pkid` answers, taken out of flight; `Err`
+    /// with what to do instead when no such packet is in flight or it was of the other kind
+    /// (its filters are then retried).
+    fn answered(&mut self, pkid: u16, kind: Kind, now: Instant) -> Result<Chunk, Vec<Action>> {
+        let (ack, sent) = match kind {
+            Kind::Subscribe => ("SUBACK", "SUBSCRIBE"),
+            Kind::Unsubscribe => ("UNSUBACK", "UNSUBSCRIBE"),
+        };
         let Some(c) = self
             .by_pkid
             .remove(&pkid)
@@ -393,17 +394,31 @@ impl Subscriptions {
         else {
             tracing::warn!(
                 pkid,
-                "SUBACK for a packet id with no SUBSCRIBE in flight; ignored"
+                "{ack} for a packet id with no {sent} in flight; ignored"
             );
-            return Vec::new();
+            return Err(Vec::new());
         };
-        if c.kind != Kind::Subscribe {
+        if c.kind != kind {
             tracing::warn!(
                 pkid,
-                "SUBACK answered an UNSUBSCRIBE; its filters are retried"
+                "{ack} answered another kind of packet; its filters are retried"
             );
-            return self.pump(now);
+            return Err(self.pump(now));
         }
+        Ok(c)
+    }
+
+    /// A SUBACK: one return code per filter of the SUBSCRIBE with the same packet id.
+    pub fn suback(
+        &mut self,
+        pkid: u16,
+        codes: &[SubscribeReasonCode],
+        now: Instant,
+    ) -> Vec<Action> {
+        let c = match self.answered(pkid, Kind::Subscribe, now) {
+            Ok(c) => c,
+            Err(actions) => return actions,
+        };
         let mut granted = Vec::new();
         let mut refused = Vec::new();
         for (i, f) in c.filters.into_iter().enumerate() {
@@ -493,24 +508,10 @@ impl Subscriptions {
 
     /// An UNSUBACK: the session no longer has the filters of that UNSUBSCRIBE.
     pub fn unsuback(&mut self, pkid: u16, now: Instant) -> Vec<Action> {
-        let Some(c) = self
-            .by_pkid
-            .remove(&pkid)
-            .and_then(|id| self.drop_chunk(id))
-        else {
-            tracing::warn!(
-                pkid,
-                "UNSUBACK for a packet id with no UNSUBSCRIBE in flight; ignored"
-            );
-            return Vec::new();
+        let c = match self.answered(pkid, Kind::Unsubscribe, now) {
+            Ok(c) => c,
+            Err(actions) => return actions,
         };
-        if c.kind != Kind::Unsubscribe {
-            tracing::warn!(
-                pkid,
-                "UNSUBACK answered a SUBSCRIBE; its filters are retried"
-            );
-            return self.pump(now);
-        }
         for f in &c.filters {
             self.confirmed.remove(f);
             self.uncertain.remove(f);
