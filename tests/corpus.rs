@@ -104,19 +104,8 @@ async fn every_corpus_payload_ends_as_its_readme_says_and_the_stream_never_stall
         // Every good reading, including the one after the last bad payload, in bounded time.
         c.assert_exactly_once("corpus", seq).await?;
         let db = c.pg.client().await?;
-        let landed = || async {
-            let topics: Vec<&str> = cases.iter().map(|c| c.topic.as_str()).collect();
-            let n: i64 = db
-                .query_one(
-                    "SELECT count(DISTINCT topic) FROM (
-                         SELECT topic FROM telemetry WHERE topic = ANY($1)
-                         UNION ALL SELECT topic FROM dead_letters WHERE topic = ANY($1)) x",
-                    &[&topics],
-                )
-                .await?
-                .get(0);
-            Ok(n as usize == cases.len())
-        };
+        let topics: Vec<&str> = cases.iter().map(|c| c.topic.as_str()).collect();
+        let landed = || async { Ok(common::topics_landed(&db, &topics).await? == cases.len()) };
         eventually(Duration::from_secs(20), "every corpus file landed", landed).await?;
         let mut wrong = Vec::new();
         for case in &cases {

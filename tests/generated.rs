@@ -651,16 +651,7 @@ fn class_of(error: &str) -> String {
 /// How many of `sent` are in `telemetry` or `dead_letters` (end to end, to wait for them).
 async fn landed(db: &tokio_postgres::Client, sent: &[Sent]) -> Result<usize> {
     let topics: Vec<&str> = sent.iter().map(|s| s.topic.as_str()).collect();
-    let n: i64 = db
-        .query_one(
-            "SELECT count(DISTINCT topic) FROM (
-                 SELECT topic FROM telemetry WHERE topic = ANY($1)
-                 UNION ALL SELECT topic FROM dead_letters WHERE topic = ANY($1)) x",
-            &[&topics],
-        )
-        .await?
-        .get(0);
-    Ok(n as usize)
+    common::topics_landed(db, &topics).await
 }
 
 /// A dead letter: reason, bytes kept, size, error text.

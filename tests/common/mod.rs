@@ -216,6 +216,20 @@ impl Cluster {
     }
 }
 
+/// How many of `topics` have landed somewhere: a `telemetry` row or a dead letter.
+pub async fn topics_landed(db: &tokio_postgres::Client, topics: &[&str]) -> Result<usize> {
+    let n: i64 = db
+        .query_one(
+            "SELECT count(DISTINCT topic) FROM (
+                 SELECT topic FROM telemetry WHERE topic = ANY($1)
+                 UNION ALL SELECT topic FROM dead_letters WHERE topic = ANY($1)) x",
+            &[&topics],
+        )
+        .await?
+        .get(0);
+    Ok(n as usize)
+}
+
 fn tail(s: &str, lines: usize) -> String {
     let v: Vec<&str> = s.lines().collect();
     v[v.len().saturating_sub(lines)..].join("\n")
