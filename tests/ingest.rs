@@ -6,13 +6,9 @@ mod common;
 use std::time::Duration;
 
 use anyhow::ensure;
-use common::{check, Cluster};
+use common::{check, msg, Cluster};
 use leasehold_testkit::publish::{numbered, publish_all, Stream};
 use leasehold_testkit::{eventually, http, metric};
-
-fn msg(topic: &str, body: impl Into<Vec<u8>>) -> (String, Vec<u8>) {
-    (topic.to_string(), body.into())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_payloads_go_to_dead_letters_and_the_good_ones_around_them_are_stored() {

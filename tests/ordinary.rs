@@ -8,13 +8,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
-use common::{check, Cluster, TTL};
+use common::{check, msg, Cluster, TTL};
 use leasehold_testkit::publish::{numbered, numbered_untimed, publish_all, Stream};
 use leasehold_testkit::{eventually, http, metric};
-
-fn msg(topic: &str, body: impl Into<Vec<u8>>) -> (String, Vec<u8>) {
-    (topic.to_string(), body.into())
-}
 
 async fn metric_reaches(c: &Cluster, node: &str, name: &str, want: f64) -> Result<()> {
     let port = c.node(node).http_port;

@@ -8,13 +8,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
-use common::{check, Cluster};
+use common::{check, msg, Cluster};
 use leasehold_testkit::publish::{numbered, publish_all};
 use leasehold_testkit::{eventually, http, metric};
-
-fn msg(topic: &str, body: impl Into<Vec<u8>>) -> (String, Vec<u8>) {
-    (topic.to_string(), body.into())
-}
 
 /// Every message ends up as a telemetry row or a dead letter (or is a counted duplicate of
 /// one): waits until `rows + dead letters + duplicates` reaches `n` or 10 s pass.

@@ -6,13 +6,9 @@ mod common;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use common::{check, Cluster};
+use common::{check, msg, Cluster};
 use leasehold_testkit::publish::{numbered, numbered_from, publish_all};
 use leasehold_testkit::{eventually, http, metric, Dir, Mosquitto, Postgres};
-
-fn msg(topic: &str, body: impl Into<Vec<u8>>) -> (String, Vec<u8>) {
-    (topic.to_string(), body.into())
-}
 
 /// The topic of fleet device `i`.
 fn fleet_topic(i: usize) -> String {

@@ -216,6 +216,11 @@ impl Cluster {
     }
 }
 
+/// A (topic, payload) pair for `publish_all`.
+pub fn msg(topic: &str, body: impl Into<Vec<u8>>) -> (String, Vec<u8>) {
+    (topic.to_string(), body.into())
+}
+
 /// How many of `topics` have landed somewhere: a `telemetry` row or a dead letter.
 pub async fn topics_landed(db: &tokio_postgres::Client, topics: &[&str]) -> Result<usize> {
     let n: i64 = db
