@@ -6,11 +6,9 @@
 //! # Layout
 //! - [`TopicPattern`]: where the device id sits in the topic.
 //! - [`Decoder::decode`]: size check, JSON object check, device id, timestamp, idempotency key.
-//! - [`jsonb::same_json`]: two payloads compared as `jsonb` compares them (duplicate or conflict).
 //! - [`invariants`]: what holds for any input (checked by `make fuzz` and the corpus replay).
 
 pub mod invariants;
-pub mod jsonb;
 
 use chrono::{DateTime, TimeZone, Utc};
 use serde_json::{Map, Value};

@@ -1,7 +1,7 @@
-//! A gathered batch turned into what the store writes: readings with unique keys and dead
-//! letters, each tagged with its position in the batch, and what could already be decided
-//! without the database (decode failures, duplicates and conflicts inside the batch, redeliveries
-//! of a message that is in the same batch).
+//! A gathered batch turned into what the store writes: readings with unique keys (later readings
+//! of a key in later rounds) and dead letters, each tagged with its position in the batch, and
+//! what could already be decided without the database (decode failures, redeliveries of a
+//! message that is in the same batch).
 //!
 //! Pure: no I/O, so the rules are unit-tested here and the store only checks against what is
 //! stored.
@@ -82,8 +82,6 @@ pub struct Prepared {
     /// table itself settles duplicate or conflict against what was really stored (the first may
     /// have been refused), with jsonb's own equality.
     pub later: Vec<Vec<Row>>,
-    /// Same key and payload as an earlier message of the batch.
-    pub duplicates: u64,
     /// Redeliveries of an earlier message of the batch (DUP, same packet id and bytes).
     pub redelivered: u64,
 }

@@ -175,7 +175,7 @@ impl Writer {
         retry: &mut Backoff,
     ) -> Result<Tally, Stop> {
         let mut tally = Tally {
-            duplicates: prepared.duplicates + prepared.redelivered,
+            duplicates: prepared.redelivered,
             ..Tally::default()
         };
         let mut rounds = vec![Part {
@@ -240,9 +240,6 @@ impl Writer {
                     let skipped: std::collections::HashSet<usize> =
                         out.redelivered.iter().copied().collect();
                     for d in part.dead.iter().filter(|d| !skipped.contains(&d.idx)) {
-                        if d.reason == "conflict" {
-                            tally.conflicts += 1;
-                        }
                         events::DeadLettered {
                             topic: &d.topic,
                             reason: d.reason,
