@@ -23,7 +23,7 @@ test: deps
 	cargo test --workspace --all-targets --no-fail-fast
 
 chaos: deps
-	cargo build --release -p leasehold -p leasehold-chaos --bins
+	cargo build --release -p leasehold -p leasehold-chaos --bins --features leasehold/testing
 	./target/release/leasehold-chaos --trials $(TRIALS) --budget $(BUDGET) --bin target/release/leasehold --json target/chaos/chaos.json
 
 # Side-by-side throughput/latency/memory (target/bench/bench.json), then the micro-benchmarks.

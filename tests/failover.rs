@@ -286,7 +286,7 @@ async fn a_demotion_that_hangs_is_ended_by_the_watchdog_before_the_ttl() {
     let res = async {
         c.spawn_with(
             "hangs",
-            &[("LEASEHOLD_TEST_HANG_DEMOTION", "1".to_string())],
+            &[("FAILPOINTS", "demotion-hang=return".to_string())],
         )?;
         let (_, epoch) = c.wait_leader().await?;
         // Another holder takes the lease: the next renewal demotes, and demotion hangs.

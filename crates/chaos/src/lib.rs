@@ -686,7 +686,7 @@ async fn trial(env: &mut Env, opts: &Options, fault: Fault, idx: usize) -> Resul
                 }
             }
             let hung = "node-a".to_string();
-            env.node(&hung)?.extra = vec![("LEASEHOLD_TEST_HANG_DEMOTION", "1".into())];
+            env.node(&hung)?.extra = vec![("FAILPOINTS", "demotion-hang=return".into())];
             env.relaunch(&hung)?;
             let (l, _) = env.wait_leader().await?;
             if l != hung {

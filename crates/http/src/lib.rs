@@ -18,7 +18,7 @@ use axum::{Json, Router};
 use leasehold_config::redact;
 use leasehold_lease::{LeaseHandle, Role};
 use leasehold_store::Pool;
-use leasehold_telemetry::metrics;
+use leasehold_telemetry::{metrics, NodeStatus};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -55,6 +55,8 @@ pub struct HttpState {
     pub mqtt_client_id: Option<leasehold_config::ClientId>,
     /// The cluster's identity, read from the database at start.
     pub cluster_id: Option<String>,
+    /// What the node's components last reported (broker connection, subscriptions, data age).
+    pub status: NodeStatus,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -145,14 +147,14 @@ fn lease_view(s: &HttpState) -> Value {
             "role": l.role().as_str(),
             "epoch": l.role().epoch(),
             "local_deadline_in_ms": l.remaining().map(|d| d.as_millis() as u64),
-            "seconds_since_renew": metrics().seconds_since_renew(),
+            "seconds_since_renew": l.since_renew().map(|d| d.as_secs_f64()),
         }),
     }
 }
 
-fn mqtt_view() -> Value {
-    let m = metrics();
-    let subs = m.subscriptions();
+fn mqtt_view(s: &HttpState) -> Value {
+    let m = s.status.mqtt();
+    let subs = &m.subscriptions;
     let now = Instant::now();
     let failed: Vec<Value> = subs
         .failed
@@ -168,8 +170,8 @@ fn mqtt_view() -> Value {
         })
         .collect();
     json!({
-        "connected": m.mqtt_connected.get() == 1,
-        "subscribed_topics": m.mqtt_subscribed_topics.get(),
+        "connected": m.connected,
+        "subscribed_topics": subs.subscribed,
         "devices": subs.device_topics,
         "subscriptions": {
             "ledger_loaded": subs.loaded,
@@ -180,11 +182,11 @@ fn mqtt_view() -> Value {
             "pending": subs.pending,
             "failed_total": subs.failed_total,
             "failed": failed,
-            "subscribe_failures_total": m.mqtt_subscribe_failures.get(),
+            "subscribe_failures_total": m.subscribe_failures,
         },
-        "pending": m.messages_pending.get(),
-        "pending_bytes": m.messages_pending_bytes.get(),
-        "reconnects": m.mqtt_reconnects.get(),
+        "pending": m.pending,
+        "pending_bytes": m.pending_bytes,
+        "reconnects": m.reconnects,
     })
 }
 
@@ -205,7 +207,7 @@ fn with_client_id(mut v: Value, s: &HttpState) -> Value {
 async fn health(State(s): State<HttpState>) -> Response {
     let db = db_probe(&s).await;
     let db_ok = db["reachable"].as_bool().unwrap_or(false);
-    let mqtt = with_client_id(mqtt_view(), &s);
+    let mqtt = with_client_id(mqtt_view(&s), &s);
     let mqtt_ok = mqtt["connected"].as_bool().unwrap_or(false);
     let role = role_of(&s);
     let needs_mqtt = s.observer || matches!(role, Role::Leader { .. });
@@ -229,7 +231,7 @@ async fn health(State(s): State<HttpState>) -> Response {
     if stuck(&s) {
         problems.push("leader past its renewal deadline");
     }
-    let age = metrics().data_age.get();
+    let age = s.status.cluster().newest_data_age;
     let body = json!({
         "status": if problems.is_empty() { "ok" } else { "unhealthy" },
         "problems": problems,
@@ -241,7 +243,7 @@ async fn health(State(s): State<HttpState>) -> Response {
         "lease": lease_view(&s),
         "mqtt": mqtt,
         "database": db,
-        "newest_data_age_seconds": if age < 0.0 { Value::Null } else { json!(age) },
+        "newest_data_age_seconds": age,
     });
     (code(problems.is_empty()), Json(body)).into_response()
 }
@@ -300,7 +302,7 @@ async fn lease(State(s): State<HttpState>) -> Response {
 /// 503 when this node needs the broker and is not connected, or when the broker refuses some
 /// of the wanted topic filters (nothing published on them reaches the session).
 async fn mqtt(State(s): State<HttpState>) -> Response {
-    let mut v = with_client_id(mqtt_view(), &s);
+    let mut v = with_client_id(mqtt_view(&s), &s);
     let needs = s.observer || matches!(role_of(&s), Role::Leader { .. });
     let mut problems = Vec::new();
     if needs && !v["connected"].as_bool().unwrap_or(false) {

@@ -30,6 +30,7 @@
 //!   session with the wanted topics; [`ledger`]: where the session's subscriptions are kept.
 
 pub mod ledger;
+pub mod session;
 pub mod subscriptions;
 
 use std::sync::Arc;
@@ -38,7 +39,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use leasehold_config::MqttEndpoint;
-use leasehold_telemetry::{events, metrics};
+use leasehold_telemetry::{events, NodeStatus};
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, PubAck, Publish,
     QoS, Request, Subscribe, SubscribeFilter, Transport, Unsubscribe,
@@ -47,6 +48,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 pub use ledger::{LedgerChange, LedgerError, LedgerFuture, MemoryLedger, SubscriptionLedger};
+use session::{Dropped, Session};
 use subscriptions::{Action, Kind, Subscriptions};
 
 #[derive(Debug, thiserror::Error)]
@@ -99,14 +101,6 @@ impl Inbound {
             _permit: None,
         }
     }
-}
-
-/// Which connection is current. Only the ingest task reads or changes it, and it also writes the
-/// acks, so a connection change and an ack cannot interleave.
-#[derive(Debug, Default, Clone, Copy)]
-struct Gate {
-    conn: u64,
-    connected: bool,
 }
 
 /// Sends acks for committed messages back to the ingest task. Cheap to clone.
@@ -202,10 +196,6 @@ impl IngestConfig {
     }
 }
 
-/// Disconnects within this time after CONNACK count toward a client-id conflict.
-const QUICK_DISCONNECT: Duration = Duration::from_secs(3);
-/// Consecutive quick disconnects that raise a client-id conflict.
-const CONFLICT_AFTER: u32 = 3;
 /// Writing one batch of acks into the socket; rumqttc's own writes use the same bound.
 const ACK_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a drain, how long the last subscription-ledger writes may take before they are dropped.
@@ -218,7 +208,9 @@ pub struct MqttIngest {
     cfg: IngestConfig,
     client: AsyncClient,
     eventloop: EventLoop,
-    gate: Gate,
+    /// The connection's state; only this task reads or changes it, and it also writes the
+    /// acks, so a connection change and an ack cannot interleave.
+    session: Session,
     tx: Option<mpsc::Sender<Inbound>>,
     /// Committed messages coming back to be acknowledged.
     acks: mpsc::UnboundedReceiver<Vec<Inbound>>,
@@ -235,6 +227,16 @@ pub struct MqttIngest {
     /// Ledger writes, applied in order by the ledger task of `run`.
     ledger_ops: Option<mpsc::UnboundedSender<subscriptions::LedgerOp>>,
     last_full_log: Option<Instant>,
+    /// The node's status: this task owns its MQTT part.
+    status: NodeStatus,
+    /// Subscribe failures of the node's earlier terms (the status counts over the node's life).
+    failures_before: u64,
+}
+
+/// Whether the loop goes on after an event.
+enum Flow {
+    Go,
+    Stop(Result<(), IngestError>),
 }
 
 /// What became of a message taken from the broker.
@@ -340,12 +342,13 @@ impl MqttIngest {
         let (acks_tx, acks) = mpsc::unbounded_channel();
         let acker = Acker { tx: acks_tx };
         let subs = Subscriptions::new(cfg.topics.clone());
+        let session = Session::new(cfg.clean_session, cfg.expect_session, cfg.reconnect_max);
         (
             MqttIngest {
                 cfg,
                 client,
                 eventloop,
-                gate: Gate::default(),
+                session,
                 tx: Some(tx),
                 acks,
                 pending,
@@ -358,6 +361,8 @@ impl MqttIngest {
                 ledger: Arc::new(MemoryLedger::default()),
                 ledger_ops: None,
                 last_full_log: None,
+                status: NodeStatus::default(),
+                failures_before: 0,
             },
             acker,
             rx,
@@ -368,6 +373,35 @@ impl MqttIngest {
     pub fn with_ledger(mut self, ledger: Arc<dyn SubscriptionLedger>) -> Self {
         self.ledger = ledger;
         self
+    }
+
+    /// Reports into the node's status (a private one unless given).
+    pub fn with_status(mut self, status: NodeStatus) -> Self {
+        self.failures_before = status.mqtt().subscribe_failures;
+        self.status = status;
+        self
+    }
+
+    /// Publishes the pending counts (status and gauges).
+    fn report_pending(&self) {
+        let (pending, pending_bytes) = (self.pending_count(), self.pending_byte_count());
+        self.status.set_pending(pending, pending_bytes);
+        events::PendingChanged {
+            pending,
+            pending_bytes,
+        }
+        .emit();
+    }
+
+    /// Publishes the subscriptions' state (status and gauges).
+    fn report_subscriptions(&self) {
+        let subs = self.subs.status();
+        events::SubscriptionsChanged { status: &subs }.emit();
+        let failures = self.failures_before + subs.refusals;
+        self.status.update_mqtt(|m| {
+            m.subscribe_failures = failures;
+            m.subscriptions = subs;
+        });
     }
 
     fn pending_count(&self) -> usize {
@@ -401,20 +435,11 @@ impl MqttIngest {
             .set_device_topics(topics.as_deref(), Instant::now());
         self.execute(actions);
 
-        let broker = self.cfg.endpoint.to_string();
-        let mut connections = 0u64;
-        let mut connected_at: Option<Instant> = None;
-        let mut backoff = Duration::from_millis(100);
-        let mut quick_disconnects = 0u32;
-        let mut disconnecting = false;
         // Cleared when the topic source is gone: its channel would report "changed" forever.
         let mut topics_open = true;
         let full = self.cfg.max_pending as u32;
         let result = loop {
-            metrics().messages_pending.set(self.pending_count() as i64);
-            metrics()
-                .messages_pending_bytes
-                .set(self.pending_byte_count() as i64);
+            self.report_pending();
             if self.eventloop.network.is_none() && !(self.may_connect)() {
                 tracing::info!("not connecting to the broker: this node may no longer ingest");
                 break Ok(());
@@ -427,49 +452,41 @@ impl MqttIngest {
                     .map(tokio::time::Instant::from_std)
                     .unwrap_or_else(tokio::time::Instant::now),
             );
-            tokio::select! {
+            let flow = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break Ok(()),
-                _ = drain.cancelled(), if !draining => self.stop_intake(),
-                all = sem.acquire_many_owned(full), if draining && !disconnecting => {
+                _ = drain.cancelled(), if !draining => {
+                    self.stop_intake();
+                    Flow::Go
+                }
+                all = sem.acquire_many_owned(full), if draining && !self.session.is_disconnecting() => {
                     drop(all);
-                    // Everything forwarded is acknowledged: DISCONNECT goes out after the acks.
-                    disconnecting = true;
-                    if self.eventloop.network.is_none() || self.client.try_disconnect().is_err() {
-                        break Ok(());
-                    }
+                    self.on_drained()
                 }
-                Some(batch) = self.acks.recv() => self.write_acks(batch).await,
-                Some(reply) = replies.recv() => {
-                    let now = Instant::now();
-                    let actions = match reply {
-                        ledger::Reply::Loaded { conn, rows } => self.subs.loaded(conn, rows, now),
-                        ledger::Reply::IntentWritten(chunk) => self.subs.intent_written(chunk),
-                        ledger::Reply::Fenced => {
-                            tracing::error!("subscription ledger write fenced: this node no longer holds the lease; ending the term");
-                            break Err(IngestError::Fenced);
-                        }
-                    };
-                    self.execute(actions);
+                Some(batch) = self.acks.recv() => {
+                    self.write_acks(batch).await;
+                    Flow::Go
                 }
+                Some(reply) = replies.recv() => self.on_ledger_reply(reply),
                 changed = self.device_topics.changed(), if topics_open => {
                     if changed.is_err() {
                         // The topic source is gone (shutting down): keep the current topics.
                         topics_open = false;
-                        continue;
+                    } else {
+                        self.on_device_topics();
                     }
-                    let topics = self.device_topics.borrow_and_update().clone();
-                    let actions = self.subs.set_device_topics(topics.as_deref(), Instant::now());
-                    self.execute(actions);
+                    Flow::Go
                 }
                 _ = retry, if retry_at.is_some() => {
                     let actions = self.subs.retry_due(Instant::now());
                     self.execute(actions);
+                    Flow::Go
                 }
                 ev = self.eventloop.poll() => {
                     let ev = match ev {
                         Ok(Event::Incoming(Packet::Publish(p))) => {
-                            match self.take(p, connections, &cancel, &drain).await {
+                            let conn = self.session.conn();
+                            match self.take(p, conn, &cancel, &drain).await {
                                 Taken::Done => continue,
                                 Taken::Cancelled => break Ok(()),
                                 Taken::Lost(e) => Err(e),
@@ -478,71 +495,17 @@ impl MqttIngest {
                         other => other,
                     };
                     match ev {
-                        Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                            let reconnect = connections > 0;
-                            connections += 1;
-                            self.gate = Gate { conn: connections, connected: true };
-                            connected_at = Some(Instant::now());
-                            self.connected.send_replace(true);
-                            backoff = Duration::from_millis(100);
-                            // Reconcile the session's subscriptions with what is wanted: from
-                            // the ledger, or from nothing when the broker has no session. (Before
-                            // the connect is counted, so /health never shows the new connection
-                            // with the old connection's subscriptions.)
-                            let actions = self.subs.connected(connections, ack.session_present, Instant::now());
-                            self.execute(actions);
-                            events::MqttConnected { broker: &broker, session_present: ack.session_present, reconnect }.emit();
-                            if !self.cfg.clean_session && !ack.session_present && (reconnect || self.cfg.expect_session) {
-                                events::MqttSessionLost { client_id: &self.cfg.client_id }.emit();
-                            }
-                        }
-                        Ok(Event::Outgoing(Outgoing::Subscribe(pkid))) => {
-                            self.subs.outgoing(Kind::Subscribe, pkid)
-                        }
-                        Ok(Event::Outgoing(Outgoing::Unsubscribe(pkid))) => {
-                            self.subs.outgoing(Kind::Unsubscribe, pkid)
-                        }
-                        Ok(Event::Incoming(Packet::SubAck(s))) => {
-                            let actions = self.subs.suback(s.pkid, &s.return_codes, Instant::now());
-                            self.execute(actions);
-                        }
-                        Ok(Event::Incoming(Packet::UnsubAck(u))) => {
-                            let actions = self.subs.unsuback(u.pkid, Instant::now());
-                            self.execute(actions);
-                        }
-                        Ok(Event::Outgoing(Outgoing::Disconnect)) => {
-                            tracing::info!("acks flushed; disconnected from the broker");
-                            break Ok(());
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            let was_up = connected_at.take();
-                            self.on_disconnect();
-                            if disconnecting {
-                                break Ok(());
-                            }
-                            match was_up {
-                                Some(t) if t.elapsed() < QUICK_DISCONNECT => quick_disconnects += 1,
-                                Some(_) => quick_disconnects = 0,
-                                None => {}
-                            }
-                            if quick_disconnects >= CONFLICT_AFTER {
-                                events::MqttClientIdConflict { client_id: &self.cfg.client_id, quick_disconnects }.emit();
-                                quick_disconnects = 0;
-                            }
-                            let wait = backoff.mul_f64(0.5 + fastrand::f64() * 0.5);
-                            events::MqttDisconnected { error: &DisplayConnErr(&e), retry_in_ms: wait.as_millis() }.emit();
-                            backoff = (backoff * 2).min(self.cfg.reconnect_max);
-                            tokio::select! {
-                                _ = cancel.cancelled() => break Ok(()),
-                                _ = tokio::time::sleep(wait) => {}
-                            }
-                        }
+                        Ok(ev) => self.on_event(ev),
+                        Err(e) => self.on_connection_error(e, &cancel).await,
                     }
                 }
+            };
+            match flow {
+                Flow::Go => {}
+                Flow::Stop(r) => break r,
             }
         };
-        self.gate.connected = false;
+        self.session.lost();
         self.connected.send_replace(false);
         self.subs.disconnected();
         // Let the last ledger writes (grants, removals) through after a clean stop; after a hard
@@ -556,9 +519,140 @@ impl MqttIngest {
         {
             tracing::warn!("subscription ledger writes did not finish within {LEDGER_FLUSH:?}; the next connection reconciles them");
         }
-        metrics().mqtt_connected.set(0);
-        metrics().set_subscriptions(leasehold_telemetry::SubscriptionStatus::default());
+        events::MqttClosed.emit();
+        self.status.update_mqtt(|m| {
+            m.connected = false;
+            m.subscriptions = Default::default();
+        });
+        events::SubscriptionsChanged {
+            status: &Default::default(),
+        }
+        .emit();
         result
+    }
+
+    /// Everything forwarded is acknowledged after a drain: DISCONNECT goes out after the acks.
+    fn on_drained(&mut self) -> Flow {
+        self.session.drained();
+        if self.eventloop.network.is_none() || self.client.try_disconnect().is_err() {
+            return Flow::Stop(Ok(()));
+        }
+        Flow::Go
+    }
+
+    /// The ledger task answered: the rows of a connection, an intent written, or fenced.
+    fn on_ledger_reply(&mut self, reply: ledger::Reply) -> Flow {
+        let now = Instant::now();
+        let actions = match reply {
+            ledger::Reply::Loaded { conn, rows } => self.subs.loaded(conn, rows, now),
+            ledger::Reply::IntentWritten(chunk) => self.subs.intent_written(chunk),
+            ledger::Reply::Fenced => {
+                tracing::error!("subscription ledger write fenced: this node no longer holds the lease; ending the term");
+                return Flow::Stop(Err(IngestError::Fenced));
+            }
+        };
+        self.execute(actions);
+        Flow::Go
+    }
+
+    /// The enabled `devices` topics changed.
+    fn on_device_topics(&mut self) {
+        let topics = self.device_topics.borrow_and_update().clone();
+        let actions = self
+            .subs
+            .set_device_topics(topics.as_deref(), Instant::now());
+        self.execute(actions);
+    }
+
+    /// A packet from the event loop other than a PUBLISH.
+    fn on_event(&mut self, ev: Event) -> Flow {
+        match ev {
+            Event::Incoming(Packet::ConnAck(ack)) => self.on_connack(ack.session_present),
+            Event::Outgoing(Outgoing::Subscribe(pkid)) => self.subs.outgoing(Kind::Subscribe, pkid),
+            Event::Outgoing(Outgoing::Unsubscribe(pkid)) => {
+                self.subs.outgoing(Kind::Unsubscribe, pkid)
+            }
+            Event::Incoming(Packet::SubAck(s)) => {
+                let actions = self.subs.suback(s.pkid, &s.return_codes, Instant::now());
+                self.execute(actions);
+            }
+            Event::Incoming(Packet::UnsubAck(u)) => {
+                let actions = self.subs.unsuback(u.pkid, Instant::now());
+                self.execute(actions);
+            }
+            Event::Outgoing(Outgoing::Disconnect) => {
+                tracing::info!("acks flushed; disconnected from the broker");
+                return Flow::Stop(Ok(()));
+            }
+            _ => {}
+        }
+        Flow::Go
+    }
+
+    fn on_connack(&mut self, session_present: bool) {
+        let c = self.session.connack(session_present, Instant::now());
+        self.connected.send_replace(true);
+        // Reconcile the session's subscriptions with what is wanted: from the ledger, or from
+        // nothing when the broker has no session. (Before the connect is reported, so /health
+        // never shows the new connection with the old connection's subscriptions.)
+        let actions = self.subs.connected(c.conn, session_present, Instant::now());
+        self.execute(actions);
+        events::MqttConnected {
+            broker: &self.cfg.endpoint.to_string(),
+            session_present,
+            reconnect: c.reconnect,
+        }
+        .emit();
+        let lost_at = c.session_lost.then(Utc::now);
+        self.status.update_mqtt(|m| {
+            m.connected = true;
+            m.reconnects += u64::from(c.reconnect);
+            if lost_at.is_some() {
+                m.session_lost_at = lost_at;
+            }
+        });
+        if c.session_lost {
+            events::MqttSessionLost {
+                client_id: &self.cfg.client_id,
+            }
+            .emit();
+        }
+    }
+
+    /// The connection broke or could not be made: drop what belonged to it, then wait out the
+    /// backoff (or stop, after a drain's DISCONNECT).
+    async fn on_connection_error(
+        &mut self,
+        e: ConnectionError,
+        cancel: &CancellationToken,
+    ) -> Flow {
+        self.on_disconnect();
+        let (wait, conflict) = match self
+            .session
+            .connection_error(Instant::now(), fastrand::f64())
+        {
+            Dropped::Finished => return Flow::Stop(Ok(())),
+            Dropped::Reconnect { wait, conflict } => (wait, conflict),
+        };
+        if let Some(quick_disconnects) = conflict {
+            events::MqttClientIdConflict {
+                client_id: &self.cfg.client_id,
+                quick_disconnects,
+            }
+            .emit();
+            let now = Utc::now();
+            self.status
+                .update_mqtt(|m| m.client_id_conflict_at = Some(now));
+        }
+        events::MqttDisconnected {
+            error: &DisplayConnErr(&e),
+            retry_in_ms: wait.as_millis(),
+        }
+        .emit();
+        tokio::select! {
+            _ = cancel.cancelled() => Flow::Stop(Ok(())),
+            _ = tokio::time::sleep(wait) => Flow::Go,
+        }
     }
 
     /// Stops intake: what arrives from now on stays unacknowledged in the session and goes to
@@ -575,6 +669,7 @@ impl MqttIngest {
     /// ledger task, packets are queued on the event loop (never into the bounded request
     /// channel, which a large fleet would overflow).
     fn execute(&mut self, actions: Vec<Action>) {
+        self.report_subscriptions();
         for a in actions {
             match a {
                 Action::Ledger(op) => {
@@ -621,7 +716,7 @@ impl MqttIngest {
         cancel: &CancellationToken,
         drain: &CancellationToken,
     ) -> Taken {
-        metrics().messages_received.inc();
+        events::MessageReceived.emit();
         if self.tx.is_none() {
             // Draining: not ours to acknowledge any more.
             return Taken::Done;
@@ -659,10 +754,7 @@ impl MqttIngest {
                     .emit();
                     self.last_full_log = Some(Instant::now());
                 }
-                metrics().messages_pending.set(self.pending_count() as i64);
-                metrics()
-                    .messages_pending_bytes
-                    .set(self.pending_byte_count() as i64);
+                self.report_pending();
                 let mut ping = tokio::time::interval_at(
                     tokio::time::Instant::now() + self.cfg.keep_alive / 2,
                     self.cfg.keep_alive / 2,
@@ -788,12 +880,11 @@ impl MqttIngest {
             // The client acknowledged them on receipt (observer sessions).
             return;
         }
-        let Gate { conn, connected } = self.gate;
-        let current = |m: &&Inbound| connected && m.conn == conn;
+        let session = &self.session;
+        let current = |m: &&Inbound| session.may_ack(m.conn);
         let stale = batch.iter().filter(|m| !current(m)).count() as u64;
         if stale > 0 {
-            tracing::info!(count = stale, "acks dropped: their messages arrived on an earlier connection and will be redelivered");
-            metrics().acks_dropped_stale.inc_by(stale);
+            events::AcksDroppedStale { count: stale }.emit();
         }
         let Some(network) = self.eventloop.network.as_mut() else {
             return;
@@ -836,8 +927,7 @@ impl MqttIngest {
     /// and the publishes buffered from the dead connection (the broker redelivers both). Queued
     /// subscription packets are dropped too: the next connection reconciles from the ledger.
     fn on_disconnect(&mut self) {
-        self.gate.conn = self.gate.conn.wrapping_add(1_000_000);
-        self.gate.connected = false;
+        self.session.lost();
         self.eventloop.clean();
         self.eventloop.state.events.clear();
         self.eventloop.pending.retain(|r| {
@@ -850,8 +940,10 @@ impl MqttIngest {
             )
         });
         self.subs.disconnected();
+        self.report_subscriptions();
         self.connected.send_replace(false);
-        metrics().mqtt_connected.set(0);
+        self.status.update_mqtt(|m| m.connected = false);
+        events::MqttClosed.emit();
     }
 }
 

@@ -176,6 +176,8 @@ pub struct Subscriptions {
     /// (connection, subscribed, refused) of the last "topics subscribed" line.
     reported: Option<(u64, usize, usize)>,
     last_refusal_log: Option<Instant>,
+    /// Filters refused so far, every attempt counted.
+    refusals: u64,
 }
 
 impl Subscriptions {
@@ -202,6 +204,7 @@ impl Subscriptions {
             round_started: None,
             reported: None,
             last_refusal_log: None,
+            refusals: 0,
         }
     }
 
@@ -261,7 +264,6 @@ impl Subscriptions {
             out.extend(self.pump(now));
         } else {
             self.loaded = false;
-            self.publish_status();
         }
         out
     }
@@ -494,6 +496,7 @@ impl Subscriptions {
             if log {
                 self.last_refusal_log = Some(now);
             }
+            self.refusals += refused.len() as u64;
             events::SubscriptionsRefused {
                 refused: &refused,
                 retry_in_ms: retry_in.as_millis(),
@@ -612,7 +615,7 @@ impl Subscriptions {
     }
 
     fn report(&mut self, now: Instant) {
-        let status = self.publish_status();
+        let status = self.status();
         let (Some(conn), true) = (self.conn, self.settled()) else {
             return;
         };
@@ -659,6 +662,7 @@ impl Subscriptions {
             device_topics: self.device_topics,
             subscribed: self.confirmed.len(),
             pending,
+            refusals: self.refusals,
             failed_total: failed.len(),
             failed: failed
                 .iter()
@@ -672,12 +676,6 @@ impl Subscriptions {
                 })
                 .collect(),
         }
-    }
-
-    fn publish_status(&self) -> SubscriptionStatus {
-        let s = self.status();
-        leasehold_telemetry::metrics().set_subscriptions(s.clone());
-        s
     }
 
     /// The wanted filters (configured and device topics).

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use leasehold_config::LeaseTimings;
 use leasehold_store::listener::Notice;
 use leasehold_store::queries::{CONTROL_CHANNEL, LEASE_CHANNEL};
-use leasehold_telemetry::{events, metrics};
+use leasehold_telemetry::events;
 use tokio::sync::{broadcast, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -101,6 +101,8 @@ struct Shared {
     term_active: AtomicBool,
     /// When `term_active` or the role last changed, as nanoseconds after `base`.
     term_changed_ns: AtomicU64,
+    /// When the lease was last acquired or renewed, as nanoseconds after `base`; 0: never.
+    renewed_ns: AtomicU64,
     ttl: Duration,
     drained: Notify,
     step_down: Notify,
@@ -123,6 +125,17 @@ impl Shared {
     fn set_valid_until(&self, t: Instant) {
         let ns = t.saturating_duration_since(self.base).as_nanos().max(1) as u64;
         self.valid_until_ns.store(ns, Ordering::Release);
+    }
+
+    /// A campaign or renewal sent at `sent_at` succeeded: the deadline moves to `valid_until`.
+    fn renewed(&self, sent_at: Instant, valid_until: Instant) {
+        self.set_valid_until(valid_until);
+        let ns = self.base.elapsed().as_nanos().max(1) as u64;
+        self.renewed_ns.store(ns, Ordering::Release);
+        events::LeaseRenewed {
+            took: sent_at.elapsed(),
+        }
+        .emit();
     }
 }
 
@@ -151,6 +164,19 @@ impl LeaseHandle {
         until
             .checked_duration_since(Instant::now())
             .filter(|d| !d.is_zero())
+    }
+
+    /// Time since this node last acquired or renewed the lease; `None` if it never did.
+    pub fn since_renew(&self) -> Option<Duration> {
+        match self.shared.renewed_ns.load(Ordering::Acquire) {
+            0 => None,
+            ns => Some(
+                self.shared
+                    .base
+                    .elapsed()
+                    .saturating_sub(Duration::from_nanos(ns)),
+            ),
+        }
     }
 
     /// Whether this node may still ingest right now (leading and before its local deadline).
@@ -222,6 +248,7 @@ impl Lease {
             valid_until_ns: AtomicU64::new(0),
             term_active: AtomicBool::new(false),
             term_changed_ns: AtomicU64::new(0),
+            renewed_ns: AtomicU64::new(0),
             ttl: cfg.timings.ttl,
             drained: Notify::new(),
             step_down: Notify::new(),
@@ -262,11 +289,7 @@ impl Lease {
                 let sent_at = Instant::now();
                 match self.attempt(t.renew_interval).await {
                     Ok(Some(epoch)) => {
-                        self.shared.set_valid_until(sent_at + t.demote_after());
-                        metrics()
-                            .lease_renew_duration
-                            .observe(sent_at.elapsed().as_secs_f64());
-                        metrics().renewed_now();
+                        self.shared.renewed(sent_at, sent_at + t.demote_after());
                         break epoch;
                     }
                     Ok(None) => {}
@@ -347,9 +370,7 @@ impl Lease {
                     let budget = deadline.saturating_duration_since(sent_at);
                     match self.attempt(budget).await {
                         Ok(Some(e)) if e == epoch => {
-                            self.shared.set_valid_until(sent_at + t.demote_after());
-                            metrics().lease_renew_duration.observe(sent_at.elapsed().as_secs_f64());
-                            metrics().renewed_now();
+                            self.shared.renewed(sent_at, sent_at + t.demote_after());
                             next_renew = sent_at + t.renew_interval;
                         }
                         Ok(_) => {

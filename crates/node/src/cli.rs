@@ -136,6 +136,9 @@ impl Settings {
 pub const EXIT_CONFIG: u8 = 2;
 
 pub fn main() -> ExitCode {
+    // Fault tests configure failpoints through FAILPOINTS; kept for the process's life.
+    #[cfg(feature = "testing")]
+    let _failpoints = fail::FailScenario::setup();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) if e.use_stderr() => {

@@ -1,4 +1,5 @@
-//! `leasehold run`: wiring of one node and its shutdown sequence.
+//! `leasehold run`: one node ([`Node`]: built on a bound listener, then run until shutdown),
+//! its wiring and its shutdown sequence.
 //!
 //! Shutdown (SIGTERM/SIGINT): the lease is asked to stop first, so a leader drains its term and
 //! releases the lease (standbys take over within a second); only then are the other components
@@ -15,7 +16,7 @@ use leasehold_lease::{Lease, LeaseConfig, LeaseHandle};
 use leasehold_store::listener::{Listener, Notice};
 use leasehold_store::queries::{self, DEVICES_CHANNEL};
 use leasehold_store::Pool;
-use leasehold_telemetry::metrics;
+use leasehold_telemetry::{events, NodeStatus};
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -32,219 +33,343 @@ pub const ALIVE_WITHIN: Duration = Duration::from_secs(10);
 /// two or three, a leader that keeps losing its lease makes more.
 pub const FLAP_CHANGES: i64 = 4;
 
-/// Runs a node until `shutdown` fires (a signal in production, a token in tests).
-pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let holder_id = format!("{}-{}", cfg.instance_id, uuid::Uuid::new_v4());
-    tracing::info!(instance_id = %cfg.instance_id, holder_id = %holder_id, mode = cfg.mode.as_str(), version = VERSION, config = ?cfg, "starting leasehold node");
+/// One node, configured and listening, not yet running. Tests build it on port 0 and read the
+/// port back; `leasehold run` binds `HTTP_ADDR`.
+pub struct Node {
+    cfg: Config,
+    listener: tokio::net::TcpListener,
+    port: u16,
+}
 
-    if cfg.mqtt.tls && cfg.mode != Mode::Disabled {
-        // Bad TLS material is a start-up error naming the setting, not a reconnect loop.
-        leasehold_ingest::tls_config(&cfg.mqtt)?;
-    }
-    let listener = leasehold_http::bind(cfg.http_addr).await?;
-    let http_url = format!(
-        "http://{}",
-        listener.local_addr().context("HTTP listener address")?
-    );
-    tracing::info!(%http_url, "HTTP listening (/health, /metrics)");
+/// The node's database side: its pool, LISTEN notices and the cluster's identity. `None` only
+/// for a `disabled` node without `DATABASE_URL`.
+struct Db {
+    url: String,
+    pool: Pool,
+    notices: broadcast::Sender<Notice>,
+    identity: Option<queries::ClusterIdentity>,
+}
 
-    let url = cfg.database_url.clone();
-    let pool = match &url {
-        Some(u) => Some(leasehold_store::pool(
-            u,
-            "leasehold-node",
-            cfg.database_pool_size,
-        )?),
-        None if cfg.mode == Mode::Disabled => None,
-        None => cfg.require_database_url().map(|_| None)?,
-    };
+/// A production node's lease: the handle the others read, and the task to stop first.
+struct Leadership {
+    handle: LeaseHandle,
+    task: tokio::task::JoinHandle<()>,
+    stop: CancellationToken,
+}
 
-    let root = CancellationToken::new();
-    let lease_stop = CancellationToken::new();
-    let tracker = TaskTracker::new();
+/// Everything a running node spawned, for the shutdown sequence.
+struct Running {
+    root: CancellationToken,
+    tracker: TaskTracker,
+    leadership: Option<Leadership>,
+    systemd: Option<std::sync::Arc<crate::sd_notify::Notifier>>,
+}
 
-    let identity = match &url {
-        Some(u) => migrate_with_retry(u, &shutdown).await?,
-        None => None,
-    };
-    if shutdown.is_cancelled() {
-        return Ok(());
-    }
-    // The shared session's client id comes from the database: resolved before anything connects.
-    let client_id = match cfg.mode {
-        Mode::Production => Some(crate::identity::resolve(&cfg, identity.as_ref())?),
-        _ => None,
-    };
-
-    let notices: Option<broadcast::Sender<Notice>> = url.as_ref().map(|u| {
-        let l = Listener::new(u.clone());
-        let tx = l.sender();
-        let token = root.clone();
-        tracker.spawn(async move {
-            let _ = l.run(token).await;
-        });
-        tx
-    });
-
-    let (topics_tx, topics_rx) = watch::channel::<DeviceTopics>(None);
-    if let (Some(pool), Some(n)) = (&pool, &notices) {
-        tracker.spawn(device_topics(
-            pool.clone(),
-            n.subscribe(),
-            topics_tx,
-            root.clone(),
-        ));
+impl Node {
+    /// Binds `HTTP_ADDR`, then [`Node::build`].
+    pub async fn bind(cfg: Config) -> anyhow::Result<Node> {
+        let listener = leasehold_http::bind(cfg.http_addr).await?;
+        Node::build(cfg, listener)
     }
 
-    let mut lease_handle: Option<LeaseHandle> = None;
-    let mut lease_task = None;
-    match cfg.mode {
-        Mode::Production => {
-            let (lease, handle) = Lease::new(
-                LeaseConfig {
-                    database_url: url.clone().unwrap_or_default(),
-                    lease_name: cfg.lease_name.clone(),
-                    instance_id: cfg.instance_id.clone(),
+    /// Checks what can be checked before anything connects, on an HTTP listener already bound.
+    pub fn build(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Result<Node> {
+        if cfg.mqtt.tls && cfg.mode != Mode::Disabled {
+            // Bad TLS material is a start-up error naming the setting, not a reconnect loop.
+            leasehold_ingest::tls_config(&cfg.mqtt)?;
+        }
+        let port = listener
+            .local_addr()
+            .context("HTTP listener address")?
+            .port();
+        Ok(Node {
+            cfg,
+            listener,
+            port,
+        })
+    }
+
+    /// The HTTP port (the one the OS chose when bound to port 0).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Runs until `shutdown` fires (a signal in production, a token in tests), then hands over
+    /// and stops.
+    pub async fn run_until(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Node { cfg, listener, .. } = self;
+        let holder_id = format!("{}-{}", cfg.instance_id, uuid::Uuid::new_v4());
+        tracing::info!(instance_id = %cfg.instance_id, holder_id = %holder_id, mode = cfg.mode.as_str(), version = VERSION, config = ?cfg, "starting leasehold node");
+        let http_url = format!(
+            "http://{}",
+            listener.local_addr().context("HTTP listener address")?
+        );
+        tracing::info!(%http_url, "HTTP listening (/health, /metrics)");
+
+        let root = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let db = match Db::open(&cfg, &root, &tracker, &shutdown).await? {
+            Some(db) => Some(db),
+            None if cfg.mode == Mode::Disabled || shutdown.is_cancelled() => None,
+            None => return cfg.require_database_url().map(|_| ()).map_err(Into::into),
+        };
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        // The shared session's client id comes from the database: resolved before anything connects.
+        let client_id = match cfg.mode {
+            Mode::Production => Some(crate::identity::resolve(
+                &cfg,
+                db.as_ref().and_then(|d| d.identity.as_ref()),
+            )?),
+            _ => None,
+        };
+        let status = NodeStatus::default();
+
+        let (topics_tx, topics_rx) = watch::channel::<DeviceTopics>(None);
+        if let Some(db) = &db {
+            tracker.spawn(device_topics(
+                db.pool.clone(),
+                db.notices.subscribe(),
+                topics_tx,
+                root.clone(),
+            ));
+        }
+        let leadership = match (cfg.mode, &db, &client_id) {
+            (Mode::Production, Some(db), Some(client_id)) => Some(lead(
+                &cfg,
+                db,
+                &holder_id,
+                client_id.clone(),
+                topics_rx,
+                status.clone(),
+                &root,
+                &tracker,
+            )?),
+            (Mode::Development, _, _) => {
+                tracker.spawn(observe(
+                    cfg.clone(),
+                    topics_rx,
+                    status.clone(),
+                    root.clone(),
+                ));
+                None
+            }
+            _ => {
+                tracing::info!("MQTT_MODE=disabled: no MQTT; health, metrics and CLI only");
+                None
+            }
+        };
+        let lease_handle = leadership.as_ref().map(|l| l.handle.clone());
+
+        let mut alerts = None;
+        if let Some(db) = &db {
+            // Its own connection: no burst of HTTP requests can delay the node's sign of life.
+            tracker.spawn(heartbeat(
+                leasehold_store::pool(&db.url, "leasehold-heartbeat", 1)?,
+                Beat {
                     holder_id: holder_id.clone(),
-                    timings: cfg.lease,
+                    instance_id: cfg.instance_id.clone(),
+                    mode: cfg.mode,
+                    http_url: http_url.clone(),
+                    lease: lease_handle.clone(),
+                    client_id: client_id.clone(),
                 },
-                notices.as_ref().map(|n| n.subscribe()),
-            );
-            leasehold_lease::watchdog::spawn(&handle, cfg.lease.ttl)
-                .context("starting the watchdog thread")?;
-            let sup = Supervisor {
-                cfg: cfg.clone(),
-                client_id: client_id
-                    .clone()
-                    .context("production mode resolves a client id")?,
-                lease: handle.clone(),
-                device_topics: topics_rx.clone(),
-                pool: pool.clone(),
-            };
-            let token = root.clone();
-            tracker.spawn(async move {
-                if let Err(e) = sup.run(token).await {
-                    tracing::error!(error = %e, "supervisor failed");
-                }
-            });
-            let token = lease_stop.clone();
-            lease_task = Some(tokio::spawn(async move {
-                if let Err(e) = lease.run(token).await {
-                    tracing::error!(error = %e, "lease task failed");
-                }
-            }));
-            lease_handle = Some(handle);
-        }
-        Mode::Development => {
-            tracker.spawn(observe(cfg.clone(), topics_rx.clone(), root.clone()));
-        }
-        Mode::Disabled => {
-            tracing::info!("MQTT_MODE=disabled: no MQTT; health, metrics and CLI only")
-        }
-    }
-
-    if let Some(u) = &url {
-        // Its own connection: no burst of HTTP requests can delay the node's sign of life.
-        tracker.spawn(heartbeat(
-            leasehold_store::pool(u, "leasehold-heartbeat", 1)?,
-            holder_id.clone(),
-            cfg.instance_id.clone(),
-            cfg.mode,
-            http_url.clone(),
-            lease_handle.clone(),
-            client_id.clone(),
-            root.clone(),
-        ));
-    }
-
-    let alerts = match &url {
-        Some(u) => {
+                status.clone(),
+                root.clone(),
+            ));
             // Its own connection: a slow or flooded evaluation never holds one heartbeats need.
-            let pool = leasehold_store::pool(u, "leasehold-alerts", 1)?;
+            let pool = leasehold_store::pool(&db.url, "leasehold-alerts", 1)?;
             let ev = leasehold_alerts::Evaluator::new(alerts_config(&cfg), pool);
-            let handle = ev.handle();
+            alerts = Some(ev.handle());
             let token = root.clone();
             tracker.spawn(async move {
                 let _ = ev.run(token).await;
             });
-            Some(handle)
+            if cfg.mode == Mode::Production {
+                tracker.spawn(retention(&cfg, &db.url, root.clone()));
+            }
         }
-        None => None,
-    };
-    if let (Some(u), Mode::Production) = (&url, cfg.mode) {
-        use leasehold_store::retention::Table;
-        let r = cfg.retention;
-        let policy = vec![
-            (Table::DeadLetters, r.dead_letters),
-            (Table::Alerts, r.alerts),
-            (Table::LeaseHistory, r.lease_history),
-            (Table::ClusterNodes, r.cluster_nodes),
-        ];
-        tracker.spawn(leasehold_store::retention::run(
-            u.clone(),
-            policy,
-            r.interval,
-            root.clone(),
-        ));
-    }
 
-    let state = leasehold_http::HttpState {
-        instance_id: cfg.instance_id.clone(),
-        mode: cfg.mode.as_str(),
-        version: VERSION,
-        lease: lease_handle.clone(),
-        pool: pool.clone(),
-        lease_name: cfg.lease_name.clone(),
-        observer: cfg.mode == Mode::Development,
-        alerts,
-        stale_warning: cfg.stale_warning,
-        stale_critical: cfg.stale_critical,
-        alive_within: ALIVE_WITHIN,
-        mqtt_client_id: client_id.clone(),
-        cluster_id: identity.as_ref().map(|i| i.cluster_id.clone()),
+        let state = leasehold_http::HttpState {
+            instance_id: cfg.instance_id.clone(),
+            mode: cfg.mode.as_str(),
+            version: VERSION,
+            lease: lease_handle.clone(),
+            pool: db.as_ref().map(|d| d.pool.clone()),
+            lease_name: cfg.lease_name.clone(),
+            observer: cfg.mode == Mode::Development,
+            alerts,
+            stale_warning: cfg.stale_warning,
+            stale_critical: cfg.stale_critical,
+            alive_within: ALIVE_WITHIN,
+            mqtt_client_id: client_id.clone(),
+            cluster_id: db
+                .as_ref()
+                .and_then(|d| d.identity.as_ref())
+                .map(|i| i.cluster_id.clone()),
+            status,
+        };
+        let token = root.clone();
+        tracker.spawn(async move {
+            if let Err(e) = leasehold_http::serve(listener, state, token).await {
+                tracing::error!(error = %e, "HTTP server stopped");
+            }
+        });
+        let systemd = crate::sd_notify::Notifier::from_env().map(std::sync::Arc::new);
+        if let Some(n) = &systemd {
+            n.notify(&format!("READY=1\nSTATUS=serving on {http_url}"));
+            if let Some(every) = crate::sd_notify::watchdog_interval() {
+                tracker.spawn(crate::sd_notify::watchdog(
+                    n.clone(),
+                    every,
+                    lease_handle,
+                    root.clone(),
+                ));
+            }
+        }
+        tracker.close();
+
+        shutdown.cancelled().await;
+        Running {
+            root,
+            tracker,
+            leadership,
+            systemd,
+        }
+        .stop(cfg.lease.ttl)
+        .await;
+        Ok(())
+    }
+}
+
+/// Runs a node until `shutdown` fires, on `HTTP_ADDR`.
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    Node::bind(cfg).await?.run_until(shutdown).await
+}
+
+impl Db {
+    /// Migrates (retrying until the database answers or `shutdown`), then opens the pool and
+    /// the LISTEN connection. `None` without `DATABASE_URL`, or on shutdown.
+    async fn open(
+        cfg: &Config,
+        root: &CancellationToken,
+        tracker: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Option<Db>> {
+        let Some(url) = cfg.database_url.clone() else {
+            return Ok(None);
+        };
+        let pool = leasehold_store::pool(&url, "leasehold-node", cfg.database_pool_size)?;
+        let identity = migrate_with_retry(&url, shutdown).await?;
+        if shutdown.is_cancelled() {
+            return Ok(None);
+        }
+        let l = Listener::new(url.clone());
+        let notices = l.sender();
+        let token = root.clone();
+        tracker.spawn(async move {
+            let _ = l.run(token).await;
+        });
+        Ok(Some(Db {
+            url,
+            pool,
+            notices,
+            identity,
+        }))
+    }
+}
+
+/// Starts the lease, its watchdog and the supervisor of leadership terms.
+#[allow(clippy::too_many_arguments)]
+fn lead(
+    cfg: &Config,
+    db: &Db,
+    holder_id: &str,
+    client_id: leasehold_config::ClientId,
+    device_topics: watch::Receiver<DeviceTopics>,
+    status: NodeStatus,
+    root: &CancellationToken,
+    tracker: &TaskTracker,
+) -> anyhow::Result<Leadership> {
+    let (lease, handle) = Lease::new(
+        LeaseConfig {
+            database_url: db.url.clone(),
+            lease_name: cfg.lease_name.clone(),
+            instance_id: cfg.instance_id.clone(),
+            holder_id: holder_id.to_string(),
+            timings: cfg.lease,
+        },
+        Some(db.notices.subscribe()),
+    );
+    leasehold_lease::watchdog::spawn(&handle, cfg.lease.ttl)
+        .context("starting the watchdog thread")?;
+    let sup = Supervisor {
+        cfg: cfg.clone(),
+        client_id,
+        lease: handle.clone(),
+        device_topics,
+        pool: Some(db.pool.clone()),
+        status,
     };
     let token = root.clone();
     tracker.spawn(async move {
-        if let Err(e) = leasehold_http::serve(listener, state, token).await {
-            tracing::error!(error = %e, "HTTP server stopped");
+        if let Err(e) = sup.run(token).await {
+            tracing::error!(error = %e, "supervisor failed");
         }
     });
-    let systemd = crate::sd_notify::Notifier::from_env().map(std::sync::Arc::new);
-    if let Some(n) = &systemd {
-        n.notify(&format!("READY=1\nSTATUS=serving on {http_url}"));
-        if let Some(every) = crate::sd_notify::watchdog_interval() {
-            tracker.spawn(crate::sd_notify::watchdog(
-                n.clone(),
-                every,
-                lease_handle.clone(),
-                root.clone(),
-            ));
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    let task = tokio::spawn(async move {
+        if let Err(e) = lease.run(token).await {
+            tracing::error!(error = %e, "lease task failed");
         }
-    }
-    tracker.close();
+    });
+    Ok(Leadership { handle, task, stop })
+}
 
-    shutdown.cancelled().await;
-    if let Some(n) = &systemd {
-        n.notify("STOPPING=1");
-    }
-    let started = Instant::now();
-    tracing::info!("shutdown requested: handing over before stopping");
-    lease_stop.cancel();
-    if let Some(task) = lease_task {
-        // The lease task returns once its term is drained and the lease released (or lost).
-        if tokio::time::timeout(cfg.lease.ttl, task).await.is_err() {
-            tracing::warn!("hand-over did not finish within LEASE_TTL; stopping anyway");
+/// The retention task of a production node: old dead letters, alerts, lease history and nodes.
+fn retention(
+    cfg: &Config,
+    url: &str,
+    cancel: CancellationToken,
+) -> impl std::future::Future<Output = ()> {
+    use leasehold_store::retention::Table;
+    let r = cfg.retention;
+    let policy = vec![
+        (Table::DeadLetters, r.dead_letters),
+        (Table::Alerts, r.alerts),
+        (Table::LeaseHistory, r.lease_history),
+        (Table::ClusterNodes, r.cluster_nodes),
+    ];
+    leasehold_store::retention::run(url.to_string(), policy, r.interval, cancel)
+}
+
+impl Running {
+    /// The lease is asked to stop first, so a leader drains its term and releases the lease;
+    /// then everything else is cancelled.
+    async fn stop(self, ttl: Duration) {
+        if let Some(n) = &self.systemd {
+            n.notify("STOPPING=1");
         }
+        let started = Instant::now();
+        tracing::info!("shutdown requested: handing over before stopping");
+        if let Some(l) = self.leadership {
+            l.stop.cancel();
+            // The lease task returns once its term is drained and the lease released (or lost).
+            if tokio::time::timeout(ttl, l.task).await.is_err() {
+                tracing::warn!("hand-over did not finish within LEASE_TTL; stopping anyway");
+            }
+        }
+        self.root.cancel();
+        if tokio::time::timeout(Duration::from_secs(5), self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some tasks did not stop within 5s; exiting anyway");
+        }
+        tracing::info!(ms = started.elapsed().as_millis() as u64, "stopped");
     }
-    root.cancel();
-    if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("some tasks did not stop within 5s; exiting anyway");
-    }
-    tracing::info!(ms = started.elapsed().as_millis() as u64, "stopped");
-    Ok(())
 }
 
 fn alerts_config(cfg: &Config) -> leasehold_alerts::AlertsConfig {
@@ -359,53 +484,54 @@ async fn device_topics(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn heartbeat(
-    pool: Pool,
+/// Who this node is, as its heartbeat reports it in `cluster_nodes`.
+struct Beat {
     holder_id: String,
     instance_id: String,
     mode: Mode,
     http_url: String,
     lease: Option<LeaseHandle>,
     client_id: Option<leasehold_config::ClientId>,
-    cancel: CancellationToken,
-) {
+}
+
+/// Reports the node in `cluster_nodes` every `HEARTBEAT_EVERY` and reads back the cluster's
+/// view (nodes alive, newest data) into the status.
+async fn heartbeat(pool: Pool, me: Beat, status: NodeStatus, cancel: CancellationToken) {
     let started_at = Utc::now();
     let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
-    // Counters seen at the last heartbeat: an increase is reported as "happened now", so every
+    // Events already reported: one newer than these is reported as "happened now", so every
     // node can judge the session-lost and client-id alerts from this table.
-    let m = metrics();
-    let mut seen = (m.mqtt_session_lost.get(), m.mqtt_client_id_conflicts.get());
+    let mut reported = (None, None);
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let role = match (&lease, mode) {
+        let role = match (&me.lease, me.mode) {
             (Some(l), _) => l.role().as_str(),
             (None, Mode::Development) => "observer",
             (None, _) => "disabled",
         };
-        let now = (m.mqtt_session_lost.get(), m.mqtt_client_id_conflicts.get());
-        let session_lost_at = (now.0 > seen.0).then(Utc::now);
-        let client_id_conflict_at = (now.1 > seen.1).then(Utc::now);
+        let mqtt = status.mqtt();
+        let now = (mqtt.session_lost_at, mqtt.client_id_conflict_at);
+        let newer = |at: Option<chrono::DateTime<Utc>>, seen| at.filter(|_| at != seen);
         let work = async {
             let c = leasehold_store::pooled(&pool).await?;
             queries::heartbeat(
                 &**c,
                 &queries::Heartbeat {
-                    holder_id: &holder_id,
-                    instance_id: &instance_id,
+                    holder_id: &me.holder_id,
+                    instance_id: &me.instance_id,
                     role,
-                    mode: mode.as_str(),
+                    mode: me.mode.as_str(),
                     version: VERSION,
-                    http_url: Some(&http_url),
+                    http_url: Some(&me.http_url),
                     started_at,
-                    mqtt_connected: m.mqtt_connected.get() == 1,
-                    session_lost_at,
-                    client_id_conflict_at,
-                    mqtt_client_id: client_id.as_ref().map(|c| c.id.as_str()),
-                    mqtt_client_id_source: client_id.as_ref().map(|c| c.source.as_str()),
+                    mqtt_connected: mqtt.connected,
+                    session_lost_at: newer(now.0, reported.0).map(|_| Utc::now()),
+                    client_id_conflict_at: newer(now.1, reported.1).map(|_| Utc::now()),
+                    mqtt_client_id: me.client_id.as_ref().map(|c| c.id.as_str()),
+                    mqtt_client_id_source: me.client_id.as_ref().map(|c| c.source.as_str()),
                 },
             )
             .await?;
@@ -415,10 +541,17 @@ async fn heartbeat(
             Ok::<_, leasehold_store::StoreError>((alive.len(), age))
         };
         match tokio::time::timeout(HEARTBEAT_EVERY, work).await {
-            Ok(Ok((alive, age))) => {
-                seen = now;
-                m.cluster_nodes_alive.set(alive as i64);
-                m.data_age.set(age.unwrap_or(-1.0));
+            Ok(Ok((alive_nodes, newest_data_age))) => {
+                reported = now;
+                status.update_cluster(|c| {
+                    c.alive_nodes = Some(alive_nodes);
+                    c.newest_data_age = newest_data_age;
+                });
+                events::ClusterRead {
+                    alive_nodes,
+                    newest_data_age,
+                }
+                .emit();
             }
             Ok(Err(e)) => tracing::debug!(error = %e, "heartbeat failed"),
             Err(_) => tracing::debug!("heartbeat timed out"),
@@ -427,7 +560,12 @@ async fn heartbeat(
 }
 
 /// `MQTT_MODE=development`: a private clean session that decodes and counts, never writes.
-async fn observe(cfg: Config, topics: watch::Receiver<DeviceTopics>, cancel: CancellationToken) {
+async fn observe(
+    cfg: Config,
+    topics: watch::Receiver<DeviceTopics>,
+    status: NodeStatus,
+    cancel: CancellationToken,
+) {
     let client_id = format!(
         "leasehold-dev-{}-{}",
         cfg.instance_id,
@@ -438,6 +576,7 @@ async fn observe(cfg: Config, topics: watch::Receiver<DeviceTopics>, cancel: Can
         topics,
         std::sync::Arc::new(|| true),
     );
+    let ingest = ingest.with_status(status);
     let decoder = Decoder::new(&cfg.device_topic_pattern, cfg.max_payload_bytes);
     let drain = CancellationToken::new();
     let token = cancel.clone();
@@ -454,7 +593,7 @@ async fn observe(cfg: Config, topics: watch::Receiver<DeviceTopics>, cancel: Can
             }
             m = rx.recv() => {
                 let Some(m) = m else { break };
-                metrics().messages_observed.inc();
+                events::MessageObserved.emit();
                 match decoder.decode(&m.topic, &m.payload, m.received_at) {
                     Ok(r) => { ok += 1; tracing::debug!(device_id = %r.device_id, ts = %r.ts, topic = %m.topic, "observer: would write"); }
                     Err(e) => { bad += 1; tracing::info!(topic = %m.topic, error = %e, "observer: would dead-letter"); }

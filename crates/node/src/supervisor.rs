@@ -19,8 +19,14 @@ use tokio_util::task::TaskTracker;
 
 use crate::writer::{Writer, WriterConfig};
 
-/// Environment switch for the fault tests: demotion hangs, so the watchdog must end the process.
-pub const TEST_HANG_DEMOTION: &str = "LEASEHOLD_TEST_HANG_DEMOTION";
+/// The failpoint of the fault tests (`FAILPOINTS=demotion-hang=return`, in a binary built with
+/// the `testing` feature): demotion hangs, so the watchdog must end the process.
+pub const DEMOTION_HANG: &str = "demotion-hang";
+
+fn demotion_hangs() -> bool {
+    fail::fail_point!(DEMOTION_HANG, |_| true);
+    false
+}
 
 struct Term {
     epoch: i64,
@@ -40,6 +46,8 @@ pub struct Supervisor {
     pub device_topics: watch::Receiver<leasehold_ingest::DeviceTopics>,
     /// For the subscription ledger (production nodes always have a database).
     pub pool: Option<leasehold_store::Pool>,
+    /// Each term's ingest reports into it.
+    pub status: leasehold_telemetry::NodeStatus,
 }
 
 impl Supervisor {
@@ -138,6 +146,7 @@ impl Supervisor {
             self.device_topics.clone(),
             may_connect,
         );
+        let ingest = ingest.with_status(self.status.clone());
         let fence = Fence {
             lease_name: cfg.lease_name.clone(),
             holder_id: self.lease.holder_id.clone(),
@@ -218,8 +227,8 @@ impl Supervisor {
     }
 
     async fn stop_hard(&self, t: Term) {
-        if std::env::var_os(TEST_HANG_DEMOTION).is_some() {
-            tracing::error!("{TEST_HANG_DEMOTION} is set: simulating a demotion that hangs");
+        if demotion_hangs() {
+            tracing::error!("failpoint {DEMOTION_HANG}: simulating a demotion that hangs");
             std::future::pending::<()>().await;
         }
         t.hard.cancel();

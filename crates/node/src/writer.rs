@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use leasehold_decode::Decoder;
 use leasehold_ingest::{Acker, Inbound};
 use leasehold_store::{BatchWriter, DeadLetter, Fence, Row, StoreError};
-use leasehold_telemetry::{events, metrics};
+use leasehold_telemetry::events;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -151,10 +151,10 @@ impl Writer {
                         duration: started.elapsed(),
                     }
                     .emit();
-                    let lat = &metrics().ingest_latency;
-                    for m in &batch {
-                        lat.observe(m.received.elapsed().as_secs_f64());
+                    events::MessagesCommitted {
+                        waited: batch.iter().map(|m| m.received.elapsed()),
                     }
+                    .emit();
                     self.acker.ack(batch);
                 }
                 Err(Stop::Cancelled) => return Ok(()),

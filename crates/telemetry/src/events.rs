@@ -292,3 +292,103 @@ impl PendingOverflow {
         // A pause refuses nothing; `messages_pending` / `messages_pending_bytes` show it.
     }
 }
+
+/// A lease campaign or renewal succeeded; `took` is its round trip.
+pub struct LeaseRenewed {
+    pub took: std::time::Duration,
+}
+impl LeaseRenewed {
+    pub fn emit(self) {
+        let m = metrics();
+        m.lease_renew_duration.observe(self.took.as_secs_f64());
+        m.renewed_now();
+    }
+}
+
+/// The session's subscriptions changed (granted, refused, pending): exported as gauges.
+pub struct SubscriptionsChanged<'a> {
+    pub status: &'a crate::SubscriptionStatus,
+}
+impl SubscriptionsChanged<'_> {
+    pub fn emit(self) {
+        metrics().set_subscriptions(self.status);
+    }
+}
+
+/// The messages held (received, not yet acknowledged) changed.
+pub struct PendingChanged {
+    pub pending: usize,
+    pub pending_bytes: usize,
+}
+impl PendingChanged {
+    pub fn emit(self) {
+        let m = metrics();
+        m.messages_pending.set(self.pending as i64);
+        m.messages_pending_bytes.set(self.pending_bytes as i64);
+    }
+}
+
+/// A PUBLISH arrived from the broker.
+pub struct MessageReceived;
+impl MessageReceived {
+    pub fn emit(self) {
+        metrics().messages_received.inc();
+    }
+}
+
+/// A message decoded by an observer (development mode), never written.
+pub struct MessageObserved;
+impl MessageObserved {
+    pub fn emit(self) {
+        metrics().messages_observed.inc();
+    }
+}
+
+/// Acks not written because their messages came on an earlier connection.
+pub struct AcksDroppedStale {
+    pub count: u64,
+}
+impl AcksDroppedStale {
+    pub fn emit(self) {
+        tracing::info!(
+            count = self.count,
+            "acks dropped: their messages arrived on an earlier connection and will be redelivered"
+        );
+        metrics().acks_dropped_stale.inc_by(self.count);
+    }
+}
+
+/// The broker connection is closed on purpose (drain, stop), or dropped before a reconnect.
+pub struct MqttClosed;
+impl MqttClosed {
+    pub fn emit(self) {
+        metrics().mqtt_connected.set(0);
+    }
+}
+
+/// A batch's messages were committed and handed back to be acknowledged; `waited` is each
+/// one's time from receipt to commit.
+pub struct MessagesCommitted<I: Iterator<Item = std::time::Duration>> {
+    pub waited: I,
+}
+impl<I: Iterator<Item = std::time::Duration>> MessagesCommitted<I> {
+    pub fn emit(self) {
+        let lat = &metrics().ingest_latency;
+        for w in self.waited {
+            lat.observe(w.as_secs_f64());
+        }
+    }
+}
+
+/// The heartbeat read the cluster's view from the database.
+pub struct ClusterRead {
+    pub alive_nodes: usize,
+    pub newest_data_age: Option<f64>,
+}
+impl ClusterRead {
+    pub fn emit(self) {
+        let m = metrics();
+        m.cluster_nodes_alive.set(self.alive_nodes as i64);
+        m.data_age.set(self.newest_data_age.unwrap_or(-1.0));
+    }
+}

@@ -1,12 +1,18 @@
 //! Observability plumbing shared by every crate.
 //!
 //! # Layout
-//! - [`metrics()`]: the process-wide registry of SPEC section 12 metrics.
+//! - [`metrics()`]: the process-wide registry of every exported metric (listed in
+//!   docs/operations in `docs/runbook.md`). Only [`events`] change it.
 //! - [`events`]: one struct per notable event; `emit()` writes the log line and moves the metric,
 //!   so the two can never disagree.
+//! - [`status`]: the node's own state as typed values ([`NodeStatus`], a `watch` channel),
+//!   written by the component that owns each part and read by `/health` and the heartbeat.
 //! - [`init_logging`]: JSON or pretty logs, level from `LOG_LEVEL`.
 
 pub mod events;
+pub mod status;
+
+pub use status::{FailedSubscription, NodeStatus, Status, SubscriptionStatus};
 
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
@@ -35,8 +41,6 @@ pub struct Metrics {
     pub mqtt_subscriptions_pending: IntGauge,
     pub mqtt_subscriptions_failed: IntGauge,
     pub mqtt_subscribe_failures: IntCounter,
-    /// What `/health/mqtt` shows about subscriptions; written by the ingest task.
-    subscriptions: Mutex<SubscriptionStatus>,
     pub messages_received: IntCounter,
     pub messages_written: IntCounter,
     pub messages_duplicate: IntCounter,
@@ -94,7 +98,6 @@ impl Metrics {
             mqtt_subscriptions_pending: reg(&r, IntGauge::new("leasehold_mqtt_subscriptions_pending", "Topic filters still to subscribe or unsubscribe before the session matches the wanted topics")?),
             mqtt_subscriptions_failed: reg(&r, IntGauge::new("leasehold_mqtt_subscriptions_failed", "Wanted topic filters the broker refused (SUBACK 0x80) or granted below QoS 1; retried with backoff")?),
             mqtt_subscribe_failures: reg(&r, IntCounter::new("leasehold_mqtt_subscribe_failures_total", "Topic filters refused by SUBACK (0x80) or granted below QoS 1, every attempt counted")?),
-            subscriptions: Mutex::new(SubscriptionStatus::default()),
             messages_received: reg(&r, IntCounter::new("leasehold_messages_received_total", "Messages received from the broker")?),
             messages_written: reg(&r, IntCounter::new("leasehold_messages_written_total", "Rows committed to telemetry")?),
             messages_duplicate: reg(&r, IntCounter::new("leasehold_messages_duplicate_total", "Messages already stored (the same reading again, or a redelivery), skipped")?),
@@ -132,37 +135,26 @@ impl Metrics {
     }
 
     /// Records a successful renewal (for `leasehold_lease_seconds_since_renew`).
-    pub fn renewed_now(&self) {
+    fn renewed_now(&self) {
         if let Ok(mut g) = self.last_renew.lock() {
             *g = Some(Instant::now());
         }
     }
 
     /// Seconds since the last successful renewal, if any.
-    pub fn seconds_since_renew(&self) -> Option<f64> {
+    fn seconds_since_renew(&self) -> Option<f64> {
         self.last_renew
             .lock()
             .ok()
             .and_then(|g| g.map(|t| t.elapsed().as_secs_f64()))
     }
 
-    /// Replaces what `/health/mqtt` shows about subscriptions.
-    pub fn set_subscriptions(&self, status: SubscriptionStatus) {
+    /// Exports the subscription counts (the status itself lives in [`status::NodeStatus`]).
+    fn set_subscriptions(&self, status: &SubscriptionStatus) {
         self.mqtt_subscribed_topics.set(status.subscribed as i64);
         self.mqtt_subscriptions_pending.set(status.pending as i64);
         self.mqtt_subscriptions_failed
             .set(status.failed_total as i64);
-        if let Ok(mut g) = self.subscriptions.lock() {
-            *g = status;
-        }
-    }
-
-    /// The subscriptions as the ingest task last reported them.
-    pub fn subscriptions(&self) -> SubscriptionStatus {
-        self.subscriptions
-            .lock()
-            .map(|g| g.clone())
-            .unwrap_or_default()
     }
 
     /// The Prometheus text exposition.
@@ -175,34 +167,6 @@ impl Metrics {
         }
         String::from_utf8(buf).unwrap_or_default()
     }
-}
-
-/// The session's subscriptions as the ingest task last reported them (`/health/mqtt`).
-#[derive(Debug, Clone, Default)]
-pub struct SubscriptionStatus {
-    /// Whether the subscription ledger was read for the current connection.
-    pub loaded: bool,
-    /// Wanted filters: configured (`MQTT_TOPICS`, routes) plus enabled `devices` topics.
-    pub wanted: usize,
-    pub configured: usize,
-    pub device_topics: usize,
-    /// Granted with QoS 1 or above.
-    pub subscribed: usize,
-    /// Still to subscribe or unsubscribe (including those in flight).
-    pub pending: usize,
-    /// Wanted filters currently refused, and the first of them.
-    pub failed_total: usize,
-    pub failed: Vec<FailedSubscription>,
-}
-
-/// A wanted filter the broker refused (SUBACK 0x80) or granted below QoS 1.
-#[derive(Debug, Clone)]
-pub struct FailedSubscription {
-    pub filter: String,
-    pub reason: String,
-    pub attempts: u32,
-    pub since: Instant,
-    pub retry_at: Instant,
 }
 
 /// The process-wide metrics.

@@ -1,0 +1,155 @@
+//! What a node knows about itself now, as typed values.
+//!
+//! Each part has one owner that writes it (the ingest task its MQTT part, the heartbeat the
+//! cluster part); `/health` and the heartbeat read it. Metrics show the same facts to
+//! Prometheus, but nothing reads a metric back to decide anything: a gauge is an export, not
+//! state.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::watch;
+
+/// The node's status, as last written by its owners.
+#[derive(Debug, Clone, Default)]
+pub struct Status {
+    pub mqtt: MqttStatus,
+    pub cluster: ClusterStatus,
+}
+
+/// The broker side, written by the ingest task of the current term (or of the observer).
+#[derive(Debug, Clone, Default)]
+pub struct MqttStatus {
+    pub connected: bool,
+    /// Connections after the first of a term, over the node's life.
+    pub reconnects: u64,
+    /// Topic filters refused or granted below QoS 1, every attempt counted.
+    pub subscribe_failures: u64,
+    /// When a resumed connection last found the broker without the session.
+    pub session_lost_at: Option<DateTime<Utc>>,
+    /// When repeated quick disconnects last showed another process using the client id.
+    pub client_id_conflict_at: Option<DateTime<Utc>>,
+    pub subscriptions: SubscriptionStatus,
+    /// Messages received and not yet acknowledged, and their payload and topic bytes.
+    pub pending: usize,
+    pub pending_bytes: usize,
+}
+
+/// What the heartbeat last read from the database.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterStatus {
+    /// Nodes that heartbeated recently; `None` until the first heartbeat.
+    pub alive_nodes: Option<usize>,
+    /// Age of the newest stored reading on the database clock; `None` when there is none.
+    pub newest_data_age: Option<f64>,
+}
+
+/// The session's subscriptions as the ingest task last reported them (`/health/mqtt`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SubscriptionStatus {
+    /// Whether the subscription ledger was read for the current connection.
+    pub loaded: bool,
+    /// Wanted filters: configured (`MQTT_TOPICS`) plus enabled `devices` topics.
+    pub wanted: usize,
+    pub configured: usize,
+    pub device_topics: usize,
+    /// Granted with QoS 1 or above.
+    pub subscribed: usize,
+    /// Still to subscribe or unsubscribe (including those in flight).
+    pub pending: usize,
+    /// Filters refused by this term's session so far, every attempt counted.
+    pub refusals: u64,
+    /// Wanted filters currently refused, and the first of them.
+    pub failed_total: usize,
+    pub failed: Vec<FailedSubscription>,
+}
+
+/// A wanted filter the broker refused (SUBACK 0x80) or granted below QoS 1.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FailedSubscription {
+    pub filter: String,
+    pub reason: String,
+    pub attempts: u32,
+    pub since: Instant,
+    pub retry_at: Instant,
+}
+
+/// The node's status channel: cheap to clone, one per node (a fresh one per test node).
+#[derive(Clone, Debug)]
+pub struct NodeStatus(Arc<watch::Sender<Status>>);
+
+impl Default for NodeStatus {
+    fn default() -> Self {
+        NodeStatus(Arc::new(watch::Sender::new(Status::default())))
+    }
+}
+
+impl NodeStatus {
+    /// A copy of the current status.
+    pub fn get(&self) -> Status {
+        self.0.borrow().clone()
+    }
+
+    /// The MQTT part, without copying the rest.
+    pub fn mqtt(&self) -> MqttStatus {
+        self.0.borrow().mqtt.clone()
+    }
+
+    pub fn cluster(&self) -> ClusterStatus {
+        self.0.borrow().cluster.clone()
+    }
+
+    /// Changes the MQTT part (events: rare).
+    pub fn update_mqtt(&self, f: impl FnOnce(&mut MqttStatus)) {
+        self.0.send_modify(|s| f(&mut s.mqtt));
+    }
+
+    /// Sets the pending counts, which change with every message: readers are woken only when
+    /// they differ.
+    pub fn set_pending(&self, pending: usize, pending_bytes: usize) {
+        self.0.send_if_modified(|s| {
+            let changed = (s.mqtt.pending, s.mqtt.pending_bytes) != (pending, pending_bytes);
+            s.mqtt.pending = pending;
+            s.mqtt.pending_bytes = pending_bytes;
+            changed
+        });
+    }
+
+    pub fn update_cluster(&self, f: impl FnOnce(&mut ClusterStatus)) {
+        self.0.send_modify(|s| f(&mut s.cluster));
+    }
+
+    /// Wakes when the status changed.
+    pub fn subscribe(&self) -> watch::Receiver<Status> {
+        self.0.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_update_that_changes_nothing_wakes_no_reader() {
+        let s = NodeStatus::default();
+        let mut rx = s.subscribe();
+        rx.mark_unchanged();
+        s.set_pending(0, 0);
+        assert!(!rx.has_changed().unwrap_or(true));
+        s.set_pending(3, 120);
+        assert!(rx.has_changed().unwrap_or(false));
+        assert_eq!((s.mqtt().pending, s.mqtt().pending_bytes), (3, 120));
+    }
+
+    #[test]
+    fn owners_write_their_own_part() {
+        let s = NodeStatus::default();
+        let now = Utc::now();
+        s.update_mqtt(|m| m.session_lost_at = Some(now));
+        s.update_cluster(|c| c.newest_data_age = Some(1.5));
+        let got = s.get();
+        assert_eq!(got.mqtt.session_lost_at, Some(now));
+        assert_eq!(got.cluster.newest_data_age, Some(1.5));
+    }
+}
