@@ -1,7 +1,8 @@
 //! The HTTP surface of a node: health for orchestrators and people, metrics for Prometheus.
 //!
-//! Every answer is computed from live state (the lease handle, the metrics, a timed database
-//! probe), never from a flag someone forgot to update: "ok" must mean working.
+//! Every answer is computed from live state (the lease handle, the node's status as its components
+//! last wrote it, a timed database probe), never from a metric read back or a flag someone forgot
+//! to update: "ok" must mean working.
 //!
 //! # Layout
 //! - [`HttpState`]: what the handlers read.

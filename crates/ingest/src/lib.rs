@@ -23,8 +23,10 @@
 //!
 //! # Layout
 //! - [`IngestConfig`]: session settings (shared persistent session or a private observer one).
-//! - [`MqttIngest::run`]: connect, reconcile subscriptions on every CONNACK, poll, reconnect
-//!   with backoff, drain.
+//! - [`MqttIngest::run`]: the event loop's I/O; one handler per event (`on_connack`,
+//!   `on_event`, `on_connection_error`, `on_drained`, `on_ledger_reply`, `write_acks`).
+//! - [`session`]: the connection's life as plain state (numbering, which acks may be written,
+//!   backoff, client-id conflicts, the drain's DISCONNECT), unit-tested without a broker.
 //! - [`Acker`]: the ack path back from the writer.
 //! - [`subscriptions`]: subscribing a fleet of any size in small packets and reconciling the
 //!   session with the wanted topics; [`ledger`]: where the session's subscriptions are kept.

@@ -2,13 +2,13 @@
 //!
 //! # Layout
 //! - [`cli`]: argument parsing, configuration loading, one-line errors, exit codes.
-//! - [`node`]: `leasehold run`, the wiring of one node and its shutdown sequence.
+//! - [`node`]: `leasehold run`: [`node::Node`] (`build` on a bound listener, `port`,
+//!   `run_until`), the wiring of one node and its shutdown sequence.
 //! - [`identity`]: the client id of the cluster's shared session, from its stored identity.
 //! - [`supervisor`]: starts, drains and cancels leadership terms as the lease role changes.
 //! - [`writer`]: the batch writer of a term (fenced statements, row errors isolated, ack after
 //!   commit).
 //! - [`batch`]: a gathered batch decoded and settled as far as the batch alone can settle it.
-//! - [`writer`]: the batch writer of a term (fenced transactions, ack after commit).
 //! - [`ledger`]: the leader's subscription ledger (`mqtt_subscriptions`, fenced writes).
 //! - [`admin`]: `migrate`, `status`, `step-down`.
 //! - [`simulate`]: a device fleet publisher for demos, tests and benchmarks.
