@@ -124,122 +124,170 @@ impl Node {
             )?),
             _ => None,
         };
-        let status = NodeStatus::default();
+        let w = Wiring {
+            cfg,
+            holder_id,
+            http_url,
+            db,
+            client_id,
+            status: NodeStatus::default(),
+            root,
+            tracker,
+        };
+        let leadership = w.roles()?;
+        let lease = leadership.as_ref().map(|l| l.handle.clone());
+        let alerts = w.database_tasks(&lease)?;
+        w.serve_http(listener, &lease, alerts);
+        let systemd = w.systemd(&lease);
+        w.tracker.close();
 
+        shutdown.cancelled().await;
+        Running {
+            root: w.root,
+            tracker: w.tracker,
+            leadership,
+            systemd,
+        }
+        .stop(w.cfg.lease.ttl)
+        .await;
+        Ok(())
+    }
+}
+
+/// What the node's tasks are started from.
+struct Wiring {
+    cfg: Config,
+    holder_id: String,
+    http_url: String,
+    db: Option<Db>,
+    /// The shared session's client id (production nodes).
+    client_id: Option<leasehold_config::ClientId>,
+    status: NodeStatus,
+    root: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Wiring {
+    /// The node's part by `MQTT_MODE`: a production node campaigns for the lease and leads its
+    /// terms, an observer decodes privately, a disabled node has no MQTT at all.
+    fn roles(&self) -> anyhow::Result<Option<Leadership>> {
         let (topics_tx, topics_rx) = watch::channel::<DeviceTopics>(None);
-        if let Some(db) = &db {
-            tracker.spawn(device_topics(
+        if let Some(db) = &self.db {
+            self.tracker.spawn(device_topics(
                 db.pool.clone(),
                 db.notices.subscribe(),
                 topics_tx,
-                root.clone(),
+                self.root.clone(),
             ));
         }
-        let leadership = match (cfg.mode, &db, &client_id) {
-            (Mode::Production, Some(db), Some(client_id)) => Some(lead(
-                &cfg,
-                db,
-                &holder_id,
-                client_id.clone(),
-                topics_rx,
-                status.clone(),
-                &root,
-                &tracker,
-            )?),
+        match (self.cfg.mode, &self.db, &self.client_id) {
+            (Mode::Production, Some(db), Some(client_id)) => {
+                lead(self, db, client_id.clone(), topics_rx).map(Some)
+            }
             (Mode::Development, _, _) => {
-                tracker.spawn(observe(
-                    cfg.clone(),
+                self.tracker.spawn(observe(
+                    self.cfg.clone(),
                     topics_rx,
-                    status.clone(),
-                    root.clone(),
+                    self.status.clone(),
+                    self.root.clone(),
                 ));
-                None
+                Ok(None)
             }
             _ => {
                 tracing::info!("MQTT_MODE=disabled: no MQTT; health, metrics and CLI only");
-                None
-            }
-        };
-        let lease_handle = leadership.as_ref().map(|l| l.handle.clone());
-
-        let mut alerts = None;
-        if let Some(db) = &db {
-            // Its own connection: no burst of HTTP requests can delay the node's sign of life.
-            tracker.spawn(heartbeat(
-                leasehold_store::pool(&db.url, "leasehold-heartbeat", 1)?,
-                Beat {
-                    holder_id: holder_id.clone(),
-                    instance_id: cfg.instance_id.clone(),
-                    mode: cfg.mode,
-                    http_url: http_url.clone(),
-                    lease: lease_handle.clone(),
-                    client_id: client_id.clone(),
-                },
-                status.clone(),
-                root.clone(),
-            ));
-            // Its own connection: a slow or flooded evaluation never holds one heartbeats need.
-            let pool = leasehold_store::pool(&db.url, "leasehold-alerts", 1)?;
-            let ev = leasehold_alerts::Evaluator::new(alerts_config(&cfg), pool);
-            alerts = Some(ev.handle());
-            let token = root.clone();
-            tracker.spawn(async move {
-                let _ = ev.run(token).await;
-            });
-            if cfg.mode == Mode::Production {
-                tracker.spawn(retention(&cfg, &db.url, root.clone()));
+                Ok(None)
             }
         }
+    }
 
+    /// Heartbeat, alert evaluation and (production) retention, each on its own connection:
+    /// no burst of HTTP requests or slow evaluation can delay the node's sign of life.
+    fn database_tasks(
+        &self,
+        lease: &Option<LeaseHandle>,
+    ) -> anyhow::Result<Option<leasehold_alerts::AlertsHandle>> {
+        let Some(db) = &self.db else {
+            return Ok(None);
+        };
+        let cfg = &self.cfg;
+        self.tracker.spawn(heartbeat(
+            leasehold_store::pool(&db.url, "leasehold-heartbeat", 1)?,
+            Beat {
+                holder_id: self.holder_id.clone(),
+                instance_id: cfg.instance_id.clone(),
+                mode: cfg.mode,
+                http_url: self.http_url.clone(),
+                lease: lease.clone(),
+                client_id: self.client_id.clone(),
+            },
+            self.status.clone(),
+            self.root.clone(),
+        ));
+        let pool = leasehold_store::pool(&db.url, "leasehold-alerts", 1)?;
+        let ev = leasehold_alerts::Evaluator::new(alerts_config(cfg), pool);
+        let alerts = ev.handle();
+        let token = self.root.clone();
+        self.tracker.spawn(async move {
+            let _ = ev.run(token).await;
+        });
+        if cfg.mode == Mode::Production {
+            self.tracker
+                .spawn(retention(cfg, &db.url, self.root.clone()));
+        }
+        Ok(Some(alerts))
+    }
+
+    fn serve_http(
+        &self,
+        listener: tokio::net::TcpListener,
+        lease: &Option<LeaseHandle>,
+        alerts: Option<leasehold_alerts::AlertsHandle>,
+    ) {
+        let cfg = &self.cfg;
         let state = leasehold_http::HttpState {
             instance_id: cfg.instance_id.clone(),
             mode: cfg.mode.as_str(),
             version: VERSION,
-            lease: lease_handle.clone(),
-            pool: db.as_ref().map(|d| d.pool.clone()),
+            lease: lease.clone(),
+            pool: self.db.as_ref().map(|d| d.pool.clone()),
             lease_name: cfg.lease_name.clone(),
             observer: cfg.mode == Mode::Development,
             alerts,
             stale_warning: cfg.stale_warning,
             stale_critical: cfg.stale_critical,
             alive_within: ALIVE_WITHIN,
-            mqtt_client_id: client_id.clone(),
-            cluster_id: db
+            mqtt_client_id: self.client_id.clone(),
+            cluster_id: self
+                .db
                 .as_ref()
                 .and_then(|d| d.identity.as_ref())
                 .map(|i| i.cluster_id.clone()),
-            status,
+            status: self.status.clone(),
         };
-        let token = root.clone();
-        tracker.spawn(async move {
+        let token = self.root.clone();
+        self.tracker.spawn(async move {
             if let Err(e) = leasehold_http::serve(listener, state, token).await {
                 tracing::error!(error = %e, "HTTP server stopped");
             }
         });
-        let systemd = crate::sd_notify::Notifier::from_env().map(std::sync::Arc::new);
-        if let Some(n) = &systemd {
-            n.notify(&format!("READY=1\nSTATUS=serving on {http_url}"));
-            if let Some(every) = crate::sd_notify::watchdog_interval() {
-                tracker.spawn(crate::sd_notify::watchdog(
-                    n.clone(),
-                    every,
-                    lease_handle,
-                    root.clone(),
-                ));
-            }
-        }
-        tracker.close();
+    }
 
-        shutdown.cancelled().await;
-        Running {
-            root,
-            tracker,
-            leadership,
-            systemd,
+    /// Under systemd (`Type=notify`): READY=1 now, and the watchdog pings while the node works.
+    fn systemd(
+        &self,
+        lease: &Option<LeaseHandle>,
+    ) -> Option<std::sync::Arc<crate::sd_notify::Notifier>> {
+        let n = crate::sd_notify::Notifier::from_env().map(std::sync::Arc::new)?;
+        n.notify(&format!("READY=1\nSTATUS=serving on {}", self.http_url));
+        if let Some(every) = crate::sd_notify::watchdog_interval() {
+            self.tracker.spawn(crate::sd_notify::watchdog(
+                n.clone(),
+                every,
+                lease.clone(),
+                self.root.clone(),
+            ));
         }
-        .stop(cfg.lease.ttl)
-        .await;
-        Ok(())
+        Some(n)
     }
 }
 
@@ -281,23 +329,19 @@ impl Db {
 }
 
 /// Starts the lease, its watchdog and the supervisor of leadership terms.
-#[allow(clippy::too_many_arguments)]
 fn lead(
-    cfg: &Config,
+    w: &Wiring,
     db: &Db,
-    holder_id: &str,
     client_id: leasehold_config::ClientId,
     device_topics: watch::Receiver<DeviceTopics>,
-    status: NodeStatus,
-    root: &CancellationToken,
-    tracker: &TaskTracker,
 ) -> anyhow::Result<Leadership> {
+    let cfg = &w.cfg;
     let (lease, handle) = Lease::new(
         LeaseConfig {
             database_url: db.url.clone(),
             lease_name: cfg.lease_name.clone(),
             instance_id: cfg.instance_id.clone(),
-            holder_id: holder_id.to_string(),
+            holder_id: w.holder_id.clone(),
             timings: cfg.lease,
         },
         Some(db.notices.subscribe()),
@@ -310,10 +354,10 @@ fn lead(
         lease: handle.clone(),
         device_topics,
         pool: Some(db.pool.clone()),
-        status,
+        status: w.status.clone(),
     };
-    let token = root.clone();
-    tracker.spawn(async move {
+    let token = w.root.clone();
+    w.tracker.spawn(async move {
         if let Err(e) = sup.run(token).await {
             tracing::error!(error = %e, "supervisor failed");
         }
