@@ -1,6 +1,6 @@
 -- Leasehold schema, version 1. Applied by `leasehold migrate` and at node start, under an advisory lock.
 
--- The lease (SPEC section 3). Rows are never deleted: the epoch must survive every holder.
+-- The lease (docs/guarantees.md, G1; docs/ARCHITECTURE.md). Rows are never deleted: the epoch must survive every holder.
 CREATE TABLE instance_lock (
     service_name text PRIMARY KEY,
     holder_id    text        NOT NULL,

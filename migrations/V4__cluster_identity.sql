@@ -1,4 +1,4 @@
--- Leasehold schema, version 4: the cluster's identity (SPEC section 4).
+-- Leasehold schema, version 4: the cluster's identity (docs/configuration.md, "The MQTT client id").
 --
 -- A cluster is the set of nodes that share one database (and one LEASE_NAME). Its identity is a
 -- random id created here, once, when the database is migrated for the first time: every node of
