@@ -392,3 +392,82 @@ impl ClusterRead {
         m.data_age.set(self.newest_data_age.unwrap_or(-1.0));
     }
 }
+
+/// An alert evaluation finished: what it found, as gauges.
+pub struct AlertsEvaluated<'a> {
+    pub devices_enabled: i64,
+    pub devices_heard: i64,
+    /// Every alert kind, and whether its condition holds now.
+    pub firing: &'a [(&'a str, bool)],
+}
+impl AlertsEvaluated<'_> {
+    pub fn emit(self) {
+        let m = metrics();
+        m.devices_enabled.set(self.devices_enabled);
+        m.devices_heard.set(self.devices_heard);
+        for (kind, firing) in self.firing {
+            m.alerts_firing
+                .with_label_values(&[kind])
+                .set(i64::from(*firing));
+        }
+    }
+}
+
+/// This node won an alert's change in the `alerts` table (opened, escalated, resolved).
+pub struct AlertChanged<'a> {
+    pub alert_id: i64,
+    pub kind: &'a str,
+    /// `opened`, `escalated`, `updated` or `resolved`.
+    pub action: &'a str,
+    pub critical: bool,
+    pub message: &'a str,
+}
+impl AlertChanged<'_> {
+    pub fn emit(self) {
+        metrics()
+            .alert_changes
+            .with_label_values(&[self.kind, self.action])
+            .inc();
+        let (id, kind, action, message) = (self.alert_id, self.kind, self.action, self.message);
+        if action == "resolved" {
+            tracing::info!(alert_id = id, kind, "alert resolved");
+        } else if self.critical {
+            tracing::error!(alert_id = id, kind, action, message, "alert");
+        } else {
+            tracing::warn!(alert_id = id, kind, action, message, "alert");
+        }
+    }
+}
+
+/// An alert's webhook delivery ended: delivered after `attempts`, or given up with `error`.
+pub struct AlertNotified<'a> {
+    pub kind: &'a str,
+    pub action: &'a str,
+    pub attempts: usize,
+    pub error: Option<&'a dyn std::fmt::Display>,
+}
+impl AlertNotified<'_> {
+    pub fn emit(self) {
+        let (kind, action) = (self.kind, self.action);
+        let result = match self.error {
+            None => {
+                tracing::info!(
+                    kind,
+                    action,
+                    attempts = self.attempts,
+                    "alert webhook delivered"
+                );
+                "delivered"
+            }
+            // Handled here: the alert itself stays recorded in `alerts` and on /health/alerts.
+            Some(e) => {
+                tracing::error!(kind, action, error = %e, "alert webhook not delivered; the alert is still recorded in the alerts table");
+                "failed"
+            }
+        };
+        metrics()
+            .alert_notifications
+            .with_label_values(&[result])
+            .inc();
+    }
+}
