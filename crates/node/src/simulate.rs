@@ -59,11 +59,52 @@ pub fn payload(run: &str, device: &str, seq: u64, ts: DateTime<Utc>) -> String {
     )
 }
 
-pub async fn run(cfg: &Config, a: SimArgs) -> anyhow::Result<ExitCode> {
-    let run_id = a
-        .run_id
-        .clone()
-        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..8].to_string());
+/// The simulated devices: the topic and payload of message `seq`, timestamps strictly rising
+/// per device.
+struct Fleet {
+    run_id: String,
+    topic: String,
+    invalid_every: u64,
+    devices: Vec<String>,
+    last_ts: Vec<DateTime<Utc>>,
+}
+
+impl Fleet {
+    fn new(run_id: &str, a: &SimArgs) -> Self {
+        let devices: Vec<String> = (0..a.devices.max(1))
+            .map(|i| format!("dev-{i:04}"))
+            .collect();
+        Fleet {
+            run_id: run_id.to_string(),
+            topic: a.topic.clone(),
+            invalid_every: a.invalid_every,
+            last_ts: vec![DateTime::<Utc>::MIN_UTC; devices.len()],
+            devices,
+        }
+    }
+
+    fn message(&mut self, seq: u64) -> (String, String) {
+        let d = (seq % self.devices.len() as u64) as usize;
+        let mut ts = Utc::now();
+        if ts <= self.last_ts[d] {
+            ts = self.last_ts[d] + chrono::Duration::microseconds(1);
+        }
+        self.last_ts[d] = ts;
+        let topic = self.topic.replace("{device}", &self.devices[d]);
+        let body = if self.invalid_every > 0 && (seq + 1).is_multiple_of(self.invalid_every) {
+            format!("not json #{seq}")
+        } else {
+            payload(&self.run_id, &self.devices[d], seq, ts)
+        };
+        (topic, body)
+    }
+}
+
+/// A clean-session publisher; the returned counter counts the broker's acks.
+fn connect(
+    cfg: &Config,
+    run_id: &str,
+) -> (AsyncClient, tokio::task::JoinHandle<()>, Arc<AtomicU64>) {
     let client_id = format!("leasehold-sim-{run_id}-{}", std::process::id());
     let mut opts = MqttOptions::new(client_id, &cfg.mqtt.host, cfg.mqtt.port);
     opts.set_keep_alive(Duration::from_secs(10))
@@ -74,17 +115,13 @@ pub async fn run(cfg: &Config, a: SimArgs) -> anyhow::Result<ExitCode> {
     }
     let (client, mut eventloop) = AsyncClient::new(opts, 1000);
     let acked = Arc::new(AtomicU64::new(0));
-    let connected = Arc::new(AtomicU64::new(0));
-    let (ack2, conn2) = (acked.clone(), connected.clone());
+    let counter = acked.clone();
     let poller = tokio::spawn(async move {
         loop {
             match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    conn2.fetch_add(1, Ordering::Relaxed);
-                }
                 Ok(Event::Incoming(Packet::PubAck(_)))
                 | Ok(Event::Incoming(Packet::PubComp(_))) => {
-                    ack2.fetch_add(1, Ordering::Relaxed);
+                    counter.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
                 Ok(_) => {}
@@ -95,36 +132,39 @@ pub async fn run(cfg: &Config, a: SimArgs) -> anyhow::Result<ExitCode> {
             }
         }
     });
+    (client, poller, acked)
+}
+
+fn or(n: u64, zero: &str) -> String {
+    if n == 0 {
+        zero.to_string()
+    } else {
+        n.to_string()
+    }
+}
+
+pub async fn run(cfg: &Config, a: SimArgs) -> anyhow::Result<ExitCode> {
+    let run_id = a
+        .run_id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..8].to_string());
+    let (client, poller, acked) = connect(cfg, &run_id);
     let q = qos(a.qos);
-    let devices: Vec<String> = (0..a.devices.max(1))
-        .map(|i| format!("dev-{i:04}"))
-        .collect();
-    let mut last_ts: Vec<DateTime<Utc>> = vec![DateTime::<Utc>::MIN_UTC; devices.len()];
+    let mut fleet = Fleet::new(&run_id, &a);
     let started = Instant::now();
     let mut last_progress = Instant::now();
     let mut published = 0u64;
     eprintln!(
         "simulate: run {run_id}: {} devices, {} msg/s, {} messages, QoS {} to {}",
-        devices.len(),
-        if a.rate == 0 {
-            "max".to_string()
-        } else {
-            a.rate.to_string()
-        },
-        if a.count == 0 {
-            "unlimited".to_string()
-        } else {
-            a.count.to_string()
-        },
+        fleet.devices.len(),
+        or(a.rate, "max"),
+        or(a.count, "unlimited"),
         a.qos,
         cfg.mqtt
     );
     let stop = tokio::signal::ctrl_c();
     tokio::pin!(stop);
-    loop {
-        if a.count > 0 && published >= a.count {
-            break;
-        }
+    while a.count == 0 || published < a.count {
         if a.rate > 0 {
             let due = Duration::from_secs_f64(published as f64 / a.rate as f64);
             if let Some(wait) = due.checked_sub(started.elapsed()) {
@@ -134,19 +174,7 @@ pub async fn run(cfg: &Config, a: SimArgs) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        let seq = a.start_seq + published;
-        let d = (seq % devices.len() as u64) as usize;
-        let mut ts = Utc::now();
-        if ts <= last_ts[d] {
-            ts = last_ts[d] + chrono::Duration::microseconds(1);
-        }
-        last_ts[d] = ts;
-        let topic = a.topic.replace("{device}", &devices[d]);
-        let body = if a.invalid_every > 0 && (seq + 1).is_multiple_of(a.invalid_every) {
-            format!("not json #{seq}")
-        } else {
-            payload(&run_id, &devices[d], seq, ts)
-        };
+        let (topic, body) = fleet.message(a.start_seq + published);
         client.publish(topic, q, false, body).await?;
         published += 1;
         if last_progress.elapsed() >= Duration::from_secs(a.progress_every.max(1)) {
