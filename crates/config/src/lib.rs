@@ -802,11 +802,11 @@ mod tests {
     fn nested_sections_read_as_the_flat_keys_do() {
         let flat = file(
             "flat",
-            "lease_ttl = \"30s\"\nbatch_max_rows = 5\nmqtt_url = \"mqtts://b:8884\"\nmqtt_topics = [\"a/#\", \"b/+\"]\nmax_pending_bytes = \"8MiB\"\ndead_letter_retention = \"2d\"\n",
+            "lease_ttl = \"30s\"\nmqtt_step_down_after = 0\nbatch_max_rows = 5\nmqtt_url = \"mqtts://b:8884\"\nmqtt_topics = [\"a/#\", \"b/+\"]\nmax_pending_bytes = \"8MiB\"\ndead_letter_retention = \"2d\"\n",
         );
         let nested = file(
             "nested",
-            "[lease]\nttl = \"30s\"\n[batch]\nmax_rows = 5\n[mqtt]\nurl = \"mqtts://b:8884\"\ntopics = [\"a/#\", \"b/+\"]\n[ingest]\nmax_pending_bytes = \"8MiB\"\n[retention]\ndead_letters = \"2d\"\n",
+            "[lease]\nttl = \"30s\"\n[batch]\nmax_rows = 5\n[mqtt]\nstep_down_after = 0\nurl = \"mqtts://b:8884\"\ntopics = [\"a/#\", \"b/+\"]\n[ingest]\nmax_pending_bytes = \"8MiB\"\n[retention]\ndead_letters = \"2d\"\n",
         );
         for path in [flat, nested] {
             let c = load_file(&path, &[]).expect("load");

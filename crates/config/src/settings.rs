@@ -138,11 +138,11 @@ pub struct Mqtt {
     pub client_id: Option<String>,
     #[serde(deserialize_with = "list")]
     pub topics: Option<Vec<String>>,
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub keep_alive: Option<Duration>,
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub reconnect_max: Option<Duration>,
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub step_down_after: Option<Duration>,
 }
 
@@ -151,11 +151,11 @@ pub struct Mqtt {
 pub struct Lease {
     #[serde(deserialize_with = "string")]
     pub name: Option<String>,
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub ttl: Option<Duration>,
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub renew_interval: Option<Duration>,
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub poll_interval: Option<Duration>,
 }
 
@@ -164,7 +164,7 @@ pub struct Lease {
 pub struct Batch {
     #[serde(deserialize_with = "count")]
     pub max_rows: Option<usize>,
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub max_wait: Option<Duration>,
     #[serde(deserialize_with = "size")]
     pub max_bytes: Option<usize>,
@@ -175,7 +175,7 @@ pub struct Batch {
 pub struct Ingest {
     #[serde(deserialize_with = "string")]
     pub device_topic_pattern: Option<String>,
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub redelivery_window: Option<Duration>,
     #[serde(deserialize_with = "size")]
     pub max_payload_bytes: Option<usize>,
@@ -195,9 +195,9 @@ pub struct Http {
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Stale {
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub warning: Option<Duration>,
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub critical: Option<Duration>,
 }
 
@@ -206,26 +206,26 @@ pub struct Stale {
 pub struct Alert {
     #[serde(deserialize_with = "string")]
     pub webhook_url: Option<String>,
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub check_interval: Option<Duration>,
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub grace: Option<Duration>,
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub window: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Retention {
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub dead_letters: Option<Duration>,
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub alerts: Option<Duration>,
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub lease_history: Option<Duration>,
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub cluster_nodes: Option<Duration>,
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "duration")]
     pub interval: Option<Duration>,
 }
 
@@ -303,6 +303,14 @@ where
 
 fn string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     text(d, |v| Ok(v.to_string()))
+}
+
+/// Through `humantime-serde`, from the text, so a file's `mqtt_step_down_after = 0` still reads.
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    text(d, |v| {
+        humantime_serde::deserialize(de::value::StrDeserializer::<de::value::Error>::new(v))
+            .map_err(|_| "expected a duration such as 10s, 500ms or 5m".to_string())
+    })
 }
 
 fn count<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {

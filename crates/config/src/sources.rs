@@ -116,11 +116,6 @@ impl Sources {
             }
             Kind::Message(m) => m.clone(),
             // The found value is not repeated here: it may be a secret.
-            Kind::InvalidType(_, expected) | Kind::InvalidValue(_, expected)
-                if expected == "a duration" =>
-            {
-                "expected a duration such as 10s, 500ms or 5m".into()
-            }
             Kind::InvalidType(_, expected) | Kind::InvalidValue(_, expected) => {
                 format!("expected {expected}")
             }
