@@ -823,20 +823,6 @@ mod tests {
     }
 
     #[test]
-    fn every_setting_has_its_place_in_the_structure() {
-        for (env, path) in SETTINGS {
-            assert!(KEYS.contains(env));
-            // A value of the wrong kind for most settings: refused as invalid, never unknown.
-            let e = load(&[(env, "\u{1}")]);
-            assert!(
-                !matches!(e, Err(ConfigError::Unknown { .. })),
-                "{env} -> {path}: {e:?}"
-            );
-        }
-        assert!(!KEYS.contains("LEASE_TL"));
-    }
-
-    #[test]
     fn errors_say_which_layer_set_the_bad_value() {
         let path = file(
             "origin",

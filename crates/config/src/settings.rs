@@ -399,3 +399,41 @@ fn byte_size(v: &str) -> Result<usize, String> {
     })?;
     n.checked_mul(mult).ok_or_else(|| "too large".to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::error::Kind;
+    use figment::providers::Serialized;
+    use figment::Figment;
+
+    /// The fields of the section at `path`, read from serde's "unknown field" error; `None` for
+    /// a setting (it refuses the probe as a value instead).
+    fn fields(path: &str) -> Option<Vec<&'static str>> {
+        let probe = Serialized::default(format!("{path}.not_a_field").trim_start_matches('.'), 1);
+        match Figment::from(probe)
+            .extract::<Settings>()
+            .map_err(|e| e.kind)
+        {
+            Err(Kind::UnknownField(_, known)) => Some(known.to_vec()),
+            _ => None,
+        }
+    }
+
+    /// [`SETTINGS`] and the structure name the same settings: nothing without an environment
+    /// name, no environment name without a field.
+    #[test]
+    fn every_field_has_an_environment_name_and_back() {
+        let mut paths = Vec::new();
+        for top in fields("").expect("top level") {
+            match fields(top) {
+                Some(section) => paths.extend(section.iter().map(|f| format!("{top}.{f}"))),
+                None => paths.push(top.to_string()),
+            }
+        }
+        let mut declared: Vec<String> = SETTINGS.iter().map(|(_, p)| p.to_string()).collect();
+        paths.sort();
+        declared.sort();
+        assert_eq!(paths, declared);
+    }
+}
