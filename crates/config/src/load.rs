@@ -120,61 +120,64 @@ impl Config {
             };
             return Err(s.invalid(key, path.display(), format!("a client certificate needs both MQTT_CLIENT_CERT and MQTT_CLIENT_KEY; {other} is not set")));
         }
-        let at_most = |key: &str, v: usize, max: usize| {
-            if v > max {
-                return Err(s.invalid(key, v, format!("must be at most {max}")));
+        // A rule: `ok`, or the setting `key` holding `value` is refused for `reason`.
+        let rule = |ok: bool, key: &str, value: String, reason: String| {
+            if ok {
+                Ok(())
+            } else {
+                Err(s.invalid(key, value, reason))
             }
-            Ok(())
         };
-        at_most("BATCH_MAX_ROWS", self.batch_max_rows, 100_000)?;
+        let (rows, pending) = (self.batch_max_rows, self.max_pending);
+        rule(
+            rows <= 100_000,
+            "BATCH_MAX_ROWS",
+            rows.to_string(),
+            "must be at most 100000".into(),
+        )?;
         for t in &self.mqtt_topics {
             validate_filter(t).map_err(|reason| s.invalid("MQTT_TOPICS", t, reason))?;
         }
-        if !self
-            .device_topic_pattern
-            .split('/')
-            .any(|seg| seg == "{device_id}")
-        {
-            return Err(s.invalid(
-                "DEVICE_TOPIC_PATTERN",
-                &self.device_topic_pattern,
-                "must contain a {device_id} segment, e.g. devices/{device_id}/telemetry".into(),
-            ));
-        }
-        if self.stale_critical < self.stale_warning {
-            return Err(s.invalid(
-                "STALE_CRITICAL",
-                fmt_dur(self.stale_critical),
-                format!(
-                    "must not be below STALE_WARNING ({})",
-                    fmt_dur(self.stale_warning)
-                ),
-            ));
-        }
-        let nonzero = |key: &str, d: Duration| {
-            if d.is_zero() {
-                return Err(s.invalid(key, fmt_dur(d), "must be greater than 0".into()));
-            }
-            Ok(())
+        let pattern = &self.device_topic_pattern;
+        rule(
+            pattern.split('/').any(|seg| seg == "{device_id}"),
+            "DEVICE_TOPIC_PATTERN",
+            pattern.clone(),
+            "must contain a {device_id} segment, e.g. devices/{device_id}/telemetry".into(),
+        )?;
+        rule(
+            self.stale_critical >= self.stale_warning,
+            "STALE_CRITICAL",
+            fmt_dur(self.stale_critical),
+            format!(
+                "must not be below STALE_WARNING ({})",
+                fmt_dur(self.stale_warning)
+            ),
+        )?;
+        let at_least = |key: &str, d: Duration, min: Duration, reason: String| {
+            rule(d >= min, key, fmt_dur(d), reason)
         };
-        if self.mqtt_keep_alive < Duration::from_secs(1) {
-            return Err(s.invalid(
-                "MQTT_KEEP_ALIVE",
-                fmt_dur(self.mqtt_keep_alive),
-                "must be at least 1s".into(),
-            ));
-        }
+        let nonzero = |key: &str, d: Duration| {
+            at_least(
+                key,
+                d,
+                Duration::from_nanos(1),
+                "must be greater than 0".into(),
+            )
+        };
+        at_least(
+            "MQTT_KEEP_ALIVE",
+            self.mqtt_keep_alive,
+            Duration::from_secs(1),
+            "must be at least 1s".into(),
+        )?;
         nonzero("REDELIVERY_WINDOW", self.redelivery_window)?;
-        if self.redelivery_window > 7 * DAY {
-            return Err(s.invalid("REDELIVERY_WINDOW", fmt_dur(self.redelivery_window), "must be at most 7d (a broker keeps a session's in-flight messages no longer than its persistent_client_expiration)".into()));
-        }
-        if self.max_pending_bytes > MAX_PENDING_BYTES_LIMIT {
-            return Err(s.invalid(
-                "MAX_PENDING_BYTES",
-                self.max_pending_bytes,
-                format!("must be at most {}MiB", MAX_PENDING_BYTES_LIMIT >> 20),
-            ));
-        }
+        rule(
+            self.redelivery_window <= 7 * DAY,
+            "REDELIVERY_WINDOW",
+            fmt_dur(self.redelivery_window),
+            "must be at most 7d (a broker keeps a session's in-flight messages no longer than its persistent_client_expiration)".into(),
+        )?;
         nonzero("ALERT_CHECK_INTERVAL", self.alert_check_interval)?;
         nonzero("ALERT_WINDOW", self.alert_window)?;
         let r = &self.retention;
@@ -184,36 +187,42 @@ impl Config {
             ("LEASE_HISTORY_RETENTION", r.lease_history, true),
             ("CLUSTER_NODE_RETENTION", r.cluster_nodes, false),
         ] {
-            if d < MIN_RETENTION {
-                let reason = format!("must be at least {}", fmt_dur(MIN_RETENTION));
-                return Err(s.invalid(key, fmt_dur(d), reason));
-            }
-            if judged_in_window && d < self.alert_window {
+            let reason = format!("must be at least {}", fmt_dur(MIN_RETENTION));
+            at_least(key, d, MIN_RETENTION, reason)?;
+            if judged_in_window {
                 let reason = format!(
                     "must be at least ALERT_WINDOW ({}): alerts count these rows within it",
                     fmt_dur(self.alert_window)
                 );
-                return Err(s.invalid(key, fmt_dur(d), reason));
+                at_least(key, d, self.alert_window, reason)?;
             }
         }
         nonzero("RETENTION_INTERVAL", r.interval)?;
-        if self.max_pending > 50_000 {
-            return Err(s.invalid("MAX_PENDING", self.max_pending, "must be at most 50000: MQTT packet ids are 16 bits and must not wrap while messages are held".into()));
-        }
-        if self.max_pending_bytes < self.max_payload_bytes {
-            return Err(s.invalid("MAX_PENDING_BYTES", self.max_pending_bytes, format!(
-                "must be at least MAX_PAYLOAD_BYTES ({} bytes): one message of the largest accepted size must fit",
-                self.max_payload_bytes
-            )));
-        }
-        if self.max_pending < self.batch_max_rows {
-            return Err(s.invalid(
-                "MAX_PENDING",
-                self.max_pending,
-                format!("must be at least BATCH_MAX_ROWS ({})", self.batch_max_rows),
-            ));
-        }
-        Ok(())
+        rule(
+            pending <= 50_000,
+            "MAX_PENDING",
+            pending.to_string(),
+            "must be at most 50000: MQTT packet ids are 16 bits and must not wrap while messages are held".into(),
+        )?;
+        rule(
+            pending >= rows,
+            "MAX_PENDING",
+            pending.to_string(),
+            format!("must be at least BATCH_MAX_ROWS ({rows})"),
+        )?;
+        let (bytes, payload) = (self.max_pending_bytes, self.max_payload_bytes);
+        rule(
+            bytes <= MAX_PENDING_BYTES_LIMIT,
+            "MAX_PENDING_BYTES",
+            bytes.to_string(),
+            format!("must be at most {}MiB", MAX_PENDING_BYTES_LIMIT >> 20),
+        )?;
+        rule(
+            bytes >= payload,
+            "MAX_PENDING_BYTES",
+            bytes.to_string(),
+            format!("must be at least MAX_PAYLOAD_BYTES ({payload} bytes): one message of the largest accepted size must fit"),
+        )
     }
 }
 
