@@ -67,19 +67,14 @@ impl Sources {
         let value = self.figment.find_value(path).ok()?;
         let text = match &value {
             Value::Empty(..) => return None,
-            Value::String(_, s) => s.clone(),
-            Value::Array(_, items) => items
-                .iter()
-                .map(|i| i.as_str().map_or_else(|| show(i), str::to_string))
-                .collect::<Vec<_>>()
-                .join(","),
+            Value::Array(_, items) => items.iter().map(show).collect::<Vec<_>>().join(","),
             other => show(other),
         };
         Some((text, self.origin(path)))
     }
 
     /// Where the setting at `path` was set.
-    pub(crate) fn origin(&self, path: &str) -> Origin {
+    fn origin(&self, path: &str) -> Origin {
         self.figment
             .find_metadata(path)
             .map_or(Origin::Default, origin_of)
@@ -136,6 +131,7 @@ impl Sources {
     }
 }
 
+/// A scalar as the text a variable would hold.
 fn show(v: &Value) -> String {
     match v {
         Value::String(_, s) => s.clone(),
