@@ -1,74 +1,34 @@
 //! Leasehold's configuration.
 //!
-//! Every setting has one name: its environment variable (`LEASE_TTL`). The TOML file uses the same
-//! name in lower case (`lease_ttl = "10s"`), flags pass `KEY=VALUE` pairs. Layers are merged as raw
-//! strings first (file < environment < flags) and parsed once, so an error can always name the
-//! setting and the layer it came from in one line.
+//! Every setting has one name: its environment variable (`LEASE_TTL`), also its flag
+//! (`--set LEASE_TTL=5s`) and, in lower case, its key in a TOML file (`lease_ttl = "10s"`). The
+//! file may also use the nested sections (`[lease]` `ttl = "10s"`) that the settings are declared
+//! as. `figment` merges file < environment < flags and remembers which layer set each value, so
+//! every error names the setting and that layer in one line (docs/configuration.md).
 //!
 //! # Layout
-//! - [`Sources`]: the raw layers.
-//! - [`Config`]: the parsed, validated result; [`Config::load`] is the only constructor.
-//! - [`redact_url`]: strips passwords before anything is logged or served.
+//! - `settings`: the declarative structure (nested `serde` sections, unknown keys refused) and
+//!   [`SETTINGS`], the environment name of each field; how a value's text is read.
+//! - `sources`: [`Sources`], the layers merged by `figment`, and the errors that name a setting.
+//! - `load`: [`Config::load`], the only constructor: defaults, then every rule in one `validate()`.
+//! - [`Config`]: the parsed, validated result, as the rest of the workspace reads it.
+//! - [`redact_url`] / [`redact`]: strip secrets before anything is logged or served.
 //! - [`derive_client_id`] / [`ClientId`]: the MQTT client id of the cluster's shared session.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
 // `redact` and `redact_url`: every secret a URL or connection string can carry, stripped before
 // anything is logged, served or printed.
+mod load;
 mod redact;
+mod settings;
+mod sources;
 
 pub use redact::{is_secret_name, redact, redact_url, LIBPQ_KEYWORDS, MASK};
-
-/// Every setting Leasehold reads, as its environment name.
-pub const KEYS: &[&str] = &[
-    "INSTANCE_ID",
-    "MQTT_MODE",
-    "DATABASE_URL",
-    "DATABASE_POOL_SIZE",
-    "MQTT_URL",
-    "MQTT_HOST",
-    "MQTT_PORT",
-    "MQTT_USERNAME",
-    "MQTT_PASSWORD",
-    "MQTT_CA_FILE",
-    "MQTT_CLIENT_CERT",
-    "MQTT_CLIENT_KEY",
-    "MQTT_CLIENT_ID",
-    "MQTT_TOPICS",
-    "MQTT_KEEP_ALIVE",
-    "MQTT_RECONNECT_MAX",
-    "MQTT_STEP_DOWN_AFTER",
-    "DEVICE_TOPIC_PATTERN",
-    "LEASE_NAME",
-    "LEASE_TTL",
-    "LEASE_RENEW_INTERVAL",
-    "LEASE_POLL_INTERVAL",
-    "BATCH_MAX_ROWS",
-    "BATCH_MAX_WAIT",
-    "BATCH_MAX_BYTES",
-    "REDELIVERY_WINDOW",
-    "MAX_PAYLOAD_BYTES",
-    "MAX_PENDING",
-    "MAX_PENDING_BYTES",
-    "HTTP_ADDR",
-    "STALE_WARNING",
-    "STALE_CRITICAL",
-    "ALERT_WEBHOOK_URL",
-    "ALERT_CHECK_INTERVAL",
-    "ALERT_GRACE",
-    "ALERT_WINDOW",
-    "DEAD_LETTER_RETENTION",
-    "ALERT_RETENTION",
-    "LEASE_HISTORY_RETENTION",
-    "CLUSTER_NODE_RETENTION",
-    "RETENTION_INTERVAL",
-    "LOG_FORMAT",
-    "LOG_LEVEL",
-];
+pub use settings::{Keys, KEYS, SETTINGS};
+pub use sources::Sources;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -81,7 +41,7 @@ pub enum ConfigError {
     },
     #[error("{key} is required but not set (environment variable, --{flag} or `{file_key}` in the config file)", flag = key.to_lowercase().replace('_', "-"), file_key = key.to_lowercase())]
     Missing { key: String },
-    #[error("unknown setting {key:?} in {origin}; known settings: {}", KEYS.join(", "))]
+    #[error("unknown setting {key:?} in {origin}; known settings: {}", KEYS.iter().collect::<Vec<_>>().join(", "))]
     Unknown { key: String, origin: Origin },
     #[error("unsafe lease timing: {0}")]
     UnsafeLease(String),
@@ -109,123 +69,9 @@ impl fmt::Display for Origin {
     }
 }
 
-/// The raw layers before parsing.
-#[derive(Default, Clone)]
-pub struct Sources {
-    values: BTreeMap<String, (String, Origin)>,
-}
-
-/// Raw values hold the secrets in clear: shown only as [`shown_value`] shows them.
-impl fmt::Debug for Sources {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_map()
-            .entries(
-                self.values
-                    .iter()
-                    .map(|(k, (v, o))| (k, (shown_value(k, v), o))),
-            )
-            .finish()
-    }
-}
-
-impl Sources {
-    /// Layers the TOML file (if any), then the process environment, then `flags`.
-    pub fn gather(
-        file: Option<&Path>,
-        env: impl IntoIterator<Item = (String, String)>,
-        flags: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Self, ConfigError> {
-        let mut s = Sources::default();
-        if let Some(path) = file {
-            s.layer_file(path)?;
-        }
-        for (k, v) in env {
-            if KEYS.contains(&k.as_str()) {
-                s.values.insert(k, (v, Origin::Env));
-            }
-        }
-        for (k, v) in flags {
-            let key = k.to_uppercase().replace('-', "_");
-            if !KEYS.contains(&key.as_str()) {
-                return Err(ConfigError::Unknown {
-                    key: redact(&k),
-                    origin: Origin::Flag,
-                });
-            }
-            s.values.insert(key, (v, Origin::Flag));
-        }
-        Ok(s)
-    }
-
-    fn layer_file(&mut self, path: &Path) -> Result<(), ConfigError> {
-        let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
-            path: shown.clone(),
-            reason: e.to_string(),
-        })?;
-        let table: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| ConfigError::File {
-                path: shown.clone(),
-                reason: e.message().to_string(),
-            })?;
-        for (k, v) in table {
-            let key = k.to_uppercase();
-            if !KEYS.contains(&key.as_str()) {
-                return Err(ConfigError::Unknown {
-                    key: k,
-                    origin: Origin::File(shown.clone()),
-                });
-            }
-            let raw = match v {
-                toml::Value::String(s) => s,
-                toml::Value::Array(items) => items
-                    .iter()
-                    .map(|i| match i {
-                        toml::Value::String(s) => s.clone(),
-                        other => other.to_string(),
-                    })
-                    .collect::<Vec<_>>()
-                    .join(","),
-                other => other.to_string(),
-            };
-            self.values.insert(key, (raw, Origin::File(shown.clone())));
-        }
-        Ok(())
-    }
-
-    fn get(&self, key: &str) -> Option<(&str, &Origin)> {
-        self.values
-            .get(key)
-            .filter(|(v, _)| !v.trim().is_empty())
-            .map(|(v, o)| (v.trim(), o))
-    }
-
-    fn parse<T>(
-        &self,
-        key: &str,
-        default: T,
-        f: impl Fn(&str) -> Result<T, String>,
-    ) -> Result<T, ConfigError> {
-        match self.get(key) {
-            None => Ok(default),
-            Some((v, origin)) => f(v).map_err(|reason| ConfigError::Invalid {
-                key: key.into(),
-                value: shown_value(key, v),
-                origin: origin.clone(),
-                reason,
-            }),
-        }
-    }
-
-    fn string(&self, key: &str) -> Option<String> {
-        self.get(key).map(|(v, _)| v.to_string())
-    }
-}
-
 /// A raw setting as errors and `Debug` may show it: a secret setting masked whole, a URL setting
 /// redacted, anything else redacted as text (a URL pasted into the wrong setting included).
-fn shown_value(key: &str, v: &str) -> String {
+pub(crate) fn shown_value(key: &str, v: &str) -> String {
     match key {
         "DATABASE_URL" | "MQTT_URL" | "ALERT_WEBHOOK_URL" => redact_url(v),
         k if is_secret_name(k) => MASK.into(),
@@ -349,7 +195,7 @@ pub fn fmt_dur(d: Duration) -> String {
 /// bytes a leader holds received and unacknowledged. The writer's copies of a batch (decoded rows,
 /// statement parameters) come on top, about three more times; measured draining a backlog of
 /// 200 KiB payloads, peak resident memory was ~22 MiB + ~4 x MAX_PENDING_BYTES (44 MiB with
-/// this default, against the 64 MiB bound of SPEC section 15). 16 max-size payloads, or over
+/// this default, against the 64 MiB bound of docs/performance.md). 16 max-size payloads, or over
 /// 20,000 typical readings: no limit on throughput.
 pub const DEFAULT_MAX_PENDING_BYTES: usize = 4 * 1024 * 1024;
 /// Highest accepted `MAX_PENDING_BYTES` (the ingest's byte budget is a semaphore of u32 permits).
@@ -432,161 +278,11 @@ impl fmt::Debug for Config {
 
 /// Parses a human-readable duration (`10s`, `500ms`, `5m`) with the error text settings use.
 pub fn parse_duration(v: &str) -> Result<Duration, String> {
-    duration(v)
-}
-
-fn duration(v: &str) -> Result<Duration, String> {
     humantime::parse_duration(v)
         .map_err(|e| format!("{e}; expected a duration such as 10s, 500ms or 5m"))
 }
 
-fn nonzero_duration(v: &str) -> Result<Duration, String> {
-    match duration(v)? {
-        d if d.is_zero() => Err("must be greater than 0".into()),
-        d => Ok(d),
-    }
-}
-
-fn positive_int(v: &str) -> Result<usize, String> {
-    match v.replace('_', "").parse::<usize>() {
-        Ok(0) => Err("must be greater than 0".into()),
-        Ok(n) => Ok(n),
-        Err(_) => Err("expected a whole number".into()),
-    }
-}
-
-fn byte_size(v: &str) -> Result<usize, String> {
-    let lower = v.to_ascii_lowercase();
-    let (num, mult) = [
-        ("kib", 1024),
-        ("mib", 1024 * 1024),
-        ("gib", 1024 * 1024 * 1024),
-        ("kb", 1000),
-        ("mb", 1_000_000),
-        ("gb", 1_000_000_000),
-        ("b", 1),
-    ]
-    .iter()
-    .find_map(|(suffix, m)| {
-        lower
-            .strip_suffix(suffix)
-            .map(|n| (n.trim().to_string(), *m))
-    })
-    .unwrap_or((lower.clone(), 1));
-    let n = positive_int(&num).map_err(|e| {
-        if num.trim_start_matches('0').is_empty() && !num.is_empty() {
-            e
-        } else {
-            "expected a size such as 262144, 256KiB, 1MiB or 1GiB".to_string()
-        }
-    })?;
-    n.checked_mul(mult).ok_or_else(|| "too large".to_string())
-}
-
-fn mqtt_endpoint(s: &Sources) -> Result<MqttEndpoint, ConfigError> {
-    let mut ep = MqttEndpoint {
-        host: "127.0.0.1".into(),
-        port: 1883,
-        tls: false,
-        username: None,
-        password: None,
-        ca_file: None,
-        client_cert: None,
-        client_key: None,
-    };
-    if let Some((url, origin)) = s.get("MQTT_URL") {
-        let invalid = |reason: &str| ConfigError::Invalid {
-            key: "MQTT_URL".into(),
-            value: redact_url(url),
-            origin: origin.clone(),
-            reason: reason.into(),
-        };
-        let (scheme, rest) = url
-            .split_once("://")
-            .ok_or_else(|| invalid("expected mqtt://host:port or mqtts://host:port"))?;
-        ep.tls = match scheme {
-            "mqtt" | "tcp" => false,
-            "mqtts" | "ssl" => true,
-            _ => return Err(invalid("scheme must be mqtt:// or mqtts://")),
-        };
-        ep.port = if ep.tls { 8883 } else { 1883 };
-        let rest = rest.trim_end_matches('/');
-        let hostport = match rest.rsplit_once('@') {
-            Some((userinfo, hp)) => {
-                let (u, p) = userinfo.split_once(':').unwrap_or((userinfo, ""));
-                ep.username = Some(u.to_string()).filter(|u| !u.is_empty());
-                ep.password = Some(p.to_string()).filter(|p| !p.is_empty());
-                hp
-            }
-            None => rest,
-        };
-        match hostport.rsplit_once(':') {
-            Some((h, p)) => {
-                ep.host = h.to_string();
-                ep.port = p
-                    .parse()
-                    .map_err(|_| invalid("port must be a number from 1 to 65535"))?;
-            }
-            None => ep.host = hostport.to_string(),
-        }
-        if ep.host.is_empty() {
-            return Err(invalid("missing host"));
-        }
-    }
-    if let Some(h) = s.string("MQTT_HOST") {
-        ep.host = h;
-    }
-    ep.port = s.parse("MQTT_PORT", ep.port, |v| {
-        v.parse::<u16>()
-            .ok()
-            .filter(|p| *p > 0)
-            .ok_or_else(|| "expected a port from 1 to 65535".to_string())
-    })?;
-    if let Some(u) = s.string("MQTT_USERNAME") {
-        ep.username = Some(u);
-    }
-    if let Some(p) = s.string("MQTT_PASSWORD") {
-        ep.password = Some(p);
-    }
-    let file = |key: &str| -> Result<Option<std::path::PathBuf>, ConfigError> {
-        let Some((v, origin)) = s.get(key) else {
-            return Ok(None);
-        };
-        let invalid = |reason: String| ConfigError::Invalid {
-            key: key.into(),
-            value: v.to_string(),
-            origin: origin.clone(),
-            reason,
-        };
-        if !ep.tls {
-            return Err(invalid(
-                "TLS files need a TLS broker URL: set MQTT_URL=mqtts://host:8883".into(),
-            ));
-        }
-        std::fs::File::open(v).map_err(|e| invalid(format!("cannot read the file: {e}")))?;
-        Ok(Some(v.into()))
-    };
-    ep.ca_file = file("MQTT_CA_FILE")?;
-    ep.client_cert = file("MQTT_CLIENT_CERT")?;
-    ep.client_key = file("MQTT_CLIENT_KEY")?;
-    if ep.client_cert.is_some() != ep.client_key.is_some() {
-        let (key, other) = if ep.client_cert.is_some() {
-            ("MQTT_CLIENT_CERT", "MQTT_CLIENT_KEY")
-        } else {
-            ("MQTT_CLIENT_KEY", "MQTT_CLIENT_CERT")
-        };
-        let (v, origin) = s.get(key).unwrap_or(("", &Origin::Default));
-        return Err(ConfigError::Invalid {
-            key: key.into(),
-            value: v.to_string(),
-            origin: origin.clone(),
-            reason: format!("a client certificate needs both MQTT_CLIENT_CERT and MQTT_CLIENT_KEY; {other} is not set"),
-        });
-    }
-    Ok(ep)
-}
-
-/// How long the tables a node fills for operations keep their rows (SPEC G5). Production nodes
+/// How long the tables a node fills for operations keep their rows (docs/configuration.md). Production nodes
 /// delete older rows every `interval`, in small batches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retention {
@@ -599,253 +295,9 @@ pub struct Retention {
 }
 
 /// Retention shorter than this would make the tables useless for looking back at an incident.
-const MIN_RETENTION: Duration = Duration::from_secs(3600);
-
-fn retention(s: &Sources) -> Result<Retention, ConfigError> {
-    const DAY: u64 = 24 * 3600;
-    // Parsed (and reported) as its own setting first; read again here for the comparison.
-    let alert_window = s.parse("ALERT_WINDOW", Duration::from_secs(600), nonzero_duration)?;
-    let keep = |key: &str, default_days: u64, judged_in_window: bool| {
-        s.parse(key, Duration::from_secs(default_days * DAY), |v| {
-            let d = duration(v)?;
-            if d < MIN_RETENTION {
-                return Err(format!("must be at least {}", fmt_dur(MIN_RETENTION)));
-            }
-            if judged_in_window && d < alert_window {
-                return Err(format!(
-                    "must be at least ALERT_WINDOW ({}): alerts count these rows within it",
-                    fmt_dur(alert_window)
-                ));
-            }
-            Ok(d)
-        })
-    };
-    Ok(Retention {
-        dead_letters: keep("DEAD_LETTER_RETENTION", 30, true)?,
-        alerts: keep("ALERT_RETENTION", 90, false)?,
-        lease_history: keep("LEASE_HISTORY_RETENTION", 90, true)?,
-        cluster_nodes: keep("CLUSTER_NODE_RETENTION", 7, false)?,
-        interval: s.parse(
-            "RETENTION_INTERVAL",
-            Duration::from_secs(3600),
-            nonzero_duration,
-        )?,
-    })
-}
+pub(crate) const MIN_RETENTION: Duration = Duration::from_secs(3600);
 
 impl Config {
-    /// Parses and validates the merged layers.
-    pub fn load(s: &Sources) -> Result<Config, ConfigError> {
-        let instance_id = s.string("INSTANCE_ID").unwrap_or_else(|| {
-            hostname::get()
-                .ok()
-                .and_then(|h| h.into_string().ok())
-                .unwrap_or_else(|| "leasehold".into())
-        });
-        let mode = s.parse("MQTT_MODE", Mode::Production, |v| {
-            match v.to_ascii_lowercase().as_str() {
-                "production" => Ok(Mode::Production),
-                "development" => Ok(Mode::Development),
-                "disabled" => Ok(Mode::Disabled),
-                _ => Err("expected production, development or disabled".into()),
-            }
-        })?;
-        let lease_name = s
-            .string("LEASE_NAME")
-            .unwrap_or_else(|| "mqtt-ingest".into());
-        let ttl = s.parse("LEASE_TTL", Duration::from_secs(10), duration)?;
-        let lease = LeaseTimings {
-            ttl,
-            renew_interval: s.parse("LEASE_RENEW_INTERVAL", ttl / 3, duration)?,
-            poll_interval: s.parse("LEASE_POLL_INTERVAL", Duration::from_secs(1), duration)?,
-        };
-        lease.validate()?;
-        let max_payload_bytes = s.parse("MAX_PAYLOAD_BYTES", 256 * 1024, byte_size)?;
-        let batch_max_rows = s.parse("BATCH_MAX_ROWS", 1000, |v| {
-            positive_int(v).and_then(|n| {
-                if n <= 100_000 {
-                    Ok(n)
-                } else {
-                    Err("must be at most 100000".into())
-                }
-            })
-        })?;
-        let mqtt_topics: Vec<String> = s
-            .string("MQTT_TOPICS")
-            .unwrap_or_else(|| "devices/+/telemetry".into())
-            .split(',')
-            .map(|t| t.trim().to_string())
-            .filter(|t| !t.is_empty())
-            .collect();
-        for t in &mqtt_topics {
-            validate_filter(t).map_err(|reason| ConfigError::Invalid {
-                key: "MQTT_TOPICS".into(),
-                value: t.clone(),
-                origin: s
-                    .get("MQTT_TOPICS")
-                    .map(|(_, o)| o.clone())
-                    .unwrap_or(Origin::Default),
-                reason,
-            })?;
-        }
-        let device_topic_pattern = s
-            .string("DEVICE_TOPIC_PATTERN")
-            .unwrap_or_else(|| "devices/{device_id}/#".into());
-        if !device_topic_pattern
-            .split('/')
-            .any(|seg| seg == "{device_id}")
-        {
-            return Err(ConfigError::Invalid {
-                key: "DEVICE_TOPIC_PATTERN".into(),
-                value: device_topic_pattern,
-                origin: Origin::Env,
-                reason: "must contain a {device_id} segment, e.g. devices/{device_id}/telemetry"
-                    .into(),
-            });
-        }
-        let stale_warning = s.parse("STALE_WARNING", Duration::from_secs(300), duration)?;
-        let stale_critical = s.parse("STALE_CRITICAL", Duration::from_secs(600), duration)?;
-        if stale_critical < stale_warning {
-            return Err(ConfigError::Invalid {
-                key: "STALE_CRITICAL".into(),
-                value: fmt_dur(stale_critical),
-                origin: s
-                    .get("STALE_CRITICAL")
-                    .map(|(_, o)| o.clone())
-                    .unwrap_or(Origin::Default),
-                reason: format!(
-                    "must not be below STALE_WARNING ({})",
-                    fmt_dur(stale_warning)
-                ),
-            });
-        }
-        let cfg = Config {
-            mqtt_client_id: s.string("MQTT_CLIENT_ID"),
-            instance_id,
-            mode,
-            database_url: s.string("DATABASE_URL"),
-            database_pool_size: s.parse("DATABASE_POOL_SIZE", 4, positive_int)?,
-            mqtt: mqtt_endpoint(s)?,
-            mqtt_topics,
-            mqtt_keep_alive: s.parse("MQTT_KEEP_ALIVE", Duration::from_secs(10), |v| {
-                duration(v).and_then(|d| {
-                    if d >= Duration::from_secs(1) {
-                        Ok(d)
-                    } else {
-                        Err("must be at least 1s".into())
-                    }
-                })
-            })?,
-            mqtt_reconnect_max: s.parse("MQTT_RECONNECT_MAX", Duration::from_secs(30), duration)?,
-            mqtt_step_down_after: s.parse(
-                "MQTT_STEP_DOWN_AFTER",
-                Duration::from_secs(20),
-                duration,
-            )?,
-            device_topic_pattern,
-            lease_name,
-            lease,
-            batch_max_rows,
-            batch_max_wait: s.parse("BATCH_MAX_WAIT", Duration::from_millis(50), duration)?,
-            batch_max_bytes: s.parse("BATCH_MAX_BYTES", 4 * 1024 * 1024, byte_size)?,
-            redelivery_window: s.parse(
-                "REDELIVERY_WINDOW",
-                Duration::from_secs(3600),
-                |v| {
-                    nonzero_duration(v).and_then(|d| {
-                        if d <= Duration::from_secs(7 * 24 * 3600) {
-                            Ok(d)
-                        } else {
-                            Err("must be at most 7d (a broker keeps a session's in-flight messages no longer than its persistent_client_expiration)".into())
-                        }
-                    })
-                },
-            )?,
-            max_payload_bytes,
-            max_pending: s.parse(
-                "MAX_PENDING",
-                (batch_max_rows * 10).max(10_000),
-                positive_int,
-            )?,
-            max_pending_bytes: s.parse(
-                "MAX_PENDING_BYTES",
-                DEFAULT_MAX_PENDING_BYTES.max(max_payload_bytes),
-                |v| {
-                    byte_size(v).and_then(|n| {
-                        if n <= MAX_PENDING_BYTES_LIMIT {
-                            Ok(n)
-                        } else {
-                            Err(format!(
-                                "must be at most {}MiB",
-                                MAX_PENDING_BYTES_LIMIT >> 20
-                            ))
-                        }
-                    })
-                },
-            )?,
-            http_addr: s.parse("HTTP_ADDR", SocketAddr::from(([0, 0, 0, 0], 8080)), |v| {
-                v.parse()
-                    .map_err(|_| "expected an address such as 0.0.0.0:8080".into())
-            })?,
-            stale_warning,
-            stale_critical,
-            alert_webhook_url: s.string("ALERT_WEBHOOK_URL"),
-            alert_check_interval: s.parse(
-                "ALERT_CHECK_INTERVAL",
-                Duration::from_secs(15),
-                nonzero_duration,
-            )?,
-            alert_grace: s.parse("ALERT_GRACE", Duration::from_secs(30), duration)?,
-            alert_window: s.parse("ALERT_WINDOW", Duration::from_secs(600), nonzero_duration)?,
-            retention: retention(s)?,
-            log_format: s.parse("LOG_FORMAT", LogFormat::Pretty, |v| {
-                match v.to_ascii_lowercase().as_str() {
-                    "json" => Ok(LogFormat::Json),
-                    "pretty" | "text" => Ok(LogFormat::Pretty),
-                    _ => Err("expected json or pretty".into()),
-                }
-            })?,
-            log_level: s.string("LOG_LEVEL").unwrap_or_else(|| "info".into()),
-        };
-        if cfg.max_pending > 50_000 {
-            return Err(ConfigError::Invalid {
-                key: "MAX_PENDING".into(),
-                value: cfg.max_pending.to_string(),
-                origin: s.get("MAX_PENDING").map(|(_, o)| o.clone()).unwrap_or(Origin::Default),
-                reason: "must be at most 50000: MQTT packet ids are 16 bits and must not wrap while messages are held".into(),
-            });
-        }
-        if cfg.max_pending_bytes < cfg.max_payload_bytes {
-            return Err(ConfigError::Invalid {
-                key: "MAX_PENDING_BYTES".into(),
-                value: s
-                    .get("MAX_PENDING_BYTES")
-                    .map(|(v, _)| v.to_string())
-                    .unwrap_or_else(|| cfg.max_pending_bytes.to_string()),
-                origin: s
-                    .get("MAX_PENDING_BYTES")
-                    .map(|(_, o)| o.clone())
-                    .unwrap_or(Origin::Default),
-                reason: format!(
-                    "must be at least MAX_PAYLOAD_BYTES ({} bytes): one message of the largest accepted size must fit",
-                    cfg.max_payload_bytes
-                ),
-            });
-        }
-        if cfg.max_pending < cfg.batch_max_rows {
-            return Err(ConfigError::Invalid {
-                key: "MAX_PENDING".into(),
-                value: cfg.max_pending.to_string(),
-                origin: s
-                    .get("MAX_PENDING")
-                    .map(|(_, o)| o.clone())
-                    .unwrap_or(Origin::Default),
-                reason: format!("must be at least BATCH_MAX_ROWS ({})", cfg.batch_max_rows),
-            });
-        }
-        Ok(cfg)
-    }
-
     /// The client id of the cluster's shared session: `MQTT_CLIENT_ID` when set, otherwise
     /// derived from the cluster's identity (read from its database) and `LEASE_NAME`.
     pub fn client_id(&self, cluster_id: Option<&str>) -> Result<ClientId, ClientIdError> {
@@ -993,6 +445,7 @@ pub fn validate_filter(f: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn load(env: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let s = Sources::gather(
@@ -1330,5 +783,100 @@ mod tests {
         std::fs::write(&path, "lease_tl = \"30s\"\n").expect("write");
         let e = Sources::gather(Some(&path), Vec::new(), Vec::new()).unwrap_err();
         assert!(matches!(e, ConfigError::Unknown { .. }));
+    }
+
+    fn file(name: &str, text: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("lh-cfg-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let path = dir.join("c.toml");
+        std::fs::write(&path, text).expect("write");
+        path
+    }
+
+    fn load_file(path: &Path, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Config::load(&Sources::gather(Some(path), env, Vec::new())?)
+    }
+
+    #[test]
+    fn nested_sections_read_as_the_flat_keys_do() {
+        let flat = file(
+            "flat",
+            "lease_ttl = \"30s\"\nmqtt_step_down_after = 0\nbatch_max_rows = 5\nmqtt_url = \"mqtts://b:8884\"\nmqtt_topics = [\"a/#\", \"b/+\"]\nmax_pending_bytes = \"8MiB\"\ndead_letter_retention = \"2d\"\n",
+        );
+        let nested = file(
+            "nested",
+            "[lease]\nttl = \"30s\"\n[batch]\nmax_rows = 5\n[mqtt]\nstep_down_after = 0\nurl = \"mqtts://b:8884\"\ntopics = [\"a/#\", \"b/+\"]\n[ingest]\nmax_pending_bytes = \"8MiB\"\n[retention]\ndead_letters = \"2d\"\n",
+        );
+        for path in [flat, nested] {
+            let c = load_file(&path, &[]).expect("load");
+            assert_eq!(c.lease.ttl, Duration::from_secs(30));
+            assert_eq!(c.batch_max_rows, 5);
+            assert_eq!(
+                (c.mqtt.host.as_str(), c.mqtt.port, c.mqtt.tls),
+                ("b", 8884, true)
+            );
+            assert_eq!(c.mqtt_topics, vec!["a/#", "b/+"]);
+            assert_eq!(c.max_pending_bytes, 8 * 1024 * 1024);
+            assert_eq!(c.retention.dead_letters, Duration::from_secs(2 * 24 * 3600));
+        }
+    }
+
+    #[test]
+    fn errors_say_which_layer_set_the_bad_value() {
+        let path = file(
+            "origin",
+            "device_topic_pattern = \"a/b\"\n[stale]\ncritical = \"1m\"\n",
+        );
+        let shown = path.display().to_string();
+        let e = load_file(&path, &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("DEVICE_TOPIC_PATTERN") && e.contains(&shown),
+            "{e}"
+        );
+        let e = load_file(&path, &[("DEVICE_TOPIC_PATTERN", "d/{device_id}")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("STALE_CRITICAL") && e.contains(&shown), "{e}");
+        let e = load(&[("STALE_WARNING", "20m")]).unwrap_err().to_string();
+        assert!(
+            e.contains("STALE_CRITICAL") && e.contains("(from default)"),
+            "{e}"
+        );
+        let e = load(&[("MQTT_PORT", "x")]).unwrap_err().to_string();
+        assert!(
+            e.contains("MQTT_PORT") && e.contains("(from environment)"),
+            "{e}"
+        );
+        let s = Sources::gather(None, Vec::new(), vec![("lease-ttl".into(), "x".into())])
+            .expect("gather");
+        let e = Config::load(&s).unwrap_err().to_string();
+        assert!(
+            e.contains("LEASE_TTL") && e.contains("(from command line)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_empty_variable_unsets_the_file_value() {
+        let path = file(
+            "empty",
+            "mqtt_client_id = \"plant-7\"\nlease_ttl = \"30s\"\n",
+        );
+        let c = load_file(&path, &[("MQTT_CLIENT_ID", " "), ("LEASE_TTL", "")]).expect("load");
+        assert_eq!(c.mqtt_client_id, None);
+        assert_eq!(c.lease.ttl, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn unknown_nested_keys_and_sections_are_errors() {
+        for text in [
+            "[mqtt]\nbogus = 1\n",
+            "[bogus]\na = 1\n",
+            "[[routes]]\ntable = \"t\"\n",
+        ] {
+            let e = load_file(&file("unknown", text), &[]).unwrap_err();
+            assert!(matches!(e, ConfigError::Unknown { .. }), "{text}: {e:?}");
+        }
     }
 }

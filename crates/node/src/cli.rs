@@ -26,7 +26,7 @@ pub struct Cli {
 /// Settings accepted by every command.
 #[derive(Args, Clone, Default)]
 pub struct Settings {
-    /// TOML file with settings (keys are the environment names in lower case).
+    /// TOML file with settings (the environment names in lower case, or nested sections).
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Any setting, by its environment name, e.g. --set LEASE_TTL=5s (repeatable).

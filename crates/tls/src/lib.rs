@@ -23,6 +23,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
+use rustls_pki_types::pem::PemObject;
 
 pub use rustls;
 
@@ -92,7 +93,8 @@ fn read(setting: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
 
 fn certs(setting: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = read(setting, path)?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
+    // Malformed sections are skipped; a file without any certificate is the error.
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
         .filter_map(Result::ok)
         .collect();
     if certs.is_empty() {
@@ -155,13 +157,11 @@ pub fn client_config(
         Some(id) => {
             let chain = certs(id.cert_setting, &id.cert)?;
             let pem = read(id.key_setting, &id.key)?;
-            let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut pem.as_slice())
-                .ok()
-                .flatten()
-                .ok_or_else(|| TlsError::NoKey {
-                    setting: id.key_setting,
-                    path: id.key.clone(),
-                })?;
+            // The first key of any kind (PKCS#8, PKCS#1, SEC1); certificates before it are skipped.
+            let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|_| TlsError::NoKey {
+                setting: id.key_setting,
+                path: id.key.clone(),
+            })?;
             Ok(builder.with_client_auth_cert(chain, key)?)
         }
     }

@@ -1,0 +1,286 @@
+//! From the nested settings to a [`Config`]: defaults (some follow other settings), the broker
+//! endpoint, then every rule a value must keep in one [`Config::validate`].
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::settings::{self, Settings};
+use crate::{
+    fmt_dur, redact_url, validate_filter, Config, ConfigError, LeaseTimings, LogFormat, Mode,
+    MqttEndpoint, Retention, Sources, DEFAULT_MAX_PENDING_BYTES, MAX_PENDING_BYTES_LIMIT,
+    MIN_RETENTION,
+};
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+impl Config {
+    /// Parses and validates the merged layers.
+    pub fn load(s: &Sources) -> Result<Config, ConfigError> {
+        let Settings {
+            instance_id,
+            database,
+            mqtt,
+            lease,
+            batch,
+            ingest,
+            http,
+            stale,
+            alert,
+            retention,
+            log,
+        } = s.settings()?;
+        let ttl = lease.ttl.unwrap_or(Duration::from_secs(10));
+        let batch_max_rows = batch.max_rows.unwrap_or(1000);
+        let max_payload_bytes = ingest.max_payload_bytes.unwrap_or(256 * 1024);
+        let cfg = Config {
+            instance_id: instance_id.unwrap_or_else(|| {
+                hostname::get()
+                    .ok()
+                    .and_then(|h| h.into_string().ok())
+                    .unwrap_or_else(|| "leasehold".into())
+            }),
+            mode: mqtt.mode.unwrap_or(Mode::Production),
+            database_url: database.url,
+            database_pool_size: database.pool_size.unwrap_or(4),
+            mqtt: endpoint(s, &mqtt)?,
+            mqtt_client_id: mqtt.client_id,
+            mqtt_topics: mqtt
+                .topics
+                .unwrap_or_else(|| vec!["devices/+/telemetry".into()]),
+            mqtt_keep_alive: mqtt.keep_alive.unwrap_or(Duration::from_secs(10)),
+            mqtt_reconnect_max: mqtt.reconnect_max.unwrap_or(Duration::from_secs(30)),
+            mqtt_step_down_after: mqtt.step_down_after.unwrap_or(Duration::from_secs(20)),
+            device_topic_pattern: ingest
+                .device_topic_pattern
+                .unwrap_or_else(|| "devices/{device_id}/#".into()),
+            lease_name: lease.name.unwrap_or_else(|| "mqtt-ingest".into()),
+            lease: LeaseTimings {
+                ttl,
+                renew_interval: lease.renew_interval.unwrap_or(ttl / 3),
+                poll_interval: lease.poll_interval.unwrap_or(Duration::from_secs(1)),
+            },
+            batch_max_rows,
+            batch_max_wait: batch.max_wait.unwrap_or(Duration::from_millis(50)),
+            batch_max_bytes: batch.max_bytes.unwrap_or(4 * 1024 * 1024),
+            redelivery_window: ingest
+                .redelivery_window
+                .unwrap_or(Duration::from_secs(3600)),
+            max_payload_bytes,
+            max_pending: ingest
+                .max_pending
+                .unwrap_or((batch_max_rows * 10).max(10_000)),
+            max_pending_bytes: ingest
+                .max_pending_bytes
+                .unwrap_or(DEFAULT_MAX_PENDING_BYTES.max(max_payload_bytes)),
+            http_addr: http.addr.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 8080))),
+            stale_warning: stale.warning.unwrap_or(Duration::from_secs(300)),
+            stale_critical: stale.critical.unwrap_or(Duration::from_secs(600)),
+            alert_webhook_url: alert.webhook_url,
+            alert_check_interval: alert.check_interval.unwrap_or(Duration::from_secs(15)),
+            alert_grace: alert.grace.unwrap_or(Duration::from_secs(30)),
+            alert_window: alert.window.unwrap_or(Duration::from_secs(600)),
+            retention: Retention {
+                dead_letters: retention.dead_letters.unwrap_or(30 * DAY),
+                alerts: retention.alerts.unwrap_or(90 * DAY),
+                lease_history: retention.lease_history.unwrap_or(90 * DAY),
+                cluster_nodes: retention.cluster_nodes.unwrap_or(7 * DAY),
+                interval: retention.interval.unwrap_or(Duration::from_secs(3600)),
+            },
+            log_format: log.format.unwrap_or(LogFormat::Pretty),
+            log_level: log.level.unwrap_or_else(|| "info".into()),
+        };
+        cfg.validate(s)?;
+        Ok(cfg)
+    }
+
+    /// Every rule on the values, single and across settings, in one place; `s` names where a
+    /// refused value was set.
+    fn validate(&self, s: &Sources) -> Result<(), ConfigError> {
+        self.lease.validate()?;
+        let ep = &self.mqtt;
+        let files = [
+            ("MQTT_CA_FILE", &ep.ca_file),
+            ("MQTT_CLIENT_CERT", &ep.client_cert),
+            ("MQTT_CLIENT_KEY", &ep.client_key),
+        ];
+        for (key, path) in files {
+            let Some(path) = path else { continue };
+            let invalid = |reason: String| s.invalid(key, path.display(), reason);
+            if !ep.tls {
+                return Err(invalid(
+                    "TLS files need a TLS broker URL: set MQTT_URL=mqtts://host:8883".into(),
+                ));
+            }
+            std::fs::File::open(path).map_err(|e| invalid(format!("cannot read the file: {e}")))?;
+        }
+        if let (Some(path), None) | (None, Some(path)) = (&ep.client_cert, &ep.client_key) {
+            let (key, other) = match ep.client_cert {
+                Some(_) => ("MQTT_CLIENT_CERT", "MQTT_CLIENT_KEY"),
+                None => ("MQTT_CLIENT_KEY", "MQTT_CLIENT_CERT"),
+            };
+            return Err(s.invalid(key, path.display(), format!("a client certificate needs both MQTT_CLIENT_CERT and MQTT_CLIENT_KEY; {other} is not set")));
+        }
+        // A rule: `ok`, or the setting `key` holding `value` is refused for `reason`.
+        let rule = |ok: bool, key: &str, value: String, reason: String| {
+            if ok {
+                Ok(())
+            } else {
+                Err(s.invalid(key, value, reason))
+            }
+        };
+        let (rows, pending) = (self.batch_max_rows, self.max_pending);
+        rule(
+            rows <= 100_000,
+            "BATCH_MAX_ROWS",
+            rows.to_string(),
+            "must be at most 100000".into(),
+        )?;
+        for t in &self.mqtt_topics {
+            validate_filter(t).map_err(|reason| s.invalid("MQTT_TOPICS", t, reason))?;
+        }
+        let pattern = &self.device_topic_pattern;
+        rule(
+            pattern.split('/').any(|seg| seg == "{device_id}"),
+            "DEVICE_TOPIC_PATTERN",
+            pattern.clone(),
+            "must contain a {device_id} segment, e.g. devices/{device_id}/telemetry".into(),
+        )?;
+        rule(
+            self.stale_critical >= self.stale_warning,
+            "STALE_CRITICAL",
+            fmt_dur(self.stale_critical),
+            format!(
+                "must not be below STALE_WARNING ({})",
+                fmt_dur(self.stale_warning)
+            ),
+        )?;
+        let at_least = |key: &str, d: Duration, min: Duration, reason: String| {
+            rule(d >= min, key, fmt_dur(d), reason)
+        };
+        let nonzero = |key: &str, d: Duration| {
+            at_least(
+                key,
+                d,
+                Duration::from_nanos(1),
+                "must be greater than 0".into(),
+            )
+        };
+        at_least(
+            "MQTT_KEEP_ALIVE",
+            self.mqtt_keep_alive,
+            Duration::from_secs(1),
+            "must be at least 1s".into(),
+        )?;
+        nonzero("REDELIVERY_WINDOW", self.redelivery_window)?;
+        rule(
+            self.redelivery_window <= 7 * DAY,
+            "REDELIVERY_WINDOW",
+            fmt_dur(self.redelivery_window),
+            "must be at most 7d (a broker keeps a session's in-flight messages no longer than its persistent_client_expiration)".into(),
+        )?;
+        nonzero("ALERT_CHECK_INTERVAL", self.alert_check_interval)?;
+        nonzero("ALERT_WINDOW", self.alert_window)?;
+        let r = &self.retention;
+        for (key, d, judged_in_window) in [
+            ("DEAD_LETTER_RETENTION", r.dead_letters, true),
+            ("ALERT_RETENTION", r.alerts, false),
+            ("LEASE_HISTORY_RETENTION", r.lease_history, true),
+            ("CLUSTER_NODE_RETENTION", r.cluster_nodes, false),
+        ] {
+            let reason = format!("must be at least {}", fmt_dur(MIN_RETENTION));
+            at_least(key, d, MIN_RETENTION, reason)?;
+            if judged_in_window {
+                let reason = format!(
+                    "must be at least ALERT_WINDOW ({}): alerts count these rows within it",
+                    fmt_dur(self.alert_window)
+                );
+                at_least(key, d, self.alert_window, reason)?;
+            }
+        }
+        nonzero("RETENTION_INTERVAL", r.interval)?;
+        rule(
+            pending <= 50_000,
+            "MAX_PENDING",
+            pending.to_string(),
+            "must be at most 50000: MQTT packet ids are 16 bits and must not wrap while messages are held".into(),
+        )?;
+        rule(
+            pending >= rows,
+            "MAX_PENDING",
+            pending.to_string(),
+            format!("must be at least BATCH_MAX_ROWS ({rows})"),
+        )?;
+        let (bytes, payload) = (self.max_pending_bytes, self.max_payload_bytes);
+        rule(
+            bytes <= MAX_PENDING_BYTES_LIMIT,
+            "MAX_PENDING_BYTES",
+            bytes.to_string(),
+            format!("must be at most {}MiB", MAX_PENDING_BYTES_LIMIT >> 20),
+        )?;
+        rule(
+            bytes >= payload,
+            "MAX_PENDING_BYTES",
+            bytes.to_string(),
+            format!("must be at least MAX_PAYLOAD_BYTES ({payload} bytes): one message of the largest accepted size must fit"),
+        )
+    }
+}
+
+/// The broker: `MQTT_URL`, then the settings that override its parts.
+fn endpoint(s: &Sources, m: &settings::Mqtt) -> Result<MqttEndpoint, ConfigError> {
+    let mut ep = MqttEndpoint {
+        host: "127.0.0.1".into(),
+        port: 1883,
+        tls: false,
+        username: None,
+        password: None,
+        ca_file: m.ca_file.as_ref().map(Into::into),
+        client_cert: m.client_cert.as_ref().map(Into::into),
+        client_key: m.client_key.as_ref().map(Into::into),
+    };
+    if let Some(url) = &m.url {
+        let invalid = |reason: &str| s.invalid("MQTT_URL", redact_url(url), reason.into());
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| invalid("expected mqtt://host:port or mqtts://host:port"))?;
+        ep.tls = match scheme {
+            "mqtt" | "tcp" => false,
+            "mqtts" | "ssl" => true,
+            _ => return Err(invalid("scheme must be mqtt:// or mqtts://")),
+        };
+        ep.port = if ep.tls { 8883 } else { 1883 };
+        let rest = rest.trim_end_matches('/');
+        let hostport = match rest.rsplit_once('@') {
+            Some((userinfo, hp)) => {
+                let (u, p) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+                ep.username = Some(u.to_string()).filter(|u| !u.is_empty());
+                ep.password = Some(p.to_string()).filter(|p| !p.is_empty());
+                hp
+            }
+            None => rest,
+        };
+        match hostport.rsplit_once(':') {
+            Some((h, p)) => {
+                ep.host = h.to_string();
+                ep.port = p
+                    .parse()
+                    .map_err(|_| invalid("port must be a number from 1 to 65535"))?;
+            }
+            None => ep.host = hostport.to_string(),
+        }
+        if ep.host.is_empty() {
+            return Err(invalid("missing host"));
+        }
+    }
+    if let Some(h) = &m.host {
+        ep.host = h.clone();
+    }
+    ep.port = m.port.unwrap_or(ep.port);
+    if m.username.is_some() {
+        ep.username = m.username.clone();
+    }
+    if m.password.is_some() {
+        ep.password = m.password.clone();
+    }
+    Ok(ep)
+}

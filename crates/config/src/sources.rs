@@ -1,0 +1,272 @@
+//! The layers (file < environment < flags), merged by `figment`. Each value keeps the name of the
+//! layer it came from, so any error can say where a bad value was set.
+
+use std::fmt;
+use std::path::Path;
+
+use figment::error::Kind;
+use figment::value::{Dict, Empty, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider};
+
+use crate::settings::{env_of, path_of, Settings};
+use crate::{redact, shown_value, ConfigError, Origin};
+
+/// The merged layers before parsing.
+#[derive(Clone)]
+pub struct Sources {
+    figment: Figment,
+}
+
+/// Raw values hold the secrets in clear: shown only as `shown_value` shows them.
+impl fmt::Debug for Sources {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let set = crate::KEYS.iter().filter_map(|key| {
+            let (v, origin) = self.raw(key)?;
+            Some((key, (shown_value(key, &v), origin)))
+        });
+        f.debug_map().entries(set).finish()
+    }
+}
+
+impl Sources {
+    /// Layers the TOML file (if any), then the process environment, then `flags`.
+    pub fn gather(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        flags: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut figment = Figment::new();
+        if let Some(path) = file {
+            figment = figment.merge(file_layer(path)?);
+        }
+        let env = env.into_iter().filter_map(|(k, v)| Some((path_of(&k)?, v)));
+        figment = figment.merge(Layer::new(Origin::Env, env));
+        let mut named = Vec::new();
+        for (k, v) in flags {
+            let path = path_of(&k.to_uppercase().replace('-', "_")).ok_or_else(|| {
+                ConfigError::Unknown {
+                    key: redact(&k),
+                    origin: Origin::Flag,
+                }
+            })?;
+            named.push((path, v));
+        }
+        Ok(Sources {
+            figment: figment.merge(Layer::new(Origin::Flag, named)),
+        })
+    }
+
+    /// The nested structure, or the first bad value as a one-line error.
+    pub(crate) fn settings(&self) -> Result<Settings, ConfigError> {
+        self.figment.extract().map_err(|e| self.error(e))
+    }
+
+    /// The raw text of the setting named `key` and where it was set, if it was.
+    fn raw(&self, key: &str) -> Option<(String, Origin)> {
+        let path = path_of(key)?;
+        let value = self.figment.find_value(path).ok()?;
+        let text = match &value {
+            Value::Empty(..) => return None,
+            Value::Array(_, items) => items.iter().map(show).collect::<Vec<_>>().join(","),
+            other => show(other),
+        };
+        Some((text, self.origin(path)))
+    }
+
+    /// Where the setting at `path` was set.
+    fn origin(&self, path: &str) -> Origin {
+        self.figment
+            .find_metadata(path)
+            .map_or(Origin::Default, origin_of)
+    }
+
+    /// A value of `key` that parsed but breaks a rule: names the setting and where it was set.
+    pub(crate) fn invalid(
+        &self,
+        key: &str,
+        value: impl fmt::Display,
+        reason: String,
+    ) -> ConfigError {
+        ConfigError::Invalid {
+            key: key.into(),
+            value: shown_value(key, &value.to_string()),
+            origin: path_of(key).map_or(Origin::Default, |p| self.origin(p)),
+            reason,
+        }
+    }
+
+    fn error(&self, e: figment::Error) -> ConfigError {
+        let origin = e.metadata.as_ref().map_or(Origin::Default, origin_of);
+        let path = e.path.join(".");
+        let reason = match &e.kind {
+            Kind::UnknownField(name, _) => {
+                let key = if path.ends_with(name.as_str()) {
+                    path
+                } else if path.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{path}.{name}")
+                };
+                return ConfigError::Unknown { key, origin };
+            }
+            Kind::Message(m) => m.clone(),
+            // The found value is not repeated here: it may be a secret.
+            Kind::InvalidType(_, expected) | Kind::InvalidValue(_, expected) => {
+                format!("expected {expected}")
+            }
+            other => other.to_string(),
+        };
+        match env_of(&path) {
+            Some(key) => ConfigError::Invalid {
+                key: key.into(),
+                value: self
+                    .raw(key)
+                    .map_or_else(String::new, |(v, _)| shown_value(key, &v)),
+                origin,
+                reason,
+            },
+            // A section given as a value (`mqtt = 5`): there is no setting to name.
+            None => ConfigError::Unknown { key: path, origin },
+        }
+    }
+}
+
+/// A scalar as the text a variable would hold.
+fn show(v: &Value) -> String {
+    match v {
+        Value::String(_, s) => s.clone(),
+        Value::Char(_, c) => c.to_string(),
+        Value::Bool(_, b) => b.to_string(),
+        Value::Num(_, n) => n
+            .to_u128()
+            .map(|n| n.to_string())
+            .or_else(|| n.to_i128().map(|n| n.to_string()))
+            .or_else(|| n.to_f64().map(|n| format!("{n:?}")))
+            .unwrap_or_default(),
+        _ => String::new(),
+    }
+}
+
+fn origin_of(md: &Metadata) -> Origin {
+    match &md.source {
+        Some(figment::Source::File(p)) => Origin::File(p.display().to_string()),
+        _ if md.name == Origin::Flag.to_string() => Origin::Flag,
+        _ if md.name == Origin::Env.to_string() => Origin::Env,
+        _ => Origin::Default,
+    }
+}
+
+/// One layer's values at their nested paths.
+struct Layer {
+    origin: Origin,
+    data: Dict,
+}
+
+impl Layer {
+    /// Values given by path (environment, flags); an empty value unsets the setting.
+    fn new(origin: Origin, values: impl IntoIterator<Item = (&'static str, String)>) -> Self {
+        let mut data = Dict::new();
+        for (path, v) in values {
+            insert(&mut data, path, Value::from(v));
+        }
+        Layer {
+            origin,
+            data: normalized(data),
+        }
+    }
+}
+
+impl Provider for Layer {
+    fn metadata(&self) -> Metadata {
+        let md = Metadata::named(self.origin.to_string());
+        match &self.origin {
+            Origin::File(p) => md.source(figment::Source::File(p.into())),
+            _ => md,
+        }
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Ok(Map::from([(Profile::Default, self.data.clone())]))
+    }
+}
+
+/// A config file: flat keys (`lease_ttl = "10s"`, the environment names in lower case) are moved to
+/// their place in the structure; sections (`[lease]`) and lists of tables are taken as they are.
+fn file_layer(path: &Path) -> Result<Layer, ConfigError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        path: shown.clone(),
+        reason: e.to_string(),
+    })?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigError::File {
+            path: shown.clone(),
+            reason: e.message().to_string(),
+        })?;
+    let value = |v: toml::Value| {
+        Value::serialize(v).map_err(|e| ConfigError::File {
+            path: shown.clone(),
+            reason: e.to_string(),
+        })
+    };
+    let mut data = Dict::new();
+    let mut flat = Vec::new();
+    for (k, v) in table {
+        match path_of(&k.to_uppercase()) {
+            Some(p) => flat.push((p, value(v)?)),
+            // Sections are checked against the structure when it is read.
+            _ if v.is_table() || v.is_array() => {
+                data.insert(k, value(v)?);
+            }
+            _ => {
+                return Err(ConfigError::Unknown {
+                    key: k,
+                    origin: Origin::File(shown),
+                })
+            }
+        }
+    }
+    for (p, v) in flat {
+        insert(&mut data, p, v);
+    }
+    Ok(Layer {
+        origin: Origin::File(shown),
+        data: normalized(data),
+    })
+}
+
+/// Puts `value` at the dotted `path`, making the sections on the way.
+fn insert(dict: &mut Dict, path: &str, value: Value) {
+    match path.split_once('.') {
+        None => {
+            dict.insert(path.into(), value);
+        }
+        Some((section, rest)) => {
+            let entry = dict
+                .entry(section.into())
+                .or_insert_with(|| Value::from(Dict::new()));
+            if !matches!(entry, Value::Dict(..)) {
+                *entry = Value::from(Dict::new());
+            }
+            if let Value::Dict(_, inner) = entry {
+                insert(inner, rest, value);
+            }
+        }
+    }
+}
+
+/// Strings trimmed, and empty ones made "unset" (so an empty variable overrides a file's value
+/// with the default, as it always has).
+fn normalized(dict: Dict) -> Dict {
+    fn norm(v: Value) -> Value {
+        match v {
+            Value::String(tag, s) if s.trim().is_empty() => Value::Empty(tag, Empty::None),
+            Value::String(tag, s) => Value::String(tag, s.trim().to_string()),
+            Value::Dict(tag, d) => Value::Dict(tag, normalized(d)),
+            Value::Array(tag, items) => Value::Array(tag, items.into_iter().map(norm).collect()),
+            other => other,
+        }
+    }
+    dict.into_iter().map(|(k, v)| (k, norm(v))).collect()
+}
