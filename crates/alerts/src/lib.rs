@@ -20,7 +20,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use leasehold_store::{Pool, StoreError};
+use leasehold_store::alerts::AlertText;
+use leasehold_store::{Client, Pool, StoreError};
 use leasehold_telemetry::metrics;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -42,12 +43,6 @@ pub enum AlertError {
     /// An evaluation is running and no result is recent enough to stand for a new one.
     #[error("an alert evaluation is already running on this node; retry in {}s", .retry_after.as_secs().max(1))]
     Busy { retry_after: Duration },
-}
-
-impl From<leasehold_store::tokio_postgres::Error> for AlertError {
-    fn from(e: leasehold_store::tokio_postgres::Error) -> Self {
-        AlertError::Store(StoreError::Db(e))
-    }
 }
 
 /// Everything that can be wrong with the cluster, as stored in `alerts.kind`.
@@ -315,44 +310,11 @@ pub struct Report {
     pub changes: Vec<Change>,
 }
 
-/// One row of `alerts`.
-#[derive(Debug, Clone, Serialize)]
-pub struct AlertRow {
-    pub id: i64,
-    pub kind: String,
-    pub level: String,
-    pub message: String,
-    pub opened_at: DateTime<Utc>,
-    pub resolved_at: Option<DateTime<Utc>>,
-    pub opened_by: Option<String>,
-    pub resolved_by: Option<String>,
-}
+pub use leasehold_store::alerts::AlertRow;
 
 /// Open alerts first, then the most recent resolved ones.
-pub async fn recent(
-    c: &impl leasehold_store::tokio_postgres::GenericClient,
-    limit: i64,
-) -> Result<Vec<AlertRow>, AlertError> {
-    let rows = c
-        .query(
-            "SELECT id, kind, level, message, opened_at, resolved_at, opened_by, resolved_by
-             FROM alerts ORDER BY (resolved_at IS NULL) DESC, opened_at DESC, id DESC LIMIT $1",
-            &[&limit],
-        )
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|r| AlertRow {
-            id: r.get(0),
-            kind: r.get(1),
-            level: r.get(2),
-            message: r.get(3),
-            opened_at: r.get(4),
-            resolved_at: r.get(5),
-            opened_by: r.get(6),
-            resolved_by: r.get(7),
-        })
-        .collect())
+pub async fn recent(c: &Client, limit: i64) -> Result<Vec<AlertRow>, AlertError> {
+    Ok(leasehold_store::alerts::recent(c, limit).await?)
 }
 
 #[derive(Clone)]
@@ -575,13 +537,13 @@ impl Inner {
     async fn evaluate_locked(&self) -> Result<Report, AlertError> {
         let cfg = &self.cfg;
         let c = leasehold_store::pooled(&self.pool).await?;
-        let facts = facts::gather(&**c, cfg).await?;
+        let facts = facts::gather(&c, cfg).await?;
         let findings = judge(&facts, &cfg.thresholds);
         let mut changes = Vec::new();
         for kind in Kind::ALL {
             let change = match findings.iter().find(|f| f.kind == kind) {
-                Some(f) => open_or_update(&**c, f, &cfg.instance_id).await?,
-                None => resolve(&**c, kind, &cfg.instance_id).await?,
+                Some(f) => open_or_update(&c, f, &cfg.instance_id).await?,
+                None => resolve(&c, kind, &cfg.instance_id).await?,
             };
             if let Some(ch) = change {
                 self.announce(&ch);
@@ -634,25 +596,16 @@ impl Inner {
 
 /// Opens the alert, or changes its level; `None` when it was already open at this level (or
 /// another node won the race to open it).
-async fn open_or_update(
-    c: &impl leasehold_store::tokio_postgres::GenericClient,
-    f: &Finding,
-    by: &str,
-) -> Result<Option<Change>, AlertError> {
-    let kind = f.kind.as_str();
-    let level = f.level.as_str();
-    if let Some(r) = c
-        .query_opt(
-            "INSERT INTO alerts (kind, level, message, opened_by, details)
-             VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (kind) WHERE resolved_at IS NULL DO NOTHING
-             RETURNING id",
-            &[&kind, &level, &f.message, &by, &f.details],
-        )
-        .await?
-    {
+async fn open_or_update(c: &Client, f: &Finding, by: &str) -> Result<Option<Change>, AlertError> {
+    let text = AlertText {
+        kind: f.kind.as_str(),
+        level: f.level.as_str(),
+        message: &f.message,
+        details: &f.details,
+    };
+    if let Some(alert_id) = leasehold_store::alerts::open(c, &text, by).await? {
         return Ok(Some(Change {
-            alert_id: r.get(0),
+            alert_id,
             kind: f.kind,
             level: f.level,
             action: "opened",
@@ -660,19 +613,10 @@ async fn open_or_update(
         }));
     }
     // Still open: keep the message current; report only a change of level.
-    let row = c
-        .query_opt(
-            "WITH old AS (SELECT id, level FROM alerts WHERE kind = $1 AND resolved_at IS NULL FOR UPDATE)
-             UPDATE alerts a SET level = $2, message = $3, details = $4
-             FROM old WHERE a.id = old.id
-             RETURNING a.id, old.level",
-            &[&kind, &level, &f.message, &f.details],
-        )
-        .await?;
-    Ok(row.and_then(|r| {
-        let old: String = r.get(1);
-        (old != level).then(|| Change {
-            alert_id: r.get(0),
+    let updated = leasehold_store::alerts::update(c, &text).await?;
+    Ok(updated.and_then(|u| {
+        (u.old_level != text.level).then(|| Change {
+            alert_id: u.id,
             kind: f.kind,
             level: f.level,
             action: if f.level == Level::Critical {
@@ -685,34 +629,18 @@ async fn open_or_update(
     }))
 }
 
-async fn resolve(
-    c: &impl leasehold_store::tokio_postgres::GenericClient,
-    kind: Kind,
-    by: &str,
-) -> Result<Option<Change>, AlertError> {
-    let row = c
-        .query_opt(
-            "UPDATE alerts SET resolved_at = now(), resolved_by = $2
-             WHERE kind = $1 AND resolved_at IS NULL
-             RETURNING id, level, message, extract(epoch from (resolved_at - opened_at))::float8",
-            &[&kind.as_str(), &by],
-        )
-        .await?;
-    Ok(row.map(|r| {
-        let level: String = r.get(1);
-        let message: String = r.get(2);
-        let lasted: f64 = r.get(3);
-        Change {
-            alert_id: r.get(0),
-            kind,
-            level: if level == "critical" {
-                Level::Critical
-            } else {
-                Level::Warning
-            },
-            action: "resolved",
-            message: format!("resolved after {}: {message}", human(lasted)),
-        }
+async fn resolve(c: &Client, kind: Kind, by: &str) -> Result<Option<Change>, AlertError> {
+    let resolved = leasehold_store::alerts::resolve(c, kind.as_str(), by).await?;
+    Ok(resolved.map(|r| Change {
+        alert_id: r.id,
+        kind,
+        level: if r.level == "critical" {
+            Level::Critical
+        } else {
+            Level::Warning
+        },
+        action: "resolved",
+        message: format!("resolved after {}: {}", human(r.lasted), r.message),
     }))
 }
 

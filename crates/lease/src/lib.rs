@@ -10,10 +10,10 @@
 //! # Layout
 //! - [`Lease`]: the state machine (standby → leader → draining/standby).
 //! - [`LeaseHandle`]: what the rest of the node reads (role, validity) and signals (drained, step down).
-//! - [`sql`]: the acquire/renew and release statements.
+//! - `leasehold_store::lease`: the acquire/renew and release statements (SQL lives in the store;
+//!   this crate decides what their answers mean).
 //! - [`watchdog`]: the last line of defence, on a plain OS thread.
 
-pub mod sql;
 pub mod watchdog;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use leasehold_config::LeaseTimings;
+use leasehold_store::lease::LeaseConn;
 use leasehold_store::listener::Notice;
 use leasehold_store::queries::{CONTROL_CHANNEL, LEASE_CHANNEL};
 use leasehold_telemetry::{events, metrics};
@@ -206,7 +207,7 @@ pub struct Lease {
     role_tx: watch::Sender<Role>,
     shared: Arc<Shared>,
     notices: Option<broadcast::Receiver<Notice>>,
-    conn: Option<sql::LeaseConn>,
+    conn: Option<LeaseConn>,
     /// Consecutive attempts that timed out on the current connection.
     timeouts: u32,
 }
@@ -452,19 +453,16 @@ impl Lease {
 
 /// The dedicated lease connection, (re)connected within `budget`; no other work shares it.
 async fn client<'a>(
-    conn: &'a mut Option<sql::LeaseConn>,
+    conn: &'a mut Option<LeaseConn>,
     cfg: &LeaseConfig,
     budget: Duration,
-) -> Result<&'a sql::LeaseConn, leasehold_store::StoreError> {
+) -> Result<&'a LeaseConn, leasehold_store::StoreError> {
     if conn.as_ref().is_none_or(|c| c.is_closed()) {
         // The server-side bound is the client's outer bound: the deadline, never later.
         let stmt_timeout = cfg.timings.demote_after();
-        let c = tokio::time::timeout(
-            budget,
-            sql::LeaseConn::connect(&cfg.database_url, stmt_timeout),
-        )
-        .await
-        .map_err(|_| leasehold_store::StoreError::Timeout(budget))??;
+        let c = tokio::time::timeout(budget, LeaseConn::connect(&cfg.database_url, stmt_timeout))
+            .await
+            .map_err(|_| leasehold_store::StoreError::Timeout(budget))??;
         *conn = Some(c);
     }
     conn.as_ref()

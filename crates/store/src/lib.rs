@@ -1,12 +1,20 @@
-//! PostgreSQL access for Leasehold.
+//! PostgreSQL access for Leasehold: the one crate that speaks SQL. Others call the functions
+//! here, named for what they do, and get typed rows back (read by column name).
 //!
 //! # Layout
 //! - [`connect`] / [`pool`]: the one place connections are made (timeouts, application name).
 //! - [`migrate`]: applies `migrations/` under an advisory lock, so nodes starting together do not race.
 //! - [`BatchWriter`]: one transaction per batch, fencing check first, set-based inserts.
-//! - [`queries`]: small reads and writes for status, heartbeats and topics.
+//! - [`lease`]: the lease's acquire/renew and release statements on its own connection.
+//! - [`queries`]: small reads and writes for status, heartbeats, topics, the subscription
+//!   ledger and [`current_leader`].
+//! - [`alerts`]: the `alerts` table and the facts alert rules judge.
+//! - [`listener`]: the LISTEN connection and its fan-out.
 //! - [`retention`]: batched pruning of the operational tables.
+//! - [`tls`]: libpq's `sslmode` rules for `DATABASE_URL`.
 
+pub mod alerts;
+pub mod lease;
 pub mod listener;
 pub mod queries;
 pub mod retention;
@@ -15,12 +23,16 @@ pub mod tls;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio_postgres::{Client, Statement};
+use tokio_postgres::Statement;
 
 pub use deadpool_postgres::Pool;
 /// A connection borrowed from the pool.
 pub type PooledClient = deadpool_postgres::Object;
-pub use tokio_postgres;
+pub use queries::current_leader;
+/// A database connection, as [`connect`] makes it and the functions here take it (a
+/// [`PooledClient`] dereferences to one): callers hold one without depending on tokio-postgres,
+/// and ask this crate for what they need from it, since the SQL lives here.
+pub use tokio_postgres::Client;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -230,12 +242,12 @@ async fn apply_migrations(client: &mut Client, up_to: i32) -> Result<Vec<i32>> {
                 applied_at timestamptz NOT NULL DEFAULT now())",
         )
         .await?;
-    let done: Vec<i32> = client
+    let done = client
         .query("SELECT version FROM leasehold_schema_migrations", &[])
         .await?
         .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .map(|r| r.try_get("version"))
+        .collect::<Result<Vec<i32>, _>>()?;
     let mut applied = Vec::new();
     for (version, name, sql) in MIGRATIONS {
         if done.contains(version) || *version > up_to {
@@ -523,10 +535,10 @@ impl BatchWriter {
         let sent = std::time::Instant::now();
         let row = self
             .client
-            .query_one("SELECT clock_timestamp()", &[])
+            .query_one("SELECT clock_timestamp() AS now", &[])
             .await?;
         let rtt = sent.elapsed();
-        let db: DateTime<Utc> = row.try_get(0)?;
+        let db: DateTime<Utc> = row.try_get("now")?;
         Ok((db, sent + rtt / 2))
     }
 

@@ -36,19 +36,29 @@ pub async fn lease(c: &impl GenericClient, name: &str) -> Result<Option<LeaseRow
         .query_opt(
             "SELECT holder_id, instance_id, epoch, acquired_at, renewed_at, expires_at,
                     (extract(epoch from (expires_at - clock_timestamp())) * 1000)::bigint
+                        AS expires_in_ms
              FROM instance_lock WHERE service_name = $1",
             &[&name],
         )
         .await?;
-    Ok(row.map(|r| LeaseRow {
-        holder_id: r.get(0),
-        instance_id: r.get(1),
-        epoch: r.get(2),
-        acquired_at: r.get(3),
-        renewed_at: r.get(4),
-        expires_at: r.get(5),
-        expires_in_ms: r.get(6),
-    }))
+    row.map(|r| {
+        Ok(LeaseRow {
+            holder_id: r.try_get("holder_id")?,
+            instance_id: r.try_get("instance_id")?,
+            epoch: r.try_get("epoch")?,
+            acquired_at: r.try_get("acquired_at")?,
+            renewed_at: r.try_get("renewed_at")?,
+            expires_at: r.try_get("expires_at")?,
+            expires_in_ms: r.try_get("expires_in_ms")?,
+        })
+    })
+    .transpose()
+}
+
+/// Who leads lease `name` now: its row while it is live on the database clock, `None` when it
+/// was never taken or has expired. The one "who leads" question tests, chaos and the demo ask.
+pub async fn current_leader(c: &impl GenericClient, name: &str) -> Result<Option<LeaseRow>> {
+    Ok(lease(c, name).await?.filter(LeaseRow::is_live))
 }
 
 /// The cluster's identity: created once by migration 4, the same for every node of the cluster
@@ -64,14 +74,17 @@ pub struct ClusterIdentity {
 pub async fn cluster_identity(c: &impl GenericClient) -> Result<Option<ClusterIdentity>> {
     let row = c
         .query_opt(
-            "SELECT cluster_id::text, created_at FROM cluster_identity",
+            "SELECT cluster_id::text AS cluster_id, created_at FROM cluster_identity",
             &[],
         )
         .await?;
-    Ok(row.map(|r| ClusterIdentity {
-        cluster_id: r.get(0),
-        created_at: r.get(1),
-    }))
+    row.map(|r| {
+        Ok(ClusterIdentity {
+            cluster_id: r.try_get("cluster_id")?,
+            created_at: r.try_get("created_at")?,
+        })
+    })
+    .transpose()
 }
 
 /// One row of `cluster_nodes`.
@@ -109,23 +122,24 @@ pub async fn cluster_nodes(
             &[&(alive_within_ms as f64), &include_dead],
         )
         .await?;
-    Ok(rows
-        .iter()
-        .map(|r| NodeRow {
-            holder_id: r.get(0),
-            instance_id: r.get(1),
-            role: r.get(2),
-            mode: r.get(3),
-            version: r.get(4),
-            http_url: r.get(5),
-            started_at: r.get(6),
-            last_seen: r.get(7),
-            seen_ms_ago: r.get(8),
-            mqtt_connected: r.get(9),
-            mqtt_client_id: r.get(10),
-            mqtt_client_id_source: r.get(11),
+    rows.iter()
+        .map(|r| {
+            Ok(NodeRow {
+                holder_id: r.try_get("holder_id")?,
+                instance_id: r.try_get("instance_id")?,
+                role: r.try_get("role")?,
+                mode: r.try_get("mode")?,
+                version: r.try_get("version")?,
+                http_url: r.try_get("http_url")?,
+                started_at: r.try_get("started_at")?,
+                last_seen: r.try_get("last_seen")?,
+                seen_ms_ago: r.try_get("ago")?,
+                mqtt_connected: r.try_get("mqtt_connected")?,
+                mqtt_client_id: r.try_get("mqtt_client_id")?,
+                mqtt_client_id_source: r.try_get("mqtt_client_id_source")?,
+            })
         })
-        .collect())
+        .collect()
 }
 
 /// What a node reports about itself every heartbeat.
@@ -172,11 +186,18 @@ pub async fn heartbeat(c: &impl GenericClient, hb: &Heartbeat<'_>) -> Result<()>
 pub async fn newest_data_age(c: &impl GenericClient) -> Result<Option<f64>> {
     let row = c
         .query_one(
-            "SELECT extract(epoch from (clock_timestamp() - max(received_at)))::float8 FROM telemetry",
+            "SELECT extract(epoch from (clock_timestamp() - max(received_at)))::float8 AS age
+             FROM telemetry",
             &[],
         )
         .await?;
-    Ok(row.get(0))
+    Ok(row.try_get("age")?)
+}
+
+/// A round trip that proves the database answers (`/health/ready`).
+pub async fn ping(c: &impl GenericClient) -> Result<()> {
+    c.simple_query("SELECT 1").await?;
+    Ok(())
 }
 
 /// Topic filters of enabled devices.
@@ -187,7 +208,7 @@ pub async fn device_topics(c: &impl GenericClient) -> Result<Vec<String>> {
             &[],
         )
         .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    rows.iter().map(|r| Ok(r.try_get("topic")?)).collect()
 }
 
 /// Asks the current leader of `lease_name` to hand over (it LISTENs on [`CONTROL_CHANNEL`]).
@@ -237,7 +258,7 @@ pub async fn device_coverage(
                            ORDER BY t.ts DESC LIMIT 1) > clock_timestamp() - make_interval(secs => $1)
                 ) AS heard
                 FROM devices d WHERE d.enabled)
-             SELECT (SELECT count(*) FROM d), (SELECT count(*) FROM d WHERE heard),
+             SELECT (SELECT count(*) FROM d) AS enabled, (SELECT count(*) FROM d WHERE heard) AS heard,
                     s.device_id
              FROM (SELECT 1) one
              LEFT JOIN LATERAL (SELECT device_id FROM d WHERE NOT heard
@@ -245,14 +266,23 @@ pub async fn device_coverage(
             &[&window.as_secs_f64(), &list_silent],
         )
         .await?;
-    let first = rows.first();
+    let count = |col: &str| -> Result<i64> {
+        Ok(rows
+            .first()
+            .map(|r| r.try_get(col))
+            .transpose()?
+            .unwrap_or(0))
+    };
+    let mut silent = Vec::new();
+    for r in &rows {
+        if let Some(id) = r.try_get::<_, Option<String>>("device_id")? {
+            silent.push(id);
+        }
+    }
     Ok(Coverage {
-        enabled: first.map(|r| r.get(0)).unwrap_or(0),
-        heard: first.map(|r| r.get(1)).unwrap_or(0),
-        silent: rows
-            .iter()
-            .filter_map(|r| r.get::<_, Option<String>>(2))
-            .collect(),
+        enabled: count("enabled")?,
+        heard: count("heard")?,
+        silent,
     })
 }
 
@@ -268,18 +298,19 @@ pub struct LedgerRow {
 pub async fn ledger(c: &impl GenericClient, client_id: &str) -> Result<Vec<LedgerRow>> {
     let rows = c
         .query(
-            "SELECT topic_filter, state = 'subscribed' FROM mqtt_subscriptions
+            "SELECT topic_filter, state = 'subscribed' AS subscribed FROM mqtt_subscriptions
              WHERE client_id = $1 ORDER BY topic_filter",
             &[&client_id],
         )
         .await?;
-    Ok(rows
-        .iter()
-        .map(|r| LedgerRow {
-            topic_filter: r.get(0),
-            subscribed: r.get(1),
+    rows.iter()
+        .map(|r| {
+            Ok(LedgerRow {
+                topic_filter: r.try_get("topic_filter")?,
+                subscribed: r.try_get("subscribed")?,
+            })
         })
-        .collect())
+        .collect()
 }
 
 /// A change to the ledger, written only while `fence` holds (like every leader write).
@@ -358,7 +389,7 @@ pub async fn write_ledger(
     };
     let sql = format!(
         "WITH {FENCE_CTE}, w AS ({sql})
-         SELECT (SELECT count(*) FROM fence), (SELECT count(*) FROM w)"
+         SELECT (SELECT count(*) FROM fence) AS held, (SELECT count(*) FROM w) AS changed"
     );
     let head: [&(dyn tokio_postgres::types::ToSql + Sync); 4] = [
         &fence.lease_name,
@@ -384,7 +415,7 @@ pub async fn write_ledger(
             c.query_one(&sql, &p).await?
         }
     };
-    let (held, changed): (i64, i64) = (row.get(0), row.get(1));
+    let (held, changed): (i64, i64) = (row.try_get("held")?, row.try_get("changed")?);
     if held == 0 {
         return Err(crate::StoreError::Fenced { epoch: fence.epoch });
     }
@@ -418,24 +449,30 @@ pub async fn refused_subscriptions(
         .query(
             "WITH r AS (SELECT topic_filter, refusal, attempts, refused_at FROM mqtt_subscriptions
                         WHERE refused_at > clock_timestamp() - make_interval(secs => $1))
-             SELECT (SELECT count(*) FROM r), l.topic_filter, l.refusal, l.attempts
+             SELECT (SELECT count(*) FROM r) AS count, l.topic_filter, l.refusal, l.attempts
              FROM (SELECT 1) one
              LEFT JOIN LATERAL (SELECT * FROM r ORDER BY refused_at DESC, topic_filter LIMIT $2) l
                  ON true",
             &[&within.as_secs_f64(), &list],
         )
         .await?;
+    let mut latest = Vec::new();
+    for r in &rows {
+        if let Some(filter) = r.try_get::<_, Option<String>>("topic_filter")? {
+            latest.push((
+                filter,
+                r.try_get::<_, Option<String>>("refusal")?
+                    .unwrap_or_default(),
+                r.try_get::<_, Option<i32>>("attempts")?.unwrap_or(0),
+            ));
+        }
+    }
     Ok(RefusedSubscriptions {
-        count: rows.first().map(|r| r.get(0)).unwrap_or(0),
-        latest: rows
-            .iter()
-            .filter_map(|r| {
-                Some((
-                    r.get::<_, Option<String>>(1)?,
-                    r.get::<_, Option<String>>(2).unwrap_or_default(),
-                    r.get::<_, Option<i32>>(3).unwrap_or(0),
-                ))
-            })
-            .collect(),
+        count: rows
+            .first()
+            .map(|r| r.try_get("count"))
+            .transpose()?
+            .unwrap_or(0),
+        latest,
     })
 }

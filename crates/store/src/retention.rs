@@ -102,9 +102,12 @@ pub async fn round(
     c.batch_execute("SET statement_timeout = '30s'; SET lock_timeout = '5s'")
         .await?;
     let locked: bool = c
-        .query_one("SELECT pg_try_advisory_lock($1)", &[&RETENTION_LOCK_KEY])
+        .query_one(
+            "SELECT pg_try_advisory_lock($1) AS locked",
+            &[&RETENTION_LOCK_KEY],
+        )
         .await?
-        .get(0);
+        .try_get("locked")?;
     if !locked {
         return Ok(None);
     }

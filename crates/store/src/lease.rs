@@ -1,10 +1,12 @@
-//! The lease statements. Times are judged on the database clock only.
+//! The lease statements on the lease's dedicated connection. Times are judged on the database
+//! clock only; what to do with the answers is `leasehold-lease`'s business.
 
 use std::time::Duration;
 
-use leasehold_store::queries::LEASE_CHANNEL;
-use leasehold_store::tokio_postgres::{Client, Statement};
-use leasehold_store::Result;
+use tokio_postgres::{Client, Statement};
+
+use crate::queries::LEASE_CHANNEL;
+use crate::Result;
 
 /// Acquire or renew in one statement. The guard lets a current holder renew before expiry and
 /// anyone take an expired lease; the epoch rises only when the holder changes.
@@ -40,7 +42,7 @@ pub struct LeaseConn {
 impl LeaseConn {
     /// Connects, bounds every statement server-side by `statement_timeout`, prepares.
     pub async fn connect(url: &str, statement_timeout: Duration) -> Result<LeaseConn> {
-        let client = leasehold_store::connect(url, "leasehold-lease").await?;
+        let client = crate::connect(url, "leasehold-lease").await?;
         let ms = statement_timeout.as_millis();
         client
             .batch_execute(&format!(
@@ -75,7 +77,9 @@ impl LeaseConn {
                 &[&lease, &holder, &instance, &ttl.as_secs_f64()],
             )
             .await?;
-        Ok(row.map(|r| r.get(0)))
+        row.map(|r| r.try_get("epoch"))
+            .transpose()
+            .map_err(Into::into)
     }
 
     pub async fn release(&self, lease: &str, holder: &str, epoch: i64) -> Result<()> {
