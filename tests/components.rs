@@ -119,9 +119,10 @@ async fn a_takeover_waits_for_the_fenced_transaction_in_flight() -> Result<()> {
         .await?;
     ensure!(held.is_some());
     tokio::time::sleep(Duration::from_millis(400)).await; // past expiry, transaction still open
-    let new = leasehold_store::lease::LeaseConn::connect(&pg.url(), Duration::from_secs(5)).await?;
+    use leasehold_store::lease::{Attempt::Campaign, LeaseConn};
+    let new = LeaseConn::connect(&pg.url(), Duration::from_secs(5)).await?;
     let acquire = tokio::spawn(async move {
-        new.acquire("mqtt-ingest", "h2", "b", Duration::from_secs(5))
+        new.acquire(Campaign, "mqtt-ingest", "h2", "b", Duration::from_secs(5))
             .await
     });
     tokio::time::sleep(Duration::from_millis(300)).await;

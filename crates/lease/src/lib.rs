@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use leasehold_config::LeaseTimings;
-use leasehold_store::lease::LeaseConn;
+use leasehold_store::lease::{Attempt, LeaseConn};
 use leasehold_store::listener::Notice;
 use leasehold_store::queries::{CONTROL_CHANNEL, LEASE_CHANNEL};
 use leasehold_telemetry::{events, metrics};
@@ -261,7 +261,7 @@ impl Lease {
                     _ = tokio::time::sleep_until(next.into()) => {}
                 }
                 let sent_at = Instant::now();
-                match self.attempt(t.renew_interval).await {
+                match self.attempt(t.renew_interval, Attempt::Campaign).await {
                     Ok(Some(epoch)) => {
                         self.shared.set_valid_until(sent_at + t.demote_after());
                         metrics()
@@ -346,7 +346,7 @@ impl Lease {
                     let sent_at = Instant::now();
                     // Up to the deadline: a slow answer that still arrives before it keeps the lease.
                     let budget = deadline.saturating_duration_since(sent_at);
-                    match self.attempt(budget).await {
+                    match self.attempt(budget, Attempt::Renewal).await {
                         Ok(Some(e)) if e == epoch => {
                             self.shared.set_valid_until(sent_at + t.demote_after());
                             metrics().lease_renew_duration.observe(sent_at.elapsed().as_secs_f64());
@@ -415,6 +415,7 @@ impl Lease {
     async fn attempt(
         &mut self,
         budget: Duration,
+        attempt: Attempt,
     ) -> Result<Option<i64>, leasehold_store::StoreError> {
         let budget = budget.max(Duration::from_millis(50));
         let cfg = &self.cfg;
@@ -422,8 +423,14 @@ impl Lease {
         // One bound for connect + statement: the attempt must end by the caller's deadline.
         let res = tokio::time::timeout(budget, async {
             let c = client(&mut self.conn, cfg, budget).await?;
-            c.acquire(&cfg.lease_name, &cfg.holder_id, &cfg.instance_id, ttl)
-                .await
+            c.acquire(
+                attempt,
+                &cfg.lease_name,
+                &cfg.holder_id,
+                &cfg.instance_id,
+                ttl,
+            )
+            .await
         })
         .await
         .unwrap_or(Err(leasehold_store::StoreError::Timeout(budget)));

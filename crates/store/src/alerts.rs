@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio_postgres::GenericClient;
 
+use crate::op::{self, Op};
 use crate::Result;
 
 /// One row of `alerts`.
@@ -25,15 +26,13 @@ pub struct AlertRow {
 
 /// Open alerts first, then the most recent resolved ones.
 pub async fn recent(c: &impl GenericClient, limit: i64) -> Result<Vec<AlertRow>> {
-    let rows = c
-        .query(
-            "SELECT id, kind, level, message, opened_at, resolved_at, opened_by, resolved_by
-             FROM alerts ORDER BY (resolved_at IS NULL) DESC, opened_at DESC, id DESC LIMIT $1",
-            &[&limit],
-        )
-        .await?;
-    rows.iter()
-        .map(|r| {
+    op::all(
+        c,
+        Op::AlertsRecent,
+        "SELECT id, kind, level, message, opened_at, resolved_at, opened_by, resolved_by
+         FROM alerts ORDER BY (resolved_at IS NULL) DESC, opened_at DESC, id DESC LIMIT $1",
+        &[&limit],
+        |r| {
             Ok(AlertRow {
                 id: r.try_get("id")?,
                 kind: r.try_get("kind")?,
@@ -44,8 +43,9 @@ pub async fn recent(c: &impl GenericClient, limit: i64) -> Result<Vec<AlertRow>>
                 opened_by: r.try_get("opened_by")?,
                 resolved_by: r.try_get("resolved_by")?,
             })
-        })
-        .collect()
+        },
+    )
+    .await
 }
 
 /// What an alert is about to say: its kind, level and message as stored.
@@ -60,16 +60,17 @@ pub struct AlertText<'a> {
 /// Opens an alert of this kind; its id, or `None` when one is open already (the unique index
 /// on open alerts lets exactly one node win the race).
 pub async fn open(c: &impl GenericClient, a: &AlertText<'_>, by: &str) -> Result<Option<i64>> {
-    let row = c
-        .query_opt(
-            "INSERT INTO alerts (kind, level, message, opened_by, details)
-             VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (kind) WHERE resolved_at IS NULL DO NOTHING
-             RETURNING id",
-            &[&a.kind, &a.level, &a.message, &by, a.details],
-        )
-        .await?;
-    Ok(row.map(|r| r.try_get("id")).transpose()?)
+    op::opt(
+        c,
+        Op::AlertOpen,
+        "INSERT INTO alerts (kind, level, message, opened_by, details)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (kind) WHERE resolved_at IS NULL DO NOTHING
+         RETURNING id",
+        &[&a.kind, &a.level, &a.message, &by, a.details],
+        |r| r.try_get("id"),
+    )
+    .await
 }
 
 /// The open alert after [`update`]: its id and the level it had before.
@@ -81,22 +82,22 @@ pub struct Updated {
 
 /// Rewrites the open alert of this kind (level, message, details); `None` when none is open.
 pub async fn update(c: &impl GenericClient, a: &AlertText<'_>) -> Result<Option<Updated>> {
-    let row = c
-        .query_opt(
-            "WITH old AS (SELECT id, level FROM alerts WHERE kind = $1 AND resolved_at IS NULL FOR UPDATE)
-             UPDATE alerts a SET level = $2, message = $3, details = $4
-             FROM old WHERE a.id = old.id
-             RETURNING a.id, old.level AS old_level",
-            &[&a.kind, &a.level, &a.message, a.details],
-        )
-        .await?;
-    row.map(|r| {
-        Ok(Updated {
-            id: r.try_get("id")?,
-            old_level: r.try_get("old_level")?,
-        })
-    })
-    .transpose()
+    op::opt(
+        c,
+        Op::AlertUpdate,
+        "WITH old AS (SELECT id, level FROM alerts WHERE kind = $1 AND resolved_at IS NULL FOR UPDATE)
+         UPDATE alerts a SET level = $2, message = $3, details = $4
+         FROM old WHERE a.id = old.id
+         RETURNING a.id, old.level AS old_level",
+        &[&a.kind, &a.level, &a.message, a.details],
+        |r| {
+            Ok(Updated {
+                id: r.try_get("id")?,
+                old_level: r.try_get("old_level")?,
+            })
+        },
+    )
+    .await
 }
 
 /// The alert [`resolve`] closed.
@@ -111,24 +112,24 @@ pub struct Resolved {
 
 /// Resolves the open alert of this kind; `None` when none is open (or another node won).
 pub async fn resolve(c: &impl GenericClient, kind: &str, by: &str) -> Result<Option<Resolved>> {
-    let row = c
-        .query_opt(
-            "UPDATE alerts SET resolved_at = now(), resolved_by = $2
-             WHERE kind = $1 AND resolved_at IS NULL
-             RETURNING id, level, message,
-                       extract(epoch from (resolved_at - opened_at))::float8 AS lasted",
-            &[&kind, &by],
-        )
-        .await?;
-    row.map(|r| {
-        Ok(Resolved {
-            id: r.try_get("id")?,
-            level: r.try_get("level")?,
-            message: r.try_get("message")?,
-            lasted: r.try_get("lasted")?,
-        })
-    })
-    .transpose()
+    op::opt(
+        c,
+        Op::AlertResolve,
+        "UPDATE alerts SET resolved_at = now(), resolved_by = $2
+         WHERE kind = $1 AND resolved_at IS NULL
+         RETURNING id, level, message,
+                   extract(epoch from (resolved_at - opened_at))::float8 AS lasted",
+        &[&kind, &by],
+        |r| {
+            Ok(Resolved {
+                id: r.try_get("id")?,
+                level: r.try_get("level")?,
+                message: r.try_get("message")?,
+                lasted: r.try_get("lasted")?,
+            })
+        },
+    )
+    .await
 }
 
 /// The nodes seen within a window.
@@ -141,20 +142,23 @@ pub struct Alive {
 
 /// Nodes that heartbeated within `within`: how long the cluster has run, how many ingest.
 pub async fn alive(c: &impl GenericClient, within: Duration) -> Result<Alive> {
-    let r = c
-        .query_one(
-            "SELECT coalesce(extract(epoch from (clock_timestamp() - min(started_at)))::float8, 0)
-                        AS uptime,
-                    count(*) FILTER (WHERE mode = 'production') AS production
-             FROM cluster_nodes
-             WHERE last_seen > clock_timestamp() - make_interval(secs => $1)",
-            &[&within.as_secs_f64()],
-        )
-        .await?;
-    Ok(Alive {
-        uptime: r.try_get("uptime")?,
-        production: r.try_get("production")?,
-    })
+    op::one(
+        c,
+        Op::AlertFacts,
+        "SELECT coalesce(extract(epoch from (clock_timestamp() - min(started_at)))::float8, 0)
+                    AS uptime,
+                count(*) FILTER (WHERE mode = 'production') AS production
+         FROM cluster_nodes
+         WHERE last_seen > clock_timestamp() - make_interval(secs => $1)",
+        &[&within.as_secs_f64()],
+        |r| {
+            Ok(Alive {
+                uptime: r.try_get("uptime")?,
+                production: r.try_get("production")?,
+            })
+        },
+    )
+    .await
 }
 
 /// Seconds node `holder_id` has been without a broker connection, counted from no earlier than
@@ -164,16 +168,17 @@ pub async fn disconnected_for(
     holder_id: &str,
     since: DateTime<Utc>,
 ) -> Result<Option<f64>> {
-    let row = c
-        .query_opt(
-            "SELECT extract(epoch from least(
-                         clock_timestamp() - coalesce(mqtt_changed_at, started_at),
-                         clock_timestamp() - $2::timestamptz))::float8 AS secs
-             FROM cluster_nodes WHERE holder_id = $1 AND NOT mqtt_connected",
-            &[&holder_id, &since],
-        )
-        .await?;
-    Ok(row.map(|r| r.try_get("secs")).transpose()?)
+    op::opt(
+        c,
+        Op::AlertFacts,
+        "SELECT extract(epoch from least(
+                     clock_timestamp() - coalesce(mqtt_changed_at, started_at),
+                     clock_timestamp() - $2::timestamptz))::float8 AS secs
+         FROM cluster_nodes WHERE holder_id = $1 AND NOT mqtt_connected",
+        &[&holder_id, &since],
+        |r| r.try_get("secs"),
+    )
+    .await
 }
 
 /// A broker event a node reports in its heartbeat.
@@ -201,8 +206,10 @@ pub async fn nodes_that_saw(
              WHERE client_id_conflict_at > clock_timestamp() - make_interval(secs => $1) ORDER BY 1"
         }
     };
-    let rows = c.query(sql, &[&within.as_secs_f64()]).await?;
-    rows.iter().map(|r| Ok(r.try_get("instance_id")?)).collect()
+    op::all(c, Op::AlertFacts, sql, &[&within.as_secs_f64()], |r| {
+        r.try_get("instance_id")
+    })
+    .await
 }
 
 /// Dead letters stored within a window.
@@ -214,19 +221,22 @@ pub struct DeadLetters {
 }
 
 pub async fn dead_letters_within(c: &impl GenericClient, within: Duration) -> Result<DeadLetters> {
-    let r = c
-        .query_one(
-            "SELECT count(*) AS count,
-                    (SELECT error FROM dead_letters ORDER BY received_at DESC, id DESC LIMIT 1)
-                        AS latest_error
-             FROM dead_letters WHERE received_at > clock_timestamp() - make_interval(secs => $1)",
-            &[&within.as_secs_f64()],
-        )
-        .await?;
-    Ok(DeadLetters {
-        count: r.try_get("count")?,
-        latest_error: r.try_get("latest_error")?,
-    })
+    op::one(
+        c,
+        Op::AlertFacts,
+        "SELECT count(*) AS count,
+                (SELECT error FROM dead_letters ORDER BY received_at DESC, id DESC LIMIT 1)
+                    AS latest_error
+         FROM dead_letters WHERE received_at > clock_timestamp() - make_interval(secs => $1)",
+        &[&within.as_secs_f64()],
+        |r| {
+            Ok(DeadLetters {
+                count: r.try_get("count")?,
+                latest_error: r.try_get("latest_error")?,
+            })
+        },
+    )
+    .await
 }
 
 /// How many times lease `name` changed hands within `within`.
@@ -235,12 +245,13 @@ pub async fn leader_changes_within(
     name: &str,
     within: Duration,
 ) -> Result<i64> {
-    let r = c
-        .query_one(
-            "SELECT count(*) AS changes FROM lease_history
-             WHERE service_name = $1 AND acquired_at > clock_timestamp() - make_interval(secs => $2)",
-            &[&name, &within.as_secs_f64()],
-        )
-        .await?;
-    Ok(r.try_get("changes")?)
+    op::one(
+        c,
+        Op::AlertFacts,
+        "SELECT count(*) AS changes FROM lease_history
+         WHERE service_name = $1 AND acquired_at > clock_timestamp() - make_interval(secs => $2)",
+        &[&name, &within.as_secs_f64()],
+        |r| r.try_get("changes"),
+    )
+    .await
 }

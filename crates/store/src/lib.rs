@@ -3,6 +3,8 @@
 //!
 //! # Layout
 //! - [`connect`] / [`pool`]: the one place connections are made (timeouts, application name).
+//! - [`op`]: [`Op`] and the one measured entry point every statement goes through (duration and
+//!   errors per operation).
 //! - [`migrate`]: applies `migrations/` under an advisory lock, so nodes starting together do not race.
 //! - [`BatchWriter`]: one transaction per batch, fencing check first, set-based inserts.
 //! - [`lease`]: the lease's acquire/renew and release statements on its own connection.
@@ -16,6 +18,7 @@
 pub mod alerts;
 pub mod lease;
 pub mod listener;
+pub mod op;
 pub mod queries;
 pub mod retention;
 pub mod tls;
@@ -28,6 +31,7 @@ use tokio_postgres::Statement;
 pub use deadpool_postgres::Pool;
 /// A connection borrowed from the pool.
 pub type PooledClient = deadpool_postgres::Object;
+pub use op::Op;
 pub use queries::current_leader;
 /// A database connection, as [`connect`] makes it and the functions here take it (a
 /// [`PooledClient`] dereferences to one): callers hold one without depending on tokio-postgres,
@@ -220,17 +224,20 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>> {
 /// Applies missing migrations up to and including `version` (tests build a database as an
 /// earlier release left it, then upgrade it).
 pub async fn migrate_up_to(client: &mut Client, version: i32) -> Result<Vec<i32>> {
-    client
-        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
-        .await?;
-    let result = apply_migrations(client, version).await;
-    // Unlock even on failure; the session ending would release it too.
-    let unlock = client
-        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
-        .await;
-    let applied = result?;
-    unlock?;
-    Ok(applied)
+    op::measured(Op::Migrate, async {
+        client
+            .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
+            .await?;
+        let result = apply_migrations(client, version).await;
+        // Unlock even on failure; the session ending would release it too.
+        let unlock = client
+            .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
+            .await;
+        let applied = result?;
+        unlock?;
+        Ok(applied)
+    })
+    .await
 }
 
 async fn apply_migrations(client: &mut Client, up_to: i32) -> Result<Vec<i32>> {
@@ -331,6 +338,29 @@ pub struct BatchOutcome {
     /// Redeliveries (DUP flag, same packet id and bytes) of a stored timestamp-less reading or
     /// dead letter, skipped.
     pub redelivered: Vec<usize>,
+}
+
+impl BatchOutcome {
+    /// The batch statement's answer; `None` when the fence did not hold (nothing written).
+    fn read(row: &tokio_postgres::Row) -> Result<Option<Self>, tokio_postgres::Error> {
+        if row.try_get::<_, i64>("held")? == 0 {
+            return Ok(None);
+        }
+        let idx = |name: &str| -> Result<Vec<usize>, tokio_postgres::Error> {
+            Ok(row
+                .try_get::<_, Vec<i32>>(name)?
+                .into_iter()
+                .map(|i| i as usize)
+                .collect())
+        };
+        Ok(Some(BatchOutcome {
+            inserted: row.try_get::<_, i64>("inserted")? as u64,
+            dead_lettered: row.try_get::<_, i64>("dead_lettered")? as u64,
+            duplicates: idx("duplicates")?,
+            conflicts: idx("conflicts")?,
+            redelivered: idx("redelivered")?,
+        }))
+    }
 }
 
 /// Default of [`BatchWriter::with_redelivery_span`]: the default `MAX_PENDING` plus headroom.
@@ -491,13 +521,16 @@ impl BatchWriter {
     ) -> Result<Self> {
         let (_, tls) = pg_config(url, "leasehold-writer")?;
         let client = connect(url, "leasehold-writer").await?;
-        client
-            .batch_execute(&format!(
-                "SET statement_timeout = {}",
-                statement_timeout.as_millis().max(1)
-            ))
-            .await?;
-        let stmt = client.prepare(BATCH_SQL).await?;
+        let stmt = op::measured(Op::Session, async {
+            client
+                .batch_execute(&format!(
+                    "SET statement_timeout = {}",
+                    statement_timeout.as_millis().max(1)
+                ))
+                .await?;
+            Ok(client.prepare(BATCH_SQL).await?)
+        })
+        .await?;
         let cancel = CancelHandle {
             token: client.cancel_token(),
             tls,
@@ -533,12 +566,15 @@ impl BatchWriter {
     /// round trip. Receipt times are placed on the database clock from it.
     pub async fn clock(&self) -> Result<(DateTime<Utc>, std::time::Instant)> {
         let sent = std::time::Instant::now();
-        let row = self
-            .client
-            .query_one("SELECT clock_timestamp() AS now", &[])
-            .await?;
+        let db: DateTime<Utc> = op::one(
+            &self.client,
+            Op::DbClock,
+            "SELECT clock_timestamp() AS now",
+            &[],
+            |r| r.try_get("now"),
+        )
+        .await?;
         let rtt = sent.elapsed();
-        let db: DateTime<Utc> = row.try_get("now")?;
         Ok((db, sent + rtt / 2))
     }
 
@@ -592,57 +628,42 @@ impl BatchWriter {
         let dtp_ref: Vec<&str> = dtp.iter().map(|c| c.as_ref()).collect();
         let de_ref: Vec<&str> = de.iter().map(|c| c.as_ref()).collect();
         let window = PgInterval(self.redelivery_window);
-        let row = self
-            .client
-            .query_one(
-                &self.stmt,
-                &[
-                    &fence.lease_name,
-                    &fence.holder_id,
-                    &fence.epoch,
-                    &self.written_by,
-                    &window,
-                    &ri,
-                    &d,
-                    &tp,
-                    &t,
-                    &p,
-                    &rcv,
-                    &h,
-                    &k,
-                    &dup,
-                    &di,
-                    &dtp_ref,
-                    &dp,
-                    &dsz,
-                    &dreason,
-                    &de_ref,
-                    &dr,
-                    &dh,
-                    &dk,
-                    &ddup,
-                    &self.redelivery_span,
-                ],
-            )
-            .await?;
-        let held: i64 = row.try_get("held")?;
-        if held == 0 {
-            return Err(StoreError::Fenced { epoch: fence.epoch });
-        }
-        let idx = |name: &str| -> Result<Vec<usize>> {
-            Ok(row
-                .try_get::<_, Vec<i32>>(name)?
-                .into_iter()
-                .map(|i| i as usize)
-                .collect())
-        };
-        Ok(BatchOutcome {
-            inserted: row.try_get::<_, i64>("inserted")? as u64,
-            dead_lettered: row.try_get::<_, i64>("dead_lettered")? as u64,
-            duplicates: idx("duplicates")?,
-            conflicts: idx("conflicts")?,
-            redelivered: idx("redelivered")?,
-        })
+        let outcome = op::one(
+            &self.client,
+            Op::WriteBatch,
+            &self.stmt,
+            &[
+                &fence.lease_name,
+                &fence.holder_id,
+                &fence.epoch,
+                &self.written_by,
+                &window,
+                &ri,
+                &d,
+                &tp,
+                &t,
+                &p,
+                &rcv,
+                &h,
+                &k,
+                &dup,
+                &di,
+                &dtp_ref,
+                &dp,
+                &dsz,
+                &dreason,
+                &de_ref,
+                &dr,
+                &dh,
+                &dk,
+                &ddup,
+                &self.redelivery_span,
+            ],
+            BatchOutcome::read,
+        )
+        .await?;
+        // The statement ran; the fence decides whether it wrote anything.
+        outcome.ok_or(StoreError::Fenced { epoch: fence.epoch })
     }
 }
 

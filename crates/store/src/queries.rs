@@ -1,8 +1,10 @@
 //! Small queries shared by the node, the HTTP surface and the CLI.
 
 use chrono::{DateTime, Utc};
-use tokio_postgres::GenericClient;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{GenericClient, Row};
 
+use crate::op::{self, Op};
 use crate::Result;
 
 /// Channel the releasing leader notifies so standbys campaign at once.
@@ -29,19 +31,8 @@ impl LeaseRow {
     pub fn is_live(&self) -> bool {
         self.expires_in_ms > 0
     }
-}
 
-pub async fn lease(c: &impl GenericClient, name: &str) -> Result<Option<LeaseRow>> {
-    let row = c
-        .query_opt(
-            "SELECT holder_id, instance_id, epoch, acquired_at, renewed_at, expires_at,
-                    (extract(epoch from (expires_at - clock_timestamp())) * 1000)::bigint
-                        AS expires_in_ms
-             FROM instance_lock WHERE service_name = $1",
-            &[&name],
-        )
-        .await?;
-    row.map(|r| {
+    fn read(r: &Row) -> Result<Self, tokio_postgres::Error> {
         Ok(LeaseRow {
             holder_id: r.try_get("holder_id")?,
             instance_id: r.try_get("instance_id")?,
@@ -51,8 +42,22 @@ pub async fn lease(c: &impl GenericClient, name: &str) -> Result<Option<LeaseRow
             expires_at: r.try_get("expires_at")?,
             expires_in_ms: r.try_get("expires_in_ms")?,
         })
-    })
-    .transpose()
+    }
+}
+
+/// The lease row of `name`, live or not; `None` when it was never taken.
+pub async fn lease(c: &impl GenericClient, name: &str) -> Result<Option<LeaseRow>> {
+    op::opt(
+        c,
+        Op::LeaseRead,
+        "SELECT holder_id, instance_id, epoch, acquired_at, renewed_at, expires_at,
+                    (extract(epoch from (expires_at - clock_timestamp())) * 1000)::bigint
+                        AS expires_in_ms
+             FROM instance_lock WHERE service_name = $1",
+        &[&name],
+        LeaseRow::read,
+    )
+    .await
 }
 
 /// Who leads lease `name` now: its row while it is live on the database clock, `None` when it
@@ -72,19 +77,19 @@ pub struct ClusterIdentity {
 
 /// The cluster's identity, `None` when its row is missing (deleted by hand).
 pub async fn cluster_identity(c: &impl GenericClient) -> Result<Option<ClusterIdentity>> {
-    let row = c
-        .query_opt(
-            "SELECT cluster_id::text AS cluster_id, created_at FROM cluster_identity",
-            &[],
-        )
-        .await?;
-    row.map(|r| {
-        Ok(ClusterIdentity {
-            cluster_id: r.try_get("cluster_id")?,
-            created_at: r.try_get("created_at")?,
-        })
-    })
-    .transpose()
+    op::opt(
+        c,
+        Op::ClusterIdentity,
+        "SELECT cluster_id::text AS cluster_id, created_at FROM cluster_identity",
+        &[],
+        |r| {
+            Ok(ClusterIdentity {
+                cluster_id: r.try_get("cluster_id")?,
+                created_at: r.try_get("created_at")?,
+            })
+        },
+    )
+    .await
 }
 
 /// One row of `cluster_nodes`.
@@ -111,19 +116,17 @@ pub async fn cluster_nodes(
     alive_within_ms: i64,
     include_dead: bool,
 ) -> Result<Vec<NodeRow>> {
-    let rows = c
-        .query(
-            "SELECT holder_id, instance_id, role, mode, version, http_url, started_at, last_seen,
+    op::all(
+        c,
+        Op::ClusterNodes,
+        "SELECT holder_id, instance_id, role, mode, version, http_url, started_at, last_seen,
                     (extract(epoch from (clock_timestamp() - last_seen)) * 1000)::bigint AS ago,
                     mqtt_connected, mqtt_client_id, mqtt_client_id_source
              FROM cluster_nodes
              WHERE $2 OR last_seen > clock_timestamp() - make_interval(secs => $1::float8 / 1000)
              ORDER BY last_seen DESC",
-            &[&(alive_within_ms as f64), &include_dead],
-        )
-        .await?;
-    rows.iter()
-        .map(|r| {
+        &[&(alive_within_ms as f64), &include_dead],
+        |r| {
             Ok(NodeRow {
                 holder_id: r.try_get("holder_id")?,
                 instance_id: r.try_get("instance_id")?,
@@ -138,8 +141,9 @@ pub async fn cluster_nodes(
                 mqtt_client_id: r.try_get("mqtt_client_id")?,
                 mqtt_client_id_source: r.try_get("mqtt_client_id_source")?,
             })
-        })
-        .collect()
+        },
+    )
+    .await
 }
 
 /// What a node reports about itself every heartbeat.
@@ -162,7 +166,9 @@ pub struct Heartbeat<'a> {
 }
 
 pub async fn heartbeat(c: &impl GenericClient, hb: &Heartbeat<'_>) -> Result<()> {
-    c.execute(
+    op::exec(
+        c,
+        Op::Heartbeat,
         "INSERT INTO cluster_nodes AS n (holder_id, instance_id, role, mode, version, http_url, started_at,
                 last_seen, mqtt_connected, mqtt_changed_at, session_lost_at, client_id_conflict_at,
                 mqtt_client_id, mqtt_client_id_source)
@@ -184,31 +190,36 @@ pub async fn heartbeat(c: &impl GenericClient, hb: &Heartbeat<'_>) -> Result<()>
 
 /// Seconds since the newest row was received, `None` when `telemetry` is empty.
 pub async fn newest_data_age(c: &impl GenericClient) -> Result<Option<f64>> {
-    let row = c
-        .query_one(
-            "SELECT extract(epoch from (clock_timestamp() - max(received_at)))::float8 AS age
-             FROM telemetry",
-            &[],
-        )
-        .await?;
-    Ok(row.try_get("age")?)
+    op::one(
+        c,
+        Op::NewestDataAge,
+        "SELECT extract(epoch from (clock_timestamp() - max(received_at)))::float8 AS age
+         FROM telemetry",
+        &[],
+        |r| r.try_get("age"),
+    )
+    .await
 }
 
 /// A round trip that proves the database answers (`/health/ready`).
 pub async fn ping(c: &impl GenericClient) -> Result<()> {
-    c.simple_query("SELECT 1").await?;
-    Ok(())
+    op::measured(Op::Ping, async {
+        c.simple_query("SELECT 1").await?;
+        Ok(())
+    })
+    .await
 }
 
 /// Topic filters of enabled devices.
 pub async fn device_topics(c: &impl GenericClient) -> Result<Vec<String>> {
-    let rows = c
-        .query(
-            "SELECT DISTINCT topic FROM devices WHERE enabled ORDER BY topic",
-            &[],
-        )
-        .await?;
-    rows.iter().map(|r| Ok(r.try_get("topic")?)).collect()
+    op::all(
+        c,
+        Op::DeviceTopics,
+        "SELECT DISTINCT topic FROM devices WHERE enabled ORDER BY topic",
+        &[],
+        |r| r.try_get("topic"),
+    )
+    .await
 }
 
 /// Asks the current leader of `lease_name` to hand over (it LISTENs on [`CONTROL_CHANNEL`]).
@@ -218,8 +229,13 @@ pub async fn request_step_down(
     holder_id: &str,
 ) -> Result<()> {
     let payload = format!("step-down {lease_name} {holder_id}");
-    c.execute("SELECT pg_notify($1, $2)", &[&CONTROL_CHANNEL, &payload])
-        .await?;
+    op::exec(
+        c,
+        Op::StepDown,
+        "SELECT pg_notify($1, $2)",
+        &[&CONTROL_CHANNEL, &payload],
+    )
+    .await?;
     Ok(())
 }
 
@@ -241,9 +257,10 @@ pub async fn device_coverage(
     window: std::time::Duration,
     list_silent: i64,
 ) -> Result<Coverage> {
-    let rows = c
-        .query(
-            "WITH d AS (
+    let rows = op::all(
+        c,
+        Op::DeviceCoverage,
+        "WITH d AS (
                 SELECT d.device_id, EXISTS (
                     WITH RECURSIVE topics(topic) AS (
                         SELECT (SELECT min(t.topic) FROM telemetry t WHERE t.device_id = d.device_id)
@@ -263,26 +280,21 @@ pub async fn device_coverage(
              FROM (SELECT 1) one
              LEFT JOIN LATERAL (SELECT device_id FROM d WHERE NOT heard
                                 ORDER BY device_id LIMIT $2) s ON true",
-            &[&window.as_secs_f64(), &list_silent],
-        )
-        .await?;
-    let count = |col: &str| -> Result<i64> {
-        Ok(rows
-            .first()
-            .map(|r| r.try_get(col))
-            .transpose()?
-            .unwrap_or(0))
-    };
-    let mut silent = Vec::new();
-    for r in &rows {
-        if let Some(id) = r.try_get::<_, Option<String>>("device_id")? {
-            silent.push(id);
-        }
-    }
+        &[&window.as_secs_f64(), &list_silent],
+        |r| {
+            Ok((
+                r.try_get::<_, i64>("enabled")?,
+                r.try_get::<_, i64>("heard")?,
+                r.try_get::<_, Option<String>>("device_id")?,
+            ))
+        },
+    )
+    .await?;
+    let (enabled, heard) = rows.first().map(|r| (r.0, r.1)).unwrap_or((0, 0));
     Ok(Coverage {
-        enabled: count("enabled")?,
-        heard: count("heard")?,
-        silent,
+        enabled,
+        heard,
+        silent: rows.into_iter().filter_map(|r| r.2).collect(),
     })
 }
 
@@ -296,21 +308,20 @@ pub struct LedgerRow {
 
 /// What the ledger says the session `client_id` is subscribed to.
 pub async fn ledger(c: &impl GenericClient, client_id: &str) -> Result<Vec<LedgerRow>> {
-    let rows = c
-        .query(
-            "SELECT topic_filter, state = 'subscribed' AS subscribed FROM mqtt_subscriptions
-             WHERE client_id = $1 ORDER BY topic_filter",
-            &[&client_id],
-        )
-        .await?;
-    rows.iter()
-        .map(|r| {
+    op::all(
+        c,
+        Op::LedgerRead,
+        "SELECT topic_filter, state = 'subscribed' AS subscribed FROM mqtt_subscriptions
+         WHERE client_id = $1 ORDER BY topic_filter",
+        &[&client_id],
+        |r| {
             Ok(LedgerRow {
                 topic_filter: r.try_get("topic_filter")?,
                 subscribed: r.try_get("subscribed")?,
             })
-        })
-        .collect()
+        },
+    )
+    .await
 }
 
 /// A change to the ledger, written only while `fence` holds (like every leader write).
@@ -391,31 +402,25 @@ pub async fn write_ledger(
         "WITH {FENCE_CTE}, w AS ({sql})
          SELECT (SELECT count(*) FROM fence) AS held, (SELECT count(*) FROM w) AS changed"
     );
-    let head: [&(dyn tokio_postgres::types::ToSql + Sync); 4] = [
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![
         &fence.lease_name,
         &fence.holder_id,
         &fence.epoch,
         &client_id,
     ];
-    let row = match rows {
-        None => c.query_one(&sql, &head).await?,
-        Some(Rows::Filters(f)) => {
-            let p: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-                head.iter().copied().chain([&f as _]).collect();
-            c.query_one(&sql, &p).await?
-        }
-        Some(Rows::Qos(f, q)) => {
-            let p: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-                head.iter().copied().chain([&f as _, &q as _]).collect();
-            c.query_one(&sql, &p).await?
-        }
-        Some(Rows::Reasons(f, r)) => {
-            let p: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-                head.iter().copied().chain([&f as _, &r as _]).collect();
-            c.query_one(&sql, &p).await?
-        }
-    };
-    let (held, changed): (i64, i64) = (row.try_get("held")?, row.try_get("changed")?);
+    match &rows {
+        None => {}
+        Some(Rows::Filters(f)) => params.push(f),
+        Some(Rows::Qos(f, q)) => params.extend::<[&(dyn ToSql + Sync); 2]>([f, q]),
+        Some(Rows::Reasons(f, r)) => params.extend::<[&(dyn ToSql + Sync); 2]>([f, r]),
+    }
+    let (held, changed) = op::one(c, Op::LedgerWrite, &sql, &params, |r| {
+        Ok((
+            r.try_get::<_, i64>("held")?,
+            r.try_get::<_, i64>("changed")?,
+        ))
+    })
+    .await?;
     if held == 0 {
         return Err(crate::StoreError::Fenced { epoch: fence.epoch });
     }
@@ -445,34 +450,33 @@ pub async fn refused_subscriptions(
     within: std::time::Duration,
     list: i64,
 ) -> Result<RefusedSubscriptions> {
-    let rows = c
-        .query(
-            "WITH r AS (SELECT topic_filter, refusal, attempts, refused_at FROM mqtt_subscriptions
-                        WHERE refused_at > clock_timestamp() - make_interval(secs => $1))
-             SELECT (SELECT count(*) FROM r) AS count, l.topic_filter, l.refusal, l.attempts
-             FROM (SELECT 1) one
-             LEFT JOIN LATERAL (SELECT * FROM r ORDER BY refused_at DESC, topic_filter LIMIT $2) l
-                 ON true",
-            &[&within.as_secs_f64(), &list],
-        )
-        .await?;
-    let mut latest = Vec::new();
-    for r in &rows {
-        if let Some(filter) = r.try_get::<_, Option<String>>("topic_filter")? {
-            latest.push((
-                filter,
-                r.try_get::<_, Option<String>>("refusal")?
-                    .unwrap_or_default(),
-                r.try_get::<_, Option<i32>>("attempts")?.unwrap_or(0),
-            ));
-        }
-    }
+    let rows = op::all(
+        c,
+        Op::RefusedSubscriptions,
+        "WITH r AS (SELECT topic_filter, refusal, attempts, refused_at FROM mqtt_subscriptions
+                    WHERE refused_at > clock_timestamp() - make_interval(secs => $1))
+         SELECT (SELECT count(*) FROM r) AS count, l.topic_filter, l.refusal, l.attempts
+         FROM (SELECT 1) one
+         LEFT JOIN LATERAL (SELECT * FROM r ORDER BY refused_at DESC, topic_filter LIMIT $2) l
+             ON true",
+        &[&within.as_secs_f64(), &list],
+        |r| {
+            let filter: Option<String> = r.try_get("topic_filter")?;
+            let latest = match filter {
+                Some(f) => Some((
+                    f,
+                    r.try_get::<_, Option<String>>("refusal")?
+                        .unwrap_or_default(),
+                    r.try_get::<_, Option<i32>>("attempts")?.unwrap_or(0),
+                )),
+                None => None,
+            };
+            Ok((r.try_get::<_, i64>("count")?, latest))
+        },
+    )
+    .await?;
     Ok(RefusedSubscriptions {
-        count: rows
-            .first()
-            .map(|r| r.try_get("count"))
-            .transpose()?
-            .unwrap_or(0),
-        latest,
+        count: rows.first().map_or(0, |r| r.0),
+        latest: rows.into_iter().filter_map(|r| r.1).collect(),
     })
 }
