@@ -363,6 +363,64 @@ async fn nodes_migrating_at_the_same_instant_do_not_race() -> Result<()> {
     Ok(())
 }
 
+/// The ledger records each migration's sha256: an installation from before the checksums gains
+/// them on its next start, and a migration changed after it was applied stops the start, named.
+#[tokio::test]
+async fn a_migration_changed_after_it_was_applied_is_refused_by_name() -> Result<()> {
+    use leasehold_store::migrate::Problem;
+    let pg = Postgres::start().await?;
+    let mut c = leasehold_store::connect(&pg.url(), "test").await?;
+    // As a release before the checksums left it: the ledger without the column.
+    leasehold_store::migrate_up_to(&mut c, 3).await?;
+    c.batch_execute("ALTER TABLE leasehold_schema_migrations DROP COLUMN checksum")
+        .await?;
+    let applied = leasehold_store::migrate(&mut c).await?;
+    ensure!(applied == vec![4, 5], "applied {applied:?}");
+    let ledger: Vec<(i32, Option<String>)> = c
+        .query(
+            "SELECT version, checksum FROM leasehold_schema_migrations ORDER BY version",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get("version"), r.get("checksum")))
+        .collect();
+    let expected: Vec<(i32, Option<String>)> = leasehold_store::MIGRATIONS
+        .iter()
+        .map(|m| (m.version, Some(m.checksum())))
+        .collect();
+    ensure!(ledger == expected, "ledger {ledger:?}");
+    ensure!(leasehold_store::migrate(&mut c).await?.is_empty());
+
+    // V2 as applied differs from the file the binary carries.
+    c.execute(
+        "UPDATE leasehold_schema_migrations SET checksum = repeat('0', 64) WHERE version = 2",
+        &[],
+    )
+    .await?;
+    match leasehold_store::migrate(&mut c).await {
+        Err(
+            e @ StoreError::Migration {
+                version: 2,
+                problem: Problem::Changed { .. },
+                ..
+            },
+        ) => {
+            ensure!(e.to_string().contains("V2__operations.sql"), "{e}");
+        }
+        other => anyhow::bail!("expected the changed V2 to be refused, got {other:?}"),
+    }
+    // The advisory lock was released on the way out: another session migrates (and is refused).
+    let mut other = leasehold_store::connect(&pg.url(), "test").await?;
+    let again =
+        tokio::time::timeout(Duration::from_secs(5), leasehold_store::migrate(&mut other)).await?;
+    ensure!(
+        matches!(again, Err(StoreError::Migration { version: 2, .. })),
+        "{again:?}"
+    );
+    Ok(())
+}
+
 /// An installation filled under the key (device_id, ts) by the previous release moves to
 /// (device_id, topic, ts) without losing, changing or duplicating a row.
 #[tokio::test]

@@ -5,7 +5,8 @@
 //! - [`connect`] / [`pool`]: the one place connections are made (timeouts, application name).
 //! - [`op`]: [`Op`] and the one measured entry point every statement goes through (duration and
 //!   errors per operation).
-//! - [`migrate`]: applies `migrations/` under an advisory lock, so nodes starting together do not race.
+//! - [`migrate`](mod@migrate): applies `migrations/` under an advisory lock, so nodes starting
+//!   together do not race, and refuses a migration changed since it was applied (sha256 ledger).
 //! - [`BatchWriter`]: one transaction per batch, fencing check first, set-based inserts.
 //! - [`lease`]: the lease's acquire/renew and release statements on its own connection.
 //! - [`queries`]: small reads and writes for status, heartbeats, topics, the subscription
@@ -18,6 +19,7 @@
 pub mod alerts;
 pub mod lease;
 pub mod listener;
+pub mod migrate;
 pub mod op;
 pub mod queries;
 pub mod retention;
@@ -31,6 +33,7 @@ use tokio_postgres::Statement;
 pub use deadpool_postgres::Pool;
 /// A connection borrowed from the pool.
 pub type PooledClient = deadpool_postgres::Object;
+pub use migrate::{migrate, migrate_up_to, Migration, MIGRATIONS};
 pub use op::Op;
 pub use queries::current_leader;
 /// A database connection, as [`connect`] makes it and the functions here take it (a
@@ -50,10 +53,14 @@ pub enum StoreError {
     Url(String),
     #[error("fenced: the lease is no longer held by this node at epoch {epoch}")]
     Fenced { epoch: i64 },
-    #[error("migration {version} failed: {source}")]
+    /// A migration failed or the database's record of it does not match this binary's: the
+    /// node must not start (retrying cannot help).
+    #[error("migration {file}: {problem}")]
     Migration {
         version: i32,
-        source: tokio_postgres::Error,
+        /// The file under `migrations/`, e.g. `V2__operations.sql`.
+        file: String,
+        problem: migrate::Problem,
     },
 }
 
@@ -182,100 +189,6 @@ pub async fn pooled(pool: &Pool) -> Result<deadpool_postgres::Object> {
         deadpool_postgres::PoolError::Backend(e) => StoreError::Db(e),
         other => StoreError::Pool(other.to_string()),
     })
-}
-
-/// The migrations, in order. Embedded so the binary carries its schema.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[
-    (
-        1,
-        "initial",
-        include_str!("../../../migrations/V1__initial.sql"),
-    ),
-    (
-        2,
-        "operations",
-        include_str!("../../../migrations/V2__operations.sql"),
-    ),
-    (
-        3,
-        "reading_identity",
-        include_str!("../../../migrations/V3__reading_identity.sql"),
-    ),
-    (
-        4,
-        "cluster_identity",
-        include_str!("../../../migrations/V4__cluster_identity.sql"),
-    ),
-    (
-        5,
-        "subscriptions",
-        include_str!("../../../migrations/V5__subscriptions.sql"),
-    ),
-];
-
-/// Arbitrary but fixed: the advisory lock every node takes around migration.
-const MIGRATION_LOCK_KEY: i64 = 0x1ea5_e401d;
-
-/// Applies missing migrations; returns the versions applied. Safe to call from many nodes at once.
-pub async fn migrate(client: &mut Client) -> Result<Vec<i32>> {
-    migrate_up_to(client, i32::MAX).await
-}
-
-/// Applies missing migrations up to and including `version` (tests build a database as an
-/// earlier release left it, then upgrade it).
-pub async fn migrate_up_to(client: &mut Client, version: i32) -> Result<Vec<i32>> {
-    op::measured(Op::Migrate, async {
-        client
-            .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
-            .await?;
-        let result = apply_migrations(client, version).await;
-        // Unlock even on failure; the session ending would release it too.
-        let unlock = client
-            .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
-            .await;
-        let applied = result?;
-        unlock?;
-        Ok(applied)
-    })
-    .await
-}
-
-async fn apply_migrations(client: &mut Client, up_to: i32) -> Result<Vec<i32>> {
-    client
-        .batch_execute(
-            "CREATE TABLE IF NOT EXISTS leasehold_schema_migrations (
-                version integer PRIMARY KEY,
-                name text NOT NULL,
-                applied_at timestamptz NOT NULL DEFAULT now())",
-        )
-        .await?;
-    let done = client
-        .query("SELECT version FROM leasehold_schema_migrations", &[])
-        .await?
-        .iter()
-        .map(|r| r.try_get("version"))
-        .collect::<Result<Vec<i32>, _>>()?;
-    let mut applied = Vec::new();
-    for (version, name, sql) in MIGRATIONS {
-        if done.contains(version) || *version > up_to {
-            continue;
-        }
-        let tx = client.transaction().await?;
-        tx.batch_execute(sql)
-            .await
-            .map_err(|source| StoreError::Migration {
-                version: *version,
-                source,
-            })?;
-        tx.execute(
-            "INSERT INTO leasehold_schema_migrations (version, name) VALUES ($1, $2)",
-            &[version, name],
-        )
-        .await?;
-        tx.commit().await?;
-        applied.push(*version);
-    }
-    Ok(applied)
 }
 
 /// The lease a write transaction must still hold (SPEC section 3, fencing).
