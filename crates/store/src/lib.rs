@@ -14,7 +14,7 @@
 //! - [`alerts`]: the `alerts` table and the facts alert rules judge.
 //! - [`listener`]: the LISTEN connection and its fan-out.
 //! - [`retention`]: batched pruning of the operational tables.
-//! - [`tls`]: libpq's `sslmode` rules for `DATABASE_URL`.
+//! - [`tls`]: libpq's `sslmode` rules for `DATABASE_URL`, on `tokio-postgres-rustls` (SCRAM channel binding).
 
 pub mod alerts;
 pub mod lease;
