@@ -1,4 +1,4 @@
-//! Leadership as a lease row in PostgreSQL (SPEC section 3).
+//! Leadership as a lease row in PostgreSQL ("One writer" in `docs/guarantees.md`).
 //!
 //! One task ([`Lease::run`]) owns the lease. It publishes this node's [`Role`] on a watch channel;
 //! the node's supervisor starts a leadership term on `Leader`, drains it on `Draining` and cancels it

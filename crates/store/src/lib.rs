@@ -191,7 +191,7 @@ pub async fn pooled(pool: &Pool) -> Result<deadpool_postgres::Object> {
     })
 }
 
-/// The lease a write transaction must still hold (SPEC section 3, fencing).
+/// The lease a write transaction must still hold ("One writer" in `docs/guarantees.md`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fence {
     pub lease_name: String,

@@ -339,7 +339,8 @@ pub enum LedgerWrite<'a> {
     Removed(&'a [String]),
 }
 
-/// The fence every leader write checks (SPEC section 3), as a CTE named `fence`.
+/// The fence every leader write checks ("One writer" in `docs/guarantees.md`), as a CTE named
+/// `fence`.
 const FENCE_CTE: &str = "fence AS (
         SELECT 1 FROM instance_lock
         WHERE service_name = $1 AND holder_id = $2 AND epoch = $3 AND expires_at > clock_timestamp()

@@ -1,4 +1,5 @@
-//! Retention (SPEC G5): the tables a node fills for operations lose their old rows.
+//! Retention (`*_RETENTION` and `RETENTION_INTERVAL` in `docs/configuration.md`): the tables a
+//! node fills for operations lose their old rows.
 //!
 //! Production nodes prune every `RETENTION_INTERVAL`; an advisory lock lets one of them do a
 //! round while the others skip it. Rows go in batches of [`BATCH`], each its own short
