@@ -272,27 +272,6 @@ impl WriteFenced {
     }
 }
 
-pub struct PendingOverflow {
-    /// `MAX_PENDING` or `MAX_PENDING_BYTES`, whichever is full.
-    pub setting: &'static str,
-    pub limit: usize,
-    pub pending: usize,
-    pub pending_bytes: usize,
-}
-impl PendingOverflow {
-    pub fn emit(self) {
-        tracing::warn!(
-            setting = self.setting,
-            limit = self.limit,
-            pending = self.pending,
-            pending_bytes = self.pending_bytes,
-            "{} reached: pausing intake, messages stay queued at the broker",
-            self.setting
-        );
-        // A pause refuses nothing; `messages_pending` / `messages_pending_bytes` show it.
-    }
-}
-
 /// One database statement ran (`leasehold_store`'s measured entry point emits it for every one).
 /// The caller logs a failure where it handles it; this only counts it.
 pub struct DbQuery<'a> {
@@ -311,5 +290,26 @@ impl DbQuery<'_> {
             tracing::debug!(op = self.op, error = %error, "database statement failed");
             m.db_query_errors.with_label_values(&[self.op]).inc();
         }
+    }
+}
+
+pub struct PendingOverflow {
+    /// `MAX_PENDING` or `MAX_PENDING_BYTES`, whichever is full.
+    pub setting: &'static str,
+    pub limit: usize,
+    pub pending: usize,
+    pub pending_bytes: usize,
+}
+impl PendingOverflow {
+    pub fn emit(self) {
+        tracing::warn!(
+            setting = self.setting,
+            limit = self.limit,
+            pending = self.pending,
+            pending_bytes = self.pending_bytes,
+            "{} reached: pausing intake, messages stay queued at the broker",
+            self.setting
+        );
+        // A pause refuses nothing; `messages_pending` / `messages_pending_bytes` show it.
     }
 }
