@@ -119,9 +119,10 @@ async fn a_takeover_waits_for_the_fenced_transaction_in_flight() -> Result<()> {
         .await?;
     ensure!(held.is_some());
     tokio::time::sleep(Duration::from_millis(400)).await; // past expiry, transaction still open
-    let new = leasehold_lease::sql::LeaseConn::connect(&pg.url(), Duration::from_secs(5)).await?;
+    use leasehold_store::lease::{Attempt::Campaign, LeaseConn};
+    let new = LeaseConn::connect(&pg.url(), Duration::from_secs(5)).await?;
     let acquire = tokio::spawn(async move {
-        new.acquire("mqtt-ingest", "h2", "b", Duration::from_secs(5))
+        new.acquire(Campaign, "mqtt-ingest", "h2", "b", Duration::from_secs(5))
             .await
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -358,6 +359,64 @@ async fn nodes_migrating_at_the_same_instant_do_not_race() -> Result<()> {
     ensure!(
         applied == leasehold_store::MIGRATIONS.len(),
         "applied {applied} times"
+    );
+    Ok(())
+}
+
+/// The ledger records each migration's sha256: an installation from before the checksums gains
+/// them on its next start, and a migration changed after it was applied stops the start, named.
+#[tokio::test]
+async fn a_migration_changed_after_it_was_applied_is_refused_by_name() -> Result<()> {
+    use leasehold_store::migrate::Problem;
+    let pg = Postgres::start().await?;
+    let mut c = leasehold_store::connect(&pg.url(), "test").await?;
+    // As a release before the checksums left it: the ledger without the column.
+    leasehold_store::migrate_up_to(&mut c, 3).await?;
+    c.batch_execute("ALTER TABLE leasehold_schema_migrations DROP COLUMN checksum")
+        .await?;
+    let applied = leasehold_store::migrate(&mut c).await?;
+    ensure!(applied == vec![4, 5], "applied {applied:?}");
+    let ledger: Vec<(i32, Option<String>)> = c
+        .query(
+            "SELECT version, checksum FROM leasehold_schema_migrations ORDER BY version",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get("version"), r.get("checksum")))
+        .collect();
+    let expected: Vec<(i32, Option<String>)> = leasehold_store::MIGRATIONS
+        .iter()
+        .map(|m| (m.version, Some(m.checksum())))
+        .collect();
+    ensure!(ledger == expected, "ledger {ledger:?}");
+    ensure!(leasehold_store::migrate(&mut c).await?.is_empty());
+
+    // V2 as applied differs from the file the binary carries.
+    c.execute(
+        "UPDATE leasehold_schema_migrations SET checksum = repeat('0', 64) WHERE version = 2",
+        &[],
+    )
+    .await?;
+    match leasehold_store::migrate(&mut c).await {
+        Err(
+            e @ StoreError::Migration {
+                version: 2,
+                problem: Problem::Changed { .. },
+                ..
+            },
+        ) => {
+            ensure!(e.to_string().contains("V2__operations.sql"), "{e}");
+        }
+        other => anyhow::bail!("expected the changed V2 to be refused, got {other:?}"),
+    }
+    // The advisory lock was released on the way out: another session migrates (and is refused).
+    let mut other = leasehold_store::connect(&pg.url(), "test").await?;
+    let again =
+        tokio::time::timeout(Duration::from_secs(5), leasehold_store::migrate(&mut other)).await?;
+    ensure!(
+        matches!(again, Err(StoreError::Migration { version: 2, .. })),
+        "{again:?}"
     );
     Ok(())
 }

@@ -65,13 +65,8 @@ async fn a_laptop_with_the_production_env_and_its_own_database_cannot_take_the_p
             "the laptop leading its own lease",
             || async {
                 let db = laptop_db.client().await?;
-                Ok(db
-                    .query_opt(
-                        "SELECT 1 FROM instance_lock WHERE expires_at > clock_timestamp()",
-                        &[],
-                    )
-                    .await?
-                    .is_some())
+                let leader = leasehold_store::current_leader(&db, leasehold_testkit::LEASE_NAME);
+                Ok(leader.await?.is_some())
             },
         )
         .await?;

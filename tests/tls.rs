@@ -236,3 +236,45 @@ async fn an_untrusted_broker_certificate_is_never_used_and_bad_tls_settings_stop
     .await;
     check(&c, res);
 }
+
+/// SCRAM over TLS binds the password exchange to the server's certificate (channel binding,
+/// which `tokio-postgres-rustls` provides): a connection that requires it succeeds over TLS and
+/// is refused without TLS, where there is nothing to bind to.
+#[tokio::test]
+async fn scram_over_tls_uses_channel_binding() -> Result<()> {
+    let certs = Certs::generate()?;
+    // Password (SCRAM) authentication for one role, trust for the rest; readable by the
+    // server's user, which may not be this one.
+    let hba = std::env::temp_dir().join(format!("leasehold-hba-{}.conf", std::process::id()));
+    std::fs::write(
+        &hba,
+        "host all scram_user 127.0.0.1/32 scram-sha-256\nhost all all 127.0.0.1/32 trust\nlocal all all trust\n",
+    )?;
+    std::fs::set_permissions(&hba, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+    let pg = Postgres::start_with(&format!(
+        "ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\nhba_file = '{}'\n",
+        p(&certs.server_cert),
+        p(&certs.server_key),
+        p(&hba)
+    ))
+    .await;
+    let _ = std::fs::remove_file(&hba);
+    let pg = pg?;
+    pg.client()
+        .await?
+        .batch_execute("CREATE ROLE scram_user LOGIN PASSWORD 'pw'")
+        .await?;
+    let url = |query: &str| {
+        format!(
+            "postgres://scram_user:pw@127.0.0.1:{}/postgres?connect_timeout=5&{query}",
+            pg.port
+        )
+    };
+    let bound =
+        leasehold_store::connect(&url("sslmode=require&channel_binding=require"), "t").await?;
+    leasehold_store::queries::ping(&bound).await?;
+    let unbound =
+        leasehold_store::connect(&url("sslmode=disable&channel_binding=require"), "t").await;
+    ensure!(unbound.is_err(), "channel binding required without TLS");
+    Ok(())
+}

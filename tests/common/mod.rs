@@ -88,13 +88,8 @@ impl Cluster {
     /// The live lease holder: (instance_id, epoch).
     pub async fn leader(&self) -> Result<Option<(String, i64)>> {
         let c = self.pg.client().await?;
-        let row = c
-            .query_opt(
-                "SELECT instance_id, epoch FROM instance_lock WHERE service_name = 'mqtt-ingest' AND expires_at > clock_timestamp()",
-                &[],
-            )
-            .await?;
-        Ok(row.map(|r| (r.get(0), r.get(1))))
+        let leader = leasehold_store::current_leader(&c, leasehold_testkit::LEASE_NAME).await?;
+        Ok(leader.map(|l| (l.instance_id, l.epoch)))
     }
 
     /// Waits for a leader that is connected to the broker (its /health is 200).

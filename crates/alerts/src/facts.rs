@@ -1,8 +1,8 @@
-//! The facts alerts are judged on, read from Postgres on the database clock, so that every node
-//! reaches the same verdict whatever its own clock says.
+//! The facts alerts are judged on, read through `leasehold_store` on the database clock, so
+//! that every node reaches the same verdict whatever its own clock says.
 
-use leasehold_store::queries;
-use leasehold_store::tokio_postgres::GenericClient;
+use leasehold_store::alerts::{self as store, NodeEvent};
+use leasehold_store::{queries, Client};
 
 use crate::{AlertError, AlertsConfig};
 
@@ -45,91 +45,40 @@ pub struct Facts {
 /// alert says more).
 const REFUSAL_CURRENT: std::time::Duration = std::time::Duration::from_secs(120);
 
-pub async fn gather(c: &impl GenericClient, cfg: &AlertsConfig) -> Result<Facts, AlertError> {
-    let window = cfg.thresholds.window.as_secs_f64();
+pub async fn gather(c: &Client, cfg: &AlertsConfig) -> Result<Facts, AlertError> {
+    let window = cfg.thresholds.window;
     let newest_data_age = queries::newest_data_age(c).await?;
     let coverage = queries::device_coverage(c, cfg.thresholds.stale_warning, 0).await?;
-
-    let r = c
-        .query_one(
-            "SELECT coalesce(extract(epoch from (clock_timestamp() - min(started_at)))::float8, 0),
-                    count(*) FILTER (WHERE mode = 'production')
-             FROM cluster_nodes
-             WHERE last_seen > clock_timestamp() - make_interval(secs => $1)",
-            &[&cfg.alive_within.as_secs_f64()],
-        )
-        .await?;
-    let (cluster_uptime, production_nodes_alive): (f64, i64) = (r.get(0), r.get(1));
+    let alive = store::alive(c, cfg.alive_within).await?;
 
     let lease = match queries::lease(c, &cfg.lease_name).await? {
         None => None,
-        Some(l) => {
-            let disconnected = c
-                .query_opt(
-                    "SELECT extract(epoch from least(
-                                 clock_timestamp() - coalesce(mqtt_changed_at, started_at),
-                                 clock_timestamp() - $2::timestamptz))::float8
-                     FROM cluster_nodes WHERE holder_id = $1 AND NOT mqtt_connected",
-                    &[&l.holder_id, &l.acquired_at],
-                )
-                .await?
-                .map(|r| r.get::<_, f64>(0));
-            Some(LeaseFacts {
-                instance_id: l.instance_id,
-                epoch: l.epoch,
-                expired_for: -(l.expires_in_ms as f64) / 1000.0,
-                leader_disconnected_for: disconnected,
-            })
-        }
+        Some(l) => Some(LeaseFacts {
+            leader_disconnected_for: store::disconnected_for(c, &l.holder_id, l.acquired_at)
+                .await?,
+            instance_id: l.instance_id,
+            epoch: l.epoch,
+            expired_for: -(l.expires_in_ms as f64) / 1000.0,
+        }),
     };
 
-    let names = |sql: &'static str| async move {
-        let rows = c.query(sql, &[&window]).await?;
-        Ok::<Vec<String>, AlertError>(rows.iter().map(|r| r.get(0)).collect())
-    };
-    let session_lost = names(
-        "SELECT DISTINCT instance_id FROM cluster_nodes
-         WHERE session_lost_at > clock_timestamp() - make_interval(secs => $1) ORDER BY 1",
-    )
-    .await?;
-    let client_id_conflicts = names(
-        "SELECT DISTINCT instance_id FROM cluster_nodes
-         WHERE client_id_conflict_at > clock_timestamp() - make_interval(secs => $1) ORDER BY 1",
-    )
-    .await?;
-
-    let r = c
-        .query_one(
-            "SELECT count(*),
-                    (SELECT error FROM dead_letters ORDER BY received_at DESC, id DESC LIMIT 1)
-             FROM dead_letters WHERE received_at > clock_timestamp() - make_interval(secs => $1)",
-            &[&window],
-        )
-        .await?;
-    let (dead_letters_in_window, latest_dead_letter_error) = (r.get(0), r.get(1));
-
-    let leader_changes_in_window: i64 = c
-        .query_one(
-            "SELECT count(*) FROM lease_history
-             WHERE service_name = $1 AND acquired_at > clock_timestamp() - make_interval(secs => $2)",
-            &[&cfg.lease_name, &window],
-        )
-        .await?
-        .get(0);
-
+    let session_lost = store::nodes_that_saw(c, NodeEvent::SessionLost, window).await?;
+    let client_id_conflicts = store::nodes_that_saw(c, NodeEvent::ClientIdConflict, window).await?;
+    let dead = store::dead_letters_within(c, window).await?;
+    let leader_changes_in_window = store::leader_changes_within(c, &cfg.lease_name, window).await?;
     let refused = queries::refused_subscriptions(c, REFUSAL_CURRENT, 5).await?;
 
     Ok(Facts {
         newest_data_age,
         devices_enabled: coverage.enabled,
         devices_heard: coverage.heard,
-        cluster_uptime,
-        production_nodes_alive,
+        cluster_uptime: alive.uptime,
+        production_nodes_alive: alive.production,
         lease,
         session_lost,
         client_id_conflicts,
-        dead_letters_in_window,
-        latest_dead_letter_error,
+        dead_letters_in_window: dead.count,
+        latest_dead_letter_error: dead.latest_error,
         leader_changes_in_window,
         subscriptions_refused: refused.count,
         refused_filters: refused.latest,

@@ -10,7 +10,7 @@ use serde_json::json;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::CancellationToken;
 
-use crate::{AlertsConfig, Change, Level};
+use crate::{Action, AlertsConfig, Change, Kind, Level};
 
 /// Attempts per notification, and the pause before each retry.
 pub const BACKOFF: [Duration; 4] = [
@@ -25,15 +25,15 @@ const DRAIN_FOR: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct Message {
-    pub kind: &'static str,
-    pub action: &'static str,
+    pub kind: Kind,
+    pub action: Action,
     pub body: serde_json::Value,
 }
 
 impl Message {
     pub fn for_change(ch: &Change, cfg: &AlertsConfig) -> Message {
         let icon = match (ch.action, ch.level) {
-            ("resolved", _) => ":white_check_mark: RESOLVED",
+            (Action::Resolved, _) => ":white_check_mark: RESOLVED",
             (_, Level::Critical) => ":rotating_light: CRITICAL",
             (_, Level::Warning) => ":warning: WARNING",
         };
@@ -41,13 +41,13 @@ impl Message {
             "{icon} [{cluster}] {kind} ({action}, alert #{id}, seen by {by}): {msg}",
             cluster = cfg.cluster_name,
             kind = ch.kind.as_str(),
-            action = ch.action,
+            action = ch.action.as_str(),
             id = ch.alert_id,
             by = cfg.instance_id,
             msg = ch.message
         );
         Message {
-            kind: ch.kind.as_str(),
+            kind: ch.kind,
             action: ch.action,
             body: json!({ "text": text }),
         }
@@ -121,8 +121,8 @@ impl Notifier {
                         .with_label_values(&["delivered"])
                         .inc();
                     tracing::info!(
-                        kind = msg.kind,
-                        action = msg.action,
+                        kind = msg.kind.as_str(),
+                        action = msg.action.as_str(),
                         attempts = attempt + 1,
                         "alert webhook delivered"
                     );
@@ -133,7 +133,7 @@ impl Notifier {
                     break;
                 }
                 Attempt::Retry(e) => {
-                    tracing::warn!(kind = msg.kind, action = msg.action, attempt = attempt + 1, error = %e, "alert webhook failed; retrying");
+                    tracing::warn!(kind = msg.kind.as_str(), action = msg.action.as_str(), attempt = attempt + 1, error = %e, "alert webhook failed; retrying");
                     last = e;
                 }
             }
@@ -143,7 +143,7 @@ impl Notifier {
             .with_label_values(&["failed"])
             .inc();
         // Handled here: the alert itself stays recorded in `alerts` and on /health/alerts.
-        tracing::error!(kind = msg.kind, action = msg.action, error = %last, "alert webhook not delivered; the alert is still recorded in the alerts table");
+        tracing::error!(kind = msg.kind.as_str(), action = msg.action.as_str(), error = %last, "alert webhook not delivered; the alert is still recorded in the alerts table");
     }
 
     async fn attempt(&self, client: &reqwest::Client, msg: &Message) -> Attempt {

@@ -28,7 +28,7 @@ use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
 use leasehold_testkit::proxy::Proxy;
 use leasehold_testkit::publish::Tracked;
-use leasehold_testkit::{eventually, http, metric, Mosquitto, NodeProc, Postgres};
+use leasehold_testkit::{eventually, http, metric, Mosquitto, NodeProc, Postgres, LEASE_NAME};
 use serde::Serialize;
 
 /// Lease timings of the matrix: short, so many trials fit in minutes.
@@ -282,14 +282,8 @@ impl Env {
     }
 
     async fn leader(&self) -> Result<Option<(String, i64)>> {
-        let row = self
-            .db
-            .query_opt(
-                "SELECT instance_id, epoch FROM instance_lock WHERE expires_at > clock_timestamp()",
-                &[],
-            )
-            .await?;
-        Ok(row.map(|r| (r.get(0), r.get(1))))
+        let leader = leasehold_store::current_leader(&self.db, LEASE_NAME).await?;
+        Ok(leader.map(|l| (l.instance_id, l.epoch)))
     }
 
     /// A leader that is connected to the broker.
@@ -456,12 +450,10 @@ impl LeaseWatch {
                         });
                 }
                 if let Some(cl) = &client {
-                    match cl
-                        .query_opt("SELECT holder_id, epoch FROM instance_lock", &[])
-                        .await
-                    {
-                        Ok(Some(r)) => {
-                            let now: (String, i64) = (r.get(0), r.get(1));
+                    // Every change of holder, live or expired: the lease row, not only a leader.
+                    match leasehold_store::queries::lease(cl, LEASE_NAME).await {
+                        Ok(Some(l)) => {
+                            let now: (String, i64) = (l.holder_id, l.epoch);
                             if last.as_ref().is_some_and(|l| l.0 != now.0) {
                                 if let Ok(mut v) = c.lock() {
                                     v.push(now.clone());

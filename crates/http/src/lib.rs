@@ -127,7 +127,7 @@ async fn db_probe(s: &HttpState) -> Value {
     let start = Instant::now();
     let res = tokio::time::timeout(Duration::from_secs(2), async {
         let c = leasehold_store::pooled(pool).await?;
-        c.simple_query("SELECT 1").await?;
+        leasehold_store::queries::ping(&**c).await?;
         Ok::<_, leasehold_store::StoreError>(())
     })
     .await;
@@ -401,7 +401,7 @@ async fn recent_data(State(s): State<HttpState>) -> Response {
 /// Recent alerts, on the shared pool: reading them is the same on every node, observers too.
 async fn alerts(State(s): State<HttpState>) -> Response {
     let res = with_db(&s, |c| async move {
-        leasehold_alerts::recent(&**c, 50)
+        leasehold_alerts::recent(&c, 50)
             .await
             .map_err(|e| e.to_string())
     })

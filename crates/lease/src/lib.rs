@@ -1,4 +1,4 @@
-//! Leadership as a lease row in PostgreSQL (SPEC section 3).
+//! Leadership as a lease row in PostgreSQL ("One writer" in `docs/guarantees.md`).
 //!
 //! One task ([`Lease::run`]) owns the lease. It publishes this node's [`Role`] on a watch channel;
 //! the node's supervisor starts a leadership term on `Leader`, drains it on `Draining` and cancels it
@@ -10,10 +10,10 @@
 //! # Layout
 //! - [`Lease`]: the state machine (standby → leader → draining/standby).
 //! - [`LeaseHandle`]: what the rest of the node reads (role, validity) and signals (drained, step down).
-//! - [`sql`]: the acquire/renew and release statements.
+//! - `leasehold_store::lease`: the acquire/renew and release statements (SQL lives in the store;
+//!   this crate decides what their answers mean).
 //! - [`watchdog`]: the last line of defence, on a plain OS thread.
 
-pub mod sql;
 pub mod watchdog;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use leasehold_config::LeaseTimings;
+use leasehold_store::lease::{Attempt, LeaseConn};
 use leasehold_store::listener::Notice;
 use leasehold_store::queries::{CONTROL_CHANNEL, LEASE_CHANNEL};
 use leasehold_telemetry::events;
@@ -232,7 +233,7 @@ pub struct Lease {
     role_tx: watch::Sender<Role>,
     shared: Arc<Shared>,
     notices: Option<broadcast::Receiver<Notice>>,
-    conn: Option<sql::LeaseConn>,
+    conn: Option<LeaseConn>,
     /// Consecutive attempts that timed out on the current connection.
     timeouts: u32,
 }
@@ -287,7 +288,7 @@ impl Lease {
                     _ = tokio::time::sleep_until(next.into()) => {}
                 }
                 let sent_at = Instant::now();
-                match self.attempt(t.renew_interval).await {
+                match self.attempt(t.renew_interval, Attempt::Campaign).await {
                     Ok(Some(epoch)) => {
                         self.shared.renewed(sent_at, sent_at + t.demote_after());
                         break epoch;
@@ -368,7 +369,7 @@ impl Lease {
                     let sent_at = Instant::now();
                     // Up to the deadline: a slow answer that still arrives before it keeps the lease.
                     let budget = deadline.saturating_duration_since(sent_at);
-                    match self.attempt(budget).await {
+                    match self.attempt(budget, Attempt::Renewal).await {
                         Ok(Some(e)) if e == epoch => {
                             self.shared.renewed(sent_at, sent_at + t.demote_after());
                             next_renew = sent_at + t.renew_interval;
@@ -435,6 +436,7 @@ impl Lease {
     async fn attempt(
         &mut self,
         budget: Duration,
+        attempt: Attempt,
     ) -> Result<Option<i64>, leasehold_store::StoreError> {
         let budget = budget.max(Duration::from_millis(50));
         let cfg = &self.cfg;
@@ -442,8 +444,14 @@ impl Lease {
         // One bound for connect + statement: the attempt must end by the caller's deadline.
         let res = tokio::time::timeout(budget, async {
             let c = client(&mut self.conn, cfg, budget).await?;
-            c.acquire(&cfg.lease_name, &cfg.holder_id, &cfg.instance_id, ttl)
-                .await
+            c.acquire(
+                attempt,
+                &cfg.lease_name,
+                &cfg.holder_id,
+                &cfg.instance_id,
+                ttl,
+            )
+            .await
         })
         .await
         .unwrap_or(Err(leasehold_store::StoreError::Timeout(budget)));
@@ -473,19 +481,16 @@ impl Lease {
 
 /// The dedicated lease connection, (re)connected within `budget`; no other work shares it.
 async fn client<'a>(
-    conn: &'a mut Option<sql::LeaseConn>,
+    conn: &'a mut Option<LeaseConn>,
     cfg: &LeaseConfig,
     budget: Duration,
-) -> Result<&'a sql::LeaseConn, leasehold_store::StoreError> {
+) -> Result<&'a LeaseConn, leasehold_store::StoreError> {
     if conn.as_ref().is_none_or(|c| c.is_closed()) {
         // The server-side bound is the client's outer bound: the deadline, never later.
         let stmt_timeout = cfg.timings.demote_after();
-        let c = tokio::time::timeout(
-            budget,
-            sql::LeaseConn::connect(&cfg.database_url, stmt_timeout),
-        )
-        .await
-        .map_err(|_| leasehold_store::StoreError::Timeout(budget))??;
+        let c = tokio::time::timeout(budget, LeaseConn::connect(&cfg.database_url, stmt_timeout))
+            .await
+            .map_err(|_| leasehold_store::StoreError::Timeout(budget))??;
         *conn = Some(c);
     }
     conn.as_ref()

@@ -13,10 +13,7 @@ use crate::node::ALIVE_WITHIN;
 /// Exit code of `status` when no node holds the lease.
 pub const EXIT_NO_LEADER: u8 = 3;
 
-async fn connect(
-    cfg: &Config,
-    app: &str,
-) -> anyhow::Result<leasehold_store::tokio_postgres::Client> {
+async fn connect(cfg: &Config, app: &str) -> anyhow::Result<leasehold_store::Client> {
     let url = cfg.require_database_url()?;
     leasehold_store::connect(url, app)
         .await
@@ -177,7 +174,7 @@ struct ClusterView {
 
 impl ClusterView {
     async fn read(
-        c: &leasehold_store::tokio_postgres::Client,
+        c: &leasehold_store::Client,
         cfg: &Config,
         alive: &[&queries::NodeRow],
     ) -> ClusterView {

@@ -7,6 +7,7 @@ use tokio::sync::broadcast;
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
+use crate::op::Op;
 use crate::queries::{CONTROL_CHANNEL, DEVICES_CHANNEL, LEASE_CHANNEL};
 
 /// A notification, or [`Notice::Resync`] after the LISTEN connection was re-established
@@ -82,11 +83,14 @@ impl Listener {
                 }
             }
         });
-        client
-            .batch_execute(&format!(
-                "LISTEN {LEASE_CHANNEL}; LISTEN {DEVICES_CHANNEL}; LISTEN {CONTROL_CHANNEL};"
-            ))
-            .await?;
+        crate::op::measured(Op::Listen, async {
+            Ok(client
+                .batch_execute(&format!(
+                    "LISTEN {LEASE_CHANNEL}; LISTEN {DEVICES_CHANNEL}; LISTEN {CONTROL_CHANNEL};"
+                ))
+                .await?)
+        })
+        .await?;
         tracing::info!(
             reconnect = !first,
             "listening for lease, device and control notifications"
@@ -100,7 +104,7 @@ impl Listener {
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 _ = ping.tick() => {
-                    tokio::time::timeout(Duration::from_secs(5), client.simple_query("SELECT 1"))
+                    tokio::time::timeout(Duration::from_secs(5), crate::queries::ping(&client))
                         .await
                         .map_err(|_| crate::StoreError::Timeout(Duration::from_secs(5)))??;
                 }

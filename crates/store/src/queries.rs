@@ -1,8 +1,10 @@
 //! Small queries shared by the node, the HTTP surface and the CLI.
 
 use chrono::{DateTime, Utc};
-use tokio_postgres::GenericClient;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{GenericClient, Row};
 
+use crate::op::{self, Op};
 use crate::Result;
 
 /// Channel the releasing leader notifies so standbys campaign at once.
@@ -29,26 +31,39 @@ impl LeaseRow {
     pub fn is_live(&self) -> bool {
         self.expires_in_ms > 0
     }
+
+    fn read(r: &Row) -> Result<Self, tokio_postgres::Error> {
+        Ok(LeaseRow {
+            holder_id: r.try_get("holder_id")?,
+            instance_id: r.try_get("instance_id")?,
+            epoch: r.try_get("epoch")?,
+            acquired_at: r.try_get("acquired_at")?,
+            renewed_at: r.try_get("renewed_at")?,
+            expires_at: r.try_get("expires_at")?,
+            expires_in_ms: r.try_get("expires_in_ms")?,
+        })
+    }
 }
 
+/// The lease row of `name`, live or not; `None` when it was never taken.
 pub async fn lease(c: &impl GenericClient, name: &str) -> Result<Option<LeaseRow>> {
-    let row = c
-        .query_opt(
-            "SELECT holder_id, instance_id, epoch, acquired_at, renewed_at, expires_at,
+    op::opt(
+        c,
+        Op::LeaseRead,
+        "SELECT holder_id, instance_id, epoch, acquired_at, renewed_at, expires_at,
                     (extract(epoch from (expires_at - clock_timestamp())) * 1000)::bigint
+                        AS expires_in_ms
              FROM instance_lock WHERE service_name = $1",
-            &[&name],
-        )
-        .await?;
-    Ok(row.map(|r| LeaseRow {
-        holder_id: r.get(0),
-        instance_id: r.get(1),
-        epoch: r.get(2),
-        acquired_at: r.get(3),
-        renewed_at: r.get(4),
-        expires_at: r.get(5),
-        expires_in_ms: r.get(6),
-    }))
+        &[&name],
+        LeaseRow::read,
+    )
+    .await
+}
+
+/// Who leads lease `name` now: its row while it is live on the database clock, `None` when it
+/// was never taken or has expired. The one "who leads" question tests, chaos and the demo ask.
+pub async fn current_leader(c: &impl GenericClient, name: &str) -> Result<Option<LeaseRow>> {
+    Ok(lease(c, name).await?.filter(LeaseRow::is_live))
 }
 
 /// The cluster's identity: created once by migration 4, the same for every node of the cluster
@@ -62,16 +77,19 @@ pub struct ClusterIdentity {
 
 /// The cluster's identity, `None` when its row is missing (deleted by hand).
 pub async fn cluster_identity(c: &impl GenericClient) -> Result<Option<ClusterIdentity>> {
-    let row = c
-        .query_opt(
-            "SELECT cluster_id::text, created_at FROM cluster_identity",
-            &[],
-        )
-        .await?;
-    Ok(row.map(|r| ClusterIdentity {
-        cluster_id: r.get(0),
-        created_at: r.get(1),
-    }))
+    op::opt(
+        c,
+        Op::ClusterIdentity,
+        "SELECT cluster_id::text AS cluster_id, created_at FROM cluster_identity",
+        &[],
+        |r| {
+            Ok(ClusterIdentity {
+                cluster_id: r.try_get("cluster_id")?,
+                created_at: r.try_get("created_at")?,
+            })
+        },
+    )
+    .await
 }
 
 /// One row of `cluster_nodes`.
@@ -98,34 +116,34 @@ pub async fn cluster_nodes(
     alive_within_ms: i64,
     include_dead: bool,
 ) -> Result<Vec<NodeRow>> {
-    let rows = c
-        .query(
-            "SELECT holder_id, instance_id, role, mode, version, http_url, started_at, last_seen,
+    op::all(
+        c,
+        Op::ClusterNodes,
+        "SELECT holder_id, instance_id, role, mode, version, http_url, started_at, last_seen,
                     (extract(epoch from (clock_timestamp() - last_seen)) * 1000)::bigint AS ago,
                     mqtt_connected, mqtt_client_id, mqtt_client_id_source
              FROM cluster_nodes
              WHERE $2 OR last_seen > clock_timestamp() - make_interval(secs => $1::float8 / 1000)
              ORDER BY last_seen DESC",
-            &[&(alive_within_ms as f64), &include_dead],
-        )
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|r| NodeRow {
-            holder_id: r.get(0),
-            instance_id: r.get(1),
-            role: r.get(2),
-            mode: r.get(3),
-            version: r.get(4),
-            http_url: r.get(5),
-            started_at: r.get(6),
-            last_seen: r.get(7),
-            seen_ms_ago: r.get(8),
-            mqtt_connected: r.get(9),
-            mqtt_client_id: r.get(10),
-            mqtt_client_id_source: r.get(11),
-        })
-        .collect())
+        &[&(alive_within_ms as f64), &include_dead],
+        |r| {
+            Ok(NodeRow {
+                holder_id: r.try_get("holder_id")?,
+                instance_id: r.try_get("instance_id")?,
+                role: r.try_get("role")?,
+                mode: r.try_get("mode")?,
+                version: r.try_get("version")?,
+                http_url: r.try_get("http_url")?,
+                started_at: r.try_get("started_at")?,
+                last_seen: r.try_get("last_seen")?,
+                seen_ms_ago: r.try_get("ago")?,
+                mqtt_connected: r.try_get("mqtt_connected")?,
+                mqtt_client_id: r.try_get("mqtt_client_id")?,
+                mqtt_client_id_source: r.try_get("mqtt_client_id_source")?,
+            })
+        },
+    )
+    .await
 }
 
 /// What a node reports about itself every heartbeat.
@@ -148,7 +166,9 @@ pub struct Heartbeat<'a> {
 }
 
 pub async fn heartbeat(c: &impl GenericClient, hb: &Heartbeat<'_>) -> Result<()> {
-    c.execute(
+    op::exec(
+        c,
+        Op::Heartbeat,
         "INSERT INTO cluster_nodes AS n (holder_id, instance_id, role, mode, version, http_url, started_at,
                 last_seen, mqtt_connected, mqtt_changed_at, session_lost_at, client_id_conflict_at,
                 mqtt_client_id, mqtt_client_id_source)
@@ -170,24 +190,36 @@ pub async fn heartbeat(c: &impl GenericClient, hb: &Heartbeat<'_>) -> Result<()>
 
 /// Seconds since the newest row was received, `None` when `telemetry` is empty.
 pub async fn newest_data_age(c: &impl GenericClient) -> Result<Option<f64>> {
-    let row = c
-        .query_one(
-            "SELECT extract(epoch from (clock_timestamp() - max(received_at)))::float8 FROM telemetry",
-            &[],
-        )
-        .await?;
-    Ok(row.get(0))
+    op::one(
+        c,
+        Op::NewestDataAge,
+        "SELECT extract(epoch from (clock_timestamp() - max(received_at)))::float8 AS age
+         FROM telemetry",
+        &[],
+        |r| r.try_get("age"),
+    )
+    .await
+}
+
+/// A round trip that proves the database answers (`/health/ready`).
+pub async fn ping(c: &impl GenericClient) -> Result<()> {
+    op::measured(Op::Ping, async {
+        c.simple_query("SELECT 1").await?;
+        Ok(())
+    })
+    .await
 }
 
 /// Topic filters of enabled devices.
 pub async fn device_topics(c: &impl GenericClient) -> Result<Vec<String>> {
-    let rows = c
-        .query(
-            "SELECT DISTINCT topic FROM devices WHERE enabled ORDER BY topic",
-            &[],
-        )
-        .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    op::all(
+        c,
+        Op::DeviceTopics,
+        "SELECT DISTINCT topic FROM devices WHERE enabled ORDER BY topic",
+        &[],
+        |r| r.try_get("topic"),
+    )
+    .await
 }
 
 /// Asks the current leader of `lease_name` to hand over (it LISTENs on [`CONTROL_CHANNEL`]).
@@ -197,8 +229,13 @@ pub async fn request_step_down(
     holder_id: &str,
 ) -> Result<()> {
     let payload = format!("step-down {lease_name} {holder_id}");
-    c.execute("SELECT pg_notify($1, $2)", &[&CONTROL_CHANNEL, &payload])
-        .await?;
+    op::exec(
+        c,
+        Op::StepDown,
+        "SELECT pg_notify($1, $2)",
+        &[&CONTROL_CHANNEL, &payload],
+    )
+    .await?;
     Ok(())
 }
 
@@ -220,9 +257,10 @@ pub async fn device_coverage(
     window: std::time::Duration,
     list_silent: i64,
 ) -> Result<Coverage> {
-    let rows = c
-        .query(
-            "WITH d AS (
+    let rows = op::all(
+        c,
+        Op::DeviceCoverage,
+        "WITH d AS (
                 SELECT d.device_id, EXISTS (
                     WITH RECURSIVE topics(topic) AS (
                         SELECT (SELECT min(t.topic) FROM telemetry t WHERE t.device_id = d.device_id)
@@ -237,22 +275,26 @@ pub async fn device_coverage(
                            ORDER BY t.ts DESC LIMIT 1) > clock_timestamp() - make_interval(secs => $1)
                 ) AS heard
                 FROM devices d WHERE d.enabled)
-             SELECT (SELECT count(*) FROM d), (SELECT count(*) FROM d WHERE heard),
+             SELECT (SELECT count(*) FROM d) AS enabled, (SELECT count(*) FROM d WHERE heard) AS heard,
                     s.device_id
              FROM (SELECT 1) one
              LEFT JOIN LATERAL (SELECT device_id FROM d WHERE NOT heard
                                 ORDER BY device_id LIMIT $2) s ON true",
-            &[&window.as_secs_f64(), &list_silent],
-        )
-        .await?;
-    let first = rows.first();
+        &[&window.as_secs_f64(), &list_silent],
+        |r| {
+            Ok((
+                r.try_get::<_, i64>("enabled")?,
+                r.try_get::<_, i64>("heard")?,
+                r.try_get::<_, Option<String>>("device_id")?,
+            ))
+        },
+    )
+    .await?;
+    let (enabled, heard) = rows.first().map(|r| (r.0, r.1)).unwrap_or((0, 0));
     Ok(Coverage {
-        enabled: first.map(|r| r.get(0)).unwrap_or(0),
-        heard: first.map(|r| r.get(1)).unwrap_or(0),
-        silent: rows
-            .iter()
-            .filter_map(|r| r.get::<_, Option<String>>(2))
-            .collect(),
+        enabled,
+        heard,
+        silent: rows.into_iter().filter_map(|r| r.2).collect(),
     })
 }
 
@@ -266,20 +308,20 @@ pub struct LedgerRow {
 
 /// What the ledger says the session `client_id` is subscribed to.
 pub async fn ledger(c: &impl GenericClient, client_id: &str) -> Result<Vec<LedgerRow>> {
-    let rows = c
-        .query(
-            "SELECT topic_filter, state = 'subscribed' FROM mqtt_subscriptions
-             WHERE client_id = $1 ORDER BY topic_filter",
-            &[&client_id],
-        )
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|r| LedgerRow {
-            topic_filter: r.get(0),
-            subscribed: r.get(1),
-        })
-        .collect())
+    op::all(
+        c,
+        Op::LedgerRead,
+        "SELECT topic_filter, state = 'subscribed' AS subscribed FROM mqtt_subscriptions
+         WHERE client_id = $1 ORDER BY topic_filter",
+        &[&client_id],
+        |r| {
+            Ok(LedgerRow {
+                topic_filter: r.try_get("topic_filter")?,
+                subscribed: r.try_get("subscribed")?,
+            })
+        },
+    )
+    .await
 }
 
 /// A change to the ledger, written only while `fence` holds (like every leader write).
@@ -297,7 +339,8 @@ pub enum LedgerWrite<'a> {
     Removed(&'a [String]),
 }
 
-/// The fence every leader write checks (SPEC section 3), as a CTE named `fence`.
+/// The fence every leader write checks ("One writer" in `docs/guarantees.md`), as a CTE named
+/// `fence`.
 const FENCE_CTE: &str = "fence AS (
         SELECT 1 FROM instance_lock
         WHERE service_name = $1 AND holder_id = $2 AND epoch = $3 AND expires_at > clock_timestamp()
@@ -358,33 +401,27 @@ pub async fn write_ledger(
     };
     let sql = format!(
         "WITH {FENCE_CTE}, w AS ({sql})
-         SELECT (SELECT count(*) FROM fence), (SELECT count(*) FROM w)"
+         SELECT (SELECT count(*) FROM fence) AS held, (SELECT count(*) FROM w) AS changed"
     );
-    let head: [&(dyn tokio_postgres::types::ToSql + Sync); 4] = [
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![
         &fence.lease_name,
         &fence.holder_id,
         &fence.epoch,
         &client_id,
     ];
-    let row = match rows {
-        None => c.query_one(&sql, &head).await?,
-        Some(Rows::Filters(f)) => {
-            let p: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-                head.iter().copied().chain([&f as _]).collect();
-            c.query_one(&sql, &p).await?
-        }
-        Some(Rows::Qos(f, q)) => {
-            let p: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-                head.iter().copied().chain([&f as _, &q as _]).collect();
-            c.query_one(&sql, &p).await?
-        }
-        Some(Rows::Reasons(f, r)) => {
-            let p: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-                head.iter().copied().chain([&f as _, &r as _]).collect();
-            c.query_one(&sql, &p).await?
-        }
-    };
-    let (held, changed): (i64, i64) = (row.get(0), row.get(1));
+    match &rows {
+        None => {}
+        Some(Rows::Filters(f)) => params.push(f),
+        Some(Rows::Qos(f, q)) => params.extend::<[&(dyn ToSql + Sync); 2]>([f, q]),
+        Some(Rows::Reasons(f, r)) => params.extend::<[&(dyn ToSql + Sync); 2]>([f, r]),
+    }
+    let (held, changed) = op::one(c, Op::LedgerWrite, &sql, &params, |r| {
+        Ok((
+            r.try_get::<_, i64>("held")?,
+            r.try_get::<_, i64>("changed")?,
+        ))
+    })
+    .await?;
     if held == 0 {
         return Err(crate::StoreError::Fenced { epoch: fence.epoch });
     }
@@ -414,28 +451,33 @@ pub async fn refused_subscriptions(
     within: std::time::Duration,
     list: i64,
 ) -> Result<RefusedSubscriptions> {
-    let rows = c
-        .query(
-            "WITH r AS (SELECT topic_filter, refusal, attempts, refused_at FROM mqtt_subscriptions
-                        WHERE refused_at > clock_timestamp() - make_interval(secs => $1))
-             SELECT (SELECT count(*) FROM r), l.topic_filter, l.refusal, l.attempts
-             FROM (SELECT 1) one
-             LEFT JOIN LATERAL (SELECT * FROM r ORDER BY refused_at DESC, topic_filter LIMIT $2) l
-                 ON true",
-            &[&within.as_secs_f64(), &list],
-        )
-        .await?;
+    let rows = op::all(
+        c,
+        Op::RefusedSubscriptions,
+        "WITH r AS (SELECT topic_filter, refusal, attempts, refused_at FROM mqtt_subscriptions
+                    WHERE refused_at > clock_timestamp() - make_interval(secs => $1))
+         SELECT (SELECT count(*) FROM r) AS count, l.topic_filter, l.refusal, l.attempts
+         FROM (SELECT 1) one
+         LEFT JOIN LATERAL (SELECT * FROM r ORDER BY refused_at DESC, topic_filter LIMIT $2) l
+             ON true",
+        &[&within.as_secs_f64(), &list],
+        |r| {
+            let filter: Option<String> = r.try_get("topic_filter")?;
+            let latest = match filter {
+                Some(f) => Some((
+                    f,
+                    r.try_get::<_, Option<String>>("refusal")?
+                        .unwrap_or_default(),
+                    r.try_get::<_, Option<i32>>("attempts")?.unwrap_or(0),
+                )),
+                None => None,
+            };
+            Ok((r.try_get::<_, i64>("count")?, latest))
+        },
+    )
+    .await?;
     Ok(RefusedSubscriptions {
-        count: rows.first().map(|r| r.get(0)).unwrap_or(0),
-        latest: rows
-            .iter()
-            .filter_map(|r| {
-                Some((
-                    r.get::<_, Option<String>>(1)?,
-                    r.get::<_, Option<String>>(2).unwrap_or_default(),
-                    r.get::<_, Option<i32>>(3).unwrap_or(0),
-                ))
-            })
-            .collect(),
+        count: rows.first().map_or(0, |r| r.0),
+        latest: rows.into_iter().filter_map(|r| r.1).collect(),
     })
 }

@@ -1,4 +1,5 @@
-//! Retention (SPEC G5): the tables a node fills for operations lose their old rows.
+//! Retention (`*_RETENTION` and `RETENTION_INTERVAL` in `docs/configuration.md`): the tables a
+//! node fills for operations lose their old rows.
 //!
 //! Production nodes prune every `RETENTION_INTERVAL`; an advisory lock lets one of them do a
 //! round while the others skip it. Rows go in batches of [`BATCH`], each its own short
@@ -10,6 +11,7 @@ use std::time::Duration;
 use tokio_postgres::GenericClient;
 use tokio_util::sync::CancellationToken;
 
+use crate::op::{self, Op};
 use crate::Result;
 
 /// A table Leasehold fills for operations.
@@ -72,10 +74,10 @@ pub async fn prune(
     batch: i64,
     max_batches: u32,
 ) -> Result<Pruned> {
-    let stmt = c.prepare(&table.sql()).await?;
+    let stmt = op::measured(Op::Prune, async { Ok(c.prepare(&table.sql()).await?) }).await?;
     let mut done = Pruned::default();
     while done.batches < max_batches {
-        let n = c.execute(&stmt, &[&keep.as_secs_f64(), &batch]).await?;
+        let n = op::exec(c, Op::Prune, &stmt, &[&keep.as_secs_f64(), &batch]).await?;
         done.rows += n;
         if n > 0 {
             done.batches += 1;
@@ -99,12 +101,21 @@ pub async fn round(
 ) -> Result<Option<Vec<(Table, Pruned)>>> {
     let c = crate::connect(url, "leasehold-retention").await?;
     // A batch that cannot get its locks quickly waits for the next round instead.
-    c.batch_execute("SET statement_timeout = '30s'; SET lock_timeout = '5s'")
-        .await?;
-    let locked: bool = c
-        .query_one("SELECT pg_try_advisory_lock($1)", &[&RETENTION_LOCK_KEY])
-        .await?
-        .get(0);
+    op::measured(Op::Session, async {
+        Ok(
+            c.batch_execute("SET statement_timeout = '30s'; SET lock_timeout = '5s'")
+                .await?,
+        )
+    })
+    .await?;
+    let locked: bool = op::one(
+        &c,
+        Op::Prune,
+        "SELECT pg_try_advisory_lock($1) AS locked",
+        &[&RETENTION_LOCK_KEY],
+        |r| r.try_get("locked"),
+    )
+    .await?;
     if !locked {
         return Ok(None);
     }
@@ -113,9 +124,13 @@ pub async fn round(
         out.push((*table, prune(&c, *table, *keep, BATCH, MAX_BATCHES).await?));
     }
     // Closing the connection releases the lock too; this is only tidier.
-    let _ = c
-        .execute("SELECT pg_advisory_unlock($1)", &[&RETENTION_LOCK_KEY])
-        .await;
+    let _ = op::exec(
+        &c,
+        Op::Prune,
+        "SELECT pg_advisory_unlock($1)",
+        &[&RETENTION_LOCK_KEY],
+    )
+    .await;
     Ok(Some(out))
 }
 

@@ -4,18 +4,10 @@
 //! options, so [`split`] takes `sslmode`, `sslrootcert`, `sslcert` and `sslkey` out of
 //! `DATABASE_URL` (URL or key=value form) and hands the rest to tokio-postgres.
 
-use std::future::Future;
-use std::io;
 use std::path::PathBuf;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use leasehold_tls::rustls::pki_types::ServerName;
 use leasehold_tls::rustls::ClientConfig;
 use leasehold_tls::{Identity, Roots, Verify};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
 
 use crate::StoreError;
 
@@ -266,95 +258,11 @@ impl PgTls {
     }
 }
 
-/// tokio-postgres's TLS hook, on rustls.
-#[derive(Clone)]
-pub struct MakeRustls {
-    config: Arc<ClientConfig>,
-}
-
-impl MakeRustls {
-    pub fn new(config: ClientConfig) -> Self {
-        MakeRustls {
-            config: Arc::new(config),
-        }
-    }
-}
-
-impl<S> MakeTlsConnect<S> for MakeRustls
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    type Stream = RustlsStream<S>;
-    type TlsConnect = RustlsConnect;
-    type Error = io::Error;
-
-    fn make_tls_connect(&mut self, domain: &str) -> io::Result<RustlsConnect> {
-        let name = ServerName::try_from(domain.to_string())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        Ok(RustlsConnect {
-            name,
-            connector: tokio_rustls::TlsConnector::from(self.config.clone()),
-        })
-    }
-}
-
-pub struct RustlsConnect {
-    name: ServerName<'static>,
-    connector: tokio_rustls::TlsConnector,
-}
-
-impl<S> TlsConnect<S> for RustlsConnect
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    type Stream = RustlsStream<S>;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<RustlsStream<S>>> + Send>>;
-
-    fn connect(self, stream: S) -> Self::Future {
-        Box::pin(async move {
-            let s = self.connector.connect(self.name, stream).await?;
-            Ok(RustlsStream(s))
-        })
-    }
-}
-
-pub struct RustlsStream<S>(tokio_rustls::client::TlsStream<S>);
-
-impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream for RustlsStream<S> {
-    fn channel_binding(&self) -> ChannelBinding {
-        // SCRAM-SHA-256 without channel binding; libpq's default (channel_binding=prefer) works.
-        ChannelBinding::none()
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for RustlsStream<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for RustlsStream<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-}
+/// tokio-postgres's TLS hook on rustls, from `tokio-postgres-rustls`: it also gives SCRAM
+/// authentication its channel binding (`tls-server-end-point`), so a password exchange cannot be
+/// relayed through a man in the middle when the server offers SCRAM-SHA-256-PLUS. What is
+/// verified is [`PgTls::client_config`]'s: libpq's `sslmode` rules.
+pub type MakeRustls = tokio_postgres_rustls::MakeRustlsConnect;
 
 #[cfg(test)]
 mod tests {

@@ -272,6 +272,27 @@ impl WriteFenced {
     }
 }
 
+/// One database statement ran (`leasehold_store`'s measured entry point emits it for every one).
+/// The caller logs a failure where it handles it; this only counts it.
+pub struct DbQuery<'a> {
+    /// The operation's label, e.g. `lease_renew`, `write_batch`.
+    pub op: &'static str,
+    pub elapsed: std::time::Duration,
+    pub error: Option<&'a dyn std::fmt::Display>,
+}
+impl DbQuery<'_> {
+    pub fn emit(self) {
+        let m = metrics();
+        m.db_query_duration
+            .with_label_values(&[self.op])
+            .observe(self.elapsed.as_secs_f64());
+        if let Some(error) = self.error {
+            tracing::debug!(op = self.op, error = %error, "database statement failed");
+            m.db_query_errors.with_label_values(&[self.op]).inc();
+        }
+    }
+}
+
 pub struct PendingOverflow {
     /// `MAX_PENDING` or `MAX_PENDING_BYTES`, whichever is full.
     pub setting: &'static str,

@@ -18,8 +18,8 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric Leasehold exports.
@@ -63,6 +63,8 @@ pub struct Metrics {
     pub alerts_firing: IntGaugeVec,
     pub alert_changes: IntCounterVec,
     pub alert_notifications: IntCounterVec,
+    pub db_query_duration: HistogramVec,
+    pub db_query_errors: IntCounterVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -120,6 +122,8 @@ impl Metrics {
             alerts_firing: reg(&r, IntGaugeVec::new(Opts::new("leasehold_alerts_firing", "1 while this node's last evaluation found the alert's condition"), &["kind"])?),
             alert_changes: reg(&r, IntCounterVec::new(Opts::new("leasehold_alert_changes_total", "Alerts this node opened, escalated or resolved (it won the change in the alerts table)"), &["kind", "action"])?),
             alert_notifications: reg(&r, IntCounterVec::new(Opts::new("leasehold_alert_notifications_total", "Alert webhook deliveries by outcome"), &["result"])?),
+            db_query_duration: reg(&r, HistogramVec::new(HistogramOpts::new("leasehold_db_query_duration_seconds", "Duration of database statements by operation, failed ones included").buckets(secs_buckets()), &["op"])?),
+            db_query_errors: reg(&r, IntCounterVec::new(Opts::new("leasehold_db_query_errors_total", "Database statements that failed, by operation"), &["op"])?),
             registry: r,
         };
         m.build_info

@@ -27,6 +27,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+/// The lease the nodes started here contend for: they leave `LEASE_NAME` at its default. Ask
+/// `leasehold_store::current_leader` about it rather than reading `instance_lock` by hand.
+pub const LEASE_NAME: &str = "mqtt-ingest";
+
 /// A free TCP port on 127.0.0.1 (released before use; good enough on a test machine).
 pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())

@@ -6,7 +6,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use leasehold_testkit::{free_port, http, metric, Dir, Mosquitto, NodeProc, Postgres};
+use leasehold_testkit::{free_port, http, metric, Dir, Mosquitto, NodeProc, Postgres, LEASE_NAME};
 
 fn port_or_free(p: u16) -> u16 {
     if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
@@ -130,15 +130,11 @@ async fn main() -> Result<()> {
             _ = sim.wait() => { eprintln!("demo: simulator stopped"); break; }
             _ = tick.tick() => {}
         }
-        let leader = db
-            .query_opt(
-                "SELECT instance_id, epoch FROM instance_lock WHERE expires_at > clock_timestamp()",
-                &[],
-            )
+        let leader = leasehold_store::current_leader(&db, LEASE_NAME)
             .await
             .ok()
             .flatten()
-            .map(|r| format!("{} (epoch {})", r.get::<_, String>(0), r.get::<_, i64>(1)))
+            .map(|l| format!("{} (epoch {})", l.instance_id, l.epoch))
             .unwrap_or_else(|| "none".into());
         let rows: i64 = db
             .query_one("SELECT count(*) FROM telemetry", &[])

@@ -1,10 +1,13 @@
-//! The lease statements. Times are judged on the database clock only.
+//! The lease statements on the lease's dedicated connection. Times are judged on the database
+//! clock only; what to do with the answers is `leasehold-lease`'s business.
 
 use std::time::Duration;
 
-use leasehold_store::queries::LEASE_CHANNEL;
-use leasehold_store::tokio_postgres::{Client, Statement};
-use leasehold_store::Result;
+use tokio_postgres::{Client, Statement};
+
+use crate::op::{self, Op};
+use crate::queries::LEASE_CHANNEL;
+use crate::Result;
 
 /// Acquire or renew in one statement. The guard lets a current holder renew before expiry and
 /// anyone take an expired lease; the epoch rises only when the holder changes.
@@ -28,6 +31,15 @@ pub const RELEASE: &str = "WITH released AS (
         RETURNING 1)
     SELECT pg_notify($4, $1) FROM released";
 
+/// Why [`LeaseConn::acquire`] runs: the statement is the same, its metrics are apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempt {
+    /// A standby campaigns for the lease.
+    Campaign,
+    /// The leader renews it.
+    Renewal,
+}
+
 /// The lease's dedicated connection with both statements prepared, so that a renewal is exactly
 /// one round trip: on a slow link an unprepared statement costs two (Parse, then Execute) and
 /// would halve the latency a leader tolerates before its deadline.
@@ -40,15 +52,20 @@ pub struct LeaseConn {
 impl LeaseConn {
     /// Connects, bounds every statement server-side by `statement_timeout`, prepares.
     pub async fn connect(url: &str, statement_timeout: Duration) -> Result<LeaseConn> {
-        let client = leasehold_store::connect(url, "leasehold-lease").await?;
+        let client = crate::connect(url, "leasehold-lease").await?;
         let ms = statement_timeout.as_millis();
-        client
-            .batch_execute(&format!(
-                "SET statement_timeout = {ms}; SET lock_timeout = {ms}"
-            ))
-            .await?;
-        let (acquire, release) =
-            tokio::try_join!(client.prepare(ACQUIRE), client.prepare(RELEASE))?;
+        let (acquire, release) = op::measured(Op::Session, async {
+            client
+                .batch_execute(&format!(
+                    "SET statement_timeout = {ms}; SET lock_timeout = {ms}"
+                ))
+                .await?;
+            Ok(tokio::try_join!(
+                client.prepare(ACQUIRE),
+                client.prepare(RELEASE)
+            )?)
+        })
+        .await?;
         Ok(LeaseConn {
             client,
             acquire,
@@ -63,25 +80,32 @@ impl LeaseConn {
     /// The epoch when this holder holds the lease after the statement, `None` otherwise.
     pub async fn acquire(
         &self,
+        attempt: Attempt,
         lease: &str,
         holder: &str,
         instance: &str,
         ttl: Duration,
     ) -> Result<Option<i64>> {
-        let row = self
-            .client
-            .query_opt(
-                &self.acquire,
-                &[&lease, &holder, &instance, &ttl.as_secs_f64()],
-            )
-            .await?;
-        Ok(row.map(|r| r.get(0)))
+        let op = match attempt {
+            Attempt::Campaign => Op::LeaseAcquire,
+            Attempt::Renewal => Op::LeaseRenew,
+        };
+        let params: &op::Params<'_> = &[&lease, &holder, &instance, &ttl.as_secs_f64()];
+        op::opt(&self.client, op, &self.acquire, params, |r| {
+            r.try_get("epoch")
+        })
+        .await
     }
 
     pub async fn release(&self, lease: &str, holder: &str, epoch: i64) -> Result<()> {
-        self.client
-            .query(&self.release, &[&lease, &holder, &epoch, &LEASE_CHANNEL])
-            .await?;
+        op::all(
+            &self.client,
+            Op::LeaseRelease,
+            &self.release,
+            &[&lease, &holder, &epoch, &LEASE_CHANNEL],
+            |_| Ok(()),
+        )
+        .await?;
         Ok(())
     }
 }

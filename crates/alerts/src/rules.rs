@@ -1,0 +1,408 @@
+//! The alert rules: what can be wrong ([`Kind`], [`Level`]), and [`judge`], which turns the
+//! [`Facts`] into [`Finding`]s. Pure, so every rule is tested without a cluster.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::facts::Facts;
+
+/// Everything that can be wrong with the cluster, as stored in `alerts.kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    DataStale,
+    NoLeader,
+    LeaderMqttDisconnected,
+    MqttSessionLost,
+    MqttClientIdFight,
+    DeadLettersRising,
+    LeaseFlapping,
+    MqttSubscriptionRefused,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 8] = [
+        Kind::DataStale,
+        Kind::NoLeader,
+        Kind::LeaderMqttDisconnected,
+        Kind::MqttSessionLost,
+        Kind::MqttClientIdFight,
+        Kind::DeadLettersRising,
+        Kind::LeaseFlapping,
+        Kind::MqttSubscriptionRefused,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::DataStale => "data_stale",
+            Kind::NoLeader => "no_leader",
+            Kind::LeaderMqttDisconnected => "leader_mqtt_disconnected",
+            Kind::MqttSessionLost => "mqtt_session_lost",
+            Kind::MqttClientIdFight => "mqtt_client_id_fight",
+            Kind::DeadLettersRising => "dead_letters_rising",
+            Kind::LeaseFlapping => "lease_flapping",
+            Kind::MqttSubscriptionRefused => "mqtt_subscription_refused",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Level {
+    Warning,
+    Critical,
+}
+
+impl Level {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Warning => "warning",
+            Level::Critical => "critical",
+        }
+    }
+
+    /// The level as stored in `alerts.level` (anything but `critical` is a warning).
+    pub fn from_stored(s: &str) -> Level {
+        if s == Level::Critical.as_str() {
+            Level::Critical
+        } else {
+            Level::Warning
+        }
+    }
+}
+
+/// A condition that holds now.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Finding {
+    pub kind: Kind,
+    pub level: Level,
+    pub message: String,
+    pub details: Value,
+}
+
+/// The thresholds alerts are judged against.
+#[derive(Debug, Clone)]
+pub struct Thresholds {
+    pub stale_warning: Duration,
+    pub stale_critical: Duration,
+    /// How long "no leader" or "leader not connected" must last before it is an alert: a failover
+    /// or a broker restart that heals itself within this is not worth a page.
+    pub grace: Duration,
+    /// Event-like alerts (session lost, client-id fight, dead letters, flapping) count what happened
+    /// within this window and resolve once it has passed quietly.
+    pub window: Duration,
+    /// This many changes of leader within `window` is flapping.
+    pub flap_changes: i64,
+}
+
+/// Judges the facts. Pure, so every rule is tested without a cluster.
+pub fn judge(f: &Facts, t: &Thresholds) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let secs = |d: Duration| d.as_secs_f64();
+
+    match f.newest_data_age {
+        Some(age) if age >= secs(t.stale_warning) => {
+            let level = if age >= secs(t.stale_critical) {
+                Level::Critical
+            } else {
+                Level::Warning
+            };
+            out.push(Finding {
+                kind: Kind::DataStale,
+                level,
+                message: format!(
+                    "no new telemetry for {} (warning at {}, critical at {}); {} of {} enabled devices heard from in the last {}",
+                    human(age),
+                    human(secs(t.stale_warning)),
+                    human(secs(t.stale_critical)),
+                    f.devices_heard,
+                    f.devices_enabled,
+                    human(secs(t.stale_warning)),
+                ),
+                details: json!({"newest_data_age_seconds": age, "devices_enabled": f.devices_enabled, "devices_heard": f.devices_heard}),
+            });
+        }
+        None if f.cluster_uptime >= secs(t.stale_warning) => out.push(Finding {
+            kind: Kind::DataStale,
+            level: Level::Warning,
+            message: format!(
+                "no telemetry has ever been stored, and the cluster has been up for {}",
+                human(f.cluster_uptime)
+            ),
+            details: json!({"newest_data_age_seconds": null}),
+        }),
+        _ => {}
+    }
+
+    match &f.lease {
+        None if f.cluster_uptime >= secs(t.grace) && f.production_nodes_alive > 0 => {
+            out.push(Finding {
+                kind: Kind::NoLeader,
+                level: Level::Critical,
+                message: format!(
+                    "no node has ever taken the lease, although {} production node(s) are running",
+                    f.production_nodes_alive
+                ),
+                details: json!({"production_nodes_alive": f.production_nodes_alive}),
+            })
+        }
+        Some(l) if l.expired_for >= secs(t.grace) => out.push(Finding {
+            kind: Kind::NoLeader,
+            level: Level::Critical,
+            message: format!(
+                "no leader for {}: the lease of {} (epoch {}) expired and no node took it; {} production node(s) alive. Nothing is being written.",
+                human(l.expired_for),
+                l.instance_id,
+                l.epoch,
+                f.production_nodes_alive
+            ),
+            details: json!({"last_holder": l.instance_id, "epoch": l.epoch, "expired_for_seconds": l.expired_for, "production_nodes_alive": f.production_nodes_alive}),
+        }),
+        _ => {}
+    }
+
+    if let Some(l) = f.lease.as_ref().filter(|l| l.expired_for <= 0.0) {
+        if let Some(d) = l.leader_disconnected_for.filter(|d| *d >= secs(t.grace)) {
+            out.push(Finding {
+                kind: Kind::LeaderMqttDisconnected,
+                level: Level::Critical,
+                message: format!(
+                    "leader {} (epoch {}) has not been connected to the broker for {}; it hands over if this lasts MQTT_STEP_DOWN_AFTER",
+                    l.instance_id,
+                    l.epoch,
+                    human(d)
+                ),
+                details: json!({"leader": l.instance_id, "epoch": l.epoch, "disconnected_for_seconds": d}),
+            });
+        }
+    }
+
+    if !f.session_lost.is_empty() {
+        out.push(Finding {
+            kind: Kind::MqttSessionLost,
+            level: Level::Critical,
+            message: format!(
+                "the broker had no session for the cluster's client id when {} reconnected (within the last {}): messages queued for it were lost. Check the broker's persistence.",
+                f.session_lost.join(", "),
+                human(secs(t.window))
+            ),
+            details: json!({"nodes": f.session_lost}),
+        });
+    }
+
+    if !f.client_id_conflicts.is_empty() {
+        out.push(Finding {
+            kind: Kind::MqttClientIdFight,
+            level: Level::Critical,
+            message: format!(
+                "another process is using the cluster's MQTT client id: {} was disconnected right after connecting (within the last {})",
+                f.client_id_conflicts.join(", "),
+                human(secs(t.window))
+            ),
+            details: json!({"nodes": f.client_id_conflicts}),
+        });
+    }
+
+    if f.dead_letters_in_window > 0 {
+        out.push(Finding {
+            kind: Kind::DeadLettersRising,
+            level: Level::Warning,
+            message: format!(
+                "{} message(s) dead-lettered in the last {} (latest error: {})",
+                f.dead_letters_in_window,
+                human(secs(t.window)),
+                f.latest_dead_letter_error.as_deref().unwrap_or("-")
+            ),
+            details: json!({"count": f.dead_letters_in_window, "latest_error": f.latest_dead_letter_error}),
+        });
+    }
+
+    if f.subscriptions_refused > 0 {
+        let first: Vec<String> = f
+            .refused_filters
+            .iter()
+            .map(|(filter, reason, attempts)| format!("{filter} ({reason}; {attempts} attempt(s))"))
+            .collect();
+        out.push(Finding {
+            kind: Kind::MqttSubscriptionRefused,
+            level: Level::Critical,
+            message: format!(
+                "the broker refuses {} topic filter(s) of the cluster's session, so nothing published on them is received: {}. Check the broker's ACL for the cluster's user; the leader retries on its own.",
+                f.subscriptions_refused,
+                first.join(", ")
+            ),
+            details: json!({"count": f.subscriptions_refused, "filters": f.refused_filters.iter().map(|(filter, reason, attempts)| json!({"filter": filter, "error": reason, "attempts": attempts})).collect::<Vec<_>>()}),
+        });
+    }
+
+    if f.leader_changes_in_window >= t.flap_changes {
+        out.push(Finding {
+            kind: Kind::LeaseFlapping,
+            level: Level::Warning,
+            message: format!(
+                "leadership changed {} times in the last {}",
+                f.leader_changes_in_window,
+                human(secs(t.window))
+            ),
+            details: json!({"changes": f.leader_changes_in_window}),
+        });
+    }
+    out
+}
+
+/// `90` -> `1m 30s`: for messages read by people.
+pub fn human(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m {}s", s / 60, s % 60),
+        _ => format!("{}h {}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::facts::LeaseFacts;
+
+    pub(crate) fn t() -> Thresholds {
+        Thresholds {
+            stale_warning: Duration::from_secs(300),
+            stale_critical: Duration::from_secs(600),
+            grace: Duration::from_secs(10),
+            window: Duration::from_secs(600),
+            flap_changes: 4,
+        }
+    }
+
+    fn healthy() -> Facts {
+        Facts {
+            newest_data_age: Some(1.0),
+            devices_enabled: 3,
+            devices_heard: 3,
+            cluster_uptime: 3600.0,
+            production_nodes_alive: 2,
+            lease: Some(LeaseFacts {
+                instance_id: "a".into(),
+                epoch: 7,
+                expired_for: -5.0,
+                leader_disconnected_for: None,
+            }),
+            session_lost: vec![],
+            client_id_conflicts: vec![],
+            dead_letters_in_window: 0,
+            latest_dead_letter_error: None,
+            leader_changes_in_window: 1,
+            subscriptions_refused: 0,
+            refused_filters: vec![],
+        }
+    }
+
+    fn lease(f: &mut Facts) -> &mut LeaseFacts {
+        f.lease.as_mut().expect("healthy facts have a lease")
+    }
+
+    fn kinds(f: &Facts) -> Vec<(Kind, Level)> {
+        judge(f, &t()).iter().map(|x| (x.kind, x.level)).collect()
+    }
+
+    #[test]
+    fn a_healthy_cluster_has_no_findings() {
+        assert!(kinds(&healthy()).is_empty());
+    }
+
+    #[test]
+    fn stale_data_is_a_warning_then_critical() {
+        let mut f = healthy();
+        f.newest_data_age = Some(299.0);
+        assert!(kinds(&f).is_empty());
+        f.newest_data_age = Some(301.0);
+        assert_eq!(kinds(&f), vec![(Kind::DataStale, Level::Warning)]);
+        f.newest_data_age = Some(601.0);
+        assert_eq!(kinds(&f), vec![(Kind::DataStale, Level::Critical)]);
+        f.newest_data_age = None;
+        assert_eq!(kinds(&f), vec![(Kind::DataStale, Level::Warning)]);
+        f.cluster_uptime = 10.0;
+        assert!(kinds(&f).is_empty(), "a fresh cluster is not stale yet");
+    }
+
+    #[test]
+    fn an_expired_lease_is_no_leader_only_after_the_grace() {
+        let mut f = healthy();
+        lease(&mut f).expired_for = 3.0;
+        assert!(kinds(&f).is_empty(), "an ordinary failover is not an alert");
+        lease(&mut f).expired_for = 11.0;
+        assert_eq!(kinds(&f), vec![(Kind::NoLeader, Level::Critical)]);
+        f.lease = None;
+        assert_eq!(kinds(&f), vec![(Kind::NoLeader, Level::Critical)]);
+        f.production_nodes_alive = 0;
+        assert!(kinds(&f).is_empty(), "never taken and nobody to take it");
+    }
+
+    #[test]
+    fn a_leader_off_the_broker_after_the_grace() {
+        let mut f = healthy();
+        lease(&mut f).leader_disconnected_for = Some(5.0);
+        assert!(kinds(&f).is_empty());
+        lease(&mut f).leader_disconnected_for = Some(12.0);
+        assert_eq!(
+            kinds(&f),
+            vec![(Kind::LeaderMqttDisconnected, Level::Critical)]
+        );
+    }
+
+    #[test]
+    fn events_in_the_window() {
+        let mut f = healthy();
+        f.session_lost = vec!["a".into()];
+        f.client_id_conflicts = vec!["b".into()];
+        f.dead_letters_in_window = 2;
+        f.leader_changes_in_window = 4;
+        assert_eq!(
+            kinds(&f),
+            vec![
+                (Kind::MqttSessionLost, Level::Critical),
+                (Kind::MqttClientIdFight, Level::Critical),
+                (Kind::DeadLettersRising, Level::Warning),
+                (Kind::LeaseFlapping, Level::Warning),
+            ]
+        );
+        f.leader_changes_in_window = 3;
+        assert!(!kinds(&f).contains(&(Kind::LeaseFlapping, Level::Warning)));
+    }
+
+    #[test]
+    fn a_refused_subscription_is_critical_and_names_the_filter() {
+        let mut f = healthy();
+        f.subscriptions_refused = 1;
+        f.refused_filters = vec![(
+            "plant/secret/data".into(),
+            "refused by the broker (SUBACK 0x80)".into(),
+            3,
+        )];
+        let found = judge(&f, &t());
+        assert_eq!(found.len(), 1);
+        assert_eq!(
+            (found[0].kind, found[0].level),
+            (Kind::MqttSubscriptionRefused, Level::Critical)
+        );
+        assert!(
+            found[0].message.contains("plant/secret/data"),
+            "{}",
+            found[0].message
+        );
+        assert_eq!(
+            Kind::MqttSubscriptionRefused.as_str(),
+            "mqtt_subscription_refused"
+        );
+    }
+
+    #[test]
+    fn human_durations() {
+        assert_eq!(human(5.4), "5s");
+        assert_eq!(human(90.0), "1m 30s");
+        assert_eq!(human(12_600.0), "3h 30m");
+    }
+}

@@ -1,0 +1,257 @@
+//! The `alerts` table and the cluster facts alerts are judged on. Every time is read on the
+//! database clock, so that every node reaches the same verdict whatever its own clock says;
+//! judging is `leasehold-alerts`' business.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio_postgres::GenericClient;
+
+use crate::op::{self, Op};
+use crate::Result;
+
+/// One row of `alerts`.
+#[derive(Debug, Clone, Serialize)]
+pub struct AlertRow {
+    pub id: i64,
+    pub kind: String,
+    pub level: String,
+    pub message: String,
+    pub opened_at: DateTime<Utc>,
+    pub resolved_at: Option<DateTime<Utc>>,
+    pub opened_by: Option<String>,
+    pub resolved_by: Option<String>,
+}
+
+/// Open alerts first, then the most recent resolved ones.
+pub async fn recent(c: &impl GenericClient, limit: i64) -> Result<Vec<AlertRow>> {
+    op::all(
+        c,
+        Op::AlertsRecent,
+        "SELECT id, kind, level, message, opened_at, resolved_at, opened_by, resolved_by
+         FROM alerts ORDER BY (resolved_at IS NULL) DESC, opened_at DESC, id DESC LIMIT $1",
+        &[&limit],
+        |r| {
+            Ok(AlertRow {
+                id: r.try_get("id")?,
+                kind: r.try_get("kind")?,
+                level: r.try_get("level")?,
+                message: r.try_get("message")?,
+                opened_at: r.try_get("opened_at")?,
+                resolved_at: r.try_get("resolved_at")?,
+                opened_by: r.try_get("opened_by")?,
+                resolved_by: r.try_get("resolved_by")?,
+            })
+        },
+    )
+    .await
+}
+
+/// What an alert is about to say: its kind, level and message as stored.
+#[derive(Debug, Clone, Copy)]
+pub struct AlertText<'a> {
+    pub kind: &'a str,
+    pub level: &'a str,
+    pub message: &'a str,
+    pub details: &'a serde_json::Value,
+}
+
+/// Opens an alert of this kind; its id, or `None` when one is open already (the unique index
+/// on open alerts lets exactly one node win the race).
+pub async fn open(c: &impl GenericClient, a: &AlertText<'_>, by: &str) -> Result<Option<i64>> {
+    op::opt(
+        c,
+        Op::AlertOpen,
+        "INSERT INTO alerts (kind, level, message, opened_by, details)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (kind) WHERE resolved_at IS NULL DO NOTHING
+         RETURNING id",
+        &[&a.kind, &a.level, &a.message, &by, a.details],
+        |r| r.try_get("id"),
+    )
+    .await
+}
+
+/// The open alert after [`update`]: its id and the level it had before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Updated {
+    pub id: i64,
+    pub old_level: String,
+}
+
+/// Rewrites the open alert of this kind (level, message, details); `None` when none is open.
+pub async fn update(c: &impl GenericClient, a: &AlertText<'_>) -> Result<Option<Updated>> {
+    op::opt(
+        c,
+        Op::AlertUpdate,
+        "WITH old AS (SELECT id, level FROM alerts WHERE kind = $1 AND resolved_at IS NULL FOR UPDATE)
+         UPDATE alerts a SET level = $2, message = $3, details = $4
+         FROM old WHERE a.id = old.id
+         RETURNING a.id, old.level AS old_level",
+        &[&a.kind, &a.level, &a.message, a.details],
+        |r| {
+            Ok(Updated {
+                id: r.try_get("id")?,
+                old_level: r.try_get("old_level")?,
+            })
+        },
+    )
+    .await
+}
+
+/// The alert [`resolve`] closed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    pub id: i64,
+    pub level: String,
+    pub message: String,
+    /// Seconds it was open.
+    pub lasted: f64,
+}
+
+/// Resolves the open alert of this kind; `None` when none is open (or another node won).
+pub async fn resolve(c: &impl GenericClient, kind: &str, by: &str) -> Result<Option<Resolved>> {
+    op::opt(
+        c,
+        Op::AlertResolve,
+        "UPDATE alerts SET resolved_at = now(), resolved_by = $2
+         WHERE kind = $1 AND resolved_at IS NULL
+         RETURNING id, level, message,
+                   extract(epoch from (resolved_at - opened_at))::float8 AS lasted",
+        &[&kind, &by],
+        |r| {
+            Ok(Resolved {
+                id: r.try_get("id")?,
+                level: r.try_get("level")?,
+                message: r.try_get("message")?,
+                lasted: r.try_get("lasted")?,
+            })
+        },
+    )
+    .await
+}
+
+/// The nodes seen within a window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Alive {
+    /// Seconds since the oldest of them started (0 when none is alive).
+    pub uptime: f64,
+    pub production: i64,
+}
+
+/// Nodes that heartbeated within `within`: how long the cluster has run, how many ingest.
+pub async fn alive(c: &impl GenericClient, within: Duration) -> Result<Alive> {
+    op::one(
+        c,
+        Op::AlertFacts,
+        "SELECT coalesce(extract(epoch from (clock_timestamp() - min(started_at)))::float8, 0)
+                    AS uptime,
+                count(*) FILTER (WHERE mode = 'production') AS production
+         FROM cluster_nodes
+         WHERE last_seen > clock_timestamp() - make_interval(secs => $1)",
+        &[&within.as_secs_f64()],
+        |r| {
+            Ok(Alive {
+                uptime: r.try_get("uptime")?,
+                production: r.try_get("production")?,
+            })
+        },
+    )
+    .await
+}
+
+/// Seconds node `holder_id` has been without a broker connection, counted from no earlier than
+/// `since`; `None` while it is connected (or has not reported yet).
+pub async fn disconnected_for(
+    c: &impl GenericClient,
+    holder_id: &str,
+    since: DateTime<Utc>,
+) -> Result<Option<f64>> {
+    op::opt(
+        c,
+        Op::AlertFacts,
+        "SELECT extract(epoch from least(
+                     clock_timestamp() - coalesce(mqtt_changed_at, started_at),
+                     clock_timestamp() - $2::timestamptz))::float8 AS secs
+         FROM cluster_nodes WHERE holder_id = $1 AND NOT mqtt_connected",
+        &[&holder_id, &since],
+        |r| r.try_get("secs"),
+    )
+    .await
+}
+
+/// A broker event a node reports in its heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// The broker had no session when the node reconnected.
+    SessionLost,
+    /// The node was disconnected right after connecting: its client id is taken.
+    ClientIdConflict,
+}
+
+/// The nodes (by instance id) that saw `event` within `within`.
+pub async fn nodes_that_saw(
+    c: &impl GenericClient,
+    event: NodeEvent,
+    within: Duration,
+) -> Result<Vec<String>> {
+    let sql = match event {
+        NodeEvent::SessionLost => {
+            "SELECT DISTINCT instance_id FROM cluster_nodes
+             WHERE session_lost_at > clock_timestamp() - make_interval(secs => $1) ORDER BY 1"
+        }
+        NodeEvent::ClientIdConflict => {
+            "SELECT DISTINCT instance_id FROM cluster_nodes
+             WHERE client_id_conflict_at > clock_timestamp() - make_interval(secs => $1) ORDER BY 1"
+        }
+    };
+    op::all(c, Op::AlertFacts, sql, &[&within.as_secs_f64()], |r| {
+        r.try_get("instance_id")
+    })
+    .await
+}
+
+/// Dead letters stored within a window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetters {
+    pub count: i64,
+    /// The error of the newest dead letter, whenever it was stored.
+    pub latest_error: Option<String>,
+}
+
+pub async fn dead_letters_within(c: &impl GenericClient, within: Duration) -> Result<DeadLetters> {
+    op::one(
+        c,
+        Op::AlertFacts,
+        "SELECT count(*) AS count,
+                (SELECT error FROM dead_letters ORDER BY received_at DESC, id DESC LIMIT 1)
+                    AS latest_error
+         FROM dead_letters WHERE received_at > clock_timestamp() - make_interval(secs => $1)",
+        &[&within.as_secs_f64()],
+        |r| {
+            Ok(DeadLetters {
+                count: r.try_get("count")?,
+                latest_error: r.try_get("latest_error")?,
+            })
+        },
+    )
+    .await
+}
+
+/// How many times lease `name` changed hands within `within`.
+pub async fn leader_changes_within(
+    c: &impl GenericClient,
+    name: &str,
+    within: Duration,
+) -> Result<i64> {
+    op::one(
+        c,
+        Op::AlertFacts,
+        "SELECT count(*) AS changes FROM lease_history
+         WHERE service_name = $1 AND acquired_at > clock_timestamp() - make_interval(secs => $2)",
+        &[&name, &within.as_secs_f64()],
+        |r| r.try_get("changes"),
+    )
+    .await
+}

@@ -1,0 +1,181 @@
+//! Schema migrations: applied in order under an advisory lock, so nodes starting together do not
+//! race, each recorded in `leasehold_schema_migrations` with the sha256 of its SQL. A migration
+//! whose file changed after it was applied is refused by name: the database is not what the
+//! file now says, and applying later migrations on top of it would be guesswork.
+
+use sha2::{Digest, Sha256};
+use tokio_postgres::Client;
+
+use crate::op::{self, Op};
+use crate::{Result, StoreError};
+
+/// One file of `migrations/`, embedded so the binary carries its schema.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    pub version: i32,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+impl Migration {
+    /// Its file name under `migrations/`.
+    pub fn file(&self) -> String {
+        format!("V{}__{}.sql", self.version, self.name)
+    }
+
+    /// The sha256 of its SQL, hex: what the ledger records.
+    pub fn checksum(&self) -> String {
+        hex::encode(Sha256::digest(self.sql.as_bytes()))
+    }
+
+    fn error(&self, problem: Problem) -> StoreError {
+        StoreError::Migration {
+            version: self.version,
+            file: self.file(),
+            problem,
+        }
+    }
+}
+
+/// What went wrong with a migration.
+#[derive(Debug, thiserror::Error)]
+pub enum Problem {
+    #[error("failed: {0}")]
+    Failed(#[source] tokio_postgres::Error),
+    #[error("changed after it was applied (recorded sha256 {recorded}, the file's now {now}); restore the file as it was applied and put the change in a new migration")]
+    Changed { recorded: String, now: String },
+}
+
+macro_rules! migration {
+    ($version:literal, $name:literal) => {
+        Migration {
+            version: $version,
+            name: $name,
+            sql: include_str!(concat!(
+                "../../../migrations/V",
+                $version,
+                "__",
+                $name,
+                ".sql"
+            )),
+        }
+    };
+}
+
+/// The migrations, in order.
+pub const MIGRATIONS: &[Migration] = &[
+    migration!(1, "initial"),
+    migration!(2, "operations"),
+    migration!(3, "reading_identity"),
+    migration!(4, "cluster_identity"),
+    migration!(5, "subscriptions"),
+];
+
+/// Arbitrary but fixed: the advisory lock every node takes around migration.
+const MIGRATION_LOCK_KEY: i64 = 0x1ea5_e401d;
+
+/// Applies missing migrations; returns the versions applied. Safe to call from many nodes at once.
+pub async fn migrate(client: &mut Client) -> Result<Vec<i32>> {
+    migrate_up_to(client, i32::MAX).await
+}
+
+/// Applies missing migrations up to and including `version` (tests build a database as an
+/// earlier release left it, then upgrade it).
+pub async fn migrate_up_to(client: &mut Client, version: i32) -> Result<Vec<i32>> {
+    op::measured(Op::Migrate, async {
+        client
+            .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
+            .await?;
+        let result = apply(client, version).await;
+        // Unlock even on failure; the session ending would release it too.
+        let unlock = client
+            .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
+            .await;
+        let applied = result?;
+        unlock?;
+        Ok(applied)
+    })
+    .await
+}
+
+async fn apply(client: &mut Client, up_to: i32) -> Result<Vec<i32>> {
+    // `checksum` came after the ledger: an installation from before it gains the column here,
+    // and its applied migrations their checksums below, taken from the files as they are now.
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS leasehold_schema_migrations (
+                version integer PRIMARY KEY,
+                name text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now());
+             ALTER TABLE leasehold_schema_migrations ADD COLUMN IF NOT EXISTS checksum text",
+        )
+        .await?;
+    let done = client
+        .query(
+            "SELECT version, checksum FROM leasehold_schema_migrations",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get("version")?, r.try_get("checksum")?)))
+        .collect::<Result<Vec<(i32, Option<String>)>, tokio_postgres::Error>>()?;
+    let mut applied = Vec::new();
+    for m in MIGRATIONS {
+        let now = m.checksum();
+        match done.iter().find(|(v, _)| *v == m.version) {
+            Some((_, Some(recorded))) if *recorded != now => {
+                return Err(m.error(Problem::Changed {
+                    recorded: recorded.clone(),
+                    now,
+                }));
+            }
+            Some((_, Some(_))) => {}
+            Some((_, None)) => {
+                client
+                    .execute(
+                        "UPDATE leasehold_schema_migrations SET checksum = $2
+                         WHERE version = $1 AND checksum IS NULL",
+                        &[&m.version, &now],
+                    )
+                    .await?;
+            }
+            None if m.version > up_to => {}
+            None => {
+                let tx = client.transaction().await?;
+                tx.batch_execute(m.sql)
+                    .await
+                    .map_err(|e| m.error(Problem::Failed(e)))?;
+                tx.execute(
+                    "INSERT INTO leasehold_schema_migrations (version, name, checksum)
+                     VALUES ($1, $2, $3)",
+                    &[&m.version, &m.name, &now],
+                )
+                .await?;
+                tx.commit().await?;
+                applied.push(m.version);
+            }
+        }
+    }
+    Ok(applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_migration_is_named_by_its_file_and_checksummed() {
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(m.version, i as i32 + 1, "in order, without gaps");
+            let path = format!(
+                "{}/../../migrations/{}",
+                env!("CARGO_MANIFEST_DIR"),
+                m.file()
+            );
+            let on_disk = std::fs::read_to_string(&path).expect("the file exists");
+            assert_eq!(on_disk, m.sql, "{path}");
+            assert_eq!(m.checksum().len(), 64);
+        }
+        assert_ne!(MIGRATIONS[0].checksum(), MIGRATIONS[1].checksum());
+    }
+}
