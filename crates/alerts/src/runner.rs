@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use leasehold_store::alerts::AlertText;
 use leasehold_store::{Client, Pool};
-use leasehold_telemetry::metrics;
+use leasehold_telemetry::events;
 use serde::Serialize;
 use tokio::sync::{Mutex, MutexGuard};
 use tokio_util::sync::CancellationToken;
@@ -253,15 +253,16 @@ impl Inner {
                 changes.push(ch);
             }
         }
-        metrics().devices_enabled.set(facts.devices_enabled);
-        metrics().devices_heard.set(facts.devices_heard);
-        let open: Vec<&str> = findings.iter().map(|f| f.kind.as_str()).collect();
-        for kind in Kind::ALL {
-            metrics()
-                .alerts_firing
-                .with_label_values(&[kind.as_str()])
-                .set(i64::from(open.contains(&kind.as_str())));
+        let firing: Vec<(&str, bool)> = Kind::ALL
+            .iter()
+            .map(|k| (k.as_str(), findings.iter().any(|f| f.kind == *k)))
+            .collect();
+        events::AlertsEvaluated {
+            devices_enabled: facts.devices_enabled,
+            devices_heard: facts.devices_heard,
+            firing: &firing,
         }
+        .emit();
         Ok(Report {
             evaluated_at: Utc::now(),
             evaluated_by: cfg.instance_id.clone(),
@@ -272,25 +273,14 @@ impl Inner {
 
     /// The node that won the change logs it and posts it; the others saw nothing change.
     fn announce(&self, ch: &Change) {
-        let m = metrics();
-        m.alert_changes
-            .with_label_values(&[ch.kind.as_str(), ch.action.as_str()])
-            .inc();
-        match (ch.action, ch.level) {
-            (Action::Resolved, _) => {
-                tracing::info!(
-                    alert_id = ch.alert_id,
-                    kind = ch.kind.as_str(),
-                    "alert resolved"
-                )
-            }
-            (_, Level::Critical) => {
-                tracing::error!(alert_id = ch.alert_id, kind = ch.kind.as_str(), action = ch.action.as_str(), message = %ch.message, "alert")
-            }
-            (_, Level::Warning) => {
-                tracing::warn!(alert_id = ch.alert_id, kind = ch.kind.as_str(), action = ch.action.as_str(), message = %ch.message, "alert")
-            }
+        events::AlertChanged {
+            alert_id: ch.alert_id,
+            kind: ch.kind.as_str(),
+            action: ch.action.as_str(),
+            critical: ch.level == Level::Critical,
+            message: &ch.message,
         }
+        .emit();
         if let Some(q) = &self.queue {
             let _ = q.send(webhook::Message::for_change(ch, &self.cfg));
         }

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use leasehold_telemetry::metrics;
+use leasehold_telemetry::events;
 use serde_json::json;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::CancellationToken;
@@ -116,16 +116,13 @@ impl Notifier {
             }
             match self.attempt(client, msg).await {
                 Attempt::Delivered => {
-                    metrics()
-                        .alert_notifications
-                        .with_label_values(&["delivered"])
-                        .inc();
-                    tracing::info!(
-                        kind = msg.kind.as_str(),
-                        action = msg.action.as_str(),
-                        attempts = attempt + 1,
-                        "alert webhook delivered"
-                    );
+                    events::AlertNotified {
+                        kind: msg.kind.as_str(),
+                        action: msg.action.as_str(),
+                        attempts: attempt + 1,
+                        error: None,
+                    }
+                    .emit();
                     return;
                 }
                 Attempt::GiveUp(e) => {
@@ -138,12 +135,13 @@ impl Notifier {
                 }
             }
         }
-        metrics()
-            .alert_notifications
-            .with_label_values(&["failed"])
-            .inc();
-        // Handled here: the alert itself stays recorded in `alerts` and on /health/alerts.
-        tracing::error!(kind = msg.kind.as_str(), action = msg.action.as_str(), error = %last, "alert webhook not delivered; the alert is still recorded in the alerts table");
+        events::AlertNotified {
+            kind: msg.kind.as_str(),
+            action: msg.action.as_str(),
+            attempts: BACKOFF.len() + 1,
+            error: Some(&last),
+        }
+        .emit();
     }
 
     async fn attempt(&self, client: &reqwest::Client, msg: &Message) -> Attempt {
