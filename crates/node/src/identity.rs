@@ -1,4 +1,4 @@
-//! The cluster's identity and the client id of its shared MQTT session (SPEC section 4).
+//! The cluster's identity and the client id of its shared MQTT session (docs/configuration.md, "The MQTT client id").
 //!
 //! A cluster is the set of nodes sharing one database. Migration 4 stores a random id in it,
 //! once; the default client id is derived from that id and `LEASE_NAME`

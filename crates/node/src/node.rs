@@ -432,7 +432,7 @@ fn alerts_config(cfg: &Config) -> leasehold_alerts::AlertsConfig {
         alive_within: ALIVE_WITHIN,
         webhook_url: cfg.alert_webhook_url.clone(),
         // Every production node evaluates (a leader cannot report its own death); so does a
-        // `disabled` node (a watcher). An observer is a developer's: never (SPEC §13).
+        // `disabled` node (a watcher). An observer is a developer's: never (docs/interfaces.md, alerts).
         evaluates: cfg.mode != Mode::Development,
     }
 }

@@ -254,7 +254,7 @@ mod tests {
     }
 
     #[test]
-    fn every_spec_metric_is_exported() {
+    fn every_documented_metric_is_exported() {
         let m = super::metrics();
         m.lease_transitions.with_label_values(&["leader"]).inc();
         m.messages_dead_lettered
