@@ -2,9 +2,9 @@
 //!
 //! The performance targets (docs/performance.md) compare Leasehold with the per-message upsert,
 //! whose rate is set by the cost of one WAL flush per message. The reference machine flushes in
-//! about 1 ms (≈930 upserts/s); a
-//! fast virtual disk flushes in about 0.1 ms, which makes the baseline ten times faster and the
-//! ratio meaningless, since twenty times that exceeds the broker itself. Loaded into PostgreSQL
+//! about 1 ms (≈930 upserts/s); a fast virtual disk flushes in about 0.1 ms, which makes the
+//! baseline ten times faster and the ratio meaningless, since twenty times that exceeds the
+//! broker itself. Loaded into PostgreSQL
 //! with `LD_PRELOAD`, this library tops every `fsync`/`fdatasync` up to
 //! `LEASEHOLD_FLUSH_LATENCY_US` microseconds (default 1000) after the real flush has completed:
 //! durability is unchanged, only the latency is that of slower storage. Everything else
