@@ -37,60 +37,106 @@ fn secs(ms: i64) -> String {
 
 pub async fn status(cfg: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
     let c = connect(cfg, "leasehold-status").await?;
-    let lease = queries::lease(&c, &cfg.lease_name).await?;
-    let nodes = queries::cluster_nodes(&c, ALIVE_WITHIN.as_millis() as i64, true).await?;
-    let age = queries::newest_data_age(&c).await?;
-    let open_alerts: Vec<_> = leasehold_alerts::recent(&c, 50)
-        .await?
-        .into_iter()
-        .filter(|a| a.resolved_at.is_none())
-        .collect();
-    let alive: Vec<_> = nodes
-        .iter()
-        .filter(|n| n.seen_ms_ago < ALIVE_WITHIN.as_millis() as i64)
-        .collect();
-    let leader = lease.as_ref().filter(|l| l.is_live());
-    let cluster = ClusterView::read(&c, cfg, &alive).await;
+    let r = Report::read(&c, cfg).await?;
     if as_json {
-        let v = json!({
-            "lease_name": cfg.lease_name,
+        println!("{}", serde_json::to_string_pretty(&r.json())?);
+    } else {
+        r.print();
+    }
+    Ok(if r.leader().is_some() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_NO_LEADER)
+    })
+}
+
+fn alive(n: &queries::NodeRow) -> bool {
+    n.seen_ms_ago < ALIVE_WITHIN.as_millis() as i64
+}
+
+/// What `leasehold status` shows, read once.
+struct Report {
+    lease_name: String,
+    lease: Option<queries::LeaseRow>,
+    nodes: Vec<queries::NodeRow>,
+    age: Option<f64>,
+    open_alerts: Vec<leasehold_store::alerts::AlertRow>,
+    cluster: ClusterView,
+}
+
+impl Report {
+    async fn read(c: &leasehold_store::Client, cfg: &Config) -> anyhow::Result<Report> {
+        let lease = queries::lease(c, &cfg.lease_name).await?;
+        let nodes = queries::cluster_nodes(c, ALIVE_WITHIN.as_millis() as i64, true).await?;
+        let age = queries::newest_data_age(c).await?;
+        let open_alerts: Vec<_> = leasehold_alerts::recent(c, 50)
+            .await?
+            .into_iter()
+            .filter(|a| a.resolved_at.is_none())
+            .collect();
+        let alive: Vec<_> = nodes.iter().filter(|n| alive(n)).collect();
+        let cluster = ClusterView::read(c, cfg, &alive).await;
+        Ok(Report {
+            lease_name: cfg.lease_name.clone(),
+            lease,
+            nodes,
+            age,
+            open_alerts,
+            cluster,
+        })
+    }
+
+    fn leader(&self) -> Option<&queries::LeaseRow> {
+        self.lease.as_ref().filter(|l| l.is_live())
+    }
+
+    fn alive(&self) -> usize {
+        self.nodes.iter().filter(|n| alive(n)).count()
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let cluster = &self.cluster;
+        json!({
+            "lease_name": self.lease_name,
             "cluster": {
                 "id": cluster.identity.as_ref().map(|i| &i.cluster_id),
                 "created_at": cluster.identity.as_ref().map(|i| i.created_at.to_rfc3339()),
                 "default_client_id": cluster.default_client_id,
                 "error": cluster.error,
             },
-            "leader": leader.map(|l| json!({
+            "leader": self.leader().map(|l| json!({
                 "instance_id": l.instance_id, "holder_id": l.holder_id, "epoch": l.epoch,
                 "expires_in_ms": l.expires_in_ms, "acquired_at": l.acquired_at.to_rfc3339(),
             })),
-            "last_epoch": lease.as_ref().map(|l| l.epoch),
-            "nodes_alive": alive.len(),
-            "nodes": nodes.iter().map(|n| json!({
+            "last_epoch": self.lease.as_ref().map(|l| l.epoch),
+            "nodes_alive": self.alive(),
+            "nodes": self.nodes.iter().map(|n| json!({
                 "instance_id": n.instance_id, "holder_id": n.holder_id, "role": n.role, "mode": n.mode,
                 "version": n.version, "http_url": n.http_url, "last_seen_ms_ago": n.seen_ms_ago,
-                "alive": n.seen_ms_ago < ALIVE_WITHIN.as_millis() as i64,
+                "alive": alive(n),
                 "mqtt_client_id": n.mqtt_client_id, "mqtt_client_id_source": n.mqtt_client_id_source,
             })).collect::<Vec<_>>(),
             "warnings": cluster.warnings,
-            "newest_data_age_seconds": age,
-            "alerts_open": open_alerts,
-        });
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
+            "newest_data_age_seconds": self.age,
+            "alerts_open": self.open_alerts,
+        })
+    }
+
+    fn print(&self) {
+        let cluster = &self.cluster;
         match (&cluster.identity, &cluster.default_client_id) {
             (Some(i), Some(d)) => println!(
                 "CLUSTER  {} (created {}); default MQTT client id {d} for lease {:?}",
                 i.cluster_id,
                 i.created_at.format("%Y-%m-%d %H:%M:%S UTC"),
-                cfg.lease_name
+                self.lease_name
             ),
             _ => println!(
                 "CLUSTER  identity unknown: {}",
                 cluster.error.as_deref().unwrap_or("-")
             ),
         }
-        match (leader, &lease) {
+        match (self.leader(), &self.lease) {
             (Some(l), _) => println!(
                 "LEADER   {} (epoch {}, lease expires in {}, holder {})",
                 l.instance_id,
@@ -100,52 +146,32 @@ pub async fn status(cfg: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
             ),
             (None, Some(l)) => println!(
                 "NO LEADER  lease {:?} expired {} ago (last holder {}, epoch {})",
-                cfg.lease_name,
+                self.lease_name,
                 secs(-l.expires_in_ms),
                 l.instance_id,
                 l.epoch
             ),
-            (None, None) => println!("NO LEADER  lease {:?} has never been taken", cfg.lease_name),
+            (None, None) => println!(
+                "NO LEADER  lease {:?} has never been taken",
+                self.lease_name
+            ),
         }
-        println!("NODES    {} alive", alive.len());
-        for n in nodes.iter().take(20) {
-            let state = if n.seen_ms_ago < ALIVE_WITHIN.as_millis() as i64 {
-                "alive"
-            } else {
-                "gone"
-            };
-            let client_id = match (&n.mqtt_client_id, &n.mqtt_client_id_source) {
-                (Some(id), Some(source)) => format!("  client id {id} ({source})"),
-                _ => String::new(),
-            };
-            println!(
-                "  {:<20} {:<9} {:<12} {:<6} {:<13} seen {} ago  v{}  {}{client_id}",
-                n.instance_id,
-                n.role,
-                n.mode,
-                state,
-                match (n.mqtt_connected, n.role.as_str()) {
-                    (true, _) => "mqtt up",
-                    (false, "leader" | "observer") => "MQTT DOWN",
-                    (false, _) => "-",
-                },
-                secs(n.seen_ms_ago),
-                n.version,
-                n.http_url.as_deref().unwrap_or("-")
-            );
+        println!("NODES    {} alive", self.alive());
+        for n in self.nodes.iter().take(20) {
+            print_node(n);
         }
         for w in &cluster.warnings {
             println!("WARNING  {w}");
         }
-        match age {
+        match self.age {
             Some(a) => println!("DATA     newest row received {a:.1}s ago"),
             None => println!("DATA     no rows yet"),
         }
-        if open_alerts.is_empty() {
+        if self.open_alerts.is_empty() {
             println!("ALERTS   none open");
         } else {
-            println!("ALERTS   {} open", open_alerts.len());
-            for a in &open_alerts {
+            println!("ALERTS   {} open", self.open_alerts.len());
+            for a in &self.open_alerts {
                 println!(
                     "  {:<8} {:<26} since {}  {}",
                     a.level.to_uppercase(),
@@ -156,11 +182,28 @@ pub async fn status(cfg: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    Ok(if leader.is_some() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(EXIT_NO_LEADER)
-    })
+}
+
+fn print_node(n: &queries::NodeRow) {
+    let client_id = match (&n.mqtt_client_id, &n.mqtt_client_id_source) {
+        (Some(id), Some(source)) => format!("  client id {id} ({source})"),
+        _ => String::new(),
+    };
+    println!(
+        "  {:<20} {:<9} {:<12} {:<6} {:<13} seen {} ago  v{}  {}{client_id}",
+        n.instance_id,
+        n.role,
+        n.mode,
+        if alive(n) { "alive" } else { "gone" },
+        match (n.mqtt_connected, n.role.as_str()) {
+            (true, _) => "mqtt up",
+            (false, "leader" | "observer") => "MQTT DOWN",
+            (false, _) => "-",
+        },
+        secs(n.seen_ms_ago),
+        n.version,
+        n.http_url.as_deref().unwrap_or("-")
+    );
 }
 
 /// The cluster's identity and what `status` must warn about the client ids its nodes use.
