@@ -26,7 +26,7 @@ pub struct ChildReport {
     pub latency_p99_ms: Option<f64>,
 }
 
-pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
     if sorted.is_empty() {
         return None;
     }

@@ -23,7 +23,7 @@ pub(crate) struct Node {
 pub struct Env {
     pub pg: Postgres,
     pub mq: Mosquitto,
-    pub(crate) logs: tempfile::TempDir,
+    logs: tempfile::TempDir,
     pub(crate) bin: PathBuf,
     pub(crate) nodes: Vec<Node>,
     pub(crate) db: tokio_postgres::Client,

@@ -13,6 +13,7 @@
 //!   need no failover, from the repair to the first commit after it);
 //! - **flaps**: lease holder changes beyond what the fault explains; **takeovers**: client-id
 //!   takeovers in the broker log (a "fight" is more than one in a trial).
+//!
 //! # Layout
 //! - `fault`: [`Fault`], what is injected and what is expected of it (changes explained, bound).
 //! - `env`: [`Env`], the servers, proxies and nodes; healing between trials.
