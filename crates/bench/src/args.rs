@@ -1,0 +1,89 @@
+//! The command line: the orchestrator's flags (used by the Makefile and docs/performance.md) and
+//! the two hidden child modes the orchestrator starts itself.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "leasehold-bench",
+    about = "Leasehold against the broker's ceiling and the per-message upsert, side by side"
+)]
+pub struct Args {
+    /// Messages per approach (live, capacity and latency runs).
+    #[arg(long, default_value_t = 100_000)]
+    pub messages: u64,
+    /// Messages published to the per-message upsert (about 1k/s: it takes a while).
+    #[arg(long, default_value_t = 100_000)]
+    pub upsert_messages: u64,
+    /// Seconds PostgreSQL is stopped under load to watch the leader's memory (0: skip).
+    #[arg(long, default_value_t = 60)]
+    pub outage_secs: u64,
+    /// The leasehold binary under test.
+    #[arg(long, default_value = "target/release/leasehold")]
+    pub bin: PathBuf,
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "target/bench/bench.json")]
+    pub json: PathBuf,
+    /// Latency of every PostgreSQL flush in the slow-flush pass, microseconds (0: skip the pass).
+    #[arg(long, default_value_t = 1000)]
+    pub flush_latency_us: u64,
+    /// The `leasehold-flushdelay` shim (default: libleasehold_flushdelay.so beside this binary).
+    #[arg(long)]
+    pub flush_shim: Option<PathBuf>,
+    #[command(subcommand)]
+    pub child: Option<Child>,
+}
+
+/// A baseline run as a child process of the orchestrator, so that its peak RSS is its own. Each
+/// prints its [`crate::child::ChildReport`] as JSON on stdout.
+#[derive(Subcommand, Debug)]
+pub enum Child {
+    /// Drain `n` messages from a session, acknowledging each on receipt.
+    #[command(hide = true)]
+    Ceiling {
+        port: u16,
+        client_id: String,
+        n: u64,
+    },
+    /// One upsert per message in its own transaction, acknowledged after its commit.
+    #[command(hide = true)]
+    Upsert {
+        port: u16,
+        pg_url: String,
+        client_id: String,
+        n: u64,
+        max_secs: u64,
+    },
+}
+
+impl Child {
+    /// The arguments that run this child (the inverse of parsing).
+    pub fn to_args(&self) -> Vec<String> {
+        match self {
+            Child::Ceiling { port, client_id, n } => {
+                vec![
+                    "ceiling".into(),
+                    port.to_string(),
+                    client_id.clone(),
+                    n.to_string(),
+                ]
+            }
+            Child::Upsert {
+                port,
+                pg_url,
+                client_id,
+                n,
+                max_secs,
+            } => vec![
+                "upsert".into(),
+                port.to_string(),
+                pg_url.clone(),
+                client_id.clone(),
+                n.to_string(),
+                max_secs.to_string(),
+            ],
+        }
+    }
+}
