@@ -2,12 +2,10 @@
 //! observers never evaluate or write alerts; checks are rate-limited; evaluation has its own
 //! database connection, so neither a flood nor a blocked evaluation delays heartbeats.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
+use crate::helpers::{check, Cluster};
 use anyhow::{ensure, Context, Result};
-use common::{check, Cluster};
 use leasehold_testkit::{eventually, http};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
