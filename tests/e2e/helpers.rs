@@ -1,248 +1,42 @@
 //! Shared set-up for the end-to-end suite: a private Postgres and Mosquitto per test, real
-//! `leasehold` processes, and queries that check every published message landed exactly once.
-#![allow(dead_code)]
+//! `leasehold` processes of this package's binary, and queries that check every published
+//! message landed exactly once. The harness is `leasehold_testkit::cluster`; this module only
+//! points it at the binary Cargo built for the suite.
 
-use std::collections::BTreeMap;
-use std::path::Path;
-use std::time::Duration;
+use std::ops::{Deref, DerefMut};
 
-use anyhow::{bail, Context, Result};
-use leasehold_testkit::{eventually, Mosquitto, NodeProc, Postgres};
+use anyhow::Result;
+use leasehold_testkit::cluster;
+use leasehold_testkit::{Mosquitto, Postgres};
+
+pub use leasehold_testkit::cluster::{check, msg, topics_landed, POLL, TTL};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_leasehold");
 
-/// Test lease timings: TTL 3 s (demotion deadline 2 s, renew every 1 s), poll every 250 ms.
-pub const TTL: Duration = Duration::from_secs(3);
-pub const POLL: Duration = Duration::from_millis(250);
-
-pub struct Cluster {
-    pub pg: Postgres,
-    pub mq: Mosquitto,
-    pub logs: tempfile::TempDir,
-    pub nodes: Vec<NodeProc>,
-    pub extra_env: Vec<(&'static str, String)>,
-}
+/// A [`cluster::Cluster`] running [`BIN`], with the test settings.
+pub struct Cluster(cluster::Cluster);
 
 impl Cluster {
     pub async fn start() -> Result<Self> {
-        let pg = Postgres::start().await?;
-        let mq = Mosquitto::start().await?;
-        Self::with_servers(pg, mq)
+        Ok(Cluster(cluster::Cluster::start(BIN).await?))
     }
 
     /// A cluster on servers the test configured itself (TLS, for instance).
     pub fn with_servers(pg: Postgres, mq: Mosquitto) -> Result<Self> {
-        let logs = tempfile::Builder::new()
-            .prefix("leasehold-test-logs-")
-            .tempdir()?;
-        Ok(Cluster {
-            pg,
-            mq,
-            logs,
-            nodes: Vec::new(),
-            extra_env: Vec::new(),
-        })
-    }
-
-    pub fn env(&self) -> Vec<(&'static str, String)> {
-        let mut env = vec![
-            ("DATABASE_URL", self.pg.url()),
-            ("MQTT_URL", self.mq.url()),
-            ("LEASE_TTL", format!("{}ms", TTL.as_millis())),
-            ("LEASE_POLL_INTERVAL", format!("{}ms", POLL.as_millis())),
-            ("BATCH_MAX_WAIT", "20ms".to_string()),
-            ("MQTT_KEEP_ALIVE", "5s".to_string()),
-            ("LOG_FORMAT", "pretty".to_string()),
-        ];
-        env.extend(self.extra_env.iter().cloned());
-        env
-    }
-
-    /// Starts a node named `name`; returns its index.
-    pub fn spawn(&mut self, name: &str) -> Result<usize> {
-        self.spawn_with(name, &[])
-    }
-
-    pub fn spawn_with(&mut self, name: &str, extra: &[(&'static str, String)]) -> Result<usize> {
-        let mut env = self.env();
-        env.extend(extra.iter().cloned());
-        let n = NodeProc::spawn(Path::new(BIN), name, &env, self.logs.path())?;
-        self.nodes.push(n);
-        Ok(self.nodes.len() - 1)
-    }
-
-    pub fn node(&self, name: &str) -> &NodeProc {
-        self.nodes
-            .iter()
-            .find(|n| n.name == name)
-            .expect("node exists")
-    }
-
-    pub fn node_mut(&mut self, name: &str) -> &mut NodeProc {
-        self.nodes
-            .iter_mut()
-            .find(|n| n.name == name)
-            .expect("node exists")
-    }
-
-    /// The live lease holder: (instance_id, epoch).
-    pub async fn leader(&self) -> Result<Option<(String, i64)>> {
-        let c = self.pg.client().await?;
-        let row = c
-            .query_opt(
-                "SELECT instance_id, epoch FROM instance_lock WHERE service_name = 'mqtt-ingest' AND expires_at > clock_timestamp()",
-                &[],
-            )
-            .await?;
-        Ok(row.map(|r| (r.get(0), r.get(1))))
-    }
-
-    /// Waits for a leader that is connected to the broker (its /health is 200).
-    pub async fn wait_leader(&self) -> Result<(String, i64)> {
-        eventually(
-            Duration::from_secs(30),
-            "a leader connected to the broker",
-            || async {
-                let Some((name, _)) = self.leader().await? else {
-                    return Ok(false);
-                };
-                let Some(node) = self.nodes.iter().find(|n| n.name == name) else {
-                    return Ok(false);
-                };
-                let (code, _) = leasehold_testkit::http(node.http_port, "GET", "/health").await?;
-                Ok(code == 200)
-            },
-        )
-        .await?;
-        self.leader().await?.context("leader vanished")
-    }
-
-    /// seq -> number of telemetry rows for the run.
-    pub async fn seq_counts(&self, run: &str) -> Result<BTreeMap<u64, i64>> {
-        let c = self.pg.client().await?;
-        let rows = c
-            .query(
-                "SELECT (payload->>'seq')::bigint, count(*) FROM telemetry WHERE payload->>'run' = $1 GROUP BY 1",
-                &[&run],
-            )
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, i64>(1)))
-            .collect())
-    }
-
-    /// Waits until every seq in 0..n is stored, then checks each exactly once.
-    pub async fn assert_exactly_once(&self, run: &str, n: u64) -> Result<()> {
-        let waited = eventually(
-            Duration::from_secs(40),
-            "every published message in telemetry",
-            || async { Ok(self.seq_counts(run).await?.len() as u64 >= n) },
-        )
-        .await;
-        let counts = self.seq_counts(run).await?;
-        let missing: Vec<u64> = (0..n).filter(|s| !counts.contains_key(s)).collect();
-        let dups: Vec<(&u64, &i64)> = counts.iter().filter(|(_, c)| **c != 1).collect();
-        let extra: Vec<&u64> = counts.keys().filter(|s| **s >= n).collect();
-        if !missing.is_empty() || !dups.is_empty() || !extra.is_empty() || waited.is_err() {
-            bail!(
-                "exactly-once violated for run {run}: {} missing (first {:?}), {} duplicated, {} unexpected",
-                missing.len(),
-                missing.iter().take(10).collect::<Vec<_>>(),
-                dups.len(),
-                extra.len()
-            );
-        }
-        Ok(())
-    }
-
-    /// Runs a `leasehold` command (`status`, `step-down`, ...) against this cluster's database.
-    pub fn cli(&self, args: &[&str]) -> Result<std::process::Output> {
-        Ok(std::process::Command::new(BIN)
-            .args(args)
-            .args(["--database-url", &self.pg.url()])
-            .output()?)
-    }
-
-    /// Rows written by `node` so far.
-    pub async fn written_by(&self, node: &str) -> Result<i64> {
-        let db = self.pg.client().await?;
-        Ok(db
-            .query_one(
-                "SELECT count(*) FROM telemetry WHERE written_by = $1",
-                &[&node],
-            )
-            .await?
-            .get(0))
-    }
-
-    /// Waits until `node` has written more than `rows` rows; returns how long that took.
-    pub async fn wait_written(&self, node: &str, rows: i64, timeout: Duration) -> Result<Duration> {
-        eventually(timeout, &format!("{node} writing"), || async {
-            Ok(self.written_by(node).await? > rows)
-        })
-        .await
-    }
-
-    /// The name of a node other than `name`.
-    pub fn other_than(&self, name: &str) -> String {
-        self.nodes
-            .iter()
-            .map(|n| n.name.clone())
-            .find(|n| n != name)
-            .unwrap_or_default()
-    }
-
-    pub async fn count(&self, sql: &str) -> Result<i64> {
-        let c = self.pg.client().await?;
-        Ok(c.query_one(sql, &[]).await?.get(0))
-    }
-
-    /// Every node's log, for failure reports.
-    pub fn dump(&self) -> String {
-        let mut s = String::new();
-        for n in &self.nodes {
-            s.push_str(&format!(
-                "\n===== {} =====\n{}",
-                n.name,
-                tail(&n.log(), 150)
-            ));
-        }
-        s.push_str(&format!(
-            "\n===== mosquitto =====\n{}",
-            tail(&self.mq.log(), 60)
-        ));
-        s
+        Ok(Cluster(cluster::Cluster::with_servers(BIN, pg, mq)?))
     }
 }
 
-/// A (topic, payload) pair for `publish_all`.
-pub fn msg(topic: &str, body: impl Into<Vec<u8>>) -> (String, Vec<u8>) {
-    (topic.to_string(), body.into())
+impl Deref for Cluster {
+    type Target = cluster::Cluster;
+
+    fn deref(&self) -> &cluster::Cluster {
+        &self.0
+    }
 }
 
-/// How many of `topics` have landed somewhere: a `telemetry` row or a dead letter.
-pub async fn topics_landed(db: &tokio_postgres::Client, topics: &[&str]) -> Result<usize> {
-    let n: i64 = db
-        .query_one(
-            "SELECT count(DISTINCT topic) FROM (
-                 SELECT topic FROM telemetry WHERE topic = ANY($1)
-                 UNION ALL SELECT topic FROM dead_letters WHERE topic = ANY($1)) x",
-            &[&topics],
-        )
-        .await?
-        .get(0);
-    Ok(n as usize)
-}
-
-fn tail(s: &str, lines: usize) -> String {
-    let v: Vec<&str> = s.lines().collect();
-    v[v.len().saturating_sub(lines)..].join("\n")
-}
-
-/// Ends a test: on failure, panics with the error and every log of the cluster.
-pub fn check(cluster: &Cluster, res: Result<()>) {
-    if let Err(e) = res {
-        panic!("{e:#}\n--- logs ---{}", cluster.dump());
+impl DerefMut for Cluster {
+    fn deref_mut(&mut self) -> &mut cluster::Cluster {
+        &mut self.0
     }
 }

@@ -344,13 +344,7 @@ async fn broker_credentials_are_used_and_wrong_ones_are_reported() {
     let extra = format!("allow_anonymous false\npassword_file {}\n", pw.display());
     let mq = Mosquitto::start_with(dir, &extra).await.expect("broker");
     let pg = Postgres::start().await.expect("postgres");
-    let mut c = Cluster {
-        pg,
-        mq,
-        logs: tempfile::tempdir().expect("logs"),
-        nodes: Vec::new(),
-        extra_env: Vec::new(),
-    };
+    let mut c = Cluster::with_servers(pg, mq).expect("cluster");
     let res = async {
         let good = format!("mqtt://ingest:s3cret-pw@127.0.0.1:{}", c.mq.port);
         c.spawn_with("authed", &[("MQTT_URL", good)])?;

@@ -1,5 +1,6 @@
 //! The end-to-end suite as one test binary: each module was a binary of its own, and each of
-//! them linked the whole workspace; now it is linked once. Shared set-up is in [`helpers`].
+//! them linked the whole workspace; now it is linked once. Shared set-up is in [`helpers`]; the
+//! cluster itself is `leasehold_testkit::cluster`.
 
 mod helpers;
 

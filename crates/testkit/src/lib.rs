@@ -8,10 +8,13 @@
 //! # Layout
 //! - [`Postgres`], [`Mosquitto`]: start, stop, restart, kill; stopped on drop.
 //! - [`NodeProc`]: a `leasehold` process with its log file; signals.
+//! - [`cluster`]: servers plus nodes as one [`cluster::Cluster`], and the queries that say who
+//!   leads and what was stored; the end-to-end suite and the demo build on it.
 //! - [`publish`]: numbered and raw QoS 1 publishing that waits for the broker's acks.
 //! - [`eventually`]: await a condition instead of sleeping.
 
 pub mod certs;
+pub mod cluster;
 pub mod prometheus;
 pub mod proxy;
 pub mod publish;
