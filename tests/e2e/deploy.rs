@@ -120,7 +120,7 @@ fn systemd_unit_verifies_and_env_examples_name_only_real_settings() -> Result<()
             };
             if k.chars().all(|c| c.is_ascii_uppercase() || c == '_') && !k.is_empty() {
                 ensure!(
-                    leasehold_config::KEYS.contains(&k),
+                    leasehold_config::KEYS.contains(k),
                     "{host}: {k} is not a setting"
                 );
                 keys.push(k.to_string());
