@@ -114,7 +114,7 @@ pub struct Acker {
 impl Acker {
     /// An acker with no broker behind it (tests, tools): what it is given is dropped, never
     /// acknowledged. With [`Inbound::detached`] it runs a term's `Writer` in-process against a
-    /// real database (`tests/generated.rs`).
+    /// real database (`tests/e2e/generated.rs`).
     pub fn detached() -> Self {
         let (tx, _) = mpsc::unbounded_channel();
         Acker { tx }

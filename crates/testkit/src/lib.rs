@@ -8,10 +8,15 @@
 //! # Layout
 //! - [`Postgres`], [`Mosquitto`]: start, stop, restart, kill; stopped on drop.
 //! - [`NodeProc`]: a `leasehold` process with its log file; signals.
+//! - [`cluster`]: servers plus nodes as one [`cluster::Cluster`], and the queries that say who
+//!   leads and what was stored; the end-to-end suite and the demo build on it.
+//! - [`http`]: requests to a node's HTTP port (`reqwest`).
+//! - [`webhook`]: an alert webhook receiver that records what it got (`wiremock`).
 //! - [`publish`]: numbered and raw QoS 1 publishing that waits for the broker's acks.
 //! - [`eventually`]: await a condition instead of sleeping.
 
 pub mod certs;
+pub mod cluster;
 pub mod prometheus;
 pub mod proxy;
 pub mod publish;
@@ -23,6 +28,7 @@ use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -566,50 +572,47 @@ impl Drop for NodeProc {
     }
 }
 
-/// A minimal HTTP/1.1 GET or POST on loopback: (status, body).
+/// One client for every request: building one loads the TLS roots. No idle connections are
+/// kept, so each request opens its own, as to a node that may have been restarted on that port.
+fn client() -> Result<&'static reqwest::Client> {
+    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
+    if let Some(c) = CLIENT.get() {
+        return Ok(c);
+    }
+    // reqwest is built without a crypto provider; rustls has one (aws-lc-rs). Fails only when
+    // one is installed already: fine.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let c = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .pool_max_idle_per_host(0)
+        .build()?;
+    Ok(CLIENT.get_or_init(|| c))
+}
+
+/// A request with an empty body to a loopback port, answered within 10 s (a stopped node is an
+/// error, not a hang): (status, body).
 pub async fn http(port: u16, method: &str, path: &str) -> Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::net::TcpStream::connect(("127.0.0.1", port)),
-    )
-    .await??;
-    let req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
-    s.write_all(req.as_bytes()).await?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await??;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("no HTTP status line")?;
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let chunked = head.lines().any(|l| {
-        l.to_ascii_lowercase()
-            .replace(' ', "")
-            .starts_with("transfer-encoding:chunked")
-    });
-    let body = if chunked {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
+    let (status, _, body) = http_full(port, method, path, Duration::from_secs(10)).await?;
     Ok((status, body))
 }
 
-/// Decodes an HTTP/1.1 chunked body.
-fn dechunk(mut rest: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let n = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16).unwrap_or(0);
-        if n == 0 || after.len() < n {
-            break;
-        }
-        out.push_str(&after[..n]);
-        rest = after[n..].trim_start_matches("\r\n");
-    }
-    out
+/// Like [`http`], with the response's headers and a deadline of the caller's.
+pub async fn http_full(
+    port: u16,
+    method: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, reqwest::header::HeaderMap, String)> {
+    let method = reqwest::Method::from_bytes(method.as_bytes())?;
+    let resp = client()?
+        .request(method, format!("http://127.0.0.1:{port}{path}"))
+        .body(Vec::new())
+        .timeout(timeout)
+        .send()
+        .await?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    Ok((status, headers, resp.text().await?))
 }
 
 /// The value of an unlabelled metric in a Prometheus text exposition.

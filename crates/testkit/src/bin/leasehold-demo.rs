@@ -6,7 +6,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use leasehold_testkit::{free_port, http, metric, Dir, Mosquitto, NodeProc, Postgres, LEASE_NAME};
+use leasehold_testkit::cluster::Cluster;
+use leasehold_testkit::{free_port, http, metric, Dir, Mosquitto, Postgres};
 
 fn port_or_free(p: u16) -> u16 {
     if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
@@ -33,29 +34,22 @@ async fn main() -> Result<()> {
     let mq = Mosquitto::start_with(Dir::fixed(root.join("mosquitto"))?, "").await?;
     let logs = root.join("logs");
     std::fs::create_dir_all(&logs)?;
-
-    let env = |http: u16| -> Vec<(&'static str, String)> {
-        vec![
-            ("DATABASE_URL", pg.url()),
-            ("MQTT_URL", mq.url()),
-            ("LEASE_TTL", "6s".into()),
-            ("LEASE_POLL_INTERVAL", "500ms".into()),
-            ("HTTP_ADDR", format!("127.0.0.1:{http}")),
-            ("LOG_FORMAT", "pretty".into()),
-        ]
-    };
-    let mut nodes = Vec::new();
+    // The logs of earlier runs stay: a node appends to its log.
+    let mut c = Cluster::new(&bin, pg, mq, Dir::Fixed(logs.clone()));
+    c.settings = vec![
+        ("LEASE_TTL", "6s".into()),
+        ("LEASE_POLL_INTERVAL", "500ms".into()),
+        ("LOG_FORMAT", "pretty".into()),
+        ("LOG_LEVEL", "info".into()),
+    ];
     for (name, port) in [("node-a", 8081), ("node-b", 8082)] {
         let port = port_or_free(port);
-        let mut e = env(port);
-        e.push(("LOG_LEVEL", "info".into()));
-        let mut n = NodeProc::spawn(&bin, name, &e, &logs)?;
-        n.http_port = port;
-        nodes.push(n);
+        let i = c.spawn_with(name, &[("HTTP_ADDR", format!("127.0.0.1:{port}"))])?;
+        c.nodes[i].http_port = port;
     }
     // Start publishing once a leader holds the shared session, so the broker queues every message.
     eprintln!("demo: waiting for a leader connected to the broker");
-    let ports: Vec<u16> = nodes.iter().map(|n| n.http_port).collect();
+    let ports: Vec<u16> = c.nodes.iter().map(|n| n.http_port).collect();
     leasehold_testkit::eventually(
         Duration::from_secs(60),
         "a leader connected to the broker",
@@ -91,7 +85,7 @@ async fn main() -> Result<()> {
             "--progress-every",
             "5",
         ])
-        .env("MQTT_URL", mq.url())
+        .env("MQTT_URL", c.mq.url())
         .stdout(Stdio::from(sim_log.try_clone()?))
         .stderr(Stdio::from(sim_log))
         .kill_on_drop(true)
@@ -99,9 +93,9 @@ async fn main() -> Result<()> {
 
     println!();
     println!("Leasehold demo is running. Ctrl-C stops everything it started.");
-    println!("  PostgreSQL  {}", pg.url());
-    println!("  Mosquitto   {}", mq.url());
-    for n in &nodes {
+    println!("  PostgreSQL  {}", c.pg.url());
+    println!("  Mosquitto   {}", c.mq.url());
+    for n in &c.nodes {
         println!(
             "  {:<10}  pid {:<7} http://127.0.0.1:{}/health   /metrics   log {}/{}.log",
             n.name,
@@ -114,15 +108,15 @@ async fn main() -> Result<()> {
     println!("  simulator   20 devices, 50 msg/s, every 500th message malformed (dead letter); log {}/simulator.log", logs.display());
     println!();
     println!("Watch failover: kill -9 the leader's pid below; the other node takes over within LEASE_TTL (6s) + poll.");
-    println!("  {} status --database-url '{}'", bin.display(), pg.url());
+    println!("  {} status --database-url '{}'", bin.display(), c.pg.url());
     println!(
         "  {} step-down --database-url '{}'",
         bin.display(),
-        pg.url()
+        c.pg.url()
     );
     println!();
 
-    let db = pg.client().await?;
+    let db = c.pg.client().await?;
     let mut tick = tokio::time::interval(Duration::from_secs(3));
     loop {
         tokio::select! {
@@ -130,11 +124,12 @@ async fn main() -> Result<()> {
             _ = sim.wait() => { eprintln!("demo: simulator stopped"); break; }
             _ = tick.tick() => {}
         }
-        let leader = leasehold_store::current_leader(&db, LEASE_NAME)
+        let leader = c
+            .leader()
             .await
             .ok()
             .flatten()
-            .map(|l| format!("{} (epoch {})", l.instance_id, l.epoch))
+            .map(|(name, epoch)| format!("{name} (epoch {epoch})"))
             .unwrap_or_else(|| "none".into());
         let rows: i64 = db
             .query_one("SELECT count(*) FROM telemetry", &[])
@@ -147,7 +142,7 @@ async fn main() -> Result<()> {
             .map(|r| r.get(0))
             .unwrap_or(-1);
         let mut alive = Vec::new();
-        for n in &mut nodes {
+        for n in &mut c.nodes {
             let state = match n.try_status() {
                 Some(s) => format!("exited ({s})"),
                 None => match http(n.http_port, "GET", "/metrics").await {
@@ -167,14 +162,14 @@ async fn main() -> Result<()> {
     }
     eprintln!("demo: stopping nodes, simulator, Mosquitto and PostgreSQL");
     let _ = sim.kill().await;
-    for n in &nodes {
+    for n in &c.nodes {
         n.signal(libc::SIGTERM);
     }
-    for n in &mut nodes {
+    for n in &mut c.nodes {
         let _ = n.wait_exit(Duration::from_secs(10)).await;
     }
-    drop(nodes);
-    drop(mq);
-    drop(pg);
+    // The nodes before the servers they use.
+    c.nodes.clear();
+    drop(c);
     Ok(())
 }

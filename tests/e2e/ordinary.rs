@@ -3,12 +3,10 @@
 //! payloads, a lease row that expires under a live leader, a write that hangs in the database,
 //! and timestamp-less readings across a failover. Each test failed before the change it covers.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
+use crate::helpers::{check, msg, Cluster, TTL};
 use anyhow::{ensure, Result};
-use common::{check, msg, Cluster, TTL};
 use leasehold_testkit::publish::{numbered, numbered_untimed, publish_all, Stream};
 use leasehold_testkit::{eventually, http, metric};
 

@@ -1,11 +1,9 @@
 //! Leadership and failover, end to end: real Postgres, real Mosquitto, real `leasehold` processes.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
+use crate::helpers::{check, Cluster, POLL, TTL};
 use anyhow::{ensure, Context, Result};
-use common::{check, Cluster, POLL, TTL};
 use leasehold_testkit::publish::Stream;
 use leasehold_testkit::{eventually, http, metric};
 
@@ -209,7 +207,7 @@ async fn step_down_command_moves_leadership_without_loss() {
         c.spawn("node-b")?;
         let (leader, epoch) = c.wait_leader().await?;
         let stream = stream_until_written(&c, "step-down", &leader, 20).await?;
-        let out = tokio::process::Command::new(common::BIN)
+        let out = tokio::process::Command::new(crate::helpers::BIN)
             .args(["step-down", "--database-url", &c.pg.url()])
             .output()
             .await?;

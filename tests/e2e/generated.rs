@@ -23,15 +23,13 @@
 //! A failing case is shrunk and printed; rerun it with `PROPTEST_CASES` and the printed seed
 //! (`PROPTEST_RNG_SEED`).
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::helpers::Cluster;
 use anyhow::{bail, ensure, Context, Result};
-use common::Cluster;
 use leasehold_decode::{Decoder, Reading};
 use leasehold_ingest::{Acker, Inbound};
 use leasehold_node::writer::{reason_label, Writer, WriterConfig};
@@ -651,7 +649,7 @@ fn class_of(error: &str) -> String {
 /// How many of `sent` are in `telemetry` or `dead_letters` (end to end, to wait for them).
 async fn landed(db: &tokio_postgres::Client, sent: &[Sent]) -> Result<usize> {
     let topics: Vec<&str> = sent.iter().map(|s| s.topic.as_str()).collect();
-    common::topics_landed(db, &topics).await
+    crate::helpers::topics_landed(db, &topics).await
 }
 
 /// A dead letter: reason, bytes kept, size, error text.

@@ -2,12 +2,10 @@
 //! batches, on production nodes only; recent rows and open alerts stay. Old rows are written
 //! directly with SQL and pruning is driven by a short RETENTION_INTERVAL.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::helpers::{check, Cluster, BIN};
 use anyhow::ensure;
-use common::{check, Cluster, BIN};
 use leasehold_testkit::eventually;
 use leasehold_testkit::publish::publish_all;
 

@@ -2,14 +2,12 @@
 //! real Prometheus scraping two running nodes (every dashboard panel must return data),
 //! docker-compose, systemd-analyze, and the systemd notify protocol of a running node.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use crate::helpers::{check, Cluster, BIN};
 use anyhow::{bail, ensure, Context, Result};
-use common::{check, Cluster, BIN};
 use leasehold_testkit::eventually;
 use leasehold_testkit::prometheus::Prometheus;
 use leasehold_testkit::publish::{numbered_from, publish_all, Stream};
@@ -122,7 +120,7 @@ fn systemd_unit_verifies_and_env_examples_name_only_real_settings() -> Result<()
             };
             if k.chars().all(|c| c.is_ascii_uppercase() || c == '_') && !k.is_empty() {
                 ensure!(
-                    leasehold_config::KEYS.contains(&k),
+                    leasehold_config::KEYS.contains(k),
                     "{host}: {k} is not a setting"
                 );
                 keys.push(k.to_string());

@@ -1,59 +1,78 @@
-//! Shared set-up for the end-to-end suite: a private Postgres and Mosquitto per test, real
-//! `leasehold` processes, and queries that check every published message landed exactly once.
-#![allow(dead_code)]
+//! A Leasehold cluster on private servers: one PostgreSQL, one Mosquitto and any number of
+//! `leasehold` node processes, with the queries that say who leads and what was stored. The
+//! end-to-end suite, the demo, chaos and the bench build on it instead of each wiring nodes to
+//! servers its own way.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use leasehold_testkit::{eventually, Mosquitto, NodeProc, Postgres};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_leasehold");
+use crate::{eventually, http, Dir, Mosquitto, NodeProc, Postgres};
 
 /// Test lease timings: TTL 3 s (demotion deadline 2 s, renew every 1 s), poll every 250 ms.
 pub const TTL: Duration = Duration::from_secs(3);
 pub const POLL: Duration = Duration::from_millis(250);
 
+/// The settings a test cluster gives every node: short lease timings and small batches, so that
+/// failover and delivery take moments, not the production defaults' seconds.
+pub fn test_settings() -> Vec<(&'static str, String)> {
+    vec![
+        ("LEASE_TTL", format!("{}ms", TTL.as_millis())),
+        ("LEASE_POLL_INTERVAL", format!("{}ms", POLL.as_millis())),
+        ("BATCH_MAX_WAIT", "20ms".to_string()),
+        ("MQTT_KEEP_ALIVE", "5s".to_string()),
+        ("LOG_FORMAT", "pretty".to_string()),
+    ]
+}
+
 pub struct Cluster {
+    /// The `leasehold` binary every node runs.
+    pub bin: PathBuf,
     pub pg: Postgres,
     pub mq: Mosquitto,
-    pub logs: tempfile::TempDir,
+    /// Where each node's log goes (`<name>.log`).
+    pub logs: Dir,
     pub nodes: Vec<NodeProc>,
+    /// Settings of every node, after the servers' URLs ([`test_settings`] unless built with
+    /// [`Cluster::new`]).
+    pub settings: Vec<(&'static str, String)>,
+    /// A test's own settings, after `settings` (a later entry wins).
     pub extra_env: Vec<(&'static str, String)>,
 }
 
 impl Cluster {
-    pub async fn start() -> Result<Self> {
+    /// Fresh private servers, test settings.
+    pub async fn start(bin: impl Into<PathBuf>) -> Result<Self> {
         let pg = Postgres::start().await?;
         let mq = Mosquitto::start().await?;
-        Self::with_servers(pg, mq)
+        Self::with_servers(bin, pg, mq)
     }
 
-    /// A cluster on servers the test configured itself (TLS, for instance).
-    pub fn with_servers(pg: Postgres, mq: Mosquitto) -> Result<Self> {
-        let logs = tempfile::Builder::new()
-            .prefix("leasehold-test-logs-")
-            .tempdir()?;
-        Ok(Cluster {
+    /// Test settings on servers the caller configured itself (TLS, for instance).
+    pub fn with_servers(bin: impl Into<PathBuf>, pg: Postgres, mq: Mosquitto) -> Result<Self> {
+        let mut c = Self::new(bin, pg, mq, Dir::temp("leasehold-test-logs-")?);
+        c.settings = test_settings();
+        Ok(c)
+    }
+
+    /// Nodes get only the servers' URLs and `extra_env`: the binary's own defaults (the demo).
+    pub fn new(bin: impl Into<PathBuf>, pg: Postgres, mq: Mosquitto, logs: Dir) -> Self {
+        Cluster {
+            bin: bin.into(),
             pg,
             mq,
             logs,
             nodes: Vec::new(),
+            settings: Vec::new(),
             extra_env: Vec::new(),
-        })
+        }
     }
 
     pub fn env(&self) -> Vec<(&'static str, String)> {
-        let mut env = vec![
-            ("DATABASE_URL", self.pg.url()),
-            ("MQTT_URL", self.mq.url()),
-            ("LEASE_TTL", format!("{}ms", TTL.as_millis())),
-            ("LEASE_POLL_INTERVAL", format!("{}ms", POLL.as_millis())),
-            ("BATCH_MAX_WAIT", "20ms".to_string()),
-            ("MQTT_KEEP_ALIVE", "5s".to_string()),
-            ("LOG_FORMAT", "pretty".to_string()),
-        ];
+        let mut env = vec![("DATABASE_URL", self.pg.url()), ("MQTT_URL", self.mq.url())];
+        env.extend(self.settings.iter().cloned());
         env.extend(self.extra_env.iter().cloned());
         env
     }
@@ -66,7 +85,7 @@ impl Cluster {
     pub fn spawn_with(&mut self, name: &str, extra: &[(&'static str, String)]) -> Result<usize> {
         let mut env = self.env();
         env.extend(extra.iter().cloned());
-        let n = NodeProc::spawn(Path::new(BIN), name, &env, self.logs.path())?;
+        let n = NodeProc::spawn(&self.bin, name, &env, self.logs.path())?;
         self.nodes.push(n);
         Ok(self.nodes.len() - 1)
     }
@@ -88,7 +107,7 @@ impl Cluster {
     /// The live lease holder: (instance_id, epoch).
     pub async fn leader(&self) -> Result<Option<(String, i64)>> {
         let c = self.pg.client().await?;
-        let leader = leasehold_store::current_leader(&c, leasehold_testkit::LEASE_NAME).await?;
+        let leader = leasehold_store::current_leader(&c, crate::LEASE_NAME).await?;
         Ok(leader.map(|l| (l.instance_id, l.epoch)))
     }
 
@@ -104,7 +123,7 @@ impl Cluster {
                 let Some(node) = self.nodes.iter().find(|n| n.name == name) else {
                     return Ok(false);
                 };
-                let (code, _) = leasehold_testkit::http(node.http_port, "GET", "/health").await?;
+                let (code, _) = http(node.http_port, "GET", "/health").await?;
                 Ok(code == 200)
             },
         )
@@ -153,7 +172,7 @@ impl Cluster {
 
     /// Runs a `leasehold` command (`status`, `step-down`, ...) against this cluster's database.
     pub fn cli(&self, args: &[&str]) -> Result<std::process::Output> {
-        Ok(std::process::Command::new(BIN)
+        Ok(std::process::Command::new(&self.bin)
             .args(args)
             .args(["--database-url", &self.pg.url()])
             .output()?)

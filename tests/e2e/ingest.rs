@@ -1,12 +1,10 @@
 //! The ingest path end to end: bad input, redelivery, live topic changes, database outage,
 //! configuration errors.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::helpers::{check, msg, Cluster};
 use anyhow::ensure;
-use common::{check, msg, Cluster};
 use leasehold_testkit::publish::{numbered, publish_all, Stream};
 use leasehold_testkit::{eventually, http, metric};
 
@@ -264,7 +262,7 @@ async fn postgres_down_for_ten_seconds_loses_nothing_and_ingest_resumes_by_itsel
 
 /// Runs `leasehold run` with `env` and returns (exit code, stderr).
 fn run_with(env: &[(&str, &str)]) -> (Option<i32>, String) {
-    let mut cmd = std::process::Command::new(common::BIN);
+    let mut cmd = std::process::Command::new(crate::helpers::BIN);
     cmd.arg("run").env_clear();
     for (k, v) in env {
         cmd.env(k, v);
@@ -311,13 +309,13 @@ fn bad_configuration_stops_start_up_with_one_line_naming_the_setting() {
             "{env:?}: leaks a secret: {stderr}"
         );
     }
-    let out = std::process::Command::new(common::BIN)
+    let out = std::process::Command::new(crate::helpers::BIN)
         .args(["run", "--bogus"])
         .output()
         .expect("run");
     assert_eq!(out.status.code(), Some(2));
     for sub in ["run", "migrate", "status", "step-down", "simulate"] {
-        let out = std::process::Command::new(common::BIN)
+        let out = std::process::Command::new(crate::helpers::BIN)
             .args([sub, "--help"])
             .output()
             .expect("help");
@@ -346,13 +344,7 @@ async fn broker_credentials_are_used_and_wrong_ones_are_reported() {
     let extra = format!("allow_anonymous false\npassword_file {}\n", pw.display());
     let mq = Mosquitto::start_with(dir, &extra).await.expect("broker");
     let pg = Postgres::start().await.expect("postgres");
-    let mut c = Cluster {
-        pg,
-        mq,
-        logs: tempfile::tempdir().expect("logs"),
-        nodes: Vec::new(),
-        extra_env: Vec::new(),
-    };
+    let mut c = Cluster::with_servers(pg, mq).expect("cluster");
     let res = async {
         let good = format!("mqtt://ingest:s3cret-pw@127.0.0.1:{}", c.mq.port);
         c.spawn_with("authed", &[("MQTT_URL", good)])?;

@@ -1,12 +1,10 @@
 //! Subscriptions of a large fleet, reconciled on every connect, and refused by the broker: the
 //! real binary against real PostgreSQL and Mosquitto.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::helpers::{check, msg, Cluster};
 use anyhow::{ensure, Context, Result};
-use common::{check, msg, Cluster};
 use leasehold_testkit::publish::{numbered, numbered_from, publish_all};
 use leasehold_testkit::{eventually, http, metric, Dir, Mosquitto, Postgres};
 

@@ -2,12 +2,10 @@
 //! receiver on loopback with retries; `/cluster`, `/health/recent-data`, `/health/alerts` and
 //! `leasehold status`.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::helpers::{check, Cluster};
 use anyhow::{ensure, Context, Result};
-use common::{check, Cluster};
 use leasehold_testkit::publish::{numbered_from, publish_all};
 use leasehold_testkit::webhook::WebhookReceiver;
 use leasehold_testkit::{eventually, http};

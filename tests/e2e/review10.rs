@@ -3,12 +3,10 @@
 //! redelivery rule with ordinary inputs. Each test states what the guarantees promise; a failing
 //! test is a finding (see the review report).
 
-mod common;
-
 use std::time::{Duration, Instant};
 
+use crate::helpers::{check, msg, Cluster};
 use anyhow::{ensure, Result};
-use common::{check, msg, Cluster};
 use leasehold_testkit::publish::{numbered, publish_all};
 use leasehold_testkit::{eventually, http, metric};
 

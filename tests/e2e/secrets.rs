@@ -2,13 +2,11 @@
 //! URL or connection string can carry one, and none of them may appear in its logs (pretty and
 //! JSON, at debug level), in any HTTP answer, or in the output of the CLI, errors included.
 
-mod common;
-
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use crate::helpers::{check, Cluster, BIN};
 use anyhow::{ensure, Context, Result};
-use common::{check, Cluster, BIN};
 use leasehold_testkit::publish::{numbered_from, publish_all};
 use leasehold_testkit::webhook::WebhookReceiver;
 use leasehold_testkit::{eventually, free_port, http};

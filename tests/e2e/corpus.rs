@@ -5,13 +5,11 @@
 //! dead letter with the reason named), every good reading must be stored exactly once (the stream
 //! never stalls behind a bad payload), and the node must stay live.
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
+use crate::helpers::{check, Cluster};
 use anyhow::{bail, ensure, Context, Result};
-use common::{check, Cluster};
 use leasehold_testkit::publish::{numbered, publish_all};
 use leasehold_testkit::{eventually, http};
 
@@ -105,7 +103,8 @@ async fn every_corpus_payload_ends_as_its_readme_says_and_the_stream_never_stall
         c.assert_exactly_once("corpus", seq).await?;
         let db = c.pg.client().await?;
         let topics: Vec<&str> = cases.iter().map(|c| c.topic.as_str()).collect();
-        let landed = || async { Ok(common::topics_landed(&db, &topics).await? == cases.len()) };
+        let landed =
+            || async { Ok(crate::helpers::topics_landed(&db, &topics).await? == cases.len()) };
         eventually(Duration::from_secs(20), "every corpus file landed", landed).await?;
         let mut wrong = Vec::new();
         for case in &cases {

@@ -1,12 +1,10 @@
 //! G5 in bytes: a backlog of large payloads drains with the leader's memory bounded by
 //! MAX_PENDING_BYTES, not by MAX_PENDING messages.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::helpers::{check, Cluster};
 use anyhow::ensure;
-use common::{check, Cluster};
 use leasehold_testkit::publish::publish_all;
 use leasehold_testkit::{eventually, http, memory_of, metric};
 

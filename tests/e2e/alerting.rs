@@ -2,39 +2,27 @@
 //! observers never evaluate or write alerts; checks are rate-limited; evaluation has its own
 //! database connection, so neither a flood nor a blocked evaluation delays heartbeats.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
+use crate::helpers::{check, Cluster};
 use anyhow::{ensure, Context, Result};
-use common::{check, Cluster};
-use leasehold_testkit::{eventually, http};
+use leasehold_testkit::{eventually, http, http_full};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// `POST /health/alerts/check`: (status, Retry-After, body).
 async fn post_check(port: u16) -> Result<(u16, Option<u64>, String)> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    s.write_all(
-        b"POST /health/alerts/check HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+    let (status, headers, body) = http_full(
+        port,
+        "POST",
+        "/health/alerts/check",
+        Duration::from_secs(15),
     )
     .await?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut buf)).await??;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").context("no header end")?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("no status")?;
-    let retry_after = head.lines().find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.eq_ignore_ascii_case("retry-after")
-            .then(|| v.trim().parse().ok())
-            .flatten()
-    });
-    Ok((status, retry_after, body.to_string()))
+    let retry_after = headers
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok());
+    Ok((status, retry_after, body))
 }
 
 async fn alert_writers(c: &Cluster) -> Result<Vec<String>> {

@@ -2,12 +2,10 @@
 //! stored in the cluster's database, so a node pointed at another database is another cluster
 //! to the broker and can never take the production session.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::helpers::{check, Cluster};
 use anyhow::{ensure, Context, Result};
-use common::{check, Cluster};
 use leasehold_testkit::publish::{numbered, publish_all};
 use leasehold_testkit::{eventually, http, metric, Postgres};
 use serde_json::Value;
@@ -141,7 +139,7 @@ async fn stored_identity(pg: &Postgres) -> Result<String> {
 }
 
 fn migrate(url: &str) -> Result<()> {
-    let out = std::process::Command::new(common::BIN)
+    let out = std::process::Command::new(crate::helpers::BIN)
         .args(["migrate", "--database-url", url])
         .output()?;
     ensure!(

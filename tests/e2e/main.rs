@@ -1,0 +1,23 @@
+//! The end-to-end suite as one test binary: each module was a binary of its own, and each of
+//! them linked the whole workspace; now it is linked once. Shared set-up is in [`helpers`]; the
+//! cluster itself is `leasehold_testkit::cluster`.
+
+mod helpers;
+
+mod alerting;
+mod chaos;
+mod components;
+mod corpus;
+mod deploy;
+mod failover;
+mod generated;
+mod identity;
+mod ingest;
+mod memory;
+mod operations;
+mod ordinary;
+mod retention;
+mod review10;
+mod secrets;
+mod subscriptions;
+mod tls;
