@@ -114,7 +114,7 @@ impl Env {
     pub(crate) async fn wait_leader(&self) -> Result<(String, i64)> {
         eventually(
             Duration::from_secs(30),
-            "a leader connected to the broker",
+            "a leader connected to the broker and subscribed",
             || async {
                 let Some((name, _)) = self.leader().await? else {
                     return Ok(false);
@@ -124,8 +124,18 @@ impl Env {
                 };
                 let Some(p) = &n.proc else { return Ok(false) };
                 let (_, m) = http(p.http_port, "GET", "/metrics").await?;
-                Ok(metric(&m, "leasehold_mqtt_connected") == Some(1.0)
-                    && metric(&m, "leasehold_lease_is_leader") == Some(1.0))
+                if metric(&m, "leasehold_lease_is_leader") != Some(1.0) {
+                    return Ok(false);
+                }
+                // Connected is not enough: what is published before the session's SUBACK is
+                // not queued for it (a first session ever, or one the broker lost).
+                let (_, body) = http(p.http_port, "GET", "/health/mqtt").await?;
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                let subs = &v["subscriptions"];
+                Ok(v["connected"] == true
+                    && subs["ledger_loaded"] == true
+                    && subs["pending"] == 0
+                    && subs["subscribed"].as_u64().unwrap_or(0) > 0)
             },
         )
         .await?;
