@@ -2,7 +2,7 @@
 //!
 //! # Layout
 //! - [`metrics()`]: the process-wide registry of every exported metric (listed in
-//!   docs/operations in `docs/runbook.md`). Only [`events`] change it.
+//!   `docs/interfaces.md`, "Metrics"). Only [`events`] change it.
 //! - [`events`]: one struct per notable event; `emit()` writes the log line and moves the metric,
 //!   so the two can never disagree.
 //! - [`status`]: the node's own state as typed values ([`NodeStatus`], a `watch` channel),
