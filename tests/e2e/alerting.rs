@@ -76,7 +76,7 @@ async fn an_observer_never_evaluates_or_writes_alerts() {
             "the observer wrote alerts: {:?}",
             alert_writers(&c).await?
         );
-        let port = c.node("laptop").http_port;
+        let port = c.node("laptop").http_port();
         let (code, _, body) = post_check(port).await?;
         ensure!(code == 409, "an observer's check answers 409: {code} {body}");
         let v: Value = serde_json::from_str(&body)?;
@@ -122,7 +122,7 @@ async fn alert_checks_are_rate_limited() {
     let res = async {
         c.spawn("node-a")?;
         c.wait_leader().await?;
-        let port = c.node("node-a").http_port;
+        let port = c.node("node-a").http_port();
 
         // A flood: 32 clients posting checks back to back for 3 s.
         let started = Instant::now();
@@ -195,7 +195,7 @@ async fn a_blocked_alert_evaluation_never_delays_heartbeats() {
     let res = async {
         c.spawn("node-a")?;
         c.wait_leader().await?;
-        let port = c.node("node-a").http_port;
+        let port = c.node("node-a").http_port();
 
         // An evaluation blocked on the alerts table holds its connection for as long as the
         // lock is held: heartbeats must go on.

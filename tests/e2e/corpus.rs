@@ -144,7 +144,7 @@ async fn every_corpus_payload_ends_as_its_readme_says_and_the_stream_never_stall
             }
         }
         ensure!(wrong.is_empty(), "{}", wrong.join("\n"));
-        let (code, body) = http(c.node("node-a").http_port, "GET", "/health/live").await?;
+        let (code, body) = http(c.node("node-a").http_port(), "GET", "/health/live").await?;
         ensure!(code == 200, "/health/live {code}: {body}");
         ensure!(c.node_mut("node-a").try_status().is_none(), "node exited");
         println!(

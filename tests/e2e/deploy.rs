@@ -215,7 +215,7 @@ async fn every_grafana_panel_query_returns_data_from_a_real_prometheus_scraping_
         let targets: Vec<String> = c
             .nodes
             .iter()
-            .map(|n| format!("127.0.0.1:{}", n.http_port))
+            .map(|n| format!("127.0.0.1:{}", n.http_port()))
             .collect();
         let rules = root().join("deploy/prometheus/rules.yml");
         let prom = Prometheus::start(&targets, &[rules.as_path()]).await?;

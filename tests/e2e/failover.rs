@@ -39,14 +39,14 @@ async fn two_nodes_exactly_one_leader_and_the_standby_writes_nothing() {
             "leadership changed without a fault"
         );
         // Each node's own view agrees.
-        let (code, body) = http(c.node(&standby).http_port, "GET", "/health/lease").await?;
+        let (code, body) = http(c.node(&standby).http_port(), "GET", "/health/lease").await?;
         ensure!(
             code == 200 && body.contains("\"role\":\"standby\""),
             "standby view: {body}"
         );
-        let (_, body) = http(c.node(&leader).http_port, "GET", "/health/lease").await?;
+        let (_, body) = http(c.node(&leader).http_port(), "GET", "/health/lease").await?;
         ensure!(body.contains("\"role\":\"leader\""), "leader view: {body}");
-        let (_, m) = http(c.node(&standby).http_port, "GET", "/metrics").await?;
+        let (_, m) = http(c.node(&standby).http_port(), "GET", "/metrics").await?;
         ensure!(
             metric(&m, "leasehold_lease_is_leader") == Some(0.0),
             "standby metric"
@@ -55,7 +55,7 @@ async fn two_nodes_exactly_one_leader_and_the_standby_writes_nothing() {
             metric(&m, "leasehold_messages_written_total") == Some(0.0),
             "standby wrote"
         );
-        let (_, m) = http(c.node(&leader).http_port, "GET", "/metrics").await?;
+        let (_, m) = http(c.node(&leader).http_port(), "GET", "/metrics").await?;
         ensure!(
             metric(&m, "leasehold_lease_is_leader") == Some(1.0),
             "leader metric"
@@ -123,7 +123,7 @@ async fn sigstopped_leader_is_fenced_and_does_not_fight_for_the_client_id() {
             .await?;
         // Resume the old leader well past its TTL and let it run alongside the new one.
         c.node(&leader).signal(libc::SIGCONT);
-        let node_old = c.node(&leader).http_port;
+        let node_old = c.node(&leader).http_port();
         eventually(
             Duration::from_secs(10),
             "the resumed node to see itself as standby",
@@ -152,7 +152,7 @@ async fn sigstopped_leader_is_fenced_and_does_not_fight_for_the_client_id() {
             "leadership went back: {new_leader} epoch {new_epoch}"
         );
         // No client-id fight: the new leader's broker connection was never taken over.
-        let (_, m) = http(c.node(&standby).http_port, "GET", "/metrics").await?;
+        let (_, m) = http(c.node(&standby).http_port(), "GET", "/metrics").await?;
         ensure!(
             metric(&m, "leasehold_mqtt_reconnects_total") == Some(0.0),
             "new leader was disconnected:\n{m}"
@@ -240,7 +240,7 @@ async fn development_mode_observes_without_writing_or_leading() {
     let mut c = Cluster::start().await.expect("servers");
     let res = async {
         c.spawn_with("laptop", &[("MQTT_MODE", "development".to_string())])?;
-        let port = c.node("laptop").http_port;
+        let port = c.node("laptop").http_port();
         eventually(
             Duration::from_secs(15),
             "the observer connected",
@@ -298,7 +298,7 @@ async fn a_demotion_that_hangs_is_ended_by_the_watchdog_before_the_ttl() {
         let stolen = Instant::now();
         // Between the deadline and the watchdog's exit the process is stuck: it must not look
         // live to an orchestrator.
-        let port = c.node("hangs").http_port;
+        let port = c.node("hangs").http_port();
         let mut seen_not_live = false;
         while c.node_mut("hangs").try_status().is_none() && stolen.elapsed() < TTL * 3 {
             if let Ok((503, body)) = http(port, "GET", "/health/live").await {
@@ -340,7 +340,7 @@ async fn disabled_mode_serves_health_without_mqtt_or_the_lease() {
                 ("MQTT_URL", "mqtt://127.0.0.1:1".to_string()),
             ],
         )?;
-        let port = c.node("ops").http_port;
+        let port = c.node("ops").http_port();
         eventually(Duration::from_secs(15), "healthy", || async {
             Ok(http(port, "GET", "/health").await?.0 == 200)
         })

@@ -941,7 +941,7 @@ fn the_binary_puts_every_generated_message_in_exactly_one_place() {
     let outcomes = Seen::default();
     let began = Instant::now();
     let port = c.mq.port;
-    let http_port = c.node("node-a").http_port;
+    let http_port = c.node("node-a").http_port();
     let result = runner.run(&case(24), |case| {
         let run = format!("e{}", CASE_NO.fetch_add(1, Ordering::SeqCst));
         let sent = messages(&case, &run);

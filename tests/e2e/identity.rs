@@ -18,7 +18,7 @@ async fn get_json(port: u16, path: &str) -> Result<(u16, Value)> {
 
 /// Waits until `name` answers /health 200 and has subscribed to its topics.
 async fn wait_subscribed(c: &Cluster, name: &str) -> Result<()> {
-    let port = c.node(name).http_port;
+    let port = c.node(name).http_port();
     eventually(
         Duration::from_secs(30),
         &format!("{name} connected and subscribed"),
@@ -34,7 +34,7 @@ async fn wait_subscribed(c: &Cluster, name: &str) -> Result<()> {
 
 /// (client id, "derived" | "explicit") as the node reports it on /health/mqtt.
 async fn client_id_of(c: &Cluster, name: &str) -> Result<(String, String)> {
-    let (_, v) = get_json(c.node(name).http_port, "/health/mqtt").await?;
+    let (_, v) = get_json(c.node(name).http_port(), "/health/mqtt").await?;
     let field = |k: &str| {
         v[k].as_str()
             .map(str::to_string)
@@ -86,7 +86,7 @@ async fn a_laptop_with_the_production_env_and_its_own_database_cannot_take_the_p
         c.assert_exactly_once("identity", N).await?;
 
         // Production was never displaced from its session.
-        let (_, m) = http(c.node("prod-a").http_port, "GET", "/metrics").await?;
+        let (_, m) = http(c.node("prod-a").http_port(), "GET", "/metrics").await?;
         ensure!(
             metric(&m, "leasehold_mqtt_client_id_conflicts_total") == Some(0.0),
             "prod-a saw its client id taken"
@@ -203,7 +203,7 @@ async fn the_cluster_identity_survives_restarts_and_differs_between_databases() 
 
         // An explicit MQTT_CLIENT_ID wins, and is warned about in the log, /health and status.
         c.spawn_with("pinned", &[("MQTT_CLIENT_ID", "plant-7".into())])?;
-        let port = c.node("pinned").http_port;
+        let port = c.node("pinned").http_port();
         eventually(
             Duration::from_secs(30),
             "pinned serving HTTP",
@@ -211,7 +211,7 @@ async fn the_cluster_identity_survives_restarts_and_differs_between_databases() 
         )
         .await?;
         ensure!(client_id_of(&c, "pinned").await? == ("plant-7".into(), "explicit".into()));
-        let (_, health) = get_json(c.node("pinned").http_port, "/health").await?;
+        let (_, health) = get_json(c.node("pinned").http_port(), "/health").await?;
         ensure!(
             health["warnings"][0]
                 .as_str()

@@ -77,7 +77,7 @@ async fn bad_payloads_go_to_dead_letters_and_the_good_ones_around_them_are_store
         }
         // The node kept going and says so.
         ensure!(c.node_mut("node-a").try_status().is_none(), "node exited");
-        let (_, m) = http(c.node("node-a").http_port, "GET", "/metrics").await?;
+        let (_, m) = http(c.node("node-a").http_port(), "GET", "/metrics").await?;
         ensure!(
             m.contains("leasehold_messages_dead_lettered_total{reason=\"not_json\"} 2"),
             "metrics:\n{m}"
@@ -123,7 +123,7 @@ async fn the_same_reading_published_twice_is_stored_once() {
         .await?;
         publish_all(c.mq.port, vec![msg(t, numbered("dup", "d2", 1))]).await?;
         c.assert_exactly_once("dup", 2).await?;
-        let port = c.node("node-a").http_port;
+        let port = c.node("node-a").http_port();
         eventually(Duration::from_secs(5), "duplicates counted", || async {
             let (_, m) = http(port, "GET", "/metrics").await?;
             Ok(metric(&m, "leasehold_messages_duplicate_total") == Some(2.0))
@@ -205,7 +205,7 @@ async fn a_device_row_inserted_while_running_is_subscribed_within_seconds() {
             &[],
         )
         .await?;
-        let port = c.node("node-a").http_port;
+        let port = c.node("node-a").http_port();
         eventually(
             Duration::from_secs(10),
             "the topic unsubscribed",
@@ -359,7 +359,7 @@ async fn broker_credentials_are_used_and_wrong_ones_are_reported() {
             .await?;
         let bad = format!("mqtt://ingest:wrong@127.0.0.1:{}", c.mq.port);
         c.spawn_with("refused", &[("MQTT_URL", bad)])?;
-        let port = c.node("refused").http_port;
+        let port = c.node("refused").http_port();
         eventually(
             Duration::from_secs(15),
             "a refused connection logged",
@@ -408,7 +408,7 @@ async fn a_backlog_beyond_max_pending_waits_at_the_broker_and_arrives_exactly_on
         publish_all(c.mq.port, msgs).await?;
         c.spawn("node-b")?;
         c.assert_exactly_once("backlog", n).await?;
-        let (_, m) = http(c.node("node-b").http_port, "GET", "/metrics").await?;
+        let (_, m) = http(c.node("node-b").http_port(), "GET", "/metrics").await?;
         let peak_pending = m.contains("leasehold_messages_pending");
         ensure!(peak_pending, "pending metric missing");
         println!(
@@ -430,7 +430,7 @@ async fn a_backlog_beyond_max_pending_waits_at_the_broker_and_arrives_exactly_on
         )
         .await?;
         c.assert_exactly_once("marker", 1).await?;
-        let (_, m) = http(c.node("node-c").http_port, "GET", "/metrics").await?;
+        let (_, m) = http(c.node("node-c").http_port(), "GET", "/metrics").await?;
         let received = metric(&m, "leasehold_messages_received_total");
         ensure!(
             received == Some(1.0),

@@ -40,7 +40,7 @@ async fn a_backlog_of_200_kib_payloads_drains_with_bounded_memory() {
 
         c.spawn("node-b")?;
         let pid = c.node("node-b").pid();
-        let port = c.node("node-b").http_port;
+        let port = c.node("node-b").http_port();
         let peak = std::cell::Cell::new(0.0f64);
         eventually(Duration::from_secs(120), "the backlog stored", || async {
             if let Ok((_, m)) = http(port, "GET", "/metrics").await {

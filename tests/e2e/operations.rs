@@ -160,20 +160,20 @@ async fn stale_data_and_dead_letters_open_escalate_resolve_and_are_posted_once_w
         let again = wait_open(&c, "data_stale", "critical").await?;
         ensure!(stale == again, "escalation opened a second alert");
         wait_post(&hook, "data_stale", "escalated", stale).await?;
-        let (code, body) = http(c.node("node-b").http_port, "GET", "/health/recent-data").await?;
+        let (code, body) = http(c.node("node-b").http_port(), "GET", "/health/recent-data").await?;
         ensure!(code == 503, "critical data age answers 503: {code} {body}");
         ensure!(body.contains(r#""status":"critical""#), "{body}");
 
         // Data flows again: resolved.
         publish_all(c.mq.port, vec![reading("d1", 1)]).await?;
         wait_resolved(&c, "data_stale", stale).await?;
-        let (code, body) = http(c.node("node-a").http_port, "GET", "/health/recent-data").await?;
+        let (code, body) = http(c.node("node-a").http_port(), "GET", "/health/recent-data").await?;
         ensure!(
             code == 200 && body.contains(r#""status":"ok""#),
             "{code} {body}"
         );
 
-        let (_, alerts) = http(c.node("node-a").http_port, "GET", "/health/alerts").await?;
+        let (_, alerts) = http(c.node("node-a").http_port(), "GET", "/health/alerts").await?;
         let v: Value = serde_json::from_str(&alerts)?;
         let recent = v["recent"].as_array().context("recent alerts")?;
         ensure!(
@@ -238,7 +238,7 @@ async fn no_leader_and_leader_off_the_broker_are_raised_by_the_nodes_that_remain
             .get(0);
         ensure!(by == "watcher", "no_leader opened by {by}");
         wait_post(&hook, "no_leader", "opened", none).await?;
-        let (_, status) = http(c.node("watcher").http_port, "GET", "/health/alerts").await?;
+        let (_, status) = http(c.node("watcher").http_port(), "GET", "/health/alerts").await?;
         ensure!(status.contains(r#""kind":"no_leader""#), "{status}");
 
         // A replacement takes over: resolved.
@@ -263,7 +263,7 @@ async fn client_id_fight_lost_session_and_flapping_are_alerts() {
         let (leader, _) = c.wait_leader().await?;
 
         // A stray process with the cluster's client id keeps taking the connection.
-        let (_, body) = http(c.node(&leader).http_port, "GET", "/health/mqtt").await?;
+        let (_, body) = http(c.node(&leader).http_port(), "GET", "/health/mqtt").await?;
         let v: Value = serde_json::from_str(&body)?;
         let client_id = v["client_id"].as_str().context("client_id")?.to_string();
         let rogue = tokio::spawn(fight(client_id, c.mq.port));
@@ -349,7 +349,7 @@ async fn cluster_view_recent_data_coverage_and_status() {
         })
         .await?;
 
-        let (code, body) = http(c.node("node-b").http_port, "GET", "/health/recent-data").await?;
+        let (code, body) = http(c.node("node-b").http_port(), "GET", "/health/recent-data").await?;
         ensure!(code == 200, "{code} {body}");
         let v: Value = serde_json::from_str(&body)?;
         ensure!(v["status"] == "ok", "{body}");
@@ -368,14 +368,14 @@ async fn cluster_view_recent_data_coverage_and_status() {
             Duration::from_secs(15),
             "both nodes in /cluster",
             || async {
-                let (_, body) = http(c.node("node-b").http_port, "GET", "/cluster").await?;
+                let (_, body) = http(c.node("node-b").http_port(), "GET", "/cluster").await?;
                 let v: Value = serde_json::from_str(&body)?;
                 Ok(v["nodes_alive"] == 2)
             },
         )
         .await?;
         for n in ["node-a", "node-b"] {
-            let (code, body) = http(c.node(n).http_port, "GET", "/cluster").await?;
+            let (code, body) = http(c.node(n).http_port(), "GET", "/cluster").await?;
             ensure!(code == 200, "{code} {body}");
             let v: Value = serde_json::from_str(&body)?;
             ensure!(v["leader"]["instance_id"] == leader.as_str(), "{body}");
@@ -416,14 +416,14 @@ async fn cluster_view_recent_data_coverage_and_status() {
             "/health/alerts",
         ] {
             for n in ["node-a", "node-b"] {
-                let (_, body) = http(c.node(n).http_port, "GET", path).await?;
+                let (_, body) = http(c.node(n).http_port(), "GET", path).await?;
                 ensure!(
                     !body.contains("mqtt-secret-value"),
                     "{n} {path} shows the password"
                 );
             }
         }
-        let (code, _) = http(c.node("node-a").http_port, "POST", "/health/alerts/check").await?;
+        let (code, _) = http(c.node("node-a").http_port(), "POST", "/health/alerts/check").await?;
         ensure!(code == 200, "alerts check: {code}");
         for n in ["node-a", "node-b"] {
             ensure!(

@@ -11,7 +11,7 @@ use leasehold_testkit::publish::{numbered, numbered_untimed, publish_all, Stream
 use leasehold_testkit::{eventually, http, metric};
 
 async fn metric_reaches(c: &Cluster, node: &str, name: &str, want: f64) -> Result<()> {
-    let port = c.node(node).http_port;
+    let port = c.node(node).http_port();
     eventually(
         Duration::from_secs(10),
         &format!("{name} = {want}"),
@@ -289,7 +289,7 @@ async fn a_lease_row_expired_under_a_live_leader_does_not_leave_a_zombie() {
             .await?;
         let n = stream.stop().await?;
         c.assert_exactly_once("zombie", n).await?;
-        let (code, _) = http(c.node("node-a").http_port, "GET", "/health/live").await?;
+        let (code, _) = http(c.node("node-a").http_port(), "GET", "/health/live").await?;
         ensure!(code == 200, "/health/live {code}");
         Ok(())
     }
@@ -466,7 +466,7 @@ async fn a_node_clock_running_ahead_does_not_hide_stale_data() {
                 == 1,
             "a timestamp-less reading is stamped on the database's clock"
         );
-        let port = c.node("node-a").http_port;
+        let port = c.node("node-a").http_port();
         eventually(
             Duration::from_secs(15),
             "recent-data says warning",

@@ -13,7 +13,7 @@ use leasehold_testkit::{eventually, http, metric};
 /// Every message ends up as a telemetry row or a dead letter (or is a counted duplicate of
 /// one): waits until `rows + dead letters + duplicates` reaches `n` or 10 s pass.
 async fn outcomes(c: &Cluster, node: &str, n: i64) -> Result<(i64, i64, f64)> {
-    let port = c.node(node).http_port;
+    let port = c.node(node).http_port();
     let read = || async {
         let rows = c.count("SELECT count(*) FROM telemetry").await?;
         let dead = c.count("SELECT count(*) FROM dead_letters").await?;
@@ -185,8 +185,8 @@ async fn a_dead_letter_refused_by_an_operator_trigger_does_not_stop_the_stream()
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let res = c.assert_exactly_once("after", n).await;
-        let (_, m) = http(c.node("node-a").http_port, "GET", "/metrics").await?;
-        let (hc, health) = http(c.node("node-a").http_port, "GET", "/health").await?;
+        let (_, m) = http(c.node("node-a").http_port(), "GET", "/metrics").await?;
+        let (hc, health) = http(c.node("node-a").http_port(), "GET", "/health").await?;
         println!(
             "write errors: {:?}, pending: {:?}, /health {hc}: {health}",
             metric(&m, "leasehold_write_errors_total{kind=\"db\"}"),
@@ -268,7 +268,7 @@ async fn a_trigger_refusing_every_reading_still_drains_the_stream_at_a_usable_ra
 }
 
 async fn received(c: &Cluster, node: &str) -> Result<f64> {
-    let (_, m) = http(c.node(node).http_port, "GET", "/metrics").await?;
+    let (_, m) = http(c.node(node).http_port(), "GET", "/metrics").await?;
     Ok(metric(&m, "leasehold_messages_received_total").unwrap_or(0.0))
 }
 
@@ -352,7 +352,7 @@ async fn a_new_publish_redelivered_after_a_crash_is_not_collapsed_onto_an_older_
             Ok(c.count("SELECT count(*) FROM telemetry WHERE device_id = 'switch'").await? == 2)
         })
         .await;
-        let (_, m) = http(c.node("node-b").http_port, "GET", "/metrics").await?;
+        let (_, m) = http(c.node("node-b").http_port(), "GET", "/metrics").await?;
         ensure!(
             waited.is_ok(),
             "the switch published twice, {} row(s) stored; node-b counted {:?} duplicate(s), {:?} received",

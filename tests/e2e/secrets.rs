@@ -129,7 +129,7 @@ async fn no_form_of_a_secret_appears_in_logs_answers_or_cli_output() {
             Duration::from_secs(15),
             "both nodes in /cluster",
             || async {
-                let (_, body) = http(c.node("node-a").http_port, "GET", "/cluster").await?;
+                let (_, body) = http(c.node("node-a").http_port(), "GET", "/cluster").await?;
                 let v: Value = serde_json::from_str(&body)?;
                 Ok(v["nodes_alive"] == 2)
             },
@@ -141,7 +141,7 @@ async fn no_form_of_a_secret_appears_in_logs_answers_or_cli_output() {
         .await?;
 
         for n in ["node-a", "node-b"] {
-            let port = c.node(n).http_port;
+            let port = c.node(n).http_port();
             for path in [
                 "/health",
                 "/health/live",

@@ -40,7 +40,7 @@ async fn wait_subscribed(
     subscribed: usize,
     reconnects: f64,
 ) -> Result<()> {
-    let port = c.node(node).http_port;
+    let port = c.node(node).http_port();
     eventually(
         Duration::from_secs(60),
         &format!("{subscribed} topic filters subscribed after {reconnects} reconnect(s)"),
@@ -265,7 +265,7 @@ async fn a_filter_the_broker_refuses_is_reported_counted_alerted_and_the_rest_fl
         .await?;
         c.spawn("node-a")?;
         c.wait_leader().await?;
-        let port = c.node("node-a").http_port;
+        let port = c.node("node-a").http_port();
 
         // /health/mqtt names the filter, with the broker's answer, and retries it.
         let body = std::sync::Mutex::new(String::new());
@@ -368,7 +368,7 @@ async fn a_device_topic_the_broker_would_disconnect_for_is_ignored_and_the_other
         )
         .await?;
         c.assert_exactly_once("flow", 2).await?;
-        let (_, m) = http(c.node("node-a").http_port, "GET", "/metrics").await?;
+        let (_, m) = http(c.node("node-a").http_port(), "GET", "/metrics").await?;
         ensure!(
             metric(&m, "leasehold_mqtt_reconnects_total") == Some(0.0),
             "the connection was dropped"

@@ -183,7 +183,7 @@ async fn an_untrusted_broker_certificate_is_never_used_and_bad_tls_settings_stop
                 ("MQTT_CLIENT_KEY", p(&certs.client_key)),
             ],
         )?;
-        let port = c.node("node-a").http_port;
+        let port = c.node("node-a").http_port();
         eventually(
             Duration::from_secs(20),
             "a refused TLS handshake logged",

@@ -112,7 +112,7 @@ pub async fn latency_run(rig: &Rig<'_>, run: &str, rate: u64, n: u64) -> Result<
 
 /// The leader's own account of its batches, from its metrics.
 pub async fn leader_summary(node: &NodeProc) -> String {
-    let Ok((_, m)) = http(node.http_port, "GET", "/metrics").await else {
+    let Ok((_, m)) = http(node.http_port(), "GET", "/metrics").await else {
         return "no metrics".into();
     };
     let g = |k: &str| metric(&m, k).unwrap_or(f64::NAN);
@@ -137,7 +137,7 @@ pub async fn stop_node(node: &mut NodeProc) -> Result<()> {
 
 pub async fn wait_leading(node: &NodeProc) -> Result<()> {
     eventually(Duration::from_secs(30), "the leader connected", || async {
-        let (_, m) = http(node.http_port, "GET", "/metrics").await?;
+        let (_, m) = http(node.http_port(), "GET", "/metrics").await?;
         Ok(metric(&m, "leasehold_lease_is_leader") == Some(1.0)
             && metric(&m, "leasehold_mqtt_connected") == Some(1.0))
     })

@@ -123,13 +123,13 @@ impl Env {
                     return Ok(false);
                 };
                 let Some(p) = &n.proc else { return Ok(false) };
-                let (_, m) = http(p.http_port, "GET", "/metrics").await?;
+                let (_, m) = http(p.http_port(), "GET", "/metrics").await?;
                 if metric(&m, "leasehold_lease_is_leader") != Some(1.0) {
                     return Ok(false);
                 }
                 // Connected is not enough: what is published before the session's SUBACK is
                 // not queued for it (a first session ever, or one the broker lost).
-                let (_, body) = http(p.http_port, "GET", "/health/mqtt").await?;
+                let (_, body) = http(p.http_port(), "GET", "/health/mqtt").await?;
                 let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
                 let subs = &v["subscriptions"];
                 Ok(v["connected"] == true

@@ -188,7 +188,7 @@ async fn most_leaders_at_once(env: &Env, window: Duration) -> usize {
         let mut leaders = 0;
         for n in &env.nodes {
             if let Some(p) = &n.proc {
-                if let Ok((_, m)) = http(p.http_port, "GET", "/metrics").await {
+                if let Ok((_, m)) = http(p.http_port(), "GET", "/metrics").await {
                     if metric(&m, "leasehold_lease_is_leader") == Some(1.0) {
                         leaders += 1;
                     }

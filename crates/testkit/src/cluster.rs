@@ -123,7 +123,7 @@ impl Cluster {
                 let Some(node) = self.nodes.iter().find(|n| n.name == name) else {
                     return Ok(false);
                 };
-                let (code, _) = http(node.http_port, "GET", "/health").await?;
+                let (code, _) = http(node.http_port(), "GET", "/health").await?;
                 Ok(code == 200)
             },
         )

@@ -478,7 +478,23 @@ pub struct NodeProc {
     pub name: String,
     child: Child,
     log: PathBuf,
-    pub http_port: u16,
+    /// Where this process's lines start in `log` (a log file may hold earlier runs').
+    log_from: u64,
+    /// The port the node bound (it binds port 0 unless `HTTP_ADDR` is given): read from its log.
+    port: std::sync::OnceLock<u16>,
+}
+
+/// The port in a node's "HTTP listening" log line (`http_url=http://127.0.0.1:PORT`, pretty or
+/// JSON).
+fn listening_port(log: &str) -> Option<u16> {
+    let line = log.lines().find(|l| l.contains("HTTP listening"))?;
+    let url = &line[line.find("http://")? + "http://".len()..];
+    let end = url
+        .find(|c: char| {
+            !(c.is_ascii_alphanumeric() || c == '.' || c == ':' || c == '[' || c == ']')
+        })
+        .unwrap_or(url.len());
+    url[..end].rsplit(':').next()?.parse().ok()
 }
 
 /// Peak resident memory (VmHWM) and current resident memory (VmRSS) of `pid`, in bytes.
@@ -496,17 +512,18 @@ pub fn memory_of(pid: u32) -> Option<(u64, u64)> {
 }
 
 impl NodeProc {
-    /// Starts `bin run` with `env` (plus HTTP_ADDR on a free port and INSTANCE_ID=`name`).
+    /// Starts `bin run` with `env` (plus INSTANCE_ID=`name`, and HTTP on port 0: the node says
+    /// in its log which port it got, so no two tests race for one).
     pub fn spawn(bin: &Path, name: &str, env: &[(&str, String)], log_dir: &Path) -> Result<Self> {
-        let http_port = free_port()?;
         let log = log_dir.join(format!("{name}.log"));
         let file = File::options().create(true).append(true).open(&log)?;
+        let log_from = file.metadata()?.len();
         let mut cmd = Command::new(bin);
         cmd.arg("run")
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("INSTANCE_ID", name)
-            .env("HTTP_ADDR", format!("127.0.0.1:{http_port}"))
+            .env("HTTP_ADDR", "127.0.0.1:0")
             .env("LOG_LEVEL", "info,leasehold=debug")
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
@@ -521,7 +538,32 @@ impl NodeProc {
             name: name.to_string(),
             child,
             log,
-            http_port,
+            log_from,
+            port: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// The node's HTTP port, once it has bound it (waits up to 15 s for the log line).
+    ///
+    /// # Panics
+    /// When the node never says where it listens (it failed before binding): a test that asks
+    /// for the port of a node that did not start has nothing else to do.
+    pub fn http_port(&self) -> u16 {
+        *self.port.get_or_init(|| {
+            let started = Instant::now();
+            loop {
+                let log = self.log();
+                if let Some(p) = listening_port(&log) {
+                    return p;
+                }
+                if started.elapsed() > Duration::from_secs(15) {
+                    panic!(
+                        "{} never said where it listens (no \"HTTP listening\" line):\n{log}",
+                        self.name
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
         })
     }
 
@@ -529,8 +571,11 @@ impl NodeProc {
         self.child.id()
     }
 
+    /// This process's log (not earlier runs' lines in the same file).
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        let all = std::fs::read(&self.log).unwrap_or_default();
+        let from = (self.log_from as usize).min(all.len());
+        String::from_utf8_lossy(&all[from..]).into_owned()
     }
 
     pub fn signal(&self, sig: i32) {

@@ -44,12 +44,11 @@ async fn main() -> Result<()> {
     ];
     for (name, port) in [("node-a", 8081), ("node-b", 8082)] {
         let port = port_or_free(port);
-        let i = c.spawn_with(name, &[("HTTP_ADDR", format!("127.0.0.1:{port}"))])?;
-        c.nodes[i].http_port = port;
+        c.spawn_with(name, &[("HTTP_ADDR", format!("127.0.0.1:{port}"))])?;
     }
     // Start publishing once a leader holds the shared session, so the broker queues every message.
     eprintln!("demo: waiting for a leader connected to the broker");
-    let ports: Vec<u16> = c.nodes.iter().map(|n| n.http_port).collect();
+    let ports: Vec<u16> = c.nodes.iter().map(|n| n.http_port()).collect();
     leasehold_testkit::eventually(
         Duration::from_secs(60),
         "a leader connected to the broker",
@@ -100,7 +99,7 @@ async fn main() -> Result<()> {
             "  {:<10}  pid {:<7} http://127.0.0.1:{}/health   /metrics   log {}/{}.log",
             n.name,
             n.pid(),
-            n.http_port,
+            n.http_port(),
             logs.display(),
             n.name
         );
@@ -145,7 +144,7 @@ async fn main() -> Result<()> {
         for n in &mut c.nodes {
             let state = match n.try_status() {
                 Some(s) => format!("exited ({s})"),
-                None => match http(n.http_port, "GET", "/metrics").await {
+                None => match http(n.http_port(), "GET", "/metrics").await {
                     Ok((_, m)) if metric(&m, "leasehold_lease_is_leader") == Some(1.0) => {
                         format!("LEADER pid {}", n.pid())
                     }
