@@ -97,11 +97,36 @@ pub struct Thresholds {
     pub flap_changes: i64,
 }
 
+/// One rule: adds its finding to `out` when its condition holds.
+type Rule = fn(&Facts, &Thresholds, &mut Vec<Finding>);
+
+/// Every rule, in the order findings are reported.
+const RULES: [Rule; 8] = [
+    data_stale,
+    no_leader,
+    leader_mqtt_disconnected,
+    session_lost,
+    client_id_fight,
+    dead_letters_rising,
+    subscriptions_refused,
+    lease_flapping,
+];
+
 /// Judges the facts. Pure, so every rule is tested without a cluster.
 pub fn judge(f: &Facts, t: &Thresholds) -> Vec<Finding> {
     let mut out = Vec::new();
-    let secs = |d: Duration| d.as_secs_f64();
+    for rule in RULES {
+        rule(f, t, &mut out);
+    }
+    out
+}
 
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+/// No new reading for `STALE_WARNING` (critical at `STALE_CRITICAL`), or none ever.
+fn data_stale(f: &Facts, t: &Thresholds, out: &mut Vec<Finding>) {
     match f.newest_data_age {
         Some(age) if age >= secs(t.stale_warning) => {
             let level = if age >= secs(t.stale_critical) {
@@ -135,7 +160,10 @@ pub fn judge(f: &Facts, t: &Thresholds) -> Vec<Finding> {
         }),
         _ => {}
     }
+}
 
+/// The lease expired (or was never taken) and nobody took it within `ALERT_GRACE`.
+fn no_leader(f: &Facts, t: &Thresholds, out: &mut Vec<Finding>) {
     match &f.lease {
         None if f.cluster_uptime >= secs(t.grace) && f.production_nodes_alive > 0 => {
             out.push(Finding {
@@ -162,7 +190,10 @@ pub fn judge(f: &Facts, t: &Thresholds) -> Vec<Finding> {
         }),
         _ => {}
     }
+}
 
+/// The live leader has been off the broker for `ALERT_GRACE`.
+fn leader_mqtt_disconnected(f: &Facts, t: &Thresholds, out: &mut Vec<Finding>) {
     if let Some(l) = f.lease.as_ref().filter(|l| l.expired_for <= 0.0) {
         if let Some(d) = l.leader_disconnected_for.filter(|d| *d >= secs(t.grace)) {
             out.push(Finding {
@@ -178,7 +209,10 @@ pub fn judge(f: &Facts, t: &Thresholds) -> Vec<Finding> {
             });
         }
     }
+}
 
+/// A node found the broker without the cluster's session within `ALERT_WINDOW`.
+fn session_lost(f: &Facts, t: &Thresholds, out: &mut Vec<Finding>) {
     if !f.session_lost.is_empty() {
         out.push(Finding {
             kind: Kind::MqttSessionLost,
@@ -191,7 +225,10 @@ pub fn judge(f: &Facts, t: &Thresholds) -> Vec<Finding> {
             details: json!({"nodes": f.session_lost}),
         });
     }
+}
 
+/// A node was disconnected right after connecting, again and again, within `ALERT_WINDOW`.
+fn client_id_fight(f: &Facts, t: &Thresholds, out: &mut Vec<Finding>) {
     if !f.client_id_conflicts.is_empty() {
         out.push(Finding {
             kind: Kind::MqttClientIdFight,
@@ -204,7 +241,10 @@ pub fn judge(f: &Facts, t: &Thresholds) -> Vec<Finding> {
             details: json!({"nodes": f.client_id_conflicts}),
         });
     }
+}
 
+/// Messages dead-lettered within `ALERT_WINDOW`.
+fn dead_letters_rising(f: &Facts, t: &Thresholds, out: &mut Vec<Finding>) {
     if f.dead_letters_in_window > 0 {
         out.push(Finding {
             kind: Kind::DeadLettersRising,
@@ -218,7 +258,10 @@ pub fn judge(f: &Facts, t: &Thresholds) -> Vec<Finding> {
             details: json!({"count": f.dead_letters_in_window, "latest_error": f.latest_dead_letter_error}),
         });
     }
+}
 
+/// The broker refuses some of the session's topic filters.
+fn subscriptions_refused(f: &Facts, _: &Thresholds, out: &mut Vec<Finding>) {
     if f.subscriptions_refused > 0 {
         let first: Vec<String> = f
             .refused_filters
@@ -236,7 +279,10 @@ pub fn judge(f: &Facts, t: &Thresholds) -> Vec<Finding> {
             details: json!({"count": f.subscriptions_refused, "filters": f.refused_filters.iter().map(|(filter, reason, attempts)| json!({"filter": filter, "error": reason, "attempts": attempts})).collect::<Vec<_>>()}),
         });
     }
+}
 
+/// Leadership changed `flap_changes` times within `ALERT_WINDOW`.
+fn lease_flapping(f: &Facts, t: &Thresholds, out: &mut Vec<Finding>) {
     if f.leader_changes_in_window >= t.flap_changes {
         out.push(Finding {
             kind: Kind::LeaseFlapping,
@@ -249,7 +295,6 @@ pub fn judge(f: &Facts, t: &Thresholds) -> Vec<Finding> {
             details: json!({"changes": f.leader_changes_in_window}),
         });
     }
-    out
 }
 
 /// `90` -> `1m 30s`: for messages read by people.
