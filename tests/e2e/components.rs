@@ -541,3 +541,62 @@ async fn the_subscription_ledger_is_written_only_under_the_lease() -> Result<()>
     ensure!(queries::ledger(&c, "cid").await?.is_empty());
     Ok(())
 }
+
+/// Starting on an up-to-date schema takes no lock a reader holds (a backup's `pg_dump`, an idle
+/// transaction): the checksum column is looked up, not re-added. A role that does not own the
+/// ledger still starts an installation from before the checksums (as it did), and a failed
+/// migration says the database's words.
+#[tokio::test]
+async fn migrating_waits_for_no_reader_a_non_owner_still_starts_and_failures_say_why() -> Result<()>
+{
+    let pg = migrated().await?;
+    let owner = pg.client().await?;
+    let reader = pg.client().await?;
+    reader
+        .batch_execute("BEGIN; SELECT count(*) FROM leasehold_schema_migrations")
+        .await?;
+    let mut c = leasehold_store::connect(&pg.url(), "test").await?;
+    let up_to_date =
+        tokio::time::timeout(Duration::from_secs(10), leasehold_store::migrate(&mut c)).await;
+    ensure!(
+        matches!(&up_to_date, Ok(Ok(applied)) if applied.is_empty()),
+        "a start on an up-to-date schema waited for a reader: {up_to_date:?}"
+    );
+    reader.batch_execute("COMMIT").await?;
+
+    // An installation from before the checksums, run by a role that may use but not alter it.
+    owner
+        .batch_execute(
+            "ALTER TABLE leasehold_schema_migrations DROP COLUMN checksum;
+             CREATE ROLE app LOGIN;
+             GRANT CREATE ON SCHEMA public TO app;
+             GRANT SELECT, INSERT, UPDATE ON leasehold_schema_migrations TO app",
+        )
+        .await?;
+    let app_url = pg.url().replace("postgres@", "app@");
+    let mut app = leasehold_store::connect(&app_url, "test").await?;
+    let applied = leasehold_store::migrate(&mut app).await;
+    ensure!(
+        matches!(&applied, Ok(a) if a.is_empty()),
+        "the non-owner role could not start: {applied:?}"
+    );
+
+    // A migration that fails shows why, in one line.
+    owner.batch_execute("CREATE DATABASE fresh").await?;
+    let fresh_url = pg.url().replace("/postgres?", "/fresh?");
+    let fresh = leasehold_store::connect(&fresh_url, "test").await?;
+    fresh
+        .batch_execute("CREATE TABLE instance_lock (x int)")
+        .await?;
+    let mut fresh = fresh;
+    let e = leasehold_store::migrate(&mut fresh)
+        .await
+        .err()
+        .context("V1 cannot apply over a foreign instance_lock")?
+        .to_string();
+    ensure!(
+        e.contains("V1__initial.sql") && e.contains("already exists"),
+        "{e}"
+    );
+    Ok(())
+}

@@ -823,6 +823,22 @@ mod tests {
     }
 
     #[test]
+    fn one_setting_given_flat_and_nested_in_one_file_is_refused() {
+        let path = file("both", "lease_ttl = \"20s\"\n[lease]\nttl = \"30s\"\n");
+        let e = load_file(&path, &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("LEASE_TTL is set twice") && !e.contains('\n'),
+            "{e}"
+        );
+        let other = file("apart", "lease_ttl = \"20s\"\n[lease]\nname = \"x\"\n");
+        let c = load_file(&other, &[]).expect("different settings of one section mix");
+        assert_eq!(
+            (c.lease.ttl, c.lease_name.as_str()),
+            (Duration::from_secs(20), "x")
+        );
+    }
+
+    #[test]
     fn errors_say_which_layer_set_the_bad_value() {
         let path = file(
             "origin",

@@ -228,12 +228,34 @@ fn file_layer(path: &Path) -> Result<Layer, ConfigError> {
         }
     }
     for (p, v) in flat {
+        // Both forms for one setting: which one was meant cannot be guessed.
+        if contains(&data, p) {
+            let env = crate::settings::env_of(p).unwrap_or(p);
+            return Err(ConfigError::File {
+                path: shown,
+                reason: format!(
+                    "{env} is set twice, as `{}` and as `{p}` in its section; keep one",
+                    env.to_lowercase()
+                ),
+            });
+        }
         insert(&mut data, p, v);
     }
     Ok(Layer {
         origin: Origin::File(shown),
         data: normalized(data),
     })
+}
+
+/// Whether the dotted `path` holds a value.
+fn contains(dict: &Dict, path: &str) -> bool {
+    match path.split_once('.') {
+        None => dict.contains_key(path),
+        Some((section, rest)) => match dict.get(section) {
+            Some(Value::Dict(_, inner)) => contains(inner, rest),
+            _ => false,
+        },
+    }
 }
 
 /// Puts `value` at the dotted `path`, making the sections on the way.

@@ -941,8 +941,9 @@ impl MqttIngest {
                     | Request::Unsubscribe(_)
             )
         });
+        // The subscriptions shown stay as the connection left them until the next one
+        // reconciles them (/health reports the connection itself as down).
         self.subs.disconnected();
-        self.report_subscriptions();
         self.connected.send_replace(false);
         self.status.update_mqtt(|m| m.connected = false);
         events::MqttClosed.emit();

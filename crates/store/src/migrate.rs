@@ -40,10 +40,19 @@ impl Migration {
 /// What went wrong with a migration.
 #[derive(Debug, thiserror::Error)]
 pub enum Problem {
-    #[error("failed: {0}")]
-    Failed(#[source] tokio_postgres::Error),
+    /// The database's own words are in the message: the error is shown as one line, without
+    /// its chain of sources.
+    #[error("failed: {}", database_words(.0))]
+    Failed(tokio_postgres::Error),
     #[error("changed after it was applied (recorded sha256 {recorded}, the file's now {now}); restore the file as it was applied and put the change in a new migration")]
     Changed { recorded: String, now: String },
+}
+
+fn database_words(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!("{}: {}", d.severity(), d.message()),
+        None => e.to_string(),
+    }
 }
 
 macro_rules! migration {
@@ -99,22 +108,23 @@ pub async fn migrate_up_to(client: &mut Client, version: i32) -> Result<Vec<i32>
 }
 
 async fn apply(client: &mut Client, up_to: i32) -> Result<Vec<i32>> {
-    // `checksum` came after the ledger: an installation from before it gains the column here,
-    // and its applied migrations their checksums below, taken from the files as they are now.
     client
         .batch_execute(
             "CREATE TABLE IF NOT EXISTS leasehold_schema_migrations (
                 version integer PRIMARY KEY,
                 name text NOT NULL,
-                applied_at timestamptz NOT NULL DEFAULT now());
-             ALTER TABLE leasehold_schema_migrations ADD COLUMN IF NOT EXISTS checksum text",
+                applied_at timestamptz NOT NULL DEFAULT now(),
+                checksum text)",
         )
         .await?;
+    let checksums = checksum_column(client).await?;
+    let read = if checksums {
+        "SELECT version, checksum FROM leasehold_schema_migrations"
+    } else {
+        "SELECT version, NULL::text AS checksum FROM leasehold_schema_migrations"
+    };
     let done = client
-        .query(
-            "SELECT version, checksum FROM leasehold_schema_migrations",
-            &[],
-        )
+        .query(read, &[])
         .await?
         .iter()
         .map(|r| Ok((r.try_get("version")?, r.try_get("checksum")?)))
@@ -130,6 +140,7 @@ async fn apply(client: &mut Client, up_to: i32) -> Result<Vec<i32>> {
                 }));
             }
             Some((_, Some(_))) => {}
+            Some((_, None)) if !checksums => {}
             Some((_, None)) => {
                 client
                     .execute(
@@ -145,18 +156,59 @@ async fn apply(client: &mut Client, up_to: i32) -> Result<Vec<i32>> {
                 tx.batch_execute(m.sql)
                     .await
                     .map_err(|e| m.error(Problem::Failed(e)))?;
-                tx.execute(
-                    "INSERT INTO leasehold_schema_migrations (version, name, checksum)
-                     VALUES ($1, $2, $3)",
-                    &[&m.version, &m.name, &now],
-                )
-                .await?;
+                if checksums {
+                    tx.execute(
+                        "INSERT INTO leasehold_schema_migrations (version, name, checksum)
+                         VALUES ($1, $2, $3)",
+                        &[&m.version, &m.name, &now],
+                    )
+                    .await?;
+                } else {
+                    tx.execute(
+                        "INSERT INTO leasehold_schema_migrations (version, name) VALUES ($1, $2)",
+                        &[&m.version, &m.name],
+                    )
+                    .await?;
+                }
                 tx.commit().await?;
                 applied.push(m.version);
             }
         }
     }
     Ok(applied)
+}
+
+/// Whether the ledger has its `checksum` column. An installation from before it gains the
+/// column here (its applied migrations their checksums, from the files as they are now); the
+/// check comes first because `ALTER TABLE` locks the table out even when there is nothing to add,
+/// which would make every start wait for any reader (a backup). A role that may not alter the
+/// table (it does not own it) starts without checksums, as before, and says so.
+async fn checksum_column(client: &Client) -> Result<bool> {
+    let present = client
+        .query_opt(
+            "SELECT 1 FROM pg_attribute
+             WHERE attrelid = 'leasehold_schema_migrations'::regclass
+               AND attname = 'checksum' AND NOT attisdropped",
+            &[],
+        )
+        .await?
+        .is_some();
+    if present {
+        return Ok(true);
+    }
+    match client
+        .batch_execute(
+            "ALTER TABLE leasehold_schema_migrations ADD COLUMN IF NOT EXISTS checksum text",
+        )
+        .await
+    {
+        Ok(()) => Ok(true),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
+            tracing::warn!(error = %database_words(&e), "cannot add the checksum column to leasehold_schema_migrations (this role does not own it): migrations are applied without checking that applied ones are unchanged; run `leasehold migrate` once as the table's owner");
+            Ok(false)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[cfg(test)]
