@@ -5,7 +5,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use leasehold_testkit::{eventually, http, memory_of, metric, Mosquitto, NodeProc, Postgres};
+use leasehold_testkit::{
+    eventually, http, leading_and_subscribed, memory_of, metric, Mosquitto, NodeProc, Postgres,
+};
 
 use crate::args::Child;
 use crate::child::{self, ChildReport};
@@ -136,11 +138,11 @@ pub async fn stop_node(node: &mut NodeProc) -> Result<()> {
 }
 
 pub async fn wait_leading(node: &NodeProc) -> Result<()> {
-    eventually(Duration::from_secs(30), "the leader connected", || async {
-        let (_, m) = http(node.http_port(), "GET", "/metrics").await?;
-        Ok(metric(&m, "leasehold_lease_is_leader") == Some(1.0)
-            && metric(&m, "leasehold_mqtt_connected") == Some(1.0))
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the leader connected and subscribed",
+        || leading_and_subscribed(node.http_port()),
+    )
     .await?;
     Ok(())
 }

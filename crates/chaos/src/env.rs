@@ -1,13 +1,15 @@
-//! The environment reused across trials: a private PostgreSQL (with commit timestamps), a private
-//! Mosquitto with the project's broker configuration, and `leasehold` nodes each behind its own
-//! TCP proxies to the database and the broker, healed back to a connected pair between trials.
+//! The environment reused across trials: testkit's [`Cluster`] harness (a private PostgreSQL with
+//! commit timestamps, a private Mosquitto with the project's broker configuration, the node logs
+//! and the settings every node gets), and `leasehold` nodes each behind its own TCP proxies to
+//! the database and the broker, healed back to a connected pair between trials.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use leasehold_testkit::cluster::Cluster;
 use leasehold_testkit::proxy::Proxy;
-use leasehold_testkit::{eventually, http, metric, Mosquitto, NodeProc, Postgres};
+use leasehold_testkit::{eventually, leading_and_subscribed, Dir, Mosquitto, NodeProc, Postgres};
 
 use crate::{KEEP_ALIVE, POLL, STEP_DOWN_AFTER, TTL};
 
@@ -21,10 +23,9 @@ pub(crate) struct Node {
 
 /// The servers and nodes, reused across trials.
 pub struct Env {
-    pub pg: Postgres,
-    pub mq: Mosquitto,
-    logs: tempfile::TempDir,
-    pub(crate) bin: PathBuf,
+    /// The servers, the logs, the binary and the settings of every node. The nodes are this
+    /// crate's own, not the cluster's: each reaches the servers through its proxies.
+    pub cluster: Cluster,
     pub(crate) nodes: Vec<Node>,
     pub(crate) db: tokio_postgres::Client,
 }
@@ -33,19 +34,16 @@ impl Env {
     pub async fn new(bin: &Path) -> Result<Env> {
         let pg = Postgres::start_with("track_commit_timestamp = on").await?;
         let mq = Mosquitto::start().await?;
-        let mut logs = tempfile::Builder::new()
-            .prefix("leasehold-chaos-")
-            .tempdir()?;
-        if std::env::var_os("CHAOS_KEEP_LOGS").is_some() {
-            logs.disable_cleanup(true);
-            eprintln!("chaos: node logs kept in {}", logs.path().display());
+        let mut logs = Dir::temp("leasehold-chaos-")?;
+        if let (Some(_), Dir::Temp(t)) = (std::env::var_os("CHAOS_KEEP_LOGS"), &mut logs) {
+            t.disable_cleanup(true);
+            eprintln!("chaos: node logs kept in {}", t.path().display());
         }
         let db = pg.client().await?;
+        let mut cluster = Cluster::new(bin, pg, mq, logs);
+        cluster.settings = settings();
         let mut env = Env {
-            pg,
-            mq,
-            logs,
-            bin: bin.to_path_buf(),
+            cluster,
             nodes: Vec::new(),
             db,
         };
@@ -57,7 +55,7 @@ impl Env {
     }
 
     pub fn logs(&self) -> &Path {
-        self.logs.path()
+        self.cluster.logs.path()
     }
 
     async fn add_node(&mut self, name: &str) -> Result<()> {
@@ -67,21 +65,18 @@ impl Env {
 
     /// (Re)starts the node `name` with its current extra settings.
     pub(crate) fn relaunch(&mut self, name: &str) -> Result<()> {
-        let (bin, logs) = (self.bin.clone(), self.logs.path().to_path_buf());
-        launch(&bin, &logs, self.node(name)?)
+        let i = self
+            .nodes
+            .iter()
+            .position(|n| n.name == name)
+            .context("no such node")?;
+        launch(&self.cluster, &mut self.nodes[i])
     }
 }
 
-fn launch(bin: &Path, logs: &Path, node: &mut Node) -> Result<()> {
-    let mut env: Vec<(&str, String)> = vec![
-        (
-            "DATABASE_URL",
-            format!(
-                "postgres://postgres@127.0.0.1:{}/postgres?connect_timeout=2",
-                node.db.port
-            ),
-        ),
-        ("MQTT_URL", format!("mqtt://127.0.0.1:{}", node.mqtt.port)),
+/// The matrix's settings: short lease timings, so many trials fit in minutes.
+fn settings() -> Vec<(&'static str, String)> {
+    vec![
         ("LEASE_TTL", format!("{}ms", TTL.as_millis())),
         ("LEASE_POLL_INTERVAL", format!("{}ms", POLL.as_millis())),
         (
@@ -96,9 +91,27 @@ fn launch(bin: &Path, logs: &Path, node: &mut Node) -> Result<()> {
             "LOG_LEVEL",
             "info,leasehold_lease=debug,leasehold_store=debug".into(),
         ),
-    ];
+    ]
+}
+
+/// Starts `node` with the cluster's settings, reaching the servers through its proxies.
+fn launch(cluster: &Cluster, node: &mut Node) -> Result<()> {
+    let mut env = cluster.env();
+    env.push((
+        "DATABASE_URL",
+        format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?connect_timeout=2",
+            node.db.port
+        ),
+    ));
+    env.push(("MQTT_URL", format!("mqtt://127.0.0.1:{}", node.mqtt.port)));
     env.extend(node.extra.iter().cloned());
-    node.proc = Some(NodeProc::spawn(bin, &node.name, &env, logs)?);
+    node.proc = Some(NodeProc::spawn(
+        &cluster.bin,
+        &node.name,
+        &env,
+        cluster.logs.path(),
+    )?);
     Ok(())
 }
 
@@ -123,19 +136,7 @@ impl Env {
                     return Ok(false);
                 };
                 let Some(p) = &n.proc else { return Ok(false) };
-                let (_, m) = http(p.http_port(), "GET", "/metrics").await?;
-                if metric(&m, "leasehold_lease_is_leader") != Some(1.0) {
-                    return Ok(false);
-                }
-                // Connected is not enough: what is published before the session's SUBACK is
-                // not queued for it (a first session ever, or one the broker lost).
-                let (_, body) = http(p.http_port(), "GET", "/health/mqtt").await?;
-                let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-                let subs = &v["subscriptions"];
-                Ok(v["connected"] == true
-                    && subs["ledger_loaded"] == true
-                    && subs["pending"] == 0
-                    && subs["subscribed"].as_u64().unwrap_or(0) > 0)
+                leading_and_subscribed(p.http_port()).await
             },
         )
         .await?;
@@ -167,7 +168,7 @@ impl Env {
                         p.kill9();
                     }
                     n.extra.clear();
-                    launch(&self.bin, self.logs.path(), &mut n)?;
+                    launch(&self.cluster, &mut n)?;
                 }
                 keep.push(n);
             } else if let Some(mut p) = n.proc.take() {
@@ -181,8 +182,8 @@ impl Env {
 
     /// Adds a node with its proxies without starting it.
     pub(crate) async fn add_node_stopped(&mut self, name: &str) -> Result<()> {
-        let db = Proxy::start(self.pg.port).await?;
-        let mqtt = Proxy::start(self.mq.port).await?;
+        let db = Proxy::start(self.cluster.pg.port).await?;
+        let mqtt = Proxy::start(self.cluster.mq.port).await?;
         self.nodes.push(Node {
             name: name.to_string(),
             proc: None,
@@ -194,7 +195,7 @@ impl Env {
     }
 
     pub(crate) async fn reconnect_db(&mut self) -> Result<()> {
-        self.db = self.pg.client().await?;
+        self.db = self.cluster.pg.client().await?;
         Ok(())
     }
 }

@@ -118,18 +118,18 @@ async fn broker_down(env: &mut Env, run: &Run) -> Result<Injected> {
         sleep(Duration::from_millis(2500)).await;
     }
     if run.fault == Fault::BrokerRestart {
-        env.mq.stop();
+        env.cluster.mq.stop();
     } else {
-        env.mq.kill();
+        env.cluster.mq.kill();
     }
-    env.mq.start_again().await?;
+    env.cluster.mq.start_again().await?;
     run.publisher.resume();
     Ok(Injected::measured(run.resume(env).await))
 }
 
 async fn pg_restart(env: &mut Env, run: &Run) -> Result<Injected> {
-    env.pg.stop()?;
-    env.pg.start_again().await?;
+    env.cluster.pg.stop()?;
+    env.cluster.pg.start_again().await?;
     env.reconnect_db().await?;
     Ok(Injected::measured(run.resume(env).await))
 }
@@ -243,8 +243,8 @@ async fn hung_demotion(env: &mut Env, run: &Run) -> Result<Injected> {
 
 /// `leasehold step-down` during full-rate ingest.
 async fn step_down(env: &mut Env, run: &Run) -> Result<Injected> {
-    let out = tokio::process::Command::new(&env.bin)
-        .args(["step-down", "--database-url", &env.pg.url()])
+    let out = tokio::process::Command::new(&env.cluster.bin)
+        .args(["step-down", "--database-url", &env.cluster.pg.url()])
         .output()
         .await?;
     let mut injected = Injected::default();

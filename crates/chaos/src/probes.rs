@@ -19,7 +19,8 @@ impl Env {
     }
 
     pub(crate) fn takeovers(&self) -> u64 {
-        self.mq
+        self.cluster
+            .mq
             .log()
             .matches("already connected, closing old connection")
             .count() as u64

@@ -121,8 +121,8 @@ impl Run {
         };
         let stale_before = env.stale_epoch_rows().await?;
         let takeovers_before = env.takeovers();
-        let watch = LeaseWatch::start(env.pg.url());
-        let publisher = Tracked::start(env.mq.port, &name, 20, rate);
+        let watch = LeaseWatch::start(env.cluster.pg.url());
+        let publisher = Tracked::start(env.cluster.mq.port, &name, 20, rate);
         eventually(
             Duration::from_secs(10),
             "the leader writing the run",

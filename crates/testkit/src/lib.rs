@@ -662,6 +662,23 @@ pub async fn http_full(
     Ok((status, headers, resp.text().await?))
 }
 
+/// Whether the node on `port` leads and its session is subscribed to every wanted topic:
+/// connected is not enough, since what is published before the session's SUBACK (a first
+/// session, or one the broker lost) is not queued for it. Harnesses start publishing after this.
+pub async fn leading_and_subscribed(port: u16) -> Result<bool> {
+    let (_, m) = http(port, "GET", "/metrics").await?;
+    if metric(&m, "leasehold_lease_is_leader") != Some(1.0) {
+        return Ok(false);
+    }
+    let (_, body) = http(port, "GET", "/health/mqtt").await?;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let subs = &v["subscriptions"];
+    Ok(v["connected"] == true
+        && subs["ledger_loaded"] == true
+        && subs["pending"] == 0
+        && subs["subscribed"].as_u64().unwrap_or(0) > 0)
+}
+
 /// The value of an unlabelled metric in a Prometheus text exposition.
 pub fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
