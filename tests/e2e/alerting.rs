@@ -1,4 +1,4 @@
-//! Who evaluates alerts, and what a flood of `POST /health/alerts/check` may cost (SPEC §13):
+//! Who evaluates alerts, and what a flood of `POST /health/alerts/check` may cost (docs/interfaces.md, "Alerts"):
 //! observers never evaluate or write alerts; checks are rate-limited; evaluation has its own
 //! database connection, so neither a flood nor a blocked evaluation delays heartbeats.
 

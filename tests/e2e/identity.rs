@@ -1,4 +1,4 @@
-//! The cluster's identity (SPEC section 4): the default MQTT client id comes from an identity
+//! The cluster's identity (docs/configuration.md, "The MQTT client id"): the default MQTT client id comes from an identity
 //! stored in the cluster's database, so a node pointed at another database is another cluster
 //! to the broker and can never take the production session.
 
@@ -263,7 +263,7 @@ async fn the_cluster_identity_survives_restarts_and_differs_between_databases() 
 
 /// The shipped broker configuration (which every test's broker runs) bounds the queue a retired
 /// cluster leaves at the broker, without expiring a live cluster's session within any outage it
-/// must survive (SPEC section 4; docs/deployment.md, "Broker sessions").
+/// must survive (docs/deployment.md, "Broker sessions").
 #[test]
 fn the_broker_config_expires_a_retired_clusters_session_but_not_within_an_outage() -> Result<()> {
     let conf = std::fs::read_to_string(leasehold_testkit::deploy_mosquitto_conf())?;

@@ -8,7 +8,7 @@ use anyhow::ensure;
 use leasehold_testkit::publish::publish_all;
 use leasehold_testkit::{eventually, http, memory_of, metric};
 
-/// SPEC section 15: resident memory while draining a backlog of 200 KiB payloads.
+/// docs/performance.md, targets: resident memory while draining a backlog of 200 KiB payloads.
 const RSS_LIMIT: u64 = 64 * 1024 * 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

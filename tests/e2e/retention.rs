@@ -1,4 +1,4 @@
-//! Retention (SPEC G5): the tables the node fills for operations lose their old rows, in small
+//! Retention (docs/guarantees.md, G5): the tables the node fills for operations lose their old rows, in small
 //! batches, on production nodes only; recent rows and open alerts stay. Old rows are written
 //! directly with SQL and pruning is driven by a short RETENTION_INTERVAL.
 

@@ -1,4 +1,4 @@
-//! Secrets never leave the node (SPEC §9): the real binary is given a password in every form a
+//! Secrets never leave the node (docs/configuration.md): the real binary is given a password in every form a
 //! URL or connection string can carry one, and none of them may appear in its logs (pretty and
 //! JSON, at debug level), in any HTTP answer, or in the output of the CLI, errors included.
 

@@ -202,7 +202,7 @@ impl Results {
         let upsert_target = match &self.slow_flush {
             Some(s) => (
                 format!(
-                    "leasehold >= 20 x per-message upsert, commit flush {:.1} ms as on the spec's machine class ({:.1})",
+                    "leasehold >= 20 x per-message upsert, commit flush {:.1} ms as on the reference machine (docs/performance.md) ({:.1})",
                     s.flush_latency_us as f64 / 1000.0,
                     s.ratio_to_upsert
                 ),
