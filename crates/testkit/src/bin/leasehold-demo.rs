@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use leasehold_testkit::cluster::Cluster;
-use leasehold_testkit::{free_port, http, metric, Dir, Mosquitto, Postgres};
+use leasehold_testkit::{
+    free_port, http, leading_and_subscribed, metric, Dir, Mosquitto, Postgres,
+};
 
 fn port_or_free(p: u16) -> u16 {
     if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
@@ -46,22 +48,19 @@ async fn main() -> Result<()> {
         let port = port_or_free(port);
         c.spawn_with(name, &[("HTTP_ADDR", format!("127.0.0.1:{port}"))])?;
     }
-    // Start publishing once a leader holds the shared session, so the broker queues every message.
-    eprintln!("demo: waiting for a leader connected to the broker");
+    // Start publishing once a leader's shared session is subscribed, so the broker queues every
+    // message (what is published before the first SUBACK is not queued for the session).
+    eprintln!("demo: waiting for a leader subscribed to its topics");
     let ports: Vec<u16> = c.nodes.iter().map(|n| n.http_port()).collect();
     leasehold_testkit::eventually(
         Duration::from_secs(60),
-        "a leader connected to the broker",
+        "a leader subscribed to its topics",
         || {
             let ports = ports.clone();
             async move {
                 for p in ports {
-                    if let Ok((200, m)) = http(p, "GET", "/metrics").await {
-                        if metric(&m, "leasehold_lease_is_leader") == Some(1.0)
-                            && metric(&m, "leasehold_mqtt_connected") == Some(1.0)
-                        {
-                            return Ok(true);
-                        }
+                    if leading_and_subscribed(p).await.unwrap_or(false) {
+                        return Ok(true);
                     }
                 }
                 Ok(false)
