@@ -86,11 +86,6 @@ impl Default for NodeStatus {
 }
 
 impl NodeStatus {
-    /// A copy of the current status.
-    pub fn get(&self) -> Status {
-        self.0.borrow().clone()
-    }
-
     /// The MQTT part, without copying the rest.
     pub fn mqtt(&self) -> MqttStatus {
         self.0.borrow().mqtt.clone()
@@ -148,8 +143,7 @@ mod tests {
         let now = Utc::now();
         s.update_mqtt(|m| m.session_lost_at = Some(now));
         s.update_cluster(|c| c.newest_data_age = Some(1.5));
-        let got = s.get();
-        assert_eq!(got.mqtt.session_lost_at, Some(now));
-        assert_eq!(got.cluster.newest_data_age, Some(1.5));
+        assert_eq!(s.mqtt().session_lost_at, Some(now));
+        assert_eq!(s.cluster().newest_data_age, Some(1.5));
     }
 }
