@@ -67,6 +67,24 @@ pub enum StoreError {
     },
 }
 
+/// The database's own words for an error: message, SQLSTATE, detail and where (the driver's
+/// `Display` says only "db error").
+pub(crate) fn database_words(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+            if let Some(d) = db.detail() {
+                s.push_str(&format!("; {d}"));
+            }
+            if let Some(w) = db.where_() {
+                s.push_str(&format!("; where: {w}"));
+            }
+            s
+        }
+        None => e.to_string(),
+    }
+}
+
 impl StoreError {
     /// The short label used for the `kind` of write-error metrics.
     pub fn kind(&self) -> &'static str {
@@ -108,19 +126,7 @@ impl StoreError {
     /// The database's own words for a refused value: message, detail and SQLSTATE.
     pub fn database_text(&self) -> String {
         match self {
-            StoreError::Db(e) => match e.as_db_error() {
-                Some(db) => {
-                    let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
-                    if let Some(d) = db.detail() {
-                        s.push_str(&format!("; {d}"));
-                    }
-                    if let Some(w) = db.where_() {
-                        s.push_str(&format!("; where: {w}"));
-                    }
-                    s
-                }
-                None => e.to_string(),
-            },
+            StoreError::Db(e) => database_words(e),
             other => other.to_string(),
         }
     }

@@ -42,17 +42,10 @@ impl Migration {
 pub enum Problem {
     /// The database's own words are in the message: the error is shown as one line, without
     /// its chain of sources.
-    #[error("failed: {}", database_words(.0))]
+    #[error("failed: {}", crate::database_words(.0))]
     Failed(tokio_postgres::Error),
     #[error("changed after it was applied (recorded sha256 {recorded}, the file's now {now}); restore the file as it was applied and put the change in a new migration")]
     Changed { recorded: String, now: String },
-}
-
-fn database_words(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(d) => format!("{}: {}", d.severity(), d.message()),
-        None => e.to_string(),
-    }
 }
 
 macro_rules! migration {
@@ -204,7 +197,7 @@ async fn checksum_column(client: &Client) -> Result<bool> {
     {
         Ok(()) => Ok(true),
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
-            tracing::warn!(error = %database_words(&e), "cannot add the checksum column to leasehold_schema_migrations (this role does not own it): migrations are applied without checking that applied ones are unchanged; run `leasehold migrate` once as the table's owner");
+            tracing::warn!(error = %crate::database_words(&e), "cannot add the checksum column to leasehold_schema_migrations (this role does not own it): migrations are applied without checking that applied ones are unchanged; run `leasehold migrate` once as the table's owner");
             Ok(false)
         }
         Err(e) => Err(e.into()),
