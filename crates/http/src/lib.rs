@@ -19,6 +19,7 @@ use axum::{Json, Router};
 use leasehold_config::redact;
 use leasehold_lease::{LeaseHandle, Role};
 use leasehold_store::Pool;
+use leasehold_telemetry::status::MqttStatus;
 use leasehold_telemetry::{metrics, NodeStatus};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -153,8 +154,7 @@ fn lease_view(s: &HttpState) -> Value {
     }
 }
 
-fn mqtt_view(s: &HttpState) -> Value {
-    let m = s.status.mqtt();
+fn mqtt_view(m: &MqttStatus) -> Value {
     let subs = &m.subscriptions;
     let now = Instant::now();
     let failed: Vec<Value> = subs
@@ -208,8 +208,9 @@ fn with_client_id(mut v: Value, s: &HttpState) -> Value {
 async fn health(State(s): State<HttpState>) -> Response {
     let db = db_probe(&s).await;
     let db_ok = db["reachable"].as_bool().unwrap_or(false);
-    let mqtt = with_client_id(mqtt_view(&s), &s);
-    let mqtt_ok = mqtt["connected"].as_bool().unwrap_or(false);
+    let m = s.status.mqtt();
+    let mqtt = with_client_id(mqtt_view(&m), &s);
+    let mqtt_ok = m.connected;
     let role = role_of(&s);
     let needs_mqtt = s.observer || matches!(role, Role::Leader { .. });
     let mut problems = Vec::new();
@@ -221,11 +222,9 @@ async fn health(State(s): State<HttpState>) -> Response {
     }
     // A leader whose subscriptions are not yet granted is not ingesting everything yet: what is
     // published on a topic before its SUBACK never reaches the session.
-    let subs = &mqtt["subscriptions"];
     if matches!(role, Role::Leader { .. })
         && mqtt_ok
-        && (!subs["ledger_loaded"].as_bool().unwrap_or(false)
-            || subs["pending"].as_u64().unwrap_or(0) > 0)
+        && (!m.subscriptions.loaded || m.subscriptions.pending > 0)
     {
         problems.push("subscribing to its topics");
     }
@@ -304,13 +303,14 @@ async fn lease(State(s): State<HttpState>) -> Response {
 /// 503 when this node needs the broker and is not connected, or when the broker refuses some
 /// of the wanted topic filters (nothing published on them reaches the session).
 async fn mqtt(State(s): State<HttpState>) -> Response {
-    let mut v = with_client_id(mqtt_view(&s), &s);
+    let m = s.status.mqtt();
+    let mut v = with_client_id(mqtt_view(&m), &s);
     let needs = s.observer || matches!(role_of(&s), Role::Leader { .. });
     let mut problems = Vec::new();
-    if needs && !v["connected"].as_bool().unwrap_or(false) {
+    if needs && !m.connected {
         problems.push("not connected to the broker".to_string());
     }
-    let failed = v["subscriptions"]["failed_total"].as_u64().unwrap_or(0);
+    let failed = m.subscriptions.failed_total;
     if needs && failed > 0 {
         problems.push(format!(
             "the broker refused {failed} topic filter(s): see subscriptions.failed"
