@@ -628,11 +628,12 @@ impl MqttIngest {
         e: ConnectionError,
         cancel: &CancellationToken,
     ) -> Flow {
-        self.on_disconnect();
-        let (wait, conflict) = match self
+        // The session first: from here on no ack of the old connection is written.
+        let dropped = self
             .session
-            .connection_error(Instant::now(), fastrand::f64())
-        {
+            .connection_error(Instant::now(), fastrand::f64());
+        self.on_disconnect();
+        let (wait, conflict) = match dropped {
             Dropped::Finished => return Flow::Stop(Ok(())),
             Dropped::Reconnect { wait, conflict } => (wait, conflict),
         };
@@ -924,12 +925,11 @@ impl MqttIngest {
         }
     }
 
-    /// The connection is gone: bump the connection number first, so no ack of the old
-    /// connection is written from now on; then drop the socket with whatever was buffered on it
-    /// and the publishes buffered from the dead connection (the broker redelivers both). Queued
-    /// subscription packets are dropped too: the next connection reconciles from the ledger.
+    /// The connection is gone (the session already knows, so no ack of it is written any more):
+    /// drop the socket with whatever was buffered on it and the publishes buffered from the dead
+    /// connection (the broker redelivers both). Queued subscription packets are dropped too: the
+    /// next connection reconciles from the ledger.
     fn on_disconnect(&mut self) {
-        self.session.lost();
         self.eventloop.clean();
         self.eventloop.state.events.clear();
         self.eventloop.pending.retain(|r| {
