@@ -3,7 +3,8 @@
 # PostgreSQL server binaries, Prometheus (promtool, and a real server for the dashboard test),
 # docker-compose (validates docker-compose.yml), systemd-analyze, openssl (test certificates) and
 # python3 (a plain program for the benchmark flush shim's test), libfaketime (a node clock that
-# runs ahead, in tests).
+# runs ahead, in tests), pg_auto_failover (a replicated primary/standby pair run by a failover
+# manager, for the database failover tests and chaos rows).
 # Idempotent; prints what it does.
 set -euo pipefail
 
@@ -26,6 +27,10 @@ command -v python3 >/dev/null 2>&1 || need+=(python3)
 if [ -z "${PG_BIN:-}" ] && ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
   need+=(postgresql)
 fi
+# pg_auto_failover: the pg_autoctl command and the monitor's extension for the server version the
+# tests run (Debian 12 ships PostgreSQL 15, and the packages are built per server version).
+command -v pg_autoctl >/dev/null 2>&1 || need+=(pg-auto-failover-cli)
+ls /usr/share/postgresql/15/extension/pgautofailover.control >/dev/null 2>&1 || need+=(postgresql-15-auto-failover)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "install-deps: installing ${need[*]}"
