@@ -13,6 +13,7 @@
 //!   ledger and [`current_leader`].
 //! - [`alerts`]: the `alerts` table and the facts alert rules judge.
 //! - [`listener`]: the LISTEN connection and its fan-out.
+//! - [`replication`]: whether commits are synchronously replicated, and the standbys.
 //! - [`retention`]: batched pruning of the operational tables.
 //! - [`tls`]: libpq's `sslmode` rules for `DATABASE_URL`, on `tokio-postgres-rustls` (SCRAM
 //!   channel binding).
@@ -24,6 +25,7 @@ pub mod listener;
 pub mod migrate;
 pub mod op;
 pub mod queries;
+pub mod replication;
 pub mod retention;
 pub mod tls;
 

@@ -44,6 +44,8 @@ pub enum Op {
     AlertFacts,
     Prune,
     Listen,
+    /// Replication settings and standbys (`pg_stat_replication`).
+    Replication,
 }
 
 impl Op {
@@ -76,6 +78,7 @@ impl Op {
             Op::AlertFacts => "alert_facts",
             Op::Prune => "prune",
             Op::Listen => "listen",
+            Op::Replication => "replication",
         }
     }
 }
