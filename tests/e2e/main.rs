@@ -8,6 +8,7 @@ mod alerting;
 mod chaos;
 mod components;
 mod corpus;
+mod dbfailover;
 mod deploy;
 mod failover;
 mod generated;

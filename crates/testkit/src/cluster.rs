@@ -1,15 +1,53 @@
 //! A Leasehold cluster on private servers: one PostgreSQL, one Mosquitto and any number of
 //! `leasehold` node processes, with the queries that say who leads and what was stored. The
 //! end-to-end suite, the demo, chaos and the bench build on it instead of each wiring nodes to
-//! servers its own way.
+//! servers its own way. The database is one private server by default, or a replicated pair run
+//! by a failover manager ([`crate::pgaf::Pgaf`]): both are a [`Database`].
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
+use crate::pgaf::Pgaf;
 use crate::{eventually, http, Dir, Mosquitto, NodeProc, Postgres};
+
+/// What a cluster's nodes store into: its `DATABASE_URL` and a client on the server that
+/// accepts writes now (after a failover, the new primary).
+pub trait Database {
+    fn url(&self) -> String;
+    fn client(&self) -> impl Future<Output = Result<tokio_postgres::Client>> + Send;
+    /// The database's own logs worth showing when a test fails (none by default).
+    fn logs(&self) -> String {
+        String::new()
+    }
+}
+
+impl Database for Postgres {
+    fn url(&self) -> String {
+        Postgres::url(self)
+    }
+
+    fn client(&self) -> impl Future<Output = Result<tokio_postgres::Client>> + Send {
+        Postgres::client(self)
+    }
+}
+
+impl Database for Pgaf {
+    fn url(&self) -> String {
+        Pgaf::url(self)
+    }
+
+    fn client(&self) -> impl Future<Output = Result<tokio_postgres::Client>> + Send {
+        Pgaf::client(self)
+    }
+
+    fn logs(&self) -> String {
+        Pgaf::logs(self)
+    }
+}
 
 /// Test lease timings: TTL 3 s (demotion deadline 2 s, renew every 1 s), poll every 250 ms.
 pub const TTL: Duration = Duration::from_secs(3);
@@ -27,10 +65,10 @@ pub fn test_settings() -> Vec<(&'static str, String)> {
     ]
 }
 
-pub struct Cluster {
+pub struct Cluster<D: Database = Postgres> {
     /// The `leasehold` binary every node runs.
     pub bin: PathBuf,
-    pub pg: Postgres,
+    pub pg: D,
     pub mq: Mosquitto,
     /// Where each node's log goes (`<name>.log`).
     pub logs: Dir,
@@ -49,16 +87,27 @@ impl Cluster {
         let mq = Mosquitto::start().await?;
         Self::with_servers(bin, pg, mq)
     }
+}
 
+impl Cluster<Pgaf> {
+    /// A replicated database run by pg_auto_failover (started here, about 15 s) and a fresh
+    /// broker, test settings.
+    pub async fn start_replicated(bin: impl Into<PathBuf>) -> Result<Self> {
+        let (pg, mq) = tokio::try_join!(Pgaf::start(), Mosquitto::start())?;
+        Self::with_servers(bin, pg, mq)
+    }
+}
+
+impl<D: Database> Cluster<D> {
     /// Test settings on servers the caller configured itself (TLS, for instance).
-    pub fn with_servers(bin: impl Into<PathBuf>, pg: Postgres, mq: Mosquitto) -> Result<Self> {
+    pub fn with_servers(bin: impl Into<PathBuf>, pg: D, mq: Mosquitto) -> Result<Self> {
         let mut c = Self::new(bin, pg, mq, Dir::temp("leasehold-test-logs-")?);
         c.settings = test_settings();
         Ok(c)
     }
 
     /// Nodes get only the servers' URLs and `extra_env`: the binary's own defaults (the demo).
-    pub fn new(bin: impl Into<PathBuf>, pg: Postgres, mq: Mosquitto, logs: Dir) -> Self {
+    pub fn new(bin: impl Into<PathBuf>, pg: D, mq: Mosquitto, logs: Dir) -> Self {
         Cluster {
             bin: bin.into(),
             pg,
@@ -170,6 +219,25 @@ impl Cluster {
         Ok(())
     }
 
+    /// Rows committed under an epoch after a newer epoch's first commit: a fencing failure.
+    /// Needs `track_commit_timestamp = on` (the replicated database has it).
+    pub async fn stale_epoch_rows(&self) -> Result<i64> {
+        let c = self.pg.client().await?;
+        let on: String = c
+            .query_one("SHOW track_commit_timestamp", &[])
+            .await?
+            .get(0);
+        if on != "on" {
+            bail!("track_commit_timestamp is {on}: stale-epoch rows cannot be judged");
+        }
+        self.count(
+            "WITH first AS (SELECT lease_epoch, min(pg_xact_commit_timestamp(xmin)) AS t FROM telemetry GROUP BY 1)
+             SELECT count(*) FROM telemetry r
+             WHERE EXISTS (SELECT 1 FROM first f WHERE f.lease_epoch > r.lease_epoch AND f.t < pg_xact_commit_timestamp(r.xmin))",
+        )
+        .await
+    }
+
     /// Runs a `leasehold` command (`status`, `step-down`, ...) against this cluster's database.
     pub fn cli(&self, args: &[&str]) -> Result<std::process::Output> {
         Ok(std::process::Command::new(&self.bin)
@@ -226,6 +294,7 @@ impl Cluster {
             "\n===== mosquitto =====\n{}",
             tail(&self.mq.log(), 60)
         ));
+        s.push_str(&self.pg.logs());
         s
     }
 }
@@ -255,7 +324,7 @@ fn tail(s: &str, lines: usize) -> String {
 }
 
 /// Ends a test: on failure, panics with the error and every log of the cluster.
-pub fn check(cluster: &Cluster, res: Result<()>) {
+pub fn check<D: Database>(cluster: &Cluster<D>, res: Result<()>) {
     if let Err(e) = res {
         panic!("{e:#}\n--- logs ---{}", cluster.dump());
     }

@@ -8,6 +8,8 @@
 //! # Layout
 //! - [`Postgres`], [`Mosquitto`]: start, stop, restart, kill; stopped on drop.
 //! - [`NodeProc`]: a `leasehold` process with its log file; signals.
+//! - [`pgaf`]: a replicated PostgreSQL run by pg_auto_failover (monitor + two nodes), for
+//!   database failover tests.
 //! - [`cluster`]: servers plus nodes as one [`cluster::Cluster`], and the queries that say who
 //!   leads and what was stored; the end-to-end suite and the demo build on it.
 //! - [`http`]: requests to a node's HTTP port (`reqwest`).
@@ -17,6 +19,7 @@
 
 pub mod certs;
 pub mod cluster;
+pub mod pgaf;
 pub mod prometheus;
 pub mod proxy;
 pub mod publish;
