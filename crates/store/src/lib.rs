@@ -137,6 +137,10 @@ impl StoreError {
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// Parses `DATABASE_URL` (with libpq's TLS options) and applies Leasehold's connection defaults.
+///
+/// With several hosts (`postgres://h1:5432,h2:5432/db`) and no `target_session_attrs`, the
+/// connection goes only to a server that accepts writes (`read-write`): every connection of a
+/// node writes or must follow the primary, and libpq's default (`any`) would settle on a standby.
 pub fn pg_config(
     url: &str,
     application_name: &str,
@@ -149,23 +153,126 @@ pub fn pg_config(
     if cfg.get_connect_timeout().is_none() {
         cfg.connect_timeout(Duration::from_secs(5));
     }
+    if host_count(&cfg) > 1 && !url.contains("target_session_attrs") {
+        cfg.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
+    }
     cfg.keepalives(true)
         .keepalives_idle(Duration::from_secs(10))
         .application_name(application_name);
     Ok((cfg, tls))
 }
 
+/// A connection's driver, as [`connect_hosts`] makes it.
+type DbConnection = tokio_postgres::Connection<
+    tokio_postgres::Socket,
+    <tls::MakeRustls as tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>>::Stream,
+>;
+
+fn host_count(cfg: &tokio_postgres::Config) -> usize {
+    cfg.get_hosts().len().max(cfg.get_hostaddrs().len())
+}
+
+/// The connect timeout of each host (`connect_timeout`, default 5 s).
+fn host_timeout(cfg: &tokio_postgres::Config) -> Duration {
+    cfg.get_connect_timeout()
+        .copied()
+        .unwrap_or(Duration::from_secs(5))
+}
+
+/// `cfg` naming only its `i`-th host (and port), so that each host is tried within a timeout
+/// of its own: one bound around the driver's own walk over the hosts would let a first host
+/// that accepts TCP and then hangs (a stopped server, a host half gone) spend the whole budget,
+/// and the primary named second would never be tried.
+fn one_host(cfg: &tokio_postgres::Config, i: usize) -> tokio_postgres::Config {
+    use tokio_postgres::config::Host;
+    let mut c = tokio_postgres::Config::new();
+    if let Some(u) = cfg.get_user() {
+        c.user(u);
+    }
+    if let Some(p) = cfg.get_password() {
+        c.password(p);
+    }
+    if let Some(d) = cfg.get_dbname() {
+        c.dbname(d);
+    }
+    if let Some(o) = cfg.get_options() {
+        c.options(o);
+    }
+    if let Some(a) = cfg.get_application_name() {
+        c.application_name(a);
+    }
+    match cfg.get_hosts().get(i) {
+        Some(Host::Tcp(h)) => {
+            c.host(h);
+        }
+        Some(Host::Unix(p)) => {
+            c.host_path(p);
+        }
+        None => {}
+    }
+    if let Some(a) = cfg.get_hostaddrs().get(i) {
+        c.hostaddr(*a);
+    }
+    let ports = cfg.get_ports();
+    if let Some(p) = ports.get(i).or(ports.first()) {
+        c.port(*p);
+    }
+    c.ssl_mode(cfg.get_ssl_mode())
+        .ssl_negotiation(cfg.get_ssl_negotiation())
+        .channel_binding(cfg.get_channel_binding())
+        .target_session_attrs(cfg.get_target_session_attrs())
+        .keepalives(cfg.get_keepalives())
+        .keepalives_idle(cfg.get_keepalives_idle());
+    if let Some(t) = cfg.get_connect_timeout() {
+        c.connect_timeout(*t);
+    }
+    if let Some(t) = cfg.get_tcp_user_timeout() {
+        c.tcp_user_timeout(*t);
+    }
+    if let Some(t) = cfg.get_keepalives_interval() {
+        c.keepalives_interval(t);
+    }
+    if let Some(n) = cfg.get_keepalives_retries() {
+        c.keepalives_retries(n);
+    }
+    c
+}
+
+/// A new connection and its driver, to the first host of `cfg` that accepts it (and, with
+/// `target_session_attrs=read-write`, accepts writes), each host within its own connect
+/// timeout, in the order `DATABASE_URL` names them.
+pub(crate) async fn connect_hosts(
+    cfg: &tokio_postgres::Config,
+    tls: &tls::MakeRustls,
+) -> Result<(
+    Client,
+    DbConnection,
+)> {
+    let timeout = host_timeout(cfg);
+    let n = host_count(cfg);
+    let mut last = StoreError::Url("no host".into());
+    for i in 0..n.max(1) {
+        let one;
+        let cfg = if n > 1 {
+            one = one_host(cfg, i);
+            &one
+        } else {
+            cfg
+        };
+        match tokio::time::timeout(timeout, cfg.connect(tls.clone())).await {
+            Ok(Ok(c)) => return Ok(c),
+            Ok(Err(e)) => last = StoreError::Db(e),
+            Err(_) => last = StoreError::Timeout(timeout),
+        }
+    }
+    Err(last)
+}
+
 /// A dedicated connection whose driver task ends with the connection. Used where no other work may
 /// starve the connection (lease renewals, LISTEN, the writer).
 pub async fn connect(url: &str, application_name: &str) -> Result<Client> {
     let (cfg, tls) = pg_config(url, application_name)?;
-    let timeout = cfg
-        .get_connect_timeout()
-        .copied()
-        .unwrap_or(Duration::from_secs(5));
-    let (client, conn) = tokio::time::timeout(timeout, cfg.connect(tls))
-        .await
-        .map_err(|_| StoreError::Timeout(timeout))??;
+    let (client, conn) = connect_hosts(&cfg, &tls).await?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "database connection closed");
@@ -174,12 +281,79 @@ pub async fn connect(url: &str, application_name: &str) -> Result<Client> {
     Ok(client)
 }
 
+/// Like [`connect`], and the server's notices (warnings) on this connection arrive on the
+/// returned channel, each before the answer to the statement that caused it: the writer reads
+/// them to learn of a commit that was not replicated.
+pub async fn connect_with_notices(
+    url: &str,
+    application_name: &str,
+) -> Result<(
+    Client,
+    tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::error::DbError>,
+)> {
+    use futures_util::StreamExt;
+    let (cfg, tls) = pg_config(url, application_name)?;
+    let (client, mut conn) = connect_hosts(&cfg, &tls).await?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(m) = messages.next().await {
+            match m {
+                Ok(tokio_postgres::AsyncMessage::Notice(n)) => {
+                    let _ = tx.send(n);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "database connection closed");
+                    break;
+                }
+            }
+        }
+    });
+    Ok((client, rx))
+}
+
+/// Connects the pool's connections host by host, each within its own timeout, as [`connect`].
+struct HostByHost {
+    tls: tls::MakeRustls,
+}
+
+impl deadpool_postgres::Connect for HostByHost {
+    fn connect(
+        &self,
+        pg_config: &tokio_postgres::Config,
+    ) -> futures_util::future::BoxFuture<
+        '_,
+        std::result::Result<(Client, tokio::task::JoinHandle<()>), tokio_postgres::Error>,
+    > {
+        let cfg = pg_config.clone();
+        Box::pin(async move {
+            match connect_hosts(&cfg, &self.tls).await {
+                Ok((client, conn)) => {
+                    let driver = tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!(error = %e, "database connection closed");
+                        }
+                    });
+                    Ok((client, driver))
+                }
+                Err(StoreError::Db(e)) => Err(e),
+                // The pool speaks tokio-postgres' errors only; its timeout error is the one that
+                // says what happened.
+                Err(_) => Err(tokio_postgres::Error::__private_api_timeout()),
+            }
+        })
+    }
+}
+
 /// A small pool for short queries (health, status, heartbeats, topic reloads).
 pub fn pool(url: &str, application_name: &str, size: usize) -> Result<Pool> {
     let (cfg, tls) = pg_config(url, application_name)?;
-    let mgr = deadpool_postgres::Manager::from_config(
+    // Every host may take its whole connect timeout before the primary answers.
+    let create = host_timeout(&cfg) * host_count(&cfg).max(1) as u32;
+    let mgr = deadpool_postgres::Manager::from_connect(
         cfg,
-        tls,
+        HostByHost { tls },
         deadpool_postgres::ManagerConfig {
             recycling_method: deadpool_postgres::RecyclingMethod::Fast,
         },
@@ -187,8 +361,8 @@ pub fn pool(url: &str, application_name: &str, size: usize) -> Result<Pool> {
     Pool::builder(mgr)
         .max_size(size)
         .runtime(deadpool_postgres::Runtime::Tokio1)
-        .wait_timeout(Some(Duration::from_secs(5)))
-        .create_timeout(Some(Duration::from_secs(5)))
+        .wait_timeout(Some(create))
+        .create_timeout(Some(create))
         .recycle_timeout(Some(Duration::from_secs(5)))
         .build()
         .map_err(|e| StoreError::Pool(e.to_string()))

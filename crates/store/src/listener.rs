@@ -57,13 +57,7 @@ impl Listener {
 
     async fn listen_once(&self, cancel: &CancellationToken, first: bool) -> crate::Result<()> {
         let (cfg, tls) = crate::pg_config(&self.url, "leasehold-listen")?;
-        let timeout = cfg
-            .get_connect_timeout()
-            .copied()
-            .unwrap_or(Duration::from_secs(5));
-        let (client, mut conn) = tokio::time::timeout(timeout, cfg.connect(tls))
-            .await
-            .map_err(|_| crate::StoreError::Timeout(timeout))??;
+        let (client, mut conn) = crate::connect_hosts(&cfg, &tls).await?;
         // A driver task owns the connection so queries below can be awaited while it is polled.
         let (mtx, mut mrx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
