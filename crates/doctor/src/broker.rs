@@ -119,7 +119,7 @@ async fn payload(cfg: &Config) -> Check {
     let res = async {
         let (mut sub, _) =
             Conn::open(options(cfg, &format!("leasehold-doctor-{suffix}"), true)).await?;
-        sub.subscribe(&[topic.clone()]).await?;
+        sub.subscribe(std::slice::from_ref(&topic)).await?;
         let sent = async {
             let (mut p, _) = Conn::open(options(
                 cfg,

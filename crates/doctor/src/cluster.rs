@@ -95,7 +95,7 @@ pub async fn read(cfg: &Config, client_id: &str) -> Result<Found, ProbeError> {
     let topic = claim_topic(client_id);
     let id = format!("leasehold-doctor-{}", random_suffix());
     let (mut c, _) = Conn::open(options(cfg, &id, true)).await?;
-    c.subscribe(&[topic.clone()]).await?;
+    c.subscribe(std::slice::from_ref(&topic)).await?;
     let got = c
         .collect(&topic, 1, Duration::from_secs(1), Duration::from_secs(2))
         .await;
