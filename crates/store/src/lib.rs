@@ -8,6 +8,8 @@
 //! - [`migrate`](mod@migrate): applies `migrations/` under an advisory lock, so nodes starting
 //!   together do not race, and refuses a migration changed since it was applied (sha256 ledger).
 //! - [`batch`]: [`BatchWriter`], one statement per batch, fencing check first, set-based inserts.
+//! - [`deployment`]: what `leasehold doctor` reads: durability settings, privileges, clock,
+//!   the database's identity.
 //! - [`lease`]: the lease's acquire/renew and release statements on its own connection.
 //! - [`queries`]: small reads and writes for status, heartbeats, topics, the subscription
 //!   ledger and [`current_leader`].
@@ -20,6 +22,7 @@
 
 pub mod alerts;
 pub mod batch;
+pub mod deployment;
 pub mod lease;
 pub mod listener;
 pub mod migrate;

@@ -46,6 +46,8 @@ pub enum Op {
     Listen,
     /// Replication settings and standbys (`pg_stat_replication`).
     Replication,
+    /// `leasehold doctor`'s reads: settings, privileges, clock samples, the database's identity.
+    Doctor,
 }
 
 impl Op {
@@ -79,6 +81,7 @@ impl Op {
             Op::Prune => "prune",
             Op::Listen => "listen",
             Op::Replication => "replication",
+            Op::Doctor => "doctor",
         }
     }
 }

@@ -7,12 +7,16 @@
 //!   so the two can never disagree.
 //! - [`status`]: the node's own state as typed values ([`NodeStatus`], a `watch` channel),
 //!   written by the component that owns each part and read by `/health` and the heartbeat.
+//! - [`replication`]: whether the database's commits are synchronously replicated (typed).
 //! - [`init_logging`]: JSON or pretty logs, level from `LOG_LEVEL`.
 
 pub mod events;
+pub mod replication;
 pub mod status;
 
-pub use status::{FailedSubscription, NodeStatus, Status, SubscriptionStatus};
+pub use status::{
+    Check, CheckLevel, Checks, FailedSubscription, NodeStatus, Status, SubscriptionStatus,
+};
 
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
@@ -65,6 +69,8 @@ pub struct Metrics {
     pub alert_notifications: IntCounterVec,
     pub db_query_duration: HistogramVec,
     pub db_query_errors: IntCounterVec,
+    pub db_sync_replication: IntGauge,
+    pub db_standbys: IntGaugeVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -124,6 +130,8 @@ impl Metrics {
             alert_notifications: reg(&r, IntCounterVec::new(Opts::new("leasehold_alert_notifications_total", "Alert webhook deliveries by outcome"), &["result"])?),
             db_query_duration: reg(&r, HistogramVec::new(HistogramOpts::new("leasehold_db_query_duration_seconds", "Duration of database statements by operation, failed ones included").buckets(secs_buckets()), &["op"])?),
             db_query_errors: reg(&r, IntCounterVec::new(Opts::new("leasehold_db_query_errors_total", "Database statements that failed, by operation"), &["op"])?),
+            db_sync_replication: reg(&r, IntGauge::new("leasehold_db_sync_replication", "1 while the database's commits are synchronously replicated (a commit waits for a standby in sync), 0 when not; -1 until read")?),
+            db_standbys: reg(&r, IntGaugeVec::new(Opts::new("leasehold_db_standbys", "Standbys streaming from the database, by sync_state (hidden: the role may not see it)"), &["sync_state"])?),
             registry: r,
         };
         m.build_info
@@ -135,6 +143,7 @@ impl Metrics {
         }
         m.lease_seconds_since_renew.set(-1.0);
         m.data_age.set(-1.0);
+        m.db_sync_replication.set(-1);
         Ok(m)
     }
 
