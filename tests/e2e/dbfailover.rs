@@ -5,11 +5,11 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use leasehold_testkit::cluster::{self, check};
-use leasehold_testkit::eventually;
 use leasehold_testkit::pgaf::Pgaf;
 use leasehold_testkit::publish::Stream;
+use leasehold_testkit::{eventually, http, metric};
 
 use crate::helpers::BIN;
 
@@ -90,6 +90,73 @@ async fn planned_switchover_loses_nothing() {
         ensure!(new != old, "the primary did not change: {old}");
         tokio::time::sleep(Duration::from_secs(1)).await;
         exactly_once_no_stale(&c, "db-switchover", stream).await
+    }
+    .await;
+    check(&c, res);
+}
+
+/// The node whose `/health` says it holds intake, and the reason it gives.
+async fn held(c: &Cluster) -> Result<Option<(String, String)>> {
+    for n in &c.nodes {
+        let Ok((code, body)) = http(n.http_port(), "GET", "/health").await else {
+            continue;
+        };
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        if let Some(why) = v["ingest_hold"].as_str() {
+            ensure!(
+                code == 503
+                    && v["problems"].as_array().is_some_and(|p| p.iter().any(|p| p
+                        .as_str()
+                        .is_some_and(|p| p.contains("not synchronously replicated")))),
+                "a held leader must be unhealthy and say why: {body}"
+            );
+            return Ok(Some((n.name.clone(), why.to_string())));
+        }
+    }
+    Ok(None)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_lost_with_sync_required_holds_intake_until_it_is_back_and_loses_nothing() {
+    let mut c = Cluster::start_replicated(BIN).await.expect("servers");
+    c.extra_env
+        .push(("REQUIRE_SYNC_REPLICATION", "true".to_string()));
+    let res = async {
+        let run = "db-standby-lost";
+        let stream = streaming(&mut c, run).await?;
+        let standby = c.pg.other_than(&c.pg.primary().await?);
+        c.pg.kill_host(&standby).await?;
+        // The manager gives up on the standby and stops waiting for it; the leader holds.
+        eventually(
+            Duration::from_secs(60),
+            "the leader to hold intake",
+            || async { Ok(held(&c).await?.is_some()) },
+        )
+        .await?;
+        let (node, why) = held(&c).await?.context("held")?;
+        println!("standby lost: {node} holds intake: {why}");
+        let (_, m) = http(c.node(&node).http_port(), "GET", "/metrics").await?;
+        ensure!(
+            metric(&m, "leasehold_ingest_held") == Some(1.0),
+            "held gauge"
+        );
+        // Nothing is committed while held: the rows of the run stand still.
+        let during = rows_of(&c, run).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        ensure!(
+            rows_of(&c, run).await? == during,
+            "rows were committed while commits were not replicated"
+        );
+        let back = Instant::now();
+        c.pg.start_node(&standby)?;
+        writing_again(&c, run, during).await?;
+        println!("standby back: ingesting again after {:?}", back.elapsed());
+        ensure!(
+            held(&c).await?.is_none(),
+            "still held after the standby came back"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        exactly_once_no_stale(&c, run, stream).await
     }
     .await;
     check(&c, res);

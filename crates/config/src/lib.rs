@@ -208,6 +208,9 @@ pub struct Config {
     pub mode: Mode,
     pub database_url: Option<String>,
     pub database_pool_size: usize,
+    /// `REQUIRE_SYNC_REPLICATION`: the leader ingests only while its commits are synchronously
+    /// replicated, and acknowledges a batch only once a synchronous standby has flushed it.
+    pub require_sync_replication: bool,
     pub mqtt: MqttEndpoint,
     /// `MQTT_CLIENT_ID`, when set: overrides the client id derived from the cluster's identity
     /// (see [`Config::client_id`]).
@@ -254,6 +257,7 @@ impl fmt::Debug for Config {
                 "database_url",
                 &self.database_url.as_deref().map(redact_url),
             )
+            .field("require_sync_replication", &self.require_sync_replication)
             .field("mqtt", &self.mqtt)
             .field("mqtt_client_id", &self.mqtt_client_id)
             .field("mqtt_topics", &self.mqtt_topics)

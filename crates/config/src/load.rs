@@ -42,6 +42,7 @@ impl Config {
             mode: mqtt.mode.unwrap_or(Mode::Production),
             database_url: database.url,
             database_pool_size: database.pool_size.unwrap_or(4),
+            require_sync_replication: database.require_sync_replication.unwrap_or(false),
             mqtt: endpoint(s, &mqtt)?,
             mqtt_client_id: mqtt.client_id,
             mqtt_topics: mqtt

@@ -20,6 +20,10 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ("MQTT_MODE", "mqtt.mode"),
     ("DATABASE_URL", "database.url"),
     ("DATABASE_POOL_SIZE", "database.pool_size"),
+    (
+        "REQUIRE_SYNC_REPLICATION",
+        "database.require_sync_replication",
+    ),
     ("MQTT_URL", "mqtt.url"),
     ("MQTT_HOST", "mqtt.host"),
     ("MQTT_PORT", "mqtt.port"),
@@ -111,6 +115,8 @@ pub struct Database {
     pub url: Option<String>,
     #[serde(deserialize_with = "count")]
     pub pool_size: Option<usize>,
+    #[serde(deserialize_with = "flag")]
+    pub require_sync_replication: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -360,6 +366,14 @@ fn log_format<'de, D: Deserializer<'de>>(d: D) -> Result<Option<LogFormat>, D::E
         "json" => Ok(LogFormat::Json),
         "pretty" | "text" => Ok(LogFormat::Pretty),
         _ => Err("expected json or pretty".into()),
+    })
+}
+
+fn flag<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+    text(d, |v| match v.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(format!("{v:?} is not true or false")),
     })
 }
 

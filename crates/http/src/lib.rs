@@ -231,6 +231,11 @@ async fn health(State(s): State<HttpState>) -> Response {
     if stuck(&s) {
         problems.push("leader past its renewal deadline");
     }
+    // REQUIRE_SYNC_REPLICATION: the writer holds intake while commits are not replicated.
+    let ingest_hold = s.status.ingest_hold();
+    if matches!(role, Role::Leader { .. }) && ingest_hold.is_some() {
+        problems.push("not ingesting: commits are not synchronously replicated");
+    }
     // A newest row stamped ahead of the database's clock has no meaningful age yet.
     let age = s.status.cluster().newest_data_age.filter(|a| *a >= 0.0);
     let body = json!({
@@ -245,6 +250,7 @@ async fn health(State(s): State<HttpState>) -> Response {
         "mqtt": mqtt,
         "database": db,
         "newest_data_age_seconds": age,
+        "ingest_hold": ingest_hold,
     });
     (code(problems.is_empty()), Json(body)).into_response()
 }

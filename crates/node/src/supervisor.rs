@@ -173,6 +173,8 @@ impl Supervisor {
                 // A backstop only: the lease deadline cancels a hung write (on the server too)
                 // long before this.
                 statement_timeout: cfg.lease.ttl,
+                require_sync_replication: cfg.require_sync_replication,
+                status: self.status.clone(),
             },
             fence,
             rx,

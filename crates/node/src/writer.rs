@@ -24,6 +24,11 @@ use crate::batch::{prepare, rejected, DbClock, Prepared};
 pub enum WriterError {
     #[error("fenced at epoch {0}: another node holds the lease")]
     Fenced(i64),
+    /// A batch was committed locally but may not be on the synchronous standby: its messages
+    /// are left unacknowledged (the term ends and the broker redelivers them; the redelivery
+    /// is stored once).
+    #[error("a commit was not replicated: {0}")]
+    Unreplicated(String),
 }
 
 // No Debug: the URL holds the password.
@@ -42,6 +47,11 @@ pub struct WriterConfig {
     /// Server-side bound on a batch statement (a backstop: a cancelled write is also
     /// cancelled on the server).
     pub statement_timeout: Duration,
+    /// `REQUIRE_SYNC_REPLICATION`: ingest only while commits are synchronously replicated, and
+    /// acknowledge a batch only once a synchronous standby has flushed WAL past it.
+    pub require_sync_replication: bool,
+    /// Where the writer says that it holds intake, and why (`/health`).
+    pub status: leasehold_telemetry::NodeStatus,
 }
 
 pub struct Writer {
@@ -100,11 +110,34 @@ enum Stop {
     Fenced(i64),
 }
 
+/// How long a commit's WAL may wait for the standby's flush report before intake is said to
+/// be held (the report trails a commit by other sessions' WAL, usually by well under this).
+const HOLD_AFTER: Duration = Duration::from_millis(500);
+/// How often a held writer asks again whether replication is back.
+const HOLD_POLL: Duration = Duration::from_millis(250);
+
 impl Writer {
     /// Runs until `cancel` (drop what is uncommitted) or until the ingest closes the channel
     /// (drain: commit and ack everything first).
     pub async fn run(mut self, cancel: CancellationToken) -> Result<(), WriterError> {
+        let res = self.run_term(cancel).await;
+        // A hold belongs to this term's writer: the next term judges replication afresh.
+        if let Some(why) = self.cfg.status.ingest_hold() {
+            self.cfg.status.set_ingest_hold(None);
+            events::IngestResumed {
+                held: Duration::ZERO,
+                why: &format!("the term ended while held ({why})"),
+            }
+            .emit();
+        }
+        res
+    }
+
+    async fn run_term(&mut self, cancel: CancellationToken) -> Result<(), WriterError> {
         let mut conn: Option<BatchWriter> = None;
+        // Whether the last commit was confirmed on a synchronous standby (REQUIRE_SYNC_REPLICATION):
+        // until then, each batch first waits for replication to be in place.
+        let mut replicated = false;
         let mut clock: Option<DbClock> = None;
         let mut retry = Backoff::default();
         loop {
@@ -138,6 +171,12 @@ impl Writer {
                     }
                 }
             };
+            if self.cfg.require_sync_replication && !replicated {
+                if !self.until_replicated(&mut conn, &cancel, &mut retry).await {
+                    return Ok(());
+                }
+                replicated = true;
+            }
             let started = Instant::now();
             let prepared = prepare(&self.cfg.decoder, &batch, clock, self.cfg.max_payload_bytes);
             match self.commit(&mut conn, prepared, &cancel, &mut retry).await {
@@ -155,6 +194,29 @@ impl Writer {
                         waited: batch.iter().map(|m| m.received.elapsed()),
                     }
                     .emit();
+                    if let Some(why) = conn.as_mut().and_then(|w| w.unreplicated_commit()) {
+                        events::CommitUnreplicated {
+                            why: &why,
+                            redelivered: true,
+                        }
+                        .emit();
+                        return Err(WriterError::Unreplicated(why));
+                    }
+                    if self.cfg.require_sync_replication {
+                        match self.confirm(&conn, &cancel).await {
+                            Ok(true) => {}
+                            Ok(false) => return Ok(()),
+                            Err(e) => {
+                                let why = format!("could not confirm the commit on a standby: {e}");
+                                events::CommitUnreplicated {
+                                    why: &why,
+                                    redelivered: true,
+                                }
+                                .emit();
+                                return Err(WriterError::Unreplicated(why));
+                            }
+                        }
+                    }
                     self.acker.ack(batch);
                 }
                 Err(Stop::Cancelled) => return Ok(()),
@@ -163,6 +225,119 @@ impl Writer {
                     return Err(WriterError::Fenced(epoch));
                 }
             }
+        }
+    }
+
+    /// Before a term's first commit, and after the writer's connection changed: waits until the
+    /// database's commits are synchronously replicated (intake held meanwhile: the ingest's
+    /// pending limit stops it, and the broker keeps the rest). False when cancelled.
+    async fn until_replicated(
+        &self,
+        conn: &mut Option<BatchWriter>,
+        cancel: &CancellationToken,
+        retry: &mut Backoff,
+    ) -> bool {
+        let held_since = Instant::now();
+        loop {
+            let read = tokio::select! {
+                _ = cancel.cancelled() => return false,
+                r = async { self.connection(conn).await?.replication().await } => r,
+            };
+            match read {
+                Ok(s) => match s.why_not() {
+                    None => {
+                        self.release_hold(held_since);
+                        return true;
+                    }
+                    Some(why) => {
+                        self.hold(&why);
+                        tokio::select! {
+                            _ = cancel.cancelled() => return false,
+                            _ = tokio::time::sleep(HOLD_POLL) => {}
+                        }
+                    }
+                },
+                Err(e) => {
+                    *conn = None;
+                    if !retry.wait(&e, cancel).await {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// After a commit (REQUIRE_SYNC_REPLICATION): waits until a synchronous standby has flushed
+    /// WAL past it, holding intake and acknowledgements meanwhile however long that takes.
+    /// `Ok(false)` when cancelled; an error when the connection cannot tell (the caller leaves
+    /// the batch unacknowledged).
+    async fn confirm(
+        &self,
+        conn: &Option<BatchWriter>,
+        cancel: &CancellationToken,
+    ) -> Result<bool, StoreError> {
+        let w = conn
+            .as_ref()
+            .ok_or_else(|| StoreError::Pool("no writer connection".into()))?;
+        let (lsn, flushed) = w.after_commit().await?;
+        if flushed {
+            return Ok(true);
+        }
+        let started = Instant::now();
+        let mut held = false;
+        loop {
+            let pause = if held {
+                HOLD_POLL
+            } else {
+                Duration::from_millis(5)
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(false),
+                _ = tokio::time::sleep(pause) => {}
+            }
+            if w.flushed_past(lsn).await? {
+                if held {
+                    self.release_hold(started);
+                }
+                return Ok(true);
+            }
+            if !held && started.elapsed() >= HOLD_AFTER {
+                let why = w
+                    .replication()
+                    .await
+                    .ok()
+                    .and_then(|s| s.why_not())
+                    .unwrap_or_else(|| {
+                        "no synchronous standby has flushed the last commit yet".into()
+                    });
+                events::CommitUnreplicated {
+                    why: &why,
+                    redelivered: false,
+                }
+                .emit();
+                self.hold(&why);
+                held = true;
+            }
+        }
+    }
+
+    /// Says (once per hold) that intake is held and why.
+    fn hold(&self, why: &str) {
+        let text = format!("commits are not synchronously replicated: {why}");
+        if self.cfg.status.ingest_hold().as_deref() != Some(text.as_str()) {
+            self.cfg.status.set_ingest_hold(Some(text));
+            events::IngestHeld { reason: why }.emit();
+        }
+    }
+
+    fn release_hold(&self, since: Instant) {
+        if self.cfg.status.ingest_hold().is_some() {
+            self.cfg.status.set_ingest_hold(None);
+            events::IngestResumed {
+                held: since.elapsed(),
+                why: "commits are synchronously replicated again",
+            }
+            .emit();
         }
     }
 

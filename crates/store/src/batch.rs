@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use tokio_postgres::{Client, Statement};
 
 use crate::op::{self, Op};
-use crate::{connect, pg_config, tls, Result, StoreError};
+use crate::{pg_config, tls, Result, StoreError};
 
 /// The lease a write transaction must still hold ("One writer" in `docs/guarantees.md`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,6 +219,9 @@ pub struct BatchWriter {
     redelivery_window: Duration,
     redelivery_span: i64,
     cancel: CancelHandle,
+    /// The server's warnings on this connection, each delivered before the answer to the
+    /// statement that caused it ([`crate::connect_with_notices`]).
+    notices: tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::error::DbError>,
 }
 
 /// Cancels the statement running on a connection (the server keeps running it otherwise, with
@@ -251,7 +254,7 @@ impl BatchWriter {
         redelivery_window: Duration,
     ) -> Result<Self> {
         let (_, tls) = pg_config(url, "leasehold-writer")?;
-        let client = connect(url, "leasehold-writer").await?;
+        let (client, notices) = crate::connect_with_notices(url, "leasehold-writer").await?;
         let stmt = op::measured(Op::Session, async {
             client
                 .batch_execute(&format!(
@@ -273,6 +276,7 @@ impl BatchWriter {
             redelivery_window,
             redelivery_span: DEFAULT_REDELIVERY_SPAN,
             cancel,
+            notices,
         })
     }
 
@@ -282,6 +286,44 @@ impl BatchWriter {
     pub fn with_redelivery_span(mut self, readings: usize) -> Self {
         self.redelivery_span = readings.min(60_000) as i64;
         self
+    }
+
+    /// The server's words if a commit on this connection since the last call was made locally
+    /// but not replicated (its wait for the synchronous standby was cancelled): such a batch
+    /// must not be acknowledged. Other notices are logged.
+    pub fn unreplicated_commit(&mut self) -> Option<String> {
+        let mut found = None;
+        while let Ok(n) = self.notices.try_recv() {
+            if crate::syncrep::is_unreplicated_commit(&n) {
+                found = Some(format!(
+                    "{}{}",
+                    n.message(),
+                    n.detail().map(|d| format!(" ({d})")).unwrap_or_default()
+                ));
+            } else {
+                tracing::debug!(
+                    notice = n.message(),
+                    "database notice on the writer's connection"
+                );
+            }
+        }
+        found
+    }
+
+    /// After a commit: a WAL position past it, and whether a synchronous standby has flushed
+    /// that far ([`crate::syncrep::after_commit`]).
+    pub async fn after_commit(&self) -> Result<(tokio_postgres::types::PgLsn, bool)> {
+        crate::syncrep::after_commit(&self.client).await
+    }
+
+    /// Whether a synchronous standby has flushed WAL up to `lsn`.
+    pub async fn flushed_past(&self, lsn: tokio_postgres::types::PgLsn) -> Result<bool> {
+        crate::syncrep::flushed_past(&self.client, lsn).await
+    }
+
+    /// How the database replicates commits now, read on this connection.
+    pub async fn replication(&self) -> Result<crate::replication::ReplicationStatus> {
+        crate::replication::status(&self.client).await
     }
 
     /// Whether the connection is gone (the caller reconnects).

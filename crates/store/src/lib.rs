@@ -17,6 +17,7 @@
 //! - [`listener`]: the LISTEN connection and its fan-out.
 //! - [`replication`]: whether commits are synchronously replicated, and the standbys.
 //! - [`retention`]: batched pruning of the operational tables.
+//! - [`syncrep`]: whether a commit is on a synchronous standby, judged after it returned.
 //! - [`tls`]: libpq's `sslmode` rules for `DATABASE_URL`, on `tokio-postgres-rustls` (SCRAM
 //!   channel binding).
 
@@ -30,6 +31,7 @@ pub mod op;
 pub mod queries;
 pub mod replication;
 pub mod retention;
+pub mod syncrep;
 pub mod tls;
 
 use std::time::Duration;
@@ -247,10 +249,7 @@ fn one_host(cfg: &tokio_postgres::Config, i: usize) -> tokio_postgres::Config {
 pub(crate) async fn connect_hosts(
     cfg: &tokio_postgres::Config,
     tls: &tls::MakeRustls,
-) -> Result<(
-    Client,
-    DbConnection,
-)> {
+) -> Result<(Client, DbConnection)> {
     let timeout = host_timeout(cfg);
     let n = host_count(cfg);
     let mut last = StoreError::Url("no host".into());

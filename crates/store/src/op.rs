@@ -44,6 +44,8 @@ pub enum Op {
     AlertFacts,
     Prune,
     Listen,
+    /// After a commit, whether a synchronous standby has flushed it (`REQUIRE_SYNC_REPLICATION`).
+    SyncConfirm,
     /// Replication settings and standbys (`pg_stat_replication`).
     Replication,
     /// `leasehold doctor`'s reads: settings, privileges, clock samples, the database's identity.
@@ -80,6 +82,7 @@ impl Op {
             Op::AlertFacts => "alert_facts",
             Op::Prune => "prune",
             Op::Listen => "listen",
+            Op::SyncConfirm => "sync_confirm",
             Op::Replication => "replication",
             Op::Doctor => "doctor",
         }

@@ -272,6 +272,53 @@ impl WriteFenced {
     }
 }
 
+/// The leader stops taking in and acknowledging messages: its commits are not synchronously
+/// replicated and `REQUIRE_SYNC_REPLICATION` is on (the broker keeps the messages meanwhile).
+pub struct IngestHeld<'a> {
+    pub reason: &'a str,
+}
+impl IngestHeld<'_> {
+    pub fn emit(self) {
+        tracing::error!(reason = self.reason, "ingest held: commits are not synchronously replicated (REQUIRE_SYNC_REPLICATION); nothing is acknowledged until a synchronous standby has them");
+        metrics().ingest_held.set(1);
+    }
+}
+
+/// Commits are synchronously replicated again: the held acknowledgements go out, intake resumes.
+pub struct IngestResumed<'a> {
+    pub held: std::time::Duration,
+    pub why: &'a str,
+}
+impl IngestResumed<'_> {
+    pub fn emit(self) {
+        tracing::info!(
+            held_ms = self.held.as_millis() as u64,
+            why = self.why,
+            "ingest hold released"
+        );
+        metrics().ingest_held.set(0);
+    }
+}
+
+/// A batch PostgreSQL committed locally without its synchronous standby.
+pub struct CommitUnreplicated<'a> {
+    /// The server's warning, or why the writer judged it so.
+    pub why: &'a str,
+    /// Whether the batch's messages are left unacknowledged for the broker to redeliver (the
+    /// term ends) rather than held until a standby has them.
+    pub redelivered: bool,
+}
+impl CommitUnreplicated<'_> {
+    pub fn emit(self) {
+        tracing::warn!(
+            why = self.why,
+            redelivered = self.redelivered,
+            "a batch was committed locally but not replicated: it is not acknowledged"
+        );
+        metrics().commits_unreplicated.inc();
+    }
+}
+
 /// One database statement ran (`leasehold_store`'s measured entry point emits it for every one).
 /// The caller logs a failure where it handles it; this only counts it.
 pub struct DbQuery<'a> {

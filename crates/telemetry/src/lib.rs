@@ -71,6 +71,8 @@ pub struct Metrics {
     pub db_query_errors: IntCounterVec,
     pub db_sync_replication: IntGauge,
     pub db_standbys: IntGaugeVec,
+    pub ingest_held: IntGauge,
+    pub commits_unreplicated: IntCounter,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -132,6 +134,8 @@ impl Metrics {
             db_query_errors: reg(&r, IntCounterVec::new(Opts::new("leasehold_db_query_errors_total", "Database statements that failed, by operation"), &["op"])?),
             db_sync_replication: reg(&r, IntGauge::new("leasehold_db_sync_replication", "1 while the database's commits are synchronously replicated (a commit waits for a standby in sync), 0 when not; -1 until read")?),
             db_standbys: reg(&r, IntGaugeVec::new(Opts::new("leasehold_db_standbys", "Standbys streaming from the database, by sync_state (hidden: the role may not see it)"), &["sync_state"])?),
+            ingest_held: reg(&r, IntGauge::new("leasehold_ingest_held", "1 while the leader holds intake and acknowledgements because its commits are not synchronously replicated (REQUIRE_SYNC_REPLICATION)")?),
+            commits_unreplicated: reg(&r, IntCounter::new("leasehold_commits_unreplicated_total", "Batches PostgreSQL committed locally without its synchronous standby (a cancelled wait for replication, or no standby in sync under REQUIRE_SYNC_REPLICATION): held or left unacknowledged, never acknowledged as durable")?),
             registry: r,
         };
         m.build_info

@@ -23,6 +23,9 @@ pub struct Status {
     pub checks: Option<Checks>,
     /// How the database replicates commits, as the heartbeat last read it.
     pub replication: Option<ReplicationRead>,
+    /// Why the leader's writer holds intake now (`REQUIRE_SYNC_REPLICATION` and commits not
+    /// synchronously replicated); `None` while it ingests. Written by the writer.
+    pub ingest_hold: Option<String>,
 }
 
 /// How one deployment check came out.
@@ -235,6 +238,19 @@ impl NodeStatus {
 
     pub fn set_replication(&self, read: ReplicationRead) {
         self.0.send_modify(|s| s.replication = Some(read));
+    }
+
+    /// Why the leader holds intake now, if it does.
+    pub fn ingest_hold(&self) -> Option<String> {
+        self.0.borrow().ingest_hold.clone()
+    }
+
+    pub fn set_ingest_hold(&self, why: Option<String>) {
+        self.0.send_if_modified(|s| {
+            let changed = s.ingest_hold != why;
+            s.ingest_hold = why;
+            changed
+        });
     }
 
     pub fn update_cluster(&self, f: impl FnOnce(&mut ClusterStatus)) {
