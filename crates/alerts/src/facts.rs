@@ -38,6 +38,18 @@ pub struct Facts {
     /// and the latest few: (filter, reason, attempts).
     pub subscriptions_refused: i64,
     pub refused_filters: Vec<(String, String, i32)>,
+    /// How the database replicates commits, as this node's connection sees it (`None` when it
+    /// could not be read: no finding either way).
+    pub replication: Option<ReplicationFacts>,
+}
+
+/// The part of the database's replication alerts judge.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicationFacts {
+    /// Why commits are not synchronously replicated; `None` when they are.
+    pub why_not: Option<String>,
+    /// Standbys streaming from the database, in sync or not.
+    pub standbys: usize,
 }
 
 /// A refusal older than this is not current: the leader retries a refused filter at least every
@@ -67,6 +79,14 @@ pub async fn gather(c: &Client, cfg: &AlertsConfig) -> Result<Facts, AlertError>
     let dead = store::dead_letters_within(c, window).await?;
     let leader_changes_in_window = store::leader_changes_within(c, &cfg.lease_name, window).await?;
     let refused = queries::refused_subscriptions(c, REFUSAL_CURRENT, 5).await?;
+    let replication =
+        leasehold_store::replication::status(c)
+            .await
+            .ok()
+            .map(|s| ReplicationFacts {
+                why_not: s.why_not(),
+                standbys: s.standbys().count(),
+            });
 
     Ok(Facts {
         newest_data_age,
@@ -82,5 +102,6 @@ pub async fn gather(c: &Client, cfg: &AlertsConfig) -> Result<Facts, AlertError>
         leader_changes_in_window,
         subscriptions_refused: refused.count,
         refused_filters: refused.latest,
+        replication,
     })
 }

@@ -20,10 +20,11 @@ pub enum Kind {
     DeadLettersRising,
     LeaseFlapping,
     MqttSubscriptionRefused,
+    Replication,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::DataStale,
         Kind::NoLeader,
         Kind::LeaderMqttDisconnected,
@@ -32,6 +33,7 @@ impl Kind {
         Kind::DeadLettersRising,
         Kind::LeaseFlapping,
         Kind::MqttSubscriptionRefused,
+        Kind::Replication,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -44,6 +46,7 @@ impl Kind {
             Kind::DeadLettersRising => "dead_letters_rising",
             Kind::LeaseFlapping => "lease_flapping",
             Kind::MqttSubscriptionRefused => "mqtt_subscription_refused",
+            Kind::Replication => "replication",
         }
     }
 }
@@ -95,13 +98,16 @@ pub struct Thresholds {
     pub window: Duration,
     /// This many changes of leader within `window` is flapping.
     pub flap_changes: i64,
+    /// `REQUIRE_SYNC_REPLICATION`: commits that are not synchronously replicated stop the
+    /// leader's intake, so they are critical rather than a warning.
+    pub require_sync_replication: bool,
 }
 
 /// One rule: adds its finding to `out` when its condition holds.
 type Rule = fn(&Facts, &Thresholds, &mut Vec<Finding>);
 
 /// Every rule, in the order findings are reported.
-const RULES: [Rule; 8] = [
+const RULES: [Rule; 9] = [
     data_stale,
     no_leader,
     leader_mqtt_disconnected,
@@ -110,6 +116,7 @@ const RULES: [Rule; 8] = [
     dead_letters_rising,
     subscriptions_refused,
     lease_flapping,
+    replication,
 ];
 
 /// Judges the facts. Pure, so every rule is tested without a cluster.
@@ -297,6 +304,39 @@ fn lease_flapping(f: &Facts, t: &Thresholds, out: &mut Vec<Finding>) {
     }
 }
 
+/// Commits are not synchronously replicated: critical when `REQUIRE_SYNC_REPLICATION` holds
+/// the leader's intake because of it; a warning when standbys stream but none is in sync (an
+/// acknowledged message can be lost in a database failover now). A database with no standby
+/// at all, and no requirement, is a deployment choice `leasehold doctor` reports, not an alert.
+fn replication(f: &Facts, t: &Thresholds, out: &mut Vec<Finding>) {
+    let Some(r) = &f.replication else {
+        return;
+    };
+    let Some(why) = &r.why_not else {
+        return;
+    };
+    if t.require_sync_replication {
+        out.push(Finding {
+            kind: Kind::Replication,
+            level: Level::Critical,
+            message: format!(
+                "commits are not synchronously replicated ({why}): with REQUIRE_SYNC_REPLICATION the leader holds intake and nothing is being written (messages wait at the broker)"
+            ),
+            details: json!({"why": why, "standbys": r.standbys, "require_sync_replication": true}),
+        });
+    } else if r.standbys > 0 {
+        out.push(Finding {
+            kind: Kind::Replication,
+            level: Level::Warning,
+            message: format!(
+                "commits are not synchronously replicated although {} standby(s) stream ({why}): a database failover now can lose messages already acknowledged to the broker",
+                r.standbys
+            ),
+            details: json!({"why": why, "standbys": r.standbys, "require_sync_replication": false}),
+        });
+    }
+}
+
 /// `90` -> `1m 30s`: for messages read by people.
 pub fn human(secs: f64) -> String {
     let s = secs.max(0.0).round() as u64;
@@ -310,7 +350,7 @@ pub fn human(secs: f64) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::facts::LeaseFacts;
+    use crate::facts::{LeaseFacts, ReplicationFacts};
 
     pub(crate) fn t() -> Thresholds {
         Thresholds {
@@ -319,6 +359,7 @@ pub(crate) mod tests {
             grace: Duration::from_secs(10),
             window: Duration::from_secs(600),
             flap_changes: 4,
+            require_sync_replication: false,
         }
     }
 
@@ -342,7 +383,41 @@ pub(crate) mod tests {
             leader_changes_in_window: 1,
             subscriptions_refused: 0,
             refused_filters: vec![],
+            replication: None,
         }
+    }
+
+    #[test]
+    fn unreplicated_commits_are_critical_when_required_a_warning_with_standbys_else_nothing() {
+        let mut f = healthy();
+        f.replication = Some(ReplicationFacts {
+            why_not: None,
+            standbys: 1,
+        });
+        assert!(kinds(&f).is_empty(), "replicated");
+        f.replication = Some(ReplicationFacts {
+            why_not: Some("synchronous_standby_names is empty".into()),
+            standbys: 0,
+        });
+        assert!(kinds(&f).is_empty(), "no standby, not required");
+        let required = Thresholds {
+            require_sync_replication: true,
+            ..t()
+        };
+        let found = judge(&f, &required);
+        assert_eq!(found.len(), 1);
+        assert_eq!(
+            (found[0].kind, found[0].level),
+            (Kind::Replication, Level::Critical)
+        );
+        assert!(found[0]
+            .message
+            .contains("synchronous_standby_names is empty"));
+        f.replication = Some(ReplicationFacts {
+            why_not: Some("synchronous_standby_names is empty".into()),
+            standbys: 1,
+        });
+        assert_eq!(kinds(&f), vec![(Kind::Replication, Level::Warning)]);
     }
 
     fn lease(f: &mut Facts) -> &mut LeaseFacts {

@@ -427,6 +427,7 @@ fn alerts_config(cfg: &Config) -> leasehold_alerts::AlertsConfig {
             grace: cfg.alert_grace,
             window: cfg.alert_window,
             flap_changes: FLAP_CHANGES,
+            require_sync_replication: cfg.require_sync_replication,
         },
         check_interval: cfg.alert_check_interval,
         alive_within: ALIVE_WITHIN,
