@@ -569,7 +569,7 @@ async fn heartbeat(pool: Pool, me: Beat, status: NodeStatus, cancel: Cancellatio
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if beats % REPLICATION_EVERY == 0 {
+        if beats.is_multiple_of(REPLICATION_EVERY) {
             crate::checks::read_replication(&pool, &status).await;
         }
         beats = beats.wrapping_add(1);
