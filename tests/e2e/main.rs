@@ -10,6 +10,7 @@ mod components;
 mod corpus;
 mod dbfailover;
 mod deploy;
+mod doctor;
 mod failover;
 mod generated;
 mod identity;

@@ -82,7 +82,12 @@ async fn queue_probe(cfg: &Config, id: &str, topic: &str) -> Result<QueueProbe, 
     check_granted(&sub.subscribe(&[topic.to_string()]).await?)
         .map_err(|_| ProbeError::Refused("a QoS 1 subscription to the probe topic"))?;
     sub.close().await;
-    let (mut publisher, _) = Conn::open(options(cfg, &format!("{id}-pub"), true)).await?;
+    let (mut publisher, _) = Conn::open(options(
+        cfg,
+        &format!("leasehold-doctor-{}", random_suffix()),
+        true,
+    ))
+    .await?;
     let published = publisher
         .publish_all(
             topic,
@@ -123,7 +128,7 @@ async fn payload(cfg: &Config) -> Check {
         let sent = async {
             let (mut p, _) = Conn::open(options(
                 cfg,
-                &format!("leasehold-doctor-{suffix}-pub"),
+                &format!("leasehold-doctor-{}", random_suffix()),
                 true,
             ))
             .await?;

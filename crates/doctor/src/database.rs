@@ -201,10 +201,11 @@ pub struct Sample {
 }
 
 async fn clock_samples(c: &Client) -> leasehold_store::Result<Vec<Sample>> {
+    let probe = deployment::ClockProbe::prepare(c).await?;
     let mut out = Vec::with_capacity(CLOCK_SAMPLES);
     for _ in 0..CLOCK_SAMPLES {
         let (before, started) = (Utc::now(), Instant::now());
-        let db = deployment::clock(c).await?;
+        let db = probe.read(c).await?;
         out.push(Sample {
             before,
             db,

@@ -26,9 +26,11 @@ pub enum ProbeError {
     Client(#[from] rumqttc::ClientError),
 }
 
-/// A random suffix for temporary client ids and probe topics.
+/// A random suffix for temporary client ids and probe topics: 6 hex digits, so that
+/// `leasehold-doctor-<suffix>` is 23 characters, the longest id every MQTT 3.1.1 broker must
+/// accept.
 pub fn random_suffix() -> String {
-    format!("{:016x}", fastrand::u64(..))
+    format!("{:06x}", fastrand::u32(..0x100_0000))
 }
 
 /// The options of a temporary connection `client_id` to the configured broker.

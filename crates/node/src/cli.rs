@@ -70,6 +70,14 @@ pub enum Command {
         #[arg(long, default_value = "10s", value_parser = humantime_parse)]
         timeout: std::time::Duration,
     },
+    /// Check what the guarantees stand on: the broker's queue, payload and QoS limits, the
+    /// database's durability, replication, privileges, clock and round trip, the cluster's
+    /// client id (exit 1 on a problem).
+    Doctor {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Publish a simulated device fleet's readings (numbered, timestamped) to the broker.
     Simulate(simulate::SimArgs),
 }
@@ -199,6 +207,7 @@ pub fn main() -> ExitCode {
             Command::Status { json } => admin::status(&cfg, json).await,
             Command::StepDown { timeout } => admin::step_down(&cfg, timeout).await,
             Command::Simulate(args) => simulate::run(&cfg, args).await,
+            Command::Doctor { json } => crate::checks::doctor(&cfg, json).await,
         }
     });
     match result {

@@ -10,12 +10,15 @@
 //!   commit).
 //! - [`batch`]: a gathered batch decoded and settled as far as the batch alone can settle it.
 //! - [`ledger`]: the leader's subscription ledger (`mqtt_subscriptions`, fenced writes).
+//! - [`checks`]: `doctor`, the deployment checks at start, the leader's claim on its client
+//!   id, the replication status the heartbeat refreshes.
 //! - [`admin`]: `migrate`, `status`, `step-down`.
 //! - [`simulate`]: a device fleet publisher for demos, tests and benchmarks.
 //! - [`sd_notify`]: readiness and the watchdog for systemd's `Type=notify`.
 
 pub mod admin;
 pub mod batch;
+pub mod checks;
 pub mod cli;
 pub mod identity;
 pub mod ledger;

@@ -48,6 +48,8 @@ pub struct Supervisor {
     pub pool: Option<leasehold_store::Pool>,
     /// Each term's ingest reports into it.
     pub status: leasehold_telemetry::NodeStatus,
+    /// The cluster's identity, named in the leader's claim on its client id.
+    pub cluster_id: Option<String>,
 }
 
 impl Supervisor {
@@ -182,6 +184,17 @@ impl Supervisor {
         };
         let broker = ingest.connected();
         self.lease.set_term_active(true);
+        // Beside the term, not part of it: a refused or slow claim never ends or delays it.
+        if let Some(pool) = &self.pool {
+            tokio::spawn(crate::checks::claim(
+                cfg.clone(),
+                self.client_id.id.clone(),
+                self.cluster_id.clone(),
+                pool.clone(),
+                epoch,
+                hard.clone(),
+            ));
+        }
         let (h, d, end) = (hard.clone(), drain.clone(), ended.clone());
         tracker.spawn(async move {
             let _end = end.drop_guard();

@@ -82,12 +82,24 @@ pub async fn table_access(c: &impl GenericClient) -> Result<Vec<TableAccess>> {
     .await
 }
 
-/// The database's clock now (`clock_timestamp()`), for one offset sample.
-pub async fn clock(c: &impl GenericClient) -> Result<DateTime<Utc>> {
-    op::one(c, Op::Doctor, "SELECT clock_timestamp() AS now", &[], |r| {
-        r.try_get("now")
-    })
-    .await
+/// Reads the database's clock (`clock_timestamp()`) in one round trip each: the statement is
+/// prepared once, so a sample's duration is the network's and the server's, not a preparation's.
+pub struct ClockProbe(tokio_postgres::Statement);
+
+impl ClockProbe {
+    pub async fn prepare(c: &impl GenericClient) -> Result<Self> {
+        op::measured(Op::Doctor, async {
+            Ok(ClockProbe(
+                c.prepare("SELECT clock_timestamp() AS now").await?,
+            ))
+        })
+        .await
+    }
+
+    /// The database's clock now, for one offset sample.
+    pub async fn read(&self, c: &impl GenericClient) -> Result<DateTime<Utc>> {
+        op::one(c, Op::Doctor, &self.0, &[], |r| r.try_get("now")).await
+    }
 }
 
 /// Which database this is: its name, and the system identifier of its PostgreSQL cluster

@@ -47,6 +47,19 @@ pub struct ReplicationStatus {
     pub in_recovery: bool,
 }
 
+/// The shown form of a [`ReplicationStatus`]: `synchronous` and why not, the settings, the
+/// standbys.
+#[derive(Debug, Serialize)]
+pub struct ReplicationView<'a> {
+    pub synchronous: bool,
+    pub why_not: Option<String>,
+    pub synchronous_commit: &'a str,
+    pub synchronous_standby_names: &'a str,
+    pub standbys: Vec<&'a Standby>,
+    pub details_visible: bool,
+    pub in_recovery: bool,
+}
+
 /// `synchronous_commit` levels at which a commit waits for a synchronous standby.
 const WAITING_LEVELS: [&str; 3] = ["on", "remote_write", "remote_apply"];
 
@@ -86,6 +99,19 @@ impl ReplicationStatus {
                 )
             },
         )
+    }
+
+    /// What `/health/database` and `leasehold status --json` show.
+    pub fn view(&self) -> ReplicationView<'_> {
+        ReplicationView {
+            synchronous: self.synchronously_replicated(),
+            why_not: self.why_not(),
+            synchronous_commit: &self.synchronous_commit,
+            synchronous_standby_names: &self.synchronous_standby_names,
+            standbys: self.standbys().collect(),
+            details_visible: self.details_visible,
+            in_recovery: self.in_recovery,
+        }
     }
 
     /// Every standby, synchronous first.

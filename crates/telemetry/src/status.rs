@@ -280,6 +280,27 @@ mod tests {
     }
 
     #[test]
+    fn checks_report_their_worst_level_and_print_one_line_each() {
+        let checks = Checks {
+            ran_at: Utc::now(),
+            checks: vec![
+                Check::ok("a.one", "fine"),
+                Check::warning("a.two", "weak", "strengthen it"),
+            ],
+        };
+        assert_eq!(checks.worst(), CheckLevel::Warning);
+        assert_eq!(
+            checks.checks[1].line(),
+            "warning  a.two: weak -> strengthen it"
+        );
+        assert_eq!(checks.checks[0].line(), "ok       a.one: fine");
+        let s = NodeStatus::default();
+        assert!(s.checks().is_none());
+        s.set_checks(checks.clone());
+        assert_eq!(s.checks(), Some(checks));
+    }
+
+    #[test]
     fn owners_write_their_own_part() {
         let s = NodeStatus::default();
         let now = Utc::now();
