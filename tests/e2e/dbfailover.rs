@@ -161,3 +161,65 @@ async fn standby_lost_with_sync_required_holds_intake_until_it_is_back_and_loses
     .await;
     check(&c, res);
 }
+
+/// Asynchronous replication, shown with numbers: the standby is made asynchronous and then
+/// falls behind (the primary's WAL sender paused, as over a slow link) while the leader commits and
+/// acknowledges; the primary's host is lost and the manager promotes the standby. What the
+/// standby had not received is gone although the broker was told it was stored — and Leasehold
+/// said beforehand that commits were not synchronously replicated (`/health/database`,
+/// `leasehold_db_sync_replication 0`, the replication warning). Inherently lossy: `make chaos`
+/// and `cargo test --test e2e dbfailover:: -- --ignored` run it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "loses data on purpose; run by make chaos or with --ignored"]
+async fn asynchronous_replication_loses_acknowledged_messages_in_a_failover_and_says_so_beforehand()
+{
+    let mut c = Cluster::start_replicated(BIN).await.expect("servers");
+    let res = async {
+        let run = "db-async";
+        c.spawn("node-a")?;
+        c.spawn("node-b")?;
+        let (leader, _) = c.wait_leader().await?;
+        let port = c.node(&leader).http_port();
+        let standby = c.pg.other_than(&c.pg.primary().await?);
+        c.pg.set_async(&standby).await?;
+        // Said beforehand: the gauge, and why in /health/database.
+        eventually(
+            Duration::from_secs(30),
+            "the leader to say commits are not synchronously replicated",
+            || async {
+                let (_, m) = http(port, "GET", "/metrics").await?;
+                Ok(metric(&m, "leasehold_db_sync_replication") == Some(0.0))
+            },
+        )
+        .await?;
+        let (_, db) = http(port, "GET", "/health/database").await?;
+        println!("before the failover, /health/database said: {db}");
+        let stream = Stream::start(c.mq.port, run, 5, 200);
+        c.wait_written(&leader, 50, Duration::from_secs(15)).await?;
+        let primary = c.pg.primary().await?;
+        c.pg.pause_wal_senders(&primary, true)?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let acked_before_kill = rows_of(&c, run).await?;
+        c.pg.kill_primary_host().await?;
+        let after = rows_of(&c, run).await.unwrap_or(0);
+        writing_again(&c, run, after).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let n = stream.stop().await?;
+        let res = c.assert_exactly_once(run, n).await;
+        let counts = c.seq_counts(run).await?;
+        let lost = (0..n).filter(|s| !counts.contains_key(s)).count();
+        let dups = counts.values().filter(|c| **c > 1).count();
+        println!(
+            "asynchronous replication: {n} published, {acked_before_kill} stored on the old primary \
+             when it was lost, {lost} acknowledged to the broker and lost in the failover, {dups} duplicated"
+        );
+        ensure!(dups == 0, "{dups} stored twice");
+        ensure!(
+            lost > 0 && res.is_err(),
+            "a standby paused behind an asynchronous primary lost nothing: the scenario did not happen"
+        );
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}

@@ -506,6 +506,29 @@ impl Pgaf {
         Ok(())
     }
 
+    /// Pauses (SIGSTOP) or resumes (SIGCONT) the WAL senders of `name` (a primary): its
+    /// standbys fall behind while every process looks healthy, as over a slow link. (Pausing
+    /// the standby's receiver instead would not do: the kernel's socket buffer keeps what was
+    /// sent, and the standby reads it all once resumed, even after the primary is gone.)
+    pub fn pause_wal_senders(&self, name: &str, paused: bool) -> Result<()> {
+        let n = self.node(name)?;
+        let pm = postmaster_pid(&n.pgdata).with_context(|| format!("{name} is not running"))?;
+        let senders: Vec<i32> = children_of(pm)
+            .into_iter()
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| c.contains("walsender"))
+            })
+            .collect();
+        if senders.is_empty() {
+            bail!("{name} has no WAL sender");
+        }
+        for p in senders {
+            signal(p as u32, if paused { libc::SIGSTOP } else { libc::SIGCONT });
+        }
+        Ok(())
+    }
+
     /// The name of the node other than `name`.
     pub fn other_than(&self, name: &str) -> String {
         self.nodes
