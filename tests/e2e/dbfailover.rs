@@ -95,6 +95,24 @@ async fn planned_switchover_loses_nothing() {
     check(&c, res);
 }
 
+/// The mean of `leasehold_db_query_duration_seconds{op}` in ms, and how many statements.
+fn op_mean_ms(metrics: &str, op: &str) -> (f64, f64) {
+    let get = |suffix: &str| {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "leasehold_db_query_duration_seconds_{suffix}{{op=\"{op}\"}}"
+                ))
+            })
+            .and_then(|l| l.rsplit_once(' '))
+            .and_then(|(_, v)| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let (sum, count) = (get("sum"), get("count"));
+    (if count > 0.0 { sum / count * 1e3 } else { 0.0 }, count)
+}
+
 /// The node whose `/health` says it holds intake, and the reason it gives.
 async fn held(c: &Cluster) -> Result<Option<(String, String)>> {
     for n in &c.nodes {
@@ -124,6 +142,16 @@ async fn standby_lost_with_sync_required_holds_intake_until_it_is_back_and_loses
     let res = async {
         let run = "db-standby-lost";
         let stream = streaming(&mut c, run).await?;
+        // What the requirement costs per batch: one more round trip after each commit.
+        let (leader, _) = c.wait_leader().await?;
+        let (_, m) = http(c.node(&leader).http_port(), "GET", "/metrics").await?;
+        let (batch, batches) = op_mean_ms(&m, "write_batch");
+        let (confirm, confirms) = op_mean_ms(&m, "sync_confirm");
+        println!(
+            "REQUIRE_SYNC_REPLICATION cost: batch statement {batch:.2} ms mean over {batches} batches, \
+             confirmation {confirm:.2} ms mean over {confirms}"
+        );
+        ensure!(confirms >= batches.min(1.0), "no commit was confirmed on the standby");
         let standby = c.pg.other_than(&c.pg.primary().await?);
         c.pg.kill_host(&standby).await?;
         // The manager gives up on the standby and stops waiting for it; the leader holds.

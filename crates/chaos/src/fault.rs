@@ -38,10 +38,15 @@ pub enum Fault {
     StepDown,
     /// SIGTERM to the leader during full-rate ingest.
     Sigterm,
+    /// The database's primary host lost (keeper and postmaster killed); the manager promotes
+    /// the standby.
+    DbPrimaryLost,
+    /// A planned database switchover (`pg_autoctl perform switchover`).
+    DbSwitchover,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 14] = [
+    pub const ALL: [Fault; 16] = [
         Fault::Kill9,
         Fault::Sigstop,
         Fault::DbCut,
@@ -56,6 +61,8 @@ impl Fault {
         Fault::HungDemotion,
         Fault::StepDown,
         Fault::Sigterm,
+        Fault::DbPrimaryLost,
+        Fault::DbSwitchover,
     ];
 
     pub fn name(self) -> &'static str {
@@ -74,6 +81,8 @@ impl Fault {
             Fault::HungDemotion => "demotion hangs (watchdog)",
             Fault::StepDown => "step-down at full rate",
             Fault::Sigterm => "SIGTERM at full rate",
+            Fault::DbPrimaryLost => "database primary host lost",
+            Fault::DbSwitchover => "database switchover",
         }
     }
 
@@ -107,7 +116,16 @@ impl Fault {
             | Fault::BrokerKillNoSave
             | Fault::PgRestart => Some(Duration::from_secs(10)),
             Fault::PgSlowBelow | Fault::SimultaneousStart => None,
+            // The manager's detection (about 3 s with the test monitor's settings) and
+            // promotion, then the lease's TTL and a poll.
+            Fault::DbPrimaryLost => Some(Duration::from_secs(20)),
+            Fault::DbSwitchover => Some(Duration::from_secs(15)),
         }
+    }
+
+    /// Run on a replicated database of their own (`dbfault`), not the matrix's environment.
+    pub(crate) fn is_database_failover(self) -> bool {
+        matches!(self, Fault::DbPrimaryLost | Fault::DbSwitchover)
     }
 
     /// Whether losses are the broker's documented limit rather than Leasehold's failure.

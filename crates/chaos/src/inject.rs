@@ -47,6 +47,10 @@ pub(crate) async fn inject(env: &mut Env, run: &Run) -> Result<Injected> {
         Fault::HungDemotion => hung_demotion(env, run).await,
         Fault::StepDown => step_down(env, run).await,
         Fault::Sigterm => sigterm(env, run).await,
+        Fault::DbPrimaryLost | Fault::DbSwitchover => anyhow::bail!(
+            "{} runs on a replicated database of its own (dbfault), not here",
+            run.fault.name()
+        ),
     }
 }
 

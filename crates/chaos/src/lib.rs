@@ -17,6 +17,8 @@
 //! # Layout
 //! - `fault`: [`Fault`], what is injected and what is expected of it (changes explained, bound).
 //! - `env`: [`Env`], the servers, proxies and nodes; healing between trials.
+//! - `dbfault`: the database's own failover (primary host lost, switchover) on a replicated
+//!   pair run by pg_auto_failover, an environment of its own.
 //! - `probes`: what the trials read back from PostgreSQL and the broker log, and the polling.
 //! - `watch`: the lease holder polled while a trial runs (flaps).
 //! - `trial`: one trial as steps (start, inject, finish, judge), [`Trial`].
@@ -25,6 +27,7 @@
 //! - `matrix`: [`run_matrix`], every fault's trials within the budget.
 //! - `report`: a fault's [`Row`], the [`Report`] with its table and JSON.
 
+mod dbfault;
 mod env;
 mod fault;
 mod inject;

@@ -6,6 +6,7 @@ use std::time::Instant;
 use anyhow::Result;
 use chrono::Utc;
 
+use crate::dbfault::{self, DbEnv};
 use crate::env::Env;
 use crate::fault::Fault;
 use crate::problem::Problem;
@@ -21,6 +22,7 @@ pub async fn run_matrix(opts: &Options) -> Result<Report> {
     let per_fault = opts.budget.div_f64(opts.faults.len().max(1) as f64);
     let mut all = Vec::new();
     let mut rows = Vec::new();
+    let mut db_env: Option<DbEnv> = None;
     for &fault in &opts.faults {
         let fault_start = Instant::now();
         let mut trials = Vec::new();
@@ -33,7 +35,11 @@ pub async fn run_matrix(opts: &Options) -> Result<Report> {
                 );
                 break;
             }
-            let t = trial_or_restart(&mut env, opts, fault, i).await?;
+            let t = if fault.is_database_failover() {
+                db_trial(&mut db_env, opts, fault, i).await?
+            } else {
+                trial_or_restart(&mut env, opts, fault, i).await?
+            };
             log_trial(&t);
             trials.push(t);
         }
@@ -65,6 +71,29 @@ async fn trial_or_restart(env: &mut Env, opts: &Options, fault: Fault, i: usize)
                 env.logs().display()
             );
             *env = Env::new(&opts.bin).await?;
+            Ok(Trial::could_not_run(fault, i, problem))
+        }
+    }
+}
+
+/// A database failover trial on the replicated pair, started on first use; a trial it failed
+/// under is recorded and the pair started afresh.
+async fn db_trial(
+    env: &mut Option<DbEnv>,
+    opts: &Options,
+    fault: Fault,
+    i: usize,
+) -> Result<Trial> {
+    let e = match env {
+        Some(e) => e,
+        None => env.insert(DbEnv::new(opts).await?),
+    };
+    match dbfault::trial(e, opts, fault, i).await {
+        Ok(t) => Ok(t),
+        Err(err) => {
+            let problem = Problem::CouldNotRun(format!("{err:#}"));
+            eprintln!("chaos: {}: {problem}", fault.name());
+            *env = None;
             Ok(Trial::could_not_run(fault, i, problem))
         }
     }

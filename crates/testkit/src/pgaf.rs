@@ -44,6 +44,13 @@ pub struct PgafNode {
     keeper: Option<Child>,
 }
 
+impl PgafNode {
+    /// Whether its keeper runs (it was not killed as a lost host).
+    pub fn is_running(&self) -> bool {
+        self.keeper.is_some()
+    }
+}
+
 /// A node as the monitor sees it (a row of `pgautofailover.node`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeState {
