@@ -251,3 +251,43 @@ async fn asynchronous_replication_loses_acknowledged_messages_in_a_failover_and_
     .await;
     check(&c, res);
 }
+
+/// A first host that accepts TCP and then never answers (a stopped server, a host half gone)
+/// costs a new connection its own `connect_timeout`, not the whole attempt: the primary named
+/// second is still reached, by a dedicated connection and by the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_first_host_costs_its_own_connect_timeout_and_the_second_is_reached() {
+    let pg = leasehold_testkit::Postgres::start()
+        .await
+        .expect("postgres");
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("listener");
+    let hung_port = hung.local_addr().expect("port").port();
+    // Accept and hold every connection, answering nothing.
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hung.accept().await {
+            held.push(s);
+        }
+    });
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{hung_port},127.0.0.1:{}/postgres?connect_timeout=2",
+        pg.port
+    );
+    let started = Instant::now();
+    let c = leasehold_store::connect(&url, "leasehold-test")
+        .await
+        .expect("the second host is reached");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(5),
+        "connect took {took:?}: the hung host should cost its 2 s, no more"
+    );
+    assert!(!c.is_closed());
+    let pool = leasehold_store::pool(&url, "leasehold-test", 1).expect("pool");
+    leasehold_store::pooled(&pool)
+        .await
+        .expect("the pool reaches the second host too");
+    holder.abort();
+}

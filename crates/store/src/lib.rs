@@ -377,3 +377,48 @@ pub async fn pooled(pool: &Pool) -> Result<deadpool_postgres::Object> {
         other => StoreError::Pool(other.to_string()),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_postgres::config::{Host, TargetSessionAttrs};
+
+    #[test]
+    fn several_hosts_go_to_the_primary_unless_told_otherwise() {
+        let attrs = |url: &str| {
+            pg_config(url, "t")
+                .map(|(c, _)| c.get_target_session_attrs())
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            attrs("postgres://u@a:5432,b:5433/db"),
+            Ok(TargetSessionAttrs::ReadWrite)
+        );
+        assert_eq!(attrs("postgres://u@a:5432/db"), Ok(TargetSessionAttrs::Any));
+        assert_eq!(
+            attrs("postgres://u@a:5432,b:5433/db?target_session_attrs=any"),
+            Ok(TargetSessionAttrs::Any)
+        );
+    }
+
+    #[test]
+    fn each_host_is_tried_alone_with_its_port_and_the_rest_of_the_settings() {
+        let (cfg, _) = pg_config(
+            "postgres://u:pw@a:5432,b:5433/db?connect_timeout=2&application_name=x",
+            "leasehold-test",
+        )
+        .map_err(|e| e.to_string())
+        .expect("parses");
+        assert_eq!(host_count(&cfg), 2);
+        let b = one_host(&cfg, 1);
+        assert_eq!(b.get_hosts(), &[Host::Tcp("b".into())]);
+        assert_eq!(b.get_ports(), &[5433]);
+        assert_eq!(b.get_user(), Some("u"));
+        assert_eq!(b.get_password(), Some(&b"pw"[..]));
+        assert_eq!(b.get_dbname(), Some("db"));
+        assert_eq!(b.get_connect_timeout(), Some(&Duration::from_secs(2)));
+        assert_eq!(b.get_target_session_attrs(), TargetSessionAttrs::ReadWrite);
+        assert_eq!(b.get_application_name(), Some("leasehold-test"));
+        assert!(b.get_keepalives());
+    }
+}
