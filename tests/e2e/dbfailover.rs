@@ -286,8 +286,9 @@ async fn a_hung_first_host_costs_its_own_connect_timeout_and_the_second_is_reach
     );
     assert!(!c.is_closed());
     let pool = leasehold_store::pool(&url, "leasehold-test", 1).expect("pool");
-    leasehold_store::pooled(&pool)
+    let pooled = leasehold_store::pooled(&pool)
         .await
         .expect("the pool reaches the second host too");
+    assert!(!pooled.is_closed());
     holder.abort();
 }
