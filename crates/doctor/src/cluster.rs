@@ -159,6 +159,16 @@ pub fn judge_claim(client_id: &str, ours: &Claim, found: &Found) -> Check {
 /// The cluster's identity and the client id in use: an explicit one is a warning.
 pub fn identity(cfg: &Config, facts: Option<&Facts>) -> (Check, Option<ClientId>) {
     const ID: &str = "cluster.identity";
+    if facts.is_none() && cfg.mqtt_client_id.is_none() {
+        return (
+            Check::problem(
+                ID,
+                "the cluster's identity could not be read (see database.connect), so the session's client id is unknown",
+                "make the database reachable",
+            ),
+            None,
+        );
+    }
     let cluster = facts.and_then(|f| f.cluster.as_ref());
     match cfg.client_id(cluster.map(|c| c.cluster_id.as_str())) {
         Ok(id) => {
