@@ -162,7 +162,8 @@ async fn doctor_passes_the_shipped_broker_and_warns_without_standbys() {
 
 /// A real synchronous standby (`pg_basebackup -R`, named in the primary's
 /// `synchronous_standby_names`): doctor says commits are synchronously replicated, and the
-/// node shows it in `/health/database`, `leasehold status` and the gauges.
+/// node shows it in `/health/database`, `leasehold status` and the gauges. A role that may not
+/// see the standbys' state is told so, and what it lacks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_synchronous_standby_is_shown_by_doctor_health_status_and_metrics() {
     let pg = Postgres::start_with(DURABLE).await.expect("postgres");
@@ -225,6 +226,28 @@ async fn a_synchronous_standby_is_shown_by_doctor_health_status_and_metrics() {
         ensure!(
             text.contains("DATABASE commits synchronously replicated"),
             "{text}"
+        );
+
+        // A role without pg_monitor cannot see the standbys' state: doctor says so instead of
+        // guessing, and names the privileges it lacks on Leasehold's tables.
+        c.pg.client()
+            .await?
+            .batch_execute("CREATE ROLE watcher LOGIN")
+            .await?;
+        let url =
+            c.pg.url()
+                .replace("postgres://postgres@", "postgres://watcher@");
+        let (code, report) = doctor(&c, &[("DATABASE_URL", url)])?;
+        ensure!(code == 1, "exit {code}: {report}");
+        let (level, summary) = found(&report, "database.replication")?;
+        ensure!(
+            level == "warning" && summary.contains("pg_monitor"),
+            "{summary}"
+        );
+        let (level, summary) = found(&report, "database.privileges")?;
+        ensure!(
+            level == "problem" && summary.contains("INSERT on telemetry"),
+            "{summary}"
         );
         Ok(())
     }
