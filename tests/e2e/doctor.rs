@@ -330,3 +330,45 @@ async fn two_clusters_sharing_a_client_id_are_found_by_the_claim() {
     .await;
     check(&c, res);
 }
+
+/// A broker that refuses the claim topic (publishing and subscribing): the leader's claim is
+/// lost, never its ingest — every message lands once — and doctor warns that another cluster on
+/// this client id cannot be detected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_refusing_the_claim_costs_a_warning_never_the_ingest() {
+    use leasehold_testkit::cluster::msg;
+    use leasehold_testkit::publish::{numbered, publish_all};
+    let mq = Mosquitto::start_refusing(serde_json::json!([
+        {"acltype": "publishClientSend", "topic": "leasehold/clusters/#", "allow": false, "priority": 0},
+        {"acltype": "subscribePattern", "topic": "leasehold/clusters/#", "allow": false, "priority": 0},
+    ]))
+    .await
+    .expect("broker");
+    let pg = Postgres::start_with(DURABLE).await.expect("postgres");
+    let mut c = Cluster::with_servers(pg, mq).expect("cluster");
+    let res = async {
+        c.spawn("node-a")?;
+        c.wait_leader().await?;
+        let port = c.node("node-a").http_port();
+        eventually(
+            Duration::from_secs(20),
+            "leading and subscribed",
+            || async move { leasehold_testkit::leading_and_subscribed(port).await },
+        )
+        .await?;
+        let msgs = (0..20)
+            .map(|seq| msg("devices/d1/telemetry", numbered("claimless", "d1", seq)))
+            .collect();
+        publish_all(c.mq.port, msgs).await?;
+        c.assert_exactly_once("claimless", 20).await?;
+        let (_, report) = doctor(&c, &[])?;
+        let (level, summary) = found(&report, "cluster.claim")?;
+        ensure!(
+            level == "warning" && summary.contains("refused"),
+            "{summary}"
+        );
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}
