@@ -17,69 +17,12 @@ use crate::replication::ReplicationStatus;
 /// The node's status, as last written by its owners.
 #[derive(Debug, Clone, Default)]
 pub struct Status {
+    pub mqtt: MqttStatus,
+    pub cluster: ClusterStatus,
     /// The deployment checks run at start; `None` until they finished.
     pub checks: Option<Checks>,
     /// How the database replicates commits, as the heartbeat last read it.
     pub replication: Option<ReplicationRead>,
-    pub mqtt: MqttStatus,
-    pub cluster: ClusterStatus,
-}
-
-/// The broker side, written by the ingest task of the current term (or of the observer).
-#[derive(Debug, Clone, Default)]
-pub struct MqttStatus {
-    pub connected: bool,
-    /// Connections after the first of a term, over the node's life.
-    pub reconnects: u64,
-    /// Topic filters refused or granted below QoS 1, every attempt counted.
-    pub subscribe_failures: u64,
-    /// When a resumed connection last found the broker without the session.
-    pub session_lost_at: Option<DateTime<Utc>>,
-    /// When repeated quick disconnects last showed another process using the client id.
-    pub client_id_conflict_at: Option<DateTime<Utc>>,
-    pub subscriptions: SubscriptionStatus,
-    /// Messages received and not yet acknowledged, and their payload and topic bytes.
-    pub pending: usize,
-    pub pending_bytes: usize,
-}
-
-/// What the heartbeat last read from the database.
-#[derive(Debug, Clone, Default)]
-pub struct ClusterStatus {
-    /// Nodes that heartbeated recently; `None` until the first heartbeat.
-    pub alive_nodes: Option<usize>,
-    /// Age of the newest stored reading on the database clock; `None` when there is none.
-    pub newest_data_age: Option<f64>,
-}
-
-/// The session's subscriptions as the ingest task last reported them (`/health/mqtt`).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct SubscriptionStatus {
-    /// Whether the subscription ledger was read for the current connection.
-    pub loaded: bool,
-    /// Wanted filters: configured (`MQTT_TOPICS`) plus enabled `devices` topics.
-    pub wanted: usize,
-    pub configured: usize,
-    pub device_topics: usize,
-    /// Granted with QoS 1 or above.
-    pub subscribed: usize,
-    /// Still to subscribe or unsubscribe (including those in flight).
-    pub pending: usize,
-    /// Filters refused by this term's session so far, every attempt counted.
-    pub refusals: u64,
-    /// Wanted filters currently refused, and the first of them.
-    pub failed_total: usize,
-    pub failed: Vec<FailedSubscription>,
-}
-
-/// A wanted filter the broker refused (SUBACK 0x80) or granted below QoS 1.
-#[derive(Debug, Clone, PartialEq)]
-pub struct FailedSubscription {
-    pub filter: String,
-    pub reason: String,
-    pub attempts: u32,
-    pub since: Instant,
-    pub retry_at: Instant,
 }
 
 /// How one deployment check came out.
@@ -181,6 +124,63 @@ impl Checks {
 pub struct ReplicationRead {
     pub read_at: DateTime<Utc>,
     pub result: Result<ReplicationStatus, String>,
+}
+
+/// The broker side, written by the ingest task of the current term (or of the observer).
+#[derive(Debug, Clone, Default)]
+pub struct MqttStatus {
+    pub connected: bool,
+    /// Connections after the first of a term, over the node's life.
+    pub reconnects: u64,
+    /// Topic filters refused or granted below QoS 1, every attempt counted.
+    pub subscribe_failures: u64,
+    /// When a resumed connection last found the broker without the session.
+    pub session_lost_at: Option<DateTime<Utc>>,
+    /// When repeated quick disconnects last showed another process using the client id.
+    pub client_id_conflict_at: Option<DateTime<Utc>>,
+    pub subscriptions: SubscriptionStatus,
+    /// Messages received and not yet acknowledged, and their payload and topic bytes.
+    pub pending: usize,
+    pub pending_bytes: usize,
+}
+
+/// What the heartbeat last read from the database.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterStatus {
+    /// Nodes that heartbeated recently; `None` until the first heartbeat.
+    pub alive_nodes: Option<usize>,
+    /// Age of the newest stored reading on the database clock; `None` when there is none.
+    pub newest_data_age: Option<f64>,
+}
+
+/// The session's subscriptions as the ingest task last reported them (`/health/mqtt`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SubscriptionStatus {
+    /// Whether the subscription ledger was read for the current connection.
+    pub loaded: bool,
+    /// Wanted filters: configured (`MQTT_TOPICS`) plus enabled `devices` topics.
+    pub wanted: usize,
+    pub configured: usize,
+    pub device_topics: usize,
+    /// Granted with QoS 1 or above.
+    pub subscribed: usize,
+    /// Still to subscribe or unsubscribe (including those in flight).
+    pub pending: usize,
+    /// Filters refused by this term's session so far, every attempt counted.
+    pub refusals: u64,
+    /// Wanted filters currently refused, and the first of them.
+    pub failed_total: usize,
+    pub failed: Vec<FailedSubscription>,
+}
+
+/// A wanted filter the broker refused (SUBACK 0x80) or granted below QoS 1.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FailedSubscription {
+    pub filter: String,
+    pub reason: String,
+    pub attempts: u32,
+    pub since: Instant,
+    pub retry_at: Instant,
 }
 
 /// The node's status channel: cheap to clone, one per node (a fresh one per test node).
