@@ -162,7 +162,8 @@ async fn doctor_passes_the_shipped_broker_and_warns_without_standbys() {
 
 /// A real synchronous standby (`pg_basebackup -R`, named in the primary's
 /// `synchronous_standby_names`): doctor says commits are synchronously replicated, and the
-/// node shows it in `/health/database`, `leasehold status` and the gauges.
+/// node shows it in `/health/database`, `leasehold status` and the gauges. A role that may not
+/// see the standbys' state is told so, and what it lacks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_synchronous_standby_is_shown_by_doctor_health_status_and_metrics() {
     let pg = Postgres::start_with(DURABLE).await.expect("postgres");
@@ -225,6 +226,28 @@ async fn a_synchronous_standby_is_shown_by_doctor_health_status_and_metrics() {
         ensure!(
             text.contains("DATABASE commits synchronously replicated"),
             "{text}"
+        );
+
+        // A role without pg_monitor cannot see the standbys' state: doctor says so instead of
+        // guessing, and names the privileges it lacks on Leasehold's tables.
+        c.pg.client()
+            .await?
+            .batch_execute("CREATE ROLE watcher LOGIN")
+            .await?;
+        let url =
+            c.pg.url()
+                .replace("postgres://postgres@", "postgres://watcher@");
+        let (code, report) = doctor(&c, &[("DATABASE_URL", url)])?;
+        ensure!(code == 1, "exit {code}: {report}");
+        let (level, summary) = found(&report, "database.replication")?;
+        ensure!(
+            level == "warning" && summary.contains("pg_monitor"),
+            "{summary}"
+        );
+        let (level, summary) = found(&report, "database.privileges")?;
+        ensure!(
+            level == "problem" && summary.contains("INSERT on telemetry"),
+            "{summary}"
         );
         Ok(())
     }
@@ -302,6 +325,48 @@ async fn two_clusters_sharing_a_client_id_are_found_by_the_claim() {
             .await?
             .get(0);
         ensure!(own == 0, "{own} of Leasehold's own messages stored");
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}
+
+/// A broker that refuses the claim topic (publishing and subscribing): the leader's claim is
+/// lost, never its ingest — every message lands once — and doctor warns that another cluster on
+/// this client id cannot be detected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_refusing_the_claim_costs_a_warning_never_the_ingest() {
+    use leasehold_testkit::cluster::msg;
+    use leasehold_testkit::publish::{numbered, publish_all};
+    let mq = Mosquitto::start_refusing(serde_json::json!([
+        {"acltype": "publishClientSend", "topic": "leasehold/clusters/#", "allow": false, "priority": 0},
+        {"acltype": "subscribePattern", "topic": "leasehold/clusters/#", "allow": false, "priority": 0},
+    ]))
+    .await
+    .expect("broker");
+    let pg = Postgres::start_with(DURABLE).await.expect("postgres");
+    let mut c = Cluster::with_servers(pg, mq).expect("cluster");
+    let res = async {
+        c.spawn("node-a")?;
+        c.wait_leader().await?;
+        let port = c.node("node-a").http_port();
+        eventually(
+            Duration::from_secs(20),
+            "leading and subscribed",
+            || async move { leasehold_testkit::leading_and_subscribed(port).await },
+        )
+        .await?;
+        let msgs = (0..20)
+            .map(|seq| msg("devices/d1/telemetry", numbered("claimless", "d1", seq)))
+            .collect();
+        publish_all(c.mq.port, msgs).await?;
+        c.assert_exactly_once("claimless", 20).await?;
+        let (_, report) = doctor(&c, &[])?;
+        let (level, summary) = found(&report, "cluster.claim")?;
+        ensure!(
+            level == "warning" && summary.contains("refused"),
+            "{summary}"
+        );
         Ok(())
     }
     .await;

@@ -95,7 +95,14 @@ pub async fn read(cfg: &Config, client_id: &str) -> Result<Found, ProbeError> {
     let topic = claim_topic(client_id);
     let id = format!("leasehold-doctor-{}", random_suffix());
     let (mut c, _) = Conn::open(options(cfg, &id, true)).await?;
-    c.subscribe(std::slice::from_ref(&topic)).await?;
+    let codes = c.subscribe(std::slice::from_ref(&topic)).await?;
+    if !matches!(
+        codes.first(),
+        Some(rumqttc::SubscribeReasonCode::Success(_))
+    ) {
+        c.close().await;
+        return Err(ProbeError::Refused("a subscription to the claim topic"));
+    }
     let got = c
         .collect(&topic, 1, Duration::from_secs(1), Duration::from_secs(2))
         .await;
@@ -159,6 +166,16 @@ pub fn judge_claim(client_id: &str, ours: &Claim, found: &Found) -> Check {
 /// The cluster's identity and the client id in use: an explicit one is a warning.
 pub fn identity(cfg: &Config, facts: Option<&Facts>) -> (Check, Option<ClientId>) {
     const ID: &str = "cluster.identity";
+    if facts.is_none() && cfg.mqtt_client_id.is_none() {
+        return (
+            Check::problem(
+                ID,
+                "the cluster's identity could not be read (see database.connect), so the session's client id is unknown",
+                "make the database reachable",
+            ),
+            None,
+        );
+    }
     let cluster = facts.and_then(|f| f.cluster.as_ref());
     match cfg.client_id(cluster.map(|c| c.cluster_id.as_str())) {
         Ok(id) => {
@@ -197,6 +214,11 @@ pub async fn claim_check(cfg: &Config, client_id: &ClientId, facts: &Facts) -> C
     };
     match read(cfg, &client_id.id).await {
         Ok(found) => judge_claim(&client_id.id, &ours, &found),
+        Err(ProbeError::Refused(what)) => Check::warning(
+            "cluster.claim",
+            format!("the broker refused {what} {}: another cluster using this client id cannot be detected", claim_topic(&client_id.id)),
+            "allow Leasehold's user to subscribe to and publish retained messages on leasehold/clusters/# (docs/deployment.md, \"Mosquitto\")",
+        ),
         Err(e) => Check::problem(
             "cluster.claim",
             format!("could not read the claim at the broker {}: {e}", cfg.mqtt),

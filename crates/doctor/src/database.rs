@@ -39,7 +39,7 @@ pub async fn checks(cfg: &Config, out: &mut Vec<Check>) -> Option<Facts> {
                 "database.connect",
                 format!(
                     "cannot connect to the database: {}",
-                    leasehold_config::redact(&e.to_string())
+                    leasehold_config::redact(&with_causes(&e))
                 ),
                 "check DATABASE_URL and that the database is running",
             ));
@@ -85,6 +85,22 @@ pub async fn checks(cfg: &Config, out: &mut Vec<Check>) -> Option<Facts> {
     };
     let cluster = queries::cluster_identity(&c).await.ok().flatten();
     Some(Facts { cluster, database })
+}
+
+/// An error and its causes, one after the other (the driver's own text stops at "error
+/// connecting to server").
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        cause = c.source();
+    }
+    s
 }
 
 pub fn judge_durability(d: &Durability) -> Check {

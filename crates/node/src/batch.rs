@@ -77,6 +77,9 @@ pub struct Prepared {
     /// Readings with keys unique in the batch: the first of each key by arrival.
     pub rows: Vec<Row>,
     pub dead: Vec<DeadLetter>,
+    /// Leasehold's own messages (cluster claims, `leasehold doctor`'s probes), received only
+    /// under a filter such as `#`: acknowledged, never stored as readings.
+    pub own: u64,
     /// Later readings of a key already in `rows`: `later[0]` holds each key's second reading,
     /// `later[1]` its third, ... Each round is written after the previous one committed, so the
     /// table itself settles duplicate or conflict against what was really stored (the first may
@@ -84,9 +87,6 @@ pub struct Prepared {
     pub later: Vec<Vec<Row>>,
     /// Redeliveries of an earlier message of the batch (DUP, same packet id and bytes).
     pub redelivered: u64,
-    /// Leasehold's own messages (cluster claims, `leasehold doctor`'s probes), received only
-    /// under a filter such as `#`: acknowledged, never stored as readings.
-    pub own: u64,
 }
 
 /// Decodes `batch` and settles what the batch alone can settle. `max_payload_bytes` bounds the

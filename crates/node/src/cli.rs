@@ -64,12 +64,6 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Ask the current leader to hand over gracefully to a standby.
-    StepDown {
-        /// How long to wait for another node to take over.
-        #[arg(long, default_value = "10s", value_parser = humantime_parse)]
-        timeout: std::time::Duration,
-    },
     /// Check what the guarantees stand on: the broker's queue, payload and QoS limits, the
     /// database's durability, replication, privileges, clock and round trip, the cluster's
     /// client id (exit 1 on a problem).
@@ -77,6 +71,12 @@ pub enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+    /// Ask the current leader to hand over gracefully to a standby.
+    StepDown {
+        /// How long to wait for another node to take over.
+        #[arg(long, default_value = "10s", value_parser = humantime_parse)]
+        timeout: std::time::Duration,
     },
     /// Publish a simulated device fleet's readings (numbered, timestamped) to the broker.
     Simulate(simulate::SimArgs),

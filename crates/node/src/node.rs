@@ -363,11 +363,11 @@ fn lead(
     let sup = Supervisor {
         cfg: cfg.clone(),
         client_id,
+        cluster_id: db.identity.as_ref().map(|i| i.cluster_id.clone()),
         lease: handle.clone(),
         device_topics,
         pool: Some(db.pool.clone()),
         status: w.status.clone(),
-        cluster_id: db.identity.as_ref().map(|i| i.cluster_id.clone()),
     };
     let token = w.root.clone();
     w.tracker.spawn(async move {

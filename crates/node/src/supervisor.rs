@@ -42,14 +42,14 @@ pub struct Supervisor {
     pub cfg: Config,
     /// The shared session's client id, resolved at start from the cluster's identity.
     pub client_id: ClientId,
+    /// The cluster's identity, named in the leader's claim on its client id.
+    pub cluster_id: Option<String>,
     pub lease: LeaseHandle,
     pub device_topics: watch::Receiver<leasehold_ingest::DeviceTopics>,
     /// For the subscription ledger (production nodes always have a database).
     pub pool: Option<leasehold_store::Pool>,
     /// Each term's ingest reports into it.
     pub status: leasehold_telemetry::NodeStatus,
-    /// The cluster's identity, named in the leader's claim on its client id.
-    pub cluster_id: Option<String>,
 }
 
 impl Supervisor {

@@ -267,6 +267,43 @@ mod tests {
     }
 
     #[test]
+    fn a_replication_read_moves_the_replication_gauges() {
+        use crate::replication::{ReplicationStatus, Standby};
+        let standby = |sync_state: Option<&str>| Standby {
+            application_name: Some("b".into()),
+            state: Some("streaming".into()),
+            sync_state: sync_state.map(str::to_string),
+            flush_lag_ms: None,
+            replay_lag_ms: None,
+        };
+        let mut status = ReplicationStatus {
+            synchronous_commit: "on".into(),
+            synchronous_standby_names: "b".into(),
+            sync_standbys: vec![standby(Some("sync"))],
+            async_standbys: vec![standby(Some("async")), standby(None)],
+            details_visible: true,
+            hidden_standbys: 1,
+            in_recovery: false,
+        };
+        let m = super::metrics();
+        let standbys = |s: &str| m.db_standbys.with_label_values(&[s]).get();
+        crate::events::ReplicationChecked { status: &status }.emit();
+        assert_eq!(m.db_sync_replication.get(), 1);
+        assert_eq!(
+            (
+                standbys("sync"),
+                standbys("async"),
+                standbys("hidden"),
+                standbys("quorum")
+            ),
+            (1, 1, 1, 0)
+        );
+        status.sync_standbys.clear();
+        crate::events::ReplicationChecked { status: &status }.emit();
+        assert_eq!((m.db_sync_replication.get(), standbys("sync")), (0, 0));
+    }
+
+    #[test]
     fn every_documented_metric_is_exported() {
         let m = super::metrics();
         m.lease_transitions.with_label_values(&["leader"]).inc();
@@ -296,6 +333,7 @@ mod tests {
             "leasehold_data_age_seconds",
             "leasehold_cluster_nodes_alive",
             "leasehold_build_info",
+            "leasehold_db_sync_replication",
         ] {
             assert!(text.contains(&format!("# TYPE {name} ")), "missing {name}");
         }

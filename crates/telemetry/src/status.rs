@@ -1,9 +1,9 @@
 //! What a node knows about itself now, as typed values.
 //!
 //! Each part has one owner that writes it (the ingest task its MQTT part, the heartbeat the
-//! cluster part); `/health` and the heartbeat read it. Metrics show the same facts to
-//! Prometheus, but nothing reads a metric back to decide anything: a gauge is an export, not
-//! state.
+//! cluster part and the replication, the start-up checks the checks); `/health` and the
+//! heartbeat read it. Metrics show the same facts to Prometheus, but nothing reads a metric back
+//! to decide anything: a gauge is an export, not state.
 
 use std::sync::Arc;
 use std::time::Instant;

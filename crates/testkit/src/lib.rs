@@ -508,6 +508,43 @@ impl Mosquitto {
         Ok(())
     }
 
+    /// A broker whose anonymous clients are refused what `acls` says (entries of Mosquitto's
+    /// dynamic-security plugin, e.g. `{"acltype": "subscribePattern", "topic": "a/#", "allow":
+    /// false, "priority": 0}`), everything else allowed. Mosquitto 2.0.11's `acl_file` never
+    /// refuses a subscription; the plugin shipped with it answers SUBACK 0x80.
+    pub async fn start_refusing(acls: serde_json::Value) -> Result<Self> {
+        let dir = Dir::temp("leasehold-mqtt-acl-")?;
+        let plugin = [
+            "/usr/lib/x86_64-linux-gnu",
+            "/usr/lib/aarch64-linux-gnu",
+            "/usr/lib",
+        ]
+        .iter()
+        .map(|d| Path::new(d).join("mosquitto_dynamic_security.so"))
+        .find(|p| p.exists())
+        .context("mosquitto_dynamic_security.so (mosquitto package) not found")?;
+        let conf = dir.path().join("dynamic-security.json");
+        std::fs::write(
+            &conf,
+            serde_json::json!({
+                "defaultACLAccess": {"publishClientSend": true, "publishClientReceive": true,
+                                     "subscribe": true, "unsubscribe": true},
+                "clients": [],
+                "groups": [{"groupname": "anonymous", "roles": [{"rolename": "refused"}]}],
+                "anonymousGroup": "anonymous",
+                "roles": [{"rolename": "refused", "acls": acls}],
+            })
+            .to_string(),
+        )?;
+        give_to_servers(&conf)?;
+        let extra = format!(
+            "plugin {}\nplugin_opt_config_file {}\n",
+            plugin.display(),
+            conf.display()
+        );
+        Self::start_with(dir, &extra).await
+    }
+
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
     }
