@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
+use leasehold_store::{BatchWriter, Fence, Row};
 use leasehold_testkit::cluster::{self, check};
 use leasehold_testkit::pgaf::Pgaf;
 use leasehold_testkit::publish::Stream;
@@ -291,4 +292,97 @@ async fn a_hung_first_host_costs_its_own_connect_timeout_and_the_second_is_reach
         .expect("the pool reaches the second host too");
     assert!(!pooled.is_closed());
     holder.abort();
+}
+
+/// The two ways PostgreSQL reports a commit only the primary has, seen by the writer's
+/// connection: a cancelled wait for the standby comes with the server's warning, and the
+/// confirmation rule (a synchronous standby's flush past the commit) says "not yet" until the
+/// standby has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_wait_for_the_standby_is_seen_and_the_commit_is_not_confirmed_until_flushed() {
+    let pgaf = Pgaf::start().await.expect("replicated database");
+    let res = async {
+        let url = pgaf.url();
+        let mut c = leasehold_store::connect(&url, "test").await?;
+        leasehold_store::migrate(&mut c).await?;
+        c.batch_execute(
+            "INSERT INTO instance_lock (service_name, holder_id, instance_id, epoch, expires_at)
+             VALUES ('mqtt-ingest', 'h1', 'a', 1, now() + interval '10 minutes')",
+        )
+        .await?;
+        let fence = Fence {
+            lease_name: "mqtt-ingest".into(),
+            holder_id: "h1".into(),
+            epoch: 1,
+        };
+        let mut w = BatchWriter::connect(
+            &url,
+            "a".into(),
+            Duration::from_secs(60),
+            leasehold_store::DEFAULT_REDELIVERY_WINDOW,
+        )
+        .await?;
+        // Replicated: no warning, and confirmed on the standby.
+        w.write(&fence, &[reading(1)], &[]).await?;
+        ensure!(
+            w.unreplicated_commit().is_none(),
+            "a warning on a replicated commit"
+        );
+        let (lsn, _) = w.after_commit().await?;
+        eventually(Duration::from_secs(5), "the commit confirmed", || async {
+            Ok(w.flushed_past(lsn).await?)
+        })
+        .await?;
+        // The standby stops receiving: the next commit waits for it, and is cancelled.
+        let primary = pgaf.primary().await?;
+        pgaf.pause_wal_senders(&primary, true)?;
+        let stop = w.cancel_handle();
+        let second = [reading(2)];
+        let (written, cancelled) = tokio::join!(w.write(&fence, &second, &[]), async {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            stop.cancel().await
+        });
+        cancelled?;
+        let out = written.context("PostgreSQL reports the cancelled commit as a success")?;
+        ensure!(out.inserted == 1, "{out:?}");
+        let warning = w
+            .unreplicated_commit()
+            .context("no warning seen for the cancelled wait")?;
+        println!("the writer saw: {warning}");
+        ensure!(warning.contains("synchronous replication"), "{warning}");
+        let (lsn, flushed) = w.after_commit().await?;
+        ensure!(!flushed, "confirmed although the standby never received it");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        ensure!(
+            !w.flushed_past(lsn).await?,
+            "confirmed while the standby is cut off"
+        );
+        pgaf.pause_wal_senders(&primary, false)?;
+        eventually(
+            Duration::from_secs(10),
+            "the commit confirmed once the standby has it",
+            || async { Ok(w.flushed_past(lsn).await?) },
+        )
+        .await?;
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    if let Err(e) = res {
+        panic!("{e:#}\n{}", pgaf.logs());
+    }
+}
+
+/// A reading for the store-level test.
+fn reading(secs: i64) -> Row {
+    Row {
+        idx: 0,
+        device_id: "d".into(),
+        topic: "devices/d/telemetry".into(),
+        ts: chrono::DateTime::from_timestamp(secs, 0).unwrap_or_default(),
+        payload: "{}".into(),
+        received_at: chrono::Utc::now(),
+        content_hash: None,
+        pkid: 0,
+        dup: false,
+    }
 }
