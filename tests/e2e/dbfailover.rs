@@ -221,8 +221,18 @@ async fn asynchronous_replication_loses_acknowledged_messages_in_a_failover_and_
             },
         )
         .await?;
-        let (_, db) = http(port, "GET", "/health/database").await?;
-        println!("before the failover, /health/database said: {db}");
+        let (_, health) = http(port, "GET", "/health").await?;
+        let v: serde_json::Value = serde_json::from_str(&health)?;
+        let warning = v["warnings"]
+            .as_array()
+            .and_then(|w| {
+                w.iter()
+                    .filter_map(|w| w.as_str())
+                    .find(|w| w.contains("not synchronously replicated"))
+            })
+            .with_context(|| format!("/health does not warn: {health}"))?
+            .to_string();
+        println!("before the failover, /health warned: {warning}");
         let stream = Stream::start(c.mq.port, run, 5, 200);
         c.wait_written(&leader, 50, Duration::from_secs(15)).await?;
         let primary = c.pg.primary().await?;

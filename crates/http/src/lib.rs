@@ -241,7 +241,7 @@ async fn health(State(s): State<HttpState>) -> Response {
     let body = json!({
         "status": if problems.is_empty() { "ok" } else { "unhealthy" },
         "problems": problems,
-        "warnings": s.mqtt_client_id.as_ref().and_then(|c| c.warning()).into_iter().collect::<Vec<_>>(),
+        "warnings": warnings(&s),
         "role": role_name(&s),
         "instance": s.instance_id,
         "mode": s.mode,
@@ -287,6 +287,26 @@ fn replication_view(s: &HttpState) -> Value {
             v
         }
     }
+}
+
+/// What works but is weaker than it should be: an explicitly set `MQTT_CLIENT_ID`; standbys that
+/// stream while none is in sync (a database failover now can lose acknowledged messages — the
+/// `replication` alert's warning, said here before it happens).
+fn warnings(s: &HttpState) -> Vec<String> {
+    let mut w: Vec<String> = s
+        .mqtt_client_id
+        .as_ref()
+        .and_then(|c| c.warning())
+        .into_iter()
+        .collect();
+    if let Some(Ok(r)) = s.status.replication().map(|r| r.result) {
+        if let Some(why) = r.why_not().filter(|_| r.standbys().count() > 0) {
+            w.push(format!(
+                "commits are not synchronously replicated although standbys stream ({why}): a database failover now can lose messages already acknowledged"
+            ));
+        }
+    }
+    w
 }
 
 async fn live(State(s): State<HttpState>) -> Response {
