@@ -33,6 +33,11 @@ CREATE TABLE plant.need (dev text PRIMARY KEY, site text NOT NULL, v int);
 CREATE TABLE readings (dev text NOT NULL, at timestamptz NOT NULL, v double precision);
 CREATE UNIQUE INDEX readings_partial ON readings (dev, at) WHERE v IS NOT NULL;
 CREATE TABLE plain (dev text PRIMARY KEY, n integer, state text);
+CREATE VIEW plain_view AS SELECT dev, n FROM plain;
+CREATE TABLE plant.by_month (dev text NOT NULL, at date NOT NULL, v real, PRIMARY KEY (dev, at))
+    PARTITION BY RANGE (at);
+CREATE TABLE plant.by_month_2026 PARTITION OF plant.by_month
+    FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
 CREATE TABLE plant.locked (dev text PRIMARY KEY, v int);
 CREATE TABLE plant.noupdate (dev text PRIMARY KEY, v int);
 CREATE ROLE limited LOGIN;
@@ -64,6 +69,16 @@ processed_by    = "written_by"
 epoch           = "lease_epoch"
 ip              = "$.ip"
 tags            = "$[\"tag list\"]"
+
+[[routes]]
+name = "monthly"
+topics = ["monthly/+"]
+table = "plant.by_month"
+key = ["dev", "at"]
+[routes.columns]
+dev = "topic[1]"
+at  = "received_at"
+v   = "$.v"
 
 [[routes]]
 name = "plain"
@@ -108,6 +123,13 @@ fn cases() -> Vec<Case> {
             limited: false,
             column: None,
             says: "table \"nope\" does not exist",
+        },
+        Case {
+            what: "a view",
+            route: leak(route("plain_view", "\"dev\"", "", "dev = \"device_id\"")),
+            limited: false,
+            column: None,
+            says: "\"public\".\"plain_view\" is a view, not a table",
         },
         Case {
             what: "missing column (names are matched exactly)",
@@ -320,6 +342,7 @@ async fn a_clean_configuration_prints_its_mapping_and_a_node_leads_with_it() {
             "  topics       equipamentos/+/dados",
             "  key          (Equipamento_ID, timestamp_dados)",
             "  on_conflict  update",
+            "ROUTE monthly  -> \"plant\".\"by_month\"",
             "ROUTE plain  -> \"public\".\"plain\"",
             "  on_conflict  nothing",
             "ROUTE default  -> telemetry",
@@ -342,6 +365,7 @@ async fn a_clean_configuration_prints_its_mapping_and_a_node_leads_with_it() {
             ("voltage", "numeric(6,2)", "$.readings.voltage", ""),
             ("fonte", "character varying(10)", "'MQTT'", "(default)"),
             ("tags", "text[]", "$[\"tag list\"]", ""),
+            ("at", "date", "received_at", "(not null)"),
             ("dev", "text", "device_id", "(not null)"),
         ] {
             let found = stdout.lines().any(|l| {
@@ -367,7 +391,7 @@ async fn a_clean_configuration_prints_its_mapping_and_a_node_leads_with_it() {
             v["routes"][0]["columns"].as_array().map(Vec::len) == Some(9),
             "{v}"
         );
-        ensure!(v["routes"][1]["table"] == "\"public\".\"plain\"", "{v}");
+        ensure!(v["routes"][2]["table"] == "\"public\".\"plain\"", "{v}");
         ensure!(v["problems"].as_array().map(Vec::len) == Some(0), "{v}");
 
         // The same routes let a node start and lead.
