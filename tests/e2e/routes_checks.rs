@@ -317,6 +317,25 @@ async fn each_start_up_check_refuses_with_its_one_line_from_routes_and_run() {
                 case.what
             );
         }
+        // An observer checks its routes too: it decodes for them.
+        let path = dir.path().join("case0.toml");
+        let config = path.to_str().context("path")?;
+        c.spawn_args(
+            "observer",
+            &["--config", config],
+            &[("MQTT_MODE", "development".into())],
+        )?;
+        let status = c
+            .node_mut("observer")
+            .wait_exit(Duration::from_secs(20))
+            .await?;
+        let log = c.node("observer").log();
+        ensure!(
+            status.code() == Some(2)
+                && log.lines().any(|l| l
+                    .starts_with("leasehold: configuration error: route \"r\": table \"nope\"")),
+            "observer exited {status:?}:\n{log}"
+        );
         Ok(())
     }
     .await;
