@@ -45,6 +45,8 @@ GRANT USAGE, CREATE ON SCHEMA public TO limited;
 GRANT USAGE ON SCHEMA plant TO limited;
 GRANT SELECT ON plant.locked TO limited;
 GRANT SELECT, INSERT ON plant.noupdate TO limited;
+CREATE TABLE plant.columnwise (dev text PRIMARY KEY, v int, secret text);
+GRANT SELECT (dev, v), INSERT (dev, v), UPDATE (v) ON plant.columnwise TO limited;
 "#;
 
 /// Leasehold's own tables for the limited role, which runs nodes in the privilege cases.
@@ -412,6 +414,27 @@ async fn a_clean_configuration_prints_its_mapping_and_a_node_leads_with_it() {
         );
         ensure!(v["routes"][2]["table"] == "\"public\".\"plain\"", "{v}");
         ensure!(v["problems"].as_array().map(Vec::len) == Some(0), "{v}");
+
+        // Privileges granted column by column are enough for the columns mapped.
+        let columnwise = "[[routes]]\nname = \"cw\"\ntopics = [\"cw/+\"]\ntable = \"plant.columnwise\"\nkey = [\"dev\"]\non_conflict = \"update\"\n[routes.columns]\ndev = \"topic[1]\"\nv = \"$.v\"\n";
+        let cw = write(&dir, "columnwise", columnwise)?;
+        let cw = cw.to_str().context("path")?;
+        let out = c.cli_as(&c.pg.url_as("limited"), &["routes", "--config", cw])?;
+        ensure!(
+            out.status.success(),
+            "column grants refused: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let with_secret = columnwise.replace("v = \"$.v\"", "v = \"$.v\"\nsecret = \"'s'\"");
+        let cw = write(&dir, "columnwise-secret", &with_secret)?;
+        let cw = cw.to_str().context("path")?;
+        let out = c.cli_as(&c.pg.url_as("limited"), &["routes", "--config", cw])?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.code() == Some(2)
+                && stdout.contains("may not INSERT column(s) \"secret\" of \"plant\".\"columnwise\""),
+            "an ungranted column passed:\n{stdout}"
+        );
 
         // The same routes let a node start and lead.
         c.spawn_args("a", &["--config", config], &[])?;
