@@ -9,6 +9,7 @@ mod chaos;
 mod components;
 mod corpus;
 mod deploy;
+mod doctor;
 mod failover;
 mod generated;
 mod identity;

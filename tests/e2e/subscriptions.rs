@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::helpers::{check, msg, Cluster};
 use anyhow::{ensure, Context, Result};
 use leasehold_testkit::publish::{numbered, numbered_from, publish_all};
-use leasehold_testkit::{eventually, http, metric, Dir, Mosquitto, Postgres};
+use leasehold_testkit::{eventually, http, metric, Mosquitto, Postgres};
 
 /// The topic of fleet device `i`.
 fn fleet_topic(i: usize) -> String {
@@ -211,41 +211,12 @@ async fn a_device_disabled_while_no_leader_is_connected_is_unsubscribed_by_the_n
     check(&c, res);
 }
 
-/// A broker that refuses one filter (Mosquitto 2.0.11's `acl_file` never refuses a
-/// subscription — its subscribe check is a FIXME that allows everything — so the refusal comes
-/// from the dynamic-security plugin shipped with it, which answers SUBACK 0x80).
+/// A broker that refuses one filter.
 async fn broker_refusing(filter: &str) -> Result<Mosquitto> {
-    let dir = Dir::temp("leasehold-mqtt-acl-")?;
-    let plugin = [
-        "/usr/lib/x86_64-linux-gnu",
-        "/usr/lib/aarch64-linux-gnu",
-        "/usr/lib",
-    ]
-    .iter()
-    .map(|d| std::path::Path::new(d).join("mosquitto_dynamic_security.so"))
-    .find(|p| p.exists())
-    .context("mosquitto_dynamic_security.so (mosquitto package) not found")?;
-    let acl = dir.path().join("dynamic-security.json");
-    std::fs::write(
-        &acl,
-        serde_json::json!({
-            "defaultACLAccess": {"publishClientSend": true, "publishClientReceive": true,
-                                 "subscribe": true, "unsubscribe": true},
-            "clients": [],
-            "groups": [{"groupname": "anonymous", "roles": [{"rolename": "refuse-one"}]}],
-            "anonymousGroup": "anonymous",
-            "roles": [{"rolename": "refuse-one", "acls": [
-                {"acltype": "subscribeLiteral", "topic": filter, "allow": false, "priority": 0}]}],
-        })
-        .to_string(),
-    )?;
-    leasehold_testkit::give_to_servers(&acl)?;
-    let extra = format!(
-        "plugin {}\nplugin_opt_config_file {}\n",
-        plugin.display(),
-        acl.display()
-    );
-    Mosquitto::start_with(dir, &extra).await
+    Mosquitto::start_refusing(serde_json::json!([
+        {"acltype": "subscribeLiteral", "topic": filter, "allow": false, "priority": 0}
+    ]))
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

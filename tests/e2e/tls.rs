@@ -100,6 +100,27 @@ async fn a_node_ingests_over_mqtts_with_a_client_certificate_and_verify_full_pos
             let (app, ssl): (String, bool) = (r.get(0), r.get(1));
             ensure!(ssl, "{app} is not using TLS");
         }
+
+        // `leasehold doctor` probes the broker exactly as the node connects: over mqtts, with
+        // the client certificate.
+        let out = c.cli_env(
+            &["doctor", "--json"],
+            &[
+                ("DATABASE_URL", db_url.clone()),
+                ("MQTT_URL", format!("mqtts://127.0.0.1:{tls_port}")),
+                ("MQTT_CA_FILE", p(&certs.ca)),
+                ("MQTT_CLIENT_CERT", p(&certs.client_cert)),
+                ("MQTT_CLIENT_KEY", p(&certs.client_key)),
+            ],
+        )?;
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        for id in ["broker.queue", "broker.payload", "broker.qos", "cluster.claim"] {
+            let level = report["checks"]
+                .as_array()
+                .and_then(|a| a.iter().find(|c| c["id"] == id))
+                .map(|c| c["level"].clone());
+            ensure!(level == Some("ok".into()), "{id} over mqtts: {report}");
+        }
         Ok(())
     }
     .await;

@@ -415,6 +415,18 @@ pub fn derive_client_id(cluster_id: &str, lease_name: &str) -> Result<String, Cl
     Ok(format!("lh-{}-{}", &hex[..12], &lease[..7]))
 }
 
+/// Where a cluster's leader claims its client id at the broker (retained, QoS 1):
+/// `leasehold/clusters/<client id>`, holding the identity of the cluster's database.
+pub const CLAIM_TOPIC_PREFIX: &str = "leasehold/clusters/";
+/// Where `leasehold doctor` probes the broker: `leasehold/doctor/<random>`.
+pub const PROBE_TOPIC_PREFIX: &str = "leasehold/doctor/";
+
+/// Whether `topic` is one Leasehold publishes on itself (a claim or a probe): a leader
+/// subscribed to `#` receives them, and must not store them as readings.
+pub fn is_own_topic(topic: &str) -> bool {
+    topic.starts_with(CLAIM_TOPIC_PREFIX) || topic.starts_with(PROBE_TOPIC_PREFIX)
+}
+
 /// Most levels a filter may have: Mosquitto disconnects a client that subscribes deeper.
 pub const MAX_FILTER_LEVELS: usize = 201;
 

@@ -246,7 +246,41 @@ async fn health(State(s): State<HttpState>) -> Response {
         "database": db,
         "newest_data_age_seconds": age,
     });
+    let body = with_checks(body, &s);
     (code(problems.is_empty()), Json(body)).into_response()
+}
+
+/// Adds the deployment checks run at start (`checks`, `checks_ran_at`, `checks_status`:
+/// `pending` until they finished). They inform; they do not change the status code.
+fn with_checks(mut v: Value, s: &HttpState) -> Value {
+    match s.status.checks() {
+        Some(c) => {
+            v["checks_status"] = json!(c.worst().as_str());
+            v["checks_ran_at"] = json!(c.ran_at.to_rfc3339());
+            v["checks"] = json!(c.checks);
+        }
+        None => {
+            v["checks_status"] = json!("pending");
+            v["checks_ran_at"] = Value::Null;
+            v["checks"] = json!([]);
+        }
+    }
+    v
+}
+
+/// How the database replicates commits, as the node last read it (`null` before the first read).
+fn replication_view(s: &HttpState) -> Value {
+    match s.status.replication() {
+        None => Value::Null,
+        Some(r) => {
+            let mut v = match &r.result {
+                Ok(status) => json!(status.view()),
+                Err(e) => json!({"error": e}),
+            };
+            v["read_at"] = json!(r.read_at.to_rfc3339());
+            v
+        }
+    }
 }
 
 async fn live(State(s): State<HttpState>) -> Response {
@@ -322,7 +356,8 @@ async fn mqtt(State(s): State<HttpState>) -> Response {
 }
 
 async fn database(State(s): State<HttpState>) -> Response {
-    let db = db_probe(&s).await;
+    let mut db = db_probe(&s).await;
+    db["replication"] = replication_view(&s);
     let ok = db["reachable"].as_bool().unwrap_or(false);
     (code(ok), Json(db)).into_response()
 }

@@ -275,6 +275,48 @@ pub fn tls_config(
     leasehold_tls::client_config(leasehold_tls::Verify::Full, &roots, identity.as_ref())
 }
 
+/// The largest packet Leasehold accepts from the broker: above `MAX_PAYLOAD_BYTES`, so an
+/// oversized message is dead-lettered rather than a reconnect loop.
+pub fn max_incoming_packet(max_payload_bytes: usize) -> usize {
+    (max_payload_bytes * 2 + 64 * 1024).max(2 * 1024 * 1024)
+}
+
+/// The broker connection's options for `client_id`: the configured endpoint, credentials and
+/// TLS, and packet limits above `max_payload_bytes`. Every connection Leasehold makes to the
+/// broker (the session, an observer, `leasehold doctor`'s probes) starts from these.
+pub fn client_options(
+    endpoint: &MqttEndpoint,
+    client_id: &str,
+    max_payload_bytes: usize,
+) -> MqttOptions {
+    let mut opts = MqttOptions::new(client_id, &endpoint.host, endpoint.port);
+    // Incoming: above MAX_PAYLOAD_BYTES so an oversized message is dead-lettered, not a
+    // reconnect loop. Outgoing: subscriptions are split into packets far below this.
+    opts.set_max_packet_size(
+        max_incoming_packet(max_payload_bytes),
+        subscriptions::MAX_OUTGOING_PACKET,
+    );
+    if let (Some(u), p) = (&endpoint.username, &endpoint.password) {
+        opts.set_credentials(u, p.clone().unwrap_or_default());
+    }
+    if endpoint.tls {
+        match tls_config(endpoint) {
+            Ok(c) => opts.set_transport(Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(Arc::new(c)),
+            )),
+            // `leasehold run` checks this before starting; here the connection attempts
+            // fail and say why instead of falling back to plain text.
+            Err(e) => {
+                tracing::error!(error = %e, "MQTT TLS set-up failed; connections will fail");
+                opts.set_transport(Transport::tls_with_config(
+                    rumqttc::TlsConfiguration::Rustls(Arc::new(empty_roots())),
+                ))
+            }
+        };
+    }
+    opts
+}
+
 /// A configuration that trusts nothing: every handshake fails with an unknown-issuer error.
 fn empty_roots() -> leasehold_tls::rustls::ClientConfig {
     leasehold_tls::rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -305,32 +347,10 @@ impl MqttIngest {
         device_topics: watch::Receiver<DeviceTopics>,
         may_connect: Arc<dyn Fn() -> bool + Send + Sync>,
     ) -> (MqttIngest, Acker, mpsc::Receiver<Inbound>) {
-        let mut opts = MqttOptions::new(&cfg.client_id, &cfg.endpoint.host, cfg.endpoint.port);
+        let mut opts = client_options(&cfg.endpoint, &cfg.client_id, cfg.max_payload_bytes);
         opts.set_keep_alive(cfg.keep_alive)
             .set_clean_session(cfg.clean_session)
             .set_manual_acks(cfg.manual_acks);
-        // Incoming: above MAX_PAYLOAD_BYTES so an oversized message is dead-lettered, not a
-        // reconnect loop. Outgoing: subscriptions are split into packets far below this.
-        let max_packet = (cfg.max_payload_bytes * 2 + 64 * 1024).max(2 * 1024 * 1024);
-        opts.set_max_packet_size(max_packet, subscriptions::MAX_OUTGOING_PACKET);
-        if let (Some(u), p) = (&cfg.endpoint.username, &cfg.endpoint.password) {
-            opts.set_credentials(u, p.clone().unwrap_or_default());
-        }
-        if cfg.endpoint.tls {
-            match tls_config(&cfg.endpoint) {
-                Ok(c) => opts.set_transport(Transport::tls_with_config(
-                    rumqttc::TlsConfiguration::Rustls(Arc::new(c)),
-                )),
-                // `leasehold run` checks this before starting; here the connection attempts
-                // fail and say why instead of falling back to plain text.
-                Err(e) => {
-                    tracing::error!(error = %e, "MQTT TLS set-up failed; connections will fail");
-                    opts.set_transport(Transport::tls_with_config(
-                        rumqttc::TlsConfiguration::Rustls(Arc::new(empty_roots())),
-                    ))
-                }
-            };
-        }
         // DISCONNECT and PUBRECs only: acks are written by `write_acks`, pings during a pause by
         // `ping`, subscriptions are queued on the event loop a window at a time.
         let (client, mut eventloop) = AsyncClient::new(opts, 64);

@@ -62,6 +62,8 @@ struct Report {
     age: Option<f64>,
     open_alerts: Vec<leasehold_store::alerts::AlertRow>,
     cluster: ClusterView,
+    /// How the database replicates commits, or why that could not be read.
+    replication: Result<leasehold_store::replication::ReplicationStatus, String>,
 }
 
 impl Report {
@@ -76,7 +78,11 @@ impl Report {
             .collect();
         let alive: Vec<_> = nodes.iter().filter(|n| alive(n)).collect();
         let cluster = ClusterView::read(c, cfg, &alive).await;
+        let replication = leasehold_store::replication::status(c)
+            .await
+            .map_err(|e| e.database_text());
         Ok(Report {
+            replication,
             lease_name: cfg.lease_name.clone(),
             lease,
             nodes,
@@ -119,6 +125,10 @@ impl Report {
             "warnings": cluster.warnings,
             "newest_data_age_seconds": self.age,
             "alerts_open": self.open_alerts,
+            "replication": match &self.replication {
+                Ok(r) => json!(r.view()),
+                Err(e) => json!({"error": e}),
+            },
         })
     }
 
@@ -162,6 +172,22 @@ impl Report {
         }
         for w in &cluster.warnings {
             println!("WARNING  {w}");
+        }
+        match &self.replication {
+            Ok(r) if r.synchronously_replicated() => println!(
+                "DATABASE commits synchronously replicated (synchronous_commit {}, in sync: {})",
+                r.synchronous_commit,
+                r.sync_standbys
+                    .iter()
+                    .map(|s| s.application_name.as_deref().unwrap_or("?"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Ok(r) => println!(
+                "DATABASE commits NOT synchronously replicated: {}",
+                r.why_not().unwrap_or_default()
+            ),
+            Err(e) => println!("DATABASE replication unknown: {e}"),
         }
         match self.age {
             Some(a) => println!("DATA     newest row received {a:.1}s ago"),

@@ -77,6 +77,9 @@ pub struct Prepared {
     /// Readings with keys unique in the batch: the first of each key by arrival.
     pub rows: Vec<Row>,
     pub dead: Vec<DeadLetter>,
+    /// Leasehold's own messages (cluster claims, `leasehold doctor`'s probes), received only
+    /// under a filter such as `#`: acknowledged, never stored as readings.
+    pub own: u64,
     /// Later readings of a key already in `rows`: `later[0]` holds each key's second reading,
     /// `later[1]` its third, ... Each round is written after the previous one committed, so the
     /// table itself settles duplicate or conflict against what was really stored (the first may
@@ -105,6 +108,10 @@ pub fn prepare(
     // (topic, content hash, packet id) of timestamp-less readings and dead letters seen.
     let mut deliveries: HashSet<(String, String, u16)> = HashSet::new();
     for (idx, m) in batch.iter().enumerate() {
+        if leasehold_config::is_own_topic(&m.topic) {
+            out.own += 1;
+            continue;
+        }
         let received_at = clock.at(m.received);
         let pkid = i32::from(m.pkid);
         // The ingest keeps only the first MAX_PAYLOAD_BYTES of an oversized payload.
@@ -231,6 +238,24 @@ mod tests {
             &mut clock,
             1024,
         )
+    }
+
+    #[test]
+    fn leaseholds_own_claims_and_probes_are_never_stored() {
+        let t = Instant::now();
+        let p = run(&[
+            msg(
+                "leasehold/clusters/lh-abc",
+                r#"{"cluster_id":"x"}"#,
+                1,
+                false,
+                t,
+            ),
+            msg("leasehold/doctor/p1", "probe 1", 2, false, t),
+            msg("devices/m/t", r#"{"ts":1700000000,"v":1}"#, 3, false, t),
+        ]);
+        assert_eq!((p.own, p.rows.len(), p.dead.len()), (2, 1, 0));
+        assert_eq!(p.rows[0].topic, "devices/m/t");
     }
 
     #[test]

@@ -64,6 +64,14 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check what the guarantees stand on: the broker's queue, payload and QoS limits, the
+    /// database's durability, replication, privileges, clock and round trip, the cluster's
+    /// client id (exit 1 on a problem).
+    Doctor {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Ask the current leader to hand over gracefully to a standby.
     StepDown {
         /// How long to wait for another node to take over.
@@ -208,6 +216,7 @@ pub fn main() -> ExitCode {
             Command::StepDown { timeout } => admin::step_down(&cfg, timeout).await,
             Command::Routes { json } => routes_cmd::command(&cfg, json).await,
             Command::Simulate(args) => simulate::run(&cfg, args).await,
+            Command::Doctor { json } => crate::checks::doctor(&cfg, json).await,
         }
     });
     match result {

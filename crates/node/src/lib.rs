@@ -10,6 +10,8 @@
 //!   commit).
 //! - [`batch`]: a gathered batch decoded and settled as far as the batch alone can settle it.
 //! - [`ledger`]: the leader's subscription ledger (`mqtt_subscriptions`, fenced writes).
+//! - [`checks`]: `doctor`, the deployment checks at start, the leader's claim on its client
+//!   id, the replication status the heartbeat refreshes.
 //! - [`admin`]: `migrate`, `status`, `step-down`.
 //! - [`routes_cmd`]: `[[routes]]` against the database: the start-up check and `leasehold routes`.
 //! - [`simulate`]: a device fleet publisher for demos, tests and benchmarks.
@@ -17,6 +19,7 @@
 
 pub mod admin;
 pub mod batch;
+pub mod checks;
 pub mod cli;
 pub mod identity;
 pub mod ledger;

@@ -146,6 +146,7 @@ impl Node {
         let lease = leadership.as_ref().map(|l| l.handle.clone());
         let alerts = w.database_tasks(&lease)?;
         w.serve_http(listener, &lease, alerts);
+        w.start_checks();
         let systemd = w.systemd(&lease);
         w.tracker.close();
 
@@ -282,6 +283,17 @@ impl Wiring {
         });
     }
 
+    /// The deployment checks, once, in the background (`/health` shows them when done).
+    fn start_checks(&self) {
+        if self.db.is_some() {
+            self.tracker.spawn(crate::checks::at_start(
+                self.cfg.clone(),
+                self.status.clone(),
+                self.root.clone(),
+            ));
+        }
+    }
+
     /// Under systemd (`Type=notify`): READY=1 now, and the watchdog pings while the node works.
     fn systemd(
         &self,
@@ -361,6 +373,7 @@ fn lead(
     let sup = Supervisor {
         cfg: cfg.clone(),
         client_id,
+        cluster_id: db.identity.as_ref().map(|i| i.cluster_id.clone()),
         lease: handle.clone(),
         device_topics,
         pool: Some(db.pool.clone()),
@@ -549,19 +562,28 @@ struct Beat {
     client_id: Option<leasehold_config::ClientId>,
 }
 
+/// Every this many heartbeats the node reads how the database replicates commits.
+const REPLICATION_EVERY: u32 = 3;
+
 /// Reports the node in `cluster_nodes` every `HEARTBEAT_EVERY` and reads back the cluster's
-/// view (nodes alive, newest data) into the status.
+/// view (nodes alive, newest data) into the status; every `REPLICATION_EVERY` beats also how the
+/// database replicates commits (a failover or a standby lost changes it).
 async fn heartbeat(pool: Pool, me: Beat, status: NodeStatus, cancel: CancellationToken) {
     let started_at = Utc::now();
     let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
     // Events already reported: one newer than these is reported as "happened now", so every
     // node can judge the session-lost and client-id alerts from this table.
     let mut reported = (None, None);
+    let mut beats = 0u32;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
+        if beats.is_multiple_of(REPLICATION_EVERY) {
+            crate::checks::read_replication(&pool, &status).await;
+        }
+        beats = beats.wrapping_add(1);
         let role = match (&me.lease, me.mode) {
             (Some(l), _) => l.role().as_str(),
             (None, Mode::Development) => "observer",

@@ -42,6 +42,8 @@ pub struct Supervisor {
     pub cfg: Config,
     /// The shared session's client id, resolved at start from the cluster's identity.
     pub client_id: ClientId,
+    /// The cluster's identity, named in the leader's claim on its client id.
+    pub cluster_id: Option<String>,
     pub lease: LeaseHandle,
     pub device_topics: watch::Receiver<leasehold_ingest::DeviceTopics>,
     /// For the subscription ledger (production nodes always have a database).
@@ -183,6 +185,17 @@ impl Supervisor {
         };
         let broker = ingest.connected();
         self.lease.set_term_active(true);
+        // Beside the term, not part of it: a refused or slow claim never ends or delays it.
+        if let Some(pool) = &self.pool {
+            tokio::spawn(crate::checks::claim(
+                cfg.clone(),
+                self.client_id.id.clone(),
+                self.cluster_id.clone(),
+                pool.clone(),
+                epoch,
+                hard.clone(),
+            ));
+        }
         let (h, d, end) = (hard.clone(), drain.clone(), ended.clone());
         tracker.spawn(async move {
             let _end = end.drop_guard();

@@ -8,11 +8,14 @@
 //! - [`migrate`](mod@migrate): applies `migrations/` under an advisory lock, so nodes starting
 //!   together do not race, and refuses a migration changed since it was applied (sha256 ledger).
 //! - [`batch`]: [`BatchWriter`], one statement per batch, fencing check first, set-based inserts.
+//! - [`deployment`]: what `leasehold doctor` reads: durability settings, privileges, clock,
+//!   the database's identity.
 //! - [`lease`]: the lease's acquire/renew and release statements on its own connection.
 //! - [`queries`]: small reads and writes for status, heartbeats, topics, the subscription
 //!   ledger and [`current_leader`].
 //! - [`alerts`]: the `alerts` table and the facts alert rules judge.
 //! - [`listener`]: the LISTEN connection and its fan-out.
+//! - [`replication`]: whether commits are synchronously replicated, and the standbys.
 //! - [`retention`]: batched pruning of the operational tables.
 //! - [`routes`](mod@routes): `[[routes]]` checked against the live database ([`routes::resolve`]).
 //! - [`tls`]: libpq's `sslmode` rules for `DATABASE_URL`, on `tokio-postgres-rustls` (SCRAM
@@ -20,11 +23,13 @@
 
 pub mod alerts;
 pub mod batch;
+pub mod deployment;
 pub mod lease;
 pub mod listener;
 pub mod migrate;
 pub mod op;
 pub mod queries;
+pub mod replication;
 pub mod retention;
 pub mod routes;
 pub mod tls;

@@ -46,6 +46,10 @@ pub enum Op {
     Listen,
     /// Checking `[[routes]]` against the catalog at start and in `leasehold routes`.
     RouteCheck,
+    /// Replication settings and standbys (`pg_stat_replication`).
+    Replication,
+    /// `leasehold doctor`'s reads: settings, privileges, clock samples, the database's identity.
+    Doctor,
 }
 
 impl Op {
@@ -79,6 +83,8 @@ impl Op {
             Op::Prune => "prune",
             Op::Listen => "listen",
             Op::RouteCheck => "route_check",
+            Op::Replication => "replication",
+            Op::Doctor => "doctor",
         }
     }
 }

@@ -414,6 +414,53 @@ impl ClusterRead {
     }
 }
 
+/// The node read how the database replicates its commits.
+pub struct ReplicationChecked<'a> {
+    pub status: &'a crate::replication::ReplicationStatus,
+}
+impl ReplicationChecked<'_> {
+    pub fn emit(self) {
+        let m = metrics();
+        m.db_sync_replication
+            .set(i64::from(self.status.synchronously_replicated()));
+        let mut counts: std::collections::BTreeMap<&str, i64> =
+            ["sync", "quorum", "potential", "async", "hidden"]
+                .into_iter()
+                .map(|k| (k, 0))
+                .collect();
+        for s in self.status.standbys() {
+            *counts
+                .entry(s.sync_state.as_deref().unwrap_or("hidden"))
+                .or_insert(0) += 1;
+        }
+        for (state, n) in counts {
+            m.db_standbys.with_label_values(&[state]).set(n);
+        }
+    }
+}
+
+/// A deployment check found something to change: logged once per run, by level.
+pub struct CheckFound<'a> {
+    pub check: &'a crate::status::Check,
+}
+impl CheckFound<'_> {
+    pub fn emit(self) {
+        let c = self.check;
+        let fix = c.fix.as_deref().unwrap_or("");
+        match c.level {
+            crate::status::CheckLevel::Ok => {
+                tracing::debug!(check = %c.id, summary = %c.summary, "deployment check ok")
+            }
+            crate::status::CheckLevel::Warning => {
+                tracing::warn!(check = %c.id, summary = %c.summary, fix, "deployment check: warning")
+            }
+            crate::status::CheckLevel::Problem => {
+                tracing::error!(check = %c.id, summary = %c.summary, fix, "deployment check: problem")
+            }
+        }
+    }
+}
+
 /// An alert evaluation finished: what it found, as gauges.
 pub struct AlertsEvaluated<'a> {
     pub devices_enabled: i64,

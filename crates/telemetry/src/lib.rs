@@ -7,12 +7,16 @@
 //!   so the two can never disagree.
 //! - [`status`]: the node's own state as typed values ([`NodeStatus`], a `watch` channel),
 //!   written by the component that owns each part and read by `/health` and the heartbeat.
+//! - [`replication`]: whether the database's commits are synchronously replicated (typed).
 //! - [`init_logging`]: JSON or pretty logs, level from `LOG_LEVEL`.
 
 pub mod events;
+pub mod replication;
 pub mod status;
 
-pub use status::{FailedSubscription, NodeStatus, Status, SubscriptionStatus};
+pub use status::{
+    Check, CheckLevel, Checks, FailedSubscription, NodeStatus, Status, SubscriptionStatus,
+};
 
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
@@ -65,6 +69,8 @@ pub struct Metrics {
     pub alert_notifications: IntCounterVec,
     pub db_query_duration: HistogramVec,
     pub db_query_errors: IntCounterVec,
+    pub db_sync_replication: IntGauge,
+    pub db_standbys: IntGaugeVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -124,6 +130,8 @@ impl Metrics {
             alert_notifications: reg(&r, IntCounterVec::new(Opts::new("leasehold_alert_notifications_total", "Alert webhook deliveries by outcome"), &["result"])?),
             db_query_duration: reg(&r, HistogramVec::new(HistogramOpts::new("leasehold_db_query_duration_seconds", "Duration of database statements by operation, failed ones included").buckets(secs_buckets()), &["op"])?),
             db_query_errors: reg(&r, IntCounterVec::new(Opts::new("leasehold_db_query_errors_total", "Database statements that failed, by operation"), &["op"])?),
+            db_sync_replication: reg(&r, IntGauge::new("leasehold_db_sync_replication", "1 while the database's commits are synchronously replicated (a commit waits for a standby in sync), 0 when not; -1 until read")?),
+            db_standbys: reg(&r, IntGaugeVec::new(Opts::new("leasehold_db_standbys", "Standbys streaming from the database, by sync_state (hidden: the role may not see it)"), &["sync_state"])?),
             registry: r,
         };
         m.build_info
@@ -135,6 +143,7 @@ impl Metrics {
         }
         m.lease_seconds_since_renew.set(-1.0);
         m.data_age.set(-1.0);
+        m.db_sync_replication.set(-1);
         Ok(m)
     }
 
@@ -254,6 +263,43 @@ mod tests {
     }
 
     #[test]
+    fn a_replication_read_moves_the_replication_gauges() {
+        use crate::replication::{ReplicationStatus, Standby};
+        let standby = |sync_state: Option<&str>| Standby {
+            application_name: Some("b".into()),
+            state: Some("streaming".into()),
+            sync_state: sync_state.map(str::to_string),
+            flush_lag_ms: None,
+            replay_lag_ms: None,
+        };
+        let mut status = ReplicationStatus {
+            synchronous_commit: "on".into(),
+            synchronous_standby_names: "b".into(),
+            sync_standbys: vec![standby(Some("sync"))],
+            async_standbys: vec![standby(Some("async")), standby(None)],
+            details_visible: true,
+            hidden_standbys: 1,
+            in_recovery: false,
+        };
+        let m = super::metrics();
+        let standbys = |s: &str| m.db_standbys.with_label_values(&[s]).get();
+        crate::events::ReplicationChecked { status: &status }.emit();
+        assert_eq!(m.db_sync_replication.get(), 1);
+        assert_eq!(
+            (
+                standbys("sync"),
+                standbys("async"),
+                standbys("hidden"),
+                standbys("quorum")
+            ),
+            (1, 1, 1, 0)
+        );
+        status.sync_standbys.clear();
+        crate::events::ReplicationChecked { status: &status }.emit();
+        assert_eq!((m.db_sync_replication.get(), standbys("sync")), (0, 0));
+    }
+
+    #[test]
     fn every_documented_metric_is_exported() {
         let m = super::metrics();
         m.lease_transitions.with_label_values(&["leader"]).inc();
@@ -283,6 +329,7 @@ mod tests {
             "leasehold_data_age_seconds",
             "leasehold_cluster_nodes_alive",
             "leasehold_build_info",
+            "leasehold_db_sync_replication",
         ] {
             assert!(text.contains(&format!("# TYPE {name} ")), "missing {name}");
         }

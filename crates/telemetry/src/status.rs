@@ -1,21 +1,129 @@
 //! What a node knows about itself now, as typed values.
 //!
 //! Each part has one owner that writes it (the ingest task its MQTT part, the heartbeat the
-//! cluster part); `/health` and the heartbeat read it. Metrics show the same facts to
-//! Prometheus, but nothing reads a metric back to decide anything: a gauge is an export, not
-//! state.
+//! cluster part and the replication, the start-up checks the checks); `/health` and the
+//! heartbeat read it. Metrics show the same facts to Prometheus, but nothing reads a metric back
+//! to decide anything: a gauge is an export, not state.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
+use serde::Serialize;
 use tokio::sync::watch;
+
+use crate::replication::ReplicationStatus;
 
 /// The node's status, as last written by its owners.
 #[derive(Debug, Clone, Default)]
 pub struct Status {
     pub mqtt: MqttStatus,
     pub cluster: ClusterStatus,
+    /// The deployment checks run at start; `None` until they finished.
+    pub checks: Option<Checks>,
+    /// How the database replicates commits, as the heartbeat last read it.
+    pub replication: Option<ReplicationRead>,
+}
+
+/// How one deployment check came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckLevel {
+    Ok,
+    /// Works, but something G2 stands on is weaker than it should be.
+    Warning,
+    /// Something that loses or misroutes data: `leasehold doctor` exits 1.
+    Problem,
+}
+
+impl CheckLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckLevel::Ok => "ok",
+            CheckLevel::Warning => "warning",
+            CheckLevel::Problem => "problem",
+        }
+    }
+}
+
+/// One check of the deployment (`leasehold doctor`, and at start).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Check {
+    /// Stable name, e.g. `broker.queue`, `database.durability`.
+    pub id: String,
+    pub level: CheckLevel,
+    /// What was found.
+    pub summary: String,
+    /// What to change, when something should change.
+    pub fix: Option<String>,
+}
+
+impl Check {
+    pub fn ok(id: &str, summary: impl Into<String>) -> Self {
+        Check {
+            id: id.to_string(),
+            level: CheckLevel::Ok,
+            summary: summary.into(),
+            fix: None,
+        }
+    }
+
+    pub fn warning(id: &str, summary: impl Into<String>, fix: impl Into<String>) -> Self {
+        Check {
+            id: id.to_string(),
+            level: CheckLevel::Warning,
+            summary: summary.into(),
+            fix: Some(fix.into()),
+        }
+    }
+
+    pub fn problem(id: &str, summary: impl Into<String>, fix: impl Into<String>) -> Self {
+        Check {
+            id: id.to_string(),
+            level: CheckLevel::Problem,
+            summary: summary.into(),
+            fix: Some(fix.into()),
+        }
+    }
+
+    /// One line: `level  id: summary; fix`.
+    pub fn line(&self) -> String {
+        match &self.fix {
+            Some(fix) => format!(
+                "{:<8} {}: {} -> {}",
+                self.level.as_str(),
+                self.id,
+                self.summary,
+                fix
+            ),
+            None => format!("{:<8} {}: {}", self.level.as_str(), self.id, self.summary),
+        }
+    }
+}
+
+/// The checks of one run and when they ran.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Checks {
+    pub ran_at: DateTime<Utc>,
+    pub checks: Vec<Check>,
+}
+
+impl Checks {
+    /// The worst level found (`Ok` for no checks).
+    pub fn worst(&self) -> CheckLevel {
+        self.checks
+            .iter()
+            .map(|c| c.level)
+            .max()
+            .unwrap_or(CheckLevel::Ok)
+    }
+}
+
+/// The replication of the database's commits and when it was read (or why it could not be).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicationRead {
+    pub read_at: DateTime<Utc>,
+    pub result: Result<ReplicationStatus, String>,
 }
 
 /// The broker side, written by the ingest task of the current term (or of the observer).
@@ -111,6 +219,24 @@ impl NodeStatus {
         });
     }
 
+    /// The last run of the deployment checks.
+    pub fn checks(&self) -> Option<Checks> {
+        self.0.borrow().checks.clone()
+    }
+
+    pub fn set_checks(&self, checks: Checks) {
+        self.0.send_modify(|s| s.checks = Some(checks));
+    }
+
+    /// How the database replicates commits, as last read.
+    pub fn replication(&self) -> Option<ReplicationRead> {
+        self.0.borrow().replication.clone()
+    }
+
+    pub fn set_replication(&self, read: ReplicationRead) {
+        self.0.send_modify(|s| s.replication = Some(read));
+    }
+
     pub fn update_cluster(&self, f: impl FnOnce(&mut ClusterStatus)) {
         self.0.send_modify(|s| f(&mut s.cluster));
     }
@@ -135,6 +261,27 @@ mod tests {
         s.set_pending(3, 120);
         assert!(rx.has_changed().unwrap_or(false));
         assert_eq!((s.mqtt().pending, s.mqtt().pending_bytes), (3, 120));
+    }
+
+    #[test]
+    fn checks_report_their_worst_level_and_print_one_line_each() {
+        let checks = Checks {
+            ran_at: Utc::now(),
+            checks: vec![
+                Check::ok("a.one", "fine"),
+                Check::warning("a.two", "weak", "strengthen it"),
+            ],
+        };
+        assert_eq!(checks.worst(), CheckLevel::Warning);
+        assert_eq!(
+            checks.checks[1].line(),
+            "warning  a.two: weak -> strengthen it"
+        );
+        assert_eq!(checks.checks[0].line(), "ok       a.one: fine");
+        let s = NodeStatus::default();
+        assert!(s.checks().is_none());
+        s.set_checks(checks.clone());
+        assert_eq!(s.checks(), Some(checks));
     }
 
     #[test]

@@ -194,6 +194,16 @@ impl Cluster {
             .output()?)
     }
 
+    /// Runs a `leasehold` command with every node's settings (both servers), plus `extra`
+    /// (a later entry wins): commands that use the broker too, such as `doctor`.
+    pub fn cli_env(&self, args: &[&str], extra: &[(&str, String)]) -> Result<std::process::Output> {
+        Ok(std::process::Command::new(&self.bin)
+            .args(args)
+            .envs(self.env())
+            .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
+            .output()?)
+    }
+
     /// Rows written by `node` so far.
     pub async fn written_by(&self, node: &str) -> Result<i64> {
         let db = self.pg.client().await?;

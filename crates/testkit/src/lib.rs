@@ -338,6 +338,86 @@ impl Postgres {
     pub async fn start_again(&mut self) -> Result<()> {
         self.launch().await
     }
+
+    /// The `application_name` of [`Postgres::start_standby`]'s standby.
+    pub const STANDBY_NAME: &'static str = "leasehold_standby";
+
+    /// A streaming standby of `primary` (`pg_basebackup -R`), named [`Postgres::STANDBY_NAME`]
+    /// and made the primary's synchronous standby (`synchronous_standby_names`); returns once
+    /// the primary reports it in sync. The primary must commit with `synchronous_commit` on
+    /// (e.g. `Postgres::start_with("synchronous_commit = on")`) for commits to wait for it.
+    pub async fn start_standby(primary: &Postgres) -> Result<Postgres> {
+        let dir = Dir::temp("leasehold-pg-standby-")?;
+        let user = primary.user;
+        chown_dir(dir.path(), user)?;
+        let data = dir.path().join("data");
+        let mut cmd = Command::new(primary.bin.join("pg_basebackup"));
+        cmd.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &primary.port.to_string(),
+            "-U",
+            "postgres",
+            "-X",
+            "stream",
+            "-R",
+            "--no-sync",
+            "-D",
+        ])
+        .arg(&data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        as_user(&mut cmd, user);
+        let out = cmd.output().context("running pg_basebackup")?;
+        if !out.status.success() {
+            bail!(
+                "pg_basebackup failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        // After -R's line: the same primary, under the name synchronous_standby_names uses.
+        let mut conf = std::fs::read_to_string(data.join("postgresql.auto.conf"))?;
+        conf.push_str(&format!(
+            "primary_conninfo = 'host=127.0.0.1 port={} user=postgres application_name={}'\n",
+            primary.port,
+            Self::STANDBY_NAME
+        ));
+        std::fs::write(data.join("postgresql.auto.conf"), conf)?;
+        let mut standby = Postgres {
+            dir,
+            port: free_port()?,
+            child: None,
+            user,
+            bin: primary.bin.clone(),
+            env: Vec::new(),
+        };
+        standby.launch().await?;
+        let c = primary.client().await?;
+        // Two statements: ALTER SYSTEM may not run in the implicit transaction of a batch.
+        c.batch_execute(&format!(
+            "ALTER SYSTEM SET synchronous_standby_names = '{}'",
+            Self::STANDBY_NAME
+        ))
+        .await?;
+        c.batch_execute("SELECT pg_reload_conf()").await?;
+        eventually(Duration::from_secs(30), "the standby to be in sync", || {
+            let c = &c;
+            async move {
+                let rows = c
+                    .query(
+                        "SELECT 1 FROM pg_stat_replication
+                             WHERE application_name = $1 AND sync_state = 'sync'",
+                        &[&Self::STANDBY_NAME],
+                    )
+                    .await?;
+                Ok(!rows.is_empty())
+            }
+        })
+        .await
+        .with_context(|| format!("standby log:\n{}", standby.log()))?;
+        Ok(standby)
+    }
 }
 
 impl Drop for Postgres {
@@ -428,6 +508,43 @@ impl Mosquitto {
         .await
         .with_context(|| format!("mosquitto log:\n{}", self.log()))?;
         Ok(())
+    }
+
+    /// A broker whose anonymous clients are refused what `acls` says (entries of Mosquitto's
+    /// dynamic-security plugin, e.g. `{"acltype": "subscribePattern", "topic": "a/#", "allow":
+    /// false, "priority": 0}`), everything else allowed. Mosquitto 2.0.11's `acl_file` never
+    /// refuses a subscription; the plugin shipped with it answers SUBACK 0x80.
+    pub async fn start_refusing(acls: serde_json::Value) -> Result<Self> {
+        let dir = Dir::temp("leasehold-mqtt-acl-")?;
+        let plugin = [
+            "/usr/lib/x86_64-linux-gnu",
+            "/usr/lib/aarch64-linux-gnu",
+            "/usr/lib",
+        ]
+        .iter()
+        .map(|d| Path::new(d).join("mosquitto_dynamic_security.so"))
+        .find(|p| p.exists())
+        .context("mosquitto_dynamic_security.so (mosquitto package) not found")?;
+        let conf = dir.path().join("dynamic-security.json");
+        std::fs::write(
+            &conf,
+            serde_json::json!({
+                "defaultACLAccess": {"publishClientSend": true, "publishClientReceive": true,
+                                     "subscribe": true, "unsubscribe": true},
+                "clients": [],
+                "groups": [{"groupname": "anonymous", "roles": [{"rolename": "refused"}]}],
+                "anonymousGroup": "anonymous",
+                "roles": [{"rolename": "refused", "acls": acls}],
+            })
+            .to_string(),
+        )?;
+        give_to_servers(&conf)?;
+        let extra = format!(
+            "plugin {}\nplugin_opt_config_file {}\n",
+            plugin.display(),
+            conf.display()
+        );
+        Self::start_with(dir, &extra).await
     }
 
     pub fn url(&self) -> String {

@@ -1,0 +1,315 @@
+//! The broker's side of "nothing lost": it keeps what it queues for an offline persistent
+//! session, accepts messages of `MAX_PAYLOAD_BYTES`, and grants QoS 1 on the configured filters.
+//! Every probe uses temporary client ids and a private topic of its own, and removes its
+//! session afterwards.
+
+use std::time::Duration;
+
+use leasehold_config::{Config, PROBE_TOPIC_PREFIX};
+use leasehold_telemetry::Check;
+use rumqttc::{QoS, SubscribeReasonCode};
+
+use crate::mqtt::{options, random_suffix, Conn, ProbeError};
+
+/// Messages queued for the offline probe session: well past Mosquitto's default
+/// `max_queued_messages` (1,000) and what it may hold in flight on top of it.
+pub const QUEUE_PROBE: usize = 2_000;
+
+/// The three broker checks.
+pub async fn checks(cfg: &Config) -> Vec<Check> {
+    vec![queue(cfg).await, payload(cfg).await, qos(cfg).await]
+}
+
+/// What a queue probe found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueProbe {
+    pub published: usize,
+    /// The broker still had the session when the probe came back.
+    pub session_present: bool,
+    pub received: usize,
+}
+
+/// Judges a queue probe.
+pub fn judge_queue(p: QueueProbe) -> Check {
+    const ID: &str = "broker.queue";
+    const FIX: &str = "set max_queued_messages 0 and max_queued_bytes 0 (or limits above message rate x the longest outage) in mosquitto.conf, as deploy/mosquitto/mosquitto.conf does (docs/deployment.md, \"Broker\")";
+    if !p.session_present {
+        return Check::problem(
+            ID,
+            "the broker did not keep an offline persistent session (CONNACK without a session): everything queued while no leader is connected is lost",
+            "keep persistent sessions (clean_session=false): persistence true, no persistent_client_expiration shorter than the longest outage (docs/deployment.md, \"Broker\")",
+        );
+    }
+    if p.received < p.published {
+        return Check::problem(
+            ID,
+            format!(
+                "the broker kept only {} of {} messages queued for an offline persistent session: past its queue limit it drops messages silently, so a failover or an outage longer than that loses data",
+                p.received, p.published
+            ),
+            FIX,
+        );
+    }
+    Check::ok(
+        ID,
+        format!(
+            "the broker kept all {} messages queued for an offline persistent session",
+            p.published
+        ),
+    )
+}
+
+/// Subscribes a persistent probe session, leaves, has [`QUEUE_PROBE`] messages published to it,
+/// comes back and counts them; then removes the session.
+async fn queue(cfg: &Config) -> Check {
+    let suffix = random_suffix();
+    let id = format!("leasehold-doctor-{suffix}");
+    let topic = format!("{PROBE_TOPIC_PREFIX}{suffix}");
+    let res = queue_probe(cfg, &id, &topic).await;
+    // Clean up whatever happened: a clean-session connect with the same id removes the session
+    // and its queue.
+    if let Ok((c, _)) = Conn::open(options(cfg, &id, true)).await {
+        c.close().await;
+    }
+    match res {
+        Ok(p) => judge_queue(p),
+        Err(e) => unreachable_check("broker.queue", cfg, &e),
+    }
+}
+
+async fn queue_probe(cfg: &Config, id: &str, topic: &str) -> Result<QueueProbe, ProbeError> {
+    let (mut sub, _) = Conn::open(options(cfg, id, false)).await?;
+    check_granted(&sub.subscribe(&[topic.to_string()]).await?)
+        .map_err(|_| ProbeError::Refused("a QoS 1 subscription to the probe topic"))?;
+    sub.close().await;
+    let (mut publisher, _) = Conn::open(options(
+        cfg,
+        &format!("leasehold-doctor-{}", random_suffix()),
+        true,
+    ))
+    .await?;
+    let published = publisher
+        .publish_all(
+            topic,
+            false,
+            (0..QUEUE_PROBE).map(|i| format!("probe {i}").into_bytes()),
+            Duration::from_secs(30),
+        )
+        .await?;
+    publisher.close().await;
+    let (mut sub, session_present) = Conn::open(options(cfg, id, false)).await?;
+    let received = sub
+        .collect(
+            topic,
+            published,
+            Duration::from_secs(2),
+            Duration::from_secs(30),
+        )
+        .await?
+        .len();
+    sub.close().await;
+    Ok(QueueProbe {
+        published,
+        session_present,
+        received,
+    })
+}
+
+/// Publishes one message of `MAX_PAYLOAD_BYTES` to a private topic and waits to receive it.
+async fn payload(cfg: &Config) -> Check {
+    const ID: &str = "broker.payload";
+    let size = cfg.max_payload_bytes;
+    let suffix = random_suffix();
+    let topic = format!("{PROBE_TOPIC_PREFIX}{suffix}");
+    let res = async {
+        let (mut sub, _) =
+            Conn::open(options(cfg, &format!("leasehold-doctor-{suffix}"), true)).await?;
+        sub.subscribe(std::slice::from_ref(&topic)).await?;
+        let sent = async {
+            let (mut p, _) = Conn::open(options(
+                cfg,
+                &format!("leasehold-doctor-{}", random_suffix()),
+                true,
+            ))
+            .await?;
+            p.publish_all(&topic, false, [vec![b'x'; size]], Duration::from_secs(10))
+                .await?;
+            p.close().await;
+            Ok::<_, ProbeError>(())
+        }
+        .await;
+        let got = sub
+            .collect(&topic, 1, Duration::from_secs(5), Duration::from_secs(5))
+            .await?;
+        sub.close().await;
+        Ok::<_, ProbeError>((sent, got.first().map(|p| p.payload.len())))
+    }
+    .await;
+    match res {
+        Ok((_, Some(n))) if n == size => Check::ok(
+            ID,
+            format!("the broker passed a message of MAX_PAYLOAD_BYTES ({size} bytes)"),
+        ),
+        Ok((sent, got)) => Check::problem(
+            ID,
+            format!(
+                "the broker did not pass a message of MAX_PAYLOAD_BYTES ({size} bytes){}: devices' messages that large are lost at the broker",
+                match (sent, got) {
+                    (Err(e), _) => format!(" (publishing it: {e})"),
+                    (_, Some(n)) => format!(" (received {n} bytes)"),
+                    _ => String::new(),
+                }
+            ),
+            "raise the broker's max_packet_size / message_size_limit above MAX_PAYLOAD_BYTES plus the topic and headers, or lower MAX_PAYLOAD_BYTES",
+        ),
+        Err(e) => unreachable_check(ID, cfg, &e),
+    }
+}
+
+/// The failed filters of a SUBACK: refused (0x80) or granted below QoS 1.
+fn check_granted(codes: &[SubscribeReasonCode]) -> Result<(), Vec<usize>> {
+    let bad: Vec<usize> = codes
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| {
+            !matches!(
+                c,
+                SubscribeReasonCode::Success(QoS::AtLeastOnce | QoS::ExactlyOnce)
+            )
+        })
+        .map(|(i, _)| i)
+        .collect();
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(bad)
+    }
+}
+
+/// Judges the SUBACK codes of the configured filters.
+pub fn judge_qos(filters: &[String], codes: &[SubscribeReasonCode]) -> Check {
+    const ID: &str = "broker.qos";
+    if filters.is_empty() {
+        return Check::ok(ID, "no MQTT_TOPICS configured (device topics only)");
+    }
+    if codes.len() != filters.len() {
+        return Check::problem(
+            ID,
+            format!(
+                "the broker answered {} codes for {} topic filters",
+                codes.len(),
+                filters.len()
+            ),
+            "check the broker's logs",
+        );
+    }
+    match check_granted(codes) {
+        Ok(()) => Check::ok(
+            ID,
+            format!(
+                "the broker grants QoS 1 on all {} configured topic filters",
+                filters.len()
+            ),
+        ),
+        Err(bad) => Check::problem(
+            ID,
+            format!(
+                "the broker refused or granted below QoS 1: {}; messages on them are not kept for the session",
+                bad.iter()
+                    .map(|&i| format!("{:?} ({:?})", filters[i], codes[i]))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            "allow this user to subscribe to these filters with QoS 1 (the broker's ACL), or correct MQTT_TOPICS",
+        ),
+    }
+}
+
+/// Subscribes the configured filters with a clean temporary client, reads the SUBACK,
+/// unsubscribes.
+async fn qos(cfg: &Config) -> Check {
+    let filters = cfg.mqtt_topics.clone();
+    if filters.is_empty() {
+        return judge_qos(&filters, &[]);
+    }
+    let res = async {
+        let id = format!("leasehold-doctor-{}", random_suffix());
+        let (mut c, _) = Conn::open(options(cfg, &id, true)).await?;
+        let mut codes = Vec::with_capacity(filters.len());
+        for chunk in filters.chunks(50) {
+            codes.extend(c.subscribe(chunk).await?);
+        }
+        for f in &filters {
+            c.unsubscribe(f).await?;
+        }
+        c.close().await;
+        Ok::<_, ProbeError>(codes)
+    }
+    .await;
+    match res {
+        Ok(codes) => judge_qos(&filters, &codes),
+        Err(e) => unreachable_check("broker.qos", cfg, &e),
+    }
+}
+
+/// A probe that could not talk to the broker.
+fn unreachable_check(id: &str, cfg: &Config, e: &ProbeError) -> Check {
+    Check::problem(
+        id,
+        format!("could not probe the broker at {}: {e}", cfg.mqtt),
+        "check MQTT_URL, the credentials and TLS settings, and that the broker is running",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use leasehold_telemetry::CheckLevel;
+
+    #[test]
+    fn a_broker_that_drops_past_its_queue_limit_is_a_problem() {
+        let p = QueueProbe {
+            published: 2000,
+            session_present: true,
+            received: 1000,
+        };
+        let c = judge_queue(p);
+        assert_eq!(c.level, CheckLevel::Problem);
+        assert!(c.summary.contains("1000 of 2000"), "{}", c.summary);
+        assert!(c
+            .fix
+            .as_deref()
+            .unwrap_or("")
+            .contains("max_queued_messages"));
+        let all = judge_queue(QueueProbe {
+            received: 2000,
+            ..p
+        });
+        assert_eq!(all.level, CheckLevel::Ok);
+        let lost = judge_queue(QueueProbe {
+            session_present: false,
+            received: 0,
+            ..p
+        });
+        assert_eq!(lost.level, CheckLevel::Problem);
+    }
+
+    #[test]
+    fn a_filter_granted_below_qos_1_is_a_problem() {
+        let f = vec!["a/#".to_string(), "b/#".to_string()];
+        let ok = [SubscribeReasonCode::Success(QoS::AtLeastOnce); 2];
+        assert_eq!(judge_qos(&f, &ok).level, CheckLevel::Ok);
+        let bad = [
+            SubscribeReasonCode::Success(QoS::AtLeastOnce),
+            SubscribeReasonCode::Success(QoS::AtMostOnce),
+        ];
+        let c = judge_qos(&f, &bad);
+        assert_eq!(c.level, CheckLevel::Problem);
+        assert!(c.summary.contains("b/#") && !c.summary.contains("a/#"));
+        let refused = [
+            SubscribeReasonCode::Failure,
+            SubscribeReasonCode::Success(QoS::AtLeastOnce),
+        ];
+        assert!(judge_qos(&f, &refused).summary.contains("a/#"));
+    }
+}
