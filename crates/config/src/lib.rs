@@ -23,9 +23,11 @@ use std::time::Duration;
 // anything is logged, served or printed.
 mod load;
 mod redact;
+mod routes;
 mod settings;
 mod sources;
 
+pub use routes::{OnConflict, PathStep, RouteSpec, Source};
 pub use redact::{is_secret_name, redact, redact_url, LIBPQ_KEYWORDS, MASK};
 pub use settings::{Keys, KEYS, SETTINGS};
 pub use sources::Sources;
@@ -213,6 +215,8 @@ pub struct Config {
     /// (see [`Config::client_id`]).
     pub mqtt_client_id: Option<String>,
     pub mqtt_topics: Vec<String>,
+    /// `[[routes]]` of the configuration file (empty: only the default route).
+    pub routes: Vec<RouteSpec>,
     pub mqtt_keep_alive: Duration,
     pub mqtt_reconnect_max: Duration,
     /// A leader that cannot reach the broker this long hands over (zero: never).

@@ -47,6 +47,7 @@ impl Config {
             mqtt_topics: mqtt
                 .topics
                 .unwrap_or_else(|| vec!["devices/+/telemetry".into()]),
+            routes: Vec::new(),
             mqtt_keep_alive: mqtt.keep_alive.unwrap_or(Duration::from_secs(10)),
             mqtt_reconnect_max: mqtt.reconnect_max.unwrap_or(Duration::from_secs(30)),
             mqtt_step_down_after: mqtt.step_down_after.unwrap_or(Duration::from_secs(20)),

@@ -8,12 +8,17 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
+use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
+use leasehold_config::OnConflict;
 use leasehold_decode::{DecodeError, Decoder};
 use leasehold_ingest::Inbound;
-use leasehold_store::{DeadLetter, Row};
+use leasehold_store::routes::ResolvedRoute;
+use leasehold_store::{DeadLetter, RouteRow, RoutedMessage, Row};
+
+use crate::routing;
 
 /// The label of a dead-letter reason in metrics and in `dead_letters.reason`.
 pub fn reason_label(e: &DecodeError) -> &'static str {
@@ -84,6 +89,22 @@ pub struct Prepared {
     pub later: Vec<Vec<Row>>,
     /// Redeliveries of an earlier message of the batch (DUP, same packet id and bytes).
     pub redelivered: u64,
+    /// Rows of named routes, keys unique per route: the first of each key by arrival
+    /// (`on_conflict = "nothing"`) or the last (`"update"`).
+    pub routed: Vec<RouteRow>,
+    /// Later rows of a key already in `routed` (`"nothing"` only), by round like `later`.
+    pub later_routed: Vec<Vec<RouteRow>>,
+    /// Per route: rows replaced by a later message of the same key in this batch
+    /// (`"update"`: the last by arrival wins, the earlier count as written over).
+    pub superseded: Vec<u64>,
+}
+
+/// The named routes of the term and what their sources `written_by` and `lease_epoch` read.
+#[derive(Debug, Clone, Copy)]
+pub struct Routing<'a> {
+    pub routes: &'a [ResolvedRoute],
+    pub written_by: &'a str,
+    pub lease_epoch: i64,
 }
 
 /// Decodes `batch` and settles what the batch alone can settle. `max_payload_bytes` bounds the
@@ -93,11 +114,15 @@ pub fn prepare(
     batch: &[Inbound],
     clock: &mut DbClock,
     max_payload_bytes: usize,
+    routing: Routing<'_>,
 ) -> Prepared {
     let mut out = Prepared {
         rows: Vec::with_capacity(batch.len()),
+        superseded: vec![0; routing.routes.len()],
         ..Prepared::default()
     };
+    // (route, key) -> how many rows of it came so far, and where the last one is in `routed`.
+    let mut route_keys: HashMap<(usize, Vec<Option<String>>), (usize, usize)> = HashMap::new();
     // Hash of a reading's key -> (round, position) of the readings with that hash (compared in
     // full on a hit), so the common case of unique keys costs no copy of the key.
     let mut keys: HashMap<u64, Vec<(usize, usize)>> = HashMap::with_capacity(batch.len());
@@ -107,6 +132,111 @@ pub fn prepare(
     for (idx, m) in batch.iter().enumerate() {
         let received_at = clock.at(m.received);
         let pkid = i32::from(m.pkid);
+        let matched = routing::matching(routing.routes, &m.topic);
+        if !matched.is_empty() {
+            let held = &m.payload[..m.payload.len().min(max_payload_bytes)];
+            let delivery = (
+                m.topic.clone(),
+                leasehold_decode::content_hash(&m.topic, held),
+                m.pkid,
+            );
+            if m.dup && deliveries.contains(&delivery) {
+                out.redelivered += 1;
+                continue;
+            }
+            deliveries.insert(delivery);
+            let dead = |reason: &'static str, route: String, error: String| DeadLetter {
+                idx,
+                topic: m.topic.clone(),
+                payload: held.to_vec(),
+                size: m.original_size.max(m.payload.len()),
+                reason,
+                error,
+                received_at,
+                pkid,
+                dup: m.dup,
+                route: Some(route),
+            };
+            let parsed = if m.original_size > max_payload_bytes {
+                Err(DecodeError::TooLarge {
+                    size: m.original_size,
+                    max: max_payload_bytes,
+                })
+            } else {
+                decoder.parse(&m.topic, &m.payload)
+            };
+            let parsed = match parsed {
+                Ok(p) => p,
+                Err(e) => {
+                    // One dead letter for the message, naming every route it was for.
+                    let names: Vec<&str> = matched
+                        .iter()
+                        .map(|&k| routing.routes[k].spec.name.as_str())
+                        .collect();
+                    let word = if names.len() == 1 { "route" } else { "routes" };
+                    out.dead.push(dead(
+                        reason_label(&e),
+                        names.join(","),
+                        format!("{word} {}: {e}", names.join(", ")),
+                    ));
+                    continue;
+                }
+            };
+            let message = Arc::new(RoutedMessage {
+                topic: m.topic.clone(),
+                payload: m.payload.clone(),
+                received_at,
+                pkid,
+                dup: m.dup,
+            });
+            let cx = routing::Context {
+                topic: &m.topic,
+                received_at,
+                written_by: routing.written_by,
+                lease_epoch: routing.lease_epoch,
+            };
+            for k in matched {
+                let route = &routing.routes[k];
+                match routing::row(route, &parsed, cx) {
+                    Ok(values) => {
+                        let key = (k, routing::batch_key(route, &values));
+                        let row = RouteRow {
+                            idx,
+                            route: k,
+                            values,
+                            message: message.clone(),
+                        };
+                        match (route_keys.get_mut(&key), route.spec.on_conflict) {
+                            (None, _) => {
+                                route_keys.insert(key, (1, out.routed.len()));
+                                out.routed.push(row);
+                            }
+                            (Some((_, at)), OnConflict::Update) => {
+                                out.routed[*at] = row;
+                                out.superseded[k] += 1;
+                            }
+                            (Some((seen, _)), OnConflict::Nothing) => {
+                                let round = *seen;
+                                *seen += 1;
+                                if out.later_routed.len() < round {
+                                    out.later_routed.resize_with(round, Vec::new);
+                                }
+                                out.later_routed[round - 1].push(row);
+                            }
+                        }
+                    }
+                    Err(e) => out.dead.push(dead(
+                        "mapping_failed",
+                        route.spec.name.clone(),
+                        format!(
+                            "route {}: column {:?}: {}",
+                            route.spec.name, e.column, e.reason
+                        ),
+                    )),
+                }
+            }
+            continue;
+        }
         // The ingest keeps only the first MAX_PAYLOAD_BYTES of an oversized payload.
         let decoded = if m.original_size > max_payload_bytes {
             Err(DecodeError::TooLarge {
@@ -184,6 +314,7 @@ pub fn prepare(
                     received_at,
                     pkid,
                     dup: m.dup,
+                    route: None,
                 });
             }
         }
@@ -203,6 +334,24 @@ pub fn rejected(row: &Row, database_text: &str) -> DeadLetter {
         received_at: row.received_at,
         pkid: row.pkid,
         dup: row.dup,
+        route: None,
+    }
+}
+
+/// A route's row PostgreSQL refused, as the dead letter that replaces it (the message's other
+/// routes still write).
+pub fn rejected_route_row(row: &RouteRow, route: &str, database_text: &str) -> DeadLetter {
+    DeadLetter {
+        idx: row.idx,
+        topic: row.message.topic.clone(),
+        payload: row.message.payload.to_vec(),
+        size: row.message.payload.len(),
+        reason: "rejected_by_database",
+        error: format!("route {route}: PostgreSQL rejected the row: {database_text}"),
+        received_at: row.message.received_at,
+        pkid: row.message.pkid,
+        dup: row.message.dup,
+        route: Some(route.to_string()),
     }
 }
 
@@ -230,6 +379,11 @@ mod tests {
             batch,
             &mut clock,
             1024,
+            Routing {
+                routes: &[],
+                written_by: "n",
+                lease_epoch: 1,
+            },
         )
     }
 

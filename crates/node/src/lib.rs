@@ -20,6 +20,7 @@ pub mod cli;
 pub mod identity;
 pub mod ledger;
 pub mod node;
+pub mod routing;
 pub mod sd_notify;
 pub mod simulate;
 pub mod supervisor;

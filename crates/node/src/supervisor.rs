@@ -173,10 +173,12 @@ impl Supervisor {
                 // A backstop only: the lease deadline cancels a hung write (on the server too)
                 // long before this.
                 statement_timeout: cfg.lease.ttl,
+                routes: cfg.routes.clone(),
             },
             fence,
             rx,
             acker,
+            status: self.status.clone(),
         };
         let broker = ingest.connected();
         self.lease.set_term_active(true);

@@ -8,17 +8,21 @@
 //! committed are not written again when a later part fails.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use leasehold_config::RouteSpec;
 use leasehold_decode::Decoder;
 use leasehold_ingest::{Acker, Inbound};
-use leasehold_store::{BatchWriter, DeadLetter, Fence, Row, StoreError};
+use leasehold_store::routes::ResolvedRoute;
+use leasehold_store::{BatchWriter, DeadLetter, Fence, RouteRow, Row, StoreError};
 use leasehold_telemetry::events;
+use leasehold_telemetry::status::{NodeStatus, RouteCounts};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::batch::reason_label;
-use crate::batch::{prepare, rejected, DbClock, Prepared};
+use crate::batch::{prepare, rejected, rejected_route_row, DbClock, Prepared, Routing};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriterError {
@@ -42,6 +46,8 @@ pub struct WriterConfig {
     /// Server-side bound on a batch statement (a backstop: a cancelled write is also
     /// cancelled on the server).
     pub statement_timeout: Duration,
+    /// The named routes (`[[routes]]`); empty: every message goes to `telemetry`.
+    pub routes: Vec<RouteSpec>,
 }
 
 pub struct Writer {
@@ -49,6 +55,16 @@ pub struct Writer {
     pub fence: Fence,
     pub rx: mpsc::Receiver<Inbound>,
     pub acker: Acker,
+    /// Where the per-route counts are shown (`/health`).
+    pub status: NodeStatus,
+}
+
+/// The writer's connection and the routes as checked against the database at the term's first
+/// connection (kept for the term: a batch is prepared once against them).
+#[derive(Default)]
+struct Conn {
+    writer: Option<BatchWriter>,
+    routes: Option<Arc<[ResolvedRoute]>>,
 }
 
 /// How often the writer reads the database's clock again.
@@ -59,30 +75,35 @@ const CLOCK_EVERY: Duration = Duration::from_secs(60);
 struct Part {
     rows: Vec<Row>,
     dead: Vec<DeadLetter>,
+    /// Rows of named routes: each one message's row in one route, so isolation dead-letters
+    /// only the failing route's row.
+    routed: Vec<RouteRow>,
 }
 
 impl Part {
     fn len(&self) -> usize {
-        self.rows.len() + self.dead.len()
+        self.rows.len() + self.dead.len() + self.routed.len()
     }
 
-    /// Two non-empty parts (for a part of two or more), readings first, then dead letters.
+    /// Two non-empty parts (for a part of two or more): readings, then dead letters, then
+    /// route rows, split at the middle.
     fn halves(mut self) -> (Part, Part) {
-        let first = self.len().div_ceil(2);
-        if first <= self.rows.len() {
-            let rows = self.rows.split_off(first);
-            let dead = std::mem::take(&mut self.dead);
-            (self, Part { rows, dead })
+        let mut first = self.len().div_ceil(2);
+        let mut second = Part::default();
+        if first < self.rows.len() {
+            second.rows = self.rows.split_off(first);
+            first = 0;
         } else {
-            let dead = self.dead.split_off(first - self.rows.len());
-            (
-                self,
-                Part {
-                    rows: Vec::new(),
-                    dead,
-                },
-            )
+            first -= self.rows.len();
         }
+        if first < self.dead.len() {
+            second.dead = self.dead.split_off(first);
+            first = 0;
+        } else {
+            first -= self.dead.len();
+        }
+        second.routed = self.routed.split_off(first.min(self.routed.len()));
+        (self, second)
     }
 }
 
@@ -93,6 +114,16 @@ struct Tally {
     duplicates: u64,
     conflicts: u64,
     dead_lettered: u64,
+    /// Per named route (the term's order).
+    routes: Vec<RouteTally>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct RouteTally {
+    written: u64,
+    duplicates: u64,
+    conflicts: u64,
+    dead_letters: u64,
 }
 
 enum Stop {
@@ -104,7 +135,7 @@ impl Writer {
     /// Runs until `cancel` (drop what is uncommitted) or until the ingest closes the channel
     /// (drain: commit and ack everything first).
     pub async fn run(mut self, cancel: CancellationToken) -> Result<(), WriterError> {
-        let mut conn: Option<BatchWriter> = None;
+        let mut conn = Conn::default();
         let mut clock: Option<DbClock> = None;
         let mut retry = Backoff::default();
         loop {
@@ -116,7 +147,7 @@ impl Writer {
             let clock = loop {
                 if let Some(c) = clock.as_mut() {
                     if c.measured_at().elapsed() >= CLOCK_EVERY {
-                        if let Some(w) = conn.as_ref().filter(|w| !w.is_closed()) {
+                        if let Some(w) = conn.writer.as_ref().filter(|w| !w.is_closed()) {
                             if let Ok((db, local)) = w.clock().await {
                                 c.remeasure(db, local);
                             }
@@ -131,7 +162,7 @@ impl Writer {
                 match measured {
                     Ok((db, local)) => clock = Some(DbClock::new(db, local)),
                     Err(e) => {
-                        conn = None;
+                        conn.writer = None;
                         if !retry.wait(&e, &cancel).await {
                             return Ok(());
                         }
@@ -139,9 +170,21 @@ impl Writer {
                 }
             };
             let started = Instant::now();
-            let prepared = prepare(&self.cfg.decoder, &batch, clock, self.cfg.max_payload_bytes);
-            match self.commit(&mut conn, prepared, &cancel, &mut retry).await {
+            let routes = conn.routes.clone().unwrap_or_else(|| Arc::from(Vec::new()));
+            let prepared = prepare(
+                &self.cfg.decoder,
+                &batch,
+                clock,
+                self.cfg.max_payload_bytes,
+                Routing {
+                    routes: &routes,
+                    written_by: &self.cfg.instance_id,
+                    lease_epoch: self.fence.epoch,
+                },
+            );
+            match self.commit(&mut conn, prepared, &routes, &cancel, &mut retry).await {
                 Ok(tally) => {
+                    self.route_events(&routes, &tally);
                     events::BatchCommitted {
                         rows: batch.len(),
                         inserted: tally.inserted,
@@ -169,35 +212,90 @@ impl Writer {
     /// Commits every part of `prepared`, isolating row errors, retrying other errors.
     async fn commit(
         &self,
-        conn: &mut Option<BatchWriter>,
+        conn: &mut Conn,
         prepared: Prepared,
+        routes: &[ResolvedRoute],
         cancel: &CancellationToken,
         retry: &mut Backoff,
     ) -> Result<Tally, Stop> {
         let mut tally = Tally {
             duplicates: prepared.redelivered,
+            routes: prepared
+                .superseded
+                .iter()
+                .map(|&n| RouteTally {
+                    written: n,
+                    ..RouteTally::default()
+                })
+                .collect(),
             ..Tally::default()
         };
+        tally.routes.resize(routes.len(), RouteTally::default());
         let mut rounds = vec![Part {
             rows: prepared.rows,
             dead: prepared.dead,
+            routed: prepared.routed,
         }];
-        rounds.extend(prepared.later.into_iter().map(|rows| Part {
-            rows,
-            dead: Vec::new(),
-        }));
+        let mut later = prepared.later.into_iter();
+        let mut later_routed = prepared.later_routed.into_iter();
+        loop {
+            let (rows, routed) = (later.next(), later_routed.next());
+            if rows.is_none() && routed.is_none() {
+                break;
+            }
+            rounds.push(Part {
+                rows: rows.unwrap_or_default(),
+                dead: Vec::new(),
+                routed: routed.unwrap_or_default(),
+            });
+        }
         for round in rounds {
-            self.commit_part(conn, round, &mut tally, cancel, retry)
+            self.commit_part(conn, round, routes, &mut tally, cancel, retry)
                 .await?;
         }
         Ok(tally)
     }
 
+    /// The events and typed counts of a committed batch's named routes.
+    fn route_events(&self, routes: &[ResolvedRoute], tally: &Tally) {
+        if routes.is_empty() {
+            return;
+        }
+        for (r, t) in routes.iter().zip(&tally.routes) {
+            events::RouteCommitted {
+                route: &r.spec.name,
+                written: t.written,
+                duplicates: t.duplicates,
+                conflicts: t.conflicts,
+            }
+            .emit();
+        }
+        self.status.update_routes(|counts| {
+            if counts.len() != routes.len() {
+                *counts = routes
+                    .iter()
+                    .map(|r| RouteCounts {
+                        name: r.spec.name.clone(),
+                        table: format!("{}.{}", r.schema, r.table),
+                        ..RouteCounts::default()
+                    })
+                    .collect();
+            }
+            for (c, t) in counts.iter_mut().zip(&tally.routes) {
+                c.written += t.written;
+                c.duplicates += t.duplicates;
+                c.conflicts += t.conflicts;
+                c.dead_letters += t.dead_letters;
+            }
+        });
+    }
+
     /// Commits one part whose reading keys are unique, halving it around row errors.
     async fn commit_part(
         &self,
-        conn: &mut Option<BatchWriter>,
+        conn: &mut Conn,
         part: Part,
+        routes: &[ResolvedRoute],
         tally: &mut Tally,
         cancel: &CancellationToken,
         retry: &mut Backoff,
@@ -214,7 +312,7 @@ impl Writer {
                 r = async {
                     let w = self.connection(conn).await?;
                     stop = Some(w.cancel_handle());
-                    w.write(&self.fence, &part.rows, &part.dead).await
+                    w.write(&self.fence, &part.rows, &part.dead, &part.routed).await
                 } => Some(r),
             };
             let Some(res) = res else {
@@ -227,7 +325,7 @@ impl Writer {
                         }
                     });
                 }
-                *conn = None;
+                conn.writer = None;
                 return Err(Stop::Cancelled);
             };
             match res {
@@ -244,8 +342,44 @@ impl Writer {
                             topic: &d.topic,
                             reason: d.reason,
                             error: &d.error,
+                            route: d.route.as_deref().unwrap_or("default"),
                         }
                         .emit();
+                        // A message dead-lettered for several routes counts once, under its
+                        // first.
+                        let first = d.route.as_deref().and_then(|r| r.split(',').next());
+                        if let Some(k) = routes.iter().position(|r| Some(r.spec.name.as_str()) == first)
+                        {
+                            tally.routes[k].dead_letters += 1;
+                        }
+                    }
+                    for ((k, o), r) in out.routes.iter().enumerate().zip(routes) {
+                        let t = &mut tally.routes[k];
+                        t.written += o.written;
+                        t.duplicates += o.duplicates.len() as u64;
+                        t.conflicts += o.conflicts.len() as u64;
+                        t.dead_letters += (o.conflicts.len() + o.unstored.len()) as u64;
+                        for (i, reason, what) in o
+                            .conflicts
+                            .iter()
+                            .map(|i| (i, "conflict", "a different row is stored for its key"))
+                            .chain(o.unstored.iter().map(|i| {
+                                (i, "not_stored", "the table neither took the row nor holds its key")
+                            }))
+                        {
+                            let topic = part
+                                .routed
+                                .iter()
+                                .find(|x| x.idx == *i && x.route == k)
+                                .map_or("", |x| x.message.topic.as_str());
+                            events::DeadLettered {
+                                topic,
+                                reason,
+                                error: &format!("route {}: {what}", r.spec.name),
+                                route: &r.spec.name,
+                            }
+                            .emit();
+                        }
                     }
                     for i in &out.conflicts {
                         if let Some(r) = part.rows.iter().find(|r| r.idx == *i) {
@@ -264,6 +398,20 @@ impl Writer {
                     work.push_front(b);
                     work.push_front(a);
                 }
+                Err(e) if e.is_row_error() && part.routed.len() == 1 => {
+                    let text = e.database_text();
+                    let row = &part.routed[0];
+                    let name = routes.get(row.route).map_or("", |r| r.spec.name.as_str());
+                    events::RowRejected {
+                        topic: &row.message.topic,
+                        error: &text,
+                    }
+                    .emit();
+                    work.push_front(Part {
+                        dead: vec![rejected_route_row(row, name, &text)],
+                        ..Part::default()
+                    });
+                }
                 Err(e) if e.is_row_error() && part.rows.len() == 1 => {
                     let text = e.database_text();
                     let row = &part.rows[0];
@@ -273,15 +421,15 @@ impl Writer {
                     }
                     .emit();
                     work.push_front(Part {
-                        rows: Vec::new(),
                         dead: vec![rejected(row, &text)],
+                        ..Part::default()
                     });
                 }
                 Err(e) => {
                     // Connection, time, resources, or a dead letter itself refused (which
                     // `storable_text` and `bytea` should make impossible): retry, acknowledging
                     // nothing meanwhile.
-                    *conn = None;
+                    conn.writer = None;
                     work.push_front(part);
                     if !retry.wait(&e, cancel).await {
                         return Err(Stop::Cancelled);
@@ -293,23 +441,45 @@ impl Writer {
     }
 
     /// The writer's connection, made when there is none or it closed.
-    async fn connection<'a>(
-        &self,
-        conn: &'a mut Option<BatchWriter>,
-    ) -> Result<&'a mut BatchWriter, StoreError> {
-        if conn.as_ref().is_none_or(|c| c.is_closed()) {
-            *conn = Some(
-                BatchWriter::connect(
-                    &self.cfg.database_url,
-                    self.cfg.instance_id.clone(),
-                    self.cfg.statement_timeout,
-                    self.cfg.redelivery_window,
-                )
-                .await?
-                .with_redelivery_span(self.cfg.max_pending + 2048),
-            );
+    /// The writer's connection, made when there is none or it closed. The term's first
+    /// connection checks the named routes against the database; every connection prepares
+    /// their statement.
+    async fn connection<'a>(&self, conn: &'a mut Conn) -> Result<&'a mut BatchWriter, StoreError> {
+        if conn.writer.as_ref().is_none_or(|c| c.is_closed()) {
+            conn.writer = None;
+            let mut w = BatchWriter::connect(
+                &self.cfg.database_url,
+                self.cfg.instance_id.clone(),
+                self.cfg.statement_timeout,
+                self.cfg.redelivery_window,
+            )
+            .await?
+            .with_redelivery_span(self.cfg.max_pending + 2048);
+            let routes = match &conn.routes {
+                Some(r) => r.clone(),
+                None if self.cfg.routes.is_empty() => Arc::from(Vec::new()),
+                None => {
+                    let (resolved, problems) = w.resolve_routes(&self.cfg.routes).await?;
+                    if let Some(p) = problems.first() {
+                        return Err(StoreError::Routes(format!(
+                            "route {:?}{}: {}",
+                            p.route,
+                            p.column
+                                .as_ref()
+                                .map(|c| format!(" column {c:?}"))
+                                .unwrap_or_default(),
+                            p.message
+                        )));
+                    }
+                    Arc::from(resolved)
+                }
+            };
+            w.use_routes(routes.clone()).await?;
+            conn.routes = Some(routes);
+            conn.writer = Some(w);
         }
-        conn.as_mut()
+        conn.writer
+            .as_mut()
             .ok_or_else(|| StoreError::Pool("no writer connection".into()))
     }
 
@@ -457,8 +627,10 @@ mod tests {
                     received_at: t,
                     pkid: 0,
                     dup: false,
+                    route: None,
                 })
                 .collect(),
+            routed: Vec::new(),
         }
     }
 

@@ -25,6 +25,8 @@ pub mod migrate;
 pub mod op;
 pub mod queries;
 pub mod retention;
+pub mod routed;
+pub mod routes;
 pub mod tls;
 
 use std::time::Duration;
@@ -38,6 +40,7 @@ pub use deadpool_postgres::Pool;
 pub type PooledClient = deadpool_postgres::Object;
 pub use migrate::{migrate, migrate_up_to, Migration, MIGRATIONS};
 pub use op::Op;
+pub use routed::{RouteOutcome, RouteRow, RoutedMessage};
 pub use queries::current_leader;
 /// A database connection, as [`connect`] makes it and the functions here take it (a
 /// [`PooledClient`] dereferences to one): callers hold one without depending on tokio-postgres,
@@ -65,6 +68,9 @@ pub enum StoreError {
         file: String,
         problem: migrate::Problem,
     },
+    /// The named routes no longer match the database (a table or column changed since start).
+    #[error("routes: {0}")]
+    Routes(String),
 }
 
 /// The database's own words for an error: message, SQLSTATE, detail and where (the driver's
@@ -95,6 +101,7 @@ impl StoreError {
             StoreError::Url(_) => "config",
             StoreError::Fenced { .. } => "fenced",
             StoreError::Migration { .. } => "migration",
+            StoreError::Routes(_) => "routes",
         }
     }
 }
@@ -114,10 +121,11 @@ impl StoreError {
     /// the schema and the role are not row errors: those are retried (messages wait at the
     /// broker until they pass).
     pub fn is_row_error(&self) -> bool {
-        // 22 data exception, 23 integrity constraint, 2F/38/39 routine exceptions, P0 PL/pgSQL
+        // 21 cardinality (an upsert touching one row twice: keys equal only once cast), 22 data
+        // exception, 23 integrity constraint, 2F/38/39 routine exceptions, P0 PL/pgSQL
         // RAISE, 54 program limit (e.g. an index row too large).
         self.sqlstate().is_some_and(|code| {
-            ["22", "23", "2F", "38", "39", "P0", "54"]
+            ["21", "22", "23", "2F", "38", "39", "P0", "54"]
                 .iter()
                 .any(|class| code.starts_with(class))
         })
