@@ -47,7 +47,6 @@ impl Config {
             mqtt_topics: mqtt
                 .topics
                 .unwrap_or_else(|| vec!["devices/+/telemetry".into()]),
-            routes: Vec::new(),
             mqtt_keep_alive: mqtt.keep_alive.unwrap_or(Duration::from_secs(10)),
             mqtt_reconnect_max: mqtt.reconnect_max.unwrap_or(Duration::from_secs(30)),
             mqtt_step_down_after: mqtt.step_down_after.unwrap_or(Duration::from_secs(20)),
@@ -89,6 +88,7 @@ impl Config {
             },
             log_format: log.format.unwrap_or(LogFormat::Pretty),
             log_level: log.level.unwrap_or_else(|| "info".into()),
+            routes: s.routes()?,
         };
         cfg.validate(s)?;
         Ok(cfg)
@@ -98,6 +98,7 @@ impl Config {
     /// refused value was set.
     fn validate(&self, s: &Sources) -> Result<(), ConfigError> {
         self.lease.validate()?;
+        crate::routes::validate(&self.routes)?;
         let ep = &self.mqtt;
         let files = [
             ("MQTT_CA_FILE", &ep.ca_file),

@@ -11,7 +11,6 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use leasehold_config::RouteSpec;
 use leasehold_decode::Decoder;
 use leasehold_ingest::{Acker, Inbound};
 use leasehold_store::routes::ResolvedRoute;
@@ -46,8 +45,8 @@ pub struct WriterConfig {
     /// Server-side bound on a batch statement (a backstop: a cancelled write is also
     /// cancelled on the server).
     pub statement_timeout: Duration,
-    /// The named routes (`[[routes]]`); empty: every message goes to `telemetry`.
-    pub routes: Vec<RouteSpec>,
+    /// The named routes, checked against the database at start (empty: only `telemetry`).
+    pub routes: Vec<ResolvedRoute>,
 }
 
 pub struct Writer {
@@ -59,12 +58,10 @@ pub struct Writer {
     pub status: NodeStatus,
 }
 
-/// The writer's connection and the routes as checked against the database at the term's first
-/// connection (kept for the term: a batch is prepared once against them).
-#[derive(Default)]
+/// The writer's connection, and the named routes its statement is prepared for.
 struct Conn {
     writer: Option<BatchWriter>,
-    routes: Option<Arc<[ResolvedRoute]>>,
+    routes: Arc<[ResolvedRoute]>,
 }
 
 /// How often the writer reads the database's clock again.
@@ -135,7 +132,10 @@ impl Writer {
     /// Runs until `cancel` (drop what is uncommitted) or until the ingest closes the channel
     /// (drain: commit and ack everything first).
     pub async fn run(mut self, cancel: CancellationToken) -> Result<(), WriterError> {
-        let mut conn = Conn::default();
+        let mut conn = Conn {
+            writer: None,
+            routes: Arc::from(self.cfg.routes.clone()),
+        };
         let mut clock: Option<DbClock> = None;
         let mut retry = Backoff::default();
         loop {
@@ -170,7 +170,7 @@ impl Writer {
                 }
             };
             let started = Instant::now();
-            let routes = conn.routes.clone().unwrap_or_else(|| Arc::from(Vec::new()));
+            let routes = conn.routes.clone();
             let prepared = prepare(
                 &self.cfg.decoder,
                 &batch,
@@ -441,9 +441,8 @@ impl Writer {
     }
 
     /// The writer's connection, made when there is none or it closed.
-    /// The writer's connection, made when there is none or it closed. The term's first
-    /// connection checks the named routes against the database; every connection prepares
-    /// their statement.
+    /// The writer's connection, made when there is none or it closed, with the named routes'
+    /// statement prepared.
     async fn connection<'a>(&self, conn: &'a mut Conn) -> Result<&'a mut BatchWriter, StoreError> {
         if conn.writer.as_ref().is_none_or(|c| c.is_closed()) {
             conn.writer = None;
@@ -455,27 +454,7 @@ impl Writer {
             )
             .await?
             .with_redelivery_span(self.cfg.max_pending + 2048);
-            let routes = match &conn.routes {
-                Some(r) => r.clone(),
-                None if self.cfg.routes.is_empty() => Arc::from(Vec::new()),
-                None => {
-                    let (resolved, problems) = w.resolve_routes(&self.cfg.routes).await?;
-                    if let Some(p) = problems.first() {
-                        return Err(StoreError::Routes(format!(
-                            "route {:?}{}: {}",
-                            p.route,
-                            p.column
-                                .as_ref()
-                                .map(|c| format!(" column {c:?}"))
-                                .unwrap_or_default(),
-                            p.message
-                        )));
-                    }
-                    Arc::from(resolved)
-                }
-            };
-            w.use_routes(routes.clone()).await?;
-            conn.routes = Some(routes);
+            w.use_routes(conn.routes.clone()).await?;
             conn.writer = Some(w);
         }
         conn.writer

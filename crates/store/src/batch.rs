@@ -8,7 +8,7 @@ use tokio_postgres::{Client, Statement};
 
 use crate::op::{self, Op};
 use crate::routed::{routed_sql, RouteOutcome, RouteRow, DEFAULTS_SQL};
-use crate::routes::{ResolvedRoute, RouteProblem};
+use crate::routes::ResolvedRoute;
 use std::sync::Arc;
 use crate::{connect, pg_config, tls, Result, StoreError};
 
@@ -300,14 +300,6 @@ impl BatchWriter {
             cancel,
             routed: None,
         })
-    }
-
-    /// Checks `specs` against the database on this connection (see [`crate::routes::resolve`]).
-    pub async fn resolve_routes(
-        &self,
-        specs: &[leasehold_config::RouteSpec],
-    ) -> Result<(Vec<ResolvedRoute>, Vec<RouteProblem>)> {
-        crate::routes::resolve(&self.client, specs).await
     }
 
     /// Writes into `routes` from now on: builds and prepares their statement (the columns'

@@ -14,6 +14,7 @@
 //! - [`alerts`]: the `alerts` table and the facts alert rules judge.
 //! - [`listener`]: the LISTEN connection and its fan-out.
 //! - [`retention`]: batched pruning of the operational tables.
+//! - [`routes`](mod@routes): `[[routes]]` checked against the live database ([`routes::resolve`]).
 //! - [`tls`]: libpq's `sslmode` rules for `DATABASE_URL`, on `tokio-postgres-rustls` (SCRAM
 //!   channel binding).
 
@@ -68,9 +69,6 @@ pub enum StoreError {
         file: String,
         problem: migrate::Problem,
     },
-    /// The named routes no longer match the database (a table or column changed since start).
-    #[error("routes: {0}")]
-    Routes(String),
 }
 
 /// The database's own words for an error: message, SQLSTATE, detail and where (the driver's
@@ -101,7 +99,6 @@ impl StoreError {
             StoreError::Url(_) => "config",
             StoreError::Fenced { .. } => "fenced",
             StoreError::Migration { .. } => "migration",
-            StoreError::Routes(_) => "routes",
         }
     }
 }
