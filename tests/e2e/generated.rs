@@ -850,6 +850,7 @@ async fn write_through(
         },
         rx,
         acker: Acker::detached(),
+        status: Default::default(),
     };
     let cancel = CancellationToken::new();
     let started = Instant::now();

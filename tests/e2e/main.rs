@@ -17,6 +17,7 @@ mod memory;
 mod operations;
 mod ordinary;
 mod retention;
+mod routes;
 mod review10;
 mod secrets;
 mod subscriptions;

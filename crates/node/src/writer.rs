@@ -136,6 +136,8 @@ impl Writer {
             writer: None,
             routes: Arc::from(self.cfg.routes.clone()),
         };
+        self.status
+            .update_routes(|counts| show_routes(counts, &conn.routes));
         let mut clock: Option<DbClock> = None;
         let mut retry = Backoff::default();
         loop {
@@ -271,16 +273,7 @@ impl Writer {
             .emit();
         }
         self.status.update_routes(|counts| {
-            if counts.len() != routes.len() {
-                *counts = routes
-                    .iter()
-                    .map(|r| RouteCounts {
-                        name: r.spec.name.clone(),
-                        table: format!("{}.{}", r.schema, r.table),
-                        ..RouteCounts::default()
-                    })
-                    .collect();
-            }
+            show_routes(counts, routes);
             for (c, t) in counts.iter_mut().zip(&tally.routes) {
                 c.written += t.written;
                 c.duplicates += t.duplicates;
@@ -476,6 +469,20 @@ impl Writer {
             cancel,
         )
         .await
+    }
+}
+
+/// Lists `routes` in the typed status (counts kept from an earlier term of this node).
+fn show_routes(counts: &mut Vec<RouteCounts>, routes: &[ResolvedRoute]) {
+    if counts.len() != routes.len() || counts.iter().zip(routes).any(|(c, r)| c.name != r.spec.name) {
+        *counts = routes
+            .iter()
+            .map(|r| RouteCounts {
+                name: r.spec.name.clone(),
+                table: format!("{}.{}", r.schema, r.table),
+                ..RouteCounts::default()
+            })
+            .collect();
     }
 }
 

@@ -40,6 +40,8 @@ pub struct Cluster {
     pub settings: Vec<(&'static str, String)>,
     /// A test's own settings, after `settings` (a later entry wins).
     pub extra_env: Vec<(&'static str, String)>,
+    /// Arguments after `run` for every node (`--config FILE`, for instance).
+    pub args: Vec<String>,
 }
 
 impl Cluster {
@@ -67,6 +69,7 @@ impl Cluster {
             nodes: Vec::new(),
             settings: Vec::new(),
             extra_env: Vec::new(),
+            args: Vec::new(),
         }
     }
 
@@ -85,7 +88,7 @@ impl Cluster {
     pub fn spawn_with(&mut self, name: &str, extra: &[(&'static str, String)]) -> Result<usize> {
         let mut env = self.env();
         env.extend(extra.iter().cloned());
-        let n = NodeProc::spawn(&self.bin, name, &env, self.logs.path())?;
+        let n = NodeProc::spawn_args(&self.bin, name, &self.args, &env, self.logs.path())?;
         self.nodes.push(n);
         Ok(self.nodes.len() - 1)
     }
