@@ -26,9 +26,11 @@ async fn routed(sql: &str, routes: &str) -> Result<Cluster> {
 }
 
 async fn count_reaches(c: &Cluster, sql: &str, want: i64) -> Result<()> {
-    eventually(Duration::from_secs(15), &format!("{sql} = {want}"), || async {
-        Ok(c.count(sql).await? == want)
-    })
+    eventually(
+        Duration::from_secs(15),
+        &format!("{sql} = {want}"),
+        || async { Ok(c.count(sql).await? == want) },
+    )
     .await?;
     Ok(())
 }
@@ -258,7 +260,12 @@ async fn first_write_wins_or_last_write_wins_even_for_one_key_twice_in_a_batch()
         count_reaches(&c, "SELECT count(*) FROM last_wins WHERE v = 2", 1).await?;
         // A later batch: against the stored rows.
         publish_all(c.mq.port, vec![msg("m/b", format!(r#"{{{t},"v":6}}"#))]).await?;
-        count_reaches(&c, "SELECT count(*) FROM last_wins WHERE id = 'b' AND v = 6", 1).await?;
+        count_reaches(
+            &c,
+            "SELECT count(*) FROM last_wins WHERE id = 'b' AND v = 6",
+            1,
+        )
+        .await?;
         count_reaches(
             &c,
             "SELECT count(*) FROM dead_letters WHERE route = 'first' AND reason = 'conflict'",
@@ -483,9 +490,7 @@ async fn a_writer_whose_lease_was_taken_over_commits_no_row_into_a_route() -> Re
             &[],
         )
         .await?;
-    let err = w
-        .write(&fence, &[], &[], &[row(0, "y"), row(1, "z")])
-        .await;
+    let err = w.write(&fence, &[], &[], &[row(0, "y"), row(1, "z")]).await;
     ensure!(
         matches!(err, Err(StoreError::Fenced { epoch: 7 })),
         "expected fenced, got {err:?}"
@@ -494,7 +499,10 @@ async fn a_writer_whose_lease_was_taken_over_commits_no_row_into_a_route() -> Re
         .query_one("SELECT count(*) FROM owned", &[])
         .await?
         .get(0);
-    ensure!(n == 1, "{n} rows: a fenced writer committed into the route's table");
+    ensure!(
+        n == 1,
+        "{n} rows: a fenced writer committed into the route's table"
+    );
     Ok(())
 }
 
@@ -532,7 +540,12 @@ async fn every_message_reaches_every_route_across_a_leader_killed_mid_stream() {
         let (leader, _) = c.wait_leader().await?;
         let batch = |from: u32, to: u32| {
             (from..to)
-                .map(|s| msg(&format!("f/{}", s % 7), format!(r#"{{"seq":{s},"v":{s},"ts":{}}}"#, 1_700_000_000 + s)))
+                .map(|s| {
+                    msg(
+                        &format!("f/{}", s % 7),
+                        format!(r#"{{"seq":{s},"v":{s},"ts":{}}}"#, 1_700_000_000 + s),
+                    )
+                })
                 .collect::<Vec<_>>()
         };
         publish_all(c.mq.port, batch(0, 150)).await?;
@@ -540,13 +553,17 @@ async fn every_message_reaches_every_route_across_a_leader_killed_mid_stream() {
         c.node_mut(&leader).kill9();
         publish_all(c.mq.port, batch(150, 300)).await?;
         for table in ["left_side", "right_side"] {
-            eventually(Duration::from_secs(30), &format!("300 rows in {table}"), || async {
-                Ok(c.count(&format!("SELECT count(*) FROM {table}")).await? == 300)
-            })
+            eventually(
+                Duration::from_secs(30),
+                &format!("300 rows in {table}"),
+                || async { Ok(c.count(&format!("SELECT count(*) FROM {table}")).await? == 300) },
+            )
             .await?;
             ensure!(
-                c.count(&format!("SELECT count(DISTINCT seq) FROM {table} WHERE seq BETWEEN 0 AND 299"))
-                    .await?
+                c.count(&format!(
+                    "SELECT count(DISTINCT seq) FROM {table} WHERE seq BETWEEN 0 AND 299"
+                ))
+                .await?
                     == 300
             );
         }
@@ -555,6 +572,12 @@ async fn every_message_reaches_every_route_across_a_leader_killed_mid_stream() {
             "a redelivery is a duplicate, not a conflict"
         );
         ensure!(c.count("SELECT count(*) FROM telemetry").await? == 0);
+        let survivor = c.other_than(&leader);
+        let m = metrics(&c, &survivor).await?;
+        ensure!(
+            metric(&m, "leasehold_messages_written_total{route=\"left\"}").unwrap_or(0.0) > 0.0,
+            "the standby took over and wrote:\n{m}"
+        );
         Ok(())
     }
     .await;

@@ -99,6 +99,9 @@ pub struct Prepared {
     pub superseded: Vec<u64>,
 }
 
+/// A row's route and its key's values (see [`routing::batch_key`]).
+type RouteKey = (usize, Vec<Option<String>>);
+
 /// The named routes of the term and what their sources `written_by` and `lease_epoch` read.
 #[derive(Debug, Clone, Copy)]
 pub struct Routing<'a> {
@@ -122,7 +125,7 @@ pub fn prepare(
         ..Prepared::default()
     };
     // (route, key) -> how many rows of it came so far, and where the last one is in `routed`.
-    let mut route_keys: HashMap<(usize, Vec<Option<String>>), (usize, usize)> = HashMap::new();
+    let mut route_keys: HashMap<RouteKey, (usize, usize)> = HashMap::new();
     // Hash of a reading's key -> (round, position) of the readings with that hash (compared in
     // full on a hit), so the common case of unique keys costs no copy of the key.
     let mut keys: HashMap<u64, Vec<(usize, usize)>> = HashMap::with_capacity(batch.len());

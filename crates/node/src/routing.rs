@@ -256,8 +256,16 @@ fn number(v: &Scalar<'_>, max: Option<f64>) -> Result<String, String> {
         Scalar::Str(s) | Scalar::Num(s) => s.trim(),
         other => return Err(format!("{} is not a number", other.what())),
     };
-    let special = ["nan", "infinity", "+infinity", "-infinity", "inf", "-inf", "+inf"]
-        .contains(&s.to_ascii_lowercase().as_str());
+    let special = [
+        "nan",
+        "infinity",
+        "+infinity",
+        "-infinity",
+        "inf",
+        "-inf",
+        "+inf",
+    ]
+    .contains(&s.to_ascii_lowercase().as_str());
     if max.is_some() && special {
         return Ok(s.to_string());
     }
@@ -428,7 +436,12 @@ mod tests {
         let r = route(vec![
             col("seg", Source::TopicSegment(1), ColumnKind::Text, true),
             col("topic", Source::Topic, ColumnKind::Text, false),
-            col("nested", path(&["a", "b", "0", "c"]), ColumnKind::Int4, false),
+            col(
+                "nested",
+                path(&["a", "b", "0", "c"]),
+                ColumnKind::Int4,
+                false,
+            ),
             col("missing", path(&["nope", "x"]), ColumnKind::Int4, false),
             col("obj", path(&["a"]), ColumnKind::Jsonb, false),
             col("ts", Source::Timestamp, ColumnKind::Timestamptz, false),
@@ -436,7 +449,12 @@ mod tests {
             col("by", Source::WrittenBy, ColumnKind::Text, false),
             col("epoch", Source::LeaseEpoch, ColumnKind::Int8, false),
             col("dev", Source::DeviceId, ColumnKind::Text, false),
-            col("lit", Source::Literal("MQTT".into()), ColumnKind::Text, false),
+            col(
+                "lit",
+                Source::Literal("MQTT".into()),
+                ColumnKind::Text,
+                false,
+            ),
             col("seg9", Source::TopicSegment(9), ColumnKind::Text, false),
         ]);
         let v = row(
@@ -459,16 +477,25 @@ mod tests {
             Some("MQTT"),
             None,
         ];
-        assert_eq!(v, want.iter().map(|s| s.map(String::from)).collect::<Vec<_>>());
+        assert_eq!(
+            v,
+            want.iter().map(|s| s.map(String::from)).collect::<Vec<_>>()
+        );
     }
 
     #[test]
     fn integers_are_checked_against_their_column() {
-        assert_eq!(one(ColumnKind::Int2, r#"{"x":32767}"#), Ok(Some("32767".into())));
+        assert_eq!(
+            one(ColumnKind::Int2, r#"{"x":32767}"#),
+            Ok(Some("32767".into()))
+        );
         assert!(one(ColumnKind::Int2, r#"{"x":32768}"#)
             .unwrap_err()
             .contains("out of range for smallint"));
-        assert_eq!(one(ColumnKind::Int4, r#"{"x":"12"}"#), Ok(Some("12".into())));
+        assert_eq!(
+            one(ColumnKind::Int4, r#"{"x":"12"}"#),
+            Ok(Some("12".into()))
+        );
         assert_eq!(one(ColumnKind::Int8, r#"{"x":5.0}"#), Ok(Some("5".into())));
         assert!(one(ColumnKind::Int4, r#"{"x":1.5}"#).is_err());
         assert!(one(ColumnKind::Int4, r#"{"x":true}"#).is_err());
@@ -477,33 +504,63 @@ mod tests {
 
     #[test]
     fn numbers_bools_times_uuids_and_json_convert_or_say_why_not() {
-        assert_eq!(one(ColumnKind::Numeric, r#"{"x":"1.50"}"#), Ok(Some("1.50".into())));
-        assert_eq!(one(ColumnKind::Numeric, r#"{"x":2.5e3}"#), Ok(Some("2500.0".into())));
+        assert_eq!(
+            one(ColumnKind::Numeric, r#"{"x":"1.50"}"#),
+            Ok(Some("1.50".into()))
+        );
+        assert_eq!(
+            one(ColumnKind::Numeric, r#"{"x":2.5e3}"#),
+            Ok(Some("2500.0".into()))
+        );
         assert!(one(ColumnKind::Numeric, r#"{"x":"abc"}"#)
             .unwrap_err()
             .contains("is not a number"));
         assert!(one(ColumnKind::Float4, r#"{"x":1e300}"#).is_err());
-        assert_eq!(one(ColumnKind::Float8, r#"{"x":"NaN"}"#), Ok(Some("NaN".into())));
-        assert_eq!(one(ColumnKind::Bool, r#"{"x":true}"#), Ok(Some("true".into())));
+        assert_eq!(
+            one(ColumnKind::Float8, r#"{"x":"NaN"}"#),
+            Ok(Some("NaN".into()))
+        );
+        assert_eq!(
+            one(ColumnKind::Bool, r#"{"x":true}"#),
+            Ok(Some("true".into()))
+        );
         assert!(one(ColumnKind::Bool, r#"{"x":1}"#).is_err());
         assert_eq!(
-            one(ColumnKind::Timestamptz, r#"{"x":"2026-01-02T03:04:05+02:00"}"#),
+            one(
+                ColumnKind::Timestamptz,
+                r#"{"x":"2026-01-02T03:04:05+02:00"}"#
+            ),
             Ok(Some("2026-01-02T01:04:05Z".into()))
         );
         assert_eq!(
             one(ColumnKind::Timestamp, r#"{"x":1700000000}"#),
             Ok(Some("2023-11-14 22:13:20.000000".into()))
         );
-        assert_eq!(one(ColumnKind::Date, r#"{"x":"2026-03-04"}"#), Ok(Some("2026-03-04".into())));
+        assert_eq!(
+            one(ColumnKind::Date, r#"{"x":"2026-03-04"}"#),
+            Ok(Some("2026-03-04".into()))
+        );
         assert!(one(ColumnKind::Timestamptz, r#"{"x":"yesterday"}"#).is_err());
         assert_eq!(
-            one(ColumnKind::Uuid, r#"{"x":"A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11"}"#),
+            one(
+                ColumnKind::Uuid,
+                r#"{"x":"A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11"}"#
+            ),
             Ok(Some("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11".into()))
         );
         assert!(one(ColumnKind::Uuid, r#"{"x":"nope"}"#).is_err());
-        assert_eq!(one(ColumnKind::Jsonb, r#"{"x":"s"}"#), Ok(Some("\"s\"".into())));
-        assert_eq!(one(ColumnKind::Jsonb, r#"{"x":[1,2]}"#), Ok(Some("[1,2]".into())));
-        assert_eq!(one(ColumnKind::Text, r#"{"x":{"a":1}}"#), Ok(Some(r#"{"a":1}"#.into())));
+        assert_eq!(
+            one(ColumnKind::Jsonb, r#"{"x":"s"}"#),
+            Ok(Some("\"s\"".into()))
+        );
+        assert_eq!(
+            one(ColumnKind::Jsonb, r#"{"x":[1,2]}"#),
+            Ok(Some("[1,2]".into()))
+        );
+        assert_eq!(
+            one(ColumnKind::Text, r#"{"x":{"a":1}}"#),
+            Ok(Some(r#"{"a":1}"#.into()))
+        );
         assert_eq!(one(ColumnKind::Text, r#"{"x":null}"#), Ok(None));
     }
 
@@ -518,15 +575,26 @@ mod tests {
         assert!(e.reason.contains("NOT NULL"), "{}", e.reason);
         let mut with_default = r.clone();
         with_default.columns[1].has_default = true;
-        assert_eq!(row(&with_default, &parse("{}"), cx()), Ok(vec![Some("7".into()), None]));
+        assert_eq!(
+            row(&with_default, &parse("{}"), cx()),
+            Ok(vec![Some("7".into()), None])
+        );
         let key_missing = route(vec![col("k", path(&["k"]), ColumnKind::Text, false)]);
-        assert!(row(&key_missing, &parse("{}"), cx()).unwrap_err().reason.contains("key"));
+        assert!(row(&key_missing, &parse("{}"), cx())
+            .unwrap_err()
+            .reason
+            .contains("key"));
     }
 
     #[test]
     fn a_bad_timestamp_fails_only_a_route_that_reads_it() {
         let body = r#"{"ts":"not a time","v":1}"#;
-        let reads = route(vec![col("t", Source::Timestamp, ColumnKind::Timestamptz, true)]);
+        let reads = route(vec![col(
+            "t",
+            Source::Timestamp,
+            ColumnKind::Timestamptz,
+            true,
+        )]);
         assert!(row(&reads, &parse(body), cx()).is_err());
         let ignores = route(vec![col("v", path(&["v"]), ColumnKind::Int4, true)]);
         assert!(row(&ignores, &parse(body), cx()).is_ok());
@@ -540,6 +608,9 @@ mod tests {
             batch_key(&r, &[Some("1.50".into())]),
             batch_key(&r, &[Some("1.5".into())])
         );
-        assert_ne!(batch_key(&r, &[Some("10".into())]), batch_key(&r, &[Some("1".into())]));
+        assert_ne!(
+            batch_key(&r, &[Some("10".into())]),
+            batch_key(&r, &[Some("1".into())])
+        );
     }
 }

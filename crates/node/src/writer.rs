@@ -184,7 +184,10 @@ impl Writer {
                     lease_epoch: self.fence.epoch,
                 },
             );
-            match self.commit(&mut conn, prepared, &routes, &cancel, &mut retry).await {
+            match self
+                .commit(&mut conn, prepared, &routes, &cancel, &mut retry)
+                .await
+            {
                 Ok(tally) => {
                     self.route_events(&routes, &tally);
                     events::BatchCommitted {
@@ -341,7 +344,9 @@ impl Writer {
                         // A message dead-lettered for several routes counts once, under its
                         // first.
                         let first = d.route.as_deref().and_then(|r| r.split(',').next());
-                        if let Some(k) = routes.iter().position(|r| Some(r.spec.name.as_str()) == first)
+                        if let Some(k) = routes
+                            .iter()
+                            .position(|r| Some(r.spec.name.as_str()) == first)
                         {
                             tally.routes[k].dead_letters += 1;
                         }
@@ -357,7 +362,11 @@ impl Writer {
                             .iter()
                             .map(|i| (i, "conflict", "a different row is stored for its key"))
                             .chain(o.unstored.iter().map(|i| {
-                                (i, "not_stored", "the table neither took the row nor holds its key")
+                                (
+                                    i,
+                                    "not_stored",
+                                    "the table neither took the row nor holds its key",
+                                )
                             }))
                         {
                             let topic = part
@@ -474,7 +483,12 @@ impl Writer {
 
 /// Lists `routes` in the typed status (counts kept from an earlier term of this node).
 fn show_routes(counts: &mut Vec<RouteCounts>, routes: &[ResolvedRoute]) {
-    if counts.len() != routes.len() || counts.iter().zip(routes).any(|(c, r)| c.name != r.spec.name) {
+    if counts.len() != routes.len()
+        || counts
+            .iter()
+            .zip(routes)
+            .any(|(c, r)| c.name != r.spec.name)
+    {
         *counts = routes
             .iter()
             .map(|r| RouteCounts {

@@ -9,8 +9,8 @@ use tokio_postgres::{Client, Statement};
 use crate::op::{self, Op};
 use crate::routed::{routed_sql, RouteOutcome, RouteRow, DEFAULTS_SQL};
 use crate::routes::ResolvedRoute;
-use std::sync::Arc;
 use crate::{connect, pg_config, tls, Result, StoreError};
+use std::sync::Arc;
 
 /// The lease a write transaction must still hold ("One writer" in `docs/guarantees.md`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -420,32 +420,32 @@ impl BatchWriter {
         let de_ref: Vec<&str> = de.iter().map(|c| c.as_ref()).collect();
         let window = PgInterval(self.redelivery_window);
         let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
-                &fence.lease_name,
-                &fence.holder_id,
-                &fence.epoch,
-                &self.written_by,
-                &window,
-                &ri,
-                &d,
-                &tp,
-                &t,
-                &p,
-                &rcv,
-                &h,
-                &k,
-                &dup,
-                &di,
-                &dtp_ref,
-                &dp,
-                &dsz,
-                &dreason,
-                &de_ref,
-                &dr,
-                &dh,
-                &dk,
-                &ddup,
-                &self.redelivery_span,
-            ];
+            &fence.lease_name,
+            &fence.holder_id,
+            &fence.epoch,
+            &self.written_by,
+            &window,
+            &ri,
+            &d,
+            &tp,
+            &t,
+            &p,
+            &rcv,
+            &h,
+            &k,
+            &dup,
+            &di,
+            &dtp_ref,
+            &dp,
+            &dsz,
+            &dreason,
+            &de_ref,
+            &dr,
+            &dh,
+            &dk,
+            &ddup,
+            &self.redelivery_span,
+        ];
         let dl_route: Vec<Option<&str>> = dead.iter().map(|x| x.route.as_deref()).collect();
         let routed_params = self
             .routed
@@ -505,8 +505,11 @@ struct RoutedParams<'a> {
     gk: Vec<i32>,
     gdup: Vec<bool>,
     /// Per route: positions, then per column its values.
-    routes: Vec<(Vec<i32>, Vec<Vec<Option<&'a str>>>)>,
+    routes: Vec<(Vec<i32>, Columns<'a>)>,
 }
+
+/// One text array per column of a route (`None`: NULL).
+type Columns<'a> = Vec<Vec<Option<&'a str>>>;
 
 impl<'a> RoutedParams<'a> {
     fn new(routes: &[ResolvedRoute], rows: &'a [RouteRow]) -> Self {

@@ -41,8 +41,8 @@ pub use deadpool_postgres::Pool;
 pub type PooledClient = deadpool_postgres::Object;
 pub use migrate::{migrate, migrate_up_to, Migration, MIGRATIONS};
 pub use op::Op;
-pub use routed::{RouteOutcome, RouteRow, RoutedMessage};
 pub use queries::current_leader;
+pub use routed::{RouteOutcome, RouteRow, RoutedMessage};
 /// A database connection, as [`connect`] makes it and the functions here take it (a
 /// [`PooledClient`] dereferences to one): callers hold one without depending on tokio-postgres,
 /// and ask this crate for what they need from it, since the SQL lives here.

@@ -70,9 +70,14 @@ pub fn from_message(source: &Source) -> bool {
 }
 
 /// The value of column `j` of row alias `a`, cast to the column's type; `default` is the
-/// column's default expression, used for NULL.
+/// column's default expression, used for NULL. Text goes in uncast: an explicit cast to
+/// `varchar(3)` or `char(3)` would cut a longer value silently, where storing text into the
+/// column refuses it ("value too long"), which isolates that row as the database's refusal.
 fn value(a: &str, j: usize, c: &ResolvedColumn, default: Option<&str>) -> String {
-    let cast = format!("CAST({a}.v{j} AS {})", c.sql_type);
+    let cast = match c.kind {
+        ColumnKind::Text => format!("{a}.v{j}"),
+        _ => format!("CAST({a}.v{j} AS {})", c.sql_type),
+    };
     match default {
         Some(d) => format!("coalesce({cast}, ({d}))"),
         None => cast,
@@ -83,7 +88,9 @@ fn value(a: &str, j: usize, c: &ResolvedColumn, default: Option<&str>) -> String
 /// compared as their text.
 fn same(stored: &str, sent: &str, kind: ColumnKind) -> String {
     match kind {
-        ColumnKind::Json => format!("{stored}::text::jsonb IS NOT DISTINCT FROM {sent}::text::jsonb"),
+        ColumnKind::Json => {
+            format!("{stored}::text::jsonb IS NOT DISTINCT FROM {sent}::text::jsonb")
+        }
         ColumnKind::Other => format!("{stored}::text IS NOT DISTINCT FROM {sent}::text"),
         _ => format!("{stored} IS NOT DISTINCT FROM {sent}"),
     }
@@ -110,7 +117,11 @@ pub fn routed_sql(routes: &[ResolvedRoute], defaults: &[Vec<Option<String>>]) ->
         "lease_epoch, content_hash, mqtt_pkid, possible_duplicate, route)\n        SELECT tp, p, sz, reason, e, rcv, $4, $3, h, k, dup, route\n",
         1,
     );
-    sql = sql.replacen("c.rcv, $4, $3, c.hh, c.k, c.dup\n", "c.rcv, $4, $3, c.hh, c.k, c.dup, NULL\n", 1);
+    sql = sql.replacen(
+        "c.rcv, $4, $3, c.hh, c.k, c.dup\n",
+        "c.rcv, $4, $3, c.hh, c.k, c.dup, NULL\n",
+        1,
+    );
     let (head, tail) = sql
         .split_once("\n    SELECT (SELECT count(*) FROM fence) AS held,")
         .unwrap_or((&sql, ""));
@@ -141,7 +152,11 @@ pub fn routed_sql(routes: &[ResolvedRoute], defaults: &[Vec<Option<String>>]) ->
         let exprs: Vec<String> = (0..n)
             .map(|j| value("q", j, &r.columns[j], default(j)))
             .collect();
-        let keys: Vec<&str> = r.key.iter().map(|&j| r.columns[j].quoted.as_str()).collect();
+        let keys: Vec<&str> = r
+            .key
+            .iter()
+            .map(|&j| r.columns[j].quoted.as_str())
+            .collect();
         let on_key = |a: &str, row: &str| -> String {
             r.key
                 .iter()
@@ -291,8 +306,18 @@ pub(crate) mod tests {
     pub fn route(name: &str, on_conflict: OnConflict) -> ResolvedRoute {
         let columns = vec![
             column("id", Source::TopicSegment(1), "text", ColumnKind::Text),
-            column("at", Source::Timestamp, "timestamp with time zone", ColumnKind::Timestamptz),
-            column("v", Source::JsonPath(vec![]), "numeric(5,2)", ColumnKind::Numeric),
+            column(
+                "at",
+                Source::Timestamp,
+                "timestamp with time zone",
+                ColumnKind::Timestamptz,
+            ),
+            column(
+                "v",
+                Source::JsonPath(vec![]),
+                "numeric(5,2)",
+                ColumnKind::Numeric,
+            ),
             column("by", Source::WrittenBy, "text", ColumnKind::Text),
         ];
         ResolvedRoute {
@@ -302,7 +327,10 @@ pub(crate) mod tests {
                 table: "t".into(),
                 key: vec!["id".into(), "at".into()],
                 on_conflict,
-                columns: columns.iter().map(|c| (c.name.clone(), c.source.clone())).collect(),
+                columns: columns
+                    .iter()
+                    .map(|c| (c.name.clone(), c.source.clone()))
+                    .collect(),
             },
             schema: "public".into(),
             table: "t".into(),
@@ -315,13 +343,20 @@ pub(crate) mod tests {
     #[test]
     fn every_dead_letter_gets_a_route_and_every_route_is_behind_the_fence() {
         let sql = routed_sql(
-            &[route("a", OnConflict::Nothing), route("b", OnConflict::Update)],
+            &[
+                route("a", OnConflict::Nothing),
+                route("b", OnConflict::Update),
+            ],
             &[],
         );
         assert!(sql.contains("AS u(i, tp, p, sz, reason, e, rcv, h, k, dup, route))"));
         assert!(sql.contains("possible_duplicate, route)\n        SELECT tp, p, sz, reason, e, rcv, $4, $3, h, k, dup, route\n"));
         assert!(sql.contains("c.k, c.dup, NULL\n"));
-        assert_eq!(sql.matches("WHERE EXISTS (SELECT 1 FROM fence)\n        ORDER BY q.i").count(), 2);
+        assert_eq!(
+            sql.matches("WHERE EXISTS (SELECT 1 FROM fence)\n        ORDER BY q.i")
+                .count(),
+            2
+        );
         assert!(sql.contains("ON CONFLICT (\"id\", \"at\") DO NOTHING"));
         assert!(sql.contains("ON CONFLICT (\"id\", \"at\") DO UPDATE SET \"v\" = EXCLUDED.\"v\", \"by\" = EXCLUDED.\"by\""));
         // Parameters: 33 fixed, then per route 1 + 4 columns.

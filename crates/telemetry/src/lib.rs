@@ -133,7 +133,11 @@ impl Metrics {
         for to in ["leader", "standby"] {
             m.lease_transitions.with_label_values(&[to]);
         }
-        for c in [&m.messages_written, &m.messages_duplicate, &m.messages_conflict] {
+        for c in [
+            &m.messages_written,
+            &m.messages_duplicate,
+            &m.messages_conflict,
+        ] {
             c.with_label_values(&[events::DEFAULT_ROUTE]);
         }
         m.lease_seconds_since_renew.set(-1.0);
