@@ -17,12 +17,21 @@ use crate::helpers::{check, msg, Cluster};
 /// A cluster whose nodes run with `routes` as their config file, after `sql` created the
 /// tables they write into.
 async fn routed(sql: &str, routes: &str) -> Result<Cluster> {
-    let mut c = Cluster::start().await?;
+    let c = Cluster::start().await?;
     c.pg.client().await?.batch_execute(sql).await?;
-    let file = c.logs.path().join("routes.toml");
-    std::fs::write(&file, routes)?;
-    c.args = vec!["--config".into(), file.display().to_string()];
+    std::fs::write(config(&c), routes)?;
     Ok(c)
+}
+
+/// The config file [`routed`] wrote.
+fn config(c: &Cluster) -> std::path::PathBuf {
+    c.logs.path().join("routes.toml")
+}
+
+/// Starts node `name` with the routes of [`routed`].
+fn spawn(c: &mut Cluster, name: &str) -> Result<usize> {
+    let file = config(c).display().to_string();
+    c.spawn_args(name, &["--config", &file], &[])
 }
 
 async fn count_reaches(c: &Cluster, sql: &str, want: i64) -> Result<()> {
@@ -115,7 +124,7 @@ async fn every_kind_of_column_is_filled_and_one_message_feeds_two_routes() {
         .await
         .expect("servers");
     let res = async {
-        c.spawn("node-a")?;
+        spawn(&mut c, "node-a")?;
         let (_, epoch) = c.wait_leader().await?;
         let body = |seq: u32, ts: &str| {
             format!(
@@ -244,7 +253,7 @@ async fn first_write_wins_or_last_write_wins_even_for_one_key_twice_in_a_batch()
     // One batch for everything published at once.
     c.extra_env.push(("BATCH_MAX_WAIT", "2s".to_string()));
     let res = async {
-        c.spawn("node-a")?;
+        spawn(&mut c, "node-a")?;
         c.wait_leader().await?;
         let t = r#""ts":1700000000"#;
         publish_all(
@@ -358,7 +367,7 @@ seq = "$.seq"
 async fn a_failed_mapping_or_a_refused_value_dead_letters_only_that_routes_row() {
     let mut c = routed(STRICT, STRICT_ROUTES).await.expect("servers");
     let res = async {
-        c.spawn("node-a")?;
+        spawn(&mut c, "node-a")?;
         c.wait_leader().await?;
         publish_all(
             c.mq.port,
@@ -535,8 +544,8 @@ at = "timestamp"
 async fn every_message_reaches_every_route_across_a_leader_killed_mid_stream() {
     let mut c = routed(FAILOVER, FAILOVER_ROUTES).await.expect("servers");
     let res = async {
-        c.spawn("node-a")?;
-        c.spawn("node-b")?;
+        spawn(&mut c, "node-a")?;
+        spawn(&mut c, "node-b")?;
         let (leader, _) = c.wait_leader().await?;
         let batch = |from: u32, to: u32| {
             (from..to)

@@ -70,7 +70,9 @@ pub enum Command {
         #[arg(long, default_value = "10s", value_parser = humantime_parse)]
         timeout: std::time::Duration,
     },
-    /// Show each [[routes]] entry of --config resolved against the database: table, topics, key and every column with its type and source, then every problem (exit 0 when all fit, 2 otherwise).
+    /// Check the [[routes]] of --config against the database and print what each writes where.
+    ///
+    /// For every route: its table as resolved, topics, key, on_conflict and each column with its type and source; then the default route (telemetry) and every problem, one line each. Exit 0 when all routes fit, 2 when any has a problem, 1 when the database cannot be reached.
     Routes {
         /// Machine-readable output.
         #[arg(long)]

@@ -363,7 +363,7 @@ async fn resolve_one(
 }
 
 /// INSERT on every mapped column; SELECT too (the stored row is read back to tell a duplicate
-/// from a conflict); UPDATE on the columns an upsert sets.
+/// from a conflict); UPDATE on the columns an upsert sets (those outside the key).
 fn privileges(
     spec: &RouteSpec,
     mapped: &[&CatalogColumn],
@@ -372,14 +372,8 @@ fn privileges(
     found: &mut Problems<'_>,
 ) {
     let is_key = |c: &CatalogColumn| spec.key.iter().any(|k| k == &c.name);
-    let updated: Vec<&CatalogColumn> = {
-        let set: Vec<&CatalogColumn> = mapped.iter().copied().filter(|c| !is_key(c)).collect();
-        if set.is_empty() {
-            mapped.to_vec()
-        } else {
-            set
-        }
-    };
+    // An upsert sets the columns outside the key; with none, it has nothing to update.
+    let updated: Vec<&CatalogColumn> = mapped.iter().copied().filter(|c| !is_key(c)).collect();
     let mut check = |privilege: &str,
                      cols: &[&CatalogColumn],
                      allowed: fn(&CatalogColumn) -> bool,
@@ -411,7 +405,7 @@ fn privileges(
         |c| c.may_select,
         " (the stored row is read to tell a duplicate from a conflict)",
     );
-    if spec.on_conflict == OnConflict::Update {
+    if spec.on_conflict == OnConflict::Update && !updated.is_empty() {
         check(
             "UPDATE",
             &updated,

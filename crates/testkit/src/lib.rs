@@ -298,8 +298,13 @@ impl Postgres {
     }
 
     pub fn url(&self) -> String {
+        self.url_as("postgres")
+    }
+
+    /// The URL for another role of this server (trust authentication: no password).
+    pub fn url_as(&self, role: &str) -> String {
         format!(
-            "postgres://postgres@127.0.0.1:{}/postgres?connect_timeout=5",
+            "postgres://{role}@127.0.0.1:{}/postgres?connect_timeout=5",
             self.port
         )
     }
@@ -518,11 +523,11 @@ impl NodeProc {
         Self::spawn_args(bin, name, &[], env, log_dir)
     }
 
-    /// [`NodeProc::spawn`] with `args` after `run`.
+    /// [`NodeProc::spawn`] with arguments after `run` (`--config FILE`: settings only a file holds).
     pub fn spawn_args(
         bin: &Path,
         name: &str,
-        args: &[String],
+        args: &[&str],
         env: &[(&str, String)],
         log_dir: &Path,
     ) -> Result<Self> {
