@@ -592,3 +592,86 @@ async fn every_message_reaches_every_route_across_a_leader_killed_mid_stream() {
     .await;
     check(&c, res);
 }
+
+#[tokio::test]
+async fn a_redelivered_conflict_is_one_dead_letter_and_a_row_a_trigger_skips_is_not_lost(
+) -> Result<()> {
+    let pg = Postgres::start().await?;
+    let mut admin = leasehold_store::connect(&pg.url(), "test").await?;
+    leasehold_store::migrate(&mut admin).await?;
+    admin
+        .batch_execute(
+            "CREATE TABLE owned (id text PRIMARY KEY, v int);
+             CREATE FUNCTION skip_negative() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN IF NEW.v < 0 THEN RETURN NULL; END IF; RETURN NEW; END $$;
+             CREATE TRIGGER skip_negative BEFORE INSERT ON owned
+                 FOR EACH ROW EXECUTE FUNCTION skip_negative();
+             INSERT INTO instance_lock (service_name, holder_id, instance_id, epoch, expires_at)
+             VALUES ('mqtt-ingest', 'h1', 'a', 1, now() + interval '1 minute')",
+        )
+        .await?;
+    let spec = RouteSpec {
+        name: "owned".into(),
+        topics: vec!["o/+".into()],
+        table: "owned".into(),
+        key: vec!["id".into()],
+        on_conflict: OnConflict::Nothing,
+        columns: vec![
+            ("id".into(), Source::TopicSegment(1)),
+            ("v".into(), Source::JsonPath(vec![])),
+        ],
+    };
+    let (routes, problems) = leasehold_store::routes::resolve(&admin, &[spec]).await?;
+    ensure!(problems.is_empty(), "{problems:?}");
+    let mut w = BatchWriter::connect(
+        &pg.url(),
+        "a".into(),
+        Duration::from_secs(10),
+        leasehold_store::DEFAULT_REDELIVERY_WINDOW,
+    )
+    .await?;
+    w.use_routes(routes.into()).await?;
+    let fence = Fence {
+        lease_name: "mqtt-ingest".into(),
+        holder_id: "h1".into(),
+        epoch: 1,
+    };
+    let row = |id: &str, v: i32, dup: bool| RouteRow {
+        idx: 0,
+        route: 0,
+        values: vec![Some(id.to_string()), Some(v.to_string())],
+        message: std::sync::Arc::new(RoutedMessage {
+            topic: format!("o/{id}"),
+            payload: format!("{v}").into_bytes().into(),
+            received_at: chrono::Utc::now(),
+            pkid: 9,
+            dup,
+        }),
+    };
+    let out = w.write(&fence, &[], &[], &[row("x", 1, false)]).await?;
+    ensure!(out.routes[0].written == 1, "{out:?}");
+    let out = w.write(&fence, &[], &[], &[row("x", 2, false)]).await?;
+    ensure!(out.routes[0].conflicts == [0], "{out:?}");
+    // The broker redelivers the conflicting message (DUP, same packet id and bytes).
+    let out = w.write(&fence, &[], &[], &[row("x", 2, true)]).await?;
+    ensure!(
+        out.routes[0].conflicts.is_empty() && out.routes[0].duplicates == [0],
+        "{out:?}"
+    );
+    let out = w.write(&fence, &[], &[], &[row("y", -1, false)]).await?;
+    ensure!(out.routes[0].unstored == [0], "{out:?}");
+    let dead: Vec<(String, String)> = admin
+        .query("SELECT reason, route FROM dead_letters ORDER BY id", &[])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    ensure!(
+        dead == [
+            ("conflict".to_string(), "owned".to_string()),
+            ("not_stored".to_string(), "owned".to_string())
+        ],
+        "{dead:?}"
+    );
+    Ok(())
+}

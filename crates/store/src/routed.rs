@@ -206,6 +206,7 @@ pub fn routed_sql(routes: &[ResolvedRoute], defaults: &[Vec<Option<String>>]) ->
                 .collect::<Vec<_>>()
                 .join(", "),
         );
+        let name = literal(&r.spec.name);
         let _ = write!(
             ctes,
             ",
@@ -225,6 +226,13 @@ pub fn routed_sql(routes: &[ResolvedRoute], defaults: &[Vec<Option<String>>]) ->
     c{k} AS MATERIALIZED (
         SELECT m.i, ({compared}) AS same, concat_ws(', ', {key_text}) AS key
         FROM m{k} m JOIN {table} x ON {stored_key}),
+    a{k} AS MATERIALIZED (
+        SELECT c.i FROM c{k} c JOIN g ON g.i = c.i
+        WHERE NOT c.same AND g.dup AND EXISTS (
+            SELECT 1 FROM dead_letters y
+            WHERE y.content_hash = g.h AND y.mqtt_pkid = g.k AND y.route = {name}
+              AND y.reason = 'conflict'
+              AND y.received_at > g.rcv - $5::interval AND y.received_at < g.rcv)),
     u{k} AS MATERIALIZED (
         SELECT m.i FROM m{k} m WHERE m.i NOT IN (SELECT i FROM c{k}))",
             arrays = arrays.join(", "),
@@ -236,13 +244,12 @@ pub fn routed_sql(routes: &[ResolvedRoute], defaults: &[Vec<Option<String>>]) ->
             ins_key = on_key("x", "q"),
             stored_key = on_key("x", "m"),
         );
-        let name = literal(&r.spec.name);
         let table = literal(&r.qualified);
         dead_arms.push(format!(
             "SELECT g.tp, g.p, octet_length(g.p), 'conflict',
                format('route %s: conflict: a different row is stored in %s for key (%s) = (%s); this one was not stored', {name}, {table}, {key_names}, c.key),
                g.rcv, $4, $3, g.h, g.k, g.dup, {name}
-        FROM c{k} c JOIN g ON g.i = c.i WHERE NOT c.same"
+        FROM c{k} c JOIN g ON g.i = c.i WHERE NOT c.same AND c.i NOT IN (SELECT i FROM a{k})"
         ));
         dead_arms.push(format!(
             "SELECT g.tp, g.p, octet_length(g.p), 'not_stored',
@@ -254,8 +261,8 @@ pub fn routed_sql(routes: &[ResolvedRoute], defaults: &[Vec<Option<String>>]) ->
             outputs,
             ",
            (SELECT count(*) FROM i{k}) AS written_{k},
-           ARRAY(SELECT i FROM c{k} WHERE same) AS duplicates_{k},
-           ARRAY(SELECT i FROM c{k} WHERE NOT same) AS conflicts_{k},
+           ARRAY(SELECT i FROM c{k} WHERE same UNION ALL SELECT i FROM a{k}) AS duplicates_{k},
+           ARRAY(SELECT i FROM c{k} WHERE NOT same AND i NOT IN (SELECT i FROM a{k})) AS conflicts_{k},
            ARRAY(SELECT i FROM u{k}) AS unstored_{k}"
         );
     }
