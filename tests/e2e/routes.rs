@@ -329,6 +329,9 @@ async fn first_write_wins_or_last_write_wins_even_for_one_key_twice_in_a_batch()
                 "leasehold_messages_dead_lettered_total{reason=\"conflict\",route=\"first\"}",
                 2.0,
             ),
+            // Two batches: the four messages published together shared the first.
+            ("leasehold_batch_rows_count", 2.0),
+            ("leasehold_batch_rows_sum", 5.0),
         ] {
             ensure!(metric(&m, name) == Some(want), "{name} != {want}:\n{m}");
         }
