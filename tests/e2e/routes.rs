@@ -126,6 +126,21 @@ async fn every_kind_of_column_is_filled_and_one_message_feeds_two_routes() {
     let res = async {
         spawn(&mut c, "node-a")?;
         let (_, epoch) = c.wait_leader().await?;
+        // A `devices` topic that no route matches: subscribed, and into telemetry.
+        c.pg.client()
+            .await?
+            .execute(
+                "INSERT INTO devices (device_id, topic) VALUES ('p1', 'devices/p1/status')",
+                &[],
+            )
+            .await?;
+        let port = c.node("node-a").http_port();
+        eventually(Duration::from_secs(15), "the device topic subscribed", || async {
+            let (_, body) = http(port, "GET", "/health/mqtt").await?;
+            let v: serde_json::Value = serde_json::from_str(&body)?;
+            Ok(v["subscriptions"]["subscribed"] == 4 && v["subscriptions"]["pending"] == 0)
+        })
+        .await?;
         let body = |seq: u32, ts: &str| {
             format!(
                 r#"{{"ts":"{ts}","seq":{seq},"device_id":"meter-{seq}","readings":{{"voltage":"229.47","phase":[1]}},"phases":[{{"amps":12}},{{"amps":13}}],"small":-7,"big":9007199254740993,"ratio":0.25,"f4":1.5,"ok":true,"uid":"A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11","day":"2026-03-04","tag.name":"ab"}}"#
@@ -140,12 +155,13 @@ async fn every_kind_of_column_is_filled_and_one_message_feeds_two_routes() {
                 msg("equipamentos/E1/status", r#"{"seq":3,"device_id":"meter-3"}"#),
                 // No route matches: the default route, as without routes.
                 msg("devices/d1/telemetry", r#"{"ts":1700000000,"v":1}"#),
+                msg("devices/p1/status", r#"{"ts":1700000000,"on":true}"#),
             ],
         )
         .await?;
         count_reaches(&c, "SELECT count(*) FROM equipamentos_dados", 2).await?;
         count_reaches(&c, r#"SELECT count(*) FROM audit."Seen""#, 3).await?;
-        count_reaches(&c, "SELECT count(*) FROM telemetry", 1).await?;
+        count_reaches(&c, "SELECT count(*) FROM telemetry", 2).await?;
         let db = c.pg.client().await?;
         let r = db
             .query_one(
@@ -198,7 +214,7 @@ async fn every_kind_of_column_is_filled_and_one_message_feeds_two_routes() {
         );
         ensure!(c.count("SELECT count(*) FROM dead_letters").await? == 0);
         let m = metrics(&c, "node-a").await?;
-        for (route, n) in [("equipment", 2.0), ("audit", 3.0), ("default", 1.0)] {
+        for (route, n) in [("equipment", 2.0), ("audit", 3.0), ("default", 2.0)] {
             let name = format!("leasehold_messages_written_total{{route=\"{route}\"}}");
             ensure!(metric(&m, &name) == Some(n), "{name}:\n{m}");
         }
