@@ -390,6 +390,103 @@ mod tests {
         )
     }
 
+    fn route(name: &str, filter: &str, on_conflict: OnConflict) -> ResolvedRoute {
+        use leasehold_config::{PathStep, RouteSpec, Source};
+        use leasehold_store::routes::{ColumnKind, ResolvedColumn};
+        let col = |name: &str, source: Source, kind: ColumnKind| ResolvedColumn {
+            name: name.into(),
+            quoted: format!("\"{name}\""),
+            source,
+            sql_type: "text".into(),
+            kind,
+            not_null: true,
+            has_default: false,
+        };
+        let columns = vec![
+            col("id", Source::TopicSegment(1), ColumnKind::Text),
+            col(
+                "v",
+                Source::JsonPath(vec![PathStep::Key("v".into())]),
+                ColumnKind::Int4,
+            ),
+        ];
+        ResolvedRoute {
+            spec: RouteSpec {
+                name: name.into(),
+                topics: vec![filter.into()],
+                table: name.into(),
+                key: vec!["id".into()],
+                on_conflict,
+                columns: columns
+                    .iter()
+                    .map(|c| (c.name.clone(), c.source.clone()))
+                    .collect(),
+            },
+            schema: "public".into(),
+            table: name.into(),
+            qualified: format!("\"public\".\"{name}\""),
+            columns,
+            key: vec![0],
+        }
+    }
+
+    #[test]
+    fn routed_messages_get_a_row_per_route_keys_settled_by_each_routes_mode() {
+        let routes = [
+            route("first", "r/+", OnConflict::Nothing),
+            route("last", "r/#", OnConflict::Update),
+        ];
+        let t = Instant::now();
+        let batch = [
+            msg("r/a", r#"{"v":1}"#, 1, false, t),
+            msg("r/a", r#"{"v":2}"#, 2, false, t),
+            msg("r/a", r#"{"v":"x"}"#, 3, false, t),
+            msg("r/b/c", r#"{"v":4}"#, 4, false, t),
+            msg("r/a", "not json", 5, false, t),
+            msg("devices/d/t", r#"{"ts":1700000000}"#, 6, false, t),
+        ];
+        let mut clock = DbClock::new(Utc::now(), t);
+        let p = prepare(
+            &Decoder::new("devices/{device_id}/#", 1024),
+            &batch,
+            &mut clock,
+            1024,
+            Routing {
+                routes: &routes,
+                written_by: "n",
+                lease_epoch: 1,
+            },
+        );
+        let rows = |k: usize, rs: &[RouteRow]| -> Vec<usize> {
+            rs.iter().filter(|r| r.route == k).map(|r| r.idx).collect()
+        };
+        // "first": message 0 now, message 1 (same key) in the next round; "last": message 1
+        // replaced message 0, and message 3 (r/b/c) only matches "last".
+        assert_eq!(rows(0, &p.routed), vec![0]);
+        assert_eq!(rows(1, &p.routed), vec![1, 3]);
+        assert_eq!(p.later_routed.len(), 1);
+        assert_eq!(rows(0, &p.later_routed[0]), vec![1]);
+        assert_eq!(p.superseded, vec![0, 1]);
+        // Message 2 fails the mapping of both routes: a dead letter each; message 4 is one
+        // dead letter naming both; message 5 goes to the default route.
+        let dead: Vec<(usize, &str, Option<&str>)> = p
+            .dead
+            .iter()
+            .map(|d| (d.idx, d.reason, d.route.as_deref()))
+            .collect();
+        assert_eq!(
+            dead,
+            vec![
+                (2, "mapping_failed", Some("first")),
+                (2, "mapping_failed", Some("last")),
+                (4, "not_json", Some("first,last")),
+            ]
+        );
+        assert!(p.dead[0].error.contains(r#"route first: column "v""#));
+        assert_eq!(p.rows.len(), 1);
+        assert_eq!(p.rows[0].idx, 5);
+    }
+
     #[test]
     fn two_metrics_of_one_device_at_one_timestamp_are_two_readings() {
         let t = Instant::now();
