@@ -97,6 +97,10 @@ pub struct Prepared {
     /// Per route: rows replaced by a later message of the same key in this batch
     /// (`"update"`: the last by arrival wins, the earlier count as written over).
     pub superseded: Vec<u64>,
+    /// `(route, position)` of a row in `routed` -> the row of the same key it replaced. When
+    /// the database refuses the later row, the one it replaced is written instead, as if the
+    /// messages had been written one by one.
+    pub replaced: HashMap<(usize, usize), RouteRow>,
 }
 
 /// A row's route and its key's values (see [`routing::batch_key`]).
@@ -215,7 +219,8 @@ pub fn prepare(
                                 out.routed.push(row);
                             }
                             (Some((_, at)), OnConflict::Update) => {
-                                out.routed[*at] = row;
+                                let old = std::mem::replace(&mut out.routed[*at], row);
+                                out.replaced.insert((k, idx), old);
                                 out.superseded[k] += 1;
                             }
                             (Some((seen, _)), OnConflict::Nothing) => {
@@ -467,6 +472,8 @@ mod tests {
         assert_eq!(p.later_routed.len(), 1);
         assert_eq!(rows(0, &p.later_routed[0]), vec![1]);
         assert_eq!(p.superseded, vec![0, 1]);
+        // Kept in case the database refuses the row that replaced it.
+        assert_eq!(p.replaced.get(&(1, 1)).map(|r| r.idx), Some(0));
         // Message 2 fails the mapping of both routes: a dead letter each; message 4 is one
         // dead letter naming both; message 5 goes to the default route.
         let dead: Vec<(usize, &str, Option<&str>)> = p

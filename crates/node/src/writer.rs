@@ -7,7 +7,7 @@
 //! becomes a dead letter carrying the database's words; the rest commits. Parts already
 //! committed are not written again when a later part fails.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -102,6 +102,13 @@ impl Part {
         second.routed = self.routed.split_off(first.min(self.routed.len()));
         (self, second)
     }
+}
+
+/// A batch's named routes while it is committed.
+struct BatchRoutes<'a> {
+    routes: &'a [ResolvedRoute],
+    /// `"update"` rows replaced by a later one of their key (see `Prepared::replaced`).
+    replaced: HashMap<(usize, usize), RouteRow>,
 }
 
 /// What a batch came to, for its events.
@@ -254,8 +261,12 @@ impl Writer {
                 routed: routed.unwrap_or_default(),
             });
         }
+        let mut batch = BatchRoutes {
+            routes,
+            replaced: prepared.replaced,
+        };
         for round in rounds {
-            self.commit_part(conn, round, routes, &mut tally, cancel, retry)
+            self.commit_part(conn, round, &mut batch, &mut tally, cancel, retry)
                 .await?;
         }
         Ok(tally)
@@ -291,11 +302,12 @@ impl Writer {
         &self,
         conn: &mut Conn,
         part: Part,
-        routes: &[ResolvedRoute],
+        batch: &mut BatchRoutes<'_>,
         tally: &mut Tally,
         cancel: &CancellationToken,
         retry: &mut Backoff,
     ) -> Result<(), Stop> {
+        let routes = batch.routes;
         let mut work = VecDeque::from([part]);
         while let Some(part) = work.pop_front() {
             if part.len() == 0 {
@@ -409,10 +421,19 @@ impl Writer {
                         error: &text,
                     }
                     .emit();
-                    work.push_front(Part {
+                    let mut next = Part {
                         dead: vec![rejected_route_row(row, name, &text)],
                         ..Part::default()
-                    });
+                    };
+                    // "update": the row of the same key it replaced in this batch is now the
+                    // newest the table can take (counted when written, not as written over).
+                    if let Some(earlier) = batch.replaced.remove(&(row.route, row.idx)) {
+                        if let Some(t) = tally.routes.get_mut(row.route) {
+                            t.written = t.written.saturating_sub(1);
+                        }
+                        next.routed.push(earlier);
+                    }
+                    work.push_front(next);
                 }
                 Err(e) if e.is_row_error() && part.rows.len() == 1 => {
                     let text = e.database_text();
