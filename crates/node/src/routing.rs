@@ -42,6 +42,8 @@ pub struct MappingError {
 /// A source's value before conversion.
 enum Val<'a> {
     Null,
+    /// The whole payload: its text as received goes into text and JSON columns unchanged.
+    Payload(&'a Parsed),
     Str(String),
     Json(&'a Value),
     Time(DateTime<Utc>),
@@ -54,14 +56,13 @@ pub fn row(
     parsed: &Parsed,
     cx: Context<'_>,
 ) -> Result<Vec<Option<String>>, MappingError> {
-    let payload = Value::Object(parsed.object.clone());
     let mut out = Vec::with_capacity(route.columns.len());
     for (j, c) in route.columns.iter().enumerate() {
         let fail = |reason: String| MappingError {
             column: c.name.clone(),
             reason,
         };
-        let v = source(&c.source, parsed, &payload, cx).map_err(fail)?;
+        let v = source(&c.source, parsed, cx).map_err(fail)?;
         let v = convert(c, v).map_err(fail)?;
         if v.is_none() {
             if route.key.contains(&j) {
@@ -80,12 +81,7 @@ pub fn row(
     Ok(out)
 }
 
-fn source<'a>(
-    s: &Source,
-    parsed: &'a Parsed,
-    payload: &'a Value,
-    cx: Context<'_>,
-) -> Result<Val<'a>, String> {
+fn source<'a>(s: &Source, parsed: &'a Parsed, cx: Context<'_>) -> Result<Val<'a>, String> {
     Ok(match s {
         Source::TopicSegment(n) => cx
             .topic
@@ -93,21 +89,23 @@ fn source<'a>(
             .nth(*n)
             .map_or(Val::Null, |s| Val::Str(s.to_string())),
         Source::Topic => Val::Str(cx.topic.to_string()),
-        Source::Payload => Val::Json(payload),
+        Source::Payload => Val::Payload(parsed),
         Source::JsonPath(steps) => {
-            let mut at = payload;
-            for step in steps {
-                let next = match (step, at) {
-                    (PathStep::Key(k), Value::Object(o)) => o.get(k),
-                    (PathStep::Index(i), Value::Array(a)) => a.get(*i),
+            let Some((first, rest)) = steps.split_first() else {
+                return Ok(Val::Payload(parsed));
+            };
+            let mut at = match first {
+                PathStep::Key(k) => parsed.object.get(k),
+                PathStep::Index(_) => None,
+            };
+            for step in rest {
+                at = match (step, at) {
+                    (PathStep::Key(k), Some(Value::Object(o))) => o.get(k),
+                    (PathStep::Index(i), Some(Value::Array(a))) => a.get(*i),
                     _ => None,
                 };
-                match next {
-                    Some(v) => at = v,
-                    None => return Ok(Val::Null),
-                }
             }
-            Val::Json(at)
+            at.map_or(Val::Null, Val::Json)
         }
         Source::Timestamp => match &parsed.timestamp {
             Ok(Some(t)) => Val::Time(*t),
@@ -128,8 +126,18 @@ fn rfc3339(t: DateTime<Utc>) -> String {
 
 /// `v` as text the column's type takes; `None` for NULL (a JSON `null` too).
 fn convert(c: &ResolvedColumn, v: Val<'_>) -> Result<Option<String>, String> {
+    let whole;
     let text = match v {
         Val::Null | Val::Json(Value::Null) => return Ok(None),
+        Val::Payload(p) => match c.kind {
+            ColumnKind::Text | ColumnKind::Other | ColumnKind::Json | ColumnKind::Jsonb => {
+                return Ok(Some(p.text.clone()))
+            }
+            _ => {
+                whole = Value::Object(p.object.clone());
+                Scalar::Composite(&whole)
+            }
+        },
         Val::Str(s) => Scalar::Str(s),
         Val::Json(Value::String(s)) => Scalar::Str(s.clone()),
         Val::Json(Value::Number(n)) => Scalar::Num(n.to_string()),
@@ -481,6 +489,26 @@ mod tests {
             v,
             want.iter().map(|s| s.map(String::from)).collect::<Vec<_>>()
         );
+    }
+
+    #[test]
+    fn the_payload_goes_into_text_and_json_columns_as_received() {
+        let body = r#"{"b": 1,  "a":[2]}"#;
+        for kind in [ColumnKind::Json, ColumnKind::Jsonb, ColumnKind::Text] {
+            let r = route(vec![
+                col("id", Source::TopicSegment(1), ColumnKind::Text, true),
+                col("p", Source::Payload, kind, true),
+            ]);
+            assert_eq!(
+                row(&r, &parse(body), cx()).map(|v| v[1].clone()),
+                Ok(Some(body.to_string()))
+            );
+        }
+        let int = route(vec![col("p", Source::Payload, ColumnKind::Int4, true)]);
+        assert!(row(&int, &parse(body), cx())
+            .unwrap_err()
+            .reason
+            .contains("an object is not an integer"));
     }
 
     #[test]
