@@ -19,6 +19,7 @@ mod operations;
 mod ordinary;
 mod retention;
 mod review10;
+mod routes;
 mod routes_checks;
 mod secrets;
 mod subscriptions;

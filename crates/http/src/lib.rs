@@ -245,6 +245,14 @@ async fn health(State(s): State<HttpState>) -> Response {
         "mqtt": mqtt,
         "database": db,
         "newest_data_age_seconds": age,
+        "routes": s.status.routes().iter().map(|r| json!({
+            "name": r.name,
+            "table": r.table,
+            "written": r.written,
+            "duplicates": r.duplicates,
+            "conflicts": r.conflicts,
+            "dead_letters": r.dead_letters,
+        })).collect::<Vec<_>>(),
     });
     let body = with_checks(body, &s);
     (code(problems.is_empty()), Json(body)).into_response()

@@ -25,6 +25,7 @@ pub mod identity;
 pub mod ledger;
 pub mod node;
 pub mod routes_cmd;
+pub mod routing;
 pub mod sd_notify;
 pub mod simulate;
 pub mod supervisor;

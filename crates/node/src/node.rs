@@ -671,6 +671,20 @@ async fn observe(
             m = rx.recv() => {
                 let Some(m) = m else { break };
                 events::MessageObserved.emit();
+                // A routed message needs no device id or timestamp: only its routes' columns do.
+                let routes: Vec<&str> = cfg
+                    .routes
+                    .iter()
+                    .filter(|r| r.topics.iter().any(|f| rumqttc::matches(&m.topic, f)))
+                    .map(|r| r.name.as_str())
+                    .collect();
+                if !routes.is_empty() {
+                    match decoder.parse(&m.topic, &m.payload) {
+                        Ok(_) => { ok += 1; tracing::debug!(topic = %m.topic, routes = ?routes, "observer: would write to its routes"); }
+                        Err(e) => { bad += 1; tracing::info!(topic = %m.topic, routes = ?routes, error = %e, "observer: would dead-letter"); }
+                    }
+                    continue;
+                }
                 match decoder.decode(&m.topic, &m.payload, m.received_at) {
                     Ok(r) => { ok += 1; tracing::debug!(device_id = %r.device_id, ts = %r.ts, topic = %m.topic, "observer: would write"); }
                     Err(e) => { bad += 1; tracing::info!(topic = %m.topic, error = %e, "observer: would dead-letter"); }

@@ -182,6 +182,7 @@ impl Supervisor {
             fence,
             rx,
             acker,
+            status: self.status.clone(),
         };
         let broker = ingest.connected();
         self.lease.set_term_active(true);

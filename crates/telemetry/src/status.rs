@@ -23,6 +23,8 @@ pub struct Status {
     pub checks: Option<Checks>,
     /// How the database replicates commits, as the heartbeat last read it.
     pub replication: Option<ReplicationRead>,
+    /// Named routes, written by the writer on every committed batch (empty without routes).
+    pub routes: Vec<RouteCounts>,
 }
 
 /// How one deployment check came out.
@@ -124,6 +126,18 @@ impl Checks {
 pub struct ReplicationRead {
     pub read_at: DateTime<Utc>,
     pub result: Result<ReplicationStatus, String>,
+}
+
+/// What a named route wrote on this node since it started (`/health`'s `routes`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteCounts {
+    pub name: String,
+    /// `schema.table`, as stored in the catalog.
+    pub table: String,
+    pub written: u64,
+    pub duplicates: u64,
+    pub conflicts: u64,
+    pub dead_letters: u64,
 }
 
 /// The broker side, written by the ingest task of the current term (or of the observer).
@@ -239,6 +253,15 @@ impl NodeStatus {
 
     pub fn update_cluster(&self, f: impl FnOnce(&mut ClusterStatus)) {
         self.0.send_modify(|s| f(&mut s.cluster));
+    }
+
+    pub fn routes(&self) -> Vec<RouteCounts> {
+        self.0.borrow().routes.clone()
+    }
+
+    /// Changes the named routes' counts (the writer, once per batch).
+    pub fn update_routes(&self, f: impl FnOnce(&mut Vec<RouteCounts>)) {
+        self.0.send_modify(|s| f(&mut s.routes));
     }
 
     /// Wakes when the status changed.

@@ -813,10 +813,39 @@ pub async fn leading_and_subscribed(port: u16) -> Result<bool> {
         && subs["subscribed"].as_u64().unwrap_or(0) > 0)
 }
 
-/// The value of an unlabelled metric in a Prometheus text exposition.
+/// The value of a metric in a Prometheus text exposition: `name` alone, or with some of its
+/// labels (`name{reason="not_json"}`), sums every series that has those labels (so a counter
+/// that gained a label, like `route`, reads as before); `None` when no series matches.
 pub fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        let (k, v) = l.rsplit_once(' ')?;
-        (k == name).then(|| v.parse().ok()).flatten()
-    })
+    let (base, want) = match name.split_once('{') {
+        Some((b, l)) => (b, labels(l.trim_end_matches('}'))),
+        None => (name, Vec::new()),
+    };
+    let mut found = None;
+    for l in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((k, v)) = l.rsplit_once(' ') else {
+            continue;
+        };
+        let (kb, have) = match k.split_once('{') {
+            Some((b, l)) => (b, labels(l.trim_end_matches('}'))),
+            None => (k, Vec::new()),
+        };
+        if kb != base || !want.iter().all(|w| have.contains(w)) {
+            continue;
+        }
+        if let Ok(v) = v.parse::<f64>() {
+            found = Some(found.unwrap_or(0.0) + v);
+        }
+    }
+    found
+}
+
+/// `a="x",b="y"` as pairs (label values here never hold `",`).
+fn labels(s: &str) -> Vec<(String, String)> {
+    s.split("\",")
+        .filter_map(|p| {
+            let (k, v) = p.split_once('=')?;
+            Some((k.trim().to_string(), v.trim_matches('"').to_string()))
+        })
+        .collect()
 }
