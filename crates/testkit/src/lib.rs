@@ -297,6 +297,11 @@ impl Postgres {
         Ok(())
     }
 
+    /// The server's data directory (`postmaster.pid` is in it).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
     pub fn url(&self) -> String {
         format!(
             "postgres://postgres@127.0.0.1:{}/postgres?connect_timeout=5",
