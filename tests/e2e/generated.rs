@@ -824,6 +824,7 @@ fn writer_config(pg: &Postgres, batch_rows: usize) -> WriterConfig {
         redelivery_window: leasehold_store::DEFAULT_REDELIVERY_WINDOW,
         max_pending: 10_000,
         statement_timeout: Duration::from_secs(10),
+        routes: Vec::new(),
     }
 }
 

@@ -18,6 +18,7 @@ mod operations;
 mod ordinary;
 mod retention;
 mod review10;
+mod routes_checks;
 mod secrets;
 mod subscriptions;
 mod tls;

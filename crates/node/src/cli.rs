@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use leasehold_config::{redact, Config, LogFormat, Sources};
 use tokio_util::sync::CancellationToken;
 
-use crate::{admin, node, simulate};
+use crate::{admin, node, routes_cmd, simulate};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -70,6 +70,12 @@ pub enum Command {
         /// How long to wait for another node to take over.
         #[arg(long, default_value = "10s", value_parser = humantime_parse)]
         timeout: std::time::Duration,
+    },
+    /// Show each [[routes]] entry of --config resolved against the database: table, topics, key and every column with its type and source, then every problem (exit 0 when all fit, 2 otherwise).
+    Routes {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
     /// Publish a simulated device fleet's readings (numbered, timestamped) to the broker.
     Simulate(simulate::SimArgs),
@@ -199,11 +205,21 @@ pub fn main() -> ExitCode {
             Command::Migrate => admin::migrate(&cfg).await,
             Command::Status { json } => admin::status(&cfg, json).await,
             Command::StepDown { timeout } => admin::step_down(&cfg, timeout).await,
+            Command::Routes { json } => routes_cmd::command(&cfg, json).await,
             Command::Simulate(args) => simulate::run(&cfg, args).await,
         }
     });
     match result {
         Ok(code) => code,
+        Err(e) if e.downcast_ref::<routes_cmd::RoutesRefused>().is_some() => {
+            // One line per problem: each names its route and column.
+            if let Some(refused) = e.downcast_ref::<routes_cmd::RoutesRefused>() {
+                for p in &refused.0 {
+                    eprintln!("leasehold: configuration error: {}", redact(&p.to_string()));
+                }
+            }
+            ExitCode::from(routes_cmd::EXIT_ROUTE_PROBLEM)
+        }
         Err(e) => {
             // Errors of the database driver and the broker client, whatever they quote.
             eprintln!("leasehold: error: {}", redact(&format!("{e:#}")));

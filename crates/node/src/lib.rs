@@ -11,6 +11,7 @@
 //! - [`batch`]: a gathered batch decoded and settled as far as the batch alone can settle it.
 //! - [`ledger`]: the leader's subscription ledger (`mqtt_subscriptions`, fenced writes).
 //! - [`admin`]: `migrate`, `status`, `step-down`.
+//! - [`routes_cmd`]: `[[routes]]` against the database: the start-up check and `leasehold routes`.
 //! - [`simulate`]: a device fleet publisher for demos, tests and benchmarks.
 //! - [`sd_notify`]: readiness and the watchdog for systemd's `Type=notify`.
 
@@ -20,6 +21,7 @@ pub mod cli;
 pub mod identity;
 pub mod ledger;
 pub mod node;
+pub mod routes_cmd;
 pub mod sd_notify;
 pub mod simulate;
 pub mod supervisor;

@@ -116,6 +116,13 @@ impl Node {
         if shutdown.is_cancelled() {
             return Ok(());
         }
+        // Routes that do not fit the database refuse the start, before the lease is campaigned for.
+        let routes = match (&db, cfg.mode) {
+            (Some(db), Mode::Production | Mode::Development) => {
+                crate::routes_cmd::check_at_start(&cfg, &db.pool).await?
+            }
+            _ => Vec::new(),
+        };
         // The shared session's client id comes from the database: resolved before anything connects.
         let client_id = match cfg.mode {
             Mode::Production => Some(crate::identity::resolve(
@@ -130,6 +137,7 @@ impl Node {
             http_url,
             db,
             client_id,
+            routes,
             status: NodeStatus::default(),
             root,
             tracker,
@@ -162,6 +170,8 @@ struct Wiring {
     db: Option<Db>,
     /// The shared session's client id (production nodes).
     client_id: Option<leasehold_config::ClientId>,
+    /// The named routes, checked against the database (empty without `[[routes]]`).
+    routes: Vec<leasehold_store::routes::ResolvedRoute>,
     status: NodeStatus,
     root: CancellationToken,
     tracker: TaskTracker,
@@ -355,6 +365,7 @@ fn lead(
         device_topics,
         pool: Some(db.pool.clone()),
         status: w.status.clone(),
+        routes: w.routes.clone(),
     };
     let token = w.root.clone();
     w.tracker.spawn(async move {

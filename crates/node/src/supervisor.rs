@@ -48,6 +48,8 @@ pub struct Supervisor {
     pub pool: Option<leasehold_store::Pool>,
     /// Each term's ingest reports into it.
     pub status: leasehold_telemetry::NodeStatus,
+    /// The named routes, checked against the database at start; each term's writer gets them.
+    pub routes: Vec<leasehold_store::routes::ResolvedRoute>,
 }
 
 impl Supervisor {
@@ -173,6 +175,7 @@ impl Supervisor {
                 // A backstop only: the lease deadline cancels a hung write (on the server too)
                 // long before this.
                 statement_timeout: cfg.lease.ttl,
+                routes: self.routes.clone(),
             },
             fence,
             rx,

@@ -42,6 +42,8 @@ pub struct WriterConfig {
     /// Server-side bound on a batch statement (a backstop: a cancelled write is also
     /// cancelled on the server).
     pub statement_timeout: Duration,
+    /// The named routes, checked against the database at start (empty: only `telemetry`).
+    pub routes: Vec<leasehold_store::routes::ResolvedRoute>,
 }
 
 pub struct Writer {

@@ -14,6 +14,7 @@
 //! - [`alerts`]: the `alerts` table and the facts alert rules judge.
 //! - [`listener`]: the LISTEN connection and its fan-out.
 //! - [`retention`]: batched pruning of the operational tables.
+//! - [`routes`](mod@routes): `[[routes]]` checked against the live database ([`routes::resolve`]).
 //! - [`tls`]: libpq's `sslmode` rules for `DATABASE_URL`, on `tokio-postgres-rustls` (SCRAM
 //!   channel binding).
 
@@ -25,6 +26,7 @@ pub mod migrate;
 pub mod op;
 pub mod queries;
 pub mod retention;
+pub mod routes;
 pub mod tls;
 
 use std::time::Duration;

@@ -44,6 +44,8 @@ pub enum Op {
     AlertFacts,
     Prune,
     Listen,
+    /// Checking `[[routes]]` against the catalog at start and in `leasehold routes`.
+    RouteCheck,
 }
 
 impl Op {
@@ -76,6 +78,7 @@ impl Op {
             Op::AlertFacts => "alert_facts",
             Op::Prune => "prune",
             Op::Listen => "listen",
+            Op::RouteCheck => "route_check",
         }
     }
 }

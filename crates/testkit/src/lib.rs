@@ -303,8 +303,13 @@ impl Postgres {
     }
 
     pub fn url(&self) -> String {
+        self.url_as("postgres")
+    }
+
+    /// The URL for another role of this server (trust authentication: no password).
+    pub fn url_as(&self, role: &str) -> String {
         format!(
-            "postgres://postgres@127.0.0.1:{}/postgres?connect_timeout=5",
+            "postgres://{role}@127.0.0.1:{}/postgres?connect_timeout=5",
             self.port
         )
     }
@@ -520,11 +525,23 @@ impl NodeProc {
     /// Starts `bin run` with `env` (plus INSTANCE_ID=`name`, and HTTP on port 0: the node says
     /// in its log which port it got, so no two tests race for one).
     pub fn spawn(bin: &Path, name: &str, env: &[(&str, String)], log_dir: &Path) -> Result<Self> {
+        Self::spawn_args(bin, name, &[], env, log_dir)
+    }
+
+    /// [`NodeProc::spawn`] with arguments after `run` (`--config FILE`: settings only a file holds).
+    pub fn spawn_args(
+        bin: &Path,
+        name: &str,
+        args: &[&str],
+        env: &[(&str, String)],
+        log_dir: &Path,
+    ) -> Result<Self> {
         let log = log_dir.join(format!("{name}.log"));
         let file = File::options().create(true).append(true).open(&log)?;
         let log_from = file.metadata()?.len();
         let mut cmd = Command::new(bin);
         cmd.arg("run")
+            .args(args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("INSTANCE_ID", name)
