@@ -19,6 +19,7 @@ mod ordinary;
 mod retention;
 mod review10;
 mod routes_checks;
+mod routes_failover;
 mod secrets;
 mod subscriptions;
 mod tls;
