@@ -21,6 +21,7 @@ mod retention;
 mod review10;
 mod routes;
 mod routes_checks;
+mod routes_failover;
 mod secrets;
 mod subscriptions;
 mod tls;

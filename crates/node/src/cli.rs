@@ -26,8 +26,9 @@ pub struct Cli {
 /// Settings accepted by every command.
 #[derive(Args, Clone, Default)]
 pub struct Settings {
-    /// TOML file with settings (the environment names in lower case, or nested sections).
-    #[arg(long, global = true, value_name = "FILE")]
+    /// TOML file with settings (the environment names in lower case, or nested sections) and
+    /// routes (LEASEHOLD_CONFIG).
+    #[arg(long, global = true, value_name = "FILE", env = "LEASEHOLD_CONFIG")]
     pub config: Option<PathBuf>,
     /// Any setting, by its environment name, e.g. --set LEASE_TTL=5s (repeatable).
     #[arg(long = "set", global = true, value_name = "KEY=VALUE")]

@@ -297,6 +297,11 @@ impl Postgres {
         Ok(())
     }
 
+    /// The server's data directory (`postmaster.pid` is in it).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
     pub fn url(&self) -> String {
         self.url_as("postgres")
     }
