@@ -60,7 +60,7 @@ async fn a_writer_whose_epoch_was_bumped_cannot_commit_a_single_row() -> Result<
         holder_id: "h1".into(),
         epoch: 7,
     };
-    let out = w.write(&fence, &[row("d", 1)], &[]).await?;
+    let out = w.write(&fence, &[row("d", 1)], &[], &[]).await?;
     ensure!(out.inserted == 1);
 
     // Another holder takes over: epoch 8.
@@ -70,7 +70,7 @@ async fn a_writer_whose_epoch_was_bumped_cannot_commit_a_single_row() -> Result<
             &[],
         )
         .await?;
-    let err = w.write(&fence, &[row("d", 2), row("d", 3)], &[]).await;
+    let err = w.write(&fence, &[row("d", 2), row("d", 3)], &[], &[]).await;
     ensure!(
         matches!(err, Err(StoreError::Fenced { epoch: 7 })),
         "expected fenced, got {err:?}"
@@ -78,7 +78,7 @@ async fn a_writer_whose_epoch_was_bumped_cannot_commit_a_single_row() -> Result<
 
     // Same holder and epoch but expired on the database clock: fenced too.
     admin.execute("UPDATE instance_lock SET holder_id = 'h1', epoch = 7, expires_at = now() - interval '1 ms'", &[]).await?;
-    let err = w.write(&fence, &[row("d", 4)], &[]).await;
+    let err = w.write(&fence, &[row("d", 4)], &[], &[]).await;
     ensure!(
         matches!(err, Err(StoreError::Fenced { .. })),
         "expired lease must fence, got {err:?}"

@@ -333,7 +333,7 @@ async fn a_cancelled_wait_for_the_standby_is_seen_and_the_commit_is_not_confirme
         )
         .await?;
         // Replicated: no warning, and confirmed on the standby.
-        w.write(&fence, &[reading(1)], &[]).await?;
+        w.write(&fence, &[reading(1)], &[], &[]).await?;
         ensure!(
             w.unreplicated_commit().is_none(),
             "a warning on a replicated commit"
@@ -348,7 +348,7 @@ async fn a_cancelled_wait_for_the_standby_is_seen_and_the_commit_is_not_confirme
         pgaf.pause_wal_senders(&primary, true)?;
         let stop = w.cancel_handle();
         let second = [reading(2)];
-        let (written, cancelled) = tokio::join!(w.write(&fence, &second, &[]), async {
+        let (written, cancelled) = tokio::join!(w.write(&fence, &second, &[], &[]), async {
             tokio::time::sleep(Duration::from_millis(700)).await;
             stop.cancel().await
         });

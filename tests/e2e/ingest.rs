@@ -79,7 +79,9 @@ async fn bad_payloads_go_to_dead_letters_and_the_good_ones_around_them_are_store
         ensure!(c.node_mut("node-a").try_status().is_none(), "node exited");
         let (_, m) = http(c.node("node-a").http_port(), "GET", "/metrics").await?;
         ensure!(
-            m.contains("leasehold_messages_dead_lettered_total{reason=\"not_json\"} 2"),
+            m.contains(
+                "leasehold_messages_dead_lettered_total{reason=\"not_json\",route=\"default\"} 2"
+            ),
             "metrics:\n{m}"
         );
         // The same bad bytes published again are another occurrence: another dead letter, so

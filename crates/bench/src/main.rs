@@ -4,7 +4,9 @@
 //! 2. **per-message upsert** — what Leasehold replaces: each message decoded, written with its own
 //!    `INSERT ... ON CONFLICT DO NOTHING` in its own transaction, acknowledged after;
 //! 3. **Leasehold** — the real `leasehold` leader, fencing on, ack after commit;
-//! 4. 2 and 3 again on a PostgreSQL whose every flush takes 1 ms (`leasehold-flushdelay`): the
+//! 4. **routes** — the same queued messages drained into `telemetry` (the default route) and
+//!    through a typed route into a user table (`on_conflict = "update"`), with CPU per message;
+//! 5. 2 and 3 again on a PostgreSQL whose every flush takes 1 ms (`leasehold-flushdelay`): the
 //!    commit cost of the machine class in docs/performance.md, which sets the upsert's rate.
 //!
 //! Throughput is live (the publisher as fast as it goes; first receipt to last commit, from
@@ -25,6 +27,7 @@
 //! - `child`: the two baselines, run as child processes.
 //! - `mqtt`: persistent sessions and the publisher of numbered messages.
 //! - `probes`: rows, commit timestamps and percentiles read back from PostgreSQL; `pg_test_fsync`.
+//! - `route`: the typed route's drain beside the default route's, with CPU per message.
 //! - `report`: the measurements, the table, the targets and the JSON report.
 
 mod args;
@@ -34,6 +37,7 @@ mod phases;
 mod probes;
 mod report;
 mod rig;
+mod route;
 
 use std::process::ExitCode;
 

@@ -19,6 +19,7 @@ use crate::rig::{
     latency_run, leader_summary, leasehold_live, stop_node, upsert_run, wait_leading, Rig,
     LEADER_SESSION,
 };
+use crate::route::routes_phase;
 
 /// Every phase, then the table, the checks and the JSON report.
 pub async fn orchestrate(o: Args) -> Result<()> {
@@ -49,6 +50,7 @@ pub async fn orchestrate(o: Args) -> Result<()> {
         "bench: capacity (queued drain): ceiling {:.0}, upsert {:.0}, leasehold {:.0} msg/s",
         ceiling_cap.rate, upsert_cap.rate, leasehold.capacity
     );
+    let routes = routes_phase(&rig, n).await?;
     let outage = outage_phase(&mut rig, &mut leasehold, o.outage_secs).await?;
     // The first PostgreSQL is done with; the slow-flush pass gets the machine to itself.
     drop(rig);
@@ -78,6 +80,7 @@ pub async fn orchestrate(o: Args) -> Result<()> {
         leasehold,
         outage,
         slow_flush,
+        routes,
     };
     results.report(&o.json)
 }

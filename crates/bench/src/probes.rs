@@ -75,3 +75,52 @@ pub fn fsync_per_sec(env: &[(&str, String)]) -> Option<f64> {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
 }
+
+/// CPU seconds (user + system) used by `pid`; with `reaped`, also by its children it waited for.
+pub fn cpu_seconds(pid: u32, reaped: bool) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may hold spaces: state is [0], utime [11], stime [12],
+    // cutime [13], cstime [14] (proc(5)).
+    let f: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
+    let mut ticks = tick(11)? + tick(12)?;
+    if reaped {
+        ticks += tick(13)? + tick(14)?;
+    }
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some(ticks / hz)
+}
+
+/// CPU seconds used by a PostgreSQL server so far: the postmaster with every backend it reaped,
+/// plus the backends still running.
+pub fn postgres_cpu_seconds(data_dir: &std::path::Path) -> Option<f64> {
+    let pm: u32 = std::fs::read_to_string(data_dir.join("postmaster.pid"))
+        .ok()?
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()?;
+    let mut total = cpu_seconds(pm, true)?;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pm) {
+            total += cpu_seconds(pid, false).unwrap_or(0.0);
+        }
+    }
+    Some(total)
+}

@@ -7,6 +7,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::child::ChildReport;
+use crate::route::Routes;
 
 pub fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
@@ -46,6 +47,8 @@ pub struct Results {
     pub leasehold: Leasehold,
     pub outage: Option<Outage>,
     pub slow_flush: Option<SlowFlush>,
+    /// The typed route's drain beside the default route's.
+    pub routes: Routes,
 }
 
 /// One approach's line of the table.
@@ -105,6 +108,8 @@ struct Report {
     batch_max_wait_ms: f64,
     outage: Option<Outage>,
     slow_flush: Option<SlowFlush>,
+    routes: Routes,
+    typed_route_ratio: f64,
     targets: Vec<(String, bool)>,
 }
 
@@ -128,7 +133,9 @@ impl Results {
             ratio_to_upsert: self.ratio_to_upsert(),
             batch_max_wait_ms: 50.0,
             outage: self.outage,
+            typed_route_ratio: self.routes.ratio(),
             slow_flush: self.slow_flush,
+            routes: self.routes,
             targets,
         };
         if let Some(d) = json.parent() {
@@ -235,6 +242,13 @@ impl Results {
             ));
         }
         targets.push((format!("peak RSS <= 64 MiB ({peak:.1} MiB)"), peak <= 64.0));
+        let ratio = self.routes.ratio();
+        targets.push((
+            format!(
+                "typed route >= 0.8 x default route, draining the same queued messages ({ratio:.2})"
+            ),
+            ratio >= 0.8,
+        ));
         if let Some(o) = &self.outage {
             targets.push((
                 format!(
@@ -267,6 +281,19 @@ impl Results {
             );
             print_slow_flush(s);
         }
+        let (d, t) = (&self.routes.default, &self.routes.typed);
+        let us = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "?".into());
+        println!(
+            "routes, draining {} queued messages: default route (telemetry) {:.0} msg/s, typed route (6 columns, on_conflict update) {:.0} msg/s = {:.2} x; CPU per message: leader {} -> {} us, PostgreSQL {} -> {} us",
+            t.messages,
+            d.rate,
+            t.rate,
+            self.routes.ratio(),
+            us(d.leader_cpu_us),
+            us(t.leader_cpu_us),
+            us(d.postgres_cpu_us),
+            us(t.postgres_cpu_us)
+        );
         if let Some(o) = &self.outage {
             println!(
                 "leader RSS across a {} s PostgreSQL outage at {} msg/s: before {:.1} MiB, max during {:.1} MiB, after {:.1} MiB; stored {} of {}",

@@ -47,13 +47,23 @@ impl<'a> Rig<'a> {
 
     /// Starts a leasehold node on this rig's servers, with the leader's session.
     pub fn spawn_node(&self, name: &str) -> Result<NodeProc> {
-        let env = vec![
+        self.spawn_node_with(name, &[])
+    }
+
+    /// [`Rig::spawn_node`] with settings of its own (a config file with routes).
+    pub fn spawn_node_with(
+        &self,
+        name: &str,
+        extra: &[(&'static str, String)],
+    ) -> Result<NodeProc> {
+        let mut env = vec![
             ("DATABASE_URL", self.pg.url()),
             ("MQTT_URL", self.mq.url()),
             ("MQTT_CLIENT_ID", LEADER_SESSION.into()),
             ("LOG_LEVEL", "info".into()),
             ("LOG_FORMAT", "json".into()),
         ];
+        env.extend(extra.iter().cloned());
         NodeProc::spawn(self.bin, name, &env, self.logs)
     }
 }

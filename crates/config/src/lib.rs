@@ -23,10 +23,12 @@ use std::time::Duration;
 // anything is logged, served or printed.
 mod load;
 mod redact;
+pub mod routes;
 mod settings;
 mod sources;
 
 pub use redact::{is_secret_name, redact, redact_url, LIBPQ_KEYWORDS, MASK};
+pub use routes::{OnConflict, PathStep, RouteSpec, Source};
 pub use settings::{Keys, KEYS, SETTINGS};
 pub use sources::Sources;
 
@@ -47,6 +49,13 @@ pub enum ConfigError {
     UnsafeLease(String),
     #[error("cannot read config file {path}: {reason}")]
     File { path: String, reason: String },
+    /// A `[[routes]]` entry of the config file: `route` is `routes[N] "name"` (1-based).
+    #[error("{route}: {}{message}", column.as_ref().map(|c| format!("column {c:?}: ")).unwrap_or_default())]
+    Route {
+        route: String,
+        column: Option<String>,
+        message: String,
+    },
 }
 
 /// Where a raw value came from, so an error can point at the right place.
@@ -246,6 +255,8 @@ pub struct Config {
     pub retention: Retention,
     pub log_format: LogFormat,
     pub log_level: String,
+    /// `[[routes]]` of the config file, in file order; empty: only the default route (`telemetry`).
+    pub routes: Vec<RouteSpec>,
 }
 
 impl fmt::Debug for Config {
@@ -276,6 +287,7 @@ impl fmt::Debug for Config {
                 &self.alert_webhook_url.as_deref().map(redact_url),
             )
             .field("retention", &self.retention)
+            .field("routes", &self.routes)
             .finish_non_exhaustive()
     }
 }
@@ -905,7 +917,7 @@ mod tests {
         for text in [
             "[mqtt]\nbogus = 1\n",
             "[bogus]\na = 1\n",
-            "[[routes]]\ntable = \"t\"\n",
+            "[[bogus]]\na = 1\n",
         ] {
             let e = load_file(&file("unknown", text), &[]).unwrap_err();
             assert!(matches!(e, ConfigError::Unknown { .. }), "{text}: {e:?}");

@@ -89,6 +89,7 @@ impl Config {
             },
             log_format: log.format.unwrap_or(LogFormat::Pretty),
             log_level: log.level.unwrap_or_else(|| "info".into()),
+            routes: s.routes()?,
         };
         cfg.validate(s)?;
         Ok(cfg)
@@ -98,6 +99,7 @@ impl Config {
     /// refused value was set.
     fn validate(&self, s: &Sources) -> Result<(), ConfigError> {
         self.lease.validate()?;
+        crate::routes::validate(&self.routes)?;
         let ep = &self.mqtt;
         let files = [
             ("MQTT_CA_FILE", &ep.ca_file),

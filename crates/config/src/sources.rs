@@ -8,6 +8,7 @@ use figment::error::Kind;
 use figment::value::{Dict, Empty, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 
+use crate::routes::{self, RawRoutes, RouteSpec};
 use crate::settings::{env_of, path_of, Settings};
 use crate::{redact, shown_value, ConfigError, Origin};
 
@@ -15,6 +16,9 @@ use crate::{redact, shown_value, ConfigError, Origin};
 #[derive(Clone)]
 pub struct Sources {
     figment: Figment,
+    /// `[[routes]]` of the file, kept apart: figment's tables would lose the columns' order, and
+    /// routes have no environment or flag form.
+    routes: Option<RawRoutes>,
 }
 
 /// Raw values hold the secrets in clear: shown only as `shown_value` shows them.
@@ -36,8 +40,11 @@ impl Sources {
         flags: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
         let mut figment = Figment::new();
+        let mut routes = None;
         if let Some(path) = file {
-            figment = figment.merge(file_layer(path)?);
+            let (layer, raw) = file_layer(path)?;
+            figment = figment.merge(layer);
+            routes = raw;
         }
         let env = env.into_iter().filter_map(|(k, v)| Some((path_of(&k)?, v)));
         figment = figment.merge(Layer::new(Origin::Env, env));
@@ -53,7 +60,13 @@ impl Sources {
         }
         Ok(Sources {
             figment: figment.merge(Layer::new(Origin::Flag, named)),
+            routes,
         })
+    }
+
+    /// The file's `[[routes]]`, parsed (their rules between fields are checked by `validate`).
+    pub(crate) fn routes(&self) -> Result<Vec<RouteSpec>, ConfigError> {
+        self.routes.as_ref().map_or(Ok(Vec::new()), routes::parse)
     }
 
     /// The nested structure, or the first bad value as a one-line error.
@@ -192,13 +205,13 @@ impl Provider for Layer {
 
 /// A config file: flat keys (`lease_ttl = "10s"`, the environment names in lower case) are moved to
 /// their place in the structure; sections (`[lease]`) and lists of tables are taken as they are.
-fn file_layer(path: &Path) -> Result<Layer, ConfigError> {
+fn file_layer(path: &Path) -> Result<(Layer, Option<RawRoutes>), ConfigError> {
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
         path: shown.clone(),
         reason: e.to_string(),
     })?;
-    let table: toml::Table = text
+    let mut table: toml::Table = text
         .parse()
         .map_err(|e: toml::de::Error| ConfigError::File {
             path: shown.clone(),
@@ -210,6 +223,7 @@ fn file_layer(path: &Path) -> Result<Layer, ConfigError> {
             reason: e.to_string(),
         })
     };
+    let routes = routes::take_raw(&mut table, &text, &shown)?;
     let mut data = Dict::new();
     let mut flat = Vec::new();
     for (k, v) in table {
@@ -241,10 +255,11 @@ fn file_layer(path: &Path) -> Result<Layer, ConfigError> {
         }
         insert(&mut data, p, v);
     }
-    Ok(Layer {
+    let layer = Layer {
         origin: Origin::File(shown),
         data: normalized(data),
-    })
+    };
+    Ok((layer, routes))
 }
 
 /// Whether the dotted `path` holds a value.

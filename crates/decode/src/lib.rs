@@ -171,7 +171,58 @@ impl Decoder {
     }
 }
 
-fn kind(v: &Value) -> &'static str {
+/// A payload checked for a named route: a JSON object within the size limit, with what the
+/// route's sources may read. Unlike [`Decoder::decode`], a missing device id or a bad timestamp
+/// is not an error here: it matters only to a route with a column that reads it.
+#[derive(Debug, Clone)]
+pub struct Parsed {
+    pub object: Map<String, Value>,
+    /// The payload text as received.
+    pub text: String,
+    pub device_id: Option<String>,
+    /// The reading's timestamp (`timestamp` or `ts`), `Ok(None)` when the payload has none.
+    pub timestamp: Result<Option<DateTime<Utc>>, DecodeError>,
+}
+
+impl Decoder {
+    /// Checks size, JSON object and `\u0000` like [`Decoder::decode`], and reads the device id
+    /// and timestamp without requiring them.
+    pub fn parse(&self, topic: &str, payload: &[u8]) -> Result<Parsed, DecodeError> {
+        if payload.len() > self.max_payload_bytes {
+            return Err(DecodeError::TooLarge {
+                size: payload.len(),
+                max: self.max_payload_bytes,
+            });
+        }
+        let value: Value =
+            serde_json::from_slice(payload).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+        let object = match value {
+            Value::Object(o) => o,
+            other => return Err(DecodeError::NotObject(kind(&other))),
+        };
+        if contains_nul_escape(payload) {
+            return Err(DecodeError::NulEscape);
+        }
+        let device_id = match self.pattern.device_id(topic) {
+            Some(d) => Some(d.to_string()),
+            None => match object.get("device_id") {
+                Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+                Some(Value::Number(n)) => Some(n.to_string()),
+                _ => None,
+            },
+        };
+        let timestamp = timestamp(&object);
+        Ok(Parsed {
+            text: String::from_utf8_lossy(payload).into_owned(),
+            object,
+            device_id,
+            timestamp,
+        })
+    }
+}
+
+/// What a JSON value is, in words ("a number").
+pub fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -220,7 +271,13 @@ fn timestamp(obj: &Map<String, Value>) -> Result<Option<DateTime<Utc>>, DecodeEr
         _ => return Ok(None),
     };
     let bad = |reason: String| DecodeError::BadTimestamp { field, reason };
-    let parsed = match v {
+    timestamp_value(v).map(Some).map_err(bad)
+}
+
+/// A JSON value read as a point in time: an RFC 3339 string, or a Unix epoch in seconds or
+/// milliseconds (a number or a numeric string), at microsecond resolution.
+pub fn timestamp_value(v: &Value) -> Result<DateTime<Utc>, String> {
+    match v {
         Value::String(s) => match s.trim().parse::<f64>() {
             Ok(n) => from_epoch(n),
             Err(_) => DateTime::parse_from_rfc3339(s.trim())
@@ -235,8 +292,7 @@ fn timestamp(obj: &Map<String, Value>) -> Result<Option<DateTime<Utc>>, DecodeEr
             "expected a string or a number, got {}",
             kind(other)
         )),
-    };
-    parsed.map(Some).map_err(bad)
+    }
 }
 
 /// `t` at the resolution PostgreSQL stores (microseconds, rounded as PostgreSQL rounds text).

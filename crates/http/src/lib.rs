@@ -251,6 +251,14 @@ async fn health(State(s): State<HttpState>) -> Response {
         "database": db,
         "newest_data_age_seconds": age,
         "ingest_hold": ingest_hold,
+        "routes": s.status.routes().iter().map(|r| json!({
+            "name": r.name,
+            "table": r.table,
+            "written": r.written,
+            "duplicates": r.duplicates,
+            "conflicts": r.conflicts,
+            "dead_letters": r.dead_letters,
+        })).collect::<Vec<_>>(),
     });
     let body = with_checks(body, &s);
     (code(problems.is_empty()), Json(body)).into_response()

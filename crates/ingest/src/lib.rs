@@ -177,7 +177,7 @@ impl IngestConfig {
             max_payload_bytes: cfg.max_payload_bytes,
             max_pending: cfg.max_pending,
             max_pending_bytes: cfg.max_pending_bytes,
-            topics: cfg.mqtt_topics.clone(),
+            topics: wanted_topics(cfg),
             expect_session,
         }
     }
@@ -196,6 +196,18 @@ impl IngestConfig {
     pub fn observer(cfg: &leasehold_config::Config, client_id: String) -> Self {
         Self::from_config(cfg, client_id, true, false)
     }
+}
+
+/// The configured filters: `MQTT_TOPICS`, then every named route's filters not already among
+/// them (file order). A message on any of them is delivered; the writer decides its routes.
+pub fn wanted_topics(cfg: &leasehold_config::Config) -> Vec<String> {
+    let mut topics = cfg.mqtt_topics.clone();
+    for f in cfg.routes.iter().flat_map(|r| &r.topics) {
+        if !topics.contains(f) {
+            topics.push(f.clone());
+        }
+    }
+    topics
 }
 
 /// Writing one batch of acks into the socket; rumqttc's own writes use the same bound.

@@ -7,7 +7,7 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use leasehold_decode::Decoder;
 use leasehold_ingest::Inbound;
-use leasehold_node::batch::{prepare, DbClock};
+use leasehold_node::batch::{prepare, DbClock, Routing};
 
 fn batch(n: usize, bad_every: usize) -> Vec<Inbound> {
     (0..n)
@@ -25,7 +25,12 @@ fn batch(n: usize, bad_every: usize) -> Vec<Inbound> {
 
 fn run(d: &Decoder, msgs: &[Inbound]) -> leasehold_node::batch::Prepared {
     let mut clock = DbClock::new(chrono::Utc::now(), std::time::Instant::now());
-    prepare(d, msgs, &mut clock, 256 * 1024)
+    let no_routes = Routing {
+        routes: &[],
+        written_by: "bench",
+        lease_epoch: 1,
+    };
+    prepare(d, msgs, &mut clock, 256 * 1024, no_routes)
 }
 
 fn bench(c: &mut Criterion) {

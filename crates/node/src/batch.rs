@@ -8,12 +8,17 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
+use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
+use leasehold_config::OnConflict;
 use leasehold_decode::{DecodeError, Decoder};
 use leasehold_ingest::Inbound;
-use leasehold_store::{DeadLetter, Row};
+use leasehold_store::routes::ResolvedRoute;
+use leasehold_store::{DeadLetter, RouteRow, RoutedMessage, Row};
+
+use crate::routing;
 
 /// The label of a dead-letter reason in metrics and in `dead_letters.reason`.
 pub fn reason_label(e: &DecodeError) -> &'static str {
@@ -87,6 +92,29 @@ pub struct Prepared {
     pub later: Vec<Vec<Row>>,
     /// Redeliveries of an earlier message of the batch (DUP, same packet id and bytes).
     pub redelivered: u64,
+    /// Rows of named routes, keys unique per route: the first of each key by arrival
+    /// (`on_conflict = "nothing"`) or the last (`"update"`).
+    pub routed: Vec<RouteRow>,
+    /// Later rows of a key already in `routed` (`"nothing"` only), by round like `later`.
+    pub later_routed: Vec<Vec<RouteRow>>,
+    /// Per route: rows replaced by a later message of the same key in this batch
+    /// (`"update"`: the last by arrival wins, the earlier count as written over).
+    pub superseded: Vec<u64>,
+    /// `(route, position)` of a row in `routed` -> the row of the same key it replaced. When
+    /// the database refuses the later row, the one it replaced is written instead, as if the
+    /// messages had been written one by one.
+    pub replaced: HashMap<(usize, usize), RouteRow>,
+}
+
+/// A row's route and its key's values (see [`routing::batch_key`]).
+type RouteKey = (usize, Vec<Option<String>>);
+
+/// The named routes of the term and what their sources `written_by` and `lease_epoch` read.
+#[derive(Debug, Clone, Copy)]
+pub struct Routing<'a> {
+    pub routes: &'a [ResolvedRoute],
+    pub written_by: &'a str,
+    pub lease_epoch: i64,
 }
 
 /// Decodes `batch` and settles what the batch alone can settle. `max_payload_bytes` bounds the
@@ -96,11 +124,15 @@ pub fn prepare(
     batch: &[Inbound],
     clock: &mut DbClock,
     max_payload_bytes: usize,
+    routing: Routing<'_>,
 ) -> Prepared {
     let mut out = Prepared {
         rows: Vec::with_capacity(batch.len()),
+        superseded: vec![0; routing.routes.len()],
         ..Prepared::default()
     };
+    // (route, key) -> how many rows of it came so far, and where the last one is in `routed`.
+    let mut route_keys: HashMap<RouteKey, (usize, usize)> = HashMap::new();
     // Hash of a reading's key -> (round, position) of the readings with that hash (compared in
     // full on a hit), so the common case of unique keys costs no copy of the key.
     let mut keys: HashMap<u64, Vec<(usize, usize)>> = HashMap::with_capacity(batch.len());
@@ -114,6 +146,112 @@ pub fn prepare(
         }
         let received_at = clock.at(m.received);
         let pkid = i32::from(m.pkid);
+        let matched = routing::matching(routing.routes, &m.topic);
+        if !matched.is_empty() {
+            let held = &m.payload[..m.payload.len().min(max_payload_bytes)];
+            let delivery = (
+                m.topic.clone(),
+                leasehold_decode::content_hash(&m.topic, held),
+                m.pkid,
+            );
+            if m.dup && deliveries.contains(&delivery) {
+                out.redelivered += 1;
+                continue;
+            }
+            deliveries.insert(delivery);
+            let dead = |reason: &'static str, route: String, error: String| DeadLetter {
+                idx,
+                topic: m.topic.clone(),
+                payload: held.to_vec(),
+                size: m.original_size.max(m.payload.len()),
+                reason,
+                error,
+                received_at,
+                pkid,
+                dup: m.dup,
+                route: Some(route),
+            };
+            let parsed = if m.original_size > max_payload_bytes {
+                Err(DecodeError::TooLarge {
+                    size: m.original_size,
+                    max: max_payload_bytes,
+                })
+            } else {
+                decoder.parse(&m.topic, &m.payload)
+            };
+            let parsed = match parsed {
+                Ok(p) => p,
+                Err(e) => {
+                    // One dead letter for the message, naming every route it was for.
+                    let names: Vec<&str> = matched
+                        .iter()
+                        .map(|&k| routing.routes[k].spec.name.as_str())
+                        .collect();
+                    let word = if names.len() == 1 { "route" } else { "routes" };
+                    out.dead.push(dead(
+                        reason_label(&e),
+                        names.join(","),
+                        format!("{word} {}: {e}", names.join(", ")),
+                    ));
+                    continue;
+                }
+            };
+            let message = Arc::new(RoutedMessage {
+                topic: m.topic.clone(),
+                payload: m.payload.clone(),
+                received_at,
+                pkid,
+                dup: m.dup,
+            });
+            let cx = routing::Context {
+                topic: &m.topic,
+                received_at,
+                written_by: routing.written_by,
+                lease_epoch: routing.lease_epoch,
+            };
+            for k in matched {
+                let route = &routing.routes[k];
+                match routing::row(route, &parsed, cx) {
+                    Ok(values) => {
+                        let key = (k, routing::batch_key(route, &values));
+                        let row = RouteRow {
+                            idx,
+                            route: k,
+                            values,
+                            message: message.clone(),
+                        };
+                        match (route_keys.get_mut(&key), route.spec.on_conflict) {
+                            (None, _) => {
+                                route_keys.insert(key, (1, out.routed.len()));
+                                out.routed.push(row);
+                            }
+                            (Some((_, at)), OnConflict::Update) => {
+                                let old = std::mem::replace(&mut out.routed[*at], row);
+                                out.replaced.insert((k, idx), old);
+                                out.superseded[k] += 1;
+                            }
+                            (Some((seen, _)), OnConflict::Nothing) => {
+                                let round = *seen;
+                                *seen += 1;
+                                if out.later_routed.len() < round {
+                                    out.later_routed.resize_with(round, Vec::new);
+                                }
+                                out.later_routed[round - 1].push(row);
+                            }
+                        }
+                    }
+                    Err(e) => out.dead.push(dead(
+                        "mapping_failed",
+                        route.spec.name.clone(),
+                        format!(
+                            "route {}: column {:?}: {}",
+                            route.spec.name, e.column, e.reason
+                        ),
+                    )),
+                }
+            }
+            continue;
+        }
         // The ingest keeps only the first MAX_PAYLOAD_BYTES of an oversized payload.
         let decoded = if m.original_size > max_payload_bytes {
             Err(DecodeError::TooLarge {
@@ -191,6 +329,7 @@ pub fn prepare(
                     received_at,
                     pkid,
                     dup: m.dup,
+                    route: None,
                 });
             }
         }
@@ -210,6 +349,24 @@ pub fn rejected(row: &Row, database_text: &str) -> DeadLetter {
         received_at: row.received_at,
         pkid: row.pkid,
         dup: row.dup,
+        route: None,
+    }
+}
+
+/// A route's row PostgreSQL refused, as the dead letter that replaces it (the message's other
+/// routes still write).
+pub fn rejected_route_row(row: &RouteRow, route: &str, database_text: &str) -> DeadLetter {
+    DeadLetter {
+        idx: row.idx,
+        topic: row.message.topic.clone(),
+        payload: row.message.payload.to_vec(),
+        size: row.message.payload.len(),
+        reason: "rejected_by_database",
+        error: format!("route {route}: PostgreSQL rejected the row: {database_text}"),
+        received_at: row.message.received_at,
+        pkid: row.message.pkid,
+        dup: row.message.dup,
+        route: Some(route.to_string()),
     }
 }
 
@@ -237,7 +394,111 @@ mod tests {
             batch,
             &mut clock,
             1024,
+            Routing {
+                routes: &[],
+                written_by: "n",
+                lease_epoch: 1,
+            },
         )
+    }
+
+    fn route(name: &str, filter: &str, on_conflict: OnConflict) -> ResolvedRoute {
+        use leasehold_config::{PathStep, RouteSpec, Source};
+        use leasehold_store::routes::{ColumnKind, ResolvedColumn};
+        let col = |name: &str, source: Source, kind: ColumnKind| ResolvedColumn {
+            name: name.into(),
+            quoted: format!("\"{name}\""),
+            source,
+            sql_type: "text".into(),
+            kind,
+            not_null: true,
+            has_default: false,
+        };
+        let columns = vec![
+            col("id", Source::TopicSegment(1), ColumnKind::Text),
+            col(
+                "v",
+                Source::JsonPath(vec![PathStep::Key("v".into())]),
+                ColumnKind::Int4,
+            ),
+        ];
+        ResolvedRoute {
+            spec: RouteSpec {
+                name: name.into(),
+                topics: vec![filter.into()],
+                table: name.into(),
+                key: vec!["id".into()],
+                on_conflict,
+                columns: columns
+                    .iter()
+                    .map(|c| (c.name.clone(), c.source.clone()))
+                    .collect(),
+            },
+            schema: "public".into(),
+            table: name.into(),
+            qualified: format!("\"public\".\"{name}\""),
+            columns,
+            key: vec![0],
+        }
+    }
+
+    #[test]
+    fn routed_messages_get_a_row_per_route_keys_settled_by_each_routes_mode() {
+        let routes = [
+            route("first", "r/+", OnConflict::Nothing),
+            route("last", "r/#", OnConflict::Update),
+        ];
+        let t = Instant::now();
+        let batch = [
+            msg("r/a", r#"{"v":1}"#, 1, false, t),
+            msg("r/a", r#"{"v":2}"#, 2, false, t),
+            msg("r/a", r#"{"v":"x"}"#, 3, false, t),
+            msg("r/b/c", r#"{"v":4}"#, 4, false, t),
+            msg("r/a", "not json", 5, false, t),
+            msg("devices/d/t", r#"{"ts":1700000000}"#, 6, false, t),
+        ];
+        let mut clock = DbClock::new(Utc::now(), t);
+        let p = prepare(
+            &Decoder::new("devices/{device_id}/#", 1024),
+            &batch,
+            &mut clock,
+            1024,
+            Routing {
+                routes: &routes,
+                written_by: "n",
+                lease_epoch: 1,
+            },
+        );
+        let rows = |k: usize, rs: &[RouteRow]| -> Vec<usize> {
+            rs.iter().filter(|r| r.route == k).map(|r| r.idx).collect()
+        };
+        // "first": message 0 now, message 1 (same key) in the next round; "last": message 1
+        // replaced message 0, and message 3 (r/b/c) only matches "last".
+        assert_eq!(rows(0, &p.routed), vec![0]);
+        assert_eq!(rows(1, &p.routed), vec![1, 3]);
+        assert_eq!(p.later_routed.len(), 1);
+        assert_eq!(rows(0, &p.later_routed[0]), vec![1]);
+        assert_eq!(p.superseded, vec![0, 1]);
+        // Kept in case the database refuses the row that replaced it.
+        assert_eq!(p.replaced.get(&(1, 1)).map(|r| r.idx), Some(0));
+        // Message 2 fails the mapping of both routes: a dead letter each; message 4 is one
+        // dead letter naming both; message 5 goes to the default route.
+        let dead: Vec<(usize, &str, Option<&str>)> = p
+            .dead
+            .iter()
+            .map(|d| (d.idx, d.reason, d.route.as_deref()))
+            .collect();
+        assert_eq!(
+            dead,
+            vec![
+                (2, "mapping_failed", Some("first")),
+                (2, "mapping_failed", Some("last")),
+                (4, "not_json", Some("first,last")),
+            ]
+        );
+        assert!(p.dead[0].error.contains(r#"route first: column "v""#));
+        assert_eq!(p.rows.len(), 1);
+        assert_eq!(p.rows[0].idx, 5);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use leasehold_config::{redact, Config, LogFormat, Sources};
 use tokio_util::sync::CancellationToken;
 
-use crate::{admin, node, simulate};
+use crate::{admin, node, routes_cmd, simulate};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -26,8 +26,9 @@ pub struct Cli {
 /// Settings accepted by every command.
 #[derive(Args, Clone, Default)]
 pub struct Settings {
-    /// TOML file with settings (the environment names in lower case, or nested sections).
-    #[arg(long, global = true, value_name = "FILE")]
+    /// TOML file with settings (the environment names in lower case, or nested sections) and
+    /// routes (LEASEHOLD_CONFIG).
+    #[arg(long, global = true, value_name = "FILE", env = "LEASEHOLD_CONFIG")]
     pub config: Option<PathBuf>,
     /// Any setting, by its environment name, e.g. --set LEASE_TTL=5s (repeatable).
     #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
@@ -77,6 +78,14 @@ pub enum Command {
         /// How long to wait for another node to take over.
         #[arg(long, default_value = "10s", value_parser = humantime_parse)]
         timeout: std::time::Duration,
+    },
+    /// Check the [[routes]] of --config against the database and print what each writes where.
+    ///
+    /// For every route: its table as resolved, topics, key, on_conflict and each column with its type and source; then the default route (telemetry) and every problem, one line each. Exit 0 when all routes fit, 2 when any has a problem, 1 when the database cannot be reached.
+    Routes {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
     /// Publish a simulated device fleet's readings (numbered, timestamped) to the broker.
     Simulate(simulate::SimArgs),
@@ -206,12 +215,22 @@ pub fn main() -> ExitCode {
             Command::Migrate => admin::migrate(&cfg).await,
             Command::Status { json } => admin::status(&cfg, json).await,
             Command::StepDown { timeout } => admin::step_down(&cfg, timeout).await,
+            Command::Routes { json } => routes_cmd::command(&cfg, json).await,
             Command::Simulate(args) => simulate::run(&cfg, args).await,
             Command::Doctor { json } => crate::checks::doctor(&cfg, json).await,
         }
     });
     match result {
         Ok(code) => code,
+        Err(e) if e.downcast_ref::<routes_cmd::RoutesRefused>().is_some() => {
+            // One line per problem: each names its route and column.
+            if let Some(refused) = e.downcast_ref::<routes_cmd::RoutesRefused>() {
+                for p in &refused.0 {
+                    eprintln!("leasehold: configuration error: {}", redact(&p.to_string()));
+                }
+            }
+            ExitCode::from(routes_cmd::EXIT_ROUTE_PROBLEM)
+        }
         Err(e) => {
             // Errors of the database driver and the broker client, whatever they quote.
             eprintln!("leasehold: error: {}", redact(&format!("{e:#}")));

@@ -13,6 +13,7 @@
 //! - [`checks`]: `doctor`, the deployment checks at start, the leader's claim on its client
 //!   id, the replication status the heartbeat refreshes.
 //! - [`admin`]: `migrate`, `status`, `step-down`.
+//! - [`routes_cmd`]: `[[routes]]` against the database: the start-up check and `leasehold routes`.
 //! - [`simulate`]: a device fleet publisher for demos, tests and benchmarks.
 //! - [`sd_notify`]: readiness and the watchdog for systemd's `Type=notify`.
 
@@ -23,6 +24,8 @@ pub mod cli;
 pub mod identity;
 pub mod ledger;
 pub mod node;
+pub mod routes_cmd;
+pub mod routing;
 pub mod sd_notify;
 pub mod simulate;
 pub mod supervisor;

@@ -116,6 +116,13 @@ impl Node {
         if shutdown.is_cancelled() {
             return Ok(());
         }
+        // Routes that do not fit the database refuse the start, before the lease is campaigned for.
+        let routes = match (&db, cfg.mode) {
+            (Some(db), Mode::Production | Mode::Development) => {
+                crate::routes_cmd::check_at_start(&cfg, &db.pool).await?
+            }
+            _ => Vec::new(),
+        };
         // The shared session's client id comes from the database: resolved before anything connects.
         let client_id = match cfg.mode {
             Mode::Production => Some(crate::identity::resolve(
@@ -130,6 +137,7 @@ impl Node {
             http_url,
             db,
             client_id,
+            routes,
             status: NodeStatus::default(),
             root,
             tracker,
@@ -163,6 +171,8 @@ struct Wiring {
     db: Option<Db>,
     /// The shared session's client id (production nodes).
     client_id: Option<leasehold_config::ClientId>,
+    /// The named routes, checked against the database (empty without `[[routes]]`).
+    routes: Vec<leasehold_store::routes::ResolvedRoute>,
     status: NodeStatus,
     root: CancellationToken,
     tracker: TaskTracker,
@@ -368,6 +378,7 @@ fn lead(
         device_topics,
         pool: Some(db.pool.clone()),
         status: w.status.clone(),
+        routes: w.routes.clone(),
     };
     let token = w.root.clone();
     w.tracker.spawn(async move {
@@ -661,6 +672,20 @@ async fn observe(
             m = rx.recv() => {
                 let Some(m) = m else { break };
                 events::MessageObserved.emit();
+                // A routed message needs no device id or timestamp: only its routes' columns do.
+                let routes: Vec<&str> = cfg
+                    .routes
+                    .iter()
+                    .filter(|r| r.topics.iter().any(|f| rumqttc::matches(&m.topic, f)))
+                    .map(|r| r.name.as_str())
+                    .collect();
+                if !routes.is_empty() {
+                    match decoder.parse(&m.topic, &m.payload) {
+                        Ok(_) => { ok += 1; tracing::debug!(topic = %m.topic, routes = ?routes, "observer: would write to its routes"); }
+                        Err(e) => { bad += 1; tracing::info!(topic = %m.topic, routes = ?routes, error = %e, "observer: would dead-letter"); }
+                    }
+                    continue;
+                }
                 match decoder.decode(&m.topic, &m.payload, m.received_at) {
                     Ok(r) => { ok += 1; tracing::debug!(device_id = %r.device_id, ts = %r.ts, topic = %m.topic, "observer: would write"); }
                     Err(e) => { bad += 1; tracing::info!(topic = %m.topic, error = %e, "observer: would dead-letter"); }

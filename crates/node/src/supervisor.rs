@@ -50,6 +50,8 @@ pub struct Supervisor {
     pub pool: Option<leasehold_store::Pool>,
     /// Each term's ingest reports into it.
     pub status: leasehold_telemetry::NodeStatus,
+    /// The named routes, checked against the database at start; each term's writer gets them.
+    pub routes: Vec<leasehold_store::routes::ResolvedRoute>,
 }
 
 impl Supervisor {
@@ -175,12 +177,13 @@ impl Supervisor {
                 // A backstop only: the lease deadline cancels a hung write (on the server too)
                 // long before this.
                 statement_timeout: cfg.lease.ttl,
+                routes: self.routes.clone(),
                 require_sync_replication: cfg.require_sync_replication,
-                status: self.status.clone(),
             },
             fence,
             rx,
             acker,
+            status: self.status.clone(),
         };
         let broker = ingest.connected();
         self.lease.set_term_active(true);

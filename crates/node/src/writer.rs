@@ -7,18 +7,21 @@
 //! becomes a dead letter carrying the database's words; the rest commits. Parts already
 //! committed are not written again when a later part fails.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use leasehold_decode::Decoder;
 use leasehold_ingest::{Acker, Inbound};
-use leasehold_store::{BatchWriter, DeadLetter, Fence, Row, StoreError};
+use leasehold_store::routes::ResolvedRoute;
+use leasehold_store::{BatchWriter, DeadLetter, Fence, RouteRow, Row, StoreError};
 use leasehold_telemetry::events;
+use leasehold_telemetry::status::{NodeStatus, RouteCounts};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::batch::reason_label;
-use crate::batch::{prepare, rejected, DbClock, Prepared};
+use crate::batch::{prepare, rejected, rejected_route_row, DbClock, Prepared, Routing};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriterError {
@@ -47,11 +50,11 @@ pub struct WriterConfig {
     /// Server-side bound on a batch statement (a backstop: a cancelled write is also
     /// cancelled on the server).
     pub statement_timeout: Duration,
+    /// The named routes, checked against the database at start (empty: only `telemetry`).
+    pub routes: Vec<ResolvedRoute>,
     /// `REQUIRE_SYNC_REPLICATION`: ingest only while commits are synchronously replicated, and
     /// acknowledge a batch only once a synchronous standby has flushed WAL past it.
     pub require_sync_replication: bool,
-    /// Where the writer says that it holds intake, and why (`/health`).
-    pub status: leasehold_telemetry::NodeStatus,
 }
 
 pub struct Writer {
@@ -59,6 +62,14 @@ pub struct Writer {
     pub fence: Fence,
     pub rx: mpsc::Receiver<Inbound>,
     pub acker: Acker,
+    /// Where the per-route counts, and an intake held for replication, are shown (`/health`).
+    pub status: NodeStatus,
+}
+
+/// The writer's connection, and the named routes its statement is prepared for.
+struct Conn {
+    writer: Option<BatchWriter>,
+    routes: Arc<[ResolvedRoute]>,
 }
 
 /// How often the writer reads the database's clock again.
@@ -69,31 +80,43 @@ const CLOCK_EVERY: Duration = Duration::from_secs(60);
 struct Part {
     rows: Vec<Row>,
     dead: Vec<DeadLetter>,
+    /// Rows of named routes: each one message's row in one route, so isolation dead-letters
+    /// only the failing route's row.
+    routed: Vec<RouteRow>,
 }
 
 impl Part {
     fn len(&self) -> usize {
-        self.rows.len() + self.dead.len()
+        self.rows.len() + self.dead.len() + self.routed.len()
     }
 
-    /// Two non-empty parts (for a part of two or more), readings first, then dead letters.
+    /// Two non-empty parts (for a part of two or more): readings, then dead letters, then
+    /// route rows, split at the middle.
     fn halves(mut self) -> (Part, Part) {
-        let first = self.len().div_ceil(2);
-        if first <= self.rows.len() {
-            let rows = self.rows.split_off(first);
-            let dead = std::mem::take(&mut self.dead);
-            (self, Part { rows, dead })
+        let mut first = self.len().div_ceil(2);
+        let mut second = Part::default();
+        if first < self.rows.len() {
+            second.rows = self.rows.split_off(first);
+            first = 0;
         } else {
-            let dead = self.dead.split_off(first - self.rows.len());
-            (
-                self,
-                Part {
-                    rows: Vec::new(),
-                    dead,
-                },
-            )
+            first -= self.rows.len();
         }
+        if first < self.dead.len() {
+            second.dead = self.dead.split_off(first);
+            first = 0;
+        } else {
+            first -= self.dead.len();
+        }
+        second.routed = self.routed.split_off(first.min(self.routed.len()));
+        (self, second)
     }
+}
+
+/// A batch's named routes while it is committed.
+struct BatchRoutes<'a> {
+    routes: &'a [ResolvedRoute],
+    /// `"update"` rows replaced by a later one of their key (see `Prepared::replaced`).
+    replaced: HashMap<(usize, usize), RouteRow>,
 }
 
 /// What a batch came to, for its events.
@@ -103,6 +126,16 @@ struct Tally {
     duplicates: u64,
     conflicts: u64,
     dead_lettered: u64,
+    /// Per named route (the term's order).
+    routes: Vec<RouteTally>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct RouteTally {
+    written: u64,
+    duplicates: u64,
+    conflicts: u64,
+    dead_letters: u64,
 }
 
 enum Stop {
@@ -122,8 +155,8 @@ impl Writer {
     pub async fn run(mut self, cancel: CancellationToken) -> Result<(), WriterError> {
         let res = self.run_term(cancel).await;
         // A hold belongs to this term's writer: the next term judges replication afresh.
-        if let Some(why) = self.cfg.status.ingest_hold() {
-            self.cfg.status.set_ingest_hold(None);
+        if let Some(why) = self.status.ingest_hold() {
+            self.status.set_ingest_hold(None);
             events::IngestResumed {
                 held: Duration::ZERO,
                 why: &format!("the term ended while held ({why})"),
@@ -134,7 +167,12 @@ impl Writer {
     }
 
     async fn run_term(&mut self, cancel: CancellationToken) -> Result<(), WriterError> {
-        let mut conn: Option<BatchWriter> = None;
+        let mut conn = Conn {
+            writer: None,
+            routes: Arc::from(self.cfg.routes.clone()),
+        };
+        self.status
+            .update_routes(|counts| show_routes(counts, &conn.routes));
         // Whether the last commit was confirmed on a synchronous standby (REQUIRE_SYNC_REPLICATION):
         // until then, each batch first waits for replication to be in place.
         let mut replicated = false;
@@ -149,7 +187,7 @@ impl Writer {
             let clock = loop {
                 if let Some(c) = clock.as_mut() {
                     if c.measured_at().elapsed() >= CLOCK_EVERY {
-                        if let Some(w) = conn.as_ref().filter(|w| !w.is_closed()) {
+                        if let Some(w) = conn.writer.as_ref().filter(|w| !w.is_closed()) {
                             if let Ok((db, local)) = w.clock().await {
                                 c.remeasure(db, local);
                             }
@@ -164,7 +202,7 @@ impl Writer {
                 match measured {
                     Ok((db, local)) => clock = Some(DbClock::new(db, local)),
                     Err(e) => {
-                        conn = None;
+                        conn.writer = None;
                         if !retry.wait(&e, &cancel).await {
                             return Ok(());
                         }
@@ -178,9 +216,24 @@ impl Writer {
                 replicated = true;
             }
             let started = Instant::now();
-            let prepared = prepare(&self.cfg.decoder, &batch, clock, self.cfg.max_payload_bytes);
-            match self.commit(&mut conn, prepared, &cancel, &mut retry).await {
+            let routes = conn.routes.clone();
+            let prepared = prepare(
+                &self.cfg.decoder,
+                &batch,
+                clock,
+                self.cfg.max_payload_bytes,
+                Routing {
+                    routes: &routes,
+                    written_by: &self.cfg.instance_id,
+                    lease_epoch: self.fence.epoch,
+                },
+            );
+            match self
+                .commit(&mut conn, prepared, &routes, &cancel, &mut retry)
+                .await
+            {
                 Ok(tally) => {
+                    self.route_events(&routes, &tally);
                     events::BatchCommitted {
                         rows: batch.len(),
                         inserted: tally.inserted,
@@ -194,7 +247,7 @@ impl Writer {
                         waited: batch.iter().map(|m| m.received.elapsed()),
                     }
                     .emit();
-                    if let Some(why) = conn.as_mut().and_then(|w| w.unreplicated_commit()) {
+                    if let Some(why) = conn.writer.as_mut().and_then(|w| w.unreplicated_commit()) {
                         events::CommitUnreplicated {
                             why: &why,
                             redelivered: true,
@@ -233,7 +286,7 @@ impl Writer {
     /// pending limit stops it, and the broker keeps the rest). False when cancelled.
     async fn until_replicated(
         &self,
-        conn: &mut Option<BatchWriter>,
+        conn: &mut Conn,
         cancel: &CancellationToken,
         retry: &mut Backoff,
     ) -> bool {
@@ -258,7 +311,7 @@ impl Writer {
                     }
                 },
                 Err(e) => {
-                    *conn = None;
+                    conn.writer = None;
                     if !retry.wait(&e, cancel).await {
                         return false;
                     }
@@ -271,12 +324,9 @@ impl Writer {
     /// WAL past it, holding intake and acknowledgements meanwhile however long that takes.
     /// `Ok(false)` when cancelled; an error when the connection cannot tell (the caller leaves
     /// the batch unacknowledged).
-    async fn confirm(
-        &self,
-        conn: &Option<BatchWriter>,
-        cancel: &CancellationToken,
-    ) -> Result<bool, StoreError> {
+    async fn confirm(&self, conn: &Conn, cancel: &CancellationToken) -> Result<bool, StoreError> {
         let w = conn
+            .writer
             .as_ref()
             .ok_or_else(|| StoreError::Pool("no writer connection".into()))?;
         let (lsn, flushed) = w.after_commit().await?;
@@ -324,15 +374,15 @@ impl Writer {
     /// Says (once per hold) that intake is held and why.
     fn hold(&self, why: &str) {
         let text = format!("commits are not synchronously replicated: {why}");
-        if self.cfg.status.ingest_hold().as_deref() != Some(text.as_str()) {
-            self.cfg.status.set_ingest_hold(Some(text));
+        if self.status.ingest_hold().as_deref() != Some(text.as_str()) {
+            self.status.set_ingest_hold(Some(text));
             events::IngestHeld { reason: why }.emit();
         }
     }
 
     fn release_hold(&self, since: Instant) {
-        if self.cfg.status.ingest_hold().is_some() {
-            self.cfg.status.set_ingest_hold(None);
+        if self.status.ingest_hold().is_some() {
+            self.status.set_ingest_hold(None);
             events::IngestResumed {
                 held: since.elapsed(),
                 why: "commits are synchronously replicated again",
@@ -344,39 +394,90 @@ impl Writer {
     /// Commits every part of `prepared`, isolating row errors, retrying other errors.
     async fn commit(
         &self,
-        conn: &mut Option<BatchWriter>,
+        conn: &mut Conn,
         prepared: Prepared,
+        routes: &[ResolvedRoute],
         cancel: &CancellationToken,
         retry: &mut Backoff,
     ) -> Result<Tally, Stop> {
         let mut tally = Tally {
             duplicates: prepared.redelivered,
+            routes: prepared
+                .superseded
+                .iter()
+                .map(|&n| RouteTally {
+                    written: n,
+                    ..RouteTally::default()
+                })
+                .collect(),
             ..Tally::default()
         };
+        tally.routes.resize(routes.len(), RouteTally::default());
         let mut rounds = vec![Part {
             rows: prepared.rows,
             dead: prepared.dead,
+            routed: prepared.routed,
         }];
-        rounds.extend(prepared.later.into_iter().map(|rows| Part {
-            rows,
-            dead: Vec::new(),
-        }));
+        let mut later = prepared.later.into_iter();
+        let mut later_routed = prepared.later_routed.into_iter();
+        loop {
+            let (rows, routed) = (later.next(), later_routed.next());
+            if rows.is_none() && routed.is_none() {
+                break;
+            }
+            rounds.push(Part {
+                rows: rows.unwrap_or_default(),
+                dead: Vec::new(),
+                routed: routed.unwrap_or_default(),
+            });
+        }
+        let mut batch = BatchRoutes {
+            routes,
+            replaced: prepared.replaced,
+        };
         for round in rounds {
-            self.commit_part(conn, round, &mut tally, cancel, retry)
+            self.commit_part(conn, round, &mut batch, &mut tally, cancel, retry)
                 .await?;
         }
         Ok(tally)
     }
 
+    /// The events and typed counts of a committed batch's named routes.
+    fn route_events(&self, routes: &[ResolvedRoute], tally: &Tally) {
+        if routes.is_empty() {
+            return;
+        }
+        for (r, t) in routes.iter().zip(&tally.routes) {
+            events::RouteCommitted {
+                route: &r.spec.name,
+                written: t.written,
+                duplicates: t.duplicates,
+                conflicts: t.conflicts,
+            }
+            .emit();
+        }
+        self.status.update_routes(|counts| {
+            show_routes(counts, routes);
+            for (c, t) in counts.iter_mut().zip(&tally.routes) {
+                c.written += t.written;
+                c.duplicates += t.duplicates;
+                c.conflicts += t.conflicts;
+                c.dead_letters += t.dead_letters;
+            }
+        });
+    }
+
     /// Commits one part whose reading keys are unique, halving it around row errors.
     async fn commit_part(
         &self,
-        conn: &mut Option<BatchWriter>,
+        conn: &mut Conn,
         part: Part,
+        batch: &mut BatchRoutes<'_>,
         tally: &mut Tally,
         cancel: &CancellationToken,
         retry: &mut Backoff,
     ) -> Result<(), Stop> {
+        let routes = batch.routes;
         let mut work = VecDeque::from([part]);
         while let Some(part) = work.pop_front() {
             if part.len() == 0 {
@@ -389,7 +490,7 @@ impl Writer {
                 r = async {
                     let w = self.connection(conn).await?;
                     stop = Some(w.cancel_handle());
-                    w.write(&self.fence, &part.rows, &part.dead).await
+                    w.write(&self.fence, &part.rows, &part.dead, &part.routed).await
                 } => Some(r),
             };
             let Some(res) = res else {
@@ -402,7 +503,7 @@ impl Writer {
                         }
                     });
                 }
-                *conn = None;
+                conn.writer = None;
                 return Err(Stop::Cancelled);
             };
             match res {
@@ -419,8 +520,50 @@ impl Writer {
                             topic: &d.topic,
                             reason: d.reason,
                             error: &d.error,
+                            route: d.route.as_deref().unwrap_or("default"),
                         }
                         .emit();
+                        // A message dead-lettered for several routes counts once, under its
+                        // first.
+                        let first = d.route.as_deref().and_then(|r| r.split(',').next());
+                        if let Some(k) = routes
+                            .iter()
+                            .position(|r| Some(r.spec.name.as_str()) == first)
+                        {
+                            tally.routes[k].dead_letters += 1;
+                        }
+                    }
+                    for ((k, o), r) in out.routes.iter().enumerate().zip(routes) {
+                        let t = &mut tally.routes[k];
+                        t.written += o.written;
+                        t.duplicates += o.duplicates.len() as u64;
+                        t.conflicts += o.conflicts.len() as u64;
+                        t.dead_letters += (o.conflicts.len() + o.unstored.len()) as u64;
+                        for (i, reason, what) in o
+                            .conflicts
+                            .iter()
+                            .map(|i| (i, "conflict", "a different row is stored for its key"))
+                            .chain(o.unstored.iter().map(|i| {
+                                (
+                                    i,
+                                    "not_stored",
+                                    "the table neither took the row nor holds its key",
+                                )
+                            }))
+                        {
+                            let topic = part
+                                .routed
+                                .iter()
+                                .find(|x| x.idx == *i && x.route == k)
+                                .map_or("", |x| x.message.topic.as_str());
+                            events::DeadLettered {
+                                topic,
+                                reason,
+                                error: &format!("route {}: {what}", r.spec.name),
+                                route: &r.spec.name,
+                            }
+                            .emit();
+                        }
                     }
                     for i in &out.conflicts {
                         if let Some(r) = part.rows.iter().find(|r| r.idx == *i) {
@@ -439,6 +582,29 @@ impl Writer {
                     work.push_front(b);
                     work.push_front(a);
                 }
+                Err(e) if e.is_row_error() && part.routed.len() == 1 => {
+                    let text = e.database_text();
+                    let row = &part.routed[0];
+                    let name = routes.get(row.route).map_or("", |r| r.spec.name.as_str());
+                    events::RowRejected {
+                        topic: &row.message.topic,
+                        error: &text,
+                    }
+                    .emit();
+                    let mut next = Part {
+                        dead: vec![rejected_route_row(row, name, &text)],
+                        ..Part::default()
+                    };
+                    // "update": the row of the same key it replaced in this batch is now the
+                    // newest the table can take (counted when written, not as written over).
+                    if let Some(earlier) = batch.replaced.remove(&(row.route, row.idx)) {
+                        if let Some(t) = tally.routes.get_mut(row.route) {
+                            t.written = t.written.saturating_sub(1);
+                        }
+                        next.routed.push(earlier);
+                    }
+                    work.push_front(next);
+                }
                 Err(e) if e.is_row_error() && part.rows.len() == 1 => {
                     let text = e.database_text();
                     let row = &part.rows[0];
@@ -448,15 +614,15 @@ impl Writer {
                     }
                     .emit();
                     work.push_front(Part {
-                        rows: Vec::new(),
                         dead: vec![rejected(row, &text)],
+                        ..Part::default()
                     });
                 }
                 Err(e) => {
                     // Connection, time, resources, or a dead letter itself refused (which
                     // `storable_text` and `bytea` should make impossible): retry, acknowledging
                     // nothing meanwhile.
-                    *conn = None;
+                    conn.writer = None;
                     work.push_front(part);
                     if !retry.wait(&e, cancel).await {
                         return Err(Stop::Cancelled);
@@ -468,23 +634,24 @@ impl Writer {
     }
 
     /// The writer's connection, made when there is none or it closed.
-    async fn connection<'a>(
-        &self,
-        conn: &'a mut Option<BatchWriter>,
-    ) -> Result<&'a mut BatchWriter, StoreError> {
-        if conn.as_ref().is_none_or(|c| c.is_closed()) {
-            *conn = Some(
-                BatchWriter::connect(
-                    &self.cfg.database_url,
-                    self.cfg.instance_id.clone(),
-                    self.cfg.statement_timeout,
-                    self.cfg.redelivery_window,
-                )
-                .await?
-                .with_redelivery_span(self.cfg.max_pending + 2048),
-            );
+    /// The writer's connection, made when there is none or it closed, with the named routes'
+    /// statement prepared.
+    async fn connection<'a>(&self, conn: &'a mut Conn) -> Result<&'a mut BatchWriter, StoreError> {
+        if conn.writer.as_ref().is_none_or(|c| c.is_closed()) {
+            conn.writer = None;
+            let mut w = BatchWriter::connect(
+                &self.cfg.database_url,
+                self.cfg.instance_id.clone(),
+                self.cfg.statement_timeout,
+                self.cfg.redelivery_window,
+            )
+            .await?
+            .with_redelivery_span(self.cfg.max_pending + 2048);
+            w.use_routes(conn.routes.clone()).await?;
+            conn.writer = Some(w);
         }
-        conn.as_mut()
+        conn.writer
+            .as_mut()
             .ok_or_else(|| StoreError::Pool("no writer connection".into()))
     }
 
@@ -502,6 +669,25 @@ impl Writer {
             cancel,
         )
         .await
+    }
+}
+
+/// Lists `routes` in the typed status (counts kept from an earlier term of this node).
+fn show_routes(counts: &mut Vec<RouteCounts>, routes: &[ResolvedRoute]) {
+    if counts.len() != routes.len()
+        || counts
+            .iter()
+            .zip(routes)
+            .any(|(c, r)| c.name != r.spec.name)
+    {
+        *counts = routes
+            .iter()
+            .map(|r| RouteCounts {
+                name: r.spec.name.clone(),
+                table: format!("{}.{}", r.schema, r.table),
+                ..RouteCounts::default()
+            })
+            .collect();
     }
 }
 
@@ -632,36 +818,59 @@ mod tests {
                     received_at: t,
                     pkid: 0,
                     dup: false,
+                    route: None,
                 })
                 .collect(),
+            routed: Vec::new(),
         }
     }
 
     #[test]
     fn halving_always_makes_progress() {
-        for rows in 0..6 {
-            for dead in 0..6 {
-                if rows + dead < 2 {
-                    continue;
+        for rows in 0..5 {
+            for dead in 0..5 {
+                for routed in 0..5 {
+                    let n = rows + dead + routed;
+                    if n < 2 {
+                        continue;
+                    }
+                    let mut p = part(rows, dead);
+                    let message = Arc::new(leasehold_store::RoutedMessage {
+                        topic: "r".into(),
+                        payload: Default::default(),
+                        received_at: chrono::Utc::now(),
+                        pkid: 0,
+                        dup: false,
+                    });
+                    p.routed = (0..routed)
+                        .map(|i| RouteRow {
+                            idx: rows + dead + i,
+                            route: 0,
+                            values: Vec::new(),
+                            message: message.clone(),
+                        })
+                        .collect();
+                    let (a, b) = p.halves();
+                    assert!(
+                        a.len() > 0 && b.len() > 0,
+                        "{rows}+{dead}+{routed} -> {}+{}",
+                        a.len(),
+                        b.len()
+                    );
+                    assert_eq!(a.len() + b.len(), n);
+                    let mut idx: Vec<usize> = [&a, &b]
+                        .iter()
+                        .flat_map(|p| {
+                            p.rows
+                                .iter()
+                                .map(|r| r.idx)
+                                .chain(p.dead.iter().map(|d| d.idx))
+                                .chain(p.routed.iter().map(|r| r.idx))
+                        })
+                        .collect();
+                    idx.sort_unstable();
+                    assert_eq!(idx, (0..n).collect::<Vec<_>>());
                 }
-                let (a, b) = part(rows, dead).halves();
-                assert!(
-                    a.len() > 0 && b.len() > 0,
-                    "{rows}+{dead} -> {}+{}",
-                    a.len(),
-                    b.len()
-                );
-                assert_eq!(a.len() + b.len(), rows + dead);
-                let mut idx: Vec<usize> = a
-                    .rows
-                    .iter()
-                    .map(|r| r.idx)
-                    .chain(a.dead.iter().map(|d| d.idx))
-                    .chain(b.rows.iter().map(|r| r.idx))
-                    .chain(b.dead.iter().map(|d| d.idx))
-                    .collect();
-                idx.sort_unstable();
-                assert_eq!(idx, (0..rows + dead).collect::<Vec<_>>());
             }
         }
     }

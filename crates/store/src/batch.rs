@@ -7,7 +7,10 @@ use chrono::{DateTime, Utc};
 use tokio_postgres::{Client, Statement};
 
 use crate::op::{self, Op};
+use crate::routed::{routed_sql, RouteOutcome, RouteRow, DEFAULTS_SQL};
+use crate::routes::ResolvedRoute;
 use crate::{pg_config, tls, Result, StoreError};
+use std::sync::Arc;
 
 /// The lease a write transaction must still hold ("One writer" in `docs/guarantees.md`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +37,8 @@ pub struct DeadLetter {
     pub received_at: DateTime<Utc>,
     pub pkid: i32,
     pub dup: bool,
+    /// The named route(s) whose row this replaces; `None` for the default route (`telemetry`).
+    pub route: Option<String>,
 }
 
 /// A reading ready to insert. Its identity is `(device_id, topic, ts)`.
@@ -69,11 +74,16 @@ pub struct BatchOutcome {
     /// Redeliveries (DUP flag, same packet id and bytes) of a stored timestamp-less reading or
     /// dead letter, skipped.
     pub redelivered: Vec<usize>,
+    /// Per named route (the writer's order): its rows' outcome. Empty without routes.
+    pub routes: Vec<RouteOutcome>,
 }
 
 impl BatchOutcome {
     /// The batch statement's answer; `None` when the fence did not hold (nothing written).
-    fn read(row: &tokio_postgres::Row) -> Result<Option<Self>, tokio_postgres::Error> {
+    fn read(
+        row: &tokio_postgres::Row,
+        routes: usize,
+    ) -> Result<Option<Self>, tokio_postgres::Error> {
         if row.try_get::<_, i64>("held")? == 0 {
             return Ok(None);
         }
@@ -84,13 +94,26 @@ impl BatchOutcome {
                 .map(|i| i as usize)
                 .collect())
         };
-        Ok(Some(BatchOutcome {
+        let mut out = BatchOutcome {
             inserted: row.try_get::<_, i64>("inserted")? as u64,
             dead_lettered: row.try_get::<_, i64>("dead_lettered")? as u64,
             duplicates: idx("duplicates")?,
             conflicts: idx("conflicts")?,
             redelivered: idx("redelivered")?,
-        }))
+            routes: Vec::with_capacity(routes),
+        };
+        if routes > 0 {
+            out.dead_lettered += row.try_get::<_, i64>("route_dead_lettered")? as u64;
+        }
+        for k in 0..routes {
+            out.routes.push(RouteOutcome {
+                written: row.try_get::<_, i64>(format!("written_{k}").as_str())? as u64,
+                duplicates: idx(&format!("duplicates_{k}"))?,
+                conflicts: idx(&format!("conflicts_{k}"))?,
+                unstored: idx(&format!("unstored_{k}"))?,
+            });
+        }
+        Ok(Some(out))
     }
 }
 
@@ -222,6 +245,8 @@ pub struct BatchWriter {
     /// The server's warnings on this connection, each delivered before the answer to the
     /// statement that caused it ([`crate::connect_with_notices`]).
     notices: tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::error::DbError>,
+    /// The named routes and their statement, when there are any (else [`BATCH_SQL`] alone).
+    routed: Option<(Arc<[ResolvedRoute]>, Statement)>,
 }
 
 /// Cancels the statement running on a connection (the server keeps running it otherwise, with
@@ -277,7 +302,41 @@ impl BatchWriter {
             redelivery_span: DEFAULT_REDELIVERY_SPAN,
             cancel,
             notices,
+            routed: None,
         })
+    }
+
+    /// Writes into `routes` from now on: builds and prepares their statement (the columns'
+    /// default expressions, which fill a NULL, are read here). No routes: [`BATCH_SQL`] alone.
+    pub async fn use_routes(&mut self, routes: Arc<[ResolvedRoute]>) -> Result<()> {
+        if routes.is_empty() {
+            self.routed = None;
+            return Ok(());
+        }
+        let client = &self.client;
+        let stmt = op::measured(Op::Session, async {
+            let mut defaults = Vec::with_capacity(routes.len());
+            for r in routes.iter() {
+                let mut ds = Vec::with_capacity(r.columns.len());
+                for c in &r.columns {
+                    ds.push(if c.has_default {
+                        client
+                            .query_opt(DEFAULTS_SQL, &[&r.qualified, &c.name])
+                            .await?
+                            .map(|row| row.try_get::<_, Option<String>>(0))
+                            .transpose()?
+                            .flatten()
+                    } else {
+                        None
+                    });
+                }
+                defaults.push(ds);
+            }
+            Ok(client.prepare(&routed_sql(&routes, &defaults)).await?)
+        })
+        .await?;
+        self.routed = Some((routes, stmt));
+        Ok(())
     }
 
     /// How many stored readings before a redelivery its first copy may lie: at least the
@@ -358,6 +417,7 @@ impl BatchWriter {
         fence: &Fence,
         rows: &[Row],
         dead: &[DeadLetter],
+        routed: &[RouteRow],
     ) -> Result<BatchOutcome> {
         let n = rows.len();
         let mut ri = Vec::with_capacity(n);
@@ -401,39 +461,49 @@ impl BatchWriter {
         let dtp_ref: Vec<&str> = dtp.iter().map(|c| c.as_ref()).collect();
         let de_ref: Vec<&str> = de.iter().map(|c| c.as_ref()).collect();
         let window = PgInterval(self.redelivery_window);
-        let outcome = op::one(
-            &self.client,
-            Op::WriteBatch,
-            &self.stmt,
-            &[
-                &fence.lease_name,
-                &fence.holder_id,
-                &fence.epoch,
-                &self.written_by,
-                &window,
-                &ri,
-                &d,
-                &tp,
-                &t,
-                &p,
-                &rcv,
-                &h,
-                &k,
-                &dup,
-                &di,
-                &dtp_ref,
-                &dp,
-                &dsz,
-                &dreason,
-                &de_ref,
-                &dr,
-                &dh,
-                &dk,
-                &ddup,
-                &self.redelivery_span,
-            ],
-            BatchOutcome::read,
-        )
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
+            &fence.lease_name,
+            &fence.holder_id,
+            &fence.epoch,
+            &self.written_by,
+            &window,
+            &ri,
+            &d,
+            &tp,
+            &t,
+            &p,
+            &rcv,
+            &h,
+            &k,
+            &dup,
+            &di,
+            &dtp_ref,
+            &dp,
+            &dsz,
+            &dreason,
+            &de_ref,
+            &dr,
+            &dh,
+            &dk,
+            &ddup,
+            &self.redelivery_span,
+        ];
+        let dl_route: Vec<Option<&str>> = dead.iter().map(|x| x.route.as_deref()).collect();
+        let routed_params = self
+            .routed
+            .as_ref()
+            .map(|(routes, _)| RoutedParams::new(routes, routed));
+        let (stmt, n_routes) = match (&self.routed, &routed_params) {
+            (Some((routes, stmt)), Some(rp)) => {
+                params.push(&dl_route);
+                rp.push(&mut params);
+                (stmt, routes.len())
+            }
+            _ => (&self.stmt, 0),
+        };
+        let outcome = op::one(&self.client, Op::WriteBatch, stmt, &params, |r| {
+            BatchOutcome::read(r, n_routes)
+        })
         .await?;
         // The statement ran; the fence decides whether it wrote anything.
         outcome.ok_or(StoreError::Fenced { epoch: fence.epoch })
@@ -464,4 +534,78 @@ impl tokio_postgres::types::ToSql for PgInterval {
     }
 
     tokio_postgres::types::to_sql_checked!();
+}
+
+/// The routed part of a batch statement's parameters: the routed messages once each, then per
+/// route its rows' positions and one text array per column.
+struct RoutedParams<'a> {
+    gi: Vec<i32>,
+    gtp: Vec<String>,
+    gp: Vec<&'a [u8]>,
+    grcv: Vec<DateTime<Utc>>,
+    gh: Vec<String>,
+    gk: Vec<i32>,
+    gdup: Vec<bool>,
+    /// Per route: positions, then per column its values.
+    routes: Vec<(Vec<i32>, Columns<'a>)>,
+}
+
+/// One text array per column of a route (`None`: NULL).
+type Columns<'a> = Vec<Vec<Option<&'a str>>>;
+
+impl<'a> RoutedParams<'a> {
+    fn new(routes: &[ResolvedRoute], rows: &'a [RouteRow]) -> Self {
+        let mut p = RoutedParams {
+            gi: Vec::new(),
+            gtp: Vec::new(),
+            gp: Vec::new(),
+            grcv: Vec::new(),
+            gh: Vec::new(),
+            gk: Vec::new(),
+            gdup: Vec::new(),
+            routes: routes
+                .iter()
+                .map(|r| (Vec::new(), vec![Vec::new(); r.columns.len()]))
+                .collect(),
+        };
+        let mut seen = std::collections::HashSet::new();
+        for r in rows {
+            if seen.insert(r.idx) {
+                let m = &r.message;
+                p.gi.push(r.idx as i32);
+                p.gtp.push(storable_text(&m.topic).into_owned());
+                p.gp.push(&m.payload[..]);
+                p.grcv.push(m.received_at);
+                p.gh.push(leasehold_decode::content_hash(&m.topic, &m.payload));
+                p.gk.push(m.pkid);
+                p.gdup.push(m.dup);
+            }
+            let Some((idx, cols)) = p.routes.get_mut(r.route) else {
+                continue;
+            };
+            idx.push(r.idx as i32);
+            for (j, col) in cols.iter_mut().enumerate() {
+                col.push(r.values.get(j).and_then(|v| v.as_deref()));
+            }
+        }
+        p
+    }
+
+    fn push(&'a self, params: &mut Vec<&'a (dyn tokio_postgres::types::ToSql + Sync)>) {
+        params.extend([
+            &self.gi as &(dyn tokio_postgres::types::ToSql + Sync),
+            &self.gtp,
+            &self.gp,
+            &self.grcv,
+            &self.gh,
+            &self.gk,
+            &self.gdup,
+        ]);
+        for (idx, cols) in &self.routes {
+            params.push(idx);
+            for c in cols {
+                params.push(c);
+            }
+        }
+    }
 }

@@ -18,6 +18,7 @@
 //! - [`replication`]: whether commits are synchronously replicated, and the standbys.
 //! - [`retention`]: batched pruning of the operational tables.
 //! - [`syncrep`]: whether a commit is on a synchronous standby, judged after it returned.
+//! - [`routes`](mod@routes): `[[routes]]` checked against the live database ([`routes::resolve`]).
 //! - [`tls`]: libpq's `sslmode` rules for `DATABASE_URL`, on `tokio-postgres-rustls` (SCRAM
 //!   channel binding).
 
@@ -31,6 +32,8 @@ pub mod op;
 pub mod queries;
 pub mod replication;
 pub mod retention;
+pub mod routed;
+pub mod routes;
 pub mod syncrep;
 pub mod tls;
 
@@ -46,6 +49,7 @@ pub type PooledClient = deadpool_postgres::Object;
 pub use migrate::{migrate, migrate_up_to, Migration, MIGRATIONS};
 pub use op::Op;
 pub use queries::current_leader;
+pub use routed::{RouteOutcome, RouteRow, RoutedMessage};
 /// A database connection, as [`connect`] makes it and the functions here take it (a
 /// [`PooledClient`] dereferences to one): callers hold one without depending on tokio-postgres,
 /// and ask this crate for what they need from it, since the SQL lives here.
@@ -121,10 +125,11 @@ impl StoreError {
     /// the schema and the role are not row errors: those are retried (messages wait at the
     /// broker until they pass).
     pub fn is_row_error(&self) -> bool {
-        // 22 data exception, 23 integrity constraint, 2F/38/39 routine exceptions, P0 PL/pgSQL
+        // 21 cardinality (an upsert touching one row twice: keys equal only once cast), 22 data
+        // exception, 23 integrity constraint, 2F/38/39 routine exceptions, P0 PL/pgSQL
         // RAISE, 54 program limit (e.g. an index row too large).
         self.sqlstate().is_some_and(|code| {
-            ["22", "23", "2F", "38", "39", "P0", "54"]
+            ["21", "22", "23", "2F", "38", "39", "P0", "54"]
                 .iter()
                 .any(|class| code.starts_with(class))
         })

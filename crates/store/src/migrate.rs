@@ -71,6 +71,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(3, "reading_identity"),
     migration!(4, "cluster_identity"),
     migration!(5, "subscriptions"),
+    migration!(6, "routes"),
 ];
 
 /// Arbitrary but fixed: the advisory lock every node takes around migration.

@@ -46,6 +46,8 @@ pub enum Op {
     Listen,
     /// After a commit, whether a synchronous standby has flushed it (`REQUIRE_SYNC_REPLICATION`).
     SyncConfirm,
+    /// Checking `[[routes]]` against the catalog at start and in `leasehold routes`.
+    RouteCheck,
     /// Replication settings and standbys (`pg_stat_replication`).
     Replication,
     /// `leasehold doctor`'s reads: settings, privileges, clock samples, the database's identity.
@@ -83,6 +85,7 @@ impl Op {
             Op::Prune => "prune",
             Op::Listen => "listen",
             Op::SyncConfirm => "sync_confirm",
+            Op::RouteCheck => "route_check",
             Op::Replication => "replication",
             Op::Doctor => "doctor",
         }

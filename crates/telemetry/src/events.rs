@@ -183,11 +183,42 @@ impl BatchCommitted {
             "batch committed"
         );
         let m = metrics();
-        m.messages_written.inc_by(self.inserted);
-        m.messages_duplicate.inc_by(self.duplicates);
-        m.messages_conflict.inc_by(self.conflicts);
+        m.messages_written
+            .with_label_values(&[DEFAULT_ROUTE])
+            .inc_by(self.inserted);
+        m.messages_duplicate
+            .with_label_values(&[DEFAULT_ROUTE])
+            .inc_by(self.duplicates);
+        m.messages_conflict
+            .with_label_values(&[DEFAULT_ROUTE])
+            .inc_by(self.conflicts);
         m.batch_rows.observe(self.rows as f64);
         m.batch_write_duration.observe(self.duration.as_secs_f64());
+    }
+}
+
+/// The `route` label of the default route (messages into `telemetry`).
+pub const DEFAULT_ROUTE: &str = "default";
+
+/// A batch's rows of one named route committed (dead letters are [`DeadLettered`]).
+pub struct RouteCommitted<'a> {
+    pub route: &'a str,
+    pub written: u64,
+    pub duplicates: u64,
+    pub conflicts: u64,
+}
+impl RouteCommitted<'_> {
+    pub fn emit(self) {
+        let m = metrics();
+        m.messages_written
+            .with_label_values(&[self.route])
+            .inc_by(self.written);
+        m.messages_duplicate
+            .with_label_values(&[self.route])
+            .inc_by(self.duplicates);
+        m.messages_conflict
+            .with_label_values(&[self.route])
+            .inc_by(self.conflicts);
     }
 }
 
@@ -195,6 +226,8 @@ pub struct DeadLettered<'a> {
     pub topic: &'a str,
     pub reason: &'static str,
     pub error: &'a str,
+    /// The named route(s) the row was for (comma-separated), or [`DEFAULT_ROUTE`].
+    pub route: &'a str,
 }
 impl DeadLettered<'_> {
     pub fn emit(self) {
@@ -202,11 +235,12 @@ impl DeadLettered<'_> {
             topic = self.topic,
             reason = self.reason,
             error = self.error,
+            route = self.route,
             "message dead-lettered"
         );
         metrics()
             .messages_dead_lettered
-            .with_label_values(&[self.reason])
+            .with_label_values(&[self.reason, self.route])
             .inc();
     }
 }
@@ -228,7 +262,7 @@ impl Conflict<'_> {
         );
         metrics()
             .messages_dead_lettered
-            .with_label_values(&["conflict"])
+            .with_label_values(&["conflict", DEFAULT_ROUTE])
             .inc();
     }
 }

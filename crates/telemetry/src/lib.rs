@@ -46,9 +46,9 @@ pub struct Metrics {
     pub mqtt_subscriptions_failed: IntGauge,
     pub mqtt_subscribe_failures: IntCounter,
     pub messages_received: IntCounter,
-    pub messages_written: IntCounter,
-    pub messages_duplicate: IntCounter,
-    pub messages_conflict: IntCounter,
+    pub messages_written: IntCounterVec,
+    pub messages_duplicate: IntCounterVec,
+    pub messages_conflict: IntCounterVec,
     pub messages_dead_lettered: IntCounterVec,
     pub messages_pending: IntGauge,
     pub messages_pending_bytes: IntGauge,
@@ -109,10 +109,10 @@ impl Metrics {
             mqtt_subscriptions_failed: reg(&r, IntGauge::new("leasehold_mqtt_subscriptions_failed", "Wanted topic filters the broker refused (SUBACK 0x80) or granted below QoS 1; retried with backoff")?),
             mqtt_subscribe_failures: reg(&r, IntCounter::new("leasehold_mqtt_subscribe_failures_total", "Topic filters refused by SUBACK (0x80) or granted below QoS 1, every attempt counted")?),
             messages_received: reg(&r, IntCounter::new("leasehold_messages_received_total", "Messages received from the broker")?),
-            messages_written: reg(&r, IntCounter::new("leasehold_messages_written_total", "Rows committed to telemetry")?),
-            messages_duplicate: reg(&r, IntCounter::new("leasehold_messages_duplicate_total", "Messages already stored (the same reading again, or a redelivery), skipped")?),
-            messages_conflict: reg(&r, IntCounter::new("leasehold_messages_conflict_total", "Readings whose key (device_id, topic, ts) was stored with a different payload: dead-lettered as conflicts")?),
-            messages_dead_lettered: reg(&r, IntCounterVec::new(Opts::new("leasehold_messages_dead_lettered_total", "Messages committed to dead_letters"), &["reason"])?),
+            messages_written: reg(&r, IntCounterVec::new(Opts::new("leasehold_messages_written_total", "Rows committed, by route (default: telemetry)"), &["route"])?),
+            messages_duplicate: reg(&r, IntCounterVec::new(Opts::new("leasehold_messages_duplicate_total", "Messages already stored (the same reading again, or a redelivery), skipped, by route"), &["route"])?),
+            messages_conflict: reg(&r, IntCounterVec::new(Opts::new("leasehold_messages_conflict_total", "Rows whose key was stored with different values: dead-lettered as conflicts, by route"), &["route"])?),
+            messages_dead_lettered: reg(&r, IntCounterVec::new(Opts::new("leasehold_messages_dead_lettered_total", "Messages committed to dead_letters, by reason and route"), &["reason", "route"])?),
             messages_pending: reg(&r, IntGauge::new("leasehold_messages_pending", "Messages received and not yet acknowledged")?),
             messages_pending_bytes: reg(&r, IntGauge::new("leasehold_messages_pending_bytes", "Payload and topic bytes of the messages received and not yet acknowledged (bounded by MAX_PENDING_BYTES)")?),
             messages_observed: reg(&r, IntCounter::new("leasehold_messages_observed_total", "Messages decoded in development (observer) mode, never written")?),
@@ -144,6 +144,13 @@ impl Metrics {
         // Series exist from the start, so increase() sees the first transition.
         for to in ["leader", "standby"] {
             m.lease_transitions.with_label_values(&[to]);
+        }
+        for c in [
+            &m.messages_written,
+            &m.messages_duplicate,
+            &m.messages_conflict,
+        ] {
+            c.with_label_values(&[events::DEFAULT_ROUTE]);
         }
         m.lease_seconds_since_renew.set(-1.0);
         m.data_age.set(-1.0);
@@ -308,8 +315,10 @@ mod tests {
         let m = super::metrics();
         m.lease_transitions.with_label_values(&["leader"]).inc();
         m.messages_dead_lettered
-            .with_label_values(&["not_json"])
+            .with_label_values(&["not_json", "default"])
             .inc();
+        m.messages_written.with_label_values(&["default"]).inc();
+        m.messages_duplicate.with_label_values(&["default"]).inc();
         m.write_errors.with_label_values(&["db"]).inc();
         let text = m.encode();
         for name in [

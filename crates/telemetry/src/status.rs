@@ -26,6 +26,8 @@ pub struct Status {
     /// Why the leader's writer holds intake now (`REQUIRE_SYNC_REPLICATION` and commits not
     /// synchronously replicated); `None` while it ingests. Written by the writer.
     pub ingest_hold: Option<String>,
+    /// Named routes, written by the writer on every committed batch (empty without routes).
+    pub routes: Vec<RouteCounts>,
 }
 
 /// How one deployment check came out.
@@ -127,6 +129,18 @@ impl Checks {
 pub struct ReplicationRead {
     pub read_at: DateTime<Utc>,
     pub result: Result<ReplicationStatus, String>,
+}
+
+/// What a named route wrote on this node since it started (`/health`'s `routes`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteCounts {
+    pub name: String,
+    /// `schema.table`, as stored in the catalog.
+    pub table: String,
+    pub written: u64,
+    pub duplicates: u64,
+    pub conflicts: u64,
+    pub dead_letters: u64,
 }
 
 /// The broker side, written by the ingest task of the current term (or of the observer).
@@ -255,6 +269,15 @@ impl NodeStatus {
 
     pub fn update_cluster(&self, f: impl FnOnce(&mut ClusterStatus)) {
         self.0.send_modify(|s| f(&mut s.cluster));
+    }
+
+    pub fn routes(&self) -> Vec<RouteCounts> {
+        self.0.borrow().routes.clone()
+    }
+
+    /// Changes the named routes' counts (the writer, once per batch).
+    pub fn update_routes(&self, f: impl FnOnce(&mut Vec<RouteCounts>)) {
+        self.0.send_modify(|s| f(&mut s.routes));
     }
 
     /// Wakes when the status changed.

@@ -132,9 +132,20 @@ impl<D: Database> Cluster<D> {
     }
 
     pub fn spawn_with(&mut self, name: &str, extra: &[(&'static str, String)]) -> Result<usize> {
+        self.spawn_args(name, &[], extra)
+    }
+
+    /// Starts a node named `name` with arguments after `run` (`--config FILE`) and `extra`
+    /// settings; returns its index.
+    pub fn spawn_args(
+        &mut self,
+        name: &str,
+        args: &[&str],
+        extra: &[(&'static str, String)],
+    ) -> Result<usize> {
         let mut env = self.env();
         env.extend(extra.iter().cloned());
-        let n = NodeProc::spawn(&self.bin, name, &env, self.logs.path())?;
+        let n = NodeProc::spawn_args(&self.bin, name, args, &env, self.logs.path())?;
         self.nodes.push(n);
         Ok(self.nodes.len() - 1)
     }
@@ -240,9 +251,14 @@ impl<D: Database> Cluster<D> {
 
     /// Runs a `leasehold` command (`status`, `step-down`, ...) against this cluster's database.
     pub fn cli(&self, args: &[&str]) -> Result<std::process::Output> {
+        self.cli_as(&self.pg.url(), args)
+    }
+
+    /// Runs a `leasehold` command against the database at `url` (another role, for instance).
+    pub fn cli_as(&self, url: &str, args: &[&str]) -> Result<std::process::Output> {
         Ok(std::process::Command::new(&self.bin)
             .args(args)
-            .args(["--database-url", &self.pg.url()])
+            .args(["--database-url", url])
             .output()?)
     }
 

@@ -300,9 +300,19 @@ impl Postgres {
         Ok(())
     }
 
+    /// The server's data directory (`postmaster.pid` is in it).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
     pub fn url(&self) -> String {
+        self.url_as("postgres")
+    }
+
+    /// The URL for another role of this server (trust authentication: no password).
+    pub fn url_as(&self, role: &str) -> String {
         format!(
-            "postgres://postgres@127.0.0.1:{}/postgres?connect_timeout=5",
+            "postgres://{role}@127.0.0.1:{}/postgres?connect_timeout=5",
             self.port
         )
     }
@@ -635,11 +645,23 @@ impl NodeProc {
     /// Starts `bin run` with `env` (plus INSTANCE_ID=`name`, and HTTP on port 0: the node says
     /// in its log which port it got, so no two tests race for one).
     pub fn spawn(bin: &Path, name: &str, env: &[(&str, String)], log_dir: &Path) -> Result<Self> {
+        Self::spawn_args(bin, name, &[], env, log_dir)
+    }
+
+    /// [`NodeProc::spawn`] with arguments after `run` (`--config FILE`: settings only a file holds).
+    pub fn spawn_args(
+        bin: &Path,
+        name: &str,
+        args: &[&str],
+        env: &[(&str, String)],
+        log_dir: &Path,
+    ) -> Result<Self> {
         let log = log_dir.join(format!("{name}.log"));
         let file = File::options().create(true).append(true).open(&log)?;
         let log_from = file.metadata()?.len();
         let mut cmd = Command::new(bin);
         cmd.arg("run")
+            .args(args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("INSTANCE_ID", name)
@@ -799,10 +821,39 @@ pub async fn leading_and_subscribed(port: u16) -> Result<bool> {
         && subs["subscribed"].as_u64().unwrap_or(0) > 0)
 }
 
-/// The value of an unlabelled metric in a Prometheus text exposition.
+/// The value of a metric in a Prometheus text exposition: `name` alone, or with some of its
+/// labels (`name{reason="not_json"}`), sums every series that has those labels (so a counter
+/// that gained a label, like `route`, reads as before); `None` when no series matches.
 pub fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        let (k, v) = l.rsplit_once(' ')?;
-        (k == name).then(|| v.parse().ok()).flatten()
-    })
+    let (base, want) = match name.split_once('{') {
+        Some((b, l)) => (b, labels(l.trim_end_matches('}'))),
+        None => (name, Vec::new()),
+    };
+    let mut found = None;
+    for l in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((k, v)) = l.rsplit_once(' ') else {
+            continue;
+        };
+        let (kb, have) = match k.split_once('{') {
+            Some((b, l)) => (b, labels(l.trim_end_matches('}'))),
+            None => (k, Vec::new()),
+        };
+        if kb != base || !want.iter().all(|w| have.contains(w)) {
+            continue;
+        }
+        if let Ok(v) = v.parse::<f64>() {
+            found = Some(found.unwrap_or(0.0) + v);
+        }
+    }
+    found
+}
+
+/// `a="x",b="y"` as pairs (label values here never hold `",`).
+fn labels(s: &str) -> Vec<(String, String)> {
+    s.split("\",")
+        .filter_map(|p| {
+            let (k, v) = p.split_once('=')?;
+            Some((k.trim().to_string(), v.trim_matches('"').to_string()))
+        })
+        .collect()
 }

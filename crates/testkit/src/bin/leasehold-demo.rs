@@ -1,5 +1,11 @@
 //! `make demo`: a local Leasehold cluster under `.demo/` — its own PostgreSQL and Mosquitto, two
-//! nodes and a device simulator — with a status line every few seconds. Ctrl-C stops everything.
+//! nodes and two device simulators — with a status line every few seconds. Ctrl-C stops
+//! everything.
+//!
+//! Two routes run side by side: the default route (`devices/+/telemetry` into Leasehold's own
+//! `telemetry`) and a route into a table the operator already owns, shaped like the
+//! `equipamentos_dados` of the system Leasehold replaces (`equipamentos/+/dados`, key
+//! `(equipamento_id, timestamp_dados)`), configured in `.demo/leasehold.toml`.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -10,6 +16,52 @@ use leasehold_testkit::cluster::Cluster;
 use leasehold_testkit::{
     free_port, http, leading_and_subscribed, metric, Dir, Mosquitto, Postgres,
 };
+
+/// The table the replaced system wrote and its readers still read.
+const EQUIPMENT_TABLE: &str = "CREATE TABLE IF NOT EXISTS equipamentos_dados (
+    equipamento_id  text        NOT NULL,
+    timestamp_dados timestamptz NOT NULL,
+    dados           jsonb       NOT NULL,
+    fonte           text,
+    processed_by    text,
+    UNIQUE (equipamento_id, timestamp_dados))";
+
+/// The demo's configuration file: one route into that table; the default route stays.
+const ROUTES: &str = r#"# Written by `make demo`. Messages on equipamentos/+/dados go into the operator's own table;
+# everything else subscribed (devices/+/telemetry) goes to the default route, Leasehold's telemetry.
+[[routes]]
+name = "equipment"
+topics = ["equipamentos/+/dados"]
+table = "equipamentos_dados"
+key = ["equipamento_id", "timestamp_dados"]
+on_conflict = "update"
+
+[routes.columns]
+equipamento_id = "topic[1]"
+timestamp_dados = "timestamp"
+dados = "payload"
+fonte = "'MQTT'"
+processed_by = "written_by"
+"#;
+
+/// Starts `leasehold simulate` (until stopped) with `args`, its output into `log`.
+fn simulator(
+    bin: &std::path::Path,
+    mqtt_url: &str,
+    log: &std::path::Path,
+    args: &[&str],
+) -> Result<tokio::process::Child> {
+    let log = std::fs::File::create(log)?;
+    Ok(tokio::process::Command::new(bin)
+        .arg("simulate")
+        .args(args)
+        .args(["--count", "0", "--progress-every", "5"])
+        .env("MQTT_URL", mqtt_url)
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log))
+        .kill_on_drop(true)
+        .spawn()?)
+}
 
 fn port_or_free(p: u16) -> u16 {
     if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
@@ -34,6 +86,15 @@ async fn main() -> Result<()> {
     );
     let pg = Postgres::start_durable(Dir::fixed(root.join("postgres"))?).await?;
     let mq = Mosquitto::start_with(Dir::fixed(root.join("mosquitto"))?, "").await?;
+    // The operator's own table, as the system Leasehold replaces created it: Leasehold creates
+    // nothing here, it is pointed at the table by the route below.
+    pg.client()
+        .await?
+        .batch_execute(EQUIPMENT_TABLE)
+        .await
+        .context("creating equipamentos_dados")?;
+    let config = root.join("leasehold.toml");
+    std::fs::write(&config, ROUTES).context("writing the demo's routes")?;
     let logs = root.join("logs");
     std::fs::create_dir_all(&logs)?;
     // The logs of earlier runs stay: a node appends to its log.
@@ -43,6 +104,7 @@ async fn main() -> Result<()> {
         ("LEASE_POLL_INTERVAL", "500ms".into()),
         ("LOG_FORMAT", "pretty".into()),
         ("LOG_LEVEL", "info".into()),
+        ("LEASEHOLD_CONFIG", config.display().to_string()),
     ];
     for (name, port) in [("node-a", 8081), ("node-b", 8082)] {
         let port = port_or_free(port);
@@ -68,26 +130,25 @@ async fn main() -> Result<()> {
         },
     )
     .await?;
-    let sim_log = std::fs::File::create(logs.join("simulator.log"))?;
-    let mut sim = tokio::process::Command::new(&bin)
-        .args([
-            "simulate",
+    let mut sim = simulator(
+        &bin,
+        &c.mq.url(),
+        &logs.join("simulator.log"),
+        &["--devices", "20", "--rate", "50", "--invalid-every", "500"],
+    )?;
+    let mut sim_equipment = simulator(
+        &bin,
+        &c.mq.url(),
+        &logs.join("simulator-equipamentos.log"),
+        &[
             "--devices",
-            "20",
-            "--rate",
-            "50",
-            "--count",
-            "0",
-            "--invalid-every",
-            "500",
-            "--progress-every",
             "5",
-        ])
-        .env("MQTT_URL", c.mq.url())
-        .stdout(Stdio::from(sim_log.try_clone()?))
-        .stderr(Stdio::from(sim_log))
-        .kill_on_drop(true)
-        .spawn()?;
+            "--rate",
+            "10",
+            "--topic",
+            "equipamentos/{device}/dados",
+        ],
+    )?;
 
     println!();
     println!("Leasehold demo is running. Ctrl-C stops everything it started.");
@@ -103,10 +164,21 @@ async fn main() -> Result<()> {
             n.name
         );
     }
-    println!("  simulator   20 devices, 50 msg/s, every 500th message malformed (dead letter); log {}/simulator.log", logs.display());
+    println!("  simulator   20 devices, 50 msg/s on devices/+/telemetry, every 500th message malformed (dead letter); log {}/simulator.log", logs.display());
+    println!("  simulator   5 devices, 10 msg/s on equipamentos/+/dados; log {}/simulator-equipamentos.log", logs.display());
+    println!(
+        "  routes      {} (default route: telemetry; route \"equipment\": equipamentos_dados)",
+        config.display()
+    );
     println!();
     println!("Watch failover: kill -9 the leader's pid below; the other node takes over within LEASE_TTL (6s) + poll.");
     println!("  {} status --database-url '{}'", bin.display(), c.pg.url());
+    println!(
+        "  {} routes --config {} --database-url '{}'",
+        bin.display(),
+        config.display(),
+        c.pg.url()
+    );
     println!(
         "  {} step-down --database-url '{}'",
         bin.display(),
@@ -120,6 +192,7 @@ async fn main() -> Result<()> {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = sim.wait() => { eprintln!("demo: simulator stopped"); break; }
+            _ = sim_equipment.wait() => { eprintln!("demo: equipment simulator stopped"); break; }
             _ = tick.tick() => {}
         }
         let leader = c
@@ -131,6 +204,11 @@ async fn main() -> Result<()> {
             .unwrap_or_else(|| "none".into());
         let rows: i64 = db
             .query_one("SELECT count(*) FROM telemetry", &[])
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(-1);
+        let equipment: i64 = db
+            .query_one("SELECT count(*) FROM equipamentos_dados", &[])
             .await
             .map(|r| r.get(0))
             .unwrap_or(-1);
@@ -154,12 +232,13 @@ async fn main() -> Result<()> {
             alive.push(format!("{}: {state}", n.name));
         }
         println!(
-            "leader {leader:<22} rows {rows:<8} dead letters {dead:<5} | {}",
+            "leader {leader:<22} telemetry {rows:<8} equipamentos_dados {equipment:<7} dead letters {dead:<5} | {}",
             alive.join(" | ")
         );
     }
     eprintln!("demo: stopping nodes, simulator, Mosquitto and PostgreSQL");
     let _ = sim.kill().await;
+    let _ = sim_equipment.kill().await;
     for n in &c.nodes {
         n.signal(libc::SIGTERM);
     }

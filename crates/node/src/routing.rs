@@ -1,0 +1,644 @@
+//! Named routes on the writer's side: which routes a message goes to ([`matching`]) and the
+//! row each route gets from it ([`row`]). Every value is read from its source and checked and
+//! converted here to its column's kind, then sent as text that the statement casts to the
+//! column's own type: a value that cannot be converted (or a NULL a column cannot take) is that
+//! route's dead letter naming the route, the column and why, decided before the database sees
+//! it, so it never fails the batch.
+//!
+//! Pure: no I/O. The rules are listed in `docs/routes.md`.
+
+use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
+use leasehold_config::{PathStep, Source};
+use leasehold_decode::{kind, timestamp_value, Parsed};
+use leasehold_store::routes::{ColumnKind, ResolvedColumn, ResolvedRoute};
+use serde_json::Value;
+
+/// The routes (indexes into `routes`) with a filter matching `topic`. Empty: the default route.
+pub fn matching(routes: &[ResolvedRoute], topic: &str) -> Vec<usize> {
+    routes
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.spec.topics.iter().any(|f| rumqttc::matches(topic, f)))
+        .map(|(k, _)| k)
+        .collect()
+}
+
+/// What a message offers its routes' sources besides its payload.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    pub topic: &'a str,
+    pub received_at: DateTime<Utc>,
+    pub written_by: &'a str,
+    pub lease_epoch: i64,
+}
+
+/// Why a route's row could not be made from a message: it becomes a dead letter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MappingError {
+    pub column: String,
+    pub reason: String,
+}
+
+/// A source's value before conversion.
+enum Val<'a> {
+    Null,
+    /// The whole payload: its text as received goes into text and JSON columns unchanged.
+    Payload(&'a Parsed),
+    Str(String),
+    Json(&'a Value),
+    Time(DateTime<Utc>),
+    Int(i64),
+}
+
+/// The row of `route` for a message: one text value per mapped column (`None`: NULL).
+pub fn row(
+    route: &ResolvedRoute,
+    parsed: &Parsed,
+    cx: Context<'_>,
+) -> Result<Vec<Option<String>>, MappingError> {
+    let mut out = Vec::with_capacity(route.columns.len());
+    for (j, c) in route.columns.iter().enumerate() {
+        let fail = |reason: String| MappingError {
+            column: c.name.clone(),
+            reason,
+        };
+        let v = source(&c.source, parsed, cx).map_err(fail)?;
+        let v = convert(c, v).map_err(fail)?;
+        if v.is_none() {
+            if route.key.contains(&j) {
+                return Err(fail(
+                    "no value (NULL) for a column of the route's key".into(),
+                ));
+            }
+            if c.not_null && !c.has_default {
+                return Err(fail(
+                    "no value (NULL) for a NOT NULL column without a default".into(),
+                ));
+            }
+        }
+        out.push(v);
+    }
+    Ok(out)
+}
+
+fn source<'a>(s: &Source, parsed: &'a Parsed, cx: Context<'_>) -> Result<Val<'a>, String> {
+    Ok(match s {
+        Source::TopicSegment(n) => cx
+            .topic
+            .split('/')
+            .nth(*n)
+            .map_or(Val::Null, |s| Val::Str(s.to_string())),
+        Source::Topic => Val::Str(cx.topic.to_string()),
+        Source::Payload => Val::Payload(parsed),
+        Source::JsonPath(steps) => {
+            let Some((first, rest)) = steps.split_first() else {
+                return Ok(Val::Payload(parsed));
+            };
+            let mut at = match first {
+                PathStep::Key(k) => parsed.object.get(k),
+                PathStep::Index(_) => None,
+            };
+            for step in rest {
+                at = match (step, at) {
+                    (PathStep::Key(k), Some(Value::Object(o))) => o.get(k),
+                    (PathStep::Index(i), Some(Value::Array(a))) => a.get(*i),
+                    _ => None,
+                };
+            }
+            at.map_or(Val::Null, Val::Json)
+        }
+        Source::Timestamp => match &parsed.timestamp {
+            Ok(Some(t)) => Val::Time(*t),
+            Ok(None) => Val::Time(cx.received_at),
+            Err(e) => return Err(e.to_string()),
+        },
+        Source::ReceivedAt => Val::Time(cx.received_at),
+        Source::WrittenBy => Val::Str(cx.written_by.to_string()),
+        Source::LeaseEpoch => Val::Int(cx.lease_epoch),
+        Source::DeviceId => parsed.device_id.clone().map_or(Val::Null, Val::Str),
+        Source::Literal(s) => Val::Str(s.clone()),
+    })
+}
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+}
+
+/// `v` as text the column's type takes; `None` for NULL (a JSON `null` too).
+fn convert(c: &ResolvedColumn, v: Val<'_>) -> Result<Option<String>, String> {
+    let whole;
+    let text = match v {
+        Val::Null | Val::Json(Value::Null) => return Ok(None),
+        Val::Payload(p) => match c.kind {
+            ColumnKind::Text | ColumnKind::Other | ColumnKind::Json | ColumnKind::Jsonb => {
+                return Ok(Some(p.text.clone()))
+            }
+            _ => {
+                whole = Value::Object(p.object.clone());
+                Scalar::Composite(&whole)
+            }
+        },
+        Val::Str(s) => Scalar::Str(s),
+        Val::Json(Value::String(s)) => Scalar::Str(s.clone()),
+        Val::Json(Value::Number(n)) => Scalar::Num(n.to_string()),
+        Val::Json(Value::Bool(b)) => Scalar::Bool(*b),
+        Val::Json(j) => Scalar::Composite(j),
+        Val::Time(t) => Scalar::Time(t),
+        Val::Int(i) => Scalar::Num(i.to_string()),
+    };
+    let out = match c.kind {
+        ColumnKind::Text | ColumnKind::Other => match text {
+            Scalar::Str(s) | Scalar::Num(s) => s,
+            Scalar::Bool(b) => b.to_string(),
+            Scalar::Time(t) => rfc3339(t),
+            Scalar::Composite(j) => j.to_string(),
+        },
+        ColumnKind::Int2 => integer(&text, i64::from(i16::MIN), i64::from(i16::MAX), "smallint")?,
+        ColumnKind::Int4 => integer(&text, i64::from(i32::MIN), i64::from(i32::MAX), "integer")?,
+        ColumnKind::Int8 => integer(&text, i64::MIN, i64::MAX, "bigint")?,
+        ColumnKind::Numeric => number(&text, None)?,
+        ColumnKind::Float4 => number(&text, Some(f64::from(f32::MAX)))?,
+        ColumnKind::Float8 => number(&text, Some(f64::MAX))?,
+        ColumnKind::Bool => match text {
+            Scalar::Bool(b) => b.to_string(),
+            Scalar::Str(s) if s.eq_ignore_ascii_case("true") => "true".into(),
+            Scalar::Str(s) if s.eq_ignore_ascii_case("false") => "false".into(),
+            other => return Err(format!("{} is not a boolean (true or false)", other.what())),
+        },
+        ColumnKind::Timestamptz | ColumnKind::Timestamp | ColumnKind::Date => {
+            let t = match text {
+                Scalar::Time(t) => t,
+                Scalar::Str(s) if c.kind == ColumnKind::Date => {
+                    match NaiveDate::parse_from_str(s.trim(), "%Y-%m-%d") {
+                        Ok(d) => return Ok(Some(d.to_string())),
+                        Err(_) => timestamp_value(&Value::String(s))?,
+                    }
+                }
+                Scalar::Str(s) => timestamp_value(&Value::String(s))?,
+                Scalar::Num(n) => timestamp_value(&Value::String(n))?,
+                other => {
+                    return Err(format!(
+                        "{} is not a time (RFC 3339, or Unix epoch seconds or milliseconds)",
+                        other.what()
+                    ))
+                }
+            };
+            match c.kind {
+                ColumnKind::Timestamptz => rfc3339(t),
+                // Without a time zone: the time in UTC.
+                ColumnKind::Timestamp => t.naive_utc().format("%Y-%m-%d %H:%M:%S%.6f").to_string(),
+                _ => t.date_naive().to_string(),
+            }
+        }
+        ColumnKind::Jsonb | ColumnKind::Json => match text {
+            Scalar::Composite(j) => j.to_string(),
+            Scalar::Num(n) => n,
+            Scalar::Bool(b) => b.to_string(),
+            Scalar::Str(s) => Value::String(s).to_string(),
+            Scalar::Time(t) => Value::String(rfc3339(t)).to_string(),
+        },
+        ColumnKind::Uuid => match text {
+            Scalar::Str(s) => uuid::Uuid::parse_str(s.trim())
+                .map_err(|e| format!("{s:?} is not a UUID ({e})"))?
+                .hyphenated()
+                .to_string(),
+            other => return Err(format!("{} is not a UUID", other.what())),
+        },
+    };
+    if out.contains('\0') {
+        return Err("the value contains U+0000, which PostgreSQL text cannot hold".into());
+    }
+    Ok(Some(out))
+}
+
+/// A source's value, by shape.
+enum Scalar<'a> {
+    Str(String),
+    /// A JSON number or an integer source, as its text.
+    Num(String),
+    Bool(bool),
+    Time(DateTime<Utc>),
+    /// A JSON object or array.
+    Composite(&'a Value),
+}
+
+impl Scalar<'_> {
+    /// The value, described for an error.
+    fn what(&self) -> String {
+        match self {
+            Scalar::Str(s) => format!("the string {s:?}"),
+            Scalar::Num(n) => format!("the number {n}"),
+            Scalar::Bool(b) => format!("the boolean {b}"),
+            Scalar::Time(t) => format!("the time {}", rfc3339(*t)),
+            Scalar::Composite(j) => kind(j).to_string(),
+        }
+    }
+}
+
+/// An integer in `[min, max]`: a JSON number without a fractional part, or a string holding one.
+fn integer(v: &Scalar<'_>, min: i64, max: i64, ty: &str) -> Result<String, String> {
+    let s = match v {
+        Scalar::Str(s) | Scalar::Num(s) => s.trim(),
+        other => return Err(format!("{} is not an integer", other.what())),
+    };
+    let n: i64 = match s.parse::<i64>() {
+        Ok(n) => n,
+        Err(_) => match s.parse::<f64>() {
+            Ok(f) if f.is_finite() && f.fract() == 0.0 && f.abs() < 9.2e18 => f as i64,
+            Ok(f) if f.is_finite() && f.fract() == 0.0 => {
+                return Err(format!("{s} is out of range for {ty}"))
+            }
+            _ => return Err(format!("{} is not an integer", v.what())),
+        },
+    };
+    if n < min || n > max {
+        return Err(format!("{n} is out of range for {ty}"));
+    }
+    Ok(n.to_string())
+}
+
+/// A number: a JSON number, or a string holding one in decimal or exponent notation
+/// (`NaN`/`Infinity` too for floating point, whose range is `max`).
+fn number(v: &Scalar<'_>, max: Option<f64>) -> Result<String, String> {
+    let s = match v {
+        Scalar::Str(s) | Scalar::Num(s) => s.trim(),
+        other => return Err(format!("{} is not a number", other.what())),
+    };
+    let special = [
+        "nan",
+        "infinity",
+        "+infinity",
+        "-infinity",
+        "inf",
+        "-inf",
+        "+inf",
+    ]
+    .contains(&s.to_ascii_lowercase().as_str());
+    if max.is_some() && special {
+        return Ok(s.to_string());
+    }
+    if !is_decimal(s) {
+        return Err(format!("{} is not a number", v.what()));
+    }
+    if let Some(max) = max {
+        match s.parse::<f64>() {
+            Ok(f) if f.is_finite() && f.abs() <= max => {}
+            _ => return Err(format!("{s} is out of range for its floating-point column")),
+        }
+    }
+    Ok(s.to_string())
+}
+
+/// `[+-]digits[.digits][e[+-]digits]` with at least one digit before the exponent.
+fn is_decimal(s: &str) -> bool {
+    let b = s.as_bytes();
+    let mut i = 0;
+    if matches!(b.first(), Some(b'+' | b'-')) {
+        i += 1;
+    }
+    let start = i;
+    while b.get(i).is_some_and(u8::is_ascii_digit) {
+        i += 1;
+    }
+    let mut digits = i - start;
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        let f = i;
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        digits += i - f;
+    }
+    if digits == 0 {
+        return false;
+    }
+    if matches!(b.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(b.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        let e = i;
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        if i == e {
+            return false;
+        }
+    }
+    i == b.len()
+}
+
+/// The key of a row as compared inside one batch: the values of the key columns, with numbers
+/// without trailing fractional zeros (`1.50` and `1.5` are one numeric key). Values that are
+/// equal only once cast in other ways (`citext`) are told apart by the database.
+pub fn batch_key(route: &ResolvedRoute, values: &[Option<String>]) -> Vec<Option<String>> {
+    route
+        .key
+        .iter()
+        .map(|&j| {
+            let v = values.get(j).cloned().flatten();
+            match route.columns.get(j).map(|c| c.kind) {
+                Some(ColumnKind::Numeric) => v.map(|s| trim_zeros(&s)),
+                _ => v,
+            }
+        })
+        .collect()
+}
+
+fn trim_zeros(s: &str) -> String {
+    if s.contains(['e', 'E']) || !s.contains('.') {
+        return s.to_string();
+    }
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use leasehold_config::{OnConflict, RouteSpec};
+    use leasehold_decode::Decoder;
+
+    fn col(name: &str, source: Source, kind: ColumnKind, not_null: bool) -> ResolvedColumn {
+        ResolvedColumn {
+            name: name.into(),
+            quoted: format!("\"{name}\""),
+            source,
+            sql_type: "text".into(),
+            kind,
+            not_null,
+            has_default: false,
+        }
+    }
+
+    fn route(columns: Vec<ResolvedColumn>) -> ResolvedRoute {
+        ResolvedRoute {
+            spec: RouteSpec {
+                name: "r".into(),
+                topics: vec!["eq/+/d".into()],
+                table: "t".into(),
+                key: vec![columns[0].name.clone()],
+                on_conflict: OnConflict::Nothing,
+                columns: columns
+                    .iter()
+                    .map(|c| (c.name.clone(), c.source.clone()))
+                    .collect(),
+            },
+            schema: "public".into(),
+            table: "t".into(),
+            qualified: "\"public\".\"t\"".into(),
+            columns,
+            key: vec![0],
+        }
+    }
+
+    fn parse(body: &str) -> Parsed {
+        Decoder::new("devices/{device_id}/#", 1 << 16)
+            .parse("eq/7/d", body.as_bytes())
+            .expect("a JSON object")
+    }
+
+    fn cx() -> Context<'static> {
+        Context {
+            topic: "eq/7/d",
+            received_at: DateTime::from_timestamp(1_700_000_000, 0).expect("valid"),
+            written_by: "node-a",
+            lease_epoch: 3,
+        }
+    }
+
+    fn path(p: &[&str]) -> Source {
+        Source::JsonPath(
+            p.iter()
+                .map(|s| match s.parse::<usize>() {
+                    Ok(i) => PathStep::Index(i),
+                    Err(_) => PathStep::Key(s.to_string()),
+                })
+                .collect(),
+        )
+    }
+
+    fn one(kind: ColumnKind, body: &str) -> Result<Option<String>, String> {
+        let r = route(vec![
+            col("id", Source::TopicSegment(1), ColumnKind::Text, true),
+            col("x", path(&["x"]), kind, false),
+        ]);
+        row(&r, &parse(body), cx())
+            .map(|mut v| v.remove(1))
+            .map_err(|e| e.reason)
+    }
+
+    #[test]
+    fn topics_match_filters_with_wildcards_and_unmatched_go_to_the_default_route() {
+        let r = route(vec![col("id", Source::Topic, ColumnKind::Text, true)]);
+        let mut other = r.clone();
+        other.spec.topics = vec!["eq/#".into()];
+        let specs = [r, other];
+        assert_eq!(matching(&specs, "eq/7/d"), vec![0, 1]);
+        assert_eq!(matching(&specs, "eq/7/x"), vec![1]);
+        assert_eq!(matching(&specs, "eq"), vec![1]);
+        assert!(matching(&specs, "devices/7/telemetry").is_empty());
+    }
+
+    #[test]
+    fn every_source_is_read() {
+        let r = route(vec![
+            col("seg", Source::TopicSegment(1), ColumnKind::Text, true),
+            col("topic", Source::Topic, ColumnKind::Text, false),
+            col(
+                "nested",
+                path(&["a", "b", "0", "c"]),
+                ColumnKind::Int4,
+                false,
+            ),
+            col("missing", path(&["nope", "x"]), ColumnKind::Int4, false),
+            col("obj", path(&["a"]), ColumnKind::Jsonb, false),
+            col("ts", Source::Timestamp, ColumnKind::Timestamptz, false),
+            col("rcv", Source::ReceivedAt, ColumnKind::Timestamptz, false),
+            col("by", Source::WrittenBy, ColumnKind::Text, false),
+            col("epoch", Source::LeaseEpoch, ColumnKind::Int8, false),
+            col("dev", Source::DeviceId, ColumnKind::Text, false),
+            col(
+                "lit",
+                Source::Literal("MQTT".into()),
+                ColumnKind::Text,
+                false,
+            ),
+            col("seg9", Source::TopicSegment(9), ColumnKind::Text, false),
+        ]);
+        let v = row(
+            &r,
+            &parse(r#"{"ts":1700000001500,"device_id":"d-1","a":{"b":[{"c":42}]}}"#),
+            cx(),
+        )
+        .expect("a row");
+        let want: Vec<Option<&str>> = vec![
+            Some("7"),
+            Some("eq/7/d"),
+            Some("42"),
+            None,
+            Some(r#"{"b":[{"c":42}]}"#),
+            Some("2023-11-14T22:13:21.500Z"),
+            Some("2023-11-14T22:13:20Z"),
+            Some("node-a"),
+            Some("3"),
+            Some("d-1"),
+            Some("MQTT"),
+            None,
+        ];
+        assert_eq!(
+            v,
+            want.iter().map(|s| s.map(String::from)).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn the_payload_goes_into_text_and_json_columns_as_received() {
+        let body = r#"{"b": 1,  "a":[2]}"#;
+        for kind in [ColumnKind::Json, ColumnKind::Jsonb, ColumnKind::Text] {
+            let r = route(vec![
+                col("id", Source::TopicSegment(1), ColumnKind::Text, true),
+                col("p", Source::Payload, kind, true),
+            ]);
+            assert_eq!(
+                row(&r, &parse(body), cx()).map(|v| v[1].clone()),
+                Ok(Some(body.to_string()))
+            );
+        }
+        let int = route(vec![col("p", Source::Payload, ColumnKind::Int4, true)]);
+        assert!(row(&int, &parse(body), cx())
+            .unwrap_err()
+            .reason
+            .contains("an object is not an integer"));
+    }
+
+    #[test]
+    fn integers_are_checked_against_their_column() {
+        assert_eq!(
+            one(ColumnKind::Int2, r#"{"x":32767}"#),
+            Ok(Some("32767".into()))
+        );
+        assert!(one(ColumnKind::Int2, r#"{"x":32768}"#)
+            .unwrap_err()
+            .contains("out of range for smallint"));
+        assert_eq!(
+            one(ColumnKind::Int4, r#"{"x":"12"}"#),
+            Ok(Some("12".into()))
+        );
+        assert_eq!(one(ColumnKind::Int8, r#"{"x":5.0}"#), Ok(Some("5".into())));
+        assert!(one(ColumnKind::Int4, r#"{"x":1.5}"#).is_err());
+        assert!(one(ColumnKind::Int4, r#"{"x":true}"#).is_err());
+        assert!(one(ColumnKind::Int8, r#"{"x":1e30}"#).is_err());
+    }
+
+    #[test]
+    fn numbers_bools_times_uuids_and_json_convert_or_say_why_not() {
+        assert_eq!(
+            one(ColumnKind::Numeric, r#"{"x":"1.50"}"#),
+            Ok(Some("1.50".into()))
+        );
+        assert_eq!(
+            one(ColumnKind::Numeric, r#"{"x":2.5e3}"#),
+            Ok(Some("2500.0".into()))
+        );
+        assert!(one(ColumnKind::Numeric, r#"{"x":"abc"}"#)
+            .unwrap_err()
+            .contains("is not a number"));
+        assert!(one(ColumnKind::Float4, r#"{"x":1e300}"#).is_err());
+        assert_eq!(
+            one(ColumnKind::Float8, r#"{"x":"NaN"}"#),
+            Ok(Some("NaN".into()))
+        );
+        assert_eq!(
+            one(ColumnKind::Bool, r#"{"x":true}"#),
+            Ok(Some("true".into()))
+        );
+        assert!(one(ColumnKind::Bool, r#"{"x":1}"#).is_err());
+        assert_eq!(
+            one(
+                ColumnKind::Timestamptz,
+                r#"{"x":"2026-01-02T03:04:05+02:00"}"#
+            ),
+            Ok(Some("2026-01-02T01:04:05Z".into()))
+        );
+        assert_eq!(
+            one(ColumnKind::Timestamp, r#"{"x":1700000000}"#),
+            Ok(Some("2023-11-14 22:13:20.000000".into()))
+        );
+        assert_eq!(
+            one(ColumnKind::Date, r#"{"x":"2026-03-04"}"#),
+            Ok(Some("2026-03-04".into()))
+        );
+        assert!(one(ColumnKind::Timestamptz, r#"{"x":"yesterday"}"#).is_err());
+        assert_eq!(
+            one(
+                ColumnKind::Uuid,
+                r#"{"x":"A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11"}"#
+            ),
+            Ok(Some("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11".into()))
+        );
+        assert!(one(ColumnKind::Uuid, r#"{"x":"nope"}"#).is_err());
+        assert_eq!(
+            one(ColumnKind::Jsonb, r#"{"x":"s"}"#),
+            Ok(Some("\"s\"".into()))
+        );
+        assert_eq!(
+            one(ColumnKind::Jsonb, r#"{"x":[1,2]}"#),
+            Ok(Some("[1,2]".into()))
+        );
+        assert_eq!(
+            one(ColumnKind::Text, r#"{"x":{"a":1}}"#),
+            Ok(Some(r#"{"a":1}"#.into()))
+        );
+        assert_eq!(one(ColumnKind::Text, r#"{"x":null}"#), Ok(None));
+    }
+
+    #[test]
+    fn a_null_where_the_column_cannot_take_one_names_the_column() {
+        let r = route(vec![
+            col("id", Source::TopicSegment(1), ColumnKind::Text, true),
+            col("v", path(&["v"]), ColumnKind::Int4, true),
+        ]);
+        let e = row(&r, &parse("{}"), cx()).unwrap_err();
+        assert_eq!(e.column, "v");
+        assert!(e.reason.contains("NOT NULL"), "{}", e.reason);
+        let mut with_default = r.clone();
+        with_default.columns[1].has_default = true;
+        assert_eq!(
+            row(&with_default, &parse("{}"), cx()),
+            Ok(vec![Some("7".into()), None])
+        );
+        let key_missing = route(vec![col("k", path(&["k"]), ColumnKind::Text, false)]);
+        assert!(row(&key_missing, &parse("{}"), cx())
+            .unwrap_err()
+            .reason
+            .contains("key"));
+    }
+
+    #[test]
+    fn a_bad_timestamp_fails_only_a_route_that_reads_it() {
+        let body = r#"{"ts":"not a time","v":1}"#;
+        let reads = route(vec![col(
+            "t",
+            Source::Timestamp,
+            ColumnKind::Timestamptz,
+            true,
+        )]);
+        assert!(row(&reads, &parse(body), cx()).is_err());
+        let ignores = route(vec![col("v", path(&["v"]), ColumnKind::Int4, true)]);
+        assert!(row(&ignores, &parse(body), cx()).is_ok());
+    }
+
+    #[test]
+    fn numeric_keys_equal_in_value_are_one_key_in_a_batch() {
+        let mut r = route(vec![col("k", path(&["k"]), ColumnKind::Numeric, true)]);
+        r.columns[0].kind = ColumnKind::Numeric;
+        assert_eq!(
+            batch_key(&r, &[Some("1.50".into())]),
+            batch_key(&r, &[Some("1.5".into())])
+        );
+        assert_ne!(
+            batch_key(&r, &[Some("10".into())]),
+            batch_key(&r, &[Some("1".into())])
+        );
+    }
+}
