@@ -292,8 +292,8 @@ async fn a_hung_first_host_costs_its_own_connect_timeout_and_the_second_is_reach
         .expect("the second host is reached");
     let took = started.elapsed();
     assert!(
-        took >= Duration::from_secs(2) && took < Duration::from_secs(5),
-        "connect took {took:?}: the hung host should cost its 2 s, no more"
+        took >= Duration::from_secs(2) && took < Duration::from_secs(10),
+        "connect took {took:?}: the hung host should cost its 2 s, not much more"
     );
     assert!(!c.is_closed());
     let pool = leasehold_store::pool(&url, "leasehold-test", 1).expect("pool");
