@@ -454,6 +454,32 @@ async fn a_failed_mapping_or_a_refused_value_dead_letters_only_that_routes_row()
             "{m}"
         );
         ensure!(c.node_mut("node-a").try_status().is_none(), "node exited");
+        // `leasehold status` with the same configuration shows every route and its dead letters
+        // (the one naming both routes counts for each).
+        let file = config(&c).display().to_string();
+        let out = c.cli(&["status", "--config", &file])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = |start: &str| text.lines().find(|l| l.starts_with(start)).unwrap_or("");
+        ensure!(
+            line("ROUTE    default -> telemetry").ends_with(": 0 dead letters in the last hour")
+                && line("ROUTE    strict -> strict [s/+]")
+                    .ends_with(": 4 dead letters in the last hour")
+                && line("ROUTE    all -> everything [s/#]")
+                    .ends_with(": 1 dead letters in the last hour"),
+            "{text}"
+        );
+        let out = c.cli(&["status", "--json", "--config", &file])?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let dead = |name: &str| {
+            v["routes"]
+                .as_array()
+                .and_then(|rs| rs.iter().find(|r| r["name"] == name))
+                .map(|r| r["dead_letters_last_hour"].clone())
+        };
+        ensure!(
+            dead("strict") == Some(4.into()) && dead("all") == Some(1.into()) && dead("default") == Some(0.into()),
+            "{v:#}"
+        );
         Ok(())
     }
     .await;

@@ -64,6 +64,97 @@ struct Report {
     cluster: ClusterView,
     /// How the database replicates commits, or why that could not be read.
     replication: Result<leasehold_store::replication::ReplicationStatus, String>,
+    routes: Vec<RouteLine>,
+}
+
+/// How far back `leasehold status` counts dead letters per route.
+const DEAD_LETTERS_WITHIN_SECS: f64 = 3600.0;
+
+/// A route as `leasehold status` shows it: from this configuration, with its recent dead letters.
+struct RouteLine {
+    name: String,
+    table: String,
+    topics: Vec<String>,
+    key: Vec<String>,
+    on_conflict: &'static str,
+    /// False for a route named by dead letters but absent from this configuration.
+    configured: bool,
+    dead_letters: i64,
+}
+
+impl RouteLine {
+    /// The default route, each configured route, then any other route recent dead letters name.
+    fn all(cfg: &Config, dead: &[(Option<String>, i64)]) -> Vec<RouteLine> {
+        let count = |name: Option<&str>| {
+            dead.iter()
+                .filter(|(r, _)| r.as_deref() == name)
+                .map(|(_, n)| *n)
+                .sum::<i64>()
+        };
+        let mut lines = vec![RouteLine {
+            name: "default".into(),
+            table: "telemetry".into(),
+            topics: cfg.mqtt_topics.clone(),
+            key: vec!["device_id".into(), "topic".into(), "ts".into()],
+            on_conflict: "nothing",
+            configured: true,
+            dead_letters: count(None),
+        }];
+        for r in &cfg.routes {
+            lines.push(RouteLine {
+                name: r.name.clone(),
+                table: r.table.clone(),
+                topics: r.topics.clone(),
+                key: r.key.clone(),
+                on_conflict: r.on_conflict.as_str(),
+                configured: true,
+                dead_letters: count(Some(&r.name)),
+            });
+        }
+        for (name, n) in dead {
+            if let Some(name) = name {
+                if !cfg.routes.iter().any(|r| &r.name == name) {
+                    lines.push(RouteLine {
+                        name: name.clone(),
+                        table: "?".into(),
+                        topics: Vec::new(),
+                        key: Vec::new(),
+                        on_conflict: "?",
+                        configured: false,
+                        dead_letters: *n,
+                    });
+                }
+            }
+        }
+        lines
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "name": self.name, "table": self.table, "topics": self.topics, "key": self.key,
+            "on_conflict": self.on_conflict, "configured": self.configured,
+            "dead_letters_last_hour": self.dead_letters,
+        })
+    }
+
+    fn print(&self) {
+        if self.configured {
+            println!(
+                "ROUTE    {} -> {} [{}] key ({}), on_conflict {}: {} dead letters in the last hour",
+                self.name,
+                self.table,
+                self.topics.join(", "),
+                self.key.join(", "),
+                self.on_conflict,
+                self.dead_letters
+            );
+        } else {
+            println!(
+                "ROUTE    {} (not in this configuration): {} dead letters in the last hour",
+                self.name, self.dead_letters
+            );
+        }
+    }
 }
 
 impl Report {
@@ -81,7 +172,9 @@ impl Report {
         let replication = leasehold_store::replication::status(c)
             .await
             .map_err(|e| e.database_text());
+        let dead = queries::dead_letters_by_route(c, DEAD_LETTERS_WITHIN_SECS).await?;
         Ok(Report {
+            routes: RouteLine::all(cfg, &dead),
             replication,
             lease_name: cfg.lease_name.clone(),
             lease,
@@ -129,6 +222,7 @@ impl Report {
                 Ok(r) => json!(r.view()),
                 Err(e) => json!({"error": e}),
             },
+            "routes": self.routes.iter().map(RouteLine::json).collect::<Vec<_>>(),
         })
     }
 
@@ -188,6 +282,9 @@ impl Report {
                 r.why_not().unwrap_or_default()
             ),
             Err(e) => println!("DATABASE replication unknown: {e}"),
+        }
+        for r in &self.routes {
+            r.print();
         }
         match self.age {
             Some(a) => println!("DATA     newest row received {a:.1}s ago"),

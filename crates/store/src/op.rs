@@ -30,6 +30,8 @@ pub enum Op {
     ClusterNodes,
     Heartbeat,
     NewestDataAge,
+    /// `leasehold status`: recent dead letters by route.
+    DeadLettersByRoute,
     DeviceTopics,
     DeviceCoverage,
     Ping,
@@ -70,6 +72,7 @@ impl Op {
             Op::ClusterNodes => "cluster_nodes",
             Op::Heartbeat => "heartbeat",
             Op::NewestDataAge => "newest_data_age",
+            Op::DeadLettersByRoute => "dead_letters_by_route",
             Op::DeviceTopics => "device_topics",
             Op::DeviceCoverage => "device_coverage",
             Op::Ping => "ping",

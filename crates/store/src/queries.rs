@@ -201,6 +201,26 @@ pub async fn newest_data_age(c: &impl GenericClient) -> Result<Option<f64>> {
     .await
 }
 
+/// Dead letters received within the last `within_secs`, by route (`None`: the default route). A
+/// dead letter of several routes (`route = "a,b"`) counts for each of them.
+pub async fn dead_letters_by_route(
+    c: &impl GenericClient,
+    within_secs: f64,
+) -> Result<Vec<(Option<String>, i64)>> {
+    op::all(
+        c,
+        Op::DeadLettersByRoute,
+        "SELECT r AS route, count(*) AS n
+         FROM dead_letters,
+              unnest(coalesce(string_to_array(route, ','), ARRAY[NULL::text])) AS r
+         WHERE received_at > clock_timestamp() - make_interval(secs => $1)
+         GROUP BY r ORDER BY r NULLS FIRST",
+        &[&within_secs],
+        |r| Ok((r.try_get("route")?, r.try_get("n")?)),
+    )
+    .await
+}
+
 /// A round trip that proves the database answers (`/health/ready`).
 pub async fn ping(c: &impl GenericClient) -> Result<()> {
     op::measured(Op::Ping, async {
