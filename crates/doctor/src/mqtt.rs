@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use leasehold_config::Config;
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS,
+    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, Publish, QoS,
     SubscribeFilter, SubscribeReasonCode,
 };
 
@@ -165,18 +165,15 @@ impl Conn {
         Ok(got)
     }
 
-    /// Sends DISCONNECT and waits (briefly) until it is written.
+    /// Sends DISCONNECT and waits (briefly) until the broker has closed the connection: a probe
+    /// that reconnects with the same client id must not find its previous connection still
+    /// open at the broker (which would take it over, and log a session takeover).
     pub async fn close(mut self) {
         if self.client.disconnect().await.is_err() {
             return;
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            loop {
-                match self.el.poll().await {
-                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => return,
-                    Ok(_) => {}
-                }
-            }
+            while self.el.poll().await.is_ok() {}
         })
         .await;
     }
