@@ -375,7 +375,12 @@ async fn a_migration_changed_after_it_was_applied_is_refused_by_name() -> Result
     c.batch_execute("ALTER TABLE leasehold_schema_migrations DROP COLUMN checksum")
         .await?;
     let applied = leasehold_store::migrate(&mut c).await?;
-    ensure!(applied == vec![4, 5], "applied {applied:?}");
+    let later: Vec<i32> = leasehold_store::MIGRATIONS
+        .iter()
+        .map(|m| m.version)
+        .filter(|v| *v > 3)
+        .collect();
+    ensure!(applied == later, "applied {applied:?}");
     let ledger: Vec<(i32, Option<String>)> = c
         .query(
             "SELECT version, checksum FROM leasehold_schema_migrations ORDER BY version",
