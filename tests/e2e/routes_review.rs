@@ -220,3 +220,56 @@ n = "$.n"
     .await;
     check(&c, res);
 }
+
+/// A `BEFORE INSERT` trigger that normalizes the key (`upper(code)`, a common habit of tables
+/// fed by several writers) made every row it stored also a `not_stored` dead letter: the key
+/// the insert returned no longer equalled the key sent, so the row looked skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trigger_that_normalizes_the_key_is_not_a_dead_letter_for_a_stored_row() {
+    let mut c = routed(
+        "CREATE TABLE codes (code text PRIMARY KEY, v int);
+         CREATE FUNCTION upper_code() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN NEW.code := upper(NEW.code); RETURN NEW; END $$;
+         CREATE TRIGGER upper_code BEFORE INSERT ON codes
+           FOR EACH ROW EXECUTE FUNCTION upper_code();",
+        r#"
+[[routes]]
+name = "codes"
+topics = ["k/+"]
+table = "codes"
+key = ["code"]
+[routes.columns]
+code = "topic[1]"
+v = "$.v"
+"#,
+    )
+    .await
+    .expect("servers");
+    let res = async {
+        spawn(&mut c, "node-a")?;
+        c.wait_leader().await?;
+        publish_all(
+            c.mq.port,
+            vec![msg("k/abc", r#"{"v":1}"#), msg("k/def", r#"{"v":2}"#)],
+        )
+        .await?;
+        count_reaches(
+            &c,
+            "SELECT count(*) FROM codes WHERE code IN ('ABC', 'DEF')",
+            2,
+        )
+        .await?;
+        // A later message (after the rows committed) proves the earlier batches were settled.
+        publish_all(
+            c.mq.port,
+            vec![msg("devices/d1/telemetry", r#"{"ts":1700000000,"v":3}"#)],
+        )
+        .await?;
+        count_reaches(&c, "SELECT count(*) FROM telemetry", 1).await?;
+        let dead = dead_letters(&c, "codes").await?;
+        ensure!(dead.is_empty(), "{dead:?}");
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}

@@ -236,6 +236,9 @@ pub fn routed_sql(routes: &[ResolvedRoute], defaults: &[Vec<Option<String>>]) ->
             }
             OnConflict::Update => (String::new(), None),
         };
+        // m{k} (rows not inserted) is empty when the insert returned a row for every row sent:
+        // matching by key alone would miss a row whose key a BEFORE trigger rewrote
+        // (`upper(code)`) and dead-letter it as not stored although it was.
         let key_text = r
             .key
             .iter()
@@ -265,6 +268,7 @@ pub fn routed_sql(routes: &[ResolvedRoute], defaults: &[Vec<Option<String>>]) ->
     m{k} AS MATERIALIZED (
         SELECT q.* FROM q{k} q
         WHERE EXISTS (SELECT 1 FROM fence)
+          AND (SELECT count(*) FROM i{k}) < (SELECT count(*) FROM q{k})
           AND (NOT EXISTS (SELECT 1 FROM i{k} x WHERE {ins_key}){earlier})),
     c{k} AS MATERIALIZED (
         SELECT m.i, ({compared}) AS same, concat_ws(', ', {key_text}) AS key
