@@ -44,7 +44,7 @@ pub(crate) async fn count_reaches(c: &Cluster, sql: &str, want: i64) -> Result<(
     Ok(())
 }
 
-async fn metrics(c: &Cluster, node: &str) -> Result<String> {
+pub(crate) async fn metrics(c: &Cluster, node: &str) -> Result<String> {
     Ok(http(c.node(node).http_port(), "GET", "/metrics").await?.1)
 }
 
