@@ -23,6 +23,7 @@ mod review10;
 mod routes;
 mod routes_checks;
 mod routes_failover;
+mod routes_review;
 mod secrets;
 mod subscriptions;
 mod tls;

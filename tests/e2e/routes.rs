@@ -16,7 +16,7 @@ use crate::helpers::{check, msg, Cluster};
 
 /// A cluster whose nodes run with `routes` as their config file, after `sql` created the
 /// tables they write into.
-async fn routed(sql: &str, routes: &str) -> Result<Cluster> {
+pub(crate) async fn routed(sql: &str, routes: &str) -> Result<Cluster> {
     let c = Cluster::start().await?;
     c.pg.client().await?.batch_execute(sql).await?;
     std::fs::write(config(&c), routes)?;
@@ -24,17 +24,17 @@ async fn routed(sql: &str, routes: &str) -> Result<Cluster> {
 }
 
 /// The config file [`routed`] wrote.
-fn config(c: &Cluster) -> std::path::PathBuf {
+pub(crate) fn config(c: &Cluster) -> std::path::PathBuf {
     c.logs.path().join("routes.toml")
 }
 
 /// Starts node `name` with the routes of [`routed`].
-fn spawn(c: &mut Cluster, name: &str) -> Result<usize> {
+pub(crate) fn spawn(c: &mut Cluster, name: &str) -> Result<usize> {
     let file = config(c).display().to_string();
     c.spawn_args(name, &["--config", &file], &[])
 }
 
-async fn count_reaches(c: &Cluster, sql: &str, want: i64) -> Result<()> {
+pub(crate) async fn count_reaches(c: &Cluster, sql: &str, want: i64) -> Result<()> {
     eventually(
         Duration::from_secs(15),
         &format!("{sql} = {want}"),
@@ -44,7 +44,7 @@ async fn count_reaches(c: &Cluster, sql: &str, want: i64) -> Result<()> {
     Ok(())
 }
 
-async fn metrics(c: &Cluster, node: &str) -> Result<String> {
+pub(crate) async fn metrics(c: &Cluster, node: &str) -> Result<String> {
     Ok(http(c.node(node).http_port(), "GET", "/metrics").await?.1)
 }
 

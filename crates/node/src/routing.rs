@@ -236,25 +236,71 @@ impl Scalar<'_> {
 }
 
 /// An integer in `[min, max]`: a JSON number without a fractional part, or a string holding one.
+/// Read exactly from its decimal text (never through `f64`, which would round
+/// `9007199254740993.0` to `...992` and `1e-400` to `0`).
 fn integer(v: &Scalar<'_>, min: i64, max: i64, ty: &str) -> Result<String, String> {
     let s = match v {
         Scalar::Str(s) | Scalar::Num(s) => s.trim(),
         other => return Err(format!("{} is not an integer", other.what())),
     };
-    let n: i64 = match s.parse::<i64>() {
-        Ok(n) => n,
-        Err(_) => match s.parse::<f64>() {
-            Ok(f) if f.is_finite() && f.fract() == 0.0 && f.abs() < 9.2e18 => f as i64,
-            Ok(f) if f.is_finite() && f.fract() == 0.0 => {
-                return Err(format!("{s} is out of range for {ty}"))
-            }
-            _ => return Err(format!("{} is not an integer", v.what())),
-        },
-    };
-    if n < min || n > max {
-        return Err(format!("{n} is out of range for {ty}"));
+    if !is_decimal(s) {
+        return Err(format!("{} is not an integer", v.what()));
     }
-    Ok(n.to_string())
+    match exact_integer(s) {
+        Ok(n) if n >= i128::from(min) && n <= i128::from(max) => Ok(n.to_string()),
+        Ok(_) | Err(Inexact::TooLarge) => Err(format!("{s} is out of range for {ty}")),
+        Err(Inexact::Fraction) => Err(format!("{} is not an integer", v.what())),
+    }
+}
+
+/// Why a decimal is not an `i128`.
+enum Inexact {
+    Fraction,
+    TooLarge,
+}
+
+/// The integer a decimal (as accepted by [`is_decimal`]) denotes exactly.
+fn exact_integer(s: &str) -> Result<i128, Inexact> {
+    let (neg, s) = match s.as_bytes().first() {
+        Some(b'-') => (true, &s[1..]),
+        Some(b'+') => (false, &s[1..]),
+        _ => (false, s),
+    };
+    let (mantissa, exp) = match s.find(['e', 'E']) {
+        Some(at) => {
+            let e = &s[at + 1..];
+            // An exponent beyond i64 is as good as infinite either way.
+            let exp = e.parse::<i64>().unwrap_or(if e.starts_with('-') {
+                i64::MIN / 4
+            } else {
+                i64::MAX / 4
+            });
+            (&s[..at], exp)
+        }
+        None => (s, 0),
+    };
+    let (whole, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits = format!("{whole}{frac}");
+    // Position of the decimal point within `digits`.
+    let mut point = i128::try_from(whole.len()).unwrap_or(i128::MAX) + i128::from(exp);
+    let lead = digits.len() - digits.trim_start_matches('0').len();
+    let digits = digits[lead..].trim_end_matches('0');
+    point -= i128::try_from(lead).unwrap_or(0);
+    if digits.is_empty() {
+        return Ok(0);
+    }
+    let len = i128::try_from(digits.len()).unwrap_or(i128::MAX);
+    if point < len {
+        return Err(Inexact::Fraction);
+    }
+    if point > 20 {
+        return Err(Inexact::TooLarge);
+    }
+    let mut n: i128 = digits.parse().map_err(|_| Inexact::TooLarge)?;
+    for _ in len..point {
+        n *= 10;
+    }
+    Ok(if neg { -n } else { n })
 }
 
 /// A number: a JSON number, or a string holding one in decimal or exponent notation
@@ -528,6 +574,35 @@ mod tests {
         assert!(one(ColumnKind::Int4, r#"{"x":1.5}"#).is_err());
         assert!(one(ColumnKind::Int4, r#"{"x":true}"#).is_err());
         assert!(one(ColumnKind::Int8, r#"{"x":1e30}"#).is_err());
+        // Exactly, not through a float.
+        assert_eq!(
+            one(ColumnKind::Int8, r#"{"x":"9007199254740993.0"}"#),
+            Ok(Some("9007199254740993".into()))
+        );
+        assert_eq!(
+            one(ColumnKind::Int8, r#"{"x":"-9223372036854775808"}"#),
+            Ok(Some("-9223372036854775808".into()))
+        );
+        assert!(one(ColumnKind::Int8, r#"{"x":"9223372036854775808"}"#)
+            .unwrap_err()
+            .contains("out of range for bigint"));
+        assert!(one(ColumnKind::Int8, r#"{"x":"1e-400"}"#)
+            .unwrap_err()
+            .contains("is not an integer"));
+        assert!(one(ColumnKind::Int8, r#"{"x":"1e999999999999999999999"}"#)
+            .unwrap_err()
+            .contains("out of range"));
+        assert_eq!(
+            one(ColumnKind::Int2, r#"{"x":"12.5e1"}"#),
+            Ok(Some("125".into()))
+        );
+        assert_eq!(one(ColumnKind::Int2, r#"{"x":"-0"}"#), Ok(Some("0".into())));
+        assert_eq!(
+            one(ColumnKind::Int2, r#"{"x":"0.0e5"}"#),
+            Ok(Some("0".into()))
+        );
+        assert!(one(ColumnKind::Int2, r#"{"x":"1.5e0"}"#).is_err());
+        assert!(one(ColumnKind::Int2, r#"{"x":"NaN"}"#).is_err());
     }
 
     #[test]
