@@ -72,6 +72,18 @@ impl ReplicationStatus {
             && !self.sync_standbys.is_empty()
     }
 
+    /// Whether every commit on this primary waits now for a synchronous standby that is not
+    /// there: `synchronous_commit` waits, `synchronous_standby_names` names standbys and none of
+    /// them is in sync (none this role could not see, either). PostgreSQL then holds each commit
+    /// (the lease's renewals too) until one is, or until the setting changes.
+    pub fn commits_blocked(&self) -> bool {
+        !self.in_recovery
+            && WAITING_LEVELS.contains(&self.synchronous_commit.as_str())
+            && !self.synchronous_standby_names.trim().is_empty()
+            && self.sync_standbys.is_empty()
+            && self.hidden_standbys == 0
+    }
+
     /// Why commits are not synchronously replicated, in one sentence; `None` when they are.
     pub fn why_not(&self) -> Option<String> {
         if self.synchronously_replicated() {

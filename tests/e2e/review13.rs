@@ -1,0 +1,75 @@
+//! An outside review of the database-HA work, as an operator of two VPSes would meet it: a
+//! primary with a streaming standby whose `synchronous_standby_names` stops matching it.
+
+use std::time::Duration;
+
+use anyhow::ensure;
+use leasehold_testkit::{eventually, http, Mosquitto, Postgres};
+use serde_json::Value;
+
+use crate::helpers::{check, Cluster};
+
+/// PostgreSQL settings under which commits are durable and wait for the synchronous standby.
+const DURABLE: &str = "fsync = on\nfull_page_writes = on\nsynchronous_commit = on";
+
+/// `synchronous_standby_names` renamed to a standby that does not exist: from then on every
+/// commit on the primary waits forever (the lease's renewals too). Whatever the node does, its
+/// `/health` must say that commits wait for a standby that is not there, within a bounded time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_synchronous_standby_name_matching_no_standby_is_named_in_health() {
+    let pg = Postgres::start_with(DURABLE).await.expect("postgres");
+    let _standby = Postgres::start_standby(&pg).await.expect("standby");
+    let mq = Mosquitto::start().await.expect("mosquitto");
+    let mut c = Cluster::with_servers(pg, mq).expect("cluster");
+    c.extra_env
+        .push(("REQUIRE_SYNC_REPLICATION", "true".to_string()));
+    let res = async {
+        c.spawn("node-a")?;
+        c.wait_leader().await?;
+        let port = c.node("node-a").http_port();
+        let admin = c.pg.client().await?;
+        admin
+            .batch_execute("ALTER SYSTEM SET synchronous_standby_names = 'nosuchstandby'")
+            .await?;
+        admin.batch_execute("SELECT pg_reload_conf()").await?;
+        let said = eventually(
+            Duration::from_secs(30),
+            "/health to say commits wait for a standby that is not there",
+            || async move {
+                let (code, body) = http(port, "GET", "/health").await?;
+                let v: Value = serde_json::from_str(&body)?;
+                let problem = v["problems"].as_array().is_some_and(|p| {
+                    p.iter().any(|p| {
+                        p.as_str()
+                            .is_some_and(|p| p.contains("synchronous_standby_names"))
+                    })
+                });
+                Ok(code == 503 && problem)
+            },
+        )
+        .await;
+        let (_, body) = http(port, "GET", "/health").await?;
+        println!("/health: {body}");
+        let (_, db) = http(port, "GET", "/health/database").await?;
+        println!("/health/database: {db}");
+        said?;
+        let v: Value = serde_json::from_str(&db)?;
+        ensure!(
+            v["replication"]["why_not"]
+                .as_str()
+                .is_some_and(|w| w.contains("nosuchstandby")),
+            "/health/database does not say why: {db}"
+        );
+        // Put it back so that the servers stop cleanly.
+        admin
+            .batch_execute(&format!(
+                "ALTER SYSTEM SET synchronous_standby_names = '{}'",
+                Postgres::STANDBY_NAME
+            ))
+            .await?;
+        admin.batch_execute("SELECT pg_reload_conf()").await?;
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}
