@@ -60,7 +60,7 @@ async fn a_synchronous_standby_name_matching_no_standby_is_named_in_health() {
                 .is_some_and(|w| w.contains("nosuchstandby")),
             "/health/database does not say why: {db}"
         );
-        // Put it back so that the servers stop cleanly.
+        // Put back, the held commits complete and a leader is elected again, healthy.
         admin
             .batch_execute(&format!(
                 "ALTER SYSTEM SET synchronous_standby_names = '{}'",
@@ -68,6 +68,11 @@ async fn a_synchronous_standby_name_matching_no_standby_is_named_in_health() {
             ))
             .await?;
         admin.batch_execute("SELECT pg_reload_conf()").await?;
+        c.wait_leader().await?;
+        eventually(Duration::from_secs(30), "/health ok again", || async move {
+            Ok(http(port, "GET", "/health").await?.0 == 200)
+        })
+        .await?;
         Ok(())
     }
     .await;
