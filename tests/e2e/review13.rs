@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::ensure;
-use leasehold_testkit::{eventually, http, Mosquitto, Postgres};
+use leasehold_testkit::{eventually, http, Dir, Mosquitto, Postgres};
 use serde_json::Value;
 
 use crate::helpers::{check, Cluster};
@@ -73,6 +73,53 @@ async fn a_synchronous_standby_name_matching_no_standby_is_named_in_health() {
             Ok(http(port, "GET", "/health").await?.0 == 200)
         })
         .await?;
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}
+
+/// Runs `leasehold doctor --json` with the cluster's settings: (exit code, report).
+fn doctor(c: &Cluster) -> anyhow::Result<(i32, Value)> {
+    let out = c.cli_env(&["doctor", "--json"], &[])?;
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    Ok((out.status.code().unwrap_or(-1), v))
+}
+
+/// The check `id` of a report: (level, summary).
+fn found(report: &Value, id: &str) -> (String, String) {
+    let c = report["checks"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["id"] == id))
+        .cloned()
+        .unwrap_or_default();
+    (
+        c["level"].as_str().unwrap_or("").to_string(),
+        c["summary"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+/// A broker with no message count limit but `max_queued_bytes 200000`: an offline session keeps
+/// about 200 KB, a couple of hundred real readings, and drops the rest silently. Doctor's queue
+/// probe must find it (probes of a few bytes each all fit under it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_finds_a_small_max_queued_bytes() {
+    let pg = Postgres::start().await.expect("postgres");
+    let mq = Mosquitto::start_with(
+        Dir::temp("leasehold-mqtt-").expect("dir"),
+        "max_queued_messages 0\nmax_queued_bytes 200000",
+    )
+    .await
+    .expect("mosquitto");
+    let c = Cluster::with_servers(pg, mq).expect("cluster");
+    let res = async {
+        let out = c.cli(&["migrate"])?;
+        ensure!(out.status.success(), "migrate failed");
+        let (code, report) = doctor(&c)?;
+        let (level, summary) = found(&report, "broker.queue");
+        println!("broker.queue: {level}: {summary}");
+        ensure!(level == "problem", "exit {code}: {report}");
+        ensure!(code == 1, "exit {code}");
         Ok(())
     }
     .await;

@@ -15,6 +15,18 @@ use crate::mqtt::{options, random_suffix, Conn, ProbeError};
 /// `max_queued_messages` (1,000) and what it may hold in flight on top of it.
 pub const QUEUE_PROBE: usize = 2_000;
 
+/// Bytes of each queued probe message (at most `MAX_PAYLOAD_BYTES`): 2 MiB in all, so that a
+/// `max_queued_bytes` limit that holds only a few hundred real messages is found too, where
+/// messages of a few bytes each would fit under it.
+pub const QUEUE_PROBE_BYTES: usize = 1_024;
+
+/// The `i`-th queued probe message, `size` bytes long.
+fn queue_message(i: usize, size: usize) -> Vec<u8> {
+    let mut m = format!("probe {i} ").into_bytes();
+    m.resize(size.max(m.len()), b'.');
+    m
+}
+
 /// The three broker checks.
 pub async fn checks(cfg: &Config) -> Vec<Check> {
     vec![queue(cfg).await, payload(cfg).await, qos(cfg).await]
@@ -92,7 +104,8 @@ async fn queue_probe(cfg: &Config, id: &str, topic: &str) -> Result<QueueProbe, 
         .publish_all(
             topic,
             false,
-            (0..QUEUE_PROBE).map(|i| format!("probe {i}").into_bytes()),
+            (0..QUEUE_PROBE)
+                .map(|i| queue_message(i, QUEUE_PROBE_BYTES.min(cfg.max_payload_bytes))),
             Duration::from_secs(30),
         )
         .await?;
