@@ -125,3 +125,78 @@ async fn doctor_finds_a_small_max_queued_bytes() {
     .await;
     check(&c, res);
 }
+
+/// The client ids of doctor's persistent probe sessions the broker saw connect (`c0`).
+fn persistent_probe_ids(log: &str) -> Vec<String> {
+    let mut ids: Vec<String> = log
+        .lines()
+        .filter(|l| l.contains(" as leasehold-doctor-") && l.contains("c0"))
+        .filter_map(|l| l.split(" as ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(str::to_string)
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+/// Whether the broker still holds a persistent session for `id` (its CONNACK says so).
+async fn session_kept(port: u16, id: &str) -> anyhow::Result<bool> {
+    let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_clean_session(false)
+        .set_keep_alive(Duration::from_secs(5));
+    let (client, mut el) = rumqttc::AsyncClient::new(opts, 10);
+    let present = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(c)) = el.poll().await? {
+                return Ok::<_, anyhow::Error>(c.session_present);
+            }
+        }
+    })
+    .await??;
+    // Leave no session of this test's own behind: reconnecting clean removes it.
+    let _ = client.disconnect().await;
+    let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_clean_session(true);
+    let (client, mut el) = rumqttc::AsyncClient::new(opts, 10);
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Ok(e) = el.poll().await {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)) = e {
+                break;
+            }
+        }
+    })
+    .await;
+    let _ = client.disconnect().await;
+    Ok(present)
+}
+
+/// A node stopped (SIGTERM) while its start-up checks are in the queue probe: the probe's
+/// persistent session, with up to 2,000 messages queued for it, must not stay at the broker
+/// forever (nothing would ever connect with its random id again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_mid_probe_leaves_no_probe_session_behind() {
+    let mut c = Cluster::start().await.expect("servers");
+    let res = async {
+        c.spawn("node-a")?;
+        eventually(
+            Duration::from_secs(20),
+            "the start-up queue probe to connect its persistent session",
+            || async { Ok(!persistent_probe_ids(&c.mq.log()).is_empty()) },
+        )
+        .await?;
+        c.nodes[0].signal(libc::SIGTERM);
+        c.nodes[0].wait_exit(Duration::from_secs(20)).await?;
+        let ids = persistent_probe_ids(&c.mq.log());
+        ensure!(!ids.is_empty(), "no probe session seen");
+        for id in &ids {
+            ensure!(
+                !session_kept(c.mq.port, id).await?,
+                "the broker still holds doctor's probe session {id} after the node stopped"
+            );
+        }
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}

@@ -8,6 +8,7 @@ use std::time::Duration;
 use leasehold_config::{Config, PROBE_TOPIC_PREFIX};
 use leasehold_telemetry::Check;
 use rumqttc::{QoS, SubscribeReasonCode};
+use tokio_util::sync::CancellationToken;
 
 use crate::mqtt::{options, random_suffix, Conn, ProbeError};
 
@@ -27,9 +28,14 @@ fn queue_message(i: usize, size: usize) -> Vec<u8> {
     m
 }
 
-/// The three broker checks.
-pub async fn checks(cfg: &Config) -> Vec<Check> {
-    vec![queue(cfg).await, payload(cfg).await, qos(cfg).await]
+/// The three broker checks; `None` when `cancel` ended them (the queue probe's session removed
+/// all the same).
+pub async fn checks(cfg: &Config, cancel: &CancellationToken) -> Option<Vec<Check>> {
+    let queue = queue(cfg, cancel).await?;
+    tokio::select! {
+        r = async { vec![queue, payload(cfg).await, qos(cfg).await] } => Some(r),
+        _ = cancel.cancelled() => None,
+    }
 }
 
 /// What a queue probe found.
@@ -73,20 +79,24 @@ pub fn judge_queue(p: QueueProbe) -> Check {
 
 /// Subscribes a persistent probe session, leaves, has [`QUEUE_PROBE`] messages published to it,
 /// comes back and counts them; then removes the session.
-async fn queue(cfg: &Config) -> Check {
+/// `None` when cancelled, after removing the session all the same.
+async fn queue(cfg: &Config, cancel: &CancellationToken) -> Option<Check> {
     let suffix = random_suffix();
     let id = format!("leasehold-doctor-{suffix}");
     let topic = format!("{PROBE_TOPIC_PREFIX}{suffix}");
-    let res = queue_probe(cfg, &id, &topic).await;
+    let res = tokio::select! {
+        r = queue_probe(cfg, &id, &topic) => Some(r),
+        _ = cancel.cancelled() => None,
+    };
     // Clean up whatever happened: a clean-session connect with the same id removes the session
     // and its queue.
     if let Ok((c, _)) = Conn::open(options(cfg, &id, true)).await {
         c.close().await;
     }
-    match res {
+    Some(match res? {
         Ok(p) => judge_queue(p),
         Err(e) => unreachable_check("broker.queue", cfg, &e),
-    }
+    })
 }
 
 async fn queue_probe(cfg: &Config, id: &str, topic: &str) -> Result<QueueProbe, ProbeError> {
