@@ -160,12 +160,19 @@ pub fn pg_config(
     let mut cfg: tokio_postgres::Config = url
         .parse()
         .map_err(|e: tokio_postgres::Error| tls::parse_error(&e))?;
-    // Tried host by host, a port list of another length would quietly pair hosts with the
-    // wrong ports; libpq refuses it.
+    // Tried host by host, a port or hostaddr list of another length would quietly pair hosts
+    // with the wrong ports or addresses; libpq refuses it.
     let (hosts, ports) = (host_count(&cfg), cfg.get_ports().len());
     if ports > 1 && ports != hosts {
         return Err(StoreError::Url(format!(
             "{ports} ports for {hosts} hosts: give one port for all, or one per host"
+        )));
+    }
+    let addrs = cfg.get_hostaddrs().len();
+    if addrs > 0 && !cfg.get_hosts().is_empty() && addrs != cfg.get_hosts().len() {
+        return Err(StoreError::Url(format!(
+            "{addrs} hostaddr values for {} hosts: give one per host",
+            cfg.get_hosts().len()
         )));
     }
     if cfg.get_connect_timeout().is_none() {
@@ -422,10 +429,11 @@ mod tests {
         for url in [
             "host=a,b,c port=5432,5433 user=u dbname=db",
             "host=a,b port=5432,5433,5434 user=u dbname=db",
+            "host=a,b hostaddr=127.0.0.1 user=u dbname=db",
         ] {
             let res = pg_config(url, "t").map(|(c, _)| c.get_ports().to_vec());
             assert!(
-                matches!(res, Err(StoreError::Url(ref m)) if m.contains("port")),
+                matches!(res, Err(StoreError::Url(ref m)) if m.contains("port") || m.contains("hostaddr")),
                 "{url}: {res:?}"
             );
         }
@@ -433,6 +441,8 @@ mod tests {
             "host=a,b,c port=5433 user=u dbname=db",
             "host=a,b port=5432,5433 user=u dbname=db",
             "postgres://u@a:5432,b/db",
+            "host=a,b hostaddr=127.0.0.1,127.0.0.2 user=u dbname=db",
+            "hostaddr=127.0.0.1,127.0.0.2 port=5432,5433 user=u dbname=db",
         ] {
             assert!(pg_config(url, "t").is_ok(), "{url}");
         }
