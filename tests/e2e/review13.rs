@@ -200,3 +200,39 @@ async fn a_node_stopped_mid_probe_leaves_no_probe_session_behind() {
     .await;
     check(&c, res);
 }
+
+/// A broker whose ACL refuses publishing under `leasehold/doctor/` (Mosquitto drops a refused
+/// QoS 1 publish silently under MQTT 3.1.1): doctor cannot verify the queue, and must say so
+/// rather than blame a queue or size limit the broker does not have, or its address (the fix would
+/// be wrong).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_with_probe_publishes_refused_says_so_instead_of_blaming_a_limit() {
+    let mq = Mosquitto::start_refusing(serde_json::json!([
+        {"acltype": "publishClientSend", "topic": "leasehold/doctor/#", "allow": false, "priority": 0},
+    ]))
+    .await
+    .expect("broker");
+    let pg = Postgres::start().await.expect("postgres");
+    let c = Cluster::with_servers(pg, mq).expect("cluster");
+    let res = async {
+        let out = c.cli(&["migrate"])?;
+        ensure!(out.status.success(), "migrate failed");
+        let (_, report) = doctor(&c)?;
+        let (level, queue) = found(&report, "broker.queue");
+        println!("broker.queue: {level}: {queue}");
+        let (level_p, payload) = found(&report, "broker.payload");
+        println!("broker.payload: {level_p}: {payload}");
+        for (level, summary) in [(level, queue), (level_p, payload)] {
+            ensure!(level == "problem", "{summary}");
+            ensure!(
+                !summary.contains("queue limit")
+                    && !summary.contains("lost at the broker")
+                    && summary.contains("leasehold/doctor/"),
+                "doctor blames a limit, or the address, for refused probe publishes: {summary}"
+            );
+        }
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}

@@ -90,11 +90,16 @@ async fn queue(cfg: &Config, cancel: &CancellationToken) -> Option<Check> {
     };
     // Clean up whatever happened: a clean-session connect with the same id removes the session
     // and its queue.
-    if let Ok((c, _)) = Conn::open(options(cfg, &id, true)).await {
-        c.close().await;
-    }
+    let reachable = match Conn::open(options(cfg, &id, true)).await {
+        Ok((c, _)) => {
+            c.close().await;
+            true
+        }
+        Err(_) => false,
+    };
     Some(match res? {
         Ok(p) => judge_queue(p),
+        Err(e @ ProbeError::Connection(_)) if reachable => refused_check("broker.queue", &e),
         Err(e) => unreachable_check("broker.queue", cfg, &e),
     })
 }
@@ -138,53 +143,74 @@ async fn queue_probe(cfg: &Config, id: &str, topic: &str) -> Result<QueueProbe, 
     })
 }
 
-/// Publishes one message of `MAX_PAYLOAD_BYTES` to a private topic and waits to receive it.
+/// What one message sent through the broker came to: how publishing it went, and the size
+/// received (`None`: nothing arrived).
+type Passed = (Result<(), ProbeError>, Option<usize>);
+
+/// Publishes one message of `size` bytes to a private topic and waits to receive it.
+async fn pass_one(cfg: &Config, size: usize) -> Result<Passed, ProbeError> {
+    let suffix = random_suffix();
+    let topic = format!("{PROBE_TOPIC_PREFIX}{suffix}");
+    let (mut sub, _) =
+        Conn::open(options(cfg, &format!("leasehold-doctor-{suffix}"), true)).await?;
+    sub.subscribe(std::slice::from_ref(&topic)).await?;
+    let sent = async {
+        let (mut p, _) = Conn::open(options(
+            cfg,
+            &format!("leasehold-doctor-{}", random_suffix()),
+            true,
+        ))
+        .await?;
+        p.publish_all(&topic, false, [vec![b'x'; size]], Duration::from_secs(10))
+            .await?;
+        p.close().await;
+        Ok::<_, ProbeError>(())
+    }
+    .await;
+    let got = sub
+        .collect(&topic, 1, Duration::from_secs(5), Duration::from_secs(5))
+        .await?;
+    sub.close().await;
+    Ok((sent, got.first().map(|p| p.payload.len())))
+}
+
+/// A small message, to tell a size limit from a broker that passes no probe message at all.
+const SMALL_PROBE_BYTES: usize = 16;
+
+/// Publishes one message of `MAX_PAYLOAD_BYTES` to a private topic and waits to receive it; when
+/// it does not arrive, a small one, so that a refused probe topic is not taken for a size limit.
 async fn payload(cfg: &Config) -> Check {
     const ID: &str = "broker.payload";
     let size = cfg.max_payload_bytes;
-    let suffix = random_suffix();
-    let topic = format!("{PROBE_TOPIC_PREFIX}{suffix}");
-    let res = async {
-        let (mut sub, _) =
-            Conn::open(options(cfg, &format!("leasehold-doctor-{suffix}"), true)).await?;
-        sub.subscribe(std::slice::from_ref(&topic)).await?;
-        let sent = async {
-            let (mut p, _) = Conn::open(options(
-                cfg,
-                &format!("leasehold-doctor-{}", random_suffix()),
-                true,
-            ))
-            .await?;
-            p.publish_all(&topic, false, [vec![b'x'; size]], Duration::from_secs(10))
-                .await?;
-            p.close().await;
-            Ok::<_, ProbeError>(())
-        }
-        .await;
-        let got = sub
-            .collect(&topic, 1, Duration::from_secs(5), Duration::from_secs(5))
-            .await?;
-        sub.close().await;
-        Ok::<_, ProbeError>((sent, got.first().map(|p| p.payload.len())))
-    }
-    .await;
-    match res {
+    match pass_one(cfg, size).await {
         Ok((_, Some(n))) if n == size => Check::ok(
             ID,
             format!("the broker passed a message of MAX_PAYLOAD_BYTES ({size} bytes)"),
         ),
-        Ok((sent, got)) => Check::problem(
-            ID,
-            format!(
-                "the broker did not pass a message of MAX_PAYLOAD_BYTES ({size} bytes){}: devices' messages that large are lost at the broker",
-                match (sent, got) {
-                    (Err(e), _) => format!(" (publishing it: {e})"),
-                    (_, Some(n)) => format!(" (received {n} bytes)"),
-                    _ => String::new(),
-                }
-            ),
-            "raise the broker's max_packet_size / message_size_limit above MAX_PAYLOAD_BYTES plus the topic and headers, or lower MAX_PAYLOAD_BYTES",
-        ),
+        Ok((sent, got)) => {
+            let small = SMALL_PROBE_BYTES.min(size);
+            if !matches!(pass_one(cfg, small).await, Ok((_, Some(n))) if n == small) {
+                return Check::problem(
+                    ID,
+                    format!(
+                        "the broker passed neither a message of MAX_PAYLOAD_BYTES ({size} bytes) nor one of {small} bytes on the probe's topic under {PROBE_TOPIC_PREFIX}: it refuses the probe (an ACL?), so the size limit could not be checked"
+                    ),
+                    format!("let Leasehold's broker user publish and subscribe under {PROBE_TOPIC_PREFIX} (doctor's probe topics), then run doctor again"),
+                );
+            }
+            Check::problem(
+                ID,
+                format!(
+                    "the broker did not pass a message of MAX_PAYLOAD_BYTES ({size} bytes){}: devices' messages that large are lost at the broker",
+                    match (sent, got) {
+                        (Err(e), _) => format!(" (publishing it: {e})"),
+                        (_, Some(n)) => format!(" (received {n} bytes)"),
+                        _ => String::new(),
+                    }
+                ),
+                "raise the broker's max_packet_size / message_size_limit above MAX_PAYLOAD_BYTES plus the topic and headers, or lower MAX_PAYLOAD_BYTES",
+            )
+        }
         Err(e) => unreachable_check(ID, cfg, &e),
     }
 }
@@ -276,6 +302,16 @@ async fn qos(cfg: &Config) -> Check {
 }
 
 /// A probe that could not talk to the broker.
+/// The broker answers a new connection but closed the probe's mid-probe: what it does to a
+/// client it refuses something (Mosquitto's dynamic security on a denied publish).
+fn refused_check(id: &str, e: &ProbeError) -> Check {
+    Check::problem(
+        id,
+        format!("the broker closed the probe's connection while it used a topic under {PROBE_TOPIC_PREFIX} ({e}): it refuses the probe (an ACL?), so this could not be checked"),
+        format!("let Leasehold's broker user publish and subscribe under {PROBE_TOPIC_PREFIX} (doctor's probe topics), then run doctor again"),
+    )
+}
+
 fn unreachable_check(id: &str, cfg: &Config, e: &ProbeError) -> Check {
     Check::problem(
         id,
