@@ -236,3 +236,56 @@ async fn doctor_with_probe_publishes_refused_says_so_instead_of_blaming_a_limit(
     .await;
     check(&c, res);
 }
+
+/// `DATABASE_URL` in libpq's key=value form naming a read-only standby first and the primary
+/// second, without `target_session_attrs`: the node leads and stores every message on the
+/// primary, and doctor (its own connections) reads the primary's settings, not the standby's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_named_first_in_key_value_form_is_passed_over_by_the_node_and_doctor() {
+    use leasehold_testkit::cluster::msg;
+    use leasehold_testkit::publish::{numbered, publish_all};
+    let pg = Postgres::start_with(DURABLE).await.expect("postgres");
+    let standby = Postgres::start_standby(&pg).await.expect("standby");
+    let mq = Mosquitto::start().await.expect("mosquitto");
+    let url = format!(
+        "host=127.0.0.1,127.0.0.1 port={},{} user=postgres dbname=postgres connect_timeout=5",
+        standby.port, pg.port
+    );
+    let mut c = Cluster::with_servers(pg, mq).expect("cluster");
+    c.extra_env.push(("DATABASE_URL", url));
+    let res = async {
+        let out = c.cli(&["migrate"])?;
+        ensure!(
+            out.status.success(),
+            "migrate: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        c.spawn("node-a")?;
+        c.wait_leader().await?;
+        let port = c.node("node-a").http_port();
+        eventually(
+            Duration::from_secs(20),
+            "leading and subscribed",
+            || async move { leasehold_testkit::leading_and_subscribed(port).await },
+        )
+        .await?;
+        let msgs = (0..20)
+            .map(|seq| msg("devices/d1/telemetry", numbered("standby-first", "d1", seq)))
+            .collect();
+        publish_all(c.mq.port, msgs).await?;
+        c.assert_exactly_once("standby-first", 20).await?;
+        let (_, report) = doctor(&c)?;
+        let (level, summary) = found(&report, "database.replication");
+        ensure!(
+            level == "ok" && summary.contains(Postgres::STANDBY_NAME),
+            "doctor did not read the primary: {summary}"
+        );
+        let (level, summary) = found(&report, "database.privileges");
+        ensure!(level == "ok", "{summary}");
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+    drop(c);
+    drop(standby);
+}
