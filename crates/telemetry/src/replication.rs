@@ -181,6 +181,32 @@ mod tests {
     }
 
     #[test]
+    fn commits_are_blocked_only_when_they_wait_for_named_standbys_none_in_sync() {
+        for s in [
+            status("on", "nosuch", vec![standby(Some("async"))]),
+            status("remote_apply", "ANY 1 (a, b)", vec![]),
+            status("on", "b", vec![standby(Some("potential"))]),
+        ] {
+            assert!(s.commits_blocked(), "{s:?}");
+        }
+        let mut on_a_standby = status("on", "b", vec![]);
+        on_a_standby.in_recovery = true;
+        for s in [
+            status("on", "b", vec![standby(Some("sync"))]),
+            status("on", "ANY 1 (a, b)", vec![standby(Some("quorum"))]),
+            status("local", "b", vec![]),
+            status("off", "b", vec![]),
+            status("on", "", vec![]),
+            status("on", " ", vec![standby(Some("async"))]),
+            // Hidden from this role: not known, so not said.
+            status("on", "b", vec![standby(None)]),
+            on_a_standby,
+        ] {
+            assert!(!s.commits_blocked(), "{s:?}");
+        }
+    }
+
+    #[test]
     fn hidden_standbys_are_said_to_be_hidden_not_guessed() {
         let s = status("on", "b", vec![standby(None)]);
         let why = s.why_not().expect("not replicated");
