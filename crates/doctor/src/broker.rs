@@ -58,6 +58,18 @@ pub fn judge_queue(p: QueueProbe) -> Check {
             "keep persistent sessions (clean_session=false): persistence true, no persistent_client_expiration shorter than the longest outage (docs/deployment.md, \"Broker\")",
         );
     }
+    // None at all is no queue limit worth the name: the broker refuses the probe's messages
+    // (an ACL, or a message size limit below the probe's 1 KiB).
+    if p.received == 0 && p.published > 0 {
+        return Check::problem(
+            ID,
+            format!(
+                "none of the {} messages queued for the offline probe session came back: the broker refuses the probe's messages under {PROBE_TOPIC_PREFIX} (an ACL, or a message size limit below {QUEUE_PROBE_BYTES} bytes: see broker.payload), or keeps no queue at all",
+                p.published
+            ),
+            FIX,
+        );
+    }
     if p.received < p.published {
         return Check::problem(
             ID,
@@ -301,7 +313,6 @@ async fn qos(cfg: &Config) -> Check {
     }
 }
 
-/// A probe that could not talk to the broker.
 /// The broker answers a new connection but closed the probe's mid-probe: what it does to a
 /// client it refuses something (Mosquitto's dynamic security on a denied publish).
 fn refused_check(id: &str, e: &ProbeError) -> Check {
@@ -312,6 +323,7 @@ fn refused_check(id: &str, e: &ProbeError) -> Check {
     )
 }
 
+/// A probe that could not talk to the broker.
 fn unreachable_check(id: &str, cfg: &Config, e: &ProbeError) -> Check {
     Check::problem(
         id,
@@ -324,6 +336,21 @@ fn unreachable_check(id: &str, cfg: &Config, e: &ProbeError) -> Check {
 mod tests {
     use super::*;
     use leasehold_telemetry::CheckLevel;
+
+    #[test]
+    fn a_broker_that_returns_nothing_is_not_said_to_have_a_queue_limit() {
+        let c = judge_queue(QueueProbe {
+            published: QUEUE_PROBE,
+            session_present: true,
+            received: 0,
+        });
+        assert_eq!(c.level, CheckLevel::Problem);
+        assert!(
+            c.summary.contains("refuses") && !c.summary.contains("past its queue limit"),
+            "{}",
+            c.summary
+        );
+    }
 
     #[test]
     fn a_broker_that_drops_past_its_queue_limit_is_a_problem() {
