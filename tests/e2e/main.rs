@@ -20,6 +20,7 @@ mod operations;
 mod ordinary;
 mod retention;
 mod review10;
+mod review13;
 mod routes;
 mod routes_checks;
 mod routes_failover;

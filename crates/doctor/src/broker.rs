@@ -8,6 +8,7 @@ use std::time::Duration;
 use leasehold_config::{Config, PROBE_TOPIC_PREFIX};
 use leasehold_telemetry::Check;
 use rumqttc::{QoS, SubscribeReasonCode};
+use tokio_util::sync::CancellationToken;
 
 use crate::mqtt::{options, random_suffix, Conn, ProbeError};
 
@@ -15,9 +16,26 @@ use crate::mqtt::{options, random_suffix, Conn, ProbeError};
 /// `max_queued_messages` (1,000) and what it may hold in flight on top of it.
 pub const QUEUE_PROBE: usize = 2_000;
 
-/// The three broker checks.
-pub async fn checks(cfg: &Config) -> Vec<Check> {
-    vec![queue(cfg).await, payload(cfg).await, qos(cfg).await]
+/// Bytes of each queued probe message (at most `MAX_PAYLOAD_BYTES`): 2 MiB in all, so that a
+/// `max_queued_bytes` limit that holds only a few hundred real messages is found too, where
+/// messages of a few bytes each would fit under it.
+pub const QUEUE_PROBE_BYTES: usize = 1_024;
+
+/// The `i`-th queued probe message, `size` bytes long.
+fn queue_message(i: usize, size: usize) -> Vec<u8> {
+    let mut m = format!("probe {i} ").into_bytes();
+    m.resize(size.max(m.len()), b'.');
+    m
+}
+
+/// The three broker checks; `None` when `cancel` ended them (the queue probe's session removed
+/// all the same).
+pub async fn checks(cfg: &Config, cancel: &CancellationToken) -> Option<Vec<Check>> {
+    let queue = queue(cfg, cancel).await?;
+    tokio::select! {
+        r = async { vec![queue, payload(cfg).await, qos(cfg).await] } => Some(r),
+        _ = cancel.cancelled() => None,
+    }
 }
 
 /// What a queue probe found.
@@ -38,6 +56,18 @@ pub fn judge_queue(p: QueueProbe) -> Check {
             ID,
             "the broker did not keep an offline persistent session (CONNACK without a session): everything queued while no leader is connected is lost",
             "keep persistent sessions (clean_session=false): persistence true, no persistent_client_expiration shorter than the longest outage (docs/deployment.md, \"Broker\")",
+        );
+    }
+    // None at all is no queue limit worth the name: the broker refuses the probe's messages
+    // (an ACL, or a message size limit below the probe's 1 KiB).
+    if p.received == 0 && p.published > 0 {
+        return Check::problem(
+            ID,
+            format!(
+                "none of the {} messages queued for the offline probe session came back: the broker refuses the probe's messages under {PROBE_TOPIC_PREFIX} (an ACL, or a message size limit below {QUEUE_PROBE_BYTES} bytes: see broker.payload), or keeps no queue at all",
+                p.published
+            ),
+            FIX,
         );
     }
     if p.received < p.published {
@@ -61,20 +91,29 @@ pub fn judge_queue(p: QueueProbe) -> Check {
 
 /// Subscribes a persistent probe session, leaves, has [`QUEUE_PROBE`] messages published to it,
 /// comes back and counts them; then removes the session.
-async fn queue(cfg: &Config) -> Check {
+/// `None` when cancelled, after removing the session all the same.
+async fn queue(cfg: &Config, cancel: &CancellationToken) -> Option<Check> {
     let suffix = random_suffix();
     let id = format!("leasehold-doctor-{suffix}");
     let topic = format!("{PROBE_TOPIC_PREFIX}{suffix}");
-    let res = queue_probe(cfg, &id, &topic).await;
+    let res = tokio::select! {
+        r = queue_probe(cfg, &id, &topic) => Some(r),
+        _ = cancel.cancelled() => None,
+    };
     // Clean up whatever happened: a clean-session connect with the same id removes the session
     // and its queue.
-    if let Ok((c, _)) = Conn::open(options(cfg, &id, true)).await {
-        c.close().await;
-    }
-    match res {
+    let reachable = match Conn::open(options(cfg, &id, true)).await {
+        Ok((c, _)) => {
+            c.close().await;
+            true
+        }
+        Err(_) => false,
+    };
+    Some(match res? {
         Ok(p) => judge_queue(p),
+        Err(e @ ProbeError::Connection(_)) if reachable => refused_check("broker.queue", &e),
         Err(e) => unreachable_check("broker.queue", cfg, &e),
-    }
+    })
 }
 
 async fn queue_probe(cfg: &Config, id: &str, topic: &str) -> Result<QueueProbe, ProbeError> {
@@ -92,7 +131,8 @@ async fn queue_probe(cfg: &Config, id: &str, topic: &str) -> Result<QueueProbe, 
         .publish_all(
             topic,
             false,
-            (0..QUEUE_PROBE).map(|i| format!("probe {i}").into_bytes()),
+            (0..QUEUE_PROBE)
+                .map(|i| queue_message(i, QUEUE_PROBE_BYTES.min(cfg.max_payload_bytes))),
             Duration::from_secs(30),
         )
         .await?;
@@ -115,53 +155,74 @@ async fn queue_probe(cfg: &Config, id: &str, topic: &str) -> Result<QueueProbe, 
     })
 }
 
-/// Publishes one message of `MAX_PAYLOAD_BYTES` to a private topic and waits to receive it.
+/// What one message sent through the broker came to: how publishing it went, and the size
+/// received (`None`: nothing arrived).
+type Passed = (Result<(), ProbeError>, Option<usize>);
+
+/// Publishes one message of `size` bytes to a private topic and waits to receive it.
+async fn pass_one(cfg: &Config, size: usize) -> Result<Passed, ProbeError> {
+    let suffix = random_suffix();
+    let topic = format!("{PROBE_TOPIC_PREFIX}{suffix}");
+    let (mut sub, _) =
+        Conn::open(options(cfg, &format!("leasehold-doctor-{suffix}"), true)).await?;
+    sub.subscribe(std::slice::from_ref(&topic)).await?;
+    let sent = async {
+        let (mut p, _) = Conn::open(options(
+            cfg,
+            &format!("leasehold-doctor-{}", random_suffix()),
+            true,
+        ))
+        .await?;
+        p.publish_all(&topic, false, [vec![b'x'; size]], Duration::from_secs(10))
+            .await?;
+        p.close().await;
+        Ok::<_, ProbeError>(())
+    }
+    .await;
+    let got = sub
+        .collect(&topic, 1, Duration::from_secs(5), Duration::from_secs(5))
+        .await?;
+    sub.close().await;
+    Ok((sent, got.first().map(|p| p.payload.len())))
+}
+
+/// A small message, to tell a size limit from a broker that passes no probe message at all.
+const SMALL_PROBE_BYTES: usize = 16;
+
+/// Publishes one message of `MAX_PAYLOAD_BYTES` to a private topic and waits to receive it; when
+/// it does not arrive, a small one, so that a refused probe topic is not taken for a size limit.
 async fn payload(cfg: &Config) -> Check {
     const ID: &str = "broker.payload";
     let size = cfg.max_payload_bytes;
-    let suffix = random_suffix();
-    let topic = format!("{PROBE_TOPIC_PREFIX}{suffix}");
-    let res = async {
-        let (mut sub, _) =
-            Conn::open(options(cfg, &format!("leasehold-doctor-{suffix}"), true)).await?;
-        sub.subscribe(std::slice::from_ref(&topic)).await?;
-        let sent = async {
-            let (mut p, _) = Conn::open(options(
-                cfg,
-                &format!("leasehold-doctor-{}", random_suffix()),
-                true,
-            ))
-            .await?;
-            p.publish_all(&topic, false, [vec![b'x'; size]], Duration::from_secs(10))
-                .await?;
-            p.close().await;
-            Ok::<_, ProbeError>(())
-        }
-        .await;
-        let got = sub
-            .collect(&topic, 1, Duration::from_secs(5), Duration::from_secs(5))
-            .await?;
-        sub.close().await;
-        Ok::<_, ProbeError>((sent, got.first().map(|p| p.payload.len())))
-    }
-    .await;
-    match res {
+    match pass_one(cfg, size).await {
         Ok((_, Some(n))) if n == size => Check::ok(
             ID,
             format!("the broker passed a message of MAX_PAYLOAD_BYTES ({size} bytes)"),
         ),
-        Ok((sent, got)) => Check::problem(
-            ID,
-            format!(
-                "the broker did not pass a message of MAX_PAYLOAD_BYTES ({size} bytes){}: devices' messages that large are lost at the broker",
-                match (sent, got) {
-                    (Err(e), _) => format!(" (publishing it: {e})"),
-                    (_, Some(n)) => format!(" (received {n} bytes)"),
-                    _ => String::new(),
-                }
-            ),
-            "raise the broker's max_packet_size / message_size_limit above MAX_PAYLOAD_BYTES plus the topic and headers, or lower MAX_PAYLOAD_BYTES",
-        ),
+        Ok((sent, got)) => {
+            let small = SMALL_PROBE_BYTES.min(size);
+            if !matches!(pass_one(cfg, small).await, Ok((_, Some(n))) if n == small) {
+                return Check::problem(
+                    ID,
+                    format!(
+                        "the broker passed neither a message of MAX_PAYLOAD_BYTES ({size} bytes) nor one of {small} bytes on the probe's topic under {PROBE_TOPIC_PREFIX}: it refuses the probe (an ACL?), so the size limit could not be checked"
+                    ),
+                    format!("let Leasehold's broker user publish and subscribe under {PROBE_TOPIC_PREFIX} (doctor's probe topics), then run doctor again"),
+                );
+            }
+            Check::problem(
+                ID,
+                format!(
+                    "the broker did not pass a message of MAX_PAYLOAD_BYTES ({size} bytes){}: devices' messages that large are lost at the broker",
+                    match (sent, got) {
+                        (Err(e), _) => format!(" (publishing it: {e})"),
+                        (_, Some(n)) => format!(" (received {n} bytes)"),
+                        _ => String::new(),
+                    }
+                ),
+                "raise the broker's max_packet_size / message_size_limit above MAX_PAYLOAD_BYTES plus the topic and headers, or lower MAX_PAYLOAD_BYTES",
+            )
+        }
         Err(e) => unreachable_check(ID, cfg, &e),
     }
 }
@@ -252,6 +313,16 @@ async fn qos(cfg: &Config) -> Check {
     }
 }
 
+/// The broker answers a new connection but closed the probe's mid-probe: what it does to a
+/// client it refuses something (Mosquitto's dynamic security on a denied publish).
+fn refused_check(id: &str, e: &ProbeError) -> Check {
+    Check::problem(
+        id,
+        format!("the broker closed the probe's connection while it used a topic under {PROBE_TOPIC_PREFIX} ({e}): it refuses the probe (an ACL?), so this could not be checked"),
+        format!("let Leasehold's broker user publish and subscribe under {PROBE_TOPIC_PREFIX} (doctor's probe topics), then run doctor again"),
+    )
+}
+
 /// A probe that could not talk to the broker.
 fn unreachable_check(id: &str, cfg: &Config, e: &ProbeError) -> Check {
     Check::problem(
@@ -265,6 +336,21 @@ fn unreachable_check(id: &str, cfg: &Config, e: &ProbeError) -> Check {
 mod tests {
     use super::*;
     use leasehold_telemetry::CheckLevel;
+
+    #[test]
+    fn a_broker_that_returns_nothing_is_not_said_to_have_a_queue_limit() {
+        let c = judge_queue(QueueProbe {
+            published: QUEUE_PROBE,
+            session_present: true,
+            received: 0,
+        });
+        assert_eq!(c.level, CheckLevel::Problem);
+        assert!(
+            c.summary.contains("refuses") && !c.summary.contains("past its queue limit"),
+            "{}",
+            c.summary
+        );
+    }
 
     #[test]
     fn a_broker_that_drops_past_its_queue_limit_is_a_problem() {

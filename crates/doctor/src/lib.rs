@@ -21,13 +21,30 @@ pub mod mqtt;
 use chrono::Utc;
 use leasehold_config::{Config, Mode};
 pub use leasehold_telemetry::{Check, CheckLevel, Checks};
+use tokio_util::sync::CancellationToken;
 
 /// Runs every check of the deployment `cfg` describes. Never fails: what could not be checked
 /// is a problem line saying why.
 pub async fn run(cfg: &Config) -> Checks {
     let ran_at = Utc::now();
+    run_until(cfg, &CancellationToken::new())
+        .await
+        .unwrap_or(Checks {
+            ran_at,
+            checks: Vec::new(),
+        })
+}
+
+/// [`run`], ended early by `cancel` (`None` then): a node stopping mid-check. The queue probe's
+/// persistent session is removed even then, or it would stay at the broker with its queue,
+/// since nothing connects with its random id again.
+pub async fn run_until(cfg: &Config, cancel: &CancellationToken) -> Option<Checks> {
+    let ran_at = Utc::now();
     let mut checks = Vec::new();
-    let facts = database::checks(cfg, &mut checks).await;
+    let facts = tokio::select! {
+        f = database::checks(cfg, &mut checks) => f,
+        _ = cancel.cancelled() => return None,
+    };
     let (identity, client_id) = cluster::identity(cfg, facts.as_ref());
     checks.push(identity);
     if cfg.mode == Mode::Disabled {
@@ -36,12 +53,15 @@ pub async fn run(cfg: &Config) -> Checks {
             "MQTT_MODE=disabled: the broker is not used, not checked",
         ));
     } else {
-        checks.extend(broker::checks(cfg).await);
+        checks.extend(broker::checks(cfg, cancel).await?);
         if let (Some(id), Some(facts)) = (&client_id, &facts) {
-            checks.push(cluster::claim_check(cfg, id, facts).await);
+            checks.push(tokio::select! {
+                c = cluster::claim_check(cfg, id, facts) => c,
+                _ = cancel.cancelled() => return None,
+            });
         }
     }
-    Checks { ran_at, checks }
+    Some(Checks { ran_at, checks })
 }
 
 /// The lines `leasehold doctor` prints, one per check.

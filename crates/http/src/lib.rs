@@ -236,6 +236,17 @@ async fn health(State(s): State<HttpState>) -> Response {
     if matches!(role, Role::Leader { .. }) && ingest_hold.is_some() {
         problems.push("not ingesting: commits are not synchronously replicated");
     }
+    // Every commit waits for a standby that is not there: nothing is written, and no node can
+    // renew or take the lease, whatever this node's role.
+    if s.status
+        .replication()
+        .and_then(|r| r.result.ok())
+        .is_some_and(|r| r.commits_blocked())
+    {
+        problems.push(
+            "commits hang: synchronous_standby_names names no standby that is in sync, so every commit (the lease's too) waits",
+        );
+    }
     // A newest row stamped ahead of the database's clock has no meaningful age yet.
     let age = s.status.cluster().newest_data_age.filter(|a| *a >= 0.0);
     let body = json!({

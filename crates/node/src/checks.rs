@@ -39,9 +39,9 @@ pub async fn doctor(cfg: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
 /// At start, in the background: runs the checks once, logs each line that is not ok, and puts
 /// them in the status (`/health`). Never delays the lease: it runs beside it.
 pub async fn at_start(cfg: Config, status: NodeStatus, cancel: CancellationToken) {
-    let checks = tokio::select! {
-        _ = cancel.cancelled() => return,
-        c = leasehold_doctor::run(&cfg) => c,
+    // Ended by the node stopping: the probes clean up what they left at the broker first.
+    let Some(checks) = leasehold_doctor::run_until(&cfg, &cancel).await else {
+        return;
     };
     for c in checks.checks.iter().filter(|c| c.level != CheckLevel::Ok) {
         events::CheckFound { check: c }.emit();

@@ -223,6 +223,7 @@ impl Wiring {
         let cfg = &self.cfg;
         self.tracker.spawn(heartbeat(
             leasehold_store::pool(&db.url, "leasehold-heartbeat", 1)?,
+            db.url.clone(),
             Beat {
                 holder_id: self.holder_id.clone(),
                 instance_id: cfg.instance_id.clone(),
@@ -569,7 +570,13 @@ const REPLICATION_EVERY: u32 = 3;
 /// Reports the node in `cluster_nodes` every `HEARTBEAT_EVERY` and reads back the cluster's
 /// view (nodes alive, newest data) into the status; every `REPLICATION_EVERY` beats also how the
 /// database replicates commits (a failover or a standby lost changes it).
-async fn heartbeat(pool: Pool, me: Beat, status: NodeStatus, cancel: CancellationToken) {
+async fn heartbeat(
+    pool: Pool,
+    url: String,
+    me: Beat,
+    status: NodeStatus,
+    cancel: CancellationToken,
+) {
     let started_at = Utc::now();
     let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
     // Events already reported: one newer than these is reported as "happened now", so every
@@ -593,8 +600,16 @@ async fn heartbeat(pool: Pool, me: Beat, status: NodeStatus, cancel: Cancellatio
         let mqtt = status.mqtt();
         let now = (mqtt.session_lost_at, mqtt.client_id_conflict_at);
         let newer = |at: Option<chrono::DateTime<Utc>>, seen| at.filter(|_| at != seen);
+        // The running statement, cancelled when the beat times out: a commit waiting for a
+        // synchronous standby that is not there waits forever on the server (statement_timeout
+        // does not bound it), and the pool's one connection would stay stuck behind it, the
+        // replication reads (what /health says about it) included.
+        let running = std::sync::Mutex::new(None);
         let work = async {
             let c = leasehold_store::pooled(&pool).await?;
+            if let Ok(mut r) = running.lock() {
+                *r = leasehold_store::CancelHandle::of(&c, &url).ok();
+            }
             queries::heartbeat(
                 &**c,
                 &queries::Heartbeat {
@@ -632,7 +647,15 @@ async fn heartbeat(pool: Pool, me: Beat, status: NodeStatus, cancel: Cancellatio
                 .emit();
             }
             Ok(Err(e)) => tracing::debug!(error = %e, "heartbeat failed"),
-            Err(_) => tracing::debug!("heartbeat timed out"),
+            Err(_) => {
+                tracing::debug!("heartbeat timed out");
+                let stop = running.lock().ok().and_then(|mut r| r.take());
+                if let Some(stop) = stop {
+                    if let Err(e) = stop.cancel().await {
+                        tracing::debug!(error = %e, "could not cancel the heartbeat's statement");
+                    }
+                }
+            }
         }
     }
 }

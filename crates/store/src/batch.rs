@@ -258,6 +258,16 @@ pub struct CancelHandle {
 }
 
 impl CancelHandle {
+    /// The handle of `client`, a connection to `url` (its TLS settings reach the server's
+    /// cancel port too).
+    pub fn of(client: &tokio_postgres::Client, url: &str) -> Result<Self> {
+        let (_, tls) = pg_config(url, "leasehold-cancel")?;
+        Ok(CancelHandle {
+            token: client.cancel_token(),
+            tls,
+        })
+    }
+
     pub async fn cancel(&self) -> Result<()> {
         tokio::time::timeout(
             Duration::from_secs(5),

@@ -160,6 +160,21 @@ pub fn pg_config(
     let mut cfg: tokio_postgres::Config = url
         .parse()
         .map_err(|e: tokio_postgres::Error| tls::parse_error(&e))?;
+    // Tried host by host, a port or hostaddr list of another length would quietly pair hosts
+    // with the wrong ports or addresses; libpq refuses it.
+    let (hosts, ports) = (host_count(&cfg), cfg.get_ports().len());
+    if ports > 1 && ports != hosts {
+        return Err(StoreError::Url(format!(
+            "{ports} ports for {hosts} hosts: give one port for all, or one per host"
+        )));
+    }
+    let addrs = cfg.get_hostaddrs().len();
+    if addrs > 0 && !cfg.get_hosts().is_empty() && addrs != cfg.get_hosts().len() {
+        return Err(StoreError::Url(format!(
+            "{addrs} hostaddr values for {} hosts: give one per host",
+            cfg.get_hosts().len()
+        )));
+    }
     if cfg.get_connect_timeout().is_none() {
         cfg.connect_timeout(Duration::from_secs(5));
     }
@@ -404,6 +419,33 @@ mod tests {
             attrs("postgres://u@a:5432,b:5433/db?target_session_attrs=any"),
             Ok(TargetSessionAttrs::Any)
         );
+    }
+
+    /// libpq refuses a port list that is neither one port nor one per host ("could not match
+    /// 2 port numbers to 3 hosts"); trying each host alone must not quietly give the third host
+    /// the first host's port instead.
+    #[test]
+    fn a_port_list_that_does_not_match_the_hosts_is_refused() {
+        for url in [
+            "host=a,b,c port=5432,5433 user=u dbname=db",
+            "host=a,b port=5432,5433,5434 user=u dbname=db",
+            "host=a,b hostaddr=127.0.0.1 user=u dbname=db",
+        ] {
+            let res = pg_config(url, "t").map(|(c, _)| c.get_ports().to_vec());
+            assert!(
+                matches!(res, Err(StoreError::Url(ref m)) if m.contains("port") || m.contains("hostaddr")),
+                "{url}: {res:?}"
+            );
+        }
+        for url in [
+            "host=a,b,c port=5433 user=u dbname=db",
+            "host=a,b port=5432,5433 user=u dbname=db",
+            "postgres://u@a:5432,b/db",
+            "host=a,b hostaddr=127.0.0.1,127.0.0.2 user=u dbname=db",
+            "hostaddr=127.0.0.1,127.0.0.2 port=5432,5433 user=u dbname=db",
+        ] {
+            assert!(pg_config(url, "t").is_ok(), "{url}");
+        }
     }
 
     #[test]

@@ -72,6 +72,18 @@ impl ReplicationStatus {
             && !self.sync_standbys.is_empty()
     }
 
+    /// Whether every commit on this primary waits now for a synchronous standby that is not
+    /// there: `synchronous_commit` waits, `synchronous_standby_names` names standbys and none of
+    /// them is in sync (none this role could not see, either). PostgreSQL then holds each commit
+    /// (the lease's renewals too) until one is, or until the setting changes.
+    pub fn commits_blocked(&self) -> bool {
+        !self.in_recovery
+            && WAITING_LEVELS.contains(&self.synchronous_commit.as_str())
+            && !self.synchronous_standby_names.trim().is_empty()
+            && self.sync_standbys.is_empty()
+            && self.hidden_standbys == 0
+    }
+
     /// Why commits are not synchronously replicated, in one sentence; `None` when they are.
     pub fn why_not(&self) -> Option<String> {
         if self.synchronously_replicated() {
@@ -165,6 +177,32 @@ mod tests {
         ] {
             assert!(!s.synchronously_replicated(), "{s:?}");
             assert!(s.why_not().is_some());
+        }
+    }
+
+    #[test]
+    fn commits_are_blocked_only_when_they_wait_for_named_standbys_none_in_sync() {
+        for s in [
+            status("on", "nosuch", vec![standby(Some("async"))]),
+            status("remote_apply", "ANY 1 (a, b)", vec![]),
+            status("on", "b", vec![standby(Some("potential"))]),
+        ] {
+            assert!(s.commits_blocked(), "{s:?}");
+        }
+        let mut on_a_standby = status("on", "b", vec![]);
+        on_a_standby.in_recovery = true;
+        for s in [
+            status("on", "b", vec![standby(Some("sync"))]),
+            status("on", "ANY 1 (a, b)", vec![standby(Some("quorum"))]),
+            status("local", "b", vec![]),
+            status("off", "b", vec![]),
+            status("on", "", vec![]),
+            status("on", " ", vec![standby(Some("async"))]),
+            // Hidden from this role: not known, so not said.
+            status("on", "b", vec![standby(None)]),
+            on_a_standby,
+        ] {
+            assert!(!s.commits_blocked(), "{s:?}");
         }
     }
 
