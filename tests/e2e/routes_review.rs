@@ -274,11 +274,10 @@ v = "$.v"
     check(&c, res);
 }
 
-/// A JSON array cannot fill an array column (`int[]`, `text[]`): it is sent as JSON text
-/// (`[1,2]`), which PostgreSQL refuses as a malformed array literal, so every such message is a
-/// `rejected_by_database` dead letter. The string form `"{1,2}"` works.
+/// A JSON array fills an array column (`int[]`, `text[]`). Before the fix it was sent as JSON
+/// text (`[1,2]`), which PostgreSQL refuses as a malformed array literal, so every such message
+/// was a `rejected_by_database` dead letter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs an array column kind converting a JSON array to an array literal (element quoting, nesting, NULLs)"]
 async fn a_json_array_fills_an_array_column() {
     let mut c = routed(
         "CREATE TABLE arrays (id text PRIMARY KEY, a int[], t text[])",

@@ -124,6 +124,26 @@ fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
 }
 
+/// A JSON array as PostgreSQL's array text (`{"a b","c,d",NULL}`), for an array column: every
+/// element quoted (an integer array takes `"1"` too), JSON `null` as NULL, a nested array as a
+/// nested dimension, an object as its JSON text. What the element type refuses (a ragged nesting,
+/// `"x"` for an integer) is the database's to refuse, isolated like any refused value.
+fn array_literal(v: &Value) -> String {
+    match v {
+        Value::Array(items) => {
+            let inner: Vec<String> = items.iter().map(array_literal).collect();
+            format!("{{{}}}", inner.join(","))
+        }
+        Value::Null => "NULL".into(),
+        Value::String(s) => quote_element(s),
+        other => quote_element(&other.to_string()),
+    }
+}
+
+fn quote_element(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
 /// `v` as text the column's type takes; `None` for NULL (a JSON `null` too).
 fn convert(c: &ResolvedColumn, v: Val<'_>) -> Result<Option<String>, String> {
     let whole;
@@ -146,6 +166,11 @@ fn convert(c: &ResolvedColumn, v: Val<'_>) -> Result<Option<String>, String> {
         Val::Time(t) => Scalar::Time(t),
         Val::Int(i) => Scalar::Num(i.to_string()),
     };
+    if c.kind == ColumnKind::Other && c.sql_type.ends_with("[]") {
+        if let Scalar::Composite(j @ Value::Array(_)) = &text {
+            return Ok(Some(array_literal(j)));
+        }
+    }
     let out = match c.kind {
         ColumnKind::Text | ColumnKind::Other => match text {
             Scalar::Str(s) | Scalar::Num(s) => s,
@@ -400,6 +425,16 @@ fn trim_zeros(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_json_array_becomes_postgresql_array_text() {
+        let v: Value = serde_json::json!([1, [2, 3], null, "a \"b\" \\ c", "x,y", {"k": 1}, true]);
+        assert_eq!(
+            array_literal(&v),
+            r#"{"1",{"2","3"},NULL,"a \"b\" \\ c","x,y","{\"k\":1}","true"}"#
+        );
+        assert_eq!(array_literal(&serde_json::json!([])), "{}");
+    }
+
     use super::*;
     use leasehold_config::{OnConflict, RouteSpec};
     use leasehold_decode::Decoder;
