@@ -422,24 +422,18 @@ mod tests {
                 ColumnKind::Int4,
             ),
         ];
-        ResolvedRoute {
-            spec: RouteSpec {
-                name: name.into(),
-                topics: vec![filter.into()],
-                table: name.into(),
-                key: vec!["id".into()],
-                on_conflict,
-                columns: columns
-                    .iter()
-                    .map(|c| (c.name.clone(), c.source.clone()))
-                    .collect(),
-            },
-            schema: "public".into(),
+        let spec = RouteSpec {
+            name: name.into(),
+            topics: vec![filter.into()],
             table: name.into(),
-            qualified: format!("\"public\".\"{name}\""),
-            columns,
-            key: vec![0],
-        }
+            key: vec!["id".into()],
+            on_conflict,
+            columns: columns
+                .iter()
+                .map(|c| (c.name.clone(), c.source.clone()))
+                .collect(),
+        };
+        ResolvedRoute::new(spec, "public".into(), name.into(), columns)
     }
 
     #[test]

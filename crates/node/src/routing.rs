@@ -452,24 +452,18 @@ mod tests {
     }
 
     fn route(columns: Vec<ResolvedColumn>) -> ResolvedRoute {
-        ResolvedRoute {
-            spec: RouteSpec {
-                name: "r".into(),
-                topics: vec!["eq/+/d".into()],
-                table: "t".into(),
-                key: vec![columns[0].name.clone()],
-                on_conflict: OnConflict::Nothing,
-                columns: columns
-                    .iter()
-                    .map(|c| (c.name.clone(), c.source.clone()))
-                    .collect(),
-            },
-            schema: "public".into(),
+        let spec = RouteSpec {
+            name: "r".into(),
+            topics: vec!["eq/+/d".into()],
             table: "t".into(),
-            qualified: "\"public\".\"t\"".into(),
-            columns,
-            key: vec![0],
-        }
+            key: vec![columns[0].name.clone()],
+            on_conflict: OnConflict::Nothing,
+            columns: columns
+                .iter()
+                .map(|c| (c.name.clone(), c.source.clone()))
+                .collect(),
+        };
+        ResolvedRoute::new(spec, "public".into(), "t".into(), columns)
     }
 
     fn parse(body: &str) -> Parsed {

@@ -384,24 +384,18 @@ pub(crate) mod tests {
             ),
             column("by", Source::WrittenBy, "text", ColumnKind::Text),
         ];
-        ResolvedRoute {
-            spec: RouteSpec {
-                name: name.into(),
-                topics: vec!["eq/+/d".into()],
-                table: "t".into(),
-                key: vec!["id".into(), "at".into()],
-                on_conflict,
-                columns: columns
-                    .iter()
-                    .map(|c| (c.name.clone(), c.source.clone()))
-                    .collect(),
-            },
-            schema: "public".into(),
+        let spec = RouteSpec {
+            name: name.into(),
+            topics: vec!["eq/+/d".into()],
             table: "t".into(),
-            qualified: "\"public\".\"t\"".into(),
-            columns,
-            key: vec![0, 1],
-        }
+            key: vec!["id".into(), "at".into()],
+            on_conflict,
+            columns: columns
+                .iter()
+                .map(|c| (c.name.clone(), c.source.clone()))
+                .collect(),
+        };
+        ResolvedRoute::new(spec, "public".into(), "t".into(), columns)
     }
 
     #[test]

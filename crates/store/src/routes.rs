@@ -25,6 +25,32 @@ pub struct ResolvedRoute {
     pub key: Vec<usize>,
 }
 
+impl ResolvedRoute {
+    /// A route whose checks passed, on table `schema`.`table` (as stored): the quoted name and the
+    /// key's positions follow from the names.
+    pub fn new(
+        spec: RouteSpec,
+        schema: String,
+        table: String,
+        columns: Vec<ResolvedColumn>,
+    ) -> Self {
+        let qualified = format!("{}.{}", quote_ident(&schema), quote_ident(&table));
+        let key = spec
+            .key
+            .iter()
+            .filter_map(|k| columns.iter().position(|c| &c.name == k))
+            .collect();
+        ResolvedRoute {
+            spec,
+            schema,
+            table,
+            qualified,
+            columns,
+            key,
+        }
+    }
+}
+
 /// One mapped column as the database has it.
 #[derive(Debug, Clone)]
 pub struct ResolvedColumn {
@@ -344,22 +370,16 @@ async fn resolve_one(
     }
     privileges(spec, &mapped, &qualified, who, found);
 
-    let key = check_key(client, spec, oid, &qualified, found).await?;
-    let key: Vec<usize> = key
-        .iter()
-        .filter_map(|k| columns.iter().position(|c| &c.name == k))
-        .collect();
+    check_key(client, spec, oid, &qualified, found).await?;
     if !found.list.is_empty() {
         return Ok(None);
     }
-    Ok(Some(ResolvedRoute {
-        spec: spec.clone(),
+    Ok(Some(ResolvedRoute::new(
+        spec.clone(),
         schema,
-        table: name,
-        qualified,
+        name,
         columns,
-        key,
-    }))
+    )))
 }
 
 /// INSERT on every mapped column; SELECT too (the stored row is read back to tell a duplicate
@@ -416,14 +436,14 @@ fn privileges(
 }
 
 /// `key` must be exactly the columns of a unique index or primary key that `ON CONFLICT` can
-/// use: not partial, no expressions, not deferrable. The key's column names, when it is.
+/// use: not partial, no expressions, not deferrable.
 async fn check_key(
     client: &Client,
     spec: &RouteSpec,
     oid: u32,
     qualified: &str,
     found: &mut Problems<'_>,
-) -> Result<Vec<String>> {
+) -> Result<()> {
     let indexes = op::all(
         client,
         Op::RouteCheck,
@@ -460,7 +480,7 @@ async fn check_key(
     };
     let usable = |ix: &UniqueIndex| !ix.partial && !ix.expressions && !ix.deferrable;
     if indexes.iter().any(|ix| usable(ix) && same(ix)) {
-        return Ok(spec.key.clone());
+        return Ok(());
     }
     let key = spec
         .key
@@ -490,7 +510,7 @@ async fn check_key(
         }
     };
     found.add(None, message);
-    Ok(Vec::new())
+    Ok(())
 }
 
 /// Casts a literal to the column's type once, in SQL: `Err` holds the database's words.
