@@ -3,11 +3,10 @@
 //! be in the route's table exactly once, and a leader that lost its lease must not commit one row
 //! into it.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::helpers::{check, Cluster, POLL, TTL};
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use leasehold_testkit::publish::Stream;
 use leasehold_testkit::{eventually, http};
 
@@ -59,74 +58,31 @@ async fn start(on_conflict: &str) -> Result<(Cluster, String, i64)> {
     Ok((c, leader, epoch))
 }
 
-async fn route_rows(c: &Cluster, sql: &str) -> Result<i64> {
-    c.count(sql).await
-}
+/// The route table's rows of run `$1` by seq, and its rows written by node `$1`.
+const SEQ_COUNTS: &str = "SELECT seq, count(*) FROM plant.readings WHERE run = $1 GROUP BY seq";
+const WRITTEN_BY: &str = "SELECT count(*) FROM plant.readings WHERE writer = $1";
 
-/// seq -> rows of `run` in the route's table.
-async fn seq_counts(c: &Cluster, run: &str) -> Result<BTreeMap<i64, i64>> {
-    let db = c.pg.client().await?;
-    let rows = db
-        .query(
-            "SELECT seq, count(*) FROM plant.readings WHERE run = $1 GROUP BY seq",
-            &[&run],
-        )
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1)))
-        .collect())
-}
-
-/// Waits until every seq of 0..n is in the route's table, then checks each is there once, that
-/// nothing of the run went to `telemetry`, and that no dead letter was made.
+/// Every seq of 0..n in the route's table once, nothing of the run in `telemetry`, and no dead
+/// letter.
 async fn exactly_once_in_route(c: &Cluster, run: &str, n: u64) -> Result<()> {
-    let n = n as i64;
-    let waited = eventually(
-        Duration::from_secs(40),
-        "every published message in the route's table",
-        || async { Ok(seq_counts(c, run).await?.len() as i64 >= n) },
-    )
-    .await;
-    let counts = seq_counts(c, run).await?;
-    let missing: Vec<i64> = (0..n).filter(|s| !counts.contains_key(s)).collect();
-    let twice = counts.values().filter(|v| **v != 1).count();
-    if waited.is_err() || !missing.is_empty() || twice > 0 || counts.len() as i64 != n {
-        bail!(
-            "run {run}: {} of {n} missing (first {:?}), {twice} stored more than once, {} rows",
-            missing.len(),
-            missing.iter().take(10).collect::<Vec<_>>(),
-            counts.len()
-        );
-    }
-    let elsewhere = route_rows(
-        c,
-        &format!("SELECT count(*) FROM telemetry WHERE payload->>'run' = '{run}'"),
-    )
-    .await?;
+    c.assert_exactly_once_in(SEQ_COUNTS, run, n).await?;
+    let elsewhere = c
+        .count(&format!(
+            "SELECT count(*) FROM telemetry WHERE payload->>'run' = '{run}'"
+        ))
+        .await?;
     ensure!(
         elsewhere == 0,
         "{elsewhere} messages of the route went to telemetry"
     );
-    let dead = route_rows(c, "SELECT count(*) FROM dead_letters").await?;
+    let dead = c.count("SELECT count(*) FROM dead_letters").await?;
     ensure!(dead == 0, "{dead} dead letters");
     Ok(())
 }
 
-async fn written_by(c: &Cluster, node: &str) -> Result<i64> {
-    route_rows(
-        c,
-        &format!("SELECT count(*) FROM plant.readings WHERE writer = '{node}'"),
-    )
-    .await
-}
-
 /// Waits until `node` has written more than `rows` rows into the route's table.
 async fn wait_route_written(c: &Cluster, node: &str, rows: i64, within: Duration) -> Result<()> {
-    eventually(within, &format!("{node} writing the route"), || async {
-        Ok(written_by(c, node).await? > rows)
-    })
-    .await?;
+    c.wait_written_in(WRITTEN_BY, node, rows, within).await?;
     Ok(())
 }
 
@@ -164,7 +120,7 @@ async fn a_route_through_a_paused_leader_gets_no_row_under_the_stale_epoch() {
         c.node(&leader).signal(libc::SIGSTOP);
         wait_route_written(&c, &standby, 0, Duration::from_secs(15)).await?;
         let stale = format!("SELECT count(*) FROM plant.readings WHERE epoch = {old_epoch}");
-        let before = route_rows(&c, &stale).await?;
+        let before = c.count(&stale).await?;
         // Resume the old leader well past its TTL; it must see itself as a standby and commit
         // nothing more under its old epoch (with "update", the new leader may rewrite some of
         // its rows on redelivery, so the count may fall; it must never rise).
@@ -182,7 +138,7 @@ async fn a_route_through_a_paused_leader_gets_no_row_under_the_stale_epoch() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let n = stream.stop().await?;
         exactly_once_in_route(&c, "route-sigstop", n).await?;
-        let after = route_rows(&c, &stale).await?;
+        let after = c.count(&stale).await?;
         ensure!(
             after <= before,
             "the paused leader committed {} rows into the route after the takeover",

@@ -65,6 +65,12 @@ pub fn test_settings() -> Vec<(&'static str, String)> {
     ]
 }
 
+/// `telemetry`'s rows of run `$1` by seq (what [`Cluster::assert_exactly_once`] counts).
+pub const TELEMETRY_SEQ_COUNTS: &str = "SELECT (payload->>'seq')::bigint, count(*) FROM telemetry WHERE payload->>'run' = $1 GROUP BY 1";
+
+/// `telemetry`'s rows written by node `$1`.
+pub const TELEMETRY_WRITTEN_BY: &str = "SELECT count(*) FROM telemetry WHERE written_by = $1";
+
 pub struct Cluster<D: Database = Postgres> {
     /// The `leasehold` binary every node runs.
     pub bin: PathBuf,
@@ -193,28 +199,35 @@ impl<D: Database> Cluster<D> {
 
     /// seq -> number of telemetry rows for the run.
     pub async fn seq_counts(&self, run: &str) -> Result<BTreeMap<u64, i64>> {
+        self.seq_counts_in(TELEMETRY_SEQ_COUNTS, run).await
+    }
+
+    /// seq -> rows for the run, by `sql`: `(seq bigint, count bigint)` of run `$1` (a route's
+    /// table, say; [`TELEMETRY_SEQ_COUNTS`] for `telemetry`).
+    pub async fn seq_counts_in(&self, sql: &str, run: &str) -> Result<BTreeMap<u64, i64>> {
         let c = self.pg.client().await?;
-        let rows = c
-            .query(
-                "SELECT (payload->>'seq')::bigint, count(*) FROM telemetry WHERE payload->>'run' = $1 GROUP BY 1",
-                &[&run],
-            )
-            .await?;
+        let rows = c.query(sql, &[&run]).await?;
         Ok(rows
             .iter()
             .map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, i64>(1)))
             .collect())
     }
 
-    /// Waits until every seq in 0..n is stored, then checks each exactly once.
+    /// Waits until every seq in 0..n is stored in telemetry, then checks each exactly once.
     pub async fn assert_exactly_once(&self, run: &str, n: u64) -> Result<()> {
+        self.assert_exactly_once_in(TELEMETRY_SEQ_COUNTS, run, n)
+            .await
+    }
+
+    /// [`Cluster::assert_exactly_once`] for the rows `sql` counts (see [`Cluster::seq_counts_in`]).
+    pub async fn assert_exactly_once_in(&self, sql: &str, run: &str, n: u64) -> Result<()> {
         let waited = eventually(
             Duration::from_secs(40),
-            "every published message in telemetry",
-            || async { Ok(self.seq_counts(run).await?.len() as u64 >= n) },
+            "every published message stored",
+            || async { Ok(self.seq_counts_in(sql, run).await?.len() as u64 >= n) },
         )
         .await;
-        let counts = self.seq_counts(run).await?;
+        let counts = self.seq_counts_in(sql, run).await?;
         let missing: Vec<u64> = (0..n).filter(|s| !counts.contains_key(s)).collect();
         let dups: Vec<(&u64, &i64)> = counts.iter().filter(|(_, c)| **c != 1).collect();
         let extra: Vec<&u64> = counts.keys().filter(|s| **s >= n).collect();
@@ -274,20 +287,32 @@ impl<D: Database> Cluster<D> {
 
     /// Rows written by `node` so far.
     pub async fn written_by(&self, node: &str) -> Result<i64> {
+        self.written_by_in(TELEMETRY_WRITTEN_BY, node).await
+    }
+
+    /// Rows `sql` counts for writer `$1` (a route's table, say; [`TELEMETRY_WRITTEN_BY`] for
+    /// `telemetry`).
+    pub async fn written_by_in(&self, sql: &str, node: &str) -> Result<i64> {
         let db = self.pg.client().await?;
-        Ok(db
-            .query_one(
-                "SELECT count(*) FROM telemetry WHERE written_by = $1",
-                &[&node],
-            )
-            .await?
-            .get(0))
+        Ok(db.query_one(sql, &[&node]).await?.get(0))
     }
 
     /// Waits until `node` has written more than `rows` rows; returns how long that took.
     pub async fn wait_written(&self, node: &str, rows: i64, timeout: Duration) -> Result<Duration> {
+        self.wait_written_in(TELEMETRY_WRITTEN_BY, node, rows, timeout)
+            .await
+    }
+
+    /// [`Cluster::wait_written`] for the rows `sql` counts (see [`Cluster::written_by_in`]).
+    pub async fn wait_written_in(
+        &self,
+        sql: &str,
+        node: &str,
+        rows: i64,
+        timeout: Duration,
+    ) -> Result<Duration> {
         eventually(timeout, &format!("{node} writing"), || async {
-            Ok(self.written_by(node).await? > rows)
+            Ok(self.written_by_in(sql, node).await? > rows)
         })
         .await
     }
