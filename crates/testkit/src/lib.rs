@@ -82,6 +82,18 @@ fn as_user(cmd: &mut Command, user: Option<(u32, u32)>) {
     }
 }
 
+/// Runs a server tool (`initdb`, `pg_basebackup`) to its end as `user`; its error output is the
+/// error when it fails.
+pub(crate) fn run_as(cmd: &mut Command, user: Option<(u32, u32)>, what: &str) -> Result<()> {
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    as_user(cmd, user);
+    let out = cmd.output().with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
 fn signal(pid: u32, sig: i32) {
     // SAFETY: kill(2) on a pid we spawned; an error (already gone) is harmless here.
     unsafe {
@@ -236,14 +248,8 @@ impl Postgres {
             "--no-sync",
             "-D",
         ])
-        .arg(&data)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-        as_user(&mut cmd, user);
-        let out = cmd.output().context("running initdb")?;
-        if !out.status.success() {
-            bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
+        .arg(&data);
+        run_as(&mut cmd, user, "initdb")?;
         let mut conf = String::from("listen_addresses = '127.0.0.1'\nmax_connections = 200\n");
         if !durable {
             conf.push_str("fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n");
@@ -373,17 +379,8 @@ impl Postgres {
             "--no-sync",
             "-D",
         ])
-        .arg(&data)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-        as_user(&mut cmd, user);
-        let out = cmd.output().context("running pg_basebackup")?;
-        if !out.status.success() {
-            bail!(
-                "pg_basebackup failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        .arg(&data);
+        run_as(&mut cmd, user, "pg_basebackup")?;
         // After -R's line: the same primary, under the name synchronous_standby_names uses.
         let mut conf = std::fs::read_to_string(data.join("postgresql.auto.conf"))?;
         conf.push_str(&format!(

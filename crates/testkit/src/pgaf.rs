@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{as_user, chown_dir, eventually, free_port, server_user, signal, Dir};
+use crate::{as_user, chown_dir, eventually, free_port, run_as, server_user, signal, Dir};
 
 /// The monitor settings the tests run with (pg_auto_failover's defaults in comments): a node is
 /// judged unhealthy after ~3 s without answers instead of 20 s, and a primary that does not
@@ -314,14 +314,8 @@ impl Pgaf {
         let mut cmd = Command::new(Path::new(PG15_BIN).join("initdb"));
         cmd.args(["-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync", "-D"])
             .arg(pgdata)
-            .current_dir(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        as_user(&mut cmd, self.user);
-        let out = cmd.output().context("running initdb")?;
-        if !out.status.success() {
-            bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
+            .current_dir(self.dir.path());
+        run_as(&mut cmd, self.user, "initdb")?;
         let conf = pgdata.join("postgresql.conf");
         let mut text = std::fs::read_to_string(&conf)?;
         text.push_str("\ntrack_commit_timestamp = on\n");
