@@ -13,13 +13,13 @@ use leasehold_testkit::{eventually, memory_of, Dir, Mosquitto, NodeProc, Postgre
 use crate::args::{Args, Child};
 use crate::child::{self, ChildReport};
 use crate::mqtt::{create_session, drop_session, publish};
-use crate::probes::{check_upsert_wrote, count, fsync_per_sec, receive_to_last_commit};
+use crate::probes::{check_upsert_wrote, count, fsync_per_sec};
 use crate::report::{mib, Leasehold, Outage, Results, SlowFlush, Upsert};
 use crate::rig::{
     latency_run, leader_summary, leasehold_live, stop_node, upsert_run, wait_leading, Rig,
     LEADER_SESSION,
 };
-use crate::route::routes_phase;
+use crate::route::{drain_and_stop, routes_phase, Target};
 
 /// Every phase, then the table, the checks and the JSON report.
 pub async fn orchestrate(o: Args) -> Result<()> {
@@ -131,27 +131,11 @@ async fn leasehold_phase(rig: &Rig<'_>, n: u64) -> Result<Leasehold> {
     })
 }
 
-/// Capacity: the leader stopped, the same messages queued in its session, then drained. Returns
-/// the drain's rate and the new leader's RSS.
+/// Capacity: the leader stopped, the same messages queued in its session, then drained into
+/// `telemetry`. Returns the drain's rate and the new leader's RSS.
 async fn leasehold_capacity(rig: &Rig<'_>, n: u64) -> Result<(f64, u64)> {
-    publish(rig.mq.port, "leasehold-cap", n, 0).await?;
-    let mut node = rig.spawn_node("bench-leader")?;
-    eventually(
-        Duration::from_secs(300),
-        "leasehold to drain the queued session",
-        || async { Ok(count(&rig.db, "leasehold-cap").await? >= n as i64) },
-    )
-    .await?;
-    let (crows, csecs) = receive_to_last_commit(&rig.db, "leasehold-cap").await?;
-    eprintln!(
-        "bench: leader after the drain: {}",
-        leader_summary(&node).await
-    );
-    let capacity = crows as f64 / csecs.max(1e-9);
-    let peak = memory_of(node.pid()).map(|m| m.0).unwrap_or(0);
-    stop_node(&mut node).await?;
-    drop_session(rig.mq.port, LEADER_SESSION).await?;
-    Ok((capacity, peak))
+    let d = drain_and_stop(rig, "leasehold-cap", n, Target::Default).await?;
+    Ok((d.rate, d.peak_rss))
 }
 
 /// Phase 2, the per-message upsert, live with the same publisher (it falls behind; the broker

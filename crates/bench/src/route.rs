@@ -165,7 +165,8 @@ pub async fn routes_phase(rig: &Rig<'_>, n: u64) -> Result<Routes> {
     Ok(Routes { default, typed })
 }
 
-async fn drain_and_stop(rig: &Rig<'_>, run: &str, n: u64, target: Target) -> Result<Drain> {
+/// [`drain`], then the leader stopped and its session deleted.
+pub async fn drain_and_stop(rig: &Rig<'_>, run: &str, n: u64, target: Target) -> Result<Drain> {
     let (d, mut node) = drain(rig, run, n, target).await?;
     stop_node(&mut node).await?;
     drop_session(rig.mq.port, LEADER_SESSION).await?;
