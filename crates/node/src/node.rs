@@ -583,6 +583,14 @@ async fn heartbeat(
     // node can judge the session-lost and client-id alerts from this table.
     let mut reported = (None, None);
     let mut beats = 0u32;
+    // How a stuck beat's statement is cancelled: the server's TLS settings, read once.
+    let cancel_tls = match leasehold_store::pg_config(&url, "leasehold-cancel") {
+        Ok((_, tls)) => Some(tls),
+        Err(e) => {
+            tracing::debug!(error = %e, "a stuck heartbeat statement cannot be cancelled");
+            None
+        }
+    };
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -608,7 +616,9 @@ async fn heartbeat(
         let work = async {
             let c = leasehold_store::pooled(&pool).await?;
             if let Ok(mut r) = running.lock() {
-                *r = leasehold_store::CancelHandle::of(&c, &url).ok();
+                *r = cancel_tls
+                    .clone()
+                    .map(|tls| leasehold_store::CancelHandle::with_tls(&c, tls));
             }
             queries::heartbeat(
                 &**c,

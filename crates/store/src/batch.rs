@@ -258,14 +258,14 @@ pub struct CancelHandle {
 }
 
 impl CancelHandle {
-    /// The handle of `client`, a connection to `url` (its TLS settings reach the server's
-    /// cancel port too).
-    pub fn of(client: &tokio_postgres::Client, url: &str) -> Result<Self> {
-        let (_, tls) = pg_config(url, "leasehold-cancel")?;
-        Ok(CancelHandle {
+    /// The handle of `client`, with the TLS settings of its server (`pg_config`'s), so the
+    /// cancel request reaches the server's cancel port as the connection did. A caller that takes
+    /// a handle per statement builds them once.
+    pub fn with_tls(client: &tokio_postgres::Client, tls: tls::MakeRustls) -> Self {
+        CancelHandle {
             token: client.cancel_token(),
             tls,
-        })
+        }
     }
 
     pub async fn cancel(&self) -> Result<()> {
@@ -300,10 +300,7 @@ impl BatchWriter {
             Ok(client.prepare(BATCH_SQL).await?)
         })
         .await?;
-        let cancel = CancelHandle {
-            token: client.cancel_token(),
-            tls,
-        };
+        let cancel = CancelHandle::with_tls(&client, tls);
         Ok(BatchWriter {
             client,
             stmt,
