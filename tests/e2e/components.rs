@@ -5,11 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use chrono::Utc;
 use leasehold_config::{LeaseTimings, MqttEndpoint};
 use leasehold_ingest::{IngestConfig, MqttIngest};
 use leasehold_lease::{Lease, LeaseConfig, Role};
-use leasehold_store::{BatchWriter, Fence, Row, StoreError};
+use leasehold_store::{BatchWriter, Fence, RouteRow, StoreError};
 use leasehold_testkit::publish::publish_all;
 use leasehold_testkit::{eventually, Mosquitto, Postgres};
 use tokio::sync::watch;
@@ -22,19 +21,15 @@ async fn migrated() -> Result<Postgres> {
     Ok(pg)
 }
 
-fn row(device: &str, secs: i64) -> Row {
+fn row(device: &str, secs: i64) -> RouteRow {
     let ts = chrono::DateTime::from_timestamp(secs, 0).unwrap_or_default();
-    Row {
-        idx: secs as usize,
-        device_id: device.into(),
-        topic: format!("devices/{device}/telemetry"),
+    RouteRow::reading(
+        secs as usize,
+        device,
+        &format!("devices/{device}/telemetry"),
         ts,
-        payload: "{}".into(),
-        received_at: Utc::now(),
-        content_hash: None,
-        pkid: 0,
-        dup: false,
-    }
+        "{}",
+    )
 }
 
 #[tokio::test]
@@ -60,8 +55,8 @@ async fn a_writer_whose_epoch_was_bumped_cannot_commit_a_single_row() -> Result<
         holder_id: "h1".into(),
         epoch: 7,
     };
-    let out = w.write(&fence, &[row("d", 1)], &[], &[]).await?;
-    ensure!(out.inserted == 1);
+    let out = w.write(&fence, &[row("d", 1)], &[]).await?;
+    ensure!(out.routes[0].written == 1);
 
     // Another holder takes over: epoch 8.
     admin
@@ -70,7 +65,7 @@ async fn a_writer_whose_epoch_was_bumped_cannot_commit_a_single_row() -> Result<
             &[],
         )
         .await?;
-    let err = w.write(&fence, &[row("d", 2), row("d", 3)], &[], &[]).await;
+    let err = w.write(&fence, &[row("d", 2), row("d", 3)], &[]).await;
     ensure!(
         matches!(err, Err(StoreError::Fenced { epoch: 7 })),
         "expected fenced, got {err:?}"
@@ -78,7 +73,7 @@ async fn a_writer_whose_epoch_was_bumped_cannot_commit_a_single_row() -> Result<
 
     // Same holder and epoch but expired on the database clock: fenced too.
     admin.execute("UPDATE instance_lock SET holder_id = 'h1', epoch = 7, expires_at = now() - interval '1 ms'", &[]).await?;
-    let err = w.write(&fence, &[row("d", 4)], &[], &[]).await;
+    let err = w.write(&fence, &[row("d", 4)], &[]).await;
     ensure!(
         matches!(err, Err(StoreError::Fenced { .. })),
         "expired lease must fence, got {err:?}"

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use leasehold_store::{BatchWriter, Fence, Row};
+use leasehold_store::{BatchWriter, Fence, RouteRow};
 use leasehold_testkit::cluster::{self, check};
 use leasehold_testkit::pgaf::Pgaf;
 use leasehold_testkit::publish::Stream;
@@ -333,7 +333,7 @@ async fn a_cancelled_wait_for_the_standby_is_seen_and_the_commit_is_not_confirme
         )
         .await?;
         // Replicated: no warning, and confirmed on the standby.
-        w.write(&fence, &[reading(1)], &[], &[]).await?;
+        w.write(&fence, &[reading(1)], &[]).await?;
         ensure!(
             w.unreplicated_commit().is_none(),
             "a warning on a replicated commit"
@@ -348,13 +348,13 @@ async fn a_cancelled_wait_for_the_standby_is_seen_and_the_commit_is_not_confirme
         pgaf.pause_wal_senders(&primary, true)?;
         let stop = w.cancel_handle();
         let second = [reading(2)];
-        let (written, cancelled) = tokio::join!(w.write(&fence, &second, &[], &[]), async {
+        let (written, cancelled) = tokio::join!(w.write(&fence, &second, &[]), async {
             tokio::time::sleep(Duration::from_millis(700)).await;
             stop.cancel().await
         });
         cancelled?;
         let out = written.context("PostgreSQL reports the cancelled commit as a success")?;
-        ensure!(out.inserted == 1, "{out:?}");
+        ensure!(out.routes[0].written == 1, "{out:?}");
         let warning = w
             .unreplicated_commit()
             .context("no warning seen for the cancelled wait")?;
@@ -383,16 +383,12 @@ async fn a_cancelled_wait_for_the_standby_is_seen_and_the_commit_is_not_confirme
 }
 
 /// A reading for the store-level test.
-fn reading(secs: i64) -> Row {
-    Row {
-        idx: 0,
-        device_id: "d".into(),
-        topic: "devices/d/telemetry".into(),
-        ts: chrono::DateTime::from_timestamp(secs, 0).unwrap_or_default(),
-        payload: "{}".into(),
-        received_at: chrono::Utc::now(),
-        content_hash: None,
-        pkid: 0,
-        dup: false,
-    }
+fn reading(secs: i64) -> RouteRow {
+    RouteRow::reading(
+        0,
+        "d",
+        "devices/d/telemetry",
+        chrono::DateTime::from_timestamp(secs, 0).unwrap_or_default(),
+        "{}",
+    )
 }

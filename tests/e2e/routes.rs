@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use leasehold_config::{OnConflict, RouteSpec, Source};
-use leasehold_store::{BatchWriter, Fence, RouteRow, RoutedMessage, StoreError};
+use leasehold_store::routes::ResolvedRoute;
+use leasehold_store::{BatchWriter, Fence, Message, RouteRow, StoreError, Value};
 use leasehold_testkit::publish::publish_all;
 use leasehold_testkit::{eventually, http, metric, Postgres};
 
@@ -518,7 +519,12 @@ async fn a_writer_whose_lease_was_taken_over_commits_no_row_into_a_route() -> Re
         leasehold_store::DEFAULT_REDELIVERY_WINDOW,
     )
     .await?;
-    w.use_routes(routes.into()).await?;
+    w.use_routes(
+        std::iter::once(ResolvedRoute::telemetry())
+            .chain(routes)
+            .collect(),
+    )
+    .await?;
     let fence = Fence {
         lease_name: "mqtt-ingest".into(),
         holder_id: "h1".into(),
@@ -526,25 +532,26 @@ async fn a_writer_whose_lease_was_taken_over_commits_no_row_into_a_route() -> Re
     };
     let row = |idx: usize, id: &str| RouteRow {
         idx,
-        route: 0,
-        values: vec![Some(id.to_string()), Some("1".into())],
-        message: std::sync::Arc::new(RoutedMessage {
+        route: 1,
+        values: vec![Value::Text(id.to_string()), Value::Text("1".into())],
+        message: std::sync::Arc::new(Message {
             topic: format!("o/{id}"),
             payload: b"1".to_vec().into(),
             received_at: chrono::Utc::now(),
             pkid: 1,
             dup: false,
+            content_hash: None,
         }),
     };
-    let out = w.write(&fence, &[], &[], &[row(0, "x")]).await?;
-    ensure!(out.routes[0].written == 1, "{out:?}");
+    let out = w.write(&fence, &[row(0, "x")], &[]).await?;
+    ensure!(out.routes[1].written == 1, "{out:?}");
     admin
         .execute(
             "UPDATE instance_lock SET holder_id = 'h2', instance_id = 'b', epoch = 8",
             &[],
         )
         .await?;
-    let err = w.write(&fence, &[], &[], &[row(0, "y"), row(1, "z")]).await;
+    let err = w.write(&fence, &[row(0, "y"), row(1, "z")], &[]).await;
     ensure!(
         matches!(err, Err(StoreError::Fenced { epoch: 7 })),
         "expected fenced, got {err:?}"
@@ -675,7 +682,12 @@ async fn a_redelivered_conflict_is_one_dead_letter_and_a_row_a_trigger_skips_is_
         leasehold_store::DEFAULT_REDELIVERY_WINDOW,
     )
     .await?;
-    w.use_routes(routes.into()).await?;
+    w.use_routes(
+        std::iter::once(ResolvedRoute::telemetry())
+            .chain(routes)
+            .collect(),
+    )
+    .await?;
     let fence = Fence {
         lease_name: "mqtt-ingest".into(),
         holder_id: "h1".into(),
@@ -683,28 +695,29 @@ async fn a_redelivered_conflict_is_one_dead_letter_and_a_row_a_trigger_skips_is_
     };
     let row = |id: &str, v: i32, dup: bool| RouteRow {
         idx: 0,
-        route: 0,
-        values: vec![Some(id.to_string()), Some(v.to_string())],
-        message: std::sync::Arc::new(RoutedMessage {
+        route: 1,
+        values: vec![Value::Text(id.to_string()), Value::Text(v.to_string())],
+        message: std::sync::Arc::new(Message {
             topic: format!("o/{id}"),
             payload: format!("{v}").into_bytes().into(),
             received_at: chrono::Utc::now(),
             pkid: 9,
             dup,
+            content_hash: None,
         }),
     };
-    let out = w.write(&fence, &[], &[], &[row("x", 1, false)]).await?;
-    ensure!(out.routes[0].written == 1, "{out:?}");
-    let out = w.write(&fence, &[], &[], &[row("x", 2, false)]).await?;
-    ensure!(out.routes[0].conflicts == [0], "{out:?}");
+    let out = w.write(&fence, &[row("x", 1, false)], &[]).await?;
+    ensure!(out.routes[1].written == 1, "{out:?}");
+    let out = w.write(&fence, &[row("x", 2, false)], &[]).await?;
+    ensure!(out.routes[1].conflicts == [0], "{out:?}");
     // The broker redelivers the conflicting message (DUP, same packet id and bytes).
-    let out = w.write(&fence, &[], &[], &[row("x", 2, true)]).await?;
+    let out = w.write(&fence, &[row("x", 2, true)], &[]).await?;
     ensure!(
-        out.routes[0].conflicts.is_empty() && out.routes[0].duplicates == [0],
+        out.routes[1].conflicts.is_empty() && out.routes[1].duplicates == [0],
         "{out:?}"
     );
-    let out = w.write(&fence, &[], &[], &[row("y", -1, false)]).await?;
-    ensure!(out.routes[0].unstored == [0], "{out:?}");
+    let out = w.write(&fence, &[row("y", -1, false)], &[]).await?;
+    ensure!(out.routes[1].unstored == [0], "{out:?}");
     let dead: Vec<(String, String)> = admin
         .query("SELECT reason, route FROM dead_letters ORDER BY id", &[])
         .await?

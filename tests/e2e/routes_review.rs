@@ -321,7 +321,6 @@ t = "$.t"
 /// with its key"), although the first route stored that very row in the same statement; it is a
 /// duplicate. (Two `"update"` routes into one table work: the later route's row wins.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the statement to compare a route's skipped row with the rows earlier routes of the same table inserted in it"]
 async fn two_routes_into_one_table_store_one_row_and_no_dead_letter() {
     let mut c = routed(
         "CREATE TABLE one (id text PRIMARY KEY, v int, src text);

@@ -73,6 +73,15 @@ pub enum Source {
     DeviceId,
     /// `'MQTT'` (`''` inside for a quote)
     Literal(String),
+    /// `content_hash`: the idempotency key of a reading without its own timestamp (hash of the
+    /// topic and the bytes; NULL when the payload has a timestamp). With `mqtt_pkid` mapped too,
+    /// a broker's redelivery of such a reading is recognised and stored once.
+    ContentHash,
+    /// `mqtt_pkid`: the MQTT packet id the message was delivered with.
+    PacketId,
+    /// `possible_duplicate`: delivered with the DUP flag and without its own timestamp (a
+    /// redelivery whose first copy could not be found is kept, and marked).
+    PossibleDuplicate,
 }
 
 /// One step of a JSON path.
@@ -83,7 +92,7 @@ pub enum PathStep {
 }
 
 /// The forms a source takes, for error messages.
-pub const SOURCES_HELP: &str = "sources are topic, topic[N], payload, $.json.path, timestamp, received_at, written_by, lease_epoch, device_id or a 'literal'";
+pub const SOURCES_HELP: &str = "sources are topic, topic[N], payload, $.json.path, timestamp, received_at, written_by, lease_epoch, device_id, content_hash, mqtt_pkid, possible_duplicate or a 'literal'";
 
 impl Source {
     /// Reads a source as written in `[routes.columns]`.
@@ -94,6 +103,9 @@ impl Source {
             "payload" => Source::Payload,
             "timestamp" => Source::Timestamp,
             "received_at" => Source::ReceivedAt,
+            "content_hash" => Source::ContentHash,
+            "mqtt_pkid" => Source::PacketId,
+            "possible_duplicate" => Source::PossibleDuplicate,
             "written_by" => Source::WrittenBy,
             "lease_epoch" => Source::LeaseEpoch,
             "device_id" => Source::DeviceId,
@@ -134,6 +146,9 @@ impl std::fmt::Display for Source {
             }
             Source::Timestamp => f.write_str("timestamp"),
             Source::ReceivedAt => f.write_str("received_at"),
+            Source::ContentHash => f.write_str("content_hash"),
+            Source::PacketId => f.write_str("mqtt_pkid"),
+            Source::PossibleDuplicate => f.write_str("possible_duplicate"),
             Source::WrittenBy => f.write_str("written_by"),
             Source::LeaseEpoch => f.write_str("lease_epoch"),
             Source::DeviceId => f.write_str("device_id"),
@@ -489,6 +504,9 @@ mod tests {
             ("payload", Source::Payload),
             ("timestamp", Source::Timestamp),
             ("received_at", Source::ReceivedAt),
+            ("content_hash", Source::ContentHash),
+            ("mqtt_pkid", Source::PacketId),
+            ("possible_duplicate", Source::PossibleDuplicate),
             ("written_by", Source::WrittenBy),
             ("lease_epoch", Source::LeaseEpoch),
             ("device_id", Source::DeviceId),

@@ -42,6 +42,39 @@ pub fn fuzz_one(data: &[u8]) {
     );
 }
 
+/// The writer reads a payload with [`Decoder::parse_light`] (or [`Decoder::parse`] for a route
+/// that reads JSON paths) and [`crate::Parsed::reading_error`]: both must accept exactly what
+/// [`Decoder::decode`] accepts, refuse the rest with the same error, and read the same device id
+/// and timestamp.
+fn same_as_the_writers_parse(
+    decoder: &Decoder,
+    topic: &str,
+    payload: &[u8],
+    decoded: &Result<crate::Reading, DecodeError>,
+) {
+    for (how, parsed) in [
+        ("parse", decoder.parse(topic, payload)),
+        ("parse_light", decoder.parse_light(topic, payload)),
+    ] {
+        let read = parsed.and_then(|p| match p.reading_error(topic) {
+            Some(e) => Err(e),
+            None => Ok((p.device_id, p.timestamp)),
+        });
+        match (decoded, read) {
+            (Ok(r), Ok((device_id, ts))) => {
+                assert_eq!(device_id.as_deref(), Some(r.device_id.as_str()), "{how}");
+                let ts = ts.expect("checked by reading_error");
+                assert_eq!(ts.is_none(), r.content_hash.is_some(), "{how}");
+                if let Some(ts) = ts {
+                    assert_eq!(ts, r.ts, "{how}");
+                }
+            }
+            (Err(a), Err(b)) => assert_eq!(a, &b, "{how}"),
+            (a, b) => panic!("{how} disagrees with decode: {a:?} / {b:?}"),
+        }
+    }
+}
+
 /// The decoder's invariants for one message (see the module's documentation).
 pub fn check(decoder: &Decoder, topic: &str, payload: &[u8], max: usize) {
     let received_at = Utc
@@ -54,6 +87,7 @@ pub fn check(decoder: &Decoder, topic: &str, payload: &[u8], max: usize) {
         decoder.decode(topic, payload, received_at),
         "not deterministic"
     );
+    same_as_the_writers_parse(decoder, topic, payload, &result);
     if payload.len() > max {
         assert_eq!(
             result,

@@ -9,6 +9,7 @@
 //! - [`invariants`]: what holds for any input (checked by `make fuzz` and the corpus replay).
 
 pub mod invariants;
+mod light;
 
 use chrono::{DateTime, TimeZone, Utc};
 use serde_json::{Map, Value};
@@ -171,14 +172,15 @@ impl Decoder {
     }
 }
 
-/// A payload checked for a named route: a JSON object within the size limit, with what the
-/// route's sources may read. Unlike [`Decoder::decode`], a missing device id or a bad timestamp
-/// is not an error here: it matters only to a route with a column that reads it.
+/// A payload checked for a route, with what the route's sources may read. Unlike
+/// [`Decoder::decode`], a missing device id or a bad timestamp is not an error here: it matters
+/// only to a route with a column that reads it ([`Parsed::reading_error`] for `telemetry`).
 #[derive(Debug, Clone)]
 pub struct Parsed {
-    pub object: Map<String, Value>,
-    /// The payload text as received.
-    pub text: String,
+    /// The whole object and the payload's text: only from [`Decoder::parse`], for routes that
+    /// read JSON paths; [`Decoder::parse_light`] leaves them out.
+    pub object: Option<Map<String, Value>>,
+    pub text: Option<String>,
     pub device_id: Option<String>,
     /// The reading's timestamp (`timestamp` or `ts`), `Ok(None)` when the payload has none.
     pub timestamp: Result<Option<DateTime<Utc>>, DecodeError>,
@@ -186,14 +188,9 @@ pub struct Parsed {
 
 impl Decoder {
     /// Checks size, JSON object and `\u0000` like [`Decoder::decode`], and reads the device id
-    /// and timestamp without requiring them.
+    /// and timestamp without requiring them; keeps the whole object.
     pub fn parse(&self, topic: &str, payload: &[u8]) -> Result<Parsed, DecodeError> {
-        if payload.len() > self.max_payload_bytes {
-            return Err(DecodeError::TooLarge {
-                size: payload.len(),
-                max: self.max_payload_bytes,
-            });
-        }
+        self.check_size(payload)?;
         let value: Value =
             serde_json::from_slice(payload).map_err(|e| DecodeError::NotJson(e.to_string()))?;
         let object = match value {
@@ -203,21 +200,77 @@ impl Decoder {
         if contains_nul_escape(payload) {
             return Err(DecodeError::NulEscape);
         }
+        let fields = light::Fields {
+            device_id: object.get("device_id").cloned(),
+            ts: object.get("ts").cloned(),
+            timestamp: object.get("timestamp").cloned(),
+        };
+        let mut parsed = self.parsed(topic, fields);
+        parsed.text = Some(String::from_utf8_lossy(payload).into_owned());
+        parsed.object = Some(object);
+        Ok(parsed)
+    }
+
+    /// [`Decoder::parse`] without keeping the object: the same checks (the same JSON grammar
+    /// and limits, every value read as `serde_json` reads it), but only the device id and the
+    /// timestamp are kept, so no map is built. What a route that reads no JSON path needs.
+    pub fn parse_light(&self, topic: &str, payload: &[u8]) -> Result<Parsed, DecodeError> {
+        self.check_size(payload)?;
+        let fields = match serde_json::from_slice::<light::Shape>(payload) {
+            Ok(light::Shape::Object(f)) => f,
+            Ok(light::Shape::Other(k)) => return Err(DecodeError::NotObject(k)),
+            Err(e) => return Err(DecodeError::NotJson(e.to_string())),
+        };
+        if contains_nul_escape(payload) {
+            return Err(DecodeError::NulEscape);
+        }
+        Ok(self.parsed(topic, fields))
+    }
+
+    fn check_size(&self, payload: &[u8]) -> Result<(), DecodeError> {
+        if payload.len() > self.max_payload_bytes {
+            return Err(DecodeError::TooLarge {
+                size: payload.len(),
+                max: self.max_payload_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    fn parsed(&self, topic: &str, f: light::Fields) -> Parsed {
         let device_id = match self.pattern.device_id(topic) {
             Some(d) => Some(d.to_string()),
-            None => match object.get("device_id") {
-                Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+            None => match f.device_id {
+                Some(Value::String(s)) if !s.is_empty() => Some(s),
                 Some(Value::Number(n)) => Some(n.to_string()),
                 _ => None,
             },
         };
-        let timestamp = timestamp(&object);
-        Ok(Parsed {
-            text: String::from_utf8_lossy(payload).into_owned(),
-            object,
+        Parsed {
+            object: None,
+            text: None,
             device_id,
-            timestamp,
-        })
+            timestamp: timestamp_of(f.timestamp.as_ref(), f.ts.as_ref()),
+        }
+    }
+}
+
+impl Parsed {
+    /// Why this payload is not a reading for `telemetry`, which [`Decoder::decode`] would refuse
+    /// it for beyond what [`Decoder::parse`] checks: no device id, one too long, a bad timestamp.
+    pub fn reading_error(&self, topic: &str) -> Option<DecodeError> {
+        match &self.device_id {
+            None => {
+                return Some(DecodeError::NoDeviceId {
+                    topic: topic.to_string(),
+                })
+            }
+            Some(d) if d.chars().count() > MAX_DEVICE_ID_LEN => {
+                return Some(DecodeError::DeviceIdTooLong)
+            }
+            Some(_) => {}
+        }
+        self.timestamp.as_ref().err().cloned()
     }
 }
 
@@ -265,7 +318,14 @@ pub fn content_hash(topic: &str, payload: &[u8]) -> String {
 const MILLIS_THRESHOLD: f64 = 1e11;
 
 fn timestamp(obj: &Map<String, Value>) -> Result<Option<DateTime<Utc>>, DecodeError> {
-    let (field, v) = match (obj.get("timestamp"), obj.get("ts")) {
+    timestamp_of(obj.get("timestamp"), obj.get("ts"))
+}
+
+fn timestamp_of(
+    timestamp: Option<&Value>,
+    ts: Option<&Value>,
+) -> Result<Option<DateTime<Utc>>, DecodeError> {
+    let (field, v) = match (timestamp, ts) {
         (Some(v), _) if !v.is_null() => ("timestamp", v),
         (_, Some(v)) if !v.is_null() => ("ts", v),
         _ => return Ok(None),
@@ -463,6 +523,42 @@ mod tests {
         );
         let c = d().decode("devices/a/t", br#"{"v":2}"#, now()).expect("ok");
         assert_ne!(a.content_hash, c.content_hash);
+    }
+
+    #[test]
+    fn the_light_parse_refuses_and_reads_exactly_what_the_full_parse_does() {
+        let deep = format!("{{\"a\":{}1{}}}", "[".repeat(200), "]".repeat(200));
+        let cases: Vec<&[u8]> = vec![
+            br#"{"v":1e400}"#,
+            br#"{"v":-1e400,"ts":1700000000}"#,
+            br#"{"v":"\ud800"}"#,
+            br#"{"\ud800":1}"#,
+            br#"{"ts":1,"ts":2}"#,
+            br#"{"ts":null,"timestamp":1700000000}"#,
+            br#"{"timestamp":null,"ts":1700000000}"#,
+            br#"{"device_id":"a","device_id":7}"#,
+            br#"{"device_id":""}"#,
+            br#"{"d\u0065vice_id":"escaped-key"}"#,
+            br#"{"v":[1,{"x":[true,null]}],"ts":"2026-01-02T03:04:05.123456789Z"}"#,
+            br#"{} "#,
+            br#"{}x"#,
+            br#"{"a":1,}"#,
+            b"",
+            b"null",
+            b"\"s\"",
+            b"[]",
+            deep.as_bytes(),
+        ];
+        for body in cases {
+            for topic in ["devices/m/t", "gw/1/up"] {
+                invariants::check(
+                    &Decoder::new("devices/{device_id}/#", 1 << 16),
+                    topic,
+                    body,
+                    1 << 16,
+                );
+            }
+        }
     }
 
     #[test]

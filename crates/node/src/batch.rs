@@ -6,8 +6,9 @@
 //! Pure: no I/O, so the rules are unit-tested here and the store only checks against what is
 //! stored.
 
-use std::collections::{HashMap, HashSet};
-use std::hash::BuildHasher;
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,7 +17,7 @@ use leasehold_config::OnConflict;
 use leasehold_decode::{DecodeError, Decoder};
 use leasehold_ingest::Inbound;
 use leasehold_store::routes::ResolvedRoute;
-use leasehold_store::{DeadLetter, RouteRow, RoutedMessage, Row};
+use leasehold_store::{DeadLetter, Message, RouteRow};
 
 use crate::routing;
 
@@ -79,37 +80,31 @@ impl DbClock {
 /// A batch ready for the store.
 #[derive(Debug, Default)]
 pub struct Prepared {
-    /// Readings with keys unique in the batch: the first of each key by arrival.
-    pub rows: Vec<Row>,
+    /// Every route's rows, keys unique per route: the first of each key by arrival
+    /// (`on_conflict = "nothing"`, `telemetry` too) or the last (`"update"`).
+    pub rows: Vec<RouteRow>,
     pub dead: Vec<DeadLetter>,
     /// Leasehold's own messages (cluster claims, `leasehold doctor`'s probes), received only
     /// under a filter such as `#`: acknowledged, never stored as readings.
     pub own: u64,
-    /// Later readings of a key already in `rows`: `later[0]` holds each key's second reading,
-    /// `later[1]` its third, ... Each round is written after the previous one committed, so the
-    /// table itself settles duplicate or conflict against what was really stored (the first may
-    /// have been refused), with jsonb's own equality.
-    pub later: Vec<Vec<Row>>,
-    /// Redeliveries of an earlier message of the batch (DUP, same packet id and bytes).
+    /// Later rows of a key already in `rows` (`"nothing"` only): `later[0]` holds each key's
+    /// second row, `later[1]` its third, ... Each round is written after the previous one
+    /// committed, so the table itself settles duplicate or conflict against what was really
+    /// stored (the first may have been refused), with the column types' own equality.
+    pub later: Vec<Vec<RouteRow>>,
+    /// Redeliveries of an earlier message of the batch (DUP, same topic, packet id and bytes).
     pub redelivered: u64,
-    /// Rows of named routes, keys unique per route: the first of each key by arrival
-    /// (`on_conflict = "nothing"`) or the last (`"update"`).
-    pub routed: Vec<RouteRow>,
-    /// Later rows of a key already in `routed` (`"nothing"` only), by round like `later`.
-    pub later_routed: Vec<Vec<RouteRow>>,
     /// Per route: rows replaced by a later message of the same key in this batch
     /// (`"update"`: the last by arrival wins, the earlier count as written over).
     pub superseded: Vec<u64>,
-    /// `(route, position)` of a row in `routed` -> the row of the same key it replaced. When
+    /// `(route, position)` of a row in `rows` -> the row of the same key it replaced. When
     /// the database refuses the later row, the one it replaced is written instead, as if the
     /// messages had been written one by one.
     pub replaced: HashMap<(usize, usize), RouteRow>,
 }
 
-/// A row's route and its key's values (see [`routing::batch_key`]).
-type RouteKey = (usize, Vec<Option<String>>);
-
-/// The named routes of the term and what their sources `written_by` and `lease_epoch` read.
+/// The term's routes (`telemetry` first) and what their sources `written_by` and `lease_epoch`
+/// read.
 #[derive(Debug, Clone, Copy)]
 pub struct Routing<'a> {
     pub routes: &'a [ResolvedRoute],
@@ -126,253 +121,312 @@ pub fn prepare(
     max_payload_bytes: usize,
     routing: Routing<'_>,
 ) -> Prepared {
-    let mut out = Prepared {
-        rows: Vec::with_capacity(batch.len()),
-        superseded: vec![0; routing.routes.len()],
-        ..Prepared::default()
+    let mut p = Preparer {
+        decoder,
+        batch,
+        max_payload_bytes,
+        routing,
+        hashes: routing
+            .routes
+            .iter()
+            .map(|r| {
+                r.column_of(&leasehold_config::Source::ContentHash)
+                    .is_some()
+            })
+            .collect(),
+        objects: routing.routes.iter().map(routing::reads_object).collect(),
+        out: Prepared {
+            rows: Vec::with_capacity(batch.len()),
+            superseded: vec![0; routing.routes.len()],
+            ..Prepared::default()
+        },
+        keys: HashMap::with_capacity(batch.len()),
+        slots: Vec::with_capacity(batch.len()),
+        hasher: RandomState::new(),
+        deliveries: HashMap::with_capacity(batch.len()),
+        earlier_delivery: vec![usize::MAX; batch.len()],
     };
-    // (route, key) -> how many rows of it came so far, and where the last one is in `routed`.
-    let mut route_keys: HashMap<RouteKey, (usize, usize)> = HashMap::new();
-    // Hash of a reading's key -> (round, position) of the readings with that hash (compared in
-    // full on a hit), so the common case of unique keys costs no copy of the key.
-    let mut keys: HashMap<u64, Vec<(usize, usize)>> = HashMap::with_capacity(batch.len());
-    let hasher = std::collections::hash_map::RandomState::new();
-    // (topic, content hash, packet id) of timestamp-less readings and dead letters seen.
-    let mut deliveries: HashSet<(String, String, u16)> = HashSet::new();
     for (idx, m) in batch.iter().enumerate() {
         if leasehold_config::is_own_topic(&m.topic) {
-            out.own += 1;
+            p.out.own += 1;
+            continue;
+        }
+        if p.redelivered_in_batch(idx, m) {
+            p.out.redelivered += 1;
             continue;
         }
         let received_at = clock.at(m.received);
-        let pkid = i32::from(m.pkid);
-        let matched = routing::matching(routing.routes, &m.topic);
-        if !matched.is_empty() {
-            let held = &m.payload[..m.payload.len().min(max_payload_bytes)];
-            let delivery = (
-                m.topic.clone(),
-                leasehold_decode::content_hash(&m.topic, held),
-                m.pkid,
-            );
-            if m.dup && deliveries.contains(&delivery) {
-                out.redelivered += 1;
-                continue;
-            }
-            deliveries.insert(delivery);
-            let dead = |reason: &'static str, route: String, error: String| DeadLetter {
-                idx,
-                topic: m.topic.clone(),
-                payload: held.to_vec(),
-                size: m.original_size.max(m.payload.len()),
-                reason,
-                error,
-                received_at,
-                pkid,
-                dup: m.dup,
-                route: Some(route),
-            };
-            let parsed = if m.original_size > max_payload_bytes {
-                Err(DecodeError::TooLarge {
-                    size: m.original_size,
-                    max: max_payload_bytes,
-                })
-            } else {
-                decoder.parse(&m.topic, &m.payload)
-            };
-            let parsed = match parsed {
-                Ok(p) => p,
-                Err(e) => {
-                    // One dead letter for the message, naming every route it was for.
-                    let names: Vec<&str> = matched
-                        .iter()
-                        .map(|&k| routing.routes[k].spec.name.as_str())
-                        .collect();
-                    let word = if names.len() == 1 { "route" } else { "routes" };
-                    out.dead.push(dead(
-                        reason_label(&e),
-                        names.join(","),
-                        format!("{word} {}: {e}", names.join(", ")),
-                    ));
-                    continue;
+        p.message(idx, m, received_at);
+    }
+    p.out
+}
+
+/// The state of one [`prepare`].
+struct Preparer<'a> {
+    decoder: &'a Decoder,
+    batch: &'a [Inbound],
+    max_payload_bytes: usize,
+    routing: Routing<'a>,
+    /// Per route: whether it maps `content_hash` (then a timestamp-less message's hash is
+    /// computed here, once).
+    hashes: Vec<bool>,
+    /// Per route: whether it reads the payload's object ([`routing::reads_object`]).
+    objects: Vec<bool>,
+    out: Prepared,
+    /// Hash of a row's route and key -> the last of `slots` with that hash; each slot is a
+    /// row's (round, position) and the slot of the previous row with the same hash (compared in
+    /// full on a hit), so the common case of unique keys costs no copy of the key.
+    keys: HashMap<u64, usize>,
+    slots: Vec<(usize, usize, Option<usize>)>,
+    hasher: RandomState,
+    /// Hash of (topic, packet id) -> the last message of the batch with it; `earlier_delivery`
+    /// chains each message to the previous one with the same hash.
+    deliveries: HashMap<u64, usize>,
+    earlier_delivery: Vec<usize>,
+}
+
+impl Preparer<'_> {
+    /// Whether `m` is the broker's redelivery (DUP, same topic, packet id and bytes) of an
+    /// earlier message of this batch; remembers `m` otherwise.
+    fn redelivered_in_batch(&mut self, idx: usize, m: &Inbound) -> bool {
+        let h = self.hasher.hash_one((&m.topic, m.pkid));
+        let mut at = self.deliveries.get(&h).copied().unwrap_or(usize::MAX);
+        if m.dup {
+            while let Some(e) = self.batch.get(at) {
+                if e.pkid == m.pkid && e.topic == m.topic && e.payload == m.payload {
+                    return true;
                 }
-            };
-            let message = Arc::new(RoutedMessage {
-                topic: m.topic.clone(),
-                payload: m.payload.clone(),
-                received_at,
-                pkid,
-                dup: m.dup,
-            });
-            let cx = routing::Context {
-                topic: &m.topic,
-                received_at,
-                written_by: routing.written_by,
-                lease_epoch: routing.lease_epoch,
-            };
-            for k in matched {
-                let route = &routing.routes[k];
-                match routing::row(route, &parsed, cx) {
-                    Ok(values) => {
-                        let key = (k, routing::batch_key(route, &values));
-                        let row = RouteRow {
-                            idx,
-                            route: k,
-                            values,
-                            message: message.clone(),
-                        };
-                        match (route_keys.get_mut(&key), route.spec.on_conflict) {
-                            (None, _) => {
-                                route_keys.insert(key, (1, out.routed.len()));
-                                out.routed.push(row);
-                            }
-                            (Some((_, at)), OnConflict::Update) => {
-                                let old = std::mem::replace(&mut out.routed[*at], row);
-                                out.replaced.insert((k, idx), old);
-                                out.superseded[k] += 1;
-                            }
-                            (Some((seen, _)), OnConflict::Nothing) => {
-                                let round = *seen;
-                                *seen += 1;
-                                if out.later_routed.len() < round {
-                                    out.later_routed.resize_with(round, Vec::new);
-                                }
-                                out.later_routed[round - 1].push(row);
-                            }
-                        }
-                    }
-                    Err(e) => out.dead.push(dead(
-                        "mapping_failed",
-                        route.spec.name.clone(),
-                        format!(
-                            "route {}: column {:?}: {}",
-                            route.spec.name, e.column, e.reason
-                        ),
-                    )),
-                }
+                at = self.earlier_delivery[at];
             }
-            continue;
         }
+        self.earlier_delivery[idx] = self.deliveries.insert(h, idx).unwrap_or(usize::MAX);
+        false
+    }
+
+    /// The routes `topic` goes to: the named routes whose filters match it, else `telemetry`.
+    fn matching(&self, topic: &str) -> Vec<usize> {
+        let named = self.routing.routes.get(1..).unwrap_or_default();
+        let mut matched: Vec<usize> = if named.is_empty() {
+            Vec::new()
+        } else {
+            routing::matching(named, topic)
+                .into_iter()
+                .map(|k| k + 1)
+                .collect()
+        };
+        if matched.is_empty() {
+            matched.push(0);
+        }
+        matched
+    }
+
+    /// A dead letter for message `idx` (its bytes as held).
+    fn dead(
+        &mut self,
+        idx: usize,
+        received_at: DateTime<Utc>,
+        reason: &'static str,
+        route: Option<String>,
+        error: String,
+    ) {
+        let m = &self.batch[idx];
+        self.out.dead.push(DeadLetter {
+            idx,
+            topic: m.topic.clone(),
+            payload: m
+                .payload
+                .slice(..m.payload.len().min(self.max_payload_bytes)),
+            size: m.original_size.max(m.payload.len()),
+            reason,
+            error,
+            received_at,
+            pkid: i32::from(m.pkid),
+            dup: m.dup,
+            route,
+        });
+    }
+
+    fn message(&mut self, idx: usize, m: &Inbound, received_at: DateTime<Utc>) {
+        let matched = self.matching(&m.topic);
+        let routes = self.routing.routes;
         // The ingest keeps only the first MAX_PAYLOAD_BYTES of an oversized payload.
-        let decoded = if m.original_size > max_payload_bytes {
+        let parsed = if m.original_size > self.max_payload_bytes {
             Err(DecodeError::TooLarge {
                 size: m.original_size,
-                max: max_payload_bytes,
+                max: self.max_payload_bytes,
             })
+        } else if matched.iter().any(|&k| self.objects[k]) {
+            self.decoder.parse(&m.topic, &m.payload)
         } else {
-            decoder.decode(&m.topic, &m.payload, received_at)
+            self.decoder.parse_light(&m.topic, &m.payload)
         };
-        match decoded {
-            Ok(reading) => {
-                if let Some(h) = &reading.content_hash {
-                    let delivery = (m.topic.clone(), h.clone(), m.pkid);
-                    if m.dup && deliveries.contains(&delivery) {
-                        out.redelivered += 1;
-                        continue;
-                    }
-                    deliveries.insert(delivery);
-                }
-                let h = hasher.hash_one((&reading.device_id, &m.topic, reading.ts));
-                let row = Row {
-                    idx,
-                    device_id: reading.device_id,
-                    topic: m.topic.clone(),
-                    ts: reading.ts,
-                    payload: reading.payload,
-                    received_at,
-                    content_hash: reading.content_hash,
-                    pkid,
-                    dup: m.dup,
-                };
-                // How many readings of this key came earlier in the batch (compared in full on a
-                // hash hit).
-                let at = keys.entry(h).or_default();
-                let round = at
-                    .iter()
-                    .filter(|&&(r, i)| {
-                        let other = if r == 0 {
-                            &out.rows[i]
-                        } else {
-                            &out.later[r - 1][i]
-                        };
-                        other.ts == row.ts
-                            && other.device_id == row.device_id
-                            && other.topic == row.topic
-                    })
-                    .count();
-                if round == 0 {
-                    at.push((0, out.rows.len()));
-                    out.rows.push(row);
-                } else {
-                    if out.later.len() < round {
-                        out.later.resize_with(round, Vec::new);
-                    }
-                    at.push((round, out.later[round - 1].len()));
-                    out.later[round - 1].push(row);
-                }
-            }
+        let parsed = match parsed {
+            Ok(p) => p,
             Err(e) => {
-                let held = &m.payload[..m.payload.len().min(max_payload_bytes)];
-                let h = leasehold_decode::content_hash(&m.topic, held);
-                let delivery = (m.topic.clone(), h, m.pkid);
-                if m.dup && deliveries.contains(&delivery) {
-                    out.redelivered += 1;
+                // One dead letter for the message, naming every named route it was for.
+                let (route, error) = if matched == [0] {
+                    (None, e.to_string())
+                } else {
+                    let names: Vec<&str> = matched
+                        .iter()
+                        .map(|&k| routes[k].spec.name.as_str())
+                        .collect();
+                    let word = if names.len() == 1 { "route" } else { "routes" };
+                    (
+                        Some(names.join(",")),
+                        format!("{word} {}: {e}", names.join(", ")),
+                    )
+                };
+                self.dead(idx, received_at, reason_label(&e), route, error);
+                return;
+            }
+        };
+        let content_hash = (matches!(parsed.timestamp, Ok(None))
+            && matched.iter().any(|&k| self.hashes[k]))
+        .then(|| leasehold_decode::content_hash(&m.topic, &m.payload));
+        let pkid = i32::from(m.pkid);
+        let cx = routing::Context {
+            topic: &m.topic,
+            received_at,
+            written_by: self.routing.written_by,
+            lease_epoch: self.routing.lease_epoch,
+            pkid,
+            dup: m.dup,
+            content_hash: content_hash.as_deref(),
+        };
+        let mut message: Option<Arc<Message>> = None;
+        for k in matched {
+            let route = &routes[k];
+            if route.is_default() {
+                if let Some(e) = parsed.reading_error(&m.topic) {
+                    self.dead(idx, received_at, reason_label(&e), None, e.to_string());
                     continue;
                 }
-                deliveries.insert(delivery);
-                out.dead.push(DeadLetter {
-                    idx,
-                    topic: m.topic.clone(),
-                    payload: held.to_vec(),
-                    size: m.original_size.max(m.payload.len()),
-                    reason: reason_label(&e),
-                    error: e.to_string(),
-                    received_at,
-                    pkid,
-                    dup: m.dup,
-                    route: None,
-                });
+            }
+            match routing::row_to_send(route, &parsed, cx) {
+                Ok(values) => {
+                    let message = message
+                        .get_or_insert_with(|| {
+                            Arc::new(Message {
+                                topic: m.topic.clone(),
+                                payload: m.payload.clone(),
+                                received_at,
+                                pkid,
+                                dup: m.dup,
+                                content_hash: content_hash.clone(),
+                            })
+                        })
+                        .clone();
+                    self.row(RouteRow {
+                        idx,
+                        route: k,
+                        values,
+                        message,
+                    });
+                }
+                Err(e) => {
+                    let name = &route.spec.name;
+                    let error = format!("route {name}: column {:?}: {}", e.column, e.reason);
+                    let route = (!route.is_default()).then(|| name.clone());
+                    self.dead(idx, received_at, "mapping_failed", route, error);
+                }
             }
         }
     }
-    out
-}
 
-/// A reading PostgreSQL refused, as the dead letter that replaces it.
-pub fn rejected(row: &Row, database_text: &str) -> DeadLetter {
-    DeadLetter {
-        idx: row.idx,
-        topic: row.topic.clone(),
-        payload: row.payload.clone().into_bytes(),
-        size: row.payload.len(),
-        reason: "rejected_by_database",
-        error: format!("PostgreSQL rejected the reading: {database_text}"),
-        received_at: row.received_at,
-        pkid: row.pkid,
-        dup: row.dup,
-        route: None,
+    /// Places a row: first of its key now; a later one of a `"nothing"` route in a later round;
+    /// a later one of an `"update"` route in place of the earlier.
+    fn row(&mut self, row: RouteRow) {
+        let route = &self.routing.routes[row.route];
+        let key = || routing::batch_key(route, &row.values, &row.message.topic);
+        let h = {
+            let mut h = self.hasher.build_hasher();
+            row.route.hash(&mut h);
+            key().for_each(|p| p.hash(&mut h));
+            h.finish()
+        };
+        // The rows of this route and key so far: their count, and where the first one is.
+        let (mut same, mut first) = (0, None);
+        let mut at = self.keys.get(&h).copied();
+        while let Some(slot) = at {
+            let (r, i, next) = self.slots[slot];
+            let other = if r == 0 {
+                &self.out.rows[i]
+            } else {
+                &self.out.later[r - 1][i]
+            };
+            if other.route == row.route
+                && key().eq(routing::batch_key(
+                    route,
+                    &other.values,
+                    &other.message.topic,
+                ))
+            {
+                same += 1;
+                first.get_or_insert(i);
+            }
+            at = next;
+        }
+        let (round, pos) = match (first, route.spec.on_conflict) {
+            (Some(pos), OnConflict::Update) => {
+                let (k, idx) = (row.route, row.idx);
+                let old = std::mem::replace(&mut self.out.rows[pos], row);
+                self.out.replaced.insert((k, idx), old);
+                self.out.superseded[k] += 1;
+                return;
+            }
+            (None, _) => {
+                self.out.rows.push(row);
+                (0, self.out.rows.len() - 1)
+            }
+            (Some(_), OnConflict::Nothing) => {
+                if self.out.later.len() < same {
+                    self.out.later.resize_with(same, Vec::new);
+                }
+                self.out.later[same - 1].push(row);
+                (same, self.out.later[same - 1].len() - 1)
+            }
+        };
+        let next = self.keys.insert(h, self.slots.len());
+        self.slots.push((round, pos, next));
     }
 }
 
-/// A route's row PostgreSQL refused, as the dead letter that replaces it (the message's other
-/// routes still write).
-pub fn rejected_route_row(row: &RouteRow, route: &str, database_text: &str) -> DeadLetter {
+/// A row PostgreSQL refused, as the dead letter that replaces it (the message's other routes
+/// still write).
+pub fn rejected(row: &RouteRow, route: &ResolvedRoute, database_text: &str) -> DeadLetter {
+    let m = &row.message;
+    let (name, error) = if route.is_default() {
+        (
+            None,
+            format!("PostgreSQL rejected the reading: {database_text}"),
+        )
+    } else {
+        let name = &route.spec.name;
+        (
+            Some(name.clone()),
+            format!("route {name}: PostgreSQL rejected the row: {database_text}"),
+        )
+    };
     DeadLetter {
         idx: row.idx,
-        topic: row.message.topic.clone(),
-        payload: row.message.payload.to_vec(),
-        size: row.message.payload.len(),
+        topic: m.topic.clone(),
+        payload: m.payload.clone(),
+        size: m.payload.len(),
         reason: "rejected_by_database",
-        error: format!("route {route}: PostgreSQL rejected the row: {database_text}"),
-        received_at: row.message.received_at,
-        pkid: row.message.pkid,
-        dup: row.message.dup,
-        route: Some(route.to_string()),
+        error,
+        received_at: m.received_at,
+        pkid: m.pkid,
+        dup: m.dup,
+        route: name,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use leasehold_store::Value;
+    use std::collections::HashSet;
     use std::time::Duration;
 
     fn msg(topic: &str, body: &str, pkid: u16, dup: bool, at: Instant) -> Inbound {
@@ -395,7 +449,7 @@ mod tests {
             &mut clock,
             1024,
             Routing {
-                routes: &[],
+                routes: &[ResolvedRoute::telemetry()],
                 written_by: "n",
                 lease_epoch: 1,
             },
@@ -439,6 +493,7 @@ mod tests {
     #[test]
     fn routed_messages_get_a_row_per_route_keys_settled_by_each_routes_mode() {
         let routes = [
+            ResolvedRoute::telemetry(),
             route("first", "r/+", OnConflict::Nothing),
             route("last", "r/#", OnConflict::Update),
         ];
@@ -468,13 +523,13 @@ mod tests {
         };
         // "first": message 0 now, message 1 (same key) in the next round; "last": message 1
         // replaced message 0, and message 3 (r/b/c) only matches "last".
-        assert_eq!(rows(0, &p.routed), vec![0]);
-        assert_eq!(rows(1, &p.routed), vec![1, 3]);
-        assert_eq!(p.later_routed.len(), 1);
-        assert_eq!(rows(0, &p.later_routed[0]), vec![1]);
-        assert_eq!(p.superseded, vec![0, 1]);
+        assert_eq!(rows(1, &p.rows), vec![0]);
+        assert_eq!(rows(2, &p.rows), vec![1, 3]);
+        assert_eq!(p.later.len(), 1);
+        assert_eq!(rows(1, &p.later[0]), vec![1]);
+        assert_eq!(p.superseded, vec![0, 0, 1]);
         // Kept in case the database refuses the row that replaced it.
-        assert_eq!(p.replaced.get(&(1, 1)).map(|r| r.idx), Some(0));
+        assert_eq!(p.replaced.get(&(2, 1)).map(|r| r.idx), Some(0));
         // Message 2 fails the mapping of both routes: a dead letter each; message 4 is one
         // dead letter naming both; message 5 goes to the default route.
         let dead: Vec<(usize, &str, Option<&str>)> = p
@@ -491,8 +546,8 @@ mod tests {
             ]
         );
         assert!(p.dead[0].error.contains(r#"route first: column "v""#));
-        assert_eq!(p.rows.len(), 1);
-        assert_eq!(p.rows[0].idx, 5);
+        assert_eq!(rows(0, &p.rows).len(), 1);
+        assert_eq!(rows(0, &p.rows), vec![5]);
     }
 
     #[test]
@@ -510,7 +565,7 @@ mod tests {
             msg("devices/m/t", r#"{"ts":1700000000,"v":1}"#, 3, false, t),
         ]);
         assert_eq!((p.own, p.rows.len(), p.dead.len()), (2, 1, 0));
-        assert_eq!(p.rows[0].topic, "devices/m/t");
+        assert_eq!(p.rows[0].message.topic, "devices/m/t");
     }
 
     #[test]
@@ -549,7 +604,8 @@ mod tests {
             3,
             "received in the same instant, still three readings"
         );
-        let ts: HashSet<_> = p.rows.iter().map(|r| r.ts).collect();
+        let ts: HashSet<_> = p.rows.iter().map(|r| r.values[2].clone()).collect();
+        assert!(ts.iter().all(|t| matches!(t, Value::Time(_))));
         assert_eq!(ts.len(), 3);
     }
 
@@ -564,7 +620,7 @@ mod tests {
         ]);
         assert_eq!(p.redelivered, 1);
         assert_eq!(p.rows.len(), 2);
-        assert!(p.rows[1].dup);
+        assert!(p.rows[1].message.dup);
     }
 
     #[test]

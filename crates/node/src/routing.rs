@@ -11,6 +11,8 @@ use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
 use leasehold_config::{PathStep, Source};
 use leasehold_decode::{kind, timestamp_value, Parsed};
 use leasehold_store::routes::{ColumnKind, ResolvedColumn, ResolvedRoute};
+use leasehold_store::statement::{carry, Carry};
+use leasehold_store::Value as Cell;
 use serde_json::Value;
 
 /// The routes (indexes into `routes`) with a filter matching `topic`. Empty: the default route.
@@ -30,6 +32,10 @@ pub struct Context<'a> {
     pub received_at: DateTime<Utc>,
     pub written_by: &'a str,
     pub lease_epoch: i64,
+    pub pkid: i32,
+    pub dup: bool,
+    /// The content hash of a reading without its own timestamp (`Source::ContentHash`).
+    pub content_hash: Option<&'a str>,
 }
 
 /// Why a route's row could not be made from a message: it becomes a dead letter.
@@ -48,23 +54,51 @@ enum Val<'a> {
     Json(&'a Value),
     Time(DateTime<Utc>),
     Int(i64),
+    Bool(bool),
 }
 
-/// The row of `route` for a message: one text value per mapped column (`None`: NULL).
+/// The row of `route` for a message: one value per mapped column, typed as it is sent.
 pub fn row(
     route: &ResolvedRoute,
     parsed: &Parsed,
     cx: Context<'_>,
-) -> Result<Vec<Option<String>>, MappingError> {
+) -> Result<Vec<Cell>, MappingError> {
+    row_with(route, parsed, cx, false)
+}
+
+/// [`row`] as the writer sends it: a column the statement reads from the message itself
+/// ([`Carry::Shared`]) is left `Null`, unless it is part of the key (the batch compares keys)
+/// and not the topic (which [`batch_key`] reads from the message).
+pub fn row_to_send(
+    route: &ResolvedRoute,
+    parsed: &Parsed,
+    cx: Context<'_>,
+) -> Result<Vec<Cell>, MappingError> {
+    row_with(route, parsed, cx, true)
+}
+
+fn row_with(
+    route: &ResolvedRoute,
+    parsed: &Parsed,
+    cx: Context<'_>,
+    skip_shared: bool,
+) -> Result<Vec<Cell>, MappingError> {
     let mut out = Vec::with_capacity(route.columns.len());
     for (j, c) in route.columns.iter().enumerate() {
+        if skip_shared
+            && carry(c) == Carry::Shared
+            && (c.source == Source::Topic || !route.key.contains(&j))
+        {
+            out.push(Cell::Null);
+            continue;
+        }
         let fail = |reason: String| MappingError {
             column: c.name.clone(),
             reason,
         };
         let v = source(&c.source, parsed, cx).map_err(fail)?;
         let v = convert(c, v).map_err(fail)?;
-        if v.is_none() {
+        if v.is_null() {
             if route.key.contains(&j) {
                 return Err(fail(
                     "no value (NULL) for a column of the route's key".into(),
@@ -94,8 +128,9 @@ fn source<'a>(s: &Source, parsed: &'a Parsed, cx: Context<'_>) -> Result<Val<'a>
             let Some((first, rest)) = steps.split_first() else {
                 return Ok(Val::Payload(parsed));
             };
+            let object = parsed.object.as_ref().ok_or_else(unparsed)?;
             let mut at = match first {
-                PathStep::Key(k) => parsed.object.get(k),
+                PathStep::Key(k) => object.get(k),
                 PathStep::Index(_) => None,
             };
             for step in rest {
@@ -117,7 +152,28 @@ fn source<'a>(s: &Source, parsed: &'a Parsed, cx: Context<'_>) -> Result<Val<'a>
         Source::LeaseEpoch => Val::Int(cx.lease_epoch),
         Source::DeviceId => parsed.device_id.clone().map_or(Val::Null, Val::Str),
         Source::Literal(s) => Val::Str(s.clone()),
+        Source::ContentHash => cx
+            .content_hash
+            .map_or(Val::Null, |h| Val::Str(h.to_string())),
+        Source::PacketId => Val::Int(i64::from(cx.pkid)),
+        Source::PossibleDuplicate => Val::Bool(cx.dup && cx.content_hash.is_some()),
     })
+}
+
+/// Whether a route reads more of the payload than its device id and timestamp: then its
+/// messages are parsed whole ([`leasehold_decode::Decoder::parse`]).
+pub fn reads_object(route: &ResolvedRoute) -> bool {
+    route.columns.iter().any(|c| match c.source {
+        Source::JsonPath(_) => true,
+        Source::Payload => carry(c) != Carry::Shared,
+        _ => false,
+    })
+}
+
+/// A source read the object of a payload parsed without it: [`reads_object`] decides which
+/// parse a message gets, so this is a defect, kept as the row's dead letter.
+fn unparsed() -> String {
+    "internal: the payload was not parsed whole for this route".into()
 }
 
 fn rfc3339(t: DateTime<Utc>) -> String {
@@ -144,17 +200,18 @@ fn quote_element(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
-/// `v` as text the column's type takes; `None` for NULL (a JSON `null` too).
-fn convert(c: &ResolvedColumn, v: Val<'_>) -> Result<Option<String>, String> {
+/// `v` as the column's type takes it: integers, booleans and times typed, the rest as text the
+/// column's type reads; `Null` for NULL (a JSON `null` too).
+fn convert(c: &ResolvedColumn, v: Val<'_>) -> Result<Cell, String> {
     let whole;
     let text = match v {
-        Val::Null | Val::Json(Value::Null) => return Ok(None),
+        Val::Null | Val::Json(Value::Null) => return Ok(Cell::Null),
         Val::Payload(p) => match c.kind {
             ColumnKind::Text | ColumnKind::Other | ColumnKind::Json | ColumnKind::Jsonb => {
-                return Ok(Some(p.text.clone()))
+                return Ok(Cell::Text(p.text.clone().ok_or_else(unparsed)?))
             }
             _ => {
-                whole = Value::Object(p.object.clone());
+                whole = Value::Object(p.object.clone().ok_or_else(unparsed)?);
                 Scalar::Composite(&whole)
             }
         },
@@ -165,10 +222,11 @@ fn convert(c: &ResolvedColumn, v: Val<'_>) -> Result<Option<String>, String> {
         Val::Json(j) => Scalar::Composite(j),
         Val::Time(t) => Scalar::Time(t),
         Val::Int(i) => Scalar::Num(i.to_string()),
+        Val::Bool(b) => Scalar::Bool(b),
     };
     if c.kind == ColumnKind::Other && c.sql_type.ends_with("[]") {
         if let Scalar::Composite(j @ Value::Array(_)) = &text {
-            return Ok(Some(array_literal(j)));
+            return Ok(Cell::Text(array_literal(j)));
         }
     }
     let out = match c.kind {
@@ -178,16 +236,22 @@ fn convert(c: &ResolvedColumn, v: Val<'_>) -> Result<Option<String>, String> {
             Scalar::Time(t) => rfc3339(t),
             Scalar::Composite(j) => j.to_string(),
         },
-        ColumnKind::Int2 => integer(&text, i64::from(i16::MIN), i64::from(i16::MAX), "smallint")?,
-        ColumnKind::Int4 => integer(&text, i64::from(i32::MIN), i64::from(i32::MAX), "integer")?,
-        ColumnKind::Int8 => integer(&text, i64::MIN, i64::MAX, "bigint")?,
+        ColumnKind::Int2 => {
+            let n = integer(&text, i64::from(i16::MIN), i64::from(i16::MAX), "smallint")?;
+            return Ok(Cell::Int(n));
+        }
+        ColumnKind::Int4 => {
+            let n = integer(&text, i64::from(i32::MIN), i64::from(i32::MAX), "integer")?;
+            return Ok(Cell::Int(n));
+        }
+        ColumnKind::Int8 => return Ok(Cell::Int(integer(&text, i64::MIN, i64::MAX, "bigint")?)),
         ColumnKind::Numeric => number(&text, None)?,
         ColumnKind::Float4 => number(&text, Some(f64::from(f32::MAX)))?,
         ColumnKind::Float8 => number(&text, Some(f64::MAX))?,
         ColumnKind::Bool => match text {
-            Scalar::Bool(b) => b.to_string(),
-            Scalar::Str(s) if s.eq_ignore_ascii_case("true") => "true".into(),
-            Scalar::Str(s) if s.eq_ignore_ascii_case("false") => "false".into(),
+            Scalar::Bool(b) => return Ok(Cell::Bool(b)),
+            Scalar::Str(s) if s.eq_ignore_ascii_case("true") => return Ok(Cell::Bool(true)),
+            Scalar::Str(s) if s.eq_ignore_ascii_case("false") => return Ok(Cell::Bool(false)),
             other => return Err(format!("{} is not a boolean (true or false)", other.what())),
         },
         ColumnKind::Timestamptz | ColumnKind::Timestamp | ColumnKind::Date => {
@@ -195,7 +259,7 @@ fn convert(c: &ResolvedColumn, v: Val<'_>) -> Result<Option<String>, String> {
                 Scalar::Time(t) => t,
                 Scalar::Str(s) if c.kind == ColumnKind::Date => {
                     match NaiveDate::parse_from_str(s.trim(), "%Y-%m-%d") {
-                        Ok(d) => return Ok(Some(d.to_string())),
+                        Ok(d) => return Ok(Cell::Text(d.to_string())),
                         Err(_) => timestamp_value(&Value::String(s))?,
                     }
                 }
@@ -209,7 +273,7 @@ fn convert(c: &ResolvedColumn, v: Val<'_>) -> Result<Option<String>, String> {
                 }
             };
             match c.kind {
-                ColumnKind::Timestamptz => rfc3339(t),
+                ColumnKind::Timestamptz => return Ok(Cell::Time(t)),
                 // Without a time zone: the time in UTC.
                 ColumnKind::Timestamp => t.naive_utc().format("%Y-%m-%d %H:%M:%S%.6f").to_string(),
                 _ => t.date_naive().to_string(),
@@ -233,7 +297,7 @@ fn convert(c: &ResolvedColumn, v: Val<'_>) -> Result<Option<String>, String> {
     if out.contains('\0') {
         return Err("the value contains U+0000, which PostgreSQL text cannot hold".into());
     }
-    Ok(Some(out))
+    Ok(Cell::Text(out))
 }
 
 /// A source's value, by shape.
@@ -263,7 +327,7 @@ impl Scalar<'_> {
 /// An integer in `[min, max]`: a JSON number without a fractional part, or a string holding one.
 /// Read exactly from its decimal text (never through `f64`, which would round
 /// `9007199254740993.0` to `...992` and `1e-400` to `0`).
-fn integer(v: &Scalar<'_>, min: i64, max: i64, ty: &str) -> Result<String, String> {
+fn integer(v: &Scalar<'_>, min: i64, max: i64, ty: &str) -> Result<i64, String> {
     let s = match v {
         Scalar::Str(s) | Scalar::Num(s) => s.trim(),
         other => return Err(format!("{} is not an integer", other.what())),
@@ -272,7 +336,7 @@ fn integer(v: &Scalar<'_>, min: i64, max: i64, ty: &str) -> Result<String, Strin
         return Err(format!("{} is not an integer", v.what()));
     }
     match exact_integer(s) {
-        Ok(n) if n >= i128::from(min) && n <= i128::from(max) => Ok(n.to_string()),
+        Ok(n) if n >= i128::from(min) && n <= i128::from(max) => Ok(n as i64),
         Ok(_) | Err(Inexact::TooLarge) => Err(format!("{s} is out of range for {ty}")),
         Err(Inexact::Fraction) => Err(format!("{} is not an integer", v.what())),
     }
@@ -399,28 +463,45 @@ fn is_decimal(s: &str) -> bool {
     i == b.len()
 }
 
-/// The key of a row as compared inside one batch: the values of the key columns, with numbers
-/// without trailing fractional zeros (`1.50` and `1.5` are one numeric key). Values that are
-/// equal only once cast in other ways (`citext`) are told apart by the database.
-pub fn batch_key(route: &ResolvedRoute, values: &[Option<String>]) -> Vec<Option<String>> {
-    route
-        .key
-        .iter()
-        .map(|&j| {
-            let v = values.get(j).cloned().flatten();
-            match route.columns.get(j).map(|c| c.kind) {
-                Some(ColumnKind::Numeric) => v.map(|s| trim_zeros(&s)),
-                _ => v,
-            }
-        })
-        .collect()
+/// One key column's value as compared inside one batch.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub enum KeyPart<'a> {
+    Cell(&'a Cell),
+    /// A numeric's text without trailing fractional zeros (`1.50` and `1.5` are one key).
+    Number(&'a str),
+    /// The message's topic (a shared column, not among the values sent).
+    Topic(&'a str),
 }
 
-fn trim_zeros(s: &str) -> String {
+/// The key of a row as compared inside one batch, part by part: the values of the key columns
+/// (`values` as [`row_to_send`] made them, of a message on `topic`), numbers without trailing
+/// fractional zeros. Values that are equal only once cast in other ways (`citext`) are told apart
+/// by the database.
+pub fn batch_key<'a>(
+    route: &'a ResolvedRoute,
+    values: &'a [Cell],
+    topic: &'a str,
+) -> impl Iterator<Item = KeyPart<'a>> + 'a {
+    static NULL: Cell = Cell::Null;
+    route.key.iter().map(move |&j| {
+        let v = values.get(j).unwrap_or(&NULL);
+        match (route.columns.get(j), v) {
+            (Some(c), _) if c.source == Source::Topic && carry(c) == Carry::Shared => {
+                KeyPart::Topic(topic)
+            }
+            (Some(c), Cell::Text(s)) if c.kind == ColumnKind::Numeric => {
+                KeyPart::Number(trim_zeros(s))
+            }
+            _ => KeyPart::Cell(v),
+        }
+    })
+}
+
+fn trim_zeros(s: &str) -> &str {
     if s.contains(['e', 'E']) || !s.contains('.') {
-        return s.to_string();
+        return s;
     }
-    s.trim_end_matches('0').trim_end_matches('.').to_string()
+    s.trim_end_matches('0').trim_end_matches('.')
 }
 
 #[cfg(test)]
@@ -478,7 +559,29 @@ mod tests {
             received_at: DateTime::from_timestamp(1_700_000_000, 0).expect("valid"),
             written_by: "node-a",
             lease_epoch: 3,
+            pkid: 1,
+            dup: false,
+            content_hash: None,
         }
+    }
+
+    /// A value as the text PostgreSQL reads for it.
+    fn text(v: Cell) -> Option<String> {
+        match v {
+            Cell::Null => None,
+            Cell::Text(s) => Some(s),
+            Cell::Int(n) => Some(n.to_string()),
+            Cell::Bool(b) => Some(b.to_string()),
+            Cell::Time(t) => Some(rfc3339(t)),
+        }
+    }
+
+    fn row(
+        route: &ResolvedRoute,
+        parsed: &Parsed,
+        cx: Context<'_>,
+    ) -> Result<Vec<Option<String>>, MappingError> {
+        super::row(route, parsed, cx).map(|v| v.into_iter().map(text).collect())
     }
 
     fn path(p: &[&str]) -> Source {
@@ -736,13 +839,10 @@ mod tests {
     fn numeric_keys_equal_in_value_are_one_key_in_a_batch() {
         let mut r = route(vec![col("k", path(&["k"]), ColumnKind::Numeric, true)]);
         r.columns[0].kind = ColumnKind::Numeric;
-        assert_eq!(
-            batch_key(&r, &[Some("1.50".into())]),
-            batch_key(&r, &[Some("1.5".into())])
-        );
-        assert_ne!(
-            batch_key(&r, &[Some("10".into())]),
-            batch_key(&r, &[Some("1".into())])
-        );
+        let v = |s: &str| [Cell::Text(s.into())];
+        let (a, b, c, d) = (v("1.50"), v("1.5"), v("10"), v("1"));
+        let key = |x| batch_key(&r, x, "t").collect::<Vec<_>>();
+        assert_eq!(key(&a), key(&b));
+        assert_ne!(key(&c), key(&d));
     }
 }

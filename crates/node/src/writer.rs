@@ -14,14 +14,14 @@ use std::time::{Duration, Instant};
 use leasehold_decode::Decoder;
 use leasehold_ingest::{Acker, Inbound};
 use leasehold_store::routes::ResolvedRoute;
-use leasehold_store::{BatchWriter, DeadLetter, Fence, RouteRow, Row, StoreError};
+use leasehold_store::{BatchWriter, DeadLetter, Fence, RouteRow, StoreError};
 use leasehold_telemetry::events;
 use leasehold_telemetry::status::{NodeStatus, RouteCounts};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::batch::reason_label;
-use crate::batch::{prepare, rejected, rejected_route_row, DbClock, Prepared, Routing};
+use crate::batch::{prepare, rejected, DbClock, Prepared, Routing};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriterError {
@@ -66,7 +66,7 @@ pub struct Writer {
     pub status: NodeStatus,
 }
 
-/// The writer's connection, and the named routes its statement is prepared for.
+/// The writer's connection, and the routes its statement is prepared for (`telemetry` first).
 struct Conn {
     writer: Option<BatchWriter>,
     routes: Arc<[ResolvedRoute]>,
@@ -78,55 +78,44 @@ const CLOCK_EVERY: Duration = Duration::from_secs(60);
 /// One statement's worth of a batch. Split in halves while a row error is being isolated.
 #[derive(Debug, Default)]
 struct Part {
-    rows: Vec<Row>,
+    /// Each one message's row in one route, so isolation dead-letters only the failing row.
+    rows: Vec<RouteRow>,
     dead: Vec<DeadLetter>,
-    /// Rows of named routes: each one message's row in one route, so isolation dead-letters
-    /// only the failing route's row.
-    routed: Vec<RouteRow>,
 }
 
 impl Part {
     fn len(&self) -> usize {
-        self.rows.len() + self.dead.len() + self.routed.len()
+        self.rows.len() + self.dead.len()
     }
 
-    /// Two non-empty parts (for a part of two or more): readings, then dead letters, then
-    /// route rows, split at the middle.
+    /// Two non-empty parts (for a part of two or more): rows, then dead letters, split at the
+    /// middle.
     fn halves(mut self) -> (Part, Part) {
-        let mut first = self.len().div_ceil(2);
+        let first = self.len().div_ceil(2);
         let mut second = Part::default();
         if first < self.rows.len() {
             second.rows = self.rows.split_off(first);
-            first = 0;
+            second.dead = std::mem::take(&mut self.dead);
         } else {
-            first -= self.rows.len();
+            second.dead = self.dead.split_off(first - self.rows.len());
         }
-        if first < self.dead.len() {
-            second.dead = self.dead.split_off(first);
-            first = 0;
-        } else {
-            first -= self.dead.len();
-        }
-        second.routed = self.routed.split_off(first.min(self.routed.len()));
         (self, second)
     }
 }
 
-/// A batch's named routes while it is committed.
-struct BatchRoutes<'a> {
+/// A batch while it is committed.
+struct Committing<'a> {
     routes: &'a [ResolvedRoute],
     /// `"update"` rows replaced by a later one of their key (see `Prepared::replaced`).
     replaced: HashMap<(usize, usize), RouteRow>,
+    tally: Tally,
 }
 
 /// What a batch came to, for its events.
 #[derive(Debug, Default)]
 struct Tally {
-    inserted: u64,
-    duplicates: u64,
-    conflicts: u64,
     dead_lettered: u64,
-    /// Per named route (the term's order).
+    /// Per route (the term's order, `telemetry` first).
     routes: Vec<RouteTally>,
 }
 
@@ -136,6 +125,92 @@ struct RouteTally {
     duplicates: u64,
     conflicts: u64,
     dead_letters: u64,
+}
+
+impl Committing<'_> {
+    /// Counts what a committed part did, and emits its dead letters' events.
+    fn committed(&mut self, part: &Part, out: &leasehold_store::BatchOutcome) {
+        let tally = &mut self.tally;
+        tally.dead_lettered += out.dead_lettered;
+        tally.routes[0].duplicates += out.redelivered.len() as u64;
+        for d in part
+            .dead
+            .iter()
+            .filter(|d| !out.redelivered.contains(&d.idx))
+        {
+            events::DeadLettered {
+                topic: &d.topic,
+                reason: d.reason,
+                error: &d.error,
+                route: d.route.as_deref().unwrap_or(events::DEFAULT_ROUTE),
+            }
+            .emit();
+            // A message dead-lettered for several routes counts once, under its first.
+            let first = d.route.as_deref().and_then(|r| r.split(',').next());
+            if let Some(k) = self
+                .routes
+                .iter()
+                .position(|r| Some(r.spec.name.as_str()) == first)
+            {
+                tally.routes[k].dead_letters += 1;
+            }
+        }
+        for (k, (o, r)) in out.routes.iter().zip(self.routes).enumerate() {
+            let t = &mut tally.routes[k];
+            t.written += o.written;
+            t.duplicates += o.duplicates.len() as u64;
+            t.conflicts += o.conflicts.len() as u64;
+            t.dead_letters += (o.conflicts.len() + o.unstored.len()) as u64;
+            let dead = o
+                .conflicts
+                .iter()
+                .map(|i| (i, "conflict", "a different row is stored for its key"))
+                .chain(o.unstored.iter().map(|i| {
+                    (
+                        i,
+                        "not_stored",
+                        "the table neither took the row nor holds its key",
+                    )
+                }));
+            for (i, reason, what) in dead {
+                let topic = part
+                    .rows
+                    .iter()
+                    .find(|x| x.idx == *i && x.route == k)
+                    .map_or("", |x| x.message.topic.as_str());
+                events::DeadLettered {
+                    topic,
+                    reason,
+                    error: &format!("route {}: {what}", r.spec.name),
+                    route: &r.spec.name,
+                }
+                .emit();
+            }
+        }
+    }
+
+    /// The part that replaces a single row PostgreSQL refused: its dead letter, and for
+    /// `"update"` the row of the same key it replaced in this batch, now the newest the table
+    /// can take (counted when written, not as written over).
+    fn refused(&mut self, row: &RouteRow, text: &str) -> Part {
+        let route = &self.routes[row.route];
+        events::RowRejected {
+            topic: &row.message.topic,
+            error: text,
+        }
+        .emit();
+        let mut next = Part {
+            dead: vec![rejected(row, route, text)],
+            ..Part::default()
+        };
+        if let Some(earlier) = self.replaced.remove(&(row.route, row.idx)) {
+            if let Some(t) = self.tally.routes.get_mut(row.route) {
+                t.written = t.written.saturating_sub(1);
+            }
+            next.rows.push(earlier);
+        }
+        next
+    }
 }
 
 enum Stop {
@@ -169,10 +244,12 @@ impl Writer {
     async fn run_term(&mut self, cancel: CancellationToken) -> Result<(), WriterError> {
         let mut conn = Conn {
             writer: None,
-            routes: Arc::from(self.cfg.routes.clone()),
+            routes: std::iter::once(ResolvedRoute::telemetry())
+                .chain(self.cfg.routes.iter().cloned())
+                .collect(),
         };
         self.status
-            .update_routes(|counts| show_routes(counts, &conn.routes));
+            .update_routes(|counts| show_routes(counts, &conn.routes[1..]));
         // Whether the last commit was confirmed on a synchronous standby (REQUIRE_SYNC_REPLICATION):
         // until then, each batch first waits for replication to be in place.
         let mut replicated = false;
@@ -182,32 +259,8 @@ impl Writer {
             let Some(batch) = self.gather(&cancel).await else {
                 return Ok(());
             };
-            // Receipt times are placed on the database's clock, read at the start of the term
-            // and again every minute (a batch is prepared once, so its retries keep its times).
-            let clock = loop {
-                if let Some(c) = clock.as_mut() {
-                    if c.measured_at().elapsed() >= CLOCK_EVERY {
-                        if let Some(w) = conn.writer.as_ref().filter(|w| !w.is_closed()) {
-                            if let Ok((db, local)) = w.clock().await {
-                                c.remeasure(db, local);
-                            }
-                        }
-                    }
-                    break c;
-                }
-                let measured = tokio::select! {
-                    _ = cancel.cancelled() => return Ok(()),
-                    r = async { self.connection(&mut conn).await?.clock().await } => r,
-                };
-                match measured {
-                    Ok((db, local)) => clock = Some(DbClock::new(db, local)),
-                    Err(e) => {
-                        conn.writer = None;
-                        if !retry.wait(&e, &cancel).await {
-                            return Ok(());
-                        }
-                    }
-                }
+            let Some(clock) = self.clock(&mut conn, &mut clock, &cancel, &mut retry).await else {
+                return Ok(());
             };
             if self.cfg.require_sync_replication && !replicated {
                 if !self.until_replicated(&mut conn, &cancel, &mut retry).await {
@@ -236,9 +289,6 @@ impl Writer {
                     self.route_events(&routes, &tally);
                     events::BatchCommitted {
                         rows: batch.len(),
-                        inserted: tally.inserted,
-                        duplicates: tally.duplicates,
-                        conflicts: tally.conflicts,
                         dead_lettered: tally.dead_lettered,
                         duration: started.elapsed(),
                     }
@@ -247,28 +297,8 @@ impl Writer {
                         waited: batch.iter().map(|m| m.received.elapsed()),
                     }
                     .emit();
-                    if let Some(why) = conn.writer.as_mut().and_then(|w| w.unreplicated_commit()) {
-                        events::CommitUnreplicated {
-                            why: &why,
-                            redelivered: true,
-                        }
-                        .emit();
-                        return Err(WriterError::Unreplicated(why));
-                    }
-                    if self.cfg.require_sync_replication {
-                        match self.confirm(&conn, &cancel).await {
-                            Ok(true) => {}
-                            Ok(false) => return Ok(()),
-                            Err(e) => {
-                                let why = format!("could not confirm the commit on a standby: {e}");
-                                events::CommitUnreplicated {
-                                    why: &why,
-                                    redelivered: true,
-                                }
-                                .emit();
-                                return Err(WriterError::Unreplicated(why));
-                            }
-                        }
+                    if !self.after_commit(&mut conn, &cancel).await? {
+                        return Ok(());
                     }
                     self.acker.ack(batch);
                 }
@@ -279,6 +309,71 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Receipt times are placed on the database's clock, read at the start of the term and
+    /// again every minute (a batch is prepared once, so its retries keep its times). `None` when
+    /// cancelled.
+    async fn clock<'c>(
+        &self,
+        conn: &mut Conn,
+        clock: &'c mut Option<DbClock>,
+        cancel: &CancellationToken,
+        retry: &mut Backoff,
+    ) -> Option<&'c mut DbClock> {
+        loop {
+            if let Some(c) = clock {
+                if c.measured_at().elapsed() >= CLOCK_EVERY {
+                    if let Some(w) = conn.writer.as_ref().filter(|w| !w.is_closed()) {
+                        if let Ok((db, local)) = w.clock().await {
+                            c.remeasure(db, local);
+                        }
+                    }
+                }
+                return clock.as_mut();
+            }
+            let measured = tokio::select! {
+                _ = cancel.cancelled() => return None,
+                r = async { self.connection(conn).await?.clock().await } => r,
+            };
+            match measured {
+                Ok((db, local)) => *clock = Some(DbClock::new(db, local)),
+                Err(e) => {
+                    conn.writer = None;
+                    if !retry.wait(&e, cancel).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// After a batch committed: whether it may be acknowledged. A commit the server says it
+    /// made locally but did not replicate ends the term unacknowledged; with
+    /// REQUIRE_SYNC_REPLICATION, waits for a synchronous standby's flush past it. `Ok(false)`
+    /// when cancelled meanwhile.
+    async fn after_commit(
+        &self,
+        conn: &mut Conn,
+        cancel: &CancellationToken,
+    ) -> Result<bool, WriterError> {
+        let unreplicated = |why: String| {
+            events::CommitUnreplicated {
+                why: &why,
+                redelivered: true,
+            }
+            .emit();
+            WriterError::Unreplicated(why)
+        };
+        if let Some(why) = conn.writer.as_mut().and_then(|w| w.unreplicated_commit()) {
+            return Err(unreplicated(why));
+        }
+        if !self.cfg.require_sync_replication {
+            return Ok(true);
+        }
+        self.confirm(conn, cancel)
+            .await
+            .map_err(|e| unreplicated(format!("could not confirm the commit on a standby: {e}")))
     }
 
     /// Before a term's first commit, and after the writer's connection changed: waits until the
@@ -401,7 +496,6 @@ impl Writer {
         retry: &mut Backoff,
     ) -> Result<Tally, Stop> {
         let mut tally = Tally {
-            duplicates: prepared.redelivered,
             routes: prepared
                 .superseded
                 .iter()
@@ -413,40 +507,31 @@ impl Writer {
             ..Tally::default()
         };
         tally.routes.resize(routes.len(), RouteTally::default());
-        let mut rounds = vec![Part {
-            rows: prepared.rows,
-            dead: prepared.dead,
-            routed: prepared.routed,
-        }];
-        let mut later = prepared.later.into_iter();
-        let mut later_routed = prepared.later_routed.into_iter();
-        loop {
-            let (rows, routed) = (later.next(), later_routed.next());
-            if rows.is_none() && routed.is_none() {
-                break;
-            }
-            rounds.push(Part {
-                rows: rows.unwrap_or_default(),
-                dead: Vec::new(),
-                routed: routed.unwrap_or_default(),
-            });
-        }
-        let mut batch = BatchRoutes {
+        // Redeliveries of a message earlier in the batch: duplicates of their route (the
+        // default one's when the batch alone cannot tell).
+        tally.routes[0].duplicates += prepared.redelivered;
+        let mut batch = Committing {
             routes,
             replaced: prepared.replaced,
+            tally,
         };
-        for round in rounds {
-            self.commit_part(conn, round, &mut batch, &mut tally, cancel, retry)
+        let first = Part {
+            rows: prepared.rows,
+            dead: prepared.dead,
+        };
+        let later = prepared.later.into_iter().map(|rows| Part {
+            rows,
+            dead: Vec::new(),
+        });
+        for part in std::iter::once(first).chain(later) {
+            self.commit_part(conn, part, &mut batch, cancel, retry)
                 .await?;
         }
-        Ok(tally)
+        Ok(batch.tally)
     }
 
-    /// The events and typed counts of a committed batch's named routes.
+    /// The events and typed counts of a committed batch's routes.
     fn route_events(&self, routes: &[ResolvedRoute], tally: &Tally) {
-        if routes.is_empty() {
-            return;
-        }
         for (r, t) in routes.iter().zip(&tally.routes) {
             events::RouteCommitted {
                 route: &r.spec.name,
@@ -456,125 +541,38 @@ impl Writer {
             }
             .emit();
         }
-        self.status.update_routes(|counts| {
-            show_routes(counts, routes);
-            for (c, t) in counts.iter_mut().zip(&tally.routes) {
-                c.written += t.written;
-                c.duplicates += t.duplicates;
-                c.conflicts += t.conflicts;
-                c.dead_letters += t.dead_letters;
-            }
-        });
+        if routes.len() > 1 {
+            self.status.update_routes(|counts| {
+                show_routes(counts, &routes[1..]);
+                for (c, t) in counts.iter_mut().zip(&tally.routes[1..]) {
+                    c.written += t.written;
+                    c.duplicates += t.duplicates;
+                    c.conflicts += t.conflicts;
+                    c.dead_letters += t.dead_letters;
+                }
+            });
+        }
     }
 
-    /// Commits one part whose reading keys are unique, halving it around row errors.
+    /// Commits one part whose keys are unique per route, halving it around row errors.
     async fn commit_part(
         &self,
         conn: &mut Conn,
         part: Part,
-        batch: &mut BatchRoutes<'_>,
-        tally: &mut Tally,
+        batch: &mut Committing<'_>,
         cancel: &CancellationToken,
         retry: &mut Backoff,
     ) -> Result<(), Stop> {
-        let routes = batch.routes;
         let mut work = VecDeque::from([part]);
         while let Some(part) = work.pop_front() {
             if part.len() == 0 {
                 continue;
             }
-            // The connection is made inside the race too: a connect can take its whole timeout.
-            let mut stop = None;
-            let res = tokio::select! {
-                _ = cancel.cancelled() => None,
-                r = async {
-                    let w = self.connection(conn).await?;
-                    stop = Some(w.cancel_handle());
-                    w.write(&self.fence, &part.rows, &part.dead, &part.routed).await
-                } => Some(r),
-            };
-            let Some(res) = res else {
-                // The server would go on running the statement, holding the fence's share lock
-                // and delaying the next leader's takeover.
-                if let Some(stop) = stop {
-                    tokio::spawn(async move {
-                        if let Err(e) = stop.cancel().await {
-                            tracing::debug!(error = %e, "could not cancel the running batch statement");
-                        }
-                    });
-                }
-                conn.writer = None;
-                return Err(Stop::Cancelled);
-            };
+            let res = self.write_part(conn, &part, cancel).await?;
             match res {
                 Ok(out) => {
                     retry.reset();
-                    tally.inserted += out.inserted;
-                    tally.dead_lettered += out.dead_lettered;
-                    tally.duplicates += (out.duplicates.len() + out.redelivered.len()) as u64;
-                    tally.conflicts += out.conflicts.len() as u64;
-                    let skipped: std::collections::HashSet<usize> =
-                        out.redelivered.iter().copied().collect();
-                    for d in part.dead.iter().filter(|d| !skipped.contains(&d.idx)) {
-                        events::DeadLettered {
-                            topic: &d.topic,
-                            reason: d.reason,
-                            error: &d.error,
-                            route: d.route.as_deref().unwrap_or("default"),
-                        }
-                        .emit();
-                        // A message dead-lettered for several routes counts once, under its
-                        // first.
-                        let first = d.route.as_deref().and_then(|r| r.split(',').next());
-                        if let Some(k) = routes
-                            .iter()
-                            .position(|r| Some(r.spec.name.as_str()) == first)
-                        {
-                            tally.routes[k].dead_letters += 1;
-                        }
-                    }
-                    for ((k, o), r) in out.routes.iter().enumerate().zip(routes) {
-                        let t = &mut tally.routes[k];
-                        t.written += o.written;
-                        t.duplicates += o.duplicates.len() as u64;
-                        t.conflicts += o.conflicts.len() as u64;
-                        t.dead_letters += (o.conflicts.len() + o.unstored.len()) as u64;
-                        for (i, reason, what) in o
-                            .conflicts
-                            .iter()
-                            .map(|i| (i, "conflict", "a different row is stored for its key"))
-                            .chain(o.unstored.iter().map(|i| {
-                                (
-                                    i,
-                                    "not_stored",
-                                    "the table neither took the row nor holds its key",
-                                )
-                            }))
-                        {
-                            let topic = part
-                                .routed
-                                .iter()
-                                .find(|x| x.idx == *i && x.route == k)
-                                .map_or("", |x| x.message.topic.as_str());
-                            events::DeadLettered {
-                                topic,
-                                reason,
-                                error: &format!("route {}: {what}", r.spec.name),
-                                route: &r.spec.name,
-                            }
-                            .emit();
-                        }
-                    }
-                    for i in &out.conflicts {
-                        if let Some(r) = part.rows.iter().find(|r| r.idx == *i) {
-                            events::Conflict {
-                                device_id: &r.device_id,
-                                topic: &r.topic,
-                                ts: r.ts,
-                            }
-                            .emit();
-                        }
-                    }
+                    batch.committed(&part, &out);
                 }
                 Err(StoreError::Fenced { epoch }) => return Err(Stop::Fenced(epoch)),
                 Err(e) if e.is_row_error() && part.len() > 1 => {
@@ -582,41 +580,8 @@ impl Writer {
                     work.push_front(b);
                     work.push_front(a);
                 }
-                Err(e) if e.is_row_error() && part.routed.len() == 1 => {
-                    let text = e.database_text();
-                    let row = &part.routed[0];
-                    let name = routes.get(row.route).map_or("", |r| r.spec.name.as_str());
-                    events::RowRejected {
-                        topic: &row.message.topic,
-                        error: &text,
-                    }
-                    .emit();
-                    let mut next = Part {
-                        dead: vec![rejected_route_row(row, name, &text)],
-                        ..Part::default()
-                    };
-                    // "update": the row of the same key it replaced in this batch is now the
-                    // newest the table can take (counted when written, not as written over).
-                    if let Some(earlier) = batch.replaced.remove(&(row.route, row.idx)) {
-                        if let Some(t) = tally.routes.get_mut(row.route) {
-                            t.written = t.written.saturating_sub(1);
-                        }
-                        next.routed.push(earlier);
-                    }
-                    work.push_front(next);
-                }
                 Err(e) if e.is_row_error() && part.rows.len() == 1 => {
-                    let text = e.database_text();
-                    let row = &part.rows[0];
-                    events::RowRejected {
-                        topic: &row.topic,
-                        error: &text,
-                    }
-                    .emit();
-                    work.push_front(Part {
-                        dead: vec![rejected(row, &text)],
-                        ..Part::default()
-                    });
+                    work.push_front(batch.refused(&part.rows[0], &e.database_text()));
                 }
                 Err(e) => {
                     // Connection, time, resources, or a dead letter itself refused (which
@@ -631,6 +596,41 @@ impl Writer {
             }
         }
         Ok(())
+    }
+
+    /// One statement for `part`, raced against `cancel` (the connection is made inside the
+    /// race too: a connect can take its whole timeout). A cancelled statement is cancelled on
+    /// the server too: it would go on holding the fence's share lock, delaying the next
+    /// leader's takeover.
+    async fn write_part(
+        &self,
+        conn: &mut Conn,
+        part: &Part,
+        cancel: &CancellationToken,
+    ) -> Result<Result<leasehold_store::BatchOutcome, StoreError>, Stop> {
+        let mut stop = None;
+        let res = tokio::select! {
+            _ = cancel.cancelled() => None,
+            r = async {
+                let w = self.connection(conn).await?;
+                stop = Some(w.cancel_handle());
+                w.write(&self.fence, &part.rows, &part.dead).await
+            } => Some(r),
+        };
+        match res {
+            Some(r) => Ok(r),
+            None => {
+                if let Some(stop) = stop {
+                    tokio::spawn(async move {
+                        if let Err(e) = stop.cancel().await {
+                            tracing::debug!(error = %e, "could not cancel the running batch statement");
+                        }
+                    });
+                }
+                conn.writer = None;
+                Err(Stop::Cancelled)
+            }
+        }
     }
 
     /// The writer's connection, made when there is none or it closed.
@@ -793,25 +793,28 @@ mod tests {
 
     fn part(rows: usize, dead: usize) -> Part {
         let t = chrono::Utc::now();
+        let message = Arc::new(leasehold_store::Message {
+            topic: "t".into(),
+            payload: Default::default(),
+            received_at: t,
+            pkid: 0,
+            dup: false,
+            content_hash: None,
+        });
         Part {
             rows: (0..rows)
-                .map(|i| Row {
+                .map(|i| RouteRow {
                     idx: i,
-                    device_id: "d".into(),
-                    topic: "t".into(),
-                    ts: t,
-                    payload: "{}".into(),
-                    received_at: t,
-                    content_hash: None,
-                    pkid: 0,
-                    dup: false,
+                    route: i % 2,
+                    values: Vec::new(),
+                    message: message.clone(),
                 })
                 .collect(),
             dead: (0..dead)
                 .map(|i| DeadLetter {
                     idx: rows + i,
                     topic: "t".into(),
-                    payload: Vec::new(),
+                    payload: Default::default(),
                     size: 0,
                     reason: "not_json",
                     error: String::new(),
@@ -821,56 +824,36 @@ mod tests {
                     route: None,
                 })
                 .collect(),
-            routed: Vec::new(),
         }
     }
 
     #[test]
     fn halving_always_makes_progress() {
-        for rows in 0..5 {
-            for dead in 0..5 {
-                for routed in 0..5 {
-                    let n = rows + dead + routed;
-                    if n < 2 {
-                        continue;
-                    }
-                    let mut p = part(rows, dead);
-                    let message = Arc::new(leasehold_store::RoutedMessage {
-                        topic: "r".into(),
-                        payload: Default::default(),
-                        received_at: chrono::Utc::now(),
-                        pkid: 0,
-                        dup: false,
-                    });
-                    p.routed = (0..routed)
-                        .map(|i| RouteRow {
-                            idx: rows + dead + i,
-                            route: 0,
-                            values: Vec::new(),
-                            message: message.clone(),
-                        })
-                        .collect();
-                    let (a, b) = p.halves();
-                    assert!(
-                        a.len() > 0 && b.len() > 0,
-                        "{rows}+{dead}+{routed} -> {}+{}",
-                        a.len(),
-                        b.len()
-                    );
-                    assert_eq!(a.len() + b.len(), n);
-                    let mut idx: Vec<usize> = [&a, &b]
-                        .iter()
-                        .flat_map(|p| {
-                            p.rows
-                                .iter()
-                                .map(|r| r.idx)
-                                .chain(p.dead.iter().map(|d| d.idx))
-                                .chain(p.routed.iter().map(|r| r.idx))
-                        })
-                        .collect();
-                    idx.sort_unstable();
-                    assert_eq!(idx, (0..n).collect::<Vec<_>>());
+        for rows in 0..8 {
+            for dead in 0..8 {
+                let n = rows + dead;
+                if n < 2 {
+                    continue;
                 }
+                let (a, b) = part(rows, dead).halves();
+                assert!(
+                    a.len() > 0 && b.len() > 0,
+                    "{rows}+{dead} -> {}+{}",
+                    a.len(),
+                    b.len()
+                );
+                assert_eq!(a.len() + b.len(), n);
+                let mut idx: Vec<usize> = [&a, &b]
+                    .iter()
+                    .flat_map(|p| {
+                        p.rows
+                            .iter()
+                            .map(|r| r.idx)
+                            .chain(p.dead.iter().map(|d| d.idx))
+                    })
+                    .collect();
+                idx.sort_unstable();
+                assert_eq!(idx, (0..n).collect::<Vec<_>>());
             }
         }
     }

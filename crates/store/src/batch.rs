@@ -1,16 +1,18 @@
-//! The leader's batch write: one statement per batch that checks the fence and stores readings
-//! and dead letters together ([`BATCH_SQL`]), on the writer's own connection ([`BatchWriter`]).
+//! The leader's batch write: one statement per batch, generated from the routes' descriptions
+//! ([`crate::statement`]), that checks the fence and stores every route's rows and the dead
+//! letters together, on the writer's own connection ([`BatchWriter`]).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 
 use crate::op::{self, Op};
-use crate::routed::{routed_sql, RouteOutcome, RouteRow, DEFAULTS_SQL};
 use crate::routes::ResolvedRoute;
+use crate::statement::{batch_sql, carry, Carry, Wire, DEFAULTS_SQL};
 use crate::{pg_config, tls, Result, StoreError};
-use std::sync::Arc;
 
 /// The lease a write transaction must still hold ("One writer" in `docs/guarantees.md`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,18 +22,18 @@ pub struct Fence {
     pub epoch: i64,
 }
 
-/// A message stored in `dead_letters` instead of a table: it could not be decoded, PostgreSQL
-/// rejected it, or it conflicts with a stored reading.
+/// A message stored in `dead_letters` instead of a table: it could not be decoded or mapped,
+/// or PostgreSQL refused its row.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
     /// Position of the message in its batch (results are reported by it).
     pub idx: usize,
     pub topic: String,
     /// The bytes as received, at most `MAX_PAYLOAD_BYTES` of them.
-    pub payload: Vec<u8>,
+    pub payload: bytes::Bytes,
     /// The size of the payload as received.
     pub size: usize,
-    /// Short label (metrics, grouping): `not_json`, `rejected_by_database`, `conflict`, ...
+    /// Short label (metrics, grouping): `not_json`, `rejected_by_database`, `mapping_failed`, ...
     pub reason: &'static str,
     pub error: String,
     pub received_at: DateTime<Utc>,
@@ -41,40 +43,104 @@ pub struct DeadLetter {
     pub route: Option<String>,
 }
 
-/// A reading ready to insert. Its identity is `(device_id, topic, ts)`.
+/// The message a route row came from: what the statement reads shared columns and dead letters
+/// from. Sent once per statement however many rows it has.
 #[derive(Debug, Clone)]
-pub struct Row {
-    /// Position of the message in its batch (results are reported by it).
-    pub idx: usize,
-    pub device_id: String,
+pub struct Message {
     pub topic: String,
-    pub ts: DateTime<Utc>,
-    /// The payload text (a JSON object).
-    pub payload: String,
-    /// Receipt time on the database's clock.
+    /// The payload as received: JSON text (a message whose row reached a route was decoded).
+    pub payload: bytes::Bytes,
     pub received_at: DateTime<Utc>,
-    /// Set when the payload carried no timestamp (then `ts == received_at`): with `pkid` and
-    /// `dup` it tells a redelivery from a new publish of the same bytes.
-    pub content_hash: Option<String>,
     pub pkid: i32,
     pub dup: bool,
+    /// The content hash of topic and payload, when the writer computed it (else the statement
+    /// computes it where a dead letter needs it).
+    pub content_hash: Option<String>,
+}
+
+/// One value of a route row, typed as it is sent ([`crate::statement::carry`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Value {
+    Null,
+    Text(String),
+    Int(i64),
+    Bool(bool),
+    Time(DateTime<Utc>),
+}
+
+impl Value {
+    pub fn is_null(&self) -> bool {
+        matches!(self, Value::Null)
+    }
+}
+
+/// One message's row in one route.
+#[derive(Debug, Clone)]
+pub struct RouteRow {
+    /// Position of the message in its batch (results are reported by it).
+    pub idx: usize,
+    /// Index of the route in the writer's routes (0: `telemetry`).
+    pub route: usize,
+    /// One value per column of the route, in its column order (`Null` for a column the
+    /// statement reads from the message, unless it is part of the key).
+    pub values: Vec<Value>,
+    pub message: Arc<Message>,
+}
+
+impl RouteRow {
+    /// The `telemetry` row (route 0, [`ResolvedRoute::telemetry`]'s columns) of a reading that
+    /// carried its own timestamp, delivered once: what a tool or a test writes directly.
+    pub fn reading(
+        idx: usize,
+        device_id: &str,
+        topic: &str,
+        ts: DateTime<Utc>,
+        payload: &str,
+    ) -> Self {
+        let mut values = vec![Value::Null; 10];
+        values[0] = Value::Text(device_id.into());
+        values[1] = Value::Text(topic.into());
+        values[2] = Value::Time(ts);
+        values[9] = Value::Bool(false);
+        RouteRow {
+            idx,
+            route: 0,
+            values,
+            message: Arc::new(Message {
+                topic: topic.into(),
+                payload: bytes::Bytes::copy_from_slice(payload.as_bytes()),
+                received_at: Utc::now(),
+                pkid: 0,
+                dup: false,
+                content_hash: None,
+            }),
+        }
+    }
+}
+
+/// What one route's part of a committed statement did, by message position.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteOutcome {
+    /// Rows inserted (or, with `on_conflict = "update"`, inserted or updated).
+    pub written: u64,
+    /// Rows whose key was stored with the same content, and redeliveries of a stored row or
+    /// conflict: skipped.
+    pub duplicates: Vec<usize>,
+    /// Rows whose key was stored with different content: dead-lettered.
+    pub conflicts: Vec<usize>,
+    /// Rows the table neither took nor holds a row for (a trigger or rule skipped them):
+    /// dead-lettered.
+    pub unstored: Vec<usize>,
 }
 
 /// What one committed statement did, by message position.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BatchOutcome {
-    /// Rows inserted into `telemetry`.
-    pub inserted: u64,
-    /// Rows inserted into `dead_letters` (decode failures and conflicts).
+    /// Rows inserted into `dead_letters` (decode and mapping failures, refusals, conflicts).
     pub dead_lettered: u64,
-    /// Readings whose key was stored with the same payload: redeliveries, skipped.
-    pub duplicates: Vec<usize>,
-    /// Readings whose key was stored with a different payload: now dead letters.
-    pub conflicts: Vec<usize>,
-    /// Redeliveries (DUP flag, same packet id and bytes) of a stored timestamp-less reading or
-    /// dead letter, skipped.
+    /// Dead letters skipped: redeliveries (DUP, same packet id and bytes) of a stored one.
     pub redelivered: Vec<usize>,
-    /// Per named route (the writer's order): its rows' outcome. Empty without routes.
+    /// Per route (the writer's order): its rows' outcome.
     pub routes: Vec<RouteOutcome>,
 }
 
@@ -84,33 +150,28 @@ impl BatchOutcome {
         row: &tokio_postgres::Row,
         routes: usize,
     ) -> Result<Option<Self>, tokio_postgres::Error> {
-        if row.try_get::<_, i64>("held")? == 0 {
+        if row.try_get::<_, i64>(0)? == 0 {
             return Ok(None);
         }
-        let idx = |name: &str| -> Result<Vec<usize>, tokio_postgres::Error> {
+        let idx = |at: usize| -> Result<Vec<usize>, tokio_postgres::Error> {
             Ok(row
-                .try_get::<_, Vec<i32>>(name)?
+                .try_get::<_, Vec<i32>>(at)?
                 .into_iter()
                 .map(|i| i as usize)
                 .collect())
         };
         let mut out = BatchOutcome {
-            inserted: row.try_get::<_, i64>("inserted")? as u64,
-            dead_lettered: row.try_get::<_, i64>("dead_lettered")? as u64,
-            duplicates: idx("duplicates")?,
-            conflicts: idx("conflicts")?,
-            redelivered: idx("redelivered")?,
+            dead_lettered: row.try_get::<_, i64>(1)? as u64,
+            redelivered: idx(2)?,
             routes: Vec::with_capacity(routes),
         };
-        if routes > 0 {
-            out.dead_lettered += row.try_get::<_, i64>("route_dead_lettered")? as u64;
-        }
         for k in 0..routes {
+            let at = 3 + 4 * k;
             out.routes.push(RouteOutcome {
-                written: row.try_get::<_, i64>(format!("written_{k}").as_str())? as u64,
-                duplicates: idx(&format!("duplicates_{k}"))?,
-                conflicts: idx(&format!("conflicts_{k}"))?,
-                unstored: idx(&format!("unstored_{k}"))?,
+                written: row.try_get::<_, i64>(at)? as u64,
+                duplicates: idx(at + 1)?,
+                conflicts: idx(at + 2)?,
+                unstored: idx(at + 3)?,
             });
         }
         Ok(Some(out))
@@ -122,108 +183,6 @@ pub const DEFAULT_REDELIVERY_SPAN: i64 = 12_048;
 
 /// How far back a redelivery's first copy is looked for (see `docs/guarantees.md`).
 pub const DEFAULT_REDELIVERY_WINDOW: Duration = Duration::from_secs(3600);
-
-/// The whole batch in ONE statement (one round trip, one implicit transaction):
-///
-/// 1. `fence` locks the lease row `FOR SHARE` if, and only if, this holder still holds it at this
-///    epoch and it has not expired on the database clock. A concurrent takeover (an `UPDATE` of
-///    that row) waits for this statement to finish, and this statement waits for a takeover in
-///    progress and then re-checks the new row version: a stale writer commits before a takeover or
-///    not at all. Every insert below is conditional on it.
-/// 2. `again`: timestamp-less readings delivered with the DUP flag whose first copy (same device,
-///    topic, bytes and packet id) is stored: skipped. The first copy is looked for only after
-///    `floor`: within the redelivery window and among the last `redelivery_span` readings stored
-///    before the redelivery — the broker reuses a packet id after 65,535 deliveries, so an older
-///    copy with the same id is another publish, not this one.
-/// 3. `ins`: the readings, `ON CONFLICT DO NOTHING`; the caller sends each key once.
-/// 4. `clash`: readings not inserted, against the row that holds their key (the statement's
-///    snapshot does not see `ins`, so that row was there before): the same payload is a
-///    duplicate, a different one a conflict, dead-lettered in `dead` with its content hash. A
-///    conflicting message redelivered (DUP, same packet id and bytes as a conflict dead letter)
-///    is skipped like any redelivery.
-/// 5. `dead`: decode failures (skipping their own redeliveries) and conflicts.
-///
-/// Parameters are arrays (`unnest`), so their count is fixed whatever the batch size. One
-/// statement rather than BEGIN / check / insert / COMMIT keeps the share lock only for the
-/// server-side execution time: a multi-round-trip transaction would hold it across round trips
-/// and starve the leader's own renewals.
-pub const BATCH_SQL: &str = "WITH fence AS (
-        SELECT 1 FROM instance_lock
-        WHERE service_name = $1 AND holder_id = $2 AND epoch = $3 AND expires_at > clock_timestamp()
-        FOR SHARE),
-    r AS MATERIALIZED (
-        SELECT * FROM unnest($6::int[], $7::text[], $8::text[], $9::timestamptz[], $10::text[],
-                             $11::timestamptz[], $12::text[], $13::int[], $14::bool[])
-             AS u(i, d, tp, t, p, rcv, h, k, dup)),
-    dl AS MATERIALIZED (
-        SELECT * FROM unnest($15::int[], $16::text[], $17::bytea[], $18::int[], $19::text[], $20::text[],
-                             $21::timestamptz[], $22::text[], $23::int[], $24::bool[])
-             AS u(i, tp, p, sz, reason, e, rcv, h, k, dup)),
-    floor AS MATERIALIZED (
-        SELECT CASE WHEN EXISTS (SELECT 1 FROM r WHERE r.dup) OR EXISTS (SELECT 1 FROM dl WHERE dl.dup)
-            THEN greatest(
-                (SELECT min(u.rcv) FROM (SELECT rcv FROM r WHERE dup UNION ALL SELECT rcv FROM dl WHERE dup) u)
-                    - $5::interval,
-                coalesce((SELECT x.received_at FROM telemetry x
-                          WHERE x.received_at < (SELECT min(u.rcv) FROM (SELECT rcv FROM r WHERE dup
-                                                 UNION ALL SELECT rcv FROM dl WHERE dup) u)
-                          ORDER BY x.received_at DESC OFFSET $25 LIMIT 1), '-infinity'::timestamptz))
-            END AS f),
-    again AS MATERIALIZED (
-        SELECT r.i FROM r
-        WHERE r.dup AND r.h IS NOT NULL AND EXISTS (
-            SELECT 1 FROM telemetry x
-            WHERE x.device_id = r.d AND x.topic = r.tp AND x.ts > (SELECT f FROM floor)
-              AND x.ts < r.rcv AND x.content_hash = r.h AND x.mqtt_pkid = r.k)),
-    ins AS (
-        INSERT INTO telemetry (device_id, topic, ts, payload, received_at, written_by, lease_epoch,
-                               content_hash, mqtt_pkid, possible_duplicate)
-        SELECT d, tp, t, p::jsonb, rcv, $4, $3, h, k, dup AND h IS NOT NULL
-        FROM r
-        WHERE EXISTS (SELECT 1 FROM fence) AND r.i NOT IN (SELECT i FROM again)
-        ON CONFLICT DO NOTHING
-        RETURNING device_id, topic, ts),
-    missed AS MATERIALIZED (
-        SELECT r.* FROM r
-        WHERE EXISTS (SELECT 1 FROM fence) AND r.i NOT IN (SELECT i FROM again)
-          AND NOT EXISTS (SELECT 1 FROM ins WHERE ins.device_id = r.d AND ins.topic = r.tp AND ins.ts = r.t)),
-    clash AS MATERIALIZED (
-        SELECT m.*, x.payload = m.p::jsonb AS same,
-               encode(substr(sha256(convert_to(m.tp, 'UTF8') || '\\x00'::bytea || convert_to(m.p, 'UTF8')), 1, 16), 'hex') AS hh,
-               x.lease_epoch AS stored_epoch
-        FROM missed m JOIN telemetry x ON x.device_id = m.d AND x.topic = m.tp AND x.ts = m.t),
-    clash_again AS MATERIALIZED (
-        SELECT c.i FROM clash c
-        WHERE NOT c.same AND c.dup AND EXISTS (
-            SELECT 1 FROM dead_letters y
-            WHERE y.content_hash = c.hh AND y.mqtt_pkid = c.k
-              AND y.received_at > (SELECT f FROM floor) AND y.received_at < c.rcv)),
-    dl_again AS MATERIALIZED (
-        SELECT dl.i FROM dl
-        WHERE dl.dup AND EXISTS (
-            SELECT 1 FROM dead_letters y
-            WHERE y.content_hash = dl.h AND y.mqtt_pkid = dl.k
-              AND y.received_at > (SELECT f FROM floor) AND y.received_at < dl.rcv)),
-    dead AS (
-        INSERT INTO dead_letters (topic, payload, size, reason, error, received_at, written_by,
-                                  lease_epoch, content_hash, mqtt_pkid, possible_duplicate)
-        SELECT tp, p, sz, reason, e, rcv, $4, $3, h, k, dup
-        FROM dl
-        WHERE EXISTS (SELECT 1 FROM fence) AND dl.i NOT IN (SELECT i FROM dl_again)
-        UNION ALL
-        SELECT c.tp, convert_to(c.p, 'UTF8'), octet_length(c.p), 'conflict',
-               format('conflict: a different reading is stored for device_id %s, topic %s, ts %s (written at epoch %s); this one was not stored',
-                      c.d, c.tp, c.t, c.stored_epoch),
-               c.rcv, $4, $3, c.hh, c.k, c.dup
-        FROM clash c
-        WHERE NOT c.same AND c.i NOT IN (SELECT i FROM clash_again)
-        RETURNING 1)
-    SELECT (SELECT count(*) FROM fence) AS held,
-           (SELECT count(*) FROM ins) AS inserted,
-           (SELECT count(*) FROM dead) AS dead_lettered,
-           ARRAY(SELECT i FROM clash WHERE same) AS duplicates,
-           ARRAY(SELECT i FROM clash WHERE NOT same AND i NOT IN (SELECT i FROM clash_again)) AS conflicts,
-           ARRAY(SELECT i FROM again UNION ALL SELECT i FROM clash_again UNION ALL SELECT i FROM dl_again) AS redelivered";
 
 /// Replaces NUL, which PostgreSQL `text` cannot hold, so a dead letter can always be stored.
 pub fn storable_text(s: &str) -> std::borrow::Cow<'_, str> {
@@ -245,8 +204,8 @@ pub struct BatchWriter {
     /// The server's warnings on this connection, each delivered before the answer to the
     /// statement that caused it ([`crate::connect_with_notices`]).
     notices: tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::error::DbError>,
-    /// The named routes and their statement, when there are any (else [`BATCH_SQL`] alone).
-    routed: Option<(Arc<[ResolvedRoute]>, Statement)>,
+    /// The routes the statement is prepared for: `telemetry` first, then the named ones.
+    routes: Arc<[ResolvedRoute]>,
 }
 
 /// Cancels the statement running on a connection (the server keeps running it otherwise, with
@@ -280,8 +239,9 @@ impl CancelHandle {
 }
 
 impl BatchWriter {
-    /// Connects the writer's own connection. Statements are bounded server-side by
-    /// `statement_timeout`; a cancelled write is also cancelled on the server ([`CancelHandle`]).
+    /// Connects the writer's own connection, its statement prepared for `telemetry` alone.
+    /// Statements are bounded server-side by `statement_timeout`; a cancelled write is also
+    /// cancelled on the server ([`CancelHandle`]).
     pub async fn connect(
         url: &str,
         written_by: String,
@@ -290,6 +250,7 @@ impl BatchWriter {
     ) -> Result<Self> {
         let (_, tls) = pg_config(url, "leasehold-writer")?;
         let (client, notices) = crate::connect_with_notices(url, "leasehold-writer").await?;
+        let routes: Arc<[ResolvedRoute]> = Arc::from(vec![ResolvedRoute::telemetry()]);
         let stmt = op::measured(Op::Session, async {
             client
                 .batch_execute(&format!(
@@ -297,7 +258,7 @@ impl BatchWriter {
                     statement_timeout.as_millis().max(1)
                 ))
                 .await?;
-            Ok(client.prepare(BATCH_SQL).await?)
+            Ok(client.prepare(&batch_sql(&routes, &[])).await?)
         })
         .await?;
         let cancel = CancelHandle::with_tls(&client, tls);
@@ -309,17 +270,14 @@ impl BatchWriter {
             redelivery_span: DEFAULT_REDELIVERY_SPAN,
             cancel,
             notices,
-            routed: None,
+            routes,
         })
     }
 
-    /// Writes into `routes` from now on: builds and prepares their statement (the columns'
-    /// default expressions, which fill a NULL, are read here). No routes: [`BATCH_SQL`] alone.
+    /// Writes into `routes` from now on (`telemetry` first, as [`ResolvedRoute::telemetry`]
+    /// describes it, then the named routes): builds and prepares their statement (the columns'
+    /// default expressions, which fill a NULL, are read here).
     pub async fn use_routes(&mut self, routes: Arc<[ResolvedRoute]>) -> Result<()> {
-        if routes.is_empty() {
-            self.routed = None;
-            return Ok(());
-        }
         let client = &self.client;
         let stmt = op::measured(Op::Session, async {
             let mut defaults = Vec::with_capacity(routes.len());
@@ -339,10 +297,11 @@ impl BatchWriter {
                 }
                 defaults.push(ds);
             }
-            Ok(client.prepare(&routed_sql(&routes, &defaults)).await?)
+            Ok(client.prepare(&batch_sql(&routes, &defaults)).await?)
         })
         .await?;
-        self.routed = Some((routes, stmt));
+        self.stmt = stmt;
+        self.routes = routes;
         Ok(())
     }
 
@@ -417,98 +376,31 @@ impl BatchWriter {
         Ok((db, sent + rtt / 2))
     }
 
-    /// Commits `rows` and `dead` if the fence holds; [`StoreError::Fenced`] (nothing written)
-    /// otherwise. Each reading key must appear at most once in `rows`.
+    /// Commits `rows` (each key at most once per route) and `dead` if the fence holds;
+    /// [`StoreError::Fenced`] (nothing written) otherwise.
     pub async fn write(
         &mut self,
         fence: &Fence,
-        rows: &[Row],
+        rows: &[RouteRow],
         dead: &[DeadLetter],
-        routed: &[RouteRow],
     ) -> Result<BatchOutcome> {
-        let n = rows.len();
-        let mut ri = Vec::with_capacity(n);
-        let mut d = Vec::with_capacity(n);
-        let mut tp = Vec::with_capacity(n);
-        let mut t = Vec::with_capacity(n);
-        let mut p = Vec::with_capacity(n);
-        let mut rcv = Vec::with_capacity(n);
-        let mut h = Vec::with_capacity(n);
-        let mut k = Vec::with_capacity(n);
-        let mut dup = Vec::with_capacity(n);
-        for row in rows {
-            ri.push(row.idx as i32);
-            d.push(row.device_id.as_str());
-            tp.push(row.topic.as_str());
-            t.push(row.ts);
-            p.push(row.payload.as_str());
-            rcv.push(row.received_at);
-            h.push(row.content_hash.as_deref());
-            k.push(row.pkid);
-            dup.push(row.dup);
-        }
-        let di: Vec<i32> = dead.iter().map(|x| x.idx as i32).collect();
-        let dtp: Vec<std::borrow::Cow<'_, str>> =
-            dead.iter().map(|x| storable_text(&x.topic)).collect();
-        let dp: Vec<&[u8]> = dead.iter().map(|x| x.payload.as_slice()).collect();
-        let dsz: Vec<i32> = dead
-            .iter()
-            .map(|x| i32::try_from(x.size).unwrap_or(i32::MAX))
-            .collect();
-        let dreason: Vec<&str> = dead.iter().map(|x| x.reason).collect();
-        let de: Vec<std::borrow::Cow<'_, str>> =
-            dead.iter().map(|x| storable_text(&x.error)).collect();
-        let dr: Vec<DateTime<Utc>> = dead.iter().map(|x| x.received_at).collect();
-        let dh: Vec<String> = dead
-            .iter()
-            .map(|x| leasehold_decode::content_hash(&x.topic, &x.payload))
-            .collect();
-        let dk: Vec<i32> = dead.iter().map(|x| x.pkid).collect();
-        let ddup: Vec<bool> = dead.iter().map(|x| x.dup).collect();
-        let dtp_ref: Vec<&str> = dtp.iter().map(|c| c.as_ref()).collect();
-        let de_ref: Vec<&str> = de.iter().map(|c| c.as_ref()).collect();
+        let messages = Messages::new(rows);
+        let dead = DeadParams::new(dead);
+        let arrays = RouteArrays::new(&self.routes, rows);
         let window = PgInterval(self.redelivery_window);
-        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![
             &fence.lease_name,
             &fence.holder_id,
             &fence.epoch,
             &self.written_by,
             &window,
-            &ri,
-            &d,
-            &tp,
-            &t,
-            &p,
-            &rcv,
-            &h,
-            &k,
-            &dup,
-            &di,
-            &dtp_ref,
-            &dp,
-            &dsz,
-            &dreason,
-            &de_ref,
-            &dr,
-            &dh,
-            &dk,
-            &ddup,
             &self.redelivery_span,
         ];
-        let dl_route: Vec<Option<&str>> = dead.iter().map(|x| x.route.as_deref()).collect();
-        let routed_params = self
-            .routed
-            .as_ref()
-            .map(|(routes, _)| RoutedParams::new(routes, routed));
-        let (stmt, n_routes) = match (&self.routed, &routed_params) {
-            (Some((routes, stmt)), Some(rp)) => {
-                params.push(&dl_route);
-                rp.push(&mut params);
-                (stmt, routes.len())
-            }
-            _ => (&self.stmt, 0),
-        };
-        let outcome = op::one(&self.client, Op::WriteBatch, stmt, &params, |r| {
+        messages.push(&mut params);
+        dead.push(&mut params);
+        arrays.push(&mut params);
+        let n_routes = self.routes.len();
+        let outcome = op::one(&self.client, Op::WriteBatch, &self.stmt, &params, |r| {
             BatchOutcome::read(r, n_routes)
         })
         .await?;
@@ -543,75 +435,248 @@ impl tokio_postgres::types::ToSql for PgInterval {
     tokio_postgres::types::to_sql_checked!();
 }
 
-/// The routed part of a batch statement's parameters: the routed messages once each, then per
-/// route its rows' positions and one text array per column.
-struct RoutedParams<'a> {
-    gi: Vec<i32>,
-    gtp: Vec<String>,
-    gp: Vec<&'a [u8]>,
-    grcv: Vec<DateTime<Utc>>,
-    gh: Vec<String>,
-    gk: Vec<i32>,
-    gdup: Vec<bool>,
-    /// Per route: positions, then per column its values.
-    routes: Vec<(Vec<i32>, Columns<'a>)>,
+/// The messages of a part's rows, once each (`g` in the statement).
+struct Messages<'a> {
+    i: Vec<i32>,
+    tp: Vec<std::borrow::Cow<'a, str>>,
+    p: Vec<&'a str>,
+    rcv: Vec<DateTime<Utc>>,
+    h: Vec<Option<&'a str>>,
+    k: Vec<i32>,
+    dup: Vec<bool>,
 }
 
-/// One text array per column of a route (`None`: NULL).
-type Columns<'a> = Vec<Vec<Option<&'a str>>>;
+impl<'a> Messages<'a> {
+    fn new(rows: &'a [RouteRow]) -> Self {
+        let n = rows.len();
+        let mut m = Messages {
+            i: Vec::with_capacity(n),
+            tp: Vec::with_capacity(n),
+            p: Vec::with_capacity(n),
+            rcv: Vec::with_capacity(n),
+            h: Vec::with_capacity(n),
+            k: Vec::with_capacity(n),
+            dup: Vec::with_capacity(n),
+        };
+        let mut seen = vec![false; rows.iter().map(|r| r.idx + 1).max().unwrap_or(0)];
+        for r in rows {
+            if std::mem::replace(&mut seen[r.idx], true) {
+                continue;
+            }
+            let msg = &r.message;
+            m.i.push(r.idx as i32);
+            m.tp.push(storable_text(&msg.topic));
+            // A routed message was decoded from JSON, so it is UTF-8; anything else (which the
+            // decoder never lets through) goes as its lossless replacement.
+            m.p.push(std::str::from_utf8(&msg.payload).unwrap_or("\u{FFFD}"));
+            m.rcv.push(msg.received_at);
+            m.h.push(msg.content_hash.as_deref());
+            m.k.push(msg.pkid);
+            m.dup.push(msg.dup);
+        }
+        m
+    }
 
-impl<'a> RoutedParams<'a> {
-    fn new(routes: &[ResolvedRoute], rows: &'a [RouteRow]) -> Self {
-        let mut p = RoutedParams {
-            gi: Vec::new(),
-            gtp: Vec::new(),
-            gp: Vec::new(),
-            grcv: Vec::new(),
-            gh: Vec::new(),
-            gk: Vec::new(),
-            gdup: Vec::new(),
-            routes: routes
+    fn push(&'a self, params: &mut Vec<&'a (dyn ToSql + Sync)>) {
+        params.extend([
+            &self.i as &(dyn ToSql + Sync),
+            &self.tp,
+            &self.p,
+            &self.rcv,
+            &self.h,
+            &self.k,
+            &self.dup,
+        ]);
+    }
+}
+
+/// The dead letters' arrays (`dl` in the statement).
+struct DeadParams<'a> {
+    i: Vec<i32>,
+    tp: Vec<std::borrow::Cow<'a, str>>,
+    p: Vec<&'a [u8]>,
+    sz: Vec<i32>,
+    reason: Vec<&'a str>,
+    e: Vec<std::borrow::Cow<'a, str>>,
+    rcv: Vec<DateTime<Utc>>,
+    h: Vec<String>,
+    k: Vec<i32>,
+    dup: Vec<bool>,
+    route: Vec<Option<&'a str>>,
+}
+
+impl<'a> DeadParams<'a> {
+    fn new(dead: &'a [DeadLetter]) -> Self {
+        DeadParams {
+            i: dead.iter().map(|x| x.idx as i32).collect(),
+            tp: dead.iter().map(|x| storable_text(&x.topic)).collect(),
+            p: dead.iter().map(|x| &x.payload[..]).collect(),
+            sz: dead
                 .iter()
-                .map(|r| (Vec::new(), vec![Vec::new(); r.columns.len()]))
+                .map(|x| i32::try_from(x.size).unwrap_or(i32::MAX))
+                .collect(),
+            reason: dead.iter().map(|x| x.reason).collect(),
+            e: dead.iter().map(|x| storable_text(&x.error)).collect(),
+            rcv: dead.iter().map(|x| x.received_at).collect(),
+            h: dead
+                .iter()
+                .map(|x| leasehold_decode::content_hash(&x.topic, &x.payload))
+                .collect(),
+            k: dead.iter().map(|x| x.pkid).collect(),
+            dup: dead.iter().map(|x| x.dup).collect(),
+            route: dead.iter().map(|x| x.route.as_deref()).collect(),
+        }
+    }
+
+    fn push(&'a self, params: &mut Vec<&'a (dyn ToSql + Sync)>) {
+        params.extend([
+            &self.i as &(dyn ToSql + Sync),
+            &self.tp,
+            &self.p,
+            &self.sz,
+            &self.reason,
+            &self.e,
+            &self.rcv,
+            &self.h,
+            &self.k,
+            &self.dup,
+            &self.route,
+        ]);
+    }
+}
+
+/// One column's values as sent: an array of the column's wire type.
+#[derive(Debug)]
+enum Array<'a> {
+    Text(Vec<Option<std::borrow::Cow<'a, str>>>),
+    Int(Vec<Option<i64>>),
+    Bool(Vec<Option<bool>>),
+    Time(Vec<Option<DateTime<Utc>>>),
+}
+
+impl<'a> Array<'a> {
+    fn new(wire: Wire, n: usize) -> Self {
+        match wire {
+            Wire::Text => Array::Text(Vec::with_capacity(n)),
+            Wire::Int8 => Array::Int(Vec::with_capacity(n)),
+            Wire::Bool => Array::Bool(Vec::with_capacity(n)),
+            Wire::Time => Array::Time(Vec::with_capacity(n)),
+        }
+    }
+
+    /// Appends `v`. The writer's conversion makes values of the array's shape; text (from a
+    /// caller that did not convert) is read as the array's type where it parses.
+    fn push(&mut self, v: &'a Value) {
+        match (self, v) {
+            (Array::Text(a), Value::Text(s)) => a.push(Some(std::borrow::Cow::Borrowed(s))),
+            (Array::Text(a), Value::Null) => a.push(None),
+            (Array::Text(a), other) => a.push(Some(std::borrow::Cow::Owned(text_of(other)))),
+            (Array::Int(a), Value::Int(n)) => a.push(Some(*n)),
+            (Array::Bool(a), Value::Bool(b)) => a.push(Some(*b)),
+            (Array::Time(a), Value::Time(t)) => a.push(Some(*t)),
+            (Array::Int(a), Value::Text(s)) => a.push(s.trim().parse().ok()),
+            (Array::Bool(a), Value::Text(s)) => a.push(s.trim().parse().ok()),
+            (Array::Time(a), Value::Text(s)) => a.push(
+                DateTime::parse_from_rfc3339(s.trim())
+                    .ok()
+                    .map(|t| t.with_timezone(&Utc)),
+            ),
+            (Array::Int(a), _) => a.push(None),
+            (Array::Bool(a), _) => a.push(None),
+            (Array::Time(a), _) => a.push(None),
+        }
+    }
+}
+
+fn text_of(v: &Value) -> String {
+    match v {
+        Value::Null => String::new(),
+        Value::Text(s) => s.clone(),
+        Value::Int(n) => n.to_string(),
+        Value::Bool(b) => b.to_string(),
+        Value::Time(t) => t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+    }
+}
+
+impl ToSql for Array<'_> {
+    fn to_sql(
+        &self,
+        ty: &tokio_postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> std::result::Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>>
+    {
+        match self {
+            Array::Text(a) => a.to_sql(ty, out),
+            Array::Int(a) => a.to_sql(ty, out),
+            Array::Bool(a) => a.to_sql(ty, out),
+            Array::Time(a) => a.to_sql(ty, out),
+        }
+    }
+
+    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
+        <Vec<Option<String>> as ToSql>::accepts(ty)
+            || <Vec<Option<i64>> as ToSql>::accepts(ty)
+            || <Vec<Option<bool>> as ToSql>::accepts(ty)
+            || <Vec<Option<DateTime<Utc>>> as ToSql>::accepts(ty)
+    }
+
+    tokio_postgres::types::to_sql_checked!();
+}
+
+static NULL: Value = Value::Null;
+
+/// Per route: its rows' positions, then one array per column sent.
+struct RouteArrays<'a> {
+    routes: Vec<(Vec<i32>, Vec<Array<'a>>)>,
+}
+
+impl<'a> RouteArrays<'a> {
+    fn new(routes: &[ResolvedRoute], rows: &'a [RouteRow]) -> Self {
+        let sent: Vec<Vec<(usize, Wire)>> = routes
+            .iter()
+            .map(|r| {
+                r.columns
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(j, c)| match carry(c) {
+                        Carry::Sent(w) => Some((j, w)),
+                        Carry::Shared => None,
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut out = RouteArrays {
+            routes: sent
+                .iter()
+                .map(|cols| {
+                    (
+                        Vec::new(),
+                        cols.iter()
+                            .map(|&(_, w)| Array::new(w, rows.len()))
+                            .collect(),
+                    )
+                })
                 .collect(),
         };
-        let mut seen = std::collections::HashSet::new();
         for r in rows {
-            if seen.insert(r.idx) {
-                let m = &r.message;
-                p.gi.push(r.idx as i32);
-                p.gtp.push(storable_text(&m.topic).into_owned());
-                p.gp.push(&m.payload[..]);
-                p.grcv.push(m.received_at);
-                p.gh.push(leasehold_decode::content_hash(&m.topic, &m.payload));
-                p.gk.push(m.pkid);
-                p.gdup.push(m.dup);
-            }
-            let Some((idx, cols)) = p.routes.get_mut(r.route) else {
+            let (Some((idx, arrays)), Some(cols)) =
+                (out.routes.get_mut(r.route), sent.get(r.route))
+            else {
                 continue;
             };
             idx.push(r.idx as i32);
-            for (j, col) in cols.iter_mut().enumerate() {
-                col.push(r.values.get(j).and_then(|v| v.as_deref()));
+            for (a, &(j, _)) in arrays.iter_mut().zip(cols) {
+                a.push(r.values.get(j).unwrap_or(&NULL));
             }
         }
-        p
+        out
     }
 
-    fn push(&'a self, params: &mut Vec<&'a (dyn tokio_postgres::types::ToSql + Sync)>) {
-        params.extend([
-            &self.gi as &(dyn tokio_postgres::types::ToSql + Sync),
-            &self.gtp,
-            &self.gp,
-            &self.grcv,
-            &self.gh,
-            &self.gk,
-            &self.gdup,
-        ]);
-        for (idx, cols) in &self.routes {
+    fn push(&'a self, params: &mut Vec<&'a (dyn ToSql + Sync)>) {
+        for (idx, arrays) in &self.routes {
             params.push(idx);
-            for c in cols {
-                params.push(c);
+            for a in arrays {
+                params.push(a);
             }
         }
     }

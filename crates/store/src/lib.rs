@@ -8,6 +8,8 @@
 //! - [`migrate`](mod@migrate): applies `migrations/` under an advisory lock, so nodes starting
 //!   together do not race, and refuses a migration changed since it was applied (sha256 ledger).
 //! - [`batch`]: [`BatchWriter`], one statement per batch, fencing check first, set-based inserts.
+//! - [`statement`]: that statement, generated from the routes' descriptions (`telemetry` is
+//!   route 0).
 //! - [`deployment`]: what `leasehold doctor` reads: durability settings, privileges, clock,
 //!   the database's identity.
 //! - [`lease`]: the lease's acquire/renew and release statements on its own connection.
@@ -32,16 +34,16 @@ pub mod op;
 pub mod queries;
 pub mod replication;
 pub mod retention;
-pub mod routed;
 pub mod routes;
+pub mod statement;
 pub mod syncrep;
 pub mod tls;
 
 use std::time::Duration;
 
 pub use batch::{
-    storable_text, BatchOutcome, BatchWriter, CancelHandle, DeadLetter, Fence, Row,
-    DEFAULT_REDELIVERY_SPAN, DEFAULT_REDELIVERY_WINDOW,
+    storable_text, BatchOutcome, BatchWriter, CancelHandle, DeadLetter, Fence, Message,
+    RouteOutcome, RouteRow, Value, DEFAULT_REDELIVERY_SPAN, DEFAULT_REDELIVERY_WINDOW,
 };
 pub use deadpool_postgres::Pool;
 /// A connection borrowed from the pool.
@@ -49,7 +51,6 @@ pub type PooledClient = deadpool_postgres::Object;
 pub use migrate::{migrate, migrate_up_to, Migration, MIGRATIONS};
 pub use op::Op;
 pub use queries::current_leader;
-pub use routed::{RouteOutcome, RouteRow, RoutedMessage};
 /// A database connection, as [`connect`] makes it and the functions here take it (a
 /// [`PooledClient`] dereferences to one): callers hold one without depending on tokio-postgres,
 /// and ask this crate for what they need from it, since the SQL lives here.

@@ -1,7 +1,8 @@
 //! Routes checked against the live database: the table and its columns as stored, each column's
 //! type and how a value reaches it, the unique index `key` names, the role's privileges. A node
 //! resolves its routes at start and refuses to start on any problem; `leasehold routes` prints
-//! the result. The default route (`telemetry`) is not a route here: it keeps its own code path.
+//! the result. The default route (`telemetry`) is route 0, described by [`ResolvedRoute::telemetry`]
+//! and written by the same statement builder as every named route.
 
 use std::fmt;
 
@@ -48,6 +49,83 @@ impl ResolvedRoute {
             columns,
             key,
         }
+    }
+}
+
+/// The name of the built-in route into `telemetry` (the `route` label of its metrics; its dead
+/// letters carry no route).
+pub const DEFAULT_ROUTE: &str = "default";
+
+impl ResolvedRoute {
+    /// The built-in route 0: every message no named route takes, into `telemetry`, keyed by
+    /// `(device_id, topic, ts)`, with the identity columns that let a redelivery of a
+    /// timestamp-less reading be told from a new publish (`docs/guarantees.md`).
+    pub fn telemetry() -> Self {
+        use ColumnKind::*;
+        let col = |name: &str, source: Source, sql_type: &str, kind: ColumnKind| ResolvedColumn {
+            name: name.into(),
+            quoted: quote_ident(name),
+            source,
+            sql_type: sql_type.into(),
+            kind,
+            not_null: true,
+            has_default: false,
+        };
+        let mut columns = vec![
+            col("device_id", Source::DeviceId, "text", Text),
+            col("topic", Source::Topic, "text", Text),
+            col(
+                "ts",
+                Source::Timestamp,
+                "timestamp with time zone",
+                Timestamptz,
+            ),
+            col("payload", Source::Payload, "jsonb", Jsonb),
+            col(
+                "received_at",
+                Source::ReceivedAt,
+                "timestamp with time zone",
+                Timestamptz,
+            ),
+            col("written_by", Source::WrittenBy, "text", Text),
+            col("lease_epoch", Source::LeaseEpoch, "bigint", Int8),
+            col("content_hash", Source::ContentHash, "text", Text),
+            col("mqtt_pkid", Source::PacketId, "integer", Int4),
+            col(
+                "possible_duplicate",
+                Source::PossibleDuplicate,
+                "boolean",
+                Bool,
+            ),
+        ];
+        for c in &mut columns[7..] {
+            c.not_null = false;
+        }
+        let spec = RouteSpec {
+            name: DEFAULT_ROUTE.into(),
+            topics: vec!["#".into()],
+            table: "telemetry".into(),
+            key: vec!["device_id".into(), "topic".into(), "ts".into()],
+            on_conflict: OnConflict::Nothing,
+            columns: columns
+                .iter()
+                .map(|c| (c.name.clone(), c.source.clone()))
+                .collect(),
+        };
+        let mut route = ResolvedRoute::new(spec, "public".into(), "telemetry".into(), columns);
+        // Where the migrations made it: the connection's search path, as every query here.
+        route.qualified = "telemetry".into();
+        route
+    }
+
+    /// Whether this is the built-in route into `telemetry`.
+    pub fn is_default(&self) -> bool {
+        self.spec.name == DEFAULT_ROUTE && self.table == "telemetry"
+    }
+
+    /// The column whose value comes from `source`, if the route maps one.
+    pub fn column_of(&self, source: &Source) -> Option<usize> {
+        self.columns.iter().position(|c| &c.source == source)
     }
 }
 
@@ -193,6 +271,48 @@ async fn resolve_one(
     who: &Who,
     found: &mut Problems<'_>,
 ) -> Result<Option<ResolvedRoute>> {
+    let Some(Table {
+        oid,
+        schema,
+        name,
+        qualified,
+    }) = find_table(client, spec, who, found).await?
+    else {
+        return Ok(None);
+    };
+    let catalog = catalog(client, oid).await?;
+    let (columns, mapped) = map_columns(client, spec, &catalog, &qualified, found).await?;
+    unmapped_not_null(spec, &catalog, &qualified, found);
+    privileges(spec, &mapped, &qualified, who, found);
+
+    check_key(client, spec, oid, &qualified, found).await?;
+    if !found.list.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(ResolvedRoute::new(
+        spec.clone(),
+        schema,
+        name,
+        columns,
+    )))
+}
+
+/// The route's table as the catalog has it.
+struct Table {
+    oid: u32,
+    schema: String,
+    name: String,
+    qualified: String,
+}
+
+/// Finds the route's table: it must exist, be a table (plain or partitioned) and its schema
+/// usable by the role.
+async fn find_table(
+    client: &Client,
+    spec: &RouteSpec,
+    who: &Who,
+    found: &mut Problems<'_>,
+) -> Result<Option<Table>> {
     // to_regclass follows the search path and SQL's quoting, and refuses a malformed name.
     let table = measured(Op::RouteCheck, async {
         match client
@@ -265,7 +385,17 @@ async fn resolve_one(
             ),
         );
     }
-    let catalog = op::all(
+    Ok(Some(Table {
+        oid,
+        schema,
+        name,
+        qualified,
+    }))
+}
+
+/// The table's columns, with what the role may do with each.
+async fn catalog(client: &Client, oid: u32) -> Result<Vec<CatalogColumn>> {
+    op::all(
         client,
         Op::RouteCheck,
         "SELECT a.attname::text AS name, format_type(a.atttypid, a.atttypmod) AS sql_type,
@@ -296,8 +426,18 @@ async fn resolve_one(
             })
         },
     )
-    .await?;
+    .await
+}
 
+/// Each mapped column checked against the catalog: the resolved columns, and the catalog's
+/// entries of those that resolved (for the privilege check).
+async fn map_columns<'c>(
+    client: &Client,
+    spec: &RouteSpec,
+    catalog: &'c [CatalogColumn],
+    qualified: &str,
+    found: &mut Problems<'_>,
+) -> Result<(Vec<ResolvedColumn>, Vec<&'c CatalogColumn>)> {
     let mut columns = Vec::new();
     let mut mapped = Vec::new();
     for (col, source) in &spec.columns {
@@ -359,7 +499,17 @@ async fn resolve_one(
             has_default: c.has_default || !c.identity.is_empty(),
         });
     }
-    for c in &catalog {
+    Ok((columns, mapped))
+}
+
+/// Every NOT NULL column without a default must be mapped.
+fn unmapped_not_null(
+    spec: &RouteSpec,
+    catalog: &[CatalogColumn],
+    qualified: &str,
+    found: &mut Problems<'_>,
+) {
+    for c in catalog {
         let fills_itself = c.has_default || !c.identity.is_empty() || !c.generated.is_empty();
         if c.not_null && !fills_itself && !spec.columns.iter().any(|(n, _)| n == &c.name) {
             found.add(
@@ -368,18 +518,6 @@ async fn resolve_one(
             );
         }
     }
-    privileges(spec, &mapped, &qualified, who, found);
-
-    check_key(client, spec, oid, &qualified, found).await?;
-    if !found.list.is_empty() {
-        return Ok(None);
-    }
-    Ok(Some(ResolvedRoute::new(
-        spec.clone(),
-        schema,
-        name,
-        columns,
-    )))
 }
 
 /// INSERT on every mapped column; SELECT too (the stored row is read back to tell a duplicate
@@ -540,9 +678,11 @@ fn castable(source: &Source, kind: ColumnKind) -> std::result::Result<(), &'stat
         Source::Timestamp | Source::ReceivedAt => {
             matches!(kind, Timestamptz | Timestamp | Date | Text)
         }
-        Source::Topic | Source::WrittenBy => matches!(kind, Text | Other),
+        Source::Topic | Source::WrittenBy | Source::ContentHash => matches!(kind, Text | Other),
         Source::TopicSegment(_) | Source::DeviceId => !matches!(kind, Json | Jsonb),
         Source::JsonPath(_) | Source::Literal(_) => true,
+        Source::PacketId => matches!(kind, Int4 | Int8 | Numeric | Text),
+        Source::PossibleDuplicate => matches!(kind, Bool | Text),
     };
     if ok {
         return Ok(());
@@ -553,7 +693,11 @@ fn castable(source: &Source, kind: ColumnKind) -> std::result::Result<(), &'stat
         Source::Timestamp | Source::ReceivedAt => {
             "a time goes into a timestamptz, timestamp, date or text column"
         }
-        Source::Topic | Source::WrittenBy => "it is text: map it to a text column",
+        Source::Topic | Source::WrittenBy | Source::ContentHash => {
+            "it is text: map it to a text column"
+        }
+        Source::PacketId => "the packet id is an integer: map it to an integer, numeric or text column",
+        Source::PossibleDuplicate => "it is a boolean: map it to a boolean or text column",
         _ => "a topic level or device id is text, not JSON: map it to another type, or use payload or a JSON path",
     })
 }

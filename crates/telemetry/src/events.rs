@@ -163,11 +163,9 @@ impl SubscriptionsRefused<'_> {
     }
 }
 
+/// A batch committed (its rows' counts per route are [`RouteCommitted`]).
 pub struct BatchCommitted {
     pub rows: usize,
-    pub inserted: u64,
-    pub duplicates: u64,
-    pub conflicts: u64,
     pub dead_lettered: u64,
     pub duration: std::time::Duration,
 }
@@ -175,23 +173,11 @@ impl BatchCommitted {
     pub fn emit(self) {
         tracing::debug!(
             rows = self.rows,
-            inserted = self.inserted,
-            duplicates = self.duplicates,
-            conflicts = self.conflicts,
             dead_lettered = self.dead_lettered,
             ms = self.duration.as_millis() as u64,
             "batch committed"
         );
         let m = metrics();
-        m.messages_written
-            .with_label_values(&[DEFAULT_ROUTE])
-            .inc_by(self.inserted);
-        m.messages_duplicate
-            .with_label_values(&[DEFAULT_ROUTE])
-            .inc_by(self.duplicates);
-        m.messages_conflict
-            .with_label_values(&[DEFAULT_ROUTE])
-            .inc_by(self.conflicts);
         m.batch_rows.observe(self.rows as f64);
         m.batch_write_duration.observe(self.duration.as_secs_f64());
     }
@@ -200,7 +186,7 @@ impl BatchCommitted {
 /// The `route` label of the default route (messages into `telemetry`).
 pub const DEFAULT_ROUTE: &str = "default";
 
-/// A batch's rows of one named route committed (dead letters are [`DeadLettered`]).
+/// A batch's rows of one route committed (dead letters are [`DeadLettered`]).
 pub struct RouteCommitted<'a> {
     pub route: &'a str,
     pub written: u64,
@@ -241,28 +227,6 @@ impl DeadLettered<'_> {
         metrics()
             .messages_dead_lettered
             .with_label_values(&[self.reason, self.route])
-            .inc();
-    }
-}
-
-/// A reading whose key (device_id, topic, ts) is stored with a different payload: kept as a
-/// dead letter, never silently dropped.
-pub struct Conflict<'a> {
-    pub device_id: &'a str,
-    pub topic: &'a str,
-    pub ts: chrono::DateTime<chrono::Utc>,
-}
-impl Conflict<'_> {
-    pub fn emit(self) {
-        tracing::warn!(
-            device_id = self.device_id,
-            topic = self.topic,
-            ts = %self.ts.to_rfc3339(),
-            "conflict: a different reading with this key is stored; this one was dead-lettered"
-        );
-        metrics()
-            .messages_dead_lettered
-            .with_label_values(&["conflict", DEFAULT_ROUTE])
             .inc();
     }
 }

@@ -1,0 +1,769 @@
+//! The batch statement, generated once per connection from the routes' descriptions
+//! ([`ResolvedRoute`]): the built-in route into `telemetry` and every `[[routes]]` entry go through
+//! the same text, so each gets the same fence, redelivery, duplicate and conflict rules.
+//!
+//! One statement (one round trip, one implicit transaction):
+//!
+//! 1. `fence` locks the lease row `FOR SHARE` if, and only if, this holder still holds it at this
+//!    epoch and it has not expired on the database clock. A concurrent takeover (an `UPDATE` of
+//!    that row) waits for this statement to finish, and this statement waits for a takeover in
+//!    progress and then re-checks the new row version: a stale writer commits before a takeover or
+//!    not at all. Every insert below is conditional on it.
+//! 2. `g`: the batch's messages that have a row in some route, once each (topic, payload text,
+//!    receipt time, packet id, DUP). Columns that come from the message are read from here, so a
+//!    payload crosses the wire once however many routes take it.
+//! 3. Per route `k`: `q{k}` its rows (one array per column sent); `again{k}` (routes that map
+//!    `content_hash` and `mqtt_pkid`) the DUP-flagged timestamp-less rows whose first copy is
+//!    stored, skipped; `i{k}` the insert, `ON CONFLICT (key)`; `m{k}` the rows it did not take
+//!    (computed only when fewer rows came back than were sent); `c{k}` those rows against the
+//!    row that holds their key — in the table's snapshot, or inserted earlier in this statement by
+//!    this route or an earlier one into the same table — the same content is a duplicate, a
+//!    different one a conflict (dead-lettered); `ra{k}` conflicts that are redeliveries of a
+//!    conflict already dead-lettered; `u{k}` rows neither taken nor held (a trigger skipped them).
+//! 4. `dead`: decode and mapping failures (skipping their own redeliveries, `dl_again`), and every
+//!    route's conflicts and unstored rows.
+//!
+//! A redelivery's first copy is looked for only after `floor`: within the redelivery window and
+//! among the last `redelivery_span` readings stored before it — the broker reuses a packet id
+//! after 65,535 deliveries, so an older copy with the same id is another publish.
+//!
+//! Parameters are arrays (`unnest`), so their count depends only on the routes. One statement
+//! rather than BEGIN / check / insert / COMMIT keeps the share lock only for the server-side
+//! execution time: a multi-round-trip transaction would hold it across round trips and starve
+//! the leader's own renewals.
+
+use std::fmt::Write as _;
+
+use leasehold_config::{OnConflict, Source};
+
+use crate::routes::{ColumnKind, ResolvedColumn, ResolvedRoute};
+
+/// How a value is sent in its column's array.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    Text,
+    Int8,
+    Bool,
+    Time,
+}
+
+impl Wire {
+    fn array(self) -> &'static str {
+        match self {
+            Wire::Text => "text[]",
+            Wire::Int8 => "int8[]",
+            Wire::Bool => "bool[]",
+            Wire::Time => "timestamptz[]",
+        }
+    }
+}
+
+/// How a column's value reaches the statement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carry {
+    /// One value per row, in an array of this type.
+    Sent(Wire),
+    /// From the message (`g`) or a parameter of the statement: never sent per row.
+    Shared,
+}
+
+/// How column `c`'s values travel: what the message or the statement already holds is not sent
+/// again per row; the rest goes in the narrowest array PostgreSQL reads without parsing text.
+pub fn carry(c: &ResolvedColumn) -> Carry {
+    use ColumnKind::*;
+    match (&c.source, c.kind) {
+        (Source::Topic | Source::WrittenBy, Text)
+        | (Source::Payload, Text | Json | Jsonb)
+        | (Source::ReceivedAt, Timestamptz)
+        | (Source::LeaseEpoch, Int8)
+        | (Source::PacketId, Int4 | Int8) => Carry::Shared,
+        (_, Int2 | Int4 | Int8) => Carry::Sent(Wire::Int8),
+        (_, Bool) => Carry::Sent(Wire::Bool),
+        (_, Timestamptz) => Carry::Sent(Wire::Time),
+        _ => Carry::Sent(Wire::Text),
+    }
+}
+
+/// Whether a column's value comes from the message (not from who wrote it, when, or how it
+/// was delivered): only these decide whether a row with a stored key is a duplicate or a conflict.
+pub fn from_message(source: &Source) -> bool {
+    !matches!(
+        source,
+        Source::ReceivedAt
+            | Source::WrittenBy
+            | Source::LeaseEpoch
+            | Source::ContentHash
+            | Source::PacketId
+            | Source::PossibleDuplicate
+    )
+}
+
+/// Quotes `s` as an SQL string literal.
+pub(crate) fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Parameters before the routes' own: the fence and who writes ($1..$4), the redelivery window
+/// and span ($5, $6), the messages ($7..$13), the dead letters ($14..$24).
+pub const FIXED_PARAMS: usize = 24;
+
+const HEAD: &str = "fence AS (
+        SELECT 1 FROM instance_lock
+        WHERE service_name = $1 AND holder_id = $2 AND epoch = $3 AND expires_at > clock_timestamp()
+        FOR SHARE),
+    g AS MATERIALIZED (
+        SELECT * FROM unnest($7::int[], $8::text[], $9::text[], $10::timestamptz[], $11::text[],
+                             $12::int[], $13::bool[])
+             AS u(i, tp, p, rcv, h, k, dup)),
+    dl AS MATERIALIZED (
+        SELECT * FROM unnest($14::int[], $15::text[], $16::bytea[], $17::int[], $18::text[], $19::text[],
+                             $20::timestamptz[], $21::text[], $22::int[], $23::bool[], $24::text[])
+             AS u(i, tp, p, sz, reason, e, rcv, h, k, dup, route)),
+    first_dup AS MATERIALIZED (
+        SELECT min(rcv) AS at FROM (SELECT rcv FROM g WHERE dup UNION ALL SELECT rcv FROM dl WHERE dup) u),
+    floor AS MATERIALIZED (
+        SELECT CASE WHEN d.at IS NOT NULL THEN greatest(d.at - $5::interval,
+            coalesce((SELECT x.received_at FROM telemetry x WHERE x.received_at < d.at
+                      ORDER BY x.received_at DESC OFFSET $6 LIMIT 1), '-infinity'::timestamptz))
+            END AS f
+        FROM first_dup d),
+    dl_again AS MATERIALIZED (
+        SELECT dl.i FROM dl
+        WHERE dl.dup AND EXISTS (
+            SELECT 1 FROM dead_letters y
+            WHERE y.content_hash = dl.h AND y.mqtt_pkid = dl.k
+              AND y.received_at > (SELECT f FROM floor) AND y.received_at < dl.rcv))";
+
+const DEAD_ARM: &str = "SELECT tp, p, sz, reason, e, rcv, $4, $3, h, k, dup, route FROM dl
+        WHERE EXISTS (SELECT 1 FROM fence) AND dl.i NOT IN (SELECT i FROM dl_again)";
+
+/// The content hash of message `g` (sent when the writer computed it, else computed here).
+const MESSAGE_HASH: &str = "coalesce(g.h, encode(substr(sha256(convert_to(g.tp, 'UTF8') || '\\x00'::bytea || convert_to(g.p, 'UTF8')), 1, 16), 'hex'))";
+
+/// The statement for `routes` (`defaults[k][j]`: the default expression of column `j` of route
+/// `k`, when it has one). Parameters: [`FIXED_PARAMS`], then per route its rows' positions and
+/// one array per column sent ([`carry`]).
+pub fn batch_sql(routes: &[ResolvedRoute], defaults: &[Vec<Option<String>>]) -> String {
+    let mut ctes = vec![HEAD.to_string()];
+    let mut arms = vec![DEAD_ARM.to_string()];
+    let mut outputs = String::new();
+    let mut param = FIXED_PARAMS;
+    let described: Vec<Described<'_>> = routes
+        .iter()
+        .enumerate()
+        .map(|(k, r)| {
+            let d = Described::new(k, r, defaults.get(k), param);
+            param += 1 + d.sent.len();
+            d
+        })
+        .collect();
+    for (k, d) in described.iter().enumerate() {
+        ctes.push(d.ctes(&described[..k]));
+        arms.extend(d.dead_arms());
+        let _ = write!(
+            outputs,
+            ",
+           (SELECT count(*) FROM i{k}) AS written_{k},
+           ARRAY(SELECT i FROM c{k} WHERE same UNION ALL SELECT i FROM ra{k}{again}) AS duplicates_{k},
+           ARRAY(SELECT i FROM c{k} WHERE NOT same AND i NOT IN (SELECT i FROM ra{k})) AS conflicts_{k},
+           ARRAY(SELECT i FROM u{k}) AS unstored_{k}",
+            again = if d.again.is_some() {
+                format!(" UNION ALL SELECT i FROM again{k}")
+            } else {
+                String::new()
+            }
+        );
+    }
+    ctes.push(format!(
+        "dead AS (
+        INSERT INTO dead_letters (topic, payload, size, reason, error, received_at, written_by,
+                                  lease_epoch, content_hash, mqtt_pkid, possible_duplicate, route)
+        {}
+        RETURNING 1)",
+        arms.join("\n        UNION ALL\n        ")
+    ));
+    format!(
+        "WITH {}
+    SELECT (SELECT count(*) FROM fence) AS held,
+           (SELECT count(*) FROM dead) AS dead_lettered,
+           ARRAY(SELECT i FROM dl_again) AS redelivered{outputs}",
+        ctes.join(",\n    ")
+    )
+}
+
+/// The columns that identify a redelivery of a timestamp-less row (see [`Source::ContentHash`]).
+struct Again {
+    /// The key column holding the reading's time (receipt time when it had none).
+    ts: usize,
+    hash: usize,
+    pkid: usize,
+}
+
+/// One route as the statement sees it.
+struct Described<'a> {
+    k: usize,
+    route: &'a ResolvedRoute,
+    defaults: Option<&'a Vec<Option<String>>>,
+    /// Columns sent per row, in parameter order.
+    sent: Vec<usize>,
+    /// The first parameter of this route (its rows' positions).
+    first_param: usize,
+    again: Option<Again>,
+}
+
+impl<'a> Described<'a> {
+    fn new(
+        k: usize,
+        route: &'a ResolvedRoute,
+        defaults: Option<&'a Vec<Option<String>>>,
+        param: usize,
+    ) -> Self {
+        let sent = (0..route.columns.len())
+            .filter(|&j| matches!(carry(&route.columns[j]), Carry::Sent(_)))
+            .collect();
+        let again = match (
+            route.column_of(&Source::ContentHash),
+            route.column_of(&Source::PacketId),
+            route
+                .key
+                .iter()
+                .copied()
+                .find(|&j| route.columns[j].source == Source::Timestamp),
+        ) {
+            (Some(hash), Some(pkid), Some(ts)) => Some(Again { ts, hash, pkid }),
+            _ => None,
+        };
+        Described {
+            k,
+            route,
+            defaults,
+            sent,
+            first_param: param + 1,
+            again,
+        }
+    }
+
+    fn default(&self, j: usize) -> Option<&str> {
+        self.defaults
+            .and_then(|d| d.get(j))
+            .and_then(|d| d.as_deref())
+    }
+
+    /// The value of column `j` for row alias `r` (of `q{k}`) and its message `g`, cast to the
+    /// column's type; with `fill`, a NULL takes the column's default. Text goes in uncast: an
+    /// explicit cast to `varchar(3)` would cut a longer value silently, where storing text into
+    /// the column refuses it ("value too long"), which isolates that row as the database's refusal.
+    fn value(&self, j: usize, r: &str, g: &str, fill: bool) -> String {
+        let c = &self.route.columns[j];
+        let v = match carry(c) {
+            Carry::Shared => {
+                return match (&c.source, c.kind) {
+                    (Source::Topic, _) => format!("{g}.tp"),
+                    (Source::Payload, ColumnKind::Jsonb) => format!("{g}.p::jsonb"),
+                    (Source::Payload, ColumnKind::Json) => format!("{g}.p::json"),
+                    (Source::Payload, _) => format!("{g}.p"),
+                    (Source::ReceivedAt, _) => format!("{g}.rcv"),
+                    (Source::WrittenBy, _) => "$4::text".into(),
+                    (Source::LeaseEpoch, _) => "$3::int8".into(),
+                    _ => format!("{g}.k"),
+                }
+            }
+            Carry::Sent(wire) => {
+                let natural = match wire {
+                    Wire::Text => c.kind == ColumnKind::Text,
+                    Wire::Int8 => c.sql_type == "bigint",
+                    Wire::Bool => c.sql_type == "boolean",
+                    Wire::Time => c.sql_type == "timestamp with time zone",
+                };
+                match (natural, c.kind) {
+                    (true, _) => format!("{r}.v{j}"),
+                    (false, ColumnKind::Jsonb) => format!("{r}.v{j}::jsonb"),
+                    _ => format!("CAST({r}.v{j} AS {})", c.sql_type),
+                }
+            }
+        };
+        match self.default(j).filter(|_| fill) {
+            Some(d) => format!("coalesce({v}, ({d}))"),
+            None => v,
+        }
+    }
+
+    /// `stored IS NOT DISTINCT FROM sent`, for types without equality (json, anything unknown)
+    /// compared as their text.
+    fn same(stored: &str, sent: &str, kind: ColumnKind) -> String {
+        match kind {
+            ColumnKind::Json => {
+                format!("{stored}::text::jsonb IS NOT DISTINCT FROM {sent}::text::jsonb")
+            }
+            ColumnKind::Other => format!("{stored}::text IS NOT DISTINCT FROM {sent}::text"),
+            _ => format!("{stored} IS NOT DISTINCT FROM {sent}"),
+        }
+    }
+
+    /// `x.key = value` for every key column (`x` a row of the table).
+    fn stored_key(&self, x: &str, r: &str, g: &str) -> String {
+        self.route
+            .key
+            .iter()
+            .map(|&j| {
+                let c = &self.route.columns[j];
+                format!("{x}.{} = {}", c.quoted, self.value(j, r, g, false))
+            })
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
+
+    /// Whether the stored row `x` holds what row `r` (message `g`) would have stored.
+    fn compared_with_table(&self, x: &str, r: &str, g: &str) -> String {
+        let parts: Vec<String> = (0..self.route.columns.len())
+            .filter(|&j| from_message(&self.route.columns[j].source))
+            .map(|j| {
+                let c = &self.route.columns[j];
+                Self::same(
+                    &format!("{x}.{}", c.quoted),
+                    &self.value(j, r, g, true),
+                    c.kind,
+                )
+            })
+            .collect();
+        if parts.is_empty() {
+            "true".into()
+        } else {
+            parts.join(" AND ")
+        }
+    }
+
+    /// The columns both `self` and `other` map from the message, as `(mine, theirs)`.
+    fn shared_columns(&self, other: &Described<'_>) -> Vec<(usize, usize)> {
+        (0..self.route.columns.len())
+            .filter_map(|j| {
+                let name = &self.route.columns[j].name;
+                other
+                    .route
+                    .columns
+                    .iter()
+                    .position(|c| &c.name == name)
+                    .map(|o| (j, o))
+            })
+            .collect()
+    }
+
+    /// An earlier row `p` (message `pg`) of `other` (this route or an earlier one into the same
+    /// table) with the key of row `r` (message `g`): the condition, and whether `p` carries the
+    /// same content. `None` when `other` does not map every key column.
+    fn earlier_row(&self, other: &Described<'_>, r: &str) -> Option<(String, String)> {
+        let shared = self.shared_columns(other);
+        let keys_equal: Option<Vec<String>> = self
+            .route
+            .key
+            .iter()
+            .map(|&j| {
+                let (_, o) = shared.iter().find(|(mine, _)| *mine == j)?;
+                Some(format!(
+                    "{} = {}",
+                    other.value(*o, "p", "pg", false),
+                    self.value(j, r, "g", false)
+                ))
+            })
+            .collect();
+        let mut keys_equal = keys_equal?.join(" AND ");
+        if other.k == self.k {
+            keys_equal.push_str(&format!(" AND p.i < {r}.i"));
+        }
+        let compared: Vec<String> = shared
+            .iter()
+            .filter(|(j, _)| from_message(&self.route.columns[*j].source))
+            .map(|&(j, o)| {
+                Self::same(
+                    &other.value(o, "p", "pg", true),
+                    &self.value(j, r, "g", true),
+                    self.route.columns[j].kind,
+                )
+            })
+            .collect();
+        let compared = if compared.is_empty() {
+            "true".into()
+        } else {
+            compared.join(" AND ")
+        };
+        Some((keys_equal, compared))
+    }
+
+    /// The routes whose rows inserted earlier in this statement may hold a skipped row's key
+    /// ("nothing" only: an "update" row replaces): this one, and earlier ones into the same table.
+    fn earlier<'b>(&'b self, before: &'b [Described<'b>]) -> Vec<&'b Described<'b>> {
+        match self.route.spec.on_conflict {
+            OnConflict::Update => Vec::new(),
+            OnConflict::Nothing => std::iter::once(self)
+                .chain(
+                    before
+                        .iter()
+                        .filter(|b| b.route.qualified == self.route.qualified),
+                )
+                .collect(),
+        }
+    }
+
+    /// The route's CTEs; `before` are the routes earlier in the statement.
+    /// `q{k}`: the route's rows, from its arrays.
+    fn rows_cte(&self) -> String {
+        let mut arrays = vec![format!("${}::int[]", self.first_param)];
+        let mut names = vec!["i".to_string()];
+        for (n, &j) in self.sent.iter().enumerate() {
+            if let Carry::Sent(wire) = carry(&self.route.columns[j]) {
+                arrays.push(format!("${}::{}", self.first_param + 1 + n, wire.array()));
+                names.push(format!("v{j}"));
+            }
+        }
+        format!(
+            "q{} AS MATERIALIZED (
+        SELECT * FROM unnest({}) AS u({})),",
+            self.k,
+            arrays.join(", "),
+            names.join(", ")
+        )
+    }
+
+    /// `again{k}` (routes with [`Again`]), and how the insert and the skipped rows' check leave
+    /// its rows out.
+    fn again_cte(&self) -> (String, String, String) {
+        let Some(a) = &self.again else {
+            return (String::new(), String::new(), String::new());
+        };
+        let (k, r) = (self.k, self.route);
+        let other_keys: String = r
+            .key
+            .iter()
+            .filter(|&&j| j != a.ts)
+            .map(|&j| {
+                let v = self.value(j, "q", "g", false);
+                format!("x.{} = {v} AND ", r.columns[j].quoted)
+            })
+            .collect();
+        let hash = self.value(a.hash, "q", "g", false);
+        let cte = format!(
+            "
+    again{k} AS MATERIALIZED (
+        SELECT q.i FROM q{k} q JOIN g ON g.i = q.i
+        WHERE g.dup AND {hash} IS NOT NULL AND EXISTS (
+            SELECT 1 FROM {table} x
+            WHERE {other_keys}x.{ts} > (SELECT f FROM floor) AND x.{ts} < g.rcv
+              AND x.{h} = {hash} AND x.{pk} = g.k)),",
+            table = r.qualified,
+            ts = r.columns[a.ts].quoted,
+            h = r.columns[a.hash].quoted,
+            pk = r.columns[a.pkid].quoted,
+        );
+        (
+            cte,
+            format!(" AND q.i NOT IN (SELECT i FROM again{k})"),
+            format!(" - (SELECT count(*) FROM again{k})"),
+        )
+    }
+
+    /// The insert's target columns, values and conflict clause.
+    fn insert_parts(&self) -> (String, String, String, String) {
+        let r = self.route;
+        let cols: Vec<&str> = r.columns.iter().map(|c| c.quoted.as_str()).collect();
+        let exprs: Vec<String> = (0..r.columns.len())
+            .map(|j| self.value(j, "q", "g", true))
+            .collect();
+        let keys: Vec<&str> = r
+            .key
+            .iter()
+            .map(|&j| r.columns[j].quoted.as_str())
+            .collect();
+        let non_key: Vec<String> = (0..r.columns.len())
+            .filter(|j| !r.key.contains(j))
+            .map(|j| format!("{0} = EXCLUDED.{0}", r.columns[j].quoted))
+            .collect();
+        let action = match r.spec.on_conflict {
+            OnConflict::Update if !non_key.is_empty() => {
+                format!("DO UPDATE SET {}", non_key.join(", "))
+            }
+            _ => "DO NOTHING".to_string(),
+        };
+        (cols.join(", "), exprs.join(", "), keys.join(", "), action)
+    }
+
+    /// Where a skipped row's key may be held by a row of this statement: the condition for the
+    /// skipped rows' check, and the arms comparing with that row.
+    fn earlier_parts(&self, before: &[Described<'_>]) -> (String, String) {
+        let k = self.k;
+        // A row skipped although neither the table's snapshot nor this route's insert holds
+        // its key: an earlier row of this statement holds it — a key equal only once cast
+        // (`1e2` and `100` numeric, `ABC` and `abc` citext), or a row an earlier route into the
+        // same table inserted. It is compared with that row instead: a duplicate or a conflict,
+        // never a row counted as written and lost.
+        let earlier = self.earlier(before);
+        let earlier_exists: String = earlier
+            .iter()
+            .filter_map(|o| {
+                let (keys_equal, _) = self.earlier_row(o, "q")?;
+                Some(format!(
+                    "\n               OR EXISTS (SELECT 1 FROM q{} p JOIN g pg ON pg.i = p.i WHERE {keys_equal})",
+                    o.k
+                ))
+            })
+            .collect();
+        let by_earlier: String = earlier
+            .iter()
+            .enumerate()
+            .filter_map(|(n, o)| {
+                let (keys_equal, compared) = self.earlier_row(o, "m")?;
+                Some(format!(
+                    "
+            UNION ALL
+            SELECT {} AS o, p.i AS pi, m.i, ({compared}) AS same, NULL::bigint AS epoch
+            FROM m{k} m JOIN g ON g.i = m.i JOIN (q{} p JOIN g pg ON pg.i = p.i) ON {keys_equal}",
+                    n + 1,
+                    o.k
+                ))
+            })
+            .collect();
+        (earlier_exists, by_earlier)
+    }
+
+    /// The route's CTEs; `before` are the routes earlier in the statement.
+    fn ctes(&self, before: &[Described<'_>]) -> String {
+        let k = self.k;
+        let r = self.route;
+        let table = &r.qualified;
+        let mut out = self.rows_cte();
+        let (again, skip_again, again_count) = self.again_cte();
+        out.push_str(&again);
+        let (cols, exprs, keys, action) = self.insert_parts();
+        let (earlier_exists, by_earlier) = self.earlier_parts(before);
+        let epoch = r
+            .column_of(&Source::LeaseEpoch)
+            .map_or("NULL::bigint".to_string(), |j| {
+                format!("x.{}::bigint", r.columns[j].quoted)
+            });
+        let name = self.route_value();
+        let _ = write!(
+            out,
+            "
+    i{k} AS (
+        INSERT INTO {table} ({cols})
+        SELECT {exprs} FROM q{k} q JOIN g ON g.i = q.i
+        WHERE EXISTS (SELECT 1 FROM fence){skip_again}
+        ORDER BY q.i
+        ON CONFLICT ({keys}) {action}
+        RETURNING {keys}),
+    m{k} AS MATERIALIZED (
+        SELECT q.* FROM q{k} q JOIN g ON g.i = q.i
+        WHERE EXISTS (SELECT 1 FROM fence)
+          AND (SELECT count(*) FROM i{k}) < (SELECT count(*) FROM q{k}){again_count}{skip_again}
+          AND (NOT EXISTS (SELECT 1 FROM i{k} x WHERE {ins_key}){earlier_exists})),
+    c{k} AS MATERIALIZED (
+        SELECT DISTINCT ON (i) i, same, epoch FROM (
+            SELECT 0 AS o, 0 AS pi, m.i, ({compared}) AS same, {epoch} AS epoch
+            FROM m{k} m JOIN g ON g.i = m.i JOIN {table} x ON {stored_key}{by_earlier}) u
+        ORDER BY i, o, pi),
+    ra{k} AS MATERIALIZED (
+        SELECT c.i FROM c{k} c JOIN g ON g.i = c.i
+        WHERE NOT c.same AND g.dup AND EXISTS (
+            SELECT 1 FROM dead_letters y
+            WHERE y.content_hash = {MESSAGE_HASH} AND y.mqtt_pkid = g.k
+              AND y.route IS NOT DISTINCT FROM {name} AND y.reason = 'conflict'
+              AND y.received_at > (SELECT f FROM floor) AND y.received_at < g.rcv)),
+    u{k} AS MATERIALIZED (
+        SELECT m.i FROM m{k} m WHERE m.i NOT IN (SELECT i FROM c{k}))",
+            ins_key = self.stored_key("x", "q", "g"),
+            compared = self.compared_with_table("x", "m", "g"),
+            stored_key = self.stored_key("x", "m", "g"),
+        );
+        out
+    }
+
+    /// The `route` of this route's dead letters: NULL for the built-in route.
+    fn route_value(&self) -> String {
+        if self.route.is_default() {
+            "NULL::text".into()
+        } else {
+            literal(&self.route.spec.name)
+        }
+    }
+
+    /// How this route's dead letters' errors begin.
+    fn prefix(&self) -> String {
+        if self.route.is_default() {
+            String::new()
+        } else {
+            format!("route {}: ", self.route.spec.name.replace('%', "%%"))
+        }
+    }
+
+    /// The dead letters of this route's conflicts and unstored rows.
+    fn dead_arms(&self) -> [String; 2] {
+        let k = self.k;
+        let r = self.route;
+        let name = self.route_value();
+        let prefix = literal(&self.prefix());
+        let table = literal(&r.qualified);
+        let key_names = literal(
+            &r.key
+                .iter()
+                .map(|&j| r.columns[j].name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+        let key_text = r
+            .key
+            .iter()
+            .map(|&j| {
+                format!(
+                    "coalesce(({})::text, 'NULL')",
+                    self.value(j, "m", "g", false)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let message = "g.tp, convert_to(g.p, 'UTF8'), octet_length(g.p)";
+        let tail = format!("g.rcv, $4, $3, {MESSAGE_HASH}, g.k, g.dup, {name}");
+        [
+            format!(
+                "SELECT {message}, 'conflict',
+               {prefix} || format('conflict: a different row is stored in %s for key (%s) = (%s)', {table}, {key_names}, concat_ws(', ', {key_text}))
+                 || coalesce(format(' (written at epoch %s)', c.epoch), '') || '; this one was not stored',
+               {tail}
+        FROM c{k} c JOIN m{k} m ON m.i = c.i JOIN g ON g.i = c.i
+        WHERE NOT c.same AND c.i NOT IN (SELECT i FROM ra{k})"
+            ),
+            format!(
+                "SELECT {message}, 'not_stored',
+               {prefix} || format('%s neither took the row nor holds one with its key (a trigger or rule skipped it)', {table}),
+               {tail}
+        FROM u{k} u JOIN g ON g.i = u.i"
+            ),
+        ]
+    }
+}
+
+/// The default expressions of the columns of `routes` that have one, read from the catalog.
+pub(crate) const DEFAULTS_SQL: &str = "SELECT pg_get_expr(d.adbin, d.adrelid)
+    FROM pg_attrdef d JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
+    WHERE d.adrelid = to_regclass($1) AND a.attname = $2";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use leasehold_config::RouteSpec;
+
+    fn column(name: &str, source: Source, sql_type: &str, kind: ColumnKind) -> ResolvedColumn {
+        ResolvedColumn {
+            name: name.into(),
+            quoted: format!("\"{name}\""),
+            source,
+            sql_type: sql_type.into(),
+            kind,
+            not_null: false,
+            has_default: false,
+        }
+    }
+
+    fn route(name: &str, table: &str, on_conflict: OnConflict) -> ResolvedRoute {
+        let columns = vec![
+            column("id", Source::TopicSegment(1), "text", ColumnKind::Text),
+            column(
+                "at",
+                Source::Timestamp,
+                "timestamp with time zone",
+                ColumnKind::Timestamptz,
+            ),
+            column(
+                "v",
+                Source::JsonPath(vec![]),
+                "numeric(5,2)",
+                ColumnKind::Numeric,
+            ),
+            column("by", Source::WrittenBy, "text", ColumnKind::Text),
+        ];
+        let spec = RouteSpec {
+            name: name.into(),
+            topics: vec!["eq/+/d".into()],
+            table: table.into(),
+            key: vec!["id".into(), "at".into()],
+            on_conflict,
+            columns: columns
+                .iter()
+                .map(|c| (c.name.clone(), c.source.clone()))
+                .collect(),
+        };
+        ResolvedRoute::new(spec, "public".into(), table.into(), columns)
+    }
+
+    fn sql(routes: &[ResolvedRoute]) -> String {
+        batch_sql(routes, &[])
+    }
+
+    #[test]
+    fn telemetry_is_route_zero_with_its_redelivery_rule_and_shared_columns() {
+        let s = sql(&[ResolvedRoute::telemetry()]);
+        // Sent per row: device_id, ts, content_hash, possible_duplicate; the rest from g or $3/$4.
+        assert!(s.contains(
+            "unnest($25::int[], $26::text[], $27::timestamptz[], $28::text[], $29::bool[]) AS u(i, v0, v2, v7, v9)"
+        ));
+        assert!(!s.contains("$30"));
+        assert!(s.contains(
+            "SELECT q.v0, g.tp, q.v2, g.p::jsonb, g.rcv, $4::text, $3::int8, q.v7, g.k, q.v9"
+        ));
+        assert!(s.contains("ON CONFLICT (\"device_id\", \"topic\", \"ts\") DO NOTHING"));
+        // A DUP-flagged timestamp-less reading whose first copy is stored is skipped.
+        assert!(s.contains("again0 AS MATERIALIZED"));
+        assert!(s.contains(
+            "x.\"device_id\" = q.v0 AND x.\"topic\" = g.tp AND x.\"ts\" > (SELECT f FROM floor)"
+        ));
+        // Its dead letters carry no route; a conflict names the epoch that stored the row.
+        assert!(s.contains("y.route IS NOT DISTINCT FROM NULL::text"));
+        assert!(s.contains("x.\"lease_epoch\"::bigint AS epoch"));
+    }
+
+    #[test]
+    fn every_insert_is_behind_the_fence_and_every_route_settles_its_skipped_rows() {
+        let s = sql(&[
+            ResolvedRoute::telemetry(),
+            route("a", "t", OnConflict::Nothing),
+            route("b", "t", OnConflict::Nothing),
+            route("c", "u", OnConflict::Update),
+        ]);
+        assert_eq!(
+            s.matches("INSERT INTO").count(),
+            5,
+            "four routes and the dead letters"
+        );
+        assert_eq!(
+            s.matches("WHERE EXISTS (SELECT 1 FROM fence)").count(),
+            1 + 2 * 4,
+            "the dead letters, then each route's insert and its skipped rows"
+        );
+        assert!(s.contains("ON CONFLICT (\"id\", \"at\") DO NOTHING"));
+        assert!(s.contains("ON CONFLICT (\"id\", \"at\") DO UPDATE SET \"v\" = EXCLUDED.\"v\", \"by\" = EXCLUDED.\"by\""));
+        // written_by is not compared: a redelivery written by another node is a duplicate.
+        assert!(!s.contains("x.\"by\" IS NOT DISTINCT"));
+        // "nothing": a skipped row is compared with earlier rows of its route, and of earlier
+        // routes into the same table (b with a), never of another table or an "update" route.
+        assert!(
+            s.contains("OR EXISTS (SELECT 1 FROM q1 p JOIN g pg ON pg.i = p.i WHERE p.v0 = q.v0")
+        );
+        assert!(s.contains("JOIN (q1 p JOIN g pg ON pg.i = p.i) ON p.v0 = m.v0"));
+        assert!(s.contains("JOIN (q2 p JOIN g pg ON pg.i = p.i) ON p.v0 = m.v0"));
+        assert!(!s.contains("FROM q3 p"));
+        // Parameters: 24 fixed, telemetry 1 + 4, then per route 1 + 3 (written_by is shared).
+        assert!(s.contains("$41::text[]") && !s.contains("$42"));
+        assert!(s.contains("written_3") && s.contains("unstored_3"));
+    }
+
+    #[test]
+    fn a_default_fills_a_null_and_casts_follow_the_column() {
+        let s = batch_sql(
+            &[route("a", "t", OnConflict::Nothing)],
+            &[vec![None, None, Some("0".into()), None]],
+        );
+        assert!(s.contains("coalesce(CAST(q.v2 AS numeric(5,2)), (0))"));
+        assert!(
+            s.contains("q.v0, q.v1,"),
+            "text and timestamptz go in uncast"
+        );
+    }
+}
