@@ -13,6 +13,7 @@ use leasehold_config::{validate_filter, Config, Mode};
 use leasehold_decode::Decoder;
 use leasehold_ingest::{DeviceTopics, IngestConfig, MqttIngest};
 use leasehold_lease::{Lease, LeaseConfig, LeaseHandle};
+use leasehold_retry::{Backoff, Policy, Retry};
 use leasehold_store::listener::{Listener, Notice};
 use leasehold_store::queries::{self, DEVICES_CHANNEL};
 use leasehold_store::Pool;
@@ -463,13 +464,17 @@ fn alerts_config(cfg: &Config) -> leasehold_alerts::AlertsConfig {
     }
 }
 
+/// Migrations wait for the database: 250 ms doubling to 5 s.
+const MIGRATE_RETRY: Policy =
+    Policy::new(Duration::from_millis(250), Duration::from_secs(5)).jitter(0.0);
+
 /// Applies migrations, then reads the cluster's identity (`None` if its row was deleted, or on
 /// shutdown).
 async fn migrate_with_retry(
     url: &str,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<queries::ClusterIdentity>> {
-    let mut backoff = Duration::from_millis(250);
+    let mut retry = Backoff::new(MIGRATE_RETRY);
     loop {
         let res = async {
             let mut c = leasehold_store::connect(url, "leasehold-migrate").await?;
@@ -487,14 +492,12 @@ async fn migrate_with_retry(
             Err(e @ leasehold_store::StoreError::Migration { .. })
             | Err(e @ leasehold_store::StoreError::Url(_)) => return Err(e.into()),
             Err(e) => {
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "database not reachable for migrations; retrying");
+                let report = |r: Retry| tracing::warn!(error = %e, retry_in_ms = r.wait.as_millis() as u64, "database not reachable for migrations; retrying");
+                if !retry.wait(report, shutdown).await {
+                    return Ok(None);
+                }
             }
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(None),
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
