@@ -28,8 +28,6 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// How often every node reports itself in `cluster_nodes`.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
-/// A node not seen for this long is not counted alive.
-pub const ALIVE_WITHIN: Duration = Duration::from_secs(10);
 /// This many new leaders within ALERT_WINDOW is flapping: a rolling restart of the pair makes
 /// two or three, a leader that keeps losing its lease makes more.
 pub const FLAP_CHANGES: i64 = 4;
@@ -268,7 +266,6 @@ impl Wiring {
             alerts,
             stale_warning: cfg.stale_warning,
             stale_critical: cfg.stale_critical,
-            alive_within: ALIVE_WITHIN,
             mqtt_client_id: self.client_id.clone(),
             cluster_id: self
                 .db
@@ -456,7 +453,6 @@ fn alerts_config(cfg: &Config) -> leasehold_alerts::AlertsConfig {
             require_sync_replication: cfg.require_sync_replication,
         },
         check_interval: cfg.alert_check_interval,
-        alive_within: ALIVE_WITHIN,
         webhook_url: cfg.alert_webhook_url.clone(),
         // Every production node evaluates (a leader cannot report its own death); so does a
         // `disabled` node (a watcher). An observer is a developer's: never (docs/interfaces.md, alerts).
@@ -641,10 +637,9 @@ async fn heartbeat(
                 },
             )
             .await?;
-            let alive =
-                queries::cluster_nodes(&**c, ALIVE_WITHIN.as_millis() as i64, false).await?;
+            let alive = queries::alive(&**c).await?;
             let age = queries::newest_data_age(&**c).await?;
-            Ok::<_, leasehold_store::StoreError>((alive.len(), age))
+            Ok::<_, leasehold_store::StoreError>((alive.nodes as usize, age))
         };
         match tokio::time::timeout(HEARTBEAT_EVERY, work).await {
             Ok(Ok((alive_nodes, newest_data_age))) => {
