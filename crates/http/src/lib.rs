@@ -261,14 +261,7 @@ async fn health(State(s): State<HttpState>) -> Response {
         "database": db,
         "newest_data_age_seconds": age,
         "ingest_hold": ingest_hold,
-        "routes": s.status.routes().iter().map(|r| json!({
-            "name": r.name,
-            "table": r.table,
-            "written": r.written,
-            "duplicates": r.duplicates,
-            "conflicts": r.conflicts,
-            "dead_letters": r.dead_letters,
-        })).collect::<Vec<_>>(),
+        "routes": s.status.routes(),
     });
     let body = with_checks(body, &s);
     (code(problems.is_empty()), Json(body)).into_response()
@@ -364,11 +357,8 @@ async fn lease(State(s): State<HttpState>) -> Response {
         };
         match tokio::time::timeout(Duration::from_secs(2), row).await {
             Ok(Ok(Some(r))) => {
-                view["database"] = json!({
-                    "holder_id": r.holder_id, "instance_id": r.instance_id, "epoch": r.epoch,
-                    "expires_in_ms": r.expires_in_ms, "live": r.is_live(),
-                    "acquired_at": r.acquired_at.to_rfc3339(), "renewed_at": r.renewed_at.to_rfc3339(),
-                });
+                view["database"] = json!(r);
+                view["database"]["live"] = json!(r.is_live());
             }
             Ok(Ok(None)) => view["database"] = json!(null),
             Ok(Err(e)) => view["database_error"] = json!(redact(&e.to_string())),

@@ -74,6 +74,7 @@ struct StatusJson<'a> {
 const DEAD_LETTERS_WITHIN_SECS: f64 = 3600.0;
 
 /// A route as `leasehold status` shows it: from this configuration, with its recent dead letters.
+#[derive(Serialize)]
 struct RouteLine {
     name: String,
     table: String,
@@ -82,6 +83,7 @@ struct RouteLine {
     on_conflict: &'static str,
     /// False for a route named by dead letters but absent from this configuration.
     configured: bool,
+    #[serde(rename = "dead_letters_last_hour")]
     dead_letters: i64,
 }
 
@@ -130,14 +132,6 @@ impl RouteLine {
             }
         }
         lines
-    }
-
-    fn json(&self) -> serde_json::Value {
-        json!({
-            "name": self.name, "table": self.table, "topics": self.topics, "key": self.key,
-            "on_conflict": self.on_conflict, "configured": self.configured,
-            "dead_letters_last_hour": self.dead_letters,
-        })
     }
 
     fn print(&self) {
@@ -205,7 +199,7 @@ impl Report {
                 Ok(r) => json!(r.view()),
                 Err(e) => json!({"error": e}),
             },
-            "routes": self.routes.iter().map(RouteLine::json).collect::<Vec<_>>(),
+            "routes": self.routes,
         });
         StatusJson {
             report: &self.report,
