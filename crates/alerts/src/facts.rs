@@ -61,7 +61,7 @@ pub async fn gather(c: &Client, cfg: &AlertsConfig) -> Result<Facts, AlertError>
     let window = cfg.thresholds.window;
     let newest_data_age = queries::newest_data_age(c).await?;
     let coverage = queries::device_coverage(c, cfg.thresholds.stale_warning, 0).await?;
-    let alive = store::alive(c, cfg.alive_within).await?;
+    let alive = queries::alive(c).await?;
 
     let lease = match queries::lease(c, &cfg.lease_name).await? {
         None => None,

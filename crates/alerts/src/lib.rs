@@ -57,8 +57,6 @@ pub struct AlertsConfig {
     pub cluster_name: String,
     pub thresholds: Thresholds,
     pub check_interval: Duration,
-    /// Nodes seen within this are alive.
-    pub alive_within: Duration,
     pub webhook_url: Option<String>,
     /// `false` on observers: they show alerts but never judge, write or post them.
     pub evaluates: bool,
@@ -73,7 +71,6 @@ impl std::fmt::Debug for AlertsConfig {
             .field("cluster_name", &self.cluster_name)
             .field("thresholds", &self.thresholds)
             .field("check_interval", &self.check_interval)
-            .field("alive_within", &self.alive_within)
             .field(
                 "webhook_url",
                 &self

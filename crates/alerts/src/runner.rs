@@ -345,7 +345,6 @@ mod tests {
             cluster_name: "c".into(),
             thresholds: t(),
             check_interval: Duration::from_secs(3600),
-            alive_within: Duration::from_secs(10),
             webhook_url: Some("https://hooks.example/services/T/B/tok3n".into()),
             evaluates,
         }

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use leasehold_retry::{Backoff, Policy, Retry};
 use leasehold_telemetry::events;
 use serde_json::json;
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -12,13 +13,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{Action, AlertsConfig, Change, Kind, Level};
 
-/// Attempts per notification, and the pause before each retry.
-pub const BACKOFF: [Duration; 4] = [
-    Duration::from_millis(500),
-    Duration::from_secs(1),
-    Duration::from_secs(2),
-    Duration::from_secs(4),
-];
+/// Attempts per notification.
+pub const ATTEMPTS: u32 = 5;
+/// The pause before each retry: 0.5, 1, 2, 4 s.
+pub const RETRY: Policy =
+    Policy::new(Duration::from_millis(500), Duration::from_secs(4)).jitter(0.0);
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 /// After shutdown, queued notifications still get this long.
 const DRAIN_FOR: Duration = Duration::from_secs(5);
@@ -106,40 +105,25 @@ impl Notifier {
 
     async fn deliver(&self, msg: &Message, cancel: &CancellationToken) {
         let Some(client) = &self.client else { return };
-        let mut last = String::new();
-        for attempt in 0..=BACKOFF.len() {
-            if attempt > 0 {
-                tokio::select! {
-                    _ = tokio::time::sleep(BACKOFF[attempt - 1]) => {}
-                    _ = cancel.cancelled() => {}
-                }
-            }
+        let mut retry = Backoff::new(RETRY);
+        let mut attempts = 1;
+        let error = loop {
             match self.attempt(client, msg).await {
-                Attempt::Delivered => {
-                    events::AlertNotified {
-                        kind: msg.kind.as_str(),
-                        action: msg.action.as_str(),
-                        attempts: attempt + 1,
-                        error: None,
-                    }
-                    .emit();
-                    return;
+                Attempt::Delivered => break None,
+                Attempt::Retry(e) if attempts < ATTEMPTS => {
+                    let report = |r: Retry| tracing::warn!(kind = msg.kind.as_str(), action = msg.action.as_str(), attempt = r.attempt, error = %e, "alert webhook failed; retrying");
+                    // Cancelled (shutting down): the remaining attempts go out without pauses.
+                    retry.wait(report, cancel).await;
+                    attempts += 1;
                 }
-                Attempt::GiveUp(e) => {
-                    last = e;
-                    break;
-                }
-                Attempt::Retry(e) => {
-                    tracing::warn!(kind = msg.kind.as_str(), action = msg.action.as_str(), attempt = attempt + 1, error = %e, "alert webhook failed; retrying");
-                    last = e;
-                }
+                Attempt::Retry(e) | Attempt::GiveUp(e) => break Some(e),
             }
-        }
+        };
         events::AlertNotified {
             kind: msg.kind.as_str(),
             action: msg.action.as_str(),
-            attempts: BACKOFF.len() + 1,
-            error: Some(&last),
+            attempts: attempts as usize,
+            error: error.as_ref().map(|e| e as &dyn std::fmt::Display),
         }
         .emit();
     }

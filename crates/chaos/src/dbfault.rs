@@ -95,33 +95,7 @@ pub(crate) async fn trial(
             Some(pg.perform_switchover())
         }
     };
-    let measured = async {
-        let rows_at_change = std::sync::Mutex::new(None);
-        eventually(
-            Duration::from_secs(90),
-            "a leader writing on the new primary",
-            || async {
-                let Ok(primary) = env.cluster.pg.primary().await else {
-                    return Ok(false);
-                };
-                if primary == old {
-                    return Ok(false);
-                }
-                let rows = env.rows_of(&name).await?;
-                let mut at_change = rows_at_change
-                    .lock()
-                    .map_err(|_| anyhow::anyhow!("poisoned"))?;
-                Ok(match *at_change {
-                    None => {
-                        *at_change = Some(rows);
-                        false
-                    }
-                    Some(r) => rows > r,
-                })
-            },
-        )
-        .await
-    };
+    let measured = new_primary_writing(env, &old, &name);
     let (measured, switched) = match switchover {
         Some(s) => {
             let (m, s) = tokio::join!(measured, s);
@@ -177,4 +151,33 @@ pub(crate) async fn trial(
         takeovers: 0,
         problems,
     })
+}
+
+/// Until a primary other than `old` is named and run `name` has gained rows on it since.
+async fn new_primary_writing(env: &DbEnv, old: &str, name: &str) -> Result<Duration> {
+    let rows_at_change = std::sync::Mutex::new(None);
+    eventually(
+        Duration::from_secs(90),
+        "a leader writing on the new primary",
+        || async {
+            let Ok(primary) = env.cluster.pg.primary().await else {
+                return Ok(false);
+            };
+            if primary == old {
+                return Ok(false);
+            }
+            let rows = env.rows_of(name).await?;
+            let mut at_change = rows_at_change
+                .lock()
+                .map_err(|_| anyhow::anyhow!("poisoned"))?;
+            Ok(match *at_change {
+                None => {
+                    *at_change = Some(rows);
+                    false
+                }
+                Some(r) => rows > r,
+            })
+        },
+    )
+    .await
 }

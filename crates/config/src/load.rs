@@ -100,65 +100,25 @@ impl Config {
     fn validate(&self, s: &Sources) -> Result<(), ConfigError> {
         self.lease.validate()?;
         crate::routes::validate(&self.routes)?;
-        let ep = &self.mqtt;
-        let files = [
-            ("MQTT_CA_FILE", &ep.ca_file),
-            ("MQTT_CLIENT_CERT", &ep.client_cert),
-            ("MQTT_CLIENT_KEY", &ep.client_key),
-        ];
-        for (key, path) in files {
-            let Some(path) = path else { continue };
-            let invalid = |reason: String| s.invalid(key, path.display(), reason);
-            if !ep.tls {
-                return Err(invalid(
-                    "TLS files need a TLS broker URL: set MQTT_URL=mqtts://host:8883".into(),
-                ));
-            }
-            std::fs::File::open(path).map_err(|e| invalid(format!("cannot read the file: {e}")))?;
-        }
-        if let (Some(path), None) | (None, Some(path)) = (&ep.client_cert, &ep.client_key) {
-            let (key, other) = match ep.client_cert {
-                Some(_) => ("MQTT_CLIENT_CERT", "MQTT_CLIENT_KEY"),
-                None => ("MQTT_CLIENT_KEY", "MQTT_CLIENT_CERT"),
-            };
-            return Err(s.invalid(key, path.display(), format!("a client certificate needs both MQTT_CLIENT_CERT and MQTT_CLIENT_KEY; {other} is not set")));
-        }
-        // A rule: `ok`, or the setting `key` holding `value` is refused for `reason`.
-        let rule = |ok: bool, key: &str, value: String, reason: String| {
-            if ok {
-                Ok(())
-            } else {
-                Err(s.invalid(key, value, reason))
-            }
-        };
-        let (rows, pending) = (self.batch_max_rows, self.max_pending);
-        rule(
-            rows <= 100_000,
-            "BATCH_MAX_ROWS",
-            rows.to_string(),
-            "must be at most 100000".into(),
-        )?;
+        validate_tls_files(&self.mqtt, s)?;
         for t in &self.mqtt_topics {
             validate_filter(t).map_err(|reason| s.invalid("MQTT_TOPICS", t, reason))?;
         }
         let pattern = &self.device_topic_pattern;
-        rule(
+        s.rule(
             pattern.split('/').any(|seg| seg == "{device_id}"),
             "DEVICE_TOPIC_PATTERN",
-            pattern.clone(),
-            "must contain a {device_id} segment, e.g. devices/{device_id}/telemetry".into(),
+            pattern,
+            "must contain a {device_id} segment, e.g. devices/{device_id}/telemetry",
         )?;
-        rule(
-            self.stale_critical >= self.stale_warning,
-            "STALE_CRITICAL",
-            fmt_dur(self.stale_critical),
-            format!(
-                "must not be below STALE_WARNING ({})",
-                fmt_dur(self.stale_warning)
-            ),
-        )?;
+        self.validate_durations(s)?;
+        self.validate_limits(s)
+    }
+
+    /// Durations: each within its bounds, and those that must agree with another.
+    fn validate_durations(&self, s: &Sources) -> Result<(), ConfigError> {
         let at_least = |key: &str, d: Duration, min: Duration, reason: String| {
-            rule(d >= min, key, fmt_dur(d), reason)
+            s.rule(d >= min, key, fmt_dur(d), reason)
         };
         let nonzero = |key: &str, d: Duration| {
             at_least(
@@ -168,6 +128,15 @@ impl Config {
                 "must be greater than 0".into(),
             )
         };
+        s.rule(
+            self.stale_critical >= self.stale_warning,
+            "STALE_CRITICAL",
+            fmt_dur(self.stale_critical),
+            format!(
+                "must not be below STALE_WARNING ({})",
+                fmt_dur(self.stale_warning)
+            ),
+        )?;
         at_least(
             "MQTT_KEEP_ALIVE",
             self.mqtt_keep_alive,
@@ -175,11 +144,11 @@ impl Config {
             "must be at least 1s".into(),
         )?;
         nonzero("REDELIVERY_WINDOW", self.redelivery_window)?;
-        rule(
+        s.rule(
             self.redelivery_window <= 7 * DAY,
             "REDELIVERY_WINDOW",
             fmt_dur(self.redelivery_window),
-            "must be at most 7d (a broker keeps a session's in-flight messages no longer than its persistent_client_expiration)".into(),
+            "must be at most 7d (a broker keeps a session's in-flight messages no longer than its persistent_client_expiration)",
         )?;
         nonzero("ALERT_CHECK_INTERVAL", self.alert_check_interval)?;
         nonzero("ALERT_WINDOW", self.alert_window)?;
@@ -200,33 +169,71 @@ impl Config {
                 at_least(key, d, self.alert_window, reason)?;
             }
         }
-        nonzero("RETENTION_INTERVAL", r.interval)?;
-        rule(
+        nonzero("RETENTION_INTERVAL", r.interval)
+    }
+
+    /// What a leader holds at once: batch rows, pending messages and their bytes.
+    fn validate_limits(&self, s: &Sources) -> Result<(), ConfigError> {
+        let (rows, pending) = (self.batch_max_rows, self.max_pending);
+        s.rule(
+            rows <= 100_000,
+            "BATCH_MAX_ROWS",
+            rows,
+            "must be at most 100000",
+        )?;
+        s.rule(
             pending <= 50_000,
             "MAX_PENDING",
-            pending.to_string(),
-            "must be at most 50000: MQTT packet ids are 16 bits and must not wrap while messages are held".into(),
+            pending,
+            "must be at most 50000: MQTT packet ids are 16 bits and must not wrap while messages are held",
         )?;
-        rule(
+        s.rule(
             pending >= rows,
             "MAX_PENDING",
-            pending.to_string(),
+            pending,
             format!("must be at least BATCH_MAX_ROWS ({rows})"),
         )?;
         let (bytes, payload) = (self.max_pending_bytes, self.max_payload_bytes);
-        rule(
+        s.rule(
             bytes <= MAX_PENDING_BYTES_LIMIT,
             "MAX_PENDING_BYTES",
-            bytes.to_string(),
+            bytes,
             format!("must be at most {}MiB", MAX_PENDING_BYTES_LIMIT >> 20),
         )?;
-        rule(
+        s.rule(
             bytes >= payload,
             "MAX_PENDING_BYTES",
-            bytes.to_string(),
+            bytes,
             format!("must be at least MAX_PAYLOAD_BYTES ({payload} bytes): one message of the largest accepted size must fit"),
         )
     }
+}
+
+/// The broker's TLS files: readable, only with a TLS URL, and a client certificate with its key.
+fn validate_tls_files(ep: &MqttEndpoint, s: &Sources) -> Result<(), ConfigError> {
+    let files = [
+        ("MQTT_CA_FILE", &ep.ca_file),
+        ("MQTT_CLIENT_CERT", &ep.client_cert),
+        ("MQTT_CLIENT_KEY", &ep.client_key),
+    ];
+    for (key, path) in files {
+        let Some(path) = path else { continue };
+        let invalid = |reason: String| s.invalid(key, path.display(), reason);
+        if !ep.tls {
+            return Err(invalid(
+                "TLS files need a TLS broker URL: set MQTT_URL=mqtts://host:8883".into(),
+            ));
+        }
+        std::fs::File::open(path).map_err(|e| invalid(format!("cannot read the file: {e}")))?;
+    }
+    if let (Some(path), None) | (None, Some(path)) = (&ep.client_cert, &ep.client_key) {
+        let (key, other) = match ep.client_cert {
+            Some(_) => ("MQTT_CLIENT_CERT", "MQTT_CLIENT_KEY"),
+            None => ("MQTT_CLIENT_KEY", "MQTT_CLIENT_CERT"),
+        };
+        return Err(s.invalid(key, path.display(), format!("a client certificate needs both MQTT_CLIENT_CERT and MQTT_CLIENT_KEY; {other} is not set")));
+    }
+    Ok(())
 }
 
 /// The broker: `MQTT_URL`, then the settings that override its parts.

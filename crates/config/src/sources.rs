@@ -93,6 +93,20 @@ impl Sources {
             .map_or(Origin::Default, origin_of)
     }
 
+    /// A rule: `Ok` when `ok` holds, else `value` of `key` is refused for `reason`.
+    pub(crate) fn rule(
+        &self,
+        ok: bool,
+        key: &str,
+        value: impl fmt::Display,
+        reason: impl Into<String>,
+    ) -> Result<(), ConfigError> {
+        match ok {
+            true => Ok(()),
+            false => Err(self.invalid(key, value, reason.into())),
+        }
+    }
+
     /// A value of `key` that parsed but breaks a rule: names the setting and where it was set.
     pub(crate) fn invalid(
         &self,

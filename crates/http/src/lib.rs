@@ -18,6 +18,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use leasehold_config::redact;
 use leasehold_lease::{LeaseHandle, Role};
+use leasehold_store::queries::ClusterReport;
 use leasehold_store::Pool;
 use leasehold_telemetry::status::MqttStatus;
 use leasehold_telemetry::{metrics, NodeStatus};
@@ -51,8 +52,6 @@ pub struct HttpState {
     pub alerts: Option<leasehold_alerts::AlertsHandle>,
     pub stale_warning: Duration,
     pub stale_critical: Duration,
-    /// Nodes seen within this are alive.
-    pub alive_within: Duration,
     /// The client id of the cluster's shared session (production nodes), and where it came from.
     pub mqtt_client_id: Option<leasehold_config::ClientId>,
     /// The cluster's identity, read from the database at start.
@@ -262,14 +261,7 @@ async fn health(State(s): State<HttpState>) -> Response {
         "database": db,
         "newest_data_age_seconds": age,
         "ingest_hold": ingest_hold,
-        "routes": s.status.routes().iter().map(|r| json!({
-            "name": r.name,
-            "table": r.table,
-            "written": r.written,
-            "duplicates": r.duplicates,
-            "conflicts": r.conflicts,
-            "dead_letters": r.dead_letters,
-        })).collect::<Vec<_>>(),
+        "routes": s.status.routes(),
     });
     let body = with_checks(body, &s);
     (code(problems.is_empty()), Json(body)).into_response()
@@ -365,11 +357,8 @@ async fn lease(State(s): State<HttpState>) -> Response {
         };
         match tokio::time::timeout(Duration::from_secs(2), row).await {
             Ok(Ok(Some(r))) => {
-                view["database"] = json!({
-                    "holder_id": r.holder_id, "instance_id": r.instance_id, "epoch": r.epoch,
-                    "expires_in_ms": r.expires_in_ms, "live": r.is_live(),
-                    "acquired_at": r.acquired_at.to_rfc3339(), "renewed_at": r.renewed_at.to_rfc3339(),
-                });
+                view["database"] = json!(r);
+                view["database"]["live"] = json!(r.is_live());
             }
             Ok(Ok(None)) => view["database"] = json!(null),
             Ok(Err(e)) => view["database_error"] = json!(redact(&e.to_string())),
@@ -529,59 +518,30 @@ async fn alerts_check(State(s): State<HttpState>) -> Response {
     }
 }
 
-/// Every node seen in the last day, its role and mode, and who leads.
+/// The cluster report (every node seen in the last day, who leads), and which node answered.
 async fn cluster(State(s): State<HttpState>) -> Response {
-    let alive_ms = s.alive_within.as_millis() as i64;
+    /// `/cluster`'s answer: the report `leasehold status --json` shows too, plus who answered.
+    #[derive(serde::Serialize)]
+    struct Answer {
+        #[serde(flatten)]
+        report: ClusterReport,
+        answered_by: String,
+    }
     let lease_name = s.lease_name.clone();
     let res = with_db(&s, |c| async move {
-        let lease = leasehold_store::queries::lease(&**c, &lease_name)
+        ClusterReport::read(&**c, &lease_name)
             .await
-            .map_err(|e| e.to_string())?;
-        let nodes = leasehold_store::queries::cluster_nodes(&**c, alive_ms, true)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok((lease, nodes))
+            .map_err(|e| e.to_string())
     })
     .await;
-    let (lease, nodes) = match res {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
-    const DAY_MS: i64 = 24 * 3600 * 1000;
-    let leader = lease.as_ref().filter(|l| l.is_live());
-    let nodes: Vec<Value> = nodes
-        .iter()
-        .filter(|n| n.seen_ms_ago < DAY_MS)
-        .take(50)
-        .map(|n| {
-            json!({
-                "instance_id": n.instance_id,
-                "holder_id": n.holder_id,
-                "role": n.role,
-                "mode": n.mode,
-                "version": n.version,
-                "http_url": n.http_url,
-                "mqtt_connected": n.mqtt_connected,
-                "started_at": n.started_at.to_rfc3339(),
-                "last_seen": n.last_seen.to_rfc3339(),
-                "last_seen_seconds_ago": n.seen_ms_ago as f64 / 1000.0,
-                "alive": n.seen_ms_ago < alive_ms,
-                "leads": leader.is_some_and(|l| l.holder_id == n.holder_id),
-            })
+    match res {
+        Ok(report) => Json(Answer {
+            report,
+            answered_by: s.instance_id,
         })
-        .collect();
-    Json(json!({
-        "lease_name": s.lease_name,
-        "leader": leader.map(|l| json!({
-            "instance_id": l.instance_id, "holder_id": l.holder_id, "epoch": l.epoch,
-            "expires_in_ms": l.expires_in_ms, "acquired_at": l.acquired_at.to_rfc3339(),
-        })),
-        "last_epoch": lease.as_ref().map(|l| l.epoch),
-        "nodes_alive": nodes.iter().filter(|n| n["alive"] == json!(true)).count(),
-        "nodes": nodes,
-        "answered_by": s.instance_id,
-    }))
-    .into_response()
+        .into_response(),
+        Err(r) => r,
+    }
 }
 
 async fn metrics_text() -> Response {

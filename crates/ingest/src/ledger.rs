@@ -8,6 +8,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use leasehold_retry::{Backoff, Policy};
 use tokio::sync::mpsc;
 
 use crate::subscriptions::LedgerOp;
@@ -109,6 +110,8 @@ pub(crate) enum Reply {
     Fenced,
 }
 
+/// Pauses between attempts: 200 ms doubling to 5 s.
+const RETRY: Policy = Policy::new(Duration::from_millis(200), Duration::from_secs(5));
 /// One attempt at a ledger call; retried, so it must not hang.
 const OP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -121,33 +124,26 @@ pub(crate) async fn run(
     replies: mpsc::UnboundedSender<Reply>,
 ) {
     while let Some(op) = ops.recv().await {
-        let mut backoff = Duration::from_millis(200);
-        let mut attempt = 0u32;
+        let mut retry = Backoff::new(RETRY);
         loop {
-            attempt += 1;
-            match tokio::time::timeout(OP_TIMEOUT, apply(&*ledger, &client_id, &op)).await {
-                Ok(Ok(reply)) => {
-                    if let Some(r) = reply {
-                        let _ = replies.send(r);
+            let error =
+                match tokio::time::timeout(OP_TIMEOUT, apply(&*ledger, &client_id, &op)).await {
+                    Ok(Ok(reply)) => {
+                        if let Some(r) = reply {
+                            let _ = replies.send(r);
+                        }
+                        break;
                     }
-                    break;
-                }
-                Ok(Err(LedgerError::Fenced)) => {
-                    let _ = replies.send(Reply::Fenced);
-                    return;
-                }
-                Ok(Err(LedgerError::Unavailable(e))) => {
-                    tracing::warn!(error = %e, attempt, "subscription ledger write failed; retrying (subscription changes wait)")
-                }
-                Err(_) => {
-                    tracing::warn!(
-                        attempt,
-                        "subscription ledger did not answer within {OP_TIMEOUT:?}; retrying"
-                    )
-                }
-            }
-            tokio::time::sleep(backoff.mul_f64(0.5 + fastrand::f64() * 0.5)).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+                    Ok(Err(LedgerError::Fenced)) => {
+                        let _ = replies.send(Reply::Fenced);
+                        return;
+                    }
+                    Ok(Err(LedgerError::Unavailable(e))) => e,
+                    Err(_) => format!("no answer within {OP_TIMEOUT:?}"),
+                };
+            let r = retry.fail();
+            tracing::warn!(%error, attempt = r.attempt, "subscription ledger write failed; retrying (subscription changes wait)");
+            tokio::time::sleep(r.wait).await;
         }
     }
 }

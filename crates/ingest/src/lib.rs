@@ -539,13 +539,20 @@ impl MqttIngest {
                 Flow::Stop(r) => break r,
             }
         };
+        self.closed(ledger_task, cancel.is_cancelled() || result.is_err())
+            .await;
+        result
+    }
+
+    /// The connection is over: nothing more is acknowledged, and the ledger task ends.
+    async fn closed(&mut self, ledger_task: tokio::task::JoinHandle<()>, hard_stop: bool) {
         self.session.lost();
         self.connected.send_replace(false);
         self.subs.disconnected();
         // Let the last ledger writes (grants, removals) through after a clean stop; after a hard
         // stop they are dropped: the rows stay "pending" and the next connection reconciles them.
         self.ledger_ops = None;
-        if cancel.is_cancelled() || result.is_err() {
+        if hard_stop {
             ledger_task.abort();
         } else if tokio::time::timeout(LEDGER_FLUSH, ledger_task)
             .await
@@ -562,7 +569,6 @@ impl MqttIngest {
             status: &Default::default(),
         }
         .emit();
-        result
     }
 
     /// Everything forwarded is acknowledged after a drain: DISCONNECT goes out after the acks.

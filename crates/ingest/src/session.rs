@@ -4,6 +4,8 @@
 
 use std::time::{Duration, Instant};
 
+use leasehold_retry::{Backoff, Policy};
+
 /// Disconnects within this time after CONNACK count toward a client-id conflict.
 pub const QUICK_DISCONNECT: Duration = Duration::from_secs(3);
 /// Consecutive quick disconnects that raise a client-id conflict.
@@ -17,14 +19,13 @@ pub struct Session {
     clean_session: bool,
     /// Whether a CONNACK without a session is unexpected on the first connect of this term.
     expect_session: bool,
-    reconnect_max: Duration,
     /// Connections made so far (1, 2, ...); a message is tagged with the one it arrived on.
     connections: u64,
     /// The connection acks may be written on. Bumped far past `connections` on a disconnect,
     /// so no ack of the old connection matches from then on.
     current: u64,
     connected_at: Option<Instant>,
-    backoff: Duration,
+    backoff: Backoff,
     quick_disconnects: u32,
     /// DISCONNECT sent after the drain: the next connection error is the end, not a reconnect.
     disconnecting: bool,
@@ -59,11 +60,10 @@ impl Session {
         Session {
             clean_session,
             expect_session,
-            reconnect_max,
             connections: 0,
             current: 0,
             connected_at: None,
-            backoff: FIRST_BACKOFF,
+            backoff: Backoff::new(Policy::new(FIRST_BACKOFF, reconnect_max)),
             quick_disconnects: 0,
             disconnecting: false,
         }
@@ -90,7 +90,7 @@ impl Session {
         self.connections += 1;
         self.current = self.connections;
         self.connected_at = Some(now);
-        self.backoff = FIRST_BACKOFF;
+        self.backoff.reset();
         Connected {
             conn: self.connections,
             reconnect,
@@ -119,8 +119,7 @@ impl Session {
             self.quick_disconnects = 0;
             n
         });
-        let wait = self.backoff.mul_f64(0.5 + jitter.clamp(0.0, 1.0) * 0.5);
-        self.backoff = (self.backoff * 2).min(self.reconnect_max);
+        let wait = self.backoff.fail_with(jitter).wait;
         Dropped::Reconnect { wait, conflict }
     }
 

@@ -23,6 +23,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
+use leasehold_retry::Policy;
 use leasehold_telemetry::{events, FailedSubscription, SubscriptionStatus};
 use rumqttc::{QoS, SubscribeReasonCode};
 
@@ -137,12 +138,8 @@ pub fn chunk_filters(filters: impl IntoIterator<Item = String>) -> Vec<Vec<Strin
     out
 }
 
-fn retry_after(attempts: u32) -> Duration {
-    let d = RETRY_FIRST
-        .saturating_mul(1u32 << attempts.saturating_sub(1).min(16))
-        .min(RETRY_MAX);
-    d.mul_f64(0.8 + fastrand::f64() * 0.2)
-}
+/// A refused filter's retries: each filter counts its own attempts, each pause 80–100 % of nominal.
+const RETRY: Policy = Policy::new(RETRY_FIRST, RETRY_MAX).jitter(0.2);
 
 /// See the module documentation.
 #[derive(Debug)]
@@ -468,7 +465,7 @@ impl Subscriptions {
                             reason: reason.clone(),
                             attempts,
                             since,
-                            retry_at: now + retry_after(attempts),
+                            retry_at: now + RETRY.delay(attempts, fastrand::f64()),
                         },
                     );
                     refused.push((f, reason));

@@ -5,10 +5,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use leasehold_config::Config;
-use leasehold_store::queries;
+use leasehold_store::queries::{self, ClusterReport};
+use serde::Serialize;
 use serde_json::json;
-
-use crate::node::ALIVE_WITHIN;
 
 /// Exit code of `status` when no node holds the lease.
 pub const EXIT_NO_LEADER: u8 = 3;
@@ -50,15 +49,10 @@ pub async fn status(cfg: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn alive(n: &queries::NodeRow) -> bool {
-    n.seen_ms_ago < ALIVE_WITHIN.as_millis() as i64
-}
-
 /// What `leasehold status` shows, read once.
 struct Report {
-    lease_name: String,
-    lease: Option<queries::LeaseRow>,
-    nodes: Vec<queries::NodeRow>,
+    /// What `/cluster` shows too.
+    report: ClusterReport,
     age: Option<f64>,
     open_alerts: Vec<leasehold_store::alerts::AlertRow>,
     cluster: ClusterView,
@@ -67,10 +61,20 @@ struct Report {
     routes: Vec<RouteLine>,
 }
 
+/// `status --json`: the cluster report `/cluster` shows, and what only `status` adds.
+#[derive(Serialize)]
+struct StatusJson<'a> {
+    #[serde(flatten)]
+    report: &'a ClusterReport,
+    #[serde(flatten)]
+    more: serde_json::Value,
+}
+
 /// How far back `leasehold status` counts dead letters per route.
 const DEAD_LETTERS_WITHIN_SECS: f64 = 3600.0;
 
 /// A route as `leasehold status` shows it: from this configuration, with its recent dead letters.
+#[derive(Serialize)]
 struct RouteLine {
     name: String,
     table: String,
@@ -79,6 +83,7 @@ struct RouteLine {
     on_conflict: &'static str,
     /// False for a route named by dead letters but absent from this configuration.
     configured: bool,
+    #[serde(rename = "dead_letters_last_hour")]
     dead_letters: i64,
 }
 
@@ -129,14 +134,6 @@ impl RouteLine {
         lines
     }
 
-    fn json(&self) -> serde_json::Value {
-        json!({
-            "name": self.name, "table": self.table, "topics": self.topics, "key": self.key,
-            "on_conflict": self.on_conflict, "configured": self.configured,
-            "dead_letters_last_hour": self.dead_letters,
-        })
-    }
-
     fn print(&self) {
         if self.configured {
             println!(
@@ -159,15 +156,14 @@ impl RouteLine {
 
 impl Report {
     async fn read(c: &leasehold_store::Client, cfg: &Config) -> anyhow::Result<Report> {
-        let lease = queries::lease(c, &cfg.lease_name).await?;
-        let nodes = queries::cluster_nodes(c, ALIVE_WITHIN.as_millis() as i64, true).await?;
+        let report = ClusterReport::read(c, &cfg.lease_name).await?;
         let age = queries::newest_data_age(c).await?;
         let open_alerts: Vec<_> = leasehold_alerts::recent(c, 50)
             .await?
             .into_iter()
             .filter(|a| a.resolved_at.is_none())
             .collect();
-        let alive: Vec<_> = nodes.iter().filter(|n| alive(n)).collect();
+        let alive: Vec<_> = report.nodes.iter().filter(|n| n.alive).collect();
         let cluster = ClusterView::read(c, cfg, &alive).await;
         let replication = leasehold_store::replication::status(c)
             .await
@@ -176,9 +172,7 @@ impl Report {
         Ok(Report {
             routes: RouteLine::all(cfg, &dead),
             replication,
-            lease_name: cfg.lease_name.clone(),
-            lease,
-            nodes,
+            report,
             age,
             open_alerts,
             cluster,
@@ -186,35 +180,18 @@ impl Report {
     }
 
     fn leader(&self) -> Option<&queries::LeaseRow> {
-        self.lease.as_ref().filter(|l| l.is_live())
+        self.report.leader.as_ref()
     }
 
-    fn alive(&self) -> usize {
-        self.nodes.iter().filter(|n| alive(n)).count()
-    }
-
-    fn json(&self) -> serde_json::Value {
+    fn json(&self) -> StatusJson<'_> {
         let cluster = &self.cluster;
-        json!({
-            "lease_name": self.lease_name,
+        let more = json!({
             "cluster": {
                 "id": cluster.identity.as_ref().map(|i| &i.cluster_id),
                 "created_at": cluster.identity.as_ref().map(|i| i.created_at.to_rfc3339()),
                 "default_client_id": cluster.default_client_id,
                 "error": cluster.error,
             },
-            "leader": self.leader().map(|l| json!({
-                "instance_id": l.instance_id, "holder_id": l.holder_id, "epoch": l.epoch,
-                "expires_in_ms": l.expires_in_ms, "acquired_at": l.acquired_at.to_rfc3339(),
-            })),
-            "last_epoch": self.lease.as_ref().map(|l| l.epoch),
-            "nodes_alive": self.alive(),
-            "nodes": self.nodes.iter().map(|n| json!({
-                "instance_id": n.instance_id, "holder_id": n.holder_id, "role": n.role, "mode": n.mode,
-                "version": n.version, "http_url": n.http_url, "last_seen_ms_ago": n.seen_ms_ago,
-                "alive": alive(n),
-                "mqtt_client_id": n.mqtt_client_id, "mqtt_client_id_source": n.mqtt_client_id_source,
-            })).collect::<Vec<_>>(),
             "warnings": cluster.warnings,
             "newest_data_age_seconds": self.age,
             "alerts_open": self.open_alerts,
@@ -222,8 +199,12 @@ impl Report {
                 Ok(r) => json!(r.view()),
                 Err(e) => json!({"error": e}),
             },
-            "routes": self.routes.iter().map(RouteLine::json).collect::<Vec<_>>(),
-        })
+            "routes": self.routes,
+        });
+        StatusJson {
+            report: &self.report,
+            more,
+        }
     }
 
     fn print(&self) {
@@ -233,14 +214,14 @@ impl Report {
                 "CLUSTER  {} (created {}); default MQTT client id {d} for lease {:?}",
                 i.cluster_id,
                 i.created_at.format("%Y-%m-%d %H:%M:%S UTC"),
-                self.lease_name
+                self.report.lease_name
             ),
             _ => println!(
                 "CLUSTER  identity unknown: {}",
                 cluster.error.as_deref().unwrap_or("-")
             ),
         }
-        match (self.leader(), &self.lease) {
+        match (self.leader(), &self.report.lease) {
             (Some(l), _) => println!(
                 "LEADER   {} (epoch {}, lease expires in {}, holder {})",
                 l.instance_id,
@@ -250,18 +231,18 @@ impl Report {
             ),
             (None, Some(l)) => println!(
                 "NO LEADER  lease {:?} expired {} ago (last holder {}, epoch {})",
-                self.lease_name,
+                self.report.lease_name,
                 secs(-l.expires_in_ms),
                 l.instance_id,
                 l.epoch
             ),
             (None, None) => println!(
                 "NO LEADER  lease {:?} has never been taken",
-                self.lease_name
+                self.report.lease_name
             ),
         }
-        println!("NODES    {} alive", self.alive());
-        for n in self.nodes.iter().take(20) {
+        println!("NODES    {} alive", self.report.nodes_alive);
+        for n in self.report.nodes.iter().take(20) {
             print_node(n);
         }
         for w in &cluster.warnings {
@@ -313,17 +294,17 @@ fn print_node(n: &queries::NodeRow) {
         _ => String::new(),
     };
     println!(
-        "  {:<20} {:<9} {:<12} {:<6} {:<13} seen {} ago  v{}  {}{client_id}",
+        "  {:<20} {:<9} {:<12} {:<6} {:<13} seen {:.1}s ago  v{}  {}{client_id}",
         n.instance_id,
         n.role,
         n.mode,
-        if alive(n) { "alive" } else { "gone" },
+        if n.alive { "alive" } else { "gone" },
         match (n.mqtt_connected, n.role.as_str()) {
             (true, _) => "mqtt up",
             (false, "leader" | "observer") => "MQTT DOWN",
             (false, _) => "-",
         },
-        secs(n.seen_ms_ago),
+        n.last_seen_seconds_ago,
         n.version,
         n.http_url.as_deref().unwrap_or("-")
     );

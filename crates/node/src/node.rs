@@ -13,6 +13,7 @@ use leasehold_config::{validate_filter, Config, Mode};
 use leasehold_decode::Decoder;
 use leasehold_ingest::{DeviceTopics, IngestConfig, MqttIngest};
 use leasehold_lease::{Lease, LeaseConfig, LeaseHandle};
+use leasehold_retry::{Backoff, Policy, Retry};
 use leasehold_store::listener::{Listener, Notice};
 use leasehold_store::queries::{self, DEVICES_CHANNEL};
 use leasehold_store::Pool;
@@ -27,8 +28,6 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// How often every node reports itself in `cluster_nodes`.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
-/// A node not seen for this long is not counted alive.
-pub const ALIVE_WITHIN: Duration = Duration::from_secs(10);
 /// This many new leaders within ALERT_WINDOW is flapping: a rolling restart of the pair makes
 /// two or three, a leader that keeps losing its lease makes more.
 pub const FLAP_CHANGES: i64 = 4;
@@ -267,7 +266,6 @@ impl Wiring {
             alerts,
             stale_warning: cfg.stale_warning,
             stale_critical: cfg.stale_critical,
-            alive_within: ALIVE_WITHIN,
             mqtt_client_id: self.client_id.clone(),
             cluster_id: self
                 .db
@@ -455,7 +453,6 @@ fn alerts_config(cfg: &Config) -> leasehold_alerts::AlertsConfig {
             require_sync_replication: cfg.require_sync_replication,
         },
         check_interval: cfg.alert_check_interval,
-        alive_within: ALIVE_WITHIN,
         webhook_url: cfg.alert_webhook_url.clone(),
         // Every production node evaluates (a leader cannot report its own death); so does a
         // `disabled` node (a watcher). An observer is a developer's: never (docs/interfaces.md, alerts).
@@ -463,13 +460,17 @@ fn alerts_config(cfg: &Config) -> leasehold_alerts::AlertsConfig {
     }
 }
 
+/// Migrations wait for the database: 250 ms doubling to 5 s.
+const MIGRATE_RETRY: Policy =
+    Policy::new(Duration::from_millis(250), Duration::from_secs(5)).jitter(0.0);
+
 /// Applies migrations, then reads the cluster's identity (`None` if its row was deleted, or on
 /// shutdown).
 async fn migrate_with_retry(
     url: &str,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<queries::ClusterIdentity>> {
-    let mut backoff = Duration::from_millis(250);
+    let mut retry = Backoff::new(MIGRATE_RETRY);
     loop {
         let res = async {
             let mut c = leasehold_store::connect(url, "leasehold-migrate").await?;
@@ -487,14 +488,12 @@ async fn migrate_with_retry(
             Err(e @ leasehold_store::StoreError::Migration { .. })
             | Err(e @ leasehold_store::StoreError::Url(_)) => return Err(e.into()),
             Err(e) => {
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "database not reachable for migrations; retrying");
+                let report = |r: Retry| tracing::warn!(error = %e, retry_in_ms = r.wait.as_millis() as u64, "database not reachable for migrations; retrying");
+                if !retry.wait(report, shutdown).await {
+                    return Ok(None);
+                }
             }
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(None),
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
@@ -638,10 +637,9 @@ async fn heartbeat(
                 },
             )
             .await?;
-            let alive =
-                queries::cluster_nodes(&**c, ALIVE_WITHIN.as_millis() as i64, false).await?;
+            let alive = queries::alive(&**c).await?;
             let age = queries::newest_data_age(&**c).await?;
-            Ok::<_, leasehold_store::StoreError>((alive.len(), age))
+            Ok::<_, leasehold_store::StoreError>((alive.nodes as usize, age))
         };
         match tokio::time::timeout(HEARTBEAT_EVERY, work).await {
             Ok(Ok((alive_nodes, newest_data_age))) => {

@@ -132,35 +132,6 @@ pub async fn resolve(c: &impl GenericClient, kind: &str, by: &str) -> Result<Opt
     .await
 }
 
-/// The nodes seen within a window.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Alive {
-    /// Seconds since the oldest of them started (0 when none is alive).
-    pub uptime: f64,
-    pub production: i64,
-}
-
-/// Nodes that heartbeated within `within`: how long the cluster has run, how many ingest.
-pub async fn alive(c: &impl GenericClient, within: Duration) -> Result<Alive> {
-    op::one(
-        c,
-        Op::AlertFacts,
-        "SELECT coalesce(extract(epoch from (clock_timestamp() - min(started_at)))::float8, 0)
-                    AS uptime,
-                count(*) FILTER (WHERE mode = 'production') AS production
-         FROM cluster_nodes
-         WHERE last_seen > clock_timestamp() - make_interval(secs => $1)",
-        &[&within.as_secs_f64()],
-        |r| {
-            Ok(Alive {
-                uptime: r.try_get("uptime")?,
-                production: r.try_get("production")?,
-            })
-        },
-    )
-    .await
-}
-
 /// Seconds node `holder_id` has been without a broker connection, counted from no earlier than
 /// `since`; `None` while it is connected (or has not reported yet).
 pub async fn disconnected_for(

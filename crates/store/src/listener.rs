@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use futures_util::{stream, StreamExt};
+use leasehold_retry::{Backoff, Policy, Retry};
 use tokio::sync::broadcast;
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
@@ -17,6 +18,10 @@ pub enum Notice {
     Notify { channel: String, payload: String },
     Resync,
 }
+
+/// Reconnects: 200 ms doubling to 5 s, not randomised (one connection per node).
+const RECONNECT: Policy =
+    Policy::new(Duration::from_millis(200), Duration::from_secs(5)).jitter(0.0);
 
 pub struct Listener {
     url: String,
@@ -36,21 +41,17 @@ impl Listener {
 
     /// Listens until cancelled, reconnecting with capped backoff.
     pub async fn run(self, cancel: CancellationToken) -> crate::Result<()> {
-        let mut backoff = Duration::from_millis(200);
+        let mut retry = Backoff::new(RECONNECT);
         let mut first = true;
         while !cancel.is_cancelled() {
-            match self.listen_once(&cancel, first).await {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "LISTEN connection lost; reconnecting");
-                }
-            }
+            let Err(e) = self.listen_once(&cancel, first).await else {
+                return Ok(());
+            };
             first = false;
-            tokio::select! {
-                _ = cancel.cancelled() => break,
-                _ = tokio::time::sleep(backoff) => {}
+            let report = |r: Retry| tracing::warn!(error = %e, retry_in_ms = r.wait.as_millis() as u64, "LISTEN connection lost; reconnecting");
+            if !retry.wait(report, &cancel).await {
+                break;
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
         Ok(())
     }

@@ -1,6 +1,7 @@
 //! Small queries shared by the node, the HTTP surface and the CLI.
 
 use chrono::{DateTime, Utc};
+use serde::Serialize;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{GenericClient, Row};
 
@@ -15,7 +16,7 @@ pub const DEVICES_CHANNEL: &str = "leasehold_devices";
 pub const CONTROL_CHANNEL: &str = "leasehold_control";
 
 /// The lease row as stored, judged on the database clock.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct LeaseRow {
     pub holder_id: String,
     pub instance_id: String,
@@ -92,40 +93,86 @@ pub async fn cluster_identity(c: &impl GenericClient) -> Result<Option<ClusterId
     .await
 }
 
-/// One row of `cluster_nodes`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The one rule for "alive", on the database clock: a node heartbeats every 2 s, so one not
+/// seen for 10 s has stopped. Every count and flag of live nodes is this predicate.
+macro_rules! alive {
+    () => {
+        "last_seen > clock_timestamp() - interval '10 seconds'"
+    };
+}
+
+/// The cluster as `GET /cluster` and `leasehold status --json` both show it
+/// (docs/interfaces.md); each adds its own fields beside these.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterReport {
+    pub lease_name: String,
+    /// The lease row while it is live: who leads.
+    pub leader: Option<LeaseRow>,
+    /// The lease's epoch, live or not; `None` when it was never taken.
+    pub last_epoch: Option<i64>,
+    pub nodes_alive: usize,
+    /// Up to 50 nodes seen within the last day, the most recently seen first.
+    pub nodes: Vec<NodeRow>,
+    /// The lease row, live or not (the CLI says how long ago it expired).
+    #[serde(skip)]
+    pub lease: Option<LeaseRow>,
+}
+
+impl ClusterReport {
+    pub async fn read(c: &impl GenericClient, lease_name: &str) -> Result<ClusterReport> {
+        let lease = lease(c, lease_name).await?;
+        let leader = lease.clone().filter(LeaseRow::is_live);
+        let mut nodes = cluster_nodes(c).await?;
+        for n in &mut nodes {
+            n.leads = leader.as_ref().is_some_and(|l| l.holder_id == n.holder_id);
+        }
+        Ok(ClusterReport {
+            lease_name: lease_name.to_string(),
+            leader,
+            last_epoch: lease.as_ref().map(|l| l.epoch),
+            nodes_alive: nodes.iter().filter(|n| n.alive).count(),
+            nodes,
+            lease,
+        })
+    }
+}
+
+/// One row of `cluster_nodes`, as the cluster report shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct NodeRow {
-    pub holder_id: String,
     pub instance_id: String,
+    pub holder_id: String,
     pub role: String,
     pub mode: String,
     pub version: String,
     pub http_url: Option<String>,
+    pub mqtt_connected: bool,
     pub started_at: DateTime<Utc>,
     pub last_seen: DateTime<Utc>,
-    pub seen_ms_ago: i64,
-    pub mqtt_connected: bool,
+    pub last_seen_seconds_ago: f64,
+    pub alive: bool,
+    /// Holds the live lease.
+    pub leads: bool,
     /// The client id of the shared session and `derived` / `explicit` (production nodes).
     pub mqtt_client_id: Option<String>,
     pub mqtt_client_id_source: Option<String>,
 }
 
-/// Nodes seen within `alive_within`, newest first, plus older ones when `include_dead`.
-pub async fn cluster_nodes(
-    c: &impl GenericClient,
-    alive_within_ms: i64,
-    include_dead: bool,
-) -> Result<Vec<NodeRow>> {
+/// Up to 50 nodes seen within the last day, the most recently seen first.
+async fn cluster_nodes(c: &impl GenericClient) -> Result<Vec<NodeRow>> {
     op::all(
         c,
         Op::ClusterNodes,
-        "SELECT holder_id, instance_id, role, mode, version, http_url, started_at, last_seen,
-                    (extract(epoch from (clock_timestamp() - last_seen)) * 1000)::bigint AS ago,
-                    mqtt_connected, mqtt_client_id, mqtt_client_id_source
-             FROM cluster_nodes
-             WHERE $2 OR last_seen > clock_timestamp() - make_interval(secs => $1::float8 / 1000)
-             ORDER BY last_seen DESC",
-        &[&(alive_within_ms as f64), &include_dead],
+        concat!(
+            "SELECT holder_id, instance_id, role, mode, version, http_url, started_at, last_seen,
+                    extract(epoch from (clock_timestamp() - last_seen))::float8 AS ago,
+                    ",
+            alive!(),
+            " AS alive, mqtt_connected, mqtt_client_id, mqtt_client_id_source
+             FROM cluster_nodes WHERE last_seen > clock_timestamp() - interval '1 day'
+             ORDER BY last_seen DESC LIMIT 50"
+        ),
+        &[],
         |r| {
             Ok(NodeRow {
                 holder_id: r.try_get("holder_id")?,
@@ -136,10 +183,46 @@ pub async fn cluster_nodes(
                 http_url: r.try_get("http_url")?,
                 started_at: r.try_get("started_at")?,
                 last_seen: r.try_get("last_seen")?,
-                seen_ms_ago: r.try_get("ago")?,
+                last_seen_seconds_ago: r.try_get("ago")?,
+                alive: r.try_get("alive")?,
+                leads: false,
                 mqtt_connected: r.try_get("mqtt_connected")?,
                 mqtt_client_id: r.try_get("mqtt_client_id")?,
                 mqtt_client_id_source: r.try_get("mqtt_client_id_source")?,
+            })
+        },
+    )
+    .await
+}
+
+/// The nodes alive now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Alive {
+    pub nodes: i64,
+    /// Those in `production` mode: the ones that can lead.
+    pub production: i64,
+    /// Seconds since the oldest of them started (0 when none is alive).
+    pub uptime: f64,
+}
+
+/// How many nodes are alive, how many can lead, and how long the cluster has run.
+pub async fn alive(c: &impl GenericClient) -> Result<Alive> {
+    op::one(
+        c,
+        Op::ClusterNodes,
+        concat!(
+            "SELECT count(*) AS nodes, count(*) FILTER (WHERE mode = 'production') AS production,
+                coalesce(extract(epoch from (clock_timestamp() - min(started_at)))::float8, 0)
+                    AS uptime
+             FROM cluster_nodes WHERE ",
+            alive!()
+        ),
+        &[],
+        |r| {
+            Ok(Alive {
+                nodes: r.try_get("nodes")?,
+                production: r.try_get("production")?,
+                uptime: r.try_get("uptime")?,
             })
         },
     )

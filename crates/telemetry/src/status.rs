@@ -132,7 +132,7 @@ pub struct ReplicationRead {
 }
 
 /// What a named route wrote on this node since it started (`/health`'s `routes`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct RouteCounts {
     pub name: String,
     /// `schema.table`, as stored in the catalog.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 
 /// The payload of numbered message `seq` of `run` for `device`, with a unique timestamp.
 /// Deterministic: publishing it again is a redelivery of the same reading.
@@ -164,6 +164,42 @@ impl Stream {
     }
 }
 
+/// Polls `el`, pairing each first send of a packet id with the next sequence number of
+/// `submitted`, and moves it to `acked` when its PUBACK arrives.
+async fn track_acks(
+    mut el: EventLoop,
+    submitted: Arc<std::sync::Mutex<std::collections::VecDeque<u64>>>,
+    acked: Arc<std::sync::Mutex<std::collections::BTreeSet<u64>>>,
+) {
+    // Packet ids are reused only after their PUBACK, so an Outgoing::Publish with a pkid
+    // already in flight is a resend, otherwise it is the next submitted message.
+    let mut inflight = std::collections::HashMap::<u16, u64>::new();
+    loop {
+        match el.poll().await {
+            Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
+                if let std::collections::hash_map::Entry::Vacant(slot) = inflight.entry(pkid) {
+                    if let Some(seq) = submitted.lock().ok().and_then(|mut q| q.pop_front()) {
+                        slot.insert(seq);
+                    }
+                }
+            }
+            Ok(Event::Incoming(Packet::PubAck(a))) => {
+                if let Some(seq) = inflight.remove(&a.pkid) {
+                    if let Ok(mut s) = acked.lock() {
+                        s.insert(seq);
+                    }
+                }
+            }
+            Ok(Event::Incoming(Packet::ConnAck(c))) if !c.session_present => {
+                // The client dropped its unacknowledged publishes: never accepted.
+                inflight.clear();
+            }
+            Ok(_) => {}
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
 /// A publisher that knows exactly which messages the broker acknowledged: the basis of "lost"
 /// (acknowledged by the broker, not stored). It survives broker restarts (rumqttc reconnects and
 /// resends what was not acknowledged; a message is counted only once its PUBACK arrives).
@@ -194,46 +230,14 @@ impl Tracked {
             opts.set_keep_alive(Duration::from_secs(5))
                 .set_inflight(200)
                 .set_clean_session(false);
-            let (c, mut el) = AsyncClient::new(opts, 200);
+            let (c, el) = AsyncClient::new(opts, 200);
             let submitted = Arc::new(std::sync::Mutex::new(
                 std::collections::VecDeque::<u64>::new(),
             ));
             let acked = Arc::new(std::sync::Mutex::new(
                 std::collections::BTreeSet::<u64>::new(),
             ));
-            let (sub2, ack2) = (submitted.clone(), acked.clone());
-            let poll = tokio::spawn(async move {
-                // Packet ids are reused only after their PUBACK, so an Outgoing::Publish with a
-                // pkid already in flight is a resend, otherwise it is the next submitted message.
-                let mut inflight = std::collections::HashMap::<u16, u64>::new();
-                loop {
-                    match el.poll().await {
-                        Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
-                            if let std::collections::hash_map::Entry::Vacant(slot) =
-                                inflight.entry(pkid)
-                            {
-                                if let Some(seq) = sub2.lock().ok().and_then(|mut q| q.pop_front())
-                                {
-                                    slot.insert(seq);
-                                }
-                            }
-                        }
-                        Ok(Event::Incoming(Packet::PubAck(a))) => {
-                            if let Some(seq) = inflight.remove(&a.pkid) {
-                                if let Ok(mut s) = ack2.lock() {
-                                    s.insert(seq);
-                                }
-                            }
-                        }
-                        Ok(Event::Incoming(Packet::ConnAck(c))) if !c.session_present => {
-                            // The client dropped its unacknowledged publishes: never accepted.
-                            inflight.clear();
-                        }
-                        Ok(_) => {}
-                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                    }
-                }
-            });
+            let poll = tokio::spawn(track_acks(el, submitted.clone(), acked.clone()));
             let start = Instant::now();
             let base = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

@@ -7,7 +7,7 @@
 //! `equipamentos_dados` of the system Leasehold replaces (`equipamentos/+/dados`, key
 //! `(equipamento_id, timestamp_dados)`), configured in `.demo/leasehold.toml`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -80,56 +80,8 @@ async fn main() -> Result<()> {
     );
     let bin =
         std::fs::canonicalize(&bin).with_context(|| format!("{} not built", bin.display()))?;
-    eprintln!(
-        "demo: starting PostgreSQL and Mosquitto under {}",
-        root.display()
-    );
-    let pg = Postgres::start_durable(Dir::fixed(root.join("postgres"))?).await?;
-    let mq = Mosquitto::start_with(Dir::fixed(root.join("mosquitto"))?, "").await?;
-    // The operator's own table, as the system Leasehold replaces created it: Leasehold creates
-    // nothing here, it is pointed at the table by the route below.
-    pg.client()
-        .await?
-        .batch_execute(EQUIPMENT_TABLE)
-        .await
-        .context("creating equipamentos_dados")?;
-    let config = root.join("leasehold.toml");
-    std::fs::write(&config, ROUTES).context("writing the demo's routes")?;
-    let logs = root.join("logs");
-    std::fs::create_dir_all(&logs)?;
-    // The logs of earlier runs stay: a node appends to its log.
-    let mut c = Cluster::new(&bin, pg, mq, Dir::Fixed(logs.clone()));
-    c.settings = vec![
-        ("LEASE_TTL", "6s".into()),
-        ("LEASE_POLL_INTERVAL", "500ms".into()),
-        ("LOG_FORMAT", "pretty".into()),
-        ("LOG_LEVEL", "info".into()),
-        ("LEASEHOLD_CONFIG", config.display().to_string()),
-    ];
-    for (name, port) in [("node-a", 8081), ("node-b", 8082)] {
-        let port = port_or_free(port);
-        c.spawn_with(name, &[("HTTP_ADDR", format!("127.0.0.1:{port}"))])?;
-    }
-    // Start publishing once a leader's shared session is subscribed, so the broker queues every
-    // message (what is published before the first SUBACK is not queued for the session).
-    eprintln!("demo: waiting for a leader subscribed to its topics");
-    let ports: Vec<u16> = c.nodes.iter().map(|n| n.http_port()).collect();
-    leasehold_testkit::eventually(
-        Duration::from_secs(60),
-        "a leader subscribed to its topics",
-        || {
-            let ports = ports.clone();
-            async move {
-                for p in ports {
-                    if leading_and_subscribed(p).await.unwrap_or(false) {
-                        return Ok(true);
-                    }
-                }
-                Ok(false)
-            }
-        },
-    )
-    .await?;
+    let (mut c, config, logs) = start(&root, &bin).await?;
+    wait_subscribed(&c).await?;
     let mut sim = simulator(
         &bin,
         &c.mq.url(),
@@ -149,7 +101,96 @@ async fn main() -> Result<()> {
             "equipamentos/{device}/dados",
         ],
     )?;
+    print_banner(&c, &bin, &config, &logs);
 
+    let db = c.pg.client().await?;
+    let mut tick = tokio::time::interval(Duration::from_secs(3));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sim.wait() => { eprintln!("demo: simulator stopped"); break; }
+            _ = sim_equipment.wait() => { eprintln!("demo: equipment simulator stopped"); break; }
+            _ = tick.tick() => {}
+        }
+        println!("{}", progress(&mut c, &db).await);
+    }
+    eprintln!("demo: stopping nodes, simulator, Mosquitto and PostgreSQL");
+    let _ = sim.kill().await;
+    let _ = sim_equipment.kill().await;
+    for n in &c.nodes {
+        n.signal(libc::SIGTERM);
+    }
+    for n in &mut c.nodes {
+        let _ = n.wait_exit(Duration::from_secs(10)).await;
+    }
+    // The nodes before the servers they use.
+    c.nodes.clear();
+    drop(c);
+    Ok(())
+}
+
+/// The servers, the operator's own table, the demo's routes and two nodes: the cluster, the
+/// routes file and the log directory.
+async fn start(root: &Path, bin: &Path) -> Result<(Cluster, PathBuf, PathBuf)> {
+    eprintln!(
+        "demo: starting PostgreSQL and Mosquitto under {}",
+        root.display()
+    );
+    let pg = Postgres::start_durable(Dir::fixed(root.join("postgres"))?).await?;
+    let mq = Mosquitto::start_with(Dir::fixed(root.join("mosquitto"))?, "").await?;
+    // The operator's own table, as the system Leasehold replaces created it: Leasehold creates
+    // nothing here, it is pointed at the table by the route below.
+    pg.client()
+        .await?
+        .batch_execute(EQUIPMENT_TABLE)
+        .await
+        .context("creating equipamentos_dados")?;
+    let config = root.join("leasehold.toml");
+    std::fs::write(&config, ROUTES).context("writing the demo's routes")?;
+    let logs = root.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    // The logs of earlier runs stay: a node appends to its log.
+    let mut c = Cluster::new(bin, pg, mq, Dir::Fixed(logs.clone()));
+    c.settings = vec![
+        ("LEASE_TTL", "6s".into()),
+        ("LEASE_POLL_INTERVAL", "500ms".into()),
+        ("LOG_FORMAT", "pretty".into()),
+        ("LOG_LEVEL", "info".into()),
+        ("LEASEHOLD_CONFIG", config.display().to_string()),
+    ];
+    for (name, port) in [("node-a", 8081), ("node-b", 8082)] {
+        let port = port_or_free(port);
+        c.spawn_with(name, &[("HTTP_ADDR", format!("127.0.0.1:{port}"))])?;
+    }
+    Ok((c, config, logs))
+}
+
+/// Publishing starts once a leader's shared session is subscribed, so the broker queues every
+/// message (what is published before the first SUBACK is not queued for the session).
+async fn wait_subscribed(c: &Cluster) -> Result<()> {
+    eprintln!("demo: waiting for a leader subscribed to its topics");
+    let ports: Vec<u16> = c.nodes.iter().map(|n| n.http_port()).collect();
+    leasehold_testkit::eventually(
+        Duration::from_secs(60),
+        "a leader subscribed to its topics",
+        || {
+            let ports = ports.clone();
+            async move {
+                for p in ports {
+                    if leading_and_subscribed(p).await.unwrap_or(false) {
+                        return Ok(true);
+                    }
+                }
+                Ok(false)
+            }
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// What runs where, and the commands to try.
+fn print_banner(c: &Cluster, bin: &Path, config: &Path, logs: &Path) {
     println!();
     println!("Leasehold demo is running. Ctrl-C stops everything it started.");
     println!("  PostgreSQL  {}", c.pg.url());
@@ -185,68 +226,42 @@ async fn main() -> Result<()> {
         c.pg.url()
     );
     println!();
+}
 
-    let db = c.pg.client().await?;
-    let mut tick = tokio::time::interval(Duration::from_secs(3));
-    loop {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = sim.wait() => { eprintln!("demo: simulator stopped"); break; }
-            _ = sim_equipment.wait() => { eprintln!("demo: equipment simulator stopped"); break; }
-            _ = tick.tick() => {}
-        }
-        let leader = c
-            .leader()
+/// One progress line: the leader, the rows in each table, each node's state.
+async fn progress(c: &mut Cluster, db: &tokio_postgres::Client) -> String {
+    let leader = c
+        .leader()
+        .await
+        .ok()
+        .flatten()
+        .map(|(name, epoch)| format!("{name} (epoch {epoch})"))
+        .unwrap_or_else(|| "none".into());
+    let count = |table: &'static str| async move {
+        db.query_one(&format!("SELECT count(*) FROM {table}"), &[])
             .await
-            .ok()
-            .flatten()
-            .map(|(name, epoch)| format!("{name} (epoch {epoch})"))
-            .unwrap_or_else(|| "none".into());
-        let rows: i64 = db
-            .query_one("SELECT count(*) FROM telemetry", &[])
-            .await
-            .map(|r| r.get(0))
-            .unwrap_or(-1);
-        let equipment: i64 = db
-            .query_one("SELECT count(*) FROM equipamentos_dados", &[])
-            .await
-            .map(|r| r.get(0))
-            .unwrap_or(-1);
-        let dead: i64 = db
-            .query_one("SELECT count(*) FROM dead_letters", &[])
-            .await
-            .map(|r| r.get(0))
-            .unwrap_or(-1);
-        let mut alive = Vec::new();
-        for n in &mut c.nodes {
-            let state = match n.try_status() {
-                Some(s) => format!("exited ({s})"),
-                None => match http(n.http_port(), "GET", "/metrics").await {
-                    Ok((_, m)) if metric(&m, "leasehold_lease_is_leader") == Some(1.0) => {
-                        format!("LEADER pid {}", n.pid())
-                    }
-                    Ok(_) => format!("standby pid {}", n.pid()),
-                    Err(_) => "not answering".into(),
-                },
-            };
-            alive.push(format!("{}: {state}", n.name));
-        }
-        println!(
-            "leader {leader:<22} telemetry {rows:<8} equipamentos_dados {equipment:<7} dead letters {dead:<5} | {}",
-            alive.join(" | ")
-        );
-    }
-    eprintln!("demo: stopping nodes, simulator, Mosquitto and PostgreSQL");
-    let _ = sim.kill().await;
-    let _ = sim_equipment.kill().await;
-    for n in &c.nodes {
-        n.signal(libc::SIGTERM);
-    }
+            .map(|r| r.get::<_, i64>(0))
+            .unwrap_or(-1)
+    };
+    let rows = count("telemetry").await;
+    let equipment = count("equipamentos_dados").await;
+    let dead = count("dead_letters").await;
+    let mut alive = Vec::new();
     for n in &mut c.nodes {
-        let _ = n.wait_exit(Duration::from_secs(10)).await;
+        let state = match n.try_status() {
+            Some(s) => format!("exited ({s})"),
+            None => match http(n.http_port(), "GET", "/metrics").await {
+                Ok((_, m)) if metric(&m, "leasehold_lease_is_leader") == Some(1.0) => {
+                    format!("LEADER pid {}", n.pid())
+                }
+                Ok(_) => format!("standby pid {}", n.pid()),
+                Err(_) => "not answering".into(),
+            },
+        };
+        alive.push(format!("{}: {state}", n.name));
     }
-    // The nodes before the servers they use.
-    c.nodes.clear();
-    drop(c);
-    Ok(())
+    format!(
+        "leader {leader:<22} telemetry {rows:<8} equipamentos_dados {equipment:<7} dead letters {dead:<5} | {}",
+        alive.join(" | ")
+    )
 }
