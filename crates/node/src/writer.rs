@@ -691,44 +691,36 @@ fn show_routes(counts: &mut Vec<RouteCounts>, routes: &[ResolvedRoute]) {
     }
 }
 
-/// Exponential backoff with jitter for failed writes.
-struct Backoff {
-    attempt: u32,
-    next: Duration,
-}
+/// Failed writes back off by the one retry policy (50 ms doubling to 5 s).
+struct Backoff(leasehold_retry::Backoff);
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff {
-            attempt: 0,
-            next: Duration::from_millis(50),
-        }
+        Backoff(leasehold_retry::Backoff::new(leasehold_retry::Policy::new(
+            Duration::from_millis(50),
+            Duration::from_secs(5),
+        )))
     }
 }
 
 impl Backoff {
     fn reset(&mut self) {
-        *self = Backoff::default();
+        self.0.reset();
     }
 
-    /// Reports `e` and waits; `false` when cancelled meanwhile.
+    /// Reports `e` in the database's own words (message, SQLSTATE: "db error" alone tells an
+    /// operator nothing about a revoked grant) and waits; `false` when cancelled meanwhile.
     async fn wait(&mut self, e: &StoreError, cancel: &CancellationToken) -> bool {
-        self.attempt += 1;
-        let wait = self.next.mul_f64(0.5 + fastrand::f64() * 0.5);
-        // The database's own words (message, SQLSTATE): "db error" alone tells an operator
-        // nothing about a revoked grant or a trigger refusing a dead letter.
-        events::WriteFailed {
-            error: &e.database_text(),
-            kind: e.kind(),
-            attempt: self.attempt,
-            retry_in_ms: wait.as_millis(),
-        }
-        .emit();
-        self.next = (self.next * 2).min(Duration::from_secs(5));
-        tokio::select! {
-            _ = cancel.cancelled() => false,
-            _ = tokio::time::sleep(wait) => true,
-        }
+        let report = |r: leasehold_retry::Retry| {
+            events::WriteFailed {
+                error: &e.database_text(),
+                kind: e.kind(),
+                attempt: r.attempt,
+                retry_in_ms: r.wait.as_millis(),
+            }
+            .emit()
+        };
+        self.0.wait(report, cancel).await
     }
 }
 
