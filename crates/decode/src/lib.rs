@@ -116,59 +116,36 @@ impl Decoder {
         }
     }
 
+    /// A `telemetry` reading: [`Decoder::parse_light`]'s checks, then a device id (at most
+    /// [`MAX_DEVICE_ID_LEN`] characters) and a valid timestamp are required; without a
+    /// timestamp the reading is at `received_at`, identified by its content hash.
     pub fn decode(
         &self,
         topic: &str,
         payload: &[u8],
         received_at: DateTime<Utc>,
     ) -> Result<Reading, DecodeError> {
-        if payload.len() > self.max_payload_bytes {
-            return Err(DecodeError::TooLarge {
-                size: payload.len(),
-                max: self.max_payload_bytes,
-            });
+        let parsed = self.parse_light(topic, payload)?;
+        if let Some(e) = parsed.reading_error(topic) {
+            return Err(e);
         }
-        let value: Value =
-            serde_json::from_slice(payload).map_err(|e| DecodeError::NotJson(e.to_string()))?;
-        let obj = match &value {
-            Value::Object(o) => o,
-            other => return Err(DecodeError::NotObject(kind(other))),
-        };
-        // serde accepts \u0000 but jsonb rejects it, which would fail the whole batch forever.
-        if contains_nul_escape(payload) {
-            return Err(DecodeError::NulEscape);
-        }
-        let device_id = match self.pattern.device_id(topic) {
-            Some(d) => d.to_string(),
-            None => match obj.get("device_id") {
-                Some(Value::String(s)) if !s.is_empty() => s.clone(),
-                Some(Value::Number(n)) => n.to_string(),
-                _ => {
-                    return Err(DecodeError::NoDeviceId {
-                        topic: topic.to_string(),
-                    })
-                }
-            },
-        };
-        if device_id.chars().count() > MAX_DEVICE_ID_LEN {
-            return Err(DecodeError::DeviceIdTooLong);
-        }
-        // The payload was parsed from UTF-8 JSON, so it is valid UTF-8.
-        let text = String::from_utf8_lossy(payload).into_owned();
-        match timestamp(obj)? {
-            Some(ts) => Ok(Reading {
+        // Parsed from UTF-8 JSON: valid UTF-8.
+        let payload_text = String::from_utf8_lossy(payload).into_owned();
+        let (device_id, ts) = (parsed.device_id.unwrap_or_default(), parsed.timestamp);
+        Ok(match ts.ok().flatten() {
+            Some(ts) => Reading {
                 device_id,
                 ts,
-                payload: text,
+                payload: payload_text,
                 content_hash: None,
-            }),
-            None => Ok(Reading {
+            },
+            None => Reading {
                 device_id,
                 ts: received_at,
-                payload: text,
+                payload: payload_text,
                 content_hash: Some(content_hash(topic, payload)),
-            }),
-        }
+            },
+        })
     }
 }
 
@@ -316,10 +293,6 @@ pub fn content_hash(topic: &str, payload: &[u8]) -> String {
 
 /// Epoch numbers at or above this are milliseconds (1e11 s is the year 5138).
 const MILLIS_THRESHOLD: f64 = 1e11;
-
-fn timestamp(obj: &Map<String, Value>) -> Result<Option<DateTime<Utc>>, DecodeError> {
-    timestamp_of(obj.get("timestamp"), obj.get("ts"))
-}
 
 fn timestamp_of(
     timestamp: Option<&Value>,
