@@ -384,8 +384,8 @@ impl BatchWriter {
         rows: &[RouteRow],
         dead: &[DeadLetter],
     ) -> Result<BatchOutcome> {
-        let messages = Messages::new(rows);
-        let dead = DeadParams::new(dead);
+        let messages = message_params(rows);
+        let dead = dead_params(dead);
         let arrays = RouteArrays::new(&self.routes, rows);
         let window = PgInterval(self.redelivery_window);
         let mut params: Vec<&(dyn ToSql + Sync)> = vec![
@@ -396,8 +396,12 @@ impl BatchWriter {
             &window,
             &self.redelivery_span,
         ];
-        messages.push(&mut params);
-        dead.push(&mut params);
+        params.extend(
+            messages
+                .iter()
+                .chain(&dead)
+                .map(|p| p.as_ref() as &(dyn ToSql + Sync)),
+        );
         arrays.push(&mut params);
         let n_routes = self.routes.len();
         let outcome = op::one(&self.client, Op::WriteBatch, &self.stmt, &params, |r| {
@@ -435,114 +439,70 @@ impl tokio_postgres::types::ToSql for PgInterval {
     tokio_postgres::types::to_sql_checked!();
 }
 
-/// The messages of a part's rows, once each (`g` in the statement).
-struct Messages<'a> {
-    i: Vec<i32>,
-    tp: Vec<std::borrow::Cow<'a, str>>,
-    p: Vec<&'a str>,
-    rcv: Vec<DateTime<Utc>>,
-    h: Vec<Option<&'a str>>,
-    k: Vec<i32>,
-    dup: Vec<bool>,
+/// A statement parameter built for one write.
+type Param<'a> = Box<dyn ToSql + Send + Sync + 'a>;
+
+/// The messages of a part's rows, once each (`g` in the statement: `$7..$13`).
+fn message_params(rows: &[RouteRow]) -> [Param<'_>; 7] {
+    let mut seen = vec![false; rows.iter().map(|r| r.idx + 1).max().unwrap_or(0)];
+    let rows: Vec<&RouteRow> = rows
+        .iter()
+        .filter(|r| !std::mem::replace(&mut seen[r.idx], true))
+        .collect();
+    let m = |f: fn(&RouteRow) -> i32| rows.iter().map(|r| f(r)).collect::<Vec<i32>>();
+    [
+        Box::new(m(|r| r.idx as i32)),
+        Box::new(
+            rows.iter()
+                .map(|r| storable_text(&r.message.topic))
+                .collect::<Vec<_>>(),
+        ),
+        // A routed message was decoded from JSON: UTF-8, without NUL.
+        Box::new(
+            rows.iter()
+                .map(|r| String::from_utf8_lossy(&r.message.payload))
+                .collect::<Vec<_>>(),
+        ),
+        Box::new(
+            rows.iter()
+                .map(|r| r.message.received_at)
+                .collect::<Vec<_>>(),
+        ),
+        Box::new(
+            rows.iter()
+                .map(|r| r.message.content_hash.as_deref())
+                .collect::<Vec<_>>(),
+        ),
+        Box::new(m(|r| r.message.pkid)),
+        Box::new(rows.iter().map(|r| r.message.dup).collect::<Vec<_>>()),
+    ]
 }
 
-impl<'a> Messages<'a> {
-    fn new(rows: &'a [RouteRow]) -> Self {
-        let n = rows.len();
-        let mut m = Messages {
-            i: Vec::with_capacity(n),
-            tp: Vec::with_capacity(n),
-            p: Vec::with_capacity(n),
-            rcv: Vec::with_capacity(n),
-            h: Vec::with_capacity(n),
-            k: Vec::with_capacity(n),
-            dup: Vec::with_capacity(n),
-        };
-        let mut seen = vec![false; rows.iter().map(|r| r.idx + 1).max().unwrap_or(0)];
-        for r in rows {
-            if std::mem::replace(&mut seen[r.idx], true) {
-                continue;
-            }
-            let msg = &r.message;
-            m.i.push(r.idx as i32);
-            m.tp.push(storable_text(&msg.topic));
-            // A routed message was decoded from JSON, so it is UTF-8; anything else (which the
-            // decoder never lets through) goes as its lossless replacement.
-            m.p.push(std::str::from_utf8(&msg.payload).unwrap_or("\u{FFFD}"));
-            m.rcv.push(msg.received_at);
-            m.h.push(msg.content_hash.as_deref());
-            m.k.push(msg.pkid);
-            m.dup.push(msg.dup);
-        }
-        m
-    }
-
-    fn push(&'a self, params: &mut Vec<&'a (dyn ToSql + Sync)>) {
-        params.extend([
-            &self.i as &(dyn ToSql + Sync),
-            &self.tp,
-            &self.p,
-            &self.rcv,
-            &self.h,
-            &self.k,
-            &self.dup,
-        ]);
-    }
-}
-
-/// The dead letters' arrays (`dl` in the statement).
-struct DeadParams<'a> {
-    i: Vec<i32>,
-    tp: Vec<std::borrow::Cow<'a, str>>,
-    p: Vec<&'a [u8]>,
-    sz: Vec<i32>,
-    reason: Vec<&'a str>,
-    e: Vec<std::borrow::Cow<'a, str>>,
-    rcv: Vec<DateTime<Utc>>,
-    h: Vec<String>,
-    k: Vec<i32>,
-    dup: Vec<bool>,
-    route: Vec<Option<&'a str>>,
-}
-
-impl<'a> DeadParams<'a> {
-    fn new(dead: &'a [DeadLetter]) -> Self {
-        DeadParams {
-            i: dead.iter().map(|x| x.idx as i32).collect(),
-            tp: dead.iter().map(|x| storable_text(&x.topic)).collect(),
-            p: dead.iter().map(|x| &x.payload[..]).collect(),
-            sz: dead
-                .iter()
+/// The dead letters' arrays (`dl` in the statement: `$14..$24`).
+fn dead_params(dead: &[DeadLetter]) -> [Param<'_>; 11] {
+    let text =
+        |f: fn(&DeadLetter) -> &str| dead.iter().map(|x| storable_text(f(x))).collect::<Vec<_>>();
+    [
+        Box::new(dead.iter().map(|x| x.idx as i32).collect::<Vec<_>>()),
+        Box::new(text(|x| &x.topic)),
+        Box::new(dead.iter().map(|x| &x.payload[..]).collect::<Vec<_>>()),
+        Box::new(
+            dead.iter()
                 .map(|x| i32::try_from(x.size).unwrap_or(i32::MAX))
-                .collect(),
-            reason: dead.iter().map(|x| x.reason).collect(),
-            e: dead.iter().map(|x| storable_text(&x.error)).collect(),
-            rcv: dead.iter().map(|x| x.received_at).collect(),
-            h: dead
-                .iter()
+                .collect::<Vec<_>>(),
+        ),
+        Box::new(dead.iter().map(|x| x.reason).collect::<Vec<_>>()),
+        Box::new(text(|x| &x.error)),
+        Box::new(dead.iter().map(|x| x.received_at).collect::<Vec<_>>()),
+        Box::new(
+            dead.iter()
                 .map(|x| leasehold_decode::content_hash(&x.topic, &x.payload))
-                .collect(),
-            k: dead.iter().map(|x| x.pkid).collect(),
-            dup: dead.iter().map(|x| x.dup).collect(),
-            route: dead.iter().map(|x| x.route.as_deref()).collect(),
-        }
-    }
-
-    fn push(&'a self, params: &mut Vec<&'a (dyn ToSql + Sync)>) {
-        params.extend([
-            &self.i as &(dyn ToSql + Sync),
-            &self.tp,
-            &self.p,
-            &self.sz,
-            &self.reason,
-            &self.e,
-            &self.rcv,
-            &self.h,
-            &self.k,
-            &self.dup,
-            &self.route,
-        ]);
-    }
+                .collect::<Vec<_>>(),
+        ),
+        Box::new(dead.iter().map(|x| x.pkid).collect::<Vec<_>>()),
+        Box::new(dead.iter().map(|x| x.dup).collect::<Vec<_>>()),
+        Box::new(dead.iter().map(|x| x.route.as_deref()).collect::<Vec<_>>()),
+    ]
 }
 
 /// One column's values as sent: an array of the column's wire type.

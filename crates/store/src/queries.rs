@@ -444,7 +444,7 @@ pub enum LedgerWrite<'a> {
 
 /// The fence every leader write checks ("One writer" in `docs/guarantees.md`), as a CTE named
 /// `fence`.
-const FENCE_CTE: &str = "fence AS (
+pub(crate) const FENCE_CTE: &str = "fence AS (
         SELECT 1 FROM instance_lock
         WHERE service_name = $1 AND holder_id = $2 AND epoch = $3 AND expires_at > clock_timestamp()
         FOR SHARE)";

@@ -107,11 +107,9 @@ pub(crate) fn literal(s: &str) -> String {
 /// and span ($5, $6), the messages ($7..$13), the dead letters ($14..$24).
 pub const FIXED_PARAMS: usize = 24;
 
-const HEAD: &str = "fence AS (
-        SELECT 1 FROM instance_lock
-        WHERE service_name = $1 AND holder_id = $2 AND epoch = $3 AND expires_at > clock_timestamp()
-        FOR SHARE),
-    g AS MATERIALIZED (
+/// After the fence ([`crate::queries::FENCE_CTE`]): the messages, the dead letters, the floor of
+/// a redelivery's first copy, and the dead letters that are redeliveries.
+const HEAD: &str = "g AS MATERIALIZED (
         SELECT * FROM unnest($7::int[], $8::text[], $9::text[], $10::timestamptz[], $11::text[],
                              $12::int[], $13::bool[])
              AS u(i, tp, p, rcv, h, k, dup)),
@@ -144,7 +142,7 @@ const MESSAGE_HASH: &str = "coalesce(g.h, encode(substr(sha256(convert_to(g.tp, 
 /// `k`, when it has one). Parameters: [`FIXED_PARAMS`], then per route its rows' positions and
 /// one array per column sent ([`carry`]).
 pub fn batch_sql(routes: &[ResolvedRoute], defaults: &[Vec<Option<String>>]) -> String {
-    let mut ctes = vec![HEAD.to_string()];
+    let mut ctes = vec![crate::queries::FENCE_CTE.to_string(), HEAD.to_string()];
     let mut arms = vec![DEAD_ARM.to_string()];
     let mut outputs = String::new();
     let mut param = FIXED_PARAMS;
@@ -395,6 +393,7 @@ impl<'a> Described<'a> {
         match self.route.spec.on_conflict {
             OnConflict::Update => Vec::new(),
             OnConflict::Nothing => std::iter::once(self)
+                .filter(|me| !me.exact_key())
                 .chain(
                     before
                         .iter()
@@ -404,7 +403,21 @@ impl<'a> Described<'a> {
         }
     }
 
-    /// The route's CTEs; `before` are the routes earlier in the statement.
+    /// Whether the batch's comparison of this route's keys is SQL's equality (text, integers,
+    /// booleans, `timestamptz`): then no two rows of one part share a key in the table either,
+    /// and the insert's order does not matter.
+    fn exact_key(&self) -> bool {
+        self.route.key.iter().all(|&j| {
+            let c = &self.route.columns[j];
+            match carry(c) {
+                Carry::Shared => true,
+                Carry::Sent(Wire::Text) => c.sql_type == "text",
+                Carry::Sent(Wire::Time) => c.kind == ColumnKind::Timestamptz,
+                Carry::Sent(_) => true,
+            }
+        })
+    }
+
     /// `q{k}`: the route's rows, from its arrays.
     fn rows_cte(&self) -> String {
         let mut arrays = vec![format!("${}::int[]", self.first_param)];
@@ -445,7 +458,7 @@ impl<'a> Described<'a> {
             "
     again{k} AS MATERIALIZED (
         SELECT q.i FROM q{k} q JOIN g ON g.i = q.i
-        WHERE g.dup AND {hash} IS NOT NULL AND EXISTS (
+        WHERE (SELECT f FROM floor) IS NOT NULL AND g.dup AND {hash} IS NOT NULL AND EXISTS (
             SELECT 1 FROM {table} x
             WHERE {other_keys}x.{ts} > (SELECT f FROM floor) AND x.{ts} < g.rcv
               AND x.{h} = {hash} AND x.{pk} = g.k)),",
@@ -546,8 +559,7 @@ impl<'a> Described<'a> {
     i{k} AS (
         INSERT INTO {table} ({cols})
         SELECT {exprs} FROM q{k} q JOIN g ON g.i = q.i
-        WHERE EXISTS (SELECT 1 FROM fence){skip_again}
-        ORDER BY q.i
+        WHERE EXISTS (SELECT 1 FROM fence){skip_again}{order}
         ON CONFLICT ({keys}) {action}
         RETURNING {keys}),
     m{k} AS MATERIALIZED (
@@ -570,6 +582,7 @@ impl<'a> Described<'a> {
     u{k} AS MATERIALIZED (
         SELECT m.i FROM m{k} m WHERE m.i NOT IN (SELECT i FROM c{k}))",
             ins_key = self.stored_key("x", "q", "g"),
+            order = if self.exact_key() { "" } else { "\n        ORDER BY q.i" },
             compared = self.compared_with_table("x", "m", "g"),
             stored_key = self.stored_key("x", "m", "g"),
         );
@@ -664,7 +677,13 @@ mod tests {
 
     fn route(name: &str, table: &str, on_conflict: OnConflict) -> ResolvedRoute {
         let columns = vec![
-            column("id", Source::TopicSegment(1), "text", ColumnKind::Text),
+            // Not `text`: a key the batch and the table may compare differently.
+            column(
+                "id",
+                Source::TopicSegment(1),
+                "character varying(8)",
+                ColumnKind::Text,
+            ),
             column(
                 "at",
                 Source::Timestamp,
@@ -714,6 +733,8 @@ mod tests {
         assert!(s.contains(
             "x.\"device_id\" = q.v0 AND x.\"topic\" = g.tp AND x.\"ts\" > (SELECT f FROM floor)"
         ));
+        // Its key is compared exactly in the batch: no order to keep, no earlier row to look for.
+        assert!(!s.contains("ORDER BY q.i") && !s.contains("p.i < q.i"));
         // Its dead letters carry no route; a conflict names the epoch that stored the row.
         assert!(s.contains("y.route IS NOT DISTINCT FROM NULL::text"));
         assert!(s.contains("x.\"lease_epoch\"::bigint AS epoch"));
