@@ -9,6 +9,7 @@
 //! - [`invariants`]: what holds for any input (checked by `make fuzz` and the corpus replay).
 
 pub mod invariants;
+mod scan;
 
 use chrono::{DateTime, TimeZone, Utc};
 use serde_json::{Map, Value};
@@ -127,11 +128,10 @@ impl Decoder {
                 max: self.max_payload_bytes,
             });
         }
-        let value: Value =
-            serde_json::from_slice(payload).map_err(|e| DecodeError::NotJson(e.to_string()))?;
-        let obj = match &value {
-            Value::Object(o) => o,
-            other => return Err(DecodeError::NotObject(kind(other))),
+        // Only the fields read here are kept; the rest is checked as a `Value` would be.
+        let fields = match scan::scan(payload).map_err(|e| DecodeError::NotJson(e.to_string()))? {
+            scan::Top::Object(f) => f,
+            scan::Top::Other(kind) => return Err(DecodeError::NotObject(kind)),
         };
         // serde accepts \u0000 but jsonb rejects it, which would fail the whole batch forever.
         if contains_nul_escape(payload) {
@@ -139,8 +139,8 @@ impl Decoder {
         }
         let device_id = match self.pattern.device_id(topic) {
             Some(d) => d.to_string(),
-            None => match obj.get("device_id") {
-                Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            None => match fields.device_id {
+                Some(Value::String(s)) if !s.is_empty() => s,
                 Some(Value::Number(n)) => n.to_string(),
                 _ => {
                     return Err(DecodeError::NoDeviceId {
@@ -152,9 +152,8 @@ impl Decoder {
         if device_id.chars().count() > MAX_DEVICE_ID_LEN {
             return Err(DecodeError::DeviceIdTooLong);
         }
-        // The payload was parsed from UTF-8 JSON, so it is valid UTF-8.
-        let text = String::from_utf8_lossy(payload).into_owned();
-        match timestamp(obj)? {
+        let text = payload_text(payload);
+        match timestamp(fields.timestamp.as_ref(), fields.ts.as_ref())? {
             Some(ts) => Ok(Reading {
                 device_id,
                 ts,
@@ -168,6 +167,15 @@ impl Decoder {
                 content_hash: Some(content_hash(topic, payload)),
             }),
         }
+    }
+}
+
+/// The payload as text. JSON that parsed is valid UTF-8, so this is a copy after the fast check;
+/// the lossy conversion is only a fallback that never changes valid text.
+fn payload_text(payload: &[u8]) -> String {
+    match std::str::from_utf8(payload) {
+        Ok(s) => s.to_owned(),
+        Err(_) => String::from_utf8_lossy(payload).into_owned(),
     }
 }
 
@@ -211,9 +219,9 @@ impl Decoder {
                 _ => None,
             },
         };
-        let timestamp = timestamp(&object);
+        let timestamp = timestamp(object.get("timestamp"), object.get("ts"));
         Ok(Parsed {
-            text: String::from_utf8_lossy(payload).into_owned(),
+            text: payload_text(payload),
             object,
             device_id,
             timestamp,
@@ -264,8 +272,12 @@ pub fn content_hash(topic: &str, payload: &[u8]) -> String {
 /// Epoch numbers at or above this are milliseconds (1e11 s is the year 5138).
 const MILLIS_THRESHOLD: f64 = 1e11;
 
-fn timestamp(obj: &Map<String, Value>) -> Result<Option<DateTime<Utc>>, DecodeError> {
-    let (field, v) = match (obj.get("timestamp"), obj.get("ts")) {
+/// The reading's time from its `timestamp` field, else its `ts` field (a null one is absent).
+fn timestamp(
+    timestamp: Option<&Value>,
+    ts: Option<&Value>,
+) -> Result<Option<DateTime<Utc>>, DecodeError> {
+    let (field, v) = match (timestamp, ts) {
         (Some(v), _) if !v.is_null() => ("timestamp", v),
         (_, Some(v)) if !v.is_null() => ("ts", v),
         _ => return Ok(None),
@@ -503,5 +515,112 @@ mod tests {
                 max: 1024
             })
         ));
+    }
+
+    /// `decode` as it was before it scanned the payload instead of building a `serde_json::Value`:
+    /// the reference the one-pass scan must agree with, result and error text alike.
+    fn decode_via_value(d: &Decoder, topic: &str, payload: &[u8]) -> Result<Reading, DecodeError> {
+        if payload.len() > d.max_payload_bytes {
+            return Err(DecodeError::TooLarge {
+                size: payload.len(),
+                max: d.max_payload_bytes,
+            });
+        }
+        let value: Value =
+            serde_json::from_slice(payload).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+        let obj = match &value {
+            Value::Object(o) => o,
+            other => return Err(DecodeError::NotObject(kind(other))),
+        };
+        if contains_nul_escape(payload) {
+            return Err(DecodeError::NulEscape);
+        }
+        let device_id = match d.pattern.device_id(topic) {
+            Some(id) => id.to_string(),
+            None => match obj.get("device_id") {
+                Some(Value::String(s)) if !s.is_empty() => s.clone(),
+                Some(Value::Number(n)) => n.to_string(),
+                _ => {
+                    return Err(DecodeError::NoDeviceId {
+                        topic: topic.to_string(),
+                    })
+                }
+            },
+        };
+        if device_id.chars().count() > MAX_DEVICE_ID_LEN {
+            return Err(DecodeError::DeviceIdTooLong);
+        }
+        let text = String::from_utf8_lossy(payload).into_owned();
+        Ok(match timestamp(obj.get("timestamp"), obj.get("ts"))? {
+            Some(ts) => Reading {
+                device_id,
+                ts,
+                payload: text,
+                content_hash: None,
+            },
+            None => Reading {
+                device_id,
+                ts: now(),
+                payload: text,
+                content_hash: Some(content_hash(topic, payload)),
+            },
+        })
+    }
+
+    #[test]
+    fn the_one_pass_scan_decodes_exactly_as_a_parsed_value_did() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let mut inputs: Vec<Vec<u8>> = Vec::new();
+        for dir in ["fuzz/corpus/decode", "tests/corpus"] {
+            for e in std::fs::read_dir(root.join(dir)).expect("corpus").flatten() {
+                let data = std::fs::read(e.path()).expect("readable");
+                inputs.push(data.get(1..).unwrap_or_default().to_vec());
+                inputs.push(data);
+            }
+        }
+        let deep_object = format!("{}{}", r#"{"a":"#.repeat(200), "}".repeat(200));
+        let deep_array = format!(r#"{{"a":{}1{}}}"#, "[".repeat(127), "]".repeat(127));
+        for s in [
+            r#"{"device_id":"a","device_id":"b","ts":1,"ts":null,"timestamp":null}"#,
+            r#"{"device_id":"","device_id":7.5e3,"timestamp":"2026-01-02T03:04:05.123456789Z"}"#,
+            r#"{"devic\u0065_id":"esc","t\u0073":"1700000000"}"#,
+            r#"{"x":1e400,"ts":1}"#,
+            r#"{"x":-1e400}"#,
+            r#"{"x":18446744073709551616,"ts":1e-400}"#,
+            r#"{"x":[1,{"y":[true,false,null,"s\n"]}],"ts":1.5}"#,
+            r#"{"x":"\ud800"}"#,
+            r#"{"x":"\uD83D\uDE00","device_id":null}"#,
+            r#"{"x":1,}"#,
+            r#"{"x":01}"#,
+            r#"{"ts":1} trailing"#,
+            r#"{"ts":1}   "#,
+            r#"[{"device_id":"a"}]"#,
+            r#""text""#,
+            "null",
+            "true",
+            "-0.5",
+            "",
+            "{",
+            r#"{"a":"\u0000"}"#,
+            r#"{"a":"\\u0000"}"#,
+            &deep_object,
+            &deep_array,
+        ] {
+            inputs.push(s.as_bytes().to_vec());
+        }
+        inputs.push(b"{\"x\":\"\xff\xfe\",\"ts\":1}".to_vec());
+        inputs.push(b"{\"\xc3\x28\":1,\"ts\":1}".to_vec());
+        inputs.push(b"{\"ts\":1,\"x\":\"caf\xc3\xa9\"}".to_vec());
+        let decoder = Decoder::new("devices/{device_id}/#", 4096);
+        for payload in &inputs {
+            for topic in ["devices/m-1/t", "gw/site/up"] {
+                assert_eq!(
+                    decoder.decode(topic, payload, now()),
+                    decode_via_value(&decoder, topic, payload),
+                    "{topic} {:?}",
+                    String::from_utf8_lossy(payload)
+                );
+            }
+        }
     }
 }
