@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 export PATH := $(PATH):/usr/sbin
 
-.PHONY: demo test chaos bench fuzz deps build lint fmt clean
+.PHONY: demo test chaos bench bench-drain fuzz deps build lint fmt clean
 
 # Fault matrix: TRIALS per fault within BUDGET (make chaos TRIALS=3 BUDGET=5m).
 TRIALS ?= 10
@@ -41,6 +41,13 @@ bench: deps
 	cargo build --release -p leasehold -p leasehold-bench -p leasehold-flushdelay
 	./target/release/leasehold-bench --messages 100000 --upsert-messages 100000 --outage-secs 60 --json target/bench/bench.json
 	cargo bench -p leasehold-decode -p leasehold-node --bench decode --bench batch -- --warm-up-time 1 --measurement-time 3
+
+# Only the routes phase: RUNS x (100,000 queued messages drained into telemetry, then through a typed
+# route), with leader, PostgreSQL and broker CPU per message; about a minute a run.
+RUNS ?= 3
+bench-drain: deps
+	cargo build --release -p leasehold -p leasehold-bench
+	./target/release/leasehold-bench --only routes --runs $(RUNS) --messages 100000
 
 # Fuzz the decoder for FUZZ_TIME seconds (fuzz/, cargo-fuzz). Its nightly features are enabled on
 # the stable toolchain with RUSTC_BOOTSTRAP=1. New inputs go to fuzz/target/corpus (the committed

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -32,8 +32,21 @@ pub struct Args {
     /// The `leasehold-flushdelay` shim (default: libleasehold_flushdelay.so beside this binary).
     #[arg(long)]
     pub flush_shim: Option<PathBuf>,
+    /// Run one phase alone: `routes` drains the queued messages into `telemetry` and through the
+    /// typed route, with leader, PostgreSQL and broker CPU per message (about a minute a run).
+    #[arg(long, value_enum)]
+    pub only: Option<Only>,
+    /// With `--only routes`: how many times each route is drained, each into emptied tables.
+    #[arg(long, default_value_t = 1)]
+    pub runs: u32,
     #[command(subcommand)]
     pub child: Option<Child>,
+}
+
+/// A phase that runs alone.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Only {
+    Routes,
 }
 
 /// A baseline run as a child process of the orchestrator, so that its peak RSS is its own. Each

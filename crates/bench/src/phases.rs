@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use leasehold_testkit::{eventually, memory_of, Dir, Mosquitto, NodeProc, Postgres};
 
-use crate::args::{Args, Child};
+use crate::args::{Args, Child, Only};
 use crate::child::{self, ChildReport};
 use crate::mqtt::{create_session, drop_session, publish};
 use crate::probes::{check_upsert_wrote, count, fsync_per_sec};
@@ -19,22 +19,34 @@ use crate::rig::{
     latency_run, leader_summary, leasehold_live, stop_node, upsert_run, wait_leading, Rig,
     LEADER_SESSION,
 };
-use crate::route::{drain_and_stop, routes_phase, Target};
+use crate::route::{drain_and_stop, routes_phase, Routes, Target};
+
+/// The first PostgreSQL's settings: commit timestamps for the rates, and `pg_stat_statements`
+/// (when this PostgreSQL ships it) for what each drain's statements cost.
+fn pg_conf() -> String {
+    let mut conf = String::from("track_commit_timestamp = on\nshared_buffers = 256MB\n");
+    let statements = leasehold_testkit::pg_bin()
+        .ok()
+        .and_then(|b| Some(b.parent()?.join("lib/pg_stat_statements.so")));
+    if statements.is_some_and(|p| p.exists()) {
+        conf.push_str("shared_preload_libraries = 'pg_stat_statements'\n");
+    }
+    conf
+}
 
 /// Every phase, then the table, the checks and the JSON report.
 pub async fn orchestrate(o: Args) -> Result<()> {
     let bin = std::fs::canonicalize(&o.bin)
         .with_context(|| format!("{} (cargo build --release)", o.bin.display()))?;
-    let pg = Postgres::start_durable_with(
-        Dir::temp("leasehold-bench-pg-")?,
-        "track_commit_timestamp = on\nshared_buffers = 256MB",
-    )
-    .await?;
+    let pg = Postgres::start_durable_with(Dir::temp("leasehold-bench-pg-")?, &pg_conf()).await?;
     let mq = Mosquitto::start().await?;
     let logs = tempfile::Builder::new()
         .prefix("leasehold-bench-")
         .tempdir()?;
     let mut rig = Rig::new(&bin, &mq, logs.path(), pg).await?;
+    if let Some(Only::Routes) = o.only {
+        return routes_only(&rig, o.messages, o.runs).await;
+    }
     let n = o.messages;
     let fsync = fsync_per_sec(&[]);
     eprintln!(
@@ -50,7 +62,7 @@ pub async fn orchestrate(o: Args) -> Result<()> {
         "bench: capacity (queued drain): ceiling {:.0}, upsert {:.0}, leasehold {:.0} msg/s",
         ceiling_cap.rate, upsert_cap.rate, leasehold.capacity
     );
-    let routes = routes_phase(&rig, n).await?;
+    let routes = routes_phase(&rig, n, "").await?;
     let outage = outage_phase(&mut rig, &mut leasehold, o.outage_secs).await?;
     // The first PostgreSQL is done with; the slow-flush pass gets the machine to itself.
     drop(rig);
@@ -83,6 +95,38 @@ pub async fn orchestrate(o: Args) -> Result<()> {
         routes,
     };
     results.report(&o.json)
+}
+
+/// `--only routes`: the routes phase `runs` times, each into emptied tables, then one line per
+/// drain (`make bench-drain`: the write path's cost in a minute or two).
+async fn routes_only(rig: &Rig<'_>, n: u64, runs: u32) -> Result<()> {
+    let mut all: Vec<Routes> = Vec::new();
+    for i in 1..=runs {
+        rig.db
+            .batch_execute("TRUNCATE telemetry, dead_letters; DROP TABLE IF EXISTS bench_route")
+            .await?;
+        // Alone: VACUUM cannot run in the implicit transaction of a multi-statement query.
+        rig.db.batch_execute("VACUUM ANALYZE telemetry").await?;
+        all.push(routes_phase(rig, n, &format!("-{i}")).await?);
+    }
+    println!("\nroute    run  msg/s    leader us/msg  PostgreSQL us/msg  broker us/msg");
+    for (i, r) in all.iter().enumerate() {
+        for (name, d) in [("default", &r.default), ("typed", &r.typed)] {
+            println!(
+                "{name:<8} {:>3}  {:>7.0}  {:>13}  {:>17}  {:>13}",
+                i + 1,
+                d.rate,
+                us(d.leader_cpu_us),
+                us(d.postgres_cpu_us),
+                us(d.broker_cpu_us)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn us(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "?".into())
 }
 
 /// Phase 1, the broker ceiling: the same publisher, live, into a subscriber that only acknowledges.

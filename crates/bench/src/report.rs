@@ -284,7 +284,7 @@ impl Results {
         let (d, t) = (&self.routes.default, &self.routes.typed);
         let us = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "?".into());
         println!(
-            "routes, draining {} queued messages: default route (telemetry) {:.0} msg/s, typed route (6 columns, on_conflict update) {:.0} msg/s = {:.2} x; CPU per message: leader {} -> {} us, PostgreSQL {} -> {} us",
+            "routes, draining {} queued messages: default route (telemetry) {:.0} msg/s, typed route (6 columns, on_conflict update) {:.0} msg/s = {:.2} x; CPU per message: leader {} -> {} us, PostgreSQL {} -> {} us, broker {} -> {} us",
             t.messages,
             d.rate,
             t.rate,
@@ -292,7 +292,9 @@ impl Results {
             us(d.leader_cpu_us),
             us(t.leader_cpu_us),
             us(d.postgres_cpu_us),
-            us(t.postgres_cpu_us)
+            us(t.postgres_cpu_us),
+            us(d.broker_cpu_us),
+            us(t.broker_cpu_us)
         );
         if let Some(o) = &self.outage {
             println!(

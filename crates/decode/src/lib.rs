@@ -573,4 +573,111 @@ mod tests {
             })
         ));
     }
+
+    /// `decode` as it was before it read the payload without building a `serde_json::Value`:
+    /// the reference the light parse must agree with, result and error text alike.
+    fn decode_via_value(d: &Decoder, topic: &str, payload: &[u8]) -> Result<Reading, DecodeError> {
+        if payload.len() > d.max_payload_bytes {
+            return Err(DecodeError::TooLarge {
+                size: payload.len(),
+                max: d.max_payload_bytes,
+            });
+        }
+        let value: Value =
+            serde_json::from_slice(payload).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+        let obj = match &value {
+            Value::Object(o) => o,
+            other => return Err(DecodeError::NotObject(kind(other))),
+        };
+        if contains_nul_escape(payload) {
+            return Err(DecodeError::NulEscape);
+        }
+        let device_id = match d.pattern.device_id(topic) {
+            Some(id) => id.to_string(),
+            None => match obj.get("device_id") {
+                Some(Value::String(s)) if !s.is_empty() => s.clone(),
+                Some(Value::Number(n)) => n.to_string(),
+                _ => {
+                    return Err(DecodeError::NoDeviceId {
+                        topic: topic.to_string(),
+                    })
+                }
+            },
+        };
+        if device_id.chars().count() > MAX_DEVICE_ID_LEN {
+            return Err(DecodeError::DeviceIdTooLong);
+        }
+        let text = String::from_utf8_lossy(payload).into_owned();
+        Ok(match timestamp_of(obj.get("timestamp"), obj.get("ts"))? {
+            Some(ts) => Reading {
+                device_id,
+                ts,
+                payload: text,
+                content_hash: None,
+            },
+            None => Reading {
+                device_id,
+                ts: now(),
+                payload: text,
+                content_hash: Some(content_hash(topic, payload)),
+            },
+        })
+    }
+
+    #[test]
+    fn the_light_parse_decodes_exactly_as_a_parsed_value_did() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let mut inputs: Vec<Vec<u8>> = Vec::new();
+        for dir in ["fuzz/corpus/decode", "tests/corpus"] {
+            for e in std::fs::read_dir(root.join(dir)).expect("corpus").flatten() {
+                let data = std::fs::read(e.path()).expect("readable");
+                inputs.push(data.get(1..).unwrap_or_default().to_vec());
+                inputs.push(data);
+            }
+        }
+        let deep_object = format!("{}{}", r#"{"a":"#.repeat(200), "}".repeat(200));
+        let deep_array = format!(r#"{{"a":{}1{}}}"#, "[".repeat(127), "]".repeat(127));
+        for s in [
+            r#"{"device_id":"a","device_id":"b","ts":1,"ts":null,"timestamp":null}"#,
+            r#"{"device_id":"","device_id":7.5e3,"timestamp":"2026-01-02T03:04:05.123456789Z"}"#,
+            r#"{"devic\u0065_id":"esc","t\u0073":"1700000000"}"#,
+            r#"{"x":1e400,"ts":1}"#,
+            r#"{"x":-1e400}"#,
+            r#"{"x":18446744073709551616,"ts":1e-400}"#,
+            r#"{"x":[1,{"y":[true,false,null,"s\n"]}],"ts":1.5}"#,
+            r#"{"x":"\ud800"}"#,
+            r#"{"x":"\uD83D\uDE00","device_id":null}"#,
+            r#"{"x":1,}"#,
+            r#"{"x":01}"#,
+            r#"{"ts":1} trailing"#,
+            r#"{"ts":1}   "#,
+            r#"[{"device_id":"a"}]"#,
+            r#""text""#,
+            "null",
+            "true",
+            "-0.5",
+            "",
+            "{",
+            r#"{"a":"\u0000"}"#,
+            r#"{"a":"\\u0000"}"#,
+            &deep_object,
+            &deep_array,
+        ] {
+            inputs.push(s.as_bytes().to_vec());
+        }
+        inputs.push(b"{\"x\":\"\xff\xfe\",\"ts\":1}".to_vec());
+        inputs.push(b"{\"\xc3\x28\":1,\"ts\":1}".to_vec());
+        inputs.push(b"{\"ts\":1,\"x\":\"caf\xc3\xa9\"}".to_vec());
+        let decoder = Decoder::new("devices/{device_id}/#", 4096);
+        for payload in &inputs {
+            for topic in ["devices/m-1/t", "gw/site/up"] {
+                assert_eq!(
+                    decoder.decode(topic, payload, now()),
+                    decode_via_value(&decoder, topic, payload),
+                    "{topic} {:?}",
+                    String::from_utf8_lossy(payload)
+                );
+            }
+        }
+    }
 }

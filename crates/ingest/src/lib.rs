@@ -520,7 +520,11 @@ impl MqttIngest {
                     let ev = match ev {
                         Ok(Event::Incoming(Packet::Publish(p))) => {
                             let conn = self.session.conn();
-                            match self.take(p, conn, &cancel, &drain).await {
+                            let taken = match self.take(p, conn, &cancel, &drain).await {
+                                Taken::Done => self.take_buffered(conn, &cancel, &drain).await,
+                                other => other,
+                            };
+                            match taken {
                                 Taken::Done => continue,
                                 Taken::Cancelled => break Ok(()),
                                 Taken::Lost(e) => Err(e),
@@ -843,6 +847,32 @@ impl MqttIngest {
             conn,
             reserved,
         );
+        Taken::Done
+    }
+
+    /// Takes the publishes rumqttc read together with the one just taken (it reads up to nine
+    /// packets at a time and buffers them), as `poll` would return them, one by one: without
+    /// building this loop's `select!`, and publishing the pending counts, once per message.
+    /// Stops at the first other event, which `poll` then returns, or once cancelled or draining.
+    async fn take_buffered(
+        &mut self,
+        conn: u64,
+        cancel: &CancellationToken,
+        drain: &CancellationToken,
+    ) -> Taken {
+        while !cancel.is_cancelled() && !drain.is_cancelled() {
+            let events = &mut self.eventloop.state.events;
+            if !matches!(events.front(), Some(Event::Incoming(Packet::Publish(_)))) {
+                break;
+            }
+            let Some(Event::Incoming(Packet::Publish(p))) = events.pop_front() else {
+                break;
+            };
+            match self.take(p, conn, cancel, drain).await {
+                Taken::Done => {}
+                other => return other,
+            }
+        }
         Taken::Done
     }
 

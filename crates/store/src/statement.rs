@@ -582,7 +582,11 @@ impl<'a> Described<'a> {
     u{k} AS MATERIALIZED (
         SELECT m.i FROM m{k} m WHERE m.i NOT IN (SELECT i FROM c{k}))",
             ins_key = self.stored_key("x", "q", "g"),
-            order = if self.exact_key() { "" } else { "\n        ORDER BY q.i" },
+            order = if self.exact_key() {
+                ""
+            } else {
+                "\n        ORDER BY q.i"
+            },
             compared = self.compared_with_table("x", "m", "g"),
             stored_key = self.stored_key("x", "m", "g"),
         );

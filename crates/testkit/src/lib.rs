@@ -561,6 +561,11 @@ impl Mosquitto {
         format!("{}{}", read("mosquitto.stderr"), read("mosquitto.log"))
     }
 
+    /// The broker's process id while it runs (the benchmark reads its CPU time from /proc).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// Graceful stop (SIGTERM): Mosquitto saves its persistence file on the way out.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
