@@ -21,6 +21,7 @@ mod ordinary;
 mod retention;
 mod review10;
 mod review13;
+mod review18;
 mod routes;
 mod routes_checks;
 mod routes_failover;

@@ -109,14 +109,15 @@ async fn routes_only(rig: &Rig<'_>, n: u64, runs: u32) -> Result<()> {
         rig.db.batch_execute("VACUUM ANALYZE telemetry").await?;
         all.push(routes_phase(rig, n, &format!("-{i}")).await?);
     }
-    println!("\nroute    run  msg/s    leader us/msg  PostgreSQL us/msg  broker us/msg");
+    println!("\nroute    run  msg/s    leader us/msg (after its start)  PostgreSQL us/msg  broker us/msg");
     for (i, r) in all.iter().enumerate() {
         for (name, d) in [("default", &r.default), ("typed", &r.typed)] {
             println!(
-                "{name:<8} {:>3}  {:>7.0}  {:>13}  {:>17}  {:>13}",
+                "{name:<8} {:>3}  {:>7.0}  {:>6} ({:>6})  {:>28}  {:>13}",
                 i + 1,
                 d.rate,
                 us(d.leader_cpu_us),
+                us(d.leader_cpu_us_after_start(r.leader_start_cpu_ms)),
                 us(d.postgres_cpu_us),
                 us(d.broker_cpu_us)
             );

@@ -245,9 +245,27 @@ impl Results {
         let ratio = self.routes.ratio();
         targets.push((
             format!(
-                "typed route >= 0.8 x default route, draining the same queued messages ({ratio:.2})"
+                "typed route >= 0.9 x default route, draining the same queued messages ({ratio:.2})"
             ),
-            ratio >= 0.8,
+            ratio >= 0.9,
+        ));
+        let d = &self.routes.default;
+        let us = |v: Option<f64>| v.map_or("?".to_string(), |v| format!("{v:.1} us"));
+        let per_msg = d.leader_cpu_us_after_start(self.routes.leader_start_cpu_ms);
+        targets.push((
+            format!(
+                "default route leader CPU <= 2.0 us per message ({}; {} with its start)",
+                us(per_msg),
+                us(d.leader_cpu_us)
+            ),
+            per_msg.is_some_and(|v| v <= 2.0),
+        ));
+        targets.push((
+            format!(
+                "default route PostgreSQL CPU <= 8 us per message ({})",
+                us(d.postgres_cpu_us)
+            ),
+            d.postgres_cpu_us.is_some_and(|v| v <= 8.0),
         ));
         if let Some(o) = &self.outage {
             targets.push((

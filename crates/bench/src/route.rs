@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use leasehold_testkit::{http, memory_of, metric, NodeProc};
+use leasehold_testkit::{eventually, http, memory_of, metric, NodeProc};
 use serde::Serialize;
 use tokio_postgres::Client;
 
@@ -109,6 +109,18 @@ pub struct Statement {
 pub struct Routes {
     pub default: Drain,
     pub typed: Drain,
+    /// What a leader's start costs without a message to drain (migrations check, connections,
+    /// the deployment checks' broker probes), CPU milliseconds: part of each drain's leader
+    /// figure, but not per message.
+    pub leader_start_cpu_ms: Option<f64>,
+}
+
+impl Drain {
+    /// The leader's CPU per message without its start (`start_ms`, [`Routes::leader_start_cpu_ms`]).
+    pub fn leader_cpu_us_after_start(&self, start_ms: Option<f64>) -> Option<f64> {
+        let n = self.messages.max(1) as f64;
+        Some(self.leader_cpu_us? - start_ms? * 1e3 / n)
+    }
 }
 
 impl Routes {
@@ -270,10 +282,37 @@ fn fmt_us(v: Option<f64>) -> String {
 /// The default route's drain, then the typed route's, of the same `n` messages; `suffix` tells
 /// repeated runs apart.
 pub async fn routes_phase(rig: &Rig<'_>, n: u64, suffix: &str) -> Result<Routes> {
+    let leader_start_cpu_ms = idle_start(rig, suffix).await?;
     let default =
         drain_and_stop(rig, &format!("route-default{suffix}"), n, Target::Default).await?;
     let typed = drain_and_stop(rig, &format!("route-typed{suffix}"), n, Target::Typed).await?;
-    Ok(Routes { default, typed })
+    Ok(Routes {
+        default,
+        typed,
+        leader_start_cpu_ms,
+    })
+}
+
+/// A leader started on an empty session: its CPU once it leads and its deployment checks are
+/// done, milliseconds.
+async fn idle_start(rig: &Rig<'_>, suffix: &str) -> Result<Option<f64>> {
+    create_session(rig.mq.port, LEADER_SESSION).await?;
+    let mut node = rig.spawn_node_with(&format!("bench-leader-idle{suffix}"), &[])?;
+    crate::rig::wait_leading(&node).await?;
+    eventually(DRAIN_TIMEOUT, "the deployment checks to finish", || async {
+        let (_, body) = http(node.http_port(), "GET", "/health").await?;
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        Ok(v["checks_status"] != "pending")
+    })
+    .await?;
+    let cpu = cpu_seconds(node.pid(), false).map(|s| s * 1e3);
+    stop_node(&mut node).await?;
+    drop_session(rig.mq.port, LEADER_SESSION).await?;
+    eprintln!(
+        "bench: a leader's start without messages: {} ms CPU",
+        cpu.map_or("?".into(), |c| format!("{c:.0}"))
+    );
+    Ok(cpu)
 }
 
 /// [`drain`], then the leader stopped and its session deleted.

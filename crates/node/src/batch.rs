@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
-use leasehold_config::OnConflict;
+use leasehold_config::{OnConflict, Source};
 use leasehold_decode::{DecodeError, Decoder};
 use leasehold_ingest::Inbound;
 use leasehold_store::routes::ResolvedRoute;
@@ -130,8 +130,8 @@ pub fn prepare(
             .routes
             .iter()
             .map(|r| {
-                r.column_of(&leasehold_config::Source::ContentHash)
-                    .is_some()
+                r.column_of(&Source::ContentHash).is_some()
+                    || r.column_of(&Source::PossibleDuplicate).is_some()
             })
             .collect(),
         objects: routing.routes.iter().map(routing::reads_object).collect(),
@@ -167,8 +167,8 @@ struct Preparer<'a> {
     batch: &'a [Inbound],
     max_payload_bytes: usize,
     routing: Routing<'a>,
-    /// Per route: whether it maps `content_hash` (then a timestamp-less message's hash is
-    /// computed here, once).
+    /// Per route: whether it maps `content_hash` or `possible_duplicate` (then a timestamp-less
+    /// message's hash is computed here, once: the statement reads both from the message).
     hashes: Vec<bool>,
     /// Per route: whether it reads the payload's object ([`routing::reads_object`]).
     objects: Vec<bool>,
@@ -205,19 +205,17 @@ impl Preparer<'_> {
 
     /// The routes `topic` goes to: the named routes whose filters match it, else `telemetry`.
     fn matching(&self, topic: &str) -> Vec<usize> {
-        let named = self.routing.routes.get(1..).unwrap_or_default();
-        let mut matched: Vec<usize> = if named.is_empty() {
-            Vec::new()
-        } else {
-            routing::matching(named, topic)
-                .into_iter()
-                .map(|k| k + 1)
-                .collect()
-        };
-        if matched.is_empty() {
-            matched.push(0);
+        match self.routing.routes.get(1..) {
+            Some(named) if !named.is_empty() => {
+                let matched = routing::matching(named, topic);
+                if matched.is_empty() {
+                    vec![0]
+                } else {
+                    matched.into_iter().map(|k| k + 1).collect()
+                }
+            }
+            _ => vec![0],
         }
-        matched
     }
 
     /// A dead letter for message `idx` (its bytes as held).

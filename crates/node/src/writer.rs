@@ -178,10 +178,15 @@ impl Committing<'_> {
                     .iter()
                     .find(|x| x.idx == *i && x.route == k)
                     .map_or("", |x| x.message.topic.as_str());
+                let error = if r.is_default() {
+                    what.to_string()
+                } else {
+                    format!("route {}: {what}", r.spec.name)
+                };
                 events::DeadLettered {
                     topic,
                     reason,
-                    error: &format!("route {}: {what}", r.spec.name),
+                    error: &error,
                     route: &r.spec.name,
                 }
                 .emit();
@@ -293,8 +298,11 @@ impl Writer {
                         duration: started.elapsed(),
                     }
                     .emit();
+                    let now = Instant::now();
                     events::MessagesCommitted {
-                        waited: batch.iter().map(|m| m.received.elapsed()),
+                        waited: batch
+                            .iter()
+                            .map(|m| now.saturating_duration_since(m.received)),
                     }
                     .emit();
                     if !self.after_commit(&mut conn, &cancel).await? {

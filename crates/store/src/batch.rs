@@ -53,8 +53,9 @@ pub struct Message {
     pub received_at: DateTime<Utc>,
     pub pkid: i32,
     pub dup: bool,
-    /// The content hash of topic and payload, when the writer computed it (else the statement
-    /// computes it where a dead letter needs it).
+    /// The content hash of topic and payload when the payload has no timestamp and a route
+    /// maps `content_hash` or `possible_duplicate` (else `None`: the statement computes it where
+    /// a dead letter needs it).
     pub content_hash: Option<String>,
 }
 
@@ -252,9 +253,11 @@ impl BatchWriter {
         let (client, notices) = crate::connect_with_notices(url, "leasehold-writer").await?;
         let routes: Arc<[ResolvedRoute]> = Arc::from(vec![ResolvedRoute::telemetry()]);
         let stmt = op::measured(Op::Session, async {
+            // The statement's plan does not depend on its arrays' contents: planning it again
+            // for each of a term's first batches would cost a millisecond each.
             client
                 .batch_execute(&format!(
-                    "SET statement_timeout = {}",
+                    "SET statement_timeout = {}; SET plan_cache_mode = force_generic_plan",
                     statement_timeout.as_millis().max(1)
                 ))
                 .await?;
@@ -413,6 +416,35 @@ impl BatchWriter {
     }
 }
 
+/// A time sent as `timestamptz`'s binary form (microseconds since 2000-01-01 UTC), without
+/// chrono's conversion through a duration for every value of a batch.
+#[derive(Debug, Clone, Copy)]
+struct PgTime(i64);
+
+impl From<DateTime<Utc>> for PgTime {
+    fn from(t: DateTime<Utc>) -> Self {
+        PgTime(t.timestamp_micros().saturating_sub(946_684_800_000_000))
+    }
+}
+
+impl ToSql for PgTime {
+    fn to_sql(
+        &self,
+        _ty: &tokio_postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> std::result::Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>>
+    {
+        bytes::BufMut::put_i64(out, self.0);
+        Ok(tokio_postgres::types::IsNull::No)
+    }
+
+    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
+        *ty == tokio_postgres::types::Type::TIMESTAMPTZ
+    }
+
+    tokio_postgres::types::to_sql_checked!();
+}
+
 /// A `std::time::Duration` sent as a PostgreSQL `interval` (microseconds).
 #[derive(Debug)]
 struct PgInterval(Duration);
@@ -460,12 +492,15 @@ fn message_params(rows: &[RouteRow]) -> [Param<'_>; 7] {
         // A routed message was decoded from JSON: UTF-8, without NUL.
         Box::new(
             rows.iter()
-                .map(|r| String::from_utf8_lossy(&r.message.payload))
+                .map(|r| match std::str::from_utf8(&r.message.payload) {
+                    Ok(text) => std::borrow::Cow::Borrowed(text),
+                    Err(_) => String::from_utf8_lossy(&r.message.payload),
+                })
                 .collect::<Vec<_>>(),
         ),
         Box::new(
             rows.iter()
-                .map(|r| r.message.received_at)
+                .map(|r| PgTime::from(r.message.received_at))
                 .collect::<Vec<_>>(),
         ),
         Box::new(
@@ -511,7 +546,7 @@ enum Array<'a> {
     Text(Vec<Option<std::borrow::Cow<'a, str>>>),
     Int(Vec<Option<i64>>),
     Bool(Vec<Option<bool>>),
-    Time(Vec<Option<DateTime<Utc>>>),
+    Time(Vec<Option<PgTime>>),
 }
 
 impl<'a> Array<'a> {
@@ -533,13 +568,13 @@ impl<'a> Array<'a> {
             (Array::Text(a), other) => a.push(Some(std::borrow::Cow::Owned(text_of(other)))),
             (Array::Int(a), Value::Int(n)) => a.push(Some(*n)),
             (Array::Bool(a), Value::Bool(b)) => a.push(Some(*b)),
-            (Array::Time(a), Value::Time(t)) => a.push(Some(*t)),
+            (Array::Time(a), Value::Time(t)) => a.push(Some(PgTime::from(*t))),
             (Array::Int(a), Value::Text(s)) => a.push(s.trim().parse().ok()),
             (Array::Bool(a), Value::Text(s)) => a.push(s.trim().parse().ok()),
             (Array::Time(a), Value::Text(s)) => a.push(
                 DateTime::parse_from_rfc3339(s.trim())
                     .ok()
-                    .map(|t| t.with_timezone(&Utc)),
+                    .map(|t| PgTime::from(t.with_timezone(&Utc))),
             ),
             (Array::Int(a), _) => a.push(None),
             (Array::Bool(a), _) => a.push(None),
@@ -577,7 +612,7 @@ impl ToSql for Array<'_> {
         <Vec<Option<String>> as ToSql>::accepts(ty)
             || <Vec<Option<i64>> as ToSql>::accepts(ty)
             || <Vec<Option<bool>> as ToSql>::accepts(ty)
-            || <Vec<Option<DateTime<Utc>>> as ToSql>::accepts(ty)
+            || <Vec<Option<PgTime>> as ToSql>::accepts(ty)
     }
 
     tokio_postgres::types::to_sql_checked!();

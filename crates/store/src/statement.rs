@@ -72,7 +72,8 @@ pub enum Carry {
 pub fn carry(c: &ResolvedColumn) -> Carry {
     use ColumnKind::*;
     match (&c.source, c.kind) {
-        (Source::Topic | Source::WrittenBy, Text)
+        (Source::Topic | Source::WrittenBy | Source::ContentHash, Text)
+        | (Source::PossibleDuplicate, Bool)
         | (Source::Payload, Text | Json | Jsonb)
         | (Source::ReceivedAt, Timestamptz)
         | (Source::LeaseEpoch, Int8)
@@ -263,6 +264,8 @@ impl<'a> Described<'a> {
                     (Source::ReceivedAt, _) => format!("{g}.rcv"),
                     (Source::WrittenBy, _) => "$4::text".into(),
                     (Source::LeaseEpoch, _) => "$3::int8".into(),
+                    (Source::ContentHash, _) => format!("{g}.h"),
+                    (Source::PossibleDuplicate, _) => format!("({g}.dup AND {g}.h IS NOT NULL)"),
                     _ => format!("{g}.k"),
                 }
             }
@@ -723,13 +726,11 @@ mod tests {
     #[test]
     fn telemetry_is_route_zero_with_its_redelivery_rule_and_shared_columns() {
         let s = sql(&[ResolvedRoute::telemetry()]);
-        // Sent per row: device_id, ts, content_hash, possible_duplicate; the rest from g or $3/$4.
+        // Sent per row: device_id and ts; the rest from the message (g) or $3/$4.
+        assert!(s.contains("unnest($25::int[], $26::text[], $27::timestamptz[]) AS u(i, v0, v2)"));
+        assert!(!s.contains("$28"));
         assert!(s.contains(
-            "unnest($25::int[], $26::text[], $27::timestamptz[], $28::text[], $29::bool[]) AS u(i, v0, v2, v7, v9)"
-        ));
-        assert!(!s.contains("$30"));
-        assert!(s.contains(
-            "SELECT q.v0, g.tp, q.v2, g.p::jsonb, g.rcv, $4::text, $3::int8, q.v7, g.k, q.v9"
+            "SELECT q.v0, g.tp, q.v2, g.p::jsonb, g.rcv, $4::text, $3::int8, g.h, g.k, (g.dup AND g.h IS NOT NULL)"
         ));
         assert!(s.contains("ON CONFLICT (\"device_id\", \"topic\", \"ts\") DO NOTHING"));
         // A DUP-flagged timestamp-less reading whose first copy is stored is skipped.
@@ -774,8 +775,8 @@ mod tests {
         assert!(s.contains("JOIN (q1 p JOIN g pg ON pg.i = p.i) ON p.v0 = m.v0"));
         assert!(s.contains("JOIN (q2 p JOIN g pg ON pg.i = p.i) ON p.v0 = m.v0"));
         assert!(!s.contains("FROM q3 p"));
-        // Parameters: 24 fixed, telemetry 1 + 4, then per route 1 + 3 (written_by is shared).
-        assert!(s.contains("$41::text[]") && !s.contains("$42"));
+        // Parameters: 24 fixed, telemetry 1 + 2, then per route 1 + 3 (written_by is shared).
+        assert!(s.contains("$39::text[]") && !s.contains("$40"));
         assert!(s.contains("written_3") && s.contains("unstored_3"));
     }
 
