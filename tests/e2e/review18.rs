@@ -161,7 +161,8 @@ async fn dead_letters(
 /// statement compares the text column with a `timestamptz` (`x."at" > (SELECT f FROM floor)` in
 /// `again{k}`): PostgreSQL cannot prepare it ("operator does not exist: text > timestamp with
 /// time zone"), so every term's writer fails to prepare and retries forever. Nothing of any
-/// route is written: the whole node stalls.
+/// route is written: the whole node stalls. Fixed: the rule applies only to a `timestamptz` or
+/// `timestamp` reading time (`statement::Described::new`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_text_reading_time_with_the_redelivery_columns_is_refused_at_start_or_written(
 ) -> Result<()> {
@@ -201,7 +202,8 @@ async fn a_text_reading_time_with_the_redelivery_columns_is_refused_at_start_or_
 /// node fills with the time in UTC: `again{k}` compares it with `timestamptz` values
 /// (`x."at" > floor AND x."at" < g.rcv`), which PostgreSQL does in the session's `TimeZone`.
 /// On a server whose time zone is not UTC the first copy is never found: the broker's
-/// redelivery of a timestamp-less message is stored a second time.
+/// redelivery of a timestamp-less message is stored a second time. Fixed: such a column is
+/// compared with the times `AT TIME ZONE 'UTC'`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redelivery_is_one_row_with_a_timestamp_column_on_a_server_not_in_utc() -> Result<()> {
     let (pg, db) = database(
@@ -852,7 +854,9 @@ async fn refused_update_rows_fall_back_to_the_row_they_replaced() -> Result<()> 
 /// `timestamptz` values now travel in binary (`PgTime`, microseconds since 2000-01-01): far past,
 /// far future, before 1970 with a fraction, a leap second and an offset across midnight of year
 /// 0, into `telemetry` and into a route's typed columns (with negative and extreme integers and
-/// booleans from strings).
+/// booleans from strings). A time before year 1 into a `timestamp` column was written as
+/// chrono prints it (`-0001-12-31 23:30:00`), which PostgreSQL refuses: a valid value became a
+/// `rejected_by_database` dead letter. Fixed: written with `BC` (`routing::pg_time_text`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn far_times_and_extreme_integers_are_stored_exactly() -> Result<()> {
     let (pg, db) = database(
@@ -906,6 +910,7 @@ async fn far_times_and_extreme_integers_are_stored_exactly() -> Result<()> {
         ],
     )];
     let routes = resolve(&db, &specs).await?;
+    db.batch_execute("SET timezone = 'UTC'").await?;
     term(&pg, &routes, 100, batch).await?;
     ensure!(
         dead_letters(&db).await?.is_empty(),
@@ -917,6 +922,9 @@ async fn far_times_and_extreme_integers_are_stored_exactly() -> Result<()> {
         let leap = i == 5;
         let want = if leap {
             "2017-01-01 00:00:00.5+00".to_string()
+        } else if i == 4 {
+            // Year 0 at 00:30+01:00 is the last day of year -1: 2 BC.
+            "0002-12-31 23:30:00+00 BC".to_string()
         } else {
             db.query_one("SELECT $1::text::timestamptz::text", &[&t])
                 .await?
@@ -940,6 +948,15 @@ async fn far_times_and_extreme_integers_are_stored_exactly() -> Result<()> {
             .with_context(|| format!("route row {i}"))?
             .get(0);
         ensure!(got == want, "route {t}: stored {got}, want {want}");
+        // The same time into `timestamp` (without time zone): the time in UTC.
+        let ok: bool = db
+            .query_one(
+                "SELECT plain = ($2::text::timestamptz AT TIME ZONE 'UTC') FROM typed WHERE id = $1",
+                &[&format!("r{i}"), &want],
+            )
+            .await?
+            .get(0);
+        ensure!(ok, "route {t}: the timestamp column differs");
     }
     Ok(())
 }

@@ -259,7 +259,10 @@ fn convert(c: &ResolvedColumn, v: Val<'_>) -> Result<Cell, String> {
                 Scalar::Time(t) => t,
                 Scalar::Str(s) if c.kind == ColumnKind::Date => {
                     match NaiveDate::parse_from_str(s.trim(), "%Y-%m-%d") {
-                        Ok(d) => return Ok(Cell::Text(d.to_string())),
+                        Ok(d) => {
+                            let midnight = d.and_time(chrono::NaiveTime::MIN).and_utc();
+                            return Ok(Cell::Text(pg_time_text(midnight, "%m-%d")));
+                        }
                         Err(_) => timestamp_value(&Value::String(s))?,
                     }
                 }
@@ -275,8 +278,8 @@ fn convert(c: &ResolvedColumn, v: Val<'_>) -> Result<Cell, String> {
             match c.kind {
                 ColumnKind::Timestamptz => return Ok(Cell::Time(t)),
                 // Without a time zone: the time in UTC.
-                ColumnKind::Timestamp => t.naive_utc().format("%Y-%m-%d %H:%M:%S%.6f").to_string(),
-                _ => t.date_naive().to_string(),
+                ColumnKind::Timestamp => pg_time_text(t, "%m-%d %H:%M:%S%.6f"),
+                _ => pg_time_text(t, "%m-%d"),
             }
         }
         ColumnKind::Jsonb | ColumnKind::Json => match text {
@@ -298,6 +301,21 @@ fn convert(c: &ResolvedColumn, v: Val<'_>) -> Result<Cell, String> {
         return Err("the value contains U+0000, which PostgreSQL text cannot hold".into());
     }
     Ok(Cell::Text(out))
+}
+
+/// `t` in UTC as PostgreSQL's `timestamp`/`date` input reads it: `rest` after the year, and a
+/// year before 1 as `BC` (chrono writes year 0 as `0000` and 2 BC as `-0001`, which PostgreSQL
+/// refuses).
+fn pg_time_text(t: DateTime<Utc>, rest: &str) -> String {
+    use chrono::Datelike;
+    let t = t.naive_utc();
+    let year = t.year();
+    let rest = t.format(rest);
+    if year >= 1 {
+        format!("{year:04}-{rest}")
+    } else {
+        format!("{:04}-{rest} BC", 1 - year)
+    }
 }
 
 /// A source's value, by shape.
@@ -735,6 +753,25 @@ mod tests {
         );
         assert!(one(ColumnKind::Int2, r#"{"x":"1.5e0"}"#).is_err());
         assert!(one(ColumnKind::Int2, r#"{"x":"NaN"}"#).is_err());
+    }
+
+    #[test]
+    fn times_before_year_one_are_written_as_postgresql_reads_them() {
+        assert_eq!(
+            one(
+                ColumnKind::Timestamp,
+                r#"{"x":"0000-01-01T00:30:00+01:00"}"#
+            ),
+            Ok(Some("0002-12-31 23:30:00.000000 BC".into()))
+        );
+        assert_eq!(
+            one(ColumnKind::Date, r#"{"x":"0000-06-01"}"#),
+            Ok(Some("0001-06-01 BC".into()))
+        );
+        assert_eq!(
+            one(ColumnKind::Date, r#"{"x":"0001-01-01T00:00:00Z"}"#),
+            Ok(Some("0001-01-01".into()))
+        );
     }
 
     #[test]

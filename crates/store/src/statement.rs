@@ -227,7 +227,15 @@ impl<'a> Described<'a> {
                 .key
                 .iter()
                 .copied()
-                .find(|&j| route.columns[j].source == Source::Timestamp),
+                // Compared with the database's times below: a `text` or `date` column cannot
+                // be (a text column would not even prepare), so such a route has no rule.
+                .find(|&j| {
+                    route.columns[j].source == Source::Timestamp
+                        && matches!(
+                            route.columns[j].kind,
+                            ColumnKind::Timestamptz | ColumnKind::Timestamp
+                        )
+                }),
         ) {
             (Some(hash), Some(pkid), Some(ts)) => Some(Again { ts, hash, pkid }),
             _ => None,
@@ -457,16 +465,24 @@ impl<'a> Described<'a> {
             })
             .collect();
         let hash = self.value(a.hash, "q", "g", false);
+        // A `timestamp` column holds the time in UTC: compared as such, whatever the session's
+        // TimeZone (a plain comparison with `timestamptz` would read it in that zone).
+        let utc = |t: &str| match r.columns[a.ts].kind {
+            ColumnKind::Timestamp => format!("({t} AT TIME ZONE 'UTC')"),
+            _ => t.to_string(),
+        };
         let cte = format!(
             "
     again{k} AS MATERIALIZED (
         SELECT q.i FROM q{k} q JOIN g ON g.i = q.i
         WHERE (SELECT f FROM floor) IS NOT NULL AND g.dup AND {hash} IS NOT NULL AND EXISTS (
             SELECT 1 FROM {table} x
-            WHERE {other_keys}x.{ts} > (SELECT f FROM floor) AND x.{ts} < g.rcv
+            WHERE {other_keys}x.{ts} > {floor} AND x.{ts} < {rcv}
               AND x.{h} = {hash} AND x.{pk} = g.k)),",
             table = r.qualified,
             ts = r.columns[a.ts].quoted,
+            floor = utc("(SELECT f FROM floor)"),
+            rcv = utc("g.rcv"),
             h = r.columns[a.hash].quoted,
             pk = r.columns[a.pkid].quoted,
         );
@@ -645,7 +661,7 @@ impl<'a> Described<'a> {
             format!(
                 "SELECT {message}, 'conflict',
                {prefix} || format('conflict: a different row is stored in %s for key (%s) = (%s)', {table}, {key_names}, concat_ws(', ', {key_text}))
-                 || coalesce(format(' (written at epoch %s)', c.epoch), '') || '; this one was not stored',
+                 || coalesce(' (written at epoch ' || c.epoch || ')', '') || '; this one was not stored',
                {tail}
         FROM c{k} c JOIN m{k} m ON m.i = c.i JOIN g ON g.i = c.i
         WHERE NOT c.same AND c.i NOT IN (SELECT i FROM ra{k})"
