@@ -301,7 +301,7 @@ impl Preparer<'_> {
                     continue;
                 }
             }
-            match routing::row_to_send(route, &parsed, cx) {
+            match routing::row(route, &parsed, cx) {
                 Ok(values) => {
                     let message = message
                         .get_or_insert_with(|| {

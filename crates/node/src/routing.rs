@@ -57,19 +57,11 @@ enum Val<'a> {
     Bool(bool),
 }
 
-/// The row of `route` for a message: one value per mapped column, typed as it is sent.
+/// The row of `route` for a message as the writer sends it: one value per mapped column, typed
+/// as it is sent. A column the statement reads from the message itself ([`Carry::Shared`]) is left
+/// `Null`, unless it is part of the key (the batch compares keys) and not the topic (which
+/// [`batch_key`] reads from the message).
 pub fn row(
-    route: &ResolvedRoute,
-    parsed: &Parsed,
-    cx: Context<'_>,
-) -> Result<Vec<Cell>, MappingError> {
-    row_with(route, parsed, cx, false)
-}
-
-/// [`row`] as the writer sends it: a column the statement reads from the message itself
-/// ([`Carry::Shared`]) is left `Null`, unless it is part of the key (the batch compares keys)
-/// and not the topic (which [`batch_key`] reads from the message).
-pub fn row_to_send(
     route: &ResolvedRoute,
     parsed: &Parsed,
     cx: Context<'_>,
@@ -492,7 +484,7 @@ pub enum KeyPart<'a> {
 }
 
 /// The key of a row as compared inside one batch, part by part: the values of the key columns
-/// (`values` as [`row_to_send`] made them, of a message on `topic`), numbers without trailing
+/// (`values` as [`row`] made them, of a message on `topic`), numbers without trailing
 /// fractional zeros. Values that are equal only once cast in other ways (`citext`) are told apart
 /// by the database.
 pub fn batch_key<'a>(
@@ -599,7 +591,7 @@ mod tests {
         parsed: &Parsed,
         cx: Context<'_>,
     ) -> Result<Vec<Option<String>>, MappingError> {
-        super::row(route, parsed, cx).map(|v| v.into_iter().map(text).collect())
+        row_with(route, parsed, cx, false).map(|v| v.into_iter().map(text).collect())
     }
 
     fn path(p: &[&str]) -> Source {
