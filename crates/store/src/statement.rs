@@ -196,6 +196,9 @@ struct Again {
     ts: usize,
     hash: usize,
     pkid: usize,
+    /// The route's `received_at` column (`timestamptz`), which counts its own table's last
+    /// readings for the floor; `None` for `telemetry`, whose rows the common floor counts.
+    rcv: Option<usize>,
 }
 
 /// One route as the statement sees it.
@@ -237,7 +240,21 @@ impl<'a> Described<'a> {
                         )
                 }),
         ) {
-            (Some(hash), Some(pkid), Some(ts)) => Some(Again { ts, hash, pkid }),
+            (Some(hash), Some(pkid), Some(ts)) => {
+                // A packet id is reused after 65,535 deliveries: without `received_at` a named
+                // route's table cannot tell how many readings lie between two copies, and the
+                // common floor counts only `telemetry`'s. No rule then (a redelivery is stored
+                // again, marked), rather than a new publish taken for an old one.
+                let rcv = route.columns.iter().position(|c| {
+                    c.source == Source::ReceivedAt && c.kind == ColumnKind::Timestamptz
+                });
+                (route.is_default() || rcv.is_some()).then_some(Again {
+                    ts,
+                    hash,
+                    pkid,
+                    rcv: rcv.filter(|_| !route.is_default()),
+                })
+            }
             _ => None,
         };
         Described {
@@ -316,10 +333,36 @@ impl<'a> Described<'a> {
             .iter()
             .map(|&j| {
                 let c = &self.route.columns[j];
-                format!("{x}.{} = {}", c.quoted, self.value(j, r, g, false))
+                format!("{x}.{} = {}", c.quoted, self.compared_value(j, r, g))
             })
             .collect::<Vec<_>>()
             .join(" AND ")
+    }
+
+    /// The value of column `j` as the column's own type compares it: text into `char(n)` or
+    /// `varchar(n)` cast to it (`'ab '` is `'ab'` for `char(n)`), which, for a row the insert
+    /// took or skipped, never cuts it (a value too long fails the insert first).
+    fn compared_value(&self, j: usize, r: &str, g: &str) -> String {
+        let c = &self.route.columns[j];
+        let v = self.value(j, r, g, false);
+        if c.kind == ColumnKind::Text && c.sql_type != "text" {
+            format!("CAST({v} AS {})", c.sql_type)
+        } else {
+            v
+        }
+    }
+
+    /// Whether `stored` (column `j` of a row) holds what row `r` (message `g`) gives it. A NULL
+    /// sent to a column with a default took that default: it contradicts nothing stored (a
+    /// default such as `now()` differs at every evaluation).
+    fn same_value(&self, j: usize, stored: &str, r: &str, g: &str) -> String {
+        let c = &self.route.columns[j];
+        let v = self.compared_value(j, r, g);
+        let same = Self::same(stored, &v, c.kind);
+        match self.default(j) {
+            Some(_) => format!("({v} IS NULL OR {same})"),
+            None => same,
+        }
     }
 
     /// Whether the stored row `x` holds what row `r` (message `g`) would have stored.
@@ -328,11 +371,7 @@ impl<'a> Described<'a> {
             .filter(|&j| from_message(&self.route.columns[j].source))
             .map(|j| {
                 let c = &self.route.columns[j];
-                Self::same(
-                    &format!("{x}.{}", c.quoted),
-                    &self.value(j, r, g, true),
-                    c.kind,
-                )
+                self.same_value(j, &format!("{x}.{}", c.quoted), r, g)
             })
             .collect();
         if parts.is_empty() {
@@ -370,8 +409,8 @@ impl<'a> Described<'a> {
                 let (_, o) = shared.iter().find(|(mine, _)| *mine == j)?;
                 Some(format!(
                     "{} = {}",
-                    other.value(*o, "p", "pg", false),
-                    self.value(j, r, "g", false)
+                    other.compared_value(*o, "p", "pg"),
+                    self.compared_value(j, r, "g")
                 ))
             })
             .collect();
@@ -383,11 +422,12 @@ impl<'a> Described<'a> {
             .iter()
             .filter(|(j, _)| from_message(&self.route.columns[*j].source))
             .map(|&(j, o)| {
-                Self::same(
-                    &other.value(o, "p", "pg", true),
-                    &self.value(j, r, "g", true),
-                    self.route.columns[j].kind,
-                )
+                let theirs = other.compared_value(o, "p", "pg");
+                let same = self.same_value(j, &theirs, r, "g");
+                match other.default(o) {
+                    Some(_) => format!("({theirs} IS NULL OR {same})"),
+                    None => same,
+                }
             })
             .collect();
         let compared = if compared.is_empty() {
@@ -421,10 +461,12 @@ impl<'a> Described<'a> {
         self.route.key.iter().all(|&j| {
             let c = &self.route.columns[j];
             match carry(c) {
-                Carry::Shared => true,
-                Carry::Sent(Wire::Text) => c.sql_type == "text",
+                // A user's text column may have any collation (`ABC` = `abc`, `ab` = `ab `):
+                // only `telemetry`'s are known to compare bytes.
+                _ if c.kind == ColumnKind::Text => self.route.is_default(),
+                Carry::Sent(Wire::Text) => false,
                 Carry::Sent(Wire::Time) => c.kind == ColumnKind::Timestamptz,
-                Carry::Sent(_) => true,
+                _ => true,
             }
         })
     }
@@ -481,7 +523,15 @@ impl<'a> Described<'a> {
               AND x.{h} = {hash} AND x.{pk} = g.k)),",
             table = r.qualified,
             ts = r.columns[a.ts].quoted,
-            floor = utc("(SELECT f FROM floor)"),
+            floor = utc(&match a.rcv {
+                None => "(SELECT f FROM floor)".to_string(),
+                Some(j) => format!(
+                    "(SELECT greatest(f, (SELECT x.{c} FROM {t} x WHERE x.{c} < (SELECT at FROM first_dup)
+                                         ORDER BY x.{c} DESC OFFSET $6 LIMIT 1)) FROM floor)",
+                    c = r.columns[j].quoted,
+                    t = r.qualified
+                ),
+            }),
             rcv = utc("g.rcv"),
             h = r.columns[a.hash].quoted,
             pk = r.columns[a.pkid].quoted,
@@ -785,11 +835,20 @@ mod tests {
         assert!(!s.contains("x.\"by\" IS NOT DISTINCT"));
         // "nothing": a skipped row is compared with earlier rows of its route, and of earlier
         // routes into the same table (b with a), never of another table or an "update" route.
-        assert!(
-            s.contains("OR EXISTS (SELECT 1 FROM q1 p JOIN g pg ON pg.i = p.i WHERE p.v0 = q.v0")
-        );
-        assert!(s.contains("JOIN (q1 p JOIN g pg ON pg.i = p.i) ON p.v0 = m.v0"));
-        assert!(s.contains("JOIN (q2 p JOIN g pg ON pg.i = p.i) ON p.v0 = m.v0"));
+        let id = |a: &str| format!("CAST({a}.v0 AS character varying(8))");
+        assert!(s.contains(&format!(
+            "OR EXISTS (SELECT 1 FROM q1 p JOIN g pg ON pg.i = p.i WHERE {} = {}",
+            id("p"),
+            id("q")
+        )));
+        for q in ["q1", "q2"] {
+            let on = format!(
+                "JOIN ({q} p JOIN g pg ON pg.i = p.i) ON {} = {}",
+                id("p"),
+                id("m")
+            );
+            assert!(s.contains(&on), "{on}");
+        }
         assert!(!s.contains("FROM q3 p"));
         // Parameters: 24 fixed, telemetry 1 + 2, then per route 1 + 3 (written_by is shared).
         assert!(s.contains("$39::text[]") && !s.contains("$40"));
