@@ -207,7 +207,7 @@ async fn a_text_reading_time_with_the_redelivery_columns_is_refused_at_start_or_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redelivery_is_one_row_with_a_timestamp_column_on_a_server_not_in_utc() -> Result<()> {
     let (pg, db) = database(
-        "CREATE TABLE events (id text, at timestamp, h text, k int, dup bool,
+        "CREATE TABLE events (id text, at timestamp, h text, k int, dup bool, rcv timestamptz,
                               PRIMARY KEY (id, at));
          DO $$ BEGIN
            EXECUTE format('ALTER DATABASE %I SET timezone = %L', current_database(), 'Asia/Tokyo');
@@ -226,6 +226,7 @@ async fn a_redelivery_is_one_row_with_a_timestamp_column_on_a_server_not_in_utc(
             ("h", "content_hash"),
             ("k", "mqtt_pkid"),
             ("dup", "possible_duplicate"),
+            ("rcv", "received_at"),
         ],
     )];
     let routes = resolve(&db, &specs).await?;
@@ -257,7 +258,7 @@ async fn a_redelivery_is_one_row_with_a_timestamp_column_on_a_server_not_in_utc(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redelivery_is_one_row_with_a_timestamptz_column() -> Result<()> {
     let (pg, db) = database(
-        "CREATE TABLE events (id text, at timestamptz, h text, k int, dup bool,
+        "CREATE TABLE events (id text, at timestamptz, h text, k int, dup bool, rcv timestamptz,
                               PRIMARY KEY (id, at));
          DO $$ BEGIN
            EXECUTE format('ALTER DATABASE %I SET timezone = %L', current_database(), 'Asia/Tokyo');
@@ -276,6 +277,7 @@ async fn a_redelivery_is_one_row_with_a_timestamptz_column() -> Result<()> {
             ("h", "content_hash"),
             ("k", "mqtt_pkid"),
             ("dup", "possible_duplicate"),
+            ("rcv", "received_at"),
         ],
     )];
     let routes = resolve(&db, &specs).await?;

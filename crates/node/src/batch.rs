@@ -465,6 +465,7 @@ mod tests {
             kind,
             not_null: true,
             has_default: false,
+            collation: None,
         };
         let columns = vec![
             col("id", Source::TopicSegment(1), ColumnKind::Text),

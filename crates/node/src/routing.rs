@@ -539,6 +539,7 @@ mod tests {
             kind,
             not_null,
             has_default: false,
+            collation: None,
         }
     }
 

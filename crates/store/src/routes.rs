@@ -70,6 +70,7 @@ impl ResolvedRoute {
             kind,
             not_null: true,
             has_default: false,
+            collation: None,
         };
         let mut columns = vec![
             col("device_id", Source::DeviceId, "text", Text),
@@ -143,6 +144,9 @@ pub struct ResolvedColumn {
     pub kind: ColumnKind,
     pub not_null: bool,
     pub has_default: bool,
+    /// The column's own collation (`"public"."ci"`), when it is not its type's: the table's
+    /// equality for text, which the statement's comparisons of sent values must use too.
+    pub collation: Option<String>,
 }
 
 /// The families of column types a value is converted for; anything else is sent as text and
@@ -247,6 +251,8 @@ struct CatalogColumn {
     base_type: String,
     not_null: bool,
     has_default: bool,
+    /// The column's own collation, qualified and quoted, when it is not its type's.
+    collation: Option<String>,
     /// `a` (always), `d` (by default) or empty.
     identity: String,
     /// `s` (stored) or empty.
@@ -401,6 +407,9 @@ async fn catalog(client: &Client, oid: u32) -> Result<Vec<CatalogColumn>> {
         "SELECT a.attname::text AS name, format_type(a.atttypid, a.atttypmod) AS sql_type,
                 coalesce(b.typname, t.typname)::text AS base_type,
                 a.attnotnull AS not_null, a.atthasdef AS has_default,
+                (SELECT quote_ident(n.nspname) || '.' || quote_ident(c.collname)
+                 FROM pg_collation c JOIN pg_namespace n ON n.oid = c.collnamespace
+                 WHERE c.oid = a.attcollation AND a.attcollation <> t.typcollation) AS collation,
                 a.attidentity::text AS identity, a.attgenerated::text AS generated,
                 has_column_privilege(a.attrelid, a.attnum, 'INSERT') AS may_insert,
                 has_column_privilege(a.attrelid, a.attnum, 'UPDATE') AS may_update,
@@ -418,6 +427,7 @@ async fn catalog(client: &Client, oid: u32) -> Result<Vec<CatalogColumn>> {
                 base_type: r.try_get("base_type")?,
                 not_null: r.try_get("not_null")?,
                 has_default: r.try_get("has_default")?,
+                collation: r.try_get("collation")?,
                 identity: r.try_get("identity")?,
                 generated: r.try_get("generated")?,
                 may_insert: r.try_get("may_insert")?,
@@ -497,6 +507,7 @@ async fn map_columns<'c>(
             kind,
             not_null: c.not_null,
             has_default: c.has_default || !c.identity.is_empty(),
+            collation: c.collation.clone(),
         });
     }
     Ok((columns, mapped))

@@ -339,16 +339,21 @@ impl<'a> Described<'a> {
             .join(" AND ")
     }
 
-    /// The value of column `j` as the column's own type compares it: text into `char(n)` or
-    /// `varchar(n)` cast to it (`'ab '` is `'ab'` for `char(n)`), which, for a row the insert
-    /// took or skipped, never cuts it (a value too long fails the insert first).
+    /// The value of column `j` as the column's own type and collation compare it: text into
+    /// `char(n)` or `varchar(n)` cast to it (`'ab '` is `'ab'` for `char(n)`), which, for a row
+    /// the insert took or skipped, never cuts it (a value too long fails the insert first); text
+    /// under the column's collation (`ABC` is `abc` under a case-insensitive one).
     fn compared_value(&self, j: usize, r: &str, g: &str) -> String {
         let c = &self.route.columns[j];
         let v = self.value(j, r, g, false);
-        if c.kind == ColumnKind::Text && c.sql_type != "text" {
+        let v = if c.kind == ColumnKind::Text && c.sql_type != "text" {
             format!("CAST({v} AS {})", c.sql_type)
         } else {
             v
+        };
+        match &c.collation {
+            Some(collation) => format!("({v} COLLATE {collation})"),
+            None => v,
         }
     }
 
@@ -745,6 +750,7 @@ mod tests {
             kind,
             not_null: false,
             has_default: false,
+            collation: None,
         }
     }
 
