@@ -253,11 +253,9 @@ impl BatchWriter {
         let (client, notices) = crate::connect_with_notices(url, "leasehold-writer").await?;
         let routes: Arc<[ResolvedRoute]> = Arc::from(vec![ResolvedRoute::telemetry()]);
         let stmt = op::measured(Op::Session, async {
-            // The statement's plan does not depend on its arrays' contents: planning it again
-            // for each of a term's first batches would cost a millisecond each.
             client
                 .batch_execute(&format!(
-                    "SET statement_timeout = {}; SET plan_cache_mode = force_generic_plan",
+                    "SET statement_timeout = {}",
                     statement_timeout.as_millis().max(1)
                 ))
                 .await?;
