@@ -25,8 +25,9 @@ fn batch(n: usize, bad_every: usize) -> Vec<Inbound> {
 
 fn run(d: &Decoder, msgs: &[Inbound]) -> leasehold_node::batch::Prepared {
     let mut clock = DbClock::new(chrono::Utc::now(), std::time::Instant::now());
+    let telemetry = [leasehold_store::routes::ResolvedRoute::telemetry()];
     let no_routes = Routing {
-        routes: &[],
+        routes: &telemetry,
         written_by: "bench",
         lease_epoch: 1,
     };
