@@ -153,15 +153,18 @@ pub fn prepare(
         keys: HashMap::with_capacity(batch.len()),
         slots: Vec::with_capacity(batch.len()),
         hasher: RandomState::new(),
-        deliveries: HashMap::with_capacity(batch.len()),
+        deliveries: HashMap::new(),
         earlier_delivery: vec![usize::MAX; batch.len()],
     };
+    let any_dup = batch.iter().any(|m| m.dup);
     for (idx, m) in batch.iter().enumerate() {
         if leasehold_config::is_own_topic(&m.topic) {
             p.out.own += 1;
             continue;
         }
-        if p.redelivered_in_batch(idx, m) {
+        // Only a DUP-flagged message can be a redelivery: a batch without one (the common
+        // case) needs no index of its deliveries.
+        if any_dup && p.redelivered_in_batch(idx, m) {
             p.out.redelivered += 1;
             continue;
         }
