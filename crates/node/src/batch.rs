@@ -131,6 +131,9 @@ pub fn prepare(
     } else {
         routing
     };
+    // Only a DUP-flagged message can be a redelivery: a batch without one (the common case)
+    // needs no index of its deliveries.
+    let any_dup = batch.iter().any(|m| m.dup);
     let mut p = Preparer {
         decoder,
         batch,
@@ -154,16 +157,13 @@ pub fn prepare(
         slots: Vec::with_capacity(batch.len()),
         hasher: RandomState::new(),
         deliveries: HashMap::new(),
-        earlier_delivery: vec![usize::MAX; batch.len()],
+        earlier_delivery: vec![usize::MAX; if any_dup { batch.len() } else { 0 }],
     };
-    let any_dup = batch.iter().any(|m| m.dup);
     for (idx, m) in batch.iter().enumerate() {
         if leasehold_config::is_own_topic(&m.topic) {
             p.out.own += 1;
             continue;
         }
-        // Only a DUP-flagged message can be a redelivery: a batch without one (the common
-        // case) needs no index of its deliveries.
         if any_dup && p.redelivered_in_batch(idx, m) {
             p.out.redelivered += 1;
             continue;

@@ -641,9 +641,8 @@ impl Writer {
         }
     }
 
-    /// The writer's connection, made when there is none or it closed.
     /// The writer's connection, made when there is none or it closed, with the named routes'
-    /// statement prepared.
+    /// statement prepared (`connect` prepares `telemetry`'s alone).
     async fn connection<'a>(&self, conn: &'a mut Conn) -> Result<&'a mut BatchWriter, StoreError> {
         if conn.writer.as_ref().is_none_or(|c| c.is_closed()) {
             conn.writer = None;
@@ -655,7 +654,9 @@ impl Writer {
             )
             .await?
             .with_redelivery_span(self.cfg.max_pending + 2048);
-            w.use_routes(conn.routes.clone()).await?;
+            if conn.routes.len() > 1 {
+                w.use_routes(conn.routes.clone()).await?;
+            }
             conn.writer = Some(w);
         }
         conn.writer

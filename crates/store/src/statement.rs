@@ -681,7 +681,7 @@ impl<'a> Described<'a> {
         if self.route.is_default() {
             String::new()
         } else {
-            format!("route {}: ", self.route.spec.name.replace('%', "%%"))
+            format!("route {}: ", self.route.spec.name)
         }
     }
 
