@@ -206,45 +206,7 @@ async fn a_text_reading_time_with_the_redelivery_columns_is_refused_at_start_or_
 /// compared with the times `AT TIME ZONE 'UTC'`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redelivery_is_one_row_with_a_timestamp_column_on_a_server_not_in_utc() -> Result<()> {
-    let (pg, db) = database(
-        "CREATE TABLE events (id text, at timestamp, h text, k int, dup bool, rcv timestamptz,
-                              PRIMARY KEY (id, at));
-         DO $$ BEGIN
-           EXECUTE format('ALTER DATABASE %I SET timezone = %L', current_database(), 'Asia/Tokyo');
-         END $$;",
-    )
-    .await?;
-    let specs = [spec(
-        "events",
-        "e/+",
-        "events",
-        &["id", "at"],
-        OnConflict::Nothing,
-        &[
-            ("id", "topic[1]"),
-            ("at", "timestamp"),
-            ("h", "content_hash"),
-            ("k", "mqtt_pkid"),
-            ("dup", "possible_duplicate"),
-            ("rcv", "received_at"),
-        ],
-    )];
-    let routes = resolve(&db, &specs).await?;
-    term(
-        &pg,
-        &routes,
-        100,
-        vec![delivery("e/a", r#"{"state":"ON"}"#, 7, false)],
-    )
-    .await?;
-    // The leader died before its ack: the broker redelivers (DUP, same packet id and bytes).
-    term(
-        &pg,
-        &routes,
-        100,
-        vec![delivery("e/a", r#"{"state":"ON"}"#, 7, true)],
-    )
-    .await?;
+    let (_pg, db, _) = delivered_and_redelivered("timestamp").await?;
     let rows = count(&db, "SELECT count(*) FROM events").await?;
     let marked = count(&db, "SELECT count(*) FROM events WHERE dup").await?;
     ensure!(
@@ -257,44 +219,7 @@ async fn a_redelivery_is_one_row_with_a_timestamp_column_on_a_server_not_in_utc(
 /// Control for the test above: the same route with a `timestamptz` reading time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redelivery_is_one_row_with_a_timestamptz_column() -> Result<()> {
-    let (pg, db) = database(
-        "CREATE TABLE events (id text, at timestamptz, h text, k int, dup bool, rcv timestamptz,
-                              PRIMARY KEY (id, at));
-         DO $$ BEGIN
-           EXECUTE format('ALTER DATABASE %I SET timezone = %L', current_database(), 'Asia/Tokyo');
-         END $$;",
-    )
-    .await?;
-    let specs = [spec(
-        "events",
-        "e/+",
-        "events",
-        &["id", "at"],
-        OnConflict::Nothing,
-        &[
-            ("id", "topic[1]"),
-            ("at", "timestamp"),
-            ("h", "content_hash"),
-            ("k", "mqtt_pkid"),
-            ("dup", "possible_duplicate"),
-            ("rcv", "received_at"),
-        ],
-    )];
-    let routes = resolve(&db, &specs).await?;
-    term(
-        &pg,
-        &routes,
-        100,
-        vec![delivery("e/a", r#"{"state":"ON"}"#, 7, false)],
-    )
-    .await?;
-    term(
-        &pg,
-        &routes,
-        100,
-        vec![delivery("e/a", r#"{"state":"ON"}"#, 7, true)],
-    )
-    .await?;
+    let (pg, db, routes) = delivered_and_redelivered("timestamptz").await?;
     // A second publish with the same bytes and a new packet id is a new row, unmarked; a DUP
     // delivery whose first copy is not found is stored and marked.
     term(
@@ -1037,4 +962,51 @@ fn the_light_reader_agrees_with_the_value_reader() {
             }
         }
     }
+}
+
+/// A route keeping the reading time in a column of type `at` with the redelivery columns, on a
+/// server in Asia/Tokyo; one timestamp-less message, then the broker's redelivery of it (the
+/// leader died before its ack: DUP, same packet id and bytes).
+async fn delivered_and_redelivered(
+    at: &str,
+) -> Result<(Postgres, tokio_postgres::Client, Vec<ResolvedRoute>)> {
+    let (pg, db) = database(&format!(
+        "CREATE TABLE events (id text, at {at}, h text, k int, dup bool, rcv timestamptz,
+                              PRIMARY KEY (id, at));
+         DO $$ BEGIN
+           EXECUTE format('ALTER DATABASE %I SET timezone = %L', current_database(), 'Asia/Tokyo');
+         END $$;"
+    ))
+    .await?;
+    let specs = [spec(
+        "events",
+        "e/+",
+        "events",
+        &["id", "at"],
+        OnConflict::Nothing,
+        &[
+            ("id", "topic[1]"),
+            ("at", "timestamp"),
+            ("h", "content_hash"),
+            ("k", "mqtt_pkid"),
+            ("dup", "possible_duplicate"),
+            ("rcv", "received_at"),
+        ],
+    )];
+    let routes = resolve(&db, &specs).await?;
+    term(
+        &pg,
+        &routes,
+        100,
+        vec![delivery("e/a", r#"{"state":"ON"}"#, 7, false)],
+    )
+    .await?;
+    term(
+        &pg,
+        &routes,
+        100,
+        vec![delivery("e/a", r#"{"state":"ON"}"#, 7, true)],
+    )
+    .await?;
+    Ok((pg, db, routes))
 }
