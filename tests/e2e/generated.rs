@@ -856,6 +856,7 @@ async fn write_through(
         rx,
         acker: Acker::detached(),
         status: Default::default(),
+        active: None,
     };
     let cancel = CancellationToken::new();
     let started = Instant::now();
@@ -1452,6 +1453,7 @@ async fn write_routes_through(cfg: WriterConfig, sent: &[(String, Vec<u8>)]) -> 
         rx,
         acker: Acker::detached(),
         status: Default::default(),
+        active: None,
     };
     let cancel = CancellationToken::new();
     let mut run = tokio::spawn(writer.run(cancel.clone()));

@@ -115,6 +115,7 @@ async fn term(
         rx,
         acker: Acker::detached(),
         status: Default::default(),
+        active: None,
     };
     let cancel = CancellationToken::new();
     let mut run = tokio::spawn(writer.run(cancel.clone()));

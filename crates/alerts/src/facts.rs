@@ -41,6 +41,8 @@ pub struct Facts {
     /// How the database replicates commits, as this node's connection sees it (`None` when it
     /// could not be read: no finding either way).
     pub replication: Option<ReplicationFacts>,
+    /// Nodes alive that do not run the active cluster configuration (for longer than the grace).
+    pub config_outdated: Vec<queries::OutdatedNode>,
 }
 
 /// The part of the database's replication alerts judge.
@@ -79,6 +81,7 @@ pub async fn gather(c: &Client, cfg: &AlertsConfig) -> Result<Facts, AlertError>
     let dead = store::dead_letters_within(c, window).await?;
     let leader_changes_in_window = store::leader_changes_within(c, &cfg.lease_name, window).await?;
     let refused = queries::refused_subscriptions(c, REFUSAL_CURRENT, 5).await?;
+    let config_outdated = queries::config_outdated(c, cfg.thresholds.grace).await?;
     let replication =
         leasehold_store::replication::status(c)
             .await
@@ -103,5 +106,6 @@ pub async fn gather(c: &Client, cfg: &AlertsConfig) -> Result<Facts, AlertError>
         subscriptions_refused: refused.count,
         refused_filters: refused.latest,
         replication,
+        config_outdated,
     })
 }

@@ -50,7 +50,7 @@ pub async fn recent(c: &Client, limit: i64) -> Result<Vec<AlertRow>, AlertError>
     Ok(leasehold_store::alerts::recent(c, limit).await?)
 }
 
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub struct AlertsConfig {
     pub instance_id: String,
     pub lease_name: String,

@@ -21,10 +21,11 @@ pub enum Kind {
     LeaseFlapping,
     MqttSubscriptionRefused,
     Replication,
+    ConfigOutdated,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::DataStale,
         Kind::NoLeader,
         Kind::LeaderMqttDisconnected,
@@ -34,6 +35,7 @@ impl Kind {
         Kind::LeaseFlapping,
         Kind::MqttSubscriptionRefused,
         Kind::Replication,
+        Kind::ConfigOutdated,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -47,6 +49,7 @@ impl Kind {
             Kind::LeaseFlapping => "lease_flapping",
             Kind::MqttSubscriptionRefused => "mqtt_subscription_refused",
             Kind::Replication => "replication",
+            Kind::ConfigOutdated => "config_outdated",
         }
     }
 }
@@ -86,7 +89,7 @@ pub struct Finding {
 }
 
 /// The thresholds alerts are judged against.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Thresholds {
     pub stale_warning: Duration,
     pub stale_critical: Duration,
@@ -107,7 +110,7 @@ pub struct Thresholds {
 type Rule = fn(&Facts, &Thresholds, &mut Vec<Finding>);
 
 /// Every rule, in the order findings are reported.
-const RULES: [Rule; 9] = [
+const RULES: [Rule; 10] = [
     data_stale,
     no_leader,
     leader_mqtt_disconnected,
@@ -117,6 +120,7 @@ const RULES: [Rule; 9] = [
     subscriptions_refused,
     lease_flapping,
     replication,
+    config_outdated,
 ];
 
 /// Judges the facts. Pure, so every rule is tested without a cluster.
@@ -288,6 +292,32 @@ fn subscriptions_refused(f: &Facts, _: &Thresholds, out: &mut Vec<Finding>) {
     }
 }
 
+/// A node alive runs another cluster configuration than the active one (it cannot run the new
+/// one: its own node settings conflict, or it is an older binary).
+fn config_outdated(f: &Facts, _: &Thresholds, out: &mut Vec<Finding>) {
+    if f.config_outdated.is_empty() {
+        return;
+    }
+    let nodes: Vec<String> = f
+        .config_outdated
+        .iter()
+        .map(|n| match n.running {
+            Some(v) => format!("{} runs version {v}", n.instance_id),
+            None => format!("{} runs no stored version", n.instance_id),
+        })
+        .collect();
+    let active = f.config_outdated[0].active;
+    out.push(Finding {
+        kind: Kind::ConfigOutdated,
+        level: Level::Warning,
+        message: format!(
+            "not every node runs the cluster configuration's active version {active}: {}. Its /health says why (a node setting that conflicts with the new version, or an older binary); it keeps the version it runs until fixed",
+            nodes.join(", ")
+        ),
+        details: json!({"active": active, "nodes": f.config_outdated.iter().map(|n| json!({"instance_id": n.instance_id, "running": n.running})).collect::<Vec<_>>()}),
+    });
+}
+
 /// Leadership changed `flap_changes` times within `ALERT_WINDOW`.
 fn lease_flapping(f: &Facts, t: &Thresholds, out: &mut Vec<Finding>) {
     if f.leader_changes_in_window >= t.flap_changes {
@@ -370,6 +400,7 @@ pub(crate) mod tests {
             devices_heard: 3,
             cluster_uptime: 3600.0,
             production_nodes_alive: 2,
+            config_outdated: Vec::new(),
             lease: Some(LeaseFacts {
                 instance_id: "a".into(),
                 epoch: 7,

@@ -10,7 +10,7 @@ use leasehold_store::alerts::AlertText;
 use leasehold_store::{Client, Pool};
 use leasehold_telemetry::events;
 use serde::Serialize;
-use tokio::sync::{Mutex, MutexGuard};
+use tokio::sync::{watch, Mutex, MutexGuard};
 use tokio_util::sync::CancellationToken;
 
 use crate::rules::{human, judge, Finding, Kind, Level};
@@ -76,7 +76,9 @@ pub struct Evaluator {
 }
 
 struct Inner {
-    cfg: AlertsConfig,
+    /// The configuration of the next round: thresholds, interval and webhook are cluster
+    /// settings, changed live.
+    cfg: watch::Receiver<AlertsConfig>,
     /// Evaluation's own connections: a slow or blocked evaluation never holds a connection that
     /// heartbeats or health answers need.
     pool: Pool,
@@ -104,12 +106,17 @@ impl Evaluator {
     /// `pool` should be the evaluator's own (one connection is enough), so that a slow or blocked
     /// evaluation never holds a connection heartbeats or health answers need.
     pub fn new(cfg: AlertsConfig, pool: Pool) -> Self {
-        let (queue, notifier) = match &cfg.webhook_url {
-            Some(url) if cfg.evaluates => {
+        Self::live(watch::channel(cfg).1, pool)
+    }
+
+    /// An evaluator whose configuration follows `cfg`: each round reads the newest.
+    pub fn live(cfg: watch::Receiver<AlertsConfig>, pool: Pool) -> Self {
+        let (queue, notifier) = match cfg.borrow().evaluates {
+            true => {
                 let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-                (Some(tx), Some(webhook::Notifier::new(url.clone(), rx)))
+                (Some(tx), Some(webhook::Notifier::new(rx)))
             }
-            _ => (None, None),
+            false => (None, None),
         };
         Evaluator {
             inner: Arc::new(Inner {
@@ -132,7 +139,7 @@ impl Evaluator {
     /// Evaluates every `check_interval` until `cancel`; the webhook queue is drained for a short
     /// while after, so a resolution found at shutdown is still delivered.
     pub async fn run(self, cancel: CancellationToken) -> Result<(), AlertError> {
-        if !self.inner.cfg.evaluates {
+        if !self.inner.cfg().evaluates {
             tracing::info!("observer: alerts are evaluated by the production nodes, not here");
             return Ok(());
         }
@@ -140,12 +147,16 @@ impl Evaluator {
             let token = cancel.clone();
             tokio::spawn(n.run(token))
         });
-        let mut tick = tokio::time::interval(self.inner.cfg.check_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut first = true;
         loop {
+            // The first round at once, then every ALERT_CHECK_INTERVAL as it is now.
+            let wait = match std::mem::take(&mut first) {
+                true => Duration::ZERO,
+                false => self.inner.cfg().check_interval,
+            };
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                _ = tick.tick() => {}
+                _ = tokio::time::sleep(wait) => {}
             }
             let one = self.inner.lock.lock().await;
             match self.inner.evaluate(one).await {
@@ -174,7 +185,7 @@ impl AlertsHandle {
     /// false); with none, [`AlertError::Busy`] says when to come back.
     pub async fn check(&self) -> Result<Checked, AlertError> {
         let inner = &self.inner;
-        if !inner.cfg.evaluates {
+        if !inner.cfg().evaluates {
             return Err(AlertError::NotEvaluating);
         }
         let Ok(one) = inner.lock.try_lock() else {
@@ -203,6 +214,11 @@ impl AlertsHandle {
 const EVALUATION_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Inner {
+    /// The configuration as it is now.
+    fn cfg(&self) -> AlertsConfig {
+        self.cfg.borrow().clone()
+    }
+
     fn last(&self) -> std::sync::MutexGuard<'_, Last> {
         // A panic while holding it cannot leave `Last` inconsistent: every write is one field.
         self.last.lock().unwrap_or_else(|p| p.into_inner())
@@ -238,7 +254,7 @@ impl Inner {
     }
 
     async fn evaluate_locked(&self) -> Result<Report, AlertError> {
-        let cfg = &self.cfg;
+        let cfg = &self.cfg();
         let c = leasehold_store::pooled(&self.pool).await?;
         let facts = facts::gather(&c, cfg).await?;
         let findings = judge(&facts, &cfg.thresholds);
@@ -249,7 +265,7 @@ impl Inner {
                 None => resolve(&c, kind, &cfg.instance_id).await?,
             };
             if let Some(ch) = change {
-                self.announce(&ch);
+                self.announce(&ch, cfg);
                 changes.push(ch);
             }
         }
@@ -272,7 +288,7 @@ impl Inner {
     }
 
     /// The node that won the change logs it and posts it; the others saw nothing change.
-    fn announce(&self, ch: &Change) {
+    fn announce(&self, ch: &Change, cfg: &AlertsConfig) {
         events::AlertChanged {
             alert_id: ch.alert_id,
             kind: ch.kind.as_str(),
@@ -281,8 +297,8 @@ impl Inner {
             message: &ch.message,
         }
         .emit();
-        if let Some(q) = &self.queue {
-            let _ = q.send(webhook::Message::for_change(ch, &self.cfg));
+        if let (Some(q), Some(url)) = (&self.queue, &cfg.webhook_url) {
+            let _ = q.send(webhook::Message::for_change(ch, cfg, url.clone()));
         }
     }
 }

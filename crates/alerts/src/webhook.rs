@@ -24,13 +24,16 @@ const DRAIN_FOR: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct Message {
+    /// Where to post it: `ALERT_WEBHOOK_URL` when the change was found (a cluster setting, so
+    /// it can change while messages are queued).
+    pub url: String,
     pub kind: Kind,
     pub action: Action,
     pub body: serde_json::Value,
 }
 
 impl Message {
-    pub fn for_change(ch: &Change, cfg: &AlertsConfig) -> Message {
+    pub fn for_change(ch: &Change, cfg: &AlertsConfig, url: String) -> Message {
         let icon = match (ch.action, ch.level) {
             (Action::Resolved, _) => ":white_check_mark: RESOLVED",
             (_, Level::Critical) => ":rotating_light: CRITICAL",
@@ -46,6 +49,7 @@ impl Message {
             msg = ch.message
         );
         Message {
+            url,
             kind: ch.kind,
             action: ch.action,
             body: json!({ "text": text }),
@@ -54,7 +58,6 @@ impl Message {
 }
 
 pub struct Notifier {
-    url: String,
     rx: UnboundedReceiver<Message>,
     client: Option<reqwest::Client>,
 }
@@ -67,7 +70,7 @@ enum Attempt {
 }
 
 impl Notifier {
-    pub fn new(url: String, rx: UnboundedReceiver<Message>) -> Self {
+    pub fn new(rx: UnboundedReceiver<Message>) -> Self {
         // rustls is built with one provider (aws-lc-rs); make it the process default so that
         // reqwest's no-provider build finds it. Fails only if one is installed already: fine.
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -82,7 +85,7 @@ impl Notifier {
                 None
             }
         };
-        Notifier { url, rx, client }
+        Notifier { rx, client }
     }
 
     pub async fn run(mut self, cancel: CancellationToken) {
@@ -129,7 +132,7 @@ impl Notifier {
     }
 
     async fn attempt(&self, client: &reqwest::Client, msg: &Message) -> Attempt {
-        match client.post(&self.url).json(&msg.body).send().await {
+        match client.post(&msg.url).json(&msg.body).send().await {
             Ok(r) if r.status().is_success() => Attempt::Delivered,
             Ok(r) => {
                 let s = r.status();

@@ -10,6 +10,8 @@
 //! - `settings`: the declarative structure (nested `serde` sections, unknown keys refused) and
 //!   [`SETTINGS`], the environment name of each field; how a value's text is read.
 //! - `sources`: [`Sources`], the layers merged by `figment`, and the errors that name a setting.
+//! - `cluster`: which settings are the cluster's (stored in its database, the same on every node)
+//!   and which are each host's; [`ClusterSettings`], their stored form; drift and differences.
 //! - `load`: [`Config::load`], the only constructor: defaults, then every rule in one `validate()`.
 //! - [`Config`]: the parsed, validated result, as the rest of the workspace reads it.
 //! - [`redact_url`] / [`redact`]: strip secrets before anything is logged or served.
@@ -21,6 +23,7 @@ use std::time::Duration;
 
 // `redact` and `redact_url`: every secret a URL or connection string can carry, stripped before
 // anything is logged, served or printed.
+pub mod cluster;
 mod load;
 mod redact;
 pub mod routes;
@@ -28,6 +31,7 @@ mod settings;
 mod sources;
 
 pub use redact::{is_secret_name, redact, redact_url, LIBPQ_KEYWORDS, MASK};
+pub use cluster::{is_cluster_setting, ClusterSettings, Drift, CLUSTER_SETTINGS};
 pub use routes::{OnConflict, PathStep, RouteSpec, Source};
 pub use settings::{Keys, KEYS, SETTINGS};
 pub use sources::Sources;
@@ -58,6 +62,9 @@ pub enum ConfigError {
     },
 }
 
+/// How an [`Origin::Cluster`] names itself (followed by the version).
+pub(crate) const CLUSTER_ORIGIN: &str = "cluster configuration ";
+
 /// Where a raw value came from, so an error can point at the right place.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
@@ -65,6 +72,8 @@ pub enum Origin {
     File(String),
     Env,
     Flag,
+    /// The cluster's configuration in its database (`cluster configuration version 3`).
+    Cluster(String),
 }
 
 impl fmt::Display for Origin {
@@ -74,6 +83,7 @@ impl fmt::Display for Origin {
             Origin::File(p) => write!(f, "config file {p}"),
             Origin::Env => f.write_str("environment"),
             Origin::Flag => f.write_str("command line"),
+            Origin::Cluster(what) => write!(f, "{CLUSTER_ORIGIN}{what}"),
         }
     }
 }
@@ -257,6 +267,9 @@ pub struct Config {
     pub log_level: String,
     /// `[[routes]]` of the config file, in file order; empty: only the default route (`telemetry`).
     pub routes: Vec<RouteSpec>,
+    /// The layers this was loaded from, so that the cluster's stored settings can be put over
+    /// this host's own ([`Config::with_cluster`]).
+    sources: Sources,
 }
 
 impl fmt::Debug for Config {

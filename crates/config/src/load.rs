@@ -90,6 +90,7 @@ impl Config {
             log_format: log.format.unwrap_or(LogFormat::Pretty),
             log_level: log.level.unwrap_or_else(|| "info".into()),
             routes: s.routes()?,
+            sources: s.clone(),
         };
         cfg.validate(s)?;
         Ok(cfg)

@@ -9,6 +9,7 @@ use figment::value::{Dict, Empty, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 
 use crate::routes::{self, RawRoutes, RouteSpec};
+use crate::ClusterSettings;
 use crate::settings::{env_of, path_of, Settings};
 use crate::{redact, shown_value, ConfigError, Origin};
 
@@ -64,6 +65,60 @@ impl Sources {
         })
     }
 
+    /// A TOML document alone (no environment, no flags): what `config apply` reads, and what a
+    /// cluster configuration is stored as.
+    pub fn from_toml(text: &str, origin: Origin) -> Result<Self, ConfigError> {
+        let (layer, routes) = text_layer(text, origin)?;
+        Ok(Sources {
+            figment: Figment::new().merge(layer),
+            routes,
+        })
+    }
+
+    /// The cluster settings these layers set (not their defaults), and their `[[routes]]`.
+    pub fn cluster(&self) -> ClusterSettings {
+        let values = crate::CLUSTER_SETTINGS
+            .iter()
+            .filter_map(|key| {
+                let (text, origin) = self.raw(key)?;
+                (origin != Origin::Default).then_some((*key, text))
+            })
+            .collect();
+        ClusterSettings {
+            values,
+            routes: self.routes.clone(),
+        }
+    }
+
+    /// The node settings these layers set, with where (what `config apply` refuses).
+    pub fn node_settings_set(&self) -> Vec<(&'static str, Origin)> {
+        crate::KEYS
+            .iter()
+            .filter(|k| !crate::is_cluster_setting(k))
+            .filter_map(|k| Some((k, self.raw(k)?.1)))
+            .filter(|(_, origin)| *origin != Origin::Default)
+            .collect()
+    }
+
+    /// These layers' node settings with `cluster`'s cluster settings over them: every cluster
+    /// setting `cluster` leaves unset is its default, whatever a file, the environment or a flag
+    /// of this host says.
+    pub fn with_cluster(&self, cluster: &ClusterSettings, origin: Origin) -> Sources {
+        let values = crate::CLUSTER_SETTINGS.iter().filter_map(|key| {
+            let text = cluster.values.get(key).cloned().unwrap_or_default();
+            Some((path_of(key)?, text))
+        });
+        Sources {
+            figment: self.figment.clone().merge(Layer::new(origin, values)),
+            routes: cluster.routes.clone(),
+        }
+    }
+
+    /// Whether these layers have a `[[routes]]` list (an empty one included).
+    pub(crate) fn has_routes(&self) -> bool {
+        self.routes.is_some()
+    }
+
     /// The file's `[[routes]]`, parsed (their rules between fields are checked by `validate`).
     pub(crate) fn routes(&self) -> Result<Vec<RouteSpec>, ConfigError> {
         self.routes.as_ref().map_or(Ok(Vec::new()), routes::parse)
@@ -75,7 +130,7 @@ impl Sources {
     }
 
     /// The raw text of the setting named `key` and where it was set, if it was.
-    fn raw(&self, key: &str) -> Option<(String, Origin)> {
+    pub(crate) fn raw(&self, key: &str) -> Option<(String, Origin)> {
         let path = path_of(key)?;
         let value = self.figment.find_value(path).ok()?;
         let text = match &value {
@@ -177,6 +232,9 @@ fn show(v: &Value) -> String {
 fn origin_of(md: &Metadata) -> Origin {
     match &md.source {
         Some(figment::Source::File(p)) => Origin::File(p.display().to_string()),
+        _ if md.name.starts_with(crate::CLUSTER_ORIGIN) => {
+            Origin::Cluster(md.name[crate::CLUSTER_ORIGIN.len()..].to_string())
+        }
         _ if md.name == Origin::Flag.to_string() => Origin::Flag,
         _ if md.name == Origin::Env.to_string() => Origin::Env,
         _ => Origin::Default,
@@ -225,6 +283,15 @@ fn file_layer(path: &Path) -> Result<(Layer, Option<RawRoutes>), ConfigError> {
         path: shown.clone(),
         reason: e.to_string(),
     })?;
+    text_layer(&text, Origin::File(shown))
+}
+
+/// A TOML document as a layer: a config file's, or a stored cluster configuration's.
+fn text_layer(text: &str, origin: Origin) -> Result<(Layer, Option<RawRoutes>), ConfigError> {
+    let shown = match &origin {
+        Origin::File(p) => p.clone(),
+        other => other.to_string(),
+    };
     let mut table: toml::Table = text
         .parse()
         .map_err(|e: toml::de::Error| ConfigError::File {
@@ -237,7 +304,7 @@ fn file_layer(path: &Path) -> Result<(Layer, Option<RawRoutes>), ConfigError> {
             reason: e.to_string(),
         })
     };
-    let routes = routes::take_raw(&mut table, &text, &shown)?;
+    let routes = routes::take_raw(&mut table, text, &shown)?;
     let mut data = Dict::new();
     let mut flat = Vec::new();
     for (k, v) in table {
@@ -247,12 +314,7 @@ fn file_layer(path: &Path) -> Result<(Layer, Option<RawRoutes>), ConfigError> {
             _ if v.is_table() || v.is_array() => {
                 data.insert(k, value(v)?);
             }
-            _ => {
-                return Err(ConfigError::Unknown {
-                    key: k,
-                    origin: Origin::File(shown),
-                })
-            }
+            _ => return Err(ConfigError::Unknown { key: k, origin }),
         }
     }
     for (p, v) in flat {
@@ -270,7 +332,7 @@ fn file_layer(path: &Path) -> Result<(Layer, Option<RawRoutes>), ConfigError> {
         insert(&mut data, p, v);
     }
     let layer = Layer {
-        origin: Origin::File(shown),
+        origin,
         data: normalized(data),
     };
     Ok((layer, routes))

@@ -50,8 +50,8 @@ pub struct HttpState {
     pub observer: bool,
     /// `None` without a database.
     pub alerts: Option<leasehold_alerts::AlertsHandle>,
-    pub stale_warning: Duration,
-    pub stale_critical: Duration,
+    /// `STALE_WARNING` and `STALE_CRITICAL` as the cluster's configuration says now.
+    pub stale: tokio::sync::watch::Receiver<(Duration, Duration)>,
     /// The client id of the cluster's shared session (production nodes), and where it came from.
     pub mqtt_client_id: Option<leasehold_config::ClientId>,
     /// The cluster's identity, read from the database at start.
@@ -262,6 +262,7 @@ async fn health(State(s): State<HttpState>) -> Response {
         "newest_data_age_seconds": age,
         "ingest_hold": ingest_hold,
         "routes": s.status.routes(),
+        "config": s.status.config(),
     });
     let body = with_checks(body, &s);
     (code(problems.is_empty()), Json(body)).into_response()
@@ -316,6 +317,14 @@ fn warnings(s: &HttpState) -> Vec<String> {
                 "commits are not synchronously replicated although standbys stream ({why}): a database failover now can lose messages already acknowledged"
             ));
         }
+    }
+    let config = s.status.config();
+    w.extend(config.drift.iter().cloned());
+    if let (Some(latest), Some(problem)) = (config.latest, &config.problem) {
+        w.push(format!(
+            "the cluster configuration's version {latest} cannot run on this node, which keeps version {}: {problem}",
+            config.version.map_or("none".into(), |v| v.to_string())
+        ));
     }
     w
 }
@@ -430,7 +439,8 @@ where
 
 /// `ok` / `warning` / `critical` by the age of the newest row, and device coverage.
 async fn recent_data(State(s): State<HttpState>) -> Response {
-    let window = s.stale_warning;
+    let (stale_warning, stale_critical) = *s.stale.borrow();
+    let window = stale_warning;
     let res = with_db(&s, |c| async move {
         let age = leasehold_store::queries::newest_data_age(&**c)
             .await
@@ -447,16 +457,16 @@ async fn recent_data(State(s): State<HttpState>) -> Response {
     };
     let status = match age {
         None => "warning",
-        Some(a) if a >= s.stale_critical.as_secs_f64() => "critical",
-        Some(a) if a >= s.stale_warning.as_secs_f64() => "warning",
+        Some(a) if a >= stale_critical.as_secs_f64() => "critical",
+        Some(a) if a >= stale_warning.as_secs_f64() => "warning",
         Some(_) => "ok",
     };
     let body = json!({
         "status": status,
         "newest_data_age_seconds": age,
         "reason": if age.is_none() { Some("no telemetry stored yet") } else { None },
-        "stale_warning_seconds": s.stale_warning.as_secs_f64(),
-        "stale_critical_seconds": s.stale_critical.as_secs_f64(),
+        "stale_warning_seconds": stale_warning.as_secs_f64(),
+        "stale_critical_seconds": stale_critical.as_secs_f64(),
         "devices": {
             "window_seconds": window.as_secs_f64(),
             "enabled": cov.enabled,

@@ -210,6 +210,17 @@ pub fn wanted_topics(cfg: &leasehold_config::Config) -> Vec<String> {
     topics
 }
 
+/// The next value of `rx`, `None` once its sender is gone; pending forever without one.
+async fn watch_changed<T: Clone>(rx: &mut Option<watch::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => Some(rx.borrow_and_update().clone()),
+            Err(_) => None,
+        },
+        None => std::future::pending().await,
+    }
+}
+
 /// Writing one batch of acks into the socket; rumqttc's own writes use the same bound.
 const ACK_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a drain, how long the last subscription-ledger writes may take before they are dropped.
@@ -234,6 +245,9 @@ pub struct MqttIngest {
     pending_bytes: Arc<Semaphore>,
     max_pending_bytes: usize,
     device_topics: watch::Receiver<DeviceTopics>,
+    /// The configured filters when they can change while the term runs (a new cluster
+    /// configuration); `None`: `cfg.topics` for good.
+    configured: Option<watch::Receiver<Vec<String>>>,
     may_connect: Arc<dyn Fn() -> bool + Send + Sync>,
     connected: watch::Sender<bool>,
     subs: Subscriptions,
@@ -389,6 +403,7 @@ impl MqttIngest {
                 pending_bytes,
                 max_pending_bytes,
                 device_topics,
+                configured: None,
                 may_connect,
                 connected: watch::Sender::new(false),
                 subs,
@@ -406,6 +421,13 @@ impl MqttIngest {
     /// Remembers the session's subscriptions in `ledger` (the leader's: PostgreSQL, fenced).
     pub fn with_ledger(mut self, ledger: Arc<dyn SubscriptionLedger>) -> Self {
         self.ledger = ledger;
+        self
+    }
+
+    /// Configured filters that follow `topics` while the term runs (the cluster's configuration
+    /// applied live): added ones subscribed before removed ones are unsubscribed.
+    pub fn with_configured_topics(mut self, topics: watch::Receiver<Vec<String>>) -> Self {
+        self.configured = Some(topics);
         self
     }
 
@@ -471,6 +493,12 @@ impl MqttIngest {
 
         // Cleared when the topic source is gone: its channel would report "changed" forever.
         let mut topics_open = true;
+        let mut configured = self.configured.take();
+        if let Some(rx) = configured.as_mut() {
+            let topics = rx.borrow_and_update().clone();
+            let actions = self.subs.set_configured(topics, Instant::now());
+            self.execute(actions);
+        }
         let full = self.cfg.max_pending as u32;
         let result = loop {
             self.report_pending();
@@ -508,6 +536,17 @@ impl MqttIngest {
                         topics_open = false;
                     } else {
                         self.on_device_topics();
+                    }
+                    Flow::Go
+                }
+                changed = watch_changed(&mut configured) => {
+                    match changed {
+                        Some(topics) => {
+                            let actions = self.subs.set_configured(topics, Instant::now());
+                            self.execute(actions);
+                        }
+                        // The configuration's source is gone (shutting down): keep these.
+                        None => configured = None,
                     }
                     Flow::Go
                 }

@@ -145,6 +145,8 @@ const RETRY: Policy = Policy::new(RETRY_FIRST, RETRY_MAX).jitter(0.2);
 #[derive(Debug)]
 pub struct Subscriptions {
     configured: Vec<String>,
+    /// The enabled `devices` topics, as last read.
+    devices: Vec<String>,
     device_topics: usize,
     /// Whether the device topics were read yet: until then nothing is unsubscribed.
     devices_known: bool,
@@ -182,6 +184,7 @@ impl Subscriptions {
         let wanted = configured.iter().cloned().collect();
         Subscriptions {
             configured,
+            devices: Vec::new(),
             device_topics: 0,
             devices_known: false,
             wanted,
@@ -213,19 +216,31 @@ impl Subscriptions {
         now: Instant,
     ) -> Vec<Action> {
         let known = device_topics.is_some();
-        let device_topics = device_topics.unwrap_or_default();
+        self.devices = device_topics.unwrap_or_default().to_vec();
+        let newly_known = known && !self.devices_known;
+        self.devices_known |= known;
+        self.rewant(newly_known, "device topics changed", now)
+    }
+
+    /// The configured filters changed (a new cluster configuration applied live): new ones are
+    /// subscribed before removed ones are unsubscribed.
+    pub fn set_configured(&mut self, configured: Vec<String>, now: Instant) -> Vec<Action> {
+        self.configured = configured;
+        self.rewant(false, "configured topics changed", now)
+    }
+
+    /// Wanted = configured + device topics; what changed is subscribed or unsubscribed.
+    fn rewant(&mut self, force: bool, why: &'static str, now: Instant) -> Vec<Action> {
         let wanted: BTreeSet<String> = self
             .configured
             .iter()
-            .chain(device_topics.iter())
+            .chain(self.devices.iter())
             .cloned()
             .collect();
         let added = wanted.difference(&self.wanted).count();
         let removed = self.wanted.difference(&wanted).count();
-        self.device_topics = device_topics.len();
-        let newly_known = known && !self.devices_known;
-        self.devices_known |= known;
-        if added == 0 && removed == 0 && !newly_known {
+        self.device_topics = self.devices.len();
+        if added == 0 && removed == 0 && !force {
             return Vec::new();
         }
         self.wanted = wanted;
@@ -235,7 +250,7 @@ impl Subscriptions {
                 added,
                 removed,
                 wanted = self.wanted.len(),
-                "device topics changed; subscriptions updated"
+                "{why}; subscriptions updated"
             );
         }
         self.round_started.get_or_insert(now);
@@ -559,7 +574,11 @@ impl Subscriptions {
                     .map(|c| (Kind::Subscribe, c))
                     .collect();
                 let room = room - packets.len();
-                if room > 0 && self.devices_known {
+                // Removed filters wait until the added ones are granted (or refused): a filter
+                // replaced by a wider one never leaves a gap in which nothing matches.
+                let subscribing = !packets.is_empty()
+                    || self.chunks.values().any(|c| c.kind == Kind::Subscribe);
+                if room > 0 && self.devices_known && !subscribing {
                     let unsubscribe: Vec<String> = self
                         .extra
                         .iter()

@@ -87,6 +87,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The cluster's configuration in its database: apply, show, history, diff.
+    ///
+    /// Cluster settings (topics, decoding, limits, routes, alert thresholds, retention) are
+    /// stored as numbered versions, the same for every node, applied live. See
+    /// docs/configuration.md.
+    #[command(subcommand)]
+    Config(crate::config_cmd::ConfigCommand),
     /// Publish a simulated device fleet's readings (numbered, timestamped) to the broker.
     Simulate(simulate::SimArgs),
 }
@@ -218,6 +225,7 @@ pub fn main() -> ExitCode {
             Command::Routes { json } => routes_cmd::command(&cfg, json).await,
             Command::Simulate(args) => simulate::run(&cfg, args).await,
             Command::Doctor { json } => crate::checks::doctor(&cfg, json).await,
+            Command::Config(cmd) => crate::config_cmd::command(&cfg, cmd).await,
         }
     });
     match result {

@@ -4,6 +4,8 @@
 //! - [`cli`]: argument parsing, configuration loading, one-line errors, exit codes.
 //! - [`node`]: `leasehold run`: [`node::Node`] (`build` on a bound listener, `port`,
 //!   `run_until`), the wiring of one node and its shutdown sequence.
+//! - [`cluster_config`]: the cluster configuration the node runs (stored versions over its own
+//!   node settings), imported on a first start, applied live; [`config_cmd`]: `leasehold config`.
 //! - [`identity`]: the client id of the cluster's shared session, from its stored identity.
 //! - [`supervisor`]: starts, drains and cancels leadership terms as the lease role changes.
 //! - [`writer`]: the batch writer of a term (fenced statements, row errors isolated, ack after
@@ -21,6 +23,8 @@ pub mod admin;
 pub mod batch;
 pub mod checks;
 pub mod cli;
+pub mod cluster_config;
+pub mod config_cmd;
 pub mod identity;
 pub mod ledger;
 pub mod node;

@@ -22,6 +22,7 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cluster_config::{derived, ActiveRx};
 use crate::supervisor::Supervisor;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -115,13 +116,20 @@ impl Node {
         if shutdown.is_cancelled() {
             return Ok(());
         }
-        // Routes that do not fit the database refuse the start, before the lease is campaigned for.
-        let routes = match (&db, cfg.mode) {
-            (Some(db), Mode::Production | Mode::Development) => {
-                crate::routes_cmd::check_at_start(&cfg, &db.pool).await?
-            }
-            _ => Vec::new(),
+        // The cluster's configuration (imported from this node's own on a first start); routes
+        // that do not fit the database refuse the start, before the lease is campaigned for.
+        let status = NodeStatus::default();
+        let active = match &db {
+            Some(db) => crate::cluster_config::start(&cfg, &db.pool, &status).await?,
+            None => crate::cluster_config::Active {
+                version: None,
+                cfg: cfg.clone(),
+                routes: Vec::new(),
+            },
         };
+        let own = cfg;
+        let cfg = active.cfg.clone();
+        let (active_tx, active) = watch::channel(std::sync::Arc::new(active));
         // The shared session's client id comes from the database: resolved before anything connects.
         let client_id = match cfg.mode {
             Mode::Production => Some(crate::identity::resolve(
@@ -136,11 +144,26 @@ impl Node {
             http_url,
             db,
             client_id,
-            routes,
-            status: NodeStatus::default(),
+            active,
+            status,
             root,
             tracker,
         };
+        if let Some(db) = &w.db {
+            let watcher = crate::cluster_config::Watcher {
+                own,
+                pool: db.pool.clone(),
+                notices: db.notices.subscribe(),
+                tx: active_tx,
+                status: w.status.clone(),
+            };
+            let token = w.root.clone();
+            w.tracker.spawn(async move {
+                if let Err(e) = watcher.run(token).await {
+                    tracing::error!(error = %e, "cluster configuration task failed");
+                }
+            });
+        }
         let leadership = w.roles()?;
         let lease = leadership.as_ref().map(|l| l.handle.clone());
         let alerts = w.database_tasks(&lease)?;
@@ -170,8 +193,8 @@ struct Wiring {
     db: Option<Db>,
     /// The shared session's client id (production nodes).
     client_id: Option<leasehold_config::ClientId>,
-    /// The named routes, checked against the database (empty without `[[routes]]`).
-    routes: Vec<leasehold_store::routes::ResolvedRoute>,
+    /// The cluster configuration it runs, applied live (node settings never change).
+    active: ActiveRx,
     status: NodeStatus,
     root: CancellationToken,
     tracker: TaskTracker,
@@ -235,15 +258,24 @@ impl Wiring {
             self.root.clone(),
         ));
         let pool = leasehold_store::pool(&db.url, "leasehold-alerts", 1)?;
-        let ev = leasehold_alerts::Evaluator::new(alerts_config(cfg), pool);
+        let alerts_cfg = derived(
+            &self.active,
+            |a| alerts_config(&a.cfg),
+            &self.tracker,
+            &self.root,
+        );
+        let ev = leasehold_alerts::Evaluator::live(alerts_cfg, pool);
         let alerts = ev.handle();
         let token = self.root.clone();
         self.tracker.spawn(async move {
             let _ = ev.run(token).await;
         });
         if cfg.mode == Mode::Production {
-            self.tracker
-                .spawn(retention(cfg, &db.url, self.root.clone()));
+            self.tracker.spawn(retention(
+                self.active.clone(),
+                &db.url,
+                self.root.clone(),
+            ));
         }
         Ok(Some(alerts))
     }
@@ -264,8 +296,12 @@ impl Wiring {
             lease_name: cfg.lease_name.clone(),
             observer: cfg.mode == Mode::Development,
             alerts,
-            stale_warning: cfg.stale_warning,
-            stale_critical: cfg.stale_critical,
+            stale: derived(
+                &self.active,
+                |a| (a.cfg.stale_warning, a.cfg.stale_critical),
+                &self.tracker,
+                &self.root,
+            ),
             mqtt_client_id: self.client_id.clone(),
             cluster_id: self
                 .db
@@ -371,13 +407,19 @@ fn lead(
         .context("starting the watchdog thread")?;
     let sup = Supervisor {
         cfg: cfg.clone(),
+        active: w.active.clone(),
+        topics: derived(
+            &w.active,
+            |a| leasehold_ingest::wanted_topics(&a.cfg),
+            &w.tracker,
+            &w.root,
+        ),
         client_id,
         cluster_id: db.identity.as_ref().map(|i| i.cluster_id.clone()),
         lease: handle.clone(),
         device_topics,
         pool: Some(db.pool.clone()),
         status: w.status.clone(),
-        routes: w.routes.clone(),
     };
     let token = w.root.clone();
     w.tracker.spawn(async move {
@@ -395,21 +437,27 @@ fn lead(
     Ok(Leadership { handle, task, stop })
 }
 
-/// The retention task of a production node: old dead letters, alerts, lease history and nodes.
+/// The retention task of a production node: old dead letters, alerts, lease history and nodes,
+/// as the cluster's configuration says at each round.
 fn retention(
-    cfg: &Config,
+    active: ActiveRx,
     url: &str,
     cancel: CancellationToken,
 ) -> impl std::future::Future<Output = ()> {
-    use leasehold_store::retention::Table;
-    let r = cfg.retention;
-    let policy = vec![
-        (Table::DeadLetters, r.dead_letters),
-        (Table::Alerts, r.alerts),
-        (Table::LeaseHistory, r.lease_history),
-        (Table::ClusterNodes, r.cluster_nodes),
-    ];
-    leasehold_store::retention::run(url.to_string(), policy, r.interval, cancel)
+    use leasehold_store::retention::{Policy, Table};
+    let current = move || {
+        let r = active.borrow().cfg.retention;
+        Policy {
+            tables: vec![
+                (Table::DeadLetters, r.dead_letters),
+                (Table::Alerts, r.alerts),
+                (Table::LeaseHistory, r.lease_history),
+                (Table::ClusterNodes, r.cluster_nodes),
+            ],
+            interval: r.interval,
+        }
+    };
+    leasehold_store::retention::run(url.to_string(), current, cancel)
 }
 
 impl Running {
@@ -634,6 +682,7 @@ async fn heartbeat(
                     client_id_conflict_at: newer(now.1, reported.1).map(|_| Utc::now()),
                     mqtt_client_id: me.client_id.as_ref().map(|c| c.id.as_str()),
                     mqtt_client_id_source: me.client_id.as_ref().map(|c| c.source.as_str()),
+                    config_version: status.config().version,
                 },
             )
             .await?;

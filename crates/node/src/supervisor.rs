@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cluster_config::ActiveRx;
 use crate::writer::{Writer, WriterConfig};
 
 /// The failpoint of the fault tests (`FAILPOINTS=demotion-hang=return`, in a binary built with
@@ -30,6 +31,9 @@ fn demotion_hangs() -> bool {
 
 struct Term {
     epoch: i64,
+    /// `MAX_PAYLOAD_BYTES` of the term: fixed per broker connection (the largest packet it
+    /// accepts), so a new value starts a new term.
+    max_payload_bytes: usize,
     /// Cancelled as soon as any task of the term ends: a term is whole or over.
     ended: CancellationToken,
     broker: watch::Receiver<bool>,
@@ -39,7 +43,12 @@ struct Term {
 }
 
 pub struct Supervisor {
+    /// The node's configuration at start (its node settings never change).
     pub cfg: Config,
+    /// The cluster configuration it runs: each term starts on the newest, and follows it.
+    pub active: ActiveRx,
+    /// The configured topic filters of the active configuration (`MQTT_TOPICS` and routes').
+    pub topics: watch::Receiver<Vec<String>>,
     /// The shared session's client id, resolved at start from the cluster's identity.
     pub client_id: ClientId,
     /// The cluster's identity, named in the leader's claim on its client id.
@@ -50,13 +59,13 @@ pub struct Supervisor {
     pub pool: Option<leasehold_store::Pool>,
     /// Each term's ingest reports into it.
     pub status: leasehold_telemetry::NodeStatus,
-    /// The named routes, checked against the database at start; each term's writer gets them.
-    pub routes: Vec<leasehold_store::routes::ResolvedRoute>,
 }
 
 impl Supervisor {
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
         let mut role_rx = self.lease.watch();
+        let mut active = self.active.clone();
+        let mut follow = true;
         let mut term: Option<Term> = None;
         loop {
             let role = *role_rx.borrow_and_update();
@@ -116,6 +125,26 @@ impl Supervisor {
                     }
                     role_rx.mark_changed();
                 }
+                changed = active.changed(), if follow => {
+                    if changed.is_err() {
+                        // The configuration task is gone (shutting down): keep what runs.
+                        follow = false;
+                        continue;
+                    }
+                    let max = active.borrow_and_update().cfg.max_payload_bytes;
+                    if let Some(t) = term.take() {
+                        term = Some(if t.max_payload_bytes == max {
+                            t
+                        } else {
+                            // A new packet limit needs a new connection: hand the term over to
+                            // a new one (intake stops, the writer commits and acks, DISCONNECT).
+                            tracing::info!(max_payload_bytes = max, "MAX_PAYLOAD_BYTES changed: restarting the leadership term on a new broker connection");
+                            let epoch = t.epoch;
+                            self.drain(t).await;
+                            self.start_term(epoch)
+                        });
+                    }
+                }
                 _ = ended => {
                     // A term task stopped on its own (the writer fenced, the ingest no longer
                     // allowed to connect). A term is whole or over: stop the rest, have the lease
@@ -138,7 +167,8 @@ impl Supervisor {
     }
 
     fn start_term(&self, epoch: i64) -> Term {
-        let cfg = &self.cfg;
+        let active = self.active.borrow().clone();
+        let cfg = &active.cfg;
         let hard = CancellationToken::new();
         let drain = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -150,7 +180,9 @@ impl Supervisor {
             self.device_topics.clone(),
             may_connect,
         );
-        let ingest = ingest.with_status(self.status.clone());
+        let ingest = ingest
+            .with_status(self.status.clone())
+            .with_configured_topics(self.topics.clone());
         let fence = Fence {
             lease_name: cfg.lease_name.clone(),
             holder_id: self.lease.holder_id.clone(),
@@ -177,13 +209,14 @@ impl Supervisor {
                 // A backstop only: the lease deadline cancels a hung write (on the server too)
                 // long before this.
                 statement_timeout: cfg.lease.ttl,
-                routes: self.routes.clone(),
+                routes: active.routes.clone(),
                 require_sync_replication: cfg.require_sync_replication,
             },
             fence,
             rx,
             acker,
             status: self.status.clone(),
+            active: Some(self.active.clone()),
         };
         let broker = ingest.connected();
         self.lease.set_term_active(true);
@@ -216,6 +249,7 @@ impl Supervisor {
         tracing::info!(epoch, "leadership term started: connecting to the broker");
         Term {
             epoch,
+            max_payload_bytes: cfg.max_payload_bytes,
             ended,
             broker,
             hard,

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::batch::reason_label;
 use crate::batch::{prepare, rejected, DbClock, Prepared, Routing};
+use crate::cluster_config::ActiveRx;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriterError {
@@ -64,6 +65,8 @@ pub struct Writer {
     pub acker: Acker,
     /// Where the per-route counts, and an intake held for replication, are shown (`/health`).
     pub status: NodeStatus,
+    /// The cluster configuration, followed between batches (`None`: fixed for the term).
+    pub active: Option<ActiveRx>,
 }
 
 /// The writer's connection, and the routes its statement is prepared for (`telemetry` first).
@@ -264,6 +267,7 @@ impl Writer {
             let Some(batch) = self.gather(&cancel).await else {
                 return Ok(());
             };
+            self.follow(&mut conn);
             let Some(clock) = self.clock(&mut conn, &mut clock, &cancel, &mut retry).await else {
                 return Ok(());
             };
@@ -662,6 +666,32 @@ impl Writer {
         conn.writer
             .as_mut()
             .ok_or_else(|| StoreError::Pool("no writer connection".into()))
+    }
+
+    /// Between batches: a new cluster configuration's limits, decoding and routes. The
+    /// connection is made again, so its statement is prepared for the new routes.
+    fn follow(&mut self, conn: &mut Conn) {
+        let Some(rx) = self.active.as_mut() else {
+            return;
+        };
+        if !rx.has_changed().unwrap_or(false) {
+            return;
+        }
+        let a = rx.borrow_and_update().clone();
+        let (c, w) = (&a.cfg, &mut self.cfg);
+        w.batch_max_rows = c.batch_max_rows;
+        w.batch_max_bytes = c.batch_max_bytes;
+        w.batch_max_wait = c.batch_max_wait;
+        w.redelivery_window = c.redelivery_window;
+        // MAX_PAYLOAD_BYTES is the term's: a new value starts a new term (the supervisor).
+        w.decoder = Decoder::new(&c.device_topic_pattern, w.max_payload_bytes);
+        w.routes = a.routes.clone();
+        conn.routes = std::iter::once(ResolvedRoute::telemetry())
+            .chain(a.routes.iter().cloned())
+            .collect();
+        conn.writer = None;
+        self.status
+            .update_routes(|counts| show_routes(counts, &conn.routes[1..]));
     }
 
     /// Up to `batch_max_rows` messages or `batch_max_bytes` of payload, until `batch_max_wait`

@@ -26,6 +26,7 @@
 
 pub mod alerts;
 pub mod batch;
+pub mod config;
 pub mod deployment;
 pub mod lease;
 pub mod listener;

@@ -72,6 +72,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(4, "cluster_identity"),
     migration!(5, "subscriptions"),
     migration!(6, "routes"),
+    migration!(7, "cluster_config"),
 ];
 
 /// Arbitrary but fixed: the advisory lock every node takes around migration.

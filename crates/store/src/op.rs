@@ -52,6 +52,10 @@ pub enum Op {
     RouteCheck,
     /// Replication settings and standbys (`pg_stat_replication`).
     Replication,
+    /// The cluster's configuration: the active version, a version, its history.
+    ConfigRead,
+    /// `leasehold config apply`, and the import of a first start.
+    ConfigApply,
     /// `leasehold doctor`'s reads: settings, privileges, clock samples, the database's identity.
     Doctor,
 }
@@ -71,6 +75,8 @@ impl Op {
             Op::ClusterIdentity => "cluster_identity",
             Op::ClusterNodes => "cluster_nodes",
             Op::Heartbeat => "heartbeat",
+            Op::ConfigRead => "config_read",
+            Op::ConfigApply => "config_apply",
             Op::NewestDataAge => "newest_data_age",
             Op::DeadLettersByRoute => "dead_letters_by_route",
             Op::DeviceTopics => "device_topics",

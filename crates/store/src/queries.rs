@@ -111,6 +111,8 @@ pub struct ClusterReport {
     /// The lease's epoch, live or not; `None` when it was never taken.
     pub last_epoch: Option<i64>,
     pub nodes_alive: usize,
+    /// The cluster configuration's active version (`None`: none stored yet).
+    pub config_version: Option<i64>,
     /// Up to 50 nodes seen within the last day, the most recently seen first.
     pub nodes: Vec<NodeRow>,
     /// The lease row, live or not (the CLI says how long ago it expired).
@@ -131,6 +133,7 @@ impl ClusterReport {
             leader,
             last_epoch: lease.as_ref().map(|l| l.epoch),
             nodes_alive: nodes.iter().filter(|n| n.alive).count(),
+            config_version: crate::config::active_version(c).await?,
             nodes,
             lease,
         })
@@ -156,6 +159,8 @@ pub struct NodeRow {
     /// The client id of the shared session and `derived` / `explicit` (production nodes).
     pub mqtt_client_id: Option<String>,
     pub mqtt_client_id_source: Option<String>,
+    /// The cluster configuration version it runs (`None`: it reads none).
+    pub config_version: Option<i64>,
 }
 
 /// Up to 50 nodes seen within the last day, the most recently seen first.
@@ -168,7 +173,7 @@ async fn cluster_nodes(c: &impl GenericClient) -> Result<Vec<NodeRow>> {
                     extract(epoch from (clock_timestamp() - last_seen))::float8 AS ago,
                     ",
             alive!(),
-            " AS alive, mqtt_connected, mqtt_client_id, mqtt_client_id_source
+            " AS alive, mqtt_connected, mqtt_client_id, mqtt_client_id_source, config_version
              FROM cluster_nodes WHERE last_seen > clock_timestamp() - interval '1 day'
              ORDER BY last_seen DESC LIMIT 50"
         ),
@@ -189,6 +194,7 @@ async fn cluster_nodes(c: &impl GenericClient) -> Result<Vec<NodeRow>> {
                 mqtt_connected: r.try_get("mqtt_connected")?,
                 mqtt_client_id: r.try_get("mqtt_client_id")?,
                 mqtt_client_id_source: r.try_get("mqtt_client_id_source")?,
+                config_version: r.try_get("config_version")?,
             })
         },
     )
@@ -246,6 +252,8 @@ pub struct Heartbeat<'a> {
     /// The shared session's client id and `derived` / `explicit`; `None` for other modes.
     pub mqtt_client_id: Option<&'a str>,
     pub mqtt_client_id_source: Option<&'a str>,
+    /// The cluster configuration version the node runs.
+    pub config_version: Option<i64>,
 }
 
 pub async fn heartbeat(c: &impl GenericClient, hb: &Heartbeat<'_>) -> Result<()> {
@@ -254,9 +262,10 @@ pub async fn heartbeat(c: &impl GenericClient, hb: &Heartbeat<'_>) -> Result<()>
         Op::Heartbeat,
         "INSERT INTO cluster_nodes AS n (holder_id, instance_id, role, mode, version, http_url, started_at,
                 last_seen, mqtt_connected, mqtt_changed_at, session_lost_at, client_id_conflict_at,
-                mqtt_client_id, mqtt_client_id_source)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8, now(), $9, $10, $11, $12)
+                mqtt_client_id, mqtt_client_id_source, config_version)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8, now(), $9, $10, $11, $12, $13)
          ON CONFLICT (holder_id) DO UPDATE SET role = EXCLUDED.role, last_seen = now(),
+             config_version = EXCLUDED.config_version,
              http_url = EXCLUDED.http_url,
              mqtt_changed_at = CASE WHEN n.mqtt_connected = EXCLUDED.mqtt_connected
                                     THEN n.mqtt_changed_at ELSE now() END,
@@ -265,7 +274,7 @@ pub async fn heartbeat(c: &impl GenericClient, hb: &Heartbeat<'_>) -> Result<()>
              client_id_conflict_at = coalesce(EXCLUDED.client_id_conflict_at, n.client_id_conflict_at)",
         &[&hb.holder_id, &hb.instance_id, &hb.role, &hb.mode, &hb.version, &hb.http_url, &hb.started_at,
           &hb.mqtt_connected, &hb.session_lost_at, &hb.client_id_conflict_at,
-          &hb.mqtt_client_id, &hb.mqtt_client_id_source],
+          &hb.mqtt_client_id, &hb.mqtt_client_id_source, &hb.config_version],
     )
     .await?;
     Ok(())
@@ -583,4 +592,44 @@ pub async fn refused_subscriptions(
         count: rows.first().map_or(0, |r| r.0),
         latest: rows.into_iter().filter_map(|r| r.1).collect(),
     })
+}
+
+/// A node alive now that does not run the active cluster configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutdatedNode {
+    pub instance_id: String,
+    /// The version it runs (`None`: a node that reads no stored version).
+    pub running: Option<i64>,
+    pub active: i64,
+}
+
+/// Nodes alive that run another version than the active one, which has been active for longer
+/// than `grace` (a node applies a new version within a second or two of its NOTIFY).
+pub async fn config_outdated(
+    c: &impl GenericClient,
+    grace: std::time::Duration,
+) -> Result<Vec<OutdatedNode>> {
+    op::all(
+        c,
+        Op::AlertFacts,
+        concat!(
+            "SELECT n.instance_id, n.config_version, a.version
+             FROM cluster_nodes n,
+                  (SELECT version, applied_at FROM cluster_config ORDER BY version DESC LIMIT 1) a
+             WHERE ",
+            alive!(),
+            " AND n.config_version IS DISTINCT FROM a.version
+               AND a.applied_at < clock_timestamp() - make_interval(secs => $1)
+             ORDER BY 1"
+        ),
+        &[&grace.as_secs_f64()],
+        |r| {
+            Ok(OutdatedNode {
+                instance_id: r.try_get("instance_id")?,
+                running: r.try_get("config_version")?,
+                active: r.try_get("version")?,
+            })
+        },
+    )
+    .await
 }

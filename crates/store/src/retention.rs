@@ -134,20 +134,27 @@ pub async fn round(
     Ok(Some(out))
 }
 
+/// What to keep, and how often to prune.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    pub tables: Vec<(Table, Duration)>,
+    pub interval: Duration,
+}
+
 /// Prunes at once and then every `interval` until `cancel`, logging what each round deleted.
-pub async fn run(
-    url: String,
-    policy: Vec<(Table, Duration)>,
-    interval: Duration,
-    cancel: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// `current` is read for every round: retention is a cluster setting, changed live.
+pub async fn run(url: String, current: impl Fn() -> Policy, cancel: CancellationToken) {
+    let mut first = true;
     loop {
+        let wait = match std::mem::take(&mut first) {
+            true => Duration::ZERO,
+            false => current().interval,
+        };
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
+            _ = tokio::time::sleep(wait) => {}
         }
+        let policy = current().tables;
         let res = tokio::select! {
             _ = cancel.cancelled() => return,
             r = round(&url, &policy) => r,

@@ -586,3 +586,44 @@ impl AlertNotified<'_> {
             .inc();
     }
 }
+
+/// A node started running a cluster configuration version (at start, or applied live).
+pub struct ConfigApplied<'a> {
+    pub version: Option<i64>,
+    /// One line per changed setting or route (empty at start).
+    pub changes: &'a [String],
+    pub live: bool,
+}
+impl ConfigApplied<'_> {
+    pub fn emit(self) {
+        let version = self.version.unwrap_or(0);
+        if self.live {
+            tracing::info!(version, changes = %self.changes.join("; "), "cluster configuration applied live");
+        } else {
+            tracing::info!(version, "running cluster configuration");
+        }
+        metrics().config_version.set(version);
+    }
+}
+
+/// A cluster setting this node was given that the cluster's configuration overrides.
+pub struct ConfigDrift<'a> {
+    pub drift: &'a str,
+}
+impl ConfigDrift<'_> {
+    pub fn emit(self) {
+        tracing::warn!(drift = self.drift, "this node's own setting differs from the cluster's configuration and is ignored (leasehold config diff, docs/configuration.md)");
+    }
+}
+
+/// A new cluster configuration version cannot run on this node: it keeps the one it runs.
+pub struct ConfigRefused<'a> {
+    pub version: i64,
+    pub running: Option<i64>,
+    pub error: &'a str,
+}
+impl ConfigRefused<'_> {
+    pub fn emit(self) {
+        tracing::error!(version = self.version, running = self.running.unwrap_or(0), error = self.error, "cluster configuration version cannot run on this node; keeping the one it runs");
+    }
+}

@@ -15,7 +15,7 @@ pub mod replication;
 pub mod status;
 
 pub use status::{
-    Check, CheckLevel, Checks, FailedSubscription, NodeStatus, Status, SubscriptionStatus,
+    Check, CheckLevel, Checks, ConfigStatus, FailedSubscription, NodeStatus, Status, SubscriptionStatus,
 };
 
 use std::sync::{Mutex, OnceLock};
@@ -31,6 +31,7 @@ pub struct Metrics {
     registry: Registry,
     pub lease_is_leader: IntGauge,
     pub lease_epoch: IntGauge,
+    pub config_version: IntGauge,
     pub lease_transitions: IntCounterVec,
     pub lease_renew_duration: Histogram,
     pub lease_renew_failures: IntCounter,
@@ -94,6 +95,7 @@ impl Metrics {
         let m = Metrics {
             lease_is_leader: reg(&r, IntGauge::new("leasehold_lease_is_leader", "1 while this node holds the lease and may write")?),
             lease_epoch: reg(&r, IntGauge::new("leasehold_lease_epoch", "Epoch (fencing token) of the lease this node last held")?),
+            config_version: reg(&r, IntGauge::new("leasehold_config_version", "The cluster configuration version this node runs (0: none stored)")?),
             lease_transitions: reg(&r, IntCounterVec::new(Opts::new("leasehold_lease_transitions_total", "Role changes of this node"), &["to"])?),
             lease_renew_duration: reg(&r, Histogram::with_opts(HistogramOpts::new("leasehold_lease_renew_duration_seconds", "Round trip of lease acquire/renew statements").buckets(secs_buckets()))?),
             lease_renew_failures: reg(&r, IntCounter::new("leasehold_lease_renew_failures_total", "Lease renewals that failed or timed out")?),

@@ -28,6 +28,21 @@ pub struct Status {
     pub ingest_hold: Option<String>,
     /// Named routes, written by the writer on every committed batch (empty without routes).
     pub routes: Vec<RouteCounts>,
+    /// The cluster configuration this node runs, written by its configuration task.
+    pub config: ConfigStatus,
+}
+
+/// The cluster configuration a node runs, and where its own settings disagree with it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ConfigStatus {
+    /// The version it runs; `None` when the database holds none (or the node has no database).
+    pub version: Option<i64>,
+    /// The newest version it has seen; above `version` while that one cannot run here.
+    pub latest: Option<i64>,
+    /// Each cluster setting this node's own file, environment or flags set differently (ignored).
+    pub drift: Vec<String>,
+    /// Why `latest` does not run here, when it does not.
+    pub problem: Option<String>,
 }
 
 /// How one deployment check came out.
@@ -263,6 +278,18 @@ impl NodeStatus {
         self.0.send_if_modified(|s| {
             let changed = s.ingest_hold != why;
             s.ingest_hold = why;
+            changed
+        });
+    }
+
+    pub fn config(&self) -> ConfigStatus {
+        self.0.borrow().config.clone()
+    }
+
+    pub fn set_config(&self, config: ConfigStatus) {
+        self.0.send_if_modified(|s| {
+            let changed = s.config != config;
+            s.config = config;
             changed
         });
     }

@@ -1,0 +1,435 @@
+//! Cluster settings and node settings.
+//!
+//! A **cluster setting** decides what a message becomes: which filters are subscribed, how a
+//! payload is read, where it is written, when alerts fire, what is pruned. Two nodes that
+//! disagreed on one would store different things depending on which of them leads, so cluster
+//! settings live in the database as numbered versions (`leasehold config apply`), the same for
+//! every node. A **node setting** is how one host reaches the database and the broker, its name,
+//! mode, HTTP address, logging and resources; it stays in that host's file, environment or flags.
+//!
+//! [`ClusterSettings`] is the stored form: the cluster settings a document sets (unset ones are
+//! their defaults) and its `[[routes]]`, written as canonical TOML.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use crate::routes::RawRoutes;
+use crate::{fmt_dur, shown_value, Config, Origin, Sources};
+
+/// The cluster settings, by environment name. Every other setting is a node setting.
+pub const CLUSTER_SETTINGS: &[&str] = &[
+    "MQTT_TOPICS",
+    "DEVICE_TOPIC_PATTERN",
+    "MAX_PAYLOAD_BYTES",
+    "REDELIVERY_WINDOW",
+    "BATCH_MAX_ROWS",
+    "BATCH_MAX_WAIT",
+    "BATCH_MAX_BYTES",
+    "STALE_WARNING",
+    "STALE_CRITICAL",
+    "ALERT_WEBHOOK_URL",
+    "ALERT_CHECK_INTERVAL",
+    "ALERT_GRACE",
+    "ALERT_WINDOW",
+    "DEAD_LETTER_RETENTION",
+    "ALERT_RETENTION",
+    "LEASE_HISTORY_RETENTION",
+    "CLUSTER_NODE_RETENTION",
+    "RETENTION_INTERVAL",
+];
+
+/// Whether the setting named `key` (its environment name) is a cluster setting.
+pub fn is_cluster_setting(key: &str) -> bool {
+    CLUSTER_SETTINGS.contains(&key)
+}
+
+/// The cluster settings one document sets, as their text, and its `[[routes]]`.
+#[derive(Clone, Default)]
+pub struct ClusterSettings {
+    pub(crate) values: BTreeMap<&'static str, String>,
+    pub(crate) routes: Option<RawRoutes>,
+}
+
+/// Holds the webhook URL in clear: shown only through [`ClusterSettings::to_shown_toml`].
+impl std::fmt::Debug for ClusterSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_shown_toml())
+    }
+}
+
+impl ClusterSettings {
+    /// Reads a stored configuration (or a file given to `config apply`) that holds only cluster
+    /// settings; a node setting in it is refused, naming it.
+    pub fn parse(text: &str, origin: Origin) -> Result<ClusterSettings, crate::ConfigError> {
+        let sources = Sources::from_toml(text, origin.clone())?;
+        if let Some((key, _)) = sources.node_settings_set().into_iter().next() {
+            return Err(node_setting_refused(key, &origin));
+        }
+        Ok(sources.cluster())
+    }
+
+    /// The canonical TOML, secrets in clear: what the database stores. Settings in the order
+    /// of [`CLUSTER_SETTINGS`], then each route with its columns in their order.
+    pub fn to_toml(&self) -> String {
+        self.write(|_, v| v.to_string())
+    }
+
+    /// The canonical TOML with secrets masked: what `config show` prints.
+    pub fn to_shown_toml(&self) -> String {
+        self.write(shown_value)
+    }
+
+    fn write(&self, show: impl Fn(&str, &str) -> String) -> String {
+        let mut out = String::new();
+        for key in CLUSTER_SETTINGS {
+            if let Some(v) = self.values.get(key) {
+                let _ = writeln!(
+                    out,
+                    "{} = {}",
+                    key.to_lowercase(),
+                    toml::Value::String(show(key, v))
+                );
+            }
+        }
+        for route in self.routes.iter().flat_map(|r| &r.routes) {
+            out.push_str("\n[[routes]]\n");
+            out.push_str(&toml::to_string(&route.fields).unwrap_or_default());
+            if !route.columns.is_empty() {
+                out.push_str("\n[routes.columns]\n");
+                for (name, v) in &route.columns {
+                    let _ = writeln!(out, "{} = {v}", toml::Value::String(name.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// These settings over the defaults alone (no host's node settings): what `config show`,
+    /// `diff` and `history` compare.
+    pub fn effective(&self, origin: Origin) -> Result<Config, crate::ConfigError> {
+        let none = Sources::gather(None, Vec::new(), Vec::new())?;
+        Config::load(&none.with_cluster(self, origin))
+    }
+
+    /// Only the setting `key` of these (for checking one setting at a time).
+    pub fn only(&self, key: &str) -> ClusterSettings {
+        ClusterSettings {
+            values: self
+                .values
+                .iter()
+                .filter(|(k, _)| **k == key)
+                .map(|(k, v)| (*k, v.clone()))
+                .collect(),
+            routes: None,
+        }
+    }
+
+    /// The settings this document sets, by environment name, in the order of [`CLUSTER_SETTINGS`].
+    pub fn keys(&self) -> impl Iterator<Item = &'static str> + '_ {
+        CLUSTER_SETTINGS
+            .iter()
+            .copied()
+            .filter(|k| self.values.contains_key(k))
+    }
+
+    /// Whether it has a `[[routes]]` list.
+    pub fn has_routes(&self) -> bool {
+        self.routes.is_some()
+    }
+}
+
+/// How a stored version is named where its values are refused.
+pub fn version_origin(version: i64) -> Origin {
+    Origin::Cluster(format!("version {version}"))
+}
+
+/// The one-line refusal of a node setting where only cluster settings belong.
+pub fn node_setting_refused(key: &str, origin: &Origin) -> crate::ConfigError {
+    crate::ConfigError::Invalid {
+        key: key.into(),
+        value: String::new(),
+        origin: origin.clone(),
+        reason: "is a node setting: it belongs to each host's environment or config file, not to the cluster's configuration (docs/configuration.md)".into(),
+    }
+}
+
+/// A cluster setting a node was given (file, environment or flag) that the active cluster
+/// configuration overrides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Drift {
+    pub setting: String,
+    /// What this node's own file, environment or flags say (secrets masked).
+    pub here: String,
+    /// What the cluster runs (secrets masked).
+    pub active: String,
+}
+
+impl std::fmt::Display for Drift {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} is {} here but {} in the cluster's configuration (ignored here)",
+            self.setting, self.here, self.active
+        )
+    }
+}
+
+impl Config {
+    /// This host's node settings with the cluster settings of `cluster` over them: what the
+    /// node runs. Errors name the setting and `origin` (the stored version, or a file).
+    pub fn with_cluster(
+        &self,
+        cluster: &ClusterSettings,
+        origin: Origin,
+    ) -> Result<Config, crate::ConfigError> {
+        Config::load(&self.sources.with_cluster(cluster, origin))
+    }
+
+    /// The cluster settings this host's own file, environment and flags set (what a first start
+    /// imports as version 1).
+    pub fn own_cluster_settings(&self) -> ClusterSettings {
+        self.sources.cluster()
+    }
+
+    /// Where this host's own cluster settings differ from those of `active`, which it runs.
+    pub fn drift(&self, active: &Config) -> Vec<Drift> {
+        drift(&self.sources, self, active)
+    }
+
+    /// The layers this configuration was loaded from.
+    pub fn sources(&self) -> &Sources {
+        &self.sources
+    }
+
+    /// Every cluster setting's effective value as text (secrets masked), in the order of
+    /// [`CLUSTER_SETTINGS`]: what `config show --json`, `config diff` and drift compare.
+    pub fn cluster_values(&self) -> Vec<(&'static str, String)> {
+        let r = &self.retention;
+        let d = |d| fmt_dur(d);
+        vec![
+            ("MQTT_TOPICS", self.mqtt_topics.join(",")),
+            ("DEVICE_TOPIC_PATTERN", self.device_topic_pattern.clone()),
+            ("MAX_PAYLOAD_BYTES", self.max_payload_bytes.to_string()),
+            ("REDELIVERY_WINDOW", d(self.redelivery_window)),
+            ("BATCH_MAX_ROWS", self.batch_max_rows.to_string()),
+            ("BATCH_MAX_WAIT", d(self.batch_max_wait)),
+            ("BATCH_MAX_BYTES", self.batch_max_bytes.to_string()),
+            ("STALE_WARNING", d(self.stale_warning)),
+            ("STALE_CRITICAL", d(self.stale_critical)),
+            (
+                "ALERT_WEBHOOK_URL",
+                self.alert_webhook_url
+                    .as_deref()
+                    .map_or_else(String::new, |u| shown_value("ALERT_WEBHOOK_URL", u)),
+            ),
+            ("ALERT_CHECK_INTERVAL", d(self.alert_check_interval)),
+            ("ALERT_GRACE", d(self.alert_grace)),
+            ("ALERT_WINDOW", d(self.alert_window)),
+            ("DEAD_LETTER_RETENTION", d(r.dead_letters)),
+            ("ALERT_RETENTION", d(r.alerts)),
+            ("LEASE_HISTORY_RETENTION", d(r.lease_history)),
+            ("CLUSTER_NODE_RETENTION", d(r.cluster_nodes)),
+            ("RETENTION_INTERVAL", d(r.interval)),
+        ]
+    }
+
+    /// What changes from `self` to `after`: one line per setting and per route.
+    pub fn changes(&self, after: &Config) -> Vec<String> {
+        let mut out = Vec::new();
+        for ((key, a), (_, b)) in self.cluster_values().into_iter().zip(after.cluster_values()) {
+            if a != b {
+                out.push(format!("{key}: {} -> {}", shown(&a), shown(&b)));
+            }
+        }
+        for r in &self.routes {
+            match after.routes.iter().find(|n| n.name == r.name) {
+                None => out.push(format!("route {:?} removed", r.name)),
+                Some(n) if n != r => out.push(format!("route {:?} changed", r.name)),
+                Some(_) => {}
+            }
+        }
+        for n in &after.routes {
+            if !self.routes.iter().any(|r| r.name == n.name) {
+                out.push(format!("route {:?} added", n.name));
+            }
+        }
+        let names = |c: &Config| c.routes.iter().map(|r| r.name.clone()).collect::<Vec<_>>();
+        if out.is_empty() && names(self) != names(after) {
+            out.push("routes reordered".into());
+        }
+        out
+    }
+}
+
+fn shown(v: &str) -> String {
+    if v.is_empty() {
+        "(unset)".into()
+    } else {
+        v.to_string()
+    }
+}
+
+/// The cluster settings `own` (this node's file, environment and flags, loaded as `own_cfg`)
+/// sets that differ from the configuration it runs (`active`): each named once.
+pub fn drift(own: &Sources, own_cfg: &Config, active: &Config) -> Vec<Drift> {
+    let set: Vec<&str> = own.cluster().keys().collect();
+    let mut out: Vec<Drift> = own_cfg
+        .cluster_values()
+        .into_iter()
+        .zip(active.cluster_values())
+        .filter(|((key, here), (_, there))| set.contains(key) && here != there)
+        .map(|((key, here), (_, there))| Drift {
+            setting: key.to_string(),
+            here: shown(&here),
+            active: shown(&there),
+        })
+        .collect();
+    if own.has_routes() && own_cfg.routes != active.routes {
+        let names = |c: &Config| {
+            let n: Vec<&str> = c.routes.iter().map(|r| r.name.as_str()).collect();
+            format!("[{}]", n.join(", "))
+        };
+        out.push(Drift {
+            setting: "routes".into(),
+            here: names(own_cfg),
+            active: names(active),
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sources(toml: &str, env: &[(&str, &str)]) -> Sources {
+        let dir = std::env::temp_dir().join(format!("lh-cluster-{}", uuid_like()));
+        std::fs::write(&dir, toml).expect("write");
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let s = Sources::gather(Some(&dir), env, Vec::new()).expect("sources");
+        let _ = std::fs::remove_file(&dir);
+        s
+    }
+
+    fn uuid_like() -> String {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    }
+
+    const ROUTES: &str = r#"
+mqtt_topics = ["devices/+/telemetry", "extra/+/data"]
+[stale]
+warning = "2m"
+[[routes]]
+name = "plant"
+topics = ["plant/+/data"]
+table = "plant_readings"
+key = ["device", "ts"]
+[routes.columns]
+ts = "timestamp"
+device = "topic[1]"
+"weird name" = "$.a.b"
+temp = "$.temp"
+"#;
+
+    #[test]
+    fn the_stored_form_reads_back_to_the_same_configuration() {
+        let s = sources(ROUTES, &[("LEASE_TTL", "9s"), ("BATCH_MAX_ROWS", "300")]);
+        let cluster = s.cluster();
+        assert_eq!(
+            cluster.keys().collect::<Vec<_>>(),
+            ["MQTT_TOPICS", "BATCH_MAX_ROWS", "STALE_WARNING"]
+        );
+        let text = cluster.to_toml();
+        let again = ClusterSettings::parse(&text, Origin::Cluster("version 1".into()))
+            .expect("stored form parses");
+        assert_eq!(again.to_toml(), text, "canonical: a second round is identical");
+        let a = Config::load(&s).expect("load");
+        let none = Sources::gather(None, Vec::new(), Vec::new()).expect("empty");
+        let b = Config::load(&none.with_cluster(&again, Origin::Cluster("version 1".into())))
+            .expect("load stored");
+        assert_eq!(a.cluster_values(), b.cluster_values());
+        assert_eq!(a.routes, b.routes, "columns keep their order");
+        assert_eq!(
+            a.routes[0].columns.iter().map(|c| c.0.as_str()).collect::<Vec<_>>(),
+            ["ts", "device", "weird name", "temp"]
+        );
+    }
+
+    #[test]
+    fn a_node_setting_is_refused_where_only_cluster_settings_belong() {
+        let e = ClusterSettings::parse(
+            "mqtt_topics = \"a/#\"\ndatabase_url = \"postgres://u:secret@h/db\"\n",
+            Origin::File("x.toml".into()),
+        )
+        .expect_err("refused");
+        let line = e.to_string();
+        assert!(line.contains("DATABASE_URL") && line.contains("node setting"), "{line}");
+        assert!(!line.contains("secret"), "{line}");
+    }
+
+    #[test]
+    fn the_cluster_version_overrides_this_hosts_cluster_settings_and_keeps_its_node_settings() {
+        let own = sources("mqtt_topics = \"mine/#\"\nlease_ttl = \"12s\"\n", &[("STALE_WARNING", "1m")]);
+        let stored = ClusterSettings::parse(
+            "mqtt_topics = \"theirs/#\"\n",
+            Origin::Cluster("version 4".into()),
+        )
+        .expect("parse");
+        let cfg = Config::load(&own.with_cluster(&stored, Origin::Cluster("version 4".into())))
+            .expect("load");
+        assert_eq!(cfg.mqtt_topics, ["theirs/#"]);
+        assert_eq!(cfg.stale_warning, std::time::Duration::from_secs(300), "unset: the default, not this host's");
+        assert_eq!(cfg.lease.ttl, std::time::Duration::from_secs(12), "node setting kept");
+        let own_cfg = Config::load(&own).expect("own");
+        let d = drift(&own, &own_cfg, &cfg);
+        let names: Vec<&str> = d.iter().map(|d| d.setting.as_str()).collect();
+        assert_eq!(names, ["MQTT_TOPICS", "STALE_WARNING"]);
+        assert!(d[0].to_string().contains("mine/#") && d[0].to_string().contains("theirs/#"));
+    }
+
+    #[test]
+    fn an_equal_value_written_differently_is_not_drift() {
+        let own = sources("stale_warning = \"300s\"\n", &[]);
+        let stored = ClusterSettings::parse("stale_warning = \"5m\"\n", Origin::Cluster("v".into()))
+            .expect("parse");
+        let active = Config::load(&own.with_cluster(&stored, Origin::Cluster("v".into()))).expect("load");
+        let own_cfg = Config::load(&own).expect("own");
+        assert!(drift(&own, &own_cfg, &active).is_empty());
+    }
+
+    #[test]
+    fn a_stored_bad_value_names_the_setting_and_the_version() {
+        let own = sources("", &[]);
+        let stored = ClusterSettings::parse("batch_max_rows = \"many\"\n", Origin::Cluster("version 7".into()))
+            .expect("parse keeps text");
+        let e = Config::load(&own.with_cluster(&stored, Origin::Cluster("version 7".into())))
+            .expect_err("refused");
+        let line = e.to_string();
+        assert!(line.contains("BATCH_MAX_ROWS") && line.contains("cluster configuration version 7"), "{line}");
+    }
+
+    #[test]
+    fn changes_name_each_setting_and_route() {
+        let a = Config::load(&sources(ROUTES, &[])).expect("a");
+        let b = Config::load(&sources("mqtt_topics = \"devices/+/telemetry\"\n", &[])).expect("b");
+        let c = a.changes(&b);
+        assert!(c.iter().any(|l| l.starts_with("MQTT_TOPICS: devices/+/telemetry,extra/+/data -> devices/+/telemetry")), "{c:?}");
+        assert!(c.iter().any(|l| l.starts_with("STALE_WARNING: 2m -> 5m")), "{c:?}");
+        assert!(c.contains(&"route \"plant\" removed".to_string()), "{c:?}");
+        assert!(b.changes(&a).contains(&"route \"plant\" added".to_string()));
+        assert!(a.changes(&a).is_empty());
+    }
+
+    #[test]
+    fn secrets_are_masked_where_shown_and_kept_where_stored() {
+        let s = sources("alert_webhook_url = \"https://hooks.example/x?token=abc123\"\n", &[]);
+        let c = s.cluster();
+        assert!(c.to_toml().contains("abc123"));
+        assert!(!c.to_shown_toml().contains("abc123"), "{}", c.to_shown_toml());
+        assert!(!format!("{c:?}").contains("abc123"));
+        let cfg = Config::load(&s).expect("load");
+        assert!(!format!("{:?}", cfg.cluster_values()).contains("abc123"));
+    }
+}

@@ -1,0 +1,234 @@
+//! The cluster configuration a node runs: the active stored version over this host's node
+//! settings, read at start (a first start imports this node's own cluster settings as version 1)
+//! and applied live when a new version is announced.
+//!
+//! [`Active`] is published on a `watch` channel; each consumer applies it at its own boundary:
+//! the writer between batches, the ingest by (un)subscribing, alerts and retention on their next
+//! round, a new leadership term from the start.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use leasehold_config::cluster::version_origin;
+use leasehold_config::{ClusterSettings, Config, Mode};
+use leasehold_store::config::{self as stored, StoredConfig, CONFIG_CHANNEL};
+use leasehold_store::listener::Notice;
+use leasehold_store::routes::ResolvedRoute;
+use leasehold_store::Pool;
+use leasehold_telemetry::{events, ConfigStatus, NodeStatus};
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// What the node runs: the effective configuration and its routes, resolved against the catalog.
+#[derive(Clone)]
+pub struct Active {
+    /// `None`: the database holds no version (a node that may not import one).
+    pub version: Option<i64>,
+    pub cfg: Config,
+    pub routes: Vec<ResolvedRoute>,
+}
+
+pub type ActiveRx = watch::Receiver<Arc<Active>>;
+
+/// A missed NOTIFY (the LISTEN connection was down) is caught up within this.
+const POLL: Duration = Duration::from_secs(10);
+
+/// At start: the active version (a production node's first start on an empty table imports
+/// its own cluster settings as version 1), with the routes resolved. Any problem refuses the
+/// start, in one line naming the setting and the version.
+pub async fn start(own: &Config, pool: &Pool, status: &NodeStatus) -> anyhow::Result<Active> {
+    let c = leasehold_store::pooled(pool)
+        .await
+        .context("reading the cluster configuration")?;
+    let found = stored::active(&**c)
+        .await
+        .context("reading the cluster configuration")?;
+    let found = match found {
+        Some(s) => Some(s),
+        None if own.mode == Mode::Production => {
+            // What is imported must run: the routes are checked before they are stored.
+            crate::routes_cmd::check_at_start(own, pool).await?;
+            let by = format!("import by {}", own.instance_id);
+            let toml = own.own_cluster_settings().to_toml();
+            Some(stored::import(&**c, &toml, &by).await?)
+        }
+        None => None,
+    };
+    let active = match &found {
+        Some(s) => load(own, pool, s).await.map_err(anyhow::Error::msg)?,
+        None => Active {
+            version: None,
+            cfg: own.clone(),
+            routes: crate::routes_cmd::check_at_start(own, pool).await?,
+        },
+    };
+    let drift = report_drift(own, &active);
+    events::ConfigApplied {
+        version: active.version,
+        changes: &[],
+        live: false,
+    }
+    .emit();
+    status.set_config(ConfigStatus {
+        version: active.version,
+        latest: active.version,
+        drift,
+        problem: None,
+    });
+    Ok(active)
+}
+
+/// The stored version `s` over this host's node settings, its routes resolved; the error is one
+/// line naming what does not fit.
+async fn load(own: &Config, pool: &Pool, s: &StoredConfig) -> Result<Active, String> {
+    let origin = version_origin(s.version);
+    let cluster = ClusterSettings::parse(&s.settings, origin.clone()).map_err(|e| e.to_string())?;
+    let cfg = own
+        .with_cluster(&cluster, origin)
+        .map_err(|e| e.to_string())?;
+    let routes = crate::routes_cmd::check_at_start(&cfg, pool)
+        .await
+        .map_err(|e| format!("{e:#}"))?;
+    Ok(Active {
+        version: Some(s.version),
+        cfg,
+        routes,
+    })
+}
+
+/// Logs each of this host's own cluster settings that the running version overrides.
+fn report_drift(own: &Config, active: &Active) -> Vec<String> {
+    if active.version.is_none() {
+        return Vec::new();
+    }
+    let drift: Vec<String> = own
+        .drift(&active.cfg)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    for d in &drift {
+        events::ConfigDrift { drift: d }.emit();
+    }
+    drift
+}
+
+/// Follows the active version: on its NOTIFY (and every [`POLL`]) reads it, and publishes it
+/// when it runs here. A version that cannot run here is refused: the node keeps the one it
+/// runs, and says why (`/health`, the `config_outdated` alert).
+pub struct Watcher {
+    pub own: Config,
+    pub pool: Pool,
+    pub notices: broadcast::Receiver<Notice>,
+    pub tx: watch::Sender<Arc<Active>>,
+    pub status: NodeStatus,
+}
+
+impl Watcher {
+    pub async fn run(mut self, cancel: CancellationToken) -> anyhow::Result<()> {
+        let mut refused: Option<String> = None;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(POLL) => {}
+                n = self.notices.recv() => match n {
+                    Ok(Notice::Notify { channel, .. }) if channel != CONFIG_CHANNEL => continue,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    // The LISTEN task is gone (shutting down): the poll still runs.
+                    Err(broadcast::error::RecvError::Closed) => {
+                        self.notices = broadcast::channel(1).1;
+                    }
+                },
+            }
+            if let Err(e) = self.refresh(&mut refused).await {
+                tracing::debug!(error = %e, "reading the cluster configuration failed; retrying");
+            }
+        }
+    }
+
+    async fn refresh(&mut self, refused: &mut Option<String>) -> anyhow::Result<()> {
+        let c = leasehold_store::pooled(&self.pool).await?;
+        let Some(latest) = stored::active(&**c).await? else {
+            return Ok(());
+        };
+        drop(c);
+        let current = self.tx.borrow().clone();
+        if Some(latest.version) == current.version {
+            return Ok(());
+        }
+        match load(&self.own, &self.pool, &latest).await {
+            Ok(next) => {
+                *refused = None;
+                let changes = current.cfg.changes(&next.cfg);
+                events::ConfigApplied {
+                    version: next.version,
+                    changes: &changes,
+                    live: true,
+                }
+                .emit();
+                let drift = report_drift(&self.own, &next);
+                self.status.set_config(ConfigStatus {
+                    version: next.version,
+                    latest: next.version,
+                    drift,
+                    problem: None,
+                });
+                self.tx.send_replace(Arc::new(next));
+            }
+            Err(problem) => {
+                if refused.as_ref() != Some(&problem) {
+                    events::ConfigRefused {
+                        version: latest.version,
+                        running: current.version,
+                        error: &problem,
+                    }
+                    .emit();
+                }
+                let mut st = self.status.config();
+                st.latest = Some(latest.version);
+                st.problem = Some(problem.clone());
+                self.status.set_config(st);
+                *refused = Some(problem);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A channel of what `f` makes of the active configuration, kept up to date by a task of
+/// `tracker` until `cancel`: each consumer watches only its own part.
+pub fn derived<T>(
+    active: &ActiveRx,
+    f: fn(&Active) -> T,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) -> watch::Receiver<T>
+where
+    T: PartialEq + Send + Sync + 'static,
+{
+    let mut rx = active.clone();
+    let (tx, out) = watch::channel(f(&rx.borrow_and_update()));
+    let cancel = cancel.clone();
+    tracker.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let next = f(&rx.borrow_and_update());
+                    tx.send_if_modified(|v| {
+                        let changed = *v != next;
+                        if changed {
+                            *v = next;
+                        }
+                        changed
+                    });
+                }
+            }
+        }
+    });
+    out
+}

@@ -1,0 +1,314 @@
+//! `leasehold config`: the cluster's configuration versions in its database. Needs only the
+//! database: it works with every node stopped, and nodes apply a new version live.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Subcommand;
+use leasehold_config::cluster::{node_setting_refused, version_origin};
+use leasehold_config::{ClusterSettings, Config, Origin, Sources};
+use leasehold_store::config::{self as stored, ApplyError, NewVersion, StoredConfig};
+use leasehold_store::Client;
+
+use crate::cli::EXIT_CONFIG;
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Check FILE's cluster settings and routes (against the database's catalog), then store
+    /// them as the new active version. One line per problem and exit 2 on any; nothing stored.
+    Apply {
+        /// TOML with cluster settings and [[routes]] only (node settings are refused).
+        #[arg(required_unless_present = "version", conflicts_with = "version")]
+        file: Option<PathBuf>,
+        /// Apply a stored version again as the new one (a rollback).
+        #[arg(long)]
+        version: Option<i64>,
+        /// Check and show what would change; store nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Print the active version (or --version N) as TOML, secrets masked.
+    Show {
+        #[arg(long)]
+        version: Option<i64>,
+        /// Every cluster setting's effective value, machine-readable.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every version: when, by whom, what changed.
+    History {
+        #[arg(long)]
+        json: bool,
+    },
+    /// What FILE would change against the active version.
+    Diff { file: PathBuf },
+}
+
+pub async fn command(cfg: &Config, cmd: ConfigCommand) -> anyhow::Result<ExitCode> {
+    let url = cfg.require_database_url()?;
+    let mut c = leasehold_store::connect(url, "leasehold-config")
+        .await
+        .with_context(|| format!("cannot connect to {}", leasehold_config::redact_url(url)))?;
+    // Works before any node ever started: the table may not exist yet.
+    leasehold_store::migrate(&mut c).await?;
+    match cmd {
+        ConfigCommand::Apply {
+            file,
+            version,
+            dry_run,
+        } => apply(cfg, &c, file.as_deref(), version, dry_run).await,
+        ConfigCommand::Show { version, json } => show(&c, version, json).await,
+        ConfigCommand::History { json } => history(&c, json).await,
+        ConfigCommand::Diff { file } => diff(&c, &file).await,
+    }
+}
+
+/// Reads a file given to `apply` or `diff`: its cluster settings, or one line per problem.
+fn read_file(path: &Path) -> Result<ClusterSettings, Vec<String>> {
+    let origin = Origin::File(path.display().to_string());
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| vec![format!("cannot read {}: {e}", path.display())])?;
+    let sources = Sources::from_toml(&text, origin.clone()).map_err(|e| vec![e.to_string()])?;
+    let node: Vec<String> = sources
+        .node_settings_set()
+        .into_iter()
+        .map(|(key, _)| node_setting_refused(key, &origin).to_string())
+        .collect();
+    match node.is_empty() {
+        true => Ok(sources.cluster()),
+        false => Err(node),
+    }
+}
+
+/// Every problem of `new` as this host would run it: each setting alone, then together (rules
+/// between settings, routes), then the routes against the catalog.
+async fn check(
+    cfg: &Config,
+    c: &Client,
+    new: &ClusterSettings,
+    origin: &Origin,
+) -> anyhow::Result<Result<Config, Vec<String>>> {
+    let mut problems: Vec<String> = Vec::new();
+    for key in new.keys() {
+        if let Err(e) = cfg.with_cluster(&new.only(key), origin.clone()) {
+            problems.push(e.to_string());
+        }
+    }
+    let whole = match cfg.with_cluster(new, origin.clone()) {
+        Ok(whole) => whole,
+        Err(e) => {
+            let line = e.to_string();
+            if !problems.contains(&line) {
+                problems.push(line);
+            }
+            return Ok(Err(problems));
+        }
+    };
+    let (_, route_problems) = leasehold_store::routes::resolve(c, &whole.routes).await?;
+    problems.extend(route_problems.iter().map(ToString::to_string));
+    Ok(match problems.is_empty() {
+        true => Ok(whole),
+        false => Err(problems),
+    })
+}
+
+fn refuse(lines: &[String]) -> ExitCode {
+    for l in lines {
+        eprintln!(
+            "leasehold: config apply refused: {}",
+            leasehold_config::redact(l)
+        );
+    }
+    ExitCode::from(EXIT_CONFIG)
+}
+
+/// The active version's effective settings (defaults when none is stored).
+fn effective(active: Option<&StoredConfig>) -> anyhow::Result<Config> {
+    let cluster = match active {
+        Some(s) => ClusterSettings::parse(&s.settings, version_origin(s.version))?,
+        None => ClusterSettings::default(),
+    };
+    let origin = active.map_or(Origin::Default, |s| version_origin(s.version));
+    Ok(cluster.effective(origin)?)
+}
+
+async fn apply(
+    cfg: &Config,
+    c: &Client,
+    file: Option<&Path>,
+    from_version: Option<i64>,
+    dry_run: bool,
+) -> anyhow::Result<ExitCode> {
+    let (new, origin) = match (file, from_version) {
+        (Some(path), _) => match read_file(path) {
+            Ok(new) => (new, Origin::File(path.display().to_string())),
+            Err(lines) => return Ok(refuse(&lines)),
+        },
+        (None, Some(v)) => match stored::version(c, v).await? {
+            Some(s) => (
+                ClusterSettings::parse(&s.settings, version_origin(v))?,
+                version_origin(v),
+            ),
+            None => return Ok(refuse(&[format!("there is no version {v}")])),
+        },
+        (None, None) => return Ok(refuse(&["give a FILE or --version N".into()])),
+    };
+    let new_cfg = match check(cfg, c, &new, &origin).await? {
+        Ok(n) => n,
+        Err(lines) => return Ok(refuse(&lines)),
+    };
+    let active = stored::active(c).await?;
+    let changes = effective(active.as_ref())?.changes(&new_cfg);
+    let after = active.as_ref().map(|a| a.version);
+    if changes.is_empty() && active.is_some() {
+        println!(
+            "no change: this is what version {} already says; nothing stored",
+            after.unwrap_or(0)
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    for line in &changes {
+        println!("  {line}");
+    }
+    if dry_run {
+        println!("dry run: every check passed; nothing stored");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let by = applied_by();
+    let summary = match from_version {
+        Some(v) => format!("rollback to version {v}\n{}", changes.join("\n")),
+        None => changes.join("\n"),
+    };
+    let res = stored::apply(
+        c,
+        &NewVersion {
+            after,
+            settings: &new.to_toml(),
+            applied_by: &by,
+            changes: &summary,
+        },
+    )
+    .await;
+    match res {
+        Ok(v) => {
+            println!("version {v} applied by {by}; every node runs it within seconds (leasehold status shows each node's version)");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e @ ApplyError::Conflict { .. }) => Ok(refuse(&[e.to_string()])),
+        Err(ApplyError::Store(e)) => Err(e.into()),
+    }
+}
+
+/// `user@host` of whoever runs the command.
+fn applied_by() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into());
+    let host = hostname::get()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "unknown".into());
+    format!("{user}@{host}")
+}
+
+async fn show(c: &Client, version: Option<i64>, json: bool) -> anyhow::Result<ExitCode> {
+    let found = match version {
+        Some(v) => stored::version(c, v).await?,
+        None => stored::active(c).await?,
+    };
+    let Some(s) = found else {
+        eprintln!(
+            "leasehold: {}",
+            match version {
+                Some(v) => format!("there is no version {v}"),
+                None => "no cluster configuration is stored yet: the first production node to start imports its own settings as version 1, or use `leasehold config apply FILE`".into(),
+            }
+        );
+        return Ok(ExitCode::FAILURE);
+    };
+    let cluster = ClusterSettings::parse(&s.settings, version_origin(s.version))?;
+    if json {
+        let cfg = cluster.effective(version_origin(s.version))?;
+        let settings: serde_json::Map<String, serde_json::Value> = cfg
+            .cluster_values()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), serde_json::Value::String(v)))
+            .collect();
+        let body = serde_json::json!({
+            "version": s.version,
+            "applied_at": s.applied_at.to_rfc3339(),
+            "applied_by": s.applied_by,
+            "settings": settings,
+            "set": cluster.keys().collect::<Vec<_>>(),
+            "routes": cfg.routes.iter().map(|r| &r.name).collect::<Vec<_>>(),
+            "toml": cluster.to_shown_toml(),
+        });
+        println!("{}", serde_json::to_string_pretty(&body)?);
+    } else {
+        println!(
+            "# cluster configuration version {}, applied {} by {}",
+            s.version,
+            s.applied_at.format("%Y-%m-%d %H:%M:%S UTC"),
+            s.applied_by
+        );
+        print!("{}", cluster.to_shown_toml());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn history(c: &Client, json: bool) -> anyhow::Result<ExitCode> {
+    let all = stored::history(c).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if all.is_empty() {
+        println!("no cluster configuration is stored yet");
+    }
+    for s in &all {
+        println!(
+            "version {:<4} {}  {}",
+            s.version,
+            s.applied_at.format("%Y-%m-%d %H:%M:%S UTC"),
+            s.applied_by
+        );
+        for line in s.changes.lines() {
+            println!("    {}", leasehold_config::redact(line));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn diff(c: &Client, file: &Path) -> anyhow::Result<ExitCode> {
+    let new = match read_file(file) {
+        Ok(new) => new,
+        Err(lines) => {
+            for l in lines {
+                eprintln!("leasehold: config diff: {l}");
+            }
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    let new_cfg = match new.effective(Origin::File(file.display().to_string())) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("leasehold: config diff: {e}");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    let active = stored::active(c).await?;
+    let changes = effective(active.as_ref())?.changes(&new_cfg);
+    let against = active.map_or("the defaults (no version stored)".into(), |a| {
+        format!("version {}", a.version)
+    });
+    if changes.is_empty() {
+        println!("no difference against {against}");
+    } else {
+        println!("against {against}:");
+        for line in &changes {
+            println!("  {line}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
