@@ -6,6 +6,7 @@ mod helpers;
 
 mod alerting;
 mod chaos;
+mod cluster_config;
 mod components;
 mod corpus;
 mod dbfailover;

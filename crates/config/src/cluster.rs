@@ -236,7 +236,11 @@ impl Config {
     /// What changes from `self` to `after`: one line per setting and per route.
     pub fn changes(&self, after: &Config) -> Vec<String> {
         let mut out = Vec::new();
-        for ((key, a), (_, b)) in self.cluster_values().into_iter().zip(after.cluster_values()) {
+        for ((key, a), (_, b)) in self
+            .cluster_values()
+            .into_iter()
+            .zip(after.cluster_values())
+        {
             if a != b {
                 out.push(format!("{key}: {} -> {}", shown(&a), shown(&b)));
             }
@@ -314,7 +318,11 @@ mod tests {
     fn uuid_like() -> String {
         use std::sync::atomic::{AtomicU64, Ordering};
         static N: AtomicU64 = AtomicU64::new(0);
-        format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+        format!(
+            "{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        )
     }
 
     const ROUTES: &str = r#"
@@ -344,7 +352,11 @@ temp = "$.temp"
         let text = cluster.to_toml();
         let again = ClusterSettings::parse(&text, Origin::Cluster("version 1".into()))
             .expect("stored form parses");
-        assert_eq!(again.to_toml(), text, "canonical: a second round is identical");
+        assert_eq!(
+            again.to_toml(),
+            text,
+            "canonical: a second round is identical"
+        );
         let a = Config::load(&s).expect("load");
         let none = Sources::gather(None, Vec::new(), Vec::new()).expect("empty");
         let b = Config::load(&none.with_cluster(&again, Origin::Cluster("version 1".into())))
@@ -352,7 +364,11 @@ temp = "$.temp"
         assert_eq!(a.cluster_values(), b.cluster_values());
         assert_eq!(a.routes, b.routes, "columns keep their order");
         assert_eq!(
-            a.routes[0].columns.iter().map(|c| c.0.as_str()).collect::<Vec<_>>(),
+            a.routes[0]
+                .columns
+                .iter()
+                .map(|c| c.0.as_str())
+                .collect::<Vec<_>>(),
             ["ts", "device", "weird name", "temp"]
         );
     }
@@ -365,13 +381,19 @@ temp = "$.temp"
         )
         .expect_err("refused");
         let line = e.to_string();
-        assert!(line.contains("DATABASE_URL") && line.contains("node setting"), "{line}");
+        assert!(
+            line.contains("DATABASE_URL") && line.contains("node setting"),
+            "{line}"
+        );
         assert!(!line.contains("secret"), "{line}");
     }
 
     #[test]
     fn the_cluster_version_overrides_this_hosts_cluster_settings_and_keeps_its_node_settings() {
-        let own = sources("mqtt_topics = \"mine/#\"\nlease_ttl = \"12s\"\n", &[("STALE_WARNING", "1m")]);
+        let own = sources(
+            "mqtt_topics = \"mine/#\"\nlease_ttl = \"12s\"\n",
+            &[("STALE_WARNING", "1m")],
+        );
         let stored = ClusterSettings::parse(
             "mqtt_topics = \"theirs/#\"\n",
             Origin::Cluster("version 4".into()),
@@ -380,8 +402,16 @@ temp = "$.temp"
         let cfg = Config::load(&own.with_cluster(&stored, Origin::Cluster("version 4".into())))
             .expect("load");
         assert_eq!(cfg.mqtt_topics, ["theirs/#"]);
-        assert_eq!(cfg.stale_warning, std::time::Duration::from_secs(300), "unset: the default, not this host's");
-        assert_eq!(cfg.lease.ttl, std::time::Duration::from_secs(12), "node setting kept");
+        assert_eq!(
+            cfg.stale_warning,
+            std::time::Duration::from_secs(300),
+            "unset: the default, not this host's"
+        );
+        assert_eq!(
+            cfg.lease.ttl,
+            std::time::Duration::from_secs(12),
+            "node setting kept"
+        );
         let own_cfg = Config::load(&own).expect("own");
         let d = drift(&own, &own_cfg, &cfg);
         let names: Vec<&str> = d.iter().map(|d| d.setting.as_str()).collect();
@@ -392,9 +422,11 @@ temp = "$.temp"
     #[test]
     fn an_equal_value_written_differently_is_not_drift() {
         let own = sources("stale_warning = \"300s\"\n", &[]);
-        let stored = ClusterSettings::parse("stale_warning = \"5m\"\n", Origin::Cluster("v".into()))
-            .expect("parse");
-        let active = Config::load(&own.with_cluster(&stored, Origin::Cluster("v".into()))).expect("load");
+        let stored =
+            ClusterSettings::parse("stale_warning = \"5m\"\n", Origin::Cluster("v".into()))
+                .expect("parse");
+        let active =
+            Config::load(&own.with_cluster(&stored, Origin::Cluster("v".into()))).expect("load");
         let own_cfg = Config::load(&own).expect("own");
         assert!(drift(&own, &own_cfg, &active).is_empty());
     }
@@ -402,12 +434,18 @@ temp = "$.temp"
     #[test]
     fn a_stored_bad_value_names_the_setting_and_the_version() {
         let own = sources("", &[]);
-        let stored = ClusterSettings::parse("batch_max_rows = \"many\"\n", Origin::Cluster("version 7".into()))
-            .expect("parse keeps text");
+        let stored = ClusterSettings::parse(
+            "batch_max_rows = \"many\"\n",
+            Origin::Cluster("version 7".into()),
+        )
+        .expect("parse keeps text");
         let e = Config::load(&own.with_cluster(&stored, Origin::Cluster("version 7".into())))
             .expect_err("refused");
         let line = e.to_string();
-        assert!(line.contains("BATCH_MAX_ROWS") && line.contains("cluster configuration version 7"), "{line}");
+        assert!(
+            line.contains("BATCH_MAX_ROWS") && line.contains("cluster configuration version 7"),
+            "{line}"
+        );
     }
 
     #[test]
@@ -415,8 +453,16 @@ temp = "$.temp"
         let a = Config::load(&sources(ROUTES, &[])).expect("a");
         let b = Config::load(&sources("mqtt_topics = \"devices/+/telemetry\"\n", &[])).expect("b");
         let c = a.changes(&b);
-        assert!(c.iter().any(|l| l.starts_with("MQTT_TOPICS: devices/+/telemetry,extra/+/data -> devices/+/telemetry")), "{c:?}");
-        assert!(c.iter().any(|l| l.starts_with("STALE_WARNING: 2m -> 5m")), "{c:?}");
+        assert!(
+            c.iter().any(|l| l.starts_with(
+                "MQTT_TOPICS: devices/+/telemetry,extra/+/data -> devices/+/telemetry"
+            )),
+            "{c:?}"
+        );
+        assert!(
+            c.iter().any(|l| l.starts_with("STALE_WARNING: 2m -> 5m")),
+            "{c:?}"
+        );
         assert!(c.contains(&"route \"plant\" removed".to_string()), "{c:?}");
         assert!(b.changes(&a).contains(&"route \"plant\" added".to_string()));
         assert!(a.changes(&a).is_empty());
@@ -424,10 +470,17 @@ temp = "$.temp"
 
     #[test]
     fn secrets_are_masked_where_shown_and_kept_where_stored() {
-        let s = sources("alert_webhook_url = \"https://hooks.example/x?token=abc123\"\n", &[]);
+        let s = sources(
+            "alert_webhook_url = \"https://hooks.example/x?token=abc123\"\n",
+            &[],
+        );
         let c = s.cluster();
         assert!(c.to_toml().contains("abc123"));
-        assert!(!c.to_shown_toml().contains("abc123"), "{}", c.to_shown_toml());
+        assert!(
+            !c.to_shown_toml().contains("abc123"),
+            "{}",
+            c.to_shown_toml()
+        );
         assert!(!format!("{c:?}").contains("abc123"));
         let cfg = Config::load(&s).expect("load");
         assert!(!format!("{:?}", cfg.cluster_values()).contains("abc123"));

@@ -30,8 +30,8 @@ pub mod routes;
 mod settings;
 mod sources;
 
-pub use redact::{is_secret_name, redact, redact_url, LIBPQ_KEYWORDS, MASK};
 pub use cluster::{is_cluster_setting, ClusterSettings, Drift, CLUSTER_SETTINGS};
+pub use redact::{is_secret_name, redact, redact_url, LIBPQ_KEYWORDS, MASK};
 pub use routes::{OnConflict, PathStep, RouteSpec, Source};
 pub use settings::{Keys, KEYS, SETTINGS};
 pub use sources::Sources;

@@ -9,8 +9,8 @@ use figment::value::{Dict, Empty, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 
 use crate::routes::{self, RawRoutes, RouteSpec};
-use crate::ClusterSettings;
 use crate::settings::{env_of, path_of, Settings};
+use crate::ClusterSettings;
 use crate::{redact, shown_value, ConfigError, Origin};
 
 /// The merged layers before parsing.

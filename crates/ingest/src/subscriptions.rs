@@ -576,8 +576,8 @@ impl Subscriptions {
                 let room = room - packets.len();
                 // Removed filters wait until the added ones are granted (or refused): a filter
                 // replaced by a wider one never leaves a gap in which nothing matches.
-                let subscribing = !packets.is_empty()
-                    || self.chunks.values().any(|c| c.kind == Kind::Subscribe);
+                let subscribing =
+                    !packets.is_empty() || self.chunks.values().any(|c| c.kind == Kind::Subscribe);
                 if room > 0 && self.devices_known && !subscribing {
                     let unsubscribe: Vec<String> = self
                         .extra

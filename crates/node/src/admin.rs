@@ -59,6 +59,85 @@ struct Report {
     /// How the database replicates commits, or why that could not be read.
     replication: Result<leasehold_store::replication::ReplicationStatus, String>,
     routes: Vec<RouteLine>,
+    /// The active cluster configuration, and where this host's own settings differ from it.
+    config: ConfigView,
+}
+
+/// The active cluster configuration as `status` shows it.
+#[derive(Serialize)]
+struct ConfigView {
+    version: Option<i64>,
+    applied_at: Option<String>,
+    applied_by: Option<String>,
+    /// This host's own cluster settings that the active version overrides.
+    drift: Vec<String>,
+    /// Why the active version could not be read with this host's node settings.
+    error: Option<String>,
+}
+
+impl ConfigView {
+    /// The active version over `cfg`'s node settings (what a node on this host would run), or
+    /// `cfg` itself when there is none or it does not load here.
+    async fn read(
+        c: &leasehold_store::Client,
+        cfg: &Config,
+    ) -> anyhow::Result<(ConfigView, Config)> {
+        let Some(s) = leasehold_store::config::active(c).await? else {
+            let view = ConfigView {
+                version: None,
+                applied_at: None,
+                applied_by: None,
+                drift: Vec::new(),
+                error: None,
+            };
+            return Ok((view, cfg.clone()));
+        };
+        let origin = leasehold_config::cluster::version_origin(s.version);
+        let loaded = leasehold_config::ClusterSettings::parse(&s.settings, origin.clone())
+            .and_then(|cluster| cfg.with_cluster(&cluster, origin));
+        let (effective, error) = match loaded {
+            Ok(e) => (e, None),
+            Err(e) => (cfg.clone(), Some(e.to_string())),
+        };
+        let view = ConfigView {
+            version: Some(s.version),
+            applied_at: Some(s.applied_at.format("%Y-%m-%d %H:%M:%S UTC").to_string()),
+            applied_by: Some(s.applied_by),
+            drift: cfg
+                .drift(&effective)
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            error,
+        };
+        Ok((view, effective))
+    }
+
+    fn print(&self, nodes: &[queries::NodeRow]) {
+        match (self.version, &self.applied_at, &self.applied_by) {
+            (Some(v), Some(at), Some(by)) => {
+                let running: Vec<String> = nodes
+                    .iter()
+                    .filter(|n| n.alive)
+                    .map(|n| match n.config_version {
+                        Some(nv) => format!("{} runs {nv}", n.instance_id),
+                        None => format!("{} runs none", n.instance_id),
+                    })
+                    .collect();
+                println!(
+                    "CONFIG   cluster configuration version {v} (applied {at} by {by}); {}",
+                    if running.is_empty() { "no node alive".to_string() } else { running.join(", ") }
+                );
+            }
+            _ => println!("CONFIG   no cluster configuration stored yet (the first production node imports its own)"),
+        }
+        if let Some(e) = &self.error {
+            println!("WARNING  the active configuration does not run with this host's node settings: {e}");
+        }
+        for d in &self.drift {
+            println!("WARNING  this host: {d}");
+        }
+    }
 }
 
 /// `status --json`: the cluster report `/cluster` shows, and what only `status` adds.
@@ -169,8 +248,10 @@ impl Report {
             .await
             .map_err(|e| e.database_text());
         let dead = queries::dead_letters_by_route(c, DEAD_LETTERS_WITHIN_SECS).await?;
+        let (config, effective) = ConfigView::read(c, cfg).await?;
         Ok(Report {
-            routes: RouteLine::all(cfg, &dead),
+            routes: RouteLine::all(&effective, &dead),
+            config,
             replication,
             report,
             age,
@@ -200,6 +281,7 @@ impl Report {
                 Err(e) => json!({"error": e}),
             },
             "routes": self.routes,
+            "config": self.config,
         });
         StatusJson {
             report: &self.report,
@@ -245,6 +327,7 @@ impl Report {
         for n in self.report.nodes.iter().take(20) {
             print_node(n);
         }
+        self.config.print(&self.report.nodes);
         for w in &cluster.warnings {
             println!("WARNING  {w}");
         }
@@ -294,7 +377,7 @@ fn print_node(n: &queries::NodeRow) {
         _ => String::new(),
     };
     println!(
-        "  {:<20} {:<9} {:<12} {:<6} {:<13} seen {:.1}s ago  v{}  {}{client_id}",
+        "  {:<20} {:<9} {:<12} {:<6} {:<13} seen {:.1}s ago  v{}  config {}  {}{client_id}",
         n.instance_id,
         n.role,
         n.mode,
@@ -306,6 +389,7 @@ fn print_node(n: &queries::NodeRow) {
         },
         n.last_seen_seconds_ago,
         n.version,
+        n.config_version.map_or("-".into(), |v| v.to_string()),
         n.http_url.as_deref().unwrap_or("-")
     );
 }

@@ -271,11 +271,8 @@ impl Wiring {
             let _ = ev.run(token).await;
         });
         if cfg.mode == Mode::Production {
-            self.tracker.spawn(retention(
-                self.active.clone(),
-                &db.url,
-                self.root.clone(),
-            ));
+            self.tracker
+                .spawn(retention(self.active.clone(), &db.url, self.root.clone()));
         }
         Ok(Some(alerts))
     }

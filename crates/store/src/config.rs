@@ -96,7 +96,13 @@ pub async fn apply(c: &impl GenericClient, new: &NewVersion<'_>) -> Result<i64, 
              INSERT INTO cluster_config (version, settings, applied_by, changes)
              VALUES ($1, $2, $3, $4) ON CONFLICT (version) DO NOTHING RETURNING version)
          SELECT version, pg_notify($5, version::text) FROM ins",
-        &[&next, &new.settings, &new.applied_by, &new.changes, &CONFIG_CHANNEL],
+        &[
+            &next,
+            &new.settings,
+            &new.applied_by,
+            &new.changes,
+            &CONFIG_CHANNEL,
+        ],
         |r| r.try_get::<_, i64>("version"),
     )
     .await?;

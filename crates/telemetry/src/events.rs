@@ -624,6 +624,11 @@ pub struct ConfigRefused<'a> {
 }
 impl ConfigRefused<'_> {
     pub fn emit(self) {
-        tracing::error!(version = self.version, running = self.running.unwrap_or(0), error = self.error, "cluster configuration version cannot run on this node; keeping the one it runs");
+        tracing::error!(
+            version = self.version,
+            running = self.running.unwrap_or(0),
+            error = self.error,
+            "cluster configuration version cannot run on this node; keeping the one it runs"
+        );
     }
 }

@@ -15,7 +15,8 @@ pub mod replication;
 pub mod status;
 
 pub use status::{
-    Check, CheckLevel, Checks, ConfigStatus, FailedSubscription, NodeStatus, Status, SubscriptionStatus,
+    Check, CheckLevel, Checks, ConfigStatus, FailedSubscription, NodeStatus, Status,
+    SubscriptionStatus,
 };
 
 use std::sync::{Mutex, OnceLock};

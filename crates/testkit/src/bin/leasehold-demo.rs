@@ -2,10 +2,12 @@
 //! nodes and two device simulators — with a status line every few seconds. Ctrl-C stops
 //! everything.
 //!
-//! Two routes run side by side: the default route (`devices/+/telemetry` into Leasehold's own
-//! `telemetry`) and a route into a table the operator already owns, shaped like the
+//! The nodes start with the default route only (`devices/+/telemetry` into Leasehold's own
+//! `telemetry`); the first imports its settings as the cluster configuration's version 1. Ten
+//! seconds in, the demo adds a second route live with `leasehold config apply
+//! .demo/cluster.toml`, no node restarted: into a table the operator already owns, shaped like the
 //! `equipamentos_dados` of the system Leasehold replaces (`equipamentos/+/dados`, key
-//! `(equipamento_id, timestamp_dados)`), configured in `.demo/leasehold.toml`.
+//! `(equipamento_id, timestamp_dados)`), and starts that route's devices.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -26,9 +28,13 @@ const EQUIPMENT_TABLE: &str = "CREATE TABLE IF NOT EXISTS equipamentos_dados (
     processed_by    text,
     UNIQUE (equipamento_id, timestamp_dados))";
 
-/// The demo's configuration file: one route into that table; the default route stays.
-const ROUTES: &str = r#"# Written by `make demo`. Messages on equipamentos/+/dados go into the operator's own table;
-# everything else subscribed (devices/+/telemetry) goes to the default route, Leasehold's telemetry.
+/// The cluster configuration the demo applies live: one route into that table; the default
+/// route stays.
+const ROUTES: &str = r#"# Written by `make demo` and applied with `leasehold config apply` while the nodes run.
+# Messages on equipamentos/+/dados go into the operator's own table; everything else subscribed
+# (devices/+/telemetry) goes to the default route, Leasehold's telemetry.
+mqtt_topics = ["devices/+/telemetry"]
+
 [[routes]]
 name = "equipment"
 topics = ["equipamentos/+/dados"]
@@ -88,35 +94,48 @@ async fn main() -> Result<()> {
         &logs.join("simulator.log"),
         &["--devices", "20", "--rate", "50", "--invalid-every", "500"],
     )?;
-    let mut sim_equipment = simulator(
-        &bin,
-        &c.mq.url(),
-        &logs.join("simulator-equipamentos.log"),
-        &[
-            "--devices",
-            "5",
-            "--rate",
-            "10",
-            "--topic",
-            "equipamentos/{device}/dados",
-        ],
-    )?;
     print_banner(&c, &bin, &config, &logs);
 
     let db = c.pg.client().await?;
     let mut tick = tokio::time::interval(Duration::from_secs(3));
+    let started = std::time::Instant::now();
+    let mut sim_equipment: Option<tokio::process::Child> = None;
     loop {
+        let equipment_stopped = async {
+            match sim_equipment.as_mut() {
+                Some(s) => s.wait().await.map(|_| ()),
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = sim.wait() => { eprintln!("demo: simulator stopped"); break; }
-            _ = sim_equipment.wait() => { eprintln!("demo: equipment simulator stopped"); break; }
+            _ = equipment_stopped => { eprintln!("demo: equipment simulator stopped"); break; }
             _ = tick.tick() => {}
         }
         println!("{}", progress(&mut c, &db).await);
+        if sim_equipment.is_none() && started.elapsed() >= Duration::from_secs(10) {
+            add_route_live(&c, &bin, &config).await?;
+            sim_equipment = Some(simulator(
+                &bin,
+                &c.mq.url(),
+                &logs.join("simulator-equipamentos.log"),
+                &[
+                    "--devices",
+                    "5",
+                    "--rate",
+                    "10",
+                    "--topic",
+                    "equipamentos/{device}/dados",
+                ],
+            )?);
+        }
     }
     eprintln!("demo: stopping nodes, simulator, Mosquitto and PostgreSQL");
     let _ = sim.kill().await;
-    let _ = sim_equipment.kill().await;
+    if let Some(mut s) = sim_equipment {
+        let _ = s.kill().await;
+    }
     for n in &c.nodes {
         n.signal(libc::SIGTERM);
     }
@@ -145,8 +164,8 @@ async fn start(root: &Path, bin: &Path) -> Result<(Cluster, PathBuf, PathBuf)> {
         .batch_execute(EQUIPMENT_TABLE)
         .await
         .context("creating equipamentos_dados")?;
-    let config = root.join("leasehold.toml");
-    std::fs::write(&config, ROUTES).context("writing the demo's routes")?;
+    let config = root.join("cluster.toml");
+    std::fs::write(&config, ROUTES).context("writing the demo's cluster configuration")?;
     let logs = root.join("logs");
     std::fs::create_dir_all(&logs)?;
     // The logs of earlier runs stay: a node appends to its log.
@@ -156,13 +175,60 @@ async fn start(root: &Path, bin: &Path) -> Result<(Cluster, PathBuf, PathBuf)> {
         ("LEASE_POLL_INTERVAL", "500ms".into()),
         ("LOG_FORMAT", "pretty".into()),
         ("LOG_LEVEL", "info".into()),
-        ("LEASEHOLD_CONFIG", config.display().to_string()),
     ];
     for (name, port) in [("node-a", 8081), ("node-b", 8082)] {
         let port = port_or_free(port);
         c.spawn_with(name, &[("HTTP_ADDR", format!("127.0.0.1:{port}"))])?;
     }
     Ok((c, config, logs))
+}
+
+/// `leasehold config apply` of the demo's route while the nodes run, then waits until every node
+/// runs the active version (each node's `/health`).
+async fn add_route_live(c: &Cluster, bin: &Path, config: &Path) -> Result<()> {
+    eprintln!(
+        "demo: adding the route \"equipment\" live: {} config apply {}",
+        bin.display(),
+        config.display()
+    );
+    let out = tokio::process::Command::new(bin)
+        .args(["config", "apply"])
+        .arg(config)
+        .env("DATABASE_URL", c.pg.url())
+        .output()
+        .await?;
+    eprint!("{}", String::from_utf8_lossy(&out.stdout));
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(out.status.success(), "config apply failed");
+    let ports: Vec<u16> = c.nodes.iter().map(|n| n.http_port()).collect();
+    leasehold_testkit::eventually(
+        Duration::from_secs(30),
+        "every node runs the new version",
+        || {
+            let ports = ports.clone();
+            let db = c.pg.client();
+            async move {
+                let active: Option<i64> = db
+                    .await?
+                    .query_one("SELECT max(version) FROM cluster_config", &[])
+                    .await?
+                    .get(0);
+                for p in ports {
+                    let (_, body) = http(p, "GET", "/health").await?;
+                    let h: serde_json::Value = serde_json::from_str(&body)?;
+                    if h["config"]["version"].as_i64() != active {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            }
+        },
+    )
+    .await?;
+    eprintln!(
+        "demo: every node runs it, none restarted; starting 5 devices on equipamentos/+/dados"
+    );
+    Ok(())
 }
 
 /// Publishing starts once a leader's shared session is subscribed, so the broker queues every
@@ -206,18 +272,14 @@ fn print_banner(c: &Cluster, bin: &Path, config: &Path, logs: &Path) {
         );
     }
     println!("  simulator   20 devices, 50 msg/s on devices/+/telemetry, every 500th message malformed (dead letter); log {}/simulator.log", logs.display());
-    println!("  simulator   5 devices, 10 msg/s on equipamentos/+/dados; log {}/simulator-equipamentos.log", logs.display());
-    println!(
-        "  routes      {} (default route: telemetry; route \"equipment\": equipamentos_dados)",
-        config.display()
-    );
+    println!("  in 10 s     `leasehold config apply {}` adds the route \"equipment\" (into equipamentos_dados) live,", config.display());
+    println!("              then 5 devices publish 10 msg/s on equipamentos/+/dados; log {}/simulator-equipamentos.log", logs.display());
     println!();
     println!("Watch failover: kill -9 the leader's pid below; the other node takes over within LEASE_TTL (6s) + poll.");
     println!("  {} status --database-url '{}'", bin.display(), c.pg.url());
     println!(
-        "  {} routes --config {} --database-url '{}'",
+        "  {} config history --database-url '{}'",
         bin.display(),
-        config.display(),
         c.pg.url()
     );
     println!(
