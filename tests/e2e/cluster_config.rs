@@ -84,7 +84,7 @@ async fn config_works_with_every_node_stopped_and_a_node_runs_the_stored_version
         let lines: Vec<&str> = err.lines().collect();
         ensure!(lines.len() >= 2, "one line per problem: {err}");
         ensure!(err.contains("BATCH_MAX_ROWS") && err.contains("STALE_WARNING"), "{err}");
-        let routed = write(&c, "route.toml", "[[routes]]\nname = \"plant\"\ntopics = [\"plant/+/data\"]\ntable = \"no_such_table\"\n[routes.columns]\nts = \"timestamp\"\n")?;
+        let routed = write(&c, "route.toml", "[[routes]]\nname = \"plant\"\ntopics = [\"plant/+/data\"]\ntable = \"no_such_table\"\nkey = [\"ts\"]\n[routes.columns]\nts = \"timestamp\"\n")?;
         let (code, _, err) = out(&c.cli(&["config", "apply", &routed])?);
         ensure!(code == 2 && err.contains("plant") && err.contains("no_such_table"), "exit {code}: {err}");
         ensure!(versions(&c).await?.is_empty(), "a refused apply stored a version");
@@ -209,6 +209,7 @@ batch_max_rows = 200
 name = "extra"
 topics = ["extra/+/data"]
 table = "extra_readings"
+key = ["device", "ts"]
 [routes.columns]
 device = "topic[1]"
 ts = "timestamp"
@@ -364,7 +365,7 @@ async fn an_installation_of_the_previous_schema_with_routes_keeps_working() {
         let file = write(
             &c,
             "routes.toml",
-            "mqtt_topics = \"devices/+/telemetry\"\n[[routes]]\nname = \"plant\"\ntopics = [\"plant/+/data\"]\ntable = \"plant\"\n[routes.columns]\ndevice = \"topic[1]\"\nts = \"timestamp\"\ntemp = \"$.temp\"\n",
+            "mqtt_topics = \"devices/+/telemetry\"\n[[routes]]\nname = \"plant\"\ntopics = [\"plant/+/data\"]\ntable = \"plant\"\nkey = [\"device\", \"ts\"]\n[routes.columns]\ndevice = \"topic[1]\"\nts = \"timestamp\"\ntemp = \"$.temp\"\n",
         )?;
         c.spawn_args("a", &["--config", &file], &[])?;
         c.wait_leader().await?;
