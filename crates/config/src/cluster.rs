@@ -469,6 +469,42 @@ temp = "$.temp"
     }
 
     #[test]
+    fn every_cluster_setting_is_a_setting_and_rendered_once_in_order() {
+        let cfg = Config::load(&sources("", &[])).expect("defaults");
+        let rendered: Vec<&str> = cfg.cluster_values().iter().map(|(k, _)| *k).collect();
+        assert_eq!(rendered, CLUSTER_SETTINGS);
+        for key in CLUSTER_SETTINGS {
+            assert!(crate::KEYS.contains(key), "{key} is not a setting");
+        }
+        let docs = include_str!("../../../docs/configuration.md");
+        let cluster_table = docs
+            .split("### Cluster settings")
+            .nth(1)
+            .and_then(|t| t.split("## ").next())
+            .expect("docs/configuration.md has a cluster settings table");
+        let node_table = docs
+            .split("### Node settings")
+            .nth(1)
+            .and_then(|t| t.split("### Cluster settings").next())
+            .expect("docs/configuration.md has a node settings table");
+        for key in crate::KEYS.iter() {
+            let row = format!("`{key}`");
+            let (want, other) = match is_cluster_setting(key) {
+                true => (cluster_table, node_table),
+                false => (node_table, cluster_table),
+            };
+            assert!(
+                want.contains(&row),
+                "{key} is missing from its table in docs/configuration.md"
+            );
+            assert!(
+                !other.contains(&format!("| {row}")),
+                "{key} is in the wrong table of docs/configuration.md"
+            );
+        }
+    }
+
+    #[test]
     fn secrets_are_masked_where_shown_and_kept_where_stored() {
         let s = sources(
             "alert_webhook_url = \"https://hooks.example/x?token=abc123\"\n",
