@@ -51,8 +51,23 @@ fn prometheus_rules_pass_promtool_checks_and_unit_tests() -> Result<()> {
 fn docker_compose_file_is_valid_and_has_the_whole_stack() -> Result<()> {
     let f = root().join("docker-compose.yml");
     let f = f.to_str().context("path")?;
-    run(Command::new("docker-compose").args(["-f", f, "config", "-q"]))?;
-    let services = run(Command::new("docker-compose").args(["-f", f, "config", "--services"]))?;
+    // The broker's user is created by the operator first: without its password the file refuses.
+    let refused = Command::new("docker-compose")
+        .args(["-f", f, "config", "-q"])
+        .env_remove("LEASEHOLD_MQTT_PASSWORD")
+        .output()?;
+    ensure!(
+        !refused.status.success(),
+        "compose ran without the broker user's password"
+    );
+    let compose = |args: &[&str]| {
+        run(Command::new("docker-compose")
+            .args(["-f", f])
+            .args(args)
+            .env("LEASEHOLD_MQTT_PASSWORD", "test-only"))
+    };
+    compose(&["config", "-q"])?;
+    let services = compose(&["config", "--services"])?;
     for s in [
         "postgres",
         "mosquitto",
@@ -67,9 +82,10 @@ fn docker_compose_file_is_valid_and_has_the_whole_stack() -> Result<()> {
         );
     }
     // The files the stack mounts exist.
-    let config = run(Command::new("docker-compose").args(["-f", f, "config"]))?;
+    let config = compose(&["config"])?;
     for p in [
         "deploy/mosquitto/mosquitto.conf",
+        "deploy/mosquitto/acl",
         "deploy/prometheus/prometheus.yml",
         "deploy/prometheus/rules.yml",
         "deploy/grafana/provisioning",

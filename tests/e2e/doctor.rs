@@ -110,8 +110,10 @@ async fn doctor_passes_the_shipped_broker_and_warns_without_standbys() {
         ensure!(code == 0, "exit {code}: {report}");
         for id in [
             "broker.queue",
+            "broker.queue_qos0",
             "broker.payload",
             "broker.qos",
+            "broker.anonymous",
             "database.durability",
             "database.privileges",
             "database.round_trip",

@@ -5,6 +5,7 @@
 mod helpers;
 
 mod alerting;
+mod broker;
 mod chaos;
 mod cluster_config;
 mod components;

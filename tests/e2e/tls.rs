@@ -32,7 +32,7 @@ async fn tls_cluster(certs: &Certs) -> Result<(Cluster, u16)> {
     let mq = Mosquitto::start_with(
         Dir::temp("leasehold-mqtt-")?,
         &format!(
-            "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
+            "listener {tls_port} 127.0.0.1\nallow_anonymous true\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
             p(&certs.ca),
             p(&certs.server_cert),
             p(&certs.server_key)

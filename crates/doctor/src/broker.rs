@@ -1,5 +1,6 @@
 //! The broker's side of "nothing lost": it keeps what it queues for an offline persistent
-//! session, accepts messages of `MAX_PAYLOAD_BYTES`, and grants QoS 1 on the configured filters.
+//! session (QoS 0 messages too), accepts messages of `MAX_PAYLOAD_BYTES`, and grants QoS 1 on the
+//! configured filters; and whether it lets anonymous clients in where strangers can reach it.
 //! Every probe uses temporary client ids and a private topic of its own, and removes its
 //! session afterwards.
 
@@ -33,7 +34,9 @@ fn queue_message(i: usize, size: usize) -> Vec<u8> {
 pub async fn checks(cfg: &Config, cancel: &CancellationToken) -> Option<Vec<Check>> {
     let queue = queue(cfg, cancel).await?;
     tokio::select! {
-        r = async { vec![queue, payload(cfg).await, qos(cfg).await] } => Some(r),
+        r = async {
+            vec![queue, queue_qos0(cfg).await, payload(cfg).await, qos(cfg).await, anonymous(cfg).await]
+        } => Some(r),
         _ = cancel.cancelled() => None,
     }
 }
@@ -153,6 +156,91 @@ async fn queue_probe(cfg: &Config, id: &str, topic: &str) -> Result<QueueProbe, 
         session_present,
         received,
     })
+}
+
+/// Subscribes a persistent probe session, leaves, has one QoS 0 message published to it, comes
+/// back and waits for it; then removes the session. Many devices publish at QoS 0 (Tasmota's and
+/// Sparkplug's defaults): a broker that does not queue them for an offline session drops every
+/// one published during a failover's gap.
+async fn queue_qos0(cfg: &Config) -> Check {
+    const ID: &str = "broker.queue_qos0";
+    let suffix = random_suffix();
+    let id = format!("leasehold-doctor-{suffix}");
+    let topic = format!("{PROBE_TOPIC_PREFIX}{suffix}");
+    let probe = async {
+        let (mut sub, _) = Conn::open(options(cfg, &id, false)).await?;
+        check_granted(&sub.subscribe(std::slice::from_ref(&topic)).await?)
+            .map_err(|_| ProbeError::Refused("a QoS 1 subscription to the probe topic"))?;
+        sub.close().await;
+        let pub_id = format!("leasehold-doctor-{}", random_suffix());
+        let (mut publisher, _) = Conn::open(options(cfg, &pub_id, true)).await?;
+        publisher
+            .publish_qos0(&topic, b"qos0 probe".to_vec())
+            .await?;
+        publisher.close().await;
+        let (mut sub, _) = Conn::open(options(cfg, &id, false)).await?;
+        let got = sub
+            .collect(&topic, 1, Duration::from_secs(2), Duration::from_secs(5))
+            .await?;
+        sub.close().await;
+        Ok::<_, ProbeError>(!got.is_empty())
+    }
+    .await;
+    if let Ok((c, _)) = Conn::open(options(cfg, &id, true)).await {
+        c.close().await;
+    }
+    match probe {
+        Ok(true) => Check::ok(ID, "the broker queues QoS 0 messages for an offline persistent session"),
+        Ok(false) => Check::warning(
+            ID,
+            "the broker dropped a QoS 0 message published while the probe's persistent session was offline: every QoS 0 reading published during a failover's gap (no leader connected) is lost",
+            "set queue_qos0_messages true in mosquitto.conf, as deploy/mosquitto/mosquitto.conf does (docs/guarantees.md, \"QoS 0\")",
+        ),
+        Err(e) => unreachable_check(ID, cfg, &e),
+    }
+}
+
+/// Whether `host` is a loopback address or name (where only this host's own clients reach).
+pub fn is_loopback(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    h.eq_ignore_ascii_case("localhost")
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// On a broker reached at a non-loopback address, tries to connect without credentials: one
+/// that lets anonymous clients in there lets anyone who reaches it read and write the fleet's
+/// topics (and take the cluster's session by its client id).
+async fn anonymous(cfg: &Config) -> Check {
+    const ID: &str = "broker.anonymous";
+    let host = &cfg.mqtt.host;
+    if is_loopback(host) {
+        return Check::ok(
+            ID,
+            format!("the broker is reached on loopback ({host}): anonymous access there is this host's only"),
+        );
+    }
+    let mut anon = cfg.clone();
+    anon.mqtt.username = None;
+    anon.mqtt.password = None;
+    let id = format!("leasehold-doctor-{}", random_suffix());
+    match Conn::open(options(&anon, &id, true)).await {
+        Ok((c, _)) => {
+            c.close().await;
+            Check::warning(
+                ID,
+                format!("the broker at {host}:{} accepts clients without credentials on a non-loopback address: anyone who reaches it can read and write every topic, and take the cluster's session by its client id", cfg.mqtt.port),
+                "set allow_anonymous false with a password_file and an acl_file on every listener not bound to loopback, as deploy/mosquitto/mosquitto.conf does (docs/deployment.md, \"2. Mosquitto\")",
+            )
+        }
+        Err(_) => Check::ok(
+            ID,
+            format!(
+                "the broker at {host}:{} refuses clients without credentials",
+                cfg.mqtt.port
+            ),
+        ),
+    }
 }
 
 /// What one message sent through the broker came to: how publishing it went, and the size
@@ -336,6 +424,29 @@ fn unreachable_check(id: &str, cfg: &Config, e: &ProbeError) -> Check {
 mod tests {
     use super::*;
     use leasehold_telemetry::CheckLevel;
+
+    #[test]
+    fn loopback_is_told_from_other_addresses() {
+        for h in [
+            "127.0.0.1",
+            "127.0.0.2",
+            "::1",
+            "[::1]",
+            "localhost",
+            "LOCALHOST",
+        ] {
+            assert!(is_loopback(h), "{h}");
+        }
+        for h in [
+            "10.0.0.5",
+            "broker.example.com",
+            "0.0.0.0",
+            "::",
+            "192.168.1.1",
+        ] {
+            assert!(!is_loopback(h), "{h}");
+        }
+    }
 
     #[test]
     fn a_broker_that_returns_nothing_is_not_said_to_have_a_queue_limit() {

@@ -139,6 +139,24 @@ impl Conn {
         Ok(n)
     }
 
+    /// Publishes one message with QoS 0 (no answer to wait for: a QoS 0 message may be dropped
+    /// without a word, which is what the caller finds out).
+    pub async fn publish_qos0(&mut self, topic: &str, payload: Vec<u8>) -> Result<(), ProbeError> {
+        self.client
+            .publish(topic, QoS::AtMostOnce, false, payload)
+            .await?;
+        // Drive the event loop until the packet is written.
+        let _ = tokio::time::timeout(Duration::from_millis(200), async {
+            loop {
+                if let Ok(Event::Outgoing(rumqttc::Outgoing::Publish(_))) = self.el.poll().await {
+                    return;
+                }
+            }
+        })
+        .await;
+        Ok(())
+    }
+
     /// Messages on `topic` arriving until `want` came, nothing came for `idle`, or `limit`
     /// passed (what came by then).
     pub async fn collect(

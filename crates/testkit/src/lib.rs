@@ -456,19 +456,18 @@ impl Mosquitto {
         let base = std::fs::read_to_string(deploy_mosquitto_conf())
             .context("reading deploy/mosquitto/mosquitto.conf")?;
         let port = free_port()?;
+        // The global settings (above the first listener), then a loopback listener of its own.
         let mut conf: String = base
             .lines()
+            .take_while(|l| l.split_whitespace().next() != Some("listener"))
             .filter(|l| {
                 let k = l.split_whitespace().next().unwrap_or("");
-                !matches!(
-                    k,
-                    "listener" | "persistence_location" | "log_dest" | "pid_file" | "user"
-                )
+                !matches!(k, "persistence_location" | "log_dest" | "pid_file" | "user")
             })
             .map(|l| format!("{l}\n"))
             .collect();
         conf.push_str(&format!(
-            "persistence_location {}/\nlistener {port} 127.0.0.1\nlog_dest file {}/mosquitto.log\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\nconnection_messages true\n{extra}\n",
+            "persistence_location {}/\nlistener {port} 127.0.0.1\nallow_anonymous true\nlog_dest file {}/mosquitto.log\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\nconnection_messages true\n{extra}\n",
             dir.path().display(),
             dir.path().display()
         ));

@@ -314,3 +314,38 @@ impl Tracked {
         self.task.await?
     }
 }
+
+/// Publishes every message with QoS 0 (no acknowledgement exists) and returns once each was
+/// written to the broker's socket and the connection was closed cleanly (DISCONNECT sent first,
+/// so the broker has read everything before it).
+pub async fn publish_qos0(port: u16, msgs: Vec<(String, Vec<u8>)>) -> Result<()> {
+    let id = format!("test-pub0-{}", fastid());
+    let (c, mut el) = client(port, &id);
+    let n = msgs.len();
+    let sender = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            for (t, p) in msgs {
+                c.publish(t, QoS::AtMostOnce, false, p).await?;
+            }
+            c.disconnect().await?;
+            Ok::<_, anyhow::Error>(())
+        })
+    };
+    let mut sent = 0;
+    let done = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match el.poll().await {
+                Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Publish(_))) => sent += 1,
+                Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(anyhow::anyhow!("publishing QoS 0: {e}")),
+            }
+        }
+    })
+    .await;
+    sender.await??;
+    done.map_err(|_| anyhow::anyhow!("QoS 0 publishing did not finish within 30s"))??;
+    anyhow::ensure!(sent == n, "{sent} of {n} QoS 0 messages written");
+    Ok(())
+}
