@@ -280,3 +280,117 @@ async fn the_shipped_broker_lets_strangers_in_on_loopback_only_and_applies_the_a
         panic!("{e:#}");
     }
 }
+
+/// A broker that requires the user `ingest` with password `right-pw`.
+async fn broker_with_password() -> Result<Mosquitto> {
+    let dir = Dir::temp("leasehold-mqtt-pw-")?;
+    let pw = dir.path().join("passwd");
+    let ok = std::process::Command::new("mosquitto_passwd")
+        .args(["-b", "-c"])
+        .arg(&pw)
+        .args(["ingest", "right-pw"])
+        .status()?;
+    ensure!(ok.success(), "mosquitto_passwd");
+    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+    let extra = format!("allow_anonymous false\npassword_file {}\n", pw.display());
+    Mosquitto::start_with(dir, &extra).await
+}
+
+fn with_password(pw: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("MQTT_USERNAME", "ingest".into()),
+        ("MQTT_PASSWORD", pw.into()),
+        ("MQTT_STEP_DOWN_AFTER", "1s".into()),
+        ("ALERT_GRACE", "1s".into()),
+        ("ALERT_CHECK_INTERVAL", "1s".into()),
+    ]
+}
+
+async fn leader_changes(c: &Cluster) -> Result<i64> {
+    c.count("SELECT count(*) FROM lease_history").await
+}
+
+/// A wrong password on every node: no node can reach the broker, so the leader keeps the lease
+/// (no ping-pong), says why on /health, and the alert names the broker.
+#[tokio::test]
+async fn when_no_node_reaches_the_broker_the_leader_keeps_the_lease_and_the_alert_names_the_broker()
+{
+    let pg = Postgres::start().await.expect("postgres");
+    let mq = broker_with_password().await.expect("mosquitto");
+    let mut c = Cluster::with_servers(pg, mq).expect("cluster");
+    let res = async {
+        c.spawn_with("a", &with_password("wrong"))?;
+        c.spawn_with("b", &with_password("wrong"))?;
+        eventually(Duration::from_secs(20), "a leader", || async {
+            Ok(c.leader().await?.is_some())
+        })
+        .await?;
+        let open = "SELECT count(*) FROM alerts WHERE kind = 'leader_mqtt_disconnected' AND resolved_at IS NULL AND message LIKE 'the broker: no node has reached it%'";
+        eventually(Duration::from_secs(40), "the alert names the broker", || async {
+            Ok(c.count(open).await? == 1)
+        })
+        .await?;
+        let (holder, epoch) = c.leader().await?.context("still a leader")?;
+        ensure!(epoch == 1, "the lease moved: epoch {epoch}");
+        ensure!(leader_changes(&c).await? == 1, "lease history: {}", leader_changes(&c).await?);
+        let (_, body) = http(c.node(&holder).http_port(), "GET", "/health").await?;
+        let h: serde_json::Value = serde_json::from_str(&body)?;
+        ensure!(h["keeps_lease"].to_string().contains("no standby reached it"), "{h}");
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}
+
+/// Only the standby has the right password: the leader hands over to it, once, and it stays.
+#[tokio::test]
+async fn a_leader_cut_off_from_the_broker_hands_over_to_a_standby_that_reaches_it_once() {
+    let pg = Postgres::start().await.expect("postgres");
+    let mq = broker_with_password().await.expect("mosquitto");
+    let mut c = Cluster::with_servers(pg, mq).expect("cluster");
+    let res = async {
+        c.spawn_with("a", &with_password("wrong"))?;
+        eventually(Duration::from_secs(20), "a leads", || async {
+            Ok(c.leader().await?.is_some_and(|(l, _)| l == "a"))
+        })
+        .await?;
+        c.spawn_with("b", &with_password("right-pw"))?;
+        eventually(Duration::from_secs(40), "b leads", || async {
+            Ok(c.leader().await?.is_some_and(|(l, _)| l == "b"))
+        })
+        .await?;
+        let readings: Vec<(String, Vec<u8>)> = (0..20)
+            .map(|i| {
+                msg(
+                    &format!("devices/p{}/telemetry", i % 3),
+                    numbered("reach", "p", i),
+                )
+            })
+            .collect();
+        let mut opts = MqttOptions::new("reach-pub", "127.0.0.1", c.mq.port);
+        opts.set_credentials("ingest", "right-pw");
+        let (p, mut el) = AsyncClient::new(opts, 100);
+        for (t, body) in readings {
+            p.publish(t, QoS::AtLeastOnce, false, body).await?;
+        }
+        let mut acked = 0;
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while acked < 20 {
+                if let Ok(Event::Incoming(Packet::PubAck(_))) = el.poll().await {
+                    acked += 1;
+                }
+            }
+        })
+        .await
+        .context("PUBACKs")?;
+        c.assert_exactly_once("reach", 20).await?;
+        let (holder, epoch) = c.leader().await?.context("a leader")?;
+        ensure!(
+            holder == "b" && epoch == 2,
+            "{holder}@{epoch}: one hand-over, no way back"
+        );
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}

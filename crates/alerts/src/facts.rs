@@ -16,6 +16,8 @@ pub struct LeaseFacts {
     /// Seconds the live leader has been without a broker connection, counted from no earlier
     /// than its acquisition (`None` while connected or when it has not reported yet).
     pub leader_disconnected_for: Option<f64>,
+    /// A standby alive reached the broker within the last 15 s (it could take over).
+    pub standby_reaches_broker: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -70,6 +72,13 @@ pub async fn gather(c: &Client, cfg: &AlertsConfig) -> Result<Facts, AlertError>
         Some(l) => Some(LeaseFacts {
             leader_disconnected_for: store::disconnected_for(c, &l.holder_id, l.acquired_at)
                 .await?,
+            standby_reaches_broker: queries::standby_reached_broker(
+                c,
+                &l.holder_id,
+                std::time::Duration::from_secs(15),
+            )
+            .await?
+            .is_some(),
             instance_id: l.instance_id,
             epoch: l.epoch,
             expired_for: -(l.expires_in_ms as f64) / 1000.0,

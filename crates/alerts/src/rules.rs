@@ -210,13 +210,21 @@ fn leader_mqtt_disconnected(f: &Facts, t: &Thresholds, out: &mut Vec<Finding>) {
             out.push(Finding {
                 kind: Kind::LeaderMqttDisconnected,
                 level: Level::Critical,
-                message: format!(
-                    "leader {} (epoch {}) has not been connected to the broker for {}; it hands over if this lasts MQTT_STEP_DOWN_AFTER",
-                    l.instance_id,
-                    l.epoch,
-                    human(d)
-                ),
-                details: json!({"leader": l.instance_id, "epoch": l.epoch, "disconnected_for_seconds": d}),
+                message: match l.standby_reaches_broker {
+                    true => format!(
+                        "leader {} (epoch {}) has not been connected to the broker for {}; it hands over to a standby that reaches the broker if this lasts MQTT_STEP_DOWN_AFTER",
+                        l.instance_id,
+                        l.epoch,
+                        human(d)
+                    ),
+                    false => format!(
+                        "the broker: no node has reached it — leader {} (epoch {}) not connected for {}, and no standby reached it within 15s either. Check the broker, the network to it and the MQTT credentials; the leader keeps the lease (a hand-over would not help) and the broker keeps what it queues",
+                        l.instance_id,
+                        l.epoch,
+                        human(d)
+                    ),
+                },
+                details: json!({"leader": l.instance_id, "epoch": l.epoch, "disconnected_for_seconds": d, "standby_reaches_broker": l.standby_reaches_broker}),
             });
         }
     }
@@ -402,6 +410,7 @@ pub(crate) mod tests {
             production_nodes_alive: 2,
             config_outdated: Vec::new(),
             lease: Some(LeaseFacts {
+                standby_reaches_broker: true,
                 instance_id: "a".into(),
                 epoch: 7,
                 expired_for: -5.0,

@@ -219,6 +219,8 @@ async fn health(State(s): State<HttpState>) -> Response {
     if needs_mqtt && !mqtt_ok {
         problems.push("not connected to the broker");
     }
+    // Why it still leads, cut off from the broker: no standby reaches it either.
+    let keeps_lease = m.keeps_lease.clone().filter(|_| !mqtt_ok);
     // A leader whose subscriptions are not yet granted is not ingesting everything yet: what is
     // published on a topic before its SUBACK never reaches the session.
     if matches!(role, Role::Leader { .. })
@@ -261,6 +263,7 @@ async fn health(State(s): State<HttpState>) -> Response {
         "database": db,
         "newest_data_age_seconds": age,
         "ingest_hold": ingest_hold,
+        "keeps_lease": keeps_lease,
         "routes": s.status.routes(),
         "config": s.status.config(),
     });

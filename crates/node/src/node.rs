@@ -402,6 +402,12 @@ fn lead(
     );
     leasehold_lease::watchdog::spawn(&handle, cfg.lease.ttl)
         .context("starting the watchdog thread")?;
+    w.tracker.spawn(probe_broker(
+        cfg.clone(),
+        handle.clone(),
+        w.status.clone(),
+        w.root.clone(),
+    ));
     let sup = Supervisor {
         cfg: cfg.clone(),
         active: w.active.clone(),
@@ -432,6 +438,40 @@ fn lead(
         }
     });
     Ok(Leadership { handle, task, stop })
+}
+
+/// How often a standby checks that it can reach the broker (`cluster_nodes.broker_reached_at`).
+const PROBE_BROKER_EVERY: Duration = Duration::from_secs(5);
+
+/// A production standby connects to the broker every [`PROBE_BROKER_EVERY`] (a clean session of
+/// its own, credentials and TLS as its term would use) and reports when it last could: a leader
+/// cut off from the broker hands over only to a standby that can reach it.
+async fn probe_broker(
+    cfg: Config,
+    lease: LeaseHandle,
+    status: NodeStatus,
+    cancel: CancellationToken,
+) {
+    use leasehold_doctor::mqtt::{options, random_suffix, Conn};
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(PROBE_BROKER_EVERY) => {}
+        }
+        if lease.role() != leasehold_lease::Role::Standby {
+            continue;
+        }
+        let id = format!("leasehold-reach-{}", random_suffix());
+        let opened = tokio::time::timeout(PROBE_BROKER_EVERY, Conn::open(options(&cfg, &id, true)));
+        match opened.await {
+            Ok(Ok((c, _))) => {
+                c.close().await;
+                status.update_mqtt(|m| m.probe_reached = Some(Instant::now()));
+            }
+            Ok(Err(e)) => tracing::debug!(error = %e, "standby cannot reach the broker"),
+            Err(_) => tracing::debug!("standby's broker probe timed out"),
+        }
+    }
 }
 
 /// The retention task of a production node: old dead letters, alerts, lease history and nodes,
@@ -680,6 +720,10 @@ async fn heartbeat(
                     mqtt_client_id: me.client_id.as_ref().map(|c| c.id.as_str()),
                     mqtt_client_id_source: me.client_id.as_ref().map(|c| c.source.as_str()),
                     config_version: status.config().version,
+                    broker_reached_ago: match mqtt.connected {
+                        true => Some(0.0),
+                        false => mqtt.probe_reached.map(|t| t.elapsed().as_secs_f64()),
+                    },
                 },
             )
             .await?;

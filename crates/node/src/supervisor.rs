@@ -29,6 +29,10 @@ fn demotion_hangs() -> bool {
     false
 }
 
+/// A standby that reached the broker this recently may take over from a leader cut off from it
+/// (standbys probe every 5 s and heartbeat every 2 s).
+pub const REACHED_WITHIN: Duration = Duration::from_secs(15);
+
 struct Term {
     epoch: i64,
     /// `MAX_PAYLOAD_BYTES` of the term: fixed per broker connection (the largest packet it
@@ -115,15 +119,32 @@ impl Supervisor {
                     }
                 }
                 _ = unreachable => {
-                    // The broker is unreachable from here; another node may reach it. Hand over
-                    // (the lease backs off one poll interval before campaigning again).
-                    tracing::error!(after = %leasehold_config::fmt_dur(step_down_after), "leader cannot reach the broker: stepping down so a standby can take over");
-                    self.lease.step_down();
-                    // Wait for the role change rather than firing again.
-                    if role_rx.changed().await.is_err() {
-                        return Ok(());
+                    // The broker is unreachable from here. Hand over only to a standby that
+                    // reaches it: when none does, a hand-over would move the lease for nothing
+                    // (and back again), so this node keeps it and says why.
+                    match self.standby_reaching_broker().await {
+                        Some(standby) => {
+                            tracing::error!(after = %leasehold_config::fmt_dur(step_down_after), standby = %standby, "leader cannot reach the broker: stepping down; a standby that reaches it takes over");
+                            self.status.update_mqtt(|m| m.keeps_lease = None);
+                            self.lease.step_down();
+                            // Wait for the role change rather than firing again.
+                            if role_rx.changed().await.is_err() {
+                                return Ok(());
+                            }
+                            role_rx.mark_changed();
+                        }
+                        None => {
+                            let why = format!(
+                                "cannot reach the broker for {} and no standby reached it within {} either: keeping the lease (the broker, the network to it or the credentials are at fault; a hand-over would not help)",
+                                leasehold_config::fmt_dur(step_down_after),
+                                leasehold_config::fmt_dur(REACHED_WITHIN)
+                            );
+                            if self.status.mqtt().keeps_lease.is_none() {
+                                tracing::error!("leader {why}");
+                            }
+                            self.status.update_mqtt(|m| m.keeps_lease = Some(why));
+                        }
                     }
-                    role_rx.mark_changed();
                 }
                 changed = active.changed(), if follow => {
                     if changed.is_err() {
@@ -163,6 +184,32 @@ impl Supervisor {
                     role_rx.mark_changed();
                 }
             }
+        }
+    }
+
+    /// A standby alive that reached the broker within [`REACHED_WITHIN`], by name. When that
+    /// cannot be read, any standby: handing over is what a leader cut off from the broker did
+    /// before standbys reported it.
+    async fn standby_reaching_broker(&self) -> Option<String> {
+        let Some(pool) = &self.pool else {
+            return Some("(unknown)".into());
+        };
+        let read = async {
+            let c = leasehold_store::pooled(pool).await?;
+            leasehold_store::queries::standby_reached_broker(
+                &**c,
+                &self.lease.holder_id,
+                REACHED_WITHIN,
+            )
+            .await
+        };
+        match tokio::time::timeout(Duration::from_secs(5), read).await {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot read which standbys reach the broker; handing over");
+                Some("(unknown)".into())
+            }
+            Err(_) => Some("(unknown)".into()),
         }
     }
 

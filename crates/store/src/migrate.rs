@@ -73,6 +73,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(5, "subscriptions"),
     migration!(6, "routes"),
     migration!(7, "cluster_config"),
+    migration!(8, "broker_reach"),
 ];
 
 /// Arbitrary but fixed: the advisory lock every node takes around migration.

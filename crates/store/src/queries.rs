@@ -254,6 +254,9 @@ pub struct Heartbeat<'a> {
     pub mqtt_client_id_source: Option<&'a str>,
     /// The cluster configuration version the node runs.
     pub config_version: Option<i64>,
+    /// Seconds since this node last reached the broker (connected, or a standby's probe
+    /// answered); `None`: not since it started. Stored on the database's clock.
+    pub broker_reached_ago: Option<f64>,
 }
 
 pub async fn heartbeat(c: &impl GenericClient, hb: &Heartbeat<'_>) -> Result<()> {
@@ -262,10 +265,13 @@ pub async fn heartbeat(c: &impl GenericClient, hb: &Heartbeat<'_>) -> Result<()>
         Op::Heartbeat,
         "INSERT INTO cluster_nodes AS n (holder_id, instance_id, role, mode, version, http_url, started_at,
                 last_seen, mqtt_connected, mqtt_changed_at, session_lost_at, client_id_conflict_at,
-                mqtt_client_id, mqtt_client_id_source, config_version)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8, now(), $9, $10, $11, $12, $13)
+                mqtt_client_id, mqtt_client_id_source, config_version, broker_reached_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8, now(), $9, $10, $11, $12, $13,
+                 CASE WHEN $14::float8 IS NULL THEN NULL
+                      ELSE clock_timestamp() - make_interval(secs => $14::float8) END)
          ON CONFLICT (holder_id) DO UPDATE SET role = EXCLUDED.role, last_seen = now(),
              config_version = EXCLUDED.config_version,
+             broker_reached_at = coalesce(EXCLUDED.broker_reached_at, n.broker_reached_at),
              http_url = EXCLUDED.http_url,
              mqtt_changed_at = CASE WHEN n.mqtt_connected = EXCLUDED.mqtt_connected
                                     THEN n.mqtt_changed_at ELSE now() END,
@@ -274,7 +280,8 @@ pub async fn heartbeat(c: &impl GenericClient, hb: &Heartbeat<'_>) -> Result<()>
              client_id_conflict_at = coalesce(EXCLUDED.client_id_conflict_at, n.client_id_conflict_at)",
         &[&hb.holder_id, &hb.instance_id, &hb.role, &hb.mode, &hb.version, &hb.http_url, &hb.started_at,
           &hb.mqtt_connected, &hb.session_lost_at, &hb.client_id_conflict_at,
-          &hb.mqtt_client_id, &hb.mqtt_client_id_source, &hb.config_version],
+          &hb.mqtt_client_id, &hb.mqtt_client_id_source, &hb.config_version,
+          &hb.broker_reached_ago],
     )
     .await?;
     Ok(())
@@ -630,6 +637,29 @@ pub async fn config_outdated(
                 active: r.try_get("version")?,
             })
         },
+    )
+    .await
+}
+
+/// Whether a production node alive other than `holder_id` reached the broker within `within`
+/// (on the database's clock): one that a leader cut off from the broker may hand over to.
+pub async fn standby_reached_broker(
+    c: &impl GenericClient,
+    holder_id: &str,
+    within: std::time::Duration,
+) -> Result<Option<String>> {
+    op::opt(
+        c,
+        Op::ClusterNodes,
+        concat!(
+            "SELECT instance_id FROM cluster_nodes
+             WHERE holder_id <> $1 AND mode = 'production' AND ",
+            alive!(),
+            " AND broker_reached_at > clock_timestamp() - make_interval(secs => $2)
+             ORDER BY broker_reached_at DESC LIMIT 1"
+        ),
+        &[&holder_id, &within.as_secs_f64()],
+        |r| r.try_get("instance_id"),
     )
     .await
 }

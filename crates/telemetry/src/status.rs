@@ -162,6 +162,11 @@ pub struct RouteCounts {
 #[derive(Debug, Clone, Default)]
 pub struct MqttStatus {
     pub connected: bool,
+    /// When a standby's probe last reached the broker (connected, credentials accepted).
+    pub probe_reached: Option<Instant>,
+    /// Why a leader cut off from the broker keeps the lease (no standby reached the broker
+    /// either); `None` otherwise.
+    pub keeps_lease: Option<String>,
     /// Connections after the first of a term, over the node's life.
     pub reconnects: u64,
     /// Topic filters refused or granted below QoS 1, every attempt counted.
