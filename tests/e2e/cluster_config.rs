@@ -218,9 +218,16 @@ temp = "$.temp"
         )?;
         let (code, so, err) = out(&c.cli(&["config", "apply", &v2])?);
         ensure!(code == 0, "{so}{err}");
+        // Announced by NOTIFY: well within the 10 s poll that catches a missed one.
+        let applied = std::time::Instant::now();
         for n in ["a", "b"] {
             runs_version(&c, n, 2).await?;
         }
+        ensure!(
+            applied.elapsed() < Duration::from_secs(8),
+            "version 2 ran only after {:?}: not announced",
+            applied.elapsed()
+        );
         // The new route's filter is subscribed and written within seconds.
         let now = chrono::Utc::now();
         let mut i = 0u64;
@@ -417,14 +424,138 @@ async fn a_node_that_cannot_run_a_new_version_keeps_its_own_and_an_alert_names_i
             Ok(c.count(open).await? == 1)
         })
         .await?;
+        // b may not lead while it cannot run the active version: the leader dies, nobody
+        // takes over (the broker keeps the session's messages), nothing runs version 1.
+        let (leader, _) = c.wait_leader().await?;
+        ensure!(leader == "a", "an outdated node leads: {leader}");
+        c.node_mut("a").kill9();
+        eventually(Duration::from_secs(20), "the lease expires", || async {
+            Ok(c.leader().await?.is_none())
+        })
+        .await?;
+        let refusals = |log: &str| log.matches("not campaigning for the lease").count();
+        let before = refusals(&c.node("b").log());
+        eventually(Duration::from_secs(20), "b declines a few campaigns", || async {
+            Ok(refusals(&c.node("b").log()) >= before + 3)
+        })
+        .await?;
+        ensure!(c.leader().await?.is_none(), "b took the lease with an outdated configuration");
+        // A restart of b refuses to start, naming the setting, exit 2.
+        let (code, _, err) = out(&std::process::Command::new(crate::helpers::BIN)
+            .arg("run")
+            .envs(c.env())
+            .env("MAX_PENDING", "1000")
+            .env("INSTANCE_ID", "b2")
+            .env("HTTP_ADDR", "127.0.0.1:0")
+            .output()?);
+        ensure!(code == 2 && err.contains("MAX_PENDING"), "exit {code}: {err}");
         let (code, so, err) = out(&c.cli(&["config", "apply", "--version", "1"])?);
         ensure!(code == 0 && so.contains("version 3 applied"), "{so}{err}");
         runs_version(&c, "b", 3).await?;
+        let (leader, _) = c.wait_leader().await?;
+        ensure!(leader == "b", "b leads once it runs the active version: {leader}");
         eventually(Duration::from_secs(20), "config_outdated resolves", || async {
             Ok(c.count(open).await? == 0)
         })
         .await
         .context("alert resolution")?;
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}
+
+#[tokio::test]
+async fn the_webhook_and_the_files_an_operator_gets_wrong() {
+    let c = Cluster::start().await.expect("cluster");
+    let res = async {
+        let hook = |token: &str| {
+            format!("alert_webhook_url = \"https://hooks.example/services/T0/B0/{token}\"\n")
+        };
+        let v1 = write(&c, "w1.toml", &hook("TOKENAAA"))?;
+        let (code, so, err) = out(&c.cli(&["config", "apply", &v1])?);
+        ensure!(code == 0 && !so.contains("TOKENAAA"), "{so}{err}");
+        // Only the token changes: a change, stored, never shown.
+        let v2 = write(&c, "w2.toml", &hook("TOKENBBB"))?;
+        let (code, so, err) = out(&c.cli(&["config", "apply", &v2])?);
+        ensure!(
+            code == 0 && so.contains("ALERT_WEBHOOK_URL: changed") && !so.contains("TOKEN"),
+            "{so}{err}"
+        );
+        ensure!(versions(&c).await? == [1, 2], "the new token was stored");
+        // show -> edit -> apply keeps the stored URL behind its mask.
+        let (_, shown, _) = out(&c.cli(&["config", "show"])?);
+        ensure!(!shown.contains("TOKENBBB"), "{shown}");
+        let edited = write(
+            &c,
+            "edited.toml",
+            &format!("{shown}stale_warning = \"2m\"\n"),
+        )?;
+        let (code, so, err) = out(&c.cli(&["config", "apply", &edited])?);
+        ensure!(code == 0 && so.contains("version 3 applied"), "{so}{err}");
+        let stored: String =
+            c.pg.client()
+                .await?
+                .query_one("SELECT settings FROM cluster_config WHERE version = 3", &[])
+                .await?
+                .get(0);
+        ensure!(stored.contains("TOKENBBB"), "the mask was stored: {stored}");
+        // A file shown from an older version would undo a newer one: refused.
+        let old = write(
+            &c,
+            "old.toml",
+            &format!(
+                "# cluster configuration version 2, applied earlier\n{}",
+                hook("TOKENBBB")
+            ),
+        )?;
+        let (code, _, err) = out(&c.cli(&["config", "apply", &old])?);
+        ensure!(
+            code == 2 && err.contains("version 3 is active"),
+            "exit {code}: {err}"
+        );
+        // A mistyped URL: one line naming the setting, its token never shown.
+        let typo = write(
+            &c,
+            "typo.toml",
+            "alert_webhook_url = \"hooks.example/services/T0/B0/TOKENCCC\"\n",
+        )?;
+        let (code, so, err) = out(&c.cli(&["config", "apply", &typo])?);
+        ensure!(
+            code == 2
+                && err.contains("ALERT_WEBHOOK_URL")
+                && !err.contains("TOKENCCC")
+                && !so.contains("TOKENCCC"),
+            "exit {code}: {so}{err}"
+        );
+        // An empty file (a failed `config show > f`) is refused.
+        let empty = write(&c, "empty.toml", "\n")?;
+        let (code, _, err) = out(&c.cli(&["config", "apply", &empty])?);
+        ensure!(code == 2 && err.contains("empty"), "exit {code}: {err}");
+        // A node setting is named as one, with where it was.
+        let node = write(&c, "node.toml", "[lease]\nttl = \"5s\"\n")?;
+        let (code, _, err) = out(&c.cli(&["config", "apply", &node])?);
+        ensure!(
+            code == 2
+                && err.contains("LEASE_TTL (in config file")
+                && err.contains("is a node setting"),
+            "exit {code}: {err}"
+        );
+        ensure!(versions(&c).await? == [1, 2, 3], "refusals stored nothing");
+        // `config history | head` ends quietly.
+        let piped = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "'{}' config history --database-url '{}' | head -1",
+                crate::helpers::BIN,
+                c.pg.url()
+            ))
+            .output()?;
+        ensure!(
+            !String::from_utf8_lossy(&piped.stderr).contains("panicked"),
+            "{}",
+            String::from_utf8_lossy(&piped.stderr)
+        );
         Ok(())
     }
     .await;

@@ -829,6 +829,7 @@ fn writer_config(pg: &Postgres, batch_rows: usize) -> WriterConfig {
         max_pending: 10_000,
         statement_timeout: Duration::from_secs(10),
         routes: Vec::new(),
+        suspended: Vec::new(),
         require_sync_replication: false,
     }
 }

@@ -105,6 +105,7 @@ async fn term(
             max_pending,
             statement_timeout: Duration::from_secs(10),
             routes: routes.to_vec(),
+            suspended: Vec::new(),
             require_sync_replication: false,
         },
         fence: Fence {

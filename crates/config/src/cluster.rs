@@ -111,6 +111,18 @@ impl ClusterSettings {
         Config::load(&none.with_cluster(self, origin))
     }
 
+    /// The text of setting `key`, if this document sets it.
+    pub fn value(&self, key: &str) -> Option<&str> {
+        self.values.get(key).map(String::as_str)
+    }
+
+    /// Sets `key` (a cluster setting) to `value`.
+    pub fn set(&mut self, key: &str, value: String) {
+        if let Some(k) = CLUSTER_SETTINGS.iter().find(|k| **k == key) {
+            self.values.insert(k, value);
+        }
+    }
+
     /// Only the setting `key` of these (for checking one setting at a time).
     pub fn only(&self, key: &str) -> ClusterSettings {
         ClusterSettings {
@@ -145,11 +157,9 @@ pub fn version_origin(version: i64) -> Origin {
 
 /// The one-line refusal of a node setting where only cluster settings belong.
 pub fn node_setting_refused(key: &str, origin: &Origin) -> crate::ConfigError {
-    crate::ConfigError::Invalid {
+    crate::ConfigError::NodeSetting {
         key: key.into(),
-        value: String::new(),
         origin: origin.clone(),
-        reason: "is a node setting: it belongs to each host's environment or config file, not to the cluster's configuration (docs/configuration.md)".into(),
     }
 }
 
@@ -204,6 +214,11 @@ impl Config {
     /// Every cluster setting's effective value as text (secrets masked), in the order of
     /// [`CLUSTER_SETTINGS`]: what `config show --json`, `config diff` and drift compare.
     pub fn cluster_values(&self) -> Vec<(&'static str, String)> {
+        self.cluster_values_as(true)
+    }
+
+    /// Every cluster setting's effective value, secrets as they are (for comparing only).
+    fn cluster_values_as(&self, masked: bool) -> Vec<(&'static str, String)> {
         let r = &self.retention;
         let d = |d| fmt_dur(d);
         vec![
@@ -220,7 +235,10 @@ impl Config {
                 "ALERT_WEBHOOK_URL",
                 self.alert_webhook_url
                     .as_deref()
-                    .map_or_else(String::new, |u| shown_value("ALERT_WEBHOOK_URL", u)),
+                    .map_or_else(String::new, |u| match masked {
+                        true => shown_value("ALERT_WEBHOOK_URL", u),
+                        false => u.to_string(),
+                    }),
             ),
             ("ALERT_CHECK_INTERVAL", d(self.alert_check_interval)),
             ("ALERT_GRACE", d(self.alert_grace)),
@@ -236,14 +254,12 @@ impl Config {
     /// What changes from `self` to `after`: one line per setting and per route.
     pub fn changes(&self, after: &Config) -> Vec<String> {
         let mut out = Vec::new();
-        for ((key, a), (_, b)) in self
-            .cluster_values()
-            .into_iter()
-            .zip(after.cluster_values())
-        {
-            if a != b {
-                out.push(format!("{key}: {} -> {}", shown(&a), shown(&b)));
-            }
+        for ((key, _), (_, shown_a, shown_b)) in differing(self, after) {
+            out.push(match shown_a == shown_b {
+                // Only a secret part differs (a webhook's token): said, not shown.
+                true => format!("{key}: changed (a secret: not shown)"),
+                false => format!("{key}: {} -> {}", shown(&shown_a), shown(&shown_b)),
+            });
         }
         for r in &self.routes {
             match after.routes.iter().find(|n| n.name == r.name) {
@@ -265,6 +281,19 @@ impl Config {
     }
 }
 
+/// The cluster settings whose values differ between `a` and `b` (secrets compared in full): each
+/// key with both raw values, then both as shown.
+#[allow(clippy::type_complexity)]
+fn differing(a: &Config, b: &Config) -> Vec<((&'static str, String), (String, String, String))> {
+    a.cluster_values_as(false)
+        .into_iter()
+        .zip(b.cluster_values_as(false))
+        .zip(a.cluster_values().into_iter().zip(b.cluster_values()))
+        .filter(|(((_, ra), (_, rb)), _)| ra != rb)
+        .map(|(((key, ra), (_, rb)), ((_, sa), (_, sb)))| ((key, ra), (rb, sa, sb)))
+        .collect()
+}
+
 fn shown(v: &str) -> String {
     if v.is_empty() {
         "(unset)".into()
@@ -277,12 +306,10 @@ fn shown(v: &str) -> String {
 /// sets that differ from the configuration it runs (`active`): each named once.
 pub fn drift(own: &Sources, own_cfg: &Config, active: &Config) -> Vec<Drift> {
     let set: Vec<&str> = own.cluster().keys().collect();
-    let mut out: Vec<Drift> = own_cfg
-        .cluster_values()
+    let mut out: Vec<Drift> = differing(own_cfg, active)
         .into_iter()
-        .zip(active.cluster_values())
-        .filter(|((key, here), (_, there))| set.contains(key) && here != there)
-        .map(|((key, here), (_, there))| Drift {
+        .filter(|((key, _), _)| set.contains(key))
+        .map(|((key, _), (_, here, there))| Drift {
             setting: key.to_string(),
             here: shown(&here),
             active: shown(&there),
@@ -520,5 +547,40 @@ temp = "$.temp"
         assert!(!format!("{c:?}").contains("abc123"));
         let cfg = Config::load(&s).expect("load");
         assert!(!format!("{:?}", cfg.cluster_values()).contains("abc123"));
+    }
+}
+#[cfg(test)]
+mod webhook_tests {
+    use super::*;
+
+    fn cfg(toml: &str) -> Config {
+        ClusterSettings::parse(toml, Origin::File("x".into()))
+            .expect("parse")
+            .effective(Origin::File("x".into()))
+            .expect("load")
+    }
+
+    #[test]
+    fn a_changed_token_is_a_change_never_shown() {
+        let a = cfg("alert_webhook_url = \"https://hooks.example/services/T0/B0/TOKENAAA\"\n");
+        let b = cfg("alert_webhook_url = \"https://hooks.example/services/T0/B0/TOKENBBB\"\n");
+        let c = a.changes(&b);
+        assert_eq!(c, ["ALERT_WEBHOOK_URL: changed (a secret: not shown)"]);
+    }
+
+    #[test]
+    fn a_webhook_that_is_no_url_is_refused_without_its_text() {
+        let e = ClusterSettings::parse(
+            "alert_webhook_url = \"hooks.example/T0/TOKENCCC\"\n",
+            Origin::File("x".into()),
+        )
+        .expect("parse")
+        .effective(Origin::File("x".into()))
+        .expect_err("refused")
+        .to_string();
+        assert!(
+            e.contains("ALERT_WEBHOOK_URL") && !e.contains("TOKENCCC"),
+            "{e}"
+        );
     }
 }

@@ -49,6 +49,9 @@ pub enum ConfigError {
     Missing { key: String },
     #[error("unknown setting {key:?} in {origin}; known settings: {}", KEYS.iter().collect::<Vec<_>>().join(", "))]
     Unknown { key: String, origin: Origin },
+    /// A node setting where only cluster settings belong (`leasehold config apply FILE`).
+    #[error("{key} (in {origin}) is a node setting: it belongs to each host's environment or config file, not to the cluster's configuration (docs/configuration.md)")]
+    NodeSetting { key: String, origin: Origin },
     #[error("unsafe lease timing: {0}")]
     UnsafeLease(String),
     #[error("cannot read config file {path}: {reason}")]
@@ -92,10 +95,17 @@ impl fmt::Display for Origin {
 /// redacted, anything else redacted as text (a URL pasted into the wrong setting included).
 pub(crate) fn shown_value(key: &str, v: &str) -> String {
     match key {
+        // Not a URL at all (a typo): its text may be a token; nothing of it is shown.
+        "ALERT_WEBHOOK_URL" if !v.contains("://") => MASK.into(),
         "DATABASE_URL" | "MQTT_URL" | "ALERT_WEBHOOK_URL" => redact_url(v),
         k if is_secret_name(k) => MASK.into(),
         _ => redact(v),
     }
+}
+
+/// A setting's value as `config show` and errors show it (a secret masked).
+pub fn shown_secret(key: &str, v: &str) -> String {
+    shown_value(key, v)
 }
 
 /// What the node does with MQTT (names kept from the system Leasehold replaces).

@@ -69,7 +69,7 @@ impl Config {
             max_payload_bytes,
             max_pending: ingest
                 .max_pending
-                .unwrap_or((batch_max_rows * 10).max(10_000)),
+                .unwrap_or((batch_max_rows * 10).clamp(10_000, 50_000)),
             max_pending_bytes: ingest
                 .max_pending_bytes
                 .unwrap_or(DEFAULT_MAX_PENDING_BYTES.max(max_payload_bytes)),
@@ -112,6 +112,16 @@ impl Config {
             pattern,
             "must contain a {device_id} segment, e.g. devices/{device_id}/telemetry",
         )?;
+        if let Some(url) = &self.alert_webhook_url {
+            let (scheme, rest) = url.split_once("://").unwrap_or(("", ""));
+            let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+            s.rule(
+                matches!(scheme, "http" | "https") && !host.is_empty() && !host.ends_with('@'),
+                "ALERT_WEBHOOK_URL",
+                url,
+                "must be an http:// or https:// URL, e.g. https://hooks.slack.com/services/...",
+            )?;
+        }
         self.validate_durations(s)?;
         self.validate_limits(s)
     }

@@ -236,6 +236,9 @@ pub struct Lease {
     conn: Option<LeaseConn>,
     /// Consecutive attempts that timed out on the current connection.
     timeouts: u32,
+    /// Whether this node may lead now (it runs the cluster's active configuration): one that
+    /// may not does not campaign, and a leader that may no longer hands over.
+    eligible: Arc<dyn Fn() -> Option<String> + Send + Sync>,
 }
 
 impl Lease {
@@ -269,9 +272,20 @@ impl Lease {
                 notices,
                 conn: None,
                 timeouts: 0,
+                eligible: Arc::new(|| None),
             },
             handle,
         )
+    }
+
+    /// Leads only while `barred` says nothing: `Some(why)` keeps a standby from campaigning and
+    /// makes a leader hand over gracefully (checked at every attempt and renewal).
+    pub fn with_eligibility(
+        mut self,
+        barred: Arc<dyn Fn() -> Option<String> + Send + Sync>,
+    ) -> Self {
+        self.eligible = barred;
+        self
     }
 
     /// Campaigns and leads until `cancel`; on cancel a leader drains and releases before returning.
@@ -288,7 +302,15 @@ impl Lease {
                     _ = tokio::time::sleep_until(next.into()) => {}
                 }
                 let sent_at = Instant::now();
-                match self.attempt(t.renew_interval, Attempt::Campaign).await {
+                let barred = (self.eligible)();
+                if let Some(why) = &barred {
+                    tracing::debug!(why = %why, "not campaigning for the lease");
+                }
+                let res = match barred {
+                    Some(_) => Ok(None),
+                    None => self.attempt(t.renew_interval, Attempt::Campaign).await,
+                };
+                match res {
                     Ok(Some(epoch)) => {
                         self.shared.renewed(sent_at, sent_at + t.demote_after());
                         break epoch;
@@ -373,6 +395,10 @@ impl Lease {
                         Ok(Some(e)) if e == epoch => {
                             self.shared.renewed(sent_at, sent_at + t.demote_after());
                             next_renew = sent_at + t.renew_interval;
+                            if let Some(why) = (self.eligible)() {
+                                tracing::error!(epoch, why = %why, "this node may not lead: handing over");
+                                self.shared.step_down.notify_one();
+                            }
                         }
                         Ok(_) => {
                             self.demote(epoch, "lease is held by another node");

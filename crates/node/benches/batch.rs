@@ -30,6 +30,7 @@ fn run(d: &Decoder, msgs: &[Inbound]) -> leasehold_node::batch::Prepared {
         routes: &telemetry,
         written_by: "bench",
         lease_epoch: 1,
+        suspended: &[],
     };
     prepare(d, msgs, &mut clock, 256 * 1024, no_routes)
 }

@@ -110,6 +110,10 @@ pub struct Routing<'a> {
     pub routes: &'a [ResolvedRoute],
     pub written_by: &'a str,
     pub lease_epoch: i64,
+    /// Per route of `routes`: why it is suspended (its table cannot be written now), or `None`.
+    /// A message for a suspended route is its `route_unavailable` dead letter; shorter than
+    /// `routes` (empty, usually): the rest are not suspended.
+    pub suspended: &'a [Option<String>],
 }
 
 /// Decodes `batch` and settles what the batch alone can settle. `max_payload_bytes` bounds the
@@ -258,8 +262,30 @@ impl Preparer<'_> {
     }
 
     fn message(&mut self, idx: usize, m: &Inbound, received_at: DateTime<Utc>) {
-        let matched = self.matching(&m.topic);
+        let mut matched = self.matching(&m.topic);
         let routes = self.routing.routes;
+        if !self.routing.suspended.is_empty() {
+            // A suspended route's share of the message waits as a dead letter of its own.
+            let suspended = self.routing.suspended;
+            matched.retain(|&k| match suspended.get(k).and_then(Option::as_ref) {
+                None => true,
+                Some(why) => {
+                    let name = &routes[k].spec.name;
+                    let error = format!("route {name} is suspended: {why}");
+                    self.dead(
+                        idx,
+                        received_at,
+                        ROUTE_UNAVAILABLE,
+                        Some(name.clone()),
+                        error,
+                    );
+                    false
+                }
+            });
+            if matched.is_empty() {
+                return;
+            }
+        }
         // The ingest keeps only the first MAX_PAYLOAD_BYTES of an oversized payload.
         let parsed = if m.original_size > self.max_payload_bytes {
             Err(DecodeError::TooLarge {
@@ -403,6 +429,28 @@ impl Preparer<'_> {
     }
 }
 
+/// The reason of a dead letter whose route was suspended: its table could not be written.
+pub const ROUTE_UNAVAILABLE: &str = "route_unavailable";
+
+/// A row of a route suspended while its batch was written, as its `route_unavailable` dead
+/// letter (the message's other routes still write).
+pub fn unavailable(row: &RouteRow, route: &ResolvedRoute, why: &str) -> DeadLetter {
+    let m = &row.message;
+    let name = &route.spec.name;
+    DeadLetter {
+        idx: row.idx,
+        topic: m.topic.clone(),
+        payload: m.payload.clone(),
+        size: m.payload.len(),
+        reason: ROUTE_UNAVAILABLE,
+        error: format!("route {name} is suspended: {why}"),
+        received_at: m.received_at,
+        pkid: m.pkid,
+        dup: m.dup,
+        route: Some(name.clone()),
+    }
+}
+
 /// A row PostgreSQL refused, as the dead letter that replaces it (the message's other routes
 /// still write).
 pub fn rejected(row: &RouteRow, route: &ResolvedRoute, database_text: &str) -> DeadLetter {
@@ -463,6 +511,7 @@ mod tests {
                 routes: &[ResolvedRoute::telemetry()],
                 written_by: "n",
                 lease_epoch: 1,
+                suspended: &[],
             },
         )
     }
@@ -528,6 +577,7 @@ mod tests {
                 routes: &routes,
                 written_by: "n",
                 lease_epoch: 1,
+                suspended: &[],
             },
         );
         let rows = |k: usize, rs: &[RouteRow]| -> Vec<usize> {
@@ -571,6 +621,7 @@ mod tests {
             routes: &[],
             written_by: "n",
             lease_epoch: 1,
+            suspended: &[],
         };
         let batch = [msg("devices/m/t", r#"{"ts":1700000000}"#, 1, false, t)];
         let p = prepare(

@@ -87,6 +87,27 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run dead letters again through the active configuration (after fixing a mapping, a
+    /// column or a route's table).
+    ///
+    /// Each dead letter that now succeeds is written and removed in one transaction, under the
+    /// leader's lease; what still fails stays, with its new reason. Exactly once with two replays
+    /// at once or a failover in the middle. Needs a leader. Exit 0 when every selected dead
+    /// letter was processed.
+    Replay {
+        /// Only this route's dead letters (`default`: the default route's).
+        #[arg(long)]
+        route: Option<String>,
+        /// Only dead letters of this reason (`route_unavailable`, `mapping_failed`, `not_json`, ...).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Only dead letters received within this long (e.g. 2h).
+        #[arg(long, value_parser = humantime_parse)]
+        since: Option<std::time::Duration>,
+        /// Do everything, then roll it back: what would be stored and what would fail.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// The cluster's configuration in its database: apply, show, history, diff.
     ///
     /// Cluster settings (topics, decoding, limits, routes, alert thresholds, retention) are
@@ -175,6 +196,13 @@ pub fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
+    if !matches!(cli.cmd, Command::Run) {
+        // A command's output piped into `head` ends quietly, as other command-line tools do.
+        // SAFETY: restores the default action of one signal before any thread is started.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let cfg = match cli.settings.load() {
         Ok(c) => c,
         Err(e) => {
@@ -226,10 +254,34 @@ pub fn main() -> ExitCode {
             Command::Simulate(args) => simulate::run(&cfg, args).await,
             Command::Doctor { json } => crate::checks::doctor(&cfg, json).await,
             Command::Config(cmd) => crate::config_cmd::command(&cfg, cmd).await,
+            Command::Replay {
+                route,
+                reason,
+                since,
+                dry_run,
+            } => {
+                let job = crate::replay::Job {
+                    database_url: cfg.require_database_url()?.to_string(),
+                    route,
+                    reason,
+                    since,
+                };
+                crate::replay::command(&cfg, job, dry_run).await
+            }
         }
     });
     match result {
         Ok(code) => code,
+        Err(e)
+            if e.downcast_ref::<crate::cluster_config::ConfigRefused>()
+                .is_some() =>
+        {
+            eprintln!(
+                "leasehold: configuration error: {}",
+                redact(&format!("{e}"))
+            );
+            ExitCode::from(EXIT_CONFIG)
+        }
         Err(e) if e.downcast_ref::<routes_cmd::RoutesRefused>().is_some() => {
             // One line per problem: each names its route and column.
             if let Some(refused) = e.downcast_ref::<routes_cmd::RoutesRefused>() {

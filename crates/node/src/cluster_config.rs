@@ -27,10 +27,20 @@ pub struct Active {
     /// `None`: the database holds no version (a node that may not import one).
     pub version: Option<i64>,
     pub cfg: Config,
+    /// Every route of `cfg`, in its order; one whose table does not resolve now is
+    /// [`ResolvedRoute::unresolved`] and suspended.
     pub routes: Vec<ResolvedRoute>,
+    /// Per route: why it runs suspended (its table does not fit now), or `None`.
+    pub suspended: Vec<Option<String>>,
 }
 
 pub type ActiveRx = watch::Receiver<Arc<Active>>;
+
+/// The active version cannot run with this host's node settings: a start-up configuration
+/// error (exit 2), one line naming the setting.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigRefused(pub String);
 
 /// A missed NOTIFY (the LISTEN connection was down) is caught up within this.
 const POLL: Duration = Duration::from_secs(10);
@@ -57,12 +67,16 @@ pub async fn start(own: &Config, pool: &Pool, status: &NodeStatus) -> anyhow::Re
         None => None,
     };
     let active = match &found {
-        Some(s) => load(own, pool, s).await.map_err(anyhow::Error::msg)?,
-        None => Active {
-            version: None,
-            cfg: own.clone(),
-            routes: crate::routes_cmd::check_at_start(own, pool).await?,
-        },
+        Some(s) => load(own, pool, s).await.map_err(ConfigRefused)?,
+        None => {
+            let (routes, suspended) = crate::routes_cmd::resolve_each(own, pool).await?;
+            Active {
+                version: None,
+                cfg: own.clone(),
+                routes,
+                suspended,
+            }
+        }
     };
     let drift = report_drift(own, &active);
     events::ConfigApplied {
@@ -80,22 +94,35 @@ pub async fn start(own: &Config, pool: &Pool, status: &NodeStatus) -> anyhow::Re
     Ok(active)
 }
 
-/// The stored version `s` over this host's node settings, its routes resolved; the error is one
-/// line naming what does not fit.
+/// The stored version `s` over this host's node settings, its routes resolved (one that does not
+/// fit the catalog now runs suspended: a broken table stops only its route); the error is one
+/// line naming the setting that does not fit this host.
 async fn load(own: &Config, pool: &Pool, s: &StoredConfig) -> Result<Active, String> {
     let origin = version_origin(s.version);
     let cluster = ClusterSettings::parse(&s.settings, origin.clone()).map_err(|e| e.to_string())?;
     let cfg = own
         .with_cluster(&cluster, origin)
         .map_err(|e| e.to_string())?;
-    let routes = crate::routes_cmd::check_at_start(&cfg, pool)
+    let (routes, suspended) = crate::routes_cmd::resolve_each(&cfg, pool)
         .await
         .map_err(|e| format!("{e:#}"))?;
     Ok(Active {
         version: Some(s.version),
         cfg,
         routes,
+        suspended,
     })
+}
+
+/// What a command on this host runs with: the active version over `own`'s node settings (`own`
+/// itself when the database holds none).
+pub async fn effective(own: &Config, c: &leasehold_store::Client) -> anyhow::Result<Config> {
+    let Some(s) = stored::active(c).await? else {
+        return Ok(own.clone());
+    };
+    let origin = version_origin(s.version);
+    let cluster = ClusterSettings::parse(&s.settings, origin.clone())?;
+    Ok(own.with_cluster(&cluster, origin)?)
 }
 
 /// Logs each of this host's own cluster settings that the running version overrides.
@@ -128,10 +155,14 @@ pub struct Watcher {
 impl Watcher {
     pub async fn run(mut self, cancel: CancellationToken) -> anyhow::Result<()> {
         let mut refused: Option<String> = None;
+        // A poll that other notifications do not postpone.
+        let mut poll = tokio::time::interval(POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        poll.tick().await;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(POLL) => {}
+                _ = poll.tick() => {}
                 n = self.notices.recv() => match n {
                     Ok(Notice::Notify { channel, .. }) if channel != CONFIG_CHANNEL => continue,
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}

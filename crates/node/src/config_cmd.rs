@@ -64,11 +64,27 @@ pub async fn command(cfg: &Config, cmd: ConfigCommand) -> anyhow::Result<ExitCod
     }
 }
 
+/// The version a `config show` output names in its first line (`# cluster configuration
+/// version N, ...`), if the file starts with one.
+fn shown_version(text: &str) -> Option<i64> {
+    let rest = text
+        .lines()
+        .next()?
+        .strip_prefix("# cluster configuration version ")?;
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Reads a file given to `apply` or `diff`: its cluster settings, or one line per problem.
 fn read_file(path: &Path) -> Result<ClusterSettings, Vec<String>> {
     let origin = Origin::File(path.display().to_string());
     let text = std::fs::read_to_string(path)
         .map_err(|e| vec![format!("cannot read {}: {e}", path.display())])?;
+    if text.trim().is_empty() {
+        return Err(vec![format!("{} is empty: applied, it would set every cluster setting to its default and remove every route; write at least one setting (a default one will do) to mean that", path.display())]);
+    }
     let sources = Sources::from_toml(&text, origin.clone()).map_err(|e| vec![e.to_string()])?;
     let node: Vec<String> = sources
         .node_settings_set()
@@ -140,11 +156,27 @@ async fn apply(
     from_version: Option<i64>,
     dry_run: bool,
 ) -> anyhow::Result<ExitCode> {
-    let (new, origin) = match (file, from_version) {
-        (Some(path), _) => match read_file(path) {
-            Ok(new) => (new, Origin::File(path.display().to_string())),
-            Err(lines) => return Ok(refuse(&lines)),
-        },
+    let active = stored::active(c).await?;
+    let (mut new, origin) = match (file, from_version) {
+        (Some(path), _) => {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            if let (Some(shown), Some(a)) = (shown_version(&text), &active) {
+                if shown != a.version {
+                    return Ok(refuse(&[format!(
+                        "{} was shown from version {shown}, but version {} is active now (applied {} by {}): this would undo its changes; see `leasehold config diff {}` and apply again (or remove the file's first line to apply it as it is)",
+                        path.display(),
+                        a.version,
+                        a.applied_at.format("%Y-%m-%d %H:%M:%S UTC"),
+                        a.applied_by,
+                        path.display()
+                    )]));
+                }
+            }
+            match read_file(path) {
+                Ok(new) => (new, Origin::File(path.display().to_string())),
+                Err(lines) => return Ok(refuse(&lines)),
+            }
+        }
         (None, Some(v)) => match stored::version(c, v).await? {
             Some(s) => (
                 ClusterSettings::parse(&s.settings, version_origin(v))?,
@@ -154,11 +186,13 @@ async fn apply(
         },
         (None, None) => return Ok(refuse(&["give a FILE or --version N".into()])),
     };
+    if let Err(line) = keep_masked_secrets(&mut new, active.as_ref()) {
+        return Ok(refuse(&[line]));
+    }
     let new_cfg = match check(cfg, c, &new, &origin).await? {
         Ok(n) => n,
         Err(lines) => return Ok(refuse(&lines)),
     };
-    let active = stored::active(c).await?;
     let changes = effective(active.as_ref())?.changes(&new_cfg);
     let after = active.as_ref().map(|a| a.version);
     if changes.is_empty() && active.is_some() {
@@ -197,6 +231,31 @@ async fn apply(
         }
         Err(e @ ApplyError::Conflict { .. }) => Ok(refuse(&[e.to_string()])),
         Err(ApplyError::Store(e)) => Err(e.into()),
+    }
+}
+
+/// A secret as `config show` masked it (`https://hooks.slack.com/***`): the active version's
+/// value when the mask stands for it, else refused (stored as it is, it would break delivery).
+fn keep_masked_secrets(
+    new: &mut ClusterSettings,
+    active: Option<&StoredConfig>,
+) -> Result<(), String> {
+    const KEY: &str = "ALERT_WEBHOOK_URL";
+    let Some(v) = new
+        .value(KEY)
+        .filter(|v| v.contains(leasehold_config::MASK))
+    else {
+        return Ok(());
+    };
+    let current = active
+        .and_then(|a| ClusterSettings::parse(&a.settings, version_origin(a.version)).ok())
+        .and_then(|c| c.value(KEY).map(str::to_string));
+    match current {
+        Some(cur) if leasehold_config::shown_secret(KEY, &cur) == v => {
+            new.set(KEY, cur);
+            Ok(())
+        }
+        _ => Err(format!("{KEY} holds {} (a value masked by `config show`) that is not the active version's: write the URL in full", leasehold_config::MASK)),
     }
 }
 

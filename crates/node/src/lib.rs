@@ -16,6 +16,9 @@
 //!   id, the replication status the heartbeat refreshes.
 //! - [`admin`]: `migrate`, `status`, `step-down`.
 //! - [`routes_cmd`]: `[[routes]]` against the database: the start-up check and `leasehold routes`.
+//! - [`replay`]: `leasehold replay`, and a resumed route's own dead letters: dead letters run
+//!   again through the active configuration, each chunk written and removed in one fenced
+//!   transaction.
 //! - [`simulate`]: a device fleet publisher for demos, tests and benchmarks.
 //! - [`sd_notify`]: readiness and the watchdog for systemd's `Type=notify`.
 
@@ -28,6 +31,7 @@ pub mod config_cmd;
 pub mod identity;
 pub mod ledger;
 pub mod node;
+pub mod replay;
 pub mod routes_cmd;
 pub mod routing;
 pub mod sd_notify;

@@ -125,6 +125,7 @@ impl Node {
                 version: None,
                 cfg: cfg.clone(),
                 routes: Vec::new(),
+                suspended: Vec::new(),
             },
         };
         let own = cfg;
@@ -400,6 +401,18 @@ fn lead(
         },
         Some(db.notices.subscribe()),
     );
+    // A node that cannot run the cluster's active configuration does not lead: it would
+    // subscribe, decode and route by an older one.
+    let status = w.status.clone();
+    let lease = lease.with_eligibility(std::sync::Arc::new(move || {
+        let c = status.config();
+        c.problem.map(|p| {
+            format!(
+                "it cannot run the cluster configuration's active version {}: {p}",
+                c.latest.unwrap_or(0)
+            )
+        })
+    }));
     leasehold_lease::watchdog::spawn(&handle, cfg.lease.ttl)
         .context("starting the watchdog thread")?;
     w.tracker.spawn(probe_broker(

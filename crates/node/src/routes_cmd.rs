@@ -50,6 +50,44 @@ pub async fn check_at_start(
     Ok(resolved)
 }
 
+/// The configured routes against the catalog, each in its place: one that does not resolve now
+/// (its table gone, renamed or not granted) is [`ResolvedRoute::unresolved`] with its problems,
+/// to run suspended: a broken route stops only itself. The database unreachable is an error.
+pub async fn resolve_each(
+    cfg: &Config,
+    pool: &leasehold_store::Pool,
+) -> anyhow::Result<(Vec<ResolvedRoute>, Vec<Option<String>>)> {
+    if cfg.routes.is_empty() {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let c = leasehold_store::pooled(pool)
+        .await
+        .context("checking routes")?;
+    let (resolved, problems) = routes::resolve(&c, &cfg.routes)
+        .await
+        .context("checking routes")?;
+    let mut out = (Vec::new(), Vec::new());
+    for spec in &cfg.routes {
+        let mine: Vec<String> = problems
+            .iter()
+            .filter(|p| p.route == spec.name)
+            .map(ToString::to_string)
+            .collect();
+        match resolved.iter().find(|r| r.spec.name == spec.name) {
+            Some(r) if mine.is_empty() => {
+                out.0.push(r.clone());
+                out.1.push(None);
+            }
+            _ => {
+                tracing::error!(route = %spec.name, problems = %mine.join("; "), "route does not fit the database now: it runs suspended (its messages are route_unavailable dead letters) until it does");
+                out.0.push(ResolvedRoute::unresolved(spec.clone()));
+                out.1.push(Some(mine.join("; ")));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// `leasehold routes`: every route resolved against the database, then its problems. Exit 0
 /// when all fit, [`EXIT_ROUTE_PROBLEM`] otherwise (a database that cannot be reached is an error:
 /// exit 1).

@@ -257,6 +257,7 @@ impl Supervisor {
                 // long before this.
                 statement_timeout: cfg.lease.ttl,
                 routes: active.routes.clone(),
+                suspended: active.suspended.clone(),
                 require_sync_replication: cfg.require_sync_replication,
             },
             fence,

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::batch::reason_label;
-use crate::batch::{prepare, rejected, DbClock, Prepared, Routing};
+use crate::batch::{prepare, rejected, unavailable, DbClock, Prepared, Routing};
 use crate::cluster_config::ActiveRx;
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +53,8 @@ pub struct WriterConfig {
     pub statement_timeout: Duration,
     /// The named routes, checked against the database at start (empty: only `telemetry`).
     pub routes: Vec<ResolvedRoute>,
+    /// Per named route: why it starts suspended (its table did not fit the catalog), or `None`.
+    pub suspended: Vec<Option<String>>,
     /// `REQUIRE_SYNC_REPLICATION`: ingest only while commits are synchronously replicated, and
     /// acknowledge a batch only once a synchronous standby has flushed WAL past it.
     pub require_sync_replication: bool,
@@ -69,10 +71,74 @@ pub struct Writer {
     pub active: Option<ActiveRx>,
 }
 
-/// The writer's connection, and the routes its statement is prepared for (`telemetry` first).
+/// The writer's connection, the routes batches are prepared for (`telemetry` first), and which of
+/// them are suspended.
 struct Conn {
     writer: Option<BatchWriter>,
+    /// Every route of the configuration, `telemetry` first: rows name a route by its place here.
     routes: Arc<[ResolvedRoute]>,
+    /// Per route of `routes`: its suspension, if its table cannot be written now.
+    suspended: Vec<Option<Suspension>>,
+    /// The routes the statement writes (those not suspended), and each route's place among them.
+    stmt: Arc<[ResolvedRoute]>,
+    to_stmt: Vec<Option<usize>>,
+}
+
+/// A route whose table cannot be written now: its rows become `route_unavailable` dead letters
+/// until a check of the catalog finds it fits again.
+#[derive(Debug, Clone)]
+struct Suspension {
+    why: String,
+    since: Instant,
+    check_at: Instant,
+}
+
+/// How often a suspended route's table is checked again.
+const RECHECK: Duration = Duration::from_secs(5);
+
+impl Conn {
+    fn new(routes: Arc<[ResolvedRoute]>, suspended: Vec<Option<Suspension>>) -> Conn {
+        let mut c = Conn {
+            writer: None,
+            suspended,
+            stmt: routes.clone(),
+            to_stmt: Vec::new(),
+            routes,
+        };
+        c.suspended.resize(c.routes.len(), None);
+        c.rebuild();
+        c
+    }
+
+    /// The statement's routes after a suspension or a resumption; the connection is made again,
+    /// so its statement is prepared for them.
+    fn rebuild(&mut self) {
+        let mut stmt = Vec::new();
+        self.to_stmt = self
+            .routes
+            .iter()
+            .zip(&self.suspended)
+            .map(|(r, s)| {
+                s.is_none().then(|| {
+                    stmt.push(r.clone());
+                    stmt.len() - 1
+                })
+            })
+            .collect();
+        self.stmt = stmt.into();
+        self.writer = None;
+    }
+
+    /// Why each route is suspended, for `prepare` (empty when none is).
+    fn reasons(&self) -> Vec<Option<String>> {
+        if self.suspended.iter().all(Option::is_none) {
+            return Vec::new();
+        }
+        self.suspended
+            .iter()
+            .map(|s| s.as_ref().map(|s| s.why.clone()))
+            .collect()
+    }
 }
 
 /// How often the writer reads the database's clock again.
@@ -197,6 +263,28 @@ impl Committing<'_> {
         }
     }
 
+    /// `part` without the rows of suspended routes: each becomes its `route_unavailable` dead
+    /// letter.
+    fn strip(&mut self, mut part: Part, suspended: &[Option<Suspension>]) -> Part {
+        if !part
+            .rows
+            .iter()
+            .any(|r| suspended.get(r.route).is_some_and(Option::is_some))
+        {
+            return part;
+        }
+        let rows = std::mem::take(&mut part.rows);
+        for r in rows {
+            match suspended.get(r.route).and_then(Option::as_ref) {
+                Some(s) => part
+                    .dead
+                    .push(unavailable(&r, &self.routes[r.route], &s.why)),
+                None => part.rows.push(r),
+            }
+        }
+        part
+    }
+
     /// The part that replaces a single row PostgreSQL refused: its dead letter, and for
     /// `"update"` the row of the same key it replaced in this batch, now the newest the table
     /// can take (counted when written, not as written over).
@@ -250,12 +338,13 @@ impl Writer {
     }
 
     async fn run_term(&mut self, cancel: CancellationToken) -> Result<(), WriterError> {
-        let mut conn = Conn {
-            writer: None,
-            routes: std::iter::once(ResolvedRoute::telemetry())
+        let mut conn = Conn::new(
+            std::iter::once(ResolvedRoute::telemetry())
                 .chain(self.cfg.routes.iter().cloned())
                 .collect(),
-        };
+            self.initial_suspensions(),
+        );
+        self.report_suspensions(&conn);
         self.status
             .update_routes(|counts| show_routes(counts, &conn.routes[1..]));
         // Whether the last commit was confirmed on a synchronous standby (REQUIRE_SYNC_REPLICATION):
@@ -268,6 +357,7 @@ impl Writer {
                 return Ok(());
             };
             self.follow(&mut conn);
+            self.recheck(&mut conn).await;
             let Some(clock) = self.clock(&mut conn, &mut clock, &cancel, &mut retry).await else {
                 return Ok(());
             };
@@ -279,6 +369,7 @@ impl Writer {
             }
             let started = Instant::now();
             let routes = conn.routes.clone();
+            let suspended = conn.reasons();
             let prepared = prepare(
                 &self.cfg.decoder,
                 &batch,
@@ -288,6 +379,7 @@ impl Writer {
                     routes: &routes,
                     written_by: &self.cfg.instance_id,
                     lease_epoch: self.fence.epoch,
+                    suspended: &suspended,
                 },
             );
             match self
@@ -566,7 +658,9 @@ impl Writer {
         }
     }
 
-    /// Commits one part whose keys are unique per route, halving it around row errors.
+    /// Commits one part whose keys are unique per route, halving it around row errors. An error
+    /// that belongs to one route's table suspends that route: its rows become dead letters and
+    /// the rest is written; any other error is retried for everything.
     async fn commit_part(
         &self,
         conn: &mut Conn,
@@ -577,6 +671,7 @@ impl Writer {
     ) -> Result<(), Stop> {
         let mut work = VecDeque::from([part]);
         while let Some(part) = work.pop_front() {
+            let part = batch.strip(part, &conn.suspended);
             if part.len() == 0 {
                 continue;
             }
@@ -596,9 +691,14 @@ impl Writer {
                     work.push_front(batch.refused(&part.rows[0], &e.database_text()));
                 }
                 Err(e) => {
-                    // Connection, time, resources, or a dead letter itself refused (which
-                    // `storable_text` and `bytea` should make impossible): retry, acknowledging
-                    // nothing meanwhile.
+                    if self.isolate(&e, conn, &part).await {
+                        // The part again, without the suspended routes' rows.
+                        work.push_front(part);
+                        continue;
+                    }
+                    // Connection, time, resources, the database as a whole, or a dead letter
+                    // itself refused (which `storable_text` and `bytea` should make
+                    // impossible): retry, acknowledging nothing meanwhile.
                     conn.writer = None;
                     work.push_front(part);
                     if !retry.wait(&e, cancel).await {
@@ -608,6 +708,203 @@ impl Writer {
             }
         }
         Ok(())
+    }
+
+    /// After a statement failed for a reason other than a row: checks the named routes of
+    /// `part` against the catalog, and suspends each whose table no longer fits (gone, renamed,
+    /// a column missing, a grant revoked). `false` when every route fits: the error is the
+    /// database's as a whole (or not a database error at all), retried for everything.
+    async fn isolate(&self, e: &StoreError, conn: &mut Conn, part: &Part) -> bool {
+        if !e.is_database_error() {
+            return false;
+        }
+        let mut in_part: Vec<usize> = part.rows.iter().map(|r| r.route).collect();
+        in_part.sort_unstable();
+        in_part.dedup();
+        let specs: Vec<(usize, leasehold_config::RouteSpec)> = in_part
+            .into_iter()
+            .filter(|&k| k > 0 && conn.suspended[k].is_none())
+            .map(|k| (k, conn.routes[k].spec.clone()))
+            .collect();
+        if specs.is_empty() {
+            return false;
+        }
+        let problems = match self
+            .check_routes(specs.iter().map(|(_, s)| s.clone()).collect())
+            .await
+        {
+            Some(p) => p,
+            None => return false,
+        };
+        let words = e.database_text();
+        let mut any = false;
+        for (k, spec) in specs {
+            let mine: Vec<String> = problems
+                .iter()
+                .filter(|p| p.route == spec.name)
+                .map(ToString::to_string)
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let why = format!("{}; writing it failed with: {words}", mine.join("; "));
+            events::RouteSuspended {
+                route: &spec.name,
+                why: &why,
+            }
+            .emit();
+            let now = Instant::now();
+            conn.suspended[k] = Some(Suspension {
+                why,
+                since: now,
+                check_at: now + RECHECK,
+            });
+            any = true;
+        }
+        if any {
+            conn.rebuild();
+            self.report_suspensions(conn);
+        }
+        any
+    }
+
+    /// The problems of `specs` against the catalog now, on a connection of its own; `None` when
+    /// they could not be checked (the database unreachable: not a route's fault).
+    async fn check_routes(
+        &self,
+        specs: Vec<leasehold_config::RouteSpec>,
+    ) -> Option<Vec<leasehold_store::routes::RouteProblem>> {
+        let check = async {
+            let c =
+                leasehold_store::connect(&self.cfg.database_url, "leasehold-route-check").await?;
+            leasehold_store::routes::resolve(&c, &specs).await
+        };
+        match tokio::time::timeout(Duration::from_secs(5), check).await {
+            Ok(Ok((_, problems))) => Some(problems),
+            _ => None,
+        }
+    }
+
+    /// Checks the suspended routes that are due; each that fits the catalog again resumes
+    /// (resolved afresh) and replays its `route_unavailable` dead letters.
+    async fn recheck(&mut self, conn: &mut Conn) {
+        let now = Instant::now();
+        let due: Vec<usize> = (1..conn.routes.len())
+            .filter(|&k| {
+                conn.suspended[k]
+                    .as_ref()
+                    .is_some_and(|s| s.check_at <= now)
+            })
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let specs: Vec<_> = due.iter().map(|&k| conn.routes[k].spec.clone()).collect();
+        let check = async {
+            let c =
+                leasehold_store::connect(&self.cfg.database_url, "leasehold-route-check").await?;
+            leasehold_store::routes::resolve(&c, &specs).await
+        };
+        let Ok(Ok((resolved, problems))) =
+            tokio::time::timeout(Duration::from_secs(5), check).await
+        else {
+            for &k in &due {
+                if let Some(s) = conn.suspended[k].as_mut() {
+                    s.check_at = now + RECHECK;
+                }
+            }
+            return;
+        };
+        let mut routes = conn.routes.to_vec();
+        let mut resumed = Vec::new();
+        for k in due {
+            let name = routes[k].spec.name.clone();
+            let fits = !problems.iter().any(|p| p.route == name);
+            match (fits, resolved.iter().find(|r| r.spec.name == name)) {
+                (true, Some(r)) => {
+                    let held = conn.suspended[k].take().map(|s| s.since.elapsed());
+                    events::RouteResumed {
+                        route: &name,
+                        suspended_for: held.unwrap_or_default(),
+                    }
+                    .emit();
+                    routes[k] = r.clone();
+                    resumed.push(name);
+                }
+                _ => {
+                    if let Some(s) = conn.suspended[k].as_mut() {
+                        s.check_at = now + RECHECK;
+                    }
+                }
+            }
+        }
+        if resumed.is_empty() {
+            return;
+        }
+        conn.routes = routes.into();
+        conn.rebuild();
+        self.report_suspensions(conn);
+        for route in resumed {
+            self.replay_resumed(route);
+        }
+    }
+
+    /// The suspensions the term starts with: routes whose table did not fit when the
+    /// configuration was loaded.
+    fn initial_suspensions(&self) -> Vec<Option<Suspension>> {
+        let now = Instant::now();
+        std::iter::once(None)
+            .chain(self.cfg.suspended.iter().map(|why| {
+                why.as_ref().map(|why| Suspension {
+                    why: why.clone(),
+                    since: now,
+                    check_at: now,
+                })
+            }))
+            .collect()
+    }
+
+    /// Shows which routes are suspended (`/health`, the gauge).
+    fn report_suspensions(&self, conn: &Conn) {
+        let named = conn.routes.get(1..).unwrap_or_default();
+        let suspended = conn.suspended.get(1..).unwrap_or_default();
+        self.status.update_routes(|counts| {
+            show_routes(counts, named);
+            for (c, s) in counts.iter_mut().zip(suspended) {
+                c.suspended = s.as_ref().map(|s| s.why.clone());
+            }
+        });
+        for (r, s) in named.iter().zip(suspended) {
+            events::RouteState {
+                route: &r.spec.name,
+                suspended: s.is_some(),
+            }
+            .emit();
+        }
+    }
+
+    /// A resumed route's `route_unavailable` dead letters, replayed in the background under this
+    /// term's fence (`leasehold replay --route NAME --reason route_unavailable` does the same).
+    fn replay_resumed(&self, route: String) {
+        let job = crate::replay::Job {
+            database_url: self.cfg.database_url.clone(),
+            route: Some(route),
+            reason: Some(crate::batch::ROUTE_UNAVAILABLE.to_string()),
+            since: None,
+        };
+        let active = self.active.clone();
+        tokio::spawn(async move {
+            let cfg = match active {
+                Some(rx) => rx.borrow().cfg.clone(),
+                None => return,
+            };
+            match crate::replay::run(&cfg, job, false, None).await {
+                Ok(summary) => tracing::info!(%summary, "resumed route's dead letters replayed"),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "replaying a resumed route's dead letters failed; `leasehold replay` can do it")
+                }
+            }
+        });
     }
 
     /// One statement for `part`, raced against `cancel` (the connection is made inside the
@@ -624,9 +921,28 @@ impl Writer {
         let res = tokio::select! {
             _ = cancel.cancelled() => None,
             r = async {
+                let remap = (conn.stmt.len() != conn.routes.len()).then(|| conn.to_stmt.clone());
                 let w = self.connection(conn).await?;
                 stop = Some(w.cancel_handle());
-                w.write(&self.fence, &part.rows, &part.dead).await
+                match remap {
+                    None => w.write(&self.fence, &part.rows, &part.dead).await,
+                    // Some routes are suspended: rows name their route's place in the statement,
+                    // and the outcome comes back in the batch's places.
+                    Some(to_stmt) => {
+                        let rows: Vec<RouteRow> = part
+                            .rows
+                            .iter()
+                            .filter_map(|r| Some(RouteRow { route: to_stmt[r.route]?, ..r.clone() }))
+                            .collect();
+                        let mut out = w.write(&self.fence, &rows, &part.dead).await?;
+                        let mut by_stmt = std::mem::take(&mut out.routes).into_iter();
+                        out.routes = to_stmt
+                            .iter()
+                            .map(|s| s.and_then(|_| by_stmt.next()).unwrap_or_default())
+                            .collect();
+                        Ok(out)
+                    }
+                }
             } => Some(r),
         };
         match res {
@@ -658,8 +974,8 @@ impl Writer {
             )
             .await?
             .with_redelivery_span(self.cfg.max_pending + 2048);
-            if conn.routes.len() > 1 {
-                w.use_routes(conn.routes.clone()).await?;
+            if conn.stmt.len() > 1 {
+                w.use_routes(conn.stmt.clone()).await?;
             }
             conn.writer = Some(w);
         }
@@ -686,12 +1002,29 @@ impl Writer {
         // MAX_PAYLOAD_BYTES is the term's: a new value starts a new term (the supervisor).
         w.decoder = Decoder::new(&c.device_topic_pattern, w.max_payload_bytes);
         w.routes = a.routes.clone();
-        conn.routes = std::iter::once(ResolvedRoute::telemetry())
-            .chain(a.routes.iter().cloned())
-            .collect();
-        conn.writer = None;
-        self.status
-            .update_routes(|counts| show_routes(counts, &conn.routes[1..]));
+        w.suspended = a.suspended.clone();
+        // A route suspended here stays so (checked again at once) if the new version keeps it.
+        let mut carried = self.initial_suspensions();
+        for (k, r) in a.routes.iter().enumerate() {
+            let held = conn
+                .routes
+                .iter()
+                .position(|o| o.spec.name == r.spec.name)
+                .and_then(|o| conn.suspended.get(o).cloned().flatten());
+            if let (Some(s), None) = (held, &carried[k + 1]) {
+                carried[k + 1] = Some(Suspension {
+                    check_at: Instant::now(),
+                    ..s
+                });
+            }
+        }
+        *conn = Conn::new(
+            std::iter::once(ResolvedRoute::telemetry())
+                .chain(a.routes.iter().cloned())
+                .collect(),
+            carried,
+        );
+        self.report_suspensions(conn);
     }
 
     /// Up to `batch_max_rows` messages or `batch_max_bytes` of payload, until `batch_max_wait`

@@ -196,7 +196,7 @@ pub fn storable_text(s: &str) -> std::borrow::Cow<'_, str> {
 
 /// Writes batches on one connection with the statement prepared once. See [`BATCH_SQL`].
 pub struct BatchWriter {
-    client: Client,
+    pub(crate) client: Client,
     stmt: Statement,
     written_by: String,
     redelivery_window: Duration,

@@ -33,6 +33,7 @@ pub mod listener;
 pub mod migrate;
 pub mod op;
 pub mod queries;
+pub mod replay;
 pub mod replication;
 pub mod retention;
 pub mod routes;
@@ -135,6 +136,12 @@ impl StoreError {
                 .iter()
                 .any(|class| code.starts_with(class))
         })
+    }
+
+    /// Whether the database answered with an error (as opposed to a connection, a timeout or
+    /// the pool failing).
+    pub fn is_database_error(&self) -> bool {
+        matches!(self, StoreError::Db(e) if e.as_db_error().is_some())
     }
 
     /// The database's own words for a refused value: message, detail and SQLSTATE.

@@ -81,14 +81,15 @@ impl Listener {
         crate::op::measured(Op::Listen, async {
             Ok(client
                 .batch_execute(&format!(
-                    "LISTEN {LEASE_CHANNEL}; LISTEN {DEVICES_CHANNEL}; LISTEN {CONTROL_CHANNEL};"
+                    "LISTEN {LEASE_CHANNEL}; LISTEN {DEVICES_CHANNEL}; LISTEN {CONTROL_CHANNEL}; LISTEN {};",
+                    crate::config::CONFIG_CHANNEL
                 ))
                 .await?)
         })
         .await?;
         tracing::info!(
             reconnect = !first,
-            "listening for lease, device and control notifications"
+            "listening for lease, device, control and configuration notifications"
         );
         if !first {
             let _ = self.tx.send(Notice::Resync);

@@ -56,6 +56,8 @@ pub enum Op {
     ConfigRead,
     /// `leasehold config apply`, and the import of a first start.
     ConfigApply,
+    /// `leasehold replay`: dead letters locked, removed, counted.
+    Replay,
     /// `leasehold doctor`'s reads: settings, privileges, clock samples, the database's identity.
     Doctor,
 }
@@ -77,6 +79,7 @@ impl Op {
             Op::Heartbeat => "heartbeat",
             Op::ConfigRead => "config_read",
             Op::ConfigApply => "config_apply",
+            Op::Replay => "replay",
             Op::NewestDataAge => "newest_data_age",
             Op::DeadLettersByRoute => "dead_letters_by_route",
             Op::DeviceTopics => "device_topics",

@@ -60,6 +60,21 @@ impl ResolvedRoute {
     /// The built-in route 0: every message no named route takes, into `telemetry`, keyed by
     /// `(device_id, topic, ts)`, with the identity columns that let a redelivery of a
     /// timestamp-less reading be told from a new publish (`docs/guarantees.md`).
+    /// A route whose table could not be resolved now (gone, renamed, not granted): it keeps its
+    /// place and its filters, so its messages are told apart, but it is suspended and never
+    /// written until it resolves again.
+    pub fn unresolved(spec: RouteSpec) -> Self {
+        let table = spec.table.clone();
+        ResolvedRoute {
+            qualified: quote_ident(&table),
+            spec,
+            schema: String::new(),
+            table,
+            columns: Vec::new(),
+            key: Vec::new(),
+        }
+    }
+
     pub fn telemetry() -> Self {
         use ColumnKind::*;
         let col = |name: &str, source: Source, sql_type: &str, kind: ColumnKind| ResolvedColumn {

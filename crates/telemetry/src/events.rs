@@ -632,3 +632,52 @@ impl ConfigRefused<'_> {
         );
     }
 }
+
+/// A route's table could not be written (gone, renamed, a column or a grant missing): the route
+/// is suspended, everything else keeps flowing.
+pub struct RouteSuspended<'a> {
+    pub route: &'a str,
+    pub why: &'a str,
+}
+impl RouteSuspended<'_> {
+    pub fn emit(self) {
+        tracing::error!(route = self.route, why = self.why, "route suspended: its messages are route_unavailable dead letters until its table fits again (checked every few seconds); every other route keeps flowing");
+        metrics()
+            .route_suspended
+            .with_label_values(&[self.route])
+            .set(1);
+    }
+}
+
+/// A suspended route's table fits again: it writes again.
+pub struct RouteResumed<'a> {
+    pub route: &'a str,
+    pub suspended_for: std::time::Duration,
+}
+impl RouteResumed<'_> {
+    pub fn emit(self) {
+        tracing::info!(
+            route = self.route,
+            suspended_ms = self.suspended_for.as_millis() as u64,
+            "route resumed: its table fits again; replaying its route_unavailable dead letters"
+        );
+        metrics()
+            .route_suspended
+            .with_label_values(&[self.route])
+            .set(0);
+    }
+}
+
+/// Whether a route is suspended, as the gauge shows it (the routes of a new term or version).
+pub struct RouteState<'a> {
+    pub route: &'a str,
+    pub suspended: bool,
+}
+impl RouteState<'_> {
+    pub fn emit(self) {
+        metrics()
+            .route_suspended
+            .with_label_values(&[self.route])
+            .set(i64::from(self.suspended));
+    }
+}

@@ -156,6 +156,8 @@ pub struct RouteCounts {
     pub duplicates: u64,
     pub conflicts: u64,
     pub dead_letters: u64,
+    /// Why it is suspended (its table cannot be written now), or `None` while it writes.
+    pub suspended: Option<String>,
 }
 
 /// The broker side, written by the ingest task of the current term (or of the observer).

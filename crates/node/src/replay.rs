@@ -1,0 +1,394 @@
+//! `leasehold replay`: dead letters run again through the active configuration. Each chunk is
+//! one transaction: its dead letters locked (`FOR UPDATE SKIP LOCKED`: two replays at once never
+//! take the same one), decoded and routed as the writer does, written by the fenced batch
+//! statement under the current leader's lease, and removed. What still fails is written anew by
+//! that statement with its new reason; a transaction that does not commit leaves everything as
+//! it was. A failover in the middle fences the chunk: the lease is read again and the chunk
+//! retried.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use chrono::Utc;
+use leasehold_config::Config;
+use leasehold_decode::Decoder;
+use leasehold_ingest::Inbound;
+use leasehold_store::replay::{Selection, StoredDeadLetter};
+use leasehold_store::routes::ResolvedRoute;
+use leasehold_store::{BatchWriter, Fence, StoreError};
+
+use crate::batch::{prepare, DbClock, Routing};
+
+/// What to replay.
+#[derive(Debug, Clone, Default)]
+pub struct Job {
+    pub database_url: String,
+    /// A route's name; `default` for the default route's dead letters.
+    pub route: Option<String>,
+    pub reason: Option<String>,
+    /// Received within this long.
+    pub since: Option<Duration>,
+}
+
+/// What a replay did (or, dry, would do).
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    /// Dead letters taken (locked) and run again.
+    pub processed: u64,
+    /// Of them, stored now (written, or found stored already): removed from `dead_letters`.
+    pub stored: u64,
+    /// Of them, failing again, by their new reason: still in `dead_letters`.
+    pub failing: BTreeMap<String, u64>,
+    pub dry_run: bool,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let failing: u64 = self.failing.values().sum();
+        write!(
+            f,
+            "{} dead letters {}: {} stored, {} failing again",
+            self.processed,
+            if self.dry_run {
+                "tried (dry run: nothing changed)"
+            } else {
+                "replayed"
+            },
+            self.stored,
+            failing
+        )?;
+        for (reason, n) in &self.failing {
+            write!(f, "; {reason}: {n}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Dead letters per transaction.
+const CHUNK: i64 = 500;
+/// Fenced chunks retried after reading the lease again (a failover in the middle).
+const FENCED_RETRIES: u32 = 20;
+
+/// Replays the dead letters `job` selects with `cfg` (the active configuration over this host's
+/// node settings). `progress` is called after each chunk.
+pub async fn run(
+    cfg: &Config,
+    job: Job,
+    dry_run: bool,
+    mut progress: Option<&mut (dyn FnMut(&Summary) + Send)>,
+) -> anyhow::Result<Summary> {
+    let url = job.database_url.as_str();
+    let c = leasehold_store::connect(url, "leasehold-replay")
+        .await
+        .with_context(|| format!("cannot connect to {}", leasehold_config::redact_url(url)))?;
+    let (routes, suspended) = resolve(&c, cfg).await?;
+    let mut w = BatchWriter::connect(
+        url,
+        format!("{} (replay)", cfg.instance_id),
+        Duration::from_secs(60),
+        cfg.redelivery_window,
+    )
+    .await?;
+    let stmt: Vec<ResolvedRoute> = routes
+        .iter()
+        .zip(&suspended)
+        .filter(|(_, s)| s.is_none())
+        .map(|(r, _)| r.clone())
+        .collect();
+    if routes.iter().zip(&suspended).any(|(_, s)| s.is_some()) {
+        bail!("a route's table does not fit the database now ({}): replay after fixing it, or replay other routes with --route", suspended.iter().flatten().cloned().collect::<Vec<_>>().join("; "));
+    }
+    if stmt.len() > 1 {
+        w.use_routes(stmt.into()).await?;
+    }
+    let sel = Selection {
+        route: job.route.clone(),
+        reason: job.reason.clone(),
+        within_secs: job.since.map(|d| d.as_secs_f64()),
+    };
+    let upto = leasehold_store::replay::newest_id(&c).await?;
+    let mut fence = read_fence(&c, &cfg.lease_name).await?;
+    let decoder = Decoder::new(&cfg.device_topic_pattern, cfg.max_payload_bytes);
+    let written_by = format!("{} (replay)", cfg.instance_id);
+    let mut summary = Summary {
+        dry_run,
+        ..Summary::default()
+    };
+    let mut after = 0i64;
+    // `None`: the next chunk by the selection; `Some(ids)`: those again (half of a chunk with a
+    // refused row, or a chunk fenced by a failover).
+    let mut queue: VecDeque<Option<Vec<i64>>> = VecDeque::from([None]);
+    let mut fenced = 0u32;
+    while let Some(item) = queue.pop_front() {
+        w.begin().await?;
+        let locked = match &item {
+            None => {
+                w.lock_dead_letters(&sel, (after, upto), CHUNK, None)
+                    .await?
+            }
+            Some(ids) => {
+                w.lock_dead_letters(&sel, (0, upto), ids.len() as i64, Some(ids))
+                    .await?
+            }
+        };
+        if item.is_none() {
+            match locked.last() {
+                Some(last) => {
+                    after = last.id;
+                    queue.push_back(None);
+                }
+                None => {
+                    w.finish(true).await?;
+                    break;
+                }
+            }
+        }
+        if locked.is_empty() {
+            w.finish(true).await?;
+            continue;
+        }
+        let ids: Vec<i64> = locked.iter().map(|d| d.id).collect();
+        let shape = Shape {
+            decoder: &decoder,
+            written_by: &written_by,
+            routes: &routes,
+            max_payload_bytes: cfg.max_payload_bytes,
+        };
+        match attempt(&mut w, &fence, &locked, &shape).await {
+            Ok(failing) => {
+                w.delete_dead_letters(&ids).await?;
+                w.finish(!dry_run).await?;
+                summary.processed += ids.len() as u64;
+                summary.stored += (ids.len() - failing.len()) as u64;
+                for reason in failing {
+                    *summary.failing.entry(reason).or_default() += 1;
+                }
+            }
+            Err(e) if e.is_row_error() && ids.len() > 1 => {
+                w.finish(false).await?;
+                let (a, b) = ids.split_at(ids.len() / 2);
+                queue.push_front(Some(b.to_vec()));
+                queue.push_front(Some(a.to_vec()));
+            }
+            Err(e) if e.is_row_error() => {
+                // This one dead letter's row is refused again: it stays, with the words of now.
+                w.finish(false).await?;
+                w.begin().await?;
+                w.refuse_dead_letter(ids[0], &e.database_text()).await?;
+                w.finish(!dry_run).await?;
+                summary.processed += 1;
+                *summary
+                    .failing
+                    .entry("rejected_by_database".into())
+                    .or_default() += 1;
+            }
+            Err(StoreError::Fenced { .. }) if fenced < FENCED_RETRIES => {
+                w.finish(false).await?;
+                fenced += 1;
+                tokio::time::sleep(Duration::from_millis(250 * u64::from(fenced.min(8)))).await;
+                fence = read_fence(&c, &cfg.lease_name).await?;
+                queue.push_front(Some(ids));
+            }
+            Err(e) => {
+                let _ = w.finish(false).await;
+                return Err(anyhow::Error::new(e).context("replaying dead letters"));
+            }
+        }
+        if let Some(p) = progress.as_mut() {
+            p(&summary);
+        }
+    }
+    Ok(summary)
+}
+
+/// The active routes, `telemetry` first, and why each does not fit the catalog now.
+async fn resolve(
+    c: &leasehold_store::Client,
+    cfg: &Config,
+) -> anyhow::Result<(Vec<ResolvedRoute>, Vec<Option<String>>)> {
+    let mut routes = vec![ResolvedRoute::telemetry()];
+    let mut suspended = vec![None];
+    if cfg.routes.is_empty() {
+        return Ok((routes, suspended));
+    }
+    let (resolved, problems) = leasehold_store::routes::resolve(c, &cfg.routes).await?;
+    for spec in &cfg.routes {
+        let mine: Vec<String> = problems
+            .iter()
+            .filter(|p| p.route == spec.name)
+            .map(ToString::to_string)
+            .collect();
+        match resolved.iter().find(|r| r.spec.name == spec.name) {
+            Some(r) if mine.is_empty() => {
+                routes.push(r.clone());
+                suspended.push(None);
+            }
+            _ => {
+                routes.push(ResolvedRoute::unresolved(spec.clone()));
+                suspended.push(Some(mine.join("; ")));
+            }
+        }
+    }
+    Ok((routes, suspended))
+}
+
+/// The current leader's lease, which replayed rows are written under.
+async fn read_fence(c: &leasehold_store::Client, lease_name: &str) -> anyhow::Result<Fence> {
+    match leasehold_store::queries::lease(c, lease_name).await? {
+        Some(l) if l.is_live() => Ok(Fence {
+            lease_name: lease_name.to_string(),
+            holder_id: l.holder_id,
+            epoch: l.epoch,
+        }),
+        _ => bail!("no node holds the lease {lease_name:?}: replay writes under the leader's lease (its fence), so start a node and run it again"),
+    }
+}
+
+/// How messages become rows.
+struct Shape<'a> {
+    decoder: &'a Decoder,
+    written_by: &'a str,
+    routes: &'a [ResolvedRoute],
+    max_payload_bytes: usize,
+}
+
+/// Runs `locked` through the configuration and writes what it becomes, inside the open
+/// transaction: the reasons of those that fail again (written anew as dead letters by the
+/// statement), one per failing dead letter.
+async fn attempt(
+    w: &mut BatchWriter,
+    fence: &Fence,
+    locked: &[StoredDeadLetter],
+    shape: &Shape<'_>,
+) -> Result<Vec<String>, StoreError> {
+    let (batch, mut clock) = messages(locked);
+    let prepared = prepare(
+        shape.decoder,
+        &batch,
+        &mut clock,
+        shape.max_payload_bytes,
+        Routing {
+            routes: shape.routes,
+            written_by: shape.written_by,
+            lease_epoch: fence.epoch,
+            suspended: &[],
+        },
+    );
+    // One failure per dead letter, under its first reason.
+    let mut failing: BTreeMap<usize, String> = prepared
+        .dead
+        .iter()
+        .map(|d| (d.idx, d.reason.to_string()))
+        .collect();
+    let parts = std::iter::once((prepared.rows, prepared.dead))
+        .chain(prepared.later.into_iter().map(|rows| (rows, Vec::new())));
+    for (rows, dead) in parts {
+        if rows.is_empty() && dead.is_empty() {
+            continue;
+        }
+        let out = w.write(fence, &rows, &dead).await?;
+        for o in &out.routes {
+            for &i in &o.conflicts {
+                failing.entry(i).or_insert_with(|| "conflict".into());
+            }
+            for &i in &o.unstored {
+                failing.entry(i).or_insert_with(|| "not_stored".into());
+            }
+        }
+        // A dead letter the statement found to be the redelivery of a stored one is stored.
+        let redelivered: HashSet<usize> = out.redelivered.iter().copied().collect();
+        failing.retain(|i, _| !redelivered.contains(i));
+    }
+    Ok(failing.into_values().collect())
+}
+
+/// The dead letters as messages again: topic, bytes, packet id and DUP flag as received, their
+/// receipt times kept (each placed on a clock that reads them back exactly).
+fn messages(locked: &[StoredDeadLetter]) -> (Vec<Inbound>, DbClock) {
+    let earliest = locked
+        .iter()
+        .map(|d| d.received_at)
+        .min()
+        .unwrap_or_else(Utc::now);
+    let base = Instant::now();
+    let batch = locked
+        .iter()
+        .map(|d| {
+            let mut m = Inbound::detached(&d.topic, &d.payload);
+            m.pkid = d.pkid.and_then(|p| u16::try_from(p).ok()).unwrap_or(0);
+            m.dup = d.dup;
+            m.original_size = usize::try_from(d.size).unwrap_or(d.payload.len());
+            m.received_at = d.received_at;
+            let after = (d.received_at - earliest).to_std().unwrap_or_default();
+            m.received = base + after;
+            m
+        })
+        .collect();
+    (batch, DbClock::new(earliest, base))
+}
+
+/// `leasehold replay`: the selection's dead letters through the active configuration, progress
+/// on a terminal, then a summary. Exit 0 when every selected dead letter was processed (some may
+/// fail again: they stay, with their new reason).
+pub async fn command(
+    own: &Config,
+    job: Job,
+    dry_run: bool,
+) -> anyhow::Result<std::process::ExitCode> {
+    use std::io::IsTerminal;
+    let c = leasehold_store::connect(&job.database_url, "leasehold-replay")
+        .await
+        .with_context(|| {
+            format!(
+                "cannot connect to {}",
+                leasehold_config::redact_url(&job.database_url)
+            )
+        })?;
+    let cfg = crate::cluster_config::effective(own, &c).await?;
+    let sel = Selection {
+        route: job.route.clone(),
+        reason: job.reason.clone(),
+        within_secs: job.since.map(|d| d.as_secs_f64()),
+    };
+    let found = leasehold_store::replay::count(&c, &sel).await?;
+    let total: i64 = found.iter().map(|(_, n)| n).sum();
+    println!(
+        "{total} dead letters selected{}",
+        if found.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " ({})",
+                found
+                    .iter()
+                    .map(|(r, n)| format!("{r}: {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+    );
+    let terminal = std::io::stderr().is_terminal();
+    let mut show = |s: &Summary| {
+        if terminal {
+            eprint!(
+                "\r{} of {total} processed, {} stored",
+                s.processed, s.stored
+            );
+        }
+    };
+    let summary = run(&cfg, job, dry_run, Some(&mut show)).await?;
+    if terminal {
+        eprintln!();
+    }
+    println!("{:<28} {:>10}", "", "dead letters");
+    println!("{:<28} {:>10}", "processed", summary.processed);
+    println!("{:<28} {:>10}", "stored (removed)", summary.stored);
+    for (reason, n) in &summary.failing {
+        println!("{:<28} {:>10}", format!("failing again: {reason}"), n);
+    }
+    if dry_run {
+        println!("dry run: every change was rolled back");
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
