@@ -17,6 +17,7 @@ mod failover;
 mod generated;
 mod identity;
 mod ingest;
+mod isolation;
 mod memory;
 mod operations;
 mod ordinary;

@@ -45,6 +45,8 @@ pub struct Facts {
     pub replication: Option<ReplicationFacts>,
     /// Nodes alive that do not run the active cluster configuration (for longer than the grace).
     pub config_outdated: Vec<queries::OutdatedNode>,
+    /// Routes suspended lately: (route, its `route_unavailable` dead letters, the newest error).
+    pub suspended_routes: Vec<(String, i64, String)>,
 }
 
 /// The part of the database's replication alerts judge.
@@ -91,6 +93,7 @@ pub async fn gather(c: &Client, cfg: &AlertsConfig) -> Result<Facts, AlertError>
     let leader_changes_in_window = store::leader_changes_within(c, &cfg.lease_name, window).await?;
     let refused = queries::refused_subscriptions(c, REFUSAL_CURRENT, 5).await?;
     let config_outdated = queries::config_outdated(c, cfg.thresholds.grace).await?;
+    let suspended_routes = store::suspended_routes(c, REFUSAL_CURRENT).await?;
     let replication =
         leasehold_store::replication::status(c)
             .await
@@ -116,5 +119,6 @@ pub async fn gather(c: &Client, cfg: &AlertsConfig) -> Result<Facts, AlertError>
         refused_filters: refused.latest,
         replication,
         config_outdated,
+        suspended_routes,
     })
 }

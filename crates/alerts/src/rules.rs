@@ -22,10 +22,11 @@ pub enum Kind {
     MqttSubscriptionRefused,
     Replication,
     ConfigOutdated,
+    RouteSuspended,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 11] = [
         Kind::DataStale,
         Kind::NoLeader,
         Kind::LeaderMqttDisconnected,
@@ -36,6 +37,7 @@ impl Kind {
         Kind::MqttSubscriptionRefused,
         Kind::Replication,
         Kind::ConfigOutdated,
+        Kind::RouteSuspended,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -50,6 +52,7 @@ impl Kind {
             Kind::MqttSubscriptionRefused => "mqtt_subscription_refused",
             Kind::Replication => "replication",
             Kind::ConfigOutdated => "config_outdated",
+            Kind::RouteSuspended => "route_suspended",
         }
     }
 }
@@ -110,7 +113,7 @@ pub struct Thresholds {
 type Rule = fn(&Facts, &Thresholds, &mut Vec<Finding>);
 
 /// Every rule, in the order findings are reported.
-const RULES: [Rule; 10] = [
+const RULES: [Rule; 11] = [
     data_stale,
     no_leader,
     leader_mqtt_disconnected,
@@ -121,6 +124,7 @@ const RULES: [Rule; 10] = [
     lease_flapping,
     replication,
     config_outdated,
+    route_suspended,
 ];
 
 /// Judges the facts. Pure, so every rule is tested without a cluster.
@@ -300,6 +304,28 @@ fn subscriptions_refused(f: &Facts, _: &Thresholds, out: &mut Vec<Finding>) {
     }
 }
 
+/// A route's table could not be written lately (its messages are `route_unavailable` dead
+/// letters); every other route flows. Resolves two minutes after its last such dead letter.
+fn route_suspended(f: &Facts, _: &Thresholds, out: &mut Vec<Finding>) {
+    if f.suspended_routes.is_empty() {
+        return;
+    }
+    let routes: Vec<String> = f
+        .suspended_routes
+        .iter()
+        .map(|(r, n, e)| format!("{r} ({n} dead letters; {e})"))
+        .collect();
+    out.push(Finding {
+        kind: Kind::RouteSuspended,
+        level: Level::Critical,
+        message: format!(
+            "suspended: {}. Its table cannot be written (gone, renamed, a column or a grant missing): fix the table; the route resumes by itself within seconds and replays its route_unavailable dead letters. Every other route keeps flowing",
+            routes.join(", ")
+        ),
+        details: json!({"routes": f.suspended_routes.iter().map(|(r, n, e)| json!({"route": r, "dead_letters": n, "error": e})).collect::<Vec<_>>()}),
+    });
+}
+
 /// A node alive runs another cluster configuration than the active one (it cannot run the new
 /// one: its own node settings conflict, or it is an older binary).
 fn config_outdated(f: &Facts, _: &Thresholds, out: &mut Vec<Finding>) {
@@ -409,6 +435,7 @@ pub(crate) mod tests {
             cluster_uptime: 3600.0,
             production_nodes_alive: 2,
             config_outdated: Vec::new(),
+            suspended_routes: Vec::new(),
             lease: Some(LeaseFacts {
                 standby_reaches_broker: true,
                 instance_id: "a".into(),

@@ -164,6 +164,9 @@ struct RouteLine {
     configured: bool,
     #[serde(rename = "dead_letters_last_hour")]
     dead_letters: i64,
+    /// Why the leader holds it suspended, judged by its `route_unavailable` dead letters of the
+    /// last two minutes (the newest one's error); `None` while it writes.
+    suspended: Option<String>,
 }
 
 impl RouteLine {
@@ -183,6 +186,7 @@ impl RouteLine {
             on_conflict: "nothing",
             configured: true,
             dead_letters: count(None),
+            suspended: None,
         }];
         for r in &cfg.routes {
             lines.push(RouteLine {
@@ -193,6 +197,7 @@ impl RouteLine {
                 on_conflict: r.on_conflict.as_str(),
                 configured: true,
                 dead_letters: count(Some(&r.name)),
+                suspended: None,
             });
         }
         for (name, n) in dead {
@@ -206,6 +211,7 @@ impl RouteLine {
                         on_conflict: "?",
                         configured: false,
                         dead_letters: *n,
+                        suspended: None,
                     });
                 }
             }
@@ -214,6 +220,9 @@ impl RouteLine {
     }
 
     fn print(&self) {
+        if let Some(why) = &self.suspended {
+            println!("ROUTE    {} SUSPENDED: {why}", self.name);
+        }
         if self.configured {
             println!(
                 "ROUTE    {} -> {} [{}] key ({}), on_conflict {}: {} dead letters in the last hour",
@@ -249,8 +258,17 @@ impl Report {
             .map_err(|e| e.database_text());
         let dead = queries::dead_letters_by_route(c, DEAD_LETTERS_WITHIN_SECS).await?;
         let (config, effective) = ConfigView::read(c, cfg).await?;
+        let mut routes = RouteLine::all(&effective, &dead);
+        let suspended =
+            leasehold_store::alerts::suspended_routes(c, std::time::Duration::from_secs(120))
+                .await?;
+        for (name, _, error) in suspended {
+            if let Some(r) = routes.iter_mut().find(|r| r.name == name) {
+                r.suspended = Some(error);
+            }
+        }
         Ok(Report {
-            routes: RouteLine::all(&effective, &dead),
+            routes,
             config,
             replication,
             report,

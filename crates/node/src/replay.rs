@@ -233,15 +233,27 @@ async fn resolve(
     Ok((routes, suspended))
 }
 
-/// The current leader's lease, which replayed rows are written under.
+/// How long a replay waits for a leader (a failover in the middle takes about `LEASE_TTL`).
+const LEADER_WAIT: Duration = Duration::from_secs(30);
+
+/// The current leader's lease, which replayed rows are written under; waits up to
+/// [`LEADER_WAIT`] for one.
 async fn read_fence(c: &leasehold_store::Client, lease_name: &str) -> anyhow::Result<Fence> {
-    match leasehold_store::queries::lease(c, lease_name).await? {
-        Some(l) if l.is_live() => Ok(Fence {
-            lease_name: lease_name.to_string(),
-            holder_id: l.holder_id,
-            epoch: l.epoch,
-        }),
-        _ => bail!("no node holds the lease {lease_name:?}: replay writes under the leader's lease (its fence), so start a node and run it again"),
+    let started = Instant::now();
+    loop {
+        if let Some(l) = leasehold_store::queries::lease(c, lease_name).await? {
+            if l.is_live() {
+                return Ok(Fence {
+                    lease_name: lease_name.to_string(),
+                    holder_id: l.holder_id,
+                    epoch: l.epoch,
+                });
+            }
+        }
+        if started.elapsed() > LEADER_WAIT {
+            bail!("no node has held the lease {lease_name:?} for {}s: replay writes under the leader's lease (its fence), so start a node and run it again", LEADER_WAIT.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 

@@ -691,7 +691,7 @@ impl Writer {
                     work.push_front(batch.refused(&part.rows[0], &e.database_text()));
                 }
                 Err(e) => {
-                    if self.isolate(&e, conn, &part).await {
+                    if self.isolate(&e, conn).await {
                         // The part again, without the suspended routes' rows.
                         work.push_front(part);
                         continue;
@@ -710,20 +710,18 @@ impl Writer {
         Ok(())
     }
 
-    /// After a statement failed for a reason other than a row: checks the named routes of
-    /// `part` against the catalog, and suspends each whose table no longer fits (gone, renamed,
+    /// After a statement failed for a reason other than a row: checks the statement's named
+    /// routes against the catalog, and suspends each whose table no longer fits (gone, renamed,
     /// a column missing, a grant revoked). `false` when every route fits: the error is the
     /// database's as a whole (or not a database error at all), retried for everything.
-    async fn isolate(&self, e: &StoreError, conn: &mut Conn, part: &Part) -> bool {
+    async fn isolate(&self, e: &StoreError, conn: &mut Conn) -> bool {
         if !e.is_database_error() {
             return false;
         }
-        let mut in_part: Vec<usize> = part.rows.iter().map(|r| r.route).collect();
-        in_part.sort_unstable();
-        in_part.dedup();
-        let specs: Vec<(usize, leasehold_config::RouteSpec)> = in_part
-            .into_iter()
-            .filter(|&k| k > 0 && conn.suspended[k].is_none())
+        // Every route the statement writes: its text names each table, whatever rows the
+        // part holds.
+        let specs: Vec<(usize, leasehold_config::RouteSpec)> = (1..conn.routes.len())
+            .filter(|&k| conn.suspended[k].is_none())
             .map(|k| (k, conn.routes[k].spec.clone()))
             .collect();
         if specs.is_empty() {

@@ -226,3 +226,23 @@ pub async fn leader_changes_within(
     )
     .await
 }
+
+/// Routes with `route_unavailable` dead letters within `within` (a suspended route writes one
+/// per message it gets), the newest error of each.
+pub async fn suspended_routes(
+    c: &impl GenericClient,
+    within: Duration,
+) -> Result<Vec<(String, i64, String)>> {
+    op::all(
+        c,
+        Op::AlertFacts,
+        "SELECT DISTINCT ON (route) route, count(*) OVER (PARTITION BY route) AS n, error
+         FROM dead_letters
+         WHERE reason = 'route_unavailable' AND route IS NOT NULL
+           AND received_at > clock_timestamp() - make_interval(secs => $1)
+         ORDER BY route, received_at DESC",
+        &[&within.as_secs_f64()],
+        |r| Ok((r.try_get("route")?, r.try_get("n")?, r.try_get("error")?)),
+    )
+    .await
+}

@@ -1,0 +1,398 @@
+//! A broken route stops only itself, and dead letters can be replayed. A route's table renamed
+//! column, dropped, or its grant revoked, each while the default route streams and a second
+//! route flows: only that route is suspended (its messages `route_unavailable` dead letters),
+//! everything else keeps flowing; once the table is fixed the route resumes by itself and replays
+//! its own dead letters. `leasehold replay`: a widened column, a fixed mapping, two replays at
+//! once across a leader's `kill -9`, and a dry run.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use leasehold_testkit::publish::{publish_all, Stream};
+use leasehold_testkit::{eventually, http};
+
+use crate::helpers::{check, msg, Cluster};
+
+const TABLES: &str = "
+CREATE TABLE plant (device text, ts timestamptz, temp numeric, PRIMARY KEY (device, ts));
+CREATE TABLE other (device text, ts timestamptz, v numeric, PRIMARY KEY (device, ts));";
+
+const ROUTES: &str = r#"
+[[routes]]
+name = "plant"
+topics = ["plant/+/data"]
+table = "plant"
+key = ["device", "ts"]
+[routes.columns]
+device = "topic[1]"
+ts = "timestamp"
+temp = "$.temp"
+
+[[routes]]
+name = "other"
+topics = ["other/+/data"]
+table = "other"
+key = ["device", "ts"]
+[routes.columns]
+device = "topic[1]"
+ts = "timestamp"
+v = "$.temp"
+"#;
+
+const LIMITED: &str = "CREATE ROLE limited LOGIN;
+GRANT USAGE, CREATE ON SCHEMA public TO limited;
+GRANT ALL ON ALL TABLES IN SCHEMA public TO limited;
+GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO limited;";
+
+/// `n` readings on `<prefix>/<device>/data` from `from`, each its own timestamp.
+fn readings(prefix: &str, from: u64, n: u64) -> Vec<(String, Vec<u8>)> {
+    let base = chrono::DateTime::parse_from_rfc3339("2026-12-01T00:00:00Z")
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .unwrap_or_default();
+    (from..from + n)
+        .map(|i| {
+            let ts = (base + chrono::Duration::seconds(i as i64)).to_rfc3339();
+            msg(
+                &format!("{prefix}/d{}/data", i % 3),
+                format!("{{\"ts\":\"{ts}\",\"temp\":{i}}}"),
+            )
+        })
+        .collect()
+}
+
+fn out(o: &std::process::Output) -> (i32, String, String) {
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+async fn count_is(c: &Cluster, sql: &str, want: i64) -> Result<()> {
+    eventually(
+        Duration::from_secs(30),
+        &format!("{sql} = {want}"),
+        || async { Ok(c.count(sql).await? == want) },
+    )
+    .await?;
+    Ok(())
+}
+
+const UNAVAILABLE: &str =
+    "SELECT count(*) FROM dead_letters WHERE reason = 'route_unavailable' AND route = 'plant'";
+
+/// The table of route `plant` broken by `break_sql` (as a superuser) while the default route
+/// streams and route `other` flows, then fixed by `fix_sql`; `plant_kept` of its 10 rows from
+/// before the break survive the fix (a dropped table loses them).
+async fn only_its_route_stops(
+    case: &str,
+    break_sql: &str,
+    fix_sql: &str,
+    limited: bool,
+    plant_kept: i64,
+) {
+    let mut c = Cluster::start().await.expect("cluster");
+    let res = async {
+        let (code, so, err) = out(&c.cli(&["migrate"])?);
+        ensure!(code == 0, "{so}{err}");
+        let db = c.pg.client().await?;
+        db.batch_execute(TABLES).await?;
+        if limited {
+            db.batch_execute(LIMITED).await?;
+        }
+        let file = c.logs.path().join("routes.toml");
+        std::fs::write(&file, ROUTES)?;
+        let file = file.display().to_string();
+        let env: Vec<(&'static str, String)> = match limited {
+            true => vec![("DATABASE_URL", c.pg.url_as("limited"))],
+            false => Vec::new(),
+        };
+        c.spawn_args("a", &["--config", &file], &env)?;
+        c.spawn_args("b", &["--config", &file], &env)?;
+        let (leader, epoch) = c.wait_leader().await?;
+        let stream = Stream::start(c.mq.port, &format!("iso-{case}"), 10, 100);
+        publish_all(c.mq.port, readings("plant", 0, 10)).await?;
+        publish_all(c.mq.port, readings("other", 0, 10)).await?;
+        count_is(&c, "SELECT count(*) FROM plant", 10).await?;
+        count_is(&c, "SELECT count(*) FROM other", 10).await?;
+
+        db.batch_execute(break_sql).await?;
+        let written_before = c.count("SELECT count(*) FROM telemetry").await?;
+        publish_all(c.mq.port, readings("plant", 10, 40)).await?;
+        publish_all(c.mq.port, readings("other", 10, 40)).await?;
+        // Every other route and the default route keep flowing; the broken one waits.
+        count_is(&c, "SELECT count(*) FROM other", 50).await?;
+        count_is(&c, UNAVAILABLE, 40).await?;
+        ensure!(
+            c.count("SELECT count(*) FROM telemetry").await? > written_before,
+            "the default route stopped while a route's table was broken"
+        );
+        let port = c.node(&leader).http_port();
+        let (_, body) = http(port, "GET", "/health").await?;
+        let h: serde_json::Value = serde_json::from_str(&body)?;
+        let plant = h["routes"]
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["name"] == "plant"))
+            .context("plant in /health routes")?;
+        ensure!(plant["suspended"].is_string(), "not shown suspended: {h}");
+        let (_, m) = http(port, "GET", "/metrics").await?;
+        ensure!(
+            m.contains("leasehold_route_suspended{route=\"plant\"} 1"),
+            "no suspended gauge"
+        );
+        let err: String = db
+            .query_one(
+                "SELECT error FROM dead_letters WHERE reason = 'route_unavailable' LIMIT 1",
+                &[],
+            )
+            .await?
+            .get(0);
+        ensure!(err.contains("route plant is suspended"), "{err}");
+        let alert = "SELECT count(*) FROM alerts WHERE kind = 'route_suspended' AND resolved_at IS NULL AND message LIKE '%plant%'";
+        eventually(Duration::from_secs(20), "the route_suspended alert", || async {
+            http(port, "POST", "/health/alerts/check").await?;
+            Ok(c.count(alert).await? == 1)
+        })
+        .await?;
+        let (_, so, _) = out(&c.cli(&["status"])?);
+        ensure!(so.contains("ROUTE    plant SUSPENDED"), "{so}");
+        // A node (re)started meanwhile starts, with the route suspended: a restart of both
+        // hosts during a table's migration still leaves a leader.
+        c.spawn_args("late", &["--config", &file], &env)?;
+        eventually(Duration::from_secs(20), "the late node runs with plant suspended", || async {
+            let (_, body) = http(c.node("late").http_port(), "GET", "/health").await?;
+            Ok(body.contains("\"config\"") && c.node("late").log().contains("runs suspended"))
+        })
+        .await?;
+
+        // Fixed: it resumes by itself and replays its own dead letters.
+        db.batch_execute(fix_sql).await?;
+        count_is(&c, UNAVAILABLE, 0).await?;
+        count_is(&c, "SELECT count(*) FROM plant", plant_kept + 40).await?;
+        let n = stream.stop().await?;
+        c.assert_exactly_once(&format!("iso-{case}"), n).await?;
+        ensure!(c.count("SELECT count(*) FROM other").await? == 50, "other");
+        let (still, now) = c.wait_leader().await?;
+        ensure!(
+            still == leader && now == epoch,
+            "no failover needed: {leader}@{epoch} -> {still}@{now}"
+        );
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}
+
+#[tokio::test]
+async fn a_renamed_column_suspends_only_its_route() {
+    only_its_route_stops(
+        "rename",
+        "ALTER TABLE plant RENAME COLUMN temp TO temperature",
+        "ALTER TABLE plant RENAME COLUMN temperature TO temp",
+        false,
+        10,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_dropped_table_suspends_only_its_route() {
+    only_its_route_stops(
+        "drop",
+        "DROP TABLE plant",
+        "CREATE TABLE plant (device text, ts timestamptz, temp numeric, PRIMARY KEY (device, ts))",
+        false,
+        0,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_revoked_grant_suspends_only_its_route() {
+    only_its_route_stops(
+        "revoke",
+        "REVOKE INSERT ON plant FROM limited",
+        "GRANT INSERT ON plant TO limited",
+        true,
+        10,
+    )
+    .await;
+}
+
+const NARROW: &str =
+    "CREATE TABLE narrow (device text, ts timestamptz, label varchar(3), PRIMARY KEY (device, ts))";
+
+const NARROW_ROUTE: &str = r#"
+[[routes]]
+name = "narrow"
+topics = ["narrow/+/data"]
+table = "narrow"
+key = ["device", "ts"]
+[routes.columns]
+device = "topic[1]"
+ts = "timestamp"
+label = "$.label"
+"#;
+
+/// `n` readings whose label does not fit `varchar(3)`.
+fn long_labels(from: u64, n: u64) -> Vec<(String, Vec<u8>)> {
+    (from..from + n)
+        .map(|i| {
+            msg(
+                &format!("narrow/n{}/data", i % 5),
+                format!(
+                    "{{\"ts\":\"2026-12-01T00:00:{:02}.{:06}Z\",\"label\":\"too-long-{i}\",\"seq\":{i},\"run\":\"narrow\"}}",
+                    i / 1_000_000 % 60,
+                    i % 1_000_000
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Replay counts from its summary table: (processed, stored).
+fn replayed(stdout: &str) -> (i64, i64) {
+    let num = |label: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(label))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(-1)
+    };
+    (num("processed"), num("stored (removed)"))
+}
+
+async fn narrow_cluster(n: u64) -> Result<Cluster> {
+    let mut c = Cluster::start().await?;
+    c.pg.client().await?.batch_execute(NARROW).await?;
+    let file = c.logs.path().join("narrow.toml");
+    std::fs::write(&file, NARROW_ROUTE)?;
+    let file = file.display().to_string();
+    c.spawn_args("a", &["--config", &file], &[])?;
+    c.spawn_args("b", &["--config", &file], &[])?;
+    c.wait_leader().await?;
+    publish_all(c.mq.port, long_labels(0, n)).await?;
+    count_is(
+        &c,
+        "SELECT count(*) FROM dead_letters WHERE route = 'narrow' AND reason = 'rejected_by_database'",
+        n as i64,
+    )
+    .await?;
+    Ok(c)
+}
+
+#[tokio::test]
+async fn a_widened_column_replays_its_dead_letters_and_a_dry_run_changes_nothing() {
+    let c = narrow_cluster(30).await.expect("cluster");
+    let res = async {
+        let db = c.pg.client().await?;
+        db.batch_execute("ALTER TABLE narrow ALTER COLUMN label TYPE text")
+            .await?;
+        let (code, so, err) = out(&c.cli(&["replay", "--route", "narrow", "--dry-run"])?);
+        ensure!(
+            code == 0 && so.contains("dry run") && replayed(&so) == (30, 30),
+            "exit {code}: {so}{err}"
+        );
+        ensure!(
+            c.count("SELECT count(*) FROM narrow").await? == 0,
+            "a dry run wrote rows"
+        );
+        let (code, so, err) = out(&c.cli(&[
+            "replay",
+            "--route",
+            "narrow",
+            "--reason",
+            "rejected_by_database",
+        ])?);
+        ensure!(
+            code == 0 && replayed(&so) == (30, 30),
+            "exit {code}: {so}{err}"
+        );
+        ensure!(c.count("SELECT count(*) FROM narrow").await? == 30, "rows");
+        ensure!(
+            c.count("SELECT count(*) FROM dead_letters").await? == 0,
+            "dead letters left"
+        );
+        // Their receipt times are the original ones.
+        let kept = c
+            .count("SELECT count(*) FROM narrow WHERE ts < '2026-12-02'")
+            .await?;
+        ensure!(kept == 30, "timestamps");
+        let (code, so, _) = out(&c.cli(&["replay"])?);
+        ensure!(
+            code == 0 && replayed(&so) == (0, 0),
+            "nothing left to replay: {so}"
+        );
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}
+
+#[tokio::test]
+async fn a_fixed_mapping_replays_through_the_new_configuration() {
+    let c = narrow_cluster(20).await.expect("cluster");
+    let res = async {
+        // The fix is the mapping: the label goes through a wider field of the payload.
+        let fixed = c.logs.path().join("fixed.toml");
+        std::fs::write(
+            &fixed,
+            NARROW_ROUTE.replace("label = \"$.label\"", "label = \"$.seq\""),
+        )?;
+        let (code, so, err) = out(&c.cli(&["config", "apply", &fixed.display().to_string()])?);
+        ensure!(code == 0, "{so}{err}");
+        let (code, so, err) = out(&c.cli(&["replay", "--route", "narrow"])?);
+        ensure!(
+            code == 0 && replayed(&so) == (20, 20),
+            "exit {code}: {so}{err}"
+        );
+        let labels = c
+            .count("SELECT count(*) FROM narrow WHERE label ~ '^[0-9]+$'")
+            .await?;
+        ensure!(labels == 20, "{labels} rows through the new mapping");
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}
+
+#[tokio::test]
+async fn two_replays_at_once_across_a_leader_kill_store_each_dead_letter_once() {
+    let mut c = narrow_cluster(3000).await.expect("cluster");
+    let res = async {
+        c.pg.client()
+            .await?
+            .batch_execute("ALTER TABLE narrow ALTER COLUMN label TYPE text")
+            .await?;
+        let spawn = || {
+            std::process::Command::new(crate::helpers::BIN)
+                .args(["replay", "--route", "narrow", "--database-url", &c.pg.url()])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+        };
+        let (one, two) = (spawn()?, spawn()?);
+        let (leader, _) = c.wait_leader().await?;
+        c.node_mut(&leader).kill9();
+        let one = one.wait_with_output()?;
+        let two = two.wait_with_output()?;
+        let (c1, s1, e1) = out(&one);
+        let (c2, s2, e2) = out(&two);
+        ensure!(c1 == 0 && c2 == 0, "{s1}{e1}\n{s2}{e2}");
+        let (p1, st1) = replayed(&s1);
+        let (p2, st2) = replayed(&s2);
+        ensure!(p1 + p2 == 3000 && st1 + st2 == 3000, "{s1}\n{s2}");
+        ensure!(
+            c.count("SELECT count(*) FROM narrow").await? == 3000,
+            "rows"
+        );
+        ensure!(
+            c.count("SELECT count(*) FROM dead_letters").await? == 0,
+            "dead letters left"
+        );
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}
