@@ -68,13 +68,14 @@ pub async fn start(own: &Config, pool: &Pool, status: &NodeStatus) -> anyhow::Re
     };
     let active = match &found {
         Some(s) => load(own, pool, s).await.map_err(ConfigRefused)?,
+        // Its own configuration, never checked before: refused as a first start is.
         None => {
-            let (routes, suspended) = crate::routes_cmd::resolve_each(own, pool).await?;
+            let routes = crate::routes_cmd::check_at_start(own, pool).await?;
             Active {
                 version: None,
                 cfg: own.clone(),
+                suspended: vec![None; routes.len()],
                 routes,
-                suspended,
             }
         }
     };
