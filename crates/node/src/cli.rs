@@ -79,7 +79,7 @@ pub enum Command {
         #[arg(long, default_value = "10s", value_parser = humantime_parse)]
         timeout: std::time::Duration,
     },
-    /// Check the [[routes]] of --config against the database and print what each writes where.
+    /// Check the [[routes]] of --config (or of the active cluster configuration) against the database and print what each writes where.
     ///
     /// For every route: its table as resolved, topics, key, on_conflict and each column with its type and source; then the default route (telemetry) and every problem, one line each. Exit 0 when all routes fit, 2 when any has a problem, 1 when the database cannot be reached.
     Routes {

@@ -91,11 +91,22 @@ pub async fn resolve_each(
 /// `leasehold routes`: every route resolved against the database, then its problems. Exit 0
 /// when all fit, [`EXIT_ROUTE_PROBLEM`] otherwise (a database that cannot be reached is an error:
 /// exit 1).
-pub async fn command(cfg: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
+pub async fn command(own: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
+    let cfg = own;
     let url = cfg.require_database_url()?;
     let c = leasehold_store::connect(url, "leasehold-routes")
         .await
         .with_context(|| format!("cannot connect to {}", leasehold_config::redact_url(url)))?;
+    // Without [[routes]] of its own: the active cluster configuration's (what the nodes run).
+    let active;
+    let cfg = if own.own_cluster_settings().has_routes() {
+        cfg
+    } else {
+        active = crate::cluster_config::effective(own, &c)
+            .await
+            .unwrap_or_else(|_| own.clone());
+        &active
+    };
     let (resolved, problems) = routes::resolve(&c, &cfg.routes).await?;
     // The default route's devices: the table may not exist before the first migration.
     let devices = leasehold_store::queries::device_topics(&c)
