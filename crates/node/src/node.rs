@@ -220,7 +220,13 @@ impl Wiring {
             }
             (Mode::Development, _, _) => {
                 self.tracker.spawn(observe(
-                    self.cfg.clone(),
+                    self.active.clone(),
+                    derived(
+                        &self.active,
+                        |a| leasehold_ingest::wanted_topics(&a.cfg),
+                        &self.tracker,
+                        &self.root,
+                    ),
                     topics_rx,
                     self.status.clone(),
                     self.root.clone(),
@@ -773,11 +779,13 @@ async fn heartbeat(
 
 /// `MQTT_MODE=development`: a private clean session that decodes and counts, never writes.
 async fn observe(
-    cfg: Config,
+    mut active: ActiveRx,
+    configured: watch::Receiver<Vec<String>>,
     topics: watch::Receiver<DeviceTopics>,
     status: NodeStatus,
     cancel: CancellationToken,
 ) {
+    let mut cfg = active.borrow_and_update().cfg.clone();
     let client_id = format!(
         "leasehold-dev-{}-{}",
         cfg.instance_id,
@@ -788,8 +796,11 @@ async fn observe(
         topics,
         std::sync::Arc::new(|| true),
     );
-    let ingest = ingest.with_status(status);
-    let decoder = Decoder::new(&cfg.device_topic_pattern, cfg.max_payload_bytes);
+    // It follows the cluster's configuration as a leader would: topics, decoding, routes.
+    let ingest = ingest
+        .with_status(status)
+        .with_configured_topics(configured);
+    let mut decoder = Decoder::new(&cfg.device_topic_pattern, cfg.max_payload_bytes);
     let drain = CancellationToken::new();
     let token = cancel.clone();
     let run = tokio::spawn(async move { ingest.run(token, drain).await });
@@ -805,6 +816,10 @@ async fn observe(
             }
             m = rx.recv() => {
                 let Some(m) = m else { break };
+                if active.has_changed().unwrap_or(false) {
+                    cfg = active.borrow_and_update().cfg.clone();
+                    decoder = Decoder::new(&cfg.device_topic_pattern, cfg.max_payload_bytes);
+                }
                 events::MessageObserved.emit();
                 // A routed message needs no device id or timestamp: only its routes' columns do.
                 let routes: Vec<&str> = cfg
