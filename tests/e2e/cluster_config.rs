@@ -11,20 +11,12 @@ use leasehold_store::config::{self as stored, ApplyError, NewVersion};
 use leasehold_testkit::publish::{numbered, publish_all, Stream};
 use leasehold_testkit::{eventually, http, metric};
 
-use crate::helpers::{check, msg, Cluster};
+use crate::helpers::{check, msg, out, Cluster};
 
 fn write(c: &Cluster, name: &str, text: &str) -> Result<String> {
     let path = c.logs.path().join(name);
     std::fs::write(&path, text)?;
     Ok(path.display().to_string())
-}
-
-fn out(o: &std::process::Output) -> (i32, String, String) {
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
 }
 
 async fn health(c: &Cluster, node: &str) -> Result<serde_json::Value> {

@@ -40,3 +40,12 @@ impl DerefMut for Cluster {
         &mut self.0
     }
 }
+
+/// A command's exit code (-1: killed by a signal), stdout and stderr.
+pub fn out(o: &std::process::Output) -> (i32, String, String) {
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}

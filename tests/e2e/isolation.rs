@@ -11,7 +11,7 @@ use anyhow::{ensure, Context, Result};
 use leasehold_testkit::publish::{publish_all, Stream};
 use leasehold_testkit::{eventually, http};
 
-use crate::helpers::{check, msg, Cluster};
+use crate::helpers::{check, msg, out, Cluster};
 
 const TABLES: &str = "
 CREATE TABLE plant (device text, ts timestamptz, temp numeric, PRIMARY KEY (device, ts));
@@ -58,14 +58,6 @@ fn readings(prefix: &str, from: u64, n: u64) -> Vec<(String, Vec<u8>)> {
             )
         })
         .collect()
-}
-
-fn out(o: &std::process::Output) -> (i32, String, String) {
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
 }
 
 async fn count_is(c: &Cluster, sql: &str, want: i64) -> Result<()> {

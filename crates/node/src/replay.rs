@@ -207,30 +207,13 @@ async fn resolve(
     c: &leasehold_store::Client,
     cfg: &Config,
 ) -> anyhow::Result<(Vec<ResolvedRoute>, Vec<Option<String>>)> {
-    let mut routes = vec![ResolvedRoute::telemetry()];
-    let mut suspended = vec![None];
-    if cfg.routes.is_empty() {
-        return Ok((routes, suspended));
-    }
-    let (resolved, problems) = leasehold_store::routes::resolve(c, &cfg.routes).await?;
-    for spec in &cfg.routes {
-        let mine: Vec<String> = problems
-            .iter()
-            .filter(|p| p.route == spec.name)
-            .map(ToString::to_string)
-            .collect();
-        match resolved.iter().find(|r| r.spec.name == spec.name) {
-            Some(r) if mine.is_empty() => {
-                routes.push(r.clone());
-                suspended.push(None);
-            }
-            _ => {
-                routes.push(ResolvedRoute::unresolved(spec.clone()));
-                suspended.push(Some(mine.join("; ")));
-            }
-        }
-    }
-    Ok((routes, suspended))
+    let (named, why) = crate::routes_cmd::resolve_on(c, &cfg.routes).await?;
+    Ok((
+        std::iter::once(ResolvedRoute::telemetry())
+            .chain(named)
+            .collect(),
+        std::iter::once(None).chain(why).collect(),
+    ))
 }
 
 /// How long a replay waits for a leader (a failover in the middle takes about `LEASE_TTL`).

@@ -63,11 +63,17 @@ pub async fn resolve_each(
     let c = leasehold_store::pooled(pool)
         .await
         .context("checking routes")?;
-    let (resolved, problems) = routes::resolve(&c, &cfg.routes)
-        .await
-        .context("checking routes")?;
+    resolve_on(&c, &cfg.routes).await
+}
+
+/// [`resolve_each`] on a connection of the caller's.
+pub async fn resolve_on(
+    c: &leasehold_store::Client,
+    specs: &[leasehold_config::RouteSpec],
+) -> anyhow::Result<(Vec<ResolvedRoute>, Vec<Option<String>>)> {
+    let (resolved, problems) = routes::resolve(c, specs).await.context("checking routes")?;
     let mut out = (Vec::new(), Vec::new());
-    for spec in &cfg.routes {
+    for spec in specs {
         let mine: Vec<String> = problems
             .iter()
             .filter(|p| p.route == spec.name)
