@@ -359,6 +359,15 @@ async fn a_leader_cut_off_from_the_broker_hands_over_to_a_standby_that_reaches_i
             Ok(c.leader().await?.is_some_and(|(l, _)| l == "b"))
         })
         .await?;
+        // The session never existed (a never reached the broker): what is published before
+        // b's SUBACK is not queued for it.
+        let port = c.node("b").http_port();
+        eventually(Duration::from_secs(20), "b subscribed", || async {
+            Ok(leasehold_testkit::leading_and_subscribed(port)
+                .await
+                .unwrap_or(false))
+        })
+        .await?;
         let readings: Vec<(String, Vec<u8>)> = (0..20)
             .map(|i| {
                 msg(

@@ -222,7 +222,13 @@ impl Config {
         let r = &self.retention;
         let d = |d| fmt_dur(d);
         vec![
-            ("MQTT_TOPICS", self.mqtt_topics.join(",")),
+            // A set: order and repeats do not change what is subscribed.
+            ("MQTT_TOPICS", {
+                let mut t: Vec<&str> = self.mqtt_topics.iter().map(String::as_str).collect();
+                t.sort_unstable();
+                t.dedup();
+                t.join(",")
+            }),
             ("DEVICE_TOPIC_PATTERN", self.device_topic_pattern.clone()),
             ("MAX_PAYLOAD_BYTES", self.max_payload_bytes.to_string()),
             ("REDELIVERY_WINDOW", d(self.redelivery_window)),

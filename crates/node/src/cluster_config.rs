@@ -80,6 +80,7 @@ pub async fn start(own: &Config, pool: &Pool, status: &NodeStatus) -> anyhow::Re
         }
     };
     let drift = report_drift(own, &active);
+    tracing::info!(version = active.version.unwrap_or(0), config = ?active.cfg, "the configuration this node runs (its node settings, the cluster's version)");
     events::ConfigApplied {
         version: active.version,
         changes: &[],
