@@ -388,3 +388,48 @@ async fn two_replays_at_once_across_a_leader_kill_store_each_dead_letter_once() 
     .await;
     check(&c, res);
 }
+
+/// Two routes take one topic and both refused the same messages: replaying their dead letters
+/// writes each message once into each route, at its original receipt time.
+#[tokio::test]
+async fn a_message_dead_lettered_by_two_routes_is_replayed_once_into_each_at_its_receipt_time() {
+    let mut c = Cluster::start().await.expect("cluster");
+    let res = async {
+        c.pg
+            .client()
+            .await?
+            .batch_execute(
+                "CREATE TABLE ta (device text, ts timestamptz, seq bigint CHECK (seq < 0), PRIMARY KEY (device, ts));
+                 CREATE TABLE tb (device text, ts timestamptz, seq bigint CHECK (seq < 0), PRIMARY KEY (device, ts));",
+            )
+            .await?;
+        let routes = ["ta", "tb"]
+            .iter()
+            .map(|t| format!("[[routes]]\nname = \"{t}\"\ntopics = [\"shared/+/data\"]\ntable = \"{t}\"\nkey = [\"device\", \"ts\"]\n[routes.columns]\ndevice = \"topic[1]\"\nts = \"timestamp\"\nseq = \"$.seq\"\n"))
+            .collect::<String>();
+        let file = c.logs.path().join("shared.toml");
+        std::fs::write(&file, routes)?;
+        c.spawn_args("a", &["--config", &file.display().to_string()], &[])?;
+        c.wait_leader().await?;
+        // No timestamp: the key's time is the receipt time.
+        let msgs = (1..=3).map(|i| msg(&format!("shared/d{i}/data"), format!("{{\"seq\":{i}}}"))).collect();
+        publish_all(c.mq.port, msgs).await?;
+        count_is(&c, "SELECT count(*) FROM dead_letters WHERE reason = 'rejected_by_database'", 6).await?;
+        let db = c.pg.client().await?;
+        db.batch_execute("ALTER TABLE ta DROP CONSTRAINT ta_seq_check; ALTER TABLE tb DROP CONSTRAINT tb_seq_check;").await?;
+        let (code, so, err) = out(&c.cli(&["replay"])?);
+        ensure!(code == 0, "{so}{err}");
+        for t in ["ta", "tb"] {
+            ensure!(c.count(&format!("SELECT count(*) FROM {t}")).await? == 3, "{t}: {so}");
+        }
+        ensure!(c.count("SELECT count(*) FROM dead_letters").await? == 0, "left: {so}");
+        // Both tables hold each message at the same instant: its receipt.
+        let same = c
+            .count("SELECT count(*) FROM ta JOIN tb USING (device, ts)")
+            .await?;
+        ensure!(same == 3, "receipt times not kept: {same} of 3 match");
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}

@@ -42,6 +42,8 @@ pub struct DbClock {
     db_micros: i64,
     local: Instant,
     last: i64,
+    /// Times as given, not made strictly increasing (a replay keeps each original receipt time).
+    exact: bool,
 }
 
 impl DbClock {
@@ -51,7 +53,15 @@ impl DbClock {
             db_micros: db.timestamp_micros(),
             local,
             last: i64::MIN,
+            exact: false,
         }
+    }
+
+    /// Reads times back exactly as placed, equal ones included (for replayed messages, whose
+    /// receipt times are their identity).
+    pub fn exact(mut self) -> Self {
+        self.exact = true;
+        self
     }
 
     /// Reads the database's clock again (a node's monotonic clock drifts from it over a long
@@ -71,7 +81,10 @@ impl DbClock {
             Some(after) => after.as_micros() as i64,
             None => -(self.local.duration_since(when).as_micros() as i64),
         };
-        let us = (self.db_micros + offset).max(self.last.saturating_add(1));
+        let us = match self.exact {
+            true => self.db_micros + offset,
+            false => (self.db_micros + offset).max(self.last.saturating_add(1)),
+        };
         self.last = us;
         DateTime::from_timestamp_micros(us).unwrap_or_else(Utc::now)
     }

@@ -6,7 +6,7 @@
 //! it was. A failover in the middle fences the chunk: the lease is read again and the chunk
 //! retried.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -16,7 +16,7 @@ use leasehold_decode::Decoder;
 use leasehold_ingest::Inbound;
 use leasehold_store::replay::{Selection, StoredDeadLetter};
 use leasehold_store::routes::ResolvedRoute;
-use leasehold_store::{BatchWriter, Fence, StoreError};
+use leasehold_store::{BatchWriter, DeadLetter, Fence, RouteRow, StoreError};
 
 use crate::batch::{prepare, DbClock, Routing};
 
@@ -90,15 +90,19 @@ pub async fn run(
         cfg.redelivery_window,
     )
     .await?;
-    let stmt: Vec<ResolvedRoute> = routes
+    // The statement writes the routes that fit now; a dead letter of one that does not stays
+    // (as `route_unavailable` again).
+    let mut stmt = Vec::new();
+    let to_stmt: Vec<Option<usize>> = routes
         .iter()
         .zip(&suspended)
-        .filter(|(_, s)| s.is_none())
-        .map(|(r, _)| r.clone())
+        .map(|(r, why)| {
+            why.is_none().then(|| {
+                stmt.push(r.clone());
+                stmt.len() - 1
+            })
+        })
         .collect();
-    if routes.iter().zip(&suspended).any(|(_, s)| s.is_some()) {
-        bail!("a route's table does not fit the database now ({}): replay after fixing it, or replay other routes with --route", suspended.iter().flatten().cloned().collect::<Vec<_>>().join("; "));
-    }
     if stmt.len() > 1 {
         w.use_routes(stmt.into()).await?;
     }
@@ -153,15 +157,17 @@ pub async fn run(
             decoder: &decoder,
             written_by: &written_by,
             routes: &routes,
+            suspended: &suspended,
+            to_stmt: &to_stmt,
             max_payload_bytes: cfg.max_payload_bytes,
         };
         match attempt(&mut w, &fence, &locked, &shape).await {
-            Ok(failing) => {
-                w.delete_dead_letters(&ids).await?;
+            Ok(done) => {
+                w.delete_dead_letters(&done.replayed).await?;
                 w.finish(!dry_run).await?;
                 summary.processed += ids.len() as u64;
-                summary.stored += (ids.len() - failing.len()) as u64;
-                for reason in failing {
+                summary.stored += (done.replayed.len() - done.failing.len()) as u64;
+                for reason in done.failing.into_iter().chain(done.kept) {
                     *summary.failing.entry(reason).or_default() += 1;
                 }
             }
@@ -244,40 +250,99 @@ async fn read_fence(c: &leasehold_store::Client, lease_name: &str) -> anyhow::Re
 struct Shape<'a> {
     decoder: &'a Decoder,
     written_by: &'a str,
+    /// Every route of the configuration, `telemetry` first; why each is suspended; each one's
+    /// place in the statement (`None`: suspended, not in it).
     routes: &'a [ResolvedRoute],
+    suspended: &'a [Option<String>],
+    to_stmt: &'a [Option<usize>],
     max_payload_bytes: usize,
 }
 
+/// What one chunk came to.
+struct Done {
+    /// Dead letters run again (removed: stored now, or written anew by the statement).
+    replayed: Vec<i64>,
+    /// Of them, the new reasons of those that failed again.
+    failing: Vec<String>,
+    /// Reasons of dead letters left as they were (their route is no longer configured).
+    kept: Vec<String>,
+}
+
 /// Runs `locked` through the configuration and writes what it becomes, inside the open
-/// transaction: the reasons of those that fail again (written anew as dead letters by the
-/// statement), one per failing dead letter.
+/// transaction. A dead letter of a named route goes to that route only (its other routes took
+/// their share when it was received); one of the default route through the whole configuration.
 async fn attempt(
     w: &mut BatchWriter,
     fence: &Fence,
     locked: &[StoredDeadLetter],
     shape: &Shape<'_>,
-) -> Result<Vec<String>, StoreError> {
-    let (batch, mut clock) = messages(locked);
-    let prepared = prepare(
-        shape.decoder,
-        &batch,
-        &mut clock,
-        shape.max_payload_bytes,
-        Routing {
-            routes: shape.routes,
-            written_by: shape.written_by,
-            lease_epoch: fence.epoch,
-            suspended: &[],
-        },
-    );
-    // One failure per dead letter, under its first reason.
-    let mut failing: BTreeMap<usize, String> = prepared
-        .dead
-        .iter()
-        .map(|d| (d.idx, d.reason.to_string()))
-        .collect();
-    let parts = std::iter::once((prepared.rows, prepared.dead))
-        .chain(prepared.later.into_iter().map(|rows| (rows, Vec::new())));
+) -> Result<Done, StoreError> {
+    let mut done = Done {
+        replayed: Vec::new(),
+        failing: Vec::new(),
+        kept: Vec::new(),
+    };
+    // Dead letters by the routes they go to (places in `shape.routes`; `None`: all of them).
+    let mut groups: BTreeMap<Option<Vec<usize>>, Vec<&StoredDeadLetter>> = BTreeMap::new();
+    for d in locked {
+        match targets(d, shape.routes) {
+            Some(Some(t)) if t.is_empty() => done.kept.push("route_not_configured".into()),
+            Some(t) => groups.entry(t).or_default().push(d),
+            None => groups.entry(None).or_default().push(d),
+        }
+    }
+    let (mut rows, mut dead, mut later) = (Vec::new(), Vec::new(), Vec::<Vec<RouteRow>>::new());
+    let mut reasons: BTreeMap<usize, String> = BTreeMap::new();
+    let mut ids: Vec<i64> = Vec::new();
+    for (target, group) in groups {
+        let places: Vec<usize> = match &target {
+            Some(t) => std::iter::once(0).chain(t.iter().copied()).collect(),
+            None => (0..shape.routes.len()).collect(),
+        };
+        let routes: Vec<ResolvedRoute> = places.iter().map(|&k| shape.routes[k].clone()).collect();
+        let suspended: Vec<Option<String>> =
+            places.iter().map(|&k| shape.suspended[k].clone()).collect();
+        let (batch, clock) = messages(&group);
+        let mut clock = clock.exact();
+        let base = ids.len();
+        ids.extend(group.iter().map(|d| d.id));
+        let prepared = prepare(
+            shape.decoder,
+            &batch,
+            &mut clock,
+            shape.max_payload_bytes,
+            Routing {
+                routes: &routes,
+                written_by: shape.written_by,
+                lease_epoch: fence.epoch,
+                suspended: &suspended,
+            },
+        );
+        // Rows name their route's place in the statement, and their message by its place in
+        // the chunk.
+        let place = |mut r: RouteRow| -> Option<RouteRow> {
+            r.route = shape.to_stmt[places[r.route]]?;
+            r.idx += base;
+            Some(r)
+        };
+        for d in prepared.dead {
+            reasons
+                .entry(d.idx + base)
+                .or_insert_with(|| d.reason.to_string());
+            dead.push(DeadLetter {
+                idx: d.idx + base,
+                ..d
+            });
+        }
+        rows.extend(prepared.rows.into_iter().filter_map(place));
+        for (i, round) in prepared.later.into_iter().enumerate() {
+            if later.len() <= i {
+                later.resize_with(i + 1, Vec::new);
+            }
+            later[i].extend(round.into_iter().filter_map(place));
+        }
+    }
+    let parts = std::iter::once((rows, dead)).chain(later.into_iter().map(|r| (r, Vec::new())));
     for (rows, dead) in parts {
         if rows.is_empty() && dead.is_empty() {
             continue;
@@ -285,22 +350,42 @@ async fn attempt(
         let out = w.write(fence, &rows, &dead).await?;
         for o in &out.routes {
             for &i in &o.conflicts {
-                failing.entry(i).or_insert_with(|| "conflict".into());
+                reasons.entry(i).or_insert_with(|| "conflict".into());
             }
             for &i in &o.unstored {
-                failing.entry(i).or_insert_with(|| "not_stored".into());
+                reasons.entry(i).or_insert_with(|| "not_stored".into());
             }
         }
         // A dead letter the statement found to be the redelivery of a stored one is stored.
-        let redelivered: HashSet<usize> = out.redelivered.iter().copied().collect();
-        failing.retain(|i, _| !redelivered.contains(i));
+        for i in &out.redelivered {
+            reasons.remove(i);
+        }
     }
-    Ok(failing.into_values().collect())
+    done.replayed = ids;
+    done.failing = reasons.into_values().collect();
+    Ok(done)
+}
+
+/// The places (in `routes`) of the named routes dead letter `d` was for and whose filters still
+/// take its topic (empty: none is configured any more); `None` for the default route's.
+#[allow(clippy::option_option)]
+fn targets(d: &StoredDeadLetter, routes: &[ResolvedRoute]) -> Option<Option<Vec<usize>>> {
+    let names = d.route.as_deref()?;
+    let t = names
+        .split(',')
+        .filter_map(|n| {
+            routes.iter().enumerate().skip(1).find(|(_, r)| {
+                r.spec.name == n && r.spec.topics.iter().any(|f| rumqttc::matches(&d.topic, f))
+            })
+        })
+        .map(|(k, _)| k)
+        .collect();
+    Some(Some(t))
 }
 
 /// The dead letters as messages again: topic, bytes, packet id and DUP flag as received, their
 /// receipt times kept (each placed on a clock that reads them back exactly).
-fn messages(locked: &[StoredDeadLetter]) -> (Vec<Inbound>, DbClock) {
+fn messages(locked: &[&StoredDeadLetter]) -> (Vec<Inbound>, DbClock) {
     let earliest = locked
         .iter()
         .map(|d| d.received_at)
