@@ -727,25 +727,45 @@ impl Writer {
         if specs.is_empty() {
             return false;
         }
-        let problems = match self
+        let Some((fresh, problems)) = self
             .check_routes(specs.iter().map(|(_, s)| s.clone()).collect())
             .await
-        {
-            Some(p) => p,
-            None => return false,
+        else {
+            return false;
         };
         let words = e.database_text();
-        let mut any = false;
-        for (k, spec) in specs {
+        // What failed, by route: its table no longer fits (the checks of a start); or it fits
+        // but differs from what the statement was prepared for (a type changed: the route
+        // resumes with the new shape at its next check); or its own statement fails when
+        // prepared alone (a rule, a lock held past the probe's timeout).
+        let mut found: Vec<(usize, String)> = Vec::new();
+        for (k, spec) in &specs {
             let mine: Vec<String> = problems
                 .iter()
                 .filter(|p| p.route == spec.name)
                 .map(ToString::to_string)
                 .collect();
-            if mine.is_empty() {
-                continue;
+            if !mine.is_empty() {
+                found.push((*k, mine.join("; ")));
+            } else if fresh
+                .iter()
+                .find(|r| r.spec.name == spec.name)
+                .is_some_and(|r| *r != conn.routes[*k])
+            {
+                found.push((*k, "its table changed (a column's type, nullability, default or the key's index): the route is prepared again at its next check".into()));
             }
-            let why = format!("{}; writing it failed with: {words}", mine.join("; "));
+        }
+        if found.is_empty() {
+            for (k, _) in &specs {
+                if let Some(why) = self.probe_route(&conn.routes[*k]).await {
+                    found.push((*k, why));
+                }
+            }
+        }
+        let mut any = false;
+        for (k, problem) in found {
+            let spec = conn.routes[k].spec.clone();
+            let why = format!("{problem}; writing it failed with: {words}");
             events::RouteSuspended {
                 route: &spec.name,
                 why: &why,
@@ -766,20 +786,54 @@ impl Writer {
         any
     }
 
-    /// The problems of `specs` against the catalog now, on a connection of its own; `None` when
-    /// they could not be checked (the database unreachable: not a route's fault).
+    /// `specs` resolved against the catalog now, and their problems, on a connection of its
+    /// own; `None` when they could not be checked (the database unreachable: not a route's
+    /// fault).
     async fn check_routes(
         &self,
         specs: Vec<leasehold_config::RouteSpec>,
-    ) -> Option<Vec<leasehold_store::routes::RouteProblem>> {
+    ) -> Option<(
+        Vec<ResolvedRoute>,
+        Vec<leasehold_store::routes::RouteProblem>,
+    )> {
         let check = async {
             let c =
                 leasehold_store::connect(&self.cfg.database_url, "leasehold-route-check").await?;
             leasehold_store::routes::resolve(&c, &specs).await
         };
-        match tokio::time::timeout(Duration::from_secs(5), check).await {
-            Ok(Ok((_, problems))) => Some(problems),
-            _ => None,
+        tokio::time::timeout(Duration::from_secs(5), check)
+            .await
+            .ok()?
+            .ok()
+    }
+
+    /// Prepares `route`'s statement alone (beside `telemetry`'s) on a connection of its own,
+    /// within 2 s: the database's words when that fails (a rule on its table, a lock held on it).
+    async fn probe_route(&self, route: &ResolvedRoute) -> Option<String> {
+        Self::probe(&self.cfg, route).await
+    }
+
+    async fn probe(cfg: &WriterConfig, route: &ResolvedRoute) -> Option<String> {
+        let routes: Arc<[ResolvedRoute]> = vec![ResolvedRoute::telemetry(), route.clone()].into();
+        let probe = async {
+            let mut w = BatchWriter::connect(
+                &cfg.database_url,
+                cfg.instance_id.clone(),
+                Duration::from_secs(2),
+                cfg.redelivery_window,
+            )
+            .await?;
+            w.use_routes(routes).await
+        };
+        match tokio::time::timeout(Duration::from_secs(5), probe).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) if e.is_database_error() => {
+                Some(format!("its statement fails: {}", e.database_text()))
+            }
+            Ok(Err(_)) => None,
+            Err(_) => {
+                Some("its statement could not be prepared within 5 s (its table locked?)".into())
+            }
         }
     }
 
@@ -818,7 +872,18 @@ impl Writer {
         for k in due {
             let name = routes[k].spec.name.clone();
             let fits = !problems.iter().any(|p| p.route == name);
-            match (fits, resolved.iter().find(|r| r.spec.name == name)) {
+            let fresh = resolved.iter().find(|r| r.spec.name == name);
+            // Its statement must prepare too: a rule or a lock is no catalog problem.
+            let blocked = match (fits, fresh) {
+                (true, Some(r)) => Self::probe(&self.cfg, r).await,
+                _ => None,
+            };
+            if let (Some(why), Some(s)) = (blocked, conn.suspended[k].as_mut()) {
+                s.why = why;
+                s.check_at = now + RECHECK;
+                continue;
+            }
+            match (fits, fresh) {
                 (true, Some(r)) => {
                     let held = conn.suspended[k].take().map(|s| s.since.elapsed());
                     events::RouteResumed {

@@ -12,7 +12,7 @@ use crate::op::{self, measured, Op};
 use crate::{Client, Result};
 
 /// A route checked against the live database.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ResolvedRoute {
     pub spec: RouteSpec,
     /// As stored in `pg_catalog` (unquoted).
@@ -146,7 +146,7 @@ impl ResolvedRoute {
 }
 
 /// One mapped column as the database has it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ResolvedColumn {
     /// As stored.
     pub name: String,
