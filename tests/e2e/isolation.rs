@@ -478,3 +478,54 @@ async fn a_changed_column_type_costs_its_route_a_few_seconds_and_nothing_else() 
     .await;
     check(&c, res);
 }
+
+/// The database read-only for a while (a promotion in progress, an operator's setting): the
+/// connections opened meanwhile do not stay read-only once it is writable again — heartbeats,
+/// the subscription ledger and a new version's topics work again.
+#[tokio::test]
+async fn a_read_only_episode_leaves_no_connection_read_only() {
+    let mut c = Cluster::start().await.expect("cluster");
+    let res = async {
+        c.spawn("a")?;
+        c.wait_leader().await?;
+        let db = c.pg.client().await?;
+        db.batch_execute(
+            "ALTER DATABASE postgres SET default_transaction_read_only = on;
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE datname = 'postgres' AND pid <> pg_backend_pid();",
+        )
+        .await?;
+        // The node reconnects while it is read-only.
+        eventually(Duration::from_secs(20), "the node's connections are back", || async {
+            Ok(c.count("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'leasehold%' AND pid <> pg_backend_pid()").await? >= 3)
+        })
+        .await?;
+        db.batch_execute("ALTER DATABASE postgres RESET default_transaction_read_only").await?;
+        let extra = c.logs.path().join("extra.toml");
+        std::fs::write(&extra, "mqtt_topics = [\"devices/+/telemetry\", \"extra/+/data\"]\nbatch_max_wait = \"20ms\"\n")?;
+        let (code, so, err) = out(&c.cli(&["config", "apply", &extra.display().to_string()])?);
+        ensure!(code == 0, "{so}{err}");
+        let port = c.node("a").http_port();
+        eventually(Duration::from_secs(30), "the new topic subscribed", || async {
+            Ok(leasehold_testkit::leading_and_subscribed(port).await.unwrap_or(false)
+                && http(port, "GET", "/health/mqtt").await?.1.contains("\"subscribed\":2"))
+        })
+        .await?;
+        publish_all(c.mq.port, readings("extra", 0, 10)).await?;
+        // Without a device id these are dead letters: stored either way, so received.
+        count_is(
+            &c,
+            "SELECT (SELECT count(*) FROM telemetry WHERE topic LIKE 'extra/%') + (SELECT count(*) FROM dead_letters WHERE topic LIKE 'extra/%')",
+            10,
+        )
+        .await?;
+        eventually(Duration::from_secs(20), "heartbeats again", || async {
+            let (_, so, _) = out(&c.cli(&["status"])?);
+            Ok(so.contains("NODES    1 alive"))
+        })
+        .await?;
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}

@@ -377,7 +377,8 @@ pub fn judge_qos(filters: &[String], codes: &[SubscribeReasonCode]) -> Check {
 /// Subscribes the configured filters with a clean temporary client, reads the SUBACK,
 /// unsubscribes.
 async fn qos(cfg: &Config) -> Check {
-    let filters = cfg.mqtt_topics.clone();
+    // Every filter the leader subscribes: MQTT_TOPICS and the routes'.
+    let filters = leasehold_ingest::wanted_topics(cfg);
     if filters.is_empty() {
         return judge_qos(&filters, &[]);
     }

@@ -14,7 +14,17 @@ use leasehold_telemetry::{events, NodeStatus};
 use tokio_util::sync::CancellationToken;
 
 /// `leasehold doctor`: one line per check; exit 1 on any problem.
-pub async fn doctor(cfg: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
+pub async fn doctor(own: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
+    // The cluster's configuration as the nodes run it (topics, routes, limits), when it can be
+    // read; the database's own checks say why when it cannot.
+    let active = match own.database_url.as_deref() {
+        Some(url) => match leasehold_store::connect(url, "leasehold-doctor").await {
+            Ok(c) => crate::cluster_config::effective(own, &c).await.ok(),
+            Err(_) => None,
+        },
+        None => None,
+    };
+    let cfg = active.as_ref().unwrap_or(own);
     let checks = leasehold_doctor::run(cfg).await;
     let worst = checks.worst();
     if as_json {

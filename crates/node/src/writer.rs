@@ -1081,6 +1081,15 @@ impl Writer {
                 });
             }
         }
+        for gone in conn.routes.iter().skip(1) {
+            if !a.routes.iter().any(|r| r.spec.name == gone.spec.name) {
+                events::RouteState {
+                    route: &gone.spec.name,
+                    suspended: false,
+                }
+                .emit();
+            }
+        }
         *conn = Conn::new(
             std::iter::once(ResolvedRoute::telemetry())
                 .chain(a.routes.iter().cloned())

@@ -386,7 +386,12 @@ pub fn pool(url: &str, application_name: &str, size: usize) -> Result<Pool> {
         cfg,
         HostByHost { tls },
         deadpool_postgres::ManagerConfig {
-            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+            // A connection opened while the database was read-only (a promotion in progress,
+            // `default_transaction_read_only` set for a while) stays read-only for its life:
+            // one that is read-only when taken is dropped, and a new one made.
+            recycling_method: deadpool_postgres::RecyclingMethod::Custom(
+                "SELECT 1 / (current_setting('transaction_read_only') = 'off')::int".into(),
+            ),
         },
     );
     Pool::builder(mgr)
