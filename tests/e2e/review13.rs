@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use anyhow::ensure;
+use anyhow::{ensure, Context};
 use leasehold_testkit::{eventually, http, Dir, Mosquitto, Postgres};
 use serde_json::Value;
 
@@ -82,7 +82,13 @@ async fn a_synchronous_standby_name_matching_no_standby_is_named_in_health() {
 /// Runs `leasehold doctor --json` with the cluster's settings: (exit code, report).
 fn doctor(c: &Cluster) -> anyhow::Result<(i32, Value)> {
     let out = c.cli_env(&["doctor", "--json"], &[])?;
-    let v: Value = serde_json::from_slice(&out.stdout)?;
+    let v: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "doctor printed no report (exit {:?}): {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
     Ok((out.status.code().unwrap_or(-1), v))
 }
 
