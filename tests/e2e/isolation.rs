@@ -529,3 +529,58 @@ async fn a_read_only_episode_leaves_no_connection_read_only() {
     .await;
     check(&c, res);
 }
+
+/// A NOT NULL column added without a default refuses every row of its route: the route is
+/// suspended (not every message dead-lettered one by one), the rest flows, and after the fix
+/// nothing is missing.
+#[tokio::test]
+async fn a_not_null_column_added_suspends_its_route_instead_of_refusing_row_by_row() {
+    let mut c = Cluster::start().await.expect("cluster");
+    let res = async {
+        let db = c.pg.client().await?;
+        db.batch_execute(TABLES).await?;
+        let file = c.logs.path().join("routes.toml");
+        std::fs::write(&file, ROUTES)?;
+        let file = file.display().to_string();
+        c.spawn_args("a", &["--config", &file], &[])?;
+        let (leader, _) = c.wait_leader().await?;
+        db.batch_execute(
+            "ALTER TABLE plant ADD COLUMN site text NOT NULL DEFAULT 'x';
+             ALTER TABLE plant ALTER COLUMN site DROP DEFAULT;",
+        )
+        .await?;
+        publish_all(c.mq.port, readings("plant", 0, 200)).await?;
+        publish_all(c.mq.port, readings("other", 0, 50)).await?;
+        count_is(&c, "SELECT count(*) FROM other", 50).await?;
+        count_is(
+            &c,
+            "SELECT count(*) FROM dead_letters WHERE route = 'plant'",
+            200,
+        )
+        .await?;
+        let unavailable = c.count(UNAVAILABLE).await?;
+        ensure!(
+            unavailable > 0,
+            "never suspended: every row refused one by one"
+        );
+        let (_, body) = http(c.node(&leader).http_port(), "GET", "/health").await?;
+        ensure!(
+            body.contains("NOT NULL") || body.contains("not null") || body.contains("site"),
+            "{body}"
+        );
+        db.batch_execute("ALTER TABLE plant DROP COLUMN site")
+            .await?;
+        // What was refused row by row before the suspension is replayed by hand.
+        count_is(&c, UNAVAILABLE, 0).await?;
+        let (code, so, err) = out(&c.cli(&["replay", "--route", "plant"])?);
+        ensure!(code == 0, "{so}{err}");
+        count_is(&c, "SELECT count(*) FROM plant", 200).await?;
+        ensure!(
+            c.count("SELECT count(*) FROM dead_letters").await? == 0,
+            "dead letters left"
+        );
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}

@@ -82,6 +82,8 @@ struct Conn {
     /// The routes the statement writes (those not suspended), and each route's place among them.
     stmt: Arc<[ResolvedRoute]>,
     to_stmt: Vec<Option<usize>>,
+    /// When each route's table was last checked after a row error (at most every [`RECHECK`]).
+    row_checked: HashMap<usize, Instant>,
 }
 
 /// A route whose table cannot be written now: its rows become `route_unavailable` dead letters
@@ -103,6 +105,7 @@ impl Conn {
             suspended,
             stmt: routes.clone(),
             to_stmt: Vec::new(),
+            row_checked: HashMap::new(),
             routes,
         };
         c.suspended.resize(c.routes.len(), None);
@@ -353,11 +356,20 @@ impl Writer {
         let mut clock: Option<DbClock> = None;
         let mut retry = Backoff::default();
         loop {
-            let Some(batch) = self.gather(&cancel).await else {
+            // While a route is suspended, its table is checked on time even without messages.
+            let idle = conn
+                .suspended
+                .iter()
+                .any(Option::is_some)
+                .then_some(RECHECK);
+            let Some(batch) = self.gather(&cancel, idle).await else {
                 return Ok(());
             };
             self.follow(&mut conn);
             self.recheck(&mut conn).await;
+            if batch.is_empty() {
+                continue;
+            }
             let Some(clock) = self.clock(&mut conn, &mut clock, &cancel, &mut retry).await else {
                 return Ok(());
             };
@@ -683,6 +695,13 @@ impl Writer {
                 }
                 Err(StoreError::Fenced { epoch }) => return Err(Stop::Fenced(epoch)),
                 Err(e) if e.is_row_error() && part.len() > 1 => {
+                    // Every row refused can be the table's doing (a NOT NULL column added
+                    // without a default): a route that no longer fits is suspended rather than
+                    // every message dead-lettered one by one.
+                    if self.unfit_after_row_error(&e, conn, &part).await {
+                        work.push_front(part);
+                        continue;
+                    }
                     let (a, b) = part.halves();
                     work.push_front(b);
                     work.push_front(a);
@@ -772,6 +791,65 @@ impl Writer {
             }
             .emit();
             let now = Instant::now();
+            conn.suspended[k] = Some(Suspension {
+                why,
+                since: now,
+                check_at: now + RECHECK,
+            });
+            any = true;
+        }
+        if any {
+            conn.rebuild();
+            self.report_suspensions(conn);
+        }
+        any
+    }
+
+    /// After a row error: the named routes of `part` not checked within [`RECHECK`] checked
+    /// against the catalog; each that no longer fits is suspended.
+    async fn unfit_after_row_error(&self, e: &StoreError, conn: &mut Conn, part: &Part) -> bool {
+        let now = Instant::now();
+        let mut due: Vec<usize> = part
+            .rows
+            .iter()
+            .map(|r| r.route)
+            .filter(|&k| k > 0 && conn.suspended[k].is_none())
+            .filter(|k| {
+                conn.row_checked
+                    .get(k)
+                    .is_none_or(|t| now.duration_since(*t) >= RECHECK)
+            })
+            .collect();
+        due.sort_unstable();
+        due.dedup();
+        if due.is_empty() {
+            return false;
+        }
+        for &k in &due {
+            conn.row_checked.insert(k, now);
+        }
+        let specs = due.iter().map(|&k| conn.routes[k].spec.clone()).collect();
+        let Some((_, problems)) = self.check_routes(specs).await else {
+            return false;
+        };
+        let words = e.database_text();
+        let mut any = false;
+        for k in due {
+            let name = conn.routes[k].spec.name.clone();
+            let mine: Vec<String> = problems
+                .iter()
+                .filter(|p| p.route == name)
+                .map(ToString::to_string)
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let why = format!("{}; its rows are refused: {words}", mine.join("; "));
+            events::RouteSuspended {
+                route: &name,
+                why: &why,
+            }
+            .emit();
             conn.suspended[k] = Some(Suspension {
                 why,
                 since: now,
@@ -1102,13 +1180,18 @@ impl Writer {
     /// Up to `batch_max_rows` messages or `batch_max_bytes` of payload, until `batch_max_wait`
     /// after the first was received. `None` when cancelled or when the channel is closed and
     /// empty.
-    async fn gather(&mut self, cancel: &CancellationToken) -> Option<Vec<Inbound>> {
+    async fn gather(
+        &mut self,
+        cancel: &CancellationToken,
+        idle: Option<Duration>,
+    ) -> Option<Vec<Inbound>> {
         gather(
             &mut self.rx,
             Limits {
                 rows: self.cfg.batch_max_rows,
                 bytes: self.cfg.batch_max_bytes,
                 wait: self.cfg.batch_max_wait,
+                idle,
             },
             cancel,
         )
@@ -1174,6 +1257,9 @@ struct Limits {
     rows: usize,
     bytes: usize,
     wait: Duration,
+    /// With nothing received for this long, an empty batch (the writer has work of its own:
+    /// checking a suspended route's table).
+    idle: Option<Duration>,
 }
 
 /// Waits for a first message, then takes more until `max` or until `wait` has passed since that
@@ -1184,8 +1270,16 @@ async fn gather(
     limits: Limits,
     cancel: &CancellationToken,
 ) -> Option<Vec<Inbound>> {
+    let idle = async {
+        match limits.idle {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
     let first = tokio::select! {
         _ = cancel.cancelled() => return None,
+        // Nothing arrived for `idle`: an empty batch (nothing taken from the channel).
+        _ = idle => return Some(Vec::new()),
         m = rx.recv() => m?,
     };
     let deadline = tokio::time::Instant::from_std(first.received + limits.wait);
@@ -1299,7 +1393,27 @@ mod tests {
             rows,
             bytes: usize::MAX,
             wait,
+            idle: None,
         }
+    }
+
+    #[tokio::test]
+    async fn an_idle_wait_ends_in_an_empty_batch_and_takes_nothing() {
+        let (tx, mut rx) = mpsc::channel(10);
+        let l = Limits {
+            idle: Some(Duration::from_millis(20)),
+            ..limits(10, Duration::from_millis(5))
+        };
+        let batch = gather(&mut rx, l, &CancellationToken::new()).await;
+        assert_eq!(batch.map(|b| b.len()), Some(0));
+        tx.try_send(Inbound::detached("devices/d/t", b"{}"))
+            .expect("queued");
+        let batch = gather(&mut rx, l, &CancellationToken::new()).await;
+        assert_eq!(
+            batch.map(|b| b.len()),
+            Some(1),
+            "the next message is still there"
+        );
     }
 
     #[tokio::test]
@@ -1313,6 +1427,7 @@ mod tests {
             rows: 1000,
             bytes: 1000,
             wait: Duration::from_secs(5),
+            idle: None,
         };
         let batch = gather(&mut rx, l, &CancellationToken::new())
             .await
