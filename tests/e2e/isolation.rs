@@ -154,7 +154,8 @@ async fn only_its_route_stops(
         eventually(Duration::from_secs(20), "the late node runs with plant suspended", || async {
             let (_, body) = http(c.node("late").http_port(), "GET", "/health").await?;
             // A rule is no catalog problem: a node sees it only when it writes.
-            let suspended = case == "rule" || c.node("late").log().contains("runs suspended");
+            let suspended = matches!(case, "rule" | "trigger")
+                || c.node("late").log().contains("runs suspended");
             Ok(body.contains("\"config\"") && suspended)
         })
         .await?;
@@ -579,6 +580,56 @@ async fn a_not_null_column_added_suspends_its_route_instead_of_refusing_row_by_r
             c.count("SELECT count(*) FROM dead_letters").await? == 0,
             "dead letters left"
         );
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}
+
+#[tokio::test]
+async fn a_statement_trigger_that_raises_suspends_only_its_route() {
+    only_its_route_stops(
+        "trigger",
+        "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'maintenance'; END $$;
+         CREATE TRIGGER t_boom BEFORE INSERT ON plant FOR EACH STATEMENT EXECUTE FUNCTION boom();",
+        "DROP TRIGGER t_boom ON plant",
+        false,
+        10,
+    )
+    .await;
+}
+
+/// A route suspended by a node that stopped before its table was fixed: the next leader, finding
+/// the table fits, replays the route's dead letters.
+#[tokio::test]
+async fn a_suspension_outlives_its_leader_and_the_next_one_replays() {
+    let mut c = Cluster::start().await.expect("cluster");
+    let res = async {
+        let db = c.pg.client().await?;
+        db.batch_execute(TABLES).await?;
+        let file = c.logs.path().join("routes.toml");
+        std::fs::write(&file, ROUTES)?;
+        let file = file.display().to_string();
+        c.spawn_args("a", &["--config", &file], &[])?;
+        c.wait_leader().await?;
+        let port = c.node("a").http_port();
+        eventually(Duration::from_secs(20), "a subscribed", || async {
+            Ok(leasehold_testkit::leading_and_subscribed(port)
+                .await
+                .unwrap_or(false))
+        })
+        .await?;
+        db.batch_execute("ALTER TABLE plant RENAME TO plant_off")
+            .await?;
+        publish_all(c.mq.port, readings("plant", 0, 20)).await?;
+        count_is(&c, UNAVAILABLE, 20).await?;
+        c.node_mut("a").signal(libc::SIGTERM);
+        c.node_mut("a").wait_exit(Duration::from_secs(20)).await?;
+        db.batch_execute("ALTER TABLE plant_off RENAME TO plant")
+            .await?;
+        c.spawn_args("b", &["--config", &file], &[])?;
+        count_is(&c, UNAVAILABLE, 0).await?;
+        count_is(&c, "SELECT count(*) FROM plant", 20).await?;
         Ok(())
     }
     .await;

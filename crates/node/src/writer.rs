@@ -348,6 +348,13 @@ impl Writer {
             self.initial_suspensions(),
         );
         self.report_suspensions(&conn);
+        // A route suspended under an earlier term (of this node or another) that fits now
+        // has its route_unavailable dead letters replayed by this one.
+        for k in 1..conn.routes.len() {
+            if conn.suspended[k].is_none() {
+                self.replay_resumed(conn.routes[k].spec.name.clone());
+            }
+        }
         self.status
             .update_routes(|counts| show_routes(counts, &conn.routes[1..]));
         // Whether the last commit was confirmed on a synchronous standby (REQUIRE_SYNC_REPLICATION):
@@ -456,6 +463,11 @@ impl Writer {
                 Ok((db, local)) => *clock = Some(DbClock::new(db, local)),
                 Err(e) => {
                     conn.writer = None;
+                    // A new connection prepares every route's statement: one whose table broke
+                    // before it was ever written is suspended here too.
+                    if self.isolate(&e, conn).await {
+                        continue;
+                    }
                     if !retry.wait(&e, cancel).await {
                         return None;
                     }
@@ -707,6 +719,10 @@ impl Writer {
                     work.push_front(a);
                 }
                 Err(e) if e.is_row_error() && part.rows.len() == 1 => {
+                    if self.unfit_after_row_error(&e, conn, &part).await {
+                        work.push_front(part);
+                        continue;
+                    }
                     work.push_front(batch.refused(&part.rows[0], &e.database_text()));
                 }
                 Err(e) => {
@@ -750,6 +766,7 @@ impl Writer {
             .check_routes(specs.iter().map(|(_, s)| s.clone()).collect())
             .await
         else {
+            tracing::debug!("routes could not be checked against the catalog; retrying everything");
             return false;
         };
         let words = e.database_text();
@@ -775,11 +792,7 @@ impl Writer {
             }
         }
         if found.is_empty() {
-            for (k, _) in &specs {
-                if let Some(why) = self.probe_route(&conn.routes[*k]).await {
-                    found.push((*k, why));
-                }
-            }
+            found = self.probe_routes(conn).await;
         }
         let mut any = false;
         for (k, problem) in found {
@@ -822,29 +835,48 @@ impl Writer {
             .collect();
         due.sort_unstable();
         due.dedup();
-        if due.is_empty() {
+        // The statement's probes, at most every RECHECK too (under the key of no route).
+        let probe_due = conn
+            .row_checked
+            .get(&usize::MAX)
+            .is_none_or(|t| now.duration_since(*t) >= RECHECK);
+        if due.is_empty() && !probe_due {
             return false;
         }
         for &k in &due {
             conn.row_checked.insert(k, now);
         }
         let specs = due.iter().map(|&k| conn.routes[k].spec.clone()).collect();
-        let Some((_, problems)) = self.check_routes(specs).await else {
-            return false;
+        let problems = match due.is_empty() {
+            true => Vec::new(),
+            false => match self.check_routes(specs).await {
+                Some((_, p)) => p,
+                None => return false,
+            },
         };
+        let mut found: Vec<(usize, String)> = due
+            .iter()
+            .filter_map(|&k| {
+                let name = &conn.routes[k].spec.name;
+                let mine: Vec<String> = problems
+                    .iter()
+                    .filter(|p| &p.route == name)
+                    .map(ToString::to_string)
+                    .collect();
+                (!mine.is_empty()).then(|| (k, mine.join("; ")))
+            })
+            .collect();
+        if found.is_empty() && probe_due && conn.routes.len() > 1 {
+            // A statement trigger that raises refuses every statement naming its table, rows
+            // of its route or not.
+            conn.row_checked.insert(usize::MAX, now);
+            found = self.probe_routes(conn).await;
+        }
         let words = e.database_text();
         let mut any = false;
-        for k in due {
+        for (k, problem) in found {
             let name = conn.routes[k].spec.name.clone();
-            let mine: Vec<String> = problems
-                .iter()
-                .filter(|p| p.route == name)
-                .map(ToString::to_string)
-                .collect();
-            if mine.is_empty() {
-                continue;
-            }
-            let why = format!("{}; its rows are refused: {words}", mine.join("; "));
+            let why = format!("{problem}; its rows are refused: {words}");
             events::RouteSuspended {
                 route: &name,
                 why: &why,
@@ -879,20 +911,32 @@ impl Writer {
                 leasehold_store::connect(&self.cfg.database_url, "leasehold-route-check").await?;
             leasehold_store::routes::resolve(&c, &specs).await
         };
-        tokio::time::timeout(Duration::from_secs(5), check)
-            .await
-            .ok()?
-            .ok()
+        match tokio::time::timeout(Duration::from_secs(5), check).await {
+            Ok(Ok(found)) => Some(found),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "checking routes against the catalog failed");
+                None
+            }
+            Err(_) => None,
+        }
     }
 
-    /// Prepares `route`'s statement alone (beside `telemetry`'s) on a connection of its own,
-    /// within 2 s: the database's words when that fails (a rule on its table, a lock held on it).
-    async fn probe_route(&self, route: &ResolvedRoute) -> Option<String> {
-        Self::probe(&self.cfg, route).await
+    /// Runs `route`'s statement alone (beside `telemetry`'s; `None`: `telemetry`'s alone) with
+    /// no rows, on a connection of its own, within 5 s: the database's words when that fails (a
+    /// rule on its table, a statement trigger that raises, a lock held on it). Nothing is
+    /// written: there are no rows.
+    async fn probe_route(&self, route: Option<&ResolvedRoute>) -> Option<String> {
+        Self::probe(&self.cfg, &self.fence, route).await
     }
 
-    async fn probe(cfg: &WriterConfig, route: &ResolvedRoute) -> Option<String> {
-        let routes: Arc<[ResolvedRoute]> = vec![ResolvedRoute::telemetry(), route.clone()].into();
+    async fn probe(
+        cfg: &WriterConfig,
+        fence: &Fence,
+        route: Option<&ResolvedRoute>,
+    ) -> Option<String> {
+        let routes: Arc<[ResolvedRoute]> = std::iter::once(ResolvedRoute::telemetry())
+            .chain(route.cloned())
+            .collect();
         let probe = async {
             let mut w = BatchWriter::connect(
                 &cfg.database_url,
@@ -901,18 +945,36 @@ impl Writer {
                 cfg.redelivery_window,
             )
             .await?;
-            w.use_routes(routes).await
+            if route.is_some() {
+                w.use_routes(routes).await?;
+            }
+            w.write(fence, &[], &[]).await.map(|_| ())
         };
         match tokio::time::timeout(Duration::from_secs(5), probe).await {
-            Ok(Ok(())) => None,
+            Ok(Ok(())) | Ok(Err(StoreError::Fenced { .. })) => None,
             Ok(Err(e)) if e.is_database_error() => {
                 Some(format!("its statement fails: {}", e.database_text()))
             }
             Ok(Err(_)) => None,
-            Err(_) => {
-                Some("its statement could not be prepared within 5 s (its table locked?)".into())
+            Err(_) => Some("its statement did not run within 5 s (its table locked?)".into()),
+        }
+    }
+
+    /// Probes each named route not suspended (`telemetry` first: when its own statement fails,
+    /// no route is to blame): the places of those whose statement alone fails, with why.
+    async fn probe_routes(&self, conn: &Conn) -> Vec<(usize, String)> {
+        if self.probe_route(None).await.is_some() {
+            return Vec::new();
+        }
+        let mut found = Vec::new();
+        for k in 1..conn.routes.len() {
+            if conn.suspended[k].is_none() {
+                if let Some(why) = self.probe_route(Some(&conn.routes[k])).await {
+                    found.push((k, why));
+                }
             }
         }
+        found
     }
 
     /// Checks the suspended routes that are due; each that fits the catalog again resumes
@@ -953,7 +1015,7 @@ impl Writer {
             let fresh = resolved.iter().find(|r| r.spec.name == name);
             // Its statement must prepare too: a rule or a lock is no catalog problem.
             let blocked = match (fits, fresh) {
-                (true, Some(r)) => Self::probe(&self.cfg, r).await,
+                (true, Some(r)) => Self::probe(&self.cfg, &self.fence, Some(r)).await,
                 _ => None,
             };
             if let (Some(why), Some(s)) = (blocked, conn.suspended[k].as_mut()) {
@@ -1040,7 +1102,10 @@ impl Writer {
                 None => return,
             };
             match crate::replay::run(&cfg, job, false, None).await {
-                Ok(summary) => tracing::info!(%summary, "resumed route's dead letters replayed"),
+                Ok(summary) if summary.processed > 0 => {
+                    tracing::info!(%summary, "resumed route's dead letters replayed")
+                }
+                Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(error = %format!("{e:#}"), "replaying a resumed route's dead letters failed; `leasehold replay` can do it")
                 }
