@@ -269,10 +269,12 @@ impl Committing<'_> {
     /// `part` without the rows of suspended routes: each becomes its `route_unavailable` dead
     /// letter.
     fn strip(&mut self, mut part: Part, suspended: &[Option<Suspension>]) -> Part {
-        if !part
-            .rows
-            .iter()
-            .any(|r| suspended.get(r.route).is_some_and(Option::is_some))
+        // The common case, nothing suspended, costs no look at the rows.
+        if suspended.iter().all(Option::is_none)
+            || !part
+                .rows
+                .iter()
+                .any(|r| suspended.get(r.route).is_some_and(Option::is_some))
         {
             return part;
         }
@@ -794,22 +796,26 @@ impl Writer {
         if found.is_empty() {
             found = self.probe_routes(conn).await;
         }
-        let mut any = false;
+        self.suspend(conn, found, &format!("writing it failed with: {words}"))
+    }
+
+    /// Suspends each route of `found` (its place, and why), the database's words after; the
+    /// statement is prepared again without them. Whether any was.
+    fn suspend(&self, conn: &mut Conn, found: Vec<(usize, String)>, words: &str) -> bool {
+        let now = Instant::now();
+        let any = !found.is_empty();
         for (k, problem) in found {
-            let spec = conn.routes[k].spec.clone();
-            let why = format!("{problem}; writing it failed with: {words}");
+            let why = format!("{problem}; {words}");
             events::RouteSuspended {
-                route: &spec.name,
+                route: &conn.routes[k].spec.name,
                 why: &why,
             }
             .emit();
-            let now = Instant::now();
             conn.suspended[k] = Some(Suspension {
                 why,
                 since: now,
                 check_at: now + RECHECK,
             });
-            any = true;
         }
         if any {
             conn.rebuild();
@@ -872,28 +878,11 @@ impl Writer {
             conn.row_checked.insert(usize::MAX, now);
             found = self.probe_routes(conn).await;
         }
-        let words = e.database_text();
-        let mut any = false;
-        for (k, problem) in found {
-            let name = conn.routes[k].spec.name.clone();
-            let why = format!("{problem}; its rows are refused: {words}");
-            events::RouteSuspended {
-                route: &name,
-                why: &why,
-            }
-            .emit();
-            conn.suspended[k] = Some(Suspension {
-                why,
-                since: now,
-                check_at: now + RECHECK,
-            });
-            any = true;
-        }
-        if any {
-            conn.rebuild();
-            self.report_suspensions(conn);
-        }
-        any
+        self.suspend(
+            conn,
+            found,
+            &format!("its rows are refused: {}", e.database_text()),
+        )
     }
 
     /// `specs` resolved against the catalog now, and their problems, on a connection of its
