@@ -70,6 +70,13 @@ async fn count_is(c: &Cluster, sql: &str, want: i64) -> Result<()> {
     Ok(())
 }
 
+/// [`ROUTES`] as the config file nodes are started with.
+fn routes_file(c: &Cluster) -> Result<String> {
+    let file = c.logs.path().join("routes.toml");
+    std::fs::write(&file, ROUTES)?;
+    Ok(file.display().to_string())
+}
+
 const UNAVAILABLE: &str =
     "SELECT count(*) FROM dead_letters WHERE reason = 'route_unavailable' AND route = 'plant'";
 
@@ -92,9 +99,7 @@ async fn only_its_route_stops(
         if limited {
             db.batch_execute(LIMITED).await?;
         }
-        let file = c.logs.path().join("routes.toml");
-        std::fs::write(&file, ROUTES)?;
-        let file = file.display().to_string();
+        let file = routes_file(&c)?;
         let env: Vec<(&'static str, String)> = match limited {
             true => vec![("DATABASE_URL", c.pg.url_as("limited"))],
             false => Vec::new(),
@@ -457,9 +462,7 @@ async fn a_changed_column_type_costs_its_route_a_few_seconds_and_nothing_else() 
     let res = async {
         let db = c.pg.client().await?;
         db.batch_execute(TABLES).await?;
-        let file = c.logs.path().join("routes.toml");
-        std::fs::write(&file, ROUTES)?;
-        let file = file.display().to_string();
+        let file = routes_file(&c)?;
         c.spawn_args("a", &["--config", &file], &[])?;
         c.wait_leader().await?;
         let stream = Stream::start(c.mq.port, "iso-type", 10, 100);
@@ -540,9 +543,7 @@ async fn a_not_null_column_added_suspends_its_route_instead_of_refusing_row_by_r
     let res = async {
         let db = c.pg.client().await?;
         db.batch_execute(TABLES).await?;
-        let file = c.logs.path().join("routes.toml");
-        std::fs::write(&file, ROUTES)?;
-        let file = file.display().to_string();
+        let file = routes_file(&c)?;
         c.spawn_args("a", &["--config", &file], &[])?;
         let (leader, _) = c.wait_leader().await?;
         db.batch_execute(
@@ -607,9 +608,7 @@ async fn a_suspension_outlives_its_leader_and_the_next_one_replays() {
     let res = async {
         let db = c.pg.client().await?;
         db.batch_execute(TABLES).await?;
-        let file = c.logs.path().join("routes.toml");
-        std::fs::write(&file, ROUTES)?;
-        let file = file.display().to_string();
+        let file = routes_file(&c)?;
         c.spawn_args("a", &["--config", &file], &[])?;
         c.wait_leader().await?;
         let port = c.node("a").http_port();
