@@ -14,34 +14,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use crate::routes::RawRoutes;
-use crate::{fmt_dur, shown_value, Config, Origin, Sources};
-
-/// The cluster settings, by environment name. Every other setting is a node setting.
-pub const CLUSTER_SETTINGS: &[&str] = &[
-    "MQTT_TOPICS",
-    "DEVICE_TOPIC_PATTERN",
-    "MAX_PAYLOAD_BYTES",
-    "REDELIVERY_WINDOW",
-    "BATCH_MAX_ROWS",
-    "BATCH_MAX_WAIT",
-    "BATCH_MAX_BYTES",
-    "STALE_WARNING",
-    "STALE_CRITICAL",
-    "ALERT_WEBHOOK_URL",
-    "ALERT_CHECK_INTERVAL",
-    "ALERT_GRACE",
-    "ALERT_WINDOW",
-    "DEAD_LETTER_RETENTION",
-    "ALERT_RETENTION",
-    "LEASE_HISTORY_RETENTION",
-    "CLUSTER_NODE_RETENTION",
-    "RETENTION_INTERVAL",
-];
-
-/// Whether the setting named `key` (its environment name) is a cluster setting.
-pub fn is_cluster_setting(key: &str) -> bool {
-    CLUSTER_SETTINGS.contains(&key)
-}
+use crate::{shown_value, Config, Origin, Sources, CLUSTER_SETTINGS};
 
 /// The cluster settings one document sets, as their text, and its `[[routes]]`.
 #[derive(Clone, Default)]
@@ -81,7 +54,7 @@ impl ClusterSettings {
 
     fn write(&self, show: impl Fn(&str, &str) -> String) -> String {
         let mut out = String::new();
-        for key in CLUSTER_SETTINGS {
+        for key in CLUSTER_SETTINGS.iter() {
             if let Some(v) = self.values.get(key) {
                 let _ = writeln!(
                     out,
@@ -217,44 +190,33 @@ impl Config {
         self.cluster_values_as(true)
     }
 
-    /// Every cluster setting's effective value, secrets as they are (for comparing only).
+    /// Every cluster setting's effective value, secrets as they are (for comparing only): each
+    /// field of [`ClusterValues`] written back as its text.
     fn cluster_values_as(&self, masked: bool) -> Vec<(&'static str, String)> {
-        let r = &self.retention;
-        let d = |d| fmt_dur(d);
-        vec![
-            // A set: order and repeats do not change what is subscribed.
-            ("MQTT_TOPICS", {
-                let mut t: Vec<&str> = self.mqtt_topics.iter().map(String::as_str).collect();
-                t.sort_unstable();
-                t.dedup();
-                t.join(",")
-            }),
-            ("DEVICE_TOPIC_PATTERN", self.device_topic_pattern.clone()),
-            ("MAX_PAYLOAD_BYTES", self.max_payload_bytes.to_string()),
-            ("REDELIVERY_WINDOW", d(self.redelivery_window)),
-            ("BATCH_MAX_ROWS", self.batch_max_rows.to_string()),
-            ("BATCH_MAX_WAIT", d(self.batch_max_wait)),
-            ("BATCH_MAX_BYTES", self.batch_max_bytes.to_string()),
-            ("STALE_WARNING", d(self.stale_warning)),
-            ("STALE_CRITICAL", d(self.stale_critical)),
-            (
-                "ALERT_WEBHOOK_URL",
-                self.alert_webhook_url
-                    .as_deref()
-                    .map_or_else(String::new, |u| match masked {
-                        true => shown_value("ALERT_WEBHOOK_URL", u),
-                        false => u.to_string(),
-                    }),
-            ),
-            ("ALERT_CHECK_INTERVAL", d(self.alert_check_interval)),
-            ("ALERT_GRACE", d(self.alert_grace)),
-            ("ALERT_WINDOW", d(self.alert_window)),
-            ("DEAD_LETTER_RETENTION", d(r.dead_letters)),
-            ("ALERT_RETENTION", d(r.alerts)),
-            ("LEASE_HISTORY_RETENTION", d(r.lease_history)),
-            ("CLUSTER_NODE_RETENTION", d(r.cluster_nodes)),
-            ("RETENTION_INTERVAL", d(r.interval)),
-        ]
+        let mut texts = crate::settings::texts(&self.cluster);
+        CLUSTER_SETTINGS
+            .iter()
+            .map(|key| {
+                let text = texts.remove(*key).unwrap_or_default();
+                let text = match *key {
+                    // A set: order and repeats do not change what is subscribed.
+                    "MQTT_TOPICS" => {
+                        let mut t: Vec<&str> = self
+                            .cluster
+                            .mqtt_topics
+                            .iter()
+                            .map(String::as_str)
+                            .collect();
+                        t.sort_unstable();
+                        t.dedup();
+                        t.join(",")
+                    }
+                    _ if masked && !text.is_empty() => shown_value(key, &text),
+                    _ => text,
+                };
+                (*key, text)
+            })
+            .collect()
     }
 
     /// What changes from `self` to `after`: one line per setting and per route.
@@ -434,9 +396,9 @@ temp = "$.temp"
         .expect("parse");
         let cfg = Config::load(&own.with_cluster(&stored, Origin::Cluster("version 4".into())))
             .expect("load");
-        assert_eq!(cfg.mqtt_topics, ["theirs/#"]);
+        assert_eq!(cfg.cluster.mqtt_topics, ["theirs/#"]);
         assert_eq!(
-            cfg.stale_warning,
+            cfg.cluster.stale_warning,
             std::time::Duration::from_secs(300),
             "unset: the default, not this host's"
         );
@@ -505,8 +467,8 @@ temp = "$.temp"
     fn every_cluster_setting_is_a_setting_and_rendered_once_in_order() {
         let cfg = Config::load(&sources("", &[])).expect("defaults");
         let rendered: Vec<&str> = cfg.cluster_values().iter().map(|(k, _)| *k).collect();
-        assert_eq!(rendered, CLUSTER_SETTINGS);
-        for key in CLUSTER_SETTINGS {
+        assert_eq!(rendered, *CLUSTER_SETTINGS);
+        for key in CLUSTER_SETTINGS.iter() {
             assert!(crate::KEYS.contains(key), "{key} is not a setting");
         }
         let docs = include_str!("../../../docs/configuration.md");
@@ -522,7 +484,7 @@ temp = "$.temp"
             .expect("docs/configuration.md has a node settings table");
         for key in crate::KEYS.iter() {
             let row = format!("`{key}`");
-            let (want, other) = match is_cluster_setting(key) {
+            let (want, other) = match crate::is_cluster_setting(key) {
                 true => (cluster_table, node_table),
                 false => (node_table, cluster_table),
             };

@@ -1,24 +1,27 @@
 //! Leasehold's configuration.
 //!
-//! Every setting has one name: its environment variable (`LEASE_TTL`), also its flag
-//! (`--set LEASE_TTL=5s`) and, in lower case, its key in a TOML file (`lease_ttl = "10s"`). The
-//! file may also use the nested sections (`[lease]` `ttl = "10s"`) that the settings are declared
-//! as. `figment` merges file < environment < flags and remembers which layer set each value, so
-//! every error names the setting and that layer in one line (docs/configuration.md).
+//! Every setting is declared once, as a field of one of two `serde` structures: [`NodeSettings`]
+//! (how this host runs) or [`ClusterValues`] (what a message becomes; stored in the cluster's
+//! database). The field's doc comment says what it is, its `default` what it is unset, its kind
+//! ([`text`]) how its text is read and written back. Its name in upper case is its environment
+//! variable and flag (`LEASE_TTL`, `--set LEASE_TTL=5s`), in lower case its key in a TOML file
+//! (`lease_ttl = "10s"`, or `[lease]` `ttl = "10s"`). `figment` merges file < environment < flags
+//! and remembers which layer set each value, so every error names the setting and that layer in
+//! one line (docs/configuration.md).
 //!
 //! # Layout
-//! - `settings`: the declarative structure (nested `serde` sections, unknown keys refused) and
-//!   [`SETTINGS`], the environment name of each field; how a value's text is read.
+//! - `settings`: the two structures, the lists of their names read from them ([`KEYS`],
+//!   [`CLUSTER_SETTINGS`], [`NODE_SETTINGS`]), and each kind of value's text ([`text`]).
 //! - `sources`: [`Sources`], the layers merged by `figment`, and the errors that name a setting.
-//! - `cluster`: which settings are the cluster's (stored in its database, the same on every node)
-//!   and which are each host's; [`ClusterSettings`], their stored form; drift and differences.
-//! - `load`: [`Config::load`], the only constructor: defaults, then every rule in one `validate()`.
-//! - [`Config`]: the parsed, validated result, as the rest of the workspace reads it.
+//! - `cluster`: [`ClusterSettings`], the stored form of a cluster configuration (canonical TOML);
+//!   drift and differences between two configurations.
+//! - `load`: [`Config::load`], the only constructor: the defaults that follow other settings,
+//!   then every rule in one `validate()`.
+//! - [`Config`]: both structures and what follows from them, as the rest of the workspace reads it.
 //! - [`redact_url`] / [`redact`]: strip secrets before anything is logged or served.
 //! - [`derive_client_id`] / [`ClientId`]: the MQTT client id of the cluster's shared session.
 
 use std::fmt;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 // `redact` and `redact_url`: every secret a URL or connection string can carry, stripped before
@@ -30,10 +33,13 @@ pub mod routes;
 mod settings;
 mod sources;
 
-pub use cluster::{is_cluster_setting, ClusterSettings, Drift, CLUSTER_SETTINGS};
+pub use cluster::{ClusterSettings, Drift};
 pub use redact::{is_secret_name, redact, redact_url, LIBPQ_KEYWORDS, MASK};
 pub use routes::{OnConflict, PathStep, RouteSpec, Source};
-pub use settings::{Keys, KEYS, SETTINGS};
+pub use settings::{
+    in_section, is_cluster_setting, text, ClusterValues, Keys, NodeSettings, Secret,
+    CLUSTER_SETTINGS, KEYS, NODE_SETTINGS,
+};
 pub use sources::Sources;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -230,89 +236,28 @@ pub const DEFAULT_MAX_PENDING_BYTES: usize = 4 * 1024 * 1024;
 /// Highest accepted `MAX_PENDING_BYTES` (the ingest's byte budget is a semaphore of u32 permits).
 pub const MAX_PENDING_BYTES_LIMIT: usize = 4 * 1024 * 1024 * 1024 - 1;
 
-/// The parsed, validated configuration of one node.
-#[derive(Clone)]
+/// The parsed, validated configuration of one node: its own settings, the cluster's, and what
+/// follows from them.
+#[derive(Clone, Debug)]
 pub struct Config {
+    /// This host's settings.
+    pub node: NodeSettings,
+    /// The cluster's settings: the active stored version once the database holds one.
+    pub cluster: ClusterValues,
+    /// `INSTANCE_ID`, or the host name.
     pub instance_id: String,
-    pub mode: Mode,
-    pub database_url: Option<String>,
-    pub database_pool_size: usize,
-    /// `REQUIRE_SYNC_REPLICATION`: the leader ingests only while its commits are synchronously
-    /// replicated, and acknowledges a batch only once a synchronous standby has flushed it.
-    pub require_sync_replication: bool,
+    /// The broker: `MQTT_URL` with the settings that override its parts.
     pub mqtt: MqttEndpoint,
-    /// `MQTT_CLIENT_ID`, when set: overrides the client id derived from the cluster's identity
-    /// (see [`Config::client_id`]).
-    pub mqtt_client_id: Option<String>,
-    pub mqtt_topics: Vec<String>,
-    pub mqtt_keep_alive: Duration,
-    pub mqtt_reconnect_max: Duration,
-    /// A leader that cannot reach the broker this long hands over (zero: never).
-    pub mqtt_step_down_after: Duration,
-    pub device_topic_pattern: String,
-    pub lease_name: String,
     pub lease: LeaseTimings,
-    pub batch_max_rows: usize,
-    pub batch_max_wait: Duration,
-    /// A batch closes once its payloads reach this many bytes (bounds one statement's memory).
-    pub batch_max_bytes: usize,
-    /// How far back the first copy of a redelivered timestamp-less message is looked for.
-    pub redelivery_window: Duration,
-    pub max_payload_bytes: usize,
+    /// `MAX_PENDING`, or its default that follows `BATCH_MAX_ROWS`.
     pub max_pending: usize,
-    /// Payload and topic bytes of received-but-unacknowledged messages (G5: bounded in bytes).
+    /// `MAX_PENDING_BYTES`, or its default that follows `MAX_PAYLOAD_BYTES`.
     pub max_pending_bytes: usize,
-    pub http_addr: SocketAddr,
-    pub stale_warning: Duration,
-    pub stale_critical: Duration,
-    pub alert_webhook_url: Option<String>,
-    /// How often every node evaluates alerts.
-    pub alert_check_interval: Duration,
-    /// How long "no leader" or "leader off the broker" must last before it is an alert.
-    pub alert_grace: Duration,
-    /// Event-like alerts count what happened within this window.
-    pub alert_window: Duration,
-    pub retention: Retention,
-    pub log_format: LogFormat,
-    pub log_level: String,
-    /// `[[routes]]` of the config file, in file order; empty: only the default route (`telemetry`).
+    /// `[[routes]]`, in their order; empty: only the default route (`telemetry`).
     pub routes: Vec<RouteSpec>,
     /// The layers this was loaded from, so that the cluster's stored settings can be put over
     /// this host's own ([`Config::with_cluster`]).
     sources: Sources,
-}
-
-impl fmt::Debug for Config {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Config")
-            .field("instance_id", &self.instance_id)
-            .field("mode", &self.mode)
-            .field(
-                "database_url",
-                &self.database_url.as_deref().map(redact_url),
-            )
-            .field("require_sync_replication", &self.require_sync_replication)
-            .field("mqtt", &self.mqtt)
-            .field("mqtt_client_id", &self.mqtt_client_id)
-            .field("mqtt_topics", &self.mqtt_topics)
-            .field("lease_name", &self.lease_name)
-            .field("lease", &self.lease)
-            .field("batch_max_rows", &self.batch_max_rows)
-            .field("batch_max_wait", &self.batch_max_wait)
-            .field("batch_max_bytes", &self.batch_max_bytes)
-            .field("redelivery_window", &self.redelivery_window)
-            .field("max_payload_bytes", &self.max_payload_bytes)
-            .field("max_pending", &self.max_pending)
-            .field("max_pending_bytes", &self.max_pending_bytes)
-            .field("http_addr", &self.http_addr)
-            .field(
-                "alert_webhook_url",
-                &self.alert_webhook_url.as_deref().map(redact_url),
-            )
-            .field("retention", &self.retention)
-            .field("routes", &self.routes)
-            .finish_non_exhaustive()
-    }
 }
 
 /// Parses a human-readable duration (`10s`, `500ms`, `5m`) with the error text settings use.
@@ -341,9 +286,9 @@ impl Config {
     /// derived from the cluster's identity (read from its database) and `LEASE_NAME`.
     pub fn client_id(&self, cluster_id: Option<&str>) -> Result<ClientId, ClientIdError> {
         let derived = cluster_id
-            .map(|id| derive_client_id(id, &self.lease_name))
+            .map(|id| derive_client_id(id, &self.node.lease_name))
             .transpose()?;
-        Ok(match (&self.mqtt_client_id, derived) {
+        Ok(match (&self.node.mqtt_client_id, derived) {
             (Some(explicit), derived) => ClientId {
                 id: explicit.clone(),
                 source: ClientIdSource::Explicit,
@@ -360,9 +305,12 @@ impl Config {
 
     /// The database URL, or the one-line error every database command gives without it.
     pub fn require_database_url(&self) -> Result<&str, ConfigError> {
-        self.database_url.as_deref().ok_or(ConfigError::Missing {
-            key: "DATABASE_URL".into(),
-        })
+        self.node
+            .database_url
+            .as_deref()
+            .ok_or(ConfigError::Missing {
+                key: "DATABASE_URL".into(),
+            })
     }
 }
 
@@ -513,12 +461,12 @@ mod tests {
         assert_eq!(c.lease.ttl, Duration::from_secs(10));
         assert_eq!(c.lease.renew_interval, Duration::from_secs(10) / 3);
         assert_eq!(c.lease.poll_interval, Duration::from_secs(1));
-        assert_eq!(c.batch_max_rows, 1000);
-        assert_eq!(c.batch_max_wait, Duration::from_millis(50));
-        assert_eq!(c.max_payload_bytes, 256 * 1024);
-        assert_eq!(c.mqtt_client_id, None);
-        assert_eq!(c.mode, Mode::Production);
-        assert_eq!(c.http_addr.to_string(), "0.0.0.0:8080");
+        assert_eq!(c.cluster.batch_max_rows, 1000);
+        assert_eq!(c.cluster.batch_max_wait, Duration::from_millis(50));
+        assert_eq!(c.cluster.max_payload_bytes, 256 * 1024);
+        assert_eq!(c.node.mqtt_client_id, None);
+        assert_eq!(c.node.mqtt_mode, Mode::Production);
+        assert_eq!(c.node.http_addr.to_string(), "0.0.0.0:8080");
     }
 
     #[test]
@@ -539,9 +487,9 @@ mod tests {
         .expect("gather");
         let c = Config::load(&s).expect("load");
         assert_eq!(c.lease.ttl, Duration::from_secs(20));
-        assert_eq!(c.batch_max_rows, 5);
+        assert_eq!(c.cluster.batch_max_rows, 5);
         assert_eq!(c.instance_id, "flag");
-        assert_eq!(c.mqtt_topics, vec!["a/#", "b/+"]);
+        assert_eq!(c.cluster.mqtt_topics, vec!["a/#", "b/+"]);
     }
 
     #[test]
@@ -724,7 +672,7 @@ mod tests {
         let c = load(&[]).expect("defaults");
         let day = Duration::from_secs(24 * 3600);
         assert_eq!(
-            c.retention,
+            c.cluster.retention(),
             Retention {
                 dead_letters: 30 * day,
                 alerts: 90 * day,
@@ -738,8 +686,8 @@ mod tests {
             ("RETENTION_INTERVAL", "10m"),
         ])
         .expect("valid");
-        assert_eq!(c.retention.dead_letters, 14 * day);
-        assert_eq!(c.retention.interval, Duration::from_secs(600));
+        assert_eq!(c.cluster.retention().dead_letters, 14 * day);
+        assert_eq!(c.cluster.retention().interval, Duration::from_secs(600));
         for (env, setting, says) in [
             (
                 vec![("DEAD_LETTER_RETENTION", "thirty days")],
@@ -862,14 +810,17 @@ mod tests {
         for path in [flat, nested] {
             let c = load_file(&path, &[]).expect("load");
             assert_eq!(c.lease.ttl, Duration::from_secs(30));
-            assert_eq!(c.batch_max_rows, 5);
+            assert_eq!(c.cluster.batch_max_rows, 5);
             assert_eq!(
                 (c.mqtt.host.as_str(), c.mqtt.port, c.mqtt.tls),
                 ("b", 8884, true)
             );
-            assert_eq!(c.mqtt_topics, vec!["a/#", "b/+"]);
+            assert_eq!(c.cluster.mqtt_topics, vec!["a/#", "b/+"]);
             assert_eq!(c.max_pending_bytes, 8 * 1024 * 1024);
-            assert_eq!(c.retention.dead_letters, Duration::from_secs(2 * 24 * 3600));
+            assert_eq!(
+                c.cluster.retention().dead_letters,
+                Duration::from_secs(2 * 24 * 3600)
+            );
         }
     }
 
@@ -884,7 +835,7 @@ mod tests {
         let other = file("apart", "lease_ttl = \"20s\"\n[lease]\nname = \"x\"\n");
         let c = load_file(&other, &[]).expect("different settings of one section mix");
         assert_eq!(
-            (c.lease.ttl, c.lease_name.as_str()),
+            (c.lease.ttl, c.node.lease_name.as_str()),
             (Duration::from_secs(20), "x")
         );
     }
@@ -931,7 +882,7 @@ mod tests {
             "mqtt_client_id = \"plant-7\"\nlease_ttl = \"30s\"\n",
         );
         let c = load_file(&path, &[("MQTT_CLIENT_ID", " "), ("LEASE_TTL", "")]).expect("load");
-        assert_eq!(c.mqtt_client_id, None);
+        assert_eq!(c.node.mqtt_client_id, None);
         assert_eq!(c.lease.ttl, Duration::from_secs(10));
     }
 

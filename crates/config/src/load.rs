@@ -1,14 +1,12 @@
 //! From the nested settings to a [`Config`]: defaults (some follow other settings), the broker
 //! endpoint, then every rule a value must keep in one [`Config::validate`].
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::settings::{self, Settings};
+use crate::settings::NodeSettings;
 use crate::{
-    fmt_dur, redact_url, validate_filter, Config, ConfigError, LeaseTimings, LogFormat, Mode,
-    MqttEndpoint, Retention, Sources, DEFAULT_MAX_PENDING_BYTES, MAX_PENDING_BYTES_LIMIT,
-    MIN_RETENTION,
+    fmt_dur, redact_url, validate_filter, Config, ConfigError, LeaseTimings, MqttEndpoint, Sources,
+    DEFAULT_MAX_PENDING_BYTES, MAX_PENDING_BYTES_LIMIT, MIN_RETENTION,
 };
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
@@ -16,80 +14,30 @@ const DAY: Duration = Duration::from_secs(24 * 3600);
 impl Config {
     /// Parses and validates the merged layers.
     pub fn load(s: &Sources) -> Result<Config, ConfigError> {
-        let Settings {
-            instance_id,
-            database,
-            mqtt,
-            lease,
-            batch,
-            ingest,
-            http,
-            stale,
-            alert,
-            retention,
-            log,
-        } = s.settings()?;
-        let ttl = lease.ttl.unwrap_or(Duration::from_secs(10));
-        let batch_max_rows = batch.max_rows.unwrap_or(1000);
-        let max_payload_bytes = ingest.max_payload_bytes.unwrap_or(256 * 1024);
+        let (node, cluster) = s.settings()?;
+        let lease = LeaseTimings {
+            ttl: node.lease_ttl,
+            renew_interval: node.lease_renew_interval.unwrap_or(node.lease_ttl / 3),
+            poll_interval: node.lease_poll_interval,
+        };
         let cfg = Config {
-            instance_id: instance_id.unwrap_or_else(|| {
+            instance_id: node.instance_id.clone().unwrap_or_else(|| {
                 hostname::get()
                     .ok()
                     .and_then(|h| h.into_string().ok())
                     .unwrap_or_else(|| "leasehold".into())
             }),
-            mode: mqtt.mode.unwrap_or(Mode::Production),
-            database_url: database.url,
-            database_pool_size: database.pool_size.unwrap_or(4),
-            require_sync_replication: database.require_sync_replication.unwrap_or(false),
-            mqtt: endpoint(s, &mqtt)?,
-            mqtt_client_id: mqtt.client_id,
-            mqtt_topics: mqtt
-                .topics
-                .unwrap_or_else(|| vec!["devices/+/telemetry".into()]),
-            mqtt_keep_alive: mqtt.keep_alive.unwrap_or(Duration::from_secs(10)),
-            mqtt_reconnect_max: mqtt.reconnect_max.unwrap_or(Duration::from_secs(30)),
-            mqtt_step_down_after: mqtt.step_down_after.unwrap_or(Duration::from_secs(20)),
-            device_topic_pattern: ingest
-                .device_topic_pattern
-                .unwrap_or_else(|| "devices/{device_id}/#".into()),
-            lease_name: lease.name.unwrap_or_else(|| "mqtt-ingest".into()),
-            lease: LeaseTimings {
-                ttl,
-                renew_interval: lease.renew_interval.unwrap_or(ttl / 3),
-                poll_interval: lease.poll_interval.unwrap_or(Duration::from_secs(1)),
-            },
-            batch_max_rows,
-            batch_max_wait: batch.max_wait.unwrap_or(Duration::from_millis(50)),
-            batch_max_bytes: batch.max_bytes.unwrap_or(4 * 1024 * 1024),
-            redelivery_window: ingest
-                .redelivery_window
-                .unwrap_or(Duration::from_secs(3600)),
-            max_payload_bytes,
-            max_pending: ingest
+            mqtt: endpoint(s, &node)?,
+            lease,
+            max_pending: node
                 .max_pending
-                .unwrap_or((batch_max_rows * 10).clamp(10_000, 50_000)),
-            max_pending_bytes: ingest
+                .unwrap_or((cluster.batch_max_rows * 10).clamp(10_000, 50_000)),
+            max_pending_bytes: node
                 .max_pending_bytes
-                .unwrap_or(DEFAULT_MAX_PENDING_BYTES.max(max_payload_bytes)),
-            http_addr: http.addr.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 8080))),
-            stale_warning: stale.warning.unwrap_or(Duration::from_secs(300)),
-            stale_critical: stale.critical.unwrap_or(Duration::from_secs(600)),
-            alert_webhook_url: alert.webhook_url,
-            alert_check_interval: alert.check_interval.unwrap_or(Duration::from_secs(15)),
-            alert_grace: alert.grace.unwrap_or(Duration::from_secs(30)),
-            alert_window: alert.window.unwrap_or(Duration::from_secs(600)),
-            retention: Retention {
-                dead_letters: retention.dead_letters.unwrap_or(30 * DAY),
-                alerts: retention.alerts.unwrap_or(90 * DAY),
-                lease_history: retention.lease_history.unwrap_or(90 * DAY),
-                cluster_nodes: retention.cluster_nodes.unwrap_or(7 * DAY),
-                interval: retention.interval.unwrap_or(Duration::from_secs(3600)),
-            },
-            log_format: log.format.unwrap_or(LogFormat::Pretty),
-            log_level: log.level.unwrap_or_else(|| "info".into()),
+                .unwrap_or(DEFAULT_MAX_PENDING_BYTES.max(cluster.max_payload_bytes)),
             routes: s.routes()?,
+            node,
+            cluster,
             sources: s.clone(),
         };
         cfg.validate(s)?;
@@ -102,17 +50,17 @@ impl Config {
         self.lease.validate()?;
         crate::routes::validate(&self.routes)?;
         validate_tls_files(&self.mqtt, s)?;
-        for t in &self.mqtt_topics {
+        for t in &self.cluster.mqtt_topics {
             validate_filter(t).map_err(|reason| s.invalid("MQTT_TOPICS", t, reason))?;
         }
-        let pattern = &self.device_topic_pattern;
+        let pattern = &self.cluster.device_topic_pattern;
         s.rule(
             pattern.split('/').any(|seg| seg == "{device_id}"),
             "DEVICE_TOPIC_PATTERN",
             pattern,
             "must contain a {device_id} segment, e.g. devices/{device_id}/telemetry",
         )?;
-        if let Some(url) = &self.alert_webhook_url {
+        if let Some(url) = self.cluster.alert_webhook_url.as_deref() {
             let (scheme, rest) = url.split_once("://").unwrap_or(("", ""));
             let host = rest.split(['/', '?', '#']).next().unwrap_or("");
             s.rule(
@@ -139,31 +87,32 @@ impl Config {
                 "must be greater than 0".into(),
             )
         };
+        let c = &self.cluster;
         s.rule(
-            self.stale_critical >= self.stale_warning,
+            c.stale_critical >= c.stale_warning,
             "STALE_CRITICAL",
-            fmt_dur(self.stale_critical),
+            fmt_dur(c.stale_critical),
             format!(
                 "must not be below STALE_WARNING ({})",
-                fmt_dur(self.stale_warning)
+                fmt_dur(c.stale_warning)
             ),
         )?;
         at_least(
             "MQTT_KEEP_ALIVE",
-            self.mqtt_keep_alive,
+            self.node.mqtt_keep_alive,
             Duration::from_secs(1),
             "must be at least 1s".into(),
         )?;
-        nonzero("REDELIVERY_WINDOW", self.redelivery_window)?;
+        nonzero("REDELIVERY_WINDOW", c.redelivery_window)?;
         s.rule(
-            self.redelivery_window <= 7 * DAY,
+            c.redelivery_window <= 7 * DAY,
             "REDELIVERY_WINDOW",
-            fmt_dur(self.redelivery_window),
+            fmt_dur(c.redelivery_window),
             "must be at most 7d (a broker keeps a session's in-flight messages no longer than its persistent_client_expiration)",
         )?;
-        nonzero("ALERT_CHECK_INTERVAL", self.alert_check_interval)?;
-        nonzero("ALERT_WINDOW", self.alert_window)?;
-        let r = &self.retention;
+        nonzero("ALERT_CHECK_INTERVAL", c.alert_check_interval)?;
+        nonzero("ALERT_WINDOW", c.alert_window)?;
+        let r = c.retention();
         for (key, d, judged_in_window) in [
             ("DEAD_LETTER_RETENTION", r.dead_letters, true),
             ("ALERT_RETENTION", r.alerts, false),
@@ -175,9 +124,9 @@ impl Config {
             if judged_in_window {
                 let reason = format!(
                     "must be at least ALERT_WINDOW ({}): alerts count these rows within it",
-                    fmt_dur(self.alert_window)
+                    fmt_dur(c.alert_window)
                 );
-                at_least(key, d, self.alert_window, reason)?;
+                at_least(key, d, c.alert_window, reason)?;
             }
         }
         nonzero("RETENTION_INTERVAL", r.interval)
@@ -185,7 +134,7 @@ impl Config {
 
     /// What a leader holds at once: batch rows, pending messages and their bytes.
     fn validate_limits(&self, s: &Sources) -> Result<(), ConfigError> {
-        let (rows, pending) = (self.batch_max_rows, self.max_pending);
+        let (rows, pending) = (self.cluster.batch_max_rows, self.max_pending);
         s.rule(
             rows <= 100_000,
             "BATCH_MAX_ROWS",
@@ -204,7 +153,7 @@ impl Config {
             pending,
             format!("must be at least BATCH_MAX_ROWS ({rows})"),
         )?;
-        let (bytes, payload) = (self.max_pending_bytes, self.max_payload_bytes);
+        let (bytes, payload) = (self.max_pending_bytes, self.cluster.max_payload_bytes);
         s.rule(
             bytes <= MAX_PENDING_BYTES_LIMIT,
             "MAX_PENDING_BYTES",
@@ -248,18 +197,18 @@ fn validate_tls_files(ep: &MqttEndpoint, s: &Sources) -> Result<(), ConfigError>
 }
 
 /// The broker: `MQTT_URL`, then the settings that override its parts.
-fn endpoint(s: &Sources, m: &settings::Mqtt) -> Result<MqttEndpoint, ConfigError> {
+fn endpoint(s: &Sources, m: &NodeSettings) -> Result<MqttEndpoint, ConfigError> {
     let mut ep = MqttEndpoint {
         host: "127.0.0.1".into(),
         port: 1883,
         tls: false,
         username: None,
         password: None,
-        ca_file: m.ca_file.as_ref().map(Into::into),
-        client_cert: m.client_cert.as_ref().map(Into::into),
-        client_key: m.client_key.as_ref().map(Into::into),
+        ca_file: m.mqtt_ca_file.as_ref().map(Into::into),
+        client_cert: m.mqtt_client_cert.as_ref().map(Into::into),
+        client_key: m.mqtt_client_key.as_ref().map(Into::into),
     };
-    if let Some(url) = &m.url {
+    if let Some(url) = m.mqtt_url.as_deref() {
         let invalid = |reason: &str| s.invalid("MQTT_URL", redact_url(url), reason.into());
         let (scheme, rest) = url
             .split_once("://")
@@ -293,15 +242,15 @@ fn endpoint(s: &Sources, m: &settings::Mqtt) -> Result<MqttEndpoint, ConfigError
             return Err(invalid("missing host"));
         }
     }
-    if let Some(h) = &m.host {
+    if let Some(h) = &m.mqtt_host {
         ep.host = h.clone();
     }
-    ep.port = m.port.unwrap_or(ep.port);
-    if m.username.is_some() {
-        ep.username = m.username.clone();
+    ep.port = m.mqtt_port.unwrap_or(ep.port);
+    if m.mqtt_username.is_some() {
+        ep.username = m.mqtt_username.clone();
     }
-    if m.password.is_some() {
-        ep.password = m.password.clone();
+    if let Some(p) = &m.mqtt_password {
+        ep.password = Some(p.expose().to_string());
     }
     Ok(ep)
 }

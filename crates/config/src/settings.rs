@@ -1,69 +1,196 @@
-//! The settings as one declarative structure: nested sections, every field optional (unset means
-//! "the default"), unknown keys refused. [`SETTINGS`] names each field's environment variable,
-//! which is also its flag (`--set NAME=VALUE`) and its flat key in a config file (lower case).
+//! Every setting, declared once: a field of [`NodeSettings`] or of [`ClusterValues`], with its
+//! doc comment, its default and how its text is read. Which structure holds a field is what
+//! makes it a node or a cluster setting; its name in upper case is its environment variable and
+//! its flag (`--set NAME=VALUE`), in lower case its key in a config file. Nothing else lists the
+//! settings: [`KEYS`] and [`CLUSTER_SETTINGS`] are read from the two structures.
 //!
-//! Values are read from their text whatever scalar type a layer gave (environment and flags give
-//! strings, a TOML file may give numbers or arrays), so the three layers accept the same values.
+//! Every layer gives a setting as text (a file's numbers and arrays are turned into the text the
+//! environment would hold), so the three layers accept the same values; each field is read from
+//! its text by one of the [`text`] kinds, and written back to it the same way (what
+//! `config show` prints and drift compares).
 
-use std::fmt;
 use std::net::SocketAddr;
+use std::sync::LazyLock;
 use std::time::Duration;
 
-use serde::de::{self, Deserializer, Visitor};
-use serde::Deserialize;
+use serde::de::{self, Deserializer, IntoDeserializer, Visitor};
+use serde::{Deserialize, Serialize};
 
 use crate::{LogFormat, Mode};
 
-/// Every setting: its environment name and its path in the nested structure.
-pub const SETTINGS: &[(&str, &str)] = &[
-    ("INSTANCE_ID", "instance_id"),
-    ("MQTT_MODE", "mqtt.mode"),
-    ("DATABASE_URL", "database.url"),
-    ("DATABASE_POOL_SIZE", "database.pool_size"),
-    (
-        "REQUIRE_SYNC_REPLICATION",
-        "database.require_sync_replication",
-    ),
-    ("MQTT_URL", "mqtt.url"),
-    ("MQTT_HOST", "mqtt.host"),
-    ("MQTT_PORT", "mqtt.port"),
-    ("MQTT_USERNAME", "mqtt.username"),
-    ("MQTT_PASSWORD", "mqtt.password"),
-    ("MQTT_CA_FILE", "mqtt.ca_file"),
-    ("MQTT_CLIENT_CERT", "mqtt.client_cert"),
-    ("MQTT_CLIENT_KEY", "mqtt.client_key"),
-    ("MQTT_CLIENT_ID", "mqtt.client_id"),
-    ("MQTT_TOPICS", "mqtt.topics"),
-    ("MQTT_KEEP_ALIVE", "mqtt.keep_alive"),
-    ("MQTT_RECONNECT_MAX", "mqtt.reconnect_max"),
-    ("MQTT_STEP_DOWN_AFTER", "mqtt.step_down_after"),
-    ("DEVICE_TOPIC_PATTERN", "ingest.device_topic_pattern"),
-    ("LEASE_NAME", "lease.name"),
-    ("LEASE_TTL", "lease.ttl"),
-    ("LEASE_RENEW_INTERVAL", "lease.renew_interval"),
-    ("LEASE_POLL_INTERVAL", "lease.poll_interval"),
-    ("BATCH_MAX_ROWS", "batch.max_rows"),
-    ("BATCH_MAX_WAIT", "batch.max_wait"),
-    ("BATCH_MAX_BYTES", "batch.max_bytes"),
-    ("REDELIVERY_WINDOW", "ingest.redelivery_window"),
-    ("MAX_PAYLOAD_BYTES", "ingest.max_payload_bytes"),
-    ("MAX_PENDING", "ingest.max_pending"),
-    ("MAX_PENDING_BYTES", "ingest.max_pending_bytes"),
-    ("HTTP_ADDR", "http.addr"),
-    ("STALE_WARNING", "stale.warning"),
-    ("STALE_CRITICAL", "stale.critical"),
-    ("ALERT_WEBHOOK_URL", "alert.webhook_url"),
-    ("ALERT_CHECK_INTERVAL", "alert.check_interval"),
-    ("ALERT_GRACE", "alert.grace"),
-    ("ALERT_WINDOW", "alert.window"),
-    ("DEAD_LETTER_RETENTION", "retention.dead_letters"),
-    ("ALERT_RETENTION", "retention.alerts"),
-    ("LEASE_HISTORY_RETENTION", "retention.lease_history"),
-    ("CLUSTER_NODE_RETENTION", "retention.cluster_nodes"),
-    ("RETENTION_INTERVAL", "retention.interval"),
-    ("LOG_FORMAT", "log.format"),
-    ("LOG_LEVEL", "log.level"),
-];
+/// How this host runs: how it reaches the database and the broker, its credentials and TLS files,
+/// its name, mode, HTTP address, logging and resources. Kept in each host's file, environment or
+/// flags.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSettings {
+    /// This node's name (`leasehold status`, `written_by`). Unset: the host name.
+    #[serde(default, with = "text::string::opt")]
+    pub instance_id: Option<String>,
+    /// `production` campaigns for the lease; `development` observes; `disabled`: no MQTT.
+    #[serde(default = "default::mode", with = "text::mode")]
+    pub mqtt_mode: Mode,
+    /// PostgreSQL URL or libpq `key=value` string; every database command needs it.
+    #[serde(default, with = "text::secret::opt")]
+    pub database_url: Option<Secret>,
+    /// Connections for HTTP answers and topic reloads.
+    #[serde(default = "default::count::<4>", with = "text::count")]
+    pub database_pool_size: usize,
+    /// Ingest only while commits are synchronously replicated; ack once a standby flushed them.
+    #[serde(default, with = "text::flag")]
+    pub require_sync_replication: bool,
+    /// The broker (`mqtt://` or `mqtts://`, may carry `user:password@`). Unset: 127.0.0.1:1883.
+    #[serde(default, with = "text::secret::opt")]
+    pub mqtt_url: Option<Secret>,
+    /// Overrides the host of `MQTT_URL`.
+    #[serde(default, with = "text::string::opt")]
+    pub mqtt_host: Option<String>,
+    /// Overrides the port of `MQTT_URL`.
+    #[serde(default, with = "text::port::opt")]
+    pub mqtt_port: Option<u16>,
+    /// Broker user name (overrides `MQTT_URL`'s).
+    #[serde(default, with = "text::string::opt")]
+    pub mqtt_username: Option<String>,
+    /// Broker password (overrides `MQTT_URL`'s).
+    #[serde(default, with = "text::secret::opt")]
+    pub mqtt_password: Option<Secret>,
+    /// PEM CA(s) of the broker's certificate (`mqtts://` only). Unset: the system roots.
+    #[serde(default, with = "text::string::opt")]
+    pub mqtt_ca_file: Option<String>,
+    /// PEM client certificate, with `MQTT_CLIENT_KEY`.
+    #[serde(default, with = "text::string::opt")]
+    pub mqtt_client_cert: Option<String>,
+    /// PEM client key, with `MQTT_CLIENT_CERT`.
+    #[serde(default, with = "text::string::opt")]
+    pub mqtt_client_key: Option<String>,
+    /// Overrides the client id derived from the cluster's identity (warned about).
+    #[serde(default, with = "text::string::opt")]
+    pub mqtt_client_id: Option<String>,
+    /// MQTT keep-alive.
+    #[serde(default = "default::secs::<10>", with = "text::duration")]
+    pub mqtt_keep_alive: Duration,
+    /// Cap of the reconnect backoff.
+    #[serde(default = "default::secs::<30>", with = "text::duration")]
+    pub mqtt_reconnect_max: Duration,
+    /// A leader that cannot reach the broker this long hands over (zero: never).
+    #[serde(default = "default::secs::<20>", with = "text::duration")]
+    pub mqtt_step_down_after: Duration,
+    /// The lease row, also part of the derived MQTT client id.
+    #[serde(default = "default::lease_name", with = "text::string")]
+    pub lease_name: String,
+    /// Lease lifetime on the database clock.
+    #[serde(default = "default::secs::<10>", with = "text::duration")]
+    pub lease_ttl: Duration,
+    /// How often the leader renews. Unset: a third of `LEASE_TTL`.
+    #[serde(default, with = "text::duration::opt")]
+    pub lease_renew_interval: Option<Duration>,
+    /// How often standbys try to acquire.
+    #[serde(default = "default::secs::<1>", with = "text::duration")]
+    pub lease_poll_interval: Duration,
+    /// Received-but-unacknowledged messages a leader holds. Unset: 10 × `BATCH_MAX_ROWS`,
+    /// within 10000..=50000.
+    #[serde(default, with = "text::count::opt")]
+    pub max_pending: Option<usize>,
+    /// Their payload and topic bytes. Unset: 4 MiB, or `MAX_PAYLOAD_BYTES` if larger.
+    #[serde(default, with = "text::size::opt")]
+    pub max_pending_bytes: Option<usize>,
+    /// Health and metrics listener.
+    #[serde(default = "default::http_addr", with = "text::address")]
+    pub http_addr: SocketAddr,
+    /// `json` for log shippers, `pretty` for people.
+    #[serde(default = "default::log_format", with = "text::log_format")]
+    pub log_format: LogFormat,
+    /// A tracing filter.
+    #[serde(default = "default::log_level", with = "text::string")]
+    pub log_level: String,
+}
+
+/// What a message becomes: what is subscribed, how a payload is read, where it is written, when
+/// alerts fire and what is pruned. Stored in the cluster's database, the same for every node
+/// (`leasehold config apply`).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterValues {
+    /// Topic filters subscribed (with the enabled rows of `devices`).
+    #[serde(default = "default::topics", with = "text::list")]
+    pub mqtt_topics: Vec<String>,
+    /// Where the device id sits in the topic.
+    #[serde(default = "default::device_topic_pattern", with = "text::string")]
+    pub device_topic_pattern: String,
+    /// Larger payloads are dead letters (their head kept).
+    #[serde(default = "default::size::<262144>", with = "text::size")]
+    pub max_payload_bytes: usize,
+    /// How far back the first copy of a redelivered timestamp-less message is looked for.
+    #[serde(default = "default::secs::<3600>", with = "text::duration")]
+    pub redelivery_window: Duration,
+    /// Messages per write transaction.
+    #[serde(default = "default::count::<1000>", with = "text::count")]
+    pub batch_max_rows: usize,
+    /// Longest wait for a batch to fill, from its first message.
+    #[serde(default = "default::millis::<50>", with = "text::duration")]
+    pub batch_max_wait: Duration,
+    /// A batch closes once its payloads reach this many bytes (bounds one statement's memory).
+    #[serde(default = "default::size::<4194304>", with = "text::size")]
+    pub batch_max_bytes: usize,
+    /// Data age that is a warning; also the window of device coverage.
+    #[serde(default = "default::secs::<300>", with = "text::duration")]
+    pub stale_warning: Duration,
+    /// Data age that is critical.
+    #[serde(default = "default::secs::<600>", with = "text::duration")]
+    pub stale_critical: Duration,
+    /// Slack-compatible webhook for alert changes.
+    #[serde(default, with = "text::secret::opt")]
+    pub alert_webhook_url: Option<Secret>,
+    /// How often alerts are evaluated.
+    #[serde(default = "default::secs::<15>", with = "text::duration")]
+    pub alert_check_interval: Duration,
+    /// How long "no leader" or "leader off the broker" must last before it is an alert.
+    #[serde(default = "default::secs::<30>", with = "text::duration")]
+    pub alert_grace: Duration,
+    /// Event-like alerts count what happened within this window.
+    #[serde(default = "default::secs::<600>", with = "text::duration")]
+    pub alert_window: Duration,
+    /// Dead letters older than this are deleted.
+    #[serde(default = "default::days::<30>", with = "text::duration")]
+    pub dead_letter_retention: Duration,
+    /// Resolved alerts older than this are deleted (open ones are kept).
+    #[serde(default = "default::days::<90>", with = "text::duration")]
+    pub alert_retention: Duration,
+    /// `lease_history` rows older than this are deleted.
+    #[serde(default = "default::days::<90>", with = "text::duration")]
+    pub lease_history_retention: Duration,
+    /// `cluster_nodes` rows not seen for this long are deleted.
+    #[serde(default = "default::days::<7>", with = "text::duration")]
+    pub cluster_node_retention: Duration,
+    /// How often the tables above are pruned.
+    #[serde(default = "default::secs::<3600>", with = "text::duration")]
+    pub retention_interval: Duration,
+}
+
+impl ClusterValues {
+    /// The retention settings as the pruning round reads them.
+    pub fn retention(&self) -> crate::Retention {
+        crate::Retention {
+            dead_letters: self.dead_letter_retention,
+            alerts: self.alert_retention,
+            lease_history: self.lease_history_retention,
+            cluster_nodes: self.cluster_node_retention,
+            interval: self.retention_interval,
+        }
+    }
+}
+
+/// The node settings, by environment name, in declaration order.
+pub static NODE_SETTINGS: LazyLock<Vec<&'static str>> = LazyLock::new(names::<NodeSettings>);
+
+/// The cluster settings, by environment name, in declaration order. Every other setting is a
+/// node setting.
+pub static CLUSTER_SETTINGS: LazyLock<Vec<&'static str>> = LazyLock::new(names::<ClusterValues>);
+
+/// Whether the setting named `key` (its environment name) is a cluster setting.
+pub fn is_cluster_setting(key: &str) -> bool {
+    CLUSTER_SETTINGS.contains(&key)
+}
 
 /// The environment names of every setting (what `KEYS.contains(..)` and error messages use).
 pub struct Keys;
@@ -73,308 +200,310 @@ pub const KEYS: Keys = Keys;
 
 impl Keys {
     pub fn contains(&self, key: &str) -> bool {
-        path_of(key).is_some()
+        self.iter().any(|k| k == key)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &'static str> {
-        SETTINGS.iter().map(|(env, _)| *env)
+        NODE_SETTINGS.iter().chain(CLUSTER_SETTINGS.iter()).copied()
     }
 }
 
-/// The nested path of the setting named `env`.
-pub fn path_of(env: &str) -> Option<&'static str> {
-    SETTINGS.iter().find(|(e, _)| *e == env).map(|(_, p)| *p)
+/// The setting a key of a config file's `[section]` names: `SECTION_KEY` (`[lease] ttl` is
+/// `LEASE_TTL`), or for the sections older files used around other names, the key alone
+/// (`[ingest] max_payload_bytes`) or the key with the section after it (`[retention]
+/// alerts` is `ALERT_RETENTION`, `dead_letters` is `DEAD_LETTER_RETENTION`).
+pub fn in_section(section: &str, key: &str) -> Option<&'static str> {
+    let singular = key.strip_suffix('s').unwrap_or(key);
+    [
+        format!("{section}_{key}"),
+        key.to_string(),
+        format!("{key}_{section}"),
+        format!("{singular}_{section}"),
+    ]
+    .into_iter()
+    .find_map(|c| KEYS.iter().find(|k| k.eq_ignore_ascii_case(&c)))
 }
 
-/// The environment name of the setting at `path`.
-pub fn env_of(path: &str) -> Option<&'static str> {
-    SETTINGS.iter().find(|(_, p)| *p == path).map(|(e, _)| *e)
+/// The fields of `T`, in upper case, read from the list its `Deserialize` hands a deserializer
+/// (so the structure itself is the only list).
+fn names<T: for<'de> Deserialize<'de>>() -> Vec<&'static str> {
+    let fields = match T::deserialize(FieldProbe) {
+        Err(Probed(Some(fields))) => fields,
+        _ => &[],
+    };
+    fields
+        .iter()
+        .map(|f| &*Box::leak(f.to_uppercase().into_boxed_str()))
+        .collect()
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Settings {
-    #[serde(deserialize_with = "string")]
-    pub instance_id: Option<String>,
-    pub database: Database,
-    pub mqtt: Mqtt,
-    pub lease: Lease,
-    pub batch: Batch,
-    pub ingest: Ingest,
-    pub http: Http,
-    pub stale: Stale,
-    pub alert: Alert,
-    pub retention: Retention,
-    pub log: Log,
-}
+/// A deserializer that only asks a structure for its field names.
+struct FieldProbe;
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Database {
-    #[serde(deserialize_with = "string")]
-    pub url: Option<String>,
-    #[serde(deserialize_with = "count")]
-    pub pool_size: Option<usize>,
-    #[serde(deserialize_with = "flag")]
-    pub require_sync_replication: Option<bool>,
-}
+#[derive(Debug)]
+struct Probed(Option<&'static [&'static str]>);
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Mqtt {
-    #[serde(deserialize_with = "mode")]
-    pub mode: Option<Mode>,
-    #[serde(deserialize_with = "string")]
-    pub url: Option<String>,
-    #[serde(deserialize_with = "string")]
-    pub host: Option<String>,
-    #[serde(deserialize_with = "port")]
-    pub port: Option<u16>,
-    #[serde(deserialize_with = "string")]
-    pub username: Option<String>,
-    #[serde(deserialize_with = "string")]
-    pub password: Option<String>,
-    #[serde(deserialize_with = "string")]
-    pub ca_file: Option<String>,
-    #[serde(deserialize_with = "string")]
-    pub client_cert: Option<String>,
-    #[serde(deserialize_with = "string")]
-    pub client_key: Option<String>,
-    #[serde(deserialize_with = "string")]
-    pub client_id: Option<String>,
-    #[serde(deserialize_with = "list")]
-    pub topics: Option<Vec<String>>,
-    #[serde(deserialize_with = "duration")]
-    pub keep_alive: Option<Duration>,
-    #[serde(deserialize_with = "duration")]
-    pub reconnect_max: Option<Duration>,
-    #[serde(deserialize_with = "duration")]
-    pub step_down_after: Option<Duration>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Lease {
-    #[serde(deserialize_with = "string")]
-    pub name: Option<String>,
-    #[serde(deserialize_with = "duration")]
-    pub ttl: Option<Duration>,
-    #[serde(deserialize_with = "duration")]
-    pub renew_interval: Option<Duration>,
-    #[serde(deserialize_with = "duration")]
-    pub poll_interval: Option<Duration>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Batch {
-    #[serde(deserialize_with = "count")]
-    pub max_rows: Option<usize>,
-    #[serde(deserialize_with = "duration")]
-    pub max_wait: Option<Duration>,
-    #[serde(deserialize_with = "size")]
-    pub max_bytes: Option<usize>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Ingest {
-    #[serde(deserialize_with = "string")]
-    pub device_topic_pattern: Option<String>,
-    #[serde(deserialize_with = "duration")]
-    pub redelivery_window: Option<Duration>,
-    #[serde(deserialize_with = "size")]
-    pub max_payload_bytes: Option<usize>,
-    #[serde(deserialize_with = "count")]
-    pub max_pending: Option<usize>,
-    #[serde(deserialize_with = "size")]
-    pub max_pending_bytes: Option<usize>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Http {
-    #[serde(deserialize_with = "address")]
-    pub addr: Option<SocketAddr>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Stale {
-    #[serde(deserialize_with = "duration")]
-    pub warning: Option<Duration>,
-    #[serde(deserialize_with = "duration")]
-    pub critical: Option<Duration>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Alert {
-    #[serde(deserialize_with = "string")]
-    pub webhook_url: Option<String>,
-    #[serde(deserialize_with = "duration")]
-    pub check_interval: Option<Duration>,
-    #[serde(deserialize_with = "duration")]
-    pub grace: Option<Duration>,
-    #[serde(deserialize_with = "duration")]
-    pub window: Option<Duration>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Retention {
-    #[serde(deserialize_with = "duration")]
-    pub dead_letters: Option<Duration>,
-    #[serde(deserialize_with = "duration")]
-    pub alerts: Option<Duration>,
-    #[serde(deserialize_with = "duration")]
-    pub lease_history: Option<Duration>,
-    #[serde(deserialize_with = "duration")]
-    pub cluster_nodes: Option<Duration>,
-    #[serde(deserialize_with = "duration")]
-    pub interval: Option<Duration>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Log {
-    #[serde(deserialize_with = "log_format")]
-    pub format: Option<LogFormat>,
-    #[serde(deserialize_with = "string")]
-    pub level: Option<String>,
-}
-
-/// Reads any scalar as its text; an array as its items joined with commas (a list in a file is the
-/// comma-separated list of the environment).
-struct Text;
-
-impl<'de> Visitor<'de> for Text {
-    type Value = Option<String>;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a string, a number or a list")
+impl std::fmt::Display for Probed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("field probe")
     }
-    fn visit_none<E>(self) -> Result<Self::Value, E> {
-        Ok(None)
+}
+
+impl std::error::Error for Probed {}
+
+impl de::Error for Probed {
+    fn custom<T: std::fmt::Display>(_: T) -> Self {
+        Probed(None)
     }
-    fn visit_unit<E>(self) -> Result<Self::Value, E> {
-        Ok(None)
+}
+
+impl<'de> Deserializer<'de> for FieldProbe {
+    type Error = Probed;
+
+    fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Probed> {
+        Err(Probed(None))
     }
-    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_any(self)
+
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        _: &'static str,
+        fields: &'static [&'static str],
+        _: V,
+    ) -> Result<V::Value, Probed> {
+        Err(Probed(Some(fields)))
     }
-    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(Some(v.to_string()))
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+        ignored_any
     }
-    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
-        Ok(Some(v.to_string()))
+}
+
+/// Reads one structure from settings given as (lower-case key, text) pairs; an error names the
+/// field that refused its text.
+pub(crate) fn read<T: for<'de> Deserialize<'de>>(
+    values: Vec<(String, String)>,
+) -> Result<T, (String, String)> {
+    let map = de::value::MapDeserializer::<_, de::value::Error>::new(
+        values.into_iter().map(|(k, v)| (k, v.into_deserializer())),
+    );
+    serde_path_to_error::deserialize(map).map_err(|e| {
+        let field = e.path().to_string();
+        (field, e.into_inner().to_string())
+    })
+}
+
+/// Every field of `T` written back as its text (unset: empty), by environment name: what
+/// `config show` prints and drift compares.
+pub(crate) fn texts<T: Serialize>(values: &T) -> std::collections::BTreeMap<String, String> {
+    let Ok(serde_json::Value::Object(map)) = serde_json::to_value(values) else {
+        return Default::default();
+    };
+    map.into_iter()
+        .map(|(k, v)| {
+            let text = match v {
+                serde_json::Value::String(s) => s,
+                serde_json::Value::Null => String::new(),
+                other => other.to_string(),
+            };
+            (k.to_uppercase(), text)
+        })
+        .collect()
+}
+
+/// A value that can hold a secret (a URL with a password, a password, a webhook's token): its
+/// `Debug` shows it as errors and logs may, never in clear.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(v: impl Into<String>) -> Secret {
+        Secret(v.into())
     }
-    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
-        Ok(Some(v.to_string()))
+
+    /// The value in clear, for the one place that uses it.
+    pub fn expose(&self) -> &str {
+        &self.0
     }
-    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
-        Ok(Some(v.to_string()))
+}
+
+/// Read where the value is used; `Debug` still masks it.
+impl std::ops::Deref for Secret {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
     }
-    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
-        Ok(Some(format!("{v:?}")))
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = match self.0.contains("://") || self.0.contains('=') {
+            true => crate::redact_url(&self.0),
+            false => crate::MASK.into(),
+        };
+        write!(f, "{shown:?}")
     }
-    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        let mut items = Vec::new();
-        while let Some(item) = seq.next_element::<Scalar>()? {
-            items.extend(item.0);
+}
+
+/// The defaults that are constants, as serde's `default = "..."` names them.
+mod default {
+    use super::*;
+
+    pub fn count<const N: usize>() -> usize {
+        N
+    }
+    pub fn size<const N: usize>() -> usize {
+        N
+    }
+    pub fn secs<const N: u64>() -> Duration {
+        Duration::from_secs(N)
+    }
+    pub fn millis<const N: u64>() -> Duration {
+        Duration::from_millis(N)
+    }
+    pub fn days<const N: u64>() -> Duration {
+        Duration::from_secs(N * 24 * 3600)
+    }
+    pub fn mode() -> Mode {
+        Mode::Production
+    }
+    pub fn lease_name() -> String {
+        "mqtt-ingest".into()
+    }
+    pub fn topics() -> Vec<String> {
+        vec!["devices/+/telemetry".into()]
+    }
+    pub fn device_topic_pattern() -> String {
+        "devices/{device_id}/#".into()
+    }
+    pub fn http_addr() -> SocketAddr {
+        SocketAddr::from(([0, 0, 0, 0], 8080))
+    }
+    pub fn log_format() -> LogFormat {
+        LogFormat::Pretty
+    }
+    pub fn log_level() -> String {
+        "info".into()
+    }
+}
+
+/// Each kind of value: how its text is read and written. A kind's `opt` is the same for a setting
+/// whose default is not a constant (unset: `None`).
+pub mod text {
+    use super::*;
+    use serde::Serializer;
+
+    macro_rules! kind {
+        ($(#[$doc:meta])* $name:ident: $t:ty, read = $read:expr, write = $write:expr) => {
+            $(#[$doc])*
+            pub mod $name {
+                use super::*;
+
+                pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<$t, D::Error> {
+                    let text = String::deserialize(d)?;
+                    let read: fn(&str) -> Result<$t, String> = $read;
+                    read(text.trim()).map_err(de::Error::custom)
+                }
+
+                pub fn serialize<S: Serializer>(v: &$t, s: S) -> Result<S::Ok, S::Error> {
+                    let write: fn(&$t) -> String = $write;
+                    s.serialize_str(&write(v))
+                }
+
+                pub mod opt {
+                    use super::*;
+
+                    pub fn deserialize<'de, D: Deserializer<'de>>(
+                        d: D,
+                    ) -> Result<Option<$t>, D::Error> {
+                        super::deserialize(d).map(Some)
+                    }
+
+                    pub fn serialize<S: Serializer>(v: &Option<$t>, s: S) -> Result<S::Ok, S::Error> {
+                        match v {
+                            Some(v) => super::serialize(v, s),
+                            None => s.serialize_none(),
+                        }
+                    }
+                }
+            }
+        };
+    }
+
+    kind!(string: String, read = |v| Ok(v.to_string()), write = |v| v.clone());
+    kind!(secret: Secret, read = |v| Ok(Secret(v.to_string())), write = |v| v.0.clone());
+    kind!(
+        /// Through `humantime`, so `300s` and `5m` are one value.
+        duration: Duration,
+        read = |v| {
+            humantime::parse_duration(v)
+                .map_err(|_| "expected a duration such as 10s, 500ms or 5m".to_string())
+        },
+        write = |v| crate::fmt_dur(*v)
+    );
+    kind!(count: usize, read = positive_int, write = |v| v.to_string());
+    kind!(size: usize, read = byte_size, write = |v| v.to_string());
+    kind!(
+        port: u16,
+        read = |v| {
+            v.parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| "expected a port from 1 to 65535".to_string())
+        },
+        write = |v| v.to_string()
+    );
+    kind!(
+        address: SocketAddr,
+        read = |v| {
+            v.parse()
+                .map_err(|_| "expected an address such as 0.0.0.0:8080".into())
+        },
+        write = |v| v.to_string()
+    );
+    kind!(
+        /// Comma-separated (a file's array arrives joined with commas).
+        list: Vec<String>,
+        read = |v| {
+            Ok(v.split(',')
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+                .collect())
+        },
+        write = |v| v.join(",")
+    );
+    kind!(
+        mode: Mode,
+        read = |v| match v.to_ascii_lowercase().as_str() {
+            "production" => Ok(Mode::Production),
+            "development" => Ok(Mode::Development),
+            "disabled" => Ok(Mode::Disabled),
+            _ => Err("expected production, development or disabled".into()),
+        },
+        write = |v| v.as_str().to_string()
+    );
+    kind!(
+        log_format: LogFormat,
+        read = |v| match v.to_ascii_lowercase().as_str() {
+            "json" => Ok(LogFormat::Json),
+            "pretty" | "text" => Ok(LogFormat::Pretty),
+            _ => Err("expected json or pretty".into()),
+        },
+        write = |v| match v {
+            LogFormat::Json => "json".into(),
+            LogFormat::Pretty => "pretty".into(),
         }
-        Ok(Some(items.join(",")))
-    }
-}
-
-/// One item of a list.
-struct Scalar(Option<String>);
-
-impl<'de> Deserialize<'de> for Scalar {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(Text).map(Scalar)
-    }
-}
-
-/// Reads a setting's text (trimmed; empty is unset) and parses it with `parse`.
-fn text<'de, D, T>(d: D, parse: fn(&str) -> Result<T, String>) -> Result<Option<T>, D::Error>
-where
-    D: Deserializer<'de>,
-{
-    match d.deserialize_option(Text)? {
-        Some(v) if !v.trim().is_empty() => parse(v.trim()).map(Some).map_err(de::Error::custom),
-        _ => Ok(None),
-    }
-}
-
-fn string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    text(d, |v| Ok(v.to_string()))
-}
-
-/// Through `humantime-serde`, from the text, so a file's `mqtt_step_down_after = 0` still reads.
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    text(d, |v| {
-        humantime_serde::deserialize(de::value::StrDeserializer::<de::value::Error>::new(v))
-            .map_err(|_| "expected a duration such as 10s, 500ms or 5m".to_string())
-    })
-}
-
-fn count<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
-    text(d, positive_int)
-}
-
-fn size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
-    text(d, byte_size)
-}
-
-fn port<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
-    text(d, |v| {
-        v.parse::<u16>()
-            .ok()
-            .filter(|p| *p > 0)
-            .ok_or_else(|| "expected a port from 1 to 65535".to_string())
-    })
-}
-
-fn address<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
-    text(d, |v| {
-        v.parse()
-            .map_err(|_| "expected an address such as 0.0.0.0:8080".into())
-    })
-}
-
-fn list<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
-    text(d, |v| {
-        Ok(v.split(',')
-            .map(|t| t.trim().to_string())
-            .filter(|t| !t.is_empty())
-            .collect())
-    })
-}
-
-fn mode<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Mode>, D::Error> {
-    text(d, |v| match v.to_ascii_lowercase().as_str() {
-        "production" => Ok(Mode::Production),
-        "development" => Ok(Mode::Development),
-        "disabled" => Ok(Mode::Disabled),
-        _ => Err("expected production, development or disabled".into()),
-    })
-}
-
-fn log_format<'de, D: Deserializer<'de>>(d: D) -> Result<Option<LogFormat>, D::Error> {
-    text(d, |v| match v.to_ascii_lowercase().as_str() {
-        "json" => Ok(LogFormat::Json),
-        "pretty" | "text" => Ok(LogFormat::Pretty),
-        _ => Err("expected json or pretty".into()),
-    })
-}
-
-fn flag<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
-    text(d, |v| match v.to_ascii_lowercase().as_str() {
-        "true" | "1" | "yes" | "on" => Ok(true),
-        "false" | "0" | "no" | "off" => Ok(false),
-        _ => Err(format!("{v:?} is not true or false")),
-    })
+    );
+    kind!(
+        flag: bool,
+        read = |v| match v.to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Ok(true),
+            "false" | "0" | "no" | "off" => Ok(false),
+            _ => Err(format!("{v:?} is not true or false")),
+        },
+        write = |v| v.to_string()
+    );
 }
 
 fn positive_int(v: &str) -> Result<usize, String> {
@@ -417,37 +546,56 @@ fn byte_size(v: &str) -> Result<usize, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use figment::error::Kind;
-    use figment::providers::Serialized;
-    use figment::Figment;
 
-    /// The fields of the section at `path`, read from serde's "unknown field" error; `None` for
-    /// a setting (it refuses the probe as a value instead).
-    fn fields(path: &str) -> Option<Vec<&'static str>> {
-        let probe = Serialized::default(format!("{path}.not_a_field").trim_start_matches('.'), 1);
-        match Figment::from(probe)
-            .extract::<Settings>()
-            .map_err(|e| e.kind)
-        {
-            Err(Kind::UnknownField(_, known)) => Some(known.to_vec()),
-            _ => None,
+    #[test]
+    fn every_setting_is_one_class_and_every_section_key_finds_its_setting() {
+        assert_eq!(NODE_SETTINGS.len() + CLUSTER_SETTINGS.len(), 44);
+        for k in NODE_SETTINGS.iter() {
+            assert!(!is_cluster_setting(k), "{k} is in both");
         }
+        for (section, key, setting) in [
+            ("lease", "ttl", "LEASE_TTL"),
+            ("mqtt", "mode", "MQTT_MODE"),
+            (
+                "database",
+                "require_sync_replication",
+                "REQUIRE_SYNC_REPLICATION",
+            ),
+            ("ingest", "device_topic_pattern", "DEVICE_TOPIC_PATTERN"),
+            ("ingest", "max_pending_bytes", "MAX_PENDING_BYTES"),
+            ("retention", "dead_letters", "DEAD_LETTER_RETENTION"),
+            ("retention", "alerts", "ALERT_RETENTION"),
+            ("retention", "lease_history", "LEASE_HISTORY_RETENTION"),
+            ("retention", "cluster_nodes", "CLUSTER_NODE_RETENTION"),
+            ("retention", "interval", "RETENTION_INTERVAL"),
+            ("stale", "warning", "STALE_WARNING"),
+        ] {
+            assert_eq!(in_section(section, key), Some(setting), "[{section}] {key}");
+        }
+        assert_eq!(in_section("lease", "nope"), None);
     }
 
-    /// [`SETTINGS`] and the structure name the same settings: nothing without an environment
-    /// name, no environment name without a field.
     #[test]
-    fn every_field_has_an_environment_name_and_back() {
-        let mut paths = Vec::new();
-        for top in fields("").expect("top level") {
-            match fields(top) {
-                Some(section) => paths.extend(section.iter().map(|f| format!("{top}.{f}"))),
-                None => paths.push(top.to_string()),
-            }
-        }
-        let mut declared: Vec<String> = SETTINGS.iter().map(|(_, p)| p.to_string()).collect();
-        paths.sort();
-        declared.sort();
-        assert_eq!(paths, declared);
+    fn a_value_written_back_reads_the_same() {
+        let c: ClusterValues = read(vec![
+            ("stale_warning".into(), "300s".into()),
+            ("mqtt_topics".into(), "a/#, b/+".into()),
+        ])
+        .expect("read");
+        assert_eq!(c.stale_warning, Duration::from_secs(300));
+        let texts = texts(&c);
+        let again: ClusterValues = read(
+            texts
+                .into_iter()
+                .filter(|(_, v)| !v.is_empty())
+                .map(|(k, v)| (k.to_lowercase(), v))
+                .collect(),
+        )
+        .expect("read back");
+        assert_eq!(again, c);
+        let (field, reason) = read::<ClusterValues>(vec![("batch_max_rows".into(), "0".into())])
+            .expect_err("refused");
+        assert_eq!(field, "batch_max_rows");
+        assert!(reason.contains("greater than 0"), "{reason}");
     }
 }

@@ -4,12 +4,11 @@
 use std::fmt;
 use std::path::Path;
 
-use figment::error::Kind;
 use figment::value::{Dict, Empty, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 
 use crate::routes::{self, RawRoutes, RouteSpec};
-use crate::settings::{env_of, path_of, Settings};
+use crate::settings::{self, in_section, ClusterValues, NodeSettings};
 use crate::ClusterSettings;
 use crate::{redact, shown_value, ConfigError, Origin};
 
@@ -47,17 +46,21 @@ impl Sources {
             figment = figment.merge(layer);
             routes = raw;
         }
-        let env = env.into_iter().filter_map(|(k, v)| Some((path_of(&k)?, v)));
+        let env = env
+            .into_iter()
+            .filter(|(k, _)| crate::KEYS.contains(k))
+            .map(|(k, v)| (k.to_lowercase(), v));
         figment = figment.merge(Layer::new(Origin::Env, env));
         let mut named = Vec::new();
         for (k, v) in flags {
-            let path = path_of(&k.to_uppercase().replace('-', "_")).ok_or_else(|| {
-                ConfigError::Unknown {
+            let key = k.to_uppercase().replace('-', "_");
+            if !crate::KEYS.contains(&key) {
+                return Err(ConfigError::Unknown {
                     key: redact(&k),
                     origin: Origin::Flag,
-                }
-            })?;
-            named.push((path, v));
+                });
+            }
+            named.push((key.to_lowercase(), v));
         }
         Ok(Sources {
             figment: figment.merge(Layer::new(Origin::Flag, named)),
@@ -104,9 +107,9 @@ impl Sources {
     /// setting `cluster` leaves unset is its default, whatever a file, the environment or a flag
     /// of this host says.
     pub fn with_cluster(&self, cluster: &ClusterSettings, origin: Origin) -> Sources {
-        let values = crate::CLUSTER_SETTINGS.iter().filter_map(|key| {
+        let values = crate::CLUSTER_SETTINGS.iter().map(|key| {
             let text = cluster.values.get(key).cloned().unwrap_or_default();
-            Some((path_of(key)?, text))
+            (key.to_lowercase(), text)
         });
         Sources {
             figment: self.figment.clone().merge(Layer::new(origin, values)),
@@ -124,21 +127,40 @@ impl Sources {
         self.routes.as_ref().map_or(Ok(Vec::new()), routes::parse)
     }
 
-    /// The nested structure, or the first bad value as a one-line error.
-    pub(crate) fn settings(&self) -> Result<Settings, ConfigError> {
-        self.figment.extract().map_err(|e| self.error(e))
+    /// Both structures, or the first bad value as a one-line error naming its setting.
+    pub(crate) fn settings(&self) -> Result<(NodeSettings, ClusterValues), ConfigError> {
+        let set = |keys: &[&'static str]| -> Vec<(String, String)> {
+            keys.iter()
+                .filter_map(|k| Some((k.to_lowercase(), self.raw(k)?.0)))
+                .collect()
+        };
+        let refused = |(field, reason): (String, String)| {
+            let key = field.to_uppercase();
+            let value = self
+                .raw(&key)
+                .map_or_else(String::new, |(v, _)| shown_value(&key, &v));
+            ConfigError::Invalid {
+                origin: self.origin(&field),
+                key,
+                value,
+                reason,
+            }
+        };
+        let node = settings::read(set(&crate::settings::NODE_SETTINGS)).map_err(refused)?;
+        let cluster = settings::read(set(&crate::CLUSTER_SETTINGS)).map_err(refused)?;
+        Ok((node, cluster))
     }
 
     /// The raw text of the setting named `key` and where it was set, if it was.
     pub(crate) fn raw(&self, key: &str) -> Option<(String, Origin)> {
-        let path = path_of(key)?;
-        let value = self.figment.find_value(path).ok()?;
+        let path = key.to_lowercase();
+        let value = self.figment.find_value(&path).ok()?;
         let text = match &value {
             Value::Empty(..) => return None,
             Value::Array(_, items) => items.iter().map(show).collect::<Vec<_>>().join(","),
             other => show(other),
         };
-        Some((text, self.origin(path)))
+        Some((text, self.origin(&path)))
     }
 
     /// Where the setting at `path` was set.
@@ -172,43 +194,8 @@ impl Sources {
         ConfigError::Invalid {
             key: key.into(),
             value: shown_value(key, &value.to_string()),
-            origin: path_of(key).map_or(Origin::Default, |p| self.origin(p)),
+            origin: self.origin(&key.to_lowercase()),
             reason,
-        }
-    }
-
-    fn error(&self, e: figment::Error) -> ConfigError {
-        let origin = e.metadata.as_ref().map_or(Origin::Default, origin_of);
-        let path = e.path.join(".");
-        let reason = match &e.kind {
-            Kind::UnknownField(name, _) => {
-                let key = if path.ends_with(name.as_str()) {
-                    path
-                } else if path.is_empty() {
-                    name.clone()
-                } else {
-                    format!("{path}.{name}")
-                };
-                return ConfigError::Unknown { key, origin };
-            }
-            Kind::Message(m) => m.clone(),
-            // The found value is not repeated here: it may be a secret.
-            Kind::InvalidType(_, expected) | Kind::InvalidValue(_, expected) => {
-                format!("expected {expected}")
-            }
-            other => other.to_string(),
-        };
-        match env_of(&path) {
-            Some(key) => ConfigError::Invalid {
-                key: key.into(),
-                value: self
-                    .raw(key)
-                    .map_or_else(String::new, |(v, _)| shown_value(key, &v)),
-                origin,
-                reason,
-            },
-            // A section given as a value (`mqtt = 5`): there is no setting to name.
-            None => ConfigError::Unknown { key: path, origin },
         }
     }
 }
@@ -248,11 +235,11 @@ struct Layer {
 }
 
 impl Layer {
-    /// Values given by path (environment, flags); an empty value unsets the setting.
-    fn new(origin: Origin, values: impl IntoIterator<Item = (&'static str, String)>) -> Self {
+    /// Values by lower-case key (environment, flags); an empty value unsets the setting.
+    fn new(origin: Origin, values: impl IntoIterator<Item = (String, String)>) -> Self {
         let mut data = Dict::new();
-        for (path, v) in values {
-            insert(&mut data, path, Value::from(v));
+        for (key, v) in values {
+            data.insert(key, Value::from(v));
         }
         Layer {
             origin,
@@ -306,67 +293,53 @@ fn text_layer(text: &str, origin: Origin) -> Result<(Layer, Option<RawRoutes>), 
     };
     let routes = routes::take_raw(&mut table, text, &shown)?;
     let mut data = Dict::new();
-    let mut flat = Vec::new();
-    for (k, v) in table {
-        match path_of(&k.to_uppercase()) {
-            Some(p) => flat.push((p, value(v)?)),
-            // Sections are checked against the structure when it is read.
-            _ if v.is_table() || v.is_array() => {
-                data.insert(k, value(v)?);
-            }
-            _ => return Err(ConfigError::Unknown { key: k, origin }),
-        }
-    }
-    for (p, v) in flat {
-        // Both forms for one setting: which one was meant cannot be guessed.
-        if contains(&data, p) {
-            let env = crate::settings::env_of(p).unwrap_or(p);
+    let mut put = |key: &str, v: toml::Value, written: String| -> Result<(), ConfigError> {
+        if v.is_table() {
             return Err(ConfigError::File {
-                path: shown,
+                path: shown.clone(),
+                reason: format!("{written} must be a value, not a table"),
+            });
+        }
+        let key = key.to_lowercase();
+        // Both forms for one setting: which one was meant cannot be guessed.
+        if data.contains_key(&key) {
+            return Err(ConfigError::File {
+                path: shown.clone(),
                 reason: format!(
-                    "{env} is set twice, as `{}` and as `{p}` in its section; keep one",
-                    env.to_lowercase()
+                    "{} is set twice, as `{key}` and in its section; keep one",
+                    key.to_uppercase()
                 ),
             });
         }
-        insert(&mut data, p, v);
+        data.insert(key, value(v)?);
+        Ok(())
+    };
+    for (k, v) in table {
+        let upper = k.to_uppercase();
+        if crate::KEYS.contains(&upper) {
+            put(&upper, v, k)?;
+        } else if let toml::Value::Table(section) = v {
+            for (sk, sv) in section {
+                let written = format!("{k}.{sk}");
+                match in_section(&k, &sk) {
+                    Some(key) => put(key, sv, written)?,
+                    None => {
+                        return Err(ConfigError::Unknown {
+                            key: written,
+                            origin,
+                        })
+                    }
+                }
+            }
+        } else {
+            return Err(ConfigError::Unknown { key: k, origin });
+        }
     }
     let layer = Layer {
         origin,
         data: normalized(data),
     };
     Ok((layer, routes))
-}
-
-/// Whether the dotted `path` holds a value.
-fn contains(dict: &Dict, path: &str) -> bool {
-    match path.split_once('.') {
-        None => dict.contains_key(path),
-        Some((section, rest)) => match dict.get(section) {
-            Some(Value::Dict(_, inner)) => contains(inner, rest),
-            _ => false,
-        },
-    }
-}
-
-/// Puts `value` at the dotted `path`, making the sections on the way.
-fn insert(dict: &mut Dict, path: &str, value: Value) {
-    match path.split_once('.') {
-        None => {
-            dict.insert(path.into(), value);
-        }
-        Some((section, rest)) => {
-            let entry = dict
-                .entry(section.into())
-                .or_insert_with(|| Value::from(Dict::new()));
-            if !matches!(entry, Value::Dict(..)) {
-                *entry = Value::from(Dict::new());
-            }
-            if let Value::Dict(_, inner) = entry {
-                insert(inner, rest, value);
-            }
-        }
-    }
 }
 
 /// Strings trimmed, and empty ones made "unset" (so an empty variable overrides a file's value

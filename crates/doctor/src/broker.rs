@@ -135,7 +135,7 @@ async fn queue_probe(cfg: &Config, id: &str, topic: &str) -> Result<QueueProbe, 
             topic,
             false,
             (0..QUEUE_PROBE)
-                .map(|i| queue_message(i, QUEUE_PROBE_BYTES.min(cfg.max_payload_bytes))),
+                .map(|i| queue_message(i, QUEUE_PROBE_BYTES.min(cfg.cluster.max_payload_bytes))),
             Duration::from_secs(30),
         )
         .await?;
@@ -281,7 +281,7 @@ const SMALL_PROBE_BYTES: usize = 16;
 /// it does not arrive, a small one, so that a refused probe topic is not taken for a size limit.
 async fn payload(cfg: &Config) -> Check {
     const ID: &str = "broker.payload";
-    let size = cfg.max_payload_bytes;
+    let size = cfg.cluster.max_payload_bytes;
     match pass_one(cfg, size).await {
         Ok((_, Some(n))) if n == size => Check::ok(
             ID,

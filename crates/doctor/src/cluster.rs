@@ -122,7 +122,7 @@ pub fn ours(cfg: &Config, facts: &Facts, epoch: i64) -> Option<Claim> {
         cluster_id: facts.cluster.as_ref()?.cluster_id.clone(),
         database: facts.database.database.clone(),
         system_identifier: facts.database.system_identifier.clone(),
-        lease_name: cfg.lease_name.clone(),
+        lease_name: cfg.node.lease_name.clone(),
         instance: cfg.instance_id.clone(),
         epoch,
         claimed_at: Utc::now(),
@@ -166,7 +166,7 @@ pub fn judge_claim(client_id: &str, ours: &Claim, found: &Found) -> Check {
 /// The cluster's identity and the client id in use: an explicit one is a warning.
 pub fn identity(cfg: &Config, facts: Option<&Facts>) -> (Check, Option<ClientId>) {
     const ID: &str = "cluster.identity";
-    if facts.is_none() && cfg.mqtt_client_id.is_none() {
+    if facts.is_none() && cfg.node.mqtt_client_id.is_none() {
         return (
             Check::problem(
                 ID,
@@ -182,7 +182,7 @@ pub fn identity(cfg: &Config, facts: Option<&Facts>) -> (Check, Option<ClientId>
             let said = format!(
                 "cluster {}, lease {}, session client id {} ({})",
                 cluster.map(|c| c.cluster_id.as_str()).unwrap_or("unknown"),
-                cfg.lease_name,
+                cfg.node.lease_name,
                 id.id,
                 id.source.as_str()
             );

@@ -24,7 +24,7 @@ pub struct Facts {
 
 /// Runs the database checks into `out`; the database's identity when it answered.
 pub async fn checks(cfg: &Config, out: &mut Vec<Check>) -> Option<Facts> {
-    let Some(url) = cfg.database_url.as_deref() else {
+    let Some(url) = cfg.node.database_url.as_deref() else {
         out.push(Check::problem(
             "database.connect",
             "DATABASE_URL is not set",

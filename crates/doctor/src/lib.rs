@@ -47,7 +47,7 @@ pub async fn run_until(cfg: &Config, cancel: &CancellationToken) -> Option<Check
     };
     let (identity, client_id) = cluster::identity(cfg, facts.as_ref());
     checks.push(identity);
-    if cfg.mode == Mode::Disabled {
+    if cfg.node.mqtt_mode == Mode::Disabled {
         checks.push(Check::ok(
             "broker",
             "MQTT_MODE=disabled: the broker is not used, not checked",

@@ -35,9 +35,10 @@ pub fn random_suffix() -> String {
 
 /// The options of a temporary connection `client_id` to the configured broker.
 pub fn options(cfg: &Config, client_id: &str, clean_session: bool) -> MqttOptions {
-    let mut opts = leasehold_ingest::client_options(&cfg.mqtt, client_id, cfg.max_payload_bytes);
+    let mut opts =
+        leasehold_ingest::client_options(&cfg.mqtt, client_id, cfg.cluster.max_payload_bytes);
     // A probe publishes a message of MAX_PAYLOAD_BYTES: outgoing packets as large as incoming.
-    let max = leasehold_ingest::max_incoming_packet(cfg.max_payload_bytes);
+    let max = leasehold_ingest::max_incoming_packet(cfg.cluster.max_payload_bytes);
     opts.set_max_packet_size(max, max)
         .set_keep_alive(Duration::from_secs(10))
         .set_clean_session(clean_session);

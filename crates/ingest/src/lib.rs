@@ -172,9 +172,9 @@ impl IngestConfig {
             client_id,
             clean_session: observer,
             manual_acks: !observer,
-            keep_alive: cfg.mqtt_keep_alive,
-            reconnect_max: cfg.mqtt_reconnect_max,
-            max_payload_bytes: cfg.max_payload_bytes,
+            keep_alive: cfg.node.mqtt_keep_alive,
+            reconnect_max: cfg.node.mqtt_reconnect_max,
+            max_payload_bytes: cfg.cluster.max_payload_bytes,
             max_pending: cfg.max_pending,
             max_pending_bytes: cfg.max_pending_bytes,
             topics: wanted_topics(cfg),
@@ -201,7 +201,7 @@ impl IngestConfig {
 /// The configured filters: `MQTT_TOPICS`, then every named route's filters not already among
 /// them (file order). A message on any of them is delivered; the writer decides its routes.
 pub fn wanted_topics(cfg: &leasehold_config::Config) -> Vec<String> {
-    let mut topics = cfg.mqtt_topics.clone();
+    let mut topics = cfg.cluster.mqtt_topics.clone();
     for f in cfg.routes.iter().flat_map(|r| &r.topics) {
         if !topics.contains(f) {
             topics.push(f.clone());

@@ -181,7 +181,7 @@ impl RouteLine {
         let mut lines = vec![RouteLine {
             name: "default".into(),
             table: "telemetry".into(),
-            topics: cfg.mqtt_topics.clone(),
+            topics: cfg.cluster.mqtt_topics.clone(),
             key: vec!["device_id".into(), "topic".into(), "ts".into()],
             on_conflict: "nothing",
             configured: true,
@@ -244,7 +244,7 @@ impl RouteLine {
 
 impl Report {
     async fn read(c: &leasehold_store::Client, cfg: &Config) -> anyhow::Result<Report> {
-        let report = ClusterReport::read(c, &cfg.lease_name).await?;
+        let report = ClusterReport::read(c, &cfg.node.lease_name).await?;
         let age = queries::newest_data_age(c).await?;
         let open_alerts: Vec<_> = leasehold_alerts::recent(c, 50)
             .await?
@@ -437,7 +437,7 @@ impl ClusterView {
             Err(e) => (None, Some(format!("{e} (run `leasehold migrate`)"))),
         };
         let default_client_id = identity.as_ref().and_then(|i| {
-            leasehold_config::derive_client_id(&i.cluster_id, &cfg.lease_name)
+            leasehold_config::derive_client_id(&i.cluster_id, &cfg.node.lease_name)
                 .map_err(|e| error = Some(e.to_string()))
                 .ok()
         });
@@ -475,13 +475,13 @@ impl ClusterView {
 
 pub async fn step_down(cfg: &Config, timeout: Duration) -> anyhow::Result<ExitCode> {
     let c = connect(cfg, "leasehold-step-down").await?;
-    let Some(before) = queries::lease(&c, &cfg.lease_name)
+    let Some(before) = queries::lease(&c, &cfg.node.lease_name)
         .await?
         .filter(|l| l.is_live())
     else {
         anyhow::bail!(
             "no leader holds lease {:?}: nothing to step down",
-            cfg.lease_name
+            cfg.node.lease_name
         );
     };
     println!(
@@ -494,11 +494,11 @@ pub async fn step_down(cfg: &Config, timeout: Duration) -> anyhow::Result<ExitCo
     let mut last_sent: Option<Instant> = None;
     while started.elapsed() < timeout {
         if last_sent.is_none_or(|t| t.elapsed() >= Duration::from_millis(500)) {
-            queries::request_step_down(&c, &cfg.lease_name, &before.holder_id).await?;
+            queries::request_step_down(&c, &cfg.node.lease_name, &before.holder_id).await?;
             last_sent = Some(Instant::now());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-        if let Some(now) = queries::lease(&c, &cfg.lease_name).await? {
+        if let Some(now) = queries::lease(&c, &cfg.node.lease_name).await? {
             if now.holder_id != before.holder_id && now.is_live() {
                 println!(
                     "leadership moved from {} (epoch {}) to {} (epoch {}) in {} ms",

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 pub async fn doctor(own: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
     // The cluster's configuration as the nodes run it (topics, routes, limits), when it can be
     // read; the database's own checks say why when it cannot.
-    let active = match own.database_url.as_deref() {
+    let active = match own.node.database_url.as_deref() {
         Some(url) => match leasehold_store::connect(url, "leasehold-doctor").await {
             Ok(c) => crate::cluster_config::effective(own, &c).await.ok(),
             Err(_) => None,
@@ -86,7 +86,7 @@ pub async fn claim(
             cluster_id,
             database: database.database,
             system_identifier: database.system_identifier,
-            lease_name: cfg.lease_name.clone(),
+            lease_name: cfg.node.lease_name.clone(),
             instance: cfg.instance_id.clone(),
             epoch,
             claimed_at: Utc::now(),

@@ -212,7 +212,7 @@ pub fn main() -> ExitCode {
     };
     let needs_db = match &cli.cmd {
         Command::Simulate(_) => false,
-        Command::Run => cfg.mode != leasehold_config::Mode::Disabled,
+        Command::Run => cfg.node.mqtt_mode != leasehold_config::Mode::Disabled,
         _ => true,
     };
     if needs_db {
@@ -223,10 +223,12 @@ pub fn main() -> ExitCode {
     }
     // Commands for people log only warnings unless LOG_LEVEL says otherwise.
     let level = match (&cli.cmd, std::env::var("LOG_LEVEL").is_ok()) {
-        (Command::Run, _) | (_, true) => cfg.log_level.clone(),
+        (Command::Run, _) | (_, true) => cfg.node.log_level.clone(),
         _ => "warn".to_string(),
     };
-    if let Err(e) = leasehold_telemetry::init_logging(cfg.log_format == LogFormat::Json, &level) {
+    if let Err(e) =
+        leasehold_telemetry::init_logging(cfg.node.log_format == LogFormat::Json, &level)
+    {
         eprintln!("leasehold: configuration error: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }

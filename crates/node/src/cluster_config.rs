@@ -57,7 +57,7 @@ pub async fn start(own: &Config, pool: &Pool, status: &NodeStatus) -> anyhow::Re
         .context("reading the cluster configuration")?;
     let found = match found {
         Some(s) => Some(s),
-        None if own.mode == Mode::Production => {
+        None if own.node.mqtt_mode == Mode::Production => {
             // What is imported must run: the routes are checked before they are stored.
             crate::routes_cmd::check_at_start(own, pool).await?;
             let by = format!("import by {}", own.instance_id);

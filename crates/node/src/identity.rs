@@ -23,7 +23,7 @@ pub fn resolve(cfg: &Config, identity: Option<&ClusterIdentity>) -> anyhow::Resu
             client_id = %id.id,
             client_id_source = id.source.as_str(),
             cluster_id,
-            lease_name = %cfg.lease_name,
+            lease_name = %cfg.node.lease_name,
             "MQTT client id of the cluster's shared session, derived from the cluster identity in the database and LEASE_NAME"
         ),
         Some(warning) => tracing::warn!(

@@ -68,13 +68,13 @@ struct Running {
 impl Node {
     /// Binds `HTTP_ADDR`, then [`Node::build`].
     pub async fn bind(cfg: Config) -> anyhow::Result<Node> {
-        let listener = leasehold_http::bind(cfg.http_addr).await?;
+        let listener = leasehold_http::bind(cfg.node.http_addr).await?;
         Node::build(cfg, listener)
     }
 
     /// Checks what can be checked before anything connects, on an HTTP listener already bound.
     pub fn build(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Result<Node> {
-        if cfg.mqtt.tls && cfg.mode != Mode::Disabled {
+        if cfg.mqtt.tls && cfg.node.mqtt_mode != Mode::Disabled {
             // Bad TLS material is a start-up error naming the setting, not a reconnect loop.
             leasehold_ingest::tls_config(&cfg.mqtt)?;
         }
@@ -99,7 +99,7 @@ impl Node {
     pub async fn run_until(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Node { cfg, listener, .. } = self;
         let holder_id = format!("{}-{}", cfg.instance_id, uuid::Uuid::new_v4());
-        tracing::info!(instance_id = %cfg.instance_id, holder_id = %holder_id, mode = cfg.mode.as_str(), version = VERSION, config = ?cfg, "starting leasehold node");
+        tracing::info!(instance_id = %cfg.instance_id, holder_id = %holder_id, mode = cfg.node.mqtt_mode.as_str(), version = VERSION, config = ?cfg, "starting leasehold node");
         let http_url = format!(
             "http://{}",
             listener.local_addr().context("HTTP listener address")?
@@ -110,7 +110,7 @@ impl Node {
         let tracker = TaskTracker::new();
         let db = match Db::open(&cfg, &root, &tracker, &shutdown).await? {
             Some(db) => Some(db),
-            None if cfg.mode == Mode::Disabled || shutdown.is_cancelled() => None,
+            None if cfg.node.mqtt_mode == Mode::Disabled || shutdown.is_cancelled() => None,
             None => return cfg.require_database_url().map(|_| ()).map_err(Into::into),
         };
         if shutdown.is_cancelled() {
@@ -132,7 +132,7 @@ impl Node {
         let cfg = active.cfg.clone();
         let (active_tx, active) = watch::channel(std::sync::Arc::new(active));
         // The shared session's client id comes from the database: resolved before anything connects.
-        let client_id = match cfg.mode {
+        let client_id = match cfg.node.mqtt_mode {
             Mode::Production => Some(crate::identity::resolve(
                 &cfg,
                 db.as_ref().and_then(|d| d.identity.as_ref()),
@@ -214,7 +214,7 @@ impl Wiring {
                 self.root.clone(),
             ));
         }
-        match (self.cfg.mode, &self.db, &self.client_id) {
+        match (self.cfg.node.mqtt_mode, &self.db, &self.client_id) {
             (Mode::Production, Some(db), Some(client_id)) => {
                 lead(self, db, client_id.clone(), topics_rx).map(Some)
             }
@@ -256,7 +256,7 @@ impl Wiring {
             Beat {
                 holder_id: self.holder_id.clone(),
                 instance_id: cfg.instance_id.clone(),
-                mode: cfg.mode,
+                mode: cfg.node.mqtt_mode,
                 http_url: self.http_url.clone(),
                 lease: lease.clone(),
                 client_id: self.client_id.clone(),
@@ -277,7 +277,7 @@ impl Wiring {
         self.tracker.spawn(async move {
             let _ = ev.run(token).await;
         });
-        if cfg.mode == Mode::Production {
+        if cfg.node.mqtt_mode == Mode::Production {
             self.tracker
                 .spawn(retention(self.active.clone(), &db.url, self.root.clone()));
         }
@@ -293,16 +293,16 @@ impl Wiring {
         let cfg = &self.cfg;
         let state = leasehold_http::HttpState {
             instance_id: cfg.instance_id.clone(),
-            mode: cfg.mode.as_str(),
+            mode: cfg.node.mqtt_mode.as_str(),
             version: VERSION,
             lease: lease.clone(),
             pool: self.db.as_ref().map(|d| d.pool.clone()),
-            lease_name: cfg.lease_name.clone(),
-            observer: cfg.mode == Mode::Development,
+            lease_name: cfg.node.lease_name.clone(),
+            observer: cfg.node.mqtt_mode == Mode::Development,
             alerts,
             stale: derived(
                 &self.active,
-                |a| (a.cfg.stale_warning, a.cfg.stale_critical),
+                |a| (a.cfg.cluster.stale_warning, a.cfg.cluster.stale_critical),
                 &self.tracker,
                 &self.root,
             ),
@@ -366,10 +366,10 @@ impl Db {
         tracker: &TaskTracker,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Option<Db>> {
-        let Some(url) = cfg.database_url.clone() else {
+        let Some(url) = cfg.node.database_url.as_deref().map(str::to_string) else {
             return Ok(None);
         };
-        let pool = leasehold_store::pool(&url, "leasehold-node", cfg.database_pool_size)?;
+        let pool = leasehold_store::pool(&url, "leasehold-node", cfg.node.database_pool_size)?;
         let identity = migrate_with_retry(&url, shutdown).await?;
         if shutdown.is_cancelled() {
             return Ok(None);
@@ -400,7 +400,7 @@ fn lead(
     let (lease, handle) = Lease::new(
         LeaseConfig {
             database_url: db.url.clone(),
-            lease_name: cfg.lease_name.clone(),
+            lease_name: cfg.node.lease_name.clone(),
             instance_id: cfg.instance_id.clone(),
             holder_id: w.holder_id.clone(),
             timings: cfg.lease,
@@ -502,7 +502,7 @@ fn retention(
 ) -> impl std::future::Future<Output = ()> {
     use leasehold_store::retention::{Policy, Table};
     let current = move || {
-        let r = active.borrow().cfg.retention;
+        let r = active.borrow().cfg.cluster.retention();
         Policy {
             tables: vec![
                 (Table::DeadLetters, r.dead_letters),
@@ -546,21 +546,21 @@ impl Running {
 fn alerts_config(cfg: &Config) -> leasehold_alerts::AlertsConfig {
     leasehold_alerts::AlertsConfig {
         instance_id: cfg.instance_id.clone(),
-        lease_name: cfg.lease_name.clone(),
-        cluster_name: cfg.lease_name.clone(),
+        lease_name: cfg.node.lease_name.clone(),
+        cluster_name: cfg.node.lease_name.clone(),
         thresholds: leasehold_alerts::Thresholds {
-            stale_warning: cfg.stale_warning,
-            stale_critical: cfg.stale_critical,
-            grace: cfg.alert_grace,
-            window: cfg.alert_window,
+            stale_warning: cfg.cluster.stale_warning,
+            stale_critical: cfg.cluster.stale_critical,
+            grace: cfg.cluster.alert_grace,
+            window: cfg.cluster.alert_window,
             flap_changes: FLAP_CHANGES,
-            require_sync_replication: cfg.require_sync_replication,
+            require_sync_replication: cfg.node.require_sync_replication,
         },
-        check_interval: cfg.alert_check_interval,
-        webhook_url: cfg.alert_webhook_url.clone(),
+        check_interval: cfg.cluster.alert_check_interval,
+        webhook_url: cfg.cluster.alert_webhook_url.as_deref().map(str::to_string),
         // Every production node evaluates (a leader cannot report its own death); so does a
         // `disabled` node (a watcher). An observer is a developer's: never (docs/interfaces.md, alerts).
-        evaluates: cfg.mode != Mode::Development,
+        evaluates: cfg.node.mqtt_mode != Mode::Development,
     }
 }
 
@@ -800,7 +800,10 @@ async fn observe(
     let ingest = ingest
         .with_status(status)
         .with_configured_topics(configured);
-    let mut decoder = Decoder::new(&cfg.device_topic_pattern, cfg.max_payload_bytes);
+    let mut decoder = Decoder::new(
+        &cfg.cluster.device_topic_pattern,
+        cfg.cluster.max_payload_bytes,
+    );
     let drain = CancellationToken::new();
     let token = cancel.clone();
     let run = tokio::spawn(async move { ingest.run(token, drain).await });
@@ -818,7 +821,7 @@ async fn observe(
                 let Some(m) = m else { break };
                 if active.has_changed().unwrap_or(false) {
                     cfg = active.borrow_and_update().cfg.clone();
-                    decoder = Decoder::new(&cfg.device_topic_pattern, cfg.max_payload_bytes);
+                    decoder = Decoder::new(&cfg.cluster.device_topic_pattern, cfg.cluster.max_payload_bytes);
                 }
                 events::MessageObserved.emit();
                 // A routed message needs no device id or timestamp: only its routes' columns do.

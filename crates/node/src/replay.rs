@@ -87,7 +87,7 @@ pub async fn run(
         url,
         format!("{} (replay)", cfg.instance_id),
         Duration::from_secs(60),
-        cfg.redelivery_window,
+        cfg.cluster.redelivery_window,
     )
     .await?;
     // The statement writes the routes that fit now; a dead letter of one that does not stays
@@ -112,8 +112,11 @@ pub async fn run(
         within_secs: job.since.map(|d| d.as_secs_f64()),
     };
     let upto = leasehold_store::replay::newest_id(&c).await?;
-    let mut fence = read_fence(&c, &cfg.lease_name).await?;
-    let decoder = Decoder::new(&cfg.device_topic_pattern, cfg.max_payload_bytes);
+    let mut fence = read_fence(&c, &cfg.node.lease_name).await?;
+    let decoder = Decoder::new(
+        &cfg.cluster.device_topic_pattern,
+        cfg.cluster.max_payload_bytes,
+    );
     let written_by = format!("{} (replay)", cfg.instance_id);
     let mut summary = Summary {
         dry_run,
@@ -159,7 +162,7 @@ pub async fn run(
             routes: &routes,
             suspended: &suspended,
             to_stmt: &to_stmt,
-            max_payload_bytes: cfg.max_payload_bytes,
+            max_payload_bytes: cfg.cluster.max_payload_bytes,
         };
         match attempt(&mut w, &fence, &locked, &shape).await {
             Ok(done) => {
@@ -193,7 +196,7 @@ pub async fn run(
                 w.finish(false).await?;
                 fenced += 1;
                 tokio::time::sleep(Duration::from_millis(250 * u64::from(fenced.min(8)))).await;
-                fence = read_fence(&c, &cfg.lease_name).await?;
+                fence = read_fence(&c, &cfg.node.lease_name).await?;
                 queue.push_front(Some(ids));
             }
             Err(e) => {

@@ -119,7 +119,7 @@ pub async fn command(own: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
         .await
         .map_err(|e| e.database_text());
     let default = DefaultRoute {
-        topics: &cfg.mqtt_topics,
+        topics: &cfg.cluster.mqtt_topics,
         devices,
         shadowed: !cfg.routes.is_empty(),
     };

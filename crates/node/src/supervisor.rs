@@ -94,7 +94,7 @@ impl Supervisor {
                     None => std::future::pending().await,
                 }
             };
-            let step_down_after = self.cfg.mqtt_step_down_after;
+            let step_down_after = self.cfg.node.mqtt_step_down_after;
             let mut broker = term.as_ref().map(|t| t.broker.clone());
             let unreachable = async {
                 match broker.as_mut() {
@@ -152,7 +152,7 @@ impl Supervisor {
                         follow = false;
                         continue;
                     }
-                    let max = active.borrow_and_update().cfg.max_payload_bytes;
+                    let max = active.borrow_and_update().cfg.cluster.max_payload_bytes;
                     if let Some(t) = term.take() {
                         term = Some(if t.max_payload_bytes == max {
                             t
@@ -231,7 +231,7 @@ impl Supervisor {
             .with_status(self.status.clone())
             .with_configured_topics(self.topics.clone());
         let fence = Fence {
-            lease_name: cfg.lease_name.clone(),
+            lease_name: cfg.node.lease_name.clone(),
             holder_id: self.lease.holder_id.clone(),
             epoch,
         };
@@ -244,21 +244,29 @@ impl Supervisor {
         };
         let writer = Writer {
             cfg: WriterConfig {
-                database_url: cfg.database_url.clone().unwrap_or_default(),
+                database_url: cfg
+                    .node
+                    .database_url
+                    .as_deref()
+                    .unwrap_or_default()
+                    .to_string(),
                 instance_id: cfg.instance_id.clone(),
-                batch_max_rows: cfg.batch_max_rows,
-                batch_max_bytes: cfg.batch_max_bytes,
-                batch_max_wait: cfg.batch_max_wait,
-                max_payload_bytes: cfg.max_payload_bytes,
-                decoder: Decoder::new(&cfg.device_topic_pattern, cfg.max_payload_bytes),
-                redelivery_window: cfg.redelivery_window,
+                batch_max_rows: cfg.cluster.batch_max_rows,
+                batch_max_bytes: cfg.cluster.batch_max_bytes,
+                batch_max_wait: cfg.cluster.batch_max_wait,
+                max_payload_bytes: cfg.cluster.max_payload_bytes,
+                decoder: Decoder::new(
+                    &cfg.cluster.device_topic_pattern,
+                    cfg.cluster.max_payload_bytes,
+                ),
+                redelivery_window: cfg.cluster.redelivery_window,
                 max_pending: cfg.max_pending,
                 // A backstop only: the lease deadline cancels a hung write (on the server too)
                 // long before this.
                 statement_timeout: cfg.lease.ttl,
                 routes: active.routes.clone(),
                 suspended: active.suspended.clone(),
-                require_sync_replication: cfg.require_sync_replication,
+                require_sync_replication: cfg.node.require_sync_replication,
             },
             fence,
             rx,
@@ -297,7 +305,7 @@ impl Supervisor {
         tracing::info!(epoch, "leadership term started: connecting to the broker");
         Term {
             epoch,
-            max_payload_bytes: cfg.max_payload_bytes,
+            max_payload_bytes: cfg.cluster.max_payload_bytes,
             ended,
             broker,
             hard,

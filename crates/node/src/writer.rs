@@ -1190,12 +1190,12 @@ impl Writer {
         }
         let a = rx.borrow_and_update().clone();
         let (c, w) = (&a.cfg, &mut self.cfg);
-        w.batch_max_rows = c.batch_max_rows;
-        w.batch_max_bytes = c.batch_max_bytes;
-        w.batch_max_wait = c.batch_max_wait;
-        w.redelivery_window = c.redelivery_window;
+        w.batch_max_rows = c.cluster.batch_max_rows;
+        w.batch_max_bytes = c.cluster.batch_max_bytes;
+        w.batch_max_wait = c.cluster.batch_max_wait;
+        w.redelivery_window = c.cluster.redelivery_window;
         // MAX_PAYLOAD_BYTES is the term's: a new value starts a new term (the supervisor).
-        w.decoder = Decoder::new(&c.device_topic_pattern, w.max_payload_bytes);
+        w.decoder = Decoder::new(&c.cluster.device_topic_pattern, w.max_payload_bytes);
         w.routes = a.routes.clone();
         w.suspended = a.suspended.clone();
         // A route suspended here stays so (checked again at once) if the new version keeps it.
