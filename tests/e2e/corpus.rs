@@ -21,11 +21,25 @@ struct Case {
     expected: Expected,
 }
 
+/// What a file ends as: `stored` (once), `stored ×N` (N readings: an array, a pack), under a
+/// device when one is named, and/or `dead-lettered `reason`` (once, or `×M`).
 #[derive(Debug, PartialEq)]
-enum Expected {
-    /// Stored once; under this device id when one is named.
-    Stored(Option<String>),
-    DeadLettered(String),
+struct Expected {
+    rows: usize,
+    device: Option<String>,
+    dead: usize,
+    reason: Option<String>,
+}
+
+/// The count after `×` in `s`, if any.
+fn times(s: &str) -> Option<usize> {
+    let after = s.split('×').nth(1)?;
+    after
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .ok()
 }
 
 /// The text between the first pair of backticks of `s`.
@@ -41,13 +55,25 @@ fn cases(dir: &Path) -> Result<Vec<Case>> {
     for line in readme.lines().filter(|l| l.starts_with("| `")) {
         let cols: Vec<&str> = line.split(" | ").collect();
         ensure!(cols.len() == 4, "a row of four columns: {line}");
-        let expected = cols[3].trim_end_matches(" |").trim();
-        let expected = if expected.starts_with("stored") {
-            Expected::Stored(quoted(expected))
-        } else if expected.starts_with("dead-lettered") {
-            Expected::DeadLettered(quoted(expected).context("a reason")?)
-        } else {
-            bail!("unknown outcome {expected:?}");
+        let outcome = cols[3].trim_end_matches(" |").trim();
+        let (stored, dead) = match outcome.split_once("dead-lettered") {
+            Some((s, d)) => (s.trim().trim_end_matches(',').trim(), Some(d)),
+            None => (outcome, None),
+        };
+        if !stored.is_empty() && !stored.starts_with("stored") {
+            bail!("unknown outcome {outcome:?}");
+        }
+        let expected = Expected {
+            rows: match stored.is_empty() {
+                true => 0,
+                false => times(stored).unwrap_or(1),
+            },
+            device: quoted(stored),
+            dead: dead.map_or(0, |d| times(d).unwrap_or(1)),
+            reason: match dead {
+                Some(d) => Some(quoted(d).context("a reason")?),
+                None => None,
+            },
         };
         out.push(Case {
             file: quoted(cols[0]).context("a file")?,
@@ -57,6 +83,18 @@ fn cases(dir: &Path) -> Result<Vec<Case>> {
     }
     Ok(out)
 }
+
+/// The formats the corpus is read with (its README says which topics).
+const FORMATS: &str = r#"
+[[formats]]
+topics = ["value/#"]
+format = "value"
+device_topic_pattern = "value/{device_id}/#"
+
+[[formats]]
+topics = ["senml/#"]
+format = "senml"
+"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_corpus_payload_ends_as_its_readme_says_and_the_stream_never_stalls() {
@@ -82,10 +120,14 @@ async fn every_corpus_payload_ends_as_its_readme_says_and_the_stream_never_stall
     );
 
     let mut c = Cluster::start().await.expect("servers");
-    c.extra_env
-        .push(("MQTT_TOPICS", "devices/#,gw/#".to_string()));
+    c.extra_env.push((
+        "MQTT_TOPICS",
+        "devices/#,gw/#,value/#,senml/#".to_string(),
+    ));
     let res = async {
-        c.spawn("node-a")?;
+        let file = c.logs.path().join("formats.toml");
+        std::fs::write(&file, FORMATS)?;
+        c.spawn_args("node-a", &["--config", &file.display().to_string()], &[])?;
         c.wait_leader().await?;
         let good = "devices/good-1/telemetry".to_string();
         let mut msgs = Vec::new();
@@ -126,16 +168,11 @@ async fn every_corpus_payload_ends_as_its_readme_says_and_the_stream_never_stall
                 .iter()
                 .map(|r| (r.get(0), r.get(1)))
                 .collect();
-            let ok = match &case.expected {
-                Expected::Stored(device) => {
-                    stored.len() == 1
-                        && dead.is_empty()
-                        && device.as_ref().is_none_or(|d| stored[0] == *d)
-                }
-                Expected::DeadLettered(reason) => {
-                    stored.is_empty() && dead.len() == 1 && dead[0].0 == *reason
-                }
-            };
+            let e = &case.expected;
+            let ok = stored.len() == e.rows
+                && dead.len() == e.dead
+                && e.device.as_ref().is_none_or(|d| stored.iter().all(|s| s == d))
+                && e.reason.as_ref().is_none_or(|r| dead.iter().all(|(d, _)| d == r));
             if !ok {
                 wrong.push(format!(
                     "{}: expected {:?}, got rows {stored:?} and dead letters {dead:?}",

@@ -537,6 +537,7 @@ async fn a_writer_whose_lease_was_taken_over_commits_no_row_into_a_route() -> Re
         message: std::sync::Arc::new(Message {
             topic: format!("o/{id}"),
             payload: b"1".to_vec().into(),
+            raw: None,
             received_at: chrono::Utc::now(),
             pkid: 1,
             dup: false,
@@ -700,6 +701,7 @@ async fn a_redelivered_conflict_is_one_dead_letter_and_a_row_a_trigger_skips_is_
         message: std::sync::Arc::new(Message {
             topic: format!("o/{id}"),
             payload: format!("{v}").into_bytes().into(),
+            raw: None,
             received_at: chrono::Utc::now(),
             pkid: 9,
             dup,

@@ -21,6 +21,7 @@ use crate::{shown_value, Config, Origin, Sources, CLUSTER_SETTINGS};
 pub struct ClusterSettings {
     pub(crate) values: BTreeMap<&'static str, String>,
     pub(crate) routes: Option<RawRoutes>,
+    pub(crate) formats: Option<Vec<crate::FormatSpec>>,
 }
 
 /// Holds the webhook URL in clear: shown only through [`ClusterSettings::to_shown_toml`].
@@ -74,6 +75,7 @@ impl ClusterSettings {
                 }
             }
         }
+        out.push_str(&crate::formats::to_toml(self.formats.as_deref().unwrap_or_default()));
         out
     }
 
@@ -106,6 +108,7 @@ impl ClusterSettings {
                 .map(|(k, v)| (*k, v.clone()))
                 .collect(),
             routes: None,
+            formats: None,
         }
     }
 
@@ -241,6 +244,9 @@ impl Config {
                 out.push(format!("route {:?} added", n.name));
             }
         }
+        if self.formats != after.formats {
+            out.push("formats changed".into());
+        }
         let names = |c: &Config| c.routes.iter().map(|r| r.name.clone()).collect::<Vec<_>>();
         if out.is_empty() && names(self) != names(after) {
             out.push("routes reordered".into());
@@ -283,6 +289,21 @@ pub fn drift(own: &Sources, own_cfg: &Config, active: &Config) -> Vec<Drift> {
             active: shown(&there),
         })
         .collect();
+    if own.has_formats() && own_cfg.formats != active.formats {
+        let list = |c: &Config| {
+            let f: Vec<String> = c
+                .formats
+                .iter()
+                .map(|f| format!("{} {}", f.topics.join(","), f.format.as_str()))
+                .collect();
+            format!("[{}]", f.join("; "))
+        };
+        out.push(Drift {
+            setting: "formats".into(),
+            here: list(own_cfg),
+            active: list(active),
+        });
+    }
     if own.has_routes() && own_cfg.routes != active.routes {
         let names = |c: &Config| {
             let n: Vec<&str> = c.routes.iter().map(|r| r.name.as_str()).collect();

@@ -27,6 +27,7 @@ use std::time::Duration;
 // `redact` and `redact_url`: every secret a URL or connection string can carry, stripped before
 // anything is logged, served or printed.
 pub mod cluster;
+mod formats;
 mod load;
 mod redact;
 pub mod routes;
@@ -34,6 +35,7 @@ mod settings;
 mod sources;
 
 pub use cluster::{ClusterSettings, Drift};
+pub use formats::{Format, FormatSpec};
 pub use redact::{is_secret_name, redact, redact_url, LIBPQ_KEYWORDS, MASK};
 pub use routes::{OnConflict, PathStep, RouteSpec, Source};
 pub use settings::{
@@ -62,6 +64,9 @@ pub enum ConfigError {
     UnsafeLease(String),
     #[error("cannot read config file {path}: {reason}")]
     File { path: String, reason: String },
+    /// A `[[formats]]` entry: `entry` is `formats[N]` (1-based).
+    #[error("{entry}: {message}")]
+    Format { entry: String, message: String },
     /// A `[[routes]]` entry of the config file: `route` is `routes[N] "name"` (1-based).
     #[error("{route}: {}{message}", column.as_ref().map(|c| format!("column {c:?}: ")).unwrap_or_default())]
     Route {
@@ -255,6 +260,8 @@ pub struct Config {
     pub max_pending_bytes: usize,
     /// `[[routes]]`, in their order; empty: only the default route (`telemetry`).
     pub routes: Vec<RouteSpec>,
+    /// `[[formats]]`, in their order; empty: every payload is `json`.
+    pub formats: Vec<FormatSpec>,
     /// The layers this was loaded from, so that the cluster's stored settings can be put over
     /// this host's own ([`Config::with_cluster`]).
     sources: Sources,

@@ -36,6 +36,7 @@ impl Config {
                 .max_pending_bytes
                 .unwrap_or(DEFAULT_MAX_PENDING_BYTES.max(cluster.max_payload_bytes)),
             routes: s.routes()?,
+            formats: s.formats().to_vec(),
             node,
             cluster,
             sources: s.clone(),

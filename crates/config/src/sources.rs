@@ -8,6 +8,7 @@ use figment::value::{Dict, Empty, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 
 use crate::routes::{self, RawRoutes, RouteSpec};
+use crate::FormatSpec;
 use crate::settings::{self, in_section, ClusterValues, NodeSettings};
 use crate::ClusterSettings;
 use crate::{redact, shown_value, ConfigError, Origin};
@@ -19,6 +20,8 @@ pub struct Sources {
     /// `[[routes]]` of the file, kept apart: figment's tables would lose the columns' order, and
     /// routes have no environment or flag form.
     routes: Option<RawRoutes>,
+    /// `[[formats]]` of the file (no environment or flag form either).
+    formats: Option<Vec<FormatSpec>>,
 }
 
 /// Raw values hold the secrets in clear: shown only as `shown_value` shows them.
@@ -40,11 +43,11 @@ impl Sources {
         flags: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
         let mut figment = Figment::new();
-        let mut routes = None;
+        let (mut routes, mut formats) = (None, None);
         if let Some(path) = file {
-            let (layer, raw) = file_layer(path)?;
+            let (layer, raw, f) = file_layer(path)?;
             figment = figment.merge(layer);
-            routes = raw;
+            (routes, formats) = (raw, f);
         }
         let env = env
             .into_iter()
@@ -65,16 +68,18 @@ impl Sources {
         Ok(Sources {
             figment: figment.merge(Layer::new(Origin::Flag, named)),
             routes,
+            formats,
         })
     }
 
     /// A TOML document alone (no environment, no flags): what `config apply` reads, and what a
     /// cluster configuration is stored as.
     pub fn from_toml(text: &str, origin: Origin) -> Result<Self, ConfigError> {
-        let (layer, routes) = text_layer(text, origin)?;
+        let (layer, routes, formats) = text_layer(text, origin)?;
         Ok(Sources {
             figment: Figment::new().merge(layer),
             routes,
+            formats,
         })
     }
 
@@ -90,6 +95,7 @@ impl Sources {
         ClusterSettings {
             values,
             routes: self.routes.clone(),
+            formats: self.formats.clone(),
         }
     }
 
@@ -114,12 +120,23 @@ impl Sources {
         Sources {
             figment: self.figment.clone().merge(Layer::new(origin, values)),
             routes: cluster.routes.clone(),
+            formats: cluster.formats.clone(),
         }
     }
 
     /// Whether these layers have a `[[routes]]` list (an empty one included).
     pub(crate) fn has_routes(&self) -> bool {
         self.routes.is_some()
+    }
+
+    /// Whether these layers have a `[[formats]]` list.
+    pub(crate) fn has_formats(&self) -> bool {
+        self.formats.is_some()
+    }
+
+    /// `[[formats]]`, checked.
+    pub(crate) fn formats(&self) -> &[FormatSpec] {
+        self.formats.as_deref().unwrap_or_default()
     }
 
     /// The file's `[[routes]]`, parsed (their rules between fields are checked by `validate`).
@@ -264,7 +281,7 @@ impl Provider for Layer {
 
 /// A config file: flat keys (`lease_ttl = "10s"`, the environment names in lower case) are moved to
 /// their place in the structure; sections (`[lease]`) and lists of tables are taken as they are.
-fn file_layer(path: &Path) -> Result<(Layer, Option<RawRoutes>), ConfigError> {
+fn file_layer(path: &Path) -> Result<Document, ConfigError> {
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
         path: shown.clone(),
@@ -274,7 +291,10 @@ fn file_layer(path: &Path) -> Result<(Layer, Option<RawRoutes>), ConfigError> {
 }
 
 /// A TOML document as a layer: a config file's, or a stored cluster configuration's.
-fn text_layer(text: &str, origin: Origin) -> Result<(Layer, Option<RawRoutes>), ConfigError> {
+/// A TOML document: its settings as a layer, its `[[routes]]` and its `[[formats]]`.
+type Document = (Layer, Option<RawRoutes>, Option<Vec<FormatSpec>>);
+
+fn text_layer(text: &str, origin: Origin) -> Result<Document, ConfigError> {
     let shown = match &origin {
         Origin::File(p) => p.clone(),
         other => other.to_string(),
@@ -292,6 +312,7 @@ fn text_layer(text: &str, origin: Origin) -> Result<(Layer, Option<RawRoutes>), 
         })
     };
     let routes = routes::take_raw(&mut table, text, &shown)?;
+    let formats = crate::formats::take(&mut table, &shown)?;
     let mut data = Dict::new();
     let mut put = |key: &str, v: toml::Value, written: String| -> Result<(), ConfigError> {
         if v.is_table() {
@@ -339,7 +360,7 @@ fn text_layer(text: &str, origin: Origin) -> Result<(Layer, Option<RawRoutes>), 
         origin,
         data: normalized(data),
     };
-    Ok((layer, routes))
+    Ok((layer, routes, formats))
 }
 
 /// Strings trimmed, and empty ones made "unset" (so an empty variable overrides a file's value

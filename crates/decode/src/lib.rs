@@ -8,8 +8,12 @@
 //! - [`Decoder::decode`]: size check, JSON object check, device id, timestamp, idempotency key.
 //! - [`invariants`]: what holds for any input (checked by `make fuzz` and the corpus replay).
 
+mod formats;
 pub mod invariants;
 mod light;
+
+pub use formats::{topic_matches, Unit};
+pub use leasehold_config::{Format, FormatSpec};
 
 use chrono::{DateTime, TimeZone, Utc};
 use serde_json::{Map, Value};
@@ -34,6 +38,15 @@ pub enum DecodeError {
     DeviceIdTooLong,
     #[error("bad timestamp in field {field:?}: {reason}")]
     BadTimestamp { field: &'static str, reason: String },
+    /// `value` format: the payload is neither JSON nor UTF-8 text.
+    #[error("payload is not UTF-8 text")]
+    NotUtf8,
+    /// An empty array, an empty payload, a SenML pack without a value.
+    #[error("no reading: {0}")]
+    NoReadings(String),
+    /// `senml` format: not a pack, or a record that breaks RFC 8428.
+    #[error("not SenML: {0}")]
+    BadSenml(String),
 }
 
 /// A decoded reading, ready for the set-based insert.
@@ -106,6 +119,8 @@ impl TopicPattern {
 pub struct Decoder {
     pattern: TopicPattern,
     max_payload_bytes: usize,
+    /// `[[formats]]`, each with its own device id pattern when it has one.
+    formats: Vec<(FormatSpec, Option<TopicPattern>)>,
 }
 
 impl Decoder {
@@ -113,6 +128,7 @@ impl Decoder {
         Decoder {
             pattern: TopicPattern::new(pattern),
             max_payload_bytes,
+            formats: Vec::new(),
         }
     }
 
@@ -168,6 +184,22 @@ impl Decoder {
     /// and timestamp without requiring them; keeps the whole object.
     pub fn parse(&self, topic: &str, payload: &[u8]) -> Result<Parsed, DecodeError> {
         self.check_size(payload)?;
+        self.parse_object(topic, payload)
+    }
+
+    /// [`Decoder::parse`] without the size check: a reading a format made from a message whose
+    /// size was checked (`{"value": ...}` is a few bytes longer than the value).
+    pub(crate) fn parse_object(&self, topic: &str, payload: &[u8]) -> Result<Parsed, DecodeError> {
+        self.parse_with(&self.pattern, topic, payload)
+    }
+
+    /// [`Decoder::parse_object`] with the device id read by `pattern`.
+    pub(crate) fn parse_with(
+        &self,
+        pattern: &TopicPattern,
+        topic: &str,
+        payload: &[u8],
+    ) -> Result<Parsed, DecodeError> {
         let value: Value =
             serde_json::from_slice(payload).map_err(|e| DecodeError::NotJson(e.to_string()))?;
         let object = match value {
@@ -182,7 +214,7 @@ impl Decoder {
             ts: object.get("ts").cloned(),
             timestamp: object.get("timestamp").cloned(),
         };
-        let mut parsed = self.parsed(topic, fields);
+        let mut parsed = parsed(pattern, topic, fields);
         parsed.text = Some(String::from_utf8_lossy(payload).into_owned());
         parsed.object = Some(object);
         Ok(parsed)
@@ -201,7 +233,7 @@ impl Decoder {
         if contains_nul_escape(payload) {
             return Err(DecodeError::NulEscape);
         }
-        Ok(self.parsed(topic, fields))
+        Ok(parsed(&self.pattern, topic, fields))
     }
 
     fn check_size(&self, payload: &[u8]) -> Result<(), DecodeError> {
@@ -214,24 +246,26 @@ impl Decoder {
         Ok(())
     }
 
-    fn parsed(&self, topic: &str, f: light::Fields) -> Parsed {
-        let device_id = match self.pattern.device_id(topic) {
-            Some(d) => Some(d.to_string()),
-            None => match f.device_id {
-                Some(Value::String(s)) if !s.is_empty() => Some(s),
-                Some(Value::Number(n)) => Some(n.to_string()),
-                _ => None,
-            },
-        };
-        Parsed {
-            object: None,
-            text: None,
-            device_id,
-            timestamp: timestamp_of(f.timestamp.as_ref(), f.ts.as_ref()),
-        }
-    }
+
 }
 
+/// The device id (the topic's by `pattern`, else the payload's) and the timestamp.
+fn parsed(pattern: &TopicPattern, topic: &str, f: light::Fields) -> Parsed {
+    let device_id = match pattern.device_id(topic) {
+        Some(d) => Some(d.to_string()),
+        None => match f.device_id {
+            Some(Value::String(s)) if !s.is_empty() => Some(s),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        },
+    };
+    Parsed {
+        object: None,
+        text: None,
+        device_id,
+        timestamp: timestamp_of(f.timestamp.as_ref(), f.ts.as_ref()),
+    }
+}
 impl Parsed {
     /// Why this payload is not a reading for `telemetry`, which [`Decoder::decode`] would refuse
     /// it for beyond what [`Decoder::parse`] checks: no device id, one too long, a bad timestamp.

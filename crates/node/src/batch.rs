@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use leasehold_config::{OnConflict, Source};
-use leasehold_decode::{DecodeError, Decoder};
+use leasehold_decode::{DecodeError, Decoder, Unit};
 use leasehold_ingest::Inbound;
 use leasehold_store::routes::ResolvedRoute;
 use leasehold_store::{DeadLetter, Message, RouteRow};
@@ -31,6 +31,9 @@ pub fn reason_label(e: &DecodeError) -> &'static str {
         DecodeError::NoDeviceId { .. } => "no_device_id",
         DecodeError::DeviceIdTooLong => "device_id_too_long",
         DecodeError::BadTimestamp { .. } => "bad_timestamp",
+        DecodeError::NotUtf8 => "not_utf8",
+        DecodeError::NoReadings(_) => "no_readings",
+        DecodeError::BadSenml(_) => "bad_senml",
     }
 }
 
@@ -69,6 +72,14 @@ impl DbClock {
     pub fn remeasure(&mut self, db: DateTime<Utc>, local: Instant) {
         self.db_micros = db.timestamp_micros();
         self.local = local;
+    }
+
+    /// Keeps the next `n` microseconds after the last time read for the readings of one
+    /// message, each at its own instant (an array's elements after its first).
+    pub fn reserve(&mut self, n: usize) {
+        if !self.exact {
+            self.last = self.last.saturating_add(n as i64);
+        }
     }
 
     /// When the database's clock was last read, on the local clock.
@@ -114,6 +125,9 @@ pub struct Prepared {
     /// the database refuses the later row, the one it replaced is written instead, as if the
     /// messages had been written one by one.
     pub replaced: HashMap<(usize, usize), RouteRow>,
+    /// How many readings (or parts refused) the messages made: rows and dead letters are
+    /// numbered by them (`idx`), `0..units`. A JSON object is one; an array, one per element.
+    pub units: usize,
 }
 
 /// The term's routes (`telemetry` first) and what their sources `written_by` and `lease_epoch`
@@ -170,24 +184,54 @@ pub fn prepare(
             superseded: vec![0; routing.routes.len()],
             ..Prepared::default()
         },
+        units: Vec::with_capacity(batch.len()),
         keys: HashMap::with_capacity(batch.len()),
         slots: Vec::with_capacity(batch.len()),
         hasher: RandomState::new(),
         deliveries: HashMap::new(),
         earlier_delivery: vec![usize::MAX; if any_dup { batch.len() } else { 0 }],
     };
-    for (idx, m) in batch.iter().enumerate() {
+    for (at, m) in batch.iter().enumerate() {
         if leasehold_config::is_own_topic(&m.topic) {
             p.out.own += 1;
             continue;
         }
-        if any_dup && p.redelivered_in_batch(idx, m) {
+        if any_dup && p.redelivered_in_batch(at, m) {
             p.out.redelivered += 1;
             continue;
         }
         let received_at = clock.at(m.received);
-        p.message(idx, m, received_at);
+        // The ingest keeps only the first MAX_PAYLOAD_BYTES of an oversized payload.
+        let units = if m.original_size > max_payload_bytes {
+            vec![Unit::refused(
+                m.payload.clone(),
+                DecodeError::TooLarge {
+                    size: m.original_size,
+                    max: max_payload_bytes,
+                },
+            )]
+        } else {
+            decoder.units(&m.topic, &m.payload, received_at)
+        };
+        // Each reading of the message at its own microsecond: two readings of one device
+        // without a timestamp of their own are never one key.
+        clock.reserve(units.len().saturating_sub(1));
+        for (k, u) in units.into_iter().enumerate() {
+            let received_at = received_at + chrono::Duration::microseconds(k as i64);
+            let idx = p.units.len();
+            p.units.push(Held {
+                message: at,
+                size: match u.label.is_some() || u.raw.len() != m.payload.len() {
+                    true => u.raw.len(),
+                    false => m.original_size.max(m.payload.len()),
+                },
+                raw: u.raw.clone(),
+                label: u.label.clone(),
+            });
+            p.message(idx, m, u, received_at);
+        }
     }
+    p.out.units = p.units.len();
     p.out
 }
 
@@ -203,6 +247,8 @@ struct Preparer<'a> {
     /// Per route: whether it reads the payload's object ([`routing::reads_object`]).
     objects: Vec<bool>,
     out: Prepared,
+    /// Per unit (`idx`): its message and what its dead letter keeps.
+    units: Vec<Held>,
     /// Hash of a row's route and key -> the last of `slots` with that hash; each slot is a
     /// row's (round, position) and the slot of the previous row with the same hash (compared in
     /// full on a hit), so the common case of unique keys costs no copy of the key.
@@ -213,6 +259,15 @@ struct Preparer<'a> {
     /// chains each message to the previous one with the same hash.
     deliveries: HashMap<u64, usize>,
     earlier_delivery: Vec<usize>,
+}
+
+/// What a unit's dead letter keeps, and its message (a place in the batch).
+struct Held {
+    message: usize,
+    raw: bytes::Bytes,
+    /// The size as published (a whole message's), or the raw bytes' own.
+    size: usize,
+    label: Option<String>,
 }
 
 impl Preparer<'_> {
@@ -257,14 +312,17 @@ impl Preparer<'_> {
         route: Option<String>,
         error: String,
     ) {
-        let m = &self.batch[idx];
+        let u = &self.units[idx];
+        let m = &self.batch[u.message];
+        let error = match &u.label {
+            Some(label) => format!("{label}: {error}"),
+            None => error,
+        };
         self.out.dead.push(DeadLetter {
             idx,
             topic: m.topic.clone(),
-            payload: m
-                .payload
-                .slice(..m.payload.len().min(self.max_payload_bytes)),
-            size: m.original_size.max(m.payload.len()),
+            payload: u.raw.slice(..u.raw.len().min(self.max_payload_bytes)),
+            size: u.size,
             reason,
             error,
             received_at,
@@ -274,7 +332,8 @@ impl Preparer<'_> {
         });
     }
 
-    fn message(&mut self, idx: usize, m: &Inbound, received_at: DateTime<Utc>) {
+    /// Unit `idx` of message `m`: its rows, or its dead letters.
+    fn message(&mut self, idx: usize, m: &Inbound, unit: Unit, received_at: DateTime<Utc>) {
         let mut matched = self.matching(&m.topic);
         let routes = self.routing.routes;
         if !self.routing.suspended.is_empty() {
@@ -299,16 +358,12 @@ impl Preparer<'_> {
                 return;
             }
         }
-        // The ingest keeps only the first MAX_PAYLOAD_BYTES of an oversized payload.
-        let parsed = if m.original_size > self.max_payload_bytes {
-            Err(DecodeError::TooLarge {
-                size: m.original_size,
-                max: self.max_payload_bytes,
-            })
-        } else if matched.iter().any(|&k| self.objects[k]) {
-            self.decoder.parse(&m.topic, &m.payload)
-        } else {
-            self.decoder.parse_light(&m.topic, &m.payload)
+        let parsed = match unit.decoded {
+            Some(decoded) => decoded,
+            None if matched.iter().any(|&k| self.objects[k]) => {
+                self.decoder.parse(&m.topic, &unit.payload)
+            }
+            None => self.decoder.parse_light(&m.topic, &unit.payload),
         };
         let parsed = match parsed {
             Ok(p) => p,
@@ -333,7 +388,7 @@ impl Preparer<'_> {
         };
         let content_hash = (matches!(parsed.timestamp, Ok(None))
             && matched.iter().any(|&k| self.hashes[k]))
-        .then(|| leasehold_decode::content_hash(&m.topic, &m.payload));
+        .then(|| leasehold_decode::content_hash(&m.topic, &unit.payload));
         let pkid = i32::from(m.pkid);
         let cx = routing::Context {
             topic: &m.topic,
@@ -359,7 +414,8 @@ impl Preparer<'_> {
                         .get_or_insert_with(|| {
                             Arc::new(Message {
                                 topic: m.topic.clone(),
-                                payload: m.payload.clone(),
+                                payload: unit.payload.clone(),
+                                raw: (unit.raw != unit.payload).then(|| unit.raw.clone()),
                                 received_at,
                                 pkid,
                                 dup: m.dup,
@@ -453,8 +509,8 @@ pub fn unavailable(row: &RouteRow, route: &ResolvedRoute, why: &str) -> DeadLett
     DeadLetter {
         idx: row.idx,
         topic: m.topic.clone(),
-        payload: m.payload.clone(),
-        size: m.payload.len(),
+        payload: m.dead_letter_bytes(),
+        size: m.dead_letter_bytes().len(),
         reason: ROUTE_UNAVAILABLE,
         error: format!("route {name} is suspended: {why}"),
         received_at: m.received_at,
@@ -483,8 +539,8 @@ pub fn rejected(row: &RouteRow, route: &ResolvedRoute, database_text: &str) -> D
     DeadLetter {
         idx: row.idx,
         topic: m.topic.clone(),
-        payload: m.payload.clone(),
-        size: m.payload.len(),
+        payload: m.dead_letter_bytes(),
+        size: m.dead_letter_bytes().len(),
         reason: "rejected_by_database",
         error,
         received_at: m.received_at,

@@ -800,10 +800,7 @@ async fn observe(
     let ingest = ingest
         .with_status(status)
         .with_configured_topics(configured);
-    let mut decoder = Decoder::new(
-        &cfg.cluster.device_topic_pattern,
-        cfg.cluster.max_payload_bytes,
-    );
+    let mut decoder = Decoder::configured(&cfg);
     let drain = CancellationToken::new();
     let token = cancel.clone();
     let run = tokio::spawn(async move { ingest.run(token, drain).await });
@@ -821,7 +818,7 @@ async fn observe(
                 let Some(m) = m else { break };
                 if active.has_changed().unwrap_or(false) {
                     cfg = active.borrow_and_update().cfg.clone();
-                    decoder = Decoder::new(&cfg.cluster.device_topic_pattern, cfg.cluster.max_payload_bytes);
+                    decoder = Decoder::configured(&cfg);
                 }
                 events::MessageObserved.emit();
                 // A routed message needs no device id or timestamp: only its routes' columns do.
@@ -838,9 +835,11 @@ async fn observe(
                     }
                     continue;
                 }
-                match decoder.decode(&m.topic, &m.payload, m.received_at) {
-                    Ok(r) => { ok += 1; tracing::debug!(device_id = %r.device_id, ts = %r.ts, topic = %m.topic, "observer: would write"); }
-                    Err(e) => { bad += 1; tracing::info!(topic = %m.topic, error = %e, "observer: would dead-letter"); }
+                for reading in decoder.check(&m.topic, &m.payload, m.received_at) {
+                    match reading {
+                        Ok(()) => { ok += 1; tracing::debug!(topic = %m.topic, "observer: would write"); }
+                        Err(e) => { bad += 1; tracing::info!(topic = %m.topic, error = %e, "observer: would dead-letter"); }
+                    }
                 }
             }
         }

@@ -113,10 +113,7 @@ pub async fn run(
     };
     let upto = leasehold_store::replay::newest_id(&c).await?;
     let mut fence = read_fence(&c, &cfg.node.lease_name).await?;
-    let decoder = Decoder::new(
-        &cfg.cluster.device_topic_pattern,
-        cfg.cluster.max_payload_bytes,
-    );
+    let decoder = Decoder::configured(cfg);
     let written_by = format!("{} (replay)", cfg.instance_id);
     let mut summary = Summary {
         dry_run,
@@ -297,6 +294,9 @@ async fn attempt(
     let (mut rows, mut dead, mut later) = (Vec::new(), Vec::new(), Vec::<Vec<RouteRow>>::new());
     let mut reasons: BTreeMap<usize, String> = BTreeMap::new();
     let mut ids: Vec<i64> = Vec::new();
+    // Rows and dead letters are numbered by the readings of the chunk (a dead letter may hold
+    // several: an array, a SenML pack).
+    let mut units = 0;
     for (target, group) in groups {
         let places: Vec<usize> = match &target {
             Some(t) => std::iter::once(0).chain(t.iter().copied()).collect(),
@@ -307,7 +307,6 @@ async fn attempt(
             places.iter().map(|&k| shape.suspended[k].clone()).collect();
         let (batch, clock) = messages(&group);
         let mut clock = clock.exact();
-        let base = ids.len();
         ids.extend(group.iter().map(|d| d.id));
         let prepared = prepare(
             shape.decoder,
@@ -321,7 +320,9 @@ async fn attempt(
                 suspended: &suspended,
             },
         );
-        // Rows name their route's place in the statement, and their message by its place in
+        let base = units;
+        units += prepared.units;
+        // Rows name their route's place in the statement, and their reading by its place in
         // the chunk.
         let place = |mut r: RouteRow| -> Option<RouteRow> {
             r.route = shape.to_stmt[places[r.route]]?;

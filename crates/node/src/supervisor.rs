@@ -255,10 +255,7 @@ impl Supervisor {
                 batch_max_bytes: cfg.cluster.batch_max_bytes,
                 batch_max_wait: cfg.cluster.batch_max_wait,
                 max_payload_bytes: cfg.cluster.max_payload_bytes,
-                decoder: Decoder::new(
-                    &cfg.cluster.device_topic_pattern,
-                    cfg.cluster.max_payload_bytes,
-                ),
+                decoder: Decoder::configured(cfg),
                 redelivery_window: cfg.cluster.redelivery_window,
                 max_pending: cfg.max_pending,
                 // A backstop only: the lease deadline cancels a hung write (on the server too)

@@ -1195,7 +1195,8 @@ impl Writer {
         w.batch_max_wait = c.cluster.batch_max_wait;
         w.redelivery_window = c.cluster.redelivery_window;
         // MAX_PAYLOAD_BYTES is the term's: a new value starts a new term (the supervisor).
-        w.decoder = Decoder::new(&c.cluster.device_topic_pattern, w.max_payload_bytes);
+        w.decoder = Decoder::new(&c.cluster.device_topic_pattern, w.max_payload_bytes)
+            .with_formats(&c.formats);
         w.routes = a.routes.clone();
         w.suspended = a.suspended.clone();
         // A route suspended here stays so (checked again at once) if the new version keeps it.
@@ -1380,6 +1381,7 @@ mod tests {
         let message = Arc::new(leasehold_store::Message {
             topic: "t".into(),
             payload: Default::default(),
+            raw: None,
             received_at: t,
             pkid: 0,
             dup: false,

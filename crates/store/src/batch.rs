@@ -50,6 +50,9 @@ pub struct Message {
     pub topic: String,
     /// The payload as received: JSON text (a message whose row reached a route was decoded).
     pub payload: bytes::Bytes,
+    /// What a dead letter of this reading keeps when it is not `payload`: the message as
+    /// received (a bare value), so that its format reads it again on replay.
+    pub raw: Option<bytes::Bytes>,
     pub received_at: DateTime<Utc>,
     pub pkid: i32,
     pub dup: bool,
@@ -57,6 +60,13 @@ pub struct Message {
     /// maps `content_hash` or `possible_duplicate` (else `None`: the statement computes it where
     /// a dead letter needs it).
     pub content_hash: Option<String>,
+}
+
+impl Message {
+    /// The bytes a dead letter of this reading keeps.
+    pub fn dead_letter_bytes(&self) -> bytes::Bytes {
+        self.raw.clone().unwrap_or_else(|| self.payload.clone())
+    }
 }
 
 /// One value of a route row, typed as it is sent ([`crate::statement::carry`]).
@@ -110,6 +120,7 @@ impl RouteRow {
             message: Arc::new(Message {
                 topic: topic.into(),
                 payload: bytes::Bytes::copy_from_slice(payload.as_bytes()),
+                raw: None,
                 received_at: Utc::now(),
                 pkid: 0,
                 dup: false,

@@ -1,0 +1,132 @@
+//! `[[formats]]`: how the payloads of some topic filters are read. A topic matching no entry is
+//! `json`; the first entry (in file order) whose filters match a topic decides.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{validate_filter, ConfigError};
+
+/// How a payload becomes readings. One more format plugs in here and in `leasehold-decode`'s
+/// `formats`, nowhere else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// A JSON object is one reading; an array of objects, one reading per element.
+    Json,
+    /// The payload is one value (a JSON scalar or bare UTF-8 text): `{"value": ...}`.
+    Value,
+    /// An RFC 8428 SenML pack: one reading per device and instant.
+    Senml,
+}
+
+impl Format {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Json => "json",
+            Format::Value => "value",
+            Format::Senml => "senml",
+        }
+    }
+}
+
+/// One `[[formats]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FormatSpec {
+    /// MQTT filters whose topics' payloads are read this way.
+    pub topics: Vec<String>,
+    pub format: Format,
+    /// Where the device id sits in these topics, when not where `DEVICE_TOPIC_PATTERN` says
+    /// (`stat/{device_id}/POWER`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_topic_pattern: Option<String>,
+}
+
+/// Takes `[[formats]]` out of a TOML document (it has no environment or flag form).
+pub(crate) fn take(
+    table: &mut toml::Table,
+    path: &str,
+) -> Result<Option<Vec<FormatSpec>>, ConfigError> {
+    let Some(value) = table.remove("formats") else {
+        return Ok(None);
+    };
+    let err = |entry: String, message: String| ConfigError::Format { entry, message };
+    let toml::Value::Array(items) = value else {
+        return Err(err(
+            "formats".into(),
+            format!("must be a list of tables, written [[formats]] (in {path})"),
+        ));
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let entry = format!("formats[{}]", i + 1);
+        let spec: FormatSpec = item.try_into().map_err(|e: toml::de::Error| {
+            let m = e.message().replace(
+                "unknown variant",
+                "unknown format; `format` must be json, value or senml, got",
+            );
+            err(entry.clone(), m)
+        })?;
+        if spec.topics.is_empty() {
+            return Err(err(entry, "topics must name at least one filter".into()));
+        }
+        if let Some(p) = &spec.device_topic_pattern {
+            if !p.split('/').any(|seg| seg == "{device_id}") {
+                return Err(err(
+                    entry,
+                    format!("device_topic_pattern {p:?} must contain a {{device_id}} segment, e.g. stat/{{device_id}}/POWER"),
+                ));
+            }
+        }
+        for t in &spec.topics {
+            validate_filter(t).map_err(|reason| err(entry.clone(), format!("topic {t:?}: {reason}")))?;
+        }
+        out.push(spec);
+    }
+    Ok(Some(out))
+}
+
+/// `[[formats]]` as the stored form writes them.
+pub(crate) fn to_toml(formats: &[FormatSpec]) -> String {
+    #[derive(Serialize)]
+    struct Doc<'a> {
+        formats: &'a [FormatSpec],
+    }
+    match formats.is_empty() {
+        true => String::new(),
+        false => format!("\n{}", toml::to_string(&Doc { formats }).unwrap_or_default()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn take_text(text: &str) -> Result<Option<Vec<FormatSpec>>, ConfigError> {
+        let mut t: toml::Table = text.parse().expect("toml");
+        take(&mut t, "x.toml")
+    }
+
+    #[test]
+    fn entries_are_read_checked_and_written_back() {
+        let f = take_text(
+            "[[formats]]\ntopics = [\"tele/+/POWER\"]\nformat = \"value\"\n[[formats]]\ntopics = [\"senml/#\"]\nformat = \"senml\"\n",
+        )
+        .expect("ok")
+        .expect("some");
+        assert_eq!(f[0].format, Format::Value);
+        assert_eq!(f[1].topics, ["senml/#"]);
+        let again = take_text(&to_toml(&f)).expect("ok").expect("some");
+        assert_eq!(again, f);
+        for (text, want) in [
+            ("[[formats]]\ntopics = [\"a\"]\nformat = \"csv\"\n", "formats[1]"),
+            ("[[formats]]\ntopics = []\nformat = \"value\"\n", "at least one"),
+            ("[[formats]]\ntopics = [\"a/#/b\"]\nformat = \"value\"\n", "a/#/b"),
+            ("[[formats]]\ntopics = [\"a\"]\nformat = \"value\"\nwhat = 1\n", "what"),
+            ("[[formats]]\ntopics = [\"a\"]\nformat = \"value\"\ndevice_topic_pattern = \"a/b\"\n", "{device_id}"),
+            ("formats = 3\n", "list of tables"),
+        ] {
+            let e = take_text(text).expect_err(text).to_string();
+            assert!(e.contains(want) && !e.contains('\n'), "{text}: {e}");
+        }
+    }
+}

@@ -1,0 +1,749 @@
+//! Formats: how one message's payload becomes its readings ([`Unit`]s), before each reading is
+//! decoded as a JSON object like any other (`Decoder::parse`). `json` (an object, or an array of
+//! objects), `value` (one bare value) and `senml` (RFC 8428). A format is chosen per topic by
+//! `[[formats]]`; one more format is one more arm of [`Decoder::units`].
+//!
+//! A unit keeps two texts: the reading's JSON object (what is stored) and what its dead letter
+//! keeps — bytes that the same format reads back into the same reading, so `leasehold replay`
+//! works on them: the message as received, an array's element, a SenML reading's records with
+//! their base fields resolved.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use chrono::{DateTime, Duration, SecondsFormat, Utc};
+use leasehold_config::{Format, FormatSpec};
+use serde_json::value::RawValue;
+use serde_json::{Map, Number, Value};
+
+use crate::{contains_nul_escape, timestamp_value, DecodeError, Decoder, Parsed, TopicPattern};
+
+/// One reading of a message, or why a part of it is none.
+#[derive(Debug, Clone)]
+pub struct Unit {
+    /// The reading's JSON object text: what `telemetry.payload` stores and its content hash is of.
+    pub payload: Bytes,
+    /// What the unit's dead letter keeps.
+    pub raw: Bytes,
+    /// `element 3 of 10`, `record 2 of 4`: put before the unit's errors.
+    pub label: Option<String>,
+    /// Decoded already (array elements, SenML readings), or refused before decoding; `None`: a
+    /// whole JSON payload, decoded by the writer as it always was.
+    pub decoded: Option<Result<Parsed, DecodeError>>,
+}
+
+impl Unit {
+    fn whole(payload: &Bytes) -> Unit {
+        Unit {
+            payload: payload.clone(),
+            raw: payload.clone(),
+            label: None,
+            decoded: None,
+        }
+    }
+
+    /// A message, or a part of one, that is no reading: `e` says why.
+    pub fn refused(raw: Bytes, e: DecodeError) -> Unit {
+        Unit::refused_part(raw, None, e)
+    }
+
+    fn refused_part(raw: Bytes, label: Option<String>, e: DecodeError) -> Unit {
+        Unit {
+            payload: raw.clone(),
+            raw,
+            label,
+            decoded: Some(Err(e)),
+        }
+    }
+}
+
+/// MQTT filter matching (`+` one level, `#` the rest; a `$` topic only by a filter that names
+/// its first level).
+pub fn topic_matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && !filter.starts_with('$') {
+        return false;
+    }
+    let mut t = topic.split('/');
+    for f in filter.split('/') {
+        match (f, t.next()) {
+            ("#", _) => return true,
+            ("+", Some(_)) => {}
+            (lit, Some(level)) if lit == level => {}
+            _ => return false,
+        }
+    }
+    t.next().is_none()
+}
+
+impl Decoder {
+    /// The decoder a configuration describes: its topic pattern, size limit and formats.
+    pub fn configured(cfg: &leasehold_config::Config) -> Decoder {
+        Decoder::new(
+            &cfg.cluster.device_topic_pattern,
+            cfg.cluster.max_payload_bytes,
+        )
+        .with_formats(&cfg.formats)
+    }
+
+    /// What each reading of a message would be for `telemetry` (an observer's dry run): its
+    /// label and its refusal, if any.
+    pub fn check(
+        &self,
+        topic: &str,
+        payload: &Bytes,
+        received_at: DateTime<Utc>,
+    ) -> Vec<Result<(), String>> {
+        if payload.len() > self.max_payload_bytes {
+            return vec![Err(self.check_size(payload).err().map(|e| e.to_string()).unwrap_or_default())];
+        }
+        self.units(topic, payload, received_at)
+            .into_iter()
+            .map(|u| {
+                let decoded = match u.decoded {
+                    Some(d) => d,
+                    None => self.parse_light(topic, &u.payload),
+                };
+                let e = match decoded {
+                    Ok(p) => p.reading_error(topic),
+                    Err(e) => Some(e),
+                };
+                match (e, u.label) {
+                    (None, _) => Ok(()),
+                    (Some(e), Some(l)) => Err(format!("{l}: {e}")),
+                    (Some(e), None) => Err(e.to_string()),
+                }
+            })
+            .collect()
+    }
+
+    /// Reads the topics of `formats` their way (the first entry whose filters match decides).
+    pub fn with_formats(mut self, formats: &[FormatSpec]) -> Self {
+        self.formats = formats
+            .iter()
+            .map(|f| (f.clone(), f.device_topic_pattern.as_deref().map(TopicPattern::new)))
+            .collect();
+        self
+    }
+
+    /// The `[[formats]]` entry of `topic`, if one takes it.
+    fn entry_of(&self, topic: &str) -> Option<&(FormatSpec, Option<TopicPattern>)> {
+        self.formats
+            .iter()
+            .find(|(f, _)| f.topics.iter().any(|filter| topic_matches(filter, topic)))
+    }
+
+    /// The format of `topic`'s payloads.
+    pub fn format_of(&self, topic: &str) -> Format {
+        self.entry_of(topic).map_or(Format::Json, |(f, _)| f.format)
+    }
+
+    /// The readings of one message (at least one unit: a message that holds no reading is one
+    /// refused unit). `payload` is within `MAX_PAYLOAD_BYTES` (a larger one never gets here);
+    /// `received_at` times SenML's relative times.
+    pub fn units(&self, topic: &str, payload: &Bytes, received_at: DateTime<Utc>) -> Vec<Unit> {
+        let (format, own) = match self.entry_of(topic) {
+            Some((f, own)) => (f.format, own.as_ref()),
+            None => (Format::Json, None),
+        };
+        let read = Reader {
+            d: self,
+            topic,
+            pattern: own.unwrap_or(&self.pattern),
+            own_pattern: own.is_some(),
+        };
+        match format {
+            Format::Json => read.json(payload),
+            Format::Value => vec![read.value(payload)],
+            Format::Senml => read.senml(payload, received_at),
+        }
+    }
+}
+
+/// One message's topic, read with the device id pattern of its format entry.
+struct Reader<'a> {
+    d: &'a Decoder,
+    topic: &'a str,
+    pattern: &'a TopicPattern,
+    /// The entry has its own pattern: even an object is decoded here, with it.
+    own_pattern: bool,
+}
+
+impl Reader<'_> {
+    fn parse(&self, payload: &[u8]) -> Result<Parsed, DecodeError> {
+        self.d.parse_with(self.pattern, self.topic, payload)
+    }
+
+    /// An object is itself; an array is one unit per element, elements of one device at one
+    /// instant merged into one reading where their fields agree.
+    fn json(&self, payload: &Bytes) -> Vec<Unit> {
+        let topic = self.topic;
+        if payload.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'[') {
+            return vec![match self.own_pattern {
+                false => Unit::whole(payload),
+                true => Unit {
+                    decoded: Some(self.parse(payload)),
+                    ..Unit::whole(payload)
+                },
+            }];
+        }
+        let elements: Vec<&RawValue> = match serde_json::from_slice(payload) {
+            Ok(e) => e,
+            Err(e) => {
+                return vec![Unit::refused(payload.clone(), DecodeError::NotJson(e.to_string()),
+                )]
+            }
+        };
+        if elements.is_empty() {
+            return vec![Unit::refused(payload.clone(), DecodeError::NoReadings("an empty array holds no reading".into()),
+            )];
+        }
+        let n = elements.len();
+        let base = payload.as_ptr() as usize;
+        let mut merged = Merger::default();
+        for (k, e) in elements.into_iter().enumerate() {
+            let text = e.get();
+            let start = text.as_ptr() as usize - base;
+            let raw = payload.slice(start..start + text.len());
+            let label = format!("element {} of {n}", k + 1);
+            match self.parse(&raw) {
+                Ok(p) => merged.add(topic, raw, label, p),
+                Err(e) => merged.units.push(Unit::refused_part(raw, Some(label), e)),
+            }
+        }
+        merged.finish(self)
+    }
+
+    /// `{"value": ...}`: a JSON scalar as it was written (numbers keep their digits), anything
+    /// else the text itself, trimmed.
+    fn value(&self, payload: &Bytes) -> Unit {
+        let Ok(text) = std::str::from_utf8(payload) else {
+            return Unit::refused(payload.clone(), DecodeError::NotUtf8);
+        };
+        let t = text.trim();
+        if t.is_empty() {
+            let e = DecodeError::NoReadings("an empty payload holds no value".into());
+            return Unit::refused(payload.clone(), e);
+        }
+        let object = match serde_json::from_str::<Value>(t) {
+            Ok(_) => format!("{{\"value\":{t}}}"),
+            Err(_) => {
+                let mut m = Map::new();
+                m.insert("value".into(), Value::String(t.to_string()));
+                Value::Object(m).to_string()
+            }
+        };
+        let reading = Bytes::from(object);
+        let decoded = self.parse(&reading);
+        Unit {
+            payload: reading,
+            raw: payload.clone(),
+            label: None,
+            decoded: Some(decoded),
+        }
+    }
+
+    /// RFC 8428: base fields carried forward, names `bn + n`, times `bt + t` (below 2^28:
+    /// relative to receipt; 0: the receipt itself), values `bv + v`, sums `bs + s`. The records
+    /// of one device at one instant are one reading.
+    fn senml(&self, payload: &Bytes, received_at: DateTime<Utc>) -> Vec<Unit> {
+        let topic = self.topic;
+        let bad = |m: String| vec![Unit::refused(payload.clone(), DecodeError::BadSenml(m))];
+        let records: Vec<Map<String, Value>> = match serde_json::from_slice::<Value>(payload) {
+            Ok(Value::Array(items)) => {
+                let mut out = Vec::with_capacity(items.len());
+                for (k, item) in items.into_iter().enumerate() {
+                    match item {
+                        Value::Object(o) => out.push(o),
+                        other => {
+                            return bad(format!(
+                                "record {} is {}, not an object",
+                                k + 1,
+                                crate::kind(&other)
+                            ))
+                        }
+                    }
+                }
+                out
+            }
+            Ok(other) => {
+                return bad(format!(
+                    "a SenML pack is a JSON array of records, got {}",
+                    crate::kind(&other)
+                ))
+            }
+            Err(e) => {
+                return vec![Unit::refused(payload.clone(), DecodeError::NotJson(e.to_string()),
+                )]
+            }
+        };
+        let n = records.len();
+        let topic_device = self.pattern.device_id(topic).map(str::to_string);
+        let mut base = Base::default();
+        let mut groups: Vec<Group> = Vec::new();
+        let mut units = Vec::new();
+        for (k, r) in records.iter().enumerate() {
+            let label = format!("record {} of {n}", k + 1);
+            let resolved = match base.resolve(r, received_at) {
+                Ok(Some(x)) => x,
+                Ok(None) => continue,
+                Err(m) => {
+                    let raw = Bytes::from(Value::Array(vec![Value::Object(r.clone())]).to_string());
+                    units.push(Unit::refused_part(raw, Some(label), DecodeError::BadSenml(m)));
+                    continue;
+                }
+            };
+            let (device, field) = match &topic_device {
+                Some(d) => (Some(d.clone()), format!("{}{}", resolved.bn, resolved.n)),
+                None => {
+                    let d = resolved.bn.trim_end_matches([':', '/']).to_string();
+                    (Some(d).filter(|d| !d.is_empty()), resolved.n.clone())
+                }
+            };
+            let field = if field.is_empty() { "value".to_string() } else { field };
+            let mut fields = Vec::with_capacity(3);
+            if !resolved.value.is_null() {
+                fields.push((field.clone(), resolved.value.clone()));
+            }
+            if let Some(s) = &resolved.sum {
+                fields.push((format!("{field}_sum"), s.clone()));
+            }
+            if let Some(u) = &resolved.unit {
+                fields.push((format!("{field}_unit"), Value::String(u.clone())));
+            }
+            let at = groups
+                .iter()
+                .position(|g| g.device == device && g.time == resolved.time && g.agrees(&fields));
+            let g = match at {
+                Some(i) => &mut groups[i],
+                None => {
+                    groups.push(Group {
+                        device: device.clone(),
+                        time: resolved.time,
+                        fields: Map::new(),
+                        records: Vec::new(),
+                        labels: Vec::new(),
+                    });
+                    groups.last_mut().expect("just pushed")
+                }
+            };
+            g.fields.extend(fields);
+            g.records.push(resolved.record());
+            g.labels.push(k + 1);
+        }
+        for g in groups {
+            let mut object = g.fields;
+            if let Some(t) = g.time {
+                object.insert(
+                    "ts".into(),
+                    Value::String(t.to_rfc3339_opts(SecondsFormat::Micros, true)),
+                );
+            }
+            if topic_device.is_none() {
+                if let Some(d) = &g.device {
+                    object.insert("device_id".into(), Value::String(d.clone()));
+                }
+            }
+            let reading = Bytes::from(Value::Object(object).to_string());
+            let raw = Bytes::from(Value::Array(g.records).to_string());
+            let label = records_label(&g.labels, n);
+            let decoded = match contains_nul_escape(&reading) {
+                true => Err(DecodeError::NulEscape),
+                false => self.parse(&reading),
+            };
+            units.push(Unit {
+                payload: reading,
+                raw,
+                label: Some(label),
+                decoded: Some(decoded),
+            });
+        }
+        if units.is_empty() {
+            let e = DecodeError::NoReadings("the SenML pack holds no value".into());
+            return vec![Unit::refused(payload.clone(), e)];
+        }
+        units
+    }
+}
+
+fn records_label(labels: &[usize], n: usize) -> String {
+    let list: Vec<String> = labels.iter().map(usize::to_string).collect();
+    let word = if labels.len() == 1 { "record" } else { "records" };
+    format!("{word} {} of {n}", list.join(", "))
+}
+
+/// Array elements grouped by device and instant: an element joins the first reading of its
+/// device and instant whose fields it agrees with (the same value for every field both have).
+#[derive(Default)]
+struct Merger {
+    units: Vec<Unit>,
+    /// (device, time) -> indexes of `pending` for that key.
+    keys: BTreeMap<(String, Option<DateTime<Utc>>), Vec<usize>>,
+    pending: Vec<Pending>,
+}
+
+struct Pending {
+    raw: Bytes,
+    labels: Vec<String>,
+    parsed: Parsed,
+    /// Merged fields, once a second element joined.
+    merged: Option<Map<String, Value>>,
+}
+
+impl Merger {
+    fn add(&mut self, topic: &str, raw: Bytes, label: String, p: Parsed) {
+        let key = match (&p.device_id, &p.timestamp, p.reading_error(topic)) {
+            (Some(d), Ok(t), None) => (d.clone(), *t),
+            // Not a reading for `telemetry` (a route may still take it): kept alone.
+            _ => {
+                self.units.push(Unit {
+                    payload: raw.clone(),
+                    raw,
+                    label: Some(label),
+                    decoded: Some(Ok(p)),
+                });
+                return;
+            }
+        };
+        let object = p.object.clone().unwrap_or_default();
+        let same = self.keys.entry(key).or_default();
+        for &i in same.iter() {
+            let into = &mut self.pending[i];
+            let fields = into
+                .merged
+                .get_or_insert_with(|| into.parsed.object.clone().unwrap_or_default());
+            if object.iter().all(|(k, v)| fields.get(k).is_none_or(|w| w == v)) {
+                fields.extend(object);
+                into.labels.push(label);
+                return;
+            }
+        }
+        same.push(self.pending.len());
+        self.pending.push(Pending {
+            raw,
+            labels: vec![label],
+            parsed: p,
+            merged: None,
+        });
+    }
+
+    fn finish(mut self, reader: &Reader<'_>) -> Vec<Unit> {
+        for p in self.pending {
+            match p.merged {
+                None => self.units.push(Unit {
+                    payload: p.raw.clone(),
+                    raw: p.raw,
+                    label: p.labels.into_iter().next(),
+                    decoded: Some(Ok(p.parsed)),
+                }),
+                Some(fields) => {
+                    let text = Bytes::from(Value::Object(fields).to_string());
+                    let labels: Vec<&str> = p
+                        .labels
+                        .iter()
+                        .map(|l| l.split(" of ").next().unwrap_or(l))
+                        .collect();
+                    let of = p.labels[0].split(" of ").nth(1).unwrap_or("");
+                    self.units.push(Unit {
+                        decoded: Some(reader.parse(&text)),
+                        payload: text.clone(),
+                        raw: text,
+                        label: Some(format!("{} of {of}", labels.join(", "))),
+                    });
+                }
+            }
+        }
+        self.units
+    }
+}
+
+/// SenML's base fields in effect.
+#[derive(Default)]
+struct Base {
+    bn: String,
+    bt: f64,
+    bu: Option<String>,
+    bv: f64,
+    bs: f64,
+}
+
+/// One record with its base fields applied.
+struct Resolved {
+    bn: String,
+    n: String,
+    /// `None`: the receipt instant (timed by it, like any reading without a timestamp).
+    time: Option<DateTime<Utc>>,
+    value: Value,
+    sum: Option<Value>,
+    unit: Option<String>,
+}
+
+impl Resolved {
+    /// This record alone, its base fields resolved: a pack that reads back into the same values.
+    fn record(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("bn".into(), Value::String(self.bn.clone()));
+        m.insert("n".into(), Value::String(self.n.clone()));
+        if let Some(t) = self.time {
+            let secs = t.timestamp_micros() as f64 / 1e6;
+            m.insert("t".into(), number(secs));
+        }
+        match &self.value {
+            Value::Null => {}
+            v @ Value::Number(_) => {
+                m.insert("v".into(), v.clone());
+            }
+            Value::Bool(b) => {
+                m.insert("vb".into(), Value::Bool(*b));
+            }
+            v => {
+                m.insert("vs".into(), v.clone());
+            }
+        }
+        if let Some(s) = &self.sum {
+            m.insert("s".into(), s.clone());
+        }
+        if let Some(u) = &self.unit {
+            m.insert("u".into(), Value::String(u.clone()));
+        }
+        Value::Object(m)
+    }
+}
+
+fn number(f: f64) -> Value {
+    Number::from_f64(f).map_or(Value::Null, Value::Number)
+}
+
+/// Below this, a SenML time is relative to now (RFC 8428, 4.5.3).
+const RELATIVE_LIMIT: f64 = 268_435_456.0;
+
+impl Base {
+    /// Applies `r`'s base fields, then resolves its own; `None` for a record with no value and
+    /// no sum (base fields only).
+    fn resolve(
+        &mut self,
+        r: &Map<String, Value>,
+        received_at: DateTime<Utc>,
+    ) -> Result<Option<Resolved>, String> {
+        let num = |k: &str| -> Result<Option<f64>, String> {
+            match r.get(k) {
+                None => Ok(None),
+                Some(Value::Number(n)) => n
+                    .as_f64()
+                    .filter(|f| f.is_finite())
+                    .map(Some)
+                    .ok_or_else(|| format!("{k} is not a finite number")),
+                Some(other) => Err(format!("{k} must be a number, got {}", crate::kind(other))),
+            }
+        };
+        let text = |k: &str| -> Result<Option<String>, String> {
+            match r.get(k) {
+                None => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.clone())),
+                Some(other) => Err(format!("{k} must be a string, got {}", crate::kind(other))),
+            }
+        };
+        if let Some(v) = num("bver")? {
+            if v > 10.0 {
+                return Err(format!("bver {v} is a SenML version this reader does not know"));
+            }
+        }
+        if let Some(bn) = text("bn")? {
+            self.bn = bn;
+        }
+        if let Some(bt) = num("bt")? {
+            self.bt = bt;
+        }
+        if let Some(bu) = text("bu")? {
+            self.bu = Some(bu);
+        }
+        if let Some(bv) = num("bv")? {
+            self.bv = bv;
+        }
+        if let Some(bs) = num("bs")? {
+            self.bs = bs;
+        }
+        let value = if let Some(v) = num("v")? {
+            number(self.bv + v)
+        } else if let Some(vs) = text("vs")? {
+            Value::String(vs)
+        } else if let Some(vd) = text("vd")? {
+            Value::String(vd)
+        } else {
+            match r.get("vb") {
+                None => Value::Null,
+                Some(Value::Bool(b)) => Value::Bool(*b),
+                Some(other) => return Err(format!("vb must be a boolean, got {}", crate::kind(other))),
+            }
+        };
+        let sum = num("s")?.map(|s| number(self.bs + s));
+        if value.is_null() && sum.is_none() {
+            return Ok(None);
+        }
+        let n = text("n")?.unwrap_or_default();
+        let t = self.bt + num("t")?.unwrap_or(0.0);
+        let time = if t == 0.0 {
+            None
+        } else if t.abs() < RELATIVE_LIMIT {
+            let offset = Duration::microseconds((t * 1e6).round() as i64);
+            Some(received_at + offset)
+        } else {
+            Some(timestamp_value(&number(t)).map_err(|e| format!("time: {e}"))?)
+        };
+        Ok(Some(Resolved {
+            bn: self.bn.clone(),
+            n,
+            time,
+            value,
+            sum,
+            unit: text("u")?.or_else(|| self.bu.clone()),
+        }))
+    }
+}
+
+/// A reading being gathered from the records of one device at one instant.
+struct Group {
+    device: Option<String>,
+    time: Option<DateTime<Utc>>,
+    fields: Map<String, Value>,
+    records: Vec<Value>,
+    labels: Vec<usize>,
+}
+
+impl Group {
+    /// Whether `fields` can join without changing a value already here.
+    fn agrees(&self, fields: &[(String, Value)]) -> bool {
+        fields
+            .iter()
+            .all(|(k, v)| self.fields.get(k).is_none_or(|w| w == v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).single().expect("valid")
+    }
+
+    fn decoder(format: Format, filter: &str) -> Decoder {
+        Decoder::new("devices/{device_id}/#", 1 << 20).with_formats(&[FormatSpec {
+            topics: vec![filter.into()],
+            format,
+            device_topic_pattern: None,
+        }])
+    }
+
+    fn texts(units: &[Unit]) -> Vec<String> {
+        units
+            .iter()
+            .map(|u| String::from_utf8_lossy(&u.payload).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn filters_match_like_a_broker() {
+        for (f, t, want) in [
+            ("a/+/c", "a/b/c", true),
+            ("a/#", "a", true),
+            ("a/#", "a/b/c", true),
+            ("+/b", "a/b/c", false),
+            ("#", "$SYS/x", false),
+            ("$SYS/#", "$SYS/x", true),
+            ("a/b", "a/b/", false),
+        ] {
+            assert_eq!(topic_matches(f, t), want, "{f} {t}");
+        }
+    }
+
+    #[test]
+    fn bare_values_keep_their_type_and_digits() {
+        let d = decoder(Format::Value, "stat/#");
+        for (payload, want) in [
+            ("23.5", r#"{"value":23.5}"#),
+            (" true\n", r#"{"value":true}"#),
+            ("ON", r#"{"value":"ON"}"#),
+            ("\"ON\"", r#"{"value":"ON"}"#),
+            ("123456789012345678901234567890", r#"{"value":123456789012345678901234567890}"#),
+            ("1e400", r#"{"value":"1e400"}"#),
+            ("NaN", r#"{"value":"NaN"}"#),
+            ("say \"hi\"", r#"{"value":"say \"hi\""}"#),
+        ] {
+            let u = d.units("stat/plug-1/POWER", &Bytes::from(payload), now());
+            assert_eq!(texts(&u), [want], "{payload}");
+            assert_eq!(&u[0].raw[..], payload.as_bytes(), "the dead letter keeps the bytes");
+        }
+        let own = Decoder::new("devices/{device_id}/#", 1 << 20).with_formats(&[FormatSpec {
+            topics: vec!["stat/+/POWER".into()],
+            format: Format::Value,
+            device_topic_pattern: Some("stat/{device_id}/POWER".into()),
+        }]);
+        let u = own.units("stat/plug-1/POWER", &Bytes::from_static(b"ON"), now());
+        let parsed = u[0].decoded.clone().expect("decoded").expect("a reading");
+        assert_eq!(parsed.device_id.as_deref(), Some("plug-1"), "the entry's own pattern");
+        let u = d.units("stat/x", &Bytes::from_static(b"\xff\xfe"), now());
+        assert!(matches!(u[0].decoded, Some(Err(DecodeError::NotUtf8))));
+        let u = d.units("stat/x", &Bytes::from_static(b"  "), now());
+        assert!(matches!(u[0].decoded, Some(Err(DecodeError::NoReadings(_)))));
+        let u = d.units("stat/x", &Bytes::from_static(b"a\0b"), now());
+        assert!(matches!(u[0].decoded, Some(Err(DecodeError::NulEscape))), "{u:?}");
+    }
+
+    #[test]
+    fn arrays_are_one_reading_per_element_and_one_instant_of_one_device_is_one_reading() {
+        let d = Decoder::new("devices/{device_id}/#", 1 << 20);
+        let body = br#"[{"device_id":"a","ts":1700000000,"t":1},{"device_id":"b","ts":1700000000,"t":2},
+            {"device_id":"a","ts":1700000000,"h":5}, 7, {"device_id":"a","ts":1700000000,"t":9}, {"x":1}]"#;
+        let u = d.units("gw/1/up", &Bytes::from_static(body), now());
+        let t = texts(&u);
+        // 7 refused; {"x":1} has no device id (kept alone for routes); a@ts merged (t and h);
+        // a third element of a@ts with another t is a reading of its own (a real conflict).
+        assert_eq!(u.len(), 5, "{t:?}");
+        assert!(t.contains(&r#"{"device_id":"a","h":5,"t":1,"ts":1700000000}"#.to_string()), "{t:?}");
+        let seven = u.iter().find(|u| &u.raw[..] == b"7").expect("7");
+        assert_eq!(seven.label.as_deref(), Some("element 4 of 6"));
+        assert!(matches!(seven.decoded, Some(Err(DecodeError::NotObject(_)))));
+        let merged = u.iter().find(|u| u.label.as_deref() == Some("element 1, element 3 of 6"));
+        assert!(merged.is_some(), "{:?}", u.iter().map(|u| &u.label).collect::<Vec<_>>());
+        let u = d.units("gw/1/up", &Bytes::from_static(b" [] "), now());
+        assert!(matches!(u[0].decoded, Some(Err(DecodeError::NoReadings(_)))));
+        let u = d.units("gw/1/up", &Bytes::from_static(b"[[{}]]"), now());
+        assert!(matches!(u[0].decoded, Some(Err(DecodeError::NotObject(_)))));
+        let u = d.units("devices/x/y", &Bytes::from_static(br#"{"a":1}"#), now());
+        assert!(u[0].decoded.is_none(), "an object is the writer's to decode, as always");
+    }
+
+    #[test]
+    fn senml_resolves_base_fields_and_groups_by_device_and_instant() {
+        let d = decoder(Format::Senml, "senml/#");
+        let pack = br#"[{"bn":"urn:dev:ow:10e2073a01080063:","bt":1.320067464e+09,"bu":"%RH","v":20},
+            {"u":"lon","v":24.30621},{"n":"lat","u":"lat","v":50.048972},
+            {"n":"temp","t":60,"u":"Cel","v":23.1},{"n":"on","vb":true}]"#;
+        let u = d.units("senml/gw", &Bytes::from_static(pack), now());
+        let t = texts(&u);
+        // The unnamed first record and the `lon` one share a name (`value`, from bn alone) at
+        // one instant with different values: two readings of one key, which the database
+        // settles (a conflict); every other record of that instant joined the first.
+        assert_eq!(u.len(), 3, "{t:?}");
+        assert!(t[0].contains(r#""device_id":"urn:dev:ow:10e2073a01080063""#), "{t:?}");
+        assert!(t[0].contains(r#""lat":50.048972"#) && t[0].contains(r#""on":true"#), "{t:?}");
+        assert!(t[0].contains(r#""ts":"2011-10-31T13:24:24.000000Z""#), "{t:?}");
+        assert!(t[2].contains(r#""temp":23.1"#) && t[2].contains(r#""temp_unit":"Cel""#), "{t:?}");
+        for unit in &u {
+            assert!(matches!(unit.decoded, Some(Ok(_))), "{unit:?}");
+            // Each reading's dead letter is a pack that reads back into the same reading.
+            let again = d.units("senml/gw", &unit.raw, now());
+            assert_eq!(texts(&again), [String::from_utf8_lossy(&unit.payload)]);
+        }
+        let only_base = d.units("senml/gw", &Bytes::from_static(br#"[{"bn":"x:"}]"#), now());
+        assert!(matches!(only_base[0].decoded, Some(Err(DecodeError::NoReadings(_)))));
+        let d2 = decoder(Format::Senml, "devices/+/senml");
+        let now_pack = d2.units("devices/m1/senml", &Bytes::from_static(br#"[{"n":"a","v":1},{"n":"b","v":2}]"#), now());
+        assert_eq!(texts(&now_pack), [r#"{"a":1.0,"b":2.0}"#], "no time: the receipt's, one reading");
+        for bad in [&b"{}"[..], b"[1]", br#"[{"bt":"x","v":1}]"#, br#"[{"v":1,"t":1e300}]"#] {
+            let u = d.units("senml/gw", &Bytes::copy_from_slice(bad), now());
+            assert!(u.iter().all(|u| matches!(u.decoded, Some(Err(_)))), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+}
