@@ -120,10 +120,8 @@ async fn every_corpus_payload_ends_as_its_readme_says_and_the_stream_never_stall
     );
 
     let mut c = Cluster::start().await.expect("servers");
-    c.extra_env.push((
-        "MQTT_TOPICS",
-        "devices/#,gw/#,value/#,senml/#".to_string(),
-    ));
+    c.extra_env
+        .push(("MQTT_TOPICS", "devices/#,gw/#,value/#,senml/#".to_string()));
     let res = async {
         let file = c.logs.path().join("formats.toml");
         std::fs::write(&file, FORMATS)?;
@@ -171,8 +169,12 @@ async fn every_corpus_payload_ends_as_its_readme_says_and_the_stream_never_stall
             let e = &case.expected;
             let ok = stored.len() == e.rows
                 && dead.len() == e.dead
-                && e.device.as_ref().is_none_or(|d| stored.iter().all(|s| s == d))
-                && e.reason.as_ref().is_none_or(|r| dead.iter().all(|(d, _)| d == r));
+                && e.device
+                    .as_ref()
+                    .is_none_or(|d| stored.iter().all(|s| s == d))
+                && e.reason
+                    .as_ref()
+                    .is_none_or(|r| dead.iter().all(|(d, _)| d == r));
             if !ok {
                 wrong.push(format!(
                     "{}: expected {:?}, got rows {stored:?} and dead letters {dead:?}",

@@ -75,7 +75,9 @@ impl ClusterSettings {
                 }
             }
         }
-        out.push_str(&crate::formats::to_toml(self.formats.as_deref().unwrap_or_default()));
+        out.push_str(&crate::formats::to_toml(
+            self.formats.as_deref().unwrap_or_default(),
+        ));
         out
     }
 

@@ -78,7 +78,8 @@ pub(crate) fn take(
             }
         }
         for t in &spec.topics {
-            validate_filter(t).map_err(|reason| err(entry.clone(), format!("topic {t:?}: {reason}")))?;
+            validate_filter(t)
+                .map_err(|reason| err(entry.clone(), format!("topic {t:?}: {reason}")))?;
         }
         out.push(spec);
     }
@@ -93,7 +94,10 @@ pub(crate) fn to_toml(formats: &[FormatSpec]) -> String {
     }
     match formats.is_empty() {
         true => String::new(),
-        false => format!("\n{}", toml::to_string(&Doc { formats }).unwrap_or_default()),
+        false => format!(
+            "\n{}",
+            toml::to_string(&Doc { formats }).unwrap_or_default()
+        ),
     }
 }
 

@@ -8,9 +8,9 @@ use figment::value::{Dict, Empty, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 
 use crate::routes::{self, RawRoutes, RouteSpec};
-use crate::FormatSpec;
 use crate::settings::{self, in_section, ClusterValues, NodeSettings};
 use crate::ClusterSettings;
+use crate::FormatSpec;
 use crate::{redact, shown_value, ConfigError, Origin};
 
 /// The merged layers before parsing.

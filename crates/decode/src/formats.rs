@@ -94,7 +94,11 @@ impl Decoder {
         received_at: DateTime<Utc>,
     ) -> Vec<Result<(), String>> {
         if payload.len() > self.max_payload_bytes {
-            return vec![Err(self.check_size(payload).err().map(|e| e.to_string()).unwrap_or_default())];
+            return vec![Err(self
+                .check_size(payload)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default())];
         }
         self.units(topic, payload, received_at)
             .into_iter()
@@ -120,7 +124,12 @@ impl Decoder {
     pub fn with_formats(mut self, formats: &[FormatSpec]) -> Self {
         self.formats = formats
             .iter()
-            .map(|f| (f.clone(), f.device_topic_pattern.as_deref().map(TopicPattern::new)))
+            .map(|f| {
+                (
+                    f.clone(),
+                    f.device_topic_pattern.as_deref().map(TopicPattern::new),
+                )
+            })
             .collect();
         self
     }
@@ -189,12 +198,16 @@ impl Reader<'_> {
         let elements: Vec<&RawValue> = match serde_json::from_slice(payload) {
             Ok(e) => e,
             Err(e) => {
-                return vec![Unit::refused(payload.clone(), DecodeError::NotJson(e.to_string()),
+                return vec![Unit::refused(
+                    payload.clone(),
+                    DecodeError::NotJson(e.to_string()),
                 )]
             }
         };
         if elements.is_empty() {
-            return vec![Unit::refused(payload.clone(), DecodeError::NoReadings("an empty array holds no reading".into()),
+            return vec![Unit::refused(
+                payload.clone(),
+                DecodeError::NoReadings("an empty array holds no reading".into()),
             )];
         }
         let n = elements.len();
@@ -272,7 +285,9 @@ impl Reader<'_> {
                 ))
             }
             Err(e) => {
-                return vec![Unit::refused(payload.clone(), DecodeError::NotJson(e.to_string()),
+                return vec![Unit::refused(
+                    payload.clone(),
+                    DecodeError::NotJson(e.to_string()),
                 )]
             }
         };
@@ -288,7 +303,11 @@ impl Reader<'_> {
                 Ok(None) => continue,
                 Err(m) => {
                     let raw = Bytes::from(Value::Array(vec![Value::Object(r.clone())]).to_string());
-                    units.push(Unit::refused_part(raw, Some(label), DecodeError::BadSenml(m)));
+                    units.push(Unit::refused_part(
+                        raw,
+                        Some(label),
+                        DecodeError::BadSenml(m),
+                    ));
                     continue;
                 }
             };
@@ -299,7 +318,11 @@ impl Reader<'_> {
                     (Some(d).filter(|d| !d.is_empty()), resolved.n.clone())
                 }
             };
-            let field = if field.is_empty() { "value".to_string() } else { field };
+            let field = if field.is_empty() {
+                "value".to_string()
+            } else {
+                field
+            };
             let mut fields = Vec::with_capacity(3);
             if !resolved.value.is_null() {
                 fields.push((field.clone(), resolved.value.clone()));
@@ -367,7 +390,11 @@ impl Reader<'_> {
 
 fn records_label(labels: &[usize], n: usize) -> String {
     let list: Vec<String> = labels.iter().map(usize::to_string).collect();
-    let word = if labels.len() == 1 { "record" } else { "records" };
+    let word = if labels.len() == 1 {
+        "record"
+    } else {
+        "records"
+    };
     format!("{word} {} of {n}", list.join(", "))
 }
 
@@ -411,7 +438,10 @@ impl Merger {
             let fields = into
                 .merged
                 .get_or_insert_with(|| into.parsed.object.clone().unwrap_or_default());
-            if object.iter().all(|(k, v)| fields.get(k).is_none_or(|w| w == v)) {
+            if object
+                .iter()
+                .all(|(k, v)| fields.get(k).is_none_or(|w| w == v))
+            {
                 fields.extend(object);
                 into.labels.push(label);
                 return;
@@ -544,7 +574,9 @@ impl Base {
         };
         if let Some(v) = num("bver")? {
             if v > 10.0 {
-                return Err(format!("bver {v} is a SenML version this reader does not know"));
+                return Err(format!(
+                    "bver {v} is a SenML version this reader does not know"
+                ));
             }
         }
         if let Some(bn) = text("bn")? {
@@ -572,7 +604,9 @@ impl Base {
             match r.get("vb") {
                 None => Value::Null,
                 Some(Value::Bool(b)) => Value::Bool(*b),
-                Some(other) => return Err(format!("vb must be a boolean, got {}", crate::kind(other))),
+                Some(other) => {
+                    return Err(format!("vb must be a boolean, got {}", crate::kind(other)))
+                }
             }
         };
         let sum = num("s")?.map(|s| number(self.bs + s));
@@ -624,7 +658,9 @@ mod tests {
     use chrono::TimeZone;
 
     fn now() -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).single().expect("valid")
+        Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5)
+            .single()
+            .expect("valid")
     }
 
     fn decoder(format: Format, filter: &str) -> Decoder {
@@ -665,14 +701,21 @@ mod tests {
             (" true\n", r#"{"value":true}"#),
             ("ON", r#"{"value":"ON"}"#),
             ("\"ON\"", r#"{"value":"ON"}"#),
-            ("123456789012345678901234567890", r#"{"value":123456789012345678901234567890}"#),
+            (
+                "123456789012345678901234567890",
+                r#"{"value":123456789012345678901234567890}"#,
+            ),
             ("1e400", r#"{"value":"1e400"}"#),
             ("NaN", r#"{"value":"NaN"}"#),
             ("say \"hi\"", r#"{"value":"say \"hi\""}"#),
         ] {
             let u = d.units("stat/plug-1/POWER", &Bytes::from(payload), now());
             assert_eq!(texts(&u), [want], "{payload}");
-            assert_eq!(&u[0].raw[..], payload.as_bytes(), "the dead letter keeps the bytes");
+            assert_eq!(
+                &u[0].raw[..],
+                payload.as_bytes(),
+                "the dead letter keeps the bytes"
+            );
         }
         let own = Decoder::new("devices/{device_id}/#", 1 << 20).with_formats(&[FormatSpec {
             topics: vec!["stat/+/POWER".into()],
@@ -681,13 +724,23 @@ mod tests {
         }]);
         let u = own.units("stat/plug-1/POWER", &Bytes::from_static(b"ON"), now());
         let parsed = u[0].decoded.clone().expect("decoded").expect("a reading");
-        assert_eq!(parsed.device_id.as_deref(), Some("plug-1"), "the entry's own pattern");
+        assert_eq!(
+            parsed.device_id.as_deref(),
+            Some("plug-1"),
+            "the entry's own pattern"
+        );
         let u = d.units("stat/x", &Bytes::from_static(b"\xff\xfe"), now());
         assert!(matches!(u[0].decoded, Some(Err(DecodeError::NotUtf8))));
         let u = d.units("stat/x", &Bytes::from_static(b"  "), now());
-        assert!(matches!(u[0].decoded, Some(Err(DecodeError::NoReadings(_)))));
+        assert!(matches!(
+            u[0].decoded,
+            Some(Err(DecodeError::NoReadings(_)))
+        ));
         let u = d.units("stat/x", &Bytes::from_static(b"a\0b"), now());
-        assert!(matches!(u[0].decoded, Some(Err(DecodeError::NulEscape))), "{u:?}");
+        assert!(
+            matches!(u[0].decoded, Some(Err(DecodeError::NulEscape))),
+            "{u:?}"
+        );
     }
 
     #[test]
@@ -700,24 +753,43 @@ mod tests {
         // 7 refused; {"x":1} has no device id (kept alone for routes); a@ts merged (t and h);
         // a third element of a@ts with another t is a reading of its own (a real conflict).
         assert_eq!(u.len(), 5, "{t:?}");
-        assert!(t.contains(&r#"{"device_id":"a","h":5,"t":1,"ts":1700000000}"#.to_string()), "{t:?}");
+        assert!(
+            t.contains(&r#"{"device_id":"a","h":5,"t":1,"ts":1700000000}"#.to_string()),
+            "{t:?}"
+        );
         let seven = u.iter().find(|u| &u.raw[..] == b"7").expect("7");
         assert_eq!(seven.label.as_deref(), Some("element 4 of 6"));
-        assert!(matches!(seven.decoded, Some(Err(DecodeError::NotObject(_)))));
-        let merged = u.iter().find(|u| u.label.as_deref() == Some("element 1, element 3 of 6"));
-        assert!(merged.is_some(), "{:?}", u.iter().map(|u| &u.label).collect::<Vec<_>>());
+        assert!(matches!(
+            seven.decoded,
+            Some(Err(DecodeError::NotObject(_)))
+        ));
+        let merged = u
+            .iter()
+            .find(|u| u.label.as_deref() == Some("element 1, element 3 of 6"));
+        assert!(
+            merged.is_some(),
+            "{:?}",
+            u.iter().map(|u| &u.label).collect::<Vec<_>>()
+        );
         let u = d.units("gw/1/up", &Bytes::from_static(b" [] "), now());
-        assert!(matches!(u[0].decoded, Some(Err(DecodeError::NoReadings(_)))));
+        assert!(matches!(
+            u[0].decoded,
+            Some(Err(DecodeError::NoReadings(_)))
+        ));
         let u = d.units("gw/1/up", &Bytes::from_static(b"[[{}]]"), now());
         assert!(matches!(u[0].decoded, Some(Err(DecodeError::NotObject(_)))));
         let u = d.units("devices/x/y", &Bytes::from_static(br#"{"a":1}"#), now());
-        assert!(u[0].decoded.is_none(), "an object is the writer's to decode, as always");
+        assert!(
+            u[0].decoded.is_none(),
+            "an object is the writer's to decode, as always"
+        );
     }
 
     #[test]
     fn senml_resolves_base_fields_and_groups_by_device_and_instant() {
         let d = decoder(Format::Senml, "senml/#");
-        let pack = br#"[{"bn":"urn:dev:ow:10e2073a01080063:","bt":1.320067464e+09,"bu":"%RH","v":20},
+        let pack =
+            br#"[{"bn":"urn:dev:ow:10e2073a01080063:","bt":1.320067464e+09,"bu":"%RH","v":20},
             {"u":"lon","v":24.30621},{"n":"lat","u":"lat","v":50.048972},
             {"n":"temp","t":60,"u":"Cel","v":23.1},{"n":"on","vb":true}]"#;
         let u = d.units("senml/gw", &Bytes::from_static(pack), now());
@@ -726,10 +798,22 @@ mod tests {
         // one instant with different values: two readings of one key, which the database
         // settles (a conflict); every other record of that instant joined the first.
         assert_eq!(u.len(), 3, "{t:?}");
-        assert!(t[0].contains(r#""device_id":"urn:dev:ow:10e2073a01080063""#), "{t:?}");
-        assert!(t[0].contains(r#""lat":50.048972"#) && t[0].contains(r#""on":true"#), "{t:?}");
-        assert!(t[0].contains(r#""ts":"2011-10-31T13:24:24.000000Z""#), "{t:?}");
-        assert!(t[2].contains(r#""temp":23.1"#) && t[2].contains(r#""temp_unit":"Cel""#), "{t:?}");
+        assert!(
+            t[0].contains(r#""device_id":"urn:dev:ow:10e2073a01080063""#),
+            "{t:?}"
+        );
+        assert!(
+            t[0].contains(r#""lat":50.048972"#) && t[0].contains(r#""on":true"#),
+            "{t:?}"
+        );
+        assert!(
+            t[0].contains(r#""ts":"2011-10-31T13:24:24.000000Z""#),
+            "{t:?}"
+        );
+        assert!(
+            t[2].contains(r#""temp":23.1"#) && t[2].contains(r#""temp_unit":"Cel""#),
+            "{t:?}"
+        );
         for unit in &u {
             assert!(matches!(unit.decoded, Some(Ok(_))), "{unit:?}");
             // Each reading's dead letter is a pack that reads back into the same reading.
@@ -737,13 +821,33 @@ mod tests {
             assert_eq!(texts(&again), [String::from_utf8_lossy(&unit.payload)]);
         }
         let only_base = d.units("senml/gw", &Bytes::from_static(br#"[{"bn":"x:"}]"#), now());
-        assert!(matches!(only_base[0].decoded, Some(Err(DecodeError::NoReadings(_)))));
+        assert!(matches!(
+            only_base[0].decoded,
+            Some(Err(DecodeError::NoReadings(_)))
+        ));
         let d2 = decoder(Format::Senml, "devices/+/senml");
-        let now_pack = d2.units("devices/m1/senml", &Bytes::from_static(br#"[{"n":"a","v":1},{"n":"b","v":2}]"#), now());
-        assert_eq!(texts(&now_pack), [r#"{"a":1.0,"b":2.0}"#], "no time: the receipt's, one reading");
-        for bad in [&b"{}"[..], b"[1]", br#"[{"bt":"x","v":1}]"#, br#"[{"v":1,"t":1e300}]"#] {
+        let now_pack = d2.units(
+            "devices/m1/senml",
+            &Bytes::from_static(br#"[{"n":"a","v":1},{"n":"b","v":2}]"#),
+            now(),
+        );
+        assert_eq!(
+            texts(&now_pack),
+            [r#"{"a":1.0,"b":2.0}"#],
+            "no time: the receipt's, one reading"
+        );
+        for bad in [
+            &b"{}"[..],
+            b"[1]",
+            br#"[{"bt":"x","v":1}]"#,
+            br#"[{"v":1,"t":1e300}]"#,
+        ] {
             let u = d.units("senml/gw", &Bytes::copy_from_slice(bad), now());
-            assert!(u.iter().all(|u| matches!(u.decoded, Some(Err(_)))), "{}", String::from_utf8_lossy(bad));
+            assert!(
+                u.iter().all(|u| matches!(u.decoded, Some(Err(_)))),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 }

@@ -245,8 +245,6 @@ impl Decoder {
         }
         Ok(())
     }
-
-
 }
 
 /// The device id (the topic's by `pattern`, else the payload's) and the timestamp.
