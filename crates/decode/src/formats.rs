@@ -8,7 +8,7 @@
 //! works on them: the message as received, an array's element, a SenML reading's records with
 //! their base fields resolved.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 
 use bytes::Bytes;
 use chrono::{DateTime, Duration, SecondsFormat, Utc};
@@ -295,6 +295,8 @@ impl Reader<'_> {
         let topic_device = self.pattern.device_id(topic).map(str::to_string);
         let mut base = Base::default();
         let mut groups: Vec<Group> = Vec::new();
+        // (device, time) -> the latest group with that key (the only one a record may join).
+        let mut latest: HashMap<(Option<String>, Option<DateTime<Utc>>), usize> = HashMap::new();
         let mut units = Vec::new();
         for (k, r) in records.iter().enumerate() {
             let label = format!("record {} of {n}", k + 1);
@@ -323,6 +325,14 @@ impl Reader<'_> {
             } else {
                 field
             };
+            if RESERVED.contains(&field.as_str()) {
+                let raw = Bytes::from(Value::Array(vec![resolved.record()]).to_string());
+                let e = DecodeError::BadSenml(format!(
+                    "the name {field:?} is the reading's own field (device id or timestamp), not a measurement's"
+                ));
+                units.push(Unit::refused_part(raw, Some(label), e));
+                continue;
+            }
             let mut fields = Vec::with_capacity(3);
             if !resolved.value.is_null() {
                 fields.push((field.clone(), resolved.value.clone()));
@@ -333,12 +343,15 @@ impl Reader<'_> {
             if let Some(u) = &resolved.unit {
                 fields.push((format!("{field}_unit"), Value::String(u.clone())));
             }
-            let at = groups
-                .iter()
-                .position(|g| g.device == device && g.time == resolved.time && g.agrees(&fields));
+            let key = (device.clone(), resolved.time);
+            let at = latest
+                .get(&key)
+                .copied()
+                .filter(|&i| groups[i].agrees(&fields));
             let g = match at {
                 Some(i) => &mut groups[i],
                 None => {
+                    latest.insert(key, groups.len());
                     groups.push(Group {
                         device: device.clone(),
                         time: resolved.time,
@@ -403,8 +416,8 @@ fn records_label(labels: &[usize], n: usize) -> String {
 #[derive(Default)]
 struct Merger {
     units: Vec<Unit>,
-    /// (device, time) -> indexes of `pending` for that key.
-    keys: BTreeMap<(String, Option<DateTime<Utc>>), Vec<usize>>,
+    /// (device, time) -> the latest of `pending` with that key.
+    keys: HashMap<(String, Option<DateTime<Utc>>), usize>,
     pending: Vec<Pending>,
 }
 
@@ -432,22 +445,20 @@ impl Merger {
             }
         };
         let object = p.object.clone().unwrap_or_default();
-        let same = self.keys.entry(key).or_default();
-        for &i in same.iter() {
+        // Only the latest reading of the key is tried: one comparison per element, however
+        // many elements an array has.
+        if let Some(&i) = self.keys.get(&key) {
             let into = &mut self.pending[i];
             let fields = into
                 .merged
                 .get_or_insert_with(|| into.parsed.object.clone().unwrap_or_default());
-            if object
-                .iter()
-                .all(|(k, v)| fields.get(k).is_none_or(|w| w == v))
-            {
+            if object.iter().all(|(k, v)| fields.get(k).is_none_or(|w| w == v)) {
                 fields.extend(object);
                 into.labels.push(label);
                 return;
             }
         }
-        same.push(self.pending.len());
+        self.keys.insert(key, self.pending.len());
         self.pending.push(Pending {
             raw,
             labels: vec![label],
@@ -542,6 +553,9 @@ impl Resolved {
 fn number(f: f64) -> Value {
     Number::from_f64(f).map_or(Value::Null, Value::Number)
 }
+
+/// Names a SenML record cannot have: the reading's own fields.
+const RESERVED: &[&str] = &["device_id", "ts", "timestamp"];
 
 /// Below this, a SenML time is relative to now (RFC 8428, 4.5.3).
 const RELATIVE_LIMIT: f64 = 268_435_456.0;
@@ -796,14 +810,15 @@ mod tests {
         let t = texts(&u);
         // The unnamed first record and the `lon` one share a name (`value`, from bn alone) at
         // one instant with different values: two readings of one key, which the database
-        // settles (a conflict); every other record of that instant joined the first.
+        // settles (a conflict); the records after `lon` at that instant joined its reading
+        // (the latest of the key).
         assert_eq!(u.len(), 3, "{t:?}");
         assert!(
             t[0].contains(r#""device_id":"urn:dev:ow:10e2073a01080063""#),
             "{t:?}"
         );
         assert!(
-            t[0].contains(r#""lat":50.048972"#) && t[0].contains(r#""on":true"#),
+            t[1].contains(r#""lat":50.048972"#) && t[1].contains(r#""on":true"#),
             "{t:?}"
         );
         assert!(

@@ -14,7 +14,9 @@
 use chrono::{Datelike, TimeZone, Utc};
 use serde_json::Value;
 
-use crate::{content_hash, DecodeError, Decoder, MAX_DEVICE_ID_LEN};
+use bytes::Bytes;
+
+use crate::{content_hash, DecodeError, Decoder, Format, FormatSpec, MAX_DEVICE_ID_LEN};
 
 /// Topics an input can be published on: the device in the topic, an empty or long device segment,
 /// a gateway topic (the device id is in the payload).
@@ -34,12 +36,73 @@ pub fn fuzz_one(data: &[u8]) {
     };
     let topic = TOPICS[usize::from(sel & 0x03)];
     let max = if sel & 0x04 == 0 { 256 * 1024 } else { 1024 };
-    check(
-        &Decoder::new("devices/{device_id}/#", max),
-        topic,
-        payload,
-        max,
+    let decoder = Decoder::new("devices/{device_id}/#", max);
+    check(&decoder, topic, payload, max);
+    // Bits 3-4: the format every topic is read with (json, value, senml, senml with the
+    // device id from the topic's own pattern).
+    let format = match (sel >> 3) & 0x03 {
+        0 => None,
+        1 => Some((Format::Value, None)),
+        2 => Some((Format::Senml, None)),
+        _ => Some((Format::Senml, Some("gw/{device_id}/#".to_string()))),
+    };
+    let decoder = match format {
+        None => decoder,
+        Some((format, device_topic_pattern)) => decoder.with_formats(&[FormatSpec {
+            topics: vec!["#".into()],
+            format,
+            device_topic_pattern,
+        }]),
+    };
+    check_units(&decoder, topic, payload, max);
+}
+
+/// The invariants of a message's readings ([`Decoder::units`]), whatever its format: at least
+/// one unit, the same twice; a reading is a JSON object without `\u0000`, its device id
+/// non-empty and bounded; and its dead letter's bytes read back into the very same reading (what
+/// `leasehold replay` relies on).
+pub fn check_units(decoder: &Decoder, topic: &str, payload: &[u8], max: usize) {
+    if payload.len() > max {
+        return; // refused whole before any format reads it
+    }
+    let at = Utc
+        .with_ymd_and_hms(2026, 1, 2, 3, 4, 5)
+        .single()
+        .expect("a valid instant");
+    let bytes = Bytes::copy_from_slice(payload);
+    let units = decoder.units(topic, &bytes, at);
+    assert!(!units.is_empty(), "a message with no unit at all");
+    let texts = |u: &[crate::Unit]| -> Vec<(Bytes, Bytes)> {
+        u.iter().map(|u| (u.payload.clone(), u.raw.clone())).collect()
+    };
+    assert_eq!(
+        texts(&units),
+        texts(&decoder.units(topic, &bytes, at)),
+        "not deterministic"
     );
+    for u in &units {
+        let decoded = match &u.decoded {
+            Some(d) => d.clone(),
+            None => decoder.parse(topic, &u.payload),
+        };
+        let Ok(p) = decoded else { continue };
+        let value: Value = serde_json::from_slice(&u.payload).expect("a reading is JSON");
+        assert!(value.is_object(), "a reading that is not an object");
+        assert!(!has_nul(&value), "a reading carries U+0000");
+        if p.reading_error(topic).is_some() {
+            continue;
+        }
+        let device = p.device_id.clone().unwrap_or_default();
+        assert!(!device.is_empty(), "empty device id");
+        assert!(device.chars().count() <= MAX_DEVICE_ID_LEN, "device id too long");
+        let back = decoder.units(topic, &u.raw, at);
+        assert!(
+            back.iter().any(|b| b.payload == u.payload),
+            "the dead letter's bytes {:?} do not read back into the reading {:?}",
+            String::from_utf8_lossy(&u.raw),
+            String::from_utf8_lossy(&u.payload)
+        );
+    }
 }
 
 /// The writer reads a payload with [`Decoder::parse_light`] (or [`Decoder::parse`] for a route
