@@ -901,7 +901,7 @@ async fn check_landed(db: &tokio_postgres::Client, sent: &[Sent], outcomes: &See
 
 const HOLDER: &str = "prop-holder";
 
-async fn migrated() -> Result<Postgres> {
+pub(crate) async fn migrated() -> Result<Postgres> {
     let pg = Postgres::start().await?;
     let mut c = leasehold_store::connect(&pg.url(), "test").await?;
     leasehold_store::migrate(&mut c).await?;
@@ -918,7 +918,11 @@ fn writer_config(pg: &Postgres, batch_rows: usize) -> WriterConfig {
     writer_config_with(pg, batch_rows, Decoder::new(PATTERN, MAX_PAYLOAD))
 }
 
-fn writer_config_with(pg: &Postgres, batch_rows: usize, decoder: Decoder) -> WriterConfig {
+pub(crate) fn writer_config_with(
+    pg: &Postgres,
+    batch_rows: usize,
+    decoder: Decoder,
+) -> WriterConfig {
     WriterConfig {
         database_url: pg.url(),
         instance_id: "prop".into(),
@@ -948,9 +952,19 @@ async fn write_through(
 
 /// [`write_through`] with a writer configured as `cfg` says.
 async fn write_with(cfg: WriterConfig, sent: &[(String, Vec<u8>)]) -> Result<Duration> {
+    let sent = sent
+        .iter()
+        .map(|(topic, payload)| Inbound::detached(topic, payload))
+        .collect();
+    write_inbound(cfg, sent).await
+}
+
+/// [`write_with`] for messages as the ingest hands them over (packet id, DUP flag).
+pub(crate) async fn write_inbound(cfg: WriterConfig, sent: Vec<Inbound>) -> Result<Duration> {
     let (tx, rx) = tokio::sync::mpsc::channel(sent.len().max(1));
-    for (topic, payload) in sent {
-        tx.try_send(Inbound::detached(topic, payload))
+    let n = sent.len();
+    for m in sent {
+        tx.try_send(m)
             .map_err(|_| anyhow::anyhow!("channel full"))?;
     }
     drop(tx);
@@ -977,10 +991,7 @@ async fn write_with(cfg: WriterConfig, sent: &[(String, Vec<u8>)]) -> Result<Dur
         Err(_) => {
             cancel.cancel();
             let _ = run.await;
-            bail!(
-                "the writer did not drain {} messages within {DRAIN_BOUND:?} (a stall)",
-                sent.len()
-            )
+            bail!("the writer did not drain {n} messages within {DRAIN_BOUND:?} (a stall)")
         }
     }
 }

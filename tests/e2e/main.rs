@@ -14,6 +14,7 @@ mod dbfailover;
 mod deploy;
 mod doctor;
 mod failover;
+mod formats;
 mod generated;
 mod identity;
 mod ingest;

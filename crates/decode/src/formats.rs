@@ -452,7 +452,10 @@ impl Merger {
             let fields = into
                 .merged
                 .get_or_insert_with(|| into.parsed.object.clone().unwrap_or_default());
-            if object.iter().all(|(k, v)| fields.get(k).is_none_or(|w| w == v)) {
+            if object
+                .iter()
+                .all(|(k, v)| fields.get(k).is_none_or(|w| w == v))
+            {
                 fields.extend(object);
                 into.labels.push(label);
                 return;

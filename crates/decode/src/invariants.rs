@@ -73,7 +73,9 @@ pub fn check_units(decoder: &Decoder, topic: &str, payload: &[u8], max: usize) {
     let units = decoder.units(topic, &bytes, at);
     assert!(!units.is_empty(), "a message with no unit at all");
     let texts = |u: &[crate::Unit]| -> Vec<(Bytes, Bytes)> {
-        u.iter().map(|u| (u.payload.clone(), u.raw.clone())).collect()
+        u.iter()
+            .map(|u| (u.payload.clone(), u.raw.clone()))
+            .collect()
     };
     assert_eq!(
         texts(&units),
@@ -94,7 +96,10 @@ pub fn check_units(decoder: &Decoder, topic: &str, payload: &[u8], max: usize) {
         }
         let device = p.device_id.clone().unwrap_or_default();
         assert!(!device.is_empty(), "empty device id");
-        assert!(device.chars().count() <= MAX_DEVICE_ID_LEN, "device id too long");
+        assert!(
+            device.chars().count() <= MAX_DEVICE_ID_LEN,
+            "device id too long"
+        );
         let back = decoder.units(topic, &u.raw, at);
         assert!(
             back.iter().any(|b| b.payload == u.payload),

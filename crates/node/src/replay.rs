@@ -283,12 +283,15 @@ async fn attempt(
         kept: Vec::new(),
     };
     // Dead letters by the routes they go to (places in `shape.routes`; `None`: all of them).
-    let mut groups: BTreeMap<Option<Vec<usize>>, Vec<&StoredDeadLetter>> = BTreeMap::new();
-    for d in locked {
+    let items = whole_arrays(locked);
+    let mut groups: BTreeMap<Option<Vec<usize>>, Vec<&(StoredDeadLetter, Vec<i64>)>> =
+        BTreeMap::new();
+    for item in &items {
+        let d = &item.0;
         match targets(d, shape.routes) {
             Some(Some(t)) if t.is_empty() => done.kept.push("route_not_configured".into()),
-            Some(t) => groups.entry(t).or_default().push(d),
-            None => groups.entry(None).or_default().push(d),
+            Some(t) => groups.entry(t).or_default().push(item),
+            None => groups.entry(None).or_default().push(item),
         }
     }
     let (mut rows, mut dead, mut later) = (Vec::new(), Vec::new(), Vec::<Vec<RouteRow>>::new());
@@ -305,9 +308,10 @@ async fn attempt(
         let routes: Vec<ResolvedRoute> = places.iter().map(|&k| shape.routes[k].clone()).collect();
         let suspended: Vec<Option<String>> =
             places.iter().map(|&k| shape.suspended[k].clone()).collect();
-        let (batch, clock) = messages(&group);
+        let held: Vec<&StoredDeadLetter> = group.iter().map(|(d, _)| d).collect();
+        let (batch, clock) = messages(&held);
         let mut clock = clock.exact();
-        ids.extend(group.iter().map(|d| d.id));
+        ids.extend(group.iter().flat_map(|(_, ids)| ids.iter().copied()));
         let prepared = prepare(
             shape.decoder,
             &batch,
@@ -368,6 +372,67 @@ async fn attempt(
     done.replayed = ids;
     done.failing = reasons.into_values().collect();
     Ok(done)
+}
+
+/// The dead letters, each with its id; the elements of one JSON array none of which became a
+/// reading (all `n` of them here, `element k of n`, from one delivery) joined into that array
+/// again, with all their ids: a format configured since (`senml`, a pack once read as a JSON
+/// array) reads the message whole, as it would have on arrival.
+fn whole_arrays(locked: &[StoredDeadLetter]) -> Vec<(StoredDeadLetter, Vec<i64>)> {
+    type Key<'a> = (
+        &'a str,
+        Option<i32>,
+        bool,
+        Option<&'a str>,
+        chrono::DateTime<Utc>,
+        usize,
+    );
+    let place = |d: &StoredDeadLetter| -> Option<(usize, usize)> {
+        let rest = d.error.strip_prefix("element ")?;
+        let (k, rest) = rest.split_once(" of ")?;
+        let (n, _) = rest.split_once(": ")?;
+        Some((k.parse().ok()?, n.parse().ok()?))
+    };
+    let mut arrays: BTreeMap<Key<'_>, Vec<(usize, &StoredDeadLetter)>> = BTreeMap::new();
+    let mut out = Vec::new();
+    for d in locked {
+        match place(d).filter(|&(k, n)| k >= 1 && k <= n) {
+            Some((k, n)) => {
+                // Element k was the array's k-th reading, k-1 microseconds after its receipt.
+                let at = d.received_at - chrono::Duration::microseconds(k as i64 - 1);
+                let key = (d.topic.as_str(), d.pkid, d.dup, d.route.as_deref(), at, n);
+                arrays.entry(key).or_default().push((k, d));
+            }
+            None => out.push((d.clone(), vec![d.id])),
+        }
+    }
+    for ((_, _, _, _, at, n), mut parts) in arrays {
+        parts.sort_by_key(|(k, _)| *k);
+        parts.dedup_by_key(|(k, _)| *k);
+        if parts.len() != n {
+            out.extend(parts.into_iter().map(|(_, d)| (d.clone(), vec![d.id])));
+            continue;
+        }
+        let mut payload = b"[".to_vec();
+        for (i, (_, d)) in parts.iter().enumerate() {
+            if i > 0 {
+                payload.push(b',');
+            }
+            payload.extend_from_slice(&d.payload);
+        }
+        payload.push(b']');
+        let first = parts[0].1;
+        out.push((
+            StoredDeadLetter {
+                size: i32::try_from(payload.len()).unwrap_or(i32::MAX),
+                payload,
+                received_at: at,
+                ..first.clone()
+            },
+            parts.iter().map(|(_, d)| d.id).collect(),
+        ));
+    }
+    out
 }
 
 /// The places (in `routes`) of the named routes dead letter `d` was for and whose filters still

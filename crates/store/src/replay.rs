@@ -30,6 +30,7 @@ pub struct StoredDeadLetter {
     pub pkid: Option<i32>,
     pub dup: bool,
     pub reason: String,
+    pub error: String,
     pub route: Option<String>,
 }
 
@@ -99,7 +100,7 @@ impl BatchWriter {
         ids: Option<&[i64]>,
     ) -> Result<Vec<StoredDeadLetter>> {
         let sql = format!(
-            "SELECT id, topic, payload, size, received_at, mqtt_pkid, possible_duplicate, reason, route
+            "SELECT id, topic, payload, size, received_at, mqtt_pkid, possible_duplicate, reason, error, route
              FROM dead_letters
              WHERE {WHERE} AND id > $4 AND id <= $7 AND ($6::bigint[] IS NULL OR id = ANY($6))
              ORDER BY id LIMIT $5 FOR UPDATE SKIP LOCKED"
@@ -128,6 +129,7 @@ impl BatchWriter {
                     pkid: r.try_get("mqtt_pkid")?,
                     dup: r.try_get("possible_duplicate")?,
                     reason: r.try_get("reason")?,
+                    error: r.try_get("error")?,
                     route: r.try_get("route")?,
                 })
             },
