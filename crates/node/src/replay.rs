@@ -284,8 +284,7 @@ async fn attempt(
     };
     // Dead letters by the routes they go to (places in `shape.routes`; `None`: all of them).
     let items = whole_arrays(locked);
-    let mut groups: BTreeMap<Option<Vec<usize>>, Vec<&(StoredDeadLetter, Vec<i64>)>> =
-        BTreeMap::new();
+    let mut groups: BTreeMap<Option<Vec<usize>>, Vec<&Held>> = BTreeMap::new();
     for item in &items {
         let d = &item.0;
         match targets(d, shape.routes) {
@@ -374,11 +373,14 @@ async fn attempt(
     Ok(done)
 }
 
+/// A dead letter to run again, and the ids of the dead letters it stands for.
+type Held = (StoredDeadLetter, Vec<i64>);
+
 /// The dead letters, each with its id; the elements of one JSON array none of which became a
 /// reading (all `n` of them here, `element k of n`, from one delivery) joined into that array
 /// again, with all their ids: a format configured since (`senml`, a pack once read as a JSON
 /// array) reads the message whole, as it would have on arrival.
-fn whole_arrays(locked: &[StoredDeadLetter]) -> Vec<(StoredDeadLetter, Vec<i64>)> {
+fn whole_arrays(locked: &[StoredDeadLetter]) -> Vec<Held> {
     type Key<'a> = (
         &'a str,
         Option<i32>,
