@@ -101,3 +101,37 @@ pub async fn publish(port: u16, run: &str, n: u64, rate: u64) -> Result<Duration
     await_acks_within(&acked, poll, n, Duration::from_secs(600)).await?;
     Ok(start.elapsed())
 }
+
+/// Publishes `n` readings of `run` as gateways send them: JSON arrays of
+/// [`crate::route::GATEWAY_READINGS`] readings, each of its own device and time, on
+/// `gw/site-N/up`.
+pub async fn publish_gateways(port: u16, run: &str, n: u64) -> Result<Duration> {
+    let per = crate::route::GATEWAY_READINGS;
+    let mut opts = MqttOptions::new(format!("bench-pub-{run}"), "127.0.0.1", port);
+    opts.set_clean_session(true)
+        .set_inflight(1000)
+        .set_keep_alive(Duration::from_secs(30))
+        .set_max_packet_size(1 << 20, 1 << 20);
+    let (c, el) = AsyncClient::new(opts, 1000);
+    let (acked, poll) = count_acks(el);
+    let base = now_micros();
+    let start = Instant::now();
+    let messages = n.div_ceil(per);
+    for m in 0..messages {
+        let readings: Vec<String> = (m * per..((m + 1) * per).min(n))
+            .map(|seq| {
+                let device = format!("dev-{:03}", seq % DEVICES);
+                numbered_from(base, run, &device, seq)
+            })
+            .collect();
+        c.publish(
+            format!("gw/site-{}/up", m % 10),
+            QoS::AtLeastOnce,
+            false,
+            format!("[{}]", readings.join(",")),
+        )
+        .await?;
+    }
+    await_acks_within(&acked, poll, messages, Duration::from_secs(600)).await?;
+    Ok(start.elapsed())
+}

@@ -109,9 +109,13 @@ async fn routes_only(rig: &Rig<'_>, n: u64, runs: u32) -> Result<()> {
         rig.db.batch_execute("VACUUM ANALYZE telemetry").await?;
         all.push(routes_phase(rig, n, &format!("-{i}")).await?);
     }
-    println!("\nroute    run  msg/s    leader us/msg (after its start)  PostgreSQL us/msg  broker us/msg");
+    println!("\nroute    run  msg/s    leader us/msg (after its start)  PostgreSQL us/msg  broker us/msg   (gateway: readings, 50 per message)");
     for (i, r) in all.iter().enumerate() {
-        for (name, d) in [("default", &r.default), ("typed", &r.typed)] {
+        for (name, d) in [
+            ("default", &r.default),
+            ("typed", &r.typed),
+            ("gateway", &r.gateway),
+        ] {
             println!(
                 "{name:<8} {:>3}  {:>7.0}  {:>6} ({:>6})  {:>28}  {:>13}",
                 i + 1,

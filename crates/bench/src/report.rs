@@ -110,6 +110,8 @@ struct Report {
     slow_flush: Option<SlowFlush>,
     routes: Routes,
     typed_route_ratio: f64,
+    /// Readings per second, 50 to a message (gateways) against one to a message.
+    gateway_ratio: f64,
     targets: Vec<(String, bool)>,
 }
 
@@ -134,6 +136,7 @@ impl Results {
             batch_max_wait_ms: 50.0,
             outage: self.outage,
             typed_route_ratio: self.routes.ratio(),
+            gateway_ratio: self.routes.gateway_ratio(),
             slow_flush: self.slow_flush,
             routes: self.routes,
             targets,
@@ -249,6 +252,13 @@ impl Results {
             ),
             ratio >= 0.9,
         ));
+        let g = self.routes.gateway_ratio();
+        targets.push((
+            format!(
+                "gateway arrays of 50 readings >= 1.0 x the same readings one per message, in readings/s ({g:.2})"
+            ),
+            g >= 1.0,
+        ));
         let d = &self.routes.default;
         let us = |v: Option<f64>| v.map_or("?".to_string(), |v| format!("{v:.1} us"));
         let per_msg = d.leader_cpu_us_after_start(self.routes.leader_start_cpu_ms);
@@ -313,6 +323,16 @@ impl Results {
             us(t.postgres_cpu_us),
             us(d.broker_cpu_us),
             us(t.broker_cpu_us)
+        );
+        let g = &self.routes.gateway;
+        println!(
+            "gateways, the same {} readings as JSON arrays of 50: {:.0} readings/s = {:.2} x one per message; CPU per reading: leader {} us, PostgreSQL {} us, broker {} us",
+            g.messages,
+            g.rate,
+            self.routes.gateway_ratio(),
+            us(g.leader_cpu_us),
+            us(g.postgres_cpu_us),
+            us(g.broker_cpu_us)
         );
         if let Some(o) = &self.outage {
             println!(

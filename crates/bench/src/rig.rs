@@ -68,6 +68,27 @@ impl<'a> Rig<'a> {
     }
 }
 
+impl Rig<'_> {
+    /// Makes `toml` the cluster's configuration (`leasehold config apply`): what the next leader
+    /// runs, whatever its own environment says.
+    pub fn apply_config(&self, name: &str, toml: &str) -> Result<()> {
+        let file = self.logs.join(format!("{name}.toml"));
+        std::fs::write(&file, toml)?;
+        let st = std::process::Command::new(self.bin)
+            .args(["config", "apply", &file.display().to_string()])
+            .args(["--database-url", &self.pg.url()])
+            .output()?;
+        if !st.status.success() {
+            bail!(
+                "config apply {name} failed: {}{}",
+                String::from_utf8_lossy(&st.stdout),
+                String::from_utf8_lossy(&st.stderr)
+            );
+        }
+        Ok(())
+    }
+}
+
 fn migrate(bin: &Path, pg: &Postgres) -> Result<()> {
     let st = std::process::Command::new(bin)
         .args(["migrate", "--database-url", &pg.url()])

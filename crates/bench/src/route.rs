@@ -9,7 +9,7 @@ use leasehold_testkit::{eventually, http, memory_of, metric, NodeProc};
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::mqtt::{create_session, drop_session, publish};
+use crate::mqtt::{create_session, drop_session, publish, publish_gateways};
 use crate::probes::{cpu_seconds, postgres_cpu_seconds};
 use crate::rig::{leader_summary, stop_node, Rig, LEADER_SESSION};
 
@@ -23,7 +23,13 @@ const TABLE: &str = "CREATE TABLE IF NOT EXISTS bench_route (
     dados       jsonb       NOT NULL,
     PRIMARY KEY (device_id, ts))";
 
-const ROUTE: &str = r#"[[routes]]
+/// The cluster's configuration of the default and gateway drains: `telemetry` alone.
+const DEFAULT: &str = r#"mqtt_topics = ["devices/+/telemetry", "gw/+/up"]
+"#;
+
+const ROUTE: &str = r#"mqtt_topics = ["devices/+/telemetry", "gw/+/up"]
+
+[[routes]]
 name = "typed"
 topics = ["devices/+/telemetry"]
 table = "bench_route"
@@ -46,12 +52,17 @@ pub enum Target {
     Default,
     /// The typed route into `bench_route`.
     Typed,
+    /// `telemetry`, the readings sent by gateways as JSON arrays of [`GATEWAY_READINGS`].
+    Gateway,
 }
+
+/// Readings per gateway message.
+pub const GATEWAY_READINGS: u64 = 50;
 
 impl Target {
     fn table(self) -> &'static str {
         match self {
-            Target::Default => "telemetry",
+            Target::Default | Target::Gateway => "telemetry",
             Target::Typed => "bench_route",
         }
     }
@@ -59,14 +70,14 @@ impl Target {
     /// The `route` label of its metrics.
     fn route(self) -> &'static str {
         match self {
-            Target::Default => "default",
+            Target::Default | Target::Gateway => "default",
             Target::Typed => "typed",
         }
     }
 
     fn run_of(self) -> &'static str {
         match self {
-            Target::Default => "payload->>'run'",
+            Target::Default | Target::Gateway => "payload->>'run'",
             Target::Typed => "run",
         }
     }
@@ -75,8 +86,9 @@ impl Target {
 /// One drain of a queued session.
 #[derive(Debug, Clone, Serialize)]
 pub struct Drain {
+    /// Readings stored (for the gateway drain, 50 per message).
     pub messages: u64,
-    /// First receipt to last commit.
+    /// Readings per second, first receipt to last commit.
     pub rate: f64,
     pub peak_rss: u64,
     /// The leader's CPU (user + system, its whole life) per message, microseconds.
@@ -109,6 +121,8 @@ pub struct Statement {
 pub struct Routes {
     pub default: Drain,
     pub typed: Drain,
+    /// The same readings as the default drain, sent 50 to a message by gateways.
+    pub gateway: Drain,
     /// What a leader's start costs without a message to drain (migrations check, connections,
     /// the deployment checks' broker probes), CPU milliseconds: part of each drain's leader
     /// figure, but not per message.
@@ -127,6 +141,11 @@ impl Routes {
     pub fn ratio(&self) -> f64 {
         self.typed.rate / self.default.rate.max(1e-9)
     }
+
+    /// Readings per second of the gateway drain against the default drain's.
+    pub fn gateway_ratio(&self) -> f64 {
+        self.gateway.rate / self.default.rate.max(1e-9)
+    }
 }
 
 /// The leader stopped, `n` messages of `run` queued in its session, then drained by a new leader
@@ -137,16 +156,22 @@ impl Routes {
 /// PostgreSQL more CPU than the writes it waited for), and reads the rows once at the end.
 pub async fn drain(rig: &Rig<'_>, run: &str, n: u64, target: Target) -> Result<(Drain, NodeProc)> {
     create_session(rig.mq.port, LEADER_SESSION).await?;
-    publish(rig.mq.port, run, n, 0).await?;
-    let extra = match target {
-        Target::Default => vec![],
+    match target {
+        Target::Gateway => {
+            publish_gateways(rig.mq.port, run, n).await?;
+        }
+        _ => {
+            publish(rig.mq.port, run, n, 0).await?;
+        }
+    }
+    match target {
+        Target::Default | Target::Gateway => rig.apply_config("default", DEFAULT)?,
         Target::Typed => {
             rig.db.batch_execute(TABLE).await?;
-            let file = rig.logs.join("typed-route.toml");
-            std::fs::write(&file, ROUTE)?;
-            vec![("LEASEHOLD_CONFIG", file.display().to_string())]
+            rig.apply_config("typed-route", ROUTE)?;
         }
-    };
+    }
+    let extra = vec![];
     // Every drain starts from a checkpoint, so each pays the same full-page writes.
     rig.db.batch_execute("CHECKPOINT").await?;
     let statements = Statements::reset(&rig.db).await;
@@ -286,9 +311,12 @@ pub async fn routes_phase(rig: &Rig<'_>, n: u64, suffix: &str) -> Result<Routes>
     let default =
         drain_and_stop(rig, &format!("route-default{suffix}"), n, Target::Default).await?;
     let typed = drain_and_stop(rig, &format!("route-typed{suffix}"), n, Target::Typed).await?;
+    let gateway =
+        drain_and_stop(rig, &format!("route-gateway{suffix}"), n, Target::Gateway).await?;
     Ok(Routes {
         default,
         typed,
+        gateway,
         leader_start_cpu_ms,
     })
 }
