@@ -20,7 +20,12 @@ pub async fn create_session(port: u16, client_id: &str) -> Result<()> {
     opts.set_clean_session(false)
         .set_keep_alive(Duration::from_secs(30));
     let (c, mut el) = AsyncClient::new(opts, 10);
-    c.subscribe(TOPIC_FILTER, QoS::AtLeastOnce).await?;
+    // The devices' filter and the gateways' (the gateway drain queues its arrays here too).
+    c.subscribe_many(
+        [TOPIC_FILTER, GATEWAY_FILTER]
+            .map(|f| rumqttc::SubscribeFilter::new(f.to_string(), QoS::AtLeastOnce)),
+    )
+    .await?;
     let start = Instant::now();
     loop {
         match tokio::time::timeout(Duration::from_secs(5), el.poll()).await {
@@ -101,6 +106,9 @@ pub async fn publish(port: u16, run: &str, n: u64, rate: u64) -> Result<Duration
     await_acks_within(&acked, poll, n, Duration::from_secs(600)).await?;
     Ok(start.elapsed())
 }
+
+/// Where gateways publish their arrays.
+pub const GATEWAY_FILTER: &str = "gw/+/up";
 
 /// Publishes `n` readings of `run` as gateways send them: JSON arrays of
 /// [`crate::route::GATEWAY_READINGS`] readings, each of its own device and time, on

@@ -33,7 +33,8 @@ pub struct Unit {
 }
 
 impl Unit {
-    fn whole(payload: &Bytes) -> Unit {
+    /// A message that is one JSON object: the writer decodes it as it always did.
+    pub fn whole(payload: &Bytes) -> Unit {
         Unit {
             payload: payload.clone(),
             raw: payload.clone(),
@@ -141,6 +142,23 @@ impl Decoder {
             .find(|(f, _)| f.topics.iter().any(|filter| topic_matches(filter, topic)))
     }
 
+    /// A reading's object in full (for routes that read JSON paths), its device id read as its
+    /// topic's format entry says: what a unit decoded without its object becomes.
+    pub fn parse_full(&self, topic: &str, payload: &[u8]) -> Result<Parsed, DecodeError> {
+        let pattern = self
+            .entry_of(topic)
+            .and_then(|(_, own)| own.as_ref())
+            .unwrap_or(&self.pattern);
+        self.parse_with(pattern, topic, payload)
+    }
+
+    /// Whether `payload` is read as one JSON object by the writer itself (`json`, not an
+    /// array, no entry of its own): the common message, which needs no [`Decoder::units`].
+    pub fn is_plain(&self, topic: &str, payload: &[u8]) -> bool {
+        (self.formats.is_empty() || self.entry_of(topic).is_none())
+            && payload.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'[')
+    }
+
     /// The format of `topic`'s payloads.
     pub fn format_of(&self, topic: &str) -> Format {
         self.entry_of(topic).map_or(Format::Json, |(f, _)| f.format)
@@ -182,10 +200,14 @@ impl Reader<'_> {
         self.d.parse_with(self.pattern, self.topic, payload)
     }
 
+    /// Device id and timestamp only (no object): what an array's element needs here.
+    fn light(&self, payload: &[u8]) -> Result<Parsed, DecodeError> {
+        self.d.light_with(self.pattern, self.topic, payload)
+    }
+
     /// An object is itself; an array is one unit per element, elements of one device at one
     /// instant merged into one reading where their fields agree.
     fn json(&self, payload: &Bytes) -> Vec<Unit> {
-        let topic = self.topic;
         if payload.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'[') {
             return vec![match self.own_pattern {
                 false => Unit::whole(payload),
@@ -218,8 +240,8 @@ impl Reader<'_> {
             let start = text.as_ptr() as usize - base;
             let raw = payload.slice(start..start + text.len());
             let label = format!("element {} of {n}", k + 1);
-            match self.parse(&raw) {
-                Ok(p) => merged.add(topic, raw, label, p),
+            match self.light(&raw) {
+                Ok(p) => merged.add(self, raw, label, p),
                 Err(e) => merged.units.push(Unit::refused_part(raw, Some(label), e)),
             }
         }
@@ -430,8 +452,11 @@ struct Pending {
 }
 
 impl Merger {
-    fn add(&mut self, topic: &str, raw: Bytes, label: String, p: Parsed) {
-        let key = match (&p.device_id, &p.timestamp, p.reading_error(topic)) {
+    /// Element `raw` (`p`: its device id and timestamp, no object): a reading of its own, or
+    /// merged into the latest reading of its device and instant when their fields agree (only
+    /// then are the objects read in full).
+    fn add(&mut self, reader: &Reader<'_>, raw: Bytes, label: String, p: Parsed) {
+        let key = match (&p.device_id, &p.timestamp, p.reading_error(reader.topic)) {
             (Some(d), Ok(t), None) => (d.clone(), *t),
             // Not a reading for `telemetry` (a route may still take it): kept alone.
             _ => {
@@ -444,21 +469,23 @@ impl Merger {
                 return;
             }
         };
-        let object = p.object.clone().unwrap_or_default();
         // Only the latest reading of the key is tried: one comparison per element, however
         // many elements an array has.
         if let Some(&i) = self.keys.get(&key) {
             let into = &mut self.pending[i];
-            let fields = into
-                .merged
-                .get_or_insert_with(|| into.parsed.object.clone().unwrap_or_default());
-            if object
-                .iter()
-                .all(|(k, v)| fields.get(k).is_none_or(|w| w == v))
-            {
-                fields.extend(object);
-                into.labels.push(label);
-                return;
+            let object = |raw: &[u8]| reader.parse(raw).ok().and_then(|p| p.object);
+            if into.merged.is_none() {
+                into.merged = object(&into.raw);
+            }
+            if let (Some(fields), Some(object)) = (into.merged.as_mut(), object(&raw)) {
+                if object
+                    .iter()
+                    .all(|(k, v)| fields.get(k).is_none_or(|w| w == v))
+                {
+                    fields.extend(object);
+                    into.labels.push(label);
+                    return;
+                }
             }
         }
         self.keys.insert(key, self.pending.len());
@@ -472,7 +499,7 @@ impl Merger {
 
     fn finish(mut self, reader: &Reader<'_>) -> Vec<Unit> {
         for p in self.pending {
-            match p.merged {
+            match p.merged.filter(|_| p.labels.len() > 1) {
                 None => self.units.push(Unit {
                     payload: p.raw.clone(),
                     raw: p.raw,

@@ -225,6 +225,16 @@ impl Decoder {
     /// timestamp are kept, so no map is built. What a route that reads no JSON path needs.
     pub fn parse_light(&self, topic: &str, payload: &[u8]) -> Result<Parsed, DecodeError> {
         self.check_size(payload)?;
+        self.light_with(&self.pattern, topic, payload)
+    }
+
+    /// [`Decoder::parse_light`] without the size check, the device id read by `pattern`.
+    pub(crate) fn light_with(
+        &self,
+        pattern: &TopicPattern,
+        topic: &str,
+        payload: &[u8],
+    ) -> Result<Parsed, DecodeError> {
         let fields = match serde_json::from_slice::<light::Shape>(payload) {
             Ok(light::Shape::Object(f)) => f,
             Ok(light::Shape::Other(k)) => return Err(DecodeError::NotObject(k)),
@@ -233,7 +243,7 @@ impl Decoder {
         if contains_nul_escape(payload) {
             return Err(DecodeError::NulEscape);
         }
-        Ok(parsed(&self.pattern, topic, fields))
+        Ok(parsed(pattern, topic, fields))
     }
 
     fn check_size(&self, payload: &[u8]) -> Result<(), DecodeError> {

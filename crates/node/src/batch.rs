@@ -203,29 +203,36 @@ pub fn prepare(
         let received_at = clock.at(m.received);
         // The ingest keeps only the first MAX_PAYLOAD_BYTES of an oversized payload.
         let units = if m.original_size > max_payload_bytes {
-            vec![Unit::refused(
+            Units::One(Some(Unit::refused(
                 m.payload.clone(),
                 DecodeError::TooLarge {
                     size: m.original_size,
                     max: max_payload_bytes,
                 },
-            )]
+            )))
+        } else if decoder.is_plain(&m.topic, &m.payload) {
+            // The common message, a JSON object: itself, without a list of one.
+            Units::One(Some(Unit::whole(&m.payload)))
         } else {
-            decoder.units(&m.topic, &m.payload, received_at)
+            Units::Many(decoder.units(&m.topic, &m.payload, received_at).into_iter())
         };
         // Each reading of the message at its own microsecond: two readings of one device
         // without a timestamp of their own are never one key.
         clock.reserve(units.len().saturating_sub(1));
-        for (k, u) in units.into_iter().enumerate() {
-            let received_at = received_at + chrono::Duration::microseconds(k as i64);
+        for (k, u) in units.enumerate() {
+            let received_at = match k {
+                0 => received_at,
+                k => received_at + chrono::Duration::microseconds(k as i64),
+            };
             let idx = p.units.len();
+            let whole = u.label.is_none() && u.raw.len() == m.payload.len();
             p.units.push(Held {
                 message: at,
-                size: match u.label.is_some() || u.raw.len() != m.payload.len() {
-                    true => u.raw.len(),
-                    false => m.original_size.max(m.payload.len()),
+                size: match whole {
+                    true => m.original_size.max(m.payload.len()),
+                    false => u.raw.len(),
                 },
-                raw: u.raw.clone(),
+                raw: (!whole || u.raw.as_ptr() != m.payload.as_ptr()).then(|| u.raw.clone()),
                 label: u.label.clone(),
             });
             p.message(idx, m, u, received_at);
@@ -261,10 +268,38 @@ struct Preparer<'a> {
     earlier_delivery: Vec<usize>,
 }
 
+/// A message's readings: one (most messages), or a format's list.
+enum Units {
+    One(Option<Unit>),
+    Many(std::vec::IntoIter<Unit>),
+}
+
+impl Iterator for Units {
+    type Item = Unit;
+
+    fn next(&mut self) -> Option<Unit> {
+        match self {
+            Units::One(u) => u.take(),
+            Units::Many(it) => it.next(),
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = match self {
+            Units::One(u) => usize::from(u.is_some()),
+            Units::Many(it) => it.len(),
+        };
+        (n, Some(n))
+    }
+}
+
+impl ExactSizeIterator for Units {}
+
 /// What a unit's dead letter keeps, and its message (a place in the batch).
 struct Held {
     message: usize,
-    raw: bytes::Bytes,
+    /// `None`: the message's payload as held.
+    raw: Option<bytes::Bytes>,
     /// The size as published (a whole message's), or the raw bytes' own.
     size: usize,
     label: Option<String>,
@@ -314,6 +349,7 @@ impl Preparer<'_> {
     ) {
         let u = &self.units[idx];
         let m = &self.batch[u.message];
+        let raw = u.raw.as_ref().unwrap_or(&m.payload);
         let error = match &u.label {
             Some(label) => format!("{label}: {error}"),
             None => error,
@@ -321,7 +357,7 @@ impl Preparer<'_> {
         self.out.dead.push(DeadLetter {
             idx,
             topic: m.topic.clone(),
-            payload: u.raw.slice(..u.raw.len().min(self.max_payload_bytes)),
+            payload: raw.slice(..raw.len().min(self.max_payload_bytes)),
             size: u.size,
             reason,
             error,
@@ -358,11 +394,14 @@ impl Preparer<'_> {
                 return;
             }
         }
+        let objects = matched.iter().any(|&k| self.objects[k]);
         let parsed = match unit.decoded {
-            Some(decoded) => decoded,
-            None if matched.iter().any(|&k| self.objects[k]) => {
-                self.decoder.parse(&m.topic, &unit.payload)
+            // A format read the device id and timestamp only: a route reads the object.
+            Some(Ok(p)) if objects && p.object.is_none() => {
+                self.decoder.parse_full(&m.topic, &unit.payload)
             }
+            Some(decoded) => decoded,
+            None if objects => self.decoder.parse(&m.topic, &unit.payload),
             None => self.decoder.parse_light(&m.topic, &unit.payload),
         };
         let parsed = match parsed {
@@ -415,7 +454,9 @@ impl Preparer<'_> {
                             Arc::new(Message {
                                 topic: m.topic.clone(),
                                 payload: unit.payload.clone(),
-                                raw: (unit.raw != unit.payload).then(|| unit.raw.clone()),
+                                raw: (unit.raw.as_ptr() != unit.payload.as_ptr()
+                                    || unit.raw.len() != unit.payload.len())
+                                .then(|| unit.raw.clone()),
                                 received_at,
                                 pkid,
                                 dup: m.dup,

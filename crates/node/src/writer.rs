@@ -645,15 +645,31 @@ impl Writer {
             replaced: prepared.replaced,
             tally,
         };
-        let first = Part {
-            rows: prepared.rows,
-            dead: prepared.dead,
-        };
-        let later = prepared.later.into_iter().map(|rows| Part {
-            rows,
-            dead: Vec::new(),
-        });
-        for part in std::iter::once(first).chain(later) {
+        // At most BATCH_MAX_ROWS rows per statement: a batch of gateway arrays holds many
+        // readings per message, and one statement of tens of thousands of rows costs the
+        // database several times more per row (its hash tables spill past work_mem). Keys
+        // are unique within a round, so a round's statements are independent; each round
+        // still commits before the next.
+        let per = self.cfg.batch_max_rows.max(1);
+        let mut parts = Vec::new();
+        let mut dead = Some(prepared.dead);
+        for round in std::iter::once(prepared.rows).chain(prepared.later) {
+            let mut rows = round.into_iter().peekable();
+            while rows.peek().is_some() || dead.is_some() {
+                parts.push(Part {
+                    rows: rows.by_ref().take(per).collect(),
+                    dead: dead.take().unwrap_or_default(),
+                });
+            }
+        }
+        if parts.is_empty() {
+            // A batch of nothing to write still commits its (empty) statement, as always.
+            parts.push(Part {
+                rows: Vec::new(),
+                dead: Vec::new(),
+            });
+        }
+        for part in parts {
             self.commit_part(conn, part, &mut batch, cancel, retry)
                 .await?;
         }
