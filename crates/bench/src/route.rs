@@ -308,9 +308,12 @@ fn fmt_us(v: Option<f64>) -> String {
 /// repeated runs apart.
 pub async fn routes_phase(rig: &Rig<'_>, n: u64, suffix: &str) -> Result<Routes> {
     let leader_start_cpu_ms = idle_start(rig, suffix).await?;
+    // The two drains into `telemetry` start from the same table: empty and vacuumed.
+    empty_telemetry(rig).await?;
     let default =
         drain_and_stop(rig, &format!("route-default{suffix}"), n, Target::Default).await?;
     let typed = drain_and_stop(rig, &format!("route-typed{suffix}"), n, Target::Typed).await?;
+    empty_telemetry(rig).await?;
     let gateway =
         drain_and_stop(rig, &format!("route-gateway{suffix}"), n, Target::Gateway).await?;
     Ok(Routes {
@@ -319,6 +322,14 @@ pub async fn routes_phase(rig: &Rig<'_>, n: u64, suffix: &str) -> Result<Routes>
         gateway,
         leader_start_cpu_ms,
     })
+}
+
+/// `telemetry` emptied, and vacuumed (VACUUM cannot run in a multi-statement query's
+/// transaction: alone).
+async fn empty_telemetry(rig: &Rig<'_>) -> Result<()> {
+    rig.db.batch_execute("TRUNCATE telemetry").await?;
+    rig.db.batch_execute("VACUUM ANALYZE telemetry").await?;
+    Ok(())
 }
 
 /// A leader started on an empty session: its CPU once it leads and its deployment checks are
