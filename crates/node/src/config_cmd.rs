@@ -315,6 +315,7 @@ async fn show(c: &Client, version: Option<i64>, json: bool) -> anyhow::Result<Ex
             "settings": settings,
             "set": cluster.keys().collect::<Vec<_>>(),
             "routes": cfg.routes.iter().map(|r| &r.name).collect::<Vec<_>>(),
+            "formats": cfg.formats,
             "toml": cluster.to_shown_toml(),
         });
         println!("{}", serde_json::to_string_pretty(&body)?);
