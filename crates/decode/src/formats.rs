@@ -16,7 +16,7 @@ use leasehold_config::{Format, FormatSpec};
 use serde_json::value::RawValue;
 use serde_json::{Map, Number, Value};
 
-use crate::{contains_nul_escape, timestamp_value, DecodeError, Decoder, Parsed, TopicPattern};
+use crate::{contains_nul_escape, DecodeError, Decoder, Parsed, TopicPattern};
 
 /// One reading of a message, or why a part of it is none.
 #[derive(Debug, Clone)]
@@ -543,6 +543,9 @@ struct Resolved {
     n: String,
     /// `None`: the receipt instant (timed by it, like any reading without a timestamp).
     time: Option<DateTime<Utc>>,
+    /// An absolute time as the pack gave it (`bt` + `t`, seconds): written back as it is, so
+    /// the dead letter reads back into the very same instant.
+    secs: Option<f64>,
     value: Value,
     sum: Option<Value>,
     unit: Option<String>,
@@ -554,9 +557,14 @@ impl Resolved {
         let mut m = Map::new();
         m.insert("bn".into(), Value::String(self.bn.clone()));
         m.insert("n".into(), Value::String(self.n.clone()));
-        if let Some(t) = self.time {
-            let secs = t.timestamp_micros() as f64 / 1e6;
-            m.insert("t".into(), number(secs));
+        match (self.secs, self.time) {
+            (Some(secs), _) => {
+                m.insert("t".into(), number(secs));
+            }
+            (None, Some(t)) => {
+                m.insert("t".into(), number(t.timestamp_micros() as f64 / 1e6));
+            }
+            (None, None) => {}
         }
         match &self.value {
             Value::Null => {}
@@ -582,6 +590,19 @@ impl Resolved {
 
 fn number(f: f64) -> Value {
     Number::from_f64(f).map_or(Value::Null, Value::Number)
+}
+
+/// A SenML time of `t` seconds since the Unix epoch (always seconds, unlike a JSON reading's
+/// `ts`, which may be milliseconds), at microsecond resolution.
+fn absolute(t: f64) -> Result<DateTime<Utc>, String> {
+    let micros = (t * 1e6).round();
+    if !(0.0..=253_402_300_799e6).contains(&micros) {
+        return Err(format!(
+            "time {t} is not between the Unix epoch and the year 9999"
+        ));
+    }
+    DateTime::from_timestamp_micros(micros as i64)
+        .ok_or_else(|| format!("time {t} is out of range"))
 }
 
 /// Names a SenML record cannot have: the reading's own fields.
@@ -659,18 +680,19 @@ impl Base {
         }
         let n = text("n")?.unwrap_or_default();
         let t = self.bt + num("t")?.unwrap_or(0.0);
-        let time = if t == 0.0 {
-            None
+        let (time, secs) = if t == 0.0 {
+            (None, None)
         } else if t.abs() < RELATIVE_LIMIT {
             let offset = Duration::microseconds((t * 1e6).round() as i64);
-            Some(received_at + offset)
+            (Some(received_at + offset), None)
         } else {
-            Some(timestamp_value(&number(t)).map_err(|e| format!("time: {e}"))?)
+            (Some(absolute(t)?), Some(t))
         };
         Ok(Some(Resolved {
             bn: self.bn.clone(),
             n,
             time,
+            secs,
             value,
             sum,
             unit: text("u")?.or_else(|| self.bu.clone()),
