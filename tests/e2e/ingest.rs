@@ -21,7 +21,8 @@ async fn bad_payloads_go_to_dead_letters_and_the_good_ones_around_them_are_store
         let mut msgs = Vec::new();
         let bad: Vec<(String, Vec<u8>, &str)> = vec![
             (t.into(), b"this is not json".to_vec(), "not valid JSON"),
-            (t.into(), b"[1,2,3]".to_vec(), "not an object"),
+            // (An array is one reading per element: tests/e2e/formats.rs.)
+            (t.into(), b"42".to_vec(), "not an object"),
             (
                 t.into(),
                 format!(r#"{{"ts":1700000000,"pad":"{}"}}"#, "x".repeat(2000)).into_bytes(),
