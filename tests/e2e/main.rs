@@ -26,6 +26,7 @@ mod retention;
 mod review10;
 mod review13;
 mod review18;
+mod review21;
 mod routes;
 mod routes_checks;
 mod routes_failover;

@@ -226,6 +226,10 @@ impl Reader<'_> {
                 )]
             }
         };
+        if elements.len() > crate::MAX_READINGS {
+            let e = DecodeError::TooManyReadings { n: elements.len() };
+            return vec![Unit::refused(payload.clone(), e)];
+        }
         if elements.is_empty() {
             return vec![Unit::refused(
                 payload.clone(),
@@ -314,6 +318,12 @@ impl Reader<'_> {
             }
         };
         let n = records.len();
+        if n > crate::MAX_READINGS {
+            return vec![Unit::refused(
+                payload.clone(),
+                DecodeError::TooManyReadings { n },
+            )];
+        }
         let topic_device = self.pattern.device_id(topic).map(str::to_string);
         let mut base = Base::default();
         let mut groups: Vec<Group> = Vec::new();
@@ -348,7 +358,7 @@ impl Reader<'_> {
                 field
             };
             if RESERVED.contains(&field.as_str()) {
-                let raw = Bytes::from(Value::Array(vec![resolved.record()]).to_string());
+                let raw = Bytes::from(Value::Array(vec![resolved.record(true)]).to_string());
                 let e = DecodeError::BadSenml(format!(
                     "the name {field:?} is the reading's own field (device id or timestamp), not a measurement's"
                 ));
@@ -385,7 +395,7 @@ impl Reader<'_> {
                 }
             };
             g.fields.extend(fields);
-            g.records.push(resolved.record());
+            g.records.push(resolved.record(g.records.is_empty()));
             g.labels.push(k + 1);
         }
         for g in groups {
@@ -478,11 +488,14 @@ impl Merger {
                 into.merged = object(&into.raw);
             }
             if let (Some(fields), Some(object)) = (into.merged.as_mut(), object(&raw)) {
+                // The key's own fields are equal as read (`1700000000` and `1700000000000` are
+                // one instant): the first element's spelling is kept.
+                let own = |k: &str| matches!(k, "ts" | "timestamp" | "device_id");
                 if object
                     .iter()
-                    .all(|(k, v)| fields.get(k).is_none_or(|w| w == v))
+                    .all(|(k, v)| own(k) || fields.get(k).is_none_or(|w| w == v))
                 {
-                    fields.extend(object);
+                    fields.extend(object.into_iter().filter(|(k, _)| !own(k)));
                     into.labels.push(label);
                     return;
                 }
@@ -552,20 +565,26 @@ struct Resolved {
 }
 
 impl Resolved {
-    /// This record alone, its base fields resolved: a pack that reads back into the same values.
-    fn record(&self) -> Value {
+    /// This record with its base fields resolved, as one of its reading's pack: the first
+    /// (`base`) carries the base name and the reading's time as `bn` and `bt` for the records
+    /// after it (one device, one instant), each of which carries only its own name, value, sum
+    /// and unit; a pack about the size of the records it came from, that reads back into the
+    /// same reading.
+    fn record(&self, base: bool) -> Value {
         let mut m = Map::new();
-        m.insert("bn".into(), Value::String(self.bn.clone()));
-        m.insert("n".into(), Value::String(self.n.clone()));
-        match (self.secs, self.time) {
-            (Some(secs), _) => {
-                m.insert("t".into(), number(secs));
+        if base {
+            m.insert("bn".into(), Value::String(self.bn.clone()));
+            match (self.secs, self.time) {
+                (Some(secs), _) => {
+                    m.insert("bt".into(), number(secs));
+                }
+                (None, Some(t)) => {
+                    m.insert("bt".into(), number(t.timestamp_micros() as f64 / 1e6));
+                }
+                (None, None) => {}
             }
-            (None, Some(t)) => {
-                m.insert("t".into(), number(t.timestamp_micros() as f64 / 1e6));
-            }
-            (None, None) => {}
         }
+        m.insert("n".into(), Value::String(self.n.clone()));
         match &self.value {
             Value::Null => {}
             v @ Value::Number(_) => {
@@ -659,8 +678,14 @@ impl Base {
         if let Some(bs) = num("bs")? {
             self.bs = bs;
         }
+        let finite = |what: &str, x: f64| {
+            Some(x)
+                .filter(|x| x.is_finite())
+                .map(number)
+                .ok_or_else(|| format!("{what} {x} is out of range (past f64)"))
+        };
         let value = if let Some(v) = num("v")? {
-            number(self.bv + v)
+            finite("value", self.bv + v)?
         } else if let Some(vs) = text("vs")? {
             Value::String(vs)
         } else if let Some(vd) = text("vd")? {
@@ -674,7 +699,7 @@ impl Base {
                 }
             }
         };
-        let sum = num("s")?.map(|s| number(self.bs + s));
+        let sum = num("s")?.map(|s| finite("sum", self.bs + s)).transpose()?;
         if value.is_null() && sum.is_none() {
             return Ok(None);
         }
@@ -916,5 +941,54 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    #[test]
+    fn the_second_review_an_overflow_a_spelling_of_one_instant_and_a_compact_dead_letter() {
+        let d = decoder(Format::Senml, "senml/#");
+        // A value past f64 is a dead letter of its record, not a record silently dropped.
+        let u = d.units(
+            "senml/x",
+            &Bytes::from_static(br#"[{"bn":"dev:","n":"a","bv":1e308,"v":1e308},{"n":"b","v":1}]"#),
+            now(),
+        );
+        assert_eq!(u.len(), 2, "{u:?}");
+        assert!(
+            matches!(&u[0].decoded, Some(Err(DecodeError::BadSenml(m))) if m.contains("out of range")),
+            "{u:?}"
+        );
+        // Two spellings of one instant (seconds, milliseconds) merge: their key is one.
+        let j = Decoder::new("devices/{device_id}/#", 1 << 20);
+        let u = j.units(
+            "gw/1/up",
+            &Bytes::from_static(br#"[{"device_id":"a","ts":1700000000,"t":1},{"device_id":"a","ts":1700000000000,"h":2}]"#),
+            now(),
+        );
+        assert_eq!(
+            texts(&u),
+            [r#"{"device_id":"a","h":2,"t":1,"ts":1700000000}"#]
+        );
+        // A reading's dead letter is about the size of its records (the base name and time once).
+        let records: Vec<String> = (0..500)
+            .map(|k| format!(r#"{{"n":"m{k}","v":{k}}}"#))
+            .collect();
+        let pack = format!(
+            r#"[{{"bn":"urn:dev:ow:10e2073a01080063:","bt":1.7e9,"bu":"W",{}]"#,
+            &records.join(",")[1..]
+        );
+        let u = d.units("senml/x", &Bytes::from(pack.clone()), now());
+        assert_eq!(u.len(), 1);
+        assert!(
+            u[0].raw.len() < pack.len() * 2,
+            "{} bytes of dead letter for a pack of {}",
+            u[0].raw.len(),
+            pack.len()
+        );
+        let again = d.units("senml/x", &u[0].raw, now());
+        assert_eq!(
+            texts(&again),
+            texts(&u),
+            "it reads back into the same reading"
+        );
     }
 }

@@ -19,6 +19,10 @@ use chrono::{DateTime, TimeZone, Utc};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+/// Most readings one message may hold (array elements, SenML records): what a leader holds per
+/// message stays bounded (memory, dead letters), and an array of 10,000 still reads.
+pub const MAX_READINGS: usize = 10_000;
+
 /// Longest device id accepted; longer ids are dead-lettered rather than bloating the primary key.
 pub const MAX_DEVICE_ID_LEN: usize = 256;
 
@@ -44,6 +48,9 @@ pub enum DecodeError {
     /// An empty array, an empty payload, a SenML pack without a value.
     #[error("no reading: {0}")]
     NoReadings(String),
+    /// An array or a pack of more than [`MAX_READINGS`] elements or records: one dead letter.
+    #[error("{n} elements: at most {MAX_READINGS} readings are read from one message")]
+    TooManyReadings { n: usize },
     /// `senml` format: not a pack, or a record that breaks RFC 8428.
     #[error("not SenML: {0}")]
     BadSenml(String),

@@ -34,6 +34,7 @@ pub fn reason_label(e: &DecodeError) -> &'static str {
         DecodeError::NotUtf8 => "not_utf8",
         DecodeError::NoReadings(_) => "no_readings",
         DecodeError::BadSenml(_) => "bad_senml",
+        DecodeError::TooManyReadings { .. } => "too_many_readings",
     }
 }
 
@@ -128,6 +129,8 @@ pub struct Prepared {
     /// How many readings (or parts refused) the messages made: rows and dead letters are
     /// numbered by them (`idx`), `0..units`. A JSON object is one; an array, one per element.
     pub units: usize,
+    /// Per reading (`idx`): the place of its message in the batch.
+    pub owners: Vec<usize>,
 }
 
 /// The term's routes (`telemetry` first) and what their sources `written_by` and `lease_epoch`
@@ -225,6 +228,7 @@ pub fn prepare(
                 k => received_at + chrono::Duration::microseconds(k as i64),
             };
             let idx = p.units.len();
+            p.out.owners.push(at);
             let whole = u.label.is_none() && u.raw.len() == m.payload.len();
             p.units.push(Held {
                 message: at,
@@ -457,6 +461,7 @@ impl Preparer<'_> {
                                 raw: (unit.raw.as_ptr() != unit.payload.as_ptr()
                                     || unit.raw.len() != unit.payload.len())
                                 .then(|| unit.raw.clone()),
+                                label: unit.label.clone(),
                                 received_at,
                                 pkid,
                                 dup: m.dup,
@@ -553,7 +558,7 @@ pub fn unavailable(row: &RouteRow, route: &ResolvedRoute, why: &str) -> DeadLett
         payload: m.dead_letter_bytes(),
         size: m.dead_letter_bytes().len(),
         reason: ROUTE_UNAVAILABLE,
-        error: format!("route {name} is suspended: {why}"),
+        error: m.placed(format!("route {name} is suspended: {why}")),
         received_at: m.received_at,
         pkid: m.pkid,
         dup: m.dup,
@@ -583,7 +588,7 @@ pub fn rejected(row: &RouteRow, route: &ResolvedRoute, database_text: &str) -> D
         payload: m.dead_letter_bytes(),
         size: m.dead_letter_bytes().len(),
         reason: "rejected_by_database",
-        error,
+        error: m.placed(error),
         received_at: m.received_at,
         pkid: m.pkid,
         dup: m.dup,

@@ -166,7 +166,7 @@ pub async fn run(
                 w.delete_dead_letters(&done.replayed).await?;
                 w.finish(!dry_run).await?;
                 summary.processed += ids.len() as u64;
-                summary.stored += (done.replayed.len() - done.failing.len()) as u64;
+                summary.stored += done.replayed.len().saturating_sub(done.failing.len()) as u64;
                 for reason in done.failing.into_iter().chain(done.kept) {
                     *summary.failing.entry(reason).or_default() += 1;
                 }
@@ -296,6 +296,7 @@ async fn attempt(
     let (mut rows, mut dead, mut later) = (Vec::new(), Vec::new(), Vec::<Vec<RouteRow>>::new());
     let mut reasons: BTreeMap<usize, String> = BTreeMap::new();
     let mut ids: Vec<i64> = Vec::new();
+    let mut owner: Vec<Vec<i64>> = Vec::new();
     // Rows and dead letters are numbered by the readings of the chunk (a dead letter may hold
     // several: an array, a SenML pack).
     let mut units = 0;
@@ -325,6 +326,8 @@ async fn attempt(
         );
         let base = units;
         units += prepared.units;
+        // Each reading's dead letter(s): the held item of the message it came from.
+        owner.extend(prepared.owners.iter().map(|&m| group[m].1.clone()));
         // Rows name their route's place in the statement, and their reading by its place in
         // the chunk.
         let place = |mut r: RouteRow| -> Option<RouteRow> {
@@ -368,8 +371,16 @@ async fn attempt(
             reasons.remove(i);
         }
     }
+    // A dead letter fails again when any reading it holds does (one reason per dead letter,
+    // its first reading's): the others of it are stored, once, by the same statement.
+    let mut failing: BTreeMap<i64, String> = BTreeMap::new();
+    for (unit, reason) in reasons {
+        for &id in owner.get(unit).map(Vec::as_slice).unwrap_or_default() {
+            failing.entry(id).or_insert_with(|| reason.clone());
+        }
+    }
     done.replayed = ids;
-    done.failing = reasons.into_values().collect();
+    done.failing = failing.into_values().collect();
     Ok(done)
 }
 

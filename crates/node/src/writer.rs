@@ -652,13 +652,15 @@ impl Writer {
         // still commits before the next.
         let per = self.cfg.batch_max_rows.max(1);
         let mut parts = Vec::new();
-        let mut dead = Some(prepared.dead);
+        let mut dead = prepared.dead.into_iter().peekable();
         for round in std::iter::once(prepared.rows).chain(prepared.later) {
             let mut rows = round.into_iter().peekable();
-            while rows.peek().is_some() || dead.is_some() {
+            // Dead letters (an array's bad elements can be many) go with the first round,
+            // BATCH_MAX_ROWS of them per statement too.
+            while rows.peek().is_some() || dead.peek().is_some() {
                 parts.push(Part {
                     rows: rows.by_ref().take(per).collect(),
-                    dead: dead.take().unwrap_or_default(),
+                    dead: dead.by_ref().take(per).collect(),
                 });
             }
         }
@@ -1398,6 +1400,7 @@ mod tests {
             topic: "t".into(),
             payload: Default::default(),
             raw: None,
+            label: None,
             received_at: t,
             pkid: 0,
             dup: false,

@@ -2,6 +2,7 @@
 //! ([`crate::statement`]), that checks the fence and stores every route's rows and the dead
 //! letters together, on the writer's own connection ([`BatchWriter`]).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,6 +54,9 @@ pub struct Message {
     /// What a dead letter of this reading keeps when it is not `payload`: the message as
     /// received (a bare value), so that its format reads it again on replay.
     pub raw: Option<bytes::Bytes>,
+    /// Its place in its message (`element 3 of 10`), when the message held several readings:
+    /// put before the words of its dead letters.
+    pub label: Option<String>,
     pub received_at: DateTime<Utc>,
     pub pkid: i32,
     pub dup: bool,
@@ -63,6 +67,14 @@ pub struct Message {
 }
 
 impl Message {
+    /// `error` with this reading's place in its message before it.
+    pub fn placed(&self, error: String) -> String {
+        match &self.label {
+            Some(label) => format!("{label}: {error}"),
+            None => error,
+        }
+    }
+
     /// The bytes a dead letter of this reading keeps.
     pub fn dead_letter_bytes(&self) -> bytes::Bytes {
         self.raw.clone().unwrap_or_else(|| self.payload.clone())
@@ -121,6 +133,7 @@ impl RouteRow {
                 topic: topic.into(),
                 payload: bytes::Bytes::copy_from_slice(payload.as_bytes()),
                 raw: None,
+                label: None,
                 received_at: Utc::now(),
                 pkid: 0,
                 dup: false,
@@ -195,6 +208,32 @@ pub const DEFAULT_REDELIVERY_SPAN: i64 = 12_048;
 
 /// How far back a redelivery's first copy is looked for (see `docs/guarantees.md`).
 pub const DEFAULT_REDELIVERY_WINDOW: Duration = Duration::from_secs(3600);
+
+/// How many readings a redelivered message of `rows` holds, at most (1 without a DUP-flagged
+/// one). The span a redelivery's first copy is looked for in counts readings, and is sized for
+/// one reading per message: a leader that held `MAX_PENDING` arrays of 50 readings stored up to
+/// 50 times as many rows between a first copy and its redelivery.
+fn readings_per_redelivery(rows: &[RouteRow]) -> i64 {
+    if !rows.iter().any(|r| r.message.dup) {
+        return 1;
+    }
+    let mut per: std::collections::HashMap<(&str, i32, DateTime<Utc>), HashSet<usize>> =
+        std::collections::HashMap::new();
+    for r in rows.iter().filter(|r| r.message.dup) {
+        // The readings of one message share its topic, packet id and receipt (to the second:
+        // reading k is k microseconds after it).
+        let at = r.message.received_at;
+        let second = DateTime::from_timestamp(at.timestamp(), 0).unwrap_or(at);
+        per.entry((r.message.topic.as_str(), r.message.pkid, second))
+            .or_default()
+            .insert(r.idx);
+    }
+    per.values()
+        .map(|s| s.len() as i64)
+        .max()
+        .unwrap_or(1)
+        .max(1)
+}
 
 /// Replaces NUL, which PostgreSQL `text` cannot hold, so a dead letter can always be stored.
 pub fn storable_text(s: &str) -> std::borrow::Cow<'_, str> {
@@ -400,13 +439,14 @@ impl BatchWriter {
         let dead = dead_params(dead);
         let arrays = RouteArrays::new(&self.routes, rows);
         let window = PgInterval(self.redelivery_window);
+        let span = self.redelivery_span * readings_per_redelivery(rows);
         let mut params: Vec<&(dyn ToSql + Sync)> = vec![
             &fence.lease_name,
             &fence.holder_id,
             &fence.epoch,
             &self.written_by,
             &window,
-            &self.redelivery_span,
+            &span,
         ];
         params.extend(
             messages
