@@ -252,7 +252,7 @@ impl Supervisor {
                     .to_string(),
                 instance_id: cfg.instance_id.clone(),
                 batch_max_rows: cfg.cluster.batch_max_rows,
-                batch_max_bytes: cfg.cluster.batch_max_bytes,
+                batch_max_bytes: crate::writer::batch_bytes(cfg),
                 batch_max_wait: cfg.cluster.batch_max_wait,
                 max_payload_bytes: cfg.cluster.max_payload_bytes,
                 decoder: Decoder::configured(cfg),

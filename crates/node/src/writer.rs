@@ -1209,7 +1209,7 @@ impl Writer {
         let a = rx.borrow_and_update().clone();
         let (c, w) = (&a.cfg, &mut self.cfg);
         w.batch_max_rows = c.cluster.batch_max_rows;
-        w.batch_max_bytes = c.cluster.batch_max_bytes;
+        w.batch_max_bytes = batch_bytes(c);
         w.batch_max_wait = c.cluster.batch_max_wait;
         w.redelivery_window = c.cluster.redelivery_window;
         // MAX_PAYLOAD_BYTES is the term's: a new value starts a new term (the supervisor).
@@ -1270,6 +1270,16 @@ impl Writer {
         )
         .await
     }
+}
+
+/// The bytes a batch gathers at most: `BATCH_MAX_BYTES`, and at most half of
+/// `MAX_PENDING_BYTES`, so that the ingest takes in the next batch while one is written (a batch
+/// of gateway arrays filled all of it, and receiving waited for every commit).
+pub fn batch_bytes(cfg: &leasehold_config::Config) -> usize {
+    cfg.cluster
+        .batch_max_bytes
+        .min(cfg.max_pending_bytes / 2)
+        .max(1)
 }
 
 /// Lists `routes` in the typed status (counts kept from an earlier term of this node).
