@@ -282,6 +282,20 @@ async fn dead_letters_of_a_format_not_yet_configured_are_replayed_into_readings(
         let (code, stdout, stderr) = out(&c.cli(&["config", "apply", &file.display().to_string()])?);
         ensure!(code == 0, "config apply: {stdout}{stderr}");
         ensure!(stdout.contains("formats changed"), "{stdout}");
+        // A format filter nothing subscribes, and one an earlier entry shadows, are named.
+        let odd = c.logs.path().join("odd.toml");
+        std::fs::write(
+            &odd,
+            format!("{FORMATS}\n[[formats]]\ntopics = [\"tele/#\", \"stat/x/POWER\"]\nformat = \"senml\"\n"),
+        )?;
+        let (code, stdout, stderr) =
+            out(&c.cli(&["config", "apply", "--dry-run", &odd.display().to_string()])?);
+        ensure!(code == 0, "dry run: {stdout}{stderr}");
+        ensure!(
+            stdout.contains("note: formats[3] topic \"tele/#\" is not in MQTT_TOPICS")
+                && stdout.contains("note: formats[3] topic \"stat/x/POWER\" is never read as senml: formats[1]"),
+            "{stdout}"
+        );
         // New messages are read with the new formats as soon as the leader runs the version.
         eventually(Duration::from_secs(20), "a new bare value is stored", || async {
             publish_all(c.mq.port, vec![("stat/plug-3/POWER".into(), b"true".to_vec())]).await?;

@@ -296,7 +296,14 @@ pub fn drift(own: &Sources, own_cfg: &Config, active: &Config) -> Vec<Drift> {
             let f: Vec<String> = c
                 .formats
                 .iter()
-                .map(|f| format!("{} {}", f.topics.join(","), f.format.as_str()))
+                .map(|f| {
+                    let pattern = f
+                        .device_topic_pattern
+                        .as_ref()
+                        .map(|p| format!(" ({p})"))
+                        .unwrap_or_default();
+                    format!("{} {}{pattern}", f.topics.join(","), f.format.as_str())
+                })
                 .collect();
             format!("[{}]", f.join("; "))
         };

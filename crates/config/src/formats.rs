@@ -86,6 +86,49 @@ pub(crate) fn take(
     Ok(Some(out))
 }
 
+/// Whether every topic filter `b` matches is matched by filter `a` too.
+fn covers(a: &str, b: &str) -> bool {
+    let (mut x, mut y) = (a.split('/'), b.split('/'));
+    loop {
+        match (x.next(), y.next()) {
+            (Some("#"), _) => return true,
+            (None, None) => return true,
+            (Some("+"), Some(l)) if l != "#" => {}
+            (Some(p), Some(q)) if p == q => {}
+            _ => return false,
+        }
+    }
+}
+
+/// What an operator should hear about `formats` beside `subscribed` (the filters the cluster
+/// subscribes): a filter an earlier entry takes every topic of (never used), a filter no
+/// subscription covers (its messages may never arrive). One line each.
+pub fn notes(formats: &[FormatSpec], subscribed: &[&str]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, f) in formats.iter().enumerate() {
+        for t in &f.topics {
+            if let Some(j) = formats[..i]
+                .iter()
+                .position(|e| e.topics.iter().any(|o| covers(o, t)))
+            {
+                out.push(format!(
+                    "formats[{}] topic {t:?} is never read as {}: formats[{}] takes its topics first",
+                    i + 1,
+                    f.format.as_str(),
+                    j + 1
+                ));
+            }
+            if !subscribed.iter().any(|s| covers(s, t)) {
+                out.push(format!(
+                    "formats[{}] topic {t:?} is not in MQTT_TOPICS nor a route's topics: unless a `devices` row subscribes it, its messages never arrive",
+                    i + 1
+                ));
+            }
+        }
+    }
+    out
+}
+
 /// `[[formats]]` as the stored form writes them.
 pub(crate) fn to_toml(formats: &[FormatSpec]) -> String {
     #[derive(Serialize)]
@@ -108,6 +151,23 @@ mod tests {
     fn take_text(text: &str) -> Result<Option<Vec<FormatSpec>>, ConfigError> {
         let mut t: toml::Table = text.parse().expect("toml");
         take(&mut t, "x.toml")
+    }
+
+    #[test]
+    fn shadowed_and_unsubscribed_entries_are_named() {
+        let f = take_text(
+            "[[formats]]\ntopics = [\"stat/#\"]\nformat = \"value\"\n[[formats]]\ntopics = [\"stat/+/POWER\", \"senml/#\"]\nformat = \"senml\"\n",
+        )
+        .expect("ok")
+        .expect("some");
+        let n = notes(&f, &["stat/#", "devices/+/telemetry"]);
+        assert_eq!(n.len(), 2, "{n:?}");
+        assert!(
+            n[0].contains("formats[2] topic \"stat/+/POWER\" is never read as senml"),
+            "{n:?}"
+        );
+        assert!(n[1].contains("\"senml/#\" is not in MQTT_TOPICS"), "{n:?}");
+        assert!(covers("a/+/c", "a/b/c") && covers("#", "a/+") && !covers("a/+", "a/#"));
     }
 
     #[test]

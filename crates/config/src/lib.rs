@@ -35,7 +35,7 @@ mod settings;
 mod sources;
 
 pub use cluster::{ClusterSettings, Drift};
-pub use formats::{Format, FormatSpec};
+pub use formats::{notes as format_notes, Format, FormatSpec};
 pub use redact::{is_secret_name, redact, redact_url, LIBPQ_KEYWORDS, MASK};
 pub use routes::{OnConflict, PathStep, RouteSpec, Source};
 pub use settings::{

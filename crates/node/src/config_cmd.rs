@@ -219,6 +219,16 @@ async fn apply(
     for line in &changes {
         println!("  {line}");
     }
+    let subscribed: Vec<&str> = new_cfg
+        .cluster
+        .mqtt_topics
+        .iter()
+        .chain(new_cfg.routes.iter().flat_map(|r| &r.topics))
+        .map(String::as_str)
+        .collect();
+    for note in leasehold_config::format_notes(&new_cfg.formats, &subscribed) {
+        println!("  note: {note}");
+    }
     if dry_run {
         println!("dry run: every check passed; nothing stored");
         return Ok(ExitCode::SUCCESS);
