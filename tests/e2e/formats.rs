@@ -153,19 +153,10 @@ async fn routes_take_a_bare_value_a_senml_name_and_an_array_elements_fields() {
     check(&c, res);
 }
 
-/// A message as the ingest hands it over: packet id and DUP flag as received.
-fn inbound(topic: &str, payload: &[u8], pkid: u16, dup: bool) -> Inbound {
-    let mut m = Inbound::detached(topic, payload);
-    m.pkid = pkid;
-    m.dup = dup;
-    m
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_redelivered_array_pack_or_value_is_stored_once_and_a_new_publish_again() -> Result<()> {
-    let pg = migrated().await?;
-    let db = pg.client().await?;
-    let decoder = Decoder::new("devices/{device_id}/#", 256 * 1024).with_formats(&[
+/// The default decoder with the bare values of `stat/+/POWER` (their own device pattern) and
+/// the SenML of `senml/#`.
+pub(crate) fn decoder() -> Decoder {
+    Decoder::new("devices/{device_id}/#", 256 * 1024).with_formats(&[
         FormatSpec {
             topics: vec!["stat/+/POWER".into()],
             format: Format::Value,
@@ -176,7 +167,22 @@ async fn a_redelivered_array_pack_or_value_is_stored_once_and_a_new_publish_agai
             format: Format::Senml,
             device_topic_pattern: None,
         },
-    ]);
+    ])
+}
+
+/// A message as the ingest hands it over: packet id and DUP flag as received.
+pub(crate) fn inbound(topic: &str, payload: &[u8], pkid: u16, dup: bool) -> Inbound {
+    let mut m = Inbound::detached(topic, payload);
+    m.pkid = pkid;
+    m.dup = dup;
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_array_pack_or_value_is_stored_once_and_a_new_publish_again() -> Result<()> {
+    let pg = migrated().await?;
+    let db = pg.client().await?;
+    let decoder = decoder();
     let untimed_array =
         br#"[{"device_id":"a","v":1},{"device_id":"b","v":2},{"device_id":"a","w":3}]"#;
     let timed_array =

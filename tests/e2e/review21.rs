@@ -5,35 +5,13 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use leasehold_decode::{Decoder, Format, FormatSpec};
 use leasehold_ingest::Inbound;
 use leasehold_testkit::publish::publish_all;
 use leasehold_testkit::{eventually, leading_and_subscribed};
 
+use crate::formats::{decoder, inbound};
 use crate::generated::{migrated, write_inbound, writer_config_with};
 use crate::helpers::{check, out, Cluster};
-
-fn inbound(topic: &str, payload: &[u8], pkid: u16, dup: bool) -> Inbound {
-    let mut m = Inbound::detached(topic, payload);
-    m.pkid = pkid;
-    m.dup = dup;
-    m
-}
-
-fn decoder() -> Decoder {
-    Decoder::new("devices/{device_id}/#", 256 * 1024).with_formats(&[
-        FormatSpec {
-            topics: vec!["stat/+/POWER".into()],
-            format: Format::Value,
-            device_topic_pattern: Some("stat/{device_id}/POWER".into()),
-        },
-        FormatSpec {
-            topics: vec!["senml/#".into()],
-            format: Format::Senml,
-            device_topic_pattern: None,
-        },
-    ])
-}
 
 /// A leader that held a backlog of gateway arrays (260 messages of 50 untimed readings, more
 /// rows than MAX_PENDING + 2,048) is replaced; the broker redelivers the first of them (DUP, same

@@ -33,6 +33,12 @@ pub struct Unit {
 }
 
 impl Unit {
+    /// Whether the dead letter's bytes are the reading's own (the same slice): a JSON object or
+    /// an array's element, unlike a bare value or a SenML reading.
+    pub fn raw_is_payload(&self) -> bool {
+        self.raw.as_ptr() == self.payload.as_ptr() && self.raw.len() == self.payload.len()
+    }
+
     /// A message that is one JSON object: the writer decodes it as it always did.
     pub fn whole(payload: &Bytes) -> Unit {
         Unit {

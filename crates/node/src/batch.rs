@@ -229,14 +229,14 @@ pub fn prepare(
             };
             let idx = p.units.len();
             p.out.owners.push(at);
-            let whole = u.label.is_none() && u.raw.len() == m.payload.len();
+            // The message's own bytes: its size as published (a payload over the limit was cut).
+            let whole = u.raw.as_ptr() == m.payload.as_ptr() && u.raw.len() == m.payload.len();
             p.units.push(Held {
-                message: at,
                 size: match whole {
                     true => m.original_size.max(m.payload.len()),
                     false => u.raw.len(),
                 },
-                raw: (!whole || u.raw.as_ptr() != m.payload.as_ptr()).then(|| u.raw.clone()),
+                raw: (!whole).then(|| u.raw.clone()),
                 label: u.label.clone(),
             });
             p.message(idx, m, u, received_at);
@@ -299,9 +299,8 @@ impl Iterator for Units {
 
 impl ExactSizeIterator for Units {}
 
-/// What a unit's dead letter keeps, and its message (a place in the batch).
+/// What a unit's dead letter keeps (its message: `Prepared::owners`).
 struct Held {
-    message: usize,
     /// `None`: the message's payload as held.
     raw: Option<bytes::Bytes>,
     /// The size as published (a whole message's), or the raw bytes' own.
@@ -352,12 +351,9 @@ impl Preparer<'_> {
         error: String,
     ) {
         let u = &self.units[idx];
-        let m = &self.batch[u.message];
+        let m = &self.batch[self.out.owners[idx]];
         let raw = u.raw.as_ref().unwrap_or(&m.payload);
-        let error = match &u.label {
-            Some(label) => format!("{label}: {error}"),
-            None => error,
-        };
+        let error = leasehold_store::placed(u.label.as_deref(), error);
         self.out.dead.push(DeadLetter {
             idx,
             topic: m.topic.clone(),
@@ -399,6 +395,7 @@ impl Preparer<'_> {
             }
         }
         let objects = matched.iter().any(|&k| self.objects[k]);
+        let raw_is_payload = unit.raw_is_payload();
         let parsed = match unit.decoded {
             // A format read the device id and timestamp only: a route reads the object.
             Some(Ok(p)) if objects && p.object.is_none() => {
@@ -458,9 +455,7 @@ impl Preparer<'_> {
                             Arc::new(Message {
                                 topic: m.topic.clone(),
                                 payload: unit.payload.clone(),
-                                raw: (unit.raw.as_ptr() != unit.payload.as_ptr()
-                                    || unit.raw.len() != unit.payload.len())
-                                .then(|| unit.raw.clone()),
+                                raw: (!raw_is_payload).then(|| unit.raw.clone()),
                                 label: unit.label.clone(),
                                 received_at,
                                 pkid,
@@ -552,11 +547,12 @@ pub const ROUTE_UNAVAILABLE: &str = "route_unavailable";
 pub fn unavailable(row: &RouteRow, route: &ResolvedRoute, why: &str) -> DeadLetter {
     let m = &row.message;
     let name = &route.spec.name;
+    let kept = m.dead_letter_bytes();
     DeadLetter {
         idx: row.idx,
         topic: m.topic.clone(),
-        payload: m.dead_letter_bytes(),
-        size: m.dead_letter_bytes().len(),
+        size: kept.len(),
+        payload: kept,
         reason: ROUTE_UNAVAILABLE,
         error: m.placed(format!("route {name} is suspended: {why}")),
         received_at: m.received_at,
@@ -582,11 +578,12 @@ pub fn rejected(row: &RouteRow, route: &ResolvedRoute, database_text: &str) -> D
             format!("route {name}: PostgreSQL rejected the row: {database_text}"),
         )
     };
+    let kept = m.dead_letter_bytes();
     DeadLetter {
         idx: row.idx,
         topic: m.topic.clone(),
-        payload: m.dead_letter_bytes(),
-        size: m.dead_letter_bytes().len(),
+        size: kept.len(),
+        payload: kept,
         reason: "rejected_by_database",
         error: m.placed(error),
         received_at: m.received_at,

@@ -66,13 +66,18 @@ pub struct Message {
     pub content_hash: Option<String>,
 }
 
+/// `error` with `label` (a reading's place in its message, `element 3 of 10`) before it.
+pub fn placed(label: Option<&str>, error: String) -> String {
+    match label {
+        Some(label) => format!("{label}: {error}"),
+        None => error,
+    }
+}
+
 impl Message {
     /// `error` with this reading's place in its message before it.
     pub fn placed(&self, error: String) -> String {
-        match &self.label {
-            Some(label) => format!("{label}: {error}"),
-            None => error,
-        }
+        placed(self.label.as_deref(), error)
     }
 
     /// The bytes a dead letter of this reading keeps.

@@ -44,7 +44,7 @@ pub mod tls;
 use std::time::Duration;
 
 pub use batch::{
-    storable_text, BatchOutcome, BatchWriter, CancelHandle, DeadLetter, Fence, Message,
+    placed, storable_text, BatchOutcome, BatchWriter, CancelHandle, DeadLetter, Fence, Message,
     RouteOutcome, RouteRow, Value, DEFAULT_REDELIVERY_SPAN, DEFAULT_REDELIVERY_WINDOW,
 };
 pub use deadpool_postgres::Pool;
