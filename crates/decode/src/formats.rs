@@ -752,13 +752,7 @@ impl Group {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chrono::TimeZone;
-
-    fn now() -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5)
-            .single()
-            .expect("valid")
-    }
+    use crate::tests::now;
 
     fn decoder(format: Format, filter: &str) -> Decoder {
         Decoder::new("devices/{device_id}/#", 1 << 20).with_formats(&[FormatSpec {

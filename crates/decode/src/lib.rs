@@ -412,7 +412,8 @@ fn from_epoch(n: f64) -> Result<DateTime<Utc>, String> {
 mod tests {
     use super::*;
 
-    fn now() -> DateTime<Utc> {
+    /// The receipt instant of the crate's tests.
+    pub(crate) fn now() -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5)
             .single()
             .expect("valid")
