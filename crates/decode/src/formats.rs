@@ -64,6 +64,11 @@ impl Unit {
     }
 }
 
+/// Whether a JSON payload is an array (its first non-blank byte a `[`).
+fn is_array(payload: &[u8]) -> bool {
+    payload.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[')
+}
+
 /// MQTT filter matching (`+` one level, `#` the rest; a `$` topic only by a filter that names
 /// its first level).
 pub fn topic_matches(filter: &str, topic: &str) -> bool {
@@ -161,8 +166,7 @@ impl Decoder {
     /// Whether `payload` is read as one JSON object by the writer itself (`json`, not an
     /// array, no entry of its own): the common message, which needs no [`Decoder::units`].
     pub fn is_plain(&self, topic: &str, payload: &[u8]) -> bool {
-        (self.formats.is_empty() || self.entry_of(topic).is_none())
-            && payload.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'[')
+        (self.formats.is_empty() || self.entry_of(topic).is_none()) && !is_array(payload)
     }
 
     /// The format of `topic`'s payloads.
@@ -214,7 +218,7 @@ impl Reader<'_> {
     /// An object is itself; an array is one unit per element, elements of one device at one
     /// instant merged into one reading where their fields agree.
     fn json(&self, payload: &Bytes) -> Vec<Unit> {
-        if payload.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'[') {
+        if !is_array(payload) {
             return vec![match self.own_pattern {
                 false => Unit::whole(payload),
                 true => Unit {
@@ -243,12 +247,10 @@ impl Reader<'_> {
             )];
         }
         let n = elements.len();
-        let base = payload.as_ptr() as usize;
         let mut merged = Merger::default();
         for (k, e) in elements.into_iter().enumerate() {
-            let text = e.get();
-            let start = text.as_ptr() as usize - base;
-            let raw = payload.slice(start..start + text.len());
+            // The element's own bytes, a slice of the message's (no copy).
+            let raw = payload.slice_ref(e.get().as_bytes());
             let label = format!("element {} of {n}", k + 1);
             match self.light(&raw) {
                 Ok(p) => merged.add(self, raw, label, p),
