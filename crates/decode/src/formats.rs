@@ -64,6 +64,19 @@ impl Unit {
     }
 }
 
+/// The place of element `k` (1-based) of an array of `n`, as its dead letter's error begins.
+pub fn element_label(k: usize, n: usize) -> String {
+    format!("element {k} of {n}")
+}
+
+/// The `(k, n)` of a dead letter's error that begins with [`element_label`].
+pub fn element_place(error: &str) -> Option<(usize, usize)> {
+    let rest = error.strip_prefix("element ")?;
+    let (k, rest) = rest.split_once(" of ")?;
+    let (n, _) = rest.split_once(": ")?;
+    Some((k.parse().ok()?, n.parse().ok()?))
+}
+
 /// Whether a JSON payload is an array (its first non-blank byte a `[`).
 fn is_array(payload: &[u8]) -> bool {
     payload.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[')
@@ -251,7 +264,7 @@ impl Reader<'_> {
         for (k, e) in elements.into_iter().enumerate() {
             // The element's own bytes, a slice of the message's (no copy).
             let raw = payload.slice_ref(e.get().as_bytes());
-            let label = format!("element {} of {n}", k + 1);
+            let label = element_label(k + 1, n);
             match self.light(&raw) {
                 Ok(p) => merged.add(self, raw, label, p),
                 Err(e) => merged.units.push(Unit::refused_part(raw, Some(label), e)),

@@ -12,7 +12,7 @@ mod formats;
 pub mod invariants;
 mod light;
 
-pub use formats::{topic_matches, Unit};
+pub use formats::{element_label, element_place, topic_matches, Unit};
 pub use leasehold_config::{Format, FormatSpec};
 
 use chrono::{DateTime, TimeZone, Utc};

@@ -400,16 +400,10 @@ fn whole_arrays(locked: &[StoredDeadLetter]) -> Vec<Held> {
         chrono::DateTime<Utc>,
         usize,
     );
-    let place = |d: &StoredDeadLetter| -> Option<(usize, usize)> {
-        let rest = d.error.strip_prefix("element ")?;
-        let (k, rest) = rest.split_once(" of ")?;
-        let (n, _) = rest.split_once(": ")?;
-        Some((k.parse().ok()?, n.parse().ok()?))
-    };
     let mut arrays: BTreeMap<Key<'_>, Vec<(usize, &StoredDeadLetter)>> = BTreeMap::new();
     let mut out = Vec::new();
     for d in locked {
-        match place(d).filter(|&(k, n)| k >= 1 && k <= n) {
+        match leasehold_decode::element_place(&d.error).filter(|&(k, n)| k >= 1 && k <= n) {
             Some((k, n)) => {
                 // Element k was the array's k-th reading, k-1 microseconds after its receipt.
                 let at = d.received_at - chrono::Duration::microseconds(k as i64 - 1);
