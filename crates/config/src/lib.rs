@@ -39,8 +39,8 @@ pub use formats::{notes as format_notes, Format, FormatSpec};
 pub use redact::{is_secret_name, redact, redact_url, LIBPQ_KEYWORDS, MASK};
 pub use routes::{OnConflict, PathStep, RouteSpec, Source};
 pub use settings::{
-    in_section, is_cluster_setting, text, ClusterValues, Keys, NodeSettings, Secret,
-    CLUSTER_SETTINGS, KEYS, NODE_SETTINGS,
+    is_cluster_setting, ClusterValues, Keys, NodeSettings, Secret, CLUSTER_SETTINGS, KEYS,
+    NODE_SETTINGS,
 };
 pub use sources::Sources;
 

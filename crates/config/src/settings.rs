@@ -318,10 +318,6 @@ pub(crate) fn texts<T: Serialize>(values: &T) -> std::collections::BTreeMap<Stri
 pub struct Secret(String);
 
 impl Secret {
-    pub fn new(v: impl Into<String>) -> Secret {
-        Secret(v.into())
-    }
-
     /// The value in clear, for the one place that uses it.
     pub fn expose(&self) -> &str {
         &self.0
@@ -411,6 +407,8 @@ pub mod text {
                     s.serialize_str(&write(v))
                 }
 
+                // Not every kind has a setting whose default follows another.
+                #[allow(dead_code)]
                 pub mod opt {
                     use super::*;
 
