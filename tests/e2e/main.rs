@@ -22,6 +22,7 @@ mod isolation;
 mod memory;
 mod operations;
 mod ordinary;
+mod partitions;
 mod retention;
 mod review10;
 mod review13;

@@ -36,6 +36,10 @@ pub struct Args {
     /// typed route, with leader, PostgreSQL and broker CPU per message (about a minute a run).
     #[arg(long, value_enum)]
     pub only: Option<Only>,
+    /// Older readings loaded into `telemetry` (day partitions over 230 days) before the
+    /// default route drains once more beside its drain into an empty table (0: skip).
+    #[arg(long, default_value_t = 20_000_000)]
+    pub history_rows: u64,
     /// With `--only routes`: how many times each route is drained, each into emptied tables.
     #[arg(long, default_value_t = 1)]
     pub runs: u32,

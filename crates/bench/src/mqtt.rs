@@ -8,7 +8,7 @@ use leasehold_testkit::publish::{await_acks_within, count_acks, numbered_from};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 const TOPIC_FILTER: &str = "devices/+/telemetry";
-const DEVICES: u64 = 100;
+pub const DEVICES: u64 = 100;
 
 fn now_micros() -> i64 {
     chrono::Utc::now().timestamp_micros()

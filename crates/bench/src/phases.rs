@@ -45,7 +45,7 @@ pub async fn orchestrate(o: Args) -> Result<()> {
         .tempdir()?;
     let mut rig = Rig::new(&bin, &mq, logs.path(), pg).await?;
     if let Some(Only::Routes) = o.only {
-        return routes_only(&rig, o.messages, o.runs).await;
+        return routes_only(&rig, o.messages, o.runs, o.history_rows).await;
     }
     let n = o.messages;
     let fsync = fsync_per_sec(&[]);
@@ -62,7 +62,7 @@ pub async fn orchestrate(o: Args) -> Result<()> {
         "bench: capacity (queued drain): ceiling {:.0}, upsert {:.0}, leasehold {:.0} msg/s",
         ceiling_cap.rate, upsert_cap.rate, leasehold.capacity
     );
-    let routes = routes_phase(&rig, n, "").await?;
+    let routes = routes_phase(&rig, n, "", o.history_rows).await?;
     let outage = outage_phase(&mut rig, &mut leasehold, o.outage_secs).await?;
     // The first PostgreSQL is done with; the slow-flush pass gets the machine to itself.
     drop(rig);
@@ -99,7 +99,7 @@ pub async fn orchestrate(o: Args) -> Result<()> {
 
 /// `--only routes`: the routes phase `runs` times, each into emptied tables, then one line per
 /// drain (`make bench-drain`: the write path's cost in a minute or two).
-async fn routes_only(rig: &Rig<'_>, n: u64, runs: u32) -> Result<()> {
+async fn routes_only(rig: &Rig<'_>, n: u64, runs: u32, history_rows: u64) -> Result<()> {
     let mut all: Vec<Routes> = Vec::new();
     for i in 1..=runs {
         rig.db
@@ -107,15 +107,17 @@ async fn routes_only(rig: &Rig<'_>, n: u64, runs: u32) -> Result<()> {
             .await?;
         // Alone: VACUUM cannot run in the implicit transaction of a multi-statement query.
         rig.db.batch_execute("VACUUM ANALYZE telemetry").await?;
-        all.push(routes_phase(rig, n, &format!("-{i}")).await?);
+        all.push(routes_phase(rig, n, &format!("-{i}"), history_rows).await?);
     }
-    println!("\nroute    run  msg/s    leader us/msg (after its start)  PostgreSQL us/msg  broker us/msg   (gateway: readings, 50 per message)");
+    println!("\nroute    run  msg/s    leader us/msg (after its start)  PostgreSQL us/msg  broker us/msg   (gateway: readings, 50 per message; history: default into a telemetry of {history_rows} older rows)");
     for (i, r) in all.iter().enumerate() {
-        for (name, d) in [
-            ("default", &r.default),
-            ("typed", &r.typed),
-            ("gateway", &r.gateway),
-        ] {
+        let drains = [
+            Some(("default", &r.default)),
+            Some(("typed", &r.typed)),
+            Some(("gateway", &r.gateway)),
+            r.history.as_ref().map(|h| ("history", h)),
+        ];
+        for (name, d) in drains.into_iter().flatten() {
             println!(
                 "{name:<8} {:>3}  {:>7.0}  {:>6} ({:>6})  {:>28}  {:>13}",
                 i + 1,

@@ -112,6 +112,8 @@ struct Report {
     typed_route_ratio: f64,
     /// Readings per second, 50 to a message (gateways) against one to a message.
     gateway_ratio: f64,
+    /// The default route's drain into a `telemetry` full of history against into an empty one.
+    history_ratio: Option<f64>,
     targets: Vec<(String, bool)>,
 }
 
@@ -137,6 +139,7 @@ impl Results {
             outage: self.outage,
             typed_route_ratio: self.routes.ratio(),
             gateway_ratio: self.routes.gateway_ratio(),
+            history_ratio: self.routes.history_ratio(),
             slow_flush: self.slow_flush,
             routes: self.routes,
             targets,
@@ -259,6 +262,15 @@ impl Results {
             ),
             g >= 1.0,
         ));
+        if let (Some(h), Some(d)) = (self.routes.history_ratio(), &self.routes.history) {
+            targets.push((
+                format!(
+                    "default route into a telemetry of {} older rows >= 0.9 x into an empty one ({h:.2})",
+                    d.history_rows
+                ),
+                h >= 0.9,
+            ));
+        }
         let d = &self.routes.default;
         let us = |v: Option<f64>| v.map_or("?".to_string(), |v| format!("{v:.1} us"));
         let per_msg = d.leader_cpu_us_after_start(self.routes.leader_start_cpu_ms);
@@ -334,6 +346,17 @@ impl Results {
             us(g.postgres_cpu_us),
             us(g.broker_cpu_us)
         );
+        if let Some(h) = &self.routes.history {
+            println!(
+                "history: the default route into a telemetry of {} older rows: {:.0} msg/s = {:.2} x into an empty one; CPU per message: leader {} us, PostgreSQL {} us, broker {} us",
+                h.history_rows,
+                h.rate,
+                self.routes.history_ratio().unwrap_or(0.0),
+                us(h.leader_cpu_us),
+                us(h.postgres_cpu_us),
+                us(h.broker_cpu_us)
+            );
+        }
         if let Some(o) = &self.outage {
             println!(
                 "leader RSS across a {} s PostgreSQL outage at {} msg/s: before {:.1} MiB, max during {:.1} MiB, after {:.1} MiB; stored {} of {}",

@@ -54,6 +54,8 @@ pub enum Target {
     Typed,
     /// `telemetry`, the readings sent by gateways as JSON arrays of [`GATEWAY_READINGS`].
     Gateway,
+    /// `telemetry` holding [`HISTORY_ROWS`] older readings in day partitions.
+    History,
 }
 
 /// Readings per gateway message.
@@ -62,7 +64,7 @@ pub const GATEWAY_READINGS: u64 = 50;
 impl Target {
     fn table(self) -> &'static str {
         match self {
-            Target::Default | Target::Gateway => "telemetry",
+            Target::Default | Target::Gateway | Target::History => "telemetry",
             Target::Typed => "bench_route",
         }
     }
@@ -70,14 +72,18 @@ impl Target {
     /// The `route` label of its metrics.
     fn route(self) -> &'static str {
         match self {
-            Target::Default | Target::Gateway => "default",
+            Target::Default | Target::Gateway | Target::History => "default",
             Target::Typed => "typed",
         }
     }
 
     fn run_of(self) -> &'static str {
         match self {
-            Target::Default | Target::Gateway => "payload->>'run'",
+            // Readings of the drain are stamped now: the bound keeps the count to the
+            // partitions of the last days, whatever history the table holds.
+            Target::Default | Target::Gateway | Target::History => {
+                "ts > now() - interval '2 days' AND payload->>'run'"
+            }
             Target::Typed => "run",
         }
     }
@@ -100,6 +106,8 @@ pub struct Drain {
     pub broker_cpu_us: Option<f64>,
     /// What PostgreSQL spent its time on during the drain (`pg_stat_statements`, when loaded).
     pub statements: Vec<Statement>,
+    /// Older readings `telemetry` held before the drain.
+    pub history_rows: i64,
 }
 
 /// One normalized statement's share of a drain, from `pg_stat_statements`.
@@ -123,6 +131,8 @@ pub struct Routes {
     pub typed: Drain,
     /// The same readings as the default drain, sent 50 to a message by gateways.
     pub gateway: Drain,
+    /// The default drain again, into a `telemetry` that holds [`HISTORY_ROWS`] older readings.
+    pub history: Option<Drain>,
     /// What a leader's start costs without a message to drain (migrations check, connections,
     /// the deployment checks' broker probes), CPU milliseconds: part of each drain's leader
     /// figure, but not per message.
@@ -146,6 +156,11 @@ impl Routes {
     pub fn gateway_ratio(&self) -> f64 {
         self.gateway.rate / self.default.rate.max(1e-9)
     }
+
+    /// The drain rate into a `telemetry` full of history against the drain into an empty one.
+    pub fn history_ratio(&self) -> Option<f64> {
+        Some(self.history.as_ref()?.rate / self.default.rate.max(1e-9))
+    }
 }
 
 /// The leader stopped, `n` messages of `run` queued in its session, then drained by a new leader
@@ -165,7 +180,9 @@ pub async fn drain(rig: &Rig<'_>, run: &str, n: u64, target: Target) -> Result<(
         }
     }
     match target {
-        Target::Default | Target::Gateway => rig.apply_config("default", DEFAULT)?,
+        Target::Default | Target::Gateway | Target::History => {
+            rig.apply_config("default", DEFAULT)?
+        }
         Target::Typed => {
             rig.db.batch_execute(TABLE).await?;
             rig.apply_config("typed-route", ROUTE)?;
@@ -174,6 +191,17 @@ pub async fn drain(rig: &Rig<'_>, run: &str, n: u64, target: Target) -> Result<(
     let extra = vec![];
     // Every drain starts from a checkpoint, so each pays the same full-page writes.
     rig.db.batch_execute("CHECKPOINT").await?;
+    let history_rows = match target {
+        Target::History => rig
+            .db
+            .query_one(
+                "SELECT count(*) FROM telemetry WHERE written_by = 'history'",
+                &[],
+            )
+            .await?
+            .get(0),
+        _ => 0,
+    };
     let statements = Statements::reset(&rig.db).await;
     let pg_before = postgres_cpu_seconds(&rig.pg.data_dir());
     let broker_before = rig.mq.pid().and_then(|p| cpu_seconds(p, false));
@@ -219,6 +247,7 @@ pub async fn drain(rig: &Rig<'_>, run: &str, n: u64, target: Target) -> Result<(
         postgres_cpu_us: per_msg(pg_before.zip(pg_after).map(|(b, a)| a - b)),
         broker_cpu_us: per_msg(broker_before.zip(broker_after).map(|(b, a)| a - b)),
         statements,
+        history_rows,
     };
     eprintln!(
         "bench: {} drain {:.0} msg/s, CPU per message: leader {} us, PostgreSQL {} us, broker {} us; leader: {}",
@@ -304,9 +333,15 @@ fn fmt_us(v: Option<f64>) -> String {
     v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "?".into())
 }
 
-/// The default route's drain, then the typed route's, of the same `n` messages; `suffix` tells
-/// repeated runs apart.
-pub async fn routes_phase(rig: &Rig<'_>, n: u64, suffix: &str) -> Result<Routes> {
+/// The default route's drain, then the typed route's and the gateways', of the same `n`
+/// messages, then (with `history_rows`) the default route's again into a `telemetry` holding that
+/// many older readings; `suffix` tells repeated runs apart.
+pub async fn routes_phase(
+    rig: &Rig<'_>,
+    n: u64,
+    suffix: &str,
+    history_rows: u64,
+) -> Result<Routes> {
     let leader_start_cpu_ms = idle_start(rig, suffix).await?;
     // The two drains into `telemetry` start from the same table: empty and vacuumed.
     empty_telemetry(rig).await?;
@@ -316,12 +351,149 @@ pub async fn routes_phase(rig: &Rig<'_>, n: u64, suffix: &str) -> Result<Routes>
     empty_telemetry(rig).await?;
     let gateway =
         drain_and_stop(rig, &format!("route-gateway{suffix}"), n, Target::Gateway).await?;
+    let history = match history_rows {
+        0 => None,
+        rows => {
+            empty_telemetry(rig).await?;
+            load_history(rig, rows).await?;
+            let d =
+                drain_and_stop(rig, &format!("route-history{suffix}"), n, Target::History).await?;
+            capture_plans(rig, &format!("plans{suffix}")).await?;
+            Some(d)
+        }
+    };
     Ok(Routes {
         default,
         typed,
         gateway,
+        history,
         leader_start_cpu_ms,
     })
+}
+
+/// Where [`capture_plans`] writes the plans.
+pub const PLANS: &str = "target/bench/plans.txt";
+
+/// The plan of every statement a leader runs against `telemetry` full of history, as it runs
+/// them (`auto_explain`, with its buffers): a short drain with 100 enabled devices, so the alerts'
+/// data age and device coverage run too. Written to [`PLANS`], once per statement text.
+async fn capture_plans(rig: &Rig<'_>, run: &str) -> Result<()> {
+    let settings = [
+        ("session_preload_libraries", "'auto_explain'"),
+        ("auto_explain.log_min_duration", "0"),
+        ("auto_explain.log_analyze", "on"),
+        ("auto_explain.log_buffers", "on"),
+        ("auto_explain.log_timing", "off"),
+        ("auto_explain.log_nested_statements", "on"),
+    ];
+    // ALTER SYSTEM cannot run in the transaction of a multi-statement query: one at a time.
+    for (k, v) in settings {
+        rig.db
+            .batch_execute(&format!("ALTER SYSTEM SET {k} = {v}"))
+            .await?;
+    }
+    rig.db.batch_execute("SELECT pg_reload_conf()").await?;
+    rig.db
+        .batch_execute(&format!(
+            "INSERT INTO devices (device_id, topic)
+             SELECT 'dev-' || lpad(i::text, 3, '0'), 'devices/dev-' || lpad(i::text, 3, '0') || '/telemetry'
+             FROM generate_series(0, {}) i ON CONFLICT DO NOTHING",
+            crate::mqtt::DEVICES - 1
+        ))
+        .await?;
+    let from = rig.pg.log().len();
+    let n = 2000;
+    create_session(rig.mq.port, LEADER_SESSION).await?;
+    publish(rig.mq.port, run, n, 0).await?;
+    rig.apply_config(run, &format!("{DEFAULT}alert_check_interval = \"1s\"\n"))?;
+    let mut node = rig.spawn_node_with(&format!("bench-leader-{run}"), &[])?;
+    wait_written(&node, "default", n, run).await?;
+    // Two rounds of the alerts' queries on the full table.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop_node(&mut node).await?;
+    drop_session(rig.mq.port, LEADER_SESSION).await?;
+    for (k, _) in settings {
+        rig.db
+            .batch_execute(&format!("ALTER SYSTEM RESET {k}"))
+            .await?;
+    }
+    rig.db
+        .batch_execute("SELECT pg_reload_conf(); TRUNCATE devices")
+        .await?;
+    let log = rig.pg.log();
+    let plans = plans_of(log.get(from..).unwrap_or_default());
+    std::fs::create_dir_all("target/bench")?;
+    std::fs::write(PLANS, plans.join("\n\n"))?;
+    eprintln!(
+        "bench: {} plans of statements on telemetry with history written to {PLANS}",
+        plans.len()
+    );
+    Ok(())
+}
+
+/// `auto_explain`'s entries (a `plan:` line, then lines indented by a tab) whose query reads or
+/// writes `telemetry`, the last of each query text.
+fn plans_of(log: &str) -> Vec<String> {
+    let mut entries: Vec<String> = Vec::new();
+    for line in log.lines() {
+        if line.contains("plan:") {
+            entries.push(String::new());
+        } else if let Some(e) = entries.last_mut().filter(|_| line.starts_with('\t')) {
+            e.push_str(line.trim_start_matches('\t'));
+            e.push('\n');
+        }
+    }
+    let mut by_query: Vec<(String, String)> = Vec::new();
+    for e in entries {
+        // The query text runs over several lines: its start names it.
+        let query: String = e.split_whitespace().take(60).collect::<Vec<_>>().join(" ");
+        let on_telemetry = e.contains("FROM telemetry") || e.contains("INTO telemetry");
+        if !on_telemetry || query.contains("pg_stat_statements") {
+            continue;
+        }
+        by_query.retain(|(q, _)| *q != query);
+        by_query.push((query, e));
+    }
+    by_query.into_iter().map(|(_, e)| e).collect()
+}
+
+/// Days the history spans, ending yesterday.
+const HISTORY_DAYS: i64 = 230;
+
+/// `rows` older readings of the drains' devices, one `INSERT ... SELECT` into the day partitions
+/// they would have got as they arrived (the leader makes a day's partition ahead of it), then
+/// vacuumed and analysed as autovacuum leaves an aged table. The drain's `CHECKPOINT` follows.
+async fn load_history(rig: &Rig<'_>, rows: u64) -> Result<()> {
+    let started = Instant::now();
+    let days = HISTORY_DAYS;
+    rig.db
+        .batch_execute(&format!(
+            "SET TimeZone = 'UTC';
+             DO $$
+             DECLARE d date;
+             BEGIN
+               FOR d IN SELECT generate_series(current_date - {days}, current_date - 1, interval '1 day')::date LOOP
+                 EXECUTE format('CREATE TABLE IF NOT EXISTS %I PARTITION OF telemetry FOR VALUES FROM (%L) TO (%L)',
+                                'telemetry_p' || to_char(d, 'YYYYMMDD'), d::timestamptz, (d + 1)::timestamptz);
+               END LOOP;
+             END $$;
+             INSERT INTO telemetry (device_id, topic, ts, payload, received_at, written_by, lease_epoch)
+             SELECT dev, 'devices/' || dev || '/telemetry', ts,
+                    jsonb_build_object('device_id', dev, 'run', 'history', 'seq', i, 'ts', extract(epoch FROM ts)),
+                    ts, 'history', 1
+             FROM (SELECT i, 'dev-' || lpad((i % {devices})::text, 3, '0') AS dev,
+                          current_date::timestamptz - (i * ({days} * 86400.0 / {rows})) * interval '1 second' AS ts
+                   FROM generate_series(1, {rows}) i) s;
+             RESET TimeZone;",
+            devices = crate::mqtt::DEVICES,
+        ))
+        .await?;
+    rig.db.batch_execute("VACUUM ANALYZE telemetry").await?;
+    eprintln!(
+        "bench: {rows} older readings over {days} days loaded into telemetry in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// `telemetry` emptied, and vacuumed (VACUUM cannot run in a multi-statement query's

@@ -277,6 +277,8 @@ pub fn parse_duration(v: &str) -> Result<Duration, String> {
 /// delete older rows every `interval`, in small batches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retention {
+    /// `None`: readings are kept forever.
+    pub telemetry: Option<Duration>,
     pub dead_letters: Duration,
     /// Resolved alerts only: an open alert is kept however old it is.
     pub alerts: Duration,
@@ -287,6 +289,8 @@ pub struct Retention {
 
 /// Retention shorter than this would make the tables useless for looking back at an incident.
 pub(crate) const MIN_RETENTION: Duration = Duration::from_secs(3600);
+/// `telemetry` is dropped a day partition at a time: a shorter retention could not be kept.
+pub(crate) const MIN_TELEMETRY_RETENTION: Duration = Duration::from_secs(86_400);
 
 impl Config {
     /// The client id of the cluster's shared session: `MQTT_CLIENT_ID` when set, otherwise

@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::settings::NodeSettings;
 use crate::{
     fmt_dur, redact_url, validate_filter, Config, ConfigError, LeaseTimings, MqttEndpoint, Sources,
-    DEFAULT_MAX_PENDING_BYTES, MAX_PENDING_BYTES_LIMIT, MIN_RETENTION,
+    DEFAULT_MAX_PENDING_BYTES, MAX_PENDING_BYTES_LIMIT, MIN_RETENTION, MIN_TELEMETRY_RETENTION,
 };
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
@@ -129,6 +129,13 @@ impl Config {
                 );
                 at_least(key, d, c.alert_window, reason)?;
             }
+        }
+        if let Some(d) = r.telemetry {
+            let reason = format!(
+                "must be at least {} (readings are removed a day partition at a time)",
+                fmt_dur(MIN_TELEMETRY_RETENTION)
+            );
+            at_least("TELEMETRY_RETENTION", d, MIN_TELEMETRY_RETENTION, reason)?;
         }
         nonzero("RETENTION_INTERVAL", r.interval)
     }

@@ -150,6 +150,10 @@ pub struct ClusterValues {
     /// Event-like alerts count what happened within this window.
     #[serde(default = "default::secs::<600>", with = "text::duration")]
     pub alert_window: Duration,
+    /// Readings in `telemetry` older than this are removed, a whole day partition at a time
+    /// (never row by row). Unset: every reading is kept.
+    #[serde(default, with = "text::duration::opt")]
+    pub telemetry_retention: Option<Duration>,
     /// Dead letters older than this are deleted.
     #[serde(default = "default::days::<30>", with = "text::duration")]
     pub dead_letter_retention: Duration,
@@ -171,6 +175,7 @@ impl ClusterValues {
     /// The retention settings as the pruning round reads them.
     pub fn retention(&self) -> crate::Retention {
         crate::Retention {
+            telemetry: self.telemetry_retention,
             dead_letters: self.dead_letter_retention,
             alerts: self.alert_retention,
             lease_history: self.lease_history_retention,

@@ -31,6 +31,7 @@ pub mod config_cmd;
 pub mod identity;
 pub mod ledger;
 pub mod node;
+pub mod partitions;
 pub mod replay;
 pub mod routes_cmd;
 pub mod routing;

@@ -265,7 +265,7 @@ impl Supervisor {
                 suspended: active.suspended.clone(),
                 require_sync_replication: cfg.node.require_sync_replication,
             },
-            fence,
+            fence: fence.clone(),
             rx,
             acker,
             status: self.status.clone(),
@@ -281,6 +281,15 @@ impl Supervisor {
                 self.cluster_id.clone(),
                 pool.clone(),
                 epoch,
+                hard.clone(),
+            ));
+        }
+        // Beside the term too: `telemetry`'s partitions, under this term's fence.
+        if let Some(url) = cfg.node.database_url.as_deref() {
+            tokio::spawn(crate::partitions::maintain(
+                url.to_string(),
+                fence.clone(),
+                self.active.clone(),
                 hard.clone(),
             ));
         }

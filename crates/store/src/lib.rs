@@ -32,6 +32,7 @@ pub mod lease;
 pub mod listener;
 pub mod migrate;
 pub mod op;
+pub mod partitions;
 pub mod queries;
 pub mod replay;
 pub mod replication;
@@ -60,7 +61,9 @@ pub use tokio_postgres::Client;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database: {0}")]
+    /// In the database's own words (message, SQLSTATE, detail): "db error" alone tells an
+    /// operator nothing.
+    #[error("database: {}", database_words(.0))]
     Db(#[from] tokio_postgres::Error),
     #[error("database did not answer within {0:?}")]
     Timeout(Duration),

@@ -74,6 +74,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(6, "routes"),
     migration!(7, "cluster_config"),
     migration!(8, "broker_reach"),
+    migration!(9, "partitions"),
 ];
 
 /// Arbitrary but fixed: the advisory lock every node takes around migration.

@@ -60,6 +60,8 @@ pub enum Op {
     Replay,
     /// `leasehold doctor`'s reads: settings, privileges, clock samples, the database's identity.
     Doctor,
+    /// `telemetry`'s partitions: the move to them, created ahead, dropped by retention.
+    Partitions,
 }
 
 impl Op {
@@ -100,6 +102,7 @@ impl Op {
             Op::RouteCheck => "route_check",
             Op::Replication => "replication",
             Op::Doctor => "doctor",
+            Op::Partitions => "partitions",
         }
     }
 }

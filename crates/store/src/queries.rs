@@ -368,29 +368,35 @@ pub struct Coverage {
 }
 
 /// Coverage judged by each device's newest reading per topic, found by a skip scan of the primary
-/// key (device_id, topic, ts): one short index descent per topic of the device, whatever the
-/// size of `telemetry`. Heard when the newest reading of any of its topics was received within
-/// `window`.
+/// key (device_id, topic, ts): one short index descent per topic of the device and recent
+/// partition, whatever the size of `telemetry` ([`crate::partitions::recent_floor`]: only
+/// readings timestamped from the start of the partition holding `now - window` are read; a
+/// device whose clock runs further behind counts as not heard). Heard when the newest reading of
+/// any of its topics was received within `window`.
 pub async fn device_coverage(
     c: &impl GenericClient,
     window: std::time::Duration,
     list_silent: i64,
 ) -> Result<Coverage> {
+    let since = crate::partitions::recent_floor(c, window).await?;
     let rows = op::all(
         c,
         Op::DeviceCoverage,
         "WITH d AS (
                 SELECT d.device_id, EXISTS (
                     WITH RECURSIVE topics(topic) AS (
-                        SELECT (SELECT min(t.topic) FROM telemetry t WHERE t.device_id = d.device_id)
+                        SELECT (SELECT min(t.topic) FROM telemetry t
+                                WHERE t.device_id = d.device_id AND t.ts >= $3)
                         UNION ALL
                         SELECT (SELECT min(t.topic) FROM telemetry t
-                                WHERE t.device_id = d.device_id AND t.topic > topics.topic)
+                                WHERE t.device_id = d.device_id AND t.topic > topics.topic
+                                  AND t.ts >= $3)
                         FROM topics WHERE topics.topic IS NOT NULL)
                     SELECT 1 FROM topics
                     WHERE topics.topic IS NOT NULL
                       AND (SELECT t.received_at FROM telemetry t
                            WHERE t.device_id = d.device_id AND t.topic = topics.topic
+                             AND t.ts >= $3
                            ORDER BY t.ts DESC LIMIT 1) > clock_timestamp() - make_interval(secs => $1)
                 ) AS heard
                 FROM devices d WHERE d.enabled)
@@ -399,7 +405,7 @@ pub async fn device_coverage(
              FROM (SELECT 1) one
              LEFT JOIN LATERAL (SELECT device_id FROM d WHERE NOT heard
                                 ORDER BY device_id LIMIT $2) s ON true",
-        &[&window.as_secs_f64(), &list_silent],
+        &[&window.as_secs_f64(), &list_silent, &since],
         |r| {
             Ok((
                 r.try_get::<_, i64>("enabled")?,

@@ -186,7 +186,7 @@ pub async fn run(url: String, current: impl Fn() -> Policy, cancel: Cancellation
 }
 
 /// `30d`, `12h`, `90s`: how log lines name a retention.
-fn short(d: Duration) -> String {
+pub fn short(d: Duration) -> String {
     match d.as_secs() {
         s if s > 0 && s % 86_400 == 0 => format!("{}d", s / 86_400),
         s if s > 0 && s % 3600 == 0 => format!("{}h", s / 3600),

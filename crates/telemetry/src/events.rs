@@ -681,3 +681,83 @@ impl RouteState<'_> {
             .set(i64::from(self.suspended));
     }
 }
+
+/// A step of the move of a plain `telemetry` into time partitions.
+pub struct PartitioningStep<'a> {
+    pub step: &'a str,
+    pub detail: String,
+}
+impl PartitioningStep<'_> {
+    pub fn emit(self) {
+        tracing::info!(step = self.step, detail = %self.detail, "telemetry partitioning: step done");
+    }
+}
+
+/// A partition of `telemetry` created (ahead of its day, or for readings waiting in the default
+/// partition).
+pub struct PartitionCreated<'a> {
+    pub name: &'a str,
+    pub range: String,
+    pub moved_from_default: u64,
+}
+impl PartitionCreated<'_> {
+    pub fn emit(self) {
+        tracing::info!(
+            partition = self.name,
+            range = %self.range,
+            moved_from_default = self.moved_from_default,
+            "telemetry partition created"
+        );
+    }
+}
+
+/// A partition of `telemetry` dropped by retention.
+pub struct PartitionDropped<'a> {
+    pub name: &'a str,
+    pub range: String,
+    pub bytes: i64,
+    pub rows_estimate: i64,
+    pub older_than: &'a str,
+}
+impl PartitionDropped<'_> {
+    pub fn emit(self) {
+        tracing::info!(
+            partition = self.name,
+            range = %self.range,
+            bytes = self.bytes,
+            rows_estimate = self.rows_estimate,
+            older_than = self.older_than,
+            "retention: telemetry partition dropped"
+        );
+        let m = metrics();
+        m.telemetry_partitions_dropped.inc();
+        m.telemetry_dropped_bytes.inc_by(self.bytes.max(0) as u64);
+    }
+}
+
+/// A partition round ended.
+pub struct PartitionRound {
+    pub partitions: usize,
+    pub expired_in_default: u64,
+}
+impl PartitionRound {
+    pub fn emit(self) {
+        if self.expired_in_default > 0 {
+            tracing::info!(
+                deleted = self.expired_in_default,
+                "retention: old readings deleted from telemetry's default partition"
+            );
+        }
+        metrics().telemetry_partitions.set(self.partitions as i64);
+    }
+}
+
+/// A partition round failed; the next one retries.
+pub struct PartitionRoundFailed<'a> {
+    pub error: &'a dyn std::fmt::Display,
+}
+impl PartitionRoundFailed<'_> {
+    pub fn emit(self) {
+        tracing::warn!(error = %self.error, "telemetry partition round failed; retrying shortly (readings without a partition land in telemetry_default meanwhile)");
+    }
+}
