@@ -685,6 +685,7 @@ mod tests {
         assert_eq!(
             c.cluster.retention(),
             Retention {
+                telemetry: None,
                 dead_letters: 30 * day,
                 alerts: 90 * day,
                 lease_history: 90 * day,
@@ -699,6 +700,8 @@ mod tests {
         .expect("valid");
         assert_eq!(c.cluster.retention().dead_letters, 14 * day);
         assert_eq!(c.cluster.retention().interval, Duration::from_secs(600));
+        let c = load(&[("TELEMETRY_RETENTION", "400d")]).expect("valid");
+        assert_eq!(c.cluster.retention().telemetry, Some(400 * day));
         for (env, setting, says) in [
             (
                 vec![("DEAD_LETTER_RETENTION", "thirty days")],
@@ -724,6 +727,11 @@ mod tests {
                 vec![("RETENTION_INTERVAL", "0s")],
                 "RETENTION_INTERVAL",
                 "greater than 0",
+            ),
+            (
+                vec![("TELEMETRY_RETENTION", "23h")],
+                "TELEMETRY_RETENTION",
+                "at least 1d",
             ),
             (
                 vec![("ALERT_WINDOW", "3h"), ("DEAD_LETTER_RETENTION", "2h")],

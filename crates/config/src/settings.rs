@@ -552,7 +552,7 @@ mod tests {
 
     #[test]
     fn every_setting_is_one_class_and_every_section_key_finds_its_setting() {
-        assert_eq!(NODE_SETTINGS.len() + CLUSTER_SETTINGS.len(), 44);
+        assert_eq!(NODE_SETTINGS.len() + CLUSTER_SETTINGS.len(), 45);
         for k in NODE_SETTINGS.iter() {
             assert!(!is_cluster_setting(k), "{k} is in both");
         }
@@ -566,6 +566,7 @@ mod tests {
             ),
             ("ingest", "device_topic_pattern", "DEVICE_TOPIC_PATTERN"),
             ("ingest", "max_pending_bytes", "MAX_PENDING_BYTES"),
+            ("retention", "telemetry", "TELEMETRY_RETENTION"),
             ("retention", "dead_letters", "DEAD_LETTER_RETENTION"),
             ("retention", "alerts", "ALERT_RETENTION"),
             ("retention", "lease_history", "LEASE_HISTORY_RETENTION"),
