@@ -359,3 +359,60 @@ fn reading_with(device: &str, ts: &str, v: i64) -> (String, Vec<u8>) {
         format!(r#"{{"ts":"{ts}","v":{v}}}"#),
     )
 }
+
+#[tokio::test]
+async fn a_round_without_the_lease_changes_nothing_and_with_it_moves_the_table() {
+    use leasehold_store::batch::Fence;
+    use leasehold_store::partitions::{self, Step};
+    let pg = Postgres::start().await.expect("postgres");
+    let res: Result<()> = async {
+        let mut db = pg.client().await?;
+        leasehold_store::migrate(&mut db).await?;
+        db.batch_execute(
+            "INSERT INTO telemetry (device_id, topic, ts, payload, received_at, written_by, lease_epoch)
+             VALUES ('d', 'devices/d/telemetry', now() - interval '1 day', '{}', now(), 'w', 1);
+             INSERT INTO instance_lock (service_name, holder_id, instance_id, epoch, expires_at)
+             VALUES ('lease', 'holder', 'i', 2, now() + interval '1 hour')",
+        )
+        .await?;
+        let kind = "SELECT relkind::text FROM pg_class WHERE oid = 'telemetry'::regclass";
+        // A leader deposed (epoch 1 where the lease is at 2) changes nothing.
+        let stale = Fence {
+            lease_name: "lease".into(),
+            holder_id: "holder".into(),
+            epoch: 1,
+        };
+        let err = partitions::round(&mut db, &stale, None, &mut |_| {}).await;
+        ensure!(
+            matches!(err, Err(leasehold_store::StoreError::Fenced { epoch: 1 })),
+            "{err:?}"
+        );
+        let k: String = db.query_one(kind, &[]).await?.get(0);
+        ensure!(k == "r", "telemetry untouched: {k}");
+        // The holder moves it in one round, and a second round finds nothing to do.
+        let held = Fence { epoch: 2, ..stale };
+        let mut steps = Vec::new();
+        let done = partitions::round(&mut db, &held, None, &mut |s| steps.push(s)).await?;
+        ensure!(
+            steps == [Step::Swapped, Step::Validated, Step::Attached { moved: 0, conflicts: 0 }],
+            "{steps:?}"
+        );
+        // Before the cutover, the rest of its day, the next 3 days, the default.
+        ensure!(done.partitions == 6, "{done:?}");
+        let k: String = db.query_one(kind, &[]).await?.get(0);
+        ensure!(k == "p", "partitioned: {k}");
+        let p: String = db
+            .query_one("SELECT tableoid::regclass::text FROM telemetry", &[])
+            .await?
+            .get(0);
+        ensure!(p.starts_with("telemetry_before_"), "the old row: {p}");
+        let mut again = Vec::new();
+        let done = partitions::round(&mut db, &held, None, &mut |s| again.push(s)).await?;
+        ensure!(again.is_empty() && done.created.is_empty() && done.partitions == 6, "{again:?} {done:?}");
+        Ok(())
+    }
+    .await;
+    if let Err(e) = res {
+        panic!("{e:#}\n{}", pg.log());
+    }
+}

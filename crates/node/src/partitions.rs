@@ -15,11 +15,13 @@ use crate::cluster_config::ActiveRx;
 /// The longest wait between two rounds, whatever `RETENTION_INTERVAL` says.
 pub const MAX_INTERVAL: Duration = Duration::from_secs(3600);
 
-/// How soon a failed round is tried again (a lock another session held, a move half done).
+/// How soon a failed round is tried again (a lock another session held, a move half done),
+/// doubling while rounds keep failing.
 pub const RETRY: Duration = Duration::from_secs(5);
 
 /// Rounds until `cancel` (the end of the term).
 pub async fn maintain(url: String, fence: Fence, active: ActiveRx, cancel: CancellationToken) {
+    let mut failed = 0u32;
     loop {
         let (keep, interval) = {
             let a = active.borrow();
@@ -32,12 +34,16 @@ pub async fn maintain(url: String, fence: Fence, active: ActiveRx, cancel: Cance
         };
         let interval = match res {
             Ok(done) => {
+                failed = 0;
                 report(&done, keep);
                 interval
             }
             Err(e) => {
                 events::PartitionRoundFailed { error: &e }.emit();
-                interval.min(RETRY)
+                // 5 s, 10 s, 20 s ... up to the interval: a lock held elsewhere clears soon, a
+                // missing privilege does not and need not fill the log.
+                failed = failed.saturating_add(1);
+                interval.min(RETRY.saturating_mul(1 << (failed - 1).min(10)))
             }
         };
         tokio::select! {

@@ -409,16 +409,31 @@ async fn move_future(c: &mut Client, fence: &Fence, p: &Pending) -> Result<u64> 
 /// there is left to move.
 async fn validate(c: &Client, p: &Pending) -> Result<bool> {
     let legacy = &p.legacy;
-    op::measured(Op::Partitions, async {
-        Ok(c.batch_execute(&format!(
-            "SET statement_timeout = 0;
-             ALTER TABLE {legacy} DROP CONSTRAINT IF EXISTS {legacy}_range;
-             ALTER TABLE {legacy} ADD CONSTRAINT {legacy}_range CHECK (ts < {cutover}) NOT VALID;",
-            cutover = lit(p.cutover)
-        ))
-        .await?)
-    })
+    // A round that validated it and then could not attach (a lock held elsewhere) left it valid:
+    // the whole table is not read again.
+    let valid: Option<bool> = op::opt(
+        c,
+        Op::Partitions,
+        "SELECT convalidated FROM pg_constraint WHERE conrelid = to_regclass($1) AND conname = $2",
+        &[legacy, &format!("{legacy}_range")],
+        |r| r.try_get("convalidated"),
+    )
     .await?;
+    match valid {
+        Some(true) => return Ok(true),
+        Some(false) => {}
+        None => {
+            op::measured(Op::Partitions, async {
+                Ok(c.batch_execute(&format!(
+                    "ALTER TABLE {legacy} ADD CONSTRAINT {legacy}_range CHECK (ts < {cutover}) NOT VALID",
+                    cutover = lit(p.cutover)
+                ))
+                .await?)
+            })
+            .await?;
+        }
+    }
+    c.batch_execute("SET statement_timeout = 0").await?;
     // SHARE UPDATE EXCLUSIVE: reads of the old table go on while it is scanned.
     let res = op::measured(Op::Partitions, async {
         Ok(c.batch_execute(&format!(
