@@ -104,6 +104,17 @@ pub(crate) fn literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
+/// `telemetry`'s rare look-ups go through functions (migration 9): a redelivery's floor, its
+/// first copy, the row that holds a skipped row's key. PostgreSQL prepares every partition of
+/// every table a statement names when it starts, even for a look-up that never runs (about 2 ms
+/// per batch and day of history); a function's query is prepared when called, for the one
+/// partition its values select. The insert needs none: it routes each row to its partition.
+pub const TELEMETRY_LOOKUPS: [&str; 3] = [
+    "leasehold_telemetry_floor",
+    "leasehold_telemetry_copy",
+    "leasehold_telemetry_row",
+];
+
 /// Parameters before the routes' own: the fence and who writes ($1..$4), the redelivery window
 /// and span ($5, $6), the messages ($7..$13), the dead letters ($14..$24).
 pub const FIXED_PARAMS: usize = 24;
@@ -122,8 +133,7 @@ const HEAD: &str = "g AS MATERIALIZED (
         SELECT min(rcv) AS at FROM (SELECT rcv FROM g WHERE dup UNION ALL SELECT rcv FROM dl WHERE dup) u),
     floor AS MATERIALIZED (
         SELECT CASE WHEN d.at IS NOT NULL THEN greatest(d.at - $5::interval,
-            coalesce((SELECT x.received_at FROM telemetry x WHERE x.received_at < d.at
-                      ORDER BY x.received_at DESC OFFSET $6 LIMIT 1), '-infinity'::timestamptz))
+            coalesce(leasehold_telemetry_floor(d.at, $6), '-infinity'::timestamptz))
             END AS f
         FROM first_dup d),
     dl_again AS MATERIALIZED (
@@ -518,28 +528,40 @@ impl<'a> Described<'a> {
             ColumnKind::Timestamp => format!("({t} AT TIME ZONE 'UTC')"),
             _ => t.to_string(),
         };
+        let copy = match r.is_default() {
+            // `telemetry`'s key is (device_id, topic, ts): the function looks up the first two
+            // and the window of the third (see [`TELEMETRY_LOOKUPS`]).
+            true => format!(
+                "leasehold_telemetry_copy({}, {}, (SELECT f FROM floor), g.rcv, {hash}, g.k)",
+                self.value(r.key[0], "q", "g", false),
+                self.value(r.key[1], "q", "g", false),
+            ),
+            false => format!(
+                "EXISTS (
+            SELECT 1 FROM {table} x
+            WHERE {other_keys}x.{ts} > {floor} AND x.{ts} < {rcv}
+              AND x.{h} = {hash} AND x.{pk} = g.k)",
+                table = r.qualified,
+                ts = r.columns[a.ts].quoted,
+                floor = utc(&match a.rcv {
+                    None => "(SELECT f FROM floor)".to_string(),
+                    Some(j) => format!(
+                        "(SELECT greatest(f, (SELECT x.{c} FROM {t} x WHERE x.{c} < (SELECT at FROM first_dup)
+                                         ORDER BY x.{c} DESC OFFSET $6 LIMIT 1)) FROM floor)",
+                        c = r.columns[j].quoted,
+                        t = r.qualified
+                    ),
+                }),
+                rcv = utc("g.rcv"),
+                h = r.columns[a.hash].quoted,
+                pk = r.columns[a.pkid].quoted,
+            ),
+        };
         let cte = format!(
             "
     again{k} AS MATERIALIZED (
         SELECT q.i FROM q{k} q JOIN g ON g.i = q.i
-        WHERE (SELECT f FROM floor) IS NOT NULL AND g.dup AND {hash} IS NOT NULL AND EXISTS (
-            SELECT 1 FROM {table} x
-            WHERE {other_keys}x.{ts} > {floor} AND x.{ts} < {rcv}
-              AND x.{h} = {hash} AND x.{pk} = g.k)),",
-            table = r.qualified,
-            ts = r.columns[a.ts].quoted,
-            floor = utc(&match a.rcv {
-                None => "(SELECT f FROM floor)".to_string(),
-                Some(j) => format!(
-                    "(SELECT greatest(f, (SELECT x.{c} FROM {t} x WHERE x.{c} < (SELECT at FROM first_dup)
-                                         ORDER BY x.{c} DESC OFFSET $6 LIMIT 1)) FROM floor)",
-                    c = r.columns[j].quoted,
-                    t = r.qualified
-                ),
-            }),
-            rcv = utc("g.rcv"),
-            h = r.columns[a.hash].quoted,
-            pk = r.columns[a.pkid].quoted,
+        WHERE (SELECT f FROM floor) IS NOT NULL AND g.dup AND {hash} IS NOT NULL AND {copy}),",
         );
         (
             cte,
@@ -644,7 +666,7 @@ impl<'a> Described<'a> {
     c{k} AS MATERIALIZED (
         SELECT DISTINCT ON (i) i, same, epoch FROM (
             SELECT 0 AS o, 0 AS pi, m.i, ({compared}) AS same, {epoch} AS epoch
-            FROM m{k} m JOIN g ON g.i = m.i JOIN {table} x ON {stored_key}{by_earlier}) u
+            FROM m{k} m JOIN g ON g.i = m.i {stored}{by_earlier}) u
         ORDER BY i, o, pi),
     ra{k} AS MATERIALIZED (
         SELECT c.i FROM c{k} c JOIN g ON g.i = c.i
@@ -662,7 +684,15 @@ impl<'a> Described<'a> {
                 "\n        ORDER BY q.i"
             },
             compared = self.compared_with_table("x", "m", "g"),
-            stored_key = self.stored_key("x", "m", "g"),
+            stored = match r.is_default() {
+                true => format!(
+                    "CROSS JOIN LATERAL leasehold_telemetry_row({}, {}, {}) x",
+                    self.value(r.key[0], "m", "g", false),
+                    self.value(r.key[1], "m", "g", false),
+                    self.value(r.key[2], "m", "g", false),
+                ),
+                false => format!("JOIN {table} x ON {}", self.stored_key("x", "m", "g")),
+            },
         );
         out
     }
@@ -808,8 +838,14 @@ mod tests {
         // A DUP-flagged timestamp-less reading whose first copy is stored is skipped.
         assert!(s.contains("again0 AS MATERIALIZED"));
         assert!(s.contains(
-            "x.\"device_id\" = q.v0 AND x.\"topic\" = g.tp AND x.\"ts\" > (SELECT f FROM floor)"
+            "leasehold_telemetry_copy(q.v0, g.tp, (SELECT f FROM floor), g.rcv, g.h, g.k)"
         ));
+        // Every look-up into `telemetry` goes through a function: the statement names the
+        // table only where it inserts (its partitions are prepared only as rows reach them).
+        assert!(s.contains("INSERT INTO telemetry"));
+        assert!(!s.contains("FROM telemetry") && !s.contains("JOIN telemetry"));
+        assert!(s.contains("CROSS JOIN LATERAL leasehold_telemetry_row(m.v0, g.tp, m.v2) x"));
+        assert!(s.contains("leasehold_telemetry_floor(d.at, $6)"));
         // Its key is compared exactly in the batch: no order to keep, no earlier row to look for.
         assert!(!s.contains("ORDER BY q.i") && !s.contains("p.i < q.i"));
         // Its dead letters carry no route; a conflict names the epoch that stored the row.
