@@ -348,10 +348,15 @@ impl Results {
         );
         if let Some(h) = &self.routes.history {
             println!(
-                "history: the default route into a telemetry of {} older rows: {:.0} msg/s = {:.2} x into an empty one; CPU per message: leader {} us, PostgreSQL {} us, broker {} us",
+                "history: the default route into a telemetry of {} older rows: {:.0} msg/s = {:.2} x into an empty one ({:.0} msg/s before it, {} right after); CPU per message: leader {} us, PostgreSQL {} us, broker {} us",
                 h.history_rows,
                 h.rate,
                 self.routes.history_ratio().unwrap_or(0.0),
+                self.routes.default.rate,
+                self.routes
+                    .history_empty_after
+                    .as_ref()
+                    .map_or("-".to_string(), |a| format!("{:.0} msg/s", a.rate)),
                 us(h.leader_cpu_us),
                 us(h.postgres_cpu_us),
                 us(h.broker_cpu_us)

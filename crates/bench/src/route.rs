@@ -54,7 +54,7 @@ pub enum Target {
     Typed,
     /// `telemetry`, the readings sent by gateways as JSON arrays of [`GATEWAY_READINGS`].
     Gateway,
-    /// `telemetry` holding [`HISTORY_ROWS`] older readings in day partitions.
+    /// `telemetry` holding older readings in day partitions (`--history-rows`).
     History,
 }
 
@@ -131,8 +131,10 @@ pub struct Routes {
     pub typed: Drain,
     /// The same readings as the default drain, sent 50 to a message by gateways.
     pub gateway: Drain,
-    /// The default drain again, into a `telemetry` that holds [`HISTORY_ROWS`] older readings.
+    /// The default drain again, into a `telemetry` that holds that many older readings.
     pub history: Option<Drain>,
+    /// The default drain into an emptied `telemetry` once more, right after the history drain.
+    pub history_empty_after: Option<Drain>,
     /// What a leader's start costs without a message to drain (migrations check, connections,
     /// the deployment checks' broker probes), CPU milliseconds: part of each drain's leader
     /// figure, but not per message.
@@ -157,9 +159,14 @@ impl Routes {
         self.gateway.rate / self.default.rate.max(1e-9)
     }
 
-    /// The drain rate into a `telemetry` full of history against the drain into an empty one.
+    /// The drain rate into a `telemetry` full of history against the drains into an empty one
+    /// (the mean of the one before it and the one right after it, when there is one).
     pub fn history_ratio(&self) -> Option<f64> {
-        Some(self.history.as_ref()?.rate / self.default.rate.max(1e-9))
+        let empty = match &self.history_empty_after {
+            Some(after) => (self.default.rate + after.rate) / 2.0,
+            None => self.default.rate,
+        };
+        Some(self.history.as_ref()?.rate / empty.max(1e-9))
     }
 }
 
@@ -351,6 +358,7 @@ pub async fn routes_phase(
     empty_telemetry(rig).await?;
     let gateway =
         drain_and_stop(rig, &format!("route-gateway{suffix}"), n, Target::Gateway).await?;
+    let mut history_empty_after = None;
     let history = match history_rows {
         0 => None,
         rows => {
@@ -359,6 +367,18 @@ pub async fn routes_phase(
             let d =
                 drain_and_stop(rig, &format!("route-history{suffix}"), n, Target::History).await?;
             capture_plans(rig, &format!("plans{suffix}")).await?;
+            // The empty drain again, right after: the history's ratio is judged against the
+            // mean of the drains before and after it, so a machine that slowed down meanwhile
+            // (the broker's CPU per message says so) is not taken for the table's doing.
+            empty_telemetry(rig).await?;
+            let after = drain_and_stop(
+                rig,
+                &format!("route-default-after{suffix}"),
+                n,
+                Target::Default,
+            )
+            .await?;
+            history_empty_after = Some(after);
             Some(d)
         }
     };
@@ -367,6 +387,7 @@ pub async fn routes_phase(
         typed,
         gateway,
         history,
+        history_empty_after,
         leader_start_cpu_ms,
     })
 }
@@ -386,7 +407,9 @@ async fn capture_plans(rig: &Rig<'_>, run: &str) -> Result<()> {
         ("auto_explain.log_timing", "off"),
         ("auto_explain.log_nested_statements", "on"),
     ];
-    // ALTER SYSTEM cannot run in the transaction of a multi-statement query: one at a time.
+    // Loaded here so ALTER SYSTEM knows its settings; ALTER SYSTEM cannot run in the
+    // transaction of a multi-statement query: one at a time.
+    rig.db.batch_execute("LOAD 'auto_explain'").await?;
     for (k, v) in settings {
         rig.db
             .batch_execute(&format!("ALTER SYSTEM SET {k} = {v}"))

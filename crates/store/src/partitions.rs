@@ -183,25 +183,36 @@ pub async fn partitions(c: &impl GenericClient) -> Result<Vec<Partition>> {
     .await
 }
 
-/// The earliest `ts` a question about the last `window` needs to read: the start of the
-/// partition holding `now - window`, so the partitions before it are pruned and every entry of
-/// the others passes the bound (the partition before a move's cutover is skipped whole: it only
-/// holds readings timestamped before the move). The earliest time PostgreSQL and chrono share
-/// when `telemetry` is not partitioned.
+/// The earliest `ts` a question about the last `window` needs to read: the start of the UTC day
+/// holding `now - window`, so the partitions before it are pruned and every entry of the others
+/// passes the bound; and not before the cutover of a move while its old table is a partition (it
+/// holds only readings timestamped before the move, and reading its index with a bound inside it
+/// would walk a device's whole history). Two short catalog reads, whatever the partitions.
 pub async fn recent_floor(c: &impl GenericClient, window: Duration) -> Result<DateTime<Utc>> {
     let earliest = DateTime::<Utc>::from_timestamp(-62_135_596_800, 0).unwrap_or_default();
-    let since = Utc::now() - TimeDelta::from_std(window).unwrap_or(TimeDelta::MAX);
-    let parts = partitions(c).await?;
-    if parts.is_empty() {
+    if kind(c).await?.as_deref() != Some("p") {
         return Ok(earliest);
     }
-    let holding = parts.iter().find(|p| {
-        !p.is_default && p.from.is_none_or(|f| f <= since) && p.to.is_none_or(|t| t > since)
-    });
-    Ok(match holding {
-        Some(p) => p.from.or(p.to).unwrap_or(since),
-        None => since,
-    })
+    let since = Utc::now() - TimeDelta::from_std(window).unwrap_or(TimeDelta::MAX);
+    let cutover = op::one(
+        c,
+        Op::Partitions,
+        r"SELECT max(c.relname)::text AS legacy FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+          WHERE i.inhparent = 'telemetry'::regclass AND c.relname LIKE 'telemetry\_before\_%'",
+        &[],
+        |r| r.try_get::<_, Option<String>>("legacy"),
+    )
+    .await?
+    .and_then(|name| cutover_of(&name));
+    Ok(cutover.map_or(day_of(since), |c| c.max(day_of(since))))
+}
+
+/// The cutover a `telemetry_before_YYYYMMDD_HHMMSS` table is named for.
+pub fn cutover_of(name: &str) -> Option<DateTime<Utc>> {
+    let stamp = name.strip_prefix("telemetry_before_")?;
+    chrono::NaiveDateTime::parse_from_str(stamp, "%Y%m%d_%H%M%S")
+        .ok()
+        .map(|t| t.and_utc())
 }
 
 /// The move under way, if any.
@@ -770,6 +781,15 @@ mod tests {
             gap(day.0, day.1, &[part(Some(t(3)), None)]),
             Some((day.0, t(3)))
         );
+    }
+
+    #[test]
+    fn a_cutover_is_read_back_from_its_table_name() {
+        let c = t(8) + TimeDelta::seconds(65);
+        let name = format!("telemetry_before_{}", c.format("%Y%m%d_%H%M%S"));
+        assert_eq!(cutover_of(&name), Some(c));
+        assert_eq!(cutover_of("telemetry_p20261206"), None);
+        assert_eq!(cutover_of("telemetry_before_x"), None);
     }
 
     #[test]
