@@ -309,8 +309,11 @@ impl BatchWriter {
         let routes: Arc<[ResolvedRoute]> = Arc::from(vec![ResolvedRoute::telemetry()]);
         let stmt = op::measured(Op::Session, async {
             client
+                // No JIT: the batch statement runs for milliseconds, and compiling it (its cost
+                // estimate crosses `jit_above_cost` with a few hundred rows) cost more than
+                // running it, at every batch.
                 .batch_execute(&format!(
-                    "SET statement_timeout = {}",
+                    "SET statement_timeout = {}; SET jit = off",
                     statement_timeout.as_millis().max(1)
                 ))
                 .await?;
