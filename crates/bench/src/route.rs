@@ -435,6 +435,18 @@ async fn capture_plans(rig: &Rig<'_>, run: &str) -> Result<()> {
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop_node(&mut node).await?;
     drop_session(rig.mq.port, LEADER_SESSION).await?;
+    // The batch statement's rare look-ups, which a drain without redeliveries or conflicts
+    // never calls: each once, with values of a stored reading.
+    rig.db
+        .batch_execute(
+            "SELECT leasehold_telemetry_floor(now(), 60000);
+             SELECT leasehold_telemetry_copy('dev-001', 'devices/dev-001/telemetry',
+                                             now() - interval '1 hour', now(), 'x', 1);
+             SELECT * FROM leasehold_telemetry_row('dev-001', 'devices/dev-001/telemetry',
+                 (SELECT max(ts) FROM telemetry WHERE device_id = 'dev-001'
+                    AND topic = 'devices/dev-001/telemetry' AND ts < current_date - 100))",
+        )
+        .await?;
     for (k, _) in settings {
         rig.db
             .batch_execute(&format!("ALTER SYSTEM RESET {k}"))
