@@ -364,6 +364,7 @@ fn reading_with(device: &str, ts: &str, v: i64) -> (String, Vec<u8>) {
 async fn a_round_without_the_lease_changes_nothing_and_with_it_moves_the_table() {
     use leasehold_store::batch::Fence;
     use leasehold_store::partitions::{self, Step};
+    const TTL: Duration = Duration::from_secs(3);
     let pg = Postgres::start().await.expect("postgres");
     let res: Result<()> = async {
         let mut db = pg.client().await?;
@@ -382,7 +383,7 @@ async fn a_round_without_the_lease_changes_nothing_and_with_it_moves_the_table()
             holder_id: "holder".into(),
             epoch: 1,
         };
-        let err = partitions::round(&mut db, &stale, None, &mut |_| {}).await;
+        let err = partitions::round(&mut db, &stale, None, TTL, &mut |_| {}).await;
         ensure!(
             matches!(err, Err(leasehold_store::StoreError::Fenced { epoch: 1 })),
             "{err:?}"
@@ -392,7 +393,7 @@ async fn a_round_without_the_lease_changes_nothing_and_with_it_moves_the_table()
         // The holder moves it in one round, and a second round finds nothing to do.
         let held = Fence { epoch: 2, ..stale };
         let mut steps = Vec::new();
-        let done = partitions::round(&mut db, &held, None, &mut |s| steps.push(s)).await?;
+        let done = partitions::round(&mut db, &held, None, TTL, &mut |s| steps.push(s)).await?;
         ensure!(
             steps == [Step::Swapped, Step::Validated, Step::Attached { moved: 0, conflicts: 0 }],
             "{steps:?}"
@@ -407,8 +408,120 @@ async fn a_round_without_the_lease_changes_nothing_and_with_it_moves_the_table()
             .get(0);
         ensure!(p.starts_with("telemetry_before_"), "the old row: {p}");
         let mut again = Vec::new();
-        let done = partitions::round(&mut db, &held, None, &mut |s| again.push(s)).await?;
+        let done = partitions::round(&mut db, &held, None, TTL, &mut |s| again.push(s)).await?;
         ensure!(again.is_empty() && done.created.is_empty() && done.partitions == 6, "{again:?} {done:?}");
+        Ok(())
+    }
+    .await;
+    if let Err(e) = res {
+        panic!("{e:#}\n{}", pg.log());
+    }
+}
+
+/// A database migrated to version 9, with a lease held by `holder` at epoch 2.
+async fn leased(pg: &Postgres) -> Result<tokio_postgres::Client> {
+    let mut db = pg.client().await?;
+    leasehold_store::migrate(&mut db).await?;
+    db.batch_execute(
+        "INSERT INTO instance_lock (service_name, holder_id, instance_id, epoch, expires_at)
+         VALUES ('lease', 'holder', 'i', 2, now() + interval '1 hour')",
+    )
+    .await?;
+    Ok(db)
+}
+
+fn holder() -> leasehold_store::batch::Fence {
+    leasehold_store::batch::Fence {
+        lease_name: "lease".into(),
+        holder_id: "holder".into(),
+        epoch: 2,
+    }
+}
+
+#[tokio::test]
+async fn an_operators_own_columns_and_constraints_move_with_the_table_or_the_move_says_why_not() {
+    use leasehold_store::partitions::{self, Step};
+    let ttl = Duration::from_secs(3);
+    let pg = Postgres::start().await.expect("postgres");
+    let res: Result<()> = async {
+        // A serial id, a generated column and a CHECK added NOT VALID (as on a big table).
+        let mut db = leased(&pg).await?;
+        db.batch_execute(
+            "ALTER TABLE telemetry ADD COLUMN id bigserial,
+                                   ADD COLUMN v numeric GENERATED ALWAYS AS ((payload->>'v')::numeric) STORED;
+             ALTER TABLE telemetry ADD CONSTRAINT epoch_positive CHECK (lease_epoch > 0) NOT VALID;
+             INSERT INTO telemetry (device_id, topic, ts, payload, received_at, written_by, lease_epoch)
+             VALUES ('d', 't', now() - interval '1 day', '{\"v\": 1}', now(), 'w', 1);",
+        )
+        .await?;
+        let mut steps = Vec::new();
+        partitions::round(&mut db, &holder(), None, ttl, &mut |s| steps.push(s)).await?;
+        ensure!(
+            steps == [Step::Swapped, Step::Validated, Step::Attached { moved: 0, conflicts: 0 }],
+            "{steps:?}"
+        );
+        // New readings get the next id and their computed value, in the new partitions.
+        db.batch_execute(
+            "INSERT INTO telemetry (device_id, topic, ts, payload, received_at, written_by, lease_epoch)
+             VALUES ('d', 't', now(), '{\"v\": 2}', now(), 'w', 1)",
+        )
+        .await?;
+        let r = db
+            .query_one("SELECT id, v::float8 FROM telemetry WHERE ts > now() - interval '1 hour'", &[])
+            .await?;
+        let (id, v): (i64, f64) = (r.get(0), r.get(1));
+        ensure!(id == 2 && v == 2.0, "id {id}, v {v}");
+        // The old partition goes whole (as retention drops it); the sequence stays with the table.
+        let old: String = db
+            .query_one("SELECT relname::text FROM pg_class WHERE relname LIKE 'telemetry_before_%' AND relkind = 'r'", &[])
+            .await?
+            .get(0);
+        db.batch_execute(&format!("ALTER TABLE telemetry DETACH PARTITION {old}; DROP TABLE {old}"))
+            .await?;
+        db.batch_execute(
+            "INSERT INTO telemetry (device_id, topic, ts, payload, received_at, written_by, lease_epoch)
+             VALUES ('d', 't', now() + interval '1 minute', '{}', now(), 'w', 1)",
+        )
+        .await?;
+
+        // An identity column cannot be on a partitioned table in PostgreSQL 15: refused by name,
+        // the table left as it was.
+        let pg2 = Postgres::start().await?;
+        let mut db2 = leased(&pg2).await?;
+        db2.batch_execute("ALTER TABLE telemetry ADD COLUMN n bigint GENERATED ALWAYS AS IDENTITY")
+            .await?;
+        let err = partitions::round(&mut db2, &holder(), None, ttl, &mut |_| {}).await;
+        ensure!(
+            err.as_ref().is_err_and(|e| e.to_string().contains("identity column(s) n")),
+            "{err:?}"
+        );
+        let k: String = db2
+            .query_one("SELECT relkind::text FROM pg_class WHERE oid = 'telemetry'::regclass", &[])
+            .await?
+            .get(0);
+        ensure!(k == "r", "left as it was: {k}");
+
+        // A reading from a year PostgreSQL has and chrono's literals do not (1 BC) waits in the
+        // default partition; every other day still gets its partition.
+        db.batch_execute(
+            "INSERT INTO telemetry (device_id, topic, ts, payload, received_at, written_by, lease_epoch)
+             VALUES ('bc', 't', '0001-06-01 00:00:00+00 BC', '{}', now(), 'w', 1),
+                    ('old', 't', now() - interval '40 days', '{}', now(), 'w', 1)",
+        )
+        .await?;
+        partitions::round(&mut db, &holder(), None, ttl, &mut |_| {}).await?;
+        let place = |d: &'static str| {
+            let db = &db;
+            async move {
+                let p: String = db
+                    .query_one("SELECT tableoid::regclass::text FROM telemetry WHERE device_id = $1", &[&d])
+                    .await?
+                    .get(0);
+                anyhow::Ok(p)
+            }
+        };
+        ensure!(place("bc").await? == "telemetry_default", "1 BC waits");
+        ensure!(place("old").await?.starts_with("telemetry_p"), "the old day has its partition");
         Ok(())
     }
     .await;

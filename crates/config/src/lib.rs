@@ -734,6 +734,11 @@ mod tests {
                 "at least 1d",
             ),
             (
+                vec![("TELEMETRY_RETENTION", "300000y")],
+                "TELEMETRY_RETENTION",
+                "at most 100y",
+            ),
+            (
                 vec![("ALERT_WINDOW", "3h"), ("DEAD_LETTER_RETENTION", "2h")],
                 "DEAD_LETTER_RETENTION",
                 "ALERT_WINDOW",

@@ -136,6 +136,12 @@ impl Config {
                 fmt_dur(MIN_TELEMETRY_RETENTION)
             );
             at_least("TELEMETRY_RETENTION", d, MIN_TELEMETRY_RETENTION, reason)?;
+            s.rule(
+                d <= 36_500 * DAY,
+                "TELEMETRY_RETENTION",
+                fmt_dur(d),
+                "must be at most 100y (unset keeps every reading)",
+            )?;
         }
         nonzero("RETENTION_INTERVAL", r.interval)
     }

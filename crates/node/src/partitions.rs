@@ -23,14 +23,14 @@ pub const RETRY: Duration = Duration::from_secs(5);
 pub async fn maintain(url: String, fence: Fence, active: ActiveRx, cancel: CancellationToken) {
     let mut failed = 0u32;
     loop {
-        let (keep, interval) = {
+        let (keep, interval, ttl) = {
             let a = active.borrow();
             let r = a.cfg.cluster.retention();
-            (r.telemetry, r.interval.min(MAX_INTERVAL))
+            (r.telemetry, r.interval.min(MAX_INTERVAL), a.cfg.lease.ttl)
         };
         let res = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = one(&url, &fence, keep) => r,
+            r = one(&url, &fence, keep, ttl) => r,
         };
         let interval = match res {
             Ok(done) => {
@@ -57,9 +57,10 @@ async fn one(
     url: &str,
     fence: &Fence,
     keep: Option<Duration>,
+    ttl: Duration,
 ) -> Result<Round, leasehold_store::StoreError> {
     let mut c = leasehold_store::connect(url, "leasehold-partitions").await?;
-    partitions::round(&mut c, fence, keep, &mut step).await
+    partitions::round(&mut c, fence, keep, ttl, &mut step).await
 }
 
 fn range(p: &Partition) -> String {

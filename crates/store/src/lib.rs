@@ -73,6 +73,9 @@ pub enum StoreError {
     Url(String),
     #[error("fenced: the lease is no longer held by this node at epoch {epoch}")]
     Fenced { epoch: i64 },
+    /// The database is not in a state Leasehold can change safely; the words say what to do.
+    #[error("{0}")]
+    Refused(String),
     /// A migration failed or the database's record of it does not match this binary's: the
     /// node must not start (retrying cannot help).
     #[error("migration {file}: {problem}")]
@@ -111,6 +114,7 @@ impl StoreError {
             StoreError::Pool(_) => "pool",
             StoreError::Url(_) => "config",
             StoreError::Fenced { .. } => "fenced",
+            StoreError::Refused(_) => "refused",
             StoreError::Migration { .. } => "migration",
         }
     }

@@ -23,7 +23,7 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, NaiveTime, TimeDelta, Utc};
+use chrono::{DateTime, Datelike, NaiveTime, TimeDelta, Utc};
 use tokio_postgres::{Client, GenericClient, Transaction};
 
 use crate::batch::Fence;
@@ -160,15 +160,18 @@ pub async fn partitions(c: &impl GenericClient) -> Result<Vec<Partition>> {
     if kind(c).await?.as_deref() != Some("p") {
         return Ok(Vec::new());
     }
+    // The name as PostgreSQL writes a regclass: quoted and schema-qualified where needed, so an
+    // operator's own partition is named exactly in DDL. A partition dropped meanwhile has no
+    // bound any more: left out.
     op::all(
         c,
         Op::Partitions,
-        r#"SELECT c.relname::text AS name, p.b = 'DEFAULT' AS is_default,
+        r#"SELECT c.oid::regclass::text AS name, p.b = 'DEFAULT' AS is_default,
                   substring(p.b from $re$FROM \('([^']*)'\)$re$)::timestamptz AS lo,
                   substring(p.b from $re$TO \('([^']*)'\)$re$)::timestamptz AS hi
            FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid,
                 LATERAL (SELECT pg_get_expr(c.relpartbound, c.oid) AS b) p
-           WHERE i.inhparent = 'telemetry'::regclass
+           WHERE i.inhparent = 'telemetry'::regclass AND p.b IS NOT NULL
            ORDER BY lo NULLS FIRST"#,
         &[],
         |r| {
@@ -232,18 +235,26 @@ pub async fn pending_of(c: &impl GenericClient) -> Result<Option<Pending>> {
     .await
 }
 
+/// The fence, and how long a fenced step may hold the lease row.
+struct Fenced<'a> {
+    fence: &'a Fence,
+    timeout: Duration,
+}
+
 /// Locks `telemetry` whole: the moment a partition is created, attached or detached.
 const LOCK_ALL: &str = "LOCK TABLE telemetry IN ACCESS EXCLUSIVE MODE";
 
 /// A transaction that holds the lease row `FOR SHARE` (the fence), with short lock waits.
 /// `locks` (SQL) are taken first: the lease row is held only for the work, never across a wait
 /// for the writer's statements, so the leader's renewals are not held up by one.
-async fn fenced<'a>(c: &'a mut Client, fence: &Fence, locks: &str) -> Result<Transaction<'a>> {
+async fn fenced<'a>(c: &'a mut Client, fence: &Fenced<'_>, locks: &str) -> Result<Transaction<'a>> {
     let tx = c.transaction().await?;
     tx.batch_execute(&format!(
-        "SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; SET LOCAL statement_timeout = '30s'; {locks}"
+        "SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; {locks}; SET LOCAL statement_timeout = {}",
+        fence.timeout.as_millis()
     ))
     .await?;
+    let fence = fence.fence;
     let held = op::opt(
         &tx,
         Op::Partitions,
@@ -264,13 +275,15 @@ async fn run(tx: &Transaction<'_>, sql: &str) -> Result<()> {
     op::measured(Op::Partitions, async { Ok(tx.batch_execute(sql).await?) }).await
 }
 
-/// The columns of `table`, quoted, in order: what a move copies (an operator's own columns too).
+/// The columns of `table`, quoted, in order: what a move copies (an operator's own columns too;
+/// generated ones are computed again where the rows land).
 async fn columns(c: &impl GenericClient, table: &str) -> Result<String> {
     op::one(
         c,
         Op::Partitions,
         "SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) AS cols
-         FROM pg_attribute WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped",
+         FROM pg_attribute WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped
+           AND attgenerated = ''",
         &[&table],
         |r| r.try_get("cols"),
     )
@@ -305,8 +318,26 @@ fn conflicts_sql(later: &str, first: &str) -> String {
 }
 
 /// Step 1: the partitioned table takes the name. Returns the move now under way.
-async fn swap(c: &mut Client, fence: &Fence) -> Result<Pending> {
+async fn swap(c: &mut Client, fence: &Fenced<'_>) -> Result<Pending> {
     let tx = fenced(c, fence, LOCK_ALL).await?;
+    // PostgreSQL 15 has no identity columns on a partitioned table: an operator's own would
+    // leave every reading without its value. Refused, by name, before anything changes.
+    let identity: Option<String> = op::one(
+        &tx,
+        Op::Partitions,
+        "SELECT string_agg(attname, ', ') AS cols FROM pg_attribute
+         WHERE attrelid = 'telemetry'::regclass AND attidentity <> '' AND NOT attisdropped",
+        &[],
+        |r| r.try_get("cols"),
+    )
+    .await?;
+    if let Some(cols) = identity {
+        return Err(StoreError::Refused(format!(
+            "telemetry cannot move to time partitions: identity column(s) {cols} (PostgreSQL 15 \
+             has none on a partitioned table); make them plain columns with a sequence default \
+             (ALTER TABLE telemetry ALTER COLUMN ... DROP IDENTITY)"
+        )));
+    }
     let now = db_now(&tx).await?;
     // Whole seconds, up: the cutover is after every reading received before the swap.
     let cutover = DateTime::<Utc>::from_timestamp(now.timestamp() + 1, 0).unwrap_or(now);
@@ -319,7 +350,7 @@ async fn swap(c: &mut Client, fence: &Fence) -> Result<Pending> {
              ALTER TABLE {legacy} RENAME CONSTRAINT telemetry_pkey TO {legacy}_pkey;
              ALTER INDEX IF EXISTS telemetry_received_at_idx RENAME TO {legacy}_received_at_idx;
              CREATE TABLE telemetry (LIKE {legacy} INCLUDING DEFAULTS INCLUDING CONSTRAINTS
-                                     INCLUDING STORAGE INCLUDING COMMENTS)
+                                     INCLUDING GENERATED INCLUDING STORAGE INCLUDING COMMENTS)
                  PARTITION BY RANGE (ts);
              ALTER TABLE telemetry ADD CONSTRAINT telemetry_pkey PRIMARY KEY (device_id, topic, ts);
              CREATE INDEX telemetry_received_at_idx ON telemetry (received_at);
@@ -331,6 +362,23 @@ async fn swap(c: &mut Client, fence: &Fence) -> Result<Pending> {
         ),
     )
     .await?;
+    // A sequence an operator's `serial` column owns follows the column to the new table: the
+    // old one (dropped by retention, or empty) must not take it along.
+    let owned = op::all(
+        &tx,
+        Op::Partitions,
+        "SELECT format('ALTER SEQUENCE %s OWNED BY telemetry.%I', d.objid::regclass, a.attname) AS q
+         FROM pg_depend d JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
+              JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+         WHERE d.classid = 'pg_class'::regclass AND d.refobjid = to_regclass($1)
+           AND d.deptype = 'a' AND d.refobjsubid > 0",
+        &[&legacy],
+        |r| r.try_get::<_, String>("q"),
+    )
+    .await?;
+    for q in owned {
+        run(&tx, &q).await?;
+    }
     // Whoever could read or write the old table can the new one.
     let grants = op::all(
         &tx,
@@ -360,7 +408,7 @@ async fn swap(c: &mut Client, fence: &Fence) -> Result<Pending> {
 
 /// Step 2: up to [`ROWS_PER_STEP`] readings of the old table at or after the cutover move into
 /// `telemetry`; the old table's copy of a key wins (it was stored first). Returns the rows moved.
-async fn move_future(c: &mut Client, fence: &Fence, p: &Pending) -> Result<u64> {
+async fn move_future(c: &mut Client, fence: &Fenced<'_>, p: &Pending) -> Result<u64> {
     let legacy = &p.legacy;
     // A scan that locks nothing the writer needs: nobody writes the old table any more.
     let keys = op::all(
@@ -445,6 +493,26 @@ async fn validate(c: &Client, p: &Pending) -> Result<bool> {
         }
     }
     c.batch_execute("SET statement_timeout = 0").await?;
+    // What the attach would otherwise do under its lock, done here where nothing waits: the
+    // old table's own NOT VALID constraints validated (the copies on the new table are valid)
+    // and the index on received_at built if the old table had none.
+    let unvalidated = op::all(
+        c,
+        Op::Partitions,
+        "SELECT quote_ident(conname) AS n FROM pg_constraint
+         WHERE conrelid = to_regclass($1) AND contype = 'c' AND NOT convalidated AND conname <> $2",
+        &[legacy, &format!("{legacy}_range")],
+        |r| r.try_get::<_, String>("n"),
+    )
+    .await?;
+    for n in unvalidated {
+        c.batch_execute(&format!("ALTER TABLE {legacy} VALIDATE CONSTRAINT {n}"))
+            .await?;
+    }
+    c.batch_execute(&format!(
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS {legacy}_received_at_idx ON {legacy} (received_at)"
+    ))
+    .await?;
     // SHARE UPDATE EXCLUSIVE: reads of the old table go on while it is scanned.
     let res = op::measured(Op::Partitions, async {
         Ok(c.batch_execute(&format!(
@@ -467,7 +535,7 @@ async fn validate(c: &Client, p: &Pending) -> Result<bool> {
 
 /// Step 4: readings stored since the swap with a `ts` before the cutover join the old table,
 /// which becomes the partition before the cutover.
-async fn attach(c: &mut Client, fence: &Fence, p: &Pending) -> Result<Step> {
+async fn attach(c: &mut Client, fence: &Fenced<'_>, p: &Pending) -> Result<Step> {
     let legacy = &p.legacy;
     let cols = columns(&*c, PARENT).await?;
     // The whole table, for the instant of the move: a query planned before the attach would
@@ -543,7 +611,7 @@ async fn attach(c: &mut Client, fence: &Fence, p: &Pending) -> Result<Step> {
 /// one planned after must not find them still in the default partition.
 async fn create(
     c: &mut Client,
-    fence: &Fence,
+    fence: &Fenced<'_>,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
 ) -> Result<(Partition, u64)> {
@@ -553,7 +621,7 @@ async fn create(
     run(
         &tx,
         &format!(
-            "CREATE TABLE {name} (LIKE telemetry INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE)"
+            "CREATE TABLE {name} (LIKE telemetry INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING GENERATED INCLUDING STORAGE)"
         ),
     )
     .await?;
@@ -589,7 +657,7 @@ async fn create(
 }
 
 /// Detaches and drops `p` (every reading in it older than the retention).
-async fn drop_partition(c: &mut Client, fence: &Fence, p: &Partition) -> Result<Dropped> {
+async fn drop_partition(c: &mut Client, fence: &Fenced<'_>, p: &Partition) -> Result<Dropped> {
     let tx = fenced(c, fence, LOCK_ALL).await?;
     let (bytes, rows_estimate) = op::one(
         &tx,
@@ -634,13 +702,24 @@ async fn default_days(c: &impl GenericClient) -> Result<Vec<DateTime<Utc>>> {
 /// One round: the move of a plain `telemetry` as far as it goes, partitions through
 /// [`AHEAD_DAYS`] from today (the database's clock), partitions for readings waiting in the
 /// default one, and, with `keep`, partitions whose readings are all older than it dropped.
-/// `on_step` hears each step of a move as it completes (a validation can take minutes).
+/// `on_step` hears each step of a move as it completes (a validation can take minutes). A step
+/// that fails does not stop the others: the days ahead are made first, whatever else fails, so
+/// readings of now never wait in the default partition; the failures come back together.
 pub async fn round(
     c: &mut Client,
     fence: &Fence,
     keep: Option<Duration>,
+    lease_ttl: Duration,
     on_step: &mut (dyn FnMut(Step) + Send),
 ) -> Result<Round> {
+    // The lease row is held for each step's work, a few statements of at most a sixth of the
+    // lease's life each: a renewal it holds up (one every third of the TTL) still lands in time.
+    // A step that needs longer (a day of readings to move out of the default partition) fails
+    // and is left for the next round; readings wait where they are, never lost.
+    let fence = &Fenced {
+        fence,
+        timeout: (lease_ttl / 6).max(Duration::from_millis(100)),
+    };
     let mut done = Round::default();
     match kind(&*c).await?.as_deref() {
         None => return Ok(done),
@@ -650,67 +729,115 @@ pub async fn round(
             on_step(Step::Swapped);
         }
     }
+    let now = db_now(&*c).await?;
+    let today = day_of(now);
+    // A retention too long to subtract keeps everything.
+    let oldest_kept = keep
+        .and_then(|k| TimeDelta::from_std(k).ok())
+        .and_then(|k| now.checked_sub_signed(k));
+    let mut failed: Vec<StoreError> = Vec::new();
+    let ahead: Vec<DateTime<Utc>> = (0..=AHEAD_DAYS)
+        .map(|d| today + TimeDelta::days(d))
+        .collect();
+    create_days(c, fence, &ahead, &mut done, &mut failed).await?;
     if let Some(p) = &pending_of(&*c).await? {
-        loop {
-            let n = move_future(c, fence, p).await?;
-            if n == 0 {
-                break;
-            }
-            on_step(Step::FutureMoved(n));
-        }
-        if validate(c, p).await? {
-            on_step(Step::Validated);
-            on_step(attach(c, fence, p).await?);
+        if let Err(e) = advance(c, fence, p, on_step).await {
+            failed.push(e);
         }
     }
-    // A move not finished keeps its range for the old table, which is not a partition yet.
-    let unattached = pending_of(&*c).await?.map(|p| Partition {
+    let mut waiting = Vec::new();
+    for d in default_days(&*c).await? {
+        let expired = oldest_kept.is_some_and(|o| d + TimeDelta::days(1) <= o);
+        if !expired && d <= today + TimeDelta::days(AHEAD_DAYS) {
+            waiting.push(d);
+        }
+    }
+    create_days(c, fence, &waiting, &mut done, &mut failed).await?;
+    if let Some(oldest) = oldest_kept {
+        let unattached = pending_of(&*c).await?.map(|p| p.legacy);
+        let expired: Vec<Partition> = partitions(&*c)
+            .await?
+            .into_iter()
+            .filter(|p| !p.is_default && Some(&p.name) != unattached.as_ref())
+            .filter(|p| p.to.is_some_and(|t| t <= oldest))
+            .collect();
+        for p in &expired {
+            match drop_partition(c, fence, p).await {
+                Ok(d) => done.dropped.push(d),
+                Err(e) => failed.push(e),
+            }
+        }
+        match expire_default(c, fence, oldest).await {
+            Ok(n) => done.expired_in_default = n,
+            Err(e) => failed.push(e),
+        }
+    }
+    done.partitions = partitions(&*c).await?.len();
+    match failed.into_iter().next() {
+        // The first failure stands for the round; the next round tries every step again.
+        Some(e) => Err(e),
+        None => Ok(done),
+    }
+}
+
+/// The move's remaining steps, as far as they go.
+async fn advance(
+    c: &mut Client,
+    fence: &Fenced<'_>,
+    p: &Pending,
+    on_step: &mut (dyn FnMut(Step) + Send),
+) -> Result<()> {
+    loop {
+        let n = move_future(c, fence, p).await?;
+        if n == 0 {
+            break;
+        }
+        on_step(Step::FutureMoved(n));
+    }
+    if validate(c, p).await? {
+        on_step(Step::Validated);
+        on_step(attach(c, fence, p).await?);
+    }
+    Ok(())
+}
+
+/// Makes the partition of each of `days` that no partition (or a move's old table) covers yet.
+/// A day that cannot be made (its readings in the default partition too many to move within
+/// the statement's bound, a year PostgreSQL does not have) is left and reported; the others go on.
+async fn create_days(
+    c: &mut Client,
+    fence: &Fenced<'_>,
+    days: &[DateTime<Utc>],
+    done: &mut Round,
+    failed: &mut Vec<StoreError>,
+) -> Result<()> {
+    let mut taken = partitions(&*c).await?;
+    taken.extend(pending_of(&*c).await?.map(|p| Partition {
         name: p.legacy,
         from: None,
         to: Some(p.cutover),
         is_default: false,
-    });
-    let now = db_now(&*c).await?;
-    let today = day_of(now);
-    let oldest_kept = keep
-        .and_then(|k| TimeDelta::from_std(k).ok())
-        .map(|k| now - k);
-    let mut taken = partitions(&*c).await?;
-    taken.extend(unattached.clone());
-    let mut days: Vec<DateTime<Utc>> = (0..=AHEAD_DAYS)
-        .map(|d| today + TimeDelta::days(d))
-        .collect();
-    for d in default_days(&*c).await? {
-        let expired = oldest_kept.is_some_and(|o| d + TimeDelta::days(1) <= o);
-        if !expired && d <= today + TimeDelta::days(AHEAD_DAYS) && !days.contains(&d) {
-            days.push(d);
+    }));
+    for &d in days {
+        // PostgreSQL's years are 1 BC .. 294276 AD, chrono's literal of year 0 is not one.
+        if !(1..=9999).contains(&d.year()) {
+            continue;
         }
-    }
-    for d in days {
         if let Some((from, to)) = gap(d, d + TimeDelta::days(1), &taken) {
-            let (p, moved) = create(c, fence, from, to).await?;
-            taken.push(p.clone());
-            done.created.push((p, moved));
+            match create(c, fence, from, to).await {
+                Ok((p, moved)) => {
+                    taken.push(p.clone());
+                    done.created.push((p, moved));
+                }
+                Err(e) => failed.push(e),
+            }
         }
     }
-    if let Some(oldest) = oldest_kept {
-        let expired: Vec<Partition> = taken
-            .iter()
-            .filter(|p| !p.is_default && Some(*p) != unattached.as_ref())
-            .filter(|p| p.to.is_some_and(|t| t <= oldest))
-            .cloned()
-            .collect();
-        for p in &expired {
-            done.dropped.push(drop_partition(c, fence, p).await?);
-        }
-        done.expired_in_default = expire_default(c, fence, oldest).await?;
-    }
-    done.partitions = partitions(&*c).await?.len();
-    Ok(done)
+    Ok(())
 }
 
 /// Deletes the default partition's readings older than `oldest`, [`ROWS_PER_STEP`] at a time.
-async fn expire_default(c: &mut Client, fence: &Fence, oldest: DateTime<Utc>) -> Result<u64> {
+async fn expire_default(c: &mut Client, fence: &Fenced<'_>, oldest: DateTime<Utc>) -> Result<u64> {
     let mut total = 0;
     loop {
         let tx = fenced(c, fence, "").await?;
