@@ -42,12 +42,15 @@ bench: deps
 	./target/release/leasehold-bench --messages 100000 --upsert-messages 100000 --outage-secs 60 --json target/bench/bench.json
 	cargo bench -p leasehold-decode -p leasehold-node --bench decode --bench batch -- --warm-up-time 1 --measurement-time 3
 
-# Only the routes phase: RUNS x (100,000 queued messages drained into telemetry, then through a typed
-# route), with leader, PostgreSQL and broker CPU per message; about a minute a run.
+# Only the routes phase: RUNS x (100,000 queued messages drained into telemetry, through a typed
+# route, as gateway arrays, then into a telemetry of HISTORY_ROWS older readings and an empty one
+# again), with leader, PostgreSQL and broker CPU per message; about a minute a run, plus some six
+# minutes to load the history (HISTORY_ROWS=0 skips it).
 RUNS ?= 3
+HISTORY_ROWS ?= 20000000
 bench-drain: deps
 	cargo build --release -p leasehold -p leasehold-bench
-	./target/release/leasehold-bench --only routes --runs $(RUNS) --messages 100000
+	./target/release/leasehold-bench --only routes --runs $(RUNS) --messages 100000 --history-rows $(HISTORY_ROWS)
 
 # Fuzz the decoder for FUZZ_TIME seconds (fuzz/, cargo-fuzz). Its nightly features are enabled on
 # the stable toolchain with RUSTC_BOOTSTRAP=1. New inputs go to fuzz/target/corpus (the committed
