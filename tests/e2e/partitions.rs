@@ -33,6 +33,14 @@ async fn partitioned(c: &Cluster) -> Result<()> {
     Ok(())
 }
 
+/// Node `a` leads, with a partition round every second, and `telemetry` is partitioned.
+async fn leading_with_partitions(c: &mut Cluster) -> Result<()> {
+    c.extra_env = vec![("RETENTION_INTERVAL", "1s".into())];
+    c.spawn("a")?;
+    c.wait_leader().await?;
+    partitioned(c).await
+}
+
 /// The partition each of `device`'s readings is in.
 async fn partitions_of(c: &Cluster, device: &str) -> Result<Vec<String>> {
     let db = c.pg.client().await?;
@@ -59,11 +67,8 @@ fn day(ts: DateTime<Utc>) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_cluster_keeps_telemetry_in_day_partitions_and_a_reading_of_any_time_lands() {
     let mut c = Cluster::start().await.expect("servers");
-    c.extra_env = vec![("RETENTION_INTERVAL", "1s".into())];
     let res = async {
-        c.spawn("a")?;
-        c.wait_leader().await?;
-        partitioned(&c).await?;
+        leading_with_partitions(&mut c).await?;
         // The empty table it replaced is gone: no partition without a lower bound.
         ensure!(
             c.count("SELECT count(*) FROM pg_class WHERE relname LIKE 'telemetry_before_%'")
@@ -148,11 +153,8 @@ async fn a_new_cluster_keeps_telemetry_in_day_partitions_and_a_reading_of_any_ti
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn telemetry_retention_drops_whole_partitions_older_than_it() {
     let mut c = Cluster::start().await.expect("servers");
-    c.extra_env = vec![("RETENTION_INTERVAL", "1s".into())];
     let res = async {
-        c.spawn("a")?;
-        c.wait_leader().await?;
-        partitioned(&c).await?;
+        leading_with_partitions(&mut c).await?;
         let now = Utc::now();
         let far = DateTime::parse_from_rfc3339("2099-01-01T00:00:00Z")?.to_utc();
         publish_all(
@@ -367,21 +369,17 @@ async fn a_round_without_the_lease_changes_nothing_and_with_it_moves_the_table()
     const TTL: Duration = Duration::from_secs(3);
     let pg = Postgres::start().await.expect("postgres");
     let res: Result<()> = async {
-        let mut db = pg.client().await?;
-        leasehold_store::migrate(&mut db).await?;
+        let mut db = leased(&pg).await?;
         db.batch_execute(
             "INSERT INTO telemetry (device_id, topic, ts, payload, received_at, written_by, lease_epoch)
-             VALUES ('d', 'devices/d/telemetry', now() - interval '1 day', '{}', now(), 'w', 1);
-             INSERT INTO instance_lock (service_name, holder_id, instance_id, epoch, expires_at)
-             VALUES ('lease', 'holder', 'i', 2, now() + interval '1 hour')",
+             VALUES ('d', 'devices/d/telemetry', now() - interval '1 day', '{}', now(), 'w', 1)",
         )
         .await?;
         let kind = "SELECT relkind::text FROM pg_class WHERE oid = 'telemetry'::regclass";
         // A leader deposed (epoch 1 where the lease is at 2) changes nothing.
         let stale = Fence {
-            lease_name: "lease".into(),
-            holder_id: "holder".into(),
             epoch: 1,
+            ..holder()
         };
         let err = partitions::round(&mut db, &stale, None, TTL, &mut |_| {}).await;
         ensure!(
@@ -391,7 +389,7 @@ async fn a_round_without_the_lease_changes_nothing_and_with_it_moves_the_table()
         let k: String = db.query_one(kind, &[]).await?.get(0);
         ensure!(k == "r", "telemetry untouched: {k}");
         // The holder moves it in one round, and a second round finds nothing to do.
-        let held = Fence { epoch: 2, ..stale };
+        let held = holder();
         let mut steps = Vec::new();
         let done = partitions::round(&mut db, &held, None, TTL, &mut |s| steps.push(s)).await?;
         ensure!(

@@ -549,48 +549,45 @@ async fn attach(c: &mut Client, fence: &Fenced<'_>, p: &Pending) -> Result<Step>
         |r| r.try_get("empty"),
     )
     .await?;
-    if empty {
+    let step = if empty {
         // A new installation: no partition before the cutover; earlier readings get their
         // own days, like any reading waiting in the default partition.
         run(&tx, &format!("DROP TABLE {legacy}")).await?;
-        op::exec(
+        Step::DroppedEmpty
+    } else {
+        let (moved, conflicts) = op::one(
             &tx,
             Op::Partitions,
-            "DELETE FROM telemetry_partitioning WHERE legacy = $1",
-            &[&p.legacy],
+            &format!(
+                "WITH moved AS (DELETE FROM {DEFAULT_PARTITION} WHERE ts < $1 RETURNING *),
+                      kept AS (INSERT INTO {legacy} ({cols}) SELECT {cols} FROM moved
+                               ON CONFLICT (device_id, topic, ts) DO NOTHING RETURNING 1),
+                      dl AS ({} RETURNING 1)
+                 SELECT (SELECT count(*) FROM moved) AS moved, (SELECT count(*) FROM dl) AS conflicts",
+                conflicts_sql("moved", legacy)
+            ),
+            &[&p.cutover],
+            |r| {
+                Ok((
+                    r.try_get::<_, i64>("moved")?,
+                    r.try_get::<_, i64>("conflicts")?,
+                ))
+            },
         )
         .await?;
-        tx.commit().await?;
-        return Ok(Step::DroppedEmpty);
-    }
-    let (moved, conflicts) = op::one(
-        &tx,
-        Op::Partitions,
-        &format!(
-            "WITH moved AS (DELETE FROM {DEFAULT_PARTITION} WHERE ts < $1 RETURNING *),
-                  kept AS (INSERT INTO {legacy} ({cols}) SELECT {cols} FROM moved
-                           ON CONFLICT (device_id, topic, ts) DO NOTHING RETURNING 1),
-                  dl AS ({} RETURNING 1)
-             SELECT (SELECT count(*) FROM moved) AS moved, (SELECT count(*) FROM dl) AS conflicts",
-            conflicts_sql("moved", legacy)
-        ),
-        &[&p.cutover],
-        |r| {
-            Ok((
-                r.try_get::<_, i64>("moved")?,
-                r.try_get::<_, i64>("conflicts")?,
-            ))
-        },
-    )
-    .await?;
-    run(
-        &tx,
-        &format!(
-            "ALTER TABLE telemetry ATTACH PARTITION {legacy} FOR VALUES FROM (MINVALUE) TO ({})",
-            lit(p.cutover)
-        ),
-    )
-    .await?;
+        run(
+            &tx,
+            &format!(
+                "ALTER TABLE telemetry ATTACH PARTITION {legacy} FOR VALUES FROM (MINVALUE) TO ({})",
+                lit(p.cutover)
+            ),
+        )
+        .await?;
+        Step::Attached {
+            moved: moved.max(0) as u64,
+            conflicts: conflicts.max(0) as u64,
+        }
+    };
     op::exec(
         &tx,
         Op::Partitions,
@@ -599,10 +596,7 @@ async fn attach(c: &mut Client, fence: &Fenced<'_>, p: &Pending) -> Result<Step>
     )
     .await?;
     tx.commit().await?;
-    Ok(Step::Attached {
-        moved: moved.max(0) as u64,
-        conflicts: conflicts.max(0) as u64,
-    })
+    Ok(step)
 }
 
 /// Creates the partition `[from, to)`, moving into it the default partition's rows of that

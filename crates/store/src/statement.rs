@@ -104,17 +104,6 @@ pub(crate) fn literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-/// `telemetry`'s rare look-ups go through functions (migration 9): a redelivery's floor, its
-/// first copy, the row that holds a skipped row's key. PostgreSQL prepares every partition of
-/// every table a statement names when it starts, even for a look-up that never runs (about 2 ms
-/// per batch and day of history); a function's query is prepared when called, for the one
-/// partition its values select. The insert needs none: it routes each row to its partition.
-pub const TELEMETRY_LOOKUPS: [&str; 3] = [
-    "leasehold_telemetry_floor",
-    "leasehold_telemetry_copy",
-    "leasehold_telemetry_row",
-];
-
 /// Parameters before the routes' own: the fence and who writes ($1..$4), the redelivery window
 /// and span ($5, $6), the messages ($7..$13), the dead letters ($14..$24).
 pub const FIXED_PARAMS: usize = 24;
@@ -529,8 +518,11 @@ impl<'a> Described<'a> {
             _ => t.to_string(),
         };
         let copy = match r.is_default() {
-            // `telemetry`'s key is (device_id, topic, ts): the function looks up the first two
-            // and the window of the third (see [`TELEMETRY_LOOKUPS`]).
+            // `telemetry`'s look-ups go through functions (migration 9): PostgreSQL prepares
+            // every partition of every table a statement names when it starts, even for a
+            // look-up that never runs; a function's query is prepared when called, for the one
+            // partition its values select. Its key is (device_id, topic, ts): the function looks
+            // up the first two and the window of the third.
             true => format!(
                 "leasehold_telemetry_copy({}, {}, (SELECT f FROM floor), g.rcv, {hash}, g.k)",
                 self.value(r.key[0], "q", "g", false),
