@@ -128,6 +128,29 @@ async fn a_new_cluster_keeps_telemetry_in_day_partitions_and_a_reading_of_any_ti
             c.count("SELECT count(*) FROM dead_letters").await? == 0,
             "no reading is a dead letter for its time"
         );
+        // Data age reads no partition: the leader's heartbeat records the newest reading's
+        // receive time, exactly the newest `received_at` the table holds.
+        eventually(
+            Duration::from_secs(15),
+            "the newest reading recorded for data age",
+            || async {
+                c.count(
+                    "SELECT count(*) FROM telemetry_newest
+                     WHERE at = (SELECT max(received_at) FROM telemetry)",
+                )
+                .await
+                .map(|n| n == 1)
+            },
+        )
+        .await?;
+        let (_, body) = http(c.node("a").http_port(), "GET", "/health").await?;
+        let health: serde_json::Value = serde_json::from_str(&body)?;
+        ensure!(
+            health["newest_data_age_seconds"]
+                .as_f64()
+                .is_some_and(|a| (0.0..60.0).contains(&a)),
+            "data age of readings just stored: {body}"
+        );
         // Days ahead exist before any reading needs them.
         let ahead = day(now + TimeDelta::days(3));
         ensure!(

@@ -670,8 +670,9 @@ struct Beat {
 /// Every this many heartbeats the node reads how the database replicates commits.
 const REPLICATION_EVERY: u32 = 3;
 
-/// Reports the node in `cluster_nodes` every `HEARTBEAT_EVERY` and reads back the cluster's
-/// view (nodes alive, newest data) into the status; every `REPLICATION_EVERY` beats also how the
+/// Reports the node in `cluster_nodes` every `HEARTBEAT_EVERY`, with the newest reading its
+/// writer stored since (data age), and reads back the cluster's view (nodes alive, newest data)
+/// into the status; every `REPLICATION_EVERY` beats also how the
 /// database replicates commits (a failover or a standby lost changes it).
 async fn heartbeat(
     pool: Pool,
@@ -685,6 +686,8 @@ async fn heartbeat(
     // Events already reported: one newer than these is reported as "happened now", so every
     // node can judge the session-lost and client-id alerts from this table.
     let mut reported = (None, None);
+    // The newest reading recorded for data age, once recorded.
+    let mut noted = None;
     let mut beats = 0u32;
     // How a stuck beat's statement is cancelled: the server's TLS settings, read once.
     let cancel_tls = match leasehold_store::pg_config(&url, "leasehold-cancel") {
@@ -746,13 +749,18 @@ async fn heartbeat(
                 },
             )
             .await?;
+            let newest = status.newest_written().filter(|at| Some(*at) > noted);
+            if let Some(at) = newest {
+                queries::note_newest(&**c, at).await?;
+            }
             let alive = queries::alive(&**c).await?;
             let age = queries::newest_data_age(&**c).await?;
-            Ok::<_, leasehold_store::StoreError>((alive.nodes as usize, age))
+            Ok::<_, leasehold_store::StoreError>((alive.nodes as usize, age, newest))
         };
         match tokio::time::timeout(HEARTBEAT_EVERY, work).await {
-            Ok(Ok((alive_nodes, newest_data_age))) => {
+            Ok(Ok((alive_nodes, newest_data_age, newest))) => {
                 reported = now;
+                noted = noted.max(newest);
                 status.update_cluster(|c| {
                     c.alive_nodes = Some(alive_nodes);
                     c.newest_data_age = newest_data_age;

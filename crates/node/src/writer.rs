@@ -11,6 +11,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use leasehold_decode::Decoder;
 use leasehold_ingest::{Acker, Inbound};
 use leasehold_store::routes::ResolvedRoute;
@@ -189,6 +190,8 @@ struct Tally {
     dead_lettered: u64,
     /// Per route (the term's order, `telemetry` first).
     routes: Vec<RouteTally>,
+    /// The receive time of the newest reading written into `telemetry` (data age).
+    newest: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -226,6 +229,15 @@ impl Committing<'_> {
             {
                 tally.routes[k].dead_letters += 1;
             }
+        }
+        if out.routes.first().is_some_and(|o| o.written > 0) {
+            let newest = part
+                .rows
+                .iter()
+                .filter(|r| r.route == 0)
+                .map(|r| r.message.received_at)
+                .max();
+            tally.newest = tally.newest.max(newest);
         }
         for (k, (o, r)) in out.routes.iter().zip(self.routes).enumerate() {
             let t = &mut tally.routes[k];
@@ -680,6 +692,9 @@ impl Writer {
 
     /// The events and typed counts of a committed batch's routes.
     fn route_events(&self, routes: &[ResolvedRoute], tally: &Tally) {
+        if let Some(at) = tally.newest {
+            self.status.note_written(at);
+        }
         for (r, t) in routes.iter().zip(&tally.routes) {
             events::RouteCommitted {
                 route: &r.spec.name,

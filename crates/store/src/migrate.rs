@@ -75,6 +75,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(7, "cluster_config"),
     migration!(8, "broker_reach"),
     migration!(9, "partitions"),
+    migration!(10, "telemetry_newest"),
 ];
 
 /// Arbitrary but fixed: the advisory lock every node takes around migration.

@@ -30,6 +30,7 @@ pub enum Op {
     ClusterNodes,
     Heartbeat,
     NewestDataAge,
+    NoteNewest,
     /// `leasehold status`: recent dead letters by route.
     DeadLettersByRoute,
     DeviceTopics,
@@ -83,6 +84,7 @@ impl Op {
             Op::ConfigApply => "config_apply",
             Op::Replay => "replay",
             Op::NewestDataAge => "newest_data_age",
+            Op::NoteNewest => "note_newest",
             Op::DeadLettersByRoute => "dead_letters_by_route",
             Op::DeviceTopics => "device_topics",
             Op::DeviceCoverage => "device_coverage",

@@ -162,7 +162,8 @@ pub async fn partitions(c: &impl GenericClient) -> Result<Vec<Partition>> {
     }
     // The name as PostgreSQL writes a regclass: quoted and schema-qualified where needed, so an
     // operator's own partition is named exactly in DDL. A partition dropped meanwhile has no
-    // bound any more: left out.
+    // bound any more: left out. A bound holds constants only: deparsed without its relation
+    // (relid 0), which would open and lock every partition.
     op::all(
         c,
         Op::Partitions,
@@ -170,7 +171,7 @@ pub async fn partitions(c: &impl GenericClient) -> Result<Vec<Partition>> {
                   substring(p.b from $re$FROM \('([^']*)'\)$re$)::timestamptz AS lo,
                   substring(p.b from $re$TO \('([^']*)'\)$re$)::timestamptz AS hi
            FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid,
-                LATERAL (SELECT pg_get_expr(c.relpartbound, c.oid) AS b) p
+                LATERAL (SELECT pg_get_expr(c.relpartbound, 0) AS b) p
            WHERE i.inhparent = 'telemetry'::regclass AND p.b IS NOT NULL
            ORDER BY lo NULLS FIRST"#,
         &[],

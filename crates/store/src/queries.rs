@@ -287,13 +287,28 @@ pub async fn heartbeat(c: &impl GenericClient, hb: &Heartbeat<'_>) -> Result<()>
     Ok(())
 }
 
-/// Seconds since the newest row was received, `None` when `telemetry` is empty.
+/// Records `at`, the receive time of the newest reading this node stored in `telemetry`, unless
+/// a newer one is recorded already (a previous leader's clock may run ahead).
+pub async fn note_newest(c: &impl GenericClient, at: DateTime<Utc>) -> Result<()> {
+    op::exec(
+        c,
+        Op::NoteNewest,
+        "UPDATE telemetry_newest SET at = $1 WHERE at IS NULL OR at < $1",
+        &[&at],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Seconds since the newest reading stored in `telemetry` was received, as its leader's
+/// heartbeat last recorded it ([`note_newest`]), or as the table holds it before a first record;
+/// `None` when there is none. One row, whatever the table holds: `max(received_at)` would plan
+/// and read every partition.
 pub async fn newest_data_age(c: &impl GenericClient) -> Result<Option<f64>> {
     op::one(
         c,
         Op::NewestDataAge,
-        "SELECT extract(epoch from (clock_timestamp() - max(received_at)))::float8 AS age
-         FROM telemetry",
+        "SELECT extract(epoch from (clock_timestamp() - leasehold_newest_reading()))::float8 AS age",
         &[],
         |r| r.try_get("age"),
     )
