@@ -256,6 +256,7 @@ fn ingest_cfg(port: u16, client_id: &str) -> IngestConfig {
         max_pending_bytes: 1024 * 1024,
         topics: vec!["acktest/#".into()],
         expect_session: false,
+        sparkplug_host: None,
     }
 }
 

@@ -937,6 +937,7 @@ pub(crate) fn writer_config_with(
         routes: Vec::new(),
         suspended: Vec::new(),
         require_sync_replication: false,
+        sparkplug_host_id: None,
     }
 }
 
@@ -979,6 +980,7 @@ pub(crate) async fn write_inbound(cfg: WriterConfig, sent: Vec<Inbound>) -> Resu
         acker: Acker::detached(),
         status: Default::default(),
         active: None,
+        publisher: None,
     };
     let cancel = CancellationToken::new();
     let started = Instant::now();
@@ -1582,6 +1584,7 @@ async fn write_routes_through(cfg: WriterConfig, sent: &[(String, Vec<u8>)]) -> 
         acker: Acker::detached(),
         status: Default::default(),
         active: None,
+        publisher: None,
     };
     let cancel = CancellationToken::new();
     let mut run = tokio::spawn(writer.run(cancel.clone()));

@@ -107,6 +107,7 @@ async fn term(
             routes: routes.to_vec(),
             suspended: Vec::new(),
             require_sync_replication: false,
+            sparkplug_host_id: None,
         },
         fence: Fence {
             lease_name: "mqtt-ingest".into(),
@@ -117,6 +118,7 @@ async fn term(
         acker: Acker::detached(),
         status: Default::default(),
         active: None,
+        publisher: None,
     };
     let cancel = CancellationToken::new();
     let mut run = tokio::spawn(writer.run(cancel.clone()));

@@ -16,6 +16,9 @@ pub enum Format {
     Value,
     /// An RFC 8428 SenML pack: one reading per device and instant.
     Senml,
+    /// Sparkplug B: protobuf, metrics named by the edge node's births (read in order by the
+    /// leader, which keeps the births in the database).
+    SparkplugB,
 }
 
 impl Format {
@@ -24,6 +27,7 @@ impl Format {
             Format::Json => "json",
             Format::Value => "value",
             Format::Senml => "senml",
+            Format::SparkplugB => "sparkplug_b",
         }
     }
 }
@@ -62,7 +66,7 @@ pub(crate) fn take(
         let spec: FormatSpec = item.try_into().map_err(|e: toml::de::Error| {
             let m = e.message().replace(
                 "unknown variant",
-                "unknown format; `format` must be json, value or senml, got",
+                "unknown format; `format` must be json, value, senml or sparkplug_b, got",
             );
             err(entry.clone(), m)
         })?;
@@ -76,6 +80,12 @@ pub(crate) fn take(
                     format!("device_topic_pattern {p:?} must contain a {{device_id}} segment, e.g. stat/{{device_id}}/POWER"),
                 ));
             }
+        }
+        if spec.format == Format::SparkplugB && spec.device_topic_pattern.is_some() {
+            return Err(err(
+                entry,
+                "device_topic_pattern does not apply to sparkplug_b: the device id is the topic's group/edge_node[/device]".into(),
+            ));
         }
         for t in &spec.topics {
             validate_filter(t)

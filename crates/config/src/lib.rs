@@ -407,6 +407,22 @@ pub const CLAIM_TOPIC_PREFIX: &str = "leasehold/clusters/";
 /// Where `leasehold doctor` probes the broker: `leasehold/doctor/<random>`.
 pub const PROBE_TOPIC_PREFIX: &str = "leasehold/doctor/";
 
+impl Config {
+    /// The Sparkplug B host id when the cluster reads Sparkplug (a `[[formats]]` entry
+    /// `sparkplug_b`): `SPARKPLUG_HOST_ID`, else the session's client id.
+    pub fn sparkplug_host_id(&self, client_id: &str) -> Option<String> {
+        self.formats
+            .iter()
+            .any(|f| f.format == Format::SparkplugB)
+            .then(|| {
+                self.cluster
+                    .sparkplug_host_id
+                    .clone()
+                    .unwrap_or_else(|| client_id.to_string())
+            })
+    }
+}
+
 /// Whether `topic` is one Leasehold publishes on itself (a claim or a probe): a leader
 /// subscribed to `#` receives them, and must not store them as readings.
 pub fn is_own_topic(topic: &str) -> bool {

@@ -71,6 +71,14 @@ impl Config {
                 "must be an http:// or https:// URL, e.g. https://hooks.slack.com/services/...",
             )?;
         }
+        if let Some(id) = &self.cluster.sparkplug_host_id {
+            s.rule(
+                !id.is_empty() && !id.contains(['/', '+', '#']) && !id.starts_with('$'),
+                "SPARKPLUG_HOST_ID",
+                id,
+                "must be one topic level: not empty, without '/', '+' or '#', not starting with '$'",
+            )?;
+        }
         self.validate_durations(s)?;
         self.validate_limits(s)
     }

@@ -169,6 +169,10 @@ pub struct ClusterValues {
     /// How often the tables above are pruned.
     #[serde(default = "default::secs::<3600>", with = "text::duration")]
     pub retention_interval: Duration,
+    /// The Sparkplug B host id the leader publishes its state under (`spBv1.0/STATE/<id>`) when
+    /// a `[[formats]]` entry reads `sparkplug_b`. Unset: the cluster's MQTT client id.
+    #[serde(default, with = "text::string::opt")]
+    pub sparkplug_host_id: Option<String>,
 }
 
 impl ClusterValues {
@@ -552,7 +556,7 @@ mod tests {
 
     #[test]
     fn every_setting_is_one_class_and_every_section_key_finds_its_setting() {
-        assert_eq!(NODE_SETTINGS.len() + CLUSTER_SETTINGS.len(), 45);
+        assert_eq!(NODE_SETTINGS.len() + CLUSTER_SETTINGS.len(), 46);
         for k in NODE_SETTINGS.iter() {
             assert!(!is_cluster_setting(k), "{k} is in both");
         }
@@ -573,6 +577,7 @@ mod tests {
             ("retention", "cluster_nodes", "CLUSTER_NODE_RETENTION"),
             ("retention", "interval", "RETENTION_INTERVAL"),
             ("stale", "warning", "STALE_WARNING"),
+            ("sparkplug", "host_id", "SPARKPLUG_HOST_ID"),
         ] {
             assert_eq!(in_section(section, key), Some(setting), "[{section}] {key}");
         }

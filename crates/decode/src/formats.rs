@@ -182,6 +182,11 @@ impl Decoder {
         (self.formats.is_empty() || self.entry_of(topic).is_none()) && !is_array(payload)
     }
 
+    /// Whether some `[[formats]]` entry reads `format`.
+    pub fn reads(&self, format: Format) -> bool {
+        self.formats.iter().any(|(f, _)| f.format == format)
+    }
+
     /// The format of `topic`'s payloads.
     pub fn format_of(&self, topic: &str) -> Format {
         self.entry_of(topic).map_or(Format::Json, |(f, _)| f.format)
@@ -205,6 +210,9 @@ impl Decoder {
             Format::Json => read.json(payload),
             Format::Value => vec![read.value(payload)],
             Format::Senml => read.senml(payload, received_at),
+            // Without the edge node's births: the leader reads these in order with a
+            // `sparkplug::Host`; alone, only metrics sent by name are read.
+            Format::SparkplugB => crate::sparkplug::read_alone(topic, payload),
         }
     }
 }

@@ -11,6 +11,7 @@
 mod formats;
 pub mod invariants;
 mod light;
+pub mod sparkplug;
 
 pub use formats::{element_label, element_place, topic_matches, Unit};
 pub use leasehold_config::{Format, FormatSpec};
@@ -54,6 +55,18 @@ pub enum DecodeError {
     /// `senml` format: not a pack, or a record that breaks RFC 8428.
     #[error("not SenML: {0}")]
     BadSenml(String),
+    /// `sparkplug_b` format: not a Sparkplug B topic or payload, or a metric that cannot be read.
+    #[error("not Sparkplug B: {0}")]
+    BadSparkplug(String),
+    /// `sparkplug_b`: an alias no birth of the edge node or device defined.
+    #[error("unknown alias: {0}")]
+    UnknownAlias(String),
+    /// `sparkplug_b`: data of an edge node or device whose birth is not held.
+    #[error("no birth: {0}")]
+    NoBirth(String),
+    /// `sparkplug_b`: a message after a gap in the edge node's sequence numbers.
+    #[error("sequence gap: {0}")]
+    SequenceGap(String),
 }
 
 /// A decoded reading, ready for the set-based insert.

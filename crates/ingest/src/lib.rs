@@ -158,6 +158,10 @@ pub struct IngestConfig {
     /// Whether a CONNACK without a session is unexpected on the first connect of this term
     /// (a previous leader has held the session).
     pub expect_session: bool,
+    /// The Sparkplug B host id this session is the primary host application of (a leader's,
+    /// when the cluster reads `sparkplug_b`): its STATE is online while connected, offline as
+    /// its will and at a drain.
+    pub sparkplug_host: Option<String>,
 }
 
 impl IngestConfig {
@@ -179,6 +183,7 @@ impl IngestConfig {
             max_pending_bytes: cfg.max_pending_bytes,
             topics: wanted_topics(cfg),
             expect_session,
+            sparkplug_host: None,
         }
     }
 
@@ -189,7 +194,10 @@ impl IngestConfig {
         client_id: &leasehold_config::ClientId,
         expect_session: bool,
     ) -> Self {
-        Self::from_config(cfg, client_id.id.clone(), false, expect_session)
+        IngestConfig {
+            sparkplug_host: cfg.sparkplug_host_id(&client_id.id),
+            ..Self::from_config(cfg, client_id.id.clone(), false, expect_session)
+        }
     }
 
     /// An observer's (`MQTT_MODE=development`): its own clean session, acks on receipt.
@@ -259,6 +267,42 @@ pub struct MqttIngest {
     status: NodeStatus,
     /// Subscribe failures of the node's earlier terms (the status counts over the node's life).
     failures_before: u64,
+    /// The Sparkplug B STATE this session publishes, when it is a primary host's.
+    state: Option<HostState>,
+}
+
+/// A Sparkplug 3.0 primary host's STATE: its topic and the timestamp of this term's birth, which
+/// its will (the death) carries too, so that an edge node tells a late will from a new birth.
+#[derive(Debug, Clone)]
+struct HostState {
+    topic: String,
+    since_ms: u64,
+}
+
+/// The payload of a primary host's STATE (Sparkplug 3.0): `{"online": .., "timestamp": ms}`.
+pub fn state_payload(online: bool, timestamp_ms: u64) -> Vec<u8> {
+    format!(r#"{{"online":{online},"timestamp":{timestamp_ms}}}"#).into_bytes()
+}
+
+/// The STATE topic of a primary host.
+pub fn state_topic(host_id: &str) -> String {
+    format!("spBv1.0/STATE/{host_id}")
+}
+
+/// Publishes on the term's connection: Sparkplug rebirth requests. Cheap to clone.
+#[derive(Clone)]
+pub struct Publisher {
+    client: AsyncClient,
+}
+
+impl Publisher {
+    /// Queues `payload` on `topic` at QoS 0 (a command: a later one replaces a lost one); false
+    /// when the connection's request queue is full.
+    pub fn command(&self, topic: &str, payload: Vec<u8>) -> bool {
+        self.client
+            .try_publish(topic, QoS::AtMostOnce, false, payload)
+            .is_ok()
+    }
 }
 
 /// Whether the loop goes on after an event.
@@ -361,6 +405,13 @@ fn empty_roots() -> leasehold_tls::rustls::ClientConfig {
 }
 
 impl MqttIngest {
+    /// Publishes on this term's connection (Sparkplug rebirth requests).
+    pub fn publisher(&self) -> Publisher {
+        Publisher {
+            client: self.client.clone(),
+        }
+    }
+
     /// Whether the broker connection is up, for whoever must act when it stays down.
     pub fn connected(&self) -> watch::Receiver<bool> {
         self.connected.subscribe()
@@ -377,6 +428,19 @@ impl MqttIngest {
         opts.set_keep_alive(cfg.keep_alive)
             .set_clean_session(cfg.clean_session)
             .set_manual_acks(cfg.manual_acks);
+        let state = cfg.sparkplug_host.as_deref().map(|id| HostState {
+            topic: state_topic(id),
+            since_ms: Utc::now().timestamp_millis().max(0) as u64,
+        });
+        if let Some(st) = &state {
+            // Published by the broker when this connection dies without a DISCONNECT.
+            opts.set_last_will(rumqttc::LastWill::new(
+                st.topic.clone(),
+                state_payload(false, st.since_ms),
+                QoS::AtLeastOnce,
+                true,
+            ));
+        }
         // DISCONNECT and PUBRECs only: acks are written by `write_acks`, pings during a pause by
         // `ping`, subscriptions are queued on the event loop a window at a time.
         let (client, mut eventloop) = AsyncClient::new(opts, 64);
@@ -412,6 +476,7 @@ impl MqttIngest {
                 last_full_log: None,
                 status: NodeStatus::default(),
                 failures_before: 0,
+                state,
             },
             acker,
             rx,
@@ -614,9 +679,19 @@ impl MqttIngest {
         .emit();
     }
 
-    /// Everything forwarded is acknowledged after a drain: DISCONNECT goes out after the acks.
+    /// Everything forwarded is acknowledged after a drain: DISCONNECT goes out after the acks
+    /// (and after a primary host's STATE offline: a DISCONNECT sends no will).
     fn on_drained(&mut self) -> Flow {
         self.session.drained();
+        if let (Some(st), Some(_)) = (&self.state, &self.eventloop.network) {
+            let offline = state_payload(false, st.since_ms);
+            if let Err(e) =
+                self.client
+                    .try_publish(st.topic.clone(), QoS::AtLeastOnce, true, offline)
+            {
+                tracing::warn!(error = %e, topic = %st.topic, "Sparkplug STATE offline not sent");
+            }
+        }
         if self.eventloop.network.is_none() || self.client.try_disconnect().is_err() {
             return Flow::Stop(Ok(()));
         }
@@ -675,6 +750,19 @@ impl MqttIngest {
     fn on_connack(&mut self, session_present: bool) {
         let c = self.session.connack(session_present, Instant::now());
         self.connected.send_replace(true);
+        if let Some(st) = &self.state {
+            // Online at every connection of the term, with the term's timestamp (its will's).
+            let online = state_payload(true, st.since_ms);
+            match self
+                .client
+                .try_publish(st.topic.clone(), QoS::AtLeastOnce, true, online)
+            {
+                Ok(()) => tracing::info!(topic = %st.topic, "Sparkplug primary host online"),
+                Err(e) => {
+                    tracing::warn!(error = %e, topic = %st.topic, "Sparkplug STATE online not sent")
+                }
+            }
+        }
         // Reconcile the session's subscriptions with what is wanted: from the ledger, or from
         // nothing when the broker has no session. (Before the connect is reported, so /health
         // never shows the new connection with the old connection's subscriptions.)

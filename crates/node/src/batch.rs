@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
-use leasehold_config::{OnConflict, Source};
+use leasehold_config::{Format, OnConflict, Source};
+use leasehold_decode::sparkplug::Host;
 use leasehold_decode::{DecodeError, Decoder, Unit};
 use leasehold_ingest::Inbound;
 use leasehold_store::routes::ResolvedRoute;
@@ -34,6 +35,10 @@ pub fn reason_label(e: &DecodeError) -> &'static str {
         DecodeError::NotUtf8 => "not_utf8",
         DecodeError::NoReadings(_) => "no_readings",
         DecodeError::BadSenml(_) => "bad_senml",
+        DecodeError::BadSparkplug(_) => "bad_sparkplug",
+        DecodeError::UnknownAlias(_) => "unknown_alias",
+        DecodeError::NoBirth(_) => "no_birth",
+        DecodeError::SequenceGap(_) => "sequence_gap",
         DecodeError::TooManyReadings { .. } => "too_many_readings",
     }
 }
@@ -155,6 +160,19 @@ pub fn prepare(
     max_payload_bytes: usize,
     routing: Routing<'_>,
 ) -> Prepared {
+    prepare_with(decoder, batch, clock, max_payload_bytes, routing, None)
+}
+
+/// [`prepare`], with the Sparkplug B host that reads `sparkplug_b` topics in order (its births
+/// and sequence numbers); without one, each such message is read alone.
+pub fn prepare_with(
+    decoder: &Decoder,
+    batch: &[Inbound],
+    clock: &mut DbClock,
+    max_payload_bytes: usize,
+    routing: Routing<'_>,
+    mut sparkplug: Option<&mut Host>,
+) -> Prepared {
     let telemetry;
     let routing = if routing.routes.is_empty() {
         telemetry = [ResolvedRoute::telemetry()];
@@ -216,6 +234,11 @@ pub fn prepare(
         } else if decoder.is_plain(&m.topic, &m.payload) {
             // The common message, a JSON object: itself, without a list of one.
             Units::One(Some(Unit::whole(&m.payload)))
+        } else if let Some(host) = sparkplug
+            .as_deref_mut()
+            .filter(|_| decoder.format_of(&m.topic) == Format::SparkplugB)
+        {
+            Units::Many(host.read(&m.topic, &m.payload).into_iter())
         } else {
             Units::Many(decoder.units(&m.topic, &m.payload, received_at).into_iter())
         };

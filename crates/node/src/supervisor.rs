@@ -38,6 +38,9 @@ struct Term {
     /// `MAX_PAYLOAD_BYTES` of the term: fixed per broker connection (the largest packet it
     /// accepts), so a new value starts a new term.
     max_payload_bytes: usize,
+    /// The Sparkplug B host id whose STATE the term's connection publishes (and has as its
+    /// will): a new one starts a new term too.
+    sparkplug_host: Option<String>,
     /// Cancelled as soon as any task of the term ends: a term is whole or over.
     ended: CancellationToken,
     broker: watch::Receiver<bool>,
@@ -152,14 +155,18 @@ impl Supervisor {
                         follow = false;
                         continue;
                     }
-                    let max = active.borrow_and_update().cfg.cluster.max_payload_bytes;
+                    let (max, host) = {
+                        let a = active.borrow_and_update();
+                        (a.cfg.cluster.max_payload_bytes, a.cfg.sparkplug_host_id(&self.client_id.id))
+                    };
                     if let Some(t) = term.take() {
-                        term = Some(if t.max_payload_bytes == max {
+                        term = Some(if t.max_payload_bytes == max && t.sparkplug_host == host {
                             t
                         } else {
-                            // A new packet limit needs a new connection: hand the term over to
-                            // a new one (intake stops, the writer commits and acks, DISCONNECT).
-                            tracing::info!(max_payload_bytes = max, "MAX_PAYLOAD_BYTES changed: restarting the leadership term on a new broker connection");
+                            // A new packet limit or a new Sparkplug STATE (and will) needs a new
+                            // connection: hand the term over to a new one (intake stops, the
+                            // writer commits and acks, DISCONNECT).
+                            tracing::info!(max_payload_bytes = max, sparkplug_host_id = host.as_deref(), "MAX_PAYLOAD_BYTES or the Sparkplug host changed: restarting the leadership term on a new broker connection");
                             let epoch = t.epoch;
                             self.drain(t).await;
                             self.start_term(epoch)
@@ -264,12 +271,14 @@ impl Supervisor {
                 routes: active.routes.clone(),
                 suspended: active.suspended.clone(),
                 require_sync_replication: cfg.node.require_sync_replication,
+                sparkplug_host_id: cfg.sparkplug_host_id(&self.client_id.id),
             },
             fence: fence.clone(),
             rx,
             acker,
             status: self.status.clone(),
             active: Some(self.active.clone()),
+            publisher: Some(ingest.publisher()),
         };
         let broker = ingest.connected();
         self.lease.set_term_active(true);
@@ -312,6 +321,7 @@ impl Supervisor {
         Term {
             epoch,
             max_payload_bytes: cfg.cluster.max_payload_bytes,
+            sparkplug_host: cfg.sparkplug_host_id(&self.client_id.id),
             ended,
             broker,
             hard,

@@ -12,8 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use leasehold_config::Format;
+use leasehold_decode::sparkplug::{self, Happened, Host, NodeKey};
 use leasehold_decode::Decoder;
-use leasehold_ingest::{Acker, Inbound};
+use leasehold_ingest::{Acker, Inbound, Publisher};
 use leasehold_store::routes::ResolvedRoute;
 use leasehold_store::{BatchWriter, DeadLetter, Fence, RouteRow, StoreError};
 use leasehold_telemetry::events;
@@ -22,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::batch::reason_label;
-use crate::batch::{prepare, rejected, unavailable, DbClock, Prepared, Routing};
+use crate::batch::{prepare_with, rejected, unavailable, DbClock, Prepared, Routing};
 use crate::cluster_config::ActiveRx;
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +61,8 @@ pub struct WriterConfig {
     /// `REQUIRE_SYNC_REPLICATION`: ingest only while commits are synchronously replicated, and
     /// acknowledge a batch only once a synchronous standby has flushed WAL past it.
     pub require_sync_replication: bool,
+    /// The Sparkplug B host id the session's STATE is published under (shown in `/health`).
+    pub sparkplug_host_id: Option<String>,
 }
 
 pub struct Writer {
@@ -70,6 +74,20 @@ pub struct Writer {
     pub status: NodeStatus,
     /// The cluster configuration, followed between batches (`None`: fixed for the term).
     pub active: Option<ActiveRx>,
+    /// Where Sparkplug B rebirth requests go (the term's connection); `None`: nowhere.
+    pub publisher: Option<Publisher>,
+}
+
+/// How often one edge node is asked to rebirth, at most: its messages keep arriving meanwhile
+/// (each a reason to ask), and its births take a moment to come.
+const REBIRTH_EVERY: Duration = Duration::from_secs(5);
+
+/// A term's Sparkplug B host: loaded from the database the first time a batch holds a
+/// `sparkplug_b` message, then kept by this writer alone.
+#[derive(Default)]
+struct Sparkplug {
+    host: Option<Host>,
+    asked: HashMap<NodeKey, Instant>,
 }
 
 /// The writer's connection, the routes batches are prepared for (`telemetry` first), and which of
@@ -376,6 +394,7 @@ impl Writer {
         let mut replicated = false;
         let mut clock: Option<DbClock> = None;
         let mut retry = Backoff::default();
+        let mut sparkplug = Sparkplug::default();
         loop {
             // While a route is suspended, its table is checked on time even without messages.
             let idle = conn
@@ -400,10 +419,16 @@ impl Writer {
                 }
                 replicated = true;
             }
+            if sparkplug.host.is_none() && self.reads_sparkplug(&batch) {
+                let Some(host) = self.load_sparkplug(&mut conn, &cancel, &mut retry).await else {
+                    return Ok(());
+                };
+                sparkplug.host = Some(host);
+            }
             let started = Instant::now();
             let routes = conn.routes.clone();
             let suspended = conn.reasons();
-            let prepared = prepare(
+            let prepared = prepare_with(
                 &self.cfg.decoder,
                 &batch,
                 clock,
@@ -414,6 +439,7 @@ impl Writer {
                     lease_epoch: self.fence.epoch,
                     suspended: &suspended,
                 },
+                sparkplug.host.as_mut(),
             );
             match self
                 .commit(&mut conn, prepared, &routes, &cancel, &mut retry)
@@ -434,6 +460,12 @@ impl Writer {
                             .map(|m| now.saturating_duration_since(m.received)),
                     }
                     .emit();
+                    if !self
+                        .record_sparkplug(&mut conn, &mut sparkplug, &cancel, &mut retry)
+                        .await?
+                    {
+                        return Ok(());
+                    }
                     if !self.after_commit(&mut conn, &cancel).await? {
                         return Ok(());
                     }
@@ -446,6 +478,150 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Whether `batch` holds a message of a `sparkplug_b` topic.
+    fn reads_sparkplug(&self, batch: &[Inbound]) -> bool {
+        let d = &self.cfg.decoder;
+        d.reads(Format::SparkplugB)
+            && batch
+                .iter()
+                .any(|m| d.format_of(&m.topic) == Format::SparkplugB)
+    }
+
+    /// The Sparkplug B edge nodes the previous terms recorded; `None` when cancelled.
+    async fn load_sparkplug(
+        &self,
+        conn: &mut Conn,
+        cancel: &CancellationToken,
+        retry: &mut Backoff,
+    ) -> Option<Host> {
+        loop {
+            let loaded = tokio::select! {
+                _ = cancel.cancelled() => return None,
+                r = async { self.connection(conn).await?.sparkplug_nodes().await } => r,
+            };
+            match loaded {
+                Ok(nodes) => {
+                    retry.reset();
+                    let host = Host::with_nodes(nodes);
+                    self.show_sparkplug(&host, 0);
+                    tracing::info!(
+                        edge_nodes = host.online().0,
+                        "Sparkplug edge nodes loaded: their aliases resolve without a rebirth"
+                    );
+                    return Some(host);
+                }
+                Err(e) => {
+                    conn.writer = None;
+                    if !retry.wait(&e, cancel).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// After a batch committed: what it changed of the Sparkplug B edge nodes, recorded under
+    /// the fence before its messages are acknowledged; then the births and deaths it read, and
+    /// the rebirths it needs asked for. `Ok(false)` when cancelled meanwhile.
+    async fn record_sparkplug(
+        &self,
+        conn: &mut Conn,
+        sp: &mut Sparkplug,
+        cancel: &CancellationToken,
+        retry: &mut Backoff,
+    ) -> Result<bool, WriterError> {
+        let Some(host) = sp.host.as_mut() else {
+            return Ok(true);
+        };
+        let changes = host.take_changes();
+        while !changes.is_empty() {
+            let recorded = tokio::select! {
+                _ = cancel.cancelled() => return Ok(false),
+                r = async {
+                    self.connection(conn).await?.record_sparkplug(&self.fence, &changes).await
+                } => r,
+            };
+            match recorded {
+                Ok(()) => break,
+                Err(StoreError::Fenced { epoch }) => {
+                    events::WriteFenced { epoch }.emit();
+                    return Err(WriterError::Fenced(epoch));
+                }
+                Err(e) => {
+                    conn.writer = None;
+                    if !retry.wait(&e, cancel).await {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+        let happened = host.take_happened();
+        for h in &happened {
+            match h {
+                Happened::Birth { node, device } => events::SparkplugBirth {
+                    node,
+                    device: device.as_deref(),
+                }
+                .emit(),
+                Happened::Death { node, device } => events::SparkplugDeath {
+                    node,
+                    device: device.as_deref(),
+                }
+                .emit(),
+            }
+        }
+        let now = Instant::now();
+        let mut asked = 0;
+        for key in host.take_rebirths() {
+            if sp
+                .asked
+                .get(&key)
+                .is_some_and(|at| now.duration_since(*at) < REBIRTH_EVERY)
+            {
+                continue;
+            }
+            let topic = format!("{}/{}/NCMD/{}", sparkplug::NAMESPACE, key.0, key.1);
+            let payload = sparkplug::rebirth_request(Utc::now().timestamp_millis().max(0) as u64);
+            let sent = self
+                .publisher
+                .as_ref()
+                .is_some_and(|p| p.command(&topic, payload));
+            events::SparkplugRebirthRequested {
+                topic: &topic,
+                sent,
+            }
+            .emit();
+            if sent {
+                sp.asked.insert(key, now);
+                asked += 1;
+            }
+        }
+        if !changes.is_empty() || !happened.is_empty() || asked > 0 {
+            self.show_sparkplug(host, asked);
+        }
+        Ok(true)
+    }
+
+    /// The host's edge nodes in the status and the metrics.
+    fn show_sparkplug(&self, host: &Host, asked: u64) {
+        let (nodes, devices) = host.online();
+        let last = host.last_birth();
+        self.status.update_sparkplug(|s| {
+            s.host_id = self.cfg.sparkplug_host_id.clone();
+            s.edge_nodes = host.len();
+            s.edge_nodes_online = nodes;
+            s.devices_online = devices;
+            s.last_birth_at = last;
+            s.rebirths_requested += asked;
+        });
+        events::SparkplugOnline {
+            edge_nodes: nodes,
+            devices,
+            last_birth: last,
+        }
+        .emit();
     }
 
     /// Receipt times are placed on the database's clock, read at the start of the term and

@@ -411,6 +411,31 @@ impl BatchWriter {
     }
 
     /// Whether the connection is gone (the caller reconnects).
+    /// The Sparkplug B edge nodes recorded ([`crate::sparkplug::load`]), on this connection.
+    pub async fn sparkplug_nodes(
+        &self,
+    ) -> Result<
+        Vec<(
+            leasehold_decode::sparkplug::NodeKey,
+            leasehold_decode::sparkplug::Node,
+        )>,
+    > {
+        crate::sparkplug::load(&self.client).await
+    }
+
+    /// Records what a batch changed of Sparkplug B edge nodes, under `fence`.
+    pub async fn record_sparkplug(
+        &self,
+        fence: &Fence,
+        nodes: &[(
+            leasehold_decode::sparkplug::NodeKey,
+            leasehold_decode::sparkplug::Change,
+            leasehold_decode::sparkplug::Node,
+        )],
+    ) -> Result<()> {
+        crate::sparkplug::record(&self.client, fence, nodes).await
+    }
+
     pub fn is_closed(&self) -> bool {
         self.client.is_closed()
     }

@@ -38,6 +38,7 @@ pub mod replay;
 pub mod replication;
 pub mod retention;
 pub mod routes;
+pub mod sparkplug;
 pub mod statement;
 pub mod syncrep;
 pub mod tls;

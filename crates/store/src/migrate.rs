@@ -76,6 +76,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(8, "broker_reach"),
     migration!(9, "partitions"),
     migration!(10, "telemetry_newest"),
+    migration!(11, "sparkplug"),
 ];
 
 /// Arbitrary but fixed: the advisory lock every node takes around migration.

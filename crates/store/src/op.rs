@@ -31,6 +31,10 @@ pub enum Op {
     Heartbeat,
     NewestDataAge,
     NoteNewest,
+    /// The Sparkplug B edge nodes recorded (a term's start, `leasehold status`).
+    SparkplugLoad,
+    /// What a batch changed of Sparkplug B edge nodes, under the fence.
+    SparkplugRecord,
     /// `leasehold status`: recent dead letters by route.
     DeadLettersByRoute,
     DeviceTopics,
@@ -85,6 +89,8 @@ impl Op {
             Op::Replay => "replay",
             Op::NewestDataAge => "newest_data_age",
             Op::NoteNewest => "note_newest",
+            Op::SparkplugLoad => "sparkplug_load",
+            Op::SparkplugRecord => "sparkplug_record",
             Op::DeadLettersByRoute => "dead_letters_by_route",
             Op::DeviceTopics => "device_topics",
             Op::DeviceCoverage => "device_coverage",

@@ -761,3 +761,83 @@ impl PartitionRoundFailed<'_> {
         tracing::warn!(error = %self.error, "telemetry partition round failed; retrying shortly (readings without a partition land in telemetry_default meanwhile)");
     }
 }
+
+/// A Sparkplug B birth (NBIRTH, DBIRTH) read: the aliases it defines apply from now on.
+pub struct SparkplugBirth<'a> {
+    pub node: &'a str,
+    pub device: Option<&'a str>,
+}
+impl SparkplugBirth<'_> {
+    pub fn emit(self) {
+        tracing::info!(
+            edge_node = self.node,
+            device = self.device,
+            "Sparkplug birth"
+        );
+        let kind = if self.device.is_some() {
+            "device"
+        } else {
+            "node"
+        };
+        metrics().sparkplug_births.with_label_values(&[kind]).inc();
+    }
+}
+
+/// A Sparkplug B death (NDEATH, DDEATH) read.
+pub struct SparkplugDeath<'a> {
+    pub node: &'a str,
+    pub device: Option<&'a str>,
+}
+impl SparkplugDeath<'_> {
+    pub fn emit(self) {
+        tracing::info!(
+            edge_node = self.node,
+            device = self.device,
+            "Sparkplug death"
+        );
+        let kind = if self.device.is_some() {
+            "device"
+        } else {
+            "node"
+        };
+        metrics().sparkplug_deaths.with_label_values(&[kind]).inc();
+    }
+}
+
+/// A rebirth request sent to an edge node (NCMD `Node Control/Rebirth`), or not sent.
+pub struct SparkplugRebirthRequested<'a> {
+    pub topic: &'a str,
+    /// False when the connection's request queue was full (asked again on its next message).
+    pub sent: bool,
+}
+impl SparkplugRebirthRequested<'_> {
+    pub fn emit(self) {
+        if self.sent {
+            tracing::warn!(topic = self.topic, "Sparkplug rebirth requested");
+            metrics().sparkplug_rebirths_requested.inc();
+        } else {
+            tracing::warn!(
+                topic = self.topic,
+                "Sparkplug rebirth request not sent: the connection's queue is full"
+            );
+        }
+    }
+}
+
+/// The edge nodes and devices the leader holds online, after a batch changed them.
+pub struct SparkplugOnline {
+    pub edge_nodes: usize,
+    pub devices: usize,
+    pub last_birth: Option<chrono::DateTime<chrono::Utc>>,
+}
+impl SparkplugOnline {
+    pub fn emit(self) {
+        let m = metrics();
+        m.sparkplug_edge_nodes_online.set(self.edge_nodes as i64);
+        m.sparkplug_devices_online.set(self.devices as i64);
+        m.sparkplug_last_birth.set(
+            self.last_birth
+                .map_or(0.0, |t| t.timestamp_millis() as f64 / 1e3),
+        );
+    }
+}

@@ -33,6 +33,20 @@ pub struct Status {
     /// The receive time of the newest reading this node's writer stored in `telemetry`, which
     /// its heartbeat records for data age.
     pub newest_written: Option<DateTime<Utc>>,
+    /// The Sparkplug B edge nodes this node's writer holds (a leader reading `sparkplug_b`).
+    pub sparkplug: Option<SparkplugStatus>,
+}
+
+/// A leader's Sparkplug B view, written by its writer after each batch that changed it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SparkplugStatus {
+    pub host_id: Option<String>,
+    pub edge_nodes: usize,
+    pub edge_nodes_online: usize,
+    pub devices_online: usize,
+    pub last_birth_at: Option<DateTime<Utc>>,
+    /// Rebirth requests this node sent since it started.
+    pub rebirths_requested: u64,
 }
 
 /// The cluster configuration a node runs, and where its own settings disagree with it.
@@ -321,6 +335,16 @@ impl NodeStatus {
             }
             newer
         });
+    }
+
+    pub fn sparkplug(&self) -> Option<SparkplugStatus> {
+        self.0.borrow().sparkplug.clone()
+    }
+
+    /// Changes the Sparkplug part (the writer, after a batch that changed it).
+    pub fn update_sparkplug(&self, f: impl FnOnce(&mut SparkplugStatus)) {
+        self.0
+            .send_modify(|s| f(s.sparkplug.get_or_insert_with(Default::default)));
     }
 
     pub fn routes(&self) -> Vec<RouteCounts> {

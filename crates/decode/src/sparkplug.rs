@@ -1,0 +1,1266 @@
+//! Sparkplug B (`format = "sparkplug_b"`, docs/sparkplug.md): protobuf payloads (the Eclipse Tahu
+//! schema, through `srad-types`) whose metrics are named once in a birth certificate and sent
+//! afterwards by alias. Unlike the other formats, reading one depends on what came before: the
+//! births and the sequence numbers of its edge node, kept in a [`Host`] that the leader loads
+//! from PostgreSQL at the start of its term and records there, under the fence, after each batch.
+//!
+//! A data message (NBIRTH, NDATA, DBIRTH, DDATA) is one reading of device `group/edge_node` or
+//! `group/edge_node/device`, timed by the payload's timestamp: `{metric name: value, ...}`, and
+//! `"$timestamps": {name: time}` for the metrics whose own timestamp differs. What cannot be
+//! resolved without guessing — an alias no birth defined, data of an edge node or device whose
+//! birth is not held, a message after a sequence gap — is a dead letter, and the edge node is
+//! asked to rebirth ([`Host::take_rebirths`]).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Number, Value};
+use srad_types::payload::{
+    data_set, metric, template, DataSet, DataType, Message as _, Metric, Payload, Template,
+};
+
+use crate::{contains_nul_escape, DecodeError, Parsed, Unit, MAX_DEVICE_ID_LEN, MAX_READINGS};
+
+/// The topic namespace of Sparkplug B.
+pub const NAMESPACE: &str = "spBv1.0";
+/// The metric an NCMD sets to `true` to ask an edge node for its births again.
+pub const REBIRTH_METRIC: &str = "Node Control/Rebirth";
+/// The NBIRTH / NDEATH metric that pairs a death with the birth of the same session.
+const BD_SEQ: &str = "bdSeq";
+/// The key of a reading that holds its metrics' own timestamps, where they differ.
+pub const TIMESTAMPS_KEY: &str = "$timestamps";
+
+/// A Sparkplug message type (the topic's third level).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    NBirth,
+    NData,
+    NDeath,
+    DBirth,
+    DData,
+    DDeath,
+    NCmd,
+    DCmd,
+}
+
+/// What a topic under `spBv1.0/` is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpTopic<'a> {
+    /// `spBv1.0/<group>/<kind>/<edge_node>[/<device>]`.
+    Message {
+        group: &'a str,
+        kind: Kind,
+        node: &'a str,
+        device: Option<&'a str>,
+    },
+    /// `spBv1.0/STATE/<host_id>`: a primary host's own state, never a reading.
+    State,
+}
+
+/// Reads a Sparkplug topic; the error says what is wrong with it.
+pub fn parse_topic(topic: &str) -> Result<SpTopic<'_>, String> {
+    let parts: Vec<&str> = topic.split('/').collect();
+    if parts.first() != Some(&NAMESPACE) {
+        return Err(format!("topic {topic:?} is not under {NAMESPACE}/"));
+    }
+    if parts.get(1) == Some(&"STATE") {
+        return Ok(SpTopic::State);
+    }
+    let kind = match parts.get(2).copied() {
+        Some("NBIRTH") => Kind::NBirth,
+        Some("NDATA") => Kind::NData,
+        Some("NDEATH") => Kind::NDeath,
+        Some("DBIRTH") => Kind::DBirth,
+        Some("DDATA") => Kind::DData,
+        Some("DDEATH") => Kind::DDeath,
+        Some("NCMD") => Kind::NCmd,
+        Some("DCMD") => Kind::DCmd,
+        other => {
+            return Err(format!(
+                "topic {topic:?}: {:?} is not a Sparkplug message type",
+                other.unwrap_or("")
+            ))
+        }
+    };
+    let device_kind = matches!(kind, Kind::DBirth | Kind::DData | Kind::DDeath | Kind::DCmd);
+    let want = if device_kind { 5 } else { 4 };
+    if parts.len() != want || parts.iter().any(|p| p.is_empty()) {
+        return Err(format!(
+            "topic {topic:?}: a {} topic is {NAMESPACE}/<group>/{}/<edge_node>{}",
+            parts[2],
+            parts[2],
+            if device_kind { "/<device>" } else { "" }
+        ));
+    }
+    Ok(SpTopic::Message {
+        group: parts[1],
+        kind,
+        node: parts[3],
+        device: parts.get(4).copied(),
+    })
+}
+
+/// A metric as a birth defined it: name, alias, datatype (the Tahu enum's number). Kept as a
+/// JSON array of three in PostgreSQL.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Def(pub String, pub Option<u64>, pub u32);
+
+/// A birth's metric definitions, looked up by alias and by name.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(from = "Vec<Def>", into = "Vec<Def>")]
+pub struct Defs {
+    list: Vec<Def>,
+    by_alias: HashMap<u64, usize>,
+    by_name: HashMap<String, usize>,
+}
+
+impl From<Vec<Def>> for Defs {
+    fn from(list: Vec<Def>) -> Self {
+        let mut by_alias = HashMap::with_capacity(list.len());
+        let mut by_name = HashMap::with_capacity(list.len());
+        for (k, d) in list.iter().enumerate() {
+            if let Some(a) = d.1 {
+                by_alias.insert(a, k);
+            }
+            by_name.insert(d.0.clone(), k);
+        }
+        Defs {
+            list,
+            by_alias,
+            by_name,
+        }
+    }
+}
+
+impl From<Defs> for Vec<Def> {
+    fn from(d: Defs) -> Self {
+        d.list
+    }
+}
+
+impl Defs {
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    fn alias(&self, a: u64) -> Option<&Def> {
+        self.by_alias.get(&a).map(|&k| &self.list[k])
+    }
+
+    fn datatype(&self, name: &str) -> Option<u32> {
+        self.by_name.get(name).map(|&k| self.list[k].2)
+    }
+}
+
+/// What the host holds of one edge node: its last birth, its sequence, its devices.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    pub online: bool,
+    /// The NBIRTH's `bdSeq`: an NDEATH with another one belongs to an earlier session.
+    pub bd_seq: Option<u64>,
+    /// The last sequence number read from it (0..=255).
+    pub seq: Option<u8>,
+    /// A sequence gap was seen: its data is refused until its next NBIRTH (a rebirth was asked).
+    pub stale: bool,
+    pub birth_at: Option<DateTime<Utc>>,
+    pub death_at: Option<DateTime<Utc>>,
+    pub metrics: Defs,
+    pub devices: BTreeMap<String, Device>,
+}
+
+/// A device of an edge node, as its last DBIRTH (and DDEATH) left it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Device {
+    pub online: bool,
+    pub birth_at: Option<DateTime<Utc>>,
+    pub death_at: Option<DateTime<Utc>>,
+    pub metrics: Defs,
+}
+
+/// An edge node: `(group, edge_node)`.
+pub type NodeKey = (String, String);
+
+/// What changed of a node since the host's changes were last taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Change {
+    /// Its sequence number only.
+    Seq,
+    /// Its birth, death, devices or staleness: the whole row.
+    Whole,
+}
+
+/// Births, deaths and what a reading of one message did, for the events and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Happened {
+    Birth {
+        node: String,
+        device: Option<String>,
+    },
+    Death {
+        node: String,
+        device: Option<String>,
+    },
+}
+
+/// The primary host's view of every edge node. Reading a message may change it; the writer
+/// records the changes ([`Host::take_changes`]) once the batch committed, and asks the edge nodes
+/// of [`Host::take_rebirths`] for their births.
+#[derive(Debug, Default)]
+pub struct Host {
+    nodes: HashMap<NodeKey, Node>,
+    changed: HashMap<NodeKey, Change>,
+    rebirths: Vec<NodeKey>,
+    happened: Vec<Happened>,
+}
+
+impl Host {
+    /// The state recorded by the previous leaders.
+    pub fn with_nodes(nodes: impl IntoIterator<Item = (NodeKey, Node)>) -> Self {
+        Host {
+            nodes: nodes.into_iter().collect(),
+            ..Host::default()
+        }
+    }
+
+    pub fn node(&self, group: &str, node: &str) -> Option<&Node> {
+        self.nodes.get(&(group.to_string(), node.to_string()))
+    }
+
+    /// Edge nodes held, online or not.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Edge nodes online, devices online (of online edge nodes).
+    pub fn online(&self) -> (usize, usize) {
+        let nodes = self.nodes.values().filter(|n| n.online);
+        let mut devices = 0;
+        let mut count = 0;
+        for n in nodes {
+            count += 1;
+            devices += n.devices.values().filter(|d| d.online).count();
+        }
+        (count, devices)
+    }
+
+    /// The newest birth held, of any edge node or device.
+    pub fn last_birth(&self) -> Option<DateTime<Utc>> {
+        self.nodes
+            .values()
+            .flat_map(|n| std::iter::once(n.birth_at).chain(n.devices.values().map(|d| d.birth_at)))
+            .flatten()
+            .max()
+    }
+
+    /// The nodes changed since the last call, each with its state now.
+    pub fn take_changes(&mut self) -> Vec<(NodeKey, Change, Node)> {
+        let mut out: Vec<(NodeKey, Change, Node)> = self
+            .changed
+            .drain()
+            .filter_map(|(k, c)| self.nodes.get(&k).map(|n| (k, c, n.clone())))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Whether anything changed since the last [`Host::take_changes`].
+    pub fn has_changes(&self) -> bool {
+        !self.changed.is_empty()
+    }
+
+    /// The edge nodes to ask for a rebirth, each once.
+    pub fn take_rebirths(&mut self) -> Vec<NodeKey> {
+        let mut seen = HashSet::new();
+        self.rebirths.retain(|k| seen.insert(k.clone()));
+        std::mem::take(&mut self.rebirths)
+    }
+
+    /// Births and deaths read since the last call.
+    pub fn take_happened(&mut self) -> Vec<Happened> {
+        std::mem::take(&mut self.happened)
+    }
+
+    /// The readings of one message on a `sparkplug_b` topic: none for a death, a command or a
+    /// host's STATE; one (rarely more: a metric sent twice) for a data message; a refused unit
+    /// when it cannot be read or resolved.
+    pub fn read(&mut self, topic: &str, payload: &Bytes) -> Vec<Unit> {
+        let refused = |e: DecodeError| vec![Unit::refused(payload.clone(), e)];
+        let (group, kind, node, device) = match parse_topic(topic) {
+            Ok(SpTopic::State) => return Vec::new(),
+            Ok(SpTopic::Message {
+                group,
+                kind,
+                node,
+                device,
+            }) => (group, kind, node, device),
+            Err(e) => return refused(DecodeError::BadSparkplug(e)),
+        };
+        if matches!(kind, Kind::NCmd | Kind::DCmd) {
+            // Commands to edge nodes (this host's rebirth requests among them): not readings.
+            return Vec::new();
+        }
+        let p = match Payload::decode(payload.as_ref()) {
+            Ok(p) => p,
+            Err(e) => {
+                return refused(DecodeError::BadSparkplug(format!(
+                    "not a Sparkplug B payload: {e}"
+                )))
+            }
+        };
+        let key: NodeKey = (group.to_string(), node.to_string());
+        let name = format!("{group}/{node}");
+        match kind {
+            Kind::NBirth => {
+                let defs = match birth_defs(&p.metrics) {
+                    Ok(d) => d,
+                    Err(e) => return refused(DecodeError::BadSparkplug(e)),
+                };
+                let bd_seq = p
+                    .metrics
+                    .iter()
+                    .find(|m| m.name.as_deref() == Some(BD_SEQ))
+                    .and_then(int_of);
+                let at = p.timestamp.and_then(millis);
+                let prev = self.nodes.remove(&key).unwrap_or_default();
+                // A new session: every device must be born again before its data is read.
+                let devices = prev
+                    .devices
+                    .into_iter()
+                    .map(|(d, dev)| {
+                        (
+                            d,
+                            Device {
+                                online: false,
+                                metrics: Defs::default(),
+                                ..dev
+                            },
+                        )
+                    })
+                    .collect();
+                self.nodes.insert(
+                    key.clone(),
+                    Node {
+                        online: true,
+                        bd_seq,
+                        seq: p.seq.map(|s| s as u8),
+                        stale: false,
+                        birth_at: at.or(prev.birth_at),
+                        death_at: prev.death_at,
+                        metrics: defs,
+                        devices,
+                    },
+                );
+                mark(&mut self.changed, &key, Change::Whole);
+                self.happened.push(Happened::Birth {
+                    node: name.clone(),
+                    device: None,
+                });
+                let defs = &self.nodes[&key].metrics;
+                reading(&name, &p, defs, payload)
+            }
+            Kind::NDeath => {
+                let bd_seq = p
+                    .metrics
+                    .iter()
+                    .find(|m| m.name.as_deref() == Some(BD_SEQ))
+                    .and_then(int_of);
+                if let Some(n) = self.nodes.get_mut(&key) {
+                    // The will of an earlier session arriving late: not this session's death.
+                    let earlier = matches!((bd_seq, n.bd_seq), (Some(a), Some(b)) if a != b);
+                    if n.online && !earlier {
+                        n.online = false;
+                        n.death_at = p.timestamp.and_then(millis).or(Some(Utc::now()));
+                        for d in n.devices.values_mut() {
+                            d.online = false;
+                        }
+                        mark(&mut self.changed, &key, Change::Whole);
+                        self.happened.push(Happened::Death {
+                            node: name,
+                            device: None,
+                        });
+                    }
+                }
+                Vec::new()
+            }
+            Kind::NData | Kind::DBirth | Kind::DData | Kind::DDeath => {
+                let Some(n) = self.nodes.get_mut(&key).filter(|n| n.online) else {
+                    self.rebirths.push(key);
+                    return refused(DecodeError::NoBirth(format!(
+                        "no NBIRTH of edge node {name} is held (it was never seen or died since); rebirth requested"
+                    )));
+                };
+                if n.stale {
+                    self.rebirths.push(key.clone());
+                    if let Some(s) = p.seq {
+                        n.seq = Some(s as u8);
+                        mark(&mut self.changed, &key, Change::Seq);
+                    }
+                    return refused(DecodeError::SequenceGap(format!(
+                        "edge node {name} lost messages before this one; waiting for the rebirth requested"
+                    )));
+                }
+                if let (Some(last), Some(s)) = (n.seq, p.seq) {
+                    let want = last.wrapping_add(1);
+                    if s != u64::from(want) {
+                        n.seq = Some(s as u8);
+                        n.stale = true;
+                        mark(&mut self.changed, &key, Change::Whole);
+                        self.rebirths.push(key);
+                        return refused(DecodeError::SequenceGap(format!(
+                            "edge node {name}: seq {s} after {last}, {want} expected: messages were lost; rebirth requested"
+                        )));
+                    }
+                }
+                if let Some(s) = p.seq {
+                    n.seq = Some(s as u8);
+                    mark(&mut self.changed, &key, Change::Seq);
+                }
+                match (kind, device) {
+                    (Kind::NData, _) => {
+                        let n = &self.nodes[&key];
+                        let units = reading(&name, &p, &n.metrics, payload);
+                        self.unknown_alias(&key, units)
+                    }
+                    (Kind::DBirth, Some(d)) => {
+                        let defs = match birth_defs(&p.metrics) {
+                            Ok(defs) => defs,
+                            Err(e) => return refused(DecodeError::BadSparkplug(e)),
+                        };
+                        let at = p.timestamp.and_then(millis);
+                        let dev = n.devices.entry(d.to_string()).or_default();
+                        dev.online = true;
+                        dev.birth_at = at.or(dev.birth_at);
+                        dev.metrics = defs;
+                        mark(&mut self.changed, &key, Change::Whole);
+                        let full = format!("{name}/{d}");
+                        self.happened.push(Happened::Birth {
+                            node: name.clone(),
+                            device: Some(d.to_string()),
+                        });
+                        let defs = &self.nodes[&key].devices[d].metrics;
+                        reading(&full, &p, defs, payload)
+                    }
+                    (Kind::DData, Some(d)) => {
+                        let full = format!("{name}/{d}");
+                        let Some(dev) = n.devices.get(d).filter(|x| x.online) else {
+                            self.rebirths.push(key);
+                            return refused(DecodeError::NoBirth(format!(
+                                "no DBIRTH of device {full} is held (it was never seen or died since); rebirth requested"
+                            )));
+                        };
+                        let units = reading(&full, &p, &dev.metrics, payload);
+                        self.unknown_alias(&key, units)
+                    }
+                    (Kind::DDeath, Some(d)) => {
+                        if let Some(dev) = n.devices.get_mut(d).filter(|x| x.online) {
+                            dev.online = false;
+                            dev.death_at = p.timestamp.and_then(millis).or(Some(Utc::now()));
+                            mark(&mut self.changed, &key, Change::Whole);
+                            self.happened.push(Happened::Death {
+                                node: name,
+                                device: Some(d.to_string()),
+                            });
+                        }
+                        Vec::new()
+                    }
+                    _ => Vec::new(),
+                }
+            }
+            Kind::NCmd | Kind::DCmd => Vec::new(),
+        }
+    }
+
+    /// Asks for a rebirth when a reading named an alias its birth did not define.
+    fn unknown_alias(&mut self, key: &NodeKey, units: Vec<Unit>) -> Vec<Unit> {
+        if units
+            .iter()
+            .any(|u| matches!(u.decoded, Some(Err(DecodeError::UnknownAlias(_)))))
+        {
+            self.rebirths.push(key.clone());
+        }
+        units
+    }
+}
+
+/// A message read on its own, without its edge node's births or sequence (`leasehold replay`, an
+/// observer): births and metrics sent by name are read, an alias is refused (`unknown_alias`),
+/// nothing is remembered. Deaths, commands and STATE hold no reading.
+pub fn read_alone(topic: &str, payload: &Bytes) -> Vec<Unit> {
+    let refused = |e: DecodeError| vec![Unit::refused(payload.clone(), e)];
+    let device = match parse_topic(topic) {
+        Ok(SpTopic::Message {
+            group,
+            kind: Kind::NBirth | Kind::NData,
+            node,
+            ..
+        }) => format!("{group}/{node}"),
+        Ok(SpTopic::Message {
+            group,
+            kind: Kind::DBirth | Kind::DData,
+            node,
+            device: Some(d),
+        }) => format!("{group}/{node}/{d}"),
+        Ok(_) => return Vec::new(),
+        Err(e) => return refused(DecodeError::BadSparkplug(e)),
+    };
+    match Payload::decode(payload.as_ref()) {
+        Ok(p) => reading(&device, &p, &Defs::default(), payload),
+        Err(e) => refused(DecodeError::BadSparkplug(format!(
+            "not a Sparkplug B payload: {e}"
+        ))),
+    }
+}
+
+/// Notes that `key` changed by at least `c`.
+fn mark(changed: &mut HashMap<NodeKey, Change>, key: &NodeKey, c: Change) {
+    let e = changed.entry(key.clone()).or_insert(c);
+    *e = (*e).max(c);
+}
+
+/// The definitions a birth makes: every metric with its name, alias and datatype.
+fn birth_defs(metrics: &[Metric]) -> Result<Defs, String> {
+    let mut list = Vec::with_capacity(metrics.len());
+    for (k, m) in metrics.iter().enumerate() {
+        let Some(name) = &m.name else {
+            return Err(format!("metric {} of the birth has no name", k + 1));
+        };
+        list.push(Def(name.clone(), m.alias, m.datatype.unwrap_or(0)));
+    }
+    Ok(Defs::from(list))
+}
+
+/// The whole-number value of a metric (a `bdSeq`).
+fn int_of(m: &Metric) -> Option<u64> {
+    match m.value.as_ref()? {
+        metric::Value::IntValue(v) => Some(u64::from(*v)),
+        metric::Value::LongValue(v) => Some(*v),
+        _ => None,
+    }
+}
+
+/// A Sparkplug time (milliseconds since the epoch).
+fn millis(ms: u64) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp_millis(i64::try_from(ms).ok()?)
+}
+
+fn time_text(t: DateTime<Utc>) -> Value {
+    Value::String(t.to_rfc3339_opts(SecondsFormat::Millis, true))
+}
+
+/// One group of a message's metrics: a reading.
+struct Group {
+    ts: Option<u64>,
+    fields: Map<String, Value>,
+    timestamps: Map<String, Value>,
+}
+
+/// The readings of a data message of `device`, its metrics resolved by `defs`: one, unless a
+/// metric appears twice (values of several instants, as store and forward sends them), whose
+/// later values go into readings at their own timestamps.
+fn reading(device: &str, p: &Payload, defs: &Defs, raw: &Bytes) -> Vec<Unit> {
+    let refused = |e: DecodeError| vec![Unit::refused(raw.clone(), e)];
+    if device.chars().count() > MAX_DEVICE_ID_LEN {
+        return refused(DecodeError::DeviceIdTooLong);
+    }
+    if p.metrics.len() > MAX_READINGS {
+        return refused(DecodeError::TooManyReadings { n: p.metrics.len() });
+    }
+    let mut groups: Vec<Group> = vec![Group {
+        ts: p.timestamp,
+        fields: Map::new(),
+        timestamps: Map::new(),
+    }];
+    for (k, m) in p.metrics.iter().enumerate() {
+        let (name, datatype) = match (&m.name, m.alias) {
+            (Some(n), _) => (
+                n.clone(),
+                m.datatype.or_else(|| defs.datatype(n)).unwrap_or(0),
+            ),
+            (None, Some(a)) => match defs.alias(a) {
+                Some(d) => (d.0.clone(), m.datatype.unwrap_or(d.2)),
+                None => {
+                    return refused(DecodeError::UnknownAlias(format!(
+                        "metric {} has alias {a}, which no birth of {device} defined; rebirth requested",
+                        k + 1
+                    )))
+                }
+            },
+            (None, None) => {
+                return refused(DecodeError::BadSparkplug(format!(
+                    "metric {} has neither a name nor an alias",
+                    k + 1
+                )))
+            }
+        };
+        if name == TIMESTAMPS_KEY {
+            return refused(DecodeError::BadSparkplug(format!(
+                "a metric named {TIMESTAMPS_KEY:?} cannot be told from the reading's own field"
+            )));
+        }
+        if matches!(&m.value, Some(metric::Value::TemplateValue(t)) if t.is_definition == Some(true))
+        {
+            // A template's definition (a birth's `_types_/...`): a type, not a value.
+            continue;
+        }
+        let value = match metric_value(m, datatype) {
+            Ok(v) => v,
+            Err(e) => return refused(DecodeError::BadSparkplug(format!("metric {name:?}: {e}"))),
+        };
+        let own = m.timestamp.or(p.timestamp);
+        // The message's reading, unless it holds this metric already: then the first reading
+        // of the metric's own instant that does not.
+        let at = match groups[0].fields.contains_key(&name) {
+            false => 0,
+            true => match groups
+                .iter()
+                .skip(1)
+                .position(|g| g.ts == own && !g.fields.contains_key(&name))
+            {
+                Some(i) => i + 1,
+                None => {
+                    groups.push(Group {
+                        ts: own,
+                        fields: Map::new(),
+                        timestamps: Map::new(),
+                    });
+                    groups.len() - 1
+                }
+            },
+        };
+        let g = &mut groups[at];
+        if let Some(t) = m.timestamp.filter(|t| Some(*t) != g.ts) {
+            match millis(t) {
+                Some(t) => g.timestamps.insert(name.clone(), time_text(t)),
+                None => {
+                    return refused(DecodeError::BadSparkplug(format!(
+                        "metric {name:?}: timestamp {t} is out of range"
+                    )))
+                }
+            };
+        }
+        g.fields.insert(name, value);
+    }
+    let n = groups.len();
+    let mut units = Vec::with_capacity(n);
+    for (k, g) in groups.into_iter().enumerate() {
+        let mut object = g.fields;
+        if !g.timestamps.is_empty() {
+            object.insert(TIMESTAMPS_KEY.into(), Value::Object(g.timestamps));
+        }
+        let timestamp = match g.ts {
+            None => Ok(None),
+            Some(t) => millis(t)
+                .map(Some)
+                .ok_or_else(|| DecodeError::BadTimestamp {
+                    field: "timestamp",
+                    reason: format!("{t} ms is out of range"),
+                }),
+        };
+        let text = Value::Object(object.clone()).to_string();
+        let payload = Bytes::from(text.clone());
+        let decoded = match contains_nul_escape(&payload) {
+            true => Err(DecodeError::NulEscape),
+            false => timestamp.map(|ts| Parsed {
+                object: Some(object),
+                text: Some(text),
+                device_id: Some(device.to_string()),
+                timestamp: Ok(ts),
+            }),
+        };
+        units.push(Unit {
+            payload,
+            raw: raw.clone(),
+            label: (n > 1).then(|| format!("reading {} of {n}", k + 1)),
+            decoded: Some(decoded),
+        });
+    }
+    units
+}
+
+/// A metric's value as JSON, read by its datatype (the birth's when the message omits it).
+fn metric_value(m: &Metric, datatype: u32) -> Result<Value, String> {
+    if m.is_null == Some(true) {
+        return Ok(Value::Null);
+    }
+    let Some(v) = &m.value else {
+        return Ok(Value::Null);
+    };
+    let dt = DataType::try_from(datatype as i32).unwrap_or(DataType::Unknown);
+    Ok(match v {
+        metric::Value::IntValue(x) => int_value(u64::from(*x), dt),
+        metric::Value::LongValue(x) => int_value(*x, dt),
+        metric::Value::FloatValue(x) => float(f64::from(*x), Some(*x)),
+        metric::Value::DoubleValue(x) => float(*x, None),
+        metric::Value::BooleanValue(x) => Value::Bool(*x),
+        metric::Value::StringValue(s) => Value::String(s.clone()),
+        metric::Value::BytesValue(b) => bytes_value(b, dt)?,
+        metric::Value::DatasetValue(d) => dataset(d)?,
+        metric::Value::TemplateValue(t) => template_value(t)?,
+        metric::Value::ExtensionValue(_) => Value::Null,
+    })
+}
+
+/// An integer as its datatype reads it: a signed type's two's complement (of its own width, so
+/// both encodings seen in the wild, sign-extended or not, read the same), a time in ms.
+fn int_value(x: u64, dt: DataType) -> Value {
+    match dt {
+        DataType::Int8 => Value::from(x as u8 as i8),
+        DataType::Int16 => Value::from(x as u16 as i16),
+        DataType::Int32 => Value::from(x as u32 as i32),
+        DataType::Int64 => Value::from(x as i64),
+        DataType::UInt8 | DataType::UInt16 | DataType::UInt32 => Value::from(x as u32),
+        DataType::DateTime => match i64::try_from(x)
+            .ok()
+            .and_then(DateTime::from_timestamp_millis)
+        {
+            Some(t) => time_text(t),
+            None => Value::from(x),
+        },
+        _ => Value::from(x),
+    }
+}
+
+/// A float as JSON: a 32-bit one by its shortest text (0.1, not 0.10000000149011612); NaN and
+/// the infinities, which JSON has no number for, as text.
+fn float(x: f64, single: Option<f32>) -> Value {
+    if !x.is_finite() {
+        return Value::String(
+            match x {
+                x if x.is_nan() => "NaN",
+                x if x > 0.0 => "Infinity",
+                _ => "-Infinity",
+            }
+            .into(),
+        );
+    }
+    let x = match single {
+        Some(f) => f.to_string().parse::<f64>().unwrap_or(x),
+        None => x,
+    };
+    Number::from_f64(x).map_or(Value::Null, Value::Number)
+}
+
+/// Bytes as their datatype packs them (Sparkplug 3.0, little-endian arrays), else as base64.
+fn bytes_value(b: &[u8], dt: DataType) -> Result<Value, String> {
+    fn each<const N: usize>(
+        b: &[u8],
+        name: &str,
+        f: impl Fn([u8; N]) -> Value,
+    ) -> Result<Value, String> {
+        if !b.len().is_multiple_of(N) {
+            return Err(format!(
+                "{name} of {} bytes, not a multiple of {N}",
+                b.len()
+            ));
+        }
+        Ok(Value::Array(
+            b.chunks_exact(N)
+                .map(|c| {
+                    let mut a = [0u8; N];
+                    a.copy_from_slice(c);
+                    f(a)
+                })
+                .collect(),
+        ))
+    }
+    match dt {
+        DataType::Int8Array => each::<1>(b, "Int8Array", |a| Value::from(a[0] as i8)),
+        DataType::UInt8Array => each::<1>(b, "UInt8Array", |a| Value::from(a[0])),
+        DataType::Int16Array => each::<2>(b, "Int16Array", |a| Value::from(i16::from_le_bytes(a))),
+        DataType::UInt16Array => {
+            each::<2>(b, "UInt16Array", |a| Value::from(u16::from_le_bytes(a)))
+        }
+        DataType::Int32Array => each::<4>(b, "Int32Array", |a| Value::from(i32::from_le_bytes(a))),
+        DataType::UInt32Array => {
+            each::<4>(b, "UInt32Array", |a| Value::from(u32::from_le_bytes(a)))
+        }
+        DataType::Int64Array => each::<8>(b, "Int64Array", |a| Value::from(i64::from_le_bytes(a))),
+        DataType::UInt64Array => {
+            each::<8>(b, "UInt64Array", |a| Value::from(u64::from_le_bytes(a)))
+        }
+        DataType::FloatArray => each::<4>(b, "FloatArray", |a| {
+            let f = f32::from_le_bytes(a);
+            float(f64::from(f), Some(f))
+        }),
+        DataType::DoubleArray => {
+            each::<8>(b, "DoubleArray", |a| float(f64::from_le_bytes(a), None))
+        }
+        DataType::DateTimeArray => each::<8>(b, "DateTimeArray", |a| {
+            let ms = i64::from_le_bytes(a);
+            DateTime::from_timestamp_millis(ms).map_or(Value::from(ms), time_text)
+        }),
+        DataType::BooleanArray => {
+            let Some((count, bits)) = b.split_first_chunk::<4>() else {
+                return Err(format!(
+                    "BooleanArray of {} bytes, without its count",
+                    b.len()
+                ));
+            };
+            let n = u32::from_le_bytes(*count) as usize;
+            if bits.len() * 8 < n {
+                return Err(format!(
+                    "BooleanArray of {n} values in {} bytes",
+                    bits.len()
+                ));
+            }
+            // Packed most significant bit first.
+            Ok(Value::Array(
+                (0..n)
+                    .map(|i| Value::Bool(bits[i / 8] & (0x80 >> (i % 8)) != 0))
+                    .collect(),
+            ))
+        }
+        DataType::StringArray => {
+            let text =
+                std::str::from_utf8(b).map_err(|_| "StringArray that is not UTF-8".to_string())?;
+            // Each string ends with a NUL.
+            let mut parts: Vec<&str> = text.split('\0').collect();
+            if parts.last() == Some(&"") {
+                parts.pop();
+            }
+            Ok(Value::Array(
+                parts.into_iter().map(|s| Value::String(s.into())).collect(),
+            ))
+        }
+        _ => Ok(Value::String(
+            base64::engine::general_purpose::STANDARD.encode(b),
+        )),
+    }
+}
+
+/// A DataSet: `{"columns": [...], "types": [...], "rows": [[...], ...]}`.
+fn dataset(d: &DataSet) -> Result<Value, String> {
+    let types: Vec<DataType> = d
+        .types
+        .iter()
+        .map(|t| DataType::try_from(*t as i32).unwrap_or(DataType::Unknown))
+        .collect();
+    let mut rows = Vec::with_capacity(d.rows.len());
+    for (r, row) in d.rows.iter().enumerate() {
+        let mut out = Vec::with_capacity(row.elements.len());
+        for (c, e) in row.elements.iter().enumerate() {
+            let dt = types.get(c).copied().unwrap_or(DataType::Unknown);
+            out.push(match &e.value {
+                None => Value::Null,
+                Some(data_set::data_set_value::Value::IntValue(x)) => int_value(u64::from(*x), dt),
+                Some(data_set::data_set_value::Value::LongValue(x)) => int_value(*x, dt),
+                Some(data_set::data_set_value::Value::FloatValue(x)) => {
+                    float(f64::from(*x), Some(*x))
+                }
+                Some(data_set::data_set_value::Value::DoubleValue(x)) => float(*x, None),
+                Some(data_set::data_set_value::Value::BooleanValue(x)) => Value::Bool(*x),
+                Some(data_set::data_set_value::Value::StringValue(s)) => Value::String(s.clone()),
+                Some(data_set::data_set_value::Value::ExtensionValue(_)) => {
+                    return Err(format!(
+                        "row {} column {} holds an extension value",
+                        r + 1,
+                        c + 1
+                    ))
+                }
+            });
+        }
+        rows.push(Value::Array(out));
+    }
+    let mut o = Map::new();
+    o.insert(
+        "columns".into(),
+        Value::Array(d.columns.iter().map(|c| Value::String(c.clone())).collect()),
+    );
+    o.insert(
+        "types".into(),
+        Value::Array(
+            types
+                .iter()
+                .map(|t| Value::String(t.as_str_name().into()))
+                .collect(),
+        ),
+    );
+    o.insert("rows".into(), Value::Array(rows));
+    Ok(Value::Object(o))
+}
+
+/// A template instance: `{"template_ref", "version", "metrics": {...}, "parameters": {...}}`.
+fn template_value(t: &Template) -> Result<Value, String> {
+    let mut metrics = Map::new();
+    for (k, m) in t.metrics.iter().enumerate() {
+        let name = match (&m.name, m.alias) {
+            (Some(n), _) => n.clone(),
+            (None, Some(a)) => format!("alias {a}"),
+            (None, None) => format!("metric {}", k + 1),
+        };
+        let v = metric_value(m, m.datatype.unwrap_or(0)).map_err(|e| format!("{name}: {e}"))?;
+        metrics.insert(name, v);
+    }
+    let mut parameters = Map::new();
+    for (k, p) in t.parameters.iter().enumerate() {
+        let name = p
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("parameter {}", k + 1));
+        let dt = DataType::try_from(p.r#type.unwrap_or(0) as i32).unwrap_or(DataType::Unknown);
+        let v = match &p.value {
+            None => Value::Null,
+            Some(template::parameter::Value::IntValue(x)) => int_value(u64::from(*x), dt),
+            Some(template::parameter::Value::LongValue(x)) => int_value(*x, dt),
+            Some(template::parameter::Value::FloatValue(x)) => float(f64::from(*x), Some(*x)),
+            Some(template::parameter::Value::DoubleValue(x)) => float(*x, None),
+            Some(template::parameter::Value::BooleanValue(x)) => Value::Bool(*x),
+            Some(template::parameter::Value::StringValue(s)) => Value::String(s.clone()),
+            Some(template::parameter::Value::ExtensionValue(_)) => Value::Null,
+        };
+        parameters.insert(name, v);
+    }
+    let mut o = Map::new();
+    if let Some(r) = &t.template_ref {
+        o.insert("template_ref".into(), Value::String(r.clone()));
+    }
+    if let Some(v) = &t.version {
+        o.insert("version".into(), Value::String(v.clone()));
+    }
+    o.insert("metrics".into(), Value::Object(metrics));
+    if !parameters.is_empty() {
+        o.insert("parameters".into(), Value::Object(parameters));
+    }
+    Ok(Value::Object(o))
+}
+
+/// The payload of a rebirth request (NCMD): `Node Control/Rebirth` = true, at `now_ms`.
+pub fn rebirth_request(now_ms: u64) -> Vec<u8> {
+    let mut m = Metric::new();
+    m.set_name(REBIRTH_METRIC.to_string())
+        .set_datatype(DataType::Boolean)
+        .set_timestamp(now_ms);
+    m.value = Some(metric::Value::BooleanValue(true));
+    Payload {
+        timestamp: Some(now_ms),
+        metrics: vec![m],
+        seq: None,
+        uuid: None,
+        body: None,
+    }
+    .encode_to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metric(name: Option<&str>, alias: Option<u64>, dt: DataType, v: metric::Value) -> Metric {
+        let mut m = Metric::new();
+        if let Some(n) = name {
+            m.set_name(n.into());
+        }
+        if let Some(a) = alias {
+            m.set_alias(a);
+        }
+        m.set_datatype(dt);
+        m.value = Some(v);
+        m
+    }
+
+    fn payload(ts: u64, seq: u64, metrics: Vec<Metric>) -> Bytes {
+        Bytes::from(
+            Payload {
+                timestamp: Some(ts),
+                metrics,
+                seq: Some(seq),
+                uuid: None,
+                body: None,
+            }
+            .encode_to_vec(),
+        )
+    }
+
+    fn text(u: &Unit) -> String {
+        String::from_utf8_lossy(&u.payload).into_owned()
+    }
+
+    fn reason(u: &Unit) -> String {
+        match &u.decoded {
+            Some(Err(e)) => e.to_string(),
+            other => format!("not refused: {other:?}"),
+        }
+    }
+
+    fn birth(h: &mut Host) {
+        let b = payload(
+            1_700_000_000_000,
+            0,
+            vec![
+                metric(
+                    Some("bdSeq"),
+                    None,
+                    DataType::Int64,
+                    metric::Value::LongValue(3),
+                ),
+                metric(
+                    Some("Temp"),
+                    Some(1),
+                    DataType::Float,
+                    metric::Value::FloatValue(21.5),
+                ),
+                metric(
+                    Some("Offset"),
+                    Some(2),
+                    DataType::Int16,
+                    metric::Value::IntValue(0xFFFF_FFFE),
+                ),
+            ],
+        );
+        let u = h.read("spBv1.0/plant/NBIRTH/edge1", &b);
+        assert_eq!(u.len(), 1);
+        assert_eq!(
+            text(&u[0]),
+            r#"{"Offset":-2,"Temp":21.5,"bdSeq":3}"#,
+            "{u:?}"
+        );
+    }
+
+    #[test]
+    fn aliases_resolve_by_the_birth_and_values_read_by_their_datatype() {
+        let mut h = Host::default();
+        birth(&mut h);
+        let d = payload(
+            1_700_000_001_000,
+            1,
+            vec![
+                metric(
+                    None,
+                    Some(1),
+                    DataType::Float,
+                    metric::Value::FloatValue(0.1),
+                ),
+                // Without its datatype: the birth's (Int16) reads it.
+                {
+                    let mut m = Metric::new();
+                    m.set_alias(2);
+                    m.value = Some(metric::Value::IntValue(65535));
+                    m
+                },
+            ],
+        );
+        let u = h.read("spBv1.0/plant/NDATA/edge1", &d);
+        assert_eq!(text(&u[0]), r#"{"Offset":-1,"Temp":0.1}"#);
+        let Some(Ok(p)) = &u[0].decoded else {
+            panic!("{u:?}")
+        };
+        assert_eq!(p.device_id.as_deref(), Some("plant/edge1"));
+        assert_eq!(
+            p.timestamp.as_ref().ok().copied().flatten(),
+            DateTime::from_timestamp_millis(1_700_000_001_000)
+        );
+        assert_eq!(h.node("plant", "edge1").and_then(|n| n.seq), Some(1));
+    }
+
+    #[test]
+    fn an_unknown_alias_a_gap_or_no_birth_is_refused_and_asks_for_a_rebirth() {
+        let mut h = Host::default();
+        let d = payload(
+            1,
+            0,
+            vec![metric(
+                None,
+                Some(1),
+                DataType::Float,
+                metric::Value::FloatValue(1.0),
+            )],
+        );
+        let u = h.read("spBv1.0/plant/NDATA/edge1", &d);
+        assert!(reason(&u[0]).contains("no NBIRTH"), "{u:?}");
+        assert_eq!(h.take_rebirths().len(), 1);
+        birth(&mut h);
+        let unknown = payload(
+            2,
+            1,
+            vec![metric(
+                None,
+                Some(9),
+                DataType::Float,
+                metric::Value::FloatValue(1.0),
+            )],
+        );
+        let u = h.read("spBv1.0/plant/NDATA/edge1", &unknown);
+        assert!(reason(&u[0]).contains("alias 9"), "{u:?}");
+        assert_eq!(h.take_rebirths(), vec![("plant".into(), "edge1".into())]);
+        // seq 1 was read (refused for its alias, not lost): 3 skips 2.
+        let gap = payload(
+            3,
+            3,
+            vec![metric(
+                None,
+                Some(1),
+                DataType::Float,
+                metric::Value::FloatValue(1.0),
+            )],
+        );
+        let u = h.read("spBv1.0/plant/NDATA/edge1", &gap);
+        assert!(reason(&u[0]).contains("seq 3 after 1"), "{u:?}");
+        // Until the rebirth, nothing of it is read.
+        let next = payload(
+            4,
+            4,
+            vec![metric(
+                None,
+                Some(1),
+                DataType::Float,
+                metric::Value::FloatValue(1.0),
+            )],
+        );
+        let u = h.read("spBv1.0/plant/NDATA/edge1", &next);
+        assert!(reason(&u[0]).contains("waiting for the rebirth"), "{u:?}");
+        assert_eq!(h.take_rebirths().len(), 1);
+        birth(&mut h);
+        let ok = payload(
+            5,
+            1,
+            vec![metric(
+                None,
+                Some(1),
+                DataType::Float,
+                metric::Value::FloatValue(2.0),
+            )],
+        );
+        assert_eq!(
+            text(&h.read("spBv1.0/plant/NDATA/edge1", &ok)[0]),
+            r#"{"Temp":2.0}"#
+        );
+    }
+
+    #[test]
+    fn a_late_death_of_an_earlier_session_is_ignored() {
+        let mut h = Host::default();
+        birth(&mut h);
+        let old = payload(
+            5,
+            0,
+            vec![metric(
+                Some("bdSeq"),
+                None,
+                DataType::Int64,
+                metric::Value::LongValue(2),
+            )],
+        );
+        assert!(h.read("spBv1.0/plant/NDEATH/edge1", &old).is_empty());
+        assert!(h.node("plant", "edge1").is_some_and(|n| n.online));
+        let now = payload(
+            6,
+            0,
+            vec![metric(
+                Some("bdSeq"),
+                None,
+                DataType::Int64,
+                metric::Value::LongValue(3),
+            )],
+        );
+        assert!(h.read("spBv1.0/plant/NDEATH/edge1", &now).is_empty());
+        assert!(h.node("plant", "edge1").is_some_and(|n| !n.online));
+        assert_eq!(h.online(), (0, 0));
+    }
+
+    #[test]
+    fn arrays_datasets_and_templates_become_json() {
+        let b = |dt, bytes: Vec<u8>| {
+            let m = metric(Some("a"), None, dt, metric::Value::BytesValue(bytes));
+            metric_value(&m, dt as u32)
+        };
+        assert_eq!(
+            b(DataType::Int16Array, vec![0xFE, 0xFF, 2, 0]),
+            Ok(serde_json::json!([-2, 2]))
+        );
+        assert_eq!(
+            b(DataType::BooleanArray, vec![3, 0, 0, 0, 0b1010_0000]),
+            Ok(serde_json::json!([true, false, true]))
+        );
+        assert_eq!(
+            b(DataType::StringArray, b"ab\0\0c\0".to_vec()),
+            Ok(serde_json::json!(["ab", "", "c"]))
+        );
+        assert_eq!(
+            b(DataType::FloatArray, 0.1f32.to_le_bytes().to_vec()),
+            Ok(serde_json::json!([0.1]))
+        );
+        assert!(b(DataType::Int32Array, vec![1, 2, 3]).is_err());
+        let ds = DataSet {
+            num_of_columns: Some(2),
+            columns: vec!["n".into(), "ok".into()],
+            types: vec![DataType::Int8 as u32, DataType::Boolean as u32],
+            rows: vec![data_set::Row {
+                elements: vec![
+                    data_set::DataSetValue {
+                        value: Some(data_set::data_set_value::Value::IntValue(255)),
+                    },
+                    data_set::DataSetValue {
+                        value: Some(data_set::data_set_value::Value::BooleanValue(true)),
+                    },
+                ],
+            }],
+        };
+        assert_eq!(
+            dataset(&ds),
+            Ok(
+                serde_json::json!({"columns": ["n", "ok"], "types": ["Int8", "Boolean"], "rows": [[-1, true]]})
+            )
+        );
+        assert_eq!(float(f64::NAN, None), Value::String("NaN".into()));
+    }
+
+    #[test]
+    fn a_metric_sent_twice_is_read_at_each_of_its_instants() {
+        let mut h = Host::default();
+        birth(&mut h);
+        let mut a = metric(
+            None,
+            Some(1),
+            DataType::Float,
+            metric::Value::FloatValue(1.0),
+        );
+        a.set_timestamp(1_700_000_000_500);
+        let mut b = metric(
+            None,
+            Some(1),
+            DataType::Float,
+            metric::Value::FloatValue(2.0),
+        );
+        b.set_timestamp(1_700_000_000_600);
+        let u = h.read(
+            "spBv1.0/plant/NDATA/edge1",
+            &payload(1_700_000_001_000, 1, vec![a, b]),
+        );
+        assert_eq!(u.len(), 2, "{u:?}");
+        assert_eq!(
+            text(&u[0]),
+            r#"{"$timestamps":{"Temp":"2023-11-14T22:13:20.500Z"},"Temp":1.0}"#
+        );
+        assert_eq!(text(&u[1]), r#"{"Temp":2.0}"#);
+    }
+
+    #[test]
+    fn topics_and_payloads_that_are_not_sparkplug_are_refused() {
+        let mut h = Host::default();
+        let u = h.read("spBv1.0/plant/NOPE/edge1", &Bytes::from_static(b"x"));
+        assert!(
+            reason(&u[0]).contains("not a Sparkplug message type"),
+            "{u:?}"
+        );
+        let u = h.read(
+            "spBv1.0/plant/NDATA/edge1",
+            &Bytes::from_static(b"\xff\xff"),
+        );
+        assert!(reason(&u[0]).contains("not a Sparkplug B payload"), "{u:?}");
+        assert!(h
+            .read("spBv1.0/STATE/host", &Bytes::from_static(b"{}"))
+            .is_empty());
+        assert!(h.read("spBv1.0/plant/NCMD/edge1", &Bytes::new()).is_empty());
+    }
+}
