@@ -143,6 +143,23 @@ async fn a_new_cluster_keeps_telemetry_in_day_partitions_and_a_reading_of_any_ti
             },
         )
         .await?;
+        // What a leader of the current epoch recorded is trusted without reading the table;
+        // a record of an earlier epoch (or none) is not: the table is read instead.
+        let db = c.pg.client().await?;
+        let read = "SELECT leasehold_newest_reading() = (SELECT max(received_at) FROM telemetry)";
+        ensure!(db.query_one(read, &[]).await?.get::<_, bool>(0), "recorded");
+        db.batch_execute("UPDATE telemetry_newest SET at = '2000-01-01Z'")
+            .await?;
+        ensure!(
+            !db.query_one(read, &[]).await?.get::<_, bool>(0),
+            "trusted without a read"
+        );
+        db.batch_execute("UPDATE telemetry_newest SET epoch = epoch - 1")
+            .await?;
+        ensure!(
+            db.query_one(read, &[]).await?.get::<_, bool>(0),
+            "an earlier epoch's record"
+        );
         let (_, body) = http(c.node("a").http_port(), "GET", "/health").await?;
         let health: serde_json::Value = serde_json::from_str(&body)?;
         ensure!(

@@ -686,8 +686,8 @@ async fn heartbeat(
     // Events already reported: one newer than these is reported as "happened now", so every
     // node can judge the session-lost and client-id alerts from this table.
     let mut reported = (None, None);
-    // The newest reading recorded for data age, once recorded.
-    let mut noted = None;
+    // What this node last recorded for data age: the epoch it led and the newest reading.
+    let mut noted: (Option<i64>, Option<chrono::DateTime<Utc>>) = (None, None);
     let mut beats = 0u32;
     // How a stuck beat's statement is cancelled: the server's TLS settings, read once.
     let cancel_tls = match leasehold_store::pg_config(&url, "leasehold-cancel") {
@@ -726,6 +726,14 @@ async fn heartbeat(
                     .clone()
                     .map(|tls| leasehold_store::CancelHandle::with_tls(&c, tls));
             }
+            // A leader records its newest reading for data age first: a beat that fails later
+            // must not leave every node's data age growing while data flows.
+            let leading = me.lease.as_ref().and_then(|l| l.role().epoch());
+            let newest = status.newest_written();
+            let record = leading.filter(|e| Some(*e) != noted.0 || newest > noted.1);
+            if let Some(epoch) = record {
+                queries::note_newest(&**c, newest, epoch).await?;
+            }
             queries::heartbeat(
                 &**c,
                 &queries::Heartbeat {
@@ -749,18 +757,17 @@ async fn heartbeat(
                 },
             )
             .await?;
-            let newest = status.newest_written().filter(|at| Some(*at) > noted);
-            if let Some(at) = newest {
-                queries::note_newest(&**c, at).await?;
-            }
             let alive = queries::alive(&**c).await?;
             let age = queries::newest_data_age(&**c).await?;
-            Ok::<_, leasehold_store::StoreError>((alive.nodes as usize, age, newest))
+            let recorded = record.map(|e| (Some(e), newest));
+            Ok::<_, leasehold_store::StoreError>((alive.nodes as usize, age, recorded))
         };
         match tokio::time::timeout(HEARTBEAT_EVERY, work).await {
-            Ok(Ok((alive_nodes, newest_data_age, newest))) => {
+            Ok(Ok((alive_nodes, newest_data_age, recorded))) => {
                 reported = now;
-                noted = noted.max(newest);
+                if let Some(r) = recorded {
+                    noted = r;
+                }
                 status.update_cluster(|c| {
                     c.alive_nodes = Some(alive_nodes);
                     c.newest_data_age = newest_data_age;

@@ -248,11 +248,19 @@ impl Committing<'_> {
                 tally.routes[k].dead_letters += 1;
             }
         }
-        if out.routes.first().is_some_and(|o| o.written > 0) {
+        if let Some(o) = out.routes.first().filter(|o| o.written > 0) {
+            // The rows `telemetry` took: not those it skipped or refused.
+            let not_taken: std::collections::HashSet<usize> = o
+                .duplicates
+                .iter()
+                .chain(&o.conflicts)
+                .chain(&o.unstored)
+                .copied()
+                .collect();
             let newest = part
                 .rows
                 .iter()
-                .filter(|r| r.route == 0)
+                .filter(|r| r.route == 0 && !not_taken.contains(&r.idx))
                 .map(|r| r.message.received_at)
                 .max();
             tally.newest = tally.newest.max(newest);

@@ -161,9 +161,10 @@ pub async fn partitions(c: &impl GenericClient) -> Result<Vec<Partition>> {
         return Ok(Vec::new());
     }
     // The name as PostgreSQL writes a regclass: quoted and schema-qualified where needed, so an
-    // operator's own partition is named exactly in DDL. A partition dropped meanwhile has no
-    // bound any more: left out. A bound holds constants only: deparsed without its relation
-    // (relid 0), which would open and lock every partition.
+    // operator's own partition is named exactly in DDL. A bound holds constants only: deparsed
+    // without its relation (relid 0), which would open and lock every partition — and wait
+    // behind an operator's DROP of one in an open transaction: such a partition is listed, and
+    // the step that then finds it gone fails and is tried again at the next round.
     op::all(
         c,
         Op::Partitions,

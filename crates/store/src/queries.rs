@@ -287,14 +287,31 @@ pub async fn heartbeat(c: &impl GenericClient, hb: &Heartbeat<'_>) -> Result<()>
     Ok(())
 }
 
-/// Records `at`, the receive time of the newest reading this node stored in `telemetry`, unless
-/// a newer one is recorded already (a previous leader's clock may run ahead).
-pub async fn note_newest(c: &impl GenericClient, at: DateTime<Utc>) -> Result<()> {
+/// Records, for data age, `at`: the receive time of the newest reading the leader of `epoch`
+/// stored in `telemetry` (`None`: none yet), unless a newer one is recorded. The first record of
+/// an epoch also takes in what the table holds (once per term: a previous leader's last batches,
+/// or a leader of a release that did not record). A deposed leader's record of an older epoch
+/// is ignored; a time past the database's clock is never recorded.
+pub async fn note_newest(
+    c: &impl GenericClient,
+    at: Option<DateTime<Utc>>,
+    epoch: i64,
+) -> Result<()> {
     op::exec(
         c,
         Op::NoteNewest,
-        "UPDATE telemetry_newest SET at = $1 WHERE at IS NULL OR at < $1",
-        &[&at],
+        "INSERT INTO telemetry_newest AS n (one, at, epoch) VALUES (true, $1, $2)
+         ON CONFLICT (one) DO UPDATE SET
+             at = CASE WHEN n.epoch IS DISTINCT FROM $2
+                       THEN greatest(n.at, $1,
+                                     (SELECT max(x.received_at) FROM telemetry x
+                                      WHERE x.received_at <= clock_timestamp() + interval '1 minute'))
+                       ELSE greatest(n.at, $1) END,
+             epoch = $2
+         WHERE $2 >= coalesce(n.epoch, 0)
+           AND (n.epoch IS DISTINCT FROM $2 OR n.at IS NULL OR n.at < $1)
+           AND ($1 IS NULL OR $1 <= clock_timestamp() + interval '1 minute')",
+        &[&at, &epoch],
     )
     .await?;
     Ok(())
