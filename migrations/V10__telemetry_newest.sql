@@ -13,8 +13,8 @@ CREATE TABLE telemetry_newest (
 INSERT INTO telemetry_newest (at) VALUES (NULL);
 
 -- The receive time data age is measured from. What a leader of the lease's current epoch
--- recorded; until one recorded a reading (the first heartbeat of a term, the first readings
--- stored, a leader of a release that does not record it during an upgrade), what `telemetry` holds — not past the database's clock, as a
+-- recorded (or, for the first 10 s of a term, the previous one); otherwise — no reading recorded
+-- yet, a leader of a release that does not record it during an upgrade — what `telemetry` holds — not past the database's clock, as a
 -- reading is never received in the future. plpgsql, so that the look-up into `telemetry` is
 -- planned only when it runs.
 CREATE FUNCTION leasehold_newest_reading() RETURNS timestamptz
@@ -24,7 +24,11 @@ DECLARE
     e bigint;
 BEGIN
     SELECT n.at, n.epoch INTO t, e FROM telemetry_newest n;
-    IF t IS NULL OR e IS NULL OR e < (SELECT max(l.epoch) FROM instance_lock l) THEN
+    -- A new leader records at its first heartbeat: its first seconds are not a reason to read
+    -- the table (the previous term's record stands meanwhile).
+    IF t IS NULL OR e IS NULL
+       OR EXISTS (SELECT 1 FROM instance_lock l
+                  WHERE l.epoch > e AND l.acquired_at < clock_timestamp() - interval '10 seconds') THEN
         SELECT max(x.received_at) INTO t FROM telemetry x
         WHERE x.received_at <= clock_timestamp() + interval '1 minute';
     END IF;

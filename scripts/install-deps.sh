@@ -24,6 +24,8 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 # libfaketime: a node whose clock runs ahead of the database's (tests).
 ls /usr/lib/*/faketime/libfaketimeMT.so.1 >/dev/null 2>&1 || need+=(faketime)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
+# A virtual environment for the Sparkplug B tests' edge node (pysparkplug, from PyPI).
+python3 -c 'import ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 if [ -z "${PG_BIN:-}" ] && ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
   need+=(postgresql)
 fi
@@ -49,4 +51,13 @@ if [ ${#need[@]} -gt 0 ] && [ -d /run/systemd/system ]; then
 fi
 command -v mosquitto >/dev/null 2>&1 || export PATH="$PATH:/usr/sbin"
 command -v cargo >/dev/null 2>&1 || { echo "install-deps: cargo (Rust) is required: https://rustup.rs" >&2; exit 1; }
+# The Sparkplug B tests drive an edge node written with a published library (pysparkplug), in a
+# virtual environment of the project's own (target/pyenv), pinned.
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+PYENV="$ROOT/target/pyenv"
+if ! "$PYENV/bin/python" -c 'import pysparkplug' >/dev/null 2>&1; then
+  echo "install-deps: creating $PYENV with pysparkplug"
+  python3 -m venv "$PYENV"
+  "$PYENV/bin/pip" install --quiet --disable-pip-version-check 'pysparkplug==0.6.1' 'paho-mqtt==1.6.1'
+fi
 echo "install-deps: ok ($( { mosquitto -h 2>/dev/null || true; } | head -1), postgres in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | tail -1))"

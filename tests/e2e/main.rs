@@ -33,5 +33,6 @@ mod routes_checks;
 mod routes_failover;
 mod routes_review;
 mod secrets;
+mod sparkplug;
 mod subscriptions;
 mod tls;

@@ -200,11 +200,11 @@ pub enum Change {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Happened {
     Birth {
-        node: String,
+        node: NodeKey,
         device: Option<String>,
     },
     Death {
-        node: String,
+        node: NodeKey,
         device: Option<String>,
     },
 }
@@ -363,7 +363,7 @@ impl Host {
                 );
                 mark(&mut self.changed, &key, Change::Whole);
                 self.happened.push(Happened::Birth {
-                    node: name.clone(),
+                    node: key.clone(),
                     device: None,
                 });
                 let defs = &self.nodes[&key].metrics;
@@ -386,7 +386,7 @@ impl Host {
                         }
                         mark(&mut self.changed, &key, Change::Whole);
                         self.happened.push(Happened::Death {
-                            node: name,
+                            node: key.clone(),
                             device: None,
                         });
                     }
@@ -445,7 +445,7 @@ impl Host {
                         mark(&mut self.changed, &key, Change::Whole);
                         let full = format!("{name}/{d}");
                         self.happened.push(Happened::Birth {
-                            node: name.clone(),
+                            node: key.clone(),
                             device: Some(d.to_string()),
                         });
                         let defs = &self.nodes[&key].devices[d].metrics;
@@ -468,7 +468,7 @@ impl Host {
                             dev.death_at = p.timestamp.and_then(millis).or(Some(Utc::now()));
                             mark(&mut self.changed, &key, Change::Whole);
                             self.happened.push(Happened::Death {
-                                node: name,
+                                node: key.clone(),
                                 device: Some(d.to_string()),
                             });
                         }

@@ -266,6 +266,7 @@ async fn health(State(s): State<HttpState>) -> Response {
         "keeps_lease": keeps_lease,
         "routes": s.status.routes(),
         "config": s.status.config(),
+        "sparkplug": s.status.sparkplug(),
     });
     let body = with_checks(body, &s);
     (code(problems.is_empty()), Json(body)).into_response()

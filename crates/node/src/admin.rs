@@ -61,6 +61,8 @@ struct Report {
     routes: Vec<RouteLine>,
     /// The active cluster configuration, and where this host's own settings differ from it.
     config: ConfigView,
+    /// The Sparkplug B edge nodes recorded (none: the cluster reads no Sparkplug).
+    sparkplug: leasehold_store::sparkplug::Summary,
 }
 
 /// The active cluster configuration as `status` shows it.
@@ -267,7 +269,9 @@ impl Report {
                 r.suspended = Some(error);
             }
         }
+        let sparkplug = leasehold_store::sparkplug::summary(c).await?;
         Ok(Report {
+            sparkplug,
             routes,
             config,
             replication,
@@ -300,6 +304,13 @@ impl Report {
             },
             "routes": self.routes,
             "config": self.config,
+            "sparkplug": {
+                "edge_nodes": self.sparkplug.edge_nodes,
+                "edge_nodes_online": self.sparkplug.edge_nodes_online,
+                "devices_online": self.sparkplug.devices_online,
+                "awaiting_rebirth": self.sparkplug.stale,
+                "last_birth_at": self.sparkplug.last_birth.map(|t| t.to_rfc3339()),
+            },
         });
         StatusJson {
             report: &self.report,
@@ -367,6 +378,18 @@ impl Report {
         }
         for r in &self.routes {
             r.print();
+        }
+        let sp = &self.sparkplug;
+        if sp.edge_nodes > 0 {
+            println!(
+                "SPARKPLUG {} of {} edge nodes online, {} devices online, {} awaiting a rebirth; last birth {}",
+                sp.edge_nodes_online,
+                sp.edge_nodes,
+                sp.devices_online,
+                sp.stale,
+                sp.last_birth
+                    .map_or("-".into(), |t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+            );
         }
         match self.age {
             Some(a) => println!("DATA     newest row received {a:.1}s ago"),

@@ -568,13 +568,19 @@ impl Writer {
         let happened = host.take_happened();
         for h in &happened {
             match h {
-                Happened::Birth { node, device } => events::SparkplugBirth {
-                    node,
-                    device: device.as_deref(),
+                Happened::Birth { node, device } => {
+                    // Born again: a new reason to ask is asked at once.
+                    if device.is_none() {
+                        sp.asked.remove(node);
+                    }
+                    events::SparkplugBirth {
+                        node: &format!("{}/{}", node.0, node.1),
+                        device: device.as_deref(),
+                    }
+                    .emit()
                 }
-                .emit(),
                 Happened::Death { node, device } => events::SparkplugDeath {
-                    node,
+                    node: &format!("{}/{}", node.0, node.1),
                     device: device.as_deref(),
                 }
                 .emit(),
