@@ -419,12 +419,17 @@ impl Reader<'_> {
                         fields: Map::new(),
                         records: Vec::new(),
                         labels: Vec::new(),
+                        bn: None,
                     });
                     groups.last_mut().expect("just pushed")
                 }
             };
             g.fields.extend(fields);
-            g.records.push(resolved.record(g.records.is_empty()));
+            // The base fields again on a record whose base name changed within the group (a
+            // device named by the topic keeps one reading across base names).
+            let base = g.bn.as_deref() != Some(resolved.bn.as_str());
+            g.bn = Some(resolved.bn.clone());
+            g.records.push(resolved.record(base));
             g.labels.push(k + 1);
         }
         for g in groups {
@@ -761,6 +766,8 @@ struct Group {
     fields: Map<String, Value>,
     records: Vec<Value>,
     labels: Vec<usize>,
+    /// The base name the group's records were last written with.
+    bn: Option<String>,
 }
 
 impl Group {
