@@ -375,3 +375,89 @@ async fn an_unknown_alias_a_sequence_gap_and_no_birth_are_dead_letters_and_ask_f
     .await;
     check(&c, res);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_fills_a_narrow_historian_as_docs_sparkplug_md_shows() {
+    let mut c = Cluster::start().await.expect("servers");
+    let res = async {
+        // The SQL and the route of docs/sparkplug.md, as written there.
+        let doc = include_str!("../../docs/sparkplug.md");
+        let block = |n: usize| {
+            doc.split("```sql\n")
+                .nth(n)
+                .and_then(|s| s.split("```").next())
+                .context("the historian SQL in docs/sparkplug.md")
+        };
+        let (view, table) = (block(1)?, block(2)?);
+        let route = doc
+            .split("```toml\n")
+            .nth(2)
+            .and_then(|s| s.split("```").next())
+            .context("the historian route in docs/sparkplug.md")?;
+        let o = c.cli(&["migrate"])?;
+        ensure!(o.status.success(), "migrate: {o:?}");
+        c.pg.client().await?.batch_execute(table).await?;
+        let path = c.logs.path().join("historian.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "mqtt_topics = [\"spBv1.0/#\"]\n[sparkplug]\nhost_id = \"{HOST}\"\n\
+                 [[formats]]\ntopics = [\"spBv1.0/#\"]\nformat = \"sparkplug_b\"\n{route}"
+            ),
+        )?;
+        c.spawn_args("a", &["--config", &path.display().to_string()], &[])?;
+        c.wait_leader().await?;
+        eventually(Duration::from_secs(30), "telemetry partitioned", || async {
+            c.count(
+                "SELECT count(*) FROM pg_partitioned_table WHERE partrelid = 'telemetry'::regclass",
+            )
+            .await
+            .map(|n| n == 1)
+        })
+        .await?;
+        c.pg.client().await?.batch_execute(view).await?;
+        let mut edge = Edge::start(c.mq.port)?;
+        edge.run("wait_state online").await?;
+        edge.run("connect").await?;
+        edge.run("ddata 4").await?;
+        // One row per metric value: the DBIRTH's 20 metrics, then 3 metrics of each DDATA.
+        eventually(Duration::from_secs(30), "the historian filled", || async {
+            Ok(c.count("SELECT count(*) FROM historian").await? == 20 + 4 * 3)
+        })
+        .await?;
+        ensure!(
+            c.count(
+                "SELECT count(*) FROM historian WHERE device = 'plant/edge1/pump1'
+                 AND metric = 'temperature' AND value = '3.5'::jsonb"
+            )
+            .await?
+                == 1,
+            "the last DDATA's temperature"
+        );
+        // The view over telemetry holds the node's readings (no route takes them); the
+        // device's went to the route alone.
+        ensure!(
+            c.count(
+                "SELECT count(*) FROM sparkplug_metrics WHERE device_id = 'plant/edge1'
+                 AND metric = 'bdSeq'"
+            )
+            .await?
+                == 1,
+            "the NBIRTH's bdSeq in the view"
+        );
+        ensure!(
+            c.count("SELECT count(*) FROM telemetry WHERE device_id = 'plant/edge1/pump1'")
+                .await?
+                == 0,
+            "routed readings are not also in telemetry"
+        );
+        ensure!(
+            c.count("SELECT count(*) FROM dead_letters").await? == 0,
+            "dead letters"
+        );
+        edge.quit().await?;
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}

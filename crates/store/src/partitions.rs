@@ -542,7 +542,7 @@ async fn attach(c: &mut Client, fence: &Fenced<'_>, p: &Pending) -> Result<Step>
     let cols = columns(&*c, PARENT).await?;
     // The whole table, for the instant of the move: a query planned before the attach would
     // not see the rows it moves out of the default partition.
-    let tx = fenced(c, fence, LOCK_ALL).await?;
+    let mut tx = fenced(c, fence, LOCK_ALL).await?;
     let empty: bool = op::one(
         &tx,
         Op::Partitions,
@@ -551,10 +551,36 @@ async fn attach(c: &mut Client, fence: &Fenced<'_>, p: &Pending) -> Result<Step>
         |r| r.try_get("empty"),
     )
     .await?;
-    let step = if empty {
-        // A new installation: no partition before the cutover; earlier readings get their
-        // own days, like any reading waiting in the default partition.
-        run(&tx, &format!("DROP TABLE {legacy}")).await?;
+    // A new installation: no partition before the cutover; earlier readings get their own
+    // days, like any reading waiting in the default partition. Unless an operator's object
+    // depends on the empty table (a view made before the first round): then it is attached like
+    // a full one, rather than the move failing at every round.
+    let dropped = empty
+        && {
+            let sp = tx.savepoint("drop_empty").await?;
+            match run(&sp, &format!("DROP TABLE {legacy}")).await {
+                Ok(()) => {
+                    sp.commit().await?;
+                    true
+                }
+                Err(StoreError::Db(e))
+                    if e.code()
+                        == Some(
+                            &tokio_postgres::error::SqlState::DEPENDENT_OBJECTS_STILL_EXIST,
+                        ) =>
+                {
+                    sp.rollback().await?;
+                    tracing::warn!(
+                        table = %legacy,
+                        error = %crate::database_words(&e),
+                        "objects depend on the empty telemetry the move replaced: it stays, as the partition before the cutover; re-create them on telemetry"
+                    );
+                    false
+                }
+                Err(e) => return Err(e),
+            }
+        };
+    let step = if dropped {
         Step::DroppedEmpty
     } else {
         let (moved, conflicts) = op::one(
