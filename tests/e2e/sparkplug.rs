@@ -176,7 +176,7 @@ async fn a_published_edge_node_is_read_by_alias_and_a_new_leader_needs_no_rebirt
             "label": "pump A", "note": "line\nbreak", "id": "6f1c7a52-8f6b-4d7e-9a51-2c1f0d3e4b5a",
             "blob": "AAH+", "samples": [-1, 2, 300], "curve": [0.5, -1.25],
             "flags": [true, false, true, true, false, false, false, false, true],
-            "names": ["a", "bc"], "nothing": null,
+            "names": ["a", "bc"], "nothing": null, "timestamp": 5,
         });
         for (k, v) in want.as_object().context("object")? {
             ensure!(
@@ -420,11 +420,18 @@ async fn a_route_fills_a_narrow_historian_as_docs_sparkplug_md_shows() {
         edge.run("wait_state online").await?;
         edge.run("connect").await?;
         edge.run("ddata 4").await?;
-        // One row per metric value: the DBIRTH's 20 metrics, then 3 metrics of each DDATA.
+        // One row per metric value: the DBIRTH's 21 metrics, then 3 metrics of each DDATA.
         eventually(Duration::from_secs(30), "the historian filled", || async {
-            Ok(c.count("SELECT count(*) FROM historian").await? == 20 + 4 * 3)
+            Ok(c.count("SELECT count(*) FROM historian").await? == 21 + 4 * 3)
         })
         .await?;
+        // The route's `timestamp` is the payload's, not the metric named `timestamp`.
+        ensure!(
+            c.count("SELECT count(*) FROM historian_in WHERE ts < now() - interval '1 hour'")
+                .await?
+                == 0,
+            "a reading timed by its metric named timestamp"
+        );
         ensure!(
             c.count(
                 "SELECT count(*) FROM historian WHERE device = 'plant/edge1/pump1'

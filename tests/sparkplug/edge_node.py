@@ -52,6 +52,8 @@ DEVICE_METRICS = [
     ("flags", 18, sp.DataType.BOOLEAN_ARRAY, (True, False, True, True, False, False, False, False, True)),
     ("names", 19, sp.DataType.STRING_ARRAY, ("a", "bc")),
     ("nothing", 20, sp.DataType.DOUBLE, None),
+    # A metric named like the reading's own time: a metric, not the reading's timestamp.
+    ("timestamp", 21, sp.DataType.INT64, 5),
 ]
 NODE_METRICS = [
     ("uptime", 101, sp.DataType.UINT32, 0),

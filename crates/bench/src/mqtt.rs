@@ -20,9 +20,9 @@ pub async fn create_session(port: u16, client_id: &str) -> Result<()> {
     opts.set_clean_session(false)
         .set_keep_alive(Duration::from_secs(30));
     let (c, mut el) = AsyncClient::new(opts, 10);
-    // The devices' filter and the gateways' (the gateway drain queues its arrays here too).
+    // The devices' filter, the gateways' and Sparkplug's (their drains queue there too).
     c.subscribe_many(
-        [TOPIC_FILTER, GATEWAY_FILTER]
+        [TOPIC_FILTER, GATEWAY_FILTER, SPARKPLUG_FILTER]
             .map(|f| rumqttc::SubscribeFilter::new(f.to_string(), QoS::AtLeastOnce)),
     )
     .await?;
@@ -142,4 +142,96 @@ pub async fn publish_gateways(port: u16, run: &str, n: u64) -> Result<Duration> 
     }
     await_acks_within(&acked, poll, messages, Duration::from_secs(600)).await?;
     Ok(start.elapsed())
+}
+
+/// Where Sparkplug B edge nodes publish.
+pub const SPARKPLUG_FILTER: &str = "spBv1.0/#";
+/// Edge nodes of the Sparkplug drain, and devices per edge node.
+pub const SPARKPLUG_NODES: u64 = 10;
+pub const SPARKPLUG_DEVICES: u64 = 10;
+/// Metrics per DDATA, each sent by its alias.
+pub const SPARKPLUG_METRICS: u64 = 20;
+
+/// Publishes the births of [`SPARKPLUG_NODES`] edge nodes of group `run` (an NBIRTH each, a
+/// DBIRTH per device, [`SPARKPLUG_METRICS`] double metrics with aliases), then `n` DDATA
+/// messages across their devices, every metric by alias, each edge node's sequence numbers in
+/// order. At QoS 1, so that the queued session holds them all (Sparkplug's own QoS 0 would be
+/// queued too, with `queue_qos0_messages`). Returns the births published.
+pub async fn publish_sparkplug(port: u16, run: &str, n: u64) -> Result<u64> {
+    use srad_types::payload::{metric, DataType, Message as _, Metric, Payload};
+    let mut opts = MqttOptions::new(format!("bench-pub-{run}"), "127.0.0.1", port);
+    opts.set_clean_session(true)
+        .set_inflight(1000)
+        .set_keep_alive(Duration::from_secs(30));
+    let (c, el) = AsyncClient::new(opts, 1000);
+    let (acked, poll) = count_acks(el);
+    let base = chrono::Utc::now().timestamp_millis() as u64 - n;
+    let payload = |ts: u64, seq: u64, metrics: Vec<Metric>| {
+        Payload {
+            timestamp: Some(ts),
+            metrics,
+            seq: Some(seq % 256),
+            uuid: None,
+            body: None,
+        }
+        .encode_to_vec()
+    };
+    let metric = |name: Option<String>, alias: u64, v: f64, typed: bool| {
+        let mut m = Metric::new();
+        if let Some(name) = name {
+            m.set_name(name);
+        }
+        m.set_alias(alias);
+        if typed {
+            m.set_datatype(DataType::Double);
+        }
+        m.value = Some(metric::Value::DoubleValue(v));
+        m
+    };
+    let mut seq = vec![0u64; SPARKPLUG_NODES as usize];
+    let mut sent = 0u64;
+    for e in 0..SPARKPLUG_NODES {
+        let mut bd = Metric::new();
+        bd.set_name("bdSeq".into()).set_datatype(DataType::Int64);
+        bd.value = Some(metric::Value::LongValue(0));
+        let topic = format!("spBv1.0/{run}/NBIRTH/edge-{e}");
+        c.publish(topic, QoS::AtLeastOnce, false, payload(base, 0, vec![bd]))
+            .await?;
+        sent += 1;
+        for d in 0..SPARKPLUG_DEVICES {
+            seq[e as usize] += 1;
+            let metrics = (1..=SPARKPLUG_METRICS)
+                .map(|a| metric(Some(format!("m{a:02}")), a, 0.0, true))
+                .collect();
+            let topic = format!("spBv1.0/{run}/DBIRTH/edge-{e}/dev-{d}");
+            c.publish(
+                topic,
+                QoS::AtLeastOnce,
+                false,
+                payload(base, seq[e as usize], metrics),
+            )
+            .await?;
+            sent += 1;
+        }
+    }
+    let births = sent;
+    for i in 0..n {
+        let e = i % SPARKPLUG_NODES;
+        let d = (i / SPARKPLUG_NODES) % SPARKPLUG_DEVICES;
+        seq[e as usize] += 1;
+        let metrics = (1..=SPARKPLUG_METRICS)
+            .map(|a| metric(None, a, i as f64 + a as f64 / 100.0, false))
+            .collect();
+        let topic = format!("spBv1.0/{run}/DDATA/edge-{e}/dev-{d}");
+        c.publish(
+            topic,
+            QoS::AtLeastOnce,
+            false,
+            payload(base + i, seq[e as usize], metrics),
+        )
+        .await?;
+        sent += 1;
+    }
+    await_acks_within(&acked, poll, sent, Duration::from_secs(600)).await?;
+    Ok(births)
 }

@@ -346,6 +346,18 @@ impl Results {
             us(g.postgres_cpu_us),
             us(g.broker_cpu_us)
         );
+        let s = &self.routes.sparkplug;
+        let d = &self.routes.default;
+        println!(
+            "sparkplug, {} DDATA of 20 metrics by alias (births first): {:.0} readings/s = {:.2} x the JSON default route; CPU per message: leader {} us (default {} us), PostgreSQL {} us, broker {} us",
+            s.messages,
+            s.rate,
+            s.rate / d.rate.max(1e-9),
+            us(s.leader_cpu_us),
+            us(d.leader_cpu_us),
+            us(s.postgres_cpu_us),
+            us(s.broker_cpu_us)
+        );
         if let Some(h) = &self.routes.history {
             println!(
                 "history: the default route into a telemetry of {} older rows: {:.0} msg/s = {:.2} x into an empty one ({:.0} msg/s before it, {} right after); CPU per message: leader {} us, PostgreSQL {} us, broker {} us",

@@ -9,7 +9,7 @@ use leasehold_testkit::{eventually, http, memory_of, metric, NodeProc};
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::mqtt::{create_session, drop_session, publish, publish_gateways};
+use crate::mqtt::{create_session, drop_session, publish, publish_gateways, publish_sparkplug};
 use crate::probes::{cpu_seconds, postgres_cpu_seconds};
 use crate::rig::{leader_summary, stop_node, Rig, LEADER_SESSION};
 
@@ -25,6 +25,17 @@ const TABLE: &str = "CREATE TABLE IF NOT EXISTS bench_route (
 
 /// The cluster's configuration of the default and gateway drains: `telemetry` alone.
 const DEFAULT: &str = r#"mqtt_topics = ["devices/+/telemetry", "gw/+/up"]
+"#;
+
+/// The Sparkplug drain's: its namespace read as `sparkplug_b`, into `telemetry`.
+const SPARKPLUG: &str = r#"mqtt_topics = ["devices/+/telemetry", "gw/+/up", "spBv1.0/#"]
+
+[sparkplug]
+host_id = "bench"
+
+[[formats]]
+topics = ["spBv1.0/#"]
+format = "sparkplug_b"
 "#;
 
 const ROUTE: &str = r#"mqtt_topics = ["devices/+/telemetry", "gw/+/up"]
@@ -56,6 +67,8 @@ pub enum Target {
     Gateway,
     /// `telemetry` holding older readings in day partitions (`--history-rows`).
     History,
+    /// `telemetry`, the readings sent by Sparkplug B edge nodes: DDATA of 20 metrics by alias.
+    Sparkplug,
 }
 
 /// Readings per gateway message.
@@ -64,7 +77,7 @@ pub const GATEWAY_READINGS: u64 = 50;
 impl Target {
     fn table(self) -> &'static str {
         match self {
-            Target::Default | Target::Gateway | Target::History => "telemetry",
+            Target::Default | Target::Gateway | Target::History | Target::Sparkplug => "telemetry",
             Target::Typed => "bench_route",
         }
     }
@@ -72,7 +85,7 @@ impl Target {
     /// The `route` label of its metrics.
     fn route(self) -> &'static str {
         match self {
-            Target::Default | Target::Gateway | Target::History => "default",
+            Target::Default | Target::Gateway | Target::History | Target::Sparkplug => "default",
             Target::Typed => "typed",
         }
     }
@@ -85,6 +98,10 @@ impl Target {
                 "ts > now() - interval '2 days' AND payload->>'run'"
             }
             Target::Typed => "run",
+            // The run is the edge nodes' group; its data messages, not its births.
+            Target::Sparkplug => {
+                "ts > now() - interval '2 days' AND topic LIKE 'spBv1.0/%/DDATA/%' AND split_part(device_id, '/', 1)"
+            }
         }
     }
 }
@@ -131,6 +148,8 @@ pub struct Routes {
     pub typed: Drain,
     /// The same readings as the default drain, sent 50 to a message by gateways.
     pub gateway: Drain,
+    /// Sparkplug B DDATA of 20 metrics by alias, one reading each, into `telemetry`.
+    pub sparkplug: Drain,
     /// The default drain again, into a `telemetry` that holds that many older readings.
     pub history: Option<Drain>,
     /// The default drain into an emptied `telemetry` once more, right after the history drain.
@@ -178,9 +197,14 @@ impl Routes {
 /// PostgreSQL more CPU than the writes it waited for), and reads the rows once at the end.
 pub async fn drain(rig: &Rig<'_>, run: &str, n: u64, target: Target) -> Result<(Drain, NodeProc)> {
     create_session(rig.mq.port, LEADER_SESSION).await?;
+    // Rows the drain writes besides its `n` readings (Sparkplug's births).
+    let mut extra_rows = 0;
     match target {
         Target::Gateway => {
             publish_gateways(rig.mq.port, run, n).await?;
+        }
+        Target::Sparkplug => {
+            extra_rows = publish_sparkplug(rig.mq.port, run, n).await?;
         }
         _ => {
             publish(rig.mq.port, run, n, 0).await?;
@@ -190,6 +214,7 @@ pub async fn drain(rig: &Rig<'_>, run: &str, n: u64, target: Target) -> Result<(
         Target::Default | Target::Gateway | Target::History => {
             rig.apply_config("default", DEFAULT)?
         }
+        Target::Sparkplug => rig.apply_config("sparkplug", SPARKPLUG)?,
         Target::Typed => {
             rig.db.batch_execute(TABLE).await?;
             rig.apply_config("typed-route", ROUTE)?;
@@ -202,7 +227,7 @@ pub async fn drain(rig: &Rig<'_>, run: &str, n: u64, target: Target) -> Result<(
     let pg_before = postgres_cpu_seconds(&rig.pg.data_dir());
     let broker_before = rig.mq.pid().and_then(|p| cpu_seconds(p, false));
     let node = rig.spawn_node_with(&format!("bench-leader-{run}"), &extra)?;
-    wait_written(&node, target.route(), n, run).await?;
+    wait_written(&node, target.route(), n + extra_rows, run).await?;
     let leader_cpu = cpu_seconds(node.pid(), false);
     let pg_after = postgres_cpu_seconds(&rig.pg.data_dir());
     let broker_after = rig.mq.pid().and_then(|p| cpu_seconds(p, false));
@@ -347,6 +372,13 @@ pub async fn routes_phase(
     empty_telemetry(rig).await?;
     let gateway =
         drain_and_stop(rig, &format!("route-gateway{suffix}"), n, Target::Gateway).await?;
+    let sparkplug = drain_and_stop(
+        rig,
+        &format!("route-sparkplug{suffix}"),
+        n,
+        Target::Sparkplug,
+    )
+    .await?;
     let mut history_empty_after = None;
     let history = match history_rows {
         0 => None,
@@ -378,6 +410,7 @@ pub async fn routes_phase(
         default,
         typed,
         gateway,
+        sparkplug,
         history,
         history_empty_after,
         leader_start_cpu_ms,

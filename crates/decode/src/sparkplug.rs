@@ -263,12 +263,23 @@ impl Host {
             .max()
     }
 
-    /// The nodes changed since the last call, each with its state now.
+    /// The nodes changed since the last call, each with its state now: whole, or only its
+    /// sequence number (a node's births are not copied for that).
     pub fn take_changes(&mut self) -> Vec<(NodeKey, Change, Node)> {
         let mut out: Vec<(NodeKey, Change, Node)> = self
             .changed
             .drain()
-            .filter_map(|(k, c)| self.nodes.get(&k).map(|n| (k, c, n.clone())))
+            .filter_map(|(k, c)| {
+                let n = self.nodes.get(&k)?;
+                let n = match c {
+                    Change::Whole => n.clone(),
+                    Change::Seq => Node {
+                        seq: n.seq,
+                        ..Node::default()
+                    },
+                };
+                Some((k, c, n))
+            })
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
@@ -667,13 +678,14 @@ fn reading(device: &str, p: &Payload, defs: &Defs, raw: &Bytes) -> Vec<Unit> {
                     reason: format!("{t} ms is out of range"),
                 }),
         };
-        let text = Value::Object(object.clone()).to_string();
-        let payload = Bytes::from(text.clone());
+        let payload = Bytes::from(Value::Object(object).to_string());
+        // Device id and timestamp only: a route that reads JSON paths parses the payload again
+        // (`Decoder::parse_full`), the default route never does.
         let decoded = match contains_nul_escape(&payload) {
             true => Err(DecodeError::NulEscape),
             false => timestamp.map(|ts| Parsed {
-                object: Some(object),
-                text: Some(text),
+                object: None,
+                text: None,
                 device_id: Some(device.to_string()),
                 timestamp: Ok(ts),
             }),

@@ -421,9 +421,16 @@ impl Preparer<'_> {
         let raw_is_payload = unit.raw_is_payload();
         let parsed = match unit.decoded {
             // A format read the device id and timestamp only: a route reads the object.
-            Some(Ok(p)) if objects && p.object.is_none() => {
-                self.decoder.parse_full(&m.topic, &unit.payload)
-            }
+            // (Its device id and timestamp stay the format's: a Sparkplug metric named
+            // `timestamp` is not the reading's time.)
+            Some(Ok(p)) if objects && p.object.is_none() => self
+                .decoder
+                .parse_full(&m.topic, &unit.payload)
+                .map(|full| leasehold_decode::Parsed {
+                    device_id: p.device_id,
+                    timestamp: p.timestamp,
+                    ..full
+                }),
             Some(decoded) => decoded,
             None if objects => self.decoder.parse(&m.topic, &unit.payload),
             None => self.decoder.parse_light(&m.topic, &unit.payload),
