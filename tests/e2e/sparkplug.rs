@@ -296,6 +296,23 @@ async fn an_unknown_alias_a_sequence_gap_and_no_birth_are_dead_letters_and_ask_f
         let file = config(&c)?;
         c.spawn_args("a", &["--config", &file], &[])?;
         c.wait_leader().await?;
+        // An observer beside it reads the same messages with births of its own.
+        c.spawn_args(
+            "laptop",
+            &["--config", &file],
+            &[("MQTT_MODE", "development".into())],
+        )?;
+        eventually(
+            Duration::from_secs(30),
+            "the observer subscribed",
+            || async {
+                let (_, body) = http(c.node("laptop").http_port(), "GET", "/health/mqtt").await?;
+                let v: Value = serde_json::from_str(&body)?;
+                Ok(v["subscribed_topics"].as_u64().unwrap_or(0) >= 2
+                    && v["subscriptions"]["pending"] == 0)
+            },
+        )
+        .await?;
         let mut edge = Edge::start(c.mq.port)?;
         edge.run("wait_state online").await?;
         edge.run("connect").await?;
@@ -369,6 +386,17 @@ async fn an_unknown_alias_a_sequence_gap_and_no_birth_are_dead_letters_and_ask_f
         if edge.count("timeout") > 0 {
             bail!("the edge node timed out: {:?}", edge.said);
         }
+        // The observer resolved the aliases from the births it saw, and would have refused
+        // what the leader refused.
+        let log = c.node("laptop").log();
+        ensure!(
+            log.matches("observer: would dead-letter").count() == 3 && log.contains("alias 999"),
+            "the observer's view: {}",
+            log.lines()
+                .filter(|l| l.contains("observer"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
         edge.quit().await?;
         Ok(())
     }

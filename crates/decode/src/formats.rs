@@ -118,6 +118,18 @@ impl Decoder {
         payload: &Bytes,
         received_at: DateTime<Utc>,
     ) -> Vec<Result<(), String>> {
+        self.check_with(topic, payload, received_at, None)
+    }
+
+    /// [`Decoder::check`], with the Sparkplug B births an observer has seen (it records nothing
+    /// and asks for no rebirth: what the host would ask is dropped).
+    pub fn check_with(
+        &self,
+        topic: &str,
+        payload: &Bytes,
+        received_at: DateTime<Utc>,
+        sparkplug: Option<&mut crate::sparkplug::Host>,
+    ) -> Vec<Result<(), String>> {
         if payload.len() > self.max_payload_bytes {
             return vec![Err(self
                 .check_size(payload)
@@ -125,7 +137,19 @@ impl Decoder {
                 .map(|e| e.to_string())
                 .unwrap_or_default())];
         }
-        self.units(topic, payload, received_at)
+        let units = match sparkplug {
+            Some(host) if self.format_of(topic) == Format::SparkplugB => {
+                let units = host.read(topic, payload);
+                let _ = (
+                    host.take_changes(),
+                    host.take_rebirths(),
+                    host.take_happened(),
+                );
+                units
+            }
+            _ => self.units(topic, payload, received_at),
+        };
+        units
             .into_iter()
             .map(|u| {
                 let decoded = match u.decoded {

@@ -816,6 +816,9 @@ async fn observe(
         .with_status(status)
         .with_configured_topics(configured);
     let mut decoder = Decoder::configured(&cfg);
+    // Sparkplug B births seen by this observer: its own, in memory (a leader's are in the
+    // database; the observer never writes).
+    let mut sparkplug = leasehold_decode::sparkplug::Host::default();
     let drain = CancellationToken::new();
     let token = cancel.clone();
     let run = tokio::spawn(async move { ingest.run(token, drain).await });
@@ -850,7 +853,7 @@ async fn observe(
                     }
                     continue;
                 }
-                for reading in decoder.check(&m.topic, &m.payload, m.received_at) {
+                for reading in decoder.check_with(&m.topic, &m.payload, m.received_at, Some(&mut sparkplug)) {
                     match reading {
                         Ok(()) => { ok += 1; tracing::debug!(topic = %m.topic, "observer: would write"); }
                         Err(e) => { bad += 1; tracing::info!(topic = %m.topic, error = %e, "observer: would dead-letter"); }
