@@ -37,6 +37,7 @@ fn config(port: u16, client_id: &str, max_pending_bytes: usize) -> IngestConfig 
         max_pending_bytes,
         topics: vec!["big/#".into()],
         expect_session: false,
+        sparkplug_host: None,
     }
 }
 
