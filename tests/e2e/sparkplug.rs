@@ -13,7 +13,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin};
 use tokio::sync::mpsc;
 
-use crate::helpers::{check, Cluster};
+use crate::helpers::{check, msg, Cluster};
+use leasehold_testkit::publish::publish_all;
 
 const HOST: &str = "leasehold-test";
 const NODE: &str = "plant/edge1";
@@ -264,6 +265,25 @@ async fn a_published_edge_node_is_read_by_alias_and_a_new_leader_needs_no_rebirt
                 && metric(&m, "leasehold_sparkplug_edge_nodes_online") == Some(1.0),
             "{m}"
         );
+        // Someone else says this host is offline: the host says online again (Sparkplug 3.0).
+        let online_before = edge.count("state online");
+        publish_all(
+            c.mq.port,
+            vec![msg(
+                &format!("spBv1.0/STATE/{HOST}"),
+                r#"{"online":false,"timestamp":1}"#,
+            )],
+        )
+        .await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while edge.count("state online") == online_before {
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the host did not say online again: {:?}",
+                edge.said
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
 
         // The edge node dies: the broker publishes its will, the NDEATH of its session (its
         // bdSeq the NBIRTH's). (pysparkplug's own clean disconnect sends an NDEATH with the

@@ -81,6 +81,15 @@ pub(crate) fn take(
                 ));
             }
         }
+        if let Some(t) = spec.topics.iter().find(|t| {
+            spec.format == Format::SparkplugB
+                && !matches!(t.split('/').next(), Some("spBv1.0" | "+" | "#"))
+        }) {
+            return Err(err(
+                entry,
+                format!("topic {t:?} is read as sparkplug_b but is not in the Sparkplug B namespace: use spBv1.0/#"),
+            ));
+        }
         if spec.format == Format::SparkplugB && spec.device_topic_pattern.is_some() {
             return Err(err(
                 entry,
@@ -198,6 +207,8 @@ mod tests {
             ("[[formats]]\ntopics = [\"a\"]\nformat = \"value\"\nwhat = 1\n", "what"),
             ("[[formats]]\ntopics = [\"a\"]\nformat = \"value\"\ndevice_topic_pattern = \"a/b\"\n", "{device_id}"),
             ("formats = 3\n", "list of tables"),
+            ("[[formats]]\ntopics = [\"plant/#\"]\nformat = \"sparkplug_b\"\n", "not in the Sparkplug B namespace"),
+            ("[[formats]]\ntopics = [\"spBv1.0/#\"]\nformat = \"sparkplug_b\"\ndevice_topic_pattern = \"spBv1.0/{device_id}/#\"\n", "does not apply to sparkplug_b"),
         ] {
             let e = take_text(text).expect_err(text).to_string();
             assert!(e.contains(want) && !e.contains('\n'), "{text}: {e}");

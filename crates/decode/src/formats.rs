@@ -139,7 +139,7 @@ impl Decoder {
         }
         let units = match sparkplug {
             Some(host) if self.format_of(topic) == Format::SparkplugB => {
-                let units = host.read(topic, payload);
+                let units = host.read(topic, payload, false);
                 let _ = (
                     host.take_changes(),
                     host.take_rebirths(),

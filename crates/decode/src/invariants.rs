@@ -92,7 +92,7 @@ fn check_sparkplug(payload: &[u8], sel: u8) {
         let n = order.len();
         order.rotate_left(usize::from(sel & 0x07) % n);
         for topic in order {
-            for u in host.read(topic, &bytes) {
+            for u in host.read(topic, &bytes, false) {
                 if let Some(Ok(p)) = &u.decoded {
                     let value: Value = serde_json::from_slice(&u.payload).expect("JSON");
                     assert!(value.is_object() && !has_nul(&value), "{value}");

@@ -304,8 +304,9 @@ impl Host {
 
     /// The readings of one message on a `sparkplug_b` topic: none for a death, a command or a
     /// host's STATE; one (rarely more: a metric sent twice) for a data message; a refused unit
-    /// when it cannot be read or resolved.
-    pub fn read(&mut self, topic: &str, payload: &Bytes) -> Vec<Unit> {
+    /// when it cannot be read or resolved. `dup`: the broker's DUP flag — a redelivery (QoS 1)
+    /// of a message already read is read again as it was, without changing the state.
+    pub fn read(&mut self, topic: &str, payload: &Bytes, dup: bool) -> Vec<Unit> {
         let refused = |e: DecodeError| vec![Unit::refused(payload.clone(), e)];
         let (group, kind, node, device) = match parse_topic(topic) {
             Ok(SpTopic::State) => return Vec::new(),
@@ -333,15 +334,35 @@ impl Host {
         let name = format!("{group}/{node}");
         match kind {
             Kind::NBirth => {
-                let defs = match birth_defs(&p.metrics) {
-                    Ok(d) => d,
-                    Err(e) => return refused(DecodeError::BadSparkplug(e)),
-                };
                 let bd_seq = p
                     .metrics
                     .iter()
                     .find(|m| m.name.as_deref() == Some(BD_SEQ))
                     .and_then(int_of);
+                let defs = match birth_defs(&p.metrics) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        // Nothing of the node's earlier births may be applied to what follows.
+                        let n = self.nodes.entry(key.clone()).or_default();
+                        n.online = true;
+                        n.stale = true;
+                        n.seq = p.seq.map(|s| s as u8);
+                        n.bd_seq = bd_seq;
+                        mark(&mut self.changed, &key, Change::Whole);
+                        self.rebirths.push(key);
+                        return refused(DecodeError::BadSparkplug(format!(
+                            "{e}; rebirth requested"
+                        )));
+                    }
+                };
+                if dup
+                    && self.nodes.get(&key).is_some_and(|n| {
+                        n.online && n.bd_seq == bd_seq && n.metrics == defs && !n.stale
+                    })
+                {
+                    // The same birth again (a redelivery): its reading, the state as it is.
+                    return reading(&name, &p, &defs, payload);
+                }
                 let at = p.timestamp.and_then(millis);
                 let prev = self.nodes.remove(&key).unwrap_or_default();
                 // A new session: every device must be born again before its data is read.
@@ -391,7 +412,8 @@ impl Host {
                     let earlier = matches!((bd_seq, n.bd_seq), (Some(a), Some(b)) if a != b);
                     if n.online && !earlier {
                         n.online = false;
-                        n.death_at = p.timestamp.and_then(millis).or(Some(Utc::now()));
+                        // When it was received: a will carries its connection's time.
+                        n.death_at = Some(Utc::now());
                         for d in n.devices.values_mut() {
                             d.online = false;
                         }
@@ -421,6 +443,29 @@ impl Host {
                         "edge node {name} lost messages before this one; waiting for the rebirth requested"
                     )));
                 }
+                if let (Some(last), Some(s), true) = (n.seq, p.seq, dup) {
+                    // A redelivery of a message already read (at or up to half the sequence
+                    // behind the last one): read again with the births in force, the state
+                    // left as it is; the table settles it as a duplicate.
+                    if s <= 255 && last.wrapping_sub(s as u8) < 128 {
+                        return match (kind, device) {
+                            (Kind::NData, _) => reading(&name, &p, &n.metrics, payload),
+                            (Kind::DBirth, Some(d)) => match birth_defs(&p.metrics) {
+                                Ok(defs) => reading(&format!("{name}/{d}"), &p, &defs, payload),
+                                Err(e) => refused(DecodeError::BadSparkplug(e)),
+                            },
+                            (Kind::DData, Some(d)) => match n.devices.get(d).filter(|x| x.online) {
+                                Some(dev) => {
+                                    reading(&format!("{name}/{d}"), &p, &dev.metrics, payload)
+                                }
+                                None => refused(DecodeError::NoBirth(format!(
+                                    "no DBIRTH of device {name}/{d} is held"
+                                ))),
+                            },
+                            _ => Vec::new(),
+                        };
+                    }
+                }
                 if let (Some(last), Some(s)) = (n.seq, p.seq) {
                     let want = last.wrapping_add(1);
                     if s != u64::from(want) {
@@ -446,7 +491,18 @@ impl Host {
                     (Kind::DBirth, Some(d)) => {
                         let defs = match birth_defs(&p.metrics) {
                             Ok(defs) => defs,
-                            Err(e) => return refused(DecodeError::BadSparkplug(e)),
+                            Err(e) => {
+                                // The device's earlier birth no longer holds either.
+                                if let Some(dev) = n.devices.get_mut(d) {
+                                    dev.online = false;
+                                    dev.metrics = Defs::default();
+                                }
+                                mark(&mut self.changed, &key, Change::Whole);
+                                self.rebirths.push(key);
+                                return refused(DecodeError::BadSparkplug(format!(
+                                    "{e}; rebirth requested"
+                                )));
+                            }
                         };
                         let at = p.timestamp.and_then(millis);
                         let dev = n.devices.entry(d.to_string()).or_default();
@@ -476,7 +532,7 @@ impl Host {
                     (Kind::DDeath, Some(d)) => {
                         if let Some(dev) = n.devices.get_mut(d).filter(|x| x.online) {
                             dev.online = false;
-                            dev.death_at = p.timestamp.and_then(millis).or(Some(Utc::now()));
+                            dev.death_at = Some(Utc::now());
                             mark(&mut self.changed, &key, Change::Whole);
                             self.happened.push(Happened::Death {
                                 node: key.clone(),
@@ -542,10 +598,26 @@ fn mark(changed: &mut HashMap<NodeKey, Change>, key: &NodeKey, c: Change) {
 /// The definitions a birth makes: every metric with its name, alias and datatype.
 fn birth_defs(metrics: &[Metric]) -> Result<Defs, String> {
     let mut list = Vec::with_capacity(metrics.len());
+    let mut aliases = HashSet::with_capacity(metrics.len());
     for (k, m) in metrics.iter().enumerate() {
         let Some(name) = &m.name else {
             return Err(format!("metric {} of the birth has no name", k + 1));
         };
+        if name.contains('\0') {
+            // jsonb (and text) cannot hold U+0000: the births could not be recorded.
+            return Err(format!(
+                "metric {} of the birth has U+0000 in its name",
+                k + 1
+            ));
+        }
+        if let Some(a) = m.alias {
+            if !aliases.insert(a) {
+                return Err(format!(
+                    "alias {a} is defined twice by the birth (metric {} {name:?})",
+                    k + 1
+                ));
+            }
+        }
         list.push(Def(name.clone(), m.alias, m.datatype.unwrap_or(0)));
     }
     Ok(Defs::from(list))
@@ -560,9 +632,13 @@ fn int_of(m: &Metric) -> Option<u64> {
     }
 }
 
-/// A Sparkplug time (milliseconds since the epoch).
+/// The last millisecond of the year 9999: later times are refused (PostgreSQL cannot read
+/// them back from JSON text, and they are mostly microseconds sent as milliseconds).
+const MAX_MILLIS: u64 = 253_402_300_799_999;
+
+/// A Sparkplug time (milliseconds since the epoch), up to the year 9999.
 fn millis(ms: u64) -> Option<DateTime<Utc>> {
-    DateTime::from_timestamp_millis(i64::try_from(ms).ok()?)
+    DateTime::from_timestamp_millis(i64::try_from(ms).ok().filter(|_| ms <= MAX_MILLIS)?)
 }
 
 fn time_text(t: DateTime<Utc>) -> Value {
@@ -574,6 +650,42 @@ struct Group {
     ts: Option<u64>,
     fields: Map<String, Value>,
     timestamps: Map<String, Value>,
+}
+
+impl Group {
+    /// A metric's value, and its own instant when it is not the reading's (checked in range).
+    fn put(&mut self, name: String, value: Value, own: Option<u64>) {
+        if let Some(t) = own.filter(|t| Some(*t) != self.ts).and_then(millis) {
+            self.timestamps.insert(name.clone(), time_text(t));
+        }
+        self.fields.insert(name, value);
+    }
+
+    fn take(&mut self, name: &str) -> Option<Value> {
+        self.timestamps.remove(name);
+        self.fields.remove(name)
+    }
+}
+
+/// A further value of a metric the message's reading holds: into the first other reading of
+/// its instant without it, or a new one.
+fn elsewhere(groups: &mut Vec<Group>, name: String, value: Value, own: Option<u64>) {
+    let at = match groups
+        .iter()
+        .skip(1)
+        .position(|g| g.ts == own && !g.fields.contains_key(&name))
+    {
+        Some(i) => i + 1,
+        None => {
+            groups.push(Group {
+                ts: own,
+                fields: Map::new(),
+                timestamps: Map::new(),
+            });
+            groups.len() - 1
+        }
+    };
+    groups[at].put(name, value, own);
 }
 
 /// The readings of a data message of `device`, its metrics resolved by `defs`: one, unless a
@@ -592,6 +704,9 @@ fn reading(device: &str, p: &Payload, defs: &Defs, raw: &Bytes) -> Vec<Unit> {
         fields: Map::new(),
         timestamps: Map::new(),
     }];
+    // Each metric of the message's reading, with its own instant.
+    let mut main_own: HashMap<String, Option<u64>> = HashMap::new();
+    let mut array_values = 0usize;
     for (k, m) in p.metrics.iter().enumerate() {
         let (name, datatype) = match (&m.name, m.alias) {
             (Some(n), _) => (
@@ -628,39 +743,38 @@ fn reading(device: &str, p: &Payload, defs: &Defs, raw: &Bytes) -> Vec<Unit> {
             Ok(v) => v,
             Err(e) => return refused(DecodeError::BadSparkplug(format!("metric {name:?}: {e}"))),
         };
-        let own = m.timestamp.or(p.timestamp);
-        // The message's reading, unless it holds this metric already: then the first reading
-        // of the metric's own instant that does not.
-        let at = match groups[0].fields.contains_key(&name) {
-            false => 0,
-            true => match groups
-                .iter()
-                .skip(1)
-                .position(|g| g.ts == own && !g.fields.contains_key(&name))
-            {
-                Some(i) => i + 1,
-                None => {
-                    groups.push(Group {
-                        ts: own,
-                        fields: Map::new(),
-                        timestamps: Map::new(),
-                    });
-                    groups.len() - 1
-                }
-            },
-        };
-        let g = &mut groups[at];
-        if let Some(t) = m.timestamp.filter(|t| Some(*t) != g.ts) {
-            match millis(t) {
-                Some(t) => g.timestamps.insert(name.clone(), time_text(t)),
-                None => {
-                    return refused(DecodeError::BadSparkplug(format!(
-                        "metric {name:?}: timestamp {t} is out of range"
-                    )))
-                }
-            };
+        if let Value::Array(a) = &value {
+            array_values += a.len();
+            if array_values > MAX_ARRAY {
+                return refused(DecodeError::BadSparkplug(format!(
+                    "its arrays hold over {MAX_ARRAY} values"
+                )));
+            }
         }
-        g.fields.insert(name, value);
+        if let Some(t) = m.timestamp.filter(|t| millis(*t).is_none()) {
+            return refused(DecodeError::BadSparkplug(format!(
+                "metric {name:?}: timestamp {t} is out of range (after the year 9999)"
+            )));
+        }
+        let own = m.timestamp.or(p.timestamp);
+        // The message's reading holds each metric once, at the payload's instant when one of
+        // its values is; the other values of a metric sent twice go into readings at their
+        // own instants (each reading of one instant holding a metric once).
+        match main_own.get(&name).copied() {
+            None => {
+                main_own.insert(name.clone(), own);
+                groups[0].put(name, value, own);
+            }
+            Some(earlier) if own == groups[0].ts && earlier != groups[0].ts => {
+                let moved = groups[0].take(&name);
+                main_own.insert(name.clone(), own);
+                groups[0].put(name.clone(), value, own);
+                if let Some(v) = moved {
+                    elsewhere(&mut groups, name, v, earlier);
+                }
+            }
+            Some(_) => elsewhere(&mut groups, name, value, own),
+        }
     }
     let n = groups.len();
     let mut units = Vec::with_capacity(n);
@@ -732,10 +846,7 @@ fn int_value(x: u64, dt: DataType) -> Value {
         DataType::Int32 => Value::from(x as u32 as i32),
         DataType::Int64 => Value::from(x as i64),
         DataType::UInt8 | DataType::UInt16 | DataType::UInt32 => Value::from(x as u32),
-        DataType::DateTime => match i64::try_from(x)
-            .ok()
-            .and_then(DateTime::from_timestamp_millis)
-        {
+        DataType::DateTime => match millis(x) {
             Some(t) => time_text(t),
             None => Value::from(x),
         },
@@ -763,6 +874,9 @@ fn float(x: f64, single: Option<f32>) -> Value {
     Number::from_f64(x).map_or(Value::Null, Value::Number)
 }
 
+/// The most values one array metric is read into (its JSON is several times its bytes).
+const MAX_ARRAY: usize = 100_000;
+
 /// Bytes as their datatype packs them (Sparkplug 3.0, little-endian arrays), else as base64.
 fn bytes_value(b: &[u8], dt: DataType) -> Result<Value, String> {
     fn each<const N: usize>(
@@ -770,6 +884,12 @@ fn bytes_value(b: &[u8], dt: DataType) -> Result<Value, String> {
         name: &str,
         f: impl Fn([u8; N]) -> Value,
     ) -> Result<Value, String> {
+        if b.len() / N > MAX_ARRAY {
+            return Err(format!(
+                "{name} of {} values, over {MAX_ARRAY}",
+                b.len() / N
+            ));
+        }
         if !b.len().is_multiple_of(N) {
             return Err(format!(
                 "{name} of {} bytes, not a multiple of {N}",
@@ -809,8 +929,8 @@ fn bytes_value(b: &[u8], dt: DataType) -> Result<Value, String> {
             each::<8>(b, "DoubleArray", |a| float(f64::from_le_bytes(a), None))
         }
         DataType::DateTimeArray => each::<8>(b, "DateTimeArray", |a| {
-            let ms = i64::from_le_bytes(a);
-            DateTime::from_timestamp_millis(ms).map_or(Value::from(ms), time_text)
+            let ms = u64::from_le_bytes(a);
+            millis(ms).map_or(Value::from(ms), time_text)
         }),
         DataType::BooleanArray => {
             let Some((count, bits)) = b.split_first_chunk::<4>() else {
@@ -820,6 +940,9 @@ fn bytes_value(b: &[u8], dt: DataType) -> Result<Value, String> {
                 ));
             };
             let n = u32::from_le_bytes(*count) as usize;
+            if n > MAX_ARRAY {
+                return Err(format!("BooleanArray of {n} values, over {MAX_ARRAY}"));
+            }
             if bits.len() * 8 < n {
                 return Err(format!(
                     "BooleanArray of {n} values in {} bytes",
@@ -1030,7 +1153,7 @@ mod tests {
                 ),
             ],
         );
-        let u = h.read("spBv1.0/plant/NBIRTH/edge1", &b);
+        let u = h.read("spBv1.0/plant/NBIRTH/edge1", &b, false);
         assert_eq!(u.len(), 1);
         assert_eq!(
             text(&u[0]),
@@ -1062,7 +1185,7 @@ mod tests {
                 },
             ],
         );
-        let u = h.read("spBv1.0/plant/NDATA/edge1", &d);
+        let u = h.read("spBv1.0/plant/NDATA/edge1", &d, false);
         assert_eq!(text(&u[0]), r#"{"Offset":-1,"Temp":0.1}"#);
         let Some(Ok(p)) = &u[0].decoded else {
             panic!("{u:?}")
@@ -1088,7 +1211,7 @@ mod tests {
                 metric::Value::FloatValue(1.0),
             )],
         );
-        let u = h.read("spBv1.0/plant/NDATA/edge1", &d);
+        let u = h.read("spBv1.0/plant/NDATA/edge1", &d, false);
         assert!(reason(&u[0]).contains("no NBIRTH"), "{u:?}");
         assert_eq!(h.take_rebirths().len(), 1);
         birth(&mut h);
@@ -1102,7 +1225,7 @@ mod tests {
                 metric::Value::FloatValue(1.0),
             )],
         );
-        let u = h.read("spBv1.0/plant/NDATA/edge1", &unknown);
+        let u = h.read("spBv1.0/plant/NDATA/edge1", &unknown, false);
         assert!(reason(&u[0]).contains("alias 9"), "{u:?}");
         assert_eq!(h.take_rebirths(), vec![("plant".into(), "edge1".into())]);
         // seq 1 was read (refused for its alias, not lost): 3 skips 2.
@@ -1116,7 +1239,7 @@ mod tests {
                 metric::Value::FloatValue(1.0),
             )],
         );
-        let u = h.read("spBv1.0/plant/NDATA/edge1", &gap);
+        let u = h.read("spBv1.0/plant/NDATA/edge1", &gap, false);
         assert!(reason(&u[0]).contains("seq 3 after 1"), "{u:?}");
         // Until the rebirth, nothing of it is read.
         let next = payload(
@@ -1129,7 +1252,7 @@ mod tests {
                 metric::Value::FloatValue(1.0),
             )],
         );
-        let u = h.read("spBv1.0/plant/NDATA/edge1", &next);
+        let u = h.read("spBv1.0/plant/NDATA/edge1", &next, false);
         assert!(reason(&u[0]).contains("waiting for the rebirth"), "{u:?}");
         assert_eq!(h.take_rebirths().len(), 1);
         birth(&mut h);
@@ -1144,7 +1267,7 @@ mod tests {
             )],
         );
         assert_eq!(
-            text(&h.read("spBv1.0/plant/NDATA/edge1", &ok)[0]),
+            text(&h.read("spBv1.0/plant/NDATA/edge1", &ok, false)[0]),
             r#"{"Temp":2.0}"#
         );
     }
@@ -1163,7 +1286,7 @@ mod tests {
                 metric::Value::LongValue(2),
             )],
         );
-        assert!(h.read("spBv1.0/plant/NDEATH/edge1", &old).is_empty());
+        assert!(h.read("spBv1.0/plant/NDEATH/edge1", &old, false).is_empty());
         assert!(h.node("plant", "edge1").is_some_and(|n| n.online));
         let now = payload(
             6,
@@ -1175,7 +1298,7 @@ mod tests {
                 metric::Value::LongValue(3),
             )],
         );
-        assert!(h.read("spBv1.0/plant/NDEATH/edge1", &now).is_empty());
+        assert!(h.read("spBv1.0/plant/NDEATH/edge1", &now, false).is_empty());
         assert!(h.node("plant", "edge1").is_some_and(|n| !n.online));
         assert_eq!(h.online(), (0, 0));
     }
@@ -1248,6 +1371,7 @@ mod tests {
         let u = h.read(
             "spBv1.0/plant/NDATA/edge1",
             &payload(1_700_000_001_000, 1, vec![a, b]),
+            false,
         );
         assert_eq!(u.len(), 2, "{u:?}");
         assert_eq!(
@@ -1260,7 +1384,7 @@ mod tests {
     #[test]
     fn topics_and_payloads_that_are_not_sparkplug_are_refused() {
         let mut h = Host::default();
-        let u = h.read("spBv1.0/plant/NOPE/edge1", &Bytes::from_static(b"x"));
+        let u = h.read("spBv1.0/plant/NOPE/edge1", &Bytes::from_static(b"x"), false);
         assert!(
             reason(&u[0]).contains("not a Sparkplug message type"),
             "{u:?}"
@@ -1268,11 +1392,300 @@ mod tests {
         let u = h.read(
             "spBv1.0/plant/NDATA/edge1",
             &Bytes::from_static(b"\xff\xff"),
+            false,
         );
         assert!(reason(&u[0]).contains("not a Sparkplug B payload"), "{u:?}");
         assert!(h
-            .read("spBv1.0/STATE/host", &Bytes::from_static(b"{}"))
+            .read("spBv1.0/STATE/host", &Bytes::from_static(b"{}"), false)
             .is_empty());
-        assert!(h.read("spBv1.0/plant/NCMD/edge1", &Bytes::new()).is_empty());
+        assert!(h
+            .read("spBv1.0/plant/NCMD/edge1", &Bytes::new(), false)
+            .is_empty());
+    }
+
+    // An outside review's cases (each failed before its fix).
+
+    // ---- review 22 (outside reviewer): each of these fails on 2aa03f1 ----
+
+    fn ok(u: &Unit) -> bool {
+        matches!(u.decoded, Some(Ok(_)))
+    }
+
+    fn ts_of(u: &Unit) -> Option<DateTime<Utc>> {
+        match &u.decoded {
+            Some(Ok(p)) => p.timestamp.as_ref().ok().copied().flatten(),
+            _ => None,
+        }
+    }
+
+    /// R22-A: a QoS 1 message the broker delivers again (its PUBACK was not written before the
+    /// connection dropped, or the leader died between recording the state and acking) is not a
+    /// sequence gap: the node must not turn stale and refuse everything until a rebirth.
+    #[test]
+    fn r22_a_redelivered_message_is_not_a_sequence_gap() {
+        let mut h = Host::default();
+        birth(&mut h);
+        let d = |seq: u64| {
+            payload(
+                1_700_000_001_000 + seq,
+                seq,
+                vec![metric(
+                    None,
+                    Some(1),
+                    DataType::Float,
+                    metric::Value::FloatValue(1.0),
+                )],
+            )
+        };
+        let first = d(1);
+        assert!(ok(&h.read("spBv1.0/plant/NDATA/edge1", &first, false)[0]));
+        let again = h.read("spBv1.0/plant/NDATA/edge1", &first, true);
+        let next = h.read("spBv1.0/plant/NDATA/edge1", &d(2), false);
+        assert!(
+            ok(&next[0]),
+            "the redelivery read as {:?}; the next message as {:?}",
+            again[0].decoded,
+            next[0].decoded
+        );
+    }
+
+    /// R22-B: the state the writer records after the batch (jsonb) never holds U+0000, which
+    /// PostgreSQL's jsonb refuses (the writer would retry that statement forever).
+    #[test]
+    fn r22_the_state_to_record_never_holds_a_nul() {
+        let mut h = Host::default();
+        let b = payload(
+            1_700_000_000_000,
+            0,
+            vec![metric(
+                Some("bad\u{0}name"),
+                Some(1),
+                DataType::Int32,
+                metric::Value::IntValue(1),
+            )],
+        );
+        let u = h.read("spBv1.0/plant/NBIRTH/edge1", &b, false);
+        assert!(!ok(&u[0]), "the reading itself is refused: {u:?}");
+        for (_, _, n) in h.take_changes() {
+            let m = serde_json::to_string(&n.metrics).unwrap();
+            let d = serde_json::to_string(&n.devices).unwrap();
+            assert!(
+                !m.contains("\\u0000") && !d.contains("\\u0000"),
+                "to record as jsonb: metrics {m} devices {d}"
+            );
+        }
+    }
+
+    /// R22-C: a metric sent twice, its second value at the payload's own time (the last sample
+    /// of a store-and-forward flush): two readings of one device and topic at one instant, the
+    /// second a `conflict` dead letter.
+    #[test]
+    fn r22_readings_of_one_message_never_share_a_timestamp() {
+        let mut h = Host::default();
+        birth(&mut h);
+        let t = 1_700_000_001_000;
+        let mut a = metric(
+            None,
+            Some(1),
+            DataType::Float,
+            metric::Value::FloatValue(1.0),
+        );
+        a.set_timestamp(t - 100);
+        let mut b = metric(
+            None,
+            Some(1),
+            DataType::Float,
+            metric::Value::FloatValue(2.0),
+        );
+        b.set_timestamp(t);
+        let u = h.read(
+            "spBv1.0/plant/NDATA/edge1",
+            &payload(t, 1, vec![a, b]),
+            false,
+        );
+        assert_eq!(u.len(), 2, "{u:?}");
+        assert_ne!(
+            ts_of(&u[0]),
+            ts_of(&u[1]),
+            "{} and {} at one instant",
+            text(&u[0]),
+            text(&u[1])
+        );
+    }
+
+    /// R22-D: a birth that gives one alias to two metrics: data by that alias is not guessed.
+    #[test]
+    fn r22_an_alias_defined_twice_is_not_guessed() {
+        let mut h = Host::default();
+        let b = payload(
+            1,
+            0,
+            vec![
+                metric(
+                    Some("inlet"),
+                    Some(7),
+                    DataType::Float,
+                    metric::Value::FloatValue(1.0),
+                ),
+                metric(
+                    Some("outlet"),
+                    Some(7),
+                    DataType::Float,
+                    metric::Value::FloatValue(2.0),
+                ),
+            ],
+        );
+        h.read("spBv1.0/plant/NBIRTH/edge1", &b, false);
+        let d = payload(
+            2,
+            1,
+            vec![metric(
+                None,
+                Some(7),
+                DataType::Float,
+                metric::Value::FloatValue(3.0),
+            )],
+        );
+        let u = h.read("spBv1.0/plant/NDATA/edge1", &d, false);
+        assert!(!ok(&u[0]), "alias 7 read as {}", text(&u[0]));
+    }
+
+    /// R22-E: a DBIRTH that is refused leaves the device's previous aliases in force: the
+    /// next DDATA is read by the old birth (and no rebirth is asked).
+    #[test]
+    fn r22_a_refused_dbirth_does_not_leave_the_old_aliases_in_force() {
+        let mut h = Host::default();
+        birth(&mut h);
+        let t = "spBv1.0/plant/DBIRTH/edge1/pump1";
+        let u = h.read(
+            t,
+            &payload(
+                2,
+                1,
+                vec![metric(
+                    Some("temp"),
+                    Some(50),
+                    DataType::Float,
+                    metric::Value::FloatValue(1.0),
+                )],
+            ),
+            false,
+        );
+        assert!(ok(&u[0]));
+        // Born again: alias 50 is now "pressure"; one metric lacks its name.
+        let nameless = metric(
+            None,
+            Some(51),
+            DataType::Float,
+            metric::Value::FloatValue(0.0),
+        );
+        let u = h.read(
+            t,
+            &payload(
+                3,
+                2,
+                vec![
+                    metric(
+                        Some("pressure"),
+                        Some(50),
+                        DataType::Float,
+                        metric::Value::FloatValue(9.0),
+                    ),
+                    nameless,
+                ],
+            ),
+            false,
+        );
+        assert!(!ok(&u[0]));
+        let d = h.read(
+            "spBv1.0/plant/DDATA/edge1/pump1",
+            &payload(
+                4,
+                3,
+                vec![metric(
+                    None,
+                    Some(50),
+                    DataType::Float,
+                    metric::Value::FloatValue(9.5),
+                )],
+            ),
+            false,
+        );
+        assert!(!ok(&d[0]), "read by the previous DBIRTH: {}", text(&d[0]));
+    }
+
+    /// R22-F: a reading is not many times the size of its message (G5: memory bounded in
+    /// bytes). A BooleanArray of a 256 KiB message becomes ~12 MB of JSON.
+    #[test]
+    fn r22_a_reading_is_not_many_times_its_message() {
+        let n_bytes = 256 * 1024 - 64;
+        let mut bytes = ((n_bytes * 8) as u32).to_le_bytes().to_vec();
+        bytes.extend(std::iter::repeat(0u8).take(n_bytes));
+        let raw = payload(
+            1_700_000_000_000,
+            0,
+            vec![metric(
+                Some("b"),
+                None,
+                DataType::BooleanArray,
+                metric::Value::BytesValue(bytes),
+            )],
+        );
+        let u = read_alone("spBv1.0/plant/NDATA/edge1", &raw);
+        assert!(
+            u[0].payload.len() <= 4 * raw.len(),
+            "a {} byte message became a {} byte reading",
+            raw.len(),
+            u[0].payload.len()
+        );
+    }
+
+    /// R22-G: times past the year 9999 (a timestamp in microseconds, a common edge-node bug)
+    /// are refused as the JSON and SenML formats refuse them, not stored as the year 55,000.
+    #[test]
+    fn r22_a_time_past_the_year_9999_is_refused() {
+        let mut h = Host::default();
+        birth(&mut h);
+        let us = 1_700_000_001_000_000; // microseconds
+        let mut m = metric(
+            None,
+            Some(1),
+            DataType::Float,
+            metric::Value::FloatValue(1.0),
+        );
+        m.set_timestamp(us - 5);
+        let u = h.read("spBv1.0/plant/NDATA/edge1", &payload(us, 1, vec![m]), false);
+        assert!(!ok(&u[0]), "stored at {:?}: {}", ts_of(&u[0]), text(&u[0]));
+    }
+
+    /// R22-H: a device born with a far-future timestamp: its recorded state loads back, and
+    /// its birth_at is text PostgreSQL reads as timestamptz (`leasehold status`).
+    #[test]
+    fn r22_a_far_future_birth_is_recorded_as_text_postgres_reads() {
+        let mut h = Host::default();
+        birth(&mut h);
+        h.read(
+            "spBv1.0/plant/DBIRTH/edge1/pump1",
+            &payload(
+                1_700_000_000_000_000,
+                1,
+                vec![metric(
+                    Some("temp"),
+                    Some(50),
+                    DataType::Float,
+                    metric::Value::FloatValue(1.0),
+                )],
+            ),
+            false,
+        );
+        let (_, _, n) = h.take_changes().pop().unwrap();
+        let v = serde_json::to_value(&n.devices).unwrap();
+        let back: BTreeMap<String, Device> = serde_json::from_value(v.clone()).expect("loads back");
+        assert_eq!(back, n.devices);
+        let at = v["pump1"]["birth_at"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(!at.starts_with('+'), "devices jsonb holds birth_at {at:?}");
     }
 }

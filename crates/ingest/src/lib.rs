@@ -277,6 +277,8 @@ pub struct MqttIngest {
 struct HostState {
     topic: String,
     since_ms: u64,
+    /// Online is still to be sent on this connection (the request queue was full).
+    pending: bool,
 }
 
 /// The payload of a primary host's STATE (Sparkplug 3.0): `{"online": .., "timestamp": ms}`.
@@ -431,6 +433,7 @@ impl MqttIngest {
         let state = cfg.sparkplug_host.as_deref().map(|id| HostState {
             topic: state_topic(id),
             since_ms: Utc::now().timestamp_millis().max(0) as u64,
+            pending: false,
         });
         if let Some(st) = &state {
             // Published by the broker when this connection dies without a DISCONNECT.
@@ -722,8 +725,30 @@ impl MqttIngest {
         self.execute(actions);
     }
 
+    /// A primary host's STATE online, if still to be sent on this connection: queued on the
+    /// connection, or tried again at the next event.
+    fn publish_online(&mut self) {
+        let Some(st) = self.state.as_mut().filter(|st| st.pending) else {
+            return;
+        };
+        let online = state_payload(true, st.since_ms);
+        match self
+            .client
+            .try_publish(st.topic.clone(), QoS::AtLeastOnce, true, online)
+        {
+            Ok(()) => {
+                st.pending = false;
+                tracing::info!(topic = %st.topic, "Sparkplug primary host online");
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, topic = %st.topic, "Sparkplug STATE online not queued yet")
+            }
+        }
+    }
+
     /// A packet from the event loop other than a PUBLISH.
     fn on_event(&mut self, ev: Event) -> Flow {
+        self.publish_online();
         match ev {
             Event::Incoming(Packet::ConnAck(ack)) => self.on_connack(ack.session_present),
             Event::Outgoing(Outgoing::Subscribe(pkid)) => self.subs.outgoing(Kind::Subscribe, pkid),
@@ -750,19 +775,11 @@ impl MqttIngest {
     fn on_connack(&mut self, session_present: bool) {
         let c = self.session.connack(session_present, Instant::now());
         self.connected.send_replace(true);
-        if let Some(st) = &self.state {
+        if let Some(st) = &mut self.state {
             // Online at every connection of the term, with the term's timestamp (its will's).
-            let online = state_payload(true, st.since_ms);
-            match self
-                .client
-                .try_publish(st.topic.clone(), QoS::AtLeastOnce, true, online)
-            {
-                Ok(()) => tracing::info!(topic = %st.topic, "Sparkplug primary host online"),
-                Err(e) => {
-                    tracing::warn!(error = %e, topic = %st.topic, "Sparkplug STATE online not sent")
-                }
-            }
+            st.pending = true;
         }
+        self.publish_online();
         // Reconcile the session's subscriptions with what is wanted: from the ledger, or from
         // nothing when the broker has no session. (Before the connect is reported, so /health
         // never shows the new connection with the old connection's subscriptions.)
@@ -893,6 +910,15 @@ impl MqttIngest {
             // Draining: not ours to acknowledge any more.
             return Taken::Done;
         }
+        if let Some(st) = self.state.as_mut() {
+            // Our own STATE said offline while we are the host (a late will of ours, another
+            // host misconfigured with our id): Sparkplug 3.0 says to say online again.
+            const OFFLINE: &[u8] = b"\"online\":false";
+            if p.topic == st.topic && p.payload.windows(OFFLINE.len()).any(|w| w == OFFLINE) {
+                st.pending = true;
+            }
+        }
+        self.publish_online();
         let original_size = p.payload.len();
         let payload = if original_size > self.cfg.max_payload_bytes {
             // A copy, so the large buffer is freed now rather than held until the ack.

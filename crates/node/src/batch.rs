@@ -238,7 +238,7 @@ pub fn prepare_with(
             .as_deref_mut()
             .filter(|_| decoder.format_of(&m.topic) == Format::SparkplugB)
         {
-            Units::Many(host.read(&m.topic, &m.payload).into_iter())
+            Units::Many(host.read(&m.topic, &m.payload, m.dup).into_iter())
         } else {
             Units::Many(decoder.units(&m.topic, &m.payload, received_at).into_iter())
         };

@@ -87,8 +87,17 @@ const REBIRTH_EVERY: Duration = Duration::from_secs(5);
 #[derive(Default)]
 struct Sparkplug {
     host: Option<Host>,
+    /// When each edge node was last asked to rebirth (forgotten at its NBIRTH), and its asks
+    /// of the last [`REBIRTH_STORM`].
     asked: HashMap<NodeKey, Instant>,
+    recent: HashMap<NodeKey, VecDeque<Instant>>,
 }
+
+/// An edge node asked this many times within [`REBIRTH_STORM`] is asked no more until the
+/// window passes: its births are read, but its data keeps failing (a birth too large, an alias
+/// its births never define), and asking again changes nothing.
+const REBIRTH_STORM_ASKS: usize = 5;
+const REBIRTH_STORM: Duration = Duration::from_secs(60);
 
 /// The writer's connection, the routes batches are prepared for (`telemetry` first), and which of
 /// them are suspended.
@@ -557,6 +566,13 @@ impl Writer {
                     events::WriteFenced { epoch }.emit();
                     return Err(WriterError::Fenced(epoch));
                 }
+                Err(e) if e.is_row_error() => {
+                    // The same statement fails the same way every time: not worth a stalled
+                    // stream. What is recorded stays as it was; the next leader asks those
+                    // edge nodes to rebirth.
+                    tracing::error!(error = %e, "Sparkplug edge nodes could not be recorded; kept in memory only");
+                    break;
+                }
                 Err(e) => {
                     conn.writer = None;
                     if !retry.wait(&e, cancel).await {
@@ -596,6 +612,17 @@ impl Writer {
             {
                 continue;
             }
+            let recent = sp.recent.entry(key.clone()).or_default();
+            while recent
+                .front()
+                .is_some_and(|at| now.duration_since(*at) >= REBIRTH_STORM)
+            {
+                recent.pop_front();
+            }
+            if recent.len() >= REBIRTH_STORM_ASKS {
+                continue;
+            }
+            recent.push_back(now);
             let topic = format!("{}/{}/NCMD/{}", sparkplug::NAMESPACE, key.0, key.1);
             let payload = sparkplug::rebirth_request(Utc::now().timestamp_millis().max(0) as u64);
             let sent = self

@@ -410,7 +410,6 @@ impl BatchWriter {
         crate::replication::status(&self.client).await
     }
 
-    /// Whether the connection is gone (the caller reconnects).
     /// The Sparkplug B edge nodes recorded ([`crate::sparkplug::load`]), on this connection.
     pub async fn sparkplug_nodes(
         &self,
@@ -436,6 +435,7 @@ impl BatchWriter {
         crate::sparkplug::record(&self.client, fence, nodes).await
     }
 
+    /// Whether the connection is gone (the caller reconnects).
     pub fn is_closed(&self) -> bool {
         self.client.is_closed()
     }
