@@ -1620,7 +1620,7 @@ mod tests {
     fn r22_a_reading_is_not_many_times_its_message() {
         let n_bytes = 256 * 1024 - 64;
         let mut bytes = ((n_bytes * 8) as u32).to_le_bytes().to_vec();
-        bytes.extend(std::iter::repeat(0u8).take(n_bytes));
+        bytes.extend(std::iter::repeat_n(0u8, n_bytes));
         let raw = payload(
             1_700_000_000_000,
             0,
