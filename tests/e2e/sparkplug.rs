@@ -151,8 +151,17 @@ async fn a_published_edge_node_is_read_by_alias_and_a_new_leader_needs_no_rebirt
         let (first, _) = c.wait_leader().await?;
         c.spawn_args("b", &["--config", &file], &[])?;
         let mut edge = Edge::start(c.mq.port)?;
-        // The leader is the primary host: its STATE is online, retained.
+        // The leader is the primary host: its STATE is online, retained, once it subscribed.
         edge.run("wait_state online").await?;
+        let log = c.node(&first).log();
+        let (subscribed, online) = (
+            log.find("topics subscribed"),
+            log.find("Sparkplug primary host online"),
+        );
+        ensure!(
+            matches!((subscribed, online), (Some(s), Some(o)) if s < o),
+            "online before the subscriptions: {subscribed:?} {online:?}"
+        );
         edge.run("connect").await?;
         edge.run("ddata 20").await?;
         edge.run("ndata 5").await?;

@@ -713,6 +713,7 @@ impl MqttIngest {
             }
         };
         self.execute(actions);
+        self.publish_online();
         Flow::Go
     }
 
@@ -725,9 +726,13 @@ impl MqttIngest {
         self.execute(actions);
     }
 
-    /// A primary host's STATE online, if still to be sent on this connection: queued on the
-    /// connection, or tried again at the next event.
+    /// A primary host's STATE online, if still to be sent on this connection, once its
+    /// subscriptions are in place (Sparkplug 3.0: an edge node born on our online must find us
+    /// subscribed): queued on the connection, or tried again at the next event.
     fn publish_online(&mut self) {
+        if !self.subs.settled() {
+            return;
+        }
         let Some(st) = self.state.as_mut().filter(|st| st.pending) else {
             return;
         };
@@ -748,7 +753,12 @@ impl MqttIngest {
 
     /// A packet from the event loop other than a PUBLISH.
     fn on_event(&mut self, ev: Event) -> Flow {
+        let flow = self.on_packet(ev);
         self.publish_online();
+        flow
+    }
+
+    fn on_packet(&mut self, ev: Event) -> Flow {
         match ev {
             Event::Incoming(Packet::ConnAck(ack)) => self.on_connack(ack.session_present),
             Event::Outgoing(Outgoing::Subscribe(pkid)) => self.subs.outgoing(Kind::Subscribe, pkid),
