@@ -76,15 +76,30 @@ pub async fn drop_session(port: u16, client_id: &str) -> Result<()> {
     Ok(())
 }
 
-/// Publishes `n` numbered messages of `run` (QoS 1) at `rate` per second (0: as fast as
-/// possible) and waits for every PUBACK. Returns the publishing time.
-pub async fn publish(port: u16, run: &str, n: u64, rate: u64) -> Result<Duration> {
+/// A clean-session publisher of `run` with 1,000 messages in flight and packets up to 1 MiB (a
+/// gateway's array), and its PUBACK count.
+fn publisher(
+    port: u16,
+    run: &str,
+) -> (
+    AsyncClient,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+    tokio::task::JoinHandle<()>,
+) {
     let mut opts = MqttOptions::new(format!("bench-pub-{run}"), "127.0.0.1", port);
     opts.set_clean_session(true)
         .set_inflight(1000)
-        .set_keep_alive(Duration::from_secs(30));
+        .set_keep_alive(Duration::from_secs(30))
+        .set_max_packet_size(1 << 20, 1 << 20);
     let (c, el) = AsyncClient::new(opts, 1000);
     let (acked, poll) = count_acks(el);
+    (c, acked, poll)
+}
+
+/// Publishes `n` numbered messages of `run` (QoS 1) at `rate` per second (0: as fast as
+/// possible) and waits for every PUBACK. Returns the publishing time.
+pub async fn publish(port: u16, run: &str, n: u64, rate: u64) -> Result<Duration> {
+    let (c, acked, poll) = publisher(port, run);
     let base = now_micros();
     let start = Instant::now();
     for seq in 0..n {
@@ -115,13 +130,7 @@ pub const GATEWAY_FILTER: &str = "gw/+/up";
 /// `gw/site-N/up`.
 pub async fn publish_gateways(port: u16, run: &str, n: u64) -> Result<Duration> {
     let per = crate::route::GATEWAY_READINGS;
-    let mut opts = MqttOptions::new(format!("bench-pub-{run}"), "127.0.0.1", port);
-    opts.set_clean_session(true)
-        .set_inflight(1000)
-        .set_keep_alive(Duration::from_secs(30))
-        .set_max_packet_size(1 << 20, 1 << 20);
-    let (c, el) = AsyncClient::new(opts, 1000);
-    let (acked, poll) = count_acks(el);
+    let (c, acked, poll) = publisher(port, run);
     let base = now_micros();
     let start = Instant::now();
     let messages = n.div_ceil(per);
@@ -159,12 +168,7 @@ pub const SPARKPLUG_METRICS: u64 = 20;
 /// queued too, with `queue_qos0_messages`). Returns the births published.
 pub async fn publish_sparkplug(port: u16, run: &str, n: u64) -> Result<u64> {
     use srad_types::payload::{metric, DataType, Message as _, Metric, Payload};
-    let mut opts = MqttOptions::new(format!("bench-pub-{run}"), "127.0.0.1", port);
-    opts.set_clean_session(true)
-        .set_inflight(1000)
-        .set_keep_alive(Duration::from_secs(30));
-    let (c, el) = AsyncClient::new(opts, 1000);
-    let (acked, poll) = count_acks(el);
+    let (c, acked, poll) = publisher(port, run);
     let base = chrono::Utc::now().timestamp_millis() as u64 - n;
     let payload = |ts: u64, seq: u64, metrics: Vec<Metric>| {
         Payload {

@@ -142,14 +142,6 @@ impl From<Defs> for Vec<Def> {
 }
 
 impl Defs {
-    pub fn len(&self) -> usize {
-        self.list.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.list.is_empty()
-    }
-
     fn alias(&self, a: u64) -> Option<&Def> {
         self.by_alias.get(&a).map(|&k| &self.list[k])
     }
@@ -443,54 +435,43 @@ impl Host {
                         "edge node {name} lost messages before this one; waiting for the rebirth requested"
                     )));
                 }
-                if let (Some(last), Some(s), true) = (n.seq, p.seq, dup) {
-                    // A redelivery of a message already read (at or up to half the sequence
-                    // behind the last one): read again with the births in force, the state
-                    // left as it is; the table settles it as a duplicate.
-                    if s <= 255 && last.wrapping_sub(s as u8) < 128 {
-                        return match (kind, device) {
-                            (Kind::NData, _) => reading(&name, &p, &n.metrics, payload),
-                            (Kind::DBirth, Some(d)) => match birth_defs(&p.metrics) {
-                                Ok(defs) => reading(&format!("{name}/{d}"), &p, &defs, payload),
-                                Err(e) => refused(DecodeError::BadSparkplug(e)),
-                            },
-                            (Kind::DData, Some(d)) => match n.devices.get(d).filter(|x| x.online) {
-                                Some(dev) => {
-                                    reading(&format!("{name}/{d}"), &p, &dev.metrics, payload)
-                                }
-                                None => refused(DecodeError::NoBirth(format!(
-                                    "no DBIRTH of device {name}/{d} is held"
-                                ))),
-                            },
-                            _ => Vec::new(),
-                        };
+                // A redelivery of a message already read (at or up to half the sequence behind
+                // the last one): read again with the births in force, the state left as it is;
+                // the table settles it as a duplicate.
+                let redelivered = dup
+                    && matches!((n.seq, p.seq),
+                        (Some(last), Some(s)) if s <= 255 && last.wrapping_sub(s as u8) < 128);
+                if !redelivered {
+                    if let (Some(last), Some(s)) = (n.seq, p.seq) {
+                        let want = last.wrapping_add(1);
+                        if s != u64::from(want) {
+                            n.seq = Some(s as u8);
+                            n.stale = true;
+                            mark(&mut self.changed, &key, Change::Whole);
+                            self.rebirths.push(key);
+                            return refused(DecodeError::SequenceGap(format!(
+                                "edge node {name}: seq {s} after {last}, {want} expected: messages were lost; rebirth requested"
+                            )));
+                        }
                     }
-                }
-                if let (Some(last), Some(s)) = (n.seq, p.seq) {
-                    let want = last.wrapping_add(1);
-                    if s != u64::from(want) {
+                    if let Some(s) = p.seq {
                         n.seq = Some(s as u8);
-                        n.stale = true;
-                        mark(&mut self.changed, &key, Change::Whole);
-                        self.rebirths.push(key);
-                        return refused(DecodeError::SequenceGap(format!(
-                            "edge node {name}: seq {s} after {last}, {want} expected: messages were lost; rebirth requested"
-                        )));
+                        mark(&mut self.changed, &key, Change::Seq);
                     }
-                }
-                if let Some(s) = p.seq {
-                    n.seq = Some(s as u8);
-                    mark(&mut self.changed, &key, Change::Seq);
                 }
                 match (kind, device) {
                     (Kind::NData, _) => {
-                        let n = &self.nodes[&key];
                         let units = reading(&name, &p, &n.metrics, payload);
-                        self.unknown_alias(&key, units)
+                        match redelivered {
+                            true => units,
+                            false => self.unknown_alias(&key, units),
+                        }
                     }
                     (Kind::DBirth, Some(d)) => {
+                        let full = format!("{name}/{d}");
                         let defs = match birth_defs(&p.metrics) {
                             Ok(defs) => defs,
+                            Err(e) if redelivered => return refused(DecodeError::BadSparkplug(e)),
                             Err(e) => {
                                 // The device's earlier birth no longer holds either.
                                 if let Some(dev) = n.devices.get_mut(d) {
@@ -504,32 +485,42 @@ impl Host {
                                 )));
                             }
                         };
-                        let at = p.timestamp.and_then(millis);
-                        let dev = n.devices.entry(d.to_string()).or_default();
-                        dev.online = true;
-                        dev.birth_at = at.or(dev.birth_at);
-                        dev.metrics = defs;
-                        mark(&mut self.changed, &key, Change::Whole);
-                        let full = format!("{name}/{d}");
-                        self.happened.push(Happened::Birth {
-                            node: key.clone(),
-                            device: Some(d.to_string()),
-                        });
-                        let defs = &self.nodes[&key].devices[d].metrics;
-                        reading(&full, &p, defs, payload)
+                        let units = reading(&full, &p, &defs, payload);
+                        if !redelivered {
+                            let at = p.timestamp.and_then(millis);
+                            let dev = n.devices.entry(d.to_string()).or_default();
+                            dev.online = true;
+                            dev.birth_at = at.or(dev.birth_at);
+                            dev.metrics = defs;
+                            mark(&mut self.changed, &key, Change::Whole);
+                            self.happened.push(Happened::Birth {
+                                node: key.clone(),
+                                device: Some(d.to_string()),
+                            });
+                        }
+                        units
                     }
                     (Kind::DData, Some(d)) => {
                         let full = format!("{name}/{d}");
                         let Some(dev) = n.devices.get(d).filter(|x| x.online) else {
-                            self.rebirths.push(key);
+                            let asked = match redelivered {
+                                true => "",
+                                false => {
+                                    self.rebirths.push(key);
+                                    "; rebirth requested"
+                                }
+                            };
                             return refused(DecodeError::NoBirth(format!(
-                                "no DBIRTH of device {full} is held (it was never seen or died since); rebirth requested"
+                                "no DBIRTH of device {full} is held (it was never seen or died since){asked}"
                             )));
                         };
                         let units = reading(&full, &p, &dev.metrics, payload);
-                        self.unknown_alias(&key, units)
+                        match redelivered {
+                            true => units,
+                            false => self.unknown_alias(&key, units),
+                        }
                     }
-                    (Kind::DDeath, Some(d)) => {
+                    (Kind::DDeath, Some(d)) if !redelivered => {
                         if let Some(dev) = n.devices.get_mut(d).filter(|x| x.online) {
                             dev.online = false;
                             dev.death_at = Some(Utc::now());

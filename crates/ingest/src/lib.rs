@@ -926,9 +926,9 @@ impl MqttIngest {
             const OFFLINE: &[u8] = b"\"online\":false";
             if p.topic == st.topic && p.payload.windows(OFFLINE.len()).any(|w| w == OFFLINE) {
                 st.pending = true;
+                self.publish_online();
             }
         }
-        self.publish_online();
         let original_size = p.payload.len();
         let payload = if original_size > self.cfg.max_payload_bytes {
             // A copy, so the large buffer is freed now rather than held until the ack.

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use leasehold_config::Format;
-use leasehold_decode::sparkplug::{self, Happened, Host, NodeKey};
+use leasehold_decode::sparkplug::{self, Change, Happened, Host, NodeKey};
 use leasehold_decode::Decoder;
 use leasehold_ingest::{Acker, Inbound, Publisher};
 use leasehold_store::routes::ResolvedRoute;
@@ -639,7 +639,9 @@ impl Writer {
                 asked += 1;
             }
         }
-        if !changes.is_empty() || !happened.is_empty() || asked > 0 {
+        // A sequence number alone changes nothing shown: no walk over every edge node then.
+        if changes.iter().any(|(_, c, _)| *c == Change::Whole) || !happened.is_empty() || asked > 0
+        {
             self.show_sparkplug(host, asked);
         }
         Ok(true)
