@@ -222,26 +222,13 @@ pub fn prepare_with(
             continue;
         }
         let received_at = clock.at(m.received);
-        // The ingest keeps only the first MAX_PAYLOAD_BYTES of an oversized payload.
-        let units = if m.original_size > max_payload_bytes {
-            Units::One(Some(Unit::refused(
-                m.payload.clone(),
-                DecodeError::TooLarge {
-                    size: m.original_size,
-                    max: max_payload_bytes,
-                },
-            )))
-        } else if decoder.is_plain(&m.topic, &m.payload) {
-            // The common message, a JSON object: itself, without a list of one.
-            Units::One(Some(Unit::whole(&m.payload)))
-        } else if let Some(host) = sparkplug
-            .as_deref_mut()
-            .filter(|_| decoder.format_of(&m.topic) == Format::SparkplugB)
-        {
-            Units::Many(host.read(&m.topic, &m.payload, m.dup).into_iter())
-        } else {
-            Units::Many(decoder.units(&m.topic, &m.payload, received_at).into_iter())
-        };
+        let units = Units::of(
+            decoder,
+            m,
+            max_payload_bytes,
+            sparkplug.as_deref_mut(),
+            received_at,
+        );
         // Each reading of the message at its own microsecond: two readings of one device
         // without a timestamp of their own are never one key.
         clock.reserve(units.len().saturating_sub(1));
@@ -250,19 +237,7 @@ pub fn prepare_with(
                 0 => received_at,
                 k => received_at + chrono::Duration::microseconds(k as i64),
             };
-            let idx = p.units.len();
-            p.out.owners.push(at);
-            // The message's own bytes: its size as published (a payload over the limit was cut).
-            let whole = u.raw.as_ptr() == m.payload.as_ptr() && u.raw.len() == m.payload.len();
-            p.units.push(Held {
-                size: match whole {
-                    true => m.original_size.max(m.payload.len()),
-                    false => u.raw.len(),
-                },
-                raw: (!whole).then(|| u.raw.clone()),
-                label: u.label.clone(),
-            });
-            p.message(idx, m, u, received_at);
+            p.unit(at, m, u, received_at);
         }
     }
     p.out.units = p.units.len();
@@ -321,6 +296,39 @@ impl Iterator for Units {
 }
 
 impl ExactSizeIterator for Units {}
+
+impl Units {
+    /// How message `m` is read: refused whole when it was cut at the size limit, itself when it
+    /// is a plain JSON object (most messages), else its format's list of readings (Sparkplug B
+    /// in order through `sparkplug` where there is a host).
+    fn of(
+        decoder: &Decoder,
+        m: &Inbound,
+        max_payload_bytes: usize,
+        sparkplug: Option<&mut Host>,
+        received_at: DateTime<Utc>,
+    ) -> Units {
+        // The ingest keeps only the first MAX_PAYLOAD_BYTES of an oversized payload.
+        if m.original_size > max_payload_bytes {
+            Units::One(Some(Unit::refused(
+                m.payload.clone(),
+                DecodeError::TooLarge {
+                    size: m.original_size,
+                    max: max_payload_bytes,
+                },
+            )))
+        } else if decoder.is_plain(&m.topic, &m.payload) {
+            // The common message, a JSON object: itself, without a list of one.
+            Units::One(Some(Unit::whole(&m.payload)))
+        } else if let Some(host) =
+            sparkplug.filter(|_| decoder.format_of(&m.topic) == Format::SparkplugB)
+        {
+            Units::Many(host.read(&m.topic, &m.payload, m.dup).into_iter())
+        } else {
+            Units::Many(decoder.units(&m.topic, &m.payload, received_at).into_iter())
+        }
+    }
+}
 
 /// What a unit's dead letter keeps (its message: `Prepared::owners`).
 struct Held {
@@ -391,68 +399,121 @@ impl Preparer<'_> {
         });
     }
 
-    /// Unit `idx` of message `m`: its rows, or its dead letters.
-    fn message(&mut self, idx: usize, m: &Inbound, unit: Unit, received_at: DateTime<Utc>) {
-        let mut matched = self.matching(&m.topic);
+    /// Reading `u` of message `at`, its row or dead letter, its message's bytes held once.
+    fn unit(&mut self, at: usize, m: &Inbound, u: Unit, received_at: DateTime<Utc>) {
+        let idx = self.units.len();
+        self.out.owners.push(at);
+        // The message's own bytes: its size as published (a payload over the limit was cut).
+        let whole = u.raw.as_ptr() == m.payload.as_ptr() && u.raw.len() == m.payload.len();
+        self.units.push(Held {
+            size: match whole {
+                true => m.original_size.max(m.payload.len()),
+                false => u.raw.len(),
+            },
+            raw: (!whole).then(|| u.raw.clone()),
+            label: u.label.clone(),
+        });
+        self.message(idx, m, u, received_at);
+    }
+
+    /// Sets aside the routes of `matched` that are suspended: the message's share of each waits
+    /// as a `route_unavailable` dead letter of its own.
+    fn set_aside_suspended(
+        &mut self,
+        idx: usize,
+        received_at: DateTime<Utc>,
+        matched: &mut Vec<usize>,
+    ) {
         let routes = self.routing.routes;
-        if !self.routing.suspended.is_empty() {
-            // A suspended route's share of the message waits as a dead letter of its own.
-            let suspended = self.routing.suspended;
-            matched.retain(|&k| match suspended.get(k).and_then(Option::as_ref) {
-                None => true,
-                Some(why) => {
-                    let name = &routes[k].spec.name;
-                    let error = format!("route {name} is suspended: {why}");
-                    self.dead(
-                        idx,
-                        received_at,
-                        ROUTE_UNAVAILABLE,
-                        Some(name.clone()),
-                        error,
-                    );
-                    false
-                }
-            });
-            if matched.is_empty() {
-                return;
+        // A suspended route's share of the message waits as a dead letter of its own.
+        let suspended = self.routing.suspended;
+        matched.retain(|&k| match suspended.get(k).and_then(Option::as_ref) {
+            None => true,
+            Some(why) => {
+                let name = &routes[k].spec.name;
+                let error = format!("route {name} is suspended: {why}");
+                self.dead(
+                    idx,
+                    received_at,
+                    ROUTE_UNAVAILABLE,
+                    Some(name.clone()),
+                    error,
+                );
+                false
             }
-        }
-        let objects = matched.iter().any(|&k| self.objects[k]);
-        let raw_is_payload = unit.raw_is_payload();
-        let parsed = match unit.decoded {
+        });
+    }
+
+    /// The unit's reading: as its format decoded it, with the whole object where a route reads
+    /// one; else the payload read now (in full only for such a route).
+    fn parse(
+        &self,
+        m: &Inbound,
+        decoded: Option<Result<leasehold_decode::Parsed, DecodeError>>,
+        payload: &[u8],
+        objects: bool,
+    ) -> Result<leasehold_decode::Parsed, DecodeError> {
+        match decoded {
             // A format read the device id and timestamp only: a route reads the object.
             // (Its device id and timestamp stay the format's: a Sparkplug metric named
             // `timestamp` is not the reading's time.)
             Some(Ok(p)) if objects && p.object.is_none() => self
                 .decoder
-                .parse_full(&m.topic, &unit.payload)
+                .parse_full(&m.topic, payload)
                 .map(|full| leasehold_decode::Parsed {
                     device_id: p.device_id,
                     timestamp: p.timestamp,
                     ..full
                 }),
             Some(decoded) => decoded,
-            None if objects => self.decoder.parse(&m.topic, &unit.payload),
-            None => self.decoder.parse_light(&m.topic, &unit.payload),
+            None if objects => self.decoder.parse(&m.topic, payload),
+            None => self.decoder.parse_light(&m.topic, payload),
+        }
+    }
+
+    /// A unit that could not be read: one dead letter for it, naming every named route it was
+    /// for.
+    fn undecodable(
+        &mut self,
+        idx: usize,
+        received_at: DateTime<Utc>,
+        matched: &[usize],
+        e: &DecodeError,
+    ) {
+        let routes = self.routing.routes;
+        let (route, error) = if matched == [0] {
+            (None, e.to_string())
+        } else {
+            let names: Vec<&str> = matched
+                .iter()
+                .map(|&k| routes[k].spec.name.as_str())
+                .collect();
+            let word = if names.len() == 1 { "route" } else { "routes" };
+            (
+                Some(names.join(",")),
+                format!("{word} {}: {e}", names.join(", ")),
+            )
         };
+        self.dead(idx, received_at, reason_label(e), route, error);
+    }
+
+    /// Unit `idx` of message `m`: its rows, or its dead letters.
+    fn message(&mut self, idx: usize, m: &Inbound, unit: Unit, received_at: DateTime<Utc>) {
+        let mut matched = self.matching(&m.topic);
+        let routes = self.routing.routes;
+        if !self.routing.suspended.is_empty() {
+            self.set_aside_suspended(idx, received_at, &mut matched);
+            if matched.is_empty() {
+                return;
+            }
+        }
+        let objects = matched.iter().any(|&k| self.objects[k]);
+        let raw_is_payload = unit.raw_is_payload();
+        let parsed = self.parse(m, unit.decoded, &unit.payload, objects);
         let parsed = match parsed {
             Ok(p) => p,
             Err(e) => {
-                // One dead letter for the message, naming every named route it was for.
-                let (route, error) = if matched == [0] {
-                    (None, e.to_string())
-                } else {
-                    let names: Vec<&str> = matched
-                        .iter()
-                        .map(|&k| routes[k].spec.name.as_str())
-                        .collect();
-                    let word = if names.len() == 1 { "route" } else { "routes" };
-                    (
-                        Some(names.join(",")),
-                        format!("{word} {}: {e}", names.join(", ")),
-                    )
-                };
-                self.dead(idx, received_at, reason_label(&e), route, error);
+                self.undecodable(idx, received_at, &matched, &e);
                 return;
             }
         };

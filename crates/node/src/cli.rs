@@ -242,36 +242,44 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = rt.block_on(async move {
-        match cli.cmd {
-            Command::Run => {
-                let shutdown = CancellationToken::new();
-                spawn_signal_handler(shutdown.clone())?;
-                node::run(cfg, shutdown).await.map(|_| ExitCode::SUCCESS)
-            }
-            Command::Migrate => admin::migrate(&cfg).await,
-            Command::Status { json } => admin::status(&cfg, json).await,
-            Command::StepDown { timeout } => admin::step_down(&cfg, timeout).await,
-            Command::Routes { json } => routes_cmd::command(&cfg, json).await,
-            Command::Simulate(args) => simulate::run(&cfg, args).await,
-            Command::Doctor { json } => crate::checks::doctor(&cfg, json).await,
-            Command::Config(cmd) => crate::config_cmd::command(&cfg, cmd).await,
-            Command::Replay {
+    let result = rt.block_on(dispatch(cli.cmd, cfg));
+    exit_code(result)
+}
+
+/// Runs command `cmd`.
+async fn dispatch(cmd: Command, cfg: Config) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Command::Run => {
+            let shutdown = CancellationToken::new();
+            spawn_signal_handler(shutdown.clone())?;
+            node::run(cfg, shutdown).await.map(|_| ExitCode::SUCCESS)
+        }
+        Command::Migrate => admin::migrate(&cfg).await,
+        Command::Status { json } => admin::status(&cfg, json).await,
+        Command::StepDown { timeout } => admin::step_down(&cfg, timeout).await,
+        Command::Routes { json } => routes_cmd::command(&cfg, json).await,
+        Command::Simulate(args) => simulate::run(&cfg, args).await,
+        Command::Doctor { json } => crate::checks::doctor(&cfg, json).await,
+        Command::Config(cmd) => crate::config_cmd::command(&cfg, cmd).await,
+        Command::Replay {
+            route,
+            reason,
+            since,
+            dry_run,
+        } => {
+            let job = crate::replay::Job {
+                database_url: cfg.require_database_url()?.to_string(),
                 route,
                 reason,
                 since,
-                dry_run,
-            } => {
-                let job = crate::replay::Job {
-                    database_url: cfg.require_database_url()?.to_string(),
-                    route,
-                    reason,
-                    since,
-                };
-                crate::replay::command(&cfg, job, dry_run).await
-            }
+            };
+            crate::replay::command(&cfg, job, dry_run).await
         }
-    });
+    }
+}
+
+/// The exit code of a command's result; its error on stderr, one line per problem, redacted.
+fn exit_code(result: anyhow::Result<ExitCode>) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e)

@@ -670,6 +670,98 @@ struct Beat {
 /// Every this many heartbeats the node reads how the database replicates commits.
 const REPLICATION_EVERY: u32 = 3;
 
+/// What a node's heartbeats carry from one beat to the next.
+struct Beats {
+    me: Beat,
+    status: NodeStatus,
+    started_at: chrono::DateTime<Utc>,
+    /// Events already reported: one newer than these is reported as "happened now", so every
+    /// node can judge the session-lost and client-id alerts from this table.
+    reported: (Option<chrono::DateTime<Utc>>, Option<chrono::DateTime<Utc>>),
+    /// What this node last recorded for data age: the epoch it led and the newest reading.
+    noted: (Option<i64>, Option<chrono::DateTime<Utc>>),
+}
+
+/// What one beat read back, and what it recorded.
+struct BeatRead {
+    alive_nodes: usize,
+    newest_data_age: Option<f64>,
+    recorded: Option<(Option<i64>, Option<chrono::DateTime<Utc>>)>,
+    reported: (Option<chrono::DateTime<Utc>>, Option<chrono::DateTime<Utc>>),
+}
+
+impl Beats {
+    /// One beat on connection `c`: the leader's newest reading first (a beat that fails later
+    /// must not leave every node's data age growing while data flows), then the node's row,
+    /// then the cluster's view.
+    async fn beat(
+        &self,
+        c: &leasehold_store::Client,
+    ) -> Result<BeatRead, leasehold_store::StoreError> {
+        let me = &self.me;
+        let role = match (&me.lease, me.mode) {
+            (Some(l), _) => l.role().as_str(),
+            (None, Mode::Development) => "observer",
+            (None, _) => "disabled",
+        };
+        let mqtt = self.status.mqtt();
+        let now = (mqtt.session_lost_at, mqtt.client_id_conflict_at);
+        let newer = |at: Option<chrono::DateTime<Utc>>, seen| at.filter(|_| at != seen);
+        let leading = me.lease.as_ref().and_then(|l| l.role().epoch());
+        let newest = self.status.newest_written();
+        let record = leading.filter(|e| Some(*e) != self.noted.0 || newest > self.noted.1);
+        if let Some(epoch) = record {
+            queries::note_newest(c, newest, epoch).await?;
+        }
+        queries::heartbeat(
+            c,
+            &queries::Heartbeat {
+                holder_id: &me.holder_id,
+                instance_id: &me.instance_id,
+                role,
+                mode: me.mode.as_str(),
+                version: VERSION,
+                http_url: Some(&me.http_url),
+                started_at: self.started_at,
+                mqtt_connected: mqtt.connected,
+                session_lost_at: newer(now.0, self.reported.0).map(|_| Utc::now()),
+                client_id_conflict_at: newer(now.1, self.reported.1).map(|_| Utc::now()),
+                mqtt_client_id: me.client_id.as_ref().map(|c| c.id.as_str()),
+                mqtt_client_id_source: me.client_id.as_ref().map(|c| c.source.as_str()),
+                config_version: self.status.config().version,
+                broker_reached_ago: match mqtt.connected {
+                    true => Some(0.0),
+                    false => mqtt.probe_reached.map(|t| t.elapsed().as_secs_f64()),
+                },
+            },
+        )
+        .await?;
+        Ok(BeatRead {
+            alive_nodes: queries::alive(c).await?.nodes as usize,
+            newest_data_age: queries::newest_data_age(c).await?,
+            recorded: record.map(|e| (Some(e), newest)),
+            reported: now,
+        })
+    }
+
+    /// Keeps what a beat read: in the status, and for the next beat.
+    fn read(&mut self, r: BeatRead) {
+        self.reported = r.reported;
+        if let Some(noted) = r.recorded {
+            self.noted = noted;
+        }
+        self.status.update_cluster(|c| {
+            c.alive_nodes = Some(r.alive_nodes);
+            c.newest_data_age = r.newest_data_age;
+        });
+        events::ClusterRead {
+            alive_nodes: r.alive_nodes,
+            newest_data_age: r.newest_data_age,
+        }
+        .emit();
+    }
+}
+
 /// Reports the node in `cluster_nodes` every `HEARTBEAT_EVERY`, with the newest reading its
 /// writer stored since (data age), and reads back the cluster's view (nodes alive, newest data)
 /// into the status; every `REPLICATION_EVERY` beats also how the
@@ -681,14 +773,15 @@ async fn heartbeat(
     status: NodeStatus,
     cancel: CancellationToken,
 ) {
-    let started_at = Utc::now();
+    let mut beats = Beats {
+        me,
+        status,
+        started_at: Utc::now(),
+        reported: (None, None),
+        noted: (None, None),
+    };
     let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
-    // Events already reported: one newer than these is reported as "happened now", so every
-    // node can judge the session-lost and client-id alerts from this table.
-    let mut reported = (None, None);
-    // What this node last recorded for data age: the epoch it led and the newest reading.
-    let mut noted: (Option<i64>, Option<chrono::DateTime<Utc>>) = (None, None);
-    let mut beats = 0u32;
+    let mut count = 0u32;
     // How a stuck beat's statement is cancelled: the server's TLS settings, read once.
     let cancel_tls = match leasehold_store::pg_config(&url, "leasehold-cancel") {
         Ok((_, tls)) => Some(tls),
@@ -702,18 +795,10 @@ async fn heartbeat(
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if beats.is_multiple_of(REPLICATION_EVERY) {
-            crate::checks::read_replication(&pool, &status).await;
+        if count.is_multiple_of(REPLICATION_EVERY) {
+            crate::checks::read_replication(&pool, &beats.status).await;
         }
-        beats = beats.wrapping_add(1);
-        let role = match (&me.lease, me.mode) {
-            (Some(l), _) => l.role().as_str(),
-            (None, Mode::Development) => "observer",
-            (None, _) => "disabled",
-        };
-        let mqtt = status.mqtt();
-        let now = (mqtt.session_lost_at, mqtt.client_id_conflict_at);
-        let newer = |at: Option<chrono::DateTime<Utc>>, seen| at.filter(|_| at != seen);
+        count = count.wrapping_add(1);
         // The running statement, cancelled when the beat times out: a commit waiting for a
         // synchronous standby that is not there waits forever on the server (statement_timeout
         // does not bound it), and the pool's one connection would stay stuck behind it, the
@@ -726,58 +811,10 @@ async fn heartbeat(
                     .clone()
                     .map(|tls| leasehold_store::CancelHandle::with_tls(&c, tls));
             }
-            // A leader records its newest reading for data age first: a beat that fails later
-            // must not leave every node's data age growing while data flows.
-            let leading = me.lease.as_ref().and_then(|l| l.role().epoch());
-            let newest = status.newest_written();
-            let record = leading.filter(|e| Some(*e) != noted.0 || newest > noted.1);
-            if let Some(epoch) = record {
-                queries::note_newest(&**c, newest, epoch).await?;
-            }
-            queries::heartbeat(
-                &**c,
-                &queries::Heartbeat {
-                    holder_id: &me.holder_id,
-                    instance_id: &me.instance_id,
-                    role,
-                    mode: me.mode.as_str(),
-                    version: VERSION,
-                    http_url: Some(&me.http_url),
-                    started_at,
-                    mqtt_connected: mqtt.connected,
-                    session_lost_at: newer(now.0, reported.0).map(|_| Utc::now()),
-                    client_id_conflict_at: newer(now.1, reported.1).map(|_| Utc::now()),
-                    mqtt_client_id: me.client_id.as_ref().map(|c| c.id.as_str()),
-                    mqtt_client_id_source: me.client_id.as_ref().map(|c| c.source.as_str()),
-                    config_version: status.config().version,
-                    broker_reached_ago: match mqtt.connected {
-                        true => Some(0.0),
-                        false => mqtt.probe_reached.map(|t| t.elapsed().as_secs_f64()),
-                    },
-                },
-            )
-            .await?;
-            let alive = queries::alive(&**c).await?;
-            let age = queries::newest_data_age(&**c).await?;
-            let recorded = record.map(|e| (Some(e), newest));
-            Ok::<_, leasehold_store::StoreError>((alive.nodes as usize, age, recorded))
+            beats.beat(&c).await
         };
         match tokio::time::timeout(HEARTBEAT_EVERY, work).await {
-            Ok(Ok((alive_nodes, newest_data_age, recorded))) => {
-                reported = now;
-                if let Some(r) = recorded {
-                    noted = r;
-                }
-                status.update_cluster(|c| {
-                    c.alive_nodes = Some(alive_nodes);
-                    c.newest_data_age = newest_data_age;
-                });
-                events::ClusterRead {
-                    alive_nodes,
-                    newest_data_age,
-                }
-                .emit();
-            }
+            Ok(Ok(read)) => beats.read(read),
             Ok(Err(e)) => tracing::debug!(error = %e, "heartbeat failed"),
             Err(_) => {
                 tracing::debug!("heartbeat timed out");

@@ -43,6 +43,26 @@ pub struct Summary {
     pub dry_run: bool,
 }
 
+impl Summary {
+    /// A chunk of `taken` dead letters run again.
+    fn add(&mut self, taken: usize, done: Done) {
+        self.processed += taken as u64;
+        self.stored += done.replayed.len().saturating_sub(done.failing.len()) as u64;
+        for reason in done.failing.into_iter().chain(done.kept) {
+            *self.failing.entry(reason).or_default() += 1;
+        }
+    }
+
+    /// One dead letter whose row the database refused again.
+    fn add_refused(&mut self) {
+        self.processed += 1;
+        *self
+            .failing
+            .entry("rejected_by_database".into())
+            .or_default() += 1;
+    }
+}
+
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let failing: u64 = self.failing.values().sum();
@@ -70,6 +90,38 @@ const CHUNK: i64 = 500;
 /// Fenced chunks retried after reading the lease again (a failover in the middle).
 const FENCED_RETRIES: u32 = 20;
 
+/// The replay's own writer, its statement prepared for the routes that fit now (a dead letter
+/// of one that does not stays, as `route_unavailable` again), and each route's place in it.
+async fn replay_writer(
+    cfg: &Config,
+    url: &str,
+    routes: &[ResolvedRoute],
+    suspended: &[Option<String>],
+) -> anyhow::Result<(BatchWriter, Vec<Option<usize>>)> {
+    let mut w = BatchWriter::connect(
+        url,
+        format!("{} (replay)", cfg.instance_id),
+        Duration::from_secs(60),
+        cfg.cluster.redelivery_window,
+    )
+    .await?;
+    let mut stmt = Vec::new();
+    let to_stmt: Vec<Option<usize>> = routes
+        .iter()
+        .zip(suspended)
+        .map(|(r, why)| {
+            why.is_none().then(|| {
+                stmt.push(r.clone());
+                stmt.len() - 1
+            })
+        })
+        .collect();
+    if stmt.len() > 1 {
+        w.use_routes(stmt.into()).await?;
+    }
+    Ok((w, to_stmt))
+}
+
 /// Replays the dead letters `job` selects with `cfg` (the active configuration over this host's
 /// node settings). `progress` is called after each chunk.
 pub async fn run(
@@ -83,29 +135,7 @@ pub async fn run(
         .await
         .with_context(|| format!("cannot connect to {}", leasehold_config::redact_url(url)))?;
     let (routes, suspended) = resolve(&c, cfg).await?;
-    let mut w = BatchWriter::connect(
-        url,
-        format!("{} (replay)", cfg.instance_id),
-        Duration::from_secs(60),
-        cfg.cluster.redelivery_window,
-    )
-    .await?;
-    // The statement writes the routes that fit now; a dead letter of one that does not stays
-    // (as `route_unavailable` again).
-    let mut stmt = Vec::new();
-    let to_stmt: Vec<Option<usize>> = routes
-        .iter()
-        .zip(&suspended)
-        .map(|(r, why)| {
-            why.is_none().then(|| {
-                stmt.push(r.clone());
-                stmt.len() - 1
-            })
-        })
-        .collect();
-    if stmt.len() > 1 {
-        w.use_routes(stmt.into()).await?;
-    }
+    let (mut w, to_stmt) = replay_writer(cfg, url, &routes, &suspended).await?;
     let sel = Selection {
         route: job.route.clone(),
         reason: job.reason.clone(),
@@ -115,6 +145,14 @@ pub async fn run(
     let mut fence = read_fence(&c, &cfg.node.lease_name).await?;
     let decoder = Decoder::configured(cfg);
     let written_by = format!("{} (replay)", cfg.instance_id);
+    let shape = Shape {
+        decoder: &decoder,
+        written_by: &written_by,
+        routes: &routes,
+        suspended: &suspended,
+        to_stmt: &to_stmt,
+        max_payload_bytes: cfg.cluster.max_payload_bytes,
+    };
     let mut summary = Summary {
         dry_run,
         ..Summary::default()
@@ -126,16 +164,7 @@ pub async fn run(
     let mut fenced = 0u32;
     while let Some(item) = queue.pop_front() {
         w.begin().await?;
-        let locked = match &item {
-            None => {
-                w.lock_dead_letters(&sel, (after, upto), CHUNK, None)
-                    .await?
-            }
-            Some(ids) => {
-                w.lock_dead_letters(&sel, (0, upto), ids.len() as i64, Some(ids))
-                    .await?
-            }
-        };
+        let locked = lock(&mut w, &sel, item.as_deref(), after, upto).await?;
         if item.is_none() {
             match locked.last() {
                 Some(last) => {
@@ -153,23 +182,11 @@ pub async fn run(
             continue;
         }
         let ids: Vec<i64> = locked.iter().map(|d| d.id).collect();
-        let shape = Shape {
-            decoder: &decoder,
-            written_by: &written_by,
-            routes: &routes,
-            suspended: &suspended,
-            to_stmt: &to_stmt,
-            max_payload_bytes: cfg.cluster.max_payload_bytes,
-        };
         match attempt(&mut w, &fence, &locked, &shape).await {
             Ok(done) => {
                 w.delete_dead_letters(&done.replayed).await?;
                 w.finish(!dry_run).await?;
-                summary.processed += ids.len() as u64;
-                summary.stored += done.replayed.len().saturating_sub(done.failing.len()) as u64;
-                for reason in done.failing.into_iter().chain(done.kept) {
-                    *summary.failing.entry(reason).or_default() += 1;
-                }
+                summary.add(ids.len(), done);
             }
             Err(e) if e.is_row_error() && ids.len() > 1 => {
                 w.finish(false).await?;
@@ -183,11 +200,7 @@ pub async fn run(
                 w.begin().await?;
                 w.refuse_dead_letter(ids[0], &e.database_text()).await?;
                 w.finish(!dry_run).await?;
-                summary.processed += 1;
-                *summary
-                    .failing
-                    .entry("rejected_by_database".into())
-                    .or_default() += 1;
+                summary.add_refused();
             }
             Err(StoreError::Fenced { .. }) if fenced < FENCED_RETRIES => {
                 w.finish(false).await?;
@@ -206,6 +219,24 @@ pub async fn run(
         }
     }
     Ok(summary)
+}
+
+/// Locks the next chunk of the selection after id `after` (`ids`: `None`), or those dead letters
+/// again, in the open transaction.
+async fn lock(
+    w: &mut BatchWriter,
+    sel: &Selection,
+    ids: Option<&[i64]>,
+    after: i64,
+    upto: i64,
+) -> Result<Vec<StoredDeadLetter>, StoreError> {
+    match ids {
+        None => w.lock_dead_letters(sel, (after, upto), CHUNK, None).await,
+        Some(ids) => {
+            w.lock_dead_letters(sel, (0, upto), ids.len() as i64, Some(ids))
+                .await
+        }
+    }
 }
 
 /// The active routes, `telemetry` first, and why each does not fit the catalog now.
@@ -352,6 +383,24 @@ async fn attempt(
             later[i].extend(round.into_iter().filter_map(place));
         }
     }
+    write_parts(w, fence, rows, dead, later, &mut reasons).await?;
+    let failing = failing_by_id(reasons, &owner);
+    done.replayed = ids;
+    done.failing = failing.into_values().collect();
+    Ok(done)
+}
+
+/// Writes a chunk's rows and dead letters (the rows of a later round after the first), noting
+/// each reading that failed (a conflict, not stored) and forgetting each the statement found
+/// stored already.
+async fn write_parts(
+    w: &mut BatchWriter,
+    fence: &Fence,
+    rows: Vec<RouteRow>,
+    dead: Vec<DeadLetter>,
+    later: Vec<Vec<RouteRow>>,
+    reasons: &mut BTreeMap<usize, String>,
+) -> Result<(), StoreError> {
     let parts = std::iter::once((rows, dead)).chain(later.into_iter().map(|r| (r, Vec::new())));
     for (rows, dead) in parts {
         if rows.is_empty() && dead.is_empty() {
@@ -371,17 +420,19 @@ async fn attempt(
             reasons.remove(i);
         }
     }
-    // A dead letter fails again when any reading it holds does (one reason per dead letter,
-    // its first reading's): the others of it are stored, once, by the same statement.
+    Ok(())
+}
+
+/// A dead letter fails again when any reading it holds does (one reason per dead letter, its
+/// first reading's): the others of it are stored, once, by the same statement.
+fn failing_by_id(reasons: BTreeMap<usize, String>, owner: &[Vec<i64>]) -> BTreeMap<i64, String> {
     let mut failing: BTreeMap<i64, String> = BTreeMap::new();
     for (unit, reason) in reasons {
         for &id in owner.get(unit).map(Vec::as_slice).unwrap_or_default() {
             failing.entry(id).or_insert_with(|| reason.clone());
         }
     }
-    done.replayed = ids;
-    done.failing = failing.into_values().collect();
-    Ok(done)
+    failing
 }
 
 /// A dead letter to run again, and the ids of the dead letters it stands for.

@@ -122,31 +122,8 @@ impl Supervisor {
                     }
                 }
                 _ = unreachable => {
-                    // The broker is unreachable from here. Hand over only to a standby that
-                    // reaches it: when none does, a hand-over would move the lease for nothing
-                    // (and back again), so this node keeps it and says why.
-                    match self.standby_reaching_broker().await {
-                        Some(standby) => {
-                            tracing::error!(after = %leasehold_config::fmt_dur(step_down_after), standby = %standby, "leader cannot reach the broker: stepping down; a standby that reaches it takes over");
-                            self.status.update_mqtt(|m| m.keeps_lease = None);
-                            self.lease.step_down();
-                            // Wait for the role change rather than firing again.
-                            if role_rx.changed().await.is_err() {
-                                return Ok(());
-                            }
-                            role_rx.mark_changed();
-                        }
-                        None => {
-                            let why = format!(
-                                "cannot reach the broker for {} and no standby reached it within {} either: keeping the lease (the broker, the network to it or the credentials are at fault; a hand-over would not help)",
-                                leasehold_config::fmt_dur(step_down_after),
-                                leasehold_config::fmt_dur(REACHED_WITHIN)
-                            );
-                            if self.status.mqtt().keeps_lease.is_none() {
-                                tracing::error!("leader {why}");
-                            }
-                            self.status.update_mqtt(|m| m.keeps_lease = Some(why));
-                        }
+                    if !self.broker_unreachable(&mut role_rx, step_down_after).await {
+                        return Ok(());
                     }
                 }
                 changed = active.changed(), if follow => {
@@ -160,17 +137,7 @@ impl Supervisor {
                         (a.cfg.cluster.max_payload_bytes, a.cfg.sparkplug_host_id(&self.client_id.id))
                     };
                     if let Some(t) = term.take() {
-                        term = Some(if t.max_payload_bytes == max && t.sparkplug_host == host {
-                            t
-                        } else {
-                            // A new packet limit or a new Sparkplug STATE (and will) needs a new
-                            // connection: hand the term over to a new one (intake stops, the
-                            // writer commits and acks, DISCONNECT).
-                            tracing::info!(max_payload_bytes = max, sparkplug_host_id = host.as_deref(), "MAX_PAYLOAD_BYTES or the Sparkplug host changed: restarting the leadership term on a new broker connection");
-                            let epoch = t.epoch;
-                            self.drain(t).await;
-                            self.start_term(epoch)
-                        });
+                        term = Some(self.reconnect_if_needed(t, max, host).await);
                     }
                 }
                 _ = ended => {
@@ -192,6 +159,52 @@ impl Supervisor {
                 }
             }
         }
+    }
+
+    /// The broker unreachable for `step_down_after`: hands over only to a standby that reaches
+    /// it; when none does, a hand-over would move the lease for nothing (and back again), so
+    /// this node keeps it and says why. False when the lease task is gone.
+    async fn broker_unreachable(
+        &self,
+        role_rx: &mut watch::Receiver<Role>,
+        step_down_after: Duration,
+    ) -> bool {
+        match self.standby_reaching_broker().await {
+            Some(standby) => {
+                tracing::error!(after = %leasehold_config::fmt_dur(step_down_after), standby = %standby, "leader cannot reach the broker: stepping down; a standby that reaches it takes over");
+                self.status.update_mqtt(|m| m.keeps_lease = None);
+                self.lease.step_down();
+                // Wait for the role change rather than firing again.
+                if role_rx.changed().await.is_err() {
+                    return false;
+                }
+                role_rx.mark_changed();
+            }
+            None => {
+                let why = format!(
+                    "cannot reach the broker for {} and no standby reached it within {} either: keeping the lease (the broker, the network to it or the credentials are at fault; a hand-over would not help)",
+                    leasehold_config::fmt_dur(step_down_after),
+                    leasehold_config::fmt_dur(REACHED_WITHIN)
+                );
+                if self.status.mqtt().keeps_lease.is_none() {
+                    tracing::error!("leader {why}");
+                }
+                self.status.update_mqtt(|m| m.keeps_lease = Some(why));
+            }
+        }
+        true
+    }
+
+    /// A new packet limit or a new Sparkplug STATE (and will) needs a new connection: the term
+    /// is handed over to a new one (intake stops, the writer commits and acks, DISCONNECT).
+    async fn reconnect_if_needed(&self, t: Term, max: usize, host: Option<String>) -> Term {
+        if t.max_payload_bytes == max && t.sparkplug_host == host {
+            return t;
+        }
+        tracing::info!(max_payload_bytes = max, sparkplug_host_id = host.as_deref(), "MAX_PAYLOAD_BYTES or the Sparkplug host changed: restarting the leadership term on a new broker connection");
+        let epoch = t.epoch;
+        self.drain(t).await;
+        self.start_term(epoch)
     }
 
     /// A standby alive that reached the broker within [`REACHED_WITHIN`], by name. When that
@@ -217,6 +230,57 @@ impl Supervisor {
                 Some("(unknown)".into())
             }
             Err(_) => Some("(unknown)".into()),
+        }
+    }
+
+    /// The term's writer settings, from the active configuration.
+    fn writer_config(&self, active: &crate::cluster_config::Active) -> WriterConfig {
+        let cfg = &active.cfg;
+        WriterConfig {
+            database_url: cfg
+                .node
+                .database_url
+                .as_deref()
+                .unwrap_or_default()
+                .to_string(),
+            instance_id: cfg.instance_id.clone(),
+            batch_max_rows: cfg.cluster.batch_max_rows,
+            batch_max_bytes: crate::writer::batch_bytes(cfg),
+            batch_max_wait: cfg.cluster.batch_max_wait,
+            max_payload_bytes: cfg.cluster.max_payload_bytes,
+            decoder: Decoder::configured(cfg),
+            redelivery_window: cfg.cluster.redelivery_window,
+            max_pending: cfg.max_pending,
+            // A backstop only: the lease deadline cancels a hung write (on the server too)
+            // long before this.
+            statement_timeout: cfg.lease.ttl,
+            routes: active.routes.clone(),
+            suspended: active.suspended.clone(),
+            require_sync_replication: cfg.node.require_sync_replication,
+            sparkplug_host_id: cfg.sparkplug_host_id(&self.client_id.id),
+        }
+    }
+
+    /// The tasks beside a term, not part of it (a refused or slow claim never ends or delays
+    /// it): the claim on the client id, and `telemetry`'s partitions under the term's fence.
+    fn spawn_beside(&self, cfg: &Config, epoch: i64, fence: &Fence, hard: &CancellationToken) {
+        if let Some(pool) = &self.pool {
+            tokio::spawn(crate::checks::claim(
+                cfg.clone(),
+                self.client_id.id.clone(),
+                self.cluster_id.clone(),
+                pool.clone(),
+                epoch,
+                hard.clone(),
+            ));
+        }
+        if let Some(url) = cfg.node.database_url.as_deref() {
+            tokio::spawn(crate::partitions::maintain(
+                url.to_string(),
+                fence.clone(),
+                self.active.clone(),
+                hard.clone(),
+            ));
         }
     }
 
@@ -250,29 +314,7 @@ impl Supervisor {
             None => ingest,
         };
         let writer = Writer {
-            cfg: WriterConfig {
-                database_url: cfg
-                    .node
-                    .database_url
-                    .as_deref()
-                    .unwrap_or_default()
-                    .to_string(),
-                instance_id: cfg.instance_id.clone(),
-                batch_max_rows: cfg.cluster.batch_max_rows,
-                batch_max_bytes: crate::writer::batch_bytes(cfg),
-                batch_max_wait: cfg.cluster.batch_max_wait,
-                max_payload_bytes: cfg.cluster.max_payload_bytes,
-                decoder: Decoder::configured(cfg),
-                redelivery_window: cfg.cluster.redelivery_window,
-                max_pending: cfg.max_pending,
-                // A backstop only: the lease deadline cancels a hung write (on the server too)
-                // long before this.
-                statement_timeout: cfg.lease.ttl,
-                routes: active.routes.clone(),
-                suspended: active.suspended.clone(),
-                require_sync_replication: cfg.node.require_sync_replication,
-                sparkplug_host_id: cfg.sparkplug_host_id(&self.client_id.id),
-            },
+            cfg: self.writer_config(&active),
             fence: fence.clone(),
             rx,
             acker,
@@ -282,26 +324,7 @@ impl Supervisor {
         };
         let broker = ingest.connected();
         self.lease.set_term_active(true);
-        // Beside the term, not part of it: a refused or slow claim never ends or delays it.
-        if let Some(pool) = &self.pool {
-            tokio::spawn(crate::checks::claim(
-                cfg.clone(),
-                self.client_id.id.clone(),
-                self.cluster_id.clone(),
-                pool.clone(),
-                epoch,
-                hard.clone(),
-            ));
-        }
-        // Beside the term too: `telemetry`'s partitions, under this term's fence.
-        if let Some(url) = cfg.node.database_url.as_deref() {
-            tokio::spawn(crate::partitions::maintain(
-                url.to_string(),
-                fence.clone(),
-                self.active.clone(),
-                hard.clone(),
-            ));
-        }
+        self.spawn_beside(cfg, epoch, &fence, &hard);
         let (h, d, end) = (hard.clone(), drain.clone(), ended.clone());
         tracker.spawn(async move {
             let _end = end.drop_guard();

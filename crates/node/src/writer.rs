@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use leasehold_config::Format;
-use leasehold_decode::sparkplug::{self, Change, Happened, Host, NodeKey};
+use leasehold_decode::sparkplug::{self, Change, Happened, Host, Node, NodeKey};
 use leasehold_decode::Decoder;
 use leasehold_ingest::{Acker, Inbound, Publisher};
 use leasehold_store::routes::ResolvedRoute;
@@ -390,22 +390,7 @@ impl Writer {
     }
 
     async fn run_term(&mut self, cancel: CancellationToken) -> Result<(), WriterError> {
-        let mut conn = Conn::new(
-            std::iter::once(ResolvedRoute::telemetry())
-                .chain(self.cfg.routes.iter().cloned())
-                .collect(),
-            self.initial_suspensions(),
-        );
-        self.report_suspensions(&conn);
-        // A route suspended under an earlier term (of this node or another) that fits now
-        // has its route_unavailable dead letters replayed by this one.
-        for k in 1..conn.routes.len() {
-            if conn.suspended[k].is_none() {
-                self.replay_resumed(conn.routes[k].spec.name.clone());
-            }
-        }
-        self.status
-            .update_routes(|counts| show_routes(counts, &conn.routes[1..]));
+        let mut conn = self.open_term();
         // Whether the last commit was confirmed on a synchronous standby (REQUIRE_SYNC_REPLICATION):
         // until then, each batch first waits for replication to be in place.
         let mut replicated = false;
@@ -478,15 +463,11 @@ impl Writer {
                     }
                     .emit();
                     if !self
-                        .record_sparkplug(&mut conn, &mut sparkplug, &cancel, &mut retry)
+                        .acknowledge(&mut conn, &mut sparkplug, batch, &cancel, &mut retry)
                         .await?
                     {
                         return Ok(());
                     }
-                    if !self.after_commit(&mut conn, &cancel).await? {
-                        return Ok(());
-                    }
-                    self.acker.ack(batch);
                 }
                 Err(Stop::Cancelled) => return Ok(()),
                 Err(Stop::Fenced(epoch)) => {
@@ -495,6 +476,51 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// The term's routes, with the suspensions earlier terms left.
+    fn open_term(&self) -> Conn {
+        let conn = Conn::new(
+            std::iter::once(ResolvedRoute::telemetry())
+                .chain(self.cfg.routes.iter().cloned())
+                .collect(),
+            self.initial_suspensions(),
+        );
+        self.report_suspensions(&conn);
+        // A route suspended under an earlier term (of this node or another) that fits now
+        // has its route_unavailable dead letters replayed by this one.
+        for k in 1..conn.routes.len() {
+            if conn.suspended[k].is_none() {
+                self.replay_resumed(conn.routes[k].spec.name.clone());
+            }
+        }
+        self.status
+            .update_routes(|counts| show_routes(counts, &conn.routes[1..]));
+        conn
+    }
+
+    /// After a batch committed: records its Sparkplug B changes, confirms the commit (where
+    /// replication is required) and only then acknowledges its messages. `Ok(false)` when
+    /// cancelled meanwhile, the batch unacknowledged.
+    async fn acknowledge(
+        &self,
+        conn: &mut Conn,
+        sparkplug: &mut Sparkplug,
+        batch: Vec<Inbound>,
+        cancel: &CancellationToken,
+        retry: &mut Backoff,
+    ) -> Result<bool, WriterError> {
+        if !self
+            .record_sparkplug(conn, sparkplug, cancel, retry)
+            .await?
+        {
+            return Ok(false);
+        }
+        if !self.after_commit(conn, cancel).await? {
+            return Ok(false);
+        }
+        self.acker.ack(batch);
+        Ok(true)
     }
 
     /// Whether `batch` holds a message of a `sparkplug_b` topic.
@@ -549,15 +575,61 @@ impl Writer {
         cancel: &CancellationToken,
         retry: &mut Backoff,
     ) -> Result<bool, WriterError> {
-        let Some(host) = sp.host.as_mut() else {
+        let Sparkplug {
+            host,
+            asked,
+            recent,
+        } = sp;
+        let Some(host) = host.as_mut() else {
             return Ok(true);
         };
         let changes = host.take_changes();
+        if !self.store_sparkplug(conn, &changes, cancel, retry).await? {
+            return Ok(false);
+        }
+        let happened = host.take_happened();
+        for h in &happened {
+            match h {
+                Happened::Birth { node, device } => {
+                    // Born again: a new reason to ask is asked at once.
+                    if device.is_none() {
+                        asked.remove(node);
+                    }
+                    events::SparkplugBirth {
+                        node: &format!("{}/{}", node.0, node.1),
+                        device: device.as_deref(),
+                    }
+                    .emit()
+                }
+                Happened::Death { node, device } => events::SparkplugDeath {
+                    node: &format!("{}/{}", node.0, node.1),
+                    device: device.as_deref(),
+                }
+                .emit(),
+            }
+        }
+        let sent = self.ask_rebirths(asked, recent, host.take_rebirths());
+        // A sequence number alone changes nothing shown: no walk over every edge node then.
+        if changes.iter().any(|(_, c, _)| *c == Change::Whole) || !happened.is_empty() || sent > 0 {
+            self.show_sparkplug(host, sent);
+        }
+        Ok(true)
+    }
+
+    /// Records a batch's changes of the edge nodes under the fence, retrying what the database
+    /// may answer later. `Ok(false)` when cancelled meanwhile.
+    async fn store_sparkplug(
+        &self,
+        conn: &mut Conn,
+        changes: &[(NodeKey, Change, Node)],
+        cancel: &CancellationToken,
+        retry: &mut Backoff,
+    ) -> Result<bool, WriterError> {
         while !changes.is_empty() {
             let recorded = tokio::select! {
                 _ = cancel.cancelled() => return Ok(false),
                 r = async {
-                    self.connection(conn).await?.record_sparkplug(&self.fence, &changes).await
+                    self.connection(conn).await?.record_sparkplug(&self.fence, changes).await
                 } => r,
             };
             match recorded {
@@ -581,38 +653,27 @@ impl Writer {
                 }
             }
         }
-        let happened = host.take_happened();
-        for h in &happened {
-            match h {
-                Happened::Birth { node, device } => {
-                    // Born again: a new reason to ask is asked at once.
-                    if device.is_none() {
-                        sp.asked.remove(node);
-                    }
-                    events::SparkplugBirth {
-                        node: &format!("{}/{}", node.0, node.1),
-                        device: device.as_deref(),
-                    }
-                    .emit()
-                }
-                Happened::Death { node, device } => events::SparkplugDeath {
-                    node: &format!("{}/{}", node.0, node.1),
-                    device: device.as_deref(),
-                }
-                .emit(),
-            }
-        }
+        Ok(true)
+    }
+
+    /// Publishes the rebirth requests `wanted`, each edge node asked at most once per
+    /// `REBIRTH_EVERY` and `REBIRTH_STORM_ASKS` times per `REBIRTH_STORM`. Returns how many went.
+    fn ask_rebirths(
+        &self,
+        asked: &mut HashMap<NodeKey, Instant>,
+        recent: &mut HashMap<NodeKey, VecDeque<Instant>>,
+        wanted: Vec<NodeKey>,
+    ) -> u64 {
         let now = Instant::now();
-        let mut asked = 0;
-        for key in host.take_rebirths() {
-            if sp
-                .asked
+        let mut sent_count = 0;
+        for key in wanted {
+            if asked
                 .get(&key)
                 .is_some_and(|at| now.duration_since(*at) < REBIRTH_EVERY)
             {
                 continue;
             }
-            let recent = sp.recent.entry(key.clone()).or_default();
+            let recent = recent.entry(key.clone()).or_default();
             while recent
                 .front()
                 .is_some_and(|at| now.duration_since(*at) >= REBIRTH_STORM)
@@ -635,16 +696,11 @@ impl Writer {
             }
             .emit();
             if sent {
-                sp.asked.insert(key, now);
-                asked += 1;
+                asked.insert(key, now);
+                sent_count += 1;
             }
         }
-        // A sequence number alone changes nothing shown: no walk over every edge node then.
-        if changes.iter().any(|(_, c, _)| *c == Change::Whole) || !happened.is_empty() || asked > 0
-        {
-            self.show_sparkplug(host, asked);
-        }
-        Ok(true)
+        sent_count
     }
 
     /// The host's edge nodes in the status and the metrics.
