@@ -338,37 +338,9 @@ impl Reader<'_> {
     /// relative to receipt; 0: the receipt itself), values `bv + v`, sums `bs + s`. The records
     /// of one device at one instant are one reading.
     fn senml(&self, payload: &Bytes, received_at: DateTime<Utc>) -> Vec<Unit> {
-        let topic = self.topic;
-        let bad = |m: String| vec![Unit::refused(payload.clone(), DecodeError::BadSenml(m))];
-        let records: Vec<Map<String, Value>> = match serde_json::from_slice::<Value>(payload) {
-            Ok(Value::Array(items)) => {
-                let mut out = Vec::with_capacity(items.len());
-                for (k, item) in items.into_iter().enumerate() {
-                    match item {
-                        Value::Object(o) => out.push(o),
-                        other => {
-                            return bad(format!(
-                                "record {} is {}, not an object",
-                                k + 1,
-                                crate::kind(&other)
-                            ))
-                        }
-                    }
-                }
-                out
-            }
-            Ok(other) => {
-                return bad(format!(
-                    "a SenML pack is a JSON array of records, got {}",
-                    crate::kind(&other)
-                ))
-            }
-            Err(e) => {
-                return vec![Unit::refused(
-                    payload.clone(),
-                    DecodeError::NotJson(e.to_string()),
-                )]
-            }
+        let records = match senml_records(payload) {
+            Ok(records) => records,
+            Err(e) => return vec![Unit::refused(payload.clone(), e)],
         };
         let n = records.len();
         if n > crate::MAX_READINGS {
@@ -377,11 +349,9 @@ impl Reader<'_> {
                 DecodeError::TooManyReadings { n },
             )];
         }
-        let topic_device = self.pattern.device_id(topic).map(str::to_string);
+        let topic_device = self.pattern.device_id(self.topic).map(str::to_string);
         let mut base = Base::default();
-        let mut groups: Vec<Group> = Vec::new();
-        // (device, time) -> the latest group with that key (the only one a record may join).
-        let mut latest: HashMap<(Option<String>, Option<DateTime<Utc>>), usize> = HashMap::new();
+        let mut gathered = Gathered::default();
         let mut units = Vec::new();
         for (k, r) in records.iter().enumerate() {
             let label = format!("record {} of {n}", k + 1);
@@ -398,18 +368,7 @@ impl Reader<'_> {
                     continue;
                 }
             };
-            let (device, field) = match &topic_device {
-                Some(d) => (Some(d.clone()), format!("{}{}", resolved.bn, resolved.n)),
-                None => {
-                    let d = resolved.bn.trim_end_matches([':', '/']).to_string();
-                    (Some(d).filter(|d| !d.is_empty()), resolved.n.clone())
-                }
-            };
-            let field = if field.is_empty() {
-                "value".to_string()
-            } else {
-                field
-            };
+            let (device, field) = resolved.names(topic_device.as_deref());
             if RESERVED.contains(&field.as_str()) {
                 let raw = Bytes::from(Value::Array(vec![resolved.record(true)]).to_string());
                 let e = DecodeError::BadSenml(format!(
@@ -418,76 +377,75 @@ impl Reader<'_> {
                 units.push(Unit::refused_part(raw, Some(label), e));
                 continue;
             }
-            let mut fields = Vec::with_capacity(3);
-            if !resolved.value.is_null() {
-                fields.push((field.clone(), resolved.value.clone()));
-            }
-            if let Some(s) = &resolved.sum {
-                fields.push((format!("{field}_sum"), s.clone()));
-            }
-            if let Some(u) = &resolved.unit {
-                fields.push((format!("{field}_unit"), Value::String(u.clone())));
-            }
-            let key = (device.clone(), resolved.time);
-            let at = latest
-                .get(&key)
-                .copied()
-                .filter(|&i| groups[i].agrees(&fields));
-            let g = match at {
-                Some(i) => &mut groups[i],
-                None => {
-                    latest.insert(key, groups.len());
-                    groups.push(Group {
-                        device: device.clone(),
-                        time: resolved.time,
-                        fields: Map::new(),
-                        records: Vec::new(),
-                        labels: Vec::new(),
-                        bn: None,
-                    });
-                    groups.last_mut().expect("just pushed")
-                }
-            };
-            g.fields.extend(fields);
-            // The base fields again on a record whose base name changed within the group (a
-            // device named by the topic keeps one reading across base names).
-            let base = g.bn.as_deref() != Some(resolved.bn.as_str());
-            g.bn = Some(resolved.bn.clone());
-            g.records.push(resolved.record(base));
-            g.labels.push(k + 1);
+            let fields = resolved.fields(&field);
+            gathered.add(device, fields, &resolved, k + 1);
         }
-        for g in groups {
-            let mut object = g.fields;
-            if let Some(t) = g.time {
-                object.insert(
-                    "ts".into(),
-                    Value::String(t.to_rfc3339_opts(SecondsFormat::Micros, true)),
-                );
-            }
-            if topic_device.is_none() {
-                if let Some(d) = &g.device {
-                    object.insert("device_id".into(), Value::String(d.clone()));
-                }
-            }
-            let reading = Bytes::from(Value::Object(object).to_string());
-            let raw = Bytes::from(Value::Array(g.records).to_string());
-            let label = records_label(&g.labels, n);
-            let decoded = match contains_nul_escape(&reading) {
-                true => Err(DecodeError::NulEscape),
-                false => self.parse(&reading),
-            };
-            units.push(Unit {
-                payload: reading,
-                raw,
-                label: Some(label),
-                decoded: Some(decoded),
-            });
+        for g in gathered.groups {
+            units.push(self.senml_unit(g, topic_device.is_none(), n));
         }
         if units.is_empty() {
             let e = DecodeError::NoReadings("the SenML pack holds no value".into());
             return vec![Unit::refused(payload.clone(), e)];
         }
         units
+    }
+
+    /// A SenML reading as a unit of a pack of `n` records, its dead letter the reading's own
+    /// records (base fields resolved); `with_device`: its device is named by the records, not
+    /// by the topic, so the reading carries it.
+    fn senml_unit(&self, g: Group, with_device: bool, n: usize) -> Unit {
+        let mut object = g.fields;
+        if let Some(t) = g.time {
+            object.insert(
+                "ts".into(),
+                Value::String(t.to_rfc3339_opts(SecondsFormat::Micros, true)),
+            );
+        }
+        if with_device {
+            if let Some(d) = &g.device {
+                object.insert("device_id".into(), Value::String(d.clone()));
+            }
+        }
+        let reading = Bytes::from(Value::Object(object).to_string());
+        let raw = Bytes::from(Value::Array(g.records).to_string());
+        let label = records_label(&g.labels, n);
+        let decoded = match contains_nul_escape(&reading) {
+            true => Err(DecodeError::NulEscape),
+            false => self.parse(&reading),
+        };
+        Unit {
+            payload: reading,
+            raw,
+            label: Some(label),
+            decoded: Some(decoded),
+        }
+    }
+}
+
+/// A SenML pack's records: the message is refused whole unless it is a JSON array of objects.
+fn senml_records(payload: &[u8]) -> Result<Vec<Map<String, Value>>, DecodeError> {
+    match serde_json::from_slice::<Value>(payload) {
+        Ok(Value::Array(items)) => {
+            let mut out = Vec::with_capacity(items.len());
+            for (k, item) in items.into_iter().enumerate() {
+                match item {
+                    Value::Object(o) => out.push(o),
+                    other => {
+                        return Err(DecodeError::BadSenml(format!(
+                            "record {} is {}, not an object",
+                            k + 1,
+                            crate::kind(&other)
+                        )))
+                    }
+                }
+            }
+            Ok(out)
+        }
+        Ok(other) => Err(DecodeError::BadSenml(format!(
+            "a SenML pack is a JSON array of records, got {}",
+            crate::kind(&other)
+        ))),
+        Err(e) => Err(DecodeError::NotJson(e.to_string())),
     }
 }
 
@@ -663,6 +621,40 @@ impl Resolved {
         }
         Value::Object(m)
     }
+
+    /// The record's device and field. A device named by the topic takes the whole name
+    /// (`bn + n`) as the field; otherwise the base name, without its separator, is the device.
+    /// A record without a name is its device's `value`.
+    fn names(&self, topic_device: Option<&str>) -> (Option<String>, String) {
+        let (device, field) = match topic_device {
+            Some(d) => (Some(d.to_string()), format!("{}{}", self.bn, self.n)),
+            None => {
+                let d = self.bn.trim_end_matches([':', '/']).to_string();
+                (Some(d).filter(|d| !d.is_empty()), self.n.clone())
+            }
+        };
+        let field = if field.is_empty() {
+            "value".to_string()
+        } else {
+            field
+        };
+        (device, field)
+    }
+
+    /// The fields the record gives its reading: `field` its value, `field_sum`, `field_unit`.
+    fn fields(&self, field: &str) -> Vec<(String, Value)> {
+        let mut fields = Vec::with_capacity(3);
+        if !self.value.is_null() {
+            fields.push((field.to_string(), self.value.clone()));
+        }
+        if let Some(s) = &self.sum {
+            fields.push((format!("{field}_sum"), s.clone()));
+        }
+        if let Some(u) = &self.unit {
+            fields.push((format!("{field}_unit"), Value::String(u.clone())));
+        }
+        fields
+    }
 }
 
 fn number(f: f64) -> Value {
@@ -800,6 +792,55 @@ impl Group {
         fields
             .iter()
             .all(|(k, v)| self.fields.get(k).is_none_or(|w| w == v))
+    }
+}
+
+/// The readings of a SenML pack being gathered, in the order they began.
+#[derive(Default)]
+struct Gathered {
+    groups: Vec<Group>,
+    /// (device, time) -> the latest group with that key (the only one a record may join).
+    latest: HashMap<(Option<String>, Option<DateTime<Utc>>), usize>,
+}
+
+impl Gathered {
+    /// Record `label` (its number in the pack) into the latest reading of its device and
+    /// instant, if its fields agree with that one's, else into a new reading.
+    fn add(
+        &mut self,
+        device: Option<String>,
+        fields: Vec<(String, Value)>,
+        resolved: &Resolved,
+        label: usize,
+    ) {
+        let key = (device.clone(), resolved.time);
+        let at = self
+            .latest
+            .get(&key)
+            .copied()
+            .filter(|&i| self.groups[i].agrees(&fields));
+        let g = match at {
+            Some(i) => &mut self.groups[i],
+            None => {
+                self.latest.insert(key, self.groups.len());
+                self.groups.push(Group {
+                    device: device.clone(),
+                    time: resolved.time,
+                    fields: Map::new(),
+                    records: Vec::new(),
+                    labels: Vec::new(),
+                    bn: None,
+                });
+                self.groups.last_mut().expect("just pushed")
+            }
+        };
+        g.fields.extend(fields);
+        // The base fields again on a record whose base name changed within the group (a
+        // device named by the topic keeps one reading across base names).
+        let base = g.bn.as_deref() != Some(resolved.bn.as_str());
+        g.bn = Some(resolved.bn.clone());
+        g.records.push(resolved.record(base));
+        g.labels.push(label);
     }
 }
 

@@ -323,232 +323,314 @@ impl Host {
             }
         };
         let key: NodeKey = (group.to_string(), node.to_string());
-        let name = format!("{group}/{node}");
+        let m = Msg {
+            kind,
+            device,
+            name: format!("{group}/{node}"),
+            p,
+            raw: payload,
+            dup,
+        };
         match kind {
-            Kind::NBirth => {
-                let bd_seq = p
-                    .metrics
-                    .iter()
-                    .find(|m| m.name.as_deref() == Some(BD_SEQ))
-                    .and_then(int_of);
-                let defs = match birth_defs(&p.metrics) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        // Nothing of the node's earlier births may be applied to what follows.
-                        let n = self.nodes.entry(key.clone()).or_default();
-                        n.online = true;
-                        n.stale = true;
-                        n.seq = p.seq.map(|s| s as u8);
-                        n.bd_seq = bd_seq;
-                        mark(&mut self.changed, &key, Change::Whole);
-                        self.rebirths.push(key);
-                        return refused(DecodeError::BadSparkplug(format!(
-                            "{e}; rebirth requested"
-                        )));
-                    }
-                };
-                if dup
-                    && self.nodes.get(&key).is_some_and(|n| {
-                        n.online && n.bd_seq == bd_seq && n.metrics == defs && !n.stale
-                    })
-                {
-                    // The same birth again (a redelivery): its reading, the state as it is.
-                    return reading(&name, &p, &defs, payload);
-                }
-                let at = p.timestamp.and_then(millis);
-                let prev = self.nodes.remove(&key).unwrap_or_default();
-                // A new session: every device must be born again before its data is read.
-                let devices = prev
-                    .devices
-                    .into_iter()
-                    .map(|(d, dev)| {
-                        (
-                            d,
-                            Device {
-                                online: false,
-                                metrics: Defs::default(),
-                                ..dev
-                            },
-                        )
-                    })
-                    .collect();
-                self.nodes.insert(
-                    key.clone(),
-                    Node {
-                        online: true,
-                        bd_seq,
-                        seq: p.seq.map(|s| s as u8),
-                        stale: false,
-                        birth_at: at.or(prev.birth_at),
-                        death_at: prev.death_at,
-                        metrics: defs,
-                        devices,
-                    },
-                );
-                mark(&mut self.changed, &key, Change::Whole);
-                self.happened.push(Happened::Birth {
-                    node: key.clone(),
-                    device: None,
-                });
-                let defs = &self.nodes[&key].metrics;
-                reading(&name, &p, defs, payload)
-            }
+            Kind::NBirth => self.nbirth(key, &m),
             Kind::NDeath => {
-                let bd_seq = p
-                    .metrics
-                    .iter()
-                    .find(|m| m.name.as_deref() == Some(BD_SEQ))
-                    .and_then(int_of);
-                if let Some(n) = self.nodes.get_mut(&key) {
-                    // The will of an earlier session arriving late: not this session's death.
-                    let earlier = matches!((bd_seq, n.bd_seq), (Some(a), Some(b)) if a != b);
-                    if n.online && !earlier {
-                        n.online = false;
-                        // When it was received: a will carries its connection's time.
-                        n.death_at = Some(Utc::now());
-                        for d in n.devices.values_mut() {
-                            d.online = false;
-                        }
-                        mark(&mut self.changed, &key, Change::Whole);
-                        self.happened.push(Happened::Death {
-                            node: key.clone(),
-                            device: None,
-                        });
-                    }
-                }
+                self.ndeath(key, bd_seq(&m.p));
                 Vec::new()
             }
-            Kind::NData | Kind::DBirth | Kind::DData | Kind::DDeath => {
-                let Some(n) = self.nodes.get_mut(&key).filter(|n| n.online) else {
-                    self.rebirths.push(key);
-                    return refused(DecodeError::NoBirth(format!(
-                        "no NBIRTH of edge node {name} is held (it was never seen or died since); rebirth requested"
-                    )));
-                };
-                if n.stale {
-                    self.rebirths.push(key.clone());
-                    if let Some(s) = p.seq {
-                        n.seq = Some(s as u8);
-                        mark(&mut self.changed, &key, Change::Seq);
-                    }
-                    return refused(DecodeError::SequenceGap(format!(
-                        "edge node {name} lost messages before this one; waiting for the rebirth requested"
-                    )));
-                }
-                // A redelivery of a message already read (at or up to half the sequence behind
-                // the last one): read again with the births in force, the state left as it is;
-                // the table settles it as a duplicate.
-                let redelivered = dup
-                    && matches!((n.seq, p.seq),
-                        (Some(last), Some(s)) if s <= 255 && last.wrapping_sub(s as u8) < 128);
-                if !redelivered {
-                    if let (Some(last), Some(s)) = (n.seq, p.seq) {
-                        let want = last.wrapping_add(1);
-                        if s != u64::from(want) {
-                            n.seq = Some(s as u8);
-                            n.stale = true;
-                            mark(&mut self.changed, &key, Change::Whole);
-                            self.rebirths.push(key);
-                            return refused(DecodeError::SequenceGap(format!(
-                                "edge node {name}: seq {s} after {last}, {want} expected: messages were lost; rebirth requested"
-                            )));
-                        }
-                    }
-                    if let Some(s) = p.seq {
-                        n.seq = Some(s as u8);
-                        mark(&mut self.changed, &key, Change::Seq);
-                    }
-                }
-                match (kind, device) {
-                    (Kind::NData, _) => {
-                        let units = reading(&name, &p, &n.metrics, payload);
-                        match redelivered {
-                            true => units,
-                            false => self.unknown_alias(&key, units),
-                        }
-                    }
-                    (Kind::DBirth, Some(d)) => {
-                        let full = format!("{name}/{d}");
-                        let defs = match birth_defs(&p.metrics) {
-                            Ok(defs) => defs,
-                            Err(e) if redelivered => return refused(DecodeError::BadSparkplug(e)),
-                            Err(e) => {
-                                // The device's earlier birth no longer holds either.
-                                if let Some(dev) = n.devices.get_mut(d) {
-                                    dev.online = false;
-                                    dev.metrics = Defs::default();
-                                }
-                                mark(&mut self.changed, &key, Change::Whole);
-                                self.rebirths.push(key);
-                                return refused(DecodeError::BadSparkplug(format!(
-                                    "{e}; rebirth requested"
-                                )));
-                            }
-                        };
-                        let units = reading(&full, &p, &defs, payload);
-                        if !redelivered {
-                            let at = p.timestamp.and_then(millis);
-                            let dev = n.devices.entry(d.to_string()).or_default();
-                            dev.online = true;
-                            dev.birth_at = at.or(dev.birth_at);
-                            dev.metrics = defs;
-                            mark(&mut self.changed, &key, Change::Whole);
-                            self.happened.push(Happened::Birth {
-                                node: key.clone(),
-                                device: Some(d.to_string()),
-                            });
-                        }
-                        units
-                    }
-                    (Kind::DData, Some(d)) => {
-                        let full = format!("{name}/{d}");
-                        let Some(dev) = n.devices.get(d).filter(|x| x.online) else {
-                            let asked = match redelivered {
-                                true => "",
-                                false => {
-                                    self.rebirths.push(key);
-                                    "; rebirth requested"
-                                }
-                            };
-                            return refused(DecodeError::NoBirth(format!(
-                                "no DBIRTH of device {full} is held (it was never seen or died since){asked}"
-                            )));
-                        };
-                        let units = reading(&full, &p, &dev.metrics, payload);
-                        match redelivered {
-                            true => units,
-                            false => self.unknown_alias(&key, units),
-                        }
-                    }
-                    (Kind::DDeath, Some(d)) if !redelivered => {
-                        if let Some(dev) = n.devices.get_mut(d).filter(|x| x.online) {
-                            dev.online = false;
-                            dev.death_at = Some(Utc::now());
-                            mark(&mut self.changed, &key, Change::Whole);
-                            self.happened.push(Happened::Death {
-                                node: key.clone(),
-                                device: Some(d.to_string()),
-                            });
-                        }
-                        Vec::new()
-                    }
-                    _ => Vec::new(),
-                }
-            }
+            Kind::NData | Kind::DBirth | Kind::DData | Kind::DDeath => self.data(key, &m),
             Kind::NCmd | Kind::DCmd => Vec::new(),
         }
     }
 
+    /// An NBIRTH starts a new session of the edge node, whose data is read by its definitions
+    /// from now on; a redelivery of the birth in force is only read again.
+    fn nbirth(&mut self, key: NodeKey, m: &Msg<'_>) -> Vec<Unit> {
+        let bd_seq = bd_seq(&m.p);
+        let defs = match birth_defs(&m.p.metrics) {
+            Ok(d) => d,
+            Err(e) => {
+                // Nothing of the node's earlier births may be applied to what follows.
+                let n = self.nodes.entry(key.clone()).or_default();
+                n.online = true;
+                n.stale = true;
+                n.seq = m.p.seq.map(|s| s as u8);
+                n.bd_seq = bd_seq;
+                mark(&mut self.changed, &key, Change::Whole);
+                self.rebirths.push(key);
+                return m.refused(DecodeError::BadSparkplug(format!("{e}; rebirth requested")));
+            }
+        };
+        if m.dup
+            && self
+                .nodes
+                .get(&key)
+                .is_some_and(|n| n.online && n.bd_seq == bd_seq && n.metrics == defs && !n.stale)
+        {
+            // The same birth again (a redelivery): its reading, the state as it is.
+            return reading(&m.name, &m.p, &defs, m.raw);
+        }
+        let at = m.p.timestamp.and_then(millis);
+        let prev = self.nodes.remove(&key).unwrap_or_default();
+        // A new session: every device must be born again before its data is read.
+        let devices = prev
+            .devices
+            .into_iter()
+            .map(|(d, dev)| {
+                (
+                    d,
+                    Device {
+                        online: false,
+                        metrics: Defs::default(),
+                        ..dev
+                    },
+                )
+            })
+            .collect();
+        self.nodes.insert(
+            key.clone(),
+            Node {
+                online: true,
+                bd_seq,
+                seq: m.p.seq.map(|s| s as u8),
+                stale: false,
+                birth_at: at.or(prev.birth_at),
+                death_at: prev.death_at,
+                metrics: defs,
+                devices,
+            },
+        );
+        mark(&mut self.changed, &key, Change::Whole);
+        self.happened.push(Happened::Birth {
+            node: key.clone(),
+            device: None,
+        });
+        let defs = &self.nodes[&key].metrics;
+        reading(&m.name, &m.p, defs, m.raw)
+    }
+
+    /// An NDEATH ends the session whose `bdSeq` it carries: the edge node and its devices are
+    /// offline until born again.
+    fn ndeath(&mut self, key: NodeKey, bd_seq: Option<u64>) {
+        if let Some(n) = self.nodes.get_mut(&key) {
+            // The will of an earlier session arriving late: not this session's death.
+            let earlier = matches!((bd_seq, n.bd_seq), (Some(a), Some(b)) if a != b);
+            if n.online && !earlier {
+                n.online = false;
+                // When it was received: a will carries its connection's time.
+                n.death_at = Some(Utc::now());
+                for d in n.devices.values_mut() {
+                    d.online = false;
+                }
+                mark(&mut self.changed, &key, Change::Whole);
+                self.happened.push(Happened::Death {
+                    node: key.clone(),
+                    device: None,
+                });
+            }
+        }
+    }
+
+    /// NDATA, DBIRTH, DDATA, DDEATH: read only while the edge node's birth holds and its
+    /// sequence runs unbroken; otherwise refused, and the edge node asked for a rebirth.
+    fn data(&mut self, key: NodeKey, m: &Msg<'_>) -> Vec<Unit> {
+        let Host {
+            nodes,
+            changed,
+            rebirths,
+            happened,
+        } = self;
+        let Some(n) = nodes.get_mut(&key).filter(|n| n.online) else {
+            rebirths.push(key);
+            let name = &m.name;
+            return m.refused(DecodeError::NoBirth(format!(
+                "no NBIRTH of edge node {name} is held (it was never seen or died since); rebirth requested"
+            )));
+        };
+        let mut held = Held {
+            n,
+            changed,
+            rebirths,
+            happened,
+        };
+        let redelivered = match held.follow_seq(&key, m) {
+            Ok(redelivered) => redelivered,
+            Err(e) => {
+                held.rebirths.push(key);
+                return m.refused(e);
+            }
+        };
+        match (m.kind, m.device) {
+            (Kind::NData, _) => {
+                let units = reading(&m.name, &m.p, &held.n.metrics, m.raw);
+                match redelivered {
+                    true => units,
+                    false => held.unknown_alias(key, units),
+                }
+            }
+            (Kind::DBirth, Some(d)) => held.dbirth(key, m, d, redelivered),
+            (Kind::DData, Some(d)) => held.ddata(key, m, d, redelivered),
+            (Kind::DDeath, Some(d)) if !redelivered => held.ddeath(key, d),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// A message being read by [`Host::read`], parsed once: what its helpers share.
+struct Msg<'a> {
+    kind: Kind,
+    device: Option<&'a str>,
+    /// `group/edge_node`: its edge node's device id.
+    name: String,
+    p: Payload,
+    raw: &'a Bytes,
+    /// The broker's DUP flag.
+    dup: bool,
+}
+
+impl Msg<'_> {
+    /// The message refused whole, kept as received.
+    fn refused(&self, e: DecodeError) -> Vec<Unit> {
+        vec![Unit::refused(self.raw.clone(), e)]
+    }
+}
+
+/// A data message's edge node with the host's records of what reading it changed: the fields
+/// of [`Host`] borrowed apart, so that the node is looked up once and both can change.
+struct Held<'h> {
+    n: &'h mut Node,
+    changed: &'h mut HashMap<NodeKey, Change>,
+    rebirths: &'h mut Vec<NodeKey>,
+    happened: &'h mut Vec<Happened>,
+}
+
+impl Held<'_> {
+    /// Follows the edge node's sequence number: whether `m` is a redelivery of a message already
+    /// read, or why it cannot be read after messages were lost (the caller asks for the rebirth).
+    fn follow_seq(&mut self, key: &NodeKey, m: &Msg<'_>) -> Result<bool, DecodeError> {
+        let (n, name) = (&mut *self.n, &m.name);
+        if n.stale {
+            if let Some(s) = m.p.seq {
+                n.seq = Some(s as u8);
+                mark(self.changed, key, Change::Seq);
+            }
+            return Err(DecodeError::SequenceGap(format!(
+                "edge node {name} lost messages before this one; waiting for the rebirth requested"
+            )));
+        }
+        // A redelivery of a message already read (at or up to half the sequence behind the last
+        // one): read again with the births in force, the state left as it is; the table settles
+        // it as a duplicate.
+        let redelivered = m.dup
+            && matches!((n.seq, m.p.seq),
+                (Some(last), Some(s)) if s <= 255 && last.wrapping_sub(s as u8) < 128);
+        if !redelivered {
+            if let (Some(last), Some(s)) = (n.seq, m.p.seq) {
+                let want = last.wrapping_add(1);
+                if s != u64::from(want) {
+                    n.seq = Some(s as u8);
+                    n.stale = true;
+                    mark(self.changed, key, Change::Whole);
+                    return Err(DecodeError::SequenceGap(format!(
+                        "edge node {name}: seq {s} after {last}, {want} expected: messages were lost; rebirth requested"
+                    )));
+                }
+            }
+            if let Some(s) = m.p.seq {
+                n.seq = Some(s as u8);
+                mark(self.changed, key, Change::Seq);
+            }
+        }
+        Ok(redelivered)
+    }
+
+    /// A DBIRTH: the device's data is read by its definitions from now on. One that cannot be
+    /// read takes the device's earlier birth with it.
+    fn dbirth(&mut self, key: NodeKey, m: &Msg<'_>, d: &str, redelivered: bool) -> Vec<Unit> {
+        let full = format!("{}/{d}", m.name);
+        let defs = match birth_defs(&m.p.metrics) {
+            Ok(defs) => defs,
+            Err(e) if redelivered => return m.refused(DecodeError::BadSparkplug(e)),
+            Err(e) => {
+                // The device's earlier birth no longer holds either.
+                if let Some(dev) = self.n.devices.get_mut(d) {
+                    dev.online = false;
+                    dev.metrics = Defs::default();
+                }
+                mark(self.changed, &key, Change::Whole);
+                self.rebirths.push(key);
+                return m.refused(DecodeError::BadSparkplug(format!("{e}; rebirth requested")));
+            }
+        };
+        let units = reading(&full, &m.p, &defs, m.raw);
+        if !redelivered {
+            let at = m.p.timestamp.and_then(millis);
+            let dev = self.n.devices.entry(d.to_string()).or_default();
+            dev.online = true;
+            dev.birth_at = at.or(dev.birth_at);
+            dev.metrics = defs;
+            mark(self.changed, &key, Change::Whole);
+            self.happened.push(Happened::Birth {
+                node: key.clone(),
+                device: Some(d.to_string()),
+            });
+        }
+        units
+    }
+
+    /// A DDATA: read only while the device's birth is held.
+    fn ddata(&mut self, key: NodeKey, m: &Msg<'_>, d: &str, redelivered: bool) -> Vec<Unit> {
+        let full = format!("{}/{d}", m.name);
+        let Some(dev) = self.n.devices.get(d).filter(|x| x.online) else {
+            let asked = match redelivered {
+                true => "",
+                false => {
+                    self.rebirths.push(key);
+                    "; rebirth requested"
+                }
+            };
+            return m.refused(DecodeError::NoBirth(format!(
+                "no DBIRTH of device {full} is held (it was never seen or died since){asked}"
+            )));
+        };
+        let units = reading(&full, &m.p, &dev.metrics, m.raw);
+        match redelivered {
+            true => units,
+            false => self.unknown_alias(key, units),
+        }
+    }
+
+    /// A DDEATH: the device's data is refused until it is born again.
+    fn ddeath(&mut self, key: NodeKey, d: &str) -> Vec<Unit> {
+        if let Some(dev) = self.n.devices.get_mut(d).filter(|x| x.online) {
+            dev.online = false;
+            dev.death_at = Some(Utc::now());
+            mark(self.changed, &key, Change::Whole);
+            self.happened.push(Happened::Death {
+                node: key.clone(),
+                device: Some(d.to_string()),
+            });
+        }
+        Vec::new()
+    }
+
     /// Asks for a rebirth when a reading named an alias its birth did not define.
-    fn unknown_alias(&mut self, key: &NodeKey, units: Vec<Unit>) -> Vec<Unit> {
+    fn unknown_alias(&mut self, key: NodeKey, units: Vec<Unit>) -> Vec<Unit> {
         if units
             .iter()
             .any(|u| matches!(u.decoded, Some(Err(DecodeError::UnknownAlias(_)))))
         {
-            self.rebirths.push(key.clone());
+            self.rebirths.push(key);
         }
         units
     }
+}
+
+/// The `bdSeq` of an NBIRTH or NDEATH: what pairs a death with the birth of its session.
+fn bd_seq(p: &Payload) -> Option<u64> {
+    p.metrics
+        .iter()
+        .find(|m| m.name.as_deref() == Some(BD_SEQ))
+        .and_then(int_of)
 }
 
 /// A message read on its own, without its edge node's births or sequence (`leasehold replay`, an
@@ -656,6 +738,42 @@ impl Group {
         self.timestamps.remove(name);
         self.fields.remove(name)
     }
+
+    /// The reading as a unit of `device`, decoded here already: a Sparkplug reading has no
+    /// JSON of its own to read a device id or timestamp from.
+    fn into_unit(self, device: &str, raw: &Bytes, label: Option<String>) -> Unit {
+        let mut object = self.fields;
+        if !self.timestamps.is_empty() {
+            object.insert(TIMESTAMPS_KEY.into(), Value::Object(self.timestamps));
+        }
+        let timestamp = match self.ts {
+            None => Ok(None),
+            Some(t) => millis(t)
+                .map(Some)
+                .ok_or_else(|| DecodeError::BadTimestamp {
+                    field: "timestamp",
+                    reason: format!("{t} ms is out of range"),
+                }),
+        };
+        let payload = Bytes::from(Value::Object(object).to_string());
+        // Device id and timestamp only: a route that reads JSON paths parses the payload again
+        // (`Decoder::parse_full`), the default route never does.
+        let decoded = match contains_nul_escape(&payload) {
+            true => Err(DecodeError::NulEscape),
+            false => timestamp.map(|ts| Parsed {
+                object: None,
+                text: None,
+                device_id: Some(device.to_string()),
+                timestamp: Ok(ts),
+            }),
+        };
+        Unit {
+            payload,
+            raw: raw.clone(),
+            label,
+            decoded: Some(decoded),
+        }
+    }
 }
 
 /// A further value of a metric the message's reading holds: into the first other reading of
@@ -699,110 +817,110 @@ fn reading(device: &str, p: &Payload, defs: &Defs, raw: &Bytes) -> Vec<Unit> {
     let mut main_own: HashMap<String, Option<u64>> = HashMap::new();
     let mut array_values = 0usize;
     for (k, m) in p.metrics.iter().enumerate() {
-        let (name, datatype) = match (&m.name, m.alias) {
-            (Some(n), _) => (
-                n.clone(),
-                m.datatype.or_else(|| defs.datatype(n)).unwrap_or(0),
-            ),
-            (None, Some(a)) => match defs.alias(a) {
-                Some(d) => (d.0.clone(), m.datatype.unwrap_or(d.2)),
-                None => {
-                    return refused(DecodeError::UnknownAlias(format!(
-                        "metric {} has alias {a}, which no birth of {device} defined; rebirth requested",
-                        k + 1
-                    )))
-                }
-            },
-            (None, None) => {
-                return refused(DecodeError::BadSparkplug(format!(
-                    "metric {} has neither a name nor an alias",
-                    k + 1
-                )))
-            }
+        let (name, value) = match read_metric(k, m, defs, device, &mut array_values) {
+            Ok(Some(metric)) => metric,
+            Ok(None) => continue,
+            Err(e) => return refused(e),
         };
-        if name == TIMESTAMPS_KEY {
-            return refused(DecodeError::BadSparkplug(format!(
-                "a metric named {TIMESTAMPS_KEY:?} cannot be told from the reading's own field"
-            )));
-        }
-        if matches!(&m.value, Some(metric::Value::TemplateValue(t)) if t.is_definition == Some(true))
-        {
-            // A template's definition (a birth's `_types_/...`): a type, not a value.
-            continue;
-        }
-        let value = match metric_value(m, datatype) {
-            Ok(v) => v,
-            Err(e) => return refused(DecodeError::BadSparkplug(format!("metric {name:?}: {e}"))),
-        };
-        if let Value::Array(a) = &value {
-            array_values += a.len();
-            if array_values > MAX_ARRAY {
-                return refused(DecodeError::BadSparkplug(format!(
-                    "its arrays hold over {MAX_ARRAY} values"
-                )));
-            }
-        }
-        if let Some(t) = m.timestamp.filter(|t| millis(*t).is_none()) {
-            return refused(DecodeError::BadSparkplug(format!(
-                "metric {name:?}: timestamp {t} is out of range (after the year 9999)"
-            )));
-        }
         let own = m.timestamp.or(p.timestamp);
-        // The message's reading holds each metric once, at the payload's instant when one of
-        // its values is; the other values of a metric sent twice go into readings at their
-        // own instants (each reading of one instant holding a metric once).
-        match main_own.get(&name).copied() {
-            None => {
-                main_own.insert(name.clone(), own);
-                groups[0].put(name, value, own);
-            }
-            Some(earlier) if own == groups[0].ts && earlier != groups[0].ts => {
-                let moved = groups[0].take(&name);
-                main_own.insert(name.clone(), own);
-                groups[0].put(name.clone(), value, own);
-                if let Some(v) = moved {
-                    elsewhere(&mut groups, name, v, earlier);
-                }
-            }
-            Some(_) => elsewhere(&mut groups, name, value, own),
-        }
+        place(&mut groups, &mut main_own, name, value, own);
     }
     let n = groups.len();
     let mut units = Vec::with_capacity(n);
     for (k, g) in groups.into_iter().enumerate() {
-        let mut object = g.fields;
-        if !g.timestamps.is_empty() {
-            object.insert(TIMESTAMPS_KEY.into(), Value::Object(g.timestamps));
-        }
-        let timestamp = match g.ts {
-            None => Ok(None),
-            Some(t) => millis(t)
-                .map(Some)
-                .ok_or_else(|| DecodeError::BadTimestamp {
-                    field: "timestamp",
-                    reason: format!("{t} ms is out of range"),
-                }),
-        };
-        let payload = Bytes::from(Value::Object(object).to_string());
-        // Device id and timestamp only: a route that reads JSON paths parses the payload again
-        // (`Decoder::parse_full`), the default route never does.
-        let decoded = match contains_nul_escape(&payload) {
-            true => Err(DecodeError::NulEscape),
-            false => timestamp.map(|ts| Parsed {
-                object: None,
-                text: None,
-                device_id: Some(device.to_string()),
-                timestamp: Ok(ts),
-            }),
-        };
-        units.push(Unit {
-            payload,
-            raw: raw.clone(),
-            label: (n > 1).then(|| format!("reading {} of {n}", k + 1)),
-            decoded: Some(decoded),
-        });
+        let label = (n > 1).then(|| format!("reading {} of {n}", k + 1));
+        units.push(g.into_unit(device, raw, label));
     }
     units
+}
+
+/// Metric `k` (from 0) of a data message of `device`, resolved by `defs`: its name and value;
+/// `None` for a template's definition, which is no value. `array_values` counts the values of
+/// the message's arrays so far, which `MAX_ARRAY` bounds.
+fn read_metric(
+    k: usize,
+    m: &Metric,
+    defs: &Defs,
+    device: &str,
+    array_values: &mut usize,
+) -> Result<Option<(String, Value)>, DecodeError> {
+    let (name, datatype) = match (&m.name, m.alias) {
+        (Some(n), _) => (
+            n.clone(),
+            m.datatype.or_else(|| defs.datatype(n)).unwrap_or(0),
+        ),
+        (None, Some(a)) => {
+            let d = defs.alias(a).ok_or_else(|| {
+                DecodeError::UnknownAlias(format!(
+                    "metric {} has alias {a}, which no birth of {device} defined; rebirth requested",
+                    k + 1
+                ))
+            })?;
+            (d.0.clone(), m.datatype.unwrap_or(d.2))
+        }
+        (None, None) => {
+            return Err(DecodeError::BadSparkplug(format!(
+                "metric {} has neither a name nor an alias",
+                k + 1
+            )))
+        }
+    };
+    if name == TIMESTAMPS_KEY {
+        return Err(DecodeError::BadSparkplug(format!(
+            "a metric named {TIMESTAMPS_KEY:?} cannot be told from the reading's own field"
+        )));
+    }
+    if matches!(&m.value, Some(metric::Value::TemplateValue(t)) if t.is_definition == Some(true)) {
+        // A template's definition (a birth's `_types_/...`): a type, not a value.
+        return Ok(None);
+    }
+    let value = match metric_value(m, datatype) {
+        Ok(v) => v,
+        Err(e) => return Err(DecodeError::BadSparkplug(format!("metric {name:?}: {e}"))),
+    };
+    if let Value::Array(a) = &value {
+        *array_values += a.len();
+        if *array_values > MAX_ARRAY {
+            return Err(DecodeError::BadSparkplug(format!(
+                "its arrays hold over {MAX_ARRAY} values"
+            )));
+        }
+    }
+    if let Some(t) = m.timestamp.filter(|t| millis(*t).is_none()) {
+        return Err(DecodeError::BadSparkplug(format!(
+            "metric {name:?}: timestamp {t} is out of range (after the year 9999)"
+        )));
+    }
+    Ok(Some((name, value)))
+}
+
+/// A metric's value into the message's readings (`groups`, the first the message's own;
+/// `main_own`: each metric of that one, with its own instant). The message's reading holds each
+/// metric once, at the payload's instant when one of its values is; the other values of a
+/// metric sent twice go into readings at their own instants (each reading of one instant
+/// holding a metric once).
+fn place(
+    groups: &mut Vec<Group>,
+    main_own: &mut HashMap<String, Option<u64>>,
+    name: String,
+    value: Value,
+    own: Option<u64>,
+) {
+    match main_own.get(&name).copied() {
+        None => {
+            main_own.insert(name.clone(), own);
+            groups[0].put(name, value, own);
+        }
+        Some(earlier) if own == groups[0].ts && earlier != groups[0].ts => {
+            let moved = groups[0].take(&name);
+            main_own.insert(name.clone(), own);
+            groups[0].put(name.clone(), value, own);
+            if let Some(v) = moved {
+                elsewhere(groups, name, v, earlier);
+            }
+        }
+        Some(_) => elsewhere(groups, name, value, own),
+    }
 }
 
 /// A metric's value as JSON, read by its datatype (the birth's when the message omits it).

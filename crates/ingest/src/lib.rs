@@ -544,28 +544,15 @@ impl MqttIngest {
         cancel: CancellationToken,
         drain: CancellationToken,
     ) -> Result<(), IngestError> {
-        let (ops_tx, ops_rx) = mpsc::unbounded_channel();
-        let (replies_tx, mut replies) = mpsc::unbounded_channel();
-        let ledger_task = tokio::spawn(ledger::run(
-            self.ledger.clone(),
-            self.cfg.client_id.clone(),
-            ops_rx,
-            replies_tx,
-        ));
-        self.ledger_ops = Some(ops_tx);
-        let topics = self.device_topics.borrow_and_update().clone();
-        let actions = self
-            .subs
-            .set_device_topics(topics.as_deref(), Instant::now());
-        self.execute(actions);
+        let (ledger_task, mut replies) = self.start_ledger();
+        self.on_device_topics();
 
         // Cleared when the topic source is gone: its channel would report "changed" forever.
         let mut topics_open = true;
         let mut configured = self.configured.take();
         if let Some(rx) = configured.as_mut() {
             let topics = rx.borrow_and_update().clone();
-            let actions = self.subs.set_configured(topics, Instant::now());
-            self.execute(actions);
+            self.set_configured(topics);
         }
         let full = self.cfg.max_pending as u32;
         let result = loop {
@@ -609,10 +596,7 @@ impl MqttIngest {
                 }
                 changed = watch_changed(&mut configured) => {
                     match changed {
-                        Some(topics) => {
-                            let actions = self.subs.set_configured(topics, Instant::now());
-                            self.execute(actions);
-                        }
+                        Some(topics) => self.set_configured(topics),
                         // The configuration's source is gone (shutting down): keep these.
                         None => configured = None,
                     }
@@ -623,27 +607,7 @@ impl MqttIngest {
                     self.execute(actions);
                     Flow::Go
                 }
-                ev = self.eventloop.poll() => {
-                    let ev = match ev {
-                        Ok(Event::Incoming(Packet::Publish(p))) => {
-                            let conn = self.session.conn();
-                            let taken = match self.take(p, conn, &cancel, &drain).await {
-                                Taken::Done => self.take_buffered(conn, &cancel, &drain).await,
-                                other => other,
-                            };
-                            match taken {
-                                Taken::Done => continue,
-                                Taken::Cancelled => break Ok(()),
-                                Taken::Lost(e) => Err(e),
-                            }
-                        }
-                        other => other,
-                    };
-                    match ev {
-                        Ok(ev) => self.on_event(ev),
-                        Err(e) => self.on_connection_error(e, &cancel).await,
-                    }
-                }
+                ev = self.eventloop.poll() => self.on_poll(ev, &cancel, &drain).await,
             };
             match flow {
                 Flow::Go => {}
@@ -653,6 +617,55 @@ impl MqttIngest {
         self.closed(ledger_task, cancel.is_cancelled() || result.is_err())
             .await;
         result
+    }
+
+    /// Starts the ledger task, which applies the session's ledger writes in order without ever
+    /// making the event loop wait for the database; its answers come on the receiver returned.
+    fn start_ledger(
+        &mut self,
+    ) -> (
+        tokio::task::JoinHandle<()>,
+        mpsc::UnboundedReceiver<ledger::Reply>,
+    ) {
+        let (ops_tx, ops_rx) = mpsc::unbounded_channel();
+        let (replies_tx, replies) = mpsc::unbounded_channel();
+        let ledger_task = tokio::spawn(ledger::run(
+            self.ledger.clone(),
+            self.cfg.client_id.clone(),
+            ops_rx,
+            replies_tx,
+        ));
+        self.ledger_ops = Some(ops_tx);
+        (ledger_task, replies)
+    }
+
+    /// What the event loop read: a PUBLISH handed to the writer, with the ones read together
+    /// with it; any other event, or the connection's error, handled.
+    async fn on_poll(
+        &mut self,
+        ev: Result<Event, ConnectionError>,
+        cancel: &CancellationToken,
+        drain: &CancellationToken,
+    ) -> Flow {
+        let ev = match ev {
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let conn = self.session.conn();
+                let taken = match self.take(p, conn, cancel, drain).await {
+                    Taken::Done => self.take_buffered(conn, cancel, drain).await,
+                    other => other,
+                };
+                match taken {
+                    Taken::Done => return Flow::Go,
+                    Taken::Cancelled => return Flow::Stop(Ok(())),
+                    Taken::Lost(e) => Err(e),
+                }
+            }
+            other => other,
+        };
+        match ev {
+            Ok(ev) => self.on_event(ev),
+            Err(e) => self.on_connection_error(e, cancel).await,
+        }
     }
 
     /// The connection is over: nothing more is acknowledged, and the ledger task ends.
@@ -723,6 +736,12 @@ impl MqttIngest {
         let actions = self
             .subs
             .set_device_topics(topics.as_deref(), Instant::now());
+        self.execute(actions);
+    }
+
+    /// The configured filters changed (or were first read).
+    fn set_configured(&mut self, topics: Vec<String>) {
+        let actions = self.subs.set_configured(topics, Instant::now());
         self.execute(actions);
     }
 
@@ -920,15 +939,7 @@ impl MqttIngest {
             // Draining: not ours to acknowledge any more.
             return Taken::Done;
         }
-        if let Some(st) = self.state.as_mut() {
-            // Our own STATE said offline while we are the host (a late will of ours, another
-            // host misconfigured with our id): Sparkplug 3.0 says to say online again.
-            const OFFLINE: &[u8] = b"\"online\":false";
-            if p.topic == st.topic && p.payload.windows(OFFLINE.len()).any(|w| w == OFFLINE) {
-                st.pending = true;
-                self.publish_online();
-            }
-        }
+        self.on_own_state(&p);
         let original_size = p.payload.len();
         let payload = if original_size > self.cfg.max_payload_bytes {
             // A copy, so the large buffer is freed now rather than held until the ack.
@@ -939,66 +950,10 @@ impl MqttIngest {
         let cost = (payload.len() + p.topic.len()).clamp(1, self.max_pending_bytes) as u32;
         let reserved = match self.try_reserve(cost) {
             Some(r) => r,
-            None => {
-                if self
-                    .last_full_log
-                    .is_none_or(|t: Instant| t.elapsed() > Duration::from_secs(10))
-                {
-                    let count_full = self.pending.available_permits() == 0;
-                    events::PendingOverflow {
-                        setting: if count_full {
-                            "MAX_PENDING"
-                        } else {
-                            "MAX_PENDING_BYTES"
-                        },
-                        limit: if count_full {
-                            self.cfg.max_pending
-                        } else {
-                            self.max_pending_bytes
-                        },
-                        pending: self.pending_count(),
-                        pending_bytes: self.pending_byte_count(),
-                    }
-                    .emit();
-                    self.last_full_log = Some(Instant::now());
-                }
-                self.report_pending();
-                let mut ping = tokio::time::interval_at(
-                    tokio::time::Instant::now() + self.cfg.keep_alive / 2,
-                    self.cfg.keep_alive / 2,
-                );
-                loop {
-                    let (count, bytes) = (self.pending.clone(), self.pending_bytes.clone());
-                    let reserve = async move {
-                        let c = count.acquire_owned().await.ok()?;
-                        let b = bytes.acquire_many_owned(cost).await.ok()?;
-                        Some(Reservation {
-                            _count: c,
-                            _bytes: b,
-                        })
-                    };
-                    tokio::select! {
-                        biased;
-                        _ = cancel.cancelled() => return Taken::Cancelled,
-                        _ = drain.cancelled() => {
-                            // This message stays unacknowledged in the session.
-                            self.stop_intake();
-                            return Taken::Done;
-                        }
-                        r = reserve => match r {
-                            Some(r) => break r,
-                            None => return Taken::Cancelled,
-                        },
-                        // Permits come back as their acks are written, which is done here.
-                        Some(batch) = self.acks.recv() => self.write_acks(batch).await,
-                        _ = ping.tick() => {
-                            if let Err(e) = self.ping().await {
-                                return Taken::Lost(e);
-                            }
-                        }
-                    }
-                }
-            }
+            None => match self.wait_for_room(cost, cancel, drain).await {
+                Ok(r) => r,
+                Err(taken) => return taken,
+            },
         };
         self.forward(
             p.pkid,
@@ -1011,6 +966,91 @@ impl MqttIngest {
             reserved,
         );
         Taken::Done
+    }
+
+    /// A STATE of ours saying offline while we are the host (a late will of ours, another host
+    /// misconfigured with our id): Sparkplug 3.0 says to say online again.
+    fn on_own_state(&mut self, p: &Publish) {
+        if let Some(st) = self.state.as_mut() {
+            const OFFLINE: &[u8] = b"\"online\":false";
+            if p.topic == st.topic && p.payload.windows(OFFLINE.len()).any(|w| w == OFFLINE) {
+                st.pending = true;
+                self.publish_online();
+            }
+        }
+    }
+
+    /// Waits until a message of `cost` bytes fits both `MAX_PENDING` and `MAX_PENDING_BYTES`,
+    /// reading nothing from the broker meanwhile. `Err`: what became of the message instead.
+    async fn wait_for_room(
+        &mut self,
+        cost: u32,
+        cancel: &CancellationToken,
+        drain: &CancellationToken,
+    ) -> Result<Reservation, Taken> {
+        self.report_full();
+        self.report_pending();
+        let mut ping = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.cfg.keep_alive / 2,
+            self.cfg.keep_alive / 2,
+        );
+        loop {
+            let (count, bytes) = (self.pending.clone(), self.pending_bytes.clone());
+            let reserve = async move {
+                let c = count.acquire_owned().await.ok()?;
+                let b = bytes.acquire_many_owned(cost).await.ok()?;
+                Some(Reservation {
+                    _count: c,
+                    _bytes: b,
+                })
+            };
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Err(Taken::Cancelled),
+                _ = drain.cancelled() => {
+                    // This message stays unacknowledged in the session.
+                    self.stop_intake();
+                    return Err(Taken::Done);
+                }
+                r = reserve => match r {
+                    Some(r) => break Ok(r),
+                    None => return Err(Taken::Cancelled),
+                },
+                // Permits come back as their acks are written, which is done here.
+                Some(batch) = self.acks.recv() => self.write_acks(batch).await,
+                _ = ping.tick() => {
+                    if let Err(e) = self.ping().await {
+                        return Err(Taken::Lost(e));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The budget is used up: said at most every ten seconds, not for every message held back.
+    fn report_full(&mut self) {
+        if self
+            .last_full_log
+            .is_none_or(|t: Instant| t.elapsed() > Duration::from_secs(10))
+        {
+            let count_full = self.pending.available_permits() == 0;
+            events::PendingOverflow {
+                setting: if count_full {
+                    "MAX_PENDING"
+                } else {
+                    "MAX_PENDING_BYTES"
+                },
+                limit: if count_full {
+                    self.cfg.max_pending
+                } else {
+                    self.max_pending_bytes
+                },
+                pending: self.pending_count(),
+                pending_bytes: self.pending_byte_count(),
+            }
+            .emit();
+            self.last_full_log = Some(Instant::now());
+        }
     }
 
     /// Takes the publishes rumqttc read together with the one just taken (it reads up to nine
