@@ -21,6 +21,7 @@ mod ingest;
 mod isolation;
 mod memory;
 mod operations;
+mod optimistic;
 mod ordinary;
 mod partitions;
 mod retention;

@@ -181,6 +181,9 @@ struct Part {
     /// Each one message's row in one route, so isolation dead-letters only the failing row.
     rows: Vec<RouteRow>,
     dead: Vec<DeadLetter>,
+    /// Of the batch's first round, whose keys are unique among themselves: written first by
+    /// the optimistic statement ([`BatchWriter::write_optimistic`]).
+    optimistic: bool,
 }
 
 impl Part {
@@ -192,7 +195,10 @@ impl Part {
     /// middle.
     fn halves(mut self) -> (Part, Part) {
         let first = self.len().div_ceil(2);
-        let mut second = Part::default();
+        let mut second = Part {
+            optimistic: self.optimistic,
+            ..Part::default()
+        };
         if first < self.rows.len() {
             second.rows = self.rows.split_off(first);
             second.dead = std::mem::take(&mut self.dead);
@@ -462,6 +468,7 @@ impl Writer {
                             .map(|m| now.saturating_duration_since(m.received)),
                     }
                     .emit();
+                    crash_after_commit(&batch);
                     if !self
                         .acknowledge(&mut conn, &mut sparkplug, batch, &cancel, &mut retry)
                         .await?
@@ -940,7 +947,8 @@ impl Writer {
         let per = self.cfg.batch_max_rows.max(1);
         let mut parts = Vec::new();
         let mut dead = prepared.dead.into_iter().peekable();
-        for round in std::iter::once(prepared.rows).chain(prepared.later) {
+        let rounds = std::iter::once(prepared.rows).chain(prepared.later);
+        for (n, round) in rounds.enumerate() {
             let mut rows = round.into_iter().peekable();
             // Dead letters (an array's bad elements can be many) go with the first round,
             // BATCH_MAX_ROWS of them per statement too.
@@ -948,15 +956,13 @@ impl Writer {
                 parts.push(Part {
                     rows: rows.by_ref().take(per).collect(),
                     dead: dead.by_ref().take(per).collect(),
+                    optimistic: n == 0,
                 });
             }
         }
         if parts.is_empty() {
             // A batch of nothing to write still commits its (empty) statement, as always.
-            parts.push(Part {
-                rows: Vec::new(),
-                dead: Vec::new(),
-            });
+            parts.push(Part::default());
         }
         for part in parts {
             self.commit_part(conn, part, &mut batch, cancel, retry)
@@ -1428,6 +1434,9 @@ impl Writer {
                 let w = self.connection(conn).await?;
                 stop = Some(w.cancel_handle());
                 match remap {
+                    None if part.optimistic => {
+                        w.write_optimistic(&self.fence, &part.rows, &part.dead).await
+                    }
                     None => w.write(&self.fence, &part.rows, &part.dead).await,
                     // Some routes are suspended: rows name their route's place in the statement,
                     // and the outcome comes back in the batch's places.
@@ -1560,6 +1569,19 @@ impl Writer {
         )
         .await
     }
+}
+
+/// The failpoint of the fault tests (`FAILPOINTS=crash-after-commit=return`, in a binary built
+/// with the `testing` feature): the process dies after a batch holding Sparkplug B device data
+/// committed, before anything else of it is done.
+pub const CRASH_AFTER_COMMIT: &str = "crash-after-commit";
+
+fn crash_after_commit(batch: &[Inbound]) {
+    fail::fail_point!(
+        CRASH_AFTER_COMMIT,
+        batch.iter().any(|m| m.topic.contains("/DDATA/")),
+        |_| std::process::abort()
+    );
 }
 
 /// The bytes a batch gathers at most: `BATCH_MAX_BYTES`, and at most half of
@@ -1729,6 +1751,7 @@ mod tests {
                     route: None,
                 })
                 .collect(),
+            optimistic: false,
         }
     }
 

@@ -12,7 +12,7 @@ use tokio_postgres::{Client, Statement};
 
 use crate::op::{self, Op};
 use crate::routes::ResolvedRoute;
-use crate::statement::{batch_sql, carry, Carry, Wire, DEFAULTS_SQL};
+use crate::statement::{batch_sql, carry, optimistic_sql, Carry, Wire, DEFAULTS_SQL};
 use crate::{pg_config, tls, Result, StoreError};
 
 /// The lease a write transaction must still hold ("One writer" in `docs/guarantees.md`).
@@ -214,6 +214,26 @@ pub const DEFAULT_REDELIVERY_SPAN: i64 = 12_048;
 /// How far back a redelivery's first copy is looked for (see `docs/guarantees.md`).
 pub const DEFAULT_REDELIVERY_WINDOW: Duration = Duration::from_secs(3600);
 
+/// Writes that go straight to the full statement after an optimistic one failed.
+pub const FULL_AFTER_FALLBACK: u32 = 100;
+
+/// The SQLSTATE of `leasehold_all_stored` (migration 12): a row the table did not take.
+const NOT_ALL_STORED: &str = "LH001";
+
+/// Prepares the full statement for `routes`, then the optimistic one with its parameter types
+/// (it leaves the redelivery window and span unused, so PostgreSQL could not infer them).
+async fn prepare_both(
+    client: &Client,
+    routes: &[ResolvedRoute],
+    defaults: &[Vec<Option<String>>],
+) -> Result<(Statement, Statement)> {
+    let full = client.prepare(&batch_sql(routes, defaults)).await?;
+    let optimistic = client
+        .prepare_typed(&optimistic_sql(routes, defaults), full.params())
+        .await?;
+    Ok((full, optimistic))
+}
+
 /// How many readings a redelivered message of `rows` holds, at most (1 without a DUP-flagged
 /// one). The span a redelivery's first copy is looked for in counts readings, and is sized for
 /// one reading per message: a leader that held `MAX_PENDING` arrays of 50 readings stored up to
@@ -253,6 +273,12 @@ pub fn storable_text(s: &str) -> std::borrow::Cow<'_, str> {
 pub struct BatchWriter {
     pub(crate) client: Client,
     stmt: Statement,
+    /// [`optimistic_sql`]'s statement, with `stmt`'s parameters.
+    optimistic: Statement,
+    /// Writes left that go straight to `stmt`: keys already stored tend to come in runs (a
+    /// device that sends its readings twice, two routes into one table), and each optimistic
+    /// attempt that fails costs a statement.
+    full_for: u32,
     written_by: String,
     redelivery_window: Duration,
     redelivery_span: i64,
@@ -317,13 +343,16 @@ impl BatchWriter {
                     statement_timeout.as_millis().max(1)
                 ))
                 .await?;
-            Ok(client.prepare(&batch_sql(&routes, &[])).await?)
+            prepare_both(&client, &routes, &[]).await
         })
         .await?;
         let cancel = CancelHandle::with_tls(&client, tls);
+        let (stmt, optimistic) = stmt;
         Ok(BatchWriter {
             client,
             stmt,
+            optimistic,
+            full_for: 0,
             written_by,
             redelivery_window,
             redelivery_span: DEFAULT_REDELIVERY_SPAN,
@@ -356,10 +385,10 @@ impl BatchWriter {
                 }
                 defaults.push(ds);
             }
-            Ok(client.prepare(&batch_sql(&routes, &defaults)).await?)
+            prepare_both(client, &routes, &defaults).await
         })
         .await?;
-        self.stmt = stmt;
+        (self.stmt, self.optimistic) = stmt;
         self.routes = routes;
         Ok(())
     }
@@ -460,10 +489,62 @@ impl BatchWriter {
         Ok((db, sent + rtt / 2))
     }
 
+    /// [`BatchWriter::write`], first by the optimistic statement ([`optimistic_sql`]) when no
+    /// message of `rows` or `dead` is a redelivery: the rows of a batch's first round, whose
+    /// keys are unique among themselves. A key already stored, or a row the table did not
+    /// take, fails that statement whole; the full one runs then, and for the next
+    /// [`FULL_AFTER_FALLBACK`] writes.
+    pub async fn write_optimistic(
+        &mut self,
+        fence: &Fence,
+        rows: &[RouteRow],
+        dead: &[DeadLetter],
+    ) -> Result<BatchOutcome> {
+        let redelivery = rows.iter().any(|r| r.message.dup) || dead.iter().any(|d| d.dup);
+        if redelivery || self.full_for > 0 {
+            self.full_for = self.full_for.saturating_sub(1);
+            return self.write(fence, rows, dead).await;
+        }
+        match self
+            .run(
+                Op::WriteOptimistic,
+                &self.optimistic.clone(),
+                fence,
+                rows,
+                dead,
+            )
+            .await
+        {
+            Err(StoreError::Db(e))
+                if e.code().is_some_and(|c| {
+                    *c == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
+                        || c.code() == NOT_ALL_STORED
+                }) =>
+            {
+                self.full_for = FULL_AFTER_FALLBACK;
+                self.write(fence, rows, dead).await
+            }
+            other => other,
+        }
+    }
+
     /// Commits `rows` (each key at most once per route) and `dead` if the fence holds;
     /// [`StoreError::Fenced`] (nothing written) otherwise.
     pub async fn write(
         &mut self,
+        fence: &Fence,
+        rows: &[RouteRow],
+        dead: &[DeadLetter],
+    ) -> Result<BatchOutcome> {
+        self.run(Op::WriteBatch, &self.stmt.clone(), fence, rows, dead)
+            .await
+    }
+
+    /// Runs `stmt` (the full or the optimistic statement) on the batch's parameters.
+    async fn run(
+        &self,
+        op: Op,
+        stmt: &Statement,
         fence: &Fence,
         rows: &[RouteRow],
         dead: &[DeadLetter],
@@ -489,7 +570,7 @@ impl BatchWriter {
         );
         arrays.push(&mut params);
         let n_routes = self.routes.len();
-        let outcome = op::one(&self.client, Op::WriteBatch, &self.stmt, &params, |r| {
+        let outcome = op::one(&self.client, op, stmt, &params, |r| {
             BatchOutcome::read(r, n_routes)
         })
         .await?;

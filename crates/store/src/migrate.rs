@@ -77,6 +77,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(9, "partitions"),
     migration!(10, "telemetry_newest"),
     migration!(11, "sparkplug"),
+    migration!(12, "optimistic_write"),
 ];
 
 /// Arbitrary but fixed: the advisory lock every node takes around migration.

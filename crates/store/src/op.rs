@@ -22,6 +22,9 @@ pub enum Op {
     LeaseRelease,
     LeaseRead,
     WriteBatch,
+    /// The batch's optimistic statement; a failure is a fallback to [`Op::WriteBatch`]'s (a
+    /// key already stored, a row the table did not take).
+    WriteOptimistic,
     DbClock,
     /// Session settings and statement preparation on a new dedicated connection.
     Session,
@@ -78,6 +81,7 @@ impl Op {
             Op::LeaseRelease => "lease_release",
             Op::LeaseRead => "lease_read",
             Op::WriteBatch => "write_batch",
+            Op::WriteOptimistic => "write_optimistic",
             Op::DbClock => "db_clock",
             Op::Session => "session",
             Op::Migrate => "migrate",
