@@ -433,6 +433,67 @@ async fn an_unknown_alias_a_sequence_gap_and_no_birth_are_dead_letters_and_ask_f
     check(&c, res);
 }
 
+/// A leader that dies right after committing a batch of QoS 0 device data, before anything else
+/// of it: the next leader must hold the sequence number that batch was read with, or the edge
+/// node's next message is a false `sequence_gap` (a dead letter and a rebirth for data nothing
+/// lost). The state is recorded in the batch's own transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_dies_after_a_commit_leaves_the_next_the_sequence_it_read() {
+    let mut c = Cluster::start().await.expect("servers");
+    let res = async {
+        let file = config(&c)?;
+        c.spawn_args(
+            "a",
+            &["--config", &file],
+            &[("FAILPOINTS", "crash-after-commit=return".to_string())],
+        )?;
+        let (first, _) = c.wait_leader().await?;
+        ensure!(first == "a", "a leads");
+        c.spawn_args("b", &["--config", &file], &[])?;
+        let mut edge = Edge::start(c.mq.port)?;
+        edge.run("wait_state online").await?;
+        edge.run("connect").await?;
+        wait_rows(&c, DEVICE, "DBIRTH", 1).await?;
+        // The first batch of device data commits, and a dies (its will: offline). What the
+        // edge node sends meanwhile is queued for the cluster's session or held and forwarded.
+        edge.run("ddata 5").await?;
+        edge.run("wait_state offline").await?;
+        edge.run("ddata 5 100").await?;
+        edge.run("wait_state online").await?;
+        let (second, _) = c.wait_leader().await?;
+        ensure!(second == "b", "b leads");
+        edge.run("ddata 5 200").await?;
+        wait_rows(&c, DEVICE, "DDATA", 15).await?;
+        let dead: Vec<(String, String)> =
+            c.pg.client()
+                .await?
+                .query("SELECT reason, error FROM dead_letters ORDER BY id", &[])
+                .await?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+        ensure!(dead.is_empty(), "dead letters: {dead:?}");
+        ensure!(
+            edge.count("rebirth") == 0,
+            "a rebirth was requested: {:?}",
+            edge.said
+        );
+        ensure!(
+            c.count(
+                "SELECT count(*) FROM (SELECT payload->>'temperature' FROM telemetry
+                 WHERE topic LIKE '%/DDATA/%' GROUP BY 1 HAVING count(*) > 1) d"
+            )
+            .await?
+                == 0,
+            "a reading stored twice"
+        );
+        edge.quit().await?;
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_fills_a_narrow_historian_as_docs_sparkplug_md_shows() {
     let mut c = Cluster::start().await.expect("servers");

@@ -215,6 +215,8 @@ struct Committing<'a> {
     /// `"update"` rows replaced by a later one of their key (see `Prepared::replaced`).
     replaced: HashMap<(usize, usize), RouteRow>,
     tally: Tally,
+    /// What the batch changed of Sparkplug B edge nodes: recorded with its last statement.
+    nodes: &'a [(NodeKey, Change, Node)],
 }
 
 /// What a batch came to, for its events.
@@ -225,6 +227,9 @@ struct Tally {
     routes: Vec<RouteTally>,
     /// The receive time of the newest reading written into `telemetry` (data age).
     newest: Option<DateTime<Utc>>,
+    /// Whether the batch's changes of Sparkplug B edge nodes were recorded in its last
+    /// statement's transaction (or refused there).
+    nodes_recorded: bool,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -449,8 +454,13 @@ impl Writer {
                 },
                 sparkplug.host.as_mut(),
             );
+            let nodes = sparkplug
+                .host
+                .as_mut()
+                .map(Host::take_changes)
+                .unwrap_or_default();
             match self
-                .commit(&mut conn, prepared, &routes, &cancel, &mut retry)
+                .commit(&mut conn, prepared, &routes, &nodes, &cancel, &mut retry)
                 .await
             {
                 Ok(tally) => {
@@ -469,8 +479,16 @@ impl Writer {
                     }
                     .emit();
                     crash_after_commit(&batch);
+                    let recorded = (nodes, tally.nodes_recorded);
                     if !self
-                        .acknowledge(&mut conn, &mut sparkplug, batch, &cancel, &mut retry)
+                        .acknowledge(
+                            &mut conn,
+                            &mut sparkplug,
+                            recorded,
+                            batch,
+                            &cancel,
+                            &mut retry,
+                        )
                         .await?
                     {
                         return Ok(());
@@ -513,12 +531,13 @@ impl Writer {
         &self,
         conn: &mut Conn,
         sparkplug: &mut Sparkplug,
+        nodes: (Vec<(NodeKey, Change, Node)>, bool),
         batch: Vec<Inbound>,
         cancel: &CancellationToken,
         retry: &mut Backoff,
     ) -> Result<bool, WriterError> {
         if !self
-            .record_sparkplug(conn, sparkplug, cancel, retry)
+            .record_sparkplug(conn, sparkplug, nodes, cancel, retry)
             .await?
         {
             return Ok(false);
@@ -579,6 +598,7 @@ impl Writer {
         &self,
         conn: &mut Conn,
         sp: &mut Sparkplug,
+        (changes, recorded): (Vec<(NodeKey, Change, Node)>, bool),
         cancel: &CancellationToken,
         retry: &mut Backoff,
     ) -> Result<bool, WriterError> {
@@ -590,8 +610,8 @@ impl Writer {
         let Some(host) = host.as_mut() else {
             return Ok(true);
         };
-        let changes = host.take_changes();
-        if !self.store_sparkplug(conn, &changes, cancel, retry).await? {
+        // Recorded with the batch's last statement unless it wrote nothing (a batch of deaths).
+        if !recorded && !self.store_sparkplug(conn, &changes, cancel, retry).await? {
             return Ok(false);
         }
         let happened = host.take_happened();
@@ -916,6 +936,7 @@ impl Writer {
         conn: &mut Conn,
         prepared: Prepared,
         routes: &[ResolvedRoute],
+        nodes: &[(NodeKey, Change, Node)],
         cancel: &CancellationToken,
         retry: &mut Backoff,
     ) -> Result<Tally, Stop> {
@@ -938,6 +959,7 @@ impl Writer {
             routes,
             replaced: prepared.replaced,
             tally,
+            nodes,
         };
         // At most BATCH_MAX_ROWS rows per statement: a batch of gateway arrays holds many
         // readings per message, and one statement of tens of thousands of rows costs the
@@ -964,8 +986,9 @@ impl Writer {
             // A batch of nothing to write still commits its (empty) statement, as always.
             parts.push(Part::default());
         }
-        for part in parts {
-            self.commit_part(conn, part, &mut batch, cancel, retry)
+        let count = parts.len();
+        for (n, part) in parts.into_iter().enumerate() {
+            self.commit_part(conn, part, &mut batch, n + 1 == count, cancel, retry)
                 .await?;
         }
         Ok(batch.tally)
@@ -1006,6 +1029,7 @@ impl Writer {
         conn: &mut Conn,
         part: Part,
         batch: &mut Committing<'_>,
+        last: bool,
         cancel: &CancellationToken,
         retry: &mut Backoff,
     ) -> Result<(), Stop> {
@@ -1015,11 +1039,25 @@ impl Writer {
             if part.len() == 0 {
                 continue;
             }
-            let res = self.write_part(conn, &part, cancel).await?;
+            // The edge nodes' changes go with the batch's last statement.
+            let nodes = match last && work.is_empty() {
+                true => batch.nodes,
+                false => &[],
+            };
+            let res = self.write_part(conn, &part, nodes, cancel).await?;
             match res {
-                Ok(out) => {
+                Ok((out, refused)) => {
                     retry.reset();
                     batch.committed(&part, &out);
+                    if !nodes.is_empty() {
+                        batch.tally.nodes_recorded = true;
+                    }
+                    if let Some(e) = refused {
+                        // The same statement fails the same way every time: not worth a
+                        // stalled stream. What is recorded stays as it was; the next leader
+                        // asks those edge nodes to rebirth.
+                        tracing::error!(error = %e, "Sparkplug edge nodes could not be recorded; kept in memory only");
+                    }
                 }
                 Err(StoreError::Fenced { epoch }) => return Err(Stop::Fenced(epoch)),
                 Err(e) if e.is_row_error() && part.len() > 1 => {
@@ -1424,8 +1462,9 @@ impl Writer {
         &self,
         conn: &mut Conn,
         part: &Part,
+        nodes: &[(NodeKey, Change, Node)],
         cancel: &CancellationToken,
-    ) -> Result<Result<leasehold_store::BatchOutcome, StoreError>, Stop> {
+    ) -> Result<Result<(leasehold_store::BatchOutcome, Option<StoreError>), StoreError>, Stop> {
         let mut stop = None;
         let res = tokio::select! {
             _ = cancel.cancelled() => None,
@@ -1433,11 +1472,12 @@ impl Writer {
                 let remap = (conn.stmt.len() != conn.routes.len()).then(|| conn.to_stmt.clone());
                 let w = self.connection(conn).await?;
                 stop = Some(w.cancel_handle());
+                let optimistic = part.optimistic;
                 match remap {
-                    None if part.optimistic => {
-                        w.write_optimistic(&self.fence, &part.rows, &part.dead).await
+                    None => {
+                        w.write_with_nodes(&self.fence, &part.rows, &part.dead, optimistic, nodes)
+                            .await
                     }
-                    None => w.write(&self.fence, &part.rows, &part.dead).await,
                     // Some routes are suspended: rows name their route's place in the statement,
                     // and the outcome comes back in the batch's places.
                     Some(to_stmt) => {
@@ -1446,13 +1486,14 @@ impl Writer {
                             .iter()
                             .filter_map(|r| Some(RouteRow { route: to_stmt[r.route]?, ..r.clone() }))
                             .collect();
-                        let mut out = w.write(&self.fence, &rows, &part.dead).await?;
+                        let (mut out, refused) =
+                            w.write_with_nodes(&self.fence, &rows, &part.dead, false, nodes).await?;
                         let mut by_stmt = std::mem::take(&mut out.routes).into_iter();
                         out.routes = to_stmt
                             .iter()
                             .map(|s| s.and_then(|_| by_stmt.next()).unwrap_or_default())
                             .collect();
-                        Ok(out)
+                        Ok((out, refused))
                     }
                 }
             } => Some(r),
@@ -1576,10 +1617,10 @@ impl Writer {
 /// committed, before anything else of it is done.
 pub const CRASH_AFTER_COMMIT: &str = "crash-after-commit";
 
-fn crash_after_commit(batch: &[Inbound]) {
+fn crash_after_commit(_batch: &[Inbound]) {
     fail::fail_point!(
         CRASH_AFTER_COMMIT,
-        batch.iter().any(|m| m.topic.contains("/DDATA/")),
+        _batch.iter().any(|m| m.topic.contains("/DDATA/")),
         |_| std::process::abort()
     );
 }

@@ -500,19 +500,91 @@ impl BatchWriter {
         rows: &[RouteRow],
         dead: &[DeadLetter],
     ) -> Result<BatchOutcome> {
+        self.attempt(fence, rows, dead, false).await
+    }
+
+    /// [`BatchWriter::write_optimistic`] (`optimistic`) or [`BatchWriter::write`], and `nodes`,
+    /// what the batch changed of Sparkplug B edge nodes ([`crate::sparkplug::record`]), in one
+    /// transaction: a leader that dies after the commit leaves the next one the sequence
+    /// numbers and births its rows were read with. A record the database refuses (a row error)
+    /// is left out and returned beside the outcome: the batch commits without it.
+    pub async fn write_with_nodes(
+        &mut self,
+        fence: &Fence,
+        rows: &[RouteRow],
+        dead: &[DeadLetter],
+        optimistic: bool,
+        nodes: &[(
+            leasehold_decode::sparkplug::NodeKey,
+            leasehold_decode::sparkplug::Change,
+            leasehold_decode::sparkplug::Node,
+        )],
+    ) -> Result<(BatchOutcome, Option<StoreError>)> {
+        if nodes.is_empty() {
+            let out = match optimistic {
+                true => self.attempt(fence, rows, dead, false).await?,
+                false => self.write(fence, rows, dead).await?,
+            };
+            return Ok((out, None));
+        }
+        self.tx("BEGIN").await?;
+        let res = async {
+            let out = match optimistic {
+                true => self.attempt(fence, rows, dead, true).await?,
+                false => self.write(fence, rows, dead).await?,
+            };
+            self.tx("SAVEPOINT nodes").await?;
+            match crate::sparkplug::record(&self.client, fence, nodes).await {
+                Ok(()) => Ok((out, None)),
+                Err(e) if e.is_row_error() => {
+                    self.tx("ROLLBACK TO SAVEPOINT nodes").await?;
+                    Ok((out, Some(e)))
+                }
+                Err(e) => Err(e),
+            }
+        }
+        .await;
+        match res {
+            Ok(done) => {
+                self.tx("COMMIT").await?;
+                Ok(done)
+            }
+            Err(e) => {
+                // A broken connection rolls back by itself; the caller reconnects.
+                let _ = self.tx("ROLLBACK").await;
+                Err(e)
+            }
+        }
+    }
+
+    /// A transaction's command (`BEGIN`, `SAVEPOINT`, `COMMIT`...).
+    async fn tx(&self, sql: &str) -> Result<()> {
+        op::measured(Op::Transaction, async {
+            Ok(self.client.batch_execute(sql).await?)
+        })
+        .await
+    }
+
+    /// The optimistic statement, then the full one if it failed as it may (`in_tx`: inside an
+    /// open transaction, the failure rolled back to a savepoint).
+    async fn attempt(
+        &mut self,
+        fence: &Fence,
+        rows: &[RouteRow],
+        dead: &[DeadLetter],
+        in_tx: bool,
+    ) -> Result<BatchOutcome> {
         let redelivery = rows.iter().any(|r| r.message.dup) || dead.iter().any(|d| d.dup);
         if redelivery || self.full_for > 0 {
             self.full_for = self.full_for.saturating_sub(1);
             return self.write(fence, rows, dead).await;
         }
+        if in_tx {
+            self.tx("SAVEPOINT optimistic").await?;
+        }
+        let optimistic = self.optimistic.clone();
         match self
-            .run(
-                Op::WriteOptimistic,
-                &self.optimistic.clone(),
-                fence,
-                rows,
-                dead,
-            )
+            .run(Op::WriteOptimistic, &optimistic, fence, rows, dead)
             .await
         {
             Err(StoreError::Db(e))
@@ -521,6 +593,9 @@ impl BatchWriter {
                         || c.code() == NOT_ALL_STORED
                 }) =>
             {
+                if in_tx {
+                    self.tx("ROLLBACK TO SAVEPOINT optimistic").await?;
+                }
                 self.full_for = FULL_AFTER_FALLBACK;
                 self.write(fence, rows, dead).await
             }
