@@ -226,10 +226,11 @@ async fn prepare_both(
     client: &Client,
     routes: &[ResolvedRoute],
     defaults: &[Vec<Option<String>>],
+    nodes: bool,
 ) -> Result<(Statement, Statement)> {
-    let full = client.prepare(&batch_sql(routes, defaults)).await?;
+    let full = client.prepare(&batch_sql(routes, defaults, nodes)).await?;
     let optimistic = client
-        .prepare_typed(&optimistic_sql(routes, defaults), full.params())
+        .prepare_typed(&optimistic_sql(routes, defaults, nodes), full.params())
         .await?;
     Ok((full, optimistic))
 }
@@ -275,6 +276,11 @@ pub struct BatchWriter {
     stmt: Statement,
     /// [`optimistic_sql`]'s statement, with `stmt`'s parameters.
     optimistic: Statement,
+    /// The two with the Sparkplug B edge nodes' record ([`crate::sparkplug::record_ctes`]),
+    /// prepared at the first batch that changes them.
+    with_nodes: Option<(Statement, Statement)>,
+    /// The routes' columns' default expressions, for `with_nodes`.
+    defaults: Vec<Vec<Option<String>>>,
     /// Writes left that go straight to `stmt`: keys already stored tend to come in runs (a
     /// device that sends its readings twice, two routes into one table), and each optimistic
     /// attempt that fails costs a statement.
@@ -343,7 +349,7 @@ impl BatchWriter {
                     statement_timeout.as_millis().max(1)
                 ))
                 .await?;
-            prepare_both(&client, &routes, &[]).await
+            prepare_both(&client, &routes, &[], false).await
         })
         .await?;
         let cancel = CancelHandle::with_tls(&client, tls);
@@ -352,6 +358,8 @@ impl BatchWriter {
             client,
             stmt,
             optimistic,
+            with_nodes: None,
+            defaults: Vec::new(),
             full_for: 0,
             written_by,
             redelivery_window,
@@ -385,10 +393,12 @@ impl BatchWriter {
                 }
                 defaults.push(ds);
             }
-            prepare_both(client, &routes, &defaults).await
+            let both = prepare_both(client, &routes, &defaults, false).await?;
+            Ok((both, defaults))
         })
         .await?;
-        (self.stmt, self.optimistic) = stmt;
+        ((self.stmt, self.optimistic), self.defaults) = stmt;
+        self.with_nodes = None;
         self.routes = routes;
         Ok(())
     }
@@ -500,14 +510,15 @@ impl BatchWriter {
         rows: &[RouteRow],
         dead: &[DeadLetter],
     ) -> Result<BatchOutcome> {
-        self.attempt(fence, rows, dead, false).await
+        self.attempt(fence, rows, dead, None).await
     }
 
     /// [`BatchWriter::write_optimistic`] (`optimistic`) or [`BatchWriter::write`], and `nodes`,
-    /// what the batch changed of Sparkplug B edge nodes ([`crate::sparkplug::record`]), in one
-    /// transaction: a leader that dies after the commit leaves the next one the sequence
-    /// numbers and births its rows were read with. A record the database refuses (a row error)
-    /// is left out and returned beside the outcome: the batch commits without it.
+    /// what the batch changed of Sparkplug B edge nodes, in the same statement: a leader that
+    /// dies after the commit leaves the next one the sequence numbers and births its rows were
+    /// read with, and the lease row is share-locked for one statement, as for any batch. A
+    /// row error is the rows' or the record's: the rows alone tell which; when they commit
+    /// alone, the record's error is returned beside their outcome.
     pub async fn write_with_nodes(
         &mut self,
         fence: &Fence,
@@ -520,71 +531,52 @@ impl BatchWriter {
             leasehold_decode::sparkplug::Node,
         )],
     ) -> Result<(BatchOutcome, Option<StoreError>)> {
-        if nodes.is_empty() {
-            let out = match optimistic {
-                true => self.attempt(fence, rows, dead, false).await?,
-                false => self.write(fence, rows, dead).await?,
-            };
-            return Ok((out, None));
+        let arrays = match nodes.is_empty() {
+            true => None,
+            false => Some(crate::sparkplug::NodeArrays::new(nodes)?),
+        };
+        if arrays.is_some() && self.with_nodes.is_none() {
+            let both = op::measured(Op::Session, async {
+                prepare_both(&self.client, &self.routes, &self.defaults, true).await
+            })
+            .await?;
+            self.with_nodes = Some(both);
         }
-        self.tx("BEGIN").await?;
-        let res = async {
-            let out = match optimistic {
-                true => self.attempt(fence, rows, dead, true).await?,
-                false => self.write(fence, rows, dead).await?,
-            };
-            self.tx("SAVEPOINT nodes").await?;
-            match crate::sparkplug::record(&self.client, fence, nodes).await {
-                Ok(()) => Ok((out, None)),
-                Err(e) if e.is_row_error() => {
-                    self.tx("ROLLBACK TO SAVEPOINT nodes").await?;
-                    Ok((out, Some(e)))
-                }
-                Err(e) => Err(e),
+        let written = match optimistic {
+            true => self.attempt(fence, rows, dead, arrays.as_ref()).await,
+            false => self.full(fence, rows, dead, arrays.as_ref()).await,
+        };
+        match written {
+            Err(e) if e.is_row_error() && arrays.is_some() => {
+                let out = match optimistic {
+                    true => self.attempt(fence, rows, dead, None).await?,
+                    false => self.full(fence, rows, dead, None).await?,
+                };
+                Ok((out, Some(e)))
             }
-        }
-        .await;
-        match res {
-            Ok(done) => {
-                self.tx("COMMIT").await?;
-                Ok(done)
-            }
-            Err(e) => {
-                // A broken connection rolls back by itself; the caller reconnects.
-                let _ = self.tx("ROLLBACK").await;
-                Err(e)
-            }
+            other => Ok((other?, None)),
         }
     }
 
-    /// A transaction's command (`BEGIN`, `SAVEPOINT`, `COMMIT`...).
-    async fn tx(&self, sql: &str) -> Result<()> {
-        op::measured(Op::Transaction, async {
-            Ok(self.client.batch_execute(sql).await?)
-        })
-        .await
-    }
-
-    /// The optimistic statement, then the full one if it failed as it may (`in_tx`: inside an
-    /// open transaction, the failure rolled back to a savepoint).
+    /// The optimistic statement, then the full one if it failed as it may.
     async fn attempt(
         &mut self,
         fence: &Fence,
         rows: &[RouteRow],
         dead: &[DeadLetter],
-        in_tx: bool,
+        nodes: Option<&crate::sparkplug::NodeArrays<'_>>,
     ) -> Result<BatchOutcome> {
         let redelivery = rows.iter().any(|r| r.message.dup) || dead.iter().any(|d| d.dup);
         if redelivery || self.full_for > 0 {
             self.full_for = self.full_for.saturating_sub(1);
-            return self.write(fence, rows, dead).await;
+            return self.full(fence, rows, dead, nodes).await;
         }
-        if in_tx {
-            self.tx("SAVEPOINT optimistic").await?;
-        }
-        let optimistic = self.optimistic.clone();
+        let optimistic = match (nodes, &self.with_nodes) {
+            (Some(_), Some((_, o))) => o.clone(),
+            _ => self.optimistic.clone(),
+        };
         match self
-            .run(Op::WriteOptimistic, &optimistic, fence, rows, dead)
+            .run(Op::WriteOptimistic, &optimistic, fence, rows, dead, nodes)
             .await
         {
             Err(StoreError::Db(e))
@@ -593,14 +585,27 @@ impl BatchWriter {
                         || c.code() == NOT_ALL_STORED
                 }) =>
             {
-                if in_tx {
-                    self.tx("ROLLBACK TO SAVEPOINT optimistic").await?;
-                }
                 self.full_for = FULL_AFTER_FALLBACK;
-                self.write(fence, rows, dead).await
+                self.full(fence, rows, dead, nodes).await
             }
             other => other,
         }
+    }
+
+    /// The full statement (with `nodes`' record, if any).
+    async fn full(
+        &mut self,
+        fence: &Fence,
+        rows: &[RouteRow],
+        dead: &[DeadLetter],
+        nodes: Option<&crate::sparkplug::NodeArrays<'_>>,
+    ) -> Result<BatchOutcome> {
+        let stmt = match (nodes, &self.with_nodes) {
+            (Some(_), Some((f, _))) => f.clone(),
+            _ => self.stmt.clone(),
+        };
+        self.run(Op::WriteBatch, &stmt, fence, rows, dead, nodes)
+            .await
     }
 
     /// Commits `rows` (each key at most once per route) and `dead` if the fence holds;
@@ -611,8 +616,7 @@ impl BatchWriter {
         rows: &[RouteRow],
         dead: &[DeadLetter],
     ) -> Result<BatchOutcome> {
-        self.run(Op::WriteBatch, &self.stmt.clone(), fence, rows, dead)
-            .await
+        self.full(fence, rows, dead, None).await
     }
 
     /// Runs `stmt` (the full or the optimistic statement) on the batch's parameters.
@@ -623,6 +627,7 @@ impl BatchWriter {
         fence: &Fence,
         rows: &[RouteRow],
         dead: &[DeadLetter],
+        nodes: Option<&crate::sparkplug::NodeArrays<'_>>,
     ) -> Result<BatchOutcome> {
         let messages = message_params(rows);
         let dead = dead_params(dead);
@@ -644,6 +649,9 @@ impl BatchWriter {
                 .map(|p| p.as_ref() as &(dyn ToSql + Sync)),
         );
         arrays.push(&mut params);
+        if let Some(n) = nodes {
+            n.push(&mut params);
+        }
         let n_routes = self.routes.len();
         let outcome = op::one(&self.client, op, stmt, &params, |r| {
             BatchOutcome::read(r, n_routes)

@@ -25,8 +25,6 @@ pub enum Op {
     /// The batch's optimistic statement; a failure is a fallback to [`Op::WriteBatch`]'s (a
     /// key already stored, a row the table did not take).
     WriteOptimistic,
-    /// BEGIN, SAVEPOINT, COMMIT and ROLLBACK of a batch written in several statements.
-    Transaction,
     DbClock,
     /// Session settings and statement preparation on a new dedicated connection.
     Session,
@@ -84,7 +82,6 @@ impl Op {
             Op::LeaseRead => "lease_read",
             Op::WriteBatch => "write_batch",
             Op::WriteOptimistic => "write_optimistic",
-            Op::Transaction => "transaction",
             Op::DbClock => "db_clock",
             Op::Session => "session",
             Op::Migrate => "migrate",

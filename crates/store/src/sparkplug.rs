@@ -63,86 +63,153 @@ pub async fn load(c: &impl GenericClient) -> Result<Vec<(NodeKey, Node)>> {
         .collect()
 }
 
+/// What a batch changed of edge nodes, as the parameters of [`record_ctes`]: the whole row of a
+/// node whose births, death or staleness changed, the sequence number alone of the others.
+pub struct NodeArrays<'a> {
+    g: Vec<&'a str>,
+    e: Vec<&'a str>,
+    online: Vec<bool>,
+    bd: Vec<Option<i64>>,
+    seq: Vec<Option<i32>>,
+    stale: Vec<bool>,
+    birth: Vec<Option<DateTime<Utc>>>,
+    death: Vec<Option<DateTime<Utc>>>,
+    metrics: Vec<serde_json::Value>,
+    devices: Vec<serde_json::Value>,
+    sg: Vec<&'a str>,
+    se: Vec<&'a str>,
+    ss: Vec<Option<i32>>,
+}
+
+/// Parameters [`NodeArrays`] adds to a statement.
+pub const NODE_PARAMS: usize = 13;
+
+impl<'a> NodeArrays<'a> {
+    pub fn new(nodes: &'a [(NodeKey, Change, Node)]) -> Result<Self> {
+        let json = |v: Result<serde_json::Value, serde_json::Error>| {
+            v.map_err(|e| StoreError::Refused(format!("a Sparkplug node cannot be written: {e}")))
+        };
+        let mut a = NodeArrays {
+            g: vec![],
+            e: vec![],
+            online: vec![],
+            bd: vec![],
+            seq: vec![],
+            stale: vec![],
+            birth: vec![],
+            death: vec![],
+            metrics: vec![],
+            devices: vec![],
+            sg: vec![],
+            se: vec![],
+            ss: vec![],
+        };
+        for ((group, node), change, n) in nodes {
+            let s = n.seq.map(i32::from);
+            match change {
+                Change::Whole => {
+                    a.g.push(group.as_str());
+                    a.e.push(node.as_str());
+                    a.online.push(n.online);
+                    a.bd.push(n.bd_seq.map(|b| b as i64));
+                    a.seq.push(s);
+                    a.stale.push(n.stale);
+                    a.birth.push(n.birth_at);
+                    a.death.push(n.death_at);
+                    a.metrics.push(json(serde_json::to_value(&n.metrics))?);
+                    a.devices.push(json(serde_json::to_value(&n.devices))?);
+                }
+                Change::Seq => {
+                    a.sg.push(group.as_str());
+                    a.se.push(node.as_str());
+                    a.ss.push(s);
+                }
+            }
+        }
+        Ok(a)
+    }
+
+    /// Appends the [`NODE_PARAMS`] arrays, in [`record_ctes`]'s order.
+    pub fn push<'p>(&'p self, params: &mut Vec<&'p (dyn ToSql + Sync)>) {
+        params.extend([
+            &self.g as &(dyn ToSql + Sync),
+            &self.e,
+            &self.online,
+            &self.bd,
+            &self.seq,
+            &self.stale,
+            &self.birth,
+            &self.death,
+            &self.metrics,
+            &self.devices,
+            &self.sg,
+            &self.se,
+            &self.ss,
+        ]);
+    }
+}
+
+/// The CTEs `whole` and `seqs` that record [`NodeArrays`] given from parameter `$first` on,
+/// behind the statement's `fence` (its lease epoch is `$3`): a batch statement carries them so
+/// that the state its readings were read with commits with them, in one statement.
+pub fn record_ctes(first: usize) -> String {
+    let p = |k: usize| format!("${}", first + k);
+    format!(
+        "whole AS (
+        INSERT INTO sparkplug_nodes AS n (group_id, edge_node_id, online, bd_seq, seq, stale,
+                                          birth_at, death_at, metrics, devices, lease_epoch)
+        SELECT u.g, u.e, u.o, u.b, u.s, u.st, u.ba, u.da, u.m, u.d, $3
+        FROM unnest({}::text[], {}::text[], {}::bool[], {}::int8[], {}::int4[], {}::bool[],
+                    {}::timestamptz[], {}::timestamptz[], {}::jsonb[], {}::jsonb[])
+             AS u(g, e, o, b, s, st, ba, da, m, d)
+        WHERE EXISTS (SELECT 1 FROM fence)
+        ON CONFLICT (group_id, edge_node_id) DO UPDATE SET
+            online = EXCLUDED.online, bd_seq = EXCLUDED.bd_seq, seq = EXCLUDED.seq,
+            stale = EXCLUDED.stale, birth_at = EXCLUDED.birth_at,
+            death_at = EXCLUDED.death_at, metrics = EXCLUDED.metrics,
+            devices = EXCLUDED.devices, updated_at = now(),
+            lease_epoch = EXCLUDED.lease_epoch
+        RETURNING 1),
+    seqs AS (
+        UPDATE sparkplug_nodes n SET seq = u.s, updated_at = now(), lease_epoch = $3
+        FROM unnest({}::text[], {}::text[], {}::int4[]) AS u(g, e, s)
+        WHERE n.group_id = u.g AND n.edge_node_id = u.e AND EXISTS (SELECT 1 FROM fence)
+        RETURNING 1)",
+        p(0),
+        p(1),
+        p(2),
+        p(3),
+        p(4),
+        p(5),
+        p(6),
+        p(7),
+        p(8),
+        p(9),
+        p(10),
+        p(11),
+        p(12),
+    )
+}
+
 /// Records what a batch changed of `nodes` if and only if `fence` holds
-/// ([`StoreError::Fenced`], nothing written, otherwise): the whole row of a node whose births,
-/// death or staleness changed, the sequence number alone of the others.
+/// ([`StoreError::Fenced`], nothing written, otherwise), in a statement of its own: for a batch
+/// that wrote nothing (the others carry [`record_ctes`]).
 pub async fn record(
     c: &impl GenericClient,
     fence: &Fence,
     nodes: &[(NodeKey, Change, Node)],
 ) -> Result<()> {
-    let json = |v: Result<serde_json::Value, serde_json::Error>| {
-        v.map_err(|e| StoreError::Refused(format!("a Sparkplug node cannot be written: {e}")))
-    };
-    let (mut g, mut e, mut online, mut bd, mut seq, mut stale) =
-        (vec![], vec![], vec![], vec![], vec![], vec![]);
-    let (mut birth, mut death, mut metrics, mut devices) = (vec![], vec![], vec![], vec![]);
-    let (mut sg, mut se, mut ss) = (vec![], vec![], vec![]);
-    for ((group, node), change, n) in nodes {
-        let s = n.seq.map(i32::from);
-        match change {
-            Change::Whole => {
-                g.push(group.as_str());
-                e.push(node.as_str());
-                online.push(n.online);
-                bd.push(n.bd_seq.map(|b| b as i64));
-                seq.push(s);
-                stale.push(n.stale);
-                birth.push(n.birth_at);
-                death.push(n.death_at);
-                metrics.push(json(serde_json::to_value(&n.metrics))?);
-                devices.push(json(serde_json::to_value(&n.devices))?);
-            }
-            Change::Seq => {
-                sg.push(group.as_str());
-                se.push(node.as_str());
-                ss.push(s);
-            }
-        }
-    }
+    let arrays = NodeArrays::new(nodes)?;
     let sql = format!(
         "WITH {FENCE_CTE},
-         whole AS (
-            INSERT INTO sparkplug_nodes AS n (group_id, edge_node_id, online, bd_seq, seq, stale,
-                                              birth_at, death_at, metrics, devices, lease_epoch)
-            SELECT u.g, u.e, u.o, u.b, u.s, u.st, u.ba, u.da, u.m, u.d, $3
-            FROM unnest($4::text[], $5::text[], $6::bool[], $7::int8[], $8::int4[], $9::bool[],
-                        $10::timestamptz[], $11::timestamptz[], $12::jsonb[], $13::jsonb[])
-                 AS u(g, e, o, b, s, st, ba, da, m, d)
-            WHERE EXISTS (SELECT 1 FROM fence)
-            ON CONFLICT (group_id, edge_node_id) DO UPDATE SET
-                online = EXCLUDED.online, bd_seq = EXCLUDED.bd_seq, seq = EXCLUDED.seq,
-                stale = EXCLUDED.stale, birth_at = EXCLUDED.birth_at,
-                death_at = EXCLUDED.death_at, metrics = EXCLUDED.metrics,
-                devices = EXCLUDED.devices, updated_at = now(),
-                lease_epoch = EXCLUDED.lease_epoch
-            RETURNING 1),
-         seqs AS (
-            UPDATE sparkplug_nodes n SET seq = u.s, updated_at = now(), lease_epoch = $3
-            FROM unnest($14::text[], $15::text[], $16::int4[]) AS u(g, e, s)
-            WHERE n.group_id = u.g AND n.edge_node_id = u.e AND EXISTS (SELECT 1 FROM fence)
-            RETURNING 1)
-         SELECT (SELECT count(*) FROM fence) AS held, (SELECT count(*) FROM whole) AS whole,
-                (SELECT count(*) FROM seqs) AS seqs"
+    {}
+    SELECT (SELECT count(*) FROM fence) AS held, (SELECT count(*) FROM whole) AS whole,
+           (SELECT count(*) FROM seqs) AS seqs",
+        record_ctes(4)
     );
-    let params: Vec<&(dyn ToSql + Sync)> = vec![
-        &fence.lease_name,
-        &fence.holder_id,
-        &fence.epoch,
-        &g,
-        &e,
-        &online,
-        &bd,
-        &seq,
-        &stale,
-        &birth,
-        &death,
-        &metrics,
-        &devices,
-        &sg,
-        &se,
-        &ss,
-    ];
+    let mut params: Vec<&(dyn ToSql + Sync)> =
+        vec![&fence.lease_name, &fence.holder_id, &fence.epoch];
+    arrays.push(&mut params);
     let held = op::one(c, Op::SparkplugRecord, &sql, &params, |r| {
         r.try_get::<_, i64>("held")
     })

@@ -140,8 +140,13 @@ const MESSAGE_HASH: &str = "coalesce(g.h, encode(substr(sha256(convert_to(g.tp, 
 
 /// The statement for `routes` (`defaults[k][j]`: the default expression of column `j` of route
 /// `k`, when it has one). Parameters: [`FIXED_PARAMS`], then per route its rows' positions and
-/// one array per column sent ([`carry`]).
-pub fn batch_sql(routes: &[ResolvedRoute], defaults: &[Vec<Option<String>>]) -> String {
+/// one array per column sent ([`carry`]); with `nodes`, the Sparkplug B edge nodes' record
+/// after them ([`crate::sparkplug::record_ctes`], [`crate::sparkplug::NODE_PARAMS`]).
+pub fn batch_sql(
+    routes: &[ResolvedRoute],
+    defaults: &[Vec<Option<String>>],
+    nodes: bool,
+) -> String {
     let mut ctes = vec![crate::queries::FENCE_CTE.to_string(), HEAD.to_string()];
     let mut arms = vec![DEAD_ARM.to_string()];
     let mut outputs = String::new();
@@ -180,6 +185,9 @@ pub fn batch_sql(routes: &[ResolvedRoute], defaults: &[Vec<Option<String>>]) -> 
         RETURNING 1)",
         arms.join("\n        UNION ALL\n        ")
     ));
+    if nodes {
+        ctes.push(crate::sparkplug::record_ctes(param + 1));
+    }
     format!(
         "WITH {}
     SELECT (SELECT count(*) FROM fence) AS held,
@@ -197,7 +205,11 @@ pub fn batch_sql(routes: &[ResolvedRoute], defaults: &[Vec<Option<String>>]) -> 
 /// key already stored fails it whole (`unique_violation`), and so does a row the table did not
 /// take (a trigger or rule skipped it: `leasehold_all_stored`, migration 12); nothing of it is
 /// kept, and the writer runs [`batch_sql`]'s statement instead, which tells each case apart.
-pub fn optimistic_sql(routes: &[ResolvedRoute], defaults: &[Vec<Option<String>>]) -> String {
+pub fn optimistic_sql(
+    routes: &[ResolvedRoute],
+    defaults: &[Vec<Option<String>>],
+    nodes: bool,
+) -> String {
     let mut ctes = vec![
         crate::queries::FENCE_CTE.to_string(),
         HEAD[..HEAD.find(",\n    first_dup").unwrap_or(HEAD.len())].to_string(),
@@ -243,6 +255,9 @@ pub fn optimistic_sql(routes: &[ResolvedRoute], defaults: &[Vec<Option<String>>]
         RETURNING 1)"
             .to_string(),
     );
+    if nodes {
+        ctes.push(crate::sparkplug::record_ctes(param + 1));
+    }
     format!(
         "WITH {}
     SELECT (SELECT count(*) FROM fence) AS held,
@@ -879,7 +894,7 @@ mod tests {
     }
 
     fn sql(routes: &[ResolvedRoute]) -> String {
-        batch_sql(routes, &[])
+        batch_sql(routes, &[], false)
     }
 
     #[test]
@@ -889,7 +904,7 @@ mod tests {
             ResolvedRoute::telemetry(),
             route("owned", "owned", OnConflict::Update),
         ];
-        let fast = optimistic_sql(&routes, &[]);
+        let fast = optimistic_sql(&routes, &[], false);
         assert!(!fast.contains("ON CONFLICT"), "{fast}");
         assert_eq!(
             fast.matches("WHERE EXISTS (SELECT 1 FROM fence)").count(),
@@ -1001,6 +1016,7 @@ mod tests {
         let s = batch_sql(
             &[route("a", "t", OnConflict::Nothing)],
             &[vec![None, None, Some("0".into()), None]],
+            false,
         );
         assert!(s.contains("coalesce(CAST(q.v2 AS numeric(5,2)), (0))"));
         assert!(
