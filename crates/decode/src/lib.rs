@@ -18,6 +18,8 @@ pub use leasehold_config::{Format, FormatSpec};
 
 use chrono::{DateTime, TimeZone, Utc};
 use serde_json::{Map, Value};
+
+use light::Field;
 use sha2::{Digest, Sha256};
 
 /// Most readings one message may hold (array elements, SenML records): what a leader holds per
@@ -230,9 +232,9 @@ impl Decoder {
             return Err(DecodeError::NulEscape);
         }
         let fields = light::Fields {
-            device_id: object.get("device_id").cloned(),
-            ts: object.get("ts").cloned(),
-            timestamp: object.get("timestamp").cloned(),
+            device_id: object.get("device_id").map(Field::of),
+            ts: object.get("ts").map(Field::of),
+            timestamp: object.get("timestamp").map(Field::of),
         };
         let mut parsed = parsed(pattern, topic, fields);
         parsed.text = Some(String::from_utf8_lossy(payload).into_owned());
@@ -278,12 +280,12 @@ impl Decoder {
 }
 
 /// The device id (the topic's by `pattern`, else the payload's) and the timestamp.
-fn parsed(pattern: &TopicPattern, topic: &str, f: light::Fields) -> Parsed {
+fn parsed(pattern: &TopicPattern, topic: &str, f: light::Fields<'_>) -> Parsed {
     let device_id = match pattern.device_id(topic) {
         Some(d) => Some(d.to_string()),
         None => match f.device_id {
-            Some(Value::String(s)) if !s.is_empty() => Some(s),
-            Some(Value::Number(n)) => Some(n.to_string()),
+            Some(Field::Str(s)) if !s.is_empty() => Some(s.into_owned()),
+            Some(Field::Num(n)) => Some(n.to_string()),
             _ => None,
         },
     };
@@ -357,36 +359,39 @@ pub fn content_hash(topic: &str, payload: &[u8]) -> String {
 const MILLIS_THRESHOLD: f64 = 1e11;
 
 fn timestamp_of(
-    timestamp: Option<&Value>,
-    ts: Option<&Value>,
+    timestamp: Option<&Field<'_>>,
+    ts: Option<&Field<'_>>,
 ) -> Result<Option<DateTime<Utc>>, DecodeError> {
     let (field, v) = match (timestamp, ts) {
-        (Some(v), _) if !v.is_null() => ("timestamp", v),
-        (_, Some(v)) if !v.is_null() => ("ts", v),
+        (Some(v), _) if *v != Field::Null => ("timestamp", v),
+        (_, Some(v)) if *v != Field::Null => ("ts", v),
         _ => return Ok(None),
     };
     let bad = |reason: String| DecodeError::BadTimestamp { field, reason };
-    timestamp_value(v).map(Some).map_err(bad)
+    timestamp_field(v).map(Some).map_err(bad)
 }
 
 /// A JSON value read as a point in time: an RFC 3339 string, or a Unix epoch in seconds or
 /// milliseconds (a number or a numeric string), at microsecond resolution.
 pub fn timestamp_value(v: &Value) -> Result<DateTime<Utc>, String> {
+    timestamp_field(&Field::of(v))
+}
+
+/// [`timestamp_value`] of a field read without its `Value`.
+fn timestamp_field(v: &Field<'_>) -> Result<DateTime<Utc>, String> {
     match v {
-        Value::String(s) => match s.trim().parse::<f64>() {
+        Field::Str(s) => match s.trim().parse::<f64>() {
             Ok(n) => from_epoch(n),
             Err(_) => DateTime::parse_from_rfc3339(s.trim())
                 .map_err(|e| format!("{s:?} is neither RFC 3339 nor a Unix epoch ({e})"))
                 .and_then(|d| to_micros(d.with_timezone(&Utc))),
         },
-        Value::Number(n) => n
+        Field::Num(n) => n
             .as_f64()
             .ok_or_else(|| "not a finite number".to_string())
             .and_then(from_epoch),
-        other => Err(format!(
-            "expected a string or a number, got {}",
-            kind(other)
-        )),
+        Field::Null => Err("expected a string or a number, got null".to_string()),
+        Field::Other(k) => Err(format!("expected a string or a number, got {k}")),
     }
 }
 
@@ -671,20 +676,25 @@ mod tests {
             return Err(DecodeError::DeviceIdTooLong);
         }
         let text = String::from_utf8_lossy(payload).into_owned();
-        Ok(match timestamp_of(obj.get("timestamp"), obj.get("ts"))? {
-            Some(ts) => Reading {
-                device_id,
-                ts,
-                payload: text,
-                content_hash: None,
+        Ok(
+            match timestamp_of(
+                obj.get("timestamp").map(Field::of).as_ref(),
+                obj.get("ts").map(Field::of).as_ref(),
+            )? {
+                Some(ts) => Reading {
+                    device_id,
+                    ts,
+                    payload: text,
+                    content_hash: None,
+                },
+                None => Reading {
+                    device_id,
+                    ts: now(),
+                    payload: text,
+                    content_hash: Some(content_hash(topic, payload)),
+                },
             },
-            None => Reading {
-                device_id,
-                ts: now(),
-                payload: text,
-                content_hash: Some(content_hash(topic, payload)),
-            },
-        })
+        )
     }
 
     #[test]
@@ -708,6 +718,15 @@ mod tests {
             r#"{"x":-1e400}"#,
             r#"{"x":18446744073709551616,"ts":1e-400}"#,
             r#"{"x":[1,{"y":[true,false,null,"s\n"]}],"ts":1.5}"#,
+            // Each field read without its Value (light::Field) as the Value reader reads it.
+            r#"{"ts":{"a":[1,{"b":null}]}}"#,
+            r#"{"timestamp":[1,2],"ts":5}"#,
+            r#"{"ts":true,"device_id":false}"#,
+            r#"{"device_id":"d\u0065v","ts":"2026-01-02T03:04:05\u005a"}"#,
+            r#"{"device_id":-0.0,"ts":"1700000000.5"}"#,
+            r#"{"device_id":12345678901234567890,"timestamp":1.7e12}"#,
+            r#"{"device_id":{"x":1},"ts":-1}"#,
+            r#"{"device_id":[],"ts":" 1700000000 "}"#,
             r#"{"x":"\ud800"}"#,
             r#"{"x":"\uD83D\uDE00","device_id":null}"#,
             r#"{"x":1,}"#,

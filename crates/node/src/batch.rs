@@ -6,7 +6,6 @@
 //! Pure: no I/O, so the rules are unit-tested here and the store only checks against what is
 //! stored.
 
-use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
@@ -206,10 +205,10 @@ pub fn prepare_with(
             ..Prepared::default()
         },
         units: Vec::with_capacity(batch.len()),
-        keys: HashMap::with_capacity(batch.len()),
+        keys: HashMap::with_capacity_and_hasher(batch.len(), Default::default()),
         slots: Vec::with_capacity(batch.len()),
-        hasher: RandomState::new(),
-        deliveries: HashMap::new(),
+        hasher: foldhash::fast::RandomState::default(),
+        deliveries: HashMap::default(),
         earlier_delivery: vec![usize::MAX; if any_dup { batch.len() } else { 0 }],
     };
     for (at, m) in batch.iter().enumerate() {
@@ -244,6 +243,10 @@ pub fn prepare_with(
     p.out
 }
 
+/// The routes a message goes to (places in `Routing::routes`): most go to one, without an
+/// allocation.
+type Matched = smallvec::SmallVec<[usize; 4]>;
+
 /// The state of one [`prepare`].
 struct Preparer<'a> {
     decoder: &'a Decoder,
@@ -261,12 +264,12 @@ struct Preparer<'a> {
     /// Hash of a row's route and key -> the last of `slots` with that hash; each slot is a
     /// row's (round, position) and the slot of the previous row with the same hash (compared in
     /// full on a hit), so the common case of unique keys costs no copy of the key.
-    keys: HashMap<u64, usize>,
+    keys: HashMap<u64, usize, foldhash::fast::RandomState>,
     slots: Vec<(usize, usize, Option<usize>)>,
-    hasher: RandomState,
+    hasher: foldhash::fast::RandomState,
     /// Hash of (topic, packet id) -> the last message of the batch with it; `earlier_delivery`
     /// chains each message to the previous one with the same hash.
-    deliveries: HashMap<u64, usize>,
+    deliveries: HashMap<u64, usize, foldhash::fast::RandomState>,
     earlier_delivery: Vec<usize>,
 }
 
@@ -323,7 +326,10 @@ impl Units {
         } else if let Some(host) =
             sparkplug.filter(|_| decoder.format_of(&m.topic) == Format::SparkplugB)
         {
-            Units::Many(host.read(&m.topic, &m.payload, m.dup).into_iter())
+            Units::Many(
+                host.read_delivery(&m.topic, &m.payload, m.dup, m.pkid)
+                    .into_iter(),
+            )
         } else {
             Units::Many(decoder.units(&m.topic, &m.payload, received_at).into_iter())
         }
@@ -358,17 +364,17 @@ impl Preparer<'_> {
     }
 
     /// The routes `topic` goes to: the named routes whose filters match it, else `telemetry`.
-    fn matching(&self, topic: &str) -> Vec<usize> {
+    fn matching(&self, topic: &str) -> Matched {
         match self.routing.routes.get(1..) {
             Some(named) if !named.is_empty() => {
                 let matched = routing::matching(named, topic);
                 if matched.is_empty() {
-                    vec![0]
+                    smallvec::smallvec![0]
                 } else {
                     matched.into_iter().map(|k| k + 1).collect()
                 }
             }
-            _ => vec![0],
+            _ => smallvec::smallvec![0],
         }
     }
 
@@ -422,12 +428,12 @@ impl Preparer<'_> {
         &mut self,
         idx: usize,
         received_at: DateTime<Utc>,
-        matched: &mut Vec<usize>,
+        matched: &mut Matched,
     ) {
         let routes = self.routing.routes;
         // A suspended route's share of the message waits as a dead letter of its own.
         let suspended = self.routing.suspended;
-        matched.retain(|&k| match suspended.get(k).and_then(Option::as_ref) {
+        matched.retain(|&mut k| match suspended.get(k).and_then(Option::as_ref) {
             None => true,
             Some(why) => {
                 let name = &routes[k].spec.name;
