@@ -257,7 +257,14 @@ impl Decoder {
         topic: &str,
         payload: &[u8],
     ) -> Result<Parsed, DecodeError> {
-        let fields = match serde_json::from_slice::<light::Shape>(payload) {
+        let read = serde_json::from_slice::<light::Shape>(payload);
+        if light::raw_token_seen() {
+            // A key only serde_json's own reader gives a meaning to: read as it reads it.
+            let mut p = self.parse_with(pattern, topic, payload)?;
+            (p.object, p.text) = (None, None);
+            return Ok(p);
+        }
+        let fields = match read {
             Ok(light::Shape::Object(f)) => f,
             Ok(light::Shape::Other(k)) => return Err(DecodeError::NotObject(k)),
             Err(e) => return Err(DecodeError::NotJson(e.to_string())),
@@ -727,6 +734,12 @@ mod tests {
             r#"{"device_id":12345678901234567890,"timestamp":1.7e12}"#,
             r#"{"device_id":{"x":1},"ts":-1}"#,
             r#"{"device_id":[],"ts":" 1700000000 "}"#,
+            // The key serde_json's Value reader reads raw JSON text by (its raw_value feature).
+            r#"{"device_id":"a","ts":{"$serde_json::private::RawValue":"1700000000"}}"#,
+            r#"{"device_id":{"$serde_json::private::RawValue":"\"m\""}}"#,
+            r#"{"ts":{"$serde_json::private::RawValue":7}}"#,
+            r#"{"x":{"$serde_json::private::RawValue":7},"device_id":"a","ts":1}"#,
+            r#"{"x":{"\u0024serde_json::private::RawValue":"1"},"device_id":"a","ts":1}"#,
             r#"{"x":"\ud800"}"#,
             r#"{"x":"\uD83D\uDE00","device_id":null}"#,
             r#"{"x":1,}"#,

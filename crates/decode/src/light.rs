@@ -164,6 +164,26 @@ impl<'de> Visitor<'de> for ShapeVisitor {
     }
 }
 
+/// The key by which serde_json's `Value` reader (with its `raw_value` feature) takes an object
+/// for raw JSON text to read again: a payload holding it anywhere is read by that reader
+/// instead ([`raw_token_seen`]), so that both readers accept and refuse the same payloads.
+const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
+
+thread_local! {
+    static RAW_TOKEN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the last light read on this thread met [`RAW_VALUE_TOKEN`] as a key; clears it.
+pub(crate) fn raw_token_seen() -> bool {
+    RAW_TOKEN.with(|c| c.replace(false))
+}
+
+fn key_of(k: &str) {
+    if k.starts_with('$') && k == RAW_VALUE_TOKEN {
+        RAW_TOKEN.with(|c| c.set(true));
+    }
+}
+
 /// An object key, borrowed from the payload unless it has escapes.
 struct Key<'de>(Cow<'de, str>);
 
@@ -176,9 +196,11 @@ impl<'de> Deserialize<'de> for Key<'de> {
                 f.write_str("a key")
             }
             fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Key<'de>, E> {
+                key_of(s);
                 Ok(Key(Cow::Borrowed(s)))
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<Key<'de>, E> {
+                key_of(s);
                 Ok(Key(Cow::Owned(s.to_string())))
             }
         }

@@ -221,6 +221,7 @@ pub fn prepare_with(
             continue;
         }
         let received_at = clock.at(m.received);
+        let skipped = sparkplug.as_ref().map_or(0, |h| h.redeliveries_skipped());
         let units = Units::of(
             decoder,
             m,
@@ -228,6 +229,11 @@ pub fn prepare_with(
             sparkplug.as_deref_mut(),
             received_at,
         );
+        // A redelivery the Sparkplug host read already (its batch committed): a duplicate.
+        if sparkplug.as_ref().map_or(0, |h| h.redeliveries_skipped()) > skipped {
+            p.out.redelivered += 1;
+            continue;
+        }
         // Each reading of the message at its own microsecond: two readings of one device
         // without a timestamp of their own are never one key.
         clock.reserve(units.len().saturating_sub(1));

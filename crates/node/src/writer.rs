@@ -573,7 +573,9 @@ impl Writer {
             match loaded {
                 Ok(nodes) => {
                     retry.reset();
-                    let host = Host::with_nodes(nodes);
+                    // What a reconnect can redeliver: the pending messages, three times over.
+                    let host = Host::with_nodes(nodes)
+                        .remembering(self.cfg.max_pending.saturating_mul(3).max(32_768));
                     self.show_sparkplug(&host, 0);
                     tracing::info!(
                         edge_nodes = host.online().0,
@@ -1049,14 +1051,13 @@ impl Writer {
                 Ok((out, refused)) => {
                     retry.reset();
                     batch.committed(&part, &out);
-                    if !nodes.is_empty() {
+                    // Refused with the rows, the record is tried alone after the batch: the
+                    // rows' error may have been passing.
+                    if !nodes.is_empty() && refused.is_none() {
                         batch.tally.nodes_recorded = true;
                     }
                     if let Some(e) = refused {
-                        // The same statement fails the same way every time: not worth a
-                        // stalled stream. What is recorded stays as it was; the next leader
-                        // asks those edge nodes to rebirth.
-                        tracing::error!(error = %e, "Sparkplug edge nodes could not be recorded; kept in memory only");
+                        tracing::debug!(error = %e, "the batch with its Sparkplug record failed, without it not: recording it alone");
                     }
                 }
                 Err(StoreError::Fenced { epoch }) => return Err(Stop::Fenced(epoch)),
