@@ -127,6 +127,15 @@ struct Suspension {
 const RECHECK: Duration = Duration::from_secs(5);
 
 impl Conn {
+    /// How long a batch may wait for its first message: while a route is suspended, its table
+    /// is checked on time even without messages.
+    fn idle(&self) -> Option<Duration> {
+        self.suspended
+            .iter()
+            .any(Option::is_some)
+            .then_some(RECHECK)
+    }
+
     fn new(routes: Arc<[ResolvedRoute]>, suspended: Vec<Option<Suspension>>) -> Conn {
         let mut c = Conn {
             writer: None,
@@ -409,13 +418,7 @@ impl Writer {
         let mut retry = Backoff::default();
         let mut sparkplug = Sparkplug::default();
         loop {
-            // While a route is suspended, its table is checked on time even without messages.
-            let idle = conn
-                .suspended
-                .iter()
-                .any(Option::is_some)
-                .then_some(RECHECK);
-            let Some(batch) = self.gather(&cancel, idle).await else {
+            let Some(batch) = self.gather(&cancel, conn.idle()).await else {
                 return Ok(());
             };
             self.follow(&mut conn);
