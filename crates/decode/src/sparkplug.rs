@@ -179,6 +179,9 @@ pub struct Device {
 /// An edge node: `(group, edge_node)`.
 pub type NodeKey = (String, String);
 
+/// An edge node a batch changed, how, and its state now ([`Host::take_changes`]).
+pub type NodeChange = (NodeKey, Change, Node);
+
 /// What changed of a node since the host's changes were last taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Change {
@@ -323,8 +326,8 @@ impl Host {
 
     /// The nodes changed since the last call, each with its state now: whole, or only its
     /// sequence number (a node's births are not copied for that).
-    pub fn take_changes(&mut self) -> Vec<(NodeKey, Change, Node)> {
-        let mut out: Vec<(NodeKey, Change, Node)> = self
+    pub fn take_changes(&mut self) -> Vec<NodeChange> {
+        let mut out: Vec<NodeChange> = self
             .changed
             .drain()
             .filter_map(|(k, c)| {

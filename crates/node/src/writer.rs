@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use leasehold_config::Format;
-use leasehold_decode::sparkplug::{self, Change, Happened, Host, Node, NodeKey};
+use leasehold_decode::sparkplug::{self, Change, Happened, Host, NodeChange, NodeKey};
 use leasehold_decode::Decoder;
 use leasehold_ingest::{Acker, Inbound, Publisher};
 use leasehold_store::routes::ResolvedRoute;
@@ -225,7 +225,7 @@ struct Committing<'a> {
     replaced: HashMap<(usize, usize), RouteRow>,
     tally: Tally,
     /// What the batch changed of Sparkplug B edge nodes: recorded with its last statement.
-    nodes: &'a [(NodeKey, Change, Node)],
+    nodes: &'a [NodeChange],
 }
 
 /// What a batch came to, for its events.
@@ -534,7 +534,7 @@ impl Writer {
         &self,
         conn: &mut Conn,
         sparkplug: &mut Sparkplug,
-        nodes: (Vec<(NodeKey, Change, Node)>, bool),
+        nodes: (Vec<NodeChange>, bool),
         batch: Vec<Inbound>,
         cancel: &CancellationToken,
         retry: &mut Backoff,
@@ -603,7 +603,7 @@ impl Writer {
         &self,
         conn: &mut Conn,
         sp: &mut Sparkplug,
-        (changes, recorded): (Vec<(NodeKey, Change, Node)>, bool),
+        (changes, recorded): (Vec<NodeChange>, bool),
         cancel: &CancellationToken,
         retry: &mut Backoff,
     ) -> Result<bool, WriterError> {
@@ -653,7 +653,7 @@ impl Writer {
     async fn store_sparkplug(
         &self,
         conn: &mut Conn,
-        changes: &[(NodeKey, Change, Node)],
+        changes: &[NodeChange],
         cancel: &CancellationToken,
         retry: &mut Backoff,
     ) -> Result<bool, WriterError> {
@@ -941,7 +941,7 @@ impl Writer {
         conn: &mut Conn,
         prepared: Prepared,
         routes: &[ResolvedRoute],
-        nodes: &[(NodeKey, Change, Node)],
+        nodes: &[NodeChange],
         cancel: &CancellationToken,
         retry: &mut Backoff,
     ) -> Result<Tally, Stop> {
@@ -1466,7 +1466,7 @@ impl Writer {
         &self,
         conn: &mut Conn,
         part: &Part,
-        nodes: &[(NodeKey, Change, Node)],
+        nodes: &[NodeChange],
         cancel: &CancellationToken,
     ) -> Result<Result<(leasehold_store::BatchOutcome, Option<StoreError>), StoreError>, Stop> {
         let mut stop = None;

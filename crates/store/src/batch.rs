@@ -465,11 +465,7 @@ impl BatchWriter {
     pub async fn record_sparkplug(
         &self,
         fence: &Fence,
-        nodes: &[(
-            leasehold_decode::sparkplug::NodeKey,
-            leasehold_decode::sparkplug::Change,
-            leasehold_decode::sparkplug::Node,
-        )],
+        nodes: &[leasehold_decode::sparkplug::NodeChange],
     ) -> Result<()> {
         crate::sparkplug::record(&self.client, fence, nodes).await
     }
@@ -525,11 +521,7 @@ impl BatchWriter {
         rows: &[RouteRow],
         dead: &[DeadLetter],
         optimistic: bool,
-        nodes: &[(
-            leasehold_decode::sparkplug::NodeKey,
-            leasehold_decode::sparkplug::Change,
-            leasehold_decode::sparkplug::Node,
-        )],
+        nodes: &[leasehold_decode::sparkplug::NodeChange],
     ) -> Result<(BatchOutcome, Option<StoreError>)> {
         let arrays = match nodes.is_empty() {
             true => None,
@@ -542,19 +534,30 @@ impl BatchWriter {
             .await?;
             self.with_nodes = Some(both);
         }
-        let written = match optimistic {
-            true => self.attempt(fence, rows, dead, arrays.as_ref()).await,
-            false => self.full(fence, rows, dead, arrays.as_ref()).await,
-        };
+        let written = self
+            .write_as(fence, rows, dead, optimistic, arrays.as_ref())
+            .await;
         match written {
             Err(e) if e.is_row_error() && arrays.is_some() => {
-                let out = match optimistic {
-                    true => self.attempt(fence, rows, dead, None).await?,
-                    false => self.full(fence, rows, dead, None).await?,
-                };
+                let out = self.write_as(fence, rows, dead, optimistic, None).await?;
                 Ok((out, Some(e)))
             }
             other => Ok((other?, None)),
+        }
+    }
+
+    /// The optimistic statement first ([`BatchWriter::attempt`]), or the full one alone.
+    async fn write_as(
+        &mut self,
+        fence: &Fence,
+        rows: &[RouteRow],
+        dead: &[DeadLetter],
+        optimistic: bool,
+        nodes: Option<&crate::sparkplug::NodeArrays<'_>>,
+    ) -> Result<BatchOutcome> {
+        match optimistic {
+            true => self.attempt(fence, rows, dead, nodes).await,
+            false => self.full(fence, rows, dead, nodes).await,
         }
     }
 

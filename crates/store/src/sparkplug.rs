@@ -3,7 +3,7 @@
 //! loads them at the start of its term and records what a batch changed, under the fence.
 
 use chrono::{DateTime, Utc};
-use leasehold_decode::sparkplug::{Change, Node, NodeKey};
+use leasehold_decode::sparkplug::{Change, Node, NodeChange, NodeKey};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::GenericClient;
 
@@ -85,7 +85,7 @@ pub struct NodeArrays<'a> {
 pub const NODE_PARAMS: usize = 13;
 
 impl<'a> NodeArrays<'a> {
-    pub fn new(nodes: &'a [(NodeKey, Change, Node)]) -> Result<Self> {
+    pub fn new(nodes: &'a [NodeChange]) -> Result<Self> {
         let json = |v: Result<serde_json::Value, serde_json::Error>| {
             v.map_err(|e| StoreError::Refused(format!("a Sparkplug node cannot be written: {e}")))
         };
@@ -194,11 +194,7 @@ pub fn record_ctes(first: usize) -> String {
 /// Records what a batch changed of `nodes` if and only if `fence` holds
 /// ([`StoreError::Fenced`], nothing written, otherwise), in a statement of its own: for a batch
 /// that wrote nothing (the others carry [`record_ctes`]).
-pub async fn record(
-    c: &impl GenericClient,
-    fence: &Fence,
-    nodes: &[(NodeKey, Change, Node)],
-) -> Result<()> {
+pub async fn record(c: &impl GenericClient, fence: &Fence, nodes: &[NodeChange]) -> Result<()> {
     let arrays = NodeArrays::new(nodes)?;
     let sql = format!(
         "WITH {FENCE_CTE},

@@ -108,8 +108,7 @@ pub(crate) fn literal(s: &str) -> String {
 /// and span ($5, $6), the messages ($7..$13), the dead letters ($14..$24).
 pub const FIXED_PARAMS: usize = 24;
 
-/// After the fence ([`crate::queries::FENCE_CTE`]): the messages, the dead letters, the floor of
-/// a redelivery's first copy, and the dead letters that are redeliveries.
+/// After the fence ([`crate::queries::FENCE_CTE`]): the messages and the dead letters.
 const HEAD: &str = "g AS MATERIALIZED (
         SELECT * FROM unnest($7::int[], $8::text[], $9::text[], $10::timestamptz[], $11::text[],
                              $12::int[], $13::bool[])
@@ -117,8 +116,11 @@ const HEAD: &str = "g AS MATERIALIZED (
     dl AS MATERIALIZED (
         SELECT * FROM unnest($14::int[], $15::text[], $16::bytea[], $17::int[], $18::text[], $19::text[],
                              $20::timestamptz[], $21::text[], $22::int[], $23::bool[], $24::text[])
-             AS u(i, tp, p, sz, reason, e, rcv, h, k, dup, route)),
-    first_dup AS MATERIALIZED (
+             AS u(i, tp, p, sz, reason, e, rcv, h, k, dup, route))";
+
+/// After [`HEAD`] in the full statement: the floor of a redelivery's first copy, and the dead
+/// letters that are redeliveries.
+const REDELIVERY: &str = "first_dup AS MATERIALIZED (
         SELECT min(rcv) AS at FROM (SELECT rcv FROM g WHERE dup UNION ALL SELECT rcv FROM dl WHERE dup) u),
     floor AS MATERIALIZED (
         SELECT CASE WHEN d.at IS NOT NULL THEN greatest(d.at - $5::interval,
@@ -135,6 +137,18 @@ const HEAD: &str = "g AS MATERIALIZED (
 const DEAD_ARM: &str = "SELECT tp, p, sz, reason, e, rcv, $4, $3, h, k, dup, route FROM dl
         WHERE EXISTS (SELECT 1 FROM fence) AND dl.i NOT IN (SELECT i FROM dl_again)";
 
+/// `dead`: the insert of `arms` (each a `SELECT` of a dead letter's columns) into `dead_letters`.
+fn dead_cte(arms: &[String]) -> String {
+    format!(
+        "dead AS (
+        INSERT INTO dead_letters (topic, payload, size, reason, error, received_at, written_by,
+                                  lease_epoch, content_hash, mqtt_pkid, possible_duplicate, route)
+        {}
+        RETURNING 1)",
+        arms.join("\n        UNION ALL\n        ")
+    )
+}
+
 /// The content hash of message `g` (sent when the writer computed it, else computed here).
 const MESSAGE_HASH: &str = "coalesce(g.h, encode(substr(sha256(convert_to(g.tp, 'UTF8') || '\\x00'::bytea || convert_to(g.p, 'UTF8')), 1, 16), 'hex'))";
 
@@ -147,7 +161,11 @@ pub fn batch_sql(
     defaults: &[Vec<Option<String>>],
     nodes: bool,
 ) -> String {
-    let mut ctes = vec![crate::queries::FENCE_CTE.to_string(), HEAD.to_string()];
+    let mut ctes = vec![
+        crate::queries::FENCE_CTE.to_string(),
+        HEAD.to_string(),
+        REDELIVERY.to_string(),
+    ];
     let mut arms = vec![DEAD_ARM.to_string()];
     let mut outputs = String::new();
     let mut param = FIXED_PARAMS;
@@ -177,14 +195,7 @@ pub fn batch_sql(
             }
         );
     }
-    ctes.push(format!(
-        "dead AS (
-        INSERT INTO dead_letters (topic, payload, size, reason, error, received_at, written_by,
-                                  lease_epoch, content_hash, mqtt_pkid, possible_duplicate, route)
-        {}
-        RETURNING 1)",
-        arms.join("\n        UNION ALL\n        ")
-    ));
+    ctes.push(dead_cte(&arms));
     if nodes {
         ctes.push(crate::sparkplug::record_ctes(param + 1));
     }
@@ -210,10 +221,7 @@ pub fn optimistic_sql(
     defaults: &[Vec<Option<String>>],
     nodes: bool,
 ) -> String {
-    let mut ctes = vec![
-        crate::queries::FENCE_CTE.to_string(),
-        HEAD[..HEAD.find(",\n    first_dup").unwrap_or(HEAD.len())].to_string(),
-    ];
+    let mut ctes = vec![crate::queries::FENCE_CTE.to_string(), HEAD.to_string()];
     let (mut outputs, mut all) = (String::new(), Vec::new());
     let mut param = FIXED_PARAMS;
     for (k, r) in routes.iter().enumerate() {
@@ -246,15 +254,12 @@ pub fn optimistic_sql(
             "(SELECT count(*) FROM i{k}) = (SELECT count(*) FROM q{k})"
         ));
     }
-    ctes.push(
-        "dead AS (
-        INSERT INTO dead_letters (topic, payload, size, reason, error, received_at, written_by,
-                                  lease_epoch, content_hash, mqtt_pkid, possible_duplicate, route)
-        SELECT tp, p, sz, reason, e, rcv, $4, $3, h, k, dup, route FROM dl
-        WHERE EXISTS (SELECT 1 FROM fence)
-        RETURNING 1)"
+    // No redelivery in the batch: every dead letter is new.
+    ctes.push(dead_cte(&[
+        "SELECT tp, p, sz, reason, e, rcv, $4, $3, h, k, dup, route FROM dl
+        WHERE EXISTS (SELECT 1 FROM fence)"
             .to_string(),
-    );
+    ]));
     if nodes {
         ctes.push(crate::sparkplug::record_ctes(param + 1));
     }
