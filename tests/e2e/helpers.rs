@@ -49,3 +49,61 @@ pub fn out(o: &std::process::Output) -> (i32, String, String) {
         String::from_utf8_lossy(&o.stderr).into_owned(),
     )
 }
+
+/// The route of the store-level tests: `o/<id>` into a table `owned(id, v)` the test makes, the
+/// key `id` from the topic, `v` the whole payload; with a writer into `telemetry` and it.
+pub async fn owned_writer(
+    pg: &Postgres,
+    admin: &leasehold_store::Client,
+) -> Result<leasehold_store::BatchWriter> {
+    use leasehold_config::{OnConflict, RouteSpec, Source};
+    let spec = RouteSpec {
+        name: "owned".into(),
+        topics: vec!["o/+".into()],
+        table: "owned".into(),
+        key: vec!["id".into()],
+        on_conflict: OnConflict::Nothing,
+        columns: vec![
+            ("id".into(), Source::TopicSegment(1)),
+            ("v".into(), Source::JsonPath(vec![])),
+        ],
+    };
+    let (routes, problems) = leasehold_store::routes::resolve(admin, &[spec]).await?;
+    anyhow::ensure!(problems.is_empty(), "{problems:?}");
+    let mut w = leasehold_store::BatchWriter::connect(
+        &pg.url(),
+        "a".into(),
+        std::time::Duration::from_secs(10),
+        leasehold_store::DEFAULT_REDELIVERY_WINDOW,
+    )
+    .await?;
+    w.use_routes(
+        std::iter::once(leasehold_store::routes::ResolvedRoute::telemetry())
+            .chain(routes)
+            .collect(),
+    )
+    .await?;
+    Ok(w)
+}
+
+/// Row `idx` of [`owned_writer`]'s route: key `id`, value `v`, its message's packet id and DUP.
+pub fn owned_row(idx: usize, id: &str, v: i32, pkid: i32, dup: bool) -> leasehold_store::RouteRow {
+    leasehold_store::RouteRow {
+        idx,
+        route: 1,
+        values: vec![
+            leasehold_store::Value::Text(id.to_string()),
+            leasehold_store::Value::Text(v.to_string()),
+        ],
+        message: std::sync::Arc::new(leasehold_store::Message {
+            topic: format!("o/{id}"),
+            payload: format!("{v}").into_bytes().into(),
+            raw: None,
+            label: None,
+            received_at: chrono::Utc::now(),
+            pkid,
+            dup,
+            content_hash: None,
+        }),
+    }
+}

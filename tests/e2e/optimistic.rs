@@ -6,15 +6,14 @@
 //! twin database written by the full statement alone.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use leasehold_config::{OnConflict, RouteSpec, Source};
-use leasehold_store::routes::ResolvedRoute;
-use leasehold_store::{BatchOutcome, BatchWriter, Fence, Message, RouteRow, StoreError, Value};
+use leasehold_store::{BatchOutcome, BatchWriter, Fence, RouteRow, StoreError};
 use leasehold_testkit::Postgres;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence, TestCaseError, TestRunner};
+
+use crate::helpers::{owned_row, owned_writer};
 
 /// `owned(id numeric PRIMARY KEY, v int)`: a trigger skips a negative `v`; `1e2` and `100` are
 /// one key once cast.
@@ -45,52 +44,12 @@ async fn writer(pg: &Postgres) -> Result<BatchWriter> {
         leasehold_store::migrate(&mut admin).await?;
         admin.batch_execute(SCHEMA).await?;
     }
-    let spec = RouteSpec {
-        name: "owned".into(),
-        topics: vec!["o/+".into()],
-        table: "owned".into(),
-        key: vec!["id".into()],
-        on_conflict: OnConflict::Nothing,
-        columns: vec![
-            ("id".into(), Source::TopicSegment(1)),
-            ("v".into(), Source::JsonPath(vec![])),
-        ],
-    };
-    let (routes, problems) = leasehold_store::routes::resolve(&admin, &[spec]).await?;
-    ensure!(problems.is_empty(), "{problems:?}");
-    let mut w = BatchWriter::connect(
-        &pg.url(),
-        "a".into(),
-        Duration::from_secs(10),
-        leasehold_store::DEFAULT_REDELIVERY_WINDOW,
-    )
-    .await?;
-    w.use_routes(
-        std::iter::once(ResolvedRoute::telemetry())
-            .chain(routes)
-            .collect(),
-    )
-    .await?;
-    Ok(w)
+    owned_writer(pg, &admin).await
 }
 
 /// Row `idx` of route `owned`: key `id` (as sent: `1e2` and `100` are one key), value `v`.
 fn row(idx: usize, id: &str, v: i32) -> RouteRow {
-    RouteRow {
-        idx,
-        route: 1,
-        values: vec![Value::Text(id.to_string()), Value::Text(v.to_string())],
-        message: std::sync::Arc::new(Message {
-            topic: format!("o/{id}"),
-            payload: format!("{v}").into_bytes().into(),
-            raw: None,
-            label: None,
-            received_at: chrono::Utc::now(),
-            pkid: 9,
-            dup: false,
-            content_hash: None,
-        }),
-    }
+    owned_row(idx, id, v, 9, false)
 }
 
 /// Attempts and fallbacks of the optimistic statement in this process so far.

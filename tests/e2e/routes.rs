@@ -7,13 +7,11 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use leasehold_config::{OnConflict, RouteSpec, Source};
-use leasehold_store::routes::ResolvedRoute;
-use leasehold_store::{BatchWriter, Fence, Message, RouteRow, StoreError, Value};
+use leasehold_store::{Fence, StoreError};
 use leasehold_testkit::publish::publish_all;
 use leasehold_testkit::{eventually, http, metric, Postgres};
 
-use crate::helpers::{check, msg, Cluster};
+use crate::helpers::{check, msg, owned_row, owned_writer, Cluster};
 
 /// A cluster whose nodes run with `routes` as their config file, after `sql` created the
 /// tables they write into.
@@ -499,52 +497,13 @@ async fn a_writer_whose_lease_was_taken_over_commits_no_row_into_a_route() -> Re
              VALUES ('mqtt-ingest', 'h1', 'a', 7, now() + interval '1 minute')",
         )
         .await?;
-    let spec = RouteSpec {
-        name: "owned".into(),
-        topics: vec!["o/+".into()],
-        table: "owned".into(),
-        key: vec!["id".into()],
-        on_conflict: OnConflict::Nothing,
-        columns: vec![
-            ("id".into(), Source::TopicSegment(1)),
-            ("v".into(), Source::JsonPath(vec![])),
-        ],
-    };
-    let (routes, problems) = leasehold_store::routes::resolve(&admin, &[spec]).await?;
-    ensure!(problems.is_empty(), "{problems:?}");
-    let mut w = BatchWriter::connect(
-        &pg.url(),
-        "a".into(),
-        Duration::from_secs(10),
-        leasehold_store::DEFAULT_REDELIVERY_WINDOW,
-    )
-    .await?;
-    w.use_routes(
-        std::iter::once(ResolvedRoute::telemetry())
-            .chain(routes)
-            .collect(),
-    )
-    .await?;
+    let mut w = owned_writer(&pg, &admin).await?;
     let fence = Fence {
         lease_name: "mqtt-ingest".into(),
         holder_id: "h1".into(),
         epoch: 7,
     };
-    let row = |idx: usize, id: &str| RouteRow {
-        idx,
-        route: 1,
-        values: vec![Value::Text(id.to_string()), Value::Text("1".into())],
-        message: std::sync::Arc::new(Message {
-            topic: format!("o/{id}"),
-            payload: b"1".to_vec().into(),
-            raw: None,
-            label: None,
-            received_at: chrono::Utc::now(),
-            pkid: 1,
-            dup: false,
-            content_hash: None,
-        }),
-    };
+    let row = |idx: usize, id: &str| owned_row(idx, id, 1, 1, false);
     let out = w.write(&fence, &[row(0, "x")], &[]).await?;
     ensure!(out.routes[1].written == 1, "{out:?}");
     admin
@@ -664,52 +623,13 @@ async fn a_redelivered_conflict_is_one_dead_letter_and_a_row_a_trigger_skips_is_
              VALUES ('mqtt-ingest', 'h1', 'a', 1, now() + interval '1 minute')",
         )
         .await?;
-    let spec = RouteSpec {
-        name: "owned".into(),
-        topics: vec!["o/+".into()],
-        table: "owned".into(),
-        key: vec!["id".into()],
-        on_conflict: OnConflict::Nothing,
-        columns: vec![
-            ("id".into(), Source::TopicSegment(1)),
-            ("v".into(), Source::JsonPath(vec![])),
-        ],
-    };
-    let (routes, problems) = leasehold_store::routes::resolve(&admin, &[spec]).await?;
-    ensure!(problems.is_empty(), "{problems:?}");
-    let mut w = BatchWriter::connect(
-        &pg.url(),
-        "a".into(),
-        Duration::from_secs(10),
-        leasehold_store::DEFAULT_REDELIVERY_WINDOW,
-    )
-    .await?;
-    w.use_routes(
-        std::iter::once(ResolvedRoute::telemetry())
-            .chain(routes)
-            .collect(),
-    )
-    .await?;
+    let mut w = owned_writer(&pg, &admin).await?;
     let fence = Fence {
         lease_name: "mqtt-ingest".into(),
         holder_id: "h1".into(),
         epoch: 1,
     };
-    let row = |id: &str, v: i32, dup: bool| RouteRow {
-        idx: 0,
-        route: 1,
-        values: vec![Value::Text(id.to_string()), Value::Text(v.to_string())],
-        message: std::sync::Arc::new(Message {
-            topic: format!("o/{id}"),
-            payload: format!("{v}").into_bytes().into(),
-            raw: None,
-            label: None,
-            received_at: chrono::Utc::now(),
-            pkid: 9,
-            dup,
-            content_hash: None,
-        }),
-    };
+    let row = |id: &str, v: i32, dup: bool| owned_row(0, id, v, 9, dup);
     let out = w.write(&fence, &[row("x", 1, false)], &[]).await?;
     ensure!(out.routes[1].written == 1, "{out:?}");
     let out = w.write(&fence, &[row("x", 2, false)], &[]).await?;

@@ -137,6 +137,15 @@ async fn wait_rows(c: &Cluster, device: &str, kind: &str, n: i64) -> Result<()> 
     Ok(())
 }
 
+/// Device readings (by their distinct temperatures) stored more than once.
+async fn stored_twice(c: &Cluster) -> Result<i64> {
+    c.count(
+        "SELECT count(*) FROM (SELECT payload->>'temperature' FROM telemetry
+         WHERE topic LIKE '%/DDATA/%' GROUP BY 1 HAVING count(*) > 1) d",
+    )
+    .await
+}
+
 async fn health(c: &Cluster, node: &str) -> Result<Value> {
     let (_, body) = http(c.node(node).http_port(), "GET", "/health").await?;
     Ok(serde_json::from_str(&body)?)
@@ -398,15 +407,7 @@ async fn an_unknown_alias_a_sequence_gap_and_no_birth_are_dead_letters_and_ask_f
             "{got:?}"
         );
         // The messages before each refusal and after each rebirth were stored, none twice.
-        ensure!(
-            c.count(
-                "SELECT count(*) FROM (SELECT payload->>'temperature' FROM telemetry
-                 WHERE topic LIKE '%/DDATA/%' GROUP BY 1 HAVING count(*) > 1) d"
-            )
-            .await?
-                == 0,
-            "a reading stored twice"
-        );
+        ensure!(stored_twice(&c).await? == 0, "a reading stored twice");
         let (_, m) = http(c.node("a").http_port(), "GET", "/metrics").await?;
         ensure!(
             metric(&m, "leasehold_sparkplug_rebirths_requested_total") == Some(3.0),
@@ -478,15 +479,7 @@ async fn a_leader_that_dies_after_a_commit_leaves_the_next_the_sequence_it_read(
             "a rebirth was requested: {:?}",
             edge.said
         );
-        ensure!(
-            c.count(
-                "SELECT count(*) FROM (SELECT payload->>'temperature' FROM telemetry
-                 WHERE topic LIKE '%/DDATA/%' GROUP BY 1 HAVING count(*) > 1) d"
-            )
-            .await?
-                == 0,
-            "a reading stored twice"
-        );
+        ensure!(stored_twice(&c).await? == 0, "a reading stored twice");
         edge.quit().await?;
         Ok(())
     }
