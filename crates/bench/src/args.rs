@@ -37,7 +37,8 @@ pub struct Args {
     #[arg(long, value_enum)]
     pub only: Option<Only>,
     /// Older readings loaded into `telemetry` (day partitions over 230 days) before the
-    /// default route drains once more beside its drain into an empty table (0: skip).
+    /// default route drains into it twice, each time followed by a drain into the same table
+    /// with the history detached (0: skip).
     #[arg(long, default_value_t = 20_000_000)]
     pub history_rows: u64,
     /// With `--only routes`: how many times each route is drained, each into emptied tables.

@@ -109,17 +109,18 @@ async fn routes_only(rig: &Rig<'_>, n: u64, runs: u32, history_rows: u64) -> Res
         rig.db.batch_execute("VACUUM ANALYZE telemetry").await?;
         all.push(routes_phase(rig, n, &format!("-{i}"), history_rows).await?);
     }
-    println!("\nroute    run  msg/s    leader us/msg (after its start)  PostgreSQL us/msg  broker us/msg   (gateway: readings, 50 per message; sparkplug: DDATA of 20 metrics by alias; history: default into a telemetry of {history_rows} older rows, then default again)");
+    println!("\nroute    run  msg/s    leader us/msg (after its start)  PostgreSQL us/msg  broker us/msg   (gateway: readings, 50 per message; sparkplug: DDATA of 20 metrics by alias; history: default into a telemetry of {history_rows} older rows; empty: the same with the history detached, alternating)");
     for (i, r) in all.iter().enumerate() {
-        let drains = [
-            Some(("default", &r.default)),
-            Some(("typed", &r.typed)),
-            Some(("gateway", &r.gateway)),
-            Some(("sparkplug", &r.sparkplug)),
-            r.history.as_ref().map(|h| ("history", h)),
-            r.history_empty_after.as_ref().map(|h| ("default", h)),
+        let mut drains = vec![
+            ("default", &r.default),
+            ("typed", &r.typed),
+            ("gateway", &r.gateway),
+            ("sparkplug", &r.sparkplug),
         ];
-        for (name, d) in drains.into_iter().flatten() {
+        for (h, e) in r.history.iter().zip(&r.history_empty) {
+            drains.extend([("history", h), ("empty", e)]);
+        }
+        for (name, d) in drains {
             println!(
                 "{name:<9} {:>3}  {:>7.0}  {:>6} ({:>6})  {:>28}  {:>13}",
                 i + 1,

@@ -262,7 +262,7 @@ impl Results {
             ),
             g >= 1.0,
         ));
-        if let (Some(h), Some(d)) = (self.routes.history_ratio(), &self.routes.history) {
+        if let (Some(h), Some(d)) = (self.routes.history_ratio(), self.routes.history.first()) {
             targets.push((
                 format!(
                     "default route into a telemetry of {} older rows >= 0.9 x into an empty one ({h:.2})",
@@ -358,21 +358,22 @@ impl Results {
             us(s.postgres_cpu_us),
             us(s.broker_cpu_us)
         );
-        if let Some(h) = &self.routes.history {
+        for (h, e) in self.routes.history.iter().zip(&self.routes.history_empty) {
             println!(
-                "history: the default route into a telemetry of {} older rows: {:.0} msg/s = {:.2} x into an empty one ({:.0} msg/s before it, {} right after); CPU per message: leader {} us, PostgreSQL {} us, broker {} us",
+                "history: the default route into a telemetry of {} older rows: {:.0} msg/s, then with the history detached {:.0} msg/s; CPU per message: leader {} / {} us, PostgreSQL {} / {} us, broker {} / {} us",
                 h.history_rows,
                 h.rate,
-                self.routes.history_ratio().unwrap_or(0.0),
-                self.routes.default.rate,
-                self.routes
-                    .history_empty_after
-                    .as_ref()
-                    .map_or("-".to_string(), |a| format!("{:.0} msg/s", a.rate)),
+                e.rate,
                 us(h.leader_cpu_us),
+                us(e.leader_cpu_us),
                 us(h.postgres_cpu_us),
-                us(h.broker_cpu_us)
+                us(e.postgres_cpu_us),
+                us(h.broker_cpu_us),
+                us(e.broker_cpu_us)
             );
+        }
+        if let Some(r) = self.routes.history_ratio() {
+            println!("history: full against empty, mean of the drains: {r:.2} x");
         }
         if let Some(o) = &self.outage {
             println!(

@@ -150,10 +150,12 @@ pub struct Routes {
     pub gateway: Drain,
     /// Sparkplug B DDATA of 20 metrics by alias, one reading each, into `telemetry`.
     pub sparkplug: Drain,
-    /// The default drain again, into a `telemetry` that holds that many older readings.
-    pub history: Option<Drain>,
-    /// The default drain into an emptied `telemetry` once more, right after the history drain.
-    pub history_empty_after: Option<Drain>,
+    /// The default drain again, into a `telemetry` that holds that many older readings
+    /// ([`HISTORY_ROUNDS`] times, alternating with [`Routes::history_empty`]).
+    pub history: Vec<Drain>,
+    /// The default drain into the same `telemetry` with its history detached, each right after
+    /// a drain of [`Routes::history`].
+    pub history_empty: Vec<Drain>,
     /// What a leader's start costs without a message to drain (migrations check, connections,
     /// the deployment checks' broker probes), CPU milliseconds: part of each drain's leader
     /// figure, but not per message.
@@ -178,14 +180,14 @@ impl Routes {
         self.gateway.rate / self.default.rate.max(1e-9)
     }
 
-    /// The drain rate into a `telemetry` full of history against the drains into an empty one
-    /// (the mean of the one before it and the one right after it, when there is one).
+    /// The mean drain rate into a `telemetry` full of history against the mean of the drains
+    /// alternating with them into the same table with its history detached.
     pub fn history_ratio(&self) -> Option<f64> {
-        let empty = match &self.history_empty_after {
-            Some(after) => (self.default.rate + after.rate) / 2.0,
-            None => self.default.rate,
-        };
-        Some(self.history.as_ref()?.rate / empty.max(1e-9))
+        let mean = |d: &[Drain]| d.iter().map(|d| d.rate).sum::<f64>() / d.len().max(1) as f64;
+        if self.history.is_empty() || self.history_empty.is_empty() {
+            return None;
+        }
+        Some(mean(&self.history) / mean(&self.history_empty).max(1e-9))
     }
 }
 
@@ -379,40 +381,48 @@ pub async fn routes_phase(
         Target::Sparkplug,
     )
     .await?;
-    let mut history_empty_after = None;
-    let history = match history_rows {
-        0 => None,
-        rows => {
-            empty_telemetry(rig).await?;
-            load_history(rig, rows).await?;
-            // The rows it loaded: counting them again would read 7 GB before the drain.
-            let d = Drain {
-                history_rows: rows as i64,
-                ..drain_and_stop(rig, &format!("route-history{suffix}"), n, Target::History).await?
-            };
-            capture_plans(rig, &format!("plans{suffix}")).await?;
-            // The empty drain again, right after: the history's ratio is judged against the
-            // mean of the drains before and after it, so a machine that slowed down meanwhile
-            // (the broker's CPU per message says so) is not taken for the table's doing.
-            empty_telemetry(rig).await?;
-            let after = drain_and_stop(
+    let (mut history, mut history_empty) = (Vec::new(), Vec::new());
+    if history_rows > 0 {
+        empty_telemetry(rig).await?;
+        load_history(rig, history_rows).await?;
+        // Full and empty alternate on one table, its history detached for the empty drains
+        // and attached again (a catalog change each way), so that a machine that speeds up or
+        // slows down over the minutes of the phase weighs on both alike.
+        for round in 1..=HISTORY_ROUNDS {
+            let d = drain_and_stop(
                 rig,
-                &format!("route-default-after{suffix}"),
+                &format!("route-history{suffix}-{round}"),
                 n,
-                Target::Default,
+                Target::History,
             )
             .await?;
-            history_empty_after = Some(after);
-            Some(d)
+            history.push(Drain {
+                history_rows: history_rows as i64,
+                ..d
+            });
+            if round == 1 {
+                capture_plans(rig, &format!("plans{suffix}")).await?;
+            }
+            attach_history(rig, false).await?;
+            history_empty.push(
+                drain_and_stop(
+                    rig,
+                    &format!("route-history-empty{suffix}-{round}"),
+                    n,
+                    Target::Default,
+                )
+                .await?,
+            );
+            attach_history(rig, true).await?;
         }
-    };
+    }
     Ok(Routes {
         default,
         typed,
         gateway,
         sparkplug,
         history,
-        history_empty_after,
+        history_empty,
         leader_start_cpu_ms,
     })
 }
@@ -548,11 +558,56 @@ async fn load_history(rig: &Rig<'_>, rows: u64) -> Result<()> {
             devices = crate::mqtt::DEVICES,
         ))
         .await?;
+    // Each day's bounds as a CHECK too, so that attaching it again is a catalog change, not a
+    // scan of its rows (see `attach_history`).
+    rig.db
+        .batch_execute(&format!(
+            "DO $$
+             DECLARE d date;
+             BEGIN
+               FOR d IN SELECT generate_series(current_date - {days}, current_date - 1, interval '1 day')::date LOOP
+                 EXECUTE format('ALTER TABLE %I ADD CONSTRAINT %I CHECK (ts >= %L AND ts < %L)',
+                                'telemetry_p' || to_char(d, 'YYYYMMDD'), 'bench_bounds_' || to_char(d, 'YYYYMMDD'),
+                                d::timestamptz, (d + 1)::timestamptz);
+               END LOOP;
+             END $$;"
+        ))
+        .await?;
     rig.db.batch_execute("VACUUM ANALYZE telemetry").await?;
     eprintln!(
         "bench: {rows} older readings over {days} days loaded into telemetry in {:.0} s",
         started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// How many times the history drain and the empty drain alternate.
+const HISTORY_ROUNDS: u32 = 2;
+
+/// The history's day partitions detached from `telemetry` (`attach = false`) or attached again,
+/// after emptying what the drain before wrote (`telemetry`'s attached partitions), analysed.
+async fn attach_history(rig: &Rig<'_>, attach: bool) -> Result<()> {
+    let days = HISTORY_DAYS;
+    let (verb, bounds) = match attach {
+        true => ("ATTACH", " FOR VALUES FROM (%L) TO (%L)"),
+        false => ("DETACH", ""),
+    };
+    rig.db.batch_execute("TRUNCATE telemetry").await?;
+    rig.db
+        .batch_execute(&format!(
+            "SET TimeZone = 'UTC';
+             DO $$
+             DECLARE d date;
+             BEGIN
+               FOR d IN SELECT generate_series(current_date - {days}, current_date - 1, interval '1 day')::date LOOP
+                 EXECUTE format('ALTER TABLE telemetry {verb} PARTITION %I{bounds}',
+                                'telemetry_p' || to_char(d, 'YYYYMMDD'), d::timestamptz, (d + 1)::timestamptz);
+               END LOOP;
+             END $$;
+             RESET TimeZone;"
+        ))
+        .await?;
+    rig.db.batch_execute("VACUUM ANALYZE telemetry").await?;
     Ok(())
 }
 

@@ -281,6 +281,12 @@ struct HostState {
     pending: bool,
 }
 
+/// Whether a STATE payload says offline: JSON with `"online": false`, however spaced.
+fn says_offline(payload: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(payload)
+        .is_ok_and(|v| v.get("online").and_then(serde_json::Value::as_bool) == Some(false))
+}
+
 /// The payload of a primary host's STATE (Sparkplug 3.0): `{"online": .., "timestamp": ms}`.
 pub fn state_payload(online: bool, timestamp_ms: u64) -> Vec<u8> {
     format!(r#"{{"online":{online},"timestamp":{timestamp_ms}}}"#).into_bytes()
@@ -972,8 +978,7 @@ impl MqttIngest {
     /// misconfigured with our id): Sparkplug 3.0 says to say online again.
     fn on_own_state(&mut self, p: &Publish) {
         if let Some(st) = self.state.as_mut() {
-            const OFFLINE: &[u8] = b"\"online\":false";
-            if p.topic == st.topic && p.payload.windows(OFFLINE.len()).any(|w| w == OFFLINE) {
+            if p.topic == st.topic && says_offline(&p.payload) {
                 st.pending = true;
                 self.publish_online();
             }
@@ -1230,5 +1235,21 @@ impl std::fmt::Display for DisplayConnErr<'_> {
             }
             other => write!(f, "{other}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_says_offline_however_it_is_spaced() {
+        assert!(says_offline(br#"{"online":false,"timestamp":1}"#));
+        assert!(says_offline(b"{ \"online\" : false,\n \"timestamp\" : 2 }"));
+        assert!(says_offline(&state_payload(false, 3)));
+        assert!(!says_offline(&state_payload(true, 3)));
+        assert!(!says_offline(br#"{"online":"false"}"#));
+        assert!(!says_offline(b"offline"));
+        assert!(!says_offline(br#"{"timestamp":1}"#));
     }
 }
