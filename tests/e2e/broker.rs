@@ -148,7 +148,21 @@ async fn connect(
     Ok((c, el))
 }
 
-/// What `sub` (subscribed to `devices/#`) receives within a second.
+/// `filter` subscribed, once the broker said so.
+async fn subscribe(c: &AsyncClient, el: &mut rumqttc::EventLoop, filter: &str) -> Result<()> {
+    c.subscribe(filter, QoS::AtLeastOnce).await?;
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while let Ok(ev) = el.poll().await {
+            if let Event::Incoming(Packet::SubAck(_)) = ev {
+                return;
+            }
+        }
+    })
+    .await
+    .context("SUBACK")
+}
+
+/// What a subscriber receives within a second.
 async fn received(el: &mut rumqttc::EventLoop) -> Vec<String> {
     let mut got = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
@@ -191,10 +205,12 @@ async fn the_shipped_broker_lets_strangers_in_on_loopback_only_and_applies_the_a
         let acl = dir.path().join("acl");
         std::fs::copy(root.join("acl"), &acl)?;
         let passwd = dir.path().join("passwd");
-        for (i, (u, p)) in [("leasehold", "cluster-pw"), ("meter-0001", "meter-pw")]
-            .iter()
-            .enumerate()
-        {
+        let users = [
+            ("leasehold", "cluster-pw"),
+            ("meter-0001", "meter-pw"),
+            ("edge-7", "edge-pw"),
+        ];
+        for (i, (u, p)) in users.iter().enumerate() {
             let mut cmd = std::process::Command::new("mosquitto_passwd");
             if i == 0 {
                 cmd.arg("-c");
@@ -240,16 +256,7 @@ async fn the_shipped_broker_lets_strangers_in_on_loopback_only_and_applies_the_a
         );
 
         let (sub, mut el) = connect(remote, Some(("leasehold", "cluster-pw"))).await?;
-        sub.subscribe("devices/#", QoS::AtLeastOnce).await?;
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while let Ok(ev) = el.poll().await {
-                if let Event::Incoming(Packet::SubAck(_)) = ev {
-                    return;
-                }
-            }
-        })
-        .await
-        .context("SUBACK")?;
+        subscribe(&sub, &mut el, "devices/#").await?;
         publish(
             remote,
             ("meter-0001", "meter-pw"),
@@ -272,6 +279,44 @@ async fn the_shipped_broker_lets_strangers_in_on_loopback_only_and_applies_the_a
         ensure!(
             got == ["devices/meter-0001/telemetry"],
             "delivered: {got:?}"
+        );
+
+        // Sparkplug B: the cluster reads the edge nodes and writes its STATE and its rebirth
+        // requests; an edge node writes only its own messages and reads the host's STATE and
+        // its own commands.
+        subscribe(&sub, &mut el, "spBv1.0/#").await?;
+        let (edge, mut edge_el) = connect(remote, Some(("edge-7", "edge-pw"))).await?;
+        for f in ["spBv1.0/STATE/+", "spBv1.0/plant/NCMD/+"] {
+            subscribe(&edge, &mut edge_el, f).await?;
+        }
+        let (cluster, edge7) = (("leasehold", "cluster-pw"), ("edge-7", "edge-pw"));
+        for (user, topic) in [
+            (edge7, "spBv1.0/plant/NBIRTH/edge-7"),
+            (edge7, "spBv1.0/plant/DDATA/edge-7/pump"),
+            (edge7, "spBv1.0/plant/NBIRTH/edge-8"),
+            (edge7, "spBv1.0/STATE/leasehold"),
+            (cluster, "spBv1.0/STATE/leasehold"),
+            (cluster, "spBv1.0/plant/NCMD/edge-7"),
+            (cluster, "spBv1.0/plant/NCMD/edge-8"),
+            (cluster, "spBv1.0/plant/NDATA/edge-7"),
+        ] {
+            publish(remote, user, topic).await?;
+        }
+        let got = received(&mut el).await;
+        ensure!(
+            got == [
+                "spBv1.0/plant/NBIRTH/edge-7",
+                "spBv1.0/plant/DDATA/edge-7/pump",
+                "spBv1.0/STATE/leasehold",
+                "spBv1.0/plant/NCMD/edge-7",
+                "spBv1.0/plant/NCMD/edge-8",
+            ],
+            "the cluster got: {got:?}"
+        );
+        let got = received(&mut edge_el).await;
+        ensure!(
+            got == ["spBv1.0/STATE/leasehold", "spBv1.0/plant/NCMD/edge-7"],
+            "the edge node got: {got:?}"
         );
         Ok::<_, anyhow::Error>(())
     }
