@@ -634,3 +634,53 @@ async fn a_suspension_outlives_its_leader_and_the_next_one_replays() {
     .await;
     check(&c, res);
 }
+
+/// A route whose table was broken while no node ran is suspended from its leader's start: the
+/// alert and `leasehold status` say so though no message came for it (no dead letter to judge
+/// by), and both clear once the table is fixed and the route resumes by itself.
+#[tokio::test]
+async fn a_route_suspended_without_traffic_still_alerts_and_clears_when_it_resumes() {
+    let mut c = Cluster::start().await.expect("cluster");
+    let res = async {
+        let (code, so, err) = out(&c.cli(&["migrate"])?);
+        ensure!(code == 0, "{so}{err}");
+        let db = c.pg.client().await?;
+        db.batch_execute(TABLES).await?;
+        let file = routes_file(&c)?;
+        // The routes stored as the cluster's configuration (checked against the catalog),
+        // then the table broken while no node runs.
+        c.spawn_args("a", &["--config", &file], &[])?;
+        c.wait_leader().await?;
+        c.node_mut("a").signal(libc::SIGTERM);
+        c.node_mut("a").wait_exit(Duration::from_secs(20)).await?;
+        db.batch_execute("ALTER TABLE plant RENAME COLUMN temp TO temperature")
+            .await?;
+        c.spawn_args("b", &["--config", &file], &[])?;
+        c.wait_leader().await?;
+        let port = c.node("b").http_port();
+        let alert = "SELECT count(*) FROM alerts WHERE kind = 'route_suspended' AND resolved_at IS NULL AND message LIKE '%plant%'";
+        eventually(Duration::from_secs(20), "the route_suspended alert", || async {
+            http(port, "POST", "/health/alerts/check").await?;
+            Ok(c.count(alert).await? == 1)
+        })
+        .await?;
+        let (_, so, _) = out(&c.cli(&["status"])?);
+        ensure!(so.contains("ROUTE    plant SUSPENDED"), "{so}");
+        ensure!(c.count(UNAVAILABLE).await? == 0, "a dead letter without a message");
+
+        db.batch_execute("ALTER TABLE plant RENAME COLUMN temperature TO temp")
+            .await?;
+        eventually(Duration::from_secs(30), "the alert resolved", || async {
+            http(port, "POST", "/health/alerts/check").await?;
+            Ok(c.count(alert).await? == 0)
+        })
+        .await?;
+        let (_, so, _) = out(&c.cli(&["status"])?);
+        ensure!(!so.contains("SUSPENDED"), "{so}");
+        publish_all(c.mq.port, readings("plant", 0, 5)).await?;
+        count_is(&c, "SELECT count(*) FROM plant", 5).await?;
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}

@@ -93,7 +93,7 @@ pub async fn gather(c: &Client, cfg: &AlertsConfig) -> Result<Facts, AlertError>
     let leader_changes_in_window = store::leader_changes_within(c, &cfg.lease_name, window).await?;
     let refused = queries::refused_subscriptions(c, REFUSAL_CURRENT, 5).await?;
     let config_outdated = queries::config_outdated(c, cfg.thresholds.grace).await?;
-    let suspended_routes = store::suspended_routes(c, REFUSAL_CURRENT).await?;
+    let suspended_routes = store::suspended_routes(c, &cfg.lease_name, REFUSAL_CURRENT).await?;
     let replication =
         leasehold_store::replication::status(c)
             .await

@@ -304,8 +304,9 @@ fn subscriptions_refused(f: &Facts, _: &Thresholds, out: &mut Vec<Finding>) {
     }
 }
 
-/// A route's table could not be written lately (its messages are `route_unavailable` dead
-/// letters); every other route flows. Resolves two minutes after its last such dead letter.
+/// The leader holds a route suspended: its table cannot be written now (its messages become
+/// `route_unavailable` dead letters); every other route flows. Resolves when the route resumes,
+/// whether or not messages came for it meanwhile.
 fn route_suspended(f: &Facts, _: &Thresholds, out: &mut Vec<Finding>) {
     if f.suspended_routes.is_empty() {
         return;
@@ -313,7 +314,7 @@ fn route_suspended(f: &Facts, _: &Thresholds, out: &mut Vec<Finding>) {
     let routes: Vec<String> = f
         .suspended_routes
         .iter()
-        .map(|(r, n, e)| format!("{r} ({n} dead letters; {e})"))
+        .map(|(r, n, e)| format!("{r} ({n} dead letters in 2 min; {e})"))
         .collect();
     out.push(Finding {
         kind: Kind::RouteSuspended,

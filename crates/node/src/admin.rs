@@ -166,8 +166,7 @@ struct RouteLine {
     configured: bool,
     #[serde(rename = "dead_letters_last_hour")]
     dead_letters: i64,
-    /// Why the leader holds it suspended, judged by its `route_unavailable` dead letters of the
-    /// last two minutes (the newest one's error); `None` while it writes.
+    /// Why the leader holds it suspended, as its heartbeat last reported; `None` while it writes.
     suspended: Option<String>,
 }
 
@@ -261,9 +260,12 @@ impl Report {
         let dead = queries::dead_letters_by_route(c, DEAD_LETTERS_WITHIN_SECS).await?;
         let (config, effective) = ConfigView::read(c, cfg).await?;
         let mut routes = RouteLine::all(&effective, &dead);
-        let suspended =
-            leasehold_store::alerts::suspended_routes(c, std::time::Duration::from_secs(120))
-                .await?;
+        let suspended = leasehold_store::alerts::suspended_routes(
+            c,
+            &cfg.node.lease_name,
+            std::time::Duration::from_secs(120),
+        )
+        .await?;
         for (name, _, error) in suspended {
             if let Some(r) = routes.iter_mut().find(|r| r.name == name) {
                 r.suspended = Some(error);

@@ -691,6 +691,17 @@ struct BeatRead {
 }
 
 impl Beats {
+    /// The routes this node's writer has suspended, `{"route": "why"}`, or `None`.
+    fn suspended_routes(&self) -> Option<serde_json::Value> {
+        let suspended: serde_json::Map<String, serde_json::Value> = self
+            .status
+            .routes()
+            .into_iter()
+            .filter_map(|r| Some((r.name, serde_json::Value::String(r.suspended?))))
+            .collect();
+        (!suspended.is_empty()).then_some(serde_json::Value::Object(suspended))
+    }
+
     /// One beat on connection `c`: the leader's newest reading first (a beat that fails later
     /// must not leave every node's data age growing while data flows), then the node's row,
     /// then the cluster's view.
@@ -733,6 +744,7 @@ impl Beats {
                     true => Some(0.0),
                     false => mqtt.probe_reached.map(|t| t.elapsed().as_secs_f64()),
                 },
+                suspended_routes: leading.and_then(|_| self.suspended_routes()),
             },
         )
         .await?;

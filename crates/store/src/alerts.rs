@@ -227,21 +227,28 @@ pub async fn leader_changes_within(
     .await
 }
 
-/// Routes with `route_unavailable` dead letters within `within` (a suspended route writes one
-/// per message it gets), the newest error of each.
+/// The routes the holder of lease `lease_name` has suspended, as its heartbeat last reported
+/// them (none without a live holder), each with its `route_unavailable` dead letters within
+/// `within` and why it is suspended.
 pub async fn suspended_routes(
     c: &impl GenericClient,
+    lease_name: &str,
     within: Duration,
 ) -> Result<Vec<(String, i64, String)>> {
     op::all(
         c,
         Op::AlertFacts,
-        "SELECT DISTINCT ON (route) route, count(*) OVER (PARTITION BY route) AS n, error
-         FROM dead_letters
-         WHERE reason = 'route_unavailable' AND route IS NOT NULL
-           AND received_at > clock_timestamp() - make_interval(secs => $1)
-         ORDER BY route, received_at DESC",
-        &[&within.as_secs_f64()],
+        "SELECT s.key AS route, s.value #>> '{}' AS error,
+                (SELECT count(*) FROM dead_letters d
+                 WHERE d.reason = 'route_unavailable'
+                   AND s.key = ANY (string_to_array(d.route, ','))
+                   AND d.received_at > clock_timestamp() - make_interval(secs => $2)) AS n
+         FROM instance_lock l
+         JOIN cluster_nodes n ON n.holder_id = l.holder_id,
+              jsonb_each(coalesce(n.suspended_routes, '{}')) s
+         WHERE l.service_name = $1 AND l.expires_at > clock_timestamp()
+         ORDER BY s.key",
+        &[&lease_name, &within.as_secs_f64()],
         |r| Ok((r.try_get("route")?, r.try_get("n")?, r.try_get("error")?)),
     )
     .await

@@ -78,6 +78,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(10, "telemetry_newest"),
     migration!(11, "sparkplug"),
     migration!(12, "optimistic_write"),
+    migration!(13, "route_suspensions"),
 ];
 
 /// Arbitrary but fixed: the advisory lock every node takes around migration.

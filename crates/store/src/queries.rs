@@ -257,6 +257,8 @@ pub struct Heartbeat<'a> {
     /// Seconds since this node last reached the broker (connected, or a standby's probe
     /// answered); `None`: not since it started. Stored on the database's clock.
     pub broker_reached_ago: Option<f64>,
+    /// The routes this node suspended while it leads, `{"route": "why"}` (`None`: none).
+    pub suspended_routes: Option<serde_json::Value>,
 }
 
 pub async fn heartbeat(c: &impl GenericClient, hb: &Heartbeat<'_>) -> Result<()> {
@@ -265,12 +267,14 @@ pub async fn heartbeat(c: &impl GenericClient, hb: &Heartbeat<'_>) -> Result<()>
         Op::Heartbeat,
         "INSERT INTO cluster_nodes AS n (holder_id, instance_id, role, mode, version, http_url, started_at,
                 last_seen, mqtt_connected, mqtt_changed_at, session_lost_at, client_id_conflict_at,
-                mqtt_client_id, mqtt_client_id_source, config_version, broker_reached_at)
+                mqtt_client_id, mqtt_client_id_source, config_version, broker_reached_at,
+                suspended_routes)
          VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8, now(), $9, $10, $11, $12, $13,
                  CASE WHEN $14::float8 IS NULL THEN NULL
-                      ELSE clock_timestamp() - make_interval(secs => $14::float8) END)
+                      ELSE clock_timestamp() - make_interval(secs => $14::float8) END, $15)
          ON CONFLICT (holder_id) DO UPDATE SET role = EXCLUDED.role, last_seen = now(),
              config_version = EXCLUDED.config_version,
+             suspended_routes = EXCLUDED.suspended_routes,
              broker_reached_at = coalesce(EXCLUDED.broker_reached_at, n.broker_reached_at),
              http_url = EXCLUDED.http_url,
              mqtt_changed_at = CASE WHEN n.mqtt_connected = EXCLUDED.mqtt_connected
@@ -281,7 +285,7 @@ pub async fn heartbeat(c: &impl GenericClient, hb: &Heartbeat<'_>) -> Result<()>
         &[&hb.holder_id, &hb.instance_id, &hb.role, &hb.mode, &hb.version, &hb.http_url, &hb.started_at,
           &hb.mqtt_connected, &hb.session_lost_at, &hb.client_id_conflict_at,
           &hb.mqtt_client_id, &hb.mqtt_client_id_source, &hb.config_version,
-          &hb.broker_reached_ago],
+          &hb.broker_reached_ago, &hb.suspended_routes],
     )
     .await?;
     Ok(())
