@@ -298,6 +298,21 @@ async fn a_widened_column_replays_its_dead_letters_and_a_dry_run_changes_nothing
             c.count("SELECT count(*) FROM narrow").await? == 0,
             "a dry run wrote rows"
         );
+        // Ten of them received two hours ago: `--since 1h` leaves them.
+        db.batch_execute(
+            "UPDATE dead_letters SET received_at = received_at - interval '2 hours'
+             WHERE id IN (SELECT id FROM dead_letters ORDER BY id LIMIT 10)",
+        )
+        .await?;
+        let (code, so, err) = out(&c.cli(&["replay", "--route", "narrow", "--since", "1h"])?);
+        ensure!(
+            code == 0 && replayed(&so) == (20, 20),
+            "exit {code}: {so}{err}"
+        );
+        ensure!(
+            c.count("SELECT count(*) FROM dead_letters").await? == 10,
+            "the older ten"
+        );
         let (code, so, err) = out(&c.cli(&[
             "replay",
             "--route",
@@ -306,7 +321,7 @@ async fn a_widened_column_replays_its_dead_letters_and_a_dry_run_changes_nothing
             "rejected_by_database",
         ])?);
         ensure!(
-            code == 0 && replayed(&so) == (30, 30),
+            code == 0 && replayed(&so) == (10, 10),
             "exit {code}: {so}{err}"
         );
         ensure!(c.count("SELECT count(*) FROM narrow").await? == 30, "rows");
@@ -679,6 +694,60 @@ async fn a_route_suspended_without_traffic_still_alerts_and_clears_when_it_resum
         ensure!(!so.contains("SUSPENDED"), "{so}");
         publish_all(c.mq.port, readings("plant", 0, 5)).await?;
         count_is(&c, "SELECT count(*) FROM plant", 5).await?;
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}
+
+/// A database-wide error is no route's: PostgreSQL stopped and started again while the default
+/// route streams and both routes get messages suspends no route. Every batch waits and is
+/// written whole once the database is back; nothing is a `route_unavailable` dead letter.
+#[tokio::test]
+async fn a_database_restart_suspends_no_route() {
+    let mut c = Cluster::start().await.expect("cluster");
+    let res = async {
+        let (code, so, err) = out(&c.cli(&["migrate"])?);
+        ensure!(code == 0, "{so}{err}");
+        c.pg.client().await?.batch_execute(TABLES).await?;
+        let file = routes_file(&c)?;
+        c.spawn_args("a", &["--config", &file], &[])?;
+        c.spawn_args("b", &["--config", &file], &[])?;
+        c.wait_leader().await?;
+        let stream = Stream::start(c.mq.port, "iso-restart", 10, 100);
+        publish_all(c.mq.port, readings("plant", 0, 10)).await?;
+        publish_all(c.mq.port, readings("other", 0, 10)).await?;
+        count_is(&c, "SELECT count(*) FROM plant", 10).await?;
+        count_is(&c, "SELECT count(*) FROM other", 10).await?;
+
+        c.pg.stop()?;
+        publish_all(c.mq.port, readings("plant", 10, 30)).await?;
+        publish_all(c.mq.port, readings("other", 10, 30)).await?;
+        // Down until the writer met it: a batch with both routes' rows failed on it.
+        eventually(Duration::from_secs(20), "a batch write failed", || async {
+            Ok(["a", "b"]
+                .iter()
+                .any(|n| c.node(n).log().contains("batch write failed")))
+        })
+        .await?;
+        c.pg.start_again().await?;
+        eventually(Duration::from_secs(60), "both routes written", || async {
+            Ok(c.count("SELECT count(*) FROM plant").await? == 40
+                && c.count("SELECT count(*) FROM other").await? == 40)
+        })
+        .await?;
+        let n = stream.stop().await?;
+        c.assert_exactly_once("iso-restart", n).await?;
+        ensure!(
+            c.count("SELECT count(*) FROM dead_letters").await? == 0,
+            "dead letters"
+        );
+        for name in ["a", "b"] {
+            ensure!(
+                !c.node(name).log().contains("route suspended"),
+                "{name} suspended a route for a database-wide error"
+            );
+        }
         Ok(())
     }
     .await;
