@@ -1565,6 +1565,180 @@ mod tests {
         assert_eq!(float(f64::NAN, None), Value::String("NaN".into()));
     }
 
+    /// Templates as Ignition sends them: the definition in the birth (`_types_/Motor`) is a type,
+    /// not a value, and is left out of the reading; an instance is its metrics by name (an
+    /// alias-only one by its alias), nested templates within, and its parameters.
+    #[test]
+    fn a_template_instance_is_read_and_its_definition_left_out() {
+        let template = |r: Option<&str>, definition: bool, metrics: Vec<Metric>| Template {
+            version: Some("v1".into()),
+            metrics,
+            parameters: vec![template::Parameter {
+                name: Some("Rated".into()),
+                r#type: Some(DataType::Float as u32),
+                value: Some(template::parameter::Value::FloatValue(7.5)),
+            }],
+            template_ref: r.map(Into::into),
+            is_definition: Some(definition),
+        };
+        let rpm = |v| {
+            metric(
+                Some("RPM"),
+                None,
+                DataType::Int32,
+                metric::Value::IntValue(v),
+            )
+        };
+        let bearing = template(
+            Some("Bearing"),
+            false,
+            vec![metric(
+                Some("Temp"),
+                None,
+                DataType::Double,
+                metric::Value::DoubleValue(61.25),
+            )],
+        );
+        let definition = template(None, true, vec![rpm(0)]);
+        let instance = template(
+            Some("Motor"),
+            false,
+            vec![
+                rpm(1500),
+                metric(None, Some(9), DataType::Int8, metric::Value::IntValue(0xFF)),
+                metric(
+                    Some("Bearing"),
+                    None,
+                    DataType::Template,
+                    metric::Value::TemplateValue(bearing),
+                ),
+            ],
+        );
+        let mut h = Host::default();
+        let u = h.read(
+            "spBv1.0/plant/NBIRTH/edge1",
+            &payload(
+                1_700_000_000_000,
+                0,
+                vec![
+                    metric(
+                        Some("bdSeq"),
+                        None,
+                        DataType::Int64,
+                        metric::Value::LongValue(1),
+                    ),
+                    metric(
+                        Some("_types_/Motor"),
+                        None,
+                        DataType::Template,
+                        metric::Value::TemplateValue(definition),
+                    ),
+                    metric(
+                        Some("Motor 1"),
+                        Some(5),
+                        DataType::Template,
+                        metric::Value::TemplateValue(instance),
+                    ),
+                ],
+            ),
+            false,
+        );
+        assert_eq!(u.len(), 1, "{u:?}");
+        let v: Value = serde_json::from_slice(&u[0].payload).expect("JSON");
+        assert_eq!(
+            v.get("_types_/Motor"),
+            None,
+            "a definition is no reading: {v}"
+        );
+        assert_eq!(
+            v["Motor 1"],
+            serde_json::json!({
+                "template_ref": "Motor",
+                "version": "v1",
+                "metrics": {
+                    "RPM": 1500,
+                    "alias 9": -1,
+                    "Bearing": {
+                        "template_ref": "Bearing",
+                        "version": "v1",
+                        "metrics": {"Temp": 61.25},
+                        "parameters": {"Rated": 7.5}
+                    }
+                },
+                "parameters": {"Rated": 7.5}
+            })
+        );
+    }
+
+    #[test]
+    fn every_array_datatype_reads_little_endian() {
+        let b = |dt, bytes: Vec<u8>| {
+            let m = metric(Some("a"), None, dt, metric::Value::BytesValue(bytes));
+            metric_value(&m, dt as u32)
+        };
+        let le = |xs: &[u64], n: usize| -> Vec<u8> {
+            xs.iter()
+                .flat_map(|x| x.to_le_bytes()[..n].to_vec())
+                .collect()
+        };
+        assert_eq!(
+            b(DataType::Int8Array, vec![0x80, 1]),
+            Ok(serde_json::json!([-128, 1]))
+        );
+        assert_eq!(
+            b(DataType::UInt8Array, vec![0xFF, 0]),
+            Ok(serde_json::json!([255, 0]))
+        );
+        assert_eq!(
+            b(DataType::UInt16Array, le(&[65535, 2], 2)),
+            Ok(serde_json::json!([65535, 2]))
+        );
+        assert_eq!(
+            b(DataType::Int32Array, le(&[u64::from(u32::MAX), 7], 4)),
+            Ok(serde_json::json!([-1, 7]))
+        );
+        assert_eq!(
+            b(DataType::UInt32Array, le(&[u64::from(u32::MAX)], 4)),
+            Ok(serde_json::json!([4_294_967_295u32]))
+        );
+        assert_eq!(
+            b(DataType::Int64Array, le(&[u64::MAX], 8)),
+            Ok(serde_json::json!([-1]))
+        );
+        assert_eq!(
+            b(DataType::UInt64Array, le(&[u64::MAX], 8)),
+            Ok(serde_json::json!([u64::MAX]))
+        );
+        assert_eq!(
+            b(DataType::DoubleArray, 2.5f64.to_le_bytes().to_vec()),
+            Ok(serde_json::json!([2.5]))
+        );
+        assert_eq!(
+            b(DataType::DateTimeArray, le(&[1_700_000_000_500], 8)),
+            Ok(serde_json::json!(["2023-11-14T22:13:20.500Z"]))
+        );
+        assert_eq!(
+            b(DataType::File, vec![1, 2, 3]),
+            Ok(serde_json::json!("AQID"))
+        );
+        assert_eq!(
+            b(DataType::Bytes, vec![0xFF]),
+            Ok(serde_json::json!("/w=="))
+        );
+        let at = metric(
+            Some("at"),
+            None,
+            DataType::DateTime,
+            metric::Value::LongValue(1_700_000_000_500),
+        );
+        assert_eq!(
+            metric_value(&at, DataType::DateTime as u32),
+            Ok(serde_json::json!("2023-11-14T22:13:20.500Z"))
+        );
+        assert!(b(DataType::UInt64Array, vec![0; 12]).is_err());
+        assert!(b(DataType::BooleanArray, vec![9, 0, 0, 0, 0xFF]).is_err());
+    }
+
     #[test]
     fn a_metric_sent_twice_is_read_at_each_of_its_instants() {
         let mut h = Host::default();
