@@ -45,7 +45,8 @@ pub struct Facts {
     pub replication: Option<ReplicationFacts>,
     /// Nodes alive that do not run the active cluster configuration (for longer than the grace).
     pub config_outdated: Vec<queries::OutdatedNode>,
-    /// Routes suspended lately: (route, its `route_unavailable` dead letters, the newest error).
+    /// Routes the leader holds suspended: (route, its recent `route_unavailable` dead letters,
+    /// why); see `leasehold_store::alerts::suspended_routes`.
     pub suspended_routes: Vec<(String, i64, String)>,
 }
 

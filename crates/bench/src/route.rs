@@ -415,6 +415,9 @@ pub async fn routes_phase(
             );
             attach_history(rig, true).await?;
         }
+        // Gone, so that the phases after and the next run start from an empty table.
+        history_partitions(rig, "DROP TABLE %I").await?;
+        empty_telemetry(rig).await?;
     }
     Ok(Routes {
         default,
@@ -562,7 +565,8 @@ async fn load_history(rig: &Rig<'_>, rows: u64) -> Result<()> {
     // scan of its rows (see `attach_history`).
     rig.db
         .batch_execute(&format!(
-            "DO $$
+            "SET TimeZone = 'UTC';
+             DO $$
              DECLARE d date;
              BEGIN
                FOR d IN SELECT generate_series(current_date - {days}, current_date - 1, interval '1 day')::date LOOP
@@ -570,7 +574,8 @@ async fn load_history(rig: &Rig<'_>, rows: u64) -> Result<()> {
                                 'telemetry_p' || to_char(d, 'YYYYMMDD'), 'bench_bounds_' || to_char(d, 'YYYYMMDD'),
                                 d::timestamptz, (d + 1)::timestamptz);
                END LOOP;
-             END $$;"
+             END $$;
+             RESET TimeZone;"
         ))
         .await?;
     rig.db.batch_execute("VACUUM ANALYZE telemetry").await?;
@@ -585,14 +590,28 @@ async fn load_history(rig: &Rig<'_>, rows: u64) -> Result<()> {
 const HISTORY_ROUNDS: u32 = 2;
 
 /// The history's day partitions detached from `telemetry` (`attach = false`) or attached again,
-/// after emptying what the drain before wrote (`telemetry`'s attached partitions), analysed.
+/// and what the drain before wrote emptied: `TRUNCATE telemetry` empties every partition
+/// attached, so it runs after the history is detached and before it is attached again.
 async fn attach_history(rig: &Rig<'_>, attach: bool) -> Result<()> {
+    if attach {
+        rig.db.batch_execute("TRUNCATE telemetry").await?;
+        history_partitions(
+            rig,
+            "ALTER TABLE telemetry ATTACH PARTITION %I FOR VALUES FROM (%L) TO (%L)",
+        )
+        .await?;
+    } else {
+        history_partitions(rig, "ALTER TABLE telemetry DETACH PARTITION %I").await?;
+        rig.db.batch_execute("TRUNCATE telemetry").await?;
+    }
+    rig.db.batch_execute("VACUUM ANALYZE telemetry").await?;
+    Ok(())
+}
+
+/// `sql` (a `format()` string: the day's table, its lower and its upper bound) run for each
+/// day of the history, in UTC like the partitions.
+async fn history_partitions(rig: &Rig<'_>, sql: &str) -> Result<()> {
     let days = HISTORY_DAYS;
-    let (verb, bounds) = match attach {
-        true => ("ATTACH", " FOR VALUES FROM (%L) TO (%L)"),
-        false => ("DETACH", ""),
-    };
-    rig.db.batch_execute("TRUNCATE telemetry").await?;
     rig.db
         .batch_execute(&format!(
             "SET TimeZone = 'UTC';
@@ -600,14 +619,13 @@ async fn attach_history(rig: &Rig<'_>, attach: bool) -> Result<()> {
              DECLARE d date;
              BEGIN
                FOR d IN SELECT generate_series(current_date - {days}, current_date - 1, interval '1 day')::date LOOP
-                 EXECUTE format('ALTER TABLE telemetry {verb} PARTITION %I{bounds}',
+                 EXECUTE format('{sql}',
                                 'telemetry_p' || to_char(d, 'YYYYMMDD'), d::timestamptz, (d + 1)::timestamptz);
                END LOOP;
              END $$;
              RESET TimeZone;"
         ))
         .await?;
-    rig.db.batch_execute("VACUUM ANALYZE telemetry").await?;
     Ok(())
 }
 

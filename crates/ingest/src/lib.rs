@@ -281,10 +281,12 @@ struct HostState {
     pending: bool,
 }
 
-/// Whether a STATE payload says offline: JSON with `"online": false`, however spaced.
+/// Whether a STATE payload says offline: JSON with `"online": false`, however spaced. A payload
+/// far larger than a STATE is not read (it would be parsed on the event loop's task).
 fn says_offline(payload: &[u8]) -> bool {
-    serde_json::from_slice::<serde_json::Value>(payload)
-        .is_ok_and(|v| v.get("online").and_then(serde_json::Value::as_bool) == Some(false))
+    payload.len() <= 4096
+        && serde_json::from_slice::<serde_json::Value>(payload)
+            .is_ok_and(|v| v.get("online").and_then(serde_json::Value::as_bool) == Some(false))
 }
 
 /// The payload of a primary host's STATE (Sparkplug 3.0): `{"online": .., "timestamp": ms}`.
@@ -1251,5 +1253,7 @@ mod tests {
         assert!(!says_offline(br#"{"online":"false"}"#));
         assert!(!says_offline(b"offline"));
         assert!(!says_offline(br#"{"timestamp":1}"#));
+        let padded = format!(r#"{{"online":false,"pad":"{}"}}"#, " ".repeat(5000));
+        assert!(!says_offline(padded.as_bytes()));
     }
 }

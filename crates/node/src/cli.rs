@@ -119,6 +119,25 @@ pub enum Command {
     Simulate(simulate::SimArgs),
 }
 
+/// SIGPIPE: the process ends quietly (as by the signal's default action, status 141) when its
+/// standard output is a pipe whose reader is gone (`leasehold config history | head`); any other
+/// broken pipe — a socket the broker or the database closed, written with `writev`, which cannot
+/// ask not to raise it — is left to fail that write with EPIPE, handled where it is (before:
+/// the default action killed `leasehold doctor` when the broker reset its probe's connection).
+extern "C" fn quiet_on_closed_stdout(_: libc::c_int) {
+    let mut out = libc::pollfd {
+        fd: libc::STDOUT_FILENO,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: poll and _exit are async-signal-safe; `out` lives on this frame.
+    unsafe {
+        if libc::poll(&mut out, 1, 0) == 1 && out.revents & libc::POLLERR != 0 {
+            libc::_exit(141);
+        }
+    }
+}
+
 fn humantime_parse(s: &str) -> Result<std::time::Duration, String> {
     leasehold_config::parse_duration(s)
 }
@@ -198,9 +217,12 @@ pub fn main() -> ExitCode {
     };
     if !matches!(cli.cmd, Command::Run) {
         // A command's output piped into `head` ends quietly, as other command-line tools do.
-        // SAFETY: restores the default action of one signal before any thread is started.
+        // SAFETY: installs an async-signal-safe handler before any thread is started.
         unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            libc::signal(
+                libc::SIGPIPE,
+                quiet_on_closed_stdout as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            );
         }
     }
     let cfg = match cli.settings.load() {

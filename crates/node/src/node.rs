@@ -691,15 +691,19 @@ struct BeatRead {
 }
 
 impl Beats {
-    /// The routes this node's writer has suspended, `{"route": "why"}`, or `None`.
-    fn suspended_routes(&self) -> Option<serde_json::Value> {
+    /// The routes the writer of term `epoch` holds suspended, `{"route": "why"}` (`{}`: none);
+    /// `None` until that term's writer has said (the alerts then judge by dead letters).
+    fn suspended_routes(&self, epoch: i64) -> Option<serde_json::Value> {
+        if self.status.routes_term() != Some(epoch) {
+            return None;
+        }
         let suspended: serde_json::Map<String, serde_json::Value> = self
             .status
             .routes()
             .into_iter()
             .filter_map(|r| Some((r.name, serde_json::Value::String(r.suspended?))))
             .collect();
-        (!suspended.is_empty()).then_some(serde_json::Value::Object(suspended))
+        Some(serde_json::Value::Object(suspended))
     }
 
     /// One beat on connection `c`: the leader's newest reading first (a beat that fails later
@@ -744,7 +748,7 @@ impl Beats {
                     true => Some(0.0),
                     false => mqtt.probe_reached.map(|t| t.elapsed().as_secs_f64()),
                 },
-                suspended_routes: leading.and_then(|_| self.suspended_routes()),
+                suspended_routes: leading.and_then(|e| self.suspended_routes(e)),
             },
         )
         .await?;

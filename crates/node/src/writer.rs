@@ -397,6 +397,7 @@ impl Writer {
     /// (drain: commit and ack everything first).
     pub async fn run(mut self, cancel: CancellationToken) -> Result<(), WriterError> {
         let res = self.run_term(cancel).await;
+        self.clear_suspensions();
         // A hold belongs to this term's writer: the next term judges replication afresh.
         if let Some(why) = self.status.ingest_hold() {
             self.status.set_ingest_hold(None);
@@ -1426,6 +1427,27 @@ impl Writer {
             events::RouteState {
                 route: &r.spec.name,
                 suspended: s.is_some(),
+            }
+            .emit();
+        }
+        self.status.set_routes_term(Some(self.fence.epoch));
+    }
+
+    /// The term is over: this node holds no route suspended any more (the next leader judges).
+    fn clear_suspensions(&self) {
+        self.status.set_routes_term(None);
+        let mut was = Vec::new();
+        self.status.update_routes(|counts| {
+            for c in counts.iter_mut() {
+                if c.suspended.take().is_some() {
+                    was.push(c.name.clone());
+                }
+            }
+        });
+        for route in &was {
+            events::RouteState {
+                route,
+                suspended: false,
             }
             .emit();
         }

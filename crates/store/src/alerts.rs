@@ -227,9 +227,12 @@ pub async fn leader_changes_within(
     .await
 }
 
-/// The routes the holder of lease `lease_name` has suspended, as its heartbeat last reported
-/// them (none without a live holder), each with its `route_unavailable` dead letters within
-/// `within` and why it is suspended.
+/// The routes held suspended, each with its `route_unavailable` dead letters within `within`
+/// and why: as the live holder of lease `lease_name` last said in its heartbeat (within 10 s, in
+/// its current term), whether or not messages come for them. Until it has said — a failover's
+/// gap, a new leader before its writer's first word, a leader of a release that does not say —
+/// the routes with `route_unavailable` dead letters within `within`, with the newest one's error,
+/// so that an alert open across a failover does not resolve and open again.
 pub async fn suspended_routes(
     c: &impl GenericClient,
     lease_name: &str,
@@ -238,16 +241,26 @@ pub async fn suspended_routes(
     op::all(
         c,
         Op::AlertFacts,
-        "SELECT s.key AS route, s.value #>> '{}' AS error,
-                (SELECT count(*) FROM dead_letters d
-                 WHERE d.reason = 'route_unavailable'
-                   AND s.key = ANY (string_to_array(d.route, ','))
-                   AND d.received_at > clock_timestamp() - make_interval(secs => $2)) AS n
-         FROM instance_lock l
-         JOIN cluster_nodes n ON n.holder_id = l.holder_id,
-              jsonb_each(coalesce(n.suspended_routes, '{}')) s
-         WHERE l.service_name = $1 AND l.expires_at > clock_timestamp()
-         ORDER BY s.key",
+        "WITH said AS (
+             SELECT n.suspended_routes AS s
+             FROM instance_lock l JOIN cluster_nodes n ON n.holder_id = l.holder_id
+             WHERE l.service_name = $1 AND l.expires_at > clock_timestamp()
+               AND n.last_seen >= l.acquired_at
+               AND n.last_seen > clock_timestamp() - interval '10 seconds'
+               AND jsonb_typeof(n.suspended_routes) = 'object'),
+         unavailable AS (
+             SELECT route, error, received_at FROM dead_letters
+             WHERE reason = 'route_unavailable' AND route IS NOT NULL
+               AND received_at > clock_timestamp() - make_interval(secs => $2)),
+         suspended AS (
+             SELECT e.key AS route, e.value #>> '{}' AS error FROM said, jsonb_each(said.s) e
+             UNION ALL
+             (SELECT DISTINCT ON (route) route, error FROM unavailable
+              WHERE NOT EXISTS (SELECT 1 FROM said)
+              ORDER BY route, received_at DESC))
+         SELECT s.route, s.error,
+                (SELECT count(*) FROM unavailable u WHERE u.route = s.route) AS n
+         FROM suspended s ORDER BY s.route",
         &[&lease_name, &within.as_secs_f64()],
         |r| Ok((r.try_get("route")?, r.try_get("n")?, r.try_get("error")?)),
     )

@@ -257,7 +257,8 @@ pub struct Heartbeat<'a> {
     /// Seconds since this node last reached the broker (connected, or a standby's probe
     /// answered); `None`: not since it started. Stored on the database's clock.
     pub broker_reached_ago: Option<f64>,
-    /// The routes this node suspended while it leads, `{"route": "why"}` (`None`: none).
+    /// The routes this node holds suspended while it leads, `{"route": "why"}` (`{}`: none;
+    /// `None`: not leading, or its writer has not said yet).
     pub suspended_routes: Option<serde_json::Value>,
 }
 

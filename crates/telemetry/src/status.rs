@@ -28,6 +28,9 @@ pub struct Status {
     pub ingest_hold: Option<String>,
     /// Named routes, written by the writer on every committed batch (empty without routes).
     pub routes: Vec<RouteCounts>,
+    /// The lease epoch whose writer last said which routes are suspended (`None` between
+    /// terms): the heartbeat reports the suspensions only of its own term.
+    pub routes_term: Option<i64>,
     /// The cluster configuration this node runs, written by its configuration task.
     pub config: ConfigStatus,
     /// The receive time of the newest reading this node's writer stored in `telemetry`, which
@@ -354,6 +357,15 @@ impl NodeStatus {
     /// Changes the named routes' counts (the writer, once per batch).
     pub fn update_routes(&self, f: impl FnOnce(&mut Vec<RouteCounts>)) {
         self.0.send_modify(|s| f(&mut s.routes));
+    }
+
+    pub fn routes_term(&self) -> Option<i64> {
+        self.0.borrow().routes_term
+    }
+
+    /// Which term's writer has said which routes are suspended (`None`: the term ended).
+    pub fn set_routes_term(&self, epoch: Option<i64>) {
+        self.0.send_modify(|s| s.routes_term = epoch);
     }
 
     /// Wakes when the status changed.
