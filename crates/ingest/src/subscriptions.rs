@@ -895,6 +895,42 @@ mod tests {
         assert_eq!(w.ledger.len(), 2_991);
     }
 
+    /// A configured filter replaced by another (`config apply`): the new one is subscribed, and
+    /// the old one unsubscribed only once the broker granted the new one, so that nothing
+    /// published meanwhile matches no filter.
+    #[test]
+    fn a_replaced_filter_is_unsubscribed_only_after_its_replacement_is_granted() {
+        let now = Instant::now();
+        let mut w = World::new(&["extra/+/data"]);
+        w.devices(&[], now);
+        w.connect(false, now);
+        assert!(w.session.contains("extra/+/data"));
+        w.sent.clear();
+        let a = w.subs.set_configured(vec!["extra/#".into()], now);
+        let intents: Vec<&Vec<String>> = a
+            .iter()
+            .filter_map(|x| match x {
+                Action::Ledger(LedgerOp::Intent { filters, .. }) => Some(filters),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            intents,
+            [&vec!["extra/#".to_string()]],
+            "only the subscribe while it is not granted: {a:?}"
+        );
+        w.run(a, now);
+        assert_eq!(
+            w.sent,
+            [
+                (Kind::Subscribe, vec!["extra/#".to_string()]),
+                (Kind::Unsubscribe, vec!["extra/+/data".to_string()])
+            ]
+        );
+        assert_eq!(w.session, BTreeSet::from(["extra/#".to_string()]));
+        assert!(w.subs.settled());
+    }
+
     #[test]
     fn nothing_is_unsubscribed_before_the_device_topics_are_known() {
         let now = Instant::now();
