@@ -436,3 +436,72 @@ async fn cluster_view_recent_data_coverage_and_status() {
     .await;
     check(&c, res);
 }
+
+/// Alert thresholds change live: with data said to go stale after an hour, nothing opens; a
+/// `config apply` of two seconds opens `data_stale` on the next rounds, and applying an hour
+/// again resolves it, the node never restarted.
+#[tokio::test]
+async fn a_stale_threshold_applied_live_opens_and_resolves_data_stale_without_a_restart() {
+    let hook = WebhookReceiver::start(0).await.expect("receiver");
+    let mut c = Cluster::start().await.expect("servers");
+    c.extra_env = alert_env(&hook, "60s");
+    c.extra_env.push(("STALE_WARNING", "1h".into()));
+    c.extra_env.push(("STALE_CRITICAL", "2h".into()));
+    let res = async {
+        c.spawn("node-a")?;
+        c.wait_leader().await?;
+        publish_all(c.mq.port, vec![reading("d1", 0)]).await?;
+        eventually(Duration::from_secs(20), "the reading stored", || async {
+            Ok(c.count("SELECT count(*) FROM telemetry").await? == 1)
+        })
+        .await?;
+        let pid = c.node("node-a").pid();
+        let file = |warning: &str, critical: &str| -> Result<String> {
+            let path = c.logs.path().join(format!("stale-{warning}.toml"));
+            std::fs::write(
+                &path,
+                format!(
+                    "alert_webhook_url = \"{}\"\nalert_check_interval = \"300ms\"\n\
+                     alert_grace = \"1s\"\nalert_window = \"60s\"\n\
+                     stale_warning = \"{warning}\"\nstale_critical = \"{critical}\"\n",
+                    hook.url
+                ),
+            )?;
+            Ok(path.display().to_string())
+        };
+        // Data older than the new threshold, judged by the old one: nothing.
+        eventually(Duration::from_secs(20), "data 3 s old", || async {
+            let (_, b) = http(c.node("node-a").http_port(), "GET", "/health/recent-data").await?;
+            let v: Value = serde_json::from_str(&b)?;
+            Ok(v["newest_data_age_seconds"].as_f64().unwrap_or(0.0) > 3.0)
+        })
+        .await?;
+        http(c.node("node-a").http_port(), "POST", "/health/alerts/check").await?;
+        ensure!(
+            alert_rows(&c, "data_stale").await?.is_empty(),
+            "data_stale opened at an hour's threshold"
+        );
+
+        let applied = c.cli(&["config", "apply", &file("2s", "1h")?])?;
+        ensure!(applied.status.success(), "{applied:?}");
+        let id = wait_open(&c, "data_stale", "warning").await?;
+        // Settings that do not fit together are still refused, naming the one at fault.
+        let refused = c.cli(&["config", "apply", &file("1h", "30m")?])?;
+        let err = String::from_utf8_lossy(&refused.stderr);
+        ensure!(
+            refused.status.code() == Some(2)
+                && err.lines().count() == 1
+                && err.contains("STALE_CRITICAL"),
+            "{refused:?}"
+        );
+        // An hour and two (before: refused, each setting checked alone against the other's
+        // default of ten minutes).
+        let applied = c.cli(&["config", "apply", &file("1h", "2h")?])?;
+        ensure!(applied.status.success(), "{applied:?}");
+        wait_resolved(&c, "data_stale", id).await?;
+        ensure!(c.node("node-a").pid() == pid, "the node restarted");
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}

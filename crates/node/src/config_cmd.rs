@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Subcommand;
 use leasehold_config::cluster::{node_setting_refused, version_origin};
-use leasehold_config::{ClusterSettings, Config, Origin, Sources};
+use leasehold_config::{ClusterSettings, Config, ConfigError, Origin, Sources};
 use leasehold_store::config::{self as stored, ApplyError, NewVersion, StoredConfig};
 use leasehold_store::Client;
 
@@ -109,7 +109,14 @@ async fn check(
     let mut problems: Vec<String> = Vec::new();
     for key in new.keys() {
         if let Err(e) = cfg.with_cluster(&new.only(key), origin.clone()) {
-            problems.push(e.to_string());
+            // Alone among defaults a setting can clash with another's default (a STALE_WARNING
+            // of an hour against STALE_CRITICAL's ten minutes): only its own errors count here;
+            // how the file's settings fit together is the whole file's to say, below.
+            let about_another =
+                matches!(&e, ConfigError::Invalid { key: k, .. } if !k.eq_ignore_ascii_case(key));
+            if !about_another {
+                problems.push(e.to_string());
+            }
         }
     }
     let whole = match cfg.with_cluster(new, origin.clone()) {
