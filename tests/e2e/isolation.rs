@@ -753,3 +753,53 @@ async fn a_database_restart_suspends_no_route() {
     .await;
     check(&c, res);
 }
+
+/// A route's table broken while a standby waited, with no message for the route: the standby,
+/// taking over, finds it at the start of its term and holds the route suspended; the alert
+/// opens without a dead letter.
+#[tokio::test]
+async fn a_new_leader_finds_a_broken_route_table_at_the_start_of_its_term() {
+    let mut c = Cluster::start().await.expect("cluster");
+    let res = async {
+        let (code, so, err) = out(&c.cli(&["migrate"])?);
+        ensure!(code == 0, "{so}{err}");
+        c.pg.client().await?.batch_execute(TABLES).await?;
+        let file = routes_file(&c)?;
+        c.spawn_args("a", &["--config", &file], &[])?;
+        let (first, _) = c.wait_leader().await?;
+        ensure!(first == "a", "a leads first");
+        c.spawn_args("b", &["--config", &file], &[])?;
+        eventually(Duration::from_secs(20), "b up", || async {
+            Ok(http(c.node("b").http_port(), "GET", "/health").await.is_ok())
+        })
+        .await?;
+        c.pg.client()
+            .await?
+            .batch_execute("ALTER TABLE plant RENAME COLUMN temp TO temperature")
+            .await?;
+        c.node_mut("a").kill9();
+        eventually(Duration::from_secs(30), "b leads", || async {
+            Ok(c.wait_leader().await?.0 == "b")
+        })
+        .await?;
+        let port = c.node("b").http_port();
+        let alert = "SELECT count(*) FROM alerts WHERE kind = 'route_suspended' AND resolved_at IS NULL AND message LIKE '%plant%'";
+        eventually(Duration::from_secs(20), "the route_suspended alert", || async {
+            http(port, "POST", "/health/alerts/check").await?;
+            Ok(c.count(alert).await? == 1)
+        })
+        .await?;
+        let (_, body) = http(port, "GET", "/health").await?;
+        let h: serde_json::Value = serde_json::from_str(&body)?;
+        ensure!(
+            h["routes"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|r| r["name"] == "plant" && r["suspended"].is_string())),
+            "{h}"
+        );
+        ensure!(c.count(UNAVAILABLE).await? == 0, "a dead letter without a message");
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}

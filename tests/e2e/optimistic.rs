@@ -15,6 +15,10 @@ use proptest::test_runner::{Config, FileFailurePersistence, TestCaseError, TestR
 
 use crate::helpers::{owned_row, owned_writer};
 
+/// The two tests read the process's fallback counter, which the other's writes move: one at a
+/// time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// `owned(id numeric PRIMARY KEY, v int)`: a trigger skips a negative `v`; `1e2` and `100` are
 /// one key once cast.
 const SCHEMA: &str = "CREATE TABLE owned (id numeric PRIMARY KEY, v int);
@@ -95,6 +99,7 @@ fn said(o: &BatchOutcome) -> (u64, Vec<usize>, Vec<usize>, Vec<usize>, u64) {
 
 #[tokio::test]
 async fn what_the_optimistic_statement_cannot_tell_apart_the_full_one_writes() -> Result<()> {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let pg = Postgres::start().await?;
     // New keys: written by the optimistic statement alone.
     let mut w = writer(&pg).await?;
@@ -198,6 +203,7 @@ fn case() -> impl Strategy<Value = Case> {
 
 #[test]
 fn the_optimistic_statement_ends_as_the_full_one_does_over_generated_batches() {
+    let _alone = ONE_AT_A_TIME.blocking_lock();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -539,6 +539,8 @@ const HISTORY_DAYS: i64 = 230;
 async fn load_history(rig: &Rig<'_>, rows: u64) -> Result<()> {
     let started = Instant::now();
     let days = HISTORY_DAYS;
+    // What a run that failed midway may have left, detached or not.
+    history_partitions(rig, "DROP TABLE IF EXISTS %I").await?;
     rig.db
         .batch_execute(&format!(
             "SET TimeZone = 'UTC';

@@ -119,8 +119,8 @@ pub enum Command {
     Simulate(simulate::SimArgs),
 }
 
-/// SIGPIPE: the process ends quietly (as by the signal's default action, status 141) when its
-/// standard output is a pipe whose reader is gone (`leasehold config history | head`); any other
+/// SIGPIPE: the process ends quietly, by the signal's default action, when its standard output
+/// is a pipe or socket whose reader is gone (`leasehold config history | head`); any other
 /// broken pipe — a socket the broker or the database closed, written with `writev`, which cannot
 /// ask not to raise it — is left to fail that write with EPIPE, handled where it is (before:
 /// the default action killed `leasehold doctor` when the broker reset its probe's connection).
@@ -130,11 +130,16 @@ extern "C" fn quiet_on_closed_stdout(_: libc::c_int) {
         events: libc::POLLOUT,
         revents: 0,
     };
-    // SAFETY: poll and _exit are async-signal-safe; `out` lives on this frame.
+    // SAFETY: poll, signal and raise are async-signal-safe; `out` lives on this frame; errno
+    // is put back for the interrupted code. The signal raised here is blocked until the handler
+    // returns, then ends the process with the default action.
     unsafe {
-        if libc::poll(&mut out, 1, 0) == 1 && out.revents & libc::POLLERR != 0 {
-            libc::_exit(141);
+        let errno = *libc::__errno_location();
+        if libc::poll(&mut out, 1, 0) == 1 && out.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            libc::raise(libc::SIGPIPE);
         }
+        *libc::__errno_location() = errno;
     }
 }
 

@@ -694,12 +694,11 @@ impl Beats {
     /// The routes the writer of term `epoch` holds suspended, `{"route": "why"}` (`{}`: none);
     /// `None` until that term's writer has said (the alerts then judge by dead letters).
     fn suspended_routes(&self, epoch: i64) -> Option<serde_json::Value> {
-        if self.status.routes_term() != Some(epoch) {
+        let (term, routes) = self.status.routes_of_term();
+        if term != Some(epoch) {
             return None;
         }
-        let suspended: serde_json::Map<String, serde_json::Value> = self
-            .status
-            .routes()
+        let suspended: serde_json::Map<String, serde_json::Value> = routes
             .into_iter()
             .filter_map(|r| Some((r.name, serde_json::Value::String(r.suspended?))))
             .collect();

@@ -112,6 +112,10 @@ struct Conn {
     to_stmt: Vec<Option<usize>>,
     /// When each route's table was last checked after a row error (at most every [`RECHECK`]).
     row_checked: HashMap<usize, Instant>,
+    /// Whether this term has checked its routes' tables (and so vouches for its suspensions),
+    /// and when to try again if it could not.
+    checked: bool,
+    check_again_at: Instant,
 }
 
 /// A route whose table cannot be written now: its rows become `route_unavailable` dead letters
@@ -143,6 +147,8 @@ impl Conn {
             stmt: routes.clone(),
             to_stmt: Vec::new(),
             row_checked: HashMap::new(),
+            checked: false,
+            check_again_at: Instant::now(),
             routes,
         };
         c.suspended.resize(c.routes.len(), None);
@@ -412,6 +418,7 @@ impl Writer {
 
     async fn run_term(&mut self, cancel: CancellationToken) -> Result<(), WriterError> {
         let mut conn = self.open_term();
+        self.check_at_start(&mut conn).await;
         // Whether the last commit was confirmed on a synchronous standby (REQUIRE_SYNC_REPLICATION):
         // until then, each batch first waits for replication to be in place.
         let mut replicated = false;
@@ -424,6 +431,9 @@ impl Writer {
             };
             self.follow(&mut conn);
             self.recheck(&mut conn).await;
+            if !conn.checked && Instant::now() >= conn.check_again_at {
+                self.check_at_start(&mut conn).await;
+            }
             if batch.is_empty() {
                 continue;
             }
@@ -1355,6 +1365,7 @@ impl Writer {
         };
         let mut routes = conn.routes.to_vec();
         let mut resumed = Vec::new();
+        let mut reasons_changed = false;
         for k in due {
             let name = routes[k].spec.name.clone();
             let fits = !problems.iter().any(|p| p.route == name);
@@ -1367,6 +1378,7 @@ impl Writer {
             if let (Some(why), Some(s)) = (blocked, conn.suspended[k].as_mut()) {
                 s.why = why;
                 s.check_at = now + RECHECK;
+                reasons_changed = true;
                 continue;
             }
             match (fits, fresh) {
@@ -1388,6 +1400,9 @@ impl Writer {
             }
         }
         if resumed.is_empty() {
+            if reasons_changed {
+                self.report_suspensions(conn);
+            }
             return;
         }
         conn.routes = routes.into();
@@ -1413,11 +1428,13 @@ impl Writer {
             .collect()
     }
 
-    /// Shows which routes are suspended (`/health`, the gauge).
+    /// Shows which routes are suspended (`/health`, the gauge), vouched for by this term once it
+    /// has checked its routes' tables (the heartbeat reports only what a term vouches for).
     fn report_suspensions(&self, conn: &Conn) {
         let named = conn.routes.get(1..).unwrap_or_default();
         let suspended = conn.suspended.get(1..).unwrap_or_default();
-        self.status.update_routes(|counts| {
+        let term = conn.checked.then_some(self.fence.epoch);
+        self.status.update_routes_of_term(term, |counts| {
             show_routes(counts, named);
             for (c, s) in counts.iter_mut().zip(suspended) {
                 c.suspended = s.as_ref().map(|s| s.why.clone());
@@ -1430,14 +1447,46 @@ impl Writer {
             }
             .emit();
         }
-        self.status.set_routes_term(Some(self.fence.epoch));
+    }
+
+    /// A term's first look at its routes' tables: each that no longer fits is suspended now, not
+    /// at its first message, and only then does this term vouch for its suspensions. Until the
+    /// catalog can be read, nothing is vouched for (the alerts judge by dead letters meanwhile).
+    async fn check_at_start(&self, conn: &mut Conn) {
+        let specs: Vec<(usize, leasehold_config::RouteSpec)> = (1..conn.routes.len())
+            .filter(|&k| conn.suspended[k].is_none())
+            .map(|k| (k, conn.routes[k].spec.clone()))
+            .collect();
+        let mut found: Vec<(usize, String)> = Vec::new();
+        if !specs.is_empty() {
+            let Some((_, problems)) = self
+                .check_routes(specs.iter().map(|(_, s)| s.clone()).collect())
+                .await
+            else {
+                conn.check_again_at = Instant::now() + RECHECK;
+                return;
+            };
+            for (k, spec) in &specs {
+                let mine: Vec<String> = problems
+                    .iter()
+                    .filter(|p| p.route == spec.name)
+                    .map(ToString::to_string)
+                    .collect();
+                if !mine.is_empty() {
+                    found.push((*k, mine.join("; ")));
+                }
+            }
+        }
+        conn.checked = true;
+        if !self.suspend(conn, found, "found when the term started") {
+            self.report_suspensions(conn);
+        }
     }
 
     /// The term is over: this node holds no route suspended any more (the next leader judges).
     fn clear_suspensions(&self) {
-        self.status.set_routes_term(None);
         let mut was = Vec::new();
-        self.status.update_routes(|counts| {
+        self.status.update_routes_of_term(None, |counts| {
             for c in counts.iter_mut() {
                 if c.suspended.take().is_some() {
                     was.push(c.name.clone());

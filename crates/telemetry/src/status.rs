@@ -359,13 +359,19 @@ impl NodeStatus {
         self.0.send_modify(|s| f(&mut s.routes));
     }
 
-    pub fn routes_term(&self) -> Option<i64> {
-        self.0.borrow().routes_term
+    /// The named routes with the term whose writer said which are suspended, read together.
+    pub fn routes_of_term(&self) -> (Option<i64>, Vec<RouteCounts>) {
+        let s = self.0.borrow();
+        (s.routes_term, s.routes.clone())
     }
 
-    /// Which term's writer has said which routes are suspended (`None`: the term ended).
-    pub fn set_routes_term(&self, epoch: Option<i64>) {
-        self.0.send_modify(|s| s.routes_term = epoch);
+    /// Changes the named routes and says which term's writer vouches for their suspensions
+    /// (`None`: none does), in one change.
+    pub fn update_routes_of_term(&self, term: Option<i64>, f: impl FnOnce(&mut Vec<RouteCounts>)) {
+        self.0.send_modify(|s| {
+            f(&mut s.routes);
+            s.routes_term = term;
+        });
     }
 
     /// Wakes when the status changed.
