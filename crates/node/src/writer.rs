@@ -127,6 +127,16 @@ struct Suspension {
     check_at: Instant,
 }
 
+/// What a check of the catalog found wrong with route `name`, joined; `None` when it fits.
+fn problems_of(problems: &[leasehold_store::routes::RouteProblem], name: &str) -> Option<String> {
+    let mine: Vec<String> = problems
+        .iter()
+        .filter(|p| p.route == name)
+        .map(ToString::to_string)
+        .collect();
+    (!mine.is_empty()).then(|| mine.join("; "))
+}
+
 /// How often a suspended route's table is checked again.
 const RECHECK: Duration = Duration::from_secs(5);
 
@@ -173,6 +183,14 @@ impl Conn {
             .collect();
         self.stmt = stmt.into();
         self.writer = None;
+    }
+
+    /// The named routes not suspended, with their places: those a check of the catalog judges.
+    fn unsuspended_specs(&self) -> Vec<(usize, leasehold_config::RouteSpec)> {
+        (1..self.routes.len())
+            .filter(|&k| self.suspended[k].is_none())
+            .map(|k| (k, self.routes[k].spec.clone()))
+            .collect()
     }
 
     /// Why each route is suspended, for `prepare` (empty when none is).
@@ -1124,10 +1142,7 @@ impl Writer {
         }
         // Every route the statement writes: its text names each table, whatever rows the
         // part holds.
-        let specs: Vec<(usize, leasehold_config::RouteSpec)> = (1..conn.routes.len())
-            .filter(|&k| conn.suspended[k].is_none())
-            .map(|k| (k, conn.routes[k].spec.clone()))
-            .collect();
+        let specs = conn.unsuspended_specs();
         if specs.is_empty() {
             return false;
         }
@@ -1145,13 +1160,8 @@ impl Writer {
         // prepared alone (a rule, a lock held past the probe's timeout).
         let mut found: Vec<(usize, String)> = Vec::new();
         for (k, spec) in &specs {
-            let mine: Vec<String> = problems
-                .iter()
-                .filter(|p| p.route == spec.name)
-                .map(ToString::to_string)
-                .collect();
-            if !mine.is_empty() {
-                found.push((*k, mine.join("; ")));
+            if let Some(mine) = problems_of(&problems, &spec.name) {
+                found.push((*k, mine));
             } else if fresh
                 .iter()
                 .find(|r| r.spec.name == spec.name)
@@ -1229,15 +1239,7 @@ impl Writer {
         };
         let mut found: Vec<(usize, String)> = due
             .iter()
-            .filter_map(|&k| {
-                let name = &conn.routes[k].spec.name;
-                let mine: Vec<String> = problems
-                    .iter()
-                    .filter(|p| &p.route == name)
-                    .map(ToString::to_string)
-                    .collect();
-                (!mine.is_empty()).then(|| (k, mine.join("; ")))
-            })
+            .filter_map(|&k| Some((k, problems_of(&problems, &conn.routes[k].spec.name)?)))
             .collect();
         if found.is_empty() && probe_due && conn.routes.len() > 1 {
             // A statement trigger that raises refuses every statement naming its table, rows
@@ -1453,10 +1455,7 @@ impl Writer {
     /// at its first message, and only then does this term vouch for its suspensions. Until the
     /// catalog can be read, nothing is vouched for (the alerts judge by dead letters meanwhile).
     async fn check_at_start(&self, conn: &mut Conn) {
-        let specs: Vec<(usize, leasehold_config::RouteSpec)> = (1..conn.routes.len())
-            .filter(|&k| conn.suspended[k].is_none())
-            .map(|k| (k, conn.routes[k].spec.clone()))
-            .collect();
+        let specs = conn.unsuspended_specs();
         let mut found: Vec<(usize, String)> = Vec::new();
         if !specs.is_empty() {
             let Some((_, problems)) = self
@@ -1466,16 +1465,10 @@ impl Writer {
                 conn.check_again_at = Instant::now() + RECHECK;
                 return;
             };
-            for (k, spec) in &specs {
-                let mine: Vec<String> = problems
-                    .iter()
-                    .filter(|p| p.route == spec.name)
-                    .map(ToString::to_string)
-                    .collect();
-                if !mine.is_empty() {
-                    found.push((*k, mine.join("; ")));
-                }
-            }
+            found = specs
+                .iter()
+                .filter_map(|(k, spec)| Some((*k, problems_of(&problems, &spec.name)?)))
+                .collect();
         }
         conn.checked = true;
         if !self.suspend(conn, found, "found when the term started") {
