@@ -77,6 +77,30 @@ fn routes_file(c: &Cluster) -> Result<String> {
     Ok(file.display().to_string())
 }
 
+/// The schema migrated, [`TABLES`] created, and [`ROUTES`] as the config file nodes start with.
+async fn with_tables(c: &Cluster) -> Result<String> {
+    let (code, so, err) = out(&c.cli(&["migrate"])?);
+    ensure!(code == 0, "{so}{err}");
+    c.pg.client().await?.batch_execute(TABLES).await?;
+    routes_file(c)
+}
+
+/// Waits, evaluating the alerts on the node at `port`, until the `route_suspended` alert naming
+/// route `plant` is open (`open`, within 20 s) or resolved (within 30 s).
+async fn plant_alert_open(c: &Cluster, port: u16, open: bool) -> Result<()> {
+    let alert = "SELECT count(*) FROM alerts WHERE kind = 'route_suspended' AND resolved_at IS NULL AND message LIKE '%plant%'";
+    eventually(
+        Duration::from_secs(if open { 20 } else { 30 }),
+        &format!("route_suspended of plant open: {open}"),
+        || async {
+            http(port, "POST", "/health/alerts/check").await?;
+            Ok(c.count(alert).await? == i64::from(open))
+        },
+    )
+    .await?;
+    Ok(())
+}
+
 const UNAVAILABLE: &str =
     "SELECT count(*) FROM dead_letters WHERE reason = 'route_unavailable' AND route = 'plant'";
 
@@ -145,24 +169,23 @@ async fn only_its_route_stops(
             .await?
             .get(0);
         ensure!(err.contains("route plant is suspended"), "{err}");
-        let alert = "SELECT count(*) FROM alerts WHERE kind = 'route_suspended' AND resolved_at IS NULL AND message LIKE '%plant%'";
-        eventually(Duration::from_secs(20), "the route_suspended alert", || async {
-            http(port, "POST", "/health/alerts/check").await?;
-            Ok(c.count(alert).await? == 1)
-        })
-        .await?;
+        plant_alert_open(&c, port, true).await?;
         let (_, so, _) = out(&c.cli(&["status"])?);
         ensure!(so.contains("ROUTE    plant SUSPENDED"), "{so}");
         // A node (re)started meanwhile starts, with the route suspended: a restart of both
         // hosts during a table's migration still leaves a leader.
         c.spawn_args("late", &["--config", &file], &env)?;
-        eventually(Duration::from_secs(20), "the late node runs with plant suspended", || async {
-            let (_, body) = http(c.node("late").http_port(), "GET", "/health").await?;
-            // A rule is no catalog problem: a node sees it only when it writes.
-            let suspended = matches!(case, "rule" | "trigger")
-                || c.node("late").log().contains("runs suspended");
-            Ok(body.contains("\"config\"") && suspended)
-        })
+        eventually(
+            Duration::from_secs(20),
+            "the late node runs with plant suspended",
+            || async {
+                let (_, body) = http(c.node("late").http_port(), "GET", "/health").await?;
+                // A rule is no catalog problem: a node sees it only when it writes.
+                let suspended = matches!(case, "rule" | "trigger")
+                    || c.node("late").log().contains("runs suspended");
+                Ok(body.contains("\"config\"") && suspended)
+            },
+        )
         .await?;
 
         // Fixed: it resumes by itself and replays its own dead letters.
@@ -657,11 +680,8 @@ async fn a_suspension_outlives_its_leader_and_the_next_one_replays() {
 async fn a_route_suspended_without_traffic_still_alerts_and_clears_when_it_resumes() {
     let mut c = Cluster::start().await.expect("cluster");
     let res = async {
-        let (code, so, err) = out(&c.cli(&["migrate"])?);
-        ensure!(code == 0, "{so}{err}");
+        let file = with_tables(&c).await?;
         let db = c.pg.client().await?;
-        db.batch_execute(TABLES).await?;
-        let file = routes_file(&c)?;
         // The routes stored as the cluster's configuration (checked against the catalog),
         // then the table broken while no node runs.
         c.spawn_args("a", &["--config", &file], &[])?;
@@ -673,23 +693,17 @@ async fn a_route_suspended_without_traffic_still_alerts_and_clears_when_it_resum
         c.spawn_args("b", &["--config", &file], &[])?;
         c.wait_leader().await?;
         let port = c.node("b").http_port();
-        let alert = "SELECT count(*) FROM alerts WHERE kind = 'route_suspended' AND resolved_at IS NULL AND message LIKE '%plant%'";
-        eventually(Duration::from_secs(20), "the route_suspended alert", || async {
-            http(port, "POST", "/health/alerts/check").await?;
-            Ok(c.count(alert).await? == 1)
-        })
-        .await?;
+        plant_alert_open(&c, port, true).await?;
         let (_, so, _) = out(&c.cli(&["status"])?);
         ensure!(so.contains("ROUTE    plant SUSPENDED"), "{so}");
-        ensure!(c.count(UNAVAILABLE).await? == 0, "a dead letter without a message");
+        ensure!(
+            c.count(UNAVAILABLE).await? == 0,
+            "a dead letter without a message"
+        );
 
         db.batch_execute("ALTER TABLE plant RENAME COLUMN temperature TO temp")
             .await?;
-        eventually(Duration::from_secs(30), "the alert resolved", || async {
-            http(port, "POST", "/health/alerts/check").await?;
-            Ok(c.count(alert).await? == 0)
-        })
-        .await?;
+        plant_alert_open(&c, port, false).await?;
         let (_, so, _) = out(&c.cli(&["status"])?);
         ensure!(!so.contains("SUSPENDED"), "{so}");
         publish_all(c.mq.port, readings("plant", 0, 5)).await?;
@@ -707,10 +721,7 @@ async fn a_route_suspended_without_traffic_still_alerts_and_clears_when_it_resum
 async fn a_database_restart_suspends_no_route() {
     let mut c = Cluster::start().await.expect("cluster");
     let res = async {
-        let (code, so, err) = out(&c.cli(&["migrate"])?);
-        ensure!(code == 0, "{so}{err}");
-        c.pg.client().await?.batch_execute(TABLES).await?;
-        let file = routes_file(&c)?;
+        let file = with_tables(&c).await?;
         c.spawn_args("a", &["--config", &file], &[])?;
         c.spawn_args("b", &["--config", &file], &[])?;
         c.wait_leader().await?;
@@ -761,16 +772,15 @@ async fn a_database_restart_suspends_no_route() {
 async fn a_new_leader_finds_a_broken_route_table_at_the_start_of_its_term() {
     let mut c = Cluster::start().await.expect("cluster");
     let res = async {
-        let (code, so, err) = out(&c.cli(&["migrate"])?);
-        ensure!(code == 0, "{so}{err}");
-        c.pg.client().await?.batch_execute(TABLES).await?;
-        let file = routes_file(&c)?;
+        let file = with_tables(&c).await?;
         c.spawn_args("a", &["--config", &file], &[])?;
         let (first, _) = c.wait_leader().await?;
         ensure!(first == "a", "a leads first");
         c.spawn_args("b", &["--config", &file], &[])?;
         eventually(Duration::from_secs(20), "b up", || async {
-            Ok(http(c.node("b").http_port(), "GET", "/health").await.is_ok())
+            Ok(http(c.node("b").http_port(), "GET", "/health")
+                .await
+                .is_ok())
         })
         .await?;
         c.pg.client()
@@ -783,21 +793,19 @@ async fn a_new_leader_finds_a_broken_route_table_at_the_start_of_its_term() {
         })
         .await?;
         let port = c.node("b").http_port();
-        let alert = "SELECT count(*) FROM alerts WHERE kind = 'route_suspended' AND resolved_at IS NULL AND message LIKE '%plant%'";
-        eventually(Duration::from_secs(20), "the route_suspended alert", || async {
-            http(port, "POST", "/health/alerts/check").await?;
-            Ok(c.count(alert).await? == 1)
-        })
-        .await?;
+        plant_alert_open(&c, port, true).await?;
         let (_, body) = http(port, "GET", "/health").await?;
         let h: serde_json::Value = serde_json::from_str(&body)?;
         ensure!(
-            h["routes"]
-                .as_array()
-                .is_some_and(|r| r.iter().any(|r| r["name"] == "plant" && r["suspended"].is_string())),
+            h["routes"].as_array().is_some_and(|r| r
+                .iter()
+                .any(|r| r["name"] == "plant" && r["suspended"].is_string())),
             "{h}"
         );
-        ensure!(c.count(UNAVAILABLE).await? == 0, "a dead letter without a message");
+        ensure!(
+            c.count(UNAVAILABLE).await? == 0,
+            "a dead letter without a message"
+        );
         Ok(())
     }
     .await;

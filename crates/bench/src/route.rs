@@ -541,17 +541,17 @@ async fn load_history(rig: &Rig<'_>, rows: u64) -> Result<()> {
     let days = HISTORY_DAYS;
     // What a run that failed midway may have left, detached or not.
     history_partitions(rig, "DROP TABLE IF EXISTS %I").await?;
+    history_partitions(
+        rig,
+        "CREATE TABLE %I PARTITION OF telemetry FOR VALUES FROM (%L) TO (%L)",
+    )
+    .await?;
+    // Each day's bounds as a CHECK too, so that attaching it again is a catalog change, not a
+    // scan of its rows (see `attach_history`); added while the days are empty.
+    history_partitions(rig, "ALTER TABLE %I ADD CHECK (ts >= %L AND ts < %L)").await?;
     rig.db
         .batch_execute(&format!(
             "SET TimeZone = 'UTC';
-             DO $$
-             DECLARE d date;
-             BEGIN
-               FOR d IN SELECT generate_series(current_date - {days}, current_date - 1, interval '1 day')::date LOOP
-                 EXECUTE format('CREATE TABLE IF NOT EXISTS %I PARTITION OF telemetry FOR VALUES FROM (%L) TO (%L)',
-                                'telemetry_p' || to_char(d, 'YYYYMMDD'), d::timestamptz, (d + 1)::timestamptz);
-               END LOOP;
-             END $$;
              INSERT INTO telemetry (device_id, topic, ts, payload, received_at, written_by, lease_epoch)
              SELECT dev, 'devices/' || dev || '/telemetry', ts,
                     jsonb_build_object('device_id', dev, 'run', 'history', 'seq', i, 'ts', extract(epoch FROM ts)),
@@ -561,23 +561,6 @@ async fn load_history(rig: &Rig<'_>, rows: u64) -> Result<()> {
                    FROM generate_series(1, {rows}) i) s;
              RESET TimeZone;",
             devices = crate::mqtt::DEVICES,
-        ))
-        .await?;
-    // Each day's bounds as a CHECK too, so that attaching it again is a catalog change, not a
-    // scan of its rows (see `attach_history`).
-    rig.db
-        .batch_execute(&format!(
-            "SET TimeZone = 'UTC';
-             DO $$
-             DECLARE d date;
-             BEGIN
-               FOR d IN SELECT generate_series(current_date - {days}, current_date - 1, interval '1 day')::date LOOP
-                 EXECUTE format('ALTER TABLE %I ADD CONSTRAINT %I CHECK (ts >= %L AND ts < %L)',
-                                'telemetry_p' || to_char(d, 'YYYYMMDD'), 'bench_bounds_' || to_char(d, 'YYYYMMDD'),
-                                d::timestamptz, (d + 1)::timestamptz);
-               END LOOP;
-             END $$;
-             RESET TimeZone;"
         ))
         .await?;
     rig.db.batch_execute("VACUUM ANALYZE telemetry").await?;
