@@ -285,12 +285,12 @@ async fn an_ack_held_across_a_reconnect_is_not_sent_on_the_new_connection() -> R
         );
         publish_all(mq.port, vec![("acktest/warmup".into(), b"w".to_vec())]).await?;
         if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
-            acker.ack([m]);
+            acker.ack(vec![m]);
             break;
         }
     }
     while let Ok(m) = rx.try_recv() {
-        acker.ack([m]);
+        acker.ack(vec![m]);
     }
 
     publish_all(mq.port, vec![("acktest/a".into(), b"A".to_vec())]).await?;
@@ -311,7 +311,7 @@ async fn an_ack_held_across_a_reconnect_is_not_sent_on_the_new_connection() -> R
     );
 
     // The late ack for the first delivery must not go out: its packet id now names `again`.
-    acker.ack([first]);
+    acker.ack(vec![first]);
     tokio::time::sleep(Duration::from_millis(500)).await;
     cancel.cancel();
     run.await??;
@@ -331,7 +331,7 @@ async fn an_ack_held_across_a_reconnect_is_not_sent_on_the_new_connection() -> R
         .with_context(|| format!("A was lost: a stale ack acknowledged it\n{}", mq.log()))?
         .context("channel closed")?;
     ensure!(third.payload.as_ref() == b"A");
-    acker2.ack([third]);
+    acker2.ack(vec![third]);
     cancel2.cancel();
     run2.await??;
     Ok(())

@@ -39,7 +39,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use leasehold_config::MqttEndpoint;
 use leasehold_telemetry::{events, NodeStatus};
 use rumqttc::{
@@ -74,7 +74,7 @@ pub struct Inbound {
     pub payload: Bytes,
     /// The payload's size as published (above `payload.len()` when it was cut).
     pub original_size: usize,
-    pub received_at: DateTime<Utc>,
+    /// When the ingest took it; the writer turns it into the database's time.
     pub received: Instant,
     _permit: Option<Reservation>,
 }
@@ -98,9 +98,23 @@ impl Inbound {
             topic: topic.to_string(),
             payload: Bytes::copy_from_slice(payload),
             original_size: payload.len(),
-            received_at: Utc::now(),
             received: Instant::now(),
             _permit: None,
+        }
+    }
+}
+
+/// Drops `batch`, its messages' permits returned in one go: a semaphore takes a lock for every
+/// release, which per message cost more than writing its ack.
+fn release_together(batch: Vec<Inbound>) {
+    let mut all: Option<Reservation> = None;
+    for r in batch.into_iter().filter_map(|m| m._permit) {
+        match all.as_mut() {
+            Some(a) => {
+                a._count.merge(r._count);
+                a._bytes.merge(r._bytes);
+            }
+            None => all = Some(r),
         }
     }
 }
@@ -122,11 +136,9 @@ impl Acker {
 
     /// Acknowledges `msgs` in order, without waiting. The channel needs no bound of its own:
     /// every message in it holds a `MAX_PENDING` permit.
-    pub fn ack(&self, msgs: impl IntoIterator<Item = Inbound>) {
-        let batch: Vec<Inbound> = msgs
-            .into_iter()
-            .filter(|m| m.qos != QoS::AtMostOnce)
-            .collect();
+    pub fn ack(&self, mut batch: Vec<Inbound>) {
+        // `retain` moves nothing when every message is kept (QoS 1, the common case).
+        batch.retain(|m| m.qos != QoS::AtMostOnce);
         // If the ingest task is gone, so is its connection: the broker redelivers.
         if !batch.is_empty() {
             let _ = self.tx.send(batch);
@@ -263,6 +275,8 @@ pub struct MqttIngest {
     /// Ledger writes, applied in order by the ledger task of `run`.
     ledger_ops: Option<mpsc::UnboundedSender<subscriptions::LedgerOp>>,
     last_full_log: Option<Instant>,
+    /// When the publishes now being taken were read: the event loop reads several at once.
+    read_at: Instant,
     /// The node's status: this task owns its MQTT part.
     status: NodeStatus,
     /// Subscribe failures of the node's earlier terms (the status counts over the node's life).
@@ -485,6 +499,7 @@ impl MqttIngest {
                 ledger: Arc::new(MemoryLedger::default()),
                 ledger_ops: None,
                 last_full_log: None,
+                read_at: Instant::now(),
                 status: NodeStatus::default(),
                 failures_before: 0,
                 state,
@@ -658,6 +673,7 @@ impl MqttIngest {
         let ev = match ev {
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let conn = self.session.conn();
+                self.read_at = Instant::now();
                 let taken = match self.take(p, conn, cancel, drain).await {
                     Taken::Done => self.take_buffered(conn, cancel, drain).await,
                     other => other,
@@ -1020,7 +1036,11 @@ impl MqttIngest {
                     return Err(Taken::Done);
                 }
                 r = reserve => match r {
-                    Some(r) => break Ok(r),
+                    Some(r) => {
+                        // Read from the socket only now.
+                        self.read_at = Instant::now();
+                        break Ok(r);
+                    }
                     None => return Err(Taken::Cancelled),
                 },
                 // Permits come back as their acks are written, which is done here.
@@ -1144,8 +1164,7 @@ impl MqttIngest {
             topic,
             payload,
             original_size,
-            received_at: Utc::now(),
-            received: Instant::now(),
+            received: self.read_at,
             _permit: Some(reserved),
         };
         // Capacity equals MAX_PENDING and each message holds a permit, so this cannot be full;
@@ -1194,6 +1213,7 @@ impl MqttIngest {
                 tracing::warn!("writing acks timed out; the broker will redeliver their messages")
             }
         }
+        release_together(batch);
         for pkid in exactly_once {
             let mut p = Publish::new("", QoS::ExactlyOnce, Vec::<u8>::new());
             p.pkid = pkid;

@@ -55,9 +55,9 @@ async fn warm_up(
         );
         publish_all(port, vec![("big/warmup".into(), b"w".to_vec())]).await?;
         if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
-            acker.ack([m]);
+            acker.ack(vec![m]);
             while let Ok(m) = rx.try_recv() {
-                acker.ack([m]);
+                acker.ack(vec![m]);
             }
             return Ok(());
         }
@@ -126,11 +126,11 @@ async fn held_bytes_never_exceed_max_pending_bytes_and_intake_resumes_on_acks() 
                         "a message arrived while the budget was full"
                     );
                 }
-                acker.ack(held.drain(..));
+                acker.ack(std::mem::take(&mut held));
             }
         }
     }
-    acker.ack(held.drain(..));
+    acker.ack(std::mem::take(&mut held));
     ensure!(
         pauses >= 3,
         "intake paused only {pauses} time(s) for 3.6 MiB against 1 MiB"
@@ -178,7 +178,7 @@ async fn an_oversized_payload_keeps_only_its_first_max_payload_bytes_and_its_siz
         m.payload.len()
     );
     ensure!(m.payload[..] == body[..100 * KIB], "not the first bytes");
-    acker.ack([m]);
+    acker.ack(vec![m]);
     let small = Inbound::detached("big/x", b"{}");
     ensure!(small.original_size == 2);
     cancel.cancel();

@@ -201,6 +201,7 @@ pub fn prepare_with(
         objects: routing.routes.iter().map(routing::reads_object).collect(),
         out: Prepared {
             rows: Vec::with_capacity(batch.len()),
+            owners: Vec::with_capacity(batch.len()),
             superseded: vec![0; routing.routes.len()],
             ..Prepared::default()
         },
@@ -521,7 +522,13 @@ impl Preparer<'_> {
         }
         let objects = matched.iter().any(|&k| self.objects[k]);
         let raw_is_payload = unit.raw_is_payload();
-        let parsed = self.parse(m, unit.decoded, &unit.payload, objects);
+        let Unit {
+            payload,
+            raw,
+            label,
+            decoded,
+        } = unit;
+        let parsed = self.parse(m, decoded, &payload, objects);
         let parsed = match parsed {
             Ok(p) => p,
             Err(e) => {
@@ -531,7 +538,7 @@ impl Preparer<'_> {
         };
         let content_hash = (matches!(parsed.timestamp, Ok(None))
             && matched.iter().any(|&k| self.hashes[k]))
-        .then(|| leasehold_decode::content_hash(&m.topic, &unit.payload));
+        .then(|| leasehold_decode::content_hash(&m.topic, &payload));
         let pkid = i32::from(m.pkid);
         let cx = routing::Context {
             topic: &m.topic,
@@ -543,6 +550,8 @@ impl Preparer<'_> {
             content_hash: content_hash.as_deref(),
         };
         let mut message: Option<Arc<Message>> = None;
+        // Moved into the message when its first row is made (no copy of the bytes' handles).
+        let mut parts = Some((payload, raw, label));
         for k in matched {
             let route = &routes[k];
             if route.is_default() {
@@ -555,11 +564,12 @@ impl Preparer<'_> {
                 Ok(values) => {
                     let message = message
                         .get_or_insert_with(|| {
+                            let (payload, raw, label) = parts.take().unwrap_or_default();
                             Arc::new(Message {
                                 topic: m.topic.clone(),
-                                payload: unit.payload.clone(),
-                                raw: (!raw_is_payload).then(|| unit.raw.clone()),
-                                label: unit.label.clone(),
+                                payload,
+                                raw: (!raw_is_payload).then_some(raw),
+                                label,
                                 received_at,
                                 pkid,
                                 dup: m.dup,

@@ -905,7 +905,7 @@ async fn observe(
                     }
                     continue;
                 }
-                for reading in decoder.check_with(&m.topic, &m.payload, m.received_at, Some(&mut sparkplug)) {
+                for reading in decoder.check_with(&m.topic, &m.payload, chrono::Utc::now(), Some(&mut sparkplug)) {
                     match reading {
                         Ok(()) => { ok += 1; tracing::debug!(topic = %m.topic, "observer: would write"); }
                         Err(e) => { bad += 1; tracing::info!(topic = %m.topic, error = %e, "observer: would dead-letter"); }

@@ -526,7 +526,6 @@ fn messages(locked: &[&StoredDeadLetter]) -> (Vec<Inbound>, DbClock) {
             m.pkid = d.pkid.and_then(|p| u16::try_from(p).ok()).unwrap_or(0);
             m.dup = d.dup;
             m.original_size = usize::try_from(d.size).unwrap_or(d.payload.len());
-            m.received_at = d.received_at;
             let after = (d.received_at - earliest).to_std().unwrap_or_default();
             m.received = base + after;
             m
