@@ -59,7 +59,7 @@ impl Message {
 
 pub struct Notifier {
     rx: UnboundedReceiver<Message>,
-    client: Option<reqwest::Client>,
+    client: std::sync::OnceLock<Option<reqwest::Client>>,
 }
 
 /// Outcome of one delivery attempt.
@@ -70,22 +70,29 @@ enum Attempt {
 }
 
 impl Notifier {
+    /// The HTTP client is built at the first alert to post: it reads the system's CA
+    /// certificates, which costs a leader's start more than the rest of it.
     pub fn new(rx: UnboundedReceiver<Message>) -> Self {
-        // rustls is built with one provider (aws-lc-rs); make it the process default so that
-        // reqwest's no-provider build finds it. Fails only if one is installed already: fine.
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let client = reqwest::Client::builder()
-            .timeout(ATTEMPT_TIMEOUT)
-            .user_agent(concat!("leasehold/", env!("CARGO_PKG_VERSION")))
-            .build();
-        let client = match client {
-            Ok(c) => Some(c),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot build the webhook HTTP client; alerts are recorded but not posted");
-                None
-            }
+        Notifier {
+            rx,
+            client: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn client(&self) -> Option<&reqwest::Client> {
+        let build = || {
+            // rustls is built with one provider (aws-lc-rs); make it the process default so that
+            // reqwest's no-provider build finds it. Fails only if one is installed already: fine.
+            let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+            let client = reqwest::Client::builder()
+                .timeout(ATTEMPT_TIMEOUT)
+                .user_agent(concat!("leasehold/", env!("CARGO_PKG_VERSION")))
+                .build();
+            client
+                .map_err(|e| tracing::error!(error = %e, "cannot build the webhook HTTP client; alerts are recorded but not posted"))
+                .ok()
         };
-        Notifier { rx, client }
+        self.client.get_or_init(build).as_ref()
     }
 
     pub async fn run(mut self, cancel: CancellationToken) {
@@ -107,7 +114,7 @@ impl Notifier {
     }
 
     async fn deliver(&self, msg: &Message, cancel: &CancellationToken) {
-        let Some(client) = &self.client else { return };
+        let Some(client) = self.client() else { return };
         let mut retry = Backoff::new(RETRY);
         let mut attempts = 1;
         let error = loop {

@@ -104,6 +104,10 @@ impl Inbound {
     }
 }
 
+/// Reads of what the socket already holds (up to nine packets each) that one turn of the
+/// ingest loop makes before it lets its other work (acks, commands, cancellation) go first.
+const READ_AHEAD: usize = 16;
+
 /// Drops `batch`, its messages' permits returned in one go: a semaphore takes a lock for every
 /// release, which per message cost more than writing its ack.
 fn release_together(batch: Vec<Inbound>) {
@@ -1083,14 +1087,29 @@ impl MqttIngest {
     /// Takes the publishes rumqttc read together with the one just taken (it reads up to nine
     /// packets at a time and buffers them), as `poll` would return them, one by one: without
     /// building this loop's `select!`, and publishing the pending counts, once per message.
-    /// Stops at the first other event, which `poll` then returns, or once cancelled or draining.
+    /// Then reads on what the socket already holds, without waiting, up to [`READ_AHEAD`]
+    /// reads: a turn of `poll` (its `select!`, a timer) and of this loop costs more than the
+    /// nine messages it would bring. Stops at the first other event, which `poll` then returns,
+    /// when the socket holds nothing more, or once cancelled or draining.
     async fn take_buffered(
         &mut self,
         conn: u64,
         cancel: &CancellationToken,
         drain: &CancellationToken,
     ) -> Taken {
+        let mut reads = 0;
         while !cancel.is_cancelled() && !drain.is_cancelled() {
+            if self.eventloop.state.events.is_empty() {
+                if reads == READ_AHEAD {
+                    break;
+                }
+                reads += 1;
+                match self.read_ready() {
+                    Ok(true) => self.read_at = Instant::now(),
+                    Ok(false) => break,
+                    Err(e) => return Taken::Lost(e),
+                }
+            }
             let events = &mut self.eventloop.state.events;
             if !matches!(events.front(), Some(Event::Incoming(Packet::Publish(_)))) {
                 break;
@@ -1104,6 +1123,24 @@ impl MqttIngest {
             }
         }
         Taken::Done
+    }
+
+    /// Reads the packets the socket holds now into rumqttc's events, and writes its replies
+    /// to them, as its event loop does; `false` when nothing could be read without waiting.
+    fn read_ready(&mut self) -> Result<bool, ConnectionError> {
+        use futures_util::FutureExt;
+        let Some(network) = self.eventloop.network.as_mut() else {
+            return Ok(false);
+        };
+        match network.readb(&mut self.eventloop.state).now_or_never() {
+            None => Ok(false),
+            Some(Err(e)) => Err(ConnectionError::MqttState(e)),
+            // A flush that would wait stays buffered: the next poll or ack flushes it.
+            Some(Ok(())) => match network.flush().now_or_never() {
+                Some(Err(e)) => Err(ConnectionError::MqttState(e)),
+                _ => Ok(true),
+            },
+        }
     }
 
     fn try_reserve(&self, cost: u32) -> Option<Reservation> {

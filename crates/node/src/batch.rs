@@ -529,7 +529,7 @@ impl Preparer<'_> {
             decoded,
         } = unit;
         let parsed = self.parse(m, decoded, &payload, objects);
-        let parsed = match parsed {
+        let mut parsed = match parsed {
             Ok(p) => p,
             Err(e) => {
                 self.undecodable(idx, received_at, &matched, &e);
@@ -552,6 +552,7 @@ impl Preparer<'_> {
         let mut message: Option<Arc<Message>> = None;
         // Moved into the message when its first row is made (no copy of the bytes' handles).
         let mut parts = Some((payload, raw, label));
+        let last = matched.last().copied();
         for k in matched {
             let route = &routes[k];
             if route.is_default() {
@@ -560,7 +561,11 @@ impl Preparer<'_> {
                     continue;
                 }
             }
-            match routing::row(route, &parsed, cx) {
+            let values = match Some(k) == last {
+                true => routing::last_row(route, &mut parsed, cx),
+                false => routing::row(route, &parsed, cx),
+            };
+            match values {
                 Ok(values) => {
                     let message = message
                         .get_or_insert_with(|| {

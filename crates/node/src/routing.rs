@@ -66,12 +66,25 @@ pub fn row(
     parsed: &Parsed,
     cx: Context<'_>,
 ) -> Result<Vec<Cell>, MappingError> {
-    row_with(route, parsed, cx, true)
+    row_with(route, parsed, None, cx, true)
 }
 
+/// [`row`] for the last route a message goes to: the device id is moved into the row rather
+/// than copied (`parsed` is left without it).
+pub fn last_row(
+    route: &ResolvedRoute,
+    parsed: &mut Parsed,
+    cx: Context<'_>,
+) -> Result<Vec<Cell>, MappingError> {
+    let mut id = parsed.device_id.take();
+    row_with(route, parsed, Some(&mut id), cx, true)
+}
+
+/// `id`: the device id taken out of `parsed`, to move into the last column that reads it.
 fn row_with(
     route: &ResolvedRoute,
     parsed: &Parsed,
+    mut id: Option<&mut Option<String>>,
     cx: Context<'_>,
     skip_shared: bool,
 ) -> Result<Vec<Cell>, MappingError> {
@@ -88,7 +101,16 @@ fn row_with(
             column: c.name.clone(),
             reason,
         };
-        let v = source(&c.source, parsed, cx).map_err(fail)?;
+        let v = match (&c.source, id.as_deref_mut()) {
+            (Source::DeviceId, Some(id)) => {
+                let last = !route.columns[j + 1..]
+                    .iter()
+                    .any(|c| c.source == Source::DeviceId);
+                let id = if last { id.take() } else { id.clone() };
+                id.map_or(Val::Null, Val::Str)
+            }
+            _ => source(&c.source, parsed, cx).map_err(fail)?,
+        };
         let v = convert(c, v).map_err(fail)?;
         if v.is_null() {
             if route.key.contains(&j) {
@@ -564,6 +586,23 @@ mod tests {
             .expect("a JSON object")
     }
 
+    #[test]
+    fn the_last_route_moves_the_device_id_into_every_column_that_reads_it() {
+        let r = route(vec![
+            col("a", Source::DeviceId, ColumnKind::Text, true),
+            col("t", Source::Topic, ColumnKind::Text, false),
+            col("b", Source::DeviceId, ColumnKind::Text, false),
+        ]);
+        let body = r#"{"device_id":"d1"}"#;
+        let copied = super::row(&r, &parse(body), cx()).expect("a row");
+        let mut parsed = parse(body);
+        let moved = last_row(&r, &mut parsed, cx()).expect("a row");
+        assert_eq!(moved, copied);
+        assert_eq!(moved[0], Cell::Text("d1".into()));
+        assert_eq!(moved[2], Cell::Text("d1".into()));
+        assert_eq!(parsed.device_id, None, "moved, not copied");
+    }
+
     fn cx() -> Context<'static> {
         Context {
             topic: "eq/7/d",
@@ -592,7 +631,7 @@ mod tests {
         parsed: &Parsed,
         cx: Context<'_>,
     ) -> Result<Vec<Option<String>>, MappingError> {
-        row_with(route, parsed, cx, false).map(|v| v.into_iter().map(text).collect())
+        row_with(route, parsed, None, cx, false).map(|v| v.into_iter().map(text).collect())
     }
 
     fn path(p: &[&str]) -> Source {
