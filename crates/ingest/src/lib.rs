@@ -1107,7 +1107,7 @@ impl MqttIngest {
                 match self.read_ready() {
                     Ok(true) => self.read_at = Instant::now(),
                     Ok(false) => break,
-                    Err(e) => return Taken::Lost(e),
+                    Err(e) => return Taken::Lost(ConnectionError::MqttState(e)),
                 }
             }
             let events = &mut self.eventloop.state.events;
@@ -1127,17 +1127,17 @@ impl MqttIngest {
 
     /// Reads the packets the socket holds now into rumqttc's events, and writes its replies
     /// to them, as its event loop does; `false` when nothing could be read without waiting.
-    fn read_ready(&mut self) -> Result<bool, ConnectionError> {
+    fn read_ready(&mut self) -> Result<bool, rumqttc::StateError> {
         use futures_util::FutureExt;
         let Some(network) = self.eventloop.network.as_mut() else {
             return Ok(false);
         };
         match network.readb(&mut self.eventloop.state).now_or_never() {
             None => Ok(false),
-            Some(Err(e)) => Err(ConnectionError::MqttState(e)),
+            Some(Err(e)) => Err(e),
             // A flush that would wait stays buffered: the next poll or ack flushes it.
             Some(Ok(())) => match network.flush().now_or_never() {
-                Some(Err(e)) => Err(ConnectionError::MqttState(e)),
+                Some(Err(e)) => Err(e),
                 _ => Ok(true),
             },
         }
