@@ -19,7 +19,7 @@ use crate::rig::{
     latency_run, leader_summary, leasehold_live, stop_node, upsert_run, wait_leading, Rig,
     LEADER_SESSION,
 };
-use crate::route::{drain_and_stop, routes_phase, Routes, Target};
+use crate::route::{drain_and_stop, routes_phase, Drain, Routes, Target};
 
 /// The first PostgreSQL's settings: commit timestamps for the rates, and `pg_stat_statements`
 /// (when this PostgreSQL ships it) for what each drain's statements cost.
@@ -109,14 +109,16 @@ async fn routes_only(rig: &Rig<'_>, n: u64, runs: u32, history_rows: u64) -> Res
         rig.db.batch_execute("VACUUM ANALYZE telemetry").await?;
         all.push(routes_phase(rig, n, &format!("-{i}"), history_rows).await?);
     }
-    println!("\nroute    run  msg/s    leader us/msg (after its start)  PostgreSQL us/msg  broker us/msg   (gateway: readings, 50 per message; sparkplug: DDATA of 20 metrics by alias; history: default into a telemetry of {history_rows} older rows; empty: the same with the history detached, alternating)");
+    println!("\nroute    run  msg/s    leader us/msg (after its start)  PostgreSQL us/msg  broker us/msg   (default.: each drain of the default route, default: their medians; gateway: readings, 50 per message; sparkplug: DDATA of 20 metrics by alias; history: default into a telemetry of {history_rows} older rows; empty: the same with the history detached, alternating)");
     for (i, r) in all.iter().enumerate() {
-        let mut drains = vec![
+        let mut drains: Vec<(&str, &Drain)> =
+            r.default_rounds.iter().map(|d| ("default.", d)).collect();
+        drains.extend([
             ("default", &r.default),
             ("typed", &r.typed),
             ("gateway", &r.gateway),
             ("sparkplug", &r.sparkplug),
-        ];
+        ]);
         for (h, e) in r.history.iter().zip(&r.history_empty) {
             drains.extend([("history", h), ("empty", e)]);
         }
