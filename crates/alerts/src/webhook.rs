@@ -59,7 +59,7 @@ impl Message {
 
 pub struct Notifier {
     rx: UnboundedReceiver<Message>,
-    client: std::sync::OnceLock<Option<reqwest::Client>>,
+    client: tokio::sync::OnceCell<Option<reqwest::Client>>,
 }
 
 /// Outcome of one delivery attempt.
@@ -75,11 +75,12 @@ impl Notifier {
     pub fn new(rx: UnboundedReceiver<Message>) -> Self {
         Notifier {
             rx,
-            client: std::sync::OnceLock::new(),
+            client: tokio::sync::OnceCell::new(),
         }
     }
 
-    fn client(&self) -> Option<&reqwest::Client> {
+    /// Built off the runtime's workers: reading the certificates blocks.
+    async fn client(&self) -> Option<&reqwest::Client> {
         let build = || {
             // rustls is built with one provider (aws-lc-rs); make it the process default so that
             // reqwest's no-provider build finds it. Fails only if one is installed already: fine.
@@ -92,7 +93,8 @@ impl Notifier {
                 .map_err(|e| tracing::error!(error = %e, "cannot build the webhook HTTP client; alerts are recorded but not posted"))
                 .ok()
         };
-        self.client.get_or_init(build).as_ref()
+        let built = async { tokio::task::spawn_blocking(build).await.ok().flatten() };
+        self.client.get_or_init(|| built).await.as_ref()
     }
 
     pub async fn run(mut self, cancel: CancellationToken) {
@@ -114,7 +116,9 @@ impl Notifier {
     }
 
     async fn deliver(&self, msg: &Message, cancel: &CancellationToken) {
-        let Some(client) = self.client() else { return };
+        let Some(client) = self.client().await else {
+            return;
+        };
         let mut retry = Backoff::new(RETRY);
         let mut attempts = 1;
         let error = loop {

@@ -144,8 +144,9 @@ pub struct Statement {
 /// The typed route's drain and the default route's, in the same run.
 #[derive(Debug, Clone, Serialize)]
 pub struct Routes {
-    /// The default route's figures: each the median of [`DEFAULT_ROUNDS`] drains
-    /// ([`Routes::default_rounds`]).
+    /// The default route: its rate and CPU figures each the median of [`DEFAULT_ROUNDS`]
+    /// drains ([`Routes::default_rounds`]), its other fields (statements, peak RSS) the first
+    /// drain's.
     pub default: Drain,
     /// Each drain of the default route, in order.
     pub default_rounds: Vec<Drain>,
@@ -591,7 +592,11 @@ pub const DEFAULT_ROUNDS: u32 = 3;
 fn medians(rounds: &[Drain]) -> Drain {
     fn median(mut v: Vec<f64>) -> Option<f64> {
         v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied()
+        let n = v.len();
+        match n % 2 {
+            1 => v.get(n / 2).copied(),
+            _ => Some((v.get(n / 2)? + v.get(n / 2 - 1)?) / 2.0),
+        }
     }
     let of = |f: fn(&Drain) -> Option<f64>| median(rounds.iter().filter_map(f).collect());
     let first = rounds.first().cloned().unwrap_or_default();

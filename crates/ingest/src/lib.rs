@@ -1127,15 +1127,22 @@ impl MqttIngest {
 
     /// Reads the packets the socket holds now into rumqttc's events, and writes its replies
     /// to them, as its event loop does; `false` when nothing could be read without waiting.
+    /// Only with nothing left to write: a reply rumqttc cannot buffer makes its read wait,
+    /// and a read given up then would lose that reply (a PUBCOMP, an observer's PUBACK).
     fn read_ready(&mut self) -> Result<bool, rumqttc::StateError> {
         use futures_util::FutureExt;
         let Some(network) = self.eventloop.network.as_mut() else {
             return Ok(false);
         };
+        match network.flush().now_or_never() {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Err(e),
+            None => return Ok(false),
+        }
         match network.readb(&mut self.eventloop.state).now_or_never() {
             None => Ok(false),
             Some(Err(e)) => Err(e),
-            // A flush that would wait stays buffered: the next poll or ack flushes it.
+            // A flush that would wait stays buffered: the next read, poll or ack flushes it.
             Some(Ok(())) => match network.flush().now_or_never() {
                 Some(Err(e)) => Err(e),
                 _ => Ok(true),
