@@ -42,8 +42,8 @@ bench: deps
 	./target/release/leasehold-bench --messages 100000 --upsert-messages 100000 --outage-secs 60 --json target/bench/bench.json
 	cargo bench -p leasehold-decode -p leasehold-node --bench decode --bench batch -- --warm-up-time 1 --measurement-time 3
 
-# Only the routes phase: RUNS x (100,000 queued messages drained into telemetry three times, the
-# medians kept; through a typed route, as gateway arrays, then twice into a telemetry of
+# Only the routes phase: RUNS x (100,000 queued messages drained into telemetry, through a typed
+# route and as gateway arrays, three times each and judged by the medians; then twice into a telemetry of
 # HISTORY_ROWS older readings, each time followed by the same table with its history detached),
 # with leader, PostgreSQL and broker CPU per message; about a minute a run, plus some six minutes to
 # load the history (HISTORY_ROWS=0 skips it).

@@ -109,16 +109,18 @@ async fn routes_only(rig: &Rig<'_>, n: u64, runs: u32, history_rows: u64) -> Res
         rig.db.batch_execute("VACUUM ANALYZE telemetry").await?;
         all.push(routes_phase(rig, n, &format!("-{i}"), history_rows).await?);
     }
-    println!("\nroute    run  msg/s    leader us/msg (after its start)  PostgreSQL us/msg  broker us/msg   (default.: each drain of the default route, default: their medians; gateway: readings, 50 per message; sparkplug: DDATA of 20 metrics by alias; history: default into a telemetry of {history_rows} older rows; empty: the same with the history detached, alternating)");
+    println!("\nroute    run  msg/s    leader us/msg (after its start)  PostgreSQL us/msg  broker us/msg   (.: each drain of the route below it, which shows their medians; gateway: readings, 50 per message; sparkplug: DDATA of 20 metrics by alias; history: default into a telemetry of {history_rows} older rows; empty: the same with the history detached, alternating)");
     for (i, r) in all.iter().enumerate() {
-        let mut drains: Vec<(&str, &Drain)> =
-            r.default_rounds.iter().map(|d| ("default.", d)).collect();
-        drains.extend([
-            ("default", &r.default),
-            ("typed", &r.typed),
-            ("gateway", &r.gateway),
-            ("sparkplug", &r.sparkplug),
-        ]);
+        let mut drains: Vec<(&str, &Drain)> = Vec::new();
+        for (name, all, median) in [
+            ("default", &r.default_rounds, &r.default),
+            ("typed", &r.typed_rounds, &r.typed),
+            ("gateway", &r.gateway_rounds, &r.gateway),
+        ] {
+            drains.extend(all.iter().map(|d| (".", d)));
+            drains.push((name, median));
+        }
+        drains.push(("sparkplug", &r.sparkplug));
         for (h, e) in r.history.iter().zip(&r.history_empty) {
             drains.extend([("history", h), ("empty", e)]);
         }

@@ -144,15 +144,18 @@ pub struct Statement {
 /// The typed route's drain and the default route's, in the same run.
 #[derive(Debug, Clone, Serialize)]
 pub struct Routes {
-    /// The default route: its rate and CPU figures each the median of [`DEFAULT_ROUNDS`]
+    /// The default route: its rate and CPU figures each the median of [`ROUNDS`]
     /// drains ([`Routes::default_rounds`]), its other fields (statements, peak RSS) the first
     /// drain's.
     pub default: Drain,
     /// Each drain of the default route, in order.
     pub default_rounds: Vec<Drain>,
+    /// The typed route, judged against the default one: medians as for the default route.
     pub typed: Drain,
-    /// The same readings as the default drain, sent 50 to a message by gateways.
+    pub typed_rounds: Vec<Drain>,
+    /// The same readings as the default drain, sent 50 to a message by gateways: medians too.
     pub gateway: Drain,
+    pub gateway_rounds: Vec<Drain>,
     /// Sparkplug B DDATA of 20 metrics by alias, one reading each, into `telemetry`.
     pub sparkplug: Drain,
     /// The default drain again, into a `telemetry` that holds that many older readings
@@ -371,18 +374,15 @@ pub async fn routes_phase(
     history_rows: u64,
 ) -> Result<Routes> {
     let leader_start_cpu_ms = idle_start(rig, suffix).await?;
-    // Every drain into `telemetry` starts from the same table: empty and vacuumed.
-    let mut default_rounds = Vec::new();
-    for round in 1..=DEFAULT_ROUNDS {
-        empty_telemetry(rig).await?;
-        let run = format!("route-default{suffix}-{round}");
-        default_rounds.push(drain_and_stop(rig, &run, n, Target::Default).await?);
-    }
-    let default = medians(&default_rounds);
-    let typed = drain_and_stop(rig, &format!("route-typed{suffix}"), n, Target::Typed).await?;
-    empty_telemetry(rig).await?;
-    let gateway =
-        drain_and_stop(rig, &format!("route-gateway{suffix}"), n, Target::Gateway).await?;
+    // The three compared routes alike: each drained ROUNDS times, judged by medians.
+    let default_rounds = rounds(rig, &format!("route-default{suffix}"), n, Target::Default).await?;
+    let typed_rounds = rounds(rig, &format!("route-typed{suffix}"), n, Target::Typed).await?;
+    let gateway_rounds = rounds(rig, &format!("route-gateway{suffix}"), n, Target::Gateway).await?;
+    let (default, typed, gateway) = (
+        medians(&default_rounds),
+        medians(&typed_rounds),
+        medians(&gateway_rounds),
+    );
     let sparkplug = drain_and_stop(
         rig,
         &format!("route-sparkplug{suffix}"),
@@ -432,7 +432,9 @@ pub async fn routes_phase(
         default,
         default_rounds,
         typed,
+        typed_rounds,
         gateway,
+        gateway_rounds,
         sparkplug,
         history,
         history_empty,
@@ -584,9 +586,24 @@ async fn load_history(rig: &Rig<'_>, rows: u64) -> Result<()> {
 /// How many times the history drain and the empty drain alternate.
 const HISTORY_ROUNDS: u32 = 2;
 
-/// Drains of the default route per run. On a shared machine one drain's CPU figures move by a
-/// fifth either way from one minute to the next; the median of three holds still.
-pub const DEFAULT_ROUNDS: u32 = 3;
+/// Drains of each compared route (default, typed, gateway) per run. On a shared machine one
+/// drain's rate and CPU figures move by a fifth either way from one minute to the next; the median
+/// of three holds still.
+pub const ROUNDS: u32 = 3;
+
+/// [`ROUNDS`] drains of `target`, each into emptied tables (`telemetry` empty and
+/// vacuumed, the typed route's table gone).
+async fn rounds(rig: &Rig<'_>, run: &str, n: u64, target: Target) -> Result<Vec<Drain>> {
+    let mut out = Vec::new();
+    for round in 1..=ROUNDS {
+        empty_telemetry(rig).await?;
+        rig.db
+            .batch_execute("DROP TABLE IF EXISTS bench_route")
+            .await?;
+        out.push(drain_and_stop(rig, &format!("{run}-{round}"), n, target).await?);
+    }
+    Ok(out)
+}
 
 /// The first of `rounds` with its rate and CPU figures replaced by their medians over all of them.
 fn medians(rounds: &[Drain]) -> Drain {
