@@ -165,8 +165,8 @@ pub struct Routes {
     /// a drain of [`Routes::history`].
     pub history_empty: Vec<Drain>,
     /// What a leader's start costs without a message to drain (migrations check, connections,
-    /// the deployment checks' broker probes), CPU milliseconds: part of each drain's leader
-    /// figure, but not per message.
+    /// the deployment checks' broker probes), CPU milliseconds, the median of [`ROUNDS`]
+    /// starts: part of each drain's leader figure, but not per message.
     pub leader_start_cpu_ms: Option<f64>,
 }
 
@@ -373,7 +373,12 @@ pub async fn routes_phase(
     suffix: &str,
     history_rows: u64,
 ) -> Result<Routes> {
-    let leader_start_cpu_ms = idle_start(rig, suffix).await?;
+    // Subtracted from every drain's leader figure: the median of three starts, like the drains.
+    let mut starts = Vec::new();
+    for round in 1..=ROUNDS {
+        starts.extend(idle_start(rig, &format!("{suffix}-{round}")).await?);
+    }
+    let leader_start_cpu_ms = median(starts);
     // The three compared routes alike: each drained ROUNDS times, judged by medians.
     let default_rounds = rounds(rig, &format!("route-default{suffix}"), n, Target::Default).await?;
     let typed_rounds = rounds(rig, &format!("route-typed{suffix}"), n, Target::Typed).await?;
@@ -591,6 +596,16 @@ const HISTORY_ROUNDS: u32 = 2;
 /// of three holds still.
 pub const ROUNDS: u32 = 3;
 
+/// The median of `v` (of an even count, the mean of the middle two); `None` when empty.
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n % 2 {
+        1 => v.get(n / 2).copied(),
+        _ => Some((v.get(n / 2)? + v.get(n / 2 - 1)?) / 2.0),
+    }
+}
+
 /// [`ROUNDS`] drains of `target`, each into emptied tables (`telemetry` empty and
 /// vacuumed, the typed route's table gone).
 async fn rounds(rig: &Rig<'_>, run: &str, n: u64, target: Target) -> Result<Vec<Drain>> {
@@ -607,14 +622,6 @@ async fn rounds(rig: &Rig<'_>, run: &str, n: u64, target: Target) -> Result<Vec<
 
 /// The first of `rounds` with its rate and CPU figures replaced by their medians over all of them.
 fn medians(rounds: &[Drain]) -> Drain {
-    fn median(mut v: Vec<f64>) -> Option<f64> {
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        match n % 2 {
-            1 => v.get(n / 2).copied(),
-            _ => Some((v.get(n / 2)? + v.get(n / 2 - 1)?) / 2.0),
-        }
-    }
     let of = |f: fn(&Drain) -> Option<f64>| median(rounds.iter().filter_map(f).collect());
     let first = rounds.first().cloned().unwrap_or_default();
     Drain {
