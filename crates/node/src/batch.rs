@@ -657,33 +657,40 @@ impl Preparer<'_> {
     }
 }
 
+/// The routes a statement writes (those of `routes` not suspended), and each route's place
+/// among them (`None`: suspended, not in it).
+pub fn statement_routes<T>(
+    routes: &[ResolvedRoute],
+    suspended: &[Option<T>],
+) -> (Vec<ResolvedRoute>, Vec<Option<usize>>) {
+    let mut stmt = Vec::new();
+    let places = routes
+        .iter()
+        .zip(suspended)
+        .map(|(r, s)| {
+            s.is_none().then(|| {
+                stmt.push(r.clone());
+                stmt.len() - 1
+            })
+        })
+        .collect();
+    (stmt, places)
+}
+
 /// The reason of a dead letter whose route was suspended: its table could not be written.
 pub const ROUTE_UNAVAILABLE: &str = "route_unavailable";
 
 /// A row of a route suspended while its batch was written, as its `route_unavailable` dead
 /// letter (the message's other routes still write).
 pub fn unavailable(row: &RouteRow, route: &ResolvedRoute, why: &str) -> DeadLetter {
-    let m = &row.message;
     let name = &route.spec.name;
-    let kept = m.dead_letter_bytes();
-    DeadLetter {
-        idx: row.idx,
-        topic: m.topic.clone(),
-        size: kept.len(),
-        payload: kept,
-        reason: ROUTE_UNAVAILABLE,
-        error: m.placed(format!("route {name} is suspended: {why}")),
-        received_at: m.received_at,
-        pkid: m.pkid,
-        dup: m.dup,
-        route: Some(name.clone()),
-    }
+    let error = format!("route {name} is suspended: {why}");
+    dead_letter(row, ROUTE_UNAVAILABLE, Some(name.clone()), error)
 }
 
 /// A row PostgreSQL refused, as the dead letter that replaces it (the message's other routes
 /// still write).
 pub fn rejected(row: &RouteRow, route: &ResolvedRoute, database_text: &str) -> DeadLetter {
-    let m = &row.message;
     let (name, error) = if route.is_default() {
         (
             None,
@@ -696,18 +703,29 @@ pub fn rejected(row: &RouteRow, route: &ResolvedRoute, database_text: &str) -> D
             format!("route {name}: PostgreSQL rejected the row: {database_text}"),
         )
     };
+    dead_letter(row, "rejected_by_database", name, error)
+}
+
+/// `row`'s message as a dead letter of `route` (its bytes as kept), for `reason`.
+fn dead_letter(
+    row: &RouteRow,
+    reason: &'static str,
+    route: Option<String>,
+    error: String,
+) -> DeadLetter {
+    let m = &row.message;
     let kept = m.dead_letter_bytes();
     DeadLetter {
         idx: row.idx,
         topic: m.topic.clone(),
         size: kept.len(),
         payload: kept,
-        reason: "rejected_by_database",
+        reason,
         error: m.placed(error),
         received_at: m.received_at,
         pkid: m.pkid,
         dup: m.dup,
-        route: name,
+        route,
     }
 }
 

@@ -18,7 +18,7 @@ use leasehold_store::replay::{Selection, StoredDeadLetter};
 use leasehold_store::routes::ResolvedRoute;
 use leasehold_store::{BatchWriter, DeadLetter, Fence, RouteRow, StoreError};
 
-use crate::batch::{prepare, DbClock, Routing};
+use crate::batch::{prepare, statement_routes, DbClock, Routing};
 
 /// What to replay.
 #[derive(Debug, Clone, Default)]
@@ -105,17 +105,7 @@ async fn replay_writer(
         cfg.cluster.redelivery_window,
     )
     .await?;
-    let mut stmt = Vec::new();
-    let to_stmt: Vec<Option<usize>> = routes
-        .iter()
-        .zip(suspended)
-        .map(|(r, why)| {
-            why.is_none().then(|| {
-                stmt.push(r.clone());
-                stmt.len() - 1
-            })
-        })
-        .collect();
+    let (stmt, to_stmt) = statement_routes(routes, suspended);
     if stmt.len() > 1 {
         w.use_routes(stmt.into()).await?;
     }

@@ -8,6 +8,8 @@
 //! committed are not written again when a later part fails.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +18,7 @@ use leasehold_config::Format;
 use leasehold_decode::sparkplug::{self, Change, Happened, Host, NodeChange, NodeKey};
 use leasehold_decode::Decoder;
 use leasehold_ingest::{Acker, Inbound, Publisher};
-use leasehold_store::routes::ResolvedRoute;
+use leasehold_store::routes::{ResolvedRoute, RouteProblem};
 use leasehold_store::{BatchWriter, DeadLetter, Fence, RouteRow, StoreError};
 use leasehold_telemetry::events;
 use leasehold_telemetry::status::{NodeStatus, RouteCounts};
@@ -24,7 +26,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::batch::reason_label;
-use crate::batch::{prepare_with, rejected, unavailable, DbClock, Prepared, Routing};
+use crate::batch::{
+    prepare_with, rejected, statement_routes, unavailable, DbClock, Prepared, Routing,
+};
 use crate::cluster_config::ActiveRx;
 
 #[derive(Debug, thiserror::Error)]
@@ -128,7 +132,7 @@ struct Suspension {
 }
 
 /// What a check of the catalog found wrong with route `name`, joined; `None` when it fits.
-fn problems_of(problems: &[leasehold_store::routes::RouteProblem], name: &str) -> Option<String> {
+fn problems_of(problems: &[RouteProblem], name: &str) -> Option<String> {
     let mine: Vec<String> = problems
         .iter()
         .filter(|p| p.route == name)
@@ -169,27 +173,23 @@ impl Conn {
     /// The statement's routes after a suspension or a resumption; the connection is made again,
     /// so its statement is prepared for them.
     fn rebuild(&mut self) {
-        let mut stmt = Vec::new();
-        self.to_stmt = self
-            .routes
-            .iter()
-            .zip(&self.suspended)
-            .map(|(r, s)| {
-                s.is_none().then(|| {
-                    stmt.push(r.clone());
-                    stmt.len() - 1
-                })
-            })
-            .collect();
-        self.stmt = stmt.into();
+        let (stmt, to_stmt) = statement_routes(&self.routes, &self.suspended);
+        (self.stmt, self.to_stmt) = (stmt.into(), to_stmt);
         self.writer = None;
     }
 
-    /// The named routes not suspended, with their places: those a check of the catalog judges.
-    fn unsuspended_specs(&self) -> Vec<(usize, leasehold_config::RouteSpec)> {
+    /// The places of the named routes not suspended: those a check of the catalog judges.
+    fn unsuspended(&self) -> Vec<usize> {
         (1..self.routes.len())
             .filter(|&k| self.suspended[k].is_none())
-            .map(|k| (k, self.routes[k].spec.clone()))
+            .collect()
+    }
+
+    /// The routes of `places` that a check of the catalog found `problems` with, and why.
+    fn unfit(&self, places: &[usize], problems: &[RouteProblem]) -> Vec<(usize, String)> {
+        places
+            .iter()
+            .filter_map(|&k| Some((k, problems_of(problems, &self.routes[k].spec.name)?)))
             .collect()
     }
 
@@ -410,6 +410,9 @@ enum Stop {
     Fenced(i64),
 }
 
+/// One call on the writer's connection ([`Writer::retrying`]).
+type Call<'w, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'w>>;
+
 /// How long a commit's WAL may wait for the standby's flush report before intake is said to
 /// be held (the report trails a commit by other sessions' WAL, usually by well under this).
 const HOLD_AFTER: Duration = Duration::from_millis(500);
@@ -537,12 +540,7 @@ impl Writer {
 
     /// The term's routes, with the suspensions earlier terms left.
     fn open_term(&self) -> Conn {
-        let conn = Conn::new(
-            std::iter::once(ResolvedRoute::telemetry())
-                .chain(self.cfg.routes.iter().cloned())
-                .collect(),
-            self.initial_suspensions(),
-        );
+        let conn = Conn::new(with_telemetry(&self.cfg.routes), self.initial_suspensions());
         self.report_suspensions(&conn);
         // A route suspended under an earlier term (of this node or another) that fits now
         // has its route_unavailable dead letters replayed by this one.
@@ -597,32 +595,21 @@ impl Writer {
         cancel: &CancellationToken,
         retry: &mut Backoff,
     ) -> Option<Host> {
-        loop {
-            let loaded = tokio::select! {
-                _ = cancel.cancelled() => return None,
-                r = async { self.connection(conn).await?.sparkplug_nodes().await } => r,
-            };
-            match loaded {
-                Ok(nodes) => {
-                    retry.reset();
-                    // What a reconnect can redeliver: the pending messages, three times over.
-                    let host = Host::with_nodes(nodes)
-                        .remembering(self.cfg.max_pending.saturating_mul(3).max(32_768));
-                    self.show_sparkplug(&host, 0);
-                    tracing::info!(
-                        edge_nodes = host.online().0,
-                        "Sparkplug edge nodes loaded: their aliases resolve without a rebirth"
-                    );
-                    return Some(host);
-                }
-                Err(e) => {
-                    conn.writer = None;
-                    if !retry.wait(&e, cancel).await {
-                        return None;
-                    }
-                }
-            }
-        }
+        let nodes = self
+            .retrying(conn, cancel, retry, false, |w| {
+                Box::pin(w.sparkplug_nodes())
+            })
+            .await?;
+        retry.reset();
+        // What a reconnect can redeliver: the pending messages, three times over.
+        let host =
+            Host::with_nodes(nodes).remembering(self.cfg.max_pending.saturating_mul(3).max(32_768));
+        self.show_sparkplug(&host, 0);
+        tracing::info!(
+            edge_nodes = host.online().0,
+            "Sparkplug edge nodes loaded: their aliases resolve without a rebirth"
+        );
+        Some(host)
     }
 
     /// After a batch committed: what it changed of the Sparkplug B edge nodes, recorded under
@@ -794,36 +781,22 @@ impl Writer {
         cancel: &CancellationToken,
         retry: &mut Backoff,
     ) -> Option<&'c mut DbClock> {
-        loop {
-            if let Some(c) = clock {
-                if c.measured_at().elapsed() >= CLOCK_EVERY {
-                    if let Some(w) = conn.writer.as_ref().filter(|w| !w.is_closed()) {
-                        if let Ok((db, local)) = w.clock().await {
-                            c.remeasure(db, local);
-                        }
-                    }
-                }
-                return clock.as_mut();
-            }
-            let measured = tokio::select! {
-                _ = cancel.cancelled() => return None,
-                r = async { self.connection(conn).await?.clock().await } => r,
-            };
-            match measured {
-                Ok((db, local)) => *clock = Some(DbClock::new(db, local)),
-                Err(e) => {
-                    conn.writer = None;
-                    // A new connection prepares every route's statement: one whose table broke
-                    // before it was ever written is suspended here too.
-                    if self.isolate(&e, conn).await {
-                        continue;
-                    }
-                    if !retry.wait(&e, cancel).await {
-                        return None;
+        if let Some(c) = clock {
+            if c.measured_at().elapsed() >= CLOCK_EVERY {
+                if let Some(w) = conn.writer.as_ref().filter(|w| !w.is_closed()) {
+                    if let Ok((db, local)) = w.clock().await {
+                        c.remeasure(db, local);
                     }
                 }
             }
+            return clock.as_mut();
         }
+        // A new connection prepares every route's statement: one whose table broke before it
+        // was ever written is suspended here too.
+        let (db, local) = self
+            .retrying(conn, cancel, retry, true, |w| Box::pin(w.clock()))
+            .await?;
+        Some(clock.insert(DbClock::new(db, local)))
     }
 
     /// After a batch committed: whether it may be acknowledged. A commit the server says it
@@ -865,30 +838,49 @@ impl Writer {
     ) -> bool {
         let held_since = Instant::now();
         loop {
-            let read = tokio::select! {
-                _ = cancel.cancelled() => return false,
-                r = async { self.connection(conn).await?.replication().await } => r,
+            let read = self.retrying(conn, cancel, retry, false, |w| Box::pin(w.replication()));
+            let Some(s) = read.await else {
+                return false;
             };
-            match read {
-                Ok(s) => match s.why_not() {
-                    None => {
-                        self.release_hold(held_since);
-                        return true;
-                    }
-                    Some(why) => {
-                        self.hold(&why);
-                        tokio::select! {
-                            _ = cancel.cancelled() => return false,
-                            _ = tokio::time::sleep(HOLD_POLL) => {}
-                        }
-                    }
-                },
-                Err(e) => {
-                    conn.writer = None;
-                    if !retry.wait(&e, cancel).await {
-                        return false;
-                    }
-                }
+            let Some(why) = s.why_not() else {
+                self.release_hold(held_since);
+                return true;
+            };
+            self.hold(&why);
+            tokio::select! {
+                _ = cancel.cancelled() => return false,
+                _ = tokio::time::sleep(HOLD_POLL) => {}
+            }
+        }
+    }
+
+    /// Runs `call` on the writer's connection (made when there is none) until it succeeds,
+    /// raced against `cancel`: after a failure the connection is dropped and the failure waited
+    /// out by `retry`. With `isolate`, a failure that belongs to a route's table suspends that
+    /// route ([`Writer::isolate`]) and the call is made again at once. `None` when cancelled.
+    async fn retrying<T>(
+        &self,
+        conn: &mut Conn,
+        cancel: &CancellationToken,
+        retry: &mut Backoff,
+        isolate: bool,
+        call: impl for<'w> Fn(&'w mut BatchWriter) -> Call<'w, T>,
+    ) -> Option<T> {
+        loop {
+            let r = tokio::select! {
+                _ = cancel.cancelled() => return None,
+                r = async { call(self.connection(conn).await?).await } => r,
+            };
+            let e = match r {
+                Ok(v) => return Some(v),
+                Err(e) => e,
+            };
+            conn.writer = None;
+            if isolate && self.isolate(&e, conn).await {
+                continue;
+            }
+            if !retry.wait(&e, cancel).await {
+                return None;
             }
         }
     }
@@ -1142,14 +1134,11 @@ impl Writer {
         }
         // Every route the statement writes: its text names each table, whatever rows the
         // part holds.
-        let specs = conn.unsuspended_specs();
-        if specs.is_empty() {
+        let places = conn.unsuspended();
+        if places.is_empty() {
             return false;
         }
-        let Some((fresh, problems)) = self
-            .check_routes(specs.iter().map(|(_, s)| s.clone()).collect())
-            .await
-        else {
+        let Some((fresh, problems)) = self.check_routes(conn, &places).await else {
             tracing::debug!("routes could not be checked against the catalog; retrying everything");
             return false;
         };
@@ -1159,15 +1148,16 @@ impl Writer {
         // resumes with the new shape at its next check); or its own statement fails when
         // prepared alone (a rule, a lock held past the probe's timeout).
         let mut found: Vec<(usize, String)> = Vec::new();
-        for (k, spec) in &specs {
-            if let Some(mine) = problems_of(&problems, &spec.name) {
-                found.push((*k, mine));
+        for &k in &places {
+            let route = &conn.routes[k];
+            if let Some(mine) = problems_of(&problems, &route.spec.name) {
+                found.push((k, mine));
             } else if fresh
                 .iter()
-                .find(|r| r.spec.name == spec.name)
-                .is_some_and(|r| *r != conn.routes[*k])
+                .find(|r| r.spec.name == route.spec.name)
+                .is_some_and(|r| r != route)
             {
-                found.push((*k, "its table changed (a column's type, nullability, default or the key's index): the route is prepared again at its next check".into()));
+                found.push((k, "its table changed (a column's type, nullability, default or the key's index): the route is prepared again at its next check".into()));
             }
         }
         if found.is_empty() {
@@ -1229,18 +1219,14 @@ impl Writer {
         for &k in &due {
             conn.row_checked.insert(k, now);
         }
-        let specs = due.iter().map(|&k| conn.routes[k].spec.clone()).collect();
         let problems = match due.is_empty() {
             true => Vec::new(),
-            false => match self.check_routes(specs).await {
+            false => match self.check_routes(conn, &due).await {
                 Some((_, p)) => p,
                 None => return false,
             },
         };
-        let mut found: Vec<(usize, String)> = due
-            .iter()
-            .filter_map(|&k| Some((k, problems_of(&problems, &conn.routes[k].spec.name)?)))
-            .collect();
+        let mut found = conn.unfit(&due, &problems);
         if found.is_empty() && probe_due && conn.routes.len() > 1 {
             // A statement trigger that raises refuses every statement naming its table, rows
             // of its route or not.
@@ -1254,16 +1240,18 @@ impl Writer {
         )
     }
 
-    /// `specs` resolved against the catalog now, and their problems, on a connection of its
-    /// own; `None` when they could not be checked (the database unreachable: not a route's
-    /// fault).
+    /// The routes of `places` resolved against the catalog now, and their problems, on a
+    /// connection of its own; `None` when they could not be checked (the database unreachable:
+    /// not a route's fault).
     async fn check_routes(
         &self,
-        specs: Vec<leasehold_config::RouteSpec>,
-    ) -> Option<(
-        Vec<ResolvedRoute>,
-        Vec<leasehold_store::routes::RouteProblem>,
-    )> {
+        conn: &Conn,
+        places: &[usize],
+    ) -> Option<(Vec<ResolvedRoute>, Vec<RouteProblem>)> {
+        let specs: Vec<_> = places
+            .iter()
+            .map(|&k| conn.routes[k].spec.clone())
+            .collect();
         let check = async {
             let c =
                 leasehold_store::connect(&self.cfg.database_url, "leasehold-route-check").await?;
@@ -1284,29 +1272,12 @@ impl Writer {
     /// rule on its table, a statement trigger that raises, a lock held on it). Nothing is
     /// written: there are no rows.
     async fn probe_route(&self, route: Option<&ResolvedRoute>) -> Option<String> {
-        Self::probe(&self.cfg, &self.fence, route).await
-    }
-
-    async fn probe(
-        cfg: &WriterConfig,
-        fence: &Fence,
-        route: Option<&ResolvedRoute>,
-    ) -> Option<String> {
-        let routes: Arc<[ResolvedRoute]> = std::iter::once(ResolvedRoute::telemetry())
-            .chain(route.cloned())
-            .collect();
         let probe = async {
-            let mut w = BatchWriter::connect(
-                &cfg.database_url,
-                cfg.instance_id.clone(),
-                Duration::from_secs(2),
-                cfg.redelivery_window,
-            )
-            .await?;
-            if route.is_some() {
-                w.use_routes(routes).await?;
+            let mut w = self.connect(Duration::from_secs(2)).await?;
+            if let Some(route) = route {
+                w.use_routes(with_telemetry([route])).await?;
             }
-            w.write(fence, &[], &[]).await.map(|_| ())
+            w.write(&self.fence, &[], &[]).await.map(|_| ())
         };
         match tokio::time::timeout(Duration::from_secs(5), probe).await {
             Ok(Ok(())) | Ok(Err(StoreError::Fenced { .. })) => None,
@@ -1325,11 +1296,9 @@ impl Writer {
             return Vec::new();
         }
         let mut found = Vec::new();
-        for k in 1..conn.routes.len() {
-            if conn.suspended[k].is_none() {
-                if let Some(why) = self.probe_route(Some(&conn.routes[k])).await {
-                    found.push((k, why));
-                }
+        for k in conn.unsuspended() {
+            if let Some(why) = self.probe_route(Some(&conn.routes[k])).await {
+                found.push((k, why));
             }
         }
         found
@@ -1337,7 +1306,7 @@ impl Writer {
 
     /// Checks the suspended routes that are due; each that fits the catalog again resumes
     /// (resolved afresh) and replays its `route_unavailable` dead letters.
-    async fn recheck(&mut self, conn: &mut Conn) {
+    async fn recheck(&self, conn: &mut Conn) {
         let now = Instant::now();
         let due: Vec<usize> = (1..conn.routes.len())
             .filter(|&k| {
@@ -1349,15 +1318,7 @@ impl Writer {
         if due.is_empty() {
             return;
         }
-        let specs: Vec<_> = due.iter().map(|&k| conn.routes[k].spec.clone()).collect();
-        let check = async {
-            let c =
-                leasehold_store::connect(&self.cfg.database_url, "leasehold-route-check").await?;
-            leasehold_store::routes::resolve(&c, &specs).await
-        };
-        let Ok(Ok((resolved, problems))) =
-            tokio::time::timeout(Duration::from_secs(5), check).await
-        else {
+        let Some((resolved, problems)) = self.check_routes(conn, &due).await else {
             for &k in &due {
                 if let Some(s) = conn.suspended[k].as_mut() {
                     s.check_at = now + RECHECK;
@@ -1371,33 +1332,35 @@ impl Writer {
         for k in due {
             let name = routes[k].spec.name.clone();
             let fits = !problems.iter().any(|p| p.route == name);
-            let fresh = resolved.iter().find(|r| r.spec.name == name);
+            let fresh = resolved
+                .iter()
+                .find(|r| r.spec.name == name)
+                .filter(|_| fits);
             // Its statement must prepare too: a rule or a lock is no catalog problem.
-            let blocked = match (fits, fresh) {
-                (true, Some(r)) => Self::probe(&self.cfg, &self.fence, Some(r)).await,
-                _ => None,
+            let blocked = match fresh {
+                Some(r) => self.probe_route(Some(r)).await,
+                None => None,
             };
-            if let (Some(why), Some(s)) = (blocked, conn.suspended[k].as_mut()) {
-                s.why = why;
-                s.check_at = now + RECHECK;
-                reasons_changed = true;
+            let Some(s) = conn.suspended[k].as_mut() else {
                 continue;
-            }
-            match (fits, fresh) {
-                (true, Some(r)) => {
-                    let held = conn.suspended[k].take().map(|s| s.since.elapsed());
+            };
+            match (fresh, blocked) {
+                (Some(r), None) => {
                     events::RouteResumed {
                         route: &name,
-                        suspended_for: held.unwrap_or_default(),
+                        suspended_for: s.since.elapsed(),
                     }
                     .emit();
+                    conn.suspended[k] = None;
                     routes[k] = r.clone();
                     resumed.push(name);
                 }
-                _ => {
-                    if let Some(s) = conn.suspended[k].as_mut() {
-                        s.check_at = now + RECHECK;
+                (_, blocked) => {
+                    if let Some(why) = blocked {
+                        s.why = why;
+                        reasons_changed = true;
                     }
+                    s.check_at = now + RECHECK;
                 }
             }
         }
@@ -1443,11 +1406,7 @@ impl Writer {
             }
         });
         for (r, s) in named.iter().zip(suspended) {
-            events::RouteState {
-                route: &r.spec.name,
-                suspended: s.is_some(),
-            }
-            .emit();
+            route_state(&r.spec.name, s.is_some());
         }
     }
 
@@ -1455,20 +1414,14 @@ impl Writer {
     /// at its first message, and only then does this term vouch for its suspensions. Until the
     /// catalog can be read, nothing is vouched for (the alerts judge by dead letters meanwhile).
     async fn check_at_start(&self, conn: &mut Conn) {
-        let specs = conn.unsuspended_specs();
-        let mut found: Vec<(usize, String)> = Vec::new();
-        if !specs.is_empty() {
-            let Some((_, problems)) = self
-                .check_routes(specs.iter().map(|(_, s)| s.clone()).collect())
-                .await
-            else {
+        let places = conn.unsuspended();
+        let mut found = Vec::new();
+        if !places.is_empty() {
+            let Some((_, problems)) = self.check_routes(conn, &places).await else {
                 conn.check_again_at = Instant::now() + RECHECK;
                 return;
             };
-            found = specs
-                .iter()
-                .filter_map(|(k, spec)| Some((*k, problems_of(&problems, &spec.name)?)))
-                .collect();
+            found = conn.unfit(&places, &problems);
         }
         conn.checked = true;
         if !self.suspend(conn, found, "found when the term started") {
@@ -1487,11 +1440,7 @@ impl Writer {
             }
         });
         for route in &was {
-            events::RouteState {
-                route,
-                suspended: false,
-            }
-            .emit();
+            route_state(route, false);
         }
     }
 
@@ -1582,19 +1531,22 @@ impl Writer {
         }
     }
 
+    /// A connection of this node's batch writer, each statement bounded by `timeout`.
+    async fn connect(&self, timeout: Duration) -> Result<BatchWriter, StoreError> {
+        let cfg = &self.cfg;
+        let (url, id) = (&cfg.database_url, cfg.instance_id.clone());
+        BatchWriter::connect(url, id, timeout, cfg.redelivery_window).await
+    }
+
     /// The writer's connection, made when there is none or it closed, with the named routes'
     /// statement prepared (`connect` prepares `telemetry`'s alone).
     async fn connection<'a>(&self, conn: &'a mut Conn) -> Result<&'a mut BatchWriter, StoreError> {
         if conn.writer.as_ref().is_none_or(|c| c.is_closed()) {
             conn.writer = None;
-            let mut w = BatchWriter::connect(
-                &self.cfg.database_url,
-                self.cfg.instance_id.clone(),
-                self.cfg.statement_timeout,
-                self.cfg.redelivery_window,
-            )
-            .await?
-            .with_redelivery_span(self.cfg.max_pending + 2048);
+            let mut w = self
+                .connect(self.cfg.statement_timeout)
+                .await?
+                .with_redelivery_span(self.cfg.max_pending + 2048);
             if conn.stmt.len() > 1 {
                 w.use_routes(conn.stmt.clone()).await?;
             }
@@ -1642,19 +1594,10 @@ impl Writer {
         }
         for gone in conn.routes.iter().skip(1) {
             if !a.routes.iter().any(|r| r.spec.name == gone.spec.name) {
-                events::RouteState {
-                    route: &gone.spec.name,
-                    suspended: false,
-                }
-                .emit();
+                route_state(&gone.spec.name, false);
             }
         }
-        *conn = Conn::new(
-            std::iter::once(ResolvedRoute::telemetry())
-                .chain(a.routes.iter().cloned())
-                .collect(),
-            carried,
-        );
+        *conn = Conn::new(with_telemetry(&a.routes), carried);
         self.report_suspensions(conn);
     }
 
@@ -1701,6 +1644,19 @@ pub fn batch_bytes(cfg: &leasehold_config::Config) -> usize {
         .batch_max_bytes
         .min(cfg.max_pending_bytes / 2)
         .max(1)
+}
+
+/// `telemetry`, then the named routes: every route of a statement, in its place.
+fn with_telemetry<'a>(named: impl IntoIterator<Item = &'a ResolvedRoute>) -> Arc<[ResolvedRoute]> {
+    let named = named.into_iter().cloned();
+    std::iter::once(ResolvedRoute::telemetry())
+        .chain(named)
+        .collect()
+}
+
+/// Says whether `route` is suspended (its event and gauge).
+fn route_state(route: &str, suspended: bool) {
+    events::RouteState { route, suspended }.emit();
 }
 
 /// Lists `routes` in the typed status (counts kept from an earlier term of this node).
