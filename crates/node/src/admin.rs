@@ -94,10 +94,7 @@ impl ConfigView {
             };
             return Ok((view, cfg.clone()));
         };
-        let origin = leasehold_config::cluster::version_origin(s.version);
-        let loaded = leasehold_config::ClusterSettings::parse(&s.settings, origin.clone())
-            .and_then(|cluster| cfg.with_cluster(&cluster, origin));
-        let (effective, error) = match loaded {
+        let (effective, error) = match crate::cluster_config::over(cfg, &s) {
             Ok(e) => (e, None),
             Err(e) => (cfg.clone(), Some(e.to_string())),
         };

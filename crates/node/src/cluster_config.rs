@@ -79,32 +79,43 @@ pub async fn start(own: &Config, pool: &Pool, status: &NodeStatus) -> anyhow::Re
             }
         }
     };
-    let drift = report_drift(own, &active);
     tracing::info!(version = active.version.unwrap_or(0), config = ?active.cfg, "the configuration this node runs (its node settings, the cluster's version)");
+    applied(own, status, &active, &[], false);
+    Ok(active)
+}
+
+/// `active` is what the node runs now: its event, this host's drift from it, the status.
+fn applied(own: &Config, status: &NodeStatus, active: &Active, changes: &[String], live: bool) {
+    let version = active.version;
     events::ConfigApplied {
-        version: active.version,
-        changes: &[],
-        live: false,
+        version,
+        changes,
+        live,
     }
     .emit();
+    let drift = report_drift(own, active);
     status.set_config(ConfigStatus {
-        version: active.version,
-        latest: active.version,
+        version,
+        latest: version,
         drift,
         problem: None,
     });
-    Ok(active)
+}
+
+/// The stored version `s` over `own`'s node settings.
+pub fn over(own: &Config, s: &StoredConfig) -> Result<Config, leasehold_config::ConfigError> {
+    let origin = version_origin(s.version);
+    own.with_cluster(
+        &ClusterSettings::parse(&s.settings, origin.clone())?,
+        origin,
+    )
 }
 
 /// The stored version `s` over this host's node settings, its routes resolved (one that does not
 /// fit the catalog now runs suspended: a broken table stops only its route); the error is one
 /// line naming the setting that does not fit this host.
 async fn load(own: &Config, pool: &Pool, s: &StoredConfig) -> Result<Active, String> {
-    let origin = version_origin(s.version);
-    let cluster = ClusterSettings::parse(&s.settings, origin.clone()).map_err(|e| e.to_string())?;
-    let cfg = own
-        .with_cluster(&cluster, origin)
-        .map_err(|e| e.to_string())?;
+    let cfg = over(own, s).map_err(|e| e.to_string())?;
     let (routes, suspended) = crate::routes_cmd::resolve_each(&cfg, pool)
         .await
         .map_err(|e| format!("{e:#}"))?;
@@ -122,9 +133,7 @@ pub async fn effective(own: &Config, c: &leasehold_store::Client) -> anyhow::Res
     let Some(s) = stored::active(c).await? else {
         return Ok(own.clone());
     };
-    let origin = version_origin(s.version);
-    let cluster = ClusterSettings::parse(&s.settings, origin.clone())?;
-    Ok(own.with_cluster(&cluster, origin)?)
+    Ok(over(own, &s)?)
 }
 
 /// Logs each of this host's own cluster settings that the running version overrides.
@@ -194,19 +203,7 @@ impl Watcher {
             Ok(next) => {
                 *refused = None;
                 let changes = current.cfg.changes(&next.cfg);
-                events::ConfigApplied {
-                    version: next.version,
-                    changes: &changes,
-                    live: true,
-                }
-                .emit();
-                let drift = report_drift(&self.own, &next);
-                self.status.set_config(ConfigStatus {
-                    version: next.version,
-                    latest: next.version,
-                    drift,
-                    problem: None,
-                });
+                applied(&self.own, &self.status, &next, &changes, true);
                 self.tx.send_replace(Arc::new(next));
             }
             Err(problem) => {
@@ -251,14 +248,11 @@ where
                     if changed.is_err() {
                         return;
                     }
+                    // This task is the channel's only sender.
                     let next = f(&rx.borrow_and_update());
-                    tx.send_if_modified(|v| {
-                        let changed = *v != next;
-                        if changed {
-                            *v = next;
-                        }
-                        changed
-                    });
+                    if *tx.borrow() != next {
+                        tx.send_replace(next);
+                    }
                 }
             }
         }
