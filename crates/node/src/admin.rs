@@ -12,8 +12,13 @@ use serde_json::json;
 /// Exit code of `status` when no node holds the lease.
 pub const EXIT_NO_LEADER: u8 = 3;
 
-async fn connect(cfg: &Config, app: &str) -> anyhow::Result<leasehold_store::Client> {
-    let url = cfg.require_database_url()?;
+/// Command `app`'s connection to `DATABASE_URL`.
+pub(crate) async fn connect(cfg: &Config, app: &str) -> anyhow::Result<leasehold_store::Client> {
+    connect_to(cfg.require_database_url()?, app).await
+}
+
+/// Command `app`'s connection to `url`; an error names the server, never its password.
+pub(crate) async fn connect_to(url: &str, app: &str) -> anyhow::Result<leasehold_store::Client> {
     leasehold_store::connect(url, app)
         .await
         .with_context(|| format!("cannot connect to {}", leasehold_config::redact_url(url)))
@@ -66,7 +71,7 @@ struct Report {
 }
 
 /// The active cluster configuration as `status` shows it.
-#[derive(Serialize)]
+#[derive(Serialize, Default)]
 struct ConfigView {
     version: Option<i64>,
     applied_at: Option<String>,
@@ -85,14 +90,7 @@ impl ConfigView {
         cfg: &Config,
     ) -> anyhow::Result<(ConfigView, Config)> {
         let Some(s) = leasehold_store::config::active(c).await? else {
-            let view = ConfigView {
-                version: None,
-                applied_at: None,
-                applied_by: None,
-                drift: Vec::new(),
-                error: None,
-            };
-            return Ok((view, cfg.clone()));
+            return Ok((ConfigView::default(), cfg.clone()));
         };
         let (effective, error) = match crate::cluster_config::over(cfg, &s) {
             Ok(e) => (e, None),

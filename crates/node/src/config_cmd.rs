@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Subcommand;
 use leasehold_config::cluster::{node_setting_refused, version_origin};
 use leasehold_config::{ClusterSettings, Config, ConfigError, Origin, Sources};
@@ -46,10 +45,7 @@ pub enum ConfigCommand {
 }
 
 pub async fn command(cfg: &Config, cmd: ConfigCommand) -> anyhow::Result<ExitCode> {
-    let url = cfg.require_database_url()?;
-    let mut c = leasehold_store::connect(url, "leasehold-config")
-        .await
-        .with_context(|| format!("cannot connect to {}", leasehold_config::redact_url(url)))?;
+    let mut c = crate::admin::connect(cfg, "leasehold-config").await?;
     // Works before any node ever started: the table may not exist yet.
     leasehold_store::migrate(&mut c).await?;
     match cmd {
@@ -372,19 +368,15 @@ async fn history(c: &Client, json: bool) -> anyhow::Result<ExitCode> {
 }
 
 async fn diff(c: &Client, file: &Path) -> anyhow::Result<ExitCode> {
-    let new = match read_file(file) {
-        Ok(new) => new,
+    let origin = Origin::File(file.display().to_string());
+    let read =
+        read_file(file).and_then(|new| new.effective(origin).map_err(|e| vec![e.to_string()]));
+    let new_cfg = match read {
+        Ok(n) => n,
         Err(lines) => {
             for l in lines {
                 eprintln!("leasehold: config diff: {l}");
             }
-            return Ok(ExitCode::from(EXIT_CONFIG));
-        }
-    };
-    let new_cfg = match new.effective(Origin::File(file.display().to_string())) {
-        Ok(n) => n,
-        Err(e) => {
-            eprintln!("leasehold: config diff: {e}");
             return Ok(ExitCode::from(EXIT_CONFIG));
         }
     };

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use chrono::Utc;
 use leasehold_config::Config;
 use leasehold_decode::Decoder;
@@ -29,6 +29,16 @@ pub struct Job {
     pub reason: Option<String>,
     /// Received within this long.
     pub since: Option<Duration>,
+}
+
+impl Job {
+    fn selection(&self) -> Selection {
+        Selection {
+            route: self.route.clone(),
+            reason: self.reason.clone(),
+            within_secs: self.since.map(|d| d.as_secs_f64()),
+        }
+    }
 }
 
 /// What a replay did (or, dry, would do).
@@ -121,16 +131,10 @@ pub async fn run(
     mut progress: Option<&mut (dyn FnMut(&Summary) + Send)>,
 ) -> anyhow::Result<Summary> {
     let url = job.database_url.as_str();
-    let c = leasehold_store::connect(url, "leasehold-replay")
-        .await
-        .with_context(|| format!("cannot connect to {}", leasehold_config::redact_url(url)))?;
+    let c = crate::admin::connect_to(url, "leasehold-replay").await?;
     let (routes, suspended) = resolve(&c, cfg).await?;
     let (mut w, to_stmt) = replay_writer(cfg, url, &routes, &suspended).await?;
-    let sel = Selection {
-        route: job.route.clone(),
-        reason: job.reason.clone(),
-        within_secs: job.since.map(|d| d.as_secs_f64()),
-    };
+    let sel = job.selection();
     let upto = leasehold_store::replay::newest_id(&c).await?;
     let mut fence = read_fence(&c, &cfg.node.lease_name).await?;
     let decoder = Decoder::configured(cfg);
@@ -533,20 +537,9 @@ pub async fn command(
     dry_run: bool,
 ) -> anyhow::Result<std::process::ExitCode> {
     use std::io::IsTerminal;
-    let c = leasehold_store::connect(&job.database_url, "leasehold-replay")
-        .await
-        .with_context(|| {
-            format!(
-                "cannot connect to {}",
-                leasehold_config::redact_url(&job.database_url)
-            )
-        })?;
+    let c = crate::admin::connect_to(&job.database_url, "leasehold-replay").await?;
     let cfg = crate::cluster_config::effective(own, &c).await?;
-    let sel = Selection {
-        route: job.route.clone(),
-        reason: job.reason.clone(),
-        within_secs: job.since.map(|d| d.as_secs_f64()),
-    };
+    let sel = job.selection();
     let found = leasehold_store::replay::count(&c, &sel).await?;
     let total: i64 = found.iter().map(|(_, n)| n).sum();
     println!(

@@ -99,10 +99,7 @@ pub async fn resolve_on(
 /// exit 1).
 pub async fn command(own: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
     let cfg = own;
-    let url = cfg.require_database_url()?;
-    let c = leasehold_store::connect(url, "leasehold-routes")
-        .await
-        .with_context(|| format!("cannot connect to {}", leasehold_config::redact_url(url)))?;
+    let c = crate::admin::connect(cfg, "leasehold-routes").await?;
     // Without [[routes]] of its own: the active cluster configuration's (what the nodes run).
     let active;
     let cfg = if own.own_cluster_settings().has_routes() {

@@ -514,26 +514,20 @@ impl Writer {
                     }
                     .emit();
                     crash_after_commit(&batch);
+                    // Its Sparkplug B changes recorded, the commit confirmed (where replication
+                    // is required), and only then its messages acknowledged; cancelled
+                    // meanwhile, the batch stays unacknowledged.
                     let recorded = (nodes, tally.nodes_recorded);
-                    if !self
-                        .acknowledge(
-                            &mut conn,
-                            &mut sparkplug,
-                            recorded,
-                            batch,
-                            &cancel,
-                            &mut retry,
-                        )
-                        .await?
-                    {
+                    let sp = &mut sparkplug;
+                    let record =
+                        self.record_sparkplug(&mut conn, sp, recorded, &cancel, &mut retry);
+                    if !record.await? || !self.after_commit(&mut conn, &cancel).await? {
                         return Ok(());
                     }
+                    self.acker.ack(batch);
                 }
                 Err(Stop::Cancelled) => return Ok(()),
-                Err(Stop::Fenced(epoch)) => {
-                    events::WriteFenced { epoch }.emit();
-                    return Err(WriterError::Fenced(epoch));
-                }
+                Err(Stop::Fenced(epoch)) => return Err(fenced(epoch)),
             }
         }
     }
@@ -552,31 +546,6 @@ impl Writer {
         self.status
             .update_routes(|counts| show_routes(counts, &conn.routes[1..]));
         conn
-    }
-
-    /// After a batch committed: records its Sparkplug B changes, confirms the commit (where
-    /// replication is required) and only then acknowledges its messages. `Ok(false)` when
-    /// cancelled meanwhile, the batch unacknowledged.
-    async fn acknowledge(
-        &self,
-        conn: &mut Conn,
-        sparkplug: &mut Sparkplug,
-        nodes: (Vec<NodeChange>, bool),
-        batch: Vec<Inbound>,
-        cancel: &CancellationToken,
-        retry: &mut Backoff,
-    ) -> Result<bool, WriterError> {
-        if !self
-            .record_sparkplug(conn, sparkplug, nodes, cancel, retry)
-            .await?
-        {
-            return Ok(false);
-        }
-        if !self.after_commit(conn, cancel).await? {
-            return Ok(false);
-        }
-        self.acker.ack(batch);
-        Ok(true)
     }
 
     /// Whether `batch` holds a message of a `sparkplug_b` topic.
@@ -682,10 +651,7 @@ impl Writer {
             };
             match recorded {
                 Ok(()) => break,
-                Err(StoreError::Fenced { epoch }) => {
-                    events::WriteFenced { epoch }.emit();
-                    return Err(WriterError::Fenced(epoch));
-                }
+                Err(StoreError::Fenced { epoch }) => return Err(fenced(epoch)),
                 Err(e) if e.is_row_error() => {
                     // The same statement fails the same way every time: not worth a stalled
                     // stream. What is recorded stays as it was; the next leader asks those
@@ -1644,6 +1610,12 @@ pub fn batch_bytes(cfg: &leasehold_config::Config) -> usize {
         .batch_max_bytes
         .min(cfg.max_pending_bytes / 2)
         .max(1)
+}
+
+/// Another node holds the lease: the term's writes are over.
+fn fenced(epoch: i64) -> WriterError {
+    events::WriteFenced { epoch }.emit();
+    WriterError::Fenced(epoch)
 }
 
 /// `telemetry`, then the named routes: every route of a statement, in its place.
