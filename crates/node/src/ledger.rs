@@ -1,6 +1,7 @@
 //! The leader's subscription ledger: the `mqtt_subscriptions` table, every write fenced by the
 //! term's lease (a node that lost its lease cannot change what the next leader reads).
 
+use std::future::Future;
 use std::time::Duration;
 
 use leasehold_ingest::{LedgerChange, LedgerError, LedgerFuture, SubscriptionLedger};
@@ -22,42 +23,39 @@ fn unavailable(e: StoreError) -> LedgerError {
     }
 }
 
+/// `call`, given at most [`CALL_TIMEOUT`].
+async fn timed<T>(call: impl Future<Output = Result<T, StoreError>>) -> Result<T, LedgerError> {
+    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Ok(r) => r.map_err(unavailable),
+        Err(_) => Err(LedgerError::Unavailable(format!(
+            "no answer within {CALL_TIMEOUT:?}"
+        ))),
+    }
+}
+
 impl PgLedger {
     async fn write_change(
         &self,
         client_id: &str,
         change: LedgerChange<'_>,
     ) -> Result<(), StoreError> {
-        let c = leasehold_store::pooled(&self.pool).await?;
-        match change {
-            LedgerChange::Forget => {
-                queries::write_ledger(&**c, &self.fence, client_id, &LedgerWrite::Forget).await?;
-            }
-            LedgerChange::Pending(f) => {
-                queries::write_ledger(&**c, &self.fence, client_id, &LedgerWrite::Pending(f))
-                    .await?;
-            }
+        let (granted, qos): (Vec<String>, Vec<i16>);
+        let (refused, why): (Vec<String>, Vec<String>);
+        let write = match change {
+            LedgerChange::Forget => LedgerWrite::Forget,
+            LedgerChange::Pending(f) => LedgerWrite::Pending(f),
             LedgerChange::Granted(g) => {
-                let (f, q): (Vec<String>, Vec<i16>) =
-                    g.iter().map(|(f, q)| (f.clone(), i16::from(*q))).unzip();
-                queries::write_ledger(&**c, &self.fence, client_id, &LedgerWrite::Granted(&f, &q))
-                    .await?;
+                (granted, qos) = g.iter().map(|(f, q)| (f.clone(), i16::from(*q))).unzip();
+                LedgerWrite::Granted(&granted, &qos)
             }
             LedgerChange::Refused(r) => {
-                let (f, why): (Vec<String>, Vec<String>) = r.iter().cloned().unzip();
-                queries::write_ledger(
-                    &**c,
-                    &self.fence,
-                    client_id,
-                    &LedgerWrite::Refused(&f, &why),
-                )
-                .await?;
+                (refused, why) = r.iter().cloned().unzip();
+                LedgerWrite::Refused(&refused, &why)
             }
-            LedgerChange::Removed(f) => {
-                queries::write_ledger(&**c, &self.fence, client_id, &LedgerWrite::Removed(f))
-                    .await?;
-            }
-        }
+            LedgerChange::Removed(f) => LedgerWrite::Removed(f),
+        };
+        let c = leasehold_store::pooled(&self.pool).await?;
+        queries::write_ledger(&**c, &self.fence, client_id, &write).await?;
         Ok(())
     }
 }
@@ -65,32 +63,19 @@ impl PgLedger {
 impl SubscriptionLedger for PgLedger {
     fn load<'a>(&'a self, client_id: &'a str) -> LedgerFuture<'a, Vec<(String, bool)>> {
         Box::pin(async move {
-            let read = async {
+            let rows = timed(async {
                 let c = leasehold_store::pooled(&self.pool).await?;
                 queries::ledger(&**c, client_id).await
-            };
-            match tokio::time::timeout(CALL_TIMEOUT, read).await {
-                Ok(Ok(rows)) => Ok(rows
-                    .into_iter()
-                    .map(|r| (r.topic_filter, r.subscribed))
-                    .collect()),
-                Ok(Err(e)) => Err(unavailable(e)),
-                Err(_) => Err(LedgerError::Unavailable(format!(
-                    "no answer within {CALL_TIMEOUT:?}"
-                ))),
-            }
+            })
+            .await?;
+            Ok(rows
+                .into_iter()
+                .map(|r| (r.topic_filter, r.subscribed))
+                .collect())
         })
     }
 
     fn write<'a>(&'a self, client_id: &'a str, change: LedgerChange<'a>) -> LedgerFuture<'a, ()> {
-        Box::pin(async move {
-            match tokio::time::timeout(CALL_TIMEOUT, self.write_change(client_id, change)).await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(unavailable(e)),
-                Err(_) => Err(LedgerError::Unavailable(format!(
-                    "no answer within {CALL_TIMEOUT:?}"
-                ))),
-            }
-        })
+        Box::pin(timed(self.write_change(client_id, change)))
     }
 }
