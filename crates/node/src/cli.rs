@@ -232,10 +232,7 @@ pub fn main() -> ExitCode {
     }
     let cfg = match cli.settings.load() {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("leasehold: configuration error: {}", redact(&e));
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(e) => return config_error(redact(&e)),
     };
     let needs_db = match &cli.cmd {
         Command::Simulate(_) => false,
@@ -244,8 +241,7 @@ pub fn main() -> ExitCode {
     };
     if needs_db {
         if let Err(e) = cfg.require_database_url() {
-            eprintln!("leasehold: configuration error: {e}");
-            return ExitCode::from(EXIT_CONFIG);
+            return config_error(e);
         }
     }
     // Commands for people log only warnings unless LOG_LEVEL says otherwise.
@@ -256,8 +252,7 @@ pub fn main() -> ExitCode {
     if let Err(e) =
         leasehold_telemetry::init_logging(cfg.node.log_format == LogFormat::Json, &level)
     {
-        eprintln!("leasehold: configuration error: {e}");
-        return ExitCode::from(EXIT_CONFIG);
+        return config_error(e);
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -271,6 +266,12 @@ pub fn main() -> ExitCode {
     };
     let result = rt.block_on(dispatch(cli.cmd, cfg));
     exit_code(result)
+}
+
+/// A configuration error, said on stderr: exit [`EXIT_CONFIG`].
+fn config_error(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("leasehold: configuration error: {e}");
+    ExitCode::from(EXIT_CONFIG)
 }
 
 /// Runs command `cmd`.
@@ -313,18 +314,16 @@ fn exit_code(result: anyhow::Result<ExitCode>) -> ExitCode {
             if e.downcast_ref::<crate::cluster_config::ConfigRefused>()
                 .is_some() =>
         {
-            eprintln!(
-                "leasehold: configuration error: {}",
-                redact(&format!("{e}"))
-            );
-            ExitCode::from(EXIT_CONFIG)
+            config_error(redact(&format!("{e}")))
         }
         Err(e) if e.downcast_ref::<routes_cmd::RoutesRefused>().is_some() => {
             // One line per problem: each names its route and column.
-            if let Some(refused) = e.downcast_ref::<routes_cmd::RoutesRefused>() {
-                for p in &refused.0 {
-                    eprintln!("leasehold: configuration error: {}", redact(&p.to_string()));
-                }
+            for p in e
+                .downcast_ref::<routes_cmd::RoutesRefused>()
+                .iter()
+                .flat_map(|r| &r.0)
+            {
+                eprintln!("leasehold: configuration error: {}", redact(&p.to_string()));
             }
             ExitCode::from(routes_cmd::EXIT_ROUTE_PROBLEM)
         }

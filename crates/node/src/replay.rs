@@ -284,6 +284,7 @@ struct Shape<'a> {
 }
 
 /// What one chunk came to.
+#[derive(Default)]
 struct Done {
     /// Dead letters run again (removed: stored now, or written anew by the statement).
     replayed: Vec<i64>,
@@ -302,11 +303,7 @@ async fn attempt(
     locked: &[StoredDeadLetter],
     shape: &Shape<'_>,
 ) -> Result<Done, StoreError> {
-    let mut done = Done {
-        replayed: Vec::new(),
-        failing: Vec::new(),
-        kept: Vec::new(),
-    };
+    let mut done = Done::default();
     // Dead letters by the routes they go to (places in `shape.routes`; `None`: all of them).
     let items = whole_arrays(locked);
     let mut groups: BTreeMap<Option<Vec<usize>>, Vec<&Held>> = BTreeMap::new();
@@ -402,11 +399,10 @@ async fn write_parts(
         }
         let out = w.write(fence, &rows, &dead).await?;
         for o in &out.routes {
-            for &i in &o.conflicts {
-                reasons.entry(i).or_insert_with(|| "conflict".into());
-            }
-            for &i in &o.unstored {
-                reasons.entry(i).or_insert_with(|| "not_stored".into());
+            for (failed, reason) in [(&o.conflicts, "conflict"), (&o.unstored, "not_stored")] {
+                for &i in failed {
+                    reasons.entry(i).or_insert_with(|| reason.into());
+                }
             }
         }
         // A dead letter the statement found to be the redelivery of a stored one is stored.

@@ -74,24 +74,31 @@ pub async fn resolve_on(
     let (resolved, problems) = routes::resolve(c, specs).await.context("checking routes")?;
     let mut out = (Vec::new(), Vec::new());
     for spec in specs {
-        let mine: Vec<String> = problems
-            .iter()
-            .filter(|p| p.route == spec.name)
-            .map(ToString::to_string)
-            .collect();
+        let mine = problems_of(&problems, &spec.name);
         match resolved.iter().find(|r| r.spec.name == spec.name) {
-            Some(r) if mine.is_empty() => {
+            Some(r) if mine.is_none() => {
                 out.0.push(r.clone());
                 out.1.push(None);
             }
             _ => {
-                tracing::error!(route = %spec.name, problems = %mine.join("; "), "route does not fit the database now: it runs suspended (its messages are route_unavailable dead letters) until it does");
+                let mine = mine.unwrap_or_default();
+                tracing::error!(route = %spec.name, problems = %mine, "route does not fit the database now: it runs suspended (its messages are route_unavailable dead letters) until it does");
                 out.0.push(ResolvedRoute::unresolved(spec.clone()));
-                out.1.push(Some(mine.join("; ")));
+                out.1.push(Some(mine));
             }
         }
     }
     Ok(out)
+}
+
+/// What a check of the catalog found wrong with route `name`, joined; `None` when it fits.
+pub(crate) fn problems_of(problems: &[RouteProblem], name: &str) -> Option<String> {
+    let mine: Vec<String> = problems
+        .iter()
+        .filter(|p| p.route == name)
+        .map(ToString::to_string)
+        .collect();
+    (!mine.is_empty()).then(|| mine.join("; "))
 }
 
 /// `leasehold routes`: every route resolved against the database, then its problems. Exit 0
@@ -173,13 +180,10 @@ fn print(
             .max()
             .unwrap_or(0);
         for c in &r.columns {
-            let mut notes = Vec::new();
-            if c.not_null {
-                notes.push("not null");
-            }
-            if c.has_default {
-                notes.push("default");
-            }
+            let notes: Vec<&str> = [(c.not_null, "not null"), (c.has_default, "default")]
+                .into_iter()
+                .filter_map(|(on, note)| on.then_some(note))
+                .collect();
             let notes = if notes.is_empty() {
                 String::new()
             } else {
@@ -203,11 +207,10 @@ fn print(
     if default.shadowed {
         println!("  takes        messages no route above matches");
     }
+    println!();
     if problems.is_empty() {
-        println!();
         println!("no problems");
     } else {
-        println!();
         println!("PROBLEMS ({})", problems.len());
         for p in problems {
             println!("  {p}");

@@ -459,24 +459,21 @@ fn number(v: &Scalar<'_>, max: Option<f64>) -> Result<String, String> {
 /// `[+-]digits[.digits][e[+-]digits]` with at least one digit before the exponent.
 fn is_decimal(s: &str) -> bool {
     let b = s.as_bytes();
-    let mut i = 0;
-    if matches!(b.first(), Some(b'+' | b'-')) {
-        i += 1;
-    }
-    let start = i;
-    while b.get(i).is_some_and(u8::is_ascii_digit) {
-        i += 1;
-    }
-    let mut digits = i - start;
+    let mut i = usize::from(matches!(b.first(), Some(b'+' | b'-')));
+    // The digits from `i` on, skipped: how many.
+    let digits = |i: &mut usize| {
+        let start = *i;
+        while b.get(*i).is_some_and(u8::is_ascii_digit) {
+            *i += 1;
+        }
+        *i - start
+    };
+    let mut n = digits(&mut i);
     if b.get(i) == Some(&b'.') {
         i += 1;
-        let f = i;
-        while b.get(i).is_some_and(u8::is_ascii_digit) {
-            i += 1;
-        }
-        digits += i - f;
+        n += digits(&mut i);
     }
-    if digits == 0 {
+    if n == 0 {
         return false;
     }
     if matches!(b.get(i), Some(b'e' | b'E')) {
@@ -484,11 +481,7 @@ fn is_decimal(s: &str) -> bool {
         if matches!(b.get(i), Some(b'+' | b'-')) {
             i += 1;
         }
-        let e = i;
-        while b.get(i).is_some_and(u8::is_ascii_digit) {
-            i += 1;
-        }
-        if i == e {
+        if digits(&mut i) == 0 {
             return false;
         }
     }

@@ -30,6 +30,7 @@ use crate::batch::{
     prepare_with, rejected, statement_routes, unavailable, DbClock, Prepared, Routing,
 };
 use crate::cluster_config::ActiveRx;
+use crate::routes_cmd::problems_of;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriterError {
@@ -129,16 +130,6 @@ struct Suspension {
     why: String,
     since: Instant,
     check_at: Instant,
-}
-
-/// What a check of the catalog found wrong with route `name`, joined; `None` when it fits.
-fn problems_of(problems: &[RouteProblem], name: &str) -> Option<String> {
-    let mine: Vec<String> = problems
-        .iter()
-        .filter(|p| p.route == name)
-        .map(ToString::to_string)
-        .collect();
-    (!mine.is_empty()).then(|| mine.join("; "))
 }
 
 /// How often a suspended route's table is checked again.
