@@ -223,7 +223,7 @@ pub fn prepare_with(
         }
         let received_at = clock.at(m.received);
         let skipped = sparkplug.as_ref().map_or(0, |h| h.redeliveries_skipped());
-        let units = Units::of(
+        let units = units_of(
             decoder,
             m,
             max_payload_bytes,
@@ -238,7 +238,7 @@ pub fn prepare_with(
         // Each reading of the message at its own microsecond: two readings of one device
         // without a timestamp of their own are never one key.
         clock.reserve(units.len().saturating_sub(1));
-        for (k, u) in units.enumerate() {
+        for (k, u) in units.into_iter().enumerate() {
             let received_at = match k {
                 0 => received_at,
                 k => received_at + chrono::Duration::microseconds(k as i64),
@@ -280,66 +280,36 @@ struct Preparer<'a> {
     earlier_delivery: Vec<usize>,
 }
 
-/// A message's readings: one (most messages), or a format's list.
-enum Units {
-    One(Option<Unit>),
-    Many(std::vec::IntoIter<Unit>),
-}
+/// A message's readings: one (most messages, without an allocation), or a format's list.
+type Units = smallvec::SmallVec<[Unit; 1]>;
 
-impl Iterator for Units {
-    type Item = Unit;
-
-    fn next(&mut self) -> Option<Unit> {
-        match self {
-            Units::One(u) => u.take(),
-            Units::Many(it) => it.next(),
-        }
-    }
-
-    fn size_hint(&self) -> (usize, Option<usize>) {
-        let n = match self {
-            Units::One(u) => usize::from(u.is_some()),
-            Units::Many(it) => it.len(),
+/// How message `m` is read: refused whole when it was cut at the size limit, itself when it is
+/// a plain JSON object (most messages), else its format's list of readings (Sparkplug B in
+/// order through `sparkplug` where there is a host).
+fn units_of(
+    decoder: &Decoder,
+    m: &Inbound,
+    max_payload_bytes: usize,
+    sparkplug: Option<&mut Host>,
+    received_at: DateTime<Utc>,
+) -> Units {
+    // The ingest keeps only the first MAX_PAYLOAD_BYTES of an oversized payload.
+    if m.original_size > max_payload_bytes {
+        let size = m.original_size;
+        let e = DecodeError::TooLarge {
+            size,
+            max: max_payload_bytes,
         };
-        (n, Some(n))
-    }
-}
-
-impl ExactSizeIterator for Units {}
-
-impl Units {
-    /// How message `m` is read: refused whole when it was cut at the size limit, itself when it
-    /// is a plain JSON object (most messages), else its format's list of readings (Sparkplug B
-    /// in order through `sparkplug` where there is a host).
-    fn of(
-        decoder: &Decoder,
-        m: &Inbound,
-        max_payload_bytes: usize,
-        sparkplug: Option<&mut Host>,
-        received_at: DateTime<Utc>,
-    ) -> Units {
-        // The ingest keeps only the first MAX_PAYLOAD_BYTES of an oversized payload.
-        if m.original_size > max_payload_bytes {
-            Units::One(Some(Unit::refused(
-                m.payload.clone(),
-                DecodeError::TooLarge {
-                    size: m.original_size,
-                    max: max_payload_bytes,
-                },
-            )))
-        } else if decoder.is_plain(&m.topic, &m.payload) {
-            // The common message, a JSON object: itself, without a list of one.
-            Units::One(Some(Unit::whole(&m.payload)))
-        } else if let Some(host) =
-            sparkplug.filter(|_| decoder.format_of(&m.topic) == Format::SparkplugB)
-        {
-            Units::Many(
-                host.read_delivery(&m.topic, &m.payload, m.dup, m.pkid)
-                    .into_iter(),
-            )
-        } else {
-            Units::Many(decoder.units(&m.topic, &m.payload, received_at).into_iter())
-        }
+        smallvec::smallvec![Unit::refused(m.payload.clone(), e)]
+    } else if decoder.is_plain(&m.topic, &m.payload) {
+        // The common message, a JSON object: itself, without a list of one.
+        smallvec::smallvec![Unit::whole(&m.payload)]
+    } else if let Some(host) =
+        sparkplug.filter(|_| decoder.format_of(&m.topic) == Format::SparkplugB)
+    {
+        Units::from_vec(host.read_delivery(&m.topic, &m.payload, m.dup, m.pkid))
+    } else {
+        Units::from_vec(decoder.units(&m.topic, &m.payload, received_at))
     }
 }
 
@@ -372,16 +342,14 @@ impl Preparer<'_> {
 
     /// The routes `topic` goes to: the named routes whose filters match it, else `telemetry`.
     fn matching(&self, topic: &str) -> Matched {
-        match self.routing.routes.get(1..) {
-            Some(named) if !named.is_empty() => {
-                let matched = routing::matching(named, topic);
-                if matched.is_empty() {
-                    smallvec::smallvec![0]
-                } else {
-                    matched.into_iter().map(|k| k + 1).collect()
-                }
-            }
-            _ => smallvec::smallvec![0],
+        let named = self.routing.routes.get(1..).unwrap_or_default();
+        let matched: Matched = routing::matching(named, topic)
+            .into_iter()
+            .map(|k| k + 1)
+            .collect();
+        match matched.is_empty() {
+            true => smallvec::smallvec![0],
+            false => matched,
         }
     }
 
