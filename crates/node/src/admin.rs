@@ -184,34 +184,33 @@ impl RouteLine {
             dead_letters: count(None),
             suspended: None,
         }];
-        for r in &cfg.routes {
-            lines.push(RouteLine {
-                name: r.name.clone(),
-                table: r.table.clone(),
-                topics: r.topics.clone(),
-                key: r.key.clone(),
-                on_conflict: r.on_conflict.as_str(),
-                configured: true,
-                dead_letters: count(Some(&r.name)),
-                suspended: None,
-            });
-        }
-        for (name, n) in dead {
-            if let Some(name) = name {
-                if !cfg.routes.iter().any(|r| &r.name == name) {
-                    lines.push(RouteLine {
-                        name: name.clone(),
-                        table: "?".into(),
-                        topics: Vec::new(),
-                        key: Vec::new(),
-                        on_conflict: "?",
-                        configured: false,
-                        dead_letters: *n,
-                        suspended: None,
-                    });
-                }
-            }
-        }
+        lines.extend(cfg.routes.iter().map(|r| RouteLine {
+            name: r.name.clone(),
+            table: r.table.clone(),
+            topics: r.topics.clone(),
+            key: r.key.clone(),
+            on_conflict: r.on_conflict.as_str(),
+            configured: true,
+            dead_letters: count(Some(&r.name)),
+            suspended: None,
+        }));
+        let unknown = dead
+            .iter()
+            .filter_map(|(name, n)| Some((name.as_ref()?, *n)));
+        lines.extend(
+            unknown
+                .filter(|(name, _)| !cfg.routes.iter().any(|r| &r.name == *name))
+                .map(|(name, n)| RouteLine {
+                    name: name.clone(),
+                    table: "?".into(),
+                    topics: Vec::new(),
+                    key: Vec::new(),
+                    on_conflict: "?",
+                    configured: false,
+                    dead_letters: n,
+                    suspended: None,
+                }),
+        );
         lines
     }
 

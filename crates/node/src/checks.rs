@@ -17,13 +17,14 @@ use tokio_util::sync::CancellationToken;
 pub async fn doctor(own: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
     // The cluster's configuration as the nodes run it (topics, routes, limits), when it can be
     // read; the database's own checks say why when it cannot.
-    let active = match own.node.database_url.as_deref() {
-        Some(url) => match leasehold_store::connect(url, "leasehold-doctor").await {
-            Ok(c) => crate::cluster_config::effective(own, &c).await.ok(),
-            Err(_) => None,
-        },
-        None => None,
-    };
+    let active = async {
+        let url = own.node.database_url.as_deref()?;
+        let c = leasehold_store::connect(url, "leasehold-doctor")
+            .await
+            .ok()?;
+        crate::cluster_config::effective(own, &c).await.ok()
+    }
+    .await;
     let cfg = active.as_ref().unwrap_or(own);
     let checks = leasehold_doctor::run(cfg).await;
     let worst = checks.worst();

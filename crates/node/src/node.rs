@@ -202,6 +202,14 @@ struct Wiring {
 }
 
 impl Wiring {
+    /// A channel of what `f` makes of the active configuration ([`derived`]).
+    fn derived<T: PartialEq + Send + Sync + 'static>(
+        &self,
+        f: fn(&crate::cluster_config::Active) -> T,
+    ) -> watch::Receiver<T> {
+        derived(&self.active, f, &self.tracker, &self.root)
+    }
+
     /// The node's part by `MQTT_MODE`: a production node campaigns for the lease and leads its
     /// terms, an observer decodes privately, a disabled node has no MQTT at all.
     fn roles(&self) -> anyhow::Result<Option<Leadership>> {
@@ -221,12 +229,7 @@ impl Wiring {
             (Mode::Development, _, _) => {
                 self.tracker.spawn(observe(
                     self.active.clone(),
-                    derived(
-                        &self.active,
-                        |a| leasehold_ingest::wanted_topics(&a.cfg),
-                        &self.tracker,
-                        &self.root,
-                    ),
+                    self.derived(|a| leasehold_ingest::wanted_topics(&a.cfg)),
                     topics_rx,
                     self.status.clone(),
                     self.root.clone(),
@@ -265,13 +268,7 @@ impl Wiring {
             self.root.clone(),
         ));
         let pool = leasehold_store::pool(&db.url, "leasehold-alerts", 1)?;
-        let alerts_cfg = derived(
-            &self.active,
-            |a| alerts_config(&a.cfg),
-            &self.tracker,
-            &self.root,
-        );
-        let ev = leasehold_alerts::Evaluator::live(alerts_cfg, pool);
+        let ev = leasehold_alerts::Evaluator::live(self.derived(|a| alerts_config(&a.cfg)), pool);
         let alerts = ev.handle();
         let token = self.root.clone();
         self.tracker.spawn(async move {
@@ -300,12 +297,7 @@ impl Wiring {
             lease_name: cfg.node.lease_name.clone(),
             observer: cfg.node.mqtt_mode == Mode::Development,
             alerts,
-            stale: derived(
-                &self.active,
-                |a| (a.cfg.cluster.stale_warning, a.cfg.cluster.stale_critical),
-                &self.tracker,
-                &self.root,
-            ),
+            stale: self.derived(|a| (a.cfg.cluster.stale_warning, a.cfg.cluster.stale_critical)),
             mqtt_client_id: self.client_id.clone(),
             cluster_id: self
                 .db
@@ -430,12 +422,7 @@ fn lead(
     let sup = Supervisor {
         cfg: cfg.clone(),
         active: w.active.clone(),
-        topics: derived(
-            &w.active,
-            |a| leasehold_ingest::wanted_topics(&a.cfg),
-            &w.tracker,
-            &w.root,
-        ),
+        topics: w.derived(|a| leasehold_ingest::wanted_topics(&a.cfg)),
         client_id,
         cluster_id: db.identity.as_ref().map(|i| i.cluster_id.clone()),
         lease: handle.clone(),
@@ -627,15 +614,11 @@ async fn device_topics(
                         }
                     })
                     .collect();
-                tx.send_if_modified(|cur| {
-                    if cur.as_ref() != Some(&valid) {
-                        tracing::info!(devices_topics = valid.len(), "device topics loaded");
-                        *cur = Some(valid);
-                        true
-                    } else {
-                        false
-                    }
-                });
+                // This task is the channel's only sender.
+                if tx.borrow().as_ref() != Some(&valid) {
+                    tracing::info!(devices_topics = valid.len(), "device topics loaded");
+                    tx.send_replace(Some(valid));
+                }
             }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "could not load device topics; keeping the current ones")
