@@ -310,9 +310,8 @@ async fn attempt(
     for item in &items {
         let d = &item.0;
         match targets(d, shape.routes) {
-            Some(Some(t)) if t.is_empty() => done.kept.push("route_not_configured".into()),
-            Some(t) => groups.entry(t).or_default().push(item),
-            None => groups.entry(None).or_default().push(item),
+            Some(t) if t.is_empty() => done.kept.push("route_not_configured".into()),
+            t => groups.entry(t).or_default().push(item),
         }
     }
     let (mut rows, mut dead, mut later) = (Vec::new(), Vec::new(), Vec::<Vec<RouteRow>>::new());
@@ -485,8 +484,7 @@ fn whole_arrays(locked: &[StoredDeadLetter]) -> Vec<Held> {
 
 /// The places (in `routes`) of the named routes dead letter `d` was for and whose filters still
 /// take its topic (empty: none is configured any more); `None` for the default route's.
-#[allow(clippy::option_option)]
-fn targets(d: &StoredDeadLetter, routes: &[ResolvedRoute]) -> Option<Option<Vec<usize>>> {
+fn targets(d: &StoredDeadLetter, routes: &[ResolvedRoute]) -> Option<Vec<usize>> {
     let names = d.route.as_deref()?;
     let t = names
         .split(',')
@@ -497,7 +495,7 @@ fn targets(d: &StoredDeadLetter, routes: &[ResolvedRoute]) -> Option<Option<Vec<
         })
         .map(|(k, _)| k)
         .collect();
-    Some(Some(t))
+    Some(t)
 }
 
 /// The dead letters as messages again: topic, bytes, packet id and DUP flag as received, their

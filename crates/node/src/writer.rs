@@ -1042,24 +1042,19 @@ impl Writer {
                     }
                 }
                 Err(StoreError::Fenced { epoch }) => return Err(Stop::Fenced(epoch)),
-                Err(e) if e.is_row_error() && part.len() > 1 => {
+                Err(e) if e.is_row_error() && (part.len() > 1 || part.rows.len() == 1) => {
                     // Every row refused can be the table's doing (a NOT NULL column added
                     // without a default): a route that no longer fits is suspended rather than
                     // every message dead-lettered one by one.
                     if self.unfit_after_row_error(&e, conn, &part).await {
                         work.push_front(part);
-                        continue;
+                    } else if part.len() > 1 {
+                        let (a, b) = part.halves();
+                        work.push_front(b);
+                        work.push_front(a);
+                    } else {
+                        work.push_front(batch.refused(&part.rows[0], &e.database_text()));
                     }
-                    let (a, b) = part.halves();
-                    work.push_front(b);
-                    work.push_front(a);
-                }
-                Err(e) if e.is_row_error() && part.rows.len() == 1 => {
-                    if self.unfit_after_row_error(&e, conn, &part).await {
-                        work.push_front(part);
-                        continue;
-                    }
-                    work.push_front(batch.refused(&part.rows[0], &e.database_text()));
                 }
                 Err(e) => {
                     if self.isolate(&e, conn).await {
@@ -1712,30 +1707,20 @@ async fn gather(
     let full =
         |batch: &Vec<Inbound>, bytes: usize| batch.len() >= limits.rows || bytes >= limits.bytes;
     while !full(&batch, bytes) {
-        // Take what is already queued without waking the timer.
-        while !full(&batch, bytes) {
-            match rx.try_recv() {
-                Ok(m) => {
-                    bytes += m.payload.len();
-                    batch.push(m);
-                }
-                Err(_) => break,
-            }
-        }
-        if full(&batch, bytes) {
-            break;
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => return None,
-            _ = tokio::time::sleep_until(deadline) => break,
-            m = rx.recv() => match m {
-                Some(m) => {
-                    bytes += m.payload.len();
-                    batch.push(m);
-                }
-                None => break,
+        // What is already queued is taken without waking the timer.
+        let next = match rx.try_recv() {
+            Ok(m) => Some(m),
+            Err(_) => tokio::select! {
+                _ = cancel.cancelled() => return None,
+                _ = tokio::time::sleep_until(deadline) => None,
+                m = rx.recv() => m,
             },
-        }
+        };
+        let Some(m) = next else {
+            break;
+        };
+        bytes += m.payload.len();
+        batch.push(m);
     }
     Some(batch)
 }
