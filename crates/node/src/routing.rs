@@ -250,15 +250,9 @@ fn convert(c: &ResolvedColumn, v: Val<'_>) -> Result<Cell, String> {
             Scalar::Time(t) => rfc3339(t),
             Scalar::Composite(j) => j.to_string(),
         },
-        ColumnKind::Int2 => {
-            let n = integer(&text, i64::from(i16::MIN), i64::from(i16::MAX), "smallint")?;
-            return Ok(Cell::Int(n));
-        }
-        ColumnKind::Int4 => {
-            let n = integer(&text, i64::from(i32::MIN), i64::from(i32::MAX), "integer")?;
-            return Ok(Cell::Int(n));
-        }
-        ColumnKind::Int8 => return Ok(Cell::Int(integer(&text, i64::MIN, i64::MAX, "bigint")?)),
+        ColumnKind::Int2 => return integer(&text, i16::MIN.into(), i16::MAX.into(), "smallint"),
+        ColumnKind::Int4 => return integer(&text, i32::MIN.into(), i32::MAX.into(), "integer"),
+        ColumnKind::Int8 => return integer(&text, i64::MIN, i64::MAX, "bigint"),
         ColumnKind::Numeric => number(&text, None)?,
         ColumnKind::Float4 => number(&text, Some(f64::from(f32::MAX)))?,
         ColumnKind::Float8 => number(&text, Some(f64::MAX))?,
@@ -359,7 +353,7 @@ impl Scalar<'_> {
 /// An integer in `[min, max]`: a JSON number without a fractional part, or a string holding one.
 /// Read exactly from its decimal text (never through `f64`, which would round
 /// `9007199254740993.0` to `...992` and `1e-400` to `0`).
-fn integer(v: &Scalar<'_>, min: i64, max: i64, ty: &str) -> Result<i64, String> {
+fn integer(v: &Scalar<'_>, min: i64, max: i64, ty: &str) -> Result<Cell, String> {
     let s = match v {
         Scalar::Str(s) | Scalar::Num(s) => s.trim(),
         other => return Err(format!("{} is not an integer", other.what())),
@@ -368,7 +362,7 @@ fn integer(v: &Scalar<'_>, min: i64, max: i64, ty: &str) -> Result<i64, String> 
         return Err(format!("{} is not an integer", v.what()));
     }
     match exact_integer(s) {
-        Ok(n) if n >= i128::from(min) && n <= i128::from(max) => Ok(n as i64),
+        Ok(n) if n >= i128::from(min) && n <= i128::from(max) => Ok(Cell::Int(n as i64)),
         Ok(_) | Err(Inexact::TooLarge) => Err(format!("{s} is out of range for {ty}")),
         Err(Inexact::Fraction) => Err(format!("{} is not an integer", v.what())),
     }
