@@ -159,17 +159,11 @@ pub async fn run(
     while let Some(item) = queue.pop_front() {
         w.begin().await?;
         let locked = lock(&mut w, &sel, item.as_deref(), after, upto).await?;
-        if item.is_none() {
-            match locked.last() {
-                Some(last) => {
-                    after = last.id;
-                    queue.push_back(None);
-                }
-                None => {
-                    w.finish(true).await?;
-                    break;
-                }
-            }
+        // The next chunk is queued last, behind the halves and retries of this one: an empty
+        // chunk leaves the queue empty.
+        if let (None, Some(last)) = (&item, locked.last()) {
+            after = last.id;
+            queue.push_back(None);
         }
         if locked.is_empty() {
             w.finish(true).await?;
@@ -460,14 +454,8 @@ fn whole_arrays(locked: &[StoredDeadLetter]) -> Vec<Held> {
             out.extend(parts.into_iter().map(|(_, d)| (d.clone(), vec![d.id])));
             continue;
         }
-        let mut payload = b"[".to_vec();
-        for (i, (_, d)) in parts.iter().enumerate() {
-            if i > 0 {
-                payload.push(b',');
-            }
-            payload.extend_from_slice(&d.payload);
-        }
-        payload.push(b']');
+        let elements: Vec<&[u8]> = parts.iter().map(|(_, d)| &d.payload[..]).collect();
+        let payload = [&b"["[..], &elements.join(&b','), b"]"].concat();
         let first = parts[0].1;
         out.push((
             StoredDeadLetter {
@@ -536,21 +524,12 @@ pub async fn command(
     let sel = job.selection();
     let found = leasehold_store::replay::count(&c, &sel).await?;
     let total: i64 = found.iter().map(|(_, n)| n).sum();
-    println!(
-        "{total} dead letters selected{}",
-        if found.is_empty() {
-            String::new()
-        } else {
-            format!(
-                " ({})",
-                found
-                    .iter()
-                    .map(|(r, n)| format!("{r}: {n}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        }
-    );
+    let by: Vec<String> = found.iter().map(|(r, n)| format!("{r}: {n}")).collect();
+    let by = match by.is_empty() {
+        true => String::new(),
+        false => format!(" ({})", by.join(", ")),
+    };
+    println!("{total} dead letters selected{by}");
     let terminal = std::io::stderr().is_terminal();
     let mut show = |s: &Summary| {
         if terminal {

@@ -41,14 +41,6 @@ pub struct SimArgs {
     pub progress_every: u64,
 }
 
-fn qos(q: u8) -> QoS {
-    match q {
-        0 => QoS::AtMostOnce,
-        2 => QoS::ExactlyOnce,
-        _ => QoS::AtLeastOnce,
-    }
-}
-
 /// Builds the payload of message `seq`: strictly increasing microsecond timestamps per device,
 /// so no two readings of a device share the (device_id, ts) key.
 pub fn payload(run: &str, device: &str, seq: u64, ts: DateTime<Utc>) -> String {
@@ -136,10 +128,9 @@ fn connect(
 }
 
 fn or(n: u64, zero: &str) -> String {
-    if n == 0 {
-        zero.to_string()
-    } else {
-        n.to_string()
+    match n {
+        0 => zero.to_string(),
+        n => n.to_string(),
     }
 }
 
@@ -149,7 +140,8 @@ pub async fn run(cfg: &Config, a: SimArgs) -> anyhow::Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..8].to_string());
     let (client, poller, acked) = connect(cfg, &run_id);
-    let q = qos(a.qos);
+    // 0, 1 or 2: the flag's range.
+    let q = rumqttc::qos(a.qos)?;
     let mut fleet = Fleet::new(&run_id, &a);
     let started = Instant::now();
     let mut last_progress = Instant::now();
