@@ -417,14 +417,9 @@ impl Writer {
         let res = self.run_term(cancel).await;
         self.clear_suspensions();
         // A hold belongs to this term's writer: the next term judges replication afresh.
-        if let Some(why) = self.status.ingest_hold() {
-            self.status.set_ingest_hold(None);
-            events::IngestResumed {
-                held: Duration::ZERO,
-                why: &format!("the term ended while held ({why})"),
-            }
-            .emit();
-        }
+        self.release_hold(Duration::ZERO, |why| {
+            format!("the term ended while held ({why})")
+        });
         res
     }
 
@@ -438,7 +433,8 @@ impl Writer {
         let mut retry = Backoff::default();
         let mut sparkplug = Sparkplug::default();
         loop {
-            let Some(batch) = self.gather(&cancel, conn.idle()).await else {
+            let limits = self.limits(conn.idle());
+            let Some(batch) = gather(&mut self.rx, limits, &cancel).await else {
                 return Ok(());
             };
             self.follow(&mut conn);
@@ -800,7 +796,7 @@ impl Writer {
                 return false;
             };
             let Some(why) = s.why_not() else {
-                self.release_hold(held_since);
+                self.replicated(held_since);
                 return true;
             };
             self.hold(&why);
@@ -869,7 +865,7 @@ impl Writer {
             }
             if w.flushed_past(lsn).await? {
                 if held {
-                    self.release_hold(started);
+                    self.replicated(started);
                 }
                 return Ok(true);
             }
@@ -902,15 +898,20 @@ impl Writer {
         }
     }
 
-    fn release_hold(&self, since: Instant) {
-        if self.status.ingest_hold().is_some() {
+    /// Says (if intake was held) that intake resumes after `held`, and why (told why it was held).
+    fn release_hold(&self, held: Duration, why: impl FnOnce(String) -> String) {
+        if let Some(was) = self.status.ingest_hold() {
             self.status.set_ingest_hold(None);
-            events::IngestResumed {
-                held: since.elapsed(),
-                why: "commits are synchronously replicated again",
-            }
-            .emit();
+            let why = why(was);
+            events::IngestResumed { held, why: &why }.emit();
         }
+    }
+
+    /// Intake resumes: replication is back.
+    fn replicated(&self, since: Instant) {
+        self.release_hold(since.elapsed(), |_| {
+            "commits are synchronously replicated again".into()
+        });
     }
 
     /// Commits every part of `prepared`, isolating row errors, retrying other errors.
@@ -1553,25 +1554,17 @@ impl Writer {
         self.report_suspensions(conn);
     }
 
-    /// Up to `batch_max_rows` messages or `batch_max_bytes` of payload, until `batch_max_wait`
-    /// after the first was received. `None` when cancelled or when the channel is closed and
-    /// empty.
-    async fn gather(
-        &mut self,
-        cancel: &CancellationToken,
-        idle: Option<Duration>,
-    ) -> Option<Vec<Inbound>> {
-        gather(
-            &mut self.rx,
-            Limits {
-                rows: self.cfg.batch_max_rows,
-                bytes: self.cfg.batch_max_bytes,
-                wait: self.cfg.batch_max_wait,
-                idle,
-            },
-            cancel,
-        )
-        .await
+    /// A batch closes at `batch_max_rows` messages or `batch_max_bytes` of payload, or
+    /// `batch_max_wait` after its first message was received ([`gather`]).
+    fn limits(&self, idle: Option<Duration>) -> Limits {
+        let c = &self.cfg;
+        let (rows, bytes, wait) = (c.batch_max_rows, c.batch_max_bytes, c.batch_max_wait);
+        Limits {
+            rows,
+            bytes,
+            wait,
+            idle,
+        }
     }
 }
 
