@@ -460,17 +460,15 @@ impl ClusterView {
                 .map_err(|e| error = Some(e.to_string()))
                 .ok()
         });
-        let mut warnings = Vec::new();
-        for n in alive {
-            if n.mqtt_client_id_source.as_deref() == Some("explicit") {
-                warnings.push(format!(
-                    "{} uses MQTT_CLIENT_ID={} set explicitly: a machine started with a copy of its configuration and another database takes this cluster's broker session; unset MQTT_CLIENT_ID to use the derived id{}",
-                    n.instance_id,
-                    n.mqtt_client_id.as_deref().unwrap_or("?"),
-                    default_client_id.as_deref().map(|d| format!(" ({d})")).unwrap_or_default()
-                ));
-            }
-        }
+        let explicit = alive
+            .iter()
+            .filter(|n| n.mqtt_client_id_source.as_deref() == Some("explicit"));
+        let mut warnings: Vec<String> = explicit.map(|n| format!(
+            "{} uses MQTT_CLIENT_ID={} set explicitly: a machine started with a copy of its configuration and another database takes this cluster's broker session; unset MQTT_CLIENT_ID to use the derived id{}",
+            n.instance_id,
+            n.mqtt_client_id.as_deref().unwrap_or("?"),
+            default_client_id.as_deref().map(|d| format!(" ({d})")).unwrap_or_default()
+        )).collect();
         let mut ids: Vec<&str> = alive
             .iter()
             .filter_map(|n| n.mqtt_client_id.as_deref())

@@ -184,11 +184,11 @@ impl Settings {
             ("HTTP_ADDR", &self.http_addr),
             ("LEASE_NAME", &self.lease_name),
         ];
-        for (k, v) in named {
-            if let Some(v) = v {
-                out.push((k.to_string(), v.clone()));
-            }
-        }
+        out.extend(
+            named
+                .into_iter()
+                .filter_map(|(k, v)| Some((k.to_string(), v.clone()?))),
+        );
         Ok(out)
     }
 

@@ -525,10 +525,8 @@ impl Writer {
         self.report_suspensions(&conn);
         // A route suspended under an earlier term (of this node or another) that fits now
         // has its route_unavailable dead letters replayed by this one.
-        for k in 1..conn.routes.len() {
-            if conn.suspended[k].is_none() {
-                self.replay_resumed(conn.routes[k].spec.name.clone());
-            }
+        for k in conn.unsuspended() {
+            self.replay_resumed(conn.routes[k].spec.name.clone());
         }
         self.status
             .update_routes(|counts| show_routes(counts, &conn.routes[1..]));
@@ -579,12 +577,7 @@ impl Writer {
         cancel: &CancellationToken,
         retry: &mut Backoff,
     ) -> Result<bool, WriterError> {
-        let Sparkplug {
-            host,
-            asked,
-            recent,
-        } = sp;
-        let Some(host) = host.as_mut() else {
+        let Some(host) = sp.host.as_mut() else {
             return Ok(true);
         };
         // Recorded with the batch's last statement unless it wrote nothing (a batch of deaths).
@@ -597,7 +590,7 @@ impl Writer {
                 Happened::Birth { node, device } => {
                     // Born again: a new reason to ask is asked at once.
                     if device.is_none() {
-                        asked.remove(node);
+                        sp.asked.remove(node);
                     }
                     events::SparkplugBirth {
                         node: &format!("{}/{}", node.0, node.1),
@@ -612,7 +605,7 @@ impl Writer {
                 .emit(),
             }
         }
-        let sent = self.ask_rebirths(asked, recent, host.take_rebirths());
+        let sent = self.ask_rebirths(&mut sp.asked, &mut sp.recent, host.take_rebirths());
         // A sequence number alone changes nothing shown: no walk over every edge node then.
         if changes.iter().any(|(_, c, _)| *c == Change::Whole) || !happened.is_empty() || sent > 0 {
             self.show_sparkplug(host, sent);
@@ -1532,16 +1525,14 @@ impl Writer {
         w.suspended = a.suspended.clone();
         // A route suspended here stays so (checked again at once) if the new version keeps it.
         let mut carried = self.initial_suspensions();
-        for (k, r) in a.routes.iter().enumerate() {
-            let held = conn
-                .routes
-                .iter()
-                .position(|o| o.spec.name == r.spec.name)
-                .and_then(|o| conn.suspended.get(o).cloned().flatten());
-            if let (Some(s), None) = (held, &carried[k + 1]) {
-                carried[k + 1] = Some(Suspension {
-                    check_at: Instant::now(),
-                    ..s
+        for (r, carry) in a.routes.iter().zip(&mut carried[1..]) {
+            let mut held = conn.routes.iter().zip(&conn.suspended);
+            let held = held.find(|(o, _)| o.spec.name == r.spec.name);
+            if let (Some((_, Some(s))), None) = (held, &carry) {
+                let check_at = Instant::now();
+                *carry = Some(Suspension {
+                    check_at,
+                    ..s.clone()
                 });
             }
         }
