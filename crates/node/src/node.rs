@@ -158,12 +158,9 @@ impl Node {
                 tx: active_tx,
                 status: w.status.clone(),
             };
-            let token = w.root.clone();
-            w.tracker.spawn(async move {
-                if let Err(e) = watcher.run(token).await {
-                    tracing::error!(error = %e, "cluster configuration task failed");
-                }
-            });
+            let run = watcher.run(w.root.clone());
+            w.tracker
+                .spawn(logged(run, "cluster configuration task failed"));
         }
         let leadership = w.roles()?;
         let lease = leadership.as_ref().map(|l| l.handle.clone());
@@ -306,12 +303,8 @@ impl Wiring {
                 .map(|i| i.cluster_id.clone()),
             status: self.status.clone(),
         };
-        let token = self.root.clone();
-        self.tracker.spawn(async move {
-            if let Err(e) = leasehold_http::serve(listener, state, token).await {
-                tracing::error!(error = %e, "HTTP server stopped");
-            }
-        });
+        let serve = leasehold_http::serve(listener, state, self.root.clone());
+        self.tracker.spawn(logged(serve, "HTTP server stopped"));
     }
 
     /// The deployment checks, once, in the background (`/health` shows them when done).
@@ -341,6 +334,16 @@ impl Wiring {
             ));
         }
         Some(n)
+    }
+}
+
+/// Runs `task`, its error logged with `what` (the task ended).
+async fn logged<E: std::fmt::Display>(
+    task: impl std::future::Future<Output = Result<(), E>>,
+    what: &'static str,
+) {
+    if let Err(e) = task.await {
+        tracing::error!(error = %e, "{what}");
     }
 }
 
@@ -430,19 +433,10 @@ fn lead(
         pool: Some(db.pool.clone()),
         status: w.status.clone(),
     };
-    let token = w.root.clone();
-    w.tracker.spawn(async move {
-        if let Err(e) = sup.run(token).await {
-            tracing::error!(error = %e, "supervisor failed");
-        }
-    });
+    w.tracker
+        .spawn(logged(sup.run(w.root.clone()), "supervisor failed"));
     let stop = CancellationToken::new();
-    let token = stop.clone();
-    let task = tokio::spawn(async move {
-        if let Err(e) = lease.run(token).await {
-            tracing::error!(error = %e, "lease task failed");
-        }
-    });
+    let task = tokio::spawn(logged(lease.run(stop.clone()), "lease task failed"));
     Ok(Leadership { handle, task, stop })
 }
 
