@@ -14,17 +14,9 @@ pub const EXIT_ROUTE_PROBLEM: u8 = crate::cli::EXIT_CONFIG;
 
 /// A node refused to start: its routes do not fit the database. `main` prints each problem on a
 /// line of its own and exits [`EXIT_ROUTE_PROBLEM`].
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("routes do not fit the database: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
 pub struct RoutesRefused(pub Vec<RouteProblem>);
-
-impl std::fmt::Display for RoutesRefused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let lines: Vec<String> = self.0.iter().map(ToString::to_string).collect();
-        write!(f, "routes do not fit the database: {}", lines.join("; "))
-    }
-}
-
-impl std::error::Error for RoutesRefused {}
 
 /// Resolves the configured routes at start, before the lease is campaigned for: any problem
 /// refuses the start (a route that cannot write would dead-letter or stall every message).
