@@ -411,15 +411,9 @@ impl Preparer<'_> {
         matched.retain(|&mut k| match suspended.get(k).and_then(Option::as_ref) {
             None => true,
             Some(why) => {
-                let name = &routes[k].spec.name;
+                let name = routes[k].spec.name.clone();
                 let error = format!("route {name} is suspended: {why}");
-                self.dead(
-                    idx,
-                    received_at,
-                    ROUTE_UNAVAILABLE,
-                    Some(name.clone()),
-                    error,
-                );
+                self.dead(idx, received_at, ROUTE_UNAVAILABLE, Some(name), error);
                 false
             }
         });

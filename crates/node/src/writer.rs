@@ -918,17 +918,12 @@ impl Writer {
         retry: &mut Backoff,
     ) -> Result<Tally, Stop> {
         let mut tally = Tally {
-            routes: prepared
-                .superseded
-                .iter()
-                .map(|&n| RouteTally {
-                    written: n,
-                    ..RouteTally::default()
-                })
-                .collect(),
+            routes: vec![RouteTally::default(); routes.len()],
             ..Tally::default()
         };
-        tally.routes.resize(routes.len(), RouteTally::default());
+        for (t, &n) in tally.routes.iter_mut().zip(&prepared.superseded) {
+            t.written = n;
+        }
         // Redeliveries of a message earlier in the batch: duplicates of their route (the
         // default one's when the batch alone cannot tell).
         tally.routes[0].duplicates += prepared.redelivered;
