@@ -132,7 +132,12 @@ pub async fn run(
 ) -> anyhow::Result<Summary> {
     let url = job.database_url.as_str();
     let c = crate::admin::connect_to(url, "leasehold-replay").await?;
-    let (routes, suspended) = resolve(&c, cfg).await?;
+    // The active routes, `telemetry` first, and why each does not fit the catalog now.
+    let (named, why) = crate::routes_cmd::resolve_on(&c, &cfg.routes).await?;
+    let routes: Vec<_> = std::iter::once(ResolvedRoute::telemetry())
+        .chain(named)
+        .collect();
+    let suspended: Vec<_> = std::iter::once(None).chain(why).collect();
     let (mut w, to_stmt) = replay_writer(cfg, url, &routes, &suspended).await?;
     let sel = job.selection();
     let upto = leasehold_store::replay::newest_id(&c).await?;
@@ -225,20 +230,6 @@ async fn lock(
                 .await
         }
     }
-}
-
-/// The active routes, `telemetry` first, and why each does not fit the catalog now.
-async fn resolve(
-    c: &leasehold_store::Client,
-    cfg: &Config,
-) -> anyhow::Result<(Vec<ResolvedRoute>, Vec<Option<String>>)> {
-    let (named, why) = crate::routes_cmd::resolve_on(c, &cfg.routes).await?;
-    Ok((
-        std::iter::once(ResolvedRoute::telemetry())
-            .chain(named)
-            .collect(),
-        std::iter::once(None).chain(why).collect(),
-    ))
 }
 
 /// How long a replay waits for a leader (a failover in the middle takes about `LEASE_TTL`).

@@ -97,12 +97,11 @@ pub(crate) fn problems_of(problems: &[RouteProblem], name: &str) -> Option<Strin
 /// when all fit, [`EXIT_ROUTE_PROBLEM`] otherwise (a database that cannot be reached is an error:
 /// exit 1).
 pub async fn command(own: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
-    let cfg = own;
-    let c = crate::admin::connect(cfg, "leasehold-routes").await?;
+    let c = crate::admin::connect(own, "leasehold-routes").await?;
     // Without [[routes]] of its own: the active cluster configuration's (what the nodes run).
     let active;
     let cfg = if own.own_cluster_settings().has_routes() {
-        cfg
+        own
     } else {
         active = crate::cluster_config::effective(own, &c)
             .await

@@ -274,8 +274,7 @@ fn convert(c: &ResolvedColumn, v: Val<'_>) -> Result<Cell, String> {
                         Err(_) => timestamp_value(&Value::String(s))?,
                     }
                 }
-                Scalar::Str(s) => timestamp_value(&Value::String(s))?,
-                Scalar::Num(n) => timestamp_value(&Value::String(n))?,
+                Scalar::Str(s) | Scalar::Num(s) => timestamp_value(&Value::String(s))?,
                 other => {
                     return Err(format!(
                         "{} is not a time (RFC 3339, or Unix epoch seconds or milliseconds)",

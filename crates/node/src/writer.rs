@@ -1394,12 +1394,10 @@ impl Writer {
             reason: Some(crate::batch::ROUTE_UNAVAILABLE.to_string()),
             since: None,
         };
-        let active = self.active.clone();
+        let Some(cfg) = self.active.as_ref().map(|rx| rx.borrow().cfg.clone()) else {
+            return;
+        };
         tokio::spawn(async move {
-            let cfg = match active {
-                Some(rx) => rx.borrow().cfg.clone(),
-                None => return,
-            };
             match crate::replay::run(&cfg, job, false, None).await {
                 Ok(summary) if summary.processed > 0 => {
                     tracing::info!(%summary, "resumed route's dead letters replayed")
