@@ -56,7 +56,6 @@ pub async fn start(own: &Config, pool: &Pool, status: &NodeStatus) -> anyhow::Re
         .await
         .context("reading the cluster configuration")?;
     let found = match found {
-        Some(s) => Some(s),
         None if own.node.mqtt_mode == Mode::Production => {
             // What is imported must run: the routes are checked before they are stored.
             crate::routes_cmd::check_at_start(own, pool).await?;
@@ -64,7 +63,7 @@ pub async fn start(own: &Config, pool: &Pool, status: &NodeStatus) -> anyhow::Re
             let toml = own.own_cluster_settings().to_toml();
             Some(stored::import(&**c, &toml, &by).await?)
         }
-        None => None,
+        found => found,
     };
     let active = match &found {
         Some(s) => load(own, pool, s).await.map_err(ConfigRefused)?,

@@ -668,12 +668,7 @@ impl Writer {
                 continue;
             }
             let recent = recent.entry(key.clone()).or_default();
-            while recent
-                .front()
-                .is_some_and(|at| now.duration_since(*at) >= REBIRTH_STORM)
-            {
-                recent.pop_front();
-            }
+            recent.retain(|at| now.duration_since(*at) < REBIRTH_STORM);
             if recent.len() >= REBIRTH_STORM_ASKS {
                 continue;
             }
@@ -1428,9 +1423,9 @@ impl Writer {
                 let remap = (conn.stmt.len() != conn.routes.len()).then(|| conn.to_stmt.clone());
                 let w = self.connection(conn).await?;
                 stop = Some(w.cancel_handle());
-                let optimistic = part.optimistic;
                 match remap {
                     None => {
+                        let optimistic = part.optimistic;
                         w.write_with_nodes(&self.fence, &part.rows, &part.dead, optimistic, nodes)
                             .await
                     }
