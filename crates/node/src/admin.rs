@@ -47,11 +47,8 @@ pub async fn status(cfg: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
     } else {
         r.print();
     }
-    Ok(if r.leader().is_some() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(EXIT_NO_LEADER)
-    })
+    Ok(r.leader()
+        .map_or(ExitCode::from(EXIT_NO_LEADER), |_| ExitCode::SUCCESS))
 }
 
 /// What `leasehold status` shows, read once.

@@ -76,17 +76,14 @@ impl Summary {
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let failing: u64 = self.failing.values().sum();
+        let done = match self.dry_run {
+            true => "tried (dry run: nothing changed)",
+            false => "replayed",
+        };
+        let (processed, stored) = (self.processed, self.stored);
         write!(
             f,
-            "{} dead letters {}: {} stored, {} failing again",
-            self.processed,
-            if self.dry_run {
-                "tried (dry run: nothing changed)"
-            } else {
-                "replayed"
-            },
-            self.stored,
-            failing
+            "{processed} dead letters {done}: {stored} stored, {failing} failing again"
         )?;
         for (reason, n) in &self.failing {
             write!(f, "; {reason}: {n}")?;
