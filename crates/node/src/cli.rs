@@ -76,7 +76,7 @@ pub enum Command {
     /// Ask the current leader to hand over gracefully to a standby.
     StepDown {
         /// How long to wait for another node to take over.
-        #[arg(long, default_value = "10s", value_parser = humantime_parse)]
+        #[arg(long, default_value = "10s", value_parser = leasehold_config::parse_duration)]
         timeout: std::time::Duration,
     },
     /// Check the [[routes]] of --config (or of the active cluster configuration) against the database and print what each writes where.
@@ -102,7 +102,7 @@ pub enum Command {
         #[arg(long)]
         reason: Option<String>,
         /// Only dead letters received within this long (e.g. 2h).
-        #[arg(long, value_parser = humantime_parse)]
+        #[arg(long, value_parser = leasehold_config::parse_duration)]
         since: Option<std::time::Duration>,
         /// Do everything, then roll it back: what would be stored and what would fail.
         #[arg(long)]
@@ -141,10 +141,6 @@ extern "C" fn quiet_on_closed_stdout(_: libc::c_int) {
         }
         *libc::__errno_location() = errno;
     }
-}
-
-fn humantime_parse(s: &str) -> Result<std::time::Duration, String> {
-    leasehold_config::parse_duration(s)
 }
 
 /// The flags hold URLs and `--set` values in clear.
@@ -310,13 +306,10 @@ async fn dispatch(cmd: Command, cfg: Config) -> anyhow::Result<ExitCode> {
 fn exit_code(result: anyhow::Result<ExitCode>) -> ExitCode {
     match result {
         Ok(code) => code,
-        Err(e)
-            if e.downcast_ref::<crate::cluster_config::ConfigRefused>()
-                .is_some() =>
-        {
+        Err(e) if e.is::<crate::cluster_config::ConfigRefused>() => {
             config_error(redact(&format!("{e}")))
         }
-        Err(e) if e.downcast_ref::<routes_cmd::RoutesRefused>().is_some() => {
+        Err(e) if e.is::<routes_cmd::RoutesRefused>() => {
             // One line per problem: each names its route and column.
             for p in e
                 .downcast_ref::<routes_cmd::RoutesRefused>()
