@@ -16,17 +16,11 @@ pub struct PgLedger {
     pub fence: Fence,
 }
 
-fn unavailable(e: StoreError) -> LedgerError {
-    match e {
-        StoreError::Fenced { .. } => LedgerError::Fenced,
-        other => LedgerError::Unavailable(other.to_string()),
-    }
-}
-
 /// `call`, given at most [`CALL_TIMEOUT`].
 async fn timed<T>(call: impl Future<Output = Result<T, StoreError>>) -> Result<T, LedgerError> {
     match tokio::time::timeout(CALL_TIMEOUT, call).await {
-        Ok(r) => r.map_err(unavailable),
+        Ok(Err(StoreError::Fenced { .. })) => Err(LedgerError::Fenced),
+        Ok(r) => r.map_err(|e| LedgerError::Unavailable(e.to_string())),
         Err(_) => Err(LedgerError::Unavailable(format!(
             "no answer within {CALL_TIMEOUT:?}"
         ))),

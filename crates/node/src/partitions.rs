@@ -30,7 +30,10 @@ pub async fn maintain(url: String, fence: Fence, active: ActiveRx, cancel: Cance
         };
         let res = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = one(&url, &fence, keep, ttl) => r,
+            r = async {
+                let mut c = leasehold_store::connect(&url, "leasehold-partitions").await?;
+                partitions::round(&mut c, &fence, keep, ttl, &mut step).await
+            } => r,
         };
         let interval = match res {
             Ok(done) => {
@@ -51,16 +54,6 @@ pub async fn maintain(url: String, fence: Fence, active: ActiveRx, cancel: Cance
             _ = tokio::time::sleep(interval) => {}
         }
     }
-}
-
-async fn one(
-    url: &str,
-    fence: &Fence,
-    keep: Option<Duration>,
-    ttl: Duration,
-) -> Result<Round, leasehold_store::StoreError> {
-    let mut c = leasehold_store::connect(url, "leasehold-partitions").await?;
-    partitions::round(&mut c, fence, keep, ttl, &mut step).await
 }
 
 fn range(p: &Partition) -> String {

@@ -1131,24 +1131,20 @@ impl Writer {
     /// against the catalog; each that no longer fits is suspended.
     async fn unfit_after_row_error(&self, e: &StoreError, conn: &mut Conn, part: &Part) -> bool {
         let now = Instant::now();
+        let stale = |k: &usize| {
+            let checked = conn.row_checked.get(k);
+            checked.is_none_or(|t| now.duration_since(*t) >= RECHECK)
+        };
         let mut due: Vec<usize> = part
             .rows
             .iter()
             .map(|r| r.route)
-            .filter(|&k| k > 0 && conn.suspended[k].is_none())
-            .filter(|k| {
-                conn.row_checked
-                    .get(k)
-                    .is_none_or(|t| now.duration_since(*t) >= RECHECK)
-            })
+            .filter(|&k| k > 0 && conn.suspended[k].is_none() && stale(&k))
             .collect();
         due.sort_unstable();
         due.dedup();
         // The statement's probes, at most every RECHECK too (under the key of no route).
-        let probe_due = conn
-            .row_checked
-            .get(&usize::MAX)
-            .is_none_or(|t| now.duration_since(*t) >= RECHECK);
+        let probe_due = stale(&usize::MAX);
         if due.is_empty() && !probe_due {
             return false;
         }
