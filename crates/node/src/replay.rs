@@ -220,13 +220,11 @@ async fn lock(
     after: i64,
     upto: i64,
 ) -> Result<Vec<StoredDeadLetter>, StoreError> {
-    match ids {
-        None => w.lock_dead_letters(sel, (after, upto), CHUNK, None).await,
-        Some(ids) => {
-            w.lock_dead_letters(sel, (0, upto), ids.len() as i64, Some(ids))
-                .await
-        }
-    }
+    let (from, n) = match ids {
+        None => (after, CHUNK),
+        Some(ids) => (0, ids.len() as i64),
+    };
+    w.lock_dead_letters(sel, (from, upto), n, ids).await
 }
 
 /// How long a replay waits for a leader (a failover in the middle takes about `LEASE_TTL`).
