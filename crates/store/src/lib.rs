@@ -24,6 +24,18 @@
 //! - [`tls`]: libpq's `sslmode` rules for `DATABASE_URL`, on `tokio-postgres-rustls` (SCRAM
 //!   channel binding).
 
+/// `Ok(T { field: row.try_get("field")?, ... })`: a struct read from a row, each field from the
+/// column of its own name, or of the name given (`field: "column"`), or set to a value
+/// (`field = value`).
+macro_rules! from_row {
+    (@field $r:ident, $f:ident) => { $r.try_get(stringify!($f))? };
+    (@field $r:ident, $f:ident : $c:literal) => { $r.try_get($c)? };
+    (@field $r:ident, $f:ident = $e:expr) => { $e };
+    ($r:ident => $T:ident { $($f:ident $(: $c:literal)? $(= $e:expr)?),* $(,)? }) => {
+        Ok($T { $($f: from_row!(@field $r, $f $(: $c)? $(= $e)?)),* })
+    };
+}
+
 pub mod alerts;
 pub mod batch;
 pub mod config;

@@ -194,6 +194,11 @@ where
     .await
 }
 
+/// Statements without parameters or rows, by the simple query protocol.
+pub(crate) async fn batch(c: &impl GenericClient, op: Op, sql: &str) -> Result<()> {
+    measured(op, async { Ok(c.batch_execute(sql).await?) }).await
+}
+
 /// A statement's count of rows changed.
 pub(crate) async fn exec<S>(
     c: &impl GenericClient,

@@ -436,18 +436,9 @@ async fn catalog(client: &Client, oid: u32) -> Result<Vec<CatalogColumn>> {
          ORDER BY a.attnum",
         &[&oid],
         |r| {
-            Ok(CatalogColumn {
-                name: r.try_get("name")?,
-                sql_type: r.try_get("sql_type")?,
-                base_type: r.try_get("base_type")?,
-                not_null: r.try_get("not_null")?,
-                has_default: r.try_get("has_default")?,
-                collation: r.try_get("collation")?,
-                identity: r.try_get("identity")?,
-                generated: r.try_get("generated")?,
-                may_insert: r.try_get("may_insert")?,
-                may_update: r.try_get("may_update")?,
-                may_select: r.try_get("may_select")?,
+            from_row!(r => CatalogColumn {
+                name, sql_type, base_type, not_null, has_default, collation, identity, generated,
+                may_insert, may_update, may_select,
             })
         },
     )
@@ -624,15 +615,7 @@ async fn check_key(
          WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid
          ORDER BY i.indisprimary DESC, 1",
         &[&oid],
-        |r| {
-            Ok(UniqueIndex {
-                name: r.try_get("name")?,
-                columns: r.try_get("columns")?,
-                partial: r.try_get("partial")?,
-                expressions: r.try_get("expressions")?,
-                deferrable: r.try_get("deferrable")?,
-            })
-        },
+        |r| from_row!(r => UniqueIndex { name, columns, partial, expressions, deferrable }),
     )
     .await?;
     let mut want: Vec<&String> = spec.key.iter().collect();

@@ -241,12 +241,9 @@ pub async fn summary(c: &impl GenericClient) -> Result<Summary> {
          FROM sparkplug_nodes n",
         &[],
         |r| {
-            Ok(Summary {
-                edge_nodes: r.try_get("nodes")?,
-                edge_nodes_online: r.try_get("online")?,
-                devices_online: r.try_get("devices")?,
-                last_birth: r.try_get("last_birth")?,
-                stale: r.try_get("stale")?,
+            from_row!(r => Summary {
+                edge_nodes: "nodes", edge_nodes_online: "online", devices_online: "devices",
+                last_birth, stale,
             })
         },
     )
