@@ -14,7 +14,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Duration, SecondsFormat, Utc};
 use leasehold_config::{Format, FormatSpec};
 use serde_json::value::RawValue;
-use serde_json::{Map, Number, Value};
+use serde_json::{json, Map, Number, Value};
 
 use crate::{contains_nul_escape, DecodeError, Decoder, Parsed, TopicPattern};
 
@@ -55,11 +55,16 @@ impl Unit {
     }
 
     fn refused_part(raw: Bytes, label: Option<String>, e: DecodeError) -> Unit {
+        Unit::part(raw, label, Err(e))
+    }
+
+    /// A part of a message decoded here, whose dead letter keeps its own bytes.
+    fn part(raw: Bytes, label: Option<String>, decoded: Result<Parsed, DecodeError>) -> Unit {
         Unit {
             payload: raw.clone(),
             raw,
             label,
-            decoded: Some(Err(e)),
+            decoded: Some(decoded),
         }
     }
 }
@@ -318,11 +323,7 @@ impl Reader<'_> {
         }
         let object = match serde_json::from_str::<Value>(t) {
             Ok(_) => format!("{{\"value\":{t}}}"),
-            Err(_) => {
-                let mut m = Map::new();
-                m.insert("value".into(), Value::String(t.to_string()));
-                Value::Object(m).to_string()
-            }
+            Err(_) => json!({ "value": t }).to_string(),
         };
         let reading = Bytes::from(object);
         let decoded = self.parse(&reading);
@@ -485,15 +486,7 @@ impl Merger {
         let key = match (&p.device_id, &p.timestamp, p.reading_error(reader.topic)) {
             (Some(d), Ok(t), None) => (d.clone(), *t),
             // Not a reading for `telemetry` (a route may still take it): kept alone.
-            _ => {
-                self.units.push(Unit {
-                    payload: raw.clone(),
-                    raw,
-                    label: Some(label),
-                    decoded: Some(Ok(p)),
-                });
-                return;
-            }
+            _ => return self.units.push(Unit::part(raw, Some(label), Ok(p))),
         };
         // Only the latest reading of the key is tried: one comparison per element, however
         // many elements an array has.
@@ -529,12 +522,10 @@ impl Merger {
     fn finish(mut self, reader: &Reader<'_>) -> Vec<Unit> {
         for p in self.pending {
             match p.merged.filter(|_| p.labels.len() > 1) {
-                None => self.units.push(Unit {
-                    payload: p.raw.clone(),
-                    raw: p.raw,
-                    label: p.labels.into_iter().next(),
-                    decoded: Some(Ok(p.parsed)),
-                }),
+                None => {
+                    let label = p.labels.into_iter().next();
+                    self.units.push(Unit::part(p.raw, label, Ok(p.parsed)))
+                }
                 Some(fields) => {
                     let text = Bytes::from(Value::Object(fields).to_string());
                     let labels: Vec<&str> = p
@@ -543,12 +534,9 @@ impl Merger {
                         .map(|l| l.split(" of ").next().unwrap_or(l))
                         .collect();
                     let of = p.labels[0].split(" of ").nth(1).unwrap_or("");
-                    self.units.push(Unit {
-                        decoded: Some(reader.parse(&text)),
-                        payload: text.clone(),
-                        raw: text,
-                        label: Some(format!("{} of {of}", labels.join(", "))),
-                    });
+                    let label = Some(format!("{} of {of}", labels.join(", ")));
+                    let decoded = reader.parse(&text);
+                    self.units.push(Unit::part(text, label, decoded));
                 }
             }
         }
@@ -590,28 +578,20 @@ impl Resolved {
         let mut m = Map::new();
         if base {
             m.insert("bn".into(), Value::String(self.bn.clone()));
-            match (self.secs, self.time) {
-                (Some(secs), _) => {
-                    m.insert("bt".into(), number(secs));
-                }
-                (None, Some(t)) => {
-                    m.insert("bt".into(), number(t.timestamp_micros() as f64 / 1e6));
-                }
-                (None, None) => {}
+            let micros = self.time.map(|t| t.timestamp_micros() as f64 / 1e6);
+            if let Some(bt) = self.secs.or(micros) {
+                m.insert("bt".into(), number(bt));
             }
         }
         m.insert("n".into(), Value::String(self.n.clone()));
-        match &self.value {
-            Value::Null => {}
-            v @ Value::Number(_) => {
-                m.insert("v".into(), v.clone());
-            }
-            Value::Bool(b) => {
-                m.insert("vb".into(), Value::Bool(*b));
-            }
-            v => {
-                m.insert("vs".into(), v.clone());
-            }
+        let value_key = match &self.value {
+            Value::Null => None,
+            Value::Number(_) => Some("v"),
+            Value::Bool(_) => Some("vb"),
+            _ => Some("vs"),
+        };
+        if let Some(k) = value_key {
+            m.insert(k.into(), self.value.clone());
         }
         if let Some(s) = &self.sum {
             m.insert("s".into(), s.clone());
@@ -713,21 +693,11 @@ impl Base {
                 ));
             }
         }
-        if let Some(bn) = text("bn")? {
-            self.bn = bn;
-        }
-        if let Some(bt) = num("bt")? {
-            self.bt = bt;
-        }
-        if let Some(bu) = text("bu")? {
-            self.bu = Some(bu);
-        }
-        if let Some(bv) = num("bv")? {
-            self.bv = bv;
-        }
-        if let Some(bs) = num("bs")? {
-            self.bs = bs;
-        }
+        self.bn = text("bn")?.unwrap_or_else(|| std::mem::take(&mut self.bn));
+        self.bt = num("bt")?.unwrap_or(self.bt);
+        self.bu = text("bu")?.or(self.bu.take());
+        self.bv = num("bv")?.unwrap_or(self.bv);
+        self.bs = num("bs")?.unwrap_or(self.bs);
         let finite = |what: &str, x: f64| {
             Some(x)
                 .filter(|x| x.is_finite())
