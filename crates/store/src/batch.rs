@@ -723,6 +723,14 @@ impl tokio_postgres::types::ToSql for PgInterval {
 /// A statement parameter built for one write.
 type Param<'a> = Box<dyn ToSql + Send + Sync + 'a>;
 
+/// One array parameter: `f` of each of `items`.
+fn array<'a, I: IntoIterator, U>(items: I, f: impl FnMut(I::Item) -> U) -> Param<'a>
+where
+    U: ToSql + Send + Sync + 'a,
+{
+    Box::new(items.into_iter().map(f).collect::<Vec<U>>())
+}
+
 /// The messages of a part's rows, once each (`g` in the statement: `$7..$13`).
 fn message_params(rows: &[RouteRow]) -> [Param<'_>; 7] {
     let mut seen = vec![false; rows.iter().map(|r| r.idx + 1).max().unwrap_or(0)];
@@ -730,62 +738,37 @@ fn message_params(rows: &[RouteRow]) -> [Param<'_>; 7] {
         .iter()
         .filter(|r| !std::mem::replace(&mut seen[r.idx], true))
         .collect();
-    let m = |f: fn(&RouteRow) -> i32| rows.iter().map(|r| f(r)).collect::<Vec<i32>>();
+    let each = || rows.iter().copied();
     [
-        Box::new(m(|r| r.idx as i32)),
-        Box::new(
-            rows.iter()
-                .map(|r| storable_text(&r.message.topic))
-                .collect::<Vec<_>>(),
-        ),
+        array(each(), |r| r.idx as i32),
+        array(each(), |r| storable_text(&r.message.topic)),
         // A routed message was decoded from JSON: UTF-8, without NUL.
-        Box::new(
-            rows.iter()
-                .map(|r| match std::str::from_utf8(&r.message.payload) {
-                    Ok(text) => std::borrow::Cow::Borrowed(text),
-                    Err(_) => String::from_utf8_lossy(&r.message.payload),
-                })
-                .collect::<Vec<_>>(),
-        ),
-        Box::new(
-            rows.iter()
-                .map(|r| PgTime::from(r.message.received_at))
-                .collect::<Vec<_>>(),
-        ),
-        Box::new(
-            rows.iter()
-                .map(|r| r.message.content_hash.as_deref())
-                .collect::<Vec<_>>(),
-        ),
-        Box::new(m(|r| r.message.pkid)),
-        Box::new(rows.iter().map(|r| r.message.dup).collect::<Vec<_>>()),
+        array(each(), |r| match std::str::from_utf8(&r.message.payload) {
+            Ok(text) => std::borrow::Cow::Borrowed(text),
+            Err(_) => String::from_utf8_lossy(&r.message.payload),
+        }),
+        array(each(), |r| PgTime::from(r.message.received_at)),
+        array(each(), |r| r.message.content_hash.as_deref()),
+        array(each(), |r| r.message.pkid),
+        array(each(), |r| r.message.dup),
     ]
 }
 
 /// The dead letters' arrays (`dl` in the statement: `$14..$24`).
 fn dead_params(dead: &[DeadLetter]) -> [Param<'_>; 11] {
-    let text =
-        |f: fn(&DeadLetter) -> &str| dead.iter().map(|x| storable_text(f(x))).collect::<Vec<_>>();
+    use leasehold_decode::content_hash;
     [
-        Box::new(dead.iter().map(|x| x.idx as i32).collect::<Vec<_>>()),
-        Box::new(text(|x| &x.topic)),
-        Box::new(dead.iter().map(|x| &x.payload[..]).collect::<Vec<_>>()),
-        Box::new(
-            dead.iter()
-                .map(|x| i32::try_from(x.size).unwrap_or(i32::MAX))
-                .collect::<Vec<_>>(),
-        ),
-        Box::new(dead.iter().map(|x| x.reason).collect::<Vec<_>>()),
-        Box::new(text(|x| &x.error)),
-        Box::new(dead.iter().map(|x| x.received_at).collect::<Vec<_>>()),
-        Box::new(
-            dead.iter()
-                .map(|x| leasehold_decode::content_hash(&x.topic, &x.payload))
-                .collect::<Vec<_>>(),
-        ),
-        Box::new(dead.iter().map(|x| x.pkid).collect::<Vec<_>>()),
-        Box::new(dead.iter().map(|x| x.dup).collect::<Vec<_>>()),
-        Box::new(dead.iter().map(|x| x.route.as_deref()).collect::<Vec<_>>()),
+        array(dead, |x| x.idx as i32),
+        array(dead, |x| storable_text(&x.topic)),
+        array(dead, |x| &x.payload[..]),
+        array(dead, |x| i32::try_from(x.size).unwrap_or(i32::MAX)),
+        array(dead, |x| x.reason),
+        array(dead, |x| storable_text(&x.error)),
+        array(dead, |x| x.received_at),
+        array(dead, |x| content_hash(&x.topic, &x.payload)),
+        array(dead, |x| x.pkid),
+        array(dead, |x| x.dup),
+        array(dead, |x| x.route.as_deref()),
     ]
 }
 
