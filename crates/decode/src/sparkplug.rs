@@ -470,20 +470,11 @@ impl Host {
         let at = m.p.timestamp.and_then(millis);
         let prev = self.nodes.remove(&key).unwrap_or_default();
         // A new session: every device must be born again before its data is read.
-        let devices = prev
-            .devices
-            .into_iter()
-            .map(|(d, dev)| {
-                (
-                    d,
-                    Device {
-                        online: false,
-                        metrics: Defs::default(),
-                        ..dev
-                    },
-                )
-            })
-            .collect();
+        let mut devices = prev.devices;
+        for dev in devices.values_mut() {
+            dev.online = false;
+            dev.metrics = Defs::default();
+        }
         self.nodes.insert(
             key.clone(),
             Node {

@@ -491,22 +491,28 @@ pub async fn write_ledger(
     client_id: &str,
     write: &LedgerWrite<'_>,
 ) -> Result<u64> {
-    let (sql, rows) = match write {
-        LedgerWrite::Forget => (
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+        &fence.lease_name,
+        &fence.holder_id,
+        &fence.epoch,
+        &client_id,
+    ];
+    let sql = match write {
+        LedgerWrite::Forget => {
             "DELETE FROM mqtt_subscriptions WHERE client_id = $4 AND EXISTS (SELECT 1 FROM fence)
-             RETURNING 1",
-            None,
-        ),
-        LedgerWrite::Pending(f) => (
+             RETURNING 1"
+        }
+        LedgerWrite::Pending(f) => {
+            params.push(f);
             "INSERT INTO mqtt_subscriptions AS s (client_id, topic_filter, state, lease_epoch)
              SELECT $4, f, 'pending', $3 FROM unnest($5::text[]) AS u(f)
              WHERE EXISTS (SELECT 1 FROM fence)
              ON CONFLICT (client_id, topic_filter) DO UPDATE
                  SET state = 'pending', updated_at = now(), lease_epoch = EXCLUDED.lease_epoch
-             RETURNING 1",
-            Some(Rows::Filters(f)),
-        ),
-        LedgerWrite::Granted(f, q) => (
+             RETURNING 1"
+        }
+        LedgerWrite::Granted(f, q) => {
+            params.extend::<[&(dyn ToSql + Sync); 2]>([f, q]);
             "INSERT INTO mqtt_subscriptions AS s (client_id, topic_filter, state, granted_qos, lease_epoch)
              SELECT $4, f, 'subscribed', q, $3 FROM unnest($5::text[], $6::int2[]) AS u(f, q)
              WHERE EXISTS (SELECT 1 FROM fence)
@@ -514,10 +520,10 @@ pub async fn write_ledger(
                  SET state = 'subscribed', granted_qos = EXCLUDED.granted_qos, refused_at = NULL,
                      refusal = NULL, attempts = 0, updated_at = now(),
                      lease_epoch = EXCLUDED.lease_epoch
-             RETURNING 1",
-            Some(Rows::Qos(f, q)),
-        ),
-        LedgerWrite::Refused(f, r) => (
+             RETURNING 1"
+        }
+        LedgerWrite::Refused(f, r) => {
+            params.extend::<[&(dyn ToSql + Sync); 2]>([f, r]);
             "INSERT INTO mqtt_subscriptions AS s (client_id, topic_filter, state, refused_at, refusal,
                                                attempts, lease_epoch)
              SELECT $4, f, 'pending', now(), r, 1, $3 FROM unnest($5::text[], $6::text[]) AS u(f, r)
@@ -526,32 +532,19 @@ pub async fn write_ledger(
                  SET state = 'pending', refused_at = now(), refusal = EXCLUDED.refusal,
                      attempts = s.attempts + 1, updated_at = now(),
                      lease_epoch = EXCLUDED.lease_epoch
-             RETURNING 1",
-            Some(Rows::Reasons(f, r)),
-        ),
-        LedgerWrite::Removed(f) => (
+             RETURNING 1"
+        }
+        LedgerWrite::Removed(f) => {
+            params.push(f);
             "DELETE FROM mqtt_subscriptions
              WHERE client_id = $4 AND topic_filter = ANY($5::text[]) AND EXISTS (SELECT 1 FROM fence)
-             RETURNING 1",
-            Some(Rows::Filters(f)),
-        ),
+             RETURNING 1"
+        }
     };
     let sql = format!(
         "WITH {FENCE_CTE}, w AS ({sql})
          SELECT (SELECT count(*) FROM fence) AS held, (SELECT count(*) FROM w) AS changed"
     );
-    let mut params: Vec<&(dyn ToSql + Sync)> = vec![
-        &fence.lease_name,
-        &fence.holder_id,
-        &fence.epoch,
-        &client_id,
-    ];
-    match &rows {
-        None => {}
-        Some(Rows::Filters(f)) => params.push(f),
-        Some(Rows::Qos(f, q)) => params.extend::<[&(dyn ToSql + Sync); 2]>([f, q]),
-        Some(Rows::Reasons(f, r)) => params.extend::<[&(dyn ToSql + Sync); 2]>([f, r]),
-    }
     let (held, changed) = op::one(c, Op::LedgerWrite, &sql, &params, |r| {
         Ok((
             r.try_get::<_, i64>("held")?,
@@ -563,13 +556,6 @@ pub async fn write_ledger(
         return Err(crate::StoreError::Fenced { epoch: fence.epoch });
     }
     Ok(changed as u64)
-}
-
-/// The array parameters of a ledger write.
-enum Rows<'a> {
-    Filters(&'a [String]),
-    Qos(&'a [String], &'a [i16]),
-    Reasons(&'a [String], &'a [String]),
 }
 
 /// Topic filters the broker refused lately, for the `mqtt_subscription_refused` alert.
