@@ -7,11 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use leasehold_decode::sparkplug::{Node, NodeChange, NodeKey};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 
 use crate::op::{self, Op};
 use crate::routes::ResolvedRoute;
+use crate::sparkplug::NodeArrays;
 use crate::statement::{batch_sql, carry, optimistic_sql, Carry, Wire, DEFAULTS_SQL};
 use crate::{pg_config, tls, Result, StoreError};
 
@@ -450,23 +452,12 @@ impl BatchWriter {
     }
 
     /// The Sparkplug B edge nodes recorded ([`crate::sparkplug::load`]), on this connection.
-    pub async fn sparkplug_nodes(
-        &self,
-    ) -> Result<
-        Vec<(
-            leasehold_decode::sparkplug::NodeKey,
-            leasehold_decode::sparkplug::Node,
-        )>,
-    > {
+    pub async fn sparkplug_nodes(&self) -> Result<Vec<(NodeKey, Node)>> {
         crate::sparkplug::load(&self.client).await
     }
 
     /// Records what a batch changed of Sparkplug B edge nodes, under `fence`.
-    pub async fn record_sparkplug(
-        &self,
-        fence: &Fence,
-        nodes: &[leasehold_decode::sparkplug::NodeChange],
-    ) -> Result<()> {
+    pub async fn record_sparkplug(&self, fence: &Fence, nodes: &[NodeChange]) -> Result<()> {
         crate::sparkplug::record(&self.client, fence, nodes).await
     }
 
@@ -521,11 +512,11 @@ impl BatchWriter {
         rows: &[RouteRow],
         dead: &[DeadLetter],
         optimistic: bool,
-        nodes: &[leasehold_decode::sparkplug::NodeChange],
+        nodes: &[NodeChange],
     ) -> Result<(BatchOutcome, Option<StoreError>)> {
         let arrays = match nodes.is_empty() {
             true => None,
-            false => Some(crate::sparkplug::NodeArrays::new(nodes)?),
+            false => Some(NodeArrays::new(nodes)?),
         };
         if arrays.is_some() && self.with_nodes.is_none() {
             let both = op::measured(Op::Session, async {
@@ -553,7 +544,7 @@ impl BatchWriter {
         rows: &[RouteRow],
         dead: &[DeadLetter],
         optimistic: bool,
-        nodes: Option<&crate::sparkplug::NodeArrays<'_>>,
+        nodes: Option<&NodeArrays<'_>>,
     ) -> Result<BatchOutcome> {
         match optimistic {
             true => self.attempt(fence, rows, dead, nodes).await,
@@ -567,7 +558,7 @@ impl BatchWriter {
         fence: &Fence,
         rows: &[RouteRow],
         dead: &[DeadLetter],
-        nodes: Option<&crate::sparkplug::NodeArrays<'_>>,
+        nodes: Option<&NodeArrays<'_>>,
     ) -> Result<BatchOutcome> {
         let redelivery = rows.iter().any(|r| r.message.dup) || dead.iter().any(|d| d.dup);
         if redelivery || self.full_for > 0 {
@@ -601,7 +592,7 @@ impl BatchWriter {
         fence: &Fence,
         rows: &[RouteRow],
         dead: &[DeadLetter],
-        nodes: Option<&crate::sparkplug::NodeArrays<'_>>,
+        nodes: Option<&NodeArrays<'_>>,
     ) -> Result<BatchOutcome> {
         let stmt = match (nodes, &self.with_nodes) {
             (Some(_), Some((f, _))) => f.clone(),
@@ -630,7 +621,7 @@ impl BatchWriter {
         fence: &Fence,
         rows: &[RouteRow],
         dead: &[DeadLetter],
-        nodes: Option<&crate::sparkplug::NodeArrays<'_>>,
+        nodes: Option<&NodeArrays<'_>>,
     ) -> Result<BatchOutcome> {
         let messages = message_params(rows);
         let dead = dead_params(dead);
