@@ -11,7 +11,7 @@ use crate::routes::{self, RawRoutes, RouteSpec};
 use crate::settings::{self, in_section, ClusterValues, NodeSettings};
 use crate::ClusterSettings;
 use crate::FormatSpec;
-use crate::{redact, shown_value, ConfigError, Origin};
+use crate::{redact, shown_secret, ConfigError, Origin};
 
 /// The merged layers before parsing.
 #[derive(Clone)]
@@ -24,12 +24,12 @@ pub struct Sources {
     formats: Option<Vec<FormatSpec>>,
 }
 
-/// Raw values hold the secrets in clear: shown only as `shown_value` shows them.
+/// Raw values hold the secrets in clear: shown only as `shown_secret` shows them.
 impl fmt::Debug for Sources {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let set = crate::KEYS.iter().filter_map(|key| {
             let (v, origin) = self.raw(key)?;
-            Some((key, (shown_value(key, &v), origin)))
+            Some((key, (shown_secret(key, &v), origin)))
         });
         f.debug_map().entries(set).finish()
     }
@@ -155,7 +155,7 @@ impl Sources {
             let key = field.to_uppercase();
             let value = self
                 .raw(&key)
-                .map_or_else(String::new, |(v, _)| shown_value(&key, &v));
+                .map_or_else(String::new, |(v, _)| shown_secret(&key, &v));
             ConfigError::Invalid {
                 origin: self.origin(&field),
                 key,
@@ -210,7 +210,7 @@ impl Sources {
     ) -> ConfigError {
         ConfigError::Invalid {
             key: key.into(),
-            value: shown_value(key, &value.to_string()),
+            value: shown_secret(key, &value.to_string()),
             origin: self.origin(&key.to_lowercase()),
             reason,
         }

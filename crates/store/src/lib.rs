@@ -324,12 +324,17 @@ pub(crate) async fn connect_hosts(
 pub async fn connect(url: &str, application_name: &str) -> Result<Client> {
     let (cfg, tls) = pg_config(url, application_name)?;
     let (client, conn) = connect_hosts(&cfg, &tls).await?;
+    drive(conn);
+    Ok(client)
+}
+
+/// Runs a connection's driver until the connection ends.
+fn drive(conn: DbConnection) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "database connection closed");
         }
-    });
-    Ok(client)
+    })
 }
 
 /// Like [`connect`], and the server's notices (warnings) on this connection arrive on the
@@ -380,14 +385,7 @@ impl deadpool_postgres::Connect for HostByHost {
         let cfg = pg_config.clone();
         Box::pin(async move {
             match connect_hosts(&cfg, &self.tls).await {
-                Ok((client, conn)) => {
-                    let driver = tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            tracing::debug!(error = %e, "database connection closed");
-                        }
-                    });
-                    Ok((client, driver))
-                }
+                Ok((client, conn)) => Ok((client, drive(conn))),
                 Err(StoreError::Db(e)) => Err(e),
                 // The pool speaks tokio-postgres' errors only; its timeout error is the one that
                 // says what happened.
