@@ -135,12 +135,8 @@ impl Decoder {
         received_at: DateTime<Utc>,
         sparkplug: Option<&mut crate::sparkplug::Host>,
     ) -> Vec<Result<(), String>> {
-        if payload.len() > self.max_payload_bytes {
-            return vec![Err(self
-                .check_size(payload)
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default())];
+        if let Err(e) = self.check_size(payload) {
+            return vec![Err(e.to_string())];
         }
         let units = match sparkplug {
             Some(host) if self.format_of(topic) == Format::SparkplugB => {
@@ -157,14 +153,10 @@ impl Decoder {
         units
             .into_iter()
             .map(|u| {
-                let decoded = match u.decoded {
-                    Some(d) => d,
-                    None => self.parse_light(topic, &u.payload),
-                };
-                let e = match decoded {
-                    Ok(p) => p.reading_error(topic),
-                    Err(e) => Some(e),
-                };
+                let decoded = u
+                    .decoded
+                    .unwrap_or_else(|| self.parse_light(topic, &u.payload));
+                let e = decoded.map_or_else(Some, |p| p.reading_error(topic));
                 match (e, u.label) {
                     (None, _) => Ok(()),
                     (Some(e), Some(l)) => Err(format!("{l}: {e}")),
@@ -277,24 +269,18 @@ impl Reader<'_> {
                 },
             }];
         }
+        let refused = |e: DecodeError| vec![Unit::refused(payload.clone(), e)];
         let elements: Vec<&RawValue> = match serde_json::from_slice(payload) {
             Ok(e) => e,
-            Err(e) => {
-                return vec![Unit::refused(
-                    payload.clone(),
-                    DecodeError::NotJson(e.to_string()),
-                )]
-            }
+            Err(e) => return refused(DecodeError::NotJson(e.to_string())),
         };
         if elements.len() > crate::MAX_READINGS {
-            let e = DecodeError::TooManyReadings { n: elements.len() };
-            return vec![Unit::refused(payload.clone(), e)];
+            return refused(DecodeError::TooManyReadings { n: elements.len() });
         }
         if elements.is_empty() {
-            return vec![Unit::refused(
-                payload.clone(),
-                DecodeError::NoReadings("an empty array holds no reading".into()),
-            )];
+            return refused(DecodeError::NoReadings(
+                "an empty array holds no reading".into(),
+            ));
         }
         let n = elements.len();
         let mut merged = Merger::default();
@@ -339,16 +325,14 @@ impl Reader<'_> {
     /// relative to receipt; 0: the receipt itself), values `bv + v`, sums `bs + s`. The records
     /// of one device at one instant are one reading.
     fn senml(&self, payload: &Bytes, received_at: DateTime<Utc>) -> Vec<Unit> {
+        let refused = |e: DecodeError| vec![Unit::refused(payload.clone(), e)];
         let records = match senml_records(payload) {
             Ok(records) => records,
-            Err(e) => return vec![Unit::refused(payload.clone(), e)],
+            Err(e) => return refused(e),
         };
         let n = records.len();
         if n > crate::MAX_READINGS {
-            return vec![Unit::refused(
-                payload.clone(),
-                DecodeError::TooManyReadings { n },
-            )];
+            return refused(DecodeError::TooManyReadings { n });
         }
         let topic_device = self.pattern.device_id(self.topic).map(str::to_string);
         let mut base = Base::default();
@@ -385,8 +369,9 @@ impl Reader<'_> {
             units.push(self.senml_unit(g, topic_device.is_none(), n));
         }
         if units.is_empty() {
-            let e = DecodeError::NoReadings("the SenML pack holds no value".into());
-            return vec![Unit::refused(payload.clone(), e)];
+            return refused(DecodeError::NoReadings(
+                "the SenML pack holds no value".into(),
+            ));
         }
         units
     }
