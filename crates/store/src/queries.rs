@@ -586,15 +586,9 @@ pub async fn refused_subscriptions(
         &[&within.as_secs_f64(), &list],
         |r| {
             let filter: Option<String> = r.try_get("topic_filter")?;
-            let latest = match filter {
-                Some(f) => Some((
-                    f,
-                    r.try_get::<_, Option<String>>("refusal")?
-                        .unwrap_or_default(),
-                    r.try_get::<_, Option<i32>>("attempts")?.unwrap_or(0),
-                )),
-                None => None,
-            };
+            let refusal: Option<String> = r.try_get("refusal")?;
+            let attempts: Option<i32> = r.try_get("attempts")?;
+            let latest = filter.map(|f| (f, refusal.unwrap_or_default(), attempts.unwrap_or(0)));
             Ok((r.try_get::<_, i64>("count")?, latest))
         },
     )
