@@ -121,14 +121,9 @@ pub struct Defs {
 
 impl From<Vec<Def>> for Defs {
     fn from(list: Vec<Def>) -> Self {
-        let mut by_alias = HashMap::with_capacity(list.len());
-        let mut by_name = HashMap::with_capacity(list.len());
-        for (k, d) in list.iter().enumerate() {
-            if let Some(a) = d.1 {
-                by_alias.insert(a, k);
-            }
-            by_name.insert(d.0.clone(), k);
-        }
+        let defs = || list.iter().enumerate();
+        let by_alias = defs().filter_map(|(k, d)| Some((d.1?, k))).collect();
+        let by_name = defs().map(|(k, d)| (d.0.clone(), k)).collect();
         Defs {
             list,
             by_alias,
