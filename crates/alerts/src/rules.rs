@@ -8,53 +8,40 @@ use serde_json::{json, Value};
 
 use crate::facts::Facts;
 
-/// Everything that can be wrong with the cluster, as stored in `alerts.kind`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Kind {
-    DataStale,
-    NoLeader,
-    LeaderMqttDisconnected,
-    MqttSessionLost,
-    MqttClientIdFight,
-    DeadLettersRising,
-    LeaseFlapping,
-    MqttSubscriptionRefused,
-    Replication,
-    ConfigOutdated,
-    RouteSuspended,
+/// Declares [`Kind`], [`Kind::ALL`] in the order given, and each kind's `alerts.kind` text.
+macro_rules! kinds {
+    ($($kind:ident = $text:literal,)*) => {
+        /// Everything that can be wrong with the cluster, as stored in `alerts.kind`.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum Kind {
+            $($kind,)*
+        }
+
+        impl Kind {
+            pub const ALL: [Kind; [$($text),*].len()] = [$(Kind::$kind),*];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Kind::$kind => $text,)*
+                }
+            }
+        }
+    };
 }
 
-impl Kind {
-    pub const ALL: [Kind; 11] = [
-        Kind::DataStale,
-        Kind::NoLeader,
-        Kind::LeaderMqttDisconnected,
-        Kind::MqttSessionLost,
-        Kind::MqttClientIdFight,
-        Kind::DeadLettersRising,
-        Kind::LeaseFlapping,
-        Kind::MqttSubscriptionRefused,
-        Kind::Replication,
-        Kind::ConfigOutdated,
-        Kind::RouteSuspended,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::DataStale => "data_stale",
-            Kind::NoLeader => "no_leader",
-            Kind::LeaderMqttDisconnected => "leader_mqtt_disconnected",
-            Kind::MqttSessionLost => "mqtt_session_lost",
-            Kind::MqttClientIdFight => "mqtt_client_id_fight",
-            Kind::DeadLettersRising => "dead_letters_rising",
-            Kind::LeaseFlapping => "lease_flapping",
-            Kind::MqttSubscriptionRefused => "mqtt_subscription_refused",
-            Kind::Replication => "replication",
-            Kind::ConfigOutdated => "config_outdated",
-            Kind::RouteSuspended => "route_suspended",
-        }
-    }
+kinds! {
+    DataStale = "data_stale",
+    NoLeader = "no_leader",
+    LeaderMqttDisconnected = "leader_mqtt_disconnected",
+    MqttSessionLost = "mqtt_session_lost",
+    MqttClientIdFight = "mqtt_client_id_fight",
+    DeadLettersRising = "dead_letters_rising",
+    LeaseFlapping = "lease_flapping",
+    MqttSubscriptionRefused = "mqtt_subscription_refused",
+    Replication = "replication",
+    ConfigOutdated = "config_outdated",
+    RouteSuspended = "route_suspended",
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use crate::routes::RawRoutes;
-use crate::{shown_value, Config, Origin, Sources, CLUSTER_SETTINGS};
+use crate::{shown_secret, Config, Origin, Sources, CLUSTER_SETTINGS};
 
 /// The cluster settings one document sets, as their text, and its `[[routes]]`.
 #[derive(Clone, Default)]
@@ -50,7 +50,7 @@ impl ClusterSettings {
 
     /// The canonical TOML with secrets masked: what `config show` prints.
     pub fn to_shown_toml(&self) -> String {
-        self.write(shown_value)
+        self.write(shown_secret)
     }
 
     fn write(&self, show: impl Fn(&str, &str) -> String) -> String {
@@ -216,7 +216,7 @@ impl Config {
                         t.dedup();
                         t.join(",")
                     }
-                    _ if masked && !text.is_empty() => shown_value(key, &text),
+                    _ if masked && !text.is_empty() => shown_secret(key, &text),
                     _ => text,
                 };
                 (*key, text)

@@ -102,9 +102,10 @@ impl fmt::Display for Origin {
     }
 }
 
-/// A raw setting as errors and `Debug` may show it: a secret setting masked whole, a URL setting
-/// redacted, anything else redacted as text (a URL pasted into the wrong setting included).
-pub(crate) fn shown_value(key: &str, v: &str) -> String {
+/// A raw setting as errors, `Debug` and `config show` may show it: a secret setting masked whole,
+/// a URL setting redacted, anything else redacted as text (a URL pasted into the wrong setting
+/// included).
+pub fn shown_secret(key: &str, v: &str) -> String {
     match key {
         // Not a URL at all (a typo): its text may be a token; nothing of it is shown.
         "ALERT_WEBHOOK_URL" if !v.contains("://") => MASK.into(),
@@ -112,11 +113,6 @@ pub(crate) fn shown_value(key: &str, v: &str) -> String {
         k if is_secret_name(k) => MASK.into(),
         _ => redact(v),
     }
-}
-
-/// A setting's value as `config show` and errors show it (a secret masked).
-pub fn shown_secret(key: &str, v: &str) -> String {
-    shown_value(key, v)
 }
 
 /// What the node does with MQTT (names kept from the system Leasehold replaces).

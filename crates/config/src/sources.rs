@@ -11,7 +11,7 @@ use crate::routes::{self, RawRoutes, RouteSpec};
 use crate::settings::{self, in_section, ClusterValues, NodeSettings};
 use crate::ClusterSettings;
 use crate::FormatSpec;
-use crate::{redact, shown_value, ConfigError, Origin};
+use crate::{redact, shown_secret, ConfigError, Origin};
 
 /// The merged layers before parsing.
 #[derive(Clone)]
@@ -24,12 +24,12 @@ pub struct Sources {
     formats: Option<Vec<FormatSpec>>,
 }
 
-/// Raw values hold the secrets in clear: shown only as `shown_value` shows them.
+/// Raw values hold the secrets in clear: shown only as `shown_secret` shows them.
 impl fmt::Debug for Sources {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let set = crate::KEYS.iter().filter_map(|key| {
             let (v, origin) = self.raw(key)?;
-            Some((key, (shown_value(key, &v), origin)))
+            Some((key, (shown_secret(key, &v), origin)))
         });
         f.debug_map().entries(set).finish()
     }
@@ -155,7 +155,7 @@ impl Sources {
             let key = field.to_uppercase();
             let value = self
                 .raw(&key)
-                .map_or_else(String::new, |(v, _)| shown_value(&key, &v));
+                .map_or_else(String::new, |(v, _)| shown_secret(&key, &v));
             ConfigError::Invalid {
                 origin: self.origin(&field),
                 key,
@@ -210,7 +210,7 @@ impl Sources {
     ) -> ConfigError {
         ConfigError::Invalid {
             key: key.into(),
-            value: shown_value(key, &value.to_string()),
+            value: shown_secret(key, &value.to_string()),
             origin: self.origin(&key.to_lowercase()),
             reason,
         }
@@ -254,13 +254,10 @@ struct Layer {
 impl Layer {
     /// Values by lower-case key (environment, flags); an empty value unsets the setting.
     fn new(origin: Origin, values: impl IntoIterator<Item = (String, String)>) -> Self {
-        let mut data = Dict::new();
-        for (key, v) in values {
-            data.insert(key, Value::from(v));
-        }
+        let data = values.into_iter().map(|(k, v)| (k, Value::from(v)));
         Layer {
             origin,
-            data: normalized(data),
+            data: normalized(data.collect()),
         }
     }
 }
@@ -299,38 +296,27 @@ fn text_layer(text: &str, origin: Origin) -> Result<Document, ConfigError> {
         Origin::File(p) => p.clone(),
         other => other.to_string(),
     };
+    let refused = |reason: String| ConfigError::File {
+        path: shown.clone(),
+        reason,
+    };
     let mut table: toml::Table = text
         .parse()
-        .map_err(|e: toml::de::Error| ConfigError::File {
-            path: shown.clone(),
-            reason: e.message().to_string(),
-        })?;
-    let value = |v: toml::Value| {
-        Value::serialize(v).map_err(|e| ConfigError::File {
-            path: shown.clone(),
-            reason: e.to_string(),
-        })
-    };
+        .map_err(|e: toml::de::Error| refused(e.message().to_string()))?;
+    let value = |v: toml::Value| Value::serialize(v).map_err(|e| refused(e.to_string()));
     let routes = routes::take_raw(&mut table, text, &shown)?;
     let formats = crate::formats::take(&mut table, &shown)?;
     let mut data = Dict::new();
     let mut put = |key: &str, v: toml::Value, written: String| -> Result<(), ConfigError> {
         if v.is_table() {
-            return Err(ConfigError::File {
-                path: shown.clone(),
-                reason: format!("{written} must be a value, not a table"),
-            });
+            return Err(refused(format!("{written} must be a value, not a table")));
         }
         let key = key.to_lowercase();
         // Both forms for one setting: which one was meant cannot be guessed.
         if data.contains_key(&key) {
-            return Err(ConfigError::File {
-                path: shown.clone(),
-                reason: format!(
-                    "{} is set twice, as `{key}` and in its section; keep one",
-                    key.to_uppercase()
-                ),
-            });
+            let upper = key.to_uppercase();
+            let twice = format!("{upper} is set twice, as `{key}` and in its section; keep one");
+            return Err(refused(twice));
         }
         data.insert(key, value(v)?);
         Ok(())

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Duration, SecondsFormat, Utc};
 use leasehold_config::{Format, FormatSpec};
 use serde_json::value::RawValue;
-use serde_json::{Map, Number, Value};
+use serde_json::{json, Map, Number, Value};
 
 use crate::{contains_nul_escape, DecodeError, Decoder, Parsed, TopicPattern};
 
@@ -55,11 +55,16 @@ impl Unit {
     }
 
     fn refused_part(raw: Bytes, label: Option<String>, e: DecodeError) -> Unit {
+        Unit::part(raw, label, Err(e))
+    }
+
+    /// A part of a message decoded here, whose dead letter keeps its own bytes.
+    fn part(raw: Bytes, label: Option<String>, decoded: Result<Parsed, DecodeError>) -> Unit {
         Unit {
             payload: raw.clone(),
             raw,
             label,
-            decoded: Some(Err(e)),
+            decoded: Some(decoded),
         }
     }
 }
@@ -130,12 +135,8 @@ impl Decoder {
         received_at: DateTime<Utc>,
         sparkplug: Option<&mut crate::sparkplug::Host>,
     ) -> Vec<Result<(), String>> {
-        if payload.len() > self.max_payload_bytes {
-            return vec![Err(self
-                .check_size(payload)
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default())];
+        if let Err(e) = self.check_size(payload) {
+            return vec![Err(e.to_string())];
         }
         let units = match sparkplug {
             Some(host) if self.format_of(topic) == Format::SparkplugB => {
@@ -152,14 +153,10 @@ impl Decoder {
         units
             .into_iter()
             .map(|u| {
-                let decoded = match u.decoded {
-                    Some(d) => d,
-                    None => self.parse_light(topic, &u.payload),
-                };
-                let e = match decoded {
-                    Ok(p) => p.reading_error(topic),
-                    Err(e) => Some(e),
-                };
+                let decoded = u
+                    .decoded
+                    .unwrap_or_else(|| self.parse_light(topic, &u.payload));
+                let e = decoded.map_or_else(Some, |p| p.reading_error(topic));
                 match (e, u.label) {
                     (None, _) => Ok(()),
                     (Some(e), Some(l)) => Err(format!("{l}: {e}")),
@@ -272,24 +269,18 @@ impl Reader<'_> {
                 },
             }];
         }
+        let refused = |e: DecodeError| vec![Unit::refused(payload.clone(), e)];
         let elements: Vec<&RawValue> = match serde_json::from_slice(payload) {
             Ok(e) => e,
-            Err(e) => {
-                return vec![Unit::refused(
-                    payload.clone(),
-                    DecodeError::NotJson(e.to_string()),
-                )]
-            }
+            Err(e) => return refused(DecodeError::NotJson(e.to_string())),
         };
         if elements.len() > crate::MAX_READINGS {
-            let e = DecodeError::TooManyReadings { n: elements.len() };
-            return vec![Unit::refused(payload.clone(), e)];
+            return refused(DecodeError::TooManyReadings { n: elements.len() });
         }
         if elements.is_empty() {
-            return vec![Unit::refused(
-                payload.clone(),
-                DecodeError::NoReadings("an empty array holds no reading".into()),
-            )];
+            return refused(DecodeError::NoReadings(
+                "an empty array holds no reading".into(),
+            ));
         }
         let n = elements.len();
         let mut merged = Merger::default();
@@ -318,11 +309,7 @@ impl Reader<'_> {
         }
         let object = match serde_json::from_str::<Value>(t) {
             Ok(_) => format!("{{\"value\":{t}}}"),
-            Err(_) => {
-                let mut m = Map::new();
-                m.insert("value".into(), Value::String(t.to_string()));
-                Value::Object(m).to_string()
-            }
+            Err(_) => json!({ "value": t }).to_string(),
         };
         let reading = Bytes::from(object);
         let decoded = self.parse(&reading);
@@ -338,16 +325,14 @@ impl Reader<'_> {
     /// relative to receipt; 0: the receipt itself), values `bv + v`, sums `bs + s`. The records
     /// of one device at one instant are one reading.
     fn senml(&self, payload: &Bytes, received_at: DateTime<Utc>) -> Vec<Unit> {
+        let refused = |e: DecodeError| vec![Unit::refused(payload.clone(), e)];
         let records = match senml_records(payload) {
             Ok(records) => records,
-            Err(e) => return vec![Unit::refused(payload.clone(), e)],
+            Err(e) => return refused(e),
         };
         let n = records.len();
         if n > crate::MAX_READINGS {
-            return vec![Unit::refused(
-                payload.clone(),
-                DecodeError::TooManyReadings { n },
-            )];
+            return refused(DecodeError::TooManyReadings { n });
         }
         let topic_device = self.pattern.device_id(self.topic).map(str::to_string);
         let mut base = Base::default();
@@ -384,8 +369,9 @@ impl Reader<'_> {
             units.push(self.senml_unit(g, topic_device.is_none(), n));
         }
         if units.is_empty() {
-            let e = DecodeError::NoReadings("the SenML pack holds no value".into());
-            return vec![Unit::refused(payload.clone(), e)];
+            return refused(DecodeError::NoReadings(
+                "the SenML pack holds no value".into(),
+            ));
         }
         units
     }
@@ -485,15 +471,7 @@ impl Merger {
         let key = match (&p.device_id, &p.timestamp, p.reading_error(reader.topic)) {
             (Some(d), Ok(t), None) => (d.clone(), *t),
             // Not a reading for `telemetry` (a route may still take it): kept alone.
-            _ => {
-                self.units.push(Unit {
-                    payload: raw.clone(),
-                    raw,
-                    label: Some(label),
-                    decoded: Some(Ok(p)),
-                });
-                return;
-            }
+            _ => return self.units.push(Unit::part(raw, Some(label), Ok(p))),
         };
         // Only the latest reading of the key is tried: one comparison per element, however
         // many elements an array has.
@@ -529,12 +507,10 @@ impl Merger {
     fn finish(mut self, reader: &Reader<'_>) -> Vec<Unit> {
         for p in self.pending {
             match p.merged.filter(|_| p.labels.len() > 1) {
-                None => self.units.push(Unit {
-                    payload: p.raw.clone(),
-                    raw: p.raw,
-                    label: p.labels.into_iter().next(),
-                    decoded: Some(Ok(p.parsed)),
-                }),
+                None => {
+                    let label = p.labels.into_iter().next();
+                    self.units.push(Unit::part(p.raw, label, Ok(p.parsed)))
+                }
                 Some(fields) => {
                     let text = Bytes::from(Value::Object(fields).to_string());
                     let labels: Vec<&str> = p
@@ -543,12 +519,9 @@ impl Merger {
                         .map(|l| l.split(" of ").next().unwrap_or(l))
                         .collect();
                     let of = p.labels[0].split(" of ").nth(1).unwrap_or("");
-                    self.units.push(Unit {
-                        decoded: Some(reader.parse(&text)),
-                        payload: text.clone(),
-                        raw: text,
-                        label: Some(format!("{} of {of}", labels.join(", "))),
-                    });
+                    let label = Some(format!("{} of {of}", labels.join(", ")));
+                    let decoded = reader.parse(&text);
+                    self.units.push(Unit::part(text, label, decoded));
                 }
             }
         }
@@ -590,28 +563,20 @@ impl Resolved {
         let mut m = Map::new();
         if base {
             m.insert("bn".into(), Value::String(self.bn.clone()));
-            match (self.secs, self.time) {
-                (Some(secs), _) => {
-                    m.insert("bt".into(), number(secs));
-                }
-                (None, Some(t)) => {
-                    m.insert("bt".into(), number(t.timestamp_micros() as f64 / 1e6));
-                }
-                (None, None) => {}
+            let micros = self.time.map(|t| t.timestamp_micros() as f64 / 1e6);
+            if let Some(bt) = self.secs.or(micros) {
+                m.insert("bt".into(), number(bt));
             }
         }
         m.insert("n".into(), Value::String(self.n.clone()));
-        match &self.value {
-            Value::Null => {}
-            v @ Value::Number(_) => {
-                m.insert("v".into(), v.clone());
-            }
-            Value::Bool(b) => {
-                m.insert("vb".into(), Value::Bool(*b));
-            }
-            v => {
-                m.insert("vs".into(), v.clone());
-            }
+        let value_key = match &self.value {
+            Value::Null => None,
+            Value::Number(_) => Some("v"),
+            Value::Bool(_) => Some("vb"),
+            _ => Some("vs"),
+        };
+        if let Some(k) = value_key {
+            m.insert(k.into(), self.value.clone());
         }
         if let Some(s) = &self.sum {
             m.insert("s".into(), s.clone());
@@ -713,21 +678,11 @@ impl Base {
                 ));
             }
         }
-        if let Some(bn) = text("bn")? {
-            self.bn = bn;
-        }
-        if let Some(bt) = num("bt")? {
-            self.bt = bt;
-        }
-        if let Some(bu) = text("bu")? {
-            self.bu = Some(bu);
-        }
-        if let Some(bv) = num("bv")? {
-            self.bv = bv;
-        }
-        if let Some(bs) = num("bs")? {
-            self.bs = bs;
-        }
+        self.bn = text("bn")?.unwrap_or_else(|| std::mem::take(&mut self.bn));
+        self.bt = num("bt")?.unwrap_or(self.bt);
+        self.bu = text("bu")?.or(self.bu.take());
+        self.bv = num("bv")?.unwrap_or(self.bv);
+        self.bs = num("bs")?.unwrap_or(self.bs);
         let finite = |what: &str, x: f64| {
             Some(x)
                 .filter(|x| x.is_finite())

@@ -11,7 +11,7 @@
 //!   receipt time and the hash is [`content_hash`] of topic and bytes); a timestamp has
 //!   microsecond resolution, like `timestamptz`.
 
-use chrono::{Datelike, TimeZone, Utc};
+use chrono::{DateTime, Datelike, TimeZone, Utc};
 use serde_json::Value;
 
 use bytes::Bytes;
@@ -116,10 +116,7 @@ pub fn check_units(decoder: &Decoder, topic: &str, payload: &[u8], max: usize) {
     if payload.len() > max {
         return; // refused whole before any format reads it
     }
-    let at = Utc
-        .with_ymd_and_hms(2026, 1, 2, 3, 4, 5)
-        .single()
-        .expect("a valid instant");
+    let at = received_at();
     let bytes = Bytes::copy_from_slice(payload);
     let units = decoder.units(topic, &bytes, at);
     assert!(!units.is_empty(), "a message with no unit at all");
@@ -196,10 +193,7 @@ fn same_as_the_writers_parse(
 
 /// The decoder's invariants for one message (see the module's documentation).
 pub fn check(decoder: &Decoder, topic: &str, payload: &[u8], max: usize) {
-    let received_at = Utc
-        .with_ymd_and_hms(2026, 1, 2, 3, 4, 5)
-        .single()
-        .expect("a valid instant");
+    let received_at = received_at();
     let result = decoder.decode(topic, payload, received_at);
     assert_eq!(
         result,
@@ -272,6 +266,13 @@ pub fn check(decoder: &Decoder, topic: &str, payload: &[u8], max: usize) {
             );
         }
     }
+}
+
+/// The receipt time every checked message is given.
+fn received_at() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5)
+        .single()
+        .expect("a valid instant")
 }
 
 fn has_nul(v: &Value) -> bool {

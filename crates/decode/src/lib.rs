@@ -183,20 +183,15 @@ impl Decoder {
         }
         // Parsed from UTF-8 JSON: valid UTF-8.
         let payload_text = String::from_utf8_lossy(payload).into_owned();
-        let (device_id, ts) = (parsed.device_id.unwrap_or_default(), parsed.timestamp);
-        Ok(match ts.ok().flatten() {
-            Some(ts) => Reading {
-                device_id,
-                ts,
-                payload: payload_text,
-                content_hash: None,
-            },
-            None => Reading {
-                device_id,
-                ts: received_at,
-                payload: payload_text,
-                content_hash: Some(content_hash(topic, payload)),
-            },
+        let (ts, content_hash) = match parsed.timestamp.ok().flatten() {
+            Some(ts) => (ts, None),
+            None => (received_at, Some(content_hash(topic, payload))),
+        };
+        Ok(Reading {
+            device_id: parsed.device_id.unwrap_or_default(),
+            ts,
+            payload: payload_text,
+            content_hash,
         })
     }
 }
@@ -322,17 +317,12 @@ impl Parsed {
     /// it for beyond what [`Decoder::parse`] checks: no device id, one too long, a bad timestamp.
     pub fn reading_error(&self, topic: &str) -> Option<DecodeError> {
         match &self.device_id {
-            None => {
-                return Some(DecodeError::NoDeviceId {
-                    topic: topic.to_string(),
-                })
-            }
-            Some(d) if d.chars().count() > MAX_DEVICE_ID_LEN => {
-                return Some(DecodeError::DeviceIdTooLong)
-            }
-            Some(_) => {}
+            None => Some(DecodeError::NoDeviceId {
+                topic: topic.to_string(),
+            }),
+            Some(d) if d.chars().count() > MAX_DEVICE_ID_LEN => Some(DecodeError::DeviceIdTooLong),
+            Some(_) => self.timestamp.as_ref().err().cloned(),
         }
-        self.timestamp.as_ref().err().cloned()
     }
 }
 

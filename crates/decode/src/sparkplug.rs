@@ -17,7 +17,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Number, Value};
+use serde_json::{json, Map, Number, Value};
 use srad_types::payload::{
     data_set, metric, template, DataSet, DataType, Message as _, Metric, Payload, Template,
 };
@@ -46,6 +46,18 @@ pub enum Kind {
     DCmd,
 }
 
+/// The message types by their topic level.
+const KINDS: [(&str, Kind); 8] = [
+    ("NBIRTH", Kind::NBirth),
+    ("NDATA", Kind::NData),
+    ("NDEATH", Kind::NDeath),
+    ("DBIRTH", Kind::DBirth),
+    ("DDATA", Kind::DData),
+    ("DDEATH", Kind::DDeath),
+    ("NCMD", Kind::NCmd),
+    ("DCMD", Kind::DCmd),
+];
+
 /// What a topic under `spBv1.0/` is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SpTopic<'a> {
@@ -69,21 +81,11 @@ pub fn parse_topic(topic: &str) -> Result<SpTopic<'_>, String> {
     if parts.get(1) == Some(&"STATE") {
         return Ok(SpTopic::State);
     }
-    let kind = match parts.get(2).copied() {
-        Some("NBIRTH") => Kind::NBirth,
-        Some("NDATA") => Kind::NData,
-        Some("NDEATH") => Kind::NDeath,
-        Some("DBIRTH") => Kind::DBirth,
-        Some("DDATA") => Kind::DData,
-        Some("DDEATH") => Kind::DDeath,
-        Some("NCMD") => Kind::NCmd,
-        Some("DCMD") => Kind::DCmd,
-        other => {
-            return Err(format!(
-                "topic {topic:?}: {:?} is not a Sparkplug message type",
-                other.unwrap_or("")
-            ))
-        }
+    let level = parts.get(2).copied().unwrap_or("");
+    let Some(&(_, kind)) = KINDS.iter().find(|(name, _)| *name == level) else {
+        return Err(format!(
+            "topic {topic:?}: {level:?} is not a Sparkplug message type"
+        ));
     };
     let device_kind = matches!(kind, Kind::DBirth | Kind::DData | Kind::DDeath | Kind::DCmd);
     let want = if device_kind { 5 } else { 4 };
@@ -119,14 +121,9 @@ pub struct Defs {
 
 impl From<Vec<Def>> for Defs {
     fn from(list: Vec<Def>) -> Self {
-        let mut by_alias = HashMap::with_capacity(list.len());
-        let mut by_name = HashMap::with_capacity(list.len());
-        for (k, d) in list.iter().enumerate() {
-            if let Some(a) = d.1 {
-                by_alias.insert(a, k);
-            }
-            by_name.insert(d.0.clone(), k);
-        }
+        let defs = || list.iter().enumerate();
+        let by_alias = defs().filter_map(|(k, d)| Some((d.1?, k))).collect();
+        let by_name = defs().map(|(k, d)| (d.0.clone(), k)).collect();
         Defs {
             list,
             by_alias,
@@ -306,13 +303,8 @@ impl Host {
     /// Edge nodes online, devices online (of online edge nodes).
     pub fn online(&self) -> (usize, usize) {
         let nodes = self.nodes.values().filter(|n| n.online);
-        let mut devices = 0;
-        let mut count = 0;
-        for n in nodes {
-            count += 1;
-            devices += n.devices.values().filter(|d| d.online).count();
-        }
-        (count, devices)
+        let devices = nodes.clone().flat_map(|n| n.devices.values());
+        (nodes.count(), devices.filter(|d| d.online).count())
     }
 
     /// The newest birth held, of any edge node or device.
@@ -419,13 +411,9 @@ impl Host {
             // Commands to edge nodes (this host's rebirth requests among them): not readings.
             return Vec::new();
         }
-        let p = match Payload::decode(payload.as_ref()) {
+        let p = match decode(payload) {
             Ok(p) => p,
-            Err(e) => {
-                return refused(DecodeError::BadSparkplug(format!(
-                    "not a Sparkplug B payload: {e}"
-                )))
-            }
+            Err(e) => return refused(e),
         };
         let key: NodeKey = (group.to_string(), node.to_string());
         let m = Msg {
@@ -477,20 +465,11 @@ impl Host {
         let at = m.p.timestamp.and_then(millis);
         let prev = self.nodes.remove(&key).unwrap_or_default();
         // A new session: every device must be born again before its data is read.
-        let devices = prev
-            .devices
-            .into_iter()
-            .map(|(d, dev)| {
-                (
-                    d,
-                    Device {
-                        online: false,
-                        metrics: Defs::default(),
-                        ..dev
-                    },
-                )
-            })
-            .collect();
+        let mut devices = prev.devices;
+        for dev in devices.values_mut() {
+            dev.online = false;
+            dev.metrics = Defs::default();
+        }
         self.nodes.insert(
             key.clone(),
             Node {
@@ -760,12 +739,15 @@ pub fn read_alone(topic: &str, payload: &Bytes) -> Vec<Unit> {
         Ok(_) => return Vec::new(),
         Err(e) => return refused(DecodeError::BadSparkplug(e)),
     };
-    match Payload::decode(payload.as_ref()) {
+    match decode(payload) {
         Ok(p) => reading(&device, &p, &Defs::default(), payload),
-        Err(e) => refused(DecodeError::BadSparkplug(format!(
-            "not a Sparkplug B payload: {e}"
-        ))),
+        Err(e) => refused(e),
     }
+}
+
+fn decode(payload: &Bytes) -> Result<Payload, DecodeError> {
+    Payload::decode(payload.as_ref())
+        .map_err(|e| DecodeError::BadSparkplug(format!("not a Sparkplug B payload: {e}")))
 }
 
 /// Notes that `key` changed by at least `c`.
@@ -832,6 +814,14 @@ struct Group {
 }
 
 impl Group {
+    fn at(ts: Option<u64>) -> Self {
+        Group {
+            ts,
+            fields: Map::new(),
+            timestamps: Map::new(),
+        }
+    }
+
     /// A metric's value, and its own instant when it is not the reading's (checked in range).
     fn put(&mut self, name: String, value: Value, own: Option<u64>) {
         if let Some(t) = own.filter(|t| Some(*t) != self.ts).and_then(millis) {
@@ -892,11 +882,7 @@ fn elsewhere(groups: &mut Vec<Group>, name: String, value: Value, own: Option<u6
     {
         Some(i) => i + 1,
         None => {
-            groups.push(Group {
-                ts: own,
-                fields: Map::new(),
-                timestamps: Map::new(),
-            });
+            groups.push(Group::at(own));
             groups.len() - 1
         }
     };
@@ -914,11 +900,7 @@ fn reading(device: &str, p: &Payload, defs: &Defs, raw: &Bytes) -> Vec<Unit> {
     if p.metrics.len() > MAX_READINGS {
         return refused(DecodeError::TooManyReadings { n: p.metrics.len() });
     }
-    let mut groups: Vec<Group> = vec![Group {
-        ts: p.timestamp,
-        fields: Map::new(),
-        timestamps: Map::new(),
-    }];
+    let mut groups = vec![Group::at(p.timestamp)];
     // Each metric of the message's reading, with its own instant.
     let mut main_own: HashMap<String, Option<u64>> = HashMap::new();
     let mut array_values = 0usize;
@@ -932,12 +914,11 @@ fn reading(device: &str, p: &Payload, defs: &Defs, raw: &Bytes) -> Vec<Unit> {
         place(&mut groups, &mut main_own, name, value, own);
     }
     let n = groups.len();
-    let mut units = Vec::with_capacity(n);
-    for (k, g) in groups.into_iter().enumerate() {
-        let label = (n > 1).then(|| format!("reading {} of {n}", k + 1));
-        units.push(g.into_unit(device, raw, label));
-    }
+    let label = |k: usize| (n > 1).then(|| format!("reading {} of {n}", k + 1));
+    let units = groups.into_iter().enumerate();
     units
+        .map(|(k, g)| g.into_unit(device, raw, label(k)))
+        .collect()
 }
 
 /// Metric `k` (from 0) of a data message of `device`, resolved by `defs`: its name and value;
@@ -1222,22 +1203,8 @@ fn dataset(d: &DataSet) -> Result<Value, String> {
         }
         rows.push(Value::Array(out));
     }
-    let mut o = Map::new();
-    o.insert(
-        "columns".into(),
-        Value::Array(d.columns.iter().map(|c| Value::String(c.clone())).collect()),
-    );
-    o.insert(
-        "types".into(),
-        Value::Array(
-            types
-                .iter()
-                .map(|t| Value::String(t.as_str_name().into()))
-                .collect(),
-        ),
-    );
-    o.insert("rows".into(), Value::Array(rows));
-    Ok(Value::Object(o))
+    let types: Vec<&str> = types.iter().map(|t| t.as_str_name()).collect();
+    Ok(json!({"columns": d.columns, "types": types, "rows": rows}))
 }
 
 /// A template instance: `{"template_ref", "version", "metrics": {...}, "parameters": {...}}`.
@@ -1295,9 +1262,7 @@ pub fn rebirth_request(now_ms: u64) -> Vec<u8> {
     Payload {
         timestamp: Some(now_ms),
         metrics: vec![m],
-        seq: None,
-        uuid: None,
-        body: None,
+        ..Payload::default()
     }
     .encode_to_vec()
 }

@@ -96,22 +96,12 @@ pub fn judge_queue(p: QueueProbe) -> Check {
 /// comes back and counts them; then removes the session.
 /// `None` when cancelled, after removing the session all the same.
 async fn queue(cfg: &Config, cancel: &CancellationToken) -> Option<Check> {
-    let suffix = random_suffix();
-    let id = format!("leasehold-doctor-{suffix}");
-    let topic = format!("{PROBE_TOPIC_PREFIX}{suffix}");
+    let (id, topic) = probe_session();
     let res = tokio::select! {
         r = queue_probe(cfg, &id, &topic) => Some(r),
         _ = cancel.cancelled() => None,
     };
-    // Clean up whatever happened: a clean-session connect with the same id removes the session
-    // and its queue.
-    let reachable = match Conn::open(options(cfg, &id, true)).await {
-        Ok((c, _)) => {
-            c.close().await;
-            true
-        }
-        Err(_) => false,
-    };
+    let reachable = remove_session(cfg, &id).await;
     Some(match res? {
         Ok(p) => judge_queue(p),
         Err(e @ ProbeError::Connection(_)) if reachable => refused_check("broker.queue", &e),
@@ -119,17 +109,37 @@ async fn queue(cfg: &Config, cancel: &CancellationToken) -> Option<Check> {
     })
 }
 
-async fn queue_probe(cfg: &Config, id: &str, topic: &str) -> Result<QueueProbe, ProbeError> {
+/// A persistent probe session's client id and private topic.
+fn probe_session() -> (String, String) {
+    let suffix = random_suffix();
+    let topic = format!("{PROBE_TOPIC_PREFIX}{suffix}");
+    (format!("leasehold-doctor-{suffix}"), topic)
+}
+
+/// Subscribes the persistent session `id` to `topic` with QoS 1, then leaves it offline.
+async fn subscribe_offline(cfg: &Config, id: &str, topic: &str) -> Result<(), ProbeError> {
     let (mut sub, _) = Conn::open(options(cfg, id, false)).await?;
     check_granted(&sub.subscribe(&[topic.to_string()]).await?)
         .map_err(|_| ProbeError::Refused("a QoS 1 subscription to the probe topic"))?;
     sub.close().await;
-    let (mut publisher, _) = Conn::open(options(
-        cfg,
-        &format!("leasehold-doctor-{}", random_suffix()),
-        true,
-    ))
-    .await?;
+    Ok(())
+}
+
+/// Removes the session `id` whatever happened to it (a clean-session connect with the same id
+/// removes the session and its queue): whether the broker answered.
+async fn remove_session(cfg: &Config, id: &str) -> bool {
+    match Conn::open(options(cfg, id, true)).await {
+        Ok((c, _)) => {
+            c.close().await;
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+async fn queue_probe(cfg: &Config, id: &str, topic: &str) -> Result<QueueProbe, ProbeError> {
+    subscribe_offline(cfg, id, topic).await?;
+    let mut publisher = Conn::temporary(cfg).await?;
     let published = publisher
         .publish_all(
             topic,
@@ -164,16 +174,10 @@ async fn queue_probe(cfg: &Config, id: &str, topic: &str) -> Result<QueueProbe, 
 /// one published during a failover's gap.
 async fn queue_qos0(cfg: &Config) -> Check {
     const ID: &str = "broker.queue_qos0";
-    let suffix = random_suffix();
-    let id = format!("leasehold-doctor-{suffix}");
-    let topic = format!("{PROBE_TOPIC_PREFIX}{suffix}");
+    let (id, topic) = probe_session();
     let probe = async {
-        let (mut sub, _) = Conn::open(options(cfg, &id, false)).await?;
-        check_granted(&sub.subscribe(std::slice::from_ref(&topic)).await?)
-            .map_err(|_| ProbeError::Refused("a QoS 1 subscription to the probe topic"))?;
-        sub.close().await;
-        let pub_id = format!("leasehold-doctor-{}", random_suffix());
-        let (mut publisher, _) = Conn::open(options(cfg, &pub_id, true)).await?;
+        subscribe_offline(cfg, &id, &topic).await?;
+        let mut publisher = Conn::temporary(cfg).await?;
         publisher
             .publish_qos0(&topic, b"qos0 probe".to_vec())
             .await?;
@@ -186,9 +190,7 @@ async fn queue_qos0(cfg: &Config) -> Check {
         Ok::<_, ProbeError>(!got.is_empty())
     }
     .await;
-    if let Ok((c, _)) = Conn::open(options(cfg, &id, true)).await {
-        c.close().await;
-    }
+    remove_session(cfg, &id).await;
     match probe {
         Ok(true) => Check::ok(ID, "the broker queues QoS 0 messages for an offline persistent session"),
         Ok(false) => Check::warning(
@@ -223,9 +225,8 @@ async fn anonymous(cfg: &Config) -> Check {
     let mut anon = cfg.clone();
     anon.mqtt.username = None;
     anon.mqtt.password = None;
-    let id = format!("leasehold-doctor-{}", random_suffix());
-    match Conn::open(options(&anon, &id, true)).await {
-        Ok((c, _)) => {
+    match Conn::temporary(&anon).await {
+        Ok(c) => {
             c.close().await;
             Check::warning(
                 ID,
@@ -255,12 +256,7 @@ async fn pass_one(cfg: &Config, size: usize) -> Result<Passed, ProbeError> {
         Conn::open(options(cfg, &format!("leasehold-doctor-{suffix}"), true)).await?;
     sub.subscribe(std::slice::from_ref(&topic)).await?;
     let sent = async {
-        let (mut p, _) = Conn::open(options(
-            cfg,
-            &format!("leasehold-doctor-{}", random_suffix()),
-            true,
-        ))
-        .await?;
+        let mut p = Conn::temporary(cfg).await?;
         p.publish_all(&topic, false, [vec![b'x'; size]], Duration::from_secs(10))
             .await?;
         p.close().await;
@@ -383,8 +379,7 @@ async fn qos(cfg: &Config) -> Check {
         return judge_qos(&filters, &[]);
     }
     let res = async {
-        let id = format!("leasehold-doctor-{}", random_suffix());
-        let (mut c, _) = Conn::open(options(cfg, &id, true)).await?;
+        let mut c = Conn::temporary(cfg).await?;
         let mut codes = Vec::with_capacity(filters.len());
         for chunk in filters.chunks(50) {
             codes.extend(c.subscribe(chunk).await?);

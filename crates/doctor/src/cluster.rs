@@ -93,8 +93,7 @@ pub enum Found {
 /// Reads the retained claim on `client_id` (a retained message arrives right after SUBACK).
 pub async fn read(cfg: &Config, client_id: &str) -> Result<Found, ProbeError> {
     let topic = claim_topic(client_id);
-    let id = format!("leasehold-doctor-{}", random_suffix());
-    let (mut c, _) = Conn::open(options(cfg, &id, true)).await?;
+    let mut c = Conn::temporary(cfg).await?;
     let codes = c.subscribe(std::slice::from_ref(&topic)).await?;
     if !matches!(
         codes.first(),

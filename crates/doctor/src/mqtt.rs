@@ -66,6 +66,12 @@ impl Conn {
         Ok((conn, present))
     }
 
+    /// A clean connection under a temporary client id of its own (`leasehold-doctor-<random>`).
+    pub async fn temporary(cfg: &Config) -> Result<Conn, ProbeError> {
+        let id = format!("leasehold-doctor-{}", random_suffix());
+        Ok(Conn::open(options(cfg, &id, true)).await?.0)
+    }
+
     /// Polls until `pick` finds the packet wanted, within `limit`.
     async fn until<T>(
         &mut self,

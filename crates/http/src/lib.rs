@@ -334,21 +334,15 @@ fn warnings(s: &HttpState) -> Vec<String> {
 }
 
 async fn live(State(s): State<HttpState>) -> Response {
-    if s.lease.as_ref().is_some_and(|l| l.is_idle_leader()) {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"live": false, "reason": "holds the lease but runs no leadership term: not ingesting"})),
-        )
-            .into_response()
+    let reason = if s.lease.as_ref().is_some_and(|l| l.is_idle_leader()) {
+        "holds the lease but runs no leadership term: not ingesting"
     } else if stuck(&s) {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"live": false, "reason": "past the lease deadline while leading or draining: renewals stopped or demotion hangs"})),
-        )
-            .into_response()
+        "past the lease deadline while leading or draining: renewals stopped or demotion hangs"
     } else {
-        Json(json!({"live": true, "role": role_name(&s)})).into_response()
-    }
+        return Json(json!({"live": true, "role": role_name(&s)})).into_response();
+    };
+    let body = json!({"live": false, "reason": reason});
+    (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
 }
 
 async fn ready(State(s): State<HttpState>) -> Response {
@@ -420,10 +414,11 @@ fn unavailable(error: impl std::fmt::Display) -> Response {
 }
 
 /// Runs `work` on a pooled connection with a deadline; the error becomes a 503 body.
-async fn with_db<T, F, Fut>(s: &HttpState, work: F) -> Result<T, Response>
+async fn with_db<T, E, F, Fut>(s: &HttpState, work: F) -> Result<T, Response>
 where
     F: FnOnce(leasehold_store::PooledClient) -> Fut,
-    Fut: std::future::Future<Output = Result<T, String>>,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
 {
     let Some(pool) = &s.pool else {
         return Err(unavailable("no database configured"));
@@ -432,7 +427,7 @@ where
         let c = leasehold_store::pooled(pool)
             .await
             .map_err(|e| e.to_string())?;
-        work(c).await
+        work(c).await.map_err(|e| e.to_string())
     };
     match tokio::time::timeout(Duration::from_secs(5), run).await {
         Ok(Ok(v)) => Ok(v),
@@ -446,13 +441,9 @@ async fn recent_data(State(s): State<HttpState>) -> Response {
     let (stale_warning, stale_critical) = *s.stale.borrow();
     let window = stale_warning;
     let res = with_db(&s, |c| async move {
-        let age = leasehold_store::queries::newest_data_age(&**c)
-            .await
-            .map_err(|e| e.to_string())?;
-        let cov = leasehold_store::queries::device_coverage(&**c, window, 20)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok((age, cov))
+        let age = leasehold_store::queries::newest_data_age(&**c).await?;
+        let cov = leasehold_store::queries::device_coverage(&**c, window, 20).await?;
+        Ok::<_, leasehold_store::StoreError>((age, cov))
     })
     .await;
     let (age, cov) = match res {
@@ -484,11 +475,10 @@ async fn recent_data(State(s): State<HttpState>) -> Response {
 
 /// Recent alerts, on the shared pool: reading them is the same on every node, observers too.
 async fn alerts(State(s): State<HttpState>) -> Response {
-    let res = with_db(&s, |c| async move {
-        leasehold_alerts::recent(&c, 50)
-            .await
-            .map_err(|e| e.to_string())
-    })
+    let res = with_db(
+        &s,
+        |c| async move { leasehold_alerts::recent(&c, 50).await },
+    )
     .await;
     match res {
         Ok(rows) => {
@@ -543,9 +533,7 @@ async fn cluster(State(s): State<HttpState>) -> Response {
     }
     let lease_name = s.lease_name.clone();
     let res = with_db(&s, |c| async move {
-        ClusterReport::read(&**c, &lease_name)
-            .await
-            .map_err(|e| e.to_string())
+        ClusterReport::read(&**c, &lease_name).await
     })
     .await;
     match res {

@@ -153,7 +153,7 @@ async fn apply(
     client_id: &str,
     op: &LedgerOp,
 ) -> Result<Option<Reply>, LedgerError> {
-    Ok(match op {
+    let change = match op {
         LedgerOp::Load { conn, forget } => {
             let rows = if *forget {
                 ledger.write(client_id, LedgerChange::Forget).await?;
@@ -161,25 +161,18 @@ async fn apply(
             } else {
                 ledger.load(client_id).await?
             };
-            Some(Reply::Loaded { conn: *conn, rows })
+            return Ok(Some(Reply::Loaded { conn: *conn, rows }));
         }
         LedgerOp::Intent { chunk, filters } => {
             ledger
                 .write(client_id, LedgerChange::Pending(filters))
                 .await?;
-            Some(Reply::IntentWritten(*chunk))
+            return Ok(Some(Reply::IntentWritten(*chunk)));
         }
-        LedgerOp::Granted(g) => {
-            ledger.write(client_id, LedgerChange::Granted(g)).await?;
-            None
-        }
-        LedgerOp::Refused(r) => {
-            ledger.write(client_id, LedgerChange::Refused(r)).await?;
-            None
-        }
-        LedgerOp::Removed(f) => {
-            ledger.write(client_id, LedgerChange::Removed(f)).await?;
-            None
-        }
-    })
+        LedgerOp::Granted(g) => LedgerChange::Granted(g),
+        LedgerOp::Refused(r) => LedgerChange::Refused(r),
+        LedgerOp::Removed(f) => LedgerChange::Removed(f),
+    };
+    ledger.write(client_id, change).await?;
+    Ok(None)
 }

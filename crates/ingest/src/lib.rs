@@ -398,19 +398,14 @@ pub fn client_options(
         opts.set_credentials(u, p.clone().unwrap_or_default());
     }
     if endpoint.tls {
-        match tls_config(endpoint) {
-            Ok(c) => opts.set_transport(Transport::tls_with_config(
-                rumqttc::TlsConfiguration::Rustls(Arc::new(c)),
-            )),
+        let config = tls_config(endpoint).unwrap_or_else(|e| {
             // `leasehold run` checks this before starting; here the connection attempts
             // fail and say why instead of falling back to plain text.
-            Err(e) => {
-                tracing::error!(error = %e, "MQTT TLS set-up failed; connections will fail");
-                opts.set_transport(Transport::tls_with_config(
-                    rumqttc::TlsConfiguration::Rustls(Arc::new(empty_roots())),
-                ))
-            }
-        };
+            tracing::error!(error = %e, "MQTT TLS set-up failed; connections will fail");
+            empty_roots()
+        });
+        let tls = rumqttc::TlsConfiguration::Rustls(Arc::new(config));
+        opts.set_transport(Transport::tls_with_config(tls));
     }
     opts
 }
@@ -924,29 +919,19 @@ impl MqttIngest {
                         let _ = tx.send(op);
                     }
                 }
-                Action::Send {
-                    kind: Kind::Subscribe,
-                    filters,
-                    ..
-                } => self
-                    .eventloop
-                    .pending
-                    .push_back(Request::Subscribe(Subscribe::new_many(
-                        filters
-                            .into_iter()
-                            .map(|f| SubscribeFilter::new(f, QoS::AtLeastOnce)),
-                    ))),
-                Action::Send {
-                    kind: Kind::Unsubscribe,
-                    filters,
-                    ..
-                } => self
-                    .eventloop
-                    .pending
-                    .push_back(Request::Unsubscribe(Unsubscribe {
-                        pkid: 0,
-                        topics: filters,
-                    })),
+                Action::Send { kind, filters, .. } => {
+                    self.eventloop.pending.push_back(match kind {
+                        Kind::Subscribe => Request::Subscribe(Subscribe::new_many(
+                            filters
+                                .into_iter()
+                                .map(|f| SubscribeFilter::new(f, QoS::AtLeastOnce)),
+                        )),
+                        Kind::Unsubscribe => Request::Unsubscribe(Unsubscribe {
+                            pkid: 0,
+                            topics: filters,
+                        }),
+                    })
+                }
             }
         }
     }
@@ -983,16 +968,22 @@ impl MqttIngest {
                 Err(taken) => return taken,
             },
         };
-        self.forward(
-            p.pkid,
-            p.qos,
-            p.dup,
-            p.topic,
-            payload,
-            original_size,
-            conn,
-            reserved,
-        );
+        // Handed to the writer with its share of `MAX_PENDING` and `MAX_PENDING_BYTES`. The
+        // channel's capacity equals MAX_PENDING and each message holds a permit, so it cannot be
+        // full; if the writer is gone the message is simply not acknowledged.
+        if let Some(tx) = &self.tx {
+            let _ = tx.try_send(Inbound {
+                conn,
+                pkid: p.pkid,
+                qos: p.qos,
+                dup: p.dup,
+                topic: p.topic,
+                payload,
+                original_size,
+                received: self.read_at,
+                _permit: Some(reserved),
+            });
+        }
         Taken::Done
     }
 
@@ -1064,18 +1055,13 @@ impl MqttIngest {
             .last_full_log
             .is_none_or(|t: Instant| t.elapsed() > Duration::from_secs(10))
         {
-            let count_full = self.pending.available_permits() == 0;
+            let (setting, limit) = match self.pending.available_permits() {
+                0 => ("MAX_PENDING", self.cfg.max_pending),
+                _ => ("MAX_PENDING_BYTES", self.max_pending_bytes),
+            };
             events::PendingOverflow {
-                setting: if count_full {
-                    "MAX_PENDING"
-                } else {
-                    "MAX_PENDING_BYTES"
-                },
-                limit: if count_full {
-                    self.cfg.max_pending
-                } else {
-                    self.max_pending_bytes
-                },
+                setting,
+                limit,
                 pending: self.pending_count(),
                 pending_bytes: self.pending_byte_count(),
             }
@@ -1182,38 +1168,6 @@ impl MqttIngest {
             Ok(Err(e)) => Err(ConnectionError::MqttState(e)),
             Err(_) => Err(ConnectionError::FlushTimeout),
         }
-    }
-
-    /// Hands a message, with its share of `MAX_PENDING` and `MAX_PENDING_BYTES`, to the writer.
-    #[allow(clippy::too_many_arguments)]
-    fn forward(
-        &mut self,
-        pkid: u16,
-        qos: QoS,
-        dup: bool,
-        topic: String,
-        payload: Bytes,
-        original_size: usize,
-        conn: u64,
-        reserved: Reservation,
-    ) {
-        let Some(tx) = &self.tx else {
-            return;
-        };
-        let msg = Inbound {
-            conn,
-            pkid,
-            qos,
-            dup,
-            topic,
-            payload,
-            original_size,
-            received: self.read_at,
-            _permit: Some(reserved),
-        };
-        // Capacity equals MAX_PENDING and each message holds a permit, so this cannot be full;
-        // if the writer is gone the message is simply not acknowledged.
-        let _ = tx.try_send(msg);
     }
 
     /// Writes the PUBACKs of `batch` on the current connection with one flush; acks of an

@@ -142,7 +142,7 @@ pub fn chunk_filters(filters: impl IntoIterator<Item = String>) -> Vec<Vec<Strin
 const RETRY: Policy = Policy::new(RETRY_FIRST, RETRY_MAX).jitter(0.2);
 
 /// See the module documentation.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Subscriptions {
     configured: Vec<String>,
     /// The enabled `devices` topics, as last read.
@@ -184,27 +184,9 @@ impl Subscriptions {
         let wanted = configured.iter().cloned().collect();
         Subscriptions {
             configured,
-            devices: Vec::new(),
-            device_topics: 0,
-            devices_known: false,
             wanted,
-            confirmed: BTreeSet::new(),
-            uncertain: BTreeSet::new(),
-            missing: BTreeSet::new(),
-            extra: BTreeSet::new(),
-            failed: BTreeMap::new(),
-            conn: None,
-            loaded: false,
             next_chunk: 1,
-            chunks: BTreeMap::new(),
-            busy: HashSet::new(),
-            queued: HashMap::new(),
-            by_pkid: HashMap::new(),
-            next_retry_at: None,
-            round_started: None,
-            reported: None,
-            last_refusal_log: None,
-            refusals: 0,
+            ..Subscriptions::default()
         }
     }
 
@@ -557,41 +539,15 @@ impl Subscriptions {
         if self.conn.is_some() && self.loaded {
             let room = WINDOW.saturating_sub(self.chunks.len());
             if room > 0 {
-                let budget = room * MAX_FILTERS_PER_PACKET;
-                let subscribe: Vec<String> = self
-                    .missing
-                    .iter()
-                    .filter(|f| {
-                        !self.busy.contains(*f)
-                            && self.failed.get(*f).is_none_or(|x| x.retry_at <= now)
-                    })
-                    .take(budget)
-                    .cloned()
-                    .collect();
-                let mut packets: Vec<(Kind, Vec<String>)> = chunk_filters(subscribe)
-                    .into_iter()
-                    .take(room)
-                    .map(|c| (Kind::Subscribe, c))
-                    .collect();
+                let due = |f: &String| self.failed.get(f).is_none_or(|x| x.retry_at <= now);
+                let mut packets = self.packets(Kind::Subscribe, &self.missing, room, due);
                 let room = room - packets.len();
                 // Removed filters wait until the added ones are granted (or refused): a filter
                 // replaced by a wider one never leaves a gap in which nothing matches.
                 let subscribing =
                     !packets.is_empty() || self.chunks.values().any(|c| c.kind == Kind::Subscribe);
                 if room > 0 && self.devices_known && !subscribing {
-                    let unsubscribe: Vec<String> = self
-                        .extra
-                        .iter()
-                        .filter(|f| !self.busy.contains(*f))
-                        .take(room * MAX_FILTERS_PER_PACKET)
-                        .cloned()
-                        .collect();
-                    packets.extend(
-                        chunk_filters(unsubscribe)
-                            .into_iter()
-                            .take(room)
-                            .map(|c| (Kind::Unsubscribe, c)),
-                    );
+                    packets.extend(self.packets(Kind::Unsubscribe, &self.extra, room, |_| true));
                 }
                 for (kind, filters) in packets {
                     let id = self.next_chunk;
@@ -622,6 +578,21 @@ impl Subscriptions {
             .min();
         self.report(now);
         out
+    }
+
+    /// Up to `room` packets of `kind` for the filters of `set` that no packet is busy with and
+    /// that are `due`, in order.
+    fn packets(
+        &self,
+        kind: Kind,
+        set: &BTreeSet<String>,
+        room: usize,
+        due: impl Fn(&String) -> bool,
+    ) -> Vec<(Kind, Vec<String>)> {
+        let filters = set.iter().filter(|f| !self.busy.contains(*f) && due(f));
+        let filters = filters.take(room * MAX_FILTERS_PER_PACKET).cloned();
+        let packets = chunk_filters(filters).into_iter().take(room);
+        packets.map(|c| (kind, c)).collect()
     }
 
     /// Whether the session matches what is wanted, as far as can be done now (refused filters

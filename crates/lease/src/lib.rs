@@ -111,11 +111,16 @@ struct Shared {
 }
 
 impl Shared {
-    fn valid_until(&self) -> Option<Instant> {
-        match self.valid_until_ns.load(Ordering::Acquire) {
+    /// The instant `ns` holds (nanoseconds after `base`); `None` while it is 0.
+    fn instant(&self, ns: &AtomicU64) -> Option<Instant> {
+        match ns.load(Ordering::Acquire) {
             0 => None,
             ns => Some(self.base + Duration::from_nanos(ns)),
         }
+    }
+
+    fn valid_until(&self) -> Option<Instant> {
+        self.instant(&self.valid_until_ns)
     }
 
     fn mark_term_change(&self) {
@@ -169,15 +174,8 @@ impl LeaseHandle {
 
     /// Time since this node last acquired or renewed the lease; `None` if it never did.
     pub fn since_renew(&self) -> Option<Duration> {
-        match self.shared.renewed_ns.load(Ordering::Acquire) {
-            0 => None,
-            ns => Some(
-                self.shared
-                    .base
-                    .elapsed()
-                    .saturating_sub(Duration::from_nanos(ns)),
-            ),
-        }
+        let renewed = self.shared.instant(&self.shared.renewed_ns)?;
+        Some(renewed.elapsed())
     }
 
     /// Whether this node may still ingest right now (leading and before its local deadline).

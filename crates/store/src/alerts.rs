@@ -33,15 +33,8 @@ pub async fn recent(c: &impl GenericClient, limit: i64) -> Result<Vec<AlertRow>>
          FROM alerts ORDER BY (resolved_at IS NULL) DESC, opened_at DESC, id DESC LIMIT $1",
         &[&limit],
         |r| {
-            Ok(AlertRow {
-                id: r.try_get("id")?,
-                kind: r.try_get("kind")?,
-                level: r.try_get("level")?,
-                message: r.try_get("message")?,
-                opened_at: r.try_get("opened_at")?,
-                resolved_at: r.try_get("resolved_at")?,
-                opened_by: r.try_get("opened_by")?,
-                resolved_by: r.try_get("resolved_by")?,
+            from_row!(r => AlertRow {
+                id, kind, level, message, opened_at, resolved_at, opened_by, resolved_by,
             })
         },
     )
@@ -90,12 +83,7 @@ pub async fn update(c: &impl GenericClient, a: &AlertText<'_>) -> Result<Option<
          FROM old WHERE a.id = old.id
          RETURNING a.id, old.level AS old_level",
         &[&a.kind, &a.level, &a.message, a.details],
-        |r| {
-            Ok(Updated {
-                id: r.try_get("id")?,
-                old_level: r.try_get("old_level")?,
-            })
-        },
+        |r| from_row!(r => Updated { id, old_level }),
     )
     .await
 }
@@ -120,14 +108,7 @@ pub async fn resolve(c: &impl GenericClient, kind: &str, by: &str) -> Result<Opt
          RETURNING id, level, message,
                    extract(epoch from (resolved_at - opened_at))::float8 AS lasted",
         &[&kind, &by],
-        |r| {
-            Ok(Resolved {
-                id: r.try_get("id")?,
-                level: r.try_get("level")?,
-                message: r.try_get("message")?,
-                lasted: r.try_get("lasted")?,
-            })
-        },
+        |r| from_row!(r => Resolved { id, level, message, lasted }),
     )
     .await
 }
@@ -200,12 +181,7 @@ pub async fn dead_letters_within(c: &impl GenericClient, within: Duration) -> Re
                     AS latest_error
          FROM dead_letters WHERE received_at > clock_timestamp() - make_interval(secs => $1)",
         &[&within.as_secs_f64()],
-        |r| {
-            Ok(DeadLetters {
-                count: r.try_get("count")?,
-                latest_error: r.try_get("latest_error")?,
-            })
-        },
+        |r| from_row!(r => DeadLetters { count, latest_error }),
     )
     .await
 }

@@ -7,11 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use leasehold_decode::sparkplug::{Node, NodeChange, NodeKey};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 
 use crate::op::{self, Op};
 use crate::routes::ResolvedRoute;
+use crate::sparkplug::NodeArrays;
 use crate::statement::{batch_sql, carry, optimistic_sql, Carry, Wire, DEFAULTS_SQL};
 use crate::{pg_config, tls, Result, StoreError};
 
@@ -450,23 +452,12 @@ impl BatchWriter {
     }
 
     /// The Sparkplug B edge nodes recorded ([`crate::sparkplug::load`]), on this connection.
-    pub async fn sparkplug_nodes(
-        &self,
-    ) -> Result<
-        Vec<(
-            leasehold_decode::sparkplug::NodeKey,
-            leasehold_decode::sparkplug::Node,
-        )>,
-    > {
+    pub async fn sparkplug_nodes(&self) -> Result<Vec<(NodeKey, Node)>> {
         crate::sparkplug::load(&self.client).await
     }
 
     /// Records what a batch changed of Sparkplug B edge nodes, under `fence`.
-    pub async fn record_sparkplug(
-        &self,
-        fence: &Fence,
-        nodes: &[leasehold_decode::sparkplug::NodeChange],
-    ) -> Result<()> {
+    pub async fn record_sparkplug(&self, fence: &Fence, nodes: &[NodeChange]) -> Result<()> {
         crate::sparkplug::record(&self.client, fence, nodes).await
     }
 
@@ -521,11 +512,11 @@ impl BatchWriter {
         rows: &[RouteRow],
         dead: &[DeadLetter],
         optimistic: bool,
-        nodes: &[leasehold_decode::sparkplug::NodeChange],
+        nodes: &[NodeChange],
     ) -> Result<(BatchOutcome, Option<StoreError>)> {
         let arrays = match nodes.is_empty() {
             true => None,
-            false => Some(crate::sparkplug::NodeArrays::new(nodes)?),
+            false => Some(NodeArrays::new(nodes)?),
         };
         if arrays.is_some() && self.with_nodes.is_none() {
             let both = op::measured(Op::Session, async {
@@ -553,7 +544,7 @@ impl BatchWriter {
         rows: &[RouteRow],
         dead: &[DeadLetter],
         optimistic: bool,
-        nodes: Option<&crate::sparkplug::NodeArrays<'_>>,
+        nodes: Option<&NodeArrays<'_>>,
     ) -> Result<BatchOutcome> {
         match optimistic {
             true => self.attempt(fence, rows, dead, nodes).await,
@@ -567,7 +558,7 @@ impl BatchWriter {
         fence: &Fence,
         rows: &[RouteRow],
         dead: &[DeadLetter],
-        nodes: Option<&crate::sparkplug::NodeArrays<'_>>,
+        nodes: Option<&NodeArrays<'_>>,
     ) -> Result<BatchOutcome> {
         let redelivery = rows.iter().any(|r| r.message.dup) || dead.iter().any(|d| d.dup);
         if redelivery || self.full_for > 0 {
@@ -601,7 +592,7 @@ impl BatchWriter {
         fence: &Fence,
         rows: &[RouteRow],
         dead: &[DeadLetter],
-        nodes: Option<&crate::sparkplug::NodeArrays<'_>>,
+        nodes: Option<&NodeArrays<'_>>,
     ) -> Result<BatchOutcome> {
         let stmt = match (nodes, &self.with_nodes) {
             (Some(_), Some((f, _))) => f.clone(),
@@ -630,7 +621,7 @@ impl BatchWriter {
         fence: &Fence,
         rows: &[RouteRow],
         dead: &[DeadLetter],
-        nodes: Option<&crate::sparkplug::NodeArrays<'_>>,
+        nodes: Option<&NodeArrays<'_>>,
     ) -> Result<BatchOutcome> {
         let messages = message_params(rows);
         let dead = dead_params(dead);
@@ -723,6 +714,14 @@ impl tokio_postgres::types::ToSql for PgInterval {
 /// A statement parameter built for one write.
 type Param<'a> = Box<dyn ToSql + Send + Sync + 'a>;
 
+/// One array parameter: `f` of each of `items`.
+fn array<'a, I: IntoIterator, U>(items: I, f: impl FnMut(I::Item) -> U) -> Param<'a>
+where
+    U: ToSql + Send + Sync + 'a,
+{
+    Box::new(items.into_iter().map(f).collect::<Vec<U>>())
+}
+
 /// The messages of a part's rows, once each (`g` in the statement: `$7..$13`).
 fn message_params(rows: &[RouteRow]) -> [Param<'_>; 7] {
     let mut seen = vec![false; rows.iter().map(|r| r.idx + 1).max().unwrap_or(0)];
@@ -730,62 +729,37 @@ fn message_params(rows: &[RouteRow]) -> [Param<'_>; 7] {
         .iter()
         .filter(|r| !std::mem::replace(&mut seen[r.idx], true))
         .collect();
-    let m = |f: fn(&RouteRow) -> i32| rows.iter().map(|r| f(r)).collect::<Vec<i32>>();
+    let each = || rows.iter().copied();
     [
-        Box::new(m(|r| r.idx as i32)),
-        Box::new(
-            rows.iter()
-                .map(|r| storable_text(&r.message.topic))
-                .collect::<Vec<_>>(),
-        ),
+        array(each(), |r| r.idx as i32),
+        array(each(), |r| storable_text(&r.message.topic)),
         // A routed message was decoded from JSON: UTF-8, without NUL.
-        Box::new(
-            rows.iter()
-                .map(|r| match std::str::from_utf8(&r.message.payload) {
-                    Ok(text) => std::borrow::Cow::Borrowed(text),
-                    Err(_) => String::from_utf8_lossy(&r.message.payload),
-                })
-                .collect::<Vec<_>>(),
-        ),
-        Box::new(
-            rows.iter()
-                .map(|r| PgTime::from(r.message.received_at))
-                .collect::<Vec<_>>(),
-        ),
-        Box::new(
-            rows.iter()
-                .map(|r| r.message.content_hash.as_deref())
-                .collect::<Vec<_>>(),
-        ),
-        Box::new(m(|r| r.message.pkid)),
-        Box::new(rows.iter().map(|r| r.message.dup).collect::<Vec<_>>()),
+        array(each(), |r| match std::str::from_utf8(&r.message.payload) {
+            Ok(text) => std::borrow::Cow::Borrowed(text),
+            Err(_) => String::from_utf8_lossy(&r.message.payload),
+        }),
+        array(each(), |r| PgTime::from(r.message.received_at)),
+        array(each(), |r| r.message.content_hash.as_deref()),
+        array(each(), |r| r.message.pkid),
+        array(each(), |r| r.message.dup),
     ]
 }
 
 /// The dead letters' arrays (`dl` in the statement: `$14..$24`).
 fn dead_params(dead: &[DeadLetter]) -> [Param<'_>; 11] {
-    let text =
-        |f: fn(&DeadLetter) -> &str| dead.iter().map(|x| storable_text(f(x))).collect::<Vec<_>>();
+    use leasehold_decode::content_hash;
     [
-        Box::new(dead.iter().map(|x| x.idx as i32).collect::<Vec<_>>()),
-        Box::new(text(|x| &x.topic)),
-        Box::new(dead.iter().map(|x| &x.payload[..]).collect::<Vec<_>>()),
-        Box::new(
-            dead.iter()
-                .map(|x| i32::try_from(x.size).unwrap_or(i32::MAX))
-                .collect::<Vec<_>>(),
-        ),
-        Box::new(dead.iter().map(|x| x.reason).collect::<Vec<_>>()),
-        Box::new(text(|x| &x.error)),
-        Box::new(dead.iter().map(|x| x.received_at).collect::<Vec<_>>()),
-        Box::new(
-            dead.iter()
-                .map(|x| leasehold_decode::content_hash(&x.topic, &x.payload))
-                .collect::<Vec<_>>(),
-        ),
-        Box::new(dead.iter().map(|x| x.pkid).collect::<Vec<_>>()),
-        Box::new(dead.iter().map(|x| x.dup).collect::<Vec<_>>()),
-        Box::new(dead.iter().map(|x| x.route.as_deref()).collect::<Vec<_>>()),
+        array(dead, |x| x.idx as i32),
+        array(dead, |x| storable_text(&x.topic)),
+        array(dead, |x| &x.payload[..]),
+        array(dead, |x| i32::try_from(x.size).unwrap_or(i32::MAX)),
+        array(dead, |x| x.reason),
+        array(dead, |x| storable_text(&x.error)),
+        array(dead, |x| x.received_at),
+        array(dead, |x| content_hash(&x.topic, &x.payload)),
+        array(dead, |x| x.pkid),
+        array(dead, |x| x.dup),
+        array(dead, |x| x.route.as_deref()),
     ]
 }
 

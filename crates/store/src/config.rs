@@ -26,13 +26,7 @@ pub struct StoredConfig {
 const COLUMNS: &str = "version, settings, applied_at, applied_by, changes";
 
 fn row(r: &tokio_postgres::Row) -> Result<StoredConfig, tokio_postgres::Error> {
-    Ok(StoredConfig {
-        version: r.try_get("version")?,
-        settings: r.try_get("settings")?,
-        applied_at: r.try_get("applied_at")?,
-        applied_by: r.try_get("applied_by")?,
-        changes: r.try_get("changes")?,
-    })
+    from_row!(r => StoredConfig { version, settings, applied_at, applied_by, changes })
 }
 
 /// The active version: the highest. `None` before the first was applied or imported.

@@ -37,13 +37,7 @@ pub async fn durability(c: &impl GenericClient) -> Result<Durability> {
                 current_setting('synchronous_commit') AS synchronous_commit,
                 current_setting('full_page_writes') AS full_page_writes",
         &[],
-        |r| {
-            Ok(Durability {
-                fsync: r.try_get("fsync")?,
-                synchronous_commit: r.try_get("synchronous_commit")?,
-                full_page_writes: r.try_get("full_page_writes")?,
-            })
-        },
+        |r| from_row!(r => Durability { fsync, synchronous_commit, full_page_writes }),
     )
     .await
 }
@@ -71,13 +65,7 @@ pub async fn table_access(c: &impl GenericClient) -> Result<Vec<TableAccess>> {
                         AND NOT has_table_privilege(to_regclass(name), p)) AS missing
          FROM unnest($1::text[], $2::text[]) AS t(name, privs)",
         &[&names, &privs],
-        |r| {
-            Ok(TableAccess {
-                table: r.try_get("name")?,
-                present: r.try_get("present")?,
-                missing: r.try_get("missing")?,
-            })
-        },
+        |r| from_row!(r => TableAccess { table: "name", present, missing }),
     )
     .await
 }

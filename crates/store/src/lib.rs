@@ -24,6 +24,18 @@
 //! - [`tls`]: libpq's `sslmode` rules for `DATABASE_URL`, on `tokio-postgres-rustls` (SCRAM
 //!   channel binding).
 
+/// `Ok(T { field: row.try_get("field")?, ... })`: a struct read from a row, each field from the
+/// column of its own name, or of the name given (`field: "column"`), or set to a value
+/// (`field = value`).
+macro_rules! from_row {
+    (@field $r:ident, $f:ident) => { $r.try_get(stringify!($f))? };
+    (@field $r:ident, $f:ident : $c:literal) => { $r.try_get($c)? };
+    (@field $r:ident, $f:ident = $e:expr) => { $e };
+    ($r:ident => $T:ident { $($f:ident $(: $c:literal)? $(= $e:expr)?),* $(,)? }) => {
+        Ok($T { $($f: from_row!(@field $r, $f $(: $c)? $(= $e)?)),* })
+    };
+}
+
 pub mod alerts;
 pub mod batch;
 pub mod config;
@@ -312,12 +324,17 @@ pub(crate) async fn connect_hosts(
 pub async fn connect(url: &str, application_name: &str) -> Result<Client> {
     let (cfg, tls) = pg_config(url, application_name)?;
     let (client, conn) = connect_hosts(&cfg, &tls).await?;
+    drive(conn);
+    Ok(client)
+}
+
+/// Runs a connection's driver until the connection ends.
+fn drive(conn: DbConnection) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "database connection closed");
         }
-    });
-    Ok(client)
+    })
 }
 
 /// Like [`connect`], and the server's notices (warnings) on this connection arrive on the
@@ -368,14 +385,7 @@ impl deadpool_postgres::Connect for HostByHost {
         let cfg = pg_config.clone();
         Box::pin(async move {
             match connect_hosts(&cfg, &self.tls).await {
-                Ok((client, conn)) => {
-                    let driver = tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            tracing::debug!(error = %e, "database connection closed");
-                        }
-                    });
-                    Ok((client, driver))
-                }
+                Ok((client, conn)) => Ok((client, drive(conn))),
                 Err(StoreError::Db(e)) => Err(e),
                 // The pool speaks tokio-postgres' errors only; its timeout error is the one that
                 // says what happened.

@@ -78,15 +78,11 @@ impl Listener {
                 }
             }
         });
-        crate::op::measured(Op::Listen, async {
-            Ok(client
-                .batch_execute(&format!(
-                    "LISTEN {LEASE_CHANNEL}; LISTEN {DEVICES_CHANNEL}; LISTEN {CONTROL_CHANNEL}; LISTEN {};",
-                    crate::config::CONFIG_CHANNEL
-                ))
-                .await?)
-        })
-        .await?;
+        let listen = format!(
+            "LISTEN {LEASE_CHANNEL}; LISTEN {DEVICES_CHANNEL}; LISTEN {CONTROL_CHANNEL}; LISTEN {};",
+            crate::config::CONFIG_CHANNEL
+        );
+        crate::op::batch(&client, Op::Listen, &listen).await?;
         tracing::info!(
             reconnect = !first,
             "listening for lease, device, control and configuration notifications"

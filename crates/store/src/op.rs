@@ -12,111 +12,82 @@ use tokio_postgres::{GenericClient, Row, ToStatement};
 
 use crate::Result;
 
-/// What a statement is for: the `op` label of the query metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Op {
-    /// A standby's campaign for the lease.
-    LeaseAcquire,
-    /// The leader's renewal (the same statement as [`Op::LeaseAcquire`]).
-    LeaseRenew,
-    LeaseRelease,
-    LeaseRead,
-    WriteBatch,
-    /// The batch's optimistic statement; a failure is a fallback to [`Op::WriteBatch`]'s (a
-    /// key already stored, a row the table did not take).
-    WriteOptimistic,
-    DbClock,
-    /// Session settings and statement preparation on a new dedicated connection.
-    Session,
-    Migrate,
-    ClusterIdentity,
-    ClusterNodes,
-    Heartbeat,
-    NewestDataAge,
-    NoteNewest,
-    /// The Sparkplug B edge nodes recorded (a term's start, `leasehold status`).
-    SparkplugLoad,
-    /// What a batch changed of Sparkplug B edge nodes, under the fence.
-    SparkplugRecord,
-    /// `leasehold status`: recent dead letters by route.
-    DeadLettersByRoute,
-    DeviceTopics,
-    DeviceCoverage,
-    Ping,
-    StepDown,
-    LedgerRead,
-    LedgerWrite,
-    RefusedSubscriptions,
-    AlertsRecent,
-    AlertOpen,
-    AlertUpdate,
-    AlertResolve,
-    AlertFacts,
-    Prune,
-    Listen,
-    /// After a commit, whether a synchronous standby has flushed it (`REQUIRE_SYNC_REPLICATION`).
-    SyncConfirm,
-    /// Checking `[[routes]]` against the catalog at start and in `leasehold routes`.
-    RouteCheck,
-    /// Replication settings and standbys (`pg_stat_replication`).
-    Replication,
-    /// The cluster's configuration: the active version, a version, its history.
-    ConfigRead,
-    /// `leasehold config apply`, and the import of a first start.
-    ConfigApply,
-    /// `leasehold replay`: dead letters locked, removed, counted.
-    Replay,
-    /// `leasehold doctor`'s reads: settings, privileges, clock samples, the database's identity.
-    Doctor,
-    /// `telemetry`'s partitions: the move to them, created ahead, dropped by retention.
-    Partitions,
+/// Declares [`Op`] with each operation's metric label beside it.
+macro_rules! ops {
+    ($($(#[$doc:meta])* $op:ident = $label:literal,)*) => {
+        /// What a statement is for: the `op` label of the query metrics.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum Op {
+            $($(#[$doc])* $op,)*
+        }
+
+        impl Op {
+            /// The metric label.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Op::$op => $label,)*
+                }
+            }
+        }
+    };
 }
 
-impl Op {
-    /// The metric label.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Op::LeaseAcquire => "lease_acquire",
-            Op::LeaseRenew => "lease_renew",
-            Op::LeaseRelease => "lease_release",
-            Op::LeaseRead => "lease_read",
-            Op::WriteBatch => "write_batch",
-            Op::WriteOptimistic => "write_optimistic",
-            Op::DbClock => "db_clock",
-            Op::Session => "session",
-            Op::Migrate => "migrate",
-            Op::ClusterIdentity => "cluster_identity",
-            Op::ClusterNodes => "cluster_nodes",
-            Op::Heartbeat => "heartbeat",
-            Op::ConfigRead => "config_read",
-            Op::ConfigApply => "config_apply",
-            Op::Replay => "replay",
-            Op::NewestDataAge => "newest_data_age",
-            Op::NoteNewest => "note_newest",
-            Op::SparkplugLoad => "sparkplug_load",
-            Op::SparkplugRecord => "sparkplug_record",
-            Op::DeadLettersByRoute => "dead_letters_by_route",
-            Op::DeviceTopics => "device_topics",
-            Op::DeviceCoverage => "device_coverage",
-            Op::Ping => "ping",
-            Op::StepDown => "step_down",
-            Op::LedgerRead => "ledger_read",
-            Op::LedgerWrite => "ledger_write",
-            Op::RefusedSubscriptions => "refused_subscriptions",
-            Op::AlertsRecent => "alerts_recent",
-            Op::AlertOpen => "alert_open",
-            Op::AlertUpdate => "alert_update",
-            Op::AlertResolve => "alert_resolve",
-            Op::AlertFacts => "alert_facts",
-            Op::Prune => "prune",
-            Op::Listen => "listen",
-            Op::SyncConfirm => "sync_confirm",
-            Op::RouteCheck => "route_check",
-            Op::Replication => "replication",
-            Op::Doctor => "doctor",
-            Op::Partitions => "partitions",
-        }
-    }
+ops! {
+    /// A standby's campaign for the lease.
+    LeaseAcquire = "lease_acquire",
+    /// The leader's renewal (the same statement as [`Op::LeaseAcquire`]).
+    LeaseRenew = "lease_renew",
+    LeaseRelease = "lease_release",
+    LeaseRead = "lease_read",
+    WriteBatch = "write_batch",
+    /// The batch's optimistic statement; a failure is a fallback to [`Op::WriteBatch`]'s (a
+    /// key already stored, a row the table did not take).
+    WriteOptimistic = "write_optimistic",
+    DbClock = "db_clock",
+    /// Session settings and statement preparation on a new dedicated connection.
+    Session = "session",
+    Migrate = "migrate",
+    ClusterIdentity = "cluster_identity",
+    ClusterNodes = "cluster_nodes",
+    Heartbeat = "heartbeat",
+    NewestDataAge = "newest_data_age",
+    NoteNewest = "note_newest",
+    /// The Sparkplug B edge nodes recorded (a term's start, `leasehold status`).
+    SparkplugLoad = "sparkplug_load",
+    /// What a batch changed of Sparkplug B edge nodes, under the fence.
+    SparkplugRecord = "sparkplug_record",
+    /// `leasehold status`: recent dead letters by route.
+    DeadLettersByRoute = "dead_letters_by_route",
+    DeviceTopics = "device_topics",
+    DeviceCoverage = "device_coverage",
+    Ping = "ping",
+    StepDown = "step_down",
+    LedgerRead = "ledger_read",
+    LedgerWrite = "ledger_write",
+    RefusedSubscriptions = "refused_subscriptions",
+    AlertsRecent = "alerts_recent",
+    AlertOpen = "alert_open",
+    AlertUpdate = "alert_update",
+    AlertResolve = "alert_resolve",
+    AlertFacts = "alert_facts",
+    Prune = "prune",
+    Listen = "listen",
+    /// After a commit, whether a synchronous standby has flushed it (`REQUIRE_SYNC_REPLICATION`).
+    SyncConfirm = "sync_confirm",
+    /// Checking `[[routes]]` against the catalog at start and in `leasehold routes`.
+    RouteCheck = "route_check",
+    /// Replication settings and standbys (`pg_stat_replication`).
+    Replication = "replication",
+    /// The cluster's configuration: the active version, a version, its history.
+    ConfigRead = "config_read",
+    /// `leasehold config apply`, and the import of a first start.
+    ConfigApply = "config_apply",
+    /// `leasehold replay`: dead letters locked, removed, counted.
+    Replay = "replay",
+    /// `leasehold doctor`'s reads: settings, privileges, clock samples, the database's identity.
+    Doctor = "doctor",
+    /// `telemetry`'s partitions: the move to them, created ahead, dropped by retention.
+    Partitions = "partitions",
 }
 
 /// Runs `work` (one or more statements of `op`), recording its duration and whether it failed.
@@ -192,6 +163,11 @@ where
             .collect::<Result<Vec<T>, _>>()?)
     })
     .await
+}
+
+/// Statements without parameters or rows, by the simple query protocol.
+pub(crate) async fn batch(c: &impl GenericClient, op: Op, sql: &str) -> Result<()> {
+    measured(op, async { Ok(c.batch_execute(sql).await?) }).await
 }
 
 /// A statement's count of rows changed.

@@ -176,14 +176,7 @@ pub async fn partitions(c: &impl GenericClient) -> Result<Vec<Partition>> {
            WHERE i.inhparent = 'telemetry'::regclass AND p.b IS NOT NULL
            ORDER BY lo NULLS FIRST"#,
         &[],
-        |r| {
-            Ok(Partition {
-                name: r.try_get("name")?,
-                from: r.try_get("lo")?,
-                to: r.try_get("hi")?,
-                is_default: r.try_get("is_default")?,
-            })
-        },
+        |r| from_row!(r => Partition { name, from: "lo", to: "hi", is_default }),
     )
     .await
 }
@@ -227,12 +220,7 @@ pub async fn pending_of(c: &impl GenericClient) -> Result<Option<Pending>> {
         Op::Partitions,
         "SELECT legacy, cutover FROM telemetry_partitioning ORDER BY cutover LIMIT 1",
         &[],
-        |r| {
-            Ok(Pending {
-                legacy: r.try_get("legacy")?,
-                cutover: r.try_get("cutover")?,
-            })
-        },
+        |r| from_row!(r => Pending { legacy, cutover }),
     )
     .await
 }
@@ -273,8 +261,8 @@ async fn fenced<'a>(c: &'a mut Client, fence: &Fenced<'_>, locks: &str) -> Resul
     }
 }
 
-async fn run(tx: &Transaction<'_>, sql: &str) -> Result<()> {
-    op::measured(Op::Partitions, async { Ok(tx.batch_execute(sql).await?) }).await
+async fn run(c: &impl GenericClient, sql: &str) -> Result<()> {
+    op::batch(c, Op::Partitions, sql).await
 }
 
 /// The columns of `table`, quoted, in order: what a move copies (an operator's own columns too;
@@ -484,13 +472,10 @@ async fn validate(c: &Client, p: &Pending) -> Result<bool> {
         Some(true) => return Ok(true),
         Some(false) => {}
         None => {
-            op::measured(Op::Partitions, async {
-                Ok(c.batch_execute(&format!(
-                    "ALTER TABLE {legacy} ADD CONSTRAINT {legacy}_range CHECK (ts < {cutover}) NOT VALID",
-                    cutover = lit(p.cutover)
-                ))
-                .await?)
-            })
+            let cutover = lit(p.cutover);
+            run(c, &format!(
+                "ALTER TABLE {legacy} ADD CONSTRAINT {legacy}_range CHECK (ts < {cutover}) NOT VALID"
+            ))
             .await?;
         }
     }
@@ -516,12 +501,10 @@ async fn validate(c: &Client, p: &Pending) -> Result<bool> {
     ))
     .await?;
     // SHARE UPDATE EXCLUSIVE: reads of the old table go on while it is scanned.
-    let res = op::measured(Op::Partitions, async {
-        Ok(c.batch_execute(&format!(
-            "ALTER TABLE {legacy} VALIDATE CONSTRAINT {legacy}_range"
-        ))
-        .await?)
-    })
+    let res = run(
+        c,
+        &format!("ALTER TABLE {legacy} VALIDATE CONSTRAINT {legacy}_range"),
+    )
     .await;
     c.batch_execute("RESET statement_timeout").await?;
     match res {

@@ -34,14 +34,8 @@ impl LeaseRow {
     }
 
     fn read(r: &Row) -> Result<Self, tokio_postgres::Error> {
-        Ok(LeaseRow {
-            holder_id: r.try_get("holder_id")?,
-            instance_id: r.try_get("instance_id")?,
-            epoch: r.try_get("epoch")?,
-            acquired_at: r.try_get("acquired_at")?,
-            renewed_at: r.try_get("renewed_at")?,
-            expires_at: r.try_get("expires_at")?,
-            expires_in_ms: r.try_get("expires_in_ms")?,
+        from_row!(r => LeaseRow {
+            holder_id, instance_id, epoch, acquired_at, renewed_at, expires_at, expires_in_ms
         })
     }
 }
@@ -83,12 +77,7 @@ pub async fn cluster_identity(c: &impl GenericClient) -> Result<Option<ClusterId
         Op::ClusterIdentity,
         "SELECT cluster_id::text AS cluster_id, created_at FROM cluster_identity",
         &[],
-        |r| {
-            Ok(ClusterIdentity {
-                cluster_id: r.try_get("cluster_id")?,
-                created_at: r.try_get("created_at")?,
-            })
-        },
+        |r| from_row!(r => ClusterIdentity { cluster_id, created_at }),
     )
     .await
 }
@@ -179,22 +168,10 @@ async fn cluster_nodes(c: &impl GenericClient) -> Result<Vec<NodeRow>> {
         ),
         &[],
         |r| {
-            Ok(NodeRow {
-                holder_id: r.try_get("holder_id")?,
-                instance_id: r.try_get("instance_id")?,
-                role: r.try_get("role")?,
-                mode: r.try_get("mode")?,
-                version: r.try_get("version")?,
-                http_url: r.try_get("http_url")?,
-                started_at: r.try_get("started_at")?,
-                last_seen: r.try_get("last_seen")?,
-                last_seen_seconds_ago: r.try_get("ago")?,
-                alive: r.try_get("alive")?,
-                leads: false,
-                mqtt_connected: r.try_get("mqtt_connected")?,
-                mqtt_client_id: r.try_get("mqtt_client_id")?,
-                mqtt_client_id_source: r.try_get("mqtt_client_id_source")?,
-                config_version: r.try_get("config_version")?,
+            from_row!(r => NodeRow {
+                holder_id, instance_id, role, mode, version, http_url, started_at, last_seen,
+                last_seen_seconds_ago: "ago", alive, leads = false, mqtt_connected,
+                mqtt_client_id, mqtt_client_id_source, config_version,
             })
         },
     )
@@ -224,13 +201,7 @@ pub async fn alive(c: &impl GenericClient) -> Result<Alive> {
             alive!()
         ),
         &[],
-        |r| {
-            Ok(Alive {
-                nodes: r.try_get("nodes")?,
-                production: r.try_get("production")?,
-                uptime: r.try_get("uptime")?,
-            })
-        },
+        |r| from_row!(r => Alive { nodes, production, uptime }),
     )
     .await
 }
@@ -420,13 +391,8 @@ pub async fn device_coverage(
     // first: with a partition's statistics taken while it was nearly empty (a new day, a burst),
     // the planner would rather read all of a device's readings of the day and sort them. No
     // sort then (and no JIT for a query of milliseconds), for this statement only.
-    op::measured(Op::DeviceCoverage, async {
-        Ok(
-            c.batch_execute("BEGIN; SET LOCAL enable_sort = off; SET LOCAL jit = off")
-                .await?,
-        )
-    })
-    .await?;
+    let begin = "BEGIN; SET LOCAL enable_sort = off; SET LOCAL jit = off";
+    op::batch(c, Op::DeviceCoverage, begin).await?;
     let rows = op::all(
         c,
         Op::DeviceCoverage,
@@ -464,10 +430,7 @@ pub async fn device_coverage(
     )
     .await;
     let end = if rows.is_ok() { "COMMIT" } else { "ROLLBACK" };
-    op::measured(Op::DeviceCoverage, async {
-        Ok(c.batch_execute(end).await?)
-    })
-    .await?;
+    op::batch(c, Op::DeviceCoverage, end).await?;
     let rows = rows?;
     let (enabled, heard) = rows.first().map(|r| (r.0, r.1)).unwrap_or((0, 0));
     Ok(Coverage {
@@ -493,12 +456,7 @@ pub async fn ledger(c: &impl GenericClient, client_id: &str) -> Result<Vec<Ledge
         "SELECT topic_filter, state = 'subscribed' AS subscribed FROM mqtt_subscriptions
          WHERE client_id = $1 ORDER BY topic_filter",
         &[&client_id],
-        |r| {
-            Ok(LedgerRow {
-                topic_filter: r.try_get("topic_filter")?,
-                subscribed: r.try_get("subscribed")?,
-            })
-        },
+        |r| from_row!(r => LedgerRow { topic_filter, subscribed }),
     )
     .await
 }
@@ -533,22 +491,28 @@ pub async fn write_ledger(
     client_id: &str,
     write: &LedgerWrite<'_>,
 ) -> Result<u64> {
-    let (sql, rows) = match write {
-        LedgerWrite::Forget => (
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+        &fence.lease_name,
+        &fence.holder_id,
+        &fence.epoch,
+        &client_id,
+    ];
+    let sql = match write {
+        LedgerWrite::Forget => {
             "DELETE FROM mqtt_subscriptions WHERE client_id = $4 AND EXISTS (SELECT 1 FROM fence)
-             RETURNING 1",
-            None,
-        ),
-        LedgerWrite::Pending(f) => (
+             RETURNING 1"
+        }
+        LedgerWrite::Pending(f) => {
+            params.push(f);
             "INSERT INTO mqtt_subscriptions AS s (client_id, topic_filter, state, lease_epoch)
              SELECT $4, f, 'pending', $3 FROM unnest($5::text[]) AS u(f)
              WHERE EXISTS (SELECT 1 FROM fence)
              ON CONFLICT (client_id, topic_filter) DO UPDATE
                  SET state = 'pending', updated_at = now(), lease_epoch = EXCLUDED.lease_epoch
-             RETURNING 1",
-            Some(Rows::Filters(f)),
-        ),
-        LedgerWrite::Granted(f, q) => (
+             RETURNING 1"
+        }
+        LedgerWrite::Granted(f, q) => {
+            params.extend::<[&(dyn ToSql + Sync); 2]>([f, q]);
             "INSERT INTO mqtt_subscriptions AS s (client_id, topic_filter, state, granted_qos, lease_epoch)
              SELECT $4, f, 'subscribed', q, $3 FROM unnest($5::text[], $6::int2[]) AS u(f, q)
              WHERE EXISTS (SELECT 1 FROM fence)
@@ -556,10 +520,10 @@ pub async fn write_ledger(
                  SET state = 'subscribed', granted_qos = EXCLUDED.granted_qos, refused_at = NULL,
                      refusal = NULL, attempts = 0, updated_at = now(),
                      lease_epoch = EXCLUDED.lease_epoch
-             RETURNING 1",
-            Some(Rows::Qos(f, q)),
-        ),
-        LedgerWrite::Refused(f, r) => (
+             RETURNING 1"
+        }
+        LedgerWrite::Refused(f, r) => {
+            params.extend::<[&(dyn ToSql + Sync); 2]>([f, r]);
             "INSERT INTO mqtt_subscriptions AS s (client_id, topic_filter, state, refused_at, refusal,
                                                attempts, lease_epoch)
              SELECT $4, f, 'pending', now(), r, 1, $3 FROM unnest($5::text[], $6::text[]) AS u(f, r)
@@ -568,32 +532,19 @@ pub async fn write_ledger(
                  SET state = 'pending', refused_at = now(), refusal = EXCLUDED.refusal,
                      attempts = s.attempts + 1, updated_at = now(),
                      lease_epoch = EXCLUDED.lease_epoch
-             RETURNING 1",
-            Some(Rows::Reasons(f, r)),
-        ),
-        LedgerWrite::Removed(f) => (
+             RETURNING 1"
+        }
+        LedgerWrite::Removed(f) => {
+            params.push(f);
             "DELETE FROM mqtt_subscriptions
              WHERE client_id = $4 AND topic_filter = ANY($5::text[]) AND EXISTS (SELECT 1 FROM fence)
-             RETURNING 1",
-            Some(Rows::Filters(f)),
-        ),
+             RETURNING 1"
+        }
     };
     let sql = format!(
         "WITH {FENCE_CTE}, w AS ({sql})
          SELECT (SELECT count(*) FROM fence) AS held, (SELECT count(*) FROM w) AS changed"
     );
-    let mut params: Vec<&(dyn ToSql + Sync)> = vec![
-        &fence.lease_name,
-        &fence.holder_id,
-        &fence.epoch,
-        &client_id,
-    ];
-    match &rows {
-        None => {}
-        Some(Rows::Filters(f)) => params.push(f),
-        Some(Rows::Qos(f, q)) => params.extend::<[&(dyn ToSql + Sync); 2]>([f, q]),
-        Some(Rows::Reasons(f, r)) => params.extend::<[&(dyn ToSql + Sync); 2]>([f, r]),
-    }
     let (held, changed) = op::one(c, Op::LedgerWrite, &sql, &params, |r| {
         Ok((
             r.try_get::<_, i64>("held")?,
@@ -605,13 +556,6 @@ pub async fn write_ledger(
         return Err(crate::StoreError::Fenced { epoch: fence.epoch });
     }
     Ok(changed as u64)
-}
-
-/// The array parameters of a ledger write.
-enum Rows<'a> {
-    Filters(&'a [String]),
-    Qos(&'a [String], &'a [i16]),
-    Reasons(&'a [String], &'a [String]),
 }
 
 /// Topic filters the broker refused lately, for the `mqtt_subscription_refused` alert.
@@ -642,15 +586,9 @@ pub async fn refused_subscriptions(
         &[&within.as_secs_f64(), &list],
         |r| {
             let filter: Option<String> = r.try_get("topic_filter")?;
-            let latest = match filter {
-                Some(f) => Some((
-                    f,
-                    r.try_get::<_, Option<String>>("refusal")?
-                        .unwrap_or_default(),
-                    r.try_get::<_, Option<i32>>("attempts")?.unwrap_or(0),
-                )),
-                None => None,
-            };
+            let refusal: Option<String> = r.try_get("refusal")?;
+            let attempts: Option<i32> = r.try_get("attempts")?;
+            let latest = filter.map(|f| (f, refusal.unwrap_or_default(), attempts.unwrap_or(0)));
             Ok((r.try_get::<_, i64>("count")?, latest))
         },
     )
@@ -690,13 +628,7 @@ pub async fn config_outdated(
              ORDER BY 1"
         ),
         &[&grace.as_secs_f64()],
-        |r| {
-            Ok(OutdatedNode {
-                instance_id: r.try_get("instance_id")?,
-                running: r.try_get("config_version")?,
-                active: r.try_get("version")?,
-            })
-        },
+        |r| from_row!(r => OutdatedNode { instance_id, running: "config_version", active: "version" }),
     )
     .await
 }

@@ -73,19 +73,13 @@ pub async fn count(
 impl BatchWriter {
     /// `BEGIN`: the statements up to [`BatchWriter::finish`] are one transaction.
     pub async fn begin(&self) -> Result<()> {
-        op::measured(Op::Replay, async {
-            Ok(self.client.batch_execute("BEGIN").await?)
-        })
-        .await
+        op::batch(&self.client, Op::Replay, "BEGIN").await
     }
 
     /// `COMMIT` (or `ROLLBACK` when `commit` is false: a dry run, or a failed statement).
     pub async fn finish(&self, commit: bool) -> Result<()> {
         let sql = if commit { "COMMIT" } else { "ROLLBACK" };
-        op::measured(Op::Replay, async {
-            Ok(self.client.batch_execute(sql).await?)
-        })
-        .await
+        op::batch(&self.client, Op::Replay, sql).await
     }
 
     /// Locks up to `limit` dead letters of `sel` with an id in `(after, upto]` (in id order),
@@ -120,17 +114,9 @@ impl BatchWriter {
                 &upto,
             ],
             |r| {
-                Ok(StoredDeadLetter {
-                    id: r.try_get("id")?,
-                    topic: r.try_get("topic")?,
-                    payload: r.try_get("payload")?,
-                    size: r.try_get("size")?,
-                    received_at: r.try_get("received_at")?,
-                    pkid: r.try_get("mqtt_pkid")?,
-                    dup: r.try_get("possible_duplicate")?,
-                    reason: r.try_get("reason")?,
-                    error: r.try_get("error")?,
-                    route: r.try_get("route")?,
+                from_row!(r => StoredDeadLetter {
+                    id, topic, payload, size, received_at, pkid: "mqtt_pkid",
+                    dup: "possible_duplicate", reason, error, route,
                 })
             },
         )

@@ -10,13 +10,7 @@ use crate::Result;
 pub use leasehold_telemetry::replication::{ReplicationStatus, Standby};
 
 fn standby(r: &Row) -> Result<Standby, tokio_postgres::Error> {
-    Ok(Standby {
-        application_name: r.try_get("application_name")?,
-        state: r.try_get("state")?,
-        sync_state: r.try_get("sync_state")?,
-        flush_lag_ms: r.try_get("flush_lag_ms")?,
-        replay_lag_ms: r.try_get("replay_lag_ms")?,
-    })
+    from_row!(r => Standby { application_name, state, sync_state, flush_lag_ms, replay_lag_ms })
 }
 
 /// The replication of this database's commits: settings from `current_setting`, standbys from

@@ -101,12 +101,11 @@ pub async fn round(
 ) -> Result<Option<Vec<(Table, Pruned)>>> {
     let c = crate::connect(url, "leasehold-retention").await?;
     // A batch that cannot get its locks quickly waits for the next round instead.
-    op::measured(Op::Session, async {
-        Ok(
-            c.batch_execute("SET statement_timeout = '30s'; SET lock_timeout = '5s'")
-                .await?,
-        )
-    })
+    op::batch(
+        &c,
+        Op::Session,
+        "SET statement_timeout = '30s'; SET lock_timeout = '5s'",
+    )
     .await?;
     let locked: bool = op::one(
         &c,

@@ -87,22 +87,13 @@ impl ResolvedRoute {
             has_default: false,
             collation: None,
         };
+        const TZ: &str = "timestamp with time zone";
         let mut columns = vec![
             col("device_id", Source::DeviceId, "text", Text),
             col("topic", Source::Topic, "text", Text),
-            col(
-                "ts",
-                Source::Timestamp,
-                "timestamp with time zone",
-                Timestamptz,
-            ),
+            col("ts", Source::Timestamp, TZ, Timestamptz),
             col("payload", Source::Payload, "jsonb", Jsonb),
-            col(
-                "received_at",
-                Source::ReceivedAt,
-                "timestamp with time zone",
-                Timestamptz,
-            ),
+            col("received_at", Source::ReceivedAt, TZ, Timestamptz),
             col("written_by", Source::WrittenBy, "text", Text),
             col("lease_epoch", Source::LeaseEpoch, "bigint", Int8),
             col("content_hash", Source::ContentHash, "text", Text),
@@ -336,21 +327,12 @@ async fn find_table(
 ) -> Result<Option<Table>> {
     // to_regclass follows the search path and SQL's quoting, and refuses a malformed name.
     let table = measured(Op::RouteCheck, async {
-        match client
-            .query_opt(
-                "SELECT c.oid, n.nspname::text AS schema, c.relname::text AS name,
-                        c.relkind::text AS kind,
-                        has_schema_privilege(n.oid, 'USAGE') AS usage
-                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                 WHERE c.oid = to_regclass($1::text)",
-                &[&spec.table],
-            )
-            .await
-        {
-            Ok(row) => Ok(Ok(row)),
-            Err(e) if e.as_db_error().is_some() => Ok(Err(crate::database_words(&e))),
-            Err(e) => Err(e.into()),
-        }
+        let sql = "SELECT c.oid, n.nspname::text AS schema, c.relname::text AS name,
+                          c.relkind::text AS kind,
+                          has_schema_privilege(n.oid, 'USAGE') AS usage
+                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                   WHERE c.oid = to_regclass($1::text)";
+        refusal(client.query_opt(sql, &[&spec.table]).await)
     })
     .await?;
     let row = match table {
@@ -373,16 +355,13 @@ async fn find_table(
             return Ok(None);
         }
     };
-    let read = |r: &tokio_postgres::Row| -> Result<_, tokio_postgres::Error> {
-        Ok((
-            r.try_get::<_, u32>("oid")?,
-            r.try_get::<_, String>("schema")?,
-            r.try_get::<_, String>("name")?,
-            r.try_get::<_, String>("kind")?,
-            r.try_get::<_, bool>("usage")?,
-        ))
-    };
-    let (oid, schema, name, kind, usage) = read(&row)?;
+    let (oid, schema, name, kind, usage): (u32, String, String, String, bool) = (
+        row.try_get("oid")?,
+        row.try_get("schema")?,
+        row.try_get("name")?,
+        row.try_get("kind")?,
+        row.try_get("usage")?,
+    );
     let qualified = format!("{}.{}", quote_ident(&schema), quote_ident(&name));
     if kind != "r" && kind != "p" {
         found.add(
@@ -436,18 +415,9 @@ async fn catalog(client: &Client, oid: u32) -> Result<Vec<CatalogColumn>> {
          ORDER BY a.attnum",
         &[&oid],
         |r| {
-            Ok(CatalogColumn {
-                name: r.try_get("name")?,
-                sql_type: r.try_get("sql_type")?,
-                base_type: r.try_get("base_type")?,
-                not_null: r.try_get("not_null")?,
-                has_default: r.try_get("has_default")?,
-                collation: r.try_get("collation")?,
-                identity: r.try_get("identity")?,
-                generated: r.try_get("generated")?,
-                may_insert: r.try_get("may_insert")?,
-                may_update: r.try_get("may_update")?,
-                may_select: r.try_get("may_select")?,
+            from_row!(r => CatalogColumn {
+                name, sql_type, base_type, not_null, has_default, collation, identity, generated,
+                may_insert, may_update, may_select,
             })
         },
     )
@@ -624,15 +594,7 @@ async fn check_key(
          WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid
          ORDER BY i.indisprimary DESC, 1",
         &[&oid],
-        |r| {
-            Ok(UniqueIndex {
-                name: r.try_get("name")?,
-                columns: r.try_get("columns")?,
-                partial: r.try_get("partial")?,
-                expressions: r.try_get("expressions")?,
-                deferrable: r.try_get("deferrable")?,
-            })
-        },
+        |r| from_row!(r => UniqueIndex { name, columns, partial, expressions, deferrable }),
     )
     .await?;
     let mut want: Vec<&String> = spec.key.iter().collect();
@@ -686,13 +648,21 @@ async fn cast_literal(
     // `sql_type` comes from format_type(), which quotes what needs quoting.
     let sql = format!("SELECT CAST($1::text AS {sql_type}) IS NULL AS n");
     measured(Op::RouteCheck, async {
-        match client.query_one(&sql, &[&text]).await {
-            Ok(_) => Ok(Ok(())),
-            Err(e) if e.as_db_error().is_some() => Ok(Err(crate::database_words(&e))),
-            Err(e) => Err(e.into()),
-        }
+        refusal(client.query_one(&sql, &[&text]).await.map(|_| ()))
     })
     .await
+}
+
+/// A statement's answer, or the database's words when it refused the statement; `Err` when the
+/// database could not be asked.
+fn refusal<T>(
+    answer: std::result::Result<T, tokio_postgres::Error>,
+) -> Result<std::result::Result<T, String>> {
+    match answer {
+        Ok(v) => Ok(Ok(v)),
+        Err(e) if e.as_db_error().is_some() => Ok(Err(crate::database_words(&e))),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// How a value of `source` can reach a column of `kind`, or why it cannot.

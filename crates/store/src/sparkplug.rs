@@ -65,6 +65,7 @@ pub async fn load(c: &impl GenericClient) -> Result<Vec<(NodeKey, Node)>> {
 
 /// What a batch changed of edge nodes, as the parameters of [`record_ctes`]: the whole row of a
 /// node whose births, death or staleness changed, the sequence number alone of the others.
+#[derive(Default)]
 pub struct NodeArrays<'a> {
     g: Vec<&'a str>,
     e: Vec<&'a str>,
@@ -89,21 +90,7 @@ impl<'a> NodeArrays<'a> {
         let json = |v: Result<serde_json::Value, serde_json::Error>| {
             v.map_err(|e| StoreError::Refused(format!("a Sparkplug node cannot be written: {e}")))
         };
-        let mut a = NodeArrays {
-            g: vec![],
-            e: vec![],
-            online: vec![],
-            bd: vec![],
-            seq: vec![],
-            stale: vec![],
-            birth: vec![],
-            death: vec![],
-            metrics: vec![],
-            devices: vec![],
-            sg: vec![],
-            se: vec![],
-            ss: vec![],
-        };
+        let mut a = NodeArrays::default();
         for ((group, node), change, n) in nodes {
             let s = n.seq.map(i32::from);
             match change {
@@ -153,14 +140,15 @@ impl<'a> NodeArrays<'a> {
 /// behind the statement's `fence` (its lease epoch is `$3`): a batch statement carries them so
 /// that the state its readings were read with commits with them, in one statement.
 pub fn record_ctes(first: usize) -> String {
-    let p = |k: usize| format!("${}", first + k);
+    let [g, e, o, b, s, st, ba, da, m, d, sg, se, ss]: [String; NODE_PARAMS] =
+        std::array::from_fn(|k| format!("${}", first + k));
     format!(
         "whole AS (
         INSERT INTO sparkplug_nodes AS n (group_id, edge_node_id, online, bd_seq, seq, stale,
                                           birth_at, death_at, metrics, devices, lease_epoch)
         SELECT u.g, u.e, u.o, u.b, u.s, u.st, u.ba, u.da, u.m, u.d, $3
-        FROM unnest({}::text[], {}::text[], {}::bool[], {}::int8[], {}::int4[], {}::bool[],
-                    {}::timestamptz[], {}::timestamptz[], {}::jsonb[], {}::jsonb[])
+        FROM unnest({g}::text[], {e}::text[], {o}::bool[], {b}::int8[], {s}::int4[], {st}::bool[],
+                    {ba}::timestamptz[], {da}::timestamptz[], {m}::jsonb[], {d}::jsonb[])
              AS u(g, e, o, b, s, st, ba, da, m, d)
         WHERE EXISTS (SELECT 1 FROM fence)
         ON CONFLICT (group_id, edge_node_id) DO UPDATE SET
@@ -172,22 +160,9 @@ pub fn record_ctes(first: usize) -> String {
         RETURNING 1),
     seqs AS (
         UPDATE sparkplug_nodes n SET seq = u.s, updated_at = now(), lease_epoch = $3
-        FROM unnest({}::text[], {}::text[], {}::int4[]) AS u(g, e, s)
+        FROM unnest({sg}::text[], {se}::text[], {ss}::int4[]) AS u(g, e, s)
         WHERE n.group_id = u.g AND n.edge_node_id = u.e AND EXISTS (SELECT 1 FROM fence)
-        RETURNING 1)",
-        p(0),
-        p(1),
-        p(2),
-        p(3),
-        p(4),
-        p(5),
-        p(6),
-        p(7),
-        p(8),
-        p(9),
-        p(10),
-        p(11),
-        p(12),
+        RETURNING 1)"
     )
 }
 
@@ -241,12 +216,9 @@ pub async fn summary(c: &impl GenericClient) -> Result<Summary> {
          FROM sparkplug_nodes n",
         &[],
         |r| {
-            Ok(Summary {
-                edge_nodes: r.try_get("nodes")?,
-                edge_nodes_online: r.try_get("online")?,
-                devices_online: r.try_get("devices")?,
-                last_birth: r.try_get("last_birth")?,
-                stale: r.try_get("stale")?,
+            from_row!(r => Summary {
+                edge_nodes: "nodes", edge_nodes_online: "online", devices_online: "devices",
+                last_birth, stale,
             })
         },
     )

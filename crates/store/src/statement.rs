@@ -168,16 +168,7 @@ pub fn batch_sql(
     ];
     let mut arms = vec![DEAD_ARM.to_string()];
     let mut outputs = String::new();
-    let mut param = FIXED_PARAMS;
-    let described: Vec<Described<'_>> = routes
-        .iter()
-        .enumerate()
-        .map(|(k, r)| {
-            let d = Described::new(k, r, defaults.get(k), param);
-            param += 1 + d.sent.len();
-            d
-        })
-        .collect();
+    let (described, param) = describe(routes, defaults);
     for (k, d) in described.iter().enumerate() {
         ctes.push(d.ctes(&described[..k]));
         arms.extend(d.dead_arms());
@@ -223,16 +214,10 @@ pub fn optimistic_sql(
 ) -> String {
     let mut ctes = vec![crate::queries::FENCE_CTE.to_string(), HEAD.to_string()];
     let (mut outputs, mut all) = (String::new(), Vec::new());
-    let mut param = FIXED_PARAMS;
-    for (k, r) in routes.iter().enumerate() {
-        let d = Described::new(k, r, defaults.get(k), param);
-        param += 1 + d.sent.len();
+    let (described, param) = describe(routes, defaults);
+    for (k, d) in described.iter().enumerate() {
         let (cols, exprs, _, _) = d.insert_parts();
-        let order = if d.exact_key() {
-            ""
-        } else {
-            "\n        ORDER BY q.i"
-        };
+        let order = d.order();
         let rows = d.rows_cte();
         ctes.push(format!(
             "{}
@@ -242,7 +227,7 @@ pub fn optimistic_sql(
         WHERE EXISTS (SELECT 1 FROM fence){order}
         RETURNING 1)",
             rows,
-            table = r.qualified,
+            table = d.route.qualified,
         ));
         let _ = write!(
             outputs,
@@ -272,6 +257,24 @@ pub fn optimistic_sql(
         ctes.join(",\n    "),
         all.join(" AND ")
     )
+}
+
+/// Each route described, and the last parameter they take.
+fn describe<'a>(
+    routes: &'a [ResolvedRoute],
+    defaults: &'a [Vec<Option<String>>],
+) -> (Vec<Described<'a>>, usize) {
+    let mut param = FIXED_PARAMS;
+    let described = routes
+        .iter()
+        .enumerate()
+        .map(|(k, r)| {
+            let d = Described::new(k, r, defaults.get(k), param);
+            param += 1 + d.sent.len();
+            d
+        })
+        .collect();
+    (described, param)
 }
 
 /// The columns that identify a redelivery of a timestamp-less row (see [`Source::ContentHash`]).
@@ -560,6 +563,15 @@ impl<'a> Described<'a> {
         })
     }
 
+    /// The insert's order: by message unless the rows' keys compare exactly (see
+    /// [`Described::exact_key`]).
+    fn order(&self) -> &'static str {
+        match self.exact_key() {
+            true => "",
+            false => "\n        ORDER BY q.i",
+        }
+    }
+
     /// `q{k}`: the route's rows, from its arrays.
     fn rows_cte(&self) -> String {
         let mut arrays = vec![format!("${}::int[]", self.first_param)];
@@ -755,11 +767,7 @@ impl<'a> Described<'a> {
     u{k} AS MATERIALIZED (
         SELECT m.i FROM m{k} m WHERE m.i NOT IN (SELECT i FROM c{k}))",
             ins_key = self.stored_key("x", "q", "g"),
-            order = if self.exact_key() {
-                ""
-            } else {
-                "\n        ORDER BY q.i"
-            },
+            order = self.order(),
             compared = self.compared_with_table("x", "m", "g"),
             stored = match r.is_default() {
                 true => format!(

@@ -20,34 +20,30 @@ use crate::Result;
 /// Where the commit just made ends, at the latest (read after it returned), and whether a
 /// synchronous standby has already flushed that far.
 pub async fn after_commit(c: &impl GenericClient) -> Result<(PgLsn, bool)> {
-    op::measured(Op::SyncConfirm, async {
-        let r = c
-            .query_one(
-                "SELECT pg_current_wal_insert_lsn() AS lsn,
-                        COALESCE((SELECT max(flush_lsn) FROM pg_stat_replication
-                                  WHERE sync_state IN ('sync', 'quorum'))
-                                 >= pg_current_wal_insert_lsn(), false) AS flushed",
-                &[],
-            )
-            .await?;
-        Ok((r.try_get("lsn")?, r.try_get("flushed")?))
-    })
+    op::one(
+        c,
+        Op::SyncConfirm,
+        "SELECT pg_current_wal_insert_lsn() AS lsn,
+                COALESCE((SELECT max(flush_lsn) FROM pg_stat_replication
+                          WHERE sync_state IN ('sync', 'quorum'))
+                         >= pg_current_wal_insert_lsn(), false) AS flushed",
+        &[],
+        |r| Ok((r.try_get("lsn")?, r.try_get("flushed")?)),
+    )
     .await
 }
 
 /// Whether a standby that commits wait for (`sync_state` `sync` or `quorum`) has flushed WAL
 /// up to `lsn`.
 pub async fn flushed_past(c: &impl GenericClient, lsn: PgLsn) -> Result<bool> {
-    op::measured(Op::SyncConfirm, async {
-        let r = c
-            .query_one(
-                "SELECT COALESCE(max(flush_lsn) >= $1, false) AS flushed
-                 FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum')",
-                &[&lsn],
-            )
-            .await?;
-        Ok(r.try_get("flushed")?)
-    })
+    op::one(
+        c,
+        Op::SyncConfirm,
+        "SELECT COALESCE(max(flush_lsn) >= $1, false) AS flushed
+         FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum')",
+        &[&lsn],
+        |r| r.try_get("flushed"),
+    )
     .await
 }
 

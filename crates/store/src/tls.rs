@@ -124,12 +124,16 @@ pub fn split(url: &str) -> Result<(String, PgTls), StoreError> {
 /// pair is passed on as it is, for tokio-postgres to report.
 fn key_values(s: &str) -> Vec<(&str, String, &str)> {
     let b = s.as_bytes();
+    let skip_spaces = |i: usize| {
+        i + b[i..]
+            .iter()
+            .take_while(|c| c.is_ascii_whitespace())
+            .count()
+    };
     let mut out = Vec::new();
     let mut i = 0;
     while i < b.len() {
-        while i < b.len() && b[i].is_ascii_whitespace() {
-            i += 1;
-        }
+        i = skip_spaces(i);
         if i >= b.len() {
             break;
         }
@@ -138,17 +142,12 @@ fn key_values(s: &str) -> Vec<(&str, String, &str)> {
             i += 1;
         }
         let key = &s[start..i];
-        while i < b.len() && b[i].is_ascii_whitespace() {
-            i += 1;
-        }
+        i = skip_spaces(i);
         if b.get(i) != Some(&b'=') {
             out.push((key, String::new(), &s[start..i]));
             continue;
         }
-        i += 1;
-        while i < b.len() && b[i].is_ascii_whitespace() {
-            i += 1;
-        }
+        i = skip_spaces(i + 1);
         let mut value = String::new();
         let quoted = b.get(i) == Some(&b'\'');
         if quoted {

@@ -99,45 +99,39 @@ pub struct Check {
 }
 
 impl Check {
-    pub fn ok(id: &str, summary: impl Into<String>) -> Self {
+    fn new(id: &str, level: CheckLevel, summary: impl Into<String>, fix: Option<String>) -> Self {
         Check {
             id: id.to_string(),
-            level: CheckLevel::Ok,
+            level,
             summary: summary.into(),
-            fix: None,
+            fix,
         }
+    }
+
+    pub fn ok(id: &str, summary: impl Into<String>) -> Self {
+        Check::new(id, CheckLevel::Ok, summary, None)
     }
 
     pub fn warning(id: &str, summary: impl Into<String>, fix: impl Into<String>) -> Self {
-        Check {
-            id: id.to_string(),
-            level: CheckLevel::Warning,
-            summary: summary.into(),
-            fix: Some(fix.into()),
-        }
+        Check::new(id, CheckLevel::Warning, summary, Some(fix.into()))
     }
 
     pub fn problem(id: &str, summary: impl Into<String>, fix: impl Into<String>) -> Self {
-        Check {
-            id: id.to_string(),
-            level: CheckLevel::Problem,
-            summary: summary.into(),
-            fix: Some(fix.into()),
-        }
+        Check::new(id, CheckLevel::Problem, summary, Some(fix.into()))
     }
 
     /// One line: `level  id: summary; fix`.
     pub fn line(&self) -> String {
-        match &self.fix {
-            Some(fix) => format!(
-                "{:<8} {}: {} -> {}",
-                self.level.as_str(),
-                self.id,
-                self.summary,
-                fix
-            ),
-            None => format!("{:<8} {}: {}", self.level.as_str(), self.id, self.summary),
-        }
+        let fix = self
+            .fix
+            .as_ref()
+            .map_or(String::new(), |f| format!(" -> {f}"));
+        format!(
+            "{:<8} {}: {}{fix}",
+            self.level.as_str(),
+            self.id,
+            self.summary
+        )
     }
 }
 
@@ -242,6 +236,13 @@ pub struct FailedSubscription {
     pub retry_at: Instant,
 }
 
+/// Sets `slot` to `value`: whether that changed it.
+fn replaced<T: PartialEq>(slot: &mut T, value: T) -> bool {
+    let changed = *slot != value;
+    *slot = value;
+    changed
+}
+
 /// The node's status channel: cheap to clone, one per node (a fresh one per test node).
 #[derive(Clone, Debug)]
 pub struct NodeStatus(Arc<watch::Sender<Status>>);
@@ -271,10 +272,8 @@ impl NodeStatus {
     /// they differ.
     pub fn set_pending(&self, pending: usize, pending_bytes: usize) {
         self.0.send_if_modified(|s| {
-            let changed = (s.mqtt.pending, s.mqtt.pending_bytes) != (pending, pending_bytes);
-            s.mqtt.pending = pending;
-            s.mqtt.pending_bytes = pending_bytes;
-            changed
+            replaced(&mut s.mqtt.pending, pending)
+                | replaced(&mut s.mqtt.pending_bytes, pending_bytes)
         });
     }
 
@@ -302,11 +301,8 @@ impl NodeStatus {
     }
 
     pub fn set_ingest_hold(&self, why: Option<String>) {
-        self.0.send_if_modified(|s| {
-            let changed = s.ingest_hold != why;
-            s.ingest_hold = why;
-            changed
-        });
+        self.0
+            .send_if_modified(|s| replaced(&mut s.ingest_hold, why));
     }
 
     pub fn config(&self) -> ConfigStatus {
@@ -314,11 +310,7 @@ impl NodeStatus {
     }
 
     pub fn set_config(&self, config: ConfigStatus) {
-        self.0.send_if_modified(|s| {
-            let changed = s.config != config;
-            s.config = config;
-            changed
-        });
+        self.0.send_if_modified(|s| replaced(&mut s.config, config));
     }
 
     pub fn update_cluster(&self, f: impl FnOnce(&mut ClusterStatus)) {
