@@ -389,11 +389,7 @@ pub fn derive_client_id(cluster_id: &str, lease_name: &str) -> Result<String, Cl
     if hex.len() != 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
         return Err(ClientIdError::BadIdentity(cluster_id.to_string()));
     }
-    let lease: String = Sha256::digest(lease_name.as_bytes())
-        .iter()
-        .take(4)
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let lease = format!("{:x}", Sha256::digest(lease_name.as_bytes()));
     Ok(format!("lh-{}-{}", &hex[..12], &lease[..7]))
 }
 
@@ -447,12 +443,12 @@ pub fn validate_filter(f: &str) -> Result<(), String> {
             c as u32
         ));
     }
-    if f.split('/').count() > MAX_FILTER_LEVELS {
+    let segs: Vec<&str> = f.split('/').collect();
+    if segs.len() > MAX_FILTER_LEVELS {
         return Err(format!(
             "topic filter has more than {MAX_FILTER_LEVELS} levels, which brokers refuse"
         ));
     }
-    let segs: Vec<&str> = f.split('/').collect();
     for (i, seg) in segs.iter().enumerate() {
         if seg.contains('#') && (*seg != "#" || i != segs.len() - 1) {
             return Err("'#' must be a whole, last level of the filter".into());
