@@ -8,57 +8,35 @@ use serde_json::{json, Value};
 
 use crate::facts::Facts;
 
-/// Declares [`Kind`], [`Kind::ALL`] in the order given, and each kind's `alerts.kind` text.
-macro_rules! kinds {
-    ($($kind:ident = $text:literal,)*) => {
-        /// Everything that can be wrong with the cluster, as stored in `alerts.kind`.
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-        #[serde(rename_all = "snake_case")]
-        pub enum Kind {
-            $($kind,)*
-        }
-
-        impl Kind {
-            pub const ALL: [Kind; [$($text),*].len()] = [$(Kind::$kind),*];
-
-            pub fn as_str(self) -> &'static str {
-                match self {
-                    $(Kind::$kind => $text,)*
-                }
-            }
-        }
-    };
+leasehold_config::named! {
+    /// Everything that can be wrong with the cluster, as stored in `alerts.kind`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+    #[serde(rename_all = "snake_case")]
+    pub enum Kind {
+        DataStale = "data_stale",
+        NoLeader = "no_leader",
+        LeaderMqttDisconnected = "leader_mqtt_disconnected",
+        MqttSessionLost = "mqtt_session_lost",
+        MqttClientIdFight = "mqtt_client_id_fight",
+        DeadLettersRising = "dead_letters_rising",
+        LeaseFlapping = "lease_flapping",
+        MqttSubscriptionRefused = "mqtt_subscription_refused",
+        Replication = "replication",
+        ConfigOutdated = "config_outdated",
+        RouteSuspended = "route_suspended",
+    }
 }
 
-kinds! {
-    DataStale = "data_stale",
-    NoLeader = "no_leader",
-    LeaderMqttDisconnected = "leader_mqtt_disconnected",
-    MqttSessionLost = "mqtt_session_lost",
-    MqttClientIdFight = "mqtt_client_id_fight",
-    DeadLettersRising = "dead_letters_rising",
-    LeaseFlapping = "lease_flapping",
-    MqttSubscriptionRefused = "mqtt_subscription_refused",
-    Replication = "replication",
-    ConfigOutdated = "config_outdated",
-    RouteSuspended = "route_suspended",
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Level {
-    Warning,
-    Critical,
+leasehold_config::named! {
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+    #[serde(rename_all = "snake_case")]
+    pub enum Level {
+        Warning = "warning",
+        Critical = "critical",
+    }
 }
 
 impl Level {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Level::Warning => "warning",
-            Level::Critical => "critical",
-        }
-    }
-
     /// The level as stored in `alerts.level` (anything but `critical` is a warning).
     pub fn from_stored(s: &str) -> Level {
         if s == Level::Critical.as_str() {

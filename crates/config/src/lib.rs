@@ -79,6 +79,30 @@ pub enum ConfigError {
 /// How an [`Origin::Cluster`] names itself (followed by the version).
 pub(crate) const CLUSTER_ORIGIN: &str = "cluster configuration ";
 
+/// Declares a field-less enum with each variant's text beside it: the enum (with the attributes
+/// given), `ALL` (every variant, in the order given) and `as_str` (the variant's text).
+#[macro_export]
+macro_rules! named {
+    ($(#[$m:meta])* $vis:vis enum $name:ident { $($(#[$vm:meta])* $v:ident = $t:literal,)* }) => {
+        $(#[$m])*
+        $vis enum $name {
+            $($(#[$vm])* $v,)*
+        }
+
+        impl $name {
+            /// Every variant, in the order declared.
+            pub const ALL: [$name; [$($t),*].len()] = [$($name::$v),*];
+
+            /// The variant's text.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$v => $t,)*
+                }
+            }
+        }
+    };
+}
+
 /// Where a raw value came from, so an error can point at the right place.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
@@ -115,24 +139,16 @@ pub fn shown_secret(key: &str, v: &str) -> String {
     }
 }
 
-/// What the node does with MQTT (names kept from the system Leasehold replaces).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// Campaign for the lease; the leader ingests and writes.
-    Production,
-    /// Observe with a private clean session; never write, never take the lease.
-    Development,
-    /// No MQTT at all.
-    Disabled,
-}
-
-impl Mode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Production => "production",
-            Mode::Development => "development",
-            Mode::Disabled => "disabled",
-        }
+named! {
+    /// What the node does with MQTT (names kept from the system Leasehold replaces).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Mode {
+        /// Campaign for the lease; the leader ingests and writes.
+        Production = "production",
+        /// Observe with a private clean session; never write, never take the lease.
+        Development = "development",
+        /// No MQTT at all.
+        Disabled = "disabled",
     }
 }
 
@@ -321,21 +337,14 @@ impl Config {
     }
 }
 
-/// Where the client id of the cluster's shared session comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClientIdSource {
-    /// Derived from the cluster's identity and `LEASE_NAME`: the default.
-    Derived,
-    /// Set with `MQTT_CLIENT_ID`.
-    Explicit,
-}
-
-impl ClientIdSource {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ClientIdSource::Derived => "derived",
-            ClientIdSource::Explicit => "explicit",
-        }
+named! {
+    /// Where the client id of the cluster's shared session comes from.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum ClientIdSource {
+        /// Derived from the cluster's identity and `LEASE_NAME`: the default.
+        Derived = "derived",
+        /// Set with `MQTT_CLIENT_ID`.
+        Explicit = "explicit",
     }
 }
 

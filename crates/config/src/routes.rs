@@ -31,22 +31,15 @@ pub struct RouteSpec {
     pub columns: Vec<(String, Source)>,
 }
 
-/// What a row whose key already exists does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum OnConflict {
-    /// First write wins; different values under an existing key are a conflict.
-    #[default]
-    Nothing,
-    /// Last write wins: the row takes the newest message's values.
-    Update,
-}
-
-impl OnConflict {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OnConflict::Nothing => "nothing",
-            OnConflict::Update => "update",
-        }
+crate::named! {
+    /// What a row whose key already exists does.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+    pub enum OnConflict {
+        /// First write wins; different values under an existing key are a conflict.
+        #[default]
+        Nothing = "nothing",
+        /// Last write wins: the row takes the newest message's values.
+        Update = "update",
     }
 }
 
