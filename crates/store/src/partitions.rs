@@ -750,14 +750,13 @@ pub async fn round(
     create_days(c, fence, &waiting, &mut done, &mut failed).await?;
     if let Some(oldest) = oldest_kept {
         let unattached = pending_of(&*c).await?.map(|p| p.legacy);
-        let expired: Vec<Partition> = partitions(&*c)
+        let expired = partitions(&*c)
             .await?
             .into_iter()
             .filter(|p| !p.is_default && Some(&p.name) != unattached.as_ref())
-            .filter(|p| p.to.is_some_and(|t| t <= oldest))
-            .collect();
-        for p in &expired {
-            match drop_partition(c, fence, p).await {
+            .filter(|p| p.to.is_some_and(|t| t <= oldest));
+        for p in expired {
+            match drop_partition(c, fence, &p).await {
                 Ok(d) => done.dropped.push(d),
                 Err(e) => failed.push(e),
             }
@@ -777,11 +776,8 @@ pub async fn round(
     )
     .await?
     .max(0) as usize;
-    match failed.into_iter().next() {
-        // The first failure stands for the round; the next round tries every step again.
-        Some(e) => Err(e),
-        None => Ok(done),
-    }
+    // The first failure stands for the round; the next round tries every step again.
+    failed.into_iter().next().map_or(Ok(done), Err)
 }
 
 /// The move's remaining steps, as far as they go.
@@ -791,11 +787,7 @@ async fn advance(
     p: &Pending,
     on_step: &mut (dyn FnMut(Step) + Send),
 ) -> Result<()> {
-    loop {
-        let n = move_future(c, fence, p).await?;
-        if n == 0 {
-            break;
-        }
+    while let n @ 1.. = move_future(c, fence, p).await? {
         on_step(Step::FutureMoved(n));
     }
     if validate(c, p).await? {
