@@ -429,11 +429,10 @@ where
             .map_err(|e| e.to_string())?;
         work(c).await.map_err(|e| e.to_string())
     };
-    match tokio::time::timeout(Duration::from_secs(5), run).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(unavailable(e)),
-        Err(_) => Err(unavailable("database did not answer within 5s")),
-    }
+    tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .map_err(|_| unavailable("database did not answer within 5s"))?
+        .map_err(unavailable)
 }
 
 /// `ok` / `warning` / `critical` by the age of the newest row, and device coverage.
