@@ -8,57 +8,35 @@ use serde_json::{json, Value};
 
 use crate::facts::Facts;
 
-/// Declares [`Kind`], [`Kind::ALL`] in the order given, and each kind's `alerts.kind` text.
-macro_rules! kinds {
-    ($($kind:ident = $text:literal,)*) => {
-        /// Everything that can be wrong with the cluster, as stored in `alerts.kind`.
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-        #[serde(rename_all = "snake_case")]
-        pub enum Kind {
-            $($kind,)*
-        }
-
-        impl Kind {
-            pub const ALL: [Kind; [$($text),*].len()] = [$(Kind::$kind),*];
-
-            pub fn as_str(self) -> &'static str {
-                match self {
-                    $(Kind::$kind => $text,)*
-                }
-            }
-        }
-    };
+leasehold_config::named! {
+    /// Everything that can be wrong with the cluster, as stored in `alerts.kind`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+    #[serde(rename_all = "snake_case")]
+    pub enum Kind {
+        DataStale = "data_stale",
+        NoLeader = "no_leader",
+        LeaderMqttDisconnected = "leader_mqtt_disconnected",
+        MqttSessionLost = "mqtt_session_lost",
+        MqttClientIdFight = "mqtt_client_id_fight",
+        DeadLettersRising = "dead_letters_rising",
+        LeaseFlapping = "lease_flapping",
+        MqttSubscriptionRefused = "mqtt_subscription_refused",
+        Replication = "replication",
+        ConfigOutdated = "config_outdated",
+        RouteSuspended = "route_suspended",
+    }
 }
 
-kinds! {
-    DataStale = "data_stale",
-    NoLeader = "no_leader",
-    LeaderMqttDisconnected = "leader_mqtt_disconnected",
-    MqttSessionLost = "mqtt_session_lost",
-    MqttClientIdFight = "mqtt_client_id_fight",
-    DeadLettersRising = "dead_letters_rising",
-    LeaseFlapping = "lease_flapping",
-    MqttSubscriptionRefused = "mqtt_subscription_refused",
-    Replication = "replication",
-    ConfigOutdated = "config_outdated",
-    RouteSuspended = "route_suspended",
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Level {
-    Warning,
-    Critical,
+leasehold_config::named! {
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+    #[serde(rename_all = "snake_case")]
+    pub enum Level {
+        Warning = "warning",
+        Critical = "critical",
+    }
 }
 
 impl Level {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Level::Warning => "warning",
-            Level::Critical => "critical",
-        }
-    }
-
     /// The level as stored in `alerts.level` (anything but `critical` is a warning).
     pub fn from_stored(s: &str) -> Level {
         if s == Level::Critical.as_str() {
@@ -96,8 +74,8 @@ pub struct Thresholds {
     pub require_sync_replication: bool,
 }
 
-/// One rule: adds its finding to `out` when its condition holds.
-type Rule = fn(&Facts, &Thresholds, &mut Vec<Finding>);
+/// One rule: its finding when its condition holds.
+type Rule = fn(&Facts, &Thresholds) -> Option<Finding>;
 
 /// Every rule, in the order findings are reported.
 const RULES: [Rule; 11] = [
@@ -116,11 +94,7 @@ const RULES: [Rule; 11] = [
 
 /// Judges the facts. Pure, so every rule is tested without a cluster.
 pub fn judge(f: &Facts, t: &Thresholds) -> Vec<Finding> {
-    let mut out = Vec::new();
-    for rule in RULES {
-        rule(f, t, &mut out);
-    }
-    out
+    RULES.iter().filter_map(|rule| rule(f, t)).collect()
 }
 
 fn secs(d: Duration) -> f64 {
@@ -128,7 +102,7 @@ fn secs(d: Duration) -> f64 {
 }
 
 /// No new reading for `STALE_WARNING` (critical at `STALE_CRITICAL`), or none ever.
-fn data_stale(f: &Facts, t: &Thresholds, out: &mut Vec<Finding>) {
+fn data_stale(f: &Facts, t: &Thresholds) -> Option<Finding> {
     match f.newest_data_age {
         Some(age) if age >= secs(t.stale_warning) => {
             let level = if age >= secs(t.stale_critical) {
@@ -136,7 +110,7 @@ fn data_stale(f: &Facts, t: &Thresholds, out: &mut Vec<Finding>) {
             } else {
                 Level::Warning
             };
-            out.push(Finding {
+            Some(Finding {
                 kind: Kind::DataStale,
                 level,
                 message: format!(
@@ -149,9 +123,9 @@ fn data_stale(f: &Facts, t: &Thresholds, out: &mut Vec<Finding>) {
                     human(secs(t.stale_warning)),
                 ),
                 details: json!({"newest_data_age_seconds": age, "devices_enabled": f.devices_enabled, "devices_heard": f.devices_heard}),
-            });
+            })
         }
-        None if f.cluster_uptime >= secs(t.stale_warning) => out.push(Finding {
+        None if f.cluster_uptime >= secs(t.stale_warning) => Some(Finding {
             kind: Kind::DataStale,
             level: Level::Warning,
             message: format!(
@@ -160,15 +134,15 @@ fn data_stale(f: &Facts, t: &Thresholds, out: &mut Vec<Finding>) {
             ),
             details: json!({"newest_data_age_seconds": null}),
         }),
-        _ => {}
+        _ => None,
     }
 }
 
 /// The lease expired (or was never taken) and nobody took it within `ALERT_GRACE`.
-fn no_leader(f: &Facts, t: &Thresholds, out: &mut Vec<Finding>) {
+fn no_leader(f: &Facts, t: &Thresholds) -> Option<Finding> {
     match &f.lease {
         None if f.cluster_uptime >= secs(t.grace) && f.production_nodes_alive > 0 => {
-            out.push(Finding {
+            Some(Finding {
                 kind: Kind::NoLeader,
                 level: Level::Critical,
                 message: format!(
@@ -178,7 +152,7 @@ fn no_leader(f: &Facts, t: &Thresholds, out: &mut Vec<Finding>) {
                 details: json!({"production_nodes_alive": f.production_nodes_alive}),
             })
         }
-        Some(l) if l.expired_for >= secs(t.grace) => out.push(Finding {
+        Some(l) if l.expired_for >= secs(t.grace) => Some(Finding {
             kind: Kind::NoLeader,
             level: Level::Critical,
             message: format!(
@@ -190,120 +164,113 @@ fn no_leader(f: &Facts, t: &Thresholds, out: &mut Vec<Finding>) {
             ),
             details: json!({"last_holder": l.instance_id, "epoch": l.epoch, "expired_for_seconds": l.expired_for, "production_nodes_alive": f.production_nodes_alive}),
         }),
-        _ => {}
+        _ => None,
     }
 }
 
 /// The live leader has been off the broker for `ALERT_GRACE`.
-fn leader_mqtt_disconnected(f: &Facts, t: &Thresholds, out: &mut Vec<Finding>) {
-    if let Some(l) = f.lease.as_ref().filter(|l| l.expired_for <= 0.0) {
-        if let Some(d) = l.leader_disconnected_for.filter(|d| *d >= secs(t.grace)) {
-            out.push(Finding {
-                kind: Kind::LeaderMqttDisconnected,
-                level: Level::Critical,
-                message: match l.standby_reaches_broker {
-                    true => format!(
-                        "leader {} (epoch {}) has not been connected to the broker for {}; it hands over to a standby that reaches the broker if this lasts MQTT_STEP_DOWN_AFTER",
-                        l.instance_id,
-                        l.epoch,
-                        human(d)
-                    ),
-                    false => format!(
-                        "the broker: no node has reached it — leader {} (epoch {}) not connected for {}, and no standby reached it within 15s either. Check the broker, the network to it and the MQTT credentials; the leader keeps the lease (a hand-over would not help) and the broker keeps what it queues",
-                        l.instance_id,
-                        l.epoch,
-                        human(d)
-                    ),
-                },
-                details: json!({"leader": l.instance_id, "epoch": l.epoch, "disconnected_for_seconds": d, "standby_reaches_broker": l.standby_reaches_broker}),
-            });
-        }
-    }
+fn leader_mqtt_disconnected(f: &Facts, t: &Thresholds) -> Option<Finding> {
+    let l = f.lease.as_ref().filter(|l| l.expired_for <= 0.0)?;
+    let d = l.leader_disconnected_for.filter(|d| *d >= secs(t.grace))?;
+    Some(Finding {
+        kind: Kind::LeaderMqttDisconnected,
+        level: Level::Critical,
+        message: match l.standby_reaches_broker {
+            true => format!(
+                "leader {} (epoch {}) has not been connected to the broker for {}; it hands over to a standby that reaches the broker if this lasts MQTT_STEP_DOWN_AFTER",
+                l.instance_id,
+                l.epoch,
+                human(d)
+            ),
+            false => format!(
+                "the broker: no node has reached it — leader {} (epoch {}) not connected for {}, and no standby reached it within 15s either. Check the broker, the network to it and the MQTT credentials; the leader keeps the lease (a hand-over would not help) and the broker keeps what it queues",
+                l.instance_id,
+                l.epoch,
+                human(d)
+            ),
+        },
+        details: json!({"leader": l.instance_id, "epoch": l.epoch, "disconnected_for_seconds": d, "standby_reaches_broker": l.standby_reaches_broker}),
+    })
 }
 
 /// A node found the broker without the cluster's session within `ALERT_WINDOW`.
-fn session_lost(f: &Facts, t: &Thresholds, out: &mut Vec<Finding>) {
-    if !f.session_lost.is_empty() {
-        out.push(Finding {
-            kind: Kind::MqttSessionLost,
-            level: Level::Critical,
-            message: format!(
-                "the broker had no session for the cluster's client id when {} reconnected (within the last {}): messages queued for it were lost. Check the broker's persistence.",
-                f.session_lost.join(", "),
-                human(secs(t.window))
-            ),
-            details: json!({"nodes": f.session_lost}),
-        });
-    }
+fn session_lost(f: &Facts, t: &Thresholds) -> Option<Finding> {
+    (!f.session_lost.is_empty()).then(|| Finding {
+        kind: Kind::MqttSessionLost,
+        level: Level::Critical,
+        message: format!(
+            "the broker had no session for the cluster's client id when {} reconnected (within the last {}): messages queued for it were lost. Check the broker's persistence.",
+            f.session_lost.join(", "),
+            human(secs(t.window))
+        ),
+        details: json!({"nodes": f.session_lost}),
+    })
 }
 
 /// A node was disconnected right after connecting, again and again, within `ALERT_WINDOW`.
-fn client_id_fight(f: &Facts, t: &Thresholds, out: &mut Vec<Finding>) {
-    if !f.client_id_conflicts.is_empty() {
-        out.push(Finding {
-            kind: Kind::MqttClientIdFight,
-            level: Level::Critical,
-            message: format!(
-                "another process is using the cluster's MQTT client id: {} was disconnected right after connecting (within the last {})",
-                f.client_id_conflicts.join(", "),
-                human(secs(t.window))
-            ),
-            details: json!({"nodes": f.client_id_conflicts}),
-        });
-    }
+fn client_id_fight(f: &Facts, t: &Thresholds) -> Option<Finding> {
+    (!f.client_id_conflicts.is_empty()).then(|| Finding {
+        kind: Kind::MqttClientIdFight,
+        level: Level::Critical,
+        message: format!(
+            "another process is using the cluster's MQTT client id: {} was disconnected right after connecting (within the last {})",
+            f.client_id_conflicts.join(", "),
+            human(secs(t.window))
+        ),
+        details: json!({"nodes": f.client_id_conflicts}),
+    })
 }
 
 /// Messages dead-lettered within `ALERT_WINDOW`.
-fn dead_letters_rising(f: &Facts, t: &Thresholds, out: &mut Vec<Finding>) {
-    if f.dead_letters_in_window > 0 {
-        out.push(Finding {
-            kind: Kind::DeadLettersRising,
-            level: Level::Warning,
-            message: format!(
-                "{} message(s) dead-lettered in the last {} (latest error: {})",
-                f.dead_letters_in_window,
-                human(secs(t.window)),
-                f.latest_dead_letter_error.as_deref().unwrap_or("-")
-            ),
-            details: json!({"count": f.dead_letters_in_window, "latest_error": f.latest_dead_letter_error}),
-        });
-    }
+fn dead_letters_rising(f: &Facts, t: &Thresholds) -> Option<Finding> {
+    (f.dead_letters_in_window > 0).then(|| Finding {
+        kind: Kind::DeadLettersRising,
+        level: Level::Warning,
+        message: format!(
+            "{} message(s) dead-lettered in the last {} (latest error: {})",
+            f.dead_letters_in_window,
+            human(secs(t.window)),
+            f.latest_dead_letter_error.as_deref().unwrap_or("-")
+        ),
+        details: json!({"count": f.dead_letters_in_window, "latest_error": f.latest_dead_letter_error}),
+    })
 }
 
 /// The broker refuses some of the session's topic filters.
-fn subscriptions_refused(f: &Facts, _: &Thresholds, out: &mut Vec<Finding>) {
-    if f.subscriptions_refused > 0 {
-        let first: Vec<String> = f
-            .refused_filters
-            .iter()
-            .map(|(filter, reason, attempts)| format!("{filter} ({reason}; {attempts} attempt(s))"))
-            .collect();
-        out.push(Finding {
-            kind: Kind::MqttSubscriptionRefused,
-            level: Level::Critical,
-            message: format!(
-                "the broker refuses {} topic filter(s) of the cluster's session, so nothing published on them is received: {}. Check the broker's ACL for the cluster's user; the leader retries on its own.",
-                f.subscriptions_refused,
-                first.join(", ")
-            ),
-            details: json!({"count": f.subscriptions_refused, "filters": f.refused_filters.iter().map(|(filter, reason, attempts)| json!({"filter": filter, "error": reason, "attempts": attempts})).collect::<Vec<_>>()}),
-        });
+fn subscriptions_refused(f: &Facts, _: &Thresholds) -> Option<Finding> {
+    if f.subscriptions_refused <= 0 {
+        return None;
     }
+    let first: Vec<String> = f
+        .refused_filters
+        .iter()
+        .map(|(filter, reason, attempts)| format!("{filter} ({reason}; {attempts} attempt(s))"))
+        .collect();
+    Some(Finding {
+        kind: Kind::MqttSubscriptionRefused,
+        level: Level::Critical,
+        message: format!(
+            "the broker refuses {} topic filter(s) of the cluster's session, so nothing published on them is received: {}. Check the broker's ACL for the cluster's user; the leader retries on its own.",
+            f.subscriptions_refused,
+            first.join(", ")
+        ),
+        details: json!({"count": f.subscriptions_refused, "filters": f.refused_filters.iter().map(|(filter, reason, attempts)| json!({"filter": filter, "error": reason, "attempts": attempts})).collect::<Vec<_>>()}),
+    })
 }
 
 /// The leader holds a route suspended: its table cannot be written now (its messages become
 /// `route_unavailable` dead letters); every other route flows. Resolves when the route resumes,
 /// whether or not messages came for it meanwhile.
-fn route_suspended(f: &Facts, _: &Thresholds, out: &mut Vec<Finding>) {
+fn route_suspended(f: &Facts, _: &Thresholds) -> Option<Finding> {
     if f.suspended_routes.is_empty() {
-        return;
+        return None;
     }
     let routes: Vec<String> = f
         .suspended_routes
         .iter()
         .map(|(r, n, e)| format!("{r} ({n} dead letters in 2 min; {e})"))
         .collect();
-    out.push(Finding {
+    Some(Finding {
         kind: Kind::RouteSuspended,
         level: Level::Critical,
         message: format!(
@@ -311,14 +278,14 @@ fn route_suspended(f: &Facts, _: &Thresholds, out: &mut Vec<Finding>) {
             routes.join(", ")
         ),
         details: json!({"routes": f.suspended_routes.iter().map(|(r, n, e)| json!({"route": r, "dead_letters": n, "error": e})).collect::<Vec<_>>()}),
-    });
+    })
 }
 
 /// A node alive runs another cluster configuration than the active one (it cannot run the new
 /// one: its own node settings conflict, or it is an older binary).
-fn config_outdated(f: &Facts, _: &Thresholds, out: &mut Vec<Finding>) {
+fn config_outdated(f: &Facts, _: &Thresholds) -> Option<Finding> {
     if f.config_outdated.is_empty() {
-        return;
+        return None;
     }
     let nodes: Vec<String> = f
         .config_outdated
@@ -329,7 +296,7 @@ fn config_outdated(f: &Facts, _: &Thresholds, out: &mut Vec<Finding>) {
         })
         .collect();
     let active = f.config_outdated[0].active;
-    out.push(Finding {
+    Some(Finding {
         kind: Kind::ConfigOutdated,
         level: Level::Warning,
         message: format!(
@@ -337,47 +304,41 @@ fn config_outdated(f: &Facts, _: &Thresholds, out: &mut Vec<Finding>) {
             nodes.join(", ")
         ),
         details: json!({"active": active, "nodes": f.config_outdated.iter().map(|n| json!({"instance_id": n.instance_id, "running": n.running})).collect::<Vec<_>>()}),
-    });
+    })
 }
 
 /// Leadership changed `flap_changes` times within `ALERT_WINDOW`.
-fn lease_flapping(f: &Facts, t: &Thresholds, out: &mut Vec<Finding>) {
-    if f.leader_changes_in_window >= t.flap_changes {
-        out.push(Finding {
-            kind: Kind::LeaseFlapping,
-            level: Level::Warning,
-            message: format!(
-                "leadership changed {} times in the last {}",
-                f.leader_changes_in_window,
-                human(secs(t.window))
-            ),
-            details: json!({"changes": f.leader_changes_in_window}),
-        });
-    }
+fn lease_flapping(f: &Facts, t: &Thresholds) -> Option<Finding> {
+    (f.leader_changes_in_window >= t.flap_changes).then(|| Finding {
+        kind: Kind::LeaseFlapping,
+        level: Level::Warning,
+        message: format!(
+            "leadership changed {} times in the last {}",
+            f.leader_changes_in_window,
+            human(secs(t.window))
+        ),
+        details: json!({"changes": f.leader_changes_in_window}),
+    })
 }
 
 /// Commits are not synchronously replicated: critical when `REQUIRE_SYNC_REPLICATION` holds
 /// the leader's intake because of it; a warning when standbys stream but none is in sync (an
 /// acknowledged message can be lost in a database failover now). A database with no standby
 /// at all, and no requirement, is a deployment choice `leasehold doctor` reports, not an alert.
-fn replication(f: &Facts, t: &Thresholds, out: &mut Vec<Finding>) {
-    let Some(r) = &f.replication else {
-        return;
-    };
-    let Some(why) = &r.why_not else {
-        return;
-    };
+fn replication(f: &Facts, t: &Thresholds) -> Option<Finding> {
+    let r = f.replication.as_ref()?;
+    let why = r.why_not.as_ref()?;
     if t.require_sync_replication {
-        out.push(Finding {
+        Some(Finding {
             kind: Kind::Replication,
             level: Level::Critical,
             message: format!(
                 "commits are not synchronously replicated ({why}): with REQUIRE_SYNC_REPLICATION the leader holds intake and nothing is being written (messages wait at the broker)"
             ),
             details: json!({"why": why, "standbys": r.standbys, "require_sync_replication": true}),
-        });
-    } else if r.standbys > 0 {
-        out.push(Finding {
+        })
+    } else {
+        (r.standbys > 0).then(|| Finding {
             kind: Kind::Replication,
             level: Level::Warning,
             message: format!(
@@ -385,7 +346,7 @@ fn replication(f: &Facts, t: &Thresholds, out: &mut Vec<Finding>) {
                 r.standbys
             ),
             details: json!({"why": why, "standbys": r.standbys, "require_sync_replication": false}),
-        });
+        })
     }
 }
 

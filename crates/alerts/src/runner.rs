@@ -16,24 +16,15 @@ use tokio_util::sync::CancellationToken;
 use crate::rules::{human, judge, Finding, Kind, Level};
 use crate::{facts, webhook, AlertError, AlertsConfig};
 
-/// What a change did to an alert.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Action {
-    Opened,
-    Escalated,
-    Deescalated,
-    Resolved,
-}
-
-impl Action {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Action::Opened => "opened",
-            Action::Escalated => "escalated",
-            Action::Deescalated => "deescalated",
-            Action::Resolved => "resolved",
-        }
+leasehold_config::named! {
+    /// What a change did to an alert.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+    #[serde(rename_all = "snake_case")]
+    pub enum Action {
+        Opened = "opened",
+        Escalated = "escalated",
+        Deescalated = "deescalated",
+        Resolved = "resolved",
     }
 }
 

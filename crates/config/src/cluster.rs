@@ -235,11 +235,10 @@ impl Config {
             });
         }
         for r in &self.routes {
-            match after.routes.iter().find(|n| n.name == r.name) {
-                None => out.push(format!("route {:?} removed", r.name)),
-                Some(n) if n != r => out.push(format!("route {:?} changed", r.name)),
-                Some(_) => {}
-            }
+            out.extend(match after.routes.iter().find(|n| n.name == r.name) {
+                None => Some(format!("route {:?} removed", r.name)),
+                Some(n) => (n != r).then(|| format!("route {:?} changed", r.name)),
+            });
         }
         for n in &after.routes {
             if !self.routes.iter().any(|r| r.name == n.name) {

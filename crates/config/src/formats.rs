@@ -5,30 +5,21 @@ use serde::{Deserialize, Serialize};
 
 use crate::{validate_filter, ConfigError};
 
-/// How a payload becomes readings. One more format plugs in here and in `leasehold-decode`'s
-/// `formats`, nowhere else.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Format {
-    /// A JSON object is one reading; an array of objects, one reading per element.
-    Json,
-    /// The payload is one value (a JSON scalar or bare UTF-8 text): `{"value": ...}`.
-    Value,
-    /// An RFC 8428 SenML pack: one reading per device and instant.
-    Senml,
-    /// Sparkplug B: protobuf, metrics named by the edge node's births (read in order by the
-    /// leader, which keeps the births in the database).
-    SparkplugB,
-}
-
-impl Format {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Format::Json => "json",
-            Format::Value => "value",
-            Format::Senml => "senml",
-            Format::SparkplugB => "sparkplug_b",
-        }
+crate::named! {
+    /// How a payload becomes readings. One more format plugs in here and in `leasehold-decode`'s
+    /// `formats`, nowhere else.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    pub enum Format {
+        /// A JSON object is one reading; an array of objects, one reading per element.
+        Json = "json",
+        /// The payload is one value (a JSON scalar or bare UTF-8 text): `{"value": ...}`.
+        Value = "value",
+        /// An RFC 8428 SenML pack: one reading per device and instant.
+        Senml = "senml",
+        /// Sparkplug B: protobuf, metrics named by the edge node's births (read in order by the
+        /// leader, which keeps the births in the database).
+        SparkplugB = "sparkplug_b",
     }
 }
 

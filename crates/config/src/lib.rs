@@ -79,6 +79,30 @@ pub enum ConfigError {
 /// How an [`Origin::Cluster`] names itself (followed by the version).
 pub(crate) const CLUSTER_ORIGIN: &str = "cluster configuration ";
 
+/// Declares a field-less enum with each variant's text beside it: the enum (with the attributes
+/// given), `ALL` (every variant, in the order given) and `as_str` (the variant's text).
+#[macro_export]
+macro_rules! named {
+    ($(#[$m:meta])* $vis:vis enum $name:ident { $($(#[$vm:meta])* $v:ident = $t:literal,)* }) => {
+        $(#[$m])*
+        $vis enum $name {
+            $($(#[$vm])* $v,)*
+        }
+
+        impl $name {
+            /// Every variant, in the order declared.
+            pub const ALL: [$name; [$($t),*].len()] = [$($name::$v),*];
+
+            /// The variant's text.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$v => $t,)*
+                }
+            }
+        }
+    };
+}
+
 /// Where a raw value came from, so an error can point at the right place.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
@@ -115,24 +139,16 @@ pub fn shown_secret(key: &str, v: &str) -> String {
     }
 }
 
-/// What the node does with MQTT (names kept from the system Leasehold replaces).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// Campaign for the lease; the leader ingests and writes.
-    Production,
-    /// Observe with a private clean session; never write, never take the lease.
-    Development,
-    /// No MQTT at all.
-    Disabled,
-}
-
-impl Mode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Production => "production",
-            Mode::Development => "development",
-            Mode::Disabled => "disabled",
-        }
+named! {
+    /// What the node does with MQTT (names kept from the system Leasehold replaces).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Mode {
+        /// Campaign for the lease; the leader ingests and writes.
+        Production = "production",
+        /// Observe with a private clean session; never write, never take the lease.
+        Development = "development",
+        /// No MQTT at all.
+        Disabled = "disabled",
     }
 }
 
@@ -321,21 +337,14 @@ impl Config {
     }
 }
 
-/// Where the client id of the cluster's shared session comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClientIdSource {
-    /// Derived from the cluster's identity and `LEASE_NAME`: the default.
-    Derived,
-    /// Set with `MQTT_CLIENT_ID`.
-    Explicit,
-}
-
-impl ClientIdSource {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ClientIdSource::Derived => "derived",
-            ClientIdSource::Explicit => "explicit",
-        }
+named! {
+    /// Where the client id of the cluster's shared session comes from.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum ClientIdSource {
+        /// Derived from the cluster's identity and `LEASE_NAME`: the default.
+        Derived = "derived",
+        /// Set with `MQTT_CLIENT_ID`.
+        Explicit = "explicit",
     }
 }
 
@@ -389,11 +398,7 @@ pub fn derive_client_id(cluster_id: &str, lease_name: &str) -> Result<String, Cl
     if hex.len() != 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
         return Err(ClientIdError::BadIdentity(cluster_id.to_string()));
     }
-    let lease: String = Sha256::digest(lease_name.as_bytes())
-        .iter()
-        .take(4)
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let lease = format!("{:x}", Sha256::digest(lease_name.as_bytes()));
     Ok(format!("lh-{}-{}", &hex[..12], &lease[..7]))
 }
 
@@ -447,12 +452,12 @@ pub fn validate_filter(f: &str) -> Result<(), String> {
             c as u32
         ));
     }
-    if f.split('/').count() > MAX_FILTER_LEVELS {
+    let segs: Vec<&str> = f.split('/').collect();
+    if segs.len() > MAX_FILTER_LEVELS {
         return Err(format!(
             "topic filter has more than {MAX_FILTER_LEVELS} levels, which brokers refuse"
         ));
     }
-    let segs: Vec<&str> = f.split('/').collect();
     for (i, seg) in segs.iter().enumerate() {
         if seg.contains('#') && (*seg != "#" || i != segs.len() - 1) {
             return Err("'#' must be a whole, last level of the filter".into());

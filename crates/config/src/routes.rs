@@ -31,22 +31,15 @@ pub struct RouteSpec {
     pub columns: Vec<(String, Source)>,
 }
 
-/// What a row whose key already exists does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum OnConflict {
-    /// First write wins; different values under an existing key are a conflict.
-    #[default]
-    Nothing,
-    /// Last write wins: the row takes the newest message's values.
-    Update,
-}
-
-impl OnConflict {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OnConflict::Nothing => "nothing",
-            OnConflict::Update => "update",
-        }
+crate::named! {
+    /// What a row whose key already exists does.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+    pub enum OnConflict {
+        /// First write wins; different values under an existing key are a conflict.
+        #[default]
+        Nothing = "nothing",
+        /// Last write wins: the row takes the newest message's values.
+        Update = "update",
     }
 }
 
@@ -423,40 +416,33 @@ pub(crate) fn validate(routes: &[RouteSpec]) -> Result<(), ConfigError> {
             column: column.map(str::to_string),
             message,
         };
-        if !names.insert(r.name.as_str()) {
-            return Err(err(
-                None,
-                "the name is used by an earlier route; names must be unique".into(),
-            ));
-        }
-        if r.topics.is_empty() {
-            return Err(err(
-                None,
-                "topics is required: at least one MQTT filter, e.g. topics = [\"equipment/+/data\"]"
-                    .into(),
-            ));
-        }
+        let refuse = |failed: bool, message: &str| match failed {
+            true => Err(err(None, message.into())),
+            false => Ok(()),
+        };
+        refuse(
+            !names.insert(r.name.as_str()),
+            "the name is used by an earlier route; names must be unique",
+        )?;
+        refuse(
+            r.topics.is_empty(),
+            "topics is required: at least one MQTT filter, e.g. topics = [\"equipment/+/data\"]",
+        )?;
         for t in &r.topics {
             validate_filter(t).map_err(|e| err(None, format!("topic filter {t:?}: {e}")))?;
         }
-        if r.table.is_empty() {
-            return Err(err(
-                None,
-                "table is required: the table to write, optionally schema-qualified".into(),
-            ));
-        }
-        if r.columns.is_empty() {
-            return Err(err(
-                None,
-                "no columns: add [routes.columns] with column = \"source\" lines".into(),
-            ));
-        }
-        if r.key.is_empty() {
-            return Err(err(
-                None,
-                "key is required: the columns of a unique index or primary key of the table".into(),
-            ));
-        }
+        refuse(
+            r.table.is_empty(),
+            "table is required: the table to write, optionally schema-qualified",
+        )?;
+        refuse(
+            r.columns.is_empty(),
+            "no columns: add [routes.columns] with column = \"source\" lines",
+        )?;
+        refuse(
+            r.key.is_empty(),
+            "key is required: the columns of a unique index or primary key of the table",
+        )?;
         let mut seen = HashSet::new();
         for k in &r.key {
             if !seen.insert(k) {

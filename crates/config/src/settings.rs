@@ -249,16 +249,9 @@ fn names<T: for<'de> Deserialize<'de>>() -> Vec<&'static str> {
 /// A deserializer that only asks a structure for its field names.
 struct FieldProbe;
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("field probe")]
 struct Probed(Option<&'static [&'static str]>);
-
-impl std::fmt::Display for Probed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("field probe")
-    }
-}
-
-impl std::error::Error for Probed {}
 
 impl de::Error for Probed {
     fn custom<T: std::fmt::Display>(_: T) -> Self {

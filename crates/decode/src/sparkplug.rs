@@ -338,11 +338,6 @@ impl Host {
         out
     }
 
-    /// Whether anything changed since the last [`Host::take_changes`].
-    pub fn has_changes(&self) -> bool {
-        !self.changed.is_empty()
-    }
-
     /// The edge nodes to ask for a rebirth, each once.
     pub fn take_rebirths(&mut self) -> Vec<NodeKey> {
         let mut seen = HashSet::new();

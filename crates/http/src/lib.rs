@@ -429,27 +429,22 @@ where
             .map_err(|e| e.to_string())?;
         work(c).await.map_err(|e| e.to_string())
     };
-    match tokio::time::timeout(Duration::from_secs(5), run).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(unavailable(e)),
-        Err(_) => Err(unavailable("database did not answer within 5s")),
-    }
+    tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .map_err(|_| unavailable("database did not answer within 5s"))?
+        .map_err(unavailable)
 }
 
 /// `ok` / `warning` / `critical` by the age of the newest row, and device coverage.
-async fn recent_data(State(s): State<HttpState>) -> Response {
+async fn recent_data(State(s): State<HttpState>) -> Result<Response, Response> {
     let (stale_warning, stale_critical) = *s.stale.borrow();
     let window = stale_warning;
-    let res = with_db(&s, |c| async move {
+    let (age, cov) = with_db(&s, |c| async move {
         let age = leasehold_store::queries::newest_data_age(&**c).await?;
         let cov = leasehold_store::queries::device_coverage(&**c, window, 20).await?;
         Ok::<_, leasehold_store::StoreError>((age, cov))
     })
-    .await;
-    let (age, cov) = match res {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+    .await?;
     let status = match age {
         None => "warning",
         Some(a) if a >= stale_critical.as_secs_f64() => "critical",
@@ -470,23 +465,18 @@ async fn recent_data(State(s): State<HttpState>) -> Response {
             "silent": cov.silent,
         },
     });
-    (code(status != "critical"), Json(body)).into_response()
+    Ok((code(status != "critical"), Json(body)).into_response())
 }
 
 /// Recent alerts, on the shared pool: reading them is the same on every node, observers too.
-async fn alerts(State(s): State<HttpState>) -> Response {
-    let res = with_db(
+async fn alerts(State(s): State<HttpState>) -> Result<Response, Response> {
+    let rows = with_db(
         &s,
         |c| async move { leasehold_alerts::recent(&c, 50).await },
     )
-    .await;
-    match res {
-        Ok(rows) => {
-            let open: Vec<_> = rows.iter().filter(|r| r.resolved_at.is_none()).collect();
-            Json(json!({"open": open, "recent": rows})).into_response()
-        }
-        Err(r) => r,
-    }
+    .await?;
+    let open: Vec<_> = rows.iter().filter(|r| r.resolved_at.is_none()).collect();
+    Ok(Json(json!({"open": open, "recent": rows})).into_response())
 }
 
 /// Evaluates now; answers with what was found and what changed (`fresh` false: the result of an
@@ -523,7 +513,7 @@ async fn alerts_check(State(s): State<HttpState>) -> Response {
 }
 
 /// The cluster report (every node seen in the last day, who leads), and which node answered.
-async fn cluster(State(s): State<HttpState>) -> Response {
+async fn cluster(State(s): State<HttpState>) -> Result<Response, Response> {
     /// `/cluster`'s answer: the report `leasehold status --json` shows too, plus who answered.
     #[derive(serde::Serialize)]
     struct Answer {
@@ -532,18 +522,15 @@ async fn cluster(State(s): State<HttpState>) -> Response {
         answered_by: String,
     }
     let lease_name = s.lease_name.clone();
-    let res = with_db(&s, |c| async move {
+    let report = with_db(&s, |c| async move {
         ClusterReport::read(&**c, &lease_name).await
     })
-    .await;
-    match res {
-        Ok(report) => Json(Answer {
-            report,
-            answered_by: s.instance_id,
-        })
-        .into_response(),
-        Err(r) => r,
-    }
+    .await?;
+    Ok(Json(Answer {
+        report,
+        answered_by: s.instance_id,
+    })
+    .into_response())
 }
 
 async fn metrics_text() -> Response {

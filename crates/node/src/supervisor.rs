@@ -106,19 +106,11 @@ impl Supervisor {
                 }
             };
             tokio::select! {
-                _ = cancel.cancelled() => {
-                    if let Some(t) = term.take() {
-                        self.stop_hard(t).await;
-                    }
-                    return Ok(());
-                }
+                _ = cancel.cancelled() => break,
                 changed = role_rx.changed() => {
                     if changed.is_err() {
                         // The lease task ended: nothing may run without it.
-                        if let Some(t) = term.take() {
-                            self.stop_hard(t).await;
-                        }
-                        return Ok(());
+                        break;
                     }
                 }
                 _ = unreachable => {
@@ -159,6 +151,11 @@ impl Supervisor {
                 }
             }
         }
+        // Cancelled, or the lease task ended: the term stops with it.
+        if let Some(t) = term.take() {
+            self.stop_hard(t).await;
+        }
+        Ok(())
     }
 
     /// The broker unreachable for `step_down_after`: hands over only to a standby that reaches
@@ -224,13 +221,13 @@ impl Supervisor {
             .await
         };
         match tokio::time::timeout(Duration::from_secs(5), read).await {
-            Ok(Ok(found)) => found,
+            Ok(Ok(found)) => return found,
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, "cannot read which standbys reach the broker; handing over");
-                Some("(unknown)".into())
+                tracing::warn!(error = %e, "cannot read which standbys reach the broker; handing over")
             }
-            Err(_) => Some("(unknown)".into()),
+            Err(_) => {}
         }
+        Some("(unknown)".into())
     }
 
     /// The term's writer settings, from the active configuration.

@@ -12,82 +12,66 @@ use tokio_postgres::{GenericClient, Row, ToStatement};
 
 use crate::Result;
 
-/// Declares [`Op`] with each operation's metric label beside it.
-macro_rules! ops {
-    ($($(#[$doc:meta])* $op:ident = $label:literal,)*) => {
-        /// What a statement is for: the `op` label of the query metrics.
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-        pub enum Op {
-            $($(#[$doc])* $op,)*
-        }
-
-        impl Op {
-            /// The metric label.
-            pub fn as_str(self) -> &'static str {
-                match self {
-                    $(Op::$op => $label,)*
-                }
-            }
-        }
-    };
-}
-
-ops! {
-    /// A standby's campaign for the lease.
-    LeaseAcquire = "lease_acquire",
-    /// The leader's renewal (the same statement as [`Op::LeaseAcquire`]).
-    LeaseRenew = "lease_renew",
-    LeaseRelease = "lease_release",
-    LeaseRead = "lease_read",
-    WriteBatch = "write_batch",
-    /// The batch's optimistic statement; a failure is a fallback to [`Op::WriteBatch`]'s (a
-    /// key already stored, a row the table did not take).
-    WriteOptimistic = "write_optimistic",
-    DbClock = "db_clock",
-    /// Session settings and statement preparation on a new dedicated connection.
-    Session = "session",
-    Migrate = "migrate",
-    ClusterIdentity = "cluster_identity",
-    ClusterNodes = "cluster_nodes",
-    Heartbeat = "heartbeat",
-    NewestDataAge = "newest_data_age",
-    NoteNewest = "note_newest",
-    /// The Sparkplug B edge nodes recorded (a term's start, `leasehold status`).
-    SparkplugLoad = "sparkplug_load",
-    /// What a batch changed of Sparkplug B edge nodes, under the fence.
-    SparkplugRecord = "sparkplug_record",
-    /// `leasehold status`: recent dead letters by route.
-    DeadLettersByRoute = "dead_letters_by_route",
-    DeviceTopics = "device_topics",
-    DeviceCoverage = "device_coverage",
-    Ping = "ping",
-    StepDown = "step_down",
-    LedgerRead = "ledger_read",
-    LedgerWrite = "ledger_write",
-    RefusedSubscriptions = "refused_subscriptions",
-    AlertsRecent = "alerts_recent",
-    AlertOpen = "alert_open",
-    AlertUpdate = "alert_update",
-    AlertResolve = "alert_resolve",
-    AlertFacts = "alert_facts",
-    Prune = "prune",
-    Listen = "listen",
-    /// After a commit, whether a synchronous standby has flushed it (`REQUIRE_SYNC_REPLICATION`).
-    SyncConfirm = "sync_confirm",
-    /// Checking `[[routes]]` against the catalog at start and in `leasehold routes`.
-    RouteCheck = "route_check",
-    /// Replication settings and standbys (`pg_stat_replication`).
-    Replication = "replication",
-    /// The cluster's configuration: the active version, a version, its history.
-    ConfigRead = "config_read",
-    /// `leasehold config apply`, and the import of a first start.
-    ConfigApply = "config_apply",
-    /// `leasehold replay`: dead letters locked, removed, counted.
-    Replay = "replay",
-    /// `leasehold doctor`'s reads: settings, privileges, clock samples, the database's identity.
-    Doctor = "doctor",
-    /// `telemetry`'s partitions: the move to them, created ahead, dropped by retention.
-    Partitions = "partitions",
+leasehold_config::named! {
+    /// What a statement is for: the `op` label of the query metrics ([`Op::as_str`]).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum Op {
+        /// A standby's campaign for the lease.
+        LeaseAcquire = "lease_acquire",
+        /// The leader's renewal (the same statement as [`Op::LeaseAcquire`]).
+        LeaseRenew = "lease_renew",
+        LeaseRelease = "lease_release",
+        LeaseRead = "lease_read",
+        WriteBatch = "write_batch",
+        /// The batch's optimistic statement; a failure is a fallback to [`Op::WriteBatch`]'s (a
+        /// key already stored, a row the table did not take).
+        WriteOptimistic = "write_optimistic",
+        DbClock = "db_clock",
+        /// Session settings and statement preparation on a new dedicated connection.
+        Session = "session",
+        Migrate = "migrate",
+        ClusterIdentity = "cluster_identity",
+        ClusterNodes = "cluster_nodes",
+        Heartbeat = "heartbeat",
+        NewestDataAge = "newest_data_age",
+        NoteNewest = "note_newest",
+        /// The Sparkplug B edge nodes recorded (a term's start, `leasehold status`).
+        SparkplugLoad = "sparkplug_load",
+        /// What a batch changed of Sparkplug B edge nodes, under the fence.
+        SparkplugRecord = "sparkplug_record",
+        /// `leasehold status`: recent dead letters by route.
+        DeadLettersByRoute = "dead_letters_by_route",
+        DeviceTopics = "device_topics",
+        DeviceCoverage = "device_coverage",
+        Ping = "ping",
+        StepDown = "step_down",
+        LedgerRead = "ledger_read",
+        LedgerWrite = "ledger_write",
+        RefusedSubscriptions = "refused_subscriptions",
+        AlertsRecent = "alerts_recent",
+        AlertOpen = "alert_open",
+        AlertUpdate = "alert_update",
+        AlertResolve = "alert_resolve",
+        AlertFacts = "alert_facts",
+        Prune = "prune",
+        Listen = "listen",
+        /// After a commit, whether a synchronous standby has flushed it (`REQUIRE_SYNC_REPLICATION`).
+        SyncConfirm = "sync_confirm",
+        /// Checking `[[routes]]` against the catalog at start and in `leasehold routes`.
+        RouteCheck = "route_check",
+        /// Replication settings and standbys (`pg_stat_replication`).
+        Replication = "replication",
+        /// The cluster's configuration: the active version, a version, its history.
+        ConfigRead = "config_read",
+        /// `leasehold config apply`, and the import of a first start.
+        ConfigApply = "config_apply",
+        /// `leasehold replay`: dead letters locked, removed, counted.
+        Replay = "replay",
+        /// `leasehold doctor`'s reads: settings, privileges, clock samples, the database's identity.
+        Doctor = "doctor",
+        /// `telemetry`'s partitions: the move to them, created ahead, dropped by retention.
+        Partitions = "partitions",
+    }
 }
 
 /// Runs `work` (one or more statements of `op`), recording its duration and whether it failed.

@@ -113,11 +113,11 @@ pub fn day_of(t: DateTime<Utc>) -> DateTime<Utc> {
 /// `telemetry_p20261206` for a partition starting at midnight, `telemetry_p20261206_084425`
 /// otherwise.
 pub fn partition_name(from: DateTime<Utc>) -> String {
-    if from == day_of(from) {
-        format!("telemetry_p{}", from.format("%Y%m%d"))
-    } else {
-        format!("telemetry_p{}", from.format("%Y%m%d_%H%M%S"))
-    }
+    let stamp = match from == day_of(from) {
+        true => "%Y%m%d",
+        false => "%Y%m%d_%H%M%S",
+    };
+    format!("telemetry_p{}", from.format(stamp))
 }
 
 /// An SQL literal of `t` (bounds and constraints take no parameters).
@@ -255,10 +255,8 @@ async fn fenced<'a>(c: &'a mut Client, fence: &Fenced<'_>, locks: &str) -> Resul
         |r| r.try_get::<_, i32>("one"),
     )
     .await?;
-    match held {
-        Some(_) => Ok(tx),
-        None => Err(StoreError::Fenced { epoch: fence.epoch }),
-    }
+    held.map(|_| tx)
+        .ok_or(StoreError::Fenced { epoch: fence.epoch })
 }
 
 async fn run(c: &impl GenericClient, sql: &str) -> Result<()> {
@@ -352,38 +350,30 @@ async fn swap(c: &mut Client, fence: &Fenced<'_>) -> Result<Pending> {
         ),
     )
     .await?;
-    // A sequence an operator's `serial` column owns follows the column to the new table: the
-    // old one (dropped by retention, or empty) must not take it along.
-    let owned = op::all(
-        &tx,
-        Op::Partitions,
-        "SELECT format('ALTER SEQUENCE %s OWNED BY telemetry.%I', d.objid::regclass, a.attname) AS q
+    // Statements that carry the old table's sequences and grants over, each read by its column.
+    let carried = [
+        // A sequence an operator's `serial` column owns follows the column to the new table: the
+        // old one (dropped by retention, or empty) must not take it along.
+        ("q", "SELECT format('ALTER SEQUENCE %s OWNED BY telemetry.%I', d.objid::regclass, a.attname) AS q
          FROM pg_depend d JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
               JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
          WHERE d.classid = 'pg_class'::regclass AND d.refobjid = to_regclass($1)
-           AND d.deptype = 'a' AND d.refobjsubid > 0",
-        &[&legacy],
-        |r| r.try_get::<_, String>("q"),
-    )
-    .await?;
-    for q in owned {
-        run(&tx, &q).await?;
-    }
-    // Whoever could read or write the old table can the new one.
-    let grants = op::all(
-        &tx,
-        Op::Partitions,
-        "SELECT format('GRANT %s ON telemetry TO %s', a.privilege_type,
+           AND d.deptype = 'a' AND d.refobjsubid > 0"),
+        // Whoever could read or write the old table can the new one.
+        ("g", "SELECT format('GRANT %s ON telemetry TO %s', a.privilege_type,
                        CASE WHEN a.grantee = 0 THEN 'PUBLIC'
                             ELSE quote_ident(pg_get_userbyid(a.grantee)) END) AS g
          FROM pg_class c, aclexplode(c.relacl) a
-         WHERE c.oid = to_regclass($1) AND a.grantee <> c.relowner",
-        &[&legacy],
-        |r| r.try_get::<_, String>("g"),
-    )
-    .await?;
-    for g in grants {
-        run(&tx, &g).await?;
+         WHERE c.oid = to_regclass($1) AND a.grantee <> c.relowner"),
+    ];
+    for (column, sql) in carried {
+        let statements = op::all(&tx, Op::Partitions, sql, &[&legacy], |r| {
+            r.try_get::<_, String>(column)
+        })
+        .await?;
+        for q in statements {
+            run(&tx, &q).await?;
+        }
     }
     op::exec(
         &tx,
@@ -760,14 +750,13 @@ pub async fn round(
     create_days(c, fence, &waiting, &mut done, &mut failed).await?;
     if let Some(oldest) = oldest_kept {
         let unattached = pending_of(&*c).await?.map(|p| p.legacy);
-        let expired: Vec<Partition> = partitions(&*c)
+        let expired = partitions(&*c)
             .await?
             .into_iter()
             .filter(|p| !p.is_default && Some(&p.name) != unattached.as_ref())
-            .filter(|p| p.to.is_some_and(|t| t <= oldest))
-            .collect();
-        for p in &expired {
-            match drop_partition(c, fence, p).await {
+            .filter(|p| p.to.is_some_and(|t| t <= oldest));
+        for p in expired {
+            match drop_partition(c, fence, &p).await {
                 Ok(d) => done.dropped.push(d),
                 Err(e) => failed.push(e),
             }
@@ -787,11 +776,8 @@ pub async fn round(
     )
     .await?
     .max(0) as usize;
-    match failed.into_iter().next() {
-        // The first failure stands for the round; the next round tries every step again.
-        Some(e) => Err(e),
-        None => Ok(done),
-    }
+    // The first failure stands for the round; the next round tries every step again.
+    failed.into_iter().next().map_or(Ok(done), Err)
 }
 
 /// The move's remaining steps, as far as they go.
@@ -801,11 +787,7 @@ async fn advance(
     p: &Pending,
     on_step: &mut (dyn FnMut(Step) + Send),
 ) -> Result<()> {
-    loop {
-        let n = move_future(c, fence, p).await?;
-        if n == 0 {
-            break;
-        }
+    while let n @ 1.. = move_future(c, fence, p).await? {
         on_step(Step::FutureMoved(n));
     }
     if validate(c, p).await? {

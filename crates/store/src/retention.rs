@@ -14,26 +14,19 @@ use tokio_util::sync::CancellationToken;
 use crate::op::{self, Op};
 use crate::Result;
 
-/// A table Leasehold fills for operations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Table {
-    DeadLetters,
-    /// Resolved alerts only: an open alert stays, however old.
-    Alerts,
-    LeaseHistory,
-    ClusterNodes,
+leasehold_config::named! {
+    /// A table Leasehold fills for operations.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Table {
+        DeadLetters = "dead_letters",
+        /// Resolved alerts only: an open alert stays, however old.
+        Alerts = "alerts",
+        LeaseHistory = "lease_history",
+        ClusterNodes = "cluster_nodes",
+    }
 }
 
 impl Table {
-    pub fn name(self) -> &'static str {
-        match self {
-            Table::DeadLetters => "dead_letters",
-            Table::Alerts => "alerts",
-            Table::LeaseHistory => "lease_history",
-            Table::ClusterNodes => "cluster_nodes",
-        }
-    }
-
     /// One batch: rows older than `$1` seconds, at most `$2` of them, found by an index on the
     /// age column where there is one (`alerts` by `opened_at`: resolved after it was opened).
     fn sql(self) -> String {
@@ -44,7 +37,7 @@ impl Table {
             Table::LeaseHistory => format!("acquired_at {older}"),
             Table::ClusterNodes => format!("last_seen {older}"),
         };
-        let t = self.name();
+        let t = self.as_str();
         format!(
             "DELETE FROM {t} WHERE ctid = ANY(ARRAY(
                  SELECT ctid FROM {t} WHERE {expired} LIMIT $2 FOR UPDATE SKIP LOCKED))"
@@ -165,7 +158,7 @@ pub async fn run(url: String, current: impl Fn() -> Policy, cancel: Cancellation
                     let older_than = short(*keep);
                     if p.rows > 0 {
                         tracing::info!(
-                            table = table.name(),
+                            table = table.as_str(),
                             deleted = p.rows,
                             batches = p.batches,
                             %older_than,
@@ -173,7 +166,7 @@ pub async fn run(url: String, current: impl Fn() -> Policy, cancel: Cancellation
                             "retention: old rows deleted"
                         );
                     } else {
-                        tracing::debug!(table = table.name(), %older_than, "retention: nothing to delete");
+                        tracing::debug!(table = table.as_str(), %older_than, "retention: nothing to delete");
                     }
                 }
             }

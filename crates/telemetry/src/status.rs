@@ -65,24 +65,16 @@ pub struct ConfigStatus {
     pub problem: Option<String>,
 }
 
-/// How one deployment check came out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CheckLevel {
-    Ok,
-    /// Works, but something G2 stands on is weaker than it should be.
-    Warning,
-    /// Something that loses or misroutes data: `leasehold doctor` exits 1.
-    Problem,
-}
-
-impl CheckLevel {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CheckLevel::Ok => "ok",
-            CheckLevel::Warning => "warning",
-            CheckLevel::Problem => "problem",
-        }
+leasehold_config::named! {
+    /// How one deployment check came out.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+    #[serde(rename_all = "lowercase")]
+    pub enum CheckLevel {
+        Ok = "ok",
+        /// Works, but something G2 stands on is weaker than it should be.
+        Warning = "warning",
+        /// Something that loses or misroutes data: `leasehold doctor` exits 1.
+        Problem = "problem",
     }
 }
 

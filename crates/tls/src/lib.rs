@@ -139,18 +139,22 @@ pub fn client_config(
         .with_safe_default_protocol_versions()?;
     let builder = match verify {
         Verify::Full => builder.with_root_certificates(root_store(roots)?),
-        Verify::ChainOnly => {
-            let inner =
-                WebPkiServerVerifier::builder_with_provider(Arc::new(root_store(roots)?), provider)
+        Verify::ChainOnly | Verify::EncryptOnly => {
+            let chain = match verify {
+                Verify::ChainOnly => Some(
+                    WebPkiServerVerifier::builder_with_provider(
+                        Arc::new(root_store(roots)?),
+                        provider.clone(),
+                    )
                     .build()
-                    .map_err(|e| rustls::Error::General(e.to_string()))?;
+                    .map_err(|e| rustls::Error::General(e.to_string()))?,
+                ),
+                _ => None,
+            };
             builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(ChainOnly { inner }))
+                .with_custom_certificate_verifier(Arc::new(Lenient { chain, provider }))
         }
-        Verify::EncryptOnly => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(EncryptOnly { provider })),
     };
     match identity {
         None => Ok(builder.with_no_client_auth()),
@@ -167,13 +171,17 @@ pub fn client_config(
     }
 }
 
-/// Chain checked, name not (libpq's `verify-ca`).
+/// Chain checked, name not (libpq's `verify-ca`), or with no `chain` the certificate not checked
+/// (libpq's `require` without a root certificate). The handshake signatures are still verified
+/// by the provider's algorithms (the ones a chain's verifier uses too), so the session key belongs
+/// to the presented cert.
 #[derive(Debug)]
-struct ChainOnly {
-    inner: Arc<WebPkiServerVerifier>,
+struct Lenient {
+    chain: Option<Arc<WebPkiServerVerifier>>,
+    provider: Arc<CryptoProvider>,
 }
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for Lenient {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -182,60 +190,15 @@ impl ServerCertVerifier for ChainOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.inner.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        ) {
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
             other => other,
         }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-}
-
-/// Encrypted, certificate not checked (libpq's `require` without a root certificate). The
-/// handshake signatures are still verified, so the session key belongs to the presented cert.
-#[derive(Debug)]
-struct EncryptOnly {
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for EncryptOnly {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
