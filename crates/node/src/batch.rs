@@ -619,6 +619,16 @@ impl Preparer<'_> {
     }
 }
 
+/// `telemetry`, then the named routes: every route of a statement, in its place (the writer's
+/// and replay's order).
+pub fn with_telemetry<'a>(
+    named: impl IntoIterator<Item = &'a ResolvedRoute>,
+) -> Arc<[ResolvedRoute]> {
+    std::iter::once(ResolvedRoute::telemetry())
+        .chain(named.into_iter().cloned())
+        .collect()
+}
+
 /// The routes a statement writes (those of `routes` not suspended), and each route's place
 /// among them (`None`: suspended, not in it).
 pub fn statement_routes<T>(

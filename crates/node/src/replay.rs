@@ -18,7 +18,7 @@ use leasehold_store::replay::{Selection, StoredDeadLetter};
 use leasehold_store::routes::ResolvedRoute;
 use leasehold_store::{BatchWriter, DeadLetter, Fence, RouteRow, StoreError};
 
-use crate::batch::{prepare, statement_routes, DbClock, Routing};
+use crate::batch::{prepare, statement_routes, with_telemetry, DbClock, Routing};
 
 /// What to replay.
 #[derive(Debug, Clone, Default)]
@@ -131,9 +131,7 @@ pub async fn run(
     let c = crate::admin::connect_to(url, "leasehold-replay").await?;
     // The active routes, `telemetry` first, and why each does not fit the catalog now.
     let (named, why) = crate::routes_cmd::resolve_on(&c, &cfg.routes).await?;
-    let routes: Vec<_> = std::iter::once(ResolvedRoute::telemetry())
-        .chain(named)
-        .collect();
+    let routes = with_telemetry(&named);
     let suspended: Vec<_> = std::iter::once(None).chain(why).collect();
     let (mut w, to_stmt) = replay_writer(cfg, url, &routes, &suspended).await?;
     let sel = job.selection();

@@ -27,7 +27,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::batch::reason_label;
 use crate::batch::{
-    prepare_with, rejected, statement_routes, unavailable, DbClock, Prepared, Routing,
+    prepare_with, rejected, statement_routes, unavailable, with_telemetry, DbClock, Prepared,
+    Routing,
 };
 use crate::cluster_config::ActiveRx;
 use crate::routes_cmd::problems_of;
@@ -1570,14 +1571,6 @@ pub fn batch_bytes(cfg: &leasehold_config::Config) -> usize {
 fn fenced(epoch: i64) -> WriterError {
     events::WriteFenced { epoch }.emit();
     WriterError::Fenced(epoch)
-}
-
-/// `telemetry`, then the named routes: every route of a statement, in its place.
-fn with_telemetry<'a>(named: impl IntoIterator<Item = &'a ResolvedRoute>) -> Arc<[ResolvedRoute]> {
-    let named = named.into_iter().cloned();
-    std::iter::once(ResolvedRoute::telemetry())
-        .chain(named)
-        .collect()
 }
 
 /// Says whether `route` is suspended (its event and gauge).
