@@ -270,7 +270,7 @@ impl Reader<'_> {
             }];
         }
         let refused = |e: DecodeError| vec![Unit::refused(payload.clone(), e)];
-        let elements: Vec<&RawValue> = match serde_json::from_slice(payload) {
+        let elements: Vec<&RawValue> = match crate::json(payload) {
             Ok(e) => e,
             Err(e) => return refused(DecodeError::NotJson(e.to_string())),
         };
@@ -410,7 +410,7 @@ impl Reader<'_> {
 
 /// A SenML pack's records: the message is refused whole unless it is a JSON array of objects.
 fn senml_records(payload: &[u8]) -> Result<Vec<Map<String, Value>>, DecodeError> {
-    match serde_json::from_slice::<Value>(payload) {
+    match crate::json::<Value>(payload) {
         Ok(Value::Array(items)) => {
             let mut out = Vec::with_capacity(items.len());
             for (k, item) in items.into_iter().enumerate() {

@@ -231,8 +231,7 @@ impl Decoder {
         topic: &str,
         payload: &[u8],
     ) -> Result<Parsed, DecodeError> {
-        let value: Value =
-            serde_json::from_slice(payload).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+        let value: Value = json(payload).map_err(|e| DecodeError::NotJson(e.to_string()))?;
         let object = match value {
             Value::Object(o) => o,
             other => return Err(DecodeError::NotObject(kind(&other))),
@@ -266,7 +265,7 @@ impl Decoder {
         topic: &str,
         payload: &[u8],
     ) -> Result<Parsed, DecodeError> {
-        let read = serde_json::from_slice::<light::Shape>(payload);
+        let read = json::<light::Shape>(payload);
         if light::raw_token_seen() {
             // A key only serde_json's own reader gives a meaning to: read as it reads it.
             let mut p = self.parse_with(pattern, topic, payload)?;
@@ -292,6 +291,16 @@ impl Decoder {
             });
         }
         Ok(())
+    }
+}
+
+/// `payload` read by serde_json. Read from bytes, it checks that every string is UTF-8, one by
+/// one; checked here at once, the text is read as a `str` (the same grammar, errors and
+/// positions). Bytes that are not UTF-8 are read as bytes, for serde_json's own error.
+pub(crate) fn json<'a, T: serde::Deserialize<'a>>(payload: &'a [u8]) -> serde_json::Result<T> {
+    match std::str::from_utf8(payload) {
+        Ok(text) => serde_json::from_str(text),
+        Err(_) => serde_json::from_slice(payload),
     }
 }
 
@@ -448,6 +457,67 @@ mod tests {
 
     fn d() -> Decoder {
         Decoder::new("devices/{device_id}/#", 1024)
+    }
+
+    /// JSON-like bytes: fragments of the grammar, escapes, UTF-8 (whole, cut short, or bytes no
+    /// UTF-8 has) and any byte.
+    fn json_like() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let fragments: Vec<&'static [u8]> = vec![
+            b"{",
+            b"}",
+            b"[",
+            b"]",
+            b"\"",
+            b":",
+            b",",
+            b" ",
+            b"\"device_id\"",
+            b"\"ts\"",
+            b"1.5e3",
+            b"-0",
+            b"170000000000000000000000",
+            b"null",
+            b"true",
+            b"\\u00e9",
+            b"\\ud800",
+            b"\\u0000",
+            b"\\\"",
+            "é".as_bytes(),
+            "€".as_bytes(),
+            b"\xc3",
+            b"\xff",
+            b"\xed\xa0\x80",
+            b"\"$serde_json::private::RawValue\"",
+        ];
+        let piece = prop_oneof![
+            3 => proptest::sample::select(fragments).prop_map(|f| f.to_vec()),
+            1 => any::<u8>().prop_map(|b| vec![b]),
+        ];
+        proptest::collection::vec(piece, 0..24).prop_map(|p| p.concat())
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        /// `json` reads what serde_json reads from bytes: the same value or the same error
+        /// (its text and position), for a value and for a gateway's array of raw elements.
+        #[test]
+        fn json_reads_bytes_as_serde_json_does(bytes in json_like()) {
+            let text = |e: serde_json::Error| e.to_string();
+            proptest::prop_assert_eq!(
+                json::<Value>(&bytes).map_err(text),
+                serde_json::from_slice::<Value>(&bytes).map_err(text)
+            );
+            let raw = |r: Vec<&serde_json::value::RawValue>| {
+                r.iter().map(|v| v.get().to_string()).collect::<Vec<_>>()
+            };
+            proptest::prop_assert_eq!(
+                json::<Vec<&serde_json::value::RawValue>>(&bytes).map(raw).map_err(text),
+                serde_json::from_slice::<Vec<&serde_json::value::RawValue>>(&bytes)
+                    .map(raw)
+                    .map_err(text)
+            );
+        }
     }
 
     #[test]
