@@ -9,7 +9,9 @@
 //!   characters, taken from the topic when the topic names one, else from the payload; its
 //!   content hash is set if, and only if, the payload has no timestamp (then its time is the
 //!   receipt time and the hash is [`content_hash`] of topic and bytes); a timestamp has
-//!   microsecond resolution, like `timestamptz`.
+//!   microsecond resolution, like `timestamptz`;
+//! - the payload read as JSON is what `serde_json` reads from the bytes, value or error
+//!   ([`crate::json`] checks the UTF-8 once, then reads text).
 
 use chrono::{DateTime, Datelike, TimeZone, Utc};
 use serde_json::Value;
@@ -201,6 +203,12 @@ pub fn check(decoder: &Decoder, topic: &str, payload: &[u8], max: usize) {
         "not deterministic"
     );
     same_as_the_writers_parse(decoder, topic, payload, &result);
+    let text = |e: serde_json::Error| e.to_string();
+    assert_eq!(
+        crate::json::<Value>(payload).map_err(text),
+        serde_json::from_slice::<Value>(payload).map_err(text),
+        "read as JSON otherwise than serde_json reads the bytes"
+    );
     if payload.len() > max {
         assert_eq!(
             result,

@@ -447,6 +447,7 @@ fn from_epoch(n: f64) -> Result<DateTime<Utc>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::borrow::Cow;
 
     /// The receipt instant of the crate's tests.
     pub(crate) fn now() -> DateTime<Utc> {
@@ -459,64 +460,148 @@ mod tests {
         Decoder::new("devices/{device_id}/#", 1024)
     }
 
-    /// JSON-like bytes: fragments of the grammar, escapes, UTF-8 (whole, cut short, or bytes no
-    /// UTF-8 has) and any byte.
-    fn json_like() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+    /// JSON text built from its grammar: objects and arrays to depth 6, keys the light reader
+    /// keeps (also spelled with escapes) and the raw-value token, escapes and surrogates, numbers
+    /// at the edges of their ranges, newlines between members.
+    fn json_text() -> impl proptest::strategy::Strategy<Value = String> {
         use proptest::prelude::*;
-        let fragments: Vec<&'static [u8]> = vec![
-            b"{",
-            b"}",
-            b"[",
-            b"]",
-            b"\"",
-            b":",
-            b",",
-            b" ",
-            b"\"device_id\"",
-            b"\"ts\"",
-            b"1.5e3",
-            b"-0",
-            b"170000000000000000000000",
-            b"null",
-            b"true",
-            b"\\u00e9",
-            b"\\ud800",
-            b"\\u0000",
-            b"\\\"",
-            "é".as_bytes(),
-            "€".as_bytes(),
-            b"\xc3",
-            b"\xff",
-            b"\xed\xa0\x80",
-            b"\"$serde_json::private::RawValue\"",
+        let string = prop_oneof![
+            proptest::sample::select(vec![
+                "device_id",
+                "ts",
+                "timestamp",
+                "d\\u0065vice_id",
+                "$serde_json::private::RawValue",
+                "\\ud83d\\ude00",
+                "\\udc00",
+                "\\ud800x",
+                "\\u0000",
+                "é€😀",
+                "\\\"\\n\\/",
+                "\u{feff}",
+                "\u{2028}",
+            ])
+            .prop_map(str::to_string),
+            "[a-z0-9 ]{0,4}",
+        ]
+        .prop_map(|s| format!("\"{s}\""));
+        let leaf = prop_oneof![
+            string.clone(),
+            proptest::sample::select(vec![
+                "null",
+                "true",
+                "false",
+                "-0",
+                "1.7e308",
+                "1e400",
+                "-1e-400",
+                "1700000000.123456",
+                "18446744073709551615",
+                "18446744073709551616",
+                "-9223372036854775809",
+                "01",
+                "1.",
+            ])
+            .prop_map(str::to_string),
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<f64>().prop_map(|n| n.to_string()),
         ];
-        let piece = prop_oneof![
-            3 => proptest::sample::select(fragments).prop_map(|f| f.to_vec()),
-            1 => any::<u8>().prop_map(|b| vec![b]),
-        ];
-        proptest::collection::vec(piece, 0..24).prop_map(|p| p.concat())
+        leaf.prop_recursive(6, 64, 6, move |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6)
+                    .prop_map(|v| format!("[{}]", v.join(","))),
+                proptest::collection::vec((string.clone(), inner), 0..6).prop_map(|m| {
+                    let m: Vec<String> = m.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+                    format!("{{{}}}", m.join(",\n"))
+                }),
+            ]
+        })
+    }
+
+    /// Bytes for the reader: JSON text as built, between whitespace, a byte order mark or
+    /// trailing text, and sometimes with one byte put in, replaced or cut off (bytes no UTF-8
+    /// has, the start of a character cut short, a character's middle, ASCII).
+    fn json_bytes() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let byte = proptest::sample::select(vec![0xff, 0xc3, 0x80, 0xed, 0xe2, b'"', b'\\', b'}']);
+        let edit =
+            proptest::option::weighted(0.3, (0u8..3, any::<proptest::sample::Index>(), byte));
+        let ends = proptest::sample::select(vec!["", " ", "\n", "\u{feff}", "x"]);
+        (ends.clone(), json_text(), ends, edit).prop_map(|(before, text, after, edit)| {
+            let mut b = format!("{before}{text}{after}").into_bytes();
+            if let Some((op, at, byte)) = edit {
+                let i = at.index(b.len() + 1);
+                match op {
+                    0 => b.insert(i, byte),
+                    1 if i < b.len() => b[i] = byte,
+                    _ => b.truncate(i),
+                }
+            }
+            b
+        })
+    }
+
+    /// What the light reader made of a payload, and whether it met the raw-value token: the
+    /// fields with whether each string was borrowed from the payload.
+    fn light_reading(r: serde_json::Result<light::Shape<'_>>) -> Result<String, String> {
+        let token = light::raw_token_seen();
+        let field = |f: &Option<Field<'_>>| match f {
+            Some(Field::Str(c)) => format!("{c:?} borrowed {}", matches!(c, Cow::Borrowed(_))),
+            other => format!("{other:?}"),
+        };
+        r.map(|s| match s {
+            light::Shape::Object(f) => format!(
+                "{} {} {} {token}",
+                field(&f.device_id),
+                field(&f.ts),
+                field(&f.timestamp)
+            ),
+            light::Shape::Other(k) => format!("{k} {token}"),
+        })
+        .map_err(|e| e.to_string())
+    }
+
+    /// `json` against serde_json's own reading of the bytes: a value, a gateway's raw elements,
+    /// the light reader.
+    fn reads_as_serde_json(bytes: &[u8]) -> Result<(), proptest::test_runner::TestCaseError> {
+        use serde_json::value::RawValue;
+        let text = |e: serde_json::Error| e.to_string();
+        proptest::prop_assert_eq!(
+            json::<Value>(bytes).map_err(text),
+            serde_json::from_slice::<Value>(bytes).map_err(text)
+        );
+        let raw = |r: Vec<&RawValue>| r.iter().map(|v| v.get().to_string()).collect::<Vec<_>>();
+        proptest::prop_assert_eq!(
+            json::<Vec<&RawValue>>(bytes).map(raw).map_err(text),
+            serde_json::from_slice::<Vec<&RawValue>>(bytes)
+                .map(raw)
+                .map_err(text)
+        );
+        let ours = light_reading(json::<light::Shape>(bytes));
+        proptest::prop_assert_eq!(
+            ours,
+            light_reading(serde_json::from_slice::<light::Shape>(bytes))
+        );
+        Ok(())
     }
 
     proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3000))]
         /// `json` reads what serde_json reads from bytes: the same value or the same error
-        /// (its text and position), for a value and for a gateway's array of raw elements.
+        /// (its text and position).
         #[test]
-        fn json_reads_bytes_as_serde_json_does(bytes in json_like()) {
-            let text = |e: serde_json::Error| e.to_string();
-            proptest::prop_assert_eq!(
-                json::<Value>(&bytes).map_err(text),
-                serde_json::from_slice::<Value>(&bytes).map_err(text)
-            );
-            let raw = |r: Vec<&serde_json::value::RawValue>| {
-                r.iter().map(|v| v.get().to_string()).collect::<Vec<_>>()
-            };
-            proptest::prop_assert_eq!(
-                json::<Vec<&serde_json::value::RawValue>>(&bytes).map(raw).map_err(text),
-                serde_json::from_slice::<Vec<&serde_json::value::RawValue>>(&bytes)
-                    .map(raw)
-                    .map_err(text)
-            );
+        fn json_reads_bytes_as_serde_json_does(bytes in json_bytes()) {
+            reads_as_serde_json(&bytes)?;
+        }
+    }
+
+    #[test]
+    fn json_reads_deep_nesting_as_serde_json_does() {
+        for depth in [127, 128, 129, 200] {
+            for tail in [&b""[..], b"\xff"] {
+                let b = [&b"[".repeat(depth), tail, &b"]".repeat(depth)].concat();
+                reads_as_serde_json(&b).expect("the same reading");
+            }
         }
     }
 
