@@ -227,6 +227,9 @@ async fn no_leader_and_leader_off_the_broker_are_raised_by_the_nodes_that_remain
         wait_post(&hook, "leader_mqtt_disconnected", "opened", off).await?;
         c.mq.start_again().await?;
         wait_resolved(&c, "leader_mqtt_disconnected", off).await?;
+        // Posted before the kill: the node that records a change posts it, and a node killed
+        // before its post goes out takes the post with it (the change stays in `alerts`).
+        wait_post(&hook, "leader_mqtt_disconnected", "resolved", off).await?;
 
         // The only production node dies: nobody leads.
         c.node_mut("node-a").kill9();
