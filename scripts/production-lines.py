@@ -15,6 +15,13 @@ def git(*args):
     return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout
 
 
+def code(line):
+    """`line` without its string and character literals, whose braces are not the code's."""
+    line = re.sub(r'b?r(#*)".*?"\1', '""', line)
+    line = re.sub(r'b?"(?:\\.|[^"\\])*"', '""', line)
+    return re.sub(r"b?'(?:\\.|[^'\\])'", "''", line)
+
+
 def count(text):
     lines, n, i = text.split("\n"), 0, 0
     while i < len(lines):
@@ -22,8 +29,9 @@ def count(text):
             # Skip the item that follows: a block, or a single line ending in `;`.
             j, depth, opened = i + 1, 0, False
             while j < len(lines):
-                depth += lines[j].count("{") - lines[j].count("}")
-                opened = opened or "{" in lines[j]
+                c = code(lines[j])
+                depth += c.count("{") - c.count("}")
+                opened = opened or "{" in c
                 if (opened and depth <= 0) or (not opened and lines[j].rstrip().endswith(";")):
                     break
                 j += 1
