@@ -11,14 +11,22 @@ FN = re.compile(r"\s*(pub(\([^)]*\))?\s+)?(const\s+)?(async\s+)?(unsafe\s+)?fn\s
 TEST_MOD = re.compile(r"\s*(pub(\(crate\))? )?mod \w+")
 
 
+def code(line):
+    """`line` without its string and character literals, whose braces are not the code's."""
+    line = re.sub(r'b?r(#*)".*?"\1', '""', line)
+    line = re.sub(r'b?"(?:\\.|[^"\\])*"', '""', line)
+    return re.sub(r"b?'(?:\\.|[^'\\])'", "''", line)
+
+
 def block_end(lines, i):
     """The line after the block that opens at or after line i, or None for a bodiless fn."""
     depth, opened = 0, False
     for j in range(i, len(lines)):
-        if not opened and j > i and lines[j].strip().endswith(";") and "{" not in lines[j]:
+        c = code(lines[j])
+        if not opened and j > i and c.strip().endswith(";") and "{" not in c:
             return None
-        depth += lines[j].count("{") - lines[j].count("}")
-        opened = opened or "{" in lines[j]
+        depth += c.count("{") - c.count("}")
+        opened = opened or "{" in c
         if opened and depth <= 0:
             return j + 1
     return None
