@@ -7,59 +7,14 @@ import re
 import subprocess
 import sys
 
+from rust_code import code_lines
+
 NOT_PRODUCTION = {"testkit", "bench", "chaos", "flushdelay"}
 SRC = re.compile(r"crates/([^/]+)/src/.*\.rs$")
 
 
 def git(*args):
     return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout
-
-
-def code_lines(text):
-    """`text` split into lines with its comments, strings and character literals emptied (their
-    newlines kept, so the lines stay aligned): braces inside them are not the code's."""
-    out, i, n = [], 0, len(text)
-    ident = lambda k: k >= 0 and (text[k].isalnum() or text[k] == "_")
-    while i < n:
-        c = text[i]
-        if text.startswith("//", i):
-            j = text.find("\n", i)
-            i = n if j < 0 else j
-        elif text.startswith("/*", i):
-            depth, i = 1, i + 2
-            while i < n and depth:
-                if text.startswith("/*", i):
-                    depth, i = depth + 1, i + 2
-                elif text.startswith("*/", i):
-                    depth, i = depth - 1, i + 2
-                else:
-                    out.append("\n" if text[i] == "\n" else "")
-                    i += 1
-        elif c in "bcr\"" and not ident(i - 1) and re.match(r'(?:[bc]?r#*|[bc]?)"', text[i:i + 260]):
-            m = re.match(r'([bc]?)(r?)(#*)"', text[i:])
-            i += m.end()
-            close = '"' + m.group(3)
-            while i < n and not text.startswith(close, i):
-                if not m.group(2) and text[i] == "\\":
-                    out.append("\n" if text[i + 1:i + 2] == "\n" else "")
-                    i += 2
-                    continue
-                out.append("\n" if text[i] == "\n" else "")
-                i += 1
-            i += len(close)
-            out.append('""')
-        elif c == "'" or (c == "b" and text.startswith("b'", i) and not ident(i - 1)):
-            m = re.match(r"b?'(?:\\(?:x[0-9a-fA-F]{2}|u\{[0-9a-fA-F]*\}|.)|[^\\'\n])'", text[i:])
-            if m:
-                out.append("''")
-                i += m.end()
-            else:
-                out.append(c)
-                i += 1
-        else:
-            out.append(c)
-            i += 1
-    return "".join(out).split("\n")
 
 
 def count(text):
