@@ -2,6 +2,11 @@
 that count its braces (production-lines.py, long-functions.py)."""
 import re
 
+# A string literal's opening: b"…", c"…", r#"…"#, br"…", "…".
+STRING = re.compile(r'([bc]?)(?:(r)(#*))?"')
+# A character or byte literal: 'a', '\n', '\x7f', '\u{2028}', b'}' (not a lifetime: 'a, 'static).
+CHAR = re.compile(r"b?'(?:\\(?:x[0-9a-fA-F]{2}|u\{[0-9a-fA-F]*\}|.)|[^\\'\n])'")
+
 
 def code_lines(text):
     """`text` split into lines with its comments, strings and character literals emptied (their
@@ -23,12 +28,10 @@ def code_lines(text):
                 else:
                     out.append("\n" if text[i] == "\n" else "")
                     i += 1
-        elif c in "bcr\"" and not ident(i - 1) and re.match(r'(?:[bc]?r#*|[bc]?)"', text[i:i + 260]):
-            m = re.match(r'([bc]?)(r?)(#*)"', text[i:])
-            i += m.end()
-            close = '"' + m.group(3)
+        elif c in "bcr\"" and not ident(i - 1) and (m := STRING.match(text, i)):
+            raw, close, i = m.group(2), '"' + (m.group(3) or ""), m.end()
             while i < n and not text.startswith(close, i):
-                if not m.group(2) and text[i] == "\\":
+                if not raw and text[i] == "\\":
                     out.append("\n" if text[i + 1:i + 2] == "\n" else "")
                     i += 2
                     continue
@@ -36,14 +39,9 @@ def code_lines(text):
                 i += 1
             i += len(close)
             out.append('""')
-        elif c == "'" or (c == "b" and text.startswith("b'", i) and not ident(i - 1)):
-            m = re.match(r"b?'(?:\\(?:x[0-9a-fA-F]{2}|u\{[0-9a-fA-F]*\}|.)|[^\\'\n])'", text[i:])
-            if m:
-                out.append("''")
-                i += m.end()
-            else:
-                out.append(c)
-                i += 1
+        elif c in "b'" and not (c == "b" and ident(i - 1)) and (m := CHAR.match(text, i)):
+            out.append("''")
+            i = m.end()
         else:
             out.append(c)
             i += 1
