@@ -32,9 +32,12 @@ fn row(device: &str, secs: i64) -> RouteRow {
     )
 }
 
-#[tokio::test]
-async fn a_writer_whose_epoch_was_bumped_cannot_commit_a_single_row() -> Result<()> {
-    let pg = migrated().await?;
+/// The lease held by `h1` at epoch 7 for a minute, and a writer under it (statements bounded by
+/// `timeout`).
+async fn leased_writer(
+    pg: &Postgres,
+    timeout: Duration,
+) -> Result<(tokio_postgres::Client, BatchWriter, Fence)> {
     let admin = pg.client().await?;
     admin
         .execute(
@@ -43,10 +46,10 @@ async fn a_writer_whose_epoch_was_bumped_cannot_commit_a_single_row() -> Result<
             &[],
         )
         .await?;
-    let mut w = BatchWriter::connect(
+    let w = BatchWriter::connect(
         &pg.url(),
         "a".into(),
-        Duration::from_secs(10),
+        timeout,
         leasehold_store::DEFAULT_REDELIVERY_WINDOW,
     )
     .await?;
@@ -55,6 +58,13 @@ async fn a_writer_whose_epoch_was_bumped_cannot_commit_a_single_row() -> Result<
         holder_id: "h1".into(),
         epoch: 7,
     };
+    Ok((admin, w, fence))
+}
+
+#[tokio::test]
+async fn a_writer_whose_epoch_was_bumped_cannot_commit_a_single_row() -> Result<()> {
+    let pg = migrated().await?;
+    let (admin, mut w, fence) = leased_writer(&pg, Duration::from_secs(10)).await?;
     let out = w.write(&fence, &[row("d", 1)], &[]).await?;
     ensure!(out.routes[0].written == 1);
 
@@ -128,6 +138,39 @@ async fn a_takeover_waits_for_the_fenced_transaction_in_flight() -> Result<()> {
     tx.commit().await?;
     let epoch = acquire.await??;
     ensure!(epoch == Some(2), "takeover epoch {epoch:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_fenced_transaction_whose_client_stops_does_not_hold_the_lease_row() -> Result<()> {
+    // `leasehold replay` writes under the leader's lease in a transaction of several statements.
+    // Stopped between two of them (Ctrl-Z, a suspended laptop), it would hold the lease row
+    // FOR SHARE until it woke up, and the leader could not renew: the cluster would stop. Its
+    // session is ended instead, after `Fence::step_limit` without a statement.
+    let pg = migrated().await?;
+    let (admin, mut w, fence) = leased_writer(&pg, Duration::from_secs(60)).await?;
+    let ttl = Duration::from_secs(3);
+    w.begin().await?;
+    w.bound_idle(Fence::step_limit(ttl)).await?;
+    let out = w.write(&fence, &[row("d", 1)], &[]).await?;
+    ensure!(out.routes[0].written == 1);
+    // The replay stops here, its transaction open. The leader's renewal waits for the lease row
+    // at most its statement timeout (5 s here).
+    use leasehold_store::lease::{Attempt::Renewal, LeaseConn};
+    let leader = LeaseConn::connect(&pg.url(), Duration::from_secs(5)).await?;
+    let renewed = leader
+        .acquire(Renewal, "mqtt-ingest", "h1", "a", ttl)
+        .await
+        .context("the leader's renewal waited for the stopped transaction")?;
+    ensure!(renewed == Some(7), "renewal: {renewed:?}");
+    // The stopped transaction ended without committing.
+    let late = w.finish(true).await;
+    ensure!(late.is_err(), "the stopped transaction committed: {late:?}");
+    let rows: i64 = admin
+        .query_one("SELECT count(*) FROM telemetry", &[])
+        .await?
+        .get(0);
+    ensure!(rows == 0, "{rows} rows of the stopped transaction");
     Ok(())
 }
 

@@ -146,6 +146,7 @@ pub async fn run(
         suspended: &suspended,
         to_stmt: &to_stmt,
         max_payload_bytes: cfg.cluster.max_payload_bytes,
+        step_limit: Fence::step_limit(cfg.lease.ttl),
     };
     let mut summary = Summary {
         dry_run,
@@ -259,6 +260,8 @@ struct Shape<'a> {
     suspended: &'a [Option<String>],
     to_stmt: &'a [Option<usize>],
     max_payload_bytes: usize,
+    /// How long the chunk's transaction may wait for this process once it holds the lease row.
+    step_limit: Duration,
 }
 
 /// What one chunk came to.
@@ -351,6 +354,8 @@ async fn attempt(
             later[i].extend(round.into_iter().filter_map(place));
         }
     }
+    // The writes below hold the lease row until the chunk commits.
+    w.bound_idle(shape.step_limit).await?;
     write_parts(w, fence, rows, dead, later, &mut reasons).await?;
     let failing = failing_by_id(reasons, &owner);
     done.replayed = ids;

@@ -25,6 +25,28 @@ pub struct Fence {
     pub epoch: i64,
 }
 
+impl Fence {
+    /// How long a transaction of several statements may hold the lease row `FOR SHARE` at a
+    /// time: each statement, and each wait for the next one. A sixth of the lease's life, so
+    /// that a renewal it holds up (one every third of the TTL) still lands before the leader's
+    /// deadline.
+    pub fn step_limit(lease_ttl: Duration) -> Duration {
+        (lease_ttl / 6).max(Duration::from_millis(100))
+    }
+}
+
+/// `SET LOCAL` that ends the session when its transaction waits longer than `limit` for its
+/// client. A fenced transaction whose client stops between two statements (a process paused, a
+/// laptop suspended, a VM frozen, a network cut) would otherwise hold the lease row until the
+/// server declares the TCP connection dead, hours later, and no renewal or takeover could update
+/// the row meanwhile: the whole cluster would stop ingesting.
+pub(crate) fn idle_limit_sql(limit: Duration) -> String {
+    format!(
+        "SET LOCAL idle_in_transaction_session_timeout = {}",
+        limit.as_millis().max(1)
+    )
+}
+
 /// A message stored in `dead_letters` instead of a table: it could not be decoded or mapped,
 /// or PostgreSQL refused its row.
 #[derive(Debug, Clone)]

@@ -236,11 +236,13 @@ const LOCK_ALL: &str = "LOCK TABLE telemetry IN ACCESS EXCLUSIVE MODE";
 
 /// A transaction that holds the lease row `FOR SHARE` (the fence), with short lock waits.
 /// `locks` (SQL) are taken first: the lease row is held only for the work, never across a wait
-/// for the writer's statements, so the leader's renewals are not held up by one.
+/// for the writer's statements, so the leader's renewals are not held up by one; and a client
+/// that stops inside it (a leader paused) loses its session, not the cluster its lease row.
 async fn fenced<'a>(c: &'a mut Client, fence: &Fenced<'_>, locks: &str) -> Result<Transaction<'a>> {
     let tx = c.transaction().await?;
     tx.batch_execute(&format!(
-        "SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; {locks}; SET LOCAL statement_timeout = {}",
+        "{}; SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; {locks}; SET LOCAL statement_timeout = {}",
+        crate::batch::idle_limit_sql(fence.timeout),
         fence.timeout.as_millis()
     ))
     .await?;
@@ -708,12 +710,12 @@ pub async fn round(
     on_step: &mut (dyn FnMut(Step) + Send),
 ) -> Result<Round> {
     // The lease row is held for each step's work, a few statements of at most a sixth of the
-    // lease's life each: a renewal it holds up (one every third of the TTL) still lands in time.
+    // lease's life each, with waits for the client as short ([`Fence::step_limit`]).
     // A step that needs longer (a day of readings to move out of the default partition) fails
     // and is left for the next round; readings wait where they are, never lost.
     let fence = &Fenced {
         fence,
-        timeout: (lease_ttl / 6).max(Duration::from_millis(100)),
+        timeout: Fence::step_limit(lease_ttl),
     };
     let mut done = Round::default();
     match kind(&*c).await?.as_deref() {

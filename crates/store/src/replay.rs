@@ -3,6 +3,8 @@
 //! the fenced batch statement that wrote them again ([`BatchWriter::write`]). A transaction that
 //! does not commit leaves every dead letter where it was.
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 
 use crate::op::{self, Op};
@@ -74,6 +76,18 @@ impl BatchWriter {
     /// `BEGIN`: the statements up to [`BatchWriter::finish`] are one transaction.
     pub async fn begin(&self) -> Result<()> {
         op::batch(&self.client, Op::Replay, "BEGIN").await
+    }
+
+    /// From now until [`BatchWriter::finish`], the open transaction may wait at most `limit`
+    /// for its next statement ([`crate::Fence::step_limit`]): its writes hold the lease row, and
+    /// a replay stopped in the middle (Ctrl-Z) must not hold up the leader's renewals.
+    pub async fn bound_idle(&self, limit: Duration) -> Result<()> {
+        op::batch(
+            &self.client,
+            Op::Replay,
+            &crate::batch::idle_limit_sql(limit),
+        )
+        .await
     }
 
     /// `COMMIT` (or `ROLLBACK` when `commit` is false: a dry run, or a failed statement).
