@@ -102,13 +102,6 @@ pub async fn upsert(
     let mut started = None;
     while got < n && started.is_none_or(|s: Instant| s.elapsed() < Duration::from_secs(max_secs)) {
         match tokio::time::timeout(Duration::from_secs(30), el.poll()).await {
-            // A primary host's STATE, retained since the Sparkplug drain (the session's
-            // `spBv1.0/#` filter takes it): no reading, and not one of the `n`.
-            Ok(Ok(Event::Incoming(Packet::Publish(p))))
-                if p.topic.starts_with("spBv1.0/STATE/") =>
-            {
-                c.try_ack(&p)?;
-            }
             Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
                 let received = Instant::now();
                 let received_at = chrono::Utc::now();

@@ -96,6 +96,13 @@ fn publisher(
     (c, acked, poll)
 }
 
+/// Clears the message retained on `topic` (an empty retained publish, QoS 1).
+pub async fn clear_retained(port: u16, topic: &str) -> Result<()> {
+    let (c, acked, poll) = publisher(port, "clear-retained");
+    c.publish(topic, QoS::AtLeastOnce, true, Vec::new()).await?;
+    await_acks_within(&acked, poll, 1, Duration::from_secs(30)).await
+}
+
 /// Publishes `n` numbered messages of `run` (QoS 1) at `rate` per second (0: as fast as
 /// possible) and waits for every PUBACK. Returns the publishing time.
 pub async fn publish(port: u16, run: &str, n: u64, rate: u64) -> Result<Duration> {

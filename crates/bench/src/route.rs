@@ -9,7 +9,9 @@ use leasehold_testkit::{eventually, http, memory_of, metric, NodeProc};
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::mqtt::{create_session, drop_session, publish, publish_gateways, publish_sparkplug};
+use crate::mqtt::{
+    clear_retained, create_session, drop_session, publish, publish_gateways, publish_sparkplug,
+};
 use crate::probes::{cpu_seconds, postgres_cpu_seconds};
 use crate::rig::{leader_summary, stop_node, Rig, LEADER_SESSION};
 
@@ -395,6 +397,9 @@ pub async fn routes_phase(
         Target::Sparkplug,
     )
     .await?;
+    // The host's STATE stays retained at the broker after the drain: every later session that
+    // subscribes `spBv1.0/#` (the per-message upsert's) would receive it.
+    clear_retained(rig.mq.port, "spBv1.0/STATE/bench").await?;
     let (mut history, mut history_empty) = (Vec::new(), Vec::new());
     if history_rows > 0 {
         empty_telemetry(rig).await?;
