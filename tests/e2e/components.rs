@@ -150,8 +150,7 @@ async fn a_fenced_transaction_whose_client_stops_does_not_hold_the_lease_row() -
     let pg = migrated().await?;
     let (admin, mut w, fence) = leased_writer(&pg, Duration::from_secs(60)).await?;
     let ttl = Duration::from_secs(3);
-    w.begin().await?;
-    w.bound_idle(Fence::step_limit(ttl)).await?;
+    w.begin(Fence::step_limit(ttl)).await?;
     let out = w.write(&fence, &[row("d", 1)], &[]).await?;
     ensure!(out.routes[0].written == 1);
     // The replay stops here, its transaction open. The leader's renewal waits for the lease row
@@ -171,6 +170,51 @@ async fn a_fenced_transaction_whose_client_stops_does_not_hold_the_lease_row() -
         .await?
         .get(0);
     ensure!(rows == 0, "{rows} rows of the stopped transaction");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_pooled_connection_given_back_inside_a_transaction_holds_no_lock_for_long() -> Result<()>
+{
+    // `/health/data` reads device coverage in a transaction, under a 5 s timeout: a timeout in
+    // the middle gives the connection back to the pool with the transaction open, holding its
+    // lock on `telemetry`. A partition step (ACCESS EXCLUSIVE) would wait for it, and the
+    // leader's inserts behind the step.
+    let pg = migrated().await?;
+    let pool = leasehold_store::pool(&pg.url(), "test", 1)?;
+    let leak = |pool: leasehold_store::Pool| async move {
+        let c = leasehold_store::pooled(&pool).await?;
+        c.batch_execute("BEGIN; SELECT count(*) FROM telemetry")
+            .await?;
+        anyhow::Ok(())
+    };
+    // Taken again at once: not that transaction's connection.
+    leak(pool.clone()).await?;
+    let c = leasehold_store::pooled(&pool).await?;
+    // In a simple query's own transaction, the transaction and the statement start together.
+    let fresh = c
+        .simple_query("SELECT now() = statement_timestamp() AS fresh")
+        .await?
+        .into_iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get("fresh").map(str::to_string),
+            _ => None,
+        });
+    ensure!(
+        fresh.as_deref() == Some("t"),
+        "the pool gave out a connection inside a transaction: {fresh:?}"
+    );
+    drop(c);
+    // Not taken again: its transaction ends by itself, within the pool's 5 s bound.
+    leak(pool.clone()).await?;
+    let admin = pg.client().await?;
+    admin
+        .batch_execute(
+            "SET lock_timeout = '15s';
+             BEGIN; LOCK TABLE telemetry IN ACCESS EXCLUSIVE MODE; COMMIT",
+        )
+        .await
+        .context("the pooled connection's transaction kept its lock")?;
     Ok(())
 }
 

@@ -136,7 +136,7 @@ pub async fn run(
     let (mut w, to_stmt) = replay_writer(cfg, url, &routes, &suspended).await?;
     let sel = job.selection();
     let upto = leasehold_store::replay::newest_id(&c).await?;
-    let mut fence = read_fence(&c, &cfg.node.lease_name).await?;
+    let (mut fence, mut hold) = read_fence(&c, &cfg.node.lease_name).await?;
     let decoder = Decoder::configured(cfg);
     let written_by = format!("{} (replay)", cfg.instance_id);
     let shape = Shape {
@@ -146,7 +146,6 @@ pub async fn run(
         suspended: &suspended,
         to_stmt: &to_stmt,
         max_payload_bytes: cfg.cluster.max_payload_bytes,
-        step_limit: Fence::step_limit(cfg.lease.ttl),
     };
     let mut summary = Summary {
         dry_run,
@@ -158,7 +157,7 @@ pub async fn run(
     let mut queue: VecDeque<Option<Vec<i64>>> = VecDeque::from([None]);
     let mut fenced = 0u32;
     while let Some(item) = queue.pop_front() {
-        w.begin().await?;
+        w.begin(hold).await?;
         let locked = lock(&mut w, &sel, item.as_deref(), after, upto).await?;
         // The next chunk is queued last, behind the halves and retries of this one: an empty
         // chunk leaves the queue empty.
@@ -186,7 +185,7 @@ pub async fn run(
             Err(e) if e.is_row_error() => {
                 // This one dead letter's row is refused again: it stays, with the words of now.
                 w.finish(false).await?;
-                w.begin().await?;
+                w.begin(hold).await?;
                 w.refuse_dead_letter(ids[0], &e.database_text()).await?;
                 w.finish(!dry_run).await?;
                 summary.add_refused();
@@ -195,7 +194,7 @@ pub async fn run(
                 w.finish(false).await?;
                 fenced += 1;
                 tokio::time::sleep(Duration::from_millis(250 * u64::from(fenced.min(8)))).await;
-                fence = read_fence(&c, &cfg.node.lease_name).await?;
+                (fence, hold) = read_fence(&c, &cfg.node.lease_name).await?;
                 queue.push_front(Some(ids));
             }
             Err(e) => {
@@ -229,18 +228,24 @@ async fn lock(
 /// How long a replay waits for a leader (a failover in the middle takes about `LEASE_TTL`).
 const LEADER_WAIT: Duration = Duration::from_secs(30);
 
-/// The current leader's lease, which replayed rows are written under; waits up to
-/// [`LEADER_WAIT`] for one.
-async fn read_fence(c: &leasehold_store::Client, lease_name: &str) -> anyhow::Result<Fence> {
+/// The current leader's lease, which replayed rows are written under, and how long a chunk
+/// may hold its row at a time ([`Fence::step_limit`] of the leader's TTL, not this host's
+/// setting); waits up to [`LEADER_WAIT`] for a leader.
+async fn read_fence(
+    c: &leasehold_store::Client,
+    lease_name: &str,
+) -> anyhow::Result<(Fence, Duration)> {
     let started = Instant::now();
     loop {
         if let Some(l) = leasehold_store::queries::lease(c, lease_name).await? {
             if l.is_live() {
-                return Ok(Fence {
+                let hold = Fence::step_limit(l.ttl());
+                let fence = Fence {
                     lease_name: lease_name.to_string(),
                     holder_id: l.holder_id,
                     epoch: l.epoch,
-                });
+                };
+                return Ok((fence, hold));
             }
         }
         if started.elapsed() > LEADER_WAIT {
@@ -260,8 +265,6 @@ struct Shape<'a> {
     suspended: &'a [Option<String>],
     to_stmt: &'a [Option<usize>],
     max_payload_bytes: usize,
-    /// How long the chunk's transaction may wait for this process once it holds the lease row.
-    step_limit: Duration,
 }
 
 /// What one chunk came to.
@@ -354,8 +357,6 @@ async fn attempt(
             later[i].extend(round.into_iter().filter_map(place));
         }
     }
-    // The writes below hold the lease row until the chunk commits.
-    w.bound_idle(shape.step_limit).await?;
     write_parts(w, fence, rows, dead, later, &mut reasons).await?;
     let failing = failing_by_id(reasons, &owner);
     done.replayed = ids;

@@ -318,6 +318,9 @@ pub struct BatchWriter {
     notices: tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::error::DbError>,
     /// The routes the statement is prepared for: `telemetry` first, then the named ones.
     routes: Arc<[ResolvedRoute]>,
+    /// In a transaction opened by [`BatchWriter::begin`], before its first write: how long the
+    /// transaction may then wait for this client ([`idle_limit_sql`]), set right behind it.
+    pub(crate) hold_limit: Option<Duration>,
 }
 
 /// Cancels the statement running on a connection (the server keeps running it otherwise, with
@@ -391,6 +394,7 @@ impl BatchWriter {
             cancel,
             notices,
             routes,
+            hold_limit: None,
         })
     }
 
@@ -626,13 +630,32 @@ impl BatchWriter {
 
     /// Commits `rows` (each key at most once per route) and `dead` if the fence holds;
     /// [`StoreError::Fenced`] (nothing written) otherwise.
+    ///
+    /// The first write of a transaction opened by [`BatchWriter::begin`] takes the lease row until
+    /// the transaction ends; the transaction's waits for this client are bounded from then on.
+    /// The bound is sent right behind the statement (pipelined): set before it, the time to send
+    /// a large statement would count as waiting; set after its answer, a client stopped in
+    /// between would hold the row unbounded.
     pub async fn write(
         &mut self,
         fence: &Fence,
         rows: &[RouteRow],
         dead: &[DeadLetter],
     ) -> Result<BatchOutcome> {
-        self.full(fence, rows, dead, None).await
+        let Some(limit) = self.hold_limit.take() else {
+            return self.full(fence, rows, dead, None).await;
+        };
+        let stmt = self.stmt.clone();
+        let bound = idle_limit_sql(limit);
+        let (out, bound) = tokio::join!(
+            self.run(Op::WriteBatch, &stmt, fence, rows, dead, None),
+            op::batch(&self.client, Op::Replay, &bound),
+        );
+        // The write's error first: after a refused row the bound fails too (the transaction is
+        // aborted), and the caller tells a refused row by the write's error.
+        let out = out?;
+        bound?;
+        Ok(out)
     }
 
     /// Runs `stmt` (the full or the optimistic statement) on the batch's parameters.

@@ -332,9 +332,20 @@ pub async fn connect(url: &str, application_name: &str) -> Result<Client> {
 fn drive(conn: DbConnection) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "database connection closed");
+            closed(&e);
         }
     })
+}
+
+/// A connection's end. The server's own reason (a session ended for waiting idle inside a
+/// transaction, an administrator's command) is worth a warning: the statement that meets the
+/// closed connection only says "connection closed".
+fn closed(e: &tokio_postgres::Error) {
+    if e.as_db_error().is_some() {
+        tracing::warn!(error = %database_words(e), "the database ended a connection");
+    } else {
+        tracing::debug!(error = %e, "database connection closed");
+    }
 }
 
 /// Like [`connect`], and the server's notices (warnings) on this connection arrive on the
@@ -360,7 +371,7 @@ pub async fn connect_with_notices(
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::debug!(error = %e, "database connection closed");
+                    closed(&e);
                     break;
                 }
             }
@@ -385,7 +396,11 @@ impl deadpool_postgres::Connect for HostByHost {
         let cfg = pg_config.clone();
         Box::pin(async move {
             match connect_hosts(&cfg, &self.tls).await {
-                Ok((client, conn)) => Ok((client, drive(conn))),
+                Ok((client, conn)) => {
+                    let driver = drive(conn);
+                    client.batch_execute(POOL_SESSION).await?;
+                    Ok((client, driver))
+                }
                 Err(StoreError::Db(e)) => Err(e),
                 // The pool speaks tokio-postgres' errors only; its timeout error is the one that
                 // says what happened.
@@ -394,6 +409,12 @@ impl deadpool_postgres::Connect for HostByHost {
         })
     }
 }
+
+/// A pooled connection's session: a transaction left open on it (a caller's timeout dropped
+/// its future between `BEGIN` and `COMMIT`) ends within seconds, with the locks it holds on
+/// `telemetry`, which a partition step, and the leader's inserts queued behind that step,
+/// would otherwise wait for.
+const POOL_SESSION: &str = "SET idle_in_transaction_session_timeout = '5s'";
 
 /// A small pool for short queries (health, status, heartbeats, topic reloads).
 pub fn pool(url: &str, application_name: &str, size: usize) -> Result<Pool> {
@@ -406,9 +427,12 @@ pub fn pool(url: &str, application_name: &str, size: usize) -> Result<Pool> {
         deadpool_postgres::ManagerConfig {
             // A connection opened while the database was read-only (a promotion in progress,
             // `default_transaction_read_only` set for a while) stays read-only for its life:
-            // one that is read-only when taken is dropped, and a new one made.
+            // one that is read-only when taken is dropped, and a new one made. So is one still
+            // inside a transaction ([`POOL_SESSION`]): its transaction began before this check.
             recycling_method: deadpool_postgres::RecyclingMethod::Custom(
-                "SELECT 1 / (current_setting('transaction_read_only') = 'off')::int".into(),
+                "SELECT 1 / (current_setting('transaction_read_only') = 'off'
+                             AND now() = statement_timestamp())::int"
+                    .into(),
             ),
         },
     );

@@ -33,6 +33,13 @@ impl LeaseRow {
         self.expires_in_ms > 0
     }
 
+    /// The holder's `LEASE_TTL`, as its last renewal wrote it (the setting is each node's own).
+    pub fn ttl(&self) -> std::time::Duration {
+        (self.expires_at - self.renewed_at)
+            .to_std()
+            .unwrap_or_default()
+    }
+
     fn read(r: &Row) -> Result<Self, tokio_postgres::Error> {
         from_row!(r => LeaseRow {
             holder_id, instance_id, epoch, acquired_at, renewed_at, expires_at, expires_in_ms

@@ -73,25 +73,19 @@ pub async fn count(
 }
 
 impl BatchWriter {
-    /// `BEGIN`: the statements up to [`BatchWriter::finish`] are one transaction.
-    pub async fn begin(&self) -> Result<()> {
-        op::batch(&self.client, Op::Replay, "BEGIN").await
-    }
-
-    /// From now until [`BatchWriter::finish`], the open transaction may wait at most `limit`
-    /// for its next statement ([`crate::Fence::step_limit`]): its writes hold the lease row, and
-    /// a replay stopped in the middle (Ctrl-Z) must not hold up the leader's renewals.
-    pub async fn bound_idle(&self, limit: Duration) -> Result<()> {
-        op::batch(
-            &self.client,
-            Op::Replay,
-            &crate::batch::idle_limit_sql(limit),
-        )
-        .await
+    /// `BEGIN`: the statements up to [`BatchWriter::finish`] are one transaction. From its first
+    /// [`BatchWriter::write`], which takes the lease row, it may wait at most `hold_limit` for
+    /// this client ([`crate::Fence::step_limit`] of the leader's TTL): a replay stopped in the
+    /// middle (Ctrl-Z) loses its session rather than hold up the leader's renewals.
+    pub async fn begin(&mut self, hold_limit: Duration) -> Result<()> {
+        op::batch(&self.client, Op::Replay, "BEGIN").await?;
+        self.hold_limit = Some(hold_limit);
+        Ok(())
     }
 
     /// `COMMIT` (or `ROLLBACK` when `commit` is false: a dry run, or a failed statement).
-    pub async fn finish(&self, commit: bool) -> Result<()> {
+    pub async fn finish(&mut self, commit: bool) -> Result<()> {
+        self.hold_limit = None;
         let sql = if commit { "COMMIT" } else { "ROLLBACK" };
         op::batch(&self.client, Op::Replay, sql).await
     }
