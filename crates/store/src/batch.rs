@@ -26,10 +26,11 @@ pub struct Fence {
 }
 
 impl Fence {
-    /// How long a transaction of several statements may hold the lease row `FOR SHARE` at a
-    /// time: each statement, and each wait for the next one. A sixth of the lease's life, so
-    /// that a renewal it holds up (one every third of the TTL) still lands before the leader's
-    /// deadline.
+    /// How long a transaction of several statements that holds the lease row `FOR SHARE` may
+    /// spend on each statement, and on each wait for the next one: a sixth of the lease's life.
+    /// A renewal waits for the whole transaction, so such a transaction is kept to a few short
+    /// statements; and a client that stops in the middle frees the row this long after its
+    /// last answer ([`idle_limit_sql`]).
     pub fn step_limit(lease_ttl: Duration) -> Duration {
         (lease_ttl / 6).max(Duration::from_millis(100))
     }
@@ -41,9 +42,10 @@ impl Fence {
 /// server declares the TCP connection dead, hours later, and no renewal or takeover could update
 /// the row meanwhile: the whole cluster would stop ingesting.
 pub(crate) fn idle_limit_sql(limit: Duration) -> String {
+    // PostgreSQL takes at most i32::MAX ms; a lease row written by hand can say longer.
     format!(
         "SET LOCAL idle_in_transaction_session_timeout = {}",
-        limit.as_millis().max(1)
+        limit.as_millis().clamp(1, i32::MAX as u128)
     )
 }
 
@@ -635,7 +637,8 @@ impl BatchWriter {
     /// the transaction ends; the transaction's waits for this client are bounded from then on.
     /// The bound is sent right behind the statement (pipelined): set before it, the time to send
     /// a large statement would count as waiting; set after its answer, a client stopped in
-    /// between would hold the row unbounded.
+    /// between would hold the row unbounded. A later write of the same transaction (a chunk's
+    /// later round: its few readings whose key came twice) is sent under the bound.
     pub async fn write(
         &mut self,
         fence: &Fence,
@@ -647,14 +650,19 @@ impl BatchWriter {
         };
         let stmt = self.stmt.clone();
         let bound = idle_limit_sql(limit);
+        // `biased`: the write is polled first, and queues its request before its first await
+        // (it is prepared: SQL text would queue a Parse first, and the bound would overtake
+        // it). Not through `op`: its time would be the write's, and it fails whenever the
+        // write does.
         let (out, bound) = tokio::join!(
+            biased;
             self.run(Op::WriteBatch, &stmt, fence, rows, dead, None),
-            op::batch(&self.client, Op::Replay, &bound),
+            self.client.batch_execute(&bound),
         );
         // The write's error first: after a refused row the bound fails too (the transaction is
         // aborted), and the caller tells a refused row by the write's error.
         let out = out?;
-        bound?;
+        bound.map_err(StoreError::Db)?;
         Ok(out)
     }
 

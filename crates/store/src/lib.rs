@@ -337,12 +337,12 @@ fn drive(conn: DbConnection) -> tokio::task::JoinHandle<()> {
     })
 }
 
-/// A connection's end. The server's own reason (a session ended for waiting idle inside a
-/// transaction, an administrator's command) is worth a warning: the statement that meets the
-/// closed connection only says "connection closed".
+/// A connection's end. One the server ended for waiting inside a transaction (a fenced step or a
+/// replay whose process stopped, [`batch::idle_limit_sql`]) is worth a warning: the statement
+/// that meets the closed connection only says "connection closed".
 fn closed(e: &tokio_postgres::Error) {
-    if e.as_db_error().is_some() {
-        tracing::warn!(error = %database_words(e), "the database ended a connection");
+    if e.code() == Some(&tokio_postgres::error::SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT) {
+        tracing::warn!(error = %database_words(e), "the database ended a connection that waited too long inside a transaction");
     } else {
         tracing::debug!(error = %e, "database connection closed");
     }
