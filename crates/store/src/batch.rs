@@ -616,7 +616,7 @@ impl BatchWriter {
 
     /// The full statement (with `nodes`' record, if any).
     async fn full(
-        &mut self,
+        &self,
         fence: &Fence,
         rows: &[RouteRow],
         dead: &[DeadLetter],
@@ -648,7 +648,6 @@ impl BatchWriter {
         let Some(limit) = self.hold_limit.take() else {
             return self.full(fence, rows, dead, None).await;
         };
-        let stmt = self.stmt.clone();
         let bound = idle_limit_sql(limit);
         // `biased`: the write is polled first, and queues its request before its first await
         // (it is prepared: SQL text would queue a Parse first, and the bound would overtake
@@ -656,7 +655,7 @@ impl BatchWriter {
         // write does.
         let (out, bound) = tokio::join!(
             biased;
-            self.run(Op::WriteBatch, &stmt, fence, rows, dead, None),
+            self.full(fence, rows, dead, None),
             self.client.batch_execute(&bound),
         );
         // The write's error first: after a refused row the bound fails too (the transaction is
