@@ -446,6 +446,86 @@ async fn nodes_migrating_at_the_same_instant_do_not_race() -> Result<()> {
     Ok(())
 }
 
+/// A migration through a slow link: its session must never sit idle inside its transaction,
+/// where a node stopped at that moment would hold the migration's locks (on `telemetry` too)
+/// until its connection is found dead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_never_waits_for_its_node_inside_its_transaction() -> Result<()> {
+    use leasehold_testkit::proxy::Proxy;
+    let pg = Postgres::start().await?;
+    let db = pg.client().await?;
+    let mut direct = leasehold_store::connect(&pg.url(), "test").await?;
+    let last = leasehold_store::MIGRATIONS.len() as i32;
+    leasehold_store::migrate_up_to(&mut direct, last - 1).await?;
+    let proxy = Proxy::start(pg.port).await?;
+    let url = pg.url_via(proxy.port);
+    let mut slow = leasehold_store::connect(&url, "slow-migrate").await?;
+    proxy.set_delay(Duration::from_millis(500));
+    let run = tokio::spawn(async move { leasehold_store::migrate(&mut slow).await });
+    let mut states = std::collections::BTreeSet::new();
+    while !run.is_finished() {
+        let seen: Option<String> = db
+            .query_opt(
+                "SELECT state FROM pg_stat_activity WHERE application_name = 'slow-migrate'",
+                &[],
+            )
+            .await?
+            .and_then(|r| r.get(0));
+        states.extend(seen);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let applied = run.await??;
+    ensure!(applied == vec![last], "applied {applied:?}");
+    ensure!(
+        states.contains("idle") && !states.contains("idle in transaction"),
+        "the migrating session's states: {states:?}"
+    );
+    Ok(())
+}
+
+/// A node that stops holding the migration lock (its process stopped, its link cut) keeps the
+/// others from starting only for `migrate::IDLE_LIMIT`, not until its connection is found dead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_holding_the_migration_lock_lets_the_others_migrate() -> Result<()> {
+    use leasehold_testkit::proxy::Proxy;
+    let pg = Postgres::start().await?;
+    let db = pg.client().await?;
+    let proxy = Proxy::start(pg.port).await?;
+    let url = pg.url_via(proxy.port);
+    let mut stopped = leasehold_store::connect(&url, "stopped-migrate").await?;
+    proxy.set_delay(Duration::from_millis(500));
+    let _stopped = tokio::spawn(async move { leasehold_store::migrate(&mut stopped).await });
+    eventually(
+        Duration::from_secs(20),
+        "the stopped node holding the migration lock",
+        || async {
+            Ok(db
+                .query_opt(
+                    "SELECT 1 FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+                     WHERE l.locktype = 'advisory' AND l.granted
+                       AND a.application_name = 'stopped-migrate'",
+                    &[],
+                )
+                .await?
+                .is_some())
+        },
+    )
+    .await?;
+    proxy.blackhole();
+    let mut other = leasehold_store::connect(&pg.url(), "other").await?;
+    let applied = tokio::time::timeout(
+        Duration::from_secs(60),
+        leasehold_store::migrate(&mut other),
+    )
+    .await
+    .context("the stopped node's session kept the migration lock")??;
+    ensure!(
+        applied.len() == leasehold_store::MIGRATIONS.len(),
+        "applied {applied:?}"
+    );
+    Ok(())
+}
+
 /// The ledger records each migration's sha256: an installation from before the checksums gains
 /// them on its next start, and a migration changed after it was applied stops the start, named.
 #[tokio::test]

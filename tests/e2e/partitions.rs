@@ -479,9 +479,7 @@ async fn a_round_whose_client_goes_quiet_does_not_hold_the_lease_row() {
     let res: Result<()> = async {
         let db = leased(&pg).await?;
         let proxy = Proxy::start(pg.port).await?;
-        let url = pg
-            .url()
-            .replace(&format!(":{}/", pg.port), &format!(":{}/", proxy.port));
+        let url = pg.url_via(proxy.port);
         let mut quiet = leasehold_store::connect(&url, "quiet-round").await?;
         proxy.set_delay(Duration::from_secs(3));
         let round = tokio::spawn(async move {

@@ -1,12 +1,14 @@
 //! Schema migrations: applied in order under an advisory lock, so nodes starting together do not
 //! race, each recorded in `leasehold_schema_migrations` with the sha256 of its SQL. A migration
 //! whose file changed after it was applied is refused by name: the database is not what the
-//! file now says, and applying later migrations on top of it would be guesswork.
+//! file now says, and applying later migrations on top of it would be guesswork. A migration and
+//! its ledger row go in one message, one transaction: a file holds no transaction control.
 
 use sha2::{Digest, Sha256};
 use tokio_postgres::Client;
 
 use crate::op::{self, Op};
+use crate::statement::literal;
 use crate::{Result, StoreError};
 
 /// One file of `migrations/`, embedded so the binary carries its schema.
@@ -84,6 +86,10 @@ pub const MIGRATIONS: &[Migration] = &[
 /// Arbitrary but fixed: the advisory lock every node takes around migration.
 const MIGRATION_LOCK_KEY: i64 = 0x1ea5_e401d;
 
+/// How long a migrating session may sit idle holding [`MIGRATION_LOCK_KEY`]; its own round trips
+/// take milliseconds.
+pub const IDLE_LIMIT: &str = "10s";
+
 /// Applies missing migrations; returns the versions applied. Safe to call from many nodes at once.
 pub async fn migrate(client: &mut Client) -> Result<Vec<i32>> {
     migrate_up_to(client, i32::MAX).await
@@ -93,13 +99,25 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>> {
 /// earlier release left it, then upgrade it).
 pub async fn migrate_up_to(client: &mut Client, version: i32) -> Result<Vec<i32>> {
     op::measured(Op::Migrate, async {
+        // A session that holds the lock and goes quiet (its process stopped, its link cut) is
+        // ended by the server after `IDLE_LIMIT`, so it cannot keep every other node from
+        // starting. Waiting for the lock is not idling: a long migration elsewhere is waited for.
+        // Through `pg_settings`, so a server without the setting (before PostgreSQL 14) goes on.
         client
-            .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
+            .batch_execute(&format!(
+                "SELECT set_config(name, '{IDLE_LIMIT}', false) FROM pg_settings
+                 WHERE name = 'idle_session_timeout';
+                 SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})"
+            ))
             .await?;
         let result = apply(client, version).await;
         // Unlock even on failure; the session ending would release it too.
         let unlock = client
-            .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
+            .batch_execute(&format!(
+                "SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY});
+                 SELECT set_config(name, reset_val, false) FROM pg_settings
+                 WHERE name = 'idle_session_timeout'"
+            ))
             .await;
         let applied = result?;
         unlock?;
@@ -153,25 +171,20 @@ async fn apply(client: &mut Client, up_to: i32) -> Result<Vec<i32>> {
             }
             None if m.version > up_to => {}
             None => {
-                let tx = client.transaction().await?;
-                tx.batch_execute(m.sql)
+                let (version, name) = (m.version, literal(m.name));
+                let record = if checksums {
+                    format!("INSERT INTO leasehold_schema_migrations (version, name, checksum) VALUES ({version}, {name}, {})", literal(&now))
+                } else {
+                    format!("INSERT INTO leasehold_schema_migrations (version, name) VALUES ({version}, {name})")
+                };
+                // The migration and its record in one message, which PostgreSQL runs as one
+                // transaction without waiting for us in between: a node that stops mid-migration
+                // cannot leave it open, holding its locks (on `telemetry` too) until its
+                // connection is found dead. The newline ends a last line that is a comment.
+                client
+                    .batch_execute(&format!("{}\n;\n{record}", m.sql))
                     .await
                     .map_err(|e| m.error(Problem::Failed(e)))?;
-                if checksums {
-                    tx.execute(
-                        "INSERT INTO leasehold_schema_migrations (version, name, checksum)
-                         VALUES ($1, $2, $3)",
-                        &[&m.version, &m.name, &now],
-                    )
-                    .await?;
-                } else {
-                    tx.execute(
-                        "INSERT INTO leasehold_schema_migrations (version, name) VALUES ($1, $2)",
-                        &[&m.version, &m.name],
-                    )
-                    .await?;
-                }
-                tx.commit().await?;
                 applied.push(m.version);
             }
         }
@@ -228,6 +241,16 @@ mod tests {
             let on_disk = std::fs::read_to_string(&path).expect("the file exists");
             assert_eq!(on_disk, m.sql, "{path}");
             assert_eq!(m.checksum().len(), 64);
+            // Its own COMMIT would record nothing, or split it from its ledger row.
+            for line in m.sql.lines() {
+                let statement = line.trim().trim_end_matches(';').to_ascii_uppercase();
+                assert!(
+                    !["BEGIN", "COMMIT", "ROLLBACK", "START TRANSACTION"]
+                        .contains(&statement.as_str())
+                        || !line.trim().ends_with(';'),
+                    "{path}: transaction control: {line}"
+                );
+            }
         }
         assert_ne!(MIGRATIONS[0].checksum(), MIGRATIONS[1].checksum());
     }

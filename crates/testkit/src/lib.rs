@@ -315,6 +315,12 @@ impl Postgres {
         self.url_as("postgres")
     }
 
+    /// The URL through a [`proxy::Proxy`] on `port` in front of this server.
+    pub fn url_via(&self, port: u16) -> String {
+        self.url()
+            .replace(&format!(":{}/", self.port), &format!(":{port}/"))
+    }
+
     /// The URL for another role of this server (trust authentication: no password).
     pub fn url_as(&self, role: &str) -> String {
         format!(
