@@ -109,7 +109,7 @@ async fn routes_only(rig: &Rig<'_>, n: u64, runs: u32, history_rows: u64) -> Res
         rig.db.batch_execute("VACUUM ANALYZE telemetry").await?;
         all.push(routes_phase(rig, n, &format!("-{i}"), history_rows).await?);
     }
-    println!("\nroute    run  msg/s    leader us/msg (after its start)  PostgreSQL us/msg  broker us/msg   (.: each drain of the route below it, which shows their medians; gateway: readings, 50 per message; sparkplug: DDATA of 20 metrics by alias; history: default into a telemetry of {history_rows} older rows; empty: the same with the history detached, alternating)");
+    println!("\nroute    run  msg/s    leader us/msg (after its start)  PostgreSQL us/msg (after the leader's start)  broker us/msg   (.: each drain of the route below it, which shows their medians; gateway: readings, 50 per message; sparkplug: DDATA of 20 metrics by alias; history: default into a telemetry of {history_rows} older rows; empty: the same with the history detached, alternating)");
     for (i, r) in all.iter().enumerate() {
         let mut drains: Vec<(&str, &Drain)> = Vec::new();
         for (name, all, median) in [
@@ -126,12 +126,13 @@ async fn routes_only(rig: &Rig<'_>, n: u64, runs: u32, history_rows: u64) -> Res
         }
         for (name, d) in drains {
             println!(
-                "{name:<9} {:>3}  {:>7.0}  {:>6} ({:>6})  {:>28}  {:>13}",
+                "{name:<9} {:>3}  {:>7.0}  {:>6} ({:>6})  {:>28} ({:>6})  {:>13}",
                 i + 1,
                 d.rate,
                 us(d.leader_cpu_us),
                 us(d.leader_cpu_us_after_start(r.leader_start_cpu_ms)),
                 us(d.postgres_cpu_us),
+                us(d.postgres_cpu_us_after_start(r.postgres_start_cpu_ms)),
                 us(d.broker_cpu_us)
             );
         }

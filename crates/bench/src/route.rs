@@ -170,13 +170,25 @@ pub struct Routes {
     /// the deployment checks' broker probes), CPU milliseconds, the median of [`ROUNDS`]
     /// starts: part of each drain's leader figure, but not per message.
     pub leader_start_cpu_ms: Option<f64>,
+    /// What the same starts cost PostgreSQL (a backend per connection and its first queries,
+    /// the term's partition round, the checks' queries), CPU milliseconds, their median: part of
+    /// each drain's PostgreSQL figure, but not per message.
+    pub postgres_start_cpu_ms: Option<f64>,
 }
 
 impl Drain {
     /// The leader's CPU per message without its start (`start_ms`, [`Routes::leader_start_cpu_ms`]).
     pub fn leader_cpu_us_after_start(&self, start_ms: Option<f64>) -> Option<f64> {
-        let n = self.messages.max(1) as f64;
-        Some(self.leader_cpu_us? - start_ms? * 1e3 / n)
+        self.after_start(self.leader_cpu_us, start_ms)
+    }
+
+    /// PostgreSQL's CPU per message without the leader's start ([`Routes::postgres_start_cpu_ms`]).
+    pub fn postgres_cpu_us_after_start(&self, start_ms: Option<f64>) -> Option<f64> {
+        self.after_start(self.postgres_cpu_us, start_ms)
+    }
+
+    fn after_start(&self, us: Option<f64>, start_ms: Option<f64>) -> Option<f64> {
+        Some(us? - start_ms? * 1e3 / self.messages.max(1) as f64)
     }
 }
 
@@ -376,11 +388,13 @@ pub async fn routes_phase(
     history_rows: u64,
 ) -> Result<Routes> {
     // Subtracted from every drain's leader figure: the median of three starts, like the drains.
-    let mut starts = Vec::new();
+    let (mut starts, mut pg_starts) = (Vec::new(), Vec::new());
     for round in 1..=ROUNDS {
-        starts.extend(idle_start(rig, &format!("{suffix}-{round}")).await?);
+        let (leader, pg) = idle_start(rig, &format!("{suffix}-{round}")).await?;
+        starts.extend(leader);
+        pg_starts.extend(pg);
     }
-    let leader_start_cpu_ms = median(starts);
+    let (leader_start_cpu_ms, postgres_start_cpu_ms) = (median(starts), median(pg_starts));
     // The three compared routes alike: each drained ROUNDS times, judged by medians.
     let default_rounds = rounds(rig, &format!("route-default{suffix}"), n, Target::Default).await?;
     let typed_rounds = rounds(rig, &format!("route-typed{suffix}"), n, Target::Typed).await?;
@@ -449,6 +463,7 @@ pub async fn routes_phase(
         history,
         history_empty,
         leader_start_cpu_ms,
+        postgres_start_cpu_ms,
     })
 }
 
@@ -686,10 +701,11 @@ async fn empty_telemetry(rig: &Rig<'_>) -> Result<()> {
     Ok(())
 }
 
-/// A leader started on an empty session: its CPU once it leads and its deployment checks are
-/// done, milliseconds.
-async fn idle_start(rig: &Rig<'_>, suffix: &str) -> Result<Option<f64>> {
+/// A leader started on an empty session: its CPU and PostgreSQL's from its spawn until it leads
+/// and its deployment checks are done, milliseconds.
+async fn idle_start(rig: &Rig<'_>, suffix: &str) -> Result<(Option<f64>, Option<f64>)> {
     create_session(rig.mq.port, LEADER_SESSION).await?;
+    let pg_before = postgres_cpu_seconds(&rig.pg.data_dir());
     let mut node = rig.spawn_node_with(&format!("bench-leader-idle{suffix}"), &[])?;
     crate::rig::wait_leading(&node).await?;
     eventually(DRAIN_TIMEOUT, "the deployment checks to finish", || async {
@@ -699,13 +715,18 @@ async fn idle_start(rig: &Rig<'_>, suffix: &str) -> Result<Option<f64>> {
     })
     .await?;
     let cpu = cpu_seconds(node.pid(), false).map(|s| s * 1e3);
+    let pg = postgres_cpu_seconds(&rig.pg.data_dir())
+        .zip(pg_before)
+        .map(|(a, b)| (a - b) * 1e3);
     stop_node(&mut node).await?;
     drop_session(rig.mq.port, LEADER_SESSION).await?;
+    let ms = |v: Option<f64>| v.map_or("?".into(), |c| format!("{c:.0}"));
     eprintln!(
-        "bench: a leader's start without messages: {} ms CPU",
-        cpu.map_or("?".into(), |c| format!("{c:.0}"))
+        "bench: a leader's start without messages: {} ms CPU, PostgreSQL {} ms",
+        ms(cpu),
+        ms(pg)
     );
-    Ok(cpu)
+    Ok((cpu, pg))
 }
 
 /// [`drain`], then the leader stopped and its session deleted.
