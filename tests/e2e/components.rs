@@ -173,6 +173,58 @@ async fn a_fenced_transaction_whose_client_stops_does_not_hold_the_lease_row() -
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_statement_held_up_under_the_lease_row_is_cancelled_at_the_step_limit(
+) -> Result<()> {
+    // A replay's write takes the lease row, then waits inside its statement: here a trigger
+    // waiting for a lock. Bounded by the writer's own 60 s, it would hold the leader's renewals
+    // that long; its transaction bounds it at `Fence::step_limit`.
+    let pg = migrated().await?;
+    let (admin, mut w, fence) = leased_writer(&pg, Duration::from_secs(60)).await?;
+    admin
+        .batch_execute(
+            "CREATE TABLE gate (one int); INSERT INTO gate VALUES (1);
+             CREATE FUNCTION wait_at_gate() RETURNS trigger LANGUAGE plpgsql
+                 AS $$ BEGIN PERFORM 1 FROM gate FOR UPDATE; RETURN NEW; END $$;
+             CREATE TRIGGER wait_at_gate BEFORE INSERT ON telemetry
+                 FOR EACH ROW EXECUTE FUNCTION wait_at_gate();",
+        )
+        .await?;
+    let mut gate = pg.client().await?;
+    let closed = gate.transaction().await?;
+    closed
+        .batch_execute("SELECT 1 FROM gate FOR UPDATE")
+        .await?;
+    let ttl = Duration::from_secs(3);
+    w.begin(Fence::step_limit(ttl)).await?;
+    let write = tokio::spawn(async move { w.write(&fence, &[row("d", 1)], &[]).await });
+    // The leader renews every 100 ms, each renewal waiting at most 2 s for the row.
+    use leasehold_store::lease::{Attempt::Renewal, LeaseConn};
+    let leader = LeaseConn::connect(&pg.url(), Duration::from_secs(2)).await?;
+    let mut renewals = 0;
+    while !write.is_finished() || renewals < 10 {
+        let renewed = leader
+            .acquire(Renewal, "mqtt-ingest", "h1", "a", ttl)
+            .await
+            .with_context(|| format!("renewal {renewals}: the held-up write held the lease row"))?;
+        ensure!(renewed == Some(7), "renewal {renewals}: {renewed:?}");
+        renewals += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = write.await?;
+    ensure!(
+        matches!(&out, Err(e) if e.sqlstate() == Some("57014")),
+        "the held-up write: {out:?}"
+    );
+    closed.rollback().await?;
+    let rows: i64 = admin
+        .query_one("SELECT count(*) FROM telemetry", &[])
+        .await?
+        .get(0);
+    ensure!(rows == 0, "{rows} rows of the cancelled write");
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_pooled_connection_given_back_inside_a_transaction_holds_no_lock_for_long() -> Result<()>
 {

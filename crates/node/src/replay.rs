@@ -197,6 +197,10 @@ pub async fn run(
                 (fence, hold) = read_fence(&c, &cfg.node.lease_name).await?;
                 queue.push_front(Some(ids));
             }
+            Err(e) if e.sqlstate() == Some("57014") => {
+                let _ = w.finish(false).await;
+                bail!("replaying dead letters: a statement of this chunk ran longer than {} ms, the longest a replay may hold the leader's lease row (a sixth of its LEASE_TTL), and was cancelled; nothing of this chunk was written, the chunks before it were. Run it again when the database is less busy, or look for what held it up (a trigger, a lock on a route's table): {}", hold.as_millis(), e.database_text());
+            }
             Err(e) => {
                 let _ = w.finish(false).await;
                 return Err(anyhow::Error::new(e).context("replaying dead letters"));

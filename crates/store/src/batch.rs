@@ -42,9 +42,14 @@ impl Fence {
 /// server declares the TCP connection dead, hours later, and no renewal or takeover could update
 /// the row meanwhile: the whole cluster would stop ingesting.
 pub(crate) fn idle_limit_sql(limit: Duration) -> String {
+    local_limit_sql("idle_in_transaction_session_timeout", limit)
+}
+
+/// `SET LOCAL` of a timeout `setting` to `limit`.
+pub(crate) fn local_limit_sql(setting: &str, limit: Duration) -> String {
     // PostgreSQL takes at most i32::MAX ms; a lease row written by hand can say longer.
     format!(
-        "SET LOCAL idle_in_transaction_session_timeout = {}",
+        "SET LOCAL {setting} = {}",
         limit.as_millis().clamp(1, i32::MAX as u128)
     )
 }

@@ -73,12 +73,15 @@ pub async fn count(
 }
 
 impl BatchWriter {
-    /// `BEGIN`: the statements up to [`BatchWriter::finish`] are one transaction. From its first
-    /// [`BatchWriter::write`], which takes the lease row, it may wait at most `hold_limit` for
-    /// this client ([`crate::Fence::step_limit`] of the leader's TTL): a replay stopped in the
-    /// middle (Ctrl-Z) loses its session rather than hold up the leader's renewals.
+    /// `BEGIN`: the statements up to [`BatchWriter::finish`] are one transaction, each bounded
+    /// by `hold_limit` ([`crate::Fence::step_limit`] of the leader's TTL). From its first
+    /// [`BatchWriter::write`], which takes the lease row, it may also wait at most that long for
+    /// this client. A replay stopped in the middle (Ctrl-Z) loses its session, and a statement
+    /// held up under the lease row (a trigger waiting for a lock) is cancelled, rather than
+    /// hold up the leader's renewals.
     pub async fn begin(&mut self, hold_limit: Duration) -> Result<()> {
-        op::batch(&self.client, Op::Replay, "BEGIN").await?;
+        let bound = crate::batch::local_limit_sql("statement_timeout", hold_limit);
+        op::batch(&self.client, Op::Replay, &format!("BEGIN; {bound}")).await?;
         self.hold_limit = Some(hold_limit);
         Ok(())
     }
