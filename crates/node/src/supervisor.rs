@@ -115,7 +115,8 @@ impl Supervisor {
                 }
                 _ = unreachable => {
                     if !self.broker_unreachable(&mut role_rx, step_down_after).await {
-                        return Ok(());
+                        // The lease task ended during the hand-over: the term stops with it.
+                        break;
                     }
                 }
                 changed = active.changed(), if follow => {
