@@ -241,10 +241,18 @@ async fn development_mode_observes_without_writing_or_leading() {
     let res = async {
         c.spawn_with("laptop", &[("MQTT_MODE", "development".to_string())])?;
         let port = c.node("laptop").http_port();
+        // Subscribed, not only connected: its session is a clean one, and a message published
+        // before its SUBACK is not for it.
         eventually(
             Duration::from_secs(15),
-            "the observer connected",
-            || async { Ok(http(port, "GET", "/health").await?.0 == 200) },
+            "the observer subscribed",
+            || async {
+                let (_, m) = http(port, "GET", "/metrics").await?;
+                Ok(
+                    metric(&m, "leasehold_mqtt_subscribed_topics").unwrap_or(0.0) >= 1.0
+                        && metric(&m, "leasehold_mqtt_subscriptions_pending") == Some(0.0),
+                )
+            },
         )
         .await?;
         let stream = Stream::start(c.mq.port, "observer", 3, 200);
