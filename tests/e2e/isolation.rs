@@ -368,6 +368,42 @@ async fn a_widened_column_replays_its_dead_letters_and_a_dry_run_changes_nothing
     check(&c, res);
 }
 
+/// A chunk that cannot be written within the replay's hold limit (a sixth of the leader's TTL:
+/// here a trigger that takes 40 ms a row) is halved until it can, not given up.
+#[tokio::test]
+async fn a_chunk_too_slow_for_the_hold_limit_is_replayed_in_halves() {
+    let c = narrow_cluster(40).await.expect("cluster");
+    let res = async {
+        let db = c.pg.client().await?;
+        db.batch_execute(
+            "ALTER TABLE narrow ALTER COLUMN label TYPE text;
+             CREATE FUNCTION slow_row() RETURNS trigger LANGUAGE plpgsql
+                 AS $$ BEGIN PERFORM pg_sleep(0.04); RETURN NEW; END $$;
+             CREATE TRIGGER slow_row BEFORE INSERT ON narrow
+                 FOR EACH ROW EXECUTE FUNCTION slow_row();",
+        )
+        .await?;
+        let hold = leasehold_store::Fence::step_limit(leasehold_testkit::cluster::TTL);
+        ensure!(
+            hold < Duration::from_millis(40 * 40),
+            "the chunk of 40 would fit {hold:?}"
+        );
+        let (code, so, err) = out(&c.cli(&["replay", "--route", "narrow"])?);
+        ensure!(
+            code == 0 && replayed(&so) == (40, 40),
+            "exit {code}: {so}{err}"
+        );
+        ensure!(c.count("SELECT count(*) FROM narrow").await? == 40, "rows");
+        ensure!(
+            c.count("SELECT count(*) FROM dead_letters").await? == 0,
+            "dead letters left"
+        );
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}
+
 #[tokio::test]
 async fn a_fixed_mapping_replays_through_the_new_configuration() {
     let c = narrow_cluster(20).await.expect("cluster");

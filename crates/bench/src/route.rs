@@ -705,6 +705,8 @@ async fn empty_telemetry(rig: &Rig<'_>) -> Result<()> {
 /// and its deployment checks are done, milliseconds.
 async fn idle_start(rig: &Rig<'_>, suffix: &str) -> Result<(Option<f64>, Option<f64>)> {
     create_session(rig.mq.port, LEADER_SESSION).await?;
+    // As before a drain, so that the background writes PostgreSQL does meanwhile are alike.
+    rig.db.batch_execute("CHECKPOINT").await?;
     let pg_before = postgres_cpu_seconds(&rig.pg.data_dir());
     let mut node = rig.spawn_node_with(&format!("bench-leader-idle{suffix}"), &[])?;
     crate::rig::wait_leading(&node).await?;

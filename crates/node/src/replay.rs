@@ -156,9 +156,11 @@ pub async fn run(
     // refused row, or a chunk fenced by a failover).
     let mut queue: VecDeque<Option<Vec<i64>>> = VecDeque::from([None]);
     let mut fenced = 0u32;
+    // Dead letters per chunk: halved for the rest of the replay by a chunk that ran out of time.
+    let mut chunk = CHUNK;
     while let Some(item) = queue.pop_front() {
         w.begin(hold).await?;
-        let locked = lock(&mut w, &sel, item.as_deref(), after, upto).await?;
+        let locked = lock(&mut w, &sel, item.as_deref(), after, upto, chunk).await?;
         // The next chunk is queued last, behind the halves and retries of this one: an empty
         // chunk leaves the queue empty.
         if let (None, Some(last)) = (&item, locked.last()) {
@@ -176,8 +178,12 @@ pub async fn run(
                 w.finish(!dry_run).await?;
                 summary.add(ids.len(), done);
             }
-            Err(e) if e.is_row_error() && ids.len() > 1 => {
+            Err(e) if (e.is_row_error() || cancelled(&e)) && ids.len() > 1 => {
                 w.finish(false).await?;
+                if cancelled(&e) {
+                    // Too much to write within the hold limit: smaller chunks from now on.
+                    chunk = chunk.min(ids.len() as i64 / 2);
+                }
                 let (a, b) = ids.split_at(ids.len() / 2);
                 queue.push_front(Some(b.to_vec()));
                 queue.push_front(Some(a.to_vec()));
@@ -197,9 +203,14 @@ pub async fn run(
                 (fence, hold) = read_fence(&c, &cfg.node.lease_name).await?;
                 queue.push_front(Some(ids));
             }
-            Err(e) if e.sqlstate() == Some("57014") => {
+            Err(e) if cancelled(&e) => {
                 let _ = w.finish(false).await;
-                bail!("replaying dead letters: a statement of this chunk ran longer than {} ms, the longest a replay may hold the leader's lease row (a sixth of its LEASE_TTL), and was cancelled; nothing of this chunk was written, the chunks before it were. Run it again when the database is less busy, or look for what held it up (a trigger, a lock on a route's table): {}", hold.as_millis(), e.database_text());
+                let before = if dry_run {
+                    "(a dry run: nothing is kept)"
+                } else {
+                    "the chunks before it stay replayed"
+                };
+                bail!("replaying dead letters: writing dead letter {} was cancelled: it ran longer than {} ms, the longest a replay may hold the leader's lease row (a sixth of its LEASE_TTL), or an administrator cancelled it; it was not replayed, {before}. Look for what held it up (a trigger, a lock on its route's table) and run the replay again: {}", ids[0], hold.as_millis(), e.database_text());
             }
             Err(e) => {
                 let _ = w.finish(false).await;
@@ -213,20 +224,27 @@ pub async fn run(
     Ok(summary)
 }
 
-/// Locks the next chunk of the selection after id `after` (`ids`: `None`), or those dead letters
-/// again, in the open transaction.
+/// Locks the next `chunk` of the selection after id `after` (`ids`: `None`), or those dead
+/// letters again, in the open transaction.
 async fn lock(
     w: &mut BatchWriter,
     sel: &Selection,
     ids: Option<&[i64]>,
     after: i64,
     upto: i64,
+    chunk: i64,
 ) -> Result<Vec<StoredDeadLetter>, StoreError> {
     let (from, n) = match ids {
-        None => (after, CHUNK),
+        None => (after, chunk),
         Some(ids) => (0, ids.len() as i64),
     };
     w.lock_dead_letters(sel, (from, upto), n, ids).await
+}
+
+/// A statement cancelled by the server: past the hold limit, while it held the lease row
+/// ([`BatchWriter::begin`]), or by an administrator.
+fn cancelled(e: &StoreError) -> bool {
+    e.sqlstate() == Some("57014")
 }
 
 /// How long a replay waits for a leader (a failover in the middle takes about `LEASE_TTL`).

@@ -325,9 +325,12 @@ pub struct BatchWriter {
     notices: tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::error::DbError>,
     /// The routes the statement is prepared for: `telemetry` first, then the named ones.
     routes: Arc<[ResolvedRoute]>,
-    /// In a transaction opened by [`BatchWriter::begin`], before its first write: how long the
-    /// transaction may then wait for this client ([`idle_limit_sql`]), set right behind it.
+    /// In a transaction opened by [`BatchWriter::begin`], before its first write: how long each
+    /// statement of the transaction may then run, and the transaction wait for this client
+    /// ([`idle_limit_sql`]), set right before and right behind it.
     pub(crate) hold_limit: Option<Duration>,
+    /// The connection's own bound on a statement.
+    pub(crate) statement_timeout: Duration,
 }
 
 /// Cancels the statement running on a connection (the server keeps running it otherwise, with
@@ -402,6 +405,7 @@ impl BatchWriter {
             notices,
             routes,
             hold_limit: None,
+            statement_timeout,
         })
     }
 
@@ -639,11 +643,13 @@ impl BatchWriter {
     /// [`StoreError::Fenced`] (nothing written) otherwise.
     ///
     /// The first write of a transaction opened by [`BatchWriter::begin`] takes the lease row until
-    /// the transaction ends; the transaction's waits for this client are bounded from then on.
-    /// The bound is sent right behind the statement (pipelined): set before it, the time to send
-    /// a large statement would count as waiting; set after its answer, a client stopped in
-    /// between would hold the row unbounded. A later write of the same transaction (a chunk's
-    /// later round: its few readings whose key came twice) is sent under the bound.
+    /// the transaction ends; the transaction's statements and its waits for this client are
+    /// bounded from then on. Both bounds are pipelined with the write. The statements' is sent
+    /// before it (a statement's time starts once it has arrived), the waits' right behind it: set
+    /// before, the time to send a large statement would count as waiting; set after its answer,
+    /// a client stopped in between would hold the row unbounded. A later write of the same
+    /// transaction (a chunk's later round: its few readings whose key came twice) is sent under
+    /// the bounds.
     pub async fn write(
         &mut self,
         fence: &Fence,
@@ -653,20 +659,25 @@ impl BatchWriter {
         let Some(limit) = self.hold_limit.take() else {
             return self.full(fence, rows, dead, None).await;
         };
-        let bound = idle_limit_sql(limit);
-        // `biased`: the write is polled first, and queues its request before its first await
-        // (it is prepared: SQL text would queue a Parse first, and the bound would overtake
-        // it). Not through `op`: its time would be the write's, and it fails whenever the
-        // write does.
-        let (out, bound) = tokio::join!(
-            biased;
-            self.full(fence, rows, dead, None),
-            self.client.batch_execute(&bound),
+        let (before, after) = (
+            local_limit_sql("statement_timeout", limit),
+            idle_limit_sql(limit),
         );
-        // The write's error first: after a refused row the bound fails too (the transaction is
-        // aborted), and the caller tells a refused row by the write's error.
+        // `biased`: polled in this order, each queues its request before its first await (the
+        // write is prepared: SQL text would queue a Parse first, and the bound behind it would
+        // overtake it). Not through `op`: their time would be the write's, and they fail
+        // whenever the write does.
+        let (before, out, after) = tokio::join!(
+            biased;
+            self.client.batch_execute(&before),
+            self.full(fence, rows, dead, None),
+            self.client.batch_execute(&after),
+        );
+        // The write's error first: after a refused row the bound behind it fails too (the
+        // transaction is aborted), and the caller tells a refused row by the write's error.
+        before.map_err(StoreError::Db)?;
         let out = out?;
-        bound.map_err(StoreError::Db)?;
+        after.map_err(StoreError::Db)?;
         Ok(out)
     }
 

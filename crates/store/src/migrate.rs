@@ -2,7 +2,8 @@
 //! race, each recorded in `leasehold_schema_migrations` with the sha256 of its SQL. A migration
 //! whose file changed after it was applied is refused by name: the database is not what the
 //! file now says, and applying later migrations on top of it would be guesswork. A migration and
-//! its ledger row go in one message, one transaction: a file holds no transaction control.
+//! its ledger row go in one message, one transaction: a file holds no transaction control
+//! (`BEGIN`, `COMMIT`, `SAVEPOINT`, ...), which would split them or leave the transaction open.
 
 use sha2::{Digest, Sha256};
 use tokio_postgres::Client;
@@ -184,7 +185,11 @@ async fn apply(client: &mut Client, up_to: i32) -> Result<Vec<i32>> {
                 client
                     .batch_execute(&format!("{}\n;\n{record}", m.sql))
                     .await
-                    .map_err(|e| m.error(Problem::Failed(e)))?;
+                    .map_err(|e| match e.as_db_error() {
+                        Some(_) => m.error(Problem::Failed(e)),
+                        // A lost connection is not the file's fault: the start retries it.
+                        None => e.into(),
+                    })?;
                 applied.push(m.version);
             }
         }
@@ -241,17 +246,80 @@ mod tests {
             let on_disk = std::fs::read_to_string(&path).expect("the file exists");
             assert_eq!(on_disk, m.sql, "{path}");
             assert_eq!(m.checksum().len(), 64);
-            // Its own COMMIT would record nothing, or split it from its ledger row.
-            for line in m.sql.lines() {
-                let statement = line.trim().trim_end_matches(';').to_ascii_uppercase();
-                assert!(
-                    !["BEGIN", "COMMIT", "ROLLBACK", "START TRANSACTION"]
-                        .contains(&statement.as_str())
-                        || !line.trim().ends_with(';'),
-                    "{path}: transaction control: {line}"
-                );
+            for statement in top_level_statements(m.sql) {
+                let first = statement
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_ascii_uppercase();
+                let control = [
+                    "BEGIN",
+                    "START",
+                    "COMMIT",
+                    "END",
+                    "ABORT",
+                    "ROLLBACK",
+                    "SAVEPOINT",
+                    "RELEASE",
+                ]
+                .contains(&first.as_str())
+                    || statement
+                        .to_ascii_uppercase()
+                        .starts_with("PREPARE TRANSACTION");
+                assert!(!control, "{path}: transaction control: {statement}");
             }
         }
         assert_ne!(MIGRATIONS[0].checksum(), MIGRATIONS[1].checksum());
+    }
+
+    /// The statements of `sql` as PostgreSQL splits them: on `;` outside strings, quoted names,
+    /// comments and dollar-quoted bodies (a function's `BEGIN ... END;` is not a statement).
+    fn top_level_statements(sql: &str) -> Vec<String> {
+        let (mut out, mut cur, mut rest) = (Vec::new(), String::new(), sql);
+        while let Some(c) = rest.chars().next() {
+            let skip = match c {
+                '\'' | '"' => rest[1..].find(c).map_or(rest.len(), |i| i + 2),
+                '-' if rest.starts_with("--") => rest.find('\n').unwrap_or(rest.len()),
+                '/' if rest.starts_with("/*") => rest.find("*/").map_or(rest.len(), |i| i + 2),
+                '$' => match rest[1..].find('$') {
+                    Some(i) if rest[1..=i].chars().all(|c| c.is_alphanumeric() || c == '_') => {
+                        let tag = &rest[..i + 2];
+                        rest[tag.len()..]
+                            .find(tag)
+                            .map_or(rest.len(), |j| tag.len() + j + tag.len())
+                    }
+                    _ => 1,
+                },
+                ';' => {
+                    out.push(std::mem::take(&mut cur));
+                    1
+                }
+                _ => c.len_utf8(),
+            };
+            if c != ';' && !rest.starts_with("--") && !rest.starts_with("/*") {
+                cur.push_str(&rest[..skip]);
+            }
+            rest = &rest[skip..];
+        }
+        out.push(cur);
+        out.into_iter()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+
+    #[test]
+    fn statements_are_split_as_postgresql_splits_them() {
+        let sql = "-- a; comment\nCREATE FUNCTION f() RETURNS int LANGUAGE plpgsql AS $body$
+            BEGIN RETURN 1; END $body$; SELECT 'a;b', \"c;d\" /* e; */ FROM x;BEGIN;\nCOMMIT";
+        assert_eq!(
+            top_level_statements(sql),
+            [
+                "CREATE FUNCTION f() RETURNS int LANGUAGE plpgsql AS $body$\n            BEGIN RETURN 1; END $body$",
+                "SELECT 'a;b', \"c;d\"  FROM x",
+                "BEGIN",
+                "COMMIT",
+            ]
+        );
     }
 }
