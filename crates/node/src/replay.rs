@@ -159,6 +159,13 @@ pub async fn run(
     // Dead letters per chunk: halved for the rest of the replay by a chunk that ran out of time.
     let mut chunk = CHUNK;
     while let Some(item) = queue.pop_front() {
+        // Dead letters taken again (halves, a fenced chunk) in chunks of the size allowed now.
+        if let Some(ids) = item.as_ref().filter(|ids| ids.len() as i64 > chunk) {
+            for piece in ids.chunks(chunk as usize).rev() {
+                queue.push_front(Some(piece.to_vec()));
+            }
+            continue;
+        }
         w.begin(hold).await?;
         let locked = lock(&mut w, &sel, item.as_deref(), after, upto, chunk).await?;
         // The next chunk is queued last, behind the halves and retries of this one: an empty
@@ -172,9 +179,13 @@ pub async fn run(
             continue;
         }
         let ids: Vec<i64> = locked.iter().map(|d| d.id).collect();
-        match attempt(&mut w, &fence, &locked, &shape).await {
+        // The delete holds the lease row too: cancelled, it is handled as the write is.
+        let written = match attempt(&mut w, &fence, &locked, &shape).await {
+            Ok(done) => w.delete_dead_letters(&done.replayed).await.map(|_| done),
+            Err(e) => Err(e),
+        };
+        match written {
             Ok(done) => {
-                w.delete_dead_letters(&done.replayed).await?;
                 w.finish(!dry_run).await?;
                 summary.add(ids.len(), done);
             }
@@ -210,7 +221,7 @@ pub async fn run(
                 } else {
                     "the chunks before it stay replayed"
                 };
-                bail!("replaying dead letters: writing dead letter {} was cancelled: it ran longer than {} ms, the longest a replay may hold the leader's lease row (a sixth of its LEASE_TTL), or an administrator cancelled it; it was not replayed, {before}. Look for what held it up (a trigger, a lock on its route's table) and run the replay again: {}", ids[0], hold.as_millis(), e.database_text());
+                bail!("replaying dead letters: writing dead letter {} was cancelled: it ran, or waited for a lock, longer than {} ms, the longest a replay may hold the leader's lease row (a sixth of its LEASE_TTL), or an administrator cancelled it; it was not replayed, {before}. Look for what held it up (a trigger, a lock on its route's table) and run the replay again: {}", ids[0], hold.as_millis(), e.database_text());
             }
             Err(e) => {
                 let _ = w.finish(false).await;
@@ -241,10 +252,10 @@ async fn lock(
     w.lock_dead_letters(sel, (from, upto), n, ids).await
 }
 
-/// A statement cancelled by the server: past the hold limit, while it held the lease row
-/// ([`BatchWriter::begin`]), or by an administrator.
+/// A statement cancelled by the server: past the hold limit, or waiting longer than it for a
+/// lock, while it held the lease row ([`BatchWriter::begin`]); or by an administrator.
 fn cancelled(e: &StoreError) -> bool {
-    e.sqlstate() == Some("57014")
+    matches!(e.sqlstate(), Some("57014" | "55P03"))
 }
 
 /// How long a replay waits for a leader (a failover in the middle takes about `LEASE_TTL`).

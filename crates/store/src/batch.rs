@@ -329,8 +329,6 @@ pub struct BatchWriter {
     /// statement of the transaction may then run, and the transaction wait for this client
     /// ([`idle_limit_sql`]), set right before and right behind it.
     pub(crate) hold_limit: Option<Duration>,
-    /// The connection's own bound on a statement.
-    pub(crate) statement_timeout: Duration,
 }
 
 /// Cancels the statement running on a connection (the server keeps running it otherwise, with
@@ -405,7 +403,6 @@ impl BatchWriter {
             notices,
             routes,
             hold_limit: None,
-            statement_timeout,
         })
     }
 
@@ -660,7 +657,11 @@ impl BatchWriter {
             return self.full(fence, rows, dead, None).await;
         };
         let (before, after) = (
-            local_limit_sql("statement_timeout", limit),
+            format!(
+                "{}; {}",
+                local_limit_sql("statement_timeout", limit),
+                local_limit_sql("lock_timeout", limit)
+            ),
             idle_limit_sql(limit),
         );
         // `biased`: polled in this order, each queues its request before its first await (the

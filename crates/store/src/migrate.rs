@@ -185,16 +185,29 @@ async fn apply(client: &mut Client, up_to: i32) -> Result<Vec<i32>> {
                 client
                     .batch_execute(&format!("{}\n;\n{record}", m.sql))
                     .await
-                    .map_err(|e| match e.as_db_error() {
-                        Some(_) => m.error(Problem::Failed(e)),
-                        // A lost connection is not the file's fault: the start retries it.
-                        None => e.into(),
+                    .map_err(|e| match transient(&e) {
+                        // Not the file's fault: the start retries it.
+                        true => e.into(),
+                        false => m.error(Problem::Failed(e)),
                     })?;
                 applied.push(m.version);
             }
         }
     }
     Ok(applied)
+}
+
+/// An error that says nothing about the migration: the connection lost or ended by the server (a
+/// restart, a failover, an administrator), a deadlock, a lock or statement timeout, resources.
+fn transient(e: &tokio_postgres::Error) -> bool {
+    let Some(db) = e.as_db_error() else {
+        return true;
+    };
+    let code = db.code().code();
+    ["08", "40", "53", "57P"]
+        .iter()
+        .any(|c| code.starts_with(c))
+        || ["55P03", "57014"].contains(&code)
 }
 
 /// Whether the ledger has its `checksum` column. An installation from before it gains the

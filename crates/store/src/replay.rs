@@ -74,10 +74,11 @@ pub async fn count(
 
 impl BatchWriter {
     /// `BEGIN`: the statements up to [`BatchWriter::finish`] are one transaction. From its first
-    /// [`BatchWriter::write`], which takes the lease row, each statement runs, and each wait for
-    /// this client lasts, at most `hold_limit` ([`crate::Fence::step_limit`] of the leader's
-    /// TTL): a replay stopped in the middle (Ctrl-Z) loses its session, and a statement held up
-    /// under the row (a trigger waiting for a lock) is cancelled, rather than hold up the
+    /// [`BatchWriter::write`], which takes the lease row, each statement runs, each wait for a
+    /// lock lasts (a deferred trigger's at `COMMIT` too, where no statement timeout runs), and
+    /// each wait for this client lasts, at most `hold_limit` ([`crate::Fence::step_limit`] of the
+    /// leader's TTL): a replay stopped in the middle (Ctrl-Z) loses its session, and a statement
+    /// held up under the row (a trigger waiting for a lock) is cancelled, rather than hold up the
     /// leader's renewals.
     pub async fn begin(&mut self, hold_limit: Duration) -> Result<()> {
         op::batch(&self.client, Op::Replay, "BEGIN").await?;
@@ -85,21 +86,11 @@ impl BatchWriter {
         Ok(())
     }
 
-    /// `COMMIT` (or `ROLLBACK` when `commit` is false: a dry run, or a failed statement). The
-    /// commit is bounded by the connection's own statement timeout again, not the hold limit: a
-    /// commit cut short while it waits for a synchronous standby is kept on this server alone,
-    /// and the replay would count it as done.
+    /// `COMMIT` (or `ROLLBACK` when `commit` is false: a dry run, or a failed statement).
     pub async fn finish(&mut self, commit: bool) -> Result<()> {
         self.hold_limit = None;
-        let sql = if commit {
-            format!(
-                "{}; COMMIT",
-                crate::batch::local_limit_sql("statement_timeout", self.statement_timeout)
-            )
-        } else {
-            "ROLLBACK".to_string()
-        };
-        op::batch(&self.client, Op::Replay, &sql).await
+        let sql = if commit { "COMMIT" } else { "ROLLBACK" };
+        op::batch(&self.client, Op::Replay, sql).await
     }
 
     /// Locks up to `limit` dead letters of `sel` with an id in `(after, upto]` (in id order),
