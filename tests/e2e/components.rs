@@ -225,6 +225,57 @@ async fn a_fenced_statement_held_up_under_the_lease_row_is_cancelled_at_the_step
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferred_trigger_waiting_at_commit_does_not_hold_the_lease_row() -> Result<()> {
+    // A route's deferred trigger runs at COMMIT, where PostgreSQL runs no statement timeout: one
+    // waiting for a lock there held the lease row with no bound. The lock wait is bounded.
+    let pg = migrated().await?;
+    let (admin, mut w, fence) = leased_writer(&pg, Duration::from_secs(60)).await?;
+    admin
+        .batch_execute(
+            "CREATE TABLE gate (one int); INSERT INTO gate VALUES (1);
+             CREATE FUNCTION wait_at_gate() RETURNS trigger LANGUAGE plpgsql
+                 AS $$ BEGIN PERFORM 1 FROM gate FOR UPDATE; RETURN NULL; END $$;
+             CREATE CONSTRAINT TRIGGER wait_at_gate AFTER INSERT ON telemetry
+                 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION wait_at_gate();",
+        )
+        .await?;
+    let mut gate = pg.client().await?;
+    let closed = gate.transaction().await?;
+    closed
+        .batch_execute("SELECT 1 FROM gate FOR UPDATE")
+        .await?;
+    let ttl = Duration::from_secs(3);
+    w.begin(Fence::step_limit(ttl)).await?;
+    let out = w.write(&fence, &[row("d", 1)], &[]).await?;
+    ensure!(out.routes[0].written == 1);
+    let commit = tokio::spawn(async move { w.finish(true).await });
+    use leasehold_store::lease::{Attempt::Renewal, LeaseConn};
+    let leader = LeaseConn::connect(&pg.url(), Duration::from_secs(2)).await?;
+    let mut renewals = 0;
+    while !commit.is_finished() || renewals < 10 {
+        let renewed = leader
+            .acquire(Renewal, "mqtt-ingest", "h1", "a", ttl)
+            .await
+            .with_context(|| format!("renewal {renewals}: the commit held the lease row"))?;
+        ensure!(renewed == Some(7), "renewal {renewals}: {renewed:?}");
+        renewals += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let done = commit.await?;
+    ensure!(
+        matches!(&done, Err(e) if e.sqlstate() == Some("55P03")),
+        "the held-up commit: {done:?}"
+    );
+    closed.rollback().await?;
+    let rows: i64 = admin
+        .query_one("SELECT count(*) FROM telemetry", &[])
+        .await?
+        .get(0);
+    ensure!(rows == 0, "{rows} rows of the failed commit");
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_pooled_connection_given_back_inside_a_transaction_holds_no_lock_for_long() -> Result<()>
 {
