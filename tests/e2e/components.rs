@@ -173,6 +173,47 @@ async fn a_fenced_transaction_whose_client_stops_does_not_hold_the_lease_row() -
     Ok(())
 }
 
+/// A `gate` table whose one row the returned client's open transaction holds `FOR UPDATE`, and
+/// `trigger` on `telemetry` calling `wait_at_gate()`, which waits for that row.
+async fn closed_gate(pg: &Postgres, trigger: &str) -> Result<tokio_postgres::Client> {
+    let admin = pg.client().await?;
+    admin
+        .batch_execute(&format!(
+            "CREATE TABLE gate (one int); INSERT INTO gate VALUES (1);
+             CREATE FUNCTION wait_at_gate() RETURNS trigger LANGUAGE plpgsql
+                 AS $$ BEGIN PERFORM 1 FROM gate FOR UPDATE; RETURN NEW; END $$;
+             {trigger} EXECUTE FUNCTION wait_at_gate();"
+        ))
+        .await?;
+    let gate = pg.client().await?;
+    gate.batch_execute("BEGIN; SELECT 1 FROM gate FOR UPDATE")
+        .await?;
+    Ok(gate)
+}
+
+/// The leader renews every 100 ms until `held_up` ends (ten times at least), each renewal
+/// waiting at most 2 s for the lease row; then what `held_up` gave.
+async fn renewing_while<T: Send + 'static>(
+    pg: &Postgres,
+    held_up: tokio::task::JoinHandle<T>,
+) -> Result<T> {
+    use leasehold_store::lease::{Attempt::Renewal, LeaseConn};
+    let leader = LeaseConn::connect(&pg.url(), Duration::from_secs(2)).await?;
+    let mut renewals = 0;
+    while !held_up.is_finished() || renewals < 10 {
+        let renewed = leader
+            .acquire(Renewal, "mqtt-ingest", "h1", "a", Duration::from_secs(3))
+            .await
+            .with_context(|| {
+                format!("renewal {renewals}: the held-up statement held the lease row")
+            })?;
+        ensure!(renewed == Some(7), "renewal {renewals}: {renewed:?}");
+        renewals += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(held_up.await?)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fenced_statement_held_up_under_the_lease_row_is_cancelled_at_the_step_limit(
 ) -> Result<()> {
@@ -181,42 +222,19 @@ async fn a_fenced_statement_held_up_under_the_lease_row_is_cancelled_at_the_step
     // that long; its transaction bounds it at `Fence::step_limit`.
     let pg = migrated().await?;
     let (admin, mut w, fence) = leased_writer(&pg, Duration::from_secs(60)).await?;
-    admin
-        .batch_execute(
-            "CREATE TABLE gate (one int); INSERT INTO gate VALUES (1);
-             CREATE FUNCTION wait_at_gate() RETURNS trigger LANGUAGE plpgsql
-                 AS $$ BEGIN PERFORM 1 FROM gate FOR UPDATE; RETURN NEW; END $$;
-             CREATE TRIGGER wait_at_gate BEFORE INSERT ON telemetry
-                 FOR EACH ROW EXECUTE FUNCTION wait_at_gate();",
-        )
-        .await?;
-    let mut gate = pg.client().await?;
-    let closed = gate.transaction().await?;
-    closed
-        .batch_execute("SELECT 1 FROM gate FOR UPDATE")
-        .await?;
-    let ttl = Duration::from_secs(3);
-    w.begin(Fence::step_limit(ttl)).await?;
+    let gate = closed_gate(
+        &pg,
+        "CREATE TRIGGER wait_at_gate BEFORE INSERT ON telemetry FOR EACH ROW",
+    )
+    .await?;
+    w.begin(Fence::step_limit(Duration::from_secs(3))).await?;
     let write = tokio::spawn(async move { w.write(&fence, &[row("d", 1)], &[]).await });
-    // The leader renews every 100 ms, each renewal waiting at most 2 s for the row.
-    use leasehold_store::lease::{Attempt::Renewal, LeaseConn};
-    let leader = LeaseConn::connect(&pg.url(), Duration::from_secs(2)).await?;
-    let mut renewals = 0;
-    while !write.is_finished() || renewals < 10 {
-        let renewed = leader
-            .acquire(Renewal, "mqtt-ingest", "h1", "a", ttl)
-            .await
-            .with_context(|| format!("renewal {renewals}: the held-up write held the lease row"))?;
-        ensure!(renewed == Some(7), "renewal {renewals}: {renewed:?}");
-        renewals += 1;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let out = write.await?;
+    let out = renewing_while(&pg, write).await?;
     ensure!(
         matches!(&out, Err(e) if e.sqlstate() == Some("57014")),
         "the held-up write: {out:?}"
     );
-    closed.rollback().await?;
+    gate.batch_execute("ROLLBACK").await?;
     let rows: i64 = admin
         .query_one("SELECT count(*) FROM telemetry", &[])
         .await?
@@ -231,43 +249,22 @@ async fn a_deferred_trigger_waiting_at_commit_does_not_hold_the_lease_row() -> R
     // waiting for a lock there held the lease row with no bound. The lock wait is bounded.
     let pg = migrated().await?;
     let (admin, mut w, fence) = leased_writer(&pg, Duration::from_secs(60)).await?;
-    admin
-        .batch_execute(
-            "CREATE TABLE gate (one int); INSERT INTO gate VALUES (1);
-             CREATE FUNCTION wait_at_gate() RETURNS trigger LANGUAGE plpgsql
-                 AS $$ BEGIN PERFORM 1 FROM gate FOR UPDATE; RETURN NULL; END $$;
-             CREATE CONSTRAINT TRIGGER wait_at_gate AFTER INSERT ON telemetry
-                 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION wait_at_gate();",
-        )
-        .await?;
-    let mut gate = pg.client().await?;
-    let closed = gate.transaction().await?;
-    closed
-        .batch_execute("SELECT 1 FROM gate FOR UPDATE")
-        .await?;
-    let ttl = Duration::from_secs(3);
-    w.begin(Fence::step_limit(ttl)).await?;
+    let gate = closed_gate(
+        &pg,
+        "CREATE CONSTRAINT TRIGGER wait_at_gate AFTER INSERT ON telemetry
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW",
+    )
+    .await?;
+    w.begin(Fence::step_limit(Duration::from_secs(3))).await?;
     let out = w.write(&fence, &[row("d", 1)], &[]).await?;
     ensure!(out.routes[0].written == 1);
     let commit = tokio::spawn(async move { w.finish(true).await });
-    use leasehold_store::lease::{Attempt::Renewal, LeaseConn};
-    let leader = LeaseConn::connect(&pg.url(), Duration::from_secs(2)).await?;
-    let mut renewals = 0;
-    while !commit.is_finished() || renewals < 10 {
-        let renewed = leader
-            .acquire(Renewal, "mqtt-ingest", "h1", "a", ttl)
-            .await
-            .with_context(|| format!("renewal {renewals}: the commit held the lease row"))?;
-        ensure!(renewed == Some(7), "renewal {renewals}: {renewed:?}");
-        renewals += 1;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let done = commit.await?;
+    let done = renewing_while(&pg, commit).await?;
     ensure!(
         matches!(&done, Err(e) if e.sqlstate() == Some("55P03")),
         "the held-up commit: {done:?}"
     );
-    closed.rollback().await?;
+    gate.batch_execute("ROLLBACK").await?;
     let rows: i64 = admin
         .query_one("SELECT count(*) FROM telemetry", &[])
         .await?
