@@ -375,10 +375,12 @@ async fn a_chunk_too_slow_for_the_hold_limit_is_replayed_in_halves() {
     let c = narrow_cluster(40).await.expect("cluster");
     let res = async {
         let db = c.pg.client().await?;
+        // `attempts` counts the rows tried (a sequence: rolled back with nothing).
         db.batch_execute(
             "ALTER TABLE narrow ALTER COLUMN label TYPE text;
+             CREATE SEQUENCE attempts;
              CREATE FUNCTION slow_row() RETURNS trigger LANGUAGE plpgsql
-                 AS $$ BEGIN PERFORM pg_sleep(0.04); RETURN NEW; END $$;
+                 AS $$ BEGIN PERFORM nextval('attempts'); PERFORM pg_sleep(0.04); RETURN NEW; END $$;
              CREATE TRIGGER slow_row BEFORE INSERT ON narrow
                  FOR EACH ROW EXECUTE FUNCTION slow_row();",
         )
@@ -398,6 +400,9 @@ async fn a_chunk_too_slow_for_the_hold_limit_is_replayed_in_halves() {
             c.count("SELECT count(*) FROM dead_letters").await? == 0,
             "dead letters left"
         );
+        // The whole chunk was tried first, and cut short at the hold limit.
+        let tried = c.count("SELECT last_value FROM attempts").await?;
+        ensure!(tried > 40, "{tried} rows tried: the chunk was not cut short");
         Ok(())
     }
     .await;

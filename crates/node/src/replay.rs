@@ -151,53 +151,31 @@ pub async fn run(
         dry_run,
         ..Summary::default()
     };
-    let mut after = 0i64;
-    // `None`: the next chunk by the selection; `Some(ids)`: those again (half of a chunk with a
-    // refused row, or a chunk fenced by a failover).
-    let mut queue: VecDeque<Option<Vec<i64>>> = VecDeque::from([None]);
+    let mut chunks = Chunks::default();
     let mut fenced = 0u32;
-    // Dead letters per chunk: halved for the rest of the replay by a chunk that ran out of time.
-    let mut chunk = CHUNK;
-    while let Some(item) = queue.pop_front() {
-        // Dead letters taken again (halves, a fenced chunk) in chunks of the size allowed now.
-        if let Some(ids) = item.as_ref().filter(|ids| ids.len() as i64 > chunk) {
-            for piece in ids.chunks(chunk as usize).rev() {
-                queue.push_front(Some(piece.to_vec()));
-            }
-            continue;
-        }
+    while let Some(item) = chunks.next() {
         w.begin(hold).await?;
-        let locked = lock(&mut w, &sel, item.as_deref(), after, upto, chunk).await?;
-        // The next chunk is queued last, behind the halves and retries of this one: an empty
-        // chunk leaves the queue empty.
-        if let (None, Some(last)) = (&item, locked.last()) {
-            after = last.id;
-            queue.push_back(None);
-        }
+        let locked = lock(&mut w, &sel, item.as_deref(), &chunks, upto).await?;
+        chunks.taken(&item, &locked);
         if locked.is_empty() {
             w.finish(true).await?;
             continue;
         }
         let ids: Vec<i64> = locked.iter().map(|d| d.id).collect();
-        // The delete holds the lease row too: cancelled, it is handled as the write is.
-        let written = match attempt(&mut w, &fence, &locked, &shape).await {
-            Ok(done) => w.delete_dead_letters(&done.replayed).await.map(|_| done),
-            Err(e) => Err(e),
-        };
+        // The delete and the commit (a route's deferred trigger) hold the lease row too: what
+        // fails there is handled as the write's failure is.
+        let written = async {
+            let done = attempt(&mut w, &fence, &locked, &shape).await?;
+            w.delete_dead_letters(&done.replayed).await?;
+            w.finish(!dry_run).await?;
+            Ok::<_, StoreError>(done)
+        }
+        .await;
         match written {
-            Ok(done) => {
-                w.finish(!dry_run).await?;
-                summary.add(ids.len(), done);
-            }
+            Ok(done) => summary.add(ids.len(), done),
             Err(e) if (e.is_row_error() || cancelled(&e)) && ids.len() > 1 => {
                 w.finish(false).await?;
-                if cancelled(&e) {
-                    // Too much to write within the hold limit: smaller chunks from now on.
-                    chunk = chunk.min(ids.len() as i64 / 2);
-                }
-                let (a, b) = ids.split_at(ids.len() / 2);
-                queue.push_front(Some(b.to_vec()));
-                queue.push_front(Some(a.to_vec()));
+                chunks.halve(&ids, cancelled(&e));
             }
             Err(e) if e.is_row_error() => {
                 // This one dead letter's row is refused again: it stays, with the words of now.
@@ -212,7 +190,7 @@ pub async fn run(
                 fenced += 1;
                 tokio::time::sleep(Duration::from_millis(250 * u64::from(fenced.min(8)))).await;
                 (fence, hold) = read_fence(&c, &cfg.node.lease_name).await?;
-                queue.push_front(Some(ids));
+                chunks.again(ids);
             }
             Err(e) if cancelled(&e) => {
                 let _ = w.finish(false).await;
@@ -235,18 +213,79 @@ pub async fn run(
     Ok(summary)
 }
 
-/// Locks the next `chunk` of the selection after id `after` (`ids`: `None`), or those dead
-/// letters again, in the open transaction.
+/// What is left of a replay, in the order it is taken.
+struct Chunks {
+    /// `None`: the next chunk by the selection; `Some(ids)`: those again (half of a chunk with a
+    /// refused row or cancelled at the hold limit, or a chunk fenced by a failover).
+    queue: VecDeque<Option<Vec<i64>>>,
+    /// The last dead letter the selection gave.
+    after: i64,
+    /// Dead letters per chunk: halved for the rest of the replay by a chunk that ran out of time.
+    size: i64,
+}
+
+impl Default for Chunks {
+    fn default() -> Self {
+        Chunks {
+            queue: VecDeque::from([None]),
+            after: 0,
+            size: CHUNK,
+        }
+    }
+}
+
+impl Chunks {
+    /// The next chunk; dead letters taken again in pieces of the size allowed now.
+    fn next(&mut self) -> Option<Option<Vec<i64>>> {
+        loop {
+            match self.queue.pop_front()? {
+                Some(ids) if ids.len() as i64 > self.size => {
+                    for piece in ids.chunks(self.size as usize).rev() {
+                        self.queue.push_front(Some(piece.to_vec()));
+                    }
+                }
+                item => return Some(item),
+            }
+        }
+    }
+
+    /// `item` gave `locked`: the selection's next chunk is queued last, behind the halves and
+    /// retries of this one (an empty chunk leaves the queue empty).
+    fn taken(&mut self, item: &Option<Vec<i64>>, locked: &[StoredDeadLetter]) {
+        if let (None, Some(last)) = (item, locked.last()) {
+            self.after = last.id;
+            self.queue.push_back(None);
+        }
+    }
+
+    /// `ids` again, in halves; `out_of_time` (cancelled at the hold limit): smaller chunks from
+    /// now on.
+    fn halve(&mut self, ids: &[i64], out_of_time: bool) {
+        if out_of_time {
+            self.size = self.size.min(ids.len() as i64 / 2).max(1);
+        }
+        let (a, b) = ids.split_at(ids.len() / 2);
+        self.queue.push_front(Some(b.to_vec()));
+        self.queue.push_front(Some(a.to_vec()));
+    }
+
+    /// `ids` again, next.
+    fn again(&mut self, ids: Vec<i64>) {
+        self.queue.push_front(Some(ids));
+    }
+}
+
+/// Locks the selection's next chunk (`ids`: `None`), or those dead letters again, in the open
+/// transaction.
 async fn lock(
     w: &mut BatchWriter,
     sel: &Selection,
     ids: Option<&[i64]>,
-    after: i64,
+    chunks: &Chunks,
     upto: i64,
-    chunk: i64,
 ) -> Result<Vec<StoredDeadLetter>, StoreError> {
     let (from, n) = match ids {
-        None => (after, chunk),
+        None => (chunks.after, chunks.size),
         Some(ids) => (0, ids.len() as i64),
     };
     w.lock_dead_letters(sel, (from, upto), n, ids).await

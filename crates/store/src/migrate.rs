@@ -197,17 +197,16 @@ async fn apply(client: &mut Client, up_to: i32) -> Result<Vec<i32>> {
     Ok(applied)
 }
 
-/// An error that says nothing about the migration: the connection lost or ended by the server (a
-/// restart, a failover, an administrator), a deadlock, a lock or statement timeout, resources.
+/// An error that says nothing about the migration and passes by itself: the connection lost or
+/// ended by the server (a restart, a failover, an administrator), a deadlock or serialization
+/// failure. A timeout or a lack of resources would come back at every try: it fails the start,
+/// naming the file.
 fn transient(e: &tokio_postgres::Error) -> bool {
     let Some(db) = e.as_db_error() else {
         return true;
     };
     let code = db.code().code();
-    ["08", "40", "53", "57P"]
-        .iter()
-        .any(|c| code.starts_with(c))
-        || ["55P03", "57014"].contains(&code)
+    code.starts_with("08") || code.starts_with("40") || ["57P01", "57P02", "57P03"].contains(&code)
 }
 
 /// Whether the ledger has its `checksum` column. An installation from before it gains the
