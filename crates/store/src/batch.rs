@@ -674,8 +674,9 @@ impl BatchWriter {
             self.full(fence, rows, dead, None),
             self.client.batch_execute(&after),
         );
-        // The write's error first: after a refused row the bound behind it fails too (the
-        // transaction is aborted), and the caller tells a refused row by the write's error.
+        // The write's error before the bound's behind it: after a refused row that bound fails
+        // too (the transaction is aborted), and the caller tells a refused row by the write's
+        // error. The bound before it fails only if the write then fails for its sake.
         before.map_err(StoreError::Db)?;
         let out = out?;
         after.map_err(StoreError::Db)?;

@@ -89,7 +89,7 @@ const MIGRATION_LOCK_KEY: i64 = 0x1ea5_e401d;
 
 /// How long a migrating session may sit idle holding [`MIGRATION_LOCK_KEY`]; its own round trips
 /// take milliseconds.
-pub const IDLE_LIMIT: &str = "10s";
+const IDLE_LIMIT: &str = "10s";
 
 /// Applies missing migrations; returns the versions applied. Safe to call from many nodes at once.
 pub async fn migrate(client: &mut Client) -> Result<Vec<i32>> {

@@ -241,9 +241,9 @@ const LOCK_ALL: &str = "LOCK TABLE telemetry IN ACCESS EXCLUSIVE MODE";
 async fn fenced<'a>(c: &'a mut Client, fence: &Fenced<'_>, locks: &str) -> Result<Transaction<'a>> {
     let tx = c.transaction().await?;
     tx.batch_execute(&format!(
-        "{}; SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; {locks}; SET LOCAL statement_timeout = {}",
+        "{}; SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; {locks}; {}",
         crate::batch::idle_limit_sql(fence.timeout),
-        fence.timeout.as_millis()
+        crate::batch::local_limit_sql("statement_timeout", fence.timeout)
     ))
     .await?;
     let fence = fence.fence;
