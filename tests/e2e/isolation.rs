@@ -286,6 +286,16 @@ fn replayed(stdout: &str) -> (i64, i64) {
     (num("processed"), num("stored (removed)"))
 }
 
+/// `leasehold <args>` against the cluster's database, running, its output piped.
+fn replay_child(c: &Cluster, args: &[&str]) -> std::io::Result<std::process::Child> {
+    std::process::Command::new(&c.bin)
+        .args(args)
+        .args(["--database-url", c.pg.url().as_str()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+}
+
 async fn narrow_cluster(n: u64) -> Result<Cluster> {
     let mut c = Cluster::start().await?;
     c.pg.client().await?.batch_execute(NARROW).await?;
@@ -410,6 +420,58 @@ async fn a_chunk_too_slow_for_the_hold_limit_is_replayed_in_halves() {
 }
 
 #[tokio::test]
+async fn a_since_window_is_fixed_when_the_replay_starts() {
+    let c = narrow_cluster(30).await.expect("cluster");
+    let res = async {
+        let db = c.pg.client().await?;
+        // Received 5 s short of an hour ago: inside `--since 1h` when the replay starts, outside
+        // it 5 s later.
+        db.batch_execute(
+            "ALTER TABLE narrow ALTER COLUMN label TYPE text;
+             UPDATE dead_letters
+             SET received_at = clock_timestamp() - interval '1 hour' + interval '5 seconds'",
+        )
+        .await?;
+        // The replay waits for the route's table (preparing its insert) until they are older.
+        let mut holder = c.pg.client().await?;
+        let lock = holder.transaction().await?;
+        lock.batch_execute("LOCK TABLE narrow IN ACCESS EXCLUSIVE MODE")
+            .await?;
+        let replay = replay_child(&c, &["replay", "--route", "narrow", "--since", "1h"])?;
+        eventually(
+            Duration::from_secs(30),
+            "the dead letters out of the last hour",
+            || async {
+                let old: Option<bool> = db
+                    .query_one(
+                        "SELECT bool_and(received_at <= clock_timestamp() - interval '1 hour')
+                     FROM dead_letters",
+                        &[],
+                    )
+                    .await?
+                    .get(0);
+                Ok(old == Some(true))
+            },
+        )
+        .await?;
+        lock.commit().await?;
+        let done = tokio::task::spawn_blocking(move || replay.wait_with_output()).await??;
+        let (code, so, err) = out(&done);
+        ensure!(
+            code == 0 && so.starts_with("30 dead letters selected") && replayed(&so) == (30, 30),
+            "exit {code}: {so}{err}"
+        );
+        ensure!(
+            c.count("SELECT count(*) FROM dead_letters").await? == 0,
+            "dead letters left"
+        );
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}
+
+#[tokio::test]
 async fn a_fixed_mapping_replays_through_the_new_configuration() {
     let c = narrow_cluster(20).await.expect("cluster");
     let res = async {
@@ -444,14 +506,8 @@ async fn two_replays_at_once_across_a_leader_kill_store_each_dead_letter_once() 
             .await?
             .batch_execute("ALTER TABLE narrow ALTER COLUMN label TYPE text")
             .await?;
-        let spawn = || {
-            std::process::Command::new(crate::helpers::BIN)
-                .args(["replay", "--route", "narrow", "--database-url", &c.pg.url()])
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-        };
-        let (one, two) = (spawn()?, spawn()?);
+        let args = ["replay", "--route", "narrow"];
+        let (one, two) = (replay_child(&c, &args)?, replay_child(&c, &args)?);
         let (leader, _) = c.wait_leader().await?;
         c.node_mut(&leader).kill9();
         let one = one.wait_with_output()?;
@@ -462,6 +518,15 @@ async fn two_replays_at_once_across_a_leader_kill_store_each_dead_letter_once() 
         let (p1, st1) = replayed(&s1);
         let (p2, st2) = replayed(&s2);
         ensure!(p1 + p2 == 3000 && st1 + st2 == 3000, "{s1}\n{s2}");
+        // Each selected all 3000 and says how many the other took.
+        for (so, p) in [(&s1, p1), (&s2, p2)] {
+            let missed = so
+                .lines()
+                .find(|l| l.starts_with("not processed"))
+                .and_then(|l| l.split_whitespace().last()?.parse().ok())
+                .unwrap_or(0);
+            ensure!(p + missed == 3000, "{so}");
+        }
         ensure!(
             c.count("SELECT count(*) FROM narrow").await? == 3000,
             "rows"

@@ -296,6 +296,7 @@ async fn dispatch(cmd: Command, cfg: Config) -> anyhow::Result<ExitCode> {
                 route,
                 reason,
                 since,
+                received_after: None,
             };
             crate::replay::command(&cfg, job, dry_run).await
         }

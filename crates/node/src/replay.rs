@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use leasehold_config::Config;
 use leasehold_decode::Decoder;
 use leasehold_ingest::Inbound;
@@ -27,16 +27,27 @@ pub struct Job {
     /// A route's name; `default` for the default route's dead letters.
     pub route: Option<String>,
     pub reason: Option<String>,
-    /// Received within this long.
+    /// Received within this long before the replay started ([`Job::pin`] fixes it).
     pub since: Option<Duration>,
+    /// Received after this instant: `since` fixed on the database's clock, so that what it
+    /// selected when the replay started is what it replays, however long that takes.
+    pub received_after: Option<DateTime<Utc>>,
 }
 
 impl Job {
+    /// `since` turned into `received_after`, on the clock that stamped the dead letters.
+    async fn pin(mut self, c: &leasehold_store::Client) -> anyhow::Result<Job> {
+        if let Some(within) = self.since.take() {
+            self.received_after = Some(leasehold_store::replay::window_start(c, within).await?);
+        }
+        Ok(self)
+    }
+
     fn selection(&self) -> Selection {
         Selection {
             route: self.route.clone(),
             reason: self.reason.clone(),
-            within_secs: self.since.map(|d| d.as_secs_f64()),
+            received_after: self.received_after,
         }
     }
 }
@@ -127,8 +138,9 @@ pub async fn run(
     dry_run: bool,
     mut progress: Option<&mut (dyn FnMut(&Summary) + Send)>,
 ) -> anyhow::Result<Summary> {
+    let c = crate::admin::connect_to(&job.database_url, "leasehold-replay").await?;
+    let job = job.pin(&c).await?;
     let url = job.database_url.as_str();
-    let c = crate::admin::connect_to(url, "leasehold-replay").await?;
     // The active routes, `telemetry` first, and why each does not fit the catalog now.
     let (named, why) = crate::routes_cmd::resolve_on(&c, &cfg.routes).await?;
     let routes = with_telemetry(&named);
@@ -573,8 +585,9 @@ fn messages(locked: &[&StoredDeadLetter]) -> (Vec<Inbound>, DbClock) {
 }
 
 /// `leasehold replay`: the selection's dead letters through the active configuration, progress
-/// on a terminal, then a summary. Exit 0 when every selected dead letter was processed (some may
-/// fail again: they stay, with their new reason).
+/// on a terminal, then a summary. Exit 0 when the replay ran to its end: every selected dead letter
+/// processed (some may fail again: they stay, with their new reason) but those another replay took
+/// or someone removed meanwhile, which the summary counts.
 pub async fn command(
     own: &Config,
     job: Job,
@@ -582,6 +595,7 @@ pub async fn command(
 ) -> anyhow::Result<std::process::ExitCode> {
     use std::io::IsTerminal;
     let c = crate::admin::connect_to(&job.database_url, "leasehold-replay").await?;
+    let job = job.pin(&c).await?;
     let cfg = crate::cluster_config::effective(own, &c).await?;
     let sel = job.selection();
     let found = leasehold_store::replay::count(&c, &sel).await?;
@@ -610,6 +624,16 @@ pub async fn command(
     println!("{:<28} {:>10}", "stored (removed)", summary.stored);
     for (reason, n) in &summary.failing {
         println!("{:<28} {:>10}", format!("failing again: {reason}"), n);
+    }
+    // Taken by another replay (or the leader's, for a resumed route), or removed, meanwhile.
+    let missed = u64::try_from(total)
+        .unwrap_or(0)
+        .saturating_sub(summary.processed);
+    if missed > 0 {
+        println!(
+            "{:<28} {:>10}",
+            "not processed (taken or removed meanwhile)", missed
+        );
     }
     if dry_run {
         println!("dry run: every change was rolled back");

@@ -17,8 +17,9 @@ pub struct Selection {
     /// several routes (`a,b`) is one of each.
     pub route: Option<String>,
     pub reason: Option<String>,
-    /// Received within this many seconds.
-    pub within_secs: Option<f64>,
+    /// Received after this instant ([`window_start`]): fixed when the replay starts, so a
+    /// dead letter selected then is not left out of a later chunk by a window that moved.
+    pub received_after: Option<DateTime<Utc>>,
 }
 
 /// A dead letter as stored.
@@ -40,7 +41,23 @@ const WHERE: &str = "($1::text IS NULL
         OR ($1 = 'default' AND route IS NULL)
         OR $1 = ANY(string_to_array(route, ',')))
     AND ($2::text IS NULL OR reason = $2)
-    AND ($3::float8 IS NULL OR received_at > clock_timestamp() - make_interval(secs => $3))";
+    AND ($3::timestamptz IS NULL OR received_at > $3)";
+
+/// The start of a window of `within` before now, on the database's clock (the one that stamped
+/// `received_at`).
+pub async fn window_start(
+    c: &impl tokio_postgres::GenericClient,
+    within: Duration,
+) -> Result<DateTime<Utc>> {
+    op::one(
+        c,
+        Op::Replay,
+        "SELECT clock_timestamp() - make_interval(secs => $1) AS at",
+        &[&within.as_secs_f64()],
+        |r| r.try_get("at"),
+    )
+    .await
+}
 
 /// The newest dead letter's id (0: none).
 pub async fn newest_id(c: &impl tokio_postgres::GenericClient) -> Result<i64> {
@@ -66,7 +83,7 @@ pub async fn count(
         c,
         Op::Replay,
         sql.as_str(),
-        &[&sel.route, &sel.reason, &sel.within_secs],
+        &[&sel.route, &sel.reason, &sel.received_after],
         |r| Ok((r.try_get("reason")?, r.try_get("n")?)),
     )
     .await
@@ -118,7 +135,7 @@ impl BatchWriter {
             &[
                 &sel.route,
                 &sel.reason,
-                &sel.within_secs,
+                &sel.received_after,
                 &after,
                 &limit,
                 &ids,
