@@ -92,8 +92,8 @@ pub enum Command {
     ///
     /// Each dead letter that now succeeds is written and removed in one transaction, under the
     /// leader's lease; what still fails stays, with its new reason. Exactly once with two replays
-    /// at once or a failover in the middle. Needs a leader. Exit 0 when every selected dead
-    /// letter was processed.
+    /// at once or a failover in the middle. Needs a leader. Exit 0 when the replay ran to its end
+    /// (the summary counts as not processed what another replay held or someone removed).
     Replay {
         /// Only this route's dead letters (`default`: the default route's).
         #[arg(long)]
@@ -101,7 +101,7 @@ pub enum Command {
         /// Only dead letters of this reason (`route_unavailable`, `mapping_failed`, `not_json`, ...).
         #[arg(long)]
         reason: Option<String>,
-        /// Only dead letters received within this long (e.g. 2h).
+        /// Only dead letters received within this long before the replay starts (e.g. 2h).
         #[arg(long, value_parser = leasehold_config::parse_duration)]
         since: Option<std::time::Duration>,
         /// Do everything, then roll it back: what would be stored and what would fail.
@@ -296,7 +296,6 @@ async fn dispatch(cmd: Command, cfg: Config) -> anyhow::Result<ExitCode> {
                 route,
                 reason,
                 since,
-                received_after: None,
             };
             crate::replay::command(&cfg, job, dry_run).await
         }

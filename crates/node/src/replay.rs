@@ -9,8 +9,8 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
-use chrono::{DateTime, Utc};
+use anyhow::{bail, Context as _};
+use chrono::Utc;
 use leasehold_config::Config;
 use leasehold_decode::Decoder;
 use leasehold_ingest::Inbound;
@@ -27,28 +27,23 @@ pub struct Job {
     /// A route's name; `default` for the default route's dead letters.
     pub route: Option<String>,
     pub reason: Option<String>,
-    /// Received within this long before the replay started ([`Job::pin`] fixes it).
+    /// Received within this long before the replay started.
     pub since: Option<Duration>,
-    /// Received after this instant: `since` fixed on the database's clock, so that what it
-    /// selected when the replay started is what it replays, however long that takes.
-    pub received_after: Option<DateTime<Utc>>,
 }
 
 impl Job {
-    /// `since` turned into `received_after`, on the clock that stamped the dead letters.
-    async fn pin(mut self, c: &leasehold_store::Client) -> anyhow::Result<Job> {
-        if let Some(within) = self.since.take() {
-            self.received_after = Some(leasehold_store::replay::window_start(c, within).await?);
-        }
-        Ok(self)
-    }
-
-    fn selection(&self) -> Selection {
-        Selection {
-            route: self.route.clone(),
-            reason: self.reason.clone(),
-            received_after: self.received_after,
-        }
+    /// The dead letters this job selects, fixed now ([`Selection::fix`]).
+    async fn selection(&self, c: &leasehold_store::Client) -> anyhow::Result<Selection> {
+        let (route, reason) = (self.route.clone(), self.reason.clone());
+        Selection::fix(c, route, reason, self.since)
+            .await
+            .with_context(|| match self.since {
+                Some(d) => format!(
+                    "selecting dead letters (--since {})",
+                    humantime::format_duration(d)
+                ),
+                None => "selecting dead letters".into(),
+            })
     }
 }
 
@@ -136,19 +131,28 @@ pub async fn run(
     cfg: &Config,
     job: Job,
     dry_run: bool,
-    mut progress: Option<&mut (dyn FnMut(&Summary) + Send)>,
+    progress: Option<&mut (dyn FnMut(&Summary) + Send)>,
 ) -> anyhow::Result<Summary> {
     let c = crate::admin::connect_to(&job.database_url, "leasehold-replay").await?;
-    let job = job.pin(&c).await?;
-    let url = job.database_url.as_str();
+    let sel = job.selection(&c).await?;
+    replay(cfg, &c, &job.database_url, &sel, dry_run, progress).await
+}
+
+/// Replays the dead letters of `sel` (on the database at `url`, `c` connected to it).
+async fn replay(
+    cfg: &Config,
+    c: &leasehold_store::Client,
+    url: &str,
+    sel: &Selection,
+    dry_run: bool,
+    mut progress: Option<&mut (dyn FnMut(&Summary) + Send)>,
+) -> anyhow::Result<Summary> {
     // The active routes, `telemetry` first, and why each does not fit the catalog now.
-    let (named, why) = crate::routes_cmd::resolve_on(&c, &cfg.routes).await?;
+    let (named, why) = crate::routes_cmd::resolve_on(c, &cfg.routes).await?;
     let routes = with_telemetry(&named);
     let suspended: Vec<_> = std::iter::once(None).chain(why).collect();
     let (mut w, to_stmt) = replay_writer(cfg, url, &routes, &suspended).await?;
-    let sel = job.selection();
-    let upto = leasehold_store::replay::newest_id(&c).await?;
-    let (mut fence, mut hold) = read_fence(&c, &cfg.node.lease_name).await?;
+    let (mut fence, mut hold) = read_fence(c, &cfg.node.lease_name).await?;
     let decoder = Decoder::configured(cfg);
     let written_by = format!("{} (replay)", cfg.instance_id);
     let shape = Shape {
@@ -167,7 +171,7 @@ pub async fn run(
     let mut fenced = 0u32;
     while let Some(item) = chunks.next() {
         w.begin(hold).await?;
-        let locked = lock(&mut w, &sel, item.as_deref(), &chunks, upto).await?;
+        let locked = lock(&mut w, sel, item.as_deref(), &chunks).await?;
         chunks.taken(&item, &locked);
         if locked.is_empty() {
             w.finish(true).await?;
@@ -201,7 +205,7 @@ pub async fn run(
                 w.finish(false).await?;
                 fenced += 1;
                 tokio::time::sleep(Duration::from_millis(250 * u64::from(fenced.min(8)))).await;
-                (fence, hold) = read_fence(&c, &cfg.node.lease_name).await?;
+                (fence, hold) = read_fence(c, &cfg.node.lease_name).await?;
                 chunks.again(ids);
             }
             Err(e) if cancelled(&e) => {
@@ -294,13 +298,12 @@ async fn lock(
     sel: &Selection,
     ids: Option<&[i64]>,
     chunks: &Chunks,
-    upto: i64,
 ) -> Result<Vec<StoredDeadLetter>, StoreError> {
     let (from, n) = match ids {
         None => (chunks.after, chunks.size),
         Some(ids) => (0, ids.len() as i64),
     };
-    w.lock_dead_letters(sel, (from, upto), n, ids).await
+    w.lock_dead_letters(sel, from, n, ids).await
 }
 
 /// A statement cancelled by the server: past the hold limit, or waiting longer than it for a
@@ -585,9 +588,9 @@ fn messages(locked: &[&StoredDeadLetter]) -> (Vec<Inbound>, DbClock) {
 }
 
 /// `leasehold replay`: the selection's dead letters through the active configuration, progress
-/// on a terminal, then a summary. Exit 0 when the replay ran to its end: every selected dead letter
-/// processed (some may fail again: they stay, with their new reason) but those another replay took
-/// or someone removed meanwhile, which the summary counts.
+/// on a terminal, then a summary. Exit 0 when the replay ran to its end: every selected dead
+/// letter processed (some may fail again: they stay, with their new reason), but those another
+/// replay held or someone removed meanwhile, which the summary counts as not processed.
 pub async fn command(
     own: &Config,
     job: Job,
@@ -595,9 +598,8 @@ pub async fn command(
 ) -> anyhow::Result<std::process::ExitCode> {
     use std::io::IsTerminal;
     let c = crate::admin::connect_to(&job.database_url, "leasehold-replay").await?;
-    let job = job.pin(&c).await?;
     let cfg = crate::cluster_config::effective(own, &c).await?;
-    let sel = job.selection();
+    let sel = job.selection(&c).await?;
     let found = leasehold_store::replay::count(&c, &sel).await?;
     let total: i64 = found.iter().map(|(_, n)| n).sum();
     let by: Vec<String> = found.iter().map(|(r, n)| format!("{r}: {n}")).collect();
@@ -605,7 +607,14 @@ pub async fn command(
         true => String::new(),
         false => format!(" ({})", by.join(", ")),
     };
-    println!("{total} dead letters selected{by}");
+    let window = match sel.received_after {
+        Some(t) => format!(
+            ", received after {}",
+            t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        ),
+        None => String::new(),
+    };
+    println!("{total} dead letters selected{by}{window}");
     let terminal = std::io::stderr().is_terminal();
     let mut show = |s: &Summary| {
         if terminal {
@@ -615,7 +624,7 @@ pub async fn command(
             );
         }
     };
-    let summary = run(&cfg, job, dry_run, Some(&mut show)).await?;
+    let summary = replay(&cfg, &c, &job.database_url, &sel, dry_run, Some(&mut show)).await?;
     if terminal {
         eprintln!();
     }
@@ -625,15 +634,13 @@ pub async fn command(
     for (reason, n) in &summary.failing {
         println!("{:<28} {:>10}", format!("failing again: {reason}"), n);
     }
-    // Taken by another replay (or the leader's, for a resumed route), or removed, meanwhile.
+    // Held by another replay (or a dry run, or the leader's replay of a resumed route) when
+    // this one reached them, or removed: a later replay takes what is left.
     let missed = u64::try_from(total)
         .unwrap_or(0)
         .saturating_sub(summary.processed);
     if missed > 0 {
-        println!(
-            "{:<28} {:>10}",
-            "not processed (taken or removed meanwhile)", missed
-        );
+        println!("{:<28} {:>10}", "not processed", missed);
     }
     if dry_run {
         println!("dry run: every change was rolled back");

@@ -1385,7 +1385,6 @@ impl Writer {
             route: Some(route),
             reason: Some(crate::batch::ROUTE_UNAVAILABLE.to_string()),
             since: None,
-            received_after: None,
         };
         let Some(cfg) = self.active.as_ref().map(|rx| rx.borrow().cfg.clone()) else {
             return;

@@ -8,12 +8,12 @@ use crate::op::{self, Op};
 use crate::Result;
 
 /// Leasehold's tables and the privileges its role needs on each (reads, the lease, the batch
-/// write, the ledger, alerts, retention's deletes).
+/// write, the ledger, alerts, retention's deletes, the replay of a resumed route's dead letters).
 pub const TABLES: &[(&str, &str)] = &[
     ("instance_lock", "SELECT,INSERT,UPDATE"),
     ("lease_history", "SELECT,INSERT,DELETE"),
     ("telemetry", "SELECT,INSERT"),
-    ("dead_letters", "SELECT,INSERT,DELETE"),
+    ("dead_letters", "SELECT,INSERT,UPDATE,DELETE"),
     ("devices", "SELECT"),
     ("cluster_nodes", "SELECT,INSERT,UPDATE,DELETE"),
     ("cluster_identity", "SELECT"),

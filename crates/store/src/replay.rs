@@ -10,16 +10,48 @@ use chrono::{DateTime, Utc};
 use crate::op::{self, Op};
 use crate::{BatchWriter, Result};
 
-/// Which dead letters to replay.
+/// Which dead letters to replay, fixed when the replay starts ([`Selection::fix`]): what it
+/// counted then is what it replays, however long that takes.
 #[derive(Debug, Clone, Default)]
 pub struct Selection {
     /// A route's name (`default`: the default route's, `route IS NULL`); a dead letter of
     /// several routes (`a,b`) is one of each.
     pub route: Option<String>,
     pub reason: Option<String>,
-    /// Received after this instant ([`window_start`]): fixed when the replay starts, so a
-    /// dead letter selected then is not left out of a later chunk by a window that moved.
+    /// Received after this instant: a window counted back on the database's clock, the one that
+    /// stamped `received_at`, so a dead letter does not drop out of it while the replay runs.
     pub received_after: Option<DateTime<Utc>>,
+    /// The newest dead letter then: one written later (by this replay, failing again, or by
+    /// the leader) is not taken.
+    pub upto: i64,
+}
+
+impl Selection {
+    /// `route`, `reason` and the last `within` (if given), as of now.
+    pub async fn fix(
+        c: &impl tokio_postgres::GenericClient,
+        route: Option<String>,
+        reason: Option<String>,
+        within: Option<Duration>,
+    ) -> Result<Selection> {
+        op::one(
+            c,
+            Op::Replay,
+            "SELECT CASE WHEN $1::float8 IS NOT NULL
+                         THEN clock_timestamp() - make_interval(secs => $1) END AS after,
+                    (SELECT coalesce(max(id), 0) FROM dead_letters) AS upto",
+            &[&within.map(|d| d.as_secs_f64())],
+            |r| {
+                Ok(Selection {
+                    route,
+                    reason,
+                    received_after: r.try_get("after")?,
+                    upto: r.try_get("upto")?,
+                })
+            },
+        )
+        .await
+    }
 }
 
 /// A dead letter as stored.
@@ -41,37 +73,10 @@ const WHERE: &str = "($1::text IS NULL
         OR ($1 = 'default' AND route IS NULL)
         OR $1 = ANY(string_to_array(route, ',')))
     AND ($2::text IS NULL OR reason = $2)
-    AND ($3::timestamptz IS NULL OR received_at > $3)";
+    AND ($3::timestamptz IS NULL OR received_at > $3)
+    AND id <= $4";
 
-/// The start of a window of `within` before now, on the database's clock (the one that stamped
-/// `received_at`).
-pub async fn window_start(
-    c: &impl tokio_postgres::GenericClient,
-    within: Duration,
-) -> Result<DateTime<Utc>> {
-    op::one(
-        c,
-        Op::Replay,
-        "SELECT clock_timestamp() - make_interval(secs => $1) AS at",
-        &[&within.as_secs_f64()],
-        |r| r.try_get("at"),
-    )
-    .await
-}
-
-/// The newest dead letter's id (0: none).
-pub async fn newest_id(c: &impl tokio_postgres::GenericClient) -> Result<i64> {
-    op::one(
-        c,
-        Op::Replay,
-        "SELECT coalesce(max(id), 0) AS id FROM dead_letters",
-        &[],
-        |r| r.try_get("id"),
-    )
-    .await
-}
-
-/// How many dead letters `sel` selects now, by reason.
+/// How many dead letters `sel` selects, by reason.
 pub async fn count(
     c: &impl tokio_postgres::GenericClient,
     sel: &Selection,
@@ -83,7 +88,7 @@ pub async fn count(
         c,
         Op::Replay,
         sql.as_str(),
-        &[&sel.route, &sel.reason, &sel.received_after],
+        &[&sel.route, &sel.reason, &sel.received_after, &sel.upto],
         |r| Ok((r.try_get("reason")?, r.try_get("n")?)),
     )
     .await
@@ -110,22 +115,20 @@ impl BatchWriter {
         op::batch(&self.client, Op::Replay, sql).await
     }
 
-    /// Locks up to `limit` dead letters of `sel` with an id in `(after, upto]` (in id order),
+    /// Locks up to `limit` dead letters of `sel` with an id after `after` (in id order),
     /// skipping those another replay holds; or, with `ids`, those of them still there and free.
-    /// `upto` is the newest id when the replay started: a dead letter it writes anew (one that
-    /// still fails) is not taken again.
     pub async fn lock_dead_letters(
         &self,
         sel: &Selection,
-        (after, upto): (i64, i64),
+        after: i64,
         limit: i64,
         ids: Option<&[i64]>,
     ) -> Result<Vec<StoredDeadLetter>> {
         let sql = format!(
             "SELECT id, topic, payload, size, received_at, mqtt_pkid, possible_duplicate, reason, error, route
              FROM dead_letters
-             WHERE {WHERE} AND id > $4 AND id <= $7 AND ($6::bigint[] IS NULL OR id = ANY($6))
-             ORDER BY id LIMIT $5 FOR UPDATE SKIP LOCKED"
+             WHERE {WHERE} AND id > $5 AND ($7::bigint[] IS NULL OR id = ANY($7))
+             ORDER BY id LIMIT $6 FOR UPDATE SKIP LOCKED"
         );
         let ids = ids.map(<[i64]>::to_vec);
         op::all(
@@ -136,10 +139,10 @@ impl BatchWriter {
                 &sel.route,
                 &sel.reason,
                 &sel.received_after,
+                &sel.upto,
                 &after,
                 &limit,
                 &ids,
-                &upto,
             ],
             |r| {
                 from_row!(r => StoredDeadLetter {
