@@ -197,9 +197,11 @@ async fn replay(
                 // This one dead letter's row is refused again: it stays, with the words of now.
                 w.finish(false).await?;
                 w.begin(hold).await?;
-                w.refuse_dead_letter(ids[0], &e.database_text()).await?;
+                let marked = w.refuse_dead_letter(ids[0], &e.database_text()).await?;
                 w.finish(!dry_run).await?;
-                summary.add_refused();
+                if marked > 0 {
+                    summary.add_refused();
+                }
             }
             Err(StoreError::Fenced { .. }) if fenced < FENCED_RETRIES => {
                 w.finish(false).await?;

@@ -12,7 +12,7 @@ use crate::{BatchWriter, Result};
 
 /// Which dead letters to replay, fixed when the replay starts ([`Selection::fix`]): what it
 /// counted then is what it replays, however long that takes.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Selection {
     /// A route's name (`default`: the default route's, `route IS NULL`); a dead letter of
     /// several routes (`a,b`) is one of each.
@@ -167,12 +167,13 @@ impl BatchWriter {
     }
 
     /// A dead letter whose row the database refuses again keeps its place with the database's
-    /// new words.
+    /// new words; 0 when another replay holds it now or removed it (it was unlocked for this).
     pub async fn refuse_dead_letter(&self, id: i64, error: &str) -> Result<u64> {
         op::exec(
             &self.client,
             Op::Replay,
-            "UPDATE dead_letters SET reason = 'rejected_by_database', error = $2 WHERE id = $1",
+            "UPDATE dead_letters SET reason = 'rejected_by_database', error = $2
+             WHERE id = (SELECT id FROM dead_letters WHERE id = $1 FOR UPDATE SKIP LOCKED)",
             &[&id, &error],
         )
         .await
