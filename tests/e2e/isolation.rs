@@ -474,6 +474,105 @@ async fn a_since_window_is_fixed_when_the_replay_starts() {
     check(&c, res);
 }
 
+/// A replay never cuts a stored payload, nor reads a cut one as the whole message.
+#[tokio::test]
+async fn a_payload_cut_when_received_or_over_the_limit_now_is_left_as_it_was() {
+    let c = narrow_cluster(1).await.expect("cluster");
+    let res = async {
+        let db = c.pg.client().await?;
+        // Over MAX_PAYLOAD_BYTES (256 KiB) when received: stored cut, its first bytes only.
+        let big = format!(
+            "{{\"device_id\":\"d1\",\"ts\":\"2026-12-01T00:00:00Z\",\"v\":\"{}\"}}",
+            "x".repeat(300_000)
+        );
+        publish_all(c.mq.port, vec![msg("devices/d1/telemetry", big)]).await?;
+        count_is(
+            &c,
+            "SELECT count(*) FROM dead_letters WHERE reason = 'too_large'",
+            1,
+        )
+        .await?;
+        // Whole, and over the limit now (as after MAX_PAYLOAD_BYTES was lowered).
+        db.batch_execute(
+            "INSERT INTO dead_letters (topic, payload, size, reason, error, received_at,
+                                       written_by, lease_epoch, content_hash)
+             SELECT topic, p, octet_length(p), 'not_json', 'was not JSON then', received_at,
+                    written_by, lease_epoch, md5(p)
+             FROM dead_letters,
+                  convert_to('{\"device_id\":\"d2\",\"ts\":\"2026-12-01T00:00:00Z\",\"v\":\"'
+                             || repeat('y', 300000) || '\"}', 'UTF8') AS p
+             WHERE reason = 'too_large'",
+        )
+        .await?;
+        let stored =
+            "SELECT string_agg(id || ':' || md5(payload) || ':' || size || ':' || reason, ' '
+                                        ORDER BY id)
+                      FROM dead_letters WHERE route IS NULL";
+        let before: Option<String> = db.query_one(stored, &[]).await?.get(0);
+        let (code, so, err) = out(&c.cli(&["replay", "--route", "default"])?);
+        ensure!(
+            code == 0
+                && replayed(&so) == (2, 0)
+                && so.contains("left as they were (cut when received, or over MAX_PAYLOAD_BYTES)"),
+            "exit {code}: {so}{err}"
+        );
+        let after: Option<String> = db.query_one(stored, &[]).await?.get(0);
+        ensure!(before == after, "{before:?}\nbecame\n{after:?}");
+        ensure!(
+            c.count("SELECT count(*) FROM telemetry").await? == 0,
+            "a cut payload was stored as a reading"
+        );
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}
+
+/// Readings of one key are written one round after another in a chunk's transaction: together
+/// they hold the lease row no longer than one statement may.
+#[tokio::test]
+async fn a_chunks_rounds_together_stay_within_the_hold_limit() {
+    let c = narrow_cluster(1).await.expect("cluster");
+    let res = async {
+        let db = c.pg.client().await?;
+        // 20 more readings of the one key, each with other content: 21 rounds of 150 ms.
+        db.batch_execute(
+            "ALTER TABLE narrow ALTER COLUMN label TYPE text;
+             INSERT INTO dead_letters (topic, payload, size, reason, error, received_at,
+                                       written_by, lease_epoch, content_hash, route)
+             SELECT topic, p, octet_length(p), reason, error, received_at + n * interval '1 ms',
+                    written_by, lease_epoch, md5(p), route
+             FROM dead_letters, generate_series(1, 20) AS n,
+                  convert_to(replace(convert_from(payload, 'UTF8'), 'too-long-0', 'other-' || n),
+                             'UTF8') AS p;
+             CREATE FUNCTION slow_row() RETURNS trigger LANGUAGE plpgsql
+                 AS $$ BEGIN PERFORM pg_sleep(0.15); RETURN NEW; END $$;
+             CREATE TRIGGER slow_row BEFORE INSERT ON narrow
+                 FOR EACH ROW EXECUTE FUNCTION slow_row();",
+        )
+        .await?;
+        let hold = leasehold_store::Fence::step_limit(leasehold_testkit::cluster::TTL);
+        ensure!(
+            hold < Duration::from_millis(21 * 150) / 2,
+            "21 rounds would fit {hold:?}"
+        );
+        let epoch = "SELECT max(epoch) FROM instance_lock";
+        let before = c.count(epoch).await?;
+        let (code, so, err) = out(&c.cli(&["replay", "--route", "narrow"])?);
+        ensure!(code == 0 && replayed(&so).0 == 21, "exit {code}: {so}{err}");
+        // One reading stored, the others conflicts with it.
+        ensure!(c.count("SELECT count(*) FROM narrow").await? == 1, "rows");
+        let after = c.count(epoch).await?;
+        ensure!(
+            before == after,
+            "the leader lost its lease: epoch {before} -> {after}"
+        );
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}
+
 #[tokio::test]
 async fn a_fixed_mapping_replays_through_the_new_configuration() {
     let c = narrow_cluster(20).await.expect("cluster");

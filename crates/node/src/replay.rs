@@ -56,6 +56,8 @@ pub struct Summary {
     pub stored: u64,
     /// Of them, failing again, by their new reason: still in `dead_letters`.
     pub failing: BTreeMap<String, u64>,
+    /// Of them, left as they were (not run again), by why.
+    pub left: BTreeMap<Kept, u64>,
     pub dry_run: bool,
 }
 
@@ -64,8 +66,11 @@ impl Summary {
     fn add(&mut self, taken: usize, done: Done) {
         self.processed += taken as u64;
         self.stored += done.replayed.len().saturating_sub(done.failing.len()) as u64;
-        for reason in done.failing.into_iter().chain(done.kept) {
+        for reason in done.failing {
             *self.failing.entry(reason).or_default() += 1;
+        }
+        for why in done.kept {
+            *self.left.entry(why).or_default() += 1;
         }
     }
 
@@ -93,6 +98,9 @@ impl std::fmt::Display for Summary {
         )?;
         for (reason, n) in &self.failing {
             write!(f, "; {reason}: {n}")?;
+        }
+        for (why, n) in &self.left {
+            write!(f, "; left as they were ({why}): {n}")?;
         }
         Ok(())
     }
@@ -309,9 +317,10 @@ async fn lock(
 }
 
 /// A statement cancelled by the server: past the hold limit, or waiting longer than it for a
-/// lock, while it held the lease row ([`BatchWriter::begin`]); or by an administrator.
+/// lock, while it held the lease row ([`BatchWriter::begin`]); or by an administrator. Or a
+/// chunk's later round with nothing left of the hold limit ([`BatchWriter::write`]).
 fn cancelled(e: &StoreError) -> bool {
-    matches!(e.sqlstate(), Some("57014" | "55P03"))
+    matches!(e.sqlstate(), Some("57014" | "55P03")) || matches!(e, StoreError::Timeout(_))
 }
 
 /// How long a replay waits for a leader (a failover in the middle takes about `LEASE_TTL`).
@@ -363,8 +372,27 @@ struct Done {
     replayed: Vec<i64>,
     /// Of them, the new reasons of those that failed again.
     failing: Vec<String>,
-    /// Reasons of dead letters left as they were (their route is no longer configured).
-    kept: Vec<String>,
+    /// Dead letters left as they were, and why.
+    kept: Vec<Kept>,
+}
+
+/// Why a dead letter is left as it was, unread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kept {
+    /// No route it was for is configured any more (or takes its topic).
+    NoRoute,
+    /// Its payload was cut when it was received (too large then), or is larger than
+    /// `MAX_PAYLOAD_BYTES` now.
+    TooLarge,
+}
+
+impl std::fmt::Display for Kept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kept::NoRoute => "no configured route takes it",
+            Kept::TooLarge => "cut when received, or over MAX_PAYLOAD_BYTES",
+        })
+    }
 }
 
 /// Runs `locked` through the configuration and writes what it becomes, inside the open
@@ -378,12 +406,20 @@ async fn attempt(
 ) -> Result<Done, StoreError> {
     let mut done = Done::default();
     // Dead letters by the routes they go to (places in `shape.routes`; `None`: all of them).
-    let items = whole_arrays(locked);
+    let items = whole_arrays(locked, shape.max_payload_bytes);
     let mut groups: BTreeMap<Option<Vec<usize>>, Vec<&Held>> = BTreeMap::new();
     for item in &items {
         let d = &item.0;
+        // Stored cut (too large when received), or larger than the limit now: run again, it
+        // would be cut, or its first bytes read as the whole message.
+        if d.payload.len() < usize::try_from(d.size).unwrap_or(0)
+            || d.payload.len() > shape.max_payload_bytes
+        {
+            done.kept.push(Kept::TooLarge);
+            continue;
+        }
         match targets(d, shape.routes) {
-            Some(t) if t.is_empty() => done.kept.push("route_not_configured".into()),
+            Some(t) if t.is_empty() => done.kept.push(Kept::NoRoute),
             t => groups.entry(t).or_default().push(item),
         }
     }
@@ -504,7 +540,7 @@ type Held = (StoredDeadLetter, Vec<i64>);
 /// reading (all `n` of them here, `element k of n`, from one delivery) joined into that array
 /// again, with all their ids: a format configured since (`senml`, a pack once read as a JSON
 /// array) reads the message whole, as it would have on arrival.
-fn whole_arrays(locked: &[StoredDeadLetter]) -> Vec<Held> {
+fn whole_arrays(locked: &[StoredDeadLetter], max_payload_bytes: usize) -> Vec<Held> {
     type Key<'a> = (
         &'a str,
         Option<i32>,
@@ -535,6 +571,11 @@ fn whole_arrays(locked: &[StoredDeadLetter]) -> Vec<Held> {
         }
         let elements: Vec<&[u8]> = parts.iter().map(|(_, d)| &d.payload[..]).collect();
         let payload = [&b"["[..], &elements.join(&b','), b"]"].concat();
+        // Over the limit now (lowered since): element by element, as it stands.
+        if payload.len() > max_payload_bytes {
+            out.extend(parts.into_iter().map(|(_, d)| (d.clone(), vec![d.id])));
+            continue;
+        }
         let first = parts[0].1;
         out.push((
             StoredDeadLetter {
@@ -635,6 +676,9 @@ pub async fn command(
     println!("{:<28} {:>10}", "stored (removed)", summary.stored);
     for (reason, n) in &summary.failing {
         println!("{:<28} {:>10}", format!("failing again: {reason}"), n);
+    }
+    for (why, n) in &summary.left {
+        println!("{:<28} {:>10}", format!("left as they were ({why})"), n);
     }
     // Held by another replay (or a dry run, or the leader's replay of a resumed route) when
     // this one reached them, or removed: a later replay takes what is left.

@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use leasehold_decode::sparkplug::{Node, NodeChange, NodeKey};
@@ -325,10 +325,12 @@ pub struct BatchWriter {
     notices: tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::error::DbError>,
     /// The routes the statement is prepared for: `telemetry` first, then the named ones.
     routes: Arc<[ResolvedRoute]>,
-    /// In a transaction opened by [`BatchWriter::begin`], before its first write: how long each
-    /// statement of the transaction may then run, and the transaction wait for this client
-    /// ([`idle_limit_sql`]), set right before and right behind it.
+    /// In a transaction opened by [`BatchWriter::begin`]: how long it may hold the lease row,
+    /// its statements together, from its first write; and how long it may wait for this client
+    /// ([`idle_limit_sql`]).
     pub(crate) hold_limit: Option<Duration>,
+    /// When that transaction's first write took the lease row.
+    pub(crate) held_since: Option<Instant>,
 }
 
 /// Cancels the statement running on a connection (the server keeps running it otherwise, with
@@ -403,6 +405,7 @@ impl BatchWriter {
             notices,
             routes,
             hold_limit: None,
+            held_since: None,
         })
     }
 
@@ -645,24 +648,31 @@ impl BatchWriter {
     /// before it (a statement's time starts once it has arrived), the waits' right behind it: set
     /// before, the time to send a large statement would count as waiting; set after its answer,
     /// a client stopped in between would hold the row unbounded. A later write of the same
-    /// transaction (a chunk's later round: its few readings whose key came twice) is sent under
-    /// the bounds.
+    /// transaction (a chunk's later round: its readings whose key came twice) gets what is left
+    /// of the hold limit, so many rounds together hold the row no longer than one may;
+    /// [`StoreError::Timeout`] when nothing is left.
     pub async fn write(
         &mut self,
         fence: &Fence,
         rows: &[RouteRow],
         dead: &[DeadLetter],
     ) -> Result<BatchOutcome> {
-        let Some(limit) = self.hold_limit.take() else {
+        let Some(limit) = self.hold_limit else {
             return self.full(fence, rows, dead, None).await;
         };
+        let first = self.held_since.is_none();
+        let left = limit.saturating_sub(self.held_since.get_or_insert_with(Instant::now).elapsed());
+        if left < Duration::from_millis(1) {
+            return Err(StoreError::Timeout(limit));
+        }
         let (before, after) = (
             format!(
                 "{}; {}",
-                local_limit_sql("statement_timeout", limit),
-                local_limit_sql("lock_timeout", limit)
+                local_limit_sql("statement_timeout", left),
+                local_limit_sql("lock_timeout", left)
             ),
-            idle_limit_sql(limit),
+            // Set once: the wait for this client is bounded from the first write on.
+            first.then(|| idle_limit_sql(limit)),
         );
         // `biased`: polled in this order, each queues its request before its first await (the
         // write is prepared: SQL text would queue a Parse first, and the bound behind it would
@@ -672,7 +682,12 @@ impl BatchWriter {
             biased;
             self.client.batch_execute(&before),
             self.full(fence, rows, dead, None),
-            self.client.batch_execute(&after),
+            async {
+                match &after {
+                    Some(after) => self.client.batch_execute(after).await,
+                    None => Ok(()),
+                }
+            },
         );
         // The write's error before the bound's behind it: after a refused row that bound fails
         // too (the transaction is aborted), and the caller tells a refused row by the write's

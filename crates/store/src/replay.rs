@@ -105,12 +105,13 @@ impl BatchWriter {
     pub async fn begin(&mut self, hold_limit: Duration) -> Result<()> {
         op::batch(&self.client, Op::Replay, "BEGIN").await?;
         self.hold_limit = Some(hold_limit);
+        self.held_since = None;
         Ok(())
     }
 
     /// `COMMIT` (or `ROLLBACK` when `commit` is false: a dry run, or a failed statement).
     pub async fn finish(&mut self, commit: bool) -> Result<()> {
-        self.hold_limit = None;
+        (self.hold_limit, self.held_since) = (None, None);
         let sql = if commit { "COMMIT" } else { "ROLLBACK" };
         op::batch(&self.client, Op::Replay, sql).await
     }
