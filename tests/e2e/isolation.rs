@@ -474,6 +474,33 @@ async fn a_since_window_is_fixed_when_the_replay_starts() {
     check(&c, res);
 }
 
+/// Replaying into a route that does not fit its table would only turn its dead letters into
+/// `route_unavailable` ones, their words lost: they are left as they were.
+#[tokio::test]
+async fn dead_letters_of_a_route_that_does_not_fit_now_are_left_as_they_were() {
+    let c = narrow_cluster(5).await.expect("cluster");
+    let res = async {
+        let db = c.pg.client().await?;
+        db.batch_execute("ALTER TABLE narrow RENAME COLUMN label TO lbl")
+            .await?;
+        let stored = "SELECT string_agg(id || ':' || reason || ':' || error, ' ' ORDER BY id)
+                      FROM dead_letters";
+        let before: Option<String> = db.query_one(stored, &[]).await?.get(0);
+        let (code, so, err) = out(&c.cli(&["replay", "--route", "narrow"])?);
+        ensure!(
+            code == 0
+                && replayed(&so) == (5, 0)
+                && so.contains("left as they were (its route does not fit its table now)"),
+            "exit {code}: {so}{err}"
+        );
+        let after: Option<String> = db.query_one(stored, &[]).await?.get(0);
+        ensure!(before == after, "{before:?}\nbecame\n{after:?}");
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}
+
 /// A replay never cuts a stored payload, nor reads a cut one as the whole message.
 #[tokio::test]
 async fn a_payload_cut_when_received_or_over_the_limit_now_is_left_as_it_was() {

@@ -108,7 +108,7 @@ impl std::fmt::Display for Summary {
 
 /// Dead letters per transaction.
 const CHUNK: i64 = 500;
-/// Fenced chunks retried after reading the lease again (a failover in the middle).
+/// Fenced retries of a chunk in a row (a failover in the middle), each after reading the lease again.
 const FENCED_RETRIES: u32 = 20;
 
 /// The replay's own writer, its statement prepared for the routes that fit now (a dead letter
@@ -196,7 +196,10 @@ async fn replay(
         }
         .await;
         match written {
-            Ok(done) => summary.add(ids.len(), done),
+            Ok(done) => {
+                summary.add(ids.len(), done);
+                fenced = 0;
+            }
             Err(e) if (e.is_row_error() || cancelled(&e)) && ids.len() > 1 => {
                 w.finish(false).await?;
                 chunks.halve(&ids, cancelled(&e));
@@ -384,6 +387,8 @@ pub enum Kept {
     /// Its payload was cut when it was received (too large then), or is larger than
     /// `MAX_PAYLOAD_BYTES` now.
     TooLarge,
+    /// A route it is for does not fit its table now (`leasehold routes check` says why).
+    Unfit,
 }
 
 impl std::fmt::Display for Kept {
@@ -391,6 +396,7 @@ impl std::fmt::Display for Kept {
         f.write_str(match self {
             Kept::NoRoute => "no configured route takes it",
             Kept::TooLarge => "cut when received, or over MAX_PAYLOAD_BYTES",
+            Kept::Unfit => "its route does not fit its table now",
         })
     }
 }
@@ -420,6 +426,10 @@ async fn attempt(
         }
         match targets(d, shape.routes) {
             Some(t) if t.is_empty() => done.kept.push(Kept::NoRoute),
+            // Run now, it would only become `route_unavailable`, its reason and words lost.
+            Some(t) if t.iter().any(|&k| shape.suspended[k].is_some()) => {
+                done.kept.push(Kept::Unfit)
+            }
             t => groups.entry(t).or_default().push(item),
         }
     }
