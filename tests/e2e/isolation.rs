@@ -519,28 +519,35 @@ async fn a_payload_cut_when_received_or_over_the_limit_now_is_left_as_it_was() {
             1,
         )
         .await?;
-        // Whole, and over the limit now (as after MAX_PAYLOAD_BYTES was lowered).
+        // Whole and over the limit now (as after MAX_PAYLOAD_BYTES was lowered); and cut when
+        // received, within the limit now (as after it was raised): 150,000 of 200,000 bytes.
         db.batch_execute(
             "INSERT INTO dead_letters (topic, payload, size, reason, error, received_at,
                                        written_by, lease_epoch, content_hash)
-             SELECT topic, p, octet_length(p), 'not_json', 'was not JSON then', received_at,
-                    written_by, lease_epoch, md5(p)
+             SELECT topic, p, size, r, 'then', received_at, written_by, lease_epoch, md5(p)
              FROM dead_letters,
-                  convert_to('{\"device_id\":\"d2\",\"ts\":\"2026-12-01T00:00:00Z\",\"v\":\"'
-                             || repeat('y', 300000) || '\"}', 'UTF8') AS p
+                  LATERAL (VALUES
+                      (convert_to('{\"device_id\":\"d2\",\"ts\":\"2026-12-01T00:00:00Z\",\"v\":\"'
+                                  || repeat('y', 300000) || '\"}', 'UTF8'), 300037, 'not_json'),
+                      (convert_to('{\"device_id\":\"d3\",\"ts\":\"2026-12-01T00:00:00Z\",\"v\":\"'
+                                  || repeat('z', 150000), 'UTF8'), 200000, 'too_large'))
+                      AS v(p, size, r)
              WHERE reason = 'too_large'",
         )
         .await?;
+        // Payloads, sizes and reasons (the first is refused again: a new id, its bytes intact).
         let stored =
-            "SELECT string_agg(id || ':' || md5(payload) || ':' || size || ':' || reason, ' '
-                                        ORDER BY id)
-                      FROM dead_letters WHERE route IS NULL";
+            "SELECT string_agg(md5(payload) || ':' || size || ':' || reason, ' ' ORDER BY size)
+             FROM dead_letters WHERE route IS NULL";
         let before: Option<String> = db.query_one(stored, &[]).await?.get(0);
         let (code, so, err) = out(&c.cli(&["replay", "--route", "default"])?);
         ensure!(
             code == 0
-                && replayed(&so) == (2, 0)
-                && so.contains("left as they were (cut when received, or over MAX_PAYLOAD_BYTES)"),
+                && replayed(&so) == (3, 0)
+                && so.contains("failing again: too_large")
+                && so.lines().any(|l| l.starts_with(
+                    "left as they were (cut when received, or over MAX_PAYLOAD_BYTES)"
+                ) && l.ends_with(" 2")),
             "exit {code}: {so}{err}"
         );
         let after: Option<String> = db.query_one(stored, &[]).await?.get(0);

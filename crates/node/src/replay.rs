@@ -228,7 +228,12 @@ async fn replay(
                 } else {
                     "the chunks before it stay replayed"
                 };
-                bail!("replaying dead letters: writing dead letter {} was cancelled: it ran, or waited for a lock, longer than {} ms, the longest a replay may hold the leader's lease row (a sixth of its LEASE_TTL), or an administrator cancelled it; it was not replayed, {before}. Look for what held it up (a trigger, a lock on its route's table) and run the replay again: {}", ids[0], hold.as_millis(), e.database_text());
+                let why = match e {
+                    // The statements' time together: rounds of readings of one key.
+                    StoreError::Timeout(_) => "its statements together (readings of one key, written one after another) used up that time".to_string(),
+                    e => e.database_text(),
+                };
+                bail!("replaying dead letters: writing dead letter {} was cancelled: it ran, or waited for a lock, longer than {} ms, the longest a replay may hold the leader's lease row (a sixth of its LEASE_TTL), or an administrator cancelled it; it was not replayed, {before}. Look for what held it up (a trigger, a lock on its route's table) and run the replay again: {why}", ids[0], hold.as_millis());
             }
             Err(e) => {
                 let _ = w.finish(false).await;
@@ -387,7 +392,7 @@ pub enum Kept {
     /// Its payload was cut when it was received (too large then), or is larger than
     /// `MAX_PAYLOAD_BYTES` now.
     TooLarge,
-    /// A route it is for does not fit its table now (`leasehold routes check` says why).
+    /// A named route it is for does not fit its table now (`leasehold routes` says why).
     Unfit,
 }
 
@@ -416,22 +421,26 @@ async fn attempt(
     let mut groups: BTreeMap<Option<Vec<usize>>, Vec<&Held>> = BTreeMap::new();
     for item in &items {
         let d = &item.0;
-        // Stored cut (too large when received), or larger than the limit now: run again, it
-        // would be cut, or its first bytes read as the whole message.
-        if d.payload.len() < usize::try_from(d.size).unwrap_or(0)
-            || d.payload.len() > shape.max_payload_bytes
-        {
-            done.kept.push(Kept::TooLarge);
-            continue;
-        }
-        match targets(d, shape.routes) {
-            Some(t) if t.is_empty() => done.kept.push(Kept::NoRoute),
-            // Run now, it would only become `route_unavailable`, its reason and words lost.
-            Some(t) if t.iter().any(|&k| shape.suspended[k].is_some()) => {
-                done.kept.push(Kept::Unfit)
+        let size = usize::try_from(d.size).unwrap_or(0);
+        let why = match targets(d, shape.routes) {
+            // Larger than the limit now: run again, it would be cut. Stored cut (too large when
+            // received) and within the limit now: its first bytes would be read as the whole
+            // message. (Cut and still over the limit, it is refused again, and nothing cut.)
+            _ if d.payload.len() > shape.max_payload_bytes
+                || (d.payload.len() < size && size <= shape.max_payload_bytes) =>
+            {
+                Kept::TooLarge
             }
-            t => groups.entry(t).or_default().push(item),
-        }
+            Some(t) if t.is_empty() => Kept::NoRoute,
+            // Run now, it would only become `route_unavailable`, its reason and words lost.
+            Some(t) if t.iter().any(|&k| shape.suspended[k].is_some()) => Kept::Unfit,
+            t => {
+                groups.entry(t).or_default().push(item);
+                continue;
+            }
+        };
+        // Each dead letter it stands for (a joined array stands for its elements').
+        done.kept.extend(std::iter::repeat_n(why, item.1.len()));
     }
     let (mut rows, mut dead, mut later) = (Vec::new(), Vec::new(), Vec::<Vec<RouteRow>>::new());
     let mut reasons: BTreeMap<usize, String> = BTreeMap::new();

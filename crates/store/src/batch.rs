@@ -661,16 +661,12 @@ impl BatchWriter {
             return self.full(fence, rows, dead, None).await;
         };
         let first = self.held_since.is_none();
-        let left = limit.saturating_sub(self.held_since.get_or_insert_with(Instant::now).elapsed());
-        if left < Duration::from_millis(1) {
-            return Err(StoreError::Timeout(limit));
-        }
+        self.held_since.get_or_insert_with(Instant::now);
+        let Some(before) = self.hold_left_sql()? else {
+            return self.full(fence, rows, dead, None).await;
+        };
         let (before, after) = (
-            format!(
-                "{}; {}",
-                local_limit_sql("statement_timeout", left),
-                local_limit_sql("lock_timeout", left)
-            ),
+            before,
             // Set once: the wait for this client is bounded from the first write on.
             first.then(|| idle_limit_sql(limit)),
         );
@@ -696,6 +692,24 @@ impl BatchWriter {
         let out = out?;
         after.map_err(StoreError::Db)?;
         Ok(out)
+    }
+
+    /// `SET LOCAL` of the statement and lock timeouts to what is left of the hold limit, in a
+    /// transaction whose first write took the lease row (`None` otherwise);
+    /// [`StoreError::Timeout`] when nothing is left.
+    pub(crate) fn hold_left_sql(&self) -> Result<Option<String>> {
+        let (Some(limit), Some(since)) = (self.hold_limit, self.held_since) else {
+            return Ok(None);
+        };
+        let left = limit.saturating_sub(since.elapsed());
+        if left < Duration::from_millis(1) {
+            return Err(StoreError::Timeout(limit));
+        }
+        Ok(Some(format!(
+            "{}; {}",
+            local_limit_sql("statement_timeout", left),
+            local_limit_sql("lock_timeout", left)
+        )))
     }
 
     /// Runs `stmt` (the full or the optimistic statement) on the batch's parameters.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::op::{self, Op};
-use crate::{BatchWriter, Result};
+use crate::{BatchWriter, Result, StoreError};
 
 /// Which dead letters to replay, fixed when the replay starts ([`Selection::fix`]): what it
 /// counted then is what it replays, however long that takes.
@@ -110,10 +110,25 @@ impl BatchWriter {
     }
 
     /// `COMMIT` (or `ROLLBACK` when `commit` is false: a dry run, or a failed statement).
+    /// A `COMMIT` waits for locks (a route's deferred trigger) only for what is left of the
+    /// hold limit.
     pub async fn finish(&mut self, commit: bool) -> Result<()> {
+        let left = match commit {
+            true => self.hold_left_sql(),
+            false => Ok(None),
+        };
         (self.hold_limit, self.held_since) = (None, None);
-        let sql = if commit { "COMMIT" } else { "ROLLBACK" };
-        op::batch(&self.client, Op::Replay, sql).await
+        let sql = match (commit, left) {
+            (false, _) => "ROLLBACK".to_string(),
+            (true, Ok(None)) => "COMMIT".to_string(),
+            // One message, one round trip: no wait for this client in between.
+            (true, Ok(Some(bound))) => format!("{bound}; COMMIT"),
+            (true, Err(e)) => {
+                op::batch(&self.client, Op::Replay, "ROLLBACK").await?;
+                return Err(e);
+            }
+        };
+        op::batch(&self.client, Op::Replay, &sql).await
     }
 
     /// Locks up to `limit` dead letters of `sel` with an id after `after` (in id order),
@@ -157,14 +172,27 @@ impl BatchWriter {
 
     /// Removes the replayed dead letters (those that fail again were written anew, with their
     /// new reason, by the batch statement of the same transaction).
+    /// Bounded by what is left of the hold limit, set in the same flight.
     pub async fn delete_dead_letters(&self, ids: &[i64]) -> Result<u64> {
-        op::exec(
-            &self.client,
-            Op::Replay,
-            "DELETE FROM dead_letters WHERE id = ANY($1)",
-            &[&ids],
-        )
-        .await
+        let bound = self.hold_left_sql()?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&ids];
+        let (set, deleted) = tokio::join!(
+            biased;
+            async {
+                match &bound {
+                    Some(bound) => self.client.batch_execute(bound).await,
+                    None => Ok(()),
+                }
+            },
+            op::exec(
+                &self.client,
+                Op::Replay,
+                "DELETE FROM dead_letters WHERE id = ANY($1)",
+                &params,
+            ),
+        );
+        set.map_err(StoreError::Db)?;
+        deleted
     }
 
     /// A dead letter whose row the database refuses again keeps its place with the database's
