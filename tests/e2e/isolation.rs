@@ -524,7 +524,7 @@ async fn a_payload_cut_when_received_or_over_the_limit_now_is_left_as_it_was() {
         db.batch_execute(
             "INSERT INTO dead_letters (topic, payload, size, reason, error, received_at,
                                        written_by, lease_epoch, content_hash)
-             SELECT topic, p, size, r, 'then', received_at, written_by, lease_epoch, md5(p)
+             SELECT topic, p, v.size, r, 'then', received_at, written_by, lease_epoch, md5(p)
              FROM dead_letters,
                   LATERAL (VALUES
                       (convert_to('{\"device_id\":\"d2\",\"ts\":\"2026-12-01T00:00:00Z\",\"v\":\"'
