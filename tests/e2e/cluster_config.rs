@@ -378,7 +378,12 @@ async fn an_installation_of_the_previous_schema_with_routes_keeps_working() {
             Ok(c.count("SELECT count(*) FROM plant").await? == 1)
         })
         .await?;
-        ensure!(c.count("SELECT count(*) FROM telemetry WHERE written_by = 'old'").await? == 1000, "old rows kept");
+        // Kept: in `telemetry` again once the leader's move to partitions attached the old
+        // table (docs/partitions.md: not seen while the move runs).
+        eventually(Duration::from_secs(30), "old rows kept", || async {
+            Ok(c.count("SELECT count(*) FROM telemetry WHERE written_by = 'old'").await? == 1000)
+        })
+        .await?;
         // A later node with no file at all runs the imported routes too.
         c.spawn("b")?;
         runs_version(&c, "b", 1).await?;
