@@ -546,7 +546,7 @@ async fn a_payload_cut_when_received_or_over_the_limit_now_is_left_as_it_was() {
                 && replayed(&so) == (3, 0)
                 && so.contains("failing again: too_large")
                 && so.lines().any(|l| l.starts_with(
-                    "left as they were (cut when received, or over MAX_PAYLOAD_BYTES)"
+                    "left as they were (over MAX_PAYLOAD_BYTES now, or cut when received)"
                 ) && l.ends_with(" 2")),
             "exit {code}: {so}{err}"
         );

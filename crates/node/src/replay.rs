@@ -230,7 +230,7 @@ async fn replay(
                 };
                 let why = match e {
                     // The statements' time together: rounds of readings of one key.
-                    StoreError::Timeout(_) => "its statements together (readings of one key, written one after another) used up that time".to_string(),
+                    StoreError::Timeout(_) => "its statements together (its write, later rounds of readings of one key, its delete) used up that time".to_string(),
                     e => e.database_text(),
                 };
                 bail!("replaying dead letters: writing dead letter {} was cancelled: it ran, or waited for a lock, longer than {} ms, the longest a replay may hold the leader's lease row (a sixth of its LEASE_TTL), or an administrator cancelled it; it was not replayed, {before}. Look for what held it up (a trigger, a lock on its route's table) and run the replay again: {why}", ids[0], hold.as_millis());
@@ -389,8 +389,8 @@ struct Done {
 pub enum Kept {
     /// No route it was for is configured any more (or takes its topic).
     NoRoute,
-    /// Its payload was cut when it was received (too large then), or is larger than
-    /// `MAX_PAYLOAD_BYTES` now.
+    /// Its payload is larger than `MAX_PAYLOAD_BYTES` now, or was cut when it was received (too
+    /// large then) and would fit now.
     TooLarge,
     /// A named route it is for does not fit its table now (`leasehold routes` says why).
     Unfit,
@@ -400,7 +400,7 @@ impl std::fmt::Display for Kept {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Kept::NoRoute => "no configured route takes it",
-            Kept::TooLarge => "cut when received, or over MAX_PAYLOAD_BYTES",
+            Kept::TooLarge => "over MAX_PAYLOAD_BYTES now, or cut when received",
             Kept::Unfit => "its route does not fit its table now",
         })
     }
