@@ -40,7 +40,7 @@ impl Job {
             .with_context(|| match self.since {
                 Some(d) => format!(
                     "selecting dead letters (--since {})",
-                    humantime::format_duration(d)
+                    leasehold_config::fmt_dur(d)
                 ),
                 None => "selecting dead letters".into(),
             })

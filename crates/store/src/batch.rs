@@ -662,28 +662,18 @@ impl BatchWriter {
         };
         let first = self.held_since.is_none();
         self.held_since.get_or_insert_with(Instant::now);
-        let Some(before) = self.hold_left_sql()? else {
-            return self.full(fence, rows, dead, None).await;
-        };
-        let (before, after) = (
-            before,
-            // Set once: the wait for this client is bounded from the first write on.
-            first.then(|| idle_limit_sql(limit)),
-        );
+        let before = self.hold_left_sql()?;
+        // Set once: the wait for this client is bounded from the first write on.
+        let after = first.then(|| idle_limit_sql(limit));
         // `biased`: polled in this order, each queues its request before its first await (the
         // write is prepared: SQL text would queue a Parse first, and the bound behind it would
         // overtake it). Not through `op`: their time would be the write's, and they fail
         // whenever the write does.
         let (before, out, after) = tokio::join!(
             biased;
-            self.client.batch_execute(&before),
+            self.batch_if(before.as_deref()),
             self.full(fence, rows, dead, None),
-            async {
-                match &after {
-                    Some(after) => self.client.batch_execute(after).await,
-                    None => Ok(()),
-                }
-            },
+            self.batch_if(after.as_deref()),
         );
         // The write's error before the bound's behind it: after a refused row that bound fails
         // too (the transaction is aborted), and the caller tells a refused row by the write's
@@ -692,6 +682,18 @@ impl BatchWriter {
         let out = out?;
         after.map_err(StoreError::Db)?;
         Ok(out)
+    }
+
+    /// `sql`, if any, queued at the first poll (so that in a `biased` join it goes out before
+    /// what is polled after it).
+    pub(crate) async fn batch_if(
+        &self,
+        sql: Option<&str>,
+    ) -> std::result::Result<(), tokio_postgres::Error> {
+        match sql {
+            Some(sql) => self.client.batch_execute(sql).await,
+            None => Ok(()),
+        }
     }
 
     /// `SET LOCAL` of the statement and lock timeouts to what is left of the hold limit, in a

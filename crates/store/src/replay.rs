@@ -113,17 +113,14 @@ impl BatchWriter {
     /// A `COMMIT` waits for locks (a route's deferred trigger) only for what is left of the
     /// hold limit.
     pub async fn finish(&mut self, commit: bool) -> Result<()> {
-        let left = match commit {
-            true => self.hold_left_sql(),
-            false => Ok(None),
-        };
+        let bound = commit.then(|| self.hold_left_sql());
         (self.hold_limit, self.held_since) = (None, None);
-        let sql = match (commit, left) {
-            (false, _) => "ROLLBACK".to_string(),
-            (true, Ok(None)) => "COMMIT".to_string(),
+        let sql = match bound {
+            None => "ROLLBACK".to_string(),
+            Some(Ok(None)) => "COMMIT".to_string(),
             // One message, one round trip: no wait for this client in between.
-            (true, Ok(Some(bound))) => format!("{bound}; COMMIT"),
-            (true, Err(e)) => {
+            Some(Ok(Some(bound))) => format!("{bound}; COMMIT"),
+            Some(Err(e)) => {
                 op::batch(&self.client, Op::Replay, "ROLLBACK").await?;
                 return Err(e);
             }
@@ -178,12 +175,7 @@ impl BatchWriter {
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&ids];
         let (set, deleted) = tokio::join!(
             biased;
-            async {
-                match &bound {
-                    Some(bound) => self.client.batch_execute(bound).await,
-                    None => Ok(()),
-                }
-            },
+            self.batch_if(bound.as_deref()),
             op::exec(
                 &self.client,
                 Op::Replay,
