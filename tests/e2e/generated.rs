@@ -1409,8 +1409,8 @@ async fn route_specs(
         text.push_str(&format!("{c} = {:?}\n", ROUTE_SOURCES[s]));
     }
     text.push_str("[[routes]]\nname = \"all\"\ntopics = [\"rp/#\"]\ntable = \"prop_all\"\nkey = [\"k\"]\n[routes.columns]\nk = \"topic[1]\"\np = \"payload\"\nat = \"timestamp\"\n");
-    let dir = tempfile_dir()?;
-    let file = dir.join("routes.toml");
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("routes.toml");
     std::fs::write(&file, &text)?;
     let sources = leasehold_config::Sources::gather(
         Some(&file),
@@ -1448,16 +1448,6 @@ async fn route_specs(
             "problems without a column to drop: {problems:?}"
         );
     }
-}
-
-fn tempfile_dir() -> Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!(
-        "leasehold-prop-routes-{}-{}",
-        std::process::id(),
-        CASE_NO.fetch_add(1, Ordering::SeqCst)
-    ));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
 }
 
 static ROUTE_KEY: AtomicU64 = AtomicU64::new(1);

@@ -331,22 +331,9 @@ mod tests {
     use super::*;
 
     fn sources(toml: &str, env: &[(&str, &str)]) -> Sources {
-        let dir = std::env::temp_dir().join(format!("lh-cluster-{}", uuid_like()));
-        std::fs::write(&dir, toml).expect("write");
+        let path = crate::tests::file(toml);
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
-        let s = Sources::gather(Some(&dir), env, Vec::new()).expect("sources");
-        let _ = std::fs::remove_file(&dir);
-        s
-    }
-
-    fn uuid_like() -> String {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static N: AtomicU64 = AtomicU64::new(0);
-        format!(
-            "{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        )
+        Sources::gather(Some(&path), env, Vec::new()).expect("sources")
     }
 
     const ROUTES: &str = r#"

@@ -499,11 +499,7 @@ mod tests {
 
     #[test]
     fn flags_override_env_override_file() {
-        let dir = std::env::temp_dir().join(format!("lh-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("tmp dir");
-        let path = dir.join("c.toml");
-        std::fs::write(&path, "lease_ttl = \"30s\"\nbatch_max_rows = 5\ninstance_id = \"file\"\nmqtt_topics = [\"a/#\", \"b/+\"]\n")
-            .expect("write");
+        let path = file("lease_ttl = \"30s\"\nbatch_max_rows = 5\ninstance_id = \"file\"\nmqtt_topics = [\"a/#\", \"b/+\"]\n");
         let s = Sources::gather(
             Some(&path),
             vec![
@@ -817,20 +813,20 @@ mod tests {
 
     #[test]
     fn unknown_file_keys_are_errors() {
-        let dir = std::env::temp_dir().join(format!("lh-cfg2-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("tmp dir");
-        let path = dir.join("c.toml");
-        std::fs::write(&path, "lease_tl = \"30s\"\n").expect("write");
+        let path = file("lease_tl = \"30s\"\n");
         let e = Sources::gather(Some(&path), Vec::new(), Vec::new()).unwrap_err();
         assert!(matches!(e, ConfigError::Unknown { .. }));
     }
 
-    fn file(name: &str, text: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("lh-cfg-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("tmp dir");
-        let path = dir.join("c.toml");
-        std::fs::write(&path, text).expect("write");
-        path
+    /// A configuration file holding `text`, removed when the returned path is dropped.
+    pub(crate) fn file(text: &str) -> tempfile::TempPath {
+        let mut f = tempfile::Builder::new()
+            .prefix("leasehold-config-")
+            .suffix(".toml")
+            .tempfile()
+            .expect("temporary file");
+        std::io::Write::write_all(&mut f, text.as_bytes()).expect("write");
+        f.into_temp_path()
     }
 
     fn load_file(path: &Path, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
@@ -840,13 +836,9 @@ mod tests {
 
     #[test]
     fn nested_sections_read_as_the_flat_keys_do() {
-        let flat = file(
-            "flat",
-            "lease_ttl = \"30s\"\nmqtt_step_down_after = 0\nbatch_max_rows = 5\nmqtt_url = \"mqtts://b:8884\"\nmqtt_topics = [\"a/#\", \"b/+\"]\nmax_pending_bytes = \"8MiB\"\ndead_letter_retention = \"2d\"\n",
+        let flat = file("lease_ttl = \"30s\"\nmqtt_step_down_after = 0\nbatch_max_rows = 5\nmqtt_url = \"mqtts://b:8884\"\nmqtt_topics = [\"a/#\", \"b/+\"]\nmax_pending_bytes = \"8MiB\"\ndead_letter_retention = \"2d\"\n",
         );
-        let nested = file(
-            "nested",
-            "[lease]\nttl = \"30s\"\n[batch]\nmax_rows = 5\n[mqtt]\nstep_down_after = 0\nurl = \"mqtts://b:8884\"\ntopics = [\"a/#\", \"b/+\"]\n[ingest]\nmax_pending_bytes = \"8MiB\"\n[retention]\ndead_letters = \"2d\"\n",
+        let nested = file("[lease]\nttl = \"30s\"\n[batch]\nmax_rows = 5\n[mqtt]\nstep_down_after = 0\nurl = \"mqtts://b:8884\"\ntopics = [\"a/#\", \"b/+\"]\n[ingest]\nmax_pending_bytes = \"8MiB\"\n[retention]\ndead_letters = \"2d\"\n",
         );
         for path in [flat, nested] {
             let c = load_file(&path, &[]).expect("load");
@@ -867,13 +859,13 @@ mod tests {
 
     #[test]
     fn one_setting_given_flat_and_nested_in_one_file_is_refused() {
-        let path = file("both", "lease_ttl = \"20s\"\n[lease]\nttl = \"30s\"\n");
+        let path = file("lease_ttl = \"20s\"\n[lease]\nttl = \"30s\"\n");
         let e = load_file(&path, &[]).unwrap_err().to_string();
         assert!(
             e.contains("LEASE_TTL is set twice") && !e.contains('\n'),
             "{e}"
         );
-        let other = file("apart", "lease_ttl = \"20s\"\n[lease]\nname = \"x\"\n");
+        let other = file("lease_ttl = \"20s\"\n[lease]\nname = \"x\"\n");
         let c = load_file(&other, &[]).expect("different settings of one section mix");
         assert_eq!(
             (c.lease.ttl, c.node.lease_name.as_str()),
@@ -883,10 +875,7 @@ mod tests {
 
     #[test]
     fn errors_say_which_layer_set_the_bad_value() {
-        let path = file(
-            "origin",
-            "device_topic_pattern = \"a/b\"\n[stale]\ncritical = \"1m\"\n",
-        );
+        let path = file("device_topic_pattern = \"a/b\"\n[stale]\ncritical = \"1m\"\n");
         let shown = path.display().to_string();
         let e = load_file(&path, &[]).unwrap_err().to_string();
         assert!(
@@ -918,10 +907,7 @@ mod tests {
 
     #[test]
     fn an_empty_variable_unsets_the_file_value() {
-        let path = file(
-            "empty",
-            "mqtt_client_id = \"plant-7\"\nlease_ttl = \"30s\"\n",
-        );
+        let path = file("mqtt_client_id = \"plant-7\"\nlease_ttl = \"30s\"\n");
         let c = load_file(&path, &[("MQTT_CLIENT_ID", " "), ("LEASE_TTL", "")]).expect("load");
         assert_eq!(c.node.mqtt_client_id, None);
         assert_eq!(c.lease.ttl, Duration::from_secs(10));
@@ -934,7 +920,7 @@ mod tests {
             "[bogus]\na = 1\n",
             "[[bogus]]\na = 1\n",
         ] {
-            let e = load_file(&file("unknown", text), &[]).unwrap_err();
+            let e = load_file(&file(text), &[]).unwrap_err();
             assert!(matches!(e, ConfigError::Unknown { .. }), "{text}: {e:?}");
         }
     }

@@ -581,17 +581,14 @@ fonte           = "'MQTT'"
 processed_by    = "written_by"
 "#;
 
-    fn load(name: &str, text: &str) -> Result<Config, ConfigError> {
-        let dir = std::env::temp_dir().join(format!("lh-routes-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("tmp dir");
-        let path = dir.join("c.toml");
-        std::fs::write(&path, text).expect("write");
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        let path = crate::tests::file(text);
         Config::load(&Sources::gather(Some(&path), Vec::new(), Vec::new())?)
     }
 
     /// The message of a refused file, checked to be one line naming `route` (and `column`).
     fn refused(name: &str, text: &str, route: &str, column: Option<&str>, says: &str) {
-        let e = load(name, text).expect_err(name);
+        let e = load(text).expect_err(name);
         let shown = e.to_string();
         match &e {
             ConfigError::Route {
@@ -615,7 +612,7 @@ processed_by    = "written_by"
 
     #[test]
     fn a_route_reads_into_its_spec_in_file_order() {
-        let c = load("spec", EQUIPMENT).expect("load");
+        let c = load(EQUIPMENT).expect("load");
         assert_eq!(
             c.routes,
             vec![RouteSpec {
@@ -641,10 +638,7 @@ processed_by    = "written_by"
             }]
         );
         // Without routes: only the default route.
-        assert_eq!(
-            load("none", "lease_ttl = \"10s\"\n").expect("load").routes,
-            vec![]
-        );
+        assert_eq!(load("lease_ttl = \"10s\"\n").expect("load").routes, vec![]);
     }
 
     #[test]
@@ -666,7 +660,7 @@ key = ["k"]
 k = "lease_epoch"
 r = "received_at"
 "#;
-        let c = load("two", text).expect("load");
+        let c = load(text).expect("load");
         let names: Vec<&str> = c.routes.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["b-2", "a_1"]);
         assert_eq!(c.routes[0].table, "s.\"My T\"");
@@ -829,7 +823,7 @@ r = "received_at"
             None,
             "unique",
         );
-        let e = load("not-a-list", "routes = 5\n").expect_err("refused");
+        let e = load("routes = 5\n").expect_err("refused");
         assert!(
             matches!(e, ConfigError::Route { .. }) && e.to_string().contains("[[routes]]"),
             "{e}"
