@@ -346,17 +346,31 @@ async fn a_widened_column_replays_its_dead_letters_and_a_dry_run_changes_nothing
             c.count("SELECT count(*) FROM dead_letters").await? == 10,
             "the older ten"
         );
-        let (code, so, err) = out(&c.cli(&[
-            "replay",
-            "--route",
-            "narrow",
-            "--reason",
-            "rejected_by_database",
-        ])?);
+        // A trigger's notices, one per row, are read as the replay goes (and logged at
+        // debug), not left to pile up on its connection.
+        db.batch_execute(
+            "CREATE FUNCTION narrow_notice() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN RAISE NOTICE 'narrow took %', NEW.label; RETURN NEW; END $$;
+             CREATE TRIGGER narrow_notice BEFORE INSERT ON narrow
+             FOR EACH ROW EXECUTE FUNCTION narrow_notice()",
+        )
+        .await?;
+        let (code, so, err) = out(&c.cli_env(
+            &[
+                "replay",
+                "--route",
+                "narrow",
+                "--reason",
+                "rejected_by_database",
+            ],
+            &[("LOG_LEVEL", "debug".into())],
+        )?);
         ensure!(
             code == 0 && replayed(&so) == (10, 10),
             "exit {code}: {so}{err}"
         );
+        let notices = err.matches("narrow took ").count();
+        ensure!(notices == 10, "{notices} of 10 notices read: {err}");
         ensure!(c.count("SELECT count(*) FROM narrow").await? == 30, "rows");
         ensure!(
             c.count("SELECT count(*) FROM dead_letters").await? == 0,

@@ -240,6 +240,11 @@ async fn replay(
                 return Err(anyhow::Error::new(e).context("replaying dead letters"));
             }
         }
+        // The server's notices on this connection (a trigger's RAISE NOTICE, one per row) are
+        // read after every chunk: left in their channel, a long replay kept them all in memory.
+        if let Some(words) = w.unreplicated_commit() {
+            tracing::warn!("a replayed chunk was committed on the primary, but its wait for the synchronous standby was cancelled: {words}");
+        }
         if let Some(p) = progress.as_mut() {
             p(&summary);
         }
