@@ -243,7 +243,7 @@ async fn replay(
         // The server's notices on this connection (a trigger's RAISE NOTICE, one per row) are
         // read after every chunk: left in their channel, a long replay kept them all in memory.
         if let Some(words) = w.unreplicated_commit() {
-            tracing::warn!("a replayed chunk was committed on the primary, but its wait for the synchronous standby was cancelled: {words}");
+            tracing::warn!("a replay transaction (a chunk, or a refused dead letter's mark) was committed on the primary, but its wait for the synchronous standby was cancelled; if the primary fails before the standby has it, those dead letters come back: run the replay again then: {words}");
         }
         if let Some(p) = progress.as_mut() {
             p(&summary);
