@@ -459,7 +459,8 @@ fn records_label(labels: &[usize], n: usize) -> String {
 struct Merger {
     units: Vec<Unit>,
     /// (device, time) -> the latest of `pending` with that key. Hashed with foldhash, seeded
-    /// per array: SipHash, twice per element, was a tenth of an array's reading.
+    /// per array: SipHash, twice per element, was a tenth of an array's reading. Not built to
+    /// resist a crafted flood of colliding ids, but an array holds at most `MAX_READINGS`.
     keys: HashMap<(String, Option<DateTime<Utc>>), usize, foldhash::fast::RandomState>,
     pending: Vec<Pending>,
 }
