@@ -453,6 +453,9 @@ fn records_label(labels: &[usize], n: usize) -> String {
     format!("{word} {} of {n}", list.join(", "))
 }
 
+/// A reading's place among those gathered, by its key (foldhash, seeded per map).
+type Places<K> = HashMap<K, usize, foldhash::fast::RandomState>;
+
 /// Array elements grouped by device and instant: an element joins the first reading of its
 /// device and instant whose fields it agrees with (the same value for every field both have).
 #[derive(Default)]
@@ -461,7 +464,7 @@ struct Merger {
     /// (device, time) -> the latest of `pending` with that key. Hashed with foldhash, seeded
     /// per array: SipHash, twice per element, was a tenth of an array's reading. Not built to
     /// resist a crafted flood of colliding ids, but an array holds at most `MAX_READINGS`.
-    keys: HashMap<(String, Option<DateTime<Utc>>), usize, foldhash::fast::RandomState>,
+    keys: Places<(String, Option<DateTime<Utc>>)>,
     pending: Vec<Pending>,
 }
 
@@ -774,7 +777,7 @@ impl Group {
 struct Gathered {
     groups: Vec<Group>,
     /// (device, time) -> the latest group with that key (the only one a record may join).
-    latest: HashMap<(Option<String>, Option<DateTime<Utc>>), usize, foldhash::fast::RandomState>,
+    latest: Places<(Option<String>, Option<DateTime<Utc>>)>,
 }
 
 impl Gathered {
