@@ -223,17 +223,7 @@ async fn replay(
             }
             Err(e) if cancelled(&e) => {
                 let _ = w.finish(false).await;
-                let before = if dry_run {
-                    "(a dry run: nothing is kept)"
-                } else {
-                    "the chunks before it stay replayed"
-                };
-                let why = match e {
-                    // The statements' time together: rounds of readings of one key.
-                    StoreError::Timeout(_) => "its statements together (its write, later rounds of readings of one key, its delete) used up that time".to_string(),
-                    e => e.database_text(),
-                };
-                bail!("replaying dead letters: writing dead letter {} was cancelled: it ran, or waited for a lock, longer than {} ms, the longest a replay may hold the leader's lease row (a sixth of its LEASE_TTL), or an administrator cancelled it; it was not replayed, {before}. Look for what held it up (a trigger, a lock on its route's table) and run the replay again: {why}", ids[0], hold.as_millis());
+                return Err(cancelled_alone(e, ids[0], hold, dry_run));
             }
             Err(e) => {
                 let _ = w.finish(false).await;
@@ -250,6 +240,22 @@ async fn replay(
         }
     }
     Ok(summary)
+}
+
+/// The error of dead letter `id`, cancelled alone at the hold limit `hold` (or by an
+/// administrator): the replay stops there.
+fn cancelled_alone(e: StoreError, id: i64, hold: Duration, dry_run: bool) -> anyhow::Error {
+    let before = if dry_run {
+        "(a dry run: nothing is kept)"
+    } else {
+        "the chunks before it stay replayed"
+    };
+    let why = match e {
+        // The statements' time together: rounds of readings of one key.
+        StoreError::Timeout(_) => "its statements together (its write, later rounds of readings of one key, its delete) used up that time".to_string(),
+        e => e.database_text(),
+    };
+    anyhow::anyhow!("replaying dead letters: writing dead letter {id} was cancelled: it ran, or waited for a lock, longer than {} ms, the longest a replay may hold the leader's lease row (a sixth of its LEASE_TTL), or an administrator cancelled it; it was not replayed, {before}. Look for what held it up (a trigger, a lock on its route's table) and run the replay again: {why}", hold.as_millis())
 }
 
 /// What is left of a replay, in the order it is taken.
