@@ -395,10 +395,19 @@ pub async fn routes_phase(
         pg_starts.extend(pg);
     }
     let (leader_start_cpu_ms, postgres_start_cpu_ms) = (median(starts), median(pg_starts));
-    // The three compared routes alike: each drained ROUNDS times, judged by medians.
-    let default_rounds = rounds(rig, &format!("route-default{suffix}"), n, Target::Default).await?;
-    let typed_rounds = rounds(rig, &format!("route-typed{suffix}"), n, Target::Typed).await?;
-    let gateway_rounds = rounds(rig, &format!("route-gateway{suffix}"), n, Target::Gateway).await?;
+    // The three compared routes alike: each drained ROUNDS times, judged by medians, and in
+    // turn, so that a VM slowing down or speeding up during the run weighs on all three alike.
+    let (mut default_rounds, mut typed_rounds, mut gateway_rounds) = (vec![], vec![], vec![]);
+    for round in 1..=ROUNDS {
+        for (out, name, target) in [
+            (&mut default_rounds, "default", Target::Default),
+            (&mut typed_rounds, "typed", Target::Typed),
+            (&mut gateway_rounds, "gateway", Target::Gateway),
+        ] {
+            let run = format!("route-{name}{suffix}-{round}");
+            out.push(fresh_drain(rig, &run, n, target).await?);
+        }
+    }
     let (default, typed, gateway) = (
         medians(&default_rounds),
         medians(&typed_rounds),
@@ -626,18 +635,14 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     }
 }
 
-/// [`ROUNDS`] drains of `target`, each into emptied tables (`telemetry` empty and
-/// vacuumed, the typed route's table gone).
-async fn rounds(rig: &Rig<'_>, run: &str, n: u64, target: Target) -> Result<Vec<Drain>> {
-    let mut out = Vec::new();
-    for round in 1..=ROUNDS {
-        empty_telemetry(rig).await?;
-        rig.db
-            .batch_execute("DROP TABLE IF EXISTS bench_route")
-            .await?;
-        out.push(drain_and_stop(rig, &format!("{run}-{round}"), n, target).await?);
-    }
-    Ok(out)
+/// A drain of `target` into emptied tables (`telemetry` empty and vacuumed, the typed route's
+/// table gone).
+async fn fresh_drain(rig: &Rig<'_>, run: &str, n: u64, target: Target) -> Result<Drain> {
+    empty_telemetry(rig).await?;
+    rig.db
+        .batch_execute("DROP TABLE IF EXISTS bench_route")
+        .await?;
+    drain_and_stop(rig, run, n, target).await
 }
 
 /// The first of `rounds` with its rate and CPU figures replaced by their medians over all of them.
