@@ -217,6 +217,14 @@ fn quote_element(s: &str) -> String {
 /// `v` as the column's type takes it: integers, booleans and times typed, the rest as text the
 /// column's type reads; `Null` for NULL (a JSON `null` too).
 fn convert(c: &ResolvedColumn, v: Val<'_>) -> Result<Cell, String> {
+    // An integer literal into an integer column that holds it: its value, not written out and
+    // read back (a twentieth of a typed route's row). Anything else takes the text's way, and
+    // its errors are the text's.
+    if let (Val::Json(Value::Number(n)), Some(range)) = (&v, integer_range(c.kind)) {
+        if let Some(i) = n.as_i64().filter(|i| range.contains(i)) {
+            return Ok(Cell::Int(i));
+        }
+    }
     let whole;
     let text = match v {
         Val::Null | Val::Json(Value::Null) => return Ok(Cell::Null),
@@ -352,6 +360,16 @@ impl Scalar<'_> {
 /// An integer in `[min, max]`: a JSON number without a fractional part, or a string holding one.
 /// Read exactly from its decimal text (never through `f64`, which would round
 /// `9007199254740993.0` to `...992` and `1e-400` to `0`).
+/// The values an integer column holds.
+fn integer_range(kind: ColumnKind) -> Option<std::ops::RangeInclusive<i64>> {
+    match kind {
+        ColumnKind::Int2 => Some(i16::MIN.into()..=i16::MAX.into()),
+        ColumnKind::Int4 => Some(i32::MIN.into()..=i32::MAX.into()),
+        ColumnKind::Int8 => Some(i64::MIN..=i64::MAX),
+        _ => None,
+    }
+}
+
 fn integer(v: &Scalar<'_>, min: i64, max: i64, ty: &str) -> Result<Cell, String> {
     let s = match v {
         Scalar::Str(s) | Scalar::Num(s) => s.trim(),
@@ -537,6 +555,59 @@ mod tests {
     use super::*;
     use leasehold_config::{OnConflict, RouteSpec};
     use leasehold_decode::Decoder;
+
+    #[test]
+    fn an_integer_literal_converts_as_its_text_does() {
+        let numbers = [
+            "0",
+            "-0",
+            "1",
+            "-1",
+            "32767",
+            "32768",
+            "-32768",
+            "-32769",
+            "2147483647",
+            "2147483648",
+            "-2147483648",
+            "-2147483649",
+            "9223372036854775807",
+            "9223372036854775808",
+            "-9223372036854775808",
+            "-9223372036854775809",
+            "18446744073709551615",
+            "1.0",
+            "1.5",
+            "-2.0",
+            "1e3",
+            "-1E3",
+            "1e20",
+            "0.0",
+            "-0.0",
+        ];
+        for kind in [ColumnKind::Int2, ColumnKind::Int4, ColumnKind::Int8] {
+            let c = col("n", Source::JsonPath(Vec::new()), kind, false);
+            let range = integer_range(kind).expect("an integer column");
+            for text in numbers {
+                let v: Value = serde_json::from_str(text).expect("a JSON number");
+                let Value::Number(n) = &v else {
+                    panic!("{text} is not a number")
+                };
+                let by_text = integer(
+                    &Scalar::Num(n.to_string()),
+                    *range.start(),
+                    *range.end(),
+                    &format!("{kind:?}"),
+                );
+                let got = convert(&c, Val::Json(&v));
+                match (&got, &by_text) {
+                    (Ok(a), Ok(b)) => assert_eq!(a, b, "{text} into {kind:?}"),
+                    (Err(_), Err(_)) => {}
+                    _ => panic!("{text} into {kind:?}: {got:?} against {by_text:?}"),
+                }
+            }
+        }
+    }
 
     fn col(name: &str, source: Source, kind: ColumnKind, not_null: bool) -> ResolvedColumn {
         ResolvedColumn {
