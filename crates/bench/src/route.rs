@@ -378,9 +378,9 @@ fn fmt_us(v: Option<f64>) -> String {
     v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "?".into())
 }
 
-/// The default route's drain, then the typed route's and the gateways', of the same `n`
-/// messages, then (with `history_rows`) the default route's again into a `telemetry` holding that
-/// many older readings; `suffix` tells repeated runs apart.
+/// The default route's, the typed route's and the gateways' drains of the same `n` messages, in
+/// turn, [`ROUNDS`] times over; then Sparkplug's; then (with `history_rows`) the default route's
+/// again into a `telemetry` holding that many older readings; `suffix` tells repeated runs apart.
 pub async fn routes_phase(
     rig: &Rig<'_>,
     n: u64,
