@@ -529,6 +529,12 @@ async fn a_route_fills_a_narrow_historian_as_docs_sparkplug_md_shows() {
         let mut edge = Edge::start(c.mq.port)?;
         edge.run("wait_state online").await?;
         edge.run("connect").await?;
+        // The DBIRTH stored before the first DDATA is sent: a later millisecond (one of the
+        // same would share its row; the end of this test sends two such on purpose).
+        eventually(Duration::from_secs(30), "the DBIRTH's metrics", || async {
+            Ok(c.count("SELECT count(*) FROM historian").await? == 21)
+        })
+        .await?;
         edge.run("ddata 4").await?;
         // One row per metric value: the DBIRTH's 21 metrics, then 3 metrics of each DDATA.
         eventually(Duration::from_secs(30), "the historian filled", || async {
@@ -571,6 +577,23 @@ async fn a_route_fills_a_narrow_historian_as_docs_sparkplug_md_shows() {
         ensure!(
             c.count("SELECT count(*) FROM dead_letters").await? == 0,
             "dead letters"
+        );
+        // Two DDATA within one millisecond: the second's metrics join the historian too (the
+        // first's values kept for the instant both give), and nothing is dead-lettered.
+        edge.run("ddata_at_once 2 10").await?;
+        eventually(
+            Duration::from_secs(30),
+            "both messages of one instant",
+            || async {
+                let passed = c.count("SELECT count(*) FROM historian_in").await?;
+                Ok(passed == 1 + 4 + 1
+                    && c.count("SELECT count(*) FROM historian").await? == 21 + 5 * 3)
+            },
+        )
+        .await?;
+        ensure!(
+            c.count("SELECT count(*) FROM dead_letters").await? == 0,
+            "a message of the same instant dead-lettered"
         );
         edge.quit().await?;
         Ok(())

@@ -12,6 +12,8 @@ Commands (one per line; each is answered "ok <command>" once done):
   connect                 connect: NBIRTH and DBIRTH, every metric with its alias
   ndata K                 K NDATA messages, by alias
   ddata K                 K DDATA messages of the device, by alias (held while the host is offline)
+  ddata_at_once K START   K DDATA messages (values of START on) all with one timestamp, as a
+                          device reporting twice within a millisecond does
   gap                     the next data message skips one sequence number
   unknown_alias           a DDATA naming alias 999, which no birth defined
   ddeath                  the device dies (DDEATH)
@@ -218,6 +220,15 @@ class Node:
                             device=self.args.device,
                         )
                     time.sleep(0.002)
+            elif cmd == "ddata_at_once":
+                now = sp.get_current_timestamp()
+                start = int(rest[1])
+                for k in range(start, start + int(rest[0])):
+                    self.publish(
+                        sp.MessageType.DDATA,
+                        sp.DData(timestamp=now, seq=self.seq(), metrics=self.data(k, now)),
+                        device=self.args.device,
+                    )
             elif cmd == "gap":
                 self.skip = True
             elif cmd == "unknown_alias":
