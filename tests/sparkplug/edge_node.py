@@ -107,6 +107,17 @@ class Node:
             cmd_callback=self.on_ncmd,
         )
         self.edge.register(self.device)
+        # pysparkplug's EdgeNode marks itself connected before its connect callback publishes
+        # the births: "connect" waits for the DBIRTH itself, or data would go out before it.
+        self.birthed = threading.Event()
+        client_publish = self.edge._client.publish
+
+        def publish(message, **kw):
+            client_publish(message, **kw)
+            if message.topic.message_type == sp.MessageType.DBIRTH:
+                self.birthed.set()
+
+        self.edge._client.publish = publish
         # The primary host's STATE, watched from the start (before the edge node is born, as a
         # Sparkplug 3.0 edge node waits for its host) on a connection of its own.
         self.watch = sp.Client(client_id=f"state-{args.node}-{uuid.uuid4().hex[:8]}")
@@ -183,10 +194,9 @@ class Node:
                 continue
             cmd, rest = words[0], words[1:]
             if cmd == "connect":
+                self.birthed.clear()
                 self.edge.connect(self.args.host_addr, port=self.args.port, blocking=False)
-                deadline = time.time() + 10
-                while not self.edge._connected and time.time() < deadline:
-                    time.sleep(0.01)
+                self.birthed.wait(10)
             elif cmd == "rebirth":
                 self.rebirth()
                 continue
