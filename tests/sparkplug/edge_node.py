@@ -13,7 +13,8 @@ Commands (one per line; each is answered "ok <command>" once done):
   ndata K                 K NDATA messages, by alias
   ddata K                 K DDATA messages of the device, by alias (held while the host is offline)
   ddata_at_once K START   K DDATA messages (values of START on) all with one timestamp, as a
-                          device reporting twice within a millisecond does
+                          device reporting twice within a millisecond does; each one metric
+                          more than the one before
   gap                     the next data message skips one sequence number
   unknown_alias           a DDATA naming alias 999, which no birth defined
   ddeath                  the device dies (DDEATH)
@@ -114,7 +115,7 @@ class Node:
 
         def publish(message, **kw):
             client_publish(message, **kw)
-            if message.topic.message_type == sp.MessageType.DBIRTH:
+            if message.topic.message_type == sp.MessageType.DBIRTH and message.topic.device_id == args.device:
                 self.birthed.set()
 
         self.edge._client.publish = publish
@@ -161,10 +162,10 @@ class Node:
             include_dtypes=True,
         )
 
-    def data(self, k, ts, historical=False):
+    def data(self, k, ts, historical=False, n=3):
         metrics = tuple(
             metric(None, a, t, value_of(t, v, k), ts, named=False, historical=historical)
-            for _, a, t, v in DEVICE_METRICS[:3]
+            for _, a, t, v in DEVICE_METRICS[:n]
         )
         return metrics
 
@@ -196,7 +197,9 @@ class Node:
             if cmd == "connect":
                 self.birthed.clear()
                 self.edge.connect(self.args.host_addr, port=self.args.port, blocking=False)
-                self.birthed.wait(10)
+                if not self.birthed.wait(10):
+                    say("timeout", line)
+                    sys.exit(1)
             elif cmd == "rebirth":
                 self.rebirth()
                 continue
@@ -233,10 +236,11 @@ class Node:
             elif cmd == "ddata_at_once":
                 now = sp.get_current_timestamp()
                 start = int(rest[1])
-                for k in range(start, start + int(rest[0])):
+                for i in range(int(rest[0])):
+                    metrics = self.data(start + i, now, n=3 + i)
                     self.publish(
                         sp.MessageType.DDATA,
-                        sp.DData(timestamp=now, seq=self.seq(), metrics=self.data(k, now)),
+                        sp.DData(timestamp=now, seq=self.seq(), metrics=metrics),
                         device=self.args.device,
                     )
             elif cmd == "gap":
