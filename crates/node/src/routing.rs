@@ -217,13 +217,8 @@ fn quote_element(s: &str) -> String {
 /// `v` as the column's type takes it: integers, booleans and times typed, the rest as text the
 /// column's type reads; `Null` for NULL (a JSON `null` too).
 fn convert(c: &ResolvedColumn, v: Val<'_>) -> Result<Cell, String> {
-    // An integer literal into an integer column that holds it: its value, not written out and
-    // read back (7 % of a typed route's message in the bench). Anything else takes the text's
-    // way, and its errors are the text's.
-    if let (Val::Json(Value::Number(n)), Some((range, _))) = (&v, integer_range(c.kind)) {
-        if let Some(i) = n.as_i64().filter(|i| range.contains(i)) {
-            return Ok(Cell::Int(i));
-        }
+    if let Some(cell) = integer_literal(c.kind, &v) {
+        return Ok(cell);
     }
     let whole;
     let text = match v {
@@ -356,6 +351,16 @@ impl Scalar<'_> {
             Scalar::Composite(j) => kind(j).to_string(),
         }
     }
+}
+
+/// An integer literal into an integer column that holds it: its value, not written out and
+/// read back (7 % of a typed route's message in the bench). `None` for anything else, which
+/// takes the text's way, with the text's errors.
+fn integer_literal(kind: ColumnKind, v: &Val<'_>) -> Option<Cell> {
+    let (Val::Json(Value::Number(n)), Some((range, _))) = (v, integer_range(kind)) else {
+        return None;
+    };
+    n.as_i64().filter(|i| range.contains(i)).map(Cell::Int)
 }
 
 /// The values an integer column holds, and its type's name.
