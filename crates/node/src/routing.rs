@@ -253,10 +253,9 @@ fn convert(c: &ResolvedColumn, v: Val<'_>) -> Result<Cell, String> {
             Scalar::Time(t) => rfc3339(t),
             Scalar::Composite(j) => j.to_string(),
         },
-        ColumnKind::Int2 | ColumnKind::Int4 | ColumnKind::Int8 => {
-            let (range, ty) = integer_range(c.kind).ok_or_else(unparsed)?;
-            return integer(&text, *range.start(), *range.end(), ty);
-        }
+        ColumnKind::Int2 => return integer(&text, INT2),
+        ColumnKind::Int4 => return integer(&text, INT4),
+        ColumnKind::Int8 => return integer(&text, INT8),
         ColumnKind::Numeric => number(&text, None)?,
         ColumnKind::Float4 => number(&text, Some(f64::from(f32::MAX)))?,
         ColumnKind::Float8 => number(&text, Some(f64::MAX))?,
@@ -357,26 +356,52 @@ impl Scalar<'_> {
 /// read back (7 % of a typed route's message in the bench). `None` for anything else, which
 /// takes the text's way, with the text's errors.
 fn integer_literal(kind: ColumnKind, v: &Val<'_>) -> Option<Cell> {
-    let (Val::Json(Value::Number(n)), Some((range, _))) = (v, integer_range(kind)) else {
+    let (Val::Json(Value::Number(n)), Some(t)) = (v, int_type(kind)) else {
         return None;
     };
-    n.as_i64().filter(|i| range.contains(i)).map(Cell::Int)
+    n.as_i64()
+        .filter(|i| (t.min..=t.max).contains(i))
+        .map(Cell::Int)
 }
 
-/// The values an integer column holds, and its type's name.
-fn integer_range(kind: ColumnKind) -> Option<(std::ops::RangeInclusive<i64>, &'static str)> {
+/// An integer column's type: the values it holds, and its name.
+#[derive(Debug, Clone, Copy)]
+struct IntType {
+    min: i64,
+    max: i64,
+    name: &'static str,
+}
+
+const INT2: IntType = IntType {
+    min: i16::MIN as i64,
+    max: i16::MAX as i64,
+    name: "smallint",
+};
+const INT4: IntType = IntType {
+    min: i32::MIN as i64,
+    max: i32::MAX as i64,
+    name: "integer",
+};
+const INT8: IntType = IntType {
+    min: i64::MIN,
+    max: i64::MAX,
+    name: "bigint",
+};
+
+/// The type of an integer column; `None` for any other.
+fn int_type(kind: ColumnKind) -> Option<IntType> {
     match kind {
-        ColumnKind::Int2 => Some((i16::MIN.into()..=i16::MAX.into(), "smallint")),
-        ColumnKind::Int4 => Some((i32::MIN.into()..=i32::MAX.into(), "integer")),
-        ColumnKind::Int8 => Some((i64::MIN..=i64::MAX, "bigint")),
+        ColumnKind::Int2 => Some(INT2),
+        ColumnKind::Int4 => Some(INT4),
+        ColumnKind::Int8 => Some(INT8),
         _ => None,
     }
 }
 
-/// An integer in `[min, max]`: a JSON number without a fractional part, or a string holding one.
+/// An integer that `t` holds: a JSON number without a fractional part, or a string holding one.
 /// Read exactly from its decimal text (never through `f64`, which would round
 /// `9007199254740993.0` to `...992` and `1e-400` to `0`).
-fn integer(v: &Scalar<'_>, min: i64, max: i64, ty: &str) -> Result<Cell, String> {
+fn integer(v: &Scalar<'_>, t: IntType) -> Result<Cell, String> {
     let s = match v {
         Scalar::Str(s) | Scalar::Num(s) => s.trim(),
         other => return Err(format!("{} is not an integer", other.what())),
@@ -385,8 +410,8 @@ fn integer(v: &Scalar<'_>, min: i64, max: i64, ty: &str) -> Result<Cell, String>
         return Err(format!("{} is not an integer", v.what()));
     }
     match exact_integer(s) {
-        Ok(n) if n >= i128::from(min) && n <= i128::from(max) => Ok(Cell::Int(n as i64)),
-        Ok(_) | Err(Inexact::TooLarge) => Err(format!("{s} is out of range for {ty}")),
+        Ok(n) if n >= i128::from(t.min) && n <= i128::from(t.max) => Ok(Cell::Int(n as i64)),
+        Ok(_) | Err(Inexact::TooLarge) => Err(format!("{s} is out of range for {}", t.name)),
         Err(Inexact::Fraction) => Err(format!("{} is not an integer", v.what())),
     }
 }
@@ -593,20 +618,20 @@ mod tests {
         ];
         for kind in [ColumnKind::Int2, ColumnKind::Int4, ColumnKind::Int8] {
             let c = col("n", Source::JsonPath(Vec::new()), kind, false);
-            let (range, ty) = integer_range(kind).expect("an integer column");
+            let t = int_type(kind).expect("an integer column");
             for text in numbers {
                 let v: Value = serde_json::from_str(text).expect("a JSON number");
                 let Value::Number(n) = &v else {
                     panic!("{text} is not a number")
                 };
                 // What the conversion was before integer literals were taken as values.
-                let by_text = integer(
-                    &Scalar::Num(n.to_string()),
-                    *range.start(),
-                    *range.end(),
-                    ty,
+                let by_text = integer(&Scalar::Num(n.to_string()), t);
+                assert_eq!(
+                    convert(&c, Val::Json(&v)),
+                    by_text,
+                    "{text} into {}",
+                    t.name
                 );
-                assert_eq!(convert(&c, Val::Json(&v)), by_text, "{text} into {ty}");
             }
         }
         // Only integer columns take them so: a number into text or numeric is its digits.
