@@ -1078,3 +1078,47 @@ async fn a_new_leader_finds_a_broken_route_table_at_the_start_of_its_term() {
     .await;
     check(&c, res);
 }
+
+/// Two dead letters of one topic, packet id and bytes, the later flagged DUP, are one message
+/// and its redelivery only within REDELIVERY_WINDOW of each other, in a replay's chunk as across
+/// batches: further apart, the later is a publish of its own (the broker reuses packet ids),
+/// and a replay that took it for a redelivery would remove a reading nobody stored.
+#[tokio::test]
+async fn a_replayed_dup_is_a_redelivery_only_within_the_redelivery_window() {
+    let mut c = Cluster::start().await.expect("cluster");
+    let res = async {
+        c.spawn("a")?;
+        c.wait_leader().await?;
+        let db = c.pg.client().await?;
+        // Timestamp-less (its receipt time is its `ts`), dead-lettered as the route of the day
+        // could not take them; "far" 2 h apart (the window is 1 h), "near" 5 s apart.
+        db.batch_execute(
+            "INSERT INTO dead_letters (topic, payload, size, reason, error, received_at,
+                                       written_by, lease_epoch, content_hash, mqtt_pkid,
+                                       possible_duplicate)
+             SELECT 'devices/' || d || '/state', p, octet_length(p), 'route_unavailable', 'then',
+                    now() - back, 'n', 1, md5(p), 7, dup
+             FROM (VALUES ('far', interval '3 hours', false), ('far', interval '1 hour', true),
+                          ('near', interval '2 hours', false),
+                          ('near', interval '2 hours' - interval '5 seconds', true)) AS v(d, back, dup),
+                  convert_to('{\"device_id\":\"' || d || '\",\"state\":\"ON\"}', 'UTF8') AS p",
+        )
+        .await?;
+        let (code, so, err) = out(&c.cli(&["replay", "--route", "default"])?);
+        ensure!(code == 0 && replayed(&so).0 == 4, "exit {code}: {so}{err}");
+        let rows = "SELECT string_agg(device_id || ':' || n, ' ' ORDER BY device_id)
+                    FROM (SELECT device_id, count(*) AS n FROM telemetry GROUP BY 1) t";
+        let rows: Option<String> = db.query_one(rows, &[]).await?.get(0);
+        ensure!(
+            rows.as_deref() == Some("far:2 near:1"),
+            "readings per device: {rows:?}\n{so}"
+        );
+        ensure!(
+            c.count("SELECT count(*) FROM dead_letters").await? == 0,
+            "dead letters left\n{so}"
+        );
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}

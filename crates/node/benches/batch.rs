@@ -31,6 +31,7 @@ fn run(d: &Decoder, msgs: &[Inbound]) -> leasehold_node::batch::Prepared {
         written_by: "bench",
         lease_epoch: 1,
         suspended: &[],
+        redelivery_window: std::time::Duration::from_secs(3600),
     };
     prepare(d, msgs, &mut clock, 256 * 1024, no_routes)
 }

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use leasehold_config::{Format, OnConflict, Source};
@@ -148,6 +148,11 @@ pub struct Routing<'a> {
     /// A message for a suspended route is its `route_unavailable` dead letter; shorter than
     /// `routes` (empty, usually): the rest are not suspended.
     pub suspended: &'a [Option<String>],
+    /// `REDELIVERY_WINDOW`: a DUP-flagged message is the redelivery of an earlier one of the
+    /// batch (same topic, packet id and bytes) only within this of it, as across batches.
+    /// Further apart it is a publish of its own: the broker reuses packet ids, and a replay's
+    /// chunk holds dead letters of hours or days.
+    pub redelivery_window: Duration,
 }
 
 /// Decodes `batch` and settles what the batch alone can settle. `max_payload_bytes` bounds the
@@ -323,14 +328,20 @@ struct Held {
 }
 
 impl Preparer<'_> {
-    /// Whether `m` is the broker's redelivery (DUP, same topic, packet id and bytes) of an
-    /// earlier message of this batch; remembers `m` otherwise.
+    /// Whether `m` is the broker's redelivery (DUP, same topic, packet id and bytes, within the
+    /// redelivery window) of an earlier message of this batch; remembers `m` otherwise.
     fn redelivered_in_batch(&mut self, idx: usize, m: &Inbound) -> bool {
         let h = self.hasher.hash_one((&m.topic, m.pkid));
         let mut at = self.deliveries.get(&h).copied().unwrap_or(usize::MAX);
         if m.dup {
+            let window = self.routing.redelivery_window;
             while let Some(e) = self.batch.get(at) {
-                if e.pkid == m.pkid && e.topic == m.topic && e.payload == m.payload {
+                let apart = m.received.max(e.received) - m.received.min(e.received);
+                if e.pkid == m.pkid
+                    && e.topic == m.topic
+                    && e.payload == m.payload
+                    && apart <= window
+                {
                     return true;
                 }
                 at = self.earlier_delivery[at];
@@ -732,6 +743,7 @@ mod tests {
                 written_by: "n",
                 lease_epoch: 1,
                 suspended: &[],
+                redelivery_window: Duration::from_secs(3600),
             },
         )
     }
@@ -798,6 +810,7 @@ mod tests {
                 written_by: "n",
                 lease_epoch: 1,
                 suspended: &[],
+                redelivery_window: Duration::from_secs(3600),
             },
         );
         let rows = |k: usize, rs: &[RouteRow]| -> Vec<usize> {
@@ -842,6 +855,7 @@ mod tests {
             written_by: "n",
             lease_epoch: 1,
             suspended: &[],
+            redelivery_window: Duration::from_secs(3600),
         };
         let batch = [msg("devices/m/t", r#"{"ts":1700000000}"#, 1, false, t)];
         let p = prepare(
@@ -925,6 +939,33 @@ mod tests {
         assert_eq!(p.redelivered, 1);
         assert_eq!(p.rows.len(), 2);
         assert!(p.rows[1].message.dup);
+    }
+
+    #[test]
+    fn a_dup_copy_further_apart_than_the_redelivery_window_is_a_message_of_its_own() {
+        // As in a replay's chunk: dead letters received hours apart, the broker's packet ids
+        // reused meanwhile. `run` uses a window of one hour.
+        let t = Instant::now();
+        let p = run(&[
+            msg("devices/s/state", r#"{"state":"ON"}"#, 7, false, t),
+            msg(
+                "devices/s/state",
+                r#"{"state":"ON"}"#,
+                7,
+                true,
+                t + Duration::from_secs(7200),
+            ),
+            msg(
+                "devices/s/state",
+                r#"{"state":"ON"}"#,
+                7,
+                true,
+                t + Duration::from_secs(7205),
+            ),
+        ]);
+        assert_eq!(p.redelivered, 1, "only the copy 5 s after the second");
+        assert_eq!(p.rows.len(), 2);
+        assert_eq!((p.rows[0].idx, p.rows[1].idx), (0, 1));
     }
 
     #[test]

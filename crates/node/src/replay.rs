@@ -170,6 +170,7 @@ async fn replay(
         suspended: &suspended,
         to_stmt: &to_stmt,
         max_payload_bytes: cfg.cluster.max_payload_bytes,
+        redelivery_window: cfg.cluster.redelivery_window,
     };
     let mut summary = Summary {
         dry_run,
@@ -382,6 +383,7 @@ struct Shape<'a> {
     suspended: &'a [Option<String>],
     to_stmt: &'a [Option<usize>],
     max_payload_bytes: usize,
+    redelivery_window: Duration,
 }
 
 /// What one chunk came to.
@@ -482,6 +484,7 @@ async fn attempt(
                 written_by: shape.written_by,
                 lease_epoch: fence.epoch,
                 suspended: &suspended,
+                redelivery_window: shape.redelivery_window,
             },
         );
         let base = units;

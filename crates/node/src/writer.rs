@@ -474,6 +474,7 @@ impl Writer {
                     written_by: &self.cfg.instance_id,
                     lease_epoch: self.fence.epoch,
                     suspended: &suspended,
+                    redelivery_window: self.cfg.redelivery_window,
                 },
                 sparkplug.host.as_mut(),
             );
