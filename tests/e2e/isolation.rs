@@ -1079,10 +1079,12 @@ async fn a_new_leader_finds_a_broken_route_table_at_the_start_of_its_term() {
     check(&c, res);
 }
 
-/// Two dead letters of one topic, packet id and bytes, the later flagged DUP, are one message
-/// and its redelivery only within REDELIVERY_WINDOW of each other, in a replay's chunk as across
-/// batches: further apart, the later is a publish of its own (the broker reuses packet ids),
-/// and a replay that took it for a redelivery would remove a reading nobody stored.
+/// A dead letter flagged DUP is the redelivery of a copy with its topic, packet id and bytes only
+/// if that copy was received within REDELIVERY_WINDOW and the last MAX_PENDING + 2,048 readings
+/// before it, in a replay as live. A replay's chunk holds dead letters of hours or days: judged
+/// against the chunk's earliest DUP-flagged one, or collapsed inside the chunk without the
+/// count, a later publish (the broker reuses packet ids) was removed as a redelivery and its
+/// reading lost.
 #[tokio::test]
 async fn a_replayed_dup_is_a_redelivery_only_within_the_redelivery_window() {
     let mut c = Cluster::start().await.expect("cluster");
@@ -1090,27 +1092,47 @@ async fn a_replayed_dup_is_a_redelivery_only_within_the_redelivery_window() {
         c.spawn("a")?;
         c.wait_leader().await?;
         let db = c.pg.client().await?;
-        // Timestamp-less (its receipt time is its `ts`), dead-lettered as the route of the day
-        // could not take them; "far" 2 h apart (the window is 1 h), "near" 5 s apart.
+        // Timestamp-less (its receipt time is its `ts`), each device's messages the same bytes
+        // with packet id 7. Dead letters: "far" 2 h apart (the window is 1 h), "near" 5 s
+        // apart; "count" 25 min apart with 13,000 readings between (over MAX_PENDING + 2,048);
+        // "old" 1 h ago, a copy of it stored 2 days ago, and "other" 3 days ago (the chunk's
+        // earliest DUP-flagged one).
         db.batch_execute(
-            "INSERT INTO dead_letters (topic, payload, size, reason, error, received_at,
+            "CREATE FUNCTION pg_temp.h(tp text, p bytea) RETURNS text LANGUAGE sql AS
+                 $$ SELECT encode(substr(sha256(convert_to(tp, 'UTF8') || '\\x00'::bytea || p), 1, 16), 'hex') $$;
+             INSERT INTO telemetry (device_id, topic, ts, payload, received_at, written_by,
+                                    lease_epoch)
+             SELECT 'filler', 'devices/filler/t', t, '{}', t, 'n', 1
+             FROM generate_series(1, 13000) AS n,
+                  LATERAL (SELECT now() - interval '50 minutes' + n * interval '100 ms') AS x(t);
+             INSERT INTO telemetry (device_id, topic, ts, payload, received_at, written_by,
+                                    lease_epoch, content_hash, mqtt_pkid)
+             SELECT 'old', tp, now() - interval '2 days', convert_from(p, 'UTF8')::jsonb,
+                    now() - interval '2 days', 'n', 1, pg_temp.h(tp, p), 7
+             FROM (VALUES ('devices/old/state',
+                           convert_to('{\"device_id\":\"old\",\"state\":\"ON\"}', 'UTF8'))) AS v(tp, p);
+             INSERT INTO dead_letters (topic, payload, size, reason, error, received_at,
                                        written_by, lease_epoch, content_hash, mqtt_pkid,
                                        possible_duplicate)
-             SELECT 'devices/' || d || '/state', p, octet_length(p), 'route_unavailable', 'then',
-                    now() - back, 'n', 1, md5(p), 7, dup
+             SELECT 'devices/' || d || '/state', p, octet_length(p), 'not_stored', 'then',
+                    now() - back, 'n', 1, pg_temp.h('devices/' || d || '/state', p), 7, dup
              FROM (VALUES ('far', interval '3 hours', false), ('far', interval '1 hour', true),
                           ('near', interval '2 hours', false),
-                          ('near', interval '2 hours' - interval '5 seconds', true)) AS v(d, back, dup),
+                          ('near', interval '2 hours' - interval '5 seconds', true),
+                          ('count', interval '50 minutes', false),
+                          ('count', interval '25 minutes', true),
+                          ('other', interval '3 days', true),
+                          ('old', interval '1 hour', true)) AS v(d, back, dup),
                   convert_to('{\"device_id\":\"' || d || '\",\"state\":\"ON\"}', 'UTF8') AS p",
         )
         .await?;
         let (code, so, err) = out(&c.cli(&["replay", "--route", "default"])?);
-        ensure!(code == 0 && replayed(&so).0 == 4, "exit {code}: {so}{err}");
+        ensure!(code == 0 && replayed(&so).0 == 8, "exit {code}: {so}{err}");
         let rows = "SELECT string_agg(device_id || ':' || n, ' ' ORDER BY device_id)
                     FROM (SELECT device_id, count(*) AS n FROM telemetry GROUP BY 1) t";
         let rows: Option<String> = db.query_one(rows, &[]).await?.get(0);
         ensure!(
-            rows.as_deref() == Some("far:2 near:1"),
+            rows.as_deref() == Some("count:2 far:2 filler:13000 near:1 old:2 other:1"),
             "readings per device: {rows:?}\n{so}"
         );
         ensure!(

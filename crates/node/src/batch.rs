@@ -149,9 +149,9 @@ pub struct Routing<'a> {
     /// `routes` (empty, usually): the rest are not suspended.
     pub suspended: &'a [Option<String>],
     /// `REDELIVERY_WINDOW`: a DUP-flagged message is the redelivery of an earlier one of the
-    /// batch (same topic, packet id and bytes) only within this of it, as across batches.
-    /// Further apart it is a publish of its own: the broker reuses packet ids, and a replay's
-    /// chunk holds dead letters of hours or days.
+    /// batch (same topic, packet id and bytes) only if that was received less than this before
+    /// it, as across batches. Further apart it is a publish of its own: the broker reuses packet
+    /// ids.
     pub redelivery_window: Duration,
 }
 
@@ -336,11 +336,13 @@ impl Preparer<'_> {
         if m.dup {
             let window = self.routing.redelivery_window;
             while let Some(e) = self.batch.get(at) {
-                let apart = m.received.max(e.received) - m.received.min(e.received);
+                // Received before it, less than the window before (as the statement's
+                // `received_at > floor` looks for a stored copy).
+                let before = m.received.checked_duration_since(e.received);
                 if e.pkid == m.pkid
                     && e.topic == m.topic
                     && e.payload == m.payload
-                    && apart <= window
+                    && before.is_some_and(|d| d < window)
                 {
                     return true;
                 }
@@ -966,6 +968,18 @@ mod tests {
         assert_eq!(p.redelivered, 1, "only the copy 5 s after the second");
         assert_eq!(p.rows.len(), 2);
         assert_eq!((p.rows[0].idx, p.rows[1].idx), (0, 1));
+        // A copy received before the other is not its redelivery, whatever their order.
+        let p = run(&[
+            msg(
+                "devices/s/state",
+                r#"{"state":"ON"}"#,
+                7,
+                false,
+                t + Duration::from_secs(10),
+            ),
+            msg("devices/s/state", r#"{"state":"ON"}"#, 7, true, t),
+        ]);
+        assert_eq!((p.redelivered, p.rows.len()), (0, 2));
     }
 
     #[test]

@@ -125,7 +125,9 @@ async fn replay_writer(
         Duration::from_secs(60),
         cfg.cluster.redelivery_window,
     )
-    .await?;
+    .await?
+    // As the leader's writer: a first copy among the last MAX_PENDING + 2,048 readings.
+    .with_redelivery_span(cfg.max_pending + 2048);
     let (stmt, to_stmt) = statement_routes(routes, suspended);
     if stmt.len() > 1 {
         w.use_routes(stmt.into()).await?;
@@ -419,20 +421,18 @@ impl std::fmt::Display for Kept {
     }
 }
 
-/// Runs `locked` through the configuration and writes what it becomes, inside the open
-/// transaction. A dead letter of a named route goes to that route only (its other routes took
-/// their share when it was received); one of the default route through the whole configuration.
-async fn attempt(
-    w: &mut BatchWriter,
-    fence: &Fence,
-    locked: &[StoredDeadLetter],
-    shape: &Shape<'_>,
-) -> Result<Done, StoreError> {
-    let mut done = Done::default();
-    // Dead letters by the routes they go to (places in `shape.routes`; `None`: all of them).
-    let items = whole_arrays(locked, shape.max_payload_bytes);
+/// The chunk's dead letters that run, by the routes they go to (places in `shape.routes`;
+/// `None`: all of them), each batch with the statement that writes it; those left as they were
+/// are counted in `done.kept`.
+///
+/// A DUP-flagged dead letter is a redelivery only of a copy stored within REDELIVERY_WINDOW and
+/// the last MAX_PENDING + 2,048 readings before it. A statement measures both from its first
+/// DUP-flagged message's receipt time, and a chunk's dead letters may be days apart: each goes
+/// in a statement of its own, after the rest of the chunk (statement 0), as it would have live.
+fn batches<'h>(items: &'h [Held], shape: &Shape<'_>, done: &mut Done) -> Vec<Batch<'h>> {
     let mut groups: BTreeMap<Option<Vec<usize>>, Vec<&Held>> = BTreeMap::new();
-    for item in &items {
+    let mut dups = Vec::new();
+    for item in items {
         let d = &item.0;
         let size = usize::try_from(d.size).unwrap_or(0);
         let why = match targets(d, shape.routes) {
@@ -447,6 +447,10 @@ async fn attempt(
             Some(t) if t.is_empty() => Kept::NoRoute,
             // Run now, it would only become `route_unavailable`, its reason and words lost.
             Some(t) if t.iter().any(|&k| shape.suspended[k].is_some()) => Kept::Unfit,
+            t if d.dup => {
+                dups.push((t, vec![item]));
+                continue;
+            }
             t => {
                 groups.entry(t).or_default().push(item);
                 continue;
@@ -455,14 +459,40 @@ async fn attempt(
         // Each dead letter it stands for (a joined array stands for its elements').
         done.kept.extend(std::iter::repeat_n(why, item.1.len()));
     }
-    let (mut rows, mut dead, mut later) = (Vec::new(), Vec::new(), Vec::<Vec<RouteRow>>::new());
+    let alone = dups
+        .into_iter()
+        .enumerate()
+        .map(|(n, (t, g))| (t, g, n + 1));
+    groups
+        .into_iter()
+        .map(|(t, g)| (t, g, 0))
+        .chain(alone)
+        .collect()
+}
+
+/// Dead letters that go to the same routes, and the statement of the chunk that writes them.
+type Batch<'h> = (Option<Vec<usize>>, Vec<&'h Held>, usize);
+
+/// Runs `locked` through the configuration and writes what it becomes, inside the open
+/// transaction. A dead letter of a named route goes to that route only (its other routes took
+/// their share when it was received); one of the default route through the whole configuration.
+async fn attempt(
+    w: &mut BatchWriter,
+    fence: &Fence,
+    locked: &[StoredDeadLetter],
+    shape: &Shape<'_>,
+) -> Result<Done, StoreError> {
+    let mut done = Done::default();
+    let items = whole_arrays(locked, shape.max_payload_bytes);
+    let batches = batches(&items, shape, &mut done);
+    let mut statements: Vec<Statement> = Vec::new();
     let mut reasons: BTreeMap<usize, String> = BTreeMap::new();
     let mut ids: Vec<i64> = Vec::new();
     let mut owner: Vec<Vec<i64>> = Vec::new();
     // Rows and dead letters are numbered by the readings of the chunk (a dead letter may hold
     // several: an array, a SenML pack).
     let mut units = 0;
-    for (target, group) in groups {
+    for (target, group, n) in batches {
         let places: Vec<usize> = match &target {
             Some(t) => std::iter::once(0).chain(t.iter().copied()).collect(),
             None => (0..shape.routes.len()).collect(),
@@ -498,28 +528,43 @@ async fn attempt(
             r.idx += base;
             Some(r)
         };
+        if statements.len() <= n {
+            statements.resize_with(n + 1, Statement::default);
+        }
+        let st = &mut statements[n];
         for d in prepared.dead {
             reasons
                 .entry(d.idx + base)
                 .or_insert_with(|| d.reason.to_string());
-            dead.push(DeadLetter {
+            st.dead.push(DeadLetter {
                 idx: d.idx + base,
                 ..d
             });
         }
-        rows.extend(prepared.rows.into_iter().filter_map(place));
+        st.rows.extend(prepared.rows.into_iter().filter_map(place));
         for (i, round) in prepared.later.into_iter().enumerate() {
-            if later.len() <= i {
-                later.resize_with(i + 1, Vec::new);
+            if st.later.len() <= i {
+                st.later.resize_with(i + 1, Vec::new);
             }
-            later[i].extend(round.into_iter().filter_map(place));
+            st.later[i].extend(round.into_iter().filter_map(place));
         }
     }
-    write_parts(w, fence, rows, dead, later, &mut reasons).await?;
+    for st in statements {
+        write_parts(w, fence, st.rows, st.dead, st.later, &mut reasons).await?;
+    }
     let failing = failing_by_id(reasons, &owner);
     done.replayed = ids;
     done.failing = failing.into_values().collect();
     Ok(done)
+}
+
+/// What one statement of a chunk writes: its rows, its dead letters, and the rows of its later
+/// rounds (readings of a key written already).
+#[derive(Default)]
+struct Statement {
+    rows: Vec<RouteRow>,
+    dead: Vec<DeadLetter>,
+    later: Vec<Vec<RouteRow>>,
 }
 
 /// Writes a chunk's rows and dead letters (the rows of a later round after the first), noting
