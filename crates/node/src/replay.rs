@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use leasehold_config::Config;
 use leasehold_decode::Decoder;
 use leasehold_ingest::Inbound;
@@ -422,16 +422,18 @@ impl std::fmt::Display for Kept {
 }
 
 /// The chunk's dead letters that run, by the routes they go to (places in `shape.routes`;
-/// `None`: all of them), each batch with the statement that writes it; those left as they were
-/// are counted in `done.kept`.
+/// `None`: all of them), each batch with the statement of the chunk that writes it; those left
+/// as they were are counted in `done.kept`.
 ///
-/// A DUP-flagged dead letter is a redelivery only of a copy stored within REDELIVERY_WINDOW and
-/// the last MAX_PENDING + 2,048 readings before it. A statement measures both from its first
-/// DUP-flagged message's receipt time, and a chunk's dead letters may be days apart: each goes
-/// in a statement of its own, after the rest of the chunk (statement 0), as it would have live.
+/// In the order received, as the leader took them: the first of a key by arrival is the one
+/// written. A DUP-flagged dead letter is a redelivery only of a copy stored within
+/// REDELIVERY_WINDOW and the last MAX_PENDING + 2,048 readings before it; a statement measures
+/// both from its first DUP-flagged message's receipt time, and a chunk's dead letters may be
+/// days apart. So a DUP-flagged one starts a statement of its own (those within [`DUP_SLACK`]
+/// after it share it, as in a live batch), and what was received before it is written by the
+/// statements before.
 fn batches<'h>(items: &'h [Held], shape: &Shape<'_>, done: &mut Done) -> Vec<Batch<'h>> {
-    let mut groups: BTreeMap<Option<Vec<usize>>, Vec<&Held>> = BTreeMap::new();
-    let mut dups = Vec::new();
+    let mut run = Vec::new();
     for item in items {
         let d = &item.0;
         let size = usize::try_from(d.size).unwrap_or(0);
@@ -447,35 +449,47 @@ fn batches<'h>(items: &'h [Held], shape: &Shape<'_>, done: &mut Done) -> Vec<Bat
             Some(t) if t.is_empty() => Kept::NoRoute,
             // Run now, it would only become `route_unavailable`, its reason and words lost.
             Some(t) if t.iter().any(|&k| shape.suspended[k].is_some()) => Kept::Unfit,
-            t if d.dup => {
-                dups.push((t, vec![item]));
-                continue;
-            }
             t => {
-                groups.entry(t).or_default().push(item);
+                run.push((t, item));
                 continue;
             }
         };
         // Each dead letter it stands for (a joined array stands for its elements').
         done.kept.extend(std::iter::repeat_n(why, item.1.len()));
     }
-    let alone = dups
-        .into_iter()
-        .enumerate()
-        .map(|(n, (t, g))| (t, g, n + 1));
-    groups
-        .into_iter()
-        .map(|(t, g)| (t, g, 0))
-        .chain(alone)
+    run.sort_by_key(|(_, (d, _))| (d.received_at, d.id));
+    let mut statements: Vec<BTreeMap<Option<Vec<usize>>, Vec<&Held>>> = vec![BTreeMap::new()];
+    let mut first_dup = None;
+    for (t, item) in run {
+        let at = item.0.received_at;
+        let near = |f: DateTime<Utc>| (at - f).to_std().is_ok_and(|d| d <= DUP_SLACK);
+        if item.0.dup && !first_dup.is_some_and(near) {
+            if statements.last().is_some_and(|s| !s.is_empty()) {
+                statements.push(BTreeMap::new());
+            }
+            first_dup = Some(at);
+        }
+        if let Some(s) = statements.last_mut() {
+            s.entry(t).or_default().push(item);
+        }
+    }
+    let numbered = statements.into_iter().enumerate();
+    numbered
+        .flat_map(|(n, groups)| groups.into_iter().map(move |(t, g)| (t, g, n)))
         .collect()
 }
+
+/// How long after a statement's first DUP-flagged dead letter others share its statement (and
+/// its redelivery window and count, measured from that first one), as in a live batch.
+const DUP_SLACK: Duration = Duration::from_secs(1);
 
 /// Dead letters that go to the same routes, and the statement of the chunk that writes them.
 type Batch<'h> = (Option<Vec<usize>>, Vec<&'h Held>, usize);
 
 /// Runs `locked` through the configuration and writes what it becomes, inside the open
-/// transaction. A dead letter of a named route goes to that route only (its other routes took
-/// their share when it was received); one of the default route through the whole configuration.
+/// transaction, in one or more statements ([`batches`]). A dead letter of a named route goes to
+/// that route only (its other routes took their share when it was received); one of the
+/// default route through the whole configuration.
 async fn attempt(
     w: &mut BatchWriter,
     fence: &Fence,
@@ -567,9 +581,9 @@ struct Statement {
     later: Vec<Vec<RouteRow>>,
 }
 
-/// Writes a chunk's rows and dead letters (the rows of a later round after the first), noting
-/// each reading that failed (a conflict, not stored) and forgetting each the statement found
-/// stored already.
+/// Writes one statement's rows and dead letters of a chunk (the rows of a later round after the
+/// first), noting each reading that failed (a conflict, not stored) and forgetting each the
+/// statement found stored already.
 async fn write_parts(
     w: &mut BatchWriter,
     fence: &Fence,
