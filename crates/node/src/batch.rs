@@ -204,6 +204,7 @@ pub fn prepare_with(
             })
             .collect(),
         objects: routing.routes.iter().map(routing::reads_object).collect(),
+        plans: routing.routes.iter().map(routing::Plan::of).collect(),
         out: Prepared {
             rows: Vec::with_capacity(batch.len()),
             owners: Vec::with_capacity(batch.len()),
@@ -270,6 +271,8 @@ struct Preparer<'a> {
     hashes: Vec<bool>,
     /// Per route: whether it reads the payload's object ([`routing::reads_object`]).
     objects: Vec<bool>,
+    /// Per route: how its rows are made.
+    plans: Vec<routing::Plan>,
     out: Prepared,
     /// Per unit (`idx`): its message and what its dead letter keeps.
     units: Vec<Held>,
@@ -537,8 +540,8 @@ impl Preparer<'_> {
                 }
             }
             let values = match Some(k) == last {
-                true => routing::last_row(route, &mut parsed, cx),
-                false => routing::row(route, &parsed, cx),
+                true => routing::last_row(route, &self.plans[k], &mut parsed, cx),
+                false => routing::row(route, &self.plans[k], &parsed, cx),
             };
             match values {
                 Ok(values) => {

@@ -57,43 +57,78 @@ enum Val<'a> {
     Bool(bool),
 }
 
-/// The row of `route` for a message as the writer sends it: one value per mapped column, typed
-/// as it is sent. A column the statement reads from the message itself ([`Carry::Shared`]) is left
-/// `Null`, unless it is part of the key (the batch compares keys) and not the topic (which
-/// [`batch_key`] reads from the message).
+/// How a route's row is made, column by column: worked out once per batch, not per row.
+#[derive(Debug, Clone)]
+pub struct Plan(Vec<Step>);
+
+#[derive(Debug, Clone, Copy)]
+struct Step {
+    /// Left `Null`: the statement reads it from the message ([`Carry::Shared`]).
+    skip: bool,
+    key: bool,
+    /// The last column that reads the device id: it takes the id rather than a copy.
+    last_id: bool,
+}
+
+impl Plan {
+    /// A column the statement reads from the message itself ([`Carry::Shared`]) is left `Null`,
+    /// unless it is part of the key (the batch compares keys) and not the topic (which
+    /// `batch_key` reads from the message).
+    pub fn of(route: &ResolvedRoute) -> Plan {
+        Plan::with(route, true)
+    }
+
+    fn with(route: &ResolvedRoute, skip_shared: bool) -> Plan {
+        let cols = &route.columns;
+        let last_id = cols.iter().rposition(|c| c.source == Source::DeviceId);
+        let steps = cols.iter().enumerate().map(|(j, c)| {
+            let key = route.key.contains(&j);
+            Step {
+                skip: skip_shared
+                    && carry(c) == Carry::Shared
+                    && (c.source == Source::Topic || !key),
+                key,
+                last_id: last_id == Some(j),
+            }
+        });
+        Plan(steps.collect())
+    }
+}
+
+/// The row of `route` (made by `plan`, [`Plan::of`] it) for a message as the writer sends it:
+/// one value per mapped column, typed as it is sent.
 pub fn row(
     route: &ResolvedRoute,
+    plan: &Plan,
     parsed: &Parsed,
     cx: Context<'_>,
 ) -> Result<Vec<Cell>, MappingError> {
-    row_with(route, parsed, None, cx, true)
+    row_with(route, plan, parsed, None, cx)
 }
 
 /// [`row`] for the last route a message goes to: the device id is moved into the row rather
 /// than copied (`parsed` is left without it).
 pub fn last_row(
     route: &ResolvedRoute,
+    plan: &Plan,
     parsed: &mut Parsed,
     cx: Context<'_>,
 ) -> Result<Vec<Cell>, MappingError> {
     let mut id = parsed.device_id.take();
-    row_with(route, parsed, Some(&mut id), cx, true)
+    row_with(route, plan, parsed, Some(&mut id), cx)
 }
 
 /// `id`: the device id taken out of `parsed`, to move into the last column that reads it.
 fn row_with(
     route: &ResolvedRoute,
+    plan: &Plan,
     parsed: &Parsed,
     mut id: Option<&mut Option<String>>,
     cx: Context<'_>,
-    skip_shared: bool,
 ) -> Result<Vec<Cell>, MappingError> {
     let mut out = Vec::with_capacity(route.columns.len());
-    for (j, c) in route.columns.iter().enumerate() {
-        if skip_shared
-            && carry(c) == Carry::Shared
-            && (c.source == Source::Topic || !route.key.contains(&j))
-        {
+    for (c, step) in route.columns.iter().zip(&plan.0) {
+        if step.skip {
             out.push(Cell::Null);
             continue;
         }
@@ -103,17 +138,14 @@ fn row_with(
         };
         let v = match (&c.source, id.as_deref_mut()) {
             (Source::DeviceId, Some(id)) => {
-                let last = !route.columns[j + 1..]
-                    .iter()
-                    .any(|c| c.source == Source::DeviceId);
-                let id = if last { id.take() } else { id.clone() };
+                let id = if step.last_id { id.take() } else { id.clone() };
                 id.map_or(Val::Null, Val::Str)
             }
             _ => source(&c.source, parsed, cx).map_err(fail)?,
         };
         let v = convert(c, v).map_err(fail)?;
         if v.is_null() {
-            if route.key.contains(&j) {
+            if step.key {
                 return Err(fail(
                     "no value (NULL) for a column of the route's key".into(),
                 ));
@@ -684,9 +716,9 @@ mod tests {
             col("b", Source::DeviceId, ColumnKind::Text, false),
         ]);
         let body = r#"{"device_id":"d1"}"#;
-        let copied = super::row(&r, &parse(body), cx()).expect("a row");
+        let copied = super::row(&r, &Plan::of(&r), &parse(body), cx()).expect("a row");
         let mut parsed = parse(body);
-        let moved = last_row(&r, &mut parsed, cx()).expect("a row");
+        let moved = last_row(&r, &Plan::of(&r), &mut parsed, cx()).expect("a row");
         assert_eq!(moved, copied);
         assert_eq!(moved[0], Cell::Text("d1".into()));
         assert_eq!(moved[2], Cell::Text("d1".into()));
@@ -721,7 +753,8 @@ mod tests {
         parsed: &Parsed,
         cx: Context<'_>,
     ) -> Result<Vec<Option<String>>, MappingError> {
-        row_with(route, parsed, None, cx, false).map(|v| v.into_iter().map(text).collect())
+        let plan = Plan::with(route, false);
+        row_with(route, &plan, parsed, None, cx).map(|v| v.into_iter().map(text).collect())
     }
 
     fn path(p: &[&str]) -> Source {
