@@ -1122,7 +1122,16 @@ async fn a_replayed_dup_is_a_redelivery_only_within_the_redelivery_window() {
                           ('count', interval '50 minutes', false),
                           ('count', interval '25 minutes', true),
                           ('other', interval '3 days', true),
-                          ('old', interval '1 hour', true)) AS v(d, back, dup),
+                          ('old', interval '1 hour', true),
+                          -- burst: its copy and its redelivery 0.3 s apart, in the statement
+                          -- of lead (DUP-flagged 0.3 s before); late: its redelivery 1.5 s
+                          -- after lead2, its copy 0.3 s before it in the statement of lead2.
+                          ('lead', interval '20 minutes', true),
+                          ('burst', interval '20 minutes' - interval '300 ms', false),
+                          ('burst', interval '20 minutes' - interval '600 ms', true),
+                          ('lead2', interval '15 minutes', true),
+                          ('late', interval '15 minutes' - interval '1200 ms', false),
+                          ('late', interval '15 minutes' - interval '1500 ms', true)) AS v(d, back, dup),
                   convert_to('{\"device_id\":\"' || d || '\",\"state\":\"ON\"}', 'UTF8') AS p;
              -- Two readings of one key, the first received flagged DUP (its first copy lost
              -- with a leader): the first by arrival is the one stored, the other a conflict.
@@ -1138,12 +1147,12 @@ async fn a_replayed_dup_is_a_redelivery_only_within_the_redelivery_window() {
         )
         .await?;
         let (code, so, err) = out(&c.cli(&["replay", "--route", "default"])?);
-        ensure!(code == 0 && replayed(&so).0 == 10, "exit {code}: {so}{err}");
+        ensure!(code == 0 && replayed(&so).0 == 16, "exit {code}: {so}{err}");
         let rows = "SELECT string_agg(device_id || ':' || n, ' ' ORDER BY device_id)
                     FROM (SELECT device_id, count(*) AS n FROM telemetry GROUP BY 1) t";
         let rows: Option<String> = db.query_one(rows, &[]).await?.get(0);
         ensure!(
-            rows.as_deref() == Some("count:2 far:2 filler:13000 key:1 near:1 old:2 other:1"),
+            rows.as_deref() == Some("burst:1 count:2 far:2 filler:13000 key:1 late:1 lead:1 lead2:1 near:1 old:2 other:1"),
             "readings per device: {rows:?}\n{so}"
         );
         let key = "SELECT (SELECT payload->>'v' FROM telemetry WHERE device_id = 'key')

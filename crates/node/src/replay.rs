@@ -425,13 +425,13 @@ impl std::fmt::Display for Kept {
 /// `None`: all of them), each batch with the statement of the chunk that writes it; those left
 /// as they were are counted in `done.kept`.
 ///
-/// In the order received, as the leader took them: the first of a key by arrival is the one
-/// written. A DUP-flagged dead letter is a redelivery only of a copy stored within
+/// In the order received, as the leader took them: the first of a key by arrival in the chunk
+/// is the one written. A DUP-flagged dead letter is a redelivery only of a copy stored within
 /// REDELIVERY_WINDOW and the last MAX_PENDING + 2,048 readings before it; a statement measures
 /// both from its first DUP-flagged message's receipt time, and a chunk's dead letters may be
-/// days apart. So a DUP-flagged one starts a statement of its own (those within [`DUP_SLACK`]
-/// after it share it, as in a live batch), and what was received before it is written by the
-/// statements before.
+/// days apart. So a DUP-flagged one starts a new statement, and what was received before it is
+/// written by the statements before; DUP-flagged ones within [`DUP_SLACK`] after it share its
+/// statement (as in a live batch) while the statement holds dead letters of their routes only.
 fn batches<'h>(items: &'h [Held], shape: &Shape<'_>, done: &mut Done) -> Vec<Batch<'h>> {
     let mut run = Vec::new();
     for item in items {
@@ -463,7 +463,10 @@ fn batches<'h>(items: &'h [Held], shape: &Shape<'_>, done: &mut Done) -> Vec<Bat
     for (t, item) in run {
         let at = item.0.received_at;
         let near = |f: DateTime<Utc>| (at - f).to_std().is_ok_and(|d| d <= DUP_SLACK);
-        if item.0.dup && !first_dup.is_some_and(near) {
+        // A copy in its statement is found by the batch's own rule, which compares the messages
+        // of one target only.
+        let alone = statements.last().is_some_and(|s| s.keys().all(|k| *k == t));
+        if item.0.dup && !(first_dup.is_some_and(near) && alone) {
             if statements.last().is_some_and(|s| !s.is_empty()) {
                 statements.push(BTreeMap::new());
             }

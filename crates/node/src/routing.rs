@@ -126,6 +126,7 @@ fn row_with(
     mut id: Option<&mut Option<String>>,
     cx: Context<'_>,
 ) -> Result<Vec<Cell>, MappingError> {
+    debug_assert_eq!(plan.0.len(), route.columns.len(), "a plan of another route");
     let mut out = Vec::with_capacity(route.columns.len());
     for (c, step) in route.columns.iter().zip(&plan.0) {
         if step.skip {
