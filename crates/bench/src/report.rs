@@ -377,7 +377,7 @@ impl Results {
             );
         }
         if let Some(r) = self.routes.history_ratio() {
-            println!("history: full against empty, mean of the drains: {r:.2} x");
+            println!("history: full against empty, medians of the drains: {r:.2} x");
         }
         if let Some(o) = &self.outage {
             println!(
