@@ -114,6 +114,10 @@ struct Report {
     gateway_ratio: f64,
     /// The default route's drain into a `telemetry` full of history against into an empty one.
     history_ratio: Option<f64>,
+    /// The first drain into the history, right after its load, against the empty drains.
+    history_first_ratio: Option<f64>,
+    /// PostgreSQL's CPU per message into the history against into an empty `telemetry`.
+    history_postgres_ratio: Option<f64>,
     targets: Vec<(String, bool)>,
 }
 
@@ -140,6 +144,8 @@ impl Results {
             typed_route_ratio: self.routes.ratio(),
             gateway_ratio: self.routes.gateway_ratio(),
             history_ratio: self.routes.history_ratio(),
+            history_first_ratio: self.routes.history_first_ratio(),
+            history_postgres_ratio: self.routes.history_postgres_ratio(),
             slow_flush: self.slow_flush,
             routes: self.routes,
             targets,
@@ -271,6 +277,18 @@ impl Results {
                 h >= 0.9,
             ));
         }
+        if let (Some(c), Some(d)) = (
+            self.routes.history_postgres_ratio(),
+            self.routes.history.first(),
+        ) {
+            targets.push((
+                format!(
+                    "default route PostgreSQL CPU per message into a telemetry of {} older rows <= 1.1 x into an empty one ({c:.2})",
+                    d.history_rows
+                ),
+                c <= 1.1,
+            ));
+        }
         let d = &self.routes.default;
         let us = |v: Option<f64>| v.map_or("?".to_string(), |v| format!("{v:.1} us"));
         let per_msg = d.leader_cpu_us_after_start(self.routes.leader_start_cpu_ms);
@@ -376,8 +394,14 @@ impl Results {
                 us(e.broker_cpu_us)
             );
         }
-        if let Some(r) = self.routes.history_ratio() {
-            println!("history: full against empty, medians of the drains: {r:.2} x");
+        if let (Some(r), Some(f), Some(c)) = (
+            self.routes.history_ratio(),
+            self.routes.history_first_ratio(),
+            self.routes.history_postgres_ratio(),
+        ) {
+            println!(
+                "history: full against empty, medians of the drains: {r:.2} x the rate, {c:.2} x PostgreSQL's CPU per message; the first drain after the load: {f:.2} x the rate"
+            );
         }
         if let Some(o) = &self.outage {
             println!(
