@@ -254,6 +254,23 @@ impl Results {
             ));
         }
         targets.push((format!("peak RSS <= 64 MiB ({peak:.1} MiB)"), peak <= 64.0));
+        targets.extend(self.route_targets());
+        if let Some(o) = &self.outage {
+            targets.push((
+                format!(
+                    "RSS flat during a {} s outage (before {:.1}, max during {:.1} MiB; {} of {} stored)",
+                    o.seconds, o.rss_before_mib, o.rss_max_during_mib, o.stored, o.published
+                ),
+                o.rss_max_during_mib <= o.rss_before_mib + 8.0 && o.stored == o.published as i64,
+            ));
+        }
+        targets
+    }
+
+    /// The routes phase's targets: the typed route, the gateway arrays, the history, and the
+    /// default route's CPU per message.
+    fn route_targets(&self) -> Vec<(String, bool)> {
+        let mut targets = Vec::new();
         let ratio = self.routes.ratio();
         targets.push((
             format!(
@@ -311,15 +328,6 @@ impl Results {
             ),
             pg_per_msg.is_some_and(|v| v <= 8.0),
         ));
-        if let Some(o) = &self.outage {
-            targets.push((
-                format!(
-                    "RSS flat during a {} s outage (before {:.1}, max during {:.1} MiB; {} of {} stored)",
-                    o.seconds, o.rss_before_mib, o.rss_max_during_mib, o.stored, o.published
-                ),
-                o.rss_max_during_mib <= o.rss_before_mib + 8.0 && o.stored == o.published as i64,
-            ));
-        }
         targets
     }
 
