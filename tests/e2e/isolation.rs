@@ -1169,3 +1169,61 @@ async fn a_replayed_dup_is_a_redelivery_only_within_the_redelivery_window() {
     .await;
     check(&c, res);
 }
+
+/// A dead letter of the default route (stored before a route took its topic) and one of that
+/// route's own, one key of a table whose key is not text, replayed in one chunk: the first by
+/// arrival is stored and the other is a conflict dead letter. Both kinds in one statement, each
+/// prepared apart, stored one of them and dropped the other without a word (review finding).
+#[tokio::test]
+async fn replayed_dead_letters_of_two_kinds_with_one_key_keep_arrival_order() {
+    let mut c = Cluster::start().await.expect("cluster");
+    let res = async {
+        let db = c.pg.client().await?;
+        db.batch_execute(
+            "CREATE TABLE nk (n int, ts timestamptz, v int, PRIMARY KEY (n, ts))",
+        )
+        .await?;
+        let route = "[[routes]]\nname = \"nk\"\ntopics = [\"nk/+/data\"]\ntable = \"nk\"\nkey = [\"n\", \"ts\"]\n[routes.columns]\nn = \"$.n\"\nts = \"timestamp\"\nv = \"$.v\"\n";
+        let file = c.logs.path().join("nk.toml");
+        std::fs::write(&file, route)?;
+        c.spawn_args("a", &["--config", &file.display().to_string()], &[])?;
+        c.wait_leader().await?;
+        // v:1 of the default route received first, v:2 of the route after it; then v:3 of the
+        // default route and v:4 of the route, another key, the route's first.
+        db.batch_execute(
+            "INSERT INTO dead_letters (topic, payload, size, reason, error, received_at,
+                                       written_by, lease_epoch, content_hash, mqtt_pkid,
+                                       possible_duplicate, route)
+             SELECT 'nk/a/data', p, octet_length(p), 'not_stored', 'then', now() - back, 'n', 1,
+                    encode(substr(sha256(convert_to('nk/a/data', 'UTF8') || '\\x00'::bytea || p), 1, 16), 'hex'),
+                    v, false, route
+             FROM (VALUES (1, 1, interval '40 minutes', NULL), (2, 1, interval '30 minutes', 'nk'),
+                          (3, 2, interval '20 minutes', NULL), (4, 2, interval '25 minutes', 'nk'))
+                      AS x(v, n, back, route),
+                  convert_to('{\"n\":' || n || ',\"ts\":\"2026-12-01T00:00:00Z\",\"v\":' || v || '}',
+                             'UTF8') AS p",
+        )
+        .await?;
+        let (code, so, err) = out(&c.cli(&["replay"])?);
+        ensure!(code == 0, "exit {code}: {so}{err}");
+        let stored: Option<String> = db
+            .query_one("SELECT string_agg(n || ':' || v, ' ' ORDER BY n) FROM nk", &[])
+            .await?
+            .get(0);
+        let left: Option<String> = db
+            .query_one(
+                "SELECT string_agg(reason || ':' || (convert_from(payload, 'UTF8')::jsonb->>'v'), ' '
+                                   ORDER BY received_at) FROM dead_letters",
+                &[],
+            )
+            .await?
+            .get(0);
+        ensure!(
+            stored.as_deref() == Some("1:1 2:4") && left.as_deref() == Some("conflict:2 conflict:3"),
+            "rows of nk: {stored:?}, dead letters left: {left:?}\n{so}"
+        );
+        Ok(())
+    }
+    .await;
+    check(&c, res);
+}

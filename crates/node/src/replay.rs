@@ -426,12 +426,15 @@ impl std::fmt::Display for Kept {
 /// as they were are counted in `done.kept`.
 ///
 /// In the order received, as the leader took them: the first of a key by arrival in the chunk
-/// is the one written. A DUP-flagged dead letter is a redelivery only of a copy stored within
-/// REDELIVERY_WINDOW and the last MAX_PENDING + 2,048 readings before it; a statement measures
-/// both from its first DUP-flagged message's receipt time, and a chunk's dead letters may be
-/// days apart. So a DUP-flagged one starts a new statement, and what was received before it is
-/// written by the statements before; DUP-flagged ones within [`DUP_SLACK`] after it share its
-/// statement (as in a live batch) while the statement holds dead letters of their routes only.
+/// is the one written. A statement holds dead letters of one kind (the same routes): each kind
+/// is prepared apart, so two kinds in one statement could bring one key of one route twice,
+/// unordered — and a route whose key is not text would skip the second without a word. A
+/// DUP-flagged dead letter is a redelivery only of a copy stored within REDELIVERY_WINDOW and
+/// the last MAX_PENDING + 2,048 readings before it; a statement measures both from its first
+/// DUP-flagged message's receipt time, and a chunk's dead letters may be days apart. So a
+/// DUP-flagged one starts a new statement, and what was received before it is written by the
+/// statements before; DUP-flagged ones within [`DUP_SLACK`] after it share its statement (as in
+/// a live batch).
 fn batches<'h>(items: &'h [Held], shape: &Shape<'_>, done: &mut Done) -> Vec<Batch<'h>> {
     let mut run = Vec::new();
     for item in items {
@@ -463,14 +466,16 @@ fn batches<'h>(items: &'h [Held], shape: &Shape<'_>, done: &mut Done) -> Vec<Bat
     for (t, item) in run {
         let at = item.0.received_at;
         let near = |f: DateTime<Utc>| (at - f).to_std().is_ok_and(|d| d <= DUP_SLACK);
-        // A copy in its statement is found by the batch's own rule, which compares the messages
-        // of one target only.
         let alone = statements.last().is_some_and(|s| s.keys().all(|k| *k == t));
-        if item.0.dup && !(first_dup.is_some_and(near) && alone) {
+        let starts = match item.0.dup {
+            true => !(first_dup.is_some_and(near) && alone),
+            false => !alone,
+        };
+        if starts {
             if statements.last().is_some_and(|s| !s.is_empty()) {
                 statements.push(BTreeMap::new());
             }
-            first_dup = Some(at);
+            first_dup = item.0.dup.then_some(at);
         }
         if let Some(s) = statements.last_mut() {
             s.entry(t).or_default().push(item);
