@@ -119,7 +119,8 @@ pub struct Drain {
     /// The leader's CPU (user + system, its whole life) per message, microseconds.
     pub leader_cpu_us: Option<f64>,
     /// PostgreSQL's CPU over the drain per message, microseconds; the harness sends it nothing
-    /// meanwhile (it waits on the leader's metrics), so this is the leader's statements' cost.
+    /// meanwhile (it waits on the leader's metrics and `/health`), so this is the leader's
+    /// statements' cost and its checks' (each `/health` runs a database probe).
     pub postgres_cpu_us: Option<f64>,
     /// The broker's CPU over the drain per message, microseconds.
     pub broker_cpu_us: Option<f64>,
@@ -761,7 +762,8 @@ async fn idle_start(rig: &Rig<'_>, suffix: &str) -> Result<(Option<f64>, Option<
 
 /// Until the node's deployment checks are done, asked at the drains' cadence: each `/health`
 /// runs a database probe, and what the harness's polls cost the leader and PostgreSQL during an
-/// idle start is subtracted from every drain, so they are no more frequent than during a drain.
+/// idle start is subtracted from every drain, so once it leads they are no more frequent than
+/// during a drain (until it leads, [`crate::rig::wait_leading`] polls as often in both).
 async fn wait_checks_done(node: &NodeProc) -> Result<()> {
     let start = Instant::now();
     while start.elapsed() < DRAIN_TIMEOUT {
