@@ -421,9 +421,9 @@ impl std::fmt::Display for Kept {
     }
 }
 
-/// The chunk's dead letters that run, by the routes they go to (places in `shape.routes`;
-/// `None`: all of them), each batch with the statement of the chunk that writes it; those left
-/// as they were are counted in `done.kept`.
+/// The chunk's dead letters that run, in batches of one kind — the routes they go to (places
+/// in `shape.routes`; `None`: all of them) — each written by a statement of its own, in order;
+/// those left as they were are counted in `done.kept`.
 ///
 /// In the order received, as the leader took them: the first of a key by arrival in the chunk
 /// is the one written. A statement holds dead letters of one kind (the same routes): each kind
@@ -461,38 +461,33 @@ fn batches<'h>(items: &'h [Held], shape: &Shape<'_>, done: &mut Done) -> Vec<Bat
         done.kept.extend(std::iter::repeat_n(why, item.1.len()));
     }
     run.sort_by_key(|(_, (d, _))| (d.received_at, d.id));
-    let mut statements: Vec<BTreeMap<Option<Vec<usize>>, Vec<&Held>>> = vec![BTreeMap::new()];
+    let mut batches: Vec<Batch<'h>> = Vec::new();
     let mut first_dup = None;
     for (t, item) in run {
         let at = item.0.received_at;
         let near = |f: DateTime<Utc>| (at - f).to_std().is_ok_and(|d| d <= DUP_SLACK);
-        let alone = statements.last().is_some_and(|s| s.keys().all(|k| *k == t));
-        let starts = match item.0.dup {
-            true => !(first_dup.is_some_and(near) && alone),
-            false => !alone,
+        let same = batches.last().is_some_and(|(k, _)| *k == t);
+        let joins = match item.0.dup {
+            true => same && first_dup.is_some_and(near),
+            false => same,
         };
-        if starts {
-            if statements.last().is_some_and(|s| !s.is_empty()) {
-                statements.push(BTreeMap::new());
+        match batches.last_mut() {
+            Some((_, group)) if joins => group.push(item),
+            _ => {
+                first_dup = item.0.dup.then_some(at);
+                batches.push((t, vec![item]));
             }
-            first_dup = item.0.dup.then_some(at);
-        }
-        if let Some(s) = statements.last_mut() {
-            s.entry(t).or_default().push(item);
         }
     }
-    let numbered = statements.into_iter().enumerate();
-    numbered
-        .flat_map(|(n, groups)| groups.into_iter().map(move |(t, g)| (t, g, n)))
-        .collect()
+    batches
 }
 
 /// How long after a statement's first DUP-flagged dead letter others share its statement (and
 /// its redelivery window and count, measured from that first one), as in a live batch.
 const DUP_SLACK: Duration = Duration::from_secs(1);
 
-/// Dead letters that go to the same routes, and the statement of the chunk that writes them.
-type Batch<'h> = (Option<Vec<usize>>, Vec<&'h Held>, usize);
+/// Dead letters that go to the same routes, written by one statement.
+type Batch<'h> = (Option<Vec<usize>>, Vec<&'h Held>);
 
 /// Runs `locked` through the configuration and writes what it becomes, inside the open
 /// transaction, in one or more statements ([`batches`]). A dead letter of a named route goes to
@@ -507,14 +502,13 @@ async fn attempt(
     let mut done = Done::default();
     let items = whole_arrays(locked, shape.max_payload_bytes);
     let batches = batches(&items, shape, &mut done);
-    let mut statements: Vec<Statement> = Vec::new();
     let mut reasons: BTreeMap<usize, String> = BTreeMap::new();
     let mut ids: Vec<i64> = Vec::new();
     let mut owner: Vec<Vec<i64>> = Vec::new();
     // Rows and dead letters are numbered by the readings of the chunk (a dead letter may hold
     // several: an array, a SenML pack).
     let mut units = 0;
-    for (target, group, n) in batches {
+    for (target, group) in batches {
         let places: Vec<usize> = match &target {
             Some(t) => std::iter::once(0).chain(t.iter().copied()).collect(),
             None => (0..shape.routes.len()).collect(),
@@ -550,43 +544,25 @@ async fn attempt(
             r.idx += base;
             Some(r)
         };
-        if statements.len() <= n {
-            statements.resize_with(n + 1, Statement::default);
-        }
-        let st = &mut statements[n];
+        let mut dead = Vec::with_capacity(prepared.dead.len());
         for d in prepared.dead {
             reasons
                 .entry(d.idx + base)
                 .or_insert_with(|| d.reason.to_string());
-            st.dead.push(DeadLetter {
+            dead.push(DeadLetter {
                 idx: d.idx + base,
                 ..d
             });
         }
-        st.rows.extend(prepared.rows.into_iter().filter_map(place));
-        for (i, round) in prepared.later.into_iter().enumerate() {
-            if st.later.len() <= i {
-                st.later.resize_with(i + 1, Vec::new);
-            }
-            st.later[i].extend(round.into_iter().filter_map(place));
-        }
-    }
-    for st in statements {
-        write_parts(w, fence, st.rows, st.dead, st.later, &mut reasons).await?;
+        let rows = prepared.rows.into_iter().filter_map(place).collect();
+        let later = prepared.later.into_iter();
+        let later = later.map(|round| round.into_iter().filter_map(place).collect());
+        write_parts(w, fence, rows, dead, later.collect(), &mut reasons).await?;
     }
     let failing = failing_by_id(reasons, &owner);
     done.replayed = ids;
     done.failing = failing.into_values().collect();
     Ok(done)
-}
-
-/// What one statement of a chunk writes: its rows, its dead letters, and the rows of its later
-/// rounds (readings of a key written already).
-#[derive(Default)]
-struct Statement {
-    rows: Vec<RouteRow>,
-    dead: Vec<DeadLetter>,
-    later: Vec<Vec<RouteRow>>,
 }
 
 /// Writes one statement's rows and dead letters of a chunk (the rows of a later round after the
