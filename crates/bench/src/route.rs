@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use leasehold_testkit::{http, memory_of, metric, NodeProc};
+use leasehold_testkit::{eventually_every, http, memory_of, metric, NodeProc};
 use serde::Serialize;
 use tokio_postgres::Client;
 
@@ -765,17 +765,14 @@ async fn idle_start(rig: &Rig<'_>, suffix: &str) -> Result<(Option<f64>, Option<
 /// idle start is subtracted from every drain, so once it leads they are no more frequent than
 /// during a drain (until it leads, [`crate::rig::wait_leading`] polls as often in both).
 async fn wait_checks_done(node: &NodeProc) -> Result<()> {
-    let start = Instant::now();
-    while start.elapsed() < DRAIN_TIMEOUT {
-        if let Ok((_, body)) = http(node.http_port(), "GET", "/health").await {
-            let v: serde_json::Value = serde_json::from_str(&body)?;
-            if v["checks_status"] != "pending" {
-                return Ok(());
-            }
-        }
-        tokio::time::sleep(POLL).await;
-    }
-    bail!("timed out after {DRAIN_TIMEOUT:?} waiting for the deployment checks to finish")
+    let what = "the deployment checks to finish";
+    eventually_every(DRAIN_TIMEOUT, POLL, what, || async {
+        let (_, body) = http(node.http_port(), "GET", "/health").await?;
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        Ok(v["checks_status"] != "pending")
+    })
+    .await?;
+    Ok(())
 }
 
 /// How often the harness asks a leader how far it got.

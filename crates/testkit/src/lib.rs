@@ -160,7 +160,21 @@ pub fn pg_bin() -> Result<PathBuf> {
 }
 
 /// Polls `f` every 50 ms until it returns true; fails with `what` after `timeout`.
-pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut f: F) -> Result<Duration>
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, f: F) -> Result<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<bool>>,
+{
+    eventually_every(timeout, Duration::from_millis(50), what, f).await
+}
+
+/// [`eventually`], polling every `every` (where each poll costs the system under measurement).
+pub async fn eventually_every<F, Fut>(
+    timeout: Duration,
+    every: Duration,
+    what: &str,
+    mut f: F,
+) -> Result<Duration>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<bool>>,
@@ -181,7 +195,7 @@ where
                 None => bail!("timed out after {timeout:?} waiting for {what}"),
             }
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(every).await;
     }
 }
 
