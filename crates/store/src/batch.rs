@@ -724,9 +724,10 @@ impl BatchWriter {
         dead: &[DeadLetter],
         nodes: Option<&NodeArrays<'_>>,
     ) -> Result<BatchOutcome> {
-        let messages = message_params(rows);
+        let messages = Messages::new(rows);
+        let arrays = RouteArrays::new(&self.routes, rows, &messages)?;
+        let messages = message_params(&messages);
         let dead = dead_params(dead);
-        let arrays = RouteArrays::new(&self.routes, rows);
         let window = PgInterval(self.redelivery_window);
         let span = self.redelivery_span * readings_per_redelivery(rows);
         let mut params: Vec<&(dyn ToSql + Sync)> = vec![
@@ -823,14 +824,35 @@ where
     Box::new(items.into_iter().map(f).collect::<Vec<U>>())
 }
 
-/// The messages of a part's rows, once each (`g` in the statement: `$7..$13`).
-fn message_params(rows: &[RouteRow]) -> [Param<'_>; 7] {
-    let mut seen = vec![false; rows.iter().map(|r| r.idx + 1).max().unwrap_or(0)];
-    let rows: Vec<&RouteRow> = rows
-        .iter()
-        .filter(|r| !std::mem::replace(&mut seen[r.idx], true))
-        .collect();
-    let each = || rows.iter().copied();
+/// A part's messages, once each, in the order of their first rows (`g` in the statement), and
+/// where each row's message is among them.
+struct Messages<'a> {
+    first: Vec<&'a RouteRow>,
+    /// Per row of the part, its message's place in `first`.
+    at: Vec<usize>,
+}
+
+impl<'a> Messages<'a> {
+    fn new(rows: &'a [RouteRow]) -> Self {
+        let mut place = vec![usize::MAX; rows.iter().map(|r| r.idx + 1).max().unwrap_or(0)];
+        let mut first = Vec::new();
+        let at = rows
+            .iter()
+            .map(|r| {
+                if place[r.idx] == usize::MAX {
+                    place[r.idx] = first.len();
+                    first.push(r);
+                }
+                place[r.idx]
+            })
+            .collect();
+        Messages { first, at }
+    }
+}
+
+/// The messages' arrays (`g` in the statement: `$7..$13`).
+fn message_params<'a>(m: &Messages<'a>) -> [Param<'a>; 7] {
+    let each = || m.first.iter().copied();
     [
         array(each(), |r| r.idx as i32),
         array(each(), |r| storable_text(&r.message.topic)),
@@ -944,51 +966,58 @@ impl ToSql for Array<'_> {
 
 static NULL: Value = Value::Null;
 
-/// Per route: its rows' positions, then one array per column sent.
+/// Per route: its rows' positions, then one array per column sent; each aligned with the
+/// messages' arrays (`g`), NULL where the route has no row of that message, so that the
+/// optimistic statement reads a row and its message from one `unnest` without a join.
 struct RouteArrays<'a> {
-    routes: Vec<(Vec<i32>, Vec<Array<'a>>)>,
+    routes: Vec<(Vec<Option<i32>>, Vec<Array<'a>>)>,
 }
 
 impl<'a> RouteArrays<'a> {
-    fn new(routes: &[ResolvedRoute], rows: &'a [RouteRow]) -> Self {
-        let sent: Vec<Vec<(usize, Wire)>> = routes
+    /// [`StoreError::Refused`] if a route has two rows of one message, which the writer's
+    /// batching never makes (one row per route and reading): one would not be written.
+    fn new(routes: &[ResolvedRoute], rows: &'a [RouteRow], m: &Messages<'a>) -> Result<Self> {
+        let n = m.first.len();
+        let mut slots: Vec<Vec<Option<&'a RouteRow>>> = vec![vec![None; n]; routes.len()];
+        for (r, &at) in rows.iter().zip(&m.at) {
+            let Some(route) = slots.get_mut(r.route) else {
+                continue;
+            };
+            if route[at].replace(r).is_some() {
+                return Err(StoreError::Refused(format!(
+                    "internal: route {} has two rows of message {} in one statement",
+                    r.route, r.idx
+                )));
+            }
+        }
+        let routes = routes
             .iter()
-            .map(|r| {
-                r.columns
+            .zip(slots)
+            .map(|(route, slots)| {
+                let sent: Vec<(usize, Wire)> = route
+                    .columns
                     .iter()
                     .enumerate()
                     .filter_map(|(j, c)| match carry(c) {
                         Carry::Sent(w) => Some((j, w)),
                         Carry::Shared => None,
                     })
-                    .collect()
+                    .collect();
+                let idx = slots.iter().map(|s| s.map(|r| r.idx as i32)).collect();
+                let arrays = sent
+                    .iter()
+                    .map(|&(j, w)| {
+                        let mut a = Array::new(w, n);
+                        for s in &slots {
+                            a.push(s.and_then(|r| r.values.get(j)).unwrap_or(&NULL));
+                        }
+                        a
+                    })
+                    .collect();
+                (idx, arrays)
             })
             .collect();
-        let mut out = RouteArrays {
-            routes: sent
-                .iter()
-                .map(|cols| {
-                    (
-                        Vec::new(),
-                        cols.iter()
-                            .map(|&(_, w)| Array::new(w, rows.len()))
-                            .collect(),
-                    )
-                })
-                .collect(),
-        };
-        for r in rows {
-            let (Some((idx, arrays)), Some(cols)) =
-                (out.routes.get_mut(r.route), sent.get(r.route))
-            else {
-                continue;
-            };
-            idx.push(r.idx as i32);
-            for (a, &(j, _)) in arrays.iter_mut().zip(cols) {
-                a.push(r.values.get(j).unwrap_or(&NULL));
-            }
-        }
-        out
+        Ok(RouteArrays { routes })
     }
 
     fn push(&'a self, params: &mut Vec<&'a (dyn ToSql + Sync)>) {
@@ -998,5 +1027,61 @@ impl<'a> RouteArrays<'a> {
                 params.push(a);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(idx: usize, route: usize, device: &str) -> RouteRow {
+        RouteRow {
+            route,
+            ..RouteRow::reading(idx, device, "t", Utc::now(), "{}")
+        }
+    }
+
+    fn text(a: &Array<'_>) -> Vec<Option<String>> {
+        match a {
+            Array::Text(v) => v.iter().map(|s| s.as_deref().map(str::to_owned)).collect(),
+            other => panic!("not text: {other:?}"),
+        }
+    }
+
+    /// A route's arrays line up with the messages' (`g`), in the order of each message's first
+    /// row, whatever order the routes' rows come in; NULL where a route has no row.
+    #[test]
+    fn route_arrays_are_aligned_with_the_messages() {
+        let routes = [ResolvedRoute::telemetry(), ResolvedRoute::telemetry()];
+        let rows = [
+            row(5, 1, "a"),
+            row(3, 0, "b"),
+            row(5, 0, "c"),
+            row(7, 0, "d"),
+        ];
+        let m = Messages::new(&rows);
+        let idx: Vec<usize> = m.first.iter().map(|r| r.idx).collect();
+        assert_eq!(idx, [5, 3, 7]);
+        assert_eq!(m.at, [0, 1, 0, 2]);
+        let arrays = RouteArrays::new(&routes, &rows, &m).expect("one row per route and message");
+        let (pos0, cols0) = &arrays.routes[0];
+        let (pos1, cols1) = &arrays.routes[1];
+        assert_eq!(pos0, &[Some(5), Some(3), Some(7)]);
+        assert_eq!(pos1, &[Some(5), None, None]);
+        let some = |s: &str| Some(s.to_owned());
+        assert_eq!(text(&cols0[0]), [some("c"), some("b"), some("d")]);
+        assert_eq!(text(&cols1[0]), [some("a"), None, None]);
+    }
+
+    /// Two rows of one route and message would leave one unwritten: refused, never dropped.
+    #[test]
+    fn two_rows_of_one_route_and_message_are_refused() {
+        let routes = [ResolvedRoute::telemetry()];
+        let rows = [row(1, 0, "a"), row(1, 0, "b")];
+        let m = Messages::new(&rows);
+        assert!(matches!(
+            RouteArrays::new(&routes, &rows, &m),
+            Err(StoreError::Refused(_))
+        ));
     }
 }
