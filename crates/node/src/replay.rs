@@ -670,7 +670,7 @@ fn whole_arrays(locked: &[StoredDeadLetter], max_payload_bytes: usize) -> Vec<He
 /// take its topic (empty: none is configured any more); `None` for the default route's.
 fn targets(d: &StoredDeadLetter, routes: &[ResolvedRoute]) -> Option<Vec<usize>> {
     let names = d.route.as_deref()?;
-    let t = names
+    let mut t: Vec<usize> = names
         .split(',')
         .filter_map(|n| {
             routes.iter().enumerate().skip(1).find(|(_, r)| {
@@ -679,6 +679,10 @@ fn targets(d: &StoredDeadLetter, routes: &[ResolvedRoute]) -> Option<Vec<usize>>
         })
         .map(|(k, _)| k)
         .collect();
+    // A name written twice (by hand) is one route: a statement holds one row per route and
+    // message.
+    t.sort_unstable();
+    t.dedup();
     Some(t)
 }
 

@@ -984,9 +984,10 @@ impl<'a> RouteArrays<'a> {
                 continue;
             };
             if route[at].replace(r).is_some() {
+                let name = routes.get(r.route).map_or("?", |x| x.spec.name.as_str());
                 return Err(StoreError::Refused(format!(
-                    "internal: route {} has two rows of message {} in one statement",
-                    r.route, r.idx
+                    "internal: route {name} has two rows of message {} in one statement",
+                    r.idx
                 )));
             }
         }

@@ -120,9 +120,32 @@ const HEAD: &str = "g AS MATERIALIZED (
                              $20::timestamptz[], $21::text[], $22::int[], $23::bool[], $24::text[])
              AS u(i, tp, p, sz, reason, e, rcv, h, k, dup, route))";
 
-/// The messages' arrays but their positions (`g`'s `tp, p, rcv, h, k, dup`).
-const MESSAGE_ARRAYS: &str =
-    "$8::text[], $9::text[], $10::timestamptz[], $11::text[], $12::int[], $13::bool[]";
+/// The messages' columns but their positions, as `g` names them, and their arrays.
+const MESSAGE_COLUMNS: [(&str, &str); 6] = [
+    ("tp", "$8::text[]"),
+    ("p", "$9::text[]"),
+    ("rcv", "$10::timestamptz[]"),
+    ("h", "$11::text[]"),
+    ("k", "$12::int[]"),
+    ("dup", "$13::bool[]"),
+];
+
+/// The message columns (of `g`, see [`MESSAGE_COLUMNS`]) that column `c`'s value reads
+/// ([`Described::value`]).
+fn message_reads(c: &ResolvedColumn) -> &'static [&'static str] {
+    if carry(c) != Carry::Shared {
+        return &[];
+    }
+    match c.source {
+        Source::Topic => &["tp"],
+        Source::Payload => &["p"],
+        Source::ReceivedAt => &["rcv"],
+        Source::ContentHash => &["h"],
+        Source::PossibleDuplicate => &["dup", "h"],
+        Source::PacketId => &["k"],
+        _ => &[],
+    }
+}
 
 /// After [`HEAD`] in the full statement: the floor of a redelivery's first copy, and the dead
 /// letters that are redeliveries.
@@ -160,7 +183,8 @@ const MESSAGE_HASH: &str = "coalesce(g.h, encode(substr(sha256(convert_to(g.tp, 
 
 /// The statement for `routes` (`defaults[k][j]`: the default expression of column `j` of route
 /// `k`, when it has one). Parameters: [`FIXED_PARAMS`], then per route its rows' positions and
-/// one array per column sent ([`carry`]); with `nodes`, the Sparkplug B edge nodes' record
+/// one array per column sent ([`carry`]), each aligned with the messages' arrays; with `nodes`,
+/// the Sparkplug B edge nodes' record
 /// after them ([`crate::sparkplug::record_ctes`], [`crate::sparkplug::NODE_PARAMS`]).
 pub fn batch_sql(
     routes: &[ResolvedRoute],
@@ -577,16 +601,26 @@ impl<'a> Described<'a> {
     }
 
     /// `q{k}`: the route's rows, from its arrays (aligned with the messages', NULL positions
-    /// where the route has no row). With `messages`, each row with its message's columns from
-    /// the same `unnest` (`tp`, `p`, `rcv`, `h`, `k`, `dup`, as in `g`) and not materialized:
-    /// for the optimistic statement, which reads it once, where a join with `g` and the
-    /// materialization cost about a tenth of PostgreSQL's time on a batch.
+    /// where the route has no row). With `messages`, for the optimistic statement, which reads
+    /// it once: each row with the message columns the route maps, from the same `unnest`
+    /// ([`MESSAGE_COLUMNS`]), not materialized, and not read at all when the route has no row
+    /// in the batch — where a join with `g` and the materialization cost about a tenth of
+    /// PostgreSQL's time on a batch.
     fn rows_cte(&self, messages: bool) -> String {
         let mut arrays = vec![format!("${}::int[]", self.first_param)];
         let mut names = vec!["i".to_string()];
         if messages {
-            arrays.push(MESSAGE_ARRAYS.to_string());
-            names.push("tp, p, rcv, h, k, dup".to_string());
+            for (name, array) in MESSAGE_COLUMNS {
+                if self
+                    .route
+                    .columns
+                    .iter()
+                    .any(|c| message_reads(c).contains(&name))
+                {
+                    arrays.push(array.to_string());
+                    names.push(name.to_string());
+                }
+            }
         }
         for (n, &j) in self.sent.iter().enumerate() {
             if let Carry::Sent(wire) = carry(&self.route.columns[j]) {
@@ -594,11 +628,14 @@ impl<'a> Described<'a> {
                 names.push(format!("v{j}"));
             }
         }
+        let (materialized, gate) = match messages {
+            true => (String::new(), format!(" AND {} > 0", self.rows_count())),
+            false => ("MATERIALIZED ".to_string(), String::new()),
+        };
         format!(
-            "q{} AS {}(
-        SELECT * FROM unnest({}) AS u({}) WHERE i IS NOT NULL),",
+            "q{} AS {materialized}(
+        SELECT * FROM unnest({}) AS u({}) WHERE i IS NOT NULL{gate}),",
             self.k,
-            if messages { "" } else { "MATERIALIZED " },
             arrays.join(", "),
             names.join(", ")
         )
@@ -953,6 +990,10 @@ mod tests {
         // materialization.
         assert!(!fast.contains("JOIN g"), "{fast}");
         assert!(!fast.contains("q0 AS MATERIALIZED"), "{fast}");
+        // Only the message columns a route maps, and nothing read for a route without rows.
+        assert!(fast.contains(
+            "unnest($28::int[], $29::text[], $30::timestamptz[], $31::text[]) AS u(i, v0, v1, v2) WHERE i IS NOT NULL AND (SELECT count(x) FROM unnest($28::int[]) x) > 0)"
+        ), "{fast}");
         assert!(
             fast.contains("SELECT q.v0, q.tp, q.v2, q.p::jsonb, q.rcv, "),
             "{fast}"
