@@ -129,32 +129,54 @@ pub async fn publish(port: u16, run: &str, n: u64, rate: u64) -> Result<Duration
     Ok(start.elapsed())
 }
 
+/// The gateways of the gateway drain; [`DEVICES`] is a multiple of it.
+pub const GATEWAYS: u64 = 10;
+
 /// Where gateways publish their arrays.
 pub const GATEWAY_FILTER: &str = "gw/+/up";
 
 /// Publishes `n` readings of `run` as gateways send them: JSON arrays of
-/// [`crate::route::GATEWAY_READINGS`] readings, each of its own device and time, on
-/// `gw/site-N/up`.
+/// [`crate::route::GATEWAY_READINGS`] readings on `gw/site-N/up`, each gateway (of
+/// [`GATEWAYS`]) sending its own devices' readings — device `d` is behind gateway `d mod 10` —
+/// so that `telemetry`'s key holds as many (device, topic) pairs as one message per reading
+/// gives it. The same readings as [`publish`]'s (device, time and payload), the gateways taken
+/// in turn.
 pub async fn publish_gateways(port: u16, run: &str, n: u64) -> Result<Duration> {
     let per = crate::route::GATEWAY_READINGS;
     let (c, acked, poll) = publisher(port, run);
     let base = now_micros();
     let start = Instant::now();
-    let messages = n.div_ceil(per);
-    for m in 0..messages {
-        let readings: Vec<String> = (m * per..((m + 1) * per).min(n))
-            .map(|seq| {
-                let device = format!("dev-{:03}", seq % DEVICES);
-                numbered_from(base, run, &device, seq)
-            })
-            .collect();
-        c.publish(
-            format!("gw/site-{}/up", m % 10),
-            QoS::AtLeastOnce,
-            false,
-            format!("[{}]", readings.join(",")),
-        )
-        .await?;
+    // Reading `seq` is device `seq mod DEVICES`'s, behind gateway `seq mod GATEWAYS`.
+    let mut sites: Vec<std::iter::StepBy<std::ops::Range<u64>>> = (0..GATEWAYS)
+        .map(|g| (g..n).step_by(GATEWAYS as usize))
+        .collect();
+    let mut messages = 0;
+    loop {
+        let before = messages;
+        for (g, seqs) in sites.iter_mut().enumerate() {
+            let readings: Vec<String> = seqs
+                .by_ref()
+                .take(per as usize)
+                .map(|seq| {
+                    let device = format!("dev-{:03}", seq % DEVICES);
+                    numbered_from(base, run, &device, seq)
+                })
+                .collect();
+            if readings.is_empty() {
+                continue;
+            }
+            c.publish(
+                format!("gw/site-{g}/up"),
+                QoS::AtLeastOnce,
+                false,
+                format!("[{}]", readings.join(",")),
+            )
+            .await?;
+            messages += 1;
+        }
+        if messages == before {
+            break;
+        }
     }
     await_acks_within(&acked, poll, messages, Duration::from_secs(600)).await?;
     Ok(start.elapsed())
