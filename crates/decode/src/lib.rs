@@ -265,7 +265,18 @@ impl Decoder {
         topic: &str,
         payload: &[u8],
     ) -> Result<Parsed, DecodeError> {
-        let read = json::<light::Shape>(payload);
+        self.light_of(pattern, topic, payload, json::<light::Shape>(payload))
+    }
+
+    /// What the light read `read` of `payload` gives (a read of its own, or one element's of
+    /// an array read once: [`formats`]).
+    pub(crate) fn light_of(
+        &self,
+        pattern: &TopicPattern,
+        topic: &str,
+        payload: &[u8],
+        read: serde_json::Result<light::Shape<'_>>,
+    ) -> Result<Parsed, DecodeError> {
         if light::raw_token_seen() {
             // A key only serde_json's own reader gives a meaning to: read as it reads it.
             let mut p = self.parse_with(pattern, topic, payload)?;
@@ -464,7 +475,7 @@ mod tests {
     /// (also spelled with escapes) and the raw-value token, escapes and surrogates, numbers at
     /// the edges of their ranges, newlines between members.
     /// `broken`: with lone surrogates and numbers out of range or malformed among the leaves.
-    fn json_text(broken: bool) -> impl proptest::strategy::Strategy<Value = String> {
+    pub(crate) fn json_text(broken: bool) -> impl proptest::strategy::Strategy<Value = String> {
         use proptest::prelude::*;
         let string = prop_oneof![
             6 => proptest::sample::select(vec![
@@ -533,7 +544,7 @@ mod tests {
     /// Bytes for the reader: JSON text as built, between whitespace, a byte order mark or
     /// trailing text, and sometimes with one byte put in, replaced or cut off (bytes no UTF-8
     /// has, the start of a character cut short, a character's middle, ASCII).
-    fn json_bytes() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+    pub(crate) fn json_bytes() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
         use proptest::prelude::*;
         let byte = proptest::sample::select(vec![0xff, 0xc3, 0x80, 0xed, 0xe2, b'"', b'\\', b'}']);
         let edit =
