@@ -142,8 +142,9 @@ fn message_reads(c: &ResolvedColumn) -> &'static [&'static str] {
         Source::ReceivedAt => &["rcv"],
         Source::ContentHash => &["h"],
         Source::PossibleDuplicate => &["dup", "h"],
-        Source::PacketId => &["k"],
-        _ => &[],
+        Source::WrittenBy | Source::LeaseEpoch => &[],
+        // As `value` reads every other shared column.
+        _ => &["k"],
     }
 }
 
