@@ -965,6 +965,84 @@ mod tests {
         ResolvedRoute::new(spec, "public".into(), table.into(), columns)
     }
 
+    /// Every message column the optimistic `INSERT` reads is in its route's `unnest`, for every
+    /// source into every kind of column ([`message_reads`] against [`Described::value`]).
+    #[test]
+    fn the_optimistic_insert_reads_only_what_its_unnest_holds() {
+        use ColumnKind::*;
+        let kinds = [
+            (Text, "text"),
+            (Int2, "smallint"),
+            (Int4, "integer"),
+            (Int8, "bigint"),
+            (Numeric, "numeric"),
+            (Float4, "real"),
+            (Float8, "double precision"),
+            (Bool, "boolean"),
+            (Timestamptz, "timestamp with time zone"),
+            (Timestamp, "timestamp without time zone"),
+            (Date, "date"),
+            (Jsonb, "jsonb"),
+            (Json, "json"),
+            (Uuid, "uuid"),
+            (Other, "inet"),
+        ];
+        let sources = [
+            Source::TopicSegment(0),
+            Source::Topic,
+            Source::Payload,
+            Source::JsonPath(vec![]),
+            Source::Timestamp,
+            Source::ReceivedAt,
+            Source::WrittenBy,
+            Source::LeaseEpoch,
+            Source::DeviceId,
+            Source::Literal("x".into()),
+            Source::ContentHash,
+            Source::PacketId,
+            Source::PossibleDuplicate,
+        ];
+        for source in &sources {
+            for (kind, sql_type) in kinds {
+                let columns = vec![
+                    column("id", Source::TopicSegment(1), "text", Text),
+                    column("c", source.clone(), sql_type, kind),
+                ];
+                let spec = RouteSpec {
+                    name: "r".into(),
+                    topics: vec!["a/+".into()],
+                    table: "t".into(),
+                    key: vec!["id".into()],
+                    on_conflict: OnConflict::Nothing,
+                    columns: columns
+                        .iter()
+                        .map(|c| (c.name.clone(), c.source.clone()))
+                        .collect(),
+                };
+                let r = ResolvedRoute::new(spec, "public".into(), "t".into(), columns);
+                let fast = optimistic_sql(&[r], &[], false);
+                let q0 = &fast[fast.find("q0 AS (").expect("q0")..];
+                let between = |from: &str, to: &str| -> String {
+                    let at = q0.find(from).expect(from) + from.len();
+                    q0[at..at + q0[at..].find(to).expect(to)].to_string()
+                };
+                let names = between("AS u(", ")");
+                let names: Vec<&str> = names.split(", ").collect();
+                let insert = between("SELECT ", " FROM q0 q");
+                for read in insert.split("q.").skip(1) {
+                    let name: String = read
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    assert!(
+                        names.contains(&name.as_str()),
+                        "{source:?} into {sql_type}: q.{name} is not unnested ({names:?})\n{fast}"
+                    );
+                }
+            }
+        }
+    }
+
     fn sql(routes: &[ResolvedRoute]) -> String {
         batch_sql(routes, &[], false)
     }
