@@ -541,7 +541,6 @@ type Elements = Vec<(Bytes, Result<Parsed, DecodeError>)>;
 
 /// Array elements grouped by device and instant: an element joins the first reading of its
 /// device and instant whose fields it agrees with (the same value for every field both have).
-#[derive(Default)]
 struct Merger {
     units: Vec<Unit>,
     /// (device, time) -> the latest of `pending` with that key. Hashed with foldhash, seeded
@@ -945,17 +944,22 @@ mod tests {
         })
     }
 
-    /// Arrays of generated JSON texts (broken ones too), with whitespace and separators
-    /// around and between them.
-    fn arrays() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+    /// Arrays of `counts` generated JSON texts (`broken`: broken ones too), with `gaps` around
+    /// and between them and one of `separators` between each two.
+    fn arrays_of(
+        gaps: Vec<&'static str>,
+        separators: Vec<&'static str>,
+        broken: bool,
+        counts: std::ops::Range<usize>,
+    ) -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
         use proptest::prelude::*;
-        let gap = proptest::sample::select(vec!["", "", " ", "\n\t", "\r", "x", ",", "\u{feff}"]);
-        let element = (gap.clone(), crate::tests::json_text(true), gap.clone());
+        let gap = proptest::sample::select(gaps);
+        let element = (gap.clone(), crate::tests::json_text(broken), gap.clone());
         (
             gap.clone(),
-            proptest::collection::vec(element, 0..6),
+            proptest::collection::vec(element, counts),
             gap,
-            proptest::sample::select(vec![",", ",", ",", ", ", " ,\n", ",,", ""]),
+            proptest::sample::select(separators),
         )
             .prop_map(|(before, elements, after, sep)| {
                 let inner: Vec<String> = elements
@@ -964,6 +968,19 @@ mod tests {
                     .collect();
                 format!("{before}[{}]{after}", inner.join(sep)).into_bytes()
             })
+    }
+
+    /// Arrays of generated JSON texts (broken ones too), with whitespace and separators
+    /// around and between them, JSON's and not.
+    fn arrays() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        let gaps = vec!["", "", " ", "\n\t", "\r", "x", ",", "\u{feff}"];
+        let separators = vec![",", ",", ",", ", ", " ,\n", ",,", ""];
+        arrays_of(gaps, separators, true, 0..6)
+    }
+
+    /// Well-formed arrays of well-formed JSON texts, with JSON's whitespace around and between.
+    fn good_arrays() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        arrays_of(vec!["", "", " ", "\n\t", "\r "], vec![","], false, 1..8)
     }
 
     proptest::proptest! {
@@ -1015,34 +1032,15 @@ mod tests {
         ];
         let mut once = 0;
         for c in &cases {
-            match once_as_split(c.as_bytes()) {
-                Some(r) => {
-                    assert!(r.is_ok(), "{c}: {r:?}");
-                    once += 1;
-                }
-                None => {}
+            if let Some(r) = once_as_split(c.as_bytes()) {
+                assert!(r.is_ok(), "{c}: {r:?}");
+                once += 1;
             }
         }
         // All but the too long are read in one pass, the deepest too (each element has a reader
         // of its own in both).
         assert_eq!(once, cases.len() - 1);
         assert!(once_as_split(many(crate::MAX_READINGS + 1).as_bytes()).is_none());
-    }
-
-    /// Well-formed arrays of well-formed JSON texts, with JSON's whitespace around and between.
-    fn good_arrays() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
-        use proptest::prelude::*;
-        let gap = proptest::sample::select(vec!["", "", " ", "\n\t", "\r "]);
-        let element = (gap.clone(), crate::tests::json_text(false), gap.clone());
-        (gap.clone(), proptest::collection::vec(element, 1..8), gap).prop_map(
-            |(before, elements, after)| {
-                let inner: Vec<String> = elements
-                    .into_iter()
-                    .map(|(a, t, b)| format!("{a}{t}{b}"))
-                    .collect();
-                format!("{before}[{}]{after}", inner.join(",")).into_bytes()
-            },
-        )
     }
 
     fn texts(units: &[Unit]) -> Vec<String> {

@@ -14,7 +14,7 @@ use tokio_postgres::{Client, Statement};
 use crate::op::{self, Op};
 use crate::routes::ResolvedRoute;
 use crate::sparkplug::NodeArrays;
-use crate::statement::{batch_sql, carry, optimistic_sql, Carry, Wire, DEFAULTS_SQL};
+use crate::statement::{batch_sql, optimistic_sql, sent_columns, Wire, DEFAULTS_SQL};
 use crate::{pg_config, tls, Result, StoreError};
 
 /// The lease a write transaction must still hold ("One writer" in `docs/guarantees.md`).
@@ -995,19 +995,9 @@ impl<'a> RouteArrays<'a> {
             .iter()
             .zip(slots)
             .map(|(route, slots)| {
-                let sent: Vec<(usize, Wire)> = route
-                    .columns
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(j, c)| match carry(c) {
-                        Carry::Sent(w) => Some((j, w)),
-                        Carry::Shared => None,
-                    })
-                    .collect();
                 let idx = slots.iter().map(|s| s.map(|r| r.idx as i32)).collect();
-                let arrays = sent
-                    .iter()
-                    .map(|&(j, w)| {
+                let arrays = sent_columns(route)
+                    .map(|(j, w)| {
                         let mut a = Array::new(w, n);
                         for s in &slots {
                             a.push(s.and_then(|r| r.values.get(j)).unwrap_or(&NULL));

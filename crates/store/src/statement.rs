@@ -87,6 +87,18 @@ pub fn carry(c: &ResolvedColumn) -> Carry {
     }
 }
 
+/// The columns of `route` sent per row ([`Carry::Sent`]), in parameter order, with their wire.
+pub(crate) fn sent_columns(route: &ResolvedRoute) -> impl Iterator<Item = (usize, Wire)> + '_ {
+    route
+        .columns
+        .iter()
+        .enumerate()
+        .filter_map(|(j, c)| match carry(c) {
+            Carry::Sent(w) => Some((j, w)),
+            Carry::Shared => None,
+        })
+}
+
 /// Whether a column's value comes from the message (not from who wrote it, when, or how it
 /// was delivered): only these decide whether a row with a stored key is a duplicate or a conflict.
 pub fn from_message(source: &Source) -> bool {
@@ -336,9 +348,7 @@ impl<'a> Described<'a> {
         defaults: Option<&'a Vec<Option<String>>>,
         param: usize,
     ) -> Self {
-        let sent = (0..route.columns.len())
-            .filter(|&j| matches!(carry(&route.columns[j]), Carry::Sent(_)))
-            .collect();
+        let sent = sent_columns(route).map(|(j, _)| j).collect();
         let again = match (
             route.column_of(&Source::ContentHash),
             route.column_of(&Source::PacketId),
@@ -951,11 +961,22 @@ mod tests {
             ),
             column("by", Source::WrittenBy, "text", ColumnKind::Text),
         ];
+        resolved(name, table, &["id", "at"], on_conflict, columns)
+    }
+
+    /// Route `name` into `public.table` with `columns`, keyed by `key`.
+    fn resolved(
+        name: &str,
+        table: &str,
+        key: &[&str],
+        on_conflict: OnConflict,
+        columns: Vec<ResolvedColumn>,
+    ) -> ResolvedRoute {
         let spec = RouteSpec {
             name: name.into(),
             topics: vec!["eq/+/d".into()],
             table: table.into(),
-            key: vec!["id".into(), "at".into()],
+            key: key.iter().map(|k| k.to_string()).collect(),
             on_conflict,
             columns: columns
                 .iter()
@@ -1008,18 +1029,7 @@ mod tests {
                     column("id", Source::TopicSegment(1), "text", Text),
                     column("c", source.clone(), sql_type, kind),
                 ];
-                let spec = RouteSpec {
-                    name: "r".into(),
-                    topics: vec!["a/+".into()],
-                    table: "t".into(),
-                    key: vec!["id".into()],
-                    on_conflict: OnConflict::Nothing,
-                    columns: columns
-                        .iter()
-                        .map(|c| (c.name.clone(), c.source.clone()))
-                        .collect(),
-                };
-                let r = ResolvedRoute::new(spec, "public".into(), "t".into(), columns);
+                let r = resolved("r", "t", &["id"], OnConflict::Nothing, columns);
                 let fast = optimistic_sql(&[r], &[], false);
                 let q0 = &fast[fast.find("q0 AS (").expect("q0")..];
                 let between = |from: &str, to: &str| -> String {
