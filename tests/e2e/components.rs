@@ -97,6 +97,133 @@ async fn a_writer_whose_epoch_was_bumped_cannot_commit_a_single_row() -> Result<
     Ok(())
 }
 
+/// Row `secs` of `device` (as [`row`]), message `idx` of its statement, received at
+/// `received_at`.
+fn received(
+    idx: usize,
+    device: &str,
+    secs: i64,
+    received_at: chrono::DateTime<chrono::Utc>,
+) -> RouteRow {
+    let mut r = row(device, secs);
+    r.idx = idx;
+    Arc::make_mut(&mut r.message).received_at = received_at;
+    r
+}
+
+/// Data age's record (`telemetry_newest`: receipt, epoch) is kept by the statements that store
+/// the readings, so it never needs `telemetry` read: neither at a new term (whose heartbeat
+/// used to read `max(received_at)` of every partition to take in a deposed leader's last
+/// batches) nor while a term stores nothing.
+#[tokio::test]
+async fn every_statement_that_stores_readings_records_the_newest_receipt() -> Result<()> {
+    let pg = migrated().await?;
+    let (admin, mut w, fence) = leased_writer(&pg, Duration::from_secs(10)).await?;
+    let record = || async {
+        let r = admin
+            .query_one("SELECT at, epoch FROM telemetry_newest", &[])
+            .await?;
+        anyhow::Ok((
+            r.get::<_, Option<chrono::DateTime<chrono::Utc>>>(0),
+            r.get::<_, Option<i64>>(1),
+        ))
+    };
+    let table_newest = || async {
+        anyhow::Ok(
+            admin
+                .query_one("SELECT max(received_at) FROM telemetry", &[])
+                .await?
+                .get::<_, Option<chrono::DateTime<chrono::Utc>>>(0),
+        )
+    };
+    // Microseconds, as PostgreSQL keeps them.
+    let at = |secs_ago: i64| {
+        let t = chrono::Utc::now() - chrono::TimeDelta::seconds(secs_ago);
+        chrono::DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)
+    };
+    ensure!(record().await? == (None, None), "nothing recorded yet");
+    // The optimistic statement: the newest of its receipts, with the term's epoch.
+    let (t1, t2) = (at(30), at(20));
+    let out = w
+        .write_optimistic(
+            &fence,
+            &[received(0, "a", 1, t2), received(1, "b", 1, t1)],
+            &[],
+        )
+        .await?;
+    ensure!(out.routes[0].written == 2, "{out:?}");
+    ensure!(
+        record().await? == (Some(t2), Some(7)),
+        "{:?}",
+        record().await?
+    );
+    // An older receipt does not move it back.
+    w.write_optimistic(&fence, &[received(0, "c", 1, at(40))], &[])
+        .await?;
+    ensure!(record().await? == (Some(t2), Some(7)), "not moved back");
+    // Rows the table did not take (a duplicate and a conflict, newer receipts) are not
+    // recorded; the full statement records the rows it took.
+    let t3 = at(10);
+    let mut conflict = received(1, "b", 1, at(5));
+    Arc::make_mut(&mut conflict.message).payload = bytes::Bytes::from_static(b"{\"other\": 1}");
+    let out = w
+        .write(
+            &fence,
+            &[
+                received(0, "a", 1, at(5)),
+                conflict,
+                received(2, "d", 1, t3),
+            ],
+            &[],
+        )
+        .await?;
+    ensure!(
+        out.routes[0].written == 1
+            && out.routes[0].duplicates.len() == 1
+            && out.routes[0].conflicts.len() == 1,
+        "{out:?}"
+    );
+    ensure!(
+        record().await? == (Some(t3), Some(7)),
+        "{:?}",
+        record().await?
+    );
+    ensure!(
+        table_newest().await? == Some(t3),
+        "exactly what the table holds"
+    );
+    // A receipt past the database's clock (a leader's clock ahead) is not recorded.
+    w.write_optimistic(&fence, &[received(0, "e", 1, at(-600))], &[])
+        .await?;
+    ensure!(record().await? == (Some(t3), Some(7)), "a future receipt");
+    // A fenced writer records nothing; the next term's first statement records its epoch.
+    admin
+        .execute("UPDATE instance_lock SET epoch = 8", &[])
+        .await?;
+    let late = at(1);
+    ensure!(
+        matches!(
+            w.write_optimistic(&fence, &[received(0, "f", 1, late)], &[])
+                .await,
+            Err(StoreError::Fenced { .. })
+        ),
+        "fenced"
+    );
+    ensure!(
+        record().await? == (Some(t3), Some(7)),
+        "fenced: not recorded"
+    );
+    let next = Fence { epoch: 8, ..fence };
+    w.write_optimistic(&next, &[received(0, "f", 1, late)], &[])
+        .await?;
+    ensure!(
+        record().await? == (Some(late), Some(8)),
+        "{:?}",
+        record().await?
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_takeover_waits_for_the_fenced_transaction_in_flight() -> Result<()> {
     // The fence takes FOR SHARE on the lease row: a new holder's acquire cannot complete while an

@@ -128,8 +128,8 @@ async fn a_new_cluster_keeps_telemetry_in_day_partitions_and_a_reading_of_any_ti
             c.count("SELECT count(*) FROM dead_letters").await? == 0,
             "no reading is a dead letter for its time"
         );
-        // Data age reads no partition: the leader's heartbeat records the newest reading's
-        // receive time, exactly the newest `received_at` the table holds.
+        // Data age reads no partition: the statements that store readings record the newest
+        // one's receive time, exactly the newest `received_at` the table holds.
         eventually(
             Duration::from_secs(15),
             "the newest reading recorded for data age",
@@ -142,6 +142,14 @@ async fn a_new_cluster_keeps_telemetry_in_day_partitions_and_a_reading_of_any_ti
                 .map(|n| n == 1)
             },
         )
+        .await?;
+        // The leader's heartbeat has recorded its term (it does so before its node's row says
+        // it leads), so that what is changed below stays as set.
+        eventually(Duration::from_secs(15), "a leading heartbeat", || async {
+            c.count("SELECT count(*) FROM cluster_nodes WHERE role = 'leader'")
+                .await
+                .map(|n| n == 1)
+        })
         .await?;
         // What a leader of the current epoch recorded is trusted without reading the table;
         // an earlier term's record is not, past a term's first seconds: the table is read instead.
@@ -169,14 +177,20 @@ async fn a_new_cluster_keeps_telemetry_in_day_partitions_and_a_reading_of_any_ti
             db.query_one(read, &[]).await?.get::<_, bool>(0),
             "an earlier epoch's record"
         );
-        let (_, body) = http(c.node("a").http_port(), "GET", "/health").await?;
-        let health: serde_json::Value = serde_json::from_str(&body)?;
-        ensure!(
-            health["newest_data_age_seconds"]
-                .as_f64()
-                .is_some_and(|a| (0.0..60.0).contains(&a)),
-            "data age of readings just stored: {body}"
-        );
+        // As the node's next heartbeat reads it: the statements recorded the readings before
+        // any heartbeat after them.
+        eventually(
+            Duration::from_secs(15),
+            "data age of readings just stored in /health",
+            || async {
+                let (_, body) = http(c.node("a").http_port(), "GET", "/health").await?;
+                let health: serde_json::Value = serde_json::from_str(&body)?;
+                Ok(health["newest_data_age_seconds"]
+                    .as_f64()
+                    .is_some_and(|a| (0.0..60.0).contains(&a)))
+            },
+        )
+        .await?;
         // Days ahead exist before any reading needs them.
         let ahead = day(now + TimeDelta::days(3));
         ensure!(

@@ -655,15 +655,15 @@ struct Beats {
     /// Events already reported: one newer than these is reported as "happened now", so every
     /// node can judge the session-lost and client-id alerts from this table.
     reported: (Option<chrono::DateTime<Utc>>, Option<chrono::DateTime<Utc>>),
-    /// What this node last recorded for data age: the epoch it led and the newest reading.
-    noted: (Option<i64>, Option<chrono::DateTime<Utc>>),
+    /// The term this node last recorded for data age ([`queries::note_term`]).
+    noted: Option<i64>,
 }
 
 /// What one beat read back, and what it recorded.
 struct BeatRead {
     alive_nodes: usize,
     newest_data_age: Option<f64>,
-    recorded: Option<(Option<i64>, Option<chrono::DateTime<Utc>>)>,
+    recorded: Option<i64>,
     reported: (Option<chrono::DateTime<Utc>>, Option<chrono::DateTime<Utc>>),
 }
 
@@ -682,8 +682,8 @@ impl Beats {
         Some(serde_json::Value::Object(suspended))
     }
 
-    /// One beat on connection `c`: the leader's newest reading first (a beat that fails later
-    /// must not leave every node's data age growing while data flows), then the node's row,
+    /// One beat on connection `c`: a new leader's term first (until it is recorded, every node
+    /// reads data age from `telemetry` after the term's first seconds), then the node's row,
     /// then the cluster's view.
     async fn beat(
         &self,
@@ -699,10 +699,9 @@ impl Beats {
         let now = (mqtt.session_lost_at, mqtt.client_id_conflict_at);
         let newer = |at: Option<chrono::DateTime<Utc>>, seen| at.filter(|_| at != seen);
         let leading = me.lease.as_ref().and_then(|l| l.role().epoch());
-        let newest = self.status.newest_written();
-        let record = leading.filter(|e| Some(*e) != self.noted.0 || newest > self.noted.1);
+        let record = leading.filter(|e| Some(*e) != self.noted);
         if let Some(epoch) = record {
-            queries::note_newest(c, newest, epoch).await?;
+            queries::note_term(c, epoch).await?;
         }
         queries::heartbeat(
             c,
@@ -731,7 +730,7 @@ impl Beats {
         Ok(BeatRead {
             alive_nodes: queries::alive(c).await?.nodes as usize,
             newest_data_age: queries::newest_data_age(c).await?,
-            recorded: record.map(|e| (Some(e), newest)),
+            recorded: record,
             reported: now,
         })
     }
@@ -739,8 +738,8 @@ impl Beats {
     /// Keeps what a beat read: in the status, and for the next beat.
     fn read(&mut self, r: BeatRead) {
         self.reported = r.reported;
-        if let Some(noted) = r.recorded {
-            self.noted = noted;
+        if r.recorded.is_some() {
+            self.noted = r.recorded;
         }
         self.status.update_cluster(|c| {
             c.alive_nodes = Some(r.alive_nodes);
@@ -754,8 +753,8 @@ impl Beats {
     }
 }
 
-/// Reports the node in `cluster_nodes` every `HEARTBEAT_EVERY`, with the newest reading its
-/// writer stored since (data age), and reads back the cluster's view (nodes alive, newest data)
+/// Reports the node in `cluster_nodes` every `HEARTBEAT_EVERY`, with a new leader's term (data
+/// age), and reads back the cluster's view (nodes alive, newest data)
 /// into the status; every `REPLICATION_EVERY` beats also how the
 /// database replicates commits (a failover or a standby lost changes it).
 async fn heartbeat(
@@ -770,7 +769,7 @@ async fn heartbeat(
         status,
         started_at: Utc::now(),
         reported: (None, None),
-        noted: (None, None),
+        noted: None,
     };
     let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
     let mut count = 0u32;

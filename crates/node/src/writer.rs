@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use leasehold_config::Format;
 use leasehold_decode::sparkplug::{self, Change, Happened, Host, NodeChange, NodeKey};
 use leasehold_decode::Decoder;
@@ -250,8 +250,6 @@ struct Tally {
     dead_lettered: u64,
     /// Per route (the term's order, `telemetry` first).
     routes: Vec<RouteTally>,
-    /// The receive time of the newest reading written into `telemetry` (data age).
-    newest: Option<DateTime<Utc>>,
     /// Whether the batch's changes of Sparkplug B edge nodes were recorded in its last
     /// statement's transaction (or refused there).
     nodes_recorded: bool,
@@ -292,23 +290,6 @@ impl Committing<'_> {
             {
                 tally.routes[k].dead_letters += 1;
             }
-        }
-        if let Some(o) = out.routes.first().filter(|o| o.written > 0) {
-            // The rows `telemetry` took: not those it skipped or refused.
-            let not_taken: std::collections::HashSet<usize> = o
-                .duplicates
-                .iter()
-                .chain(&o.conflicts)
-                .chain(&o.unstored)
-                .copied()
-                .collect();
-            let newest = part
-                .rows
-                .iter()
-                .filter(|r| r.route == 0 && !not_taken.contains(&r.idx))
-                .map(|r| r.message.received_at)
-                .max();
-            tally.newest = tally.newest.max(newest);
         }
         for (k, (o, r)) in out.routes.iter().zip(self.routes).enumerate() {
             let t = &mut tally.routes[k];
@@ -965,9 +946,6 @@ impl Writer {
 
     /// The events and typed counts of a committed batch's routes.
     fn route_events(&self, routes: &[ResolvedRoute], tally: &Tally) {
-        if let Some(at) = tally.newest {
-            self.status.note_written(at);
-        }
         for (r, t) in routes.iter().zip(&tally.routes) {
             events::RouteCommitted {
                 route: &r.spec.name,

@@ -270,38 +270,24 @@ pub async fn heartbeat(c: &impl GenericClient, hb: &Heartbeat<'_>) -> Result<()>
     Ok(())
 }
 
-/// Records, for data age, `at`: the receive time of the newest reading the leader of `epoch`
-/// stored in `telemetry` (`None`: none yet), unless a newer one is recorded. The first record of
-/// an epoch also takes in what the table holds (once per term: a previous leader's last batches,
-/// or a leader of a release that did not record). A deposed leader's record of an older epoch
-/// is ignored; a time past the database's clock is never recorded.
-pub async fn note_newest(
-    c: &impl GenericClient,
-    at: Option<DateTime<Utc>>,
-    epoch: i64,
-) -> Result<()> {
+/// Records, for data age, that a leader of `epoch` leads: what it stores is recorded by the
+/// statement that stores it ([`crate::statement`]'s `newest`), and the record of the epoch the
+/// lease holds is trusted without reading `telemetry` (`leasehold_newest_reading`, migration 10)
+/// even while it stores nothing. The time recorded stands; a deposed leader's record of an
+/// older epoch is ignored.
+pub async fn note_term(c: &impl GenericClient, epoch: i64) -> Result<()> {
     op::exec(
         c,
         Op::NoteNewest,
-        "INSERT INTO telemetry_newest AS n (one, at, epoch) VALUES (true, $1, $2)
-         ON CONFLICT (one) DO UPDATE SET
-             at = CASE WHEN n.epoch IS DISTINCT FROM $2
-                       THEN greatest(n.at, $1,
-                                     (SELECT max(x.received_at) FROM telemetry x
-                                      WHERE x.received_at <= clock_timestamp() + interval '1 minute'))
-                       ELSE greatest(n.at, $1) END,
-             epoch = $2
-         WHERE $2 >= coalesce(n.epoch, 0)
-           AND (n.epoch IS DISTINCT FROM $2 OR n.at IS NULL OR n.at < $1)
-           AND ($1 IS NULL OR $1 <= clock_timestamp() + interval '1 minute')",
-        &[&at, &epoch],
+        "UPDATE telemetry_newest SET epoch = $1 WHERE coalesce(epoch, 0) < $1",
+        &[&epoch],
     )
     .await?;
     Ok(())
 }
 
-/// Seconds since the newest reading stored in `telemetry` was received, as its leader's
-/// heartbeat last recorded it ([`note_newest`]), or as the table holds it before a first record;
+/// Seconds since the newest reading stored in `telemetry` was received, as the statement that
+/// stored it recorded it ([`note_term`]), or as the table holds it before a first record;
 /// `None` when there is none. One row, whatever the table holds: `max(received_at)` would plan
 /// and read every partition.
 pub async fn newest_data_age(c: &impl GenericClient) -> Result<Option<f64>> {

@@ -229,6 +229,7 @@ pub fn batch_sql(
             }
         );
     }
+    ctes.extend(described.iter().find_map(Described::newest_cte));
     ctes.push(dead_cte(&arms));
     if nodes {
         ctes.push(crate::sparkplug::record_ctes(param + 1));
@@ -268,9 +269,10 @@ pub fn optimistic_sql(
         INSERT INTO {table} ({cols})
         SELECT {exprs} FROM q{k} q
         WHERE EXISTS (SELECT 1 FROM fence){order}
-        RETURNING 1)",
+        RETURNING {returned})",
             rows,
             table = d.route.qualified,
+            returned = d.received_column().unwrap_or("1"),
         ));
         let _ = write!(
             outputs,
@@ -280,6 +282,7 @@ pub fn optimistic_sql(
         );
         all.push(format!("(SELECT count(*) FROM i{k}) = {}", d.rows_count()));
     }
+    ctes.extend(described.iter().find_map(Described::newest_cte));
     // No redelivery in the batch: every dead letter is new.
     ctes.push(dead_cte(&[
         "SELECT tp, p, sz, reason, e, rcv, $4, $3, h, k, dup, route FROM dl
@@ -815,7 +818,7 @@ impl<'a> Described<'a> {
         SELECT {exprs} FROM q{k} q JOIN g ON g.i = q.i
         WHERE EXISTS (SELECT 1 FROM fence){skip_again}{order}
         ON CONFLICT ({keys}) {action}
-        RETURNING {keys}),
+        RETURNING {keys}{returned}),
     m{k} AS MATERIALIZED (
         SELECT q.* FROM q{k} q JOIN g ON g.i = q.i
         WHERE EXISTS (SELECT 1 FROM fence)
@@ -835,6 +838,9 @@ impl<'a> Described<'a> {
               AND y.received_at > (SELECT f FROM floor) AND y.received_at < g.rcv)),
     u{k} AS MATERIALIZED (
         SELECT m.i FROM m{k} m WHERE m.i NOT IN (SELECT i FROM c{k}))",
+            returned = self
+                .received_column()
+                .map_or(String::new(), |c| format!(", {c}")),
             ins_key = self.stored_key("x", "q", "g"),
             order = self.order(),
             compared = self.compared_with_table("x", "m", "g"),
@@ -849,6 +855,33 @@ impl<'a> Described<'a> {
             },
         );
         out
+    }
+
+    /// The built-in route's `received_at`, which its insert returns for [`Self::newest_cte`].
+    fn received_column(&self) -> Option<&str> {
+        let r = self.route;
+        r.is_default()
+            .then(|| r.column_of(&Source::ReceivedAt))
+            .flatten()
+            .map(|j| r.columns[j].quoted.as_str())
+    }
+
+    /// For data age (migration 10): the newest receipt among the rows `telemetry` took, recorded
+    /// by the statement that stored them with this term's epoch. A record made later (at a
+    /// heartbeat) would leave out a deposed leader's last batches, and a new term would then
+    /// have to read `max(received_at)` of every partition to take them in. A receipt past the
+    /// database's clock (a leader's clock ahead) is not recorded. `None` for a route other than
+    /// the built-in one.
+    fn newest_cte(&self) -> Option<String> {
+        let rcv = self.received_column()?;
+        Some(format!(
+            "newest AS (
+        UPDATE telemetry_newest n SET at = greatest(n.at, w.at), epoch = $3
+        FROM (SELECT max({rcv}) AS at FROM i{k}
+              WHERE {rcv} <= clock_timestamp() + interval '1 minute') w
+        WHERE w.at IS NOT NULL AND $3 >= coalesce(n.epoch, 0))",
+            k = self.k
+        ))
     }
 
     /// The `route` of this route's dead letters: NULL for the built-in route.

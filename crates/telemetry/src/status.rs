@@ -33,9 +33,6 @@ pub struct Status {
     pub routes_term: Option<i64>,
     /// The cluster configuration this node runs, written by its configuration task.
     pub config: ConfigStatus,
-    /// The receive time of the newest reading this node's writer stored in `telemetry`, which
-    /// its heartbeat records for data age.
-    pub newest_written: Option<DateTime<Utc>>,
     /// The Sparkplug B edge nodes this node's writer holds (a leader reading `sparkplug_b`).
     pub sparkplug: Option<SparkplugStatus>,
 }
@@ -307,21 +304,6 @@ impl NodeStatus {
 
     pub fn update_cluster(&self, f: impl FnOnce(&mut ClusterStatus)) {
         self.0.send_modify(|s| f(&mut s.cluster));
-    }
-
-    pub fn newest_written(&self) -> Option<DateTime<Utc>> {
-        self.0.borrow().newest_written
-    }
-
-    /// Notes a committed batch's newest reading in `telemetry` (the writer, once per batch).
-    pub fn note_written(&self, at: DateTime<Utc>) {
-        self.0.send_if_modified(|s| {
-            let newer = s.newest_written.is_none_or(|n| n < at);
-            if newer {
-                s.newest_written = Some(at);
-            }
-            newer
-        });
     }
 
     pub fn sparkplug(&self) -> Option<SparkplugStatus> {
