@@ -162,12 +162,13 @@ async fn every_statement_that_stores_readings_records_the_newest_receipt() -> Re
         .await?;
     ensure!(record().await? == (Some(t2), Some(7)), "not moved back");
     // Rows the table did not take (a duplicate and a conflict, newer receipts) are not
-    // recorded; the full statement records the rows it took.
+    // recorded: the optimistic statement fails on them, and the full one records the rows it
+    // took.
     let t3 = at(10);
     let mut conflict = received(1, "b", 1, at(5));
     Arc::make_mut(&mut conflict.message).payload = bytes::Bytes::from_static(b"{\"other\": 1}");
     let out = w
-        .write(
+        .write_optimistic(
             &fence,
             &[
                 received(0, "a", 1, at(5)),
@@ -192,6 +193,24 @@ async fn every_statement_that_stores_readings_records_the_newest_receipt() -> Re
         table_newest().await? == Some(t3),
         "exactly what the table holds"
     );
+    // Less than a second newer: not recorded (a version of the row per batch otherwise).
+    let soon = t3 + chrono::TimeDelta::milliseconds(500);
+    w.write(&fence, &[received(0, "e", 2, soon)], &[]).await?;
+    ensure!(record().await? == (Some(t3), Some(7)), "within a second");
+    // `leasehold replay`'s writer records nothing.
+    let mut replay = BatchWriter::connect(
+        &pg.url(),
+        "a (replay)".into(),
+        Duration::from_secs(10),
+        leasehold_store::DEFAULT_REDELIVERY_WINDOW,
+    )
+    .await?
+    .without_data_age()
+    .await?;
+    replay
+        .write_optimistic(&fence, &[received(0, "r", 1, at(2))], &[])
+        .await?;
+    ensure!(record().await? == (Some(t3), Some(7)), "replay's writer");
     // A receipt past the database's clock (a leader's clock ahead) is not recorded.
     w.write_optimistic(&fence, &[received(0, "e", 1, at(-600))], &[])
         .await?;
@@ -200,7 +219,7 @@ async fn every_statement_that_stores_readings_records_the_newest_receipt() -> Re
     admin
         .execute("UPDATE instance_lock SET epoch = 8", &[])
         .await?;
-    let late = at(1);
+    let late = t3 + chrono::TimeDelta::milliseconds(700);
     ensure!(
         matches!(
             w.write_optimistic(&fence, &[received(0, "f", 1, late)], &[])
@@ -218,6 +237,61 @@ async fn every_statement_that_stores_readings_records_the_newest_receipt() -> Re
         .await?;
     ensure!(
         record().await? == (Some(late), Some(8)),
+        "{:?}",
+        record().await?
+    );
+    Ok(())
+}
+
+/// A new leader's heartbeat records its term for data age (`queries::note_term`) without
+/// waiting behind a statement that holds the record, and fills a record that holds no time (a
+/// database readings reached before migration 10) or was removed, from what the table holds.
+#[tokio::test]
+async fn a_new_term_is_recorded_without_waiting_and_a_missing_time_is_taken_from_the_table(
+) -> Result<()> {
+    use leasehold_store::queries::note_term;
+    let pg = migrated().await?;
+    let db = pg.client().await?;
+    db.batch_execute(
+        "INSERT INTO telemetry (device_id, topic, ts, payload, received_at, written_by, lease_epoch)
+         VALUES ('d', 't', now(), '{}', '2026-01-02T03:04:05Z', 'old', 1)",
+    )
+    .await?;
+    // (the table's receipt is recorded, the epoch), or `None` without a record.
+    let record = || async {
+        let r = db
+            .query_opt(
+                "SELECT at IS NOT DISTINCT FROM '2026-01-02T03:04:05Z', epoch FROM telemetry_newest",
+                &[],
+            )
+            .await?;
+        anyhow::Ok(r.map(|r| (r.get::<_, bool>(0), r.get::<_, Option<i64>>(1))))
+    };
+    // No time yet: taken from the table.
+    ensure!(note_term(&db, 3).await?, "recorded");
+    let filled = Some((true, Some(3)));
+    ensure!(record().await? == filled, "{:?}", record().await?);
+    // An older term changes nothing.
+    ensure!(
+        note_term(&db, 2).await?,
+        "an older term is recorded already"
+    );
+    ensure!(record().await? == filled, "{:?}", record().await?);
+    // Held by a statement in flight: not waited for, and asked again later.
+    let mut other = leasehold_store::connect(&pg.url(), "test").await?;
+    let tx = other.transaction().await?;
+    tx.execute("UPDATE telemetry_newest SET at = at", &[])
+        .await?;
+    let held = tokio::time::timeout(Duration::from_secs(10), note_term(&db, 4)).await;
+    ensure!(matches!(held, Ok(Ok(false))), "not waited for: {held:?}");
+    tx.rollback().await?;
+    ensure!(note_term(&db, 4).await?, "recorded once free");
+    // A removed record is made again, with the table's newest receipt.
+    db.batch_execute("DELETE FROM telemetry_newest").await?;
+    ensure!(!note_term(&db, 5).await?, "made: asked again");
+    ensure!(note_term(&db, 5).await?, "then recorded");
+    ensure!(
+        record().await? == Some((true, Some(5))),
         "{:?}",
         record().await?
     );

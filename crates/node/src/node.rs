@@ -699,9 +699,11 @@ impl Beats {
         let now = (mqtt.session_lost_at, mqtt.client_id_conflict_at);
         let newer = |at: Option<chrono::DateTime<Utc>>, seen| at.filter(|_| at != seen);
         let leading = me.lease.as_ref().and_then(|l| l.role().epoch());
-        let record = leading.filter(|e| Some(*e) != self.noted);
+        let mut record = leading.filter(|e| Some(*e) != self.noted);
         if let Some(epoch) = record {
-            queries::note_term(c, epoch).await?;
+            if !queries::note_term(c, epoch).await? {
+                record = None;
+            }
         }
         queries::heartbeat(
             c,

@@ -127,7 +127,10 @@ async fn replay_writer(
     )
     .await?
     // As the leader's writer: a first copy among the last MAX_PENDING + 2,048 readings.
-    .with_redelivery_span(cfg.max_pending + 2048);
+    .with_redelivery_span(cfg.max_pending + 2048)
+    // Its readings were received in the past; its transaction spans several statements.
+    .without_data_age()
+    .await?;
     let (stmt, to_stmt) = statement_routes(routes, suspended);
     if stmt.len() > 1 {
         w.use_routes(stmt.into()).await?;

@@ -14,7 +14,7 @@ use tokio_postgres::{Client, Statement};
 use crate::op::{self, Op};
 use crate::routes::ResolvedRoute;
 use crate::sparkplug::NodeArrays;
-use crate::statement::{batch_sql, optimistic_sql, sent_columns, Wire, DEFAULTS_SQL};
+use crate::statement::{batch_sql, optimistic_sql, sent_columns, Records, Wire, DEFAULTS_SQL};
 use crate::{pg_config, tls, Result, StoreError};
 
 /// The lease a write transaction must still hold ("One writer" in `docs/guarantees.md`).
@@ -257,11 +257,13 @@ async fn prepare_both(
     client: &Client,
     routes: &[ResolvedRoute],
     defaults: &[Vec<Option<String>>],
-    nodes: bool,
+    records: Records,
 ) -> Result<(Statement, Statement)> {
-    let full = client.prepare(&batch_sql(routes, defaults, nodes)).await?;
+    let full = client
+        .prepare(&batch_sql(routes, defaults, records))
+        .await?;
     let optimistic = client
-        .prepare_typed(&optimistic_sql(routes, defaults, nodes), full.params())
+        .prepare_typed(&optimistic_sql(routes, defaults, records), full.params())
         .await?;
     Ok((full, optimistic))
 }
@@ -325,6 +327,8 @@ pub struct BatchWriter {
     notices: tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::error::DbError>,
     /// The routes the statement is prepared for: `telemetry` first, then the named ones.
     routes: Arc<[ResolvedRoute]>,
+    /// Whether its statements record the newest receipt for data age ([`Records::newest`]).
+    newest: bool,
     /// In a transaction opened by [`BatchWriter::begin`]: how long it may hold the lease row,
     /// its statements together, from its first write; and how long it may wait for this client
     /// ([`idle_limit_sql`]).
@@ -386,7 +390,16 @@ impl BatchWriter {
                     statement_timeout.as_millis().max(1)
                 ))
                 .await?;
-            prepare_both(&client, &routes, &[], false).await
+            prepare_both(
+                &client,
+                &routes,
+                &[],
+                Records {
+                    nodes: false,
+                    newest: true,
+                },
+            )
+            .await
         })
         .await?;
         let cancel = CancelHandle::with_tls(&client, tls);
@@ -404,9 +417,20 @@ impl BatchWriter {
             cancel,
             notices,
             routes,
+            newest: true,
             hold_limit: None,
             held_since: None,
         })
+    }
+
+    /// This writer's statements prepared again without the record of the newest receipt for
+    /// data age ([`Records::newest`]): for `leasehold replay`, whose transactions span several
+    /// statements.
+    pub async fn without_data_age(mut self) -> Result<Self> {
+        self.newest = false;
+        let routes = self.routes.clone();
+        self.use_routes(routes).await?;
+        Ok(self)
     }
 
     /// Writes into `routes` from now on (`telemetry` first, as [`ResolvedRoute::telemetry`]
@@ -432,7 +456,11 @@ impl BatchWriter {
                 }
                 defaults.push(ds);
             }
-            let both = prepare_both(client, &routes, &defaults, false).await?;
+            let records = Records {
+                nodes: false,
+                newest: self.newest,
+            };
+            let both = prepare_both(client, &routes, &defaults, records).await?;
             Ok((both, defaults))
         })
         .await?;
@@ -557,7 +585,11 @@ impl BatchWriter {
         };
         if arrays.is_some() && self.with_nodes.is_none() {
             let both = op::measured(Op::Session, async {
-                prepare_both(&self.client, &self.routes, &self.defaults, true).await
+                let records = Records {
+                    nodes: true,
+                    newest: self.newest,
+                };
+                prepare_both(&self.client, &self.routes, &self.defaults, records).await
             })
             .await?;
             self.with_nodes = Some(both);

@@ -13,6 +13,8 @@ pub const TABLES: &[(&str, &str)] = &[
     ("instance_lock", "SELECT,INSERT,UPDATE"),
     ("lease_history", "SELECT,INSERT,DELETE"),
     ("telemetry", "SELECT,INSERT"),
+    // Data age's record: every batch statement that stores a reading updates it.
+    ("telemetry_newest", "SELECT,INSERT,UPDATE"),
     ("dead_letters", "SELECT,INSERT,UPDATE,DELETE"),
     ("devices", "SELECT"),
     ("cluster_nodes", "SELECT,INSERT,UPDATE,DELETE"),

@@ -273,21 +273,55 @@ pub async fn heartbeat(c: &impl GenericClient, hb: &Heartbeat<'_>) -> Result<()>
 /// Records, for data age, that a leader of `epoch` leads: what it stores is recorded by the
 /// statement that stores it ([`crate::statement`]'s `newest`), and the record of the epoch the
 /// lease holds is trusted without reading `telemetry` (`leasehold_newest_reading`, migration 10)
-/// even while it stores nothing. The time recorded stands; a deposed leader's record of an
-/// older epoch is ignored.
-pub async fn note_term(c: &impl GenericClient, epoch: i64) -> Result<()> {
+/// even while it stores nothing. A deposed leader's record of an older epoch is ignored.
+/// `false`: not recorded yet, because a statement of this term holds the row (it records the
+/// epoch itself if it commits); ask again.
+///
+/// The table is read only when the record holds no time (a database that readings reached
+/// before migration 10, or whose row was removed): otherwise every read of data age would read
+/// it until a reading reaches `telemetry`. A separate statement, so that the plan of every
+/// partition is made only then.
+pub async fn note_term(c: &impl GenericClient, epoch: i64) -> Result<bool> {
+    // SKIP LOCKED: the heartbeat never waits behind a batch statement's commit.
+    let (recorded, timed) = op::one(
+        c,
+        Op::NoteNewest,
+        "WITH term AS (
+             UPDATE telemetry_newest n SET epoch = $1
+             WHERE n.one IN (SELECT one FROM telemetry_newest
+                             WHERE coalesce(epoch, 0) < $1 FOR UPDATE SKIP LOCKED)
+             RETURNING n.at)
+         SELECT EXISTS (SELECT 1 FROM term)
+                    OR EXISTS (SELECT 1 FROM telemetry_newest WHERE epoch >= $1) AS recorded,
+                EXISTS (SELECT 1 FROM term WHERE at IS NOT NULL)
+                    OR EXISTS (SELECT 1 FROM telemetry_newest WHERE at IS NOT NULL) AS timed",
+        &[&epoch],
+        |r| {
+            Ok((
+                r.try_get::<_, bool>("recorded")?,
+                r.try_get::<_, bool>("timed")?,
+            ))
+        },
+    )
+    .await?;
+    if timed {
+        return Ok(recorded);
+    }
     op::exec(
         c,
         Op::NoteNewest,
-        "UPDATE telemetry_newest SET epoch = $1 WHERE coalesce(epoch, 0) < $1",
+        "INSERT INTO telemetry_newest AS n (one, at, epoch)
+         VALUES (true, (SELECT max(x.received_at) FROM telemetry x
+                        WHERE x.received_at <= clock_timestamp() + interval '1 minute'), $1)
+         ON CONFLICT (one) DO UPDATE SET at = coalesce(n.at, EXCLUDED.at)",
         &[&epoch],
     )
     .await?;
-    Ok(())
+    Ok(recorded)
 }
 
-/// Seconds since the newest reading stored in `telemetry` was received, as the statement that
-/// stored it recorded it ([`note_term`]), or as the table holds it before a first record;
+/// Seconds since the newest reading stored in `telemetry` was received, as the statements that
+/// store readings record it (see [`note_term`]), or as the table holds it before a first record;
 /// `None` when there is none. One row, whatever the table holds: `max(received_at)` would plan
 /// and read every partition.
 pub async fn newest_data_age(c: &impl GenericClient) -> Result<Option<f64>> {

@@ -22,7 +22,9 @@
 //!    this route or an earlier one into the same table — the same content is a duplicate, a
 //!    different one a conflict (dead-lettered); `ra{k}` conflicts that are redeliveries of a
 //!    conflict already dead-lettered; `u{k}` rows neither taken nor held (a trigger skipped them).
-//! 4. `dead`: decode and mapping failures (skipping their own redeliveries, `dl_again`), and every
+//! 4. `newest`: the newest receipt among the rows `telemetry` took, recorded for data age
+//!    (`telemetry_newest`) with this term's epoch.
+//! 5. `dead`: decode and mapping failures (skipping their own redeliveries, `dl_again`), and every
 //!    route's conflicts and unstored rows.
 //!
 //! A redelivery's first copy is looked for only after `floor`: within the redelivery window and
@@ -191,18 +193,29 @@ fn dead_cte(arms: &[String]) -> String {
     )
 }
 
+/// What a batch statement records besides the routes' rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Records {
+    /// The Sparkplug B edge nodes' record after the routes' parameters
+    /// ([`crate::sparkplug::record_ctes`], [`crate::sparkplug::NODE_PARAMS`]).
+    pub nodes: bool,
+    /// The newest receipt `telemetry` took, for data age ([`Described::newest_cte`]). Not for
+    /// `leasehold replay`, whose transaction spans several statements: it would hold the one
+    /// row every batch statement of the leader updates across all of them.
+    pub newest: bool,
+}
+
 /// The content hash of message `g` (sent when the writer computed it, else computed here).
 const MESSAGE_HASH: &str = "coalesce(g.h, encode(substr(sha256(convert_to(g.tp, 'UTF8') || '\\x00'::bytea || convert_to(g.p, 'UTF8')), 1, 16), 'hex'))";
 
 /// The statement for `routes` (`defaults[k][j]`: the default expression of column `j` of route
 /// `k`, when it has one). Parameters: [`FIXED_PARAMS`], then per route its rows' positions and
-/// one array per column sent ([`carry`]), each aligned with the messages' arrays; with `nodes`,
-/// the Sparkplug B edge nodes' record
-/// after them ([`crate::sparkplug::record_ctes`], [`crate::sparkplug::NODE_PARAMS`]).
+/// one array per column sent ([`carry`]), each aligned with the messages' arrays; then what
+/// `records` asks for.
 pub fn batch_sql(
     routes: &[ResolvedRoute],
     defaults: &[Vec<Option<String>>],
-    nodes: bool,
+    records: Records,
 ) -> String {
     let mut ctes = vec![
         crate::queries::FENCE_CTE.to_string(),
@@ -229,9 +242,11 @@ pub fn batch_sql(
             }
         );
     }
-    ctes.extend(described.iter().find_map(Described::newest_cte));
+    if records.newest {
+        ctes.extend(described.iter().find_map(Described::newest_cte));
+    }
     ctes.push(dead_cte(&arms));
-    if nodes {
+    if records.nodes {
         ctes.push(crate::sparkplug::record_ctes(param + 1));
     }
     format!(
@@ -254,7 +269,7 @@ pub fn batch_sql(
 pub fn optimistic_sql(
     routes: &[ResolvedRoute],
     defaults: &[Vec<Option<String>>],
-    nodes: bool,
+    records: Records,
 ) -> String {
     let mut ctes = vec![crate::queries::FENCE_CTE.to_string(), HEAD.to_string()];
     let (mut outputs, mut all) = (String::new(), Vec::new());
@@ -282,14 +297,16 @@ pub fn optimistic_sql(
         );
         all.push(format!("(SELECT count(*) FROM i{k}) = {}", d.rows_count()));
     }
-    ctes.extend(described.iter().find_map(Described::newest_cte));
+    if records.newest {
+        ctes.extend(described.iter().find_map(Described::newest_cte));
+    }
     // No redelivery in the batch: every dead letter is new.
     ctes.push(dead_cte(&[
         "SELECT tp, p, sz, reason, e, rcv, $4, $3, h, k, dup, route FROM dl
         WHERE EXISTS (SELECT 1 FROM fence)"
             .to_string(),
     ]));
-    if nodes {
+    if records.nodes {
         ctes.push(crate::sparkplug::record_ctes(param + 1));
     }
     format!(
@@ -869,9 +886,11 @@ impl<'a> Described<'a> {
     /// For data age (migration 10): the newest receipt among the rows `telemetry` took, recorded
     /// by the statement that stored them with this term's epoch. A record made later (at a
     /// heartbeat) would leave out a deposed leader's last batches, and a new term would then
-    /// have to read `max(received_at)` of every partition to take them in. A receipt past the
-    /// database's clock (a leader's clock ahead) is not recorded. `None` for a route other than
-    /// the built-in one.
+    /// have to read `max(received_at)` of every partition to take them in. At most once a
+    /// second of receipts, or at a new term: one row updated by every batch would leave a
+    /// version per batch behind a long-running snapshot (`pg_dump`), and data age is told in
+    /// seconds. A receipt past the database's clock (a leader's clock ahead) is not recorded.
+    /// `None` for a route other than the built-in one.
     fn newest_cte(&self) -> Option<String> {
         let rcv = self.received_column()?;
         Some(format!(
@@ -879,7 +898,8 @@ impl<'a> Described<'a> {
         UPDATE telemetry_newest n SET at = greatest(n.at, w.at), epoch = $3
         FROM (SELECT max({rcv}) AS at FROM i{k}
               WHERE {rcv} <= clock_timestamp() + interval '1 minute') w
-        WHERE w.at IS NOT NULL AND $3 >= coalesce(n.epoch, 0))",
+        WHERE $3 >= coalesce(n.epoch, 0)
+          AND (n.epoch IS DISTINCT FROM $3 OR n.at IS NULL OR w.at >= n.at + interval '1 second'))",
             k = self.k
         ))
     }
@@ -957,6 +977,12 @@ pub(crate) const DEFAULTS_SQL: &str = "SELECT pg_get_expr(d.adbin, d.adrelid)
 mod tests {
     use super::*;
     use leasehold_config::RouteSpec;
+
+    /// What the leader's writer records besides its rows, before a Sparkplug B message.
+    const RECORDS: Records = Records {
+        nodes: false,
+        newest: true,
+    };
 
     fn column(name: &str, source: Source, sql_type: &str, kind: ColumnKind) -> ResolvedColumn {
         ResolvedColumn {
@@ -1063,7 +1089,7 @@ mod tests {
                     column("c", source.clone(), sql_type, kind),
                 ];
                 let r = resolved("r", "t", &["id"], OnConflict::Nothing, columns);
-                let fast = optimistic_sql(&[r], &[], false);
+                let fast = optimistic_sql(&[r], &[], RECORDS);
                 let q0 = &fast[fast.find("q0 AS (").expect("q0")..];
                 let between = |from: &str, to: &str| -> String {
                     let at = q0.find(from).expect(from) + from.len();
@@ -1087,7 +1113,7 @@ mod tests {
     }
 
     fn sql(routes: &[ResolvedRoute]) -> String {
-        batch_sql(routes, &[], false)
+        batch_sql(routes, &[], RECORDS)
     }
 
     #[test]
@@ -1097,7 +1123,7 @@ mod tests {
             ResolvedRoute::telemetry(),
             route("owned", "owned", OnConflict::Update),
         ];
-        let fast = optimistic_sql(&routes, &[], false);
+        let fast = optimistic_sql(&routes, &[], RECORDS);
         assert!(!fast.contains("ON CONFLICT"), "{fast}");
         assert_eq!(
             fast.matches("WHERE EXISTS (SELECT 1 FROM fence)").count(),
@@ -1221,7 +1247,7 @@ mod tests {
         let s = batch_sql(
             &[route("a", "t", OnConflict::Nothing)],
             &[vec![None, None, Some("0".into()), None]],
-            false,
+            RECORDS,
         );
         assert!(s.contains("coalesce(CAST(q.v2 AS numeric(5,2)), (0))"));
         assert!(
