@@ -144,53 +144,23 @@ async fn a_new_cluster_keeps_telemetry_in_day_partitions_and_a_reading_of_any_ti
             },
         )
         .await?;
-        // The leader's heartbeat has recorded its term, so that what is changed below stays
-        // as set: a beat records it before its node's row, and one that met a statement holding
-        // the record asks again at the next. So two beats after the readings were recorded.
+        // The leader's heartbeat records its term; a removed record is made again at its next
+        // beat, from what the table holds.
         let db = c.pg.client().await?;
-        for _ in 0..2 {
-            let since: DateTime<Utc> = db.query_one("SELECT now()", &[]).await?.get(0);
-            eventually(Duration::from_secs(15), "a leading heartbeat", || async {
-                let n: i64 = db
-                    .query_one(
-                        "SELECT count(*) FROM cluster_nodes WHERE role = 'leader' AND last_seen > $1",
-                        &[&since],
-                    )
-                    .await?
-                    .get(0);
-                Ok(n == 1)
-            })
-            .await?;
-        }
-        // What a leader of the current epoch recorded is trusted without reading the table;
-        // an earlier term's record is not, past a term's first seconds: the table is read instead.
-        let recorded = "SELECT leasehold_newest_reading()
-                            > (SELECT max(received_at) FROM telemetry) - interval '1 second'";
-        ensure!(db.query_one(recorded, &[]).await?.get::<_, bool>(0), "recorded");
-        let read = "SELECT leasehold_newest_reading() = (SELECT max(received_at) FROM telemetry)";
-        db.batch_execute("UPDATE telemetry_newest SET at = '2000-01-01Z'")
-            .await?;
-        ensure!(
-            !db.query_one(read, &[]).await?.get::<_, bool>(0),
-            "trusted without a read"
-        );
-        // An earlier term's record stands for the first 10 s of a term, not after.
-        db.batch_execute("UPDATE telemetry_newest SET epoch = epoch - 1")
-            .await?;
-        db.batch_execute("UPDATE instance_lock SET acquired_at = now()")
-            .await?;
-        ensure!(
-            !db.query_one(read, &[]).await?.get::<_, bool>(0),
-            "an earlier epoch's record in a term's first seconds"
-        );
-        db.batch_execute("UPDATE instance_lock SET acquired_at = now() - interval '1 minute'")
-            .await?;
-        ensure!(
-            db.query_one(read, &[]).await?.get::<_, bool>(0),
-            "an earlier epoch's record"
-        );
-        // As the node's next heartbeat reads it: the statements recorded the readings before
-        // any heartbeat after them.
+        let recorded = "SELECT count(*) FROM telemetry_newest n, instance_lock l
+                        WHERE n.epoch = l.epoch
+                          AND n.at > (SELECT max(received_at) FROM telemetry) - interval '1 second'
+                          AND n.at <= (SELECT max(received_at) FROM telemetry)";
+        eventually(Duration::from_secs(15), "the term recorded", || async {
+            c.count(recorded).await.map(|n| n == 1)
+        })
+        .await?;
+        db.batch_execute("DELETE FROM telemetry_newest").await?;
+        eventually(Duration::from_secs(15), "the record made again", || async {
+            c.count(recorded).await.map(|n| n == 1)
+        })
+        .await?;
+        // As the node's next heartbeat reads it.
         eventually(
             Duration::from_secs(15),
             "data age of readings just stored in /health",
@@ -218,6 +188,32 @@ async fn a_new_cluster_keeps_telemetry_in_day_partitions_and_a_reading_of_any_ti
             metric(&m, "leasehold_telemetry_partitions").is_some_and(|n| n >= 8.0),
             "partitions gauge: {:?}",
             metric(&m, "leasehold_telemetry_partitions")
+        );
+        // What a leader of the current epoch recorded is trusted without reading the table;
+        // an earlier term's record is not, past a term's first seconds: the table is read
+        // instead. With the leader gone, whose heartbeat would record its term again.
+        c.node_mut("a").kill9();
+        let read = "SELECT leasehold_newest_reading() = (SELECT max(received_at) FROM telemetry)";
+        db.batch_execute("UPDATE telemetry_newest SET at = '2000-01-01Z'")
+            .await?;
+        ensure!(
+            !db.query_one(read, &[]).await?.get::<_, bool>(0),
+            "trusted without a read"
+        );
+        // An earlier term's record stands for the first 10 s of a term, not after.
+        db.batch_execute("UPDATE telemetry_newest SET epoch = epoch - 1")
+            .await?;
+        db.batch_execute("UPDATE instance_lock SET acquired_at = now()")
+            .await?;
+        ensure!(
+            !db.query_one(read, &[]).await?.get::<_, bool>(0),
+            "an earlier epoch's record in a term's first seconds"
+        );
+        db.batch_execute("UPDATE instance_lock SET acquired_at = now() - interval '1 minute'")
+            .await?;
+        ensure!(
+            db.query_one(read, &[]).await?.get::<_, bool>(0),
+            "an earlier epoch's record"
         );
         Ok(())
     }

@@ -165,7 +165,7 @@ pub struct Routes {
     /// ([`HISTORY_ROUNDS`] times, alternating with [`Routes::history_empty`]).
     pub history: Vec<Drain>,
     /// The default drain into the same `telemetry` with its history detached, each right after
-    /// a drain of [`Routes::history`].
+    /// a drain of [`Routes::history`] in odd rounds and right before one in even rounds.
     pub history_empty: Vec<Drain>,
     /// What a leader's start costs without a message to drain (migrations check, connections,
     /// the deployment checks' broker probes), CPU milliseconds, the median of [`ROUNDS`]
@@ -457,9 +457,15 @@ pub async fn routes_phase(
         empty_telemetry(rig).await?;
         load_history(rig, history_rows).await?;
         // Full and empty alternate on one table, its history detached for the empty drains
-        // and attached again (a catalog change each way), so that a machine that speeds up or
-        // slows down over the minutes of the phase weighs on both alike.
+        // and attached again (a catalog change each way), in the order full, empty, then
+        // empty, full, and so on: a machine that speeds up or slows down over the minutes of
+        // the phase weighs on both alike, where full-then-empty each round would favour the
+        // empty drains on a machine getting faster.
         for round in 1..=HISTORY_ROUNDS {
+            let empty_first = round % 2 == 0;
+            if empty_first {
+                history_empty.push(detached_drain(rig, suffix, round, n).await?);
+            }
             let d = drain_and_stop(
                 rig,
                 &format!("route-history{suffix}-{round}"),
@@ -471,17 +477,9 @@ pub async fn routes_phase(
                 history_rows: history_rows as i64,
                 ..d
             });
-            attach_history(rig, false).await?;
-            history_empty.push(
-                drain_and_stop(
-                    rig,
-                    &format!("route-history-empty{suffix}-{round}"),
-                    n,
-                    Target::Default,
-                )
-                .await?,
-            );
-            attach_history(rig, true).await?;
+            if !empty_first {
+                history_empty.push(detached_drain(rig, suffix, round, n).await?);
+            }
         }
         // After the judged drains: its leader start would warm the history for those after it.
         capture_plans(rig, &format!("plans{suffix}")).await?;
@@ -704,6 +702,20 @@ async fn attach_history(rig: &Rig<'_>, attach: bool) -> Result<()> {
     }
     rig.db.batch_execute("VACUUM ANALYZE telemetry").await?;
     Ok(())
+}
+
+/// A default drain of `n` with the history detached from `telemetry`, attached again after it.
+async fn detached_drain(rig: &Rig<'_>, suffix: &str, round: u32, n: u64) -> Result<Drain> {
+    attach_history(rig, false).await?;
+    let d = drain_and_stop(
+        rig,
+        &format!("route-history-empty{suffix}-{round}"),
+        n,
+        Target::Default,
+    )
+    .await?;
+    attach_history(rig, true).await?;
+    Ok(d)
 }
 
 /// `sql` (a `format()` string: the day's table, its lower and its upper bound) run for each

@@ -655,15 +655,12 @@ struct Beats {
     /// Events already reported: one newer than these is reported as "happened now", so every
     /// node can judge the session-lost and client-id alerts from this table.
     reported: (Option<chrono::DateTime<Utc>>, Option<chrono::DateTime<Utc>>),
-    /// The term this node last recorded for data age ([`queries::note_term`]).
-    noted: Option<i64>,
 }
 
-/// What one beat read back, and what it recorded.
+/// What one beat read back.
 struct BeatRead {
     alive_nodes: usize,
     newest_data_age: Option<f64>,
-    recorded: Option<i64>,
     reported: (Option<chrono::DateTime<Utc>>, Option<chrono::DateTime<Utc>>),
 }
 
@@ -682,9 +679,9 @@ impl Beats {
         Some(serde_json::Value::Object(suspended))
     }
 
-    /// One beat on connection `c`: a new leader's term first (until it is recorded, every node
-    /// reads data age from `telemetry` after the term's first seconds), then the node's row,
-    /// then the cluster's view.
+    /// One beat on connection `c`: a leader's term first (until a new one is recorded, every
+    /// node reads data age from `telemetry` after the term's first seconds; a removed record
+    /// is made again), then the node's row, then the cluster's view.
     async fn beat(
         &self,
         c: &leasehold_store::Client,
@@ -699,10 +696,12 @@ impl Beats {
         let now = (mqtt.session_lost_at, mqtt.client_id_conflict_at);
         let newer = |at: Option<chrono::DateTime<Utc>>, seen| at.filter(|_| at != seen);
         let leading = me.lease.as_ref().and_then(|l| l.role().epoch());
-        let mut record = leading.filter(|e| Some(*e) != self.noted);
-        if let Some(epoch) = record {
-            if !queries::note_term(c, epoch).await? {
-                record = None;
+        if let Some(epoch) = leading {
+            // Not recorded (a statement holds the record): the next beat asks again. A failure
+            // (a role that may not update the record: doctor names it) must not keep the
+            // node's own row from being written.
+            if let Err(e) = queries::note_term(c, epoch).await {
+                tracing::debug!(error = %e, "the term's data-age record failed");
             }
         }
         queries::heartbeat(
@@ -732,7 +731,6 @@ impl Beats {
         Ok(BeatRead {
             alive_nodes: queries::alive(c).await?.nodes as usize,
             newest_data_age: queries::newest_data_age(c).await?,
-            recorded: record,
             reported: now,
         })
     }
@@ -740,9 +738,6 @@ impl Beats {
     /// Keeps what a beat read: in the status, and for the next beat.
     fn read(&mut self, r: BeatRead) {
         self.reported = r.reported;
-        if r.recorded.is_some() {
-            self.noted = r.recorded;
-        }
         self.status.update_cluster(|c| {
             c.alive_nodes = Some(r.alive_nodes);
             c.newest_data_age = r.newest_data_age;
@@ -771,7 +766,6 @@ async fn heartbeat(
         status,
         started_at: Utc::now(),
         reported: (None, None),
-        noted: None,
     };
     let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
     let mut count = 0u32;

@@ -270,41 +270,39 @@ pub async fn heartbeat(c: &impl GenericClient, hb: &Heartbeat<'_>) -> Result<()>
     Ok(())
 }
 
-/// Records, for data age, that a leader of `epoch` leads: what it stores is recorded by the
-/// statement that stores it ([`crate::statement`]'s `newest`), and the record of the epoch the
-/// lease holds is trusted without reading `telemetry` (`leasehold_newest_reading`, migration 10)
-/// even while it stores nothing. A deposed leader's record of an older epoch is ignored.
-/// `false`: not recorded yet, because a statement of this term holds the row (it records the
-/// epoch itself if it commits); ask again.
+/// Records, for data age, that a leader of `epoch` leads (its heartbeat, every beat): the
+/// receipts it stores are recorded by the statements that store them ([`crate::statement`]'s
+/// `newest`), and the record of the epoch the lease holds is trusted without reading
+/// `telemetry` (`leasehold_newest_reading`, migration 10) even while it stores nothing. A
+/// deposed leader's record of an older epoch is ignored. `false`: not recorded yet, because a
+/// statement holds the row; ask again.
 ///
-/// The table is read only when the record holds no time (a database that readings reached
-/// before migration 10, or whose row was removed): otherwise every read of data age would read
-/// it until a reading reaches `telemetry`. A separate statement, so that the plan of every
-/// partition is made only then.
+/// The table is read only when the record cannot be trusted to hold the newest receipt: it
+/// holds no time (a database readings reached before migration 10) or no row (removed), or a
+/// term between the one recorded and this one recorded nothing (a leader of a release before
+/// migration 10, during an upgrade, stores without recording). In a statement of its own, so
+/// that the plan of every partition is made only then.
 pub async fn note_term(c: &impl GenericClient, epoch: i64) -> Result<bool> {
     // SKIP LOCKED: the heartbeat never waits behind a batch statement's commit.
-    let (recorded, timed) = op::one(
+    let (recorded, trusted) = op::one(
         c,
         Op::NoteNewest,
         "WITH term AS (
              UPDATE telemetry_newest n SET epoch = $1
+             FROM (SELECT coalesce(epoch, 0) AS before FROM telemetry_newest) b
              WHERE n.one IN (SELECT one FROM telemetry_newest
                              WHERE coalesce(epoch, 0) < $1 FOR UPDATE SKIP LOCKED)
-             RETURNING n.at)
+             RETURNING n.at, b.before)
          SELECT EXISTS (SELECT 1 FROM term)
                     OR EXISTS (SELECT 1 FROM telemetry_newest WHERE epoch >= $1) AS recorded,
-                EXISTS (SELECT 1 FROM term WHERE at IS NOT NULL)
-                    OR EXISTS (SELECT 1 FROM telemetry_newest WHERE at IS NOT NULL) AS timed",
+                CASE WHEN EXISTS (SELECT 1 FROM term)
+                     THEN EXISTS (SELECT 1 FROM term WHERE at IS NOT NULL AND before >= $1 - 1)
+                     ELSE EXISTS (SELECT 1 FROM telemetry_newest WHERE at IS NOT NULL) END AS trusted",
         &[&epoch],
-        |r| {
-            Ok((
-                r.try_get::<_, bool>("recorded")?,
-                r.try_get::<_, bool>("timed")?,
-            ))
-        },
+        |r| Ok((r.try_get::<_, bool>("recorded")?, r.try_get::<_, bool>("trusted")?)),
     )
     .await?;
-    if timed {
+    if trusted {
         return Ok(recorded);
     }
     op::exec(
@@ -313,7 +311,7 @@ pub async fn note_term(c: &impl GenericClient, epoch: i64) -> Result<bool> {
         "INSERT INTO telemetry_newest AS n (one, at, epoch)
          VALUES (true, (SELECT max(x.received_at) FROM telemetry x
                         WHERE x.received_at <= clock_timestamp() + interval '1 minute'), $1)
-         ON CONFLICT (one) DO UPDATE SET at = coalesce(n.at, EXCLUDED.at)",
+         ON CONFLICT (one) DO UPDATE SET at = greatest(n.at, EXCLUDED.at)",
         &[&epoch],
     )
     .await?;

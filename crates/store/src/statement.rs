@@ -23,7 +23,7 @@
 //!    different one a conflict (dead-lettered); `ra{k}` conflicts that are redeliveries of a
 //!    conflict already dead-lettered; `u{k}` rows neither taken nor held (a trigger skipped them).
 //! 4. `newest`: the newest receipt among the rows `telemetry` took, recorded for data age
-//!    (`telemetry_newest`) with this term's epoch.
+//!    (`telemetry_newest`) when it is a second newer than the record.
 //! 5. `dead`: decode and mapping failures (skipping their own redeliveries, `dl_again`), and every
 //!    route's conflicts and unstored rows.
 //!
@@ -883,23 +883,24 @@ impl<'a> Described<'a> {
             .map(|j| r.columns[j].quoted.as_str())
     }
 
-    /// For data age (migration 10): the newest receipt among the rows `telemetry` took, recorded
-    /// by the statement that stored them with this term's epoch. A record made later (at a
-    /// heartbeat) would leave out a deposed leader's last batches, and a new term would then
-    /// have to read `max(received_at)` of every partition to take them in. At most once a
-    /// second of receipts, or at a new term: one row updated by every batch would leave a
+    /// For data age (migration 10): the newest receipt among the rows `telemetry` took,
+    /// recorded by the statement that stored them. A record made later (at a heartbeat) would
+    /// leave out a deposed leader's last batches, and a new term would then have to read
+    /// `max(received_at)` of every partition to take them in. The term is recorded by its
+    /// leader's heartbeat ([`crate::queries::note_term`]), which reads the epoch recorded before
+    /// it. At most once a second of receipts: one row updated by every batch would leave a
     /// version per batch behind a long-running snapshot (`pg_dump`), and data age is told in
-    /// seconds. A receipt past the database's clock (a leader's clock ahead) is not recorded.
-    /// `None` for a route other than the built-in one.
+    /// seconds. A receipt past the database's clock (a leader's clock ahead) is not recorded,
+    /// and a fenced statement stores nothing, so records nothing. `None` for a route other
+    /// than the built-in one.
     fn newest_cte(&self) -> Option<String> {
         let rcv = self.received_column()?;
         Some(format!(
             "newest AS (
-        UPDATE telemetry_newest n SET at = greatest(n.at, w.at), epoch = $3
+        UPDATE telemetry_newest n SET at = greatest(n.at, w.at)
         FROM (SELECT max({rcv}) AS at FROM i{k}
               WHERE {rcv} <= clock_timestamp() + interval '1 minute') w
-        WHERE $3 >= coalesce(n.epoch, 0)
-          AND (n.epoch IS DISTINCT FROM $3 OR n.at IS NULL OR w.at >= n.at + interval '1 second'))",
+        WHERE w.at >= coalesce(n.at + interval '1 second', '-infinity'))",
             k = self.k
         ))
     }
@@ -1114,6 +1115,30 @@ mod tests {
 
     fn sql(routes: &[ResolvedRoute]) -> String {
         batch_sql(routes, &[], RECORDS)
+    }
+
+    #[test]
+    fn only_the_built_in_routes_rows_are_recorded_for_data_age_and_only_when_asked() {
+        let both = [
+            ResolvedRoute::telemetry(),
+            route("owned", "owned", OnConflict::Nothing),
+        ];
+        let without = Records {
+            newest: false,
+            ..RECORDS
+        };
+        for (s, recorded) in [
+            (batch_sql(&both, &[], RECORDS), true),
+            (optimistic_sql(&both, &[], RECORDS), true),
+            (batch_sql(&both, &[], without), false),
+            (optimistic_sql(&both, &[], without), false),
+            (batch_sql(&both[1..], &[], RECORDS), false),
+        ] {
+            assert_eq!(s.contains("UPDATE telemetry_newest"), recorded, "{s}");
+            if recorded {
+                assert!(s.contains("max(\"received_at\") AS at FROM i0"), "{s}");
+            }
+        }
     }
 
     #[test]
