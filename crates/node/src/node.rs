@@ -655,6 +655,8 @@ struct Beats {
     /// Events already reported: one newer than these is reported as "happened now", so every
     /// node can judge the session-lost and client-id alerts from this table.
     reported: (Option<chrono::DateTime<Utc>>, Option<chrono::DateTime<Utc>>),
+    /// Whether the last beat could not record the leader's term for data age (warned once).
+    term_failing: bool,
 }
 
 /// What one beat read back.
@@ -662,6 +664,8 @@ struct BeatRead {
     alive_nodes: usize,
     newest_data_age: Option<f64>,
     reported: (Option<chrono::DateTime<Utc>>, Option<chrono::DateTime<Utc>>),
+    /// Why the leader's term could not be recorded for data age, if it could not.
+    term_failed: Option<String>,
 }
 
 impl Beats {
@@ -696,12 +700,13 @@ impl Beats {
         let now = (mqtt.session_lost_at, mqtt.client_id_conflict_at);
         let newer = |at: Option<chrono::DateTime<Utc>>, seen| at.filter(|_| at != seen);
         let leading = me.lease.as_ref().and_then(|l| l.role().epoch());
+        // Not recorded (a statement holds the record): the next beat asks again. A failure (a
+        // role that may not update the record: doctor names it) must not keep the node's own
+        // row from being written.
+        let mut term_failed = None;
         if let Some(epoch) = leading {
-            // Not recorded (a statement holds the record): the next beat asks again. A failure
-            // (a role that may not update the record: doctor names it) must not keep the
-            // node's own row from being written.
             if let Err(e) = queries::note_term(c, epoch).await {
-                tracing::debug!(error = %e, "the term's data-age record failed");
+                term_failed = Some(e.to_string());
             }
         }
         queries::heartbeat(
@@ -732,12 +737,20 @@ impl Beats {
             alive_nodes: queries::alive(c).await?.nodes as usize,
             newest_data_age: queries::newest_data_age(c).await?,
             reported: now,
+            term_failed,
         })
     }
 
     /// Keeps what a beat read: in the status, and for the next beat.
     fn read(&mut self, r: BeatRead) {
         self.reported = r.reported;
+        // Every node's data age reads `telemetry` while the term is not recorded.
+        if let Some(e) = &r.term_failed {
+            if !self.term_failing {
+                tracing::warn!(error = %e, "could not record this leader's term for data age: every node reads telemetry for it");
+            }
+        }
+        self.term_failing = r.term_failed.is_some();
         self.status.update_cluster(|c| {
             c.alive_nodes = Some(r.alive_nodes);
             c.newest_data_age = r.newest_data_age;
@@ -766,6 +779,7 @@ async fn heartbeat(
         status,
         started_at: Utc::now(),
         reported: (None, None),
+        term_failing: false,
     };
     let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
     let mut count = 0u32;

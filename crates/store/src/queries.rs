@@ -274,35 +274,43 @@ pub async fn heartbeat(c: &impl GenericClient, hb: &Heartbeat<'_>) -> Result<()>
 /// receipts it stores are recorded by the statements that store them ([`crate::statement`]'s
 /// `newest`), and the record of the epoch the lease holds is trusted without reading
 /// `telemetry` (`leasehold_newest_reading`, migration 10) even while it stores nothing. A
-/// deposed leader's record of an older epoch is ignored. `false`: not recorded yet, because a
-/// statement holds the row; ask again.
+/// deposed leader's record of an older epoch is ignored. Once recorded, a beat writes nothing.
+/// `false`: not recorded yet, because a statement holds the row; ask again.
 ///
-/// The table is read only when the record cannot be trusted to hold the newest receipt: it
-/// holds no time (a database readings reached before migration 10) or no row (removed), or a
-/// term between the one recorded and this one recorded nothing (a leader of a release before
-/// migration 10, during an upgrade, stores without recording). In a statement of its own, so
-/// that the plan of every partition is made only then.
+/// The table is read, once a term, only when the record cannot be trusted to hold the newest
+/// receipt: it holds no time (a database readings reached before migration 10, or none ever
+/// reached `telemetry`), no row (removed), or a term between the one recorded and this one
+/// recorded nothing (a leader of a release before migration 10 stores without recording). The
+/// epoch is raised in the same statement as that read, so a read that fails is tried again at
+/// the next beat; a statement of its own, so that the plan of every partition is made only then.
 pub async fn note_term(c: &impl GenericClient, epoch: i64) -> Result<bool> {
-    // SKIP LOCKED: the heartbeat never waits behind a batch statement's commit.
-    let (recorded, trusted) = op::one(
+    // SKIP LOCKED: the heartbeat never waits behind a batch statement's commit, but to read
+    // the table.
+    let (recorded, untrusted) = op::one(
         c,
         Op::NoteNewest,
         "WITH term AS (
              UPDATE telemetry_newest n SET epoch = $1
-             FROM (SELECT coalesce(epoch, 0) AS before FROM telemetry_newest) b
              WHERE n.one IN (SELECT one FROM telemetry_newest
                              WHERE coalesce(epoch, 0) < $1 FOR UPDATE SKIP LOCKED)
-             RETURNING n.at, b.before)
+               AND n.at IS NOT NULL AND coalesce(n.epoch, 0) >= $1 - 1
+             RETURNING 1)
          SELECT EXISTS (SELECT 1 FROM term)
                     OR EXISTS (SELECT 1 FROM telemetry_newest WHERE epoch >= $1) AS recorded,
-                CASE WHEN EXISTS (SELECT 1 FROM term)
-                     THEN EXISTS (SELECT 1 FROM term WHERE at IS NOT NULL AND before >= $1 - 1)
-                     ELSE EXISTS (SELECT 1 FROM telemetry_newest WHERE at IS NOT NULL) END AS trusted",
+                NOT EXISTS (SELECT 1 FROM telemetry_newest)
+                    OR EXISTS (SELECT 1 FROM telemetry_newest
+                               WHERE coalesce(epoch, 0) < $1
+                                 AND (at IS NULL OR coalesce(epoch, 0) < $1 - 1)) AS untrusted",
         &[&epoch],
-        |r| Ok((r.try_get::<_, bool>("recorded")?, r.try_get::<_, bool>("trusted")?)),
+        |r| {
+            Ok((
+                r.try_get::<_, bool>("recorded")?,
+                r.try_get::<_, bool>("untrusted")?,
+            ))
+        },
     )
     .await?;
-    if trusted {
+    if recorded || !untrusted {
         return Ok(recorded);
     }
     op::exec(
@@ -311,11 +319,12 @@ pub async fn note_term(c: &impl GenericClient, epoch: i64) -> Result<bool> {
         "INSERT INTO telemetry_newest AS n (one, at, epoch)
          VALUES (true, (SELECT max(x.received_at) FROM telemetry x
                         WHERE x.received_at <= clock_timestamp() + interval '1 minute'), $1)
-         ON CONFLICT (one) DO UPDATE SET at = greatest(n.at, EXCLUDED.at)",
+         ON CONFLICT (one) DO UPDATE
+             SET at = greatest(n.at, EXCLUDED.at), epoch = greatest(n.epoch, EXCLUDED.epoch)",
         &[&epoch],
     )
     .await?;
-    Ok(recorded)
+    Ok(true)
 }
 
 /// Seconds since the newest reading stored in `telemetry` was received, as the statements that
