@@ -142,7 +142,7 @@ async fn every_statement_that_stores_readings_records_the_newest_receipt() -> Re
         chrono::DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)
     };
     ensure!(record().await? == (None, None), "nothing recorded yet");
-    // The optimistic statement: the newest of its receipts, with the term's epoch.
+    // The optimistic statement: the newest of its receipts (the term is the heartbeat's).
     let (t1, t2) = (at(30), at(20));
     let out = w
         .write_optimistic(

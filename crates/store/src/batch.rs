@@ -423,6 +423,15 @@ impl BatchWriter {
         })
     }
 
+    /// What this writer's statements record besides the rows: the Sparkplug B edge nodes'
+    /// changes (`nodes`), and the newest receipt unless [`Self::without_data_age`].
+    fn records(&self, nodes: bool) -> Records {
+        Records {
+            nodes,
+            newest: self.newest,
+        }
+    }
+
     /// This writer's statements prepared again without the record of the newest receipt for
     /// data age ([`Records::newest`]): for `leasehold replay`, whose transactions span several
     /// statements.
@@ -437,6 +446,7 @@ impl BatchWriter {
     /// describes it, then the named routes): builds and prepares their statement (the columns'
     /// default expressions, which fill a NULL, are read here).
     pub async fn use_routes(&mut self, routes: Arc<[ResolvedRoute]>) -> Result<()> {
+        let records = self.records(false);
         let client = &self.client;
         let stmt = op::measured(Op::Session, async {
             let mut defaults = Vec::with_capacity(routes.len());
@@ -456,10 +466,6 @@ impl BatchWriter {
                 }
                 defaults.push(ds);
             }
-            let records = Records {
-                nodes: false,
-                newest: self.newest,
-            };
             let both = prepare_both(client, &routes, &defaults, records).await?;
             Ok((both, defaults))
         })
@@ -585,11 +591,13 @@ impl BatchWriter {
         };
         if arrays.is_some() && self.with_nodes.is_none() {
             let both = op::measured(Op::Session, async {
-                let records = Records {
-                    nodes: true,
-                    newest: self.newest,
-                };
-                prepare_both(&self.client, &self.routes, &self.defaults, records).await
+                prepare_both(
+                    &self.client,
+                    &self.routes,
+                    &self.defaults,
+                    self.records(true),
+                )
+                .await
             })
             .await?;
             self.with_nodes = Some(both);

@@ -891,8 +891,8 @@ impl<'a> Described<'a> {
     /// it. At most once a second of receipts: one row updated by every batch would leave a
     /// version per batch behind a long-running snapshot (`pg_dump`), and data age is told in
     /// seconds. A receipt more than a minute past the database's clock (a leader's clock
-    /// ahead) is not recorded, and a fenced statement stores nothing, so records nothing. `None` for a route other
-    /// than the built-in one.
+    /// ahead) is not recorded, and a fenced statement stores nothing, so records nothing.
+    /// `None` for a route other than the built-in one.
     fn newest_cte(&self) -> Option<String> {
         let rcv = self.received_column()?;
         Some(format!(
