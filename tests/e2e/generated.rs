@@ -962,10 +962,13 @@ async fn write_with(cfg: WriterConfig, sent: &[(String, Vec<u8>)]) -> Result<Dur
 
 /// [`write_with`] for messages as the ingest hands them over (packet id, DUP flag).
 pub(crate) async fn write_inbound(cfg: WriterConfig, sent: Vec<Inbound>) -> Result<Duration> {
-    let (tx, rx) = tokio::sync::mpsc::channel(sent.len().max(1));
+    let (tx, rx) = leasehold_ingest::Inbox::channel(sent.len().max(1));
     let n = sent.len();
-    for m in sent {
-        tx.try_send(m)
+    // In runs of seven, as the ingest hands over what it read together: a batch ends inside
+    // a run as often as at its end.
+    let mut sent = sent.into_iter().peekable();
+    while sent.peek().is_some() {
+        tx.try_send(sent.by_ref().take(7).collect())
             .map_err(|_| anyhow::anyhow!("channel full"))?;
     }
     drop(tx);
@@ -1557,9 +1560,9 @@ fn any_payload_through_any_mapping_lands_in_its_route_or_in_dead_letters() {
 
 /// [`write_through`] with routes: every message committed (or the case fails as a stall).
 async fn write_routes_through(cfg: WriterConfig, sent: &[(String, Vec<u8>)]) -> Result<()> {
-    let (tx, rx) = tokio::sync::mpsc::channel(sent.len().max(1));
+    let (tx, rx) = leasehold_ingest::Inbox::channel(sent.len().max(1));
     for (topic, payload) in sent {
-        tx.try_send(Inbound::detached(topic, payload))
+        tx.try_send(vec![Inbound::detached(topic, payload)])
             .map_err(|_| anyhow::anyhow!("channel full"))?;
     }
     drop(tx);

@@ -84,11 +84,11 @@ async fn term(
     max_pending: usize,
     batch: Vec<Inbound>,
 ) -> Result<()> {
-    let (tx, rx) = tokio::sync::mpsc::channel(batch.len().max(1));
+    let (tx, rx) = leasehold_ingest::Inbox::channel(batch.len().max(1));
     let n = batch.len();
     for mut m in batch {
         m.received = Instant::now();
-        tx.try_send(m)
+        tx.try_send(vec![m])
             .map_err(|_| anyhow::anyhow!("channel full"))?;
     }
     drop(tx);

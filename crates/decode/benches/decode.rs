@@ -21,6 +21,11 @@ fn bench(c: &mut Criterion) {
             )
         })
     });
+    // What `telemetry`'s rows take from a payload (`make bench`'s messages).
+    let bench = br#"{"device_id":"dev-001","run":"default-1","seq":12345,"ts":1796700000.123456}"#;
+    g.bench_function("light_read", |b| {
+        b.iter(|| d.parse_light(black_box("devices/dev-001/telemetry"), black_box(bench)))
+    });
     let epoch = br#"{"ts":1700000000123,"value":42.5}"#;
     g.bench_function("epoch_millis", |b| {
         b.iter(|| {

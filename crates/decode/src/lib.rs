@@ -265,7 +265,11 @@ impl Decoder {
         topic: &str,
         payload: &[u8],
     ) -> Result<Parsed, DecodeError> {
-        self.light_of(pattern, topic, payload, json::<light::Shape>(payload))
+        // Text without an escape has no NUL escape either.
+        match std::str::from_utf8(payload).ok().and_then(light::quick) {
+            Some(fields) => Ok(parsed(pattern, topic, fields)),
+            None => self.light_of(pattern, topic, payload, json::<light::Shape>(payload)),
+        }
     }
 
     /// What the light read `read` of `payload` gives (a read of its own, or one element's of
@@ -546,7 +550,9 @@ mod tests {
     /// has, the start of a character cut short, a character's middle, ASCII).
     pub(crate) fn json_bytes() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
         use proptest::prelude::*;
-        let byte = proptest::sample::select(vec![0xff, 0xc3, 0x80, 0xed, 0xe2, b'"', b'\\', b'}']);
+        let byte = proptest::sample::select(vec![
+            0xff, 0xc3, 0x80, 0xed, 0xe2, b'"', b'\\', b'}', b'\t', 0x01,
+        ]);
         let edit =
             proptest::option::weighted(0.2, (0u8..3, any::<proptest::sample::Index>(), byte));
         let ends = proptest::sample::select(vec!["", "", "", "", "", " ", "\n", "\u{feff}", "x"]);
@@ -602,11 +608,124 @@ mod tests {
                 .map_err(text)
         );
         let ours = light_reading(json::<light::Shape>(bytes));
-        proptest::prop_assert_eq!(
-            ours,
-            light_reading(serde_json::from_slice::<light::Shape>(bytes))
-        );
+        let theirs = light_reading(serde_json::from_slice::<light::Shape>(bytes));
+        proptest::prop_assert_eq!(&ours, &theirs);
+        if let Some(f) = std::str::from_utf8(bytes).ok().and_then(light::quick) {
+            proptest::prop_assert_eq!(light_reading(Ok(light::Shape::Object(f))), theirs);
+        }
         Ok(())
+    }
+
+    /// How many of `cases` payloads [`light::quick`] answered for, each checked against
+    /// serde_json by [`reads_as_serde_json`].
+    fn quick_answers(
+        cases: u32,
+        payload: impl proptest::strategy::Strategy<Value = Vec<u8>>,
+    ) -> u32 {
+        use proptest::strategy::ValueTree;
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        let mut answered = 0;
+        for _ in 0..cases {
+            let bytes = payload.new_tree(&mut runner).expect("a payload").current();
+            reads_as_serde_json(&bytes).expect("the same reading");
+            answered += u32::from(
+                std::str::from_utf8(&bytes)
+                    .ok()
+                    .and_then(light::quick)
+                    .is_some(),
+            );
+        }
+        answered
+    }
+
+    /// The quick reader answers only where serde_json reads the same fields, and it does answer
+    /// for payloads without escapes: the generated ones with every backslash taken out (which
+    /// also breaks strings and leaves `u0000`-like text behind). Most of those it leaves to
+    /// serde_json are not JSON any more or hold a number with an exponent.
+    #[test]
+    fn the_quick_read_answers_only_as_serde_json_reads() {
+        use proptest::strategy::Strategy;
+        let plain = |b: Vec<u8>| b.into_iter().filter(|&c| c != b'\\').collect::<Vec<u8>>();
+        let text = json_text(false).prop_map(move |t| plain(t.into_bytes()));
+        let answered = quick_answers(3000, text);
+        assert!(
+            answered > 400,
+            "the quick reader answered for {answered} of 3000"
+        );
+        let answered = quick_answers(3000, json_bytes().prop_map(plain));
+        assert!(
+            answered > 150,
+            "the quick reader answered for {answered} of 3000 edited"
+        );
+        quick_answers(1000, json_bytes());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3000))]
+        /// A kept number is the `Number` serde_json reads: integers at and past the edges of
+        /// `u64` and `i64`, floats to any number of places (serde_json's `float_roundtrip`
+        /// against Rust's parse), negative zero.
+        #[test]
+        fn the_quick_read_takes_numbers_as_serde_json_does(
+            float in proptest::prelude::any::<f64>(),
+            places in 0usize..25,
+            int in proptest::prelude::any::<i64>(),
+            big in proptest::prelude::any::<u64>(),
+            digits in "[0-9]{1,40}",
+            pick in 0u8..6,
+        ) {
+            let text = match pick {
+                0 => format!("{float:.places$}"),
+                1 => format!("{}", float.abs() % 4e9),
+                2 => int.to_string(),
+                3 => format!("{big}{}", "0".repeat(places % 3)),
+                4 => format!("-{}", digits.trim_start_matches('0')),
+                _ => format!("{}.{digits}", int / 1000),
+            };
+            for key in ["ts", "timestamp", "device_id"] {
+                let payload = format!("{{\"{key}\":{text}}}");
+                reads_as_serde_json(payload.as_bytes())?;
+                let answered = light::quick(&payload).is_some();
+                proptest::prop_assert!(answered || text.len() > 300 || text == "-", "{payload}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_quick_read_leaves_to_serde_json_what_it_could_read_otherwise() {
+        let answers = |s: &str| light::quick(s).is_some();
+        for s in [
+            r#"{"device_id":"dev-001","run":"default-1","seq":12345,"ts":1796700000.123456}"#,
+            " {\"a\" : [1, -0, 0.5, {\"b\": [true, false, null, \"é\"]}], \"ts\": null}\n",
+            "{}",
+            r#"{"device_id":7,"ts":{"x":[]},"timestamp":[1]}"#,
+        ] {
+            assert!(answers(s), "{s}");
+        }
+        let deep = format!("{{\"a\":{}1{}}}", "[".repeat(64), "]".repeat(64));
+        let long = format!("{{\"a\":{}}}", "9".repeat(301));
+        for s in [
+            r#"{"a":1e3}"#,
+            r#"{"a":1E3}"#,
+            r#"{"a":"\u0041"}"#,
+            r#"{"$serde_json::private::RawValue":1}"#,
+            "{\"a\":\"tab\there\"}",
+            "\u{feff}{}",
+            r#"{"a":01}"#,
+            r#"{"a":1.}"#,
+            r#"{"a":.5}"#,
+            r#"{"a":-}"#,
+            r#"{"a":1,}"#,
+            r#"{"a":[1,]}"#,
+            r#"{"a":tru}"#,
+            r#"{} x"#,
+            r#"[]"#,
+            r#"{"a" 1}"#,
+            deep.as_str(),
+            long.as_str(),
+        ] {
+            assert!(!answers(s), "{s}");
+        }
     }
 
     proptest::proptest! {

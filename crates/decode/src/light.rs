@@ -261,3 +261,237 @@ impl<'de> Visitor<'de> for CheckedVisitor {
         Ok(Checked)
     }
 }
+
+/// The fields of a payload read without serde_json, or `None` wherever serde_json's reading
+/// could differ from this one: an escape, a number with an exponent or of more than
+/// [`QUICK_NUMBER_MAX`] characters, nesting deeper than [`QUICK_DEPTH_MAX`], the raw-value
+/// token, anything outside the grammar. `None` costs only the caller's serde_json read, which
+/// then gives the answer (or the error, in its words); so this reader needs to be right only
+/// where it answers: on such text JSON's grammar leaves serde_json no error to give, and the
+/// kept numbers are read as serde_json reads them ([`number`]). Most telemetry is such text, and this reads it
+/// in a fraction of serde_json's instructions (a visitor call per token there).
+pub(crate) fn quick(text: &str) -> Option<Fields<'_>> {
+    let mut q = Quick { text, at: 0 };
+    q.blank();
+    if q.next() != Some(b'{') {
+        return None;
+    }
+    let mut f = Fields::default();
+    q.members(1, |key, v| {
+        let slot = match key {
+            "device_id" => &mut f.device_id,
+            "ts" => &mut f.ts,
+            "timestamp" => &mut f.timestamp,
+            _ => return Some(()),
+        };
+        *slot = Some(match v {
+            Got::Null => Field::Null,
+            Got::Str(s) => Field::Str(Cow::Borrowed(s)),
+            Got::Num(n) => Field::Num(number(n)?),
+            Got::Other(k) => Field::Other(k),
+        });
+        Some(())
+    })?;
+    q.blank();
+    (q.at == text.len()).then_some(f)
+}
+
+/// A kept number's text (as [`Quick::number`] took it) as serde_json reads it: a `u64`, else
+/// an `i64`, else the nearest `f64` (serde_json's `float_roundtrip`, as Rust's own parse). An
+/// integer that may not fit, and `-0` (a float there), are serde_json's to read.
+fn number(n: &str) -> Option<serde_json::Number> {
+    if n.contains('.') {
+        return serde_json::Number::from_f64(n.parse().ok()?);
+    }
+    if n.len() <= 18 && n != "-0" {
+        return Some(match n.strip_prefix('-') {
+            Some(_) => n.parse::<i64>().ok()?.into(),
+            None => n.parse::<u64>().ok()?.into(),
+        });
+    }
+    match serde_json::from_str::<Field<'_>>(n).ok()? {
+        Field::Num(n) => Some(n),
+        _ => None,
+    }
+}
+
+/// Numbers longer than this are left to serde_json: without an exponent, this many digits stay
+/// far inside an `f64`'s range (serde_json refuses a number beyond it).
+const QUICK_NUMBER_MAX: usize = 300;
+
+/// Nesting deeper than this is left to serde_json, which refuses it at 128.
+const QUICK_DEPTH_MAX: u32 = 64;
+
+/// A value as [`quick`] met it.
+enum Got<'a> {
+    Str(&'a str),
+    /// The number's text.
+    Num(&'a str),
+    Null,
+    /// A boolean, an array or an object, in [`crate::kind`]'s words.
+    Other(&'static str),
+}
+
+struct Quick<'a> {
+    text: &'a str,
+    at: usize,
+}
+
+impl<'a> Quick<'a> {
+    fn peek(&self) -> Option<u8> {
+        self.text.as_bytes().get(self.at).copied()
+    }
+
+    fn next(&mut self) -> Option<u8> {
+        let c = self.peek()?;
+        self.at += 1;
+        Some(c)
+    }
+
+    /// JSON's whitespace (serde_json's too; a byte order mark is not).
+    fn blank(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\n' | b'\t' | b'\r')) {
+            self.at += 1;
+        }
+    }
+
+    /// After `{`: the members through `}`, each given to `each` (a value's key at the top only:
+    /// `each` is called for `depth` 1).
+    fn members(
+        &mut self,
+        depth: u32,
+        mut each: impl FnMut(&'a str, Got<'a>) -> Option<()>,
+    ) -> Option<()> {
+        self.blank();
+        if self.peek() == Some(b'}') {
+            self.at += 1;
+            return Some(());
+        }
+        loop {
+            self.blank();
+            if self.next()? != b'"' {
+                return None;
+            }
+            let key = self.string()?;
+            if key == RAW_VALUE_TOKEN {
+                return None;
+            }
+            self.blank();
+            if self.next()? != b':' {
+                return None;
+            }
+            self.blank();
+            let v = self.value(depth)?;
+            if depth == 1 {
+                each(key, v)?;
+            }
+            self.blank();
+            match self.next()? {
+                b',' => {}
+                b'}' => return Some(()),
+                _ => return None,
+            }
+        }
+    }
+
+    /// After `[`: the elements through `]`.
+    fn elements(&mut self, depth: u32) -> Option<()> {
+        self.blank();
+        if self.peek() == Some(b']') {
+            self.at += 1;
+            return Some(());
+        }
+        loop {
+            self.blank();
+            self.value(depth)?;
+            self.blank();
+            match self.next()? {
+                b',' => {}
+                b']' => return Some(()),
+                _ => return None,
+            }
+        }
+    }
+
+    /// One value, inside a container `depth` deep.
+    fn value(&mut self, depth: u32) -> Option<Got<'a>> {
+        Some(match self.next()? {
+            b'"' => Got::Str(self.string()?),
+            b'{' if depth < QUICK_DEPTH_MAX => {
+                self.members(depth + 1, |_, _| Some(()))?;
+                Got::Other("an object")
+            }
+            b'[' if depth < QUICK_DEPTH_MAX => {
+                self.elements(depth + 1)?;
+                Got::Other("an array")
+            }
+            b'-' | b'0'..=b'9' => {
+                self.at -= 1;
+                Got::Num(self.number()?)
+            }
+            b't' => self.word("rue", Got::Other("a boolean"))?,
+            b'f' => self.word("alse", Got::Other("a boolean"))?,
+            b'n' => self.word("ull", Got::Null)?,
+            _ => return None,
+        })
+    }
+
+    fn word(&mut self, rest: &str, got: Got<'a>) -> Option<Got<'a>> {
+        let end = self.at + rest.len();
+        (self.text.as_bytes().get(self.at..end)? == rest.as_bytes()).then(|| {
+            self.at = end;
+            got
+        })
+    }
+
+    /// After the opening quote: the string's text through the closing quote, unless it has an
+    /// escape or a control character (serde_json's error). Strings in telemetry are short: a
+    /// byte loop, without `memchr`'s set-up per string.
+    fn string(&mut self) -> Option<&'a str> {
+        let b = self.text.as_bytes();
+        let start = self.at;
+        let mut end = start;
+        loop {
+            match *b.get(end)? {
+                b'"' => break,
+                b'\\' | 0..=0x1f => return None,
+                _ => end += 1,
+            }
+        }
+        self.at = end + 1;
+        self.text.get(start..end)
+    }
+
+    /// `-? (0 | [1-9][0-9]*) (. [0-9]+)?`, not followed by a digit, an exponent or a point.
+    fn number(&mut self) -> Option<&'a str> {
+        let start = self.at;
+        if self.peek() == Some(b'-') {
+            self.at += 1;
+        }
+        match self.next()? {
+            b'0' => {}
+            b'1'..=b'9' => self.digits(),
+            _ => return None,
+        }
+        if self.peek() == Some(b'.') {
+            self.at += 1;
+            let from = self.at;
+            self.digits();
+            if self.at == from {
+                return None;
+            }
+        }
+        if matches!(self.peek(), Some(b'0'..=b'9' | b'e' | b'E' | b'.'))
+            || self.at - start > QUICK_NUMBER_MAX
+        {
+            return None;
+        }
+        self.text.get(start..self.at)
+    }
+
+    fn digits(&mut self) {
+        while matches!(self.peek(), Some(b'0'..=b'9')) {
+            self.at += 1;
+        }
+    }
+}

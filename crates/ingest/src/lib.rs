@@ -79,6 +79,45 @@ pub struct Inbound {
     _permit: Option<Reservation>,
 }
 
+/// Where the writer takes the ingest's messages, one by one. They travel in the runs the
+/// ingest took them in (what one pass over the socket's reads gave): one channel send per run,
+/// not per message, so that the two tasks do not hand each message across threads.
+#[derive(Debug)]
+pub struct Inbox {
+    rx: mpsc::Receiver<Vec<Inbound>>,
+    run: std::vec::IntoIter<Inbound>,
+}
+
+impl Inbox {
+    /// An inbox of `capacity` runs and the sender of its runs (the ingest's, or a test's).
+    pub fn channel(capacity: usize) -> (mpsc::Sender<Vec<Inbound>>, Inbox) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let run = Vec::new().into_iter();
+        (tx, Inbox { rx, run })
+    }
+
+    /// The next message, once there is one; `None` when the ingest is gone and every message
+    /// was taken. Cancel-safe: a run received is kept in the same poll.
+    pub async fn recv(&mut self) -> Option<Inbound> {
+        loop {
+            if let Some(m) = self.run.next() {
+                return Some(m);
+            }
+            self.run = self.rx.recv().await?.into_iter();
+        }
+    }
+
+    /// The next message if one is there now.
+    pub fn try_recv(&mut self) -> Result<Inbound, mpsc::error::TryRecvError> {
+        loop {
+            if let Some(m) = self.run.next() {
+                return Ok(m);
+            }
+            self.run = self.rx.try_recv()?.into_iter();
+        }
+    }
+}
+
 /// A message's share of `MAX_PENDING` (one) and `MAX_PENDING_BYTES` (its payload and topic
 /// bytes); both return when the message is dropped, after its ack was written.
 #[derive(Debug)]
@@ -260,7 +299,12 @@ pub struct MqttIngest {
     /// The connection's state; only this task reads or changes it, and it also writes the
     /// acks, so a connection change and an ack cannot interleave.
     session: Session,
-    tx: Option<mpsc::Sender<Inbound>>,
+    tx: Option<mpsc::Sender<Vec<Inbound>>>,
+    /// Messages taken and not yet handed to the writer: sent together at the end of a pass
+    /// over the socket's reads ([`MqttIngest::send_run`]).
+    run: Vec<Inbound>,
+    /// Messages received in this pass, counted at its end.
+    received: u64,
     /// Committed messages coming back to be acknowledged.
     acks: mpsc::UnboundedReceiver<Vec<Inbound>>,
     /// `MAX_PENDING`: one permit per message held.
@@ -446,7 +490,7 @@ impl MqttIngest {
         cfg: IngestConfig,
         device_topics: watch::Receiver<DeviceTopics>,
         may_connect: Arc<dyn Fn() -> bool + Send + Sync>,
-    ) -> (MqttIngest, Acker, mpsc::Receiver<Inbound>) {
+    ) -> (MqttIngest, Acker, Inbox) {
         let mut opts = client_options(&cfg.endpoint, &cfg.client_id, cfg.max_payload_bytes);
         opts.set_keep_alive(cfg.keep_alive)
             .set_clean_session(cfg.clean_session)
@@ -469,7 +513,8 @@ impl MqttIngest {
         // `ping`, subscriptions are queued on the event loop a window at a time.
         let (client, mut eventloop) = AsyncClient::new(opts, 64);
         eventloop.network_options.set_connection_timeout(5);
-        let (tx, rx) = mpsc::channel(cfg.max_pending.max(1));
+        // A run holds at least one message and its permit, so the channel is never full.
+        let (tx, rx) = Inbox::channel(cfg.max_pending.max(1));
         let pending = Arc::new(Semaphore::new(cfg.max_pending));
         let max_pending_bytes = cfg
             .max_pending_bytes
@@ -486,6 +531,8 @@ impl MqttIngest {
                 eventloop,
                 session,
                 tx: Some(tx),
+                run: Vec::new(),
+                received: 0,
                 acks,
                 pending,
                 pending_bytes,
@@ -677,6 +724,9 @@ impl MqttIngest {
                     Taken::Done => self.take_buffered(conn, cancel, drain).await,
                     other => other,
                 };
+                self.send_run();
+                let count = std::mem::take(&mut self.received);
+                events::MessagesReceived { count }.emit();
                 match taken {
                     Taken::Done => return Flow::Go,
                     Taken::Cancelled => return Flow::Stop(Ok(())),
@@ -947,7 +997,7 @@ impl MqttIngest {
         cancel: &CancellationToken,
         drain: &CancellationToken,
     ) -> Taken {
-        events::MessageReceived.emit();
+        self.received += 1;
         if self.tx.is_none() {
             // Draining: not ours to acknowledge any more.
             return Taken::Done;
@@ -963,16 +1013,16 @@ impl MqttIngest {
         let cost = (payload.len() + p.topic.len()).clamp(1, self.max_pending_bytes) as u32;
         let reserved = match self.try_reserve(cost) {
             Some(r) => r,
-            None => match self.wait_for_room(cost, cancel, drain).await {
+            // The run's messages hold room too: the writer must have them to free it.
+            None => match self.send_run().wait_for_room(cost, cancel, drain).await {
                 Ok(r) => r,
                 Err(taken) => return taken,
             },
         };
-        // Handed to the writer with its share of `MAX_PENDING` and `MAX_PENDING_BYTES`. The
-        // channel's capacity equals MAX_PENDING and each message holds a permit, so it cannot be
-        // full; if the writer is gone the message is simply not acknowledged.
-        if let Some(tx) = &self.tx {
-            let _ = tx.try_send(Inbound {
+        // Handed to the writer with its share of `MAX_PENDING` and `MAX_PENDING_BYTES`, in this
+        // pass's run.
+        if self.tx.is_some() {
+            self.run.push(Inbound {
                 conn,
                 pkid: p.pkid,
                 qos: p.qos,
@@ -985,6 +1035,20 @@ impl MqttIngest {
             });
         }
         Taken::Done
+    }
+
+    /// Hands the messages taken so far to the writer. The channel's capacity equals
+    /// MAX_PENDING and each run holds at least one message's permit, so it cannot be full; if
+    /// the writer is gone, the messages are simply not acknowledged.
+    fn send_run(&mut self) -> &mut Self {
+        if !self.run.is_empty() {
+            let next = Vec::with_capacity(self.run.len());
+            let run = std::mem::replace(&mut self.run, next);
+            if let Some(tx) = &self.tx {
+                let _ = tx.try_send(run);
+            }
+        }
+        self
     }
 
     /// A STATE of ours saying offline while we are the host (a late will of ours, another host
@@ -1076,7 +1140,7 @@ impl MqttIngest {
     /// Then reads on what the socket already holds, without waiting, up to [`READ_AHEAD`]
     /// reads: a turn of `poll` (its `select!`, a timer) and of this loop costs more than the
     /// nine messages it would bring. Stops at the first other event, which `poll` then returns,
-    /// when the socket holds nothing more, or once cancelled or draining.
+    /// when the socket holds nothing more, or, before a read, once cancelled or draining.
     async fn take_buffered(
         &mut self,
         conn: u64,
@@ -1084,9 +1148,10 @@ impl MqttIngest {
         drain: &CancellationToken,
     ) -> Taken {
         let mut reads = 0;
-        while !cancel.is_cancelled() && !drain.is_cancelled() {
+        loop {
             if self.eventloop.state.events.is_empty() {
-                if reads == READ_AHEAD {
+                // Checked once a read (each check takes the token's lock), not once a message.
+                if reads == READ_AHEAD || cancel.is_cancelled() || drain.is_cancelled() {
                     break;
                 }
                 reads += 1;

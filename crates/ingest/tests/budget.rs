@@ -10,7 +10,7 @@ use leasehold_config::MqttEndpoint;
 use leasehold_ingest::{Inbound, IngestConfig, MqttIngest};
 use leasehold_testkit::publish::publish_all;
 use leasehold_testkit::Mosquitto;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 const KIB: usize = 1024;
@@ -44,7 +44,7 @@ fn config(port: u16, client_id: &str, max_pending_bytes: usize) -> IngestConfig 
 /// Publishes warm-up messages until one arrives (the subscription is active), and acks it.
 async fn warm_up(
     port: u16,
-    rx: &mut mpsc::Receiver<Inbound>,
+    rx: &mut leasehold_ingest::Inbox,
     acker: &leasehold_ingest::Acker,
 ) -> Result<()> {
     let start = std::time::Instant::now();

@@ -17,12 +17,11 @@ use chrono::Utc;
 use leasehold_config::Format;
 use leasehold_decode::sparkplug::{self, Change, Happened, Host, NodeChange, NodeKey};
 use leasehold_decode::Decoder;
-use leasehold_ingest::{Acker, Inbound, Publisher};
+use leasehold_ingest::{Acker, Inbound, Inbox, Publisher};
 use leasehold_store::routes::{ResolvedRoute, RouteProblem};
 use leasehold_store::{BatchWriter, DeadLetter, Fence, RouteRow, StoreError};
 use leasehold_telemetry::events;
 use leasehold_telemetry::status::{NodeStatus, RouteCounts};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::batch::reason_label;
@@ -74,7 +73,7 @@ pub struct WriterConfig {
 pub struct Writer {
     pub cfg: WriterConfig,
     pub fence: Fence,
-    pub rx: mpsc::Receiver<Inbound>,
+    pub rx: Inbox,
     pub acker: Acker,
     /// Where the per-route counts, and an intake held for replication, are shown (`/health`).
     pub status: NodeStatus,
@@ -1624,7 +1623,7 @@ struct Limits {
 /// message was received. A message that queued while the previous batch was being written has
 /// already waited; counting from its receipt keeps BATCH_MAX_WAIT the longest wait of any message.
 async fn gather(
-    rx: &mut mpsc::Receiver<Inbound>,
+    rx: &mut Inbox,
     limits: Limits,
     cancel: &CancellationToken,
 ) -> Option<Vec<Inbound>> {
@@ -1750,14 +1749,14 @@ mod tests {
 
     #[tokio::test]
     async fn an_idle_wait_ends_in_an_empty_batch_and_takes_nothing() {
-        let (tx, mut rx) = mpsc::channel(10);
+        let (tx, mut rx) = Inbox::channel(10);
         let l = Limits {
             idle: Some(Duration::from_millis(20)),
             ..limits(10, Duration::from_millis(5))
         };
         let batch = gather(&mut rx, l, &CancellationToken::new()).await;
         assert_eq!(batch.map(|b| b.len()), Some(0));
-        tx.try_send(Inbound::detached("devices/d/t", b"{}"))
+        tx.try_send(vec![Inbound::detached("devices/d/t", b"{}")])
             .expect("queued");
         let batch = gather(&mut rx, l, &CancellationToken::new()).await;
         assert_eq!(
@@ -1769,10 +1768,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_closes_at_its_byte_limit() {
-        let (tx, mut rx) = mpsc::channel(10);
-        for _ in 0..5 {
-            tx.try_send(Inbound::detached("devices/d/t", &[b' '; 400]))
-                .expect("queued");
+        let (tx, mut rx) = Inbox::channel(10);
+        // Two runs, as the ingest sends them: a batch is cut inside a run.
+        for n in [2, 3] {
+            let run = (0..n)
+                .map(|_| Inbound::detached("devices/d/t", &[b' '; 400]))
+                .collect();
+            tx.try_send(run).expect("queued");
         }
         let l = Limits {
             rows: 1000,
@@ -1788,6 +1790,14 @@ mod tests {
             3,
             "400 + 400 + 400 bytes reach the 1000-byte limit"
         );
+        let rest = gather(&mut rx, l, &CancellationToken::new())
+            .await
+            .expect("a batch");
+        assert_eq!(
+            rest.len(),
+            2,
+            "the rest of the second run is the next batch"
+        );
     }
 
     fn message(waited: Duration) -> Inbound {
@@ -1800,8 +1810,8 @@ mod tests {
     async fn a_message_that_already_waited_closes_its_batch_at_once() {
         // Queued while the previous batch was written: it has waited its BATCH_MAX_WAIT already.
         let wait = Duration::from_secs(3);
-        let (tx, mut rx) = mpsc::channel(10);
-        tx.try_send(message(wait)).expect("queued");
+        let (tx, mut rx) = Inbox::channel(10);
+        tx.try_send(vec![message(wait)]).expect("queued");
         let start = Instant::now();
         let batch = gather(&mut rx, limits(1000, wait), &CancellationToken::new())
             .await
@@ -1816,11 +1826,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_takes_what_arrives_within_the_wait_of_its_first_message() {
-        let (tx, mut rx) = mpsc::channel(10);
-        tx.try_send(message(Duration::ZERO)).expect("queued");
+        let (tx, mut rx) = Inbox::channel(10);
+        tx.try_send(vec![message(Duration::ZERO)]).expect("queued");
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            let _ = tx.send(message(Duration::ZERO)).await;
+            let _ = tx.send(vec![message(Duration::ZERO)]).await;
         });
         let batch = gather(
             &mut rx,

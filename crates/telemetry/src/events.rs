@@ -394,11 +394,13 @@ impl PendingChanged {
     }
 }
 
-/// A PUBLISH arrived from the broker.
-pub struct MessageReceived;
-impl MessageReceived {
+/// Messages received from the broker: a pass over what the socket held, counted once.
+pub struct MessagesReceived {
+    pub count: u64,
+}
+impl MessagesReceived {
     pub fn emit(self) {
-        metrics().messages_received.inc();
+        metrics().messages_received.inc_by(self.count);
     }
 }
 
