@@ -315,8 +315,9 @@ fn number(n: &str) -> Option<serde_json::Number> {
     }
 }
 
-/// Numbers longer than this are left to serde_json: without an exponent, this many digits stay
-/// far inside an `f64`'s range (serde_json refuses a number beyond it).
+/// Numbers longer than this are left to serde_json: without an exponent, this many characters
+/// stay inside an `f64`'s range (at most about 1e300 against 1.8e308; serde_json refuses a
+/// number beyond it).
 const QUICK_NUMBER_MAX: usize = 300;
 
 /// Nesting deeper than this is left to serde_json, which refuses it at 128.

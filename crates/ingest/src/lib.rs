@@ -303,7 +303,7 @@ pub struct MqttIngest {
     /// Messages taken and not yet handed to the writer: sent together at the end of a pass
     /// over the socket's reads ([`MqttIngest::send_run`]).
     run: Vec<Inbound>,
-    /// Messages received in this pass, counted at its end.
+    /// Messages received since the last run was sent, counted with it.
     received: u64,
     /// Committed messages coming back to be acknowledged.
     acks: mpsc::UnboundedReceiver<Vec<Inbound>>,
@@ -725,8 +725,6 @@ impl MqttIngest {
                     other => other,
                 };
                 self.send_run();
-                let count = std::mem::take(&mut self.received);
-                events::MessagesReceived { count }.emit();
                 match taken {
                     Taken::Done => return Flow::Go,
                     Taken::Cancelled => return Flow::Stop(Ok(())),
@@ -1037,10 +1035,14 @@ impl MqttIngest {
         Taken::Done
     }
 
-    /// Hands the messages taken so far to the writer. The channel's capacity equals
-    /// MAX_PENDING and each run holds at least one message's permit, so it cannot be full; if
-    /// the writer is gone, the messages are simply not acknowledged.
+    /// Hands the messages taken so far to the writer, and counts those received. The channel's
+    /// capacity equals MAX_PENDING and each run holds at least one message's permit, so it
+    /// cannot be full; if the writer is gone, the messages are simply not acknowledged.
     fn send_run(&mut self) -> &mut Self {
+        if self.received > 0 {
+            let count = std::mem::take(&mut self.received);
+            events::MessagesReceived { count }.emit();
+        }
         if !self.run.is_empty() {
             let next = Vec::with_capacity(self.run.len());
             let run = std::mem::replace(&mut self.run, next);

@@ -545,21 +545,25 @@ impl Preparer<'_> {
             };
             match values {
                 Ok(values) => {
-                    let message = message
-                        .get_or_insert_with(|| {
-                            let (payload, raw, label) = parts.take().unwrap_or_default();
-                            Arc::new(Message {
-                                topic: m.topic.clone(),
-                                payload,
-                                raw: (!raw_is_payload).then_some(raw),
-                                label,
-                                received_at,
-                                pkid,
-                                dup: m.dup,
-                                content_hash: content_hash.clone(),
-                            })
+                    let made = message.take().unwrap_or_else(|| {
+                        let (payload, raw, label) = parts.take().unwrap_or_default();
+                        Arc::new(Message {
+                            topic: m.topic.clone(),
+                            payload,
+                            raw: (!raw_is_payload).then_some(raw),
+                            label,
+                            received_at,
+                            pkid,
+                            dup: m.dup,
+                            content_hash: content_hash.clone(),
                         })
-                        .clone();
+                    });
+                    // The last row takes the message itself: a shared count raised only to be
+                    // dropped again costs two locked instructions a message.
+                    let message = match Some(k) == last {
+                        true => made,
+                        false => message.insert(made).clone(),
+                    };
                     self.row(RouteRow {
                         idx,
                         route: k,

@@ -1790,6 +1790,8 @@ mod tests {
             3,
             "400 + 400 + 400 bytes reach the 1000-byte limit"
         );
+        // With the sender gone, a rest lost with its run would end the next gather empty-handed.
+        drop(tx);
         let rest = gather(&mut rx, l, &CancellationToken::new())
             .await
             .expect("a batch");
