@@ -394,7 +394,7 @@ impl PendingChanged {
     }
 }
 
-/// Messages received from the broker: a pass over what the socket held, counted once.
+/// Messages received from the broker, counted together: a run handed to the writer.
 pub struct MessagesReceived {
     pub count: u64,
 }
