@@ -268,8 +268,9 @@ impl<'de> Visitor<'de> for CheckedVisitor {
 /// token, anything outside the grammar. `None` costs only the caller's serde_json read, which
 /// then gives the answer (or the error, in its words); so this reader needs to be right only
 /// where it answers: on such text JSON's grammar leaves serde_json no error to give, and the
-/// kept numbers are read as serde_json reads them ([`number`]). Most telemetry is such text, and this reads it
-/// in a fraction of serde_json's instructions (a visitor call per token there).
+/// kept numbers are read as serde_json reads them ([`number`]). Most telemetry is such text,
+/// and this reads it in a fraction of serde_json's instructions (a visitor call per token
+/// there).
 pub(crate) fn quick(text: &str) -> Option<Fields<'_>> {
     let mut q = Quick { text, at: 0 };
     q.blank();
@@ -356,8 +357,8 @@ impl<'a> Quick<'a> {
         }
     }
 
-    /// After `{`: the members through `}`, each given to `each` (a value's key at the top only:
-    /// `each` is called for `depth` 1).
+    /// After `{`: the members through `}`, each given to `each` (the top level's keeps the
+    /// fields; a nested object's does nothing).
     fn members(
         &mut self,
         depth: u32,
@@ -383,9 +384,7 @@ impl<'a> Quick<'a> {
             }
             self.blank();
             let v = self.value(depth)?;
-            if depth == 1 {
-                each(key, v)?;
-            }
+            each(key, v)?;
             self.blank();
             match self.next()? {
                 b',' => {}
